@@ -1,0 +1,93 @@
+/*
+ * Evaluating a mod's IR on the host: one point (scalar interpreter), a whole
+ * tile at once (tile interpreter, the CPU backend's hot path) and over boxes
+ * of indices (interval analysis, the block-mask builder's first pass).
+ * All three follow ir_apply's semantics exactly.
+ */
+#ifndef FLEXATTN_MOD_EVAL_H
+#define FLEXATTN_MOD_EVAL_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "mod/ir.h"
+
+/* A buffer as evaluators see it: host memory, sizes and strides in
+ * elements. The views array of a mod is indexed like ir_mod.buffers. */
+typedef struct mod_buffer_view {
+    const void *data;
+    flex_dtype dtype;
+    int ndim;
+    int64_t sizes[4];
+    int64_t strides[4];
+} mod_buffer_view;
+
+/* Where a buffer read went out of range (first one found). */
+typedef struct mod_bounds_error {
+    int set;
+    int buffer, dim;
+    int64_t index, size;
+    int32_t b, h, q, kv;
+} mod_bounds_error;
+
+/* Reads element idx[0..ndim) of a buffer as the IR type of its dtype.
+ * Returns 0, or -1 (and fills *err when err->set is 0) when out of range. */
+int mod_buffer_read(const mod_buffer_view *view, int buffer, const int32_t *idx, ir_value *out,
+                    mod_bounds_error *err);
+
+/* Formats a bounds error in words into msg. */
+void mod_bounds_error_format(const ir_mod *m, const mod_bounds_error *err, char *msg, size_t cap);
+
+/* ---- scalar interpreter (core/mod/interp.c) ---- */
+
+/* Evaluates the mod at one point. scratch holds m->num_nodes values; the
+ * result is scratch[m->root] and is also returned in *result. Returns 0, or
+ * -1 on an out-of-range buffer read (err filled). */
+int mod_eval_point(const ir_mod *m, const mod_buffer_view *bufs, float score, int32_t b,
+                   int32_t h, int32_t q, int32_t kv, ir_value *scratch, ir_value *result,
+                   mod_bounds_error *err);
+
+/* ---- tile interpreter (core/mod/tile.c) ---- */
+
+/* Per-thread scratch for tiles of up to max_rows x max_cols. */
+typedef struct mod_tile mod_tile;
+mod_tile *mod_tile_create(const ir_mod *m, int max_rows, int max_cols);
+void mod_tile_destroy(mod_tile *t);
+
+/* Score mod over rows q0.. q0+rows-1 and columns kv0 .. kv0+cols-1: score
+ * is row-major with leading dimension ld and is replaced in place by the
+ * modified score. Returns 0, or -1 with err filled. */
+int mod_tile_score(mod_tile *t, const mod_buffer_view *bufs, int32_t b, int32_t h, int32_t q0,
+                   int rows, int32_t kv0, int cols, float *score, int ld, mod_bounds_error *err);
+
+/* Mask mod over the same kind of tile: writes 1 (attend) or 0 to mask. */
+int mod_tile_mask(mod_tile *t, const mod_buffer_view *bufs, int32_t b, int32_t h, int32_t q0,
+                  int rows, int32_t kv0, int cols, uint8_t *mask, int ld, mod_bounds_error *err);
+
+/* ---- interval analysis (core/mod/interval.c) ---- */
+
+/* Three-valued truth as a bit set: may be false (1), may be true (2). */
+typedef enum mod_tri { MOD_TRI_FALSE = 1, MOD_TRI_TRUE = 2, MOD_TRI_UNKNOWN = 3 } mod_tri;
+
+/* Inclusive index ranges of b, h, q, kv (in that order). */
+typedef struct mod_box {
+    int64_t lo[4], hi[4];
+} mod_box;
+
+/* Per-buffer min/max tables over aligned power-of-two spans, so the range of
+ * a buffer over any index interval is found in O(log n). Built once per
+ * block-mask build from host views. */
+typedef struct mod_range_tables mod_range_tables;
+mod_range_tables *mod_range_tables_build(const ir_mod *m, const mod_buffer_view *bufs);
+void mod_range_tables_free(mod_range_tables *t);
+
+/* Scratch for mod_interval_mask: bytes needed for m. */
+size_t mod_interval_scratch_size(const ir_mod *m);
+
+/* Sound verdict of a mask mod over every point of box: MOD_TRI_TRUE only if
+ * every point attends, MOD_TRI_FALSE only if none does. A buffer read that
+ * may be out of range makes the verdict MOD_TRI_UNKNOWN. */
+mod_tri mod_interval_mask(const ir_mod *m, const mod_range_tables *tables, const mod_box *box,
+                          void *scratch);
+
+#endif /* FLEXATTN_MOD_EVAL_H */

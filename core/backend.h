@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "flexattn.h"
+#include "flexattn_config.h"
 
 /* Bumped whenever a slot is added, removed or changes meaning; the registry
  * refuses a table whose abi_version differs. */
@@ -115,10 +116,10 @@ flex_status flex_backend_synchronize(flex_context *ctx);
 
 /* The tables compiled in (defined by each backend). */
 extern const flex_backend_iface flex_backend_cpu;
-#ifdef FLEXATTN_HAVE_CUDA
+#if FLEXATTN_HAVE_CUDA
 extern const flex_backend_iface flex_backend_cuda;
 #endif
-#ifdef FLEXATTN_HAVE_HIP
+#if defined(FLEXATTN_HAVE_HIP) && FLEXATTN_HAVE_HIP
 extern const flex_backend_iface flex_backend_hip;
 #endif
 

@@ -14,6 +14,7 @@
 #include "backend.h"
 #include "mod/ir.h"
 #include "mod/eval.h"
+#include "dtype.h"
 
 /* ---- errors (core/error.c) ---- */
 

@@ -1,0 +1,67 @@
+/*
+ * Tile choices for attention calls. The CPU numbers come from measurements
+ * of the register-blocked micro-kernels (docs/cpu-backend.md): 64 query rows
+ * keep the packed Q tile, the score tile and the output accumulator inside
+ * L2 while K/V panels stream through L1, and 128 KV columns amortise the
+ * per-step softmax bookkeeping.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <strings.h>
+
+#include "internal.h"
+#include "plan.h"
+
+enum { CPU_DEFAULT_Q_TILE = 64, CPU_DEFAULT_KV_TILE = 128 };
+
+static int env_flag(const char *name)
+{
+    const char *v = getenv(name);
+    return v && *v && strcmp(v, "0") != 0 && strcasecmp(v, "off") != 0 &&
+           strcasecmp(v, "false") != 0;
+}
+
+static int min_int(int a, int b)
+{
+    return a < b ? a : b;
+}
+
+flex_status flex_plan_make(flex_context *ctx, const flex_forward_args *args,
+                           struct flex_plan *plan)
+{
+    (void)ctx;
+    memset(plan, 0, sizeof *plan);
+    plan->q_tile = CPU_DEFAULT_Q_TILE;
+    plan->kv_tile = CPU_DEFAULT_KV_TILE;
+    plan->kv_splits = 1;
+    plan->gqa_pack = 1;
+    plan->longest_first = 1;
+    plan->use_reference = env_flag("FLEXATTN_CPU_REFERENCE");
+    plan->simd = FLEX_PLAN_SIMD_AUTO;
+    /* Packing K/V once per call costs one f32 copy of them; per-tile packing
+     * repeats the work for every q-tile. Above the limit the copy is not
+     * worth the memory. */
+    plan->prepack_kv = 1;
+    plan->prepack_limit_bytes = (int64_t)1 << 30;
+    const char *simd = getenv("FLEXATTN_CPU_SIMD");
+    if (simd && strcasecmp(simd, "portable") == 0) plan->simd = FLEX_PLAN_SIMD_PORTABLE;
+    if (simd && strcasecmp(simd, "avx512") == 0) plan->simd = FLEX_PLAN_SIMD_AVX512;
+
+    /* FLEXATTN_CPU_TILES=QxKV overrides the tile sizes (for tuning). */
+    const char *tiles = getenv("FLEXATTN_CPU_TILES");
+    int tq = 0, tkv = 0;
+    if (tiles && sscanf(tiles, "%dx%d", &tq, &tkv) == 2 && tq >= 1 && tq <= 1024 && tkv >= 1 &&
+        tkv <= 1024 && !(tq & (tq - 1)) && !(tkv & (tkv - 1))) {
+        plan->q_tile = tq;
+        plan->kv_tile = tkv;
+    }
+
+    const struct flex_block_mask *mask = args ? args->block_mask : NULL;
+    if (mask) {
+        /* Block sizes are powers of two, so min() keeps divisibility. */
+        plan->q_tile = min_int(plan->q_tile, mask->q_block);
+        plan->kv_tile = min_int(plan->kv_tile, mask->kv_block);
+    }
+    return FLEX_OK;
+}

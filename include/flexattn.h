@@ -63,6 +63,13 @@ typedef enum flex_status {
 /* The enumerator's name without the FLEX_ prefix ("ERR_SHAPE"). Static. */
 const char *flex_status_name(flex_status status);
 
+/* Device codes follow DLPack's DLDeviceType. */
+typedef enum flex_device_type {
+    FLEX_DEVICE_CPU = 1,
+    FLEX_DEVICE_CUDA = 2,
+    FLEX_DEVICE_HIP = 10
+} flex_device_type;
+
 /* ---------------------------------------------------------------------------
  * Context: one backend on one device.
  * ------------------------------------------------------------------------- */
@@ -89,6 +96,9 @@ void flex_context_destroy(flex_context *ctx);
 /* Backend name ("cpu", "cuda", ...) and device index. Static / int. */
 const char *flex_context_backend(const flex_context *ctx);
 int flex_context_device_index(const flex_context *ctx);
+
+/* Where tensors for this context live (FLEX_DEVICE_CPU for the CPU backend). */
+flex_device_type flex_context_device_type(const flex_context *ctx);
 
 /* A human-readable device description, owned by the context. */
 const char *flex_context_device_name(const flex_context *ctx);
@@ -134,13 +144,6 @@ typedef enum flex_dtype {
 /* Size in bytes of one element, and a static name ("f32", "bf16", ...). */
 size_t flex_dtype_size(flex_dtype dtype);
 const char *flex_dtype_name(flex_dtype dtype);
-
-/* Device codes follow DLPack's DLDeviceType. */
-typedef enum flex_device_type {
-    FLEX_DEVICE_CPU = 1,
-    FLEX_DEVICE_CUDA = 2,
-    FLEX_DEVICE_HIP = 10
-} flex_device_type;
 
 /*
  * A view of memory the caller owns. sizes[] and strides[] are in elements;

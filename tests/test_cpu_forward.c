@@ -1,0 +1,596 @@
+/*
+ * The CPU forward (tiled and reference paths) against the fp64 oracle.
+ *
+ * Every case fills q, k, v with fixed pseudo-random values in the case's
+ * dtype and layout, poisons out and lse with NaN, runs flex_attention on a
+ * "cpu" context and compares out and lse with the oracle run on the very
+ * same (already rounded) inputs. The matrix covers each axis separately
+ * (dtypes, odd lengths, Q_LEN != KV_LEN, GQA, head dims, Dv != D, mask
+ * broadcast, per-head masks, strided views, block sizes, tile hints) rather
+ * than their full product, to stay fast under sanitizers.
+ */
+#include <check.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+#include "plan.h"
+#include "oracle.h"
+
+enum { LAYOUT_BHSD = 0, LAYOUT_BSHD = 1, LAYOUT_PADDED = 2, LAYOUT_STRIDED_D = 3 };
+
+typedef struct fcase {
+    const char *name;
+    const char *mask;  /* preset name, "=" followed by mod text, or NULL */
+    const char *score; /* same */
+    int B, Hq, Hkv, Lq, Lkv, D, Dv;
+    flex_dtype dtype;
+    int layout;
+    int mask_per_head; /* block mask built for (B, Hq) instead of (1, 1) */
+    int reference;     /* the plain reference path */
+    int no_lse;
+    int q_block, kv_block; /* 0 = 128 */
+    int q_tile, kv_tile;   /* kernel hints, 0 = plan */
+} fcase;
+
+/* ---- inputs ---- */
+
+static uint64_t rng_state;
+
+static double rnd_normalish(void)
+{
+    /* Sum of four uniforms, centred: a cheap bell shape, fully deterministic. */
+    double s = 0.0;
+    for (int i = 0; i < 4; i++) {
+        rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
+        s += (double)(rng_state >> 11) / 9007199254740992.0;
+    }
+    return (s - 2.0) * 1.7;
+}
+
+typedef struct host_tensor {
+    void *mem;
+    flex_tensor t;
+} host_tensor;
+
+static void store_value(flex_tensor *t, int64_t off, double v)
+{
+    switch (t->dtype) {
+    case FLEX_F16: ((uint16_t *)t->data)[off] = flex_float_to_f16((float)v); break;
+    case FLEX_BF16: ((uint16_t *)t->data)[off] = flex_float_to_bf16((float)v); break;
+    default: ((float *)t->data)[off] = (float)v; break;
+    }
+}
+
+/* A (B, H, S, D) tensor in the given layout; poisoned with 0xff bytes. */
+static host_tensor make_tensor(flex_dtype dt, int layout, int64_t B, int64_t H, int64_t S,
+                               int64_t D)
+{
+    host_tensor h;
+    memset(&h, 0, sizeof h);
+    int64_t st[4];
+    switch (layout) {
+    case LAYOUT_BSHD:
+        st[3] = 1, st[2] = H * D, st[1] = D, st[0] = S * H * D;
+        break;
+    case LAYOUT_PADDED: /* BSHD rows with gaps everywhere */
+        st[3] = 1, st[1] = D + 3, st[2] = H * (D + 3) + 5, st[0] = S * st[2] + 11;
+        break;
+    case LAYOUT_STRIDED_D: /* every other element of BHSD memory */
+        st[3] = 2, st[2] = 2 * D, st[1] = S * 2 * D, st[0] = H * S * 2 * D;
+        break;
+    default:
+        st[3] = 1, st[2] = D, st[1] = S * D, st[0] = H * S * D;
+        break;
+    }
+    int64_t span = 1 + (B - 1) * st[0] + (H - 1) * st[1] + (S - 1) * st[2] + (D - 1) * st[3];
+    size_t bytes = (size_t)span * flex_dtype_size(dt);
+    h.mem = malloc(bytes ? bytes : 1);
+    ck_assert_ptr_nonnull(h.mem);
+    memset(h.mem, 0xff, bytes);
+    h.t.data = h.mem;
+    h.t.dtype = dt;
+    h.t.ndim = 4;
+    h.t.sizes[0] = B, h.t.sizes[1] = H, h.t.sizes[2] = S, h.t.sizes[3] = D;
+    for (int i = 0; i < 4; i++) h.t.strides[i] = st[i];
+    h.t.device = FLEX_DEVICE_CPU;
+    return h;
+}
+
+static void fill_random(host_tensor *h)
+{
+    flex_tensor *t = &h->t;
+    for (int64_t a = 0; a < t->sizes[0]; a++)
+        for (int64_t b = 0; b < t->sizes[1]; b++)
+            for (int64_t c = 0; c < t->sizes[2]; c++)
+                for (int64_t d = 0; d < t->sizes[3]; d++)
+                    store_value(t,
+                                a * t->strides[0] + b * t->strides[1] + c * t->strides[2] +
+                                    d * t->strides[3],
+                                rnd_normalish());
+}
+
+/* ---- mods and their buffers ---- */
+
+typedef struct mod_data {
+    int32_t *doc, *seq, *off, *img_of, *intervals;
+    float *slopes, *bias;
+} mod_data;
+
+static void mod_data_free(mod_data *md)
+{
+    free(md->doc);
+    free(md->seq);
+    free(md->off);
+    free(md->img_of);
+    free(md->intervals);
+    free(md->slopes);
+    free(md->bias);
+    memset(md, 0, sizeof *md);
+}
+
+static int mod_has_buffer(const flex_mod *m, const char *name)
+{
+    for (int i = 0; i < m->ir.num_buffers; i++)
+        if (strcmp(m->ir.buffers[i].name, name) == 0) return 1;
+    return 0;
+}
+
+static void bind1(flex_context *ctx, flex_mod *m, const char *name, void *data, flex_dtype dt,
+                  int ndim, int64_t n0, int64_t n1)
+{
+    int64_t sizes[2] = {n0, n1};
+    flex_tensor t = flex_tensor_contiguous(data, dt, ndim, sizes, FLEX_DEVICE_CPU);
+    flex_status st = flex_mod_bind_buffer(ctx, m, name, &t);
+    ck_assert_msg(st == FLEX_OK, "bind %s: %s", name, flex_error_message(ctx));
+}
+
+/* Binds every buffer the seed presets use, with data that makes them bite:
+ * documents of uneven lengths, packed sequences, ALiBi slopes, images with
+ * text intervals, a relative bias indexed by q - kv. */
+static void bind_buffers(flex_context *ctx, flex_mod *m, mod_data *md, int Hq, int Lq, int Lkv)
+{
+    int L = Lq > Lkv ? Lq : Lkv;
+    static const int doc_lengths[] = {37, 90, 13, 64, 5, 128, 41};
+    if (mod_has_buffer(m, "doc")) {
+        if (!md->doc) {
+            md->doc = malloc((size_t)L * sizeof(int32_t));
+            for (int i = 0, d = 0, left = doc_lengths[0]; i < L; i++) {
+                if (left == 0) d++, left = doc_lengths[d % 7];
+                md->doc[i] = d;
+                left--;
+            }
+        }
+        bind1(ctx, m, "doc", md->doc, FLEX_I32, 1, L, 0);
+    }
+    if (mod_has_buffer(m, "seq")) {
+        if (!md->seq) {
+            md->seq = malloc((size_t)L * sizeof(int32_t));
+            md->off = malloc((size_t)(L + 1) * sizeof(int32_t));
+            int n = 0;
+            for (int i = 0, left = 0; i < L; i++) {
+                if (left == 0) md->off[n++] = i, left = doc_lengths[n % 7];
+                md->seq[i] = n - 1;
+                left--;
+            }
+            md->off[n] = L;
+        }
+        bind1(ctx, m, "seq", md->seq, FLEX_I32, 1, L, 0);
+        bind1(ctx, m, "off", md->off, FLEX_I32, 1, L + 1, 0);
+    }
+    if (mod_has_buffer(m, "slopes")) {
+        if (!md->slopes) {
+            md->slopes = malloc((size_t)Hq * sizeof(float));
+            for (int h = 0; h < Hq; h++) md->slopes[h] = (float)exp2(-8.0 * (h + 1) / Hq);
+        }
+        bind1(ctx, m, "slopes", md->slopes, FLEX_F32, 1, Hq, 0);
+    }
+    if (mod_has_buffer(m, "img_of")) {
+        int per_image = 16, images = (Lkv + per_image - 1) / per_image;
+        if (!md->img_of) {
+            md->img_of = malloc((size_t)Lkv * sizeof(int32_t));
+            md->intervals = malloc((size_t)images * 2 * sizeof(int32_t));
+            for (int j = 0; j < Lkv; j++) md->img_of[j] = j / per_image;
+            for (int i = 0; i < images; i++) {
+                md->intervals[2 * i] = (int32_t)((int64_t)i * Lq / images);
+                md->intervals[2 * i + 1] = (int32_t)((int64_t)(i + 2) * Lq / images);
+            }
+        }
+        bind1(ctx, m, "img_of", md->img_of, FLEX_I32, 1, Lkv, 0);
+        bind1(ctx, m, "intervals", md->intervals, FLEX_I32, 2, images, 2);
+    }
+    if (mod_has_buffer(m, "bias")) {
+        if (!md->bias) {
+            md->bias = malloc((size_t)Lq * sizeof(float));
+            for (int i = 0; i < Lq; i++) md->bias[i] = (float)(0.01 * i) - 0.5f;
+        }
+        bind1(ctx, m, "bias", md->bias, FLEX_F32, 1, Lq, 0);
+    }
+}
+
+/* Small-size overrides so every preset's params make a visible pattern at
+ * the test sizes. */
+static int preset_overrides(const char *name, flex_param *p)
+{
+    if (!strcmp(name, "sliding_window") || !strcmp(name, "sliding_window_bidirectional")) {
+        p[0] = (flex_param){"W", 0, 20};
+        return 1;
+    }
+    if (!strcmp(name, "prefix_lm")) {
+        p[0] = (flex_param){"P", 0, 30};
+        return 1;
+    }
+    if (!strcmp(name, "sasa")) {
+        p[0] = (flex_param){"IW", 0, 10};
+        p[1] = (flex_param){"WIN", 0, 2};
+        return 2;
+    }
+    if (!strcmp(name, "natten")) {
+        p[0] = (flex_param){"IH", 0, 10};
+        p[1] = (flex_param){"IW", 0, 10};
+        p[2] = (flex_param){"KH", 0, 3};
+        p[3] = (flex_param){"KW", 0, 5};
+        return 4;
+    }
+    if (!strcmp(name, "alibi_functional")) {
+        p[0] = (flex_param){"NH", 0, 4};
+        return 1;
+    }
+    if (!strcmp(name, "softcap") || !strcmp(name, "softcap_approx")) {
+        p[0] = (flex_param){"C", 1, 0.8};
+        return 1;
+    }
+    return 0;
+}
+
+static const flex_buffer_decl bias_decl[] = {{"bias", FLEX_F32, 1}};
+
+static flex_mod *compile_spec(flex_context *ctx, const char *spec, flex_mod_kind kind)
+{
+    flex_mod *m = NULL;
+    flex_status st;
+    if (spec[0] == '=') {
+        flex_mod_desc desc = {kind, spec + 1, NULL, 0, NULL, 0};
+        if (strstr(spec, "bias[")) desc.buffers = bias_decl, desc.num_buffers = 1;
+        st = flex_mod_compile(ctx, &desc, &m);
+    } else {
+        flex_param ov[4];
+        int n = preset_overrides(spec, ov);
+        st = flex_preset_compile(ctx, spec, ov, n, &m);
+    }
+    ck_assert_msg(st == FLEX_OK, "compile '%s': %s", spec, flex_error_message(ctx));
+    ck_assert_int_eq(flex_mod_get_kind(m), kind);
+    return m;
+}
+
+/* ---- one case ---- */
+
+typedef struct case_run {
+    flex_context *ctx;
+    host_tensor q, k, v, out, lse;
+    flex_mod *score, *mask_mod;
+    flex_block_mask *mask;
+    mod_data md;
+} case_run;
+
+static void case_setup(case_run *r, const fcase *c)
+{
+    memset(r, 0, sizeof *r);
+    flex_status st = flex_context_create("cpu", &r->ctx);
+    ck_assert_msg(st == FLEX_OK, "context: %s", flex_error_message(NULL));
+    rng_state = 0x9e3779b97f4a7c15ull ^ (uint64_t)(c->Lq * 131 + c->Lkv * 7 + c->D);
+    r->q = make_tensor(c->dtype, c->layout, c->B, c->Hq, c->Lq, c->D);
+    r->k = make_tensor(c->dtype, c->layout, c->B, c->Hkv, c->Lkv, c->D);
+    r->v = make_tensor(c->dtype, c->layout, c->B, c->Hkv, c->Lkv, c->Dv);
+    r->out = make_tensor(c->dtype, c->layout, c->B, c->Hq, c->Lq, c->Dv);
+    fill_random(&r->q);
+    fill_random(&r->k);
+    fill_random(&r->v);
+    r->lse = make_tensor(FLEX_F32, LAYOUT_BHSD, c->B, c->Hq, c->Lq, 1);
+    if (c->score) {
+        r->score = compile_spec(r->ctx, c->score, FLEX_MOD_SCORE);
+        bind_buffers(r->ctx, r->score, &r->md, c->Hq, c->Lq, c->Lkv);
+    }
+    if (c->mask) {
+        r->mask_mod = compile_spec(r->ctx, c->mask, FLEX_MOD_MASK);
+        bind_buffers(r->ctx, r->mask_mod, &r->md, c->Hq, c->Lq, c->Lkv);
+        int64_t mb = c->mask_per_head ? c->B : 1, mh = c->mask_per_head ? c->Hq : 1;
+        st = flex_block_mask_create(r->ctx, r->mask_mod, mb, mh, c->Lq, c->Lkv, c->q_block,
+                                    c->kv_block, &r->mask);
+        ck_assert_msg(st == FLEX_OK, "block mask: %s", flex_error_message(r->ctx));
+    }
+}
+
+static void case_teardown(case_run *r)
+{
+    flex_block_mask_destroy(r->mask);
+    flex_mod_destroy(r->mask_mod);
+    flex_mod_destroy(r->score);
+    mod_data_free(&r->md);
+    free(r->q.mem);
+    free(r->k.mem);
+    free(r->v.mem);
+    free(r->out.mem);
+    free(r->lse.mem);
+    flex_context_destroy(r->ctx);
+}
+
+static flex_status case_attention(case_run *r, const fcase *c)
+{
+    flex_attention_options opts;
+    memset(&opts, 0, sizeof opts);
+    opts.q_tile = c->q_tile;
+    opts.kv_tile = c->kv_tile;
+    if (c->reference) setenv("FLEXATTN_CPU_REFERENCE", "1", 1);
+    else unsetenv("FLEXATTN_CPU_REFERENCE");
+    flex_status st = flex_attention(r->ctx, &r->q.t, &r->k.t, &r->v.t, r->score, r->mask, &opts,
+                                    &r->out.t, c->no_lse ? NULL : &r->lse.t);
+    unsetenv("FLEXATTN_CPU_REFERENCE");
+    return st;
+}
+
+static void run_case(const fcase *c)
+{
+    case_run r;
+    case_setup(&r, c);
+    flex_status st = case_attention(&r, c);
+    ck_assert_msg(st == FLEX_OK, "%s: flex_attention: %s", c->name, flex_error_message(r.ctx));
+
+    size_t rows = (size_t)c->B * c->Hq * c->Lq;
+    double *ref = malloc(rows * (size_t)c->Dv * sizeof(double));
+    double *ref_lse = malloc(rows * sizeof(double));
+    double *got = malloc(rows * (size_t)c->Dv * sizeof(double));
+    double *got_lse = malloc(rows * sizeof(double));
+    oracle_problem p;
+    memset(&p, 0, sizeof p);
+    p.ctx = r.ctx;
+    p.q = r.q.t, p.k = r.k.t, p.v = r.v.t;
+    p.score_mod = r.score;
+    p.mask_mod = r.mask_mod;
+    char err[512];
+    ck_assert_msg(oracle_forward(&p, ref, ref_lse, err, sizeof err) == 0, "oracle: %s", err);
+
+    size_t n = 0;
+    for (int b = 0; b < c->B; b++)
+        for (int h = 0; h < c->Hq; h++)
+            for (int i = 0; i < c->Lq; i++, n++) {
+                for (int d = 0; d < c->Dv; d++) {
+                    double v = oracle_load(&r.out.t, b, h, i, d);
+                    got[n * c->Dv + d] = v;
+                    ck_assert_msg(!isnan(v), "%s: out[%d][%d][%d][%d] is NaN (unwritten?)",
+                                  c->name, b, h, i, d);
+                    if (ref_lse[n] == -INFINITY)
+                        ck_assert_msg(v == 0.0, "%s: fully masked row %d gives %g, not 0",
+                                      c->name, i, v);
+                }
+                got_lse[n] = oracle_load(&r.lse.t, b, h, i, 0);
+            }
+    double rel = oracle_rel_error(ref, got, rows * (size_t)c->Dv);
+    double tol = c->dtype == FLEX_F32 ? 1e-4 : 1e-2;
+    if (getenv("FLEXATTN_TEST_VERBOSE"))
+        fprintf(stderr, "%-40s rel %.3e  lse %.3e\n", c->name, rel,
+                c->no_lse ? 0.0 : oracle_lse_error(ref_lse, got_lse, rows));
+    ck_assert_msg(rel < tol, "%s: relative error %.3g >= %g", c->name, rel, tol);
+    if (!c->no_lse) {
+        double le = oracle_lse_error(ref_lse, got_lse, rows);
+        ck_assert_msg(le < 1e-4, "%s: lse error %.3g", c->name, le);
+    } else {
+        /* lse was not asked for: its poison must be untouched. */
+        ck_assert(isnan(got_lse[0]));
+    }
+    free(ref);
+    free(ref_lse);
+    free(got);
+    free(got_lse);
+    case_teardown(&r);
+}
+
+/* ---- the matrix ---- */
+
+#define F32 FLEX_F32
+#define F16 FLEX_F16
+#define BF16 FLEX_BF16
+
+static const fcase shape_cases[] = {
+    /* name, mask, score, B, Hq, Hkv, Lq, Lkv, D, Dv, dtype, layout, per_head, ref, no_lse, qb, kb,
+       qt, kt */
+    {"len1", NULL, NULL, 1, 2, 2, 1, 1, 64, 64, F32, 0, 0, 0, 0, 0, 0, 0, 0},
+    {"len17 causal", "causal", NULL, 1, 2, 2, 17, 17, 64, 64, F32, 0, 0, 0, 0, 0, 0, 0, 0},
+    {"len257 causal", "causal", NULL, 1, 1, 1, 257, 257, 64, 64, F32, 0, 0, 0, 0, 0, 0, 0, 0},
+    {"len257 noop ref", NULL, NULL, 1, 1, 1, 257, 257, 32, 32, F32, 0, 0, 1, 0, 0, 0, 0, 0},
+    {"q1 kv300 decode", NULL, "alibi", 1, 4, 4, 1, 300, 64, 64, F32, 0, 0, 0, 0, 0, 0, 0, 0},
+    {"q17 kv100", "prefix_lm", NULL, 1, 2, 2, 17, 100, 64, 64, F32, 0, 0, 0, 0, 0, 0, 0, 0},
+    {"q257 kv33 causal", "causal", NULL, 1, 2, 2, 257, 33, 16, 16, F32, 0, 0, 0, 0, 32, 16, 0, 0},
+    {"q100 kv257 f16", "sliding_window_bidirectional", NULL, 1, 2, 2, 100, 257, 64, 64, F16, 0,
+     0, 0, 0, 0, 0, 0, 0},
+    {"gqa 4:1", "causal", "softcap", 1, 8, 2, 100, 100, 64, 64, F32, 0, 0, 0, 0, 0, 0, 0, 0},
+    {"gqa 8:1 bf16", "sliding_window", NULL, 2, 8, 1, 70, 90, 64, 64, BF16, 0, 0, 0, 0, 0, 0, 0,
+     0},
+    {"gqa 8:1 ref", "causal", NULL, 1, 8, 1, 40, 40, 32, 32, F32, 0, 0, 1, 0, 0, 0, 0, 0},
+    {"D16", "causal", NULL, 1, 2, 2, 100, 100, 16, 16, F32, 0, 0, 0, 0, 0, 0, 0, 0},
+    {"D80", "causal", "alibi", 1, 2, 2, 100, 100, 80, 80, F32, 0, 0, 0, 0, 0, 0, 0, 0},
+    {"D128", NULL, NULL, 1, 2, 2, 150, 150, 128, 128, F32, 0, 0, 0, 0, 0, 0, 0, 0},
+    {"D256 bf16", "causal", NULL, 1, 2, 2, 100, 100, 256, 256, BF16, 0, 0, 0, 0, 0, 0, 0, 0},
+    {"D256 f32", NULL, "checkerboard", 1, 1, 1, 64, 130, 256, 256, F32, 0, 0, 0, 0, 0, 0, 0, 0},
+    {"D64 Dv32", "causal", NULL, 1, 2, 2, 100, 100, 64, 32, F32, 0, 0, 0, 0, 0, 0, 0, 0},
+    {"D80 Dv48 f16", NULL, NULL, 1, 2, 2, 60, 77, 80, 48, F16, 0, 0, 0, 0, 0, 0, 0, 0},
+    {"D16 Dv128", "document_causal", NULL, 1, 2, 2, 100, 100, 16, 128, F32, 0, 0, 0, 0, 0, 0, 0,
+     0},
+    {"D64 Dv40 ref", "causal", "alibi", 1, 2, 1, 50, 60, 64, 40, F32, 0, 0, 1, 0, 0, 0, 0, 0},
+    {"mask broadcast B2 H4", "document_causal", "alibi", 2, 4, 4, 130, 130, 32, 32, F32, 0, 0, 0,
+     0, 0, 0, 0, 0},
+    {"mask per head", "=q + h * 9 >= kv && kv + 40 + b * 7 >= q", NULL, 2, 4, 2, 130, 130, 32,
+     32, F32, 0, 1, 0, 0, 32, 32, 0, 0},
+    {"mask per head ref", "=q + h * 9 >= kv && kv + 40 + b * 7 >= q", NULL, 2, 4, 2, 70, 70, 32,
+     32, F32, 0, 1, 1, 0, 16, 32, 0, 0},
+    {"bshd", "causal", "alibi", 2, 4, 2, 100, 100, 64, 64, F32, LAYOUT_BSHD, 0, 0, 0, 0, 0, 0, 0},
+    {"padded f16", "document", NULL, 1, 4, 2, 100, 120, 48, 40, F16, LAYOUT_PADDED, 0, 0, 0, 0, 0,
+     0, 0},
+    {"padded bf16 ref", "causal", NULL, 1, 2, 2, 50, 50, 32, 32, BF16, LAYOUT_PADDED, 0, 1, 0, 0,
+     0, 0, 0},
+    {"strided D", "causal", "softcap", 1, 2, 1, 90, 90, 64, 64, F32, LAYOUT_STRIDED_D, 0, 0, 0, 0,
+     0, 0, 0},
+    {"no lse", "causal", NULL, 1, 2, 2, 100, 100, 64, 64, F32, 0, 0, 0, 1, 0, 0, 0, 0},
+    {"no lse ref", "causal", NULL, 1, 2, 2, 40, 40, 64, 64, F32, 0, 0, 1, 1, 0, 0, 0, 0},
+    {"blocks 16x32", "sliding_window", "alibi", 1, 2, 2, 150, 150, 64, 64, F32, 0, 0, 0, 0, 16, 32,
+     0, 0},
+    {"blocks 256x64", "natten", NULL, 1, 2, 2, 300, 300, 32, 32, F32, 0, 0, 0, 0, 256, 64, 0, 0},
+    {"tile hints 16/32", "causal", NULL, 1, 2, 2, 200, 200, 64, 64, F32, 0, 0, 0, 0, 0, 0, 16,
+     32},
+    {"fully masked rows", "=q >= 50 && kv <= q", NULL, 1, 2, 2, 100, 100, 32, 32, F32, 0, 0, 0, 0,
+     0, 0, 0, 0},
+    {"fully masked rows ref", "=q >= 50 && kv <= q", NULL, 1, 2, 2, 100, 100, 32, 32, F32, 0, 0,
+     1, 0, 0, 0, 0, 0},
+    {"-inf score rows", NULL, "=where(q % 3 == 0, -inf, score)", 1, 2, 2, 40, 50, 32, 32, F32, 0,
+     0, 0, 0, 0, 0, 0, 0},
+    {"-inf score rows ref", NULL, "=where(q % 3 == 0, -inf, score)", 1, 2, 2, 40, 50, 32, 32, F32,
+     0, 0, 1, 0, 0, 0, 0, 0},
+    {"-inf score bf16", "causal", "causal_score", 1, 2, 2, 100, 100, 32, 32, BF16, 0, 0, 0, 0, 0,
+     0, 0, 0},
+    /* The score mod's bias read is out of range only above the diagonal,
+     * where the mask removes the element: not an error. */
+    {"bias in masked part", "causal", "=score + bias[q - kv]", 1, 2, 2, 150, 150, 32, 32, F32, 0,
+     0, 0, 0, 0, 0, 0, 0},
+    {"bias in masked part ref", "causal", "=score + bias[q - kv]", 1, 2, 2, 100, 100, 32, 32, F32,
+     0, 0, 1, 0, 0, 0, 0, 0},
+};
+
+START_TEST(test_shapes)
+{
+    run_case(&shape_cases[_i]);
+}
+END_TEST
+
+/* Every preset at f32, f16 and bf16, on the tiled and the reference path. */
+START_TEST(test_presets)
+{
+    int preset = _i / 6, dt = (_i / 2) % 3, reference = _i % 2;
+    const flex_preset *p = flex_preset_at(preset);
+    ck_assert_ptr_nonnull(p);
+    static const flex_dtype dts[] = {FLEX_F32, FLEX_F16, FLEX_BF16};
+    char name[128];
+    snprintf(name, sizeof name, "preset %s %s%s", p->name, flex_dtype_name(dts[dt]),
+             reference ? " ref" : "");
+    fcase c = {name, NULL, NULL, 1, 2, 2, 100, 100, 64, 64, dts[dt], 0, 0, reference, 0,
+               0, 0, 0, 0};
+    if (reference) c.Lq = c.Lkv = 70;
+    if (p->kind == FLEX_MOD_MASK) c.mask = p->name;
+    else c.score = p->name;
+    /* A q-block size below the sequence so partial and full blocks mix. */
+    c.q_block = 32;
+    c.kv_block = 32;
+    run_case(&c);
+}
+END_TEST
+
+/* ---- errors ---- */
+
+/* A buffer shorter than the sequence: the forward must stop with
+ * FLEX_ERR_BUFFER_BOUNDS and a message naming the buffer. */
+static void bounds_case(int reference, int in_score)
+{
+    fcase c = {"bounds", in_score ? "causal" : "document_causal", in_score ? "alibi" : NULL,
+               1, 4, 4, 100, 100, 32, 32, F32, 0, 0, reference, 0, 32, 32, 0, 0};
+    case_run r;
+    case_setup(&r, &c);
+    int32_t short_doc[40];
+    float short_slopes[2] = {0.5f, 0.25f};
+    for (int i = 0; i < 40; i++) short_doc[i] = i / 10;
+    if (in_score)
+        bind1(r.ctx, r.score, "slopes", short_slopes, FLEX_F32, 1, 2, 0);
+    else
+        bind1(r.ctx, r.mask_mod, "doc", short_doc, FLEX_I32, 1, 40, 0);
+    flex_status st = case_attention(&r, &c);
+    ck_assert_msg(st == FLEX_ERR_BUFFER_BOUNDS, "got %s: %s", flex_status_name(st),
+                  flex_error_message(r.ctx));
+    const char *msg = flex_error_message(r.ctx);
+    ck_assert_msg(strstr(msg, in_score ? "slopes" : "doc") != NULL, "message: %s", msg);
+    case_teardown(&r);
+}
+
+START_TEST(test_bounds_mask_tiled)
+{
+    bounds_case(0, 0);
+}
+END_TEST
+
+START_TEST(test_bounds_mask_reference)
+{
+    bounds_case(1, 0);
+}
+END_TEST
+
+START_TEST(test_bounds_score_tiled)
+{
+    bounds_case(0, 1);
+}
+END_TEST
+
+START_TEST(test_bounds_score_reference)
+{
+    bounds_case(1, 1);
+}
+END_TEST
+
+/* Both micro-kernel families give the same answer as the oracle. */
+START_TEST(test_portable_kernels)
+{
+    setenv("FLEXATTN_CPU_SIMD", "portable", 1);
+    fcase c = {"portable kernels", "sliding_window", "softcap", 1, 2, 1, 150, 130, 80, 48, F32,
+               0, 0, 0, 0, 64, 32, 0, 0};
+    run_case(&c);
+    fcase c2 = {"portable kernels f16", "causal", NULL, 1, 2, 2, 90, 90, 64, 64, F16, 0, 0, 0, 0,
+                0, 0, 0, 0};
+    run_case(&c2);
+    unsetenv("FLEXATTN_CPU_SIMD");
+}
+END_TEST
+
+/* The plan never leaves a tile across a block boundary. */
+START_TEST(test_plan_tiles)
+{
+    case_run r;
+    fcase c = {"plan", "causal", NULL, 1, 1, 1, 64, 64, 32, 32, F32, 0, 0, 0, 0, 16, 32, 0, 0};
+    case_setup(&r, &c);
+    flex_forward_args a;
+    memset(&a, 0, sizeof a);
+    a.q = r.q.t, a.k = r.k.t, a.v = r.v.t, a.out = r.out.t;
+    a.block_mask = r.mask;
+    struct flex_plan plan;
+    ck_assert_int_eq(flex_plan_make(r.ctx, &a, &plan), FLEX_OK);
+    ck_assert_int_eq(16 % plan.q_tile, 0);
+    ck_assert_int_eq(32 % plan.kv_tile, 0);
+    ck_assert_int_ge(plan.kv_splits, 1);
+    case_teardown(&r);
+}
+END_TEST
+
+static Suite *cpu_forward_suite(void)
+{
+    Suite *s = suite_create("cpu_forward");
+    TCase *tc = tcase_create("oracle");
+    tcase_set_timeout(tc, 600);
+    tcase_add_loop_test(tc, test_shapes, 0, (int)(sizeof shape_cases / sizeof shape_cases[0]));
+    tcase_add_loop_test(tc, test_presets, 0, flex_preset_count() * 6);
+    tcase_add_test(tc, test_portable_kernels);
+    suite_add_tcase(s, tc);
+    TCase *te = tcase_create("errors");
+    tcase_add_test(te, test_bounds_mask_tiled);
+    tcase_add_test(te, test_bounds_mask_reference);
+    tcase_add_test(te, test_bounds_score_tiled);
+    tcase_add_test(te, test_bounds_score_reference);
+    tcase_add_test(te, test_plan_tiles);
+    suite_add_tcase(s, te);
+    return s;
+}
+
+int main(void)
+{
+    SRunner *sr = srunner_create(cpu_forward_suite());
+    srunner_run_all(sr, CK_NORMAL);
+    int failed = srunner_ntests_failed(sr);
+    srunner_free(sr);
+    return failed ? EXIT_FAILURE : EXIT_SUCCESS;
+}

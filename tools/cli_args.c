@@ -1,0 +1,321 @@
+/*
+ * Argument helpers shared by the `flexattn` subcommands (see cli_args.h).
+ */
+#include <ctype.h>
+#include <errno.h>
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli_args.h"
+#include "internal.h"
+
+int cli_option(int argc, char **argv, int *i, const char *name, const char **value)
+{
+    const char *arg = argv[*i];
+    size_t n = strlen(name);
+    if (strncmp(arg, name, n) != 0) return 0;
+    if (arg[n] == '=') {
+        *value = arg + n + 1;
+        *i += 1;
+        return 1;
+    }
+    if (arg[n] != '\0') return 0;
+    if (*i + 1 >= argc) {
+        fprintf(stderr, "flexattn: option %s needs a value\n", name);
+        return -1;
+    }
+    *value = argv[*i + 1];
+    *i += 2;
+    return 1;
+}
+
+int cli_flag(const char *arg, const char *name)
+{
+    return strcmp(arg, name) == 0;
+}
+
+int cli_parse_int(const char *s, const char *what, int64_t min, int64_t max, int64_t *out)
+{
+    char *end = NULL;
+    errno = 0;
+    long long v = strtoll(s, &end, 10);
+    if (end == s || errno == ERANGE) goto bad;
+    int64_t scale = 1;
+    if (*end == 'k' || *end == 'K') scale = 1024, end++;
+    else if (*end == 'm' || *end == 'M') scale = 1024 * 1024, end++;
+    if (*end != '\0') goto bad;
+    if (v > INT64_MAX / scale || v < INT64_MIN / scale) goto bad;
+    v *= scale;
+    if (v < min || v > max) {
+        fprintf(stderr, "flexattn: %s is %lld; it must be from %lld to %lld\n", what, v,
+                (long long)min, (long long)max);
+        return -1;
+    }
+    *out = v;
+    return 0;
+bad:
+    fprintf(stderr, "flexattn: %s: '%s' is not an integer (suffixes k and M allowed)\n", what, s);
+    return -1;
+}
+
+int cli_parse_double(const char *s, const char *what, double *out)
+{
+    char *end = NULL;
+    double v = strtod(s, &end);
+    if (end == s || *end != '\0') {
+        fprintf(stderr, "flexattn: %s: '%s' is not a number\n", what, s);
+        return -1;
+    }
+    *out = v;
+    return 0;
+}
+
+int cli_parse_int_list(const char *s, const char *what, int64_t min, int64_t **out, int *count)
+{
+    int cap = 1;
+    for (const char *p = s; *p; p++) cap += *p == ',';
+    int64_t *v = malloc(sizeof *v * (size_t)cap);
+    if (!v) {
+        fprintf(stderr, "flexattn: out of memory\n");
+        return -1;
+    }
+    int n = 0;
+    const char *p = s;
+    while (1) {
+        const char *comma = strchr(p, ',');
+        size_t len = comma ? (size_t)(comma - p) : strlen(p);
+        char item[64];
+        if (len == 0 || len >= sizeof item) {
+            fprintf(stderr, "flexattn: %s: '%s' is not a comma-separated list of integers\n",
+                    what, s);
+            free(v);
+            return -1;
+        }
+        memcpy(item, p, len);
+        item[len] = '\0';
+        if (cli_parse_int(item, what, min, INT32_MAX, &v[n]) != 0) {
+            free(v);
+            return -1;
+        }
+        n++;
+        if (!comma) break;
+        p = comma + 1;
+    }
+    *out = v;
+    *count = n;
+    return 0;
+}
+
+int cli_parse_param(const char *s, flex_param *p, char *name_buf, size_t name_cap)
+{
+    const char *eq = strchr(s, '=');
+    size_t len = eq ? (size_t)(eq - s) : 0;
+    if (!eq || len == 0 || len >= name_cap || eq[1] == '\0') {
+        fprintf(stderr, "flexattn: --param takes NAME=VALUE (e.g. W=512), not '%s'\n", s);
+        return -1;
+    }
+    memcpy(name_buf, s, len);
+    name_buf[len] = '\0';
+    for (size_t k = 0; k < len; k++) {
+        if (!(isalnum((unsigned char)name_buf[k]) || name_buf[k] == '_') ||
+            (k == 0 && isdigit((unsigned char)name_buf[k]))) {
+            fprintf(stderr, "flexattn: --param: '%s' is not a valid name\n", name_buf);
+            return -1;
+        }
+    }
+    const char *val = eq + 1;
+    double v;
+    if (cli_parse_double(val, "--param", &v) != 0) return -1;
+    int is_float = strpbrk(val, ".eEnN") != NULL; /* '.', exponent, inf, nan */
+    if (!is_float && (v != floor(v) || v > INT32_MAX || v < INT32_MIN)) is_float = 1;
+    p->name = name_buf;
+    p->is_float = is_float;
+    p->value = v;
+    return 0;
+}
+
+int cli_params_add(cli_params *ps, const char *s)
+{
+    flex_param p;
+    char name[64];
+    if (cli_parse_param(s, &p, name, sizeof name) != 0) return -1;
+    int slot = ps->count;
+    for (int k = 0; k < ps->count; k++)
+        if (strcmp(ps->names[k], name) == 0) slot = k;
+    if (slot == CLI_MAX_PARAMS) {
+        fprintf(stderr, "flexattn: at most %d --param options\n", CLI_MAX_PARAMS);
+        return -1;
+    }
+    memcpy(ps->names[slot], name, sizeof name);
+    ps->params[slot] = p;
+    ps->params[slot].name = ps->names[slot];
+    if (slot == ps->count) ps->count++;
+    /* Names live in ps: re-point every entry (the array may have moved). */
+    for (int k = 0; k < ps->count; k++) ps->params[k].name = ps->names[k];
+    return 0;
+}
+
+/* ---- generated buffers ---- */
+
+void cli_alibi_slopes(int64_t n, float *slopes)
+{
+    int64_t m = 1;
+    while (m * 2 <= n) m *= 2;
+    /* m slopes of the largest power of two <= n, then every other slope of
+     * 2m for the rest (the ALiBi paper's rule for other head counts). */
+    for (int64_t i = 0; i < m; i++) slopes[i] = (float)exp2(-8.0 * (double)(i + 1) / (double)m);
+    for (int64_t i = 0; i < n - m; i++)
+        slopes[m + i] = (float)exp2(-8.0 * (double)(2 * i + 1) / (double)(2 * m));
+}
+
+typedef struct known_buffer {
+    const char *name;
+    flex_dtype dtype;
+    int ndim;
+} known_buffer;
+
+static const known_buffer known[] = {
+    {"doc", FLEX_I32, 1},    {"seq", FLEX_I32, 1},       {"off", FLEX_I32, 1},
+    {"slopes", FLEX_F32, 1}, {"img_of", FLEX_I32, 1},    {"intervals", FLEX_I32, 2},
+};
+#define NUM_KNOWN ((int)(sizeof known / sizeof known[0]))
+
+int cli_declare_known_buffers(const char *text, flex_buffer_decl *decls)
+{
+    int n = 0;
+    for (int k = 0; k < NUM_KNOWN; k++) {
+        size_t len = strlen(known[k].name);
+        for (const char *p = strstr(text, known[k].name); p; p = strstr(p + 1, known[k].name)) {
+            int starts = p == text || !(isalnum((unsigned char)p[-1]) || p[-1] == '_');
+            const char *after = p + len;
+            while (*after == ' ' || *after == '\t') after++;
+            if (starts && *after == '[') {
+                decls[n++] = (flex_buffer_decl){known[k].name, known[k].dtype, known[k].ndim};
+                break;
+            }
+        }
+    }
+    return n;
+}
+
+/* Document offsets for n tokens: explicit lengths, or `docs` equal-ish
+ * documents. malloc'd (count + 1 entries in *num). */
+static int32_t *doc_offsets(const cli_buffer_spec *spec, int64_t n, int *num)
+{
+    int docs = spec->doc_lengths ? spec->num_doc_lengths : (spec->num_docs > 0 ? spec->num_docs : 4);
+    if (!spec->doc_lengths && docs > n) docs = (int)n;
+    int32_t *off = malloc(sizeof(int32_t) * (size_t)(docs + 1));
+    if (!off) return NULL;
+    off[0] = 0;
+    int64_t pos = 0;
+    for (int d = 0; d < docs; d++) {
+        pos = spec->doc_lengths ? pos + spec->doc_lengths[d] : (int64_t)(d + 1) * n / docs;
+        off[d + 1] = (int32_t)pos;
+    }
+    *num = docs + 1;
+    return off;
+}
+
+static int bind(flex_context *ctx, flex_mod *mod, const char *name, void *data, flex_dtype dtype,
+                int ndim, const int64_t *sizes, cli_buffers *bufs)
+{
+    bufs->data[bufs->count++] = data;
+    flex_tensor t = flex_tensor_contiguous(data, dtype, ndim, sizes, FLEX_DEVICE_CPU);
+    if (flex_mod_bind_buffer(ctx, mod, name, &t) != FLEX_OK) {
+        fprintf(stderr, "flexattn: binding buffer %s: %s\n", name, flex_error_message(ctx));
+        return -1;
+    }
+    return 0;
+}
+
+int cli_bind_generated_buffers(flex_context *ctx, flex_mod *mod, const cli_buffer_spec *spec,
+                               cli_buffers *bufs)
+{
+    const ir_mod *ir = &mod->ir;
+    int64_t n = spec->q_len > spec->kv_len ? spec->q_len : spec->kv_len;
+    if (spec->doc_lengths) {
+        int64_t sum = 0;
+        for (int d = 0; d < spec->num_doc_lengths; d++) sum += spec->doc_lengths[d];
+        if (sum != n) {
+            fprintf(stderr,
+                    "flexattn: --doc-lengths add up to %lld tokens but the sequences have %lld\n",
+                    (long long)sum, (long long)n);
+            return -1;
+        }
+    }
+    for (int b = 0; b < ir->num_buffers; b++) {
+        const ir_buffer *decl = &ir->buffers[b];
+        int k = 0;
+        while (k < NUM_KNOWN && strcmp(known[k].name, decl->name) != 0) k++;
+        if (k == NUM_KNOWN || known[k].dtype != decl->dtype || known[k].ndim != decl->ndim) {
+            fprintf(stderr,
+                    "flexattn: buffer '%s' (%s, %d dims) has no generated data; known buffers "
+                    "are doc, seq, off (i32[n]), slopes (f32[H]), img_of (i32[kv_len]) and "
+                    "intervals (i32[3][2])\n",
+                    decl->name, flex_dtype_name(decl->dtype), decl->ndim);
+            return -1;
+        }
+        if (bufs->count >= CLI_MAX_BUFFERS) return -1;
+        const char *name = decl->name;
+        if (!strcmp(name, "doc") || !strcmp(name, "seq") || !strcmp(name, "off")) {
+            int num = 0;
+            int32_t *off = doc_offsets(spec, n, &num);
+            if (!off) goto oom;
+            if (!strcmp(name, "off")) {
+                int64_t size = num;
+                if (bind(ctx, mod, name, off, FLEX_I32, 1, &size, bufs)) return -1;
+                continue;
+            }
+            int32_t *ids = malloc(sizeof(int32_t) * (size_t)n);
+            if (!ids) {
+                free(off);
+                goto oom;
+            }
+            flex_status st = flex_sequence_ids_from_offsets(off, num, ids, n);
+            free(off);
+            if (st != FLEX_OK) {
+                fprintf(stderr, "flexattn: document ids: %s\n", flex_error_message(NULL));
+                free(ids);
+                return -1;
+            }
+            if (bind(ctx, mod, name, ids, FLEX_I32, 1, &n, bufs)) return -1;
+        } else if (!strcmp(name, "slopes")) {
+            int64_t heads = spec->heads > 0 ? spec->heads : 1;
+            float *slopes = malloc(sizeof(float) * (size_t)heads);
+            if (!slopes) goto oom;
+            cli_alibi_slopes(heads, slopes);
+            if (bind(ctx, mod, name, slopes, FLEX_F32, 1, &heads, bufs)) return -1;
+        } else if (!strcmp(name, "img_of")) {
+            int32_t *img = malloc(sizeof(int32_t) * (size_t)spec->kv_len);
+            if (!img) goto oom;
+            int64_t per = (spec->kv_len + 2) / 3;
+            for (int64_t t = 0; t < spec->kv_len; t++) img[t] = (int32_t)(t / per);
+            int64_t size = spec->kv_len;
+            if (bind(ctx, mod, name, img, FLEX_I32, 1, &size, bufs)) return -1;
+        } else { /* intervals */
+            int32_t *iv = malloc(sizeof(int32_t) * 6);
+            if (!iv) goto oom;
+            int64_t q = spec->q_len;
+            iv[0] = 0;
+            iv[1] = (int32_t)(7 * q / 12);
+            iv[2] = (int32_t)(q / 12);
+            iv[3] = (int32_t)(7 * q / 12);
+            iv[4] = (int32_t)(7 * q / 12);
+            iv[5] = (int32_t)q;
+            int64_t sizes[2] = {3, 2};
+            if (bind(ctx, mod, name, iv, FLEX_I32, 2, sizes, bufs)) return -1;
+        }
+    }
+    return 0;
+oom:
+    fprintf(stderr, "flexattn: out of memory for buffer data\n");
+    return -1;
+}
+
+void cli_buffers_free(cli_buffers *bufs)
+{
+    for (int k = 0; k < bufs->count; k++) free(bufs->data[k]);
+    bufs->count = 0;
+}

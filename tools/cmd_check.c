@@ -1,0 +1,387 @@
+/*
+ * `flexattn check`: the backend-vs-oracle suite on every usable backend.
+ *
+ * The case list is representative rather than exhaustive: every preset at
+ * f32, f16 and bf16, then one axis at a time (odd lengths, Q_LEN != KV_LEN,
+ * GQA, head dims, Dv != D, a BSHD layout, no LSE). Inputs live in the
+ * backend's memory (flex_malloc / flex_copy_*), so GPU backends are tested
+ * the same way as the CPU. Each case prints one line; the last line is
+ * "N passed, N failed" (", N skipped" when backends were skipped), and the
+ * exit status is 1 when any case failed.
+ *
+ * A case is an `op` over a shape; the forward op is check_forward(). Other
+ * ops (backward) add a function of the same form and an entry in the op
+ * switch of run_case().
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+#include "cli_args.h"
+#include "internal.h"
+#include "oracle.h"
+
+static void usage(FILE *f)
+{
+    fprintf(f, "usage: flexattn check [--backend SPEC] [--quick]\n"
+               "\n"
+               "Compares every usable backend (or the one SPEC names: cpu, cuda, cuda:1, ...)\n"
+               "with the fp64 oracle on every preset, dtype and a set of shapes (odd lengths,\n"
+               "Q_LEN != KV_LEN, GQA, head dims, Dv != D, strides, LSE). One line per case;\n"
+               "the last line counts passes and failures. Exit status 1 on any failure.\n"
+               "\n"
+               "  --quick   fewer and smaller cases\n");
+}
+
+enum { OP_FORWARD = 0 };
+enum { LAYOUT_BHSD = 0, LAYOUT_BSHD = 1 };
+
+typedef struct check_case {
+    char name[96];
+    int op;
+    const char *score;  /* preset or NULL */
+    const char *mask;   /* preset or NULL */
+    int B, Hq, Hkv, Lq, Lkv, D, Dv;
+    flex_dtype dtype;
+    int layout;
+    int lse;
+} check_case;
+
+typedef struct case_list {
+    check_case *v;
+    int n, cap;
+} case_list;
+
+static void add_case(case_list *l, const check_case *c)
+{
+    if (l->n == l->cap) {
+        int cap = l->cap ? 2 * l->cap : 64;
+        check_case *v = realloc(l->v, (size_t)cap * sizeof *v);
+        if (!v) return;
+        l->v = v, l->cap = cap;
+    }
+    l->v[l->n++] = *c;
+}
+
+static const char *short_dtype(flex_dtype dt)
+{
+    return flex_dtype_name(dt);
+}
+
+static void build_cases(case_list *l, int quick)
+{
+    static const flex_dtype dts[] = {FLEX_F32, FLEX_F16, FLEX_BF16};
+    int L = quick ? 100 : 200;
+    for (int p = 0; p < flex_preset_count(); p++) {
+        const flex_preset *pr = flex_preset_at(p);
+        for (int d = 0; d < 3; d++) {
+            check_case c = {"", OP_FORWARD, NULL, NULL, 1, 4, 4, L, L, 64, 64, dts[d], 0, 1};
+            if (pr->kind == FLEX_MOD_MASK) c.mask = pr->name;
+            else c.score = pr->name;
+            snprintf(c.name, sizeof c.name, "%s %s", pr->name, short_dtype(dts[d]));
+            add_case(l, &c);
+        }
+    }
+    struct shape {
+        const char *what, *score, *mask;
+        int B, Hq, Hkv, Lq, Lkv, D, Dv, layout, lse, quick;
+    } shapes[] = {
+        {"len 1", NULL, NULL, 1, 2, 2, 1, 1, 64, 64, 0, 1, 1},
+        {"len 17 causal", NULL, "causal", 1, 2, 2, 17, 17, 64, 64, 0, 1, 1},
+        {"len 257 causal", NULL, "causal", 1, 2, 2, 257, 257, 64, 64, 0, 1, 0},
+        {"q 1 kv 300 alibi", "alibi", NULL, 1, 4, 4, 1, 300, 64, 64, 0, 1, 1},
+        {"q 100 kv 257 prefix_lm", NULL, "prefix_lm", 1, 2, 2, 100, 257, 64, 64, 0, 1, 0},
+        {"q 257 kv 100 causal", NULL, "causal", 1, 2, 2, 257, 100, 64, 64, 0, 1, 0},
+        {"gqa 4:1 causal", NULL, "causal", 1, 8, 2, 128, 128, 64, 64, 0, 1, 1},
+        {"gqa 8:1 softcap", "softcap", NULL, 2, 8, 1, 100, 100, 64, 64, 0, 1, 0},
+        {"D 16", NULL, "causal", 1, 2, 2, 100, 100, 16, 16, 0, 1, 0},
+        {"D 80", "alibi", NULL, 1, 2, 2, 100, 100, 80, 80, 0, 1, 0},
+        {"D 128", NULL, "document_causal", 1, 2, 2, 150, 150, 128, 128, 0, 1, 1},
+        {"D 256", NULL, "causal", 1, 2, 2, 100, 100, 256, 256, 0, 1, 0},
+        {"D 64 Dv 32", NULL, "causal", 1, 2, 2, 100, 100, 64, 32, 0, 1, 1},
+        {"D 128 Dv 64", "checkerboard", NULL, 1, 2, 2, 90, 110, 128, 64, 0, 1, 0},
+        {"bshd layout", "alibi", "causal", 2, 4, 2, 100, 100, 64, 64, LAYOUT_BSHD, 1, 1},
+        {"no lse", NULL, "sliding_window", 1, 2, 2, 100, 100, 64, 64, 0, 0, 1},
+    };
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+        const struct shape *s = &shapes[i];
+        if (quick && !s->quick) continue;
+        for (int d = 0; d < (quick ? 1 : 3); d++) {
+            check_case c = {"", OP_FORWARD, s->score, s->mask, s->B, s->Hq, s->Hkv, s->Lq,
+                            s->Lkv, s->D, s->Dv, dts[d], s->layout, s->lse};
+            snprintf(c.name, sizeof c.name, "%s %s", s->what, short_dtype(dts[d]));
+            add_case(l, &c);
+        }
+    }
+}
+
+/* Param values that make each preset's pattern visible at these sizes. */
+static int small_params(const char *name, int heads, flex_param *p)
+{
+    if (!strcmp(name, "sliding_window") || !strcmp(name, "sliding_window_bidirectional"))
+        return p[0] = (flex_param){"W", 0, 40}, 1;
+    if (!strcmp(name, "prefix_lm")) return p[0] = (flex_param){"P", 0, 50}, 1;
+    if (!strcmp(name, "sasa"))
+        return p[0] = (flex_param){"IW", 0, 16}, p[1] = (flex_param){"WIN", 0, 3}, 2;
+    if (!strcmp(name, "natten"))
+        return p[0] = (flex_param){"IH", 0, 16}, p[1] = (flex_param){"IW", 0, 16},
+               p[2] = (flex_param){"KH", 0, 5}, p[3] = (flex_param){"KW", 0, 5}, 4;
+    if (!strcmp(name, "alibi_functional")) return p[0] = (flex_param){"NH", 0, heads}, 1;
+    if (!strcmp(name, "softcap") || !strcmp(name, "softcap_approx"))
+        return p[0] = (flex_param){"C", 1, 2.0}, 1;
+    return 0;
+}
+
+/* ---- one case on one backend ---- */
+
+static uint64_t rng_state;
+
+static float rand_normalish(void)
+{
+    double s = 0.0;
+    for (int i = 0; i < 4; i++) {
+        rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
+        s += (double)(rng_state >> 11) / 9007199254740992.0;
+    }
+    return (float)((s - 2.0) * 1.7);
+}
+
+typedef struct case_data {
+    flex_context *ctx;
+    flex_mod *score, *mask_mod;
+    flex_block_mask *mask;
+    cli_buffers bufs;
+    void *host[5]; /* q, k, v, out, lse */
+    void *dev[5];
+    flex_tensor host_t[5], dev_t[5];
+    size_t bytes[5];
+} case_data;
+
+static flex_tensor layout_view(void *data, flex_dtype dt, int layout, int64_t B, int64_t H,
+                               int64_t S, int64_t D, flex_device_type dev)
+{
+    return layout == LAYOUT_BSHD ? flex_tensor_bshd(data, dt, B, H, S, D, dev)
+                                 : flex_tensor_bhsd(data, dt, B, H, S, D, dev);
+}
+
+static int compile_mods(case_data *cd, const check_case *c, char *why, size_t cap)
+{
+    const char *names[2] = {c->score, c->mask};
+    flex_mod **dst[2] = {&cd->score, &cd->mask_mod};
+    cli_buffer_spec spec = {c->Lq, c->Lkv, c->Hq, 4, NULL, 0};
+    for (int i = 0; i < 2; i++) {
+        if (!names[i]) continue;
+        flex_param ps[4];
+        int n = small_params(names[i], c->Hq, ps);
+        if (flex_preset_compile(cd->ctx, names[i], ps, n, dst[i]) != FLEX_OK ||
+            cli_bind_generated_buffers(cd->ctx, *dst[i], &spec, &cd->bufs) != 0) {
+            snprintf(why, cap, "%s: %s", names[i], flex_error_message(cd->ctx));
+            return -1;
+        }
+    }
+    if (cd->mask_mod &&
+        flex_block_mask_create(cd->ctx, cd->mask_mod, 1, 1, c->Lq, c->Lkv, 64, 64, &cd->mask) !=
+            FLEX_OK) {
+        snprintf(why, cap, "block mask: %s", flex_error_message(cd->ctx));
+        return -1;
+    }
+    return 0;
+}
+
+static int make_tensors(case_data *cd, const check_case *c, char *why, size_t cap)
+{
+    int64_t dims[5][4] = {{c->B, c->Hq, c->Lq, c->D},   {c->B, c->Hkv, c->Lkv, c->D},
+                          {c->B, c->Hkv, c->Lkv, c->Dv}, {c->B, c->Hq, c->Lq, c->Dv},
+                          {c->B, c->Hq, c->Lq, 1}};
+    flex_device_type dev = cd->ctx->backend->device_type;
+    rng_state = 0x9e3779b97f4a7c15ull + (uint64_t)c->Lq * 31 + (uint64_t)c->D;
+    for (int i = 0; i < 5; i++) {
+        flex_dtype dt = i == 4 ? FLEX_F32 : c->dtype;
+        size_t n = (size_t)(dims[i][0] * dims[i][1] * dims[i][2] * dims[i][3]);
+        cd->bytes[i] = n * flex_dtype_size(dt);
+        cd->host[i] = malloc(cd->bytes[i] + 1);
+        if (!cd->host[i]) return snprintf(why, cap, "out of host memory"), -1;
+        if (i < 3) {
+            for (size_t e = 0; e < n; e++) {
+                float v = rand_normalish();
+                if (dt == FLEX_F32) ((float *)cd->host[i])[e] = v;
+                else if (dt == FLEX_F16) ((uint16_t *)cd->host[i])[e] = flex_float_to_f16(v);
+                else ((uint16_t *)cd->host[i])[e] = flex_float_to_bf16(v);
+            }
+        } else {
+            memset(cd->host[i], 0xff, cd->bytes[i]); /* NaN poison */
+        }
+        if (flex_malloc(cd->ctx, cd->bytes[i] + 1, &cd->dev[i]) != FLEX_OK ||
+            flex_copy_to_device(cd->ctx, cd->dev[i], cd->host[i], cd->bytes[i]) != FLEX_OK)
+            return snprintf(why, cap, "device memory: %s", flex_error_message(cd->ctx)), -1;
+        int layout = i == 4 ? LAYOUT_BHSD : c->layout;
+        cd->host_t[i] = layout_view(cd->host[i], dt, layout, dims[i][0], dims[i][1], dims[i][2],
+                                    dims[i][3], FLEX_DEVICE_CPU);
+        cd->dev_t[i] = layout_view(cd->dev[i], dt, layout, dims[i][0], dims[i][1], dims[i][2],
+                                   dims[i][3], dev);
+        cd->dev_t[i].device_index = flex_context_device_index(cd->ctx);
+    }
+    return 0;
+}
+
+static void case_data_free(case_data *cd)
+{
+    for (int i = 0; i < 5; i++) {
+        if (cd->dev[i]) flex_free(cd->ctx, cd->dev[i]);
+        free(cd->host[i]);
+    }
+    flex_block_mask_destroy(cd->mask);
+    flex_mod_destroy(cd->mask_mod);
+    flex_mod_destroy(cd->score);
+    cli_buffers_free(&cd->bufs);
+}
+
+/* Runs the forward and compares with the oracle. Returns 1 pass, 0 fail. */
+static int check_forward(case_data *cd, const check_case *c, double *rel, double *lse_err,
+                         char *why, size_t cap)
+{
+    flex_status st = flex_attention(cd->ctx, &cd->dev_t[0], &cd->dev_t[1], &cd->dev_t[2],
+                                    cd->score, cd->mask, NULL, &cd->dev_t[3],
+                                    c->lse ? &cd->dev_t[4] : NULL);
+    if (st == FLEX_OK) st = flex_synchronize(cd->ctx);
+    if (st != FLEX_OK) return snprintf(why, cap, "%s", flex_error_message(cd->ctx)), 0;
+    for (int i = 3; i < 5; i++)
+        if (flex_copy_to_host(cd->ctx, cd->host[i], cd->dev[i], cd->bytes[i]) != FLEX_OK)
+            return snprintf(why, cap, "%s", flex_error_message(cd->ctx)), 0;
+    size_t rows = (size_t)c->B * c->Hq * c->Lq;
+    double *ref = malloc(rows * (size_t)c->Dv * sizeof(double));
+    double *got = malloc(rows * (size_t)c->Dv * sizeof(double));
+    double *ref_lse = malloc(rows * sizeof(double)), *got_lse = malloc(rows * sizeof(double));
+    int pass = 0;
+    if (!ref || !got || !ref_lse || !got_lse) {
+        snprintf(why, cap, "out of host memory");
+        goto done;
+    }
+    oracle_problem p;
+    memset(&p, 0, sizeof p);
+    p.ctx = cd->ctx;
+    p.q = cd->host_t[0], p.k = cd->host_t[1], p.v = cd->host_t[2];
+    p.score_mod = cd->score;
+    p.mask_mod = cd->mask_mod;
+    if (oracle_forward(&p, ref, ref_lse, why, cap) != 0) goto done;
+    size_t n = 0;
+    for (int b = 0; b < c->B; b++)
+        for (int h = 0; h < c->Hq; h++)
+            for (int i = 0; i < c->Lq; i++, n++) {
+                for (int d = 0; d < c->Dv; d++)
+                    got[n * c->Dv + d] = oracle_load(&cd->host_t[3], b, h, i, d);
+                got_lse[n] = oracle_load(&cd->host_t[4], b, h, i, 0);
+            }
+    *rel = oracle_rel_error(ref, got, rows * (size_t)c->Dv);
+    double tol = c->dtype == FLEX_F32 ? 1e-4 : 1e-2;
+    pass = *rel < tol;
+    if (!pass) snprintf(why, cap, "relative error above %g", tol);
+    if (c->lse) {
+        *lse_err = oracle_lse_error(ref_lse, got_lse, rows);
+        if (!(*lse_err < 1e-3)) {
+            pass = 0;
+            snprintf(why, cap, "lse error above 1e-3");
+        }
+    } else if (!isnan(got_lse[0])) {
+        pass = 0;
+        snprintf(why, cap, "lse written although not asked for");
+    }
+done:
+    free(ref);
+    free(got);
+    free(ref_lse);
+    free(got_lse);
+    return pass;
+}
+
+static int run_case(flex_context *ctx, const check_case *c, double *rel, double *lse_err,
+                    char *why, size_t cap)
+{
+    case_data cd;
+    memset(&cd, 0, sizeof cd);
+    cd.ctx = ctx;
+    int pass = 0;
+    *rel = *lse_err = NAN;
+    if (compile_mods(&cd, c, why, cap) == 0 && make_tensors(&cd, c, why, cap) == 0) {
+        switch (c->op) {
+        case OP_FORWARD: pass = check_forward(&cd, c, rel, lse_err, why, cap); break;
+        default: snprintf(why, cap, "unknown op"); break;
+        }
+    }
+    case_data_free(&cd);
+    return pass;
+}
+
+int cmd_check(int argc, char **argv)
+{
+    const char *backend = NULL;
+    int quick = 0;
+    for (int i = 1; i < argc;) {
+        const char *v = NULL;
+        int r;
+        if (cli_flag(argv[i], "-h") || cli_flag(argv[i], "--help")) {
+            usage(stdout);
+            return CLI_EXIT_OK;
+        }
+        if (cli_flag(argv[i], "--quick")) {
+            quick = 1, i++;
+            continue;
+        }
+        if ((r = cli_option(argc, argv, &i, "--backend", &v)) != 0) {
+            if (r < 0) return CLI_EXIT_USAGE;
+            backend = v;
+            continue;
+        }
+        fprintf(stderr, "flexattn check: unknown argument '%s' (see flexattn check --help)\n",
+                argv[i]);
+        return CLI_EXIT_USAGE;
+    }
+
+    case_list cases = {0};
+    build_cases(&cases, quick);
+    int passed = 0, failed = 0, skipped = 0, tried = 0;
+    for (int bi = 0; bi < flex_backend_count(); bi++) {
+        flex_backend_info info;
+        if (flex_backend_get_info(bi, &info) != FLEX_OK) continue;
+        size_t nlen = strlen(info.name);
+        if (backend && !(strncmp(backend, info.name, nlen) == 0 &&
+                         (backend[nlen] == '\0' || backend[nlen] == ':')))
+            continue;
+        tried++;
+        if (!info.built_in || !info.usable) {
+            printf("skipped: %s: %s\n", info.name,
+                   info.reason[0] ? info.reason : (info.built_in ? "not usable" : "not built in"));
+            skipped++;
+            continue;
+        }
+        flex_context *ctx = NULL;
+        if (flex_context_create(backend ? backend : info.name, &ctx) != FLEX_OK) {
+            printf("skipped: %s: %s\n", info.name, flex_error_message(NULL));
+            skipped++;
+            continue;
+        }
+        printf("backend %s: %s\n", info.name, flex_context_device_name(ctx));
+        for (int ci = 0; ci < cases.n; ci++) {
+            const check_case *c = &cases.v[ci];
+            double rel, lse_err;
+            char why[512] = "";
+            int ok = run_case(ctx, c, &rel, &lse_err, why, sizeof why);
+            printf("%s  %-5s %-42s rel %.2e  lse %.2e%s%s\n", ok ? "PASS" : "FAIL", info.name,
+                   c->name, rel, lse_err, ok ? "" : "  ", ok ? "" : why);
+            fflush(stdout);
+            if (ok) passed++;
+            else failed++;
+        }
+        flex_context_destroy(ctx);
+    }
+    free(cases.v);
+    if (backend && tried == 0) {
+        fprintf(stderr, "flexattn check: no backend named '%s'\n", backend);
+        return CLI_EXIT_USAGE;
+    }
+    if (skipped) printf("%d passed, %d failed, %d skipped\n", passed, failed, skipped);
+    else printf("%d passed, %d failed\n", passed, failed);
+    return failed ? CLI_EXIT_FAILURE : CLI_EXIT_OK;
+}

@@ -1,0 +1,682 @@
+/*
+ * `flexattn run`: runs attention with a preset or mod text on random (or
+ * loaded) inputs, times it and prints the seed benchmark's table, the block
+ * mask picture and, with --check, the error against the fp64 oracle.
+ *
+ * The steps are separate functions over one `run_state` (setup, inputs,
+ * forward timing, check, save) so that further passes (backward) slot in
+ * beside the forward ones.
+ */
+#include <math.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <time.h>
+
+#include "cli.h"
+#include "cli_args.h"
+#include "internal.h"
+#include "npy.h"
+#include "oracle.h"
+
+static void usage(FILE *f)
+{
+    fprintf(f,
+            "usage: flexattn run PRESET|--text MOD [options]\n"
+            "\n"
+            "Runs attention with a preset (mask or score) or mod text on random inputs,\n"
+            "and prints the median forward time and TFLOP/s.\n"
+            "\n"
+            "options:\n"
+            "  --text MOD          mod text (a score mod when it reads `score`, else a mask)\n"
+            "  --mask PRESET       add a mask preset (with a score preset or text)\n"
+            "  --mask-text MOD     add mask mod text\n"
+            "  -B N, -H N          batch and query heads (default 1, 8)\n"
+            "  --hkv N             key/value heads (default H; H must be a multiple)\n"
+            "  --len N             q and kv length (default 2048)\n"
+            "  --q-len N, --kv-len N\n"
+            "  -D N, --dv N        head dims of q/k and of v (default 64, Dv = D)\n"
+            "  --dtype T           f32, f16 or bf16 (default f32)\n"
+            "  --backend SPEC      auto, cpu, cuda, ... (default FLEXATTN_BACKEND)\n"
+            "  --block N           block-mask block size (default 128)\n"
+            "  --param NAME=VAL    set a param (repeatable)\n"
+            "  --docs N            documents for doc/seq/off buffers (default 4)\n"
+            "  --warmup N          untimed runs first (default 2)\n"
+            "  --iters N           timed runs (default 10)\n"
+            "  --check             compare with the fp64 oracle (rows subsampled when long)\n"
+            "  --load DIR|Q,K,V    read q, k, v (and buffers by name) from .npy files:\n"
+            "                      DIR/q.npy, DIR/k.npy, DIR/v.npy, DIR/<buffer>.npy; 4-D\n"
+            "                      C-order (B, H, S, D); <f4, <f2, bf16 as <u2 or |V2\n"
+            "  --save DIR          write DIR/out.npy and DIR/lse.npy\n"
+            "  --json              print one JSON object instead of the table\n");
+}
+
+typedef struct run_opts {
+    const char *preset, *text, *mask_preset, *mask_text, *backend, *load, *save;
+    int64_t B, H, Hkv, len, q_len, kv_len, D, Dv, block, docs, warmup, iters;
+    flex_dtype dtype;
+    int check, json;
+    cli_params params;
+} run_opts;
+
+typedef struct run_state {
+    run_opts o;
+    flex_context *ctx;
+    flex_mod *score, *mask_mod;
+    flex_block_mask *mask;
+    cli_buffers bufs;
+    npy_array loaded_bufs[IR_MAX_BUFFERS];
+    int num_loaded_bufs;
+    int64_t B, Hq, Hkv, Lq, Lkv, D, Dv;
+    flex_dtype dtype;
+    void *host[3];   /* q, k, v on the host (contiguous BHSD) */
+    void *dev[5];    /* q, k, v, out, lse on the device */
+    flex_tensor t[5];
+    double fw_ms, fw_flops, density;
+} run_state;
+
+enum { T_Q = 0, T_K, T_V, T_OUT, T_LSE };
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
+}
+
+static int cmp_double(const void *a, const void *b)
+{
+    double x = *(const double *)a, y = *(const double *)b;
+    return x < y ? -1 : x > y;
+}
+
+static int parse_dtype(const char *s, flex_dtype *dt)
+{
+    if (!strcmp(s, "f32") || !strcmp(s, "float32")) *dt = FLEX_F32;
+    else if (!strcmp(s, "f16") || !strcmp(s, "float16")) *dt = FLEX_F16;
+    else if (!strcmp(s, "bf16") || !strcmp(s, "bfloat16")) *dt = FLEX_BF16;
+    else {
+        fprintf(stderr, "flexattn run: --dtype must be f32, f16 or bf16, not '%s'\n", s);
+        return -1;
+    }
+    return 0;
+}
+
+static int parse_args(int argc, char **argv, run_opts *o)
+{
+    memset(o, 0, sizeof *o);
+    o->B = 1, o->H = 8, o->Hkv = -1, o->len = 2048, o->q_len = -1, o->kv_len = -1;
+    o->D = 64, o->Dv = -1, o->warmup = 2, o->iters = 10, o->dtype = FLEX_F32;
+    for (int i = 1; i < argc;) {
+        const char *v = NULL, *arg = argv[i];
+        int r;
+        if (cli_flag(arg, "-h") || cli_flag(arg, "--help")) {
+            usage(stdout);
+            exit(CLI_EXIT_OK);
+        }
+        if (cli_flag(arg, "--check")) {
+            o->check = 1, i++;
+            continue;
+        }
+        if (cli_flag(arg, "--json")) {
+            o->json = 1, i++;
+            continue;
+        }
+#define OPT(name) ((r = cli_option(argc, argv, &i, name, &v)) != 0)
+#define INT(name, lo, hi, dst)                                                                     \
+    if (OPT(name)) {                                                                               \
+        if (r < 0 || cli_parse_int(v, name, lo, hi, dst)) return -1;                               \
+        continue;                                                                                  \
+    }
+#define STR(name, dst)                                                                             \
+    if (OPT(name)) {                                                                               \
+        if (r < 0) return -1;                                                                      \
+        dst = v;                                                                                   \
+        continue;                                                                                  \
+    }
+        STR("--text", o->text)
+        STR("--mask", o->mask_preset)
+        STR("--mask-text", o->mask_text)
+        STR("--backend", o->backend)
+        STR("--load", o->load)
+        STR("--save", o->save)
+        INT("-B", 1, INT32_MAX, &o->B)
+        INT("-H", 1, INT32_MAX, &o->H)
+        INT("--hkv", 1, INT32_MAX, &o->Hkv)
+        INT("--len", 1, INT32_MAX, &o->len)
+        INT("--q-len", 1, INT32_MAX, &o->q_len)
+        INT("--kv-len", 1, INT32_MAX, &o->kv_len)
+        INT("-D", 1, 4096, &o->D)
+        INT("--dv", 1, 4096, &o->Dv)
+        INT("--block", 0, 1024, &o->block)
+        INT("--docs", 1, INT32_MAX, &o->docs)
+        INT("--warmup", 0, 1000000, &o->warmup)
+        INT("--iters", 1, 1000000, &o->iters)
+        if (OPT("--dtype")) {
+            if (r < 0 || parse_dtype(v, &o->dtype)) return -1;
+            continue;
+        }
+        if (OPT("--param")) {
+            if (r < 0 || cli_params_add(&o->params, v)) return -1;
+            continue;
+        }
+#undef OPT
+#undef INT
+#undef STR
+        if (arg[0] == '-' && arg[1] != '\0') {
+            fprintf(stderr, "flexattn run: unknown option '%s' (see flexattn run --help)\n", arg);
+            return -1;
+        }
+        if (o->preset) {
+            fprintf(stderr, "flexattn run: one preset only ('%s' and '%s' given)\n", o->preset,
+                    arg);
+            return -1;
+        }
+        o->preset = arg;
+        i++;
+    }
+    if (!o->preset == !o->text) {
+        fprintf(stderr, "flexattn run: give a preset name or --text (see flexattn run --help)\n");
+        return -1;
+    }
+    if (o->mask_preset && o->mask_text) {
+        fprintf(stderr, "flexattn run: --mask and --mask-text exclude each other\n");
+        return -1;
+    }
+    return 0;
+}
+
+/* ---- mods ---- */
+
+static int mentions_score(const char *text)
+{
+    for (const char *p = strstr(text, "score"); p; p = strstr(p + 1, "score")) {
+        int before = p == text || !(p[-1] == '_' || (p[-1] >= 'a' && p[-1] <= 'z') ||
+                                    (p[-1] >= 'A' && p[-1] <= 'Z') || (p[-1] >= '0' && p[-1] <= '9'));
+        char c = p[5];
+        int after = !(c == '_' || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
+                      (c >= '0' && c <= '9'));
+        if (before && after) return 1;
+    }
+    return 0;
+}
+
+/* The --param values a preset declares (others belong to the other mod). */
+static int params_for_preset(const flex_preset *p, const cli_params *all, flex_param *out)
+{
+    int n = 0;
+    for (int i = 0; i < all->count; i++)
+        for (int k = 0; k < p->num_params; k++)
+            if (!strcmp(p->params[k].name, all->params[i].name)) out[n++] = all->params[i];
+    return n;
+}
+
+static flex_status compile_one(run_state *s, const char *preset, const char *text,
+                               flex_mod_kind want_kind, flex_mod **out)
+{
+    if (preset) {
+        const flex_preset *p = flex_preset_find(preset);
+        if (!p) {
+            fprintf(stderr, "flexattn run: unknown preset '%s' (flexattn mask --list lists them)\n",
+                    preset);
+            return FLEX_ERR_MOD_NAME;
+        }
+        flex_param ps[CLI_MAX_PARAMS];
+        int n = params_for_preset(p, &s->o.params, ps);
+        return flex_preset_compile(s->ctx, preset, ps, n, out);
+    }
+    flex_buffer_decl decls[8];
+    int nd = cli_declare_known_buffers(text, decls);
+    flex_mod_desc desc = {want_kind, text, s->o.params.params, s->o.params.count, decls, nd};
+    return flex_mod_compile(s->ctx, &desc, out);
+}
+
+/* Binds DIR/<name>.npy where it exists (--load DIR), generated data for
+ * the other buffers. */
+static int bind_buffers(run_state *s, flex_mod *m)
+{
+    int loaded[IR_MAX_BUFFERS], missing = 0;
+    for (int b = 0; b < m->ir.num_buffers; b++) {
+        const ir_buffer *decl = &m->ir.buffers[b];
+        char path[4096];
+        struct stat sb;
+        loaded[b] = -1;
+        if (!s->o.load || strchr(s->o.load, ',') || s->num_loaded_bufs >= IR_MAX_BUFFERS ||
+            snprintf(path, sizeof path, "%s/%s.npy", s->o.load, decl->name) >= (int)sizeof path ||
+            stat(path, &sb) != 0) {
+            missing = 1;
+            continue;
+        }
+        npy_array *a = &s->loaded_bufs[s->num_loaded_bufs];
+        char err[512];
+        if (npy_read(path, a, err, sizeof err) != FLEX_OK) {
+            fprintf(stderr, "flexattn run: %s\n", err);
+            return -1;
+        }
+        loaded[b] = s->num_loaded_bufs++;
+        if (a->ndim != decl->ndim || a->dtype != decl->dtype) {
+            fprintf(stderr, "flexattn run: %s holds %s with %d dims; buffer '%s' is %s with %d\n",
+                    path, flex_dtype_name(a->dtype), a->ndim, decl->name,
+                    flex_dtype_name(decl->dtype), decl->ndim);
+            return -1;
+        }
+    }
+    if (missing) {
+        cli_buffer_spec spec = {s->Lq, s->Lkv, s->Hq, (int)s->o.docs, NULL, 0};
+        if (cli_bind_generated_buffers(s->ctx, m, &spec, &s->bufs) != 0) return -1;
+    }
+    for (int b = 0; b < m->ir.num_buffers; b++) {
+        if (loaded[b] < 0) continue;
+        npy_array *a = &s->loaded_bufs[loaded[b]];
+        flex_tensor t = flex_tensor_contiguous(a->data, a->dtype, a->ndim, a->shape,
+                                               FLEX_DEVICE_CPU);
+        if (flex_mod_bind_buffer(s->ctx, m, m->ir.buffers[b].name, &t) != FLEX_OK) {
+            fprintf(stderr, "flexattn run: %s\n", flex_error_message(s->ctx));
+            return -1;
+        }
+    }
+    return 0;
+}
+
+/* ---- inputs ---- */
+
+static uint64_t rng = 0x243f6a8885a308d3ull;
+
+static float rand_normalish(void)
+{
+    double sum = 0.0;
+    for (int i = 0; i < 4; i++) {
+        rng = rng * 6364136223846793005ull + 1442695040888963407ull;
+        sum += (double)(rng >> 11) / 9007199254740992.0;
+    }
+    return (float)((sum - 2.0) * 1.7);
+}
+
+static void *random_host(flex_dtype dt, size_t n)
+{
+    void *p = malloc(n * flex_dtype_size(dt) + 1);
+    if (!p) return NULL;
+    for (size_t i = 0; i < n; i++) {
+        float v = rand_normalish();
+        if (dt == FLEX_F32) ((float *)p)[i] = v;
+        else if (dt == FLEX_F16) ((uint16_t *)p)[i] = flex_float_to_f16(v);
+        else ((uint16_t *)p)[i] = flex_float_to_bf16(v);
+    }
+    return p;
+}
+
+static int load_inputs(run_state *s)
+{
+    char paths[3][4096];
+    static const char *names[3] = {"q", "k", "v"};
+    if (strchr(s->o.load, ',')) {
+        const char *p = s->o.load;
+        for (int i = 0; i < 3; i++) {
+            const char *c = strchr(p, ',');
+            size_t n = c ? (size_t)(c - p) : strlen(p);
+            if ((i < 2 && !c) || (i == 2 && c) || n >= sizeof paths[i]) {
+                fprintf(stderr, "flexattn run: --load takes DIR or q.npy,k.npy,v.npy\n");
+                return -1;
+            }
+            memcpy(paths[i], p, n);
+            paths[i][n] = '\0';
+            p = c ? c + 1 : p + n;
+        }
+    } else {
+        for (int i = 0; i < 3; i++)
+            snprintf(paths[i], sizeof paths[i], "%s/%s.npy", s->o.load, names[i]);
+    }
+    npy_array a[3];
+    memset(a, 0, sizeof a);
+    int rc = -1;
+    for (int i = 0; i < 3; i++) {
+        char err[512];
+        if (npy_read(paths[i], &a[i], err, sizeof err) != FLEX_OK) {
+            fprintf(stderr, "flexattn run: %s\n", err);
+            goto out;
+        }
+        if (a[i].ndim != 4 ||
+            (a[i].dtype != FLEX_F32 && a[i].dtype != FLEX_F16 && a[i].dtype != FLEX_BF16)) {
+            fprintf(stderr, "flexattn run: %s must be a 4-D (B, H, S, D) f32/f16/bf16 array\n",
+                    paths[i]);
+            goto out;
+        }
+        if (a[i].dtype != a[0].dtype) {
+            fprintf(stderr, "flexattn run: %s and %s have different dtypes\n", paths[0],
+                        paths[i]);
+            goto out;
+        }
+    }
+    s->dtype = a[0].dtype;
+    s->B = a[0].shape[0], s->Hq = a[0].shape[1], s->Lq = a[0].shape[2], s->D = a[0].shape[3];
+    s->Hkv = a[1].shape[1], s->Lkv = a[1].shape[2], s->Dv = a[2].shape[3];
+    for (int i = 0; i < 3; i++) {
+        s->host[i] = a[i].data;
+        a[i].data = NULL;
+    }
+    rc = 0;
+out:
+    for (int i = 0; i < 3; i++) npy_free(&a[i]);
+    return rc;
+}
+
+static int make_inputs(run_state *s)
+{
+    run_opts *o = &s->o;
+    if (o->load) {
+        if (load_inputs(s)) return -1;
+    } else {
+        s->dtype = o->dtype;
+        s->B = o->B, s->Hq = o->H, s->Hkv = o->Hkv > 0 ? o->Hkv : o->H;
+        s->Lq = o->q_len > 0 ? o->q_len : o->len;
+        s->Lkv = o->kv_len > 0 ? o->kv_len : o->len;
+        s->D = o->D, s->Dv = o->Dv > 0 ? o->Dv : o->D;
+        size_t nq = (size_t)(s->B * s->Hq * s->Lq * s->D);
+        size_t nk = (size_t)(s->B * s->Hkv * s->Lkv * s->D);
+        size_t nv = (size_t)(s->B * s->Hkv * s->Lkv * s->Dv);
+        s->host[0] = random_host(s->dtype, nq);
+        s->host[1] = random_host(s->dtype, nk);
+        s->host[2] = random_host(s->dtype, nv);
+        if (!s->host[0] || !s->host[1] || !s->host[2]) {
+            fprintf(stderr, "flexattn run: out of host memory for the inputs\n");
+            return -1;
+        }
+    }
+    return 0;
+}
+
+static int upload_inputs(run_state *s)
+{
+    flex_device_type dev = s->ctx->backend->device_type;
+    int64_t dims[5][4] = {{s->B, s->Hq, s->Lq, s->D},
+                          {s->B, s->Hkv, s->Lkv, s->D},
+                          {s->B, s->Hkv, s->Lkv, s->Dv},
+                          {s->B, s->Hq, s->Lq, s->Dv},
+                          {s->B, s->Hq, s->Lq, 1}};
+    for (int i = 0; i < 5; i++) {
+        flex_dtype dt = i == T_LSE ? FLEX_F32 : s->dtype;
+        size_t bytes = (size_t)(dims[i][0] * dims[i][1] * dims[i][2] * dims[i][3]) *
+                       flex_dtype_size(dt);
+        if (flex_malloc(s->ctx, bytes ? bytes : 1, &s->dev[i]) != FLEX_OK ||
+            (i < 3 && flex_copy_to_device(s->ctx, s->dev[i], s->host[i], bytes) != FLEX_OK)) {
+            fprintf(stderr, "flexattn run: %s\n", flex_error_message(s->ctx));
+            return -1;
+        }
+        s->t[i] = flex_tensor_bhsd(s->dev[i], dt, dims[i][0], dims[i][1], dims[i][2], dims[i][3],
+                                   dev);
+        s->t[i].device_index = flex_context_device_index(s->ctx);
+    }
+    return 0;
+}
+
+/* ---- forward ---- */
+
+static int time_forward(run_state *s)
+{
+    int64_t n = s->o.iters;
+    double *ms = malloc((size_t)n * sizeof(double));
+    if (!ms) return -1;
+    for (int64_t i = 0; i < s->o.warmup + n; i++) {
+        double t0 = now_ms();
+        flex_status st = flex_attention(s->ctx, &s->t[T_Q], &s->t[T_K], &s->t[T_V], s->score,
+                                        s->mask, NULL, &s->t[T_OUT], &s->t[T_LSE]);
+        if (st == FLEX_OK) st = flex_synchronize(s->ctx);
+        if (st != FLEX_OK) {
+            fprintf(stderr, "flexattn run: %s\n", flex_error_message(s->ctx));
+            free(ms);
+            return -1;
+        }
+        if (i >= s->o.warmup) ms[i - s->o.warmup] = now_ms() - t0;
+    }
+    qsort(ms, (size_t)n, sizeof *ms, cmp_double);
+    s->fw_ms = n % 2 ? ms[n / 2] : 0.5 * (ms[n / 2 - 1] + ms[n / 2]);
+    free(ms);
+    s->density = s->mask ? 1.0 - flex_block_mask_sparsity(s->mask) / 100.0 : 1.0;
+    s->fw_flops = 2.0 * (double)s->B * s->Hq * (double)s->Lq * (double)s->Lkv *
+                  (double)(s->D + s->Dv) * s->density;
+    return 0;
+}
+
+/* ---- check ---- */
+
+static int check_forward(run_state *s, double *rel_out, double *lse_out, int64_t *rows_out)
+{
+    int64_t R = s->Lq <= 256 ? s->Lq : 64;
+    int64_t *rows = malloc((size_t)R * sizeof(int64_t));
+    size_t out_elems = (size_t)(s->B * s->Hq * s->Lq * s->Dv);
+    void *out = malloc(out_elems * flex_dtype_size(s->dtype) + 1);
+    float *lse = malloc((size_t)(s->B * s->Hq * s->Lq) * sizeof(float) + 1);
+    double *ref = malloc((size_t)(s->B * s->Hq * R * s->Dv) * sizeof(double) + 1);
+    double *got = malloc((size_t)(s->B * s->Hq * R * s->Dv) * sizeof(double) + 1);
+    double *ref_lse = malloc((size_t)(s->B * s->Hq * R) * sizeof(double) + 1);
+    double *got_lse = malloc((size_t)(s->B * s->Hq * R) * sizeof(double) + 1);
+    int rc = -1;
+    if (!rows || !out || !lse || !ref || !got || !ref_lse || !got_lse) {
+        fprintf(stderr, "flexattn run: out of memory for --check\n");
+        goto done;
+    }
+    for (int64_t r = 0; r < R; r++) rows[r] = R == s->Lq ? r : r * (s->Lq - 1) / (R - 1);
+    if (flex_copy_to_host(s->ctx, out, s->dev[T_OUT], out_elems * flex_dtype_size(s->dtype)) ||
+        flex_copy_to_host(s->ctx, lse, s->dev[T_LSE],
+                          (size_t)(s->B * s->Hq * s->Lq) * sizeof(float))) {
+        fprintf(stderr, "flexattn run: %s\n", flex_error_message(s->ctx));
+        goto done;
+    }
+    oracle_problem p;
+    memset(&p, 0, sizeof p);
+    p.ctx = s->ctx;
+    p.q = flex_tensor_bhsd(s->host[0], s->dtype, s->B, s->Hq, s->Lq, s->D, FLEX_DEVICE_CPU);
+    p.k = flex_tensor_bhsd(s->host[1], s->dtype, s->B, s->Hkv, s->Lkv, s->D, FLEX_DEVICE_CPU);
+    p.v = flex_tensor_bhsd(s->host[2], s->dtype, s->B, s->Hkv, s->Lkv, s->Dv, FLEX_DEVICE_CPU);
+    p.score_mod = s->score;
+    p.mask_mod = s->mask_mod;
+    p.rows = rows;
+    p.num_rows = R;
+    char err[512];
+    if (oracle_forward(&p, ref, ref_lse, err, sizeof err) != 0) {
+        fprintf(stderr, "flexattn run: oracle: %s\n", err);
+        goto done;
+    }
+    flex_tensor ot = flex_tensor_bhsd(out, s->dtype, s->B, s->Hq, s->Lq, s->Dv, FLEX_DEVICE_CPU);
+    for (int64_t b = 0, n = 0; b < s->B; b++)
+        for (int64_t h = 0; h < s->Hq; h++)
+            for (int64_t r = 0; r < R; r++, n++) {
+                for (int64_t c = 0; c < s->Dv; c++)
+                    got[n * s->Dv + c] = oracle_load(&ot, b, h, rows[r], c);
+                got_lse[n] = lse[(b * s->Hq + h) * s->Lq + rows[r]];
+            }
+    size_t n = (size_t)(s->B * s->Hq * R);
+    *rel_out = oracle_rel_error(ref, got, n * (size_t)s->Dv);
+    *lse_out = oracle_lse_error(ref_lse, got_lse, n);
+    *rows_out = R;
+    rc = 0;
+done:
+    free(rows);
+    free(out);
+    free(lse);
+    free(ref);
+    free(got);
+    free(ref_lse);
+    free(got_lse);
+    return rc;
+}
+
+static int save_outputs(run_state *s)
+{
+    mkdir(s->o.save, 0777);
+    size_t out_bytes = (size_t)(s->B * s->Hq * s->Lq * s->Dv) * flex_dtype_size(s->dtype);
+    size_t lse_bytes = (size_t)(s->B * s->Hq * s->Lq) * sizeof(float);
+    void *out = malloc(out_bytes + 1), *lse = malloc(lse_bytes + 1);
+    int rc = -1;
+    char path[4096], err[512];
+    if (!out || !lse) goto done;
+    if (flex_copy_to_host(s->ctx, out, s->dev[T_OUT], out_bytes) ||
+        flex_copy_to_host(s->ctx, lse, s->dev[T_LSE], lse_bytes)) {
+        fprintf(stderr, "flexattn run: %s\n", flex_error_message(s->ctx));
+        goto done;
+    }
+    int64_t oshape[4] = {s->B, s->Hq, s->Lq, s->Dv}, lshape[3] = {s->B, s->Hq, s->Lq};
+    snprintf(path, sizeof path, "%s/out.npy", s->o.save);
+    if (npy_write(path, s->dtype, 4, oshape, out, err, sizeof err) != FLEX_OK) goto io;
+    snprintf(path, sizeof path, "%s/lse.npy", s->o.save);
+    if (npy_write(path, FLEX_F32, 3, lshape, lse, err, sizeof err) != FLEX_OK) goto io;
+    rc = 0;
+    goto done;
+io:
+    fprintf(stderr, "flexattn run: %s\n", err);
+done:
+    free(out);
+    free(lse);
+    return rc;
+}
+
+/* ---- output ---- */
+
+static void print_table(const run_state *s)
+{
+    const char *sep = "+---------------+----------------+-------------------+";
+    printf("%s\n| Operation     |   FW Time (ms) |   FW FLOPS (TF/s) |\n", sep);
+    printf("+===============+================+===================+\n");
+    printf("| flexattention | %14.4f | %17.2f |\n%s\n", s->fw_ms,
+           s->fw_flops / (s->fw_ms * 1e-3) / 1e12, sep);
+}
+
+static void print_mask(const run_state *s)
+{
+    printf("\nBlock Mask:\n");
+    if (!s->mask) {
+        printf("None\n");
+        return;
+    }
+    size_t need = flex_block_mask_format(s->mask, 0, 0, 32, NULL, 0);
+    char *pic = malloc(need + 1);
+    if (!pic) return;
+    flex_block_mask_format(s->mask, 0, 0, 32, pic, need + 1);
+    fputs(pic, stdout);
+    free(pic);
+    printf("sparsity %.2f%%\n", flex_block_mask_sparsity(s->mask));
+}
+
+static void run_free(run_state *s)
+{
+    for (int i = 0; i < 5; i++)
+        if (s->dev[i]) flex_free(s->ctx, s->dev[i]);
+    for (int i = 0; i < 3; i++) free(s->host[i]);
+    flex_block_mask_destroy(s->mask);
+    flex_mod_destroy(s->mask_mod);
+    flex_mod_destroy(s->score);
+    cli_buffers_free(&s->bufs);
+    for (int i = 0; i < s->num_loaded_bufs; i++) npy_free(&s->loaded_bufs[i]);
+    flex_context_destroy(s->ctx);
+}
+
+int cmd_run(int argc, char **argv)
+{
+    run_state s;
+    memset(&s, 0, sizeof s);
+    if (parse_args(argc, argv, &s.o)) return CLI_EXIT_USAGE;
+    int rc = CLI_EXIT_FAILURE;
+    if (flex_context_create(s.o.backend, &s.ctx) != FLEX_OK) {
+        fprintf(stderr, "flexattn run: %s\n", flex_error_message(NULL));
+        return CLI_EXIT_FAILURE;
+    }
+    if (make_inputs(&s)) goto done;
+
+    /* The main mod: a preset of either kind, or text (a score mod when it
+     * reads `score`). */
+    flex_mod *main_mod = NULL;
+    flex_mod_kind kind = FLEX_MOD_MASK;
+    if (s.o.preset) {
+        const flex_preset *p = flex_preset_find(s.o.preset);
+        if (p) kind = p->kind;
+    } else if (mentions_score(s.o.text)) {
+        kind = FLEX_MOD_SCORE;
+    }
+    if (compile_one(&s, s.o.preset, s.o.text, kind, &main_mod) != FLEX_OK) {
+        if (s.o.preset && !flex_preset_find(s.o.preset)) {
+            rc = CLI_EXIT_USAGE;
+            goto done;
+        }
+        fprintf(stderr, "flexattn run: %s\n", flex_error_message(s.ctx));
+        rc = CLI_EXIT_USAGE;
+        goto done;
+    }
+    if (kind == FLEX_MOD_SCORE) s.score = main_mod;
+    else s.mask_mod = main_mod;
+    if (s.o.mask_preset || s.o.mask_text) {
+        if (s.mask_mod) {
+            fprintf(stderr, "flexattn run: '%s' is already a mask; --mask adds a mask to a score "
+                            "mod\n",
+                    s.o.preset ? s.o.preset : "the text");
+            rc = CLI_EXIT_USAGE;
+            goto done;
+        }
+        if (compile_one(&s, s.o.mask_preset, s.o.mask_text, FLEX_MOD_MASK, &s.mask_mod) !=
+            FLEX_OK) {
+            if (s.o.mask_text || flex_preset_find(s.o.mask_preset))
+                fprintf(stderr, "flexattn run: %s\n", flex_error_message(s.ctx));
+            rc = CLI_EXIT_USAGE;
+            goto done;
+        }
+        if (flex_mod_get_kind(s.mask_mod) != FLEX_MOD_MASK) {
+            fprintf(stderr, "flexattn run: --mask %s is a score mod\n", s.o.mask_preset);
+            rc = CLI_EXIT_USAGE;
+            goto done;
+        }
+    }
+    if ((s.score && bind_buffers(&s, s.score)) || (s.mask_mod && bind_buffers(&s, s.mask_mod))) {
+        rc = CLI_EXIT_USAGE;
+        goto done;
+    }
+    if (s.mask_mod &&
+        flex_block_mask_create(s.ctx, s.mask_mod, 1, 1, s.Lq, s.Lkv, (int)s.o.block,
+                               (int)s.o.block, &s.mask) != FLEX_OK) {
+        fprintf(stderr, "flexattn run: %s\n", flex_error_message(s.ctx));
+        goto done;
+    }
+    if (upload_inputs(&s) || time_forward(&s)) goto done;
+
+    double rel = 0.0, lse_err = 0.0;
+    int64_t rows = 0;
+    int pass = 1;
+    if (s.o.check) {
+        if (check_forward(&s, &rel, &lse_err, &rows)) goto done;
+        double tol = s.dtype == FLEX_F32 ? 1e-4 : 1e-2;
+        pass = rel < tol && lse_err < 1e-3;
+    }
+    if (s.o.save && save_outputs(&s)) goto done;
+
+    const char *name = s.o.preset ? s.o.preset : "text";
+    if (s.o.json) {
+        printf("{\"op\": \"forward\", \"name\": \"%s\", \"backend\": \"%s\", \"device\": \"%s\", "
+               "\"dtype\": \"%s\", \"B\": %lld, \"H\": %lld, \"Hkv\": %lld, \"q_len\": %lld, "
+               "\"kv_len\": %lld, \"D\": %lld, \"Dv\": %lld, \"density\": %.6f, "
+               "\"fw_ms\": %.6f, \"fw_tflops\": %.6f",
+               name, flex_context_backend(s.ctx), flex_context_device_name(s.ctx),
+               flex_dtype_name(s.dtype), (long long)s.B, (long long)s.Hq, (long long)s.Hkv,
+               (long long)s.Lq, (long long)s.Lkv, (long long)s.D, (long long)s.Dv, s.density,
+               s.fw_ms, s.fw_flops / (s.fw_ms * 1e-3) / 1e12);
+        if (s.o.check)
+            printf(", \"rel_err\": %.3e, \"lse_err\": %.3e, \"pass\": %s", rel, lse_err,
+                   pass ? "true" : "false");
+        printf("}\n");
+    } else {
+        printf("Results for %s (%s, %s, %s, B=%lld H=%lld Hkv=%lld q_len=%lld kv_len=%lld D=%lld "
+               "Dv=%lld):\n",
+               s.o.preset ? s.o.preset : s.o.text, flex_context_backend(s.ctx),
+               flex_context_device_name(s.ctx), flex_dtype_name(s.dtype), (long long)s.B,
+               (long long)s.Hq, (long long)s.Hkv, (long long)s.Lq, (long long)s.Lkv,
+               (long long)s.D, (long long)s.Dv);
+        print_table(&s);
+        print_mask(&s);
+        if (s.o.check)
+            printf("\ncheck: %s  relative error %.3e, lse error %.3e (%lld of %lld rows vs the "
+                   "fp64 oracle)\n",
+                   pass ? "PASS" : "FAIL", rel, lse_err, (long long)rows, (long long)s.Lq);
+    }
+    rc = pass ? CLI_EXIT_OK : CLI_EXIT_FAILURE;
+done:
+    run_free(&s);
+    return rc;
+}

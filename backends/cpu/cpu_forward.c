@@ -1,0 +1,616 @@
+/*
+ * Tiled, block-sparse attention forward on the CPU.
+ *
+ * Work items are (b, h, q-tile). Each thread takes items off a list sorted
+ * by descending number of non-empty KV blocks (OpenMP dynamic schedule), so
+ * the long rows of an uneven mask start first and the short ones fill the
+ * gaps at the end. For one item the thread packs the Q tile once (f32,
+ * contiguous), then walks the row's partial and full KV blocks in ascending
+ * order; per KV tile it packs K (transposed into 32-column panels) and V
+ * (32-column panels), computes the scores with the register-blocked kernel,
+ * applies the score mod everywhere and the mask mod only in partial blocks,
+ * and folds the tile into the online softmax state (core/softmax.h rule).
+ *
+ * Scratch is allocated once per thread per call. All arithmetic is f32;
+ * f16/bf16 inputs are converted while packing and the output is rounded to
+ * nearest even on the way out.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#include "internal.h"
+#include "plan.h"
+#include "softmax.h"
+#include "cpu.h"
+
+/* ---- element access ---- */
+
+static inline float load_elem(const void *base, flex_dtype dt, int64_t off)
+{
+    switch (dt) {
+    case FLEX_F16: return flex_f16_to_float(((const uint16_t *)base)[off]);
+    case FLEX_BF16: return flex_bf16_to_float(((const uint16_t *)base)[off]);
+    default: return ((const float *)base)[off];
+    }
+}
+
+static inline void store_elem(void *base, flex_dtype dt, int64_t off, float v)
+{
+    switch (dt) {
+    case FLEX_F16: ((uint16_t *)base)[off] = flex_float_to_f16(v); break;
+    case FLEX_BF16: ((uint16_t *)base)[off] = flex_float_to_bf16(v); break;
+    default: ((float *)base)[off] = v; break;
+    }
+}
+
+/* Reads n elements with stride `stride` starting at element off into dst. */
+static void load_row(const flex_tensor *t, int64_t off, int64_t stride, int n, float *dst)
+{
+    if (t->dtype == FLEX_F32 && stride == 1) {
+        memcpy(dst, (const float *)t->data + off, (size_t)n * sizeof(float));
+        return;
+    }
+    for (int i = 0; i < n; i++) dst[i] = load_elem(t->data, t->dtype, off + (int64_t)i * stride);
+}
+
+static inline int64_t round_up(int64_t v, int64_t m)
+{
+    return (v + m - 1) / m * m;
+}
+
+void flex_cpu_block_row_classes(const struct flex_block_mask *mask, int64_t num_kv_blocks,
+                                int64_t b, int64_t h, int64_t qb, uint8_t *classes)
+{
+    if (!mask) {
+        memset(classes, FLEX_BLOCK_FULL, (size_t)num_kv_blocks);
+        return;
+    }
+    memset(classes, FLEX_BLOCK_EMPTY, (size_t)num_kv_blocks);
+    int64_t bm = mask->B == 1 ? 0 : b, hm = mask->H == 1 ? 0 : h;
+    int64_t row = (bm * mask->H + hm) * mask->num_q_blocks + qb;
+    for (int32_t i = mask->kv_partial.offsets[row]; i < mask->kv_partial.offsets[row + 1]; i++)
+        classes[mask->kv_partial.indices[i]] = FLEX_BLOCK_PARTIAL;
+    for (int32_t i = mask->kv_full.offsets[row]; i < mask->kv_full.offsets[row + 1]; i++)
+        classes[mask->kv_full.indices[i]] = FLEX_BLOCK_FULL;
+}
+
+/* ---- the shared, read-only description of one call ---- */
+
+typedef struct fwd_problem {
+    const flex_forward_args *a;
+    const cpu_kernels *kern;
+    int64_t B, Hq, Hkv, Lq, Lkv, D, Dv;
+    int64_t group;            /* query heads per kv head */
+    int q_tile, kv_tile;      /* rows / columns of a tile (real) */
+    int mq, nk, dvp;          /* padded scratch sizes */
+    int64_t num_q_tiles;
+    int q_block, kv_block;    /* block size of the mask (tile sizes when no mask) */
+    int64_t num_q_blocks, num_kv_blocks;
+    const struct flex_block_mask *mask;
+    const ir_mod *score_ir, *mask_ir;
+    const mod_buffer_view *score_views, *mask_views;
+
+    /* K and V packed once per call (NULL: packed per tile into scratch) */
+    int64_t num_kv_tiles; /* per (b, kv head) */
+    float *packed_k, *packed_v;
+    size_t packed_k_stride, packed_v_stride; /* floats per tile */
+
+    /* first failure wins; guarded by the critical section in record_failure */
+    int failed;
+    flex_status status;
+    const flex_mod *fail_mod;
+    mod_bounds_error fail_err;
+} fwd_problem;
+
+typedef struct work_item {
+    int32_t b, h, qt;
+    int32_t cost; /* non-empty kv blocks of the row */
+} work_item;
+
+/* Per-thread scratch. */
+typedef struct fwd_scratch {
+    float *q;      /* mq x D */
+    float *kp;     /* nk/32 panels of D x 32 */
+    float *vp;     /* panels of nk x 32 (last 16) */
+    float *s;      /* mq x nk scores, then probabilities */
+    float *o;      /* mq x dvp accumulator */
+    float *m, *l, *alpha; /* mq each */
+    float *row;    /* max(D, Dv) staging for strided reads */
+    uint8_t *keep; /* mq x nk mask tile */
+    ir_value *point; /* scalar interpreter scratch (fallback path) */
+    mod_tile *score_tile, *mask_tile;
+    void *block; /* the single allocation behind the float arrays */
+} fwd_scratch;
+
+static void record_failure(fwd_problem *pb, flex_status st, const flex_mod *mod,
+                           const mod_bounds_error *err)
+{
+#ifdef _OPENMP
+#pragma omp critical(flex_cpu_forward_failure)
+#endif
+    {
+        if (!pb->failed) {
+            pb->status = st;
+            pb->fail_mod = mod;
+            if (err) pb->fail_err = *err;
+#ifdef _OPENMP
+#pragma omp atomic write
+#endif
+            pb->failed = 1;
+        }
+    }
+}
+
+static int has_failed(fwd_problem *pb)
+{
+    int f;
+#ifdef _OPENMP
+#pragma omp atomic read
+#endif
+    f = pb->failed;
+    return f;
+}
+
+static void scratch_free(fwd_scratch *sc)
+{
+    free(sc->block);
+    free(sc->keep);
+    free(sc->point);
+    if (sc->score_tile) mod_tile_destroy(sc->score_tile);
+    if (sc->mask_tile) mod_tile_destroy(sc->mask_tile);
+    memset(sc, 0, sizeof *sc);
+}
+
+static int scratch_alloc(fwd_scratch *sc, const fwd_problem *pb)
+{
+    memset(sc, 0, sizeof *sc);
+    size_t mq = (size_t)pb->mq, nk = (size_t)pb->nk, dvp = (size_t)pb->dvp, D = (size_t)pb->D;
+    size_t rowlen = (size_t)(pb->D > pb->Dv ? pb->D : pb->Dv);
+    /* Every array starts on a 64-byte boundary (aligned panel loads). */
+    size_t sizes[9] = {mq * D, nk * D, nk * dvp, mq * nk, mq * dvp, mq, mq, mq, rowlen};
+    size_t total = 0;
+    for (int i = 0; i < 9; i++) total += (size_t)round_up((int64_t)sizes[i], 16);
+    float *base = NULL;
+    if (posix_memalign((void **)&base, 64, total * sizeof(float)) != 0) return -1;
+    sc->block = base;
+    float **dst[9] = {&sc->q, &sc->kp, &sc->vp, &sc->s, &sc->o, &sc->m, &sc->l, &sc->alpha,
+                      &sc->row};
+    size_t at = 0;
+    for (int i = 0; i < 9; i++) {
+        *dst[i] = base + at;
+        at += (size_t)round_up((int64_t)sizes[i], 16);
+    }
+    /* Padding lanes must hold zeros, never stale NaN patterns. */
+    memset(base, 0, total * sizeof(float));
+    sc->keep = malloc(mq * nk);
+    if (!sc->keep) return -1;
+    int nodes = 1;
+    if (pb->score_ir && pb->score_ir->num_nodes > nodes) nodes = pb->score_ir->num_nodes;
+    if (pb->mask_ir && pb->mask_ir->num_nodes > nodes) nodes = pb->mask_ir->num_nodes;
+    sc->point = malloc((size_t)nodes * sizeof(ir_value));
+    if (!sc->point) return -1;
+    if (pb->score_ir) {
+        sc->score_tile = mod_tile_create(pb->score_ir, pb->q_tile, pb->kv_tile);
+        if (!sc->score_tile) return -1;
+    }
+    if (pb->mask_ir) {
+        sc->mask_tile = mod_tile_create(pb->mask_ir, pb->q_tile, pb->kv_tile);
+        if (!sc->mask_tile) return -1;
+    }
+    return 0;
+}
+
+/* ---- packing ---- */
+
+static void pack_q(const fwd_problem *pb, fwd_scratch *sc, int64_t b, int64_t h, int64_t q0,
+                   int rows)
+{
+    const flex_tensor *t = &pb->a->q;
+    int D = (int)pb->D;
+    for (int r = 0; r < rows; r++) {
+        int64_t off = b * t->strides[0] + h * t->strides[1] + (q0 + r) * t->strides[2];
+        load_row(t, off, t->strides[3], D, sc->q + (size_t)r * D);
+    }
+    if (rows < pb->mq) memset(sc->q + (size_t)rows * D, 0, (size_t)(pb->mq - rows) * D * 4);
+}
+
+/* K rows kv0 .. kv0+cols-1 into panels: kp[p][k][c] = K[kv0 + 32p + c][k]. */
+static void pack_k(const fwd_problem *pb, float *kp, float *row, int64_t b, int64_t hk, int64_t kv0,
+                   int cols)
+{
+    const flex_tensor *t = &pb->a->k;
+    int D = (int)pb->D;
+    int used_panels = (cols + CPU_NR - 1) / CPU_NR;
+    for (int n = 0; n < cols; n++) {
+        int64_t off = b * t->strides[0] + hk * t->strides[1] + (kv0 + n) * t->strides[2];
+        load_row(t, off, t->strides[3], D, row);
+        float *dst = kp + (size_t)(n / CPU_NR) * D * CPU_NR + (n % CPU_NR);
+        for (int k = 0; k < D; k++) dst[(size_t)k * CPU_NR] = row[k];
+    }
+    /* Zero the unused columns of the last used panel, and any wholly unused
+     * panels (their scores are overwritten with -inf anyway, but keep them
+     * finite). */
+    for (int n = cols; n < used_panels * CPU_NR; n++) {
+        float *dst = kp + (size_t)(n / CPU_NR) * D * CPU_NR + (n % CPU_NR);
+        for (int k = 0; k < D; k++) dst[(size_t)k * CPU_NR] = 0.0f;
+    }
+    if (used_panels * CPU_NR < pb->nk)
+        memset(kp + (size_t)used_panels * D * CPU_NR, 0,
+               (size_t)(pb->nk - used_panels * CPU_NR) * D * sizeof(float));
+}
+
+/* V rows into panels of 32 columns (the last one 16 wide when dvp % 32 ==
+ * 16); rows beyond cols are zero. */
+static void pack_v(const fwd_problem *pb, float *vp, float *row, int64_t b, int64_t hk, int64_t kv0,
+                   int cols)
+{
+    const flex_tensor *t = &pb->a->v;
+    int Dv = (int)pb->Dv, dvp = pb->dvp, nk = pb->nk;
+    for (int n = 0; n < nk; n++) {
+        if (n < cols) {
+            int64_t off = b * t->strides[0] + hk * t->strides[1] + (kv0 + n) * t->strides[2];
+            load_row(t, off, t->strides[3], Dv, row);
+        }
+        for (int c0 = 0; c0 < dvp; c0 += CPU_NR) {
+            int w = dvp - c0 >= CPU_NR ? CPU_NR : dvp - c0;
+            float *dst = vp + (size_t)c0 * nk + (size_t)n * w;
+            for (int c = 0; c < w; c++) dst[c] = (n < cols && c0 + c < Dv) ? row[c0 + c] : 0.0f;
+        }
+    }
+}
+
+/* ---- one KV tile ---- */
+
+/* Scalar fallback for a partial tile whose score mod failed on the tile
+ * interpreter: the failing read may lie at an element the mask removes,
+ * which is not an error. Re-evaluates only the attended elements. */
+static int score_attended_points(const fwd_problem *pb, fwd_scratch *sc, const float *kp,
+                                 int32_t b, int32_t h, int64_t q0, int rows, int64_t kv0,
+                                 int cols, mod_bounds_error *err)
+{
+    int nk = pb->nk;
+    pb->kern->scores(pb->mq, nk, (int)pb->D, sc->q, kp, pb->a->scale, sc->s);
+    for (int r = 0; r < rows; r++)
+        for (int c = 0; c < cols; c++) {
+            if (!sc->keep[(size_t)r * nk + c]) continue;
+            ir_value result;
+            float *sv = &sc->s[(size_t)r * nk + c];
+            if (mod_eval_point(pb->score_ir, pb->score_views, *sv, b, h, (int32_t)(q0 + r),
+                               (int32_t)(kv0 + c), sc->point, &result, err) != 0)
+                return -1;
+            *sv = result.f;
+        }
+    return 0;
+}
+
+/* Processes KV columns kv0 .. kv0+cols-1 for the packed Q tile. Returns 0,
+ * or -1 after recording a failure. */
+static int do_kv_tile(fwd_problem *pb, fwd_scratch *sc, int32_t b, int32_t h, int64_t hk,
+                      int64_t q0, int rows, int64_t kv0, int cols, int partial)
+{
+    const cpu_kernels *kn = pb->kern;
+    int nk = pb->nk, mq = pb->mq;
+    const float *kp = sc->kp, *vp = sc->vp;
+    if (pb->packed_k) {
+        size_t tile = (size_t)((b * pb->Hkv + hk) * pb->num_kv_tiles + kv0 / pb->kv_tile);
+        kp = pb->packed_k + tile * pb->packed_k_stride;
+        vp = pb->packed_v + tile * pb->packed_v_stride;
+    } else {
+        pack_k(pb, sc->kp, sc->row, b, hk, kv0, cols);
+        pack_v(pb, sc->vp, sc->row, b, hk, kv0, cols);
+    }
+    kn->scores(mq, nk, (int)pb->D, sc->q, kp, pb->a->scale, sc->s);
+
+    mod_bounds_error err;
+    memset(&err, 0, sizeof err);
+    if (partial) {
+        if (mod_tile_mask(sc->mask_tile, pb->mask_views, b, h, (int32_t)q0, rows, (int32_t)kv0,
+                          cols, sc->keep, nk, &err) != 0) {
+            record_failure(pb, FLEX_ERR_BUFFER_BOUNDS, pb->mask->mask_mod, &err);
+            return -1;
+        }
+    }
+    if (pb->score_ir) {
+        if (mod_tile_score(sc->score_tile, pb->score_views, b, h, (int32_t)q0, rows,
+                           (int32_t)kv0, cols, sc->s, nk, &err) != 0) {
+            mod_bounds_error err2;
+            memset(&err2, 0, sizeof err2);
+            if (!partial ||
+                score_attended_points(pb, sc, kp, b, h, q0, rows, kv0, cols, &err2) != 0) {
+                record_failure(pb, FLEX_ERR_BUFFER_BOUNDS, pb->a->score_mod,
+                               partial ? &err2 : &err);
+                return -1;
+            }
+        }
+    }
+    for (int r = 0; r < rows; r++) {
+        float *srow = sc->s + (size_t)r * nk;
+        if (partial) {
+            const uint8_t *keep = sc->keep + (size_t)r * nk;
+            for (int c = 0; c < cols; c++)
+                if (!keep[c]) srow[c] = -INFINITY;
+        }
+        for (int c = cols; c < nk; c++) srow[c] = -INFINITY;
+        /* Online softmax update (core/softmax.h rule, vector exp). */
+        float m_old = sc->m[r];
+        float tile_max = kn->row_max(srow, nk);
+        float m_new = tile_max > m_old ? tile_max : m_old;
+        float shift = flex_softmax_shift(m_new);
+        float sum = kn->exp_sum(srow, nk, shift);
+        float alpha = flex_softmax_rescale(m_old, m_new);
+        sc->l[r] = sc->l[r] * alpha + sum;
+        sc->m[r] = m_new;
+        sc->alpha[r] = alpha;
+    }
+    /* Padding rows carry no probability mass. */
+    if (rows < mq) {
+        memset(sc->s + (size_t)rows * nk, 0, (size_t)(mq - rows) * nk * sizeof(float));
+        for (int r = rows; r < mq; r++) sc->alpha[r] = 1.0f;
+    }
+    kn->accumulate(mq, nk, pb->dvp, sc->s, vp, sc->alpha, sc->o);
+    return 0;
+}
+
+/* ---- one work item ---- */
+
+static void write_output(const fwd_problem *pb, fwd_scratch *sc, int64_t b, int64_t h,
+                         int64_t q0, int rows)
+{
+    const flex_tensor *out = &pb->a->out;
+    const flex_tensor *lse = pb->a->lse;
+    int Dv = (int)pb->Dv;
+    for (int r = 0; r < rows; r++) {
+        float l = sc->l[r];
+        float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        const float *orow = sc->o + (size_t)r * pb->dvp;
+        int64_t off = b * out->strides[0] + h * out->strides[1] + (q0 + r) * out->strides[2];
+        int64_t st = out->strides[3];
+        if (out->dtype == FLEX_F32 && st == 1) {
+            float *dst = (float *)out->data + off;
+            for (int c = 0; c < Dv; c++) dst[c] = l > 0.0f ? orow[c] * inv : 0.0f;
+        } else {
+            for (int c = 0; c < Dv; c++)
+                store_elem(out->data, out->dtype, off + c * st, l > 0.0f ? orow[c] * inv : 0.0f);
+        }
+        if (lse) {
+            int64_t loff = b * lse->strides[0] + h * lse->strides[1] + (q0 + r) * lse->strides[2];
+            ((float *)lse->data)[loff] = flex_softmax_lse(sc->m[r], l);
+        }
+    }
+}
+
+static void do_item(fwd_problem *pb, fwd_scratch *sc, const work_item *it, uint8_t *classes)
+{
+    int32_t b = it->b, h = it->h;
+    int64_t hk = h / pb->group;
+    int64_t q0 = (int64_t)it->qt * pb->q_tile;
+    int rows = (int)(pb->Lq - q0 < pb->q_tile ? pb->Lq - q0 : pb->q_tile);
+    pack_q(pb, sc, b, h, q0, rows);
+    flex_softmax_init(sc->m, sc->l, pb->mq);
+    memset(sc->o, 0, (size_t)pb->mq * pb->dvp * sizeof(float));
+
+    int64_t qb = q0 / pb->q_block;
+    flex_cpu_block_row_classes(pb->mask, pb->num_kv_blocks, b, h, qb, classes);
+    for (int64_t j = 0; j < pb->num_kv_blocks; j++) {
+        if (classes[j] == FLEX_BLOCK_EMPTY) continue;
+        int partial = classes[j] == FLEX_BLOCK_PARTIAL;
+        int64_t blk_end = (j + 1) * pb->kv_block;
+        if (blk_end > pb->Lkv) blk_end = pb->Lkv;
+        for (int64_t kv0 = j * pb->kv_block; kv0 < blk_end; kv0 += pb->kv_tile) {
+            int cols = (int)(blk_end - kv0 < pb->kv_tile ? blk_end - kv0 : pb->kv_tile);
+            if (do_kv_tile(pb, sc, b, h, hk, q0, rows, kv0, cols, partial) != 0) return;
+        }
+    }
+    write_output(pb, sc, b, h, q0, rows);
+}
+
+/* Packs every K/V tile of the call once (in parallel) into pb->packed_k/v;
+ * leaves them NULL (per-tile packing) when the copy would exceed the plan's
+ * limit or memory is short. */
+static void prepack_kv(fwd_problem *pb, const struct flex_plan *plan, fwd_scratch *scratch,
+                       int threads)
+{
+    pb->num_kv_tiles = (pb->Lkv + pb->kv_tile - 1) / pb->kv_tile;
+    pb->packed_k_stride = (size_t)pb->nk * (size_t)pb->D;
+    pb->packed_v_stride = (size_t)pb->nk * (size_t)pb->dvp;
+    int64_t tiles = pb->B * pb->Hkv * pb->num_kv_tiles;
+    double bytes = (double)tiles * (double)(pb->packed_k_stride + pb->packed_v_stride) * 4.0;
+    if (tiles == 0 || (plan->prepack_limit_bytes > 0 && bytes > (double)plan->prepack_limit_bytes))
+        return;
+    float *k = NULL, *v = NULL;
+    if (posix_memalign((void **)&k, 64, (size_t)tiles * pb->packed_k_stride * sizeof(float)) ||
+        posix_memalign((void **)&v, 64, (size_t)tiles * pb->packed_v_stride * sizeof(float))) {
+        free(k);
+        return;
+    }
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(static)
+#endif
+    for (int64_t i = 0; i < tiles; i++) {
+        int t = 0;
+#ifdef _OPENMP
+        t = omp_get_thread_num();
+#endif
+        int64_t tile = i % pb->num_kv_tiles, bh = i / pb->num_kv_tiles;
+        int64_t b = bh / pb->Hkv, hk = bh % pb->Hkv;
+        int64_t kv0 = tile * pb->kv_tile;
+        int cols = (int)(pb->Lkv - kv0 < pb->kv_tile ? pb->Lkv - kv0 : pb->kv_tile);
+        pack_k(pb, k + (size_t)i * pb->packed_k_stride, scratch[t].row, b, hk, kv0, cols);
+        pack_v(pb, v + (size_t)i * pb->packed_v_stride, scratch[t].row, b, hk, kv0, cols);
+    }
+    (void)threads;
+    pb->packed_k = k;
+    pb->packed_v = v;
+}
+
+static int compare_items(const void *x, const void *y)
+{
+    const work_item *a = x, *b = y;
+    if (a->cost != b->cost) return a->cost > b->cost ? -1 : 1;
+    /* Stable order among equal costs keeps memory access sequential. */
+    if (a->b != b->b) return a->b < b->b ? -1 : 1;
+    if (a->h != b->h) return a->h < b->h ? -1 : 1;
+    return a->qt < b->qt ? -1 : (a->qt > b->qt);
+}
+
+static int32_t row_cost(const fwd_problem *pb, int64_t b, int64_t h, int64_t qb)
+{
+    const struct flex_block_mask *m = pb->mask;
+    if (!m) return (int32_t)pb->num_kv_blocks;
+    int64_t bm = m->B == 1 ? 0 : b, hm = m->H == 1 ? 0 : h;
+    int64_t row = (bm * m->H + hm) * m->num_q_blocks + qb;
+    return (m->kv_partial.offsets[row + 1] - m->kv_partial.offsets[row]) +
+           (m->kv_full.offsets[row + 1] - m->kv_full.offsets[row]);
+}
+
+flex_status flex_cpu_forward(flex_context *ctx, const flex_forward_args *args)
+{
+    struct flex_plan local_plan;
+    const struct flex_plan *plan = args->plan;
+    if (!plan) {
+        flex_status st = flex_plan_make(ctx, args, &local_plan);
+        if (st != FLEX_OK) return st;
+        plan = &local_plan;
+    }
+    if (plan->use_reference) return flex_cpu_forward_reference(ctx, args);
+
+    fwd_problem pb;
+    memset(&pb, 0, sizeof pb);
+    pb.a = args;
+    pb.kern = flex_cpu_select_kernels(plan->simd);
+    pb.B = args->q.sizes[0];
+    pb.Hq = args->q.sizes[1];
+    pb.Lq = args->q.sizes[2];
+    pb.D = args->q.sizes[3];
+    pb.Hkv = args->k.sizes[1];
+    pb.Lkv = args->k.sizes[2];
+    pb.Dv = args->v.sizes[3];
+    pb.group = pb.Hkv > 0 ? pb.Hq / pb.Hkv : 1;
+    if (pb.group < 1) pb.group = 1;
+    pb.mask = args->block_mask;
+
+    if (pb.B == 0 || pb.Hq == 0 || pb.Lq == 0 || pb.Dv == 0) return FLEX_OK;
+
+    pb.q_tile = plan->q_tile > 0 ? plan->q_tile : 64;
+    pb.kv_tile = plan->kv_tile > 0 ? plan->kv_tile : 128;
+    if (pb.mask) {
+        pb.q_block = pb.mask->q_block;
+        pb.kv_block = pb.mask->kv_block;
+        /* A plan made for another mask must still keep tiles inside blocks. */
+        while (pb.q_block % pb.q_tile) pb.q_tile /= 2;
+        while (pb.kv_block % pb.kv_tile) pb.kv_tile /= 2;
+        pb.num_q_blocks = pb.mask->num_q_blocks;
+        pb.num_kv_blocks = pb.mask->num_kv_blocks;
+    } else {
+        pb.q_block = pb.q_tile;
+        pb.kv_block = pb.kv_tile;
+        pb.num_q_blocks = (pb.Lq + pb.q_tile - 1) / pb.q_tile;
+        pb.num_kv_blocks = (pb.Lkv + pb.kv_tile - 1) / pb.kv_tile;
+    }
+    pb.mq = (int)round_up(pb.q_tile, CPU_MR);
+    pb.nk = (int)round_up(pb.kv_tile, CPU_NR);
+    pb.dvp = (int)round_up(pb.Dv, CPU_DV_ALIGN);
+    pb.num_q_tiles = (pb.Lq + pb.q_tile - 1) / pb.q_tile;
+
+    /* Host views of the mods' buffers (copies only for device buffers). */
+    mod_buffer_view score_views[IR_MAX_BUFFERS], mask_views[IR_MAX_BUFFERS];
+    void *score_copies[IR_MAX_BUFFERS] = {0}, *mask_copies[IR_MAX_BUFFERS] = {0};
+    const flex_mod *mask_mod = pb.mask ? pb.mask->mask_mod : NULL;
+    int mask_partial = pb.mask && pb.mask->num_partial > 0 && mask_mod;
+    if (pb.mask && pb.mask->num_partial > 0 && !mask_mod)
+        return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
+                         "block_mask has partial blocks but no mask mod to decide them");
+    /* The identity score mod ("score") costs nothing: skip it. */
+    int identity = args->score_mod && args->score_mod->ir.num_nodes >= 1 &&
+                   args->score_mod->ir.nodes[args->score_mod->ir.root].op == IR_SCORE;
+    if (args->score_mod && !identity) {
+        flex_status st = flex_mod_host_views(ctx, args->score_mod, score_views, score_copies);
+        if (st != FLEX_OK) return st;
+        pb.score_ir = &args->score_mod->ir;
+        pb.score_views = score_views;
+    }
+    if (mask_partial) {
+        flex_status st = flex_mod_host_views(ctx, mask_mod, mask_views, mask_copies);
+        if (st != FLEX_OK) {
+            flex_mod_release_host_views(score_copies);
+            return st;
+        }
+        pb.mask_ir = &mask_mod->ir;
+        pb.mask_views = mask_views;
+    }
+
+    int64_t num_items = pb.B * pb.Hq * pb.num_q_tiles;
+    work_item *items = malloc((size_t)num_items * sizeof *items);
+    flex_status result = FLEX_OK;
+    if (!items) {
+        result = flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "no memory for %lld CPU work items",
+                           (long long)num_items);
+        goto done;
+    }
+    {
+        int64_t n = 0;
+        for (int64_t b = 0; b < pb.B; b++)
+            for (int64_t h = 0; h < pb.Hq; h++)
+                for (int64_t t = 0; t < pb.num_q_tiles; t++) {
+                    work_item *it = &items[n++];
+                    it->b = (int32_t)b;
+                    it->h = (int32_t)h;
+                    it->qt = (int32_t)t;
+                    it->cost = row_cost(&pb, b, h, t * pb.q_tile / pb.q_block);
+                }
+        if (plan->longest_first) qsort(items, (size_t)num_items, sizeof *items, compare_items);
+    }
+
+    {
+        /* Scratch for every thread is made here, before any output is
+         * written, so that running out of memory never leaves out half
+         * written. */
+        int threads = plan->num_threads;
+#ifdef _OPENMP
+        if (threads <= 0) threads = omp_get_max_threads();
+#endif
+        if (threads <= 0) threads = 1;
+        if ((int64_t)threads > num_items) threads = (int)num_items;
+        fwd_scratch *scratch = calloc((size_t)threads, sizeof *scratch);
+        uint8_t *classes = malloc((size_t)threads * (size_t)pb.num_kv_blocks);
+        int ok = scratch && classes;
+        for (int t = 0; ok && t < threads; t++) ok = scratch_alloc(&scratch[t], &pb) == 0;
+        if (ok && plan->prepack_kv) prepack_kv(&pb, plan, scratch, threads);
+        if (!ok) {
+            result = flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY,
+                               "no memory for the CPU forward's scratch (%d threads, q_tile %d, "
+                               "kv_tile %d, D %lld, Dv %lld)",
+                               threads, pb.q_tile, pb.kv_tile, (long long)pb.D, (long long)pb.Dv);
+        } else {
+#ifdef _OPENMP
+#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+#endif
+            for (int64_t i = 0; i < num_items; i++) {
+                int t = 0;
+#ifdef _OPENMP
+                t = omp_get_thread_num();
+#endif
+                if (has_failed(&pb)) continue;
+                do_item(&pb, &scratch[t], &items[i], classes + (size_t)t * pb.num_kv_blocks);
+            }
+        }
+        for (int t = 0; scratch && t < threads; t++) scratch_free(&scratch[t]);
+        free(pb.packed_k);
+        free(pb.packed_v);
+        free(scratch);
+        free(classes);
+    }
+
+    if (result == FLEX_OK && pb.failed)
+        result = flex_fail_bounds(ctx, pb.fail_mod, &pb.fail_err);
+done:
+    free(items);
+    flex_mod_release_host_views(score_copies);
+    flex_mod_release_host_views(mask_copies);
+    return result;
+}

@@ -1,0 +1,778 @@
+/*
+ * The CUDA backend: the backend table, device memory, kernel lookup (memory
+ * module list -> kernel cache -> NVRTC), and the launches of the forward and
+ * mask-block kernels. The driver API is used through cuda_loader.h; every
+ * driver call's result is checked and turned into FLEX_ERR_DEVICE with the
+ * driver's name and description of the error.
+ */
+#include <math.h>
+#include <pthread.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+
+#include "internal.h"
+#include "cache.h"
+#include "cuda_compile.h"
+#include "cuda_loader.h"
+#include "mod/emit.h"
+
+/* ---- state ---- */
+
+typedef struct cuda_module {
+    char *key;
+    CUmodule module;
+    CUfunction fn;
+    struct cuda_module *next;
+} cuda_module;
+
+/* A device copy of a host-resident mod buffer, kept until release. */
+typedef struct cuda_buffer_copy {
+    const struct flex_mod *mod;
+    int index;
+    uint64_t generation;
+    const void *host;
+    CUdeviceptr dev;
+    struct cuda_buffer_copy *next;
+} cuda_buffer_copy;
+
+typedef struct cuda_state {
+    const flex_cuda_api *api;
+    CUdevice dev;
+    CUcontext cu;
+    char name[256];
+    char arch[16];
+    int major, minor, sm_count, smem_optin;
+    CUdeviceptr bounds_flag; /* u32: bit i = buffer slot i was read out of range */
+    char slot_names[FLEX_EMIT_MAX_SLOTS][80];
+    cuda_module *modules;
+    cuda_buffer_copy *buffer_copies;
+    pthread_mutex_t lock;
+} cuda_state;
+
+/* One cache for the whole process, so a second context reuses binaries. */
+static flex_cache *process_cache;
+static pthread_once_t process_cache_once = PTHREAD_ONCE_INIT;
+static void process_cache_open(void) { process_cache = flex_cache_open(NULL, "cuda"); }
+
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
+}
+
+static cuda_state *state_of(flex_context *ctx) { return (cuda_state *)ctx->backend_state; }
+
+/* Checks a driver result; on failure records FLEX_ERR_DEVICE naming what. */
+static flex_status check_cu(flex_context *ctx, const flex_cuda_api *api, CUresult r,
+                            const char *what)
+{
+    if (r == 0) return FLEX_OK;
+    char desc[256];
+    flex_cuda_describe(api, r, desc, sizeof desc);
+    return flex_fail(ctx, FLEX_ERR_DEVICE, "CUDA %s failed: %s", what, desc);
+}
+
+#define CU_TRY(ctx, st, call, what)                                                            \
+    do {                                                                                       \
+        flex_status cu_try_status_ = check_cu((ctx), (st)->api, (call), (what));               \
+        if (cu_try_status_ != FLEX_OK) return cu_try_status_;                                  \
+    } while (0)
+
+/* Makes the device's context current for the duration of a call. */
+static flex_status push_ctx(flex_context *ctx, cuda_state *st)
+{
+    return check_cu(ctx, st->api, st->api->cuCtxPushCurrent(st->cu), "cuCtxPushCurrent");
+}
+static void pop_ctx(cuda_state *st)
+{
+    CUcontext old;
+    st->api->cuCtxPopCurrent(&old);
+}
+
+/* ---- table slots ---- */
+
+static int cuda_score(char *why, size_t why_cap)
+{
+    const flex_cuda_api *api;
+    if (flex_cuda_load_driver(&api, why, why_cap) != 0) return 0;
+    if (flex_cuda_load_nvrtc(&api, why, why_cap) != 0) return 0;
+    int count = 0, version = 0;
+    api->cuDeviceGetCount(&count);
+    api->cuDriverGetVersion(&version);
+    if (why && why_cap)
+        snprintf(why, why_cap, "%d device%s, driver %d.%d, NVRTC %d.%d", count,
+                 count == 1 ? "" : "s", version / 1000, (version % 1000) / 10, api->nvrtc_major,
+                 api->nvrtc_minor);
+    return 100;
+}
+
+static flex_status cuda_init(flex_context *ctx, int device_index)
+{
+    char why[512];
+    const flex_cuda_api *api;
+    if (flex_cuda_load_driver(&api, why, sizeof why) != 0 ||
+        flex_cuda_load_nvrtc(&api, why, sizeof why) != 0)
+        return flex_fail(ctx, FLEX_ERR_BACKEND, "the CUDA backend is not usable: %s", why);
+    int count = 0;
+    flex_status s = check_cu(ctx, api, api->cuDeviceGetCount(&count), "cuDeviceGetCount");
+    if (s) return s;
+    if (device_index < 0 || device_index >= count)
+        return flex_fail(ctx, FLEX_ERR_BACKEND, "CUDA device %d does not exist (%d device%s)",
+                         device_index, count, count == 1 ? "" : "s");
+    cuda_state *st = calloc(1, sizeof *st);
+    if (!st) return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory for the CUDA state");
+    st->api = api;
+    pthread_mutex_init(&st->lock, NULL);
+    s = check_cu(ctx, api, api->cuDeviceGet(&st->dev, device_index), "cuDeviceGet");
+    if (!s) s = check_cu(ctx, api, api->cuDeviceGetName(st->name, sizeof st->name, st->dev),
+                         "cuDeviceGetName");
+    if (!s) s = check_cu(ctx, api, api->cuDeviceGetAttribute(&st->major, FLEX_CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, st->dev), "cuDeviceGetAttribute");
+    if (!s) s = check_cu(ctx, api, api->cuDeviceGetAttribute(&st->minor, FLEX_CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, st->dev), "cuDeviceGetAttribute");
+    if (!s) s = check_cu(ctx, api, api->cuDeviceGetAttribute(&st->sm_count, FLEX_CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, st->dev), "cuDeviceGetAttribute");
+    if (!s) s = check_cu(ctx, api, api->cuDeviceGetAttribute(&st->smem_optin, FLEX_CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, st->dev), "cuDeviceGetAttribute");
+    if (!s) s = check_cu(ctx, api, api->cuDevicePrimaryCtxRetain(&st->cu, st->dev),
+                         "cuDevicePrimaryCtxRetain");
+    if (s) {
+        pthread_mutex_destroy(&st->lock);
+        free(st);
+        return s;
+    }
+    flex_cuda_arch_name(st->major, st->minor, st->arch, sizeof st->arch);
+    s = push_ctx(ctx, st);
+    if (!s) {
+        s = check_cu(ctx, api, api->cuMemAlloc(&st->bounds_flag, 4), "cuMemAlloc (bounds flag)");
+        if (!s) s = check_cu(ctx, api, api->cuMemsetD8(st->bounds_flag, 0, 4), "cuMemsetD8");
+        pop_ctx(st);
+    }
+    if (s) {
+        api->cuDevicePrimaryCtxRelease(st->dev);
+        pthread_mutex_destroy(&st->lock);
+        free(st);
+        return s;
+    }
+    size_t len = strlen(st->name);
+    snprintf(st->name + len, sizeof st->name - len, " (%s, %d SMs)", st->arch, st->sm_count);
+    pthread_once(&process_cache_once, process_cache_open);
+    ctx->backend_state = st;
+    return FLEX_OK;
+}
+
+static void cuda_release(flex_context *ctx)
+{
+    cuda_state *st = state_of(ctx);
+    if (!st) return;
+    const flex_cuda_api *api = st->api;
+    if (api->cuCtxPushCurrent(st->cu) == 0) {
+        for (cuda_module *m = st->modules; m;) {
+            cuda_module *next = m->next;
+            api->cuModuleUnload(m->module);
+            free(m->key);
+            free(m);
+            m = next;
+        }
+        for (cuda_buffer_copy *c = st->buffer_copies; c;) {
+            cuda_buffer_copy *next = c->next;
+            api->cuMemFree(c->dev);
+            free(c);
+            c = next;
+        }
+        api->cuMemFree(st->bounds_flag);
+        pop_ctx(st);
+    }
+    api->cuDevicePrimaryCtxRelease(st->dev);
+    pthread_mutex_destroy(&st->lock);
+    free(st);
+    ctx->backend_state = NULL;
+}
+
+static const char *cuda_device_name(flex_context *ctx) { return state_of(ctx)->name; }
+
+static flex_status cuda_alloc(flex_context *ctx, size_t bytes, void **ptr)
+{
+    cuda_state *st = state_of(ctx);
+    flex_status s = push_ctx(ctx, st);
+    if (s) return s;
+    CUdeviceptr p = 0;
+    CUresult r = st->api->cuMemAlloc(&p, bytes ? bytes : 1);
+    pop_ctx(st);
+    if (r == 2 /* CUDA_ERROR_OUT_OF_MEMORY */)
+        return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "the GPU has no room for %zu bytes", bytes);
+    s = check_cu(ctx, st->api, r, "cuMemAlloc");
+    if (s) return s;
+    *ptr = (void *)(uintptr_t)p;
+    return FLEX_OK;
+}
+
+static void cuda_free(flex_context *ctx, void *ptr)
+{
+    cuda_state *st = state_of(ctx);
+    if (!ptr || st->api->cuCtxPushCurrent(st->cu) != 0) return;
+    st->api->cuMemFree((CUdeviceptr)(uintptr_t)ptr);
+    pop_ctx(st);
+}
+
+static flex_status cuda_upload(flex_context *ctx, void *dst, const void *src, size_t bytes)
+{
+    cuda_state *st = state_of(ctx);
+    flex_status s = push_ctx(ctx, st);
+    if (s) return s;
+    s = check_cu(ctx, st->api, st->api->cuMemcpyHtoD((CUdeviceptr)(uintptr_t)dst, src, bytes),
+                 "cuMemcpyHtoD");
+    pop_ctx(st);
+    return s;
+}
+
+static flex_status cuda_download(flex_context *ctx, void *dst, const void *src, size_t bytes)
+{
+    cuda_state *st = state_of(ctx);
+    flex_status s = push_ctx(ctx, st);
+    if (s) return s;
+    s = check_cu(ctx, st->api, st->api->cuMemcpyDtoH(dst, (CUdeviceptr)(uintptr_t)src, bytes),
+                 "cuMemcpyDtoH");
+    pop_ctx(st);
+    return s;
+}
+
+static flex_status cuda_memset(flex_context *ctx, void *dst, int value, size_t bytes)
+{
+    cuda_state *st = state_of(ctx);
+    flex_status s = push_ctx(ctx, st);
+    if (s) return s;
+    s = check_cu(ctx, st->api,
+                 st->api->cuMemsetD8((CUdeviceptr)(uintptr_t)dst, (unsigned char)value, bytes),
+                 "cuMemsetD8");
+    pop_ctx(st);
+    return s;
+}
+
+/* Reads and clears the bounds flag; a set bit becomes FLEX_ERR_BUFFER_BOUNDS. */
+static flex_status take_bounds_flag(flex_context *ctx, cuda_state *st)
+{
+    uint32_t flag = 0;
+    CU_TRY(ctx, st, st->api->cuMemcpyDtoH(&flag, st->bounds_flag, 4), "cuMemcpyDtoH (bounds flag)");
+    if (!flag) return FLEX_OK;
+    CU_TRY(ctx, st, st->api->cuMemsetD8(st->bounds_flag, 0, 4), "cuMemsetD8 (bounds flag)");
+    int slot = 0;
+    while (!(flag & (1u << slot))) slot++;
+    return flex_fail(ctx, FLEX_ERR_BUFFER_BOUNDS,
+                     "a mod read buffer '%s' outside its sizes on the GPU (the index was "
+                     "clamped; results of that call are not meaningful)",
+                     st->slot_names[slot][0] ? st->slot_names[slot] : "?");
+}
+
+static flex_status cuda_synchronize(flex_context *ctx)
+{
+    cuda_state *st = state_of(ctx);
+    flex_status s = push_ctx(ctx, st);
+    if (s) return s;
+    s = check_cu(ctx, st->api, st->api->cuCtxSynchronize(), "cuCtxSynchronize");
+    if (!s) s = take_bounds_flag(ctx, st);
+    pop_ctx(st);
+    return s;
+}
+
+/* ---- kernels: memory list -> cache -> NVRTC ---- */
+
+/* Finds or builds the function `fn_name` of source under key. The caller
+ * holds st->lock and has the context current. */
+static flex_status get_function(flex_context *ctx, cuda_state *st, const char *key,
+                                const char *source, const char *fn_name, CUfunction *fn)
+{
+    for (cuda_module *m = st->modules; m; m = m->next)
+        if (strcmp(m->key, key) == 0) {
+            *fn = m->fn;
+            return FLEX_OK;
+        }
+    void *bin = NULL;
+    size_t size = 0;
+    int from_disk = 0;
+    double t0 = now_ms();
+    if (!flex_cache_get(process_cache, key, &bin, &size, &from_disk)) {
+        flex_status s = flex_cuda_compile(ctx, st->api, source, fn_name, st->arch, &bin, &size);
+        if (s) return s;
+        if (flex_cache_put(process_cache, key, bin, size) != 0)
+            flex_log(FLEX_LOG_WARN, "could not write the kernel cache in %s",
+                     flex_cache_dir(process_cache));
+        flex_log(FLEX_LOG_INFO, "compiled %s for %s in %.0f ms", fn_name, st->arch, now_ms() - t0);
+    } else {
+        flex_log(FLEX_LOG_DEBUG, "kernel %s from the %s cache", fn_name, from_disk ? "disk" : "memory");
+    }
+    cuda_module *m = calloc(1, sizeof *m);
+    char *k = strdup(key);
+    if (!m || !k) {
+        free(m);
+        free(k);
+        free(bin);
+        return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory for a CUDA module");
+    }
+    CUresult r = st->api->cuModuleLoadData(&m->module, bin);
+    free(bin);
+    if (r == 0) r = st->api->cuModuleGetFunction(&m->fn, m->module, fn_name);
+    if (r != 0) {
+        free(m);
+        free(k);
+        return check_cu(ctx, st->api, r, "loading a compiled kernel (cuModuleLoadData)");
+    }
+    m->key = k;
+    m->next = st->modules;
+    st->modules = m;
+    *fn = m->fn;
+    return FLEX_OK;
+}
+
+/* ---- mod buffers ---- */
+
+typedef struct cuda_buffer_desc {
+    uint64_t data;
+    int32_t sizes[4];
+    int64_t strides[4];
+} cuda_buffer_desc;
+
+/* Device address of buffer i of mod, copying host data once per binding. */
+static flex_status buffer_device_ptr(flex_context *ctx, cuda_state *st, const struct flex_mod *mod,
+                                     int i, CUdeviceptr *out)
+{
+    const flex_tensor *v = &mod->views[i];
+    if (v->device == FLEX_DEVICE_CUDA) {
+        *out = (CUdeviceptr)(uintptr_t)v->data;
+        return FLEX_OK;
+    }
+    for (cuda_buffer_copy *c = st->buffer_copies; c; c = c->next)
+        if (c->mod == mod && c->index == i && c->generation == mod->binding_generation &&
+            c->host == v->data) {
+            *out = c->dev;
+            return FLEX_OK;
+        }
+    int64_t extent = 1;
+    for (int d = 0; d < v->ndim; d++) {
+        if (v->sizes[d] <= 0) extent = 0;
+        else if (extent) extent += (v->sizes[d] - 1) * (v->strides[d] < 0 ? -v->strides[d] : v->strides[d]);
+    }
+    size_t bytes = (size_t)extent * flex_dtype_size(v->dtype);
+    cuda_buffer_copy *c = calloc(1, sizeof *c);
+    if (!c) return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory for a buffer copy");
+    CUresult r = st->api->cuMemAlloc(&c->dev, bytes ? bytes : 1);
+    if (r == 0 && bytes) r = st->api->cuMemcpyHtoD(c->dev, v->data, bytes);
+    if (r != 0) {
+        if (c->dev) st->api->cuMemFree(c->dev);
+        free(c);
+        return check_cu(ctx, st->api, r, "copying a mod buffer to the GPU");
+    }
+    c->mod = mod;
+    c->index = i;
+    c->generation = mod->binding_generation;
+    c->host = v->data;
+    c->next = st->buffer_copies;
+    st->buffer_copies = c;
+    *out = c->dev;
+    return FLEX_OK;
+}
+
+/* Fills descs[slot_base + i] for every buffer of mod. */
+static flex_status fill_buffers(flex_context *ctx, cuda_state *st, const struct flex_mod *mod,
+                                int slot_base, cuda_buffer_desc *descs)
+{
+    if (!mod) return FLEX_OK;
+    for (int i = 0; i < mod->ir.num_buffers; i++) {
+        const ir_buffer *decl = &mod->ir.buffers[i];
+        if (!mod->bound[i])
+            return flex_fail(ctx, FLEX_ERR_BUFFER_UNBOUND, "buffer '%s' of a mod has no data bound",
+                             decl->name);
+        CUdeviceptr p = 0;
+        flex_status s = buffer_device_ptr(ctx, st, mod, i, &p);
+        if (s) return s;
+        cuda_buffer_desc *d = &descs[slot_base + i];
+        const flex_tensor *v = &mod->views[i];
+        d->data = p;
+        for (int k = 0; k < 4; k++) {
+            int64_t size = k < v->ndim ? v->sizes[k] : 1;
+            d->sizes[k] = (int32_t)(size > INT32_MAX ? INT32_MAX : size);
+            d->strides[k] = k < v->ndim ? v->strides[k] : 0;
+        }
+        snprintf(st->slot_names[slot_base + i], sizeof st->slot_names[0], "%s", decl->name);
+    }
+    return FLEX_OK;
+}
+
+/* Appends the flex_buffers block (descs then the flag pointer) to a kernel
+ * parameter blob at offset `at` (8-aligned); returns the new size. */
+static size_t append_buffers(unsigned char *blob, size_t at, const cuda_buffer_desc *descs,
+                             int slots, CUdeviceptr flag)
+{
+    int n = slots > 0 ? slots : 1;
+    memcpy(blob + at, descs, (size_t)n * sizeof *descs);
+    at += (size_t)n * sizeof *descs;
+    uint64_t f = flag;
+    memcpy(blob + at, &f, 8);
+    return at + 8;
+}
+
+static flex_status launch_blob(flex_context *ctx, cuda_state *st, CUfunction fn, unsigned gx,
+                               unsigned gy, unsigned threads, unsigned smem, CUstream stream,
+                               void *blob, size_t size)
+{
+    void *extra[] = {(void *)(uintptr_t)1, blob, (void *)(uintptr_t)2, &size, (void *)(uintptr_t)0};
+    if (smem > 48 * 1024)
+        CU_TRY(ctx, st,
+               st->api->cuFuncSetAttribute(fn, FLEX_CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
+                                           (int)smem),
+               "cuFuncSetAttribute (shared memory)");
+    return check_cu(ctx, st->api,
+                    st->api->cuLaunchKernel(fn, gx, gy, 1, threads, 1, 1, smem, stream, NULL, extra),
+                    "cuLaunchKernel");
+}
+
+/* ---- block-mask lists on the device ---- */
+
+typedef struct cuda_mask_copy {
+    CUdeviceptr full_off, full_idx, part_off, part_idx, order;
+} cuda_mask_copy;
+
+static void mask_copy_free(flex_context *ctx, void *copy)
+{
+    cuda_mask_copy *c = copy;
+    if (!c) return;
+    cuda_state *st = ctx ? state_of(ctx) : NULL;
+    if (st && st->api->cuCtxPushCurrent(st->cu) == 0) {
+        st->api->cuMemFree(c->full_off);
+        st->api->cuMemFree(c->full_idx);
+        st->api->cuMemFree(c->part_off);
+        st->api->cuMemFree(c->part_idx);
+        st->api->cuMemFree(c->order);
+        pop_ctx(st);
+    }
+    free(c);
+}
+
+static flex_status upload_array(flex_context *ctx, cuda_state *st, const void *src, size_t bytes,
+                                CUdeviceptr *dst)
+{
+    CU_TRY(ctx, st, st->api->cuMemAlloc(dst, bytes ? bytes : 4), "cuMemAlloc (block mask)");
+    if (bytes) CU_TRY(ctx, st, st->api->cuMemcpyHtoD(*dst, src, bytes), "cuMemcpyHtoD (block mask)");
+    return FLEX_OK;
+}
+
+static int64_t *order_counts; /* qsort context; guarded by st->lock */
+static int cmp_heavier_first(const void *a, const void *b)
+{
+    int ia = *(const int *)a, ib = *(const int *)b;
+    if (order_counts[ia] != order_counts[ib]) return order_counts[ia] > order_counts[ib] ? -1 : 1;
+    return ia - ib;
+}
+
+/* Uploads the kv-major lists of mask and the heaviest-first order of its
+ * q-block rows (summed over batch and head), once per mask. */
+static flex_status mask_device_copy(flex_context *ctx, cuda_state *st,
+                                    const struct flex_block_mask *mask, cuda_mask_copy **out)
+{
+    if (mask->device_copy) {
+        *out = mask->device_copy;
+        return FLEX_OK;
+    }
+    const int64_t rows = mask->B * mask->H * mask->num_q_blocks;
+    const int64_t nq = mask->num_q_blocks;
+    cuda_mask_copy *c = calloc(1, sizeof *c);
+    int *order = malloc((size_t)(nq ? nq : 1) * sizeof *order);
+    int64_t *counts = calloc((size_t)(nq ? nq : 1), sizeof *counts);
+    if (!c || !order || !counts) {
+        free(c);
+        free(order);
+        free(counts);
+        return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory for the block mask copy");
+    }
+    for (int64_t r = 0; r < rows; r++)
+        counts[r % nq] += (mask->kv_full.offsets[r + 1] - mask->kv_full.offsets[r]) +
+                          (mask->kv_partial.offsets[r + 1] - mask->kv_partial.offsets[r]);
+    for (int64_t i = 0; i < nq; i++) order[i] = (int)i;
+    order_counts = counts;
+    qsort(order, (size_t)nq, sizeof *order, cmp_heavier_first);
+    order_counts = NULL;
+    const size_t off_bytes = (size_t)(rows + 1) * sizeof(int32_t);
+    flex_status s = upload_array(ctx, st, mask->kv_full.offsets, off_bytes, &c->full_off);
+    if (!s) s = upload_array(ctx, st, mask->kv_full.indices,
+                             (size_t)mask->kv_full.offsets[rows] * sizeof(int32_t), &c->full_idx);
+    if (!s) s = upload_array(ctx, st, mask->kv_partial.offsets, off_bytes, &c->part_off);
+    if (!s) s = upload_array(ctx, st, mask->kv_partial.indices,
+                             (size_t)mask->kv_partial.offsets[rows] * sizeof(int32_t), &c->part_idx);
+    if (!s) s = upload_array(ctx, st, order, (size_t)nq * sizeof *order, &c->order);
+    free(order);
+    free(counts);
+    if (s) {
+        st->api->cuMemFree(c->full_off);
+        st->api->cuMemFree(c->full_idx);
+        st->api->cuMemFree(c->part_off);
+        st->api->cuMemFree(c->part_idx);
+        st->api->cuMemFree(c->order);
+        free(c);
+        return s;
+    }
+    /* The device copy is a cache attached to a const mask by design
+     * (internal.h: made on first use). */
+    struct flex_block_mask *m = (struct flex_block_mask *)mask;
+    m->device_copy = c;
+    m->device_copy_free = mask_copy_free;
+    *out = c;
+    return FLEX_OK;
+}
+
+/* ---- forward ---- */
+
+/* Mirrors struct flex_fwd_params of flex_forward.cuh up to `bufs`. */
+typedef struct cuda_fwd_params {
+    uint64_t q, k, v, out, lse;
+    uint64_t full_off, full_idx, part_off, part_idx, row_order;
+    int64_t q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, o_sb, o_sh, o_ss, l_sb, l_sh, l_ss;
+    int32_t B, Hq, Hkv, Lq, Lkv, D, Dv;
+    int32_t mask_B, mask_H, mask_nq, mask_nk, mask_qblock, mask_kvblock;
+    int32_t dense, tiles_per_row;
+    float scale, scale_log2;
+} cuda_fwd_params;
+
+static int pad64(int64_t d) { return (int)((d + 63) / 64 * 64); }
+
+static int aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+
+/* Tile choice for the tensor-core kernel, from the mask's block sizes and
+ * the head dims; FLEXATTN_CUDA_TILE="warps,mt,block_n" overrides it (for
+ * tuning; it must still divide the mask's blocks). */
+static void choose_tiles(flex_cuda_fwd_config *cfg, int q_block, int kv_block)
+{
+    const int wide = cfg->dq > 128 || cfg->dv > 128;
+    cfg->mt = 1;
+    cfg->warps = q_block / 16 < 8 ? q_block / 16 : 8;
+    if (wide && cfg->warps > 4) cfg->warps = 4;
+    cfg->block_n = kv_block < (wide ? 32 : 64) ? kv_block : (wide ? 32 : 64);
+    const char *env = getenv("FLEXATTN_CUDA_TILE");
+    int w, mt, bn;
+    if (env && sscanf(env, "%d,%d,%d", &w, &mt, &bn) == 3 && w > 0 && mt > 0 && bn >= 16 &&
+        w * 16 * mt <= q_block && q_block % (w * 16 * mt) == 0 && kv_block % bn == 0 && bn % 16 == 0) {
+        cfg->warps = w;
+        cfg->mt = mt;
+        cfg->block_n = bn;
+    }
+}
+
+static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a)
+{
+    cuda_state *st = state_of(ctx);
+    const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v, *o = &a->out;
+    const int64_t B = q->sizes[0], Hq = q->sizes[1], Lq = q->sizes[2], D = q->sizes[3];
+    const int64_t Hkv = k->sizes[1], Lkv = k->sizes[2], Dv = v->sizes[3];
+    if (D > 256 || Dv > 256)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "the CUDA backend supports head dims up to 256 (q has %lld, v has %lld)",
+                         (long long)D, (long long)Dv);
+    if (q->strides[3] != 1 || k->strides[3] != 1 || v->strides[3] != 1 || o->strides[3] != 1)
+        return flex_fail(ctx, FLEX_ERR_SHAPE,
+                         "the CUDA backend needs the last dimension of q, k, v and out contiguous");
+    if (q->dtype != FLEX_F32 && st->major < 8)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "f16/bf16 attention needs compute capability 8.0 or newer (this GPU is %d.%d)",
+                         st->major, st->minor);
+    const struct flex_block_mask *mask = a->block_mask;
+    const struct flex_mod *mask_mod = mask ? mask->mask_mod : NULL;
+    if (mask && mask->num_partial > 0 && !mask_mod)
+        return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
+                         "the block mask has partial blocks but no mask mod to decide them");
+    if (mask && mask->num_partial == 0) mask_mod = NULL; /* never evaluated: keep kernels shared */
+    const struct flex_mod *score_mod = a->score_mod;
+
+    flex_cuda_fwd_config cfg = {.dtype = q->dtype, .dq = pad64(D), .dv = pad64(Dv)};
+    const int q_block = mask ? mask->q_block : 128, kv_block = mask ? mask->kv_block : 128;
+    if (q->dtype == FLEX_F32) {
+        cfg.warps = 4;
+        cfg.mt = 1;
+        cfg.block_n = 0;
+        cfg.vec = 0;
+    } else {
+        choose_tiles(&cfg, q_block, kv_block);
+        const size_t es = 2;
+        cfg.vec = D % 8 == 0 && Dv % 8 == 0 && aligned16(q->data) && aligned16(k->data) &&
+                  aligned16(v->data) && aligned16(o->data);
+        for (int d = 0; d < 3; d++)
+            if (q->strides[d] % 8 || k->strides[d] % 8 || v->strides[d] % 8 || o->strides[d] % 8)
+                cfg.vec = 0;
+        (void)es;
+    }
+    const int block_m = cfg.warps * 16 * cfg.mt;
+    const size_t smem = q->dtype == FLEX_F32
+                            ? 0
+                            : ((size_t)block_m * cfg.dq + 2u * cfg.block_n * (cfg.dq + cfg.dv)) * 2;
+    if ((int64_t)smem > st->smem_optin)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "the kernel for head dims %lld/%lld needs %zu bytes of shared memory; the "
+                         "GPU allows %d", (long long)D, (long long)Dv, smem, st->smem_optin);
+
+    const ir_mod *mask_ir = mask_mod ? &mask_mod->ir : NULL;
+    const ir_mod *score_ir = score_mod ? &score_mod->ir : NULL;
+    const int slots = flex_emit_num_slots(mask_ir, score_ir);
+    if (slots > FLEX_EMIT_MAX_SLOTS)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "the mask and score mods read %d buffers together; at most %d", slots,
+                         FLEX_EMIT_MAX_SLOTS);
+
+    pthread_mutex_lock(&st->lock);
+    flex_status s = push_ctx(ctx, st);
+    if (s) {
+        pthread_mutex_unlock(&st->lock);
+        return s;
+    }
+    char *source = flex_cuda_forward_source(&cfg, mask_ir, score_ir);
+    CUfunction fn = NULL;
+    if (!source) s = flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory building kernel source");
+    if (!s) {
+        char key[512];
+        snprintf(key, sizeof key,
+                 "fwd|%s|dq%d|dv%d|w%d|mt%d|n%d|vec%d|mask=%016llx|score=%016llx|%s|nvrtc%d.%d|src=%016llx",
+                 flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.warps, cfg.mt, cfg.block_n, cfg.vec,
+                 (unsigned long long)(mask_mod ? mask_mod->hash : 0),
+                 (unsigned long long)(score_mod ? score_mod->hash : 0), st->arch,
+                 st->api->nvrtc_major, st->api->nvrtc_minor,
+                 (unsigned long long)flex_cache_checksum(source, strlen(source)));
+        s = get_function(ctx, st, key, source, "flex_forward_kernel", &fn);
+    }
+    free(source);
+
+    cuda_mask_copy *mc = NULL;
+    if (!s && mask) s = mask_device_copy(ctx, st, mask, &mc);
+
+    cuda_buffer_desc descs[FLEX_EMIT_MAX_SLOTS];
+    memset(descs, 0, sizeof descs);
+    if (!s) s = fill_buffers(ctx, st, mask_mod, 0, descs);
+    if (!s) s = fill_buffers(ctx, st, score_mod, mask_ir ? mask_ir->num_buffers : 0, descs);
+
+    if (!s) {
+        cuda_fwd_params p;
+        memset(&p, 0, sizeof p);
+        p.q = (uintptr_t)q->data;
+        p.k = (uintptr_t)k->data;
+        p.v = (uintptr_t)v->data;
+        p.out = (uintptr_t)o->data;
+        p.lse = a->lse ? (uintptr_t)a->lse->data : 0;
+        p.q_sb = q->strides[0], p.q_sh = q->strides[1], p.q_ss = q->strides[2];
+        p.k_sb = k->strides[0], p.k_sh = k->strides[1], p.k_ss = k->strides[2];
+        p.v_sb = v->strides[0], p.v_sh = v->strides[1], p.v_ss = v->strides[2];
+        p.o_sb = o->strides[0], p.o_sh = o->strides[1], p.o_ss = o->strides[2];
+        if (a->lse) p.l_sb = a->lse->strides[0], p.l_sh = a->lse->strides[1], p.l_ss = a->lse->strides[2];
+        p.B = (int32_t)B, p.Hq = (int32_t)Hq, p.Hkv = (int32_t)Hkv;
+        p.Lq = (int32_t)Lq, p.Lkv = (int32_t)Lkv, p.D = (int32_t)D, p.Dv = (int32_t)Dv;
+        p.mask_qblock = q_block;
+        p.mask_kvblock = kv_block;
+        if (mask) {
+            p.full_off = mc->full_off, p.full_idx = mc->full_idx;
+            p.part_off = mc->part_off, p.part_idx = mc->part_idx;
+            p.row_order = mc->order;
+            p.mask_B = (int32_t)mask->B, p.mask_H = (int32_t)mask->H;
+            p.mask_nq = (int32_t)mask->num_q_blocks, p.mask_nk = (int32_t)mask->num_kv_blocks;
+        } else {
+            p.dense = 1;
+            p.mask_B = p.mask_H = 1;
+            p.mask_nq = (int32_t)((Lq + q_block - 1) / q_block);
+            p.mask_nk = (int32_t)((Lkv + kv_block - 1) / kv_block);
+        }
+        p.tiles_per_row = q->dtype == FLEX_F32 ? 1 : q_block / block_m;
+        p.scale = a->scale;
+        p.scale_log2 = a->scale * 1.4426950408889634f;
+
+        unsigned char blob[sizeof(cuda_fwd_params) + (FLEX_EMIT_MAX_SLOTS + 2) * sizeof(cuda_buffer_desc)];
+        memcpy(blob, &p, sizeof p);
+        size_t size = append_buffers(blob, sizeof p, descs, slots, st->bounds_flag);
+
+        unsigned gx = (unsigned)(B * Hq), gy, threads;
+        if (q->dtype == FLEX_F32) {
+            gy = (unsigned)((Lq + 3) / 4);
+            threads = 128;
+        } else {
+            gy = (unsigned)((int64_t)p.mask_nq * p.tiles_per_row);
+            threads = (unsigned)cfg.warps * 32;
+        }
+        if (gy > 65535 || B * Hq > 0x7fffffff)
+            s = flex_fail(ctx, FLEX_ERR_UNSUPPORTED, "sequence too long for one launch (%lld query tiles)",
+                          (long long)gy);
+        else if (gx > 0 && gy > 0)
+            s = launch_blob(ctx, st, fn, gx, gy, threads, (unsigned)smem, (CUstream)a->stream, blob, size);
+    }
+    pop_ctx(st);
+    pthread_mutex_unlock(&st->lock);
+    return s;
+}
+
+/* ---- exact classes of undecided blocks ---- */
+
+typedef struct cuda_mask_blocks_params {
+    uint64_t blocks, classes;
+    int64_t count;
+    int32_t q_len, kv_len, q_block, kv_block;
+} cuda_mask_blocks_params;
+
+static flex_status cuda_mask_blocks(flex_context *ctx, const struct flex_mod *mask_mod,
+                                    int64_t q_len, int64_t kv_len, int q_block, int kv_block,
+                                    const flex_block_ref *blocks, int64_t count, uint8_t *classes)
+{
+    if (count <= 0) return FLEX_OK;
+    cuda_state *st = state_of(ctx);
+    pthread_mutex_lock(&st->lock);
+    flex_status s = push_ctx(ctx, st);
+    if (s) {
+        pthread_mutex_unlock(&st->lock);
+        return s;
+    }
+    char *source = flex_cuda_mask_blocks_source(&mask_mod->ir);
+    CUfunction fn = NULL;
+    CUdeviceptr dblocks = 0, dclasses = 0;
+    if (!source) s = flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory building kernel source");
+    if (!s) {
+        char key[256];
+        snprintf(key, sizeof key, "maskblocks|mask=%016llx|%s|nvrtc%d.%d|src=%016llx",
+                 (unsigned long long)mask_mod->hash, st->arch, st->api->nvrtc_major,
+                 st->api->nvrtc_minor, (unsigned long long)flex_cache_checksum(source, strlen(source)));
+        s = get_function(ctx, st, key, source, "flex_mask_blocks_kernel", &fn);
+    }
+    free(source);
+    cuda_buffer_desc descs[FLEX_EMIT_MAX_SLOTS];
+    memset(descs, 0, sizeof descs);
+    if (!s) s = fill_buffers(ctx, st, mask_mod, 0, descs);
+    if (!s) s = check_cu(ctx, st->api, st->api->cuMemAlloc(&dblocks, (size_t)count * sizeof *blocks), "cuMemAlloc");
+    if (!s) s = check_cu(ctx, st->api, st->api->cuMemAlloc(&dclasses, (size_t)count), "cuMemAlloc");
+    if (!s) s = check_cu(ctx, st->api, st->api->cuMemcpyHtoD(dblocks, blocks, (size_t)count * sizeof *blocks), "cuMemcpyHtoD");
+    if (!s) {
+        cuda_mask_blocks_params p = {.blocks = dblocks, .classes = dclasses, .count = count,
+                                     .q_len = (int32_t)q_len, .kv_len = (int32_t)kv_len,
+                                     .q_block = q_block, .kv_block = kv_block};
+        unsigned char blob[sizeof p + (FLEX_EMIT_MAX_SLOTS + 2) * sizeof(cuda_buffer_desc)];
+        memcpy(blob, &p, sizeof p);
+        size_t size = append_buffers(blob, sizeof p, descs, mask_mod->ir.num_buffers, st->bounds_flag);
+        unsigned gx = (unsigned)(count < (1 << 20) ? count : (1 << 20));
+        s = launch_blob(ctx, st, fn, gx, 1, 256, 0, NULL, blob, size);
+    }
+    if (!s) s = check_cu(ctx, st->api, st->api->cuCtxSynchronize(), "cuCtxSynchronize");
+    if (!s) s = check_cu(ctx, st->api, st->api->cuMemcpyDtoH(classes, dclasses, (size_t)count), "cuMemcpyDtoH");
+    if (!s) s = take_bounds_flag(ctx, st);
+    if (dblocks) st->api->cuMemFree(dblocks);
+    if (dclasses) st->api->cuMemFree(dclasses);
+    pop_ctx(st);
+    pthread_mutex_unlock(&st->lock);
+    return s;
+}
+
+const flex_backend_iface flex_backend_cuda = {
+    .abi_version = FLEX_BACKEND_ABI_VERSION,
+    .name = "cuda",
+    .device_type = FLEX_DEVICE_CUDA,
+    .score = cuda_score,
+    .init = cuda_init,
+    .release = cuda_release,
+    .device_name = cuda_device_name,
+    .mem_alloc = cuda_alloc,
+    .mem_free = cuda_free,
+    .upload = cuda_upload,
+    .download = cuda_download,
+    .mem_set = cuda_memset,
+    .forward = cuda_forward,
+    .backward = NULL,
+    .mask_blocks = cuda_mask_blocks,
+    .synchronize = cuda_synchronize,
+};

@@ -1,0 +1,128 @@
+/*
+ * Kernel source assembly and NVRTC compilation. The source is
+ * vendor.cuh + a block of #defines for the configuration + the emitted mods
+ * + the kernel template, all text, so nothing is looked up in a toolkit's
+ * include folders at run time.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cuda_compile.h"
+#include "mod/emit.h"
+
+const char *flex_cuda_template(const char *name)
+{
+    for (const struct flex_embedded_file *f = flex_cuda_template_files; f->name; f++)
+        if (strcmp(f->name, name) == 0) return f->text;
+    return NULL;
+}
+
+static char *concat(const char *const *parts, int n)
+{
+    size_t len = 0;
+    for (int i = 0; i < n; i++) len += strlen(parts[i]) + 1;
+    char *s = malloc(len + 1);
+    if (!s) return NULL;
+    size_t at = 0;
+    for (int i = 0; i < n; i++) {
+        size_t l = strlen(parts[i]);
+        memcpy(s + at, parts[i], l);
+        at += l;
+        s[at++] = '\n';
+    }
+    s[at] = 0;
+    return s;
+}
+
+char *flex_cuda_forward_source(const flex_cuda_fwd_config *cfg, const ir_mod *mask,
+                               const ir_mod *score)
+{
+    const char *vendor = flex_cuda_template("vendor.cuh");
+    const char *tpl = flex_cuda_template("flex_forward.cuh");
+    if (!vendor || !tpl) return NULL;
+    char config[512];
+    const char *elem = cfg->dtype == FLEX_BF16 ? "FLEX_ELEM_BF16"
+                       : cfg->dtype == FLEX_F16 ? "FLEX_ELEM_F16"
+                                                : "FLEX_ELEM_F32";
+    snprintf(config, sizeof config,
+             "/* configuration */\n#define %s 1\n#define FLEX_DQ %d\n#define FLEX_DV %d\n"
+             "#define FLEX_WARPS %d\n#define FLEX_MT %d\n#define FLEX_BLOCK_N %d\n"
+             "#define FLEX_VEC %d\n",
+             elem, cfg->dq, cfg->dv, cfg->warps, cfg->mt, cfg->block_n, cfg->vec);
+    char *mods = flex_emit_mods(mask, score);
+    if (!mods) return NULL;
+    const char *parts[] = {vendor, config, mods, tpl};
+    char *s = concat(parts, 4);
+    free(mods);
+    return s;
+}
+
+char *flex_cuda_mask_blocks_source(const ir_mod *mask)
+{
+    const char *vendor = flex_cuda_template("vendor.cuh");
+    const char *tpl = flex_cuda_template("flex_mask_blocks.cuh");
+    if (!vendor || !tpl) return NULL;
+    char *mods = flex_emit_mods(mask, NULL);
+    if (!mods) return NULL;
+    const char *parts[] = {vendor, mods, tpl};
+    char *s = concat(parts, 3);
+    free(mods);
+    return s;
+}
+
+void flex_cuda_arch_name(int major, int minor, char *buf, size_t cap)
+{
+    /* sm_90a enables the Hopper-only instructions; the "a" targets exist for
+     * 9.0 and 10.x/12.x, but only 9.0 is used by our templates today. */
+    snprintf(buf, cap, "sm_%d%d%s", major, minor, (major == 9 && minor == 0) ? "a" : "");
+}
+
+flex_status flex_cuda_compile(flex_context *ctx, const flex_cuda_api *api, const char *source,
+                              const char *program_name, const char *arch, void **cubin,
+                              size_t *size)
+{
+    *cubin = NULL;
+    *size = 0;
+    nvrtcProgram prog = NULL;
+    nvrtcResult r = api->nvrtcCreateProgram(&prog, source, program_name, 0, NULL, NULL);
+    if (r != 0)
+        return flex_fail(ctx, FLEX_ERR_COMPILE, "nvrtcCreateProgram failed for %s: %s",
+                         program_name, api->nvrtcGetErrorString(r));
+    char arch_opt[64];
+    snprintf(arch_opt, sizeof arch_opt, "--gpu-architecture=%s", arch);
+    const char *opts[] = {arch_opt, "--std=c++17"};
+    r = api->nvrtcCompileProgram(prog, 2, opts);
+    if (r != 0) {
+        size_t log_size = 0;
+        char *log = NULL;
+        if (api->nvrtcGetProgramLogSize(prog, &log_size) == 0 && log_size > 0) {
+            log = malloc(log_size + 1);
+            if (log && api->nvrtcGetProgramLog(prog, log) != 0) log[0] = 0;
+            if (log) log[log_size] = 0;
+        }
+        flex_status st = flex_fail(ctx, FLEX_ERR_COMPILE,
+                                   "NVRTC could not compile %s for %s (%s):\n%s", program_name,
+                                   arch, api->nvrtcGetErrorString(r), log ? log : "(no log)");
+        free(log);
+        api->nvrtcDestroyProgram(&prog);
+        return st;
+    }
+    /* A virtual arch ("compute_90a") yields PTX; a real one ("sm_90a") a cubin. */
+    const int want_ptx = strncmp(arch, "compute_", 8) == 0;
+    size_t n = 0;
+    r = want_ptx ? api->nvrtcGetPTXSize(prog, &n) : api->nvrtcGetCUBINSize(prog, &n);
+    char *bin = (r == 0 && n > 0) ? malloc(n) : NULL;
+    if (r == 0 && bin) r = want_ptx ? api->nvrtcGetPTX(prog, bin) : api->nvrtcGetCUBIN(prog, bin);
+    if (r != 0 || !bin) {
+        free(bin);
+        api->nvrtcDestroyProgram(&prog);
+        return flex_fail(ctx, r != 0 ? FLEX_ERR_COMPILE : FLEX_ERR_OUT_OF_MEMORY,
+                         "NVRTC produced no binary for %s (%s)", program_name,
+                         r != 0 ? api->nvrtcGetErrorString(r) : "out of memory");
+    }
+    api->nvrtcDestroyProgram(&prog);
+    *cubin = bin;
+    *size = n;
+    return FLEX_OK;
+}

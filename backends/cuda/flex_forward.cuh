@@ -1,0 +1,517 @@
+/*
+ * flex_forward.cuh: the block-sparse attention forward.
+ *
+ * The host prepends vendor.cuh, a configuration block and the emitted mods
+ * (flex_mask_mod, flex_score_mod, struct flex_buffers) and compiles the
+ * result with NVRTC. Configuration macros:
+ *   FLEX_ELEM_BF16 / FLEX_ELEM_F16 / FLEX_ELEM_F32   input and output dtype
+ *   FLEX_DQ, FLEX_DV      head dims padded to a multiple of 64
+ *   FLEX_WARPS            warps per CTA
+ *   FLEX_MT               16-row m-tiles per warp (rows per warp = 16 * FLEX_MT)
+ *   FLEX_BLOCK_N          kv rows per pipeline step (divides the mask's kv block)
+ *   FLEX_VEC              1: q/k/v rows are 16-byte aligned, copy with cp.async
+ *
+ * f16/bf16 (sm_80 and later): FlashAttention-2-style. A CTA owns
+ * FLEX_WARPS * 16 * FLEX_MT query rows of one (batch, head); each warp owns
+ * its rows, keeps the online softmax (max m, sum l) and the output
+ * accumulator in registers, computes S = Q Kᵀ and O += P V with
+ * mma.sync m16n8k16 (fp32 accumulate) fed by ldmatrix from XOR-swizzled
+ * shared memory, and the next K/V step is copied with cp.async while the
+ * current one is computed (double buffering). Exponentials are exp2 with
+ * log2(e) folded into the scale. The kv walk follows the block mask's lists:
+ * full blocks evaluate no mask, partial blocks evaluate flex_mask_mod per
+ * element, the score mod is applied everywhere.
+ *
+ * f32: a plain FMA path (one warp per query row), exact f32 arithmetic.
+ *
+ * A Hopper path (wgmma, TMA, warp specialisation) would be a sibling
+ * template sharing the parameter block, the kv walk and the epilogue.
+ */
+
+/* ---- parameters (the host mirrors this layout in cuda_backend.c) ---- */
+struct flex_fwd_params {
+    const void *q, *k, *v;
+    void *out;
+    float *lse;
+    const int *full_off, *full_idx, *part_off, *part_idx;
+    const int *row_order; /* mask q-block rows, heaviest first; NULL: natural order */
+    long long q_sb, q_sh, q_ss;
+    long long k_sb, k_sh, k_ss;
+    long long v_sb, v_sh, v_ss;
+    long long o_sb, o_sh, o_ss;
+    long long l_sb, l_sh, l_ss;
+    int B, Hq, Hkv, Lq, Lkv, D, Dv;
+    int mask_B, mask_H, mask_nq, mask_nk, mask_qblock, mask_kvblock;
+    int dense; /* 1: no block mask, every kv block of mask_kvblock is full */
+    int tiles_per_row; /* kernel q-tiles per mask q-block */
+    float scale, scale_log2;
+    flex_buffers bufs;
+};
+
+#define FLEX_LOG2E 1.4426950408889634f
+#define FLEX_LN2 0.6931471805599453f
+
+/* Locates the kv-block lists of one query tile. */
+struct flex_kv_walk {
+    int n_full, n_part;
+    const int *full, *part;
+};
+
+static FLEX_DEVICE_INLINE flex_kv_walk flex_walk_for(const flex_fwd_params &p, int b, int h,
+                                                     int mrow)
+{
+    flex_kv_walk w;
+    if (p.dense) {
+        w.n_full = p.mask_nk;
+        w.n_part = 0;
+        w.full = nullptr;
+        w.part = nullptr;
+        return w;
+    }
+    const int mb = p.mask_B > 1 ? b : 0, mh = p.mask_H > 1 ? h : 0;
+    const long long row = ((long long)mb * p.mask_H + mh) * p.mask_nq + mrow;
+    const int f0 = p.full_off[row], f1 = p.full_off[row + 1];
+    const int p0 = p.part_off[row], p1 = p.part_off[row + 1];
+    w.n_full = f1 - f0;
+    w.n_part = p1 - p0;
+    w.full = p.full_idx + f0;
+    w.part = p.part_idx + p0;
+    return w;
+}
+
+/* kv block index of the i-th block of the walk (full ones first). */
+static FLEX_DEVICE_INLINE int flex_walk_block(const flex_kv_walk &w, int i, bool &partial)
+{
+    if (i < w.n_full) {
+        partial = false;
+        return w.full ? w.full[i] : i;
+    }
+    partial = true;
+    return w.part[i - w.n_full];
+}
+
+#if defined(FLEX_ELEM_BF16) || defined(FLEX_ELEM_F16)
+/* ===================== tensor-core path (f16 / bf16) ===================== */
+
+typedef flex_u16 flex_elem;
+
+#define FLEX_BLOCK_M (FLEX_WARPS * 16 * FLEX_MT)
+#define FLEX_THREADS (FLEX_WARPS * 32)
+
+/* Element offset of (row, 16-byte chunk c) in a tile with `dpad` columns:
+ * the chunk index is XORed with the row's low bits so the 8 rows an
+ * ldmatrix reads fall in 8 different bank groups. */
+static FLEX_DEVICE_INLINE int flex_swz(int row, int chunk, int dpad)
+{
+    return row * dpad + ((chunk & ~7) | ((chunk ^ row) & 7)) * 8;
+}
+
+static FLEX_DEVICE_INLINE flex_u32 flex_smem_addr(const void *p)
+{
+    return (flex_u32)__cvta_generic_to_shared(p);
+}
+
+static FLEX_DEVICE_INLINE void flex_cp_async16(flex_u32 dst, const void *src, bool valid)
+{
+    const int n = valid ? 16 : 0; /* 0: zero-fill, nothing read */
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+static FLEX_DEVICE_INLINE void flex_cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N> static FLEX_DEVICE_INLINE void flex_cp_async_wait()
+{
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+static FLEX_DEVICE_INLINE void flex_ldmatrix_x4(flex_u32 *r, flex_u32 addr)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+static FLEX_DEVICE_INLINE void flex_ldmatrix_x4_trans(flex_u32 *r, flex_u32 addr)
+{
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+/* d += a * b, m16n8k16, fp32 accumulate. */
+static FLEX_DEVICE_INLINE void flex_mma(float *d, const flex_u32 *a, flex_u32 b0, flex_u32 b1)
+{
+#if defined(FLEX_ELEM_BF16)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+#else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+#endif
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* Two floats -> two packed 16-bit values, lo in the low half. */
+static FLEX_DEVICE_INLINE flex_u32 flex_pack2(float lo, float hi)
+{
+    flex_u32 r;
+#if defined(FLEX_ELEM_BF16)
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+#else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
+    return r;
+}
+static FLEX_DEVICE_INLINE flex_u16 flex_to_elem(float x)
+{
+    return (flex_u16)(flex_pack2(x, 0.0f) & 0xffffu);
+}
+static FLEX_DEVICE_INLINE float flex_exp2(float x)
+{
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+/* Copies rows [row0, row0 + ROWS) x columns [0, DPAD) of a (rows, cols)
+ * global matrix into a swizzled shared tile; rows >= nrows and columns >=
+ * ncols read as zero. */
+template <int ROWS, int DPAD>
+static FLEX_DEVICE_INLINE void flex_load_tile(flex_elem *tile, const flex_elem *g,
+                                              long long row_stride, int row0, int nrows,
+                                              int ncols, int tid)
+{
+    constexpr int CHUNKS = DPAD / 8;
+#if FLEX_VEC
+    constexpr int ITERS = (ROWS * CHUNKS + FLEX_THREADS - 1) / FLEX_THREADS;
+#pragma unroll
+    for (int it = 0; it < ITERS; it++) {
+        const int i = tid + it * FLEX_THREADS;
+        if (ROWS * CHUNKS % FLEX_THREADS != 0 && i >= ROWS * CHUNKS) break;
+        const int r = i / CHUNKS, c = i % CHUNKS;
+        const bool valid = (row0 + r < nrows) && (c * 8 < ncols);
+        const flex_elem *src = valid ? g + (long long)(row0 + r) * row_stride + c * 8 : g;
+        flex_cp_async16(flex_smem_addr(tile + flex_swz(r, c, DPAD)), src, valid);
+    }
+#else
+    for (int i = tid; i < ROWS * DPAD; i += FLEX_THREADS) {
+        const int r = i / DPAD, col = i % DPAD;
+        flex_elem x = 0;
+        if (row0 + r < nrows && col < ncols) x = g[(long long)(row0 + r) * row_stride + col];
+        tile[flex_swz(r, col / 8, DPAD) + (col & 7)] = x;
+    }
+#endif
+}
+
+/* Per-warp state of the online softmax and the output accumulator. */
+struct flex_warp_state {
+    float o[FLEX_MT][FLEX_DV / 8][4];
+    float m[FLEX_MT][2]; /* running max, log2 units */
+    float l[FLEX_MT][2]; /* running sum (this thread's columns only) */
+};
+
+/* One kv step: S = Q Kᵀ, mods, online softmax, O += P V. MASKED selects the
+ * path that evaluates the mask mod (partial blocks) and/or the sequence
+ * ends; the plain path does neither. */
+template <bool MASKED>
+static FLEX_DEVICE_INLINE void flex_step(const flex_fwd_params &p, flex_warp_state &st,
+                                         const flex_elem *sQ, const flex_elem *sK,
+                                         const flex_elem *sV, int b, int h, int q0, int kv0,
+                                         bool partial, bool bounds, int warp, int lane)
+{
+    constexpr int NT = FLEX_BLOCK_N / 8;
+    float s[FLEX_MT][NT][4];
+#pragma unroll
+    for (int mt = 0; mt < FLEX_MT; mt++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+            for (int r = 0; r < 4; r++) s[mt][nt][r] = 0.0f;
+
+    const int wrow = warp * 16 * FLEX_MT;
+#pragma unroll
+    for (int kk = 0; kk < FLEX_DQ / 16; kk++) {
+        flex_u32 a[FLEX_MT][4];
+#pragma unroll
+        for (int mt = 0; mt < FLEX_MT; mt++)
+            flex_ldmatrix_x4(a[mt], flex_smem_addr(sQ + flex_swz(wrow + mt * 16 + (lane & 15),
+                                                                 kk * 2 + (lane >> 4), FLEX_DQ)));
+#pragma unroll
+        for (int np = 0; np < NT / 2; np++) {
+            flex_u32 bf[4];
+            flex_ldmatrix_x4(bf, flex_smem_addr(sK + flex_swz(np * 16 + ((lane >> 4) << 3) + (lane & 7),
+                                                              kk * 2 + ((lane >> 3) & 1), FLEX_DQ)));
+#pragma unroll
+            for (int mt = 0; mt < FLEX_MT; mt++) {
+                flex_mma(s[mt][2 * np], a[mt], bf[0], bf[1]);
+                flex_mma(s[mt][2 * np + 1], a[mt], bf[2], bf[3]);
+            }
+        }
+    }
+
+    /* Scores in log2 units, modified and masked. */
+#pragma unroll
+    for (int mt = 0; mt < FLEX_MT; mt++) {
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+            for (int r = 0; r < 4; r++) {
+                const int q = q0 + wrow + mt * 16 + (lane >> 2) + ((r & 2) ? 8 : 0);
+                const int kv = kv0 + nt * 8 + (lane & 3) * 2 + (r & 1);
+                float x = s[mt][nt][r];
+                bool keep = true;
+                if (MASKED) {
+                    if (bounds && (q >= p.Lq || kv >= p.Lkv)) keep = false;
+                    else if (partial && !flex_mask_mod(b, h, q, kv, p.bufs)) keep = false;
+                }
+#if FLEX_HAS_SCORE_MOD
+                if (keep) x = flex_score_mod(__fmul_rn(x, p.scale), b, h, q, kv, p.bufs) * FLEX_LOG2E;
+#else
+                x *= p.scale_log2;
+#endif
+                s[mt][nt][r] = keep ? x : FLEX_NEG_INF;
+                (void)q;
+                (void)kv;
+            }
+        }
+    }
+
+    /* Online softmax. */
+    flex_u32 pa[FLEX_MT][FLEX_BLOCK_N / 16][4];
+#pragma unroll
+    for (int mt = 0; mt < FLEX_MT; mt++) {
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            float mx = FLEX_NEG_INF;
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+                mx = fmaxf(mx, fmaxf(s[mt][nt][2 * hf], s[mt][nt][2 * hf + 1]));
+            mx = fmaxf(mx, FLEX_SHFL_XOR(mx, 1));
+            mx = fmaxf(mx, FLEX_SHFL_XOR(mx, 2));
+            const float m_new = fmaxf(st.m[mt][hf], mx);
+            const float m_use = m_new == FLEX_NEG_INF ? 0.0f : m_new;
+            const float alpha = flex_exp2(st.m[mt][hf] - m_use);
+            st.m[mt][hf] = m_new;
+            float sum = 0.0f;
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++) {
+                const float e0 = flex_exp2(s[mt][nt][2 * hf] - m_use);
+                const float e1 = flex_exp2(s[mt][nt][2 * hf + 1] - m_use);
+                s[mt][nt][2 * hf] = e0;
+                s[mt][nt][2 * hf + 1] = e1;
+                sum += e0 + e1;
+            }
+            st.l[mt][hf] = st.l[mt][hf] * alpha + sum;
+#pragma unroll
+            for (int dt = 0; dt < FLEX_DV / 8; dt++) {
+                st.o[mt][dt][2 * hf] *= alpha;
+                st.o[mt][dt][2 * hf + 1] *= alpha;
+            }
+        }
+#pragma unroll
+        for (int kk = 0; kk < FLEX_BLOCK_N / 16; kk++) {
+            pa[mt][kk][0] = flex_pack2(s[mt][2 * kk][0], s[mt][2 * kk][1]);
+            pa[mt][kk][1] = flex_pack2(s[mt][2 * kk][2], s[mt][2 * kk][3]);
+            pa[mt][kk][2] = flex_pack2(s[mt][2 * kk + 1][0], s[mt][2 * kk + 1][1]);
+            pa[mt][kk][3] = flex_pack2(s[mt][2 * kk + 1][2], s[mt][2 * kk + 1][3]);
+        }
+    }
+
+    /* O += P V */
+#pragma unroll
+    for (int kk = 0; kk < FLEX_BLOCK_N / 16; kk++) {
+#pragma unroll
+        for (int dp = 0; dp < FLEX_DV / 16; dp++) {
+            flex_u32 bf[4];
+            flex_ldmatrix_x4_trans(bf, flex_smem_addr(sV + flex_swz(kk * 16 + (((lane >> 3) & 1) << 3) + (lane & 7),
+                                                                    dp * 2 + (lane >> 4), FLEX_DV)));
+#pragma unroll
+            for (int mt = 0; mt < FLEX_MT; mt++) {
+                flex_mma(st.o[mt][2 * dp], pa[mt][kk], bf[0], bf[1]);
+                flex_mma(st.o[mt][2 * dp + 1], pa[mt][kk], bf[2], bf[3]);
+            }
+        }
+    }
+}
+
+extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
+    flex_forward_kernel(const flex_fwd_params p)
+{
+    extern __shared__ __align__(128) unsigned char flex_smem[];
+    flex_elem *sQ = (flex_elem *)flex_smem;
+    flex_elem *sK = sQ + FLEX_BLOCK_M * FLEX_DQ;            /* 2 stages */
+    flex_elem *sV = sK + 2 * FLEX_BLOCK_N * FLEX_DQ;         /* 2 stages */
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int bh = blockIdx.x;
+    const int b = bh / p.Hq, h = bh % p.Hq;
+    const int hk = h / (p.Hq / p.Hkv);
+    const int rank = blockIdx.y / p.tiles_per_row, sub = blockIdx.y % p.tiles_per_row;
+    const int mrow = p.row_order ? p.row_order[rank] : rank;
+    const int q0 = mrow * p.mask_qblock + sub * FLEX_BLOCK_M;
+    if (q0 >= p.Lq) return;
+
+    const flex_elem *gq = (const flex_elem *)p.q + b * p.q_sb + h * p.q_sh;
+    const flex_elem *gk = (const flex_elem *)p.k + b * p.k_sb + hk * p.k_sh;
+    const flex_elem *gv = (const flex_elem *)p.v + b * p.v_sb + hk * p.v_sh;
+
+    const flex_kv_walk walk = flex_walk_for(p, b, h, mrow);
+    const int steps_per_block = p.mask_kvblock / FLEX_BLOCK_N;
+    const int nsteps = (walk.n_full + walk.n_part) * steps_per_block;
+
+    flex_warp_state st;
+#pragma unroll
+    for (int mt = 0; mt < FLEX_MT; mt++) {
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            st.m[mt][hf] = FLEX_NEG_INF;
+            st.l[mt][hf] = 0.0f;
+        }
+#pragma unroll
+        for (int dt = 0; dt < FLEX_DV / 8; dt++)
+#pragma unroll
+            for (int r = 0; r < 4; r++) st.o[mt][dt][r] = 0.0f;
+    }
+
+    flex_load_tile<FLEX_BLOCK_M, FLEX_DQ>(sQ, gq, p.q_ss, q0, p.Lq, p.D, tid);
+    int next_kv0 = 0;
+    bool next_partial = false;
+    if (nsteps > 0) {
+        next_kv0 = flex_walk_block(walk, 0, next_partial) * p.mask_kvblock;
+        flex_load_tile<FLEX_BLOCK_N, FLEX_DQ>(sK, gk, p.k_ss, next_kv0, p.Lkv, p.D, tid);
+        flex_load_tile<FLEX_BLOCK_N, FLEX_DV>(sV, gv, p.v_ss, next_kv0, p.Lkv, p.Dv, tid);
+    }
+    flex_cp_async_commit();
+
+    const bool q_bounds = q0 + FLEX_BLOCK_M > p.Lq;
+    for (int step = 0; step < nsteps; step++) {
+        const int kv0 = next_kv0;
+        const bool partial = next_partial;
+        const int stage = step & 1;
+        __syncthreads(); /* everyone is done with the stage we refill next */
+        if (step + 1 < nsteps) {
+            const int blk = (step + 1) / steps_per_block, within = (step + 1) % steps_per_block;
+            next_kv0 = flex_walk_block(walk, blk, next_partial) * p.mask_kvblock + within * FLEX_BLOCK_N;
+            const int ns = stage ^ 1;
+            flex_load_tile<FLEX_BLOCK_N, FLEX_DQ>(sK + ns * FLEX_BLOCK_N * FLEX_DQ, gk, p.k_ss,
+                                                  next_kv0, p.Lkv, p.D, tid);
+            flex_load_tile<FLEX_BLOCK_N, FLEX_DV>(sV + ns * FLEX_BLOCK_N * FLEX_DV, gv, p.v_ss,
+                                                  next_kv0, p.Lkv, p.Dv, tid);
+        }
+        flex_cp_async_commit();
+        flex_cp_async_wait<1>();
+        __syncthreads();
+        if (kv0 >= p.Lkv) continue; /* a step past the end of a clipped last block */
+        const bool bounds = q_bounds || kv0 + FLEX_BLOCK_N > p.Lkv;
+        const flex_elem *k_t = sK + stage * FLEX_BLOCK_N * FLEX_DQ;
+        const flex_elem *v_t = sV + stage * FLEX_BLOCK_N * FLEX_DV;
+        if (partial || bounds)
+            flex_step<true>(p, st, sQ, k_t, v_t, b, h, q0, kv0, partial, bounds, warp, lane);
+        else
+            flex_step<false>(p, st, sQ, k_t, v_t, b, h, q0, kv0, false, false, warp, lane);
+    }
+
+    /* Epilogue: out = O / l, lse = (m + log2 l) ln 2; empty rows: 0 and -inf. */
+    flex_elem *go = (flex_elem *)p.out + b * p.o_sb + h * p.o_sh;
+#pragma unroll
+    for (int mt = 0; mt < FLEX_MT; mt++) {
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            float l = st.l[mt][hf];
+            l += FLEX_SHFL_XOR(l, 1);
+            l += FLEX_SHFL_XOR(l, 2);
+            const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+            const int q = q0 + warp * 16 * FLEX_MT + mt * 16 + (lane >> 2) + hf * 8;
+            if (q < p.Lq) {
+                flex_elem *orow = go + (long long)q * p.o_ss;
+#pragma unroll
+                for (int dt = 0; dt < FLEX_DV / 8; dt++) {
+                    const int col = dt * 8 + (lane & 3) * 2;
+                    const float x0 = st.o[mt][dt][2 * hf] * inv, x1 = st.o[mt][dt][2 * hf + 1] * inv;
+#if FLEX_VEC
+                    if (col < p.Dv) *(flex_u32 *)(orow + col) = flex_pack2(x0, x1);
+#else
+                    if (col < p.Dv) orow[col] = flex_to_elem(x0);
+                    if (col + 1 < p.Dv) orow[col + 1] = flex_to_elem(x1);
+#endif
+                }
+                if (p.lse && (lane & 3) == 0) {
+                    const float lse = l > 0.0f ? (st.m[mt][hf] + log2f(l)) * FLEX_LN2 : FLEX_NEG_INF;
+                    p.lse[b * p.l_sb + h * p.l_sh + (long long)q * p.l_ss] = lse;
+                }
+            }
+        }
+    }
+}
+
+#else
+/* ============================ f32 FMA path ============================= */
+
+#define FLEX_ROWS_PER_CTA 4
+#define FLEX_PER_LANE_Q (FLEX_DQ / 32)
+#define FLEX_PER_LANE_V (FLEX_DV / 32)
+
+extern "C" __global__ void __launch_bounds__(FLEX_ROWS_PER_CTA * 32)
+    flex_forward_kernel(const flex_fwd_params p)
+{
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int bh = blockIdx.x;
+    const int b = bh / p.Hq, h = bh % p.Hq;
+    const int hk = h / (p.Hq / p.Hkv);
+    const int q = blockIdx.y * FLEX_ROWS_PER_CTA + warp;
+    if (q >= p.Lq) return;
+    const float *gq = (const float *)p.q + b * p.q_sb + h * p.q_sh + (long long)q * p.q_ss;
+    const float *gk = (const float *)p.k + b * p.k_sb + hk * p.k_sh;
+    const float *gv = (const float *)p.v + b * p.v_sb + hk * p.v_sh;
+
+    float qv[FLEX_PER_LANE_Q], acc[FLEX_PER_LANE_V];
+#pragma unroll
+    for (int i = 0; i < FLEX_PER_LANE_Q; i++) {
+        const int d = lane + 32 * i;
+        qv[i] = d < p.D ? gq[d] : 0.0f;
+    }
+#pragma unroll
+    for (int i = 0; i < FLEX_PER_LANE_V; i++) acc[i] = 0.0f;
+    float m = FLEX_NEG_INF, l = 0.0f;
+
+    const int mrow = q / p.mask_qblock;
+    const flex_kv_walk walk = flex_walk_for(p, b, h, mrow);
+    for (int i = 0; i < walk.n_full + walk.n_part; i++) {
+        bool partial;
+        const int kb = flex_walk_block(walk, i, partial);
+        const int k_end = min(p.Lkv, (kb + 1) * p.mask_kvblock);
+        for (int kv = kb * p.mask_kvblock; kv < k_end; kv++) {
+            if (partial && !flex_mask_mod(b, h, q, kv, p.bufs)) continue;
+            const float *krow = gk + (long long)kv * p.k_ss;
+            float dot = 0.0f;
+#pragma unroll
+            for (int j = 0; j < FLEX_PER_LANE_Q; j++) {
+                const int d = lane + 32 * j;
+                if (d < p.D) dot = fmaf(qv[j], krow[d], dot);
+            }
+#pragma unroll
+            for (int off = 16; off > 0; off >>= 1) dot += FLEX_SHFL_XOR(dot, off);
+            float x = dot * p.scale;
+            x = flex_score_mod(x, b, h, q, kv, p.bufs);
+            if (x == FLEX_NEG_INF) continue;
+            const float m_new = fmaxf(m, x);
+            const float alpha = expf(m - m_new);
+            const float e = expf(x - m_new);
+            l = l * alpha + e;
+            m = m_new;
+            const float *vrow = gv + (long long)kv * p.v_ss;
+#pragma unroll
+            for (int j = 0; j < FLEX_PER_LANE_V; j++) {
+                const int d = lane + 32 * j;
+                acc[j] = fmaf(e, d < p.Dv ? vrow[d] : 0.0f, acc[j] * alpha);
+            }
+        }
+    }
+    float *go = (float *)p.out + b * p.o_sb + h * p.o_sh + (long long)q * p.o_ss;
+    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+#pragma unroll
+    for (int j = 0; j < FLEX_PER_LANE_V; j++) {
+        const int d = lane + 32 * j;
+        if (d < p.Dv) go[d] = acc[j] * inv;
+    }
+    if (p.lse && lane == 0)
+        p.lse[b * p.l_sb + h * p.l_sh + (long long)q * p.l_ss] = l > 0.0f ? m + logf(l) : FLEX_NEG_INF;
+}
+#endif

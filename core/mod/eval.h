@@ -47,6 +47,14 @@ int mod_eval_point(const ir_mod *m, const mod_buffer_view *bufs, float score, in
                    int32_t h, int32_t q, int32_t kv, ir_value *scratch, ir_value *result,
                    mod_bounds_error *err);
 
+/* The same in double precision, for the fp64 oracle: float ops are computed
+ * in double (float constants and buffer elements widened exactly), ints and
+ * bools are carried exactly in doubles and follow ir_apply's int semantics.
+ * scratch holds m->num_nodes doubles. Returns 0, or -1 with err filled. */
+int mod_eval_point_f64(const ir_mod *m, const mod_buffer_view *bufs, double score, int32_t b,
+                       int32_t h, int32_t q, int32_t kv, double *scratch, double *result,
+                       mod_bounds_error *err);
+
 /* ---- tile interpreter (core/mod/tile.c) ---- */
 
 /* Per-thread scratch for tiles of up to max_rows x max_cols. */

@@ -113,8 +113,17 @@ typedef struct ir_node {
     uint8_t nargs; /* number of used entries in args */
     int8_t buffer; /* IR_LOAD: buffer index; else -1 */
     int32_t args[4];
-    ir_value imm; /* IR_CONST */
+    /* IR_CONST: the value. Every other node: imm.i is the ir_type of
+     * args[0] (ir_add sets it), which comparisons and IR_TO_INT read to
+     * know their operand type. */
+    ir_value imm;
 } ir_node;
+
+/* The type of a node's operands (comparisons, IR_TO_INT, ...). */
+static inline ir_type ir_operand_type(const ir_node *node)
+{
+    return (ir_type)node->imm.i;
+}
 
 #define IR_MAX_BUFFERS 16
 #define IR_MAX_NODES 4096

@@ -1,0 +1,72 @@
+/*
+ * The CPU backend's private interface: the forward paths, the backward entry
+ * (backends/cpu/cpu_backward.c) and the micro-kernel table shared by the
+ * tiled forward and its SIMD implementations.
+ */
+#ifndef FLEXATTN_CPU_H
+#define FLEXATTN_CPU_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "internal.h"
+
+/* Tiled, block-sparse forward (cpu_forward.c); picks the reference path when
+ * args->plan asks for it. args are validated by the core. On a buffer read
+ * out of range it returns FLEX_ERR_BUFFER_BOUNDS and the contents of out and
+ * lse are unspecified; no other failure happens after out is first written. */
+flex_status flex_cpu_forward(flex_context *ctx, const flex_forward_args *args);
+
+/* Plain reference forward (cpu_reference.c): no tiling, the scalar mod
+ * interpreter, f32 arithmetic, the block mask honoured class by class. Same
+ * contract as flex_cpu_forward. */
+flex_status flex_cpu_forward_reference(flex_context *ctx, const flex_forward_args *args);
+
+/* Backward (cpu_backward.c). */
+flex_status flex_cpu_backward(flex_context *ctx, const flex_backward_args *args);
+
+/*
+ * Writes the class (FLEX_BLOCK_EMPTY / _PARTIAL / _FULL) of every kv block of
+ * q-block row qb of (b, h) into classes[0 .. mask->num_kv_blocks). b and h are
+ * attention coordinates; broadcast mask dims are mapped to 0. mask NULL means
+ * every block is full.
+ */
+void flex_cpu_block_row_classes(const struct flex_block_mask *mask, int64_t num_kv_blocks,
+                                int64_t b, int64_t h, int64_t qb, uint8_t *classes);
+
+/* ---- micro-kernels ---- */
+
+/* Register-block sizes every kernel family shares. Scratch tiles are padded
+ * to these multiples, so kernels never see ragged edges. */
+enum {
+    CPU_MR = 8,  /* rows of a register block */
+    CPU_NR = 32, /* columns of a K panel (and the wide V panel) */
+    CPU_DV_ALIGN = 16 /* Dv is padded to a multiple of this; the last V panel may be 16 wide */
+};
+
+typedef struct cpu_kernels {
+    const char *name;
+    /* s[r * nk + c] = scale * sum_k q[r * d + k] * kp[panel(c)][k][c % 32]:
+     * mq a multiple of CPU_MR, nk of CPU_NR; kp holds nk / 32 panels of d x 32
+     * floats, one after another. */
+    void (*scores)(int mq, int nk, int d, const float *q, const float *kp, float scale, float *s);
+    /* o[r * dvp + c] = alpha[r] * o[r * dvp + c] + sum_n p[r * nk + n] * v(n, c):
+     * v is packed in panels of 32 columns (the last one 16 when dvp % 32 ==
+     * 16); panel i starts at vp + i * 32 * nk and is nk rows of its width. */
+    void (*accumulate)(int mq, int nk, int dvp, const float *p, const float *vp,
+                       const float *alpha, float *o);
+    /* Largest of x[0..n) (n a multiple of 16); -inf when all are. */
+    float (*row_max)(const float *x, int n);
+    /* x[i] = exp(x[i] - shift) for i < n (n a multiple of 16); returns the
+     * sum. exp(-inf) is exactly 0; relative error about 1 ulp. */
+    float (*exp_sum)(float *x, int n, float shift);
+} cpu_kernels;
+
+extern const cpu_kernels flex_cpu_kernels_portable;
+/* NULL when the library was built without AVX-512 support. */
+const cpu_kernels *flex_cpu_kernels_avx512(void);
+
+/* The kernels for a FLEX_PLAN_SIMD_* choice on this CPU (never NULL). */
+const cpu_kernels *flex_cpu_select_kernels(int simd);
+
+#endif /* FLEXATTN_CPU_H */

@@ -1,0 +1,56 @@
+/*
+ * Building the CUDA source of a kernel (embedded template + configuration +
+ * emitted mods) and compiling it with NVRTC (cuda_compile.c).
+ */
+#ifndef FLEXATTN_CUDA_COMPILE_H
+#define FLEXATTN_CUDA_COMPILE_H
+
+#include <stddef.h>
+
+#include "internal.h"
+#include "cuda_loader.h"
+
+/* The templates embedded at build time (tools/embed.c). */
+struct flex_embedded_file {
+    const char *name;
+    const char *text;
+    size_t size;
+};
+extern const struct flex_embedded_file flex_cuda_template_files[];
+
+/* Text of an embedded template by file name, or NULL. Static. */
+const char *flex_cuda_template(const char *name);
+
+/* One forward kernel's compile-time choices. */
+typedef struct flex_cuda_fwd_config {
+    flex_dtype dtype; /* F32, F16, BF16 */
+    int dq, dv;       /* head dims padded to a multiple of 64 */
+    int warps, mt, block_n;
+    int vec; /* 16-byte aligned rows: cp.async copies */
+} flex_cuda_fwd_config;
+
+/*
+ * The full source of the forward kernel for config and mods (either may be
+ * NULL), or of the mask-block evaluator (forward == 0; score and config
+ * unused). Returns a malloc'd string (caller frees) or NULL when out of
+ * memory or when the mods have too many buffers.
+ */
+char *flex_cuda_forward_source(const flex_cuda_fwd_config *cfg, const ir_mod *mask,
+                               const ir_mod *score);
+char *flex_cuda_mask_blocks_source(const ir_mod *mask);
+
+/* "sm_90a" for compute capability 9.0, "sm_80", "sm_86", ... */
+void flex_cuda_arch_name(int major, int minor, char *buf, size_t cap);
+
+/*
+ * Compiles source with NVRTC for arch into a cubin ("sm_90a"), or into PTX
+ * for a virtual arch ("compute_90a": front end and optimiser only, no
+ * ptxas; used where only the validity of the source matters). On success *cubin is
+ * malloc'd (caller frees). On failure returns FLEX_ERR_COMPILE with the
+ * NVRTC log in ctx's message (ctx may be NULL: thread message).
+ */
+flex_status flex_cuda_compile(flex_context *ctx, const flex_cuda_api *api, const char *source,
+                              const char *program_name, const char *arch, void **cubin,
+                              size_t *size);
+
+#endif /* FLEXATTN_CUDA_COMPILE_H */

@@ -1,0 +1,35 @@
+/*
+ * CUDA C (and, through backends/cuda/vendor.cuh, HIP C) source for compiled
+ * mods (core/mod/emit.c). The emitted functions follow ir_apply's semantics
+ * exactly: ints wrap, floor division and Python modulo with the zero-divisor
+ * rules, saturating float -> int, NaN-propagating min/max, and buffer reads
+ * that clamp an out-of-range index and set a bit in a device flag.
+ */
+#ifndef FLEXATTN_MOD_EMIT_H
+#define FLEXATTN_MOD_EMIT_H
+
+#include "mod/ir.h"
+
+/* At most this many buffer slots in one kernel: the mask mod's buffers take
+ * slots 0.. and the score mod's follow. A read outside a buffer sets bit
+ * `slot` of *bufs.bounds_flag. */
+#define FLEX_EMIT_MAX_SLOTS 32
+
+/*
+ * Returns a malloc'd string (caller frees) that defines, in this order:
+ *   FLEX_NUM_BUFFERS, FLEX_HAS_MASK_MOD, FLEX_HAS_SCORE_MOD (0 or 1);
+ *   struct flex_buffer { const void *data; int sizes[4]; long long strides[4]; }
+ *   struct flex_buffers { flex_buffer buf[...]; unsigned *bounds_flag; }
+ *   __device__ bool  flex_mask_mod(int b, int h, int q, int kv, const flex_buffers &bufs)
+ *   __device__ float flex_score_mod(float score, int b, int h, int q, int kv,
+ *                                   const flex_buffers &bufs)
+ * mask or score may be NULL (no mask: always true; no score mod: identity).
+ * The text expects vendor.cuh to be included first. NULL on out of memory or
+ * when the mods together have more than FLEX_EMIT_MAX_SLOTS buffers.
+ */
+char *flex_emit_mods(const ir_mod *mask, const ir_mod *score);
+
+/* Number of buffer slots the two mods use (mask's first). */
+int flex_emit_num_slots(const ir_mod *mask, const ir_mod *score);
+
+#endif /* FLEXATTN_MOD_EMIT_H */

@@ -1,0 +1,65 @@
+/*
+ * The online-softmax rule every backend follows, and the merge of partial
+ * results by log-sum-exp (split-KV on GPUs, rings across devices).
+ *
+ * State per query row: the running maximum m of the scores seen so far, the
+ * running sum l of exp(score - m), and an accumulator o of exp(score - m) * v.
+ * A row that has seen only -inf scores has m == -inf and l == 0; the rules
+ * below keep such rows free of NaN (their output is 0 and their LSE -inf).
+ */
+#ifndef FLEXATTN_SOFTMAX_H
+#define FLEXATTN_SOFTMAX_H
+
+#include <math.h>
+
+/* The value subtracted from scores before exp: m itself, or 0 when m is
+ * -inf, so exp(-inf - 0) == 0 instead of exp(-inf + inf) == NaN. */
+static inline float flex_softmax_shift(float m)
+{
+    return m == -INFINITY ? 0.0f : m;
+}
+
+/* Factor that rescales state kept relative to m_old so it is relative to
+ * m_new (m_new >= m_old): exp(m_old - shift(m_new)); 0 when m_old is -inf. */
+static inline float flex_softmax_rescale(float m_old, float m_new)
+{
+    if (m_old == -INFINITY) return 0.0f;
+    return expf(m_old - flex_softmax_shift(m_new));
+}
+
+/* Natural-log sum of exp of the scores: m + log(l), -inf when l == 0. */
+static inline float flex_softmax_lse(float m, float l)
+{
+    if (!(l > 0.0f)) return -INFINITY;
+    return m + logf(l);
+}
+
+/* Initialises n rows of state: m = -inf, l = 0. */
+void flex_softmax_init(float *m, float *l, int n);
+
+/*
+ * One online update of a row with n new scores s[0..n) (already scaled and
+ * modified; -inf = masked): updates *m and *l, overwrites s with the
+ * probabilities exp(s - shift(m_new)), and returns the factor by which the
+ * caller must multiply its accumulator (flex_softmax_rescale(m_old, m_new)).
+ * Uses libm expf; backends with a vector exp follow the same rule.
+ */
+float flex_softmax_update_row(float *m, float *l, float *s, int n);
+
+/*
+ * Merges two partial results of the same query row computed over disjoint
+ * key ranges: (o_a, lse_a) and (o_b, lse_b), each o already normalised by its
+ * own sum, into o (may alias o_a or o_b) and *lse. Either part may be empty
+ * (lse -inf); when both are, o is 0 and *lse -inf.
+ */
+void flex_lse_merge(int dv, const float *o_a, float lse_a, const float *o_b, float lse_b,
+                    float *o, float *lse);
+
+/*
+ * Merges `parts` partial results of one row: o_parts[i * ld + c], lse_parts[i]
+ * into o[0..dv) and *lse, in one pass (the same rule as flex_lse_merge).
+ */
+void flex_lse_merge_many(int dv, int parts, const float *o_parts, int ld, const float *lse_parts,
+                         float *o, float *lse);
+
+#endif /* FLEXATTN_SOFTMAX_H */

@@ -1,0 +1,32 @@
+#!/bin/sh
+# Builds flexattn and runs every test: once with -Wall -Wextra -Werror, once
+# under AddressSanitizer and UndefinedBehaviorSanitizer. Also checks that the
+# installed library links from another program through pkg-config.
+set -eu
+cd "$(dirname "$0")/.."
+sh scripts/deps.sh
+jobs=$(nproc 2>/dev/null || echo 2)
+
+echo "== strict build (-Werror) and tests"
+[ -f build-test/build.ninja ] || meson setup build-test -Dwerror=true -Dbuildtype=debugoptimized
+ninja -C build-test
+meson test -C build-test --print-errorlogs --num-processes "$jobs"
+
+echo "== AddressSanitizer + UndefinedBehaviorSanitizer build and tests"
+[ -f build-asan/build.ninja ] || meson setup build-asan -Db_sanitize=address,undefined \
+    -Db_lundef=false -Dbuildtype=debugoptimized -Dwerror=true
+ninja -C build-asan
+UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 ASAN_OPTIONS=detect_leaks=1 \
+    meson test -C build-asan --print-errorlogs --num-processes "$jobs" --timeout-multiplier 3
+
+echo "== install and link through pkg-config"
+prefix=$(mktemp -d)
+meson install -C build-test --destdir "$prefix" --quiet
+libdir=$(find "$prefix" -name 'flexattn.pc' -exec dirname {} \; | head -n 1)
+PKG_CONFIG_SYSROOT_DIR="$prefix" PKG_CONFIG_PATH="$libdir" \
+    cc -std=c11 -Wall -Wextra -Werror examples/example.c -o "$prefix/example" \
+    $(PKG_CONFIG_SYSROOT_DIR="$prefix" PKG_CONFIG_PATH="$libdir" pkg-config --cflags --libs flexattn)
+LD_LIBRARY_PATH="$(dirname "$(find "$prefix" -name 'libflexattn.so' | head -n 1)")" \
+    FLEXATTN_BACKEND=cpu "$prefix/example"
+rm -rf "$prefix"
+echo "all test stages passed"

@@ -29,29 +29,30 @@
 #endif
 
 #include "internal.h"
+#include "bench_backward.h"
 
 typedef struct bench_opts {
     const char *backend, *out, *commit;
     int64_t B, H, len, D, iters, warmup;
     flex_dtype dtype;
     int speed, table, threads;
+    int backward; /* also time flex_attention_backward (default on) */
 } bench_opts;
 
 typedef struct bench_result {
     const char *name;
     double ms, tflops, density;
     int threads;
+    double bw_ms, bw_tflops; /* 0 when the backward was not timed */
 } bench_result;
 
-static double now_ms(void)
-{
+static double now_ms(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
 }
 
-static int cmp_double(const void *a, const void *b)
-{
+static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return x < y ? -1 : x > y;
 }
@@ -61,10 +62,9 @@ static int cmp_double(const void *a, const void *b)
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define FMA_PEAK_AVX512 1
-__attribute__((target("avx512f,fma"))) static double fma_loop_avx512(long iters)
-{
-    __m512 a0 = _mm512_set1_ps(0.1f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
-           a7 = a0, a8 = a0, a9 = a0, a10 = a0, a11 = a0;
+__attribute__((target("avx512f,fma"))) static double fma_loop_avx512(long iters) {
+    __m512 a0 = _mm512_set1_ps(0.1f), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0,
+           a8 = a0, a9 = a0, a10 = a0, a11 = a0;
     const __m512 x = _mm512_set1_ps(0.9999f), y = _mm512_set1_ps(1e-6f);
     for (long i = 0; i < iters; i++) {
         a0 = _mm512_fmadd_ps(a0, x, y), a1 = _mm512_fmadd_ps(a1, x, y);
@@ -74,8 +74,9 @@ __attribute__((target("avx512f,fma"))) static double fma_loop_avx512(long iters)
         a8 = _mm512_fmadd_ps(a8, x, y), a9 = _mm512_fmadd_ps(a9, x, y);
         a10 = _mm512_fmadd_ps(a10, x, y), a11 = _mm512_fmadd_ps(a11, x, y);
         /* Keeps the twelve chains in registers and the loop from folding. */
-        __asm__ volatile("" : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5),
-                         "+v"(a6), "+v"(a7), "+v"(a8), "+v"(a9), "+v"(a10), "+v"(a11));
+        __asm__ volatile(""
+                         : "+v"(a0), "+v"(a1), "+v"(a2), "+v"(a3), "+v"(a4), "+v"(a5), "+v"(a6),
+                           "+v"(a7), "+v"(a8), "+v"(a9), "+v"(a10), "+v"(a11));
     }
     __m512 s = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)),
                              _mm512_add_ps(_mm512_add_ps(a4, a5), _mm512_add_ps(a6, a7)));
@@ -84,24 +85,25 @@ __attribute__((target("avx512f,fma"))) static double fma_loop_avx512(long iters)
 }
 #endif
 
-static double fma_loop_portable(long iters)
-{
+static double fma_loop_portable(long iters) {
     float a[12][8];
     for (int i = 0; i < 12; i++)
-        for (int j = 0; j < 8; j++) a[i][j] = 0.1f;
+        for (int j = 0; j < 8; j++)
+            a[i][j] = 0.1f;
     for (long it = 0; it < iters; it++)
         for (int i = 0; i < 12; i++)
-            for (int j = 0; j < 8; j++) a[i][j] = a[i][j] * 0.9999f + 1e-6f;
+            for (int j = 0; j < 8; j++)
+                a[i][j] = a[i][j] * 0.9999f + 1e-6f;
     double s = 0.0;
     for (int i = 0; i < 12; i++)
-        for (int j = 0; j < 8; j++) s += a[i][j];
+        for (int j = 0; j < 8; j++)
+            s += a[i][j];
     return s;
 }
 
 /* Aggregate FMA rate of `threads` threads in GFLOP/s (an FMA is 2 FLOPs);
  * the best of three runs. *lanes_out gets the vector width used. */
-static double measure_fma_peak(int threads, int *lanes_out)
-{
+static double measure_fma_peak(int threads, int *lanes_out) {
     int avx512 = 0;
 #ifdef FMA_PEAK_AVX512
     __builtin_cpu_init();
@@ -117,7 +119,8 @@ static double measure_fma_peak(int threads, int *lanes_out)
 #endif
         {
 #ifdef FMA_PEAK_AVX512
-            if (avx512) sink += fma_loop_avx512(iters);
+            if (avx512)
+                sink += fma_loop_avx512(iters);
             else
 #endif
                 sink += fma_loop_portable(iters / 4);
@@ -148,8 +151,7 @@ static const pattern seed_patterns[] = {
     {"softcap", "softcap"},
 };
 
-static void fill_random(void *p, flex_dtype dt, size_t n, uint64_t seed)
-{
+static void fill_random(void *p, flex_dtype dt, size_t n, uint64_t seed) {
     uint64_t s = seed;
     for (size_t i = 0; i < n; i++) {
         double u = 0.0;
@@ -158,29 +160,33 @@ static void fill_random(void *p, flex_dtype dt, size_t n, uint64_t seed)
             u += (double)(s >> 11) / 9007199254740992.0;
         }
         float v = (float)((u - 2.0) * 1.7);
-        if (dt == FLEX_F32) ((float *)p)[i] = v;
-        else if (dt == FLEX_F16) ((uint16_t *)p)[i] = flex_float_to_f16(v);
-        else ((uint16_t *)p)[i] = flex_float_to_bf16(v);
+        if (dt == FLEX_F32)
+            ((float *)p)[i] = v;
+        else if (dt == FLEX_F16)
+            ((uint16_t *)p)[i] = flex_float_to_f16(v);
+        else
+            ((uint16_t *)p)[i] = flex_float_to_bf16(v);
     }
 }
 
 /* Binds the buffers the seed presets read: doc (4 equal documents) and
  * slopes (ALiBi). */
 static flex_status bind_seed_buffers(flex_context *ctx, flex_mod *m, int64_t L, int64_t H,
-                                     int32_t **doc, float **slopes)
-{
+                                     int32_t **doc, float **slopes) {
     for (int b = 0; b < m->ir.num_buffers; b++) {
         const char *name = m->ir.buffers[b].name;
         flex_tensor t;
         if (!strcmp(name, "doc")) {
             *doc = malloc((size_t)L * sizeof(int32_t));
             if (!*doc) return FLEX_ERR_OUT_OF_MEMORY;
-            for (int64_t i = 0; i < L; i++) (*doc)[i] = (int32_t)(i * 4 / L);
+            for (int64_t i = 0; i < L; i++)
+                (*doc)[i] = (int32_t)(i * 4 / L);
             t = flex_tensor_contiguous(*doc, FLEX_I32, 1, &L, FLEX_DEVICE_CPU);
         } else if (!strcmp(name, "slopes")) {
             *slopes = malloc((size_t)H * sizeof(float));
             if (!*slopes) return FLEX_ERR_OUT_OF_MEMORY;
-            for (int64_t h = 0; h < H; h++) (*slopes)[h] = (float)exp2(-8.0 * (h + 1) / H);
+            for (int64_t h = 0; h < H; h++)
+                (*slopes)[h] = (float)exp2(-8.0 * (h + 1) / H);
             t = flex_tensor_contiguous(*slopes, FLEX_F32, 1, &H, FLEX_DEVICE_CPU);
         } else {
             return flex_fail(ctx, FLEX_ERR_BUFFER_UNBOUND, "bench has no data for buffer '%s'",
@@ -194,8 +200,7 @@ static flex_status bind_seed_buffers(flex_context *ctx, flex_mod *m, int64_t L, 
 
 /* Times one pattern; fills *r. threads > 0 sets the OpenMP thread count. */
 static int bench_pattern(flex_context *ctx, const bench_opts *o, const char *preset, int threads,
-                         bench_result *r)
-{
+                         bench_result *r) {
     int64_t B = o->B, H = o->H, L = o->len, D = o->D;
     const flex_preset *p = flex_preset_find(preset);
     if (!p) {
@@ -240,6 +245,13 @@ static int bench_pattern(flex_context *ctx, const bench_opts *o, const char *pre
         if (st != FLEX_OK) break;
         if (i >= o->warmup) ms[i - o->warmup] = now_ms() - t0;
     }
+    r->bw_ms = r->bw_tflops = 0.0;
+    if (st == FLEX_OK && o->backward) {
+        /* Backward FLOPs are counted as 2.5 times the forward's. */
+        st = bench_backward_ms(ctx, &t[0], &t[1], &t[2], score, mask, o->warmup, o->iters,
+                               &r->bw_ms);
+        if (st == FLEX_ERR_UNSUPPORTED) st = FLEX_OK, r->bw_ms = 0.0;
+    }
 #ifdef _OPENMP
     omp_set_num_threads(saved);
 #endif
@@ -249,6 +261,7 @@ static int bench_pattern(flex_context *ctx, const bench_opts *o, const char *pre
     r->ms = k % 2 ? ms[k / 2] : 0.5 * (ms[k / 2 - 1] + ms[k / 2]);
     r->density = mask ? 1.0 - flex_block_mask_sparsity(mask) / 100.0 : 1.0;
     r->tflops = 4.0 * B * H * (double)L * (double)L * D * r->density / (r->ms * 1e-3) / 1e12;
+    if (r->bw_ms > 0) r->bw_tflops = 2.5 * r->tflops * r->ms / r->bw_ms;
     r->name = preset;
     r->threads = threads;
     rc = 0;
@@ -267,8 +280,19 @@ done:
     return rc;
 }
 
-static void print_table(const bench_result *r)
-{
+static void print_table(const bench_result *r) {
+    if (r->bw_ms > 0) {
+        const char *sep = "+---------------+----------------+-------------------+----------------+"
+                          "-------------------+";
+        printf("\nResults for %s:\n%s\n", r->name, sep);
+        printf("| Operation     |   FW Time (ms) |   FW FLOPS (TF/s) |   BW Time (ms) |"
+               "   BW FLOPS (TF/s) |\n");
+        printf("+===============+================+===================+================+"
+               "===================+\n");
+        printf("| flexattention | %14.4f | %17.4f | %14.4f | %17.4f |\n%s\n", r->ms, r->tflops,
+               r->bw_ms, r->bw_tflops, sep);
+        return;
+    }
     const char *sep = "+---------------+----------------+-------------------+";
     printf("\nResults for %s:\n%s\n", r->name, sep);
     printf("| Operation     |   FW Time (ms) |   FW FLOPS (TF/s) |\n");
@@ -277,8 +301,7 @@ static void print_table(const bench_result *r)
 }
 
 static void write_json(FILE *f, const bench_opts *o, flex_context *ctx, const char *kind,
-                       const bench_result *r, double peak_gflops)
-{
+                       const bench_result *r, double peak_gflops) {
     fprintf(f,
             "{\"bench\": \"%s\", \"commit\": \"%s\", \"backend\": \"%s\", \"device\": \"%s\", "
             "\"pattern\": \"%s\", \"dtype\": \"%s\", \"B\": %lld, \"H\": %lld, \"S\": %lld, "
@@ -287,14 +310,14 @@ static void write_json(FILE *f, const bench_opts *o, flex_context *ctx, const ch
             kind, o->commit, flex_context_backend(ctx), flex_context_device_name(ctx), r->name,
             flex_dtype_name(o->dtype), (long long)o->B, (long long)o->H, (long long)o->len,
             (long long)o->D, r->threads, r->density, r->ms, r->tflops);
+    if (r->bw_ms > 0) fprintf(f, ", \"bw_ms\": %.4f, \"bw_tflops\": %.6f", r->bw_ms, r->bw_tflops);
     if (peak_gflops > 0)
         fprintf(f, ", \"fma_peak_gflops\": %.2f, \"pct_of_peak\": %.1f", peak_gflops,
                 100.0 * r->tflops * 1e3 / peak_gflops);
     fprintf(f, "}\n");
 }
 
-static void usage(FILE *f)
-{
+static void usage(FILE *f) {
     fprintf(f, "usage: bench_attention [options]\n"
                "  --backend SPEC   backend (default cpu)\n"
                "  -B N -H N        batch and heads (default 1, 8)\n"
@@ -306,13 +329,14 @@ static void usage(FILE *f)
                "  --speed          only the CPU speed items (f32 D=128 B=1 H=8 S=4096,\n"
                "                   non-causal and causal, 1 and 2 threads, %% of FMA peak)\n"
                "  --no-table       skip the seed table\n"
+               "  --no-backward    time the forward only (default: the backward too, with\n"
+               "                   BW FLOPs = 2.5 x FW FLOPs)\n"
                "  --commit ID      commit to record (default: FLEXATTN_COMMIT or unknown)\n"
                "  --out FILE       append JSON lines to FILE\n");
 }
 
-int main(int argc, char **argv)
-{
-    bench_opts o = {"cpu", NULL, NULL, 1, 8, 2048, 64, 5, 1, FLEX_F32, 0, 1, 0};
+int main(int argc, char **argv) {
+    bench_opts o = {"cpu", NULL, NULL, 1, 8, 2048, 64, 5, 1, FLEX_F32, 0, 1, 0, 1};
     o.commit = getenv("FLEXATTN_COMMIT") ? getenv("FLEXATTN_COMMIT") : "unknown";
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
@@ -345,6 +369,8 @@ int main(int argc, char **argv)
             o.speed = 1, o.table = 0;
         } else if (!strcmp(a, "--no-table")) {
             o.table = 0;
+        } else if (!strcmp(a, "--no-backward")) {
+            o.backward = 0;
         } else if (!strcmp(a, "-h") || !strcmp(a, "--help")) {
             usage(stdout);
             return 0;
@@ -370,9 +396,8 @@ int main(int argc, char **argv)
         return 1;
     }
     printf("backend %s: %s\n", flex_context_backend(ctx), flex_context_device_name(ctx));
-    printf("B=%lld H=%lld S=%lld D=%lld %s, median of %lld runs\n", (long long)o.B,
-           (long long)o.H, (long long)o.len, (long long)o.D, flex_dtype_name(o.dtype),
-           (long long)o.iters);
+    printf("B=%lld H=%lld S=%lld D=%lld %s, median of %lld runs\n", (long long)o.B, (long long)o.H,
+           (long long)o.len, (long long)o.D, flex_dtype_name(o.dtype), (long long)o.iters);
     int rc = 0;
     if (o.table) {
         for (size_t i = 0; i < sizeof seed_patterns / sizeof seed_patterns[0]; i++) {
@@ -389,8 +414,8 @@ int main(int argc, char **argv)
         bench_opts s = o;
         s.B = 1, s.H = 8, s.len = 4096, s.D = 128, s.dtype = FLEX_F32;
         printf("\nCPU speed items: f32 D=128 B=1 H=8 S=4096\n");
-        printf("%-8s %-8s %12s %12s %14s %10s\n", "pattern", "threads", "FW ms", "GFLOP/s",
-               "FMA peak", "% of peak");
+        printf("%-8s %-8s %12s %12s %14s %10s %12s %12s %8s\n", "pattern", "threads", "FW ms",
+               "GFLOP/s", "FMA peak", "% of peak", "BW ms", "BW GFLOP/s", "BW/FW");
         double base_ms[2] = {0, 0};
         for (int threads = 1; threads <= 2; threads++) {
             int lanes;
@@ -403,9 +428,13 @@ int main(int argc, char **argv)
                     continue;
                 }
                 double gf = r.tflops * 1e3;
-                printf("%-8s %-8d %12.1f %12.1f %9.1f GF/s %9.1f%%\n", pats[k], threads, r.ms, gf,
+                printf("%-8s %-8d %12.1f %12.1f %9.1f GF/s %9.1f%%", pats[k], threads, r.ms, gf,
                        peak, 100.0 * gf / peak);
-                if (threads == 1) base_ms[k] = r.ms;
+                if (r.bw_ms > 0)
+                    printf(" %12.1f %12.1f %8.2f", r.bw_ms, r.bw_tflops * 1e3, r.bw_ms / r.ms);
+                printf("\n");
+                if (threads == 1)
+                    base_ms[k] = r.ms;
                 else if (base_ms[k] > 0)
                     printf("         speed-up 1 -> 2 threads: %.2fx\n", base_ms[k] / r.ms);
                 if (k == 1 && base_ms[0] > 0 && threads == 1)

@@ -129,6 +129,7 @@ int main(int argc, char **argv)
     int used_threads = omp_get_max_threads();
 #else
     int used_threads = 1;
+    (void)threads; /* one thread without OpenMP */
 #endif
     char cpu[256];
     cpu_model(cpu, sizeof cpu);

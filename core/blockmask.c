@@ -48,12 +48,45 @@ flex_status flex_block_size_check(flex_context *ctx, const char *what, int block
 
 /* ---- the mask object and its lists ---- */
 
-static void lists_free(flex_block_lists *l)
+/*
+ * The four lists of a mask live in two allocations: kv_full.offsets holds
+ * every offsets array and kv_full.indices every indices array; the other
+ * lists point into them. One large block instead of several keeps repeated
+ * builds of same-sized masks on memory the allocator already has, instead
+ * of fresh pages the kernel must fault in and clear.
+ */
+static void lists_free_all(flex_block_mask *m)
 {
-    free(l->offsets);
-    free(l->indices);
-    l->offsets = NULL;
-    l->indices = NULL;
+    free(m->kv_full.offsets);
+    free(m->kv_full.indices);
+    m->kv_full.offsets = m->kv_partial.offsets = m->q_full.offsets = m->q_partial.offsets = NULL;
+    m->kv_full.indices = m->kv_partial.indices = m->q_full.indices = m->q_partial.indices = NULL;
+}
+
+/* Zeroed offsets of the four lists (rows and cols of m). */
+static int lists_alloc_offsets(flex_block_mask *m)
+{
+    int64_t rows = m->B * m->H * m->num_q_blocks, cols = m->B * m->H * m->num_kv_blocks;
+    int32_t *o = calloc((size_t)(2 * (rows + 1) + 2 * (cols + 1)), sizeof(int32_t));
+    if (!o) return -1;
+    m->kv_full.offsets = o;
+    m->kv_partial.offsets = o + (rows + 1);
+    m->q_full.offsets = o + 2 * (rows + 1);
+    m->q_partial.offsets = o + 2 * (rows + 1) + (cols + 1);
+    return 0;
+}
+
+/* Indices of the four lists: nfull full and npart partial blocks. */
+static int lists_alloc_indices(flex_block_mask *m, int64_t nfull, int64_t npart)
+{
+    int64_t total = 2 * nfull + 2 * npart;
+    int32_t *x = malloc(sizeof(int32_t) * (size_t)(total > 0 ? total : 1));
+    if (!x) return -1;
+    m->kv_full.indices = x;
+    m->q_full.indices = x + nfull;
+    m->kv_partial.indices = x + 2 * nfull;
+    m->q_partial.indices = x + 2 * nfull + npart;
+    return 0;
 }
 
 void flex_block_mask_destroy(flex_block_mask *mask)
@@ -61,10 +94,7 @@ void flex_block_mask_destroy(flex_block_mask *mask)
     if (!mask) return;
     if (mask->device_copy && mask->device_copy_free)
         mask->device_copy_free(mask->ctx, mask->device_copy);
-    lists_free(&mask->kv_partial);
-    lists_free(&mask->kv_full);
-    lists_free(&mask->q_partial);
-    lists_free(&mask->q_full);
+    lists_free_all(mask);
     if (mask->owned_mod) flex_mod_destroy(mask->owned_mod);
     free(mask);
 }
@@ -116,14 +146,6 @@ static flex_status mask_new(flex_context *ctx, int64_t B, int64_t H, int64_t q_l
     return FLEX_OK;
 }
 
-/* Allocates offsets (rows + 1, zeroed) and indices (entries) of a list. */
-static int lists_alloc(flex_block_lists *l, int64_t rows, int64_t entries)
-{
-    l->offsets = calloc((size_t)rows + 1, sizeof(int32_t));
-    l->indices = malloc(sizeof(int32_t) * (size_t)(entries > 0 ? entries : 1));
-    return l->offsets && l->indices ? 0 : -1;
-}
-
 /* Turns per-row counts already stored at offsets[r + 1] into offsets. */
 static int64_t counts_to_offsets(int32_t *offsets, int64_t rows)
 {
@@ -169,9 +191,7 @@ static flex_status lists_from_dense(flex_context *ctx, flex_block_mask *m, const
     npart = counts_to_offsets(row_part, rows);
     counts_to_offsets(col_full, cols);
     counts_to_offsets(col_part, cols);
-    if (lists_alloc(&m->kv_full, rows, nfull) || lists_alloc(&m->kv_partial, rows, npart) ||
-        lists_alloc(&m->q_full, cols, nfull) || lists_alloc(&m->q_partial, cols, npart))
-        goto oom;
+    if (lists_alloc_offsets(m) || lists_alloc_indices(m, nfull, npart)) goto oom;
     memcpy(m->kv_full.offsets, row_full, sizeof(int32_t) * (size_t)(rows + 1));
     memcpy(m->kv_partial.offsets, row_part, sizeof(int32_t) * (size_t)(rows + 1));
     memcpy(m->q_full.offsets, col_full, sizeof(int32_t) * (size_t)(cols + 1));
@@ -300,9 +320,18 @@ static void walk(grid_walk *g, int32_t i0, int32_t i1, int32_t j0, int32_t j1)
         push_undecided(job, i0, j0);
         return;
     }
-    /* Split the side that is longer in elements, lower half first (the
-     * ordering the list writers rely on). */
-    if (cols == 1 || (rows > 1 && (int64_t)rows * g->q_block >= (int64_t)cols * g->kv_block)) {
+    /* Split into quadrants when the rectangle is roughly square in
+     * elements (four questions instead of the six two rounds of halving
+     * ask), else halve the longer side. Children go lower half first, left
+     * before right: the ordering the list writers rely on. */
+    int64_t h_elems = (int64_t)rows * g->q_block, w_elems = (int64_t)cols * g->kv_block;
+    if (rows > 1 && cols > 1 && h_elems <= 2 * w_elems && w_elems <= 2 * h_elems) {
+        int32_t im = i0 + rows / 2, jm = j0 + cols / 2;
+        walk(g, i0, im, j0, jm);
+        walk(g, i0, im, jm, j1);
+        walk(g, im, i1, j0, jm);
+        walk(g, im, i1, jm, j1);
+    } else if (cols == 1 || (rows > 1 && h_elems >= w_elems)) {
         int32_t mid = i0 + rows / 2;
         walk(g, i0, mid, j0, j1);
         walk(g, mid, i1, j0, j1);
@@ -491,24 +520,49 @@ static flex_status build_from_mod(flex_context *ctx, flex_block_mask *m, const f
 
     size_t scratch_size = mod_interval_scratch_size(ir);
     int walk_failed = 0;
-#ifdef _OPENMP
-#pragma omp parallel if (num_jobs > 1)
-#endif
+    /* The first grid is walked on the calling thread, and timed: only when
+     * the others would take a while is a thread team worth waking. */
+    int64_t first_jobs = 1;
     {
         grid_walk g = {ir, tables, malloc(scratch_size > 0 ? scratch_size : 1), m->q_len,
-                       m->kv_len, m->q_block, m->kv_block, NULL};
+                       m->kv_len, m->q_block, m->kv_block, &jobs[0]};
+        if (!g.scratch) goto oom;
+        int parallel = 0;
+#ifdef _OPENMP
+        double t = now_ms();
+#endif
+        walk(&g, 0, (int32_t)nq, 0, (int32_t)nk);
+#ifdef _OPENMP
+        parallel = omp_get_max_threads() > 1 && (now_ms() - t) * (double)(num_jobs - 1) > 1.0;
+#endif
+        if (!parallel) {
+            for (; first_jobs < num_jobs; first_jobs++) {
+                g.job = &jobs[first_jobs];
+                walk(&g, 0, (int32_t)nq, 0, (int32_t)nk);
+            }
+        }
+        free(g.scratch);
+    }
+    if (first_jobs < num_jobs) {
+#ifdef _OPENMP
+#pragma omp parallel
+#endif
+        {
+            grid_walk g = {ir, tables, malloc(scratch_size > 0 ? scratch_size : 1), m->q_len,
+                           m->kv_len, m->q_block, m->kv_block, NULL};
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
-        for (int64_t k = 0; k < num_jobs; k++) {
-            g.job = &jobs[k];
-            if (!g.scratch) {
-                jobs[k].failed = 1;
-                continue;
+            for (int64_t k = first_jobs; k < num_jobs; k++) {
+                g.job = &jobs[k];
+                if (!g.scratch) {
+                    jobs[k].failed = 1;
+                    continue;
+                }
+                walk(&g, 0, (int32_t)nq, 0, (int32_t)nk);
             }
-            walk(&g, 0, (int32_t)nq, 0, (int32_t)nk);
+            free(g.scratch);
         }
-        free(g.scratch);
     }
     int64_t num_refs = 0;
     for (int64_t k = 0; k < num_jobs; k++) {
@@ -543,9 +597,7 @@ static flex_status build_from_mod(flex_context *ctx, flex_block_mask *m, const f
 
     /* Offsets of every (b, h) slot from the counts of the job it copies. */
     int64_t slots = m->B * m->H, rows = slots * nq, cols = slots * nk;
-    if (lists_alloc(&m->kv_full, rows, 0) || lists_alloc(&m->kv_partial, rows, 0) ||
-        lists_alloc(&m->q_full, cols, 0) || lists_alloc(&m->q_partial, cols, 0))
-        goto oom;
+    if (lists_alloc_offsets(m)) goto oom;
     for (int64_t s = 0; s < slots; s++) {
         int64_t b = s / m->H, h = s % m->H;
         const grid_job *job = &jobs[(jb > 1 ? b : 0) * jh + (jh > 1 ? h : 0)];
@@ -562,18 +614,12 @@ static flex_status build_from_mod(flex_context *ctx, flex_block_mask *m, const f
     m->num_partial = counts_to_offsets(m->kv_partial.offsets, rows);
     counts_to_offsets(m->q_full.offsets, cols);
     counts_to_offsets(m->q_partial.offsets, cols);
-    flex_block_lists *lists[4] = {&m->kv_full, &m->kv_partial, &m->q_full, &m->q_partial};
-    int64_t sizes[4] = {m->num_full, m->num_partial, m->num_full, m->num_partial};
-    for (int l = 0; l < 4; l++) {
-        free(lists[l]->indices);
-        lists[l]->indices = malloc(sizeof(int32_t) * (size_t)(sizes[l] > 0 ? sizes[l] : 1));
-        if (!lists[l]->indices) goto oom;
-    }
+    if (lists_alloc_indices(m, m->num_full, m->num_partial)) goto oom;
 
     /* Each job writes its own slot, (b, h) = (job b, job h); the slots that
      * broadcast it copy. */
 #ifdef _OPENMP
-#pragma omp parallel for schedule(dynamic, 1) if (num_jobs > 1)
+#pragma omp parallel for schedule(dynamic, 1) if (num_jobs > 1 && m->num_full > (1 << 22))
 #endif
     for (int64_t k = 0; k < num_jobs; k++)
         job_fill(&jobs[k], m, (int64_t)jobs[k].b * m->H + jobs[k].h);

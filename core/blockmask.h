@@ -38,6 +38,13 @@ flex_status flex_block_mask_eval_host_with(flex_context *ctx, const struct flex_
                                            const flex_block_ref *blocks, int64_t count,
                                            uint8_t *classes);
 
+/*
+ * Storage of a mask's lists: kv_full.offsets is one allocation holding all
+ * four offsets arrays and kv_full.indices one holding all four indices
+ * arrays; the other lists point into them. Only flex_block_mask_destroy
+ * frees them.
+ */
+
 /* Checks a block size argument: a power of two in [16, 1024], 0 meaning
  * 128. Writes the effective size to *out, or fails naming `what`. */
 flex_status flex_block_size_check(flex_context *ctx, const char *what, int block, int *out);

@@ -9,6 +9,7 @@
  */
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #ifdef _OPENMP
 #include <omp.h>
@@ -19,7 +20,22 @@
 /* Sub-rectangles at most this many elements a side are scanned whole. */
 #define SCAN_SIDE 32
 
+/* The calling thread works alone for at least SERIAL_MS milliseconds, and
+ * shares the rest with a thread team only when the rest would take it more
+ * than PARALLEL_MIN_MS. */
+#define SERIAL_MS 0.25
+#define PARALLEL_MIN_MS 2.0
+
 enum { SEEN_FALSE = 1, SEEN_TRUE = 2, SEEN_BOTH = 3 };
+
+#ifdef _OPENMP
+static double now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
+}
+#endif
 
 /* Per-thread state: scratch of every evaluator. */
 typedef struct eval_worker {
@@ -115,11 +131,13 @@ static uint8_t classify_block(eval_worker *w, const flex_block_ref *ref, int64_t
     int64_t q0 = (int64_t)ref->q_block * q_block, k0 = (int64_t)ref->kv_block * kv_block;
     int64_t q1 = q0 + q_block < q_len ? q0 + q_block : q_len;
     int64_t k1 = k0 + kv_block < kv_len ? k0 + kv_block : kv_len;
-    /* Corners and centre: a partial block usually shows both values here. */
-    const int64_t pts[5][2] = {{q0, k0},
-                               {q1 - 1, k1 - 1},
-                               {q0, k1 - 1},
+    /* Corners and centre: a partial block usually shows both values here.
+     * The anti-diagonal corners come first: they hold the smallest and the
+     * largest q - kv, the extremes of every causal or banded mask. */
+    const int64_t pts[5][2] = {{q0, k1 - 1},
                                {q1 - 1, k0},
+                               {q0, k0},
+                               {q1 - 1, k1 - 1},
                                {q0 + (q1 - q0) / 2, k0 + (k1 - k0) / 2}};
     int seen = 0;
     for (int p = 0; p < 5 && seen != SEEN_BOTH; p++) {
@@ -164,35 +182,73 @@ flex_status flex_block_mask_eval_host_with(flex_context *ctx, const struct flex_
     mod_bounds_error first_bounds;
     memset(&first_bounds, 0, sizeof first_bounds);
 
-#ifdef _OPENMP
-    /* Threads only pay off with enough blocks to share. */
-    int threads = count >= 64 ? omp_get_max_threads() : 1;
-#pragma omp parallel num_threads(threads)
-#endif
+    /* Most undecided blocks take a fraction of a microsecond, and waking a
+     * thread team costs more than a few hundred of them. So the blocks are
+     * worked through on the calling thread until that has taken a while;
+     * only what is left then (slow blocks, or very many) is shared out. */
+    int64_t done = 0;
     {
         eval_worker *w = malloc(sizeof *w);
-        int ok = w && worker_init(w, ir, views, tables) == 0;
+        if (!w || worker_init(w, ir, views, tables) != 0) {
+            failed = 2;
+        } else {
 #ifdef _OPENMP
-#pragma omp for schedule(dynamic, 16)
+            double start = now_ms();
+            int threads = omp_get_max_threads();
 #endif
-        for (int64_t i = 0; i < count; i++) {
-            if (!ok || w->failed) continue;
-            classes[i] = classify_block(w, &blocks[i], q_len, kv_len, q_block, kv_block);
-        }
-        int mine = !ok ? 2 : w->failed;
-        if (mine) {
+            while (done < count && !w->failed) {
+                int64_t end = done + 16 < count ? done + 16 : count;
+                for (; done < end; done++)
+                    classes[done] = classify_block(w, &blocks[done], q_len, kv_len, q_block,
+                                                   kv_block);
 #ifdef _OPENMP
-#pragma omp critical(flex_block_eval_error)
-#endif
-            {
-                if (!failed || (failed == 2 && mine == 1)) {
-                    failed = mine;
-                    if (mine == 1) first_bounds = w->bounds;
+                /* Hand over when what is left would take long enough to
+                 * repay starting the team. */
+                if (threads > 1) {
+                    double spent = now_ms() - start;
+                    if (spent > SERIAL_MS &&
+                        spent / (double)done * (double)(count - done) > PARALLEL_MIN_MS)
+                        break;
                 }
+#endif
+            }
+            if (w->failed) {
+                failed = 1;
+                first_bounds = w->bounds;
             }
         }
         if (w) worker_free(w);
         free(w);
+    }
+    if (!failed && done < count) {
+#ifdef _OPENMP
+#pragma omp parallel
+#endif
+        {
+            eval_worker *w = malloc(sizeof *w);
+            int ok = w && worker_init(w, ir, views, tables) == 0;
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 16)
+#endif
+            for (int64_t i = done; i < count; i++) {
+                if (!ok || w->failed) continue;
+                classes[i] = classify_block(w, &blocks[i], q_len, kv_len, q_block, kv_block);
+            }
+            int mine = !ok ? 2 : w->failed;
+            if (mine) {
+#ifdef _OPENMP
+#pragma omp critical(flex_block_eval_error)
+#endif
+                {
+                    if (!failed || (failed == 2 && mine == 1)) {
+                        failed = mine;
+                        if (mine == 1) first_bounds = w->bounds;
+                    }
+                }
+            }
+            if (w) worker_free(w);
+            free(w);
+        }
     }
     if (failed == 1) return flex_fail_bounds(ctx, mask_mod, &first_bounds);
     if (failed == 2)

@@ -26,7 +26,7 @@
 
 #include "cache.h"
 
-#define CACHE_MAGIC "FLEXKC01"
+#define CACHE_MAGIC       "FLEXKC01"
 #define CACHE_HEADER_SIZE 32
 
 typedef struct cache_entry {
@@ -42,8 +42,7 @@ struct flex_cache {
     char dir[1024]; /* "" when the disk part is off */
 };
 
-uint64_t flex_cache_checksum(const void *data, size_t size)
-{
+uint64_t flex_cache_checksum(const void *data, size_t size) {
     const unsigned char *p = data;
     uint64_t h = 0xcbf29ce484222325ull;
     for (size_t i = 0; i < size; i++) {
@@ -53,8 +52,7 @@ uint64_t flex_cache_checksum(const void *data, size_t size)
     return h;
 }
 
-flex_cache *flex_cache_open(const char *dir, const char *subdir)
-{
+flex_cache *flex_cache_open(const char *dir, const char *subdir) {
     flex_cache *c = calloc(1, sizeof *c);
     if (!c) return NULL;
     pthread_mutex_init(&c->lock, NULL);
@@ -66,17 +64,21 @@ flex_cache *flex_cache_open(const char *dir, const char *subdir)
     } else if (!dir) {
         const char *xdg = getenv("XDG_CACHE_HOME");
         const char *home = getenv("HOME");
-        if (xdg && *xdg) snprintf(base, sizeof base, "%s/flexattn", xdg);
-        else if (home && *home) snprintf(base, sizeof base, "%s/.cache/flexattn", home);
-        else return c; /* nowhere to write: memory only */
+        if (xdg && *xdg)
+            snprintf(base, sizeof base, "%s/flexattn", xdg);
+        else if (home && *home)
+            snprintf(base, sizeof base, "%s/.cache/flexattn", home);
+        else
+            return c; /* nowhere to write: memory only */
     }
-    if (subdir && *subdir) snprintf(c->dir, sizeof c->dir, "%s/%s", base, subdir);
-    else snprintf(c->dir, sizeof c->dir, "%s", base);
+    if (subdir && *subdir)
+        snprintf(c->dir, sizeof c->dir, "%s/%s", base, subdir);
+    else
+        snprintf(c->dir, sizeof c->dir, "%s", base);
     return c;
 }
 
-void flex_cache_destroy(flex_cache *c)
-{
+void flex_cache_destroy(flex_cache *c) {
     if (!c) return;
     cache_entry *e = c->entries;
     while (e) {
@@ -90,11 +92,14 @@ void flex_cache_destroy(flex_cache *c)
     free(c);
 }
 
-int flex_cache_disk_enabled(const flex_cache *c) { return c->dir[0] != 0; }
-const char *flex_cache_dir(const flex_cache *c) { return c->dir; }
+int flex_cache_disk_enabled(const flex_cache *c) {
+    return c->dir[0] != 0;
+}
+const char *flex_cache_dir(const flex_cache *c) {
+    return c->dir;
+}
 
-int flex_cache_entry_path(const flex_cache *c, const char *key, char *path, size_t cap)
-{
+int flex_cache_entry_path(const flex_cache *c, const char *key, char *path, size_t cap) {
     if (!c->dir[0]) return -1;
     snprintf(path, cap, "%s/%016llx.bin", c->dir,
              (unsigned long long)flex_cache_checksum(key, strlen(key)));
@@ -102,15 +107,13 @@ int flex_cache_entry_path(const flex_cache *c, const char *key, char *path, size
 }
 
 /* Memory part; the caller holds the lock. */
-static cache_entry *memory_find(flex_cache *c, const char *key)
-{
+static cache_entry *memory_find(flex_cache *c, const char *key) {
     for (cache_entry *e = c->entries; e; e = e->next)
         if (strcmp(e->key, key) == 0) return e;
     return NULL;
 }
 
-static void memory_store(flex_cache *c, const char *key, const void *data, size_t size)
-{
+static void memory_store(flex_cache *c, const char *key, const void *data, size_t size) {
     cache_entry *e = memory_find(c, key);
     void *copy = malloc(size ? size : 1);
     if (!copy) return;
@@ -136,8 +139,7 @@ static void memory_store(flex_cache *c, const char *key, const void *data, size_
     c->entries = e;
 }
 
-static int read_all(int fd, void *buf, size_t n)
-{
+static int read_all(int fd, void *buf, size_t n) {
     unsigned char *p = buf;
     while (n) {
         ssize_t r = read(fd, p, n);
@@ -149,8 +151,7 @@ static int read_all(int fd, void *buf, size_t n)
     return 0;
 }
 
-static int write_all(int fd, const void *buf, size_t n)
-{
+static int write_all(int fd, const void *buf, size_t n) {
     const unsigned char *p = buf;
     while (n) {
         ssize_t r = write(fd, p, n);
@@ -164,8 +165,7 @@ static int write_all(int fd, const void *buf, size_t n)
 
 /* Reads and verifies the disk entry of key; 1 and a malloc'd blob on
  * success, 0 when missing or invalid. */
-static int disk_load(const flex_cache *c, const char *key, void **data, size_t *size)
-{
+static int disk_load(const flex_cache *c, const char *key, void **data, size_t *size) {
     char path[1200];
     if (flex_cache_entry_path(c, key, path, sizeof path) != 0) return 0;
     int fd = open(path, O_RDONLY);
@@ -203,8 +203,7 @@ done:
 }
 
 /* mkdir -p */
-static int make_dirs(const char *dir)
-{
+static int make_dirs(const char *dir) {
     char tmp[1024];
     snprintf(tmp, sizeof tmp, "%s", dir);
     for (char *p = tmp + 1; *p; p++) {
@@ -217,8 +216,7 @@ static int make_dirs(const char *dir)
     return 0;
 }
 
-static int disk_store(const flex_cache *c, const char *key, const void *data, size_t size)
-{
+static int disk_store(const flex_cache *c, const char *key, const void *data, size_t size) {
     char path[1200], tmp[1300];
     if (flex_cache_entry_path(c, key, path, sizeof path) != 0) return 0;
     if (make_dirs(c->dir) != 0) return -1;
@@ -227,7 +225,8 @@ static int disk_store(const flex_cache *c, const char *key, const void *data, si
     static _Atomic unsigned counter;
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
-    snprintf(tmp, sizeof tmp, "%s.tmp.%ld.%u.%ld", path, (long)getpid(), counter++, (long)ts.tv_nsec);
+    snprintf(tmp, sizeof tmp, "%s.tmp.%ld.%u.%ld", path, (long)getpid(), counter++,
+             (long)ts.tv_nsec);
     int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL, 0644);
     if (fd < 0) return -1;
     unsigned char header[CACHE_HEADER_SIZE] = {0};
@@ -247,8 +246,7 @@ static int disk_store(const flex_cache *c, const char *key, const void *data, si
     return 0;
 }
 
-int flex_cache_get(flex_cache *c, const char *key, void **data, size_t *size, int *from_disk)
-{
+int flex_cache_get(flex_cache *c, const char *key, void **data, size_t *size, int *from_disk) {
     if (from_disk) *from_disk = 0;
     pthread_mutex_lock(&c->lock);
     cache_entry *e = memory_find(c, key);
@@ -275,8 +273,7 @@ int flex_cache_get(flex_cache *c, const char *key, void **data, size_t *size, in
     return 1;
 }
 
-int flex_cache_put(flex_cache *c, const char *key, const void *data, size_t size)
-{
+int flex_cache_put(flex_cache *c, const char *key, const void *data, size_t size) {
     pthread_mutex_lock(&c->lock);
     memory_store(c, key, data, size);
     pthread_mutex_unlock(&c->lock);

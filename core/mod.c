@@ -2,12 +2,23 @@
  * The flex_mod public API: compile, bind buffers, combine, and the host
  * views the evaluators read.
  */
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "internal.h"
 #include "mod/parse.h"
+
+/* Binding generations are unique across all mods, so a cache keyed by a mod
+ * pointer and its generation can never confuse a freed mod with a new one
+ * allocated at the same address. */
+static atomic_uint_fast64_t last_generation;
+
+static uint64_t new_generation(void)
+{
+    return (uint64_t)atomic_fetch_add(&last_generation, 1) + 1;
+}
 
 /* Fills canonical text and hash of a mod whose IR is final. */
 static flex_status finish_mod(flex_context *ctx, flex_mod *mod)
@@ -38,6 +49,7 @@ flex_status flex_mod_compile(flex_context *ctx, const flex_mod_desc *desc, flex_
         flex_mod_destroy(mod);
         return st;
     }
+    mod->binding_generation = new_generation();
     *out = mod;
     return FLEX_OK;
 }
@@ -140,10 +152,14 @@ flex_status flex_mod_bind_buffer(flex_context *ctx, flex_mod *mod, const char *n
                              "buffer '%s' is on device type %d, which is neither the host nor "
                              "the '%s' context's device",
                              name, (int)data->device, ctx->backend->name);
+        if (data->device_index != ctx->device_index)
+            return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
+                             "buffer '%s' is on device %d but the context uses device %d", name,
+                             data->device_index, ctx->device_index);
     }
     mod->views[i] = *data;
     mod->bound[i] = 1;
-    mod->binding_generation++;
+    mod->binding_generation = new_generation();
     return FLEX_OK;
 }
 
@@ -210,11 +226,12 @@ flex_status flex_mod_host_views(flex_context *ctx, const flex_mod *mod, mod_buff
             v->data = t->data;
             continue;
         }
-        if (!ctx || ctx->backend->device_type != t->device) {
+        if (!ctx || ctx->backend->device_type != t->device ||
+            ctx->device_index != t->device_index) {
             flex_mod_release_host_views(host_copies);
             return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
-                             "buffer '%s' is bound to device memory of another backend than "
-                             "this context's",
+                             "buffer '%s' is bound to device memory this context cannot read "
+                             "(another backend or device)",
                              m->buffers[i].name);
         }
         /* Copy the contiguous extent covering every element the strides reach. */
@@ -345,7 +362,7 @@ static flex_status combine(flex_context *ctx, const flex_mod *a, const flex_mod 
         flex_mod_destroy(mod);
         return st;
     }
-    mod->binding_generation = 1;
+    mod->binding_generation = new_generation();
     *out = mod;
     return FLEX_OK;
 }

@@ -1,9 +1,8 @@
 /*
  * Tile choices for attention calls. The CPU numbers come from measurements
- * of the register-blocked micro-kernels (docs/cpu-backend.md): 64 query rows
- * keep the packed Q tile, the score tile and the output accumulator inside
- * L2 while K/V panels stream through L1, and 128 KV columns amortise the
- * per-step softmax bookkeeping.
+ * of the register-blocked micro-kernels (docs/cpu-backend.md): a 128 x 128
+ * tile keeps the packed Q tile, the score tile and the output accumulator
+ * (about 200 KiB at D = 128) inside L2 while K/V panels stream through L1.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -13,25 +12,25 @@
 #include "internal.h"
 #include "plan.h"
 
-enum { CPU_DEFAULT_Q_TILE = 64, CPU_DEFAULT_KV_TILE = 128 };
+/* 128 x 128 tiles amortise packing and per-tile bookkeeping best; partial
+ * blocks are trimmed per group of 32 rows inside the backend. */
+enum { CPU_DEFAULT_Q_TILE = 128, CPU_DEFAULT_KV_TILE = 128 };
 
-static int env_flag(const char *name)
-{
+static int env_flag(const char *name) {
     const char *v = getenv(name);
     return v && *v && strcmp(v, "0") != 0 && strcasecmp(v, "off") != 0 &&
            strcasecmp(v, "false") != 0;
 }
 
-static int min_int(int a, int b)
-{
+static int min_int(int a, int b) {
     return a < b ? a : b;
 }
 
 flex_status flex_plan_make(flex_context *ctx, const flex_forward_args *args,
-                           struct flex_plan *plan)
-{
+                           struct flex_plan *plan) {
     (void)ctx;
     memset(plan, 0, sizeof *plan);
+    const struct flex_block_mask *mask = args ? args->block_mask : NULL;
     plan->q_tile = CPU_DEFAULT_Q_TILE;
     plan->kv_tile = CPU_DEFAULT_KV_TILE;
     plan->kv_splits = 1;
@@ -57,7 +56,6 @@ flex_status flex_plan_make(flex_context *ctx, const flex_forward_args *args,
         plan->kv_tile = tkv;
     }
 
-    const struct flex_block_mask *mask = args ? args->block_mask : NULL;
     if (mask) {
         /* Block sizes are powers of two, so min() keeps divisibility. */
         plan->q_tile = min_int(plan->q_tile, mask->q_block);

@@ -22,10 +22,10 @@ struct flex_plan {
     int longest_first; /* order work items by descending non-empty block count */
 
     /* ---- CPU backend ---- */
-    int use_reference; /* take the plain untiled reference path (tests) */
-    int num_threads;   /* 0 = the OpenMP default (OMP_NUM_THREADS) */
-    int simd;          /* micro-kernels: FLEX_PLAN_SIMD_* */
-    int prepack_kv;    /* pack all K/V tiles once per call (else per tile) */
+    int use_reference;           /* take the plain untiled reference path (tests) */
+    int num_threads;             /* 0 = the OpenMP default (OMP_NUM_THREADS) */
+    int simd;                    /* micro-kernels: FLEX_PLAN_SIMD_* */
+    int prepack_kv;              /* pack all K/V tiles once per call (else per tile) */
     int64_t prepack_limit_bytes; /* largest such packed copy; 0 = no limit */
 
     /* ---- GPU backends add their fields below ---- */

@@ -14,22 +14,19 @@
 
 /* The value subtracted from scores before exp: m itself, or 0 when m is
  * -inf, so exp(-inf - 0) == 0 instead of exp(-inf + inf) == NaN. */
-static inline float flex_softmax_shift(float m)
-{
+static inline float flex_softmax_shift(float m) {
     return m == -INFINITY ? 0.0f : m;
 }
 
 /* Factor that rescales state kept relative to m_old so it is relative to
  * m_new (m_new >= m_old): exp(m_old - shift(m_new)); 0 when m_old is -inf. */
-static inline float flex_softmax_rescale(float m_old, float m_new)
-{
+static inline float flex_softmax_rescale(float m_old, float m_new) {
     if (m_old == -INFINITY) return 0.0f;
     return expf(m_old - flex_softmax_shift(m_new));
 }
 
 /* Natural-log sum of exp of the scores: m + log(l), -inf when l == 0. */
-static inline float flex_softmax_lse(float m, float l)
-{
+static inline float flex_softmax_lse(float m, float l) {
     if (!(l > 0.0f)) return -INFINITY;
     return m + logf(l);
 }
@@ -52,8 +49,8 @@ float flex_softmax_update_row(float *m, float *l, float *s, int n);
  * own sum, into o (may alias o_a or o_b) and *lse. Either part may be empty
  * (lse -inf); when both are, o is 0 and *lse -inf.
  */
-void flex_lse_merge(int dv, const float *o_a, float lse_a, const float *o_b, float lse_b,
-                    float *o, float *lse);
+void flex_lse_merge(int dv, const float *o_a, float lse_a, const float *o_b, float lse_b, float *o,
+                    float *lse);
 
 /*
  * Merges `parts` partial results of one row: o_parts[i * ld + c], lse_parts[i]

@@ -22,14 +22,12 @@ typedef struct rnd {
     uint64_t s;
 } rnd;
 
-static inline void rnd_seed(rnd *r, uint64_t seed)
-{
+static inline void rnd_seed(rnd *r, uint64_t seed) {
     r->s = seed * 0x9E3779B97F4A7C15ull + 0x2545F4914F6CDD1Dull;
     if (!r->s) r->s = 1;
 }
 
-static inline uint64_t rnd_next(rnd *r)
-{
+static inline uint64_t rnd_next(rnd *r) {
     r->s ^= r->s >> 12;
     r->s ^= r->s << 25;
     r->s ^= r->s >> 27;
@@ -37,19 +35,16 @@ static inline uint64_t rnd_next(rnd *r)
 }
 
 /* uniform in [0, n) */
-static inline int rnd_below(rnd *r, int n)
-{
+static inline int rnd_below(rnd *r, int n) {
     return (int)((rnd_next(r) >> 33) % (uint64_t)n);
 }
 
 /* uniform in [lo, hi] */
-static inline int rnd_range(rnd *r, int lo, int hi)
-{
+static inline int rnd_range(rnd *r, int lo, int hi) {
     return lo + rnd_below(r, hi - lo + 1);
 }
 
-static inline float rnd_unit(rnd *r)
-{
+static inline float rnd_unit(rnd *r) {
     return (float)(rnd_next(r) >> 40) / (float)(1 << 24);
 }
 
@@ -64,16 +59,15 @@ typedef struct rm_buffers {
     void *data[RM_MAX_BUFS];
 } rm_buffers;
 
-static inline void rm_buffers_free(rm_buffers *b)
-{
-    for (int i = 0; i < b->count; i++) free(b->data[i]);
+static inline void rm_buffers_free(rm_buffers *b) {
+    for (int i = 0; i < b->count; i++)
+        free(b->data[i]);
     memset(b, 0, sizeof *b);
 }
 
-static inline float rm_special_float(rnd *r)
-{
-    static const float specials[] = {0.0f, -0.0f, 1.0f, -1.0f, 0.5f, 2.0f, 30.0f, -7.25f, 1e-3f,
-                                     1e30f, -1e30f};
+static inline float rm_special_float(rnd *r) {
+    static const float specials[] = {0.0f,  -0.0f,  1.0f,  -1.0f, 0.5f,  2.0f,
+                                     30.0f, -7.25f, 1e-3f, 1e30f, -1e30f};
     int k = rnd_below(r, 16);
     if (k < (int)(sizeof specials / sizeof specials[0])) return specials[k];
     if (k == 11) return INFINITY;
@@ -85,8 +79,7 @@ static inline float rm_special_float(rnd *r)
 /* Fills element k of a buffer with a value of its dtype. Ints stay small
  * (so they make useful indices) unless `wide`. */
 static inline void rm_fill_element(rnd *r, flex_dtype dt, void *data, int64_t k, int wide,
-                                   int allow_nan)
-{
+                                   int allow_nan) {
     float f;
     switch (dt) {
     case FLEX_F32:
@@ -105,8 +98,12 @@ static inline void rm_fill_element(rnd *r, flex_dtype dt, void *data, int64_t k,
     case FLEX_I64:
         ((int64_t *)data)[k] = wide ? (int64_t)rnd_next(r) : rnd_range(r, -4, 40);
         break;
-    case FLEX_U8: ((uint8_t *)data)[k] = (uint8_t)rnd_below(r, wide ? 256 : 40); break;
-    case FLEX_BOOL: ((uint8_t *)data)[k] = (uint8_t)(rnd_below(r, 3) == 0 ? 0 : rnd_below(r, 3)); break;
+    case FLEX_U8:
+        ((uint8_t *)data)[k] = (uint8_t)rnd_below(r, wide ? 256 : 40);
+        break;
+    case FLEX_BOOL:
+        ((uint8_t *)data)[k] = (uint8_t)(rnd_below(r, 3) == 0 ? 0 : rnd_below(r, 3));
+        break;
     }
 }
 
@@ -116,8 +113,7 @@ static inline void rm_fill_element(rnd *r, flex_dtype dt, void *data, int64_t k,
  * view of its memory, any buffer may skip every other element.
  */
 static inline int rm_add_buffer(rnd *r, ir_mod *m, rm_buffers *bufs, flex_dtype dt, int ndim,
-                                int allow_nan)
-{
+                                int allow_nan) {
     int i = m->num_buffers++;
     snprintf(m->buffers[i].name, sizeof m->buffers[i].name, "buf%d", i);
     m->buffers[i].dtype = dt;
@@ -145,7 +141,8 @@ static inline int rm_add_buffer(rnd *r, ir_mod *m, rm_buffers *bufs, flex_dtype 
     size_t esize = flex_dtype_size(dt);
     int64_t elems = n * gap;
     void *data = calloc((size_t)elems, esize);
-    for (int64_t k = 0; k < elems; k++) rm_fill_element(r, dt, data, k, rnd_below(r, 8) == 0, allow_nan);
+    for (int64_t k = 0; k < elems; k++)
+        rm_fill_element(r, dt, data, k, rnd_below(r, 8) == 0, allow_nan);
     v->data = data;
     bufs->data[i] = data;
     bufs->count = i + 1;
@@ -164,8 +161,7 @@ typedef struct rm_gen {
     int pool_count[3];
 } rm_gen;
 
-static inline int rm_remember(rm_gen *g, ir_type t, int node)
-{
+static inline int rm_remember(rm_gen *g, ir_type t, int node) {
     if (node < 0) return node;
     if (g->pool_count[t] < 64) g->pool[t][g->pool_count[t]++] = node;
     return node;
@@ -173,22 +169,19 @@ static inline int rm_remember(rm_gen *g, ir_type t, int node)
 
 static int rm_expr(rm_gen *g, ir_type type, int depth);
 
-static inline int rm_int_const(rm_gen *g)
-{
+static inline int rm_int_const(rm_gen *g) {
     static const int32_t wide[] = {INT32_MAX, INT32_MIN, INT32_MIN + 1, 1 << 20, -(1 << 24), 65536};
     if (rnd_below(g->r, 10) == 0) return ir_const_int(g->m, wide[rnd_below(g->r, 6)]);
     return ir_const_int(g->m, rnd_range(g->r, -9, 20));
 }
 
-static inline int rm_index_leaf(rm_gen *g)
-{
+static inline int rm_index_leaf(rm_gen *g) {
     static const ir_op leaves[] = {IR_Q, IR_KV, IR_Q, IR_KV, IR_B, IR_H};
     return ir_leaf(g->m, leaves[rnd_below(g->r, 6)]);
 }
 
 /* An index into dim d of buffer buf: usually reduced modulo the size. */
-static inline int rm_index(rm_gen *g, int buf, int d, int depth)
-{
+static inline int rm_index(rm_gen *g, int buf, int d, int depth) {
     int e = rnd_below(g->r, 2) ? rm_index_leaf(g) : rm_expr(g, IR_INT, depth);
     if (g->out_of_range_rate && rnd_below(g->r, g->out_of_range_rate) == 0) return e;
     int size = ir_const_int(g->m, (int32_t)g->bufs->views[buf].sizes[d]);
@@ -201,20 +194,19 @@ static inline int rm_index(rm_gen *g, int buf, int d, int depth)
     return ir_binary(g->m, IR_MOD, IR_INT, e, size);
 }
 
-static inline int rm_load(rm_gen *g, ir_type type, int depth)
-{
+static inline int rm_load(rm_gen *g, ir_type type, int depth) {
     int cand[RM_MAX_BUFS], nc = 0;
     for (int i = 0; i < g->m->num_buffers; i++)
         if (ir_type_of_dtype(g->m->buffers[i].dtype) == type) cand[nc++] = i;
     if (nc == 0) return -1;
     int buf = cand[rnd_below(g->r, nc)];
     int32_t idx[4];
-    for (int d = 0; d < g->m->buffers[buf].ndim; d++) idx[d] = rm_index(g, buf, d, depth - 1);
+    for (int d = 0; d < g->m->buffers[buf].ndim; d++)
+        idx[d] = rm_index(g, buf, d, depth - 1);
     return ir_load(g->m, buf, type, g->m->buffers[buf].ndim, idx);
 }
 
-static int rm_expr(rm_gen *g, ir_type type, int depth)
-{
+static int rm_expr(rm_gen *g, ir_type type, int depth) {
     rnd *r = g->r;
     ir_mod *m = g->m;
     if (g->pool_count[type] > 0 && rnd_below(r, 6) == 0)
@@ -247,8 +239,9 @@ static int rm_expr(rm_gen *g, ir_type type, int depth)
         return rm_remember(g, type, node);
     }
     if (type == IR_INT) {
-        static const ir_op bin[] = {IR_ADD, IR_SUB, IR_MUL, IR_FLOORDIV, IR_MOD, IR_MIN, IR_MAX,
-                                    IR_AND, IR_OR, IR_XOR, IR_ADD, IR_SUB, IR_FLOORDIV, IR_MOD};
+        static const ir_op bin[] = {IR_ADD, IR_SUB, IR_MUL,      IR_FLOORDIV, IR_MOD,
+                                    IR_MIN, IR_MAX, IR_AND,      IR_OR,       IR_XOR,
+                                    IR_ADD, IR_SUB, IR_FLOORDIV, IR_MOD};
         int k = rnd_below(r, 20);
         if (k < 14) {
             node = ir_binary(m, bin[k], IR_INT, rm_expr(g, IR_INT, d), rm_expr(g, IR_INT, d));
@@ -266,11 +259,11 @@ static int rm_expr(rm_gen *g, ir_type type, int depth)
             node = ir_binary(m, IR_DIV, IR_INT, rm_expr(g, IR_INT, d), rm_expr(g, IR_INT, d));
         }
     } else if (type == IR_FLOAT) {
-        static const ir_op un[] = {IR_NEG, IR_ABS, IR_EXP, IR_EXP2, IR_LOG, IR_LOG2, IR_SQRT,
-                                   IR_RSQRT, IR_SIN, IR_COS, IR_TAN, IR_TANH, IR_TANH_APPROX,
-                                   IR_SIGMOID, IR_FLOOR, IR_CEIL};
-        static const ir_op bin[] = {IR_ADD, IR_SUB, IR_MUL, IR_DIV, IR_FLOORDIV, IR_MOD, IR_POW,
-                                    IR_MIN, IR_MAX, IR_ADD, IR_MUL, IR_SUB};
+        static const ir_op un[] = {IR_NEG,         IR_ABS,     IR_EXP,   IR_EXP2, IR_LOG, IR_LOG2,
+                                   IR_SQRT,        IR_RSQRT,   IR_SIN,   IR_COS,  IR_TAN, IR_TANH,
+                                   IR_TANH_APPROX, IR_SIGMOID, IR_FLOOR, IR_CEIL};
+        static const ir_op bin[] = {IR_ADD, IR_SUB, IR_MUL, IR_DIV, IR_FLOORDIV, IR_MOD,
+                                    IR_POW, IR_MIN, IR_MAX, IR_ADD, IR_MUL,      IR_SUB};
         int k = rnd_below(r, 32);
         if (k < 16) {
             node = ir_unary(m, un[k], IR_FLOAT, rm_expr(g, IR_FLOAT, d));
@@ -312,9 +305,8 @@ static int rm_expr(rm_gen *g, ir_type type, int depth)
  * (ir_free it) and bufs filled (rm_buffers_free). Returns 0, -1 on failure.
  */
 static inline int rm_random_mod(rnd *r, flex_mod_kind kind, int depth, int out_of_range_rate,
-                                ir_mod *m, rm_buffers *bufs)
-{
-    static const flex_dtype dts[] = {FLEX_I32, FLEX_I64, FLEX_U8, FLEX_BOOL,
+                                ir_mod *m, rm_buffers *bufs) {
+    static const flex_dtype dts[] = {FLEX_I32, FLEX_I64, FLEX_U8,  FLEX_BOOL,
                                      FLEX_F32, FLEX_F16, FLEX_BF16};
     ir_init(m, kind);
     memset(bufs, 0, sizeof *bufs);
@@ -335,8 +327,7 @@ static inline int rm_random_mod(rnd *r, flex_mod_kind kind, int depth, int out_o
 }
 
 /* Bitwise equality of evaluator results, with every NaN equal to every NaN. */
-static inline int rm_same_float(float a, float b)
-{
+static inline int rm_same_float(float a, float b) {
     if (a != a && b != b) return 1;
     uint32_t x, y;
     memcpy(&x, &a, 4);

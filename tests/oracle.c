@@ -10,24 +10,23 @@
 #include "internal.h"
 #include "oracle.h"
 
-double oracle_load(const flex_tensor *t, int64_t i0, int64_t i1, int64_t i2, int64_t i3)
-{
-    int64_t off = i0 * t->strides[0] + i1 * t->strides[1] + i2 * t->strides[2] +
-                  i3 * t->strides[3];
+double oracle_load(const flex_tensor *t, int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
+    int64_t off = i0 * t->strides[0] + i1 * t->strides[1] + i2 * t->strides[2] + i3 * t->strides[3];
     switch (t->dtype) {
-    case FLEX_F16: return flex_f16_to_float(((const uint16_t *)t->data)[off]);
-    case FLEX_BF16: return flex_bf16_to_float(((const uint16_t *)t->data)[off]);
-    default: return ((const float *)t->data)[off];
+    case FLEX_F16:
+        return flex_f16_to_float(((const uint16_t *)t->data)[off]);
+    case FLEX_BF16:
+        return flex_bf16_to_float(((const uint16_t *)t->data)[off]);
+    default:
+        return ((const float *)t->data)[off];
     }
 }
 
-static void bounds_message(const flex_mod *mod, const mod_bounds_error *e, char *err, size_t cap)
-{
+static void bounds_message(const flex_mod *mod, const mod_bounds_error *e, char *err, size_t cap) {
     mod_bounds_error_format(&mod->ir, e, err, cap);
 }
 
-int oracle_forward(const oracle_problem *p, double *out, double *lse, char *err, size_t err_cap)
-{
+int oracle_forward(const oracle_problem *p, double *out, double *lse, char *err, size_t err_cap) {
     int64_t B = p->q.sizes[0], Hq = p->q.sizes[1], Lq = p->q.sizes[2], D = p->q.sizes[3];
     int64_t Hkv = p->k.sizes[1], Lkv = p->k.sizes[2], Dv = p->v.sizes[3];
     int64_t group = Hkv > 0 ? Hq / Hkv : 1;
@@ -71,13 +70,16 @@ int oracle_forward(const oracle_problem *p, double *out, double *lse, char *err,
                 int64_t hk = h / group;
                 if (b != loaded_b || hk != loaded_hk) {
                     for (int64_t j = 0; j < Lkv; j++) {
-                        for (int64_t d = 0; d < D; d++) kd[j * D + d] = oracle_load(&p->k, b, hk, j, d);
-                        for (int64_t c = 0; c < Dv; c++) vd[j * Dv + c] = oracle_load(&p->v, b, hk, j, c);
+                        for (int64_t d = 0; d < D; d++)
+                            kd[j * D + d] = oracle_load(&p->k, b, hk, j, d);
+                        for (int64_t c = 0; c < Dv; c++)
+                            vd[j * Dv + c] = oracle_load(&p->v, b, hk, j, c);
                     }
                     loaded_b = b;
                     loaded_hk = hk;
                 }
-                for (int64_t d = 0; d < D; d++) qd[d] = oracle_load(&p->q, b, h, i, d);
+                for (int64_t d = 0; d < D; d++)
+                    qd[d] = oracle_load(&p->q, b, h, i, d);
                 double m = -INFINITY;
                 for (int64_t j = 0; j < Lkv; j++) {
                     mod_bounds_error e;
@@ -86,8 +88,8 @@ int oracle_forward(const oracle_problem *p, double *out, double *lse, char *err,
                     keep[j] = 1;
                     if (p->mask_mod) {
                         if (mod_eval_point_f64(&p->mask_mod->ir, mviews, 0.0, (int32_t)b,
-                                           (int32_t)h, (int32_t)i, (int32_t)j, scratch, &res,
-                                           &e) != 0) {
+                                               (int32_t)h, (int32_t)i, (int32_t)j, scratch, &res,
+                                               &e) != 0) {
                             bounds_message(p->mask_mod, &e, err, err_cap);
                             rc = -1;
                             goto done;
@@ -101,28 +103,33 @@ int oracle_forward(const oracle_problem *p, double *out, double *lse, char *err,
                     s[j] = dot * scale;
                     if (p->score_mod) {
                         if (mod_eval_point_f64(&p->score_mod->ir, sviews, s[j], (int32_t)b,
-                                           (int32_t)h, (int32_t)i, (int32_t)j, scratch, &res,
-                                           &e) != 0) {
+                                               (int32_t)h, (int32_t)i, (int32_t)j, scratch, &res,
+                                               &e) != 0) {
                             bounds_message(p->score_mod, &e, err, err_cap);
                             rc = -1;
                             goto done;
                         }
                         s[j] = res;
                     }
-                    if (s[j] == -INFINITY) keep[j] = 0;
-                    else if (s[j] > m || isnan(s[j])) m = s[j];
+                    if (s[j] == -INFINITY)
+                        keep[j] = 0;
+                    else if (s[j] > m || isnan(s[j]))
+                        m = s[j];
                 }
                 double *o = out + ((b * Hq + h) * R + r) * Dv;
-                for (int64_t c = 0; c < Dv; c++) o[c] = 0.0;
+                for (int64_t c = 0; c < Dv; c++)
+                    o[c] = 0.0;
                 double l = 0.0;
                 for (int64_t j = 0; j < Lkv; j++) {
                     if (!keep[j]) continue;
                     double w = exp(s[j] - m);
                     l += w;
-                    for (int64_t c = 0; c < Dv; c++) o[c] += w * vd[j * Dv + c];
+                    for (int64_t c = 0; c < Dv; c++)
+                        o[c] += w * vd[j * Dv + c];
                 }
                 if (l > 0.0)
-                    for (int64_t c = 0; c < Dv; c++) o[c] /= l;
+                    for (int64_t c = 0; c < Dv; c++)
+                        o[c] /= l;
                 if (lse) lse[(b * Hq + h) * R + r] = l > 0.0 ? m + log(l) : -INFINITY;
             }
 done:
@@ -137,8 +144,7 @@ done:
     return rc;
 }
 
-double oracle_rel_error(const double *ref, const double *got, size_t n)
-{
+double oracle_rel_error(const double *ref, const double *got, size_t n) {
     double num = 0.0, den = 0.0;
     for (size_t i = 0; i < n; i++) {
         if (!isfinite(got[i])) return INFINITY;
@@ -150,8 +156,7 @@ double oracle_rel_error(const double *ref, const double *got, size_t n)
     return sqrt(num / den);
 }
 
-double oracle_lse_error(const double *ref, const double *got, size_t n)
-{
+double oracle_lse_error(const double *ref, const double *got, size_t n) {
     double worst = 0.0;
     for (size_t i = 0; i < n; i++) {
         int ref_empty = ref[i] == -INFINITY, got_empty = got[i] == -INFINITY;

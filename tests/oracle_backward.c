@@ -22,8 +22,7 @@ typedef struct wanted_load {
 
 int oracle_backward(const oracle_problem *p, const flex_tensor *dout, double *dq, double *dk,
                     double *dv, const oracle_buffer_grad *buffer_grads, int num_buffer_grads,
-                    char *err, size_t err_cap)
-{
+                    char *err, size_t err_cap) {
     int64_t B = p->q.sizes[0], Hq = p->q.sizes[1], Lq = p->q.sizes[2], D = p->q.sizes[3];
     int64_t Hkv = p->k.sizes[1], Lkv = p->k.sizes[2], Dv = p->v.sizes[3];
     int64_t group = Hkv > 0 ? Hq / Hkv : 1;
@@ -163,8 +162,10 @@ int oracle_backward(const oracle_problem *p, const flex_tensor *dout, double *dq
                             flat[(size_t)w * n + (size_t)j] = f;
                         }
                     }
-                    if (s[j] == -INFINITY) keep[j] = 0;
-                    else if (s[j] > m || isnan(s[j])) m = s[j];
+                    if (s[j] == -INFINITY)
+                        keep[j] = 0;
+                    else if (s[j] > m || isnan(s[j]))
+                        m = s[j];
                 }
                 double l = 0.0;
                 for (int64_t j = 0; j < Lkv; j++) {

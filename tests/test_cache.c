@@ -16,26 +16,23 @@
 
 static char tmpdir[256];
 
-static void make_tmpdir(void)
-{
+static void make_tmpdir(void) {
     snprintf(tmpdir, sizeof tmpdir, "/tmp/flexattn-cache-test-XXXXXX");
     ck_assert_ptr_nonnull(mkdtemp(tmpdir));
 }
 
-static void remove_tree(const char *dir)
-{
+static void remove_tree(const char *dir) {
     char cmd[512];
     snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
     ck_assert_int_eq(system(cmd), 0);
 }
 
-static void fill(unsigned char *buf, size_t n, unsigned seed)
-{
-    for (size_t i = 0; i < n; i++) buf[i] = (unsigned char)((i * 131u + seed * 7u) ^ (i >> 5));
+static void fill(unsigned char *buf, size_t n, unsigned seed) {
+    for (size_t i = 0; i < n; i++)
+        buf[i] = (unsigned char)((i * 131u + seed * 7u) ^ (i >> 5));
 }
 
-START_TEST(test_round_trip_memory_and_disk)
-{
+START_TEST(test_round_trip_memory_and_disk) {
     make_tmpdir();
     unsigned char blob[5000];
     fill(blob, sizeof blob, 1);
@@ -68,8 +65,7 @@ START_TEST(test_round_trip_memory_and_disk)
 }
 END_TEST
 
-START_TEST(test_concurrent_writers)
-{
+START_TEST(test_concurrent_writers) {
     make_tmpdir();
     enum { N = 200000 };
     pid_t kids[2];
@@ -86,7 +82,8 @@ START_TEST(test_concurrent_writers)
                 flex_cache *r = flex_cache_open(tmpdir, "cuda");
                 void *data;
                 size_t size;
-                if (!flex_cache_get(r, "shared-key", &data, &size, NULL)) bad = 1;
+                if (!flex_cache_get(r, "shared-key", &data, &size, NULL))
+                    bad = 1;
                 else {
                     if (size != N || memcmp(data, blob, N) != 0) bad = 1;
                     free(data);
@@ -111,8 +108,7 @@ START_TEST(test_concurrent_writers)
 }
 END_TEST
 
-static void damage_and_check(int truncate_it)
-{
+static void damage_and_check(int truncate_it) {
     make_tmpdir();
     unsigned char blob[3000];
     fill(blob, sizeof blob, 3);
@@ -149,14 +145,17 @@ static void damage_and_check(int truncate_it)
     remove_tree(tmpdir);
 }
 
-START_TEST(test_corrupt_entry_rebuilt) { damage_and_check(0); }
+START_TEST(test_corrupt_entry_rebuilt) {
+    damage_and_check(0);
+}
 END_TEST
 
-START_TEST(test_truncated_entry_rebuilt) { damage_and_check(1); }
+START_TEST(test_truncated_entry_rebuilt) {
+    damage_and_check(1);
+}
 END_TEST
 
-START_TEST(test_wrong_key_in_file_is_a_miss)
-{
+START_TEST(test_wrong_key_in_file_is_a_miss) {
     make_tmpdir();
     flex_cache *c = flex_cache_open(tmpdir, "cuda");
     ck_assert_int_eq(flex_cache_put(c, "first", "abc", 3), 0);
@@ -174,8 +173,7 @@ START_TEST(test_wrong_key_in_file_is_a_miss)
 }
 END_TEST
 
-START_TEST(test_off_keeps_memory_only)
-{
+START_TEST(test_off_keeps_memory_only) {
     setenv("FLEXATTN_CACHE_DIR", "off", 1);
     flex_cache *c = flex_cache_open(NULL, "cuda");
     ck_assert_int_eq(flex_cache_disk_enabled(c), 0);
@@ -198,8 +196,7 @@ START_TEST(test_off_keeps_memory_only)
 }
 END_TEST
 
-START_TEST(test_default_folder_from_xdg)
-{
+START_TEST(test_default_folder_from_xdg) {
     unsetenv("FLEXATTN_CACHE_DIR");
     setenv("XDG_CACHE_HOME", "/tmp/flexattn-xdg-test", 1);
     flex_cache *c = flex_cache_open(NULL, "cuda");
@@ -213,8 +210,7 @@ START_TEST(test_default_folder_from_xdg)
 }
 END_TEST
 
-int main(void)
-{
+int main(void) {
     Suite *s = suite_create("cache");
     TCase *tc = tcase_create("cache");
     tcase_add_test(tc, test_round_trip_memory_and_disk);

@@ -8,7 +8,8 @@
  * gradient with oracle_backward on the very same inputs:
  * ||got - ref|| / ||ref|| below 1e-4 for f32 and 1e-2 for f16 / bf16.
  * Buffer gradients start from a non-zero value, which checks that they are
- * added to, not overwritten.
+ * added to, not overwritten; the second one of a case is a strided view
+ * whose gaps must stay untouched.
  */
 #include <check.h>
 #include <math.h>
@@ -22,7 +23,9 @@
 
 enum { LAYOUT_BHSD = 0, LAYOUT_BSHD = 1, LAYOUT_PADDED = 2, LAYOUT_STRIDED_D = 3 };
 
+#define PER_HEAD   "per-head:"
 #define GRAD_START 0.25f /* initial value of every buffer gradient */
+#define GRAD_GAP   7.5f  /* between the elements of a strided gradient; never written */
 
 typedef struct bcase {
     const char *name;
@@ -31,7 +34,7 @@ typedef struct bcase {
     int B, Hq, Hkv, Lq, Lkv, D, Dv;
     flex_dtype dtype;
     int layout;
-    int q_block, kv_block; /* 0 = 128 */
+    int q_block, kv_block;     /* 0 = 128 */
     const char *grad1, *grad2; /* buffers whose gradients are checked */
 } bcase;
 
@@ -39,8 +42,7 @@ typedef struct bcase {
 
 static uint64_t rng;
 
-static double rnd(void)
-{
+static double rnd(void) {
     double s = 0.0;
     for (int i = 0; i < 3; i++) {
         rng = rng * 6364136223846793005ull + 1442695040888963407ull;
@@ -56,8 +58,7 @@ typedef struct host_tensor {
 } host_tensor;
 
 static host_tensor make_tensor(flex_dtype dt, int layout, int64_t B, int64_t H, int64_t S,
-                               int64_t D)
-{
+                               int64_t D) {
     host_tensor h;
     memset(&h, 0, sizeof h);
     int64_t st[4];
@@ -79,27 +80,31 @@ static host_tensor make_tensor(flex_dtype dt, int layout, int64_t B, int64_t H, 
     h.t.dtype = dt;
     h.t.ndim = 4;
     h.t.sizes[0] = B, h.t.sizes[1] = H, h.t.sizes[2] = S, h.t.sizes[3] = D;
-    for (int i = 0; i < 4; i++) h.t.strides[i] = st[i];
+    for (int i = 0; i < 4; i++)
+        h.t.strides[i] = st[i];
     h.t.device = FLEX_DEVICE_CPU;
     return h;
 }
 
-static void store_value(flex_tensor *t, int64_t off, double v)
-{
+static void store_value(flex_tensor *t, int64_t off, double v) {
     switch (t->dtype) {
-    case FLEX_F16: ((uint16_t *)t->data)[off] = flex_float_to_f16((float)v); break;
-    case FLEX_BF16: ((uint16_t *)t->data)[off] = flex_float_to_bf16((float)v); break;
-    default: ((float *)t->data)[off] = (float)v; break;
+    case FLEX_F16:
+        ((uint16_t *)t->data)[off] = flex_float_to_f16((float)v);
+        break;
+    case FLEX_BF16:
+        ((uint16_t *)t->data)[off] = flex_float_to_bf16((float)v);
+        break;
+    default:
+        ((float *)t->data)[off] = (float)v;
+        break;
     }
 }
 
-static int64_t offset_of(const flex_tensor *t, int64_t a, int64_t b, int64_t c, int64_t d)
-{
+static int64_t offset_of(const flex_tensor *t, int64_t a, int64_t b, int64_t c, int64_t d) {
     return a * t->strides[0] + b * t->strides[1] + c * t->strides[2] + d * t->strides[3];
 }
 
-static void fill_random(flex_tensor *t)
-{
+static void fill_random(flex_tensor *t) {
     for (int64_t a = 0; a < t->sizes[0]; a++)
         for (int64_t b = 0; b < t->sizes[1]; b++)
             for (int64_t c = 0; c < t->sizes[2]; c++)
@@ -126,8 +131,7 @@ typedef struct mods {
 } mods;
 
 static bound_buffer *add_buffer(mods *md, const char *name, flex_dtype dt, int ndim, int64_t n0,
-                                int64_t n1)
-{
+                                int64_t n1) {
     for (int i = 0; i < md->num_bufs; i++)
         if (!strcmp(md->bufs[i].name, name)) return &md->bufs[i];
     ck_assert_int_lt(md->num_bufs, MAX_BUFS);
@@ -143,8 +147,7 @@ static bound_buffer *add_buffer(mods *md, const char *name, flex_dtype dt, int n
 }
 
 /* Makes (once) and binds the data of every buffer the test mods use. */
-static void bind_all(flex_context *ctx, flex_mod *m, mods *md, int Hq, int Lq, int Lkv)
-{
+static void bind_all(flex_context *ctx, flex_mod *m, mods *md, int Hq, int Lq, int Lkv) {
     int L = Lq > Lkv ? Lq : Lkv;
     static const int doc_len[] = {23, 41, 9, 30, 5, 64};
     for (int i = 0; i < m->ir.num_buffers; i++) {
@@ -166,18 +169,22 @@ static void bind_all(flex_context *ctx, flex_mod *m, mods *md, int Hq, int Lq, i
                 if (left == 0) d[n++] = j, left = doc_len[n % 6];
                 left--;
             }
-            for (; n <= L; n++) d[n] = L;
+            for (; n <= L; n++)
+                d[n] = L;
         } else if (!strcmp(name, "slopes") || !strcmp(name, "head_scale")) {
             b = add_buffer(md, name, FLEX_F32, 1, Hq, 0);
             float *d = b->data;
-            for (int h = 0; h < Hq; h++) d[h] = (float)exp2(-2.0 * (h + 1) / Hq) + 0.1f * h;
+            for (int h = 0; h < Hq; h++)
+                d[h] = (float)exp2(-2.0 * (h + 1) / Hq) + 0.1f * h;
         } else if (!strcmp(name, "rel")) {
             b = add_buffer(md, name, FLEX_F32, 2, Hq, Lq + Lkv - 1);
             float *d = b->data;
-            for (int j = 0; j < Hq * (Lq + Lkv - 1); j++) d[j] = (float)((j * 7) % 11) * 0.1f - 0.5f;
+            for (int j = 0; j < Hq * (Lq + Lkv - 1); j++)
+                d[j] = (float)((j * 7) % 11) * 0.1f - 0.5f;
         } else if (!strcmp(name, "img_of")) {
             b = add_buffer(md, name, FLEX_I32, 1, Lkv, 0);
-            for (int j = 0; j < Lkv; j++) ((int32_t *)b->data)[j] = j / 16;
+            for (int j = 0; j < Lkv; j++)
+                ((int32_t *)b->data)[j] = j / 16;
         } else if (!strcmp(name, "intervals")) {
             int images = (Lkv + 15) / 16;
             b = add_buffer(md, name, FLEX_I32, 2, images, 2);
@@ -188,15 +195,14 @@ static void bind_all(flex_context *ctx, flex_mod *m, mods *md, int Hq, int Lq, i
             }
         }
         ck_assert_msg(b != NULL, "no test data for buffer '%s'", name);
-        flex_tensor t = flex_tensor_contiguous(b->data, b->dtype, b->ndim, b->sizes,
-                                               FLEX_DEVICE_CPU);
+        flex_tensor t =
+            flex_tensor_contiguous(b->data, b->dtype, b->ndim, b->sizes, FLEX_DEVICE_CPU);
         flex_status st = flex_mod_bind_buffer(ctx, m, name, &t);
         ck_assert_msg(st == FLEX_OK, "bind %s: %s", name, flex_error_message(ctx));
     }
 }
 
-static int overrides_for(const char *name, int Lkv, flex_param *p)
-{
+static int overrides_for(const char *name, int Lkv, flex_param *p) {
     if (!strcmp(name, "sliding_window") || !strcmp(name, "sliding_window_bidirectional")) {
         p[0] = (flex_param){"W", 0, 20};
         return 1;
@@ -232,8 +238,7 @@ static int overrides_for(const char *name, int Lkv, flex_param *p)
 static const flex_buffer_decl text_buffers[] = {
     {"head_scale", FLEX_F32, 1}, {"rel", FLEX_F32, 2}, {"doc", FLEX_I32, 1}};
 
-static flex_mod *compile_spec(flex_context *ctx, const char *spec, flex_mod_kind kind, int Lkv)
-{
+static flex_mod *compile_spec(flex_context *ctx, const char *spec, flex_mod_kind kind, int Lkv) {
     flex_mod *m = NULL;
     flex_status st;
     if (spec[0] == '=') {
@@ -264,12 +269,12 @@ typedef struct run {
     mods md;
     flex_block_mask *mask;
     float *grads[2];
+    int gap[2]; /* the second gradient is a strided view: every other float */
     flex_buffer_grad bg[2];
     int num_grads;
 } run;
 
-static void setup(run *r, const bcase *c)
-{
+static void setup(run *r, const bcase *c) {
     memset(r, 0, sizeof *r);
     ck_assert_int_eq(flex_context_create("cpu", &r->ctx), FLEX_OK);
     rng = 0x2545f4914f6cdd1dull ^ (uint64_t)(c->Lq * 977 + c->Lkv * 31 + c->D * 7 + c->Dv);
@@ -291,10 +296,15 @@ static void setup(run *r, const bcase *c)
         bind_all(r->ctx, r->md.score, &r->md, c->Hq, c->Lq, c->Lkv);
     }
     if (c->mask) {
-        r->md.mask_mod = compile_spec(r->ctx, c->mask, FLEX_MOD_MASK, c->Lkv);
+        /* PER_HEAD before a mask builds the block mask for (B, Hq), not
+         * broadcast over batch and heads */
+        int per_head = !strncmp(c->mask, PER_HEAD, strlen(PER_HEAD));
+        const char *spec = per_head ? c->mask + strlen(PER_HEAD) : c->mask;
+        r->md.mask_mod = compile_spec(r->ctx, spec, FLEX_MOD_MASK, c->Lkv);
         bind_all(r->ctx, r->md.mask_mod, &r->md, c->Hq, c->Lq, c->Lkv);
-        flex_status st = flex_block_mask_create(r->ctx, r->md.mask_mod, 1, 1, c->Lq, c->Lkv,
-                                                c->q_block, c->kv_block, &r->mask);
+        flex_status st = flex_block_mask_create(r->ctx, r->md.mask_mod, per_head ? c->B : 1,
+                                                per_head ? c->Hq : 1, c->Lq, c->Lkv, c->q_block,
+                                                c->kv_block, &r->mask);
         ck_assert_msg(st == FLEX_OK, "block mask: %s", flex_error_message(r->ctx));
     }
     const char *names[2] = {c->grad1, c->grad2};
@@ -305,11 +315,16 @@ static void setup(run *r, const bcase *c)
             if (!strcmp(r->md.bufs[j].name, names[i])) b = &r->md.bufs[j];
         ck_assert_ptr_nonnull(b);
         int64_t n = b->sizes[0] * b->sizes[1];
-        r->grads[r->num_grads] = malloc((size_t)n * sizeof(float));
-        for (int64_t e = 0; e < n; e++) r->grads[r->num_grads][e] = GRAD_START;
-        r->bg[r->num_grads].name = names[i];
-        r->bg[r->num_grads].grad = flex_tensor_contiguous(r->grads[r->num_grads], FLEX_F32,
-                                                          b->ndim, b->sizes, FLEX_DEVICE_CPU);
+        int gap = r->num_grads == 0 ? 1 : 2, k = r->num_grads;
+        r->gap[k] = gap;
+        r->grads[k] = malloc((size_t)(n * gap) * sizeof(float));
+        for (int64_t e = 0; e < n * gap; e++)
+            r->grads[k][e] = e % gap ? GRAD_GAP : GRAD_START;
+        r->bg[k].name = names[i];
+        r->bg[k].grad =
+            flex_tensor_contiguous(r->grads[k], FLEX_F32, b->ndim, b->sizes, FLEX_DEVICE_CPU);
+        for (int d = 0; d < b->ndim; d++)
+            r->bg[k].grad.strides[d] *= gap;
         r->num_grads++;
     }
     flex_status st = flex_attention(r->ctx, &r->q.t, &r->k.t, &r->v.t, r->md.score, r->mask, NULL,
@@ -317,30 +332,30 @@ static void setup(run *r, const bcase *c)
     ck_assert_msg(st == FLEX_OK, "%s: forward: %s", c->name, flex_error_message(r->ctx));
 }
 
-static void teardown(run *r)
-{
+static void teardown(run *r) {
     flex_block_mask_destroy(r->mask);
     flex_mod_destroy(r->md.score);
     flex_mod_destroy(r->md.mask_mod);
-    for (int i = 0; i < r->md.num_bufs; i++) free(r->md.bufs[i].data);
-    for (int i = 0; i < r->num_grads; i++) free(r->grads[i]);
+    for (int i = 0; i < r->md.num_bufs; i++)
+        free(r->md.bufs[i].data);
+    for (int i = 0; i < r->num_grads; i++)
+        free(r->grads[i]);
     host_tensor *all[] = {&r->q, &r->k, &r->v, &r->out, &r->dout, &r->lse, &r->dq, &r->dk, &r->dv};
-    for (size_t i = 0; i < sizeof all / sizeof *all; i++) free(all[i]->mem);
+    for (size_t i = 0; i < sizeof all / sizeof *all; i++)
+        free(all[i]->mem);
     flex_context_destroy(r->ctx);
 }
 
-static flex_status backward(run *r, int want_dq, int want_dk, int want_dv)
-{
+static flex_status backward(run *r, int want_dq, int want_dk, int want_dv) {
     return flex_attention_backward(r->ctx, &r->q.t, &r->k.t, &r->v.t, &r->out.t, &r->dout.t,
-                                   &r->lse.t, r->md.score, r->mask, NULL,
-                                   want_dq ? &r->dq.t : NULL, want_dk ? &r->dk.t : NULL,
-                                   want_dv ? &r->dv.t : NULL, r->bg, r->num_grads);
+                                   &r->lse.t, r->md.score, r->mask, NULL, want_dq ? &r->dq.t : NULL,
+                                   want_dk ? &r->dk.t : NULL, want_dv ? &r->dv.t : NULL, r->bg,
+                                   r->num_grads);
 }
 
 /* Copies a (B, H, S, D) tensor into a dense double array, asserting that no
  * element is NaN (an unwritten poisoned element). */
-static double *dense(const flex_tensor *t, const char *what, const char *name)
-{
+static double *dense(const flex_tensor *t, const char *what, const char *name) {
     size_t n = (size_t)(t->sizes[0] * t->sizes[1] * t->sizes[2] * t->sizes[3]);
     double *d = malloc((n ? n : 1) * sizeof *d);
     size_t at = 0;
@@ -357,17 +372,16 @@ static double *dense(const flex_tensor *t, const char *what, const char *name)
 }
 
 static void expect_close(const double *ref, const double *got, size_t n, double tol,
-                         const char *what, const char *name)
-{
+                         const char *what, const char *name) {
     double rel = oracle_rel_error(ref, got, n);
     double ref_norm = 0.0;
-    for (size_t i = 0; i < n; i++) ref_norm += ref[i] * ref[i];
+    for (size_t i = 0; i < n; i++)
+        ref_norm += ref[i] * ref[i];
     ck_assert_msg(rel < tol, "%s: %s relative error %.3g >= %g (|ref| = %.3g)", name, what, rel,
                   tol, sqrt(ref_norm));
 }
 
-static void check_case(const bcase *c)
-{
+static void check_case(const bcase *c) {
     run r;
     setup(&r, c);
     flex_status st = backward(&r, 1, 1, 1);
@@ -382,7 +396,8 @@ static void check_case(const bcase *c)
     size_t gn[2] = {0, 0};
     for (int i = 0; i < r.num_grads; i++) {
         gn[i] = 1;
-        for (int d = 0; d < r.bg[i].grad.ndim; d++) gn[i] *= (size_t)r.bg[i].grad.sizes[d];
+        for (int d = 0; d < r.bg[i].grad.ndim; d++)
+            gn[i] *= (size_t)r.bg[i].grad.sizes[d];
         ref_g[i] = calloc(gn[i], sizeof(double));
         og[i].name = r.bg[i].name;
         og[i].grad = ref_g[i];
@@ -409,7 +424,10 @@ static void check_case(const bcase *c)
     free(got);
     for (int i = 0; i < r.num_grads; i++) {
         double *g = malloc(gn[i] * sizeof(double));
-        for (size_t e = 0; e < gn[i]; e++) g[e] = (double)r.grads[i][e] - GRAD_START;
+        for (size_t e = 0; e < gn[i]; e++) {
+            g[e] = (double)r.grads[i][e * r.gap[i]] - GRAD_START;
+            if (r.gap[i] > 1) ck_assert(r.grads[i][e * r.gap[i] + 1] == GRAD_GAP);
+        }
         char what[64];
         snprintf(what, sizeof what, "gradient of %s", r.bg[i].name);
         expect_close(ref_g[i], g, gn[i], tol, what, c->name);
@@ -422,31 +440,30 @@ static void check_case(const bcase *c)
     teardown(&r);
 }
 
-#define F32 FLEX_F32
-#define F16 FLEX_F16
+#define F32  FLEX_F32
+#define F16  FLEX_F16
 #define BF16 FLEX_BF16
 
 /* The mods of the issue, each at the three dtypes (loop index / 3). */
 static const bcase mod_cases[] = {
     {"score*score", NULL, "=score * score * 0.3", 1, 2, 2, 70, 70, 32, 32, F32, 0, 32, 32, NULL,
      NULL},
-    {"sin(cos)", "causal", "=sin(cos(score)) * 3.0", 1, 2, 2, 70, 70, 32, 32, F32, 0, 32, 32,
-     NULL, NULL},
-    {"where -inf", NULL, "=where(q >= kv, score + (q - kv) * 0.05, -inf)", 1, 2, 2, 70, 70, 32,
-     32, F32, 0, 32, 32, NULL, NULL},
+    {"sin(cos)", "causal", "=sin(cos(score)) * 3.0", 1, 2, 2, 70, 70, 32, 32, F32, 0, 32, 32, NULL,
+     NULL},
+    {"where -inf", NULL, "=where(q >= kv, score + (q - kv) * 0.05, -inf)", 1, 2, 2, 70, 70, 32, 32,
+     F32, 0, 32, 32, NULL, NULL},
     {"head_scale", "causal", "=score * head_scale[h]", 1, 4, 2, 70, 70, 32, 32, F32, 0, 32, 32,
      "head_scale", NULL},
-    {"rel bias", NULL, "=score + rel[h][q - kv + KV_LEN - 1]", 1, 2, 1, 60, 70, 32, 32, F32, 0,
-     32, 32, "rel", NULL},
+    {"rel bias", NULL, "=score + rel[h][q - kv + KV_LEN - 1]", 1, 2, 1, 60, 70, 32, 32, F32, 0, 32,
+     32, "rel", NULL},
     {"softcap", "sliding_window", "softcap", 1, 2, 2, 70, 70, 32, 32, F32, 0, 32, 32, NULL, NULL},
     {"alibi slopes", "causal", "alibi", 1, 4, 4, 70, 70, 32, 32, F32, 0, 32, 32, "slopes", NULL},
     {"two buffers", "causal",
-     "=30.0 * tanh((score + rel[h][q - kv + KV_LEN - 1]) / 30.0) * head_scale[h]", 1, 2, 2, 50,
-     50, 16, 16, F32, 0, 16, 16, "rel", "head_scale"},
+     "=30.0 * tanh((score + rel[h][q - kv + KV_LEN - 1]) / 30.0) * head_scale[h]", 1, 2, 2, 50, 50,
+     16, 16, F32, 0, 16, 16, "rel", "head_scale"},
 };
 
-START_TEST(test_mods_all_dtypes)
-{
+START_TEST(test_mods_all_dtypes) {
     static const flex_dtype dts[] = {F32, F16, BF16};
     bcase c = mod_cases[_i / 3];
     c.dtype = dts[_i % 3];
@@ -458,34 +475,34 @@ END_TEST
 static const bcase shape_cases[] = {
     {"dense odd", NULL, NULL, 1, 2, 2, 37, 53, 24, 24, F32, 0, 0, 0, NULL, NULL},
     {"causal 257 block128", "causal", NULL, 1, 1, 1, 257, 257, 32, 32, F32, 0, 0, 0, NULL, NULL},
-    {"gqa 4:1 BSHD", "causal", "softcap", 2, 8, 2, 45, 45, 16, 16, F32, LAYOUT_BSHD, 16, 32,
+    {"gqa 4:1 BSHD", "causal", "softcap", 2, 8, 2, 45, 45, 16, 16, F32, LAYOUT_BSHD, 16, 32, NULL,
+     NULL},
+    {"D != Dv padded", "document_causal", NULL, 1, 2, 1, 90, 90, 40, 24, F32, LAYOUT_PADDED, 32, 16,
      NULL, NULL},
-    {"D != Dv padded", "document_causal", NULL, 1, 2, 1, 90, 90, 40, 24, F32, LAYOUT_PADDED, 32,
-     16, NULL, NULL},
     {"strided D", "prefix_lm", "alibi", 1, 2, 2, 50, 66, 16, 48, F32, LAYOUT_STRIDED_D, 16, 64,
      "slopes", NULL},
-    {"q < kv", "sliding_window_bidirectional", NULL, 1, 2, 2, 17, 100, 32, 32, F32, 0, 16, 32,
-     NULL, NULL},
+    {"q < kv", "sliding_window_bidirectional", NULL, 1, 2, 2, 17, 100, 32, 32, F32, 0, 16, 32, NULL,
+     NULL},
     {"q > kv", NULL, "=score * head_scale[h]", 1, 3, 1, 100, 19, 32, 16, F32, 0, 32, 16,
      "head_scale", NULL},
     {"empty rows", "=kv + 4 <= q", NULL, 1, 2, 2, 40, 40, 16, 16, F32, 0, 16, 16, NULL, NULL},
-    {"empty rows by score", NULL, "=where(kv + 3 <= q, score, -inf)", 1, 2, 2, 40, 40, 16, 16,
-     F32, 0, 0, 0, NULL, NULL},
-    {"D128 bf16 BSHD", "causal", NULL, 1, 2, 2, 80, 80, 128, 128, BF16, LAYOUT_BSHD, 64, 64,
-     NULL, NULL},
+    {"empty rows by score", NULL, "=where(kv + 3 <= q, score, -inf)", 1, 2, 2, 40, 40, 16, 16, F32,
+     0, 0, 0, NULL, NULL},
+    {"D128 bf16 BSHD", "causal", NULL, 1, 2, 2, 80, 80, 128, 128, BF16, LAYOUT_BSHD, 64, 64, NULL,
+     NULL},
     {"single element", NULL, NULL, 1, 1, 1, 1, 1, 8, 8, F32, 0, 0, 0, NULL, NULL},
+    {"per-head mask gqa", PER_HEAD "=q + 3 * h >= kv && q - kv <= 40 + 7 * b", "softcap", 2, 4, 2,
+     90, 90, 16, 16, F32, 0, 16, 32, NULL, NULL},
 };
 
-START_TEST(test_shapes)
-{
+START_TEST(test_shapes) {
     check_case(&shape_cases[_i]);
 }
 END_TEST
 
 /* Every preset: mask presets as the mask, score presets as the score mod
  * (with the causal mask over them). */
-START_TEST(test_presets)
-{
+START_TEST(test_presets) {
     const flex_preset *pr = flex_preset_at(_i);
     ck_assert_ptr_nonnull(pr);
     bcase c = {pr->name, NULL, NULL, 1, 2, 1, 100, 100, 16, 24, F32, 0, 32, 32, NULL, NULL};
@@ -502,10 +519,23 @@ END_TEST
 
 /* Two runs give the same bits (no order-dependent sums), here with
  * several threads when OpenMP has them. */
-START_TEST(test_deterministic)
-{
-    bcase c = {"determinism", "document_causal", "=score * head_scale[h] + rel[h][q - kv + KV_LEN - 1]",
-               1, 4, 1, 150, 150, 32, 32, F32, 0, 32, 32, "rel", "head_scale"};
+START_TEST(test_deterministic) {
+    bcase c = {"determinism",
+               "document_causal",
+               "=score * head_scale[h] + rel[h][q - kv + KV_LEN - 1]",
+               1,
+               4,
+               1,
+               150,
+               150,
+               32,
+               32,
+               F32,
+               0,
+               32,
+               32,
+               "rel",
+               "head_scale"};
     run r;
     setup(&r, &c);
     ck_assert_int_eq(backward(&r, 1, 1, 1), FLEX_OK);
@@ -517,12 +547,14 @@ START_TEST(test_deterministic)
         memset(outs[i]->mem, 0xff, outs[i]->bytes);
     }
     size_t n0 = (size_t)(r.bg[0].grad.sizes[0] * r.bg[0].grad.sizes[1]);
-    size_t n1 = (size_t)r.bg[1].grad.sizes[0];
+    size_t n1 = (size_t)r.bg[1].grad.sizes[0] * 2; /* strided: with its gaps */
     float *g0 = malloc(n0 * sizeof(float)), *g1 = malloc(n1 * sizeof(float));
     memcpy(g0, r.grads[0], n0 * sizeof(float));
     memcpy(g1, r.grads[1], n1 * sizeof(float));
-    for (size_t e = 0; e < n0; e++) r.grads[0][e] = GRAD_START;
-    for (size_t e = 0; e < n1; e++) r.grads[1][e] = GRAD_START;
+    for (size_t e = 0; e < n0; e++)
+        r.grads[0][e] = GRAD_START;
+    for (size_t e = 0; e < n1; e += 2)
+        r.grads[1][e] = GRAD_START;
     ck_assert_int_eq(backward(&r, 1, 1, 1), FLEX_OK);
     for (int i = 0; i < 3; i++) {
         ck_assert_msg(memcmp(first[i], outs[i]->mem, outs[i]->bytes) == 0,
@@ -539,8 +571,7 @@ END_TEST
 
 /* Gradients not asked for are not computed: passing only dv leaves the
  * other tensors' poison alone, and dv still matches a full run. */
-START_TEST(test_partial_outputs)
-{
+START_TEST(test_partial_outputs) {
     bcase c = {"dv only", "causal", NULL, 1, 2, 2, 33, 33, 16, 16, F32, 0, 16, 16, NULL, NULL};
     run r;
     setup(&r, &c);
@@ -548,7 +579,8 @@ START_TEST(test_partial_outputs)
     void *dv_only = malloc(r.dv.bytes);
     memcpy(dv_only, r.dv.mem, r.dv.bytes);
     const unsigned char *dq = r.dq.mem;
-    for (size_t i = 0; i < r.dq.bytes; i++) ck_assert_int_eq(dq[i], 0xff);
+    for (size_t i = 0; i < r.dq.bytes; i++)
+        ck_assert_int_eq(dq[i], 0xff);
     ck_assert_int_eq(backward(&r, 1, 1, 1), FLEX_OK);
     ck_assert(memcmp(dv_only, r.dv.mem, r.dv.bytes) == 0);
     free(dv_only);
@@ -556,11 +588,40 @@ START_TEST(test_partial_outputs)
 }
 END_TEST
 
+/* A score mod that reads out of range only where the mask removes the
+ * element is fine (as in the forward); reading out of range at an attended
+ * element is FLEX_ERR_BUFFER_BOUNDS. */
+START_TEST(test_out_of_range_reads) {
+    bcase c = {
+        "masked oob", "causal", "=score + rel[h][q - kv]", 1, 2, 2, 40, 40, 16, 16, F32, 0, 16, 16,
+        "rel",        NULL};
+    check_case(&c);
+    run r;
+    setup(&r, &c);
+    flex_status st = flex_attention_backward(r.ctx, &r.q.t, &r.k.t, &r.v.t, &r.out.t, &r.dout.t,
+                                             &r.lse.t, r.md.score, NULL, NULL, &r.dq.t, &r.dk.t,
+                                             &r.dv.t, r.bg, r.num_grads);
+    ck_assert_int_eq(st, FLEX_ERR_BUFFER_BOUNDS);
+    ck_assert_ptr_nonnull(strstr(flex_error_message(r.ctx), "rel"));
+    teardown(&r);
+}
+END_TEST
+
+/* The portable micro-kernels (and transpose) give the same gradients. */
+START_TEST(test_portable_kernels) {
+    bcase c = {
+        "portable",   "causal", "=score * head_scale[h]", 1, 4, 2, 70, 70, 40, 24, F32, 0, 32, 64,
+        "head_scale", NULL};
+    setenv("FLEXATTN_CPU_SIMD", "portable", 1);
+    check_case(&c);
+    unsetenv("FLEXATTN_CPU_SIMD");
+}
+END_TEST
+
 /* ---- the oracle against finite differences ---- */
 
 /* loss = sum(dout * out) in f64 through oracle_forward. */
-static double loss(const oracle_problem *p, const flex_tensor *dout)
-{
+static double loss(const oracle_problem *p, const flex_tensor *dout) {
     int64_t B = p->q.sizes[0], H = p->q.sizes[1], L = p->q.sizes[2], Dv = p->v.sizes[3];
     double *out = malloc((size_t)(B * H * L * Dv) * sizeof(double));
     char err[256];
@@ -577,8 +638,7 @@ static double loss(const oracle_problem *p, const flex_tensor *dout)
 
 /* Central difference of the loss in one f32 element (the step actually
  * taken, after rounding to f32, is the denominator). */
-static double finite_difference(const oracle_problem *p, const flex_tensor *dout, float *x)
-{
+static double finite_difference(const oracle_problem *p, const flex_tensor *dout, float *x) {
     float saved = *x;
     float up = saved + 1e-3f, down = saved - 1e-3f;
     *x = up;
@@ -589,10 +649,23 @@ static double finite_difference(const oracle_problem *p, const flex_tensor *dout
     return (lu - ld) / ((double)up - (double)down);
 }
 
-START_TEST(test_oracle_matches_finite_differences)
-{
-    bcase c = {"fd", "=q + 1 >= kv", "=sin(score) * head_scale[h] + rel[h][q - kv + KV_LEN - 1]",
-               1, 2, 1, 5, 6, 4, 3, F32, 0, 16, 16, "rel", "head_scale"};
+START_TEST(test_oracle_matches_finite_differences) {
+    bcase c = {"fd",
+               "=q + 1 >= kv",
+               "=sin(score) * head_scale[h] + rel[h][q - kv + KV_LEN - 1]",
+               1,
+               2,
+               1,
+               5,
+               6,
+               4,
+               3,
+               F32,
+               0,
+               16,
+               16,
+               "rel",
+               "head_scale"};
     run r;
     setup(&r, &c);
     oracle_problem p;
@@ -611,7 +684,8 @@ START_TEST(test_oracle_matches_finite_differences)
         flex_tensor *t;
         const double *g;
         int64_t H, S, D;
-    } sets[] = {{"dq", &r.q.t, dq, 2, 5, 4}, {"dk", &r.k.t, dk, 1, 6, 4}, {"dv", &r.v.t, dv, 1, 6, 3}};
+    } sets[] = {
+        {"dq", &r.q.t, dq, 2, 5, 4}, {"dk", &r.k.t, dk, 1, 6, 4}, {"dv", &r.v.t, dv, 1, 6, 3}};
     for (int s = 0; s < 3; s++)
         for (int64_t h = 0; h < sets[s].H; h++)
             for (int64_t i = 0; i < sets[s].S; i++)
@@ -635,30 +709,31 @@ START_TEST(test_oracle_matches_finite_differences)
     }
     for (int e = 0; e < 2; e++) {
         double fd = finite_difference(&p, &r.dout.t, &hs[e]);
-        ck_assert_msg(fabs(ghs[e] - fd) < 1e-5 + 1e-4 * fabs(fd), "head_scale[%d]: %.9g vs %.9g",
-                      e, ghs[e], fd);
+        ck_assert_msg(fabs(ghs[e] - fd) < 1e-5 + 1e-4 * fabs(fd), "head_scale[%d]: %.9g vs %.9g", e,
+                      ghs[e], fd);
     }
     teardown(&r);
 }
 END_TEST
 
-static Suite *backward_suite(void)
-{
+static Suite *backward_suite(void) {
     Suite *s = suite_create("cpu_backward");
     TCase *tc = tcase_create("backward");
     tcase_set_timeout(tc, 600);
     tcase_add_test(tc, test_oracle_matches_finite_differences);
-    tcase_add_loop_test(tc, test_mods_all_dtypes, 0, (int)(3 * sizeof mod_cases / sizeof *mod_cases));
+    tcase_add_loop_test(tc, test_mods_all_dtypes, 0,
+                        (int)(3 * sizeof mod_cases / sizeof *mod_cases));
     tcase_add_loop_test(tc, test_shapes, 0, (int)(sizeof shape_cases / sizeof *shape_cases));
     tcase_add_loop_test(tc, test_presets, 0, flex_preset_count());
     tcase_add_test(tc, test_deterministic);
     tcase_add_test(tc, test_partial_outputs);
+    tcase_add_test(tc, test_portable_kernels);
+    tcase_add_test(tc, test_out_of_range_reads);
     suite_add_tcase(s, tc);
     return s;
 }
 
-int main(void)
-{
+int main(void) {
     SRunner *sr = srunner_create(backward_suite());
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);

@@ -39,8 +39,7 @@ typedef struct fcase {
 
 static uint64_t rng_state;
 
-static double rnd_normalish(void)
-{
+static double rnd_normalish(void) {
     /* Sum of four uniforms, centred: a cheap bell shape, fully deterministic. */
     double s = 0.0;
     for (int i = 0; i < 4; i++) {
@@ -55,19 +54,23 @@ typedef struct host_tensor {
     flex_tensor t;
 } host_tensor;
 
-static void store_value(flex_tensor *t, int64_t off, double v)
-{
+static void store_value(flex_tensor *t, int64_t off, double v) {
     switch (t->dtype) {
-    case FLEX_F16: ((uint16_t *)t->data)[off] = flex_float_to_f16((float)v); break;
-    case FLEX_BF16: ((uint16_t *)t->data)[off] = flex_float_to_bf16((float)v); break;
-    default: ((float *)t->data)[off] = (float)v; break;
+    case FLEX_F16:
+        ((uint16_t *)t->data)[off] = flex_float_to_f16((float)v);
+        break;
+    case FLEX_BF16:
+        ((uint16_t *)t->data)[off] = flex_float_to_bf16((float)v);
+        break;
+    default:
+        ((float *)t->data)[off] = (float)v;
+        break;
     }
 }
 
 /* A (B, H, S, D) tensor in the given layout; poisoned with 0xff bytes. */
 static host_tensor make_tensor(flex_dtype dt, int layout, int64_t B, int64_t H, int64_t S,
-                               int64_t D)
-{
+                               int64_t D) {
     host_tensor h;
     memset(&h, 0, sizeof h);
     int64_t st[4];
@@ -94,13 +97,13 @@ static host_tensor make_tensor(flex_dtype dt, int layout, int64_t B, int64_t H, 
     h.t.dtype = dt;
     h.t.ndim = 4;
     h.t.sizes[0] = B, h.t.sizes[1] = H, h.t.sizes[2] = S, h.t.sizes[3] = D;
-    for (int i = 0; i < 4; i++) h.t.strides[i] = st[i];
+    for (int i = 0; i < 4; i++)
+        h.t.strides[i] = st[i];
     h.t.device = FLEX_DEVICE_CPU;
     return h;
 }
 
-static void fill_random(host_tensor *h)
-{
+static void fill_random(host_tensor *h) {
     flex_tensor *t = &h->t;
     for (int64_t a = 0; a < t->sizes[0]; a++)
         for (int64_t b = 0; b < t->sizes[1]; b++)
@@ -119,8 +122,7 @@ typedef struct mod_data {
     float *slopes, *bias;
 } mod_data;
 
-static void mod_data_free(mod_data *md)
-{
+static void mod_data_free(mod_data *md) {
     free(md->doc);
     free(md->seq);
     free(md->off);
@@ -131,16 +133,14 @@ static void mod_data_free(mod_data *md)
     memset(md, 0, sizeof *md);
 }
 
-static int mod_has_buffer(const flex_mod *m, const char *name)
-{
+static int mod_has_buffer(const flex_mod *m, const char *name) {
     for (int i = 0; i < m->ir.num_buffers; i++)
         if (strcmp(m->ir.buffers[i].name, name) == 0) return 1;
     return 0;
 }
 
 static void bind1(flex_context *ctx, flex_mod *m, const char *name, void *data, flex_dtype dt,
-                  int ndim, int64_t n0, int64_t n1)
-{
+                  int ndim, int64_t n0, int64_t n1) {
     int64_t sizes[2] = {n0, n1};
     flex_tensor t = flex_tensor_contiguous(data, dt, ndim, sizes, FLEX_DEVICE_CPU);
     flex_status st = flex_mod_bind_buffer(ctx, m, name, &t);
@@ -150,8 +150,7 @@ static void bind1(flex_context *ctx, flex_mod *m, const char *name, void *data, 
 /* Binds every buffer the seed presets use, with data that makes them bite:
  * documents of uneven lengths, packed sequences, ALiBi slopes, images with
  * text intervals, a relative bias indexed by q - kv. */
-static void bind_buffers(flex_context *ctx, flex_mod *m, mod_data *md, int Hq, int Lq, int Lkv)
-{
+static void bind_buffers(flex_context *ctx, flex_mod *m, mod_data *md, int Hq, int Lq, int Lkv) {
     int L = Lq > Lkv ? Lq : Lkv;
     static const int doc_lengths[] = {37, 90, 13, 64, 5, 128, 41};
     if (mod_has_buffer(m, "doc")) {
@@ -183,7 +182,8 @@ static void bind_buffers(flex_context *ctx, flex_mod *m, mod_data *md, int Hq, i
     if (mod_has_buffer(m, "slopes")) {
         if (!md->slopes) {
             md->slopes = malloc((size_t)Hq * sizeof(float));
-            for (int h = 0; h < Hq; h++) md->slopes[h] = (float)exp2(-8.0 * (h + 1) / Hq);
+            for (int h = 0; h < Hq; h++)
+                md->slopes[h] = (float)exp2(-8.0 * (h + 1) / Hq);
         }
         bind1(ctx, m, "slopes", md->slopes, FLEX_F32, 1, Hq, 0);
     }
@@ -192,7 +192,8 @@ static void bind_buffers(flex_context *ctx, flex_mod *m, mod_data *md, int Hq, i
         if (!md->img_of) {
             md->img_of = malloc((size_t)Lkv * sizeof(int32_t));
             md->intervals = malloc((size_t)images * 2 * sizeof(int32_t));
-            for (int j = 0; j < Lkv; j++) md->img_of[j] = j / per_image;
+            for (int j = 0; j < Lkv; j++)
+                md->img_of[j] = j / per_image;
             for (int i = 0; i < images; i++) {
                 md->intervals[2 * i] = (int32_t)((int64_t)i * Lq / images);
                 md->intervals[2 * i + 1] = (int32_t)((int64_t)(i + 2) * Lq / images);
@@ -204,7 +205,8 @@ static void bind_buffers(flex_context *ctx, flex_mod *m, mod_data *md, int Hq, i
     if (mod_has_buffer(m, "bias")) {
         if (!md->bias) {
             md->bias = malloc((size_t)Lq * sizeof(float));
-            for (int i = 0; i < Lq; i++) md->bias[i] = (float)(0.01 * i) - 0.5f;
+            for (int i = 0; i < Lq; i++)
+                md->bias[i] = (float)(0.01 * i) - 0.5f;
         }
         bind1(ctx, m, "bias", md->bias, FLEX_F32, 1, Lq, 0);
     }
@@ -212,8 +214,7 @@ static void bind_buffers(flex_context *ctx, flex_mod *m, mod_data *md, int Hq, i
 
 /* Small-size overrides so every preset's params make a visible pattern at
  * the test sizes. */
-static int preset_overrides(const char *name, flex_param *p)
-{
+static int preset_overrides(const char *name, flex_param *p) {
     if (!strcmp(name, "sliding_window") || !strcmp(name, "sliding_window_bidirectional")) {
         p[0] = (flex_param){"W", 0, 20};
         return 1;
@@ -247,8 +248,7 @@ static int preset_overrides(const char *name, flex_param *p)
 
 static const flex_buffer_decl bias_decl[] = {{"bias", FLEX_F32, 1}};
 
-static flex_mod *compile_spec(flex_context *ctx, const char *spec, flex_mod_kind kind)
-{
+static flex_mod *compile_spec(flex_context *ctx, const char *spec, flex_mod_kind kind) {
     flex_mod *m = NULL;
     flex_status st;
     if (spec[0] == '=') {
@@ -275,8 +275,7 @@ typedef struct case_run {
     mod_data md;
 } case_run;
 
-static void case_setup(case_run *r, const fcase *c)
-{
+static void case_setup(case_run *r, const fcase *c) {
     memset(r, 0, sizeof *r);
     flex_status st = flex_context_create("cpu", &r->ctx);
     ck_assert_msg(st == FLEX_OK, "context: %s", flex_error_message(NULL));
@@ -303,8 +302,7 @@ static void case_setup(case_run *r, const fcase *c)
     }
 }
 
-static void case_teardown(case_run *r)
-{
+static void case_teardown(case_run *r) {
     flex_block_mask_destroy(r->mask);
     flex_mod_destroy(r->mask_mod);
     flex_mod_destroy(r->score);
@@ -317,22 +315,22 @@ static void case_teardown(case_run *r)
     flex_context_destroy(r->ctx);
 }
 
-static flex_status case_attention(case_run *r, const fcase *c)
-{
+static flex_status case_attention(case_run *r, const fcase *c) {
     flex_attention_options opts;
     memset(&opts, 0, sizeof opts);
     opts.q_tile = c->q_tile;
     opts.kv_tile = c->kv_tile;
-    if (c->reference) setenv("FLEXATTN_CPU_REFERENCE", "1", 1);
-    else unsetenv("FLEXATTN_CPU_REFERENCE");
+    if (c->reference)
+        setenv("FLEXATTN_CPU_REFERENCE", "1", 1);
+    else
+        unsetenv("FLEXATTN_CPU_REFERENCE");
     flex_status st = flex_attention(r->ctx, &r->q.t, &r->k.t, &r->v.t, r->score, r->mask, &opts,
                                     &r->out.t, c->no_lse ? NULL : &r->lse.t);
     unsetenv("FLEXATTN_CPU_REFERENCE");
     return st;
 }
 
-static void run_case(const fcase *c)
-{
+static void run_case(const fcase *c) {
     case_run r;
     case_setup(&r, c);
     flex_status st = case_attention(&r, c);
@@ -359,11 +357,11 @@ static void run_case(const fcase *c)
                 for (int d = 0; d < c->Dv; d++) {
                     double v = oracle_load(&r.out.t, b, h, i, d);
                     got[n * c->Dv + d] = v;
-                    ck_assert_msg(!isnan(v), "%s: out[%d][%d][%d][%d] is NaN (unwritten?)",
-                                  c->name, b, h, i, d);
+                    ck_assert_msg(!isnan(v), "%s: out[%d][%d][%d][%d] is NaN (unwritten?)", c->name,
+                                  b, h, i, d);
                     if (ref_lse[n] == -INFINITY)
-                        ck_assert_msg(v == 0.0, "%s: fully masked row %d gives %g, not 0",
-                                      c->name, i, v);
+                        ck_assert_msg(v == 0.0, "%s: fully masked row %d gives %g, not 0", c->name,
+                                      i, v);
                 }
                 got_lse[n] = oracle_load(&r.lse.t, b, h, i, 0);
             }
@@ -389,8 +387,8 @@ static void run_case(const fcase *c)
 
 /* ---- the matrix ---- */
 
-#define F32 FLEX_F32
-#define F16 FLEX_F16
+#define F32  FLEX_F32
+#define F16  FLEX_F16
 #define BF16 FLEX_BF16
 
 static const fcase shape_cases[] = {
@@ -403,11 +401,10 @@ static const fcase shape_cases[] = {
     {"q1 kv300 decode", NULL, "alibi", 1, 4, 4, 1, 300, 64, 64, F32, 0, 0, 0, 0, 0, 0, 0, 0},
     {"q17 kv100", "prefix_lm", NULL, 1, 2, 2, 17, 100, 64, 64, F32, 0, 0, 0, 0, 0, 0, 0, 0},
     {"q257 kv33 causal", "causal", NULL, 1, 2, 2, 257, 33, 16, 16, F32, 0, 0, 0, 0, 32, 16, 0, 0},
-    {"q100 kv257 f16", "sliding_window_bidirectional", NULL, 1, 2, 2, 100, 257, 64, 64, F16, 0,
-     0, 0, 0, 0, 0, 0, 0},
+    {"q100 kv257 f16", "sliding_window_bidirectional", NULL, 1, 2, 2, 100, 257, 64, 64, F16, 0, 0,
+     0, 0, 0, 0, 0, 0},
     {"gqa 4:1", "causal", "softcap", 1, 8, 2, 100, 100, 64, 64, F32, 0, 0, 0, 0, 0, 0, 0, 0},
-    {"gqa 8:1 bf16", "sliding_window", NULL, 2, 8, 1, 70, 90, 64, 64, BF16, 0, 0, 0, 0, 0, 0, 0,
-     0},
+    {"gqa 8:1 bf16", "sliding_window", NULL, 2, 8, 1, 70, 90, 64, 64, BF16, 0, 0, 0, 0, 0, 0, 0, 0},
     {"gqa 8:1 ref", "causal", NULL, 1, 8, 1, 40, 40, 32, 32, F32, 0, 0, 1, 0, 0, 0, 0, 0},
     {"D16", "causal", NULL, 1, 2, 2, 100, 100, 16, 16, F32, 0, 0, 0, 0, 0, 0, 0, 0},
     {"D80", "causal", "alibi", 1, 2, 2, 100, 100, 80, 80, F32, 0, 0, 0, 0, 0, 0, 0, 0},
@@ -416,20 +413,19 @@ static const fcase shape_cases[] = {
     {"D256 f32", NULL, "checkerboard", 1, 1, 1, 64, 130, 256, 256, F32, 0, 0, 0, 0, 0, 0, 0, 0},
     {"D64 Dv32", "causal", NULL, 1, 2, 2, 100, 100, 64, 32, F32, 0, 0, 0, 0, 0, 0, 0, 0},
     {"D80 Dv48 f16", NULL, NULL, 1, 2, 2, 60, 77, 80, 48, F16, 0, 0, 0, 0, 0, 0, 0, 0},
-    {"D16 Dv128", "document_causal", NULL, 1, 2, 2, 100, 100, 16, 128, F32, 0, 0, 0, 0, 0, 0, 0,
-     0},
+    {"D16 Dv128", "document_causal", NULL, 1, 2, 2, 100, 100, 16, 128, F32, 0, 0, 0, 0, 0, 0, 0, 0},
     {"D64 Dv40 ref", "causal", "alibi", 1, 2, 1, 50, 60, 64, 40, F32, 0, 0, 1, 0, 0, 0, 0, 0},
-    {"mask broadcast B2 H4", "document_causal", "alibi", 2, 4, 4, 130, 130, 32, 32, F32, 0, 0, 0,
-     0, 0, 0, 0, 0},
-    {"mask per head", "=q + h * 9 >= kv && kv + 40 + b * 7 >= q", NULL, 2, 4, 2, 130, 130, 32,
-     32, F32, 0, 1, 0, 0, 32, 32, 0, 0},
-    {"mask per head ref", "=q + h * 9 >= kv && kv + 40 + b * 7 >= q", NULL, 2, 4, 2, 70, 70, 32,
-     32, F32, 0, 1, 1, 0, 16, 32, 0, 0},
+    {"mask broadcast B2 H4", "document_causal", "alibi", 2, 4, 4, 130, 130, 32, 32, F32, 0, 0, 0, 0,
+     0, 0, 0, 0},
+    {"mask per head", "=q + h * 9 >= kv && kv + 40 + b * 7 >= q", NULL, 2, 4, 2, 130, 130, 32, 32,
+     F32, 0, 1, 0, 0, 32, 32, 0, 0},
+    {"mask per head ref", "=q + h * 9 >= kv && kv + 40 + b * 7 >= q", NULL, 2, 4, 2, 70, 70, 32, 32,
+     F32, 0, 1, 1, 0, 16, 32, 0, 0},
     {"bshd", "causal", "alibi", 2, 4, 2, 100, 100, 64, 64, F32, LAYOUT_BSHD, 0, 0, 0, 0, 0, 0, 0},
     {"padded f16", "document", NULL, 1, 4, 2, 100, 120, 48, 40, F16, LAYOUT_PADDED, 0, 0, 0, 0, 0,
      0, 0},
-    {"padded bf16 ref", "causal", NULL, 1, 2, 2, 50, 50, 32, 32, BF16, LAYOUT_PADDED, 0, 1, 0, 0,
-     0, 0, 0},
+    {"padded bf16 ref", "causal", NULL, 1, 2, 2, 50, 50, 32, 32, BF16, LAYOUT_PADDED, 0, 1, 0, 0, 0,
+     0, 0},
     {"strided D", "causal", "softcap", 1, 2, 1, 90, 90, 64, 64, F32, LAYOUT_STRIDED_D, 0, 0, 0, 0,
      0, 0, 0},
     {"no lse", "causal", NULL, 1, 2, 2, 100, 100, 64, 64, F32, 0, 0, 0, 1, 0, 0, 0, 0},
@@ -437,51 +433,60 @@ static const fcase shape_cases[] = {
     {"blocks 16x32", "sliding_window", "alibi", 1, 2, 2, 150, 150, 64, 64, F32, 0, 0, 0, 0, 16, 32,
      0, 0},
     {"blocks 256x64", "natten", NULL, 1, 2, 2, 300, 300, 32, 32, F32, 0, 0, 0, 0, 256, 64, 0, 0},
-    {"tile hints 16/32", "causal", NULL, 1, 2, 2, 200, 200, 64, 64, F32, 0, 0, 0, 0, 0, 0, 16,
-     32},
+    {"tile hints 16/32", "causal", NULL, 1, 2, 2, 200, 200, 64, 64, F32, 0, 0, 0, 0, 0, 0, 16, 32},
     {"fully masked rows", "=q >= 50 && kv <= q", NULL, 1, 2, 2, 100, 100, 32, 32, F32, 0, 0, 0, 0,
      0, 0, 0, 0},
-    {"fully masked rows ref", "=q >= 50 && kv <= q", NULL, 1, 2, 2, 100, 100, 32, 32, F32, 0, 0,
-     1, 0, 0, 0, 0, 0},
-    {"-inf score rows", NULL, "=where(q % 3 == 0, -inf, score)", 1, 2, 2, 40, 50, 32, 32, F32, 0,
-     0, 0, 0, 0, 0, 0, 0},
+    {"fully masked rows ref", "=q >= 50 && kv <= q", NULL, 1, 2, 2, 100, 100, 32, 32, F32, 0, 0, 1,
+     0, 0, 0, 0, 0},
+    {"-inf score rows", NULL, "=where(q % 3 == 0, -inf, score)", 1, 2, 2, 40, 50, 32, 32, F32, 0, 0,
+     0, 0, 0, 0, 0, 0},
     {"-inf score rows ref", NULL, "=where(q % 3 == 0, -inf, score)", 1, 2, 2, 40, 50, 32, 32, F32,
      0, 0, 1, 0, 0, 0, 0, 0},
-    {"-inf score bf16", "causal", "causal_score", 1, 2, 2, 100, 100, 32, 32, BF16, 0, 0, 0, 0, 0,
-     0, 0, 0},
+    {"-inf score bf16", "causal", "causal_score", 1, 2, 2, 100, 100, 32, 32, BF16, 0, 0, 0, 0, 0, 0,
+     0, 0},
     /* The score mod's bias read is out of range only above the diagonal,
      * where the mask removes the element: not an error. */
-    {"bias in masked part", "causal", "=score + bias[q - kv]", 1, 2, 2, 150, 150, 32, 32, F32, 0,
-     0, 0, 0, 0, 0, 0, 0},
+    {"bias in masked part", "causal", "=score + bias[q - kv]", 1, 2, 2, 150, 150, 32, 32, F32, 0, 0,
+     0, 0, 0, 0, 0, 0},
     {"bias in masked part ref", "causal", "=score + bias[q - kv]", 1, 2, 2, 100, 100, 32, 32, F32,
      0, 0, 1, 0, 0, 0, 0, 0},
 };
 
-START_TEST(test_shapes)
-{
-    run_case(&shape_cases[_i]);
+/* Several cases per test: each test is a forked process with its own
+ * leak check, which dominates the run time under sanitizers. */
+enum { SHAPES_PER_TEST = 4 };
+#define NUM_SHAPE_CASES ((int)(sizeof shape_cases / sizeof shape_cases[0]))
+
+START_TEST(test_shapes) {
+    for (int i = _i * SHAPES_PER_TEST; i < (_i + 1) * SHAPES_PER_TEST && i < NUM_SHAPE_CASES; i++)
+        run_case(&shape_cases[i]);
 }
 END_TEST
 
 /* Every preset at f32, f16 and bf16, on the tiled and the reference path. */
-START_TEST(test_presets)
-{
-    int preset = _i / 6, dt = (_i / 2) % 3, reference = _i % 2;
+static void preset_case(int preset, int dt, int reference) {
     const flex_preset *p = flex_preset_at(preset);
     ck_assert_ptr_nonnull(p);
     static const flex_dtype dts[] = {FLEX_F32, FLEX_F16, FLEX_BF16};
     char name[128];
     snprintf(name, sizeof name, "preset %s %s%s", p->name, flex_dtype_name(dts[dt]),
              reference ? " ref" : "");
-    fcase c = {name, NULL, NULL, 1, 2, 2, 100, 100, 64, 64, dts[dt], 0, 0, reference, 0,
-               0, 0, 0, 0};
+    fcase c = {name,    NULL, NULL, 1,         2, 2, 100, 100, 64, 64,
+               dts[dt], 0,    0,    reference, 0, 0, 0,   0,   0};
     if (reference) c.Lq = c.Lkv = 70;
-    if (p->kind == FLEX_MOD_MASK) c.mask = p->name;
-    else c.score = p->name;
+    if (p->kind == FLEX_MOD_MASK)
+        c.mask = p->name;
+    else
+        c.score = p->name;
     /* A q-block size below the sequence so partial and full blocks mix. */
     c.q_block = 32;
     c.kv_block = 32;
     run_case(&c);
+}
+
+START_TEST(test_presets) {
+    for (int variant = 0; variant < 6; variant++)
+        preset_case(_i, variant / 2, variant % 2);
 }
 END_TEST
 
@@ -489,15 +494,32 @@ END_TEST
 
 /* A buffer shorter than the sequence: the forward must stop with
  * FLEX_ERR_BUFFER_BOUNDS and a message naming the buffer. */
-static void bounds_case(int reference, int in_score)
-{
-    fcase c = {"bounds", in_score ? "causal" : "document_causal", in_score ? "alibi" : NULL,
-               1, 4, 4, 100, 100, 32, 32, F32, 0, 0, reference, 0, 32, 32, 0, 0};
+static void bounds_case(int reference, int in_score) {
+    fcase c = {"bounds",
+               in_score ? "causal" : "document_causal",
+               in_score ? "alibi" : NULL,
+               1,
+               4,
+               4,
+               100,
+               100,
+               32,
+               32,
+               F32,
+               0,
+               0,
+               reference,
+               0,
+               32,
+               32,
+               0,
+               0};
     case_run r;
     case_setup(&r, &c);
     int32_t short_doc[40];
     float short_slopes[2] = {0.5f, 0.25f};
-    for (int i = 0; i < 40; i++) short_doc[i] = i / 10;
+    for (int i = 0; i < 40; i++)
+        short_doc[i] = i / 10;
     if (in_score)
         bind1(r.ctx, r.score, "slopes", short_slopes, FLEX_F32, 1, 2, 0);
     else
@@ -510,47 +532,75 @@ static void bounds_case(int reference, int in_score)
     case_teardown(&r);
 }
 
-START_TEST(test_bounds_mask_tiled)
-{
+START_TEST(test_bounds_mask_tiled) {
     bounds_case(0, 0);
 }
 END_TEST
 
-START_TEST(test_bounds_mask_reference)
-{
+START_TEST(test_bounds_mask_reference) {
     bounds_case(1, 0);
 }
 END_TEST
 
-START_TEST(test_bounds_score_tiled)
-{
+START_TEST(test_bounds_score_tiled) {
     bounds_case(0, 1);
 }
 END_TEST
 
-START_TEST(test_bounds_score_reference)
-{
+START_TEST(test_bounds_score_reference) {
     bounds_case(1, 1);
 }
 END_TEST
 
 /* Both micro-kernel families give the same answer as the oracle. */
-START_TEST(test_portable_kernels)
-{
+START_TEST(test_portable_kernels) {
     setenv("FLEXATTN_CPU_SIMD", "portable", 1);
-    fcase c = {"portable kernels", "sliding_window", "softcap", 1, 2, 1, 150, 130, 80, 48, F32,
-               0, 0, 0, 0, 64, 32, 0, 0};
+    fcase c = {"portable kernels",
+               "sliding_window",
+               "softcap",
+               1,
+               2,
+               1,
+               150,
+               130,
+               80,
+               48,
+               F32,
+               0,
+               0,
+               0,
+               0,
+               64,
+               32,
+               0,
+               0};
     run_case(&c);
-    fcase c2 = {"portable kernels f16", "causal", NULL, 1, 2, 2, 90, 90, 64, 64, F16, 0, 0, 0, 0,
-                0, 0, 0, 0};
+    fcase c2 = {"portable kernels f16",
+                "causal",
+                NULL,
+                1,
+                2,
+                2,
+                90,
+                90,
+                64,
+                64,
+                F16,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0,
+                0};
     run_case(&c2);
     unsetenv("FLEXATTN_CPU_SIMD");
 }
 END_TEST
 
 /* The plan never leaves a tile across a block boundary. */
-START_TEST(test_plan_tiles)
-{
+START_TEST(test_plan_tiles) {
     case_run r;
     fcase c = {"plan", "causal", NULL, 1, 1, 1, 64, 64, 32, 32, F32, 0, 0, 0, 0, 16, 32, 0, 0};
     case_setup(&r, &c);
@@ -567,13 +617,13 @@ START_TEST(test_plan_tiles)
 }
 END_TEST
 
-static Suite *cpu_forward_suite(void)
-{
+static Suite *cpu_forward_suite(void) {
     Suite *s = suite_create("cpu_forward");
     TCase *tc = tcase_create("oracle");
     tcase_set_timeout(tc, 600);
-    tcase_add_loop_test(tc, test_shapes, 0, (int)(sizeof shape_cases / sizeof shape_cases[0]));
-    tcase_add_loop_test(tc, test_presets, 0, flex_preset_count() * 6);
+    tcase_add_loop_test(tc, test_shapes, 0,
+                        (NUM_SHAPE_CASES + SHAPES_PER_TEST - 1) / SHAPES_PER_TEST);
+    tcase_add_loop_test(tc, test_presets, 0, flex_preset_count());
     tcase_add_test(tc, test_portable_kernels);
     suite_add_tcase(s, tc);
     TCase *te = tcase_create("errors");
@@ -586,8 +636,7 @@ static Suite *cpu_forward_suite(void)
     return s;
 }
 
-int main(void)
-{
+int main(void) {
     SRunner *sr = srunner_create(cpu_forward_suite());
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);

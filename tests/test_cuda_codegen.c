@@ -20,8 +20,10 @@
 static int nvrtc_skipped;
 
 /* Seed mods beyond the presets, and one that touches every op kind. */
-static const flex_buffer_decl bias_buf[] = {{"bias", FLEX_BF16, 2}, {"mask8", FLEX_U8, 1},
-                                            {"ids64", FLEX_I64, 1}, {"hb", FLEX_F16, 1},
+static const flex_buffer_decl bias_buf[] = {{"bias", FLEX_BF16, 2},
+                                            {"mask8", FLEX_U8, 1},
+                                            {"ids64", FLEX_I64, 1},
+                                            {"hb", FLEX_F16, 1},
                                             {"keep", FLEX_BOOL, 1}};
 static const flex_param seed_params[] = {{"W", 0, 256}, {"T", 1, 0.5}};
 static const struct {
@@ -41,8 +43,7 @@ static const struct {
 };
 
 static int parse_text(flex_mod_kind kind, const char *text, const flex_param *params, int np,
-                      const flex_buffer_decl *bufs, int nb, ir_mod *out)
-{
+                      const flex_buffer_decl *bufs, int nb, ir_mod *out) {
     flex_mod_desc desc = {kind, text, params, np, bufs, nb};
     char err[1024];
     flex_status s = mod_parse(&desc, out, err, sizeof err);
@@ -50,8 +51,7 @@ static int parse_text(flex_mod_kind kind, const char *text, const flex_param *pa
     return s == FLEX_OK ? 0 : -1;
 }
 
-static int parse_preset(const flex_preset *p, ir_mod *out)
-{
+static int parse_preset(const flex_preset *p, ir_mod *out) {
     return parse_text(p->kind, p->text, p->params, p->num_params, p->buffers, p->num_buffers, out);
 }
 
@@ -87,12 +87,12 @@ static const flex_cuda_fwd_config full_configs[] = {
 };
 
 static void add_case(const char *label, const ir_mod *mask, const ir_mod *score, int cfg_index,
-                     const char *arch, int mask_blocks)
-{
+                     const char *arch, int mask_blocks) {
     ck_assert_int_lt(num_cases, (int)(sizeof cases / sizeof cases[0]));
     compile_case *c = &cases[num_cases++];
     memset(c, 0, sizeof *c);
-    snprintf(c->name, sizeof c->name, "%s/%s/%s", label, mask_blocks ? "mask_blocks" : "forward", arch);
+    snprintf(c->name, sizeof c->name, "%s/%s/%s", label, mask_blocks ? "mask_blocks" : "forward",
+             arch);
     if (mask) {
         ck_assert_int_eq(ir_copy(&c->mask, mask), 0);
         c->has_mask = 1;
@@ -101,14 +101,15 @@ static void add_case(const char *label, const ir_mod *mask, const ir_mod *score,
         ck_assert_int_eq(ir_copy(&c->score, score), 0);
         c->has_score = 1;
     }
-    if (cfg_index < 0) c->cfg = full_configs[(-cfg_index - 1) % 2];
-    else c->cfg = configs[cfg_index % (int)(sizeof configs / sizeof configs[0])];
+    if (cfg_index < 0)
+        c->cfg = full_configs[(-cfg_index - 1) % 2];
+    else
+        c->cfg = configs[cfg_index % (int)(sizeof configs / sizeof configs[0])];
     c->arch = arch;
     c->mask_blocks = mask_blocks;
 }
 
-static void *compile_worker(void *arg)
-{
+static void *compile_worker(void *arg) {
     (void)arg;
     for (;;) {
         pthread_mutex_lock(&case_lock);
@@ -117,14 +118,16 @@ static void *compile_worker(void *arg)
         if (i < 0) return NULL;
         compile_case *c = &cases[i];
         const ir_mod *m = c->has_mask ? &c->mask : NULL, *s = c->has_score ? &c->score : NULL;
-        char *src = c->mask_blocks ? flex_cuda_mask_blocks_source(m) : flex_cuda_forward_source(&c->cfg, m, s);
+        char *src = c->mask_blocks ? flex_cuda_mask_blocks_source(m)
+                                   : flex_cuda_forward_source(&c->cfg, m, s);
         if (!src) {
             c->status = FLEX_ERR_OUT_OF_MEMORY;
             continue;
         }
         void *bin = NULL;
-        c->status = flex_cuda_compile(NULL, api, src, c->mask_blocks ? "flex_mask_blocks" : "flex_forward",
-                                      c->arch, &bin, &c->cubin_size);
+        c->status =
+            flex_cuda_compile(NULL, api, src, c->mask_blocks ? "flex_mask_blocks" : "flex_forward",
+                              c->arch, &bin, &c->cubin_size);
         if (c->status != FLEX_OK)
             snprintf(c->message, sizeof c->message, "%.500s", flex_error_message(NULL));
         free(bin);
@@ -132,8 +135,7 @@ static void *compile_worker(void *arg)
     }
 }
 
-START_TEST(test_emit_every_preset)
-{
+START_TEST(test_emit_every_preset) {
     for (int i = 0; i < flex_preset_count(); i++) {
         const flex_preset *p = flex_preset_at(i);
         ir_mod m;
@@ -143,11 +145,12 @@ START_TEST(test_emit_every_preset)
         ck_assert_ptr_nonnull(text);
         ck_assert_ptr_nonnull(strstr(text, "flex_mask_mod(int b, int h, int q, int kv"));
         ck_assert_ptr_nonnull(strstr(text, "flex_score_mod(float score"));
-        ck_assert_ptr_nonnull(strstr(text, is_mask ? "#define FLEX_HAS_MASK_MOD 1" : "#define FLEX_HAS_SCORE_MOD 1"));
+        ck_assert_ptr_nonnull(
+            strstr(text, is_mask ? "#define FLEX_HAS_MASK_MOD 1" : "#define FLEX_HAS_SCORE_MOD 1"));
         /* Buffer reads become typed, checked loads of the right slot. */
         for (int b = 0; b < p->num_buffers; b++) {
             char want[64];
-            snprintf(want, sizeof want, "bufs.buf[%d], bufs.bounds_flag, %d", b, b);
+            snprintf(want, sizeof want, "bufs.buf[%d], oob, %d", b, b);
             ck_assert_msg(strstr(text, want) != NULL, "%s reads slot %d", p->name, b);
         }
         free(text);
@@ -156,19 +159,20 @@ START_TEST(test_emit_every_preset)
 }
 END_TEST
 
-START_TEST(test_emit_exact_constants_and_slots)
-{
+START_TEST(test_emit_exact_constants_and_slots) {
     ir_mod mask, score;
     ck_assert_int_eq(parse_text(FLEX_MOD_MASK, "doc[q] == doc[kv]", NULL, 0,
-                                (const flex_buffer_decl[]){{"doc", FLEX_I32, 1}}, 1, &mask), 0);
+                                (const flex_buffer_decl[]){{"doc", FLEX_I32, 1}}, 1, &mask),
+                     0);
     ck_assert_int_eq(parse_text(FLEX_MOD_SCORE, "score * 0.1 + slopes[h]", NULL, 0,
-                                (const flex_buffer_decl[]){{"slopes", FLEX_F32, 1}}, 1, &score), 0);
+                                (const flex_buffer_decl[]){{"slopes", FLEX_F32, 1}}, 1, &score),
+                     0);
     char *text = flex_emit_mods(&mask, &score);
     ck_assert_ptr_nonnull(text);
     /* 0.1f as exact bits, and the score mod's buffer after the mask's. */
     ck_assert_ptr_nonnull(strstr(text, "__int_as_float(0x3dcccccd)"));
-    ck_assert_ptr_nonnull(strstr(text, "flex_load_f32(bufs.buf[1], bufs.bounds_flag, 1, 1"));
-    ck_assert_ptr_nonnull(strstr(text, "flex_load_i32(bufs.buf[0], bufs.bounds_flag, 0, 1"));
+    ck_assert_ptr_nonnull(strstr(text, "flex_load_f32(bufs.buf[1], oob, 1, 1"));
+    ck_assert_ptr_nonnull(strstr(text, "flex_load_i32(bufs.buf[0], oob, 0, 1"));
     ck_assert_ptr_nonnull(strstr(text, "#define FLEX_NUM_BUFFERS 2"));
     /* Float arithmetic is never contracted. */
     ck_assert_ptr_nonnull(strstr(text, "__fmul_rn("));
@@ -179,8 +183,7 @@ START_TEST(test_emit_exact_constants_and_slots)
 }
 END_TEST
 
-START_TEST(test_nvrtc_compiles_presets_and_seeds)
-{
+START_TEST(test_nvrtc_compiles_presets_and_seeds) {
     char why[512];
     if (flex_cuda_load_nvrtc(&api, why, sizeof why) != 0) {
         printf("SKIPPED: NVRTC compile cases (%s)\n", why);
@@ -202,15 +205,16 @@ START_TEST(test_nvrtc_compiles_presets_and_seeds)
             add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, k, archs[a], 0);
         if (is_mask) add_case(p->name, &m, NULL, 0, real_archs[i % 2], 1);
         if (!strcmp(p->name, "document_causal") || !strcmp(p->name, "softcap_approx")) {
-            for (int a = 0; a < 2; a++) add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, -1, real_archs[a], 0);
+            for (int a = 0; a < 2; a++)
+                add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, -1, real_archs[a], 0);
             add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, -2, "sm_90a", 0);
         }
         ir_free(&m);
     }
     for (size_t i = 0; i < sizeof seed_mods / sizeof seed_mods[0]; i++) {
         ir_mod m, causal;
-        ck_assert_int_eq(parse_text(seed_mods[i].kind, seed_mods[i].text, seed_params, 2, bias_buf,
-                                    5, &m), 0);
+        ck_assert_int_eq(
+            parse_text(seed_mods[i].kind, seed_mods[i].text, seed_params, 2, bias_buf, 5, &m), 0);
         ck_assert_int_eq(parse_text(FLEX_MOD_MASK, "q >= kv", NULL, 0, NULL, 0, &causal), 0);
         const int is_mask = seed_mods[i].kind == FLEX_MOD_MASK;
         char label[32];
@@ -221,8 +225,10 @@ START_TEST(test_nvrtc_compiles_presets_and_seeds)
         ir_free(&causal);
     }
     pthread_t threads[2];
-    for (int t = 0; t < 2; t++) pthread_create(&threads[t], NULL, compile_worker, NULL);
-    for (int t = 0; t < 2; t++) pthread_join(threads[t], NULL);
+    for (int t = 0; t < 2; t++)
+        pthread_create(&threads[t], NULL, compile_worker, NULL);
+    for (int t = 0; t < 2; t++)
+        pthread_join(threads[t], NULL);
     int failed = 0;
     for (int i = 0; i < num_cases; i++) {
         if (cases[i].status != FLEX_OK || cases[i].cubin_size == 0) {
@@ -237,8 +243,7 @@ START_TEST(test_nvrtc_compiles_presets_and_seeds)
 }
 END_TEST
 
-START_TEST(test_nvrtc_error_carries_log)
-{
+START_TEST(test_nvrtc_error_carries_log) {
     char why[512];
     if (flex_cuda_load_nvrtc(&api, why, sizeof why) != 0) {
         printf("SKIPPED: NVRTC error-log case (%s)\n", why);
@@ -255,8 +260,7 @@ START_TEST(test_nvrtc_error_carries_log)
 }
 END_TEST
 
-int main(void)
-{
+int main(void) {
     Suite *suite = suite_create("cuda_codegen");
     TCase *emit = tcase_create("emit");
     tcase_add_test(emit, test_emit_every_preset);

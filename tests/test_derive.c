@@ -12,6 +12,8 @@
 #include "mod/derive.h"
 #include "mod/eval.h"
 #include "mod/parse.h"
+#include "mod/tile_multi.h"
+#include "mod_random.h"
 
 enum { NUM_HEADS = 3, BIAS_LEN = 16 };
 
@@ -26,24 +28,24 @@ static const flex_buffer_decl decls[] = {
     {"table", FLEX_F32, 1},
 };
 
-static void fill_buffers(void)
-{
+static void fill_buffers(void) {
     /* Multiples of 1/64, so that x +- 1/1024 is exact in f32. */
-    for (int i = 0; i < NUM_HEADS; i++) head_scale[i] = 0.5f + (float)i * 0.328125f;
-    for (int i = 0; i < NUM_HEADS * BIAS_LEN; i++) bias[i] = (float)((i * 37) % 29 - 14) / 16.0f;
-    for (int i = 0; i < BIAS_LEN; i++) table[i] = (float)((i * 11) % 13) / 8.0f - 0.75f;
+    for (int i = 0; i < NUM_HEADS; i++)
+        head_scale[i] = 0.5f + (float)i * 0.328125f;
+    for (int i = 0; i < NUM_HEADS * BIAS_LEN; i++)
+        bias[i] = (float)((i * 37) % 29 - 14) / 16.0f;
+    for (int i = 0; i < BIAS_LEN; i++)
+        table[i] = (float)((i * 11) % 13) / 8.0f - 0.75f;
 }
 
-static void make_views(mod_buffer_view *v)
-{
+static void make_views(mod_buffer_view *v) {
     memset(v, 0, 3 * sizeof *v);
     v[0] = (mod_buffer_view){head_scale, FLEX_F32, 1, {NUM_HEADS}, {1}};
     v[1] = (mod_buffer_view){bias, FLEX_F32, 2, {NUM_HEADS, BIAS_LEN}, {BIAS_LEN, 1}};
     v[2] = (mod_buffer_view){table, FLEX_F32, 1, {BIAS_LEN}, {1}};
 }
 
-static void compile(const char *text, flex_mod_kind kind, ir_mod *m)
-{
+static void compile(const char *text, flex_mod_kind kind, ir_mod *m) {
     flex_mod_desc desc = {.kind = kind, .text = text, .buffers = decls, .num_buffers = 3};
     char err[512];
     flex_status st = mod_parse(&desc, m, err, sizeof err);
@@ -52,8 +54,7 @@ static void compile(const char *text, flex_mod_kind kind, ir_mod *m)
 
 /* f(score) at a point, in f64, on the underived IR. */
 static double value_at(const ir_mod *m, const mod_buffer_view *views, double score, int h, int q,
-                       int kv)
-{
+                       int kv) {
     double *scratch = malloc((size_t)m->num_nodes * sizeof *scratch);
     double r = NAN;
     mod_bounds_error e;
@@ -66,8 +67,7 @@ static double value_at(const ir_mod *m, const mod_buffer_view *views, double sco
 /* Evaluates every node of the derived IR at a point; returns the scratch
  * (caller frees). */
 static double *nodes_at(const ir_mod *m, const mod_buffer_view *views, double score, int h, int q,
-                        int kv)
-{
+                        int kv) {
     double *scratch = malloc((size_t)m->num_nodes * sizeof *scratch);
     double r;
     mod_bounds_error e;
@@ -76,20 +76,18 @@ static double *nodes_at(const ir_mod *m, const mod_buffer_view *views, double sc
     return scratch;
 }
 
-static float *buffer_data(int buffer)
-{
+static float *buffer_data(int buffer) {
     return buffer == 0 ? head_scale : buffer == 1 ? bias : table;
 }
 
-static int64_t buffer_flat(int buffer, const double *scratch, const ir_node *load)
-{
-    if (buffer == 1) return (int64_t)scratch[load->args[0]] * BIAS_LEN + (int64_t)scratch[load->args[1]];
+static int64_t buffer_flat(int buffer, const double *scratch, const ir_node *load) {
+    if (buffer == 1)
+        return (int64_t)scratch[load->args[0]] * BIAS_LEN + (int64_t)scratch[load->args[1]];
     return (int64_t)scratch[load->args[0]];
 }
 
 static void check_close(double got, double want, double tol, const char *what, const char *text,
-                        double score)
-{
+                        double score) {
     double err = fabs(got - want) / (fabs(want) > 1.0 ? fabs(want) : 1.0);
     ck_assert_msg(err <= tol, "%s of '%s' at score %.6f: derived %.10g, finite difference %.10g",
                   what, text, score, got, want);
@@ -98,8 +96,7 @@ static void check_close(double got, double want, double tol, const char *what, c
 /* Checks d/dscore and d/dload of `text` at a few points against central
  * differences. Points where the mod is not smooth (ties, branch switches)
  * are avoided by the choice of scores. */
-static void check_mod(const char *text)
-{
+static void check_mod(const char *text) {
     fill_buffers();
     mod_buffer_view views[3];
     make_views(views);
@@ -126,9 +123,9 @@ static void check_mod(const char *text)
                 free(sc);
                 continue;
             }
-            double fd = (value_at(&m, views, s + h, hh, q, kv) -
-                         value_at(&m, views, s - h, hh, q, kv)) /
-                        (2 * h);
+            double fd =
+                (value_at(&m, views, s + h, hh, q, kv) - value_at(&m, views, s - h, hh, q, kv)) /
+                (2 * h);
             check_close(sc[der.dscore], fd, 2e-5, "d/dscore", text, s);
             for (int l = 0; l < der.num_loads; l++) {
                 const ir_node *load = &d.nodes[der.loads[l].load];
@@ -187,16 +184,14 @@ static const char *const smooth_mods[] = {
     "pow(head_scale[h], score) + sqrt(table[q] * table[q] + 1.0)",
 };
 
-START_TEST(test_smooth_mods_match_finite_differences)
-{
+START_TEST(test_smooth_mods_match_finite_differences) {
     check_mod(smooth_mods[_i]);
 }
 END_TEST
 
 /* The derivative nodes of one mod at a single point (score, h=0, q, kv). */
 static void rule_values(const char *text, double score, int q, int kv, double *dscore,
-                        double *value)
-{
+                        double *value) {
     fill_buffers();
     mod_buffer_view views[3];
     make_views(views);
@@ -211,8 +206,7 @@ static void rule_values(const char *text, double score, int q, int kv, double *d
     ir_free(&d);
 }
 
-START_TEST(test_rules_at_non_smooth_points)
-{
+START_TEST(test_rules_at_non_smooth_points) {
     double g, v;
     rule_values("abs(score)", 0.0, 0, 0, &g, NULL);
     ck_assert_double_eq(g, 0.0);
@@ -267,15 +261,14 @@ START_TEST(test_rules_at_non_smooth_points)
 }
 END_TEST
 
-static int count_op(const ir_mod *m, ir_op op)
-{
+static int count_op(const ir_mod *m, ir_op op) {
     int n = 0;
-    for (int i = 0; i < m->num_nodes; i++) n += m->nodes[i].op == op;
+    for (int i = 0; i < m->num_nodes; i++)
+        n += m->nodes[i].op == op;
     return n;
 }
 
-START_TEST(test_derivative_shares_forward_nodes)
-{
+START_TEST(test_derivative_shares_forward_nodes) {
     ir_mod m, d;
     compile("30.0 * tanh(score / 30.0)", FLEX_MOD_SCORE, &m);
     ck_assert_int_eq(ir_copy(&d, &m), 0);
@@ -290,14 +283,14 @@ START_TEST(test_derivative_shares_forward_nodes)
     ck_assert_int_eq(der.num_loads, 0);
     /* topological order holds for the new nodes */
     for (int i = 0; i < d.num_nodes; i++)
-        for (int a = 0; a < d.nodes[i].nargs; a++) ck_assert_int_lt(d.nodes[i].args[a], i);
+        for (int a = 0; a < d.nodes[i].nargs; a++)
+            ck_assert_int_lt(d.nodes[i].args[a], i);
     ir_free(&d);
     ir_free(&m);
 }
 END_TEST
 
-START_TEST(test_identity_and_linear_mods_fold)
-{
+START_TEST(test_identity_and_linear_mods_fold) {
     ir_mod d;
     mod_derivative der;
     /* score * head_scale[h]: d/dscore is the load itself, d/dload is score */
@@ -329,8 +322,7 @@ START_TEST(test_identity_and_linear_mods_fold)
 }
 END_TEST
 
-START_TEST(test_mask_mod_is_refused)
-{
+START_TEST(test_mask_mod_is_refused) {
     ir_mod d;
     mod_derivative der;
     compile("q >= kv", FLEX_MOD_MASK, &d);
@@ -339,8 +331,91 @@ START_TEST(test_mask_mod_is_refused)
 }
 END_TEST
 
-static Suite *derive_suite(void)
-{
+/* Random mods (score and mask): mod_derive keeps the forward intact and its
+ * new nodes in topological order, and the multi-output tile evaluator gives,
+ * bit for bit, what the point interpreter gives for every output: the
+ * value, d/dscore, each d/dload and a few inner nodes. */
+START_TEST(test_random_mods_multi_output_evaluator) {
+    rnd r;
+    rnd_seed(&r, 0xd371ce + (uint64_t)_i);
+    enum { ROWS = 5, COLS = 7 };
+    for (int iter = 0; iter < 40; iter++) {
+        flex_mod_kind kind = rnd_below(&r, 4) == 0 ? FLEX_MOD_MASK : FLEX_MOD_SCORE;
+        ir_mod m;
+        rm_buffers bufs;
+        ck_assert_int_eq(rm_random_mod(&r, kind, 4, 0, &m, &bufs), 0);
+        int forward_nodes = m.num_nodes, root = m.root;
+        ir_node *saved = malloc((size_t)forward_nodes * sizeof *saved);
+        memcpy(saved, m.nodes, (size_t)forward_nodes * sizeof *saved);
+        int outputs[MOD_DERIVE_MAX_LOADS + 8], n = 0;
+        outputs[n++] = m.root;
+        if (kind == FLEX_MOD_SCORE) {
+            mod_derivative der;
+            int rc = mod_derive(&m, &der);
+            ck_assert_int_eq(rc, 0);
+            ck_assert_int_eq(m.root, root);
+            ck_assert_int_eq(memcmp(m.nodes, saved, (size_t)forward_nodes * sizeof *saved), 0);
+            outputs[n++] = der.dscore;
+            for (int l = 0; l < der.num_loads && n < MOD_DERIVE_MAX_LOADS; l++)
+                outputs[n++] = der.loads[l].node;
+        } else {
+            mod_derivative der;
+            ck_assert_int_eq(mod_derive(&m, &der), MOD_DERIVE_NOT_SCORE);
+        }
+        for (int i = 0; i < m.num_nodes; i++)
+            for (int a = 0; a < m.nodes[i].nargs; a++)
+                ck_assert_int_lt(m.nodes[i].args[a], i);
+        for (int k = 0; k < 4; k++)
+            outputs[n++] = rnd_below(&r, m.num_nodes);
+
+        mod_multi *mm = mod_multi_create(&m, outputs, n, ROWS * COLS);
+        ck_assert_ptr_nonnull(mm);
+        float score[ROWS * COLS];
+        for (int e = 0; e < ROWS * COLS; e++)
+            score[e] = rnd_below(&r, 5) == 0 ? rm_special_float(&r) : (rnd_unit(&r) - 0.5f) * 8;
+        int32_t b = rnd_below(&r, 3), h = rnd_below(&r, 4);
+        int32_t q0 = rnd_range(&r, -3, 20), kv0 = rnd_range(&r, -3, 20);
+        mod_bounds_error e1, e2;
+        memset(&e1, 0, sizeof e1);
+        int multi_rc = mod_multi_eval(mm, bufs.views, b, h, q0, ROWS, kv0, COLS, score, COLS, &e1);
+        ir_value *scratch = malloc((size_t)m.num_nodes * sizeof *scratch);
+        int any_point_failed = 0;
+        for (int rr = 0; rr < ROWS; rr++)
+            for (int c = 0; c < COLS; c++) {
+                ir_value res;
+                memset(&e2, 0, sizeof e2);
+                if (mod_eval_point(&m, bufs.views, score[rr * COLS + c], b, h, q0 + rr, kv0 + c,
+                                   scratch, &res, &e2) != 0) {
+                    any_point_failed = 1;
+                    continue;
+                }
+                if (multi_rc != 0) continue;
+                for (int o = 0; o < n; o++) {
+                    const ir_value *got = mod_multi_output(mm, o);
+                    ir_value want = scratch[outputs[o]];
+                    ir_value g = got[rr * COLS + c];
+                    if (m.nodes[outputs[o]].type == IR_FLOAT)
+                        ck_assert_msg(rm_same_float(g.f, want.f),
+                                      "seed %d iter %d output %d (node %d, %s) at (%d, %d): "
+                                      "%.9g vs %.9g",
+                                      _i, iter, o, outputs[o], ir_op_name(m.nodes[outputs[o]].op),
+                                      rr, c, g.f, want.f);
+                    else
+                        ck_assert_int_eq(g.i, want.i);
+                }
+            }
+        /* the tile fails exactly when some point does */
+        ck_assert_int_eq(multi_rc != 0, any_point_failed);
+        free(scratch);
+        mod_multi_destroy(mm);
+        free(saved);
+        ir_free(&m);
+        rm_buffers_free(&bufs);
+    }
+}
+END_TEST
+
+static Suite *derive_suite(void) {
     Suite *s = suite_create("derive");
     TCase *tc = tcase_create("derive");
     tcase_add_loop_test(tc, test_smooth_mods_match_finite_differences, 0,
@@ -349,12 +424,12 @@ static Suite *derive_suite(void)
     tcase_add_test(tc, test_derivative_shares_forward_nodes);
     tcase_add_test(tc, test_identity_and_linear_mods_fold);
     tcase_add_test(tc, test_mask_mod_is_refused);
+    tcase_add_loop_test(tc, test_random_mods_multi_output_evaluator, 0, 5);
     suite_add_tcase(s, tc);
     return s;
 }
 
-int main(void)
-{
+int main(void) {
     SRunner *sr = srunner_create(derive_suite());
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);

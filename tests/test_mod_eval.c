@@ -259,6 +259,12 @@ END_TEST
 
 START_TEST(test_f64_precision)
 {
+    /* float // is floor(a / b) (documented): 1.0f / 0.1f rounds to 10 in f32,
+     * while in f64 it stays below 10 */
+    results fd = evaluate("s // 0.1", 0, 0, 1.0f);
+    ck_assert(fd.interp == 10.0f && fd.folded == 10.0f);
+    ck_assert(fd.interp64 == 9.0);
+
     /* f64 keeps what f32 rounds away */
     flex_mod *m = compile_score("score + 1e-8", NULL, 0);
     ir_value scratch[16], r;
@@ -275,8 +281,8 @@ END_TEST
 START_TEST(test_f64_agrees_on_ints)
 {
     static const char *const texts[] = {
-        "let qx = q // 5; let kx = kv // 5; let cx = clamp(qx, 1, 6);\n"
-        "abs(cx - kx) <= 1 && (q % 3 == kv % 3 || ((q ^ kv) & 1) == 0)",
+        ("let qx = q // 5; let kx = kv // 5; let cx = clamp(qx, 1, 6);\n"
+         "abs(cx - kx) <= 1 && (q % 3 == kv % 3 || ((q ^ kv) & 1) == 0)"),
         "q * 65537 + kv * 40503 > h * 100000 - b",
         "max(q, kv) % 7 >= min(q, kv) // 3 || ~q == kv",
         "int(float(q) / 3.0) == kv // 2",
@@ -703,6 +709,171 @@ START_TEST(test_buffers_in_mods)
 }
 END_TEST
 
+/* ---- random expressions: folding == interpreting, f64 == f32 on ints,
+ * and canonical text that parses back to the same mod ---- */
+
+static uint32_t rng_state;
+
+static uint32_t rng(void)
+{
+    rng_state = rng_state * 1664525u + 1013904223u;
+    return rng_state >> 8;
+}
+
+static int pick(int n)
+{
+    return (int)(rng() % (uint32_t)n);
+}
+
+typedef struct gen {
+    char *buf;
+    size_t len, cap;
+    int uses_float; /* a float value takes part */
+} gen;
+
+static void put(gen *g, const char *text)
+{
+    size_t n = strlen(text);
+    ck_assert_uint_lt(g->len + n, g->cap);
+    memcpy(g->buf + g->len, text, n + 1);
+    g->len += n;
+}
+
+static void gen_expr(gen *g, ir_type type, int depth);
+
+static void gen_binary(gen *g, ir_type type, const char *op, ir_type operands, int depth)
+{
+    put(g, "(");
+    gen_expr(g, operands, depth - 1);
+    put(g, op);
+    gen_expr(g, operands, depth - 1);
+    put(g, ")");
+    (void)type;
+}
+
+static void gen_call(gen *g, const char *name, ir_type t1, int nargs, int depth)
+{
+    put(g, name);
+    put(g, "(");
+    for (int i = 0; i < nargs; i++) {
+        if (i) put(g, ", ");
+        gen_expr(g, t1, depth - 1);
+    }
+    put(g, ")");
+}
+
+static void gen_expr(gen *g, ir_type type, int depth)
+{
+    if (type == IR_FLOAT) g->uses_float = 1;
+    if (depth <= 0 || pick(5) == 0) {
+        static const char *const ints[] = {"x", "y", "x", "y", "0", "1", "-1", "3", "-7", "2147483647"};
+        static const char *const floats[] = {"s", "s", "0.5", "-0.0", "0.0", "1.0", "-2.5", "inf", "float(x)"};
+        static const char *const bools[] = {"true", "false", "(x < y)", "(s >= 0.0)"};
+        if (type == IR_INT) put(g, ints[pick(10)]);
+        else if (type == IR_FLOAT) put(g, floats[pick(9)]);
+        else put(g, bools[pick(4)]);
+        if (type == IR_BOOL) g->uses_float = 1; /* (s >= 0.0) may appear */
+        return;
+    }
+    if (type == IR_INT) {
+        static const char *const ops[] = {" + ", " - ", " * ", " // ", " % ", " & ", " | ", " ^ ", " / "};
+        switch (pick(12)) {
+        case 0: put(g, "-"); gen_expr(g, IR_INT, depth - 1); return;
+        case 1: put(g, "~"); gen_expr(g, IR_INT, depth - 1); return;
+        case 2: gen_call(g, pick(2) ? "min" : "max", IR_INT, 2, depth); return;
+        case 3: gen_call(g, "abs", IR_INT, 1, depth); return;
+        case 4: gen_call(g, "clamp", IR_INT, 3, depth); return;
+        case 5:
+            put(g, "where(");
+            gen_expr(g, IR_BOOL, depth - 1);
+            put(g, ", ");
+            gen_expr(g, IR_INT, depth - 1);
+            put(g, ", ");
+            gen_expr(g, IR_INT, depth - 1);
+            put(g, ")");
+            return;
+        case 6: g->uses_float = 1; gen_call(g, "int", IR_FLOAT, 1, depth); return;
+        default: gen_binary(g, type, ops[pick(9)], IR_INT, depth); return;
+        }
+    }
+    if (type == IR_FLOAT) {
+        static const char *const ops[] = {" + ", " - ", " * ", " / ", " // ", " % "};
+        static const char *const fns[] = {"exp", "tanh", "sigmoid", "sqrt", "log", "abs", "floor",
+                                          "ceil", "exp2", "sin"};
+        switch (pick(8)) {
+        case 0: put(g, "-"); gen_expr(g, IR_FLOAT, depth - 1); return;
+        case 1: gen_call(g, fns[pick(10)], IR_FLOAT, 1, depth); return;
+        case 2: gen_call(g, pick(3) ? (pick(2) ? "min" : "max") : "pow", IR_FLOAT, 2, depth); return;
+        case 3:
+            put(g, "(");
+            gen_expr(g, IR_BOOL, depth - 1);
+            put(g, " ? ");
+            gen_expr(g, IR_FLOAT, depth - 1);
+            put(g, " : ");
+            gen_expr(g, pick(2) ? IR_INT : IR_FLOAT, depth - 1);
+            put(g, ")");
+            return;
+        case 4: put(g, "float("); gen_expr(g, IR_INT, depth - 1); put(g, ")"); return;
+        default: gen_binary(g, type, ops[pick(6)], IR_FLOAT, depth); return;
+        }
+    }
+    static const char *const cmps[] = {" == ", " != ", " < ", " <= ", " > ", " >= "};
+    static const char *const logic[] = {" && ", " || ", " & ", " | ", " ^ "};
+    switch (pick(5)) {
+    case 0: put(g, "!"); gen_expr(g, IR_BOOL, depth - 1); return;
+    case 1: gen_binary(g, type, logic[pick(5)], IR_BOOL, depth); return;
+    case 2: gen_binary(g, type, cmps[pick(6)], IR_FLOAT, depth); return;
+    default: gen_binary(g, type, cmps[pick(6)], IR_INT, depth); return;
+    }
+}
+
+START_TEST(test_random_expressions)
+{
+    rng_state = 12345;
+    static const int32_t xs[] = {0, 1, -1, 5, -7, 13, INT32_MAX, INT32_MIN, 46341};
+    static const float ss[] = {0.0f, -0.0f, 1.0f, -2.5f, 7.25f, 1e30f, INFINITY, NAN};
+    char text[4096], with_lets[4200];
+    int folded_consts = 0;
+    for (int iter = 0; iter < 1500; iter++) {
+        gen g = {text, 0, sizeof text, 0};
+        ir_type type = (ir_type)pick(3);
+        if (type == IR_INT) put(&g, "float(");
+        if (type == IR_BOOL) put(&g, "where(");
+        gen_expr(&g, type, 4);
+        if (type == IR_INT) put(&g, ")");
+        if (type == IR_BOOL) put(&g, ", 1.0, 0.0)");
+        int32_t x = xs[pick(9)], y = xs[pick(9)];
+        float sv = ss[pick(8)];
+
+        results r = evaluate(text, x, y, sv);
+        folded_consts++;
+        ck_assert_msg(same_float(r.folded, r.interp),
+                      "'%s' at x=%d y=%d s=%g: folded %a, interpreted %a", text, (int)x, (int)y,
+                      (double)sv, (double)r.folded, (double)r.interp);
+        if (!g.uses_float)
+            ck_assert_msg(same_float((float)r.interp64, r.interp), "'%s': f64 %.17g vs f32 %a",
+                          text, r.interp64, (double)r.interp);
+
+        /* the canonical text of the variable version parses back to itself */
+        snprintf(with_lets, sizeof with_lets, "let x = q; let y = kv; let s = score;\n%s", text);
+        flex_mod *m = compile_score(with_lets, NULL, 0);
+        flex_mod *again = compile_score(m->canonical, NULL, 0);
+        ck_assert_msg(strcmp(again->canonical, m->canonical) == 0, "'%s':\n%s\nvs\n%s", text,
+                      m->canonical, again->canonical);
+        ck_assert_uint_eq(again->hash, m->hash);
+        /* and computes the same */
+        ir_value scratch[1024], a, b;
+        ck_assert_int_le(m->ir.num_nodes, 1024);
+        ck_assert_int_eq(mod_eval_point(&m->ir, NULL, sv, 0, 0, x, y, scratch, &a, NULL), 0);
+        ck_assert_int_eq(mod_eval_point(&again->ir, NULL, sv, 0, 0, x, y, scratch, &b, NULL), 0);
+        ck_assert(same_float(a.f, b.f));
+        flex_mod_destroy(again);
+        flex_mod_destroy(m);
+    }
+    ck_assert_int_eq(folded_consts, 1500);
+}
+END_TEST
+
 static Suite *mod_eval_suite(void)
 {
     Suite *s = suite_create("mod_eval");
@@ -716,6 +887,7 @@ static Suite *mod_eval_suite(void)
     tcase_add_test(tc, test_ir_building);
     tcase_add_test(tc, test_buffer_reads);
     tcase_add_test(tc, test_buffers_in_mods);
+    tcase_add_test(tc, test_random_expressions);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -94,6 +94,34 @@ static const struct {
     {FLEX_MOD_MASK, "let iv = intervals[img_of[kv]]; q >= iv[0] && q < iv[1]",
      "let t_0 = img_of[kv];\nq >= intervals[t_0, 0] && q < intervals[t_0, 1]"},
     {FLEX_MOD_SCORE, "cap * tanh(score / cap)", "30.0 * tanh(score / 30.0)"},
+    /* the notebook's other patterns, written token for token */
+    {FLEX_MOD_SCORE, "score", "score"},
+    {FLEX_MOD_SCORE, "where(q_idx >= kv_idx, score, -inf)", "where(q >= kv, score, -inf)"},
+    {FLEX_MOD_SCORE,
+     "let s1 = where(abs(kv - q) % 1 == 0, score * 0.5, score);\n"
+     "where(abs(kv - q) % 2 == 0, s1 * 2.0, s1)",
+     "let t_0 = score * 0.5;\nwhere(abs(kv - q) % 2 == 0, t_0 * 2.0, t_0)"},
+    {FLEX_MOD_MASK, "let causal = q_idx >= kv_idx; let windowed = q_idx - kv_idx <= W;\n"
+                    "causal & windowed",
+     "q >= kv && q - kv <= 256"},
+    {FLEX_MOD_MASK, "let prefix = kv_idx <= P; let causal = q_idx >= kv_idx; prefix | causal",
+     "kv <= 64 || q >= kv"},
+    {FLEX_MOD_MASK,
+     "let qx = q // IW; let qy = q % IW; let kx = kv // IW; let ky = kv % IW;\n"
+     "abs(qx - kx) <= K & abs(qy - ky) <= K  # SASA",
+     "abs(q // 16 - kv // 16) <= 7 && abs(q % 16 - kv % 16) <= 7"},
+    {FLEX_MOD_SCORE, "score + exp2(-((h + 1) * 8.0 / IH)) * (q - kv)",
+     "score + exp2(-(float(h + 1) * 8.0 / 16.0)) * float(q - kv)"},
+    {FLEX_MOD_SCORE, "let s = score / 2; let t = tanh_approx(s); t * 2",
+     "tanh_approx(score / 2.0) * 2.0"},
+    {FLEX_MOD_MASK,
+     "let qn = q - lo[doc[q]]; let kn = kv - lo[doc[kv]];\n"
+     "qn >= kn & doc[q] == doc[kv]",
+     "let t_0 = doc[q];\nlet t_1 = doc[kv];\nq - lo[t_0] >= kv - lo[t_1] && t_0 == t_1"},
+    {FLEX_MOD_MASK,
+     "let image_idx = img_of[kv_idx];\nlet interval = intervals[image_idx];\n"
+     "(q_idx >= interval[0]) & (q_idx < interval[1])",
+     "let t_0 = img_of[kv];\nq >= intervals[t_0, 0] && q < intervals[t_0, 1]"},
 };
 
 START_TEST(test_seed_examples)
@@ -345,7 +373,21 @@ static const struct {
      "expected an expression, found end of input", "                     ^"},
     {FLEX_MOD_MASK, "(q >= kv", FLEX_ERR_MOD_SYNTAX, 1, 9,
      "expected ')' to close the '(' at 1:1, found end of input", "        ^"},
-    {FLEX_MOD_MASK, "q >= kv)", FLEX_ERR_MOD_SYNTAX, 1, 8, "found ')'", "       ^"},
+    {FLEX_MOD_MASK, "q >= kv)", FLEX_ERR_MOD_SYNTAX, 1, 8, "unmatched ')'", "       ^"},
+    {FLEX_MOD_MASK, "q >= kv &&\n  doc[q] = doc[kv]", FLEX_ERR_MOD_SYNTAX, 2, 10,
+     "unexpected '='; use '=='", "         ^"},
+    {FLEX_MOD_SCORE, "score ** 2", FLEX_ERR_MOD_SYNTAX, 1, 7, "'**' is not an operator", "      ^~"},
+    {FLEX_MOD_MASK, "q >= kv and q < 5", FLEX_ERR_MOD_SYNTAX, 1, 9, "unexpected 'and'; write '&&'",
+     "        ^~~"},
+    {FLEX_MOD_MASK, "not q < 5", FLEX_ERR_MOD_NAME, 1, 1, "write '!'", "^~~"},
+    {FLEX_MOD_SCORE, "score.exp()", FLEX_ERR_MOD_SYNTAX, 1, 6, "there are no methods", "     ^"},
+    {FLEX_MOD_MASK, "doc[\"q\"] > 0", FLEX_ERR_MOD_SYNTAX, 1, 5, "no strings", "    ^"},
+    {FLEX_MOD_MASK, "max(q, kv,) > 0", FLEX_ERR_MOD_SYNTAX, 1, 11, "no trailing commas",
+     "          ^"},
+    {FLEX_MOD_MASK, "q >= kv; q < 5", FLEX_ERR_MOD_SYNTAX, 1, 10, "the result, which comes last",
+     "         ^"},
+    {FLEX_MOD_MASK, "h[0] == 1", FLEX_ERR_MOD_TYPE, 1, 2,
+     "only buffers can be indexed; this is an int value", " ^"},
     {FLEX_MOD_MASK, "score > 0", FLEX_ERR_MOD_NAME, 1, 1, "'score' is only available in score mods",
      "^~~~~"},
     {FLEX_MOD_MASK, "q + kv", FLEX_ERR_MOD_TYPE, 1, 1, "a mask mod must return bool", "^~~~~~"},
@@ -602,6 +644,13 @@ START_TEST(test_bind_buffer)
     ck_assert_int_eq(flex_mod_bind_buffer(NULL, m, "doc", &t), FLEX_OK);
     ck_assert_uint_gt(m->binding_generation, gen);
 
+    /* generations are unique across mods */
+    flex_mod *other = compile_ok(FLEX_MOD_MASK, "q >= kv && doc[q] == doc[kv]");
+    ck_assert_uint_ne(other->binding_generation, m->binding_generation);
+    ck_assert_int_eq(flex_mod_bind_buffer(NULL, other, "doc", &t), FLEX_OK);
+    ck_assert_uint_ne(other->binding_generation, m->binding_generation);
+    flex_mod_destroy(other);
+
     ck_assert_int_eq(flex_mod_bind_buffer(NULL, m, "dox", &t), FLEX_ERR_MOD_NAME);
     ck_assert_ptr_nonnull(strstr(flex_error_message(NULL), "did you mean 'doc'?"));
     ck_assert_int_eq(flex_mod_bind_buffer(NULL, m, NULL, &t), FLEX_ERR_NULL_POINTER);
@@ -665,6 +714,78 @@ START_TEST(test_host_views)
     ck_assert_ptr_nonnull(strstr(flex_error_message(NULL), "'doc'"));
     ck_assert_ptr_nonnull(strstr(flex_error_message(NULL), "q=7"));
     flex_mod_destroy(m);
+}
+END_TEST
+
+/* A stand-in device backend: its "device memory" is host memory, and it
+ * counts the downloads host views make. */
+static int fake_downloads;
+static size_t fake_download_bytes;
+
+static flex_status fake_download(flex_context *ctx, void *dst, const void *src, size_t bytes)
+{
+    (void)ctx;
+    fake_downloads++;
+    fake_download_bytes = bytes;
+    memcpy(dst, src, bytes);
+    return FLEX_OK;
+}
+
+START_TEST(test_device_buffers)
+{
+    flex_backend_iface fake;
+    memset(&fake, 0, sizeof fake);
+    fake.abi_version = FLEX_BACKEND_ABI_VERSION;
+    fake.name = "fake-gpu";
+    fake.device_type = FLEX_DEVICE_CUDA;
+    fake.download = fake_download;
+    flex_context ctx;
+    memset(&ctx, 0, sizeof ctx);
+    ctx.backend = &fake;
+
+    flex_mod *m = compile_ok(FLEX_MOD_SCORE, "score + float(intervals[q, kv])");
+    /* a 3 x 2 view with row stride 5 over 15 "device" elements */
+    int32_t device[15];
+    for (int i = 0; i < 15; i++) device[i] = 100 + i;
+    flex_tensor t;
+    memset(&t, 0, sizeof t);
+    t.data = device;
+    t.dtype = FLEX_I32;
+    t.ndim = 2;
+    t.sizes[0] = 3;
+    t.sizes[1] = 2;
+    t.strides[0] = 5;
+    t.strides[1] = 1;
+    t.device = FLEX_DEVICE_CUDA;
+    ck_assert_int_eq(flex_mod_bind_buffer(&ctx, m, "intervals", &t), FLEX_OK);
+    t.device = FLEX_DEVICE_HIP;
+    ck_assert_int_eq(flex_mod_bind_buffer(&ctx, m, "intervals", &t), FLEX_ERR_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(flex_error_message(&ctx), "fake-gpu"));
+    t.device = FLEX_DEVICE_CUDA;
+    t.device_index = 1;
+    ck_assert_int_eq(flex_mod_bind_buffer(&ctx, m, "intervals", &t), FLEX_ERR_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(flex_error_message(&ctx), "device 1"));
+    t.device_index = 0;
+
+    mod_buffer_view views[IR_MAX_BUFFERS];
+    void *copies[IR_MAX_BUFFERS];
+    fake_downloads = 0;
+    ck_assert_int_eq(flex_mod_host_views(&ctx, m, views, copies), FLEX_OK);
+    ck_assert_int_eq(fake_downloads, 1);
+    ck_assert_uint_eq(fake_download_bytes, (2 * 5 + 1 + 1) * sizeof(int32_t));
+    ck_assert_ptr_nonnull(copies[5]);
+    ck_assert_ptr_eq(views[5].data, copies[5]);
+    ck_assert_ptr_ne(views[5].data, device);
+    ir_value scratch[32], r;
+    mod_bounds_error err = {0};
+    ck_assert_int_eq(mod_eval_point(&m->ir, views, 0.5f, 0, 0, 2, 1, scratch, &r, &err), 0);
+    ck_assert(r.f == 0.5f + 111.0f);
+    flex_mod_release_host_views(copies);
+    for (int i = 0; i < IR_MAX_BUFFERS; i++) ck_assert_ptr_null(copies[i]);
+    /* a view of another device cannot be read through this context */
+    ck_assert_int_eq(flex_mod_host_views(NULL, m, views, copies), FLEX_ERR_INVALID_ARGUMENT);
+    flex_mod_destroy(m);
+    free(ctx.error);
 }
 END_TEST
 
@@ -796,6 +917,7 @@ static Suite *mod_parse_suite(void)
     TCase *api = tcase_create("api");
     tcase_add_test(api, test_bind_buffer);
     tcase_add_test(api, test_host_views);
+    tcase_add_test(api, test_device_buffers);
     tcase_add_test(api, test_and_or);
     suite_add_tcase(s, api);
     return s;

@@ -157,6 +157,15 @@ int cli_params_add(cli_params *ps, const char *s)
     return 0;
 }
 
+int cli_context_create(const char *who, const char *spec, flex_context **ctx)
+{
+    if (flex_context_create(spec, ctx) != FLEX_OK) {
+        fprintf(stderr, "%s: %s\n", who, flex_error_message(NULL));
+        return -1;
+    }
+    return 0;
+}
+
 /* ---- generated buffers ---- */
 
 void cli_alibi_slopes(int64_t n, float *slopes)

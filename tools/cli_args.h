@@ -58,6 +58,11 @@ typedef struct cli_params {
 /* Adds one "NAME=VALUE" (a later value for the same name replaces it). */
 int cli_params_add(cli_params *ps, const char *s);
 
+/* Creates the context for a --backend value (NULL: FLEXATTN_BACKEND, else
+ * auto). On failure prints the library's reason, naming `who` (e.g.
+ * "flexattn run"), and returns -1. */
+int cli_context_create(const char *who, const char *spec, flex_context **ctx);
+
 /* ---- generated buffers ---- */
 
 /* How to fill the buffers a preset (or mod text) reads. */

@@ -20,29 +20,31 @@
 
 #include "cli.h"
 #include "cli_args.h"
+#include "cli_backward.h"
 #include "internal.h"
 #include "oracle.h"
 
-static void usage(FILE *f)
-{
+static void usage(FILE *f) {
     fprintf(f, "usage: flexattn check [--backend SPEC] [--quick]\n"
                "\n"
                "Compares every usable backend (or the one SPEC names: cpu, cuda, cuda:1, ...)\n"
                "with the fp64 oracle on every preset, dtype and a set of shapes (odd lengths,\n"
-               "Q_LEN != KV_LEN, GQA, head dims, Dv != D, strides, LSE). One line per case;\n"
+               "Q_LEN != KV_LEN, GQA, head dims, Dv != D, strides, LSE), and the backward\n"
+               "(dq, dk, dv against the fp64 backward oracle; skipped on a backend without\n"
+               "one) on a set of masks, score mods and shapes. One line per case;\n"
                "the last line counts passes and failures. Exit status 1 on any failure.\n"
                "\n"
                "  --quick   fewer and smaller cases\n");
 }
 
-enum { OP_FORWARD = 0 };
+enum { OP_FORWARD = 0, OP_BACKWARD = 1 };
 enum { LAYOUT_BHSD = 0, LAYOUT_BSHD = 1 };
 
 typedef struct check_case {
     char name[96];
     int op;
-    const char *score;  /* preset or NULL */
-    const char *mask;   /* preset or NULL */
+    const char *score; /* preset or NULL */
+    const char *mask;  /* preset or NULL */
     int B, Hq, Hkv, Lq, Lkv, D, Dv;
     flex_dtype dtype;
     int layout;
@@ -54,8 +56,7 @@ typedef struct case_list {
     int n, cap;
 } case_list;
 
-static void add_case(case_list *l, const check_case *c)
-{
+static void add_case(case_list *l, const check_case *c) {
     if (l->n == l->cap) {
         int cap = l->cap ? 2 * l->cap : 64;
         check_case *v = realloc(l->v, (size_t)cap * sizeof *v);
@@ -65,21 +66,21 @@ static void add_case(case_list *l, const check_case *c)
     l->v[l->n++] = *c;
 }
 
-static const char *short_dtype(flex_dtype dt)
-{
+static const char *short_dtype(flex_dtype dt) {
     return flex_dtype_name(dt);
 }
 
-static void build_cases(case_list *l, int quick)
-{
+static void build_cases(case_list *l, int quick) {
     static const flex_dtype dts[] = {FLEX_F32, FLEX_F16, FLEX_BF16};
     int L = quick ? 100 : 200;
     for (int p = 0; p < flex_preset_count(); p++) {
         const flex_preset *pr = flex_preset_at(p);
         for (int d = 0; d < 3; d++) {
             check_case c = {"", OP_FORWARD, NULL, NULL, 1, 4, 4, L, L, 64, 64, dts[d], 0, 1};
-            if (pr->kind == FLEX_MOD_MASK) c.mask = pr->name;
-            else c.score = pr->name;
+            if (pr->kind == FLEX_MOD_MASK)
+                c.mask = pr->name;
+            else
+                c.score = pr->name;
             snprintf(c.name, sizeof c.name, "%s %s", pr->name, short_dtype(dts[d]));
             add_case(l, &c);
         }
@@ -109,17 +110,42 @@ static void build_cases(case_list *l, int quick)
         const struct shape *s = &shapes[i];
         if (quick && !s->quick) continue;
         for (int d = 0; d < (quick ? 1 : 3); d++) {
-            check_case c = {"", OP_FORWARD, s->score, s->mask, s->B, s->Hq, s->Hkv, s->Lq,
-                            s->Lkv, s->D, s->Dv, dts[d], s->layout, s->lse};
+            check_case c = {"",    OP_FORWARD, s->score, s->mask, s->B,   s->Hq,     s->Hkv,
+                            s->Lq, s->Lkv,     s->D,     s->Dv,   dts[d], s->layout, s->lse};
             snprintf(c.name, sizeof c.name, "%s %s", s->what, short_dtype(dts[d]));
+            add_case(l, &c);
+        }
+    }
+    /* Backward: dq, dk, dv against the fp64 backward oracle. */
+    struct bw_shape {
+        const char *what, *score, *mask;
+        int B, Hq, Hkv, Lq, Lkv, D, Dv, layout, quick;
+    } bw[] = {
+        {"noop", NULL, NULL, 1, 2, 2, 70, 70, 32, 32, 0, 1},
+        {"causal", NULL, "causal", 1, 2, 2, 100, 100, 64, 64, 0, 1},
+        {"document_causal", NULL, "document_causal", 1, 2, 2, 100, 100, 32, 32, 0, 0},
+        {"sliding_window", NULL, "sliding_window", 1, 2, 2, 100, 100, 32, 32, 0, 0},
+        {"alibi causal", "alibi", "causal", 1, 4, 4, 80, 80, 32, 32, 0, 1},
+        {"softcap", "softcap", NULL, 1, 2, 2, 80, 80, 32, 32, 0, 0},
+        {"checkerboard", "checkerboard", NULL, 1, 2, 2, 60, 90, 32, 32, 0, 0},
+        {"gqa 4:1 causal", NULL, "causal", 1, 8, 2, 64, 64, 32, 32, 0, 1},
+        {"q 37 kv 91 D 48 Dv 24", NULL, "prefix_lm", 1, 2, 1, 37, 91, 48, 24, 0, 0},
+        {"bshd softcap causal", "softcap", "causal", 2, 4, 2, 64, 64, 32, 32, LAYOUT_BSHD, 0},
+    };
+    for (size_t i = 0; i < sizeof bw / sizeof bw[0]; i++) {
+        const struct bw_shape *s = &bw[i];
+        if (quick && !s->quick) continue;
+        for (int d = 0; d < (quick ? 1 : 3); d++) {
+            check_case c = {"",    OP_BACKWARD, s->score, s->mask, s->B,   s->Hq,     s->Hkv,
+                            s->Lq, s->Lkv,      s->D,     s->Dv,   dts[d], s->layout, 1};
+            snprintf(c.name, sizeof c.name, "backward %s %s", s->what, short_dtype(dts[d]));
             add_case(l, &c);
         }
     }
 }
 
 /* Param values that make each preset's pattern visible at these sizes. */
-static int small_params(const char *name, int heads, flex_param *p)
-{
+static int small_params(const char *name, int heads, flex_param *p) {
     if (!strcmp(name, "sliding_window") || !strcmp(name, "sliding_window_bidirectional"))
         return p[0] = (flex_param){"W", 0, 40}, 1;
     if (!strcmp(name, "prefix_lm")) return p[0] = (flex_param){"P", 0, 50}, 1;
@@ -138,8 +164,7 @@ static int small_params(const char *name, int heads, flex_param *p)
 
 static uint64_t rng_state;
 
-static float rand_normalish(void)
-{
+static float rand_normalish(void) {
     double s = 0.0;
     for (int i = 0; i < 4; i++) {
         rng_state = rng_state * 6364136223846793005ull + 1442695040888963407ull;
@@ -160,14 +185,12 @@ typedef struct case_data {
 } case_data;
 
 static flex_tensor layout_view(void *data, flex_dtype dt, int layout, int64_t B, int64_t H,
-                               int64_t S, int64_t D, flex_device_type dev)
-{
+                               int64_t S, int64_t D, flex_device_type dev) {
     return layout == LAYOUT_BSHD ? flex_tensor_bshd(data, dt, B, H, S, D, dev)
                                  : flex_tensor_bhsd(data, dt, B, H, S, D, dev);
 }
 
-static int compile_mods(case_data *cd, const check_case *c, char *why, size_t cap)
-{
+static int compile_mods(case_data *cd, const check_case *c, char *why, size_t cap) {
     const char *names[2] = {c->score, c->mask};
     flex_mod **dst[2] = {&cd->score, &cd->mask_mod};
     cli_buffer_spec spec = {c->Lq, c->Lkv, c->Hq, 4, NULL, 0};
@@ -181,19 +204,19 @@ static int compile_mods(case_data *cd, const check_case *c, char *why, size_t ca
             return -1;
         }
     }
-    if (cd->mask_mod &&
-        flex_block_mask_create(cd->ctx, cd->mask_mod, 1, 1, c->Lq, c->Lkv, 64, 64, &cd->mask) !=
-            FLEX_OK) {
+    if (cd->mask_mod && flex_block_mask_create(cd->ctx, cd->mask_mod, 1, 1, c->Lq, c->Lkv, 64, 64,
+                                               &cd->mask) != FLEX_OK) {
         snprintf(why, cap, "block mask: %s", flex_error_message(cd->ctx));
         return -1;
     }
     return 0;
 }
 
-static int make_tensors(case_data *cd, const check_case *c, char *why, size_t cap)
-{
-    int64_t dims[5][4] = {{c->B, c->Hq, c->Lq, c->D},   {c->B, c->Hkv, c->Lkv, c->D},
-                          {c->B, c->Hkv, c->Lkv, c->Dv}, {c->B, c->Hq, c->Lq, c->Dv},
+static int make_tensors(case_data *cd, const check_case *c, char *why, size_t cap) {
+    int64_t dims[5][4] = {{c->B, c->Hq, c->Lq, c->D},
+                          {c->B, c->Hkv, c->Lkv, c->D},
+                          {c->B, c->Hkv, c->Lkv, c->Dv},
+                          {c->B, c->Hq, c->Lq, c->Dv},
                           {c->B, c->Hq, c->Lq, 1}};
     flex_device_type dev = cd->ctx->backend->device_type;
     rng_state = 0x9e3779b97f4a7c15ull + (uint64_t)c->Lq * 31 + (uint64_t)c->D;
@@ -206,9 +229,12 @@ static int make_tensors(case_data *cd, const check_case *c, char *why, size_t ca
         if (i < 3) {
             for (size_t e = 0; e < n; e++) {
                 float v = rand_normalish();
-                if (dt == FLEX_F32) ((float *)cd->host[i])[e] = v;
-                else if (dt == FLEX_F16) ((uint16_t *)cd->host[i])[e] = flex_float_to_f16(v);
-                else ((uint16_t *)cd->host[i])[e] = flex_float_to_bf16(v);
+                if (dt == FLEX_F32)
+                    ((float *)cd->host[i])[e] = v;
+                else if (dt == FLEX_F16)
+                    ((uint16_t *)cd->host[i])[e] = flex_float_to_f16(v);
+                else
+                    ((uint16_t *)cd->host[i])[e] = flex_float_to_bf16(v);
             }
         } else {
             memset(cd->host[i], 0xff, cd->bytes[i]); /* NaN poison */
@@ -226,8 +252,7 @@ static int make_tensors(case_data *cd, const check_case *c, char *why, size_t ca
     return 0;
 }
 
-static void case_data_free(case_data *cd)
-{
+static void case_data_free(case_data *cd) {
     for (int i = 0; i < 5; i++) {
         if (cd->dev[i]) flex_free(cd->ctx, cd->dev[i]);
         free(cd->host[i]);
@@ -240,11 +265,9 @@ static void case_data_free(case_data *cd)
 
 /* Runs the forward and compares with the oracle. Returns 1 pass, 0 fail. */
 static int check_forward(case_data *cd, const check_case *c, double *rel, double *lse_err,
-                         char *why, size_t cap)
-{
-    flex_status st = flex_attention(cd->ctx, &cd->dev_t[0], &cd->dev_t[1], &cd->dev_t[2],
-                                    cd->score, cd->mask, NULL, &cd->dev_t[3],
-                                    c->lse ? &cd->dev_t[4] : NULL);
+                         char *why, size_t cap) {
+    flex_status st = flex_attention(cd->ctx, &cd->dev_t[0], &cd->dev_t[1], &cd->dev_t[2], cd->score,
+                                    cd->mask, NULL, &cd->dev_t[3], c->lse ? &cd->dev_t[4] : NULL);
     if (st == FLEX_OK) st = flex_synchronize(cd->ctx);
     if (st != FLEX_OK) return snprintf(why, cap, "%s", flex_error_message(cd->ctx)), 0;
     for (int i = 3; i < 5; i++)
@@ -296,9 +319,29 @@ done:
     return pass;
 }
 
-static int run_case(flex_context *ctx, const check_case *c, double *rel, double *lse_err,
-                    char *why, size_t cap)
-{
+/* Backward gradients against the fp64 backward oracle. Returns 1 pass, 0
+ * fail, -1 when the backend has no backward pass (the case is skipped). */
+static int check_backward(case_data *cd, double *rel, char *why, size_t cap) {
+    cli_backward_problem p;
+    memset(&p, 0, sizeof p);
+    p.ctx = cd->ctx;
+    p.q = cd->dev_t[0], p.k = cd->dev_t[1], p.v = cd->dev_t[2];
+    p.host_q = cd->host_t[0], p.host_k = cd->host_t[1], p.host_v = cd->host_t[2];
+    p.score_mod = cd->score;
+    p.mask_mod = cd->mask_mod;
+    p.mask = cd->mask;
+    cli_backward_state st;
+    int r = cli_backward_prepare(&st, &p, why, cap);
+    if (r == 0)
+        r = cli_backward_check(&st, rel, why, cap);
+    else
+        r = 0;
+    cli_backward_free(&st);
+    return r == -2 ? -1 : r < 0 ? 0 : r;
+}
+
+static int run_case(flex_context *ctx, const check_case *c, double *rel, double *lse_err, char *why,
+                    size_t cap) {
     case_data cd;
     memset(&cd, 0, sizeof cd);
     cd.ctx = ctx;
@@ -306,16 +349,22 @@ static int run_case(flex_context *ctx, const check_case *c, double *rel, double 
     *rel = *lse_err = NAN;
     if (compile_mods(&cd, c, why, cap) == 0 && make_tensors(&cd, c, why, cap) == 0) {
         switch (c->op) {
-        case OP_FORWARD: pass = check_forward(&cd, c, rel, lse_err, why, cap); break;
-        default: snprintf(why, cap, "unknown op"); break;
+        case OP_FORWARD:
+            pass = check_forward(&cd, c, rel, lse_err, why, cap);
+            break;
+        case OP_BACKWARD:
+            pass = check_backward(&cd, rel, why, cap);
+            break;
+        default:
+            snprintf(why, cap, "unknown op");
+            break;
         }
     }
     case_data_free(&cd);
     return pass;
 }
 
-int cmd_check(int argc, char **argv)
-{
+int cmd_check(int argc, char **argv) {
     const char *backend = NULL;
     int quick = 0;
     for (int i = 1; i < argc;) {
@@ -368,11 +417,18 @@ int cmd_check(int argc, char **argv)
             double rel, lse_err;
             char why[512] = "";
             int ok = run_case(ctx, c, &rel, &lse_err, why, sizeof why);
+            if (ok < 0) { /* the backend cannot run this op */
+                printf("SKIP  %-5s %-42s %s\n", info.name, c->name, why);
+                skipped++;
+                continue;
+            }
             printf("%s  %-5s %-42s rel %.2e  lse %.2e%s%s\n", ok ? "PASS" : "FAIL", info.name,
                    c->name, rel, lse_err, ok ? "" : "  ", ok ? "" : why);
             fflush(stdout);
-            if (ok) passed++;
-            else failed++;
+            if (ok)
+                passed++;
+            else
+                failed++;
         }
         flex_context_destroy(ctx);
     }
@@ -381,7 +437,9 @@ int cmd_check(int argc, char **argv)
         fprintf(stderr, "flexattn check: no backend named '%s'\n", backend);
         return CLI_EXIT_USAGE;
     }
-    if (skipped) printf("%d passed, %d failed, %d skipped\n", passed, failed, skipped);
-    else printf("%d passed, %d failed\n", passed, failed);
+    if (skipped)
+        printf("%d passed, %d failed, %d skipped\n", passed, failed, skipped);
+    else
+        printf("%d passed, %d failed\n", passed, failed);
     return failed ? CLI_EXIT_FAILURE : CLI_EXIT_OK;
 }

@@ -172,6 +172,12 @@ int cmd_mask(int argc, char **argv)
         fprintf(stderr, "flexattn mask: the documents add up to 0 tokens\n");
         goto out;
     }
+    if (show_b >= (B > 1 ? B : 1) || show_h >= (H > 1 ? H : 1)) {
+        fprintf(stderr, "flexattn mask: --show %lld,%lld is outside B x H = %lld x %lld\n",
+                (long long)show_b, (long long)show_h, (long long)(B > 1 ? B : 1),
+                (long long)(H > 1 ? H : 1));
+        goto out;
+    }
     if (q_block < 0) q_block = block;
     if (kv_block < 0) kv_block = block;
 
@@ -181,10 +187,7 @@ int cmd_mask(int argc, char **argv)
     flex_block_mask *mask = NULL;
     cli_buffers bufs;
     memset(&bufs, 0, sizeof bufs);
-    if (flex_context_create(backend, &ctx) != FLEX_OK) {
-        fprintf(stderr, "flexattn mask: %s\n", flex_error_message(NULL));
-        goto out;
-    }
+    if (cli_context_create("flexattn mask", backend, &ctx) != 0) goto out;
     flex_status st;
     if (preset) {
         st = flex_preset_compile(ctx, preset->name, params.params, params.count, &mod);
@@ -226,7 +229,13 @@ int cmd_mask(int argc, char **argv)
     flex_block_mask_get_shape(mask, &shape);
     int64_t total = shape.B * shape.H * shape.num_q_blocks * shape.num_kv_blocks;
     printf("mask:      %s\n", preset ? preset->name : "(text)");
-    printf("text:      %s\n", flex_mod_canonical_text(mod));
+    /* Canonical text may span lines (lets): indent the continuation. */
+    printf("text:      ");
+    for (const char *c = flex_mod_canonical_text(mod); *c; c++) {
+        putchar(*c);
+        if (*c == '\n' && c[1]) printf("           ");
+    }
+    printf("\n");
     printf("sizes:     B=%lld H=%lld q_len=%lld kv_len=%lld\n", (long long)shape.B,
            (long long)shape.H, (long long)shape.q_len, (long long)shape.kv_len);
     printf("blocks:    %d x %d elements, grid %lld x %lld per (b, h)\n", shape.q_block,

@@ -16,47 +16,49 @@
 
 #include "cli.h"
 #include "cli_args.h"
+#include "cli_backward.h"
 #include "internal.h"
 #include "npy.h"
 #include "oracle.h"
 
-static void usage(FILE *f)
-{
-    fprintf(f,
-            "usage: flexattn run PRESET|--text MOD [options]\n"
-            "\n"
-            "Runs attention with a preset (mask or score) or mod text on random inputs,\n"
-            "and prints the median forward time and TFLOP/s.\n"
-            "\n"
-            "options:\n"
-            "  --text MOD          mod text (a score mod when it reads `score`, else a mask)\n"
-            "  --mask PRESET       add a mask preset (with a score preset or text)\n"
-            "  --mask-text MOD     add mask mod text\n"
-            "  -B N, -H N          batch and query heads (default 1, 8)\n"
-            "  --hkv N             key/value heads (default H; H must be a multiple)\n"
-            "  --len N             q and kv length (default 2048)\n"
-            "  --q-len N, --kv-len N\n"
-            "  -D N, --dv N        head dims of q/k and of v (default 64, Dv = D)\n"
-            "  --dtype T           f32, f16 or bf16 (default f32)\n"
-            "  --backend SPEC      auto, cpu, cuda, ... (default FLEXATTN_BACKEND)\n"
-            "  --block N           block-mask block size (default 128)\n"
-            "  --param NAME=VAL    set a param (repeatable)\n"
-            "  --docs N            documents for doc/seq/off buffers (default 4)\n"
-            "  --warmup N          untimed runs first (default 2)\n"
-            "  --iters N           timed runs (default 10)\n"
-            "  --check             compare with the fp64 oracle (rows subsampled when long)\n"
-            "  --load DIR|Q,K,V    read q, k, v (and buffers by name) from .npy files:\n"
-            "                      DIR/q.npy, DIR/k.npy, DIR/v.npy, DIR/<buffer>.npy; 4-D\n"
-            "                      C-order (B, H, S, D); <f4, <f2, bf16 as <u2 or |V2\n"
-            "  --save DIR          write DIR/out.npy and DIR/lse.npy\n"
-            "  --json              print one JSON object instead of the table\n");
+static void usage(FILE *f) {
+    fprintf(f, "usage: flexattn run PRESET|--text MOD [options]\n"
+               "\n"
+               "Runs attention with a preset (mask or score) or mod text on random inputs,\n"
+               "and prints the median forward time and TFLOP/s.\n"
+               "\n"
+               "options:\n"
+               "  --text MOD          mod text (a score mod when it reads `score`, else a mask)\n"
+               "  --mask PRESET       add a mask preset (with a score preset or text)\n"
+               "  --mask-text MOD     add mask mod text\n"
+               "  -B N, -H N          batch and query heads (default 1, 8)\n"
+               "  --hkv N             key/value heads (default H; H must be a multiple)\n"
+               "  --len N             q and kv length (default 2048)\n"
+               "  --q-len N, --kv-len N\n"
+               "  -D N, --dv N        head dims of q/k and of v (default 64, Dv = D)\n"
+               "  --dtype T           f32, f16 or bf16 (default f32)\n"
+               "  --backend SPEC      auto, cpu, cuda, ... (default FLEXATTN_BACKEND)\n"
+               "  --block N           block-mask block size (default 128)\n"
+               "  --param NAME=VAL    set a param (repeatable)\n"
+               "  --docs N            documents for doc/seq/off buffers (default 4)\n"
+               "  --warmup N          untimed runs first (default 2)\n"
+               "  --iters N           timed runs (default 10)\n"
+               "  --check             compare with the fp64 oracle (rows subsampled when long)\n"
+               "  --backward          also time the backward (dq, dk, dv; BW FLOPs = 2.5 x FW);\n"
+               "                      with --check, compare its gradients with the fp64 oracle\n"
+               "                      when the problem is small enough for it\n"
+               "  --load DIR|Q,K,V    read q, k, v (and buffers by name) from .npy files:\n"
+               "                      DIR/q.npy, DIR/k.npy, DIR/v.npy, DIR/<buffer>.npy; 4-D\n"
+               "                      C-order (B, H, S, D); <f4, <f2, bf16 as <u2 or |V2\n"
+               "  --save DIR          write DIR/out.npy and DIR/lse.npy\n"
+               "  --json              print one JSON object instead of the table\n");
 }
 
 typedef struct run_opts {
     const char *preset, *text, *mask_preset, *mask_text, *backend, *load, *save;
     int64_t B, H, Hkv, len, q_len, kv_len, D, Dv, block, docs, warmup, iters;
     flex_dtype dtype;
-    int check, json;
+    int check, json, backward;
     cli_params params;
 } run_opts;
 
@@ -70,32 +72,33 @@ typedef struct run_state {
     int num_loaded_bufs;
     int64_t B, Hq, Hkv, Lq, Lkv, D, Dv;
     flex_dtype dtype;
-    void *host[3];   /* q, k, v on the host (contiguous BHSD) */
-    void *dev[5];    /* q, k, v, out, lse on the device */
+    void *host[3]; /* q, k, v on the host (contiguous BHSD) */
+    void *dev[5];  /* q, k, v, out, lse on the device */
     flex_tensor t[5];
     double fw_ms, fw_flops, density;
+    double bw_ms; /* 0 when the backward was not run */
 } run_state;
 
 enum { T_Q = 0, T_K, T_V, T_OUT, T_LSE };
 
-static double now_ms(void)
-{
+static double now_ms(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
 }
 
-static int cmp_double(const void *a, const void *b)
-{
+static int cmp_double(const void *a, const void *b) {
     double x = *(const double *)a, y = *(const double *)b;
     return x < y ? -1 : x > y;
 }
 
-static int parse_dtype(const char *s, flex_dtype *dt)
-{
-    if (!strcmp(s, "f32") || !strcmp(s, "float32")) *dt = FLEX_F32;
-    else if (!strcmp(s, "f16") || !strcmp(s, "float16")) *dt = FLEX_F16;
-    else if (!strcmp(s, "bf16") || !strcmp(s, "bfloat16")) *dt = FLEX_BF16;
+static int parse_dtype(const char *s, flex_dtype *dt) {
+    if (!strcmp(s, "f32") || !strcmp(s, "float32"))
+        *dt = FLEX_F32;
+    else if (!strcmp(s, "f16") || !strcmp(s, "float16"))
+        *dt = FLEX_F16;
+    else if (!strcmp(s, "bf16") || !strcmp(s, "bfloat16"))
+        *dt = FLEX_BF16;
     else {
         fprintf(stderr, "flexattn run: --dtype must be f32, f16 or bf16, not '%s'\n", s);
         return -1;
@@ -103,8 +106,7 @@ static int parse_dtype(const char *s, flex_dtype *dt)
     return 0;
 }
 
-static int parse_args(int argc, char **argv, run_opts *o)
-{
+static int parse_args(int argc, char **argv, run_opts *o) {
     memset(o, 0, sizeof *o);
     o->B = 1, o->H = 8, o->Hkv = -1, o->len = 2048, o->q_len = -1, o->kv_len = -1;
     o->D = 64, o->Dv = -1, o->warmup = 2, o->iters = 10, o->dtype = FLEX_F32;
@@ -121,6 +123,10 @@ static int parse_args(int argc, char **argv, run_opts *o)
         }
         if (cli_flag(arg, "--json")) {
             o->json = 1, i++;
+            continue;
+        }
+        if (cli_flag(arg, "--backward")) {
+            o->backward = 1, i++;
             continue;
         }
 #define OPT(name) ((r = cli_option(argc, argv, &i, name, &v)) != 0)
@@ -189,11 +195,11 @@ static int parse_args(int argc, char **argv, run_opts *o)
 
 /* ---- mods ---- */
 
-static int mentions_score(const char *text)
-{
+static int mentions_score(const char *text) {
     for (const char *p = strstr(text, "score"); p; p = strstr(p + 1, "score")) {
-        int before = p == text || !(p[-1] == '_' || (p[-1] >= 'a' && p[-1] <= 'z') ||
-                                    (p[-1] >= 'A' && p[-1] <= 'Z') || (p[-1] >= '0' && p[-1] <= '9'));
+        int before =
+            p == text || !(p[-1] == '_' || (p[-1] >= 'a' && p[-1] <= 'z') ||
+                           (p[-1] >= 'A' && p[-1] <= 'Z') || (p[-1] >= '0' && p[-1] <= '9'));
         char c = p[5];
         int after = !(c == '_' || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
                       (c >= '0' && c <= '9'));
@@ -203,8 +209,7 @@ static int mentions_score(const char *text)
 }
 
 /* The --param values a preset declares (others belong to the other mod). */
-static int params_for_preset(const flex_preset *p, const cli_params *all, flex_param *out)
-{
+static int params_for_preset(const flex_preset *p, const cli_params *all, flex_param *out) {
     int n = 0;
     for (int i = 0; i < all->count; i++)
         for (int k = 0; k < p->num_params; k++)
@@ -213,8 +218,7 @@ static int params_for_preset(const flex_preset *p, const cli_params *all, flex_p
 }
 
 static flex_status compile_one(run_state *s, const char *preset, const char *text,
-                               flex_mod_kind want_kind, flex_mod **out)
-{
+                               flex_mod_kind want_kind, flex_mod **out) {
     if (preset) {
         const flex_preset *p = flex_preset_find(preset);
         if (!p) {
@@ -234,8 +238,7 @@ static flex_status compile_one(run_state *s, const char *preset, const char *tex
 
 /* Binds DIR/<name>.npy where it exists (--load DIR), generated data for
  * the other buffers. */
-static int bind_buffers(run_state *s, flex_mod *m)
-{
+static int bind_buffers(run_state *s, flex_mod *m) {
     int loaded[IR_MAX_BUFFERS], missing = 0;
     for (int b = 0; b < m->ir.num_buffers; b++) {
         const ir_buffer *decl = &m->ir.buffers[b];
@@ -269,8 +272,8 @@ static int bind_buffers(run_state *s, flex_mod *m)
     for (int b = 0; b < m->ir.num_buffers; b++) {
         if (loaded[b] < 0) continue;
         npy_array *a = &s->loaded_bufs[loaded[b]];
-        flex_tensor t = flex_tensor_contiguous(a->data, a->dtype, a->ndim, a->shape,
-                                               FLEX_DEVICE_CPU);
+        flex_tensor t =
+            flex_tensor_contiguous(a->data, a->dtype, a->ndim, a->shape, FLEX_DEVICE_CPU);
         if (flex_mod_bind_buffer(s->ctx, m, m->ir.buffers[b].name, &t) != FLEX_OK) {
             fprintf(stderr, "flexattn run: %s\n", flex_error_message(s->ctx));
             return -1;
@@ -283,8 +286,7 @@ static int bind_buffers(run_state *s, flex_mod *m)
 
 static uint64_t rng = 0x243f6a8885a308d3ull;
 
-static float rand_normalish(void)
-{
+static float rand_normalish(void) {
     double sum = 0.0;
     for (int i = 0; i < 4; i++) {
         rng = rng * 6364136223846793005ull + 1442695040888963407ull;
@@ -293,21 +295,22 @@ static float rand_normalish(void)
     return (float)((sum - 2.0) * 1.7);
 }
 
-static void *random_host(flex_dtype dt, size_t n)
-{
+static void *random_host(flex_dtype dt, size_t n) {
     void *p = malloc(n * flex_dtype_size(dt) + 1);
     if (!p) return NULL;
     for (size_t i = 0; i < n; i++) {
         float v = rand_normalish();
-        if (dt == FLEX_F32) ((float *)p)[i] = v;
-        else if (dt == FLEX_F16) ((uint16_t *)p)[i] = flex_float_to_f16(v);
-        else ((uint16_t *)p)[i] = flex_float_to_bf16(v);
+        if (dt == FLEX_F32)
+            ((float *)p)[i] = v;
+        else if (dt == FLEX_F16)
+            ((uint16_t *)p)[i] = flex_float_to_f16(v);
+        else
+            ((uint16_t *)p)[i] = flex_float_to_bf16(v);
     }
     return p;
 }
 
-static int load_inputs(run_state *s)
-{
+static int load_inputs(run_state *s) {
     char paths[3][4096];
     static const char *names[3] = {"q", "k", "v"};
     if (strchr(s->o.load, ',')) {
@@ -343,8 +346,7 @@ static int load_inputs(run_state *s)
             goto out;
         }
         if (a[i].dtype != a[0].dtype) {
-            fprintf(stderr, "flexattn run: %s and %s have different dtypes\n", paths[0],
-                        paths[i]);
+            fprintf(stderr, "flexattn run: %s and %s have different dtypes\n", paths[0], paths[i]);
             goto out;
         }
     }
@@ -357,12 +359,12 @@ static int load_inputs(run_state *s)
     }
     rc = 0;
 out:
-    for (int i = 0; i < 3; i++) npy_free(&a[i]);
+    for (int i = 0; i < 3; i++)
+        npy_free(&a[i]);
     return rc;
 }
 
-static int make_inputs(run_state *s)
-{
+static int make_inputs(run_state *s) {
     run_opts *o = &s->o;
     if (o->load) {
         if (load_inputs(s)) return -1;
@@ -386,8 +388,7 @@ static int make_inputs(run_state *s)
     return 0;
 }
 
-static int upload_inputs(run_state *s)
-{
+static int upload_inputs(run_state *s) {
     flex_device_type dev = s->ctx->backend->device_type;
     int64_t dims[5][4] = {{s->B, s->Hq, s->Lq, s->D},
                           {s->B, s->Hkv, s->Lkv, s->D},
@@ -396,15 +397,15 @@ static int upload_inputs(run_state *s)
                           {s->B, s->Hq, s->Lq, 1}};
     for (int i = 0; i < 5; i++) {
         flex_dtype dt = i == T_LSE ? FLEX_F32 : s->dtype;
-        size_t bytes = (size_t)(dims[i][0] * dims[i][1] * dims[i][2] * dims[i][3]) *
-                       flex_dtype_size(dt);
+        size_t bytes =
+            (size_t)(dims[i][0] * dims[i][1] * dims[i][2] * dims[i][3]) * flex_dtype_size(dt);
         if (flex_malloc(s->ctx, bytes ? bytes : 1, &s->dev[i]) != FLEX_OK ||
             (i < 3 && flex_copy_to_device(s->ctx, s->dev[i], s->host[i], bytes) != FLEX_OK)) {
             fprintf(stderr, "flexattn run: %s\n", flex_error_message(s->ctx));
             return -1;
         }
-        s->t[i] = flex_tensor_bhsd(s->dev[i], dt, dims[i][0], dims[i][1], dims[i][2], dims[i][3],
-                                   dev);
+        s->t[i] =
+            flex_tensor_bhsd(s->dev[i], dt, dims[i][0], dims[i][1], dims[i][2], dims[i][3], dev);
         s->t[i].device_index = flex_context_device_index(s->ctx);
     }
     return 0;
@@ -412,8 +413,7 @@ static int upload_inputs(run_state *s)
 
 /* ---- forward ---- */
 
-static int time_forward(run_state *s)
-{
+static int time_forward(run_state *s) {
     int64_t n = s->o.iters;
     double *ms = malloc((size_t)n * sizeof(double));
     if (!ms) return -1;
@@ -440,8 +440,7 @@ static int time_forward(run_state *s)
 
 /* ---- check ---- */
 
-static int check_forward(run_state *s, double *rel_out, double *lse_out, int64_t *rows_out)
-{
+static int check_forward(run_state *s, double *rel_out, double *lse_out, int64_t *rows_out) {
     int64_t R = s->Lq <= 256 ? s->Lq : 64;
     int64_t *rows = malloc((size_t)R * sizeof(int64_t));
     size_t out_elems = (size_t)(s->B * s->Hq * s->Lq * s->Dv);
@@ -456,7 +455,8 @@ static int check_forward(run_state *s, double *rel_out, double *lse_out, int64_t
         fprintf(stderr, "flexattn run: out of memory for --check\n");
         goto done;
     }
-    for (int64_t r = 0; r < R; r++) rows[r] = R == s->Lq ? r : r * (s->Lq - 1) / (R - 1);
+    for (int64_t r = 0; r < R; r++)
+        rows[r] = R == s->Lq ? r : r * (s->Lq - 1) / (R - 1);
     if (flex_copy_to_host(s->ctx, out, s->dev[T_OUT], out_elems * flex_dtype_size(s->dtype)) ||
         flex_copy_to_host(s->ctx, lse, s->dev[T_LSE],
                           (size_t)(s->B * s->Hq * s->Lq) * sizeof(float))) {
@@ -502,8 +502,45 @@ done:
     return rc;
 }
 
-static int save_outputs(run_state *s)
-{
+/* ---- backward ---- */
+
+/* Largest B * Hq * Lq * Lkv * (D + Dv) the fp64 backward oracle is asked to
+ * check (it has no row subsampling: dK and dV need every row). */
+#define BACKWARD_CHECK_LIMIT 4e8
+
+/* Times the backward; with check, compares it with the oracle (*checked
+ * set when it did). Returns 0, or -1 after a message. */
+static int time_backward(run_state *s, int check, double *rel, int *pass, int *checked) {
+    cli_backward_problem p;
+    memset(&p, 0, sizeof p);
+    p.ctx = s->ctx;
+    p.q = s->t[T_Q], p.k = s->t[T_K], p.v = s->t[T_V];
+    p.host_q = flex_tensor_bhsd(s->host[0], s->dtype, s->B, s->Hq, s->Lq, s->D, FLEX_DEVICE_CPU);
+    p.host_k = flex_tensor_bhsd(s->host[1], s->dtype, s->B, s->Hkv, s->Lkv, s->D, FLEX_DEVICE_CPU);
+    p.host_v = flex_tensor_bhsd(s->host[2], s->dtype, s->B, s->Hkv, s->Lkv, s->Dv, FLEX_DEVICE_CPU);
+    p.score_mod = s->score;
+    p.mask_mod = s->mask_mod;
+    p.mask = s->mask;
+    cli_backward_state st;
+    char why[512] = "";
+    int rc = cli_backward_prepare(&st, &p, why, sizeof why);
+    if (rc == 0)
+        rc = cli_backward_time(&st, (int)s->o.warmup, (int)s->o.iters, &s->bw_ms, why, sizeof why);
+    *checked = 0;
+    double work = (double)s->B * s->Hq * (double)s->Lq * (double)s->Lkv * (double)(s->D + s->Dv);
+    if (rc == 0 && check && work <= BACKWARD_CHECK_LIMIT) {
+        int r = cli_backward_check(&st, rel, why, sizeof why);
+        if (r < 0)
+            rc = -1;
+        else
+            *pass = r, *checked = 1;
+    }
+    cli_backward_free(&st);
+    if (rc) fprintf(stderr, "flexattn run: %s\n", why);
+    return rc ? -1 : 0;
+}
+
+static int save_outputs(run_state *s) {
     mkdir(s->o.save, 0777);
     size_t out_bytes = (size_t)(s->B * s->Hq * s->Lq * s->Dv) * flex_dtype_size(s->dtype);
     size_t lse_bytes = (size_t)(s->B * s->Hq * s->Lq) * sizeof(float);
@@ -533,8 +570,20 @@ done:
 
 /* ---- output ---- */
 
-static void print_table(const run_state *s)
-{
+static void print_table(const run_state *s) {
+    if (s->bw_ms > 0) {
+        const char *sep = "+---------------+----------------+-------------------+----------------+"
+                          "-------------------+";
+        printf("%s\n| Operation     |   FW Time (ms) |   FW FLOPS (TF/s) |   BW Time (ms) |"
+               "   BW FLOPS (TF/s) |\n",
+               sep);
+        printf("+===============+================+===================+================+"
+               "===================+\n");
+        printf("| flexattention | %14.4f | %17.2f | %14.4f | %17.2f |\n%s\n", s->fw_ms,
+               s->fw_flops / (s->fw_ms * 1e-3) / 1e12, s->bw_ms,
+               cli_backward_flops(s->fw_flops) / (s->bw_ms * 1e-3) / 1e12, sep);
+        return;
+    }
     const char *sep = "+---------------+----------------+-------------------+";
     printf("%s\n| Operation     |   FW Time (ms) |   FW FLOPS (TF/s) |\n", sep);
     printf("+===============+================+===================+\n");
@@ -542,8 +591,7 @@ static void print_table(const run_state *s)
            s->fw_flops / (s->fw_ms * 1e-3) / 1e12, sep);
 }
 
-static void print_mask(const run_state *s)
-{
+static void print_mask(const run_state *s) {
     printf("\nBlock Mask:\n");
     if (!s->mask) {
         printf("None\n");
@@ -558,21 +606,21 @@ static void print_mask(const run_state *s)
     printf("sparsity %.2f%%\n", flex_block_mask_sparsity(s->mask));
 }
 
-static void run_free(run_state *s)
-{
+static void run_free(run_state *s) {
     for (int i = 0; i < 5; i++)
         if (s->dev[i]) flex_free(s->ctx, s->dev[i]);
-    for (int i = 0; i < 3; i++) free(s->host[i]);
+    for (int i = 0; i < 3; i++)
+        free(s->host[i]);
     flex_block_mask_destroy(s->mask);
     flex_mod_destroy(s->mask_mod);
     flex_mod_destroy(s->score);
     cli_buffers_free(&s->bufs);
-    for (int i = 0; i < s->num_loaded_bufs; i++) npy_free(&s->loaded_bufs[i]);
+    for (int i = 0; i < s->num_loaded_bufs; i++)
+        npy_free(&s->loaded_bufs[i]);
     flex_context_destroy(s->ctx);
 }
 
-int cmd_run(int argc, char **argv)
-{
+int cmd_run(int argc, char **argv) {
     run_state s;
     memset(&s, 0, sizeof s);
     if (parse_args(argc, argv, &s.o)) return CLI_EXIT_USAGE;
@@ -602,12 +650,15 @@ int cmd_run(int argc, char **argv)
         rc = CLI_EXIT_USAGE;
         goto done;
     }
-    if (kind == FLEX_MOD_SCORE) s.score = main_mod;
-    else s.mask_mod = main_mod;
+    if (kind == FLEX_MOD_SCORE)
+        s.score = main_mod;
+    else
+        s.mask_mod = main_mod;
     if (s.o.mask_preset || s.o.mask_text) {
         if (s.mask_mod) {
-            fprintf(stderr, "flexattn run: '%s' is already a mask; --mask adds a mask to a score "
-                            "mod\n",
+            fprintf(stderr,
+                    "flexattn run: '%s' is already a mask; --mask adds a mask to a score "
+                    "mod\n",
                     s.o.preset ? s.o.preset : "the text");
             rc = CLI_EXIT_USAGE;
             goto done;
@@ -629,22 +680,23 @@ int cmd_run(int argc, char **argv)
         rc = CLI_EXIT_USAGE;
         goto done;
     }
-    if (s.mask_mod &&
-        flex_block_mask_create(s.ctx, s.mask_mod, 1, 1, s.Lq, s.Lkv, (int)s.o.block,
-                               (int)s.o.block, &s.mask) != FLEX_OK) {
+    if (s.mask_mod && flex_block_mask_create(s.ctx, s.mask_mod, 1, 1, s.Lq, s.Lkv, (int)s.o.block,
+                                             (int)s.o.block, &s.mask) != FLEX_OK) {
         fprintf(stderr, "flexattn run: %s\n", flex_error_message(s.ctx));
         goto done;
     }
     if (upload_inputs(&s) || time_forward(&s)) goto done;
 
-    double rel = 0.0, lse_err = 0.0;
+    double rel = 0.0, lse_err = 0.0, bw_rel = 0.0;
     int64_t rows = 0;
-    int pass = 1;
+    int pass = 1, bw_pass = 1, bw_checked = 0;
     if (s.o.check) {
         if (check_forward(&s, &rel, &lse_err, &rows)) goto done;
         double tol = s.dtype == FLEX_F32 ? 1e-4 : 1e-2;
         pass = rel < tol && lse_err < 1e-3;
     }
+    if (s.o.backward && time_backward(&s, s.o.check, &bw_rel, &bw_pass, &bw_checked)) goto done;
+    pass = pass && bw_pass;
     if (s.o.save && save_outputs(&s)) goto done;
 
     const char *name = s.o.preset ? s.o.preset : "text";
@@ -657,6 +709,10 @@ int cmd_run(int argc, char **argv)
                flex_dtype_name(s.dtype), (long long)s.B, (long long)s.Hq, (long long)s.Hkv,
                (long long)s.Lq, (long long)s.Lkv, (long long)s.D, (long long)s.Dv, s.density,
                s.fw_ms, s.fw_flops / (s.fw_ms * 1e-3) / 1e12);
+        if (s.bw_ms > 0)
+            printf(", \"bw_ms\": %.6f, \"bw_tflops\": %.6f", s.bw_ms,
+                   cli_backward_flops(s.fw_flops) / (s.bw_ms * 1e-3) / 1e12);
+        if (bw_checked) printf(", \"bw_rel_err\": %.3e", bw_rel);
         if (s.o.check)
             printf(", \"rel_err\": %.3e, \"lse_err\": %.3e, \"pass\": %s", rel, lse_err,
                    pass ? "true" : "false");
@@ -666,14 +722,22 @@ int cmd_run(int argc, char **argv)
                "Dv=%lld):\n",
                s.o.preset ? s.o.preset : s.o.text, flex_context_backend(s.ctx),
                flex_context_device_name(s.ctx), flex_dtype_name(s.dtype), (long long)s.B,
-               (long long)s.Hq, (long long)s.Hkv, (long long)s.Lq, (long long)s.Lkv,
-               (long long)s.D, (long long)s.Dv);
+               (long long)s.Hq, (long long)s.Hkv, (long long)s.Lq, (long long)s.Lkv, (long long)s.D,
+               (long long)s.Dv);
         print_table(&s);
         print_mask(&s);
         if (s.o.check)
             printf("\ncheck: %s  relative error %.3e, lse error %.3e (%lld of %lld rows vs the "
                    "fp64 oracle)\n",
                    pass ? "PASS" : "FAIL", rel, lse_err, (long long)rows, (long long)s.Lq);
+        if (s.o.check && s.o.backward) {
+            if (bw_checked)
+                printf("backward check: %s  largest relative error of dq, dk, dv %.3e (all rows "
+                       "vs the fp64 oracle)\n",
+                       bw_pass ? "PASS" : "FAIL", bw_rel);
+            else
+                printf("backward check: skipped (too large for the fp64 oracle; try --len 256)\n");
+        }
     }
     rc = pass ? CLI_EXIT_OK : CLI_EXIT_FAILURE;
 done:

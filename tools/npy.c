@@ -11,21 +11,19 @@
 
 #include "npy.h"
 
-static flex_status io_fail(char *err, size_t cap, const char *path, const char *what)
-{
+static flex_status io_fail(char *err, size_t cap, const char *path, const char *what) {
     if (cap) snprintf(err, cap, "%s: %s", path, what);
     return FLEX_ERR_IO;
 }
 
-static const char *skip_space(const char *s)
-{
-    while (*s && isspace((unsigned char)*s)) s++;
+static const char *skip_space(const char *s) {
+    while (*s && isspace((unsigned char)*s))
+        s++;
     return s;
 }
 
 /* Finds key 'name' (quoted either way) and returns the text after its ':'. */
-static const char *find_key(const char *hdr, const char *name)
-{
+static const char *find_key(const char *hdr, const char *name) {
     size_t n = strlen(name);
     for (const char *s = hdr; *s; s++) {
         if ((*s == '\'' || *s == '"') && strncmp(s + 1, name, n) == 0 && s[n + 1] == *s) {
@@ -36,22 +34,22 @@ static const char *find_key(const char *hdr, const char *name)
     return NULL;
 }
 
-static int parse_descr(const char *v, flex_dtype *dt)
-{
+static int parse_descr(const char *v, flex_dtype *dt) {
     if (*v != '\'' && *v != '"') return -1;
     char q = *v++;
     char d[16];
     size_t n = 0;
-    while (*v && *v != q && n + 1 < sizeof d) d[n++] = *v++;
+    while (*v && *v != q && n + 1 < sizeof d)
+        d[n++] = *v++;
     d[n] = '\0';
     if (*v != q) return -1;
     static const struct {
         const char *descr;
         flex_dtype dtype;
     } table[] = {
-        {"<f4", FLEX_F32}, {"<f2", FLEX_F16}, {"<u2", FLEX_BF16}, {"|V2", FLEX_BF16},
-        {"<V2", FLEX_BF16}, {"<i4", FLEX_I32}, {"<i8", FLEX_I64}, {"|u1", FLEX_U8},
-        {"<u1", FLEX_U8}, {"|b1", FLEX_BOOL},
+        {"<f4", FLEX_F32},  {"<f2", FLEX_F16},  {"<u2", FLEX_BF16}, {"|V2", FLEX_BF16},
+        {"<V2", FLEX_BF16}, {"<i4", FLEX_I32},  {"<i8", FLEX_I64},  {"|u1", FLEX_U8},
+        {"<u1", FLEX_U8},   {"|b1", FLEX_BOOL},
     };
     for (size_t i = 0; i < sizeof table / sizeof table[0]; i++)
         if (strcmp(d, table[i].descr) == 0) {
@@ -61,8 +59,7 @@ static int parse_descr(const char *v, flex_dtype *dt)
     return -1;
 }
 
-static int parse_shape(const char *v, int *ndim, int64_t *shape)
-{
+static int parse_shape(const char *v, int *ndim, int64_t *shape) {
     if (*v != '(') return -1;
     v++;
     *ndim = 0;
@@ -77,20 +74,20 @@ static int parse_shape(const char *v, int *ndim, int64_t *shape)
         if (errno || x < 0) return -1;
         shape[(*ndim)++] = x;
         v = skip_space(end);
-        if (*v == ',') v++;
-        else if (*v != ')') return -1;
+        if (*v == ',')
+            v++;
+        else if (*v != ')')
+            return -1;
     }
 }
 
-void npy_free(npy_array *a)
-{
+void npy_free(npy_array *a) {
     if (!a) return;
     free(a->data);
     memset(a, 0, sizeof *a);
 }
 
-flex_status npy_read(const char *path, npy_array *out, char *err, size_t err_cap)
-{
+flex_status npy_read(const char *path, npy_array *out, char *err, size_t err_cap) {
     memset(out, 0, sizeof *out);
     FILE *f = fopen(path, "rb");
     if (!f) return io_fail(err, err_cap, path, strerror(errno));
@@ -170,29 +167,34 @@ done:
     return st;
 }
 
-static const char *descr_of(flex_dtype dt)
-{
+static const char *descr_of(flex_dtype dt) {
     switch (dt) {
-    case FLEX_F32: return "<f4";
-    case FLEX_F16: return "<f2";
-    case FLEX_BF16: return "<u2";
-    case FLEX_I32: return "<i4";
-    case FLEX_I64: return "<i8";
-    case FLEX_U8: return "|u1";
-    case FLEX_BOOL: return "|b1";
+    case FLEX_F32:
+        return "<f4";
+    case FLEX_F16:
+        return "<f2";
+    case FLEX_BF16:
+        return "<u2";
+    case FLEX_I32:
+        return "<i4";
+    case FLEX_I64:
+        return "<i8";
+    case FLEX_U8:
+        return "|u1";
+    case FLEX_BOOL:
+        return "|b1";
     }
     return NULL;
 }
 
 flex_status npy_write(const char *path, flex_dtype dtype, int ndim, const int64_t *shape,
-                      const void *data, char *err, size_t err_cap)
-{
+                      const void *data, char *err, size_t err_cap) {
     const char *descr = descr_of(dtype);
     if (!descr || ndim < 0 || ndim > NPY_MAX_DIMS)
         return io_fail(err, err_cap, path, "cannot write this dtype or rank");
     char dict[256];
-    int n = snprintf(dict, sizeof dict, "{'descr': '%s', 'fortran_order': False, 'shape': (",
-                     descr);
+    int n =
+        snprintf(dict, sizeof dict, "{'descr': '%s', 'fortran_order': False, 'shape': (", descr);
     size_t count = 1;
     for (int i = 0; i < ndim; i++) {
         n += snprintf(dict + n, sizeof dict - (size_t)n, "%lld%s", (long long)shape[i],
@@ -206,11 +208,20 @@ flex_status npy_write(const char *path, flex_dtype dtype, int ndim, const int64_
     FILE *f = fopen(path, "wb");
     if (!f) return io_fail(err, err_cap, path, strerror(errno));
     unsigned hlen = (unsigned)((size_t)n + pad + 1);
-    unsigned char pre[10] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0, (unsigned char)(hlen & 0xff),
+    unsigned char pre[10] = {0x93,
+                             'N',
+                             'U',
+                             'M',
+                             'P',
+                             'Y',
+                             1,
+                             0,
+                             (unsigned char)(hlen & 0xff),
                              (unsigned char)(hlen >> 8)};
     size_t bytes = count * flex_dtype_size(dtype);
     int ok = fwrite(pre, 1, 10, f) == 10 && fwrite(dict, 1, (size_t)n, f) == (size_t)n;
-    for (size_t i = 0; ok && i < pad; i++) ok = fputc(' ', f) != EOF;
+    for (size_t i = 0; ok && i < pad; i++)
+        ok = fputc(' ', f) != EOF;
     ok = ok && fputc('\n', f) != EOF;
     ok = ok && (bytes == 0 || fwrite(data, 1, bytes, f) == bytes);
     if (fclose(f) != 0) ok = 0;

@@ -39,8 +39,8 @@ void flex_cpu_block_row_classes(const struct flex_block_mask *mask, int64_t num_
 /* Register-block sizes every kernel family shares. Scratch tiles are padded
  * to these multiples, so kernels never see ragged edges. */
 enum {
-    CPU_MR = 8,  /* rows of a register block */
-    CPU_NR = 32, /* columns of a K panel (and the wide V panel) */
+    CPU_MR = 8,       /* rows of a register block */
+    CPU_NR = 32,      /* columns of a K panel (and the wide V panel) */
     CPU_DV_ALIGN = 16 /* Dv is padded to a multiple of this; the last V panel may be 16 wide */
 };
 
@@ -48,13 +48,22 @@ typedef struct cpu_kernels {
     const char *name;
     /* s[r * nk + c] = scale * sum_k q[r * d + k] * kp[panel(c)][k][c % 32]:
      * mq a multiple of CPU_MR, nk of CPU_NR; kp holds nk / 32 panels of d x 32
-     * floats, one after another. */
+     * floats, one after another. (scores_ld with lds = nk.) */
     void (*scores)(int mq, int nk, int d, const float *q, const float *kp, float scale, float *s);
     /* o[r * dvp + c] = alpha[r] * o[r * dvp + c] + sum_n p[r * nk + n] * v(n, c):
      * v is packed in panels of 32 columns (the last one 16 when dvp % 32 ==
-     * 16); panel i starts at vp + i * 32 * nk and is nk rows of its width. */
-    void (*accumulate)(int mq, int nk, int dvp, const float *p, const float *vp,
-                       const float *alpha, float *o);
+     * 16); panel i starts at vp + i * 32 * nk and is nk rows of its width.
+     * (accumulate_rows with ldp = nk, row0 = 0.) */
+    void (*accumulate)(int mq, int nk, int dvp, const float *p, const float *vp, const float *alpha,
+                       float *o);
+    /* scores with a row stride: s[r * lds + c] for c < n (a multiple of
+     * CPU_NR), kp holding n / 32 panels. */
+    void (*scores_ld)(int mq, int n, int d, const float *q, const float *kp, float scale, float *s,
+                      int lds);
+    /* accumulate over V rows row0 .. row0+n-1 of panels packed for nk rows:
+     * o[r][c] = alpha[r] * o[r][c] + sum_{j < n} p[r * ldp + j] * v(row0 + j, c). */
+    void (*accumulate_rows)(int mq, int n, int dvp, const float *p, int ldp, const float *vp,
+                            int nk, int row0, const float *alpha, float *o);
     /* Largest of x[0..n) (n a multiple of 16); -inf when all are. */
     float (*row_max)(const float *x, int n);
     /* x[i] = exp(x[i] - shift) for i < n (n a multiple of 16); returns the

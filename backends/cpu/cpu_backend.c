@@ -19,15 +19,13 @@ typedef struct cpu_state {
 } cpu_state;
 
 /* Always usable; the lowest preference so that "auto" takes a GPU first. */
-static int cpu_score(char *why, size_t why_cap)
-{
+static int cpu_score(char *why, size_t why_cap) {
     if (why && why_cap) snprintf(why, why_cap, "host CPU");
     return 1;
 }
 
 /* The "model name" line of /proc/cpuinfo, or "" when there is none. */
-static void read_cpu_model(char *dst, size_t cap)
-{
+static void read_cpu_model(char *dst, size_t cap) {
     dst[0] = '\0';
     FILE *f = fopen("/proc/cpuinfo", "r");
     if (!f) return;
@@ -37,17 +35,18 @@ static void read_cpu_model(char *dst, size_t cap)
         const char *colon = strchr(line, ':');
         if (!colon) continue;
         colon++;
-        while (*colon == ' ' || *colon == '\t') colon++;
+        while (*colon == ' ' || *colon == '\t')
+            colon++;
         snprintf(dst, cap, "%s", colon);
         size_t n = strlen(dst);
-        while (n && (dst[n - 1] == '\n' || dst[n - 1] == ' ')) dst[--n] = '\0';
+        while (n && (dst[n - 1] == '\n' || dst[n - 1] == ' '))
+            dst[--n] = '\0';
         break;
     }
     fclose(f);
 }
 
-static flex_status cpu_init(flex_context *ctx, int device_index)
-{
+static flex_status cpu_init(flex_context *ctx, int device_index) {
     if (device_index != 0)
         return flex_fail(ctx, FLEX_ERR_BACKEND, "the cpu backend has only device 0, not %d",
                          device_index);
@@ -66,14 +65,12 @@ static flex_status cpu_init(flex_context *ctx, int device_index)
     return FLEX_OK;
 }
 
-static void cpu_release(flex_context *ctx)
-{
+static void cpu_release(flex_context *ctx) {
     free(ctx->backend_state);
     ctx->backend_state = NULL;
 }
 
-static const char *cpu_device_name(flex_context *ctx)
-{
+static const char *cpu_device_name(flex_context *ctx) {
     cpu_state *st = ctx->backend_state;
     return st ? st->device_name : "cpu";
 }

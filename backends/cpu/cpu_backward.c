@@ -40,6 +40,9 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h> /* MXCSR; before the AVX-512 region below */
+#endif
 
 #include "internal.h"
 #include "plan.h"
@@ -51,56 +54,60 @@
  * it in strips of this many points, so its per-node arrays stay in L1/L2. */
 enum { BWD_STRIP_ELEMS = 2048 };
 
-static inline float load_elem(const void *base, flex_dtype dt, int64_t off)
-{
+static inline float load_elem(const void *base, flex_dtype dt, int64_t off) {
     switch (dt) {
-    case FLEX_F16: return flex_f16_to_float(((const uint16_t *)base)[off]);
-    case FLEX_BF16: return flex_bf16_to_float(((const uint16_t *)base)[off]);
-    default: return ((const float *)base)[off];
+    case FLEX_F16:
+        return flex_f16_to_float(((const uint16_t *)base)[off]);
+    case FLEX_BF16:
+        return flex_bf16_to_float(((const uint16_t *)base)[off]);
+    default:
+        return ((const float *)base)[off];
     }
 }
 
-static inline void store_elem(void *base, flex_dtype dt, int64_t off, float v)
-{
+static inline void store_elem(void *base, flex_dtype dt, int64_t off, float v) {
     switch (dt) {
-    case FLEX_F16: ((uint16_t *)base)[off] = flex_float_to_f16(v); break;
-    case FLEX_BF16: ((uint16_t *)base)[off] = flex_float_to_bf16(v); break;
-    default: ((float *)base)[off] = v; break;
+    case FLEX_F16:
+        ((uint16_t *)base)[off] = flex_float_to_f16(v);
+        break;
+    case FLEX_BF16:
+        ((uint16_t *)base)[off] = flex_float_to_bf16(v);
+        break;
+    default:
+        ((float *)base)[off] = v;
+        break;
     }
 }
 
-static void load_row(const flex_tensor *t, int64_t off, int n, float *dst)
-{
+static void load_row(const flex_tensor *t, int64_t off, int n, float *dst) {
     int64_t st = t->strides[3];
     if (t->dtype == FLEX_F32 && st == 1) {
         memcpy(dst, (const float *)t->data + off, (size_t)n * sizeof(float));
         return;
     }
-    for (int i = 0; i < n; i++) dst[i] = load_elem(t->data, t->dtype, off + (int64_t)i * st);
+    for (int i = 0; i < n; i++)
+        dst[i] = load_elem(t->data, t->dtype, off + (int64_t)i * st);
 }
 
-static void store_row(const flex_tensor *t, int64_t off, int n, const float *src)
-{
+static void store_row(const flex_tensor *t, int64_t off, int n, const float *src) {
     int64_t st = t->strides[3];
     if (t->dtype == FLEX_F32 && st == 1) {
         memcpy((float *)t->data + off, src, (size_t)n * sizeof(float));
         return;
     }
-    for (int i = 0; i < n; i++) store_elem(t->data, t->dtype, off + (int64_t)i * st, src[i]);
+    for (int i = 0; i < n; i++)
+        store_elem(t->data, t->dtype, off + (int64_t)i * st, src[i]);
 }
 
-static inline int64_t row_offset(const flex_tensor *t, int64_t b, int64_t h, int64_t s)
-{
+static inline int64_t row_offset(const flex_tensor *t, int64_t b, int64_t h, int64_t s) {
     return b * t->strides[0] + h * t->strides[1] + s * t->strides[2];
 }
 
-static inline int64_t round_up(int64_t v, int64_t m)
-{
+static inline int64_t round_up(int64_t v, int64_t m) {
     return (v + m - 1) / m * m;
 }
 
-static inline int64_t min64(int64_t a, int64_t b)
-{
+static inline int64_t min64(int64_t a, int64_t b) {
     return a < b ? a : b;
 }
 
@@ -109,34 +116,34 @@ static inline int64_t min64(int64_t a, int64_t b)
  * dst + c0 * rows_p and holds rows_p rows of its width. Columns n .. np and
  * rows beyond `rows` are zero. This is the layout `accumulate` reads its
  * right-hand side in. */
-static void pack_panels(const float *src, int rows, int rows_p, int n, int np, float *dst)
-{
+static void pack_panels(const float *src, int rows, int rows_p, int n, int np, float *dst) {
     for (int c0 = 0; c0 < np; c0 += CPU_NR) {
         int w = np - c0 >= CPU_NR ? CPU_NR : np - c0;
         float *panel = dst + (size_t)c0 * rows_p;
         for (int r = 0; r < rows_p; r++)
             for (int c = 0; c < w; c++)
-                panel[(size_t)r * w + c] = (r < rows && c0 + c < n) ? src[(size_t)r * n + c0 + c]
-                                                                    : 0.0f;
+                panel[(size_t)r * w + c] =
+                    (r < rows && c0 + c < n) ? src[(size_t)r * n + c0 + c] : 0.0f;
     }
 }
 
 /* Copies rows x n of src (leading dimension n) transposed into panels of 32
  * rows: dst[p][k][c] = src[32p + c][k], rows beyond `rows` zero, rows_p / 32
  * panels. This is the layout `scores` reads its right-hand side in. */
-static void pack_transposed(const float *src, int rows, int rows_p, int n, float *dst)
-{
+static void pack_transposed(const float *src, int rows, int rows_p, int n, float *dst) {
     for (int r = 0; r < rows_p; r++) {
         float *col = dst + (size_t)(r / CPU_NR) * n * CPU_NR + (r % CPU_NR);
         if (r < rows)
-            for (int k = 0; k < n; k++) col[(size_t)k * CPU_NR] = src[(size_t)r * n + k];
+            for (int k = 0; k < n; k++)
+                col[(size_t)k * CPU_NR] = src[(size_t)r * n + k];
         else
-            for (int k = 0; k < n; k++) col[(size_t)k * CPU_NR] = 0.0f;
+            for (int k = 0; k < n; k++)
+                col[(size_t)k * CPU_NR] = 0.0f;
     }
 }
 
-static void transpose(const float *src, int rows, int cols, float *dst)
-{
+/* dst (cols x rows) = srcᵀ (rows x cols), both dense. */
+static void transpose_portable(const float *src, int rows, int cols, float *dst) {
     enum { T = 16 };
     for (int r0 = 0; r0 < rows; r0 += T)
         for (int c0 = 0; c0 < cols; c0 += T)
@@ -145,12 +152,77 @@ static void transpose(const float *src, int rows, int cols, float *dst)
                     dst[(size_t)c * rows + r] = src[(size_t)r * cols + c];
 }
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#define BWD_HAVE_AVX512_TRANSPOSE 1
+#if defined(__clang__)
+#pragma clang attribute push(__attribute__((target("avx512f"))), apply_to = function)
+#else
+#pragma GCC push_options
+#pragma GCC target("avx512f")
+#endif
+#include <immintrin.h>
+
+/* 16 x 16 blocks through registers: 32-bit then 64-bit interleaves build
+ * 4 x 4 sub-blocks inside each 128-bit lane, two lane shuffles move the
+ * lanes into place. rows and cols are multiples of 16. */
+static void transpose_avx512(const float *src, int rows, int cols, float *dst) {
+    for (int r0 = 0; r0 < rows; r0 += 16)
+        for (int c0 = 0; c0 < cols; c0 += 16) {
+            __m512 r[16], t[16], u[16];
+            for (int i = 0; i < 16; i++)
+                r[i] = _mm512_loadu_ps(src + (size_t)(r0 + i) * cols + c0);
+            for (int k = 0; k < 8; k++) {
+                t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+                t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+            }
+            /* u[4g + m], lane L: column 4L + m of rows 4g .. 4g + 3 */
+            for (int g = 0; g < 4; g++) {
+                __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 2]);
+                __m512d c = _mm512_castps_pd(t[4 * g + 1]), d = _mm512_castps_pd(t[4 * g + 3]);
+                u[4 * g + 0] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, b));
+                u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, b));
+                u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(c, d));
+                u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(c, d));
+            }
+            for (int m = 0; m < 4; m++) {
+                __m512 va = _mm512_shuffle_f32x4(u[m], u[4 + m], 0x44);
+                __m512 vb = _mm512_shuffle_f32x4(u[m], u[4 + m], 0xEE);
+                __m512 wa = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0x44);
+                __m512 wb = _mm512_shuffle_f32x4(u[8 + m], u[12 + m], 0xEE);
+                float *out = dst + (size_t)(c0 + m) * rows + r0;
+                _mm512_storeu_ps(out, _mm512_shuffle_f32x4(va, wa, 0x88));
+                _mm512_storeu_ps(out + (size_t)4 * rows, _mm512_shuffle_f32x4(va, wa, 0xDD));
+                _mm512_storeu_ps(out + (size_t)8 * rows, _mm512_shuffle_f32x4(vb, wb, 0x88));
+                _mm512_storeu_ps(out + (size_t)12 * rows, _mm512_shuffle_f32x4(vb, wb, 0xDD));
+            }
+        }
+}
+
+#if defined(__clang__)
+#pragma clang attribute pop
+#else
+#pragma GCC pop_options
+#endif
+#endif
+
+typedef void (*transpose_fn)(const float *src, int rows, int cols, float *dst);
+
+/* The AVX-512 transpose goes with the AVX-512 kernels (the CPU has it). */
+static transpose_fn pick_transpose(const cpu_kernels *kern, int rows, int cols) {
+#ifdef BWD_HAVE_AVX512_TRANSPOSE
+    if (kern == flex_cpu_kernels_avx512() && rows % 16 == 0 && cols % 16 == 0)
+        return transpose_avx512;
+#endif
+    (void)kern, (void)rows, (void)cols;
+    return transpose_portable;
+}
+
 /* ---- the read-only description of one call ---- */
 
 /* One buffer whose gradient was asked for, and the derivative outputs of the
  * loads that read it. */
 typedef struct bwd_grad_load {
-    int grad;      /* index into bwd_problem.grads */
+    int grad; /* index into bwd_problem.grads */
     int ndim;
     int out_deriv; /* evaluator output of d(mod)/d(value read) */
     int out_index; /* first of ndim evaluator outputs: the indices read */
@@ -161,16 +233,17 @@ typedef struct bwd_grad {
     const flex_tensor *dst; /* caller's f32 gradient */
     int64_t numel;
     int64_t dense_strides[4]; /* row-major strides of the bound buffer's sizes */
-    int64_t offset;         /* where this buffer starts in a thread's partial array */
+    int64_t offset;           /* where this buffer starts in a thread's partial array */
 } bwd_grad;
 
 typedef struct bwd_problem {
     const flex_backward_args *a;
     const cpu_kernels *kern;
+    transpose_fn transpose;
     int64_t B, Hq, Hkv, Lq, Lkv, D, Dv, group;
-    int q_tile, kv_tile;   /* real tile sizes (divide the mask's blocks) */
-    int mq, nk;            /* padded: q rows (multiple of 8), kv columns (of 32) */
-    int dp, dvp;           /* D and Dv padded to 16 */
+    int q_tile, kv_tile; /* real tile sizes (divide the mask's blocks) */
+    int mq, nk;          /* padded: q rows (multiple of 8), kv columns (of 32) */
+    int dp, dvp;         /* D and Dv padded to 16 */
     int q_block, kv_block;
     int64_t num_q_blocks, num_kv_blocks, num_q_tiles;
     const struct flex_block_mask *mask;
@@ -211,25 +284,24 @@ typedef struct bwd_problem {
 } bwd_problem;
 
 typedef struct bwd_scratch {
-    float *kt, *kr, *vt;   /* K transposed panels, K column panels, V transposed panels */
-    float *dk, *dv;        /* nk x dp, nk x dvp accumulators */
-    float *s, *dp, *t;     /* mq x nk tiles, and an nk x mq transpose */
-    float *g;              /* mq x nk d(mod)/d(score) */
+    float *kt, *kr, *vt; /* K transposed panels, K column panels, V transposed panels */
+    float *dk, *dv;      /* nk x dp, nk x dvp accumulators */
+    float *s, *dp, *t;   /* mq x nk tiles, and an nk x mq transpose */
+    float *g;            /* mq x nk d(mod)/d(score) */
     float *ones;
-    float *row;            /* max(D, Dv) staging */
-    float *load_deriv;     /* num_grad_loads x mq x nk */
-    int32_t *load_index;   /* sum of ndim x mq x nk */
-    uint8_t *keep;         /* mq x nk */
-    double *partial;       /* buffer gradient partial sums */
-    mod_multi *multi;      /* tiles of strips */
-    mod_multi *point;      /* single points (fallback) */
+    float *row;          /* max(D, Dv) staging */
+    float *load_deriv;   /* num_grad_loads x mq x nk */
+    int32_t *load_index; /* sum of ndim x mq x nk */
+    uint8_t *keep;       /* mq x nk */
+    double *partial;     /* buffer gradient partial sums */
+    mod_multi *multi;    /* tiles of strips */
+    mod_multi *point;    /* single points (fallback) */
     mod_tile *mask_tile;
     void *block;
 } bwd_scratch;
 
 static void record_failure(bwd_problem *pb, flex_status st, const flex_mod *mod,
-                           const mod_bounds_error *err)
-{
+                           const mod_bounds_error *err) {
 #ifdef _OPENMP
 #pragma omp critical(flex_cpu_backward_failure)
 #endif
@@ -246,8 +318,7 @@ static void record_failure(bwd_problem *pb, flex_status st, const flex_mod *mod,
     }
 }
 
-static int has_failed(bwd_problem *pb)
-{
+static int has_failed(bwd_problem *pb) {
     int f;
 #ifdef _OPENMP
 #pragma omp atomic read
@@ -256,8 +327,7 @@ static int has_failed(bwd_problem *pb)
     return f;
 }
 
-static void scratch_free(bwd_scratch *sc)
-{
+static void scratch_free(bwd_scratch *sc) {
     free(sc->block);
     free(sc->keep);
     free(sc->load_index);
@@ -268,21 +338,30 @@ static void scratch_free(bwd_scratch *sc)
     memset(sc, 0, sizeof *sc);
 }
 
-static int scratch_alloc(bwd_scratch *sc, const bwd_problem *pb)
-{
+static int scratch_alloc(bwd_scratch *sc, const bwd_problem *pb) {
     memset(sc, 0, sizeof *sc);
     size_t mq = (size_t)pb->mq, nk = (size_t)pb->nk, D = (size_t)pb->D, Dv = (size_t)pb->Dv;
     size_t dp = (size_t)pb->dp, dvp = (size_t)pb->dvp;
     size_t rowlen = D > Dv ? D : Dv;
     size_t tile = mq * nk;
     size_t nloads = (size_t)pb->num_grad_loads;
-    size_t sizes[12] = {nk * D, nk * dp, nk * Dv, nk * dp, nk * dvp, tile, tile, tile,
-                        pb->has_score ? tile : 1, mq > nk ? mq : nk, rowlen,
+    size_t sizes[12] = {nk * D,
+                        nk * dp,
+                        nk * Dv,
+                        nk * dp,
+                        nk * dvp,
+                        tile,
+                        tile,
+                        tile,
+                        pb->has_score ? tile : 1,
+                        mq > nk ? mq : nk,
+                        rowlen,
                         nloads * tile + 1};
-    float **dst[12] = {&sc->kt, &sc->kr, &sc->vt, &sc->dk, &sc->dv, &sc->s, &sc->dp, &sc->t,
-                       &sc->g, &sc->ones, &sc->row, &sc->load_deriv};
+    float **dst[12] = {&sc->kt, &sc->kr, &sc->vt, &sc->dk,   &sc->dv,  &sc->s,
+                       &sc->dp, &sc->t,  &sc->g,  &sc->ones, &sc->row, &sc->load_deriv};
     size_t total = 0;
-    for (int i = 0; i < 12; i++) total += (size_t)round_up((int64_t)sizes[i], 16);
+    for (int i = 0; i < 12; i++)
+        total += (size_t)round_up((int64_t)sizes[i], 16);
     float *base = NULL;
     if (posix_memalign((void **)&base, 64, total * sizeof(float)) != 0) return -1;
     sc->block = base;
@@ -292,11 +371,13 @@ static int scratch_alloc(bwd_scratch *sc, const bwd_problem *pb)
         *dst[i] = base + at;
         at += (size_t)round_up((int64_t)sizes[i], 16);
     }
-    for (size_t i = 0; i < (mq > nk ? mq : nk); i++) sc->ones[i] = 1.0f;
+    for (size_t i = 0; i < (mq > nk ? mq : nk); i++)
+        sc->ones[i] = 1.0f;
     sc->keep = malloc(tile);
     if (!sc->keep) return -1;
     size_t index_slots = 0;
-    for (int l = 0; l < pb->num_grad_loads; l++) index_slots += (size_t)pb->grad_loads[l].ndim;
+    for (int l = 0; l < pb->num_grad_loads; l++)
+        index_slots += (size_t)pb->grad_loads[l].ndim;
     sc->load_index = malloc((index_slots * tile + 1) * sizeof(int32_t));
     if (!sc->load_index) return -1;
     if (pb->partial_len > 0) {
@@ -306,8 +387,8 @@ static int scratch_alloc(bwd_scratch *sc, const bwd_problem *pb)
     if (pb->has_score) {
         int strip_rows = BWD_STRIP_ELEMS / pb->kv_tile;
         if (strip_rows < 1) strip_rows = 1;
-        sc->multi = mod_multi_create(&pb->score_ir, pb->outputs, pb->num_outputs,
-                                     strip_rows * pb->kv_tile);
+        sc->multi =
+            mod_multi_create(&pb->score_ir, pb->outputs, pb->num_outputs, strip_rows * pb->kv_tile);
         sc->point = mod_multi_create(&pb->score_ir, pb->outputs, pb->num_outputs, 1);
         if (!sc->multi || !sc->point) return -1;
     }
@@ -320,13 +401,11 @@ static int scratch_alloc(bwd_scratch *sc, const bwd_problem *pb)
 
 /* ---- pre-pass: packed Q, dO, lse and delta per (b, h, q tile) ---- */
 
-static float *q_record(const bwd_problem *pb, int64_t b, int64_t h, int64_t qt)
-{
+static float *q_record(const bwd_problem *pb, int64_t b, int64_t h, int64_t qt) {
     return pb->packed + (size_t)((b * pb->Hq + h) * pb->num_q_tiles + qt) * pb->q_record;
 }
 
-static void pack_q_tile(const bwd_problem *pb, float *row, int64_t b, int64_t h, int64_t qt)
-{
+static void pack_q_tile(const bwd_problem *pb, float *row, int64_t b, int64_t h, int64_t qt) {
     const flex_backward_args *a = pb->a;
     float *rec = q_record(pb, b, h, qt);
     float *qrow = rec + pb->off_qrow, *dorow = rec + pb->off_dorow;
@@ -348,7 +427,8 @@ static void pack_q_tile(const bwd_problem *pb, float *row, int64_t b, int64_t h,
         load_row(&a->out, row_offset(&a->out, b, h, s), Dv, row);
         double dot = 0.0;
         const float *dor = dorow + (size_t)r * Dv;
-        for (int c = 0; c < Dv; c++) dot += (double)dor[c] * (double)row[c];
+        for (int c = 0; c < Dv; c++)
+            dot += (double)dor[c] * (double)row[c];
         delta[r] = (float)dot;
         float l = ((const float *)a->lse.data)[row_offset(&a->lse, b, h, s)];
         /* A row the forward found empty (or a NaN lse) carries no mass. */
@@ -363,17 +443,21 @@ static void pack_q_tile(const bwd_problem *pb, float *row, int64_t b, int64_t h,
 /* Copies the evaluator's outputs for rows r0 .. r0+rows-1 (all cols) into
  * the scratch tiles (leading dimension nk). */
 static void take_outputs(const bwd_problem *pb, bwd_scratch *sc, const mod_multi *mm, int r0,
-                         int rows, int c0, int cols)
-{
+                         int rows, int c0, int cols) {
     int nk = pb->nk;
     size_t tile = (size_t)pb->mq * nk;
     const ir_value *v = mod_multi_output(mm, pb->out_value);
     const ir_value *g = mod_multi_output(mm, pb->out_dscore);
-    for (int r = 0; r < rows; r++)
-        for (int c = 0; c < cols; c++) {
-            size_t at = (size_t)(r0 + r) * nk + c0 + c;
-            sc->s[at] = v[r * cols + c].f;
-            sc->g[at] = g[r * cols + c].f;
+    for (int r = 0; r < rows; r++) {
+        float *srow = sc->s + (size_t)(r0 + r) * nk + c0;
+        for (int c = 0; c < cols; c++)
+            srow[c] = v[r * cols + c].f;
+    }
+    if (!pb->dscore_is_one) /* else g is never read */
+        for (int r = 0; r < rows; r++) {
+            float *grow = sc->g + (size_t)(r0 + r) * nk + c0;
+            for (int c = 0; c < cols; c++)
+                grow[c] = g[r * cols + c].f;
         }
     int32_t *index = sc->load_index;
     for (int l = 0; l < pb->num_grad_loads; l++) {
@@ -394,13 +478,13 @@ static void take_outputs(const bwd_problem *pb, bwd_scratch *sc, const mod_multi
 }
 
 /* Evaluates the score mod (value and derivatives) over the tile whose raw
- * scores are in sc->s. When the whole-tile evaluation reads a buffer out of
- * range in a partial tile, the read may lie at an element the mask removes,
- * which is not an error: the attended elements are then evaluated one by
- * one. Returns 0, or -1 after recording the failure. */
+ * scores are in sc->s. Returns 0; -1 after recording a failure; or 1 when a
+ * buffer read went out of range in a partial tile: it may lie at an element
+ * the mask removes, which is not an error, so the caller recomputes the raw
+ * scores (the strips done have replaced theirs) and evaluates the attended
+ * elements one by one (apply_score_mod_points). */
 static int apply_score_mod(bwd_problem *pb, bwd_scratch *sc, int32_t b, int32_t h, int64_t q0,
-                           int rows, int64_t kv0, int cols, int partial)
-{
+                           int rows, int64_t kv0, int cols, int partial) {
     int nk = pb->nk;
     int strip = BWD_STRIP_ELEMS / pb->kv_tile;
     if (strip < 1) strip = 1;
@@ -411,8 +495,8 @@ static int apply_score_mod(bwd_problem *pb, bwd_scratch *sc, int32_t b, int32_t 
      * overwrites them strip by strip, below the rows still to be read. */
     for (int r0 = 0; r0 < rows && !failed; r0 += strip) {
         int n = rows - r0 < strip ? rows - r0 : strip;
-        if (mod_multi_eval(sc->multi, pb->score_views, b, h, (int32_t)(q0 + r0), n,
-                           (int32_t)kv0, cols, sc->s + (size_t)r0 * nk, nk, &err) != 0) {
+        if (mod_multi_eval(sc->multi, pb->score_views, b, h, (int32_t)(q0 + r0), n, (int32_t)kv0,
+                           cols, sc->s + (size_t)r0 * nk, nk, &err) != 0) {
             failed = 1;
             break;
         }
@@ -423,14 +507,11 @@ static int apply_score_mod(bwd_problem *pb, bwd_scratch *sc, int32_t b, int32_t 
         record_failure(pb, FLEX_ERR_BUFFER_BOUNDS, pb->a->score_mod, &err);
         return -1;
     }
-    /* Recompute the raw scores (strips already replaced them) and go point
-     * by point over the attended elements. */
     return 1;
 }
 
 static int apply_score_mod_points(bwd_problem *pb, bwd_scratch *sc, int32_t b, int32_t h,
-                                  int64_t q0, int rows, int64_t kv0, int cols)
-{
+                                  int64_t q0, int rows, int64_t kv0, int cols) {
     int nk = pb->nk;
     for (int r = 0; r < rows; r++)
         for (int c = 0; c < cols; c++) {
@@ -451,9 +532,8 @@ static int apply_score_mod_points(bwd_problem *pb, bwd_scratch *sc, int32_t b, i
 
 /* ---- one (q tile, kv tile) pair ---- */
 
-static int do_pair(bwd_problem *pb, bwd_scratch *sc, int32_t b, int32_t h, int64_t qt,
-                   int64_t kv0, int cols, int partial, float *dq_tile)
-{
+static int do_pair(bwd_problem *pb, bwd_scratch *sc, int32_t b, int32_t h, int64_t qt, int64_t kv0,
+                   int cols, int partial, float *dq_tile) {
     const cpu_kernels *kn = pb->kern;
     const int mq = pb->mq, nk = pb->nk;
     const float *rec = q_record(pb, b, h, qt);
@@ -494,17 +574,21 @@ static int do_pair(bwd_problem *pb, bwd_scratch *sc, int32_t b, int32_t h, int64
             for (int c = 0; c < cols; c++)
                 if (!keep[c]) srow[c] = -INFINITY;
         }
-        for (int c = cols; c < nk; c++) srow[c] = -INFINITY;
+        for (int c = cols; c < nk; c++)
+            srow[c] = -INFINITY;
         kn->exp_sum(srow, nk, lse[r]);
     }
 
-    /* dP = dO Vᵀ, then dS' = P (dP - delta) in place of dP. */
+    /* dP = dO Vᵀ, then dS' = P (dP - delta) in place of dP; without a score
+     * mod dS = scale dS' at once. */
     kn->scores(mq, nk, (int)pb->Dv, rec + pb->off_dorow, sc->vt, 1.0f, sc->dp);
+    const float fold = pb->has_score ? 1.0f : scale;
     for (int r = 0; r < mq; r++) {
         const float *prow = sc->s + (size_t)r * nk;
         float *drow = sc->dp + (size_t)r * nk;
         const float d = delta[r];
-        for (int c = 0; c < nk; c++) drow[c] = prow[c] * (drow[c] - d);
+        for (int c = 0; c < nk; c++)
+            drow[c] = prow[c] * (drow[c] - d) * fold;
     }
 
     /* Buffer gradients: scatter dS' * d(mod)/d(read) to the element read. */
@@ -538,17 +622,18 @@ static int do_pair(bwd_problem *pb, bwd_scratch *sc, int32_t b, int32_t h, int64
             for (int c = 0; c < nk; c++)
                 drow[c] = drow[c] != 0.0f ? drow[c] * grow[c] * scale : 0.0f;
         }
-    } else {
-        for (size_t i = 0; i < (size_t)mq * nk; i++) sc->dp[i] *= scale;
+    } else if (pb->has_score) {
+        for (size_t i = 0; i < (size_t)mq * nk; i++)
+            sc->dp[i] *= scale;
     }
 
     const float *qpan = rec + pb->off_qpan, *dopan = rec + pb->off_dopan;
     if (pb->want_dv) {
-        transpose(sc->s, mq, nk, sc->t);
+        pb->transpose(sc->s, mq, nk, sc->t);
         kn->accumulate(nk, mq, pb->dvp, sc->t, dopan, sc->ones, sc->dv);
     }
     if (pb->want_dk) {
-        transpose(sc->dp, mq, nk, sc->t);
+        pb->transpose(sc->dp, mq, nk, sc->t);
         kn->accumulate(nk, mq, pb->dp, sc->t, qpan, sc->ones, sc->dk);
     }
     if (pb->want_dq) kn->accumulate(mq, nk, pb->dp, sc->dp, sc->kr, sc->ones, dq_tile);
@@ -557,15 +642,15 @@ static int do_pair(bwd_problem *pb, bwd_scratch *sc, int32_t b, int32_t h, int64
 
 /* ---- one task: (b, kv head, chunk of kv blocks) ---- */
 
-/* Non-empty q blocks of kv-block column j for (b, h), merged ascending from
- * the partial and full lists; classes get FLEX_BLOCK_PARTIAL or _FULL. */
+/* Walks the non-empty q blocks of kv-block column j for (b, h) in ascending
+ * order, merging the partial and full lists; walk_next says which list each
+ * came from. Without a mask every q block is full. */
 typedef struct q_block_walk {
     const int32_t *pi, *pe, *fi, *fe; /* partial and full cursors */
-    int64_t next_all, num_all;         /* when there is no mask */
+    int64_t next_all, num_all;        /* when there is no mask */
 } q_block_walk;
 
-static void walk_init(q_block_walk *w, const bwd_problem *pb, int64_t b, int64_t h, int64_t j)
-{
+static void walk_init(q_block_walk *w, const bwd_problem *pb, int64_t b, int64_t h, int64_t j) {
     memset(w, 0, sizeof *w);
     const struct flex_block_mask *m = pb->mask;
     if (!m) {
@@ -580,8 +665,7 @@ static void walk_init(q_block_walk *w, const bwd_problem *pb, int64_t b, int64_t
     w->fe = m->q_full.indices + m->q_full.offsets[col + 1];
 }
 
-static int walk_next(q_block_walk *w, const bwd_problem *pb, int64_t *qb, int *partial)
-{
+static int walk_next(q_block_walk *w, const bwd_problem *pb, int64_t *qb, int *partial) {
     if (!pb->mask) {
         if (w->next_all >= w->num_all) return 0;
         *qb = w->next_all++;
@@ -600,8 +684,7 @@ static int walk_next(q_block_walk *w, const bwd_problem *pb, int64_t *qb, int *p
     return 1;
 }
 
-static int64_t column_cost(const bwd_problem *pb, int64_t b, int64_t hk, int64_t j)
-{
+static int64_t column_cost(const bwd_problem *pb, int64_t b, int64_t hk, int64_t j) {
     const struct flex_block_mask *m = pb->mask;
     if (!m) return pb->num_q_blocks * pb->group + 1;
     int64_t cost = 1;
@@ -618,8 +701,7 @@ static int64_t column_cost(const bwd_problem *pb, int64_t b, int64_t hk, int64_t
 /* The kv blocks [*j0, *j1) of chunk c: contiguous ranges of about equal
  * work (number of non-empty blocks), a pure function of the mask. */
 static void chunk_range(const bwd_problem *pb, int64_t b, int64_t hk, int c, int64_t *j0,
-                        int64_t *j1)
-{
+                        int64_t *j1) {
     int64_t n = pb->num_kv_blocks;
     if (pb->chunks <= 1) {
         *j0 = 0;
@@ -627,7 +709,8 @@ static void chunk_range(const bwd_problem *pb, int64_t b, int64_t hk, int c, int
         return;
     }
     int64_t total = 0;
-    for (int64_t j = 0; j < n; j++) total += column_cost(pb, b, hk, j);
+    for (int64_t j = 0; j < n; j++)
+        total += column_cost(pb, b, hk, j);
     /* block j goes to chunk floor(prefix_before_j * chunks / total) */
     int64_t prefix = 0, first = -1, last = -1;
     for (int64_t j = 0; j < n; j++) {
@@ -643,14 +726,12 @@ static void chunk_range(const bwd_problem *pb, int64_t b, int64_t hk, int c, int
 }
 
 static void store_kv_rows(const flex_tensor *t, const float *acc, int ld, int n, int64_t b,
-                          int64_t hk, int64_t kv0, int cols)
-{
+                          int64_t hk, int64_t kv0, int cols) {
     for (int r = 0; r < cols; r++)
         store_row(t, row_offset(t, b, hk, kv0 + r), n, acc + (size_t)r * ld);
 }
 
-static void do_task(bwd_problem *pb, bwd_scratch *sc, int64_t task)
-{
+static void do_task(bwd_problem *pb, bwd_scratch *sc, int64_t task) {
     const flex_backward_args *a = pb->a;
     int c = (int)(task % pb->chunks);
     int64_t bh = task / pb->chunks;
@@ -673,8 +754,7 @@ static void do_task(bwd_problem *pb, bwd_scratch *sc, int64_t task)
             pack_transposed(sc->dk, cols, pb->nk, D, sc->kt);
             pack_panels(sc->dk, cols, pb->nk, D, pb->dp, sc->kr);
             for (int r = 0; r < cols; r++)
-                load_row(&a->v, row_offset(&a->v, b, hk, kv0 + r), Dv,
-                         sc->dv + (size_t)r * Dv);
+                load_row(&a->v, row_offset(&a->v, b, hk, kv0 + r), Dv, sc->dv + (size_t)r * Dv);
             pack_transposed(sc->dv, cols, pb->nk, Dv, sc->vt);
             memset(sc->dk, 0, (size_t)pb->nk * pb->dp * sizeof(float));
             memset(sc->dv, 0, (size_t)pb->nk * pb->dvp * sizeof(float));
@@ -690,8 +770,8 @@ static void do_task(bwd_problem *pb, bwd_scratch *sc, int64_t task)
                     for (int64_t q0 = qb * pb->q_block; q0 < q_end; q0 += pb->q_tile) {
                         int64_t qt = q0 / pb->q_tile;
                         float *dq_tile =
-                            dq_chunk ? dq_chunk + ((size_t)(b * pb->Hq + h) * q_rows +
-                                                   (size_t)q0) * pb->dp
+                            dq_chunk ? dq_chunk +
+                                           ((size_t)(b * pb->Hq + h) * q_rows + (size_t)q0) * pb->dp
                                      : NULL;
                         if (do_pair(pb, sc, (int32_t)b, (int32_t)h, qt, kv0, cols, partial,
                                     dq_tile) != 0)
@@ -699,18 +779,40 @@ static void do_task(bwd_problem *pb, bwd_scratch *sc, int64_t task)
                     }
                 }
             }
-            if (pb->want_dk && a->dk)
-                store_kv_rows(a->dk, sc->dk, pb->dp, D, b, hk, kv0, cols);
-            if (pb->want_dv && a->dv)
-                store_kv_rows(a->dv, sc->dv, pb->dvp, Dv, b, hk, kv0, cols);
+            if (pb->want_dk && a->dk) store_kv_rows(a->dk, sc->dk, pb->dp, D, b, hk, kv0, cols);
+            if (pb->want_dv && a->dv) store_kv_rows(a->dv, sc->dv, pb->dvp, Dv, b, hk, kv0, cols);
         }
     }
 }
 
 /* ---- the call ---- */
 
-static int find_outputs(bwd_problem *pb, const mod_derivative *der)
-{
+/* Probabilities far below the row's largest are subnormal floats, and on x86
+ * every multiply that meets one takes a slow microcode path: a mod like
+ * ALiBi over long rows made the products several times slower. The tasks
+ * run with subnormals flushed to zero (FTZ and DAZ, per thread, restored
+ * afterwards); a term below 1e-38 cannot change a gradient. */
+#if defined(__x86_64__) || defined(__i386__)
+static unsigned subnormals_off(void) {
+    unsigned saved = _mm_getcsr();
+    _mm_setcsr(saved | 0x8040u); /* FTZ (bit 15) and DAZ (bit 6) */
+    return saved;
+}
+
+static void subnormals_restore(unsigned saved) {
+    _mm_setcsr(saved);
+}
+#else
+static unsigned subnormals_off(void) {
+    return 0;
+}
+
+static void subnormals_restore(unsigned saved) {
+    (void)saved;
+}
+#endif
+
+static int find_outputs(bwd_problem *pb, const mod_derivative *der) {
     /* value, d/dscore, then per gradient load: its derivative and indices */
     int n = 2;
     for (int l = 0; l < der->num_loads; l++)
@@ -734,7 +836,8 @@ static int find_outputs(bwd_problem *pb, const mod_derivative *der)
             gl->out_deriv = at;
             pb->outputs[at++] = der->loads[l].node;
             gl->out_index = at;
-            for (int d = 0; d < load->nargs; d++) pb->outputs[at++] = load->args[d];
+            for (int d = 0; d < load->nargs; d++)
+                pb->outputs[at++] = load->args[d];
         }
     pb->num_outputs = at;
     const ir_node *ds = &pb->score_ir.nodes[der->dscore];
@@ -742,8 +845,7 @@ static int find_outputs(bwd_problem *pb, const mod_derivative *der)
     return 0;
 }
 
-static flex_status setup_grads(flex_context *ctx, bwd_problem *pb)
-{
+static flex_status setup_grads(flex_context *ctx, bwd_problem *pb) {
     const flex_backward_args *a = pb->a;
     const flex_mod *mod = a->score_mod;
     int64_t offset = 0;
@@ -753,8 +855,7 @@ static flex_status setup_grads(flex_context *ctx, bwd_problem *pb)
         for (int j = 0; mod && j < mod->ir.num_buffers; j++)
             if (!strcmp(mod->ir.buffers[j].name, bg->name)) buffer = j;
         if (buffer < 0)
-            return flex_fail(ctx, FLEX_ERR_MOD_NAME, "the score mod has no buffer '%s'",
-                             bg->name);
+            return flex_fail(ctx, FLEX_ERR_MOD_NAME, "the score mod has no buffer '%s'", bg->name);
         if (pb->num_grads == IR_MAX_BUFFERS)
             return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
                              "more than %d buffer gradients asked for", IR_MAX_BUFFERS);
@@ -776,8 +877,7 @@ static flex_status setup_grads(flex_context *ctx, bwd_problem *pb)
 }
 
 /* dq[b, h] = the chunks' accumulators summed in chunk order. */
-static void write_dq(const bwd_problem *pb, int64_t b, int64_t h, int64_t qt, float *row)
-{
+static void write_dq(const bwd_problem *pb, int64_t b, int64_t h, int64_t qt, float *row) {
     const flex_tensor *dq = pb->a->dq;
     const size_t q_rows = (size_t)(pb->num_q_tiles * pb->q_tile);
     int64_t q0 = qt * pb->q_tile;
@@ -788,7 +888,8 @@ static void write_dq(const bwd_problem *pb, int64_t b, int64_t h, int64_t qt, fl
         memcpy(row, pb->dq_acc + at, (size_t)D * sizeof(float));
         for (int c = 1; c < pb->chunks; c++) {
             const float *src = pb->dq_acc + (size_t)c * pb->dq_chunk_stride + at;
-            for (int k = 0; k < D; k++) row[k] += src[k];
+            for (int k = 0; k < D; k++)
+                row[k] += src[k];
         }
         store_row(dq, row_offset(dq, b, h, q0 + r), D, row);
     }
@@ -796,8 +897,7 @@ static void write_dq(const bwd_problem *pb, int64_t b, int64_t h, int64_t qt, fl
 
 /* Adds the threads' partial sums, in thread order, to the caller's
  * gradient tensors. */
-static void write_buffer_grads(const bwd_problem *pb, const bwd_scratch *scratch, int threads)
-{
+static void write_buffer_grads(const bwd_problem *pb, const bwd_scratch *scratch, int threads) {
     for (int k = 0; k < pb->num_grads; k++) {
         const bwd_grad *g = &pb->grads[k];
         const flex_tensor *dst = g->dst;
@@ -807,7 +907,8 @@ static void write_buffer_grads(const bwd_problem *pb, const bwd_scratch *scratch
 #endif
         for (int64_t e = 0; e < g->numel; e++) {
             double sum = 0.0;
-            for (int t = 0; t < threads; t++) sum += scratch[t].partial[g->offset + e];
+            for (int t = 0; t < threads; t++)
+                sum += scratch[t].partial[g->offset + e];
             if (sum == 0.0) continue;
             int64_t rest = e, off = 0;
             for (int d = 0; d < ndim; d++) {
@@ -820,13 +921,16 @@ static void write_buffer_grads(const bwd_problem *pb, const bwd_scratch *scratch
     }
 }
 
-flex_status flex_cpu_backward(flex_context *ctx, const flex_backward_args *args)
-{
+flex_status flex_cpu_backward(flex_context *ctx, const flex_backward_args *args) {
     struct flex_plan local_plan;
     const struct flex_plan *plan = args->plan;
     if (!plan) {
-        flex_forward_args fa = {.q = args->q, .k = args->k, .v = args->v, .out = args->out,
-                                .score_mod = args->score_mod, .block_mask = args->block_mask,
+        flex_forward_args fa = {.q = args->q,
+                                .k = args->k,
+                                .v = args->v,
+                                .out = args->out,
+                                .score_mod = args->score_mod,
+                                .block_mask = args->block_mask,
                                 .scale = args->scale};
         flex_status st = flex_plan_make(ctx, &fa, &local_plan);
         if (st != FLEX_OK) return st;
@@ -857,8 +961,10 @@ flex_status flex_cpu_backward(flex_context *ctx, const flex_backward_args *args)
     if (pb.mask) {
         pb.q_block = pb.mask->q_block;
         pb.kv_block = pb.mask->kv_block;
-        while (pb.q_block % pb.q_tile) pb.q_tile /= 2;
-        while (pb.kv_block % pb.kv_tile) pb.kv_tile /= 2;
+        while (pb.q_block % pb.q_tile)
+            pb.q_tile /= 2;
+        while (pb.kv_block % pb.kv_tile)
+            pb.kv_tile /= 2;
         pb.num_q_blocks = pb.mask->num_q_blocks;
         pb.num_kv_blocks = pb.mask->num_kv_blocks;
     } else {
@@ -872,6 +978,7 @@ flex_status flex_cpu_backward(flex_context *ctx, const flex_backward_args *args)
     pb.dp = (int)round_up(pb.D, CPU_DV_ALIGN);
     pb.dvp = (int)round_up(pb.Dv, CPU_DV_ALIGN);
     pb.num_q_tiles = (pb.Lq + pb.q_tile - 1) / pb.q_tile;
+    pb.transpose = pick_transpose(pb.kern, pb.mq, pb.nk);
 
     flex_status result = FLEX_OK;
     mod_buffer_view score_views[IR_MAX_BUFFERS], mask_views[IR_MAX_BUFFERS];
@@ -890,7 +997,10 @@ flex_status flex_cpu_backward(flex_context *ctx, const flex_backward_args *args)
                            "block_mask has partial blocks but no mask mod to decide them");
         goto done;
     }
-    if (args->score_mod) {
+    /* The identity mod `score` needs neither evaluation nor derivative. */
+    int identity = args->score_mod && args->score_mod->ir.root >= 0 &&
+                   args->score_mod->ir.nodes[args->score_mod->ir.root].op == IR_SCORE;
+    if (args->score_mod && !identity) {
         if (ir_copy(&pb.score_ir, &args->score_mod->ir) != 0) {
             result = flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "no memory to copy the score mod");
             goto done;
@@ -907,12 +1017,12 @@ flex_status flex_cpu_backward(flex_context *ctx, const flex_backward_args *args)
             goto done;
         }
         if (rc != 0 || find_outputs(&pb, &der) != 0) {
-            result = flex_fail(ctx, rc == MOD_DERIVE_NOT_SCORE ? FLEX_ERR_INVALID_ARGUMENT
-                                                              : FLEX_ERR_OUT_OF_MEMORY,
-                               rc == MOD_DERIVE_NOT_SCORE
-                                   ? "score_mod does not return a float score"
-                                   : "no memory (or too many IR nodes) for the score mod's "
-                                     "derivative");
+            result = flex_fail(
+                ctx,
+                rc == MOD_DERIVE_NOT_SCORE ? FLEX_ERR_INVALID_ARGUMENT : FLEX_ERR_OUT_OF_MEMORY,
+                rc == MOD_DERIVE_NOT_SCORE ? "score_mod does not return a float score"
+                                           : "no memory (or too many IR nodes) for the score mod's "
+                                             "derivative");
             goto done;
         }
         if ((result = flex_mod_host_views(ctx, args->score_mod, score_views, score_copies)))
@@ -930,7 +1040,9 @@ flex_status flex_cpu_backward(flex_context *ctx, const flex_backward_args *args)
     {
         int64_t base = pb.B * pb.Hkv;
         int64_t chunks = 1;
-        if (base < 2 * (int64_t)threads) chunks = (4 * (int64_t)threads + base - 1) / base;
+        /* several tasks per thread, so that the dynamic schedule evens out
+         * uneven masks and threads slowed by other work */
+        if (base < 8 * (int64_t)threads) chunks = (8 * (int64_t)threads + base - 1) / base;
         if (chunks > pb.num_kv_blocks) chunks = pb.num_kv_blocks;
         size_t q_rows = (size_t)(pb.num_q_tiles * pb.q_tile);
         pb.dq_chunk_stride = (size_t)(pb.B * pb.Hq) * q_rows * (size_t)pb.dp;
@@ -969,7 +1081,8 @@ flex_status flex_cpu_backward(flex_context *ctx, const flex_backward_args *args)
     }
     scratch = calloc((size_t)threads, sizeof *scratch);
     int ok = scratch != NULL;
-    for (int t = 0; ok && t < threads; t++) ok = scratch_alloc(&scratch[t], &pb) == 0;
+    for (int t = 0; ok && t < threads; t++)
+        ok = scratch_alloc(&scratch[t], &pb) == 0;
     if (!ok) {
         result = flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY,
                            "no memory for the CPU backward's scratch (%d threads, q_tile %d, "
@@ -995,30 +1108,32 @@ flex_status flex_cpu_backward(flex_context *ctx, const flex_backward_args *args)
 
     {
         int64_t tasks = pb.B * pb.Hkv * pb.chunks;
-        if (pb.num_grads > 0) {
-            /* Buffer gradients are summed per thread: a static schedule keeps
-             * which tasks (and so which sums) a thread gets the same. */
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(threads) schedule(static, 1)
+#pragma omp parallel num_threads(threads)
 #endif
-            for (int64_t task = 0; task < tasks; task++) {
-                int t = 0;
+        {
+            int t = 0;
 #ifdef _OPENMP
-                t = omp_get_thread_num();
+            t = omp_get_thread_num();
 #endif
-                do_task(&pb, &scratch[t], task);
+            unsigned saved_fp = subnormals_off();
+            if (pb.num_grads > 0) {
+                /* Buffer gradients are summed per thread: a static schedule
+                 * keeps which tasks (and so which sums) a thread gets the
+                 * same. */
+#ifdef _OPENMP
+#pragma omp for schedule(static, 1)
+#endif
+                for (int64_t task = 0; task < tasks; task++)
+                    do_task(&pb, &scratch[t], task);
+            } else {
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+                for (int64_t task = 0; task < tasks; task++)
+                    do_task(&pb, &scratch[t], task);
             }
-        } else {
-#ifdef _OPENMP
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-#endif
-            for (int64_t task = 0; task < tasks; task++) {
-                int t = 0;
-#ifdef _OPENMP
-                t = omp_get_thread_num();
-#endif
-                do_task(&pb, &scratch[t], task);
-            }
+            subnormals_restore(saved_fp);
         }
     }
     if (pb.failed) {
@@ -1043,7 +1158,8 @@ flex_status flex_cpu_backward(flex_context *ctx, const flex_backward_args *args)
     if (pb.num_grads > 0) write_buffer_grads(&pb, scratch, threads);
 
 done:
-    for (int t = 0; scratch && t < threads; t++) scratch_free(&scratch[t]);
+    for (int t = 0; scratch && t < threads; t++)
+        scratch_free(&scratch[t]);
     free(scratch);
     free(pb.packed);
     free(pb.dq_acc);

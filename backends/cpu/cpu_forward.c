@@ -6,14 +6,20 @@
  * the long rows of an uneven mask start first and the short ones fill the
  * gaps at the end. For one item the thread packs the Q tile once (f32,
  * contiguous), then walks the row's partial and full KV blocks in ascending
- * order; per KV tile it packs K (transposed into 32-column panels) and V
- * (32-column panels), computes the scores with the register-blocked kernel,
- * applies the score mod everywhere and the mask mod only in partial blocks,
- * and folds the tile into the online softmax state (core/softmax.h rule).
+ * order. K (transposed into 32-column panels) and V (32-column panels) are
+ * packed once per call into aligned f32 copies shared by all threads (per
+ * tile into thread scratch when that copy would be too large). Per KV tile
+ * the thread computes the scores with the register-blocked kernel, applies
+ * the score mod everywhere and the mask mod only in partial blocks, and
+ * folds the tile into the online softmax state (core/softmax.h rule). In a
+ * partial block the mask is evaluated first and each group of 32 rows works
+ * only on the columns it attends.
  *
- * Scratch is allocated once per thread per call. All arithmetic is f32;
- * f16/bf16 inputs are converted while packing and the output is rounded to
- * nearest even on the way out.
+ * Scratch (and the packed copies) are allocated before any output is
+ * written, once per call. All arithmetic is f32; f16/bf16 inputs are
+ * converted while packing and the output is rounded to nearest even on the
+ * way out. A buffer read out of range stops every thread at its next work
+ * item; out and lse are then partly written (unspecified).
  */
 #include <math.h>
 #include <stdlib.h>
@@ -30,42 +36,47 @@
 
 /* ---- element access ---- */
 
-static inline float load_elem(const void *base, flex_dtype dt, int64_t off)
-{
+static inline float load_elem(const void *base, flex_dtype dt, int64_t off) {
     switch (dt) {
-    case FLEX_F16: return flex_f16_to_float(((const uint16_t *)base)[off]);
-    case FLEX_BF16: return flex_bf16_to_float(((const uint16_t *)base)[off]);
-    default: return ((const float *)base)[off];
+    case FLEX_F16:
+        return flex_f16_to_float(((const uint16_t *)base)[off]);
+    case FLEX_BF16:
+        return flex_bf16_to_float(((const uint16_t *)base)[off]);
+    default:
+        return ((const float *)base)[off];
     }
 }
 
-static inline void store_elem(void *base, flex_dtype dt, int64_t off, float v)
-{
+static inline void store_elem(void *base, flex_dtype dt, int64_t off, float v) {
     switch (dt) {
-    case FLEX_F16: ((uint16_t *)base)[off] = flex_float_to_f16(v); break;
-    case FLEX_BF16: ((uint16_t *)base)[off] = flex_float_to_bf16(v); break;
-    default: ((float *)base)[off] = v; break;
+    case FLEX_F16:
+        ((uint16_t *)base)[off] = flex_float_to_f16(v);
+        break;
+    case FLEX_BF16:
+        ((uint16_t *)base)[off] = flex_float_to_bf16(v);
+        break;
+    default:
+        ((float *)base)[off] = v;
+        break;
     }
 }
 
 /* Reads n elements with stride `stride` starting at element off into dst. */
-static void load_row(const flex_tensor *t, int64_t off, int64_t stride, int n, float *dst)
-{
+static void load_row(const flex_tensor *t, int64_t off, int64_t stride, int n, float *dst) {
     if (t->dtype == FLEX_F32 && stride == 1) {
         memcpy(dst, (const float *)t->data + off, (size_t)n * sizeof(float));
         return;
     }
-    for (int i = 0; i < n; i++) dst[i] = load_elem(t->data, t->dtype, off + (int64_t)i * stride);
+    for (int i = 0; i < n; i++)
+        dst[i] = load_elem(t->data, t->dtype, off + (int64_t)i * stride);
 }
 
-static inline int64_t round_up(int64_t v, int64_t m)
-{
+static inline int64_t round_up(int64_t v, int64_t m) {
     return (v + m - 1) / m * m;
 }
 
 void flex_cpu_block_row_classes(const struct flex_block_mask *mask, int64_t num_kv_blocks,
-                                int64_t b, int64_t h, int64_t qb, uint8_t *classes)
-{
+                                int64_t b, int64_t h, int64_t qb, uint8_t *classes) {
     if (!mask) {
         memset(classes, FLEX_BLOCK_FULL, (size_t)num_kv_blocks);
         return;
@@ -85,11 +96,11 @@ typedef struct fwd_problem {
     const flex_forward_args *a;
     const cpu_kernels *kern;
     int64_t B, Hq, Hkv, Lq, Lkv, D, Dv;
-    int64_t group;            /* query heads per kv head */
-    int q_tile, kv_tile;      /* rows / columns of a tile (real) */
-    int mq, nk, dvp;          /* padded scratch sizes */
+    int64_t group;       /* query heads per kv head */
+    int q_tile, kv_tile; /* rows / columns of a tile (real) */
+    int mq, nk, dvp;     /* padded scratch sizes */
     int64_t num_q_tiles;
-    int q_block, kv_block;    /* block size of the mask (tile sizes when no mask) */
+    int q_block, kv_block; /* block size of the mask (tile sizes when no mask) */
     int64_t num_q_blocks, num_kv_blocks;
     const struct flex_block_mask *mask;
     const ir_mod *score_ir, *mask_ir;
@@ -114,22 +125,21 @@ typedef struct work_item {
 
 /* Per-thread scratch. */
 typedef struct fwd_scratch {
-    float *q;      /* mq x D */
-    float *kp;     /* nk/32 panels of D x 32 */
-    float *vp;     /* panels of nk x 32 (last 16) */
-    float *s;      /* mq x nk scores, then probabilities */
-    float *o;      /* mq x dvp accumulator */
+    float *q;             /* mq x D */
+    float *kp;            /* nk/32 panels of D x 32 */
+    float *vp;            /* panels of nk x 32 (last 16) */
+    float *s;             /* mq x nk scores, then probabilities */
+    float *o;             /* mq x dvp accumulator */
     float *m, *l, *alpha; /* mq each */
-    float *row;    /* max(D, Dv) staging for strided reads */
-    uint8_t *keep; /* mq x nk mask tile */
-    ir_value *point; /* scalar interpreter scratch (fallback path) */
+    float *row;           /* max(D, Dv) staging for strided reads */
+    uint8_t *keep;        /* mq x nk mask tile */
+    ir_value *point;      /* scalar interpreter scratch (fallback path) */
     mod_tile *score_tile, *mask_tile;
     void *block; /* the single allocation behind the float arrays */
 } fwd_scratch;
 
 static void record_failure(fwd_problem *pb, flex_status st, const flex_mod *mod,
-                           const mod_bounds_error *err)
-{
+                           const mod_bounds_error *err) {
 #ifdef _OPENMP
 #pragma omp critical(flex_cpu_forward_failure)
 #endif
@@ -146,8 +156,7 @@ static void record_failure(fwd_problem *pb, flex_status st, const flex_mod *mod,
     }
 }
 
-static int has_failed(fwd_problem *pb)
-{
+static int has_failed(fwd_problem *pb) {
     int f;
 #ifdef _OPENMP
 #pragma omp atomic read
@@ -156,8 +165,7 @@ static int has_failed(fwd_problem *pb)
     return f;
 }
 
-static void scratch_free(fwd_scratch *sc)
-{
+static void scratch_free(fwd_scratch *sc) {
     free(sc->block);
     free(sc->keep);
     free(sc->point);
@@ -166,20 +174,20 @@ static void scratch_free(fwd_scratch *sc)
     memset(sc, 0, sizeof *sc);
 }
 
-static int scratch_alloc(fwd_scratch *sc, const fwd_problem *pb)
-{
+static int scratch_alloc(fwd_scratch *sc, const fwd_problem *pb) {
     memset(sc, 0, sizeof *sc);
     size_t mq = (size_t)pb->mq, nk = (size_t)pb->nk, dvp = (size_t)pb->dvp, D = (size_t)pb->D;
     size_t rowlen = (size_t)(pb->D > pb->Dv ? pb->D : pb->Dv);
     /* Every array starts on a 64-byte boundary (aligned panel loads). */
     size_t sizes[9] = {mq * D, nk * D, nk * dvp, mq * nk, mq * dvp, mq, mq, mq, rowlen};
     size_t total = 0;
-    for (int i = 0; i < 9; i++) total += (size_t)round_up((int64_t)sizes[i], 16);
+    for (int i = 0; i < 9; i++)
+        total += (size_t)round_up((int64_t)sizes[i], 16);
     float *base = NULL;
     if (posix_memalign((void **)&base, 64, total * sizeof(float)) != 0) return -1;
     sc->block = base;
-    float **dst[9] = {&sc->q, &sc->kp, &sc->vp, &sc->s, &sc->o, &sc->m, &sc->l, &sc->alpha,
-                      &sc->row};
+    float **dst[9] = {&sc->q, &sc->kp, &sc->vp,    &sc->s,  &sc->o,
+                      &sc->m, &sc->l,  &sc->alpha, &sc->row};
     size_t at = 0;
     for (int i = 0; i < 9; i++) {
         *dst[i] = base + at;
@@ -208,8 +216,7 @@ static int scratch_alloc(fwd_scratch *sc, const fwd_problem *pb)
 /* ---- packing ---- */
 
 static void pack_q(const fwd_problem *pb, fwd_scratch *sc, int64_t b, int64_t h, int64_t q0,
-                   int rows)
-{
+                   int rows) {
     const flex_tensor *t = &pb->a->q;
     int D = (int)pb->D;
     for (int r = 0; r < rows; r++) {
@@ -221,8 +228,7 @@ static void pack_q(const fwd_problem *pb, fwd_scratch *sc, int64_t b, int64_t h,
 
 /* K rows kv0 .. kv0+cols-1 into panels: kp[p][k][c] = K[kv0 + 32p + c][k]. */
 static void pack_k(const fwd_problem *pb, float *kp, float *row, int64_t b, int64_t hk, int64_t kv0,
-                   int cols)
-{
+                   int cols) {
     const flex_tensor *t = &pb->a->k;
     int D = (int)pb->D;
     int used_panels = (cols + CPU_NR - 1) / CPU_NR;
@@ -230,14 +236,16 @@ static void pack_k(const fwd_problem *pb, float *kp, float *row, int64_t b, int6
         int64_t off = b * t->strides[0] + hk * t->strides[1] + (kv0 + n) * t->strides[2];
         load_row(t, off, t->strides[3], D, row);
         float *dst = kp + (size_t)(n / CPU_NR) * D * CPU_NR + (n % CPU_NR);
-        for (int k = 0; k < D; k++) dst[(size_t)k * CPU_NR] = row[k];
+        for (int k = 0; k < D; k++)
+            dst[(size_t)k * CPU_NR] = row[k];
     }
     /* Zero the unused columns of the last used panel, and any wholly unused
      * panels (their scores are overwritten with -inf anyway, but keep them
      * finite). */
     for (int n = cols; n < used_panels * CPU_NR; n++) {
         float *dst = kp + (size_t)(n / CPU_NR) * D * CPU_NR + (n % CPU_NR);
-        for (int k = 0; k < D; k++) dst[(size_t)k * CPU_NR] = 0.0f;
+        for (int k = 0; k < D; k++)
+            dst[(size_t)k * CPU_NR] = 0.0f;
     }
     if (used_panels * CPU_NR < pb->nk)
         memset(kp + (size_t)used_panels * D * CPU_NR, 0,
@@ -247,8 +255,7 @@ static void pack_k(const fwd_problem *pb, float *kp, float *row, int64_t b, int6
 /* V rows into panels of 32 columns (the last one 16 wide when dvp % 32 ==
  * 16); rows beyond cols are zero. */
 static void pack_v(const fwd_problem *pb, float *vp, float *row, int64_t b, int64_t hk, int64_t kv0,
-                   int cols)
-{
+                   int cols) {
     const flex_tensor *t = &pb->a->v;
     int Dv = (int)pb->Dv, dvp = pb->dvp, nk = pb->nk;
     for (int n = 0; n < nk; n++) {
@@ -259,24 +266,29 @@ static void pack_v(const fwd_problem *pb, float *vp, float *row, int64_t b, int6
         for (int c0 = 0; c0 < dvp; c0 += CPU_NR) {
             int w = dvp - c0 >= CPU_NR ? CPU_NR : dvp - c0;
             float *dst = vp + (size_t)c0 * nk + (size_t)n * w;
-            for (int c = 0; c < w; c++) dst[c] = (n < cols && c0 + c < Dv) ? row[c0 + c] : 0.0f;
+            for (int c = 0; c < w; c++)
+                dst[c] = (n < cols && c0 + c < Dv) ? row[c0 + c] : 0.0f;
         }
     }
 }
 
 /* ---- one KV tile ---- */
 
-/* Scalar fallback for a partial tile whose score mod failed on the tile
- * interpreter: the failing read may lie at an element the mask removes,
- * which is not an error. Re-evaluates only the attended elements. */
-static int score_attended_points(const fwd_problem *pb, fwd_scratch *sc, const float *kp,
-                                 int32_t b, int32_t h, int64_t q0, int rows, int64_t kv0,
-                                 int cols, mod_bounds_error *err)
-{
+/* Scalar fallback for a partial row group whose score mod failed on the
+ * tile interpreter: the failing read may lie at an element the mask
+ * removes, which is not an error. Recomputes the raw scores of rows
+ * g0 .. g0+rows-1, columns c0 .. c1-1 (c0 a multiple of 32) and re-evaluates
+ * only the attended elements. */
+static int score_attended_points(const fwd_problem *pb, fwd_scratch *sc, const float *kp, int32_t b,
+                                 int32_t h, int64_t q0, int g0, int mg, int rows, int64_t kv0,
+                                 int c0, int c1, mod_bounds_error *err) {
     int nk = pb->nk;
-    pb->kern->scores(pb->mq, nk, (int)pb->D, sc->q, kp, pb->a->scale, sc->s);
-    for (int r = 0; r < rows; r++)
-        for (int c = 0; c < cols; c++) {
+    int n = (int)round_up(c1 - c0, CPU_NR);
+    pb->kern->scores_ld(mg, n, (int)pb->D, sc->q + (size_t)g0 * pb->D,
+                        kp + (size_t)(c0 / CPU_NR) * pb->D * CPU_NR, pb->a->scale,
+                        sc->s + (size_t)g0 * nk + c0, nk);
+    for (int r = g0; r < g0 + rows; r++)
+        for (int c = c0; c < c1; c++) {
             if (!sc->keep[(size_t)r * nk + c]) continue;
             ir_value result;
             float *sv = &sc->s[(size_t)r * nk + c];
@@ -288,14 +300,106 @@ static int score_attended_points(const fwd_problem *pb, fwd_scratch *sc, const f
     return 0;
 }
 
+/* The smallest column range [*lo, *hi) holding every attended element of
+ * rows r0 .. r1-1 of a mask tile with cols columns; *hi <= *lo when nothing
+ * is attended. */
+static void attended_columns(const uint8_t *keep, int ld, int r0, int r1, int cols, int *lo,
+                             int *hi) {
+    int first = cols, last = -1;
+    for (int r = r0; r < r1; r++) {
+        const uint8_t *row = keep + (size_t)r * ld;
+        for (int c = 0; c < first; c++)
+            if (row[c]) {
+                first = c;
+                break;
+            }
+        for (int c = cols - 1; c > last; c--)
+            if (row[c]) {
+                last = c;
+                break;
+            }
+    }
+    *lo = first;
+    *hi = last + 1;
+}
+
+/* Rows of a partial tile that share one trimmed column range. */
+enum { PARTIAL_ROW_GROUP = 32 };
+
+/* Scores, score mod, mask, online softmax and P.V for rows g0 .. g0+mg-1
+ * of the tile (mg a multiple of CPU_MR; rows g0 .. g0+rows-1 are real) over
+ * columns c0 .. c1-1 (multiples of 32; real columns end at ce). */
+static int do_row_group(fwd_problem *pb, fwd_scratch *sc, const float *kp, const float *vp,
+                        int32_t b, int32_t h, int64_t q0, int g0, int mg, int rows, int64_t kv0,
+                        int c0, int c1, int ce, int partial) {
+    const cpu_kernels *kn = pb->kern;
+    int nk = pb->nk, n = c1 - c0;
+    float *s = sc->s + (size_t)g0 * nk + c0;
+    mod_bounds_error err;
+    memset(&err, 0, sizeof err);
+    kn->scores_ld(mg, n, (int)pb->D, sc->q + (size_t)g0 * pb->D,
+                  kp + (size_t)(c0 / CPU_NR) * pb->D * CPU_NR, pb->a->scale, s, nk);
+    if (pb->score_ir && ce > c0) {
+        if (mod_tile_score(sc->score_tile, pb->score_views, b, h, (int32_t)(q0 + g0), rows,
+                           (int32_t)(kv0 + c0), ce - c0, s, nk, &err) != 0) {
+            mod_bounds_error err2;
+            memset(&err2, 0, sizeof err2);
+            if (!partial || score_attended_points(pb, sc, kp, b, h, q0, g0, mg, rows, kv0, c0, ce,
+                                                  &err2) != 0) {
+                record_failure(pb, FLEX_ERR_BUFFER_BOUNDS, pb->a->score_mod,
+                               partial ? &err2 : &err);
+                return -1;
+            }
+        }
+    }
+    for (int r = g0; r < g0 + rows; r++) {
+        float *srow = sc->s + (size_t)r * nk;
+        if (partial) {
+            const uint8_t *keep = sc->keep + (size_t)r * nk;
+            for (int c = c0; c < ce; c++)
+                if (!keep[c]) srow[c] = -INFINITY;
+        }
+        for (int c = ce; c < c1; c++)
+            srow[c] = -INFINITY;
+        /* Online softmax update (core/softmax.h rule, vector exp). */
+        float m_old = sc->m[r];
+        float tile_max = kn->row_max(srow + c0, n);
+        float m_new = tile_max > m_old ? tile_max : m_old;
+        float shift = flex_softmax_shift(m_new);
+        float sum = kn->exp_sum(srow + c0, n, shift);
+        float alpha = flex_softmax_rescale(m_old, m_new);
+        sc->l[r] = sc->l[r] * alpha + sum;
+        sc->m[r] = m_new;
+        sc->alpha[r] = alpha;
+    }
+    /* Padding rows carry no probability mass. */
+    for (int r = g0 + rows; r < g0 + mg; r++) {
+        memset(sc->s + (size_t)r * nk + c0, 0, (size_t)n * sizeof(float));
+        sc->alpha[r] = 1.0f;
+    }
+    kn->accumulate_rows(mg, n, pb->dvp, s, nk, vp, nk, c0, sc->alpha + g0,
+                        sc->o + (size_t)g0 * pb->dvp);
+    return 0;
+}
+
 /* Processes KV columns kv0 .. kv0+cols-1 for the packed Q tile. Returns 0,
  * or -1 after recording a failure. */
 static int do_kv_tile(fwd_problem *pb, fwd_scratch *sc, int32_t b, int32_t h, int64_t hk,
-                      int64_t q0, int rows, int64_t kv0, int cols, int partial)
-{
-    const cpu_kernels *kn = pb->kern;
+                      int64_t q0, int rows, int64_t kv0, int cols, int partial) {
     int nk = pb->nk, mq = pb->mq;
     const float *kp = sc->kp, *vp = sc->vp;
+    if (partial) {
+        mod_bounds_error err;
+        memset(&err, 0, sizeof err);
+        if (mod_tile_mask(sc->mask_tile, pb->mask_views, b, h, (int32_t)q0, rows, (int32_t)kv0,
+                          cols, sc->keep, nk, &err) != 0) {
+            record_failure(pb, FLEX_ERR_BUFFER_BOUNDS, pb->mask->mask_mod, &err);
+            return -1;
+        }
+        int lo, hi;
+        attended_columns(sc->keep, nk, 0, rows, cols, &lo, &hi);
+        if (hi <= lo) return 0; /* the mask empties this tile */
+    }
     if (pb->packed_k) {
         size_t tile = (size_t)((b * pb->Hkv + hk) * pb->num_kv_tiles + kv0 / pb->kv_tile);
         kp = pb->packed_k + tile * pb->packed_k_stride;
@@ -304,63 +408,31 @@ static int do_kv_tile(fwd_problem *pb, fwd_scratch *sc, int32_t b, int32_t h, in
         pack_k(pb, sc->kp, sc->row, b, hk, kv0, cols);
         pack_v(pb, sc->vp, sc->row, b, hk, kv0, cols);
     }
-    kn->scores(mq, nk, (int)pb->D, sc->q, kp, pb->a->scale, sc->s);
+    if (!partial)
+        return do_row_group(pb, sc, kp, vp, b, h, q0, 0, mq, rows, kv0, 0,
+                            (int)round_up(cols, CPU_NR), cols, 0);
 
-    mod_bounds_error err;
-    memset(&err, 0, sizeof err);
-    if (partial) {
-        if (mod_tile_mask(sc->mask_tile, pb->mask_views, b, h, (int32_t)q0, rows, (int32_t)kv0,
-                          cols, sc->keep, nk, &err) != 0) {
-            record_failure(pb, FLEX_ERR_BUFFER_BOUNDS, pb->mask->mask_mod, &err);
+    /* In a partial block each group of rows computes only the columns it
+     * attends (trimmed to 32-column steps): the far side of a diagonal or
+     * the outside of a window costs nothing. A group the mask empties is
+     * skipped; its softmax state is unchanged, which is exact. */
+    for (int g0 = 0; g0 < rows; g0 += PARTIAL_ROW_GROUP) {
+        int grows = rows - g0 < PARTIAL_ROW_GROUP ? rows - g0 : PARTIAL_ROW_GROUP;
+        int mg = (int)round_up(grows, CPU_MR);
+        int lo, hi;
+        attended_columns(sc->keep, nk, g0, g0 + grows, cols, &lo, &hi);
+        if (hi <= lo) continue;
+        int c0 = lo / CPU_NR * CPU_NR, c1 = (int)round_up(hi, CPU_NR);
+        if (do_row_group(pb, sc, kp, vp, b, h, q0, g0, mg, grows, kv0, c0, c1, hi, 1) != 0)
             return -1;
-        }
     }
-    if (pb->score_ir) {
-        if (mod_tile_score(sc->score_tile, pb->score_views, b, h, (int32_t)q0, rows,
-                           (int32_t)kv0, cols, sc->s, nk, &err) != 0) {
-            mod_bounds_error err2;
-            memset(&err2, 0, sizeof err2);
-            if (!partial ||
-                score_attended_points(pb, sc, kp, b, h, q0, rows, kv0, cols, &err2) != 0) {
-                record_failure(pb, FLEX_ERR_BUFFER_BOUNDS, pb->a->score_mod,
-                               partial ? &err2 : &err);
-                return -1;
-            }
-        }
-    }
-    for (int r = 0; r < rows; r++) {
-        float *srow = sc->s + (size_t)r * nk;
-        if (partial) {
-            const uint8_t *keep = sc->keep + (size_t)r * nk;
-            for (int c = 0; c < cols; c++)
-                if (!keep[c]) srow[c] = -INFINITY;
-        }
-        for (int c = cols; c < nk; c++) srow[c] = -INFINITY;
-        /* Online softmax update (core/softmax.h rule, vector exp). */
-        float m_old = sc->m[r];
-        float tile_max = kn->row_max(srow, nk);
-        float m_new = tile_max > m_old ? tile_max : m_old;
-        float shift = flex_softmax_shift(m_new);
-        float sum = kn->exp_sum(srow, nk, shift);
-        float alpha = flex_softmax_rescale(m_old, m_new);
-        sc->l[r] = sc->l[r] * alpha + sum;
-        sc->m[r] = m_new;
-        sc->alpha[r] = alpha;
-    }
-    /* Padding rows carry no probability mass. */
-    if (rows < mq) {
-        memset(sc->s + (size_t)rows * nk, 0, (size_t)(mq - rows) * nk * sizeof(float));
-        for (int r = rows; r < mq; r++) sc->alpha[r] = 1.0f;
-    }
-    kn->accumulate(mq, nk, pb->dvp, sc->s, vp, sc->alpha, sc->o);
     return 0;
 }
 
 /* ---- one work item ---- */
 
-static void write_output(const fwd_problem *pb, fwd_scratch *sc, int64_t b, int64_t h,
-                         int64_t q0, int rows)
-{
+static void write_output(const fwd_problem *pb, fwd_scratch *sc, int64_t b, int64_t h, int64_t q0,
+                         int rows) {
     const flex_tensor *out = &pb->a->out;
     const flex_tensor *lse = pb->a->lse;
     int Dv = (int)pb->Dv;
@@ -372,7 +444,8 @@ static void write_output(const fwd_problem *pb, fwd_scratch *sc, int64_t b, int6
         int64_t st = out->strides[3];
         if (out->dtype == FLEX_F32 && st == 1) {
             float *dst = (float *)out->data + off;
-            for (int c = 0; c < Dv; c++) dst[c] = l > 0.0f ? orow[c] * inv : 0.0f;
+            for (int c = 0; c < Dv; c++)
+                dst[c] = l > 0.0f ? orow[c] * inv : 0.0f;
         } else {
             for (int c = 0; c < Dv; c++)
                 store_elem(out->data, out->dtype, off + c * st, l > 0.0f ? orow[c] * inv : 0.0f);
@@ -384,8 +457,7 @@ static void write_output(const fwd_problem *pb, fwd_scratch *sc, int64_t b, int6
     }
 }
 
-static void do_item(fwd_problem *pb, fwd_scratch *sc, const work_item *it, uint8_t *classes)
-{
+static void do_item(fwd_problem *pb, fwd_scratch *sc, const work_item *it, uint8_t *classes) {
     int32_t b = it->b, h = it->h;
     int64_t hk = h / pb->group;
     int64_t q0 = (int64_t)it->qt * pb->q_tile;
@@ -413,8 +485,7 @@ static void do_item(fwd_problem *pb, fwd_scratch *sc, const work_item *it, uint8
  * leaves them NULL (per-tile packing) when the copy would exceed the plan's
  * limit or memory is short. */
 static void prepack_kv(fwd_problem *pb, const struct flex_plan *plan, fwd_scratch *scratch,
-                       int threads)
-{
+                       int threads) {
     pb->num_kv_tiles = (pb->Lkv + pb->kv_tile - 1) / pb->kv_tile;
     pb->packed_k_stride = (size_t)pb->nk * (size_t)pb->D;
     pb->packed_v_stride = (size_t)pb->nk * (size_t)pb->dvp;
@@ -448,8 +519,7 @@ static void prepack_kv(fwd_problem *pb, const struct flex_plan *plan, fwd_scratc
     pb->packed_v = v;
 }
 
-static int compare_items(const void *x, const void *y)
-{
+static int compare_items(const void *x, const void *y) {
     const work_item *a = x, *b = y;
     if (a->cost != b->cost) return a->cost > b->cost ? -1 : 1;
     /* Stable order among equal costs keeps memory access sequential. */
@@ -458,8 +528,7 @@ static int compare_items(const void *x, const void *y)
     return a->qt < b->qt ? -1 : (a->qt > b->qt);
 }
 
-static int32_t row_cost(const fwd_problem *pb, int64_t b, int64_t h, int64_t qb)
-{
+static int32_t row_cost(const fwd_problem *pb, int64_t b, int64_t h, int64_t qb) {
     const struct flex_block_mask *m = pb->mask;
     if (!m) return (int32_t)pb->num_kv_blocks;
     int64_t bm = m->B == 1 ? 0 : b, hm = m->H == 1 ? 0 : h;
@@ -468,8 +537,7 @@ static int32_t row_cost(const fwd_problem *pb, int64_t b, int64_t h, int64_t qb)
            (m->kv_full.offsets[row + 1] - m->kv_full.offsets[row]);
 }
 
-flex_status flex_cpu_forward(flex_context *ctx, const flex_forward_args *args)
-{
+flex_status flex_cpu_forward(flex_context *ctx, const flex_forward_args *args) {
     struct flex_plan local_plan;
     const struct flex_plan *plan = args->plan;
     if (!plan) {
@@ -502,8 +570,10 @@ flex_status flex_cpu_forward(flex_context *ctx, const flex_forward_args *args)
         pb.q_block = pb.mask->q_block;
         pb.kv_block = pb.mask->kv_block;
         /* A plan made for another mask must still keep tiles inside blocks. */
-        while (pb.q_block % pb.q_tile) pb.q_tile /= 2;
-        while (pb.kv_block % pb.kv_tile) pb.kv_tile /= 2;
+        while (pb.q_block % pb.q_tile)
+            pb.q_tile /= 2;
+        while (pb.kv_block % pb.kv_tile)
+            pb.kv_tile /= 2;
         pb.num_q_blocks = pb.mask->num_q_blocks;
         pb.num_kv_blocks = pb.mask->num_kv_blocks;
     } else {
@@ -577,9 +647,10 @@ flex_status flex_cpu_forward(flex_context *ctx, const flex_forward_args *args)
         if (threads <= 0) threads = 1;
         if ((int64_t)threads > num_items) threads = (int)num_items;
         fwd_scratch *scratch = calloc((size_t)threads, sizeof *scratch);
-        uint8_t *classes = malloc((size_t)threads * (size_t)pb.num_kv_blocks);
+        uint8_t *classes = malloc((size_t)threads * (size_t)pb.num_kv_blocks + 1);
         int ok = scratch && classes;
-        for (int t = 0; ok && t < threads; t++) ok = scratch_alloc(&scratch[t], &pb) == 0;
+        for (int t = 0; ok && t < threads; t++)
+            ok = scratch_alloc(&scratch[t], &pb) == 0;
         if (ok && plan->prepack_kv) prepack_kv(&pb, plan, scratch, threads);
         if (!ok) {
             result = flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY,
@@ -599,15 +670,15 @@ flex_status flex_cpu_forward(flex_context *ctx, const flex_forward_args *args)
                 do_item(&pb, &scratch[t], &items[i], classes + (size_t)t * pb.num_kv_blocks);
             }
         }
-        for (int t = 0; scratch && t < threads; t++) scratch_free(&scratch[t]);
+        for (int t = 0; scratch && t < threads; t++)
+            scratch_free(&scratch[t]);
         free(pb.packed_k);
         free(pb.packed_v);
         free(scratch);
         free(classes);
     }
 
-    if (result == FLEX_OK && pb.failed)
-        result = flex_fail_bounds(ctx, pb.fail_mod, &pb.fail_err);
+    if (result == FLEX_OK && pb.failed) result = flex_fail_bounds(ctx, pb.fail_mod, &pb.fail_err);
 done:
     free(items);
     flex_mod_release_host_views(score_copies);

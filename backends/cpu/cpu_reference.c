@@ -17,31 +17,36 @@
 #include "softmax.h"
 #include "cpu.h"
 
-static inline float ref_load(const flex_tensor *t, int64_t off)
-{
+static inline float ref_load(const flex_tensor *t, int64_t off) {
     switch (t->dtype) {
-    case FLEX_F16: return flex_f16_to_float(((const uint16_t *)t->data)[off]);
-    case FLEX_BF16: return flex_bf16_to_float(((const uint16_t *)t->data)[off]);
-    default: return ((const float *)t->data)[off];
+    case FLEX_F16:
+        return flex_f16_to_float(((const uint16_t *)t->data)[off]);
+    case FLEX_BF16:
+        return flex_bf16_to_float(((const uint16_t *)t->data)[off]);
+    default:
+        return ((const float *)t->data)[off];
     }
 }
 
-static inline void ref_store(const flex_tensor *t, int64_t off, float v)
-{
+static inline void ref_store(const flex_tensor *t, int64_t off, float v) {
     switch (t->dtype) {
-    case FLEX_F16: ((uint16_t *)t->data)[off] = flex_float_to_f16(v); break;
-    case FLEX_BF16: ((uint16_t *)t->data)[off] = flex_float_to_bf16(v); break;
-    default: ((float *)t->data)[off] = v; break;
+    case FLEX_F16:
+        ((uint16_t *)t->data)[off] = flex_float_to_f16(v);
+        break;
+    case FLEX_BF16:
+        ((uint16_t *)t->data)[off] = flex_float_to_bf16(v);
+        break;
+    default:
+        ((float *)t->data)[off] = v;
+        break;
     }
 }
 
-static int64_t offset4(const flex_tensor *t, int64_t i0, int64_t i1, int64_t i2, int64_t i3)
-{
+static int64_t offset4(const flex_tensor *t, int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
     return i0 * t->strides[0] + i1 * t->strides[1] + i2 * t->strides[2] + i3 * t->strides[3];
 }
 
-flex_status flex_cpu_forward_reference(flex_context *ctx, const flex_forward_args *a)
-{
+flex_status flex_cpu_forward_reference(flex_context *ctx, const flex_forward_args *a) {
     int64_t B = a->q.sizes[0], Hq = a->q.sizes[1], Lq = a->q.sizes[2], D = a->q.sizes[3];
     int64_t Hkv = a->k.sizes[1], Lkv = a->k.sizes[2], Dv = a->v.sizes[3];
     int64_t group = Hkv > 0 && Hq >= Hkv ? Hq / Hkv : 1;
@@ -89,7 +94,8 @@ flex_status flex_cpu_forward_reference(flex_context *ctx, const flex_forward_arg
                     flex_cpu_block_row_classes(mask, nkb, b, h, qb, classes);
                     cached_qb = qb;
                 }
-                for (int64_t d = 0; d < D; d++) qrow[d] = ref_load(&a->q, offset4(&a->q, b, h, i, d));
+                for (int64_t d = 0; d < D; d++)
+                    qrow[d] = ref_load(&a->q, offset4(&a->q, b, h, i, d));
                 float row_max = -INFINITY;
                 for (int64_t j = 0; j < Lkv; j++) {
                     uint8_t cls = classes[j / kv_block];
@@ -99,9 +105,8 @@ flex_status flex_cpu_forward_reference(flex_context *ctx, const flex_forward_arg
                     memset(&err, 0, sizeof err);
                     ir_value r;
                     if (cls == FLEX_BLOCK_PARTIAL) {
-                        if (mod_eval_point(&mask_mod->ir, mask_views, 0.0f, (int32_t)b,
-                                           (int32_t)h, (int32_t)i, (int32_t)j, point, &r,
-                                           &err) != 0) {
+                        if (mod_eval_point(&mask_mod->ir, mask_views, 0.0f, (int32_t)b, (int32_t)h,
+                                           (int32_t)i, (int32_t)j, point, &r, &err) != 0) {
                             st = flex_fail_bounds(ctx, mask_mod, &err);
                             goto done;
                         }
@@ -125,7 +130,8 @@ flex_status flex_cpu_forward_reference(flex_context *ctx, const flex_forward_arg
                 }
                 float shift = flex_softmax_shift(row_max);
                 float sum = 0.0f;
-                for (int64_t c = 0; c < Dv; c++) acc[c] = 0.0f;
+                for (int64_t c = 0; c < Dv; c++)
+                    acc[c] = 0.0f;
                 for (int64_t j = 0; j < Lkv; j++) {
                     if (scores[j] == -INFINITY) continue;
                     float p = expf(scores[j] - shift);
@@ -134,7 +140,8 @@ flex_status flex_cpu_forward_reference(flex_context *ctx, const flex_forward_arg
                         acc[c] += p * ref_load(&a->v, offset4(&a->v, b, hk, j, c));
                 }
                 for (int64_t c = 0; c < Dv; c++)
-                    ref_store(&a->out, offset4(&a->out, b, h, i, c), sum > 0.0f ? acc[c] / sum : 0.0f);
+                    ref_store(&a->out, offset4(&a->out, b, h, i, c),
+                              sum > 0.0f ? acc[c] / sum : 0.0f);
                 if (a->lse)
                     ((float *)a->lse->data)[offset4(a->lse, b, h, i, 0)] =
                         flex_softmax_lse(row_max, sum);

@@ -54,48 +54,47 @@ typedef struct cuda_state {
 /* One cache for the whole process, so a second context reuses binaries. */
 static flex_cache *process_cache;
 static pthread_once_t process_cache_once = PTHREAD_ONCE_INIT;
-static void process_cache_open(void) { process_cache = flex_cache_open(NULL, "cuda"); }
+static void process_cache_open(void) {
+    process_cache = flex_cache_open(NULL, "cuda");
+}
 
-static double now_ms(void)
-{
+static double now_ms(void) {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
     return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
-static cuda_state *state_of(flex_context *ctx) { return (cuda_state *)ctx->backend_state; }
+static cuda_state *state_of(flex_context *ctx) {
+    return (cuda_state *)ctx->backend_state;
+}
 
 /* Checks a driver result; on failure records FLEX_ERR_DEVICE naming what. */
 static flex_status check_cu(flex_context *ctx, const flex_cuda_api *api, CUresult r,
-                            const char *what)
-{
+                            const char *what) {
     if (r == 0) return FLEX_OK;
     char desc[256];
     flex_cuda_describe(api, r, desc, sizeof desc);
     return flex_fail(ctx, FLEX_ERR_DEVICE, "CUDA %s failed: %s", what, desc);
 }
 
-#define CU_TRY(ctx, st, call, what)                                                            \
-    do {                                                                                       \
-        flex_status cu_try_status_ = check_cu((ctx), (st)->api, (call), (what));               \
-        if (cu_try_status_ != FLEX_OK) return cu_try_status_;                                  \
+#define CU_TRY(ctx, st, call, what)                                                                \
+    do {                                                                                           \
+        flex_status cu_try_status_ = check_cu((ctx), (st)->api, (call), (what));                   \
+        if (cu_try_status_ != FLEX_OK) return cu_try_status_;                                      \
     } while (0)
 
 /* Makes the device's context current for the duration of a call. */
-static flex_status push_ctx(flex_context *ctx, cuda_state *st)
-{
+static flex_status push_ctx(flex_context *ctx, cuda_state *st) {
     return check_cu(ctx, st->api, st->api->cuCtxPushCurrent(st->cu), "cuCtxPushCurrent");
 }
-static void pop_ctx(cuda_state *st)
-{
+static void pop_ctx(cuda_state *st) {
     CUcontext old;
     st->api->cuCtxPopCurrent(&old);
 }
 
 /* ---- table slots ---- */
 
-static int cuda_score(char *why, size_t why_cap)
-{
+static int cuda_score(char *why, size_t why_cap) {
     const flex_cuda_api *api;
     if (flex_cuda_load_driver(&api, why, why_cap) != 0) return 0;
     if (flex_cuda_load_nvrtc(&api, why, why_cap) != 0) return 0;
@@ -109,8 +108,7 @@ static int cuda_score(char *why, size_t why_cap)
     return 100;
 }
 
-static flex_status cuda_init(flex_context *ctx, int device_index)
-{
+static flex_status cuda_init(flex_context *ctx, int device_index) {
     char why[512];
     const flex_cuda_api *api;
     if (flex_cuda_load_driver(&api, why, sizeof why) != 0 ||
@@ -127,14 +125,33 @@ static flex_status cuda_init(flex_context *ctx, int device_index)
     st->api = api;
     pthread_mutex_init(&st->lock, NULL);
     s = check_cu(ctx, api, api->cuDeviceGet(&st->dev, device_index), "cuDeviceGet");
-    if (!s) s = check_cu(ctx, api, api->cuDeviceGetName(st->name, sizeof st->name, st->dev),
-                         "cuDeviceGetName");
-    if (!s) s = check_cu(ctx, api, api->cuDeviceGetAttribute(&st->major, FLEX_CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, st->dev), "cuDeviceGetAttribute");
-    if (!s) s = check_cu(ctx, api, api->cuDeviceGetAttribute(&st->minor, FLEX_CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, st->dev), "cuDeviceGetAttribute");
-    if (!s) s = check_cu(ctx, api, api->cuDeviceGetAttribute(&st->sm_count, FLEX_CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, st->dev), "cuDeviceGetAttribute");
-    if (!s) s = check_cu(ctx, api, api->cuDeviceGetAttribute(&st->smem_optin, FLEX_CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, st->dev), "cuDeviceGetAttribute");
-    if (!s) s = check_cu(ctx, api, api->cuDevicePrimaryCtxRetain(&st->cu, st->dev),
-                         "cuDevicePrimaryCtxRetain");
+    if (!s)
+        s = check_cu(ctx, api, api->cuDeviceGetName(st->name, sizeof st->name, st->dev),
+                     "cuDeviceGetName");
+    if (!s)
+        s = check_cu(ctx, api,
+                     api->cuDeviceGetAttribute(
+                         &st->major, FLEX_CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR, st->dev),
+                     "cuDeviceGetAttribute");
+    if (!s)
+        s = check_cu(ctx, api,
+                     api->cuDeviceGetAttribute(
+                         &st->minor, FLEX_CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR, st->dev),
+                     "cuDeviceGetAttribute");
+    if (!s)
+        s = check_cu(ctx, api,
+                     api->cuDeviceGetAttribute(
+                         &st->sm_count, FLEX_CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT, st->dev),
+                     "cuDeviceGetAttribute");
+    if (!s)
+        s = check_cu(ctx, api,
+                     api->cuDeviceGetAttribute(
+                         &st->smem_optin,
+                         FLEX_CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN, st->dev),
+                     "cuDeviceGetAttribute");
+    if (!s)
+        s = check_cu(ctx, api, api->cuDevicePrimaryCtxRetain(&st->cu, st->dev),
+                     "cuDevicePrimaryCtxRetain");
     if (s) {
         pthread_mutex_destroy(&st->lock);
         free(st);
@@ -160,8 +177,7 @@ static flex_status cuda_init(flex_context *ctx, int device_index)
     return FLEX_OK;
 }
 
-static void cuda_release(flex_context *ctx)
-{
+static void cuda_release(flex_context *ctx) {
     cuda_state *st = state_of(ctx);
     if (!st) return;
     const flex_cuda_api *api = st->api;
@@ -188,10 +204,11 @@ static void cuda_release(flex_context *ctx)
     ctx->backend_state = NULL;
 }
 
-static const char *cuda_device_name(flex_context *ctx) { return state_of(ctx)->name; }
+static const char *cuda_device_name(flex_context *ctx) {
+    return state_of(ctx)->name;
+}
 
-static flex_status cuda_alloc(flex_context *ctx, size_t bytes, void **ptr)
-{
+static flex_status cuda_alloc(flex_context *ctx, size_t bytes, void **ptr) {
     cuda_state *st = state_of(ctx);
     flex_status s = push_ctx(ctx, st);
     if (s) return s;
@@ -206,16 +223,14 @@ static flex_status cuda_alloc(flex_context *ctx, size_t bytes, void **ptr)
     return FLEX_OK;
 }
 
-static void cuda_free(flex_context *ctx, void *ptr)
-{
+static void cuda_free(flex_context *ctx, void *ptr) {
     cuda_state *st = state_of(ctx);
     if (!ptr || st->api->cuCtxPushCurrent(st->cu) != 0) return;
     st->api->cuMemFree((CUdeviceptr)(uintptr_t)ptr);
     pop_ctx(st);
 }
 
-static flex_status cuda_upload(flex_context *ctx, void *dst, const void *src, size_t bytes)
-{
+static flex_status cuda_upload(flex_context *ctx, void *dst, const void *src, size_t bytes) {
     cuda_state *st = state_of(ctx);
     flex_status s = push_ctx(ctx, st);
     if (s) return s;
@@ -225,8 +240,7 @@ static flex_status cuda_upload(flex_context *ctx, void *dst, const void *src, si
     return s;
 }
 
-static flex_status cuda_download(flex_context *ctx, void *dst, const void *src, size_t bytes)
-{
+static flex_status cuda_download(flex_context *ctx, void *dst, const void *src, size_t bytes) {
     cuda_state *st = state_of(ctx);
     flex_status s = push_ctx(ctx, st);
     if (s) return s;
@@ -236,8 +250,7 @@ static flex_status cuda_download(flex_context *ctx, void *dst, const void *src, 
     return s;
 }
 
-static flex_status cuda_memset(flex_context *ctx, void *dst, int value, size_t bytes)
-{
+static flex_status cuda_memset(flex_context *ctx, void *dst, int value, size_t bytes) {
     cuda_state *st = state_of(ctx);
     flex_status s = push_ctx(ctx, st);
     if (s) return s;
@@ -249,22 +262,21 @@ static flex_status cuda_memset(flex_context *ctx, void *dst, int value, size_t b
 }
 
 /* Reads and clears the bounds flag; a set bit becomes FLEX_ERR_BUFFER_BOUNDS. */
-static flex_status take_bounds_flag(flex_context *ctx, cuda_state *st)
-{
+static flex_status take_bounds_flag(flex_context *ctx, cuda_state *st) {
     uint32_t flag = 0;
     CU_TRY(ctx, st, st->api->cuMemcpyDtoH(&flag, st->bounds_flag, 4), "cuMemcpyDtoH (bounds flag)");
     if (!flag) return FLEX_OK;
     CU_TRY(ctx, st, st->api->cuMemsetD8(st->bounds_flag, 0, 4), "cuMemsetD8 (bounds flag)");
     int slot = 0;
-    while (!(flag & (1u << slot))) slot++;
+    while (!(flag & (1u << slot)))
+        slot++;
     return flex_fail(ctx, FLEX_ERR_BUFFER_BOUNDS,
                      "a mod read buffer '%s' outside its sizes on the GPU (the index was "
                      "clamped; results of that call are not meaningful)",
                      st->slot_names[slot][0] ? st->slot_names[slot] : "?");
 }
 
-static flex_status cuda_synchronize(flex_context *ctx)
-{
+static flex_status cuda_synchronize(flex_context *ctx) {
     cuda_state *st = state_of(ctx);
     flex_status s = push_ctx(ctx, st);
     if (s) return s;
@@ -279,8 +291,7 @@ static flex_status cuda_synchronize(flex_context *ctx)
 /* Finds or builds the function `fn_name` of source under key. The caller
  * holds st->lock and has the context current. */
 static flex_status get_function(flex_context *ctx, cuda_state *st, const char *key,
-                                const char *source, const char *fn_name, CUfunction *fn)
-{
+                                const char *source, const char *fn_name, CUfunction *fn) {
     for (cuda_module *m = st->modules; m; m = m->next)
         if (strcmp(m->key, key) == 0) {
             *fn = m->fn;
@@ -298,7 +309,8 @@ static flex_status get_function(flex_context *ctx, cuda_state *st, const char *k
                      flex_cache_dir(process_cache));
         flex_log(FLEX_LOG_INFO, "compiled %s for %s in %.0f ms", fn_name, st->arch, now_ms() - t0);
     } else {
-        flex_log(FLEX_LOG_DEBUG, "kernel %s from the %s cache", fn_name, from_disk ? "disk" : "memory");
+        flex_log(FLEX_LOG_DEBUG, "kernel %s from the %s cache", fn_name,
+                 from_disk ? "disk" : "memory");
     }
     cuda_module *m = calloc(1, sizeof *m);
     char *k = strdup(key);
@@ -333,8 +345,7 @@ typedef struct cuda_buffer_desc {
 
 /* Device address of buffer i of mod, copying host data once per binding. */
 static flex_status buffer_device_ptr(flex_context *ctx, cuda_state *st, const struct flex_mod *mod,
-                                     int i, CUdeviceptr *out)
-{
+                                     int i, CUdeviceptr *out) {
     const flex_tensor *v = &mod->views[i];
     if (v->device == FLEX_DEVICE_CUDA) {
         *out = (CUdeviceptr)(uintptr_t)v->data;
@@ -348,8 +359,10 @@ static flex_status buffer_device_ptr(flex_context *ctx, cuda_state *st, const st
         }
     int64_t extent = 1;
     for (int d = 0; d < v->ndim; d++) {
-        if (v->sizes[d] <= 0) extent = 0;
-        else if (extent) extent += (v->sizes[d] - 1) * (v->strides[d] < 0 ? -v->strides[d] : v->strides[d]);
+        if (v->sizes[d] <= 0)
+            extent = 0;
+        else if (extent)
+            extent += (v->sizes[d] - 1) * (v->strides[d] < 0 ? -v->strides[d] : v->strides[d]);
     }
     size_t bytes = (size_t)extent * flex_dtype_size(v->dtype);
     cuda_buffer_copy *c = calloc(1, sizeof *c);
@@ -373,8 +386,7 @@ static flex_status buffer_device_ptr(flex_context *ctx, cuda_state *st, const st
 
 /* Fills descs[slot_base + i] for every buffer of mod. */
 static flex_status fill_buffers(flex_context *ctx, cuda_state *st, const struct flex_mod *mod,
-                                int slot_base, cuda_buffer_desc *descs)
-{
+                                int slot_base, cuda_buffer_desc *descs) {
     if (!mod) return FLEX_OK;
     for (int i = 0; i < mod->ir.num_buffers; i++) {
         const ir_buffer *decl = &mod->ir.buffers[i];
@@ -400,8 +412,7 @@ static flex_status fill_buffers(flex_context *ctx, cuda_state *st, const struct 
 /* Appends the flex_buffers block (descs then the flag pointer) to a kernel
  * parameter blob at offset `at` (8-aligned); returns the new size. */
 static size_t append_buffers(unsigned char *blob, size_t at, const cuda_buffer_desc *descs,
-                             int slots, CUdeviceptr flag)
-{
+                             int slots, CUdeviceptr flag) {
     int n = slots > 0 ? slots : 1;
     memcpy(blob + at, descs, (size_t)n * sizeof *descs);
     at += (size_t)n * sizeof *descs;
@@ -412,17 +423,17 @@ static size_t append_buffers(unsigned char *blob, size_t at, const cuda_buffer_d
 
 static flex_status launch_blob(flex_context *ctx, cuda_state *st, CUfunction fn, unsigned gx,
                                unsigned gy, unsigned threads, unsigned smem, CUstream stream,
-                               void *blob, size_t size)
-{
+                               void *blob, size_t size) {
     void *extra[] = {(void *)(uintptr_t)1, blob, (void *)(uintptr_t)2, &size, (void *)(uintptr_t)0};
     if (smem > 48 * 1024)
         CU_TRY(ctx, st,
                st->api->cuFuncSetAttribute(fn, FLEX_CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                            (int)smem),
                "cuFuncSetAttribute (shared memory)");
-    return check_cu(ctx, st->api,
-                    st->api->cuLaunchKernel(fn, gx, gy, 1, threads, 1, 1, smem, stream, NULL, extra),
-                    "cuLaunchKernel");
+    return check_cu(
+        ctx, st->api,
+        st->api->cuLaunchKernel(fn, gx, gy, 1, threads, 1, 1, smem, stream, NULL, extra),
+        "cuLaunchKernel");
 }
 
 /* ---- block-mask lists on the device ---- */
@@ -431,8 +442,7 @@ typedef struct cuda_mask_copy {
     CUdeviceptr full_off, full_idx, part_off, part_idx, order;
 } cuda_mask_copy;
 
-static void mask_copy_free(flex_context *ctx, void *copy)
-{
+static void mask_copy_free(flex_context *ctx, void *copy) {
     cuda_mask_copy *c = copy;
     if (!c) return;
     cuda_state *st = ctx ? state_of(ctx) : NULL;
@@ -448,26 +458,28 @@ static void mask_copy_free(flex_context *ctx, void *copy)
 }
 
 static flex_status upload_array(flex_context *ctx, cuda_state *st, const void *src, size_t bytes,
-                                CUdeviceptr *dst)
-{
+                                CUdeviceptr *dst) {
     CU_TRY(ctx, st, st->api->cuMemAlloc(dst, bytes ? bytes : 4), "cuMemAlloc (block mask)");
-    if (bytes) CU_TRY(ctx, st, st->api->cuMemcpyHtoD(*dst, src, bytes), "cuMemcpyHtoD (block mask)");
+    if (bytes)
+        CU_TRY(ctx, st, st->api->cuMemcpyHtoD(*dst, src, bytes), "cuMemcpyHtoD (block mask)");
     return FLEX_OK;
 }
 
-static int64_t *order_counts; /* qsort context; guarded by st->lock */
-static int cmp_heavier_first(const void *a, const void *b)
-{
-    int ia = *(const int *)a, ib = *(const int *)b;
-    if (order_counts[ia] != order_counts[ib]) return order_counts[ia] > order_counts[ib] ? -1 : 1;
-    return ia - ib;
+typedef struct row_weight {
+    int64_t blocks;
+    int row;
+} row_weight;
+
+static int cmp_heavier_first(const void *a, const void *b) {
+    const row_weight *x = a, *y = b;
+    if (x->blocks != y->blocks) return x->blocks > y->blocks ? -1 : 1;
+    return x->row - y->row;
 }
 
 /* Uploads the kv-major lists of mask and the heaviest-first order of its
  * q-block rows (summed over batch and head), once per mask. */
 static flex_status mask_device_copy(flex_context *ctx, cuda_state *st,
-                                    const struct flex_block_mask *mask, cuda_mask_copy **out)
-{
+                                    const struct flex_block_mask *mask, cuda_mask_copy **out) {
     if (mask->device_copy) {
         *out = mask->device_copy;
         return FLEX_OK;
@@ -476,30 +488,33 @@ static flex_status mask_device_copy(flex_context *ctx, cuda_state *st,
     const int64_t nq = mask->num_q_blocks;
     cuda_mask_copy *c = calloc(1, sizeof *c);
     int *order = malloc((size_t)(nq ? nq : 1) * sizeof *order);
-    int64_t *counts = calloc((size_t)(nq ? nq : 1), sizeof *counts);
-    if (!c || !order || !counts) {
+    row_weight *weights = calloc((size_t)(nq ? nq : 1), sizeof *weights);
+    if (!c || !order || !weights) {
         free(c);
         free(order);
-        free(counts);
+        free(weights);
         return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory for the block mask copy");
     }
+    for (int64_t i = 0; i < nq; i++)
+        weights[i].row = (int)i;
     for (int64_t r = 0; r < rows; r++)
-        counts[r % nq] += (mask->kv_full.offsets[r + 1] - mask->kv_full.offsets[r]) +
-                          (mask->kv_partial.offsets[r + 1] - mask->kv_partial.offsets[r]);
-    for (int64_t i = 0; i < nq; i++) order[i] = (int)i;
-    order_counts = counts;
-    qsort(order, (size_t)nq, sizeof *order, cmp_heavier_first);
-    order_counts = NULL;
+        weights[r % nq].blocks += (mask->kv_full.offsets[r + 1] - mask->kv_full.offsets[r]) +
+                                  (mask->kv_partial.offsets[r + 1] - mask->kv_partial.offsets[r]);
+    qsort(weights, (size_t)nq, sizeof *weights, cmp_heavier_first);
+    for (int64_t i = 0; i < nq; i++)
+        order[i] = weights[i].row;
+    free(weights);
     const size_t off_bytes = (size_t)(rows + 1) * sizeof(int32_t);
     flex_status s = upload_array(ctx, st, mask->kv_full.offsets, off_bytes, &c->full_off);
-    if (!s) s = upload_array(ctx, st, mask->kv_full.indices,
-                             (size_t)mask->kv_full.offsets[rows] * sizeof(int32_t), &c->full_idx);
+    if (!s)
+        s = upload_array(ctx, st, mask->kv_full.indices,
+                         (size_t)mask->kv_full.offsets[rows] * sizeof(int32_t), &c->full_idx);
     if (!s) s = upload_array(ctx, st, mask->kv_partial.offsets, off_bytes, &c->part_off);
-    if (!s) s = upload_array(ctx, st, mask->kv_partial.indices,
-                             (size_t)mask->kv_partial.offsets[rows] * sizeof(int32_t), &c->part_idx);
+    if (!s)
+        s = upload_array(ctx, st, mask->kv_partial.indices,
+                         (size_t)mask->kv_partial.offsets[rows] * sizeof(int32_t), &c->part_idx);
     if (!s) s = upload_array(ctx, st, order, (size_t)nq * sizeof *order, &c->order);
     free(order);
-    free(counts);
     if (s) {
         st->api->cuMemFree(c->full_off);
         st->api->cuMemFree(c->full_idx);
@@ -524,22 +539,26 @@ static flex_status mask_device_copy(flex_context *ctx, cuda_state *st,
 typedef struct cuda_fwd_params {
     uint64_t q, k, v, out, lse;
     uint64_t full_off, full_idx, part_off, part_idx, row_order;
-    int64_t q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, o_sb, o_sh, o_ss, l_sb, l_sh, l_ss;
+    int64_t q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, o_sb, o_sh, o_ss, l_sb, l_sh,
+        l_ss;
     int32_t B, Hq, Hkv, Lq, Lkv, D, Dv;
     int32_t mask_B, mask_H, mask_nq, mask_nk, mask_qblock, mask_kvblock;
     int32_t dense, tiles_per_row;
     float scale, scale_log2;
 } cuda_fwd_params;
 
-static int pad64(int64_t d) { return (int)((d + 63) / 64 * 64); }
+static int pad64(int64_t d) {
+    return (int)((d + 63) / 64 * 64);
+}
 
-static int aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+static int aligned16(const void *p) {
+    return ((uintptr_t)p & 15u) == 0;
+}
 
 /* Tile choice for the tensor-core kernel, from the mask's block sizes and
  * the head dims; FLEXATTN_CUDA_TILE="warps,mt,block_n" overrides it (for
  * tuning; it must still divide the mask's blocks). */
-static void choose_tiles(flex_cuda_fwd_config *cfg, int q_block, int kv_block)
-{
+static void choose_tiles(flex_cuda_fwd_config *cfg, int q_block, int kv_block) {
     const int wide = cfg->dq > 128 || cfg->dv > 128;
     cfg->mt = 1;
     cfg->warps = q_block / 16 < 8 ? q_block / 16 : 8;
@@ -548,15 +567,15 @@ static void choose_tiles(flex_cuda_fwd_config *cfg, int q_block, int kv_block)
     const char *env = getenv("FLEXATTN_CUDA_TILE");
     int w, mt, bn;
     if (env && sscanf(env, "%d,%d,%d", &w, &mt, &bn) == 3 && w > 0 && mt > 0 && bn >= 16 &&
-        w * 16 * mt <= q_block && q_block % (w * 16 * mt) == 0 && kv_block % bn == 0 && bn % 16 == 0) {
+        w * 16 * mt <= q_block && q_block % (w * 16 * mt) == 0 && kv_block % bn == 0 &&
+        bn % 16 == 0) {
         cfg->warps = w;
         cfg->mt = mt;
         cfg->block_n = bn;
     }
 }
 
-static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a)
-{
+static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
     cuda_state *st = state_of(ctx);
     const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v, *o = &a->out;
     const int64_t B = q->sizes[0], Hq = q->sizes[1], Lq = q->sizes[2], D = q->sizes[3];
@@ -569,9 +588,10 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a)
         return flex_fail(ctx, FLEX_ERR_SHAPE,
                          "the CUDA backend needs the last dimension of q, k, v and out contiguous");
     if (q->dtype != FLEX_F32 && st->major < 8)
-        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
-                         "f16/bf16 attention needs compute capability 8.0 or newer (this GPU is %d.%d)",
-                         st->major, st->minor);
+        return flex_fail(
+            ctx, FLEX_ERR_UNSUPPORTED,
+            "f16/bf16 attention needs compute capability 8.0 or newer (this GPU is %d.%d)",
+            st->major, st->minor);
     const struct flex_block_mask *mask = a->block_mask;
     const struct flex_mod *mask_mod = mask ? mask->mask_mod : NULL;
     if (mask && mask->num_partial > 0 && !mask_mod)
@@ -589,13 +609,11 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a)
         cfg.vec = 0;
     } else {
         choose_tiles(&cfg, q_block, kv_block);
-        const size_t es = 2;
         cfg.vec = D % 8 == 0 && Dv % 8 == 0 && aligned16(q->data) && aligned16(k->data) &&
                   aligned16(v->data) && aligned16(o->data);
         for (int d = 0; d < 3; d++)
             if (q->strides[d] % 8 || k->strides[d] % 8 || v->strides[d] % 8 || o->strides[d] % 8)
                 cfg.vec = 0;
-        (void)es;
     }
     const int block_m = cfg.warps * 16 * cfg.mt;
     const size_t smem = q->dtype == FLEX_F32
@@ -604,7 +622,8 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a)
     if ((int64_t)smem > st->smem_optin)
         return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
                          "the kernel for head dims %lld/%lld needs %zu bytes of shared memory; the "
-                         "GPU allows %d", (long long)D, (long long)Dv, smem, st->smem_optin);
+                         "GPU allows %d",
+                         (long long)D, (long long)Dv, smem, st->smem_optin);
 
     const ir_mod *mask_ir = mask_mod ? &mask_mod->ir : NULL;
     const ir_mod *score_ir = score_mod ? &score_mod->ir : NULL;
@@ -626,9 +645,10 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a)
     if (!s) {
         char key[512];
         snprintf(key, sizeof key,
-                 "fwd|%s|dq%d|dv%d|w%d|mt%d|n%d|vec%d|mask=%016llx|score=%016llx|%s|nvrtc%d.%d|src=%016llx",
-                 flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.warps, cfg.mt, cfg.block_n, cfg.vec,
-                 (unsigned long long)(mask_mod ? mask_mod->hash : 0),
+                 "fwd|%s|dq%d|dv%d|w%d|mt%d|n%d|vec%d|mask=%016llx|score=%016llx|%s|nvrtc%d.%d|src="
+                 "%016llx",
+                 flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.warps, cfg.mt, cfg.block_n,
+                 cfg.vec, (unsigned long long)(mask_mod ? mask_mod->hash : 0),
                  (unsigned long long)(score_mod ? score_mod->hash : 0), st->arch,
                  st->api->nvrtc_major, st->api->nvrtc_minor,
                  (unsigned long long)flex_cache_checksum(source, strlen(source)));
@@ -656,7 +676,8 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a)
         p.k_sb = k->strides[0], p.k_sh = k->strides[1], p.k_ss = k->strides[2];
         p.v_sb = v->strides[0], p.v_sh = v->strides[1], p.v_ss = v->strides[2];
         p.o_sb = o->strides[0], p.o_sh = o->strides[1], p.o_ss = o->strides[2];
-        if (a->lse) p.l_sb = a->lse->strides[0], p.l_sh = a->lse->strides[1], p.l_ss = a->lse->strides[2];
+        if (a->lse)
+            p.l_sb = a->lse->strides[0], p.l_sh = a->lse->strides[1], p.l_ss = a->lse->strides[2];
         p.B = (int32_t)B, p.Hq = (int32_t)Hq, p.Hkv = (int32_t)Hkv;
         p.Lq = (int32_t)Lq, p.Lkv = (int32_t)Lkv, p.D = (int32_t)D, p.Dv = (int32_t)Dv;
         p.mask_qblock = q_block;
@@ -677,7 +698,8 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a)
         p.scale = a->scale;
         p.scale_log2 = a->scale * 1.4426950408889634f;
 
-        unsigned char blob[sizeof(cuda_fwd_params) + (FLEX_EMIT_MAX_SLOTS + 2) * sizeof(cuda_buffer_desc)];
+        unsigned char
+            blob[sizeof(cuda_fwd_params) + (FLEX_EMIT_MAX_SLOTS + 2) * sizeof(cuda_buffer_desc)];
         memcpy(blob, &p, sizeof p);
         size_t size = append_buffers(blob, sizeof p, descs, slots, st->bounds_flag);
 
@@ -690,10 +712,11 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a)
             threads = (unsigned)cfg.warps * 32;
         }
         if (gy > 65535 || B * Hq > 0x7fffffff)
-            s = flex_fail(ctx, FLEX_ERR_UNSUPPORTED, "sequence too long for one launch (%lld query tiles)",
-                          (long long)gy);
+            s = flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                          "sequence too long for one launch (%lld query tiles)", (long long)gy);
         else if (gx > 0 && gy > 0)
-            s = launch_blob(ctx, st, fn, gx, gy, threads, (unsigned)smem, (CUstream)a->stream, blob, size);
+            s = launch_blob(ctx, st, fn, gx, gy, threads, (unsigned)smem, (CUstream)a->stream, blob,
+                            size);
     }
     pop_ctx(st);
     pthread_mutex_unlock(&st->lock);
@@ -710,8 +733,7 @@ typedef struct cuda_mask_blocks_params {
 
 static flex_status cuda_mask_blocks(flex_context *ctx, const struct flex_mod *mask_mod,
                                     int64_t q_len, int64_t kv_len, int q_block, int kv_block,
-                                    const flex_block_ref *blocks, int64_t count, uint8_t *classes)
-{
+                                    const flex_block_ref *blocks, int64_t count, uint8_t *classes) {
     if (count <= 0) return FLEX_OK;
     cuda_state *st = state_of(ctx);
     pthread_mutex_lock(&st->lock);
@@ -728,28 +750,41 @@ static flex_status cuda_mask_blocks(flex_context *ctx, const struct flex_mod *ma
         char key[256];
         snprintf(key, sizeof key, "maskblocks|mask=%016llx|%s|nvrtc%d.%d|src=%016llx",
                  (unsigned long long)mask_mod->hash, st->arch, st->api->nvrtc_major,
-                 st->api->nvrtc_minor, (unsigned long long)flex_cache_checksum(source, strlen(source)));
+                 st->api->nvrtc_minor,
+                 (unsigned long long)flex_cache_checksum(source, strlen(source)));
         s = get_function(ctx, st, key, source, "flex_mask_blocks_kernel", &fn);
     }
     free(source);
     cuda_buffer_desc descs[FLEX_EMIT_MAX_SLOTS];
     memset(descs, 0, sizeof descs);
     if (!s) s = fill_buffers(ctx, st, mask_mod, 0, descs);
-    if (!s) s = check_cu(ctx, st->api, st->api->cuMemAlloc(&dblocks, (size_t)count * sizeof *blocks), "cuMemAlloc");
+    if (!s)
+        s = check_cu(ctx, st->api, st->api->cuMemAlloc(&dblocks, (size_t)count * sizeof *blocks),
+                     "cuMemAlloc");
     if (!s) s = check_cu(ctx, st->api, st->api->cuMemAlloc(&dclasses, (size_t)count), "cuMemAlloc");
-    if (!s) s = check_cu(ctx, st->api, st->api->cuMemcpyHtoD(dblocks, blocks, (size_t)count * sizeof *blocks), "cuMemcpyHtoD");
+    if (!s)
+        s = check_cu(ctx, st->api,
+                     st->api->cuMemcpyHtoD(dblocks, blocks, (size_t)count * sizeof *blocks),
+                     "cuMemcpyHtoD");
     if (!s) {
-        cuda_mask_blocks_params p = {.blocks = dblocks, .classes = dclasses, .count = count,
-                                     .q_len = (int32_t)q_len, .kv_len = (int32_t)kv_len,
-                                     .q_block = q_block, .kv_block = kv_block};
+        cuda_mask_blocks_params p = {.blocks = dblocks,
+                                     .classes = dclasses,
+                                     .count = count,
+                                     .q_len = (int32_t)q_len,
+                                     .kv_len = (int32_t)kv_len,
+                                     .q_block = q_block,
+                                     .kv_block = kv_block};
         unsigned char blob[sizeof p + (FLEX_EMIT_MAX_SLOTS + 2) * sizeof(cuda_buffer_desc)];
         memcpy(blob, &p, sizeof p);
-        size_t size = append_buffers(blob, sizeof p, descs, mask_mod->ir.num_buffers, st->bounds_flag);
+        size_t size =
+            append_buffers(blob, sizeof p, descs, mask_mod->ir.num_buffers, st->bounds_flag);
         unsigned gx = (unsigned)(count < (1 << 20) ? count : (1 << 20));
         s = launch_blob(ctx, st, fn, gx, 1, 256, 0, NULL, blob, size);
     }
     if (!s) s = check_cu(ctx, st->api, st->api->cuCtxSynchronize(), "cuCtxSynchronize");
-    if (!s) s = check_cu(ctx, st->api, st->api->cuMemcpyDtoH(classes, dclasses, (size_t)count), "cuMemcpyDtoH");
+    if (!s)
+        s = check_cu(ctx, st->api, st->api->cuMemcpyDtoH(classes, dclasses, (size_t)count),
+                     "cuMemcpyDtoH");
     if (!s) s = take_bounds_flag(ctx, st);
     if (dblocks) st->api->cuMemFree(dblocks);
     if (dclasses) st->api->cuMemFree(dclasses);

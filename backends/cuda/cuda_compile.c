@@ -11,17 +11,16 @@
 #include "cuda_compile.h"
 #include "mod/emit.h"
 
-const char *flex_cuda_template(const char *name)
-{
+const char *flex_cuda_template(const char *name) {
     for (const struct flex_embedded_file *f = flex_cuda_template_files; f->name; f++)
         if (strcmp(f->name, name) == 0) return f->text;
     return NULL;
 }
 
-static char *concat(const char *const *parts, int n)
-{
+static char *concat(const char *const *parts, int n) {
     size_t len = 0;
-    for (int i = 0; i < n; i++) len += strlen(parts[i]) + 1;
+    for (int i = 0; i < n; i++)
+        len += strlen(parts[i]) + 1;
     char *s = malloc(len + 1);
     if (!s) return NULL;
     size_t at = 0;
@@ -36,13 +35,12 @@ static char *concat(const char *const *parts, int n)
 }
 
 char *flex_cuda_forward_source(const flex_cuda_fwd_config *cfg, const ir_mod *mask,
-                               const ir_mod *score)
-{
+                               const ir_mod *score) {
     const char *vendor = flex_cuda_template("vendor.cuh");
     const char *tpl = flex_cuda_template("flex_forward.cuh");
     if (!vendor || !tpl) return NULL;
     char config[512];
-    const char *elem = cfg->dtype == FLEX_BF16 ? "FLEX_ELEM_BF16"
+    const char *elem = cfg->dtype == FLEX_BF16  ? "FLEX_ELEM_BF16"
                        : cfg->dtype == FLEX_F16 ? "FLEX_ELEM_F16"
                                                 : "FLEX_ELEM_F32";
     snprintf(config, sizeof config,
@@ -58,8 +56,7 @@ char *flex_cuda_forward_source(const flex_cuda_fwd_config *cfg, const ir_mod *ma
     return s;
 }
 
-char *flex_cuda_mask_blocks_source(const ir_mod *mask)
-{
+char *flex_cuda_mask_blocks_source(const ir_mod *mask) {
     const char *vendor = flex_cuda_template("vendor.cuh");
     const char *tpl = flex_cuda_template("flex_mask_blocks.cuh");
     if (!vendor || !tpl) return NULL;
@@ -71,8 +68,7 @@ char *flex_cuda_mask_blocks_source(const ir_mod *mask)
     return s;
 }
 
-void flex_cuda_arch_name(int major, int minor, char *buf, size_t cap)
-{
+void flex_cuda_arch_name(int major, int minor, char *buf, size_t cap) {
     /* sm_90a enables the Hopper-only instructions; the "a" targets exist for
      * 9.0 and 10.x/12.x, but only 9.0 is used by our templates today. */
     snprintf(buf, cap, "sm_%d%d%s", major, minor, (major == 9 && minor == 0) ? "a" : "");
@@ -80,8 +76,7 @@ void flex_cuda_arch_name(int major, int minor, char *buf, size_t cap)
 
 flex_status flex_cuda_compile(flex_context *ctx, const flex_cuda_api *api, const char *source,
                               const char *program_name, const char *arch, void **cubin,
-                              size_t *size)
-{
+                              size_t *size) {
     *cubin = NULL;
     *size = 0;
     nvrtcProgram prog = NULL;
@@ -101,9 +96,9 @@ flex_status flex_cuda_compile(flex_context *ctx, const flex_cuda_api *api, const
             if (log && api->nvrtcGetProgramLog(prog, log) != 0) log[0] = 0;
             if (log) log[log_size] = 0;
         }
-        flex_status st = flex_fail(ctx, FLEX_ERR_COMPILE,
-                                   "NVRTC could not compile %s for %s (%s):\n%s", program_name,
-                                   arch, api->nvrtcGetErrorString(r), log ? log : "(no log)");
+        flex_status st =
+            flex_fail(ctx, FLEX_ERR_COMPILE, "NVRTC could not compile %s for %s (%s):\n%s",
+                      program_name, arch, api->nvrtcGetErrorString(r), log ? log : "(no log)");
         free(log);
         api->nvrtcDestroyProgram(&prog);
         return st;

@@ -18,17 +18,16 @@ static pthread_once_t driver_once = PTHREAD_ONCE_INIT, nvrtc_once = PTHREAD_ONCE
 static int driver_ok, nvrtc_ok;
 static char driver_why[256], nvrtc_why[512];
 
-#define LOAD_SYM(lib, field, name, why, cap)                                                  \
-    do {                                                                                      \
-        *(void **)(&api_table.field) = dlsym(lib, name);                                      \
-        if (!api_table.field) {                                                               \
-            snprintf(why, cap, "%s lacks the symbol %s (driver too old?)", #lib, name);       \
-            return -1;                                                                        \
-        }                                                                                     \
+#define LOAD_SYM(lib, field, name, why, cap)                                                       \
+    do {                                                                                           \
+        *(void **)(&api_table.field) = dlsym(lib, name);                                           \
+        if (!api_table.field) {                                                                    \
+            snprintf(why, cap, "%s lacks the symbol %s (driver too old?)", #lib, name);            \
+            return -1;                                                                             \
+        }                                                                                          \
     } while (0)
 
-static int load_driver_symbols(void *libcuda)
-{
+static int load_driver_symbols(void *libcuda) {
     char *w = driver_why;
     size_t c = sizeof driver_why;
     LOAD_SYM(libcuda, cuInit, "cuInit", w, c);
@@ -61,8 +60,7 @@ static int load_driver_symbols(void *libcuda)
     return 0;
 }
 
-static void driver_load_once(void)
-{
+static void driver_load_once(void) {
     void *lib = dlopen("libcuda.so.1", RTLD_NOW | RTLD_LOCAL);
     if (!lib) {
         snprintf(driver_why, sizeof driver_why, "libcuda.so.1 not found (no NVIDIA driver)");
@@ -87,8 +85,7 @@ static void driver_load_once(void)
     driver_ok = 1;
 }
 
-static int load_nvrtc_symbols(void *libnvrtc)
-{
+static int load_nvrtc_symbols(void *libnvrtc) {
     char *w = nvrtc_why;
     size_t c = sizeof nvrtc_why;
     LOAD_SYM(libnvrtc, nvrtcVersion, "nvrtcVersion", w, c);
@@ -105,8 +102,7 @@ static int load_nvrtc_symbols(void *libnvrtc)
     return 0;
 }
 
-static void nvrtc_load_once(void)
-{
+static void nvrtc_load_once(void) {
     /* The unversioned name first (a toolkit's own), then the sonames of the
      * releases we know, then the usual toolkit folders. */
     static const char *const names[] = {"libnvrtc.so", "libnvrtc.so.13", "libnvrtc.so.12"};
@@ -137,8 +133,7 @@ static void nvrtc_load_once(void)
     nvrtc_ok = 1;
 }
 
-int flex_cuda_load_driver(const flex_cuda_api **api, char *why, size_t why_cap)
-{
+int flex_cuda_load_driver(const flex_cuda_api **api, char *why, size_t why_cap) {
     pthread_once(&driver_once, driver_load_once);
     if (!driver_ok) {
         if (why && why_cap) snprintf(why, why_cap, "%s", driver_why);
@@ -148,8 +143,7 @@ int flex_cuda_load_driver(const flex_cuda_api **api, char *why, size_t why_cap)
     return 0;
 }
 
-int flex_cuda_load_nvrtc(const flex_cuda_api **api, char *why, size_t why_cap)
-{
+int flex_cuda_load_nvrtc(const flex_cuda_api **api, char *why, size_t why_cap) {
     pthread_once(&nvrtc_once, nvrtc_load_once);
     if (!nvrtc_ok) {
         if (why && why_cap) snprintf(why, why_cap, "%s", nvrtc_why);
@@ -159,10 +153,10 @@ int flex_cuda_load_nvrtc(const flex_cuda_api **api, char *why, size_t why_cap)
     return 0;
 }
 
-void flex_cuda_describe(const flex_cuda_api *api, CUresult r, char *buf, size_t cap)
-{
+void flex_cuda_describe(const flex_cuda_api *api, CUresult r, char *buf, size_t cap) {
     const char *name = NULL, *text = NULL;
     if (api && api->cuGetErrorName) api->cuGetErrorName(r, &name);
     if (api && api->cuGetErrorString) api->cuGetErrorString(r, &text);
-    snprintf(buf, cap, "%s (%d): %s", name ? name : "CUDA error", r, text ? text : "no description");
+    snprintf(buf, cap, "%s (%d): %s", name ? name : "CUDA error", r,
+             text ? text : "no description");
 }

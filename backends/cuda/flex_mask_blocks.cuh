@@ -14,8 +14,8 @@ struct flex_mask_blocks_params {
 };
 
 extern "C" __global__ void __launch_bounds__(256)
-    flex_mask_blocks_kernel(const flex_mask_blocks_params p)
-{
+    flex_mask_blocks_kernel(const flex_mask_blocks_params p) {
+    unsigned oob = 0;
     for (long long i = blockIdx.x; i < p.count; i += gridDim.x) {
         const int b = p.blocks[4 * i], h = p.blocks[4 * i + 1];
         const int q0 = p.blocks[4 * i + 2] * p.q_block, k0 = p.blocks[4 * i + 3] * p.kv_block;
@@ -23,7 +23,7 @@ extern "C" __global__ void __launch_bounds__(256)
         const int nk = max(0, min(p.kv_block, p.kv_len - k0));
         int any_true = 0, any_false = 0;
         for (int e = threadIdx.x; e < nq * nk; e += blockDim.x) {
-            const bool r = flex_mask_mod(b, h, q0 + e / nk, k0 + e % nk, p.bufs);
+            const bool r = flex_mask_mod(b, h, q0 + e / nk, k0 + e % nk, p.bufs, oob);
             any_true |= r;
             any_false |= !r;
         }
@@ -32,4 +32,5 @@ extern "C" __global__ void __launch_bounds__(256)
         if (threadIdx.x == 0) p.classes[i] = any_true ? (any_false ? 1 : 2) : 0;
         __syncthreads();
     }
+    if (oob) atomicOr(p.bufs.bounds_flag, oob);
 }

@@ -8,30 +8,29 @@
 #define FLEX_VENDOR_CUH
 
 #define FLEX_DEVICE_INLINE __device__ __forceinline__
-#define FLEX_INF __int_as_float(0x7f800000)
-#define FLEX_NEG_INF __int_as_float(0xff800000)
+#define FLEX_INF           __int_as_float(0x7f800000)
+#define FLEX_NEG_INF       __int_as_float(0xff800000)
 
 #if defined(FLEX_HIP)
-#define FLEX_WARP_SIZE 64
+#define FLEX_WARP_SIZE      64
 #define FLEX_SHFL_XOR(v, m) __shfl_xor((v), (m))
 /* HIP has no tanh.approx; tanh_approx is exact there (within tanhf's ulps). */
-static FLEX_DEVICE_INLINE float flex_tanh_approx(float x) { return tanhf(x); }
-static FLEX_DEVICE_INLINE float flex_half_bits_to_float(unsigned short h)
-{
+static FLEX_DEVICE_INLINE float flex_tanh_approx(float x) {
+    return tanhf(x);
+}
+static FLEX_DEVICE_INLINE float flex_half_bits_to_float(unsigned short h) {
     return __half2float(__ushort_as_half(h));
 }
 #else
-#define FLEX_WARP_SIZE 32
+#define FLEX_WARP_SIZE      32
 #define FLEX_SHFL_XOR(v, m) __shfl_xor_sync(0xffffffffu, (v), (m))
 /* The SFU's tanh (sm_75 and later): max abs error about 2^-10.7. */
-static FLEX_DEVICE_INLINE float flex_tanh_approx(float x)
-{
+static FLEX_DEVICE_INLINE float flex_tanh_approx(float x) {
     float y;
     asm("tanh.approx.f32 %0, %1;" : "=f"(y) : "f"(x));
     return y;
 }
-static FLEX_DEVICE_INLINE float flex_half_bits_to_float(unsigned short h)
-{
+static FLEX_DEVICE_INLINE float flex_half_bits_to_float(unsigned short h) {
     float f;
     asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
     return f;

@@ -25,8 +25,7 @@ typedef struct derive_state {
     int failed; /* set by the first failed ir_add; later builders are no-ops */
 } derive_state;
 
-static int checked(derive_state *st, int index)
-{
+static int checked(derive_state *st, int index) {
     if (index < 0) {
         st->failed = 1;
         return 0;
@@ -34,32 +33,29 @@ static int checked(derive_state *st, int index)
     return index;
 }
 
-static int is_float_const(const derive_state *st, int index, float *value)
-{
+static int is_float_const(const derive_state *st, int index, float *value) {
     const ir_node *n = &st->m->nodes[index];
     if (n->op != IR_CONST || n->type != IR_FLOAT) return 0;
     if (value) *value = n->imm.f;
     return 1;
 }
 
-static int is_const_node(const derive_state *st, int index)
-{
+static int is_const_node(const derive_state *st, int index) {
     return st->m->nodes[index].op == IR_CONST;
 }
 
-static int fconst(derive_state *st, float v)
-{
+static int fconst(derive_state *st, float v) {
     if (st->failed) return 0;
     return checked(st, ir_const_float(st->m, v));
 }
 
 /* Builds op(args) of the given type, evaluating it when every argument is a
  * constant. Nodes are built through ir_add so equal ones are shared. */
-static int build(derive_state *st, ir_op op, ir_type type, int nargs, const int *args)
-{
+static int build(derive_state *st, ir_op op, ir_type type, int nargs, const int *args) {
     if (st->failed) return 0;
     int all_const = 1;
-    for (int i = 0; i < nargs; i++) all_const &= is_const_node(st, args[i]);
+    for (int i = 0; i < nargs; i++)
+        all_const &= is_const_node(st, args[i]);
     if (all_const) {
         ir_node node;
         memset(&node, 0, sizeof node);
@@ -83,41 +79,35 @@ static int build(derive_state *st, ir_op op, ir_type type, int nargs, const int 
     return checked(st, ir_select(st->m, type, args[0], args[1], args[2]));
 }
 
-static int un(derive_state *st, ir_op op, int a)
-{
+static int un(derive_state *st, ir_op op, int a) {
     return build(st, op, IR_FLOAT, 1, &a);
 }
 
-static int bin(derive_state *st, ir_op op, int a, int b)
-{
+static int bin(derive_state *st, ir_op op, int a, int b) {
     int args[2] = {a, b};
     return build(st, op, IR_FLOAT, 2, args);
 }
 
-static int cmp(derive_state *st, ir_op op, int a, int b)
-{
+static int cmp(derive_state *st, ir_op op, int a, int b) {
     int args[2] = {a, b};
     return build(st, op, IR_BOOL, 2, args);
 }
 
-static int neg(derive_state *st, int a)
-{
+static int neg(derive_state *st, int a) {
     if (st->failed) return 0;
     const ir_node *n = &st->m->nodes[a];
     if (n->op == IR_NEG) return n->args[0];
     return un(st, IR_NEG, a);
 }
 
-static int add(derive_state *st, int a, int b)
-{
+static int add(derive_state *st, int a, int b) {
     float v;
     if (is_float_const(st, a, &v) && v == 0.0f) return b;
     if (is_float_const(st, b, &v) && v == 0.0f) return a;
     return bin(st, IR_ADD, a, b);
 }
 
-static int sub(derive_state *st, int a, int b)
-{
+static int sub(derive_state *st, int a, int b) {
     float v;
     if (is_float_const(st, b, &v) && v == 0.0f) return a;
     return bin(st, IR_SUB, a, b);
@@ -125,8 +115,7 @@ static int sub(derive_state *st, int a, int b)
 
 /* x * 1 = x and x * -1 = -x hold for every float x; x * 0 does not (inf,
  * NaN), so zeros are never folded here: structural zeros are NO_ADJOINT. */
-static int mul(derive_state *st, int a, int b)
-{
+static int mul(derive_state *st, int a, int b) {
     float v;
     if (is_float_const(st, a, &v) && v == 1.0f) return b;
     if (is_float_const(st, b, &v) && v == 1.0f) return a;
@@ -135,15 +124,13 @@ static int mul(derive_state *st, int a, int b)
     return bin(st, IR_MUL, a, b);
 }
 
-static int fdiv(derive_state *st, int a, int b)
-{
+static int fdiv(derive_state *st, int a, int b) {
     float v;
     if (is_float_const(st, b, &v) && v == 1.0f) return a;
     return bin(st, IR_DIV, a, b);
 }
 
-static int sel(derive_state *st, int c, int a, int b)
-{
+static int sel(derive_state *st, int c, int a, int b) {
     if (st->failed) return 0;
     if (a == b) return a;
     const ir_node *cn = &st->m->nodes[c];
@@ -154,13 +141,11 @@ static int sel(derive_state *st, int c, int a, int b)
 
 /* Whether a derivative with respect to node `target` is worth building:
  * ints and bools have none, and a constant's is never read. */
-static int wants(const derive_state *st, int target)
-{
+static int wants(const derive_state *st, int target) {
     return st->m->nodes[target].type == IR_FLOAT && !is_const_node(st, target);
 }
 
-static void accumulate_term(derive_state *st, int *adj, int target, int term)
-{
+static void accumulate_term(derive_state *st, int *adj, int target, int term) {
     if (term == NO_ADJOINT || st->failed) return;
     adj[target] = adj[target] == NO_ADJOINT ? term : add(st, adj[target], term);
 }
@@ -172,8 +157,7 @@ static void accumulate_term(derive_state *st, int *adj, int target, int term)
     } while (0)
 
 /* select(c, adjoint, 0) or select(c, 0, adjoint). */
-static int masked(derive_state *st, int cond, int adjoint, int when_true)
-{
+static int masked(derive_state *st, int cond, int adjoint, int when_true) {
     if (adjoint == NO_ADJOINT) return NO_ADJOINT;
     int zero = fconst(st, 0.0f);
     return when_true ? sel(st, cond, adjoint, zero) : sel(st, cond, zero, adjoint);
@@ -181,8 +165,7 @@ static int masked(derive_state *st, int cond, int adjoint, int when_true)
 
 /* Hands node i's adjoint A on to its arguments. `self` is node i (the
  * forward value), reused where the derivative is a function of it. */
-static void propagate(derive_state *st, int *adj, int self)
-{
+static void propagate(derive_state *st, int *adj, int self) {
     const ir_node node = st->m->nodes[self]; /* copy: ir_add may move the array */
     const int A = adj[self];
     const int a = node.nargs > 0 ? node.args[0] : 0;
@@ -190,7 +173,9 @@ static void propagate(derive_state *st, int *adj, int self)
     const float ln2 = 0.693147180559945309f;
     if (node.type != IR_FLOAT) return;
     switch ((ir_op)node.op) {
-    case IR_NEG: accumulate(st, adj, a, neg(st, A)); break;
+    case IR_NEG:
+        accumulate(st, adj, a, neg(st, A));
+        break;
     case IR_ABS: {
         int zero = fconst(st, 0.0f);
         int sign = sel(st, cmp(st, IR_GT, a, zero), fconst(st, 1.0f),
@@ -198,18 +183,32 @@ static void propagate(derive_state *st, int *adj, int self)
         accumulate(st, adj, a, mul(st, A, sign));
         break;
     }
-    case IR_EXP: accumulate(st, adj, a, mul(st, A, self)); break;
-    case IR_EXP2: accumulate(st, adj, a, mul(st, A, mul(st, self, fconst(st, ln2)))); break;
-    case IR_LOG: accumulate(st, adj, a, fdiv(st, A, a)); break;
-    case IR_LOG2: accumulate(st, adj, a, fdiv(st, A, mul(st, a, fconst(st, ln2)))); break;
-    case IR_SQRT: accumulate(st, adj, a, fdiv(st, A, mul(st, fconst(st, 2.0f), self))); break;
+    case IR_EXP:
+        accumulate(st, adj, a, mul(st, A, self));
+        break;
+    case IR_EXP2:
+        accumulate(st, adj, a, mul(st, A, mul(st, self, fconst(st, ln2))));
+        break;
+    case IR_LOG:
+        accumulate(st, adj, a, fdiv(st, A, a));
+        break;
+    case IR_LOG2:
+        accumulate(st, adj, a, fdiv(st, A, mul(st, a, fconst(st, ln2))));
+        break;
+    case IR_SQRT:
+        accumulate(st, adj, a, fdiv(st, A, mul(st, fconst(st, 2.0f), self)));
+        break;
     case IR_RSQRT: {
         int cube = mul(st, mul(st, self, self), self);
         accumulate(st, adj, a, mul(st, A, mul(st, fconst(st, -0.5f), cube)));
         break;
     }
-    case IR_SIN: accumulate(st, adj, a, mul(st, A, un(st, IR_COS, a))); break;
-    case IR_COS: accumulate(st, adj, a, neg(st, mul(st, A, un(st, IR_SIN, a)))); break;
+    case IR_SIN:
+        accumulate(st, adj, a, mul(st, A, un(st, IR_COS, a)));
+        break;
+    case IR_COS:
+        accumulate(st, adj, a, neg(st, mul(st, A, un(st, IR_SIN, a))));
+        break;
     case IR_TAN:
         accumulate(st, adj, a, mul(st, A, add(st, fconst(st, 1.0f), mul(st, self, self))));
         break;
@@ -282,8 +281,7 @@ static void propagate(derive_state *st, int *adj, int self)
     }
 }
 
-int mod_derive(ir_mod *m, mod_derivative *out)
-{
+int mod_derive(ir_mod *m, mod_derivative *out) {
     memset(out, 0, sizeof *out);
     if (m->num_nodes <= 0 || m->root < 0 || m->nodes[m->root].type != IR_FLOAT)
         return MOD_DERIVE_NOT_SCORE;
@@ -291,7 +289,8 @@ int mod_derive(ir_mod *m, mod_derivative *out)
     const int root = m->root;
     int *adj = malloc((size_t)n * sizeof *adj);
     if (!adj) return MOD_DERIVE_NO_MEMORY;
-    for (int i = 0; i < n; i++) adj[i] = NO_ADJOINT;
+    for (int i = 0; i < n; i++)
+        adj[i] = NO_ADJOINT;
 
     derive_state st = {.m = m, .failed = 0};
     adj[root] = fconst(&st, 1.0f);

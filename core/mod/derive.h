@@ -19,9 +19,9 @@
 
 /* Return codes of mod_derive besides 0. */
 enum {
-    MOD_DERIVE_NO_MEMORY = -1,      /* out of memory or IR_MAX_NODES reached */
-    MOD_DERIVE_NOT_SCORE = -2,      /* the mod's result is not a float */
-    MOD_DERIVE_TOO_MANY_LOADS = -3  /* more than MOD_DERIVE_MAX_LOADS float reads */
+    MOD_DERIVE_NO_MEMORY = -1,     /* out of memory or IR_MAX_NODES reached */
+    MOD_DERIVE_NOT_SCORE = -2,     /* the mod's result is not a float */
+    MOD_DERIVE_TOO_MANY_LOADS = -3 /* more than MOD_DERIVE_MAX_LOADS float reads */
 };
 
 /* The local derivative of the mod's result with respect to one buffer read. */

@@ -27,8 +27,7 @@ static void sb_printf(strbuf *sb, const char *fmt, ...)
 #endif
     ;
 
-static void sb_printf(strbuf *sb, const char *fmt, ...)
-{
+static void sb_printf(strbuf *sb, const char *fmt, ...) {
     if (sb->failed) return;
     va_list ap;
     va_start(ap, fmt);
@@ -43,7 +42,8 @@ static void sb_printf(strbuf *sb, const char *fmt, ...)
     }
     if (sb->len + (size_t)n + 1 > sb->cap) {
         size_t cap = sb->cap ? sb->cap : 4096;
-        while (cap < sb->len + (size_t)n + 1) cap *= 2;
+        while (cap < sb->len + (size_t)n + 1)
+            cap *= 2;
         char *p = realloc(sb->data, cap);
         if (!p) {
             sb->failed = 1;
@@ -64,9 +64,12 @@ static const char helper_text[] =
     "#define FLEX_MOD_HELPERS\n"
     "struct flex_buffer { const void *data; int sizes[4]; long long strides[4]; };\n"
     "#define FLEX_I32_MIN (-2147483647 - 1)\n"
-    "static FLEX_DEVICE_INLINE int flex_iadd(int a, int b) { return (int)((unsigned)a + (unsigned)b); }\n"
-    "static FLEX_DEVICE_INLINE int flex_isub(int a, int b) { return (int)((unsigned)a - (unsigned)b); }\n"
-    "static FLEX_DEVICE_INLINE int flex_imul(int a, int b) { return (int)((unsigned)a * (unsigned)b); }\n"
+    "static FLEX_DEVICE_INLINE int flex_iadd(int a, int b) { return (int)((unsigned)a + "
+    "(unsigned)b); }\n"
+    "static FLEX_DEVICE_INLINE int flex_isub(int a, int b) { return (int)((unsigned)a - "
+    "(unsigned)b); }\n"
+    "static FLEX_DEVICE_INLINE int flex_imul(int a, int b) { return (int)((unsigned)a * "
+    "(unsigned)b); }\n"
     "static FLEX_DEVICE_INLINE int flex_ineg(int a) { return (int)(0u - (unsigned)a); }\n"
     "static FLEX_DEVICE_INLINE int flex_iabs(int a) { return a < 0 ? flex_ineg(a) : a; }\n"
     "static FLEX_DEVICE_INLINE int flex_ifloordiv(int a, int b) {\n"
@@ -82,7 +85,8 @@ static const char helper_text[] =
     "    if (r != 0 && ((r < 0) != (b < 0))) r += b;\n"
     "    return r;\n"
     "}\n"
-    "static FLEX_DEVICE_INLINE float flex_ffloordiv(float a, float b) { return floorf(__fdiv_rn(a, b)); }\n"
+    "static FLEX_DEVICE_INLINE float flex_ffloordiv(float a, float b) { return floorf(__fdiv_rn(a, "
+    "b)); }\n"
     "static FLEX_DEVICE_INLINE float flex_fmod(float a, float b) {\n"
     "    float r = fmodf(a, b);\n"
     "    if (r != 0.0f && ((r < 0.0f) != (b < 0.0f))) r = __fadd_rn(r, b);\n"
@@ -109,9 +113,11 @@ static const char helper_text[] =
     "}\n"
     "static FLEX_DEVICE_INLINE float flex_rsqrt(float a) { return __fdiv_rn(1.0f, sqrtf(a)); }\n"
     "/* Element offset of idx in buffer `slot`; an index outside [0, size) is\n"
-    "   clamped into range and bit `slot` of the bounds flag is set. */\n"
+    "   clamped into range and bit `slot` of the thread's oob mask is set (the\n"
+    "   kernel ORs the mask into the device flag once, at its end, so mods stay\n"
+    "   free of stores and their loads can be shared and hoisted). */\n"
     "static FLEX_DEVICE_INLINE long long flex_buffer_offset(const flex_buffer &buf,\n"
-    "        unsigned *flag, int slot, int ndim, int i0, int i1, int i2, int i3) {\n"
+    "        unsigned &oob, int slot, int ndim, int i0, int i1, int i2, int i3) {\n"
     "    int idx[4] = {i0, i1, i2, i3};\n"
     "    long long off = 0;\n"
     "    bool bad = false;\n"
@@ -128,7 +134,7 @@ static const char helper_text[] =
     "            off += (long long)i * buf.strides[d];\n"
     "        }\n"
     "    }\n"
-    "    if (bad) atomicOr(flag, 1u << slot);\n"
+    "    if (bad) oob |= 1u << slot;\n"
     "    return off;\n"
     "}\n"
     "static FLEX_DEVICE_INLINE bool flex_buffer_empty(const flex_buffer &buf, int ndim) {\n"
@@ -139,14 +145,12 @@ static const char helper_text[] =
     "}\n"
     "#endif\n";
 
-static const char *ctype(int t)
-{
+static const char *ctype(int t) {
     return t == IR_BOOL ? "bool" : t == IR_INT ? "int" : "float";
 }
 
 /* Emits the right-hand side of node i (args already emitted as v<arg>). */
-static void emit_node(strbuf *sb, const ir_mod *m, int i, int slot_base)
-{
+static void emit_node(strbuf *sb, const ir_mod *m, int i, int slot_base) {
     const ir_node *n = &m->nodes[i];
     const int32_t *a = n->args;
     const int t = n->type;
@@ -167,89 +171,183 @@ static void emit_node(strbuf *sb, const ir_mod *m, int i, int slot_base)
             sb_printf(sb, "%d", (int)n->imm.i);
         }
         return;
-    case IR_SCORE: sb_printf(sb, "score"); return;
-    case IR_B: sb_printf(sb, "b"); return;
-    case IR_H: sb_printf(sb, "h"); return;
-    case IR_Q: sb_printf(sb, "q"); return;
-    case IR_KV: sb_printf(sb, "kv"); return;
+    case IR_SCORE:
+        sb_printf(sb, "score");
+        return;
+    case IR_B:
+        sb_printf(sb, "b");
+        return;
+    case IR_H:
+        sb_printf(sb, "h");
+        return;
+    case IR_Q:
+        sb_printf(sb, "q");
+        return;
+    case IR_KV:
+        sb_printf(sb, "kv");
+        return;
     case IR_LOAD: {
         const ir_buffer *buf = &m->buffers[(int)n->buffer];
         int slot = slot_base + n->buffer;
         int idx[4] = {0, 0, 0, 0};
-        for (int d = 0; d < n->nargs && d < 4; d++) idx[d] = 1;
+        for (int d = 0; d < n->nargs && d < 4; d++)
+            idx[d] = 1;
         /* flex_load_<dtype>(bufs, slot, ndim, indices) is defined below. */
         const char *fn = "i32";
         switch (buf->dtype) {
-        case FLEX_I32: fn = "i32"; break;
-        case FLEX_I64: fn = "i64"; break;
-        case FLEX_U8: fn = "u8"; break;
-        case FLEX_BOOL: fn = "bool"; break;
-        case FLEX_F32: fn = "f32"; break;
-        case FLEX_F16: fn = "f16"; break;
-        case FLEX_BF16: fn = "bf16"; break;
+        case FLEX_I32:
+            fn = "i32";
+            break;
+        case FLEX_I64:
+            fn = "i64";
+            break;
+        case FLEX_U8:
+            fn = "u8";
+            break;
+        case FLEX_BOOL:
+            fn = "bool";
+            break;
+        case FLEX_F32:
+            fn = "f32";
+            break;
+        case FLEX_F16:
+            fn = "f16";
+            break;
+        case FLEX_BF16:
+            fn = "bf16";
+            break;
         }
-        sb_printf(sb, "flex_load_%s(bufs.buf[%d], bufs.bounds_flag, %d, %d", fn, slot, slot,
-                  buf->ndim);
+        sb_printf(sb, "flex_load_%s(bufs.buf[%d], oob, %d, %d", fn, slot, slot, buf->ndim);
         for (int d = 0; d < 4; d++) {
-            if (d < n->nargs && idx[d]) sb_printf(sb, ", v%d", (int)a[d]);
-            else sb_printf(sb, ", 0");
+            if (d < n->nargs && idx[d])
+                sb_printf(sb, ", v%d", (int)a[d]);
+            else
+                sb_printf(sb, ", 0");
         }
         sb_printf(sb, ")");
         return;
     }
-    case IR_NEG: sb_printf(sb, isf ? "(-v%d)" : "flex_ineg(v%d)", a[0]); return;
-    case IR_NOT: sb_printf(sb, "(!v%d)", a[0]); return;
-    case IR_BITNOT: sb_printf(sb, "(~v%d)", a[0]); return;
-    case IR_ABS: sb_printf(sb, isf ? "fabsf(v%d)" : "flex_iabs(v%d)", a[0]); return;
-    case IR_EXP: sb_printf(sb, "expf(v%d)", a[0]); return;
-    case IR_EXP2: sb_printf(sb, "exp2f(v%d)", a[0]); return;
-    case IR_LOG: sb_printf(sb, "logf(v%d)", a[0]); return;
-    case IR_LOG2: sb_printf(sb, "log2f(v%d)", a[0]); return;
-    case IR_SQRT: sb_printf(sb, "sqrtf(v%d)", a[0]); return;
-    case IR_RSQRT: sb_printf(sb, "flex_rsqrt(v%d)", a[0]); return;
-    case IR_SIN: sb_printf(sb, "sinf(v%d)", a[0]); return;
-    case IR_COS: sb_printf(sb, "cosf(v%d)", a[0]); return;
-    case IR_TAN: sb_printf(sb, "tanf(v%d)", a[0]); return;
-    case IR_TANH: sb_printf(sb, "tanhf(v%d)", a[0]); return;
-    case IR_TANH_APPROX: sb_printf(sb, "flex_tanh_approx(v%d)", a[0]); return;
-    case IR_SIGMOID: sb_printf(sb, "flex_sigmoid(v%d)", a[0]); return;
-    case IR_FLOOR: sb_printf(sb, isf ? "floorf(v%d)" : "v%d", a[0]); return;
-    case IR_CEIL: sb_printf(sb, isf ? "ceilf(v%d)" : "v%d", a[0]); return;
+    case IR_NEG:
+        sb_printf(sb, isf ? "(-v%d)" : "flex_ineg(v%d)", a[0]);
+        return;
+    case IR_NOT:
+        sb_printf(sb, "(!v%d)", a[0]);
+        return;
+    case IR_BITNOT:
+        sb_printf(sb, "(~v%d)", a[0]);
+        return;
+    case IR_ABS:
+        sb_printf(sb, isf ? "fabsf(v%d)" : "flex_iabs(v%d)", a[0]);
+        return;
+    case IR_EXP:
+        sb_printf(sb, "expf(v%d)", a[0]);
+        return;
+    case IR_EXP2:
+        sb_printf(sb, "exp2f(v%d)", a[0]);
+        return;
+    case IR_LOG:
+        sb_printf(sb, "logf(v%d)", a[0]);
+        return;
+    case IR_LOG2:
+        sb_printf(sb, "log2f(v%d)", a[0]);
+        return;
+    case IR_SQRT:
+        sb_printf(sb, "sqrtf(v%d)", a[0]);
+        return;
+    case IR_RSQRT:
+        sb_printf(sb, "flex_rsqrt(v%d)", a[0]);
+        return;
+    case IR_SIN:
+        sb_printf(sb, "sinf(v%d)", a[0]);
+        return;
+    case IR_COS:
+        sb_printf(sb, "cosf(v%d)", a[0]);
+        return;
+    case IR_TAN:
+        sb_printf(sb, "tanf(v%d)", a[0]);
+        return;
+    case IR_TANH:
+        sb_printf(sb, "tanhf(v%d)", a[0]);
+        return;
+    case IR_TANH_APPROX:
+        sb_printf(sb, "flex_tanh_approx(v%d)", a[0]);
+        return;
+    case IR_SIGMOID:
+        sb_printf(sb, "flex_sigmoid(v%d)", a[0]);
+        return;
+    case IR_FLOOR:
+        sb_printf(sb, isf ? "floorf(v%d)" : "v%d", a[0]);
+        return;
+    case IR_CEIL:
+        sb_printf(sb, isf ? "ceilf(v%d)" : "v%d", a[0]);
+        return;
     case IR_TO_FLOAT:
-        if (m->nodes[a[0]].type == IR_BOOL) sb_printf(sb, "(v%d ? 1.0f : 0.0f)", a[0]);
-        else if (m->nodes[a[0]].type == IR_INT) sb_printf(sb, "((float)v%d)", a[0]);
-        else sb_printf(sb, "v%d", a[0]);
+        if (m->nodes[a[0]].type == IR_BOOL)
+            sb_printf(sb, "(v%d ? 1.0f : 0.0f)", a[0]);
+        else if (m->nodes[a[0]].type == IR_INT)
+            sb_printf(sb, "((float)v%d)", a[0]);
+        else
+            sb_printf(sb, "v%d", a[0]);
         return;
     case IR_TO_INT:
-        if (m->nodes[a[0]].type == IR_FLOAT) sb_printf(sb, "flex_f2i(v%d)", a[0]);
-        else if (m->nodes[a[0]].type == IR_BOOL) sb_printf(sb, "(v%d ? 1 : 0)", a[0]);
-        else sb_printf(sb, "v%d", a[0]);
+        if (m->nodes[a[0]].type == IR_FLOAT)
+            sb_printf(sb, "flex_f2i(v%d)", a[0]);
+        else if (m->nodes[a[0]].type == IR_BOOL)
+            sb_printf(sb, "(v%d ? 1 : 0)", a[0]);
+        else
+            sb_printf(sb, "v%d", a[0]);
         return;
-    case IR_ADD: sb_printf(sb, isf ? "__fadd_rn(v%d, v%d)" : "flex_iadd(v%d, v%d)", a[0], a[1]); return;
-    case IR_SUB: sb_printf(sb, isf ? "__fsub_rn(v%d, v%d)" : "flex_isub(v%d, v%d)", a[0], a[1]); return;
-    case IR_MUL: sb_printf(sb, isf ? "__fmul_rn(v%d, v%d)" : "flex_imul(v%d, v%d)", a[0], a[1]); return;
+    case IR_ADD:
+        sb_printf(sb, isf ? "__fadd_rn(v%d, v%d)" : "flex_iadd(v%d, v%d)", a[0], a[1]);
+        return;
+    case IR_SUB:
+        sb_printf(sb, isf ? "__fsub_rn(v%d, v%d)" : "flex_isub(v%d, v%d)", a[0], a[1]);
+        return;
+    case IR_MUL:
+        sb_printf(sb, isf ? "__fmul_rn(v%d, v%d)" : "flex_imul(v%d, v%d)", a[0], a[1]);
+        return;
     case IR_DIV:
         sb_printf(sb, isf ? "__fdiv_rn(v%d, v%d)" : "flex_ifloordiv(v%d, v%d)", a[0], a[1]);
         return;
     case IR_FLOORDIV:
         sb_printf(sb, isf ? "flex_ffloordiv(v%d, v%d)" : "flex_ifloordiv(v%d, v%d)", a[0], a[1]);
         return;
-    case IR_MOD: sb_printf(sb, isf ? "flex_fmod(v%d, v%d)" : "flex_imod(v%d, v%d)", a[0], a[1]); return;
-    case IR_POW: sb_printf(sb, "powf(v%d, v%d)", a[0], a[1]); return;
+    case IR_MOD:
+        sb_printf(sb, isf ? "flex_fmod(v%d, v%d)" : "flex_imod(v%d, v%d)", a[0], a[1]);
+        return;
+    case IR_POW:
+        sb_printf(sb, "powf(v%d, v%d)", a[0], a[1]);
+        return;
     case IR_MIN:
-        if (isf) sb_printf(sb, "flex_fmin(v%d, v%d)", a[0], a[1]);
-        else sb_printf(sb, "(v%d < v%d ? v%d : v%d)", a[0], a[1], a[0], a[1]);
+        if (isf)
+            sb_printf(sb, "flex_fmin(v%d, v%d)", a[0], a[1]);
+        else
+            sb_printf(sb, "(v%d < v%d ? v%d : v%d)", a[0], a[1], a[0], a[1]);
         return;
     case IR_MAX:
-        if (isf) sb_printf(sb, "flex_fmax(v%d, v%d)", a[0], a[1]);
-        else sb_printf(sb, "(v%d > v%d ? v%d : v%d)", a[0], a[1], a[0], a[1]);
+        if (isf)
+            sb_printf(sb, "flex_fmax(v%d, v%d)", a[0], a[1]);
+        else
+            sb_printf(sb, "(v%d > v%d ? v%d : v%d)", a[0], a[1], a[0], a[1]);
         return;
-    case IR_EQ: sb_printf(sb, "(v%d == v%d)", a[0], a[1]); return;
-    case IR_NE: sb_printf(sb, "(v%d != v%d)", a[0], a[1]); return;
-    case IR_LT: sb_printf(sb, "(v%d < v%d)", a[0], a[1]); return;
-    case IR_LE: sb_printf(sb, "(v%d <= v%d)", a[0], a[1]); return;
-    case IR_GT: sb_printf(sb, "(v%d > v%d)", a[0], a[1]); return;
-    case IR_GE: sb_printf(sb, "(v%d >= v%d)", a[0], a[1]); return;
+    case IR_EQ:
+        sb_printf(sb, "(v%d == v%d)", a[0], a[1]);
+        return;
+    case IR_NE:
+        sb_printf(sb, "(v%d != v%d)", a[0], a[1]);
+        return;
+    case IR_LT:
+        sb_printf(sb, "(v%d < v%d)", a[0], a[1]);
+        return;
+    case IR_LE:
+        sb_printf(sb, "(v%d <= v%d)", a[0], a[1]);
+        return;
+    case IR_GT:
+        sb_printf(sb, "(v%d > v%d)", a[0], a[1]);
+        return;
+    case IR_GE:
+        sb_printf(sb, "(v%d >= v%d)", a[0], a[1]);
+        return;
     case IR_AND:
         sb_printf(sb, t == IR_BOOL ? "(v%d && v%d)" : "(v%d & v%d)", a[0], a[1]);
         return;
@@ -259,8 +357,11 @@ static void emit_node(strbuf *sb, const ir_mod *m, int i, int slot_base)
     case IR_XOR:
         sb_printf(sb, t == IR_BOOL ? "(v%d != v%d)" : "(v%d ^ v%d)", a[0], a[1]);
         return;
-    case IR_SELECT: sb_printf(sb, "(v%d ? v%d : v%d)", a[0], a[1], a[2]); return;
-    case IR_OP_COUNT: break;
+    case IR_SELECT:
+        sb_printf(sb, "(v%d ? v%d : v%d)", a[0], a[1], a[2]);
+        return;
+    case IR_OP_COUNT:
+        break;
     }
     (void)argf;
     sb->failed = 1;
@@ -271,47 +372,47 @@ static const char load_text[] =
     "#ifndef FLEX_MOD_LOADS\n"
     "#define FLEX_MOD_LOADS\n"
     "#define FLEX_LOAD_PRELUDE \\\n"
-    "    if (flex_buffer_empty(buf, ndim)) { atomicOr(flag, 1u << slot); return 0; } \\\n"
-    "    long long off = flex_buffer_offset(buf, flag, slot, ndim, i0, i1, i2, i3);\n"
-    "#define FLEX_LOAD_ARGS const flex_buffer &buf, unsigned *flag, int slot, int ndim, \\\n"
+    "    if (flex_buffer_empty(buf, ndim)) { oob |= 1u << slot; return 0; } \\\n"
+    "    long long off = flex_buffer_offset(buf, oob, slot, ndim, i0, i1, i2, i3);\n"
+    "#define FLEX_LOAD_ARGS const flex_buffer &buf, unsigned &oob, int slot, int ndim, \\\n"
     "    int i0, int i1, int i2, int i3\n"
     "static FLEX_DEVICE_INLINE int flex_load_i32(FLEX_LOAD_ARGS) {\n"
-    "    FLEX_LOAD_PRELUDE return ((const int *)buf.data)[off];\n}\n"
+    "    FLEX_LOAD_PRELUDE return __ldg((const int *)buf.data + off);\n}\n"
     "static FLEX_DEVICE_INLINE int flex_load_i64(FLEX_LOAD_ARGS) {\n"
     "    FLEX_LOAD_PRELUDE\n"
-    "    return (int)(unsigned)(unsigned long long)((const long long *)buf.data)[off];\n}\n"
+    "    return (int)(unsigned)(unsigned long long)__ldg((const long long *)buf.data + off);\n}\n"
     "static FLEX_DEVICE_INLINE int flex_load_u8(FLEX_LOAD_ARGS) {\n"
-    "    FLEX_LOAD_PRELUDE return (int)((const unsigned char *)buf.data)[off];\n}\n"
+    "    FLEX_LOAD_PRELUDE return (int)__ldg((const unsigned char *)buf.data + off);\n}\n"
     "static FLEX_DEVICE_INLINE bool flex_load_bool(FLEX_LOAD_ARGS) {\n"
-    "    FLEX_LOAD_PRELUDE return ((const unsigned char *)buf.data)[off] != 0;\n}\n"
+    "    FLEX_LOAD_PRELUDE return __ldg((const unsigned char *)buf.data + off) != 0;\n}\n"
     "static FLEX_DEVICE_INLINE float flex_load_f32(FLEX_LOAD_ARGS) {\n"
-    "    FLEX_LOAD_PRELUDE return ((const float *)buf.data)[off];\n}\n"
+    "    FLEX_LOAD_PRELUDE return __ldg((const float *)buf.data + off);\n}\n"
     "static FLEX_DEVICE_INLINE float flex_load_f16(FLEX_LOAD_ARGS) {\n"
-    "    FLEX_LOAD_PRELUDE return flex_half_bits_to_float(((const unsigned short *)buf.data)[off]);\n}\n"
+    "    FLEX_LOAD_PRELUDE return flex_half_bits_to_float(__ldg((const unsigned short *)buf.data + "
+    "off));\n}\n"
     "static FLEX_DEVICE_INLINE float flex_load_bf16(FLEX_LOAD_ARGS) {\n"
     "    FLEX_LOAD_PRELUDE\n"
-    "    return __int_as_float((int)((unsigned)((const unsigned short *)buf.data)[off] << 16));\n}\n"
+    "    return __int_as_float((int)((unsigned)__ldg((const unsigned short *)buf.data + off) << "
+    "16));\n}\n"
     "#endif\n";
 
-int flex_emit_num_slots(const ir_mod *mask, const ir_mod *score)
-{
+int flex_emit_num_slots(const ir_mod *mask, const ir_mod *score) {
     return (mask ? mask->num_buffers : 0) + (score ? score->num_buffers : 0);
 }
 
-static void emit_function(strbuf *sb, const ir_mod *m, int slot_base, int is_mask)
-{
+static void emit_function(strbuf *sb, const ir_mod *m, int slot_base, int is_mask) {
     if (is_mask)
         sb_printf(sb, "static FLEX_DEVICE_INLINE bool flex_mask_mod(int b, int h, int q, int kv, "
-                      "const flex_buffers &bufs) {\n");
+                      "const flex_buffers &bufs, unsigned &oob) {\n");
     else
         sb_printf(sb, "static FLEX_DEVICE_INLINE float flex_score_mod(float score, int b, int h, "
-                      "int q, int kv, const flex_buffers &bufs) {\n");
+                      "int q, int kv, const flex_buffers &bufs, unsigned &oob) {\n");
     if (!m) {
-        sb_printf(sb, "    (void)b; (void)h; (void)q; (void)kv; (void)bufs;\n");
+        sb_printf(sb, "    (void)b; (void)h; (void)q; (void)kv; (void)bufs; (void)oob;\n");
         sb_printf(sb, is_mask ? "    return true;\n}\n" : "    return score;\n}\n");
         return;
     }
-    sb_printf(sb, "    (void)b; (void)h; (void)q; (void)kv; (void)bufs;\n");
+    sb_printf(sb, "    (void)b; (void)h; (void)q; (void)kv; (void)bufs; (void)oob;\n");
     for (int i = 0; i < m->num_nodes; i++) {
         sb_printf(sb, "    const %s v%d = ", ctype(m->nodes[i].type), i);
         emit_node(sb, m, i, slot_base);
@@ -319,17 +420,21 @@ static void emit_function(strbuf *sb, const ir_mod *m, int slot_base, int is_mas
     }
     const int rt = m->nodes[m->root].type;
     if (is_mask) {
-        if (rt == IR_BOOL) sb_printf(sb, "    return v%d;\n}\n", m->root);
-        else sb_printf(sb, "    return v%d != 0;\n}\n", m->root);
+        if (rt == IR_BOOL)
+            sb_printf(sb, "    return v%d;\n}\n", m->root);
+        else
+            sb_printf(sb, "    return v%d != 0;\n}\n", m->root);
     } else {
-        if (rt == IR_FLOAT) sb_printf(sb, "    return v%d;\n}\n", m->root);
-        else if (rt == IR_INT) sb_printf(sb, "    return (float)v%d;\n}\n", m->root);
-        else sb_printf(sb, "    return v%d ? 1.0f : 0.0f;\n}\n", m->root);
+        if (rt == IR_FLOAT)
+            sb_printf(sb, "    return v%d;\n}\n", m->root);
+        else if (rt == IR_INT)
+            sb_printf(sb, "    return (float)v%d;\n}\n", m->root);
+        else
+            sb_printf(sb, "    return v%d ? 1.0f : 0.0f;\n}\n", m->root);
     }
 }
 
-char *flex_emit_mods(const ir_mod *mask, const ir_mod *score)
-{
+char *flex_emit_mods(const ir_mod *mask, const ir_mod *score) {
     int slots = flex_emit_num_slots(mask, score);
     if (slots > FLEX_EMIT_MAX_SLOTS) return NULL;
     strbuf sb = {0};

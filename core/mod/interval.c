@@ -30,14 +30,20 @@
 /* ---- buffer range tables ---- */
 
 /*
- * Level 0 holds the buffer's elements in logical row-major order; level k
- * holds the min and max over aligned spans of 2^k elements (the last span
- * may be shorter). Levels shrink by half, so all of them take about 2n
- * entries and are built in O(n). Int buffers (i32, i64, u8, bool) keep the
- * values they read as (int32 after truncation, 0/1 for bool); float buffers
- * keep floats and exclude NaN from min/max, with one flag per buffer saying
- * whether any element is NaN.
+ * The buffer's elements in logical row-major order (level 0), plus min and
+ * max over aligned spans of 16, 32, 64, ... elements (the last span of a
+ * level may be shorter). Upper levels shrink by half, so together they hold
+ * n / 8 entries per array and build in O(n); spans start at 16 because
+ * scanning up to 16 elements at each end of a query is as cheap as walking
+ * small levels. Int buffers (i32, i64, u8, bool) keep the value they read as
+ * (int32 after truncation, 0/1 for bool). Float buffers keep floats; NaN is
+ * left out of every min and max (comparisons with NaN are false, so the
+ * scans skip it) and one flag per buffer says whether any element is NaN.
  */
+#define SPAN_SHIFT 4
+#define SPAN       (1 << SPAN_SHIFT)
+#define MAX_LEVELS 48
+
 typedef struct range_table {
     int present;
     int is_float;
@@ -45,9 +51,11 @@ typedef struct range_table {
     int ndim;
     int64_t sizes[4];
     int64_t count;
-    int num_levels;
-    int64_t level_start[64]; /* offset of each level in the arrays */
-    int64_t level_len[64];
+    int32_t *ivals; /* level 0 */
+    float *fvals;
+    int num_levels; /* level j holds spans of SPAN << j */
+    int64_t level_start[MAX_LEVELS];
+    int64_t level_len[MAX_LEVELS];
     int32_t *imin, *imax;
     float *fmin, *fmax;
 } range_table;
@@ -57,34 +65,41 @@ struct mod_range_tables {
     range_table table[IR_MAX_BUFFERS];
 };
 
-static int is_float_dtype(flex_dtype d)
-{
+static int is_float_dtype(flex_dtype d) {
     return d == FLEX_F32 || d == FLEX_F16 || d == FLEX_BF16;
 }
 
-static int32_t read_int_at(const void *data, flex_dtype d, int64_t off)
-{
+static int32_t read_int_at(const void *data, flex_dtype d, int64_t off) {
     switch (d) {
-    case FLEX_I32: return ((const int32_t *)data)[off];
-    case FLEX_I64: return (int32_t)(uint32_t)(uint64_t)((const int64_t *)data)[off];
-    case FLEX_U8: return ((const uint8_t *)data)[off];
-    case FLEX_BOOL: return ((const uint8_t *)data)[off] != 0;
-    default: return 0;
+    case FLEX_I32:
+        return ((const int32_t *)data)[off];
+    case FLEX_I64:
+        return (int32_t)(uint32_t)(uint64_t)((const int64_t *)data)[off];
+    case FLEX_U8:
+        return ((const uint8_t *)data)[off];
+    case FLEX_BOOL:
+        return ((const uint8_t *)data)[off] != 0;
+    default:
+        return 0;
     }
 }
 
-static float read_float_at(const void *data, flex_dtype d, int64_t off)
-{
+static float read_float_at(const void *data, flex_dtype d, int64_t off) {
     switch (d) {
-    case FLEX_F32: return ((const float *)data)[off];
-    case FLEX_F16: return flex_f16_to_float(((const uint16_t *)data)[off]);
-    case FLEX_BF16: return flex_bf16_to_float(((const uint16_t *)data)[off]);
-    default: return 0.0f;
+    case FLEX_F32:
+        return ((const float *)data)[off];
+    case FLEX_F16:
+        return flex_f16_to_float(((const uint16_t *)data)[off]);
+    case FLEX_BF16:
+        return flex_bf16_to_float(((const uint16_t *)data)[off]);
+    default:
+        return 0.0f;
     }
 }
 
-static void table_free(range_table *t)
-{
+static void table_free(range_table *t) {
+    free(t->ivals);
+    free(t->fvals);
     free(t->imin);
     free(t->imax);
     free(t->fmin);
@@ -92,21 +107,50 @@ static void table_free(range_table *t)
     memset(t, 0, sizeof *t);
 }
 
+/* Upper levels for one element type: level 0 of the hierarchy from the
+ * values, then pairwise. */
+#define BUILD_LEVELS(T, VALS, MIN, MAX, T_LOWEST, T_HIGHEST)                                       \
+    do {                                                                                           \
+        const T *vals = (VALS);                                                                    \
+        T *mins = (MIN), *maxs = (MAX);                                                            \
+        for (int64_t j = 0; j < t->level_len[0]; j++) {                                            \
+            int64_t end = (j + 1) * SPAN < n ? (j + 1) * SPAN : n;                                 \
+            T a = T_HIGHEST, b = T_LOWEST;                                                         \
+            for (int64_t k = j * SPAN; k < end; k++) {                                             \
+                a = vals[k] < a ? vals[k] : a;                                                     \
+                b = vals[k] > b ? vals[k] : b;                                                     \
+            }                                                                                      \
+            mins[j] = a;                                                                           \
+            maxs[j] = b;                                                                           \
+        }                                                                                          \
+        for (int l = 1; l < t->num_levels; l++) {                                                  \
+            const T *lmin = mins + t->level_start[l - 1], *lmax = maxs + t->level_start[l - 1];    \
+            T *omin = mins + t->level_start[l], *omax = maxs + t->level_start[l];                  \
+            int64_t below = t->level_len[l - 1];                                                   \
+            for (int64_t j = 0; j < t->level_len[l]; j++) {                                        \
+                int64_t x = 2 * j, y = 2 * j + 1 < below ? 2 * j + 1 : 2 * j;                      \
+                omin[j] = lmin[x] < lmin[y] ? lmin[x] : lmin[y];                                   \
+                omax[j] = lmax[x] > lmax[y] ? lmax[x] : lmax[y];                                   \
+            }                                                                                      \
+        }                                                                                          \
+    } while (0)
+
 /* Fills level 0 from the view in logical order, then the upper levels. */
-static int table_build(range_table *t, const mod_buffer_view *v)
-{
+static int table_build(range_table *t, const mod_buffer_view *v) {
     int64_t n = 1;
     for (int d = 0; d < v->ndim; d++) {
         if (v->sizes[d] < 0) return -1;
         n *= v->sizes[d];
     }
     t->ndim = v->ndim;
-    for (int d = 0; d < 4; d++) t->sizes[d] = d < v->ndim ? v->sizes[d] : 1;
+    for (int d = 0; d < 4; d++)
+        t->sizes[d] = d < v->ndim ? v->sizes[d] : 1;
     t->count = n;
     t->is_float = is_float_dtype(v->dtype);
     int64_t total = 0;
     int levels = 0;
-    for (int64_t len = n; levels < 64; len = (len + 1) / 2) {
+    for (int64_t len = (n + SPAN - 1) / SPAN; n > 2 * SPAN && levels < MAX_LEVELS;
+         len = (len + 1) / 2) {
         t->level_start[levels] = total;
         t->level_len[levels] = len;
         total += len;
@@ -115,41 +159,45 @@ static int table_build(range_table *t, const mod_buffer_view *v)
     }
     t->num_levels = levels;
     size_t bytes = (size_t)(total > 0 ? total : 1) * 4;
+    size_t value_bytes = (size_t)(n > 0 ? n : 1) * 4;
     if (t->is_float) {
+        t->fvals = malloc(value_bytes);
         t->fmin = malloc(bytes);
         t->fmax = malloc(bytes);
-        if (!t->fmin || !t->fmax) return -1;
+        if (!t->fvals || !t->fmin || !t->fmax) return -1;
     } else {
+        t->ivals = malloc(value_bytes);
         t->imin = malloc(bytes);
         t->imax = malloc(bytes);
-        if (!t->imin || !t->imax) return -1;
+        if (!t->ivals || !t->imin || !t->imax) return -1;
     }
     if (n == 0) {
         t->present = 1;
         return 0;
     }
 
-    /* Level 0: walk the logical indices; the innermost dim is a plain
-     * strided run. */
+    /* level 0: walk the logical indices; the innermost dim is a plain
+     * strided run */
     int64_t idx[4] = {0, 0, 0, 0};
     int inner = v->ndim - 1;
     int64_t inner_len = v->sizes[inner], inner_stride = v->strides[inner];
     int has_nan = 0;
     for (int64_t pos = 0; pos < n; pos += inner_len) {
         int64_t base = 0;
-        for (int d = 0; d < inner; d++) base += idx[d] * v->strides[d];
+        for (int d = 0; d < inner; d++)
+            base += idx[d] * v->strides[d];
         if (t->is_float) {
-            float *dst = t->fmin + pos;
+            float *dst = t->fvals + pos;
             for (int64_t k = 0; k < inner_len; k++) {
                 float x = read_float_at(v->data, v->dtype, base + k * inner_stride);
-                if (x != x) has_nan = 1;
+                has_nan |= x != x;
                 dst[k] = x;
             }
         } else if (v->dtype == FLEX_I32 && inner_stride == 1) {
-            memcpy(t->imin + pos, (const int32_t *)v->data + base,
+            memcpy(t->ivals + pos, (const int32_t *)v->data + base,
                    (size_t)inner_len * sizeof(int32_t));
         } else {
-            int32_t *dst = t->imin + pos;
+            int32_t *dst = t->ivals + pos;
             for (int64_t k = 0; k < inner_len; k++)
                 dst[k] = read_int_at(v->data, v->dtype, base + k * inner_stride);
         }
@@ -159,61 +207,38 @@ static int table_build(range_table *t, const mod_buffer_view *v)
         }
     }
     t->has_nan = has_nan;
-    if (t->is_float) {
-        if (has_nan) {
-            /* NaN is tracked by the flag; keep it out of min and max */
-            for (int64_t k = 0; k < n; k++) {
-                float x = t->fmin[k];
-                t->fmax[k] = x == x ? x : -INFINITY;
-                t->fmin[k] = x == x ? x : INFINITY;
-            }
-        } else {
-            memcpy(t->fmax, t->fmin, (size_t)n * sizeof(float));
-        }
-        for (int l = 1; l < levels; l++) {
-            const float *lmin = t->fmin + t->level_start[l - 1];
-            const float *lmax = t->fmax + t->level_start[l - 1];
-            float *omin = t->fmin + t->level_start[l], *omax = t->fmax + t->level_start[l];
-            int64_t below = t->level_len[l - 1], len = t->level_len[l];
-            for (int64_t j = 0; j < len; j++) {
-                int64_t a = 2 * j, b = 2 * j + 1 < below ? 2 * j + 1 : 2 * j;
-                omin[j] = lmin[a] < lmin[b] ? lmin[a] : lmin[b];
-                omax[j] = lmax[a] > lmax[b] ? lmax[a] : lmax[b];
-            }
-        }
-    } else {
-        memcpy(t->imax, t->imin, (size_t)n * sizeof(int32_t));
-        for (int l = 1; l < levels; l++) {
-            const int32_t *lmin = t->imin + t->level_start[l - 1];
-            const int32_t *lmax = t->imax + t->level_start[l - 1];
-            int32_t *omin = t->imin + t->level_start[l], *omax = t->imax + t->level_start[l];
-            int64_t below = t->level_len[l - 1], len = t->level_len[l];
-            for (int64_t j = 0; j < len; j++) {
-                int64_t a = 2 * j, b = 2 * j + 1 < below ? 2 * j + 1 : 2 * j;
-                omin[j] = lmin[a] < lmin[b] ? lmin[a] : lmin[b];
-                omax[j] = lmax[a] > lmax[b] ? lmax[a] : lmax[b];
-            }
-        }
+    if (levels > 0) {
+        if (t->is_float)
+            BUILD_LEVELS(float, t->fvals, t->fmin, t->fmax, -INFINITY, INFINITY);
+        else
+            BUILD_LEVELS(int32_t, t->ivals, t->imin, t->imax, INT32_MIN, INT32_MAX);
     }
     t->present = 1;
     return 0;
 }
 
 /*
- * Builds tables for every buffer of m from host views (bufs indexed like
- * m->buffers). A buffer whose view is missing (bufs NULL or data NULL) or
- * does not match its declaration gets no table: reads of it make verdicts
- * unknown. The views are read during the call only. The result is owned by
- * the caller (mod_range_tables_free); NULL on out of memory.
+ * Builds tables for every buffer that m reads, from host views (bufs
+ * indexed like m->buffers). A buffer whose view is missing (bufs NULL or
+ * data NULL) or does not match its declaration gets no table: reads of it
+ * make verdicts unknown. The views are read during the call only. The
+ * result is owned by the caller (mod_range_tables_free); NULL on out of
+ * memory.
  */
-mod_range_tables *mod_range_tables_build(const ir_mod *m, const mod_buffer_view *bufs)
-{
+mod_range_tables *mod_range_tables_build(const ir_mod *m, const mod_buffer_view *bufs) {
     mod_range_tables *r = calloc(1, sizeof *r);
     if (!r) return NULL;
     if (!m) return r;
     r->num_buffers = m->num_buffers;
+    /* only buffers the mod reads: a declared but unused buffer costs nothing */
+    int read[IR_MAX_BUFFERS] = {0};
+    for (int i = 0; i < m->num_nodes; i++)
+        if (m->nodes[i].op == IR_LOAD && m->nodes[i].buffer >= 0 &&
+            m->nodes[i].buffer < IR_MAX_BUFFERS)
+            read[m->nodes[i].buffer] = 1;
     for (int i = 0; i < m->num_buffers && i < IR_MAX_BUFFERS; i++) {
         if (!bufs) break;
+        if (!read[i]) continue;
         const mod_buffer_view *v = &bufs[i];
         if (!v->data || v->ndim != m->buffers[i].ndim || v->ndim < 1 || v->ndim > 4) continue;
         if (table_build(&r->table[i], v) != 0) {
@@ -224,94 +249,80 @@ mod_range_tables *mod_range_tables_build(const ir_mod *m, const mod_buffer_view 
     return r;
 }
 
-void mod_range_tables_free(mod_range_tables *t)
-{
+void mod_range_tables_free(mod_range_tables *t) {
     if (!t) return;
-    for (int i = 0; i < IR_MAX_BUFFERS; i++) table_free(&t->table[i]);
+    for (int i = 0; i < IR_MAX_BUFFERS; i++)
+        table_free(&t->table[i]);
     free(t);
 }
 
-/* Min and max over logical elements [lo, hi] (0 <= lo <= hi < count):
- * one aligned span per level from each end, O(log n). */
-static void table_query_int(const range_table *t, int64_t lo, int64_t hi, int64_t *mn, int64_t *mx)
-{
-    int32_t a = INT32_MAX, b = INT32_MIN;
-    if (hi - lo < 16) {
-        for (int64_t k = lo; k <= hi; k++) {
-            int32_t x = t->imin[k];
-            a = x < a ? x : a;
-            b = x > b ? x : b;
-        }
-    } else {
-        for (int l = 0;; l++) {
-            const int32_t *lmin = t->imin + t->level_start[l];
-            const int32_t *lmax = t->imax + t->level_start[l];
-            if (lo & 1) {
-                a = lmin[lo] < a ? lmin[lo] : a;
-                b = lmax[lo] > b ? lmax[lo] : b;
-                lo++;
-            }
-            if (!(hi & 1)) {
-                a = lmin[hi] < a ? lmin[hi] : a;
-                b = lmax[hi] > b ? lmax[hi] : b;
-                hi--;
-            }
-            if (lo > hi) break;
-            lo >>= 1;
-            hi >>= 1;
-        }
-    }
-    if (a < *mn) *mn = a;
-    if (b > *mx) *mx = b;
+/* Min and max over logical elements [lo, hi] (0 <= lo <= hi < count),
+ * folded into *mn and *mx: the unaligned ends are scanned, the aligned
+ * middle takes at most two spans per level. O(log n). */
+#define TABLE_QUERY(T, VALS, MIN, MAX)                                                             \
+    do {                                                                                           \
+        const T *vals = (VALS);                                                                    \
+        T a = *mn, b = *mx;                                                                        \
+        int64_t scan_end = hi;                                                                     \
+        int64_t span_lo = 0, span_hi = -1;                                                         \
+        if (t->num_levels > 0 && hi - lo >= 3 * SPAN) {                                            \
+            int64_t alo = (lo + SPAN - 1) & ~(int64_t)(SPAN - 1);                                  \
+            int64_t aend = (hi + 1) & ~(int64_t)(SPAN - 1);                                        \
+            for (int64_t k = aend; k <= hi; k++) {                                                 \
+                a = vals[k] < a ? vals[k] : a;                                                     \
+                b = vals[k] > b ? vals[k] : b;                                                     \
+            }                                                                                      \
+            scan_end = alo - 1;                                                                    \
+            span_lo = alo >> SPAN_SHIFT;                                                           \
+            span_hi = (aend >> SPAN_SHIFT) - 1;                                                    \
+        }                                                                                          \
+        for (int64_t k = lo; k <= scan_end; k++) {                                                 \
+            a = vals[k] < a ? vals[k] : a;                                                         \
+            b = vals[k] > b ? vals[k] : b;                                                         \
+        }                                                                                          \
+        for (int l = 0; span_lo <= span_hi; l++) {                                                 \
+            const T *lmin = (MIN) + t->level_start[l], *lmax = (MAX) + t->level_start[l];          \
+            if (span_lo & 1) {                                                                     \
+                a = lmin[span_lo] < a ? lmin[span_lo] : a;                                         \
+                b = lmax[span_lo] > b ? lmax[span_lo] : b;                                         \
+                span_lo++;                                                                         \
+            }                                                                                      \
+            if (!(span_hi & 1)) {                                                                  \
+                a = lmin[span_hi] < a ? lmin[span_hi] : a;                                         \
+                b = lmax[span_hi] > b ? lmax[span_hi] : b;                                         \
+                span_hi--;                                                                         \
+            }                                                                                      \
+            if (span_lo > span_hi) break;                                                          \
+            span_lo >>= 1;                                                                         \
+            span_hi >>= 1;                                                                         \
+        }                                                                                          \
+        *mn = a;                                                                                   \
+        *mx = b;                                                                                   \
+    } while (0)
+
+static void table_query_int(const range_table *t, int64_t lo, int64_t hi, int32_t *mn,
+                            int32_t *mx) {
+    TABLE_QUERY(int32_t, t->ivals, t->imin, t->imax);
 }
 
-static void table_query_float(const range_table *t, int64_t lo, int64_t hi, float *mn, float *mx)
-{
-    float a = INFINITY, b = -INFINITY;
-    if (hi - lo < 16) {
-        for (int64_t k = lo; k <= hi; k++) {
-            a = t->fmin[k] < a ? t->fmin[k] : a;
-            b = t->fmax[k] > b ? t->fmax[k] : b;
-        }
-    } else {
-        for (int l = 0;; l++) {
-            const float *lmin = t->fmin + t->level_start[l];
-            const float *lmax = t->fmax + t->level_start[l];
-            if (lo & 1) {
-                a = lmin[lo] < a ? lmin[lo] : a;
-                b = lmax[lo] > b ? lmax[lo] : b;
-                lo++;
-            }
-            if (!(hi & 1)) {
-                a = lmin[hi] < a ? lmin[hi] : a;
-                b = lmax[hi] > b ? lmax[hi] : b;
-                hi--;
-            }
-            if (lo > hi) break;
-            lo >>= 1;
-            hi >>= 1;
-        }
-    }
-    if (a < *mn) *mn = a;
-    if (b > *mx) *mx = b;
+static void table_query_float(const range_table *t, int64_t lo, int64_t hi, float *mn, float *mx) {
+    TABLE_QUERY(float, t->fvals, t->fmin, t->fmax);
 }
 
 /* ---- abstract values ---- */
 
 typedef struct ival {
-    int64_t lo, hi;  /* IR_INT */
-    float flo, fhi;  /* IR_FLOAT: non-NaN values */
-    uint8_t tri;     /* IR_BOOL */
-    uint8_t nan;     /* IR_FLOAT: may be NaN */
+    int64_t lo, hi; /* IR_INT */
+    float flo, fhi; /* IR_FLOAT: non-NaN values */
+    uint8_t tri;    /* IR_BOOL */
+    uint8_t nan;    /* IR_FLOAT: may be NaN */
 } ival;
 
-size_t mod_interval_scratch_size(const ir_mod *m)
-{
+size_t mod_interval_scratch_size(const ir_mod *m) {
     return m ? (size_t)m->num_nodes * sizeof(ival) : 0;
 }
 
-static inline void set_int(ival *r, int64_t lo, int64_t hi)
-{
+static inline void set_int(ival *r, int64_t lo, int64_t hi) {
     if (lo < INT32_MIN || hi > INT32_MAX) {
         lo = INT32_MIN; /* may wrap: any int32 */
         hi = INT32_MAX;
@@ -320,15 +331,13 @@ static inline void set_int(ival *r, int64_t lo, int64_t hi)
     r->hi = hi;
 }
 
-static inline void set_float_full(ival *r, int nan)
-{
+static inline void set_float_full(ival *r, int nan) {
     r->flo = -INFINITY;
     r->fhi = INFINITY;
     r->nan = (uint8_t)nan;
 }
 
-static inline void set_float(ival *r, float lo, float hi, int nan)
-{
+static inline void set_float(ival *r, float lo, float hi, int nan) {
     if (lo != lo || hi != hi) {
         set_float_full(r, 1);
         return;
@@ -339,78 +348,72 @@ static inline void set_float(ival *r, float lo, float hi, int nan)
 }
 
 /* n ulps toward -inf / +inf */
-static inline float down(float x, int n)
-{
-    for (int i = 0; i < n; i++) x = nextafterf(x, -INFINITY);
+static inline float down(float x, int n) {
+    for (int i = 0; i < n; i++)
+        x = nextafterf(x, -INFINITY);
     return x;
 }
 
-static inline float up(float x, int n)
-{
-    for (int i = 0; i < n; i++) x = nextafterf(x, INFINITY);
+static inline float up(float x, int n) {
+    for (int i = 0; i < n; i++)
+        x = nextafterf(x, INFINITY);
     return x;
 }
 
-/* ulps by which libm results are moved outward */
-#define LIBM_ULPS 4
+/* Ulps by which libm results are moved outward. Verdicts decide blocks that
+ * a GPU then never evaluates, so they must also hold for device math
+ * libraries, whose single-precision functions are a few ulps from exact
+ * (not for fast-math intrinsics, which kernels must not use for mods). */
+#define LIBM_ULPS 8
 /* Absolute slack for tanh_approx, which GPUs evaluate with a hardware
  * approximation: comfortably above the documented error bound. */
 #define TANH_APPROX_SLACK (1.0f / 256.0f)
 
-static inline int contains_zero(const ival *a)
-{
+static inline int contains_zero(const ival *a) {
     return a->flo <= 0.0f && a->fhi >= 0.0f;
 }
 
-static inline int has_inf(const ival *a)
-{
+static inline int has_inf(const ival *a) {
     return isinf(a->flo) || isinf(a->fhi);
 }
 
-static inline float fmin2(float a, float b)
-{
+static inline float fmin2(float a, float b) {
     return a < b ? a : b;
 }
 
-static inline float fmax2(float a, float b)
-{
+static inline float fmax2(float a, float b) {
     return a > b ? a : b;
 }
 
-static inline int64_t floor_div64(int64_t x, int64_t y)
-{
+static inline int64_t floor_div64(int64_t x, int64_t y) {
     int64_t q = x / y;
     if ((x % y != 0) && ((x < 0) != (y < 0))) q--;
     return q;
 }
 
-static inline int32_t saturating_trunc(float x)
-{
+static inline int32_t saturating_trunc(float x) {
     if (x != x) return 0;
     if (x >= 2147483648.0f) return INT32_MAX;
     if (x <= -2147483648.0f) return INT32_MIN;
     return (int32_t)x;
 }
 
-static inline uint8_t tri_of_bool(int v)
-{
+static inline uint8_t tri_of_bool(int v) {
     return v ? MOD_TRI_TRUE : MOD_TRI_FALSE;
 }
 
-static inline uint8_t tri_make(int may_true, int may_false)
-{
+static inline uint8_t tri_make(int may_true, int may_false) {
     return (uint8_t)((may_true ? MOD_TRI_TRUE : 0) | (may_false ? MOD_TRI_FALSE : 0));
 }
 
 /* tri with the true and false bits exchanged (logical not) */
-static inline uint8_t tri_not(uint8_t t)
-{
-    return (uint8_t)(((t & MOD_TRI_TRUE) ? MOD_TRI_FALSE : 0) | ((t & MOD_TRI_FALSE) ? MOD_TRI_TRUE : 0));
+static inline uint8_t tri_not(uint8_t t) {
+    return (uint8_t)(((t & MOD_TRI_TRUE) ? MOD_TRI_FALSE : 0) |
+                     ((t & MOD_TRI_FALSE) ? MOD_TRI_TRUE : 0));
 }
 
 /* An int view of an int or bool value (bools are 0/1). */
-static inline void int_range(const ival *a, ir_type type, int64_t *lo, int64_t *hi)
-{
+static inline void int_range(const ival *a, ir_type type, int64_t *lo, int64_t *hi) {
     if (type == IR_BOOL) {
         *lo = a->tri == MOD_TRI_TRUE ? 1 : 0;
         *hi = (a->tri & MOD_TRI_TRUE) ? 1 : 0;
@@ -421,8 +424,7 @@ static inline void int_range(const ival *a, ir_type type, int64_t *lo, int64_t *
 }
 
 /* A float view of an int or bool value (int -> float rounding is monotone). */
-static inline void float_range(const ival *a, ir_type type, float *lo, float *hi, int *nan)
-{
+static inline void float_range(const ival *a, ir_type type, float *lo, float *hi, int *nan) {
     if (type == IR_FLOAT) {
         *lo = a->flo;
         *hi = a->fhi;
@@ -439,14 +441,14 @@ static inline void float_range(const ival *a, ir_type type, float *lo, float *hi
 static int bits_for(int64_t x) /* smallest k with x < 2^k, for x >= 0 */
 {
     int k = 0;
-    while (k < 62 && ((int64_t)1 << k) <= x) k++;
+    while (k < 62 && ((int64_t)1 << k) <= x)
+        k++;
     return k;
 }
 
 /* ---- per-op transfer functions ---- */
 
-static void compare(const ir_node *nd, const ival *a, const ival *b, ir_type at, ival *r)
-{
+static void compare(const ir_node *nd, const ival *a, const ival *b, ir_type at, ival *r) {
     int may_true, may_false;
     ir_op op = (ir_op)nd->op;
     if (at == IR_FLOAT) {
@@ -460,10 +462,22 @@ static void compare(const ir_node *nd, const ival *a, const ival *b, ir_type at,
             r->tri = tri_make(may_true, may_false);
             if (op == IR_NE) r->tri = tri_not(r->tri); /* NaN != x is true */
             return;
-        case IR_LT: may_true = alo < bhi; may_false = nan || ahi >= blo; break;
-        case IR_LE: may_true = alo <= bhi; may_false = nan || ahi > blo; break;
-        case IR_GT: may_true = ahi > blo; may_false = nan || alo <= bhi; break;
-        default: /* IR_GE */ may_true = ahi >= blo; may_false = nan || alo < bhi; break;
+        case IR_LT:
+            may_true = alo < bhi;
+            may_false = nan || ahi >= blo;
+            break;
+        case IR_LE:
+            may_true = alo <= bhi;
+            may_false = nan || ahi > blo;
+            break;
+        case IR_GT:
+            may_true = ahi > blo;
+            may_false = nan || alo <= bhi;
+            break;
+        default: /* IR_GE */
+            may_true = ahi >= blo;
+            may_false = nan || alo < bhi;
+            break;
         }
         r->tri = tri_make(may_true, may_false);
         return;
@@ -479,16 +493,27 @@ static void compare(const ir_node *nd, const ival *a, const ival *b, ir_type at,
         r->tri = tri_make(may_true, may_false);
         if (op == IR_NE) r->tri = tri_not(r->tri);
         return;
-    case IR_LT: may_true = alo < bhi; may_false = ahi >= blo; break;
-    case IR_LE: may_true = alo <= bhi; may_false = ahi > blo; break;
-    case IR_GT: may_true = ahi > blo; may_false = alo <= bhi; break;
-    default: /* IR_GE */ may_true = ahi >= blo; may_false = alo < bhi; break;
+    case IR_LT:
+        may_true = alo < bhi;
+        may_false = ahi >= blo;
+        break;
+    case IR_LE:
+        may_true = alo <= bhi;
+        may_false = ahi > blo;
+        break;
+    case IR_GT:
+        may_true = ahi > blo;
+        may_false = alo <= bhi;
+        break;
+    default: /* IR_GE */
+        may_true = ahi >= blo;
+        may_false = alo < bhi;
+        break;
     }
     r->tri = tri_make(may_true, may_false);
 }
 
-static void int_floordiv(const ival *a, const ival *b, ival *r)
-{
+static void int_floordiv(const ival *a, const ival *b, ival *r) {
     int64_t lo = INT64_MAX, hi = INT64_MIN;
     if (b->lo <= 0 && b->hi >= 0) lo = hi = 0; /* x // 0 == 0 */
     int64_t parts[2][2] = {{b->lo > 1 ? b->lo : 1, b->hi}, {b->lo, b->hi < -1 ? b->hi : -1}};
@@ -506,8 +531,7 @@ static void int_floordiv(const ival *a, const ival *b, ival *r)
     set_int(r, lo, hi);
 }
 
-static void int_mod(const ival *a, const ival *b, ival *r)
-{
+static void int_mod(const ival *a, const ival *b, ival *r) {
     int64_t lo = INT64_MAX, hi = INT64_MIN;
     if (b->lo <= 0 && b->hi >= 0) lo = hi = 0; /* x % 0 == 0 */
     /* positive divisors: result in [0, y - 1] */
@@ -551,8 +575,7 @@ static void int_mod(const ival *a, const ival *b, ival *r)
     set_int(r, lo, hi);
 }
 
-static void int_bitwise(ir_op op, const ival *a, const ival *b, ival *r)
-{
+static void int_bitwise(ir_op op, const ival *a, const ival *b, ival *r) {
     if (a->lo == a->hi && b->lo == b->hi) {
         int32_t x = (int32_t)a->lo, y = (int32_t)b->lo;
         int32_t v = op == IR_AND ? (x & y) : op == IR_OR ? (x | y) : (x ^ y);
@@ -582,8 +605,7 @@ static void int_bitwise(ir_op op, const ival *a, const ival *b, ival *r)
     set_int(r, INT32_MIN, INT32_MAX);
 }
 
-static void float_arith(ir_op op, const ival *a, const ival *b, ival *r)
-{
+static void float_arith(ir_op op, const ival *a, const ival *b, ival *r) {
     float alo = a->flo, ahi = a->fhi, blo = b->flo, bhi = b->fhi;
     int nan = a->nan || b->nan;
     switch (op) {
@@ -607,8 +629,7 @@ static void float_arith(ir_op op, const ival *a, const ival *b, ival *r)
             return;
         }
         float c0 = alo * blo, c1 = alo * bhi, c2 = ahi * blo, c3 = ahi * bhi;
-        set_float(r, fmin2(fmin2(c0, c1), fmin2(c2, c3)), fmax2(fmax2(c0, c1), fmax2(c2, c3)),
-                  nan);
+        set_float(r, fmin2(fmin2(c0, c1), fmin2(c2, c3)), fmax2(fmax2(c0, c1), fmax2(c2, c3)), nan);
         return;
     }
     case IR_DIV:
@@ -655,39 +676,43 @@ static void float_arith(ir_op op, const ival *a, const ival *b, ival *r)
         set_float_full(r, 1);
         return;
     }
-    case IR_MIN: set_float(r, fmin2(alo, blo), fmin2(ahi, bhi), nan); return;
-    case IR_MAX: set_float(r, fmax2(alo, blo), fmax2(ahi, bhi), nan); return;
-    default: set_float_full(r, 1); return;
+    case IR_MIN:
+        set_float(r, fmin2(alo, blo), fmin2(ahi, bhi), nan);
+        return;
+    case IR_MAX:
+        set_float(r, fmax2(alo, blo), fmax2(ahi, bhi), nan);
+        return;
+    default:
+        set_float_full(r, 1);
+        return;
     }
 }
 
 /* Monotone non-decreasing libm function applied to the end points, moved
  * outward, clamped to the function's range. */
 static void float_monotone(float (*f)(float), const ival *a, float range_lo, float range_hi,
-                           ival *r)
-{
+                           ival *r) {
     float lo = down(f(a->flo), LIBM_ULPS), hi = up(f(a->fhi), LIBM_ULPS);
     set_float(r, fmax2(lo, range_lo), fmin2(hi, range_hi), a->nan);
 }
 
 /* The scalar semantics' formula (two forms so that exp never overflows). */
-static float sigmoid_ref(float x)
-{
+static float sigmoid_ref(float x) {
     if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
     float e = expf(x);
     return e / (1.0f + e);
 }
 
-static float rsqrt_ref(float x)
-{
+static float rsqrt_ref(float x) {
     return 1.0f / sqrtf(x);
 }
 
-static void float_unary(ir_op op, const ival *a, ival *r)
-{
+static void float_unary(ir_op op, const ival *a, ival *r) {
     float lo = a->flo, hi = a->fhi;
     switch (op) {
-    case IR_NEG: set_float(r, -hi, -lo, a->nan); return;
+    case IR_NEG:
+        set_float(r, -hi, -lo, a->nan);
+        return;
     case IR_ABS:
         if (lo >= 0.0f)
             set_float(r, lo, hi, a->nan);
@@ -696,17 +721,29 @@ static void float_unary(ir_op op, const ival *a, ival *r)
         else
             set_float(r, 0.0f, fmax2(-lo, hi), a->nan);
         return;
-    case IR_FLOOR: set_float(r, floorf(lo), floorf(hi), a->nan); return;
-    case IR_CEIL: set_float(r, ceilf(lo), ceilf(hi), a->nan); return;
-    case IR_EXP: float_monotone(expf, a, 0.0f, INFINITY, r); return;
-    case IR_EXP2: float_monotone(exp2f, a, 0.0f, INFINITY, r); return;
-    case IR_TANH: float_monotone(tanhf, a, -1.0f, 1.0f, r); return;
+    case IR_FLOOR:
+        set_float(r, floorf(lo), floorf(hi), a->nan);
+        return;
+    case IR_CEIL:
+        set_float(r, ceilf(lo), ceilf(hi), a->nan);
+        return;
+    case IR_EXP:
+        float_monotone(expf, a, 0.0f, INFINITY, r);
+        return;
+    case IR_EXP2:
+        float_monotone(exp2f, a, 0.0f, INFINITY, r);
+        return;
+    case IR_TANH:
+        float_monotone(tanhf, a, -1.0f, 1.0f, r);
+        return;
     case IR_TANH_APPROX:
         float_monotone(tanhf, a, -1.0f, 1.0f, r);
         if (r->flo > -INFINITY) r->flo -= TANH_APPROX_SLACK;
         if (r->fhi < INFINITY) r->fhi += TANH_APPROX_SLACK;
         return;
-    case IR_SIGMOID: float_monotone(sigmoid_ref, a, 0.0f, 1.0f, r); return;
+    case IR_SIGMOID:
+        float_monotone(sigmoid_ref, a, 0.0f, 1.0f, r);
+        return;
     case IR_LOG:
     case IR_LOG2:
     case IR_SQRT: {
@@ -728,28 +765,34 @@ static void float_unary(ir_op op, const ival *a, ival *r)
         }
         return;
     case IR_SIN:
-    case IR_COS: set_float(r, -1.0f, 1.0f, a->nan || has_inf(a)); return;
-    default: /* IR_TAN and anything unforeseen */ set_float_full(r, 1); return;
+    case IR_COS:
+        set_float(r, -1.0f, 1.0f, a->nan || has_inf(a));
+        return;
+    default: /* IR_TAN and anything unforeseen */
+        set_float_full(r, 1);
+        return;
     }
 }
 
 /* Range of a buffer over a box of indices (each within the buffer). */
 static void load_range(const range_table *t, const int64_t *ilo, const int64_t *ihi, ival *r,
-                       ir_type type)
-{
+                       ir_type type) {
     int nd = t->ndim;
     int64_t rows = 1;
-    for (int d = 0; d < nd - 1; d++) rows *= ihi[d] - ilo[d] + 1;
-    int64_t mn = INT64_MAX, mx = INT64_MIN;
+    for (int d = 0; d < nd - 1; d++)
+        rows *= ihi[d] - ilo[d] + 1;
+    int32_t mn = INT32_MAX, mx = INT32_MIN;
     float fmn = INFINITY, fmx = -INFINITY;
     /* up to a few rows: one exact query per row of the last dim; beyond
      * that, the linear span from the first to the last element */
     if (rows <= 32) {
         int64_t idx[4];
-        for (int d = 0; d < nd; d++) idx[d] = ilo[d];
+        for (int d = 0; d < nd; d++)
+            idx[d] = ilo[d];
         for (;;) {
             int64_t off = 0;
-            for (int d = 0; d < nd - 1; d++) off = off * t->sizes[d] + idx[d];
+            for (int d = 0; d < nd - 1; d++)
+                off = off * t->sizes[d] + idx[d];
             off *= t->sizes[nd - 1];
             int64_t lo = off + ilo[nd - 1], hi = off + ihi[nd - 1];
             if (t->is_float)
@@ -793,9 +836,10 @@ static void load_range(const range_table *t, const int64_t *ilo, const int64_t *
  * borrowed for the call. Reentrant: concurrent calls need their own scratch.
  */
 mod_tri mod_interval_mask(const ir_mod *m, const mod_range_tables *tables, const mod_box *box,
-                          void *scratch)
-{
+                          void *scratch) {
     if (!m || !box || !scratch || m->num_nodes <= 0) return MOD_TRI_UNKNOWN;
+    for (int d = 0; d < 4; d++)
+        if (box->lo[d] > box->hi[d]) return MOD_TRI_UNKNOWN; /* empty: nothing to claim */
     ival *v = scratch;
     const ir_node *nodes = m->nodes;
     for (int i = 0; i < m->num_nodes; i++) {
@@ -822,16 +866,19 @@ mod_tri mod_interval_mask(const ir_mod *m, const mod_range_tables *tables, const
             set_int(r, box->lo[k], box->hi[k]);
             continue;
         }
-        case IR_SCORE: set_float_full(r, 1); continue;
+        case IR_SCORE:
+            set_float_full(r, 1);
+            continue;
         case IR_LOAD: {
-            const range_table *t =
-                tables && nd->buffer >= 0 && nd->buffer < IR_MAX_BUFFERS ? &tables->table[nd->buffer]
-                                                                         : NULL;
+            const range_table *t = tables && nd->buffer >= 0 && nd->buffer < IR_MAX_BUFFERS
+                                       ? &tables->table[nd->buffer]
+                                       : NULL;
             if (!t || !t->present || t->ndim != nd->nargs || t->count == 0) return MOD_TRI_UNKNOWN;
             int64_t ilo[4], ihi[4];
             for (int d = 0; d < nd->nargs; d++) {
                 const ival *x = &v[nd->args[d]];
-                if (x->lo < 0 || x->hi >= t->sizes[d]) return MOD_TRI_UNKNOWN; /* may be out of range */
+                if (x->lo < 0 || x->hi >= t->sizes[d])
+                    return MOD_TRI_UNKNOWN; /* may be out of range */
                 ilo[d] = x->lo;
                 ihi[d] = x->hi;
             }
@@ -859,8 +906,12 @@ mod_tri mod_interval_mask(const ir_mod *m, const mod_range_tables *tables, const
         case IR_LT:
         case IR_LE:
         case IR_GT:
-        case IR_GE: compare(nd, a, b, (ir_type)nodes[nd->args[0]].type, r); continue;
-        case IR_NOT: r->tri = tri_not(a->tri); continue;
+        case IR_GE:
+            compare(nd, a, b, (ir_type)nodes[nd->args[0]].type, r);
+            continue;
+        case IR_NOT:
+            r->tri = tri_not(a->tri);
+            continue;
         case IR_TO_FLOAT: {
             float lo, hi;
             int nan;
@@ -884,7 +935,8 @@ mod_tri mod_interval_mask(const ir_mod *m, const mod_range_tables *tables, const
             }
             continue;
         }
-        default: break;
+        default:
+            break;
         }
         if (type == IR_BOOL) {
             /* logical ops and min/max on bools */
@@ -893,18 +945,30 @@ mod_tri mod_interval_mask(const ir_mod *m, const mod_range_tables *tables, const
             int yt = (y & MOD_TRI_TRUE) != 0, yf = (y & MOD_TRI_FALSE) != 0;
             switch (op) {
             case IR_AND:
-            case IR_MIN: r->tri = tri_make(xt && yt, xf || yf); break;
+            case IR_MIN:
+                r->tri = tri_make(xt && yt, xf || yf);
+                break;
             case IR_OR:
-            case IR_MAX: r->tri = tri_make(xt || yt, xf && yf); break;
-            case IR_XOR: r->tri = tri_make((xt && yf) || (xf && yt), (xt && yt) || (xf && yf)); break;
-            default: r->tri = MOD_TRI_UNKNOWN; break;
+            case IR_MAX:
+                r->tri = tri_make(xt || yt, xf && yf);
+                break;
+            case IR_XOR:
+                r->tri = tri_make((xt && yf) || (xf && yt), (xt && yt) || (xf && yf));
+                break;
+            default:
+                r->tri = MOD_TRI_UNKNOWN;
+                break;
             }
             continue;
         }
         if (type == IR_INT) {
             switch (op) {
-            case IR_NEG: set_int(r, -a->hi, -a->lo); break;
-            case IR_BITNOT: set_int(r, -a->hi - 1, -a->lo - 1); break;
+            case IR_NEG:
+                set_int(r, -a->hi, -a->lo);
+                break;
+            case IR_BITNOT:
+                set_int(r, -a->hi - 1, -a->lo - 1);
+                break;
             case IR_ABS:
                 if (a->lo >= 0)
                     set_int(r, a->lo, a->hi);
@@ -913,8 +977,12 @@ mod_tri mod_interval_mask(const ir_mod *m, const mod_range_tables *tables, const
                 else
                     set_int(r, 0, -a->lo > a->hi ? -a->lo : a->hi);
                 break;
-            case IR_ADD: set_int(r, a->lo + b->lo, a->hi + b->hi); break;
-            case IR_SUB: set_int(r, a->lo - b->hi, a->hi - b->lo); break;
+            case IR_ADD:
+                set_int(r, a->lo + b->lo, a->hi + b->hi);
+                break;
+            case IR_SUB:
+                set_int(r, a->lo - b->hi, a->hi - b->lo);
+                break;
             case IR_MUL: {
                 int64_t c0 = a->lo * b->lo, c1 = a->lo * b->hi, c2 = a->hi * b->lo,
                         c3 = a->hi * b->hi;
@@ -927,10 +995,16 @@ mod_tri mod_interval_mask(const ir_mod *m, const mod_range_tables *tables, const
                 break;
             }
             case IR_DIV: /* int meaning: floor division */
-            case IR_FLOORDIV: int_floordiv(a, b, r); break;
+            case IR_FLOORDIV:
+                int_floordiv(a, b, r);
+                break;
             case IR_FLOOR:
-            case IR_CEIL: *r = *a; break; /* identity on ints */
-            case IR_MOD: int_mod(a, b, r); break;
+            case IR_CEIL:
+                *r = *a;
+                break; /* identity on ints */
+            case IR_MOD:
+                int_mod(a, b, r);
+                break;
             case IR_MIN:
                 set_int(r, a->lo < b->lo ? a->lo : b->lo, a->hi < b->hi ? a->hi : b->hi);
                 break;
@@ -939,8 +1013,12 @@ mod_tri mod_interval_mask(const ir_mod *m, const mod_range_tables *tables, const
                 break;
             case IR_AND:
             case IR_OR:
-            case IR_XOR: int_bitwise(op, a, b, r); break;
-            default: set_int(r, INT32_MIN, INT32_MAX); break;
+            case IR_XOR:
+                int_bitwise(op, a, b, r);
+                break;
+            default:
+                set_int(r, INT32_MIN, INT32_MAX);
+                break;
             }
             continue;
         }

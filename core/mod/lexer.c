@@ -224,7 +224,13 @@ int mod_lex(const char *text, mod_token_list *out)
                 size_t n = 1;
                 while ((s[n] & 0xc0) == 0x80) n++;
                 t.length = n;
-                if ((unsigned char)c >= 0x20 && (unsigned char)c < 0x7f)
+                if (c == '.' && is_ident_start(s[1]))
+                    snprintf(out->error, sizeof out->error,
+                             "unexpected '.'; there are no methods: write exp(x), abs(x), ...");
+                else if (c == '"' || c == '\'')
+                    snprintf(out->error, sizeof out->error,
+                             "unexpected quote; mod text has no strings (names are written bare)");
+                else if ((unsigned char)c >= 0x20 && (unsigned char)c < 0x7f)
                     snprintf(out->error, sizeof out->error, "unexpected character '%c'", c);
                 else
                     snprintf(out->error, sizeof out->error,

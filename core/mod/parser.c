@@ -244,16 +244,31 @@ static void error_at(char *err, size_t cap, const char *text, size_t start, size
     if (end <= start) end = start + 1;
     size_t line_len = line_end - line_start;
     if (line_len > 0 && text[line_end - 1] == '\r') line_len--;
+    /* A long line is quoted as a window around the error, so the message
+     * always fits and keeps its caret line. The window starts on a UTF-8
+     * character boundary. */
+    enum { QUOTE_MAX = 160, QUOTE_BEFORE = 60 };
+    size_t quote_start = line_start, quote_len = line_len;
+    if (line_len > QUOTE_MAX) {
+        size_t line_stop = line_start + line_len;
+        quote_start = start > line_start + QUOTE_BEFORE ? start - QUOTE_BEFORE : line_start;
+        if (quote_start + QUOTE_MAX > line_stop) quote_start = line_stop - QUOTE_MAX;
+        while (quote_start > line_start && ((unsigned char)text[quote_start] & 0xC0) == 0x80)
+            quote_start--;
+        quote_len = line_stop - quote_start;
+        if (quote_len > QUOTE_MAX + 4) quote_len = QUOTE_MAX + 4;
+    }
+    if (end > quote_start + quote_len) end = quote_start + quote_len;
+    if (end <= start) end = start + 1;
     /* The caret line copies tabs so the caret lines up under any indentation. */
-    char caret[512];
+    char caret[QUOTE_MAX + 16];
     size_t n = 0;
-    for (size_t i = line_start; i < start && n < sizeof caret - 2; i++)
-        caret[n++] = text[i] == '\t' ? '\t' : ' ';
-    if (n < sizeof caret - 1) caret[n++] = '^';
-    for (size_t i = start + 1; i < end && n < sizeof caret - 1; i++) caret[n++] = '~';
+    for (size_t i = quote_start; i < start; i++) caret[n++] = text[i] == '\t' ? '\t' : ' ';
+    caret[n++] = '^';
+    for (size_t i = start + 1; i < end; i++) caret[n++] = '~';
     caret[n] = '\0';
-    snprintf(err, cap, "%d:%d: error: %s\n%.*s\n%s", line, col, message, (int)line_len,
-             text + line_start, caret);
+    snprintf(err, cap, "%d:%d: error: %s\n%.*s\n%s", line, col, message, (int)quote_len,
+             text + quote_start, caret);
 }
 
 /* Records the first error (status, message pointing at tokens tok..end).
@@ -397,11 +412,11 @@ static int make_binary(parser *p, ir_op op, ir_type type, int a, int b, int tok)
 
 static int parse_ternary(parser *p, value *out);
 
-static int op_text(const parser *p, int tok, char *buf, size_t cap)
+/* The operator token's own spelling, for messages. */
+static void op_text(const parser *p, int tok, char *buf, size_t cap)
 {
     const mod_token *t = &p->toks[tok];
     snprintf(buf, cap, "%.*s", (int)t->length, p->text + t->offset);
-    return 0;
 }
 
 /* Applies binary operator token optok to l and r (both already parsed). */
@@ -638,6 +653,17 @@ static int parse_primary(parser *p, value *out)
     case TOK_ASSIGN:
         return fail(p, FLEX_ERR_MOD_SYNTAX, tok,
                     "unexpected '='; use '==' to compare (bindings are 'let name = value;')");
+    case TOK_STAR:
+        if (tok > 0 && p->toks[tok - 1].kind == TOK_STAR &&
+            p->toks[tok - 1].offset + 1 == t->offset)
+            return fail_range(p, FLEX_ERR_MOD_SYNTAX, tok - 1, tok,
+                              "'**' is not an operator; write pow(x, y)");
+        return fail_expected(p, "an expression");
+    case TOK_RPAREN:
+        if (tok > 0 && p->toks[tok - 1].kind == TOK_COMMA)
+            return fail(p, FLEX_ERR_MOD_SYNTAX, tok,
+                        "expected an expression after ',', found ')' (no trailing commas)");
+        return fail_expected(p, "an expression");
     default: return fail_expected(p, "an expression");
     }
 
@@ -693,6 +719,8 @@ static int parse_primary(parser *p, value *out)
     if (ident_is(p, tok, "let"))
         return fail(p, FLEX_ERR_MOD_SYNTAX, tok,
                     "'let' can only start a binding, before the result expression");
+    if (ident_is(p, tok, "not"))
+        return fail(p, FLEX_ERR_MOD_NAME, tok, "unknown name 'not'; write '!' for logical not");
     const char *hint = suggest(p, name, len);
     if (hint)
         return fail(p, FLEX_ERR_MOD_NAME, tok, "unknown name '%.*s'; did you mean '%s'?",
@@ -709,7 +737,8 @@ static int parse_index(parser *p, int open_tok, value *v)
             return fail(p, FLEX_ERR_MOD_TYPE, open_tok, "function '%s' cannot be indexed",
                         functions[v->func].name);
         return fail(p, FLEX_ERR_MOD_TYPE, open_tok,
-                    "only buffers can be indexed; this is a %s value", type_name(v->type));
+                    "only buffers can be indexed; this is %s %s value",
+                    v->type == IR_INT ? "an" : "a", type_name(v->type));
     }
     const ir_buffer *buf = &p->m->buffers[v->buffer];
     for (;;) {
@@ -974,6 +1003,16 @@ static int parse_program(parser *p)
         if (peek(p)->kind == TOK_ASSIGN)
             return fail(p, FLEX_ERR_MOD_SYNTAX, p->pos,
                         "unexpected '='; use '==' to compare (bindings are 'let name = value;')");
+        if (ident_is(p, p->pos, "and") || ident_is(p, p->pos, "or"))
+            return fail(p, FLEX_ERR_MOD_SYNTAX, p->pos, "unexpected %s; write '%s'", found,
+                        ident_is(p, p->pos, "and") ? "&&" : "||");
+        if (peek(p)->kind == TOK_RPAREN)
+            return fail(p, FLEX_ERR_MOD_SYNTAX, p->pos, "unmatched ')'");
+        if (p->toks[p->pos - 1].kind == TOK_SEMI)
+            return fail(p, FLEX_ERR_MOD_SYNTAX, p->pos,
+                        "unexpected %s after the result expression; only 'let name = value;' "
+                        "bindings come before the result, which comes last",
+                        found);
         return fail(p, FLEX_ERR_MOD_SYNTAX, p->pos,
                     "expected an operator or end of input after the expression, found %s",
                     found);
@@ -1069,7 +1108,8 @@ static flex_status check_desc(const flex_mod_desc *d, char *err, size_t cap)
                               "not starting with a digit, at most %d characters)",
                               par->name, MAX_NAME - 1);
         const char *taken = taken_as(d, par->name, i, 0);
-        if (taken) return desc_error(err, cap, bad, "param '%s' has the name of %s", par->name, taken);
+        if (taken)
+            return desc_error(err, cap, bad, "param '%s' has the name of %s", par->name, taken);
         if (par->is_float) {
             if (isfinite(par->value) && isinf((float)par->value))
                 return desc_error(err, cap, bad,
@@ -1155,10 +1195,22 @@ flex_status mod_parse(const flex_mod_desc *desc, ir_mod *out, char *err, size_t 
     p.err_cap = err_cap;
     p.status = FLEX_OK;
 
+    /* A '=' anywhere but in 'let name =' is almost always a '==' typo; say
+     * so before the parser trips over what follows it. */
+    int stray_assign = -1;
+    for (int i = 0; i < list.count && stray_assign < 0; i++) {
+        if (list.tokens[i].kind != TOK_ASSIGN) continue;
+        if ((i >= 1 && ident_is(&p, i - 1, "let")) || (i >= 2 && ident_is(&p, i - 2, "let")))
+            continue; /* the let parser explains a malformed binding better */
+        stray_assign = i;
+    }
     if (last->kind == TOK_ERROR) {
         /* Tokens before the bad character still parse up to it, but the
          * lexical error is what the user needs to see. */
         fail(&p, FLEX_ERR_MOD_SYNTAX, list.count - 1, "%s", list.error);
+    } else if (stray_assign >= 0) {
+        fail(&p, FLEX_ERR_MOD_SYNTAX, stray_assign,
+             "unexpected '='; use '==' to compare (bindings are 'let name = value;')");
     } else {
         parse_program(&p);
     }

@@ -79,6 +79,7 @@ typedef struct printer {
     text_builder tb;
     int *uses;
     int *let_id; /* -1: printed inline */
+    int *depth;  /* parser nesting its inline text needs (see inline_depth) */
     int next_let;
     char let_prefix[8];
 } printer;
@@ -247,6 +248,49 @@ static int is_trivial(const ir_node *n)
     return n->nargs == 0; /* constants and variables read as well as a let name */
 }
 
+/*
+ * The parser refuses text nested too deeply (one level per unary operator,
+ * one per parenthesis, call or index and one for the expression inside it),
+ * and lets can build a mod whose inline text would nest far deeper than its
+ * source did. So a node whose inline text would nest deeper than this
+ * becomes a let, which keeps every canonical text parseable. Ordinary mods
+ * never come near it, so their text is unaffected.
+ */
+#define LET_DEPTH 64
+
+/* Nesting of a node printed as an operand: a let name is one level, a
+ * parenthesised expression two more than its inline text. */
+static int operand_depth(const printer *pr, int node, int min_prec)
+{
+    if (pr->let_id[node] >= 0) return 1;
+    if (node_prec(pr, node) < min_prec) return 2 + pr->depth[node];
+    return pr->depth[node];
+}
+
+/* Nesting of node's inline text, from the depths of its (already decided)
+ * args. */
+static int inline_depth(const printer *pr, int node)
+{
+    const ir_node *n = &pr->m->nodes[node];
+    if (n->op == IR_CONST) return 3; /* at most "-1.5" or "(0.0 / 0.0)" */
+    if (n->nargs == 0) return 1;
+    if (n->op == IR_NEG || n->op == IR_NOT || n->op == IR_BITNOT)
+        return 1 + operand_depth(pr, n->args[0], PREC_PRIMARY);
+    int prec;
+    if (infix(n, &prec)) {
+        int comparison = prec == PREC_EQUALITY || prec == PREC_RELATIONAL;
+        int l = operand_depth(pr, n->args[0], comparison ? prec + 1 : prec);
+        int r = operand_depth(pr, n->args[1], prec + 1);
+        return l > r ? l : r;
+    }
+    int deepest = 0; /* a call or buffer read: each arg is a full expression */
+    for (int i = 0; i < n->nargs; i++) {
+        int d = operand_depth(pr, n->args[i], 0);
+        if (d > deepest) deepest = d;
+    }
+    return 2 + deepest;
+}
+
 /* Post-order walk naming and printing the lets. */
 static void emit_lets(printer *pr, int node, char *visited)
 {
@@ -254,7 +298,8 @@ static void emit_lets(printer *pr, int node, char *visited)
     visited[node] = 1;
     const ir_node *n = &pr->m->nodes[node];
     for (int i = 0; i < n->nargs; i++) emit_lets(pr, n->args[i], visited);
-    if (pr->uses[node] >= 2 && !is_trivial(n)) {
+    pr->depth[node] = inline_depth(pr, node);
+    if ((pr->uses[node] >= 2 && !is_trivial(n)) || pr->depth[node] > LET_DEPTH) {
         append(&pr->tb, "let %s%d = ", pr->let_prefix, pr->next_let);
         emit_expr(pr, node);
         append(&pr->tb, ";\n");
@@ -271,9 +316,10 @@ char *ir_canonical_text(const ir_mod *m)
     int n = m->num_nodes;
     pr.uses = calloc((size_t)n, sizeof *pr.uses);
     pr.let_id = malloc((size_t)n * sizeof *pr.let_id);
+    pr.depth = calloc((size_t)n, sizeof *pr.depth);
     char *reach = calloc((size_t)n, 1);
     char *visited = calloc((size_t)n, 1);
-    if (!pr.uses || !pr.let_id || !reach || !visited) goto fail;
+    if (!pr.uses || !pr.let_id || !pr.depth || !reach || !visited) goto fail;
     for (int i = 0; i < n; i++) pr.let_id[i] = -1;
     reach[m->root] = 1;
     for (int i = n - 1; i >= 0; i--) {
@@ -305,6 +351,7 @@ char *ir_canonical_text(const ir_mod *m)
     if (pr.tb.failed || !pr.tb.data) goto fail;
     free(pr.uses);
     free(pr.let_id);
+    free(pr.depth);
     free(reach);
     free(visited);
     return pr.tb.data;
@@ -312,6 +359,7 @@ fail:
     free(pr.tb.data);
     free(pr.uses);
     free(pr.let_id);
+    free(pr.depth);
     free(reach);
     free(visited);
     return NULL;

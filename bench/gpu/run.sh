@@ -1,0 +1,99 @@
+#!/bin/bash
+# One device call: build, `flexattn check --backend cuda`, then time the CUDA
+# forward beside PyTorch (compiled flex_attention, SDPA flash and cuDNN).
+# Logs and results go to $OUT (default ./gpu-out): check.log, bench.log,
+# torch.log, cuda-forward.jsonl, cuda-forward.md.
+#   bench/gpu/run.sh [--skip-check] [--skip-torch] [--len S]
+set -u
+OUT=${OUT:-$PWD/gpu-out}
+mkdir -p "$OUT"
+SKIP_CHECK=0 SKIP_TORCH=0 LEN=8192
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --skip-check) SKIP_CHECK=1 ;;
+    --skip-torch) SKIP_TORCH=1 ;;
+    --len) LEN=$2; shift ;;
+    *) echo "unknown argument $1"; exit 2 ;;
+    esac
+    shift
+done
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+BUILD=${BUILD:-/tmp/flexattn-gpu-build}
+cd "$ROOT" || exit 1
+COMMIT=${FLEXATTN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
+if command -v meson >/dev/null 2>&1; then MESON=(meson); else MESON=(python3 -m mesonbuild.mesonmain); fi
+
+echo "== build" | tee "$OUT/build.log"
+{ [ -f "$BUILD/build.ninja" ] || { rm -rf "$BUILD"; "${MESON[@]}" setup "$BUILD" -Dtests=disabled -Dbuildtype=release; }; } >>"$OUT/build.log" 2>&1
+ninja -C "$BUILD" >>"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
+cc -O2 -std=c11 -D_POSIX_C_SOURCE=200809L -Iinclude bench/gpu/bench_cuda.c -L"$BUILD" -lflexattn -lm \
+    -Wl,-rpath,"$BUILD" -o "$BUILD/bench_cuda" >>"$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log"; exit 1; }
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee -a "$OUT/build.log"
+
+if [ "$SKIP_CHECK" = 0 ]; then
+    echo "== flexattn check --backend cuda"
+    T0=$(date +%s)
+    FLEXATTN_CACHE_DIR=off timeout 420 "$BUILD/tools/flexattn" check --backend cuda ${CHECK_ARGS:-} >"$OUT/check.log" 2>&1
+    echo "check exit $? in $(( $(date +%s) - T0 )) s"
+    grep -E "FAIL|ERROR|error" "$OUT/check.log" | head -20
+    tail -1 "$OUT/check.log"
+fi
+
+echo "== flexattn CUDA forward (cold cache, then warm cache in a new process)"
+CACHE=$(mktemp -d)
+rm -f "$OUT/flexattn-cold.jsonl" "$OUT/flexattn-warm.jsonl" "$OUT/torch.jsonl"
+FLEXATTN_CACHE_DIR=$CACHE "$BUILD/bench_cuda" --len "$LEN" --json "$OUT/flexattn-cold.jsonl" 2>&1 | tee "$OUT/bench.log"
+FLEXATTN_CACHE_DIR=$CACHE "$BUILD/bench_cuda" --len "$LEN" --json "$OUT/flexattn-warm.jsonl" 2>&1 | tee -a "$OUT/bench.log"
+
+if [ -n "${TILE_SWEEP:-}" ]; then
+    echo "== tile sweep (FLEXATTN_CUDA_TILE=warps,m-tiles per warp,kv step)"
+    for T in $TILE_SWEEP; do
+        for P in ${SWEEP_PATTERNS:-causal}; do
+            echo -n "tile $T: "
+            FLEXATTN_CUDA_TILE=$T FLEXATTN_CACHE_DIR=$CACHE "$BUILD/bench_cuda" --len "$LEN" --only "$P" --iters 10 2>&1 | tail -1
+        done
+    done | tee "$OUT/sweep.log"
+fi
+
+if [ "$SKIP_TORCH" = 0 ]; then
+    echo "== PyTorch"
+    PYTHONUNBUFFERED=1 python3 bench/gpu/torch_reference.py --len "$LEN" --json "$OUT/torch.jsonl" 2>&1 \
+        | grep -v Warning | tee "$OUT/torch.log"
+fi
+
+python3 - "$OUT" "$COMMIT" <<'PY'
+import json, os, sys
+out, commit = sys.argv[1], sys.argv[2]
+def load(name):
+    p = os.path.join(out, name)
+    return [json.loads(l) for l in open(p)] if os.path.exists(p) else []
+cold, warm, torch_rows = load("flexattn-cold.jsonl"), load("flexattn-warm.jsonl"), load("torch.jsonl")
+ref = {(r["pattern"], r["impl"]): r for r in torch_rows}
+cold_first = {r["pattern"]: r["first_call_ms"] for r in cold}
+device = warm[0]["device"] if warm else "?"
+lines = [f"# CUDA forward, bf16, B={warm[0]['B']} H={warm[0]['H']} S={warm[0]['S']} D={warm[0]['D']}" if warm else "# CUDA forward",
+         "", f"device: {device}; commit {commit}; command: bench/gpu/run.sh", "",
+         "| pattern | flexattn TFLOP/s | torch flex TFLOP/s | ratio | SDPA flash | ratio | cuDNN | ratio | first call cold ms | first call warm ms |",
+         "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+records = []
+for r in warm:
+    p = r["pattern"]
+    base = "softcap_causal" if p == "softcap_approx_causal" else p
+    cells = [p, f"{r['tflops']:.1f}"]
+    for impl in ("torch_flex", "sdpa_flash", "sdpa_cudnn"):
+        t = ref.get((base, impl))
+        cells += [f"{t['tflops']:.1f}", f"{r['tflops'] / t['tflops']:.2f}"] if t else ["-", "-"]
+    cells += [f"{cold_first.get(p, float('nan')):.0f}", f"{r['first_call_ms']:.1f}"]
+    lines.append("| " + " | ".join(cells) + " |")
+    rec = dict(r, commit=commit, first_call_cold_ms=cold_first.get(p))
+    for impl in ("torch_flex", "sdpa_flash", "sdpa_cudnn"):
+        t = ref.get((base, impl))
+        if t: rec[impl + "_tflops"] = t["tflops"]
+    records.append(rec)
+lines += ["", "softcap_approx_causal is compared with PyTorch's exact-tanh soft-cap (the same pattern).",
+          "TFLOP/s count 4*B*H*S*S*D times the block mask's density; medians of 20 runs."]
+open(os.path.join(out, "cuda-forward.md"), "w").write("\n".join(lines) + "\n")
+with open(os.path.join(out, "cuda-forward.jsonl"), "w") as f:
+    for rec in records: f.write(json.dumps(rec) + "\n")
+print("\n".join(lines))
+PY

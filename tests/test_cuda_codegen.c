@@ -6,6 +6,8 @@
  * exits with 77, which meson reports as a skipped test, never as a pass.
  */
 #include <check.h>
+#include <math.h>
+#include <stdint.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -77,13 +79,15 @@ static const flex_cuda_api *api;
 /* Small tiles keep the many mod compiles quick (the mods are what differs);
  * the production tile sizes are compiled for a few mods below. */
 static const flex_cuda_fwd_config configs[] = {
-    {FLEX_BF16, 64, 64, 4, 1, 16, 1},
-    {FLEX_F16, 64, 64, 4, 1, 16, 0},
-    {FLEX_F32, 64, 64, 4, 1, 0, 0},
+    {FLEX_BF16, 64, 64, 4, 1, 16, 1, 1},
+    {FLEX_F16, 64, 64, 4, 1, 16, 0, 0},
+    {FLEX_F32, 64, 64, 4, 1, 0, 0, 1},
 };
 static const flex_cuda_fwd_config full_configs[] = {
-    {FLEX_BF16, 128, 128, 8, 1, 64, 1},
-    {FLEX_F16, 256, 192, 4, 1, 32, 1},
+    {FLEX_BF16, 128, 128, 4, 2, 64, 1, 1},
+    {FLEX_F16, 256, 192, 4, 1, 32, 1, 0},
+    {FLEX_BF16, 128, 128, 8, 1, 64, 1, 1},
+    {FLEX_F16, 128, 64, 4, 2, 64, 0, 1},
 };
 
 static void add_case(const char *label, const ir_mod *mask, const ir_mod *score, int cfg_index,
@@ -102,7 +106,7 @@ static void add_case(const char *label, const ir_mod *mask, const ir_mod *score,
         c->has_score = 1;
     }
     if (cfg_index < 0)
-        c->cfg = full_configs[(-cfg_index - 1) % 2];
+        c->cfg = full_configs[(-cfg_index - 1) % (int)(sizeof full_configs / sizeof full_configs[0])];
     else
         c->cfg = configs[cfg_index % (int)(sizeof configs / sizeof configs[0])];
     c->arch = arch;
@@ -159,6 +163,13 @@ START_TEST(test_emit_every_preset) {
 }
 END_TEST
 
+static int count_occurrences(const char *text, const char *what) {
+    int n = 0;
+    for (const char *at = strstr(text, what); at; at = strstr(at + 1, what))
+        n++;
+    return n;
+}
+
 START_TEST(test_emit_exact_constants_and_slots) {
     ir_mod mask, score;
     ck_assert_int_eq(parse_text(FLEX_MOD_MASK, "doc[q] == doc[kv]", NULL, 0,
@@ -180,6 +191,44 @@ START_TEST(test_emit_exact_constants_and_slots) {
     free(text);
     ir_free(&mask);
     ir_free(&score);
+}
+END_TEST
+
+START_TEST(test_division_by_constant) {
+    ir_mod score;
+    ck_assert_int_eq(parse_text(FLEX_MOD_SCORE, "score / 30.0 + score / 1e-30 + score / q", NULL,
+                                0, NULL, 0, &score),
+                     0);
+    char *text = flex_emit_mods(NULL, &score);
+    ck_assert_ptr_nonnull(text);
+    /* 1/30 correctly rounded is 0x3d088889; 1e-30 is outside the fast range
+     * and a divisor that is not a constant always takes the full division. */
+    ck_assert_ptr_nonnull(strstr(text, "__int_as_float(0x3d088889))"));
+    ck_assert_int_eq(count_occurrences(text, "flex_fdiv_const(v"), 1);
+    ck_assert_int_ge(count_occurrences(text, "__fdiv_rn(v"), 2);
+    free(text);
+    ir_free(&score);
+    /* The device formula (product with the reciprocal, one fused
+     * correction) is the correctly rounded quotient over the range it
+     * serves: checked here with the host's fused multiply-add on random
+     * constants and numerators. */
+    uint32_t state = 12345u;
+    for (int i = 0; i < 200000; i++) {
+        state = state * 1664525u + 1013904223u;
+        const uint32_t cb = (state & 0x807fffffu) | ((uint32_t)(127 - 20 + (state >> 24) % 41) << 23);
+        state = state * 1664525u + 1013904223u;
+        const uint32_t ab = (state & 0x807fffffu) | ((uint32_t)(127 - 60 + (state >> 23) % 121) << 23);
+        float c, a;
+        memcpy(&c, &cb, sizeof c);
+        memcpy(&a, &ab, sizeof a);
+        volatile float one = 1.0f;
+        const float rc = one / c;
+        const float q = a * rc;
+        const float got = fmaf(fmaf(-q, c, a), rc, q);
+        const float want = a / c;
+        ck_assert_msg(memcmp(&got, &want, sizeof got) == 0, "%a / %a: %a, want %a", (double)a,
+                      (double)c, (double)got, (double)want);
+    }
 }
 END_TEST
 
@@ -208,6 +257,8 @@ START_TEST(test_nvrtc_compiles_presets_and_seeds) {
             for (int a = 0; a < 2; a++)
                 add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, -1, real_archs[a], 0);
             add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, -2, "sm_90a", 0);
+            add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, -3, "sm_90a", 0);
+            add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, -4, "sm_80", 0);
         }
         ir_free(&m);
     }
@@ -265,6 +316,7 @@ int main(void) {
     TCase *emit = tcase_create("emit");
     tcase_add_test(emit, test_emit_every_preset);
     tcase_add_test(emit, test_emit_exact_constants_and_slots);
+    tcase_add_test(emit, test_division_by_constant);
     suite_add_tcase(suite, emit);
     TCase *nvrtc = tcase_create("nvrtc");
     tcase_set_timeout(nvrtc, 600);

@@ -564,6 +564,13 @@ static void choose_tiles(flex_cuda_fwd_config *cfg, int q_block, int kv_block) {
     cfg->warps = q_block / 16 < 8 ? q_block / 16 : 8;
     if (wide && cfg->warps > 4) cfg->warps = 4;
     cfg->block_n = kv_block < (wide ? 32 : 64) ? kv_block : (wide ? 32 : 64);
+    if (!wide && q_block >= 128 && kv_block >= 64) {
+        /* 4 warps x 32 rows: each K/V fragment feeds two m-tiles, and two
+         * CTAs fit on an SM (96 KB of shared memory each). */
+        cfg->warps = 4;
+        cfg->mt = 2;
+        cfg->block_n = 64;
+    }
     const char *env = getenv("FLEXATTN_CUDA_TILE");
     int w, mt, bn;
     if (env && sscanf(env, "%d,%d,%d", &w, &mt, &bn) == 3 && w > 0 && mt > 0 && bn >= 16 &&
@@ -600,7 +607,8 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
     if (mask && mask->num_partial == 0) mask_mod = NULL; /* never evaluated: keep kernels shared */
     const struct flex_mod *score_mod = a->score_mod;
 
-    flex_cuda_fwd_config cfg = {.dtype = q->dtype, .dq = pad64(D), .dv = pad64(Dv)};
+    flex_cuda_fwd_config cfg = {.dtype = q->dtype, .dq = pad64(D), .dv = pad64(Dv),
+                                .scale_positive = a->scale > 0.0f};
     const int q_block = mask ? mask->q_block : 128, kv_block = mask ? mask->kv_block : 128;
     if (q->dtype == FLEX_F32) {
         cfg.warps = 4;
@@ -645,10 +653,10 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
     if (!s) {
         char key[512];
         snprintf(key, sizeof key,
-                 "fwd|%s|dq%d|dv%d|w%d|mt%d|n%d|vec%d|mask=%016llx|score=%016llx|%s|nvrtc%d.%d|src="
+                 "fwd|%s|dq%d|dv%d|w%d|mt%d|n%d|vec%d|sp%d|mask=%016llx|score=%016llx|%s|nvrtc%d.%d|src="
                  "%016llx",
                  flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.warps, cfg.mt, cfg.block_n,
-                 cfg.vec, (unsigned long long)(mask_mod ? mask_mod->hash : 0),
+                 cfg.vec, cfg.scale_positive, (unsigned long long)(mask_mod ? mask_mod->hash : 0),
                  (unsigned long long)(score_mod ? score_mod->hash : 0), st->arch,
                  st->api->nvrtc_major, st->api->nvrtc_minor,
                  (unsigned long long)flex_cache_checksum(source, strlen(source)));

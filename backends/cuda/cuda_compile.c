@@ -46,8 +46,9 @@ char *flex_cuda_forward_source(const flex_cuda_fwd_config *cfg, const ir_mod *ma
     snprintf(config, sizeof config,
              "/* configuration */\n#define %s 1\n#define FLEX_DQ %d\n#define FLEX_DV %d\n"
              "#define FLEX_WARPS %d\n#define FLEX_MT %d\n#define FLEX_BLOCK_N %d\n"
-             "#define FLEX_VEC %d\n",
-             elem, cfg->dq, cfg->dv, cfg->warps, cfg->mt, cfg->block_n, cfg->vec);
+             "#define FLEX_VEC %d\n#define FLEX_SCALE_POSITIVE %d\n",
+             elem, cfg->dq, cfg->dv, cfg->warps, cfg->mt, cfg->block_n, cfg->vec,
+             cfg->scale_positive);
     char *mods = flex_emit_mods(mask, score);
     if (!mods) return NULL;
     const char *parts[] = {vendor, config, mods, tpl};

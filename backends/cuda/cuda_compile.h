@@ -26,7 +26,8 @@ typedef struct flex_cuda_fwd_config {
     flex_dtype dtype; /* F32, F16, BF16 */
     int dq, dv;       /* head dims padded to a multiple of 64 */
     int warps, mt, block_n;
-    int vec; /* 16-byte aligned rows: cp.async copies */
+    int vec;            /* 16-byte aligned rows: cp.async copies */
+    int scale_positive; /* scale > 0: scores stay unscaled until the exponent */
 } flex_cuda_fwd_config;
 
 /*

@@ -10,6 +10,7 @@
  *   FLEX_MT               16-row m-tiles per warp (rows per warp = 16 * FLEX_MT)
  *   FLEX_BLOCK_N          kv rows per pipeline step (divides the mask's kv block)
  *   FLEX_VEC              1: q/k/v rows are 16-byte aligned, copy with cp.async
+ *   FLEX_SCALE_POSITIVE   1: the softmax scale is > 0
  *
  * f16/bf16 (sm_80 and later): FlashAttention-2-style. A CTA owns
  * FLEX_WARPS * 16 * FLEX_MT query rows of one (batch, head); each warp owns
@@ -51,10 +52,11 @@ struct flex_fwd_params {
 #define FLEX_LOG2E 1.4426950408889634f
 #define FLEX_LN2   0.6931471805599453f
 
-/* Locates the kv-block lists of one query tile. */
+/* Locates the kv-block lists of one query tile: offsets into the mask's
+ * index arrays rather than pointers (fewer registers live across the walk). */
 struct flex_kv_walk {
     int n_full, n_part;
-    const int *full, *part;
+    int full0, part0; /* first entries in full_idx / part_idx; -1: dense */
 };
 
 static FLEX_DEVICE_INLINE flex_kv_walk flex_walk_for(const flex_fwd_params &p, int b, int h,
@@ -63,8 +65,8 @@ static FLEX_DEVICE_INLINE flex_kv_walk flex_walk_for(const flex_fwd_params &p, i
     if (p.dense) {
         w.n_full = p.mask_nk;
         w.n_part = 0;
-        w.full = nullptr;
-        w.part = nullptr;
+        w.full0 = -1;
+        w.part0 = 0;
         return w;
     }
     const int mb = p.mask_B > 1 ? b : 0, mh = p.mask_H > 1 ? h : 0;
@@ -73,19 +75,20 @@ static FLEX_DEVICE_INLINE flex_kv_walk flex_walk_for(const flex_fwd_params &p, i
     const int p0 = p.part_off[row], p1 = p.part_off[row + 1];
     w.n_full = f1 - f0;
     w.n_part = p1 - p0;
-    w.full = p.full_idx + f0;
-    w.part = p.part_idx + p0;
+    w.full0 = f0;
+    w.part0 = p0;
     return w;
 }
 
 /* kv block index of the i-th block of the walk (full ones first). */
-static FLEX_DEVICE_INLINE int flex_walk_block(const flex_kv_walk &w, int i, bool &partial) {
+static FLEX_DEVICE_INLINE int flex_walk_block(const flex_fwd_params &p, const flex_kv_walk &w,
+                                              int i, bool &partial) {
     if (i < w.n_full) {
         partial = false;
-        return w.full ? w.full[i] : i;
+        return w.full0 >= 0 ? p.full_idx[w.full0 + i] : i;
     }
     partial = true;
-    return w.part[i - w.n_full];
+    return p.part_idx[w.part0 + i - w.n_full];
 }
 
 #if defined(FLEX_ELEM_BF16) || defined(FLEX_ELEM_F16)
@@ -103,6 +106,15 @@ typedef flex_u16 flex_elem;
 #define FLEX_Q_IN_REGS 0
 #endif
 #define FLEX_THREADS (FLEX_WARPS * 32)
+/* Keys per softmax sub-step: the scores of all m-tiles live in registers at
+ * once, so several m-tiles take narrower sub-steps. */
+#ifndef FLEX_SUB_N
+#if FLEX_MT > 1 && FLEX_BLOCK_N > 32
+#define FLEX_SUB_N 32
+#else
+#define FLEX_SUB_N FLEX_BLOCK_N
+#endif
+#endif
 
 /* Element offset of (row, 16-byte chunk c) in a tile with `dpad` columns:
  * the chunk index is XORed with the row's low bits so the 8 rows an
@@ -115,6 +127,23 @@ static FLEX_DEVICE_INLINE flex_u32 flex_smem_addr(const void *p) {
     return (flex_u32)__cvta_generic_to_shared(p);
 }
 
+/* ldmatrix addresses without a register per fragment. In a tile whose base
+ * is 128-byte aligned and whose rows are a multiple of 128 bytes, the
+ * swizzled byte offset of (row, chunk 2 * kk + c0) is
+ *   row * rowbytes + 128 * (kk >> 2) + ((32 * (kk & 3)) ^ (16 * ((c0 ^ row) & 7))),
+ * so a lane keeps one base (kk = 0) and every fragment is that base XOR a
+ * constant plus a constant, which the compiler folds into the instruction.
+ * Rows 16 further down add 16 * rowbytes and keep the swizzle. */
+static FLEX_DEVICE_INLINE flex_u32 flex_frag_base(flex_u32 tile, int row, int c0, int dpad) {
+    return tile + (flex_u32)(row * dpad * 2) + (flex_u32)(((c0 ^ row) & 7) << 4);
+}
+static FLEX_DEVICE_INLINE flex_u32 flex_frag_at(flex_u32 base, int kk) {
+    return (base ^ (flex_u32)((kk & 3) << 5)) + (flex_u32)((kk >> 2) << 7);
+}
+
+static FLEX_DEVICE_INLINE void flex_st_shared_u16(flex_u32 addr, flex_u16 x) {
+    asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(addr), "h"(x));
+}
 static FLEX_DEVICE_INLINE void flex_cp_async16(flex_u32 dst, const void *src, bool valid) {
     const int n = valid ? 16 : 0; /* 0: zero-fill, nothing read */
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
@@ -172,11 +201,29 @@ static FLEX_DEVICE_INLINE float flex_exp2(float x) {
  * global matrix into a swizzled shared tile; rows >= nrows and columns >=
  * ncols read as zero. */
 template <int ROWS, int DPAD>
-static FLEX_DEVICE_INLINE void flex_load_tile(flex_elem *tile, const flex_elem *g,
+static FLEX_DEVICE_INLINE void flex_load_tile(flex_u32 tile, const flex_elem *g,
                                               long long row_stride, int row0, int nrows, int ncols,
                                               int tid) {
     constexpr int CHUNKS = DPAD / 8;
 #if FLEX_VEC
+    if constexpr (FLEX_THREADS % CHUNKS == 0 && ROWS % (FLEX_THREADS / CHUNKS) == 0) {
+        /* Each thread copies one column chunk of every RSTEP-th row: one
+         * source pointer and one stride per thread, nothing per row kept
+         * live across the kv walk. */
+        constexpr int RSTEP = FLEX_THREADS / CHUNKS;
+        const int r0 = tid / CHUNKS, c = tid % CHUNKS;
+        const bool col_ok = c * 8 < ncols;
+        const flex_elem *src = g + (long long)(row0 + r0) * row_stride + c * 8;
+        const long long step = (long long)RSTEP * row_stride;
+#pragma unroll
+        for (int it = 0; it < ROWS / RSTEP; it++) {
+            const int r = r0 + it * RSTEP;
+            const bool valid = col_ok && row0 + r < nrows;
+            flex_cp_async16(tile + 2 * flex_swz(r, c, DPAD), valid ? src : g, valid);
+            src += step;
+        }
+        return;
+    }
     constexpr int ITERS = (ROWS * CHUNKS + FLEX_THREADS - 1) / FLEX_THREADS;
 #pragma unroll
     for (int it = 0; it < ITERS; it++) {
@@ -185,17 +232,26 @@ static FLEX_DEVICE_INLINE void flex_load_tile(flex_elem *tile, const flex_elem *
         const int r = i / CHUNKS, c = i % CHUNKS;
         const bool valid = (row0 + r < nrows) && (c * 8 < ncols);
         const flex_elem *src = valid ? g + (long long)(row0 + r) * row_stride + c * 8 : g;
-        flex_cp_async16(flex_smem_addr(tile + flex_swz(r, c, DPAD)), src, valid);
+        flex_cp_async16(tile + 2 * flex_swz(r, c, DPAD), src, valid);
     }
 #else
     for (int i = tid; i < ROWS * DPAD; i += FLEX_THREADS) {
         const int r = i / DPAD, col = i % DPAD;
         flex_elem x = 0;
         if (row0 + r < nrows && col < ncols) x = g[(long long)(row0 + r) * row_stride + col];
-        tile[flex_swz(r, col / 8, DPAD) + (col & 7)] = x;
+        flex_st_shared_u16(tile + 2 * (flex_swz(r, col / 8, DPAD) + (col & 7)), x);
     }
 #endif
 }
+
+/* Without a score mod and with a positive scale the scores stay unscaled
+ * until the exponent, where scale * log2(e) and the running max meet in
+ * one fused multiply-add (one instruction less per score). */
+#if !FLEX_HAS_SCORE_MOD && FLEX_SCALE_POSITIVE
+#define FLEX_RAW_SCORES 1
+#else
+#define FLEX_RAW_SCORES 0
+#endif
 
 /* Per-warp state of the online softmax and the output accumulator. */
 struct flex_warp_state {
@@ -208,11 +264,13 @@ struct flex_warp_state {
  * tile's rows (rescaling their accumulators) and P packed as A fragments. */
 template <bool MASKED>
 static FLEX_DEVICE_INLINE void
-flex_softmax_tile(const flex_fwd_params &p, flex_warp_state &st, float (&s)[FLEX_BLOCK_N / 8][4],
-                  flex_u32 (&pa)[FLEX_BLOCK_N / 16][4], int mt, int b, int h, int qrow0, int kv0,
+flex_softmax_tile(const flex_fwd_params &p, flex_warp_state &st, float (&s)[FLEX_SUB_N / 8][4],
+                  flex_u32 (&pa)[FLEX_SUB_N / 16][4], int mt, int b, int h, int qrow0, int kv0,
                   bool partial, bool bounds, int lane, unsigned &oob) {
-    constexpr int NT = FLEX_BLOCK_N / 8;
-    /* Scores in log2 units, modified and masked. */
+    constexpr int NT = FLEX_SUB_N / 8;
+    /* Raw scores only on the unmasked path, which has registers to spare. */
+    constexpr bool RAW = FLEX_RAW_SCORES && !MASKED;
+    /* Scores in log2 units (raw: unscaled), modified and masked. */
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) {
 #pragma unroll
@@ -231,7 +289,7 @@ flex_softmax_tile(const flex_fwd_params &p, flex_warp_state &st, float (&s)[FLEX
             if (keep)
                 x = flex_score_mod(__fmul_rn(x, p.scale), b, h, q, kv, p.bufs, oob) * FLEX_LOG2E;
 #else
-            x *= p.scale_log2;
+            if (!RAW) x *= p.scale_log2;
 #endif
             s[nt][r] = keep ? x : FLEX_NEG_INF;
             (void)q;
@@ -239,6 +297,7 @@ flex_softmax_tile(const flex_fwd_params &p, flex_warp_state &st, float (&s)[FLEX
         }
     }
     /* Online softmax. */
+    float alphas[2];
 #pragma unroll
     for (int hf = 0; hf < 2; hf++) {
         float mx = FLEX_NEG_INF;
@@ -247,6 +306,7 @@ flex_softmax_tile(const flex_fwd_params &p, flex_warp_state &st, float (&s)[FLEX
             mx = fmaxf(mx, fmaxf(s[nt][2 * hf], s[nt][2 * hf + 1]));
         mx = fmaxf(mx, FLEX_SHFL_XOR(mx, 1));
         mx = fmaxf(mx, FLEX_SHFL_XOR(mx, 2));
+        if (RAW) mx *= p.scale_log2; /* a positive scale keeps the maximum where it is */
         const float m_new = fmaxf(st.m[mt][hf], mx);
         const float m_use = m_new == FLEX_NEG_INF ? 0.0f : m_new;
         const float alpha = flex_exp2(st.m[mt][hf] - m_use);
@@ -254,21 +314,30 @@ flex_softmax_tile(const flex_fwd_params &p, flex_warp_state &st, float (&s)[FLEX
         float sum = 0.0f;
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
-            const float e0 = flex_exp2(s[nt][2 * hf] - m_use);
-            const float e1 = flex_exp2(s[nt][2 * hf + 1] - m_use);
+            const float e0 = flex_exp2(RAW ? fmaf(s[nt][2 * hf], p.scale_log2, -m_use)
+                                           : s[nt][2 * hf] - m_use);
+            const float e1 = flex_exp2(RAW ? fmaf(s[nt][2 * hf + 1], p.scale_log2, -m_use)
+                                           : s[nt][2 * hf + 1] - m_use);
             s[nt][2 * hf] = e0;
             s[nt][2 * hf + 1] = e1;
             sum += e0 + e1;
         }
         st.l[mt][hf] = st.l[mt][hf] * alpha + sum;
+        alphas[hf] = alpha;
+    }
+    /* Past the first blocks the running max rarely moves: skip the rescale
+     * of the accumulators when it moved for no row of the warp. */
+    if (FLEX_ANY(alphas[0] != 1.0f || alphas[1] != 1.0f)) {
 #pragma unroll
         for (int dt = 0; dt < FLEX_DV / 8; dt++) {
-            st.o[mt][dt][2 * hf] *= alpha;
-            st.o[mt][dt][2 * hf + 1] *= alpha;
+            st.o[mt][dt][0] *= alphas[0];
+            st.o[mt][dt][1] *= alphas[0];
+            st.o[mt][dt][2] *= alphas[1];
+            st.o[mt][dt][3] *= alphas[1];
         }
     }
 #pragma unroll
-    for (int kk = 0; kk < FLEX_BLOCK_N / 16; kk++) {
+    for (int kk = 0; kk < FLEX_SUB_N / 16; kk++) {
         pa[kk][0] = flex_pack2(s[2 * kk][0], s[2 * kk][1]);
         pa[kk][1] = flex_pack2(s[2 * kk][2], s[2 * kk][3]);
         pa[kk][2] = flex_pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
@@ -276,60 +345,36 @@ flex_softmax_tile(const flex_fwd_params &p, flex_warp_state &st, float (&s)[FLEX
     }
 }
 
-/* One kv step: S = Q Kᵀ, mods, online softmax, O += P V. MASKED selects the
- * path that evaluates the mask mod (partial blocks) and/or the sequence
- * ends; the plain path does neither. */
+/* One kv step: S = Q Kᵀ, mods, online softmax, O += P V, in sub-steps of
+ * FLEX_SUB_N keys (so the scores of several m-tiles fit in registers beside
+ * their accumulators). MASKED selects the path that evaluates the mask mod
+ * (partial blocks) and/or the sequence ends; the plain path does neither.
+ * With several m-tiles per warp every K and V fragment read from shared
+ * memory feeds each of them, which halves (MT = 2) the shared-memory
+ * traffic per tensor-core operation. */
 template <bool MASKED>
 static FLEX_DEVICE_INLINE void
 flex_step(const flex_fwd_params &p, flex_warp_state &st,
-          const flex_u32 (&qf)[FLEX_MT][FLEX_DQ / 16][4], const flex_elem *sQ, const flex_elem *sK,
-          const flex_elem *sV, int b, int h, int q0, int kv0, bool partial, bool bounds, int warp,
+          const flex_u32 (&qf)[FLEX_MT][FLEX_DQ / 16][4], flex_u32 sQ, flex_u32 sK, flex_u32 sV,
+          int b, int h, int q0, int kv0, bool partial, bool bounds, int warp,
           int lane, unsigned &oob) {
-    constexpr int NT = FLEX_BLOCK_N / 8;
+    constexpr int NT = FLEX_SUB_N / 8;
     const int wrow = warp * 16 * FLEX_MT;
-    flex_u32 pa[FLEX_MT][FLEX_BLOCK_N / 16][4];
+    /* Per-lane fragment bases (see flex_frag_base). */
+    const flex_u32 k_base =
+        flex_frag_base(sK, ((lane >> 4) << 3) + (lane & 7), (lane >> 3) & 1, FLEX_DQ);
+    const flex_u32 v_base =
+        flex_frag_base(sV, (((lane >> 3) & 1) << 3) + (lane & 7), lane >> 4, FLEX_DV);
+#if !FLEX_Q_IN_REGS
+    const flex_u32 q_base = flex_frag_base(sQ, wrow + (lane & 15), lane >> 4, FLEX_DQ);
+#endif
+    (void)qf;
+    (void)sQ;
 
-#if FLEX_MT == 1
-    {
-        float s[NT][4];
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-            for (int r = 0; r < 4; r++)
-                s[nt][r] = 0.0f;
-#if FLEX_Q_IN_REGS
-#pragma unroll
-#else
-#pragma unroll 2
-#endif
-        for (int kk = 0; kk < FLEX_DQ / 16; kk++) {
-            flex_u32 a[4];
-#if FLEX_Q_IN_REGS
-#pragma unroll
-            for (int r = 0; r < 4; r++)
-                a[r] = qf[0][kk][r];
-#else
-            flex_ldmatrix_x4(a, flex_smem_addr(sQ + flex_swz(wrow + (lane & 15),
-                                                             kk * 2 + (lane >> 4), FLEX_DQ)));
-#endif
-#pragma unroll
-            for (int np = 0; np < NT / 2; np++) {
-                flex_u32 bf[4];
-                flex_ldmatrix_x4(
-                    bf, flex_smem_addr(sK + flex_swz(np * 16 + ((lane >> 4) << 3) + (lane & 7),
-                                                     kk * 2 + ((lane >> 3) & 1), FLEX_DQ)));
-                flex_mma(s[2 * np], a, bf[0], bf[1]);
-                flex_mma(s[2 * np + 1], a, bf[2], bf[3]);
-            }
-        }
-        flex_softmax_tile<MASKED>(p, st, s, pa[0], 0, b, h, q0 + wrow, kv0, partial, bounds, lane,
-                                  oob);
-    }
-#else
-    /* Several m-tiles: each K fragment feeds every m-tile (half the K reads
-     * of one m-tile per warp); the kk loop stays rolled so the scheduler
-     * does not hoist the whole step's K fragments next to the scores. */
-    {
+    for (int sub = 0; sub < FLEX_BLOCK_N / FLEX_SUB_N; sub++) {
+        const flex_u32 k_sub = k_base + sub * FLEX_SUB_N * FLEX_DQ * 2;
+        const flex_u32 v_sub = v_base + sub * FLEX_SUB_N * FLEX_DV * 2;
         float s[FLEX_MT][NT][4];
 #pragma unroll
         for (int mt = 0; mt < FLEX_MT; mt++)
@@ -338,20 +383,27 @@ flex_step(const flex_fwd_params &p, flex_warp_state &st,
 #pragma unroll
                 for (int r = 0; r < 4; r++)
                     s[mt][nt][r] = 0.0f;
+#if FLEX_Q_IN_REGS
+#pragma unroll
+#else
 #pragma unroll 1
+#endif
         for (int kk = 0; kk < FLEX_DQ / 16; kk++) {
             flex_u32 a[FLEX_MT][4];
 #pragma unroll
-            for (int mt = 0; mt < FLEX_MT; mt++)
-                flex_ldmatrix_x4(a[mt],
-                                 flex_smem_addr(sQ + flex_swz(wrow + mt * 16 + (lane & 15),
-                                                              kk * 2 + (lane >> 4), FLEX_DQ)));
+            for (int mt = 0; mt < FLEX_MT; mt++) {
+#if FLEX_Q_IN_REGS
+#pragma unroll
+                for (int r = 0; r < 4; r++)
+                    a[mt][r] = qf[mt][kk][r];
+#else
+                flex_ldmatrix_x4(a[mt], flex_frag_at(q_base, kk) + mt * 16 * FLEX_DQ * 2);
+#endif
+            }
 #pragma unroll
             for (int np = 0; np < NT / 2; np++) {
                 flex_u32 bf[4];
-                flex_ldmatrix_x4(
-                    bf, flex_smem_addr(sK + flex_swz(np * 16 + ((lane >> 4) << 3) + (lane & 7),
-                                                     kk * 2 + ((lane >> 3) & 1), FLEX_DQ)));
+                flex_ldmatrix_x4(bf, flex_frag_at(k_sub, kk) + np * 16 * FLEX_DQ * 2);
 #pragma unroll
                 for (int mt = 0; mt < FLEX_MT; mt++) {
                     flex_mma(s[mt][2 * np], a[mt], bf[0], bf[1]);
@@ -359,28 +411,25 @@ flex_step(const flex_fwd_params &p, flex_warp_state &st,
                 }
             }
         }
+
+        flex_u32 pa[FLEX_MT][FLEX_SUB_N / 16][4];
 #pragma unroll
         for (int mt = 0; mt < FLEX_MT; mt++)
-            flex_softmax_tile<MASKED>(p, st, s[mt], pa[mt], mt, b, h, q0 + wrow + mt * 16, kv0,
-                                      partial, bounds, lane, oob);
-    }
-#endif
-    (void)qf;
-    (void)sQ;
+            flex_softmax_tile<MASKED>(p, st, s[mt], pa[mt], mt, b, h, q0 + wrow + mt * 16,
+                                      kv0 + sub * FLEX_SUB_N, partial, bounds, lane, oob);
 
-    /* O += P V */
+        /* O += P V */
 #pragma unroll
-    for (int kk = 0; kk < FLEX_BLOCK_N / 16; kk++) {
+        for (int kk = 0; kk < FLEX_SUB_N / 16; kk++) {
 #pragma unroll
-        for (int dp = 0; dp < FLEX_DV / 16; dp++) {
-            flex_u32 bf[4];
-            flex_ldmatrix_x4_trans(
-                bf, flex_smem_addr(sV + flex_swz(kk * 16 + (((lane >> 3) & 1) << 3) + (lane & 7),
-                                                 dp * 2 + (lane >> 4), FLEX_DV)));
+            for (int dp = 0; dp < FLEX_DV / 16; dp++) {
+                flex_u32 bf[4];
+                flex_ldmatrix_x4_trans(bf, flex_frag_at(v_sub, dp) + kk * 16 * FLEX_DV * 2);
 #pragma unroll
-            for (int mt = 0; mt < FLEX_MT; mt++) {
-                flex_mma(st.o[mt][2 * dp], pa[mt][kk], bf[0], bf[1]);
-                flex_mma(st.o[mt][2 * dp + 1], pa[mt][kk], bf[2], bf[3]);
+                for (int mt = 0; mt < FLEX_MT; mt++) {
+                    flex_mma(st.o[mt][2 * dp], pa[mt][kk], bf[0], bf[1]);
+                    flex_mma(st.o[mt][2 * dp + 1], pa[mt][kk], bf[2], bf[3]);
+                }
             }
         }
     }
@@ -389,9 +438,10 @@ flex_step(const flex_fwd_params &p, flex_warp_state &st,
 extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
     flex_forward_kernel(const flex_fwd_params p) {
     extern __shared__ __align__(128) unsigned char flex_smem[];
-    flex_elem *sQ = (flex_elem *)flex_smem;
-    flex_elem *sK = sQ + FLEX_BLOCK_M * FLEX_DQ;               /* FLEX_STAGES stages */
-    flex_elem *sV = sK + FLEX_STAGES * FLEX_BLOCK_N * FLEX_DQ; /* FLEX_STAGES stages */
+    /* 32-bit shared-memory addresses (bytes): Q, then FLEX_STAGES K and V stages. */
+    const flex_u32 sQ = flex_smem_addr(flex_smem);
+    const flex_u32 sK = sQ + FLEX_BLOCK_M * FLEX_DQ * 2;
+    const flex_u32 sV = sK + FLEX_STAGES * FLEX_BLOCK_N * FLEX_DQ * 2;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int bh = blockIdx.x;
@@ -434,7 +484,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
     int next_kv0 = 0;
     bool next_partial = false;
     if (nsteps > 0) {
-        next_kv0 = flex_walk_block(walk, 0, next_partial) * p.mask_kvblock;
+        next_kv0 = flex_walk_block(p, walk, 0, next_partial) * p.mask_kvblock;
         flex_load_tile<FLEX_BLOCK_N, FLEX_DQ>(sK, gk, p.k_ss, next_kv0, p.Lkv, p.D, tid);
         flex_load_tile<FLEX_BLOCK_N, FLEX_DV>(sV, gv, p.v_ss, next_kv0, p.Lkv, p.Dv, tid);
     }
@@ -446,8 +496,9 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < FLEX_DQ / 16; kk++)
-        flex_ldmatrix_x4(qf[0][kk], flex_smem_addr(sQ + flex_swz(warp * 16 + (lane & 15),
-                                                                 kk * 2 + (lane >> 4), FLEX_DQ)));
+        flex_ldmatrix_x4(qf[0][kk],
+                         flex_frag_at(flex_frag_base(sQ, warp * 16 + (lane & 15), lane >> 4, FLEX_DQ),
+                                      kk));
 #else
     flex_u32 qf[FLEX_MT][FLEX_DQ / 16][4]; /* unused: Q is read from shared memory */
 #endif
@@ -461,11 +512,11 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
         if (step + 1 < nsteps) {
             const int blk = (step + 1) / steps_per_block, within = (step + 1) % steps_per_block;
             next_kv0 =
-                flex_walk_block(walk, blk, next_partial) * p.mask_kvblock + within * FLEX_BLOCK_N;
+                flex_walk_block(p, walk, blk, next_partial) * p.mask_kvblock + within * FLEX_BLOCK_N;
             const int ns = stage ^ 1;
-            flex_load_tile<FLEX_BLOCK_N, FLEX_DQ>(sK + ns * FLEX_BLOCK_N * FLEX_DQ, gk, p.k_ss,
+            flex_load_tile<FLEX_BLOCK_N, FLEX_DQ>(sK + ns * FLEX_BLOCK_N * FLEX_DQ * 2, gk, p.k_ss,
                                                   next_kv0, p.Lkv, p.D, tid);
-            flex_load_tile<FLEX_BLOCK_N, FLEX_DV>(sV + ns * FLEX_BLOCK_N * FLEX_DV, gv, p.v_ss,
+            flex_load_tile<FLEX_BLOCK_N, FLEX_DV>(sV + ns * FLEX_BLOCK_N * FLEX_DV * 2, gv, p.v_ss,
                                                   next_kv0, p.Lkv, p.Dv, tid);
         }
         flex_cp_async_commit();
@@ -473,8 +524,8 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
         __syncthreads();
         if (kv0 >= p.Lkv) continue; /* a step past the end of a clipped last block */
         const bool bounds = q_bounds || kv0 + FLEX_BLOCK_N > p.Lkv;
-        const flex_elem *k_t = sK + stage * FLEX_BLOCK_N * FLEX_DQ;
-        const flex_elem *v_t = sV + stage * FLEX_BLOCK_N * FLEX_DV;
+        const flex_u32 k_t = sK + stage * FLEX_BLOCK_N * FLEX_DQ * 2;
+        const flex_u32 v_t = sV + stage * FLEX_BLOCK_N * FLEX_DV * 2;
         if (partial || bounds)
             flex_step<true>(p, st, qf, sQ, k_t, v_t, b, h, q0, kv0, partial, bounds, warp, lane,
                             oob);
@@ -555,7 +606,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_ROWS_PER_CTA * 32)
     const flex_kv_walk walk = flex_walk_for(p, b, h, mrow);
     for (int i = 0; i < walk.n_full + walk.n_part; i++) {
         bool partial;
-        const int kb = flex_walk_block(walk, i, partial);
+        const int kb = flex_walk_block(p, walk, i, partial);
         const int k_end = min(p.Lkv, (kb + 1) * p.mask_kvblock);
         for (int kv = kb * p.mask_kvblock; kv < k_end; kv++) {
             if (partial && !flex_mask_mod(b, h, q, kv, p.bufs, oob)) continue;

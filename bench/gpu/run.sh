@@ -31,12 +31,17 @@ cc -O2 -std=c11 -D_POSIX_C_SOURCE=200809L -Iinclude bench/gpu/bench_cuda.c -L"$B
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee -a "$OUT/build.log"
 
 if [ "$SKIP_CHECK" = 0 ]; then
-    echo "== flexattn check --backend cuda"
-    T0=$(date +%s)
-    FLEXATTN_CACHE_DIR=off timeout 420 "$BUILD/tools/flexattn" check --backend cuda ${CHECK_ARGS:-} >"$OUT/check.log" 2>&1
-    echo "check exit $? in $(( $(date +%s) - T0 )) s"
-    grep -E "FAIL|ERROR|error" "$OUT/check.log" | head -20
-    tail -1 "$OUT/check.log"
+    # CHECK_TILES: "default" and/or FLEXATTN_CUDA_TILE values to check with.
+    for T in ${CHECK_TILES:-default}; do
+        echo "== flexattn check --backend cuda (tiles: $T)"
+        T0=$(date +%s)
+        if [ "$T" = default ]; then unset FLEXATTN_CUDA_TILE; else export FLEXATTN_CUDA_TILE=$T; fi
+        FLEXATTN_CACHE_DIR=off timeout 420 "$BUILD/tools/flexattn" check --backend cuda ${CHECK_ARGS:-} >"$OUT/check-$T.log" 2>&1
+        echo "check exit $? in $(( $(date +%s) - T0 )) s"
+        grep -E "FAIL|ERROR|error" "$OUT/check-$T.log" | head -20
+        tail -1 "$OUT/check-$T.log"
+    done
+    unset FLEXATTN_CUDA_TILE
 fi
 
 echo "== flexattn CUDA forward (cold cache, then warm cache in a new process)"

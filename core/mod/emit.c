@@ -8,6 +8,7 @@
  * interpreter computes in f32 (transcendentals aside: those follow the
  * device math library, within its documented ulp bounds).
  */
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -87,6 +88,24 @@ static const char helper_text[] =
     "}\n"
     "static FLEX_DEVICE_INLINE float flex_ffloordiv(float a, float b) { return floorf(__fdiv_rn(a, "
     "b)); }\n"
+    "/* int -> float without the conversion unit (a quarter-rate pipe it\n"
+    " * shares with nothing else here, but each score pays it): for |i| < 2^22,\n"
+    " * 1.5 * 2^23 + i is exact in a float's mantissa. */\n"
+    "static FLEX_DEVICE_INLINE float flex_i2f(int i) {\n"
+    "    if ((unsigned)i + 0x400000u < 0x800000u)\n"
+    "        return __fsub_rn(__int_as_float((int)(0x4b400000u + (unsigned)i)), 12582912.0f);\n"
+    "    return (float)i;\n"
+    "}\n"
+    "/* a / c for a constant c with rc = 1/c correctly rounded: one product and\n"
+    " * Markstein's fused correction give the correctly rounded quotient while\n"
+    " * |a| stays in [2^-60, 2^60] (|c| is kept in [2^-20, 2^20]); elsewhere (0,\n"
+    " * subnormals, inf, NaN, huge) the full division. No reciprocal on the SFU. */\n"
+    "static FLEX_DEVICE_INLINE float flex_fdiv_const(float a, float c, float rc) {\n"
+    "    const float aa = fabsf(a);\n"
+    "    if (!(aa >= 0x1p-60f && aa <= 0x1p60f)) return __fdiv_rn(a, c);\n"
+    "    const float q = __fmul_rn(a, rc);\n"
+    "    return __fmaf_rn(__fmaf_rn(-q, c, a), rc, q);\n"
+    "}\n"
     "static FLEX_DEVICE_INLINE float flex_fmod(float a, float b) {\n"
     "    float r = fmodf(a, b);\n"
     "    if (r != 0.0f && ((r < 0.0f) != (b < 0.0f))) r = __fadd_rn(r, b);\n"
@@ -285,7 +304,7 @@ static void emit_node(strbuf *sb, const ir_mod *m, int i, int slot_base) {
         if (m->nodes[a[0]].type == IR_BOOL)
             sb_printf(sb, "(v%d ? 1.0f : 0.0f)", a[0]);
         else if (m->nodes[a[0]].type == IR_INT)
-            sb_printf(sb, "((float)v%d)", a[0]);
+            sb_printf(sb, "flex_i2f(v%d)", a[0]);
         else
             sb_printf(sb, "v%d", a[0]);
         return;
@@ -306,9 +325,23 @@ static void emit_node(strbuf *sb, const ir_mod *m, int i, int slot_base) {
     case IR_MUL:
         sb_printf(sb, isf ? "__fmul_rn(v%d, v%d)" : "flex_imul(v%d, v%d)", a[0], a[1]);
         return;
-    case IR_DIV:
+    case IR_DIV: {
+        const ir_node *d = &m->nodes[a[1]];
+        if (isf && d->op == IR_CONST && d->type == IR_FLOAT) {
+            const float c = d->imm.f, ac = fabsf(c);
+            if (ac >= 0x1p-20f && ac <= 0x1p20f) {
+                volatile float one = 1.0f; /* correctly rounded f32 reciprocal */
+                const float rc = one / c;
+                uint32_t rbits;
+                memcpy(&rbits, &rc, sizeof rbits);
+                sb_printf(sb, "flex_fdiv_const(v%d, v%d, __int_as_float(0x%08x))", a[0], a[1],
+                          (unsigned)rbits);
+                return;
+            }
+        }
         sb_printf(sb, isf ? "__fdiv_rn(v%d, v%d)" : "flex_ifloordiv(v%d, v%d)", a[0], a[1]);
         return;
+    }
     case IR_FLOORDIV:
         sb_printf(sb, isf ? "flex_ffloordiv(v%d, v%d)" : "flex_ifloordiv(v%d, v%d)", a[0], a[1]);
         return;

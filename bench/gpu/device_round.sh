@@ -1,0 +1,20 @@
+#!/bin/bash
+# One device call: bench/gpu/run.sh (build, check, time beside PyTorch) plus
+# a tile sweep, with every log packed into $OUT/gpu-results.tgz (the
+# individual files are many) and the summary printed last.
+#   OUT=<dir> bench/gpu/device_round.sh
+set -u
+FINAL=${OUT:-$PWD/gpu-out}
+export OUT=$FINAL/r
+mkdir -p "$OUT"
+meson --version 2>&1 | sed 's/^/meson /'
+export TILE_SWEEP=${TILE_SWEEP:-"8,1,64 4,2,64 4,1,64 4,2,128"}
+export SWEEP_PATTERNS=${SWEEP_PATTERNS:-"noop causal softcap_approx_causal"}
+bash "$(dirname "$0")/run.sh" "$@" > "$OUT/run.out" 2>&1
+status=$?
+tar czf "$FINAL/gpu-results.tgz" -C "$OUT" .
+cp "$OUT/cuda-forward.md" "$FINAL/" 2>/dev/null
+grep -E "^==|check exit|passed|FAIL|ERROR" "$OUT/run.out" | head -40
+cat "$OUT/sweep.log" 2>/dev/null
+cat "$OUT/cuda-forward.md" 2>/dev/null || tail -40 "$OUT/run.out"
+exit $status

@@ -735,6 +735,74 @@ flex_status flex_block_mask_from_classes(flex_context *ctx, const flex_mod *mask
     return FLEX_OK;
 }
 
+/* Marks one list of a row in classes; fails on an index out of range or
+ * a block listed twice. */
+static flex_status mark_list(flex_context *ctx, uint8_t *row_classes, int64_t nk, int64_t row,
+                             int32_t count, const int32_t *indices, uint8_t cls,
+                             const char *what)
+{
+    if (count < 0 || count > nk)
+        return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
+                         "%s_num_blocks[%lld] is %d; it must be in [0, %lld]", what,
+                         (long long)row, (int)count, (long long)nk);
+    for (int32_t j = 0; j < count; j++) {
+        const int32_t kb = indices[row * nk + j];
+        if (kb < 0 || kb >= nk)
+            return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
+                             "%s_indices[%lld] is %d; kv block indices are in [0, %lld)", what,
+                             (long long)(row * nk + j), (int)kb, (long long)nk);
+        if (row_classes[kb] != FLEX_BLOCK_EMPTY)
+            return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
+                             "kv block %d is listed twice in q-block row %lld", (int)kb,
+                             (long long)row);
+        row_classes[kb] = cls;
+    }
+    return FLEX_OK;
+}
+
+flex_status flex_block_mask_from_kv_blocks(flex_context *ctx, const flex_mod *mask_mod, int64_t B,
+                                           int64_t H, int64_t q_len, int64_t kv_len, int q_block,
+                                           int kv_block, const int32_t *kv_num_blocks,
+                                           const int32_t *kv_indices,
+                                           const int32_t *full_kv_num_blocks,
+                                           const int32_t *full_kv_indices, flex_block_mask **out)
+{
+    if (!out) return flex_fail(ctx, FLEX_ERR_NULL_POINTER, "out (the new mask) is NULL");
+    *out = NULL;
+    if (!ctx) return flex_fail(NULL, FLEX_ERR_NULL_POINTER, "ctx is NULL");
+    if (!kv_num_blocks || !kv_indices)
+        return flex_fail(ctx, FLEX_ERR_NULL_POINTER, "%s is NULL",
+                         !kv_num_blocks ? "kv_num_blocks" : "kv_indices");
+    if (!full_kv_num_blocks != !full_kv_indices)
+        return flex_fail(ctx, FLEX_ERR_NULL_POINTER,
+                         "full_kv_num_blocks and full_kv_indices must both be given or both "
+                         "be NULL (%s is NULL)",
+                         !full_kv_num_blocks ? "full_kv_num_blocks" : "full_kv_indices");
+    /* mask_new validates the sizes; the classes then go through
+     * flex_block_mask_from_classes like any other explicit mask. */
+    flex_block_mask *shape = NULL;
+    flex_status st = mask_new(ctx, B, H, q_len, kv_len, q_block, kv_block, &shape);
+    if (st != FLEX_OK) return st;
+    const int64_t rows = shape->B * shape->H * shape->num_q_blocks, nk = shape->num_kv_blocks;
+    flex_block_mask_destroy(shape);
+    uint8_t *classes = calloc((size_t)(rows * nk), 1);
+    if (!classes)
+        return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "no memory for %lld block classes",
+                         (long long)(rows * nk));
+    for (int64_t row = 0; row < rows && st == FLEX_OK; row++) {
+        st = mark_list(ctx, classes + row * nk, nk, row, kv_num_blocks[row], kv_indices,
+                       FLEX_BLOCK_PARTIAL, "kv");
+        if (st == FLEX_OK && full_kv_num_blocks)
+            st = mark_list(ctx, classes + row * nk, nk, row, full_kv_num_blocks[row],
+                           full_kv_indices, FLEX_BLOCK_FULL, "full_kv");
+    }
+    if (st == FLEX_OK)
+        st = flex_block_mask_from_classes(ctx, mask_mod, B, H, q_len, kv_len, q_block, kv_block,
+                                          classes, out);
+    free(classes);
+    return st;
+}
+
 /* ---- composition ---- */
 
 static flex_status combine(flex_context *ctx, const flex_block_mask *a, const flex_block_mask *b,

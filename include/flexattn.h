@@ -331,6 +331,26 @@ flex_status flex_block_mask_from_classes(flex_context *ctx, const flex_mod *mask
                                          int kv_block, const uint8_t *classes,
                                          flex_block_mask **out);
 
+/*
+ * Builds a block mask from explicit kv-block lists, in the layout of
+ * PyTorch's BlockMask.from_kv_blocks. For each (b, h, q block i), with
+ * row = (b*Hm + h)*nq + i (Bm, Hm, nq, nk as in flex_block_mask_from_classes):
+ *   kv_num_blocks[row]              partial blocks in the row,
+ *   kv_indices[row*nk + 0 .. n-1]   their kv block indices,
+ *   full_kv_num_blocks[row]         full blocks in the row (may be NULL
+ *   full_kv_indices[row*nk + ...]   together with full_kv_indices: none).
+ * Indices are in [0, nk) and appear at most once per row across both lists;
+ * blocks in neither list are empty. mask_mod (NULL only when no block is
+ * partial) decides partial blocks and must outlive the mask. Borrows every
+ * array; *out is owned by the caller.
+ */
+flex_status flex_block_mask_from_kv_blocks(flex_context *ctx, const flex_mod *mask_mod, int64_t B,
+                                           int64_t H, int64_t q_len, int64_t kv_len, int q_block,
+                                           int kv_block, const int32_t *kv_num_blocks,
+                                           const int32_t *kv_indices,
+                                           const int32_t *full_kv_num_blocks,
+                                           const int32_t *full_kv_indices, flex_block_mask **out);
+
 /* a && b / a || b of two masks of the same sizes and block sizes. Builds the
  * combined mask mod (owned by the new mask). *out is owned by the caller. */
 flex_status flex_block_mask_and(flex_context *ctx, const flex_block_mask *a,

@@ -433,6 +433,82 @@ START_TEST(test_and_or_errors)
 }
 END_TEST
 
+/* PyTorch-style kv-block lists (counts + padded index rows) of a mask
+ * built by analysis give back the same mask. */
+START_TEST(test_from_kv_blocks_round_trip)
+{
+    flex_mod *mod = compile_mask("(q // 30) == (kv // 50) || q >= kv + 90", NULL, 0, NULL, 0);
+    flex_block_mask *m = NULL, *copy = NULL, *bad = NULL;
+    ck_assert_int_eq(flex_block_mask_create(ctx, mod, 2, 1, 333, 444, 16, 32, &m), FLEX_OK);
+    const int64_t rows = 2 * m->num_q_blocks, nk = m->num_kv_blocks;
+    int32_t *num = malloc(sizeof(int32_t) * rows), *idx = malloc(sizeof(int32_t) * rows * nk);
+    int32_t *fnum = malloc(sizeof(int32_t) * rows), *fidx = malloc(sizeof(int32_t) * rows * nk);
+    for (int64_t r = 0; r < rows; r++) {
+        num[r] = m->kv_partial.offsets[r + 1] - m->kv_partial.offsets[r];
+        fnum[r] = m->kv_full.offsets[r + 1] - m->kv_full.offsets[r];
+        for (int64_t j = 0; j < nk; j++) {
+            /* Padding past the counts is never read: fill it with junk. */
+            idx[r * nk + j] = j < num[r] ? m->kv_partial.indices[m->kv_partial.offsets[r] + j] : -7;
+            fidx[r * nk + j] = j < fnum[r] ? m->kv_full.indices[m->kv_full.offsets[r] + j] : 999;
+        }
+    }
+    ck_assert_int_eq(flex_block_mask_from_kv_blocks(ctx, mod, 2, 1, 333, 444, 16, 32, num, idx,
+                                                    fnum, fidx, &copy),
+                     FLEX_OK);
+    const int64_t total = rows * nk;
+    uint8_t *dense = malloc((size_t)total), *again = malloc((size_t)total);
+    flex_block_mask_to_dense(m, dense);
+    flex_block_mask_to_dense(copy, again);
+    ck_assert_mem_eq(dense, again, (size_t)total);
+
+    /* Without full lists every listed block is partial. */
+    flex_block_mask_destroy(copy);
+    copy = NULL;
+    ck_assert_int_eq(flex_block_mask_from_kv_blocks(ctx, mod, 2, 1, 333, 444, 16, 32, num, idx,
+                                                    NULL, NULL, &copy),
+                     FLEX_OK);
+    ck_assert_int_eq(copy->num_full, 0);
+    ck_assert_int_eq(copy->num_partial, m->num_partial);
+
+    /* Named errors: index out of range, a block listed twice, a bad count,
+     * one of the two full arrays missing. */
+    int row = -1;
+    for (int64_t r = 0; r < rows && row < 0; r++)
+        if (num[r] > 0 && fnum[r] > 0) row = (int)r;
+    ck_assert_int_ge(row, 0);
+    const int32_t saved = idx[row * nk];
+    idx[row * nk] = (int32_t)nk;
+    ck_assert_int_eq(flex_block_mask_from_kv_blocks(ctx, mod, 2, 1, 333, 444, 16, 32, num, idx,
+                                                    fnum, fidx, &bad),
+                     FLEX_ERR_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(flex_error_message(ctx), "kv_indices"));
+    idx[row * nk] = fidx[row * nk];
+    ck_assert_int_eq(flex_block_mask_from_kv_blocks(ctx, mod, 2, 1, 333, 444, 16, 32, num, idx,
+                                                    fnum, fidx, &bad),
+                     FLEX_ERR_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(flex_error_message(ctx), "listed twice"));
+    idx[row * nk] = saved;
+    num[row] = (int32_t)nk + 1;
+    ck_assert_int_eq(flex_block_mask_from_kv_blocks(ctx, mod, 2, 1, 333, 444, 16, 32, num, idx,
+                                                    fnum, fidx, &bad),
+                     FLEX_ERR_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(flex_error_message(ctx), "kv_num_blocks"));
+    ck_assert_int_eq(flex_block_mask_from_kv_blocks(ctx, mod, 2, 1, 333, 444, 16, 32, num, idx,
+                                                    fnum, NULL, &bad),
+                     FLEX_ERR_NULL_POINTER);
+    ck_assert_ptr_null(bad);
+    free(num);
+    free(idx);
+    free(fnum);
+    free(fidx);
+    free(dense);
+    free(again);
+    flex_block_mask_destroy(m);
+    flex_block_mask_destroy(copy);
+    flex_mod_destroy(mod);
+}
+END_TEST
+
 START_TEST(test_from_classes_round_trip)
 {
     flex_mod *mod = compile_mask("(q // 30) == (kv // 50) || q >= kv + 90", NULL, 0, NULL, 0);
@@ -652,6 +728,7 @@ static Suite *blockmask_suite(void)
     tcase_add_test(tc, test_and_or);
     tcase_add_test(tc, test_and_or_errors);
     tcase_add_test(tc, test_from_classes_round_trip);
+    tcase_add_test(tc, test_from_kv_blocks_round_trip);
     tcase_add_test(tc, test_format);
     tcase_add_test(tc, test_misuse);
     tcase_add_test(tc, test_large_grid_is_exact);

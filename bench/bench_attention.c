@@ -30,6 +30,7 @@
 
 #include "internal.h"
 #include "bench_backward.h"
+#include "clock.h"
 
 typedef struct bench_opts {
     const char *backend, *out, *commit;
@@ -45,17 +46,6 @@ typedef struct bench_result {
     int threads;
     double bw_ms, bw_tflops; /* 0 when the backward was not timed */
 } bench_result;
-
-static double now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
-}
-
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
 
 /* ---- FMA peak ---- */
 
@@ -113,7 +103,7 @@ static double measure_fma_peak(int threads, int *lanes_out) {
     double flops_per_iter = avx512 ? 12.0 * 16 * 2 : 12.0 * 8 * 2;
     double best = 0.0, sink = 0.0;
     for (int rep = 0; rep < 3; rep++) {
-        double t0 = now_ms();
+        double t0 = flex_now_ms();
 #ifdef _OPENMP
 #pragma omp parallel num_threads(threads) reduction(+ : sink)
 #endif
@@ -125,7 +115,7 @@ static double measure_fma_peak(int threads, int *lanes_out) {
 #endif
                 sink += fma_loop_portable(iters / 4);
         }
-        double sec = (now_ms() - t0) * 1e-3;
+        double sec = (flex_now_ms() - t0) * 1e-3;
         double rate = (avx512 ? iters : iters / 4) * flops_per_iter * threads / sec / 1e9;
         if (rate > best) best = rate;
     }
@@ -239,11 +229,11 @@ static int bench_pattern(flex_context *ctx, const bench_opts *o, const char *pre
     if (!ms) goto done;
     const flex_mod *score = p->kind == FLEX_MOD_SCORE ? mod : NULL;
     for (int64_t i = 0; i < o->warmup + o->iters; i++) {
-        double t0 = now_ms();
+        double t0 = flex_now_ms();
         st = flex_attention(ctx, &t[0], &t[1], &t[2], score, mask, NULL, &t[3], NULL);
         if (st == FLEX_OK) st = flex_synchronize(ctx);
         if (st != FLEX_OK) break;
-        if (i >= o->warmup) ms[i - o->warmup] = now_ms() - t0;
+        if (i >= o->warmup) ms[i - o->warmup] = flex_now_ms() - t0;
     }
     r->bw_ms = r->bw_tflops = 0.0;
     if (st == FLEX_OK && o->backward) {
@@ -256,7 +246,7 @@ static int bench_pattern(flex_context *ctx, const bench_opts *o, const char *pre
     omp_set_num_threads(saved);
 #endif
     if (st != FLEX_OK) goto fail;
-    qsort(ms, (size_t)o->iters, sizeof *ms, cmp_double);
+    qsort(ms, (size_t)o->iters, sizeof *ms, flex_compare_doubles);
     int64_t k = o->iters;
     r->ms = k % 2 ? ms[k / 2] : 0.5 * (ms[k / 2 - 1] + ms[k / 2]);
     r->density = mask ? 1.0 - flex_block_mask_sparsity(mask) / 100.0 : 1.0;

@@ -20,22 +20,9 @@
 #endif
 
 #include "internal.h"
+#include "clock.h"
 
-static double now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
-}
-
-static int cmp_double(const void *a, const void *b)
-{
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
-static void cpu_model(char *out, size_t cap)
-{
+static void cpu_model(char *out, size_t cap) {
     snprintf(out, cap, "unknown");
     FILE *f = fopen("/proc/cpuinfo", "r");
     if (!f) return;
@@ -45,7 +32,8 @@ static void cpu_model(char *out, size_t cap)
         const char *v = strchr(line, ':');
         if (!v) continue;
         v++;
-        while (*v == ' ' || *v == '\t') v++;
+        while (*v == ' ' || *v == '\t')
+            v++;
         snprintf(out, cap, "%s", v);
         out[strcspn(out, "\n")] = '\0';
         break;
@@ -54,8 +42,7 @@ static void cpu_model(char *out, size_t cap)
 }
 
 /* Escapes a string for a JSON value (quotes and backslashes only). */
-static void json_string(FILE *f, const char *s)
-{
+static void json_string(FILE *f, const char *s) {
     fputc('"', f);
     for (; *s; s++) {
         if (*s == '"' || *s == '\\') fputc('\\', f);
@@ -66,8 +53,7 @@ static void json_string(FILE *f, const char *s)
 
 /* Document ids with lengths varying around `mean` (a fixed pseudo-random
  * sequence, so every run builds the same mask). */
-static int32_t *document_ids(int64_t n, int64_t mean, int *num_docs)
-{
+static int32_t *document_ids(int64_t n, int64_t mean, int *num_docs) {
     int32_t *ids = malloc(sizeof(int32_t) * (size_t)n);
     uint32_t state = 12345;
     int64_t pos = 0;
@@ -77,7 +63,8 @@ static int32_t *document_ids(int64_t n, int64_t mean, int *num_docs)
         int64_t len = mean / 2 + (int64_t)(state >> 8) % (mean + 1);
         if (len < 1) len = 1;
         if (pos + len > n) len = n - pos;
-        for (int64_t t = pos; t < pos + len; t++) ids[t] = d;
+        for (int64_t t = pos; t < pos + len; t++)
+            ids[t] = d;
         pos += len;
         d++;
     }
@@ -93,8 +80,7 @@ typedef struct result {
     int64_t full, partial;
 } result;
 
-int main(int argc, char **argv)
-{
+int main(int argc, char **argv) {
     int runs = 21, threads = 1;
     const char *out_path = NULL, *commit = getenv("FLEXATTN_COMMIT"), *only = NULL;
     int64_t tokens[8] = {8192, 32768, 131072};
@@ -118,9 +104,8 @@ int main(int argc, char **argv)
                 if (*p == ',') p++;
             }
         } else {
-            fprintf(stderr,
-                    "usage: bench_blockmask [--runs N] [--tokens a,b,c] [--pattern NAME] "
-                    "[--out FILE] [--commit SHA] [--threads N]\n");
+            fprintf(stderr, "usage: bench_blockmask [--runs N] [--tokens a,b,c] [--pattern NAME] "
+                            "[--out FILE] [--commit SHA] [--threads N]\n");
             return 2;
         }
     }
@@ -169,9 +154,9 @@ int main(int argc, char **argv)
             flex_block_mask *mask = NULL;
             /* one warm-up build, then the timed ones */
             for (int r = -1; r < runs; r++) {
-                double t0 = now_ms();
+                double t0 = flex_now_ms();
                 flex_status st = flex_block_mask_create(ctx, mod, 1, 1, n, n, 128, 128, &mask);
-                double dt = now_ms() - t0;
+                double dt = flex_now_ms() - t0;
                 if (st != FLEX_OK) {
                     fprintf(stderr, "bench_blockmask: %s\n", flex_error_message(ctx));
                     return 1;
@@ -179,7 +164,7 @@ int main(int argc, char **argv)
                 if (r >= 0) times[r] = dt;
                 if (r < runs - 1) flex_block_mask_destroy(mask);
             }
-            qsort(times, (size_t)runs, sizeof *times, cmp_double);
+            qsort(times, (size_t)runs, sizeof *times, flex_compare_doubles);
             result *res = &results[num_results++];
             res->pattern = patterns[p];
             res->tokens = n;
@@ -203,8 +188,7 @@ int main(int argc, char **argv)
                         "\"min_ms\":%.4f,\"sparsity\":%.4f,\"full\":%lld,\"partial\":%lld,"
                         "\"threads\":%d,\"backend\":\"cpu\",\"cpu\":",
                         res->pattern, (long long)n, docs, runs, res->median_ms, res->min_ms,
-                        res->sparsity, (long long)res->full, (long long)res->partial,
-                        used_threads);
+                        res->sparsity, (long long)res->full, (long long)res->partial, used_threads);
                 json_string(f, cpu);
                 fprintf(f, ",\"commit\":");
                 json_string(f, commit ? commit : "unknown");

@@ -13,27 +13,26 @@
 #include "blockmask_cache.h"
 #include "plan.h"
 
-static int is_attention_dtype(flex_dtype d)
-{
+static int is_attention_dtype(flex_dtype d) {
     return d == FLEX_F32 || d == FLEX_F16 || d == FLEX_BF16;
 }
 
 /* Byte range [lo, hi) a view can touch; 0 on an empty view. */
-static void tensor_extent(const flex_tensor *t, uintptr_t *lo, uintptr_t *hi)
-{
+static void tensor_extent(const flex_tensor *t, uintptr_t *lo, uintptr_t *hi) {
     int64_t min_off = 0, max_off = 0;
     for (int d = 0; d < t->ndim; d++) {
         int64_t span = (t->sizes[d] - 1) * t->strides[d];
-        if (span < 0) min_off += span;
-        else max_off += span;
+        if (span < 0)
+            min_off += span;
+        else
+            max_off += span;
     }
     size_t es = flex_dtype_size(t->dtype);
     *lo = (uintptr_t)t->data + (uintptr_t)(min_off * (int64_t)es);
     *hi = (uintptr_t)t->data + (uintptr_t)((max_off + 1) * (int64_t)es);
 }
 
-static int tensors_overlap(const flex_tensor *a, const flex_tensor *b)
-{
+static int tensors_overlap(const flex_tensor *a, const flex_tensor *b) {
     uintptr_t alo, ahi, blo, bhi;
     tensor_extent(a, &alo, &ahi);
     tensor_extent(b, &blo, &bhi);
@@ -42,8 +41,7 @@ static int tensors_overlap(const flex_tensor *a, const flex_tensor *b)
 
 /* An output view must not write one element twice: with dims ordered by
  * stride, each stride must step over the whole extent of the smaller ones. */
-static int has_self_overlap(const flex_tensor *t)
-{
+static int has_self_overlap(const flex_tensor *t) {
     int order[4] = {0, 1, 2, 3};
     int n = t->ndim;
     for (int i = 1; i < n; i++)
@@ -65,8 +63,7 @@ static int has_self_overlap(const flex_tensor *t)
 /* Checks one attention tensor: present, 4-D, a float dtype, positive sizes,
  * non-negative strides, on the context's device. */
 static flex_status check_tensor(flex_context *ctx, const char *fn, const char *name,
-                                const flex_tensor *t, int is_output)
-{
+                                const flex_tensor *t, int is_output) {
     if (!t) return flex_fail(ctx, FLEX_ERR_NULL_POINTER, "%s: %s is NULL", fn, name);
     if (!t->data) return flex_fail(ctx, FLEX_ERR_NULL_POINTER, "%s: %s->data is NULL", fn, name);
     if (t->ndim != 4)
@@ -74,16 +71,16 @@ static flex_status check_tensor(flex_context *ctx, const char *fn, const char *n
                          "%s: %s must have 4 dims (batch, heads, sequence, head_dim), has %d", fn,
                          name, t->ndim);
     if (!is_attention_dtype(t->dtype))
-        return flex_fail(ctx, FLEX_ERR_DTYPE, "%s: %s has dtype %s; f32, f16 or bf16 expected",
-                         fn, name, flex_dtype_name(t->dtype));
+        return flex_fail(ctx, FLEX_ERR_DTYPE, "%s: %s has dtype %s; f32, f16 or bf16 expected", fn,
+                         name, flex_dtype_name(t->dtype));
     for (int d = 0; d < 4; d++) {
         if (t->sizes[d] < 1 || t->sizes[d] > INT32_MAX)
             return flex_fail(ctx, FLEX_ERR_SHAPE, "%s: %s->sizes[%d] is %lld; 1 to 2^31-1 allowed",
                              fn, name, d, (long long)t->sizes[d]);
         if (t->strides[d] < 0)
             return flex_fail(ctx, FLEX_ERR_SHAPE,
-                             "%s: %s->strides[%d] is %lld; negative strides are not supported",
-                             fn, name, d, (long long)t->strides[d]);
+                             "%s: %s->strides[%d] is %lld; negative strides are not supported", fn,
+                             name, d, (long long)t->strides[d]);
     }
     if (t->device != ctx->backend->device_type ||
         (t->device != FLEX_DEVICE_CPU && t->device_index != ctx->device_index))
@@ -105,22 +102,20 @@ static flex_status check_tensor(flex_context *ctx, const char *fn, const char *n
 
 static flex_status check_dims(flex_context *ctx, const char *fn, const char *name,
                               const flex_tensor *t, int64_t b, int64_t h, int64_t s, int64_t d,
-                              const char *why)
-{
+                              const char *why) {
     if (t->sizes[0] != b || t->sizes[1] != h || t->sizes[2] != s || t->sizes[3] != d)
         return flex_fail(ctx, FLEX_ERR_SHAPE,
                          "%s: %s has sizes (%lld, %lld, %lld, %lld); (%lld, %lld, %lld, %lld) "
                          "expected (%s)",
                          fn, name, (long long)t->sizes[0], (long long)t->sizes[1],
-                         (long long)t->sizes[2], (long long)t->sizes[3], (long long)b,
-                         (long long)h, (long long)s, (long long)d, why);
+                         (long long)t->sizes[2], (long long)t->sizes[3], (long long)b, (long long)h,
+                         (long long)s, (long long)d, why);
     return FLEX_OK;
 }
 
 /* lse may be (B, H, L) or (B, H, L, 1); normalised to the 4-D form. */
 static flex_status check_lse(flex_context *ctx, const char *fn, const flex_tensor *lse, int64_t B,
-                             int64_t H, int64_t L, int is_output, flex_tensor *norm)
-{
+                             int64_t H, int64_t L, int is_output, flex_tensor *norm) {
     if (!lse->data) return flex_fail(ctx, FLEX_ERR_NULL_POINTER, "%s: lse->data is NULL", fn);
     if (lse->dtype != FLEX_F32)
         return flex_fail(ctx, FLEX_ERR_DTYPE, "%s: lse must be f32, is %s", fn,
@@ -148,17 +143,17 @@ static flex_status check_lse(flex_context *ctx, const char *fn, const flex_tenso
                          "%s: lse is not on the context's device (backend '%s')", fn,
                          ctx->backend->name);
     if (is_output && has_self_overlap(norm))
-        return flex_fail(ctx, FLEX_ERR_SHAPE, "%s: the strides of lse make two elements share memory",
-                         fn);
+        return flex_fail(ctx, FLEX_ERR_SHAPE,
+                         "%s: the strides of lse make two elements share memory", fn);
     return FLEX_OK;
 }
 
 static flex_status check_mod_bound(flex_context *ctx, const char *fn, const char *role,
-                                   const flex_mod *mod, flex_mod_kind kind)
-{
+                                   const flex_mod *mod, flex_mod_kind kind) {
     if (mod->ir.kind != kind)
-        return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT, "%s: the %s is a %s mod, a %s mod is needed",
-                         fn, role, mod->ir.kind == FLEX_MOD_MASK ? "mask" : "score",
+        return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
+                         "%s: the %s is a %s mod, a %s mod is needed", fn, role,
+                         mod->ir.kind == FLEX_MOD_MASK ? "mask" : "score",
                          kind == FLEX_MOD_MASK ? "mask" : "score");
     for (int i = 0; i < mod->ir.num_buffers; i++)
         if (!mod->bound[i])
@@ -178,8 +173,7 @@ static flex_status check_common(flex_context *ctx, const char *fn, const flex_te
                                 const flex_tensor *k, const flex_tensor *v,
                                 const flex_mod *score_mod, const flex_block_mask **block_mask,
                                 const flex_attention_options *opts, float *scale,
-                                attention_dims *dims)
-{
+                                attention_dims *dims) {
     flex_status st;
     if ((st = check_tensor(ctx, fn, "q", q, 0)) || (st = check_tensor(ctx, fn, "k", k, 0)) ||
         (st = check_tensor(ctx, fn, "v", v, 0)))
@@ -210,8 +204,7 @@ static flex_status check_common(flex_context *ctx, const char *fn, const flex_te
         return st;
 
     const flex_mod *mask_mod = opts ? opts->mask_mod : NULL;
-    if (mask_mod && (st = check_mod_bound(ctx, fn, "mask mod", mask_mod, FLEX_MOD_MASK)))
-        return st;
+    if (mask_mod && (st = check_mod_bound(ctx, fn, "mask mod", mask_mod, FLEX_MOD_MASK))) return st;
     const flex_block_mask *bm = *block_mask;
     if (bm) {
         if (mask_mod && mask_mod != bm->mask_mod)
@@ -258,8 +251,7 @@ static flex_status check_common(flex_context *ctx, const char *fn, const flex_te
 
 static flex_status check_no_overlap(flex_context *ctx, const char *fn, const char *out_name,
                                     const flex_tensor *out, const flex_tensor *const *inputs,
-                                    const char *const *names, int n)
-{
+                                    const char *const *names, int n) {
     for (int i = 0; i < n; i++)
         if (inputs[i] && tensors_overlap(out, inputs[i]))
             return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
@@ -268,8 +260,7 @@ static flex_status check_no_overlap(flex_context *ctx, const char *fn, const cha
     return FLEX_OK;
 }
 
-static int is_pow2(int x)
-{
+static int is_pow2(int x) {
     return x > 0 && !(x & (x - 1));
 }
 
@@ -277,8 +268,7 @@ static int is_pow2(int x)
  * hint is taken when it is a power of two no larger than the planned tile
  * (so tiles still nest inside mask blocks). */
 static flex_status make_plan(flex_context *ctx, const flex_forward_args *args,
-                             const flex_attention_options *opts, struct flex_plan *plan)
-{
+                             const flex_attention_options *opts, struct flex_plan *plan) {
     memset(plan, 0, sizeof *plan);
     flex_status st = flex_plan_make(ctx, args, plan);
     if (st != FLEX_OK || !opts) return st;
@@ -303,8 +293,7 @@ static flex_status make_plan(flex_context *ctx, const flex_forward_args *args,
 flex_status flex_attention(flex_context *ctx, const flex_tensor *q, const flex_tensor *k,
                            const flex_tensor *v, const flex_mod *score_mod,
                            const flex_block_mask *block_mask, const flex_attention_options *opts,
-                           const flex_tensor *out, const flex_tensor *lse)
-{
+                           const flex_tensor *out, const flex_tensor *lse) {
     static const char fn[] = "flex_attention";
     if (!ctx) return flex_fail(NULL, FLEX_ERR_NULL_POINTER, "%s: ctx is NULL", fn);
     flex_status st;
@@ -332,7 +321,10 @@ flex_status flex_attention(flex_context *ctx, const flex_tensor *q, const flex_t
     }
 
     flex_forward_args args = {
-        .q = *q, .k = *k, .v = *v, .out = *out,
+        .q = *q,
+        .k = *k,
+        .v = *v,
+        .out = *out,
         .lse = lse ? &lse4 : NULL,
         .score_mod = score_mod,
         .block_mask = block_mask,
@@ -352,8 +344,7 @@ flex_status flex_attention_backward(flex_context *ctx, const flex_tensor *q, con
                                     const flex_mod *score_mod, const flex_block_mask *block_mask,
                                     const flex_attention_options *opts, const flex_tensor *dq,
                                     const flex_tensor *dk, const flex_tensor *dv,
-                                    const flex_buffer_grad *buffer_grads, int num_buffer_grads)
-{
+                                    const flex_buffer_grad *buffer_grads, int num_buffer_grads) {
     static const char fn[] = "flex_attention_backward";
     if (!ctx) return flex_fail(NULL, FLEX_ERR_NULL_POINTER, "%s: ctx is NULL", fn);
     flex_status st;
@@ -361,7 +352,8 @@ flex_status flex_attention_backward(flex_context *ctx, const flex_tensor *q, con
     float scale;
     if ((st = check_common(ctx, fn, q, k, v, score_mod, &block_mask, opts, &scale, &dims)))
         return st;
-    if ((st = check_tensor(ctx, fn, "out", out, 0)) || (st = check_tensor(ctx, fn, "dout", dout, 0)))
+    if ((st = check_tensor(ctx, fn, "out", out, 0)) ||
+        (st = check_tensor(ctx, fn, "dout", dout, 0)))
         return st;
     if (out->dtype != q->dtype || dout->dtype != q->dtype)
         return flex_fail(ctx, FLEX_ERR_DTYPE, "%s: out and dout must have q's dtype %s", fn,
@@ -388,8 +380,8 @@ flex_status flex_attention_backward(flex_context *ctx, const flex_tensor *q, con
         if (grads[i]->dtype != q->dtype)
             return flex_fail(ctx, FLEX_ERR_DTYPE, "%s: %s must have dtype %s", fn, grad_names[i],
                              flex_dtype_name(q->dtype));
-        if ((st = check_dims(ctx, fn, grad_names[i], grads[i], like[i]->sizes[0],
-                             like[i]->sizes[1], like[i]->sizes[2], like[i]->sizes[3],
+        if ((st = check_dims(ctx, fn, grad_names[i], grads[i], like[i]->sizes[0], like[i]->sizes[1],
+                             like[i]->sizes[2], like[i]->sizes[3],
                              "the shape of the matching input")))
             return st;
         if ((st = check_no_overlap(ctx, fn, grad_names[i], grads[i], inputs, names, 6))) return st;
@@ -404,7 +396,8 @@ flex_status flex_attention_backward(flex_context *ctx, const flex_tensor *q, con
     for (int i = 0; i < num_buffer_grads; i++) {
         const flex_buffer_grad *g = &buffer_grads[i];
         if (!g->name)
-            return flex_fail(ctx, FLEX_ERR_NULL_POINTER, "%s: buffer_grads[%d].name is NULL", fn, i);
+            return flex_fail(ctx, FLEX_ERR_NULL_POINTER, "%s: buffer_grads[%d].name is NULL", fn,
+                             i);
         if (!score_mod)
             return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
                              "%s: a gradient for buffer '%s' was asked for but there is no score "
@@ -440,13 +433,22 @@ flex_status flex_attention_backward(flex_context *ctx, const flex_tensor *q, con
                                  fn, g->name, d, (long long)view->sizes[d],
                                  (long long)g->grad.sizes[d]);
         if (has_self_overlap(&g->grad))
-            return flex_fail(ctx, FLEX_ERR_SHAPE, "%s: the strides of the gradient of '%s' make "
-                             "two elements share memory", fn, g->name);
+            return flex_fail(ctx, FLEX_ERR_SHAPE,
+                             "%s: the strides of the gradient of '%s' make "
+                             "two elements share memory",
+                             fn, g->name);
     }
 
     flex_backward_args args = {
-        .q = *q, .k = *k, .v = *v, .out = *out, .dout = *dout, .lse = lse4,
-        .dq = dq, .dk = dk, .dv = dv,
+        .q = *q,
+        .k = *k,
+        .v = *v,
+        .out = *out,
+        .dout = *dout,
+        .lse = lse4,
+        .dq = dq,
+        .dk = dk,
+        .dv = dv,
         .score_mod = score_mod,
         .block_mask = block_mask,
         .scale = scale,
@@ -455,8 +457,15 @@ flex_status flex_attention_backward(flex_context *ctx, const flex_tensor *q, con
         .num_buffer_grads = num_buffer_grads,
     };
     flex_forward_args plan_args = {
-        .q = *q, .k = *k, .v = *v, .out = *out, .lse = &lse4, .score_mod = score_mod,
-        .block_mask = block_mask, .scale = scale, .stream = args.stream,
+        .q = *q,
+        .k = *k,
+        .v = *v,
+        .out = *out,
+        .lse = &lse4,
+        .score_mod = score_mod,
+        .block_mask = block_mask,
+        .scale = scale,
+        .stream = args.stream,
     };
     struct flex_plan plan;
     if ((st = make_plan(ctx, &plan_args, opts, &plan))) return st;

@@ -28,8 +28,8 @@ struct flex_plan;
 /* Everything one forward call needs, already validated by the core. */
 typedef struct flex_forward_args {
     flex_tensor q, k, v, out;
-    const flex_tensor *lse; /* NULL: not wanted */
-    const struct flex_mod *score_mod;        /* NULL: identity */
+    const flex_tensor *lse;                   /* NULL: not wanted */
+    const struct flex_mod *score_mod;         /* NULL: identity */
     const struct flex_block_mask *block_mask; /* NULL: every block full */
     float scale;
     void *stream;
@@ -50,7 +50,7 @@ typedef struct flex_backward_args {
 
 /* One block whose class interval analysis could not decide. */
 typedef struct flex_block_ref {
-    int32_t b, h;         /* mask coordinates (0 when broadcast) */
+    int32_t b, h; /* mask coordinates (0 when broadcast) */
     int32_t q_block, kv_block;
 } flex_block_ref;
 
@@ -90,8 +90,8 @@ typedef struct flex_backend_iface {
      * FLEX_BLOCK_EMPTY, _PARTIAL or _FULL to classes[i], evaluating
      * mask_mod over the block's elements clipped to (q_len, kv_len).
      * Default: the core's host evaluator (core/blockmask_eval.c). */
-    flex_status (*mask_blocks)(flex_context *ctx, const struct flex_mod *mask_mod,
-                               int64_t q_len, int64_t kv_len, int q_block, int kv_block,
+    flex_status (*mask_blocks)(flex_context *ctx, const struct flex_mod *mask_mod, int64_t q_len,
+                               int64_t kv_len, int q_block, int kv_block,
                                const flex_block_ref *blocks, int64_t count, uint8_t *classes);
 
     /* (optional) Waits for queued work; reports clamped buffer reads.
@@ -110,8 +110,7 @@ flex_status flex_backend_forward(flex_context *ctx, const flex_forward_args *arg
 flex_status flex_backend_backward(flex_context *ctx, const flex_backward_args *args);
 flex_status flex_backend_mask_blocks(flex_context *ctx, const struct flex_mod *mask_mod,
                                      int64_t q_len, int64_t kv_len, int q_block, int kv_block,
-                                     const flex_block_ref *blocks, int64_t count,
-                                     uint8_t *classes);
+                                     const flex_block_ref *blocks, int64_t count, uint8_t *classes);
 flex_status flex_backend_synchronize(flex_context *ctx);
 
 /* The tables compiled in (defined by each backend). */

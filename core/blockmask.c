@@ -26,16 +26,9 @@
 #endif
 
 #include "blockmask.h"
+#include "clock.h"
 
-static double now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
-}
-
-flex_status flex_block_size_check(flex_context *ctx, const char *what, int block, int *out)
-{
+flex_status flex_block_size_check(flex_context *ctx, const char *what, int block, int *out) {
     if (block == 0) block = 128;
     if (block < 16 || block > 1024 || (block & (block - 1)) != 0)
         return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
@@ -55,8 +48,7 @@ flex_status flex_block_size_check(flex_context *ctx, const char *what, int block
  * builds of same-sized masks on memory the allocator already has, instead
  * of fresh pages the kernel must fault in and clear.
  */
-static void lists_free_all(flex_block_mask *m)
-{
+static void lists_free_all(flex_block_mask *m) {
     free(m->kv_full.offsets);
     free(m->kv_full.indices);
     m->kv_full.offsets = m->kv_partial.offsets = m->q_full.offsets = m->q_partial.offsets = NULL;
@@ -64,8 +56,7 @@ static void lists_free_all(flex_block_mask *m)
 }
 
 /* Zeroed offsets of the four lists (rows and cols of m). */
-static int lists_alloc_offsets(flex_block_mask *m)
-{
+static int lists_alloc_offsets(flex_block_mask *m) {
     int64_t rows = m->B * m->H * m->num_q_blocks, cols = m->B * m->H * m->num_kv_blocks;
     int32_t *o = calloc((size_t)(2 * (rows + 1) + 2 * (cols + 1)), sizeof(int32_t));
     if (!o) return -1;
@@ -77,8 +68,7 @@ static int lists_alloc_offsets(flex_block_mask *m)
 }
 
 /* Indices of the four lists: nfull full and npart partial blocks. */
-static int lists_alloc_indices(flex_block_mask *m, int64_t nfull, int64_t npart)
-{
+static int lists_alloc_indices(flex_block_mask *m, int64_t nfull, int64_t npart) {
     int64_t total = 2 * nfull + 2 * npart;
     int32_t *x = malloc(sizeof(int32_t) * (size_t)(total > 0 ? total : 1));
     if (!x) return -1;
@@ -89,8 +79,7 @@ static int lists_alloc_indices(flex_block_mask *m, int64_t nfull, int64_t npart)
     return 0;
 }
 
-void flex_block_mask_destroy(flex_block_mask *mask)
-{
+void flex_block_mask_destroy(flex_block_mask *mask) {
     if (!mask) return;
     if (mask->device_copy && mask->device_copy_free)
         mask->device_copy_free(mask->ctx, mask->device_copy);
@@ -101,9 +90,8 @@ void flex_block_mask_destroy(flex_block_mask *mask)
 
 /* Checks everything a mask's geometry needs and fills the size fields of a
  * new, zeroed mask. */
-static flex_status mask_new(flex_context *ctx, int64_t B, int64_t H, int64_t q_len,
-                            int64_t kv_len, int q_block, int kv_block, flex_block_mask **out)
-{
+static flex_status mask_new(flex_context *ctx, int64_t B, int64_t H, int64_t q_len, int64_t kv_len,
+                            int q_block, int kv_block, flex_block_mask **out) {
     if (B < 0 || H < 0)
         return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
                          "%s is %lld; it must be >= 0 (0 or 1 broadcast the mask)",
@@ -147,8 +135,7 @@ static flex_status mask_new(flex_context *ctx, int64_t B, int64_t H, int64_t q_l
 }
 
 /* Turns per-row counts already stored at offsets[r + 1] into offsets. */
-static int64_t counts_to_offsets(int32_t *offsets, int64_t rows)
-{
+static int64_t counts_to_offsets(int32_t *offsets, int64_t rows) {
     int64_t sum = 0;
     offsets[0] = 0;
     for (int64_t r = 0; r < rows; r++) {
@@ -162,8 +149,7 @@ static int64_t counts_to_offsets(int32_t *offsets, int64_t rows)
  * Fills every list of m from a dense class grid laid out as in
  * flex_block_mask_from_classes (B*H*nq*nk bytes of m's stored sizes).
  */
-static flex_status lists_from_dense(flex_context *ctx, flex_block_mask *m, const uint8_t *classes)
-{
+static flex_status lists_from_dense(flex_context *ctx, flex_block_mask *m, const uint8_t *classes) {
     int64_t bh = m->B * m->H, nq = m->num_q_blocks, nk = m->num_kv_blocks;
     int64_t rows = bh * nq, cols = bh * nk;
     int64_t nfull = 0, npart = 0;
@@ -269,8 +255,7 @@ typedef struct grid_walk {
     grid_job *job;
 } grid_walk;
 
-static void push_rect(grid_job *job, int32_t i0, int32_t i1, int32_t j0, int32_t j1, int32_t ref)
-{
+static void push_rect(grid_job *job, int32_t i0, int32_t i1, int32_t j0, int32_t j1, int32_t ref) {
     if (job->num_rects == job->cap_rects) {
         int64_t cap = job->cap_rects ? job->cap_rects * 2 : 256;
         grid_rect *r = realloc(job->rects, sizeof *r * (size_t)cap);
@@ -284,8 +269,7 @@ static void push_rect(grid_job *job, int32_t i0, int32_t i1, int32_t j0, int32_t
     job->rects[job->num_rects++] = (grid_rect){i0, i1, j0, j1, ref};
 }
 
-static void push_undecided(grid_job *job, int32_t i, int32_t j)
-{
+static void push_undecided(grid_job *job, int32_t i, int32_t j) {
     if (job->num_undecided == job->cap_undecided) {
         int64_t cap = job->cap_undecided ? job->cap_undecided * 2 : 256;
         flex_block_ref *u = realloc(job->undecided, sizeof *u * (size_t)cap);
@@ -301,8 +285,7 @@ static void push_undecided(grid_job *job, int32_t i, int32_t j)
     push_rect(job, i, i + 1, j, j + 1, ref);
 }
 
-static void walk(grid_walk *g, int32_t i0, int32_t i1, int32_t j0, int32_t j1)
-{
+static void walk(grid_walk *g, int32_t i0, int32_t i1, int32_t j0, int32_t j1) {
     grid_job *job = g->job;
     if (job->failed) return;
     int64_t q_hi = (int64_t)i1 * g->q_block, k_hi = (int64_t)j1 * g->kv_block;
@@ -342,8 +325,7 @@ static void walk(grid_walk *g, int32_t i0, int32_t i1, int32_t j0, int32_t j1)
     }
 }
 
-static void job_free(grid_job *job)
-{
+static void job_free(grid_job *job) {
     free(job->rects);
     free(job->undecided);
     free(job->row_run_off);
@@ -357,16 +339,15 @@ static void job_free(grid_job *job)
 }
 
 /* The class of a rect once the undecided blocks are resolved. */
-static inline int rect_class(const grid_job *job, const grid_rect *r, const uint8_t *resolved)
-{
+static inline int rect_class(const grid_job *job, const grid_rect *r, const uint8_t *resolved) {
     return r->ref < 0 ? FLEX_BLOCK_FULL : resolved[job->undecided_base + r->ref];
 }
 
 /* dst[0..n) = first, first + 1, ... (a loop the compiler vectorises: dst
  * cannot alias anything else read here). */
-static inline void fill_run(int32_t *restrict dst, int32_t first, int32_t n)
-{
-    for (int32_t k = 0; k < n; k++) dst[k] = first + k;
+static inline void fill_run(int32_t *restrict dst, int32_t first, int32_t n) {
+    for (int32_t k = 0; k < n; k++)
+        dst[k] = first + k;
 }
 
 /*
@@ -376,8 +357,7 @@ static inline void fill_run(int32_t *restrict dst, int32_t first, int32_t n)
  * runs of q blocks. From the runs come the per-row and per-column counts,
  * and later the lists are written row after row as one sequential stream.
  */
-static int job_runs(grid_job *job, int64_t nq, int64_t nk, const uint8_t *resolved)
-{
+static int job_runs(grid_job *job, int64_t nq, int64_t nk, const uint8_t *resolved) {
     job->row_run_off = calloc((size_t)nq + 1, sizeof(int64_t));
     job->col_run_off = calloc((size_t)nk + 1, sizeof(int64_t));
     job->row_full = calloc((size_t)nq + 1, sizeof(int32_t));
@@ -397,10 +377,14 @@ static int job_runs(grid_job *job, int64_t nq, int64_t nk, const uint8_t *resolv
         co[r->j0 + 1]++;
         if (r->j1 < nk) co[r->j1 + 1]--;
     }
-    for (int64_t i = 1; i <= nq; i++) ro[i] += ro[i - 1]; /* runs in row i - 1 */
-    for (int64_t j = 1; j <= nk; j++) co[j] += co[j - 1];
-    for (int64_t i = 1; i <= nq; i++) ro[i] += ro[i - 1]; /* offsets */
-    for (int64_t j = 1; j <= nk; j++) co[j] += co[j - 1];
+    for (int64_t i = 1; i <= nq; i++)
+        ro[i] += ro[i - 1]; /* runs in row i - 1 */
+    for (int64_t j = 1; j <= nk; j++)
+        co[j] += co[j - 1];
+    for (int64_t i = 1; i <= nq; i++)
+        ro[i] += ro[i - 1]; /* offsets */
+    for (int64_t j = 1; j <= nk; j++)
+        co[j] += co[j - 1];
     job->row_runs = malloc(sizeof(grid_run) * (size_t)(ro[nq] > 0 ? ro[nq] : 1));
     job->col_runs = malloc(sizeof(grid_run) * (size_t)(co[nk] > 0 ? co[nk] : 1));
     int64_t *rcur = malloc(sizeof(int64_t) * (size_t)nq);
@@ -417,12 +401,16 @@ static int job_runs(grid_job *job, int64_t nq, int64_t nk, const uint8_t *resolv
         int c = rect_class(job, r, resolved);
         if (c == FLEX_BLOCK_EMPTY) continue;
         const int32_t i0 = r->i0, i1 = r->i1, j0 = r->j0, j1 = r->j1;
-        for (int32_t i = i0; i < i1; i++) job->row_runs[rcur[i]++] = (grid_run){j0, j1, c};
-        for (int32_t j = j0; j < j1; j++) job->col_runs[ccur[j]++] = (grid_run){i0, i1, c};
+        for (int32_t i = i0; i < i1; i++)
+            job->row_runs[rcur[i]++] = (grid_run){j0, j1, c};
+        for (int32_t j = j0; j < j1; j++)
+            job->col_runs[ccur[j]++] = (grid_run){i0, i1, c};
         if (c == FLEX_BLOCK_FULL) {
             int32_t w = j1 - j0, h = i1 - i0;
-            for (int32_t i = i0; i < i1; i++) job->row_full[i] += w;
-            for (int32_t j = j0; j < j1; j++) job->col_full[j] += h;
+            for (int32_t i = i0; i < i1; i++)
+                job->row_full[i] += w;
+            for (int32_t j = j0; j < j1; j++)
+                job->col_full[j] += h;
         } else {
             job->row_part[i0]++; /* partial rects are single blocks */
             job->col_part[j0]++;
@@ -436,8 +424,7 @@ static int job_runs(grid_job *job, int64_t nq, int64_t nk, const uint8_t *resolv
 /* Writes the runs of `count` lines into a full and a partial list whose
  * line offsets start at line `first`. */
 static void write_lines(const int64_t *run_off, const grid_run *runs, int64_t count,
-                        flex_block_lists *full, flex_block_lists *part, int64_t first)
-{
+                        flex_block_lists *full, flex_block_lists *part, int64_t first) {
     for (int64_t x = 0; x < count; x++) {
         int32_t *f = full->indices + full->offsets[first + x];
         int32_t *p = part->indices + part->offsets[first + x];
@@ -455,16 +442,14 @@ static void write_lines(const int64_t *run_off, const grid_run *runs, int64_t co
 
 /* Writes one job's blocks into the lists of slot s (= b * H + h); the
  * offsets of the slot are already set. */
-static void job_fill(const grid_job *job, flex_block_mask *m, int64_t s)
-{
+static void job_fill(const grid_job *job, flex_block_mask *m, int64_t s) {
     int64_t nq = m->num_q_blocks, nk = m->num_kv_blocks;
     write_lines(job->row_run_off, job->row_runs, nq, &m->kv_full, &m->kv_partial, s * nq);
     write_lines(job->col_run_off, job->col_runs, nk, &m->q_full, &m->q_partial, s * nk);
 }
 
 /* Copies the indices of slot `from` to slot `to` (same counts). */
-static void copy_slot(flex_block_lists *l, int64_t per_slot, int64_t from, int64_t to)
-{
+static void copy_slot(flex_block_lists *l, int64_t per_slot, int64_t from, int64_t to) {
     int32_t a = l->offsets[from * per_slot], n = l->offsets[(from + 1) * per_slot] - a;
     memcpy(l->indices + l->offsets[to * per_slot], l->indices + a, sizeof(int32_t) * (size_t)n);
 }
@@ -475,8 +460,7 @@ static void copy_slot(flex_block_lists *l, int64_t per_slot, int64_t from, int64
 static flex_status resolve_blocks(flex_context *ctx, const flex_mod *mod,
                                   const mod_buffer_view *views, const mod_range_tables *tables,
                                   int64_t q_len, int64_t kv_len, int qb, int kb,
-                                  const flex_block_ref *refs, int64_t count, uint8_t *classes)
-{
+                                  const flex_block_ref *refs, int64_t count, uint8_t *classes) {
     if (count == 0) return FLEX_OK;
     if (ctx->backend && !ctx->backend->mask_blocks && views)
         return flex_block_mask_eval_host_with(ctx, mod, views, tables, q_len, kv_len, qb, kb, refs,
@@ -484,8 +468,7 @@ static flex_status resolve_blocks(flex_context *ctx, const flex_mod *mod,
     return flex_backend_mask_blocks(ctx, mod, q_len, kv_len, qb, kb, refs, count, classes);
 }
 
-static flex_status build_from_mod(flex_context *ctx, flex_block_mask *m, const flex_mod *mod)
-{
+static flex_status build_from_mod(flex_context *ctx, flex_block_mask *m, const flex_mod *mod) {
     const ir_mod *ir = &mod->ir;
     int64_t nq = m->num_q_blocks, nk = m->num_kv_blocks;
     flex_status st = FLEX_OK;
@@ -524,16 +507,17 @@ static flex_status build_from_mod(flex_context *ctx, flex_block_mask *m, const f
      * the others would take a while is a thread team worth waking. */
     int64_t first_jobs = 1;
     {
-        grid_walk g = {ir, tables, malloc(scratch_size > 0 ? scratch_size : 1), m->q_len,
-                       m->kv_len, m->q_block, m->kv_block, &jobs[0]};
+        grid_walk g = {ir,          tables,    malloc(scratch_size > 0 ? scratch_size : 1),
+                       m->q_len,    m->kv_len, m->q_block,
+                       m->kv_block, &jobs[0]};
         if (!g.scratch) goto oom;
         int parallel = 0;
 #ifdef _OPENMP
-        double t = now_ms();
+        double t = flex_now_ms();
 #endif
         walk(&g, 0, (int32_t)nq, 0, (int32_t)nk);
 #ifdef _OPENMP
-        parallel = omp_get_max_threads() > 1 && (now_ms() - t) * (double)(num_jobs - 1) > 1.0;
+        parallel = omp_get_max_threads() > 1 && (flex_now_ms() - t) * (double)(num_jobs - 1) > 1.0;
 #endif
         if (!parallel) {
             for (; first_jobs < num_jobs; first_jobs++) {
@@ -548,8 +532,9 @@ static flex_status build_from_mod(flex_context *ctx, flex_block_mask *m, const f
 #pragma omp parallel
 #endif
         {
-            grid_walk g = {ir, tables, malloc(scratch_size > 0 ? scratch_size : 1), m->q_len,
-                           m->kv_len, m->q_block, m->kv_block, NULL};
+            grid_walk g = {ir,          tables,    malloc(scratch_size > 0 ? scratch_size : 1),
+                           m->q_len,    m->kv_len, m->q_block,
+                           m->kv_block, NULL};
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
@@ -580,8 +565,8 @@ static flex_status build_from_mod(flex_context *ctx, flex_block_mask *m, const f
         if (jobs[k].num_undecided)
             memcpy(refs + jobs[k].undecided_base, jobs[k].undecided,
                    sizeof *refs * (size_t)jobs[k].num_undecided);
-    st = resolve_blocks(ctx, mod, views, tables, m->q_len, m->kv_len, m->q_block, m->kv_block,
-                        refs, num_refs, resolved);
+    st = resolve_blocks(ctx, mod, views, tables, m->q_len, m->kv_len, m->q_block, m->kv_block, refs,
+                        num_refs, resolved);
     if (st != FLEX_OK) goto done;
     for (int64_t k = 0; k < num_refs; k++) {
         if (resolved[k] > FLEX_BLOCK_FULL) {
@@ -616,8 +601,8 @@ static flex_status build_from_mod(flex_context *ctx, flex_block_mask *m, const f
     counts_to_offsets(m->q_partial.offsets, cols);
     if (lists_alloc_indices(m, m->num_full, m->num_partial)) goto oom;
 
-    /* Each job writes its own slot, (b, h) = (job b, job h); the slots that
-     * broadcast it copy. */
+        /* Each job writes its own slot, (b, h) = (job b, job h); the slots that
+         * broadcast it copy. */
 #ifdef _OPENMP
 #pragma omp parallel for schedule(dynamic, 1) if (num_jobs > 1 && m->num_full > (1 << 22))
 #endif
@@ -637,11 +622,12 @@ static flex_status build_from_mod(flex_context *ctx, flex_block_mask *m, const f
     goto done;
 oom:
     st = flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY,
-                   "out of memory while building a block mask of %lld x %lld blocks",
-                   (long long)nq, (long long)nk);
+                   "out of memory while building a block mask of %lld x %lld blocks", (long long)nq,
+                   (long long)nk);
 done:
     if (jobs)
-        for (int64_t k = 0; k < num_jobs; k++) job_free(&jobs[k]);
+        for (int64_t k = 0; k < num_jobs; k++)
+            job_free(&jobs[k]);
     free(jobs);
     free(refs);
     free(resolved);
@@ -650,8 +636,7 @@ done:
     return st;
 }
 
-static flex_status check_mask_mod(flex_context *ctx, const flex_mod *mod, const char *what)
-{
+static flex_status check_mask_mod(flex_context *ctx, const flex_mod *mod, const char *what) {
     if (!mod) return flex_fail(ctx, FLEX_ERR_NULL_POINTER, "%s is NULL", what);
     if (mod->ir.kind != FLEX_MOD_MASK)
         return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
@@ -668,14 +653,13 @@ static flex_status check_mask_mod(flex_context *ctx, const flex_mod *mod, const 
 
 flex_status flex_block_mask_create(flex_context *ctx, const flex_mod *mask_mod, int64_t B,
                                    int64_t H, int64_t q_len, int64_t kv_len, int q_block,
-                                   int kv_block, flex_block_mask **out)
-{
+                                   int kv_block, flex_block_mask **out) {
     if (!out) return flex_fail(ctx, FLEX_ERR_NULL_POINTER, "out (the new mask) is NULL");
     *out = NULL;
     if (!ctx) return flex_fail(NULL, FLEX_ERR_NULL_POINTER, "ctx is NULL");
     flex_status st = check_mask_mod(ctx, mask_mod, "mask_mod");
     if (st != FLEX_OK) return st;
-    double t0 = now_ms();
+    double t0 = flex_now_ms();
     flex_block_mask *m = NULL;
     st = mask_new(ctx, B, H, q_len, kv_len, q_block, kv_block, &m);
     if (st != FLEX_OK) return st;
@@ -685,7 +669,7 @@ flex_status flex_block_mask_create(flex_context *ctx, const flex_mod *mask_mod, 
         flex_block_mask_destroy(m);
         return st;
     }
-    m->build_ms = now_ms() - t0;
+    m->build_ms = flex_now_ms() - t0;
     *out = m;
     return FLEX_OK;
 }
@@ -693,8 +677,7 @@ flex_status flex_block_mask_create(flex_context *ctx, const flex_mod *mask_mod, 
 flex_status flex_block_mask_from_classes(flex_context *ctx, const flex_mod *mask_mod, int64_t B,
                                          int64_t H, int64_t q_len, int64_t kv_len, int q_block,
                                          int kv_block, const uint8_t *classes,
-                                         flex_block_mask **out)
-{
+                                         flex_block_mask **out) {
     if (!out) return flex_fail(ctx, FLEX_ERR_NULL_POINTER, "out (the new mask) is NULL");
     *out = NULL;
     if (!ctx) return flex_fail(NULL, FLEX_ERR_NULL_POINTER, "ctx is NULL");
@@ -702,7 +685,7 @@ flex_status flex_block_mask_from_classes(flex_context *ctx, const flex_mod *mask
     if (mask_mod && mask_mod->ir.kind != FLEX_MOD_MASK)
         return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
                          "mask_mod is a score mod; a block mask needs a mask mod");
-    double t0 = now_ms();
+    double t0 = flex_now_ms();
     flex_block_mask *m = NULL;
     flex_status st = mask_new(ctx, B, H, q_len, kv_len, q_block, kv_block, &m);
     if (st != FLEX_OK) return st;
@@ -730,7 +713,7 @@ flex_status flex_block_mask_from_classes(flex_context *ctx, const flex_mod *mask
         flex_block_mask_destroy(m);
         return st;
     }
-    m->build_ms = now_ms() - t0;
+    m->build_ms = flex_now_ms() - t0;
     *out = m;
     return FLEX_OK;
 }
@@ -738,13 +721,11 @@ flex_status flex_block_mask_from_classes(flex_context *ctx, const flex_mod *mask
 /* Marks one list of a row in classes; fails on an index out of range or
  * a block listed twice. */
 static flex_status mark_list(flex_context *ctx, uint8_t *row_classes, int64_t nk, int64_t row,
-                             int32_t count, const int32_t *indices, uint8_t cls,
-                             const char *what)
-{
+                             int32_t count, const int32_t *indices, uint8_t cls, const char *what) {
     if (count < 0 || count > nk)
         return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
-                         "%s_num_blocks[%lld] is %d; it must be in [0, %lld]", what,
-                         (long long)row, (int)count, (long long)nk);
+                         "%s_num_blocks[%lld] is %d; it must be in [0, %lld]", what, (long long)row,
+                         (int)count, (long long)nk);
     for (int32_t j = 0; j < count; j++) {
         const int32_t kb = indices[row * nk + j];
         if (kb < 0 || kb >= nk)
@@ -765,8 +746,7 @@ flex_status flex_block_mask_from_kv_blocks(flex_context *ctx, const flex_mod *ma
                                            int kv_block, const int32_t *kv_num_blocks,
                                            const int32_t *kv_indices,
                                            const int32_t *full_kv_num_blocks,
-                                           const int32_t *full_kv_indices, flex_block_mask **out)
-{
+                                           const int32_t *full_kv_indices, flex_block_mask **out) {
     if (!out) return flex_fail(ctx, FLEX_ERR_NULL_POINTER, "out (the new mask) is NULL");
     *out = NULL;
     if (!ctx) return flex_fail(NULL, FLEX_ERR_NULL_POINTER, "ctx is NULL");
@@ -806,8 +786,7 @@ flex_status flex_block_mask_from_kv_blocks(flex_context *ctx, const flex_mod *ma
 /* ---- composition ---- */
 
 static flex_status combine(flex_context *ctx, const flex_block_mask *a, const flex_block_mask *b,
-                           int is_and, flex_block_mask **out)
-{
+                           int is_and, flex_block_mask **out) {
     const char *op = is_and ? "flex_block_mask_and" : "flex_block_mask_or";
     if (!out) return flex_fail(ctx, FLEX_ERR_NULL_POINTER, "%s: out is NULL", op);
     *out = NULL;
@@ -826,7 +805,7 @@ static flex_status combine(flex_context *ctx, const flex_block_mask *a, const fl
                          "%s: the masks have B x H of %lld x %lld and %lld x %lld; each must "
                          "match or be 1 (broadcast)",
                          op, (long long)a->B, (long long)a->H, (long long)b->B, (long long)b->H);
-    double t0 = now_ms();
+    double t0 = flex_now_ms();
     int64_t B = a->B > b->B ? a->B : b->B, H = a->H > b->H ? a->H : b->H;
     flex_block_mask *m = NULL;
     flex_status st = mask_new(ctx, B, H, a->q_len, a->kv_len, a->q_block, a->kv_block, &m);
@@ -864,14 +843,14 @@ static flex_status combine(flex_context *ctx, const flex_block_mask *a, const fl
             uint8_t x = ra[k], y = rb[k], c;
             if (is_and)
                 c = x == FLEX_BLOCK_EMPTY || y == FLEX_BLOCK_EMPTY ? FLEX_BLOCK_EMPTY
-                    : x == FLEX_BLOCK_FULL                          ? y
-                    : y == FLEX_BLOCK_FULL                          ? x
-                                                                    : 255;
+                    : x == FLEX_BLOCK_FULL                         ? y
+                    : y == FLEX_BLOCK_FULL                         ? x
+                                                                   : 255;
             else
                 c = x == FLEX_BLOCK_FULL || y == FLEX_BLOCK_FULL ? FLEX_BLOCK_FULL
-                    : x == FLEX_BLOCK_EMPTY                       ? y
-                    : y == FLEX_BLOCK_EMPTY                       ? x
-                                                                  : 255;
+                    : x == FLEX_BLOCK_EMPTY                      ? y
+                    : y == FLEX_BLOCK_EMPTY                      ? x
+                                                                 : 255;
             rc[k] = c;
             if (c == 255) num_refs++;
         }
@@ -884,8 +863,8 @@ static flex_status combine(flex_context *ctx, const flex_block_mask *a, const fl
         for (int64_t k = 0; k < B * H * grid; k++) {
             if (dc[k] != 255) continue;
             int64_t s = k / grid, cell = k % grid;
-            refs[n++] = (flex_block_ref){(int32_t)(s / H), (int32_t)(s % H),
-                                         (int32_t)(cell / nk), (int32_t)(cell % nk)};
+            refs[n++] = (flex_block_ref){(int32_t)(s / H), (int32_t)(s % H), (int32_t)(cell / nk),
+                                         (int32_t)(cell % nk)};
         }
         st = flex_backend_mask_blocks(ctx, m->mask_mod, m->q_len, m->kv_len, m->q_block,
                                       m->kv_block, refs, num_refs, resolved);
@@ -916,27 +895,24 @@ done:
         flex_block_mask_destroy(m);
         return st;
     }
-    m->build_ms = now_ms() - t0;
+    m->build_ms = flex_now_ms() - t0;
     *out = m;
     return FLEX_OK;
 }
 
 flex_status flex_block_mask_and(flex_context *ctx, const flex_block_mask *a,
-                                const flex_block_mask *b, flex_block_mask **out)
-{
+                                const flex_block_mask *b, flex_block_mask **out) {
     return combine(ctx, a, b, 1, out);
 }
 
 flex_status flex_block_mask_or(flex_context *ctx, const flex_block_mask *a,
-                               const flex_block_mask *b, flex_block_mask **out)
-{
+                               const flex_block_mask *b, flex_block_mask **out) {
     return combine(ctx, a, b, 0, out);
 }
 
 /* ---- queries ---- */
 
-flex_status flex_block_mask_get_shape(const flex_block_mask *mask, flex_block_mask_shape *shape)
-{
+flex_status flex_block_mask_get_shape(const flex_block_mask *mask, flex_block_mask_shape *shape) {
     if (!mask || !shape)
         return flex_fail(NULL, FLEX_ERR_NULL_POINTER, "%s is NULL", !mask ? "mask" : "shape");
     shape->B = mask->B;
@@ -952,16 +928,14 @@ flex_status flex_block_mask_get_shape(const flex_block_mask *mask, flex_block_ma
     return FLEX_OK;
 }
 
-double flex_block_mask_sparsity(const flex_block_mask *mask)
-{
+double flex_block_mask_sparsity(const flex_block_mask *mask) {
     if (!mask) return 0.0;
     double total = (double)mask->B * (double)mask->H * (double)mask->num_q_blocks *
                    (double)mask->num_kv_blocks;
     return 100.0 * (1.0 - (double)(mask->num_full + mask->num_partial) / total);
 }
 
-flex_status flex_block_mask_to_dense(const flex_block_mask *mask, uint8_t *classes)
-{
+flex_status flex_block_mask_to_dense(const flex_block_mask *mask, uint8_t *classes) {
     if (!mask || !classes)
         return flex_fail(mask ? mask->ctx : NULL, FLEX_ERR_NULL_POINTER, "%s is NULL",
                          !mask ? "mask" : "classes");

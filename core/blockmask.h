@@ -50,8 +50,7 @@ flex_status flex_block_mask_eval_host_with(flex_context *ctx, const struct flex_
 flex_status flex_block_size_check(flex_context *ctx, const char *what, int block, int *out);
 
 /* Number of blocks of `block` elements that cover `len` elements. */
-static inline int64_t flex_blocks_for(int64_t len, int block)
-{
+static inline int64_t flex_blocks_for(int64_t len, int block) {
     return (len + block - 1) / block;
 }
 

@@ -14,8 +14,7 @@ struct mask_cache_entry {
 };
 
 flex_status flex_mask_cache_get(flex_context *ctx, const flex_mod *mask_mod, int64_t B, int64_t H,
-                                int64_t q_len, int64_t kv_len, const flex_block_mask **out)
-{
+                                int64_t q_len, int64_t kv_len, const flex_block_mask **out) {
     for (int i = 0; i < ctx->mask_cache_count; i++) {
         struct mask_cache_entry *e = &ctx->mask_cache[i];
         if (e->mod == mask_mod && e->hash == mask_mod->hash &&
@@ -47,21 +46,27 @@ flex_status flex_mask_cache_get(flex_context *ctx, const flex_mod *mask_mod, int
     int slot = ctx->mask_cache_count;
     if (slot == MASK_CACHE_CAPACITY) {
         flex_block_mask_destroy(ctx->mask_cache[0].mask);
-        for (int i = 1; i < MASK_CACHE_CAPACITY; i++) ctx->mask_cache[i - 1] = ctx->mask_cache[i];
+        for (int i = 1; i < MASK_CACHE_CAPACITY; i++)
+            ctx->mask_cache[i - 1] = ctx->mask_cache[i];
         slot = MASK_CACHE_CAPACITY - 1;
     } else {
         ctx->mask_cache_count++;
     }
-    ctx->mask_cache[slot] = (struct mask_cache_entry){
-        .mod = mask_mod, .hash = mask_mod->hash, .generation = mask_mod->binding_generation,
-        .B = B, .H = H, .q_len = q_len, .kv_len = kv_len, .mask = mask};
+    ctx->mask_cache[slot] = (struct mask_cache_entry){.mod = mask_mod,
+                                                      .hash = mask_mod->hash,
+                                                      .generation = mask_mod->binding_generation,
+                                                      .B = B,
+                                                      .H = H,
+                                                      .q_len = q_len,
+                                                      .kv_len = kv_len,
+                                                      .mask = mask};
     *out = mask;
     return FLEX_OK;
 }
 
-void flex_mask_cache_clear(flex_context *ctx)
-{
-    for (int i = 0; i < ctx->mask_cache_count; i++) flex_block_mask_destroy(ctx->mask_cache[i].mask);
+void flex_mask_cache_clear(flex_context *ctx) {
+    for (int i = 0; i < ctx->mask_cache_count; i++)
+        flex_block_mask_destroy(ctx->mask_cache[i].mask);
     free(ctx->mask_cache);
     ctx->mask_cache = NULL;
     ctx->mask_cache_count = 0;

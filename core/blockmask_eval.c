@@ -16,6 +16,7 @@
 #endif
 
 #include "blockmask.h"
+#include "clock.h"
 
 /* Sub-rectangles at most this many elements a side are scanned whole. */
 #define SCAN_SIDE 32
@@ -23,18 +24,12 @@
 /* The calling thread works alone for at least SERIAL_MS milliseconds, and
  * shares the rest with a thread team only when the rest would take it more
  * than PARALLEL_MIN_MS. */
-#define SERIAL_MS 0.25
+#define SERIAL_MS       0.25
 #define PARALLEL_MIN_MS 2.0
 
 enum { SEEN_FALSE = 1, SEEN_TRUE = 2, SEEN_BOTH = 3 };
 
 #ifdef _OPENMP
-static double now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
-}
 #endif
 
 /* Per-thread state: scratch of every evaluator. */
@@ -51,8 +46,7 @@ typedef struct eval_worker {
 } eval_worker;
 
 static int worker_init(eval_worker *w, const ir_mod *ir, const mod_buffer_view *views,
-                       const mod_range_tables *tables)
-{
+                       const mod_range_tables *tables) {
     memset(w, 0, sizeof *w);
     w->ir = ir;
     w->views = views;
@@ -64,8 +58,7 @@ static int worker_init(eval_worker *w, const ir_mod *ir, const mod_buffer_view *
     return w->point_scratch && w->interval_scratch && w->tile ? 0 : -1;
 }
 
-static void worker_free(eval_worker *w)
-{
+static void worker_free(eval_worker *w) {
     free(w->point_scratch);
     free(w->interval_scratch);
     mod_tile_destroy(w->tile);
@@ -73,8 +66,7 @@ static void worker_free(eval_worker *w)
 
 /* The value of the mask at one element: SEEN_TRUE / SEEN_FALSE, or 0 after
  * a bounds error (recorded in w). */
-static int sample_point(eval_worker *w, int32_t b, int32_t h, int64_t q, int64_t kv)
-{
+static int sample_point(eval_worker *w, int32_t b, int32_t h, int64_t q, int64_t kv) {
     ir_value result;
     if (mod_eval_point(w->ir, w->views, 0.0f, b, h, (int32_t)q, (int32_t)kv, w->point_scratch,
                        &result, &w->bounds) != 0) {
@@ -86,8 +78,7 @@ static int sample_point(eval_worker *w, int32_t b, int32_t h, int64_t q, int64_t
 
 /* Element-wise scan of a rectangle no larger than SCAN_SIDE a side. */
 static int scan_rect(eval_worker *w, int32_t b, int32_t h, int64_t q0, int64_t q1, int64_t k0,
-                     int64_t k1, int seen)
-{
+                     int64_t k1, int seen) {
     int rows = (int)(q1 - q0), cols = (int)(k1 - k0);
     if (mod_tile_mask(w->tile, w->views, b, h, (int32_t)q0, rows, (int32_t)k0, cols, w->tile_out,
                       cols, &w->bounds) != 0) {
@@ -103,8 +94,7 @@ static int scan_rect(eval_worker *w, int32_t b, int32_t h, int64_t q0, int64_t q
 /* Adds what rectangle [q0,q1) x [k0,k1) contains to `seen`, stopping once
  * both values are known. */
 static int refine_rect(eval_worker *w, int32_t b, int32_t h, int64_t q0, int64_t q1, int64_t k0,
-                       int64_t k1, int seen)
-{
+                       int64_t k1, int seen) {
     if (w->tables || w->ir->num_buffers == 0) {
         mod_box box = {{b, h, q0, k0}, {b, h, q1 - 1, k1 - 1}};
         mod_tri tri = mod_interval_mask(w->ir, w->tables, &box, w->interval_scratch);
@@ -126,8 +116,7 @@ static int refine_rect(eval_worker *w, int32_t b, int32_t h, int64_t q0, int64_t
 }
 
 static uint8_t classify_block(eval_worker *w, const flex_block_ref *ref, int64_t q_len,
-                              int64_t kv_len, int q_block, int kv_block)
-{
+                              int64_t kv_len, int q_block, int kv_block) {
     int64_t q0 = (int64_t)ref->q_block * q_block, k0 = (int64_t)ref->kv_block * kv_block;
     int64_t q1 = q0 + q_block < q_len ? q0 + q_block : q_len;
     int64_t k1 = k0 + kv_block < kv_len ? k0 + kv_block : kv_len;
@@ -150,8 +139,7 @@ static uint8_t classify_block(eval_worker *w, const flex_block_ref *ref, int64_t
 }
 
 static flex_status check_refs(flex_context *ctx, int64_t q_len, int64_t kv_len, int q_block,
-                              int kv_block, const flex_block_ref *blocks, int64_t count)
-{
+                              int kv_block, const flex_block_ref *blocks, int64_t count) {
     int64_t nq = flex_blocks_for(q_len, q_block), nk = flex_blocks_for(kv_len, kv_block);
     for (int64_t i = 0; i < count; i++) {
         const flex_block_ref *r = &blocks[i];
@@ -160,8 +148,8 @@ static flex_status check_refs(flex_context *ctx, int64_t q_len, int64_t kv_len, 
             return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
                              "block %lld to evaluate is (b %d, h %d, q-block %d, kv-block %d), "
                              "outside the %lld x %lld grid of blocks",
-                             (long long)i, (int)r->b, (int)r->h, (int)r->q_block,
-                             (int)r->kv_block, (long long)nq, (long long)nk);
+                             (long long)i, (int)r->b, (int)r->h, (int)r->q_block, (int)r->kv_block,
+                             (long long)nq, (long long)nk);
     }
     return FLEX_OK;
 }
@@ -171,8 +159,7 @@ flex_status flex_block_mask_eval_host_with(flex_context *ctx, const struct flex_
                                            const mod_range_tables *tables, int64_t q_len,
                                            int64_t kv_len, int q_block, int kv_block,
                                            const flex_block_ref *blocks, int64_t count,
-                                           uint8_t *classes)
-{
+                                           uint8_t *classes) {
     if (count <= 0) return FLEX_OK;
     flex_status st = check_refs(ctx, q_len, kv_len, q_block, kv_block, blocks, count);
     if (st != FLEX_OK) return st;
@@ -193,19 +180,19 @@ flex_status flex_block_mask_eval_host_with(flex_context *ctx, const struct flex_
             failed = 2;
         } else {
 #ifdef _OPENMP
-            double start = now_ms();
+            double start = flex_now_ms();
             int threads = omp_get_max_threads();
 #endif
             while (done < count && !w->failed) {
                 int64_t end = done + 16 < count ? done + 16 : count;
                 for (; done < end; done++)
-                    classes[done] = classify_block(w, &blocks[done], q_len, kv_len, q_block,
-                                                   kv_block);
+                    classes[done] =
+                        classify_block(w, &blocks[done], q_len, kv_len, q_block, kv_block);
 #ifdef _OPENMP
                 /* Hand over when what is left would take long enough to
                  * repay starting the team. */
                 if (threads > 1) {
-                    double spent = now_ms() - start;
+                    double spent = flex_now_ms() - start;
                     if (spent > SERIAL_MS &&
                         spent / (double)done * (double)(count - done) > PARALLEL_MIN_MS)
                         break;
@@ -260,8 +247,7 @@ flex_status flex_block_mask_eval_host_with(flex_context *ctx, const struct flex_
 flex_status flex_block_mask_eval_host(flex_context *ctx, const struct flex_mod *mask_mod,
                                       int64_t q_len, int64_t kv_len, int q_block, int kv_block,
                                       const flex_block_ref *blocks, int64_t count,
-                                      uint8_t *classes)
-{
+                                      uint8_t *classes) {
     if (!mask_mod) return flex_fail(ctx, FLEX_ERR_NULL_POINTER, "mask_mod is NULL");
     if (count > 0 && (!blocks || !classes))
         return flex_fail(ctx, FLEX_ERR_NULL_POINTER, "%s is NULL", !blocks ? "blocks" : "classes");

@@ -21,8 +21,7 @@ typedef struct text_out {
     size_t cap, len;
 } text_out;
 
-static void put(text_out *t, const char *s, size_t n)
-{
+static void put(text_out *t, const char *s, size_t n) {
     if (t->len < t->cap) {
         size_t room = t->cap - t->len;
         memcpy(t->buf + t->len, s, n < room ? n : room);
@@ -35,8 +34,7 @@ static void putf(text_out *t, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)))
 #endif
     ;
-static void putf(text_out *t, const char *fmt, ...)
-{
+static void putf(text_out *t, const char *fmt, ...) {
     char tmp[512];
     va_list ap;
     va_start(ap, fmt);
@@ -46,8 +44,7 @@ static void putf(text_out *t, const char *fmt, ...)
 }
 
 size_t flex_block_mask_format(const flex_block_mask *mask, int64_t b, int64_t h, int max_cells,
-                              char *buf, size_t cap)
-{
+                              char *buf, size_t cap) {
     text_out t = {buf, cap > 0 ? cap - 1 : 0, 0};
     if (!mask) {
         put(&t, "BlockMask(NULL)\n", 16);
@@ -63,8 +60,8 @@ size_t flex_block_mask_format(const flex_block_mask *mask, int64_t b, int64_t h,
          mask->q_block, mask->kv_block, (long long)nq, (long long)nk,
          flex_block_mask_sparsity(mask), (long long)mask->num_full, (long long)mask->num_partial);
     if (b < 0 || b >= mask->B || h < 0 || h >= mask->H) {
-        putf(&t, "(b=%lld, h=%lld) is outside the mask's %lld x %lld\n", (long long)b,
-             (long long)h, (long long)mask->B, (long long)mask->H);
+        putf(&t, "(b=%lld, h=%lld) is outside the mask's %lld x %lld\n", (long long)b, (long long)h,
+             (long long)mask->B, (long long)mask->H);
         goto finish;
     }
     putf(&t, "(b=%lld, h=%lld)", (long long)b, (long long)h);
@@ -82,7 +79,8 @@ size_t flex_block_mask_format(const flex_block_mask *mask, int64_t b, int64_t h,
         put(&t, "(out of memory)\n", 16);
         goto finish;
     }
-    for (int64_t j = 0; j < nk; j++) col_cell[j] = j * cols / nk;
+    for (int64_t j = 0; j < nk; j++)
+        col_cell[j] = j * cols / nk;
     int64_t slot = b * mask->H + h;
     int64_t i = 0;
     for (int64_t r = 0; r < rows; r++) {
@@ -101,8 +99,10 @@ size_t flex_block_mask_format(const flex_block_mask *mask, int64_t b, int64_t h,
             }
         }
         int64_t last = cols;
-        while (last > 0 && cells[last - 1] == FLEX_BLOCK_EMPTY) last--;
-        for (int64_t c = 0; c < last; c++) put(&t, glyphs[cells[c]], strlen(glyphs[cells[c]]));
+        while (last > 0 && cells[last - 1] == FLEX_BLOCK_EMPTY)
+            last--;
+        for (int64_t c = 0; c < last; c++)
+            put(&t, glyphs[cells[c]], strlen(glyphs[cells[c]]));
         put(&t, "\n", 1);
     }
     free(cells);

@@ -9,16 +9,14 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float flex_bf16_to_float(uint16_t h)
-{
+static inline float flex_bf16_to_float(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
     memcpy(&f, &u, sizeof f);
     return f;
 }
 
-static inline uint16_t flex_float_to_bf16(float f)
-{
+static inline uint16_t flex_float_to_bf16(float f) {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
     if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u); /* quiet NaN */
@@ -26,8 +24,7 @@ static inline uint16_t flex_float_to_bf16(float f)
     return (uint16_t)(u >> 16);
 }
 
-static inline float flex_f16_to_float(uint16_t h)
-{
+static inline float flex_f16_to_float(uint16_t h) {
     uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
     uint32_t exp = (h >> 10) & 0x1fu;
     uint32_t man = h & 0x3ffu;
@@ -53,8 +50,7 @@ static inline float flex_f16_to_float(uint16_t h)
     return f;
 }
 
-static inline uint16_t flex_float_to_f16(float f)
-{
+static inline uint16_t flex_float_to_f16(float f) {
     uint32_t u;
     memcpy(&u, &f, sizeof u);
     uint16_t sign = (uint16_t)((u >> 16) & 0x8000u);

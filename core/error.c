@@ -29,8 +29,7 @@ static const char *const status_names[] = {
     [FLEX_ERR_INTERNAL] = "ERR_INTERNAL",
 };
 
-const char *flex_status_name(flex_status status)
-{
+const char *flex_status_name(flex_status status) {
     if ((unsigned)status < sizeof status_names / sizeof status_names[0] && status_names[status])
         return status_names[status];
     return "ERR_UNKNOWN_STATUS";
@@ -39,8 +38,7 @@ const char *flex_status_name(flex_status status)
 /* Replaces *slot with a freshly formatted message. When memory is short the
  * old message is dropped rather than kept, so a stale message never
  * explains a new failure. */
-static void set_message(char **slot, const char *fmt, va_list ap)
-{
+static void set_message(char **slot, const char *fmt, va_list ap) {
     va_list copy;
     va_copy(copy, ap);
     int n = vsnprintf(NULL, 0, fmt, copy);
@@ -54,8 +52,7 @@ static void set_message(char **slot, const char *fmt, va_list ap)
     *slot = msg;
 }
 
-flex_status flex_failv(flex_context *ctx, flex_status status, const char *fmt, va_list ap)
-{
+flex_status flex_failv(flex_context *ctx, flex_status status, const char *fmt, va_list ap) {
     if (ctx) {
         set_message(&ctx->error, fmt, ap);
         ctx->last_status = status;
@@ -69,8 +66,7 @@ flex_status flex_failv(flex_context *ctx, flex_status status, const char *fmt, v
     return status;
 }
 
-flex_status flex_fail(flex_context *ctx, flex_status status, const char *fmt, ...)
-{
+flex_status flex_fail(flex_context *ctx, flex_status status, const char *fmt, ...) {
     va_list ap;
     va_start(ap, fmt);
     flex_failv(ctx, status, fmt, ap);
@@ -78,16 +74,14 @@ flex_status flex_fail(flex_context *ctx, flex_status status, const char *fmt, ..
     return status;
 }
 
-void flex_clear_error(flex_context *ctx)
-{
+void flex_clear_error(flex_context *ctx) {
     char **slot = ctx ? &ctx->error : &thread_error;
     free(*slot);
     *slot = NULL;
     if (ctx) ctx->last_status = FLEX_OK;
 }
 
-const char *flex_error_message(const flex_context *ctx)
-{
+const char *flex_error_message(const flex_context *ctx) {
     const char *msg = ctx ? ctx->error : thread_error;
     return msg ? msg : "";
 }

@@ -76,8 +76,7 @@ flex_status flex_mod_host_views(flex_context *ctx, const flex_mod *mod, mod_buff
 void flex_mod_release_host_views(void **host_copies);
 
 /* Turns a bounds error of an evaluator into FLEX_ERR_BUFFER_BOUNDS on ctx. */
-flex_status flex_fail_bounds(flex_context *ctx, const flex_mod *mod,
-                             const mod_bounds_error *err);
+flex_status flex_fail_bounds(flex_context *ctx, const flex_mod *mod, const mod_bounds_error *err);
 
 /* ---- block masks (core/blockmask.c) ---- */
 

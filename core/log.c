@@ -10,25 +10,27 @@
 
 #include "internal.h"
 
-static int log_level(void)
-{
+static int log_level(void) {
     static _Atomic int level = -1;
     if (level < 0) {
         const char *env = getenv("FLEXATTN_LOG");
         int l = FLEX_LOG_WARN;
         if (env) {
-            if (!strcasecmp(env, "error")) l = FLEX_LOG_ERROR;
-            else if (!strcasecmp(env, "warn")) l = FLEX_LOG_WARN;
-            else if (!strcasecmp(env, "info")) l = FLEX_LOG_INFO;
-            else if (!strcasecmp(env, "debug")) l = FLEX_LOG_DEBUG;
+            if (!strcasecmp(env, "error"))
+                l = FLEX_LOG_ERROR;
+            else if (!strcasecmp(env, "warn"))
+                l = FLEX_LOG_WARN;
+            else if (!strcasecmp(env, "info"))
+                l = FLEX_LOG_INFO;
+            else if (!strcasecmp(env, "debug"))
+                l = FLEX_LOG_DEBUG;
         }
         level = l; /* every thread computes the same value */
     }
     return level;
 }
 
-void flex_log(int level, const char *fmt, ...)
-{
+void flex_log(int level, const char *fmt, ...) {
     static const char *const names[] = {"error", "warn", "info", "debug"};
     if (level > log_level()) return;
     va_list ap;

@@ -15,14 +15,12 @@
  * allocated at the same address. */
 static atomic_uint_fast64_t last_generation;
 
-static uint64_t new_generation(void)
-{
+static uint64_t new_generation(void) {
     return (uint64_t)atomic_fetch_add(&last_generation, 1) + 1;
 }
 
 /* Fills canonical text and hash of a mod whose IR is final. */
-static flex_status finish_mod(flex_context *ctx, flex_mod *mod)
-{
+static flex_status finish_mod(flex_context *ctx, flex_mod *mod) {
     mod->canonical = ir_canonical_text(&mod->ir);
     if (!mod->canonical)
         return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory printing the mod");
@@ -30,8 +28,7 @@ static flex_status finish_mod(flex_context *ctx, flex_mod *mod)
     return FLEX_OK;
 }
 
-flex_status flex_mod_compile(flex_context *ctx, const flex_mod_desc *desc, flex_mod **out)
-{
+flex_status flex_mod_compile(flex_context *ctx, const flex_mod_desc *desc, flex_mod **out) {
     if (!out) return flex_fail(ctx, FLEX_ERR_NULL_POINTER, "out (the flex_mod ** result) is NULL");
     *out = NULL;
     if (!desc) return flex_fail(ctx, FLEX_ERR_NULL_POINTER, "desc (the mod description) is NULL");
@@ -54,28 +51,26 @@ flex_status flex_mod_compile(flex_context *ctx, const flex_mod_desc *desc, flex_
     return FLEX_OK;
 }
 
-void flex_mod_destroy(flex_mod *mod)
-{
+void flex_mod_destroy(flex_mod *mod) {
     if (!mod) return;
     ir_free(&mod->ir);
     free(mod->canonical);
     free(mod);
 }
 
-static int find_buffer(const ir_mod *m, const char *name)
-{
+static int find_buffer(const ir_mod *m, const char *name) {
     for (int i = 0; i < m->num_buffers; i++)
         if (strcmp(m->buffers[i].name, name) == 0) return i;
     return -1;
 }
 
 /* Plain edit distance, for "did you mean" on buffer names. */
-static int distance(const char *a, const char *b)
-{
+static int distance(const char *a, const char *b) {
     size_t la = strlen(a), lb = strlen(b);
     if (la > 63 || lb > 63) return 1000;
     int row[64];
-    for (size_t j = 0; j <= lb; j++) row[j] = (int)j;
+    for (size_t j = 0; j <= lb; j++)
+        row[j] = (int)j;
     for (size_t i = 1; i <= la; i++) {
         int diag = row[0];
         row[0] = (int)i;
@@ -92,8 +87,7 @@ static int distance(const char *a, const char *b)
 }
 
 flex_status flex_mod_bind_buffer(flex_context *ctx, flex_mod *mod, const char *name,
-                                 const flex_tensor *data)
-{
+                                 const flex_tensor *data) {
     if (!mod) return flex_fail(ctx, FLEX_ERR_NULL_POINTER, "mod is NULL");
     if (!name) return flex_fail(ctx, FLEX_ERR_NULL_POINTER, "name (the buffer name) is NULL");
     if (!data) return flex_fail(ctx, FLEX_ERR_NULL_POINTER, "data (the buffer view) is NULL");
@@ -121,8 +115,8 @@ flex_status flex_mod_bind_buffer(flex_context *ctx, flex_mod *mod, const char *n
     }
     const ir_buffer *decl = &m->buffers[i];
     if (!data->data)
-        return flex_fail(ctx, FLEX_ERR_NULL_POINTER, "the data pointer bound to buffer '%s' is NULL",
-                         name);
+        return flex_fail(ctx, FLEX_ERR_NULL_POINTER,
+                         "the data pointer bound to buffer '%s' is NULL", name);
     if (data->dtype != decl->dtype)
         return flex_fail(ctx, FLEX_ERR_DTYPE,
                          "buffer '%s' is declared %s but the bound tensor is %s", name,
@@ -163,32 +157,28 @@ flex_status flex_mod_bind_buffer(flex_context *ctx, flex_mod *mod, const char *n
     return FLEX_OK;
 }
 
-flex_mod_kind flex_mod_get_kind(const flex_mod *mod)
-{
+flex_mod_kind flex_mod_get_kind(const flex_mod *mod) {
     return mod ? mod->ir.kind : FLEX_MOD_MASK;
 }
 
-const char *flex_mod_canonical_text(const flex_mod *mod)
-{
+const char *flex_mod_canonical_text(const flex_mod *mod) {
     return mod && mod->canonical ? mod->canonical : "";
 }
 
-uint64_t flex_mod_hash(const flex_mod *mod)
-{
+uint64_t flex_mod_hash(const flex_mod *mod) {
     return mod ? mod->hash : 0;
 }
 
 /* ---- host views ---- */
 
-static void buffers_read(const ir_mod *m, int *used)
-{
-    for (int i = 0; i < IR_MAX_BUFFERS; i++) used[i] = 0;
+static void buffers_read(const ir_mod *m, int *used) {
+    for (int i = 0; i < IR_MAX_BUFFERS; i++)
+        used[i] = 0;
     for (int i = 0; i < m->num_nodes; i++)
         if (m->nodes[i].op == IR_LOAD) used[m->nodes[i].buffer] = 1;
 }
 
-void flex_mod_release_host_views(void **host_copies)
-{
+void flex_mod_release_host_views(void **host_copies) {
     if (!host_copies) return;
     for (int i = 0; i < IR_MAX_BUFFERS; i++) {
         free(host_copies[i]);
@@ -197,11 +187,11 @@ void flex_mod_release_host_views(void **host_copies)
 }
 
 flex_status flex_mod_host_views(flex_context *ctx, const flex_mod *mod, mod_buffer_view *views,
-                                void **host_copies)
-{
+                                void **host_copies) {
     if (!mod || !views || !host_copies)
         return flex_fail(ctx, FLEX_ERR_NULL_POINTER, "flex_mod_host_views: NULL argument");
-    for (int i = 0; i < IR_MAX_BUFFERS; i++) host_copies[i] = NULL;
+    for (int i = 0; i < IR_MAX_BUFFERS; i++)
+        host_copies[i] = NULL;
     const ir_mod *m = &mod->ir;
     int used[IR_MAX_BUFFERS];
     buffers_read(m, used);
@@ -236,7 +226,8 @@ flex_status flex_mod_host_views(flex_context *ctx, const flex_mod *mod, mod_buff
         }
         /* Copy the contiguous extent covering every element the strides reach. */
         int64_t extent = 1;
-        for (int d = 0; d < t->ndim; d++) extent += (t->sizes[d] - 1) * t->strides[d];
+        for (int d = 0; d < t->ndim; d++)
+            extent += (t->sizes[d] - 1) * t->strides[d];
         size_t bytes = (size_t)extent * flex_dtype_size(t->dtype);
         void *copy = malloc(bytes ? bytes : 1);
         if (!copy) {
@@ -256,8 +247,7 @@ flex_status flex_mod_host_views(flex_context *ctx, const flex_mod *mod, mod_buff
     return FLEX_OK;
 }
 
-flex_status flex_fail_bounds(flex_context *ctx, const flex_mod *mod, const mod_bounds_error *err)
-{
+flex_status flex_fail_bounds(flex_context *ctx, const flex_mod *mod, const mod_bounds_error *err) {
     char msg[512];
     mod_bounds_error_format(mod ? &mod->ir : NULL, err, msg, sizeof msg);
     return flex_fail(ctx, FLEX_ERR_BUFFER_BOUNDS, "%s", msg);
@@ -265,8 +255,7 @@ flex_status flex_fail_bounds(flex_context *ctx, const flex_mod *mod, const mod_b
 
 /* ---- and / or ---- */
 
-static int same_view(const flex_tensor *a, const flex_tensor *b)
-{
+static int same_view(const flex_tensor *a, const flex_tensor *b) {
     if (a->data != b->data || a->dtype != b->dtype || a->ndim != b->ndim ||
         a->device != b->device || a->device_index != b->device_index)
         return 0;
@@ -276,12 +265,12 @@ static int same_view(const flex_tensor *a, const flex_tensor *b)
 }
 
 static flex_status combine(flex_context *ctx, const flex_mod *a, const flex_mod *b, ir_op op,
-                           flex_mod **out)
-{
+                           flex_mod **out) {
     const char *what = op == IR_AND ? "flex_mod_and" : "flex_mod_or";
     if (!out) return flex_fail(ctx, FLEX_ERR_NULL_POINTER, "%s: out is NULL", what);
     *out = NULL;
-    if (!a || !b) return flex_fail(ctx, FLEX_ERR_NULL_POINTER, "%s: mod %s is NULL", what, a ? "b" : "a");
+    if (!a || !b)
+        return flex_fail(ctx, FLEX_ERR_NULL_POINTER, "%s: mod %s is NULL", what, a ? "b" : "a");
     if (a->ir.kind != FLEX_MOD_MASK || b->ir.kind != FLEX_MOD_MASK)
         return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
                          "%s combines mask mods only, but mod %s is a score mod", what,
@@ -338,7 +327,8 @@ static flex_status combine(flex_context *ctx, const flex_mod *a, const flex_mod 
     }
     for (int i = 0; st == FLEX_OK && i < b->ir.num_nodes; i++) {
         ir_node n = b->ir.nodes[i];
-        for (int k = 0; k < n.nargs; k++) n.args[k] = map[n.args[k]];
+        for (int k = 0; k < n.nargs; k++)
+            n.args[k] = map[n.args[k]];
         if (n.op == IR_LOAD) n.buffer = (int8_t)bufmap[n.buffer];
         map[i] = ir_add(m, &n);
         if (map[i] < 0)
@@ -367,12 +357,10 @@ static flex_status combine(flex_context *ctx, const flex_mod *a, const flex_mod 
     return FLEX_OK;
 }
 
-flex_status flex_mod_and(flex_context *ctx, const flex_mod *a, const flex_mod *b, flex_mod **out)
-{
+flex_status flex_mod_and(flex_context *ctx, const flex_mod *a, const flex_mod *b, flex_mod **out) {
     return combine(ctx, a, b, IR_AND, out);
 }
 
-flex_status flex_mod_or(flex_context *ctx, const flex_mod *a, const flex_mod *b, flex_mod **out)
-{
+flex_status flex_mod_or(flex_context *ctx, const flex_mod *a, const flex_mod *b, flex_mod **out) {
     return combine(ctx, a, b, IR_OR, out);
 }

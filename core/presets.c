@@ -19,8 +19,8 @@
 static const flex_param window_params[] = {{"W", 0, 1024}};
 static const flex_param prefix_params[] = {{"P", 0, 2048}};
 static const flex_param sasa_params[] = {{"IW", 0, 128}, {"WIN", 0, 8}};
-static const flex_param natten_params[] = {{"IH", 0, 128}, {"IW", 0, 128}, {"KH", 0, 7},
-                                           {"KW", 0, 7}};
+static const flex_param natten_params[] = {
+    {"IH", 0, 128}, {"IW", 0, 128}, {"KH", 0, 7}, {"KW", 0, 7}};
 static const flex_param alibi_functional_params[] = {{"NH", 0, 16}};
 static const flex_param softcap_params[] = {{"C", 1, 30.0}};
 
@@ -30,9 +30,9 @@ static const flex_buffer_decl alibi_buffers[] = {{"slopes", FLEX_F32, 1}};
 static const flex_buffer_decl flamingo_buffers[] = {{"img_of", FLEX_I32, 1},
                                                     {"intervals", FLEX_I32, 2}};
 
-#define PARAMS(p) p, COUNT(p)
+#define PARAMS(p)  p, COUNT(p)
 #define BUFFERS(b) b, COUNT(b)
-#define NONE NULL, 0
+#define NONE       NULL, 0
 
 static const flex_preset presets[] = {
     {"noop", "full attention: the score unchanged", FLEX_MOD_SCORE, "score", NONE, NONE},
@@ -44,8 +44,8 @@ static const flex_preset presets[] = {
      FLEX_MOD_MASK, "q >= kv && q - kv <= W", PARAMS(window_params), NONE},
     {"sliding_window_bidirectional", "keys within W positions on either side of the query",
      FLEX_MOD_MASK, "abs(q - kv) <= W", PARAMS(window_params), NONE},
-    {"prefix_lm", "prefix LM: keys up to position P seen by all, causal after",
-     FLEX_MOD_MASK, "kv <= P || q >= kv", PARAMS(prefix_params), NONE},
+    {"prefix_lm", "prefix LM: keys up to position P seen by all, causal after", FLEX_MOD_MASK,
+     "kv <= P || q >= kv", PARAMS(prefix_params), NONE},
     {"document", "document mask: tokens see only tokens of the same document (buffer doc)",
      FLEX_MOD_MASK, "doc[q] == doc[kv]", NONE, BUFFERS(doc_buffers)},
     {"document_causal", "causal within each document (buffer doc: document id per token)",
@@ -77,8 +77,8 @@ static const flex_preset presets[] = {
     {"alibi_functional", "ALiBi with the slopes of NH heads computed in the mod, as in the seed",
      FLEX_MOD_SCORE, "score + (q - kv) * exp2(-((h + 1) * 8.0 / NH))",
      PARAMS(alibi_functional_params), NONE},
-    {"softcap", "tanh soft-capping of the score to (-C, C)", FLEX_MOD_SCORE,
-     "C * tanh(score / C)", PARAMS(softcap_params), NONE},
+    {"softcap", "tanh soft-capping of the score to (-C, C)", FLEX_MOD_SCORE, "C * tanh(score / C)",
+     PARAMS(softcap_params), NONE},
     {"softcap_approx", "tanh soft-capping with the fast approximate tanh", FLEX_MOD_SCORE,
      "C * tanh_approx(score / C)", PARAMS(softcap_params), NONE},
     {"checkerboard", "the seed's checkerboard: odd distances halved, even ones unchanged",
@@ -95,18 +95,15 @@ static const flex_preset presets[] = {
      NONE, BUFFERS(flamingo_buffers)},
 };
 
-int flex_preset_count(void)
-{
+int flex_preset_count(void) {
     return COUNT(presets);
 }
 
-const flex_preset *flex_preset_at(int i)
-{
+const flex_preset *flex_preset_at(int i) {
     return i >= 0 && i < COUNT(presets) ? &presets[i] : NULL;
 }
 
-const flex_preset *flex_preset_find(const char *name)
-{
+const flex_preset *flex_preset_find(const char *name) {
     if (!name) return NULL;
     for (int i = 0; i < COUNT(presets); i++)
         if (strcmp(presets[i].name, name) == 0) return &presets[i];
@@ -114,8 +111,7 @@ const flex_preset *flex_preset_find(const char *name)
 }
 
 flex_status flex_preset_compile(flex_context *ctx, const char *name, const flex_param *overrides,
-                                int num_overrides, flex_mod **out)
-{
+                                int num_overrides, flex_mod **out) {
     if (!out) return flex_fail(ctx, FLEX_ERR_NULL_POINTER, "out (the new mod) is NULL");
     *out = NULL;
     if (!name) return flex_fail(ctx, FLEX_ERR_NULL_POINTER, "preset name is NULL");
@@ -137,7 +133,8 @@ flex_status flex_preset_compile(flex_context *ctx, const char *name, const flex_
     flex_param params[16];
     int n = p->num_params;
     if (n > COUNT(params)) return flex_fail(ctx, FLEX_ERR_INTERNAL, "preset has too many params");
-    for (int i = 0; i < n; i++) params[i] = p->params[i];
+    for (int i = 0; i < n; i++)
+        params[i] = p->params[i];
     for (int k = 0; k < num_overrides; k++) {
         const flex_param *o = &overrides[k];
         if (!o->name) return flex_fail(ctx, FLEX_ERR_NULL_POINTER, "override %d has no name", k);
@@ -165,9 +162,8 @@ flex_status flex_preset_compile(flex_context *ctx, const char *name, const flex_
     return flex_mod_compile(ctx, &desc, out);
 }
 
-flex_status flex_sequence_ids_from_offsets(const int32_t *offsets, int num_offsets,
-                                           int32_t *ids, int64_t total)
-{
+flex_status flex_sequence_ids_from_offsets(const int32_t *offsets, int num_offsets, int32_t *ids,
+                                           int64_t total) {
     if (!offsets) return flex_fail(NULL, FLEX_ERR_NULL_POINTER, "offsets is NULL");
     if (!ids && total > 0) return flex_fail(NULL, FLEX_ERR_NULL_POINTER, "ids is NULL");
     if (num_offsets < 1)
@@ -190,6 +186,7 @@ flex_status flex_sequence_ids_from_offsets(const int32_t *offsets, int num_offse
                          "the last offset is %d but total is %lld; they must be equal",
                          (int)offsets[num_offsets - 1], (long long)total);
     for (int s = 0; s + 1 < num_offsets; s++)
-        for (int32_t t = offsets[s]; t < offsets[s + 1]; t++) ids[t] = s;
+        for (int32_t t = offsets[s]; t < offsets[s + 1]; t++)
+            ids[t] = s;
     return FLEX_OK;
 }

@@ -28,27 +28,25 @@ static const backend_slot backend_slots[] = {
 #if FLEXATTN_HAVE_CUDA
     {.name = "cuda", .table = &flex_backend_cuda},
 #else
-    {.name = "cuda", .not_built_reason = "this library was built without the CUDA backend (meson option cuda)"},
+    {.name = "cuda",
+     .not_built_reason = "this library was built without the CUDA backend (meson option cuda)"},
 #endif
     {.name = "hip", .not_built_reason = "the HIP backend is not part of this version of flexattn"},
     {.name = "cpu", .table = &flex_backend_cpu},
 };
 enum { NUM_BACKEND_SLOTS = sizeof backend_slots / sizeof backend_slots[0] };
 
-const char *flex_version(void)
-{
+const char *flex_version(void) {
     return FLEXATTN_VERSION;
 }
 
-int flex_backend_count(void)
-{
+int flex_backend_count(void) {
     return NUM_BACKEND_SLOTS;
 }
 
 /* The table's ABI check lives here so every path that uses a table passes
  * through it. */
-static int table_abi_ok(const flex_backend_iface *t, char *why, size_t cap)
-{
+static int table_abi_ok(const flex_backend_iface *t, char *why, size_t cap) {
     if (t->abi_version != FLEX_BACKEND_ABI_VERSION) {
         snprintf(why, cap, "backend '%s' has ABI version %d, this core needs %d", t->name,
                  t->abi_version, FLEX_BACKEND_ABI_VERSION);
@@ -57,8 +55,7 @@ static int table_abi_ok(const flex_backend_iface *t, char *why, size_t cap)
     return 1;
 }
 
-flex_status flex_backend_get_info(int i, flex_backend_info *info)
-{
+flex_status flex_backend_get_info(int i, flex_backend_info *info) {
     if (!info) return flex_fail(NULL, FLEX_ERR_NULL_POINTER, "flex_backend_get_info: info is NULL");
     if (i < 0 || i >= NUM_BACKEND_SLOTS)
         return flex_fail(NULL, FLEX_ERR_INVALID_ARGUMENT,
@@ -80,9 +77,9 @@ flex_status flex_backend_get_info(int i, flex_backend_info *info)
 }
 
 /* Parses "name[:N]" into a lower-case name and a device index. */
-static flex_status parse_spec(const char *spec, char *name, size_t cap, int *device)
-{
-    while (isspace((unsigned char)*spec)) spec++;
+static flex_status parse_spec(const char *spec, char *name, size_t cap, int *device) {
+    while (isspace((unsigned char)*spec))
+        spec++;
     size_t n = 0;
     const char *p = spec;
     while (*p && *p != ':' && !isspace((unsigned char)*p)) {
@@ -103,7 +100,8 @@ static flex_status parse_spec(const char *spec, char *name, size_t cap, int *dev
         *device = (int)v;
         p = end;
     }
-    while (isspace((unsigned char)*p)) p++;
+    while (isspace((unsigned char)*p))
+        p++;
     if (*p)
         return flex_fail(NULL, FLEX_ERR_BACKEND,
                          "backend '%s' is not of the form NAME or NAME:DEVICE", spec);
@@ -111,8 +109,7 @@ static flex_status parse_spec(const char *spec, char *name, size_t cap, int *dev
     return FLEX_OK;
 }
 
-static flex_status open_table(const flex_backend_iface *t, int device, flex_context **out)
-{
+static flex_status open_table(const flex_backend_iface *t, int device, flex_context **out) {
     flex_context *ctx = calloc(1, sizeof *ctx);
     if (!ctx) return flex_fail(NULL, FLEX_ERR_OUT_OF_MEMORY, "out of memory creating a context");
     ctx->backend = t;
@@ -130,8 +127,7 @@ static flex_status open_table(const flex_backend_iface *t, int device, flex_cont
     return FLEX_OK;
 }
 
-flex_status flex_context_create(const char *spec, flex_context **out)
-{
+flex_status flex_context_create(const char *spec, flex_context **out) {
     if (!out) return flex_fail(NULL, FLEX_ERR_NULL_POINTER, "flex_context_create: out is NULL");
     *out = NULL;
     const char *from = "argument";
@@ -164,8 +160,7 @@ flex_status flex_context_create(const char *spec, flex_context **out)
                          info.name, info.reason);
             }
         }
-        if (!best)
-            return flex_fail(NULL, FLEX_ERR_BACKEND, "no usable backend (%s)", reasons);
+        if (!best) return flex_fail(NULL, FLEX_ERR_BACKEND, "no usable backend (%s)", reasons);
         flex_log(FLEX_LOG_INFO, "auto selected backend '%s'", best->name);
         return open_table(best, device, out);
     }
@@ -180,8 +175,8 @@ flex_status flex_context_create(const char *spec, flex_context **out)
         if (!table_abi_ok(s->table, why, sizeof why))
             return flex_fail(NULL, FLEX_ERR_BACKEND, "%s", why);
         if (s->table->score(why, sizeof why) <= 0)
-            return flex_fail(NULL, FLEX_ERR_BACKEND, "backend '%s' (from %s) is not usable here: %s",
-                             name, from, why);
+            return flex_fail(NULL, FLEX_ERR_BACKEND,
+                             "backend '%s' (from %s) is not usable here: %s", name, from, why);
         return open_table(s->table, device, out);
     }
     char known[128] = "auto";
@@ -193,8 +188,7 @@ flex_status flex_context_create(const char *spec, flex_context **out)
                      from, known);
 }
 
-void flex_context_destroy(flex_context *ctx)
-{
+void flex_context_destroy(flex_context *ctx) {
     if (!ctx) return;
     flex_mask_cache_clear(ctx);
     ctx->backend->release(ctx);
@@ -202,22 +196,18 @@ void flex_context_destroy(flex_context *ctx)
     free(ctx);
 }
 
-const char *flex_context_backend(const flex_context *ctx)
-{
+const char *flex_context_backend(const flex_context *ctx) {
     return ctx ? ctx->backend->name : "";
 }
 
-int flex_context_device_index(const flex_context *ctx)
-{
+int flex_context_device_index(const flex_context *ctx) {
     return ctx ? ctx->device_index : -1;
 }
 
-flex_device_type flex_context_device_type(const flex_context *ctx)
-{
+flex_device_type flex_context_device_type(const flex_context *ctx) {
     return ctx ? ctx->backend->device_type : FLEX_DEVICE_CPU;
 }
 
-const char *flex_context_device_name(const flex_context *ctx)
-{
+const char *flex_context_device_name(const flex_context *ctx) {
     return ctx ? flex_backend_device_name((flex_context *)ctx) : "";
 }

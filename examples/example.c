@@ -9,18 +9,17 @@
 #include <stdio.h>
 #include <stdlib.h>
 
-#define CHECK(call)                                                                   \
-    do {                                                                              \
-        flex_status st_ = (call);                                                     \
-        if (st_ != FLEX_OK) {                                                         \
-            fprintf(stderr, "%s failed: %s: %s\n", #call, flex_status_name(st_),      \
-                    flex_error_message(ctx));                                         \
-            return 1;                                                                 \
-        }                                                                             \
+#define CHECK(call)                                                                                \
+    do {                                                                                           \
+        flex_status st_ = (call);                                                                  \
+        if (st_ != FLEX_OK) {                                                                      \
+            fprintf(stderr, "%s failed: %s: %s\n", #call, flex_status_name(st_),                   \
+                    flex_error_message(ctx));                                                      \
+            return 1;                                                                              \
+        }                                                                                          \
     } while (0)
 
-int main(void)
-{
+int main(void) {
     enum { B = 1, H = 4, S = 300, D = 64 };
     flex_context *ctx = NULL;
     CHECK(flex_context_create(NULL, &ctx)); /* FLEXATTN_BACKEND, else auto */
@@ -45,7 +44,8 @@ int main(void)
     size_t n = (size_t)B * H * S * D;
     float *host = malloc(n * sizeof *host);
     if (!host) return 1;
-    for (size_t i = 0; i < n; i++) host[i] = (float)sin(0.37 * (double)i);
+    for (size_t i = 0; i < n; i++)
+        host[i] = (float)sin(0.37 * (double)i);
     void *q = NULL, *k = NULL, *v = NULL, *o = NULL;
     CHECK(flex_malloc(ctx, n * sizeof(float), &q));
     CHECK(flex_malloc(ctx, n * sizeof(float), &k));

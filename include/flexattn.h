@@ -49,14 +49,14 @@ typedef enum flex_status {
     FLEX_ERR_UNSUPPORTED = 5,      /* valid request this backend cannot do */
     FLEX_ERR_BACKEND = 6,          /* backend unknown, not built in, or unusable */
     FLEX_ERR_OUT_OF_MEMORY = 7,
-    FLEX_ERR_MOD_SYNTAX = 8,       /* mod text does not parse */
-    FLEX_ERR_MOD_TYPE = 9,         /* mod text parses but is ill-typed */
-    FLEX_ERR_MOD_NAME = 10,        /* mod text names an unknown variable, param, buffer or function */
-    FLEX_ERR_BUFFER_BOUNDS = 11,   /* a mod read a buffer outside its sizes */
-    FLEX_ERR_BUFFER_UNBOUND = 12,  /* a mod's buffer has no data bound */
-    FLEX_ERR_COMPILE = 13,         /* run-time kernel compilation failed (log in message) */
-    FLEX_ERR_DEVICE = 14,          /* a GPU runtime call failed */
-    FLEX_ERR_IO = 15,              /* a file could not be read or written */
+    FLEX_ERR_MOD_SYNTAX = 8,     /* mod text does not parse */
+    FLEX_ERR_MOD_TYPE = 9,       /* mod text parses but is ill-typed */
+    FLEX_ERR_MOD_NAME = 10,      /* mod text names an unknown variable, param, buffer or function */
+    FLEX_ERR_BUFFER_BOUNDS = 11, /* a mod read a buffer outside its sizes */
+    FLEX_ERR_BUFFER_UNBOUND = 12, /* a mod's buffer has no data bound */
+    FLEX_ERR_COMPILE = 13,        /* run-time kernel compilation failed (log in message) */
+    FLEX_ERR_DEVICE = 14,         /* a GPU runtime call failed */
+    FLEX_ERR_IO = 15,             /* a file could not be read or written */
     FLEX_ERR_INTERNAL = 16
 } flex_status;
 
@@ -114,11 +114,11 @@ const char *flex_error_message(const flex_context *ctx);
  * Backend discovery (for tools such as `flexattn info`)
  * ------------------------------------------------------------------------- */
 typedef struct flex_backend_info {
-    const char *name;   /* "cpu", "cuda", "hip" (static) */
-    int built_in;       /* compiled into this library */
-    int usable;         /* its runtime was found and a device answered */
-    int score;          /* preference for "auto"; 0 when unusable */
-    char reason[256];   /* why not usable / what was found, in words */
+    const char *name; /* "cpu", "cuda", "hip" (static) */
+    int built_in;     /* compiled into this library */
+    int usable;       /* its runtime was found and a device answered */
+    int score;        /* preference for "auto"; 0 when unusable */
+    char reason[256]; /* why not usable / what was found, in words */
 } flex_backend_info;
 
 /* Number of backends this library knows of (built in or not). */
@@ -295,8 +295,8 @@ flex_status flex_preset_compile(flex_context *ctx, const char *name, const flex_
  * given offsets[0..num_offsets) (offsets[0] == 0, non-decreasing, last ==
  * total). Used for document and jagged presets. Borrows both arrays.
  */
-flex_status flex_sequence_ids_from_offsets(const int32_t *offsets, int num_offsets,
-                                           int32_t *ids, int64_t total);
+flex_status flex_sequence_ids_from_offsets(const int32_t *offsets, int num_offsets, int32_t *ids,
+                                           int64_t total);
 
 /* ---------------------------------------------------------------------------
  * Block masks
@@ -361,7 +361,7 @@ flex_status flex_block_mask_or(flex_context *ctx, const flex_block_mask *a,
 void flex_block_mask_destroy(flex_block_mask *mask);
 
 typedef struct flex_block_mask_shape {
-    int64_t B, H;          /* as stored: 1 when broadcast */
+    int64_t B, H; /* as stored: 1 when broadcast */
     int64_t q_len, kv_len;
     int q_block, kv_block;
     int64_t num_q_blocks, num_kv_blocks;

@@ -12,13 +12,11 @@
 #include "flexattn.h"
 #include "dtype.h"
 
-static int contains(const char *hay, const char *needle)
-{
+static int contains(const char *hay, const char *needle) {
     return strstr(hay, needle) != NULL;
 }
 
-START_TEST(context_cpu_by_name)
-{
+START_TEST(context_cpu_by_name) {
     const char *specs[] = {"cpu", "CPU", " cpu ", "Cpu:0"};
     for (size_t i = 0; i < sizeof specs / sizeof specs[0]; i++) {
         flex_context *ctx = NULL;
@@ -32,8 +30,7 @@ START_TEST(context_cpu_by_name)
 }
 END_TEST
 
-START_TEST(context_errors_name_the_reason)
-{
+START_TEST(context_errors_name_the_reason) {
     flex_context *ctx = (flex_context *)1;
     ck_assert_int_eq(flex_context_create("tpu", &ctx), FLEX_ERR_BACKEND);
     ck_assert_ptr_null(ctx);
@@ -54,8 +51,7 @@ END_TEST
 
 /* A GPU backend is either usable and opens, or unusable and refuses with
  * the reason the registry gives: never a silent switch to the CPU. */
-START_TEST(context_gpu_never_falls_back)
-{
+START_TEST(context_gpu_never_falls_back) {
     for (int i = 0; i < flex_backend_count(); i++) {
         flex_backend_info info;
         ck_assert_int_eq(flex_backend_get_info(i, &info), FLEX_OK);
@@ -82,8 +78,7 @@ START_TEST(context_gpu_never_falls_back)
 }
 END_TEST
 
-START_TEST(context_from_environment)
-{
+START_TEST(context_from_environment) {
     flex_context *ctx = NULL;
     setenv("FLEXATTN_BACKEND", "cpu", 1);
     ck_assert_int_eq(flex_context_create(NULL, &ctx), FLEX_OK);
@@ -104,8 +99,7 @@ START_TEST(context_from_environment)
 }
 END_TEST
 
-START_TEST(status_names)
-{
+START_TEST(status_names) {
     ck_assert_str_eq(flex_status_name(FLEX_OK), "OK");
     ck_assert_str_eq(flex_status_name(FLEX_ERR_SHAPE), "ERR_SHAPE");
     ck_assert_str_eq(flex_status_name(FLEX_ERR_INTERNAL), "ERR_INTERNAL");
@@ -115,8 +109,7 @@ START_TEST(status_names)
 }
 END_TEST
 
-START_TEST(tensor_views)
-{
+START_TEST(tensor_views) {
     float x;
     flex_tensor t = flex_tensor_bhsd(&x, FLEX_F16, 2, 3, 5, 7, FLEX_DEVICE_CPU);
     ck_assert_int_eq(t.ndim, 4);
@@ -146,8 +139,7 @@ END_TEST
 /* Every f16 bit pattern survives f16 -> f32 -> f16, and rounding on the way
  * down is to nearest even (checked against the compiler's _Float16 where it
  * has one, else against halfway cases built by hand). */
-START_TEST(half_conversions)
-{
+START_TEST(half_conversions) {
     for (uint32_t h = 0; h < 65536; h++) {
         float f = flex_f16_to_float((uint16_t)h);
         if (isnan(f)) {
@@ -192,15 +184,15 @@ START_TEST(half_conversions)
 }
 END_TEST
 
-START_TEST(memory_api)
-{
+START_TEST(memory_api) {
     flex_context *ctx = NULL;
     ck_assert_int_eq(flex_context_create("cpu", &ctx), FLEX_OK);
     void *p = NULL;
     ck_assert_int_eq(flex_malloc(ctx, 100, &p), FLEX_OK);
     ck_assert_ptr_nonnull(p);
     char src[100], dst[100];
-    for (int i = 0; i < 100; i++) src[i] = (char)i;
+    for (int i = 0; i < 100; i++)
+        src[i] = (char)i;
     ck_assert_int_eq(flex_copy_to_device(ctx, p, src, 100), FLEX_OK);
     ck_assert_int_eq(flex_copy_to_host(ctx, dst, p, 100), FLEX_OK);
     ck_assert_int_eq(memcmp(src, dst, 100), 0);
@@ -227,8 +219,7 @@ typedef struct fixture {
     flex_tensor tq, tk, tv, to, tl;
 } fixture;
 
-static fixture *fixture_new(void)
-{
+static fixture *fixture_new(void) {
     fixture *f = calloc(1, sizeof *f);
     ck_assert_ptr_nonnull(f);
     ck_assert_int_eq(flex_context_create("cpu", &f->ctx), FLEX_OK);
@@ -238,7 +229,8 @@ static fixture *fixture_new(void)
         f->v[i] = (float)sin(0.5 * i);
         f->out[i] = POISON;
     }
-    for (int i = 0; i < B * H * S; i++) f->lse[i] = POISON;
+    for (int i = 0; i < B * H * S; i++)
+        f->lse[i] = POISON;
     f->tq = flex_tensor_bhsd(f->q, FLEX_F32, B, H, S, D, FLEX_DEVICE_CPU);
     f->tk = flex_tensor_bhsd(f->k, FLEX_F32, B, H, S, D, FLEX_DEVICE_CPU);
     f->tv = flex_tensor_bhsd(f->v, FLEX_F32, B, H, S, D, FLEX_DEVICE_CPU);
@@ -248,22 +240,21 @@ static fixture *fixture_new(void)
     return f;
 }
 
-static void fixture_free(fixture *f)
-{
+static void fixture_free(fixture *f) {
     flex_context_destroy(f->ctx);
     free(f);
 }
 
-static void assert_untouched(const fixture *f)
-{
-    for (int i = 0; i < B * H * S * D; i++) ck_assert_float_eq(f->out[i], POISON);
-    for (int i = 0; i < B * H * S; i++) ck_assert_float_eq(f->lse[i], POISON);
+static void assert_untouched(const fixture *f) {
+    for (int i = 0; i < B * H * S * D; i++)
+        ck_assert_float_eq(f->out[i], POISON);
+    for (int i = 0; i < B * H * S; i++)
+        ck_assert_float_eq(f->lse[i], POISON);
 }
 
 /* Runs one bad call and checks the status, that the message names `what`,
  * and that nothing was written. */
-static void expect_error(fixture *f, flex_status got, flex_status want, const char *what)
-{
+static void expect_error(fixture *f, flex_status got, flex_status want, const char *what) {
     ck_assert_msg(got == want, "status %s, wanted %s (message: %s)", flex_status_name(got),
                   flex_status_name(want), flex_error_message(f->ctx));
     ck_assert_msg(contains(flex_error_message(f->ctx), what), "message '%s' lacks '%s'",
@@ -271,8 +262,7 @@ static void expect_error(fixture *f, flex_status got, flex_status want, const ch
     assert_untouched(f);
 }
 
-START_TEST(attention_argument_errors)
-{
+START_TEST(attention_argument_errors) {
     fixture *f = fixture_new();
     flex_context *ctx = f->ctx;
     ck_assert_int_eq(flex_attention(NULL, &f->tq, &f->tk, &f->tv, NULL, NULL, NULL, &f->to, NULL),
@@ -357,8 +347,7 @@ START_TEST(attention_argument_errors)
 }
 END_TEST
 
-START_TEST(attention_mod_errors)
-{
+START_TEST(attention_mod_errors) {
     fixture *f = fixture_new();
     flex_context *ctx = f->ctx;
     flex_mod *mask = NULL, *score = NULL, *alibi = NULL;
@@ -367,8 +356,10 @@ START_TEST(attention_mod_errors)
     flex_mod_desc sd = {.kind = FLEX_MOD_SCORE, .text = "score * 2"};
     ck_assert_int_eq(flex_mod_compile(ctx, &sd, &score), FLEX_OK);
     flex_buffer_decl slopes = {.name = "slopes", .dtype = FLEX_F32, .ndim = 1};
-    flex_mod_desc ad = {.kind = FLEX_MOD_SCORE, .text = "score + slopes[h] * (kv - q)",
-                        .buffers = &slopes, .num_buffers = 1};
+    flex_mod_desc ad = {.kind = FLEX_MOD_SCORE,
+                        .text = "score + slopes[h] * (kv - q)",
+                        .buffers = &slopes,
+                        .num_buffers = 1};
     ck_assert_int_eq(flex_mod_compile(ctx, &ad, &alibi), FLEX_OK);
 
     /* a mask mod passed as the score mod */
@@ -406,10 +397,13 @@ START_TEST(attention_mod_errors)
     ck_assert_int_eq(flex_attention(ctx, &f->tq, &f->tk, &f->tv, score, NULL,
                                     &(flex_attention_options){.mask_mod = mask}, &f->to, &f->tl),
                      FLEX_OK);
-    for (int i = 0; i < B * H * S * D; i++) ck_assert(f->out[i] != POISON && isfinite(f->out[i]));
-    for (int i = 0; i < B * H * S; i++) ck_assert(isfinite(f->lse[i]));
+    for (int i = 0; i < B * H * S * D; i++)
+        ck_assert(f->out[i] != POISON && isfinite(f->out[i]));
+    for (int i = 0; i < B * H * S; i++)
+        ck_assert(isfinite(f->lse[i]));
     /* first row under a causal mask attends to key 0 only: out = v[0] */
-    for (int d = 0; d < D; d++) ck_assert_float_eq_tol(f->out[d], f->v[d], 1e-6f);
+    for (int d = 0; d < D; d++)
+        ck_assert_float_eq_tol(f->out[d], f->v[d], 1e-6f);
 
     flex_mod_destroy(alibi);
     flex_mod_destroy(score);
@@ -418,16 +412,16 @@ START_TEST(attention_mod_errors)
 }
 END_TEST
 
-START_TEST(backward_argument_errors)
-{
+START_TEST(backward_argument_errors) {
     fixture *f = fixture_new();
     flex_context *ctx = f->ctx;
     float dout[B * H * S * D], dq[B * H * S * D];
-    for (int i = 0; i < B * H * S * D; i++) dout[i] = 1.0f, dq[i] = POISON;
+    for (int i = 0; i < B * H * S * D; i++)
+        dout[i] = 1.0f, dq[i] = POISON;
     flex_tensor tdo = flex_tensor_bhsd(dout, FLEX_F32, B, H, S, D, FLEX_DEVICE_CPU);
     flex_tensor tdq = flex_tensor_bhsd(dq, FLEX_F32, B, H, S, D, FLEX_DEVICE_CPU);
-    ck_assert_int_eq(flex_attention_backward(ctx, &f->tq, &f->tk, &f->tv, &f->to, &tdo, NULL,
-                                             NULL, NULL, NULL, &tdq, NULL, NULL, NULL, 0),
+    ck_assert_int_eq(flex_attention_backward(ctx, &f->tq, &f->tk, &f->tv, &f->to, &tdo, NULL, NULL,
+                                             NULL, NULL, &tdq, NULL, NULL, NULL, 0),
                      FLEX_ERR_NULL_POINTER);
     ck_assert(contains(flex_error_message(ctx), "lse"));
     flex_tensor alias = flex_tensor_bhsd(dout, FLEX_F32, B, H, S, D, FLEX_DEVICE_CPU);
@@ -440,13 +434,13 @@ START_TEST(backward_argument_errors)
                                              NULL, NULL, NULL, &tdq, NULL, NULL, &g, 1),
                      FLEX_ERR_INVALID_ARGUMENT);
     ck_assert(contains(flex_error_message(ctx), "nope"));
-    for (int i = 0; i < B * H * S * D; i++) ck_assert_float_eq(dq[i], POISON);
+    for (int i = 0; i < B * H * S * D; i++)
+        ck_assert_float_eq(dq[i], POISON);
     fixture_free(f);
 }
 END_TEST
 
-int main(void)
-{
+int main(void) {
     Suite *s = suite_create("api");
     TCase *tc = tcase_create("api");
     tcase_add_test(tc, context_cpu_by_name);

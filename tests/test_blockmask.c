@@ -21,13 +21,11 @@ static flex_context *ctx;
         if (!(cond)) ck_abort_msg(__VA_ARGS__);                                                    \
     } while (0)
 
-static void setup(void)
-{
+static void setup(void) {
     ck_assert_int_eq(flex_context_create("cpu", &ctx), FLEX_OK);
 }
 
-static void teardown(void)
-{
+static void teardown(void) {
     flex_context_destroy(ctx);
     ctx = NULL;
 }
@@ -35,8 +33,7 @@ static void teardown(void)
 /* ---- helpers ---- */
 
 static flex_mod *compile_mask(const char *text, const flex_param *params, int num_params,
-                              const flex_buffer_decl *buffers, int num_buffers)
-{
+                              const flex_buffer_decl *buffers, int num_buffers) {
     flex_mod_desc desc = {FLEX_MOD_MASK, text, params, num_params, buffers, num_buffers};
     flex_mod *mod = NULL;
     flex_status st = flex_mod_compile(ctx, &desc, &mod);
@@ -45,8 +42,7 @@ static flex_mod *compile_mask(const char *text, const flex_param *params, int nu
 }
 
 static void bind_i32(flex_mod *mod, const char *name, int32_t *data, int ndim,
-                     const int64_t *sizes)
-{
+                     const int64_t *sizes) {
     flex_tensor t = flex_tensor_contiguous(data, FLEX_I32, ndim, sizes, FLEX_DEVICE_CPU);
     flex_status st = flex_mod_bind_buffer(ctx, mod, name, &t);
     ck_assert_msg(st == FLEX_OK, "binding %s: %s", name, flex_error_message(ctx));
@@ -55,8 +51,7 @@ static void bind_i32(flex_mod *mod, const char *name, int32_t *data, int ndim,
 /* Classes by evaluating every element with the scalar interpreter: the
  * definition the builder must meet. Layout as flex_block_mask_to_dense. */
 static uint8_t *exhaustive_classes(const flex_mod *mod, int64_t Bm, int64_t Hm, int64_t q_len,
-                                   int64_t kv_len, int qb, int kb)
-{
+                                   int64_t kv_len, int qb, int kb) {
     int64_t nq = (q_len + qb - 1) / qb, nk = (kv_len + kb - 1) / kb;
     uint8_t *seen = calloc((size_t)(Bm * Hm * nq * nk), 1);
     ir_value *scratch = malloc(sizeof(ir_value) * (size_t)mod->ir.num_nodes + 1);
@@ -81,7 +76,7 @@ static uint8_t *exhaustive_classes(const flex_mod *mod, int64_t Bm, int64_t Hm, 
     flex_mod_release_host_views(copies);
     free(scratch);
     for (int64_t k = 0; k < Bm * Hm * nq * nk; k++)
-        seen[k] = seen[k] == 3 ? FLEX_BLOCK_PARTIAL
+        seen[k] = seen[k] == 3   ? FLEX_BLOCK_PARTIAL
                   : seen[k] == 2 ? FLEX_BLOCK_FULL
                                  : FLEX_BLOCK_EMPTY;
     return seen;
@@ -89,8 +84,7 @@ static uint8_t *exhaustive_classes(const flex_mod *mod, int64_t Bm, int64_t Hm, 
 
 /* The kv-major lists, the q-major lists and the counts all say what the
  * dense export says. */
-static void check_lists(const flex_block_mask *m, const uint8_t *dense)
-{
+static void check_lists(const flex_block_mask *m, const uint8_t *dense) {
     int64_t nq = m->num_q_blocks, nk = m->num_kv_blocks, bh = m->B * m->H;
     int64_t full = 0, part = 0;
     for (int64_t k = 0; k < bh * nq * nk; k++) {
@@ -111,21 +105,23 @@ static void check_lists(const flex_block_mask *m, const uint8_t *dense)
         for (int64_t s = 0; s < bh; s++) {
             for (int64_t i = 0; i < nq; i++) {
                 int64_t r = s * nq + i, expect = 0;
-                for (int64_t j = 0; j < nk; j++) expect += dense[r * nk + j] == cls[l];
+                for (int64_t j = 0; j < nk; j++)
+                    expect += dense[r * nk + j] == cls[l];
                 REQUIRE(kl->offsets[r + 1] - kl->offsets[r] == expect, "row %lld count",
                         (long long)r);
                 for (int32_t k = kl->offsets[r]; k < kl->offsets[r + 1]; k++) {
                     int32_t j = kl->indices[k];
                     REQUIRE(j >= 0 && j < nk, "row %lld: index %d outside", (long long)r, j);
-                    REQUIRE(k == kl->offsets[r] || kl->indices[k - 1] < j,
-                            "row %lld not ascending", (long long)r);
+                    REQUIRE(k == kl->offsets[r] || kl->indices[k - 1] < j, "row %lld not ascending",
+                            (long long)r);
                     REQUIRE(dense[r * nk + j] == cls[l], "row %lld block %d class", (long long)r,
                             j);
                 }
             }
             for (int64_t j = 0; j < nk; j++) {
                 int64_t c = s * nk + j, expect = 0;
-                for (int64_t i = 0; i < nq; i++) expect += dense[(s * nq + i) * nk + j] == cls[l];
+                for (int64_t i = 0; i < nq; i++)
+                    expect += dense[(s * nq + i) * nk + j] == cls[l];
                 REQUIRE(ql->offsets[c + 1] - ql->offsets[c] == expect, "column %lld count",
                         (long long)c);
                 for (int32_t k = ql->offsets[c]; k < ql->offsets[c + 1]; k++) {
@@ -145,9 +141,8 @@ static void check_lists(const flex_block_mask *m, const uint8_t *dense)
 
 /* Builds the mask of mod and compares it block for block with the
  * exhaustive evaluation. */
-static void check_mask(const char *what, const flex_mod *mod, int64_t B, int64_t H,
-                       int64_t q_len, int64_t kv_len, int qb, int kb)
-{
+static void check_mask(const char *what, const flex_mod *mod, int64_t B, int64_t H, int64_t q_len,
+                       int64_t kv_len, int qb, int kb) {
     flex_block_mask *m = NULL;
     flex_status st = flex_block_mask_create(ctx, mod, B, H, q_len, kv_len, qb, kb, &m);
     ck_assert_msg(st == FLEX_OK, "%s: %s", what, flex_error_message(ctx));
@@ -166,10 +161,10 @@ static void check_mask(const char *what, const flex_mod *mod, int64_t B, int64_t
     uint8_t *expect = exhaustive_classes(mod, Bm, Hm, q_len, kv_len, qb, kb);
     for (int64_t k = 0; k < total; k++)
         REQUIRE(dense[k] == expect[k],
-                      "%s (q_len %lld, kv_len %lld, blocks %d x %d, B %lld, H %lld): block %lld "
-                      "is %d, element-wise says %d",
-                      what, (long long)q_len, (long long)kv_len, qb, kb, (long long)B,
-                      (long long)H, (long long)k, dense[k], expect[k]);
+                "%s (q_len %lld, kv_len %lld, blocks %d x %d, B %lld, H %lld): block %lld "
+                "is %d, element-wise says %d",
+                what, (long long)q_len, (long long)kv_len, qb, kb, (long long)B, (long long)H,
+                (long long)k, dense[k], expect[k]);
     check_lists(m, dense);
     free(expect);
     free(dense);
@@ -182,14 +177,13 @@ typedef struct geometry {
 } geometry;
 
 static const geometry geometries[] = {
-    {1, 1, 16, 16},      {17, 300, 16, 64},   {128, 128, 128, 128}, {300, 520, 128, 32},
+    {1, 1, 16, 16},       {17, 300, 16, 64},  {128, 128, 128, 128}, {300, 520, 128, 32},
     {1000, 200, 32, 128}, {257, 129, 64, 16}, {200, 200, 16, 16},   {100, 37, 0, 0},
 };
 #define NUM_GEOMETRIES ((int)(sizeof geometries / sizeof geometries[0]))
 
 /* Document ids with uneven lengths (1 to 90 tokens) covering n tokens. */
-static int32_t *make_doc_ids(int64_t n, int32_t **offsets_out, int *num_offsets)
-{
+static int32_t *make_doc_ids(int64_t n, int32_t **offsets_out, int *num_offsets) {
     static const int lengths[] = {37, 5, 90, 1, 64, 16, 33, 2, 70};
     int32_t *ids = malloc(sizeof(int32_t) * (size_t)n);
     int32_t *offs = malloc(sizeof(int32_t) * (size_t)(n + 2));
@@ -214,8 +208,7 @@ static int32_t *make_doc_ids(int64_t n, int32_t **offsets_out, int *num_offsets)
 
 /* A preset (with test-sized params) compiled and its buffers bound for
  * (q_len, kv_len). Buffers are returned in bufs for the caller to free. */
-static flex_mod *preset_for(const char *name, int64_t q_len, int64_t kv_len, void **bufs)
-{
+static flex_mod *preset_for(const char *name, int64_t q_len, int64_t kv_len, void **bufs) {
     flex_param params[4];
     int np = 0;
     if (!strcmp(name, "sliding_window") || !strcmp(name, "sliding_window_bidirectional"))
@@ -250,7 +243,8 @@ static flex_mod *preset_for(const char *name, int64_t q_len, int64_t kv_len, voi
     } else if (!strcmp(name, "flamingo")) {
         int32_t *img_of = malloc(sizeof(int32_t) * (size_t)kv_len);
         int32_t *iv = malloc(sizeof(int32_t) * 8);
-        for (int64_t k = 0; k < kv_len; k++) img_of[k] = (int32_t)((k / 3) % 4);
+        for (int64_t k = 0; k < kv_len; k++)
+            img_of[k] = (int32_t)((k / 3) % 4);
         for (int i = 0; i < 4; i++) {
             iv[2 * i] = (int32_t)(i * q_len / 5);
             int64_t e = (i + 2) * q_len / 4;
@@ -267,8 +261,7 @@ static flex_mod *preset_for(const char *name, int64_t q_len, int64_t kv_len, voi
 
 /* ---- tests ---- */
 
-START_TEST(test_every_mask_preset)
-{
+START_TEST(test_every_mask_preset) {
     for (int p = 0; p < flex_preset_count(); p++) {
         const flex_preset *preset = flex_preset_at(p);
         if (preset->kind != FLEX_MOD_MASK) continue;
@@ -285,8 +278,7 @@ START_TEST(test_every_mask_preset)
 }
 END_TEST
 
-START_TEST(test_hand_written_masks)
-{
+START_TEST(test_hand_written_masks) {
     static const char *texts[] = {
         "(q * 7 + kv * 3) % 5 != 0", /* partial nearly everywhere */
         "true",
@@ -315,8 +307,7 @@ START_TEST(test_hand_written_masks)
 }
 END_TEST
 
-START_TEST(test_batch_and_head)
-{
+START_TEST(test_batch_and_head) {
     /* Masks that differ per (b, h), per b only, and not at all. */
     flex_buffer_decl lim_decl = {"lim", FLEX_I32, 1};
     int32_t lim[3] = {10, 100, 250};
@@ -354,9 +345,8 @@ START_TEST(test_batch_and_head)
 END_TEST
 
 /* and/or of two masks equals the masks of the element-wise and/or. */
-static void check_composition(const char *ta, const char *tb, int64_t B, int64_t H,
-                              int64_t Bb, int64_t Hb)
-{
+static void check_composition(const char *ta, const char *tb, int64_t B, int64_t H, int64_t Bb,
+                              int64_t Hb) {
     flex_mod *a = compile_mask(ta, NULL, 0, NULL, 0);
     flex_mod *b = compile_mask(tb, NULL, 0, NULL, 0);
     const int64_t q_len = 300, kv_len = 250;
@@ -398,8 +388,7 @@ static void check_composition(const char *ta, const char *tb, int64_t B, int64_t
     flex_mod_destroy(eo);
 }
 
-START_TEST(test_and_or)
-{
+START_TEST(test_and_or) {
     check_composition("q >= kv", "abs(q - kv) <= 40", 1, 1, 1, 1);
     check_composition("(q + kv) % 3 == 0", "q >= kv", 1, 1, 1, 1);
     check_composition("(q + 2 * kv) % 7 < 3", "(q * 5 + kv) % 4 != 1", 1, 1, 1, 1);
@@ -407,8 +396,7 @@ START_TEST(test_and_or)
 }
 END_TEST
 
-START_TEST(test_and_or_errors)
-{
+START_TEST(test_and_or_errors) {
     flex_mod *a = compile_mask("q >= kv", NULL, 0, NULL, 0);
     flex_block_mask *m1 = NULL, *m2 = NULL, *m3 = NULL, *out = NULL;
     ck_assert_int_eq(flex_block_mask_create(ctx, a, 1, 1, 100, 100, 16, 16, &m1), FLEX_OK);
@@ -435,8 +423,7 @@ END_TEST
 
 /* PyTorch-style kv-block lists (counts + padded index rows) of a mask
  * built by analysis give back the same mask. */
-START_TEST(test_from_kv_blocks_round_trip)
-{
+START_TEST(test_from_kv_blocks_round_trip) {
     flex_mod *mod = compile_mask("(q // 30) == (kv // 50) || q >= kv + 90", NULL, 0, NULL, 0);
     flex_block_mask *m = NULL, *copy = NULL, *bad = NULL;
     ck_assert_int_eq(flex_block_mask_create(ctx, mod, 2, 1, 333, 444, 16, 32, &m), FLEX_OK);
@@ -509,16 +496,15 @@ START_TEST(test_from_kv_blocks_round_trip)
 }
 END_TEST
 
-START_TEST(test_from_classes_round_trip)
-{
+START_TEST(test_from_classes_round_trip) {
     flex_mod *mod = compile_mask("(q // 30) == (kv // 50) || q >= kv + 90", NULL, 0, NULL, 0);
     flex_block_mask *m = NULL, *copy = NULL;
     ck_assert_int_eq(flex_block_mask_create(ctx, mod, 2, 1, 333, 444, 16, 32, &m), FLEX_OK);
     int64_t total = 2 * m->num_q_blocks * m->num_kv_blocks;
     uint8_t *dense = malloc((size_t)total), *again = malloc((size_t)total);
     flex_block_mask_to_dense(m, dense);
-    ck_assert_int_eq(
-        flex_block_mask_from_classes(ctx, mod, 2, 1, 333, 444, 16, 32, dense, &copy), FLEX_OK);
+    ck_assert_int_eq(flex_block_mask_from_classes(ctx, mod, 2, 1, 333, 444, 16, 32, dense, &copy),
+                     FLEX_OK);
     flex_block_mask_to_dense(copy, again);
     ck_assert_mem_eq(dense, again, (size_t)total);
     check_lists(copy, again);
@@ -551,15 +537,14 @@ START_TEST(test_from_classes_round_trip)
 }
 END_TEST
 
-static int count_str(const char *hay, const char *needle)
-{
+static int count_str(const char *hay, const char *needle) {
     int n = 0;
-    for (const char *p = strstr(hay, needle); p; p = strstr(p + strlen(needle), needle)) n++;
+    for (const char *p = strstr(hay, needle); p; p = strstr(p + strlen(needle), needle))
+        n++;
     return n;
 }
 
-START_TEST(test_format)
-{
+START_TEST(test_format) {
     flex_mod *mod = compile_mask("q >= kv", NULL, 0, NULL, 0);
     flex_block_mask *m = NULL;
     ck_assert_int_eq(flex_block_mask_create(ctx, mod, 1, 1, 64, 64, 16, 16, &m), FLEX_OK);
@@ -595,8 +580,7 @@ START_TEST(test_format)
 }
 END_TEST
 
-START_TEST(test_misuse)
-{
+START_TEST(test_misuse) {
     flex_mod *mod = compile_mask("q >= kv", NULL, 0, NULL, 0);
     flex_block_mask *m = NULL;
     ck_assert_int_eq(flex_block_mask_create(ctx, NULL, 1, 1, 64, 64, 0, 0, &m),
@@ -658,8 +642,7 @@ START_TEST(test_misuse)
 }
 END_TEST
 
-START_TEST(test_large_grid_is_exact)
-{
+START_TEST(test_large_grid_is_exact) {
     /* Many blocks with few undecided ones: the subdivision's rectangles,
      * checked against the dense export and a direct per-block check of
      * the causal rule. */
@@ -676,9 +659,9 @@ START_TEST(test_large_grid_is_exact)
             int64_t k0 = j * 64, k1 = k0 + 63 < len - 1 ? k0 + 63 : len - 1;
             /* every (q, kv) attends iff q - kv in [0, 1000] */
             int64_t dmin = q0 - k1, dmax = q1 - k0;
-            int expect = dmax < 0 || dmin > 1000             ? FLEX_BLOCK_EMPTY
+            int expect = dmax < 0 || dmin > 1000       ? FLEX_BLOCK_EMPTY
                          : (dmin >= 0 && dmax <= 1000) ? FLEX_BLOCK_FULL
-                                                              : FLEX_BLOCK_PARTIAL;
+                                                       : FLEX_BLOCK_PARTIAL;
             REQUIRE(dense[i * nk + j] == expect, "block (%lld, %lld) is %d, expected %d",
                     (long long)i, (long long)j, dense[i * nk + j], expect);
         }
@@ -690,8 +673,7 @@ START_TEST(test_large_grid_is_exact)
 }
 END_TEST
 
-START_TEST(test_many_grids)
-{
+START_TEST(test_many_grids) {
     /* A per-head pattern that interval analysis decides block by block but
      * only at the finest level: enough work per grid that the grids may be
      * walked by several threads. Checked against the rule itself. */
@@ -716,8 +698,7 @@ START_TEST(test_many_grids)
 }
 END_TEST
 
-static Suite *blockmask_suite(void)
-{
+static Suite *blockmask_suite(void) {
     Suite *s = suite_create("blockmask");
     TCase *tc = tcase_create("blockmask");
     tcase_add_checked_fixture(tc, setup, teardown);
@@ -737,8 +718,7 @@ static Suite *blockmask_suite(void)
     return s;
 }
 
-int main(void)
-{
+int main(void) {
     SRunner *sr = srunner_create(blockmask_suite());
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);

@@ -106,7 +106,8 @@ static void add_case(const char *label, const ir_mod *mask, const ir_mod *score,
         c->has_score = 1;
     }
     if (cfg_index < 0)
-        c->cfg = full_configs[(-cfg_index - 1) % (int)(sizeof full_configs / sizeof full_configs[0])];
+        c->cfg =
+            full_configs[(-cfg_index - 1) % (int)(sizeof full_configs / sizeof full_configs[0])];
     else
         c->cfg = configs[cfg_index % (int)(sizeof configs / sizeof configs[0])];
     c->arch = arch;
@@ -196,8 +197,8 @@ END_TEST
 
 START_TEST(test_division_by_constant) {
     ir_mod score;
-    ck_assert_int_eq(parse_text(FLEX_MOD_SCORE, "score / 30.0 + score / 1e-30 + score / q", NULL,
-                                0, NULL, 0, &score),
+    ck_assert_int_eq(parse_text(FLEX_MOD_SCORE, "score / 30.0 + score / 1e-30 + score / q", NULL, 0,
+                                NULL, 0, &score),
                      0);
     char *text = flex_emit_mods(NULL, &score);
     ck_assert_ptr_nonnull(text);
@@ -215,9 +216,11 @@ START_TEST(test_division_by_constant) {
     uint32_t state = 12345u;
     for (int i = 0; i < 200000; i++) {
         state = state * 1664525u + 1013904223u;
-        const uint32_t cb = (state & 0x807fffffu) | ((uint32_t)(127 - 20 + (state >> 24) % 41) << 23);
+        const uint32_t cb =
+            (state & 0x807fffffu) | ((uint32_t)(127 - 20 + (state >> 24) % 41) << 23);
         state = state * 1664525u + 1013904223u;
-        const uint32_t ab = (state & 0x807fffffu) | ((uint32_t)(127 - 60 + (state >> 23) % 121) << 23);
+        const uint32_t ab =
+            (state & 0x807fffffu) | ((uint32_t)(127 - 60 + (state >> 23) % 121) << 23);
         float c, a;
         memcpy(&c, &cb, sizeof c);
         memcpy(&a, &ab, sizeof a);

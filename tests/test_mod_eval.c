@@ -19,8 +19,7 @@
 #include "internal.h"
 #include "mod/parse.h"
 
-static flex_mod *compile_score(const char *text, const flex_param *params, int num_params)
-{
+static flex_mod *compile_score(const char *text, const flex_param *params, int num_params) {
     flex_mod_desc d = {FLEX_MOD_SCORE, text, params, num_params, NULL, 0};
     flex_mod *m = NULL;
     flex_status st = flex_mod_compile(NULL, &d, &m);
@@ -29,14 +28,13 @@ static flex_mod *compile_score(const char *text, const flex_param *params, int n
 }
 
 typedef struct results {
-    float interp;     /* f32 interpreter */
-    double interp64;  /* f64 interpreter */
-    float folded;     /* the constant the params version folds to */
+    float interp;    /* f32 interpreter */
+    double interp64; /* f64 interpreter */
+    float folded;    /* the constant the params version folds to */
 } results;
 
 /* Evaluates the float expression expr of x, y, s all three ways. */
-static results evaluate(const char *expr, int32_t x, int32_t y, float s)
-{
+static results evaluate(const char *expr, int32_t x, int32_t y, float s) {
     results r;
     char text[512];
     snprintf(text, sizeof text, "let x = q; let y = kv; let s = score;\n%s", expr);
@@ -60,8 +58,7 @@ static results evaluate(const char *expr, int32_t x, int32_t y, float s)
     return r;
 }
 
-static int same_float(float a, float b)
-{
+static int same_float(float a, float b) {
     if (a != a && b != b) return 1;
     return memcmp(&a, &b, sizeof a) == 0;
 }
@@ -158,8 +155,7 @@ static const struct {
     {"-2147483648 < x", 0, 0, 0},
 };
 
-START_TEST(test_truths)
-{
+START_TEST(test_truths) {
     for (size_t i = 0; i < sizeof truths / sizeof truths[0]; i++) {
         const int expect = 1;
         char expr[512];
@@ -168,8 +164,8 @@ START_TEST(test_truths)
         ck_assert_msg(r.interp == (float)expect, "'%s' (x=%d y=%d s=%g): interpreter says %g",
                       truths[i].expr, (int)truths[i].x, (int)truths[i].y, (double)truths[i].s,
                       (double)r.interp);
-        ck_assert_msg(r.interp64 == (double)expect, "'%s': f64 interpreter says %g",
-                      truths[i].expr, r.interp64);
+        ck_assert_msg(r.interp64 == (double)expect, "'%s': f64 interpreter says %g", truths[i].expr,
+                      r.interp64);
         ck_assert_msg(r.folded == (float)expect, "'%s': folding says %g", truths[i].expr,
                       (double)r.folded);
     }
@@ -231,8 +227,7 @@ static const struct {
     {"s * 1.0 / 1.0", 0, 0, -0.0f, -0.0, 0},
 };
 
-START_TEST(test_values)
-{
+START_TEST(test_values) {
     for (size_t i = 0; i < sizeof values / sizeof values[0]; i++) {
         results r = evaluate(values[i].expr, values[i].x, values[i].y, values[i].s);
         double e = values[i].expect;
@@ -246,19 +241,18 @@ START_TEST(test_values)
             ck_assert_msg(same_float(r.interp, (float)e), "'%s' (s=%g): %a, expected %a", what,
                           (double)values[i].s, (double)r.interp, (double)(float)e);
         } else {
-            ck_assert_msg(fabs(r.interp - e) <= values[i].tol * fabs(e), "'%s': %.9g vs %.9g",
-                          what, (double)r.interp, e);
+            ck_assert_msg(fabs(r.interp - e) <= values[i].tol * fabs(e), "'%s': %.9g vs %.9g", what,
+                          (double)r.interp, e);
         }
         if (e == e && !isinf(e) && strstr(what, "1e8") == NULL)
-            ck_assert_msg(fabs(r.interp64 - e) <= 1e-12 * fabs(e) + 1e-80, "'%s' f64: %.17g vs %.17g",
-                          what, r.interp64, e);
+            ck_assert_msg(fabs(r.interp64 - e) <= 1e-12 * fabs(e) + 1e-80,
+                          "'%s' f64: %.17g vs %.17g", what, r.interp64, e);
         if (isinf(e)) ck_assert(r.interp64 == e);
     }
 }
 END_TEST
 
-START_TEST(test_f64_precision)
-{
+START_TEST(test_f64_precision) {
     /* float // is floor(a / b) (documented): 1.0f / 0.1f rounds to 10 in f32,
      * while in f64 it stays below 10 */
     results fd = evaluate("s // 0.1", 0, 0, 1.0f);
@@ -278,8 +272,7 @@ START_TEST(test_f64_precision)
 END_TEST
 
 /* f64 and f32 agree exactly on integer arithmetic. */
-START_TEST(test_f64_agrees_on_ints)
-{
+START_TEST(test_f64_agrees_on_ints) {
     static const char *const texts[] = {
         ("let qx = q // 5; let kx = kv // 5; let cx = clamp(qx, 1, 6);\n"
          "abs(cx - kx) <= 1 && (q % 3 == kv % 3 || ((q ^ kv) & 1) == 0)"),
@@ -296,7 +289,8 @@ START_TEST(test_f64_agrees_on_ints)
         int trues = 0;
         for (int q = -40; q <= 40; q++) {
             for (int kv = -40; kv <= 40; kv++) {
-                ck_assert_int_eq(mod_eval_point(&m->ir, NULL, 0, 1, 2, q, kv, scratch, &r, NULL), 0);
+                ck_assert_int_eq(mod_eval_point(&m->ir, NULL, 0, 1, 2, q, kv, scratch, &r, NULL),
+                                 0);
                 ck_assert_int_eq(
                     mod_eval_point_f64(&m->ir, NULL, 0, 1, 2, q, kv, scratch64, &r64, NULL), 0);
                 ck_assert_msg((double)r.i == r64, "'%s' at q=%d kv=%d: %d vs %g", texts[t], q, kv,
@@ -366,8 +360,7 @@ static const struct {
     {FLEX_MOD_MASK, "score_is_absent_here == 0 || true", ""},
 };
 
-START_TEST(test_folding)
-{
+START_TEST(test_folding) {
     for (size_t i = 0; i < sizeof folds / sizeof folds[0]; i++) {
         flex_mod_desc d = {folds[i].kind, folds[i].text, NULL, 0, NULL, 0};
         flex_mod *m = NULL;
@@ -378,8 +371,9 @@ START_TEST(test_folding)
             continue;
         }
         ck_assert_msg(st == FLEX_OK, "'%s': %s", folds[i].text, flex_error_message(NULL));
-        ck_assert_msg(strcmp(m->canonical, folds[i].canonical) == 0, "'%s' folded to '%s', expected '%s'",
-                      folds[i].text, m->canonical, folds[i].canonical);
+        ck_assert_msg(strcmp(m->canonical, folds[i].canonical) == 0,
+                      "'%s' folded to '%s', expected '%s'", folds[i].text, m->canonical,
+                      folds[i].canonical);
         /* ir_fold is idempotent */
         char *before = strdup(m->canonical);
         ck_assert_int_eq(ir_fold(&m->ir), 0);
@@ -394,8 +388,7 @@ END_TEST
 
 /* ---- ir_apply directly ---- */
 
-START_TEST(test_ir_apply)
-{
+START_TEST(test_ir_apply) {
     ir_node n;
     memset(&n, 0, sizeof n);
     n.buffer = -1;
@@ -465,12 +458,12 @@ START_TEST(test_ir_apply)
     ck_assert_int_eq(ir_op_arity(IR_LOAD), -1);
     ck_assert_int_eq(ir_op_arity(IR_ADD), 2);
     ck_assert_int_eq(ir_op_arity(IR_TANH), 1);
-    for (int op = 0; op < IR_OP_COUNT; op++) ck_assert_ptr_nonnull(ir_op_name((ir_op)op));
+    for (int op = 0; op < IR_OP_COUNT; op++)
+        ck_assert_ptr_nonnull(ir_op_name((ir_op)op));
 }
 END_TEST
 
-START_TEST(test_ir_building)
-{
+START_TEST(test_ir_building) {
     ir_mod m;
     ir_init(&m, FLEX_MOD_MASK);
     int q = ir_leaf(&m, IR_Q), kv = ir_leaf(&m, IR_KV);
@@ -499,7 +492,8 @@ START_TEST(test_ir_building)
     ck_assert_int_eq(copy.num_nodes, 10);
     /* a node limit, not unbounded growth */
     int last = 0;
-    for (int i = 0; i < IR_MAX_NODES + 10 && last >= 0; i++) last = ir_const_int(&copy, i + 100);
+    for (int i = 0; i < IR_MAX_NODES + 10 && last >= 0; i++)
+        last = ir_const_int(&copy, i + 100);
     ck_assert_int_eq(last, -1);
     ck_assert_int_eq(copy.num_nodes, IR_MAX_NODES);
     ir_free(&copy);
@@ -513,8 +507,7 @@ END_TEST
 
 /* ---- buffers ---- */
 
-static mod_buffer_view view1(const void *data, flex_dtype dtype, int64_t n)
-{
+static mod_buffer_view view1(const void *data, flex_dtype dtype, int64_t n) {
     mod_buffer_view v;
     memset(&v, 0, sizeof v);
     v.data = data;
@@ -525,8 +518,7 @@ static mod_buffer_view view1(const void *data, flex_dtype dtype, int64_t n)
     return v;
 }
 
-START_TEST(test_buffer_reads)
-{
+START_TEST(test_buffer_reads) {
     const float f32[2] = {1.5f, -2.25f};
     const uint16_t f16[4] = {0x3E00, 0xC000, 0x7C00, 0x0001};
     const uint16_t bf16[3] = {0x3FC0, 0xC010, 0xFF80};
@@ -585,7 +577,8 @@ START_TEST(test_buffer_reads)
 
     /* strided 2-D: column-major 3 x 4 */
     int32_t cm[12];
-    for (int i = 0; i < 12; i++) cm[i] = i;
+    for (int i = 0; i < 12; i++)
+        cm[i] = i;
     mod_buffer_view m2;
     memset(&m2, 0, sizeof m2);
     m2.data = cm;
@@ -620,8 +613,7 @@ START_TEST(test_buffer_reads)
 }
 END_TEST
 
-START_TEST(test_buffers_in_mods)
-{
+START_TEST(test_buffers_in_mods) {
     const flex_buffer_decl decls[] = {
         {"f", FLEX_F32, 1}, {"hf", FLEX_F16, 1}, {"bf", FLEX_BF16, 1}, {"i", FLEX_I32, 1},
         {"l", FLEX_I64, 1}, {"u", FLEX_U8, 1},   {"k", FLEX_BOOL, 1},  {"grid", FLEX_I32, 2},
@@ -638,7 +630,10 @@ START_TEST(test_buffers_in_mods)
                        "let row = grid[kv];\n"
                        "where(k[q], f[q] + hf[q] + bf[q], score) + float(i[q] + l[q] + u[q]) "
                        "+ float(row[0] * 100 + row[1])",
-                       NULL, 0, decls, 8};
+                       NULL,
+                       0,
+                       decls,
+                       8};
     flex_mod *m = NULL;
     ck_assert_int_eq(flex_mod_compile(NULL, &d, &m), FLEX_OK);
     int64_t n3 = 3;
@@ -650,8 +645,8 @@ START_TEST(test_buffers_in_mods)
                  {"i", i, FLEX_I32}, {"l", l, FLEX_I64},   {"u", u, FLEX_U8},
                  {"k", k, FLEX_BOOL}};
     for (size_t b = 0; b < sizeof binds / sizeof binds[0]; b++) {
-        flex_tensor t = flex_tensor_contiguous((void *)binds[b].data, binds[b].dtype, 1, &n3,
-                                               FLEX_DEVICE_CPU);
+        flex_tensor t =
+            flex_tensor_contiguous((void *)binds[b].data, binds[b].dtype, 1, &n3, FLEX_DEVICE_CPU);
         ck_assert_int_eq(flex_mod_bind_buffer(NULL, m, binds[b].name, &t), FLEX_OK);
     }
     int64_t gs[2] = {3, 2};
@@ -674,8 +669,10 @@ START_TEST(test_buffers_in_mods)
         for (int kv = 0; kv < 3; kv++) {
             double want = expect[q][0] + grid[kv][0] * 100 + grid[kv][1];
             mod_bounds_error err = {0};
-            ck_assert_int_eq(mod_eval_point(&m->ir, views, -7.0f, 0, 0, q, kv, scratch, &r, &err), 0);
-            ck_assert_msg(r.f == (float)want, "q=%d kv=%d: %g, expected %g", q, kv, (double)r.f, want);
+            ck_assert_int_eq(mod_eval_point(&m->ir, views, -7.0f, 0, 0, q, kv, scratch, &r, &err),
+                             0);
+            ck_assert_msg(r.f == (float)want, "q=%d kv=%d: %g, expected %g", q, kv, (double)r.f,
+                          want);
             ck_assert_int_eq(
                 mod_eval_point_f64(&m->ir, views, -7.0, 0, 0, q, kv, scratch64, &r64, &err), 0);
             ck_assert(r64 == want);
@@ -697,7 +694,8 @@ START_TEST(test_buffers_in_mods)
     ck_assert_ptr_nonnull(strstr(msg, "q=3"));
     ck_assert_ptr_nonnull(strstr(msg, m->ir.buffers[err.buffer].name));
     memset(&err, 0, sizeof err);
-    ck_assert_int_eq(mod_eval_point_f64(&m->ir, views, 0.0, 0, 0, 0, -1, scratch64, &r64, &err), -1);
+    ck_assert_int_eq(mod_eval_point_f64(&m->ir, views, 0.0, 0, 0, 0, -1, scratch64, &r64, &err),
+                     -1);
     ck_assert_int_eq(err.kv, -1);
     ck_assert_str_eq(m->ir.buffers[err.buffer].name, "grid");
     ck_assert_int_eq(err.dim, 0);
@@ -714,14 +712,12 @@ END_TEST
 
 static uint32_t rng_state;
 
-static uint32_t rng(void)
-{
+static uint32_t rng(void) {
     rng_state = rng_state * 1664525u + 1013904223u;
     return rng_state >> 8;
 }
 
-static int pick(int n)
-{
+static int pick(int n) {
     return (int)(rng() % (uint32_t)n);
 }
 
@@ -731,8 +727,7 @@ typedef struct gen {
     int uses_float; /* a float value takes part */
 } gen;
 
-static void put(gen *g, const char *text)
-{
+static void put(gen *g, const char *text) {
     size_t n = strlen(text);
     ck_assert_uint_lt(g->len + n, g->cap);
     memcpy(g->buf + g->len, text, n + 1);
@@ -741,8 +736,7 @@ static void put(gen *g, const char *text)
 
 static void gen_expr(gen *g, ir_type type, int depth);
 
-static void gen_binary(gen *g, ir_type type, const char *op, ir_type operands, int depth)
-{
+static void gen_binary(gen *g, ir_type type, const char *op, ir_type operands, int depth) {
     put(g, "(");
     gen_expr(g, operands, depth - 1);
     put(g, op);
@@ -751,8 +745,7 @@ static void gen_binary(gen *g, ir_type type, const char *op, ir_type operands, i
     (void)type;
 }
 
-static void gen_call(gen *g, const char *name, ir_type t1, int nargs, int depth)
-{
+static void gen_call(gen *g, const char *name, ir_type t1, int nargs, int depth) {
     put(g, name);
     put(g, "(");
     for (int i = 0; i < nargs; i++) {
@@ -762,27 +755,44 @@ static void gen_call(gen *g, const char *name, ir_type t1, int nargs, int depth)
     put(g, ")");
 }
 
-static void gen_expr(gen *g, ir_type type, int depth)
-{
+static void gen_expr(gen *g, ir_type type, int depth) {
     if (type == IR_FLOAT) g->uses_float = 1;
     if (depth <= 0 || pick(5) == 0) {
-        static const char *const ints[] = {"x", "y", "x", "y", "0", "1", "-1", "3", "-7", "2147483647"};
-        static const char *const floats[] = {"s", "s", "0.5", "-0.0", "0.0", "1.0", "-2.5", "inf", "float(x)"};
+        static const char *const ints[] = {"x", "y",  "x", "y",  "0",
+                                           "1", "-1", "3", "-7", "2147483647"};
+        static const char *const floats[] = {"s",   "s",    "0.5", "-0.0",    "0.0",
+                                             "1.0", "-2.5", "inf", "float(x)"};
         static const char *const bools[] = {"true", "false", "(x < y)", "(s >= 0.0)"};
-        if (type == IR_INT) put(g, ints[pick(10)]);
-        else if (type == IR_FLOAT) put(g, floats[pick(9)]);
-        else put(g, bools[pick(4)]);
+        if (type == IR_INT)
+            put(g, ints[pick(10)]);
+        else if (type == IR_FLOAT)
+            put(g, floats[pick(9)]);
+        else
+            put(g, bools[pick(4)]);
         if (type == IR_BOOL) g->uses_float = 1; /* (s >= 0.0) may appear */
         return;
     }
     if (type == IR_INT) {
-        static const char *const ops[] = {" + ", " - ", " * ", " // ", " % ", " & ", " | ", " ^ ", " / "};
+        static const char *const ops[] = {" + ", " - ", " * ", " // ", " % ",
+                                          " & ", " | ", " ^ ", " / "};
         switch (pick(12)) {
-        case 0: put(g, "-"); gen_expr(g, IR_INT, depth - 1); return;
-        case 1: put(g, "~"); gen_expr(g, IR_INT, depth - 1); return;
-        case 2: gen_call(g, pick(2) ? "min" : "max", IR_INT, 2, depth); return;
-        case 3: gen_call(g, "abs", IR_INT, 1, depth); return;
-        case 4: gen_call(g, "clamp", IR_INT, 3, depth); return;
+        case 0:
+            put(g, "-");
+            gen_expr(g, IR_INT, depth - 1);
+            return;
+        case 1:
+            put(g, "~");
+            gen_expr(g, IR_INT, depth - 1);
+            return;
+        case 2:
+            gen_call(g, pick(2) ? "min" : "max", IR_INT, 2, depth);
+            return;
+        case 3:
+            gen_call(g, "abs", IR_INT, 1, depth);
+            return;
+        case 4:
+            gen_call(g, "clamp", IR_INT, 3, depth);
+            return;
         case 5:
             put(g, "where(");
             gen_expr(g, IR_BOOL, depth - 1);
@@ -792,18 +802,30 @@ static void gen_expr(gen *g, ir_type type, int depth)
             gen_expr(g, IR_INT, depth - 1);
             put(g, ")");
             return;
-        case 6: g->uses_float = 1; gen_call(g, "int", IR_FLOAT, 1, depth); return;
-        default: gen_binary(g, type, ops[pick(9)], IR_INT, depth); return;
+        case 6:
+            g->uses_float = 1;
+            gen_call(g, "int", IR_FLOAT, 1, depth);
+            return;
+        default:
+            gen_binary(g, type, ops[pick(9)], IR_INT, depth);
+            return;
         }
     }
     if (type == IR_FLOAT) {
         static const char *const ops[] = {" + ", " - ", " * ", " / ", " // ", " % "};
-        static const char *const fns[] = {"exp", "tanh", "sigmoid", "sqrt", "log", "abs", "floor",
-                                          "ceil", "exp2", "sin"};
+        static const char *const fns[] = {"exp", "tanh",  "sigmoid", "sqrt", "log",
+                                          "abs", "floor", "ceil",    "exp2", "sin"};
         switch (pick(8)) {
-        case 0: put(g, "-"); gen_expr(g, IR_FLOAT, depth - 1); return;
-        case 1: gen_call(g, fns[pick(10)], IR_FLOAT, 1, depth); return;
-        case 2: gen_call(g, pick(3) ? (pick(2) ? "min" : "max") : "pow", IR_FLOAT, 2, depth); return;
+        case 0:
+            put(g, "-");
+            gen_expr(g, IR_FLOAT, depth - 1);
+            return;
+        case 1:
+            gen_call(g, fns[pick(10)], IR_FLOAT, 1, depth);
+            return;
+        case 2:
+            gen_call(g, pick(3) ? (pick(2) ? "min" : "max") : "pow", IR_FLOAT, 2, depth);
+            return;
         case 3:
             put(g, "(");
             gen_expr(g, IR_BOOL, depth - 1);
@@ -813,22 +835,36 @@ static void gen_expr(gen *g, ir_type type, int depth)
             gen_expr(g, pick(2) ? IR_INT : IR_FLOAT, depth - 1);
             put(g, ")");
             return;
-        case 4: put(g, "float("); gen_expr(g, IR_INT, depth - 1); put(g, ")"); return;
-        default: gen_binary(g, type, ops[pick(6)], IR_FLOAT, depth); return;
+        case 4:
+            put(g, "float(");
+            gen_expr(g, IR_INT, depth - 1);
+            put(g, ")");
+            return;
+        default:
+            gen_binary(g, type, ops[pick(6)], IR_FLOAT, depth);
+            return;
         }
     }
     static const char *const cmps[] = {" == ", " != ", " < ", " <= ", " > ", " >= "};
     static const char *const logic[] = {" && ", " || ", " & ", " | ", " ^ "};
     switch (pick(5)) {
-    case 0: put(g, "!"); gen_expr(g, IR_BOOL, depth - 1); return;
-    case 1: gen_binary(g, type, logic[pick(5)], IR_BOOL, depth); return;
-    case 2: gen_binary(g, type, cmps[pick(6)], IR_FLOAT, depth); return;
-    default: gen_binary(g, type, cmps[pick(6)], IR_INT, depth); return;
+    case 0:
+        put(g, "!");
+        gen_expr(g, IR_BOOL, depth - 1);
+        return;
+    case 1:
+        gen_binary(g, type, logic[pick(5)], IR_BOOL, depth);
+        return;
+    case 2:
+        gen_binary(g, type, cmps[pick(6)], IR_FLOAT, depth);
+        return;
+    default:
+        gen_binary(g, type, cmps[pick(6)], IR_INT, depth);
+        return;
     }
 }
 
-START_TEST(test_random_expressions)
-{
+START_TEST(test_random_expressions) {
     rng_state = 12345;
     static const int32_t xs[] = {0, 1, -1, 5, -7, 13, INT32_MAX, INT32_MIN, 46341};
     static const float ss[] = {0.0f, -0.0f, 1.0f, -2.5f, 7.25f, 1e30f, INFINITY, NAN};
@@ -874,8 +910,7 @@ START_TEST(test_random_expressions)
 }
 END_TEST
 
-static Suite *mod_eval_suite(void)
-{
+static Suite *mod_eval_suite(void) {
     Suite *s = suite_create("mod_eval");
     TCase *tc = tcase_create("eval");
     tcase_add_test(tc, test_truths);
@@ -892,8 +927,7 @@ static Suite *mod_eval_suite(void)
     return s;
 }
 
-int main(void)
-{
+int main(void) {
     SRunner *sr = srunner_create(mod_eval_suite());
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);

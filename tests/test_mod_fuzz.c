@@ -29,14 +29,13 @@
     } while (0)
 
 #define FUZZ_INPUTS 20000
-#define MAX_TEXT 24000
+#define MAX_TEXT    24000
 
 /* ---- a splitmix64 generator, so results do not depend on the C library ---- */
 
 static uint64_t rng_state;
 
-static uint64_t rng_u64(void)
-{
+static uint64_t rng_u64(void) {
     uint64_t z = (rng_state += 0x9E3779B97F4A7C15ull);
     z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
     z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
@@ -44,13 +43,11 @@ static uint64_t rng_u64(void)
 }
 
 /* uniform in [0, n), n > 0 */
-static size_t below(size_t n)
-{
+static size_t below(size_t n) {
     return (size_t)(rng_u64() % n);
 }
 
-static int chance(int percent)
-{
+static int chance(int percent) {
     return (int)below(100) < percent;
 }
 
@@ -61,11 +58,11 @@ typedef struct text {
     size_t len, cap;
 } text;
 
-static void text_reserve(text *t, size_t extra)
-{
+static void text_reserve(text *t, size_t extra) {
     if (t->len + extra + 1 <= t->cap) return;
     size_t cap = t->cap ? t->cap : 256;
-    while (cap < t->len + extra + 1) cap *= 2;
+    while (cap < t->len + extra + 1)
+        cap *= 2;
     int fresh = t->s == NULL;
     t->s = realloc(t->s, cap);
     expect(t->s != NULL, "out of memory");
@@ -73,8 +70,7 @@ static void text_reserve(text *t, size_t extra)
     t->cap = cap;
 }
 
-static void text_set(text *t, const char *s, size_t n)
-{
+static void text_set(text *t, const char *s, size_t n) {
     t->len = 0;
     text_reserve(t, n);
     memcpy(t->s, s, n);
@@ -83,8 +79,7 @@ static void text_set(text *t, const char *s, size_t n)
 }
 
 /* Replaces bytes [at, at + del) with ins[0..n). */
-static void text_splice(text *t, size_t at, size_t del, const char *ins, size_t n)
-{
+static void text_splice(text *t, size_t at, size_t del, const char *ins, size_t n) {
     if (at > t->len) at = t->len;
     if (del > t->len - at) del = t->len - at;
     text_reserve(t, n);
@@ -131,38 +126,53 @@ static const char *const seed_texts[] = {
 
 /* Tokens the token mutations insert. */
 static const char *const dictionary[] = {
-    "q", "kv", "b", "h", "score", "q_idx", "kv_idx", "batch", "head", "let", "true", "false",
-    "inf", "W", "P", "cap", "doc", "slopes", "intervals", "bias", "abs", "min", "max", "clamp",
-    "where", "exp", "exp2", "log", "log2", "sqrt", "rsqrt", "sin", "cos", "tan", "tanh",
-    "tanh_approx", "sigmoid", "pow", "floor", "ceil", "float", "int", "(", ")", "[", "]", ",",
-    ";", "=", "?", ":", "||", "|", "&&", "&", "^", "==", "!=", "<", "<=", ">", ">=", "+", "-",
-    "*", "/", "//", "%", "!", "~", "#", "\n", " ", "0", "1", "2", "-1", "0.5", "1e9", "t_0",
-    "t0", "let x =", "let x = q;", "x", ".", "$", "@", "\"", "'", "\\", "{", "}",
+    "q",         "kv",         "b",     "h",     "score", "q_idx", "kv_idx", "batch", "head",
+    "let",       "true",       "false", "inf",   "W",     "P",     "cap",    "doc",   "slopes",
+    "intervals", "bias",       "abs",   "min",   "max",   "clamp", "where",  "exp",   "exp2",
+    "log",       "log2",       "sqrt",  "rsqrt", "sin",   "cos",   "tan",    "tanh",  "tanh_approx",
+    "sigmoid",   "pow",        "floor", "ceil",  "float", "int",   "(",      ")",     "[",
+    "]",         ",",          ";",     "=",     "?",     ":",     "||",     "|",     "&&",
+    "&",         "^",          "==",    "!=",    "<",     "<=",    ">",      ">=",    "+",
+    "-",         "*",          "/",     "//",    "%",     "!",     "~",      "#",     "\n",
+    " ",         "0",          "1",     "2",     "-1",    "0.5",   "1e9",    "t_0",   "t0",
+    "let x =",   "let x = q;", "x",     ".",     "$",     "@",     "\"",     "'",     "\\",
+    "{",         "}",
 };
 #define NUM_DICTIONARY ((int)(sizeof dictionary / sizeof dictionary[0]))
 
 static const char *const numbers[] = {
-    "2147483647", "2147483648", "-2147483648", "-2147483649", "4294967296",
-    "99999999999999999999999999999999", "1e38", "3.4028235e38", "3.4028236e38", "3.5e38",
-    "1e39", "1e-38", "1e-45", "1e-46", "1e-400", "1e999999999", "1e-999999999", "0.0", "-0.0",
-    "00000000000000000000000001", "1.2.3", "1e", "1e+", "1e-", ".e5", "0x10", "1_000", "5.",
-    ".5", "1E+3", "0e0", "123456789012345678901234567890.5",
+    "2147483647",   "2147483648",
+    "-2147483648",  "-2147483649",
+    "4294967296",   "99999999999999999999999999999999",
+    "1e38",         "3.4028235e38",
+    "3.4028236e38", "3.5e38",
+    "1e39",         "1e-38",
+    "1e-45",        "1e-46",
+    "1e-400",       "1e999999999",
+    "1e-999999999", "0.0",
+    "-0.0",         "00000000000000000000000001",
+    "1.2.3",        "1e",
+    "1e+",          "1e-",
+    ".e5",          "0x10",
+    "1_000",        "5.",
+    ".5",           "1E+3",
+    "0e0",          "123456789012345678901234567890.5",
 };
 #define NUM_NUMBERS ((int)(sizeof numbers / sizeof numbers[0]))
 
 static const char *const utf8_pieces[] = {
-    "\xc3\xa9",             /* e acute */
-    "\xcf\x80",             /* pi */
-    "\xe2\x88\x9e",         /* infinity sign */
-    "\xe2\x89\xa4",         /* less-or-equal sign */
-    "\xf0\x9d\x91\x9e",     /* mathematical italic q */
-    "\xef\xbb\xbf",         /* byte order mark */
-    "\xc2\xa0",             /* no-break space */
-    "\xc3",                 /* truncated sequence */
-    "\xff\xfe",             /* never valid */
-    "\xc0\xaf",             /* overlong */
-    "\xed\xa0\x80",         /* surrogate */
-    "\xf4\x90\x80\x80",     /* beyond U+10FFFF */
+    "\xc3\xa9",         /* e acute */
+    "\xcf\x80",         /* pi */
+    "\xe2\x88\x9e",     /* infinity sign */
+    "\xe2\x89\xa4",     /* less-or-equal sign */
+    "\xf0\x9d\x91\x9e", /* mathematical italic q */
+    "\xef\xbb\xbf",     /* byte order mark */
+    "\xc2\xa0",         /* no-break space */
+    "\xc3",             /* truncated sequence */
+    "\xff\xfe",         /* never valid */
+    "\xc0\xaf",         /* overlong */
+    "\xed\xa0\x80",     /* surrogate */
+    "\xf4\x90\x80\x80", /* beyond U+10FFFF */
 };
 #define NUM_UTF8 ((int)(sizeof utf8_pieces / sizeof utf8_pieces[0]))
 
@@ -174,28 +184,27 @@ typedef struct span {
     size_t at, len;
 } span;
 
-static int is_name_char(char c, int first)
-{
+static int is_name_char(char c, int first) {
     return c == '_' || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
            (!first && c >= '0' && c <= '9');
 }
 
-static int is_number_char(char c)
-{
+static int is_number_char(char c) {
     return (c >= '0' && c <= '9') || c == '.' || c == 'e' || c == 'E';
 }
 
-static int tokenize(const text *t, span *spans, int max)
-{
+static int tokenize(const text *t, span *spans, int max) {
     int n = 0;
     size_t i = 0;
     while (i < t->len && n < max) {
         size_t start = i;
         char c = t->s[i];
         if (is_name_char(c, 1)) {
-            while (i < t->len && is_name_char(t->s[i], 0)) i++;
+            while (i < t->len && is_name_char(t->s[i], 0))
+                i++;
         } else if ((c >= '0' && c <= '9') || c == '.') {
-            while (i < t->len && is_number_char(t->s[i])) i++;
+            while (i < t->len && is_number_char(t->s[i]))
+                i++;
         } else if (i + 1 < t->len && strchr("|&=!<>/", c) && strchr("|&=/", t->s[i + 1])) {
             i += 2;
         } else {
@@ -208,8 +217,7 @@ static int tokenize(const text *t, span *spans, int max)
     return n;
 }
 
-static void insert_str(text *t, size_t at, const char *s)
-{
+static void insert_str(text *t, size_t at, const char *s) {
     text_splice(t, at, 0, s, strlen(s));
 }
 
@@ -219,8 +227,7 @@ static void insert_str(text *t, size_t at, const char *s)
 static char *kept[MAX_KEPT];
 static int num_kept;
 
-static const char *corpus_pick(void)
-{
+static const char *corpus_pick(void) {
     int presets = flex_preset_count();
     size_t n = (size_t)NUM_SEEDS + (size_t)presets + (size_t)num_kept;
     size_t i = below(n);
@@ -230,8 +237,7 @@ static const char *corpus_pick(void)
     return kept[i - (size_t)presets];
 }
 
-static void keep_text(const char *s)
-{
+static void keep_text(const char *s) {
     if (strlen(s) > 2000) return;
     int slot = num_kept < MAX_KEPT ? num_kept++ : (int)below(MAX_KEPT);
     free(kept[slot]);
@@ -239,8 +245,7 @@ static void keep_text(const char *s)
     expect(kept[slot] != NULL, "out of memory");
 }
 
-static void mutate(text *t)
-{
+static void mutate(text *t) {
     static span spans[8192];
     size_t at = t->len ? below(t->len + 1) : 0;
     char buf[64];
@@ -301,7 +306,8 @@ static void mutate(text *t)
     }
     case 9: { /* random bytes, never NUL */
         size_t n = 1 + below(16);
-        for (size_t i = 0; i < n; i++) buf[i] = (char)(1 + below(255));
+        for (size_t i = 0; i < n; i++)
+            buf[i] = (char)(1 + below(255));
         text_splice(t, at, below(3), buf, n);
         break;
     }
@@ -360,7 +366,8 @@ static void mutate(text *t)
         static const char *const links[] = {" + q", " * 2", " - doc[q]", " && q > kv", " + 1.5"};
         const char *link = links[below(5)];
         text chain = {0};
-        for (size_t i = 0; i < n; i++) insert_str(&chain, chain.len, link);
+        for (size_t i = 0; i < n; i++)
+            insert_str(&chain, chain.len, link);
         text_splice(t, at, 0, chain.s, chain.len);
         free(chain.s);
         break;
@@ -383,9 +390,8 @@ static void mutate(text *t)
 static const char *const param_pool[] = {"W", "P", "IW", "IH", "K", "H", "cap", "WINDOW"};
 #define NUM_PARAM_POOL ((int)(sizeof param_pool / sizeof param_pool[0]))
 
-static const char *const buffer_pool[] = {"doc",   "slopes", "img_of", "intervals", "bias",
-                                          "keep",  "seq",    "offsets", "counts",   "dense",
-                                          "lo",    "hi"};
+static const char *const buffer_pool[] = {"doc", "slopes",  "img_of", "intervals", "bias", "keep",
+                                          "seq", "offsets", "counts", "dense",     "lo",   "hi"};
 #define NUM_BUFFER_POOL ((int)(sizeof buffer_pool / sizeof buffer_pool[0]))
 
 typedef struct desc_space {
@@ -394,20 +400,24 @@ typedef struct desc_space {
     int num_params, num_buffers;
 } desc_space;
 
-static double random_param_value(int is_float)
-{
+static double random_param_value(int is_float) {
     switch (below(12)) {
-    case 0: return is_float ? NAN : 2.5;
-    case 1: return is_float ? INFINITY : 3e9;
-    case 2: return is_float ? 1e300 : -2147483648.0;
-    case 3: return 2147483647.0;
-    case 4: return -(double)below(100);
-    default: return is_float ? (double)below(1000) / 7.0 : (double)below(300);
+    case 0:
+        return is_float ? NAN : 2.5;
+    case 1:
+        return is_float ? INFINITY : 3e9;
+    case 2:
+        return is_float ? 1e300 : -2147483648.0;
+    case 3:
+        return 2147483647.0;
+    case 4:
+        return -(double)below(100);
+    default:
+        return is_float ? (double)below(1000) / 7.0 : (double)below(300);
     }
 }
 
-static void random_desc(desc_space *d, const flex_preset *preset)
-{
+static void random_desc(desc_space *d, const flex_preset *preset) {
     d->num_params = d->num_buffers = 0;
     if (preset && chance(60)) {
         for (int i = 0; i < preset->num_params && d->num_params < 32; i++) {
@@ -444,8 +454,7 @@ static void random_desc(desc_space *d, const flex_preset *preset)
 /* ---- checks ---- */
 
 /* The text with non-printing bytes escaped, for failure messages. */
-static const char *escaped(const char *s)
-{
+static const char *escaped(const char *s) {
     static char out[600];
     size_t n = 0;
     for (; *s && n < sizeof out - 8; s++) {
@@ -461,8 +470,7 @@ static const char *escaped(const char *s)
 }
 
 /* Line number `line` (1-based) of s, without its '\n' or a trailing '\r'. */
-static int find_line(const char *s, long line, const char **start, size_t *len)
-{
+static int find_line(const char *s, long line, const char **start, size_t *len) {
     long at = 1;
     const char *p = s;
     while (at < line) {
@@ -481,23 +489,22 @@ static int find_line(const char *s, long line, const char **start, size_t *len)
 
 /* "L:C: error: what\n<line or a window of it>\n<caret line>" with L and C
  * inside the text and the caret under column C. */
-static void check_error_message(long iter, const char *src, const char *msg)
-{
+static void check_error_message(long iter, const char *src, const char *msg) {
     char *end;
     long line = strtol(msg, &end, 10);
-    expect(end != msg && *end == ':', "#%ld: no 'L:' prefix in '%s' for '%s'", iter,
-           escaped(msg), escaped(src));
+    expect(end != msg && *end == ':', "#%ld: no 'L:' prefix in '%s' for '%s'", iter, escaped(msg),
+           escaped(src));
     const char *p = end + 1;
     long col = strtol(p, &end, 10);
-    expect(end != p && strncmp(end, ": error: ", 9) == 0,
-           "#%ld: no 'L:C: error: ' prefix in '%s'", iter, escaped(msg));
+    expect(end != p && strncmp(end, ": error: ", 9) == 0, "#%ld: no 'L:C: error: ' prefix in '%s'",
+           iter, escaped(msg));
     const char *line_start;
     size_t line_len;
     expect(line >= 1 && find_line(src, line, &line_start, &line_len) == 0,
            "#%ld: line %ld is not in the text '%s'", iter, line, escaped(src));
     expect(col >= 1 && (size_t)col <= line_len + 1,
-           "#%ld: column %ld is outside line %ld (length %zu) of '%s'", iter, col, line,
-           line_len, escaped(src));
+           "#%ld: column %ld is outside line %ld (length %zu) of '%s'", iter, col, line, line_len,
+           escaped(src));
     const char *quoted = strchr(end, '\n');
     expect(quoted != NULL, "#%ld: no source line in '%s'", iter, escaped(msg));
     quoted++;
@@ -512,21 +519,18 @@ static void check_error_message(long iter, const char *src, const char *msg)
            escaped(msg));
     /* The quoted text is line L, or a window of it, placed so the caret sits
      * under column C. */
-    expect((size_t)(col - 1) >= caret_at, "#%ld: caret right of column %ld in '%s'", iter,
-           col, escaped(msg));
+    expect((size_t)(col - 1) >= caret_at, "#%ld: caret right of column %ld in '%s'", iter, col,
+           escaped(msg));
     size_t window = (size_t)(col - 1) - caret_at;
-    expect(window + quoted_len <= line_len &&
-               memcmp(line_start + window, quoted, quoted_len) == 0,
-           "#%ld: quoted line does not match line %ld in '%s' for '%s'", iter, line,
-           escaped(msg), escaped(src));
+    expect(window + quoted_len <= line_len && memcmp(line_start + window, quoted, quoted_len) == 0,
+           "#%ld: quoted line does not match line %ld in '%s' for '%s'", iter, line, escaped(msg),
+           escaped(src));
     for (size_t i = 0; i < caret_at; i++)
         expect(caret[i] == (quoted[i] == '\t' ? '\t' : ' '),
-               "#%ld: caret indentation does not follow the line in '%s'", iter,
-               escaped(msg));
+               "#%ld: caret indentation does not follow the line in '%s'", iter, escaped(msg));
 }
 
-static void check_structure(long iter, const flex_mod *mod, flex_mod_kind kind)
-{
+static void check_structure(long iter, const flex_mod *mod, flex_mod_kind kind) {
     const ir_mod *m = &mod->ir;
     expect(m->num_nodes >= 1 && m->num_nodes <= IR_MAX_NODES && m->root == m->num_nodes - 1,
            "#%ld: bad root", iter);
@@ -542,21 +546,19 @@ static void check_structure(long iter, const flex_mod *mod, flex_mod_kind kind)
             expect(n->buffer >= 0 && n->buffer < m->num_buffers &&
                        n->nargs == m->buffers[n->buffer].ndim,
                    "#%ld: load %d is malformed", iter, i);
-        if (n->op == IR_SCORE)
-            expect(kind == FLEX_MOD_SCORE, "#%ld: a mask mod reads score", iter);
+        if (n->op == IR_SCORE) expect(kind == FLEX_MOD_SCORE, "#%ld: a mask mod reads score", iter);
     }
 }
 
-static void check_round_trip(long iter, const flex_mod *mod, const flex_mod_desc *d)
-{
+static void check_round_trip(long iter, const flex_mod *mod, const flex_mod_desc *d) {
     flex_mod_desc again = {d->kind, mod->canonical, NULL, 0, d->buffers, d->num_buffers};
     flex_mod *m2 = NULL;
     flex_status st = flex_mod_compile(NULL, &again, &m2);
-    expect(st == FLEX_OK, "#%ld: canonical text '%.300s' of '%s' does not parse: %.300s",
-           iter, mod->canonical, escaped(d->text), flex_error_message(NULL));
+    expect(st == FLEX_OK, "#%ld: canonical text '%.300s' of '%s' does not parse: %.300s", iter,
+           mod->canonical, escaped(d->text), flex_error_message(NULL));
     expect(strcmp(m2->canonical, mod->canonical) == 0,
-           "#%ld: canonical text changes on re-parse: '%.300s' -> '%.300s'", iter,
-           mod->canonical, m2->canonical);
+           "#%ld: canonical text changes on re-parse: '%.300s' -> '%.300s'", iter, mod->canonical,
+           m2->canonical);
     expect(m2->hash == mod->hash, "#%ld: hash changes on re-parse of '%.300s'", iter,
            mod->canonical);
     flex_mod_destroy(m2);
@@ -569,8 +571,7 @@ typedef struct bound_buffers {
     unsigned char data[IR_MAX_BUFFERS][256 * 8];
 } bound_buffers;
 
-static void random_buffers(const ir_mod *m, bound_buffers *bb)
-{
+static void random_buffers(const ir_mod *m, bound_buffers *bb) {
     for (int i = 0; i < m->num_buffers; i++) {
         mod_buffer_view *v = &bb->views[i];
         v->dtype = m->buffers[i].dtype;
@@ -599,8 +600,8 @@ static void random_buffers(const ir_mod *m, bound_buffers *bb)
                 p[e] = chance(80) ? (unsigned char)below(4) : (unsigned char)rng_u64();
                 break;
             case FLEX_F32: {
-                static const float specials[] = {0.0f, -0.0f, 1.0f, -2.5f, 1e30f, INFINITY,
-                                                 -INFINITY, NAN, 1e-40f};
+                static const float specials[] = {0.0f,     -0.0f,     1.0f, -2.5f, 1e30f,
+                                                 INFINITY, -INFINITY, NAN,  1e-40f};
                 float x = specials[below(9)];
                 memcpy(p + e * 4, &x, 4);
                 break;
@@ -616,14 +617,12 @@ static void random_buffers(const ir_mod *m, bound_buffers *bb)
     }
 }
 
-static int32_t random_index(void)
-{
+static int32_t random_index(void) {
     static const int32_t edges[] = {-1, -2147483647 - 1, 2147483647, 1000000, -3};
     return chance(90) ? (int32_t)below(5) : edges[below(5)];
 }
 
-static void check_evaluation(long iter, const flex_mod *mod)
-{
+static void check_evaluation(long iter, const flex_mod *mod) {
     const ir_mod *m = &mod->ir;
     static bound_buffers bb;
     random_buffers(m, &bb);
@@ -638,8 +637,7 @@ static void check_evaluation(long iter, const flex_mod *mod)
         mod_bounds_error err = {0};
         int rc = mod_eval_point(m, bb.views, score, b, h, q, kv, scratch, &result, &err);
         if (rc != 0) {
-            expect(rc == -1 && err.set, "#%ld: failed evaluation without a bounds error",
-                   iter);
+            expect(rc == -1 && err.set, "#%ld: failed evaluation without a bounds error", iter);
             expect(err.buffer >= 0 && err.buffer < m->num_buffers && err.dim >= 0 &&
                        err.dim < m->buffers[err.buffer].ndim,
                    "#%ld: the bounds error names no buffer dimension", iter);
@@ -650,8 +648,8 @@ static void check_evaluation(long iter, const flex_mod *mod)
             expect(strstr(msg, m->buffers[err.buffer].name) != NULL,
                    "#%ld: bounds message '%s' does not name the buffer", iter, msg);
         } else if (m->kind == FLEX_MOD_MASK) {
-            expect(result.i == 0 || result.i == 1, "#%ld: mask result %d is not a bool",
-                   iter, result.i);
+            expect(result.i == 0 || result.i == 1, "#%ld: mask result %d is not a bool", iter,
+                   result.i);
         }
         double r64;
         mod_bounds_error err64 = {0};
@@ -663,14 +661,13 @@ static void check_evaluation(long iter, const flex_mod *mod)
     free(scratch64);
 }
 
-static int compile_and_check(long iter, const char *src, flex_mod_kind kind, const desc_space *ds)
-{
+static int compile_and_check(long iter, const char *src, flex_mod_kind kind, const desc_space *ds) {
     flex_mod_desc d = {kind, src, ds->params, ds->num_params, ds->buffers, ds->num_buffers};
     flex_mod *mod = NULL;
     flex_status st = flex_mod_compile(NULL, &d, &mod);
     if (st != FLEX_OK) {
-        expect(st == FLEX_ERR_MOD_SYNTAX || st == FLEX_ERR_MOD_TYPE ||
-                   st == FLEX_ERR_MOD_NAME || st == FLEX_ERR_INVALID_ARGUMENT,
+        expect(st == FLEX_ERR_MOD_SYNTAX || st == FLEX_ERR_MOD_TYPE || st == FLEX_ERR_MOD_NAME ||
+                   st == FLEX_ERR_INVALID_ARGUMENT,
                "#%ld: status %s for '%s': %.300s", iter, flex_status_name(st), escaped(src),
                flex_error_message(NULL));
         expect(mod == NULL, "#%ld: a failed compile returned a mod", iter);
@@ -691,8 +688,7 @@ static int compile_and_check(long iter, const char *src, flex_mod_kind kind, con
     return 1;
 }
 
-START_TEST(test_fuzz_mod_text)
-{
+START_TEST(test_fuzz_mod_text) {
     rng_state = 0x5EEDF00Du;
     text t = {0};
     desc_space ds;
@@ -710,7 +706,8 @@ START_TEST(test_fuzz_mod_text)
         }
         text_set(&t, base, strlen(base));
         int edits = iter < 200 ? (int)(iter % 2) : chance(50) ? 1 : 2 + (int)below(3);
-        for (int e = 0; e < edits; e++) mutate(&t);
+        for (int e = 0; e < edits; e++)
+            mutate(&t);
         random_desc(&ds, preset);
         int ok = 0;
         for (int kind = 0; kind < 2; kind++) {
@@ -726,15 +723,15 @@ START_TEST(test_fuzz_mod_text)
     expect(accepted[0] < FUZZ_INPUTS * 9 / 10 && accepted[1] < FUZZ_INPUTS * 9 / 10,
            "too few rejected mutants (mask %d, score %d)", accepted[0], accepted[1]);
     free(t.s);
-    for (int i = 0; i < num_kept; i++) free(kept[i]);
+    for (int i = 0; i < num_kept; i++)
+        free(kept[i]);
     num_kept = 0;
 }
 END_TEST
 
 /* Every seed and preset compiles unmutated with its own declarations, so the
  * fuzzer starts from valid text. */
-START_TEST(test_corpus_compiles)
-{
+START_TEST(test_corpus_compiles) {
     for (int i = 0; i < flex_preset_count(); i++) {
         const flex_preset *p = flex_preset_at(i);
         flex_mod_desc d = {p->kind, p->text, p->params, p->num_params, p->buffers, p->num_buffers};
@@ -747,8 +744,7 @@ START_TEST(test_corpus_compiles)
 END_TEST
 
 /* Inputs the fuzzer first found, kept as fixed cases. */
-START_TEST(test_found_cases)
-{
+START_TEST(test_found_cases) {
     static const flex_buffer_decl flags = {"flags", FLEX_BOOL, 1};
     desc_space ds = {.buffers = {flags}, .num_buffers = 1};
     /* Lets nest a mod far deeper than its text, and a bool index gains an
@@ -763,24 +759,27 @@ START_TEST(test_found_cases)
     insert_str(&t, t.len, "x400 + flags[flags[flags[flags[q]]]] >= kv");
     ck_assert_int_eq(compile_and_check(-1, t.s, FLEX_MOD_MASK, &ds), 1);
     text_set(&t, "", 0);
-    for (int i = 0; i < 90; i++) insert_str(&t, t.len, "flags[");
+    for (int i = 0; i < 90; i++)
+        insert_str(&t, t.len, "flags[");
     insert_str(&t, t.len, "q");
-    for (int i = 0; i < 90; i++) insert_str(&t, t.len, "]");
+    for (int i = 0; i < 90; i++)
+        insert_str(&t, t.len, "]");
     insert_str(&t, t.len, " || q < kv");
     ck_assert_int_eq(compile_and_check(-2, t.s, FLEX_MOD_MASK, &ds), 1);
     /* An error on a very long line keeps its caret line. */
     text_set(&t, "q >= kv", 7);
-    for (int i = 0; i < 2000; i++) insert_str(&t, t.len, " && q > kv");
+    for (int i = 0; i < 2000; i++)
+        insert_str(&t, t.len, " && q > kv");
     insert_str(&t, t.len, " && q >>> kv");
-    for (int i = 0; i < 2000; i++) insert_str(&t, t.len, " && q > kv");
+    for (int i = 0; i < 2000; i++)
+        insert_str(&t, t.len, " && q > kv");
     ck_assert_int_eq(compile_and_check(-3, t.s, FLEX_MOD_MASK, &ds), 0);
     ck_assert_int_eq(compile_and_check(-4, t.s + 1000, FLEX_MOD_SCORE, &ds), 0);
     free(t.s);
 }
 END_TEST
 
-int main(void)
-{
+int main(void) {
     Suite *s = suite_create("mod_fuzz");
     TCase *tc = tcase_create("fuzz");
     tcase_set_timeout(tc, 600);

@@ -17,20 +17,18 @@ static const flex_param test_params[] = {
 #define NUM_TEST_PARAMS ((int)(sizeof test_params / sizeof test_params[0]))
 
 static const flex_buffer_decl test_buffers[] = {
-    {"doc", FLEX_I32, 1},    {"slopes", FLEX_F32, 1}, {"img_of", FLEX_I32, 1},
-    {"lo", FLEX_I32, 1},     {"hi", FLEX_I32, 1},     {"intervals", FLEX_I32, 2},
-    {"bias", FLEX_F16, 2},   {"keep", FLEX_BOOL, 1},  {"t0", FLEX_I64, 1},
+    {"doc", FLEX_I32, 1},  {"slopes", FLEX_F32, 1}, {"img_of", FLEX_I32, 1},
+    {"lo", FLEX_I32, 1},   {"hi", FLEX_I32, 1},     {"intervals", FLEX_I32, 2},
+    {"bias", FLEX_F16, 2}, {"keep", FLEX_BOOL, 1},  {"t0", FLEX_I64, 1},
 };
 #define NUM_TEST_BUFFERS ((int)(sizeof test_buffers / sizeof test_buffers[0]))
 
-static flex_status compile(flex_mod_kind kind, const char *text, flex_mod **out)
-{
+static flex_status compile(flex_mod_kind kind, const char *text, flex_mod **out) {
     flex_mod_desc d = {kind, text, test_params, NUM_TEST_PARAMS, test_buffers, NUM_TEST_BUFFERS};
     return flex_mod_compile(NULL, &d, out);
 }
 
-static flex_mod *compile_ok(flex_mod_kind kind, const char *text)
-{
+static flex_mod *compile_ok(flex_mod_kind kind, const char *text) {
     flex_mod *m = NULL;
     flex_status st = compile(kind, text, &m);
     ck_assert_msg(st == FLEX_OK, "'%s' failed: %s", text, flex_error_message(NULL));
@@ -38,17 +36,16 @@ static flex_mod *compile_ok(flex_mod_kind kind, const char *text)
     return m;
 }
 
-static int count_op(const flex_mod *m, ir_op op)
-{
+static int count_op(const flex_mod *m, ir_op op) {
     int n = 0;
-    for (int i = 0; i < m->ir.num_nodes; i++) n += m->ir.nodes[i].op == op;
+    for (int i = 0; i < m->ir.num_nodes; i++)
+        n += m->ir.nodes[i].op == op;
     return n;
 }
 
 /* Parsing the canonical text again (same buffers, no params) gives the same
  * canonical text and hash. */
-static void check_round_trip(const flex_mod *m)
-{
+static void check_round_trip(const flex_mod *m) {
     flex_mod_desc d = {m->ir.kind, m->canonical, NULL, 0, test_buffers, NUM_TEST_BUFFERS};
     flex_mod *again = NULL;
     flex_status st = flex_mod_compile(NULL, &d, &again);
@@ -60,12 +57,12 @@ static void check_round_trip(const flex_mod *m)
     flex_mod_destroy(again);
 }
 
-static void check_topological(const flex_mod *m)
-{
+static void check_topological(const flex_mod *m) {
     ck_assert_int_ge(m->ir.root, 0);
     ck_assert_int_eq(m->ir.root, m->ir.num_nodes - 1);
     for (int i = 0; i < m->ir.num_nodes; i++)
-        for (int a = 0; a < m->ir.nodes[i].nargs; a++) ck_assert_int_lt(m->ir.nodes[i].args[a], i);
+        for (int a = 0; a < m->ir.nodes[i].nargs; a++)
+            ck_assert_int_lt(m->ir.nodes[i].args[a], i);
 }
 
 /* ---- the seed examples ---- */
@@ -101,8 +98,9 @@ static const struct {
      "let s1 = where(abs(kv - q) % 1 == 0, score * 0.5, score);\n"
      "where(abs(kv - q) % 2 == 0, s1 * 2.0, s1)",
      "let t_0 = score * 0.5;\nwhere(abs(kv - q) % 2 == 0, t_0 * 2.0, t_0)"},
-    {FLEX_MOD_MASK, "let causal = q_idx >= kv_idx; let windowed = q_idx - kv_idx <= W;\n"
-                    "causal & windowed",
+    {FLEX_MOD_MASK,
+     "let causal = q_idx >= kv_idx; let windowed = q_idx - kv_idx <= W;\n"
+     "causal & windowed",
      "q >= kv && q - kv <= 256"},
     {FLEX_MOD_MASK, "let prefix = kv_idx <= P; let causal = q_idx >= kv_idx; prefix | causal",
      "kv <= 64 || q >= kv"},
@@ -124,8 +122,7 @@ static const struct {
      "let t_0 = img_of[kv];\nq >= intervals[t_0, 0] && q < intervals[t_0, 1]"},
 };
 
-START_TEST(test_seed_examples)
-{
+START_TEST(test_seed_examples) {
     for (size_t i = 0; i < sizeof seeds / sizeof seeds[0]; i++) {
         flex_mod *m = compile_ok(seeds[i].kind, seeds[i].text);
         ck_assert_str_eq(m->canonical, seeds[i].canonical);
@@ -213,8 +210,7 @@ static const struct {
     {FLEX_MOD_MASK, "h == 0 ? q > kv : h == 1 ? q < kv : q == kv", IR_SELECT},
 };
 
-START_TEST(test_operators_and_functions)
-{
+START_TEST(test_operators_and_functions) {
     for (size_t i = 0; i < sizeof ops / sizeof ops[0]; i++) {
         flex_mod *m = compile_ok(ops[i].kind, ops[i].text);
         ck_assert_msg(count_op(m, ops[i].op) > 0, "'%s' has no %s node (canonical '%s')",
@@ -226,8 +222,7 @@ START_TEST(test_operators_and_functions)
 }
 END_TEST
 
-START_TEST(test_types_and_promotion)
-{
+START_TEST(test_types_and_promotion) {
     /* int / int is floor division, a float operand makes it float division */
     flex_mod *m = compile_ok(FLEX_MOD_SCORE, "score + q / 2");
     ck_assert_int_eq(count_op(m, IR_FLOORDIV), 1);
@@ -271,8 +266,7 @@ START_TEST(test_types_and_promotion)
 }
 END_TEST
 
-START_TEST(test_sharing)
-{
+START_TEST(test_sharing) {
     /* equal subexpressions are one node */
     flex_mod *m = compile_ok(FLEX_MOD_MASK, "doc[q] + doc[q] > doc[kv] + doc[q]");
     ck_assert_int_eq(count_op(m, IR_LOAD), 2);
@@ -295,8 +289,7 @@ START_TEST(test_sharing)
 }
 END_TEST
 
-START_TEST(test_equal_mods_equal_text)
-{
+START_TEST(test_equal_mods_equal_text) {
     static const char *const variants[] = {
         "q >= kv && q - kv <= W",
         "q>=kv&&q-kv<=256",
@@ -329,12 +322,18 @@ START_TEST(test_equal_mods_equal_text)
 }
 END_TEST
 
-START_TEST(test_canonical_floats)
-{
+START_TEST(test_canonical_floats) {
     static const char *const texts[] = {
-        "score * 0.1", "score + 1e-30", "score * 3.4e38", "score - 1.17549435e-38 * 1e-7",
-        "where(score > 0.0, score, -inf)", "score * -0.0", "score + 16777217.0",
-        "score + 1.0 / 3.0", "score + (0.0 / 0.0)", "score * 2147483647",
+        "score * 0.1",
+        "score + 1e-30",
+        "score * 3.4e38",
+        "score - 1.17549435e-38 * 1e-7",
+        "where(score > 0.0, score, -inf)",
+        "score * -0.0",
+        "score + 16777217.0",
+        "score + 1.0 / 3.0",
+        "score + (0.0 / 0.0)",
+        "score * 2147483647",
     };
     for (size_t i = 0; i < sizeof texts / sizeof texts[0]; i++) {
         flex_mod *m = compile_ok(FLEX_MOD_SCORE, texts[i]);
@@ -376,7 +375,8 @@ static const struct {
     {FLEX_MOD_MASK, "q >= kv)", FLEX_ERR_MOD_SYNTAX, 1, 8, "unmatched ')'", "       ^"},
     {FLEX_MOD_MASK, "q >= kv &&\n  doc[q] = doc[kv]", FLEX_ERR_MOD_SYNTAX, 2, 10,
      "unexpected '='; use '=='", "         ^"},
-    {FLEX_MOD_SCORE, "score ** 2", FLEX_ERR_MOD_SYNTAX, 1, 7, "'**' is not an operator", "      ^~"},
+    {FLEX_MOD_SCORE, "score ** 2", FLEX_ERR_MOD_SYNTAX, 1, 7, "'**' is not an operator",
+     "      ^~"},
     {FLEX_MOD_MASK, "q >= kv and q < 5", FLEX_ERR_MOD_SYNTAX, 1, 9, "unexpected 'and'; write '&&'",
      "        ^~~"},
     {FLEX_MOD_MASK, "not q < 5", FLEX_ERR_MOD_NAME, 1, 1, "write '!'", "^~~"},
@@ -391,14 +391,16 @@ static const struct {
     {FLEX_MOD_MASK, "score > 0", FLEX_ERR_MOD_NAME, 1, 1, "'score' is only available in score mods",
      "^~~~~"},
     {FLEX_MOD_MASK, "q + kv", FLEX_ERR_MOD_TYPE, 1, 1, "a mask mod must return bool", "^~~~~~"},
-    {FLEX_MOD_SCORE, "q > kv", FLEX_ERR_MOD_TYPE, 1, 1, "a score mod must return a float", "^~~~~~"},
+    {FLEX_MOD_SCORE, "q > kv", FLEX_ERR_MOD_TYPE, 1, 1, "a score mod must return a float",
+     "^~~~~~"},
     {FLEX_MOD_MASK, "q @ kv", FLEX_ERR_MOD_SYNTAX, 1, 3, "unexpected character '@'", "  ^"},
     {FLEX_MOD_MASK, "3000000000 > q", FLEX_ERR_MOD_SYNTAX, 1, 1, "does not fit in a 32-bit int",
      "^~~~~~~~~~"},
     {FLEX_MOD_MASK, "let q = 3; q > 0", FLEX_ERR_MOD_NAME, 1, 5, "'q' is a variable", "    ^"},
     {FLEX_MOD_MASK, "let doc = 3; q > 0", FLEX_ERR_MOD_NAME, 1, 5, "'doc' is a buffer", "    ^~~"},
     {FLEX_MOD_MASK, "let W = 3; q > 0", FLEX_ERR_MOD_NAME, 1, 5, "'W' is a param", "    ^"},
-    {FLEX_MOD_MASK, "let exp = 3; q > 0", FLEX_ERR_MOD_NAME, 1, 5, "'exp' is a function", "    ^~~"},
+    {FLEX_MOD_MASK, "let exp = 3; q > 0", FLEX_ERR_MOD_NAME, 1, 5, "'exp' is a function",
+     "    ^~~"},
     {FLEX_MOD_MASK, "let a = 1; let a = 2; q > a", FLEX_ERR_MOD_NAME, 1, 16,
      "'a' is already bound by the let at 1:5", "               ^"},
     {FLEX_MOD_MASK, "let true = 1; q > 0", FLEX_ERR_MOD_SYNTAX, 1, 5, "reserved word", "    ^~~~"},
@@ -467,19 +469,18 @@ static const struct {
      "unknown name 'zzz_unknown'", "   ^~~~~~~~~~~"},
 };
 
-START_TEST(test_bad_inputs)
-{
+START_TEST(test_bad_inputs) {
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         flex_mod *m = (flex_mod *)&m; /* must be reset to NULL */
         flex_status st = compile(bad[i].kind, bad[i].text, &m);
         const char *msg = flex_error_message(NULL);
-        ck_assert_msg(st == bad[i].status, "'%s': status %s, expected %s; message: %s",
-                      bad[i].text, flex_status_name(st), flex_status_name(bad[i].status), msg);
+        ck_assert_msg(st == bad[i].status, "'%s': status %s, expected %s; message: %s", bad[i].text,
+                      flex_status_name(st), flex_status_name(bad[i].status), msg);
         ck_assert_ptr_null(m);
         char prefix[64];
         snprintf(prefix, sizeof prefix, "%d:%d: error: ", bad[i].line, bad[i].col);
-        ck_assert_msg(strncmp(msg, prefix, strlen(prefix)) == 0, "'%s': message '%s' should start '%s'",
-                      bad[i].text, msg, prefix);
+        ck_assert_msg(strncmp(msg, prefix, strlen(prefix)) == 0,
+                      "'%s': message '%s' should start '%s'", bad[i].text, msg, prefix);
         ck_assert_msg(strstr(msg, bad[i].message) != NULL, "'%s': message '%s' lacks '%s'",
                       bad[i].text, msg, bad[i].message);
         const char *last = strrchr(msg, '\n');
@@ -504,8 +505,7 @@ START_TEST(test_bad_inputs)
 }
 END_TEST
 
-START_TEST(test_suggestions)
-{
+START_TEST(test_suggestions) {
     static const struct {
         flex_mod_kind kind;
         const char *text, *suggestion;
@@ -537,8 +537,7 @@ START_TEST(test_suggestions)
 }
 END_TEST
 
-START_TEST(test_bad_descriptions)
-{
+START_TEST(test_bad_descriptions) {
     flex_mod *m = NULL;
     ck_assert_int_eq(flex_mod_compile(NULL, NULL, &m), FLEX_ERR_NULL_POINTER);
     flex_mod_desc d = {FLEX_MOD_MASK, NULL, NULL, 0, NULL, 0};
@@ -559,8 +558,12 @@ START_TEST(test_bad_descriptions)
         flex_param param;
         const char *words;
     } params[] = {
-        {{"W", 0, 2.5}, "'W'"},         {{"W", 0, 3e9}, "'W'"},   {{"q", 0, 1}, "variable"},
-        {{"exp", 1, 1}, "function"},    {{"inf", 1, 1}, "reserved"}, {{"9x", 0, 1}, "valid name"},
+        {{"W", 0, 2.5}, "'W'"},
+        {{"W", 0, 3e9}, "'W'"},
+        {{"q", 0, 1}, "variable"},
+        {{"exp", 1, 1}, "function"},
+        {{"inf", 1, 1}, "reserved"},
+        {{"9x", 0, 1}, "valid name"},
         {{"big", 1, 1e300}, "32-bit float"},
     };
     for (size_t i = 0; i < sizeof params / sizeof params[0]; i++) {
@@ -592,15 +595,16 @@ START_TEST(test_bad_descriptions)
 }
 END_TEST
 
-START_TEST(test_limits)
-{
+START_TEST(test_limits) {
     /* deep nesting is an error, not a crash */
     size_t n = 5000;
     char *text = malloc(2 * n + 16);
     size_t k = 0;
-    for (size_t i = 0; i < n; i++) text[k++] = '(';
+    for (size_t i = 0; i < n; i++)
+        text[k++] = '(';
     text[k++] = 'q';
-    for (size_t i = 0; i < n; i++) text[k++] = ')';
+    for (size_t i = 0; i < n; i++)
+        text[k++] = ')';
     strcpy(text + k, " >= kv");
     flex_mod *m = NULL;
     ck_assert_int_eq(compile(FLEX_MOD_MASK, text, &m), FLEX_ERR_MOD_SYNTAX);
@@ -611,7 +615,8 @@ START_TEST(test_limits)
     text = malloc(cap);
     k = 0;
     k += (size_t)snprintf(text + k, cap - k, "q");
-    for (int i = 0; i < 6000; i++) k += (size_t)snprintf(text + k, cap - k, " + doc[%d]", i);
+    for (int i = 0; i < 6000; i++)
+        k += (size_t)snprintf(text + k, cap - k, " + doc[%d]", i);
     snprintf(text + k, cap - k, " > kv");
     ck_assert_int_eq(compile(FLEX_MOD_MASK, text, &m), FLEX_ERR_INVALID_ARGUMENT);
     ck_assert_ptr_nonnull(strstr(flex_error_message(NULL), "too large"));
@@ -620,7 +625,8 @@ START_TEST(test_limits)
     text = malloc(cap);
     k = 0;
     k += (size_t)snprintf(text + k, cap - k, "q");
-    for (int i = 0; i < 500; i++) k += (size_t)snprintf(text + k, cap - k, " + doc[q + %d]", i);
+    for (int i = 0; i < 500; i++)
+        k += (size_t)snprintf(text + k, cap - k, " + doc[q + %d]", i);
     snprintf(text + k, cap - k, " > kv");
     m = compile_ok(FLEX_MOD_MASK, text);
     check_round_trip(m);
@@ -631,8 +637,7 @@ END_TEST
 
 /* ---- the flex_mod API ---- */
 
-START_TEST(test_bind_buffer)
-{
+START_TEST(test_bind_buffer) {
     flex_mod *m = compile_ok(FLEX_MOD_MASK, "q >= kv && doc[q] == doc[kv]");
     int32_t data[8] = {0};
     int64_t size = 8;
@@ -680,8 +685,7 @@ START_TEST(test_bind_buffer)
 }
 END_TEST
 
-START_TEST(test_host_views)
-{
+START_TEST(test_host_views) {
     flex_mod *m = compile_ok(FLEX_MOD_MASK, "q >= kv && doc[q] == doc[kv]");
     mod_buffer_view views[IR_MAX_BUFFERS];
     void *copies[IR_MAX_BUFFERS];
@@ -697,7 +701,8 @@ START_TEST(test_host_views)
     ck_assert_int_eq(views[0].sizes[0], 6);
     ck_assert_int_eq(views[0].strides[0], 1);
     ck_assert_int_eq(views[0].dtype, FLEX_I32);
-    for (int i = 0; i < IR_MAX_BUFFERS; i++) ck_assert_ptr_null(copies[i]);
+    for (int i = 0; i < IR_MAX_BUFFERS; i++)
+        ck_assert_ptr_null(copies[i]);
     flex_mod_release_host_views(copies);
 
     /* the views evaluate */
@@ -722,8 +727,7 @@ END_TEST
 static int fake_downloads;
 static size_t fake_download_bytes;
 
-static flex_status fake_download(flex_context *ctx, void *dst, const void *src, size_t bytes)
-{
+static flex_status fake_download(flex_context *ctx, void *dst, const void *src, size_t bytes) {
     (void)ctx;
     fake_downloads++;
     fake_download_bytes = bytes;
@@ -731,8 +735,7 @@ static flex_status fake_download(flex_context *ctx, void *dst, const void *src, 
     return FLEX_OK;
 }
 
-START_TEST(test_device_buffers)
-{
+START_TEST(test_device_buffers) {
     flex_backend_iface fake;
     memset(&fake, 0, sizeof fake);
     fake.abi_version = FLEX_BACKEND_ABI_VERSION;
@@ -746,7 +749,8 @@ START_TEST(test_device_buffers)
     flex_mod *m = compile_ok(FLEX_MOD_SCORE, "score + float(intervals[q, kv])");
     /* a 3 x 2 view with row stride 5 over 15 "device" elements */
     int32_t device[15];
-    for (int i = 0; i < 15; i++) device[i] = 100 + i;
+    for (int i = 0; i < 15; i++)
+        device[i] = 100 + i;
     flex_tensor t;
     memset(&t, 0, sizeof t);
     t.data = device;
@@ -781,7 +785,8 @@ START_TEST(test_device_buffers)
     ck_assert_int_eq(mod_eval_point(&m->ir, views, 0.5f, 0, 0, 2, 1, scratch, &r, &err), 0);
     ck_assert(r.f == 0.5f + 111.0f);
     flex_mod_release_host_views(copies);
-    for (int i = 0; i < IR_MAX_BUFFERS; i++) ck_assert_ptr_null(copies[i]);
+    for (int i = 0; i < IR_MAX_BUFFERS; i++)
+        ck_assert_ptr_null(copies[i]);
     /* a view of another device cannot be read through this context */
     ck_assert_int_eq(flex_mod_host_views(NULL, m, views, copies), FLEX_ERR_INVALID_ARGUMENT);
     flex_mod_destroy(m);
@@ -789,8 +794,7 @@ START_TEST(test_device_buffers)
 }
 END_TEST
 
-START_TEST(test_and_or)
-{
+START_TEST(test_and_or) {
     flex_mod *causal = compile_ok(FLEX_MOD_MASK, "q >= kv");
     flex_mod *doc = compile_ok(FLEX_MOD_MASK, "doc[q] == doc[kv]");
     flex_mod *both = NULL, *either = NULL;
@@ -877,8 +881,7 @@ START_TEST(test_and_or)
 }
 END_TEST
 
-START_TEST(test_parse_direct)
-{
+START_TEST(test_parse_direct) {
     /* mod_parse itself: the IR is folded and compact, errors leave it freed */
     flex_mod_desc d = {FLEX_MOD_MASK, "q >= kv && (1 + 2 == 3)", NULL, 0, NULL, 0};
     ir_mod m;
@@ -898,8 +901,7 @@ START_TEST(test_parse_direct)
 }
 END_TEST
 
-static Suite *mod_parse_suite(void)
-{
+static Suite *mod_parse_suite(void) {
     Suite *s = suite_create("mod_parse");
     TCase *tc = tcase_create("parse");
     tcase_add_test(tc, test_seed_examples);
@@ -923,8 +925,7 @@ static Suite *mod_parse_suite(void)
     return s;
 }
 
-int main(void)
-{
+int main(void) {
     SRunner *sr = srunner_create(mod_parse_suite());
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);

@@ -12,19 +12,16 @@
 
 static flex_context *ctx;
 
-static void setup(void)
-{
+static void setup(void) {
     ck_assert_int_eq(flex_context_create("cpu", &ctx), FLEX_OK);
 }
 
-static void teardown(void)
-{
+static void teardown(void) {
     flex_context_destroy(ctx);
     ctx = NULL;
 }
 
-static flex_mod *preset(const char *name, const flex_param *ov, int n)
-{
+static flex_mod *preset(const char *name, const flex_param *ov, int n) {
     flex_mod *mod = NULL;
     flex_status st = flex_preset_compile(ctx, name, ov, n, &mod);
     ck_assert_msg(st == FLEX_OK, "preset %s: %s", name, flex_error_message(ctx));
@@ -32,8 +29,7 @@ static flex_mod *preset(const char *name, const flex_param *ov, int n)
 }
 
 /* Evaluates a mod at one point with buffers bound on it. */
-static ir_value eval_at(const flex_mod *mod, float score, int b, int h, int q, int kv)
-{
+static ir_value eval_at(const flex_mod *mod, float score, int b, int h, int q, int kv) {
     mod_buffer_view views[IR_MAX_BUFFERS];
     void *copies[IR_MAX_BUFFERS];
     memset(views, 0, sizeof views);
@@ -50,25 +46,35 @@ static ir_value eval_at(const flex_mod *mod, float score, int b, int h, int q, i
 }
 
 static void bind_i32(flex_mod *mod, const char *name, int32_t *data, int ndim,
-                     const int64_t *sizes)
-{
+                     const int64_t *sizes) {
     flex_tensor t = flex_tensor_contiguous(data, FLEX_I32, ndim, sizes, FLEX_DEVICE_CPU);
     ck_assert_int_eq(flex_mod_bind_buffer(ctx, mod, name, &t), FLEX_OK);
 }
 
-START_TEST(test_table)
-{
+START_TEST(test_table) {
     int n = flex_preset_count();
     ck_assert_int_ge(n, 17);
     ck_assert_ptr_null(flex_preset_at(-1));
     ck_assert_ptr_null(flex_preset_at(n));
     ck_assert_ptr_null(flex_preset_find("no_such_preset"));
     ck_assert_ptr_null(flex_preset_find(NULL));
-    static const char *required[] = {"noop", "causal", "causal_score", "sliding_window",
-                                     "sliding_window_bidirectional", "prefix_lm", "document",
-                                     "document_causal", "jagged_causal", "sasa", "natten",
-                                     "alibi", "alibi_functional", "softcap", "softcap_approx",
-                                     "checkerboard", "flamingo"};
+    static const char *required[] = {"noop",
+                                     "causal",
+                                     "causal_score",
+                                     "sliding_window",
+                                     "sliding_window_bidirectional",
+                                     "prefix_lm",
+                                     "document",
+                                     "document_causal",
+                                     "jagged_causal",
+                                     "sasa",
+                                     "natten",
+                                     "alibi",
+                                     "alibi_functional",
+                                     "softcap",
+                                     "softcap_approx",
+                                     "checkerboard",
+                                     "flamingo"};
     for (int k = 0; k < (int)(sizeof required / sizeof required[0]); k++)
         ck_assert_msg(flex_preset_find(required[k]) != NULL, "missing preset %s", required[k]);
     for (int i = 0; i < n; i++) {
@@ -81,12 +87,11 @@ START_TEST(test_table)
 }
 END_TEST
 
-START_TEST(test_every_preset_is_its_text)
-{
+START_TEST(test_every_preset_is_its_text) {
     for (int i = 0; i < flex_preset_count(); i++) {
         const flex_preset *p = flex_preset_at(i);
         flex_mod *from_preset = preset(p->name, NULL, 0);
-        flex_mod_desc desc = {p->kind,   p->text,     p->params,
+        flex_mod_desc desc = {p->kind,       p->text,    p->params,
                               p->num_params, p->buffers, p->num_buffers};
         flex_mod *from_text = NULL;
         ck_assert_msg(flex_mod_compile(ctx, &desc, &from_text) == FLEX_OK, "%s: %s", p->name,
@@ -100,8 +105,7 @@ START_TEST(test_every_preset_is_its_text)
 }
 END_TEST
 
-START_TEST(test_overrides)
-{
+START_TEST(test_overrides) {
     flex_param w7 = {"W", 0, 7};
     flex_mod *def = preset("sliding_window", NULL, 0);
     flex_mod *small = preset("sliding_window", &w7, 1);
@@ -141,16 +145,14 @@ START_TEST(test_overrides)
 END_TEST
 
 /* The seed's functions, written in C, against the presets. */
-static int seed_natten(int q, int kv, int H, int W, int KH, int KW)
-{
+static int seed_natten(int q, int kv, int H, int W, int KH, int KW) {
     int qx = q / W, qy = q % W, kx = kv / W, ky = kv % W;
     int cx = qx < KW / 2 ? KW / 2 : qx > (W - 1) - KW / 2 ? (W - 1) - KW / 2 : qx;
     int cy = qy < KH / 2 ? KH / 2 : qy > (H - 1) - KH / 2 ? (H - 1) - KH / 2 : qy;
     return abs(cx - kx) <= KW / 2 && abs(cy - ky) <= KH / 2;
 }
 
-START_TEST(test_seed_semantics)
-{
+START_TEST(test_seed_semantics) {
     /* NATTEN and SASA on a 12 x 10 image (non-square on purpose). */
     flex_param np[4] = {{"IH", 0, 12}, {"IW", 0, 10}, {"KH", 0, 5}, {"KW", 0, 3}};
     flex_mod *natten = preset("natten", np, 4);
@@ -229,8 +231,7 @@ START_TEST(test_seed_semantics)
 }
 END_TEST
 
-START_TEST(test_sequence_ids)
-{
+START_TEST(test_sequence_ids) {
     int32_t off[5] = {0, 2, 2, 5, 6}, ids[6];
     ck_assert_int_eq(flex_sequence_ids_from_offsets(off, 5, ids, 6), FLEX_OK);
     const int32_t want[6] = {0, 0, 2, 2, 2, 3};
@@ -256,8 +257,7 @@ START_TEST(test_sequence_ids)
 }
 END_TEST
 
-static Suite *presets_suite(void)
-{
+static Suite *presets_suite(void) {
     Suite *s = suite_create("presets");
     TCase *tc = tcase_create("presets");
     tcase_add_checked_fixture(tc, setup, teardown);
@@ -270,8 +270,7 @@ static Suite *presets_suite(void)
     return s;
 }
 
-int main(void)
-{
+int main(void) {
     SRunner *sr = srunner_create(presets_suite());
     srunner_run_all(sr, CK_NORMAL);
     int failed = srunner_ntests_failed(sr);

@@ -11,8 +11,7 @@
 #include "cli_args.h"
 #include "internal.h"
 
-int cli_option(int argc, char **argv, int *i, const char *name, const char **value)
-{
+int cli_option(int argc, char **argv, int *i, const char *name, const char **value) {
     const char *arg = argv[*i];
     size_t n = strlen(name);
     if (strncmp(arg, name, n) != 0) return 0;
@@ -31,20 +30,20 @@ int cli_option(int argc, char **argv, int *i, const char *name, const char **val
     return 1;
 }
 
-int cli_flag(const char *arg, const char *name)
-{
+int cli_flag(const char *arg, const char *name) {
     return strcmp(arg, name) == 0;
 }
 
-int cli_parse_int(const char *s, const char *what, int64_t min, int64_t max, int64_t *out)
-{
+int cli_parse_int(const char *s, const char *what, int64_t min, int64_t max, int64_t *out) {
     char *end = NULL;
     errno = 0;
     long long v = strtoll(s, &end, 10);
     if (end == s || errno == ERANGE) goto bad;
     int64_t scale = 1;
-    if (*end == 'k' || *end == 'K') scale = 1024, end++;
-    else if (*end == 'm' || *end == 'M') scale = 1024 * 1024, end++;
+    if (*end == 'k' || *end == 'K')
+        scale = 1024, end++;
+    else if (*end == 'm' || *end == 'M')
+        scale = 1024 * 1024, end++;
     if (*end != '\0') goto bad;
     if (v > INT64_MAX / scale || v < INT64_MIN / scale) goto bad;
     v *= scale;
@@ -60,8 +59,7 @@ bad:
     return -1;
 }
 
-int cli_parse_double(const char *s, const char *what, double *out)
-{
+int cli_parse_double(const char *s, const char *what, double *out) {
     char *end = NULL;
     double v = strtod(s, &end);
     if (end == s || *end != '\0') {
@@ -72,10 +70,10 @@ int cli_parse_double(const char *s, const char *what, double *out)
     return 0;
 }
 
-int cli_parse_int_list(const char *s, const char *what, int64_t min, int64_t **out, int *count)
-{
+int cli_parse_int_list(const char *s, const char *what, int64_t min, int64_t **out, int *count) {
     int cap = 1;
-    for (const char *p = s; *p; p++) cap += *p == ',';
+    for (const char *p = s; *p; p++)
+        cap += *p == ',';
     int64_t *v = malloc(sizeof *v * (size_t)cap);
     if (!v) {
         fprintf(stderr, "flexattn: out of memory\n");
@@ -88,8 +86,8 @@ int cli_parse_int_list(const char *s, const char *what, int64_t min, int64_t **o
         size_t len = comma ? (size_t)(comma - p) : strlen(p);
         char item[64];
         if (len == 0 || len >= sizeof item) {
-            fprintf(stderr, "flexattn: %s: '%s' is not a comma-separated list of integers\n",
-                    what, s);
+            fprintf(stderr, "flexattn: %s: '%s' is not a comma-separated list of integers\n", what,
+                    s);
             free(v);
             return -1;
         }
@@ -108,8 +106,7 @@ int cli_parse_int_list(const char *s, const char *what, int64_t min, int64_t **o
     return 0;
 }
 
-int cli_parse_param(const char *s, flex_param *p, char *name_buf, size_t name_cap)
-{
+int cli_parse_param(const char *s, flex_param *p, char *name_buf, size_t name_cap) {
     const char *eq = strchr(s, '=');
     size_t len = eq ? (size_t)(eq - s) : 0;
     if (!eq || len == 0 || len >= name_cap || eq[1] == '\0') {
@@ -136,8 +133,7 @@ int cli_parse_param(const char *s, flex_param *p, char *name_buf, size_t name_ca
     return 0;
 }
 
-int cli_params_add(cli_params *ps, const char *s)
-{
+int cli_params_add(cli_params *ps, const char *s) {
     flex_param p;
     char name[64];
     if (cli_parse_param(s, &p, name, sizeof name) != 0) return -1;
@@ -153,12 +149,12 @@ int cli_params_add(cli_params *ps, const char *s)
     ps->params[slot].name = ps->names[slot];
     if (slot == ps->count) ps->count++;
     /* Names live in ps: re-point every entry (the array may have moved). */
-    for (int k = 0; k < ps->count; k++) ps->params[k].name = ps->names[k];
+    for (int k = 0; k < ps->count; k++)
+        ps->params[k].name = ps->names[k];
     return 0;
 }
 
-int cli_context_create(const char *who, const char *spec, flex_context **ctx)
-{
+int cli_context_create(const char *who, const char *spec, flex_context **ctx) {
     if (flex_context_create(spec, ctx) != FLEX_OK) {
         fprintf(stderr, "%s: %s\n", who, flex_error_message(NULL));
         return -1;
@@ -168,13 +164,14 @@ int cli_context_create(const char *who, const char *spec, flex_context **ctx)
 
 /* ---- generated buffers ---- */
 
-void cli_alibi_slopes(int64_t n, float *slopes)
-{
+void cli_alibi_slopes(int64_t n, float *slopes) {
     int64_t m = 1;
-    while (m * 2 <= n) m *= 2;
+    while (m * 2 <= n)
+        m *= 2;
     /* m slopes of the largest power of two <= n, then every other slope of
      * 2m for the rest (the ALiBi paper's rule for other head counts). */
-    for (int64_t i = 0; i < m; i++) slopes[i] = (float)exp2(-8.0 * (double)(i + 1) / (double)m);
+    for (int64_t i = 0; i < m; i++)
+        slopes[i] = (float)exp2(-8.0 * (double)(i + 1) / (double)m);
     for (int64_t i = 0; i < n - m; i++)
         slopes[m + i] = (float)exp2(-8.0 * (double)(2 * i + 1) / (double)(2 * m));
 }
@@ -186,20 +183,20 @@ typedef struct known_buffer {
 } known_buffer;
 
 static const known_buffer known[] = {
-    {"doc", FLEX_I32, 1},    {"seq", FLEX_I32, 1},       {"off", FLEX_I32, 1},
-    {"slopes", FLEX_F32, 1}, {"img_of", FLEX_I32, 1},    {"intervals", FLEX_I32, 2},
+    {"doc", FLEX_I32, 1},    {"seq", FLEX_I32, 1},    {"off", FLEX_I32, 1},
+    {"slopes", FLEX_F32, 1}, {"img_of", FLEX_I32, 1}, {"intervals", FLEX_I32, 2},
 };
 #define NUM_KNOWN ((int)(sizeof known / sizeof known[0]))
 
-int cli_declare_known_buffers(const char *text, flex_buffer_decl *decls)
-{
+int cli_declare_known_buffers(const char *text, flex_buffer_decl *decls) {
     int n = 0;
     for (int k = 0; k < NUM_KNOWN; k++) {
         size_t len = strlen(known[k].name);
         for (const char *p = strstr(text, known[k].name); p; p = strstr(p + 1, known[k].name)) {
             int starts = p == text || !(isalnum((unsigned char)p[-1]) || p[-1] == '_');
             const char *after = p + len;
-            while (*after == ' ' || *after == '\t') after++;
+            while (*after == ' ' || *after == '\t')
+                after++;
             if (starts && *after == '[') {
                 decls[n++] = (flex_buffer_decl){known[k].name, known[k].dtype, known[k].ndim};
                 break;
@@ -211,9 +208,9 @@ int cli_declare_known_buffers(const char *text, flex_buffer_decl *decls)
 
 /* Document offsets for n tokens: explicit lengths, or `docs` equal-ish
  * documents. malloc'd (count + 1 entries in *num). */
-static int32_t *doc_offsets(const cli_buffer_spec *spec, int64_t n, int *num)
-{
-    int docs = spec->doc_lengths ? spec->num_doc_lengths : (spec->num_docs > 0 ? spec->num_docs : 4);
+static int32_t *doc_offsets(const cli_buffer_spec *spec, int64_t n, int *num) {
+    int docs =
+        spec->doc_lengths ? spec->num_doc_lengths : (spec->num_docs > 0 ? spec->num_docs : 4);
     if (!spec->doc_lengths && docs > n) docs = (int)n;
     int32_t *off = malloc(sizeof(int32_t) * (size_t)(docs + 1));
     if (!off) return NULL;
@@ -228,8 +225,7 @@ static int32_t *doc_offsets(const cli_buffer_spec *spec, int64_t n, int *num)
 }
 
 static int bind(flex_context *ctx, flex_mod *mod, const char *name, void *data, flex_dtype dtype,
-                int ndim, const int64_t *sizes, cli_buffers *bufs)
-{
+                int ndim, const int64_t *sizes, cli_buffers *bufs) {
     bufs->data[bufs->count++] = data;
     flex_tensor t = flex_tensor_contiguous(data, dtype, ndim, sizes, FLEX_DEVICE_CPU);
     if (flex_mod_bind_buffer(ctx, mod, name, &t) != FLEX_OK) {
@@ -240,13 +236,13 @@ static int bind(flex_context *ctx, flex_mod *mod, const char *name, void *data, 
 }
 
 int cli_bind_generated_buffers(flex_context *ctx, flex_mod *mod, const cli_buffer_spec *spec,
-                               cli_buffers *bufs)
-{
+                               cli_buffers *bufs) {
     const ir_mod *ir = &mod->ir;
     int64_t n = spec->q_len > spec->kv_len ? spec->q_len : spec->kv_len;
     if (spec->doc_lengths) {
         int64_t sum = 0;
-        for (int d = 0; d < spec->num_doc_lengths; d++) sum += spec->doc_lengths[d];
+        for (int d = 0; d < spec->num_doc_lengths; d++)
+            sum += spec->doc_lengths[d];
         if (sum != n) {
             fprintf(stderr,
                     "flexattn: --doc-lengths add up to %lld tokens but the sequences have %lld\n",
@@ -256,13 +252,18 @@ int cli_bind_generated_buffers(flex_context *ctx, flex_mod *mod, const cli_buffe
     }
     for (int b = 0; b < ir->num_buffers; b++) {
         const ir_buffer *decl = &ir->buffers[b];
+        int provided = 0;
+        for (int p = 0; p < spec->num_provided; p++)
+            if (!strcmp(spec->provided[p], decl->name)) provided = 1;
+        if (provided) continue;
         int k = 0;
-        while (k < NUM_KNOWN && strcmp(known[k].name, decl->name) != 0) k++;
+        while (k < NUM_KNOWN && strcmp(known[k].name, decl->name) != 0)
+            k++;
         if (k == NUM_KNOWN || known[k].dtype != decl->dtype || known[k].ndim != decl->ndim) {
             fprintf(stderr,
                     "flexattn: buffer '%s' (%s, %d dims) has no generated data; known buffers "
                     "are doc, seq, off (i32[n]), slopes (f32[H]), img_of (i32[kv_len]) and "
-                    "intervals (i32[3][2])\n",
+                    "intervals (i32[3][2]); give other data with --buffer NAME=FILE.npy\n",
                     decl->name, flex_dtype_name(decl->dtype), decl->ndim);
             return -1;
         }
@@ -300,7 +301,8 @@ int cli_bind_generated_buffers(flex_context *ctx, flex_mod *mod, const cli_buffe
             int32_t *img = malloc(sizeof(int32_t) * (size_t)spec->kv_len);
             if (!img) goto oom;
             int64_t per = (spec->kv_len + 2) / 3;
-            for (int64_t t = 0; t < spec->kv_len; t++) img[t] = (int32_t)(t / per);
+            for (int64_t t = 0; t < spec->kv_len; t++)
+                img[t] = (int32_t)(t / per);
             int64_t size = spec->kv_len;
             if (bind(ctx, mod, name, img, FLEX_I32, 1, &size, bufs)) return -1;
         } else { /* intervals */
@@ -323,8 +325,98 @@ oom:
     return -1;
 }
 
-void cli_buffers_free(cli_buffers *bufs)
-{
-    for (int k = 0; k < bufs->count; k++) free(bufs->data[k]);
+void cli_buffers_free(cli_buffers *bufs) {
+    for (int k = 0; k < bufs->count; k++)
+        free(bufs->data[k]);
     bufs->count = 0;
+}
+
+/* ---- buffers from files ---- */
+
+int cli_file_buffers_add(cli_file_buffers *fb, const char *arg) {
+    const char *eq = strchr(arg, '=');
+    size_t n = eq ? (size_t)(eq - arg) : 0;
+    if (!eq || n == 0 || n >= sizeof fb->names[0] || eq[1] == '\0') {
+        fprintf(stderr, "flexattn: --buffer takes NAME=FILE.npy, not '%s'\n", arg);
+        return -1;
+    }
+    int slot = 0;
+    while (slot < fb->count && !(strlen(fb->names[slot]) == n && !strncmp(fb->names[slot], arg, n)))
+        slot++;
+    if (slot == CLI_MAX_BUFFERS) {
+        fprintf(stderr, "flexattn: at most %d --buffer options\n", CLI_MAX_BUFFERS);
+        return -1;
+    }
+    npy_array a;
+    char err[512];
+    if (npy_read(eq + 1, &a, err, sizeof err) != FLEX_OK) {
+        fprintf(stderr, "flexattn: --buffer %.*s: %s\n", (int)n, arg, err);
+        return -1;
+    }
+    if (a.ndim < 1 || a.ndim > 4) {
+        fprintf(stderr, "flexattn: --buffer %.*s: %s has %d dims; buffers have 1 to 4\n", (int)n,
+                arg, eq + 1, a.ndim);
+        npy_free(&a);
+        return -1;
+    }
+    if (slot < fb->count) npy_free(&fb->arrays[slot]);
+    memcpy(fb->names[slot], arg, n);
+    fb->names[slot][n] = '\0';
+    fb->arrays[slot] = a;
+    if (slot == fb->count) fb->count++;
+    for (int k = 0; k < fb->count; k++)
+        fb->name_list[k] = fb->names[k];
+    return 0;
+}
+
+void cli_file_buffers_free(cli_file_buffers *fb) {
+    for (int k = 0; k < fb->count; k++)
+        npy_free(&fb->arrays[k]);
+    fb->count = 0;
+}
+
+/* Whether text reads buffer `name`: the name as a whole word followed by '['. */
+static int text_reads(const char *text, const char *name) {
+    size_t len = strlen(name);
+    for (const char *p = strstr(text, name); p; p = strstr(p + 1, name)) {
+        int starts = p == text || !(isalnum((unsigned char)p[-1]) || p[-1] == '_');
+        const char *after = p + len;
+        while (*after == ' ' || *after == '\t')
+            after++;
+        if (starts && *after == '[') return 1;
+    }
+    return 0;
+}
+
+int cli_declare_buffers(const char *text, const cli_file_buffers *fb, flex_buffer_decl *decls) {
+    int n = 0;
+    for (int k = 0; fb && k < fb->count && n < CLI_MAX_BUFFERS; k++)
+        if (text_reads(text, fb->names[k]))
+            decls[n++] = (flex_buffer_decl){fb->names[k], fb->arrays[k].dtype, fb->arrays[k].ndim};
+    flex_buffer_decl known_decls[NUM_KNOWN];
+    int nk = cli_declare_known_buffers(text, known_decls);
+    for (int k = 0; k < nk && n < CLI_MAX_BUFFERS; k++) {
+        int given = 0;
+        for (int f = 0; fb && f < fb->count; f++)
+            if (!strcmp(fb->names[f], known_decls[k].name)) given = 1;
+        if (!given) decls[n++] = known_decls[k];
+    }
+    return n;
+}
+
+int cli_bind_file_buffers(flex_context *ctx, flex_mod *mod, const cli_file_buffers *fb) {
+    const ir_mod *ir = &mod->ir;
+    for (int b = 0; b < ir->num_buffers; b++)
+        for (int k = 0; k < fb->count; k++) {
+            if (strcmp(fb->names[k], ir->buffers[b].name) != 0) continue;
+            const npy_array *a = &fb->arrays[k];
+            flex_tensor t =
+                flex_tensor_contiguous(a->data, a->dtype, a->ndim, a->shape, FLEX_DEVICE_CPU);
+            if (flex_mod_bind_buffer(ctx, mod, fb->names[k], &t) != FLEX_OK) {
+                fprintf(stderr, "flexattn: --buffer %s: %s\n", fb->names[k],
+                        flex_error_message(ctx));
+                return -1;
+            }
+        }
+    return 0;
 }

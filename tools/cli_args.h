@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "flexattn.h"
+#include "npy.h"
 
 enum { CLI_EXIT_OK = 0, CLI_EXIT_FAILURE = 1, CLI_EXIT_USAGE = 2 };
 
@@ -67,11 +68,14 @@ int cli_context_create(const char *who, const char *spec, flex_context **ctx);
 
 /* How to fill the buffers a preset (or mod text) reads. */
 typedef struct cli_buffer_spec {
-    int64_t q_len, kv_len; /* sequence lengths of the run */
-    int64_t heads;         /* H, for slopes (>= 1) */
-    int num_docs;          /* documents of equal-ish length; 0 = 4 */
+    int64_t q_len, kv_len;      /* sequence lengths of the run */
+    int64_t heads;              /* H, for slopes (>= 1) */
+    int num_docs;               /* documents of equal-ish length; 0 = 4 */
     const int64_t *doc_lengths; /* explicit lengths (sum = max(q_len, kv_len)), or NULL */
     int num_doc_lengths;
+    /* Buffers the caller binds itself (from files): left alone here. */
+    const char *const *provided;
+    int num_provided;
 } cli_buffer_spec;
 
 #define CLI_MAX_BUFFERS 16
@@ -94,8 +98,9 @@ typedef struct cli_buffers {
  *   intervals      i32[3][2]   [start, end) of the text tokens that see each
  *                              image, the seed's [[0,7],[1,7],[7,12]] scaled
  *                              to q_len
- * Another name, or a declaration these do not fit, is an error naming the
- * buffer (returns -1 after a message). Returns 0 when every buffer is bound.
+ * Buffers named in spec->provided are skipped. Another name, or a
+ * declaration these do not fit, is an error naming the buffer (returns -1
+ * after a message). Returns 0 when every other buffer is bound.
  */
 int cli_bind_generated_buffers(flex_context *ctx, flex_mod *mod, const cli_buffer_spec *spec,
                                cli_buffers *bufs);
@@ -107,6 +112,34 @@ void cli_buffers_free(cli_buffers *bufs);
  * dtype and dims. Fills decls (room for 8), returns the count.
  */
 int cli_declare_known_buffers(const char *text, flex_buffer_decl *decls);
+
+/* ---- buffers from files (--buffer NAME=FILE.npy) ---- */
+
+/* Data for buffers a mod reads, read from NumPy files; any name, any
+ * dtype and 1 to 4 dims, as the file says. */
+typedef struct cli_file_buffers {
+    int count;
+    char names[CLI_MAX_BUFFERS][64];
+    const char *name_list[CLI_MAX_BUFFERS]; /* names[i], for cli_buffer_spec.provided */
+    npy_array arrays[CLI_MAX_BUFFERS];
+} cli_file_buffers;
+
+/* Reads the file of one "NAME=FILE.npy" (a later NAME replaces an earlier
+ * one). Returns 0, or -1 after a message naming the option or the file. */
+int cli_file_buffers_add(cli_file_buffers *fb, const char *arg);
+void cli_file_buffers_free(cli_file_buffers *fb);
+
+/*
+ * Buffer declarations for user mod text: each file buffer the text reads
+ * (its name followed by '['), with the file's dtype and dims, then each
+ * known buffer (below) it reads that no file gives. Fills decls (room for
+ * CLI_MAX_BUFFERS), returns the count.
+ */
+int cli_declare_buffers(const char *text, const cli_file_buffers *fb, flex_buffer_decl *decls);
+
+/* Binds every file buffer mod declares. The mod borrows the data: fb must
+ * outlive it. Returns 0, or -1 after a message (dtype or dims differ). */
+int cli_bind_file_buffers(flex_context *ctx, flex_mod *mod, const cli_file_buffers *fb);
 
 /* The standard ALiBi slopes of n heads (2^(-8 i / n) for a power of two n,
  * interleaved from the next power of two otherwise), into slopes[0..n). */

@@ -11,17 +11,7 @@
 #include "internal.h"
 #include "oracle.h"
 #include "oracle_backward.h"
-
-static double now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
-}
-
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
+#include "clock.h"
 
 static void fill_dout(void *p, flex_dtype dt, size_t n) {
     uint64_t s = 0x5851f42d4c957f2dull;
@@ -87,16 +77,16 @@ int cli_backward_time(cli_backward_state *st, int warmup, int iters, double *ms,
     double *t = malloc((size_t)iters * sizeof *t);
     if (!t) return snprintf(why, cap, "out of host memory"), -1;
     for (int i = 0; i < warmup + iters; i++) {
-        double t0 = now_ms();
+        double t0 = flex_now_ms();
         flex_status s = run_backward(st);
         if (s != FLEX_OK) {
             snprintf(why, cap, "backward: %s", flex_error_message(st->p.ctx));
             free(t);
             return s == FLEX_ERR_UNSUPPORTED ? -2 : -1;
         }
-        if (i >= warmup) t[i - warmup] = now_ms() - t0;
+        if (i >= warmup) t[i - warmup] = flex_now_ms() - t0;
     }
-    qsort(t, (size_t)iters, sizeof *t, cmp_double);
+    qsort(t, (size_t)iters, sizeof *t, flex_compare_doubles);
     *ms = iters % 2 ? t[iters / 2] : 0.5 * (t[iters / 2 - 1] + t[iters / 2]);
     free(t);
     return 0;

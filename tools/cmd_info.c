@@ -17,8 +17,7 @@
 #include "cli_args.h"
 #include "flexattn.h"
 
-int cmd_info(int argc, char **argv)
-{
+int cmd_info(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "-h") || !strcmp(argv[i], "--help")) {
             printf("usage: flexattn info\n\nPrints the version, the backends and whether each "

@@ -10,39 +10,81 @@
 #include "cli_args.h"
 #include "internal.h"
 
-static void usage(FILE *f)
-{
-    fprintf(f,
-            "usage: flexattn mask PRESET|--text 'MOD TEXT' [options]\n"
-            "\n"
-            "Builds the block mask of a mask preset or of mask mod text and prints it:\n"
-            "full blocks as \xe2\x96\x88\xe2\x96\x88, partial ones as "
-            "\xe2\x96\x91\xe2\x96\x91, empty ones blank.\n"
-            "\n"
-            "options:\n"
-            "  --len N            q_len and kv_len (default 8192; 12 x 9 for flamingo)\n"
-            "  --q-len N          query length\n"
-            "  --kv-len N         key/value length\n"
-            "  --block N          q and kv block size (power of two 16..1024, default 128)\n"
-            "  --q-block N        q block size\n"
-            "  --kv-block N       kv block size\n"
-            "  -B N, -H N         batch and heads (0 or 1 broadcast; default 1)\n"
-            "  --param NAME=VAL   set a param (repeatable), e.g. --param W=256\n"
-            "  --docs N           N documents of equal-ish length for doc/seq/off (default 4)\n"
-            "  --doc-lengths a,b  explicit document lengths (sum = the sequence length)\n"
-            "  --backend SPEC     backend (auto, cpu, cuda, ...; default FLEXATTN_BACKEND)\n"
-            "  --max-cells N      largest picture side in cells (default 64)\n"
-            "  --show B,H         which (batch, head) to draw (default 0,0)\n"
-            "  --list             list the presets and exit\n"
-            "\n"
-            "Lengths accept k and M suffixes (32k = 32768). Buffers a preset reads are\n"
-            "generated: doc/seq/off from --docs or --doc-lengths, slopes as the ALiBi slopes\n"
-            "of H heads, img_of/intervals from the Flamingo example. Mod text may read the\n"
-            "same buffer names.\n");
+static void usage(FILE *f) {
+    fprintf(f, "usage: flexattn mask PRESET|--text 'MOD TEXT' [options]\n"
+               "\n"
+               "Builds the block mask of a mask preset or of mask mod text and prints it:\n"
+               "full blocks as \xe2\x96\x88\xe2\x96\x88, partial ones as "
+               "\xe2\x96\x91\xe2\x96\x91, empty ones blank.\n"
+               "\n"
+               "options:\n"
+               "  --len N            q_len and kv_len (default 8192; 12 x 9 for flamingo)\n"
+               "  --q-len N          query length\n"
+               "  --kv-len N         key/value length\n"
+               "  --block N          q and kv block size (power of two 16..1024, default 128)\n"
+               "  --q-block N        q block size\n"
+               "  --kv-block N       kv block size\n"
+               "  -B N, -H N         batch and heads (0 or 1 broadcast; default 1)\n"
+               "  --param NAME=VAL   set a param (repeatable), e.g. --param W=256\n"
+               "  --docs N           N documents of equal-ish length for doc/seq/off (default 4)\n"
+               "  --doc-lengths a,b  explicit document lengths (sum = the sequence length)\n"
+               "  --buffer NAME=FILE data of buffer NAME from a .npy file (repeatable): mod\n"
+               "                     text may read it, a preset's buffer of that name takes it\n"
+               "  --backend SPEC     backend (auto, cpu, cuda, ...; default FLEXATTN_BACKEND)\n"
+               "  --max-cells N      largest picture side in cells (default 64)\n"
+               "  --show B,H         which (batch, head) to draw (default 0,0)\n"
+               "  --dense            also print the element mask, 1 = attend (as PyTorch's\n"
+               "                     create_mask), for at most 256 x 256 elements\n"
+               "  --list             list the presets and exit\n"
+               "\n"
+               "Lengths accept k and M suffixes (32k = 32768). Buffers a preset reads are\n"
+               "generated: doc/seq/off from --docs or --doc-lengths, slopes as the ALiBi slopes\n"
+               "of H heads, img_of/intervals from the Flamingo example. Mod text may read the\n"
+               "same buffer names.\n");
 }
 
-static void list_presets(void)
-{
+/* Largest q_len * kv_len --dense prints. */
+#define DENSE_LIMIT (256 * 256)
+
+/* Prints the element mask of (b, h) as rows of 0/1, evaluating the mask mod
+ * at every element (the same values the kernels apply in partial blocks). */
+static int print_dense(flex_context *ctx, const flex_mod *mod, int64_t b, int64_t h, int64_t q_len,
+                       int64_t kv_len) {
+    mod_buffer_view views[IR_MAX_BUFFERS];
+    void *copies[IR_MAX_BUFFERS];
+    memset(views, 0, sizeof views);
+    memset(copies, 0, sizeof copies);
+    if (flex_mod_host_views(ctx, mod, views, copies) != FLEX_OK) {
+        fprintf(stderr, "flexattn mask: %s\n", flex_error_message(ctx));
+        return -1;
+    }
+    ir_value *scratch = malloc(sizeof(ir_value) * (size_t)(mod->ir.num_nodes + 1));
+    int rc = scratch ? 0 : -1;
+    if (!scratch) fprintf(stderr, "flexattn mask: out of memory\n");
+    printf("dense mask (b=%lld, h=%lld), %lld x %lld, 1 = attend:\n", (long long)b, (long long)h,
+           (long long)q_len, (long long)kv_len);
+    for (int64_t i = 0; i < q_len && rc == 0; i++) {
+        for (int64_t j = 0; j < kv_len; j++) {
+            ir_value result;
+            mod_bounds_error err;
+            memset(&err, 0, sizeof err);
+            if (mod_eval_point(&mod->ir, views, 0.0f, (int32_t)b, (int32_t)h, (int32_t)i,
+                               (int32_t)j, scratch, &result, &err) != 0) {
+                flex_fail_bounds(ctx, mod, &err);
+                fprintf(stderr, "\nflexattn mask: %s\n", flex_error_message(ctx));
+                rc = -1;
+                break;
+            }
+            printf("%s%d", j ? " " : "", result.i ? 1 : 0);
+        }
+        if (rc == 0) printf("\n");
+    }
+    free(scratch);
+    flex_mod_release_host_views(copies);
+    return rc;
+}
+
+static void list_presets(void) {
     for (int i = 0; i < flex_preset_count(); i++) {
         const flex_preset *p = flex_preset_at(i);
         printf("%-30s %-5s %s\n", p->name, p->kind == FLEX_MOD_MASK ? "mask" : "score",
@@ -50,15 +92,16 @@ static void list_presets(void)
     }
 }
 
-int cmd_mask(int argc, char **argv)
-{
+int cmd_mask(int argc, char **argv) {
     const char *preset_name = NULL, *text = NULL, *backend = NULL;
     int64_t len = -1, q_len = -1, kv_len = -1, block = 0, q_block = -1, kv_block = -1;
     int64_t B = 1, H = 1, docs = 0, max_cells = 64, show_b = 0, show_h = 0;
     int64_t *doc_lengths = NULL;
-    int num_doc_lengths = 0;
+    int num_doc_lengths = 0, dense = 0;
     cli_params params;
     memset(&params, 0, sizeof params);
+    cli_file_buffers files;
+    memset(&files, 0, sizeof files);
     int rc = CLI_EXIT_USAGE;
 
     for (int i = 1; i < argc;) {
@@ -69,6 +112,11 @@ int cmd_mask(int argc, char **argv)
             usage(stdout);
             rc = CLI_EXIT_OK;
             goto out;
+        }
+        if (cli_flag(arg, "--dense")) {
+            dense = 1;
+            i++;
+            continue;
         }
         if (cli_flag(arg, "--list")) {
             list_presets();
@@ -97,13 +145,14 @@ int cmd_mask(int argc, char **argv)
             if (r < 0 || cli_parse_int(v, "-H", 0, INT32_MAX, &H)) goto out;
         } else if (OPT("--param")) {
             if (r < 0 || cli_params_add(&params, v)) goto out;
+        } else if (OPT("--buffer")) {
+            if (r < 0 || cli_file_buffers_add(&files, v)) goto out;
         } else if (OPT("--docs")) {
             if (r < 0 || cli_parse_int(v, "--docs", 1, INT32_MAX, &docs)) goto out;
         } else if (OPT("--doc-lengths")) {
             free(doc_lengths);
             doc_lengths = NULL;
-            if (r < 0 || cli_parse_int_list(v, "--doc-lengths", 0, &doc_lengths,
-                                            &num_doc_lengths))
+            if (r < 0 || cli_parse_int_list(v, "--doc-lengths", 0, &doc_lengths, &num_doc_lengths))
                 goto out;
         } else if (OPT("--backend")) {
             if (r < 0) goto out;
@@ -124,8 +173,7 @@ int cmd_mask(int argc, char **argv)
             show_h = bh[1];
             free(bh);
         } else if (arg[0] == '-' && arg[1] != '\0') {
-            fprintf(stderr, "flexattn mask: unknown option '%s' (see flexattn mask --help)\n",
-                    arg);
+            fprintf(stderr, "flexattn mask: unknown option '%s' (see flexattn mask --help)\n", arg);
             goto out;
         } else {
             if (preset_name) {
@@ -154,8 +202,9 @@ int cmd_mask(int argc, char **argv)
             goto out;
         }
         if (preset->kind != FLEX_MOD_MASK) {
-            fprintf(stderr, "flexattn mask: preset '%s' is a score mod; block masks come from "
-                            "mask mods\n",
+            fprintf(stderr,
+                    "flexattn mask: preset '%s' is a score mod; block masks come from "
+                    "mask mods\n",
                     preset_name);
             goto out;
         }
@@ -164,7 +213,8 @@ int cmd_mask(int argc, char **argv)
     /* Lengths: explicit, else the sum of --doc-lengths, else a default. */
     int64_t def_len = doc_lengths ? 0 : 8192;
     if (doc_lengths)
-        for (int d = 0; d < num_doc_lengths; d++) def_len += doc_lengths[d];
+        for (int d = 0; d < num_doc_lengths; d++)
+            def_len += doc_lengths[d];
     int is_flamingo = preset && !strcmp(preset->name, "flamingo");
     if (q_len < 0) q_len = len > 0 ? len : is_flamingo ? 12 : def_len;
     if (kv_len < 0) kv_len = len > 0 ? len : is_flamingo ? 9 : def_len;
@@ -176,6 +226,13 @@ int cmd_mask(int argc, char **argv)
         fprintf(stderr, "flexattn mask: --show %lld,%lld is outside B x H = %lld x %lld\n",
                 (long long)show_b, (long long)show_h, (long long)(B > 1 ? B : 1),
                 (long long)(H > 1 ? H : 1));
+        goto out;
+    }
+    if (dense && q_len * kv_len > DENSE_LIMIT) {
+        fprintf(stderr,
+                "flexattn mask: --dense prints at most %d elements; %lld x %lld is too "
+                "many\n",
+                DENSE_LIMIT, (long long)q_len, (long long)kv_len);
         goto out;
     }
     if (q_block < 0) q_block = block;
@@ -192,8 +249,8 @@ int cmd_mask(int argc, char **argv)
     if (preset) {
         st = flex_preset_compile(ctx, preset->name, params.params, params.count, &mod);
     } else {
-        flex_buffer_decl decls[8];
-        int nd = cli_declare_known_buffers(text, decls);
+        flex_buffer_decl decls[CLI_MAX_BUFFERS];
+        int nd = cli_declare_buffers(text, &files, decls);
         flex_mod_desc desc = {FLEX_MOD_MASK, text, params.params, params.count, decls, nd};
         st = flex_mod_compile(ctx, &desc, &mod);
     }
@@ -203,9 +260,10 @@ int cmd_mask(int argc, char **argv)
             rc = CLI_EXIT_USAGE;
         goto done;
     }
-    cli_buffer_spec spec = {q_len, kv_len, H > 1 ? H : 1, (int)docs, doc_lengths,
-                            num_doc_lengths};
-    if (cli_bind_generated_buffers(ctx, mod, &spec, &bufs) != 0) {
+    cli_buffer_spec spec = {q_len,       kv_len,          H > 1 ? H : 1,   (int)docs,
+                            doc_lengths, num_doc_lengths, files.name_list, files.count};
+    if (cli_bind_file_buffers(ctx, mod, &files) != 0 ||
+        cli_bind_generated_buffers(ctx, mod, &spec, &bufs) != 0) {
         rc = CLI_EXIT_USAGE;
         goto done;
     }
@@ -246,6 +304,7 @@ int cmd_mask(int argc, char **argv)
     printf("sparsity:  %.2f%%\n", flex_block_mask_sparsity(mask));
     printf("build:     %.3f ms on %s (%s)\n", mask->build_ms, flex_context_backend(ctx),
            flex_context_device_name(ctx));
+    if (dense && print_dense(ctx, mod, show_b, show_h, q_len, kv_len) != 0) goto done;
     rc = CLI_EXIT_OK;
 done:
     flex_block_mask_destroy(mask);
@@ -254,5 +313,6 @@ done:
     flex_context_destroy(ctx);
 out:
     free(doc_lengths);
+    cli_file_buffers_free(&files);
     return rc;
 }

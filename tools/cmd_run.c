@@ -20,6 +20,7 @@
 #include "internal.h"
 #include "npy.h"
 #include "oracle.h"
+#include "clock.h"
 
 static void usage(FILE *f) {
     fprintf(f, "usage: flexattn run PRESET|--text MOD [options]\n"
@@ -39,8 +40,13 @@ static void usage(FILE *f) {
                "  --dtype T           f32, f16 or bf16 (default f32)\n"
                "  --backend SPEC      auto, cpu, cuda, ... (default FLEXATTN_BACKEND)\n"
                "  --block N           block-mask block size (default 128)\n"
+               "  --q-block N, --kv-block N  block sizes of q and kv separately\n"
                "  --param NAME=VAL    set a param (repeatable)\n"
                "  --docs N            documents for doc/seq/off buffers (default 4)\n"
+               "  --buffer NAME=FILE  data of buffer NAME from a .npy file (repeatable); mod\n"
+               "                      text may read it under that name, a preset's buffer\n"
+               "                      of that name takes it instead of generated data\n"
+               "  --doc-lengths a,b   explicit document lengths (sum = the longer length)\n"
                "  --warmup N          untimed runs first (default 2)\n"
                "  --iters N           timed runs (default 10)\n"
                "  --check             compare with the fp64 oracle (rows subsampled when long)\n"
@@ -56,9 +62,12 @@ static void usage(FILE *f) {
 
 typedef struct run_opts {
     const char *preset, *text, *mask_preset, *mask_text, *backend, *load, *save;
-    int64_t B, H, Hkv, len, q_len, kv_len, D, Dv, block, docs, warmup, iters;
+    int64_t B, H, Hkv, len, q_len, kv_len, D, Dv, block, q_block, kv_block, docs, warmup, iters;
+    int64_t *doc_lengths; /* --doc-lengths, malloc'd */
+    int num_doc_lengths;
+    cli_file_buffers files; /* --buffer */
     flex_dtype dtype;
-    int check, json, backward;
+    int check, json, backward, len_given;
     cli_params params;
 } run_opts;
 
@@ -81,17 +90,6 @@ typedef struct run_state {
 
 enum { T_Q = 0, T_K, T_V, T_OUT, T_LSE };
 
-static double now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
-}
-
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
-
 static int parse_dtype(const char *s, flex_dtype *dt) {
     if (!strcmp(s, "f32") || !strcmp(s, "float32"))
         *dt = FLEX_F32;
@@ -110,6 +108,7 @@ static int parse_args(int argc, char **argv, run_opts *o) {
     memset(o, 0, sizeof *o);
     o->B = 1, o->H = 8, o->Hkv = -1, o->len = 2048, o->q_len = -1, o->kv_len = -1;
     o->D = 64, o->Dv = -1, o->warmup = 2, o->iters = 10, o->dtype = FLEX_F32;
+    o->q_block = -1, o->kv_block = -1;
     for (int i = 1; i < argc;) {
         const char *v = NULL, *arg = argv[i];
         int r;
@@ -150,12 +149,18 @@ static int parse_args(int argc, char **argv, run_opts *o) {
         INT("-B", 1, INT32_MAX, &o->B)
         INT("-H", 1, INT32_MAX, &o->H)
         INT("--hkv", 1, INT32_MAX, &o->Hkv)
-        INT("--len", 1, INT32_MAX, &o->len)
+        if (OPT("--len")) {
+            if (r < 0 || cli_parse_int(v, "--len", 1, INT32_MAX, &o->len)) return -1;
+            o->len_given = 1;
+            continue;
+        }
         INT("--q-len", 1, INT32_MAX, &o->q_len)
         INT("--kv-len", 1, INT32_MAX, &o->kv_len)
         INT("-D", 1, 4096, &o->D)
         INT("--dv", 1, 4096, &o->Dv)
         INT("--block", 0, 1024, &o->block)
+        INT("--q-block", 0, 1024, &o->q_block)
+        INT("--kv-block", 0, 1024, &o->kv_block)
         INT("--docs", 1, INT32_MAX, &o->docs)
         INT("--warmup", 0, 1000000, &o->warmup)
         INT("--iters", 1, 1000000, &o->iters)
@@ -165,6 +170,18 @@ static int parse_args(int argc, char **argv, run_opts *o) {
         }
         if (OPT("--param")) {
             if (r < 0 || cli_params_add(&o->params, v)) return -1;
+            continue;
+        }
+        if (OPT("--buffer")) {
+            if (r < 0 || cli_file_buffers_add(&o->files, v)) return -1;
+            continue;
+        }
+        if (OPT("--doc-lengths")) {
+            free(o->doc_lengths);
+            o->doc_lengths = NULL;
+            if (r < 0 ||
+                cli_parse_int_list(v, "--doc-lengths", 0, &o->doc_lengths, &o->num_doc_lengths))
+                return -1;
             continue;
         }
 #undef OPT
@@ -230,21 +247,30 @@ static flex_status compile_one(run_state *s, const char *preset, const char *tex
         int n = params_for_preset(p, &s->o.params, ps);
         return flex_preset_compile(s->ctx, preset, ps, n, out);
     }
-    flex_buffer_decl decls[8];
-    int nd = cli_declare_known_buffers(text, decls);
+    flex_buffer_decl decls[CLI_MAX_BUFFERS];
+    int nd = cli_declare_buffers(text, &s->o.files, decls);
     flex_mod_desc desc = {want_kind, text, s->o.params.params, s->o.params.count, decls, nd};
     return flex_mod_compile(s->ctx, &desc, out);
 }
 
-/* Binds DIR/<name>.npy where it exists (--load DIR), generated data for
- * the other buffers. */
+/* Binds --buffer files, then DIR/<name>.npy where it exists (--load DIR),
+ * and generated data for the other buffers. */
 static int bind_buffers(run_state *s, flex_mod *m) {
     int loaded[IR_MAX_BUFFERS], missing = 0;
+    const char *provided[2 * CLI_MAX_BUFFERS];
+    int num_provided = 0;
+    if (cli_bind_file_buffers(s->ctx, m, &s->o.files)) return -1;
+    for (int k = 0; k < s->o.files.count; k++)
+        provided[num_provided++] = s->o.files.names[k];
     for (int b = 0; b < m->ir.num_buffers; b++) {
         const ir_buffer *decl = &m->ir.buffers[b];
         char path[4096];
         struct stat sb;
         loaded[b] = -1;
+        int from_file = 0;
+        for (int k = 0; k < s->o.files.count; k++)
+            if (!strcmp(s->o.files.names[k], decl->name)) from_file = 1;
+        if (from_file) continue;
         if (!s->o.load || strchr(s->o.load, ',') || s->num_loaded_bufs >= IR_MAX_BUFFERS ||
             snprintf(path, sizeof path, "%s/%s.npy", s->o.load, decl->name) >= (int)sizeof path ||
             stat(path, &sb) != 0) {
@@ -258,6 +284,7 @@ static int bind_buffers(run_state *s, flex_mod *m) {
             return -1;
         }
         loaded[b] = s->num_loaded_bufs++;
+        provided[num_provided++] = decl->name;
         if (a->ndim != decl->ndim || a->dtype != decl->dtype) {
             fprintf(stderr, "flexattn run: %s holds %s with %d dims; buffer '%s' is %s with %d\n",
                     path, flex_dtype_name(a->dtype), a->ndim, decl->name,
@@ -266,7 +293,9 @@ static int bind_buffers(run_state *s, flex_mod *m) {
         }
     }
     if (missing) {
-        cli_buffer_spec spec = {s->Lq, s->Lkv, s->Hq, (int)s->o.docs, NULL, 0};
+        cli_buffer_spec spec = {s->Lq,          s->Lkv,           s->Hq,
+                                (int)s->o.docs, s->o.doc_lengths, s->o.num_doc_lengths,
+                                provided,       num_provided};
         if (cli_bind_generated_buffers(s->ctx, m, &spec, &s->bufs) != 0) return -1;
     }
     for (int b = 0; b < m->ir.num_buffers; b++) {
@@ -280,6 +309,28 @@ static int bind_buffers(run_state *s, flex_mod *m) {
         }
     }
     return 0;
+}
+
+/* The block mask of the run: broadcast over batch and heads (as the seed's
+ * create_block_mask(mask_mod, 1, 1, S, S)) unless the mask mod reads b or h,
+ * whose mask then differs per batch or head. */
+static flex_status build_mask(run_state *s) {
+    const ir_mod *ir = &s->mask_mod->ir;
+    uint8_t *deps = malloc((size_t)(ir->num_nodes > 0 ? ir->num_nodes : 1));
+    if (!deps) {
+        fprintf(stderr, "flexattn run: out of memory\n");
+        return FLEX_ERR_OUT_OF_MEMORY;
+    }
+    ir_dependencies(ir, deps);
+    int root_deps = ir->num_nodes > 0 ? deps[ir->root] : 0;
+    free(deps);
+    int64_t mb = (root_deps & IR_DEP_B) ? s->B : 1, mh = (root_deps & IR_DEP_H) ? s->Hq : 1;
+    int64_t qb = s->o.q_block >= 0 ? s->o.q_block : s->o.block;
+    int64_t kb = s->o.kv_block >= 0 ? s->o.kv_block : s->o.block;
+    flex_status st = flex_block_mask_create(s->ctx, s->mask_mod, mb, mh, s->Lq, s->Lkv, (int)qb,
+                                            (int)kb, &s->mask);
+    if (st != FLEX_OK) fprintf(stderr, "flexattn run: %s\n", flex_error_message(s->ctx));
+    return st;
 }
 
 /* ---- inputs ---- */
@@ -371,8 +422,19 @@ static int make_inputs(run_state *s) {
     } else {
         s->dtype = o->dtype;
         s->B = o->B, s->Hq = o->H, s->Hkv = o->Hkv > 0 ? o->Hkv : o->H;
-        s->Lq = o->q_len > 0 ? o->q_len : o->len;
-        s->Lkv = o->kv_len > 0 ? o->kv_len : o->len;
+        /* With --doc-lengths and no length given, the documents set it. */
+        int64_t len = o->len;
+        if (o->doc_lengths && !o->len_given) {
+            len = 0;
+            for (int d = 0; d < o->num_doc_lengths; d++)
+                len += o->doc_lengths[d];
+            if (len < 1) {
+                fprintf(stderr, "flexattn run: the documents add up to 0 tokens\n");
+                return -1;
+            }
+        }
+        s->Lq = o->q_len > 0 ? o->q_len : len;
+        s->Lkv = o->kv_len > 0 ? o->kv_len : len;
         s->D = o->D, s->Dv = o->Dv > 0 ? o->Dv : o->D;
         size_t nq = (size_t)(s->B * s->Hq * s->Lq * s->D);
         size_t nk = (size_t)(s->B * s->Hkv * s->Lkv * s->D);
@@ -418,7 +480,7 @@ static int time_forward(run_state *s) {
     double *ms = malloc((size_t)n * sizeof(double));
     if (!ms) return -1;
     for (int64_t i = 0; i < s->o.warmup + n; i++) {
-        double t0 = now_ms();
+        double t0 = flex_now_ms();
         flex_status st = flex_attention(s->ctx, &s->t[T_Q], &s->t[T_K], &s->t[T_V], s->score,
                                         s->mask, NULL, &s->t[T_OUT], &s->t[T_LSE]);
         if (st == FLEX_OK) st = flex_synchronize(s->ctx);
@@ -427,9 +489,9 @@ static int time_forward(run_state *s) {
             free(ms);
             return -1;
         }
-        if (i >= s->o.warmup) ms[i - s->o.warmup] = now_ms() - t0;
+        if (i >= s->o.warmup) ms[i - s->o.warmup] = flex_now_ms() - t0;
     }
-    qsort(ms, (size_t)n, sizeof *ms, cmp_double);
+    qsort(ms, (size_t)n, sizeof *ms, flex_compare_doubles);
     s->fw_ms = n % 2 ? ms[n / 2] : 0.5 * (ms[n / 2 - 1] + ms[n / 2]);
     free(ms);
     s->density = s->mask ? 1.0 - flex_block_mask_sparsity(s->mask) / 100.0 : 1.0;
@@ -607,6 +669,8 @@ static void print_mask(const run_state *s) {
 }
 
 static void run_free(run_state *s) {
+    free(s->o.doc_lengths);
+    cli_file_buffers_free(&s->o.files);
     for (int i = 0; i < 5; i++)
         if (s->dev[i]) flex_free(s->ctx, s->dev[i]);
     for (int i = 0; i < 3; i++)
@@ -623,7 +687,11 @@ static void run_free(run_state *s) {
 int cmd_run(int argc, char **argv) {
     run_state s;
     memset(&s, 0, sizeof s);
-    if (parse_args(argc, argv, &s.o)) return CLI_EXIT_USAGE;
+    if (parse_args(argc, argv, &s.o)) {
+        free(s.o.doc_lengths);
+        cli_file_buffers_free(&s.o.files);
+        return CLI_EXIT_USAGE;
+    }
     int rc = CLI_EXIT_FAILURE;
     if (flex_context_create(s.o.backend, &s.ctx) != FLEX_OK) {
         fprintf(stderr, "flexattn run: %s\n", flex_error_message(NULL));
@@ -680,11 +748,7 @@ int cmd_run(int argc, char **argv) {
         rc = CLI_EXIT_USAGE;
         goto done;
     }
-    if (s.mask_mod && flex_block_mask_create(s.ctx, s.mask_mod, 1, 1, s.Lq, s.Lkv, (int)s.o.block,
-                                             (int)s.o.block, &s.mask) != FLEX_OK) {
-        fprintf(stderr, "flexattn run: %s\n", flex_error_message(s.ctx));
-        goto done;
-    }
+    if (s.mask_mod && build_mask(&s) != FLEX_OK) goto done;
     if (upload_inputs(&s) || time_forward(&s)) goto done;
 
     double rel = 0.0, lse_err = 0.0, bw_rel = 0.0;

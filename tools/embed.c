@@ -7,20 +7,19 @@
 #include <stdio.h>
 #include <string.h>
 
-static void ident_of(const char *path, char *out, size_t cap)
-{
+static void ident_of(const char *path, char *out, size_t cap) {
     const char *base = strrchr(path, '/');
     base = base ? base + 1 : path;
     size_t n = 0;
     for (; *base && n + 1 < cap; base++) {
         char c = *base;
-        out[n++] = ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9')) ? c : '_';
+        out[n++] =
+            ((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9')) ? c : '_';
     }
     out[n] = 0;
 }
 
-int main(int argc, char **argv)
-{
+int main(int argc, char **argv) {
     if (argc < 3) {
         fprintf(stderr, "usage: %s OUT.c SYMBOL FILE...\n", argv[0]);
         return 2;
@@ -51,7 +50,8 @@ int main(int argc, char **argv)
         fprintf(out, "0};\n");
         fclose(in);
     }
-    fprintf(out, "struct flex_embedded_file { const char *name; const char *text; size_t size; };\n");
+    fprintf(out,
+            "struct flex_embedded_file { const char *name; const char *text; size_t size; };\n");
     fprintf(out, "const struct flex_embedded_file %s_files[] = {\n", sym);
     for (int i = 3; i < argc; i++) {
         char id[256];

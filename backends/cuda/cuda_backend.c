@@ -17,6 +17,7 @@
 #include "cuda_compile.h"
 #include "cuda_loader.h"
 #include "mod/emit.h"
+#include "clock.h"
 
 /* ---- state ---- */
 
@@ -56,12 +57,6 @@ static flex_cache *process_cache;
 static pthread_once_t process_cache_once = PTHREAD_ONCE_INIT;
 static void process_cache_open(void) {
     process_cache = flex_cache_open(NULL, "cuda");
-}
-
-static double now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e3 + ts.tv_nsec / 1e6;
 }
 
 static cuda_state *state_of(flex_context *ctx) {
@@ -300,14 +295,15 @@ static flex_status get_function(flex_context *ctx, cuda_state *st, const char *k
     void *bin = NULL;
     size_t size = 0;
     int from_disk = 0;
-    double t0 = now_ms();
+    double t0 = flex_now_ms();
     if (!flex_cache_get(process_cache, key, &bin, &size, &from_disk)) {
         flex_status s = flex_cuda_compile(ctx, st->api, source, fn_name, st->arch, &bin, &size);
         if (s) return s;
         if (flex_cache_put(process_cache, key, bin, size) != 0)
             flex_log(FLEX_LOG_WARN, "could not write the kernel cache in %s",
                      flex_cache_dir(process_cache));
-        flex_log(FLEX_LOG_INFO, "compiled %s for %s in %.0f ms", fn_name, st->arch, now_ms() - t0);
+        flex_log(FLEX_LOG_INFO, "compiled %s for %s in %.0f ms", fn_name, st->arch,
+                 flex_now_ms() - t0);
     } else {
         flex_log(FLEX_LOG_DEBUG, "kernel %s from the %s cache", fn_name,
                  from_disk ? "disk" : "memory");
@@ -607,8 +603,8 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
     if (mask && mask->num_partial == 0) mask_mod = NULL; /* never evaluated: keep kernels shared */
     const struct flex_mod *score_mod = a->score_mod;
 
-    flex_cuda_fwd_config cfg = {.dtype = q->dtype, .dq = pad64(D), .dv = pad64(Dv),
-                                .scale_positive = a->scale > 0.0f};
+    flex_cuda_fwd_config cfg = {
+        .dtype = q->dtype, .dq = pad64(D), .dv = pad64(Dv), .scale_positive = a->scale > 0.0f};
     const int q_block = mask ? mask->q_block : 128, kv_block = mask ? mask->kv_block : 128;
     if (q->dtype == FLEX_F32) {
         cfg.warps = 4;
@@ -652,14 +648,14 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
     if (!source) s = flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory building kernel source");
     if (!s) {
         char key[512];
-        snprintf(key, sizeof key,
-                 "fwd|%s|dq%d|dv%d|w%d|mt%d|n%d|vec%d|sp%d|mask=%016llx|score=%016llx|%s|nvrtc%d.%d|src="
-                 "%016llx",
-                 flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.warps, cfg.mt, cfg.block_n,
-                 cfg.vec, cfg.scale_positive, (unsigned long long)(mask_mod ? mask_mod->hash : 0),
-                 (unsigned long long)(score_mod ? score_mod->hash : 0), st->arch,
-                 st->api->nvrtc_major, st->api->nvrtc_minor,
-                 (unsigned long long)flex_cache_checksum(source, strlen(source)));
+        snprintf(
+            key, sizeof key,
+            "fwd|%s|dq%d|dv%d|w%d|mt%d|n%d|vec%d|sp%d|mask=%016llx|score=%016llx|%s|nvrtc%d.%d|src="
+            "%016llx",
+            flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.warps, cfg.mt, cfg.block_n, cfg.vec,
+            cfg.scale_positive, (unsigned long long)(mask_mod ? mask_mod->hash : 0),
+            (unsigned long long)(score_mod ? score_mod->hash : 0), st->arch, st->api->nvrtc_major,
+            st->api->nvrtc_minor, (unsigned long long)flex_cache_checksum(source, strlen(source)));
         s = get_function(ctx, st, key, source, "flex_forward_kernel", &fn);
     }
     free(source);

@@ -314,8 +314,8 @@ flex_softmax_tile(const flex_fwd_params &p, flex_warp_state &st, float (&s)[FLEX
         float sum = 0.0f;
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
-            const float e0 = flex_exp2(RAW ? fmaf(s[nt][2 * hf], p.scale_log2, -m_use)
-                                           : s[nt][2 * hf] - m_use);
+            const float e0 =
+                flex_exp2(RAW ? fmaf(s[nt][2 * hf], p.scale_log2, -m_use) : s[nt][2 * hf] - m_use);
             const float e1 = flex_exp2(RAW ? fmaf(s[nt][2 * hf + 1], p.scale_log2, -m_use)
                                            : s[nt][2 * hf + 1] - m_use);
             s[nt][2 * hf] = e0;
@@ -353,11 +353,11 @@ flex_softmax_tile(const flex_fwd_params &p, flex_warp_state &st, float (&s)[FLEX
  * memory feeds each of them, which halves (MT = 2) the shared-memory
  * traffic per tensor-core operation. */
 template <bool MASKED>
-static FLEX_DEVICE_INLINE void
-flex_step(const flex_fwd_params &p, flex_warp_state &st,
-          const flex_u32 (&qf)[FLEX_MT][FLEX_DQ / 16][4], flex_u32 sQ, flex_u32 sK, flex_u32 sV,
-          int b, int h, int q0, int kv0, bool partial, bool bounds, int warp,
-          int lane, unsigned &oob) {
+static FLEX_DEVICE_INLINE void flex_step(const flex_fwd_params &p, flex_warp_state &st,
+                                         const flex_u32 (&qf)[FLEX_MT][FLEX_DQ / 16][4],
+                                         flex_u32 sQ, flex_u32 sK, flex_u32 sV, int b, int h,
+                                         int q0, int kv0, bool partial, bool bounds, int warp,
+                                         int lane, unsigned &oob) {
     constexpr int NT = FLEX_SUB_N / 8;
     const int wrow = warp * 16 * FLEX_MT;
     /* Per-lane fragment bases (see flex_frag_base). */
@@ -420,7 +420,7 @@ flex_step(const flex_fwd_params &p, flex_warp_state &st,
             flex_softmax_tile<MASKED>(p, st, s[mt], pa[mt], mt, b, h, q0 + wrow + mt * 16,
                                       kv0 + sub * FLEX_SUB_N, partial, bounds, lane, oob);
 
-        /* O += P V */
+            /* O += P V */
 #pragma unroll
         for (int kk = 0; kk < FLEX_SUB_N / 16; kk++) {
 #pragma unroll
@@ -498,9 +498,9 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
     __syncthreads();
 #pragma unroll
     for (int kk = 0; kk < FLEX_DQ / 16; kk++)
-        flex_ldmatrix_x4(qf[0][kk],
-                         flex_frag_at(flex_frag_base(sQ, warp * 16 + (lane & 15), lane >> 4, FLEX_DQ),
-                                      kk));
+        flex_ldmatrix_x4(
+            qf[0][kk],
+            flex_frag_at(flex_frag_base(sQ, warp * 16 + (lane & 15), lane >> 4, FLEX_DQ), kk));
 #else
     flex_u32 qf[FLEX_MT][FLEX_DQ / 16][4]; /* unused: Q is read from shared memory */
 #endif
@@ -513,8 +513,8 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
         __syncthreads(); /* everyone is done with the stage we refill next */
         if (step + 1 < nsteps) {
             const int blk = (step + 1) / steps_per_block, within = (step + 1) % steps_per_block;
-            next_kv0 =
-                flex_walk_block(p, walk, blk, next_partial) * p.mask_kvblock + within * FLEX_BLOCK_N;
+            next_kv0 = flex_walk_block(p, walk, blk, next_partial) * p.mask_kvblock +
+                       within * FLEX_BLOCK_N;
             const int ns = stage ^ 1;
             flex_load_tile<FLEX_BLOCK_N, FLEX_DQ>(sK + ns * FLEX_BLOCK_N * FLEX_DQ * 2, gk, p.k_ss,
                                                   next_kv0, p.Lkv, p.D, tid);

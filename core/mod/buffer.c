@@ -8,8 +8,7 @@
 #include "mod/eval.h"
 
 int mod_buffer_read(const mod_buffer_view *view, int buffer, const int32_t *idx, ir_value *out,
-                    mod_bounds_error *err)
-{
+                    mod_bounds_error *err) {
     int64_t offset = 0;
     for (int d = 0; d < view->ndim; d++) {
         int64_t i = idx[d];
@@ -61,15 +60,20 @@ int mod_buffer_read(const mod_buffer_view *view, int buffer, const int32_t *idx,
         out->i = s;
         break;
     }
-    case FLEX_U8: out->i = base[offset]; break;
-    case FLEX_BOOL: out->i = base[offset] != 0; break;
-    default: out->i = 0; break;
+    case FLEX_U8:
+        out->i = base[offset];
+        break;
+    case FLEX_BOOL:
+        out->i = base[offset] != 0;
+        break;
+    default:
+        out->i = 0;
+        break;
     }
     return 0;
 }
 
-void mod_bounds_error_format(const ir_mod *m, const mod_bounds_error *err, char *msg, size_t cap)
-{
+void mod_bounds_error_format(const ir_mod *m, const mod_bounds_error *err, char *msg, size_t cap) {
     if (!msg || cap == 0) return;
     if (!err || !err->set) {
         snprintf(msg, cap, "no buffer read was out of range");

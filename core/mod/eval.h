@@ -43,8 +43,8 @@ void mod_bounds_error_format(const ir_mod *m, const mod_bounds_error *err, char 
 /* Evaluates the mod at one point. scratch holds m->num_nodes values; the
  * result is scratch[m->root] and is also returned in *result. Returns 0, or
  * -1 on an out-of-range buffer read (err filled). */
-int mod_eval_point(const ir_mod *m, const mod_buffer_view *bufs, float score, int32_t b,
-                   int32_t h, int32_t q, int32_t kv, ir_value *scratch, ir_value *result,
+int mod_eval_point(const ir_mod *m, const mod_buffer_view *bufs, float score, int32_t b, int32_t h,
+                   int32_t q, int32_t kv, ir_value *scratch, ir_value *result,
                    mod_bounds_error *err);
 
 /* The same in double precision, for the fp64 oracle: float ops are computed

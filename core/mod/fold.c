@@ -14,38 +14,32 @@
 
 #include "mod/parse.h"
 
-static int is_const(const ir_mod *m, int n)
-{
+static int is_const(const ir_mod *m, int n) {
     return m->nodes[n].op == IR_CONST;
 }
 
-static int is_int_const(const ir_mod *m, int n, int32_t v)
-{
+static int is_int_const(const ir_mod *m, int n, int32_t v) {
     const ir_node *x = &m->nodes[n];
     return x->op == IR_CONST && x->type != IR_FLOAT && x->imm.i == v;
 }
 
 /* Float constant with exactly these bits (so +0 and -0 differ). */
-static int is_float_const(const ir_mod *m, int n, float v)
-{
+static int is_float_const(const ir_mod *m, int n, float v) {
     const ir_node *x = &m->nodes[n];
     return x->op == IR_CONST && x->type == IR_FLOAT && memcmp(&x->imm.f, &v, sizeof v) == 0;
 }
 
-static int is_one(const ir_mod *m, int n)
-{
+static int is_one(const ir_mod *m, int n) {
     return m->nodes[n].type == IR_FLOAT ? is_float_const(m, n, 1.0f) : is_int_const(m, n, 1);
 }
 
-static int add_const(ir_mod *m, ir_type type, ir_value v)
-{
+static int add_const(ir_mod *m, ir_type type, ir_value v) {
     if (type == IR_FLOAT) return ir_const_float(m, v.f);
     if (type == IR_BOOL) return ir_const_bool(m, v.i);
     return ir_const_int(m, v.i);
 }
 
-static int simplify_not(ir_mod *m, int x)
-{
+static int simplify_not(ir_mod *m, int x) {
     if (x < 0) return -1;
     if (m->nodes[x].op == IR_NOT) return m->nodes[x].args[0];
     if (is_const(m, x)) return ir_const_bool(m, !m->nodes[x].imm.i);
@@ -54,8 +48,7 @@ static int simplify_not(ir_mod *m, int x)
 
 /* Returns the index in m of the simplified form of n (whose args are
  * already indices in m), adding nodes as needed; -1 on failure. */
-static int simplify(ir_mod *m, const ir_node *n)
-{
+static int simplify(ir_mod *m, const ir_node *n) {
     ir_op op = (ir_op)n->op;
     ir_type type = (ir_type)n->type;
     int a = n->nargs > 0 ? n->args[0] : -1;
@@ -65,10 +58,12 @@ static int simplify(ir_mod *m, const ir_node *n)
     if (op == IR_CONST || op == IR_LOAD || n->nargs == 0) return ir_add(m, n);
 
     int all_const = 1;
-    for (int i = 0; i < n->nargs; i++) all_const &= is_const(m, n->args[i]);
+    for (int i = 0; i < n->nargs; i++)
+        all_const &= is_const(m, n->args[i]);
     if (all_const) {
         ir_value args[4];
-        for (int i = 0; i < n->nargs; i++) args[i] = m->nodes[n->args[i]].imm;
+        for (int i = 0; i < n->nargs; i++)
+            args[i] = m->nodes[n->args[i]].imm;
         ir_node probe = *n;
         probe.imm.i = (int32_t)m->nodes[a].type; /* operand type, as ir_add records it */
         return add_const(m, type, ir_apply(&probe, args));
@@ -177,13 +172,13 @@ static int simplify(ir_mod *m, const ir_node *n)
         /* where(!c, x, y) == where(c, y, x) */
         if (m->nodes[a].op == IR_NOT) return ir_select(m, type, m->nodes[a].args[0], c, b);
         break;
-    default: break;
+    default:
+        break;
     }
     return ir_add(m, n);
 }
 
-int ir_fold(ir_mod *m)
-{
+int ir_fold(ir_mod *m) {
     if (m->root < 0 || m->num_nodes == 0) return 0;
     ir_mod out;
     ir_init(&out, m->kind);
@@ -193,7 +188,8 @@ int ir_fold(ir_mod *m)
     if (!map) return -1;
     for (int i = 0; i < m->num_nodes; i++) {
         ir_node n = m->nodes[i];
-        for (int a = 0; a < n.nargs; a++) n.args[a] = map[n.args[a]];
+        for (int a = 0; a < n.nargs; a++)
+            n.args[a] = map[n.args[a]];
         int r = simplify(&out, &n);
         if (r < 0) {
             free(map);

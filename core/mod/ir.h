@@ -120,13 +120,12 @@ typedef struct ir_node {
 } ir_node;
 
 /* The type of a node's operands (comparisons, IR_TO_INT, ...). */
-static inline ir_type ir_operand_type(const ir_node *node)
-{
+static inline ir_type ir_operand_type(const ir_node *node) {
     return (ir_type)node->imm.i;
 }
 
 #define IR_MAX_BUFFERS 16
-#define IR_MAX_NODES 4096
+#define IR_MAX_NODES   4096
 
 typedef struct ir_buffer {
     char name[64];

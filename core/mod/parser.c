@@ -13,7 +13,7 @@
 #include "mod/lexer.h"
 #include "mod/parse.h"
 
-#define MAX_NAME 64
+#define MAX_NAME  64
 #define MAX_DEPTH 200
 
 /* A parsed expression: a scalar node, a buffer indexed with fewer indices
@@ -25,7 +25,7 @@ typedef struct value {
     int buffer; /* view: buffer index; -1 otherwise */
     int nidx;
     int32_t idx[4];
-    int func; /* uncalled function: index into functions[]; -1 otherwise */
+    int func;     /* uncalled function: index into functions[]; -1 otherwise */
     int tok, end; /* first and last token, for carets */
 } value;
 
@@ -55,9 +55,8 @@ static const struct {
     const char *name;
     ir_op op;
 } variables[] = {
-    {"score", IR_SCORE}, {"b", IR_B},       {"h", IR_H},         {"q", IR_Q},
-    {"kv", IR_KV},       {"batch", IR_B},   {"head", IR_H},      {"q_idx", IR_Q},
-    {"kv_idx", IR_KV},
+    {"score", IR_SCORE}, {"b", IR_B},    {"h", IR_H},     {"q", IR_Q},       {"kv", IR_KV},
+    {"batch", IR_B},     {"head", IR_H}, {"q_idx", IR_Q}, {"kv_idx", IR_KV},
 };
 #define NUM_VARIABLES ((int)(sizeof variables / sizeof variables[0]))
 
@@ -108,69 +107,66 @@ static const struct {
 };
 #define NUM_FUNCTIONS ((int)(sizeof functions / sizeof functions[0]))
 
-static const char *type_name(ir_type t)
-{
+static const char *type_name(ir_type t) {
     switch (t) {
-    case IR_BOOL: return "bool";
-    case IR_INT: return "int";
-    case IR_FLOAT: return "float";
+    case IR_BOOL:
+        return "bool";
+    case IR_INT:
+        return "int";
+    case IR_FLOAT:
+        return "float";
     }
     return "?";
 }
 
-static int find_variable(const char *name, size_t len)
-{
+static int find_variable(const char *name, size_t len) {
     for (int i = 0; i < NUM_VARIABLES; i++)
         if (strlen(variables[i].name) == len && strncmp(variables[i].name, name, len) == 0)
             return i;
     return -1;
 }
 
-static int find_function(const char *name, size_t len)
-{
+static int find_function(const char *name, size_t len) {
     for (int i = 0; i < NUM_FUNCTIONS; i++)
         if (strlen(functions[i].name) == len && strncmp(functions[i].name, name, len) == 0)
             return i;
     return -1;
 }
 
-static int is_keyword(const char *name, size_t len)
-{
+static int is_keyword(const char *name, size_t len) {
     for (int i = 0; i < NUM_KEYWORDS; i++)
         if (strlen(keywords[i]) == len && strncmp(keywords[i], name, len) == 0) return 1;
     return 0;
 }
 
-static int find_param(const flex_mod_desc *d, const char *name, size_t len)
-{
+static int find_param(const flex_mod_desc *d, const char *name, size_t len) {
     for (int i = 0; i < d->num_params; i++)
         if (strlen(d->params[i].name) == len && strncmp(d->params[i].name, name, len) == 0)
             return i;
     return -1;
 }
 
-static int find_buffer(const ir_mod *m, const char *name, size_t len)
-{
+static int find_buffer(const ir_mod *m, const char *name, size_t len) {
     for (int i = 0; i < m->num_buffers; i++)
         if (strlen(m->buffers[i].name) == len && strncmp(m->buffers[i].name, name, len) == 0)
             return i;
     return -1;
 }
 
-static int find_let(const parser *p, const char *name, size_t len)
-{
+static int find_let(const parser *p, const char *name, size_t len) {
     for (int i = 0; i < p->nlets; i++)
         if (strlen(p->lets[i].name) == len && strncmp(p->lets[i].name, name, len) == 0) return i;
     return -1;
 }
 
 /* Edit distance with adjacent transpositions (optimal string alignment). */
-static int edit_distance(const char *a, size_t la, const char *b, size_t lb)
-{
+static int edit_distance(const char *a, size_t la, const char *b, size_t lb) {
     if (la > 63 || lb > 63) return 1000;
     int d[64][64];
-    for (size_t i = 0; i <= la; i++) d[i][0] = (int)i;
-    for (size_t j = 0; j <= lb; j++) d[0][j] = (int)j;
+    for (size_t i = 0; i <= la; i++)
+        d[i][0] = (int)i;
+    for (size_t j = 0; j <= lb; j++)
+        d[0][j] = (int)j;
     for (size_t i = 1; i <= la; i++) {
         for (size_t j = 1; j <= lb; j++) {
             int cost = a[i - 1] == b[j - 1] ? 0 : 1;
@@ -187,13 +183,13 @@ static int edit_distance(const char *a, size_t la, const char *b, size_t lb)
 }
 
 static void consider(const char *cand, const char *name, size_t len, const char **best,
-                     int *best_d)
-{
+                     int *best_d) {
     int d = edit_distance(name, len, cand, strlen(cand));
     if (d > 0 && strlen(cand) == len) {
         /* A difference of case only is the closest of all. */
         size_t i = 0;
-        while (i < len && tolower((unsigned char)cand[i]) == tolower((unsigned char)name[i])) i++;
+        while (i < len && tolower((unsigned char)cand[i]) == tolower((unsigned char)name[i]))
+            i++;
         if (i == len) d = 0;
     }
     if (d < *best_d) {
@@ -203,11 +199,11 @@ static void consider(const char *cand, const char *name, size_t len, const char 
 }
 
 /* The closest name in scope to name, or NULL when nothing is close. */
-static const char *suggest(const parser *p, const char *name, size_t len)
-{
+static const char *suggest(const parser *p, const char *name, size_t len) {
     const char *best = NULL;
     int best_d = 1000;
-    for (int i = 0; i < p->nlets; i++) consider(p->lets[i].name, name, len, &best, &best_d);
+    for (int i = 0; i < p->nlets; i++)
+        consider(p->lets[i].name, name, len, &best, &best_d);
     for (int i = 0; i < p->desc->num_params; i++)
         consider(p->desc->params[i].name, name, len, &best, &best_d);
     for (int i = 0; i < p->m->num_buffers; i++)
@@ -216,7 +212,8 @@ static const char *suggest(const parser *p, const char *name, size_t len)
         if (variables[i].op == IR_SCORE && p->m->kind != FLEX_MOD_SCORE) continue;
         consider(variables[i].name, name, len, &best, &best_d);
     }
-    for (int i = 0; i < NUM_FUNCTIONS; i++) consider(functions[i].name, name, len, &best, &best_d);
+    for (int i = 0; i < NUM_FUNCTIONS; i++)
+        consider(functions[i].name, name, len, &best, &best_d);
     consider("true", name, len, &best, &best_d);
     consider("false", name, len, &best, &best_d);
     consider("inf", name, len, &best, &best_d);
@@ -229,13 +226,14 @@ static const char *suggest(const parser *p, const char *name, size_t len)
 /* ---- errors ---- */
 
 static void error_at(char *err, size_t cap, const char *text, size_t start, size_t end,
-                     const char *message)
-{
+                     const char *message) {
     if (!err || cap == 0) return;
     size_t line_start = start;
-    while (line_start > 0 && text[line_start - 1] != '\n') line_start--;
+    while (line_start > 0 && text[line_start - 1] != '\n')
+        line_start--;
     size_t line_end = start;
-    while (text[line_end] && text[line_end] != '\n') line_end++;
+    while (text[line_end] && text[line_end] != '\n')
+        line_end++;
     int line = 1;
     for (size_t i = 0; i < line_start; i++)
         if (text[i] == '\n') line++;
@@ -263,9 +261,11 @@ static void error_at(char *err, size_t cap, const char *text, size_t start, size
     /* The caret line copies tabs so the caret lines up under any indentation. */
     char caret[QUOTE_MAX + 16];
     size_t n = 0;
-    for (size_t i = quote_start; i < start; i++) caret[n++] = text[i] == '\t' ? '\t' : ' ';
+    for (size_t i = quote_start; i < start; i++)
+        caret[n++] = text[i] == '\t' ? '\t' : ' ';
     caret[n++] = '^';
-    for (size_t i = start + 1; i < end; i++) caret[n++] = '~';
+    for (size_t i = start + 1; i < end; i++)
+        caret[n++] = '~';
     caret[n] = '\0';
     snprintf(err, cap, "%d:%d: error: %s\n%.*s\n%s", line, col, message, (int)quote_len,
              text + quote_start, caret);
@@ -279,8 +279,7 @@ static int fail_range(parser *p, flex_status status, int tok, int end, const cha
 #endif
     ;
 
-static int fail_range(parser *p, flex_status status, int tok, int end, const char *fmt, ...)
-{
+static int fail_range(parser *p, flex_status status, int tok, int end, const char *fmt, ...) {
     if (p->status != FLEX_OK) return -1;
     p->status = status;
     char message[512];
@@ -299,8 +298,7 @@ static int fail_range(parser *p, flex_status status, int tok, int end, const cha
 
 #define fail(p, status, tok, ...) fail_range(p, status, tok, tok, __VA_ARGS__)
 
-static int fail_ir(parser *p, int tok)
-{
+static int fail_ir(parser *p, int tok) {
     if (p->m->num_nodes >= IR_MAX_NODES)
         return fail(p, FLEX_ERR_INVALID_ARGUMENT, tok,
                     "the mod is too large (more than %d IR nodes)", IR_MAX_NODES);
@@ -308,8 +306,7 @@ static int fail_ir(parser *p, int tok)
 }
 
 /* How a token reads in a message: its text, or "end of input". */
-static void token_text(const parser *p, int tok, char *buf, size_t cap)
-{
+static void token_text(const parser *p, int tok, char *buf, size_t cap) {
     const mod_token *t = &p->toks[tok];
     if (t->kind == TOK_EOF) {
         snprintf(buf, cap, "end of input");
@@ -319,8 +316,7 @@ static void token_text(const parser *p, int tok, char *buf, size_t cap)
     snprintf(buf, cap, "'%.*s'", (int)len, p->text + t->offset);
 }
 
-static int fail_expected(parser *p, const char *what)
-{
+static int fail_expected(parser *p, const char *what) {
     char found[64];
     token_text(p, p->pos, found, sizeof found);
     return fail(p, FLEX_ERR_MOD_SYNTAX, p->pos, "expected %s, found %s", what, found);
@@ -328,20 +324,17 @@ static int fail_expected(parser *p, const char *what)
 
 /* ---- tokens ---- */
 
-static const mod_token *peek(const parser *p)
-{
+static const mod_token *peek(const parser *p) {
     return &p->toks[p->pos];
 }
 
-static int accept(parser *p, mod_token_kind kind)
-{
+static int accept(parser *p, mod_token_kind kind) {
     if (p->toks[p->pos].kind != kind) return 0;
     if (p->toks[p->pos].kind != TOK_EOF) p->pos++;
     return 1;
 }
 
-static int ident_is(const parser *p, int tok, const char *word)
-{
+static int ident_is(const parser *p, int tok, const char *word) {
     const mod_token *t = &p->toks[tok];
     return t->kind == TOK_IDENT && t->length == strlen(word) &&
            strncmp(p->text + t->offset, word, t->length) == 0;
@@ -349,8 +342,7 @@ static int ident_is(const parser *p, int tok, const char *word)
 
 /* ---- values and conversions ---- */
 
-static value scalar(int node, ir_type type, int tok, int end)
-{
+static value scalar(int node, ir_type type, int tok, int end) {
     value v;
     memset(&v, 0, sizeof v);
     v.node = node;
@@ -362,12 +354,10 @@ static value scalar(int node, ir_type type, int tok, int end)
     return v;
 }
 
-static int need_scalar(parser *p, const value *v)
-{
+static int need_scalar(parser *p, const value *v) {
     if (v->func >= 0)
-        return fail_range(p, FLEX_ERR_MOD_TYPE, v->tok, v->end,
-                          "function '%s' must be called: %s", functions[v->func].name,
-                          functions[v->func].signature);
+        return fail_range(p, FLEX_ERR_MOD_TYPE, v->tok, v->end, "function '%s' must be called: %s",
+                          functions[v->func].name, functions[v->func].signature);
     if (v->buffer >= 0) {
         const ir_buffer *buf = &p->m->buffers[v->buffer];
         if (v->nidx == 0)
@@ -384,8 +374,7 @@ static int need_scalar(parser *p, const value *v)
 }
 
 /* Converts node (of type from) to type to; promotions only go up. */
-static int convert(parser *p, int node, ir_type from, ir_type to, int tok)
-{
+static int convert(parser *p, int node, ir_type from, ir_type to, int tok) {
     if (from == to) return node;
     int r = -1;
     if (to == IR_INT)
@@ -396,13 +385,11 @@ static int convert(parser *p, int node, ir_type from, ir_type to, int tok)
     return r;
 }
 
-static ir_type max_type(ir_type a, ir_type b)
-{
+static ir_type max_type(ir_type a, ir_type b) {
     return a > b ? a : b;
 }
 
-static int make_binary(parser *p, ir_op op, ir_type type, int a, int b, int tok)
-{
+static int make_binary(parser *p, ir_op op, ir_type type, int a, int b, int tok) {
     int r = ir_binary(p->m, op, type, a, b);
     if (r < 0) return fail_ir(p, tok);
     return r;
@@ -413,15 +400,13 @@ static int make_binary(parser *p, ir_op op, ir_type type, int a, int b, int tok)
 static int parse_ternary(parser *p, value *out);
 
 /* The operator token's own spelling, for messages. */
-static void op_text(const parser *p, int tok, char *buf, size_t cap)
-{
+static void op_text(const parser *p, int tok, char *buf, size_t cap) {
     const mod_token *t = &p->toks[tok];
     snprintf(buf, cap, "%.*s", (int)t->length, p->text + t->offset);
 }
 
 /* Applies binary operator token optok to l and r (both already parsed). */
-static int apply_binary(parser *p, int optok, const value *l, const value *r, value *out)
-{
+static int apply_binary(parser *p, int optok, const value *l, const value *r, value *out) {
     if (need_scalar(p, l) < 0 || need_scalar(p, r) < 0) return -1;
     mod_token_kind k = p->toks[optok].kind;
     char opname[8];
@@ -436,8 +421,8 @@ static int apply_binary(parser *p, int optok, const value *l, const value *r, va
     case TOK_ANDAND:
         if (lt != IR_BOOL || rt != IR_BOOL)
             return fail(p, FLEX_ERR_MOD_TYPE, optok,
-                        "operator '%s' needs bool operands, got %s and %s%s", opname,
-                        type_name(lt), type_name(rt),
+                        "operator '%s' needs bool operands, got %s and %s%s", opname, type_name(lt),
+                        type_name(rt),
                         k == TOK_ANDAND ? " (use '&' for bitwise and of ints)"
                                         : " (use '|' for bitwise or of ints)");
         node = make_binary(p, k == TOK_OROR ? IR_OR : IR_AND, IR_BOOL, a, b, optok);
@@ -484,24 +469,24 @@ static int apply_binary(parser *p, int optok, const value *l, const value *r, va
         a = convert(p, a, lt, type, optok);
         b = convert(p, b, rt, type, optok);
         if (a < 0 || b < 0) return -1;
-        ir_op op = k == TOK_PLUS    ? IR_ADD
-                   : k == TOK_MINUS ? IR_SUB
-                   : k == TOK_STAR  ? IR_MUL
-                   : k == TOK_PERCENT ? IR_MOD
+        ir_op op = k == TOK_PLUS         ? IR_ADD
+                   : k == TOK_MINUS      ? IR_SUB
+                   : k == TOK_STAR       ? IR_MUL
+                   : k == TOK_PERCENT    ? IR_MOD
                    : k == TOK_SLASHSLASH ? IR_FLOORDIV
-                   : (type == IR_FLOAT ? IR_DIV : IR_FLOORDIV);
+                                         : (type == IR_FLOAT ? IR_DIV : IR_FLOORDIV);
         node = make_binary(p, op, type, a, b, optok);
         break;
     }
-    default: return fail(p, FLEX_ERR_INTERNAL, optok, "internal error: unknown operator");
+    default:
+        return fail(p, FLEX_ERR_INTERNAL, optok, "internal error: unknown operator");
     }
     if (node < 0) return -1;
     *out = scalar(node, type, l->tok, r->end);
     return 0;
 }
 
-static int parse_call(parser *p, int fn, int name_tok, value *out)
-{
+static int parse_call(parser *p, int fn, int name_tok, value *out) {
     /* p->pos is just past '(' */
     value args[4];
     int nargs = 0;
@@ -541,7 +526,8 @@ static int parse_call(parser *p, int fn, int name_tok, value *out)
     case FN_MINMAX:
     case FN_CLAMP: {
         type = IR_INT;
-        for (int i = 0; i < nargs; i++) type = max_type(type, args[i].type);
+        for (int i = 0; i < nargs; i++)
+            type = max_type(type, args[i].type);
         int conv[3];
         for (int i = 0; i < nargs; i++) {
             conv[i] = convert(p, args[i].node, args[i].type, type, name_tok);
@@ -607,8 +593,7 @@ static int parse_call(parser *p, int fn, int name_tok, value *out)
     return 0;
 }
 
-static int parse_primary(parser *p, value *out)
-{
+static int parse_primary(parser *p, value *out) {
     int tok = p->pos;
     const mod_token *t = peek(p);
     ir_mod *m = p->m;
@@ -640,8 +625,7 @@ static int parse_primary(parser *p, value *out)
             char found[64];
             token_text(p, p->pos, found, sizeof found);
             return fail(p, FLEX_ERR_MOD_SYNTAX, p->pos,
-                        "expected ')' to close the '(' at %d:%d, found %s", t->line, t->col,
-                        found);
+                        "expected ')' to close the '(' at %d:%d, found %s", t->line, t->col, found);
         }
         inner.tok = tok;
         inner.end = p->pos;
@@ -649,7 +633,8 @@ static int parse_primary(parser *p, value *out)
         *out = inner;
         return 0;
     }
-    case TOK_IDENT: break;
+    case TOK_IDENT:
+        break;
     case TOK_ASSIGN:
         return fail(p, FLEX_ERR_MOD_SYNTAX, tok,
                     "unexpected '='; use '==' to compare (bindings are 'let name = value;')");
@@ -664,7 +649,8 @@ static int parse_primary(parser *p, value *out)
             return fail(p, FLEX_ERR_MOD_SYNTAX, tok,
                         "expected an expression after ',', found ')' (no trailing commas)");
         return fail_expected(p, "an expression");
-    default: return fail_expected(p, "an expression");
+    default:
+        return fail_expected(p, "an expression");
     }
 
     const char *name = p->text + t->offset;
@@ -725,12 +711,10 @@ static int parse_primary(parser *p, value *out)
     if (hint)
         return fail(p, FLEX_ERR_MOD_NAME, tok, "unknown name '%.*s'; did you mean '%s'?",
                     (int)(len > 60 ? 60 : len), name, hint);
-    return fail(p, FLEX_ERR_MOD_NAME, tok, "unknown name '%.*s'", (int)(len > 60 ? 60 : len),
-                name);
+    return fail(p, FLEX_ERR_MOD_NAME, tok, "unknown name '%.*s'", (int)(len > 60 ? 60 : len), name);
 }
 
-static int parse_index(parser *p, int open_tok, value *v)
-{
+static int parse_index(parser *p, int open_tok, value *v) {
     /* p->pos is just past '[' */
     if (v->buffer < 0) {
         if (v->func >= 0)
@@ -772,8 +756,7 @@ static int parse_index(parser *p, int open_tok, value *v)
     return 0;
 }
 
-static int parse_postfix(parser *p, value *out)
-{
+static int parse_postfix(parser *p, value *out) {
     if (parse_primary(p, out) < 0) return -1;
     for (;;) {
         int tok = p->pos;
@@ -794,8 +777,7 @@ static int parse_postfix(parser *p, value *out)
     return 0;
 }
 
-static int parse_unary(parser *p, value *out)
-{
+static int parse_unary(parser *p, value *out) {
     int tok = p->pos;
     mod_token_kind k = peek(p)->kind;
     if (k != TOK_MINUS && k != TOK_BANG && k != TOK_TILDE) return parse_postfix(p, out);
@@ -824,8 +806,8 @@ static int parse_unary(parser *p, value *out)
         node = ir_unary(p->m, IR_NEG, v.type, v.node);
     } else if (k == TOK_BANG) {
         if (v.type != IR_BOOL)
-            return fail(p, FLEX_ERR_MOD_TYPE, tok,
-                        "operator '!' needs a bool operand, got %s%s", type_name(v.type),
+            return fail(p, FLEX_ERR_MOD_TYPE, tok, "operator '!' needs a bool operand, got %s%s",
+                        type_name(v.type),
                         v.type == IR_INT ? " (use '~' for bitwise not, or '== 0')" : "");
         node = ir_unary(p->m, IR_NOT, IR_BOOL, v.node);
     } else {
@@ -849,20 +831,18 @@ static const mod_token_kind level_ops[][6] = {
     {TOK_PLUS, TOK_MINUS},
     {TOK_STAR, TOK_SLASH, TOK_SLASHSLASH, TOK_PERCENT},
 };
-#define NUM_LEVELS ((int)(sizeof level_ops / sizeof level_ops[0]))
-#define LEVEL_EQUALITY 3
+#define NUM_LEVELS       ((int)(sizeof level_ops / sizeof level_ops[0]))
+#define LEVEL_EQUALITY   3
 #define LEVEL_RELATIONAL 4
 
-static int at_level(const parser *p, int level)
-{
+static int at_level(const parser *p, int level) {
     mod_token_kind k = peek(p)->kind;
     for (int i = 0; i < 6 && level_ops[level][i] != TOK_EOF; i++)
         if (level_ops[level][i] == k) return 1;
     return 0;
 }
 
-static int parse_level(parser *p, int level, value *out)
-{
+static int parse_level(parser *p, int level, value *out) {
     if (level == NUM_LEVELS) return parse_unary(p, out);
     if (parse_level(p, level + 1, out) < 0) return -1;
     int chained = 0;
@@ -882,8 +862,7 @@ static int parse_level(parser *p, int level, value *out)
     return 0;
 }
 
-static int parse_ternary(parser *p, value *out)
-{
+static int parse_ternary(parser *p, value *out) {
     if (++p->depth > MAX_DEPTH)
         return fail(p, FLEX_ERR_MOD_SYNTAX, p->pos, "expression nested too deeply");
     if (parse_level(p, 0, out) < 0) return -1;
@@ -896,17 +875,15 @@ static int parse_ternary(parser *p, value *out)
             char found[64];
             token_text(p, p->pos, found, sizeof found);
             return fail(p, FLEX_ERR_MOD_SYNTAX, p->pos,
-                        "expected ':' to go with the '?' at %d:%d, found %s",
-                        p->toks[qtok].line, p->toks[qtok].col, found);
+                        "expected ':' to go with the '?' at %d:%d, found %s", p->toks[qtok].line,
+                        p->toks[qtok].col, found);
         }
         p->pos++;
         if (parse_ternary(p, &b) < 0) return -1;
-        if (need_scalar(p, out) < 0 || need_scalar(p, &a) < 0 || need_scalar(p, &b) < 0)
-            return -1;
+        if (need_scalar(p, out) < 0 || need_scalar(p, &a) < 0 || need_scalar(p, &b) < 0) return -1;
         if (out->type != IR_BOOL)
             return fail_range(p, FLEX_ERR_MOD_TYPE, out->tok, out->end,
-                              "the condition of '?:' must be bool, got %s",
-                              type_name(out->type));
+                              "the condition of '?:' must be bool, got %s", type_name(out->type));
         ir_type type = max_type(a.type, b.type);
         int x = convert(p, a.node, a.type, type, qtok);
         int y = convert(p, b.node, b.type, type, qtok);
@@ -921,8 +898,7 @@ static int parse_ternary(parser *p, value *out)
 
 /* ---- statements ---- */
 
-static int parse_let(parser *p)
-{
+static int parse_let(parser *p) {
     p->pos++; /* 'let' */
     int name_tok = p->pos;
     const mod_token *t = peek(p);
@@ -931,8 +907,8 @@ static int parse_let(parser *p)
     size_t len = t->length;
     int n = (int)(len > 60 ? 60 : len);
     if (is_keyword(name, len))
-        return fail(p, FLEX_ERR_MOD_SYNTAX, name_tok, "'%.*s' is a reserved word, not a name",
-                    n, name);
+        return fail(p, FLEX_ERR_MOD_SYNTAX, name_tok, "'%.*s' is a reserved word, not a name", n,
+                    name);
     if (len >= MAX_NAME)
         return fail(p, FLEX_ERR_MOD_SYNTAX, name_tok, "name is longer than %d characters",
                     MAX_NAME - 1);
@@ -983,8 +959,7 @@ static int parse_let(parser *p)
     return 0;
 }
 
-static int parse_program(parser *p)
-{
+static int parse_program(parser *p) {
     while (ident_is(p, p->pos, "let"))
         if (parse_let(p) < 0) return -1;
     if (peek(p)->kind == TOK_EOF) {
@@ -1014,8 +989,7 @@ static int parse_program(parser *p)
                         "bindings come before the result, which comes last",
                         found);
         return fail(p, FLEX_ERR_MOD_SYNTAX, p->pos,
-                    "expected an operator or end of input after the expression, found %s",
-                    found);
+                    "expected an operator or end of input after the expression, found %s", found);
     }
     if (need_scalar(p, &result) < 0) return -1;
     int root = result.node;
@@ -1038,8 +1012,7 @@ static int parse_program(parser *p)
 
 /* ---- the descriptor ---- */
 
-static int valid_identifier(const char *s)
-{
+static int valid_identifier(const char *s) {
     if (!s || !*s) return 0;
     if (!((*s >= 'a' && *s <= 'z') || (*s >= 'A' && *s <= 'Z') || *s == '_')) return 0;
     for (const char *c = s; *c; c++)
@@ -1055,8 +1028,7 @@ static flex_status desc_error(char *err, size_t cap, flex_status status, const c
 #endif
     ;
 
-static flex_status desc_error(char *err, size_t cap, flex_status status, const char *fmt, ...)
-{
+static flex_status desc_error(char *err, size_t cap, flex_status status, const char *fmt, ...) {
     if (err && cap) {
         va_list ap;
         va_start(ap, fmt);
@@ -1068,8 +1040,7 @@ static flex_status desc_error(char *err, size_t cap, flex_status status, const c
 
 /* What kind of name `name` already is among the language's own names and
  * the first `np` params / `nb` buffers, or NULL. */
-static const char *taken_as(const flex_mod_desc *d, const char *name, int np, int nb)
-{
+static const char *taken_as(const flex_mod_desc *d, const char *name, int np, int nb) {
     size_t len = strlen(name);
     if (find_variable(name, len) >= 0) return "a variable of the language";
     if (find_function(name, len) >= 0) return "a function of the language";
@@ -1081,8 +1052,7 @@ static const char *taken_as(const flex_mod_desc *d, const char *name, int np, in
     return NULL;
 }
 
-static flex_status check_desc(const flex_mod_desc *d, char *err, size_t cap)
-{
+static flex_status check_desc(const flex_mod_desc *d, char *err, size_t cap) {
     const flex_status bad = FLEX_ERR_INVALID_ARGUMENT;
     if (d->kind != FLEX_MOD_MASK && d->kind != FLEX_MOD_SCORE)
         return desc_error(err, cap, bad, "mod kind %d is neither FLEX_MOD_MASK nor FLEX_MOD_SCORE",
@@ -1096,8 +1066,8 @@ static flex_status check_desc(const flex_mod_desc *d, char *err, size_t cap)
         return desc_error(err, cap, FLEX_ERR_NULL_POINTER, "params is NULL but num_params is %d",
                           d->num_params);
     if (d->num_buffers > 0 && !d->buffers)
-        return desc_error(err, cap, FLEX_ERR_NULL_POINTER,
-                          "buffers is NULL but num_buffers is %d", d->num_buffers);
+        return desc_error(err, cap, FLEX_ERR_NULL_POINTER, "buffers is NULL but num_buffers is %d",
+                          d->num_buffers);
     for (int i = 0; i < d->num_params; i++) {
         const flex_param *par = &d->params[i];
         if (!par->name)
@@ -1113,8 +1083,8 @@ static flex_status check_desc(const flex_mod_desc *d, char *err, size_t cap)
         if (par->is_float) {
             if (isfinite(par->value) && isinf((float)par->value))
                 return desc_error(err, cap, bad,
-                                  "float param '%s' = %g does not fit in a 32-bit float",
-                                  par->name, par->value);
+                                  "float param '%s' = %g does not fit in a 32-bit float", par->name,
+                                  par->value);
         } else {
             double v = par->value;
             if (!isfinite(v) || floor(v) != v || v < (double)INT32_MIN || v > (double)INT32_MAX)
@@ -1135,8 +1105,8 @@ static flex_status check_desc(const flex_mod_desc *d, char *err, size_t cap)
                               buf->name, MAX_NAME - 1);
         const char *taken = taken_as(d, buf->name, d->num_params, i);
         if (taken)
-            return desc_error(err, cap, bad, "buffer '%s' has the name of %s",
-                              buf->name, strcmp(taken, "another param") == 0 ? "a param" : taken);
+            return desc_error(err, cap, bad, "buffer '%s' has the name of %s", buf->name,
+                              strcmp(taken, "another param") == 0 ? "a param" : taken);
         if (buf->ndim < 1 || buf->ndim > 4)
             return desc_error(err, cap, bad, "buffer '%s' has ndim %d; it must be 1 to 4",
                               buf->name, buf->ndim);
@@ -1147,14 +1117,12 @@ static flex_status check_desc(const flex_mod_desc *d, char *err, size_t cap)
     return FLEX_OK;
 }
 
-flex_status mod_parse(const flex_mod_desc *desc, ir_mod *out, char *err, size_t err_cap)
-{
+flex_status mod_parse(const flex_mod_desc *desc, ir_mod *out, char *err, size_t err_cap) {
     if (err && err_cap) err[0] = '\0';
     ir_init(out, FLEX_MOD_MASK);
     if (!desc)
         return desc_error(err, err_cap, FLEX_ERR_NULL_POINTER, "the mod description is NULL");
-    if (!desc->text)
-        return desc_error(err, err_cap, FLEX_ERR_NULL_POINTER, "the mod text is NULL");
+    if (!desc->text) return desc_error(err, err_cap, FLEX_ERR_NULL_POINTER, "the mod text is NULL");
     flex_status st = check_desc(desc, err, err_cap);
     if (st != FLEX_OK) return st;
 

@@ -28,8 +28,7 @@ static void append(text_builder *tb, const char *fmt, ...)
 #endif
     ;
 
-static void append(text_builder *tb, const char *fmt, ...)
-{
+static void append(text_builder *tb, const char *fmt, ...) {
     if (tb->failed) return;
     va_list ap;
     va_start(ap, fmt);
@@ -42,7 +41,8 @@ static void append(text_builder *tb, const char *fmt, ...)
     }
     if (tb->len + (size_t)n + 1 > tb->cap) {
         size_t cap = tb->cap ? tb->cap : 256;
-        while (cap < tb->len + (size_t)n + 1) cap *= 2;
+        while (cap < tb->len + (size_t)n + 1)
+            cap *= 2;
         char *grown = realloc(tb->data, cap);
         if (!grown) {
             tb->failed = 1;
@@ -86,8 +86,7 @@ typedef struct printer {
 
 static void emit(printer *pr, int node, int min_prec);
 
-static void emit_float(printer *pr, float f)
-{
+static void emit_float(printer *pr, float f) {
     if (f != f) {
         append(&pr->tb, "(0.0 / 0.0)");
         return;
@@ -103,8 +102,7 @@ static void emit_float(printer *pr, float f)
     append(&pr->tb, "%s", buf);
 }
 
-static int const_prec(const ir_node *n)
-{
+static int const_prec(const ir_node *n) {
     if (n->type == IR_FLOAT) {
         if (n->imm.f != n->imm.f) return PREC_PRIMARY;
         return signbit(n->imm.f) ? PREC_UNARY : PREC_PRIMARY;
@@ -113,60 +111,110 @@ static int const_prec(const ir_node *n)
     return PREC_PRIMARY;
 }
 
-static const char *call_name(ir_op op)
-{
+static const char *call_name(ir_op op) {
     switch (op) {
-    case IR_ABS: return "abs";
-    case IR_EXP: return "exp";
-    case IR_EXP2: return "exp2";
-    case IR_LOG: return "log";
-    case IR_LOG2: return "log2";
-    case IR_SQRT: return "sqrt";
-    case IR_RSQRT: return "rsqrt";
-    case IR_SIN: return "sin";
-    case IR_COS: return "cos";
-    case IR_TAN: return "tan";
-    case IR_TANH: return "tanh";
-    case IR_TANH_APPROX: return "tanh_approx";
-    case IR_SIGMOID: return "sigmoid";
-    case IR_FLOOR: return "floor";
-    case IR_CEIL: return "ceil";
-    case IR_TO_FLOAT: return "float";
-    case IR_TO_INT: return "int";
-    case IR_POW: return "pow";
-    case IR_MIN: return "min";
-    case IR_MAX: return "max";
-    case IR_SELECT: return "where";
-    default: return NULL;
+    case IR_ABS:
+        return "abs";
+    case IR_EXP:
+        return "exp";
+    case IR_EXP2:
+        return "exp2";
+    case IR_LOG:
+        return "log";
+    case IR_LOG2:
+        return "log2";
+    case IR_SQRT:
+        return "sqrt";
+    case IR_RSQRT:
+        return "rsqrt";
+    case IR_SIN:
+        return "sin";
+    case IR_COS:
+        return "cos";
+    case IR_TAN:
+        return "tan";
+    case IR_TANH:
+        return "tanh";
+    case IR_TANH_APPROX:
+        return "tanh_approx";
+    case IR_SIGMOID:
+        return "sigmoid";
+    case IR_FLOOR:
+        return "floor";
+    case IR_CEIL:
+        return "ceil";
+    case IR_TO_FLOAT:
+        return "float";
+    case IR_TO_INT:
+        return "int";
+    case IR_POW:
+        return "pow";
+    case IR_MIN:
+        return "min";
+    case IR_MAX:
+        return "max";
+    case IR_SELECT:
+        return "where";
+    default:
+        return NULL;
     }
 }
 
 /* Infix spelling and precedence of a binary op at a node type. */
-static const char *infix(const ir_node *n, int *prec)
-{
+static const char *infix(const ir_node *n, int *prec) {
     int is_bool = n->type == IR_BOOL;
     switch ((ir_op)n->op) {
-    case IR_OR: *prec = PREC_OR; return is_bool ? "||" : "|";
-    case IR_AND: *prec = PREC_AND; return is_bool ? "&&" : "&";
-    case IR_XOR: *prec = PREC_XOR; return "^";
-    case IR_EQ: *prec = PREC_EQUALITY; return "==";
-    case IR_NE: *prec = PREC_EQUALITY; return "!=";
-    case IR_LT: *prec = PREC_RELATIONAL; return "<";
-    case IR_LE: *prec = PREC_RELATIONAL; return "<=";
-    case IR_GT: *prec = PREC_RELATIONAL; return ">";
-    case IR_GE: *prec = PREC_RELATIONAL; return ">=";
-    case IR_ADD: *prec = PREC_ADDITIVE; return "+";
-    case IR_SUB: *prec = PREC_ADDITIVE; return "-";
-    case IR_MUL: *prec = PREC_MULTIPLICATIVE; return "*";
-    case IR_DIV: *prec = PREC_MULTIPLICATIVE; return n->type == IR_FLOAT ? "/" : "//";
-    case IR_FLOORDIV: *prec = PREC_MULTIPLICATIVE; return "//";
-    case IR_MOD: *prec = PREC_MULTIPLICATIVE; return "%";
-    default: return NULL;
+    case IR_OR:
+        *prec = PREC_OR;
+        return is_bool ? "||" : "|";
+    case IR_AND:
+        *prec = PREC_AND;
+        return is_bool ? "&&" : "&";
+    case IR_XOR:
+        *prec = PREC_XOR;
+        return "^";
+    case IR_EQ:
+        *prec = PREC_EQUALITY;
+        return "==";
+    case IR_NE:
+        *prec = PREC_EQUALITY;
+        return "!=";
+    case IR_LT:
+        *prec = PREC_RELATIONAL;
+        return "<";
+    case IR_LE:
+        *prec = PREC_RELATIONAL;
+        return "<=";
+    case IR_GT:
+        *prec = PREC_RELATIONAL;
+        return ">";
+    case IR_GE:
+        *prec = PREC_RELATIONAL;
+        return ">=";
+    case IR_ADD:
+        *prec = PREC_ADDITIVE;
+        return "+";
+    case IR_SUB:
+        *prec = PREC_ADDITIVE;
+        return "-";
+    case IR_MUL:
+        *prec = PREC_MULTIPLICATIVE;
+        return "*";
+    case IR_DIV:
+        *prec = PREC_MULTIPLICATIVE;
+        return n->type == IR_FLOAT ? "/" : "//";
+    case IR_FLOORDIV:
+        *prec = PREC_MULTIPLICATIVE;
+        return "//";
+    case IR_MOD:
+        *prec = PREC_MULTIPLICATIVE;
+        return "%";
+    default:
+        return NULL;
     }
 }
 
-static int node_prec(const printer *pr, int node)
-{
+static int node_prec(const printer *pr, int node) {
     const ir_node *n = &pr->m->nodes[node];
     if (pr->let_id[node] >= 0) return PREC_PRIMARY;
     if (n->op == IR_CONST) return const_prec(n);
@@ -177,8 +225,7 @@ static int node_prec(const printer *pr, int node)
 }
 
 /* Prints node's own expression (not its let name). */
-static void emit_expr(printer *pr, int node)
-{
+static void emit_expr(printer *pr, int node) {
     const ir_node *n = &pr->m->nodes[node];
     text_builder *tb = &pr->tb;
     switch ((ir_op)n->op) {
@@ -190,11 +237,21 @@ static void emit_expr(printer *pr, int node)
         else
             append(tb, "%d", (int)n->imm.i);
         return;
-    case IR_SCORE: append(tb, "score"); return;
-    case IR_B: append(tb, "b"); return;
-    case IR_H: append(tb, "h"); return;
-    case IR_Q: append(tb, "q"); return;
-    case IR_KV: append(tb, "kv"); return;
+    case IR_SCORE:
+        append(tb, "score");
+        return;
+    case IR_B:
+        append(tb, "b");
+        return;
+    case IR_H:
+        append(tb, "h");
+        return;
+    case IR_Q:
+        append(tb, "q");
+        return;
+    case IR_KV:
+        append(tb, "kv");
+        return;
     case IR_LOAD:
         append(tb, "%s[", pr->m->buffers[n->buffer].name);
         for (int i = 0; i < n->nargs; i++) {
@@ -209,7 +266,8 @@ static void emit_expr(printer *pr, int node)
         append(tb, n->op == IR_NEG ? "-" : n->op == IR_NOT ? "!" : "~");
         emit(pr, n->args[0], PREC_PRIMARY);
         return;
-    default: break;
+    default:
+        break;
     }
     int prec;
     const char *op = infix(n, &prec);
@@ -231,8 +289,7 @@ static void emit_expr(printer *pr, int node)
     append(tb, ")");
 }
 
-static void emit(printer *pr, int node, int min_prec)
-{
+static void emit(printer *pr, int node, int min_prec) {
     if (pr->let_id[node] >= 0) {
         append(&pr->tb, "%s%d", pr->let_prefix, pr->let_id[node]);
         return;
@@ -243,8 +300,7 @@ static void emit(printer *pr, int node, int min_prec)
     if (paren) append(&pr->tb, ")");
 }
 
-static int is_trivial(const ir_node *n)
-{
+static int is_trivial(const ir_node *n) {
     return n->nargs == 0; /* constants and variables read as well as a let name */
 }
 
@@ -260,8 +316,7 @@ static int is_trivial(const ir_node *n)
 
 /* Nesting of a node printed as an operand: a let name is one level, a
  * parenthesised expression two more than its inline text. */
-static int operand_depth(const printer *pr, int node, int min_prec)
-{
+static int operand_depth(const printer *pr, int node, int min_prec) {
     if (pr->let_id[node] >= 0) return 1;
     if (node_prec(pr, node) < min_prec) return 2 + pr->depth[node];
     return pr->depth[node];
@@ -269,8 +324,7 @@ static int operand_depth(const printer *pr, int node, int min_prec)
 
 /* Nesting of node's inline text, from the depths of its (already decided)
  * args. */
-static int inline_depth(const printer *pr, int node)
-{
+static int inline_depth(const printer *pr, int node) {
     const ir_node *n = &pr->m->nodes[node];
     if (n->op == IR_CONST) return 3; /* at most "-1.5" or "(0.0 / 0.0)" */
     if (n->nargs == 0) return 1;
@@ -292,12 +346,12 @@ static int inline_depth(const printer *pr, int node)
 }
 
 /* Post-order walk naming and printing the lets. */
-static void emit_lets(printer *pr, int node, char *visited)
-{
+static void emit_lets(printer *pr, int node, char *visited) {
     if (visited[node]) return;
     visited[node] = 1;
     const ir_node *n = &pr->m->nodes[node];
-    for (int i = 0; i < n->nargs; i++) emit_lets(pr, n->args[i], visited);
+    for (int i = 0; i < n->nargs; i++)
+        emit_lets(pr, n->args[i], visited);
     pr->depth[node] = inline_depth(pr, node);
     if ((pr->uses[node] >= 2 && !is_trivial(n)) || pr->depth[node] > LET_DEPTH) {
         append(&pr->tb, "let %s%d = ", pr->let_prefix, pr->next_let);
@@ -307,8 +361,7 @@ static void emit_lets(printer *pr, int node, char *visited)
     }
 }
 
-char *ir_canonical_text(const ir_mod *m)
-{
+char *ir_canonical_text(const ir_mod *m) {
     if (m->root < 0 || m->root >= m->num_nodes) return NULL;
     printer pr;
     memset(&pr, 0, sizeof pr);
@@ -320,7 +373,8 @@ char *ir_canonical_text(const ir_mod *m)
     char *reach = calloc((size_t)n, 1);
     char *visited = calloc((size_t)n, 1);
     if (!pr.uses || !pr.let_id || !pr.depth || !reach || !visited) goto fail;
-    for (int i = 0; i < n; i++) pr.let_id[i] = -1;
+    for (int i = 0; i < n; i++)
+        pr.let_id[i] = -1;
     reach[m->root] = 1;
     for (int i = n - 1; i >= 0; i--) {
         if (!reach[i]) continue;
@@ -365,8 +419,7 @@ fail:
     return NULL;
 }
 
-uint64_t ir_hash(const ir_mod *m, const char *canonical_text)
-{
+uint64_t ir_hash(const ir_mod *m, const char *canonical_text) {
     uint64_t h = 14695981039346656037ull;
 #define MIX_BYTE(x)                                                                                \
     do {                                                                                           \
@@ -374,10 +427,12 @@ uint64_t ir_hash(const ir_mod *m, const char *canonical_text)
         h *= 1099511628211ull;                                                                     \
     } while (0)
     MIX_BYTE(m->kind);
-    for (const char *c = canonical_text ? canonical_text : ""; *c; c++) MIX_BYTE(*c);
+    for (const char *c = canonical_text ? canonical_text : ""; *c; c++)
+        MIX_BYTE(*c);
     MIX_BYTE(0);
     for (int i = 0; i < m->num_buffers; i++) {
-        for (const char *c = m->buffers[i].name; *c; c++) MIX_BYTE(*c);
+        for (const char *c = m->buffers[i].name; *c; c++)
+            MIX_BYTE(*c);
         MIX_BYTE(0);
         MIX_BYTE(m->buffers[i].dtype);
         MIX_BYTE(m->buffers[i].ndim);

@@ -69,6 +69,10 @@ typedef struct cpu_kernels {
     /* x[i] = exp(x[i] - shift) for i < n (n a multiple of 16); returns the
      * sum. exp(-inf) is exactly 0; relative error about 1 ulp. */
     float (*exp_sum)(float *x, int n, float shift);
+    /* x[i] = -inf wherever keep[i] is 0, for i < n (any n >= 0); keep holds
+     * 0 or 1. One pass of vector blends instead of a scalar store per masked
+     * element (those would also stall the vector loads that follow). */
+    void (*mask_scores)(float *x, const uint8_t *keep, int n);
 } cpu_kernels;
 
 extern const cpu_kernels flex_cpu_kernels_portable;

@@ -11,9 +11,11 @@
  * tile into thread scratch when that copy would be too large). Per KV tile
  * the thread computes the scores with the register-blocked kernel, applies
  * the score mod everywhere and the mask mod only in partial blocks, and
- * folds the tile into the online softmax state (core/softmax.h rule). In a
- * partial block the mask is evaluated first and each group of 32 rows works
- * only on the columns it attends.
+ * folds the tile into the online softmax state (core/softmax.h rule). A
+ * partial tile is cut into units of 16 rows x 32 columns that interval
+ * analysis classifies as empty, full or mixed; only mixed units go through
+ * the tile interpreter, and each row group computes only its non-empty
+ * units. Work items run with subnormals flushed to zero.
  *
  * Scratch (and the packed copies) are allocated before any output is
  * written, once per call. All arithmetic is f32; f16/bf16 inputs are
@@ -27,6 +29,9 @@
 
 #ifdef _OPENMP
 #include <omp.h>
+#endif
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h> /* MXCSR */
 #endif
 
 #include "internal.h"
@@ -75,6 +80,13 @@ static inline int64_t round_up(int64_t v, int64_t m) {
     return (v + m - 1) / m * m;
 }
 
+/* A partial tile is decided in units of SUB_ROWS rows x CPU_NR columns:
+ * small enough that a diagonal leaves little undecided, large enough that a
+ * row group still reuses each K panel from L1 across several register
+ * blocks. */
+enum { SUB_ROWS = 16 };
+enum { UNIT_EMPTY = 0, UNIT_MIXED = 1, UNIT_FULL = 2 };
+
 void flex_cpu_block_row_classes(const struct flex_block_mask *mask, int64_t num_kv_blocks,
                                 int64_t b, int64_t h, int64_t qb, uint8_t *classes) {
     if (!mask) {
@@ -105,6 +117,11 @@ typedef struct fwd_problem {
     const struct flex_block_mask *mask;
     const ir_mod *score_ir, *mask_ir;
     const mod_buffer_view *score_views, *mask_views;
+    /* Interval analysis of the mask mod over sub-tiles of partial tiles:
+     * usable when the mod reads no buffer or mask_tables were built. */
+    int mask_intervals;
+    const mod_range_tables *mask_tables;
+    int units_per_row; /* 32-column units of a tile: nk / CPU_NR */
 
     /* K and V packed once per call (NULL: packed per tile into scratch) */
     int64_t num_kv_tiles; /* per (b, kv head) */
@@ -126,13 +143,16 @@ typedef struct work_item {
 /* Per-thread scratch. */
 typedef struct fwd_scratch {
     float *q;             /* mq x D */
+    const float *qt;      /* the Q tile in use: q, or the rows of Q themselves */
     float *kp;            /* nk/32 panels of D x 32 */
     float *vp;            /* panels of nk x 32 (last 16) */
     float *s;             /* mq x nk scores, then probabilities */
     float *o;             /* mq x dvp accumulator */
     float *m, *l, *alpha; /* mq each */
     float *row;           /* max(D, Dv) staging for strided reads */
-    uint8_t *keep;        /* mq x nk mask tile */
+    uint8_t *keep;        /* mq x nk mask tile (valid in UNIT_MIXED units only) */
+    uint8_t *units;       /* unit classes, (mq / SUB_ROWS) x units_per_row */
+    void *interval;       /* interval-analysis scratch */
     ir_value *point;      /* scalar interpreter scratch (fallback path) */
     mod_tile *score_tile, *mask_tile;
     void *block; /* the single allocation behind the float arrays */
@@ -168,6 +188,8 @@ static int has_failed(fwd_problem *pb) {
 static void scratch_free(fwd_scratch *sc) {
     free(sc->block);
     free(sc->keep);
+    free(sc->units);
+    free(sc->interval);
     free(sc->point);
     if (sc->score_tile) mod_tile_destroy(sc->score_tile);
     if (sc->mask_tile) mod_tile_destroy(sc->mask_tile);
@@ -197,6 +219,13 @@ static int scratch_alloc(fwd_scratch *sc, const fwd_problem *pb) {
     memset(base, 0, total * sizeof(float));
     sc->keep = malloc(mq * nk);
     if (!sc->keep) return -1;
+    sc->units = malloc((size_t)round_up((int64_t)mq, SUB_ROWS) / SUB_ROWS * nk / CPU_NR);
+    if (!sc->units) return -1;
+    if (pb->mask_intervals) {
+        size_t bytes = mod_interval_scratch_size(pb->mask_ir);
+        sc->interval = malloc(bytes > 0 ? bytes : 1);
+        if (!sc->interval) return -1;
+    }
     int nodes = 1;
     if (pb->score_ir && pb->score_ir->num_nodes > nodes) nodes = pb->score_ir->num_nodes;
     if (pb->mask_ir && pb->mask_ir->num_nodes > nodes) nodes = pb->mask_ir->num_nodes;
@@ -219,6 +248,13 @@ static void pack_q(const fwd_problem *pb, fwd_scratch *sc, int64_t b, int64_t h,
                    int rows) {
     const flex_tensor *t = &pb->a->q;
     int D = (int)pb->D;
+    /* f32 rows that already lie one after another at stride D are the
+     * packed layout: the kernels read them in place. */
+    if (t->dtype == FLEX_F32 && t->strides[3] == 1 && t->strides[2] == D && rows == pb->mq) {
+        sc->qt = (const float *)t->data + b * t->strides[0] + h * t->strides[1] + q0 * D;
+        return;
+    }
+    sc->qt = sc->q;
     for (int r = 0; r < rows; r++) {
         int64_t off = b * t->strides[0] + h * t->strides[1] + (q0 + r) * t->strides[2];
         load_row(t, off, t->strides[3], D, sc->q + (size_t)r * D);
@@ -232,12 +268,26 @@ static void pack_k(const fwd_problem *pb, float *kp, float *row, int64_t b, int6
     const flex_tensor *t = &pb->a->k;
     int D = (int)pb->D;
     int used_panels = (cols + CPU_NR - 1) / CPU_NR;
-    for (int n = 0; n < cols; n++) {
-        int64_t off = b * t->strides[0] + hk * t->strides[1] + (kv0 + n) * t->strides[2];
-        load_row(t, off, t->strides[3], D, row);
-        float *dst = kp + (size_t)(n / CPU_NR) * D * CPU_NR + (n % CPU_NR);
-        for (int k = 0; k < D; k++)
-            dst[(size_t)k * CPU_NR] = row[k];
+    if (t->dtype == FLEX_F32 && t->strides[3] == 1) {
+        /* Panel by panel: 32 source rows read in step, each panel row
+         * written whole. */
+        const float *src = (const float *)t->data + b * t->strides[0] + hk * t->strides[1];
+        for (int p = 0; p < used_panels; p++) {
+            int n0 = p * CPU_NR, w = cols - n0 < CPU_NR ? cols - n0 : CPU_NR;
+            float *dst = kp + (size_t)p * D * CPU_NR;
+            const float *rows0 = src + (kv0 + n0) * t->strides[2];
+            for (int k = 0; k < D; k++)
+                for (int c = 0; c < w; c++)
+                    dst[(size_t)k * CPU_NR + c] = rows0[c * t->strides[2] + k];
+        }
+    } else {
+        for (int n = 0; n < cols; n++) {
+            int64_t off = b * t->strides[0] + hk * t->strides[1] + (kv0 + n) * t->strides[2];
+            load_row(t, off, t->strides[3], D, row);
+            float *dst = kp + (size_t)(n / CPU_NR) * D * CPU_NR + (n % CPU_NR);
+            for (int k = 0; k < D; k++)
+                dst[(size_t)k * CPU_NR] = row[k];
+        }
     }
     /* Zero the unused columns of the last used panel, and any wholly unused
      * panels (their scores are overwritten with -inf anyway, but keep them
@@ -258,6 +308,25 @@ static void pack_v(const fwd_problem *pb, float *vp, float *row, int64_t b, int6
                    int cols) {
     const flex_tensor *t = &pb->a->v;
     int Dv = (int)pb->Dv, dvp = pb->dvp, nk = pb->nk;
+    if (t->dtype == FLEX_F32 && t->strides[3] == 1 && Dv == dvp) {
+        /* Every panel lies inside Dv: whole runs of 32 (or 16) floats. */
+        const float *src = (const float *)t->data + b * t->strides[0] + hk * t->strides[1];
+        for (int n = 0; n < nk; n++) {
+            const float *vrow = src + (kv0 + n) * t->strides[2];
+            for (int c0 = 0; c0 < dvp; c0 += CPU_NR) {
+                int w = dvp - c0 >= CPU_NR ? CPU_NR : dvp - c0;
+                float *dst = vp + (size_t)c0 * nk + (size_t)n * w;
+                /* plain loops: a library call per 128 bytes costs more */
+                if (n < cols)
+                    for (int c = 0; c < w; c++)
+                        dst[c] = vrow[c0 + c];
+                else
+                    for (int c = 0; c < w; c++)
+                        dst[c] = 0.0f;
+            }
+        }
+        return;
+    }
     for (int n = 0; n < nk; n++) {
         if (n < cols) {
             int64_t off = b * t->strides[0] + hk * t->strides[1] + (kv0 + n) * t->strides[2];
@@ -274,6 +343,19 @@ static void pack_v(const fwd_problem *pb, float *vp, float *row, int64_t b, int6
 
 /* ---- one KV tile ---- */
 
+/* Real columns of unit p (32 wide but for a ragged last one). */
+static inline int unit_width(int p, int cols) {
+    int w = cols - p * CPU_NR;
+    return w < CPU_NR ? w : CPU_NR;
+}
+
+/* Whether element (r, c) of the tile is attended: every element of a full
+ * unit is, a mixed unit says so in keep. cls holds the row group's units. */
+static inline int attended(const fwd_scratch *sc, int nk, const uint8_t *cls, int r, int c) {
+    uint8_t u = cls[c / CPU_NR];
+    return u == UNIT_FULL || (u == UNIT_MIXED && sc->keep[(size_t)r * nk + c]);
+}
+
 /* Scalar fallback for a partial row group whose score mod failed on the
  * tile interpreter: the failing read may lie at an element the mask
  * removes, which is not an error. Recomputes the raw scores of rows
@@ -281,15 +363,15 @@ static void pack_v(const fwd_problem *pb, float *vp, float *row, int64_t b, int6
  * only the attended elements. */
 static int score_attended_points(const fwd_problem *pb, fwd_scratch *sc, const float *kp, int32_t b,
                                  int32_t h, int64_t q0, int g0, int mg, int rows, int64_t kv0,
-                                 int c0, int c1, mod_bounds_error *err) {
+                                 int c0, int c1, const uint8_t *cls, mod_bounds_error *err) {
     int nk = pb->nk;
     int n = (int)round_up(c1 - c0, CPU_NR);
-    pb->kern->scores_ld(mg, n, (int)pb->D, sc->q + (size_t)g0 * pb->D,
+    pb->kern->scores_ld(mg, n, (int)pb->D, sc->qt + (size_t)g0 * pb->D,
                         kp + (size_t)(c0 / CPU_NR) * pb->D * CPU_NR, pb->a->scale,
                         sc->s + (size_t)g0 * nk + c0, nk);
     for (int r = g0; r < g0 + rows; r++)
         for (int c = c0; c < c1; c++) {
-            if (!sc->keep[(size_t)r * nk + c]) continue;
+            if (!attended(sc, nk, cls, r, c)) continue;
             ir_value result;
             float *sv = &sc->s[(size_t)r * nk + c];
             if (mod_eval_point(pb->score_ir, pb->score_views, *sv, b, h, (int32_t)(q0 + r),
@@ -300,64 +382,40 @@ static int score_attended_points(const fwd_problem *pb, fwd_scratch *sc, const f
     return 0;
 }
 
-/* The smallest column range [*lo, *hi) holding every attended element of
- * rows r0 .. r1-1 of a mask tile with cols columns; *hi <= *lo when nothing
- * is attended. */
-static void attended_columns(const uint8_t *keep, int ld, int r0, int r1, int cols, int *lo,
-                             int *hi) {
-    int first = cols, last = -1;
-    for (int r = r0; r < r1; r++) {
-        const uint8_t *row = keep + (size_t)r * ld;
-        for (int c = 0; c < first; c++)
-            if (row[c]) {
-                first = c;
-                break;
-            }
-        for (int c = cols - 1; c > last; c--)
-            if (row[c]) {
-                last = c;
-                break;
-            }
-    }
-    *lo = first;
-    *hi = last + 1;
-}
-
-/* Rows of a partial tile that share one trimmed column range. */
-enum { PARTIAL_ROW_GROUP = 32 };
-
 /* Scores, score mod, mask, online softmax and P.V for rows g0 .. g0+mg-1
  * of the tile (mg a multiple of CPU_MR; rows g0 .. g0+rows-1 are real) over
- * columns c0 .. c1-1 (multiples of 32; real columns end at ce). */
+ * columns c0 .. c1-1 (multiples of 32; real columns end at ce). cls: the
+ * unit classes of the row group in a partial tile (the mask applies in its
+ * mixed units), NULL in a full one. */
 static int do_row_group(fwd_problem *pb, fwd_scratch *sc, const float *kp, const float *vp,
                         int32_t b, int32_t h, int64_t q0, int g0, int mg, int rows, int64_t kv0,
-                        int c0, int c1, int ce, int partial) {
+                        int c0, int c1, int ce, const uint8_t *cls) {
     const cpu_kernels *kn = pb->kern;
     int nk = pb->nk, n = c1 - c0;
     float *s = sc->s + (size_t)g0 * nk + c0;
     mod_bounds_error err;
     memset(&err, 0, sizeof err);
-    kn->scores_ld(mg, n, (int)pb->D, sc->q + (size_t)g0 * pb->D,
+    kn->scores_ld(mg, n, (int)pb->D, sc->qt + (size_t)g0 * pb->D,
                   kp + (size_t)(c0 / CPU_NR) * pb->D * CPU_NR, pb->a->scale, s, nk);
     if (pb->score_ir && ce > c0) {
         if (mod_tile_score(sc->score_tile, pb->score_views, b, h, (int32_t)(q0 + g0), rows,
                            (int32_t)(kv0 + c0), ce - c0, s, nk, &err) != 0) {
             mod_bounds_error err2;
             memset(&err2, 0, sizeof err2);
-            if (!partial || score_attended_points(pb, sc, kp, b, h, q0, g0, mg, rows, kv0, c0, ce,
-                                                  &err2) != 0) {
-                record_failure(pb, FLEX_ERR_BUFFER_BOUNDS, pb->a->score_mod,
-                               partial ? &err2 : &err);
+            if (!cls || score_attended_points(pb, sc, kp, b, h, q0, g0, mg, rows, kv0, c0, ce, cls,
+                                              &err2) != 0) {
+                record_failure(pb, FLEX_ERR_BUFFER_BOUNDS, pb->a->score_mod, cls ? &err2 : &err);
                 return -1;
             }
         }
     }
     for (int r = g0; r < g0 + rows; r++) {
         float *srow = sc->s + (size_t)r * nk;
-        if (partial) {
+        if (cls) {
             const uint8_t *keep = sc->keep + (size_t)r * nk;
-            for (int c = c0; c < ce; c++)
-                if (!keep[c]) srow[c] = -INFINITY;
+            for (int c = c0; c < ce; c += CPU_NR)
+                if (cls[c / CPU_NR] == UNIT_MIXED)
+                    kn->mask_scores(srow + c, keep + c, ce - c < CPU_NR ? ce - c : CPU_NR);
         }
         for (int c = ce; c < c1; c++)
             srow[c] = -INFINITY;
@@ -382,23 +440,122 @@ static int do_row_group(fwd_problem *pb, fwd_scratch *sc, const float *kp, const
     return 0;
 }
 
+/* Where a partial tile is decided. The tile (rows x cols at q0, kv0) is cut
+ * into units of SUB_ROWS rows x 32 columns, each empty, full or mixed. */
+typedef struct partial_tile {
+    int32_t b, h;
+    int64_t q0, kv0;
+    int rows, cols;
+    int groups, panels; /* units down and across */
+} partial_tile;
+
+static void fill_units(const fwd_problem *pb, fwd_scratch *sc, int g0, int g1, int p0, int p1,
+                       uint8_t cls) {
+    for (int g = g0; g < g1; g++)
+        memset(sc->units + (size_t)g * pb->units_per_row + p0, cls, (size_t)(p1 - p0));
+}
+
+/* Classifies the units g0..g1-1 x p0..p1-1 with interval analysis: one
+ * question for the whole rectangle, halves (the longer side in elements)
+ * while the answer is "undecided". The work grows with the mask's boundary
+ * inside the tile, not with its area: a diagonal costs about two questions
+ * per row group. */
+static void classify_units(const fwd_problem *pb, fwd_scratch *sc, const partial_tile *t, int g0,
+                           int g1, int p0, int p1) {
+    int r_end = g1 * SUB_ROWS < t->rows ? g1 * SUB_ROWS : t->rows;
+    int c_end = p1 * CPU_NR < t->cols ? p1 * CPU_NR : t->cols;
+    mod_box box = {{t->b, t->h, t->q0 + (int64_t)g0 * SUB_ROWS, t->kv0 + (int64_t)p0 * CPU_NR},
+                   {t->b, t->h, t->q0 + r_end - 1, t->kv0 + c_end - 1}};
+    mod_tri tri = mod_interval_mask(pb->mask_ir, pb->mask_tables, &box, sc->interval);
+    if (tri == MOD_TRI_FALSE || tri == MOD_TRI_TRUE) {
+        fill_units(pb, sc, g0, g1, p0, p1, tri == MOD_TRI_TRUE ? UNIT_FULL : UNIT_EMPTY);
+        return;
+    }
+    int down = g1 - g0, across = p1 - p0;
+    if (down == 1 && across == 1) {
+        fill_units(pb, sc, g0, g1, p0, p1, UNIT_MIXED);
+        return;
+    }
+    if (across == 1 || (down > 1 && down * SUB_ROWS >= across * CPU_NR)) {
+        int mid = g0 + down / 2;
+        classify_units(pb, sc, t, g0, mid, p0, p1);
+        classify_units(pb, sc, t, mid, g1, p0, p1);
+    } else {
+        int mid = p0 + across / 2;
+        classify_units(pb, sc, t, g0, g1, p0, mid);
+        classify_units(pb, sc, t, g0, g1, mid, p1);
+    }
+}
+
+/* Evaluates the mask element by element in the mixed units of row group g
+ * (one tile-interpreter call per run of adjacent mixed units), then
+ * reclassifies each of them by what it holds: a unit with no attended
+ * element costs nothing further, one with all attended needs no masking.
+ * Returns 0, or -1 after recording a failure. */
+static int evaluate_mixed_units(fwd_problem *pb, fwd_scratch *sc, const partial_tile *t, int g) {
+    int nk = pb->nk;
+    int r0 = g * SUB_ROWS, grows = t->rows - r0 < SUB_ROWS ? t->rows - r0 : SUB_ROWS;
+    uint8_t *cls = sc->units + (size_t)g * pb->units_per_row;
+    for (int p = 0; p < t->panels;) {
+        if (cls[p] != UNIT_MIXED) {
+            p++;
+            continue;
+        }
+        int p_end = p + 1;
+        while (p_end < t->panels && cls[p_end] == UNIT_MIXED)
+            p_end++;
+        int c0 = p * CPU_NR, c1 = p_end * CPU_NR < t->cols ? p_end * CPU_NR : t->cols;
+        mod_bounds_error err;
+        memset(&err, 0, sizeof err);
+        if (mod_tile_mask(sc->mask_tile, pb->mask_views, t->b, t->h, (int32_t)(t->q0 + r0), grows,
+                          (int32_t)(t->kv0 + c0), c1 - c0, sc->keep + (size_t)r0 * nk + c0, nk,
+                          &err) != 0) {
+            record_failure(pb, FLEX_ERR_BUFFER_BOUNDS, pb->mask->mask_mod, &err);
+            return -1;
+        }
+        for (; p < p_end; p++) {
+            int w = unit_width(p, t->cols);
+            unsigned any = 0, all = 1;
+            for (int r = r0; r < r0 + grows; r++) {
+                const uint8_t *k = sc->keep + (size_t)r * nk + p * CPU_NR;
+                unsigned row_any = 0, row_all = 1;
+                for (int c = 0; c < w; c++) {
+                    row_any |= k[c];
+                    row_all &= k[c];
+                }
+                any |= row_any;
+                all &= row_all;
+            }
+            cls[p] = !any ? UNIT_EMPTY : all ? UNIT_FULL : UNIT_MIXED;
+        }
+    }
+    return 0;
+}
+
 /* Processes KV columns kv0 .. kv0+cols-1 for the packed Q tile. Returns 0,
  * or -1 after recording a failure. */
 static int do_kv_tile(fwd_problem *pb, fwd_scratch *sc, int32_t b, int32_t h, int64_t hk,
                       int64_t q0, int rows, int64_t kv0, int cols, int partial) {
-    int nk = pb->nk, mq = pb->mq;
+    int mq = pb->mq;
     const float *kp = sc->kp, *vp = sc->vp;
+    partial_tile t = {
+        b, h, q0, kv0, rows, cols, (rows + SUB_ROWS - 1) / SUB_ROWS, (cols + CPU_NR - 1) / CPU_NR};
     if (partial) {
-        mod_bounds_error err;
-        memset(&err, 0, sizeof err);
-        if (mod_tile_mask(sc->mask_tile, pb->mask_views, b, h, (int32_t)q0, rows, (int32_t)kv0,
-                          cols, sc->keep, nk, &err) != 0) {
-            record_failure(pb, FLEX_ERR_BUFFER_BOUNDS, pb->mask->mask_mod, &err);
-            return -1;
+        /* Decide the units first (no FLOPs are spent on a tile the mask
+         * empties): interval analysis where it can, the tile interpreter on
+         * what it leaves undecided. */
+        if (pb->mask_intervals)
+            classify_units(pb, sc, &t, 0, t.groups, 0, t.panels);
+        else
+            fill_units(pb, sc, 0, t.groups, 0, t.panels, UNIT_MIXED);
+        int any = 0;
+        for (int g = 0; g < t.groups; g++) {
+            if (evaluate_mixed_units(pb, sc, &t, g) != 0) return -1;
+            const uint8_t *cls = sc->units + (size_t)g * pb->units_per_row;
+            for (int p = 0; p < t.panels && !any; p++)
+                any = cls[p] != UNIT_EMPTY;
         }
-        int lo, hi;
-        attended_columns(sc->keep, nk, 0, rows, cols, &lo, &hi);
-        if (hi <= lo) return 0; /* the mask empties this tile */
+        if (!any) return 0; /* the mask empties this tile */
     }
     if (pb->packed_k) {
         size_t tile = (size_t)((b * pb->Hkv + hk) * pb->num_kv_tiles + kv0 / pb->kv_tile);
@@ -410,21 +567,30 @@ static int do_kv_tile(fwd_problem *pb, fwd_scratch *sc, int32_t b, int32_t h, in
     }
     if (!partial)
         return do_row_group(pb, sc, kp, vp, b, h, q0, 0, mq, rows, kv0, 0,
-                            (int)round_up(cols, CPU_NR), cols, 0);
+                            (int)round_up(cols, CPU_NR), cols, NULL);
 
-    /* In a partial block each group of rows computes only the columns it
-     * attends (trimmed to 32-column steps): the far side of a diagonal or
-     * the outside of a window costs nothing. A group the mask empties is
-     * skipped; its softmax state is unchanged, which is exact. */
-    for (int g0 = 0; g0 < rows; g0 += PARTIAL_ROW_GROUP) {
-        int grows = rows - g0 < PARTIAL_ROW_GROUP ? rows - g0 : PARTIAL_ROW_GROUP;
+    /* Each row group computes its runs of non-empty units only: the far side
+     * of a diagonal, the outside of a window and the gaps between documents
+     * cost no FLOPs, and full units no mask evaluation. An empty unit leaves
+     * the softmax state of its rows unchanged, which is exact. */
+    for (int g = 0; g < t.groups; g++) {
+        int g0 = g * SUB_ROWS;
+        int grows = rows - g0 < SUB_ROWS ? rows - g0 : SUB_ROWS;
         int mg = (int)round_up(grows, CPU_MR);
-        int lo, hi;
-        attended_columns(sc->keep, nk, g0, g0 + grows, cols, &lo, &hi);
-        if (hi <= lo) continue;
-        int c0 = lo / CPU_NR * CPU_NR, c1 = (int)round_up(hi, CPU_NR);
-        if (do_row_group(pb, sc, kp, vp, b, h, q0, g0, mg, grows, kv0, c0, c1, hi, 1) != 0)
-            return -1;
+        const uint8_t *cls = sc->units + (size_t)g * pb->units_per_row;
+        for (int p = 0; p < t.panels;) {
+            if (cls[p] == UNIT_EMPTY) {
+                p++;
+                continue;
+            }
+            int p_end = p + 1;
+            while (p_end < t.panels && cls[p_end] != UNIT_EMPTY)
+                p_end++;
+            int c0 = p * CPU_NR, c1 = p_end * CPU_NR, ce = c1 < cols ? c1 : cols;
+            if (do_row_group(pb, sc, kp, vp, b, h, q0, g0, mg, grows, kv0, c0, c1, ce, cls) != 0)
+                return -1;
+            p = p_end;
+        }
     }
     return 0;
 }
@@ -444,8 +610,11 @@ static void write_output(const fwd_problem *pb, fwd_scratch *sc, int64_t b, int6
         int64_t st = out->strides[3];
         if (out->dtype == FLEX_F32 && st == 1) {
             float *dst = (float *)out->data + off;
-            for (int c = 0; c < Dv; c++)
-                dst[c] = l > 0.0f ? orow[c] * inv : 0.0f;
+            if (l > 0.0f)
+                for (int c = 0; c < Dv; c++)
+                    dst[c] = orow[c] * inv;
+            else
+                memset(dst, 0, (size_t)Dv * sizeof(float));
         } else {
             for (int c = 0; c < Dv; c++)
                 store_elem(out->data, out->dtype, off + c * st, l > 0.0f ? orow[c] * inv : 0.0f);
@@ -519,6 +688,53 @@ static void prepack_kv(fwd_problem *pb, const struct flex_plan *plan, fwd_scratc
     pb->packed_v = v;
 }
 
+/* Probabilities far below a row's largest (long rows under ALiBi, say) are
+ * subnormal floats, and on x86 every multiply that meets one takes a slow
+ * microcode path. The work items run with subnormals flushed to zero (FTZ
+ * and DAZ, per thread, restored afterwards); a term below 1.2e-38 of the
+ * row's largest cannot change an f32 output. */
+#if defined(__x86_64__) || defined(__i386__)
+static unsigned subnormals_off(void) {
+    unsigned saved = _mm_getcsr();
+    _mm_setcsr(saved | 0x8040u); /* FTZ (bit 15) and DAZ (bit 6) */
+    return saved;
+}
+
+static void subnormals_restore(unsigned saved) {
+    _mm_setcsr(saved);
+}
+#else
+static unsigned subnormals_off(void) {
+    return 0;
+}
+
+static void subnormals_restore(unsigned saved) {
+    (void)saved;
+}
+#endif
+
+/* Whether interval analysis can decide sub-tiles of partial tiles, building
+ * the range tables of the mask mod's buffers into *tables when it reads any.
+ * A table costs a pass over its buffer, so a buffer much larger than the
+ * attention's rows (a dense q x kv mask held in a buffer, say) is left to
+ * the tile interpreter alone. Out of memory is no error: the sub-tiles are
+ * then all evaluated element by element. */
+static int mask_interval_setup(const fwd_problem *pb, mod_range_tables **tables) {
+    const ir_mod *ir = pb->mask_ir;
+    if (ir->num_buffers == 0) return 1;
+    int64_t elements = 0;
+    for (int i = 0; i < ir->num_buffers && i < IR_MAX_BUFFERS; i++) {
+        const mod_buffer_view *v = &pb->mask_views[i];
+        int64_t n = 1;
+        for (int d = 0; d < v->ndim; d++)
+            n *= v->sizes[d];
+        elements += n;
+    }
+    if (elements > 4 * pb->B * pb->Hq * (pb->Lq + pb->Lkv) + 65536) return 0;
+    *tables = mod_range_tables_build(ir, pb->mask_views);
+    return *tables != NULL;
+}
+
 static int compare_items(const void *x, const void *y) {
     const work_item *a = x, *b = y;
     if (a->cost != b->cost) return a->cost > b->cost ? -1 : 1;
@@ -586,10 +802,12 @@ flex_status flex_cpu_forward(flex_context *ctx, const flex_forward_args *args) {
     pb.nk = (int)round_up(pb.kv_tile, CPU_NR);
     pb.dvp = (int)round_up(pb.Dv, CPU_DV_ALIGN);
     pb.num_q_tiles = (pb.Lq + pb.q_tile - 1) / pb.q_tile;
+    pb.units_per_row = pb.nk / CPU_NR;
 
     /* Host views of the mods' buffers (copies only for device buffers). */
     mod_buffer_view score_views[IR_MAX_BUFFERS], mask_views[IR_MAX_BUFFERS];
     void *score_copies[IR_MAX_BUFFERS] = {0}, *mask_copies[IR_MAX_BUFFERS] = {0};
+    mod_range_tables *mask_tables = NULL;
     const flex_mod *mask_mod = pb.mask ? pb.mask->mask_mod : NULL;
     int mask_partial = pb.mask && pb.mask->num_partial > 0 && mask_mod;
     if (pb.mask && pb.mask->num_partial > 0 && !mask_mod)
@@ -612,6 +830,8 @@ flex_status flex_cpu_forward(flex_context *ctx, const flex_forward_args *args) {
         }
         pb.mask_ir = &mask_mod->ir;
         pb.mask_views = mask_views;
+        pb.mask_intervals = mask_interval_setup(&pb, &mask_tables);
+        pb.mask_tables = mask_tables;
     }
 
     int64_t num_items = pb.B * pb.Hq * pb.num_q_tiles;
@@ -659,15 +879,22 @@ flex_status flex_cpu_forward(flex_context *ctx, const flex_forward_args *args) {
                                threads, pb.q_tile, pb.kv_tile, (long long)pb.D, (long long)pb.Dv);
         } else {
 #ifdef _OPENMP
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
+#pragma omp parallel num_threads(threads)
 #endif
-            for (int64_t i = 0; i < num_items; i++) {
+            {
                 int t = 0;
 #ifdef _OPENMP
                 t = omp_get_thread_num();
 #endif
-                if (has_failed(&pb)) continue;
-                do_item(&pb, &scratch[t], &items[i], classes + (size_t)t * pb.num_kv_blocks);
+                unsigned saved_csr = subnormals_off();
+#ifdef _OPENMP
+#pragma omp for schedule(dynamic, 1)
+#endif
+                for (int64_t i = 0; i < num_items; i++) {
+                    if (has_failed(&pb)) continue;
+                    do_item(&pb, &scratch[t], &items[i], classes + (size_t)t * pb.num_kv_blocks);
+                }
+                subnormals_restore(saved_csr);
             }
         }
         for (int t = 0; scratch && t < threads; t++)
@@ -683,5 +910,6 @@ done:
     free(items);
     flex_mod_release_host_views(score_copies);
     flex_mod_release_host_views(mask_copies);
+    mod_range_tables_free(mask_tables);
     return result;
 }

@@ -112,6 +112,11 @@ static float exp_sum_portable(float *x, int n, float shift) {
     return sum;
 }
 
+static void mask_scores_portable(float *x, const uint8_t *keep, int n) {
+    for (int i = 0; i < n; i++)
+        x[i] = keep[i] ? x[i] : -INFINITY;
+}
+
 const cpu_kernels flex_cpu_kernels_portable = {
     .name = "portable",
     .scores = scores_portable_dense,
@@ -120,6 +125,7 @@ const cpu_kernels flex_cpu_kernels_portable = {
     .accumulate_rows = accumulate_portable,
     .row_max = row_max_portable,
     .exp_sum = exp_sum_portable,
+    .mask_scores = mask_scores_portable,
 };
 
 const cpu_kernels *flex_cpu_select_kernels(int simd) {

@@ -173,6 +173,19 @@ static float exp_sum_avx512(float *x, int n, float shift) {
     return _mm512_reduce_add_ps(sum);
 }
 
+/* 16 keep bytes widen to 16 lanes; lanes whose byte is 0 take -inf. */
+static void mask_scores_avx512(float *x, const uint8_t *keep, int n) {
+    const __m512 neg_inf = _mm512_set1_ps(-INFINITY);
+    int i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512i k = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(keep + i)));
+        const __mmask16 attend = _mm512_test_epi32_mask(k, k);
+        _mm512_storeu_ps(x + i, _mm512_mask_blend_ps(attend, neg_inf, _mm512_loadu_ps(x + i)));
+    }
+    for (; i < n; i++)
+        x[i] = keep[i] ? x[i] : -INFINITY;
+}
+
 #if defined(__clang__)
 #pragma clang attribute pop
 #else
@@ -187,6 +200,7 @@ static const cpu_kernels kernels_avx512 = {
     .accumulate_rows = accumulate_avx512,
     .row_max = row_max_avx512,
     .exp_sum = exp_sum_avx512,
+    .mask_scores = mask_scores_avx512,
 };
 
 const cpu_kernels *flex_cpu_kernels_avx512(void) {

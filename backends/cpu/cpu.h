@@ -25,6 +25,20 @@ flex_status flex_cpu_forward_reference(flex_context *ctx, const flex_forward_arg
 /* Backward (cpu_backward.c). */
 flex_status flex_cpu_backward(flex_context *ctx, const flex_backward_args *args);
 
+/* The first buffer read out of range seen by any thread of a parallel region
+ * (cpu_failure.c); zero-initialise. record keeps the first one only; seen
+ * may be polled by every thread to stop early. After the region, `failed`
+ * is plain to read and flex_fail_bounds(ctx, mod, &err) reports it. */
+typedef struct cpu_bounds_failure {
+    int failed;
+    const flex_mod *mod;
+    mod_bounds_error err;
+} cpu_bounds_failure;
+
+void cpu_bounds_failure_record(cpu_bounds_failure *f, const flex_mod *mod,
+                               const mod_bounds_error *err);
+int cpu_bounds_failure_seen(cpu_bounds_failure *f);
+
 /*
  * Writes the class (FLEX_BLOCK_EMPTY / _PARTIAL / _FULL) of every kv block of
  * q-block row qb of (b, h) into classes[0 .. mask->num_kv_blocks). b and h are

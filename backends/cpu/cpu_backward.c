@@ -275,12 +275,8 @@ typedef struct bwd_problem {
     bwd_grad grads[IR_MAX_BUFFERS];
     int num_grad_loads;
     bwd_grad_load grad_loads[MOD_DERIVE_MAX_LOADS];
-    int64_t partial_len; /* doubles per thread for buffer gradients */
-
-    int failed;
-    flex_status status;
-    const flex_mod *fail_mod;
-    mod_bounds_error fail_err;
+    int64_t partial_len;
+    cpu_bounds_failure bounds; /* the first out-of-range buffer read */
 } bwd_problem;
 
 typedef struct bwd_scratch {
@@ -299,33 +295,6 @@ typedef struct bwd_scratch {
     mod_tile *mask_tile;
     void *block;
 } bwd_scratch;
-
-static void record_failure(bwd_problem *pb, flex_status st, const flex_mod *mod,
-                           const mod_bounds_error *err) {
-#ifdef _OPENMP
-#pragma omp critical(flex_cpu_backward_failure)
-#endif
-    {
-        if (!pb->failed) {
-            pb->status = st;
-            pb->fail_mod = mod;
-            if (err) pb->fail_err = *err;
-#ifdef _OPENMP
-#pragma omp atomic write
-#endif
-            pb->failed = 1;
-        }
-    }
-}
-
-static int has_failed(bwd_problem *pb) {
-    int f;
-#ifdef _OPENMP
-#pragma omp atomic read
-#endif
-    f = pb->failed;
-    return f;
-}
 
 static void scratch_free(bwd_scratch *sc) {
     free(sc->block);
@@ -504,7 +473,7 @@ static int apply_score_mod(bwd_problem *pb, bwd_scratch *sc, int32_t b, int32_t 
     }
     if (!failed) return 0;
     if (!partial) {
-        record_failure(pb, FLEX_ERR_BUFFER_BOUNDS, pb->a->score_mod, &err);
+        cpu_bounds_failure_record(&pb->bounds, pb->a->score_mod, &err);
         return -1;
     }
     return 1;
@@ -522,7 +491,7 @@ static int apply_score_mod_points(bwd_problem *pb, bwd_scratch *sc, int32_t b, i
             float raw = sc->s[at];
             if (mod_multi_eval(sc->point, pb->score_views, b, h, (int32_t)(q0 + r), 1,
                                (int32_t)(kv0 + c), 1, &raw, 1, &err) != 0) {
-                record_failure(pb, FLEX_ERR_BUFFER_BOUNDS, pb->a->score_mod, &err);
+                cpu_bounds_failure_record(&pb->bounds, pb->a->score_mod, &err);
                 return -1;
             }
             take_outputs(pb, sc, sc->point, r, 1, c, 1);
@@ -549,7 +518,7 @@ static int do_pair(bwd_problem *pb, bwd_scratch *sc, int32_t b, int32_t h, int64
         memset(&err, 0, sizeof err);
         if (mod_tile_mask(sc->mask_tile, pb->mask_views, b, h, (int32_t)q0, rows, (int32_t)kv0,
                           cols, sc->keep, nk, &err) != 0) {
-            record_failure(pb, FLEX_ERR_BUFFER_BOUNDS, pb->mask->mask_mod, &err);
+            cpu_bounds_failure_record(&pb->bounds, pb->mask->mask_mod, &err);
             return -1;
         }
     }
@@ -745,7 +714,7 @@ static void do_task(bwd_problem *pb, bwd_scratch *sc, int64_t task) {
     for (int64_t j = j0; j < j1; j++) {
         int64_t blk_end = min64((j + 1) * pb->kv_block, pb->Lkv);
         for (int64_t kv0 = j * pb->kv_block; kv0 < blk_end; kv0 += pb->kv_tile) {
-            if (has_failed(pb)) return;
+            if (cpu_bounds_failure_seen(&pb->bounds)) return;
             int cols = (int)min64(blk_end - kv0, pb->kv_tile);
             /* K and V rows of the tile in f32 (staged in the accumulators,
              * which are cleared right after), then in the kernels' layouts. */
@@ -1136,8 +1105,8 @@ flex_status flex_cpu_backward(flex_context *ctx, const flex_backward_args *args)
             subnormals_restore(saved_fp);
         }
     }
-    if (pb.failed) {
-        result = flex_fail_bounds(ctx, pb.fail_mod, &pb.fail_err);
+    if (pb.bounds.failed) {
+        result = flex_fail_bounds(ctx, pb.bounds.mod, &pb.bounds.err);
         goto done;
     }
 

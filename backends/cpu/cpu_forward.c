@@ -128,11 +128,7 @@ typedef struct fwd_problem {
     float *packed_k, *packed_v;
     size_t packed_k_stride, packed_v_stride; /* floats per tile */
 
-    /* first failure wins; guarded by the critical section in record_failure */
-    int failed;
-    flex_status status;
-    const flex_mod *fail_mod;
-    mod_bounds_error fail_err;
+    cpu_bounds_failure bounds; /* the first out-of-range buffer read */
 } fwd_problem;
 
 typedef struct work_item {
@@ -157,33 +153,6 @@ typedef struct fwd_scratch {
     mod_tile *score_tile, *mask_tile;
     void *block; /* the single allocation behind the float arrays */
 } fwd_scratch;
-
-static void record_failure(fwd_problem *pb, flex_status st, const flex_mod *mod,
-                           const mod_bounds_error *err) {
-#ifdef _OPENMP
-#pragma omp critical(flex_cpu_forward_failure)
-#endif
-    {
-        if (!pb->failed) {
-            pb->status = st;
-            pb->fail_mod = mod;
-            if (err) pb->fail_err = *err;
-#ifdef _OPENMP
-#pragma omp atomic write
-#endif
-            pb->failed = 1;
-        }
-    }
-}
-
-static int has_failed(fwd_problem *pb) {
-    int f;
-#ifdef _OPENMP
-#pragma omp atomic read
-#endif
-    f = pb->failed;
-    return f;
-}
 
 static void scratch_free(fwd_scratch *sc) {
     free(sc->block);
@@ -404,7 +373,7 @@ static int do_row_group(fwd_problem *pb, fwd_scratch *sc, const float *kp, const
             memset(&err2, 0, sizeof err2);
             if (!cls || score_attended_points(pb, sc, kp, b, h, q0, g0, mg, rows, kv0, c0, ce, cls,
                                               &err2) != 0) {
-                record_failure(pb, FLEX_ERR_BUFFER_BOUNDS, pb->a->score_mod, cls ? &err2 : &err);
+                cpu_bounds_failure_record(&pb->bounds, pb->a->score_mod, cls ? &err2 : &err);
                 return -1;
             }
         }
@@ -510,7 +479,7 @@ static int evaluate_mixed_units(fwd_problem *pb, fwd_scratch *sc, const partial_
         if (mod_tile_mask(sc->mask_tile, pb->mask_views, t->b, t->h, (int32_t)(t->q0 + r0), grows,
                           (int32_t)(t->kv0 + c0), c1 - c0, sc->keep + (size_t)r0 * nk + c0, nk,
                           &err) != 0) {
-            record_failure(pb, FLEX_ERR_BUFFER_BOUNDS, pb->mask->mask_mod, &err);
+            cpu_bounds_failure_record(&pb->bounds, pb->mask->mask_mod, &err);
             return -1;
         }
         for (; p < p_end; p++) {
@@ -891,7 +860,7 @@ flex_status flex_cpu_forward(flex_context *ctx, const flex_forward_args *args) {
 #pragma omp for schedule(dynamic, 1)
 #endif
                 for (int64_t i = 0; i < num_items; i++) {
-                    if (has_failed(&pb)) continue;
+                    if (cpu_bounds_failure_seen(&pb.bounds)) continue;
                     do_item(&pb, &scratch[t], &items[i], classes + (size_t)t * pb.num_kv_blocks);
                 }
                 subnormals_restore(saved_csr);
@@ -905,7 +874,8 @@ flex_status flex_cpu_forward(flex_context *ctx, const flex_forward_args *args) {
         free(classes);
     }
 
-    if (result == FLEX_OK && pb.failed) result = flex_fail_bounds(ctx, pb.fail_mod, &pb.fail_err);
+    if (result == FLEX_OK && pb.bounds.failed)
+        result = flex_fail_bounds(ctx, pb.bounds.mod, &pb.bounds.err);
 done:
     free(items);
     flex_mod_release_host_views(score_copies);

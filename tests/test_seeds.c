@@ -400,8 +400,9 @@ static void check_backward(flex_context *ctx, const attn_case *c, const oracle_p
     /* The buffer gradient sums ds' over every element weighted by what the
      * mod reads, with much cancellation: the rounding of out to bf16 (which
      * the backward's rowsum(dout * out) uses, as in PyTorch) shows in it far
-     * more than in dq, dk, dv. It is checked at f32 and f16. */
-    if (c->grad_name && c->dtype != FLEX_BF16) {
+     * more than in dq, dk, dv: at bf16 its bound is 1e-1 (measured about
+     * 4e-2 here), at f32 and f16 the same as the others. */
+    if (c->grad_name) {
         grad = calloc((size_t)c->grad_len, sizeof(float));
         ref_grad = calloc((size_t)c->grad_len, sizeof(double));
         ck_assert(grad && ref_grad);
@@ -450,7 +451,8 @@ static void check_backward(flex_context *ctx, const attn_case *c, const oracle_p
         double rel = oracle_rel_error(ref_grad, g, (size_t)c->grad_len);
         if (getenv("FLEXATTN_TEST_VERBOSE"))
             fprintf(stderr, "%-44s grad %s rel %.3e\n", what, c->grad_name, rel);
-        ck_assert_msg(rel < tol, "%s: gradient of %s: relative error %.3g", what, c->grad_name,
+        const double grad_tol = c->dtype == FLEX_BF16 ? 1e-1 : tol;
+        ck_assert_msg(rel < grad_tol, "%s: gradient of %s: relative error %.3g", what, c->grad_name,
                       rel);
         free(g);
     }

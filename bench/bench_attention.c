@@ -150,12 +150,7 @@ static void fill_random(void *p, flex_dtype dt, size_t n, uint64_t seed) {
             u += (double)(s >> 11) / 9007199254740992.0;
         }
         float v = (float)((u - 2.0) * 1.7);
-        if (dt == FLEX_F32)
-            ((float *)p)[i] = v;
-        else if (dt == FLEX_F16)
-            ((uint16_t *)p)[i] = flex_float_to_f16(v);
-        else
-            ((uint16_t *)p)[i] = flex_float_to_bf16(v);
+        flex_store_from_float(p, dt, (int64_t)i, v);
     }
 }
 

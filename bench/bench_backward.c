@@ -7,17 +7,7 @@
 
 #include "bench_backward.h"
 #include "internal.h"
-
-static double now_ms(void) {
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return ts.tv_sec * 1e3 + ts.tv_nsec * 1e-6;
-}
-
-static int cmp_double(const void *a, const void *b) {
-    double x = *(const double *)a, y = *(const double *)b;
-    return x < y ? -1 : x > y;
-}
+#include "clock.h"
 
 enum { T_OUT = 0, T_LSE, T_DOUT, T_DQ, T_DK, T_DV, T_COUNT };
 
@@ -50,12 +40,7 @@ flex_status bench_backward_ms(flex_context *ctx, const flex_tensor *q, const fle
             for (size_t e = 0; e < n; e++) {
                 s = s * 6364136223846793005ull + 1442695040888963407ull;
                 float x = (float)((double)(s >> 11) / 9007199254740992.0 - 0.5);
-                if (dt == FLEX_F32)
-                    ((float *)host)[e] = x;
-                else if (dt == FLEX_F16)
-                    ((uint16_t *)host)[e] = flex_float_to_f16(x);
-                else
-                    ((uint16_t *)host)[e] = flex_float_to_bf16(x);
+                flex_store_from_float(host, dt, (int64_t)e, x);
             }
             st = flex_copy_to_device(ctx, dev[i], host, bytes);
         }
@@ -69,14 +54,14 @@ flex_status bench_backward_ms(flex_context *ctx, const flex_tensor *q, const fle
     if (st == FLEX_OK && !(times = malloc((size_t)iters * sizeof *times)))
         st = flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "no host memory for the timings");
     for (int64_t i = 0; st == FLEX_OK && i < warmup + iters; i++) {
-        double t0 = now_ms();
+        double t0 = flex_now_ms();
         st = flex_attention_backward(ctx, q, k, v, &t[T_OUT], &t[T_DOUT], &t[T_LSE], score_mod,
                                      mask, NULL, &t[T_DQ], &t[T_DK], &t[T_DV], NULL, 0);
         if (st == FLEX_OK) st = flex_synchronize(ctx);
-        if (st == FLEX_OK && i >= warmup) times[i - warmup] = now_ms() - t0;
+        if (st == FLEX_OK && i >= warmup) times[i - warmup] = flex_now_ms() - t0;
     }
     if (st == FLEX_OK) {
-        qsort(times, (size_t)iters, sizeof *times, cmp_double);
+        qsort(times, (size_t)iters, sizeof *times, flex_compare_doubles);
         *ms = iters % 2 ? times[iters / 2] : 0.5 * (times[iters / 2 - 1] + times[iters / 2]);
     }
     for (int i = 0; i < T_COUNT; i++)

@@ -674,6 +674,35 @@ flex_status flex_block_mask_create(flex_context *ctx, const flex_mod *mask_mod, 
     return FLEX_OK;
 }
 
+/* Fills a new mask m (sizes set) from a dense class grid: checks every
+ * class and that partial blocks have a mod, then builds the lists. */
+static flex_status fill_from_classes(flex_context *ctx, flex_block_mask *m,
+                                     const flex_mod *mask_mod, const uint8_t *classes) {
+    int64_t total = m->B * m->H * m->num_q_blocks * m->num_kv_blocks;
+    for (int64_t k = 0; k < total; k++) {
+        if (classes[k] > FLEX_BLOCK_FULL)
+            return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
+                             "classes[%lld] is %d; a class is 0 (empty), 1 (partial) or 2 (full)",
+                             (long long)k, (int)classes[k]);
+        if (classes[k] == FLEX_BLOCK_PARTIAL && !mask_mod)
+            return flex_fail(ctx, FLEX_ERR_NULL_POINTER,
+                             "classes[%lld] is partial but mask_mod is NULL; partial blocks need "
+                             "a mask mod to decide their elements",
+                             (long long)k);
+    }
+    m->mask_mod = mask_mod;
+    return lists_from_dense(ctx, m, classes);
+}
+
+/* Explicit masks take an optional mask mod; only its kind is checked here
+ * (its buffers are read when a partial block is evaluated). */
+static flex_status check_optional_mask_kind(flex_context *ctx, const flex_mod *mask_mod) {
+    if (mask_mod && mask_mod->ir.kind != FLEX_MOD_MASK)
+        return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
+                         "mask_mod is a score mod; a block mask needs a mask mod");
+    return FLEX_OK;
+}
+
 flex_status flex_block_mask_from_classes(flex_context *ctx, const flex_mod *mask_mod, int64_t B,
                                          int64_t H, int64_t q_len, int64_t kv_len, int q_block,
                                          int kv_block, const uint8_t *classes,
@@ -682,33 +711,12 @@ flex_status flex_block_mask_from_classes(flex_context *ctx, const flex_mod *mask
     *out = NULL;
     if (!ctx) return flex_fail(NULL, FLEX_ERR_NULL_POINTER, "ctx is NULL");
     if (!classes) return flex_fail(ctx, FLEX_ERR_NULL_POINTER, "classes is NULL");
-    if (mask_mod && mask_mod->ir.kind != FLEX_MOD_MASK)
-        return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
-                         "mask_mod is a score mod; a block mask needs a mask mod");
+    flex_status st = check_optional_mask_kind(ctx, mask_mod);
+    if (st != FLEX_OK) return st;
     double t0 = flex_now_ms();
     flex_block_mask *m = NULL;
-    flex_status st = mask_new(ctx, B, H, q_len, kv_len, q_block, kv_block, &m);
-    if (st != FLEX_OK) return st;
-    int64_t total = m->B * m->H * m->num_q_blocks * m->num_kv_blocks;
-    for (int64_t k = 0; k < total; k++) {
-        if (classes[k] > FLEX_BLOCK_FULL) {
-            st = flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
-                           "classes[%lld] is %d; a class is 0 (empty), 1 (partial) or 2 (full)",
-                           (long long)k, (int)classes[k]);
-            break;
-        }
-        if (classes[k] == FLEX_BLOCK_PARTIAL && !mask_mod) {
-            st = flex_fail(ctx, FLEX_ERR_NULL_POINTER,
-                           "classes[%lld] is partial but mask_mod is NULL; partial blocks need "
-                           "a mask mod to decide their elements",
-                           (long long)k);
-            break;
-        }
-    }
-    if (st == FLEX_OK) {
-        m->mask_mod = mask_mod;
-        st = lists_from_dense(ctx, m, classes);
-    }
+    st = mask_new(ctx, B, H, q_len, kv_len, q_block, kv_block, &m);
+    if (st == FLEX_OK) st = fill_from_classes(ctx, m, mask_mod, classes);
     if (st != FLEX_OK) {
         flex_block_mask_destroy(m);
         return st;
@@ -758,17 +766,17 @@ flex_status flex_block_mask_from_kv_blocks(flex_context *ctx, const flex_mod *ma
                          "full_kv_num_blocks and full_kv_indices must both be given or both "
                          "be NULL (%s is NULL)",
                          !full_kv_num_blocks ? "full_kv_num_blocks" : "full_kv_indices");
-    /* mask_new validates the sizes; the classes then go through
-     * flex_block_mask_from_classes like any other explicit mask. */
-    flex_block_mask *shape = NULL;
-    flex_status st = mask_new(ctx, B, H, q_len, kv_len, q_block, kv_block, &shape);
+    flex_status st = check_optional_mask_kind(ctx, mask_mod);
     if (st != FLEX_OK) return st;
-    const int64_t rows = shape->B * shape->H * shape->num_q_blocks, nk = shape->num_kv_blocks;
-    flex_block_mask_destroy(shape);
+    double t0 = flex_now_ms();
+    flex_block_mask *m = NULL;
+    st = mask_new(ctx, B, H, q_len, kv_len, q_block, kv_block, &m);
+    if (st != FLEX_OK) return st;
+    const int64_t rows = m->B * m->H * m->num_q_blocks, nk = m->num_kv_blocks;
     uint8_t *classes = calloc((size_t)(rows * nk), 1);
     if (!classes)
-        return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "no memory for %lld block classes",
-                         (long long)(rows * nk));
+        st = flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "no memory for %lld block classes",
+                       (long long)(rows * nk));
     for (int64_t row = 0; row < rows && st == FLEX_OK; row++) {
         st = mark_list(ctx, classes + row * nk, nk, row, kv_num_blocks[row], kv_indices,
                        FLEX_BLOCK_PARTIAL, "kv");
@@ -776,11 +784,15 @@ flex_status flex_block_mask_from_kv_blocks(flex_context *ctx, const flex_mod *ma
             st = mark_list(ctx, classes + row * nk, nk, row, full_kv_num_blocks[row],
                            full_kv_indices, FLEX_BLOCK_FULL, "full_kv");
     }
-    if (st == FLEX_OK)
-        st = flex_block_mask_from_classes(ctx, mask_mod, B, H, q_len, kv_len, q_block, kv_block,
-                                          classes, out);
+    if (st == FLEX_OK) st = fill_from_classes(ctx, m, mask_mod, classes);
     free(classes);
-    return st;
+    if (st != FLEX_OK) {
+        flex_block_mask_destroy(m);
+        return st;
+    }
+    m->build_ms = flex_now_ms() - t0;
+    *out = m;
+    return FLEX_OK;
 }
 
 /* ---- composition ---- */

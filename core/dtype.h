@@ -9,6 +9,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "flexattn.h"
+
 static inline float flex_bf16_to_float(uint16_t h) {
     uint32_t u = (uint32_t)h << 16;
     float f;
@@ -71,6 +73,34 @@ static inline uint16_t flex_float_to_f16(float f) {
     }
     uint32_t r = abs + 0xfffu + ((abs >> 13) & 1u);
     return (uint16_t)(sign | ((r - 0x38000000u) >> 13));
+}
+
+/* Element i of an f32, f16 or bf16 array, as a float. */
+static inline float flex_load_as_float(const void *base, flex_dtype dt, int64_t i) {
+    switch (dt) {
+    case FLEX_F16:
+        return flex_f16_to_float(((const uint16_t *)base)[i]);
+    case FLEX_BF16:
+        return flex_bf16_to_float(((const uint16_t *)base)[i]);
+    default:
+        return ((const float *)base)[i];
+    }
+}
+
+/* Stores v as element i of an f32, f16 or bf16 array (rounded to nearest
+ * even for the 16-bit types). */
+static inline void flex_store_from_float(void *base, flex_dtype dt, int64_t i, float v) {
+    switch (dt) {
+    case FLEX_F16:
+        ((uint16_t *)base)[i] = flex_float_to_f16(v);
+        break;
+    case FLEX_BF16:
+        ((uint16_t *)base)[i] = flex_float_to_bf16(v);
+        break;
+    default:
+        ((float *)base)[i] = v;
+        break;
+    }
 }
 
 #endif /* FLEXATTN_DTYPE_H */

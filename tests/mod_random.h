@@ -88,9 +88,7 @@ static inline void rm_fill_element(rnd *r, flex_dtype dt, void *data, int64_t k,
         f = rnd_below(r, 4) == 0 ? rm_special_float(r) : (rnd_unit(r) - 0.5f) * 16.0f;
         if (!allow_nan && f != f) f = 3.0f;
         if (!allow_nan && isinf(f)) f = -2.0f;
-        if (dt == FLEX_F32) ((float *)data)[k] = f;
-        if (dt == FLEX_F16) ((uint16_t *)data)[k] = flex_float_to_f16(f);
-        if (dt == FLEX_BF16) ((uint16_t *)data)[k] = flex_float_to_bf16(f);
+        flex_store_from_float(data, dt, (int64_t)k, f);
         break;
     case FLEX_I32:
         ((int32_t *)data)[k] = wide ? (int32_t)(uint32_t)rnd_next(r) : rnd_range(r, -4, 40);

@@ -87,17 +87,7 @@ static host_tensor make_tensor(flex_dtype dt, int layout, int64_t B, int64_t H, 
 }
 
 static void store_value(flex_tensor *t, int64_t off, double v) {
-    switch (t->dtype) {
-    case FLEX_F16:
-        ((uint16_t *)t->data)[off] = flex_float_to_f16((float)v);
-        break;
-    case FLEX_BF16:
-        ((uint16_t *)t->data)[off] = flex_float_to_bf16((float)v);
-        break;
-    default:
-        ((float *)t->data)[off] = (float)v;
-        break;
-    }
+    flex_store_from_float(t->data, t->dtype, off, (float)v);
 }
 
 static int64_t offset_of(const flex_tensor *t, int64_t a, int64_t b, int64_t c, int64_t d) {

@@ -55,17 +55,7 @@ typedef struct host_tensor {
 } host_tensor;
 
 static void store_value(flex_tensor *t, int64_t off, double v) {
-    switch (t->dtype) {
-    case FLEX_F16:
-        ((uint16_t *)t->data)[off] = flex_float_to_f16((float)v);
-        break;
-    case FLEX_BF16:
-        ((uint16_t *)t->data)[off] = flex_float_to_bf16((float)v);
-        break;
-    default:
-        ((float *)t->data)[off] = (float)v;
-        break;
-    }
+    flex_store_from_float(t->data, t->dtype, off, (float)v);
 }
 
 /* A (B, H, S, D) tensor in the given layout; poisoned with 0xff bytes. */

@@ -361,12 +361,7 @@ static flex_tensor host_tensor(flex_dtype dt, int bshd, int64_t B, int64_t H, in
     if (random)
         for (size_t i = 0; i < n; i++) {
             float v = (float)rnd_normalish();
-            if (dt == FLEX_F32)
-                ((float *)mem)[i] = v;
-            else if (dt == FLEX_F16)
-                ((uint16_t *)mem)[i] = flex_float_to_f16(v);
-            else
-                ((uint16_t *)mem)[i] = flex_float_to_bf16(v);
+            flex_store_from_float(mem, dt, (int64_t)i, v);
         }
     return t;
 }

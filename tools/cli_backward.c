@@ -18,12 +18,7 @@ static void fill_dout(void *p, flex_dtype dt, size_t n) {
     for (size_t i = 0; i < n; i++) {
         s = s * 6364136223846793005ull + 1442695040888963407ull;
         float v = (float)((double)(s >> 11) / 9007199254740992.0 * 2.0 - 1.0);
-        if (dt == FLEX_F32)
-            ((float *)p)[i] = v;
-        else if (dt == FLEX_F16)
-            ((uint16_t *)p)[i] = flex_float_to_f16(v);
-        else
-            ((uint16_t *)p)[i] = flex_float_to_bf16(v);
+        flex_store_from_float(p, dt, (int64_t)i, v);
     }
 }
 

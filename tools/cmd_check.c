@@ -229,12 +229,7 @@ static int make_tensors(case_data *cd, const check_case *c, char *why, size_t ca
         if (i < 3) {
             for (size_t e = 0; e < n; e++) {
                 float v = rand_normalish();
-                if (dt == FLEX_F32)
-                    ((float *)cd->host[i])[e] = v;
-                else if (dt == FLEX_F16)
-                    ((uint16_t *)cd->host[i])[e] = flex_float_to_f16(v);
-                else
-                    ((uint16_t *)cd->host[i])[e] = flex_float_to_bf16(v);
+                flex_store_from_float(cd->host[i], dt, (int64_t)e, v);
             }
         } else {
             memset(cd->host[i], 0xff, cd->bytes[i]); /* NaN poison */

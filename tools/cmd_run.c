@@ -351,12 +351,7 @@ static void *random_host(flex_dtype dt, size_t n) {
     if (!p) return NULL;
     for (size_t i = 0; i < n; i++) {
         float v = rand_normalish();
-        if (dt == FLEX_F32)
-            ((float *)p)[i] = v;
-        else if (dt == FLEX_F16)
-            ((uint16_t *)p)[i] = flex_float_to_f16(v);
-        else
-            ((uint16_t *)p)[i] = flex_float_to_bf16(v);
+        flex_store_from_float(p, dt, (int64_t)i, v);
     }
     return p;
 }

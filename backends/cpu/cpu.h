@@ -8,6 +8,9 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#if defined(__x86_64__) || defined(__i386__)
+#include <xmmintrin.h> /* MXCSR; before any AVX-512 target region */
+#endif
 
 #include "internal.h"
 
@@ -24,6 +27,29 @@ flex_status flex_cpu_forward_reference(flex_context *ctx, const flex_forward_arg
 
 /* Backward (cpu_backward.c). */
 flex_status flex_cpu_backward(flex_context *ctx, const flex_backward_args *args);
+
+/* Probabilities far below a row's largest (long rows under ALiBi, say) are
+ * subnormal floats, and on x86 every multiply that meets one takes a slow
+ * microcode path. The forward's and backward's threads run with subnormals
+ * flushed to zero (FTZ and DAZ) and restore the caller's state afterwards;
+ * a term below 1.2e-38 of the row's largest cannot change an f32 result. */
+#if defined(__x86_64__) || defined(__i386__)
+static inline unsigned cpu_subnormals_off(void) {
+    unsigned saved = _mm_getcsr();
+    _mm_setcsr(saved | 0x8040u); /* FTZ (bit 15) and DAZ (bit 6) */
+    return saved;
+}
+static inline void cpu_subnormals_restore(unsigned saved) {
+    _mm_setcsr(saved);
+}
+#else
+static inline unsigned cpu_subnormals_off(void) {
+    return 0;
+}
+static inline void cpu_subnormals_restore(unsigned saved) {
+    (void)saved;
+}
+#endif
 
 /* The first buffer read out of range seen by any thread of a parallel region
  * (cpu_failure.c); zero-initialise. record keeps the first one only; seen

@@ -40,9 +40,6 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__x86_64__) || defined(__i386__)
-#include <xmmintrin.h> /* MXCSR; before the AVX-512 region below */
-#endif
 
 #include "internal.h"
 #include "plan.h"
@@ -54,31 +51,6 @@
  * it in strips of this many points, so its per-node arrays stay in L1/L2. */
 enum { BWD_STRIP_ELEMS = 2048 };
 
-static inline float load_elem(const void *base, flex_dtype dt, int64_t off) {
-    switch (dt) {
-    case FLEX_F16:
-        return flex_f16_to_float(((const uint16_t *)base)[off]);
-    case FLEX_BF16:
-        return flex_bf16_to_float(((const uint16_t *)base)[off]);
-    default:
-        return ((const float *)base)[off];
-    }
-}
-
-static inline void store_elem(void *base, flex_dtype dt, int64_t off, float v) {
-    switch (dt) {
-    case FLEX_F16:
-        ((uint16_t *)base)[off] = flex_float_to_f16(v);
-        break;
-    case FLEX_BF16:
-        ((uint16_t *)base)[off] = flex_float_to_bf16(v);
-        break;
-    default:
-        ((float *)base)[off] = v;
-        break;
-    }
-}
-
 static void load_row(const flex_tensor *t, int64_t off, int n, float *dst) {
     int64_t st = t->strides[3];
     if (t->dtype == FLEX_F32 && st == 1) {
@@ -86,7 +58,7 @@ static void load_row(const flex_tensor *t, int64_t off, int n, float *dst) {
         return;
     }
     for (int i = 0; i < n; i++)
-        dst[i] = load_elem(t->data, t->dtype, off + (int64_t)i * st);
+        dst[i] = flex_load_as_float(t->data, t->dtype, off + (int64_t)i * st);
 }
 
 static void store_row(const flex_tensor *t, int64_t off, int n, const float *src) {
@@ -96,7 +68,7 @@ static void store_row(const flex_tensor *t, int64_t off, int n, const float *src
         return;
     }
     for (int i = 0; i < n; i++)
-        store_elem(t->data, t->dtype, off + (int64_t)i * st, src[i]);
+        flex_store_from_float(t->data, t->dtype, off + (int64_t)i * st, src[i]);
 }
 
 static inline int64_t row_offset(const flex_tensor *t, int64_t b, int64_t h, int64_t s) {
@@ -756,31 +728,6 @@ static void do_task(bwd_problem *pb, bwd_scratch *sc, int64_t task) {
 
 /* ---- the call ---- */
 
-/* Probabilities far below the row's largest are subnormal floats, and on x86
- * every multiply that meets one takes a slow microcode path: a mod like
- * ALiBi over long rows made the products several times slower. The tasks
- * run with subnormals flushed to zero (FTZ and DAZ, per thread, restored
- * afterwards); a term below 1e-38 cannot change a gradient. */
-#if defined(__x86_64__) || defined(__i386__)
-static unsigned subnormals_off(void) {
-    unsigned saved = _mm_getcsr();
-    _mm_setcsr(saved | 0x8040u); /* FTZ (bit 15) and DAZ (bit 6) */
-    return saved;
-}
-
-static void subnormals_restore(unsigned saved) {
-    _mm_setcsr(saved);
-}
-#else
-static unsigned subnormals_off(void) {
-    return 0;
-}
-
-static void subnormals_restore(unsigned saved) {
-    (void)saved;
-}
-#endif
-
 static int find_outputs(bwd_problem *pb, const mod_derivative *der) {
     /* value, d/dscore, then per gradient load: its derivative and indices */
     int n = 2;
@@ -1085,7 +1032,7 @@ flex_status flex_cpu_backward(flex_context *ctx, const flex_backward_args *args)
 #ifdef _OPENMP
             t = omp_get_thread_num();
 #endif
-            unsigned saved_fp = subnormals_off();
+            unsigned saved_fp = cpu_subnormals_off();
             if (pb.num_grads > 0) {
                 /* Buffer gradients are summed per thread: a static schedule
                  * keeps which tasks (and so which sums) a thread gets the
@@ -1102,7 +1049,7 @@ flex_status flex_cpu_backward(flex_context *ctx, const flex_backward_args *args)
                 for (int64_t task = 0; task < tasks; task++)
                     do_task(&pb, &scratch[t], task);
             }
-            subnormals_restore(saved_fp);
+            cpu_subnormals_restore(saved_fp);
         }
     }
     if (pb.bounds.failed) {

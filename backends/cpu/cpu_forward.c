@@ -30,9 +30,6 @@
 #ifdef _OPENMP
 #include <omp.h>
 #endif
-#if defined(__x86_64__) || defined(__i386__)
-#include <xmmintrin.h> /* MXCSR */
-#endif
 
 #include "internal.h"
 #include "plan.h"
@@ -41,31 +38,6 @@
 
 /* ---- element access ---- */
 
-static inline float load_elem(const void *base, flex_dtype dt, int64_t off) {
-    switch (dt) {
-    case FLEX_F16:
-        return flex_f16_to_float(((const uint16_t *)base)[off]);
-    case FLEX_BF16:
-        return flex_bf16_to_float(((const uint16_t *)base)[off]);
-    default:
-        return ((const float *)base)[off];
-    }
-}
-
-static inline void store_elem(void *base, flex_dtype dt, int64_t off, float v) {
-    switch (dt) {
-    case FLEX_F16:
-        ((uint16_t *)base)[off] = flex_float_to_f16(v);
-        break;
-    case FLEX_BF16:
-        ((uint16_t *)base)[off] = flex_float_to_bf16(v);
-        break;
-    default:
-        ((float *)base)[off] = v;
-        break;
-    }
-}
-
 /* Reads n elements with stride `stride` starting at element off into dst. */
 static void load_row(const flex_tensor *t, int64_t off, int64_t stride, int n, float *dst) {
     if (t->dtype == FLEX_F32 && stride == 1) {
@@ -73,7 +45,7 @@ static void load_row(const flex_tensor *t, int64_t off, int64_t stride, int n, f
         return;
     }
     for (int i = 0; i < n; i++)
-        dst[i] = load_elem(t->data, t->dtype, off + (int64_t)i * stride);
+        dst[i] = flex_load_as_float(t->data, t->dtype, off + (int64_t)i * stride);
 }
 
 static inline int64_t round_up(int64_t v, int64_t m) {
@@ -586,7 +558,8 @@ static void write_output(const fwd_problem *pb, fwd_scratch *sc, int64_t b, int6
                 memset(dst, 0, (size_t)Dv * sizeof(float));
         } else {
             for (int c = 0; c < Dv; c++)
-                store_elem(out->data, out->dtype, off + c * st, l > 0.0f ? orow[c] * inv : 0.0f);
+                flex_store_from_float(out->data, out->dtype, off + c * st,
+                                      l > 0.0f ? orow[c] * inv : 0.0f);
         }
         if (lse) {
             int64_t loff = b * lse->strides[0] + h * lse->strides[1] + (q0 + r) * lse->strides[2];
@@ -656,31 +629,6 @@ static void prepack_kv(fwd_problem *pb, const struct flex_plan *plan, fwd_scratc
     pb->packed_k = k;
     pb->packed_v = v;
 }
-
-/* Probabilities far below a row's largest (long rows under ALiBi, say) are
- * subnormal floats, and on x86 every multiply that meets one takes a slow
- * microcode path. The work items run with subnormals flushed to zero (FTZ
- * and DAZ, per thread, restored afterwards); a term below 1.2e-38 of the
- * row's largest cannot change an f32 output. */
-#if defined(__x86_64__) || defined(__i386__)
-static unsigned subnormals_off(void) {
-    unsigned saved = _mm_getcsr();
-    _mm_setcsr(saved | 0x8040u); /* FTZ (bit 15) and DAZ (bit 6) */
-    return saved;
-}
-
-static void subnormals_restore(unsigned saved) {
-    _mm_setcsr(saved);
-}
-#else
-static unsigned subnormals_off(void) {
-    return 0;
-}
-
-static void subnormals_restore(unsigned saved) {
-    (void)saved;
-}
-#endif
 
 /* Whether interval analysis can decide sub-tiles of partial tiles, building
  * the range tables of the mask mod's buffers into *tables when it reads any.
@@ -855,7 +803,7 @@ flex_status flex_cpu_forward(flex_context *ctx, const flex_forward_args *args) {
 #ifdef _OPENMP
                 t = omp_get_thread_num();
 #endif
-                unsigned saved_csr = subnormals_off();
+                unsigned saved_csr = cpu_subnormals_off();
 #ifdef _OPENMP
 #pragma omp for schedule(dynamic, 1)
 #endif
@@ -863,7 +811,7 @@ flex_status flex_cpu_forward(flex_context *ctx, const flex_forward_args *args) {
                     if (cpu_bounds_failure_seen(&pb.bounds)) continue;
                     do_item(&pb, &scratch[t], &items[i], classes + (size_t)t * pb.num_kv_blocks);
                 }
-                subnormals_restore(saved_csr);
+                cpu_subnormals_restore(saved_csr);
             }
         }
         for (int t = 0; scratch && t < threads; t++)

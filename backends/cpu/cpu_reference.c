@@ -17,31 +17,6 @@
 #include "softmax.h"
 #include "cpu.h"
 
-static inline float ref_load(const flex_tensor *t, int64_t off) {
-    switch (t->dtype) {
-    case FLEX_F16:
-        return flex_f16_to_float(((const uint16_t *)t->data)[off]);
-    case FLEX_BF16:
-        return flex_bf16_to_float(((const uint16_t *)t->data)[off]);
-    default:
-        return ((const float *)t->data)[off];
-    }
-}
-
-static inline void ref_store(const flex_tensor *t, int64_t off, float v) {
-    switch (t->dtype) {
-    case FLEX_F16:
-        ((uint16_t *)t->data)[off] = flex_float_to_f16(v);
-        break;
-    case FLEX_BF16:
-        ((uint16_t *)t->data)[off] = flex_float_to_bf16(v);
-        break;
-    default:
-        ((float *)t->data)[off] = v;
-        break;
-    }
-}
-
 static int64_t offset4(const flex_tensor *t, int64_t i0, int64_t i1, int64_t i2, int64_t i3) {
     return i0 * t->strides[0] + i1 * t->strides[1] + i2 * t->strides[2] + i3 * t->strides[3];
 }
@@ -95,7 +70,7 @@ flex_status flex_cpu_forward_reference(flex_context *ctx, const flex_forward_arg
                     cached_qb = qb;
                 }
                 for (int64_t d = 0; d < D; d++)
-                    qrow[d] = ref_load(&a->q, offset4(&a->q, b, h, i, d));
+                    qrow[d] = flex_load_as_float(a->q.data, a->q.dtype, offset4(&a->q, b, h, i, d));
                 float row_max = -INFINITY;
                 for (int64_t j = 0; j < Lkv; j++) {
                     uint8_t cls = classes[j / kv_block];
@@ -114,7 +89,8 @@ flex_status flex_cpu_forward_reference(flex_context *ctx, const flex_forward_arg
                     }
                     float dot = 0.0f;
                     for (int64_t d = 0; d < D; d++)
-                        dot += qrow[d] * ref_load(&a->k, offset4(&a->k, b, hk, j, d));
+                        dot += qrow[d] * flex_load_as_float(a->k.data, a->k.dtype,
+                                                            offset4(&a->k, b, hk, j, d));
                     float s = dot * a->scale;
                     if (a->score_mod) {
                         if (mod_eval_point(&a->score_mod->ir, score_views, s, (int32_t)b,
@@ -137,11 +113,12 @@ flex_status flex_cpu_forward_reference(flex_context *ctx, const flex_forward_arg
                     float p = expf(scores[j] - shift);
                     sum += p;
                     for (int64_t c = 0; c < Dv; c++)
-                        acc[c] += p * ref_load(&a->v, offset4(&a->v, b, hk, j, c));
+                        acc[c] += p * flex_load_as_float(a->v.data, a->v.dtype,
+                                                         offset4(&a->v, b, hk, j, c));
                 }
                 for (int64_t c = 0; c < Dv; c++)
-                    ref_store(&a->out, offset4(&a->out, b, h, i, c),
-                              sum > 0.0f ? acc[c] / sum : 0.0f);
+                    flex_store_from_float(a->out.data, a->out.dtype, offset4(&a->out, b, h, i, c),
+                                          sum > 0.0f ? acc[c] / sum : 0.0f);
                 if (a->lse)
                     ((float *)a->lse->data)[offset4(a->lse, b, h, i, 0)] =
                         flex_softmax_lse(row_max, sum);

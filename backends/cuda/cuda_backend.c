@@ -556,16 +556,19 @@ static int aligned16(const void *p) {
  * tuning; it must still divide the mask's blocks). */
 static void choose_tiles(flex_cuda_fwd_config *cfg, int q_block, int kv_block) {
     const int wide = cfg->dq > 128 || cfg->dv > 128;
-    cfg->mt = 1;
-    cfg->warps = q_block / 16 < 8 ? q_block / 16 : 8;
-    if (wide && cfg->warps > 4) cfg->warps = 4;
-    cfg->block_n = kv_block < (wide ? 32 : 64) ? kv_block : (wide ? 32 : 64);
     if (!wide && q_block >= 128 && kv_block >= 64) {
         /* 4 warps x 32 rows: each K/V fragment feeds two m-tiles, and two
          * CTAs fit on an SM (96 KB of shared memory each). */
         cfg->warps = 4;
         cfg->mt = 2;
         cfg->block_n = 64;
+    } else {
+        /* One m-tile per warp, as many warps as the mask's q block holds
+         * (4 at most for wide heads), kv steps no longer than its kv block. */
+        const int max_n = wide ? 32 : 64;
+        cfg->mt = 1;
+        cfg->warps = q_block / 16 < (wide ? 4 : 8) ? q_block / 16 : (wide ? 4 : 8);
+        cfg->block_n = kv_block < max_n ? kv_block : max_n;
     }
     const char *env = getenv("FLEXATTN_CUDA_TILE");
     int w, mt, bn;

@@ -6,6 +6,7 @@
  * exits with 77, which meson reports as a skipped test, never as a pass.
  */
 #include <check.h>
+#include <float.h>
 #include <math.h>
 #include <stdint.h>
 #include <pthread.h>
@@ -79,15 +80,60 @@ static const flex_cuda_api *api;
 /* Small tiles keep the many mod compiles quick (the mods are what differs);
  * the production tile sizes are compiled for a few mods below. */
 static const flex_cuda_fwd_config configs[] = {
-    {FLEX_BF16, 64, 64, 4, 1, 16, 1, 1},
-    {FLEX_F16, 64, 64, 4, 1, 16, 0, 0},
-    {FLEX_F32, 64, 64, 4, 1, 0, 0, 1},
+    {.dtype = FLEX_BF16,
+     .dq = 64,
+     .dv = 64,
+     .warps = 4,
+     .mt = 1,
+     .block_n = 16,
+     .vec = 1,
+     .scale_positive = 1},
+    {.dtype = FLEX_F16, .dq = 64, .dv = 64, .warps = 4, .mt = 1, .block_n = 16},
+    {.dtype = FLEX_F32, .dq = 64, .dv = 64, .warps = 4, .mt = 1, .scale_positive = 1},
 };
+/* The production tiles; the wgmma ones compile for sm_90a only. */
 static const flex_cuda_fwd_config full_configs[] = {
-    {FLEX_BF16, 128, 128, 4, 2, 64, 1, 1},
-    {FLEX_F16, 256, 192, 4, 1, 32, 1, 0},
-    {FLEX_BF16, 128, 128, 8, 1, 64, 1, 1},
-    {FLEX_F16, 128, 64, 4, 2, 64, 0, 1},
+    {.dtype = FLEX_BF16,
+     .dq = 128,
+     .dv = 128,
+     .warps = 4,
+     .mt = 2,
+     .block_n = 64,
+     .vec = 1,
+     .scale_positive = 1},
+    {.dtype = FLEX_F16, .dq = 256, .dv = 192, .warps = 4, .mt = 1, .block_n = 32, .vec = 1},
+    {.dtype = FLEX_BF16,
+     .dq = 128,
+     .dv = 128,
+     .warps = 8,
+     .mt = 1,
+     .block_n = 64,
+     .vec = 1,
+     .scale_positive = 1},
+    {.dtype = FLEX_F16,
+     .dq = 128,
+     .dv = 64,
+     .warps = 4,
+     .mt = 2,
+     .block_n = 64,
+     .scale_positive = 1},
+    {.dtype = FLEX_BF16,
+     .dq = 128,
+     .dv = 128,
+     .warps = 8,
+     .mt = 1,
+     .block_n = 128,
+     .vec = 1,
+     .scale_positive = 1,
+     .wgmma = 1},
+    {.dtype = FLEX_F16,
+     .dq = 64,
+     .dv = 128,
+     .warps = 8,
+     .mt = 1,
+     .block_n = 128,
+     .vec = 1,
+     .wgmma = 1},
 };
 
 static void add_case(const char *label, const ir_mod *mask, const ir_mod *score, int cfg_index,
@@ -195,6 +241,27 @@ START_TEST(test_emit_exact_constants_and_slots) {
 }
 END_TEST
 
+/* Host models of the emitted flex_fdiv_const and flex_i2f (core/mod/emit.c),
+ * operation for operation. */
+static float bits_to_float(uint32_t u) {
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+static float fdiv_const_model(float a, float c, float rc) {
+    const float aa = fabsf(a);
+    const int big = aa > 0x1p60f, small = aa < 0x1p-60f;
+    const float a2 = a * (big ? 0x1p-68f : small ? 0x1p90f : 1.0f);
+    const float q = a2 * rc;
+    const float r = fmaf(fmaf(-q, c, a2), rc, q) * (big ? 0x1p68f : small ? 0x1p-90f : 1.0f);
+    return (aa == 0.0f || aa == INFINITY) ? a * rc : r;
+}
+static float i2f_model(int i) {
+    const float hi = bits_to_float(0x4b400000u + (uint32_t)(i >> 16)) - 12582912.0f;
+    const float lo = bits_to_float(0x4b400000u + ((uint32_t)i & 0xffffu)) - 12582912.0f;
+    return fmaf(hi, 65536.0f, lo);
+}
+
 START_TEST(test_division_by_constant) {
     ir_mod score;
     ck_assert_int_eq(parse_text(FLEX_MOD_SCORE, "score / 30.0 + score / 1e-30 + score / q", NULL, 0,
@@ -209,28 +276,59 @@ START_TEST(test_division_by_constant) {
     ck_assert_int_ge(count_occurrences(text, "__fdiv_rn(v"), 2);
     free(text);
     ir_free(&score);
-    /* The device formula (product with the reciprocal, one fused
-     * correction) is the correctly rounded quotient over the range it
-     * serves: checked here with the host's fused multiply-add on random
-     * constants and numerators. */
+    /* The device formula (power-of-two scaling into range, product with the
+     * reciprocal, one fused correction) is the correctly rounded quotient
+     * for every numerator whose quotient is not subnormal: checked here with
+     * a host model of the emitted function (the host's fused multiply-add)
+     * on random constants and numerators of every exponent, zeros,
+     * infinities and NaN. */
     uint32_t state = 12345u;
-    for (int i = 0; i < 200000; i++) {
+    for (int i = 0; i < 400000; i++) {
         state = state * 1664525u + 1013904223u;
         const uint32_t cb =
             (state & 0x807fffffu) | ((uint32_t)(127 - 20 + (state >> 24) % 41) << 23);
         state = state * 1664525u + 1013904223u;
-        const uint32_t ab =
-            (state & 0x807fffffu) | ((uint32_t)(127 - 60 + (state >> 23) % 121) << 23);
+        uint32_t ab = (state & 0x807fffffu) | ((uint32_t)((state >> 23) % 256) << 23);
+        if (i % 1000 == 1) ab = (state & 0x80000000u) | 0x7f800000u; /* +-inf */
+        if (i % 1000 == 2) ab = state & 0x80000000u;                 /* +-0 */
+        if (i % 1000 == 3) ab = 0x7fc00001u;                         /* NaN */
         float c, a;
         memcpy(&c, &cb, sizeof c);
         memcpy(&a, &ab, sizeof a);
         volatile float one = 1.0f;
         const float rc = one / c;
-        const float q = a * rc;
-        const float got = fmaf(fmaf(-q, c, a), rc, q);
+        const float got = fdiv_const_model(a, c, rc);
         const float want = a / c;
+        if (want != want) {
+            ck_assert_msg(got != got, "%a / %a: %a, want NaN", (double)a, (double)c, (double)got);
+            continue;
+        }
+        if (want != 0.0f && fabsf(want) < FLT_MIN) continue; /* subnormal quotient */
         ck_assert_msg(memcmp(&got, &want, sizeof got) == 0, "%a / %a: %a, want %a", (double)a,
                       (double)c, (double)got, (double)want);
+    }
+}
+END_TEST
+
+/* The emitted int -> float conversion (two halves through the mantissa) is
+ * (float)i for every int: edges and random values. */
+START_TEST(test_int_to_float) {
+    const int edges[] = {
+        0,        1,        -1,        65535,      65536,           -65536,    -65537,    4194303,
+        -4194304, 16777217, -16777217, 2147483647, -2147483647 - 1, 123456789, -987654321};
+    for (int i = 0; i < (int)(sizeof edges / sizeof edges[0]); i++) {
+        const float got = i2f_model(edges[i]), want = (float)edges[i];
+        ck_assert_msg(memcmp(&got, &want, sizeof got) == 0, "%d: %a, want %a", edges[i],
+                      (double)got, (double)want);
+    }
+    uint32_t state = 777u;
+    for (int i = 0; i < 1000000; i++) {
+        state = state * 1664525u + 1013904223u;
+        int32_t x;
+        memcpy(&x, &state, sizeof x);
+        const float got = i2f_model(x), want = (float)x;
+        ck_assert_msg(memcmp(&got, &want, sizeof got) == 0, "%d: %a, want %a", x, (double)got,
+                      (double)want);
     }
 }
 END_TEST
@@ -262,6 +360,8 @@ START_TEST(test_nvrtc_compiles_presets_and_seeds) {
             add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, -2, "sm_90a", 0);
             add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, -3, "sm_90a", 0);
             add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, -4, "sm_80", 0);
+            add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, -5, "sm_90a", 0);
+            add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, -6, "sm_90a", 0);
         }
         ir_free(&m);
     }
@@ -320,6 +420,7 @@ int main(void) {
     tcase_add_test(emit, test_emit_every_preset);
     tcase_add_test(emit, test_emit_exact_constants_and_slots);
     tcase_add_test(emit, test_division_by_constant);
+    tcase_add_test(emit, test_int_to_float);
     suite_add_tcase(suite, emit);
     TCase *nvrtc = tcase_create("nvrtc");
     tcase_set_timeout(nvrtc, 600);

@@ -551,12 +551,23 @@ static int aligned16(const void *p) {
     return ((uintptr_t)p & 15u) == 0;
 }
 
-/* Tile choice for the tensor-core kernel, from the mask's block sizes and
- * the head dims; FLEXATTN_CUDA_TILE="warps,mt,block_n" overrides it (for
- * tuning; it must still divide the mask's blocks). */
-static void choose_tiles(flex_cuda_fwd_config *cfg, int q_block, int kv_block) {
+/* Kernel and tile choice for 16-bit inputs, from the mask's block sizes, the
+ * head dims and the GPU. On sm_90 the wgmma kernel (flex_forward_sm90.cuh)
+ * takes every case it covers: 16-byte aligned rows, head dims up to 128, mask
+ * blocks that are multiples of 128. Everything else, and every GPU before
+ * Hopper, runs the mma.sync kernel. FLEXATTN_CUDA_TILE="warps,mt,block_n"
+ * selects the mma.sync kernel with those tiles (for tuning and comparison;
+ * they must divide the mask's blocks). */
+static void choose_tiles(flex_cuda_fwd_config *cfg, int q_block, int kv_block, int hopper) {
     const int wide = cfg->dq > 128 || cfg->dv > 128;
-    if (!wide && q_block >= 128 && kv_block >= 64) {
+    cfg->wgmma = 0;
+    if (hopper && cfg->vec && !wide && q_block % 128 == 0 && kv_block % 128 == 0) {
+        /* Two warpgroups x 64 rows, 128-key steps. */
+        cfg->wgmma = 1;
+        cfg->warps = 8;
+        cfg->mt = 1;
+        cfg->block_n = 128;
+    } else if (!wide && q_block >= 128 && kv_block >= 64) {
         /* 4 warps x 32 rows: each K/V fragment feeds two m-tiles, and two
          * CTAs fit on an SM (96 KB of shared memory each). */
         cfg->warps = 4;
@@ -575,6 +586,7 @@ static void choose_tiles(flex_cuda_fwd_config *cfg, int q_block, int kv_block) {
     if (env && sscanf(env, "%d,%d,%d", &w, &mt, &bn) == 3 && w > 0 && mt > 0 && bn >= 16 &&
         w * 16 * mt <= q_block && q_block % (w * 16 * mt) == 0 && kv_block % bn == 0 &&
         bn % 16 == 0) {
+        cfg->wgmma = 0;
         cfg->warps = w;
         cfg->mt = mt;
         cfg->block_n = bn;
@@ -615,17 +627,20 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
         cfg.block_n = 0;
         cfg.vec = 0;
     } else {
-        choose_tiles(&cfg, q_block, kv_block);
         cfg.vec = D % 8 == 0 && Dv % 8 == 0 && aligned16(q->data) && aligned16(k->data) &&
                   aligned16(v->data) && aligned16(o->data);
         for (int d = 0; d < 3; d++)
             if (q->strides[d] % 8 || k->strides[d] % 8 || v->strides[d] % 8 || o->strides[d] % 8)
                 cfg.vec = 0;
+        choose_tiles(&cfg, q_block, kv_block, st->major == 9 && st->minor == 0);
     }
     const int block_m = cfg.warps * 16 * cfg.mt;
-    const size_t smem = q->dtype == FLEX_F32
-                            ? 0
-                            : ((size_t)block_m * cfg.dq + 2u * cfg.block_n * (cfg.dq + cfg.dv)) * 2;
+    /* Q, two K/V stages; the wgmma kernel aligns its tiles to 1 KB itself. */
+    const size_t smem =
+        q->dtype == FLEX_F32
+            ? 0
+            : ((size_t)block_m * cfg.dq + 2u * cfg.block_n * (cfg.dq + cfg.dv)) * 2 +
+                  (cfg.wgmma ? 1024u : 0u);
     if ((int64_t)smem > st->smem_optin)
         return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
                          "the kernel for head dims %lld/%lld needs %zu bytes of shared memory; the "
@@ -653,10 +668,10 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
         char key[512];
         snprintf(
             key, sizeof key,
-            "fwd|%s|dq%d|dv%d|w%d|mt%d|n%d|vec%d|sp%d|mask=%016llx|score=%016llx|%s|nvrtc%d.%d|src="
-            "%016llx",
+            "fwd|%s|dq%d|dv%d|w%d|mt%d|n%d|vec%d|wg%d|sp%d|mask=%016llx|score=%016llx|%s|nvrtc%d.%"
+            "d|src=%016llx",
             flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.warps, cfg.mt, cfg.block_n, cfg.vec,
-            cfg.scale_positive, (unsigned long long)(mask_mod ? mask_mod->hash : 0),
+            cfg.wgmma, cfg.scale_positive, (unsigned long long)(mask_mod ? mask_mod->hash : 0),
             (unsigned long long)(score_mod ? score_mod->hash : 0), st->arch, st->api->nvrtc_major,
             st->api->nvrtc_minor, (unsigned long long)flex_cache_checksum(source, strlen(source)));
         s = get_function(ctx, st, key, source, "flex_forward_kernel", &fn);

@@ -38,7 +38,8 @@ char *flex_cuda_forward_source(const flex_cuda_fwd_config *cfg, const ir_mod *ma
                                const ir_mod *score) {
     const char *vendor = flex_cuda_template("vendor.cuh");
     const char *tpl = flex_cuda_template("flex_forward.cuh");
-    if (!vendor || !tpl) return NULL;
+    const char *sm90 = flex_cuda_template("flex_forward_sm90.cuh");
+    if (!vendor || !tpl || !sm90) return NULL;
     char config[512];
     const char *elem = cfg->dtype == FLEX_BF16  ? "FLEX_ELEM_BF16"
                        : cfg->dtype == FLEX_F16 ? "FLEX_ELEM_F16"
@@ -46,13 +47,15 @@ char *flex_cuda_forward_source(const flex_cuda_fwd_config *cfg, const ir_mod *ma
     snprintf(config, sizeof config,
              "/* configuration */\n#define %s 1\n#define FLEX_DQ %d\n#define FLEX_DV %d\n"
              "#define FLEX_WARPS %d\n#define FLEX_MT %d\n#define FLEX_BLOCK_N %d\n"
-             "#define FLEX_VEC %d\n#define FLEX_SCALE_POSITIVE %d\n",
+             "#define FLEX_VEC %d\n#define FLEX_SCALE_POSITIVE %d\n#define FLEX_WGMMA %d\n",
              elem, cfg->dq, cfg->dv, cfg->warps, cfg->mt, cfg->block_n, cfg->vec,
-             cfg->scale_positive);
+             cfg->scale_positive, cfg->wgmma);
     char *mods = flex_emit_mods(mask, score);
     if (!mods) return NULL;
-    const char *parts[] = {vendor, config, mods, tpl};
-    char *s = concat(parts, 4);
+    /* The sm_90a kernel is a sibling of the mma.sync one and reuses its
+     * helpers, so it follows it; without FLEX_WGMMA it is empty. */
+    const char *parts[] = {vendor, config, mods, tpl, cfg->wgmma ? sm90 : ""};
+    char *s = concat(parts, 5);
     free(mods);
     return s;
 }

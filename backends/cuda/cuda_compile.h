@@ -28,6 +28,7 @@ typedef struct flex_cuda_fwd_config {
     int warps, mt, block_n;
     int vec;            /* 16-byte aligned rows: cp.async copies */
     int scale_positive; /* scale > 0: scores stay unscaled until the exponent */
+    int wgmma;          /* 1: the sm_90a kernel (flex_forward_sm90.cuh) */
 } flex_cuda_fwd_config;
 
 /*

@@ -260,14 +260,16 @@ struct flex_warp_state {
     float l[FLEX_MT][2]; /* running sum (this thread's columns only) */
 };
 
-/* Scores of one 16-row m-tile -> mods, mask, online-softmax update of the
- * tile's rows (rescaling their accumulators) and P packed as A fragments. */
-template <bool MASKED>
+/* Scores of one 16-row m-tile (NT n-tiles of 8 keys, the m16n8 accumulator
+ * layout that wgmma's m64 accumulators share per warp) -> mods, mask and
+ * the online-softmax update of the tile's rows: s becomes the unnormalised
+ * probabilities, m and l move on, alphas[i] is the factor the accumulators
+ * of row half i must be rescaled by. */
+template <bool MASKED, int NT>
 static FLEX_DEVICE_INLINE void
-flex_softmax_tile(const flex_fwd_params &p, flex_warp_state &st, float (&s)[FLEX_SUB_N / 8][4],
-                  flex_u32 (&pa)[FLEX_SUB_N / 16][4], int mt, int b, int h, int qrow0, int kv0,
-                  bool partial, bool bounds, int lane, unsigned &oob) {
-    constexpr int NT = FLEX_SUB_N / 8;
+flex_softmax_probs(const flex_fwd_params &p, float (&m)[2], float (&l)[2], float (&s)[NT][4],
+                   float (&alphas)[2], int b, int h, int qrow0, int kv0, bool partial, bool bounds,
+                   int lane, unsigned &oob) {
     /* Raw scores only on the unmasked path, which has registers to spare. */
     constexpr bool RAW = FLEX_RAW_SCORES && !MASKED;
     /* Scores in log2 units (raw: unscaled), modified and masked. */
@@ -296,8 +298,6 @@ flex_softmax_tile(const flex_fwd_params &p, flex_warp_state &st, float (&s)[FLEX
             (void)kv;
         }
     }
-    /* Online softmax. */
-    float alphas[2];
 #pragma unroll
     for (int hf = 0; hf < 2; hf++) {
         float mx = FLEX_NEG_INF;
@@ -307,10 +307,10 @@ flex_softmax_tile(const flex_fwd_params &p, flex_warp_state &st, float (&s)[FLEX
         mx = fmaxf(mx, FLEX_SHFL_XOR(mx, 1));
         mx = fmaxf(mx, FLEX_SHFL_XOR(mx, 2));
         if (RAW) mx *= p.scale_log2; /* a positive scale keeps the maximum where it is */
-        const float m_new = fmaxf(st.m[mt][hf], mx);
+        const float m_new = fmaxf(m[hf], mx);
         const float m_use = m_new == FLEX_NEG_INF ? 0.0f : m_new;
-        const float alpha = flex_exp2(st.m[mt][hf] - m_use);
-        st.m[mt][hf] = m_new;
+        const float alpha = flex_exp2(m[hf] - m_use);
+        m[hf] = m_new;
         float sum = 0.0f;
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
@@ -322,27 +322,49 @@ flex_softmax_tile(const flex_fwd_params &p, flex_warp_state &st, float (&s)[FLEX
             s[nt][2 * hf + 1] = e1;
             sum += e0 + e1;
         }
-        st.l[mt][hf] = st.l[mt][hf] * alpha + sum;
+        l[hf] = l[hf] * alpha + sum;
         alphas[hf] = alpha;
     }
-    /* Past the first blocks the running max rarely moves: skip the rescale
-     * of the accumulators when it moved for no row of the warp. */
+}
+
+/* Past the first blocks the running max rarely moves: the rescale of the
+ * accumulators is skipped when it moved for no row of the warp. */
+static FLEX_DEVICE_INLINE void flex_rescale(float (&o)[FLEX_DV / 8][4], const float (&alphas)[2]) {
     if (FLEX_ANY(alphas[0] != 1.0f || alphas[1] != 1.0f)) {
 #pragma unroll
         for (int dt = 0; dt < FLEX_DV / 8; dt++) {
-            st.o[mt][dt][0] *= alphas[0];
-            st.o[mt][dt][1] *= alphas[0];
-            st.o[mt][dt][2] *= alphas[1];
-            st.o[mt][dt][3] *= alphas[1];
+            o[dt][0] *= alphas[0];
+            o[dt][1] *= alphas[0];
+            o[dt][2] *= alphas[1];
+            o[dt][3] *= alphas[1];
         }
     }
+}
+
+/* Probabilities (m16n8 accumulator layout) -> 16-bit A fragments of P for
+ * P V (m16n8k16 layout, which is also wgmma's register-A layout). */
+template <int NT>
+static FLEX_DEVICE_INLINE void flex_pack_probs(const float (&s)[NT][4], flex_u32 (&pa)[NT / 2][4]) {
 #pragma unroll
-    for (int kk = 0; kk < FLEX_SUB_N / 16; kk++) {
+    for (int kk = 0; kk < NT / 2; kk++) {
         pa[kk][0] = flex_pack2(s[2 * kk][0], s[2 * kk][1]);
         pa[kk][1] = flex_pack2(s[2 * kk][2], s[2 * kk][3]);
         pa[kk][2] = flex_pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
         pa[kk][3] = flex_pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
     }
+}
+
+/* Scores of one m-tile -> probabilities, rescaled accumulators, P fragments. */
+template <bool MASKED>
+static FLEX_DEVICE_INLINE void
+flex_softmax_tile(const flex_fwd_params &p, flex_warp_state &st, float (&s)[FLEX_SUB_N / 8][4],
+                  flex_u32 (&pa)[FLEX_SUB_N / 16][4], int mt, int b, int h, int qrow0, int kv0,
+                  bool partial, bool bounds, int lane, unsigned &oob) {
+    float alphas[2];
+    flex_softmax_probs<MASKED, FLEX_SUB_N / 8>(p, st.m[mt], st.l[mt], s, alphas, b, h, qrow0, kv0,
+                                               partial, bounds, lane, oob);
+    flex_rescale(st.o[mt], alphas);
+    flex_pack_probs<FLEX_SUB_N / 8>(s, pa);
 }
 
 /* One kv step: S = Q Kᵀ, mods, online softmax, O += P V, in sub-steps of
@@ -437,6 +459,45 @@ static FLEX_DEVICE_INLINE void flex_step(const flex_fwd_params &p, flex_warp_sta
     }
 }
 
+/* Epilogue: out = O / l, lse = (m + log2 l) ln 2; empty rows: 0 and -inf.
+ * Warp `warp` owns rows q0 + 16 * FLEX_MT * warp onwards (in both kernels). */
+static FLEX_DEVICE_INLINE void flex_store_output(const flex_fwd_params &p, flex_warp_state &st,
+                                                 int b, int h, int q0, int warp, int lane) {
+    flex_elem *go = (flex_elem *)p.out + b * p.o_sb + h * p.o_sh;
+#pragma unroll
+    for (int mt = 0; mt < FLEX_MT; mt++) {
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            float l = st.l[mt][hf];
+            l += FLEX_SHFL_XOR(l, 1);
+            l += FLEX_SHFL_XOR(l, 2);
+            const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+            const int q = q0 + warp * 16 * FLEX_MT + mt * 16 + (lane >> 2) + hf * 8;
+            if (q < p.Lq) {
+                flex_elem *orow = go + (long long)q * p.o_ss;
+#pragma unroll
+                for (int dt = 0; dt < FLEX_DV / 8; dt++) {
+                    const int col = dt * 8 + (lane & 3) * 2;
+                    const float x0 = st.o[mt][dt][2 * hf] * inv,
+                                x1 = st.o[mt][dt][2 * hf + 1] * inv;
+#if FLEX_VEC
+                    if (col < p.Dv) *(flex_u32 *)(orow + col) = flex_pack2(x0, x1);
+#else
+                    if (col < p.Dv) orow[col] = flex_to_elem(x0);
+                    if (col + 1 < p.Dv) orow[col + 1] = flex_to_elem(x1);
+#endif
+                }
+                if (p.lse && (lane & 3) == 0) {
+                    const float lse =
+                        l > 0.0f ? (st.m[mt][hf] + log2f(l)) * FLEX_LN2 : FLEX_NEG_INF;
+                    p.lse[b * p.l_sb + h * p.l_sh + (long long)q * p.l_ss] = lse;
+                }
+            }
+        }
+    }
+}
+
+#if !FLEX_WGMMA
 extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
     flex_forward_kernel(const flex_fwd_params p) {
     extern __shared__ __align__(128) unsigned char flex_smem[];
@@ -538,40 +599,9 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
     flex_cp_async_wait<0>(); /* nothing in flight when the CTA ends */
     if (oob) atomicOr(p.bufs.bounds_flag, oob);
 
-    /* Epilogue: out = O / l, lse = (m + log2 l) ln 2; empty rows: 0 and -inf. */
-    flex_elem *go = (flex_elem *)p.out + b * p.o_sb + h * p.o_sh;
-#pragma unroll
-    for (int mt = 0; mt < FLEX_MT; mt++) {
-#pragma unroll
-        for (int hf = 0; hf < 2; hf++) {
-            float l = st.l[mt][hf];
-            l += FLEX_SHFL_XOR(l, 1);
-            l += FLEX_SHFL_XOR(l, 2);
-            const float inv = l > 0.0f ? 1.0f / l : 0.0f;
-            const int q = q0 + warp * 16 * FLEX_MT + mt * 16 + (lane >> 2) + hf * 8;
-            if (q < p.Lq) {
-                flex_elem *orow = go + (long long)q * p.o_ss;
-#pragma unroll
-                for (int dt = 0; dt < FLEX_DV / 8; dt++) {
-                    const int col = dt * 8 + (lane & 3) * 2;
-                    const float x0 = st.o[mt][dt][2 * hf] * inv,
-                                x1 = st.o[mt][dt][2 * hf + 1] * inv;
-#if FLEX_VEC
-                    if (col < p.Dv) *(flex_u32 *)(orow + col) = flex_pack2(x0, x1);
-#else
-                    if (col < p.Dv) orow[col] = flex_to_elem(x0);
-                    if (col + 1 < p.Dv) orow[col + 1] = flex_to_elem(x1);
-#endif
-                }
-                if (p.lse && (lane & 3) == 0) {
-                    const float lse =
-                        l > 0.0f ? (st.m[mt][hf] + log2f(l)) * FLEX_LN2 : FLEX_NEG_INF;
-                    p.lse[b * p.l_sb + h * p.l_sh + (long long)q * p.l_ss] = lse;
-                }
-            }
-        }
-    }
+    flex_store_output(p, st, b, h, q0, warp, lane);
 }
+#endif /* !FLEX_WGMMA */
 
 #else
 /* ============================ f32 FMA path ============================= */

@@ -1,0 +1,421 @@
+/*
+ * flex_forward_sm90.cuh: the Hopper (sm_90a) forward, appended after
+ * flex_forward.cuh when the host picks it (FLEX_WGMMA 1). It shares the
+ * parameter block, the kv walk, the online softmax and the epilogue with the
+ * mma.sync kernel; what differs is how the two products are computed.
+ *
+ * A CTA owns 128 query rows of one (batch, head): two warpgroups of 64 rows.
+ * S = Q Kᵀ is one chain of wgmma m64n128k16 per warpgroup with both operands
+ * in shared memory (128-byte swizzled tiles, the layout wgmma reads
+ * directly); O += P V takes P from registers (the scores' accumulator
+ * layout packs straight into wgmma's A fragments) and V from shared memory,
+ * transposed by the instruction. Within a warpgroup the products of step
+ * s + 1 and s overlap the softmax: S(s + 1) and P(s) V(s) are issued
+ * together, the softmax of S(s + 1) runs while P(s) V(s) is still on the
+ * tensor cores, and only the rescale of O waits for it. K and V are copied
+ * with cp.async by all threads into two stages each, one step ahead, so one
+ * barrier per step publishes them.
+ *
+ * Requires: 16-bit elements, FLEX_VEC (16-byte aligned rows), FLEX_DQ and
+ * FLEX_DV in {64, 128}, FLEX_WARPS 8, FLEX_MT 1, FLEX_BLOCK_N 128.
+ */
+#if FLEX_WGMMA
+
+#if FLEX_WARPS != 8 || FLEX_MT != 1 || FLEX_BLOCK_N != 128 || !FLEX_VEC
+#error "the sm_90a forward needs 8 warps, 1 m-tile, 128-key steps and 16-byte rows"
+#endif
+#if (FLEX_DQ != 64 && FLEX_DQ != 128) || (FLEX_DV != 64 && FLEX_DV != 128)
+#error "the sm_90a forward needs head dims of 64 or 128"
+#endif
+
+#if defined(FLEX_ELEM_BF16)
+#define FLEX_WGMMA_AB "bf16.bf16"
+#else
+#define FLEX_WGMMA_AB "f16.f16"
+#endif
+
+/* A tile of ROWS rows x DPAD columns is stored as DPAD / 64 column blocks of
+ * ROWS x 64 elements (128-byte rows); in every 8-row, 1024-byte group the
+ * 16-byte chunk index is XORed with the row's low three bits. That is
+ * wgmma's 128-byte swizzle, for K-major operands (Q, K: the reduction dim
+ * contiguous) and for MN-major ones (V) alike. Tiles start 1024-byte aligned. */
+template <int ROWS> static FLEX_DEVICE_INLINE flex_u32 flex_sw128_offset(int row, int chunk) {
+    return (flex_u32)((chunk >> 3) * ROWS * 128 + row * 128 + (((chunk ^ row) & 7) << 4));
+}
+
+/* cp.async copy of rows [row0, row0 + ROWS) of a (rows, cols) global matrix
+ * into a swizzled tile; rows >= nrows and columns >= ncols read as zero.
+ * Each thread copies one chunk column of every RSTEP-th row; RSTEP is a
+ * multiple of 8, so its rows share one swizzle phase. */
+template <int ROWS, int DPAD>
+static FLEX_DEVICE_INLINE void flex_load_tile_sw128(flex_u32 tile, const flex_elem *g,
+                                                    long long row_stride, int row0, int nrows,
+                                                    int ncols, int tid) {
+    constexpr int CHUNKS = DPAD / 8;
+    constexpr int RSTEP = FLEX_THREADS / CHUNKS;
+    static_assert(FLEX_THREADS % CHUNKS == 0 && RSTEP % 8 == 0 && ROWS % RSTEP == 0,
+                  "tile copy shape");
+    const int r0 = tid / CHUNKS, c = tid % CHUNKS;
+    const bool col_ok = c * 8 < ncols;
+    const flex_elem *src = g + (long long)(row0 + r0) * row_stride + c * 8;
+    const long long step = (long long)RSTEP * row_stride;
+    const flex_u32 dst = tile + flex_sw128_offset<ROWS>(r0, c);
+#pragma unroll
+    for (int it = 0; it < ROWS / RSTEP; it++) {
+        const bool valid = col_ok && row0 + r0 + it * RSTEP < nrows;
+        flex_cp_async16(dst + it * RSTEP * 128, valid ? src : g, valid);
+        src += step;
+    }
+}
+
+/* Shared-memory matrix descriptor of a 128-byte-swizzled operand: start
+ * address, leading-dimension byte offset (K-major: unused, 16; MN-major: the
+ * distance between 64-column blocks), 1024 bytes between 8-row groups. */
+static FLEX_DEVICE_INLINE unsigned long long flex_sw128_desc(flex_u32 addr, flex_u32 lbo) {
+    return (unsigned long long)((addr & 0x3ffffu) >> 4) |
+           ((unsigned long long)((lbo >> 4) & 0x3fffu) << 16) |
+           ((unsigned long long)(1024u >> 4) << 32) | (1ull << 62);
+}
+
+static FLEX_DEVICE_INLINE void flex_wgmma_fence() {
+    asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+static FLEX_DEVICE_INLINE void flex_wgmma_commit() {
+    asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int N> static FLEX_DEVICE_INLINE void flex_wgmma_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+/* Generic-proxy writes (cp.async) -> visible to wgmma's async-proxy reads. */
+static FLEX_DEVICE_INLINE void flex_fence_proxy_async() {
+    asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+}
+/* Pins registers at a point of the instruction stream: values of an
+ * asynchronous product are not read before its wait, and registers it reads
+ * are not reused before it. */
+template <int N> static FLEX_DEVICE_INLINE void flex_pin(float (&r)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; i++)
+        asm volatile("" : "+f"(r[i][0]), "+f"(r[i][1]), "+f"(r[i][2]), "+f"(r[i][3])::"memory");
+}
+template <int N> static FLEX_DEVICE_INLINE void flex_pin(flex_u32 (&r)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; i++)
+        asm volatile("" : "+r"(r[i][0]), "+r"(r[i][1]), "+r"(r[i][2]), "+r"(r[i][3])::"memory");
+}
+
+/* d (+)= a b for one warpgroup: m64nNk16, fp32 accumulators in the m16n8
+ * layout per warp. ss: a and b are shared-memory descriptors; rs: a is this
+ * thread's A fragment (m16n8k16 layout) and b is read transposed (MN-major).
+ * The _fresh form overwrites d and does not read it, so the registers that
+ * held the previous step's probabilities are not inputs of the product. */
+static FLEX_DEVICE_INLINE void flex_wgmma_ss_n128_fresh(float (&d)[16][4], unsigned long long a,
+                                                        unsigned long long b) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." FLEX_WGMMA_AB " "
+                 "{"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, "
+                 "%8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, "
+                 "%24, %25, %26, %27, %28, %29, %30, %31, "
+                 "%32, %33, %34, %35, %36, %37, %38, %39, "
+                 "%40, %41, %42, %43, %44, %45, %46, %47, "
+                 "%48, %49, %50, %51, %52, %53, %54, %55, "
+                 "%56, %57, %58, %59, %60, %61, %62, %63"
+                 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : "=f"(d[0][0]), "=f"(d[0][1]), "=f"(d[0][2]), "=f"(d[0][3]), "=f"(d[1][0]),
+                   "=f"(d[1][1]), "=f"(d[1][2]), "=f"(d[1][3]), "=f"(d[2][0]), "=f"(d[2][1]),
+                   "=f"(d[2][2]), "=f"(d[2][3]), "=f"(d[3][0]), "=f"(d[3][1]), "=f"(d[3][2]),
+                   "=f"(d[3][3]), "=f"(d[4][0]), "=f"(d[4][1]), "=f"(d[4][2]), "=f"(d[4][3]),
+                   "=f"(d[5][0]), "=f"(d[5][1]), "=f"(d[5][2]), "=f"(d[5][3]), "=f"(d[6][0]),
+                   "=f"(d[6][1]), "=f"(d[6][2]), "=f"(d[6][3]), "=f"(d[7][0]), "=f"(d[7][1]),
+                   "=f"(d[7][2]), "=f"(d[7][3]), "=f"(d[8][0]), "=f"(d[8][1]), "=f"(d[8][2]),
+                   "=f"(d[8][3]), "=f"(d[9][0]), "=f"(d[9][1]), "=f"(d[9][2]), "=f"(d[9][3]),
+                   "=f"(d[10][0]), "=f"(d[10][1]), "=f"(d[10][2]), "=f"(d[10][3]), "=f"(d[11][0]),
+                   "=f"(d[11][1]), "=f"(d[11][2]), "=f"(d[11][3]), "=f"(d[12][0]), "=f"(d[12][1]),
+                   "=f"(d[12][2]), "=f"(d[12][3]), "=f"(d[13][0]), "=f"(d[13][1]), "=f"(d[13][2]),
+                   "=f"(d[13][3]), "=f"(d[14][0]), "=f"(d[14][1]), "=f"(d[14][2]), "=f"(d[14][3]),
+                   "=f"(d[15][0]), "=f"(d[15][1]), "=f"(d[15][2]), "=f"(d[15][3])
+                 : "l"(a), "l"(b), "r"(0));
+}
+
+static FLEX_DEVICE_INLINE void flex_wgmma_ss_n128(float (&d)[16][4], unsigned long long a,
+                                                  unsigned long long b, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." FLEX_WGMMA_AB " "
+                 "{"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, "
+                 "%8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, "
+                 "%24, %25, %26, %27, %28, %29, %30, %31, "
+                 "%32, %33, %34, %35, %36, %37, %38, %39, "
+                 "%40, %41, %42, %43, %44, %45, %46, %47, "
+                 "%48, %49, %50, %51, %52, %53, %54, %55, "
+                 "%56, %57, %58, %59, %60, %61, %62, %63"
+                 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
+                   "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),
+                   "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),
+                   "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+                   "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),
+                   "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+                   "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]),
+                   "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+                   "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]),
+                   "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]),
+                   "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]),
+                   "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+                   "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+                 : "l"(a), "l"(b), "r"(accumulate));
+}
+
+static FLEX_DEVICE_INLINE void flex_wgmma_rs_n128(float (&d)[16][4], const flex_u32 (&a)[4],
+                                                  unsigned long long b, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." FLEX_WGMMA_AB " "
+                 "{"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, "
+                 "%8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, "
+                 "%24, %25, %26, %27, %28, %29, %30, %31, "
+                 "%32, %33, %34, %35, %36, %37, %38, %39, "
+                 "%40, %41, %42, %43, %44, %45, %46, %47, "
+                 "%48, %49, %50, %51, %52, %53, %54, %55, "
+                 "%56, %57, %58, %59, %60, %61, %62, %63"
+                 "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
+                   "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),
+                   "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),
+                   "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+                   "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),
+                   "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+                   "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]),
+                   "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
+                   "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]),
+                   "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]),
+                   "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]),
+                   "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
+                   "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+}
+
+static FLEX_DEVICE_INLINE void flex_wgmma_rs_n64(float (&d)[8][4], const flex_u32 (&a)[4],
+                                                 unsigned long long b, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." FLEX_WGMMA_AB " "
+                 "{"
+                 "%0, %1, %2, %3, %4, %5, %6, %7, "
+                 "%8, %9, %10, %11, %12, %13, %14, %15, "
+                 "%16, %17, %18, %19, %20, %21, %22, %23, "
+                 "%24, %25, %26, %27, %28, %29, %30, %31"
+                 "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
+                   "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),
+                   "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),
+                   "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
+                   "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),
+                   "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
+                   "+f"(d[7][2]), "+f"(d[7][3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+}
+
+/* Descriptors of one step's products, all formed before the products are
+ * issued: a register defined between two wgmma of one batch serialises
+ * them (ptxas keeps the batch in order by waiting for each). */
+struct flex_sm90_descs {
+    unsigned long long q[FLEX_DQ / 16], k[FLEX_DQ / 16], v[FLEX_BLOCK_N / 16];
+};
+
+/* S = Q Kᵀ: both K-major; 16 columns are 32 bytes further inside a
+ * 64-column block, or the next block. V is MN-major: 16 keys are two 8-row
+ * groups, 2 KB further. */
+static FLEX_DEVICE_INLINE void flex_sm90_make_descs(flex_sm90_descs &d, unsigned long long q_desc,
+                                                    unsigned long long k_desc,
+                                                    unsigned long long v_desc) {
+#pragma unroll
+    for (int kk = 0; kk < FLEX_DQ / 16; kk++) {
+        d.q[kk] =
+            q_desc + (unsigned long long)(((kk >> 2) * FLEX_BLOCK_M * 128 + (kk & 3) * 32) >> 4);
+        d.k[kk] =
+            k_desc + (unsigned long long)(((kk >> 2) * FLEX_BLOCK_N * 128 + (kk & 3) * 32) >> 4);
+        asm volatile("" : "+l"(d.q[kk]), "+l"(d.k[kk]));
+    }
+#pragma unroll
+    for (int kk = 0; kk < FLEX_BLOCK_N / 16; kk++) {
+        d.v[kk] = v_desc + (unsigned long long)((kk * 16 * 128) >> 4);
+        asm volatile("" : "+l"(d.v[kk]));
+    }
+}
+
+/* S (64 x 128 per warpgroup) = Q Kᵀ over FLEX_DQ. */
+static FLEX_DEVICE_INLINE void flex_sm90_scores(float (&s)[16][4], const flex_sm90_descs &d) {
+    flex_wgmma_ss_n128_fresh(s, d.q[0], d.k[0]);
+#pragma unroll
+    for (int kk = 1; kk < FLEX_DQ / 16; kk++)
+        flex_wgmma_ss_n128(s, d.q[kk], d.k[kk], 1);
+}
+
+/* O += P V over 128 keys. */
+static FLEX_DEVICE_INLINE void flex_sm90_pv(float (&o)[FLEX_DV / 8][4],
+                                            const flex_u32 (&pa)[FLEX_BLOCK_N / 16][4],
+                                            const flex_sm90_descs &d) {
+#pragma unroll
+    for (int kk = 0; kk < FLEX_BLOCK_N / 16; kk++) {
+#if FLEX_DV == 128
+        flex_wgmma_rs_n128(o, pa[kk], d.v[kk], 1);
+#else
+        flex_wgmma_rs_n64(o, pa[kk], d.v[kk], 1);
+#endif
+    }
+}
+
+/* kv0 of step j of the walk (mask kv blocks split into 128-key steps). */
+static FLEX_DEVICE_INLINE int flex_step_kv0(const flex_fwd_params &p, const flex_kv_walk &w, int j,
+                                            int steps_per_block, bool &partial) {
+    const int blk = j / steps_per_block, within = j - blk * steps_per_block;
+    return flex_walk_block(p, w, blk, partial) * p.mask_kvblock + within * FLEX_BLOCK_N;
+}
+
+template <bool MASKED>
+static FLEX_DEVICE_INLINE void flex_sm90_softmax(const flex_fwd_params &p, flex_warp_state &st,
+                                                 float (&s)[16][4], float (&alphas)[2], int b,
+                                                 int h, int qrow0, int kv0, bool partial,
+                                                 bool bounds, int lane, unsigned &oob) {
+    flex_softmax_probs<MASKED, 16>(p, st.m[0], st.l[0], s, alphas, b, h, qrow0, kv0, partial,
+                                   bounds, lane, oob);
+}
+
+extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
+    flex_forward_kernel(const flex_fwd_params p) {
+    extern __shared__ __align__(1024) unsigned char flex_smem[];
+    /* Q, then two K stages, then two V stages, each 1024-byte aligned (the
+     * host adds 1 KB of slack for the alignment of the base). */
+    const flex_u32 sQ = (flex_smem_addr(flex_smem) + 1023u) & ~1023u;
+    const flex_u32 sK = sQ + FLEX_BLOCK_M * FLEX_DQ * 2;
+    const flex_u32 sV = sK + 2 * FLEX_BLOCK_N * FLEX_DQ * 2;
+    constexpr flex_u32 K_STAGE = FLEX_BLOCK_N * FLEX_DQ * 2, V_STAGE = FLEX_BLOCK_N * FLEX_DV * 2;
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wg = warp >> 2;
+    const int bh = blockIdx.x;
+    const int b = bh / p.Hq, h = bh % p.Hq;
+    const int hk = h / (p.Hq / p.Hkv);
+    const int rank = blockIdx.y / p.tiles_per_row, sub = blockIdx.y % p.tiles_per_row;
+    const int mrow = p.row_order ? p.row_order[rank] : rank;
+    const int q0 = mrow * p.mask_qblock + sub * FLEX_BLOCK_M;
+    if (q0 >= p.Lq) return;
+
+    const flex_elem *gq = (const flex_elem *)p.q + b * p.q_sb + h * p.q_sh;
+    const flex_elem *gk = (const flex_elem *)p.k + b * p.k_sb + hk * p.k_sh;
+    const flex_elem *gv = (const flex_elem *)p.v + b * p.v_sb + hk * p.v_sh;
+
+    const flex_kv_walk walk = flex_walk_for(p, b, h, mrow);
+    const int steps_per_block = p.mask_kvblock / FLEX_BLOCK_N;
+    const int nsteps = (walk.n_full + walk.n_part) * steps_per_block;
+
+    flex_warp_state st;
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        st.m[0][hf] = FLEX_NEG_INF;
+        st.l[0][hf] = 0.0f;
+    }
+#pragma unroll
+    for (int dt = 0; dt < FLEX_DV / 8; dt++)
+#pragma unroll
+        for (int r = 0; r < 4; r++)
+            st.o[0][dt][r] = 0.0f;
+
+    const int qrow0 = q0 + warp * 16; /* this warp's 16 rows */
+    const bool q_bounds = q0 + FLEX_BLOCK_M > p.Lq;
+    unsigned oob = 0;
+    /* Descriptors: this warpgroup's 64 rows of Q; K and V stage 0. */
+    const unsigned long long q_desc = flex_sw128_desc(sQ + wg * 64 * 128, 16);
+    const unsigned long long k_desc0 = flex_sw128_desc(sK, 16);
+    const unsigned long long v_desc0 = flex_sw128_desc(sV, FLEX_BLOCK_N * 128);
+
+    /* Step j computes S(j) beside P(j - 1) V(j - 1), then the softmax of
+     * S(j) while that product runs. Every product is issued on every step
+     * (a product issued on one path only makes ptxas serialise all of them):
+     * step 0 multiplies P = 0 by a zeroed V stage, step nsteps computes an S
+     * on a stale K stage and does not use it. K(j) sits in K stage j & 1,
+     * V(j) in V stage j & 1; each is copied one step before it is used. */
+    int kv_cur = 0, kv_next = 0;
+    bool partial_cur = false, partial_next = false;
+    float s[16][4];
+    flex_u32 pa[FLEX_BLOCK_N / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < FLEX_BLOCK_N / 16; kk++)
+#pragma unroll
+        for (int r = 0; r < 4; r++)
+            pa[kk][r] = 0u;
+    if (nsteps > 0) {
+        kv_cur = flex_step_kv0(p, walk, 0, steps_per_block, partial_cur);
+        flex_load_tile_sw128<FLEX_BLOCK_M, FLEX_DQ>(sQ, gq, p.q_ss, q0, p.Lq, p.D, tid);
+        flex_load_tile_sw128<FLEX_BLOCK_N, FLEX_DQ>(sK, gk, p.k_ss, kv_cur, p.Lkv, p.D, tid);
+        /* V stage 1 feeds step 0's product with P = 0: zeros, never NaN. */
+        for (int i = tid; i < V_STAGE / 16; i += FLEX_THREADS)
+            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(sV + V_STAGE + i * 16),
+                         "r"(0u));
+        flex_cp_async_commit();
+    }
+    for (int step = 0; nsteps > 0 && step <= nsteps; step++) { /* no kv block: O = 0 */
+        const bool last = step == nsteps;
+        /* K(step) and V(step - 1) have landed, for every thread; every
+         * warpgroup is past step - 1, so the stages refilled below (K(step -
+         * 1)'s and V(step - 2)'s) are free. */
+        flex_cp_async_wait<0>();
+        flex_fence_proxy_async();
+        __syncthreads();
+        if (!last)
+            flex_load_tile_sw128<FLEX_BLOCK_N, FLEX_DV>(sV + (step & 1) * V_STAGE, gv, p.v_ss,
+                                                        kv_cur, p.Lkv, p.Dv, tid);
+        if (step + 1 < nsteps) {
+            kv_next = flex_step_kv0(p, walk, step + 1, steps_per_block, partial_next);
+            flex_load_tile_sw128<FLEX_BLOCK_N, FLEX_DQ>(sK + ((step + 1) & 1) * K_STAGE, gk, p.k_ss,
+                                                        kv_next, p.Lkv, p.D, tid);
+        }
+        flex_cp_async_commit();
+
+        flex_sm90_descs d;
+        flex_sm90_make_descs(d, q_desc, k_desc0 + (unsigned long long)(((step & 1) * K_STAGE) >> 4),
+                             v_desc0 + (unsigned long long)((((step + 1) & 1) * V_STAGE) >> 4));
+        flex_wgmma_fence();
+        flex_sm90_scores(s, d);
+        flex_wgmma_commit();
+        flex_sm90_pv(st.o[0], pa, d);
+        flex_wgmma_commit();
+
+        flex_wgmma_wait<1>(); /* S(step) is done; P V still runs */
+        flex_pin(s);
+        float alphas[2] = {1.0f, 1.0f};
+        flex_u32 pa_next[FLEX_BLOCK_N / 16][4];
+        if (!last) {
+            const bool bounds = q_bounds || kv_cur + FLEX_BLOCK_N > p.Lkv;
+            if (partial_cur || bounds)
+                flex_sm90_softmax<true>(p, st, s, alphas, b, h, qrow0, kv_cur, partial_cur, bounds,
+                                        lane, oob);
+            else
+                flex_sm90_softmax<false>(p, st, s, alphas, b, h, qrow0, kv_cur, false, false, lane,
+                                         oob);
+            flex_pack_probs<16>(s, pa_next);
+        }
+        flex_wgmma_wait<0>();
+        flex_pin(st.o[0]);
+        flex_pin(pa);
+        if (!last) {
+            flex_rescale(st.o[0], alphas);
+#pragma unroll
+            for (int kk = 0; kk < FLEX_BLOCK_N / 16; kk++)
+#pragma unroll
+                for (int r = 0; r < 4; r++)
+                    pa[kk][r] = pa_next[kk][r];
+            kv_cur = kv_next;
+            partial_cur = partial_next;
+        }
+    }
+
+    flex_cp_async_wait<0>(); /* nothing in flight when the CTA ends */
+    if (oob) atomicOr(p.bufs.bounds_flag, oob);
+    flex_store_output(p, st, b, h, q0, warp, lane);
+}
+
+#endif /* FLEX_WGMMA */

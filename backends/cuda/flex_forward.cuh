@@ -280,16 +280,22 @@ flex_softmax_probs(const flex_fwd_params &p, float (&m)[2], float (&l)[2], float
             const int q = qrow0 + (lane >> 2) + ((r & 2) ? 8 : 0);
             const int kv = kv0 + nt * 8 + (lane & 3) * 2 + (r & 1);
             float x = s[nt][r];
+            /* Without branches (a branch per score keeps the compiler from
+             * interleaving the scores): the mods run for every score, the
+             * buffer-bounds bits they raise count only where the score is
+             * kept (mods have no stores; their loads are clamped). */
             bool keep = true;
             if (MASKED) {
-                if (bounds && (q >= p.Lq || kv >= p.Lkv))
-                    keep = false;
-                else if (partial && !flex_mask_mod(b, h, q, kv, p.bufs, oob))
-                    keep = false;
+                unsigned mask_oob = 0;
+                const bool inside = !bounds || (q < p.Lq && kv < p.Lkv);
+                const bool allowed = flex_mask_mod(b, h, q, kv, p.bufs, mask_oob);
+                keep = inside && (!partial || allowed);
+                oob |= (inside && partial) ? mask_oob : 0u;
             }
 #if FLEX_HAS_SCORE_MOD
-            if (keep)
-                x = flex_score_mod(__fmul_rn(x, p.scale), b, h, q, kv, p.bufs, oob) * FLEX_LOG2E;
+            unsigned score_oob = 0;
+            x = flex_score_mod(__fmul_rn(x, p.scale), b, h, q, kv, p.bufs, score_oob) * FLEX_LOG2E;
+            oob |= keep ? score_oob : 0u;
 #else
             if (!RAW) x *= p.scale_log2;
 #endif

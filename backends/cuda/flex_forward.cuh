@@ -25,9 +25,13 @@
  *
  * f32: a plain FMA path (one warp per query row), exact f32 arithmetic.
  *
- * A Hopper path (wgmma, TMA, warp specialisation) would be a sibling
- * template sharing the parameter block, the kv walk and the epilogue.
+ * On sm_90a the host appends flex_forward_sm90.cuh (FLEX_WGMMA 1), whose
+ * kernel replaces the mma.sync one below and reuses everything else here.
  */
+
+#ifndef FLEX_WGMMA
+#define FLEX_WGMMA 0
+#endif
 
 /* ---- parameters (the host mirrors this layout in cuda_backend.c) ---- */
 struct flex_fwd_params {

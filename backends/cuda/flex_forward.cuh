@@ -469,6 +469,31 @@ static FLEX_DEVICE_INLINE void flex_step(const flex_fwd_params &p, flex_warp_sta
     }
 }
 
+/* The query tile of this CTA: (batch, head) from blockIdx.x, the mask's
+ * q-block row (heaviest first when the host ordered them) and the tile
+ * within it from blockIdx.y; false when the tile starts past the end. */
+struct flex_tile {
+    int b, h, q0;
+    const flex_elem *gq, *gk, *gv; /* this (batch, head)'s rows; k and v of its kv head */
+    flex_kv_walk walk;
+};
+
+static FLEX_DEVICE_INLINE bool flex_tile_for(const flex_fwd_params &p, flex_tile &t) {
+    const int bh = blockIdx.x;
+    t.b = bh / p.Hq;
+    t.h = bh % p.Hq;
+    const int hk = t.h / (p.Hq / p.Hkv);
+    const int rank = blockIdx.y / p.tiles_per_row, sub = blockIdx.y % p.tiles_per_row;
+    const int mrow = p.row_order ? p.row_order[rank] : rank;
+    t.q0 = mrow * p.mask_qblock + sub * FLEX_BLOCK_M;
+    if (t.q0 >= p.Lq) return false;
+    t.gq = (const flex_elem *)p.q + t.b * p.q_sb + t.h * p.q_sh;
+    t.gk = (const flex_elem *)p.k + t.b * p.k_sb + hk * p.k_sh;
+    t.gv = (const flex_elem *)p.v + t.b * p.v_sb + hk * p.v_sh;
+    t.walk = flex_walk_for(p, t.b, t.h, mrow);
+    return true;
+}
+
 /* Epilogue: out = O / l, lse = (m + log2 l) ln 2; empty rows: 0 and -inf.
  * Warp `warp` owns rows q0 + 16 * FLEX_MT * warp onwards (in both kernels). */
 static FLEX_DEVICE_INLINE void flex_store_output(const flex_fwd_params &p, flex_warp_state &st,
@@ -517,19 +542,11 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
     const flex_u32 sV = sK + FLEX_STAGES * FLEX_BLOCK_N * FLEX_DQ * 2;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int bh = blockIdx.x;
-    const int b = bh / p.Hq, h = bh % p.Hq;
-    const int hk = h / (p.Hq / p.Hkv);
-    const int rank = blockIdx.y / p.tiles_per_row, sub = blockIdx.y % p.tiles_per_row;
-    const int mrow = p.row_order ? p.row_order[rank] : rank;
-    const int q0 = mrow * p.mask_qblock + sub * FLEX_BLOCK_M;
-    if (q0 >= p.Lq) return;
-
-    const flex_elem *gq = (const flex_elem *)p.q + b * p.q_sb + h * p.q_sh;
-    const flex_elem *gk = (const flex_elem *)p.k + b * p.k_sb + hk * p.k_sh;
-    const flex_elem *gv = (const flex_elem *)p.v + b * p.v_sb + hk * p.v_sh;
-
-    const flex_kv_walk walk = flex_walk_for(p, b, h, mrow);
+    flex_tile tile;
+    if (!flex_tile_for(p, tile)) return;
+    const int b = tile.b, h = tile.h, q0 = tile.q0;
+    const flex_elem *gq = tile.gq, *gk = tile.gk, *gv = tile.gv;
+    const flex_kv_walk walk = tile.walk;
     const int steps_per_block = p.mask_kvblock / FLEX_BLOCK_N;
     const int nsteps = (walk.n_full + walk.n_part) * steps_per_block;
 

@@ -109,114 +109,56 @@ template <int N> static FLEX_DEVICE_INLINE void flex_pin(flex_u32 (&r)[N][4]) {
  * thread's A fragment (m16n8k16 layout) and b is read transposed (MN-major).
  * The _fresh form overwrites d and does not read it, so the registers that
  * held the previous step's probabilities are not inputs of the product. */
+/* Accumulator operand lists (C is the constraint: "+f" accumulates, "=f"
+ * overwrites) and the matching register lists of the instruction text. */
+#define FLEX_ACC4(C, i) C(d[i][0]), C(d[i][1]), C(d[i][2]), C(d[i][3])
+#define FLEX_ACC32(C)                                                                              \
+    FLEX_ACC4(C, 0), FLEX_ACC4(C, 1), FLEX_ACC4(C, 2), FLEX_ACC4(C, 3), FLEX_ACC4(C, 4),           \
+        FLEX_ACC4(C, 5), FLEX_ACC4(C, 6), FLEX_ACC4(C, 7)
+#define FLEX_ACC64(C)                                                                              \
+    FLEX_ACC32(C), FLEX_ACC4(C, 8), FLEX_ACC4(C, 9), FLEX_ACC4(C, 10), FLEX_ACC4(C, 11),           \
+        FLEX_ACC4(C, 12), FLEX_ACC4(C, 13), FLEX_ACC4(C, 14), FLEX_ACC4(C, 15)
+#define FLEX_REGS32                                                                                \
+    "{"                                                                                            \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                       \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31"               \
+    "}"
+#define FLEX_REGS64                                                                                \
+    "{"                                                                                            \
+    "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "                       \
+    "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "             \
+    "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "             \
+    "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63"               \
+    "}"
+/* scale-d is a predicate: 1 accumulates, 0 overwrites. */
+#define FLEX_WGMMA_HEAD(n, pred)                                                                   \
+    "{\n.reg .pred p;\nsetp.ne.b32 p, %" #pred ", 0;\nwgmma.mma_async.sync.aligned.m64n" #n        \
+    "k16.f32." FLEX_WGMMA_AB " "
+
 static FLEX_DEVICE_INLINE void flex_wgmma_ss_n128_fresh(float (&d)[16][4], unsigned long long a,
                                                         unsigned long long b) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." FLEX_WGMMA_AB " "
-                 "{"
-                 "%0, %1, %2, %3, %4, %5, %6, %7, "
-                 "%8, %9, %10, %11, %12, %13, %14, %15, "
-                 "%16, %17, %18, %19, %20, %21, %22, %23, "
-                 "%24, %25, %26, %27, %28, %29, %30, %31, "
-                 "%32, %33, %34, %35, %36, %37, %38, %39, "
-                 "%40, %41, %42, %43, %44, %45, %46, %47, "
-                 "%48, %49, %50, %51, %52, %53, %54, %55, "
-                 "%56, %57, %58, %59, %60, %61, %62, %63"
-                 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-                 : "=f"(d[0][0]), "=f"(d[0][1]), "=f"(d[0][2]), "=f"(d[0][3]), "=f"(d[1][0]),
-                   "=f"(d[1][1]), "=f"(d[1][2]), "=f"(d[1][3]), "=f"(d[2][0]), "=f"(d[2][1]),
-                   "=f"(d[2][2]), "=f"(d[2][3]), "=f"(d[3][0]), "=f"(d[3][1]), "=f"(d[3][2]),
-                   "=f"(d[3][3]), "=f"(d[4][0]), "=f"(d[4][1]), "=f"(d[4][2]), "=f"(d[4][3]),
-                   "=f"(d[5][0]), "=f"(d[5][1]), "=f"(d[5][2]), "=f"(d[5][3]), "=f"(d[6][0]),
-                   "=f"(d[6][1]), "=f"(d[6][2]), "=f"(d[6][3]), "=f"(d[7][0]), "=f"(d[7][1]),
-                   "=f"(d[7][2]), "=f"(d[7][3]), "=f"(d[8][0]), "=f"(d[8][1]), "=f"(d[8][2]),
-                   "=f"(d[8][3]), "=f"(d[9][0]), "=f"(d[9][1]), "=f"(d[9][2]), "=f"(d[9][3]),
-                   "=f"(d[10][0]), "=f"(d[10][1]), "=f"(d[10][2]), "=f"(d[10][3]), "=f"(d[11][0]),
-                   "=f"(d[11][1]), "=f"(d[11][2]), "=f"(d[11][3]), "=f"(d[12][0]), "=f"(d[12][1]),
-                   "=f"(d[12][2]), "=f"(d[12][3]), "=f"(d[13][0]), "=f"(d[13][1]), "=f"(d[13][2]),
-                   "=f"(d[13][3]), "=f"(d[14][0]), "=f"(d[14][1]), "=f"(d[14][2]), "=f"(d[14][3]),
-                   "=f"(d[15][0]), "=f"(d[15][1]), "=f"(d[15][2]), "=f"(d[15][3])
+    asm volatile(FLEX_WGMMA_HEAD(128, 66) FLEX_REGS64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : FLEX_ACC64("=f")
                  : "l"(a), "l"(b), "r"(0));
 }
-
 static FLEX_DEVICE_INLINE void flex_wgmma_ss_n128(float (&d)[16][4], unsigned long long a,
-                                                  unsigned long long b, int accumulate) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." FLEX_WGMMA_AB " "
-                 "{"
-                 "%0, %1, %2, %3, %4, %5, %6, %7, "
-                 "%8, %9, %10, %11, %12, %13, %14, %15, "
-                 "%16, %17, %18, %19, %20, %21, %22, %23, "
-                 "%24, %25, %26, %27, %28, %29, %30, %31, "
-                 "%32, %33, %34, %35, %36, %37, %38, %39, "
-                 "%40, %41, %42, %43, %44, %45, %46, %47, "
-                 "%48, %49, %50, %51, %52, %53, %54, %55, "
-                 "%56, %57, %58, %59, %60, %61, %62, %63"
-                 "}, %64, %65, p, 1, 1, 0, 0;\n}\n"
-                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
-                   "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),
-                   "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),
-                   "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
-                   "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),
-                   "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
-                   "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]),
-                   "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
-                   "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]),
-                   "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]),
-                   "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]),
-                   "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
-                   "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
-                 : "l"(a), "l"(b), "r"(accumulate));
+                                                  unsigned long long b) {
+    asm volatile(FLEX_WGMMA_HEAD(128, 66) FLEX_REGS64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : FLEX_ACC64("+f")
+                 : "l"(a), "l"(b), "r"(1));
 }
-
 static FLEX_DEVICE_INLINE void flex_wgmma_rs_n128(float (&d)[16][4], const flex_u32 (&a)[4],
-                                                  unsigned long long b, int accumulate) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n128k16.f32." FLEX_WGMMA_AB " "
-                 "{"
-                 "%0, %1, %2, %3, %4, %5, %6, %7, "
-                 "%8, %9, %10, %11, %12, %13, %14, %15, "
-                 "%16, %17, %18, %19, %20, %21, %22, %23, "
-                 "%24, %25, %26, %27, %28, %29, %30, %31, "
-                 "%32, %33, %34, %35, %36, %37, %38, %39, "
-                 "%40, %41, %42, %43, %44, %45, %46, %47, "
-                 "%48, %49, %50, %51, %52, %53, %54, %55, "
-                 "%56, %57, %58, %59, %60, %61, %62, %63"
-                 "}, {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
-                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
-                   "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),
-                   "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),
-                   "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
-                   "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),
-                   "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
-                   "+f"(d[7][2]), "+f"(d[7][3]), "+f"(d[8][0]), "+f"(d[8][1]), "+f"(d[8][2]),
-                   "+f"(d[8][3]), "+f"(d[9][0]), "+f"(d[9][1]), "+f"(d[9][2]), "+f"(d[9][3]),
-                   "+f"(d[10][0]), "+f"(d[10][1]), "+f"(d[10][2]), "+f"(d[10][3]), "+f"(d[11][0]),
-                   "+f"(d[11][1]), "+f"(d[11][2]), "+f"(d[11][3]), "+f"(d[12][0]), "+f"(d[12][1]),
-                   "+f"(d[12][2]), "+f"(d[12][3]), "+f"(d[13][0]), "+f"(d[13][1]), "+f"(d[13][2]),
-                   "+f"(d[13][3]), "+f"(d[14][0]), "+f"(d[14][1]), "+f"(d[14][2]), "+f"(d[14][3]),
-                   "+f"(d[15][0]), "+f"(d[15][1]), "+f"(d[15][2]), "+f"(d[15][3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+                                                  unsigned long long b) {
+    asm volatile(FLEX_WGMMA_HEAD(128, 69) FLEX_REGS64
+                 ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+                 : FLEX_ACC64("+f")
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
 }
-
 static FLEX_DEVICE_INLINE void flex_wgmma_rs_n64(float (&d)[8][4], const flex_u32 (&a)[4],
-                                                 unsigned long long b, int accumulate) {
-    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
-                 "wgmma.mma_async.sync.aligned.m64n64k16.f32." FLEX_WGMMA_AB " "
-                 "{"
-                 "%0, %1, %2, %3, %4, %5, %6, %7, "
-                 "%8, %9, %10, %11, %12, %13, %14, %15, "
-                 "%16, %17, %18, %19, %20, %21, %22, %23, "
-                 "%24, %25, %26, %27, %28, %29, %30, %31"
-                 "}, {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
-                 : "+f"(d[0][0]), "+f"(d[0][1]), "+f"(d[0][2]), "+f"(d[0][3]), "+f"(d[1][0]),
-                   "+f"(d[1][1]), "+f"(d[1][2]), "+f"(d[1][3]), "+f"(d[2][0]), "+f"(d[2][1]),
-                   "+f"(d[2][2]), "+f"(d[2][3]), "+f"(d[3][0]), "+f"(d[3][1]), "+f"(d[3][2]),
-                   "+f"(d[3][3]), "+f"(d[4][0]), "+f"(d[4][1]), "+f"(d[4][2]), "+f"(d[4][3]),
-                   "+f"(d[5][0]), "+f"(d[5][1]), "+f"(d[5][2]), "+f"(d[5][3]), "+f"(d[6][0]),
-                   "+f"(d[6][1]), "+f"(d[6][2]), "+f"(d[6][3]), "+f"(d[7][0]), "+f"(d[7][1]),
-                   "+f"(d[7][2]), "+f"(d[7][3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(accumulate));
+                                                 unsigned long long b) {
+    asm volatile(FLEX_WGMMA_HEAD(64, 37) FLEX_REGS32 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+                 : FLEX_ACC32("+f")
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
 }
 
 /* Descriptors of one step's products, all formed before the products are
@@ -252,7 +194,7 @@ static FLEX_DEVICE_INLINE void flex_sm90_scores(float (&s)[16][4], const flex_sm
     flex_wgmma_ss_n128_fresh(s, d.q[0], d.k[0]);
 #pragma unroll
     for (int kk = 1; kk < FLEX_DQ / 16; kk++)
-        flex_wgmma_ss_n128(s, d.q[kk], d.k[kk], 1);
+        flex_wgmma_ss_n128(s, d.q[kk], d.k[kk]);
 }
 
 /* O += P V over 128 keys. */
@@ -262,9 +204,9 @@ static FLEX_DEVICE_INLINE void flex_sm90_pv(float (&o)[FLEX_DV / 8][4],
 #pragma unroll
     for (int kk = 0; kk < FLEX_BLOCK_N / 16; kk++) {
 #if FLEX_DV == 128
-        flex_wgmma_rs_n128(o, pa[kk], d.v[kk], 1);
+        flex_wgmma_rs_n128(o, pa[kk], d.v[kk]);
 #else
-        flex_wgmma_rs_n64(o, pa[kk], d.v[kk], 1);
+        flex_wgmma_rs_n64(o, pa[kk], d.v[kk]);
 #endif
     }
 }
@@ -296,19 +238,11 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
     constexpr flex_u32 K_STAGE = FLEX_BLOCK_N * FLEX_DQ * 2, V_STAGE = FLEX_BLOCK_N * FLEX_DV * 2;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wg = warp >> 2;
-    const int bh = blockIdx.x;
-    const int b = bh / p.Hq, h = bh % p.Hq;
-    const int hk = h / (p.Hq / p.Hkv);
-    const int rank = blockIdx.y / p.tiles_per_row, sub = blockIdx.y % p.tiles_per_row;
-    const int mrow = p.row_order ? p.row_order[rank] : rank;
-    const int q0 = mrow * p.mask_qblock + sub * FLEX_BLOCK_M;
-    if (q0 >= p.Lq) return;
-
-    const flex_elem *gq = (const flex_elem *)p.q + b * p.q_sb + h * p.q_sh;
-    const flex_elem *gk = (const flex_elem *)p.k + b * p.k_sb + hk * p.k_sh;
-    const flex_elem *gv = (const flex_elem *)p.v + b * p.v_sb + hk * p.v_sh;
-
-    const flex_kv_walk walk = flex_walk_for(p, b, h, mrow);
+    flex_tile tile;
+    if (!flex_tile_for(p, tile)) return;
+    const int b = tile.b, h = tile.h, q0 = tile.q0;
+    const flex_elem *gq = tile.gq, *gk = tile.gk, *gv = tile.gv;
+    const flex_kv_walk walk = tile.walk;
     const int steps_per_block = p.mask_kvblock / FLEX_BLOCK_N;
     const int nsteps = (walk.n_full + walk.n_part) * steps_per_block;
 

@@ -476,6 +476,7 @@ struct flex_tile {
     int b, h, q0;
     const flex_elem *gq, *gk, *gv; /* this (batch, head)'s rows; k and v of its kv head */
     flex_kv_walk walk;
+    int nsteps; /* kv steps of FLEX_BLOCK_N keys */
 };
 
 static FLEX_DEVICE_INLINE bool flex_tile_for(const flex_fwd_params &p, flex_tile &t) {
@@ -491,7 +492,25 @@ static FLEX_DEVICE_INLINE bool flex_tile_for(const flex_fwd_params &p, flex_tile
     t.gk = (const flex_elem *)p.k + t.b * p.k_sb + hk * p.k_sh;
     t.gv = (const flex_elem *)p.v + t.b * p.v_sb + hk * p.v_sh;
     t.walk = flex_walk_for(p, t.b, t.h, mrow);
+    t.nsteps = (t.walk.n_full + t.walk.n_part) * (p.mask_kvblock / FLEX_BLOCK_N);
     return true;
+}
+
+/* Running max -inf, sums and accumulators 0. */
+static FLEX_DEVICE_INLINE void flex_init_state(flex_warp_state &st) {
+#pragma unroll
+    for (int mt = 0; mt < FLEX_MT; mt++) {
+#pragma unroll
+        for (int hf = 0; hf < 2; hf++) {
+            st.m[mt][hf] = FLEX_NEG_INF;
+            st.l[mt][hf] = 0.0f;
+        }
+#pragma unroll
+        for (int dt = 0; dt < FLEX_DV / 8; dt++)
+#pragma unroll
+            for (int r = 0; r < 4; r++)
+                st.o[mt][dt][r] = 0.0f;
+    }
 }
 
 /* Epilogue: out = O / l, lse = (m + log2 l) ln 2; empty rows: 0 and -inf.
@@ -547,23 +566,10 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
     const int b = tile.b, h = tile.h, q0 = tile.q0;
     const flex_elem *gq = tile.gq, *gk = tile.gk, *gv = tile.gv;
     const flex_kv_walk walk = tile.walk;
-    const int steps_per_block = p.mask_kvblock / FLEX_BLOCK_N;
-    const int nsteps = (walk.n_full + walk.n_part) * steps_per_block;
+    const int steps_per_block = p.mask_kvblock / FLEX_BLOCK_N, nsteps = tile.nsteps;
 
     flex_warp_state st;
-#pragma unroll
-    for (int mt = 0; mt < FLEX_MT; mt++) {
-#pragma unroll
-        for (int hf = 0; hf < 2; hf++) {
-            st.m[mt][hf] = FLEX_NEG_INF;
-            st.l[mt][hf] = 0.0f;
-        }
-#pragma unroll
-        for (int dt = 0; dt < FLEX_DV / 8; dt++)
-#pragma unroll
-            for (int r = 0; r < 4; r++)
-                st.o[mt][dt][r] = 0.0f;
-    }
+    flex_init_state(st);
 
     /* Double buffering: the copy of step s + 1 is issued at the top of step
      * s, into the stage step s - 1 used (the first barrier retires its

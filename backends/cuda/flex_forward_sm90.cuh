@@ -243,20 +243,10 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
     const int b = tile.b, h = tile.h, q0 = tile.q0;
     const flex_elem *gq = tile.gq, *gk = tile.gk, *gv = tile.gv;
     const flex_kv_walk walk = tile.walk;
-    const int steps_per_block = p.mask_kvblock / FLEX_BLOCK_N;
-    const int nsteps = (walk.n_full + walk.n_part) * steps_per_block;
+    const int steps_per_block = p.mask_kvblock / FLEX_BLOCK_N, nsteps = tile.nsteps;
 
     flex_warp_state st;
-#pragma unroll
-    for (int hf = 0; hf < 2; hf++) {
-        st.m[0][hf] = FLEX_NEG_INF;
-        st.l[0][hf] = 0.0f;
-    }
-#pragma unroll
-    for (int dt = 0; dt < FLEX_DV / 8; dt++)
-#pragma unroll
-        for (int r = 0; r < 4; r++)
-            st.o[0][dt][r] = 0.0f;
+    flex_init_state(st);
 
     const int qrow0 = q0 + warp * 16; /* this warp's 16 rows */
     const bool q_bounds = q0 + FLEX_BLOCK_M > p.Lq;

@@ -632,7 +632,8 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
         for (int d = 0; d < 3; d++)
             if (q->strides[d] % 8 || k->strides[d] % 8 || v->strides[d] % 8 || o->strides[d] % 8)
                 cfg.vec = 0;
-        choose_tiles(&cfg, q_block, kv_block, st->major == 9 && st->minor == 0);
+        /* wgmma is in the "a" target of sm_90 that flex_cuda_arch_name picks. */
+        choose_tiles(&cfg, q_block, kv_block, strcmp(st->arch, "sm_90a") == 0);
     }
     const int block_m = cfg.warps * 16 * cfg.mt;
     /* Q, two K/V stages; the wgmma kernel aligns its tiles to 1 KB itself. */

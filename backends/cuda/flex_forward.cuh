@@ -120,6 +120,15 @@ typedef flex_u16 flex_elem;
 #endif
 #endif
 
+/* kv0 of step j of the walk: the mask's kv blocks split into steps of
+ * FLEX_BLOCK_N keys; partial as in flex_walk_block. */
+static FLEX_DEVICE_INLINE int flex_step_kv0(const flex_fwd_params &p, const flex_kv_walk &w, int j,
+                                            bool &partial) {
+    const int steps_per_block = p.mask_kvblock / FLEX_BLOCK_N;
+    const int blk = j / steps_per_block, within = j - blk * steps_per_block;
+    return flex_walk_block(p, w, blk, partial) * p.mask_kvblock + within * FLEX_BLOCK_N;
+}
+
 /* Element offset of (row, 16-byte chunk c) in a tile with `dpad` columns:
  * the chunk index is XORed with the row's low bits so the 8 rows an
  * ldmatrix reads fall in 8 different bank groups. */
@@ -201,10 +210,22 @@ static FLEX_DEVICE_INLINE float flex_exp2(float x) {
     return y;
 }
 
+/* Byte offset of (row, 16-byte chunk) in a tile with DPAD columns and ROWS
+ * rows. SW128 0: the ldmatrix layout above (flex_swz, row-major). SW128 1:
+ * wgmma's 128-byte swizzle (flex_forward_sm90.cuh): DPAD / 64 column blocks
+ * of ROWS x 64 elements, the chunk index XORed with the row's low three
+ * bits inside each 8-row, 1024-byte group. */
+template <int ROWS, int DPAD, bool SW128>
+static FLEX_DEVICE_INLINE flex_u32 flex_tile_offset(int row, int chunk) {
+    if (SW128)
+        return (flex_u32)((chunk >> 3) * ROWS * 128 + row * 128 + (((chunk ^ row) & 7) << 4));
+    return (flex_u32)(2 * flex_swz(row, chunk, DPAD));
+}
+
 /* Copies rows [row0, row0 + ROWS) x columns [0, DPAD) of a (rows, cols)
- * global matrix into a swizzled shared tile; rows >= nrows and columns >=
- * ncols read as zero. */
-template <int ROWS, int DPAD>
+ * global matrix into a swizzled shared tile (layout: flex_tile_offset); rows
+ * >= nrows and columns >= ncols read as zero. */
+template <int ROWS, int DPAD, bool SW128 = false>
 static FLEX_DEVICE_INLINE void flex_load_tile(flex_u32 tile, const flex_elem *g,
                                               long long row_stride, int row0, int nrows, int ncols,
                                               int tid) {
@@ -219,11 +240,17 @@ static FLEX_DEVICE_INLINE void flex_load_tile(flex_u32 tile, const flex_elem *g,
         const bool col_ok = c * 8 < ncols;
         const flex_elem *src = g + (long long)(row0 + r0) * row_stride + c * 8;
         const long long step = (long long)RSTEP * row_stride;
+        /* Both layouts repeat every 8 rows: with RSTEP a multiple of 8 a
+         * thread's rows are one offset plus multiples of RSTEP rows. */
+        constexpr int ROW_BYTES = SW128 ? 128 : DPAD * 2;
+        const flex_u32 base = tile + flex_tile_offset<ROWS, DPAD, SW128>(r0, c);
 #pragma unroll
         for (int it = 0; it < ROWS / RSTEP; it++) {
             const int r = r0 + it * RSTEP;
             const bool valid = col_ok && row0 + r < nrows;
-            flex_cp_async16(tile + 2 * flex_swz(r, c, DPAD), valid ? src : g, valid);
+            const flex_u32 dst = RSTEP % 8 == 0 ? base + it * RSTEP * ROW_BYTES
+                                                : tile + flex_tile_offset<ROWS, DPAD, SW128>(r, c);
+            flex_cp_async16(dst, valid ? src : g, valid);
             src += step;
         }
         return;
@@ -236,14 +263,15 @@ static FLEX_DEVICE_INLINE void flex_load_tile(flex_u32 tile, const flex_elem *g,
         const int r = i / CHUNKS, c = i % CHUNKS;
         const bool valid = (row0 + r < nrows) && (c * 8 < ncols);
         const flex_elem *src = valid ? g + (long long)(row0 + r) * row_stride + c * 8 : g;
-        flex_cp_async16(tile + 2 * flex_swz(r, c, DPAD), src, valid);
+        flex_cp_async16(tile + flex_tile_offset<ROWS, DPAD, SW128>(r, c), src, valid);
     }
 #else
     for (int i = tid; i < ROWS * DPAD; i += FLEX_THREADS) {
         const int r = i / DPAD, col = i % DPAD;
         flex_elem x = 0;
         if (row0 + r < nrows && col < ncols) x = g[(long long)(row0 + r) * row_stride + col];
-        flex_st_shared_u16(tile + 2 * (flex_swz(r, col / 8, DPAD) + (col & 7)), x);
+        flex_st_shared_u16(tile + flex_tile_offset<ROWS, DPAD, SW128>(r, col / 8) + 2 * (col & 7),
+                           x);
     }
 #endif
 }
@@ -516,7 +544,8 @@ static FLEX_DEVICE_INLINE void flex_init_state(flex_warp_state &st) {
 /* Epilogue: out = O / l, lse = (m + log2 l) ln 2; empty rows: 0 and -inf.
  * Warp `warp` owns rows q0 + 16 * FLEX_MT * warp onwards (in both kernels). */
 static FLEX_DEVICE_INLINE void flex_store_output(const flex_fwd_params &p, flex_warp_state &st,
-                                                 int b, int h, int q0, int warp, int lane) {
+                                                 const flex_tile &tile, int warp, int lane) {
+    const int b = tile.b, h = tile.h, q0 = tile.q0;
     flex_elem *go = (flex_elem *)p.out + b * p.o_sb + h * p.o_sh;
 #pragma unroll
     for (int mt = 0; mt < FLEX_MT; mt++) {
@@ -563,11 +592,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     flex_tile tile;
     if (!flex_tile_for(p, tile)) return;
-    const int b = tile.b, h = tile.h, q0 = tile.q0;
-    const flex_elem *gq = tile.gq, *gk = tile.gk, *gv = tile.gv;
-    const flex_kv_walk walk = tile.walk;
-    const int steps_per_block = p.mask_kvblock / FLEX_BLOCK_N, nsteps = tile.nsteps;
-
+    const int nsteps = tile.nsteps;
     flex_warp_state st;
     flex_init_state(st);
 
@@ -576,13 +601,13 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
      * readers), and waited for before step s + 1 (the second barrier
      * publishes it). A three-stage, one-barrier variant measured slower on
      * H100 (less L1 beside 128 KB of shared memory). */
-    flex_load_tile<FLEX_BLOCK_M, FLEX_DQ>(sQ, gq, p.q_ss, q0, p.Lq, p.D, tid);
+    flex_load_tile<FLEX_BLOCK_M, FLEX_DQ>(sQ, tile.gq, p.q_ss, tile.q0, p.Lq, p.D, tid);
     int next_kv0 = 0;
     bool next_partial = false;
-    if (nsteps > 0) {
-        next_kv0 = flex_walk_block(p, walk, 0, next_partial) * p.mask_kvblock;
-        flex_load_tile<FLEX_BLOCK_N, FLEX_DQ>(sK, gk, p.k_ss, next_kv0, p.Lkv, p.D, tid);
-        flex_load_tile<FLEX_BLOCK_N, FLEX_DV>(sV, gv, p.v_ss, next_kv0, p.Lkv, p.Dv, tid);
+    if (tile.nsteps > 0) {
+        next_kv0 = flex_step_kv0(p, tile.walk, 0, next_partial);
+        flex_load_tile<FLEX_BLOCK_N, FLEX_DQ>(sK, tile.gk, p.k_ss, next_kv0, p.Lkv, p.D, tid);
+        flex_load_tile<FLEX_BLOCK_N, FLEX_DV>(sV, tile.gv, p.v_ss, next_kv0, p.Lkv, p.Dv, tid);
     }
     flex_cp_async_commit();
 
@@ -598,7 +623,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
 #else
     flex_u32 qf[FLEX_MT][FLEX_DQ / 16][4]; /* unused: Q is read from shared memory */
 #endif
-    const bool q_bounds = q0 + FLEX_BLOCK_M > p.Lq;
+    const bool q_bounds = tile.q0 + FLEX_BLOCK_M > p.Lq;
     unsigned oob = 0; /* buffer slots this thread read out of range */
     for (int step = 0; step < nsteps; step++) {
         const int kv0 = next_kv0;
@@ -606,14 +631,12 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
         const int stage = step & 1;
         __syncthreads(); /* everyone is done with the stage we refill next */
         if (step + 1 < nsteps) {
-            const int blk = (step + 1) / steps_per_block, within = (step + 1) % steps_per_block;
-            next_kv0 = flex_walk_block(p, walk, blk, next_partial) * p.mask_kvblock +
-                       within * FLEX_BLOCK_N;
+            next_kv0 = flex_step_kv0(p, tile.walk, step + 1, next_partial);
             const int ns = stage ^ 1;
-            flex_load_tile<FLEX_BLOCK_N, FLEX_DQ>(sK + ns * FLEX_BLOCK_N * FLEX_DQ * 2, gk, p.k_ss,
-                                                  next_kv0, p.Lkv, p.D, tid);
-            flex_load_tile<FLEX_BLOCK_N, FLEX_DV>(sV + ns * FLEX_BLOCK_N * FLEX_DV * 2, gv, p.v_ss,
-                                                  next_kv0, p.Lkv, p.Dv, tid);
+            flex_load_tile<FLEX_BLOCK_N, FLEX_DQ>(sK + ns * FLEX_BLOCK_N * FLEX_DQ * 2, tile.gk,
+                                                  p.k_ss, next_kv0, p.Lkv, p.D, tid);
+            flex_load_tile<FLEX_BLOCK_N, FLEX_DV>(sV + ns * FLEX_BLOCK_N * FLEX_DV * 2, tile.gv,
+                                                  p.v_ss, next_kv0, p.Lkv, p.Dv, tid);
         }
         flex_cp_async_commit();
         flex_cp_async_wait<1>();
@@ -623,16 +646,17 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
         const flex_u32 k_t = sK + stage * FLEX_BLOCK_N * FLEX_DQ * 2;
         const flex_u32 v_t = sV + stage * FLEX_BLOCK_N * FLEX_DV * 2;
         if (partial || bounds)
-            flex_step<true>(p, st, qf, sQ, k_t, v_t, b, h, q0, kv0, partial, bounds, warp, lane,
-                            oob);
+            flex_step<true>(p, st, qf, sQ, k_t, v_t, tile.b, tile.h, tile.q0, kv0, partial, bounds,
+                            warp, lane, oob);
         else
-            flex_step<false>(p, st, qf, sQ, k_t, v_t, b, h, q0, kv0, false, false, warp, lane, oob);
+            flex_step<false>(p, st, qf, sQ, k_t, v_t, tile.b, tile.h, tile.q0, kv0, false, false,
+                             warp, lane, oob);
     }
 
     flex_cp_async_wait<0>(); /* nothing in flight when the CTA ends */
     if (oob) atomicOr(p.bufs.bounds_flag, oob);
 
-    flex_store_output(p, st, b, h, q0, warp, lane);
+    flex_store_output(p, st, tile, warp, lane);
 }
 #endif /* !FLEX_WGMMA */
 

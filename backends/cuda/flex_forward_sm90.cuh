@@ -34,40 +34,6 @@
 #define FLEX_WGMMA_AB "f16.f16"
 #endif
 
-/* A tile of ROWS rows x DPAD columns is stored as DPAD / 64 column blocks of
- * ROWS x 64 elements (128-byte rows); in every 8-row, 1024-byte group the
- * 16-byte chunk index is XORed with the row's low three bits. That is
- * wgmma's 128-byte swizzle, for K-major operands (Q, K: the reduction dim
- * contiguous) and for MN-major ones (V) alike. Tiles start 1024-byte aligned. */
-template <int ROWS> static FLEX_DEVICE_INLINE flex_u32 flex_sw128_offset(int row, int chunk) {
-    return (flex_u32)((chunk >> 3) * ROWS * 128 + row * 128 + (((chunk ^ row) & 7) << 4));
-}
-
-/* cp.async copy of rows [row0, row0 + ROWS) of a (rows, cols) global matrix
- * into a swizzled tile; rows >= nrows and columns >= ncols read as zero.
- * Each thread copies one chunk column of every RSTEP-th row; RSTEP is a
- * multiple of 8, so its rows share one swizzle phase. */
-template <int ROWS, int DPAD>
-static FLEX_DEVICE_INLINE void flex_load_tile_sw128(flex_u32 tile, const flex_elem *g,
-                                                    long long row_stride, int row0, int nrows,
-                                                    int ncols, int tid) {
-    constexpr int CHUNKS = DPAD / 8;
-    constexpr int RSTEP = FLEX_THREADS / CHUNKS;
-    static_assert(FLEX_THREADS % CHUNKS == 0 && RSTEP % 8 == 0 && ROWS % RSTEP == 0,
-                  "tile copy shape");
-    const int r0 = tid / CHUNKS, c = tid % CHUNKS;
-    const bool col_ok = c * 8 < ncols;
-    const flex_elem *src = g + (long long)(row0 + r0) * row_stride + c * 8;
-    const long long step = (long long)RSTEP * row_stride;
-    const flex_u32 dst = tile + flex_sw128_offset<ROWS>(r0, c);
-#pragma unroll
-    for (int it = 0; it < ROWS / RSTEP; it++) {
-        const bool valid = col_ok && row0 + r0 + it * RSTEP < nrows;
-        flex_cp_async16(dst + it * RSTEP * 128, valid ? src : g, valid);
-        src += step;
-    }
-}
-
 /* Shared-memory matrix descriptor of a 128-byte-swizzled operand: start
  * address, leading-dimension byte offset (K-major: unused, 16; MN-major: the
  * distance between 64-column blocks), 1024 bytes between 8-row groups. */
@@ -108,9 +74,9 @@ template <int N> static FLEX_DEVICE_INLINE void flex_pin(flex_u32 (&r)[N][4]) {
  * layout per warp. ss: a and b are shared-memory descriptors; rs: a is this
  * thread's A fragment (m16n8k16 layout) and b is read transposed (MN-major).
  * The _fresh form overwrites d and does not read it, so the registers that
- * held the previous step's probabilities are not inputs of the product. */
-/* Accumulator operand lists (C is the constraint: "+f" accumulates, "=f"
- * overwrites) and the matching register lists of the instruction text. */
+ * held the previous step's probabilities are not inputs of the product.
+ * FLEX_ACC*: the accumulator operands (C is the constraint: "+f"
+ * accumulates, "=f" overwrites); FLEX_REGS*: the matching register lists. */
 #define FLEX_ACC4(C, i) C(d[i][0]), C(d[i][1]), C(d[i][2]), C(d[i][3])
 #define FLEX_ACC32(C)                                                                              \
     FLEX_ACC4(C, 0), FLEX_ACC4(C, 1), FLEX_ACC4(C, 2), FLEX_ACC4(C, 3), FLEX_ACC4(C, 4),           \
@@ -170,7 +136,8 @@ struct flex_sm90_descs {
 
 /* S = Q Kᵀ: both K-major; 16 columns are 32 bytes further inside a
  * 64-column block, or the next block. V is MN-major: 16 keys are two 8-row
- * groups, 2 KB further. */
+ * groups, 2 KB further. Q's descriptors are the same on every step but are
+ * re-formed (a few adds) rather than kept in 16 registers across the loop. */
 static FLEX_DEVICE_INLINE void flex_sm90_make_descs(flex_sm90_descs &d, unsigned long long q_desc,
                                                     unsigned long long k_desc,
                                                     unsigned long long v_desc) {
@@ -211,22 +178,6 @@ static FLEX_DEVICE_INLINE void flex_sm90_pv(float (&o)[FLEX_DV / 8][4],
     }
 }
 
-/* kv0 of step j of the walk (mask kv blocks split into 128-key steps). */
-static FLEX_DEVICE_INLINE int flex_step_kv0(const flex_fwd_params &p, const flex_kv_walk &w, int j,
-                                            int steps_per_block, bool &partial) {
-    const int blk = j / steps_per_block, within = j - blk * steps_per_block;
-    return flex_walk_block(p, w, blk, partial) * p.mask_kvblock + within * FLEX_BLOCK_N;
-}
-
-template <bool MASKED>
-static FLEX_DEVICE_INLINE void flex_sm90_softmax(const flex_fwd_params &p, flex_warp_state &st,
-                                                 float (&s)[16][4], float (&alphas)[2], int b,
-                                                 int h, int qrow0, int kv0, bool partial,
-                                                 bool bounds, int lane, unsigned &oob) {
-    flex_softmax_probs<MASKED, 16>(p, st.m[0], st.l[0], s, alphas, b, h, qrow0, kv0, partial,
-                                   bounds, lane, oob);
-}
-
 extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
     flex_forward_kernel(const flex_fwd_params p) {
     extern __shared__ __align__(1024) unsigned char flex_smem[];
@@ -240,16 +191,12 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wg = warp >> 2;
     flex_tile tile;
     if (!flex_tile_for(p, tile)) return;
-    const int b = tile.b, h = tile.h, q0 = tile.q0;
-    const flex_elem *gq = tile.gq, *gk = tile.gk, *gv = tile.gv;
-    const flex_kv_walk walk = tile.walk;
-    const int steps_per_block = p.mask_kvblock / FLEX_BLOCK_N, nsteps = tile.nsteps;
-
+    const int nsteps = tile.nsteps;
     flex_warp_state st;
     flex_init_state(st);
 
-    const int qrow0 = q0 + warp * 16; /* this warp's 16 rows */
-    const bool q_bounds = q0 + FLEX_BLOCK_M > p.Lq;
+    const int qrow0 = tile.q0 + warp * 16; /* this warp's 16 rows */
+    const bool q_bounds = tile.q0 + FLEX_BLOCK_M > p.Lq;
     unsigned oob = 0;
     /* Descriptors: this warpgroup's 64 rows of Q; K and V stage 0. */
     const unsigned long long q_desc = flex_sw128_desc(sQ + wg * 64 * 128, 16);
@@ -272,9 +219,9 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
         for (int r = 0; r < 4; r++)
             pa[kk][r] = 0u;
     if (nsteps > 0) {
-        kv_cur = flex_step_kv0(p, walk, 0, steps_per_block, partial_cur);
-        flex_load_tile_sw128<FLEX_BLOCK_M, FLEX_DQ>(sQ, gq, p.q_ss, q0, p.Lq, p.D, tid);
-        flex_load_tile_sw128<FLEX_BLOCK_N, FLEX_DQ>(sK, gk, p.k_ss, kv_cur, p.Lkv, p.D, tid);
+        kv_cur = flex_step_kv0(p, tile.walk, 0, partial_cur);
+        flex_load_tile<FLEX_BLOCK_M, FLEX_DQ, true>(sQ, tile.gq, p.q_ss, tile.q0, p.Lq, p.D, tid);
+        flex_load_tile<FLEX_BLOCK_N, FLEX_DQ, true>(sK, tile.gk, p.k_ss, kv_cur, p.Lkv, p.D, tid);
         /* V stage 1 feeds step 0's product with P = 0: zeros, never NaN. */
         for (int i = tid; i < V_STAGE / 16; i += FLEX_THREADS)
             asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(sV + V_STAGE + i * 16),
@@ -290,12 +237,12 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
         flex_fence_proxy_async();
         __syncthreads();
         if (!last)
-            flex_load_tile_sw128<FLEX_BLOCK_N, FLEX_DV>(sV + (step & 1) * V_STAGE, gv, p.v_ss,
+            flex_load_tile<FLEX_BLOCK_N, FLEX_DV, true>(sV + (step & 1) * V_STAGE, tile.gv, p.v_ss,
                                                         kv_cur, p.Lkv, p.Dv, tid);
         if (step + 1 < nsteps) {
-            kv_next = flex_step_kv0(p, walk, step + 1, steps_per_block, partial_next);
-            flex_load_tile_sw128<FLEX_BLOCK_N, FLEX_DQ>(sK + ((step + 1) & 1) * K_STAGE, gk, p.k_ss,
-                                                        kv_next, p.Lkv, p.D, tid);
+            kv_next = flex_step_kv0(p, tile.walk, step + 1, partial_next);
+            flex_load_tile<FLEX_BLOCK_N, FLEX_DQ, true>(sK + ((step + 1) & 1) * K_STAGE, tile.gk,
+                                                        p.k_ss, kv_next, p.Lkv, p.D, tid);
         }
         flex_cp_async_commit();
 
@@ -315,11 +262,11 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
         if (!last) {
             const bool bounds = q_bounds || kv_cur + FLEX_BLOCK_N > p.Lkv;
             if (partial_cur || bounds)
-                flex_sm90_softmax<true>(p, st, s, alphas, b, h, qrow0, kv_cur, partial_cur, bounds,
-                                        lane, oob);
+                flex_softmax_probs<true, 16>(p, st.m[0], st.l[0], s, alphas, tile.b, tile.h, qrow0,
+                                             kv_cur, partial_cur, bounds, lane, oob);
             else
-                flex_sm90_softmax<false>(p, st, s, alphas, b, h, qrow0, kv_cur, false, false, lane,
-                                         oob);
+                flex_softmax_probs<false, 16>(p, st.m[0], st.l[0], s, alphas, tile.b, tile.h, qrow0,
+                                              kv_cur, false, false, lane, oob);
             flex_pack_probs<16>(s, pa_next);
         }
         flex_wgmma_wait<0>();
@@ -339,7 +286,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
 
     flex_cp_async_wait<0>(); /* nothing in flight when the CTA ends */
     if (oob) atomicOr(p.bufs.bounds_flag, oob);
-    flex_store_output(p, st, b, h, q0, warp, lane);
+    flex_store_output(p, st, tile, warp, lane);
 }
 
 #endif /* FLEX_WGMMA */

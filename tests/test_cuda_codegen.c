@@ -87,7 +87,8 @@ static const flex_cuda_fwd_config configs[] = {
      .mt = 1,
      .block_n = 16,
      .vec = 1,
-     .scale_positive = 1},
+     .scale_positive = 1,
+     .short_indices = 1},
     {.dtype = FLEX_F16, .dq = 64, .dv = 64, .warps = 4, .mt = 1, .block_n = 16},
     {.dtype = FLEX_F32, .dq = 64, .dv = 64, .warps = 4, .mt = 1, .scale_positive = 1},
 };
@@ -125,7 +126,8 @@ static const flex_cuda_fwd_config full_configs[] = {
      .block_n = 128,
      .vec = 1,
      .scale_positive = 1,
-     .wgmma = 1},
+     .wgmma = 1,
+     .short_indices = 1},
     {.dtype = FLEX_F16,
      .dq = 64,
      .dv = 128,
@@ -256,6 +258,9 @@ static float fdiv_const_model(float a, float c, float rc) {
     const float r = fmaf(fmaf(-q, c, a2), rc, q) * (big ? 0x1p68f : small ? 0x1p-90f : 1.0f);
     return (aa == 0.0f || aa == INFINITY) ? a * rc : r;
 }
+static float i2f_short_model(int i) {
+    return bits_to_float(0x4b400000u + (uint32_t)i) - 12582912.0f;
+}
 static float i2f_model(int i) {
     const float hi = bits_to_float(0x4b400000u + (uint32_t)(i >> 16)) - 12582912.0f;
     const float lo = bits_to_float(0x4b400000u + ((uint32_t)i & 0xffffu)) - 12582912.0f;
@@ -321,6 +326,12 @@ START_TEST(test_int_to_float) {
         ck_assert_msg(memcmp(&got, &want, sizeof got) == 0, "%d: %a, want %a", edges[i],
                       (double)got, (double)want);
     }
+    /* The short form (emitted where |i| <= 2^22 is proved): every such i. */
+    for (int x = -(1 << 22); x <= (1 << 22); x++) {
+        const float got = i2f_short_model(x), want = (float)x;
+        if (memcmp(&got, &want, sizeof got) != 0)
+            ck_abort_msg("short %d: %a, want %a", x, (double)got, (double)want);
+    }
     uint32_t state = 777u;
     for (int i = 0; i < 1000000; i++) {
         state = state * 1664525u + 1013904223u;
@@ -330,6 +341,33 @@ START_TEST(test_int_to_float) {
         ck_assert_msg(memcmp(&got, &want, sizeof got) == 0, "%d: %a, want %a", x, (double)got,
                       (double)want);
     }
+}
+END_TEST
+
+/* The short conversion is emitted exactly where the interval analysis
+ * bounds the int by 2^22 with b, h below 2^16 and q, kv below 2^20. */
+static int emits_short(const char *score_text) {
+    ir_mod score;
+    static const flex_buffer_decl bufs[] = {{"slopes", FLEX_F32, 1}, {"doc", FLEX_I32, 1}};
+    ck_assert_int_eq(parse_text(FLEX_MOD_SCORE, score_text, NULL, 0, bufs, 2, &score), 0);
+    char *text = flex_emit_mods(NULL, &score);
+    ck_assert_ptr_nonnull(text);
+    const int shorts = count_occurrences(text, "flex_i2f_short(v");
+    const int longs = count_occurrences(text, "flex_i2f(v");
+    ck_assert_int_eq(shorts + longs, 1);
+    free(text);
+    ir_free(&score);
+    return shorts;
+}
+
+START_TEST(test_short_int_to_float) {
+    ck_assert(emits_short("score + slopes[h] * (kv - q)"));  /* |kv - q| < 2^20 */
+    ck_assert(emits_short("score - float(q + kv + b + h)")); /* < 2^22 */
+    ck_assert(emits_short("score + (kv - q) * 4"));          /* 2^22 - 4 at most */
+    ck_assert(!emits_short("score + (kv - q) * 8"));         /* up to 2^23 */
+    ck_assert(!emits_short("score + doc[kv]"));              /* buffer values: any int */
+    ck_assert(!emits_short("score + (q - kv) * (h + 1)"));   /* may wrap */
+    ck_assert(!emits_short("score + int(score) * 2"));       /* from a float */
 }
 END_TEST
 
@@ -421,6 +459,7 @@ int main(void) {
     tcase_add_test(emit, test_emit_exact_constants_and_slots);
     tcase_add_test(emit, test_division_by_constant);
     tcase_add_test(emit, test_int_to_float);
+    tcase_add_test(emit, test_short_int_to_float);
     suite_add_tcase(suite, emit);
     TCase *nvrtc = tcase_create("nvrtc");
     tcase_set_timeout(nvrtc, 600);

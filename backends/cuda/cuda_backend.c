@@ -619,7 +619,14 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
     const struct flex_mod *score_mod = a->score_mod;
 
     flex_cuda_fwd_config cfg = {
-        .dtype = q->dtype, .dq = pad64(D), .dv = pad64(Dv), .scale_positive = a->scale > 0.0f};
+        .dtype = q->dtype,
+        .dq = pad64(D),
+        .dv = pad64(Dv),
+        .scale_positive = a->scale > 0.0f,
+        /* Kernels evaluate the mods up to a tile past the end too (and
+         * discard those scores): 256 of margin keeps them in the bounds. */
+        .short_indices = Lq <= FLEX_EMIT_SHORT_LEN - 256 && Lkv <= FLEX_EMIT_SHORT_LEN - 256 &&
+                         B <= FLEX_EMIT_SHORT_HEADS && Hq <= FLEX_EMIT_SHORT_HEADS};
     const int q_block = mask ? mask->q_block : 128, kv_block = mask ? mask->kv_block : 128;
     if (q->dtype == FLEX_F32) {
         cfg.warps = 4;

@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "mod/emit.h"
+#include "mod/eval.h"
 
 typedef struct strbuf {
     char *data;
@@ -100,6 +101,20 @@ static const char helper_text[] =
     "                               12582912.0f);\n"
     "    return __fmaf_rn(hi, 65536.0f, lo);\n"
     "}\n"
+    "/* int -> float for values the emitter proved within [-2^22, 2^22] while\n"
+    " * every index is below the FLEX_EMIT_SHORT_* bounds (the host defines\n"
+    " * FLEX_SHORT_INDICES when they hold): 1.5 * 2^23 + i is exact in a\n"
+    " * float's mantissa, so two operations suffice. */\n"
+    "#ifndef FLEX_SHORT_INDICES\n"
+    "#define FLEX_SHORT_INDICES 0\n"
+    "#endif\n"
+    "static FLEX_DEVICE_INLINE float flex_i2f_short(int i) {\n"
+    "#if FLEX_SHORT_INDICES\n"
+    "    return __fsub_rn(__int_as_float((int)(0x4b400000u + (unsigned)i)), 12582912.0f);\n"
+    "#else\n"
+    "    return flex_i2f(i);\n"
+    "#endif\n"
+    "}\n"
     "/* a / c for a constant c with rc = 1/c correctly rounded (|c| in [2^-20,\n"
     " * 2^20]): one product and Markstein's fused correction give the correctly\n"
     " * rounded quotient while |a| is in [2^-60, 2^60]. Other finite a are\n"
@@ -177,8 +192,11 @@ static const char *ctype(int t) {
     return t == IR_BOOL ? "bool" : t == IR_INT ? "int" : "float";
 }
 
-/* Emits the right-hand side of node i (args already emitted as v<arg>). */
-static void emit_node(strbuf *sb, const ir_mod *m, int i, int slot_base) {
+/* Emits the right-hand side of node i (args already emitted as v<arg>).
+ * short_int[i]: node i is an int proved within [-2^22, 2^22] under the
+ * short-index bounds (NULL: nothing proved). */
+static void emit_node(strbuf *sb, const ir_mod *m, int i, int slot_base,
+                      const unsigned char *short_int) {
     const ir_node *n = &m->nodes[i];
     const int32_t *a = n->args;
     const int t = n->type;
@@ -313,7 +331,8 @@ static void emit_node(strbuf *sb, const ir_mod *m, int i, int slot_base) {
         if (m->nodes[a[0]].type == IR_BOOL)
             sb_printf(sb, "(v%d ? 1.0f : 0.0f)", a[0]);
         else if (m->nodes[a[0]].type == IR_INT)
-            sb_printf(sb, "flex_i2f(v%d)", a[0]);
+            sb_printf(sb, short_int && short_int[a[0]] ? "flex_i2f_short(v%d)" : "flex_i2f(v%d)",
+                      a[0]);
         else
             sb_printf(sb, "v%d", a[0]);
         return;
@@ -409,33 +428,36 @@ static void emit_node(strbuf *sb, const ir_mod *m, int i, int slot_base) {
     sb->failed = 1;
 }
 
-/* The typed loads, one per dtype, built on flex_buffer_offset. */
+/* The typed loads, one per dtype, built on flex_buffer_offset. They have
+ * no branch and read through plain pointers: the compiler then shares the
+ * reads of equal indices among the scores of a tile (slopes[h] once, doc[kv]
+ * once per column); a branch per read or __ldg's asm form keeps every copy.
+ * An empty buffer reads a zero word of the module instead (and flags). */
 static const char load_text[] =
     "#ifndef FLEX_MOD_LOADS\n"
     "#define FLEX_MOD_LOADS\n"
-    "#define FLEX_LOAD_PRELUDE \\\n"
-    "    if (flex_buffer_empty(buf, ndim)) { oob |= 1u << slot; return 0; } \\\n"
-    "    long long off = flex_buffer_offset(buf, oob, slot, ndim, i0, i1, i2, i3);\n"
+    "__device__ const unsigned long long flex_empty_buffer_word = 0ull;\n"
+    "#define FLEX_LOAD_PTR(T) \\\n"
+    "    const bool empty = flex_buffer_empty(buf, ndim); \\\n"
+    "    const long long off = flex_buffer_offset(buf, oob, slot, ndim, i0, i1, i2, i3); \\\n"
+    "    oob |= empty ? 1u << slot : 0u; \\\n"
+    "    const T *ptr = empty ? (const T *)&flex_empty_buffer_word : (const T *)buf.data + off;\n"
     "#define FLEX_LOAD_ARGS const flex_buffer &buf, unsigned &oob, int slot, int ndim, \\\n"
     "    int i0, int i1, int i2, int i3\n"
     "static FLEX_DEVICE_INLINE int flex_load_i32(FLEX_LOAD_ARGS) {\n"
-    "    FLEX_LOAD_PRELUDE return __ldg((const int *)buf.data + off);\n}\n"
+    "    FLEX_LOAD_PTR(int) return *ptr;\n}\n"
     "static FLEX_DEVICE_INLINE int flex_load_i64(FLEX_LOAD_ARGS) {\n"
-    "    FLEX_LOAD_PRELUDE\n"
-    "    return (int)(unsigned)(unsigned long long)__ldg((const long long *)buf.data + off);\n}\n"
+    "    FLEX_LOAD_PTR(long long) return (int)(unsigned)(unsigned long long)*ptr;\n}\n"
     "static FLEX_DEVICE_INLINE int flex_load_u8(FLEX_LOAD_ARGS) {\n"
-    "    FLEX_LOAD_PRELUDE return (int)__ldg((const unsigned char *)buf.data + off);\n}\n"
+    "    FLEX_LOAD_PTR(unsigned char) return (int)*ptr;\n}\n"
     "static FLEX_DEVICE_INLINE bool flex_load_bool(FLEX_LOAD_ARGS) {\n"
-    "    FLEX_LOAD_PRELUDE return __ldg((const unsigned char *)buf.data + off) != 0;\n}\n"
+    "    FLEX_LOAD_PTR(unsigned char) return *ptr != 0;\n}\n"
     "static FLEX_DEVICE_INLINE float flex_load_f32(FLEX_LOAD_ARGS) {\n"
-    "    FLEX_LOAD_PRELUDE return __ldg((const float *)buf.data + off);\n}\n"
+    "    FLEX_LOAD_PTR(float) return *ptr;\n}\n"
     "static FLEX_DEVICE_INLINE float flex_load_f16(FLEX_LOAD_ARGS) {\n"
-    "    FLEX_LOAD_PRELUDE return flex_half_bits_to_float(__ldg((const unsigned short *)buf.data + "
-    "off));\n}\n"
+    "    FLEX_LOAD_PTR(unsigned short) return flex_half_bits_to_float(*ptr);\n}\n"
     "static FLEX_DEVICE_INLINE float flex_load_bf16(FLEX_LOAD_ARGS) {\n"
-    "    FLEX_LOAD_PRELUDE\n"
-    "    return __int_as_float((int)((unsigned)__ldg((const unsigned short *)buf.data + off) << "
-    "16));\n}\n"
+    "    FLEX_LOAD_PTR(unsigned short) return __int_as_float((int)((unsigned)*ptr << 16));\n}\n"
     "#endif\n";
 
 int flex_emit_num_slots(const ir_mod *mask, const ir_mod *score) {
@@ -455,11 +477,29 @@ static void emit_function(strbuf *sb, const ir_mod *m, int slot_base, int is_mas
         return;
     }
     sb_printf(sb, "    (void)b; (void)h; (void)q; (void)kv; (void)bufs; (void)oob;\n");
+    /* Int nodes that stay small while the indices are within the short
+     * bounds (buffer values count as any int). */
+    const mod_box box = {{0, 0, 0, 0},
+                         {FLEX_EMIT_SHORT_HEADS - 1, FLEX_EMIT_SHORT_HEADS - 1,
+                          FLEX_EMIT_SHORT_LEN - 1, FLEX_EMIT_SHORT_LEN - 1}};
+    int64_t *lo = malloc((size_t)m->num_nodes * sizeof *lo);
+    int64_t *hi = malloc((size_t)m->num_nodes * sizeof *hi);
+    unsigned char *short_int = malloc((size_t)m->num_nodes);
+    if (lo && hi && short_int && mod_interval_int_ranges(m, &box, lo, hi) == 0) {
+        for (int i = 0; i < m->num_nodes; i++)
+            short_int[i] = m->nodes[i].type == IR_INT && lo[i] >= -(1 << 22) && hi[i] <= (1 << 22);
+    } else {
+        free(short_int);
+        short_int = NULL; /* nothing proved: the general conversion everywhere */
+    }
+    free(lo);
+    free(hi);
     for (int i = 0; i < m->num_nodes; i++) {
         sb_printf(sb, "    const %s v%d = ", ctype(m->nodes[i].type), i);
-        emit_node(sb, m, i, slot_base);
+        emit_node(sb, m, i, slot_base, short_int);
         sb_printf(sb, ";\n");
     }
+    free(short_int);
     const int rt = m->nodes[m->root].type;
     if (is_mask) {
         if (rt == IR_BOOL)

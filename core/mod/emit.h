@@ -15,6 +15,16 @@
  * `slot` of *bufs.bounds_flag. */
 #define FLEX_EMIT_MAX_SLOTS 32
 
+/* The short-index bounds. The emitter proves (interval analysis, buffer
+ * values taken as any int) which ints stay within [-2^22, 2^22] while b and
+ * h are below FLEX_EMIT_SHORT_HEADS and q and kv below FLEX_EMIT_SHORT_LEN,
+ * and converts those to float with two operations instead of seven
+ * (flex_i2f_short) when the kernel is compiled with FLEX_SHORT_INDICES 1.
+ * The host sets it only while every index the kernel passes to a mod,
+ * including the discarded ones of a tile past the end, is within them. */
+#define FLEX_EMIT_SHORT_LEN   (1 << 20)
+#define FLEX_EMIT_SHORT_HEADS (1 << 16)
+
 /*
  * Returns a malloc'd string (caller frees) that defines, in this order:
  *   FLEX_NUM_BUFFERS, FLEX_HAS_MASK_MOD, FLEX_HAS_SCORE_MOD (0 or 1);

@@ -98,4 +98,11 @@ size_t mod_interval_scratch_size(const ir_mod *m);
 mod_tri mod_interval_mask(const ir_mod *m, const mod_range_tables *tables, const mod_box *box,
                           void *scratch);
 
+/* Inclusive ranges of every int node of m over box, with buffer reads taken
+ * as any int32 (no tables): lo and hi hold m->num_nodes entries each (nodes
+ * of other types get the int32 range). For code generation, which may use
+ * cheaper arithmetic where a value provably stays small. 0 on success, -1
+ * for an empty box or no memory. */
+int mod_interval_int_ranges(const ir_mod *m, const mod_box *box, int64_t *lo, int64_t *hi);
+
 #endif /* FLEXATTN_MOD_EVAL_H */

@@ -831,16 +831,13 @@ static void load_range(const range_table *t, const int64_t *ilo, const int64_t *
 }
 
 /*
- * The verdict for box. tables may be NULL when m reads no buffer. scratch
- * must hold mod_interval_scratch_size(m) bytes aligned for int64_t; it is
- * borrowed for the call. Reentrant: concurrent calls need their own scratch.
+ * Abstract values of every node of m over box into v (m->num_nodes entries).
+ * A buffer read the tables cannot bound (no table, or an index that may be
+ * out of range) fails the analysis (returns 0) when strict_loads is set and
+ * is taken as any value of its type otherwise. 1 on success.
  */
-mod_tri mod_interval_mask(const ir_mod *m, const mod_range_tables *tables, const mod_box *box,
-                          void *scratch) {
-    if (!m || !box || !scratch || m->num_nodes <= 0) return MOD_TRI_UNKNOWN;
-    for (int d = 0; d < 4; d++)
-        if (box->lo[d] > box->hi[d]) return MOD_TRI_UNKNOWN; /* empty: nothing to claim */
-    ival *v = scratch;
+static int analyse_nodes(const ir_mod *m, const mod_range_tables *tables, const mod_box *box,
+                         ival *v, int strict_loads) {
     const ir_node *nodes = m->nodes;
     for (int i = 0; i < m->num_nodes; i++) {
         const ir_node *nd = &nodes[i];
@@ -873,16 +870,24 @@ mod_tri mod_interval_mask(const ir_mod *m, const mod_range_tables *tables, const
             const range_table *t = tables && nd->buffer >= 0 && nd->buffer < IR_MAX_BUFFERS
                                        ? &tables->table[nd->buffer]
                                        : NULL;
-            if (!t || !t->present || t->ndim != nd->nargs || t->count == 0) return MOD_TRI_UNKNOWN;
+            int bounded = t && t->present && t->ndim == nd->nargs && t->count > 0;
             int64_t ilo[4], ihi[4];
-            for (int d = 0; d < nd->nargs; d++) {
+            for (int d = 0; bounded && d < nd->nargs; d++) {
                 const ival *x = &v[nd->args[d]];
-                if (x->lo < 0 || x->hi >= t->sizes[d])
-                    return MOD_TRI_UNKNOWN; /* may be out of range */
+                if (x->lo < 0 || x->hi >= t->sizes[d]) bounded = 0; /* may be out of range */
                 ilo[d] = x->lo;
                 ihi[d] = x->hi;
             }
-            load_range(t, ilo, ihi, r, type);
+            if (bounded)
+                load_range(t, ilo, ihi, r, type);
+            else if (strict_loads)
+                return 0;
+            else if (type == IR_FLOAT)
+                set_float_full(r, 1);
+            else if (type == IR_BOOL)
+                r->tri = MOD_TRI_UNKNOWN;
+            else
+                set_int(r, INT32_MIN, INT32_MAX);
             continue;
         }
         case IR_SELECT: {
@@ -1028,8 +1033,39 @@ mod_tri mod_interval_mask(const ir_mod *m, const mod_range_tables *tables, const
         else
             float_arith(op, a, b, r);
     }
-    const ir_node *root = &nodes[m->root];
+    return 1;
+}
+
+/*
+ * The verdict for box. tables may be NULL when m reads no buffer. scratch
+ * must hold mod_interval_scratch_size(m) bytes aligned for int64_t; it is
+ * borrowed for the call. Reentrant: concurrent calls need their own scratch.
+ */
+mod_tri mod_interval_mask(const ir_mod *m, const mod_range_tables *tables, const mod_box *box,
+                          void *scratch) {
+    if (!m || !box || !scratch || m->num_nodes <= 0) return MOD_TRI_UNKNOWN;
+    for (int d = 0; d < 4; d++)
+        if (box->lo[d] > box->hi[d]) return MOD_TRI_UNKNOWN; /* empty: nothing to claim */
+    ival *v = scratch;
+    if (!analyse_nodes(m, tables, box, v, 1)) return MOD_TRI_UNKNOWN;
+    const ir_node *root = &m->nodes[m->root];
     if (root->type != IR_BOOL) return MOD_TRI_UNKNOWN;
     uint8_t t = v[m->root].tri;
     return t == MOD_TRI_TRUE ? MOD_TRI_TRUE : t == MOD_TRI_FALSE ? MOD_TRI_FALSE : MOD_TRI_UNKNOWN;
+}
+
+int mod_interval_int_ranges(const ir_mod *m, const mod_box *box, int64_t *lo, int64_t *hi) {
+    if (!m || !box || m->num_nodes <= 0) return -1;
+    for (int d = 0; d < 4; d++)
+        if (box->lo[d] > box->hi[d]) return -1;
+    ival *v = malloc(mod_interval_scratch_size(m));
+    if (!v) return -1;
+    analyse_nodes(m, NULL, box, v, 0);
+    for (int i = 0; i < m->num_nodes; i++) {
+        const int is_int = m->nodes[i].type == IR_INT;
+        lo[i] = is_int ? v[i].lo : INT32_MIN;
+        hi[i] = is_int ? v[i].hi : INT32_MAX;
+    }
+    free(v);
+    return 0;
 }

@@ -136,6 +136,26 @@ static const flex_cuda_fwd_config full_configs[] = {
      .block_n = 128,
      .vec = 1,
      .wgmma = 1},
+    /* The wgmma kernel with its TMA producer warpgroup. */
+    {.dtype = FLEX_BF16,
+     .dq = 128,
+     .dv = 128,
+     .warps = 8,
+     .mt = 1,
+     .block_n = 128,
+     .vec = 1,
+     .scale_positive = 1,
+     .wgmma = 1,
+     .tma = 1},
+    {.dtype = FLEX_F16,
+     .dq = 64,
+     .dv = 128,
+     .warps = 8,
+     .mt = 1,
+     .block_n = 128,
+     .vec = 1,
+     .wgmma = 1,
+     .tma = 1},
 };
 
 static void add_case(const char *label, const ir_mod *mask, const ir_mod *score, int cfg_index,
@@ -400,6 +420,8 @@ START_TEST(test_nvrtc_compiles_presets_and_seeds) {
             add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, -4, "sm_80", 0);
             add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, -5, "sm_90a", 0);
             add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, -6, "sm_90a", 0);
+            add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, -7, "sm_90a", 0);
+            add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, -8, "sm_90a", 0);
         }
         ir_free(&m);
     }

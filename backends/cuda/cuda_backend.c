@@ -417,19 +417,35 @@ static size_t append_buffers(unsigned char *blob, size_t at, const cuda_buffer_d
     return at + 8;
 }
 
+/* Launches fn with blob (size bytes) as its parameter block, or, with
+ * second, as its first of two parameters (the driver then lays them out). */
 static flex_status launch_blob(flex_context *ctx, cuda_state *st, CUfunction fn, unsigned gx,
                                unsigned gy, unsigned threads, unsigned smem, CUstream stream,
-                               void *blob, size_t size) {
+                               void *blob, size_t size, void *second) {
     void *extra[] = {(void *)(uintptr_t)1, blob, (void *)(uintptr_t)2, &size, (void *)(uintptr_t)0};
+    void *params[2] = {blob, second};
     if (smem > 48 * 1024)
         CU_TRY(ctx, st,
                st->api->cuFuncSetAttribute(fn, FLEX_CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES,
                                            (int)smem),
                "cuFuncSetAttribute (shared memory)");
-    return check_cu(
-        ctx, st->api,
-        st->api->cuLaunchKernel(fn, gx, gy, 1, threads, 1, 1, smem, stream, NULL, extra),
-        "cuLaunchKernel");
+    const CUresult r = st->api->cuLaunchKernel(fn, gx, gy, 1, threads, 1, 1, smem, stream,
+                                               second ? params : NULL, second ? NULL : extra);
+    if (r != 0 && st->api->cuFuncGetAttribute) {
+        /* Say what the launch asked for: registers, shared memory, block. */
+        int regs = -1, static_smem = -1, max_threads = -1, local = -1;
+        st->api->cuFuncGetAttribute(&regs, 4, fn);
+        st->api->cuFuncGetAttribute(&static_smem, 1, fn);
+        st->api->cuFuncGetAttribute(&max_threads, 0, fn);
+        st->api->cuFuncGetAttribute(&local, 3, fn);
+        char what[256];
+        snprintf(what, sizeof what,
+                 "cuLaunchKernel (%u threads of at most %d, %d registers, %d bytes local, %d + %u "
+                 "bytes shared, %zu-byte parameters, grid %u x %u)",
+                 threads, max_threads, regs, local, static_smem, smem, size, gx, gy);
+        return check_cu(ctx, st->api, r, what);
+    }
+    return check_cu(ctx, st->api, r, "cuLaunchKernel");
 }
 
 /* ---- block-mask lists on the device ---- */
@@ -593,6 +609,36 @@ static void choose_tiles(flex_cuda_fwd_config *cfg, int q_block, int kv_block, i
     }
 }
 
+/* TMA needs 16-byte aligned rows and strides (16-bit elements: multiples
+ * of 8) that grow from the sequence to the head to the batch dimension. */
+static int tma_layout_ok(const flex_tensor *t) {
+    const int64_t ss = t->strides[2], sh = t->strides[1], sb = t->strides[0];
+    return aligned16(t->data) && ss > 0 && ss % 8 == 0 && sh % 8 == 0 && sb % 8 == 0 &&
+           (t->sizes[1] == 1 || sh >= ss) && (t->sizes[0] == 1 || sb >= sh) && sh > 0 && sb > 0;
+}
+
+/* A tiled tensor map of t (dims D, L, H, B) with 128-row boxes of 64
+ * columns in the 128-byte swizzle, into out (128 bytes, 64-byte aligned). */
+static flex_status encode_tensor_map(flex_context *ctx, cuda_state *st, const flex_tensor *t,
+                                     unsigned char *out) {
+    _Alignas(64) unsigned char map[128];
+    const unsigned long long dims[4] = {
+        (unsigned long long)t->sizes[3], (unsigned long long)t->sizes[2],
+        (unsigned long long)t->sizes[1], (unsigned long long)t->sizes[0]};
+    const unsigned long long strides[3] = {(unsigned long long)t->strides[2] * 2,
+                                           (unsigned long long)t->strides[1] * 2,
+                                           (unsigned long long)t->strides[0] * 2};
+    const unsigned box[4] = {64, 128, 1, 1}, unit[4] = {1, 1, 1, 1};
+    /* UINT16 elements (the bits are copied), no interleave, 128-byte
+     * swizzle, 128-byte L2 promotion, out-of-range elements zero. */
+    CUresult r =
+        st->api->cuTensorMapEncodeTiled(map, 1, 4, t->data, dims, strides, box, unit, 0, 3, 2, 0);
+    flex_status s = check_cu(ctx, st->api, r, "cuTensorMapEncodeTiled");
+    if (s) return s;
+    memcpy(out, map, sizeof map);
+    return FLEX_OK;
+}
+
 static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
     cuda_state *st = state_of(ctx);
     const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v, *o = &a->out;
@@ -643,6 +689,13 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
         choose_tiles(&cfg, q_block, kv_block, strcmp(st->arch, "sm_90a") == 0);
     }
     const int block_m = cfg.warps * 16 * cfg.mt;
+    /* The wgmma kernel takes its copies from a TMA producer warpgroup where
+     * the driver and the layouts allow it (FLEXATTN_CUDA_TMA=0 turns that
+     * off, for comparison); otherwise all its threads copy with cp.async. */
+    const char *tma_env = getenv("FLEXATTN_CUDA_TMA");
+    cfg.tma = cfg.wgmma && !(tma_env && strcmp(tma_env, "0") == 0) &&
+              st->api->cuTensorMapEncodeTiled && tma_layout_ok(q) && tma_layout_ok(k) &&
+              tma_layout_ok(v);
     /* Q, two K/V stages; the wgmma kernel aligns its tiles to 1 KB itself. */
     const size_t smem =
         q->dtype == FLEX_F32
@@ -732,6 +785,13 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
             blob[sizeof(cuda_fwd_params) + (FLEX_EMIT_MAX_SLOTS + 2) * sizeof(cuda_buffer_desc)];
         memcpy(blob, &p, sizeof p);
         size_t size = append_buffers(blob, sizeof p, descs, slots, st->bounds_flag);
+        /* The TMA kernel takes the tensor maps as a second parameter. */
+        _Alignas(64) unsigned char tensor_maps[3 * 128];
+        if (cfg.tma) {
+            const flex_tensor *ops[3] = {q, k, v};
+            for (int t = 0; t < 3 && !s; t++)
+                s = encode_tensor_map(ctx, st, ops[t], tensor_maps + 128 * t);
+        }
 
         unsigned gx = (unsigned)(B * Hq), gy, threads;
         if (q->dtype == FLEX_F32) {
@@ -739,14 +799,14 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
             threads = 128;
         } else {
             gy = (unsigned)((int64_t)p.mask_nq * p.tiles_per_row);
-            threads = (unsigned)cfg.warps * 32;
+            threads = (unsigned)cfg.warps * 32 + (cfg.tma ? 128u : 0u); /* + the producer */
         }
         if (gy > 65535 || B * Hq > 0x7fffffff)
             s = flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
                           "sequence too long for one launch (%lld query tiles)", (long long)gy);
         else if (gx > 0 && gy > 0)
             s = launch_blob(ctx, st, fn, gx, gy, threads, (unsigned)smem, (CUstream)a->stream, blob,
-                            size);
+                            size, cfg.tma ? tensor_maps : NULL);
     }
     pop_ctx(st);
     pthread_mutex_unlock(&st->lock);
@@ -809,7 +869,7 @@ static flex_status cuda_mask_blocks(flex_context *ctx, const struct flex_mod *ma
         size_t size =
             append_buffers(blob, sizeof p, descs, mask_mod->ir.num_buffers, st->bounds_flag);
         unsigned gx = (unsigned)(count < (1 << 20) ? count : (1 << 20));
-        s = launch_blob(ctx, st, fn, gx, 1, 256, 0, NULL, blob, size);
+        s = launch_blob(ctx, st, fn, gx, 1, 256, 0, NULL, blob, size, NULL);
     }
     if (!s) s = check_cu(ctx, st->api, st->api->cuCtxSynchronize(), "cuCtxSynchronize");
     if (!s)

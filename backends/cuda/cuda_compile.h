@@ -30,6 +30,7 @@ typedef struct flex_cuda_fwd_config {
     int scale_positive; /* scale > 0: scores stay unscaled until the exponent */
     int wgmma;          /* 1: the sm_90a kernel (flex_forward_sm90.cuh) */
     int short_indices;  /* 1: B, H and lengths within the FLEX_EMIT_SHORT_* bounds */
+    int tma;            /* wgmma: a TMA producer warpgroup (0: cp.async by all threads) */
 } flex_cuda_fwd_config;
 
 /*

@@ -57,6 +57,8 @@ static int load_driver_symbols(void *libcuda) {
     LOAD_SYM(libcuda, cuStreamSynchronize, "cuStreamSynchronize", w, c);
     LOAD_SYM(libcuda, cuGetErrorName, "cuGetErrorName", w, c);
     LOAD_SYM(libcuda, cuGetErrorString, "cuGetErrorString", w, c);
+    *(void **)(&api_table.cuTensorMapEncodeTiled) = dlsym(libcuda, "cuTensorMapEncodeTiled");
+    *(void **)(&api_table.cuFuncGetAttribute) = dlsym(libcuda, "cuFuncGetAttribute");
     return 0;
 }
 

@@ -63,6 +63,14 @@ typedef struct flex_cuda_api {
     CUresult (*cuStreamSynchronize)(CUstream stream);
     CUresult (*cuGetErrorName)(CUresult err, const char **str);
     CUresult (*cuGetErrorString)(CUresult err, const char **str);
+    /* (optional) a function's attribute, for the error of a failed launch */
+    CUresult (*cuFuncGetAttribute)(int *value, int attrib, CUfunction fn);
+    /* (optional: NULL where the driver lacks it) a tiled TMA descriptor */
+    CUresult (*cuTensorMapEncodeTiled)(void *tensor_map, int data_type, unsigned rank,
+                                       void *global_address, const unsigned long long *global_dim,
+                                       const unsigned long long *global_strides,
+                                       const unsigned *box_dim, const unsigned *element_strides,
+                                       int interleave, int swizzle, int l2_promotion, int oob_fill);
     /* NVRTC */
     nvrtcResult (*nvrtcVersion)(int *major, int *minor);
     nvrtcResult (*nvrtcCreateProgram)(nvrtcProgram *prog, const char *src, const char *name,

@@ -292,11 +292,46 @@ struct flex_warp_state {
     float l[FLEX_MT][2]; /* running sum (this thread's columns only) */
 };
 
+/* The online-softmax update of one 16-row m-tile's modified scores (log2
+ * units; RAW: unscaled): s becomes the unnormalised probabilities, m and l
+ * move on, alphas[i] is the factor the accumulators of row half i must be
+ * rescaled by. */
+template <bool RAW, int NT>
+static FLEX_DEVICE_INLINE void flex_softmax_update(const flex_fwd_params &p, float (&m)[2],
+                                                   float (&l)[2], float (&s)[NT][4],
+                                                   float (&alphas)[2]) {
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        float mx = FLEX_NEG_INF;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+            mx = fmaxf(mx, fmaxf(s[nt][2 * hf], s[nt][2 * hf + 1]));
+        mx = fmaxf(mx, FLEX_SHFL_XOR(mx, 1));
+        mx = fmaxf(mx, FLEX_SHFL_XOR(mx, 2));
+        if (RAW) mx *= p.scale_log2; /* a positive scale keeps the maximum where it is */
+        const float m_new = fmaxf(m[hf], mx);
+        const float m_use = m_new == FLEX_NEG_INF ? 0.0f : m_new;
+        const float alpha = flex_exp2(m[hf] - m_use);
+        m[hf] = m_new;
+        float sum = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            const float e0 =
+                flex_exp2(RAW ? fmaf(s[nt][2 * hf], p.scale_log2, -m_use) : s[nt][2 * hf] - m_use);
+            const float e1 = flex_exp2(RAW ? fmaf(s[nt][2 * hf + 1], p.scale_log2, -m_use)
+                                           : s[nt][2 * hf + 1] - m_use);
+            s[nt][2 * hf] = e0;
+            s[nt][2 * hf + 1] = e1;
+            sum += e0 + e1;
+        }
+        l[hf] = l[hf] * alpha + sum;
+        alphas[hf] = alpha;
+    }
+}
+
 /* Scores of one 16-row m-tile (NT n-tiles of 8 keys, the m16n8 accumulator
  * layout that wgmma's m64 accumulators share per warp) -> mods, mask and
- * the online-softmax update of the tile's rows: s becomes the unnormalised
- * probabilities, m and l move on, alphas[i] is the factor the accumulators
- * of row half i must be rescaled by. */
+ * the online-softmax update of the tile's rows (flex_softmax_update). */
 template <bool MASKED, int NT>
 static FLEX_DEVICE_INLINE void
 flex_softmax_probs(const flex_fwd_params &p, float (&m)[2], float (&l)[2], float (&s)[NT][4],
@@ -336,34 +371,62 @@ flex_softmax_probs(const flex_fwd_params &p, float (&m)[2], float (&l)[2], float
             (void)kv;
         }
     }
+    flex_softmax_update<RAW>(p, m, l, s, alphas);
+}
+
+#if FLEX_HAS_SCORE_MOD && !FLEX_SCORE_INDEX_USES_SCORE
+/* The score mod's buffer-bounds bits at one score: the mod with its value
+ * unused, so the compiler keeps only the index arithmetic of its reads
+ * (valid because no read index depends on the score). */
+static FLEX_DEVICE_INLINE unsigned flex_score_oob(int b, int h, int q, int kv,
+                                                  const flex_buffers &bufs) {
+    unsigned oob = 0;
+    (void)flex_score_mod(0.0f, b, h, q, kv, bufs, oob);
+    return oob;
+}
+
+/* The split form of flex_softmax_probs for kernels with a score mod: the
+ * score mod runs once for the tile whether or not it is masked (one copy of
+ * it in the kernel instead of two, which is most of the compile time of an
+ * expensive mod), the mask and the bounds only where needed. Results are
+ * those of flex_softmax_probs, buffer-bounds bits included. */
+template <int NT>
+static FLEX_DEVICE_INLINE void
+flex_softmax_probs_split(const flex_fwd_params &p, float (&m)[2], float (&l)[2], float (&s)[NT][4],
+                         float (&alphas)[2], int b, int h, int qrow0, int kv0, bool partial,
+                         bool bounds, int lane, unsigned &oob) {
+    unsigned score_oob = 0; /* of every score, kept or not */
 #pragma unroll
-    for (int hf = 0; hf < 2; hf++) {
-        float mx = FLEX_NEG_INF;
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            const int q = qrow0 + (lane >> 2) + ((r & 2) ? 8 : 0);
+            const int kv = kv0 + nt * 8 + (lane & 3) * 2 + (r & 1);
+            s[nt][r] =
+                flex_score_mod(__fmul_rn(s[nt][r], p.scale), b, h, q, kv, p.bufs, score_oob) *
+                FLEX_LOG2E;
+        }
+    if (partial || bounds) {
 #pragma unroll
         for (int nt = 0; nt < NT; nt++)
-            mx = fmaxf(mx, fmaxf(s[nt][2 * hf], s[nt][2 * hf + 1]));
-        mx = fmaxf(mx, FLEX_SHFL_XOR(mx, 1));
-        mx = fmaxf(mx, FLEX_SHFL_XOR(mx, 2));
-        if (RAW) mx *= p.scale_log2; /* a positive scale keeps the maximum where it is */
-        const float m_new = fmaxf(m[hf], mx);
-        const float m_use = m_new == FLEX_NEG_INF ? 0.0f : m_new;
-        const float alpha = flex_exp2(m[hf] - m_use);
-        m[hf] = m_new;
-        float sum = 0.0f;
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-            const float e0 =
-                flex_exp2(RAW ? fmaf(s[nt][2 * hf], p.scale_log2, -m_use) : s[nt][2 * hf] - m_use);
-            const float e1 = flex_exp2(RAW ? fmaf(s[nt][2 * hf + 1], p.scale_log2, -m_use)
-                                           : s[nt][2 * hf + 1] - m_use);
-            s[nt][2 * hf] = e0;
-            s[nt][2 * hf + 1] = e1;
-            sum += e0 + e1;
-        }
-        l[hf] = l[hf] * alpha + sum;
-        alphas[hf] = alpha;
+            for (int r = 0; r < 4; r++) {
+                const int q = qrow0 + (lane >> 2) + ((r & 2) ? 8 : 0);
+                const int kv = kv0 + nt * 8 + (lane & 3) * 2 + (r & 1);
+                unsigned mask_oob = 0;
+                const bool inside = !bounds || (q < p.Lq && kv < p.Lkv);
+                const bool allowed = flex_mask_mod(b, h, q, kv, p.bufs, mask_oob);
+                const bool keep = inside && (!partial || allowed);
+                oob |= (inside && partial) ? mask_oob : 0u;
+                oob |= keep ? flex_score_oob(b, h, q, kv, p.bufs) : 0u;
+                s[nt][r] = keep ? s[nt][r] : FLEX_NEG_INF;
+            }
+    } else {
+        oob |= score_oob; /* every score is kept */
     }
+    flex_softmax_update<false>(p, m, l, s, alphas);
 }
+#endif
 
 /* Past the first blocks the running max rarely moves: the rescale of the
  * accumulators is skipped when it moved for no row of the warp. */
@@ -497,9 +560,7 @@ static FLEX_DEVICE_INLINE void flex_step(const flex_fwd_params &p, flex_warp_sta
     }
 }
 
-/* The query tile of this CTA: (batch, head) from blockIdx.x, the mask's
- * q-block row (heaviest first when the host ordered them) and the tile
- * within it from blockIdx.y; false when the tile starts past the end. */
+/* One query tile: FLEX_BLOCK_M rows of one (batch, head) and their kv walk. */
 struct flex_tile {
     int b, h, q0;
     const flex_elem *gq, *gk, *gv; /* this (batch, head)'s rows; k and v of its kv head */
@@ -507,12 +568,14 @@ struct flex_tile {
     int nsteps; /* kv steps of FLEX_BLOCK_N keys */
 };
 
-static FLEX_DEVICE_INLINE bool flex_tile_for(const flex_fwd_params &p, flex_tile &t) {
-    const int bh = blockIdx.x;
+/* The tile of (batch, head) bh at grid row y: the mask's q-block row
+ * (heaviest first when the host ordered them) and the tile within it; false
+ * when the tile starts past the end. */
+static FLEX_DEVICE_INLINE bool flex_tile_at(const flex_fwd_params &p, int bh, int y, flex_tile &t) {
     t.b = bh / p.Hq;
     t.h = bh % p.Hq;
     const int hk = t.h / (p.Hq / p.Hkv);
-    const int rank = blockIdx.y / p.tiles_per_row, sub = blockIdx.y % p.tiles_per_row;
+    const int rank = y / p.tiles_per_row, sub = y % p.tiles_per_row;
     const int mrow = p.row_order ? p.row_order[rank] : rank;
     t.q0 = mrow * p.mask_qblock + sub * FLEX_BLOCK_M;
     if (t.q0 >= p.Lq) return false;
@@ -522,6 +585,11 @@ static FLEX_DEVICE_INLINE bool flex_tile_for(const flex_fwd_params &p, flex_tile
     t.walk = flex_walk_for(p, t.b, t.h, mrow);
     t.nsteps = (t.walk.n_full + t.walk.n_part) * (p.mask_kvblock / FLEX_BLOCK_N);
     return true;
+}
+
+/* The tile of this CTA: (batch, head) from blockIdx.x, grid row blockIdx.y. */
+static FLEX_DEVICE_INLINE bool flex_tile_for(const flex_fwd_params &p, flex_tile &t) {
+    return flex_tile_at(p, blockIdx.x, blockIdx.y, t);
 }
 
 /* Running max -inf, sums and accumulators 0. */
@@ -543,15 +611,17 @@ static FLEX_DEVICE_INLINE void flex_init_state(flex_warp_state &st) {
 
 /* Epilogue: out = O / l, lse = (m + log2 l) ln 2; empty rows: 0 and -inf.
  * Warp `warp` owns rows q0 + 16 * FLEX_MT * warp onwards (in both kernels). */
-static FLEX_DEVICE_INLINE void flex_store_output(const flex_fwd_params &p, flex_warp_state &st,
-                                                 const flex_tile &tile, int warp, int lane) {
-    const int b = tile.b, h = tile.h, q0 = tile.q0;
+static FLEX_DEVICE_INLINE void flex_store_output(const flex_fwd_params &p,
+                                                 const float (&o)[FLEX_MT][FLEX_DV / 8][4],
+                                                 const float (&m)[FLEX_MT][2],
+                                                 const float (&l_part)[FLEX_MT][2], int b, int h,
+                                                 int q0, int warp, int lane) {
     flex_elem *go = (flex_elem *)p.out + b * p.o_sb + h * p.o_sh;
 #pragma unroll
     for (int mt = 0; mt < FLEX_MT; mt++) {
 #pragma unroll
         for (int hf = 0; hf < 2; hf++) {
-            float l = st.l[mt][hf];
+            float l = l_part[mt][hf];
             l += FLEX_SHFL_XOR(l, 1);
             l += FLEX_SHFL_XOR(l, 2);
             const float inv = l > 0.0f ? 1.0f / l : 0.0f;
@@ -561,8 +631,7 @@ static FLEX_DEVICE_INLINE void flex_store_output(const flex_fwd_params &p, flex_
 #pragma unroll
                 for (int dt = 0; dt < FLEX_DV / 8; dt++) {
                     const int col = dt * 8 + (lane & 3) * 2;
-                    const float x0 = st.o[mt][dt][2 * hf] * inv,
-                                x1 = st.o[mt][dt][2 * hf + 1] * inv;
+                    const float x0 = o[mt][dt][2 * hf] * inv, x1 = o[mt][dt][2 * hf + 1] * inv;
 #if FLEX_VEC
                     if (col < p.Dv) *(flex_u32 *)(orow + col) = flex_pack2(x0, x1);
 #else
@@ -571,8 +640,7 @@ static FLEX_DEVICE_INLINE void flex_store_output(const flex_fwd_params &p, flex_
 #endif
                 }
                 if (p.lse && (lane & 3) == 0) {
-                    const float lse =
-                        l > 0.0f ? (st.m[mt][hf] + log2f(l)) * FLEX_LN2 : FLEX_NEG_INF;
+                    const float lse = l > 0.0f ? (m[mt][hf] + log2f(l)) * FLEX_LN2 : FLEX_NEG_INF;
                     p.lse[b * p.l_sb + h * p.l_sh + (long long)q * p.l_ss] = lse;
                 }
             }
@@ -656,7 +724,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
     flex_cp_async_wait<0>(); /* nothing in flight when the CTA ends */
     if (oob) atomicOr(p.bufs.bounds_flag, oob);
 
-    flex_store_output(p, st, tile, warp, lane);
+    flex_store_output(p, st.o, st.m, st.l, tile.b, tile.h, tile.q0, warp, lane);
 }
 #endif /* !FLEX_WGMMA */
 

@@ -2,19 +2,24 @@
  * flex_forward_sm90.cuh: the Hopper (sm_90a) forward, appended after
  * flex_forward.cuh when the host picks it (FLEX_WGMMA 1). It shares the
  * parameter block, the kv walk, the online softmax and the epilogue with the
- * mma.sync kernel; what differs is how the two products are computed.
+ * mma.sync kernel; what differs is how the two products are computed and
+ * how K and V arrive.
  *
- * A CTA owns 128 query rows of one (batch, head): two warpgroups of 64 rows.
- * S = Q Kᵀ is one chain of wgmma m64n128k16 per warpgroup with both operands
- * in shared memory (128-byte swizzled tiles, the layout wgmma reads
- * directly); O += P V takes P from registers (the scores' accumulator
- * layout packs straight into wgmma's A fragments) and V from shared memory,
+ * 128 query rows of one (batch, head) per CTA, in two consumer warpgroups of
+ * 64 rows. S = Q Kᵀ is one chain of wgmma m64n128k16 per warpgroup with both
+ * operands in shared memory (128-byte swizzled tiles, the layout wgmma reads
+ * directly); O += P V takes P from registers (the scores' accumulator layout
+ * packs straight into wgmma's A fragments) and V from shared memory,
  * transposed by the instruction. Within a warpgroup the products of step
  * s + 1 and s overlap the softmax: S(s + 1) and P(s) V(s) are issued
  * together, the softmax of S(s + 1) runs while P(s) V(s) is still on the
- * tensor cores, and only the rescale of O waits for it. K and V are copied
- * with cp.async by all threads into two stages each, one step ahead, so one
- * barrier per step publishes them.
+ * tensor cores, and only the rescale of O waits for it.
+ *
+ * Two kernels share that step. FLEX_TMA 1 (the default): a third, producer
+ * warpgroup issues every copy by TMA, tied to the consumers by mbarriers,
+ * and the consumers take turns on the tensor cores. FLEX_TMA 0 (layouts TMA
+ * cannot take): all threads copy with cp.async and one barrier per step
+ * publishes the stages.
  *
  * Requires: 16-bit elements, FLEX_VEC (16-byte aligned rows), FLEX_DQ and
  * FLEX_DV in {64, 128}, FLEX_WARPS 8, FLEX_MT 1, FLEX_BLOCK_N 128.
@@ -178,6 +183,31 @@ static FLEX_DEVICE_INLINE void flex_sm90_pv(float (&o)[FLEX_DV / 8][4],
     }
 }
 
+/* Mods, mask and online softmax of a warpgroup's 64 x 128 scores: the
+ * plain path for blocks without mask or bounds, the masked one otherwise;
+ * with a score mod whose reads do not depend on the score, one copy of the
+ * score mod serves both (flex_softmax_probs_split). */
+static FLEX_DEVICE_INLINE void flex_sm90_softmax(const flex_fwd_params &p, flex_warp_state &st,
+                                                 float (&s)[16][4], float (&alphas)[2], int b,
+                                                 int h, int qrow0, int kv0, bool partial,
+                                                 bool bounds, int lane, unsigned &oob) {
+#if FLEX_HAS_SCORE_MOD && !FLEX_SCORE_INDEX_USES_SCORE
+    flex_softmax_probs_split<16>(p, st.m[0], st.l[0], s, alphas, b, h, qrow0, kv0, partial, bounds,
+                                 lane, oob);
+#else
+    if (partial || bounds)
+        flex_softmax_probs<true, 16>(p, st.m[0], st.l[0], s, alphas, b, h, qrow0, kv0, partial,
+                                     bounds, lane, oob);
+    else
+        flex_softmax_probs<false, 16>(p, st.m[0], st.l[0], s, alphas, b, h, qrow0, kv0, false,
+                                      false, lane, oob);
+#endif
+}
+
+#if !FLEX_TMA
+
+/* The cp.async kernel: K(j) and V(j) copied by all threads one step ahead
+ * into two stages each; one barrier per step publishes them. */
 extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
     flex_forward_kernel(const flex_fwd_params p) {
     extern __shared__ __align__(1024) unsigned char flex_smem[];
@@ -261,12 +291,8 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
         flex_u32 pa_next[FLEX_BLOCK_N / 16][4];
         if (!last) {
             const bool bounds = q_bounds || kv_cur + FLEX_BLOCK_N > p.Lkv;
-            if (partial_cur || bounds)
-                flex_softmax_probs<true, 16>(p, st.m[0], st.l[0], s, alphas, tile.b, tile.h, qrow0,
-                                             kv_cur, partial_cur, bounds, lane, oob);
-            else
-                flex_softmax_probs<false, 16>(p, st.m[0], st.l[0], s, alphas, tile.b, tile.h, qrow0,
-                                              kv_cur, false, false, lane, oob);
+            flex_sm90_softmax(p, st, s, alphas, tile.b, tile.h, qrow0, kv_cur, partial_cur, bounds,
+                              lane, oob);
             flex_pack_probs<16>(s, pa_next);
         }
         flex_wgmma_wait<0>();
@@ -286,7 +312,213 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
 
     flex_cp_async_wait<0>(); /* nothing in flight when the CTA ends */
     if (oob) atomicOr(p.bufs.bounds_flag, oob);
-    flex_store_output(p, st, tile, warp, lane);
+    flex_store_output(p, st.o, st.m, st.l, tile.b, tile.h, tile.q0, warp, lane);
 }
+
+#else /* FLEX_TMA */
+
+/* TMA copies: one thread issues each tile as 64-column boxes that land in
+ * wgmma's 128-byte swizzle, and an mbarrier per stage counts the bytes in.
+ * The host passes one tensor map per operand (dims D, L, H, B; rows beyond
+ * L and columns beyond D read as zero) as a second kernel parameter. */
+struct __align__(64) flex_tmap {
+    unsigned long long opaque[16];
+};
+struct flex_tmaps {
+    flex_tmap q, k, v;
+};
+
+static FLEX_DEVICE_INLINE void flex_mbar_init(flex_u32 bar, unsigned count) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
+}
+static FLEX_DEVICE_INLINE void flex_mbar_expect_tx(flex_u32 bar, unsigned bytes) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+                 : "memory");
+}
+/* Waits for the phase of parity `parity` to complete; traps after about
+ * 2^22 polls instead of hanging (the kernel then fails with an error). */
+static FLEX_DEVICE_INLINE void flex_mbar_wait(flex_u32 bar, unsigned parity) {
+    asm volatile("{\n"
+                 ".reg .pred done, more;\n"
+                 ".reg .u32 polls;\n"
+                 "mov.u32 polls, 0;\n"
+                 "FLEX_MBAR_POLL:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                 "@done bra.uni FLEX_MBAR_DONE;\n"
+                 "add.u32 polls, polls, 1;\n"
+                 "setp.lt.u32 more, polls, 4194304;\n"
+                 "@more bra.uni FLEX_MBAR_POLL;\n"
+                 "trap;\n"
+                 "FLEX_MBAR_DONE:\n"
+                 "}\n" ::"r"(bar),
+                 "r"(parity)
+                 : "memory");
+}
+static FLEX_DEVICE_INLINE void flex_tma_box(flex_u32 dst, const flex_tmap &map, int col, int row,
+                                            int h, int b, flex_u32 bar) {
+    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
+                 "l"(reinterpret_cast<unsigned long long>(&map)), "r"(col), "r"(row), "r"(h),
+                 "r"(b), "r"(bar)
+                 : "memory");
+}
+/* Rows [row0, row0 + ROWS) of head h, batch b: DPAD / 64 boxes, counted on bar. */
+template <int ROWS, int DPAD>
+static FLEX_DEVICE_INLINE void flex_tma_tile(flex_u32 dst, const flex_tmap &map, int row0, int h,
+                                             int b, flex_u32 bar) {
+    flex_mbar_expect_tx(bar, ROWS * DPAD * 2);
+#pragma unroll
+    for (int c = 0; c < DPAD / 64; c++)
+        flex_tma_box(dst + c * ROWS * 128, map, c * 64, row0, h, b, bar);
+}
+
+/* Warp specialisation: a producer warpgroup (one thread issues every TMA
+ * copy; the warpgroup gives its registers to the others) and two consumer
+ * warpgroups of 64 rows each, tied by mbarriers instead of CTA barriers:
+ * full barriers count the bytes of a stage in, empty barriers count the
+ * consumer warps done with it, so the producer runs up to two stages ahead.
+ * The consumers take turns issuing their products (named barriers 1 and
+ * 2), so that one warpgroup's softmax overlaps the other's products. */
+static FLEX_DEVICE_INLINE void flex_mbar_arrive(flex_u32 bar) {
+    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+static FLEX_DEVICE_INLINE void flex_named_sync(int id) {
+    asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory");
+}
+static FLEX_DEVICE_INLINE void flex_named_arrive(int id) {
+    asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory");
+}
+
+extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
+    flex_forward_kernel(const flex_fwd_params p, const __grid_constant__ flex_tmaps tm) {
+    extern __shared__ __align__(1024) unsigned char flex_smem[];
+    /* mbarriers: Q; full K 0, 1; full V 0, 1; empty K 0, 1; empty V 0, 1. */
+    __shared__ __align__(8) unsigned long long flex_bars[9];
+    const flex_u32 bar_q = flex_smem_addr(&flex_bars[0]);
+    const flex_u32 full_k = bar_q + 8, full_v = bar_q + 24, empty_k = bar_q + 40,
+                   empty_v = bar_q + 56;
+    const flex_u32 sQ = (flex_smem_addr(flex_smem) + 1023u) & ~1023u;
+    const flex_u32 sK = sQ + FLEX_BLOCK_M * FLEX_DQ * 2;
+    const flex_u32 sV = sK + 2 * FLEX_BLOCK_N * FLEX_DQ * 2;
+    constexpr flex_u32 K_STAGE = FLEX_BLOCK_N * FLEX_DQ * 2, V_STAGE = FLEX_BLOCK_N * FLEX_DV * 2;
+
+    const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7;
+    flex_tile tile;
+    if (!flex_tile_for(p, tile)) return;
+    const int nsteps = tile.nsteps;
+    if (tid == 0) {
+        flex_mbar_init(bar_q, 1);
+        for (int i = 0; i < 2; i++) {
+            flex_mbar_init(full_k + 8 * i, 1);
+            flex_mbar_init(full_v + 8 * i, 1);
+            flex_mbar_init(empty_k + 8 * i, FLEX_WARPS);
+            flex_mbar_init(empty_v + 8 * i, FLEX_WARPS);
+        }
+        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+    }
+    __syncthreads(); /* the last barrier of all 384 threads */
+
+    if (wg == 0) { /* producer */
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+        if (tid == 0 && nsteps > 0) {
+            const int hk = tile.h / (p.Hq / p.Hkv);
+            flex_tma_tile<FLEX_BLOCK_M, FLEX_DQ>(sQ, tm.q, tile.q0, tile.h, tile.b, bar_q);
+            for (int j = 0; j < nsteps; j++) {
+                const int st = j & 1;
+                const unsigned parity = ((j >> 1) + 1) & 1; /* the release of step j - 2 */
+                bool partial;
+                const int kv0 = flex_step_kv0(p, tile.walk, j, partial);
+                if (j >= 2) flex_mbar_wait(empty_k + 8 * st, parity);
+                flex_tma_tile<FLEX_BLOCK_N, FLEX_DQ>(sK + st * K_STAGE, tm.k, kv0, hk, tile.b,
+                                                     full_k + 8 * st);
+                if (j >= 2) flex_mbar_wait(empty_v + 8 * st, parity);
+                flex_tma_tile<FLEX_BLOCK_N, FLEX_DV>(sV + st * V_STAGE, tm.v, kv0, hk, tile.b,
+                                                     full_v + 8 * st);
+            }
+        }
+        return;
+    }
+
+    /* consumers: warpgroup c = wg - 1 owns rows 64 c .. 64 c + 63 */
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+    const int c = wg - 1, cwarp = (tid - 128) >> 5;
+    flex_warp_state st;
+    flex_init_state(st);
+    const int qrow0 = tile.q0 + cwarp * 16; /* this warp's 16 rows */
+    const bool q_bounds = tile.q0 + FLEX_BLOCK_M > p.Lq;
+    unsigned oob = 0;
+    const unsigned long long q_desc = flex_sw128_desc(sQ + c * 64 * 128, 16);
+    const unsigned long long k_desc0 = flex_sw128_desc(sK, 16);
+    const unsigned long long v_desc0 = flex_sw128_desc(sV, FLEX_BLOCK_N * 128);
+    /* Step 0's product multiplies P = 0 by the Q tile read as a V stage
+     * (any readable bytes: O is cleared after it). */
+    const unsigned long long v_desc_first = flex_sw128_desc(sQ, FLEX_BLOCK_N * 128);
+
+    float s[16][4];
+    flex_u32 pa[FLEX_BLOCK_N / 16][4];
+#pragma unroll
+    for (int kk = 0; kk < FLEX_BLOCK_N / 16; kk++)
+#pragma unroll
+        for (int r = 0; r < 4; r++)
+            pa[kk][r] = 0u;
+    if (nsteps > 0 && c == 1) flex_named_arrive(1);            /* consumer 0 goes first */
+    for (int step = 0; nsteps > 0 && step <= nsteps; step++) { /* no kv block: O = 0 */
+        const bool last = step == nsteps;
+        if (step == 0) flex_mbar_wait(bar_q, 0);
+        if (!last) flex_mbar_wait(full_k + 8 * (step & 1), (step >> 1) & 1);
+        if (step > 0) flex_mbar_wait(full_v + 8 * ((step - 1) & 1), ((step - 1) >> 1) & 1);
+
+        flex_sm90_descs d;
+        flex_sm90_make_descs(
+            d, q_desc, k_desc0 + (unsigned long long)(((step & 1) * K_STAGE) >> 4),
+            step == 0 ? v_desc_first
+                      : v_desc0 + (unsigned long long)((((step + 1) & 1) * V_STAGE) >> 4));
+        flex_named_sync(1 + c);
+        flex_wgmma_fence();
+        flex_sm90_scores(s, d);
+        flex_wgmma_commit();
+        flex_sm90_pv(st.o[0], pa, d);
+        flex_wgmma_commit();
+        flex_named_arrive(2 - c);
+
+        flex_wgmma_wait<1>(); /* S(step) is done; P V still runs */
+        flex_pin(s);
+        if (!last && lane == 0) flex_mbar_arrive(empty_k + 8 * (step & 1));
+        float alphas[2] = {1.0f, 1.0f};
+        flex_u32 pa_next[FLEX_BLOCK_N / 16][4];
+        if (!last) {
+            bool partial;
+            const int kv0 = flex_step_kv0(p, tile.walk, step, partial);
+            const bool bounds = q_bounds || kv0 + FLEX_BLOCK_N > p.Lkv;
+            flex_sm90_softmax(p, st, s, alphas, tile.b, tile.h, qrow0, kv0, partial, bounds, lane,
+                              oob);
+            flex_pack_probs<16>(s, pa_next);
+        }
+        flex_wgmma_wait<0>();
+        flex_pin(st.o[0]);
+        flex_pin(pa);
+        if (step > 0 && lane == 0) flex_mbar_arrive(empty_v + 8 * ((step - 1) & 1));
+        if (step == 0) {
+#pragma unroll
+            for (int dt = 0; dt < FLEX_DV / 8; dt++)
+#pragma unroll
+                for (int r = 0; r < 4; r++)
+                    st.o[0][dt][r] = 0.0f;
+        } else if (!last) {
+            flex_rescale(st.o[0], alphas);
+        }
+        if (!last) {
+#pragma unroll
+            for (int kk = 0; kk < FLEX_BLOCK_N / 16; kk++)
+#pragma unroll
+                for (int r = 0; r < 4; r++)
+                    pa[kk][r] = pa_next[kk][r];
+        }
+    }
+    if (nsteps > 0 && c == 0) flex_named_sync(1); /* consumer 1's last turn signal */
+    if (oob) atomicOr(p.bufs.bounds_flag, oob);
+    flex_store_output(p, st.o, st.m, st.l, tile.b, tile.h, tile.q0, cwarp, lane);
+}
+#endif /* FLEX_TMA */
 
 #endif /* FLEX_WGMMA */

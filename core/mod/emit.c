@@ -516,6 +516,24 @@ static void emit_function(strbuf *sb, const ir_mod *m, int slot_base, int is_mas
     }
 }
 
+/* 1 when some buffer read of m has an index that depends on the score. */
+static int index_uses_score(const ir_mod *m) {
+    if (!m || m->num_nodes <= 0) return 0;
+    unsigned char *dep = calloc((size_t)m->num_nodes, 1);
+    if (!dep) return 1; /* the cautious answer */
+    int uses = 0;
+    for (int i = 0; i < m->num_nodes; i++) {
+        const ir_node *n = &m->nodes[i];
+        int d = n->op == IR_SCORE;
+        for (int k = 0; k < n->nargs; k++)
+            d |= dep[n->args[k]];
+        dep[i] = (unsigned char)d;
+        if (n->op == IR_LOAD && d) uses = 1;
+    }
+    free(dep);
+    return uses;
+}
+
 char *flex_emit_mods(const ir_mod *mask, const ir_mod *score) {
     int slots = flex_emit_num_slots(mask, score);
     if (slots > FLEX_EMIT_MAX_SLOTS) return NULL;
@@ -524,6 +542,7 @@ char *flex_emit_mods(const ir_mod *mask, const ir_mod *score) {
     sb_printf(&sb, "#define FLEX_NUM_BUFFERS %d\n", slots);
     sb_printf(&sb, "#define FLEX_HAS_MASK_MOD %d\n", mask ? 1 : 0);
     sb_printf(&sb, "#define FLEX_HAS_SCORE_MOD %d\n", score ? 1 : 0);
+    sb_printf(&sb, "#define FLEX_SCORE_INDEX_USES_SCORE %d\n", index_uses_score(score));
     sb_printf(&sb, "%s", helper_text);
     sb_printf(&sb, "struct flex_buffers { flex_buffer buf[%d]; unsigned *bounds_flag; };\n",
               slots > 0 ? slots : 1);

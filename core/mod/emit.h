@@ -28,6 +28,8 @@
 /*
  * Returns a malloc'd string (caller frees) that defines, in this order:
  *   FLEX_NUM_BUFFERS, FLEX_HAS_MASK_MOD, FLEX_HAS_SCORE_MOD (0 or 1);
+ *   FLEX_SCORE_INDEX_USES_SCORE (1: a buffer index of the score mod depends
+ *   on the score, so its bounds bits cannot be had without the score);
  *   struct flex_buffer { const void *data; int sizes[4]; long long strides[4]; }
  *   struct flex_buffers { flex_buffer buf[...]; unsigned *bounds_flag; }
  *   __device__ bool  flex_mask_mod(int b, int h, int q, int kv, const flex_buffers &bufs,

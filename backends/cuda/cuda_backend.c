@@ -696,12 +696,13 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
     cfg.tma = cfg.wgmma && !(tma_env && strcmp(tma_env, "0") == 0) &&
               st->api->cuTensorMapEncodeTiled && tma_layout_ok(q) && tma_layout_ok(k) &&
               tma_layout_ok(v);
-    /* Q, two K/V stages; the wgmma kernel aligns its tiles to 1 KB itself. */
-    const size_t smem =
-        q->dtype == FLEX_F32
-            ? 0
-            : ((size_t)block_m * cfg.dq + 2u * cfg.block_n * (cfg.dq + cfg.dv)) * 2 +
-                  (cfg.wgmma ? 1024u : 0u);
+    /* Q (two buffers for the TMA kernel: a tile's and the next one's), two
+     * K/V stages; the wgmma kernels align their tiles to 1 KB themselves. */
+    const size_t smem = q->dtype == FLEX_F32 ? 0
+                                             : ((size_t)(cfg.tma ? 2 : 1) * block_m * cfg.dq +
+                                                2u * cfg.block_n * (cfg.dq + cfg.dv)) *
+                                                       2 +
+                                                   (cfg.wgmma ? 1024u : 0u);
     if ((int64_t)smem > st->smem_optin)
         return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
                          "the kernel for head dims %lld/%lld needs %zu bytes of shared memory; the "
@@ -800,6 +801,19 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
         } else {
             gy = (unsigned)((int64_t)p.mask_nq * p.tiles_per_row);
             threads = (unsigned)cfg.warps * 32 + (cfg.tma ? 128u : 0u); /* + the producer */
+        }
+        if (cfg.tma) {
+            /* Persistent: one CTA per SM walks its share of the tiles (a 1-D
+             * grid; FLEXATTN_CUDA_PERSISTENT=0: one CTA per tile). */
+            const int64_t tiles = (int64_t)gx * gy;
+            const char *env = getenv("FLEXATTN_CUDA_PERSISTENT");
+            const int persistent = !(env && strcmp(env, "0") == 0);
+            if (tiles > 0x7fffffff) {
+                gy = 65536; /* refused below: tile indices are ints */
+            } else {
+                gx = (unsigned)(persistent && tiles > st->sm_count ? st->sm_count : tiles);
+                gy = tiles > 0 ? 1 : 0;
+            }
         }
         if (gy > 65535 || B * Hq > 0x7fffffff)
             s = flex_fail(ctx, FLEX_ERR_UNSUPPORTED,

@@ -389,26 +389,60 @@ static FLEX_DEVICE_INLINE void flex_named_arrive(int id) {
     asm volatile("bar.arrive %0, 256;\n" ::"r"(id) : "memory");
 }
 
+/* The tiles of this CTA: with a grid of one CTA per tile that is the
+ * CTA's own; with fewer CTAs (persistent), CTA c of G takes the tiles c,
+ * 2G - 1 - c, 2G + c, ... of the order batch x head fastest, then the
+ * mask's rows heaviest first, so every round's G tiles weigh about the same
+ * and the snake evens out the rest. */
+struct flex_tile_cursor {
+    long long count; /* tiles in the grid order */
+    int round;
+};
+
+/* The cursor's next tile with at least one kv step (false: none left).
+ * Tiles without one are stored (zeros, -inf) by the consumer warps that
+ * pass store_empty, skipped by the producer. */
+static FLEX_DEVICE_INLINE bool flex_next_tile(const flex_fwd_params &p, flex_tile_cursor &cur,
+                                              flex_tile &tile, bool store_empty, int cwarp,
+                                              int lane) {
+    const long long g = gridDim.x;
+    const int bh_count = p.B * p.Hq;
+    for (cur.round++; cur.round * g < cur.count; cur.round++) {
+        const long long t = cur.round * g + ((cur.round & 1) ? g - 1 - blockIdx.x : blockIdx.x);
+        if (t >= cur.count || !flex_tile_at(p, (int)(t % bh_count), (int)(t / bh_count), tile))
+            continue;
+        if (tile.nsteps > 0) return true;
+        if (store_empty) {
+            flex_warp_state empty;
+            flex_init_state(empty);
+            flex_store_output(p, empty.o, empty.m, empty.l, tile.b, tile.h, tile.q0, cwarp, lane);
+        }
+    }
+    return false;
+}
+
 extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
     flex_forward_kernel(const flex_fwd_params p, const __grid_constant__ flex_tmaps tm) {
     extern __shared__ __align__(1024) unsigned char flex_smem[];
-    /* mbarriers: Q; full K 0, 1; full V 0, 1; empty K 0, 1; empty V 0, 1. */
-    __shared__ __align__(8) unsigned long long flex_bars[9];
-    const flex_u32 bar_q = flex_smem_addr(&flex_bars[0]);
-    const flex_u32 full_k = bar_q + 8, full_v = bar_q + 24, empty_k = bar_q + 40,
-                   empty_v = bar_q + 56;
+    /* mbarriers: full Q 0, 1; empty Q 0, 1; full K 0, 1; full V 0, 1;
+     * empty K 0, 1; empty V 0, 1. */
+    __shared__ __align__(8) unsigned long long flex_bars[12];
+    const flex_u32 full_q = flex_smem_addr(&flex_bars[0]), empty_q = full_q + 16,
+                   full_k = full_q + 32, full_v = full_q + 48, empty_k = full_q + 64,
+                   empty_v = full_q + 80;
+    /* Two Q buffers (a tile's and the next one's), two K stages, two V
+     * stages, each 1024-byte aligned. */
+    constexpr flex_u32 Q_BUF = FLEX_BLOCK_M * FLEX_DQ * 2, K_STAGE = FLEX_BLOCK_N * FLEX_DQ * 2,
+                       V_STAGE = FLEX_BLOCK_N * FLEX_DV * 2;
     const flex_u32 sQ = (flex_smem_addr(flex_smem) + 1023u) & ~1023u;
-    const flex_u32 sK = sQ + FLEX_BLOCK_M * FLEX_DQ * 2;
-    const flex_u32 sV = sK + 2 * FLEX_BLOCK_N * FLEX_DQ * 2;
-    constexpr flex_u32 K_STAGE = FLEX_BLOCK_N * FLEX_DQ * 2, V_STAGE = FLEX_BLOCK_N * FLEX_DV * 2;
+    const flex_u32 sK = sQ + 2 * Q_BUF;
+    const flex_u32 sV = sK + 2 * K_STAGE;
 
     const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7;
-    flex_tile tile;
-    if (!flex_tile_for(p, tile)) return;
-    const int nsteps = tile.nsteps;
     if (tid == 0) {
-        flex_mbar_init(bar_q, 1);
         for (int i = 0; i < 2; i++) {
+            flex_mbar_init(full_q + 8 * i, 1);
+            flex_mbar_init(empty_q + 8 * i, FLEX_WARPS);
             flex_mbar_init(full_k + 8 * i, 1);
             flex_mbar_init(full_v + 8 * i, 1);
             flex_mbar_init(empty_k + 8 * i, FLEX_WARPS);
@@ -417,21 +451,29 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads(); /* the last barrier of all 384 threads */
+    flex_tile_cursor cursor = {(long long)p.B * p.Hq * p.mask_nq * p.tiles_per_row, -1};
+    flex_tile tile;
 
+    /* Uses of a ring slot: the n-th fill of slot i waits for the release of
+     * fill n - 1, the (n - 1)-th completion of its empty barrier. */
     if (wg == 0) { /* producer */
         asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
-        if (tid == 0 && nsteps > 0) {
-            const int hk = tile.h / (p.Hq / p.Hkv);
-            flex_tma_tile<FLEX_BLOCK_M, FLEX_DQ>(sQ, tm.q, tile.q0, tile.h, tile.b, bar_q);
-            for (int j = 0; j < nsteps; j++) {
-                const int st = j & 1;
-                const unsigned parity = ((j >> 1) + 1) & 1; /* the release of step j - 2 */
+        if (tid != 0) return;
+        int g = 0; /* kv steps issued so far, over every tile */
+        for (int k = 0; flex_next_tile(p, cursor, tile, false, 0, 0); k++) {
+            const int hk = tile.h / (p.Hq / p.Hkv), qb = k & 1;
+            if (k >= 2) flex_mbar_wait(empty_q + 8 * qb, ((k >> 1) + 1) & 1);
+            flex_tma_tile<FLEX_BLOCK_M, FLEX_DQ>(sQ + qb * Q_BUF, tm.q, tile.q0, tile.h, tile.b,
+                                                 full_q + 8 * qb);
+            for (int j = 0; j < tile.nsteps; j++, g++) {
+                const int st = g & 1;
+                const unsigned parity = ((g >> 1) + 1) & 1;
                 bool partial;
                 const int kv0 = flex_step_kv0(p, tile.walk, j, partial);
-                if (j >= 2) flex_mbar_wait(empty_k + 8 * st, parity);
+                if (g >= 2) flex_mbar_wait(empty_k + 8 * st, parity);
                 flex_tma_tile<FLEX_BLOCK_N, FLEX_DQ>(sK + st * K_STAGE, tm.k, kv0, hk, tile.b,
                                                      full_k + 8 * st);
-                if (j >= 2) flex_mbar_wait(empty_v + 8 * st, parity);
+                if (g >= 2) flex_mbar_wait(empty_v + 8 * st, parity);
                 flex_tma_tile<FLEX_BLOCK_N, FLEX_DV>(sV + st * V_STAGE, tm.v, kv0, hk, tile.b,
                                                      full_v + 8 * st);
             }
@@ -442,82 +484,97 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
     /* consumers: warpgroup c = wg - 1 owns rows 64 c .. 64 c + 63 */
     asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
     const int c = wg - 1, cwarp = (tid - 128) >> 5;
-    flex_warp_state st;
-    flex_init_state(st);
-    const int qrow0 = tile.q0 + cwarp * 16; /* this warp's 16 rows */
-    const bool q_bounds = tile.q0 + FLEX_BLOCK_M > p.Lq;
     unsigned oob = 0;
-    const unsigned long long q_desc = flex_sw128_desc(sQ + c * 64 * 128, 16);
     const unsigned long long k_desc0 = flex_sw128_desc(sK, 16);
     const unsigned long long v_desc0 = flex_sw128_desc(sV, FLEX_BLOCK_N * 128);
-    /* Step 0's product multiplies P = 0 by the Q tile read as a V stage
-     * (any readable bytes: O is cleared after it). */
-    const unsigned long long v_desc_first = flex_sw128_desc(sQ, FLEX_BLOCK_N * 128);
 
     float s[16][4];
     flex_u32 pa[FLEX_BLOCK_N / 16][4];
+    if (c == 1) flex_named_arrive(1); /* consumer 0 goes first */
+    int g = 0;                        /* kv steps consumed so far, over every tile */
+    for (int k = 0; flex_next_tile(p, cursor, tile, true, cwarp, lane); k++) {
+        const int nsteps = tile.nsteps, qb = k & 1;
+        flex_warp_state st;
+        flex_init_state(st);
+        const int qrow0 = tile.q0 + cwarp * 16; /* this warp's 16 rows */
+        const bool q_bounds = tile.q0 + FLEX_BLOCK_M > p.Lq;
+        const unsigned long long q_desc = flex_sw128_desc(sQ + qb * Q_BUF + c * 64 * 128, 16);
+        /* Step 0's product multiplies P = 0 by the Q tile read as a V stage
+         * (any readable bytes: O is cleared after it). */
+        const unsigned long long v_desc_first =
+            flex_sw128_desc(sQ + qb * Q_BUF, FLEX_BLOCK_N * 128);
 #pragma unroll
-    for (int kk = 0; kk < FLEX_BLOCK_N / 16; kk++)
+        for (int kk = 0; kk < FLEX_BLOCK_N / 16; kk++)
 #pragma unroll
-        for (int r = 0; r < 4; r++)
-            pa[kk][r] = 0u;
-    if (nsteps > 0 && c == 1) flex_named_arrive(1);            /* consumer 0 goes first */
-    for (int step = 0; nsteps > 0 && step <= nsteps; step++) { /* no kv block: O = 0 */
-        const bool last = step == nsteps;
-        if (step == 0) flex_mbar_wait(bar_q, 0);
-        if (!last) flex_mbar_wait(full_k + 8 * (step & 1), (step >> 1) & 1);
-        if (step > 0) flex_mbar_wait(full_v + 8 * ((step - 1) & 1), ((step - 1) >> 1) & 1);
+            for (int r = 0; r < 4; r++)
+                pa[kk][r] = 0u;
+        flex_mbar_wait(full_q + 8 * qb, (k >> 1) & 1);
+        for (int step = 0; step <= nsteps; step++) {
+            /* Ring slots of this step's K and of the previous step's V. The
+             * last step's S reads a K slot it does not wait for (maybe the
+             * next tile's, arriving) and is not used. */
+            const bool last = step == nsteps;
+            const int gk = g + step, gv = g + step - 1;
+            if (!last) flex_mbar_wait(full_k + 8 * (gk & 1), (gk >> 1) & 1);
+            if (step > 0) flex_mbar_wait(full_v + 8 * (gv & 1), (gv >> 1) & 1);
 
-        flex_sm90_descs d;
-        flex_sm90_make_descs(
-            d, q_desc, k_desc0 + (unsigned long long)(((step & 1) * K_STAGE) >> 4),
-            step == 0 ? v_desc_first
-                      : v_desc0 + (unsigned long long)((((step + 1) & 1) * V_STAGE) >> 4));
-        flex_named_sync(1 + c);
-        flex_wgmma_fence();
-        flex_sm90_scores(s, d);
-        flex_wgmma_commit();
-        flex_sm90_pv(st.o[0], pa, d);
-        flex_wgmma_commit();
-        flex_named_arrive(2 - c);
+            flex_sm90_descs d;
+            flex_sm90_make_descs(
+                d, q_desc, k_desc0 + (unsigned long long)(((gk & 1) * K_STAGE) >> 4),
+                step == 0 ? v_desc_first
+                          : v_desc0 + (unsigned long long)((((gv & 1) * V_STAGE) >> 4)));
+            flex_named_sync(1 + c);
+            flex_wgmma_fence();
+            flex_sm90_scores(s, d);
+            flex_wgmma_commit();
+            flex_sm90_pv(st.o[0], pa, d);
+            flex_wgmma_commit();
+            flex_named_arrive(2 - c);
 
-        flex_wgmma_wait<1>(); /* S(step) is done; P V still runs */
-        flex_pin(s);
-        if (!last && lane == 0) flex_mbar_arrive(empty_k + 8 * (step & 1));
-        float alphas[2] = {1.0f, 1.0f};
-        flex_u32 pa_next[FLEX_BLOCK_N / 16][4];
-        if (!last) {
-            bool partial;
-            const int kv0 = flex_step_kv0(p, tile.walk, step, partial);
-            const bool bounds = q_bounds || kv0 + FLEX_BLOCK_N > p.Lkv;
-            flex_sm90_softmax(p, st, s, alphas, tile.b, tile.h, qrow0, kv0, partial, bounds, lane,
-                              oob);
-            flex_pack_probs<16>(s, pa_next);
+            flex_wgmma_wait<1>(); /* S(step) is done; P V still runs */
+            flex_pin(s);
+            if (lane == 0) {
+                if (!last)
+                    flex_mbar_arrive(empty_k + 8 * (gk & 1));
+                else
+                    flex_mbar_arrive(empty_q + 8 * qb); /* the tile's last read of Q */
+            }
+            float alphas[2] = {1.0f, 1.0f};
+            flex_u32 pa_next[FLEX_BLOCK_N / 16][4];
+            if (!last) {
+                bool partial;
+                const int kv0 = flex_step_kv0(p, tile.walk, step, partial);
+                const bool bounds = q_bounds || kv0 + FLEX_BLOCK_N > p.Lkv;
+                flex_sm90_softmax(p, st, s, alphas, tile.b, tile.h, qrow0, kv0, partial, bounds,
+                                  lane, oob);
+                flex_pack_probs<16>(s, pa_next);
+            }
+            flex_wgmma_wait<0>();
+            flex_pin(st.o[0]);
+            flex_pin(pa);
+            if (step > 0 && lane == 0) flex_mbar_arrive(empty_v + 8 * (gv & 1));
+            if (step == 0) {
+#pragma unroll
+                for (int dt = 0; dt < FLEX_DV / 8; dt++)
+#pragma unroll
+                    for (int r = 0; r < 4; r++)
+                        st.o[0][dt][r] = 0.0f;
+            } else if (!last) {
+                flex_rescale(st.o[0], alphas);
+            }
+            if (!last) {
+#pragma unroll
+                for (int kk = 0; kk < FLEX_BLOCK_N / 16; kk++)
+#pragma unroll
+                    for (int r = 0; r < 4; r++)
+                        pa[kk][r] = pa_next[kk][r];
+            }
         }
-        flex_wgmma_wait<0>();
-        flex_pin(st.o[0]);
-        flex_pin(pa);
-        if (step > 0 && lane == 0) flex_mbar_arrive(empty_v + 8 * ((step - 1) & 1));
-        if (step == 0) {
-#pragma unroll
-            for (int dt = 0; dt < FLEX_DV / 8; dt++)
-#pragma unroll
-                for (int r = 0; r < 4; r++)
-                    st.o[0][dt][r] = 0.0f;
-        } else if (!last) {
-            flex_rescale(st.o[0], alphas);
-        }
-        if (!last) {
-#pragma unroll
-            for (int kk = 0; kk < FLEX_BLOCK_N / 16; kk++)
-#pragma unroll
-                for (int r = 0; r < 4; r++)
-                    pa[kk][r] = pa_next[kk][r];
-        }
+        g += nsteps;
+        flex_store_output(p, st.o, st.m, st.l, tile.b, tile.h, tile.q0, cwarp, lane);
     }
-    if (nsteps > 0 && c == 0) flex_named_sync(1); /* consumer 1's last turn signal */
+    if (c == 0) flex_named_sync(1); /* consumer 1's last turn signal */
     if (oob) atomicOr(p.bufs.bounds_flag, oob);
-    flex_store_output(p, st.o, st.m, st.l, tile.b, tile.h, tile.q0, cwarp, lane);
 }
 #endif /* FLEX_TMA */
 

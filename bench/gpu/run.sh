@@ -47,7 +47,12 @@ fi
 echo "== flexattn CUDA forward (cold cache, then warm cache in a new process)"
 CACHE=$(mktemp -d)
 rm -f "$OUT/flexattn-cold.jsonl" "$OUT/flexattn-warm.jsonl" "$OUT/torch.jsonl"
-FLEXATTN_CACHE_DIR=$CACHE "$BUILD/bench_cuda" --len "$LEN" --json "$OUT/flexattn-cold.jsonl" 2>&1 | tee "$OUT/bench.log"
+# Cold means no compiled kernel anywhere: NVRTC (CUDA 12.9 and later) keeps
+# its own cache of compiled programs under $HOME/.nv/ComputeCache, so the
+# cold process gets a fresh HOME as well as a fresh flexattn cache.
+COLD_HOME=$(mktemp -d)
+HOME=$COLD_HOME XDG_CACHE_HOME=$COLD_HOME/.cache FLEXATTN_CACHE_DIR=$CACHE "$BUILD/bench_cuda" \
+    --len "$LEN" --json "$OUT/flexattn-cold.jsonl" 2>&1 | tee "$OUT/bench.log"
 FLEXATTN_CACHE_DIR=$CACHE "$BUILD/bench_cuda" --len "$LEN" --json "$OUT/flexattn-warm.jsonl" 2>&1 | tee -a "$OUT/bench.log"
 
 if [ -n "${TILE_SWEEP:-}" ]; then

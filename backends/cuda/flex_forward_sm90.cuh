@@ -335,8 +335,10 @@ static FLEX_DEVICE_INLINE void flex_mbar_expect_tx(flex_u32 bar, unsigned bytes)
     asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
                  : "memory");
 }
-/* Waits for the phase of parity `parity` to complete; traps after about
- * 2^22 polls instead of hanging (the kernel then fails with an error). */
+/* Waits for the phase of parity `parity` to complete. A phase that never
+ * completes is a bug; after 2^28 polls (minutes: each poll suspends the
+ * warp for a while) the kernel traps, so it fails with an error instead of
+ * hanging the process. */
 static FLEX_DEVICE_INLINE void flex_mbar_wait(flex_u32 bar, unsigned parity) {
     asm volatile("{\n"
                  ".reg .pred done, more;\n"
@@ -346,7 +348,7 @@ static FLEX_DEVICE_INLINE void flex_mbar_wait(flex_u32 bar, unsigned parity) {
                  "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
                  "@done bra.uni FLEX_MBAR_DONE;\n"
                  "add.u32 polls, polls, 1;\n"
-                 "setp.lt.u32 more, polls, 4194304;\n"
+                 "setp.lt.u32 more, polls, 268435456;\n"
                  "@more bra.uni FLEX_MBAR_POLL;\n"
                  "trap;\n"
                  "FLEX_MBAR_DONE:\n"

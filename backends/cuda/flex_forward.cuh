@@ -329,6 +329,28 @@ static FLEX_DEVICE_INLINE void flex_softmax_update(const flex_fwd_params &p, flo
     }
 }
 
+/* Row and key of score r of n-tile nt in this lane's share of a 16-row
+ * m-tile (the m16n8 accumulator layout). */
+static FLEX_DEVICE_INLINE int flex_score_q(int qrow0, int lane, int r) {
+    return qrow0 + (lane >> 2) + ((r & 2) ? 8 : 0);
+}
+static FLEX_DEVICE_INLINE int flex_score_kv(int kv0, int lane, int nt, int r) {
+    return kv0 + nt * 8 + (lane & 3) * 2 + (r & 1);
+}
+
+/* Whether the score at (q, kv) of a partial and/or bounds block is kept:
+ * inside the sequences and, in a partial block, allowed by the mask mod,
+ * whose buffer-bounds bits count only inside the sequences. */
+static FLEX_DEVICE_INLINE bool flex_keep(const flex_fwd_params &p, int b, int h, int q, int kv,
+                                         bool partial, bool bounds, unsigned &oob) {
+    unsigned mask_oob = 0;
+    const bool inside = !bounds || (q < p.Lq && kv < p.Lkv);
+    const bool allowed = flex_mask_mod(b, h, q, kv, p.bufs, mask_oob);
+    const bool keep = inside && (!partial || allowed);
+    oob |= (inside && partial) ? mask_oob : 0u;
+    return keep;
+}
+
 /* Scores of one 16-row m-tile (NT n-tiles of 8 keys, the m16n8 accumulator
  * layout that wgmma's m64 accumulators share per warp) -> mods, mask and
  * the online-softmax update of the tile's rows (flex_softmax_update). */
@@ -344,21 +366,13 @@ flex_softmax_probs(const flex_fwd_params &p, float (&m)[2], float (&l)[2], float
     for (int nt = 0; nt < NT; nt++) {
 #pragma unroll
         for (int r = 0; r < 4; r++) {
-            const int q = qrow0 + (lane >> 2) + ((r & 2) ? 8 : 0);
-            const int kv = kv0 + nt * 8 + (lane & 3) * 2 + (r & 1);
+            const int q = flex_score_q(qrow0, lane, r), kv = flex_score_kv(kv0, lane, nt, r);
             float x = s[nt][r];
             /* Without branches (a branch per score keeps the compiler from
              * interleaving the scores): the mods run for every score, the
              * buffer-bounds bits they raise count only where the score is
              * kept (mods have no stores; their loads are clamped). */
-            bool keep = true;
-            if (MASKED) {
-                unsigned mask_oob = 0;
-                const bool inside = !bounds || (q < p.Lq && kv < p.Lkv);
-                const bool allowed = flex_mask_mod(b, h, q, kv, p.bufs, mask_oob);
-                keep = inside && (!partial || allowed);
-                oob |= (inside && partial) ? mask_oob : 0u;
-            }
+            const bool keep = !MASKED || flex_keep(p, b, h, q, kv, partial, bounds, oob);
 #if FLEX_HAS_SCORE_MOD
             unsigned score_oob = 0;
             x = flex_score_mod(__fmul_rn(x, p.scale), b, h, q, kv, p.bufs, score_oob) * FLEX_LOG2E;
@@ -400,8 +414,7 @@ flex_softmax_probs_split(const flex_fwd_params &p, float (&m)[2], float (&l)[2],
     for (int nt = 0; nt < NT; nt++)
 #pragma unroll
         for (int r = 0; r < 4; r++) {
-            const int q = qrow0 + (lane >> 2) + ((r & 2) ? 8 : 0);
-            const int kv = kv0 + nt * 8 + (lane & 3) * 2 + (r & 1);
+            const int q = flex_score_q(qrow0, lane, r), kv = flex_score_kv(kv0, lane, nt, r);
             s[nt][r] =
                 flex_score_mod(__fmul_rn(s[nt][r], p.scale), b, h, q, kv, p.bufs, score_oob) *
                 FLEX_LOG2E;
@@ -411,13 +424,8 @@ flex_softmax_probs_split(const flex_fwd_params &p, float (&m)[2], float (&l)[2],
         for (int nt = 0; nt < NT; nt++)
 #pragma unroll
             for (int r = 0; r < 4; r++) {
-                const int q = qrow0 + (lane >> 2) + ((r & 2) ? 8 : 0);
-                const int kv = kv0 + nt * 8 + (lane & 3) * 2 + (r & 1);
-                unsigned mask_oob = 0;
-                const bool inside = !bounds || (q < p.Lq && kv < p.Lkv);
-                const bool allowed = flex_mask_mod(b, h, q, kv, p.bufs, mask_oob);
-                const bool keep = inside && (!partial || allowed);
-                oob |= (inside && partial) ? mask_oob : 0u;
+                const int q = flex_score_q(qrow0, lane, r), kv = flex_score_kv(kv0, lane, nt, r);
+                const bool keep = flex_keep(p, b, h, q, kv, partial, bounds, oob);
                 oob |= keep ? flex_score_oob(b, h, q, kv, p.bufs) : 0u;
                 s[nt][r] = keep ? s[nt][r] : FLEX_NEG_INF;
             }

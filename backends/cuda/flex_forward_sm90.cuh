@@ -183,14 +183,16 @@ static FLEX_DEVICE_INLINE void flex_sm90_pv(float (&o)[FLEX_DV / 8][4],
     }
 }
 
-/* Mods, mask and online softmax of a warpgroup's 64 x 128 scores: the
- * plain path for blocks without mask or bounds, the masked one otherwise;
- * with a score mod whose reads do not depend on the score, one copy of the
- * score mod serves both (flex_softmax_probs_split). */
-static FLEX_DEVICE_INLINE void flex_sm90_softmax(const flex_fwd_params &p, flex_warp_state &st,
-                                                 float (&s)[16][4], float (&alphas)[2], int b,
-                                                 int h, int qrow0, int kv0, bool partial,
-                                                 bool bounds, int lane, unsigned &oob) {
+/* Mods, mask and online softmax of a warpgroup's 64 x 128 scores of the
+ * step at kv0, packed as the A fragments of the next P V: the plain path
+ * for blocks without mask or bounds, the masked one otherwise; with a score
+ * mod whose reads do not depend on the score, one copy of the score mod
+ * serves both (flex_softmax_probs_split). */
+static FLEX_DEVICE_INLINE void
+flex_sm90_probs(const flex_fwd_params &p, flex_warp_state &st, float (&s)[16][4],
+                flex_u32 (&pa)[FLEX_BLOCK_N / 16][4], float (&alphas)[2], int b, int h, int qrow0,
+                int kv0, bool partial, bool q_bounds, int lane, unsigned &oob) {
+    const bool bounds = q_bounds || kv0 + FLEX_BLOCK_N > p.Lkv;
 #if FLEX_HAS_SCORE_MOD && !FLEX_SCORE_INDEX_USES_SCORE
     flex_softmax_probs_split<16>(p, st.m[0], st.l[0], s, alphas, b, h, qrow0, kv0, partial, bounds,
                                  lane, oob);
@@ -202,6 +204,29 @@ static FLEX_DEVICE_INLINE void flex_sm90_softmax(const flex_fwd_params &p, flex_
         flex_softmax_probs<false, 16>(p, st.m[0], st.l[0], s, alphas, b, h, qrow0, kv0, false,
                                       false, lane, oob);
 #endif
+    flex_pack_probs<16>(s, pa);
+}
+
+/* O after step 0's product, which multiplied P = 0 by the Q tile read as a
+ * V stage (any readable bytes, so the product may hold NaN): zero. Step 0
+ * still issues that product because a product issued on one path only
+ * makes ptxas serialise all of them. */
+static FLEX_DEVICE_INLINE void flex_sm90_clear(float (&o)[FLEX_DV / 8][4]) {
+#pragma unroll
+    for (int dt = 0; dt < FLEX_DV / 8; dt++)
+#pragma unroll
+        for (int r = 0; r < 4; r++)
+            o[dt][r] = 0.0f;
+}
+
+/* P of the step just finished becomes the operand of the next product. */
+static FLEX_DEVICE_INLINE void flex_sm90_take_probs(flex_u32 (&pa)[FLEX_BLOCK_N / 16][4],
+                                                    const flex_u32 (&next)[FLEX_BLOCK_N / 16][4]) {
+#pragma unroll
+    for (int kk = 0; kk < FLEX_BLOCK_N / 16; kk++)
+#pragma unroll
+        for (int r = 0; r < 4; r++)
+            pa[kk][r] = next[kk][r];
 }
 
 #if !FLEX_TMA
@@ -232,13 +257,15 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
     const unsigned long long q_desc = flex_sw128_desc(sQ + wg * 64 * 128, 16);
     const unsigned long long k_desc0 = flex_sw128_desc(sK, 16);
     const unsigned long long v_desc0 = flex_sw128_desc(sV, FLEX_BLOCK_N * 128);
+    const unsigned long long v_desc_first = flex_sw128_desc(sQ, FLEX_BLOCK_N * 128);
 
     /* Step j computes S(j) beside P(j - 1) V(j - 1), then the softmax of
      * S(j) while that product runs. Every product is issued on every step
      * (a product issued on one path only makes ptxas serialise all of them):
-     * step 0 multiplies P = 0 by a zeroed V stage, step nsteps computes an S
-     * on a stale K stage and does not use it. K(j) sits in K stage j & 1,
-     * V(j) in V stage j & 1; each is copied one step before it is used. */
+     * step 0 multiplies P = 0 by the Q tile (flex_sm90_clear), step nsteps
+     * computes an S on a stale K stage and does not use it. K(j) sits in K
+     * stage j & 1, V(j) in V stage j & 1; each is copied one step before it
+     * is used. */
     int kv_cur = 0, kv_next = 0;
     bool partial_cur = false, partial_next = false;
     float s[16][4];
@@ -252,10 +279,6 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
         kv_cur = flex_step_kv0(p, tile.walk, 0, partial_cur);
         flex_load_tile<FLEX_BLOCK_M, FLEX_DQ, true>(sQ, tile.gq, p.q_ss, tile.q0, p.Lq, p.D, tid);
         flex_load_tile<FLEX_BLOCK_N, FLEX_DQ, true>(sK, tile.gk, p.k_ss, kv_cur, p.Lkv, p.D, tid);
-        /* V stage 1 feeds step 0's product with P = 0: zeros, never NaN. */
-        for (int i = tid; i < V_STAGE / 16; i += FLEX_THREADS)
-            asm volatile("st.shared.v4.u32 [%0], {%1, %1, %1, %1};\n" ::"r"(sV + V_STAGE + i * 16),
-                         "r"(0u));
         flex_cp_async_commit();
     }
     for (int step = 0; nsteps > 0 && step <= nsteps; step++) { /* no kv block: O = 0 */
@@ -277,8 +300,10 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
         flex_cp_async_commit();
 
         flex_sm90_descs d;
-        flex_sm90_make_descs(d, q_desc, k_desc0 + (unsigned long long)(((step & 1) * K_STAGE) >> 4),
-                             v_desc0 + (unsigned long long)((((step + 1) & 1) * V_STAGE) >> 4));
+        flex_sm90_make_descs(
+            d, q_desc, k_desc0 + (unsigned long long)(((step & 1) * K_STAGE) >> 4),
+            step == 0 ? v_desc_first
+                      : v_desc0 + (unsigned long long)((((step + 1) & 1) * V_STAGE) >> 4));
         flex_wgmma_fence();
         flex_sm90_scores(s, d);
         flex_wgmma_commit();
@@ -289,22 +314,18 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
         flex_pin(s);
         float alphas[2] = {1.0f, 1.0f};
         flex_u32 pa_next[FLEX_BLOCK_N / 16][4];
-        if (!last) {
-            const bool bounds = q_bounds || kv_cur + FLEX_BLOCK_N > p.Lkv;
-            flex_sm90_softmax(p, st, s, alphas, tile.b, tile.h, qrow0, kv_cur, partial_cur, bounds,
-                              lane, oob);
-            flex_pack_probs<16>(s, pa_next);
-        }
+        if (!last)
+            flex_sm90_probs(p, st, s, pa_next, alphas, tile.b, tile.h, qrow0, kv_cur, partial_cur,
+                            q_bounds, lane, oob);
         flex_wgmma_wait<0>();
         flex_pin(st.o[0]);
         flex_pin(pa);
-        if (!last) {
+        if (step == 0)
+            flex_sm90_clear(st.o[0]);
+        else if (!last)
             flex_rescale(st.o[0], alphas);
-#pragma unroll
-            for (int kk = 0; kk < FLEX_BLOCK_N / 16; kk++)
-#pragma unroll
-                for (int r = 0; r < 4; r++)
-                    pa[kk][r] = pa_next[kk][r];
+        if (!last) {
+            flex_sm90_take_probs(pa, pa_next);
             kv_cur = kv_next;
             partial_cur = partial_next;
         }
@@ -501,8 +522,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
         const int qrow0 = tile.q0 + cwarp * 16; /* this warp's 16 rows */
         const bool q_bounds = tile.q0 + FLEX_BLOCK_M > p.Lq;
         const unsigned long long q_desc = flex_sw128_desc(sQ + qb * Q_BUF + c * 64 * 128, 16);
-        /* Step 0's product multiplies P = 0 by the Q tile read as a V stage
-         * (any readable bytes: O is cleared after it). */
+        /* Step 0's product reads the Q tile as its V stage (flex_sm90_clear). */
         const unsigned long long v_desc_first =
             flex_sw128_desc(sQ + qb * Q_BUF, FLEX_BLOCK_N * 128);
 #pragma unroll
@@ -546,31 +566,18 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
             if (!last) {
                 bool partial;
                 const int kv0 = flex_step_kv0(p, tile.walk, step, partial);
-                const bool bounds = q_bounds || kv0 + FLEX_BLOCK_N > p.Lkv;
-                flex_sm90_softmax(p, st, s, alphas, tile.b, tile.h, qrow0, kv0, partial, bounds,
-                                  lane, oob);
-                flex_pack_probs<16>(s, pa_next);
+                flex_sm90_probs(p, st, s, pa_next, alphas, tile.b, tile.h, qrow0, kv0, partial,
+                                q_bounds, lane, oob);
             }
             flex_wgmma_wait<0>();
             flex_pin(st.o[0]);
             flex_pin(pa);
             if (step > 0 && lane == 0) flex_mbar_arrive(empty_v + 8 * (gv & 1));
-            if (step == 0) {
-#pragma unroll
-                for (int dt = 0; dt < FLEX_DV / 8; dt++)
-#pragma unroll
-                    for (int r = 0; r < 4; r++)
-                        st.o[0][dt][r] = 0.0f;
-            } else if (!last) {
+            if (step == 0)
+                flex_sm90_clear(st.o[0]);
+            else if (!last)
                 flex_rescale(st.o[0], alphas);
-            }
-            if (!last) {
-#pragma unroll
-                for (int kk = 0; kk < FLEX_BLOCK_N / 16; kk++)
-#pragma unroll
-                    for (int r = 0; r < 4; r++)
-                        pa[kk][r] = pa_next[kk][r];
-            }
+            if (!last) flex_sm90_take_probs(pa, pa_next);
         }
         g += nsteps;
         flex_store_output(p, st.o, st.m, st.l, tile.b, tile.h, tile.q0, cwarp, lane);

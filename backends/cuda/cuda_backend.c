@@ -434,10 +434,10 @@ static flex_status launch_blob(flex_context *ctx, cuda_state *st, CUfunction fn,
     if (r != 0 && st->api->cuFuncGetAttribute) {
         /* Say what the launch asked for: registers, shared memory, block. */
         int regs = -1, static_smem = -1, max_threads = -1, local = -1;
-        st->api->cuFuncGetAttribute(&regs, 4, fn);
-        st->api->cuFuncGetAttribute(&static_smem, 1, fn);
-        st->api->cuFuncGetAttribute(&max_threads, 0, fn);
-        st->api->cuFuncGetAttribute(&local, 3, fn);
+        st->api->cuFuncGetAttribute(&regs, FLEX_CU_FUNC_ATTRIBUTE_NUM_REGS, fn);
+        st->api->cuFuncGetAttribute(&static_smem, FLEX_CU_FUNC_ATTRIBUTE_SHARED_SIZE_BYTES, fn);
+        st->api->cuFuncGetAttribute(&max_threads, FLEX_CU_FUNC_ATTRIBUTE_MAX_THREADS_PER_BLOCK, fn);
+        st->api->cuFuncGetAttribute(&local, FLEX_CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, fn);
         char what[256];
         snprintf(what, sizeof what,
                  "cuLaunchKernel (%u threads of at most %d, %d registers, %d bytes local, %d + %u "
@@ -609,19 +609,20 @@ static void choose_tiles(flex_cuda_fwd_config *cfg, int q_block, int kv_block, i
     }
 }
 
-/* TMA needs 16-byte aligned rows and strides (16-bit elements: multiples
- * of 8) that grow from the sequence to the head to the batch dimension. */
+/* TMA boxes need strides that are positive and grow from the sequence to
+ * the head to the batch dimension (a size-1 dimension's stride is free);
+ * the 16-byte rows and strides it also needs come with the wgmma kernel. */
 static int tma_layout_ok(const flex_tensor *t) {
     const int64_t ss = t->strides[2], sh = t->strides[1], sb = t->strides[0];
-    return aligned16(t->data) && ss > 0 && ss % 8 == 0 && sh % 8 == 0 && sb % 8 == 0 &&
-           (t->sizes[1] == 1 || sh >= ss) && (t->sizes[0] == 1 || sb >= sh) && sh > 0 && sb > 0;
+    return ss > 0 && sh > 0 && sb > 0 && (t->sizes[1] == 1 || sh >= ss) &&
+           (t->sizes[0] == 1 || sb >= sh);
 }
 
 /* A tiled tensor map of t (dims D, L, H, B) with 128-row boxes of 64
- * columns in the 128-byte swizzle, into out (128 bytes, 64-byte aligned). */
+ * columns in the 128-byte swizzle, into map (128 bytes, 64-byte aligned).
+ * The elements are copied as UINT16 bits; out-of-range ones read as zero. */
 static flex_status encode_tensor_map(flex_context *ctx, cuda_state *st, const flex_tensor *t,
-                                     unsigned char *out) {
-    _Alignas(64) unsigned char map[128];
+                                     unsigned char *map) {
     const unsigned long long dims[4] = {
         (unsigned long long)t->sizes[3], (unsigned long long)t->sizes[2],
         (unsigned long long)t->sizes[1], (unsigned long long)t->sizes[0]};
@@ -629,14 +630,13 @@ static flex_status encode_tensor_map(flex_context *ctx, cuda_state *st, const fl
                                            (unsigned long long)t->strides[1] * 2,
                                            (unsigned long long)t->strides[0] * 2};
     const unsigned box[4] = {64, 128, 1, 1}, unit[4] = {1, 1, 1, 1};
-    /* UINT16 elements (the bits are copied), no interleave, 128-byte
-     * swizzle, 128-byte L2 promotion, out-of-range elements zero. */
-    CUresult r =
-        st->api->cuTensorMapEncodeTiled(map, 1, 4, t->data, dims, strides, box, unit, 0, 3, 2, 0);
-    flex_status s = check_cu(ctx, st->api, r, "cuTensorMapEncodeTiled");
-    if (s) return s;
-    memcpy(out, map, sizeof map);
-    return FLEX_OK;
+    return check_cu(ctx, st->api,
+                    st->api->cuTensorMapEncodeTiled(
+                        map, FLEX_CU_TENSOR_MAP_DATA_TYPE_UINT16, 4, t->data, dims, strides, box,
+                        unit, FLEX_CU_TENSOR_MAP_INTERLEAVE_NONE, FLEX_CU_TENSOR_MAP_SWIZZLE_128B,
+                        FLEX_CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                        FLEX_CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE),
+                    "cuTensorMapEncodeTiled");
 }
 
 static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {

@@ -482,18 +482,11 @@ static void emit_function(strbuf *sb, const ir_mod *m, int slot_base, int is_mas
     const mod_box box = {{0, 0, 0, 0},
                          {FLEX_EMIT_SHORT_HEADS - 1, FLEX_EMIT_SHORT_HEADS - 1,
                           FLEX_EMIT_SHORT_LEN - 1, FLEX_EMIT_SHORT_LEN - 1}};
-    int64_t *lo = malloc((size_t)m->num_nodes * sizeof *lo);
-    int64_t *hi = malloc((size_t)m->num_nodes * sizeof *hi);
     unsigned char *short_int = malloc((size_t)m->num_nodes);
-    if (lo && hi && short_int && mod_interval_int_ranges(m, &box, lo, hi) == 0) {
-        for (int i = 0; i < m->num_nodes; i++)
-            short_int[i] = m->nodes[i].type == IR_INT && lo[i] >= -(1 << 22) && hi[i] <= (1 << 22);
-    } else {
+    if (short_int && mod_interval_ints_within(m, &box, 1 << 22, short_int) != 0) {
         free(short_int);
         short_int = NULL; /* nothing proved: the general conversion everywhere */
     }
-    free(lo);
-    free(hi);
     for (int i = 0; i < m->num_nodes; i++) {
         sb_printf(sb, "    const %s v%d = ", ctype(m->nodes[i].type), i);
         emit_node(sb, m, i, slot_base, short_int);

@@ -98,11 +98,12 @@ size_t mod_interval_scratch_size(const ir_mod *m);
 mod_tri mod_interval_mask(const ir_mod *m, const mod_range_tables *tables, const mod_box *box,
                           void *scratch);
 
-/* Inclusive ranges of every int node of m over box, with buffer reads taken
- * as any int32 (no tables): lo and hi hold m->num_nodes entries each (nodes
- * of other types get the int32 range). For code generation, which may use
- * cheaper arithmetic where a value provably stays small. 0 on success, -1
- * for an empty box or no memory. */
-int mod_interval_int_ranges(const ir_mod *m, const mod_box *box, int64_t *lo, int64_t *hi);
+/* For code generation, which may use cheaper arithmetic where a value
+ * provably stays small: within[i] = 1 when node i is an int whose every
+ * value over box, buffer reads taken as any int32 (no tables), lies in
+ * [-limit, limit]. within holds m->num_nodes entries. 0 on success, -1 for
+ * an empty box or no memory. */
+int mod_interval_ints_within(const ir_mod *m, const mod_box *box, int64_t limit,
+                             unsigned char *within);
 
 #endif /* FLEXATTN_MOD_EVAL_H */

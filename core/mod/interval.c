@@ -1054,18 +1054,16 @@ mod_tri mod_interval_mask(const ir_mod *m, const mod_range_tables *tables, const
     return t == MOD_TRI_TRUE ? MOD_TRI_TRUE : t == MOD_TRI_FALSE ? MOD_TRI_FALSE : MOD_TRI_UNKNOWN;
 }
 
-int mod_interval_int_ranges(const ir_mod *m, const mod_box *box, int64_t *lo, int64_t *hi) {
+int mod_interval_ints_within(const ir_mod *m, const mod_box *box, int64_t limit,
+                             unsigned char *within) {
     if (!m || !box || m->num_nodes <= 0) return -1;
     for (int d = 0; d < 4; d++)
         if (box->lo[d] > box->hi[d]) return -1;
     ival *v = malloc(mod_interval_scratch_size(m));
     if (!v) return -1;
     analyse_nodes(m, NULL, box, v, 0);
-    for (int i = 0; i < m->num_nodes; i++) {
-        const int is_int = m->nodes[i].type == IR_INT;
-        lo[i] = is_int ? v[i].lo : INT32_MIN;
-        hi[i] = is_int ? v[i].hi : INT32_MAX;
-    }
+    for (int i = 0; i < m->num_nodes; i++)
+        within[i] = m->nodes[i].type == IR_INT && v[i].lo >= -limit && v[i].hi <= limit;
     free(v);
     return 0;
 }

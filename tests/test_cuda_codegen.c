@@ -77,6 +77,11 @@ static int next_case;
 static pthread_mutex_t case_lock = PTHREAD_MUTEX_INITIALIZER;
 static const flex_cuda_api *api;
 
+/* The wgmma kernel's tiles are fixed (two warpgroups x 64 rows, 128-key
+ * steps, 16-byte rows); what varies is the dtype, head dims and copies. */
+#define WGMMA_CONFIG(...)                                                                          \
+    { .warps = 8, .mt = 1, .block_n = 128, .vec = 1, .wgmma = 1, __VA_ARGS__ }
+
 /* Small tiles keep the many mod compiles quick (the mods are what differs);
  * the production tile sizes are compiled for a few mods below. */
 static const flex_cuda_fwd_config configs[] = {
@@ -92,74 +97,51 @@ static const flex_cuda_fwd_config configs[] = {
     {.dtype = FLEX_F16, .dq = 64, .dv = 64, .warps = 4, .mt = 1, .block_n = 16},
     {.dtype = FLEX_F32, .dq = 64, .dv = 64, .warps = 4, .mt = 1, .scale_positive = 1},
 };
-/* The production tiles; the wgmma ones compile for sm_90a only. */
-static const flex_cuda_fwd_config full_configs[] = {
-    {.dtype = FLEX_BF16,
-     .dq = 128,
-     .dv = 128,
-     .warps = 4,
-     .mt = 2,
-     .block_n = 64,
-     .vec = 1,
-     .scale_positive = 1},
-    {.dtype = FLEX_F16, .dq = 256, .dv = 192, .warps = 4, .mt = 1, .block_n = 32, .vec = 1},
-    {.dtype = FLEX_BF16,
-     .dq = 128,
-     .dv = 128,
-     .warps = 8,
-     .mt = 1,
-     .block_n = 64,
-     .vec = 1,
-     .scale_positive = 1},
-    {.dtype = FLEX_F16,
-     .dq = 128,
-     .dv = 64,
-     .warps = 4,
-     .mt = 2,
-     .block_n = 64,
-     .scale_positive = 1},
-    {.dtype = FLEX_BF16,
-     .dq = 128,
-     .dv = 128,
-     .warps = 8,
-     .mt = 1,
-     .block_n = 128,
-     .vec = 1,
-     .scale_positive = 1,
-     .wgmma = 1,
-     .short_indices = 1},
-    {.dtype = FLEX_F16,
-     .dq = 64,
-     .dv = 128,
-     .warps = 8,
-     .mt = 1,
-     .block_n = 128,
-     .vec = 1,
-     .wgmma = 1},
-    /* The wgmma kernel with its TMA producer warpgroup. */
-    {.dtype = FLEX_BF16,
-     .dq = 128,
-     .dv = 128,
-     .warps = 8,
-     .mt = 1,
-     .block_n = 128,
-     .vec = 1,
-     .scale_positive = 1,
-     .wgmma = 1,
-     .tma = 1},
-    {.dtype = FLEX_F16,
-     .dq = 64,
-     .dv = 128,
-     .warps = 8,
-     .mt = 1,
-     .block_n = 128,
-     .vec = 1,
-     .wgmma = 1,
-     .tma = 1},
+/* The production tiles and the machine code each is compiled to (NULL:
+ * both sm_80 and sm_90a; the wgmma kernels exist on sm_90a only). */
+static const struct {
+    flex_cuda_fwd_config cfg;
+    const char *arch;
+} full_configs[] = {
+    {{.dtype = FLEX_BF16,
+      .dq = 128,
+      .dv = 128,
+      .warps = 4,
+      .mt = 2,
+      .block_n = 64,
+      .vec = 1,
+      .scale_positive = 1},
+     NULL},
+    {{.dtype = FLEX_F16, .dq = 256, .dv = 192, .warps = 4, .mt = 1, .block_n = 32, .vec = 1},
+     "sm_90a"},
+    {{.dtype = FLEX_BF16,
+      .dq = 128,
+      .dv = 128,
+      .warps = 8,
+      .mt = 1,
+      .block_n = 64,
+      .vec = 1,
+      .scale_positive = 1},
+     "sm_90a"},
+    {{.dtype = FLEX_F16,
+      .dq = 128,
+      .dv = 64,
+      .warps = 4,
+      .mt = 2,
+      .block_n = 64,
+      .scale_positive = 1},
+     "sm_80"},
+    {WGMMA_CONFIG(.dtype = FLEX_BF16, .dq = 128, .dv = 128, .scale_positive = 1,
+                  .short_indices = 1),
+     "sm_90a"},
+    {WGMMA_CONFIG(.dtype = FLEX_F16, .dq = 64, .dv = 128), "sm_90a"},
+    {WGMMA_CONFIG(.dtype = FLEX_BF16, .dq = 128, .dv = 128, .scale_positive = 1, .tma = 1),
+     "sm_90a"},
+    {WGMMA_CONFIG(.dtype = FLEX_F16, .dq = 64, .dv = 128, .tma = 1), "sm_90a"},
 };
 
-static void add_case(const char *label, const ir_mod *mask, const ir_mod *score, int cfg_index,
-                     const char *arch, int mask_blocks) {
+static void add_case(const char *label, const ir_mod *mask, const ir_mod *score,
+                     const flex_cuda_fwd_config *cfg, const char *arch, int mask_blocks) {
     ck_assert_int_lt(num_cases, (int)(sizeof cases / sizeof cases[0]));
     compile_case *c = &cases[num_cases++];
     memset(c, 0, sizeof *c);
@@ -173,11 +155,7 @@ static void add_case(const char *label, const ir_mod *mask, const ir_mod *score,
         ck_assert_int_eq(ir_copy(&c->score, score), 0);
         c->has_score = 1;
     }
-    if (cfg_index < 0)
-        c->cfg =
-            full_configs[(-cfg_index - 1) % (int)(sizeof full_configs / sizeof full_configs[0])];
-    else
-        c->cfg = configs[cfg_index % (int)(sizeof configs / sizeof configs[0])];
+    c->cfg = *cfg;
     c->arch = arch;
     c->mask_blocks = mask_blocks;
 }
@@ -410,18 +388,15 @@ START_TEST(test_nvrtc_compiles_presets_and_seeds) {
         ck_assert_int_eq(parse_preset(p, &m), 0);
         const int is_mask = p->kind == FLEX_MOD_MASK;
         for (int a = 0; a < 2; a++, k++)
-            add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, k, archs[a], 0);
-        if (is_mask) add_case(p->name, &m, NULL, 0, real_archs[i % 2], 1);
+            add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m,
+                     &configs[k % (int)(sizeof configs / sizeof configs[0])], archs[a], 0);
+        if (is_mask) add_case(p->name, &m, NULL, &configs[0], real_archs[i % 2], 1);
         if (!strcmp(p->name, "document_causal") || !strcmp(p->name, "softcap_approx")) {
-            for (int a = 0; a < 2; a++)
-                add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, -1, real_archs[a], 0);
-            add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, -2, "sm_90a", 0);
-            add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, -3, "sm_90a", 0);
-            add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, -4, "sm_80", 0);
-            add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, -5, "sm_90a", 0);
-            add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, -6, "sm_90a", 0);
-            add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, -7, "sm_90a", 0);
-            add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, -8, "sm_90a", 0);
+            for (size_t f = 0; f < sizeof full_configs / sizeof full_configs[0]; f++)
+                for (int a = 0; a < 2; a++)
+                    if (!full_configs[f].arch || !strcmp(full_configs[f].arch, real_archs[a]))
+                        add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m,
+                                 &full_configs[f].cfg, real_archs[a], 0);
         }
         ir_free(&m);
     }
@@ -434,7 +409,8 @@ START_TEST(test_nvrtc_compiles_presets_and_seeds) {
         char label[32];
         snprintf(label, sizeof label, "seed%zu", i);
         for (int a = 0; a < 2; a++, k++)
-            add_case(label, is_mask ? &m : &causal, is_mask ? NULL : &m, k, archs[a], 0);
+            add_case(label, is_mask ? &m : &causal, is_mask ? NULL : &m,
+                     &configs[k % (int)(sizeof configs / sizeof configs[0])], archs[a], 0);
         ir_free(&m);
         ir_free(&causal);
     }

@@ -7,6 +7,7 @@
  */
 #include <math.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -22,7 +23,7 @@
 /* ---- state ---- */
 
 typedef struct cuda_module {
-    char *key;
+    char *key; /* what the source is made of: configuration, mod hashes, arch */
     CUmodule module;
     CUfunction fn;
     struct cuda_module *next;
@@ -46,6 +47,7 @@ typedef struct cuda_state {
     char arch[16];
     int major, minor, sm_count, smem_optin;
     CUdeviceptr bounds_flag; /* u32: bit i = buffer slot i was read out of range */
+    atomic_int bounds_pending; /* a kernel that reads mod buffers ran since the last read */
     char slot_names[FLEX_EMIT_MAX_SLOTS][80];
     cuda_module *modules;
     cuda_buffer_copy *buffer_copies;
@@ -118,6 +120,7 @@ static flex_status cuda_init(flex_context *ctx, int device_index) {
     cuda_state *st = calloc(1, sizeof *st);
     if (!st) return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory for the CUDA state");
     st->api = api;
+    atomic_init(&st->bounds_pending, 0);
     pthread_mutex_init(&st->lock, NULL);
     s = check_cu(ctx, api, api->cuDeviceGet(&st->dev, device_index), "cuDeviceGet");
     if (!s)
@@ -275,36 +278,72 @@ static flex_status cuda_synchronize(flex_context *ctx) {
     cuda_state *st = state_of(ctx);
     flex_status s = push_ctx(ctx, st);
     if (s) return s;
+    /* Taken before the wait: a kernel launched after it sets the mark again
+     * and is read by the next synchronize. Without mod buffers there is no
+     * flag to read (a copy from the device costs ~10 us). */
+    const int pending = atomic_exchange(&st->bounds_pending, 0);
     s = check_cu(ctx, st->api, st->api->cuCtxSynchronize(), "cuCtxSynchronize");
-    if (!s) s = take_bounds_flag(ctx, st);
+    if (!s && pending) s = take_bounds_flag(ctx, st);
     pop_ctx(st);
     return s;
 }
 
 /* ---- kernels: memory list -> cache -> NVRTC ---- */
 
-/* Finds or builds the function `fn_name` of source under key. The caller
- * holds st->lock and has the context current. */
+/* Builds the source of a kernel from its arguments (malloc'd; NULL: out of
+ * memory). */
+typedef char *(*source_builder)(const void *args);
+
+typedef struct forward_source_args {
+    const flex_cuda_fwd_config *cfg;
+    const ir_mod *mask, *score;
+} forward_source_args;
+
+static char *build_forward_source(const void *args) {
+    const forward_source_args *a = args;
+    return flex_cuda_forward_source(a->cfg, a->mask, a->score);
+}
+
+static char *build_mask_blocks_source(const void *args) {
+    return flex_cuda_mask_blocks_source(args);
+}
+
+/* Finds or builds the function `fn_name` whose source `build(args)` makes.
+ * key names everything that source is made of (configuration, mod hashes,
+ * arch, NVRTC version): a module already loaded under key is returned
+ * without building the source again, which takes longer than many a
+ * kernel runs (~0.1 ms of text for a forward). Otherwise the source is
+ * built, and the kernel caches are asked under key plus the source's
+ * checksum, so that a changed template never finds a stale binary. The
+ * caller holds st->lock and has the context current. */
 static flex_status get_function(flex_context *ctx, cuda_state *st, const char *key,
-                                const char *source, const char *fn_name, CUfunction *fn) {
+                                source_builder build, const void *args, const char *fn_name,
+                                CUfunction *fn) {
     for (cuda_module *m = st->modules; m; m = m->next)
         if (strcmp(m->key, key) == 0) {
             *fn = m->fn;
             return FLEX_OK;
         }
+    char *source = build(args);
+    if (!source) return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory building kernel source");
+    char cache_key[640];
+    snprintf(cache_key, sizeof cache_key, "%s|src=%016llx", key,
+             (unsigned long long)flex_cache_checksum(source, strlen(source)));
     void *bin = NULL;
     size_t size = 0;
     int from_disk = 0;
     double t0 = flex_now_ms();
-    if (!flex_cache_get(process_cache, key, &bin, &size, &from_disk)) {
+    if (!flex_cache_get(process_cache, cache_key, &bin, &size, &from_disk)) {
         flex_status s = flex_cuda_compile(ctx, st->api, source, fn_name, st->arch, &bin, &size);
+        free(source);
         if (s) return s;
-        if (flex_cache_put(process_cache, key, bin, size) != 0)
+        if (flex_cache_put(process_cache, cache_key, bin, size) != 0)
             flex_log(FLEX_LOG_WARN, "could not write the kernel cache in %s",
                      flex_cache_dir(process_cache));
         flex_log(FLEX_LOG_INFO, "compiled %s for %s in %.0f ms", fn_name, st->arch,
                  flex_now_ms() - t0);
     } else {
+        free(source);
         flex_log(FLEX_LOG_DEBUG, "kernel %s from the %s cache", fn_name,
                  from_disk ? "disk" : "memory");
     }
@@ -555,7 +594,7 @@ typedef struct cuda_fwd_params {
         l_ss;
     int32_t B, Hq, Hkv, Lq, Lkv, D, Dv;
     int32_t mask_B, mask_H, mask_nq, mask_nk, mask_qblock, mask_kvblock;
-    int32_t dense, tiles_per_row;
+    int32_t dense, tiles_per_row, head_group;
     float scale, scale_log2;
 } cuda_fwd_params;
 
@@ -723,22 +762,20 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
         pthread_mutex_unlock(&st->lock);
         return s;
     }
-    char *source = flex_cuda_forward_source(&cfg, mask_ir, score_ir);
     CUfunction fn = NULL;
-    if (!source) s = flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory building kernel source");
-    if (!s) {
+    {
         char key[512];
-        snprintf(
-            key, sizeof key,
-            "fwd|%s|dq%d|dv%d|w%d|mt%d|n%d|vec%d|wg%d|sp%d|mask=%016llx|score=%016llx|%s|nvrtc%d.%"
-            "d|src=%016llx",
-            flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.warps, cfg.mt, cfg.block_n, cfg.vec,
-            cfg.wgmma, cfg.scale_positive, (unsigned long long)(mask_mod ? mask_mod->hash : 0),
-            (unsigned long long)(score_mod ? score_mod->hash : 0), st->arch, st->api->nvrtc_major,
-            st->api->nvrtc_minor, (unsigned long long)flex_cache_checksum(source, strlen(source)));
-        s = get_function(ctx, st, key, source, "flex_forward_kernel", &fn);
+        snprintf(key, sizeof key,
+                 "fwd|%s|dq%d|dv%d|w%d|mt%d|n%d|vec%d|wg%d|tma%d|short%d|sp%d|mask=%016llx|score=%"
+                 "016llx|%s|nvrtc%d.%d",
+                 flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.warps, cfg.mt, cfg.block_n,
+                 cfg.vec, cfg.wgmma, cfg.tma, cfg.short_indices, cfg.scale_positive,
+                 (unsigned long long)(mask_mod ? mask_mod->hash : 0),
+                 (unsigned long long)(score_mod ? score_mod->hash : 0), st->arch,
+                 st->api->nvrtc_major, st->api->nvrtc_minor);
+        const forward_source_args args = {&cfg, mask_ir, score_ir};
+        s = get_function(ctx, st, key, build_forward_source, &args, "flex_forward_kernel", &fn);
     }
-    free(source);
 
     cuda_mask_copy *mc = NULL;
     if (!s && mask) s = mask_device_copy(ctx, st, mask, &mc);
@@ -779,6 +816,11 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
             p.mask_nk = (int32_t)((Lkv + kv_block - 1) / kv_block);
         }
         p.tiles_per_row = q->dtype == FLEX_F32 ? 1 : q_block / block_m;
+        p.head_group = 2;
+        {
+            const char *env = getenv("FLEXATTN_CUDA_HEAD_GROUP");
+            if (env && *env) p.head_group = atoi(env);
+        }
         p.scale = a->scale;
         p.scale_log2 = a->scale * 1.4426950408889634f;
 
@@ -832,6 +874,7 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
         else if (gx > 0 && gy > 0)
             s = launch_blob(ctx, st, fn, gx, gy, threads, (unsigned)smem, (CUstream)a->stream, blob,
                             size, cfg.tma ? tensor_maps : NULL);
+        if (!s && slots > 0) atomic_store(&st->bounds_pending, 1);
     }
     pop_ctx(st);
     pthread_mutex_unlock(&st->lock);
@@ -857,19 +900,16 @@ static flex_status cuda_mask_blocks(flex_context *ctx, const struct flex_mod *ma
         pthread_mutex_unlock(&st->lock);
         return s;
     }
-    char *source = flex_cuda_mask_blocks_source(&mask_mod->ir);
     CUfunction fn = NULL;
     CUdeviceptr dblocks = 0, dclasses = 0;
-    if (!source) s = flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory building kernel source");
-    if (!s) {
+    {
         char key[256];
-        snprintf(key, sizeof key, "maskblocks|mask=%016llx|%s|nvrtc%d.%d|src=%016llx",
+        snprintf(key, sizeof key, "maskblocks|mask=%016llx|%s|nvrtc%d.%d",
                  (unsigned long long)mask_mod->hash, st->arch, st->api->nvrtc_major,
-                 st->api->nvrtc_minor,
-                 (unsigned long long)flex_cache_checksum(source, strlen(source)));
-        s = get_function(ctx, st, key, source, "flex_mask_blocks_kernel", &fn);
+                 st->api->nvrtc_minor);
+        s = get_function(ctx, st, key, build_mask_blocks_source, &mask_mod->ir,
+                         "flex_mask_blocks_kernel", &fn);
     }
-    free(source);
     cuda_buffer_desc descs[FLEX_EMIT_MAX_SLOTS];
     memset(descs, 0, sizeof descs);
     if (!s) s = fill_buffers(ctx, st, mask_mod, 0, descs);

@@ -49,6 +49,7 @@ struct flex_fwd_params {
     int mask_B, mask_H, mask_nq, mask_nk, mask_qblock, mask_kvblock;
     int dense;         /* 1: no block mask, every kv block of mask_kvblock is full */
     int tiles_per_row; /* kernel q-tiles per mask q-block */
+    int head_group;    /* tile order (flex_tile_of); 0: (batch, head) fastest */
     float scale, scale_log2;
     flex_buffers bufs;
 };
@@ -595,9 +596,26 @@ static FLEX_DEVICE_INLINE bool flex_tile_at(const flex_fwd_params &p, int bh, in
     return true;
 }
 
-/* The tile of this CTA: (batch, head) from blockIdx.x, grid row blockIdx.y. */
+/* Tile t of the grid order: groups of p.head_group consecutive (batch,
+ * head) pairs, one after the other; within a group the mask's rows go
+ * heaviest first and the pairs of the group alternate. The tiles in flight
+ * at one time then read the K and V of a few heads, which L2 keeps, where
+ * (batch, head) fastest would stream every head's K and V from memory on
+ * every round of tiles. head_group 0 is that order. */
+static FLEX_DEVICE_INLINE bool flex_tile_of(const flex_fwd_params &p, long long t, flex_tile &tile) {
+    const int bh_count = p.B * p.Hq;
+    if (p.head_group <= 0) return flex_tile_at(p, (int)(t % bh_count), (int)(t / bh_count), tile);
+    const long long span = (long long)p.mask_nq * p.tiles_per_row * p.head_group;
+    const long long group = t / span, within = t - group * span;
+    const int bh0 = (int)group * p.head_group;
+    const int n = bh_count - bh0 < p.head_group ? bh_count - bh0 : p.head_group;
+    return flex_tile_at(p, bh0 + (int)(within % n), (int)(within / n), tile);
+}
+
+/* The tile of this CTA in a grid of (batch x head, tile rows): its linear
+ * index taken in flex_tile_of's order. */
 static FLEX_DEVICE_INLINE bool flex_tile_for(const flex_fwd_params &p, flex_tile &t) {
-    return flex_tile_at(p, blockIdx.x, blockIdx.y, t);
+    return flex_tile_of(p, (long long)blockIdx.y * gridDim.x + blockIdx.x, t);
 }
 
 /* Running max -inf, sums and accumulators 0. */

@@ -414,9 +414,9 @@ static FLEX_DEVICE_INLINE void flex_named_arrive(int id) {
 
 /* The tiles of this CTA: with a grid of one CTA per tile that is the
  * CTA's own; with fewer CTAs (persistent), CTA c of G takes the tiles c,
- * 2G - 1 - c, 2G + c, ... of the order batch x head fastest, then the
- * mask's rows heaviest first, so every round's G tiles weigh about the same
- * and the snake evens out the rest. */
+ * 2G - 1 - c, 2G + c, ... of flex_tile_of's order (pairs of heads, the
+ * mask's rows heaviest first), so every round's G tiles weigh about the
+ * same and the snake evens out the rest. */
 struct flex_tile_cursor {
     long long count; /* tiles in the grid order */
     int round;
@@ -429,11 +429,9 @@ static FLEX_DEVICE_INLINE bool flex_next_tile(const flex_fwd_params &p, flex_til
                                               flex_tile &tile, bool store_empty, int cwarp,
                                               int lane) {
     const long long g = gridDim.x;
-    const int bh_count = p.B * p.Hq;
     for (cur.round++; cur.round * g < cur.count; cur.round++) {
         const long long t = cur.round * g + ((cur.round & 1) ? g - 1 - blockIdx.x : blockIdx.x);
-        if (t >= cur.count || !flex_tile_at(p, (int)(t % bh_count), (int)(t / bh_count), tile))
-            continue;
+        if (t >= cur.count || !flex_tile_of(p, t, tile)) continue;
         if (tile.nsteps > 0) return true;
         if (store_empty) {
             flex_warp_state empty;

@@ -764,6 +764,10 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
     }
     CUfunction fn = NULL;
     {
+        /* The key names every field of the configuration: a new field that
+         * changes the source belongs in it too, or two kernels share a key. */
+        _Static_assert(sizeof(flex_cuda_fwd_config) == 11 * sizeof(int),
+                       "flex_cuda_fwd_config changed: update the forward kernel key");
         char key[512];
         snprintf(key, sizeof key,
                  "fwd|%s|dq%d|dv%d|w%d|mt%d|n%d|vec%d|wg%d|tma%d|short%d|sp%d|mask=%016llx|score=%"

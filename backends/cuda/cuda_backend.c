@@ -850,19 +850,23 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
             threads = (unsigned)cfg.warps * 32 + (cfg.tma ? 128u : 0u); /* + the producer */
         }
         if (cfg.tma) {
-            /* A 1-D grid: one CTA per tile, or, for block-sparse masks (a
-             * quarter of the blocks or more skipped), one per SM walking its
-             * share of the tiles, so the producer fills the next tile while
-             * the consumers finish one. Measured on an H200 (four
-             * interleaved rounds): persistence gained 4-6% on causal,
-             * sliding-window, document and ALiBi + causal masks, lost 5% on
-             * exact soft-cap + causal and 3% on noop (long, equal tiles).
+            /* A 1-D grid: one CTA per tile, or, for block-sparse masks with
+             * short rows (a quarter of the blocks or more skipped, at most 16
+             * kv steps per tile on average), one per SM walking its share of
+             * the tiles, so the producer fills the next tile while the
+             * consumers finish one. Measured on an H200 with tiles in pairs
+             * of heads (three interleaved rounds): persistence gained 4-8% on
+             * sliding window and document masks (9 and 7 steps a tile); on
+             * causal masks (32) it was even with one CTA per tile on causal
+             * and ALiBi and lost 2-4% on both soft-caps, where the fixed
+             * snake of tiles balances worse than the hardware's handing out.
              * FLEXATTN_CUDA_PERSISTENT=0 or 1 overrides the choice. */
             const int64_t tiles = (int64_t)gx * gy;
-            const int64_t all_blocks =
-                mask ? mask->B * mask->H * mask->num_q_blocks * mask->num_kv_blocks : 1;
+            const int64_t rows = mask ? mask->B * mask->H * mask->num_q_blocks : 1;
+            const int64_t all_blocks = mask ? rows * mask->num_kv_blocks : 1;
             const int64_t blocks = mask ? mask->num_full + mask->num_partial : 1;
-            int persistent = 4 * blocks <= 3 * all_blocks;
+            const int64_t steps = blocks * (kv_block / cfg.block_n);
+            int persistent = 4 * blocks <= 3 * all_blocks && steps <= 16 * rows;
             const char *env = getenv("FLEXATTN_CUDA_PERSISTENT");
             if (env && (!strcmp(env, "0") || !strcmp(env, "1"))) persistent = env[0] == '1';
             too_many = tiles > 0x7fffffff; /* the kernel's tile indices are ints */

@@ -855,11 +855,11 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
              * kv steps per tile on average), one per SM walking its share of
              * the tiles, so the producer fills the next tile while the
              * consumers finish one. Measured on an H200 with tiles in pairs
-             * of heads (three interleaved rounds): persistence gained 4-8% on
-             * sliding window and document masks (9 and 7 steps a tile); on
-             * causal masks (32) it was even with one CTA per tile on causal
-             * and ALiBi and lost 2-4% on both soft-caps, where the fixed
-             * snake of tiles balances worse than the hardware's handing out.
+             * of heads (three interleaved rounds): persistence gained 3-4%
+             * on sliding window and document masks (9 and 7 steps a tile);
+             * on causal masks (32) one CTA per tile was as fast or 1-2%
+             * faster, and the hardware's handing out of CTAs does not depend
+             * on the tiles weighing what the fixed snake assumes.
              * FLEXATTN_CUDA_PERSISTENT=0 or 1 overrides the choice. */
             const int64_t tiles = (int64_t)gx * gy;
             const int64_t rows = mask ? mask->B * mask->H * mask->num_q_blocks : 1;

@@ -46,7 +46,7 @@ typedef struct cuda_state {
     char name[256];
     char arch[16];
     int major, minor, sm_count, smem_optin;
-    CUdeviceptr bounds_flag; /* u32: bit i = buffer slot i was read out of range */
+    CUdeviceptr bounds_flag;   /* u32: bit i = buffer slot i was read out of range */
     atomic_int bounds_pending; /* a kernel that reads mod buffers ran since the last read */
     char slot_names[FLEX_EMIT_MAX_SLOTS][80];
     cuda_module *modules;
@@ -325,7 +325,8 @@ static flex_status get_function(flex_context *ctx, cuda_state *st, const char *k
             return FLEX_OK;
         }
     char *source = build(args);
-    if (!source) return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory building kernel source");
+    if (!source)
+        return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory building kernel source");
     char cache_key[640];
     snprintf(cache_key, sizeof cache_key, "%s|src=%016llx", key,
              (unsigned long long)flex_cache_checksum(source, strlen(source)));

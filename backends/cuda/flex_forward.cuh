@@ -602,7 +602,8 @@ static FLEX_DEVICE_INLINE bool flex_tile_at(const flex_fwd_params &p, int bh, in
  * at one time then read the K and V of a few heads, which L2 keeps, where
  * (batch, head) fastest would stream every head's K and V from memory on
  * every round of tiles. head_group 0 is that order. */
-static FLEX_DEVICE_INLINE bool flex_tile_of(const flex_fwd_params &p, long long t, flex_tile &tile) {
+static FLEX_DEVICE_INLINE bool flex_tile_of(const flex_fwd_params &p, long long t,
+                                            flex_tile &tile) {
     const int bh_count = p.B * p.Hq;
     if (p.head_group <= 0) return flex_tile_at(p, (int)(t % bh_count), (int)(t / bh_count), tile);
     const long long span = (long long)p.mask_nq * p.tiles_per_row * p.head_group;

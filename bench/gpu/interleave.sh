@@ -1,0 +1,26 @@
+#!/bin/bash
+# Interleaved rounds of bench_cuda under several environments, in one
+# device call, for A/B decisions (the GPU's clocks drift by ~5% over a run,
+# so variants are measured side by side, round after round).
+#   bench/gpu/interleave.sh [--rounds N] "VAR=a" "VAR=b,OTHER=c" ...
+# Each argument is one variant: comma-separated VAR=value settings. Builds
+# with bench/gpu/run.sh first (no check, no PyTorch) unless bench_cuda is
+# already built in $BUILD.
+set -u
+ROUNDS=3
+if [ "${1:-}" = --rounds ]; then ROUNDS=$2; shift 2; fi
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+BUILD=${BUILD:-/tmp/flexattn-gpu-build}
+if [ ! -x "$BUILD/bench_cuda" ]; then
+    OUT=${OUT:-/tmp/flexattn-interleave} bash "$ROOT/bench/gpu/run.sh" --skip-check --skip-torch \
+        >/dev/null 2>&1 || { echo "build failed"; exit 1; }
+fi
+CACHE=$(mktemp -d)
+for r in $(seq "$ROUNDS"); do
+    for v in "$@"; do
+        printf 'round %s %s: ' "$r" "$v"
+        env ${v//,/ } FLEXATTN_CACHE_DIR="$CACHE" "$BUILD/bench_cuda" --iters 20 2>&1 |
+            awk 'NF == 5 && $4 + 0 > 0 { printf "%s %s  ", $1, $4 } END { print "" }'
+    done
+done
+rm -rf "$CACHE"

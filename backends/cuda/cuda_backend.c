@@ -334,19 +334,20 @@ static flex_status get_function(flex_context *ctx, cuda_state *st, const char *k
     size_t size = 0;
     int from_disk = 0;
     double t0 = flex_now_ms();
-    if (!flex_cache_get(process_cache, cache_key, &bin, &size, &from_disk)) {
-        flex_status s = flex_cuda_compile(ctx, st->api, source, fn_name, st->arch, &bin, &size);
-        free(source);
-        if (s) return s;
+    const int cached = flex_cache_get(process_cache, cache_key, &bin, &size, &from_disk);
+    flex_status s =
+        cached ? FLEX_OK : flex_cuda_compile(ctx, st->api, source, fn_name, st->arch, &bin, &size);
+    free(source);
+    if (s) return s;
+    if (cached) {
+        flex_log(FLEX_LOG_DEBUG, "kernel %s from the %s cache", fn_name,
+                 from_disk ? "disk" : "memory");
+    } else {
         if (flex_cache_put(process_cache, cache_key, bin, size) != 0)
             flex_log(FLEX_LOG_WARN, "could not write the kernel cache in %s",
                      flex_cache_dir(process_cache));
         flex_log(FLEX_LOG_INFO, "compiled %s for %s in %.0f ms", fn_name, st->arch,
                  flex_now_ms() - t0);
-    } else {
-        free(source);
-        flex_log(FLEX_LOG_DEBUG, "kernel %s from the %s cache", fn_name,
-                 from_disk ? "disk" : "memory");
     }
     cuda_module *m = calloc(1, sizeof *m);
     char *k = strdup(key);
@@ -607,6 +608,13 @@ static int aligned16(const void *p) {
     return ((uintptr_t)p & 15u) == 0;
 }
 
+/* The kernel choices an environment variable can force for comparison:
+ * "0" or "1" in it, otherwise dflt. */
+static int env_switch(const char *name, int dflt) {
+    const char *v = getenv(name);
+    return v && (!strcmp(v, "0") || !strcmp(v, "1")) ? v[0] == '1' : dflt;
+}
+
 /* Kernel and tile choice for 16-bit inputs, from the mask's block sizes, the
  * head dims and the GPU. On sm_90 the wgmma kernel (flex_forward_sm90.cuh)
  * takes every case it covers: 16-byte aligned rows, head dims up to 128, mask
@@ -679,6 +687,27 @@ static flex_status encode_tensor_map(flex_context *ctx, cuda_state *st, const fl
                     "cuTensorMapEncodeTiled");
 }
 
+/* Whether the TMA kernel runs one CTA per SM, each walking its share of
+ * the tiles (so the producer fills the next tile while the consumers finish
+ * one), rather than one CTA per tile: for block-sparse masks with short
+ * rows, a quarter of the blocks or more skipped and at most 16 kv steps of
+ * block_n keys per tile on average. Measured on an H200 with tiles in pairs
+ * of heads (three interleaved rounds): persistence gained 3-4% on sliding
+ * window and document masks (9 and 7 steps a tile); on causal masks (32)
+ * one CTA per tile was as fast or 1-2% faster, and the hardware's handing
+ * out of CTAs does not depend on the tiles weighing what the fixed snake
+ * assumes. FLEXATTN_CUDA_PERSISTENT=0 or 1 forces the choice. */
+static int persistent_grid(const struct flex_block_mask *mask, int kv_block, int block_n) {
+    int persistent = 0;
+    if (mask) {
+        const int64_t rows = mask->B * mask->H * mask->num_q_blocks;
+        const int64_t blocks = mask->num_full + mask->num_partial;
+        const int64_t steps = blocks * (kv_block / block_n);
+        persistent = 4 * blocks <= 3 * rows * mask->num_kv_blocks && steps <= 16 * rows;
+    }
+    return env_switch("FLEXATTN_CUDA_PERSISTENT", persistent);
+}
+
 static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
     cuda_state *st = state_of(ctx);
     const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v, *o = &a->out;
@@ -732,10 +761,8 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
     /* The wgmma kernel takes its copies from a TMA producer warpgroup where
      * the driver and the layouts allow it (FLEXATTN_CUDA_TMA=0 turns that
      * off, for comparison); otherwise all its threads copy with cp.async. */
-    const char *tma_env = getenv("FLEXATTN_CUDA_TMA");
-    cfg.tma = cfg.wgmma && !(tma_env && strcmp(tma_env, "0") == 0) &&
-              st->api->cuTensorMapEncodeTiled && tma_layout_ok(q) && tma_layout_ok(k) &&
-              tma_layout_ok(v);
+    cfg.tma = cfg.wgmma && env_switch("FLEXATTN_CUDA_TMA", 1) && st->api->cuTensorMapEncodeTiled &&
+              tma_layout_ok(q) && tma_layout_ok(k) && tma_layout_ok(v);
     /* Q (two buffers for the TMA kernel: a tile's and the next one's), two
      * K/V stages; the wgmma kernels align their tiles to 1 KB themselves. */
     const size_t smem = q->dtype == FLEX_F32 ? 0
@@ -821,11 +848,10 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
             p.mask_nk = (int32_t)((Lkv + kv_block - 1) / kv_block);
         }
         p.tiles_per_row = q->dtype == FLEX_F32 ? 1 : q_block / block_m;
-        p.head_group = 2;
-        {
-            const char *env = getenv("FLEXATTN_CUDA_HEAD_GROUP");
-            if (env && *env) p.head_group = atoi(env);
-        }
+        /* Tiles in pairs of heads (flex_tile_of; docs/cuda-backend.md, "Tile
+         * order"); FLEXATTN_CUDA_HEAD_GROUP=N sets the group, for comparison. */
+        const char *group_env = getenv("FLEXATTN_CUDA_HEAD_GROUP");
+        p.head_group = group_env && *group_env ? atoi(group_env) : 2;
         p.scale = a->scale;
         p.scale_log2 = a->scale * 1.4426950408889634f;
 
@@ -851,27 +877,12 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
             threads = (unsigned)cfg.warps * 32 + (cfg.tma ? 128u : 0u); /* + the producer */
         }
         if (cfg.tma) {
-            /* A 1-D grid: one CTA per tile, or, for block-sparse masks with
-             * short rows (a quarter of the blocks or more skipped, at most 16
-             * kv steps per tile on average), one per SM walking its share of
-             * the tiles, so the producer fills the next tile while the
-             * consumers finish one. Measured on an H200 with tiles in pairs
-             * of heads (three interleaved rounds): persistence gained 3-4%
-             * on sliding window and document masks (9 and 7 steps a tile);
-             * on causal masks (32) one CTA per tile was as fast or 1-2%
-             * faster, and the hardware's handing out of CTAs does not depend
-             * on the tiles weighing what the fixed snake assumes.
-             * FLEXATTN_CUDA_PERSISTENT=0 or 1 overrides the choice. */
+            /* A 1-D grid: one CTA per tile, or one per SM (persistent_grid). */
             const int64_t tiles = (int64_t)gx * gy;
-            const int64_t rows = mask ? mask->B * mask->H * mask->num_q_blocks : 1;
-            const int64_t all_blocks = mask ? rows * mask->num_kv_blocks : 1;
-            const int64_t blocks = mask ? mask->num_full + mask->num_partial : 1;
-            const int64_t steps = blocks * (kv_block / cfg.block_n);
-            int persistent = 4 * blocks <= 3 * all_blocks && steps <= 16 * rows;
-            const char *env = getenv("FLEXATTN_CUDA_PERSISTENT");
-            if (env && (!strcmp(env, "0") || !strcmp(env, "1"))) persistent = env[0] == '1';
             too_many = tiles > 0x7fffffff; /* the kernel's tile indices are ints */
-            gx = (unsigned)(persistent && tiles > st->sm_count ? st->sm_count : tiles);
+            gx = (unsigned)(persistent_grid(mask, kv_block, cfg.block_n) && tiles > st->sm_count
+                                ? st->sm_count
+                                : tiles);
             gy = tiles > 0 ? 1 : 0;
         }
         if (s) {

@@ -77,6 +77,9 @@ static int next_case;
 static pthread_mutex_t case_lock = PTHREAD_MUTEX_INITIALIZER;
 static const flex_cuda_api *api;
 
+/* The mma.sync kernel's tiles: warps, m-tiles per warp, keys per step. */
+#define MMA_CONFIG(w, m, n, ...)                                                                   \
+    { .warps = w, .mt = m, .block_n = n, __VA_ARGS__ }
 /* The wgmma kernel's tiles are fixed (two warpgroups x 64 rows, 128-key
  * steps, 16-byte rows); what varies is the dtype, head dims and copies. */
 #define WGMMA_CONFIG(...)                                                                          \
@@ -85,16 +88,9 @@ static const flex_cuda_api *api;
 /* Small tiles keep the many mod compiles quick (the mods are what differs);
  * the production tile sizes are compiled for a few mods below. */
 static const flex_cuda_fwd_config configs[] = {
-    {.dtype = FLEX_BF16,
-     .dq = 64,
-     .dv = 64,
-     .warps = 4,
-     .mt = 1,
-     .block_n = 16,
-     .vec = 1,
-     .scale_positive = 1,
-     .short_indices = 1},
-    {.dtype = FLEX_F16, .dq = 64, .dv = 64, .warps = 4, .mt = 1, .block_n = 16},
+    MMA_CONFIG(4, 1, 16, .dtype = FLEX_BF16, .dq = 64, .dv = 64, .vec = 1, .scale_positive = 1,
+               .short_indices = 1),
+    MMA_CONFIG(4, 1, 16, .dtype = FLEX_F16, .dq = 64, .dv = 64),
     {.dtype = FLEX_F32, .dq = 64, .dv = 64, .warps = 4, .mt = 1, .scale_positive = 1},
 };
 /* The production tiles and the machine code each is compiled to (NULL:
@@ -103,34 +99,12 @@ static const struct {
     flex_cuda_fwd_config cfg;
     const char *arch;
 } full_configs[] = {
-    {{.dtype = FLEX_BF16,
-      .dq = 128,
-      .dv = 128,
-      .warps = 4,
-      .mt = 2,
-      .block_n = 64,
-      .vec = 1,
-      .scale_positive = 1},
+    {MMA_CONFIG(4, 2, 64, .dtype = FLEX_BF16, .dq = 128, .dv = 128, .vec = 1, .scale_positive = 1),
      NULL},
-    {{.dtype = FLEX_F16, .dq = 256, .dv = 192, .warps = 4, .mt = 1, .block_n = 32, .vec = 1},
+    {MMA_CONFIG(4, 1, 32, .dtype = FLEX_F16, .dq = 256, .dv = 192, .vec = 1), "sm_90a"},
+    {MMA_CONFIG(8, 1, 64, .dtype = FLEX_BF16, .dq = 128, .dv = 128, .vec = 1, .scale_positive = 1),
      "sm_90a"},
-    {{.dtype = FLEX_BF16,
-      .dq = 128,
-      .dv = 128,
-      .warps = 8,
-      .mt = 1,
-      .block_n = 64,
-      .vec = 1,
-      .scale_positive = 1},
-     "sm_90a"},
-    {{.dtype = FLEX_F16,
-      .dq = 128,
-      .dv = 64,
-      .warps = 4,
-      .mt = 2,
-      .block_n = 64,
-      .scale_positive = 1},
-     "sm_80"},
+    {MMA_CONFIG(4, 2, 64, .dtype = FLEX_F16, .dq = 128, .dv = 64, .scale_positive = 1), "sm_80"},
     {WGMMA_CONFIG(.dtype = FLEX_BF16, .dq = 128, .dv = 128, .scale_positive = 1,
                   .short_indices = 1),
      "sm_90a"},

@@ -1041,11 +1041,16 @@ static int analyse_nodes(const ir_mod *m, const mod_range_tables *tables, const 
  * must hold mod_interval_scratch_size(m) bytes aligned for int64_t; it is
  * borrowed for the call. Reentrant: concurrent calls need their own scratch.
  */
+/* 1 when box holds no point: nothing to claim about it. */
+static int box_empty(const mod_box *box) {
+    for (int d = 0; d < 4; d++)
+        if (box->lo[d] > box->hi[d]) return 1;
+    return 0;
+}
+
 mod_tri mod_interval_mask(const ir_mod *m, const mod_range_tables *tables, const mod_box *box,
                           void *scratch) {
-    if (!m || !box || !scratch || m->num_nodes <= 0) return MOD_TRI_UNKNOWN;
-    for (int d = 0; d < 4; d++)
-        if (box->lo[d] > box->hi[d]) return MOD_TRI_UNKNOWN; /* empty: nothing to claim */
+    if (!m || !box || !scratch || m->num_nodes <= 0 || box_empty(box)) return MOD_TRI_UNKNOWN;
     ival *v = scratch;
     if (!analyse_nodes(m, tables, box, v, 1)) return MOD_TRI_UNKNOWN;
     const ir_node *root = &m->nodes[m->root];
@@ -1056,9 +1061,7 @@ mod_tri mod_interval_mask(const ir_mod *m, const mod_range_tables *tables, const
 
 int mod_interval_ints_within(const ir_mod *m, const mod_box *box, int64_t limit,
                              unsigned char *within) {
-    if (!m || !box || m->num_nodes <= 0) return -1;
-    for (int d = 0; d < 4; d++)
-        if (box->lo[d] > box->hi[d]) return -1;
+    if (!m || !box || m->num_nodes <= 0 || box_empty(box)) return -1;
     ival *v = malloc(mod_interval_scratch_size(m));
     if (!v) return -1;
     analyse_nodes(m, NULL, box, v, 0);

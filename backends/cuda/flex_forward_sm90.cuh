@@ -207,16 +207,17 @@ flex_sm90_probs(const flex_fwd_params &p, flex_warp_state &st, float (&s)[16][4]
     flex_pack_probs<16>(s, pa);
 }
 
-/* O after the TMA kernel's step 0 product, which multiplied P = 0 by the Q
- * tile read as a V stage (any readable bytes, so the product may hold NaN):
- * zero. Step 0 still issues that product because a product issued on one
- * path only makes ptxas serialise all of them. */
-static FLEX_DEVICE_INLINE void flex_sm90_clear(float (&o)[FLEX_DV / 8][4]) {
+/* Zero: P before a tile's first product, and O after the TMA kernel's step
+ * 0 product, which multiplied P = 0 by the Q tile read as a V stage (any
+ * readable bytes, so the product may hold NaN). Step 0 still issues that
+ * product because a product issued on one path only makes ptxas serialise
+ * all of them. */
+template <typename T, int N> static FLEX_DEVICE_INLINE void flex_sm90_clear(T (&a)[N][4]) {
 #pragma unroll
-    for (int dt = 0; dt < FLEX_DV / 8; dt++)
+    for (int i = 0; i < N; i++)
 #pragma unroll
         for (int r = 0; r < 4; r++)
-            o[dt][r] = 0.0f;
+            a[i][r] = 0;
 }
 
 /* P of the step just finished becomes the operand of the next product. */
@@ -271,11 +272,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
     bool partial_cur = false, partial_next = false;
     float s[16][4];
     flex_u32 pa[FLEX_BLOCK_N / 16][4];
-#pragma unroll
-    for (int kk = 0; kk < FLEX_BLOCK_N / 16; kk++)
-#pragma unroll
-        for (int r = 0; r < 4; r++)
-            pa[kk][r] = 0u;
+    flex_sm90_clear(pa);
     if (nsteps > 0) {
         kv_cur = flex_step_kv0(p, tile.walk, 0, partial_cur);
         flex_load_tile<FLEX_BLOCK_M, FLEX_DQ, true>(sQ, tile.gq, p.q_ss, tile.q0, p.Lq, p.D, tid);
@@ -523,11 +520,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
         /* Step 0's product reads the Q tile as its V stage (flex_sm90_clear). */
         const unsigned long long v_desc_first =
             flex_sw128_desc(sQ + qb * Q_BUF, FLEX_BLOCK_N * 128);
-#pragma unroll
-        for (int kk = 0; kk < FLEX_BLOCK_N / 16; kk++)
-#pragma unroll
-            for (int r = 0; r < 4; r++)
-                pa[kk][r] = 0u;
+        flex_sm90_clear(pa);
         flex_mbar_wait(full_q + 8 * qb, (k >> 1) & 1);
         for (int step = 0; step <= nsteps; step++) {
             /* Ring slots of this step's K and of the previous step's V. The

@@ -183,6 +183,18 @@ static FLEX_DEVICE_INLINE void flex_sm90_pv(float (&o)[FLEX_DV / 8][4],
     }
 }
 
+/* One step's products, in two commit groups: S = Q Kᵀ first, so that
+ * wgmma.wait_group 1 waits for S alone while O += P V still runs. */
+static FLEX_DEVICE_INLINE void flex_sm90_issue(float (&s)[16][4], float (&o)[FLEX_DV / 8][4],
+                                               const flex_u32 (&pa)[FLEX_BLOCK_N / 16][4],
+                                               const flex_sm90_descs &d) {
+    flex_wgmma_fence();
+    flex_sm90_scores(s, d);
+    flex_wgmma_commit();
+    flex_sm90_pv(o, pa, d);
+    flex_wgmma_commit();
+}
+
 /* Mods, mask and online softmax of a warpgroup's 64 x 128 scores of the
  * step at kv0, packed as the A fragments of the next P V: the plain path
  * for blocks without mask or bounds, the masked one otherwise; with a score
@@ -304,11 +316,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
         flex_sm90_descs d;
         flex_sm90_make_descs(d, q_desc, k_desc0 + (unsigned long long)(((step & 1) * K_STAGE) >> 4),
                              v_desc0 + (unsigned long long)((((step + 1) & 1) * V_STAGE) >> 4));
-        flex_wgmma_fence();
-        flex_sm90_scores(s, d);
-        flex_wgmma_commit();
-        flex_sm90_pv(st.o[0], pa, d);
-        flex_wgmma_commit();
+        flex_sm90_issue(s, st.o[0], pa, d);
 
         flex_wgmma_wait<1>(); /* S(step) is done; P V still runs */
         flex_pin(s);
@@ -537,11 +545,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
                 step == 0 ? v_desc_first
                           : v_desc0 + (unsigned long long)((((gv & 1) * V_STAGE) >> 4)));
             flex_named_sync(1 + c);
-            flex_wgmma_fence();
-            flex_sm90_scores(s, d);
-            flex_wgmma_commit();
-            flex_sm90_pv(st.o[0], pa, d);
-            flex_wgmma_commit();
+            flex_sm90_issue(s, st.o[0], pa, d);
             flex_named_arrive(2 - c);
 
             flex_wgmma_wait<1>(); /* S(step) is done; P V still runs */

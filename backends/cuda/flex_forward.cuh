@@ -390,8 +390,10 @@ flex_softmax_probs(const flex_fwd_params &p, float (&m)[2], float (&l)[2], float
                    int lane, unsigned &oob) {
     /* Raw scores only on the unmasked path, which has registers to spare. */
     constexpr bool RAW = FLEX_RAW_SCORES && !MASKED;
+#if FLEX_MASK_BITS
     unsigned bits[(NT + 7) / 8];
     if (MASKED) flex_keep_bits<NT>(p, b, h, qrow0, kv0, partial, bounds, lane, oob, bits);
+#endif
         /* Scores in log2 units (raw: unscaled), modified and masked. */
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) {
@@ -403,7 +405,11 @@ flex_softmax_probs(const flex_fwd_params &p, float (&m)[2], float (&l)[2], float
              * interleaving the scores): the mods run for every score, the
              * buffer-bounds bits they raise count only where the score is
              * kept (mods have no stores; their loads are clamped). */
+#if FLEX_MASK_BITS
             const bool keep = !MASKED || ((bits[nt >> 3] >> (4 * (nt & 7) + r)) & 1u);
+#else
+            const bool keep = !MASKED || flex_keep(p, b, h, q, kv, partial, bounds, oob);
+#endif
 #if FLEX_HAS_SCORE_MOD
             unsigned score_oob = 0;
             x = flex_score_mod(__fmul_rn(x, p.scale), b, h, q, kv, p.bufs, score_oob) * FLEX_LOG2E;
@@ -451,14 +457,20 @@ flex_softmax_probs_split(const flex_fwd_params &p, float (&m)[2], float (&l)[2],
                 FLEX_LOG2E;
         }
     if (partial || bounds) {
+#if FLEX_MASK_BITS
         unsigned bits[(NT + 7) / 8];
         flex_keep_bits<NT>(p, b, h, qrow0, kv0, partial, bounds, lane, oob, bits);
+#endif
 #pragma unroll
         for (int nt = 0; nt < NT; nt++)
 #pragma unroll
             for (int r = 0; r < 4; r++) {
                 const int q = flex_score_q(qrow0, lane, r), kv = flex_score_kv(kv0, lane, nt, r);
+#if FLEX_MASK_BITS
                 const bool keep = (bits[nt >> 3] >> (4 * (nt & 7) + r)) & 1u;
+#else
+                const bool keep = flex_keep(p, b, h, q, kv, partial, bounds, oob);
+#endif
                 oob |= keep ? flex_score_oob(b, h, q, kv, p.bufs) : 0u;
                 s[nt][r] = keep ? s[nt][r] : FLEX_NEG_INF;
             }

@@ -115,8 +115,7 @@ static const struct {
     {WGMMA_CONFIG(.dtype = FLEX_BF16, .dq = 128, .dv = 128, .scale_positive = 1, .tma = 1,
                   .mask_bits = 1, .short_indices = 1),
      "sm_90a"},
-    {{.dtype = FLEX_F16, .dq = 64, .dv = 64, .warps = 4, .mt = 2, .block_n = 64, .mask_bits = 1},
-     "sm_80"},
+    {MMA_CONFIG(4, 2, 64, .dtype = FLEX_F16, .dq = 64, .dv = 64, .mask_bits = 1), "sm_80"},
 };
 
 static void add_case(const char *label, const ir_mod *mask, const ir_mod *score,

@@ -579,11 +579,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
         /* Step 0's product reads the Q tile as its V stage (flex_sm90_clear). */
         const unsigned long long v_desc_first =
             flex_sw128_desc(sQ + qb * Q_BUF, FLEX_BLOCK_N * 128);
-#pragma unroll
-        for (int kk = 0; kk < FLEX_BLOCK_N / 16; kk++)
-#pragma unroll
-            for (int r = 0; r < 4; r++)
-                pa[kk][r] = 0u;
+        flex_sm90_clear(pa);
         for (int step = 0; step <= nsteps; step++) {
             /* Ring slots of this step's K and of the previous step's V. The
              * last step's S reads a K slot it does not wait for (maybe the
@@ -599,11 +595,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
                 step == 0 ? v_desc_first
                           : v_desc0 + (unsigned long long)((((gv & 1) * V_STAGE) >> 4)));
             flex_named_sync(1 + c);
-            flex_wgmma_fence();
-            flex_sm90_scores(s, d);
-            flex_wgmma_commit();
-            flex_sm90_pv(st.o[0], pa, d);
-            flex_wgmma_commit();
+            flex_sm90_issue(s, st.o[0], pa, d);
             flex_named_arrive(2 - c);
 
             flex_wgmma_wait<1>(); /* S(step) is done; P V still runs */

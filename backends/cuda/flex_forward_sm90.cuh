@@ -473,6 +473,23 @@ struct flex_step_info {
 };
 #endif
 
+/* Register split between the producer warpgroup and the two consumers.
+ * setmaxnreg moves registers within the CTA's own allocation: ptxas gives
+ * each of the 384 threads (64K / 384) rounded down to 8 = 168, and a
+ * consumer's setmaxnreg.inc waits until the producer's .dec has freed
+ * enough, so a split above that total never returns (the kernel hangs). */
+#define FLEX_LAUNCH_REGS ((65536 / (FLEX_THREADS + 128)) & ~7)
+#if FLEX_TMA_HANDOFF
+#define FLEX_PRODUCER_REGS 56 /* the walk lives in the producer: 40 spills */
+#define FLEX_CONSUMER_REGS 224
+#else
+#define FLEX_PRODUCER_REGS 24
+#define FLEX_CONSUMER_REGS 240
+#endif
+static_assert(128 * FLEX_PRODUCER_REGS + FLEX_THREADS * FLEX_CONSUMER_REGS <=
+                  (FLEX_THREADS + 128) * FLEX_LAUNCH_REGS,
+              "setmaxnreg split exceeds the CTA's registers");
+
 extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
     flex_forward_kernel(const flex_fwd_params p, const __grid_constant__ flex_tmaps tm) {
     extern __shared__ __align__(1024) unsigned char flex_smem[];
@@ -514,7 +531,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
      * fill n - 1, the (n - 1)-th completion of its empty barrier. */
 #if FLEX_TMA_HANDOFF
     if (wg == 0) { /* producer */
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 48;\n" ::: "memory");
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(FLEX_PRODUCER_REGS) : "memory");
         if (tid != 0) return;
         int g = 0; /* kv steps issued so far, over every tile */
         for (int k = 0;; k++) {
@@ -550,7 +567,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
     }
 
     /* consumers: warpgroup c = wg - 1 owns rows 64 c .. 64 c + 63 */
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 232;\n" ::: "memory");
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(FLEX_CONSUMER_REGS) : "memory");
     const int c = wg - 1, cwarp = (tid - 128) >> 5;
     unsigned oob = 0;
     const unsigned long long k_desc0 = flex_sw128_desc(sK, 16);
@@ -632,7 +649,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
 }
 #else
     if (wg == 0) { /* producer */
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 24;\n" ::: "memory");
+        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(FLEX_PRODUCER_REGS) : "memory");
         if (tid != 0) return;
         int g = 0; /* kv steps issued so far, over every tile */
         for (int k = 0; flex_next_tile(p, cursor, tile, false, 0, 0); k++) {
@@ -657,7 +674,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
     }
 
     /* consumers: warpgroup c = wg - 1 owns rows 64 c .. 64 c + 63 */
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 240;\n" ::: "memory");
+    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(FLEX_CONSUMER_REGS) : "memory");
     const int c = wg - 1, cwarp = (tid - 128) >> 5;
     unsigned oob = 0;
     const unsigned long long k_desc0 = flex_sw128_desc(sK, 16);

@@ -112,6 +112,16 @@ static const struct {
     {WGMMA_CONFIG(.dtype = FLEX_BF16, .dq = 128, .dv = 128, .scale_positive = 1, .tma = 1),
      "sm_90a"},
     {WGMMA_CONFIG(.dtype = FLEX_F16, .dq = 64, .dv = 128, .tma = 1), "sm_90a"},
+    {WGMMA_CONFIG(.dtype = FLEX_BF16, .dq = 128, .dv = 128, .scale_positive = 1, .tma = 1,
+                  .mask_bits = 1, .short_indices = 1),
+     "sm_90a"},
+    {MMA_CONFIG(4, 2, 64, .dtype = FLEX_F16, .dq = 64, .dv = 64, .mask_bits = 1), "sm_80"},
+    {WGMMA_CONFIG(.dtype = FLEX_BF16, .dq = 128, .dv = 128, .scale_positive = 1, .tma = 1,
+                  .handoff = 1, .short_indices = 1),
+     "sm_90a"},
+    {WGMMA_CONFIG(.dtype = FLEX_BF16, .dq = 128, .dv = 128, .scale_positive = 1, .tma = 1,
+                  .handoff = 1, .mask_bits = 1, .short_indices = 1),
+     "sm_90a"},
 };
 
 static void add_case(const char *label, const ir_mod *mask, const ir_mod *score,

@@ -48,9 +48,11 @@ char *flex_cuda_forward_source(const flex_cuda_fwd_config *cfg, const ir_mod *ma
              "/* configuration */\n#define %s 1\n#define FLEX_DQ %d\n#define FLEX_DV %d\n"
              "#define FLEX_WARPS %d\n#define FLEX_MT %d\n#define FLEX_BLOCK_N %d\n"
              "#define FLEX_VEC %d\n#define FLEX_SCALE_POSITIVE %d\n#define FLEX_WGMMA %d\n"
-             "#define FLEX_SHORT_INDICES %d\n#define FLEX_TMA %d\n",
+             "#define FLEX_SHORT_INDICES %d\n#define FLEX_TMA %d\n#define FLEX_MASK_BITS %d\n"
+             "#define FLEX_TMA_HANDOFF %d\n",
              elem, cfg->dq, cfg->dv, cfg->warps, cfg->mt, cfg->block_n, cfg->vec,
-             cfg->scale_positive, cfg->wgmma, cfg->short_indices, cfg->tma);
+             cfg->scale_positive, cfg->wgmma, cfg->short_indices, cfg->tma, cfg->mask_bits,
+             cfg->handoff);
     char *mods = flex_emit_mods(mask, score);
     if (!mods) return NULL;
     /* The sm_90a kernel is a sibling of the mma.sync one and reuses its

@@ -31,6 +31,8 @@ typedef struct flex_cuda_fwd_config {
     int wgmma;          /* 1: the sm_90a kernel (flex_forward_sm90.cuh) */
     int short_indices;  /* 1: B, H and lengths within the FLEX_EMIT_SHORT_* bounds */
     int tma;            /* wgmma: a TMA producer warpgroup (0: cp.async by all threads) */
+    int mask_bits;      /* masked blocks: keep bits from a rolled loop (flex_keep_bits) */
+    int handoff;        /* tma: the producer hands tile and step info through shared memory */
 } flex_cuda_fwd_config;
 
 /*

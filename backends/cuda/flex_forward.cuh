@@ -352,6 +352,34 @@ static FLEX_DEVICE_INLINE bool flex_keep(const flex_fwd_params &p, int b, int h,
     return keep;
 }
 
+/* Keep bits of this lane's scores in an n-tile pair (bit 4 * (nt & 1) + r)
+ * for every n-tile pair, from a loop the compiler keeps rolled: one pair's
+ * worth of the mask mod in the kernel instead of NT, which is most of the
+ * kernel's compile time and registers for masks that read buffers. */
+template <int NT>
+static FLEX_DEVICE_INLINE void flex_keep_bits(const flex_fwd_params &p, int b, int h, int qrow0,
+                                              int kv0, bool partial, bool bounds, int lane,
+                                              unsigned &oob, unsigned (&bits)[(NT + 7) / 8]) {
+    static_assert(NT % 2 == 0, "n-tiles come in pairs");
+#pragma unroll
+    for (int w = 0; w < (NT + 7) / 8; w++)
+        bits[w] = 0u;
+#pragma unroll 1
+    for (int pair = 0; pair < NT / 2; pair++) {
+        unsigned pb = 0u;
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const int nt = 2 * pair + (i >> 2), r = i & 3;
+            const int q = flex_score_q(qrow0, lane, r), kv = flex_score_kv(kv0, lane, nt, r);
+            pb |= (unsigned)flex_keep(p, b, h, q, kv, partial, bounds, oob) << i;
+        }
+        /* pair 4 w + j goes to bits [8 j, 8 j + 8) of word w */
+#pragma unroll
+        for (int w = 0; w < (NT + 7) / 8; w++)
+            bits[w] |= (pair >> 2) == w ? pb << (8 * (pair & 3)) : 0u;
+    }
+}
+
 /* Scores of one 16-row m-tile (NT n-tiles of 8 keys, the m16n8 accumulator
  * layout that wgmma's m64 accumulators share per warp) -> mods, mask and
  * the online-softmax update of the tile's rows (flex_softmax_update). */
@@ -362,7 +390,11 @@ flex_softmax_probs(const flex_fwd_params &p, float (&m)[2], float (&l)[2], float
                    int lane, unsigned &oob) {
     /* Raw scores only on the unmasked path, which has registers to spare. */
     constexpr bool RAW = FLEX_RAW_SCORES && !MASKED;
-    /* Scores in log2 units (raw: unscaled), modified and masked. */
+#if FLEX_MASK_BITS
+    unsigned bits[(NT + 7) / 8];
+    if (MASKED) flex_keep_bits<NT>(p, b, h, qrow0, kv0, partial, bounds, lane, oob, bits);
+#endif
+        /* Scores in log2 units (raw: unscaled), modified and masked. */
 #pragma unroll
     for (int nt = 0; nt < NT; nt++) {
 #pragma unroll
@@ -373,7 +405,11 @@ flex_softmax_probs(const flex_fwd_params &p, float (&m)[2], float (&l)[2], float
              * interleaving the scores): the mods run for every score, the
              * buffer-bounds bits they raise count only where the score is
              * kept (mods have no stores; their loads are clamped). */
+#if FLEX_MASK_BITS
+            const bool keep = !MASKED || ((bits[nt >> 3] >> (4 * (nt & 7) + r)) & 1u);
+#else
             const bool keep = !MASKED || flex_keep(p, b, h, q, kv, partial, bounds, oob);
+#endif
 #if FLEX_HAS_SCORE_MOD
             unsigned score_oob = 0;
             x = flex_score_mod(__fmul_rn(x, p.scale), b, h, q, kv, p.bufs, score_oob) * FLEX_LOG2E;
@@ -421,12 +457,20 @@ flex_softmax_probs_split(const flex_fwd_params &p, float (&m)[2], float (&l)[2],
                 FLEX_LOG2E;
         }
     if (partial || bounds) {
+#if FLEX_MASK_BITS
+        unsigned bits[(NT + 7) / 8];
+        flex_keep_bits<NT>(p, b, h, qrow0, kv0, partial, bounds, lane, oob, bits);
+#endif
 #pragma unroll
         for (int nt = 0; nt < NT; nt++)
 #pragma unroll
             for (int r = 0; r < 4; r++) {
                 const int q = flex_score_q(qrow0, lane, r), kv = flex_score_kv(kv0, lane, nt, r);
+#if FLEX_MASK_BITS
+                const bool keep = (bits[nt >> 3] >> (4 * (nt & 7) + r)) & 1u;
+#else
                 const bool keep = flex_keep(p, b, h, q, kv, partial, bounds, oob);
+#endif
                 oob |= keep ? flex_score_oob(b, h, q, kv, p.bufs) : 0u;
                 s[nt][r] = keep ? s[nt][r] : FLEX_NEG_INF;
             }

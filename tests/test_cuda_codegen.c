@@ -122,6 +122,12 @@ static const struct {
     {WGMMA_CONFIG(.dtype = FLEX_BF16, .dq = 128, .dv = 128, .scale_positive = 1, .tma = 1,
                   .handoff = 1, .mask_bits = 1, .short_indices = 1),
      "sm_90a"},
+    {WGMMA_CONFIG(.dtype = FLEX_F16, .dq = 64, .dv = 64, .tma = 1, .handoff = 1, .chain = 1,
+                  .mask_bits = 1),
+     "sm_90a"},
+    {WGMMA_CONFIG(.dtype = FLEX_BF16, .dq = 128, .dv = 128, .scale_positive = 1, .tma = 1,
+                  .handoff = 1, .chain = 1, .mask_bits = 1, .short_indices = 1, .dv_exact = 1),
+     "sm_90a"},
 };
 
 static void add_case(const char *label, const ir_mod *mask, const ir_mod *score,

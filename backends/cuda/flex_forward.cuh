@@ -703,11 +703,13 @@ static FLEX_DEVICE_INLINE void flex_store_output(const flex_fwd_params &p,
                 for (int dt = 0; dt < FLEX_DV / 8; dt++) {
                     const int col = dt * 8 + (lane & 3) * 2;
                     const float x0 = o[mt][dt][2 * hf] * inv, x1 = o[mt][dt][2 * hf + 1] * inv;
+                    /* (the guards also cost the chained Hopper kernel, which
+                     * stores inside its step loop, ~100 bytes of spills) */
 #if FLEX_VEC
-                    if (col < p.Dv) *(flex_u32 *)(orow + col) = flex_pack2(x0, x1);
+                    if (FLEX_DV_EXACT || col < p.Dv) *(flex_u32 *)(orow + col) = flex_pack2(x0, x1);
 #else
-                    if (col < p.Dv) orow[col] = flex_to_elem(x0);
-                    if (col + 1 < p.Dv) orow[col + 1] = flex_to_elem(x1);
+                    if (FLEX_DV_EXACT || col < p.Dv) orow[col] = flex_to_elem(x0);
+                    if (FLEX_DV_EXACT || col + 1 < p.Dv) orow[col + 1] = flex_to_elem(x1);
 #endif
                 }
                 if (p.lse && (lane & 3) == 0) {

@@ -471,6 +471,27 @@ struct flex_tile_info {
 struct flex_step_info {
     int kv0, partial;
 };
+
+#if FLEX_TMA_CHAIN
+/* The consumers' next tile with kv steps from the Q ring, from round k on:
+ * tiles without steps on the way are stored (zeros and -inf) and their Q
+ * buffers released. Returns false at the end of the walk, with k left at
+ * the end marker's round (waiting on it again returns at once). */
+static FLEX_DEVICE_INLINE bool flex_take_tile(const flex_fwd_params &p, const flex_tile_info *tiles,
+                                              flex_u32 full_q, flex_u32 empty_q, int &k,
+                                              flex_tile_info &t, int cwarp, int lane) {
+    for (;; k++) {
+        const int qb = k & 1;
+        flex_mbar_wait(full_q + 8 * qb, (k >> 1) & 1);
+        t.b = tiles[qb].b, t.h = tiles[qb].h, t.q0 = tiles[qb].q0, t.nsteps = tiles[qb].nsteps;
+        if (t.nsteps != 0) return t.nsteps > 0;
+        if (lane == 0) flex_mbar_arrive(empty_q + 8 * qb);
+        flex_warp_state empty;
+        flex_init_state(empty);
+        flex_store_output(p, empty.o, empty.m, empty.l, t.b, t.h, t.q0, cwarp, lane);
+    }
+}
+#endif
 #endif
 
 /* Register split between the producer warpgroup and the two consumers.
@@ -499,6 +520,9 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
 #if FLEX_TMA_HANDOFF
     __shared__ flex_tile_info flex_tiles[2]; /* per Q buffer */
     __shared__ flex_step_info flex_steps[2]; /* per K stage */
+#if FLEX_TMA_CHAIN
+    __shared__ flex_tile_info flex_done[2][FLEX_WARPS]; /* per consumer warp: its last two tiles */
+#endif
 #endif
     const flex_u32 full_q = flex_smem_addr(&flex_bars[0]), empty_q = full_q + 16,
                    full_k = full_q + 32, full_v = full_q + 48, empty_k = full_q + 64,
@@ -576,7 +600,96 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
     float s[16][4];
     flex_u32 pa[FLEX_BLOCK_N / 16][4];
     if (c == 1) flex_named_arrive(1); /* consumer 0 goes first */
-    int g = 0;                        /* kv steps consumed so far, over every tile */
+#if FLEX_TMA_CHAIN
+    /* One pipeline over all of the CTA's tiles: iteration g issues S of kv
+     * step g (over every tile) beside P V of step g - 1, which at a tile's
+     * first step is the previous tile's last, so a tile boundary costs no
+     * product. Only the CTA's first step multiplies P = 0 (by its Q tile
+     * read as a V stage) and only its last S is not used (it reads a K slot
+     * it does not wait for). S belongs to tile `cur` (round k of the Q
+     * ring, the CTA's tile number tn), O to the previous tile on a chained
+     * first step, whose softmax waits for that product so that the old
+     * tile's statistics need no registers. Each warp keeps the coordinates
+     * of its last two tiles in shared memory (flex_done; every lane writes
+     * the same values and reads its own write), so that they take no
+     * registers in the loop either. */
+    int k = 0;
+    flex_tile_info cur;
+    if (flex_take_tile(p, flex_tiles, full_q, empty_q, k, cur, cwarp, lane)) {
+        flex_warp_state st;
+        flex_init_state(st);
+        flex_sm90_clear(pa);
+        int tn = 0, j = 0, g = 0;
+        flex_done[0][cwarp] = cur;
+        bool fresh = true; /* this iteration's P V is the dummy one */
+        for (;;) {
+            const bool last = j == cur.nsteps; /* the CTA's last tile is done: S unused */
+            const bool chained = j == 0 && !fresh;
+            if (!last) flex_mbar_wait(full_k + 8 * (g & 1), (g >> 1) & 1);
+            if (!fresh) flex_mbar_wait(full_v + 8 * ((g - 1) & 1), ((g - 1) >> 1) & 1);
+
+            flex_sm90_descs d;
+            flex_sm90_make_descs(
+                d, flex_sw128_desc(sQ + (k & 1) * Q_BUF + c * 64 * 128, 16),
+                k_desc0 + (unsigned long long)(((g & 1) * K_STAGE) >> 4),
+                fresh ? flex_sw128_desc(sQ + (k & 1) * Q_BUF, FLEX_BLOCK_N * 128)
+                      : v_desc0 + (unsigned long long)(((((g - 1) & 1) * V_STAGE) >> 4)));
+            flex_named_sync(1 + c);
+            flex_sm90_issue(s, st.o[0], pa, d);
+            flex_named_arrive(2 - c);
+
+            flex_wgmma_wait<1>(); /* S(g) is done; P V still runs */
+            flex_pin(s);
+            if (chained || last) {
+                /* This step's P V finishes O: store it and start the next
+                 * tile's statistics (S(g)'s softmax then runs after the
+                 * product instead of beside it, once a tile). */
+                flex_wgmma_wait<0>();
+                flex_pin(st.o[0]);
+                const flex_tile_info &done = flex_done[(tn - chained) & 1][cwarp];
+                flex_store_output(p, st.o, st.m, st.l, done.b, done.h, done.q0, cwarp, lane);
+                st.m[0][0] = st.m[0][1] = FLEX_NEG_INF;
+                st.l[0][0] = st.l[0][1] = 0.0f;
+            }
+            float alphas[2] = {1.0f, 1.0f};
+            flex_u32 pa_next[FLEX_BLOCK_N / 16][4];
+            if (!last) {
+                /* The step's kv block, read before its K stage is released. */
+                const int kv0 = flex_steps[g & 1].kv0;
+                const bool partial = flex_steps[g & 1].partial != 0;
+                if (lane == 0) flex_mbar_arrive(empty_k + 8 * (g & 1));
+                flex_sm90_probs(p, st, s, pa_next, alphas, cur.b, cur.h, cur.q0 + cwarp * 16, kv0,
+                                partial, cur.q0 + FLEX_BLOCK_M > p.Lq, lane, oob);
+            }
+            flex_wgmma_wait<0>();
+            flex_pin(st.o[0]);
+            flex_pin(pa);
+            if (lane == 0) {
+                if (!fresh) flex_mbar_arrive(empty_v + 8 * ((g - 1) & 1));
+                /* the tile's last read of its Q buffer */
+                if (j == cur.nsteps - 1) flex_mbar_arrive(empty_q + 8 * (k & 1));
+            }
+            if (last) break;
+            if (fresh || chained)
+                flex_sm90_clear(st.o[0]);
+            else
+                flex_rescale(st.o[0], alphas);
+            flex_sm90_take_probs(pa, pa_next);
+            fresh = false;
+            g++;
+            /* After a tile's last step, the next tile with steps chains on;
+             * without one the next iteration is the last. */
+            if (++j == cur.nsteps) {
+                k++;
+                if (flex_take_tile(p, flex_tiles, full_q, empty_q, k, cur, cwarp, lane))
+                    j = 0, flex_done[++tn & 1][cwarp] = cur;
+                else
+                    cur.nsteps = j;
+            }
+        }
+    }
+#else
+    int g = 0; /* kv steps consumed so far, over every tile */
     for (int k = 0;; k++) {
         const int qb = k & 1;
         flex_mbar_wait(full_q + 8 * qb, (k >> 1) & 1);
@@ -644,6 +757,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
         g += nsteps;
         flex_store_output(p, st.o, st.m, st.l, tile.b, tile.h, tile.q0, cwarp, lane);
     }
+#endif
     if (c == 0) flex_named_sync(1); /* consumer 1's last turn signal */
     if (oob) atomicOr(p.bufs.bounds_flag, oob);
 }

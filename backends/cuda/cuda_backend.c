@@ -697,6 +697,17 @@ static flex_status encode_tensor_map(flex_context *ctx, cuda_state *st, const fl
  * one CTA per tile was as fast or 1-2% faster, and the hardware's handing
  * out of CTAs does not depend on the tiles weighing what the fixed snake
  * assumes. FLEXATTN_CUDA_PERSISTENT=0 or 1 forces the choice. */
+/* The persistent grid's CTAs: one per SM, or FLEXATTN_CUDA_CTAS=N of them
+ * (1 <= N <= SMs), which makes every CTA walk many tiles even on the small
+ * shapes of `flexattn check` (the tile hand-off and the pipeline across
+ * tiles are tested that way). */
+static int64_t persistent_ctas(int sm_count) {
+    const char *v = getenv("FLEXATTN_CUDA_CTAS");
+    char *end = NULL;
+    const long n = v ? strtol(v, &end, 10) : 0;
+    return v && end != v && !*end && n >= 1 && n < sm_count ? n : sm_count;
+}
+
 static int persistent_grid(const struct flex_block_mask *mask, int kv_block, int block_n) {
     int persistent = 0;
     if (mask) {
@@ -772,9 +783,13 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
      * the producer through shared memory (FLEXATTN_CUDA_HANDOFF=0: they walk
      * the mask lists in global memory themselves, for comparison). */
     cfg.handoff = cfg.tma && env_switch("FLEXATTN_CUDA_HANDOFF", 1);
-    /* With the handoff, a CTA's consumers run one product pipeline across
-     * its tiles (FLEXATTN_CUDA_CHAIN=0: one per tile, for comparison). */
-    cfg.chain = cfg.handoff && env_switch("FLEXATTN_CUDA_CHAIN", 1);
+    const int persistent = cfg.tma && persistent_grid(mask, kv_block, cfg.block_n);
+    /* On a persistent grid the consumers run one product pipeline across
+     * their CTA's tiles (FLEXATTN_CUDA_CHAIN=0: one per tile, for
+     * comparison). With one tile per CTA it gains nothing, and its store
+     * inside the step loop cost the H200 3-5% on noop and causal and a
+     * quarter on ALiBi; on document masks it gained 6%. */
+    cfg.chain = cfg.handoff && persistent && env_switch("FLEXATTN_CUDA_CHAIN", 1);
     /* Q (two buffers for the TMA kernel: a tile's and the next one's), two
      * K/V stages; the wgmma kernels align their tiles to 1 KB themselves. */
     const size_t smem = q->dtype == FLEX_F32 ? 0
@@ -894,9 +909,8 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
             /* A 1-D grid: one CTA per tile, or one per SM (persistent_grid). */
             const int64_t tiles = (int64_t)gx * gy;
             too_many = tiles > 0x7fffffff; /* the kernel's tile indices are ints */
-            gx = (unsigned)(persistent_grid(mask, kv_block, cfg.block_n) && tiles > st->sm_count
-                                ? st->sm_count
-                                : tiles);
+            const int64_t ctas = persistent ? persistent_ctas(st->sm_count) : tiles;
+            gx = (unsigned)(tiles > ctas ? ctas : tiles);
             gy = tiles > 0 ? 1 : 0;
         }
         if (s) {

@@ -42,6 +42,17 @@ if [ "$SKIP_CHECK" = 0 ]; then
         tail -1 "$OUT/check-$T.log"
     done
     unset FLEXATTN_CUDA_TILE
+    # CHECK_ENVS: more checks, each under comma-separated VAR=value settings;
+    # the default makes every CTA of the persistent grid walk many tiles.
+    for E in ${CHECK_ENVS-FLEXATTN_CUDA_PERSISTENT=1,FLEXATTN_CUDA_CTAS=3}; do
+        echo "== flexattn check --backend cuda (env: $E)"
+        T0=$(date +%s)
+        env ${E//,/ } FLEXATTN_CACHE_DIR=off timeout 420 "$BUILD/tools/flexattn" check --backend cuda \
+            ${CHECK_ARGS:-} >"$OUT/check-env-${E%%=*}.log" 2>&1
+        echo "check exit $? in $(( $(date +%s) - T0 )) s"
+        grep -E "FAIL|ERROR|error" "$OUT/check-env-${E%%=*}.log" | head -20
+        tail -1 "$OUT/check-env-${E%%=*}.log"
+    done
 fi
 
 echo "== flexattn CUDA forward (cold cache, then warm cache in a new process)"

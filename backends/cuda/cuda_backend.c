@@ -779,17 +779,13 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
     cfg.mask_bits = env_switch("FLEXATTN_CUDA_MASK_BITS", 1);
     cfg.tma = cfg.wgmma && env_switch("FLEXATTN_CUDA_TMA", 1) && st->api->cuTensorMapEncodeTiled &&
               tma_layout_ok(q) && tma_layout_ok(k) && tma_layout_ok(v);
-    /* The TMA kernel's consumers take each tile's and step's kv block from
-     * the producer through shared memory (FLEXATTN_CUDA_HANDOFF=0: they walk
-     * the mask lists in global memory themselves, for comparison). */
-    cfg.handoff = cfg.tma && env_switch("FLEXATTN_CUDA_HANDOFF", 1);
     const int persistent = cfg.tma && persistent_grid(mask, kv_block, cfg.block_n);
     /* On a persistent grid the consumers run one product pipeline across
      * their CTA's tiles (FLEXATTN_CUDA_CHAIN=0: one per tile, for
      * comparison). With one tile per CTA it gains nothing, and its store
      * inside the step loop cost the H200 3-5% on noop and causal and a
      * quarter on ALiBi; on document masks it gained 6%. */
-    cfg.chain = cfg.handoff && persistent && env_switch("FLEXATTN_CUDA_CHAIN", 1);
+    cfg.chain = persistent && env_switch("FLEXATTN_CUDA_CHAIN", 1);
     /* Q (two buffers for the TMA kernel: a tile's and the next one's), two
      * K/V stages; the wgmma kernels align their tiles to 1 KB themselves. */
     const size_t smem = q->dtype == FLEX_F32 ? 0
@@ -821,19 +817,18 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
     {
         /* The key names every field of the configuration: a new field that
          * changes the source belongs in it too, or two kernels share a key. */
-        _Static_assert(sizeof(flex_cuda_fwd_config) == 15 * sizeof(int),
+        _Static_assert(sizeof(flex_cuda_fwd_config) == 14 * sizeof(int),
                        "flex_cuda_fwd_config changed: update the forward kernel key");
         char key[512];
-        snprintf(
-            key, sizeof key,
-            "fwd|%s|dq%d|dv%d|dx%d|w%d|mt%d|n%d|vec%d|wg%d|tma%d|ho%d|ch%d|mb%d|short%d|sp%d|mask=%"
-            "016llx|score=%016llx|%s|nvrtc%d.%d",
-            flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.dv_exact, cfg.warps, cfg.mt,
-            cfg.block_n, cfg.vec, cfg.wgmma, cfg.tma, cfg.handoff, cfg.chain, cfg.mask_bits,
-            cfg.short_indices, cfg.scale_positive,
-            (unsigned long long)(mask_mod ? mask_mod->hash : 0),
-            (unsigned long long)(score_mod ? score_mod->hash : 0), st->arch, st->api->nvrtc_major,
-            st->api->nvrtc_minor);
+        snprintf(key, sizeof key,
+                 "fwd|%s|dq%d|dv%d|dx%d|w%d|mt%d|n%d|vec%d|wg%d|tma%d|ch%d|mb%d|short%d|sp%d|mask=%"
+                 "016llx|score=%016llx|%s|nvrtc%d.%d",
+                 flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.dv_exact, cfg.warps, cfg.mt,
+                 cfg.block_n, cfg.vec, cfg.wgmma, cfg.tma, cfg.chain, cfg.mask_bits,
+                 cfg.short_indices, cfg.scale_positive,
+                 (unsigned long long)(mask_mod ? mask_mod->hash : 0),
+                 (unsigned long long)(score_mod ? score_mod->hash : 0), st->arch,
+                 st->api->nvrtc_major, st->api->nvrtc_minor);
         const forward_source_args args = {&cfg, mask_ir, score_ir};
         s = get_function(ctx, st, key, build_forward_source, &args, "flex_forward_kernel", &fn);
     }

@@ -32,8 +32,7 @@ typedef struct flex_cuda_fwd_config {
     int short_indices;  /* 1: B, H and lengths within the FLEX_EMIT_SHORT_* bounds */
     int tma;            /* wgmma: a TMA producer warpgroup (0: cp.async by all threads) */
     int mask_bits;      /* masked blocks: keep bits from a rolled loop (flex_keep_bits) */
-    int handoff;        /* tma: the producer hands tile and step info through shared memory */
-    int chain;          /* handoff: one product pipeline across a CTA's tiles */
+    int chain;          /* tma: one product pipeline across a CTA's tiles */
     int dv_exact;       /* Dv == dv: the output store needs no column guard */
 } flex_cuda_fwd_config;
 

@@ -427,30 +427,9 @@ struct flex_tile_cursor {
     int round;
 };
 
-/* The cursor's next tile with at least one kv step (false: none left).
- * Tiles without one are stored (zeros, -inf) by the consumer warps that
- * pass store_empty, skipped by the producer. */
-static FLEX_DEVICE_INLINE bool flex_next_tile(const flex_fwd_params &p, flex_tile_cursor &cur,
-                                              flex_tile &tile, bool store_empty, int cwarp,
-                                              int lane) {
-    const long long g = gridDim.x;
-    for (cur.round++; cur.round * g < cur.count; cur.round++) {
-        const long long t = cur.round * g + ((cur.round & 1) ? g - 1 - blockIdx.x : blockIdx.x);
-        if (t >= cur.count || !flex_tile_of(p, t, tile)) continue;
-        if (tile.nsteps > 0) return true;
-        if (store_empty) {
-            flex_warp_state empty;
-            flex_init_state(empty);
-            flex_store_output(p, empty.o, empty.m, empty.l, tile.b, tile.h, tile.q0, cwarp, lane);
-        }
-    }
-    return false;
-}
-
-#if FLEX_TMA_HANDOFF
 /* The cursor's next tile, with or without kv steps (false: none left). */
-static FLEX_DEVICE_INLINE bool flex_next_tile_any(const flex_fwd_params &p, flex_tile_cursor &cur,
-                                                  flex_tile &tile) {
+static FLEX_DEVICE_INLINE bool flex_next_tile(const flex_fwd_params &p, flex_tile_cursor &cur,
+                                              flex_tile &tile) {
     const long long g = gridDim.x;
     for (cur.round++; cur.round * g < cur.count; cur.round++) {
         const long long t = cur.round * g + ((cur.round & 1) ? g - 1 - blockIdx.x : blockIdx.x);
@@ -492,21 +471,15 @@ static FLEX_DEVICE_INLINE bool flex_take_tile(const flex_fwd_params &p, const fl
     }
 }
 #endif
-#endif
 
 /* Register split between the producer warpgroup and the two consumers.
  * setmaxnreg moves registers within the CTA's own allocation: ptxas gives
  * each of the 384 threads (64K / 384) rounded down to 8 = 168, and a
  * consumer's setmaxnreg.inc waits until the producer's .dec has freed
  * enough, so a split above that total never returns (the kernel hangs). */
-#define FLEX_LAUNCH_REGS ((65536 / (FLEX_THREADS + 128)) & ~7)
-#if FLEX_TMA_HANDOFF
+#define FLEX_LAUNCH_REGS   ((65536 / (FLEX_THREADS + 128)) & ~7)
 #define FLEX_PRODUCER_REGS 56 /* the walk lives in the producer: 40 spills */
 #define FLEX_CONSUMER_REGS 224
-#else
-#define FLEX_PRODUCER_REGS 24
-#define FLEX_CONSUMER_REGS 240
-#endif
 static_assert(128 * FLEX_PRODUCER_REGS + FLEX_THREADS * FLEX_CONSUMER_REGS <=
                   (FLEX_THREADS + 128) * FLEX_LAUNCH_REGS,
               "setmaxnreg split exceeds the CTA's registers");
@@ -517,12 +490,10 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
     /* mbarriers: full Q 0, 1; empty Q 0, 1; full K 0, 1; full V 0, 1;
      * empty K 0, 1; empty V 0, 1. */
     __shared__ __align__(8) unsigned long long flex_bars[12];
-#if FLEX_TMA_HANDOFF
-    __shared__ flex_tile_info flex_tiles[2]; /* per Q buffer */
-    __shared__ flex_step_info flex_steps[2]; /* per K stage */
+    __shared__ flex_tile_info flex_tiles[2];            /* per Q buffer */
+    __shared__ flex_step_info flex_steps[2];            /* per K stage */
 #if FLEX_TMA_CHAIN
     __shared__ flex_tile_info flex_done[2][FLEX_WARPS]; /* per consumer warp: its last two tiles */
-#endif
 #endif
     const flex_u32 full_q = flex_smem_addr(&flex_bars[0]), empty_q = full_q + 16,
                    full_k = full_q + 32, full_v = full_q + 48, empty_k = full_q + 64,
@@ -553,13 +524,12 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
 
     /* Uses of a ring slot: the n-th fill of slot i waits for the release of
      * fill n - 1, the (n - 1)-th completion of its empty barrier. */
-#if FLEX_TMA_HANDOFF
     if (wg == 0) { /* producer */
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(FLEX_PRODUCER_REGS) : "memory");
         if (tid != 0) return;
         int g = 0; /* kv steps issued so far, over every tile */
         for (int k = 0;; k++) {
-            const bool have = flex_next_tile_any(p, cursor, tile);
+            const bool have = flex_next_tile(p, cursor, tile);
             const int qb = k & 1;
             if (k >= 2) flex_mbar_wait(empty_q + 8 * qb, ((k >> 1) + 1) & 1);
             volatile flex_tile_info *info = &flex_tiles[qb];
@@ -761,106 +731,6 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
     if (c == 0) flex_named_sync(1); /* consumer 1's last turn signal */
     if (oob) atomicOr(p.bufs.bounds_flag, oob);
 }
-#else
-    if (wg == 0) { /* producer */
-        asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(FLEX_PRODUCER_REGS) : "memory");
-        if (tid != 0) return;
-        int g = 0; /* kv steps issued so far, over every tile */
-        for (int k = 0; flex_next_tile(p, cursor, tile, false, 0, 0); k++) {
-            const int hk = tile.h / (p.Hq / p.Hkv), qb = k & 1;
-            if (k >= 2) flex_mbar_wait(empty_q + 8 * qb, ((k >> 1) + 1) & 1);
-            flex_tma_tile<FLEX_BLOCK_M, FLEX_DQ>(sQ + qb * Q_BUF, tm.q, tile.q0, tile.h, tile.b,
-                                                 full_q + 8 * qb);
-            for (int j = 0; j < tile.nsteps; j++, g++) {
-                const int st = g & 1;
-                const unsigned parity = ((g >> 1) + 1) & 1;
-                bool partial;
-                const int kv0 = flex_step_kv0(p, tile.walk, j, partial);
-                if (g >= 2) flex_mbar_wait(empty_k + 8 * st, parity);
-                flex_tma_tile<FLEX_BLOCK_N, FLEX_DQ>(sK + st * K_STAGE, tm.k, kv0, hk, tile.b,
-                                                     full_k + 8 * st);
-                if (g >= 2) flex_mbar_wait(empty_v + 8 * st, parity);
-                flex_tma_tile<FLEX_BLOCK_N, FLEX_DV>(sV + st * V_STAGE, tm.v, kv0, hk, tile.b,
-                                                     full_v + 8 * st);
-            }
-        }
-        return;
-    }
-
-    /* consumers: warpgroup c = wg - 1 owns rows 64 c .. 64 c + 63 */
-    asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(FLEX_CONSUMER_REGS) : "memory");
-    const int c = wg - 1, cwarp = (tid - 128) >> 5;
-    unsigned oob = 0;
-    const unsigned long long k_desc0 = flex_sw128_desc(sK, 16);
-    const unsigned long long v_desc0 = flex_sw128_desc(sV, FLEX_BLOCK_N * 128);
-
-    float s[16][4];
-    flex_u32 pa[FLEX_BLOCK_N / 16][4];
-    if (c == 1) flex_named_arrive(1); /* consumer 0 goes first */
-    int g = 0;                        /* kv steps consumed so far, over every tile */
-    for (int k = 0; flex_next_tile(p, cursor, tile, true, cwarp, lane); k++) {
-        const int nsteps = tile.nsteps, qb = k & 1;
-        flex_warp_state st;
-        flex_init_state(st);
-        const int qrow0 = tile.q0 + cwarp * 16; /* this warp's 16 rows */
-        const bool q_bounds = tile.q0 + FLEX_BLOCK_M > p.Lq;
-        const unsigned long long q_desc = flex_sw128_desc(sQ + qb * Q_BUF + c * 64 * 128, 16);
-        /* Step 0's product reads the Q tile as its V stage (flex_sm90_clear). */
-        const unsigned long long v_desc_first =
-            flex_sw128_desc(sQ + qb * Q_BUF, FLEX_BLOCK_N * 128);
-        flex_sm90_clear(pa);
-        flex_mbar_wait(full_q + 8 * qb, (k >> 1) & 1);
-        for (int step = 0; step <= nsteps; step++) {
-            /* Ring slots of this step's K and of the previous step's V. The
-             * last step's S reads a K slot it does not wait for (maybe the
-             * next tile's, arriving) and is not used. */
-            const bool last = step == nsteps;
-            const int gk = g + step, gv = g + step - 1;
-            if (!last) flex_mbar_wait(full_k + 8 * (gk & 1), (gk >> 1) & 1);
-            if (step > 0) flex_mbar_wait(full_v + 8 * (gv & 1), (gv >> 1) & 1);
-
-            flex_sm90_descs d;
-            flex_sm90_make_descs(
-                d, q_desc, k_desc0 + (unsigned long long)(((gk & 1) * K_STAGE) >> 4),
-                step == 0 ? v_desc_first
-                          : v_desc0 + (unsigned long long)((((gv & 1) * V_STAGE) >> 4)));
-            flex_named_sync(1 + c);
-            flex_sm90_issue(s, st.o[0], pa, d);
-            flex_named_arrive(2 - c);
-
-            flex_wgmma_wait<1>(); /* S(step) is done; P V still runs */
-            flex_pin(s);
-            if (lane == 0) {
-                if (!last)
-                    flex_mbar_arrive(empty_k + 8 * (gk & 1));
-                else
-                    flex_mbar_arrive(empty_q + 8 * qb); /* the tile's last read of Q */
-            }
-            float alphas[2] = {1.0f, 1.0f};
-            flex_u32 pa_next[FLEX_BLOCK_N / 16][4];
-            if (!last) {
-                bool partial;
-                const int kv0 = flex_step_kv0(p, tile.walk, step, partial);
-                flex_sm90_probs(p, st, s, pa_next, alphas, tile.b, tile.h, qrow0, kv0, partial,
-                                q_bounds, lane, oob);
-            }
-            flex_wgmma_wait<0>();
-            flex_pin(st.o[0]);
-            flex_pin(pa);
-            if (step > 0 && lane == 0) flex_mbar_arrive(empty_v + 8 * (gv & 1));
-            if (step == 0)
-                flex_sm90_clear(st.o[0]);
-            else if (!last)
-                flex_rescale(st.o[0], alphas);
-            if (!last) flex_sm90_take_probs(pa, pa_next);
-        }
-        g += nsteps;
-        flex_store_output(p, st.o, st.m, st.l, tile.b, tile.h, tile.q0, cwarp, lane);
-    }
-    if (c == 0) flex_named_sync(1); /* consumer 1's last turn signal */
-    if (oob) atomicOr(p.bufs.bounds_flag, oob);
-}
-#endif
 #endif /* FLEX_TMA */
 
 #endif /* FLEX_WGMMA */

@@ -1,6 +1,8 @@
 #!/bin/bash
 # One device call: build, `flexattn check --backend cuda`, then time the CUDA
 # forward beside PyTorch (compiled flex_attention, SDPA flash and cuDNN).
+# Every GPU program runs under a timeout (CHECK_TIMEOUT, default 240 s, for
+# each check): a kernel that hangs ends its step, not the device call.
 # Logs and results go to $OUT (default ./gpu-out): check.log, bench.log,
 # torch.log, cuda-forward.jsonl, cuda-forward.md.
 #   bench/gpu/run.sh [--skip-check] [--skip-torch] [--len S]
@@ -36,7 +38,7 @@ if [ "$SKIP_CHECK" = 0 ]; then
         echo "== flexattn check --backend cuda (tiles: $T)"
         T0=$(date +%s)
         if [ "$T" = default ]; then unset FLEXATTN_CUDA_TILE; else export FLEXATTN_CUDA_TILE=$T; fi
-        FLEXATTN_CACHE_DIR=off timeout 420 "$BUILD/tools/flexattn" check --backend cuda ${CHECK_ARGS:-} >"$OUT/check-$T.log" 2>&1
+        FLEXATTN_CACHE_DIR=off timeout -k 5 "${CHECK_TIMEOUT:-240}" "$BUILD/tools/flexattn" check --backend cuda ${CHECK_ARGS:-} >"$OUT/check-$T.log" 2>&1
         echo "check exit $? in $(( $(date +%s) - T0 )) s"
         grep -E "FAIL|ERROR|error" "$OUT/check-$T.log" | head -20
         tail -1 "$OUT/check-$T.log"
@@ -47,7 +49,7 @@ if [ "$SKIP_CHECK" = 0 ]; then
     for E in ${CHECK_ENVS-FLEXATTN_CUDA_PERSISTENT=1,FLEXATTN_CUDA_CTAS=3}; do
         echo "== flexattn check --backend cuda (env: $E)"
         T0=$(date +%s)
-        env ${E//,/ } FLEXATTN_CACHE_DIR=off timeout 420 "$BUILD/tools/flexattn" check --backend cuda \
+        env ${E//,/ } FLEXATTN_CACHE_DIR=off timeout -k 5 "${CHECK_TIMEOUT:-240}" "$BUILD/tools/flexattn" check --backend cuda \
             ${CHECK_ARGS:-} >"$OUT/check-env-${E%%=*}.log" 2>&1
         echo "check exit $? in $(( $(date +%s) - T0 )) s"
         grep -E "FAIL|ERROR|error" "$OUT/check-env-${E%%=*}.log" | head -20
@@ -62,23 +64,23 @@ rm -f "$OUT/flexattn-cold.jsonl" "$OUT/flexattn-warm.jsonl" "$OUT/torch.jsonl"
 # its own cache of compiled programs under $HOME/.nv/ComputeCache, so the
 # cold process gets a fresh HOME as well as a fresh flexattn cache.
 COLD_HOME=$(mktemp -d)
-HOME=$COLD_HOME XDG_CACHE_HOME=$COLD_HOME/.cache FLEXATTN_CACHE_DIR=$CACHE "$BUILD/bench_cuda" \
+HOME=$COLD_HOME XDG_CACHE_HOME=$COLD_HOME/.cache FLEXATTN_CACHE_DIR=$CACHE timeout -k 5 180 "$BUILD/bench_cuda" \
     --len "$LEN" --json "$OUT/flexattn-cold.jsonl" 2>&1 | tee "$OUT/bench.log"
-FLEXATTN_CACHE_DIR=$CACHE "$BUILD/bench_cuda" --len "$LEN" --json "$OUT/flexattn-warm.jsonl" 2>&1 | tee -a "$OUT/bench.log"
+FLEXATTN_CACHE_DIR=$CACHE timeout -k 5 120 "$BUILD/bench_cuda" --len "$LEN" --json "$OUT/flexattn-warm.jsonl" 2>&1 | tee -a "$OUT/bench.log"
 
 if [ -n "${TILE_SWEEP:-}" ]; then
     echo "== tile sweep (FLEXATTN_CUDA_TILE=warps,m-tiles per warp,kv step)"
     for T in $TILE_SWEEP; do
         for P in ${SWEEP_PATTERNS:-causal}; do
             echo -n "tile $T: "
-            FLEXATTN_CUDA_TILE=$T FLEXATTN_CACHE_DIR=$CACHE "$BUILD/bench_cuda" --len "$LEN" --only "$P" --iters 10 2>&1 | tail -1
+            FLEXATTN_CUDA_TILE=$T FLEXATTN_CACHE_DIR=$CACHE timeout -k 5 60 "$BUILD/bench_cuda" --len "$LEN" --only "$P" --iters 10 2>&1 | tail -1
         done
     done | tee "$OUT/sweep.log"
 fi
 
 if [ "$SKIP_TORCH" = 0 ]; then
     echo "== PyTorch"
-    PYTHONUNBUFFERED=1 python3 bench/gpu/torch_reference.py --len "$LEN" --json "$OUT/torch.jsonl" 2>&1 \
+    PYTHONUNBUFFERED=1 timeout -k 5 300 python3 bench/gpu/torch_reference.py --len "$LEN" --json "$OUT/torch.jsonl" 2>&1 \
         | grep -v Warning | tee "$OUT/torch.log"
 fi
 

@@ -49,6 +49,7 @@ typedef struct check_case {
     flex_dtype dtype;
     int layout;
     int lse;
+    int block; /* the block mask's q and kv block (0: 64) */
 } check_case;
 
 typedef struct case_list {
@@ -76,7 +77,7 @@ static void build_cases(case_list *l, int quick) {
     for (int p = 0; p < flex_preset_count(); p++) {
         const flex_preset *pr = flex_preset_at(p);
         for (int d = 0; d < 3; d++) {
-            check_case c = {"", OP_FORWARD, NULL, NULL, 1, 4, 4, L, L, 64, 64, dts[d], 0, 1};
+            check_case c = {"", OP_FORWARD, NULL, NULL, 1, 4, 4, L, L, 64, 64, dts[d], 0, 1, 0};
             if (pr->kind == FLEX_MOD_MASK)
                 c.mask = pr->name;
             else
@@ -110,8 +111,32 @@ static void build_cases(case_list *l, int quick) {
         const struct shape *s = &shapes[i];
         if (quick && !s->quick) continue;
         for (int d = 0; d < (quick ? 1 : 3); d++) {
-            check_case c = {"",    OP_FORWARD, s->score, s->mask, s->B,   s->Hq,     s->Hkv,
-                            s->Lq, s->Lkv,     s->D,     s->Dv,   dts[d], s->layout, s->lse};
+            check_case c = {"",     OP_FORWARD, s->score, s->mask, s->B,      s->Hq,  s->Hkv, s->Lq,
+                            s->Lkv, s->D,       s->Dv,    dts[d],  s->layout, s->lse, 0};
+            snprintf(c.name, sizeof c.name, "%s %s", s->what, short_dtype(dts[d]));
+            add_case(l, &c);
+        }
+    }
+    /* Masks in blocks of 128: the Hopper kernels take only these (blocks of
+     * 64 go to the mma.sync kernel), here with several query tiles per head,
+     * partial blocks inside the sequences and, for the window over the
+     * shorter keys, query tiles without any key. */
+    struct shape128 {
+        const char *what, *score, *mask;
+        int B, Hq, Hkv, Lq, Lkv, D;
+    } s128[] = {
+        {"blocks 128 causal", NULL, "causal", 1, 4, 4, 520, 520, 128},
+        {"blocks 128 document_causal", NULL, "document_causal", 1, 4, 2, 520, 520, 128},
+        {"blocks 128 sliding_window", NULL, "sliding_window", 1, 4, 4, 520, 520, 64},
+        {"blocks 128 prefix_lm", NULL, "prefix_lm", 2, 2, 2, 300, 400, 128},
+        {"blocks 128 alibi causal", "alibi", "causal", 1, 4, 4, 400, 400, 128},
+        {"blocks 128 window q 700 kv 300", NULL, "sliding_window", 1, 4, 4, 700, 300, 128},
+    };
+    for (size_t i = 0; i < sizeof s128 / sizeof s128[0] && !quick; i++) {
+        const struct shape128 *s = &s128[i];
+        for (int d = 0; d < 3; d++) {
+            check_case c = {"",     OP_FORWARD, s->score, s->mask, s->B, s->Hq, s->Hkv, s->Lq,
+                            s->Lkv, s->D,       s->D,     dts[d],  0,    1,     128};
             snprintf(c.name, sizeof c.name, "%s %s", s->what, short_dtype(dts[d]));
             add_case(l, &c);
         }
@@ -136,8 +161,8 @@ static void build_cases(case_list *l, int quick) {
         const struct bw_shape *s = &bw[i];
         if (quick && !s->quick) continue;
         for (int d = 0; d < (quick ? 1 : 3); d++) {
-            check_case c = {"",    OP_BACKWARD, s->score, s->mask, s->B,   s->Hq,     s->Hkv,
-                            s->Lq, s->Lkv,      s->D,     s->Dv,   dts[d], s->layout, 1};
+            check_case c = {"",     OP_BACKWARD, s->score, s->mask, s->B,      s->Hq, s->Hkv, s->Lq,
+                            s->Lkv, s->D,        s->Dv,    dts[d],  s->layout, 1,     0};
             snprintf(c.name, sizeof c.name, "backward %s %s", s->what, short_dtype(dts[d]));
             add_case(l, &c);
         }
@@ -204,8 +229,9 @@ static int compile_mods(case_data *cd, const check_case *c, char *why, size_t ca
             return -1;
         }
     }
-    if (cd->mask_mod && flex_block_mask_create(cd->ctx, cd->mask_mod, 1, 1, c->Lq, c->Lkv, 64, 64,
-                                               &cd->mask) != FLEX_OK) {
+    const int block = c->block ? c->block : 64;
+    if (cd->mask_mod && flex_block_mask_create(cd->ctx, cd->mask_mod, 1, 1, c->Lq, c->Lkv, block,
+                                               block, &cd->mask) != FLEX_OK) {
         snprintf(why, cap, "block mask: %s", flex_error_message(cd->ctx));
         return -1;
     }

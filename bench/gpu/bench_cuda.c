@@ -12,6 +12,11 @@
  * the density of the block mask (non-empty blocks / all blocks).
  * Documents: lengths cycle through 512, 1024, 1536, 2048, 768, 2304 tokens
  * (the last one cut at S); bench/gpu/torch_reference.py uses the same.
+ *
+ * After timing a pattern, the output of its last (batch, head) is compared
+ * with the CPU backend's on the same inputs (a line "verify <pattern>
+ * rel=<max |gpu - cpu| / max |cpu|> ok|FAILED"; the program then exits 1
+ * if any failed): what is timed is also right. --no-verify skips it.
  */
 #include <math.h>
 #include <stdint.h>
@@ -50,9 +55,71 @@ static uint16_t to_bf16(float f) {
     return (uint16_t)(u >> 16);
 }
 
+static float from_bf16(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+/* The pattern on the CPU backend for one head (q, k, v, gpu: slice[0..3],
+ * S x D bf16; the head's ALiBi slope as a one-element buffer): max |gpu -
+ * cpu| / max |cpu|, or -1 when the CPU backend fails or either output has a
+ * NaN. */
+static double cpu_rel_error(const char *mask_name, const char *score_name, uint16_t *const *slice,
+                            int64_t S, int64_t D, int32_t *doc, float slope) {
+    flex_context *ctx = NULL;
+    if (flex_context_create("cpu", &ctx) != FLEX_OK) return -1.0;
+    uint16_t *out = malloc((size_t)(S * D) * 2);
+    flex_mod *mask_mod = NULL, *score_mod = NULL;
+    flex_block_mask *mask = NULL;
+    int64_t doc_size = S, one = 1;
+    flex_tensor doc_t = flex_tensor_contiguous(doc, FLEX_I32, 1, &doc_size, FLEX_DEVICE_CPU);
+    flex_tensor slope_t = flex_tensor_contiguous(&slope, FLEX_F32, 1, &one, FLEX_DEVICE_CPU);
+    flex_param w = {"W", 0, 1024}, c = {"C", 1, 30.0};
+    flex_status s = FLEX_OK;
+    if (mask_name) {
+        s = flex_preset_compile(ctx, mask_name, &w, !strcmp(mask_name, "sliding_window"),
+                                &mask_mod);
+        if (!s && !strcmp(mask_name, "document_causal"))
+            s = flex_mod_bind_buffer(ctx, mask_mod, "doc", &doc_t);
+        if (!s) s = flex_block_mask_create(ctx, mask_mod, 1, 1, S, S, 128, 128, &mask);
+    }
+    if (!s && score_name) {
+        s = flex_preset_compile(ctx, score_name, &c, strncmp(score_name, "softcap", 7) == 0,
+                                &score_mod);
+        if (!s && !strcmp(score_name, "alibi"))
+            s = flex_mod_bind_buffer(ctx, score_mod, "slopes", &slope_t);
+    }
+    flex_tensor t[4];
+    for (int i = 0; i < 4; i++)
+        t[i] = flex_tensor_bhsd(i < 3 ? slice[i] : out, FLEX_BF16, 1, 1, S, D, FLEX_DEVICE_CPU);
+    if (!s && out) s = flex_attention(ctx, &t[0], &t[1], &t[2], score_mod, mask, NULL, &t[3], NULL);
+    double rel = -1.0;
+    if (!s && out) {
+        double diff = 0.0, ref = 0.0;
+        int nan = 0;
+        for (int64_t i = 0; i < S * D; i++) {
+            const double g = from_bf16(slice[3][i]), r = from_bf16(out[i]);
+            nan |= g != g || r != r;
+            diff = fmax(diff, fabs(g - r));
+            ref = fmax(ref, fabs(r));
+        }
+        rel = nan ? -1.0 : diff / (ref > 0.0 ? ref : 1.0);
+    } else {
+        fprintf(stderr, "cpu reference: %s\n", flex_error_message(ctx));
+    }
+    flex_block_mask_destroy(mask);
+    flex_mod_destroy(mask_mod);
+    flex_mod_destroy(score_mod);
+    free(out);
+    flex_context_destroy(ctx);
+    return rel;
+}
+
 int main(int argc, char **argv) {
     int64_t B = 4, H = 16, S = 8192, D = 128;
-    int iters = 20;
+    int iters = 20, verify = 1, failed = 0;
     const char *json = NULL, *only = NULL;
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--len") && i + 1 < argc)
@@ -69,6 +136,8 @@ int main(int argc, char **argv) {
             json = argv[++i];
         else if (!strcmp(argv[i], "--only") && i + 1 < argc)
             only = argv[++i];
+        else if (!strcmp(argv[i], "--no-verify"))
+            verify = 0;
         else {
             fprintf(stderr, "unknown argument %s\n", argv[i]);
             return 2;
@@ -85,12 +154,18 @@ int main(int argc, char **argv) {
     CHECK(flex_malloc(ctx, n * 2, &dout));
     uint64_t rng = 0x9e3779b97f4a7c15ull;
     void *bufs[3] = {dq, dk, dv};
+    /* the last (batch, head) of q, k, v and of the output, for the check */
+    const size_t head = (size_t)(S * D), last = n - head;
+    uint16_t *slice[4];
+    for (int t = 0; t < 4; t++)
+        slice[t] = malloc(head * 2);
     for (int t = 0; t < 3; t++) {
         for (size_t i = 0; i < n; i++) {
             rng ^= rng << 13, rng ^= rng >> 7, rng ^= rng << 17;
             host[i] = to_bf16((float)((double)(rng >> 11) / 9007199254740992.0 * 2.0 - 1.0));
         }
         CHECK(flex_copy_to_device(ctx, bufs[t], host, n * 2));
+        memcpy(slice[t], host + last, head * 2);
     }
     /* document ids and ALiBi slopes */
     int32_t *doc = malloc((size_t)S * 4);
@@ -165,15 +240,25 @@ int main(int argc, char **argv) {
         double flops = 4.0 * B * H * (double)S * S * D * density;
         double tflops = flops / (med * 1e-3) / 1e12;
         printf("%-24s %10.2f %10.3f %10.1f %8.4f\n", patterns[p].name, first, med, tflops, density);
+        double rel = -1.0;
+        if (verify) {
+            CHECK(flex_copy_to_host(ctx, slice[3], (const uint16_t *)dout + last, head * 2));
+            rel =
+                cpu_rel_error(patterns[p].mask, patterns[p].score, slice, S, D, doc, slopes[H - 1]);
+            const int ok = rel >= 0.0 && rel <= 1e-2;
+            failed |= !ok;
+            printf("verify %s rel=%.2e %s\n", patterns[p].name, rel, ok ? "ok" : "FAILED");
+        }
         if (jf)
             fprintf(
                 jf,
                 "{\"impl\": \"flexattn\", \"pattern\": \"%s\", \"B\": %lld, \"H\": %lld, \"S\": "
                 "%lld, "
                 "\"D\": %lld, \"dtype\": \"bf16\", \"first_call_ms\": %.3f, \"median_ms\": %.4f, "
-                "\"tflops\": %.2f, \"density\": %.5f, \"device\": \"%s\"}\n",
+                "\"tflops\": %.2f, \"density\": %.5f, \"verify_rel\": %.3e, \"device\": "
+                "\"%s\"}\n",
                 patterns[p].name, (long long)B, (long long)H, (long long)S, (long long)D, first,
-                med, tflops, density, flex_context_device_name(ctx));
+                med, tflops, density, rel, flex_context_device_name(ctx));
         fflush(stdout);
         free(times);
         flex_block_mask_destroy(mask);
@@ -189,6 +274,8 @@ int main(int argc, char **argv) {
     free(host);
     free(doc);
     free(slopes);
+    for (int t = 0; t < 4; t++)
+        free(slice[t]);
     flex_context_destroy(ctx);
-    return 0;
+    return failed;
 }

@@ -683,16 +683,14 @@ static FLEX_DEVICE_INLINE void flex_init_state(flex_warp_state &st) {
 /* Epilogue: out = O / l, lse = (m + log2 l) ln 2; empty rows: 0 and -inf.
  * Warp `warp` owns rows q0 + 16 * FLEX_MT * warp onwards (in both kernels). */
 static FLEX_DEVICE_INLINE void flex_store_output(const flex_fwd_params &p,
-                                                 const float (&o)[FLEX_MT][FLEX_DV / 8][4],
-                                                 const float (&m)[FLEX_MT][2],
-                                                 const float (&l_part)[FLEX_MT][2], int b, int h,
-                                                 int q0, int warp, int lane) {
+                                                 const flex_warp_state &st, int b, int h, int q0,
+                                                 int warp, int lane) {
     flex_elem *go = (flex_elem *)p.out + b * p.o_sb + h * p.o_sh;
 #pragma unroll
     for (int mt = 0; mt < FLEX_MT; mt++) {
 #pragma unroll
         for (int hf = 0; hf < 2; hf++) {
-            float l = l_part[mt][hf];
+            float l = st.l[mt][hf];
             l += FLEX_SHFL_XOR(l, 1);
             l += FLEX_SHFL_XOR(l, 2);
             const float inv = l > 0.0f ? 1.0f / l : 0.0f;
@@ -702,7 +700,8 @@ static FLEX_DEVICE_INLINE void flex_store_output(const flex_fwd_params &p,
 #pragma unroll
                 for (int dt = 0; dt < FLEX_DV / 8; dt++) {
                     const int col = dt * 8 + (lane & 3) * 2;
-                    const float x0 = o[mt][dt][2 * hf] * inv, x1 = o[mt][dt][2 * hf + 1] * inv;
+                    const float x0 = st.o[mt][dt][2 * hf] * inv,
+                                x1 = st.o[mt][dt][2 * hf + 1] * inv;
                     /* (the guards also cost the chained Hopper kernel, which
                      * stores inside its step loop, ~100 bytes of spills) */
 #if FLEX_VEC
@@ -713,7 +712,8 @@ static FLEX_DEVICE_INLINE void flex_store_output(const flex_fwd_params &p,
 #endif
                 }
                 if (p.lse && (lane & 3) == 0) {
-                    const float lse = l > 0.0f ? (m[mt][hf] + log2f(l)) * FLEX_LN2 : FLEX_NEG_INF;
+                    const float lse =
+                        l > 0.0f ? (st.m[mt][hf] + log2f(l)) * FLEX_LN2 : FLEX_NEG_INF;
                     p.lse[b * p.l_sb + h * p.l_sh + (long long)q * p.l_ss] = lse;
                 }
             }
@@ -797,7 +797,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
     flex_cp_async_wait<0>(); /* nothing in flight when the CTA ends */
     if (oob) atomicOr(p.bufs.bounds_flag, oob);
 
-    flex_store_output(p, st.o, st.m, st.l, tile.b, tile.h, tile.q0, warp, lane);
+    flex_store_output(p, st, tile.b, tile.h, tile.q0, warp, lane);
 }
 #endif /* !FLEX_WGMMA */
 

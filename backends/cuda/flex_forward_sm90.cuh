@@ -232,6 +232,16 @@ template <typename T, int N> static FLEX_DEVICE_INLINE void flex_sm90_clear(T (&
             a[i][r] = 0;
 }
 
+/* Waits for the step's P V: O is up to date, and P's registers, which the
+ * product read, are free again (flex_pin keeps the compiler from reusing
+ * either before the wait). */
+static FLEX_DEVICE_INLINE void flex_sm90_wait_pv(float (&o)[FLEX_DV / 8][4],
+                                                 flex_u32 (&pa)[FLEX_BLOCK_N / 16][4]) {
+    flex_wgmma_wait<0>();
+    flex_pin(o);
+    flex_pin(pa);
+}
+
 /* P of the step just finished becomes the operand of the next product. */
 static FLEX_DEVICE_INLINE void flex_sm90_take_probs(flex_u32 (&pa)[FLEX_BLOCK_N / 16][4],
                                                     const flex_u32 (&next)[FLEX_BLOCK_N / 16][4]) {
@@ -325,9 +335,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
         if (!last)
             flex_sm90_probs(p, st, s, pa_next, alphas, tile.b, tile.h, qrow0, kv_cur, partial_cur,
                             q_bounds, lane, oob);
-        flex_wgmma_wait<0>();
-        flex_pin(st.o[0]);
-        flex_pin(pa);
+        flex_sm90_wait_pv(st.o[0], pa);
         if (!last) {
             flex_rescale(st.o[0], alphas);
             flex_sm90_take_probs(pa, pa_next);
@@ -338,7 +346,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
 
     flex_cp_async_wait<0>(); /* nothing in flight when the CTA ends */
     if (oob) atomicOr(p.bufs.bounds_flag, oob);
-    flex_store_output(p, st.o, st.m, st.l, tile.b, tile.h, tile.q0, warp, lane);
+    flex_store_output(p, st, tile.b, tile.h, tile.q0, warp, lane);
 }
 
 #else /* FLEX_TMA */
@@ -451,7 +459,6 @@ struct flex_step_info {
     int kv0, partial;
 };
 
-#if FLEX_TMA_CHAIN
 /* The consumers' next tile with kv steps from the Q ring, from round k on:
  * tiles without steps on the way are stored (zeros and -inf) and their Q
  * buffers released. Returns false at the end of the walk, with k left at
@@ -467,10 +474,9 @@ static FLEX_DEVICE_INLINE bool flex_take_tile(const flex_fwd_params &p, const fl
         if (lane == 0) flex_mbar_arrive(empty_q + 8 * qb);
         flex_warp_state empty;
         flex_init_state(empty);
-        flex_store_output(p, empty.o, empty.m, empty.l, t.b, t.h, t.q0, cwarp, lane);
+        flex_store_output(p, empty, t.b, t.h, t.q0, cwarp, lane);
     }
 }
-#endif
 
 /* Register split between the producer warpgroup and the two consumers.
  * setmaxnreg moves registers within the CTA's own allocation: ptxas gives
@@ -617,7 +623,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
                 flex_wgmma_wait<0>();
                 flex_pin(st.o[0]);
                 const flex_tile_info &done = flex_done[(tn - chained) & 1][cwarp];
-                flex_store_output(p, st.o, st.m, st.l, done.b, done.h, done.q0, cwarp, lane);
+                flex_store_output(p, st, done.b, done.h, done.q0, cwarp, lane);
                 st.m[0][0] = st.m[0][1] = FLEX_NEG_INF;
                 st.l[0][0] = st.l[0][1] = 0.0f;
             }
@@ -631,9 +637,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
                 flex_sm90_probs(p, st, s, pa_next, alphas, cur.b, cur.h, cur.q0 + cwarp * 16, kv0,
                                 partial, cur.q0 + FLEX_BLOCK_M > p.Lq, lane, oob);
             }
-            flex_wgmma_wait<0>();
-            flex_pin(st.o[0]);
-            flex_pin(pa);
+            flex_sm90_wait_pv(st.o[0], pa);
             if (lane == 0) {
                 if (!fresh) flex_mbar_arrive(empty_v + 8 * ((g - 1) & 1));
                 /* the tile's last read of its Q buffer */
@@ -660,19 +664,12 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
     }
 #else
     int g = 0; /* kv steps consumed so far, over every tile */
-    for (int k = 0;; k++) {
-        const int qb = k & 1;
-        flex_mbar_wait(full_q + 8 * qb, (k >> 1) & 1);
-        const int nsteps = flex_tiles[qb].nsteps;
-        if (nsteps < 0) break;
-        tile.b = flex_tiles[qb].b, tile.h = flex_tiles[qb].h, tile.q0 = flex_tiles[qb].q0;
+    flex_tile_info cur;
+    for (int k = 0; flex_take_tile(p, flex_tiles, full_q, empty_q, k, cur, cwarp, lane); k++) {
+        const int qb = k & 1, nsteps = cur.nsteps;
+        tile.b = cur.b, tile.h = cur.h, tile.q0 = cur.q0;
         flex_warp_state st;
         flex_init_state(st);
-        if (nsteps == 0) { /* every key masked: zeros and -inf */
-            if (lane == 0) flex_mbar_arrive(empty_q + 8 * qb);
-            flex_store_output(p, st.o, st.m, st.l, tile.b, tile.h, tile.q0, cwarp, lane);
-            continue;
-        }
         const int qrow0 = tile.q0 + cwarp * 16; /* this warp's 16 rows */
         const bool q_bounds = tile.q0 + FLEX_BLOCK_M > p.Lq;
         const unsigned long long q_desc = flex_sw128_desc(sQ + qb * Q_BUF + c * 64 * 128, 16);
@@ -714,9 +711,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
             if (!last)
                 flex_sm90_probs(p, st, s, pa_next, alphas, tile.b, tile.h, qrow0, kv0, partial,
                                 q_bounds, lane, oob);
-            flex_wgmma_wait<0>();
-            flex_pin(st.o[0]);
-            flex_pin(pa);
+            flex_sm90_wait_pv(st.o[0], pa);
             if (step > 0 && lane == 0) flex_mbar_arrive(empty_v + 8 * (gv & 1));
             if (step == 0)
                 flex_sm90_clear(st.o[0]);
@@ -725,7 +720,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
             if (!last) flex_sm90_take_probs(pa, pa_next);
         }
         g += nsteps;
-        flex_store_output(p, st.o, st.m, st.l, tile.b, tile.h, tile.q0, cwarp, lane);
+        flex_store_output(p, st, tile.b, tile.h, tile.q0, cwarp, lane);
     }
 #endif
     if (c == 0) flex_named_sync(1); /* consumer 1's last turn signal */

@@ -525,14 +525,14 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
         asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
     }
     __syncthreads(); /* the last barrier of all 384 threads */
-    flex_tile_cursor cursor = {(long long)p.B * p.Hq * p.mask_nq * p.tiles_per_row, -1};
-    flex_tile tile;
 
     /* Uses of a ring slot: the n-th fill of slot i waits for the release of
      * fill n - 1, the (n - 1)-th completion of its empty barrier. */
     if (wg == 0) { /* producer */
         asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(FLEX_PRODUCER_REGS) : "memory");
         if (tid != 0) return;
+        flex_tile_cursor cursor = {(long long)p.B * p.Hq * p.mask_nq * p.tiles_per_row, -1};
+        flex_tile tile;
         int g = 0; /* kv steps issued so far, over every tile */
         for (int k = 0;; k++) {
             const bool have = flex_next_tile(p, cursor, tile);
@@ -576,6 +576,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
     float s[16][4];
     flex_u32 pa[FLEX_BLOCK_N / 16][4];
     if (c == 1) flex_named_arrive(1); /* consumer 0 goes first */
+    flex_tile_info cur;               /* the tile whose S is computed */
 #if FLEX_TMA_CHAIN
     /* One pipeline over all of the CTA's tiles: iteration g issues S of kv
      * step g (over every tile) beside P V of step g - 1, which at a tile's
@@ -590,7 +591,6 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
      * the same values and reads its own write), so that they take no
      * registers in the loop either. */
     int k = 0;
-    flex_tile_info cur;
     if (flex_take_tile(p, flex_tiles, full_q, empty_q, k, cur, cwarp, lane)) {
         flex_warp_state st;
         flex_init_state(st);
@@ -664,14 +664,12 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
     }
 #else
     int g = 0; /* kv steps consumed so far, over every tile */
-    flex_tile_info cur;
     for (int k = 0; flex_take_tile(p, flex_tiles, full_q, empty_q, k, cur, cwarp, lane); k++) {
         const int qb = k & 1, nsteps = cur.nsteps;
-        tile.b = cur.b, tile.h = cur.h, tile.q0 = cur.q0;
         flex_warp_state st;
         flex_init_state(st);
-        const int qrow0 = tile.q0 + cwarp * 16; /* this warp's 16 rows */
-        const bool q_bounds = tile.q0 + FLEX_BLOCK_M > p.Lq;
+        const int qrow0 = cur.q0 + cwarp * 16; /* this warp's 16 rows */
+        const bool q_bounds = cur.q0 + FLEX_BLOCK_M > p.Lq;
         const unsigned long long q_desc = flex_sw128_desc(sQ + qb * Q_BUF + c * 64 * 128, 16);
         /* Step 0's product reads the Q tile as its V stage (flex_sm90_clear). */
         const unsigned long long v_desc_first =
@@ -709,7 +707,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
             float alphas[2] = {1.0f, 1.0f};
             flex_u32 pa_next[FLEX_BLOCK_N / 16][4];
             if (!last)
-                flex_sm90_probs(p, st, s, pa_next, alphas, tile.b, tile.h, qrow0, kv0, partial,
+                flex_sm90_probs(p, st, s, pa_next, alphas, cur.b, cur.h, qrow0, kv0, partial,
                                 q_bounds, lane, oob);
             flex_sm90_wait_pv(st.o[0], pa);
             if (step > 0 && lane == 0) flex_mbar_arrive(empty_v + 8 * (gv & 1));
@@ -720,7 +718,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
             if (!last) flex_sm90_take_probs(pa, pa_next);
         }
         g += nsteps;
-        flex_store_output(p, st, tile.b, tile.h, tile.q0, cwarp, lane);
+        flex_store_output(p, st, cur.b, cur.h, cur.q0, cwarp, lane);
     }
 #endif
     if (c == 0) flex_named_sync(1); /* consumer 1's last turn signal */

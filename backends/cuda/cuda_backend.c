@@ -687,16 +687,6 @@ static flex_status encode_tensor_map(flex_context *ctx, cuda_state *st, const fl
                     "cuTensorMapEncodeTiled");
 }
 
-/* Whether the TMA kernel runs one CTA per SM, each walking its share of
- * the tiles (so the producer fills the next tile while the consumers finish
- * one), rather than one CTA per tile: for block-sparse masks with short
- * rows, a quarter of the blocks or more skipped and at most 16 kv steps of
- * block_n keys per tile on average. Measured on an H200 with tiles in pairs
- * of heads (three interleaved rounds): persistence gained 3-4% on sliding
- * window and document masks (9 and 7 steps a tile); on causal masks (32)
- * one CTA per tile was as fast or 1-2% faster, and the hardware's handing
- * out of CTAs does not depend on the tiles weighing what the fixed snake
- * assumes. FLEXATTN_CUDA_PERSISTENT=0 or 1 forces the choice. */
 /* The persistent grid's CTAs: one per SM, or FLEXATTN_CUDA_CTAS=N of them
  * (1 <= N <= SMs), which makes every CTA walk many tiles even on the small
  * shapes of `flexattn check` (the tile hand-off and the pipeline across
@@ -708,6 +698,16 @@ static int64_t persistent_ctas(int sm_count) {
     return v && end != v && !*end && n >= 1 && n < sm_count ? n : sm_count;
 }
 
+/* Whether the TMA kernel runs one CTA per SM, each walking its share of
+ * the tiles (so the producer fills the next tile while the consumers finish
+ * one), rather than one CTA per tile: for block-sparse masks with short
+ * rows, a quarter of the blocks or more skipped and at most 16 kv steps of
+ * block_n keys per tile on average. Measured on an H200 with tiles in pairs
+ * of heads (three interleaved rounds): persistence gained 3-4% on sliding
+ * window and document masks (9 and 7 steps a tile); on causal masks (32)
+ * one CTA per tile was as fast or 1-2% faster, and the hardware's handing
+ * out of CTAs does not depend on the tiles weighing what the fixed snake
+ * assumes. FLEXATTN_CUDA_PERSISTENT=0 or 1 forces the choice. */
 static int persistent_grid(const struct flex_block_mask *mask, int kv_block, int block_n) {
     int persistent = 0;
     if (mask) {
@@ -770,13 +770,13 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
         choose_tiles(&cfg, q_block, kv_block, strcmp(st->arch, "sm_90a") == 0);
     }
     const int block_m = cfg.warps * 16 * cfg.mt;
-    /* The wgmma kernel takes its copies from a TMA producer warpgroup where
-     * the driver and the layouts allow it (FLEXATTN_CUDA_TMA=0 turns that
-     * off, for comparison); otherwise all its threads copy with cp.async. */
     /* Masked blocks take their keep bits from a rolled loop
      * (FLEXATTN_CUDA_MASK_BITS=0: the mask mod unrolled per score, for
      * comparison). */
     cfg.mask_bits = env_switch("FLEXATTN_CUDA_MASK_BITS", 1);
+    /* The wgmma kernel takes its copies from a TMA producer warpgroup where
+     * the driver and the layouts allow it (FLEXATTN_CUDA_TMA=0 turns that
+     * off, for comparison); otherwise all its threads copy with cp.async. */
     cfg.tma = cfg.wgmma && env_switch("FLEXATTN_CUDA_TMA", 1) && st->api->cuTensorMapEncodeTiled &&
               tma_layout_ok(q) && tma_layout_ok(k) && tma_layout_ok(v);
     const int persistent = cfg.tma && persistent_grid(mask, kv_block, cfg.block_n);

@@ -1036,17 +1036,18 @@ static int analyse_nodes(const ir_mod *m, const mod_range_tables *tables, const 
     return 1;
 }
 
-/*
- * The verdict for box. tables may be NULL when m reads no buffer. scratch
- * must hold mod_interval_scratch_size(m) bytes aligned for int64_t; it is
- * borrowed for the call. Reentrant: concurrent calls need their own scratch.
- */
 /* 1 when box holds no point: nothing to claim about it. */
 static int box_empty(const mod_box *box) {
     for (int d = 0; d < 4; d++)
         if (box->lo[d] > box->hi[d]) return 1;
     return 0;
 }
+
+/*
+ * The verdict for box. tables may be NULL when m reads no buffer. scratch
+ * must hold mod_interval_scratch_size(m) bytes aligned for int64_t; it is
+ * borrowed for the call. Reentrant: concurrent calls need their own scratch.
+ */
 
 mod_tri mod_interval_mask(const ir_mod *m, const mod_range_tables *tables, const mod_box *box,
                           void *scratch) {

@@ -89,54 +89,45 @@ static void build_cases(case_list *l, int quick) {
     struct shape {
         const char *what, *score, *mask;
         int B, Hq, Hkv, Lq, Lkv, D, Dv, layout, lse, quick;
+        int block; /* the block mask's blocks (0: 64) */
     } shapes[] = {
-        {"len 1", NULL, NULL, 1, 2, 2, 1, 1, 64, 64, 0, 1, 1},
-        {"len 17 causal", NULL, "causal", 1, 2, 2, 17, 17, 64, 64, 0, 1, 1},
-        {"len 257 causal", NULL, "causal", 1, 2, 2, 257, 257, 64, 64, 0, 1, 0},
-        {"q 1 kv 300 alibi", "alibi", NULL, 1, 4, 4, 1, 300, 64, 64, 0, 1, 1},
-        {"q 100 kv 257 prefix_lm", NULL, "prefix_lm", 1, 2, 2, 100, 257, 64, 64, 0, 1, 0},
-        {"q 257 kv 100 causal", NULL, "causal", 1, 2, 2, 257, 100, 64, 64, 0, 1, 0},
-        {"gqa 4:1 causal", NULL, "causal", 1, 8, 2, 128, 128, 64, 64, 0, 1, 1},
-        {"gqa 8:1 softcap", "softcap", NULL, 2, 8, 1, 100, 100, 64, 64, 0, 1, 0},
-        {"D 16", NULL, "causal", 1, 2, 2, 100, 100, 16, 16, 0, 1, 0},
-        {"D 80", "alibi", NULL, 1, 2, 2, 100, 100, 80, 80, 0, 1, 0},
-        {"D 128", NULL, "document_causal", 1, 2, 2, 150, 150, 128, 128, 0, 1, 1},
-        {"D 256", NULL, "causal", 1, 2, 2, 100, 100, 256, 256, 0, 1, 0},
-        {"D 64 Dv 32", NULL, "causal", 1, 2, 2, 100, 100, 64, 32, 0, 1, 1},
-        {"D 128 Dv 64", "checkerboard", NULL, 1, 2, 2, 90, 110, 128, 64, 0, 1, 0},
-        {"bshd layout", "alibi", "causal", 2, 4, 2, 100, 100, 64, 64, LAYOUT_BSHD, 1, 1},
-        {"no lse", NULL, "sliding_window", 1, 2, 2, 100, 100, 64, 64, 0, 0, 1},
+        {"len 1", NULL, NULL, 1, 2, 2, 1, 1, 64, 64, 0, 1, 1, 0},
+        {"len 17 causal", NULL, "causal", 1, 2, 2, 17, 17, 64, 64, 0, 1, 1, 0},
+        {"len 257 causal", NULL, "causal", 1, 2, 2, 257, 257, 64, 64, 0, 1, 0, 0},
+        {"q 1 kv 300 alibi", "alibi", NULL, 1, 4, 4, 1, 300, 64, 64, 0, 1, 1, 0},
+        {"q 100 kv 257 prefix_lm", NULL, "prefix_lm", 1, 2, 2, 100, 257, 64, 64, 0, 1, 0, 0},
+        {"q 257 kv 100 causal", NULL, "causal", 1, 2, 2, 257, 100, 64, 64, 0, 1, 0, 0},
+        {"gqa 4:1 causal", NULL, "causal", 1, 8, 2, 128, 128, 64, 64, 0, 1, 1, 0},
+        {"gqa 8:1 softcap", "softcap", NULL, 2, 8, 1, 100, 100, 64, 64, 0, 1, 0, 0},
+        {"D 16", NULL, "causal", 1, 2, 2, 100, 100, 16, 16, 0, 1, 0, 0},
+        {"D 80", "alibi", NULL, 1, 2, 2, 100, 100, 80, 80, 0, 1, 0, 0},
+        {"D 128", NULL, "document_causal", 1, 2, 2, 150, 150, 128, 128, 0, 1, 1, 0},
+        {"D 256", NULL, "causal", 1, 2, 2, 100, 100, 256, 256, 0, 1, 0, 0},
+        {"D 64 Dv 32", NULL, "causal", 1, 2, 2, 100, 100, 64, 32, 0, 1, 1, 0},
+        {"D 128 Dv 64", "checkerboard", NULL, 1, 2, 2, 90, 110, 128, 64, 0, 1, 0, 0},
+        {"bshd layout", "alibi", "causal", 2, 4, 2, 100, 100, 64, 64, LAYOUT_BSHD, 1, 1, 0},
+        {"no lse", NULL, "sliding_window", 1, 2, 2, 100, 100, 64, 64, 0, 0, 1, 0},
+        /* Masks in blocks of 128: the Hopper kernels take only these (blocks
+         * of 64 go to the mma.sync kernel), here with several query tiles per
+         * head, partial blocks inside the sequences and, for the window over
+         * the shorter keys, query tiles without any key. */
+        {"blocks 128 causal", NULL, "causal", 1, 4, 4, 520, 520, 128, 128, 0, 1, 0, 128},
+        {"blocks 128 document_causal", NULL, "document_causal", 1, 4, 2, 520, 520, 128, 128, 0, 1,
+         0, 128},
+        {"blocks 128 sliding_window", NULL, "sliding_window", 1, 4, 4, 520, 520, 64, 64, 0, 1, 0,
+         128},
+        {"blocks 128 prefix_lm", NULL, "prefix_lm", 2, 2, 2, 300, 400, 128, 128, 0, 1, 0, 128},
+        {"blocks 128 alibi causal", "alibi", "causal", 1, 4, 4, 400, 400, 128, 128, 0, 1, 0, 128},
+        {"blocks 128 window q 700 kv 300", NULL, "sliding_window", 1, 4, 4, 700, 300, 128, 128, 0,
+         1, 0, 128},
     };
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
         const struct shape *s = &shapes[i];
         if (quick && !s->quick) continue;
         for (int d = 0; d < (quick ? 1 : 3); d++) {
-            check_case c = {"",     OP_FORWARD, s->score, s->mask, s->B,      s->Hq,  s->Hkv, s->Lq,
-                            s->Lkv, s->D,       s->Dv,    dts[d],  s->layout, s->lse, 0};
-            snprintf(c.name, sizeof c.name, "%s %s", s->what, short_dtype(dts[d]));
-            add_case(l, &c);
-        }
-    }
-    /* Masks in blocks of 128: the Hopper kernels take only these (blocks of
-     * 64 go to the mma.sync kernel), here with several query tiles per head,
-     * partial blocks inside the sequences and, for the window over the
-     * shorter keys, query tiles without any key. */
-    struct shape128 {
-        const char *what, *score, *mask;
-        int B, Hq, Hkv, Lq, Lkv, D;
-    } s128[] = {
-        {"blocks 128 causal", NULL, "causal", 1, 4, 4, 520, 520, 128},
-        {"blocks 128 document_causal", NULL, "document_causal", 1, 4, 2, 520, 520, 128},
-        {"blocks 128 sliding_window", NULL, "sliding_window", 1, 4, 4, 520, 520, 64},
-        {"blocks 128 prefix_lm", NULL, "prefix_lm", 2, 2, 2, 300, 400, 128},
-        {"blocks 128 alibi causal", "alibi", "causal", 1, 4, 4, 400, 400, 128},
-        {"blocks 128 window q 700 kv 300", NULL, "sliding_window", 1, 4, 4, 700, 300, 128},
-    };
-    for (size_t i = 0; i < sizeof s128 / sizeof s128[0] && !quick; i++) {
-        const struct shape128 *s = &s128[i];
-        for (int d = 0; d < 3; d++) {
-            check_case c = {"",     OP_FORWARD, s->score, s->mask, s->B, s->Hq, s->Hkv, s->Lq,
-                            s->Lkv, s->D,       s->D,     dts[d],  0,    1,     128};
+            check_case c = {"",    OP_FORWARD, s->score,  s->mask, s->B,
+                            s->Hq, s->Hkv,     s->Lq,     s->Lkv,  s->D,
+                            s->Dv, dts[d],     s->layout, s->lse,  s->block};
             snprintf(c.name, sizeof c.name, "%s %s", s->what, short_dtype(dts[d]));
             add_case(l, &c);
         }

@@ -62,6 +62,30 @@ static float from_bf16(uint16_t h) {
     return f;
 }
 
+/* A pattern's mods (sliding window W=1024, soft-cap C=30) and block mask
+ * (blocks of 128) in ctx, with its buffers bound: doc for the document mask,
+ * slopes for ALiBi. FLEX_OK or the first failure; what was made is returned
+ * either way, for the caller to destroy. */
+static flex_status make_pattern(flex_context *ctx, const char *mask_name, const char *score_name,
+                                int64_t S, const flex_tensor *doc, const flex_tensor *slopes,
+                                flex_mod **mask_mod, flex_mod **score_mod, flex_block_mask **mask) {
+    const flex_param w = {"W", 0, 1024}, c = {"C", 1, 30.0};
+    flex_status s = FLEX_OK;
+    if (mask_name) {
+        s = flex_preset_compile(ctx, mask_name, &w, !strcmp(mask_name, "sliding_window"), mask_mod);
+        if (!s && !strcmp(mask_name, "document_causal"))
+            s = flex_mod_bind_buffer(ctx, *mask_mod, "doc", doc);
+        if (!s) s = flex_block_mask_create(ctx, *mask_mod, 1, 1, S, S, 128, 128, mask);
+    }
+    if (!s && score_name) {
+        s = flex_preset_compile(ctx, score_name, &c, strncmp(score_name, "softcap", 7) == 0,
+                                score_mod);
+        if (!s && !strcmp(score_name, "alibi"))
+            s = flex_mod_bind_buffer(ctx, *score_mod, "slopes", slopes);
+    }
+    return s;
+}
+
 /* The pattern on the CPU backend for one head (q, k, v, gpu: slice[0..3],
  * S x D bf16; the head's ALiBi slope as a one-element buffer): max |gpu -
  * cpu| / max |cpu|, or -1 when the CPU backend fails or either output has a
@@ -76,21 +100,8 @@ static double cpu_rel_error(const char *mask_name, const char *score_name, uint1
     int64_t doc_size = S, one = 1;
     flex_tensor doc_t = flex_tensor_contiguous(doc, FLEX_I32, 1, &doc_size, FLEX_DEVICE_CPU);
     flex_tensor slope_t = flex_tensor_contiguous(&slope, FLEX_F32, 1, &one, FLEX_DEVICE_CPU);
-    flex_param w = {"W", 0, 1024}, c = {"C", 1, 30.0};
-    flex_status s = FLEX_OK;
-    if (mask_name) {
-        s = flex_preset_compile(ctx, mask_name, &w, !strcmp(mask_name, "sliding_window"),
-                                &mask_mod);
-        if (!s && !strcmp(mask_name, "document_causal"))
-            s = flex_mod_bind_buffer(ctx, mask_mod, "doc", &doc_t);
-        if (!s) s = flex_block_mask_create(ctx, mask_mod, 1, 1, S, S, 128, 128, &mask);
-    }
-    if (!s && score_name) {
-        s = flex_preset_compile(ctx, score_name, &c, strncmp(score_name, "softcap", 7) == 0,
-                                &score_mod);
-        if (!s && !strcmp(score_name, "alibi"))
-            s = flex_mod_bind_buffer(ctx, score_mod, "slopes", &slope_t);
-    }
+    flex_status s =
+        make_pattern(ctx, mask_name, score_name, S, &doc_t, &slope_t, &mask_mod, &score_mod, &mask);
     flex_tensor t[4];
     for (int i = 0; i < 4; i++)
         t[i] = flex_tensor_bhsd(i < 3 ? slice[i] : out, FLEX_BF16, 1, 1, S, D, FLEX_DEVICE_CPU);
@@ -206,23 +217,8 @@ int main(int argc, char **argv) {
         if (only && strcmp(only, patterns[p].name)) continue;
         flex_mod *mask_mod = NULL, *score_mod = NULL;
         flex_block_mask *mask = NULL;
-        if (patterns[p].mask) {
-            flex_param w = {"W", 0, 1024};
-            CHECK(flex_preset_compile(ctx, patterns[p].mask, &w,
-                                      !strcmp(patterns[p].mask, "sliding_window"), &mask_mod));
-            if (!strcmp(patterns[p].mask, "document_causal"))
-                CHECK(flex_mod_bind_buffer(ctx, mask_mod, "doc", &doc_t));
-            double t0 = now_ms();
-            CHECK(flex_block_mask_create(ctx, mask_mod, 1, 1, S, S, 128, 128, &mask));
-            (void)t0;
-        }
-        if (patterns[p].score) {
-            flex_param c = {"C", 1, 30.0};
-            CHECK(flex_preset_compile(ctx, patterns[p].score, &c,
-                                      strncmp(patterns[p].score, "softcap", 7) == 0, &score_mod));
-            if (!strcmp(patterns[p].score, "alibi"))
-                CHECK(flex_mod_bind_buffer(ctx, score_mod, "slopes", &slope_t));
-        }
+        CHECK(make_pattern(ctx, patterns[p].mask, patterns[p].score, S, &doc_t, &slope_t, &mask_mod,
+                           &score_mod, &mask));
         double density = mask ? 1.0 - flex_block_mask_sparsity(mask) / 100.0 : 1.0;
         double t0 = now_ms();
         CHECK(flex_attention(ctx, &q, &k, &v, score_mod, mask, NULL, &o, NULL));

@@ -66,6 +66,7 @@ typedef struct compile_case {
     flex_cuda_fwd_config cfg;
     const char *arch;
     int mask_blocks; /* compile the mask-block evaluator instead */
+    int in_range;    /* every buffer read compiled unchecked (flex_load_*_in) */
     flex_status status;
     size_t cubin_size;
     char message[512];
@@ -146,6 +147,14 @@ static void add_case(const char *label, const ir_mod *mask, const ir_mod *score,
     c->mask_blocks = mask_blocks;
 }
 
+/* A flag per node of m, set on its buffer reads (malloc'd). */
+static unsigned char *every_read(const ir_mod *m) {
+    unsigned char *f = malloc((size_t)m->num_nodes);
+    for (int i = 0; f && i < m->num_nodes; i++)
+        f[i] = m->nodes[i].op == IR_LOAD;
+    return f;
+}
+
 static void *compile_worker(void *arg) {
     (void)arg;
     for (;;) {
@@ -155,8 +164,13 @@ static void *compile_worker(void *arg) {
         if (i < 0) return NULL;
         compile_case *c = &cases[i];
         const ir_mod *m = c->has_mask ? &c->mask : NULL, *s = c->has_score ? &c->score : NULL;
-        char *src = c->mask_blocks ? flex_cuda_mask_blocks_source(m)
-                                   : flex_cuda_forward_source(&c->cfg, m, s);
+        unsigned char *mask_in = c->in_range && m ? every_read(m) : NULL;
+        unsigned char *score_in = c->in_range && s ? every_read(s) : NULL;
+        char *src = c->mask_blocks
+                        ? flex_cuda_mask_blocks_source(m)
+                        : flex_cuda_forward_source_in_range(&c->cfg, m, s, mask_in, score_in);
+        free(mask_in);
+        free(score_in);
         if (!src) {
             c->status = FLEX_ERR_OUT_OF_MEMORY;
             continue;
@@ -224,6 +238,61 @@ START_TEST(test_emit_exact_constants_and_slots) {
     free(text);
     ir_free(&mask);
     ir_free(&score);
+}
+END_TEST
+
+/* Which reads the interval analysis proves inside their buffers over a box
+ * of indices, and what the emitter makes of the proof. */
+START_TEST(test_reads_in_range) {
+    static const flex_buffer_decl doc_buf[] = {{"doc", FLEX_I32, 1}};
+    ir_mod m;
+    ck_assert_int_eq(parse_text(FLEX_MOD_MASK, "q >= kv && doc[q] == doc[kv] && doc[q - 1] >= 0",
+                                NULL, 0, doc_buf, 1, &m),
+                     0);
+    const int64_t sizes[1][4] = {{100, 0, 0, 0}};
+    unsigned char *in = malloc((size_t)m.num_nodes);
+    ck_assert_ptr_nonnull(in);
+    int loads = 0, proved = 0;
+    /* b, h, q, kv: the lengths equal to the buffer's size */
+    const mod_box inside = {{0, 0, 0, 0}, {3, 7, 99, 99}};
+    ck_assert_int_eq(mod_interval_loads_in_range(&m, &inside, sizes, in), 0);
+    for (int i = 0; i < m.num_nodes; i++) {
+        loads += m.nodes[i].op == IR_LOAD;
+        proved += in[i];
+        if (in[i]) ck_assert_int_eq(m.nodes[i].op, IR_LOAD);
+    }
+    /* doc[q] and doc[kv], not doc[q - 1] (index -1 at q = 0) */
+    ck_assert_int_eq(loads, 3);
+    ck_assert_int_eq(proved, 2);
+    char *text = flex_emit_mods_in_range(&m, NULL, in, NULL);
+    ck_assert_ptr_nonnull(text);
+    ck_assert_int_eq(count_occurrences(text, "flex_load_i32_in(bufs.buf[0], v"), 2);
+    ck_assert_int_eq(count_occurrences(text, "flex_load_i32(bufs.buf[0], oob, 0, 1, v"), 1);
+    ck_assert_ptr_nonnull(strstr(text, "#define FLEX_MASK_READS_IN_RANGE 1"));
+    free(text);
+    /* one row past the buffer: nothing proved */
+    const mod_box past = {{0, 0, 0, 0}, {3, 7, 100, 99}};
+    ck_assert_int_eq(mod_interval_loads_in_range(&m, &past, sizes, in), 0);
+    proved = 0;
+    for (int i = 0; i < m.num_nodes; i++)
+        proved += in[i] && m.nodes[m.nodes[i].args[0]].op == IR_Q;
+    ck_assert_int_eq(proved, 0);
+    /* without flags every read is checked */
+    text = flex_emit_mods(&m, NULL);
+    ck_assert_int_eq(count_occurrences(text, "_in(bufs"), 0);
+    ck_assert_ptr_nonnull(strstr(text, "#define FLEX_MASK_READS_IN_RANGE 0"));
+    free(text);
+    free(in);
+    ir_free(&m);
+    /* an index read from a buffer proves nothing about the outer read */
+    ck_assert_int_eq(parse_text(FLEX_MOD_MASK, "doc[doc[kv]] == 0", NULL, 0, doc_buf, 1, &m), 0);
+    in = malloc((size_t)m.num_nodes);
+    ck_assert_int_eq(mod_interval_loads_in_range(&m, &inside, sizes, in), 0);
+    for (int i = 0; i < m.num_nodes; i++)
+        if (m.nodes[i].op == IR_LOAD)
+            ck_assert_int_eq(in[i], m.nodes[m.nodes[i].args[0]].op == IR_KV);
+    free(in);
+    ir_free(&m);
 }
 END_TEST
 
@@ -383,6 +452,14 @@ START_TEST(test_nvrtc_compiles_presets_and_seeds) {
                     if (!full_configs[f].arch || !strcmp(full_configs[f].arch, real_archs[a]))
                         add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m,
                                  &full_configs[f].cfg, real_archs[a], 0);
+            /* unchecked reads: the chained TMA kernel and the mma.sync one */
+            const size_t last = sizeof full_configs / sizeof full_configs[0] - 1;
+            add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, &full_configs[last].cfg,
+                     "sm_90a", 0);
+            cases[num_cases - 1].in_range = 1;
+            add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, &full_configs[0].cfg,
+                     "sm_80", 0);
+            cases[num_cases - 1].in_range = 1;
         }
         ir_free(&m);
     }
@@ -442,6 +519,7 @@ int main(void) {
     tcase_add_test(emit, test_emit_every_preset);
     tcase_add_test(emit, test_emit_exact_constants_and_slots);
     tcase_add_test(emit, test_division_by_constant);
+    tcase_add_test(emit, test_reads_in_range);
     tcase_add_test(emit, test_int_to_float);
     tcase_add_test(emit, test_short_int_to_float);
     suite_add_tcase(suite, emit);

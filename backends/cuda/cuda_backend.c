@@ -294,14 +294,66 @@ static flex_status cuda_synchronize(flex_context *ctx) {
  * memory). */
 typedef char *(*source_builder)(const void *args);
 
+/* The kernel choices an environment variable can force for comparison:
+ * "0" or "1" in it, otherwise dflt. */
+static int env_switch(const char *name, int dflt) {
+    const char *v = getenv(name);
+    return v && (!strcmp(v, "0") || !strcmp(v, "1")) ? v[0] == '1' : dflt;
+}
+
 typedef struct forward_source_args {
     const flex_cuda_fwd_config *cfg;
     const ir_mod *mask, *score;
+    const unsigned char *mask_in_range, *score_in_range;
 } forward_source_args;
 
 static char *build_forward_source(const void *args) {
     const forward_source_args *a = args;
-    return flex_cuda_forward_source(a->cfg, a->mask, a->score);
+    return flex_cuda_forward_source_in_range(a->cfg, a->mask, a->score, a->mask_in_range,
+                                             a->score_in_range);
+}
+
+/* Which buffer reads of mod stay inside their buffers for every index the
+ * forward kernel passes: b < B, h < H, and q, kv below the lengths plus
+ * `margin` (0 for the mask mod, which the kernel evaluates at the last row
+ * and column past the end; a tile for the score mod). Buffer values count as
+ * any int. A malloc'd flag per node (caller frees), or NULL when none is
+ * proved (or without memory: every read is then checked, as before).
+ * FLEXATTN_CUDA_READS_IN_RANGE=0 checks every read, for comparison. */
+static unsigned char *reads_in_range(const struct flex_mod *mod, int64_t B, int64_t H, int64_t Lq,
+                                     int64_t Lkv, int64_t margin) {
+    if (!mod || mod->ir.num_buffers <= 0 || !env_switch("FLEXATTN_CUDA_READS_IN_RANGE", 1))
+        return NULL;
+    int64_t sizes[IR_MAX_BUFFERS][4];
+    for (int i = 0; i < mod->ir.num_buffers; i++) {
+        const flex_tensor *v = &mod->views[i];
+        for (int k = 0; k < 4; k++) /* an unbound buffer proves nothing (and fails later) */
+            sizes[i][k] = mod->bound[i] && k < v->ndim ? v->sizes[k] : 0;
+    }
+    const mod_box box = {{0, 0, 0, 0}, {B - 1, H - 1, Lq - 1 + margin, Lkv - 1 + margin}};
+    unsigned char *flags = malloc((size_t)mod->ir.num_nodes);
+    int any = 0;
+    if (flags &&
+        mod_interval_loads_in_range(&mod->ir, &box, (const int64_t(*)[4])sizes, flags) == 0)
+        for (int i = 0; i < mod->ir.num_nodes; i++)
+            any |= flags[i];
+    if (!any) {
+        free(flags);
+        return NULL;
+    }
+    return flags;
+}
+
+/* FNV-1a of the in-range flags of both mods, for the kernel key. */
+static uint64_t in_range_hash(const unsigned char *mask_flags, int mask_nodes,
+                              const unsigned char *score_flags, int score_nodes) {
+    uint64_t h = 1469598103934665603ull;
+    for (int i = 0; mask_flags && i < mask_nodes; i++)
+        h = (h ^ mask_flags[i]) * 1099511628211ull;
+    h = (h ^ 0xffu) * 1099511628211ull;
+    for (int i = 0; score_flags && i < score_nodes; i++)
+        h = (h ^ score_flags[i]) * 1099511628211ull;
+    return h;
 }
 
 static char *build_mask_blocks_source(const void *args) {
@@ -608,13 +660,6 @@ static int aligned16(const void *p) {
     return ((uintptr_t)p & 15u) == 0;
 }
 
-/* The kernel choices an environment variable can force for comparison:
- * "0" or "1" in it, otherwise dflt. */
-static int env_switch(const char *name, int dflt) {
-    const char *v = getenv(name);
-    return v && (!strcmp(v, "0") || !strcmp(v, "1")) ? v[0] == '1' : dflt;
-}
-
 /* Kernel and tile choice for 16-bit inputs, from the mask's block sizes, the
  * head dims and the GPU. On sm_90 the wgmma kernel (flex_forward_sm90.cuh)
  * takes every case it covers: 16-byte aligned rows, head dims up to 128, mask
@@ -807,10 +852,17 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
                          "the mask and score mods read %d buffers together; at most %d", slots,
                          FLEX_EMIT_MAX_SLOTS);
 
+    /* Buffer reads proved inside their buffers are compiled without checks:
+     * the kernel key carries which (in_range_hash). */
+    unsigned char *mask_in_range = reads_in_range(mask_mod, B, Hq, Lq, Lkv, 0);
+    unsigned char *score_in_range = reads_in_range(score_mod, B, Hq, Lq, Lkv, 256);
+
     pthread_mutex_lock(&st->lock);
     flex_status s = push_ctx(ctx, st);
     if (s) {
         pthread_mutex_unlock(&st->lock);
+        free(mask_in_range);
+        free(score_in_range);
         return s;
     }
     CUfunction fn = NULL;
@@ -820,18 +872,22 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
         _Static_assert(sizeof(flex_cuda_fwd_config) == 14 * sizeof(int),
                        "flex_cuda_fwd_config changed: update the forward kernel key");
         char key[512];
-        snprintf(key, sizeof key,
-                 "fwd|%s|dq%d|dv%d|dx%d|w%d|mt%d|n%d|vec%d|wg%d|tma%d|ch%d|mb%d|short%d|sp%d|mask=%"
-                 "016llx|score=%016llx|%s|nvrtc%d.%d",
-                 flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.dv_exact, cfg.warps, cfg.mt,
-                 cfg.block_n, cfg.vec, cfg.wgmma, cfg.tma, cfg.chain, cfg.mask_bits,
-                 cfg.short_indices, cfg.scale_positive,
-                 (unsigned long long)(mask_mod ? mask_mod->hash : 0),
-                 (unsigned long long)(score_mod ? score_mod->hash : 0), st->arch,
-                 st->api->nvrtc_major, st->api->nvrtc_minor);
-        const forward_source_args args = {&cfg, mask_ir, score_ir};
+        snprintf(
+            key, sizeof key,
+            "fwd|%s|dq%d|dv%d|dx%d|w%d|mt%d|n%d|vec%d|wg%d|tma%d|ch%d|mb%d|short%d|sp%d|mask=%"
+            "016llx|score=%016llx|inr=%016llx|%s|nvrtc%d.%d",
+            flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.dv_exact, cfg.warps, cfg.mt,
+            cfg.block_n, cfg.vec, cfg.wgmma, cfg.tma, cfg.chain, cfg.mask_bits, cfg.short_indices,
+            cfg.scale_positive, (unsigned long long)(mask_mod ? mask_mod->hash : 0),
+            (unsigned long long)(score_mod ? score_mod->hash : 0),
+            (unsigned long long)in_range_hash(mask_in_range, mask_ir ? mask_ir->num_nodes : 0,
+                                              score_in_range, score_ir ? score_ir->num_nodes : 0),
+            st->arch, st->api->nvrtc_major, st->api->nvrtc_minor);
+        const forward_source_args args = {&cfg, mask_ir, score_ir, mask_in_range, score_in_range};
         s = get_function(ctx, st, key, build_forward_source, &args, "flex_forward_kernel", &fn);
     }
+    free(mask_in_range);
+    free(score_in_range);
 
     cuda_mask_copy *mc = NULL;
     if (!s && mask) s = mask_device_copy(ctx, st, mask, &mc);

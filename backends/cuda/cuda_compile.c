@@ -36,6 +36,12 @@ static char *concat(const char *const *parts, int n) {
 
 char *flex_cuda_forward_source(const flex_cuda_fwd_config *cfg, const ir_mod *mask,
                                const ir_mod *score) {
+    return flex_cuda_forward_source_in_range(cfg, mask, score, NULL, NULL);
+}
+
+char *flex_cuda_forward_source_in_range(const flex_cuda_fwd_config *cfg, const ir_mod *mask,
+                                        const ir_mod *score, const unsigned char *mask_in_range,
+                                        const unsigned char *score_in_range) {
     const char *vendor = flex_cuda_template("vendor.cuh");
     const char *tpl = flex_cuda_template("flex_forward.cuh");
     const char *sm90 = flex_cuda_template("flex_forward_sm90.cuh");
@@ -53,7 +59,7 @@ char *flex_cuda_forward_source(const flex_cuda_fwd_config *cfg, const ir_mod *ma
              elem, cfg->dq, cfg->dv, cfg->warps, cfg->mt, cfg->block_n, cfg->vec,
              cfg->scale_positive, cfg->wgmma, cfg->short_indices, cfg->tma, cfg->mask_bits,
              cfg->chain, cfg->dv_exact);
-    char *mods = flex_emit_mods(mask, score);
+    char *mods = flex_emit_mods_in_range(mask, score, mask_in_range, score_in_range);
     if (!mods) return NULL;
     /* The sm_90a kernel is a sibling of the mma.sync one and reuses its
      * helpers, so it follows it; without FLEX_WGMMA it is empty. */

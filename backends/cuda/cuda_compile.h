@@ -44,6 +44,12 @@ typedef struct flex_cuda_fwd_config {
  */
 char *flex_cuda_forward_source(const flex_cuda_fwd_config *cfg, const ir_mod *mask,
                                const ir_mod *score);
+/* The same with the buffer reads flagged in mask_in_range / score_in_range
+ * (one flag per node; either may be NULL) read unchecked: see
+ * flex_emit_mods_in_range for what the flags must be proved over. */
+char *flex_cuda_forward_source_in_range(const flex_cuda_fwd_config *cfg, const ir_mod *mask,
+                                        const ir_mod *score, const unsigned char *mask_in_range,
+                                        const unsigned char *score_in_range);
 char *flex_cuda_mask_blocks_source(const ir_mod *mask);
 
 /* "sm_90a" for compute capability 9.0, "sm_80", "sm_86", ... */

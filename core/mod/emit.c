@@ -196,7 +196,7 @@ static const char *ctype(int t) {
  * short_int[i]: node i is an int proved within [-2^22, 2^22] under the
  * short-index bounds (NULL: nothing proved). */
 static void emit_node(strbuf *sb, const ir_mod *m, int i, int slot_base,
-                      const unsigned char *short_int) {
+                      const unsigned char *short_int, const unsigned char *in_range) {
     const ir_node *n = &m->nodes[i];
     const int32_t *a = n->args;
     const int t = n->type;
@@ -263,7 +263,12 @@ static void emit_node(strbuf *sb, const ir_mod *m, int i, int slot_base,
             fn = "bf16";
             break;
         }
-        sb_printf(sb, "flex_load_%s(bufs.buf[%d], oob, %d, %d", fn, slot, slot, buf->ndim);
+        /* A read the host proved inside its buffer for every index the
+         * kernel passes needs no bounds check (flex_load_<dtype>_in). */
+        if (in_range && in_range[i])
+            sb_printf(sb, "flex_load_%s_in(bufs.buf[%d]", fn, slot);
+        else
+            sb_printf(sb, "flex_load_%s(bufs.buf[%d], oob, %d, %d", fn, slot, slot, buf->ndim);
         for (int d = 0; d < 4; d++) {
             if (d < n->nargs && idx[d])
                 sb_printf(sb, ", v%d", (int)a[d]);
@@ -432,7 +437,9 @@ static void emit_node(strbuf *sb, const ir_mod *m, int i, int slot_base,
  * no branch and read through plain pointers: the compiler then shares the
  * reads of equal indices among the scores of a tile (slopes[h] once, doc[kv]
  * once per column); a branch per read or __ldg's asm form keeps every copy.
- * An empty buffer reads a zero word of the module instead (and flags). */
+ * An empty buffer reads a zero word of the module instead (and flags).
+ * The _in forms read without a check, for reads the host proved inside
+ * their buffer for every index the kernel passes (flex_emit_mods_in_range). */
 static const char load_text[] =
     "#ifndef FLEX_MOD_LOADS\n"
     "#define FLEX_MOD_LOADS\n"
@@ -444,27 +451,33 @@ static const char load_text[] =
     "    const T *ptr = empty ? (const T *)&flex_empty_buffer_word : (const T *)buf.data + off;\n"
     "#define FLEX_LOAD_ARGS const flex_buffer &buf, unsigned &oob, int slot, int ndim, \\\n"
     "    int i0, int i1, int i2, int i3\n"
-    "static FLEX_DEVICE_INLINE int flex_load_i32(FLEX_LOAD_ARGS) {\n"
-    "    FLEX_LOAD_PTR(int) return *ptr;\n}\n"
-    "static FLEX_DEVICE_INLINE int flex_load_i64(FLEX_LOAD_ARGS) {\n"
-    "    FLEX_LOAD_PTR(long long) return (int)(unsigned)(unsigned long long)*ptr;\n}\n"
-    "static FLEX_DEVICE_INLINE int flex_load_u8(FLEX_LOAD_ARGS) {\n"
-    "    FLEX_LOAD_PTR(unsigned char) return (int)*ptr;\n}\n"
-    "static FLEX_DEVICE_INLINE bool flex_load_bool(FLEX_LOAD_ARGS) {\n"
-    "    FLEX_LOAD_PTR(unsigned char) return *ptr != 0;\n}\n"
-    "static FLEX_DEVICE_INLINE float flex_load_f32(FLEX_LOAD_ARGS) {\n"
-    "    FLEX_LOAD_PTR(float) return *ptr;\n}\n"
-    "static FLEX_DEVICE_INLINE float flex_load_f16(FLEX_LOAD_ARGS) {\n"
-    "    FLEX_LOAD_PTR(unsigned short) return flex_half_bits_to_float(*ptr);\n}\n"
-    "static FLEX_DEVICE_INLINE float flex_load_bf16(FLEX_LOAD_ARGS) {\n"
-    "    FLEX_LOAD_PTR(unsigned short) return __int_as_float((int)((unsigned)*ptr << 16));\n}\n"
+    "#define FLEX_LOAD_IN_ARGS const flex_buffer &buf, int i0, int i1, int i2, int i3\n"
+    "#define FLEX_LOAD_IN_PTR(T) \\\n"
+    "    const T *ptr = (const T *)buf.data + ((long long)i0 * buf.strides[0] + \\\n"
+    "        (long long)i1 * buf.strides[1] + (long long)i2 * buf.strides[2] + \\\n"
+    "        (long long)i3 * buf.strides[3]);\n"
+    "#define FLEX_DEFINE_LOAD(NAME, RT, T, VALUE) \\\n"
+    "    static FLEX_DEVICE_INLINE RT flex_load_##NAME(FLEX_LOAD_ARGS) { \\\n"
+    "        FLEX_LOAD_PTR(T) return VALUE; \\\n"
+    "    } \\\n"
+    "    static FLEX_DEVICE_INLINE RT flex_load_##NAME##_in(FLEX_LOAD_IN_ARGS) { \\\n"
+    "        FLEX_LOAD_IN_PTR(T) return VALUE; \\\n"
+    "    }\n"
+    "FLEX_DEFINE_LOAD(i32, int, int, *ptr)\n"
+    "FLEX_DEFINE_LOAD(i64, int, long long, (int)(unsigned)(unsigned long long)*ptr)\n"
+    "FLEX_DEFINE_LOAD(u8, int, unsigned char, (int)*ptr)\n"
+    "FLEX_DEFINE_LOAD(bool, bool, unsigned char, *ptr != 0)\n"
+    "FLEX_DEFINE_LOAD(f32, float, float, *ptr)\n"
+    "FLEX_DEFINE_LOAD(f16, float, unsigned short, flex_half_bits_to_float(*ptr))\n"
+    "FLEX_DEFINE_LOAD(bf16, float, unsigned short, __int_as_float((int)((unsigned)*ptr << 16)))\n"
     "#endif\n";
 
 int flex_emit_num_slots(const ir_mod *mask, const ir_mod *score) {
     return (mask ? mask->num_buffers : 0) + (score ? score->num_buffers : 0);
 }
 
-static void emit_function(strbuf *sb, const ir_mod *m, int slot_base, int is_mask) {
+static void emit_function(strbuf *sb, const ir_mod *m, int slot_base, int is_mask,
+                          const unsigned char *in_range) {
     if (is_mask)
         sb_printf(sb, "static FLEX_DEVICE_INLINE bool flex_mask_mod(int b, int h, int q, int kv, "
                       "const flex_buffers &bufs, unsigned &oob) {\n");
@@ -489,7 +502,7 @@ static void emit_function(strbuf *sb, const ir_mod *m, int slot_base, int is_mas
     }
     for (int i = 0; i < m->num_nodes; i++) {
         sb_printf(sb, "    const %s v%d = ", ctype(m->nodes[i].type), i);
-        emit_node(sb, m, i, slot_base, short_int);
+        emit_node(sb, m, i, slot_base, short_int, in_range);
         sb_printf(sb, ";\n");
     }
     free(short_int);
@@ -527,7 +540,19 @@ static int index_uses_score(const ir_mod *m) {
     return uses;
 }
 
+static int any_set(const ir_mod *m, const unsigned char *flags) {
+    for (int i = 0; m && flags && i < m->num_nodes; i++)
+        if (flags[i]) return 1;
+    return 0;
+}
+
 char *flex_emit_mods(const ir_mod *mask, const ir_mod *score) {
+    return flex_emit_mods_in_range(mask, score, NULL, NULL);
+}
+
+char *flex_emit_mods_in_range(const ir_mod *mask, const ir_mod *score,
+                              const unsigned char *mask_in_range,
+                              const unsigned char *score_in_range) {
     int slots = flex_emit_num_slots(mask, score);
     if (slots > FLEX_EMIT_MAX_SLOTS) return NULL;
     strbuf sb = {0};
@@ -536,12 +561,13 @@ char *flex_emit_mods(const ir_mod *mask, const ir_mod *score) {
     sb_printf(&sb, "#define FLEX_HAS_MASK_MOD %d\n", mask ? 1 : 0);
     sb_printf(&sb, "#define FLEX_HAS_SCORE_MOD %d\n", score ? 1 : 0);
     sb_printf(&sb, "#define FLEX_SCORE_INDEX_USES_SCORE %d\n", index_uses_score(score));
+    sb_printf(&sb, "#define FLEX_MASK_READS_IN_RANGE %d\n", any_set(mask, mask_in_range));
     sb_printf(&sb, "%s", helper_text);
     sb_printf(&sb, "struct flex_buffers { flex_buffer buf[%d]; unsigned *bounds_flag; };\n",
               slots > 0 ? slots : 1);
     sb_printf(&sb, "%s", load_text);
-    emit_function(&sb, mask, 0, 1);
-    emit_function(&sb, score, mask ? mask->num_buffers : 0, 0);
+    emit_function(&sb, mask, 0, 1, mask_in_range);
+    emit_function(&sb, score, mask ? mask->num_buffers : 0, 0, score_in_range);
     if (sb.failed) {
         free(sb.data);
         return NULL;

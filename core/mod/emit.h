@@ -44,6 +44,21 @@
  */
 char *flex_emit_mods(const ir_mod *mask, const ir_mod *score);
 
+/*
+ * The same, with the buffer reads that the host proved inside their buffers
+ * (mod_interval_loads_in_range over every index the kernel passes to a mod)
+ * read without a check: mask_in_range / score_in_range hold one flag per
+ * node of mask / score (either may be NULL: every read checked). When a
+ * mask flag is set the text defines FLEX_MASK_READS_IN_RANGE 1, and the
+ * kernel then passes the mask mod only indices inside the sequences (it
+ * evaluates the discarded scores past the end at the last row and column),
+ * so a mask proof may cover q < Lq and kv < Lkv only; a score proof must
+ * cover every index the kernel passes.
+ */
+char *flex_emit_mods_in_range(const ir_mod *mask, const ir_mod *score,
+                              const unsigned char *mask_in_range,
+                              const unsigned char *score_in_range);
+
 /* Number of buffer slots the two mods use (mask's first). */
 int flex_emit_num_slots(const ir_mod *mask, const ir_mod *score);
 

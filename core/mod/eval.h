@@ -106,4 +106,13 @@ mod_tri mod_interval_mask(const ir_mod *m, const mod_range_tables *tables, const
 int mod_interval_ints_within(const ir_mod *m, const mod_box *box, int64_t limit,
                              unsigned char *within);
 
+/* For code generation, which may read a buffer without bounds checks where
+ * the read provably stays inside it: in_range[i] = 1 when node i is a
+ * buffer read whose every index over box (buffer values taken as any int32)
+ * lies within [0, sizes[buffer][dim]). sizes is indexed like m->buffers;
+ * in_range holds m->num_nodes entries. 0 on success, -1 for an empty box or
+ * no memory. */
+int mod_interval_loads_in_range(const ir_mod *m, const mod_box *box, const int64_t (*sizes)[4],
+                                unsigned char *in_range);
+
 #endif /* FLEXATTN_MOD_EVAL_H */

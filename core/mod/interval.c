@@ -1060,6 +1060,26 @@ mod_tri mod_interval_mask(const ir_mod *m, const mod_range_tables *tables, const
     return t == MOD_TRI_TRUE ? MOD_TRI_TRUE : t == MOD_TRI_FALSE ? MOD_TRI_FALSE : MOD_TRI_UNKNOWN;
 }
 
+int mod_interval_loads_in_range(const ir_mod *m, const mod_box *box, const int64_t (*sizes)[4],
+                                unsigned char *in_range) {
+    if (!m || !box || !sizes || m->num_nodes <= 0 || box_empty(box)) return -1;
+    ival *v = malloc(mod_interval_scratch_size(m));
+    if (!v) return -1;
+    analyse_nodes(m, NULL, box, v, 0);
+    for (int i = 0; i < m->num_nodes; i++) {
+        const ir_node *nd = &m->nodes[i];
+        int ok = nd->op == IR_LOAD && nd->buffer >= 0 && nd->buffer < m->num_buffers &&
+                 nd->nargs == m->buffers[(int)nd->buffer].ndim;
+        for (int d = 0; ok && d < nd->nargs; d++) {
+            const ival *x = &v[nd->args[d]];
+            ok = x->lo >= 0 && x->hi < sizes[(int)nd->buffer][d];
+        }
+        in_range[i] = (unsigned char)ok;
+    }
+    free(v);
+    return 0;
+}
+
 int mod_interval_ints_within(const ir_mod *m, const mod_box *box, int64_t limit,
                              unsigned char *within) {
     if (!m || !box || m->num_nodes <= 0 || box_empty(box)) return -1;

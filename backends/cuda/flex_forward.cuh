@@ -339,25 +339,17 @@ static FLEX_DEVICE_INLINE int flex_score_kv(int kv0, int lane, int nt, int r) {
     return kv0 + nt * 8 + (lane & 3) * 2 + (r & 1);
 }
 
-/* The row and column the mask mod is evaluated at. With its buffer reads
+/* The row (or column) the mask mod is evaluated at. With its buffer reads
  * proved in range (FLEX_MASK_READS_IN_RANGE: the proof covers q < Lq and
  * kv < Lkv), the scores of a tile past the end, whose results are
  * discarded, evaluate it at the last row and column instead. (Score mods
  * are proved over a tile of margin past the end and need no clamp.) */
-static FLEX_DEVICE_INLINE int flex_mask_q(const flex_fwd_params &p, int q) {
+static FLEX_DEVICE_INLINE int flex_mask_index(int i, int len) {
 #if FLEX_MASK_READS_IN_RANGE
-    return min(q, p.Lq - 1);
+    return min(i, len - 1);
 #else
-    (void)p;
-    return q;
-#endif
-}
-static FLEX_DEVICE_INLINE int flex_mask_kv(const flex_fwd_params &p, int kv) {
-#if FLEX_MASK_READS_IN_RANGE
-    return min(kv, p.Lkv - 1);
-#else
-    (void)p;
-    return kv;
+    (void)len;
+    return i;
 #endif
 }
 
@@ -369,7 +361,7 @@ static FLEX_DEVICE_INLINE bool flex_keep(const flex_fwd_params &p, int b, int h,
     unsigned mask_oob = 0;
     const bool inside = !bounds || (q < p.Lq && kv < p.Lkv);
     const bool allowed =
-        flex_mask_mod(b, h, flex_mask_q(p, q), flex_mask_kv(p, kv), p.bufs, mask_oob);
+        flex_mask_mod(b, h, flex_mask_index(q, p.Lq), flex_mask_index(kv, p.Lkv), p.bufs, mask_oob);
     const bool keep = inside && (!partial || allowed);
     oob |= (inside && partial) ? mask_oob : 0u;
     return keep;

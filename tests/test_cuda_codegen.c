@@ -305,7 +305,8 @@ static float bits_to_float(uint32_t u) {
 }
 static float fdiv_const_model(float a, float c, float rc) {
     const float aa = fabsf(a);
-    const int big = aa > 0x1p60f, small = aa < 0x1p-60f;
+    /* flex_fdiv_const_ge1 (|c| >= 1) is flex_fdiv_const without big */
+    const int big = fabsf(c) < 1.0f && aa > 0x1p60f, small = aa < 0x1p-60f;
     const float a2 = a * (big ? 0x1p-68f : small ? 0x1p90f : 1.0f);
     const float q = a2 * rc;
     const float r = fmaf(fmaf(-q, c, a2), rc, q) * (big ? 0x1p68f : small ? 0x1p-90f : 1.0f);
@@ -322,16 +323,38 @@ static float i2f_model(int i) {
 
 START_TEST(test_division_by_constant) {
     ir_mod score;
-    ck_assert_int_eq(parse_text(FLEX_MOD_SCORE, "score / 30.0 + score / 1e-30 + score / q", NULL, 0,
+    ck_assert_int_eq(parse_text(FLEX_MOD_SCORE,
+                                "score / 30.0 + score / 0.25 + score / 1e-30 + score / q", NULL, 0,
                                 NULL, 0, &score),
                      0);
     char *text = flex_emit_mods(NULL, &score);
     ck_assert_ptr_nonnull(text);
-    /* 1/30 correctly rounded is 0x3d088889; 1e-30 is outside the fast range
-     * and a divisor that is not a constant always takes the full division. */
-    ck_assert_ptr_nonnull(strstr(text, "__int_as_float(0x3d088889))"));
+    /* 1/30 correctly rounded is 0x3d088889 (a constant >= 1: no scaling of
+     * large numerators); 1e-30 is outside the fast range and a divisor that
+     * is not a constant always takes the full division. */
+    ck_assert_ptr_nonnull(strstr(text, "flex_fdiv_const_ge1(v0, v1, __int_as_float(0x3d088889))"));
+    ck_assert_int_eq(count_occurrences(text, "flex_fdiv_const_ge1(v"), 1);
     ck_assert_int_eq(count_occurrences(text, "flex_fdiv_const(v"), 1);
     ck_assert_int_ge(count_occurrences(text, "__fdiv_rn(v"), 2);
+    free(text);
+    ir_free(&score);
+    /* Feeding only tanh_approx, the division is the product with the
+     * reciprocal; used anywhere else as well, it stays exact. */
+    ck_assert_int_eq(
+        parse_text(FLEX_MOD_SCORE, "30.0 * tanh_approx(score / 30.0)", NULL, 0, NULL, 0, &score),
+        0);
+    text = flex_emit_mods(NULL, &score);
+    ck_assert_ptr_nonnull(text);
+    ck_assert_ptr_nonnull(strstr(text, "__fmul_rn(v1, __int_as_float(0x3d088889))"));
+    ck_assert_int_eq(count_occurrences(text, "flex_fdiv_const_ge1(v"), 0);
+    free(text);
+    ir_free(&score);
+    ck_assert_int_eq(parse_text(FLEX_MOD_SCORE, "let x = score / 30.0; 30.0 * tanh_approx(x) + x",
+                                NULL, 0, NULL, 0, &score),
+                     0);
+    text = flex_emit_mods(NULL, &score);
+    ck_assert_ptr_nonnull(text);
+    ck_assert_int_eq(count_occurrences(text, "flex_fdiv_const_ge1(v"), 1);
     free(text);
     ir_free(&score);
     /* The device formula (power-of-two scaling into range, product with the

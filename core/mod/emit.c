@@ -130,17 +130,18 @@ static const char helper_text[] =
     "                              big ? 0x1p68f : small ? 0x1p-90f : 1.0f);\n"
     "    return (aa == 0.0f || aa == FLEX_INF) ? __fmul_rn(a, rc) : r;\n"
     "}\n"
-    "/* flex_fdiv_const for |c| in [1, 2^20]: a * rc cannot overflow and the\n"
-    " * fused remainder is exact however large a is, so only small numerators\n"
-    " * are scaled (three operations fewer per division). */\n"
+    "/* a / c for a constant c in [1, 2^20], rc = 1/c correctly rounded, in\n"
+    " * four operations: for c >= 1 the product a * rc cannot overflow, and the\n"
+    " * remainder a - q c is exact, so the corrected quotient correctly rounded,\n"
+    " * wherever |a / c| >= 2^-103 (q's ulp times c's is then a multiple of the\n"
+    " * smallest subnormal); below that it may be one ulp off. The remainder is\n"
+    " * -(q c - a) so that zeros keep their sign; for infinite a it is NaN,\n"
+    " * which the max turns into -FLT_MAX, and the sum is q = +-inf. A negative\n"
+    " * c is emitted as -(a / |c|). */\n"
     "static FLEX_DEVICE_INLINE float flex_fdiv_const_ge1(float a, float c, float rc) {\n"
-    "    const float aa = fabsf(a);\n"
-    "    const bool small = aa < 0x1p-60f;\n"
-    "    const float a2 = __fmul_rn(a, small ? 0x1p90f : 1.0f);\n"
-    "    const float q = __fmul_rn(a2, rc);\n"
-    "    const float r = __fmul_rn(__fmaf_rn(__fmaf_rn(-q, c, a2), rc, q),\n"
-    "                              small ? 0x1p-90f : 1.0f);\n"
-    "    return (aa == 0.0f || aa == FLEX_INF) ? __fmul_rn(a, rc) : r;\n"
+    "    const float q = __fmul_rn(a, rc);\n"
+    "    const float e = fmaxf(-__fmaf_rn(q, c, -a), -0x1.fffffep127f);\n"
+    "    return __fmaf_rn(e, rc, q);\n"
     "}\n"
     "static FLEX_DEVICE_INLINE float flex_fmod(float a, float b) {\n"
     "    float r = fmodf(a, b);\n"
@@ -395,11 +396,20 @@ static void emit_node(strbuf *sb, const ir_mod *m, int i, int slot_base,
                 const float rc = one / c;
                 uint32_t rbits;
                 memcpy(&rbits, &rc, sizeof rbits);
-                if (only_feeds_tanh_approx(m, i))
+                if (only_feeds_tanh_approx(m, i)) {
                     sb_printf(sb, "__fmul_rn(v%d, __int_as_float(0x%08x))", a[0], (unsigned)rbits);
-                else
-                    sb_printf(sb, "flex_fdiv_const%s(v%d, v%d, __int_as_float(0x%08x))",
-                              ac >= 1.0f ? "_ge1" : "", a[0], a[1], (unsigned)rbits);
+                } else if (ac >= 1.0f) {
+                    uint32_t cbits;
+                    memcpy(&cbits, &ac, sizeof cbits);
+                    sb_printf(sb,
+                              "%sflex_fdiv_const_ge1(v%d, __int_as_float(0x%08x), "
+                              "__int_as_float(0x%08x))",
+                              c < 0.0f ? "-" : "", a[0], (unsigned)cbits,
+                              (unsigned)(rbits & 0x7fffffffu));
+                } else {
+                    sb_printf(sb, "flex_fdiv_const(v%d, v%d, __int_as_float(0x%08x))", a[0], a[1],
+                              (unsigned)rbits);
+                }
                 return;
             }
         }

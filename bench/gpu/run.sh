@@ -93,6 +93,7 @@ def load(name):
 cold, warm, torch_rows = load("flexattn-cold.jsonl"), load("flexattn-warm.jsonl"), load("torch.jsonl")
 ref = {(r["pattern"], r["impl"]): r for r in torch_rows}
 cold_first = {r["pattern"]: r["first_call_ms"] for r in cold}
+cold_verify = {r["pattern"]: r.get("verify_rel", -1) for r in cold}  # the warm run does not verify
 device = warm[0]["device"] if warm else "?"
 lines = [f"# CUDA forward, bf16, B={warm[0]['B']} H={warm[0]['H']} S={warm[0]['S']} D={warm[0]['D']}" if warm else "# CUDA forward",
          "", f"device: {device}; commit {commit}; command: bench/gpu/run.sh", "",
@@ -108,7 +109,7 @@ for r in warm:
         cells += [f"{t['tflops']:.1f}", f"{r['tflops'] / t['tflops']:.2f}"] if t else ["-", "-"]
     cells += [f"{cold_first.get(p, float('nan')):.0f}", f"{r['first_call_ms']:.1f}"]
     lines.append("| " + " | ".join(cells) + " |")
-    rec = dict(r, commit=commit, first_call_cold_ms=cold_first.get(p))
+    rec = dict(r, commit=commit, first_call_cold_ms=cold_first.get(p), verify_rel=cold_verify.get(p, -1))
     for impl in ("torch_flex", "sdpa_flash", "sdpa_cudnn"):
         t = ref.get((base, impl))
         if t: rec[impl + "_tflops"] = t["tflops"]

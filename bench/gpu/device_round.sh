@@ -1,7 +1,8 @@
 #!/bin/bash
 # One device call: bench/gpu/run.sh (build, check, time beside PyTorch) plus
 # a tile sweep, with every log packed into $OUT/gpu-results.tgz (the
-# individual files are many) and the summary printed last.
+# individual files are many), the updated bench/results files copied to
+# $OUT/results, and the summary printed last.
 #   OUT=<dir> bench/gpu/device_round.sh
 set -u
 FINAL=${OUT:-$PWD/gpu-out}
@@ -14,7 +15,11 @@ bash "$(dirname "$0")/run.sh" "$@" > "$OUT/run.out" 2>&1
 status=$?
 tar czf "$FINAL/gpu-results.tgz" -C "$OUT" .
 cp "$OUT/cuda-forward.md" "$FINAL/" 2>/dev/null
+# the results files run.sh updated, to be kept with the tree
+RESULTS=${RESULTS_DIR-$(cd "$(dirname "$0")/../results" && pwd)}
+mkdir -p "$FINAL/results" && cp "$RESULTS"/cuda-forward-*.md "$RESULTS"/cuda-forward-*.jsonl "$FINAL/results/" 2>/dev/null
 grep -E "^==|check exit|passed|FAIL|ERROR" "$OUT/run.out" | head -40
 cat "$OUT/sweep.log" 2>/dev/null
 cat "$OUT/cuda-forward.md" 2>/dev/null || tail -40 "$OUT/run.out"
+rm -rf "$OUT" # all of it is in the archive; fewer files to send back
 exit $status

@@ -4,7 +4,10 @@
 # Every GPU program runs under a timeout (CHECK_TIMEOUT, default 240 s, for
 # each check): a kernel that hangs ends its step, not the device call.
 # Logs and results go to $OUT (default ./gpu-out): check.log, bench.log,
-# torch.log, cuda-forward.jsonl, cuda-forward.md.
+# torch.log, cuda-forward.jsonl, cuda-forward.md. The run's table and ratios
+# also go to $RESULTS_DIR (default bench/results; empty: not written):
+# cuda-forward-<gpu>.md gets them on top (the previous top becomes "Earlier
+# run at commit ..."), cuda-forward-<gpu>.jsonl one JSON line per pattern.
 #   bench/gpu/run.sh [--skip-check] [--skip-torch] [--len S]
 set -u
 OUT=${OUT:-$PWD/gpu-out}
@@ -32,6 +35,8 @@ cc -O2 -std=c11 -D_POSIX_C_SOURCE=200809L -Iinclude bench/gpu/bench_cuda.c -L"$B
     -Wl,-rpath,"$BUILD" -o "$BUILD/bench_cuda" >>"$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee -a "$OUT/build.log"
 
+RESULTS_DIR=${RESULTS_DIR-$ROOT/bench/results}
+: >"$OUT/check-summary.txt"
 if [ "$SKIP_CHECK" = 0 ]; then
     # CHECK_TILES: "default" and/or FLEXATTN_CUDA_TILE values to check with.
     for T in ${CHECK_TILES:-default}; do
@@ -42,6 +47,7 @@ if [ "$SKIP_CHECK" = 0 ]; then
         echo "check exit $? in $(( $(date +%s) - T0 )) s"
         grep -E "FAIL|ERROR|error" "$OUT/check-$T.log" | head -20
         tail -1 "$OUT/check-$T.log"
+        echo "tiles $T: $(tail -1 "$OUT/check-$T.log")" >>"$OUT/check-summary.txt"
     done
     unset FLEXATTN_CUDA_TILE
     # CHECK_ENVS: more checks, each under comma-separated VAR=value settings;
@@ -54,6 +60,7 @@ if [ "$SKIP_CHECK" = 0 ]; then
         echo "check exit $? in $(( $(date +%s) - T0 )) s"
         grep -E "FAIL|ERROR|error" "$OUT/check-env-${E%%=*}.log" | head -20
         tail -1 "$OUT/check-env-${E%%=*}.log"
+        echo "$E: $(tail -1 "$OUT/check-env-${E%%=*}.log")" >>"$OUT/check-summary.txt"
     done
 fi
 
@@ -84,9 +91,9 @@ if [ "$SKIP_TORCH" = 0 ]; then
         | grep -v Warning | tee "$OUT/torch.log"
 fi
 
-python3 - "$OUT" "$COMMIT" <<'PY'
-import json, os, sys
-out, commit = sys.argv[1], sys.argv[2]
+python3 - "$OUT" "$COMMIT" "$RESULTS_DIR" <<'PY'
+import json, os, re, sys
+out, commit, results_dir = sys.argv[1], sys.argv[2], sys.argv[3]
 def load(name):
     p = os.path.join(out, name)
     return [json.loads(l) for l in open(p)] if os.path.exists(p) else []
@@ -117,10 +124,28 @@ for r in warm:
 checked = [f"{r['pattern']} {r['verify_rel']:.1e}" for r in cold if r.get("verify_rel", -1) >= 0]
 lines += ["", "Output of the last (batch, head) against the CPU backend's, max |gpu - cpu| / max |cpu| "
           "(bench_cuda's check; at most 1e-2 passes): " + (", ".join(checked) if checked else "not run") + "."]
+checks = [l.strip() for l in open(os.path.join(out, "check-summary.txt")) if l.strip()]
+lines += ["", "`flexattn check --backend cuda` in the same run: " + ("; ".join(checks) if checks else "not run") + "."]
 lines += ["", "softcap_approx_causal is compared with PyTorch's exact-tanh soft-cap (the same pattern).",
           "TFLOP/s count 4*B*H*S*S*D times the block mask's density; medians of 20 runs."]
 open(os.path.join(out, "cuda-forward.md"), "w").write("\n".join(lines) + "\n")
 with open(os.path.join(out, "cuda-forward.jsonl"), "w") as f:
     for rec in records: f.write(json.dumps(rec) + "\n")
 print("\n".join(lines))
+# The results folder: this run's table on top of the GPU's file, the
+# previous top demoted to an earlier run; the records appended.
+model = re.search(r"NVIDIA\s+(\S+)", device)
+if results_dir and records and model:
+    stem = os.path.join(results_dir, "cuda-forward-" + model.group(1).lower())
+    old = open(stem + ".md").read() if os.path.exists(stem + ".md") else ""
+    if old.startswith("# "):
+        old = old.split("\n", 1)[1] if "\n" in old else ""
+    old_commit = re.search(r"commit (\w+)", old)
+    text = "\n".join(lines) + "\n"
+    if old.strip():
+        text += "\n## Earlier run at commit " + (old_commit.group(1) if old_commit else "?") + "\n\n" + old.lstrip("\n")
+    open(stem + ".md", "w").write(text)
+    with open(stem + ".jsonl", "a") as f:
+        for rec in records: f.write(json.dumps(rec) + "\n")
+    print(f"results: {stem}.md, {stem}.jsonl")
 PY

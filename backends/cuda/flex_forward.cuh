@@ -395,6 +395,12 @@ static FLEX_DEVICE_INLINE void flex_keep_bits(const flex_fwd_params &p, int b, i
     }
 }
 
+/* Score r of n-tile nt's bit in flex_keep_bits' words. */
+template <int NT>
+static FLEX_DEVICE_INLINE bool flex_kept(const unsigned (&bits)[(NT + 7) / 8], int nt, int r) {
+    return (bits[nt >> 3] >> (4 * (nt & 7) + r)) & 1u;
+}
+
 /* Scores of one 16-row m-tile (NT n-tiles of 8 keys, the m16n8 accumulator
  * layout that wgmma's m64 accumulators share per warp) -> mods, mask and
  * the online-softmax update of the tile's rows (flex_softmax_update). */
@@ -421,7 +427,7 @@ flex_softmax_probs(const flex_fwd_params &p, float (&m)[2], float (&l)[2], float
              * buffer-bounds bits they raise count only where the score is
              * kept (mods have no stores; their loads are clamped). */
 #if FLEX_MASK_BITS
-            const bool keep = !MASKED || ((bits[nt >> 3] >> (4 * (nt & 7) + r)) & 1u);
+            const bool keep = !MASKED || flex_kept<NT>(bits, nt, r);
 #else
             const bool keep = !MASKED || flex_keep(p, b, h, q, kv, partial, bounds, oob);
 #endif
@@ -482,7 +488,7 @@ flex_softmax_probs_split(const flex_fwd_params &p, float (&m)[2], float (&l)[2],
             for (int r = 0; r < 4; r++) {
                 const int q = flex_score_q(qrow0, lane, r), kv = flex_score_kv(kv0, lane, nt, r);
 #if FLEX_MASK_BITS
-                const bool keep = (bits[nt >> 3] >> (4 * (nt & 7) + r)) & 1u;
+                const bool keep = flex_kept<NT>(bits, nt, r);
 #else
                 const bool keep = flex_keep(p, b, h, q, kv, partial, bounds, oob);
 #endif

@@ -294,11 +294,19 @@ static flex_status cuda_synchronize(flex_context *ctx) {
  * memory). */
 typedef char *(*source_builder)(const void *args);
 
-/* The kernel choices an environment variable can force for comparison:
- * "0" or "1" in it, otherwise dflt. */
-static int env_switch(const char *name, int dflt) {
+/* The kernel settings an environment variable can force for comparison
+ * or testing: its value when it is a whole decimal number in [lo, hi],
+ * otherwise dflt. */
+static int env_int(const char *name, int dflt, int lo, int hi) {
     const char *v = getenv(name);
-    return v && (!strcmp(v, "0") || !strcmp(v, "1")) ? v[0] == '1' : dflt;
+    char *end = NULL;
+    const long n = v ? strtol(v, &end, 10) : 0;
+    return v && end != v && !*end && n >= lo && n <= hi ? (int)n : dflt;
+}
+
+/* A kernel choice forced by "0" or "1" in name, otherwise dflt. */
+static int env_switch(const char *name, int dflt) {
+    return env_int(name, dflt, 0, 1);
 }
 
 typedef struct forward_source_args {
@@ -344,16 +352,9 @@ static unsigned char *reads_in_range(const struct flex_mod *mod, int64_t B, int6
     return flags;
 }
 
-/* FNV-1a of the in-range flags of both mods, for the kernel key. */
-static uint64_t in_range_hash(const unsigned char *mask_flags, int mask_nodes,
-                              const unsigned char *score_flags, int score_nodes) {
-    uint64_t h = 1469598103934665603ull;
-    for (int i = 0; mask_flags && i < mask_nodes; i++)
-        h = (h ^ mask_flags[i]) * 1099511628211ull;
-    h = (h ^ 0xffu) * 1099511628211ull;
-    for (int i = 0; score_flags && i < score_nodes; i++)
-        h = (h ^ score_flags[i]) * 1099511628211ull;
-    return h;
+/* Checksum of a mod's in-range flags for the kernel key (0: none). */
+static uint64_t in_range_checksum(const unsigned char *flags, const ir_mod *ir) {
+    return flags ? flex_cache_checksum(flags, (size_t)ir->num_nodes) : 0;
 }
 
 static char *build_mask_blocks_source(const void *args) {
@@ -737,10 +738,7 @@ static flex_status encode_tensor_map(flex_context *ctx, cuda_state *st, const fl
  * shapes of `flexattn check` (the tile hand-off and the pipeline across
  * tiles are tested that way). */
 static int64_t persistent_ctas(int sm_count) {
-    const char *v = getenv("FLEXATTN_CUDA_CTAS");
-    char *end = NULL;
-    const long n = v ? strtol(v, &end, 10) : 0;
-    return v && end != v && !*end && n >= 1 && n < sm_count ? n : sm_count;
+    return env_int("FLEXATTN_CUDA_CTAS", sm_count, 1, sm_count);
 }
 
 /* Whether the TMA kernel runs one CTA per SM, each walking its share of
@@ -853,7 +851,7 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
                          FLEX_EMIT_MAX_SLOTS);
 
     /* Buffer reads proved inside their buffers are compiled without checks:
-     * the kernel key carries which (in_range_hash). */
+     * the kernel key carries which (in_range_checksum). */
     unsigned char *mask_in_range = reads_in_range(mask_mod, B, Hq, Lq, Lkv, 0);
     unsigned char *score_in_range = reads_in_range(score_mod, B, Hq, Lq, Lkv, 256);
 
@@ -872,17 +870,17 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
         _Static_assert(sizeof(flex_cuda_fwd_config) == 14 * sizeof(int),
                        "flex_cuda_fwd_config changed: update the forward kernel key");
         char key[512];
-        snprintf(
-            key, sizeof key,
-            "fwd|%s|dq%d|dv%d|dx%d|w%d|mt%d|n%d|vec%d|wg%d|tma%d|ch%d|mb%d|short%d|sp%d|mask=%"
-            "016llx|score=%016llx|inr=%016llx|%s|nvrtc%d.%d",
-            flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.dv_exact, cfg.warps, cfg.mt,
-            cfg.block_n, cfg.vec, cfg.wgmma, cfg.tma, cfg.chain, cfg.mask_bits, cfg.short_indices,
-            cfg.scale_positive, (unsigned long long)(mask_mod ? mask_mod->hash : 0),
-            (unsigned long long)(score_mod ? score_mod->hash : 0),
-            (unsigned long long)in_range_hash(mask_in_range, mask_ir ? mask_ir->num_nodes : 0,
-                                              score_in_range, score_ir ? score_ir->num_nodes : 0),
-            st->arch, st->api->nvrtc_major, st->api->nvrtc_minor);
+        snprintf(key, sizeof key,
+                 "fwd|%s|dq%d|dv%d|dx%d|w%d|mt%d|n%d|vec%d|wg%d|tma%d|ch%d|mb%d|short%d|sp%d|mask=%"
+                 "016llx|score=%016llx|inr=%016llx.%016llx|%s|nvrtc%d.%d",
+                 flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.dv_exact, cfg.warps, cfg.mt,
+                 cfg.block_n, cfg.vec, cfg.wgmma, cfg.tma, cfg.chain, cfg.mask_bits,
+                 cfg.short_indices, cfg.scale_positive,
+                 (unsigned long long)(mask_mod ? mask_mod->hash : 0),
+                 (unsigned long long)(score_mod ? score_mod->hash : 0),
+                 (unsigned long long)in_range_checksum(mask_in_range, mask_ir),
+                 (unsigned long long)in_range_checksum(score_in_range, score_ir), st->arch,
+                 st->api->nvrtc_major, st->api->nvrtc_minor);
         const forward_source_args args = {&cfg, mask_ir, score_ir, mask_in_range, score_in_range};
         s = get_function(ctx, st, key, build_forward_source, &args, "flex_forward_kernel", &fn);
     }
@@ -930,8 +928,7 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
         p.tiles_per_row = q->dtype == FLEX_F32 ? 1 : q_block / block_m;
         /* Tiles in pairs of heads (flex_tile_of; docs/cuda-backend.md, "Tile
          * order"); FLEXATTN_CUDA_HEAD_GROUP=N sets the group, for comparison. */
-        const char *group_env = getenv("FLEXATTN_CUDA_HEAD_GROUP");
-        p.head_group = group_env && *group_env ? atoi(group_env) : 2;
+        p.head_group = env_int("FLEXATTN_CUDA_HEAD_GROUP", 2, 0, 1 << 20);
         p.scale = a->scale;
         p.scale_log2 = a->scale * 1.4426950408889634f;
 

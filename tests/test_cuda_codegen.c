@@ -334,9 +334,9 @@ START_TEST(test_division_by_constant) {
                      0);
     char *text = flex_emit_mods(NULL, &score);
     ck_assert_ptr_nonnull(text);
-    /* 1/30 correctly rounded is 0x3d088889 (a constant >= 1: no scaling of
-     * large numerators); 1e-30 is outside the fast range and a divisor that
-     * is not a constant always takes the full division. */
+    /* 1/30 correctly rounded is 0x3d088889 (a constant >= 1: the
+     * four-operation form); 1e-30 is outside the fast range and a divisor
+     * that is not a constant always takes the full division. */
     ck_assert_ptr_nonnull(strstr(
         text, "flex_fdiv_const_ge1(v0, __int_as_float(0x41f00000), __int_as_float(0x3d088889))"));
     ck_assert_int_eq(count_occurrences(text, "flex_fdiv_const_ge1(v"), 1);

@@ -1048,7 +1048,6 @@ static int box_empty(const mod_box *box) {
  * must hold mod_interval_scratch_size(m) bytes aligned for int64_t; it is
  * borrowed for the call. Reentrant: concurrent calls need their own scratch.
  */
-
 mod_tri mod_interval_mask(const ir_mod *m, const mod_range_tables *tables, const mod_box *box,
                           void *scratch) {
     if (!m || !box || !scratch || m->num_nodes <= 0 || box_empty(box)) return MOD_TRI_UNKNOWN;
@@ -1060,12 +1059,19 @@ mod_tri mod_interval_mask(const ir_mod *m, const mod_range_tables *tables, const
     return t == MOD_TRI_TRUE ? MOD_TRI_TRUE : t == MOD_TRI_FALSE ? MOD_TRI_FALSE : MOD_TRI_UNKNOWN;
 }
 
+/* The ranges of every node of m over box for code generation, buffer
+ * reads taken as any int32 (malloc'd; NULL for an empty box or no memory). */
+static ival *ranges_for_codegen(const ir_mod *m, const mod_box *box) {
+    if (!m || !box || m->num_nodes <= 0 || box_empty(box)) return NULL;
+    ival *v = malloc(mod_interval_scratch_size(m));
+    if (v) analyse_nodes(m, NULL, box, v, 0);
+    return v;
+}
+
 int mod_interval_loads_in_range(const ir_mod *m, const mod_box *box, const int64_t (*sizes)[4],
                                 unsigned char *in_range) {
-    if (!m || !box || !sizes || m->num_nodes <= 0 || box_empty(box)) return -1;
-    ival *v = malloc(mod_interval_scratch_size(m));
+    ival *v = sizes ? ranges_for_codegen(m, box) : NULL;
     if (!v) return -1;
-    analyse_nodes(m, NULL, box, v, 0);
     for (int i = 0; i < m->num_nodes; i++) {
         const ir_node *nd = &m->nodes[i];
         int ok = nd->op == IR_LOAD && nd->buffer >= 0 && nd->buffer < m->num_buffers &&
@@ -1082,10 +1088,8 @@ int mod_interval_loads_in_range(const ir_mod *m, const mod_box *box, const int64
 
 int mod_interval_ints_within(const ir_mod *m, const mod_box *box, int64_t limit,
                              unsigned char *within) {
-    if (!m || !box || m->num_nodes <= 0 || box_empty(box)) return -1;
-    ival *v = malloc(mod_interval_scratch_size(m));
+    ival *v = ranges_for_codegen(m, box);
     if (!v) return -1;
-    analyse_nodes(m, NULL, box, v, 0);
     for (int i = 0; i < m->num_nodes; i++)
         within[i] = m->nodes[i].type == IR_INT && v[i].lo >= -limit && v[i].hi <= limit;
     free(v);

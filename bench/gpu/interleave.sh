@@ -4,17 +4,16 @@
 # so variants are measured side by side, round after round).
 #   bench/gpu/interleave.sh [--rounds N] "VAR=a" "VAR=b,OTHER=c" ...
 # Each argument is one variant: comma-separated VAR=value settings. Builds
-# with bench/gpu/run.sh first (no check, no PyTorch) unless bench_cuda is
-# already built in $BUILD.
+# first (bench/gpu/build.sh: only what changed, so the tree's current
+# kernels are the ones measured).
 set -u
 ROUNDS=3
 if [ "${1:-}" = --rounds ]; then ROUNDS=$2; shift 2; fi
 ROOT=$(cd "$(dirname "$0")/../.." && pwd)
-BUILD=${BUILD:-/tmp/flexattn-gpu-build}
-if [ ! -x "$BUILD/bench_cuda" ]; then
-    OUT=${OUT:-/tmp/flexattn-interleave} bash "$ROOT/bench/gpu/run.sh" --skip-check --skip-torch \
-        >/dev/null 2>&1 || { echo "build failed"; exit 1; }
-fi
+export BUILD=${BUILD:-/tmp/flexattn-gpu-build}
+LOG=$(mktemp)
+bash "$ROOT/bench/gpu/build.sh" >"$LOG" 2>&1 || { tail -40 "$LOG"; echo "build failed"; exit 1; }
+rm -f "$LOG"
 CACHE=$(mktemp -d)
 for r in $(seq "$ROUNDS"); do
     for v in "$@"; do

@@ -26,13 +26,9 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 BUILD=${BUILD:-/tmp/flexattn-gpu-build}
 cd "$ROOT" || exit 1
 COMMIT=${FLEXATTN_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}
-if command -v meson >/dev/null 2>&1; then MESON=(meson); else MESON=(python3 -m mesonbuild.mesonmain); fi
 
 echo "== build" | tee "$OUT/build.log"
-{ [ -f "$BUILD/build.ninja" ] || { rm -rf "$BUILD"; "${MESON[@]}" setup "$BUILD" -Dtests=disabled -Dbuildtype=release; }; } >>"$OUT/build.log" 2>&1
-ninja -C "$BUILD" >>"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
-cc -O2 -std=c11 -D_POSIX_C_SOURCE=200809L -Iinclude bench/gpu/bench_cuda.c -L"$BUILD" -lflexattn -lm \
-    -Wl,-rpath,"$BUILD" -o "$BUILD/bench_cuda" >>"$OUT/build.log" 2>&1 || { tail -20 "$OUT/build.log"; exit 1; }
+BUILD=$BUILD bash bench/gpu/build.sh >>"$OUT/build.log" 2>&1 || { tail -40 "$OUT/build.log"; exit 1; }
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv | tee -a "$OUT/build.log"
 
 RESULTS_DIR=${RESULTS_DIR-$ROOT/bench/results}

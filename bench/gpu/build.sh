@@ -1,0 +1,14 @@
+#!/bin/bash
+# Builds the library (release, no tests) and bench_cuda in $BUILD (default
+# /tmp/flexattn-gpu-build); on an existing build only what changed. The
+# log goes to stdout; the exit status says whether both built.
+#   bench/gpu/build.sh
+set -u
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+BUILD=${BUILD:-/tmp/flexattn-gpu-build}
+cd "$ROOT" || exit 1
+if command -v meson >/dev/null 2>&1; then MESON=(meson); else MESON=(python3 -m mesonbuild.mesonmain); fi
+[ -f "$BUILD/build.ninja" ] || { rm -rf "$BUILD"; "${MESON[@]}" setup "$BUILD" -Dtests=disabled -Dbuildtype=release; } &&
+    ninja -C "$BUILD" &&
+    cc -O2 -std=c11 -D_POSIX_C_SOURCE=200809L -Iinclude bench/gpu/bench_cuda.c -L"$BUILD" -lflexattn -lm \
+        -Wl,-rpath,"$BUILD" -o "$BUILD/bench_cuda"

@@ -6,6 +6,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -17,19 +18,13 @@ static int is_attention_dtype(flex_dtype d) {
     return d == FLEX_F32 || d == FLEX_F16 || d == FLEX_BF16;
 }
 
-/* Byte range [lo, hi) a view can touch; 0 on an empty view. */
+/* Byte range [lo, hi) a view touches. Only for views that passed
+ * check_extent, so the arithmetic cannot overflow. */
 static void tensor_extent(const flex_tensor *t, uintptr_t *lo, uintptr_t *hi) {
-    int64_t min_off = 0, max_off = 0;
-    for (int d = 0; d < t->ndim; d++) {
-        int64_t span = (t->sizes[d] - 1) * t->strides[d];
-        if (span < 0)
-            min_off += span;
-        else
-            max_off += span;
-    }
-    size_t es = flex_dtype_size(t->dtype);
-    *lo = (uintptr_t)t->data + (uintptr_t)(min_off * (int64_t)es);
-    *hi = (uintptr_t)t->data + (uintptr_t)((max_off + 1) * (int64_t)es);
+    uint64_t bytes = 0;
+    flex_tensor_byte_extent(t, &bytes);
+    *lo = (uintptr_t)t->data;
+    *hi = (uintptr_t)t->data + (uintptr_t)bytes;
 }
 
 static int tensors_overlap(const flex_tensor *a, const flex_tensor *b) {
@@ -39,8 +34,23 @@ static int tensors_overlap(const flex_tensor *a, const flex_tensor *b) {
     return alo < bhi && blo < ahi;
 }
 
+/* A view (sizes >= 1, strides >= 0) whose memory does not fit the address
+ * space is refused before any other arithmetic is done on its strides. */
+static flex_status check_extent(flex_context *ctx, const char *fn, const char *name,
+                                const flex_tensor *t) {
+    uint64_t bytes;
+    int d = flex_tensor_byte_extent(t, &bytes);
+    if (d < 0) return FLEX_OK;
+    return flex_fail(ctx, FLEX_ERR_OVERFLOW,
+                     "%s: %s->strides[%d] = %lld with sizes[%d] = %lld reaches beyond the address "
+                     "space",
+                     fn, name, d, (long long)t->strides[d], d, (long long)t->sizes[d]);
+}
+
 /* An output view must not write one element twice: with dims ordered by
- * stride, each stride must step over the whole extent of the smaller ones. */
+ * stride, each stride must step over the whole extent of the smaller ones.
+ * The extent saturates: a product past INT64_MAX is larger than any later
+ * stride, which is then an overlap. */
 static int has_self_overlap(const flex_tensor *t) {
     int order[4] = {0, 1, 2, 3};
     int n = t->ndim;
@@ -55,7 +65,7 @@ static int has_self_overlap(const flex_tensor *t) {
         int d = order[i];
         if (t->sizes[d] == 1) continue;
         if (t->strides[d] < extent) return 1;
-        extent = t->strides[d] * t->sizes[d];
+        if (__builtin_mul_overflow(t->strides[d], t->sizes[d], &extent)) extent = INT64_MAX;
     }
     return 0;
 }
@@ -94,6 +104,8 @@ static flex_status check_tensor(flex_context *ctx, const char *fn, const char *n
                          "%s: %s must be contiguous in its last dim (strides[3] == 1) on the '%s' "
                          "backend, got %lld",
                          fn, name, ctx->backend->name, (long long)t->strides[3]);
+    flex_status st = check_extent(ctx, fn, name, t);
+    if (st != FLEX_OK) return st;
     if (is_output && has_self_overlap(t))
         return flex_fail(ctx, FLEX_ERR_SHAPE,
                          "%s: the strides of %s make two elements share memory", fn, name);
@@ -138,6 +150,8 @@ static flex_status check_lse(flex_context *ctx, const char *fn, const flex_tenso
                          "%s: lse has sizes (%lld, %lld, %lld); (%lld, %lld, %lld) expected", fn,
                          (long long)norm->sizes[0], (long long)norm->sizes[1],
                          (long long)norm->sizes[2], (long long)B, (long long)H, (long long)L);
+    flex_status st = check_extent(ctx, fn, "lse", norm);
+    if (st != FLEX_OK) return st;
     if (norm->device != ctx->backend->device_type)
         return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
                          "%s: lse is not on the context's device (backend '%s')", fn,
@@ -432,6 +446,9 @@ flex_status flex_attention_backward(flex_context *ctx, const flex_tensor *q, con
                                  "(dim %d: %lld, not %lld)",
                                  fn, g->name, d, (long long)view->sizes[d],
                                  (long long)g->grad.sizes[d]);
+        char grad_name[96];
+        snprintf(grad_name, sizeof grad_name, "the gradient of '%s'", g->name);
+        if ((st = check_extent(ctx, fn, grad_name, &g->grad))) return st;
         if (has_self_overlap(&g->grad))
             return flex_fail(ctx, FLEX_ERR_SHAPE,
                              "%s: the strides of the gradient of '%s' make "

@@ -3,6 +3,7 @@
  * through these wrappers, which give the slots marked (optional) in
  * core/backend.h their defaults. Backends stay small because of them.
  */
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -16,7 +17,14 @@ const char *flex_backend_device_name(flex_context *ctx) {
 
 flex_status flex_backend_alloc(flex_context *ctx, size_t bytes, void **ptr) {
     if (ctx->backend->mem_alloc) return ctx->backend->mem_alloc(ctx, bytes, ptr);
-    /* Host memory, aligned for the widest vector loads the CPU paths use. */
+    /* Host memory, aligned for the widest vector loads the CPU paths use.
+     * Rounding up must not wrap (SIZE_MAX - 10 would become a 64-byte
+     * block), and no object may be larger than PTRDIFF_MAX bytes. */
+    if (bytes > (size_t)PTRDIFF_MAX - 63)
+        return flex_fail(ctx, FLEX_ERR_OVERFLOW,
+                         "%zu bytes cannot be allocated: rounded up to 64-byte alignment the size "
+                         "overflows the largest object size (PTRDIFF_MAX)",
+                         bytes);
     size_t rounded = (bytes + 63) / 64 * 64;
     *ptr = aligned_alloc(64, rounded ? rounded : 64);
     if (!*ptr)

@@ -27,6 +27,7 @@ static const char *const status_names[] = {
     [FLEX_ERR_DEVICE] = "ERR_DEVICE",
     [FLEX_ERR_IO] = "ERR_IO",
     [FLEX_ERR_INTERNAL] = "ERR_INTERNAL",
+    [FLEX_ERR_OVERFLOW] = "ERR_OVERFLOW",
 };
 
 const char *flex_status_name(flex_status status) {

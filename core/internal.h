@@ -38,6 +38,18 @@ void flex_log(int level, const char *fmt, ...)
 #endif
     ;
 
+/* ---- tensor views (core/tensor.c) ---- */
+
+/*
+ * The bytes a view reaches from t->data: (largest element offset + 1) times
+ * the element size, for views whose sizes are >= 1 and strides >= 0 (callers
+ * check those first). Every product and sum is checked: returns -1 with
+ * *bytes set when the extent fits in ptrdiff_t and data + extent in the
+ * address space, otherwise the index of the dim whose stride is to blame
+ * (the first whose span overflows, else the one that reaches furthest).
+ */
+int flex_tensor_byte_extent(const flex_tensor *t, uint64_t *bytes);
+
 /* ---- context ---- */
 
 struct mask_cache_entry;

@@ -135,6 +135,14 @@ flex_status flex_mod_bind_buffer(flex_context *ctx, flex_mod *mod, const char *n
                              "buffer '%s' has stride %lld in dimension %d; strides must be >= 0",
                              name, (long long)data->strides[d], d);
     }
+    uint64_t bytes;
+    int too_far = flex_tensor_byte_extent(data, &bytes);
+    if (too_far >= 0)
+        return flex_fail(ctx, FLEX_ERR_OVERFLOW,
+                         "buffer '%s' has stride %lld with size %lld in dimension %d, which "
+                         "reaches beyond the address space",
+                         name, (long long)data->strides[too_far], (long long)data->sizes[too_far],
+                         too_far);
     if (data->device != FLEX_DEVICE_CPU) {
         if (!ctx)
             return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,

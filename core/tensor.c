@@ -1,6 +1,7 @@
 /*
- * Tensor views and dtypes.
+ * Tensor views and dtypes, and the checked size of the memory a view reaches.
  */
+#include <stdint.h>
 #include <string.h>
 
 #include "internal.h"
@@ -85,4 +86,31 @@ flex_tensor flex_tensor_contiguous(void *data, flex_dtype dtype, int ndim, const
         stride *= sizes[d];
     }
     return t;
+}
+
+int flex_tensor_byte_extent(const flex_tensor *t, uint64_t *bytes) {
+    /* Every step is checked: a stride near 2^62 times a size overflows
+     * int64, and so can the sum of the dims' spans. */
+    int64_t max_offset = 0, widest_span = -1;
+    int widest = 0;
+    for (int d = 0; d < t->ndim; d++) {
+        int64_t span;
+        if (__builtin_mul_overflow(t->sizes[d] - 1, t->strides[d], &span) ||
+            __builtin_add_overflow(max_offset, span, &max_offset))
+            return d;
+        if (span > widest_span) {
+            widest_span = span;
+            widest = d;
+        }
+    }
+    /* Elements to bytes, and the end address itself, must fit too; the dim
+     * to blame is then the one that reaches furthest. */
+    uint64_t total;
+    uintptr_t end;
+    if (__builtin_mul_overflow((uint64_t)max_offset + 1, (uint64_t)flex_dtype_size(t->dtype),
+                               &total) ||
+        total > (uint64_t)PTRDIFF_MAX || __builtin_add_overflow((uintptr_t)t->data, total, &end))
+        return widest;
+    *bytes = total;
+    return -1;
 }

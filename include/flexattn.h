@@ -57,7 +57,8 @@ typedef enum flex_status {
     FLEX_ERR_COMPILE = 13,        /* run-time kernel compilation failed (log in message) */
     FLEX_ERR_DEVICE = 14,         /* a GPU runtime call failed */
     FLEX_ERR_IO = 15,             /* a file could not be read or written */
-    FLEX_ERR_INTERNAL = 16
+    FLEX_ERR_INTERNAL = 16,
+    FLEX_ERR_OVERFLOW = 17 /* a size, stride or byte count does not fit the address space */
 } flex_status;
 
 /* The enumerator's name without the FLEX_ prefix ("ERR_SHAPE"). Static. */

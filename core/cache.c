@@ -39,7 +39,8 @@ typedef struct cache_entry {
 struct flex_cache {
     pthread_mutex_t lock;
     cache_entry *entries;
-    char dir[1024]; /* "" when the disk part is off */
+    /* "" when the disk part is off; base, '/' and subdir always fit. */
+    char dir[FLEX_CACHE_BASE_MAX + FLEX_CACHE_SUBDIR_MAX + 2];
 };
 
 uint64_t flex_cache_checksum(const void *data, size_t size) {
@@ -52,28 +53,64 @@ uint64_t flex_cache_checksum(const void *data, size_t size) {
     return h;
 }
 
+/* The folder the environment names (FLEXATTN_CACHE_DIR, else
+ * $XDG_CACHE_HOME/flexattn, else ~/.cache/flexattn), written to base; or ""
+ * when the disk part is off or there is nowhere to write. Returns 0, or -1
+ * when the folder's path is longer than FLEX_CACHE_BASE_MAX, with the
+ * variable to blame in *culprit. */
+static int base_from_environment(char base[FLEX_CACHE_BASE_MAX + 1], const char **culprit) {
+    const char *env = getenv("FLEXATTN_CACHE_DIR");
+    const char *xdg = getenv("XDG_CACHE_HOME");
+    const char *home = getenv("HOME");
+    int n;
+    base[0] = 0;
+    if (env && *env) {
+        if (strcmp(env, "off") == 0) return 0;
+        *culprit = "FLEXATTN_CACHE_DIR";
+        n = snprintf(base, FLEX_CACHE_BASE_MAX + 1, "%s", env);
+    } else if (xdg && *xdg) {
+        *culprit = "XDG_CACHE_HOME";
+        n = snprintf(base, FLEX_CACHE_BASE_MAX + 1, "%s/flexattn", xdg);
+    } else if (home && *home) {
+        *culprit = "HOME";
+        n = snprintf(base, FLEX_CACHE_BASE_MAX + 1, "%s/.cache/flexattn", home);
+    } else {
+        return 0; /* nowhere to write: memory only */
+    }
+    if (n < 0 || n > FLEX_CACHE_BASE_MAX) {
+        base[0] = 0;
+        return -1;
+    }
+    return 0;
+}
+
+int flex_cache_check_environment(char *why, size_t cap) {
+    char base[FLEX_CACHE_BASE_MAX + 1];
+    const char *culprit = "";
+    if (base_from_environment(base, &culprit) == 0) return 0;
+    snprintf(why, cap,
+             "the kernel cache folder from %s is longer than %d characters; set "
+             "FLEXATTN_CACHE_DIR to a shorter path, or to 'off'",
+             culprit, FLEX_CACHE_BASE_MAX);
+    return -1;
+}
+
 flex_cache *flex_cache_open(const char *dir, const char *subdir) {
     flex_cache *c = calloc(1, sizeof *c);
     if (!c) return NULL;
     pthread_mutex_init(&c->lock, NULL);
-    const char *env = dir ? dir : getenv("FLEXATTN_CACHE_DIR");
-    char base[900] = "";
-    if (env && *env) {
-        if (strcmp(env, "off") == 0) return c;
-        snprintf(base, sizeof base, "%s", env);
-    } else if (!dir) {
-        const char *xdg = getenv("XDG_CACHE_HOME");
-        const char *home = getenv("HOME");
-        if (xdg && *xdg)
-            snprintf(base, sizeof base, "%s/flexattn", xdg);
-        else if (home && *home)
-            snprintf(base, sizeof base, "%s/.cache/flexattn", home);
-        else
-            return c; /* nowhere to write: memory only */
+    char base[FLEX_CACHE_BASE_MAX + 1] = "";
+    if (dir) {
+        if (strlen(dir) > FLEX_CACHE_BASE_MAX) return c; /* never a cut path: memory only */
+        snprintf(base, sizeof base, "%s", dir);
+    } else {
+        const char *culprit = "";
+        if (base_from_environment(base, &culprit) != 0) return c;
     }
-    if (subdir && *subdir)
+    if (!base[0] || !strcmp(base, "off")) return c;
+    if (subdir && *subdir && strlen(subdir) <= FLEX_CACHE_SUBDIR_MAX)
         snprintf(c->dir, sizeof c->dir, "%s/%s", base, subdir);
-    else
+    else if (!subdir || !*subdir)
         snprintf(c->dir, sizeof c->dir, "%s", base);
     return c;
 }
@@ -168,14 +205,17 @@ static int write_all(int fd, const void *buf, size_t n) {
 static int disk_load(const flex_cache *c, const char *key, void **data, size_t *size) {
     char path[1200];
     if (flex_cache_entry_path(c, key, path, sizeof path) != 0) return 0;
-    int fd = open(path, O_RDONLY);
+    /* O_NONBLOCK: opening a FIFO someone left at the entry's path must not
+     * wait for a writer; anything but a regular file is then a miss. */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
     if (fd < 0) return 0;
     unsigned char header[CACHE_HEADER_SIZE];
     int ok = 0;
     char *file_key = NULL;
     void *blob = NULL;
     struct stat sb;
-    if (fstat(fd, &sb) != 0 || read_all(fd, header, sizeof header) != 0) goto done;
+    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode)) goto done;
+    if (read_all(fd, header, sizeof header) != 0) goto done;
     if (memcmp(header, CACHE_MAGIC, 8) != 0) goto done;
     uint32_t key_len;
     uint64_t blob_size, sum;
@@ -204,7 +244,7 @@ done:
 
 /* mkdir -p */
 static int make_dirs(const char *dir) {
-    char tmp[1024];
+    char tmp[sizeof((flex_cache *)0)->dir];
     snprintf(tmp, sizeof tmp, "%s", dir);
     for (char *p = tmp + 1; *p; p++) {
         if (*p != '/') continue;

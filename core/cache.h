@@ -10,7 +10,8 @@
  * filling the same key never see half a file. A file starts with a magic,
  * the full key and a checksum of the blob; an entry whose header, key, size
  * or checksum does not match is treated as missing (and rewritten by the
- * next put).
+ * next put), and so is anything at an entry's path that is not a regular
+ * file (a FIFO there never blocks a lookup).
  */
 #ifndef FLEXATTN_CACHE_H
 #define FLEXATTN_CACHE_H
@@ -19,6 +20,18 @@
 #include <stdint.h>
 
 typedef struct flex_cache flex_cache;
+
+/* The longest folder (dir or the one the environment names) and subdir the
+ * cache takes; entry paths always fit their buffers. A longer folder is
+ * never cut: flex_context_create refuses it (flex_cache_check_environment)
+ * and flex_cache_open keeps such a cache in memory. */
+#define FLEX_CACHE_BASE_MAX   960
+#define FLEX_CACHE_SUBDIR_MAX 32
+
+/* 0 when the folder the environment names fits FLEX_CACHE_BASE_MAX (or the
+ * disk part is off); otherwise -1 and, in why, a message that names the
+ * variable. Called by context creation, so a bad setting is an error. */
+int flex_cache_check_environment(char *why, size_t cap);
 
 /* Opens a cache whose disk entries live in <dir>/<subdir>/ (subdir e.g.
  * "cuda"). dir == NULL reads the environment as described above. The

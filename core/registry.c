@@ -15,6 +15,7 @@
 #include "flexattn_config.h"
 #include "internal.h"
 #include "blockmask_cache.h"
+#include "cache.h"
 
 /* Every backend the project knows of, built in or not, in "auto" order of
  * preference for equal scores. */
@@ -110,6 +111,11 @@ static flex_status parse_spec(const char *spec, char *name, size_t cap, int *dev
 }
 
 static flex_status open_table(const flex_backend_iface *t, int device, flex_context **out) {
+    /* Settings of the environment that would make the context misbehave are
+     * refused here, by name, rather than cut or ignored later. */
+    char why[512];
+    if (flex_cache_check_environment(why, sizeof why) != 0)
+        return flex_fail(NULL, FLEX_ERR_INVALID_ARGUMENT, "%s", why);
     flex_context *ctx = calloc(1, sizeof *ctx);
     if (!ctx) return flex_fail(NULL, FLEX_ERR_OUT_OF_MEMORY, "out of memory creating a context");
     ctx->backend = t;

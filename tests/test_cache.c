@@ -1,7 +1,7 @@
 /*
  * The kernel cache: memory and disk round trips, two processes filling the
- * same key at once, corrupt and truncated entries detected and rebuilt, and
- * FLEXATTN_CACHE_DIR=off.
+ * same key at once, corrupt and truncated entries detected and rebuilt,
+ * something other than a file at an entry's path, and FLEXATTN_CACHE_DIR=off.
  */
 #include <check.h>
 #include <fcntl.h>
@@ -173,6 +173,40 @@ START_TEST(test_wrong_key_in_file_is_a_miss) {
 }
 END_TEST
 
+/* A FIFO at an entry's path would block a plain open() until a writer
+ * came; the lookup must instead be a quick miss (alarm() fails the test if
+ * it blocks), and so must a folder. A put then replaces the FIFO. */
+START_TEST(test_fifo_at_entry_path_is_a_miss) {
+    make_tmpdir();
+    flex_cache *c = flex_cache_open(tmpdir, "cuda");
+    char path[1200];
+    ck_assert_int_eq(flex_cache_entry_path(c, "fifo-key", path, sizeof path), 0);
+    char dir[600];
+    snprintf(dir, sizeof dir, "%s/cuda", tmpdir);
+    ck_assert_int_eq(mkdir(dir, 0755), 0);
+    ck_assert_int_eq(mkfifo(path, 0644), 0);
+    alarm(10);
+    void *data = NULL;
+    size_t size = 0;
+    ck_assert_int_eq(flex_cache_get(c, "fifo-key", &data, &size, NULL), 0);
+    alarm(0);
+    ck_assert_int_eq(flex_cache_put(c, "fifo-key", "abc", 3), 0);
+    flex_cache_destroy(c);
+    c = flex_cache_open(tmpdir, "cuda");
+    int from_disk = 0;
+    ck_assert_int_eq(flex_cache_get(c, "fifo-key", &data, &size, &from_disk), 1);
+    ck_assert_int_eq(from_disk, 1);
+    ck_assert_int_eq(memcmp(data, "abc", 3), 0);
+    free(data);
+
+    ck_assert_int_eq(flex_cache_entry_path(c, "dir-key", path, sizeof path), 0);
+    ck_assert_int_eq(mkdir(path, 0755), 0);
+    ck_assert_int_eq(flex_cache_get(c, "dir-key", &data, &size, NULL), 0);
+    flex_cache_destroy(c);
+    remove_tree(tmpdir);
+}
+END_TEST
+
 START_TEST(test_off_keeps_memory_only) {
     setenv("FLEXATTN_CACHE_DIR", "off", 1);
     flex_cache *c = flex_cache_open(NULL, "cuda");
@@ -218,6 +252,7 @@ int main(void) {
     tcase_add_test(tc, test_corrupt_entry_rebuilt);
     tcase_add_test(tc, test_truncated_entry_rebuilt);
     tcase_add_test(tc, test_wrong_key_in_file_is_a_miss);
+    tcase_add_test(tc, test_fifo_at_entry_path_is_a_miss);
     tcase_add_test(tc, test_off_keeps_memory_only);
     tcase_add_test(tc, test_default_folder_from_xdg);
     suite_add_tcase(s, tc);

@@ -187,7 +187,7 @@ static flex_status check_common(flex_context *ctx, const char *fn, const flex_te
                                 const flex_tensor *k, const flex_tensor *v,
                                 const flex_mod *score_mod, const flex_block_mask **block_mask,
                                 const flex_attention_options *opts, float *scale,
-                                attention_dims *dims) {
+                                attention_dims *dims, flex_cached_mask **held) {
     flex_status st;
     if ((st = check_tensor(ctx, fn, "q", q, 0)) || (st = check_tensor(ctx, fn, "k", k, 0)) ||
         (st = check_tensor(ctx, fn, "v", v, 0)))
@@ -247,7 +247,8 @@ static flex_status check_common(flex_context *ctx, const char *fn, const flex_te
             (st = check_mod_bound(ctx, fn, "block mask's mask mod", bm->mask_mod, FLEX_MOD_MASK)))
             return st;
     } else if (mask_mod) {
-        if ((st = flex_mask_cache_get(ctx, mask_mod, dims->B, dims->Hq, dims->Lq, dims->Lkv, &bm)))
+        if ((st = flex_mask_cache_acquire(ctx, mask_mod, dims->B, dims->Hq, dims->Lq, dims->Lkv,
+                                          held, &bm)))
             return st;
         *block_mask = bm;
     }
@@ -304,16 +305,18 @@ static flex_status make_plan(flex_context *ctx, const flex_forward_args *args,
     return FLEX_OK;
 }
 
-flex_status flex_attention(flex_context *ctx, const flex_tensor *q, const flex_tensor *k,
-                           const flex_tensor *v, const flex_mod *score_mod,
-                           const flex_block_mask *block_mask, const flex_attention_options *opts,
-                           const flex_tensor *out, const flex_tensor *lse) {
+/* flex_attention once ctx is known; a mask it takes from the context's cache
+ * is left in *held for the caller to release. */
+static flex_status attention_forward(flex_context *ctx, const flex_tensor *q, const flex_tensor *k,
+                                     const flex_tensor *v, const flex_mod *score_mod,
+                                     const flex_block_mask *block_mask,
+                                     const flex_attention_options *opts, const flex_tensor *out,
+                                     const flex_tensor *lse, flex_cached_mask **held) {
     static const char fn[] = "flex_attention";
-    if (!ctx) return flex_fail(NULL, FLEX_ERR_NULL_POINTER, "%s: ctx is NULL", fn);
     flex_status st;
     attention_dims dims;
     float scale;
-    if ((st = check_common(ctx, fn, q, k, v, score_mod, &block_mask, opts, &scale, &dims)))
+    if ((st = check_common(ctx, fn, q, k, v, score_mod, &block_mask, opts, &scale, &dims, held)))
         return st;
     if ((st = check_tensor(ctx, fn, "out", out, 1))) return st;
     if (out->dtype != q->dtype)
@@ -352,19 +355,31 @@ flex_status flex_attention(flex_context *ctx, const flex_tensor *q, const flex_t
     return flex_backend_forward(ctx, &args);
 }
 
-flex_status flex_attention_backward(flex_context *ctx, const flex_tensor *q, const flex_tensor *k,
-                                    const flex_tensor *v, const flex_tensor *out,
-                                    const flex_tensor *dout, const flex_tensor *lse,
-                                    const flex_mod *score_mod, const flex_block_mask *block_mask,
-                                    const flex_attention_options *opts, const flex_tensor *dq,
-                                    const flex_tensor *dk, const flex_tensor *dv,
-                                    const flex_buffer_grad *buffer_grads, int num_buffer_grads) {
+flex_status flex_attention(flex_context *ctx, const flex_tensor *q, const flex_tensor *k,
+                           const flex_tensor *v, const flex_mod *score_mod,
+                           const flex_block_mask *block_mask, const flex_attention_options *opts,
+                           const flex_tensor *out, const flex_tensor *lse) {
+    if (!ctx) return flex_fail(NULL, FLEX_ERR_NULL_POINTER, "flex_attention: ctx is NULL");
+    flex_cached_mask *held = NULL;
+    flex_status st = attention_forward(ctx, q, k, v, score_mod, block_mask, opts, out, lse, &held);
+    flex_mask_cache_release(ctx, held);
+    return st;
+}
+
+/* flex_attention_backward once ctx is known; *held as in attention_forward. */
+static flex_status attention_backward(flex_context *ctx, const flex_tensor *q, const flex_tensor *k,
+                                      const flex_tensor *v, const flex_tensor *out,
+                                      const flex_tensor *dout, const flex_tensor *lse,
+                                      const flex_mod *score_mod, const flex_block_mask *block_mask,
+                                      const flex_attention_options *opts, const flex_tensor *dq,
+                                      const flex_tensor *dk, const flex_tensor *dv,
+                                      const flex_buffer_grad *buffer_grads, int num_buffer_grads,
+                                      flex_cached_mask **held) {
     static const char fn[] = "flex_attention_backward";
-    if (!ctx) return flex_fail(NULL, FLEX_ERR_NULL_POINTER, "%s: ctx is NULL", fn);
     flex_status st;
     attention_dims dims;
     float scale;
-    if ((st = check_common(ctx, fn, q, k, v, score_mod, &block_mask, opts, &scale, &dims)))
+    if ((st = check_common(ctx, fn, q, k, v, score_mod, &block_mask, opts, &scale, &dims, held)))
         return st;
     if ((st = check_tensor(ctx, fn, "out", out, 0)) ||
         (st = check_tensor(ctx, fn, "dout", dout, 0)))
@@ -489,4 +504,19 @@ flex_status flex_attention_backward(flex_context *ctx, const flex_tensor *q, con
     args.plan = &plan;
     flex_clear_error(ctx);
     return flex_backend_backward(ctx, &args);
+}
+
+flex_status flex_attention_backward(flex_context *ctx, const flex_tensor *q, const flex_tensor *k,
+                                    const flex_tensor *v, const flex_tensor *out,
+                                    const flex_tensor *dout, const flex_tensor *lse,
+                                    const flex_mod *score_mod, const flex_block_mask *block_mask,
+                                    const flex_attention_options *opts, const flex_tensor *dq,
+                                    const flex_tensor *dk, const flex_tensor *dv,
+                                    const flex_buffer_grad *buffer_grads, int num_buffer_grads) {
+    if (!ctx) return flex_fail(NULL, FLEX_ERR_NULL_POINTER, "flex_attention_backward: ctx is NULL");
+    flex_cached_mask *held = NULL;
+    flex_status st = attention_backward(ctx, q, k, v, out, dout, lse, score_mod, block_mask, opts,
+                                        dq, dk, dv, buffer_grads, num_buffer_grads, &held);
+    flex_mask_cache_release(ctx, held);
+    return st;
 }

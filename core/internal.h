@@ -18,17 +18,19 @@
 
 /* ---- errors (core/error.c) ---- */
 
-/* Records status and a printf-style message on ctx (or on the calling
- * thread when ctx is NULL) and returns status, so callers write
- * `return flex_fail(ctx, FLEX_ERR_SHAPE, "q has %d dims", n);`. */
+/* Records a printf-style message as the calling thread's last error on ctx
+ * (or on no context when ctx is NULL) and returns status, so callers write
+ * `return flex_fail(ctx, FLEX_ERR_SHAPE, "q has %d dims", n);`. Messages are
+ * per thread (core/error.c), so threads sharing a context never see, or
+ * free, each other's. */
 flex_status flex_fail(flex_context *ctx, flex_status status, const char *fmt, ...)
 #if defined(__GNUC__)
     __attribute__((format(printf, 3, 4)))
 #endif
     ;
 flex_status flex_failv(flex_context *ctx, flex_status status, const char *fmt, va_list ap);
-/* Clears the message of ctx (or of the thread). */
-void flex_clear_error(flex_context *ctx);
+/* Clears the calling thread's message on ctx (or on no context). */
+void flex_clear_error(const flex_context *ctx);
 
 /* ---- logging (core/log.c): FLEXATTN_LOG=error|warn|info|debug ---- */
 enum { FLEX_LOG_ERROR = 0, FLEX_LOG_WARN = 1, FLEX_LOG_INFO = 2, FLEX_LOG_DEBUG = 3 };
@@ -52,17 +54,21 @@ int flex_tensor_byte_extent(const flex_tensor *t, uint64_t *bytes);
 
 /* ---- context ---- */
 
-struct mask_cache_entry;
+struct flex_mask_cache;
 
+/*
+ * A context may be used by several threads at once (include/flexattn.h says
+ * which calls). What calls change is therefore either per thread (the error
+ * messages, core/error.c) or behind a lock (the mask cache; a backend locks
+ * its own state).
+ */
 struct flex_context {
     const flex_backend_iface *backend;
     void *backend_state; /* owned by the backend (init / release) */
     int device_index;
-    flex_status last_status;
-    char *error; /* malloc'd message or NULL */
-    /* block masks built for flex_attention_options.mask_mod */
-    struct mask_cache_entry *mask_cache;
-    int mask_cache_count;
+    uint64_t id;      /* unique in the process, never reused: keys error messages */
+    /* block masks built for flex_attention_options.mask_mod; owned, locked */
+    struct flex_mask_cache *mask_cache;
 };
 
 /* ---- mods ---- */

@@ -7,6 +7,8 @@
  * the usable backend with the highest score.
  */
 #include <ctype.h>
+#include <stdatomic.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -110,6 +112,9 @@ static flex_status parse_spec(const char *spec, char *name, size_t cap, int *dev
     return FLEX_OK;
 }
 
+/* Ids of contexts; 0 is "no context" (core/error.c). */
+static _Atomic uint64_t last_context_id;
+
 static flex_status open_table(const flex_backend_iface *t, int device, flex_context **out) {
     /* Settings of the environment that would make the context misbehave are
      * refused here, by name, rather than cut or ignored later. */
@@ -120,12 +125,21 @@ static flex_status open_table(const flex_backend_iface *t, int device, flex_cont
     if (!ctx) return flex_fail(NULL, FLEX_ERR_OUT_OF_MEMORY, "out of memory creating a context");
     ctx->backend = t;
     ctx->device_index = device;
-    flex_status st = t->init(ctx, device);
+    ctx->id = ++last_context_id;
+    flex_status st = flex_mask_cache_create(ctx);
     if (st != FLEX_OK) {
-        /* The backend wrote its reason on ctx; move it to the thread. */
+        flex_fail(NULL, st, "%s", flex_error_message(ctx));
+        flex_clear_error(ctx);
+        free(ctx);
+        return st;
+    }
+    st = t->init(ctx, device);
+    if (st != FLEX_OK) {
+        /* The backend wrote its reason on ctx; move it to no context. */
         flex_fail(NULL, st, "backend '%s' device %d could not be opened: %s", t->name, device,
                   flex_error_message(ctx));
         flex_clear_error(ctx);
+        flex_mask_cache_destroy(ctx);
         free(ctx);
         return st;
     }
@@ -196,9 +210,9 @@ flex_status flex_context_create(const char *spec, flex_context **out) {
 
 void flex_context_destroy(flex_context *ctx) {
     if (!ctx) return;
-    flex_mask_cache_clear(ctx);
+    flex_mask_cache_destroy(ctx);
     ctx->backend->release(ctx);
-    free(ctx->error);
+    flex_clear_error(ctx); /* other threads' messages for it are never read again */
     free(ctx);
 }
 

@@ -16,9 +16,22 @@
  *     tables) unless the comment says otherwise.
  *
  * Every fallible call returns a flex_status. The message that explains the
- * last failure on a context is flex_error_message(ctx); a failure in a call
- * given no context (ctx == NULL, or context creation itself) is explained by
- * flex_error_message(NULL), which is per thread.
+ * calling thread's last failure on a context is flex_error_message(ctx); a
+ * failure in a call given no context (ctx == NULL, or context creation
+ * itself) is explained by flex_error_message(NULL). Messages are per thread.
+ *
+ * Threads. A context may be shared by threads: every call that takes a
+ * context may run on it from several threads at once, except
+ * flex_context_destroy, which must come after every other call on it has
+ * returned. The block masks that flex_attention builds for opts->mask_mod are
+ * cached on the context behind a lock and reference-counted, so one thread
+ * may replace a cache entry while another still computes with it. What the
+ * caller owns is the caller's to synchronise: a flex_mod or flex_block_mask
+ * may be read by concurrent calls, but must not be destroyed, nor a mod's
+ * buffer rebound (flex_mod_bind_buffer), while a call uses it; output
+ * tensors of concurrent calls must not overlap. On a GPU, an out-of-range
+ * buffer read is reported by the next flex_synchronize on the context,
+ * whichever thread calls it.
  */
 #ifndef FLEXATTN_H
 #define FLEXATTN_H
@@ -91,7 +104,8 @@ typedef struct flex_context flex_context;
 flex_status flex_context_create(const char *spec, flex_context **out);
 
 /* Frees the context and every cached kernel and block mask it holds. The
- * caller must have destroyed the block masks created on it first. */
+ * caller must have destroyed the block masks created on it first, and no
+ * other thread may be in a call on it. */
 void flex_context_destroy(flex_context *ctx);
 
 /* Backend name ("cpu", "cuda", ...) and device index. Static / int. */
@@ -105,9 +119,14 @@ flex_device_type flex_context_device_type(const flex_context *ctx);
 const char *flex_context_device_name(const flex_context *ctx);
 
 /*
- * The message of the last failed call on ctx (or, for ctx == NULL, of the
- * last failed context-less call on this thread). "" after no failure.
- * Owned by the library; valid until the next call on the same ctx/thread.
+ * The message of the calling thread's last failed call on ctx (or, for
+ * ctx == NULL, of its last failed context-less call). "" when it has had
+ * none (flex_attention and flex_attention_backward clear it once their
+ * arguments pass). Other threads' failures on the same context never
+ * change it. Owned by the library;
+ * valid until this thread's next call on the same ctx (or, for NULL, its
+ * next context-less call) or the destruction of ctx. A thread remembers
+ * the messages of the 8 contexts it used most recently.
  */
 const char *flex_error_message(const flex_context *ctx);
 

@@ -790,7 +790,7 @@ START_TEST(test_device_buffers) {
     /* a view of another device cannot be read through this context */
     ck_assert_int_eq(flex_mod_host_views(NULL, m, views, copies), FLEX_ERR_INVALID_ARGUMENT);
     flex_mod_destroy(m);
-    free(ctx.error);
+    flex_clear_error(&ctx);
 }
 END_TEST
 

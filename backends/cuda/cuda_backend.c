@@ -283,7 +283,11 @@ static flex_status cuda_synchronize(flex_context *ctx) {
      * flag to read (a copy from the device costs ~10 us). */
     const int pending = atomic_exchange(&st->bounds_pending, 0);
     s = check_cu(ctx, st->api, st->api->cuCtxSynchronize(), "cuCtxSynchronize");
-    if (!s && pending) s = take_bounds_flag(ctx, st);
+    if (!s && pending) { /* under the lock: launches write the slot names */
+        pthread_mutex_lock(&st->lock);
+        s = take_bounds_flag(ctx, st);
+        pthread_mutex_unlock(&st->lock);
+    }
     pop_ctx(st);
     return s;
 }

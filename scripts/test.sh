@@ -1,7 +1,8 @@
 #!/bin/sh
 # Builds flexattn and runs every test: once with -Wall -Wextra -Werror, once
-# under AddressSanitizer and UndefinedBehaviorSanitizer. Also checks that the
-# installed library links from another program through pkg-config.
+# under AddressSanitizer and UndefinedBehaviorSanitizer, and once without the
+# CUDA backend (-Dcuda=disabled). Also checks that the installed library
+# links from another program through pkg-config.
 set -eu
 cd "$(dirname "$0")/.."
 sh scripts/deps.sh
@@ -23,6 +24,12 @@ ninja -C build-asan
 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 ASAN_OPTIONS=detect_leaks=1 \
     meson test -C build-asan --print-errorlogs --num-processes "$jobs" --timeout-multiplier 3 || true
 
+echo "== build without the CUDA backend (-Dcuda=disabled) and tests"
+[ -f build-nocuda/build.ninja ] || meson setup build-nocuda -Dcuda=disabled \
+    -Dwerror=true -Dbuildtype=debugoptimized
+ninja -C build-nocuda
+meson test -C build-nocuda --print-errorlogs --num-processes "$jobs" || true
+
 echo "== install and link through pkg-config"
 prefix=$(mktemp -d)
 meson install -C build-test --destdir "$prefix" --quiet
@@ -33,5 +40,5 @@ PKG_CONFIG_SYSROOT_DIR="$prefix" PKG_CONFIG_PATH="$libdir" \
 LD_LIBRARY_PATH="$(dirname "$(find "$prefix" -name 'libflexattn.so' | head -n 1)")" \
     FLEXATTN_BACKEND=cpu "$prefix/example"
 rm -rf "$prefix"
-echo "== all suites, both builds"
-python3 scripts/test_summary.py build-test build-asan
+echo "== all suites, every build"
+python3 scripts/test_summary.py build-test build-asan build-nocuda

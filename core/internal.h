@@ -15,6 +15,7 @@
 #include "mod/ir.h"
 #include "mod/eval.h"
 #include "dtype.h"
+#include "debug.h"
 
 /* ---- errors (core/error.c) ---- */
 
@@ -34,6 +35,10 @@ void flex_clear_error(const flex_context *ctx);
 
 /* ---- logging (core/log.c): FLEXATTN_LOG=error|warn|info|debug ---- */
 enum { FLEX_LOG_ERROR = 0, FLEX_LOG_WARN = 1, FLEX_LOG_INFO = 2, FLEX_LOG_DEBUG = 3 };
+/* The level, read from the environment on the first call (which warns about
+ * a value that is not a level). Context creation calls it, so that a bad
+ * FLEXATTN_LOG is reported at once. */
+int flex_log_level(void);
 void flex_log(int level, const char *fmt, ...)
 #if defined(__GNUC__)
     __attribute__((format(printf, 2, 3)))
@@ -67,6 +72,7 @@ struct flex_context {
     void *backend_state; /* owned by the backend (init / release) */
     int device_index;
     uint64_t id;      /* unique in the process, never reused: keys error messages */
+    flex_debug debug; /* FLEXATTN_DEBUG, read once at creation (core/debug.c) */
     /* block masks built for flex_attention_options.mask_mod; owned, locked */
     struct flex_mask_cache *mask_cache;
 };

@@ -41,10 +41,10 @@ enum {
 /*
  * Fills *plan for the call described by args (whose plan field is ignored).
  * Tiles respect the block mask: q_tile divides the mask's q_block and kv_tile
- * divides its kv_block, so every tile lies inside one block. Environment:
- * FLEXATTN_CPU_REFERENCE=1 selects the CPU reference path and
- * FLEXATTN_CPU_SIMD=portable|avx512 forces a micro-kernel family and
- * FLEXATTN_CPU_TILES=QxKV (powers of two) sets q_tile and kv_tile. The core
+ * divides its kv_block, so every tile lies inside one block. The context's
+ * FLEXATTN_DEBUG switches (core/debug.h): cpu_reference=1 selects the CPU
+ * reference path, cpu_simd=portable|avx512 forces a micro-kernel family and
+ * cpu_tiles=QxKV (powers of two) sets q_tile and kv_tile. The core
  * then applies the caller's kernel hints (flex_attention_options) on top.
  * Borrows args for the call. Never fails today; returns FLEX_OK.
  */

@@ -126,6 +126,8 @@ static flex_status open_table(const flex_backend_iface *t, int device, flex_cont
     ctx->backend = t;
     ctx->device_index = device;
     ctx->id = ++last_context_id;
+    flex_log_level();
+    flex_debug_parse(getenv("FLEXATTN_DEBUG"), &ctx->debug);
     flex_status st = flex_mask_cache_create(ctx);
     if (st != FLEX_OK) {
         flex_fail(NULL, st, "%s", flex_error_message(ctx));

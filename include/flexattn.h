@@ -98,6 +98,11 @@ typedef struct flex_context flex_context;
  * built into this library or not usable on this machine is an error
  * (FLEX_ERR_BACKEND) whose message says which and why; there is never a
  * silent fallback to another backend.
+ * The rest of the environment is read here too, once: FLEXATTN_DEBUG (the
+ * experiment switches of docs/debugging.md; a bad item is warned about),
+ * FLEXATTN_LOG (a bad level is warned about) and the kernel cache's folder
+ * (FLEXATTN_CACHE_DIR, else XDG_CACHE_HOME or HOME: a folder longer than 960
+ * characters is FLEX_ERR_INVALID_ARGUMENT naming the variable).
  * On success *out is a new context owned by the caller (flex_context_destroy).
  * On failure *out is NULL and flex_error_message(NULL) explains.
  */

@@ -623,9 +623,9 @@ START_TEST(test_portable_kernels) {
     bcase c = {
         "portable",   "causal", "=score * head_scale[h]", 1, 4, 2, 70, 70, 40, 24, F32, 0, 32, 64,
         "head_scale", NULL};
-    setenv("FLEXATTN_CPU_SIMD", "portable", 1);
+    setenv("FLEXATTN_DEBUG", "cpu_simd=portable", 1);
     check_case(&c);
-    unsetenv("FLEXATTN_CPU_SIMD");
+    unsetenv("FLEXATTN_DEBUG");
 }
 END_TEST
 

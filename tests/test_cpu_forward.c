@@ -265,9 +265,28 @@ typedef struct case_run {
     mod_data md;
 } case_run;
 
+/* The reference path is a setting of the context, read from FLEXATTN_DEBUG
+ * when it is created; the switches a test already set there are kept. */
+static flex_status create_context(int reference, flex_context **ctx) {
+    const char *outer = getenv("FLEXATTN_DEBUG");
+    char saved[256] = "", with_reference[300];
+    if (outer) snprintf(saved, sizeof saved, "%s", outer);
+    if (reference) {
+        snprintf(with_reference, sizeof with_reference, "%s%scpu_reference=1", saved,
+                 saved[0] ? "," : "");
+        setenv("FLEXATTN_DEBUG", with_reference, 1);
+    }
+    flex_status st = flex_context_create("cpu", ctx);
+    if (outer)
+        setenv("FLEXATTN_DEBUG", saved, 1);
+    else
+        unsetenv("FLEXATTN_DEBUG");
+    return st;
+}
+
 static void case_setup(case_run *r, const fcase *c) {
     memset(r, 0, sizeof *r);
-    flex_status st = flex_context_create("cpu", &r->ctx);
+    flex_status st = create_context(c->reference, &r->ctx);
     ck_assert_msg(st == FLEX_OK, "context: %s", flex_error_message(NULL));
     rng_state = 0x9e3779b97f4a7c15ull ^ (uint64_t)(c->Lq * 131 + c->Lkv * 7 + c->D);
     r->q = make_tensor(c->dtype, c->layout, c->B, c->Hq, c->Lq, c->D);
@@ -310,14 +329,8 @@ static flex_status case_attention(case_run *r, const fcase *c) {
     memset(&opts, 0, sizeof opts);
     opts.q_tile = c->q_tile;
     opts.kv_tile = c->kv_tile;
-    if (c->reference)
-        setenv("FLEXATTN_CPU_REFERENCE", "1", 1);
-    else
-        unsetenv("FLEXATTN_CPU_REFERENCE");
-    flex_status st = flex_attention(r->ctx, &r->q.t, &r->k.t, &r->v.t, r->score, r->mask, &opts,
-                                    &r->out.t, c->no_lse ? NULL : &r->lse.t);
-    unsetenv("FLEXATTN_CPU_REFERENCE");
-    return st;
+    return flex_attention(r->ctx, &r->q.t, &r->k.t, &r->v.t, r->score, r->mask, &opts, &r->out.t,
+                          c->no_lse ? NULL : &r->lse.t);
 }
 
 static void run_case(const fcase *c) {
@@ -544,7 +557,7 @@ END_TEST
 
 /* Both micro-kernel families give the same answer as the oracle. */
 START_TEST(test_portable_kernels) {
-    setenv("FLEXATTN_CPU_SIMD", "portable", 1);
+    setenv("FLEXATTN_DEBUG", "cpu_simd=portable", 1);
     fcase c = {"portable kernels",
                "sliding_window",
                "softcap",
@@ -585,7 +598,7 @@ START_TEST(test_portable_kernels) {
                 0,
                 0};
     run_case(&c2);
-    unsetenv("FLEXATTN_CPU_SIMD");
+    unsetenv("FLEXATTN_DEBUG");
 }
 END_TEST
 

@@ -298,19 +298,16 @@ static flex_status cuda_synchronize(flex_context *ctx) {
  * memory). */
 typedef char *(*source_builder)(const void *args);
 
-/* The kernel settings an environment variable can force for comparison
- * or testing: its value when it is a whole decimal number in [lo, hi],
- * otherwise dflt. */
-static int env_int(const char *name, int dflt, int lo, int hi) {
-    const char *v = getenv(name);
-    char *end = NULL;
-    const long n = v ? strtol(v, &end, 10) : 0;
-    return v && end != v && !*end && n >= lo && n <= hi ? (int)n : dflt;
+/* The kernel settings FLEXATTN_DEBUG can force for comparison or testing
+ * (read when ctx was created, core/debug.h): the key's value when it is a
+ * whole decimal number in [lo, hi], otherwise dflt. */
+static int env_int(const flex_context *ctx, flex_debug_key key, int dflt, int lo, int hi) {
+    return flex_debug_int(ctx, key, dflt, lo, hi);
 }
 
-/* A kernel choice forced by "0" or "1" in name, otherwise dflt. */
-static int env_switch(const char *name, int dflt) {
-    return env_int(name, dflt, 0, 1);
+/* A kernel choice forced by "0" or "1" in key, otherwise dflt. */
+static int env_switch(const flex_context *ctx, flex_debug_key key, int dflt) {
+    return env_int(ctx, key, dflt, 0, 1);
 }
 
 typedef struct forward_source_args {
@@ -331,10 +328,10 @@ static char *build_forward_source(const void *args) {
  * and column past the end; a tile for the score mod). Buffer values count as
  * any int. A malloc'd flag per node (caller frees), or NULL when none is
  * proved (or without memory: every read is then checked, as before).
- * FLEXATTN_CUDA_READS_IN_RANGE=0 checks every read, for comparison. */
-static unsigned char *reads_in_range(const struct flex_mod *mod, int64_t B, int64_t H, int64_t Lq,
-                                     int64_t Lkv, int64_t margin) {
-    if (!mod || mod->ir.num_buffers <= 0 || !env_switch("FLEXATTN_CUDA_READS_IN_RANGE", 1))
+ * FLEXATTN_DEBUG=cuda_reads_in_range=0 checks every read, for comparison. */
+static unsigned char *reads_in_range(const flex_context *ctx, const struct flex_mod *mod, int64_t B,
+                                     int64_t H, int64_t Lq, int64_t Lkv, int64_t margin) {
+    if (!mod || mod->ir.num_buffers <= 0 || !env_switch(ctx, FLEX_DEBUG_CUDA_READS_IN_RANGE, 1))
         return NULL;
     int64_t sizes[IR_MAX_BUFFERS][4];
     for (int i = 0; i < mod->ir.num_buffers; i++) {
@@ -669,10 +666,11 @@ static int aligned16(const void *p) {
  * head dims and the GPU. On sm_90 the wgmma kernel (flex_forward_sm90.cuh)
  * takes every case it covers: 16-byte aligned rows, head dims up to 128, mask
  * blocks that are multiples of 128. Everything else, and every GPU before
- * Hopper, runs the mma.sync kernel. FLEXATTN_CUDA_TILE="warps,mt,block_n"
+ * Hopper, runs the mma.sync kernel. FLEXATTN_DEBUG=cuda_tile=WARPSxMTxBLOCK_N
  * selects the mma.sync kernel with those tiles (for tuning and comparison;
  * they must divide the mask's blocks). */
-static void choose_tiles(flex_cuda_fwd_config *cfg, int q_block, int kv_block, int hopper) {
+static void choose_tiles(const flex_context *ctx, flex_cuda_fwd_config *cfg, int q_block,
+                         int kv_block, int hopper) {
     const int wide = cfg->dq > 128 || cfg->dv > 128;
     cfg->wgmma = 0;
     if (hopper && cfg->vec && !wide && q_block % 128 == 0 && kv_block % 128 == 0) {
@@ -695,9 +693,9 @@ static void choose_tiles(flex_cuda_fwd_config *cfg, int q_block, int kv_block, i
         cfg->warps = q_block / 16 < (wide ? 4 : 8) ? q_block / 16 : (wide ? 4 : 8);
         cfg->block_n = kv_block < max_n ? kv_block : max_n;
     }
-    const char *env = getenv("FLEXATTN_CUDA_TILE");
+    const char *env = flex_debug_string(ctx, FLEX_DEBUG_CUDA_TILE);
     int w, mt, bn;
-    if (env && sscanf(env, "%d,%d,%d", &w, &mt, &bn) == 3 && w > 0 && mt > 0 && bn >= 16 &&
+    if (env && sscanf(env, "%dx%dx%d", &w, &mt, &bn) == 3 && w > 0 && mt > 0 && bn >= 16 &&
         w * 16 * mt <= q_block && q_block % (w * 16 * mt) == 0 && kv_block % bn == 0 &&
         bn % 16 == 0) {
         cfg->wgmma = 0;
@@ -737,12 +735,12 @@ static flex_status encode_tensor_map(flex_context *ctx, cuda_state *st, const fl
                     "cuTensorMapEncodeTiled");
 }
 
-/* The persistent grid's CTAs: one per SM, or FLEXATTN_CUDA_CTAS=N of them
+/* The persistent grid's CTAs: one per SM, or FLEXATTN_DEBUG=cuda_ctas=N of them
  * (1 <= N <= SMs), which makes every CTA walk many tiles even on the small
  * shapes of `flexattn check` (the tile hand-off and the pipeline across
  * tiles are tested that way). */
-static int64_t persistent_ctas(int sm_count) {
-    return env_int("FLEXATTN_CUDA_CTAS", sm_count, 1, sm_count);
+static int64_t persistent_ctas(const flex_context *ctx, int sm_count) {
+    return env_int(ctx, FLEX_DEBUG_CUDA_CTAS, sm_count, 1, sm_count);
 }
 
 /* Whether the TMA kernel runs one CTA per SM, each walking its share of
@@ -754,8 +752,9 @@ static int64_t persistent_ctas(int sm_count) {
  * window and document masks (9 and 7 steps a tile); on causal masks (32)
  * one CTA per tile was as fast or 1-2% faster, and the hardware's handing
  * out of CTAs does not depend on the tiles weighing what the fixed snake
- * assumes. FLEXATTN_CUDA_PERSISTENT=0 or 1 forces the choice. */
-static int persistent_grid(const struct flex_block_mask *mask, int kv_block, int block_n) {
+ * assumes. FLEXATTN_DEBUG=cuda_persistent=0 or 1 forces the choice. */
+static int persistent_grid(const flex_context *ctx, const struct flex_block_mask *mask,
+                           int kv_block, int block_n) {
     int persistent = 0;
     if (mask) {
         const int64_t rows = mask->B * mask->H * mask->num_q_blocks;
@@ -763,7 +762,7 @@ static int persistent_grid(const struct flex_block_mask *mask, int kv_block, int
         const int64_t steps = blocks * (kv_block / block_n);
         persistent = 4 * blocks <= 3 * rows * mask->num_kv_blocks && steps <= 16 * rows;
     }
-    return env_switch("FLEXATTN_CUDA_PERSISTENT", persistent);
+    return env_switch(ctx, FLEX_DEBUG_CUDA_PERSISTENT, persistent);
 }
 
 static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
@@ -814,25 +813,26 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
             if (q->strides[d] % 8 || k->strides[d] % 8 || v->strides[d] % 8 || o->strides[d] % 8)
                 cfg.vec = 0;
         /* wgmma is in the "a" target of sm_90 that flex_cuda_arch_name picks. */
-        choose_tiles(&cfg, q_block, kv_block, strcmp(st->arch, "sm_90a") == 0);
+        choose_tiles(ctx, &cfg, q_block, kv_block, strcmp(st->arch, "sm_90a") == 0);
     }
     const int block_m = cfg.warps * 16 * cfg.mt;
     /* Masked blocks take their keep bits from a rolled loop
-     * (FLEXATTN_CUDA_MASK_BITS=0: the mask mod unrolled per score, for
+     * (cuda_mask_bits=0: the mask mod unrolled per score, for
      * comparison). */
-    cfg.mask_bits = env_switch("FLEXATTN_CUDA_MASK_BITS", 1);
+    cfg.mask_bits = env_switch(ctx, FLEX_DEBUG_CUDA_MASK_BITS, 1);
     /* The wgmma kernel takes its copies from a TMA producer warpgroup where
-     * the driver and the layouts allow it (FLEXATTN_CUDA_TMA=0 turns that
+     * the driver and the layouts allow it (cuda_tma=0 turns that
      * off, for comparison); otherwise all its threads copy with cp.async. */
-    cfg.tma = cfg.wgmma && env_switch("FLEXATTN_CUDA_TMA", 1) && st->api->cuTensorMapEncodeTiled &&
-              tma_layout_ok(q) && tma_layout_ok(k) && tma_layout_ok(v);
-    const int persistent = cfg.tma && persistent_grid(mask, kv_block, cfg.block_n);
+    cfg.tma = cfg.wgmma && env_switch(ctx, FLEX_DEBUG_CUDA_TMA, 1) &&
+              st->api->cuTensorMapEncodeTiled && tma_layout_ok(q) && tma_layout_ok(k) &&
+              tma_layout_ok(v);
+    const int persistent = cfg.tma && persistent_grid(ctx, mask, kv_block, cfg.block_n);
     /* On a persistent grid the consumers run one product pipeline across
-     * their CTA's tiles (FLEXATTN_CUDA_CHAIN=0: one per tile, for
+     * their CTA's tiles (cuda_chain=0: one per tile, for
      * comparison). With one tile per CTA it gains nothing, and its store
      * inside the step loop cost the H200 3-5% on noop and causal and a
      * quarter on ALiBi; on document masks it gained 6%. */
-    cfg.chain = persistent && env_switch("FLEXATTN_CUDA_CHAIN", 1);
+    cfg.chain = persistent && env_switch(ctx, FLEX_DEBUG_CUDA_CHAIN, 1);
     /* Q (two buffers for the TMA kernel: a tile's and the next one's), two
      * K/V stages; the wgmma kernels align their tiles to 1 KB themselves. */
     const size_t smem = q->dtype == FLEX_F32 ? 0
@@ -856,8 +856,8 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
 
     /* Buffer reads proved inside their buffers are compiled without checks:
      * the kernel key carries which (in_range_checksum). */
-    unsigned char *mask_in_range = reads_in_range(mask_mod, B, Hq, Lq, Lkv, 0);
-    unsigned char *score_in_range = reads_in_range(score_mod, B, Hq, Lq, Lkv, 256);
+    unsigned char *mask_in_range = reads_in_range(ctx, mask_mod, B, Hq, Lq, Lkv, 0);
+    unsigned char *score_in_range = reads_in_range(ctx, score_mod, B, Hq, Lq, Lkv, 256);
 
     pthread_mutex_lock(&st->lock);
     flex_status s = push_ctx(ctx, st);
@@ -931,8 +931,8 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
         }
         p.tiles_per_row = q->dtype == FLEX_F32 ? 1 : q_block / block_m;
         /* Tiles in pairs of heads (flex_tile_of; docs/cuda-backend.md, "Tile
-         * order"); FLEXATTN_CUDA_HEAD_GROUP=N sets the group, for comparison. */
-        p.head_group = env_int("FLEXATTN_CUDA_HEAD_GROUP", 2, 0, 1 << 20);
+         * order"); cuda_head_group=N sets the group, for comparison. */
+        p.head_group = env_int(ctx, FLEX_DEBUG_CUDA_HEAD_GROUP, 2, 0, 1 << 20);
         p.scale = a->scale;
         p.scale_log2 = a->scale * 1.4426950408889634f;
 
@@ -961,7 +961,7 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
             /* A 1-D grid: one CTA per tile, or one per SM (persistent_grid). */
             const int64_t tiles = (int64_t)gx * gy;
             too_many = tiles > 0x7fffffff; /* the kernel's tile indices are ints */
-            const int64_t ctas = persistent ? persistent_ctas(st->sm_count) : tiles;
+            const int64_t ctas = persistent ? persistent_ctas(ctx, st->sm_count) : tiles;
             gx = (unsigned)(tiles > ctas ? ctas : tiles);
             gy = tiles > 0 ? 1 : 0;
         }

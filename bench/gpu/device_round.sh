@@ -9,7 +9,7 @@ FINAL=${OUT:-$PWD/gpu-out}
 export OUT=$FINAL/r
 mkdir -p "$OUT"
 meson --version 2>&1 | sed 's/^/meson /'
-export TILE_SWEEP=${TILE_SWEEP-"4,2,64 4,1,64"} # empty: no sweep
+export TILE_SWEEP=${TILE_SWEEP-"4x2x64 4x1x64"} # empty: no sweep
 export SWEEP_PATTERNS=${SWEEP_PATTERNS:-"noop causal softcap_approx_causal"}
 bash "$(dirname "$0")/run.sh" "$@" > "$OUT/run.out" 2>&1
 status=$?

@@ -34,24 +34,25 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.max.sm --format=csv 
 RESULTS_DIR=${RESULTS_DIR-$ROOT/bench/results}
 : >"$OUT/check-summary.txt"
 if [ "$SKIP_CHECK" = 0 ]; then
-    # CHECK_TILES: "default" and/or FLEXATTN_CUDA_TILE values to check with.
+    # CHECK_TILES: "default" and/or FLEXATTN_DEBUG cuda_tile values
+    # (WARPSxMTILESxKVSTEP, e.g. 4x2x64) to check with.
     for T in ${CHECK_TILES:-default}; do
         echo "== flexattn check --backend cuda (tiles: $T)"
         T0=$(date +%s)
-        if [ "$T" = default ]; then unset FLEXATTN_CUDA_TILE; else export FLEXATTN_CUDA_TILE=$T; fi
-        FLEXATTN_CACHE_DIR=off timeout -k 5 "${CHECK_TIMEOUT:-240}" "$BUILD/tools/flexattn" check --backend cuda ${CHECK_ARGS:-} >"$OUT/check-$T.log" 2>&1
+        if [ "$T" = default ]; then DEBUG=; else DEBUG=cuda_tile=$T; fi
+        FLEXATTN_DEBUG=$DEBUG FLEXATTN_CACHE_DIR=off timeout -k 5 "${CHECK_TIMEOUT:-240}" "$BUILD/tools/flexattn" check --backend cuda ${CHECK_ARGS:-} >"$OUT/check-$T.log" 2>&1
         echo "check exit $? in $(( $(date +%s) - T0 )) s"
         grep -E "FAIL|ERROR|error" "$OUT/check-$T.log" | head -20
         tail -1 "$OUT/check-$T.log"
         echo "tiles $T: $(tail -1 "$OUT/check-$T.log")" >>"$OUT/check-summary.txt"
     done
-    unset FLEXATTN_CUDA_TILE
-    # CHECK_ENVS: more checks, each under comma-separated VAR=value settings;
-    # the default makes every CTA of the persistent grid walk many tiles.
-    for E in ${CHECK_ENVS-FLEXATTN_CUDA_PERSISTENT=1,FLEXATTN_CUDA_CTAS=3}; do
-        echo "== flexattn check --backend cuda (env: $E)"
+    # CHECK_ENVS: more checks, each under one FLEXATTN_DEBUG value
+    # (comma-separated key=value settings, docs/debugging.md); the default
+    # makes every CTA of the persistent grid walk many tiles.
+    for E in ${CHECK_ENVS-cuda_persistent=1,cuda_ctas=3}; do
+        echo "== flexattn check --backend cuda (FLEXATTN_DEBUG=$E)"
         T0=$(date +%s)
-        env ${E//,/ } FLEXATTN_CACHE_DIR=off timeout -k 5 "${CHECK_TIMEOUT:-240}" "$BUILD/tools/flexattn" check --backend cuda \
+        FLEXATTN_DEBUG=$E FLEXATTN_CACHE_DIR=off timeout -k 5 "${CHECK_TIMEOUT:-240}" "$BUILD/tools/flexattn" check --backend cuda \
             ${CHECK_ARGS:-} >"$OUT/check-env-${E%%=*}.log" 2>&1
         echo "check exit $? in $(( $(date +%s) - T0 )) s"
         grep -E "FAIL|ERROR|error" "$OUT/check-env-${E%%=*}.log" | head -20
@@ -72,11 +73,11 @@ HOME=$COLD_HOME XDG_CACHE_HOME=$COLD_HOME/.cache FLEXATTN_CACHE_DIR=$CACHE timeo
 FLEXATTN_CACHE_DIR=$CACHE timeout -k 5 120 "$BUILD/bench_cuda" --no-verify --len "$LEN" --json "$OUT/flexattn-warm.jsonl" 2>&1 | tee -a "$OUT/bench.log"
 
 if [ -n "${TILE_SWEEP:-}" ]; then
-    echo "== tile sweep (FLEXATTN_CUDA_TILE=warps,m-tiles per warp,kv step)"
+    echo "== tile sweep (FLEXATTN_DEBUG=cuda_tile=WARPSxM-TILES PER WARPxKV STEP)"
     for T in $TILE_SWEEP; do
         for P in ${SWEEP_PATTERNS:-causal}; do
             echo -n "tile $T: "
-            FLEXATTN_CUDA_TILE=$T FLEXATTN_CACHE_DIR=$CACHE timeout -k 5 60 "$BUILD/bench_cuda" --no-verify --len "$LEN" --only "$P" --iters 10 2>&1 | tail -1
+            FLEXATTN_DEBUG=cuda_tile=$T FLEXATTN_CACHE_DIR=$CACHE timeout -k 5 60 "$BUILD/bench_cuda" --no-verify --len "$LEN" --only "$P" --iters 10 2>&1 | tail -1
         done
     done | tee "$OUT/sweep.log"
 fi

@@ -301,7 +301,6 @@ static flex_status make_plan(flex_context *ctx, const flex_forward_args *args,
                              opts->kv_tile, plan->kv_tile);
         plan->kv_tile = opts->kv_tile;
     }
-    if (opts->kv_splits) plan->kv_splits = opts->kv_splits;
     return FLEX_OK;
 }
 

@@ -25,8 +25,6 @@ flex_status flex_plan_make(flex_context *ctx, const flex_forward_args *args,
     const struct flex_block_mask *mask = args ? args->block_mask : NULL;
     plan->q_tile = CPU_DEFAULT_Q_TILE;
     plan->kv_tile = CPU_DEFAULT_KV_TILE;
-    plan->kv_splits = 1;
-    plan->gqa_pack = 1;
     plan->longest_first = 1;
     plan->use_reference = flex_debug_int(ctx, FLEX_DEBUG_CPU_REFERENCE, 0, 0, 1);
     plan->simd = FLEX_PLAN_SIMD_AUTO;

@@ -17,8 +17,6 @@ struct flex_plan {
     /* ---- every backend ---- */
     int q_tile;        /* query rows per work item (power of two) */
     int kv_tile;       /* key/value columns per inner step (power of two) */
-    int kv_splits;     /* independent KV ranges merged by LSE; 1 = no split */
-    int gqa_pack;      /* query heads sharing a KV head done in one tile; 1 = none */
     int longest_first; /* order work items by descending non-empty block count */
 
     /* ---- CPU backend ---- */

@@ -1,6 +1,5 @@
 /*
- * The online-softmax rule every backend follows, and the merge of partial
- * results by log-sum-exp (split-KV on GPUs, rings across devices).
+ * The online-softmax rule every backend follows.
  *
  * State per query row: the running maximum m of the scores seen so far, the
  * running sum l of exp(score - m), and an accumulator o of exp(score - m) * v.
@@ -33,30 +32,5 @@ static inline float flex_softmax_lse(float m, float l) {
 
 /* Initialises n rows of state: m = -inf, l = 0. */
 void flex_softmax_init(float *m, float *l, int n);
-
-/*
- * One online update of a row with n new scores s[0..n) (already scaled and
- * modified; -inf = masked): updates *m and *l, overwrites s with the
- * probabilities exp(s - shift(m_new)), and returns the factor by which the
- * caller must multiply its accumulator (flex_softmax_rescale(m_old, m_new)).
- * Uses libm expf; backends with a vector exp follow the same rule.
- */
-float flex_softmax_update_row(float *m, float *l, float *s, int n);
-
-/*
- * Merges two partial results of the same query row computed over disjoint
- * key ranges: (o_a, lse_a) and (o_b, lse_b), each o already normalised by its
- * own sum, into o (may alias o_a or o_b) and *lse. Either part may be empty
- * (lse -inf); when both are, o is 0 and *lse -inf.
- */
-void flex_lse_merge(int dv, const float *o_a, float lse_a, const float *o_b, float lse_b, float *o,
-                    float *lse);
-
-/*
- * Merges `parts` partial results of one row: o_parts[i * ld + c], lse_parts[i]
- * into o[0..dv) and *lse, in one pass (the same rule as flex_lse_merge).
- */
-void flex_lse_merge_many(int dv, int parts, const float *o_parts, int ld, const float *lse_parts,
-                         float *o, float *lse);
 
 #endif /* FLEXATTN_SOFTMAX_H */

@@ -422,7 +422,8 @@ typedef struct flex_attention_options {
                                  built and cached on the context */
     void *stream;             /* CUstream / hipStream_t; NULL = default */
     int q_tile, kv_tile;      /* kernel hints; 0 = the plan's choice */
-    int kv_splits;            /* 0 = the plan's choice, 1 = no split */
+    int kv_splits;            /* >= 0; reserved for split-KV decode: no backend
+                                 splits the KV range yet, so it changes nothing */
 } flex_attention_options;
 
 /*

@@ -747,12 +747,11 @@ static int64_t persistent_ctas(const flex_context *ctx, int sm_count) {
  * the tiles (so the producer fills the next tile while the consumers finish
  * one), rather than one CTA per tile: for block-sparse masks with short
  * rows, a quarter of the blocks or more skipped and at most 16 kv steps of
- * block_n keys per tile on average. Measured on an H200 with tiles in pairs
- * of heads (three interleaved rounds): persistence gained 3-4% on sliding
- * window and document masks (9 and 7 steps a tile); on causal masks (32)
- * one CTA per tile was as fast or 1-2% faster, and the hardware's handing
- * out of CTAs does not depend on the tiles weighing what the fixed snake
- * assumes. FLEXATTN_DEBUG=cuda_persistent=0 or 1 forces the choice. */
+ * block_n keys per tile on average: short rows gain from the overlap, while
+ * on long rows the hardware's handing out of CTAs, which does not depend on
+ * the tiles weighing what the fixed snake assumes, does as well (the
+ * measurements are in docs/decisions.md). FLEXATTN_DEBUG=cuda_persistent=0
+ * or 1 forces the choice. */
 static int persistent_grid(const flex_context *ctx, const struct flex_block_mask *mask,
                            int kv_block, int block_n) {
     int persistent = 0;
@@ -830,8 +829,7 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
     /* On a persistent grid the consumers run one product pipeline across
      * their CTA's tiles (cuda_chain=0: one per tile, for
      * comparison). With one tile per CTA it gains nothing, and its store
-     * inside the step loop cost the H200 3-5% on noop and causal and a
-     * quarter on ALiBi; on document masks it gained 6%. */
+     * inside the step loop costs time there (docs/decisions.md). */
     cfg.chain = persistent && env_switch(ctx, FLEX_DEBUG_CUDA_CHAIN, 1);
     /* Q (two buffers for the TMA kernel: a tile's and the next one's), two
      * K/V stages; the wgmma kernels align their tiles to 1 KB themselves. */

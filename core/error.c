@@ -63,8 +63,11 @@ static _Thread_local thread_errors *this_thread;
 static pthread_key_t exit_key;
 static pthread_once_t exit_key_once = PTHREAD_ONCE_INIT;
 
+/* Runs in the exiting thread, so it can forget the block: a failure in a
+ * later destructor of the same thread then starts a new one. */
 static void free_thread_errors(void *p) {
     thread_errors *t = p;
+    if (this_thread == t) this_thread = NULL;
     for (int i = 0; i < THREAD_ERROR_SLOTS; i++)
         free(t->slots[i].message);
     free(t);

@@ -67,7 +67,8 @@ typedef struct run_opts {
     int num_doc_lengths;
     cli_file_buffers files; /* --buffer */
     flex_dtype dtype;
-    int check, json, backward, len_given;
+    int check, json, backward, len_given, dtype_given;
+    const char *shape_option; /* the first of -B, -H, --len, ... given, or NULL */
     cli_params params;
 } run_opts;
 
@@ -140,6 +141,15 @@ static int parse_args(int argc, char **argv, run_opts *o) {
         dst = v;                                                                                   \
         continue;                                                                                  \
     }
+        /* Shape options are remembered: --load takes the shapes from its files. */
+        static const char *const shape_options[] = {"-B",      "-H",       "--hkv", "--len",
+                                                    "--q-len", "--kv-len", "-D",    "--dv"};
+        for (size_t k = 0; k < sizeof shape_options / sizeof shape_options[0]; k++) {
+            size_t n = strlen(shape_options[k]);
+            if (!o->shape_option && !strncmp(arg, shape_options[k], n) &&
+                (arg[n] == '\0' || arg[n] == '='))
+                o->shape_option = shape_options[k];
+        }
         STR("--text", o->text)
         STR("--mask", o->mask_preset)
         STR("--mask-text", o->mask_text)
@@ -166,6 +176,7 @@ static int parse_args(int argc, char **argv, run_opts *o) {
         INT("--iters", 1, 1000000, &o->iters)
         if (OPT("--dtype")) {
             if (r < 0 || parse_dtype(v, &o->dtype)) return -1;
+            o->dtype_given = 1;
             continue;
         }
         if (OPT("--param")) {
@@ -205,6 +216,13 @@ static int parse_args(int argc, char **argv, run_opts *o) {
     }
     if (o->mask_preset && o->mask_text) {
         fprintf(stderr, "flexattn run: --mask and --mask-text exclude each other\n");
+        return -1;
+    }
+    if (o->load && o->shape_option) {
+        fprintf(stderr,
+                "flexattn run: %s cannot be used with --load: the shapes come from the files "
+                "(q is (B, Hq, Lq, D), k (B, Hkv, Lkv, D), v (B, Hkv, Lkv, Dv))\n",
+                o->shape_option);
         return -1;
     }
     return 0;
@@ -356,6 +374,68 @@ static void *random_host(flex_dtype dt, size_t n) {
     return p;
 }
 
+/* Converts a loaded float array to dtype `to` in place (f32, f16, bf16). */
+static int convert_array(npy_array *a, flex_dtype to) {
+    if (a->dtype == to) return 0;
+    size_t n = a->bytes / flex_dtype_size(a->dtype);
+    void *dst = malloc(n * flex_dtype_size(to) + 1);
+    if (!dst) return -1;
+    for (size_t i = 0; i < n; i++)
+        flex_store_from_float(dst, to, (int64_t)i, flex_load_as_float(a->data, a->dtype, (int64_t)i));
+    free(a->data);
+    a->data = dst;
+    a->dtype = to;
+    a->bytes = n * flex_dtype_size(to);
+    return 0;
+}
+
+/* Says why the shapes of q (B, Hq, Lq, D), k (B, Hkv, Lkv, D) and v (B,
+ * Hkv, Lkv, Dv) do not fit together, naming the file out of place; 0 when
+ * they fit. */
+static int check_shapes(const npy_array a[3], char paths[3][4096]) {
+    const int64_t *q = a[0].shape, *k = a[1].shape, *v = a[2].shape;
+    static const char *const dim_names[4] = {"batch", "heads", "length", "head dim"};
+    for (int i = 0; i < 3; i++)
+        for (int d = 0; d < 4; d++)
+            if (a[i].shape[d] < 1) {
+                fprintf(stderr, "flexattn run: %s: %s is 0; q, k and v must not be empty\n",
+                        paths[i], dim_names[d]);
+                return -1;
+            }
+    if (k[0] != q[0] || v[0] != q[0]) {
+        int i = k[0] != q[0] ? 1 : 2;
+        fprintf(stderr, "flexattn run: %s: batch %lld, %s has %lld\n", paths[i],
+                (long long)a[i].shape[0], paths[0], (long long)q[0]);
+        return -1;
+    }
+    if (k[3] != q[3]) {
+        fprintf(stderr, "flexattn run: %s: head dim %lld, %s has %lld\n", paths[1],
+                (long long)k[3], paths[0], (long long)q[3]);
+        return -1;
+    }
+    if (v[1] != k[1]) {
+        fprintf(stderr, "flexattn run: %s: %lld kv heads, %s has %lld\n", paths[2],
+                (long long)v[1], paths[1], (long long)k[1]);
+        return -1;
+    }
+    if (v[2] != k[2]) {
+        fprintf(stderr, "flexattn run: %s: length %lld, %s has %lld\n", paths[2], (long long)v[2],
+                paths[1], (long long)k[2]);
+        return -1;
+    }
+    if (q[1] % k[1] != 0) {
+        fprintf(stderr,
+                "flexattn run: %s: %lld heads, not a multiple of the %lld kv heads of %s "
+                "(grouped-query attention needs Hq = n * Hkv)\n",
+                paths[0], (long long)q[1], (long long)k[1], paths[1]);
+        return -1;
+    }
+    return 0;
+}
+
+/* Reads q, k and v from --load (DIR or three files). The shapes are the
+ * files'; the dtype is theirs too, or --dtype's when given (float files are
+ * converted). */
 static int load_inputs(run_state *s) {
     char paths[3][4096];
     static const char *names[3] = {"q", "k", "v"};
@@ -374,7 +454,11 @@ static int load_inputs(run_state *s) {
         }
     } else {
         for (int i = 0; i < 3; i++)
-            snprintf(paths[i], sizeof paths[i], "%s/%s.npy", s->o.load, names[i]);
+            if (snprintf(paths[i], sizeof paths[i], "%s/%s.npy", s->o.load, names[i]) >=
+                (int)sizeof paths[i]) {
+                fprintf(stderr, "flexattn run: --load: the folder name is too long\n");
+                return -1;
+            }
     }
     npy_array a[3];
     memset(a, 0, sizeof a);
@@ -385,18 +469,33 @@ static int load_inputs(run_state *s) {
             fprintf(stderr, "flexattn run: %s\n", err);
             goto out;
         }
-        if (a[i].ndim != 4 ||
-            (a[i].dtype != FLEX_F32 && a[i].dtype != FLEX_F16 && a[i].dtype != FLEX_BF16)) {
-            fprintf(stderr, "flexattn run: %s must be a 4-D (B, H, S, D) f32/f16/bf16 array\n",
-                    paths[i]);
+        if (a[i].ndim != 4) {
+            fprintf(stderr,
+                    "flexattn run: %s has %d dims; %s is 4-D (B, %s, %s, %s) in C order\n",
+                    paths[i], a[i].ndim, names[i], i == 0 ? "Hq" : "Hkv", i == 0 ? "Lq" : "Lkv",
+                    i == 2 ? "Dv" : "D");
             goto out;
         }
-        if (a[i].dtype != a[0].dtype) {
-            fprintf(stderr, "flexattn run: %s and %s have different dtypes\n", paths[0], paths[i]);
+        if (a[i].dtype != FLEX_F32 && a[i].dtype != FLEX_F16 && a[i].dtype != FLEX_BF16) {
+            fprintf(stderr, "flexattn run: %s holds %s; q, k and v are f32, f16 or bf16\n",
+                    paths[i], flex_dtype_name(a[i].dtype));
+            goto out;
+        }
+        if (!s->o.dtype_given && a[i].dtype != a[0].dtype) {
+            fprintf(stderr,
+                    "flexattn run: %s holds %s, %s holds %s; give --dtype to convert them to "
+                    "one\n",
+                    paths[i], flex_dtype_name(a[i].dtype), paths[0], flex_dtype_name(a[0].dtype));
             goto out;
         }
     }
-    s->dtype = a[0].dtype;
+    if (check_shapes(a, paths)) goto out;
+    s->dtype = s->o.dtype_given ? s->o.dtype : a[0].dtype;
+    for (int i = 0; i < 3; i++)
+        if (convert_array(&a[i], s->dtype)) {
+            fprintf(stderr, "flexattn run: out of host memory for the inputs\n");
+            goto out;
+        }
     s->B = a[0].shape[0], s->Hq = a[0].shape[1], s->Lq = a[0].shape[2], s->D = a[0].shape[3];
     s->Hkv = a[1].shape[1], s->Lkv = a[1].shape[2], s->Dv = a[2].shape[3];
     for (int i = 0; i < 3; i++) {
@@ -692,7 +791,10 @@ int cmd_run(int argc, char **argv) {
         fprintf(stderr, "flexattn run: %s\n", flex_error_message(NULL));
         return CLI_EXIT_FAILURE;
     }
-    if (make_inputs(&s)) goto done;
+    if (make_inputs(&s)) {
+        rc = s.o.load ? CLI_EXIT_USAGE : CLI_EXIT_FAILURE;
+        goto done;
+    }
 
     /* The main mod: a preset of either kind, or text (a score mod when it
      * reads `score`). */
@@ -794,6 +896,11 @@ int cmd_run(int argc, char **argv) {
                 printf("backward check: %s  largest relative error of dq, dk, dv %.3e (all rows "
                        "vs the fp64 oracle)\n",
                        bw_pass ? "PASS" : "FAIL", bw_rel);
+            else if (s.o.load)
+                printf("backward check: skipped (the loaded problem is too large for the fp64 "
+                       "oracle: B*H*Lq*Lkv*(D+Dv) is %.3g, the limit %.3g)\n",
+                       (double)s.B * s.Hq * (double)s.Lq * (double)s.Lkv * (double)(s.D + s.Dv),
+                       BACKWARD_CHECK_LIMIT);
             else
                 printf("backward check: skipped (too large for the fp64 oracle; try --len 256)\n");
         }

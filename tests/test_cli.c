@@ -190,6 +190,118 @@ START_TEST(load_refuses_shape_options_and_converts_dtype) {
 }
 END_TEST
 
+/* ---- papercuts ---- */
+
+/* Writes dir/name as a version 1.0 file with header dict and `bytes` zero
+ * bytes of data (for dtypes the program's own writer does not write). */
+static void write_raw(const char *name, const char *dict, size_t bytes) {
+    FILE *f = fopen(in_dir(name), "wb");
+    ck_assert_ptr_nonnull(f);
+    size_t n = strlen(dict), total = 10 + n + 1, pad = (64 - total % 64) % 64;
+    unsigned hlen = (unsigned)(n + pad + 1);
+    unsigned char pre[10] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0, (unsigned char)(hlen & 0xff),
+                             (unsigned char)(hlen >> 8)};
+    fwrite(pre, 1, 10, f);
+    fwrite(dict, 1, n, f);
+    for (size_t i = 0; i < pad; i++)
+        fputc(' ', f);
+    fputc('\n', f);
+    for (size_t i = 0; i < bytes; i++)
+        fputc(0, f);
+    ck_assert_int_eq(fclose(f), 0);
+}
+
+START_TEST(load_dir_gives_any_buffer) {
+    make_dir();
+    write_qkv((int64_t[]){1, 2, 32, 8}, (int64_t[]){1, 2, 32, 8}, (int64_t[]){1, 2, 32, 8});
+    write_f32("bias.npy", 2, (int64_t[]){2, 32});
+    ck_assert_int_eq(run("run", "--text", "score + bias[h][kv]", "--load", dir, "--iters", "1",
+                         "--check", NULL),
+                     0);
+    expect_output("check: PASS");
+    /* a preset's buffer from the folder: no generated data, no note */
+    int32_t doc[32];
+    for (int i = 0; i < 32; i++)
+        doc[i] = i / 10;
+    char err[512];
+    ck_assert_int_eq(npy_write(in_dir("doc.npy"), FLEX_I32, 1, (int64_t[]){32}, doc, err,
+                               sizeof err),
+                     FLEX_OK);
+    ck_assert_int_eq(run("run", "document_causal", "--load", dir, "--iters", "1", "--check", NULL),
+                     0);
+    expect_no_output("no data given");
+    expect_output("check: PASS");
+    remove_dir();
+}
+END_TEST
+
+START_TEST(generated_buffers_announced) {
+    make_dir();
+    ck_assert_int_eq(run("run", "alibi", "--mask", "document_causal", "--len", "64", "-H", "2",
+                         "--iters", "1", NULL),
+                     0);
+    expect_output("note: no data given for buffer 'slopes': generated f32[2], the ALiBi slopes "
+                  "of 2 heads");
+    expect_output("note: no data given for buffer 'doc': generated i32[64]");
+    ck_assert_int_eq(run("run", "causal", "--len", "64", "--iters", "1", NULL), 0);
+    expect_no_output("note:");
+    remove_dir();
+}
+END_TEST
+
+START_TEST(score_in_a_comment_is_no_score_mod) {
+    make_dir();
+    ck_assert_int_eq(
+        run("run", "--text", "q >= kv  # a mask; no score here", "--len", "64", "--block", "16",
+            "--iters", "1", NULL),
+        0);
+    expect_output("sparsity 37.50%");
+    /* a float expression without `score` is a score mod all the same */
+    ck_assert_int_eq(run("run", "--text", "where(q >= kv, 0.0, -inf)", "--len", "64", "--iters",
+                         "1", "--check", NULL),
+                     0);
+    expect_output("check: PASS");
+    remove_dir();
+}
+END_TEST
+
+START_TEST(unsupported_dtype_named_alone) {
+    make_dir();
+    write_raw("f8.npy", "{'descr': '<f8', 'fortran_order': False, 'shape': (2,), }", 16);
+    char arg[600];
+    snprintf(arg, sizeof arg, "f=%s", in_dir("f8.npy"));
+    ck_assert_int_eq(run("run", "--text", "score + f[0]", "--buffer", arg, NULL), 2);
+    expect_output("unsupported dtype '<f8' (float64)");
+    expect_no_output("fortran");
+    remove_dir();
+}
+END_TEST
+
+START_TEST(flag_buffer_advice_and_extra_index) {
+    make_dir();
+    write_raw("flag.npy", "{'descr': '|u1', 'fortran_order': False, 'shape': (64,), }", 64);
+    char arg[600];
+    snprintf(arg, sizeof arg, "flag=%s", in_dir("flag.npy"));
+    ck_assert_int_eq(run("run", "--text", "flag[q] || q >= kv", "--buffer", arg, "--len", "64",
+                         "--iters", "1", NULL),
+                     2);
+    expect_output("compare the int with 0: 'flag[q] != 0'");
+    expect_output("buffer 'flag' is u8 with 1 dim, shape (64)");
+    /* the advice works */
+    ck_assert_int_eq(run("run", "--text", "flag[q] != 0 || q >= kv", "--buffer", arg, "--len",
+                         "64", "--iters", "1", NULL),
+                     0);
+    write_f32("bias.npy", 2, (int64_t[]){4, 64});
+    snprintf(arg, sizeof arg, "bias=%s", in_dir("bias.npy"));
+    ck_assert_int_eq(run("run", "--text", "score + bias[h][q][kv]", "--buffer", arg, "--len", "64",
+                         "-H", "4", "--iters", "1", NULL),
+                     2);
+    expect_output("buffer 'bias' has 2 dimensions, so it takes 2 indices; this is index 3");
+    expect_output("buffer 'bias' is f32 with 2 dims, shape (4, 64)");
+    remove_dir();
+}
+END_TEST
+
 int main(int argc, char **argv) {
     if (argc < 2) {
         fprintf(stderr, "usage: test_cli PATH-OF-flexattn\n");
@@ -206,6 +318,13 @@ int main(int argc, char **argv) {
     tcase_add_test(load, load_fitting_shapes_run_and_check);
     tcase_add_test(load, load_refuses_shape_options_and_converts_dtype);
     suite_add_tcase(s, load);
+    TCase *papercuts = tcase_create("papercuts");
+    tcase_add_test(papercuts, load_dir_gives_any_buffer);
+    tcase_add_test(papercuts, generated_buffers_announced);
+    tcase_add_test(papercuts, score_in_a_comment_is_no_score_mod);
+    tcase_add_test(papercuts, unsupported_dtype_named_alone);
+    tcase_add_test(papercuts, flag_buffer_advice_and_extra_index);
+    suite_add_tcase(s, papercuts);
     SRunner *r = srunner_create(s);
     srunner_run_all(r, CK_NORMAL);
     int failed = srunner_ntests_failed(r);

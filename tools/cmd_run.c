@@ -78,8 +78,6 @@ typedef struct run_state {
     flex_mod *score, *mask_mod;
     flex_block_mask *mask;
     cli_buffers bufs;
-    npy_array loaded_bufs[IR_MAX_BUFFERS];
-    int num_loaded_bufs;
     int64_t B, Hq, Hkv, Lq, Lkv, D, Dv;
     flex_dtype dtype;
     void *host[3]; /* q, k, v on the host (contiguous BHSD) */
@@ -230,19 +228,6 @@ static int parse_args(int argc, char **argv, run_opts *o) {
 
 /* ---- mods ---- */
 
-static int mentions_score(const char *text) {
-    for (const char *p = strstr(text, "score"); p; p = strstr(p + 1, "score")) {
-        int before =
-            p == text || !(p[-1] == '_' || (p[-1] >= 'a' && p[-1] <= 'z') ||
-                           (p[-1] >= 'A' && p[-1] <= 'Z') || (p[-1] >= '0' && p[-1] <= '9'));
-        char c = p[5];
-        int after = !(c == '_' || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-                      (c >= '0' && c <= '9'));
-        if (before && after) return 1;
-    }
-    return 0;
-}
-
 /* The --param values a preset declares (others belong to the other mod). */
 static int params_for_preset(const flex_preset *p, const cli_params *all, flex_param *out) {
     int n = 0;
@@ -250,6 +235,44 @@ static int params_for_preset(const flex_preset *p, const cli_params *all, flex_p
         for (int k = 0; k < p->num_params; k++)
             if (!strcmp(p->params[k].name, all->params[i].name)) out[n++] = all->params[i];
     return n;
+}
+
+/* After a compile error in text: what each buffer the text reads is (its
+ * dtype and dims come from its file or from the generated data), since the
+ * parser's message knows only the declaration. */
+static void explain_buffers(const run_state *s, const char *text, const char *error) {
+    if (!text) return;
+    int wants_bool = strstr(error, "compare the int with 0") || strstr(error, "must return bool");
+    flex_buffer_decl decls[CLI_MAX_BUFFERS];
+    int n = cli_declare_buffers(text, &s->o.files, decls);
+    for (int d = 0; d < n; d++) {
+        const cli_file_buffers *fb = &s->o.files;
+        int k = 0;
+        while (k < fb->count && strcmp(fb->names[k], decls[d].name) != 0)
+            k++;
+        char quoted[70];
+        snprintf(quoted, sizeof quoted, "'%s'", decls[d].name);
+        int is_int =
+            decls[d].dtype == FLEX_U8 || decls[d].dtype == FLEX_I32 || decls[d].dtype == FLEX_I64;
+        if (!strstr(error, quoted) && !(is_int && wants_bool)) continue;
+        char shape[128] = "";
+        if (k < fb->count) {
+            size_t at = 0;
+            for (int i = 0; i < fb->arrays[k].ndim && at < sizeof shape; i++)
+                at += (size_t)snprintf(shape + at, sizeof shape - at, "%s%lld", i ? ", " : "(",
+                                       (long long)fb->arrays[k].shape[i]);
+            if (at < sizeof shape) snprintf(shape + at, sizeof shape - at, ")");
+        }
+        fprintf(stderr, "flexattn run: note: buffer '%s' is %s with %d dim%s%s%s%s%s\n",
+                decls[d].name, flex_dtype_name(decls[d].dtype), decls[d].ndim,
+                decls[d].ndim == 1 ? "" : "s", k < fb->count ? ", shape " : " (generated data)",
+                shape, k < fb->count ? ", from " : "", k < fb->count ? fb->paths[k] : "");
+        if (is_int && wants_bool)
+            fprintf(stderr,
+                    "flexattn run: note: '%s' reads as an int; where a bool is wanted (a flag "
+                    "with || or &&) write %s[...] != 0, or save the file as bool (|b1)\n",
+                    decls[d].name, decls[d].name);
+    }
 }
 
 static flex_status compile_one(run_state *s, const char *preset, const char *text,
@@ -271,62 +294,43 @@ static flex_status compile_one(run_state *s, const char *preset, const char *tex
     return flex_mod_compile(s->ctx, &desc, out);
 }
 
-/* Binds --buffer files, then DIR/<name>.npy where it exists (--load DIR),
- * and generated data for the other buffers. */
-static int bind_buffers(run_state *s, flex_mod *m) {
-    int loaded[IR_MAX_BUFFERS], missing = 0;
-    const char *provided[2 * CLI_MAX_BUFFERS];
-    int num_provided = 0;
-    if (cli_bind_file_buffers(s->ctx, m, &s->o.files)) return -1;
-    for (int k = 0; k < s->o.files.count; k++)
-        provided[num_provided++] = s->o.files.names[k];
-    for (int b = 0; b < m->ir.num_buffers; b++) {
-        const ir_buffer *decl = &m->ir.buffers[b];
+/* Adds DIR/<name>.npy (--load DIR) to the file buffers for every buffer
+ * the mods read that no --buffer gives and whose file exists: the names
+ * the texts index and the buffers the presets declare. */
+static int load_dir_buffers(run_state *s) {
+    run_opts *o = &s->o;
+    if (!o->load || strchr(o->load, ',')) return 0;
+    char names[2 * CLI_MAX_BUFFERS][64];
+    int n = 0;
+    const char *texts[2] = {o->text, o->mask_text};
+    for (int t = 0; t < 2; t++)
+        if (texts[t]) n += cli_text_buffer_names(texts[t], names + n, CLI_MAX_BUFFERS);
+    const char *presets[2] = {o->preset, o->mask_preset};
+    for (int t = 0; t < 2; t++) {
+        const flex_preset *p = presets[t] ? flex_preset_find(presets[t]) : NULL;
+        for (int b = 0; p && b < p->num_buffers && n < 2 * CLI_MAX_BUFFERS; b++)
+            snprintf(names[n++], sizeof names[0], "%s", p->buffers[b].name);
+    }
+    for (int k = 0; k < n; k++) {
         char path[4096];
         struct stat sb;
-        loaded[b] = -1;
-        int from_file = 0;
-        for (int k = 0; k < s->o.files.count; k++)
-            if (!strcmp(s->o.files.names[k], decl->name)) from_file = 1;
-        if (from_file) continue;
-        if (!s->o.load || strchr(s->o.load, ',') || s->num_loaded_bufs >= IR_MAX_BUFFERS ||
-            snprintf(path, sizeof path, "%s/%s.npy", s->o.load, decl->name) >= (int)sizeof path ||
-            stat(path, &sb) != 0) {
-            missing = 1;
+        if (cli_file_buffers_has(&o->files, names[k]) ||
+            snprintf(path, sizeof path, "%s/%s.npy", o->load, names[k]) >= (int)sizeof path ||
+            stat(path, &sb) != 0)
             continue;
-        }
-        npy_array *a = &s->loaded_bufs[s->num_loaded_bufs];
-        char err[512];
-        if (npy_read(path, a, err, sizeof err) != FLEX_OK) {
-            fprintf(stderr, "flexattn run: %s\n", err);
-            return -1;
-        }
-        loaded[b] = s->num_loaded_bufs++;
-        provided[num_provided++] = decl->name;
-        if (a->ndim != decl->ndim || a->dtype != decl->dtype) {
-            fprintf(stderr, "flexattn run: %s holds %s with %d dims; buffer '%s' is %s with %d\n",
-                    path, flex_dtype_name(a->dtype), a->ndim, decl->name,
-                    flex_dtype_name(decl->dtype), decl->ndim);
-            return -1;
-        }
-    }
-    if (missing) {
-        cli_buffer_spec spec = {s->Lq,          s->Lkv,           s->Hq,
-                                (int)s->o.docs, s->o.doc_lengths, s->o.num_doc_lengths,
-                                provided,       num_provided};
-        if (cli_bind_generated_buffers(s->ctx, m, &spec, &s->bufs) != 0) return -1;
-    }
-    for (int b = 0; b < m->ir.num_buffers; b++) {
-        if (loaded[b] < 0) continue;
-        npy_array *a = &s->loaded_bufs[loaded[b]];
-        flex_tensor t =
-            flex_tensor_contiguous(a->data, a->dtype, a->ndim, a->shape, FLEX_DEVICE_CPU);
-        if (flex_mod_bind_buffer(s->ctx, m, m->ir.buffers[b].name, &t) != FLEX_OK) {
-            fprintf(stderr, "flexattn run: %s\n", flex_error_message(s->ctx));
-            return -1;
-        }
+        if (cli_file_buffers_load(&o->files, names[k], path)) return -1;
     }
     return 0;
+}
+
+/* Binds the buffers given by files (--buffer, DIR/<name>.npy), and
+ * generated data for the other buffers. */
+static int bind_buffers(run_state *s, flex_mod *m) {
+    if (cli_bind_file_buffers(s->ctx, m, &s->o.files)) return -1;
+    cli_buffer_spec spec = {s->Lq,          s->Lkv,           s->Hq,
+                            (int)s->o.docs, s->o.doc_lengths, s->o.num_doc_lengths,
+                            s->o.files.name_list, s->o.files.count, "flexattn run"};
+    return cli_bind_generated_buffers(s->ctx, m, &spec, &s->bufs);
 }
 
 /* The block mask of the run: broadcast over batch and heads (as the seed's
@@ -773,8 +777,6 @@ static void run_free(run_state *s) {
     flex_mod_destroy(s->mask_mod);
     flex_mod_destroy(s->score);
     cli_buffers_free(&s->bufs);
-    for (int i = 0; i < s->num_loaded_bufs; i++)
-        npy_free(&s->loaded_bufs[i]);
     flex_context_destroy(s->ctx);
 }
 
@@ -796,14 +798,20 @@ int cmd_run(int argc, char **argv) {
         goto done;
     }
 
-    /* The main mod: a preset of either kind, or text (a score mod when it
-     * reads `score`). */
+    if (load_dir_buffers(&s)) {
+        rc = CLI_EXIT_USAGE;
+        goto done;
+    }
+
+    /* The main mod: a preset of either kind, or text: a score mod when it
+     * uses the variable `score`, else a mask mod, or a score mod after all
+     * when only that compiles (a float expression without `score`). */
     flex_mod *main_mod = NULL;
     flex_mod_kind kind = FLEX_MOD_MASK;
     if (s.o.preset) {
         const flex_preset *p = flex_preset_find(s.o.preset);
         if (p) kind = p->kind;
-    } else if (mentions_score(s.o.text)) {
+    } else if (cli_text_reads_score(s.o.text)) {
         kind = FLEX_MOD_SCORE;
     }
     if (compile_one(&s, s.o.preset, s.o.text, kind, &main_mod) != FLEX_OK) {
@@ -811,9 +819,16 @@ int cmd_run(int argc, char **argv) {
             rc = CLI_EXIT_USAGE;
             goto done;
         }
-        fprintf(stderr, "flexattn run: %s\n", flex_error_message(s.ctx));
-        rc = CLI_EXIT_USAGE;
-        goto done;
+        char first_error[2048];
+        snprintf(first_error, sizeof first_error, "%s", flex_error_message(s.ctx));
+        if (!(s.o.text && kind == FLEX_MOD_MASK &&
+              compile_one(&s, NULL, s.o.text, FLEX_MOD_SCORE, &main_mod) == FLEX_OK)) {
+            fprintf(stderr, "flexattn run: %s\n", first_error);
+            explain_buffers(&s, s.o.text, first_error);
+            rc = CLI_EXIT_USAGE;
+            goto done;
+        }
+        kind = FLEX_MOD_SCORE;
     }
     if (kind == FLEX_MOD_SCORE)
         s.score = main_mod;
@@ -832,6 +847,7 @@ int cmd_run(int argc, char **argv) {
             FLEX_OK) {
             if (s.o.mask_text || flex_preset_find(s.o.mask_preset))
                 fprintf(stderr, "flexattn run: %s\n", flex_error_message(s.ctx));
+            explain_buffers(&s, s.o.mask_text, flex_error_message(s.ctx));
             rc = CLI_EXIT_USAGE;
             goto done;
         }

@@ -6,6 +6,7 @@
  */
 #include <check.h>
 #include <fcntl.h>
+#include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -302,6 +303,57 @@ START_TEST(flag_buffer_advice_and_extra_index) {
 }
 END_TEST
 
+/* Reads dir/name as f32 of the expected shape; the data is the caller's. */
+static float *read_f32(const char *name, int ndim, const int64_t *shape) {
+    npy_array a;
+    char err[512];
+    ck_assert_msg(npy_read(in_dir(name), &a, err, sizeof err) == FLEX_OK, "%s", err);
+    ck_assert_int_eq(a.dtype, FLEX_F32);
+    ck_assert_int_eq(a.ndim, ndim);
+    for (int i = 0; i < ndim; i++)
+        ck_assert_int_eq(a.shape[i], shape[i]);
+    return a.data;
+}
+
+START_TEST(save_backward_writes_every_gradient) {
+    make_dir();
+    enum { H = 2, L = 16, D = 8 };
+    write_qkv((int64_t[]){1, H, L, D}, (int64_t[]){1, H, L, D}, (int64_t[]){1, H, L, D});
+    write_f32("bias.npy", 3, (int64_t[]){H, L, L});
+    char save[600];
+    snprintf(save, sizeof save, "%s/saved", dir);
+    ck_assert_int_eq(run("run", "--text", "score + bias[h][q][kv]", "--mask", "causal", "--load",
+                         dir, "--iters", "1", "--backward", "--save", save, NULL),
+                     0);
+    float *k = read_f32("k.npy", 4, (int64_t[]){1, H, L, D});
+    float *dq = read_f32("saved/dq.npy", 4, (int64_t[]){1, H, L, D});
+    float *dbias = read_f32("saved/dbias.npy", 3, (int64_t[]){H, L, L});
+    free(read_f32("saved/dk.npy", 4, (int64_t[]){1, H, L, D}));
+    free(read_f32("saved/dv.npy", 4, (int64_t[]){1, H, L, D}));
+    free(read_f32("saved/dout.npy", 4, (int64_t[]){1, H, L, D}));
+    /* The buffer's gradient is the score's (the mod adds it), so dq =
+     * scale * dbias . k: the buffer-gradient path checked against dq's. */
+    double worst = 0.0, largest = 0.0;
+    for (int h = 0; h < H; h++)
+        for (int i = 0; i < L; i++)
+            for (int d = 0; d < D; d++) {
+                double want = 0.0;
+                for (int j = 0; j < L; j++)
+                    want += (double)dbias[(h * L + i) * L + j] * k[(h * L + j) * D + d];
+                want /= sqrt((double)D);
+                double got = dq[(h * L + i) * D + d], diff = got > want ? got - want : want - got;
+                if (diff > worst) worst = diff;
+                if ((got < 0 ? -got : got) > largest) largest = got < 0 ? -got : got;
+            }
+    ck_assert_msg(largest > 1e-3, "dq is all but zero (%g)", largest);
+    ck_assert_msg(worst <= 1e-5 * largest + 1e-7, "dq differs from scale * dbias . k by %g", worst);
+    free(k);
+    free(dq);
+    free(dbias);
+    remove_dir();
+}
+END_TEST
+
 int main(int argc, char **argv) {
     if (argc < 2) {
         fprintf(stderr, "usage: test_cli PATH-OF-flexattn\n");
@@ -324,6 +376,7 @@ int main(int argc, char **argv) {
     tcase_add_test(papercuts, score_in_a_comment_is_no_score_mod);
     tcase_add_test(papercuts, unsupported_dtype_named_alone);
     tcase_add_test(papercuts, flag_buffer_advice_and_extra_index);
+    tcase_add_test(papercuts, save_backward_writes_every_gradient);
     suite_add_tcase(s, papercuts);
     SRunner *r = srunner_create(s);
     srunner_run_all(r, CK_NORMAL);

@@ -668,8 +668,113 @@ done:
  * check (it has no row subsampling: dK and dV need every row). */
 #define BACKWARD_CHECK_LIMIT 4e8
 
+/* Creates the --save folder when it is not there. */
+static int make_save_dir(const char *dir) {
+    struct stat sb;
+    if (mkdir(dir, 0777) != 0 && (stat(dir, &sb) != 0 || !S_ISDIR(sb.st_mode))) {
+        fprintf(stderr, "flexattn run: --save %s: cannot create the folder\n", dir);
+        return -1;
+    }
+    return 0;
+}
+
+/* Copies `bytes` of device memory to the host and writes them to
+ * DIR/name.npy. Returns 0, or -1 after a message. */
+static int save_device_array(run_state *s, const char *name, const void *dev, flex_dtype dtype,
+                             int ndim, const int64_t *shape, size_t bytes) {
+    char path[4096], err[512];
+    void *host = malloc(bytes + 1);
+    int rc = -1;
+    if (!host) {
+        fprintf(stderr, "flexattn run: out of host memory for %s\n", name);
+        return -1;
+    }
+    if (flex_copy_to_host(s->ctx, host, dev, bytes) != FLEX_OK)
+        fprintf(stderr, "flexattn run: %s\n", flex_error_message(s->ctx));
+    else if (snprintf(path, sizeof path, "%s/%s.npy", s->o.save, name) >= (int)sizeof path)
+        fprintf(stderr, "flexattn run: --save: the folder name is too long\n");
+    else if (npy_write(path, dtype, ndim, shape, host, err, sizeof err) != FLEX_OK)
+        fprintf(stderr, "flexattn run: %s\n", err);
+    else
+        rc = 0;
+    free(host);
+    return rc;
+}
+
+/*
+ * --save with --backward: runs the backward once more with the gradients
+ * of the float buffers the score mod reads, and writes DIR/dout.npy (the
+ * fixed pseudo-random dout it used), dq.npy, dk.npy, dv.npy and
+ * d<buffer>.npy (f32, shaped like the buffer).
+ */
+static int save_gradients(run_state *s, cli_backward_state *st) {
+    flex_buffer_grad grads[IR_MAX_BUFFERS];
+    void *grad_dev[IR_MAX_BUFFERS];
+    size_t grad_bytes[IR_MAX_BUFFERS];
+    int n = 0, rc = -1;
+    const flex_mod *m = s->score;
+    for (int b = 0; m && b < m->ir.num_buffers; b++) {
+        flex_dtype dt = m->ir.buffers[b].dtype;
+        if (dt != FLEX_F32 && dt != FLEX_F16 && dt != FLEX_BF16) continue;
+        const flex_tensor *view = &m->views[b];
+        size_t elems = 1;
+        for (int d = 0; d < view->ndim; d++)
+            elems *= (size_t)view->sizes[d];
+        grad_bytes[n] = elems * sizeof(float);
+        float *zeros = calloc(elems + 1, sizeof(float));
+        if (!zeros || flex_malloc(s->ctx, grad_bytes[n] + 1, &grad_dev[n]) != FLEX_OK) {
+            free(zeros);
+            fprintf(stderr, "flexattn run: no memory for the gradient of '%s'\n",
+                    m->ir.buffers[b].name);
+            goto done;
+        }
+        flex_status cs = flex_copy_to_device(s->ctx, grad_dev[n], zeros, grad_bytes[n]);
+        free(zeros);
+        grads[n].name = m->ir.buffers[b].name;
+        grads[n].grad = flex_tensor_contiguous(grad_dev[n], FLEX_F32, view->ndim, view->sizes,
+                                               flex_context_device_type(s->ctx));
+        grads[n].grad.device_index = flex_context_device_index(s->ctx);
+        n++;
+        if (cs != FLEX_OK) {
+            fprintf(stderr, "flexattn run: %s\n", flex_error_message(s->ctx));
+            goto done;
+        }
+    }
+    char why[512];
+    if (cli_backward_run_with_buffer_grads(st, grads, n, why, sizeof why)) {
+        fprintf(stderr, "flexattn run: %s\n", why);
+        goto done;
+    }
+    static const char *const names[3] = {"dq", "dk", "dv"};
+    for (int i = 0; i < 3; i++) {
+        const flex_tensor *t = &st->t[CLI_BW_DQ + i];
+        if (save_device_array(s, names[i], st->dev[CLI_BW_DQ + i], t->dtype, 4, t->sizes,
+                              st->bytes[CLI_BW_DQ + i]))
+            goto done;
+    }
+    char path[4096], err[512];
+    snprintf(path, sizeof path, "%s/dout.npy", s->o.save);
+    if (npy_write(path, s->dtype, 4, st->t[CLI_BW_DOUT].sizes, st->host_dout, err, sizeof err)) {
+        fprintf(stderr, "flexattn run: %s\n", err);
+        goto done;
+    }
+    for (int g = 0; g < n; g++) {
+        char name[80];
+        snprintf(name, sizeof name, "d%s", grads[g].name);
+        if (save_device_array(s, name, grad_dev[g], FLEX_F32, grads[g].grad.ndim,
+                              grads[g].grad.sizes, grad_bytes[g]))
+            goto done;
+    }
+    rc = 0;
+done:
+    for (int g = 0; g < n; g++)
+        flex_free(s->ctx, grad_dev[g]);
+    return rc;
+}
+
 /* Times the backward; with check, compares it with the oracle (*checked
- * set when it did). Returns 0, or -1 after a message. */
+ * set when it did); with --save, writes the gradients. Returns 0, or -1
+ * after a message. */
 static int time_backward(run_state *s, int check, double *rel, int *pass, int *checked) {
     cli_backward_problem p;
     memset(&p, 0, sizeof p);
@@ -695,13 +800,14 @@ static int time_backward(run_state *s, int check, double *rel, int *pass, int *c
         else
             *pass = r, *checked = 1;
     }
-    cli_backward_free(&st);
     if (rc) fprintf(stderr, "flexattn run: %s\n", why);
+    if (rc == 0 && s->o.save && (make_save_dir(s->o.save) || save_gradients(s, &st))) rc = -1;
+    cli_backward_free(&st);
     return rc ? -1 : 0;
 }
 
 static int save_outputs(run_state *s) {
-    mkdir(s->o.save, 0777);
+    if (make_save_dir(s->o.save)) return -1;
     size_t out_bytes = (size_t)(s->B * s->Hq * s->Lq * s->Dv) * flex_dtype_size(s->dtype);
     size_t lse_bytes = (size_t)(s->B * s->Hq * s->Lq) * sizeof(float);
     void *out = malloc(out_bytes + 1), *lse = malloc(lse_bytes + 1);

@@ -191,6 +191,21 @@ START_TEST(load_refuses_shape_options_and_converts_dtype) {
 }
 END_TEST
 
+START_TEST(load_backward_check_skip_says_why) {
+    make_dir();
+    /* 1 * 1 * 2048 * 2048 * 128 = 5.4e8, past the backward oracle's limit:
+     * the hint speaks of the loaded files, not of --len */
+    write_qkv((int64_t[]){1, 1, 2048, 64}, (int64_t[]){1, 1, 2048, 64},
+              (int64_t[]){1, 1, 2048, 64});
+    ck_assert_int_eq(run("run", "causal", "--load", dir, "--iters", "1", "--warmup", "0",
+                         "--backward", "--check", NULL),
+                     0);
+    expect_output("backward check: skipped (the loaded problem is too large");
+    expect_no_output("--len");
+    remove_dir();
+}
+END_TEST
+
 /* ---- papercuts ---- */
 
 /* Writes dir/name as a version 1.0 file with header dict and `bytes` zero
@@ -369,6 +384,7 @@ int main(int argc, char **argv) {
     tcase_add_test(load, load_heads_not_a_multiple);
     tcase_add_test(load, load_fitting_shapes_run_and_check);
     tcase_add_test(load, load_refuses_shape_options_and_converts_dtype);
+    tcase_add_test(load, load_backward_check_skip_says_why);
     suite_add_tcase(s, load);
     TCase *papercuts = tcase_create("papercuts");
     tcase_add_test(papercuts, load_dir_gives_any_buffer);

@@ -235,18 +235,29 @@ START_TEST(load_dir_gives_any_buffer) {
                          "--check", NULL),
                      0);
     expect_output("check: PASS");
-    /* a preset's buffer from the folder: no generated data, no note */
-    int32_t doc[32];
+    /* a preset's buffer from the folder: no generated data, no note; int64
+     * (NumPy's default integer) for the preset's i32 */
+    int64_t doc[32];
     for (int i = 0; i < 32; i++)
         doc[i] = i / 10;
     char err[512];
-    ck_assert_int_eq(npy_write(in_dir("doc.npy"), FLEX_I32, 1, (int64_t[]){32}, doc, err,
+    ck_assert_int_eq(npy_write(in_dir("doc.npy"), FLEX_I64, 1, (int64_t[]){32}, doc, err,
                                sizeof err),
                      FLEX_OK);
-    ck_assert_int_eq(run("run", "document_causal", "--load", dir, "--iters", "1", "--check", NULL),
+    ck_assert_int_eq(run("run", "document_causal", "--load", dir, "--block", "16", "--iters",
+                         "1", "--check", NULL),
                      0);
     expect_no_output("no data given");
     expect_output("check: PASS");
+    /* documents of 10 tokens leave 1 of the 4 blocks empty; the generated
+     * 4 documents of 8 would leave 2 */
+    expect_output("sparsity 25.00%");
+    doc[5] = (int64_t)1 << 40;
+    ck_assert_int_eq(npy_write(in_dir("doc.npy"), FLEX_I64, 1, (int64_t[]){32}, doc, err,
+                               sizeof err),
+                     FLEX_OK);
+    ck_assert_int_eq(run("run", "document_causal", "--load", dir, "--iters", "1", NULL), 2);
+    expect_output("element 5 is 1099511627776, outside the i32");
     remove_dir();
 }
 END_TEST

@@ -505,12 +505,43 @@ int cli_declare_buffers(const char *text, const cli_file_buffers *fb, flex_buffe
     return n;
 }
 
-int cli_bind_file_buffers(flex_context *ctx, flex_mod *mod, const cli_file_buffers *fb) {
+/* An int64 file for a buffer declared i32 (a preset's doc, NumPy's default
+ * integer): narrowed when every value fits, as torch's .int(). */
+static int narrow_i64(npy_array *a, const char *name, const char *path) {
+    size_t n = a->bytes / sizeof(int64_t);
+    const int64_t *src = a->data;
+    int32_t *dst = malloc(n * sizeof *dst + 1);
+    if (!dst) {
+        fprintf(stderr, "flexattn: out of memory\n");
+        return -1;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (src[i] < INT32_MIN || src[i] > INT32_MAX) {
+            fprintf(stderr,
+                    "flexattn: buffer %s from %s: element %zu is %lld, outside the i32 the "
+                    "mod declares\n",
+                    name, path, i, (long long)src[i]);
+            free(dst);
+            return -1;
+        }
+        dst[i] = (int32_t)src[i];
+    }
+    free(a->data);
+    a->data = dst;
+    a->dtype = FLEX_I32;
+    a->bytes = n * sizeof *dst;
+    return 0;
+}
+
+int cli_bind_file_buffers(flex_context *ctx, flex_mod *mod, cli_file_buffers *fb) {
     const ir_mod *ir = &mod->ir;
     for (int b = 0; b < ir->num_buffers; b++)
         for (int k = 0; k < fb->count; k++) {
             if (strcmp(fb->names[k], ir->buffers[b].name) != 0) continue;
-            const npy_array *a = &fb->arrays[k];
+            npy_array *a = &fb->arrays[k];
+            if (ir->buffers[b].dtype == FLEX_I32 && a->dtype == FLEX_I64 &&
+                narrow_i64(a, fb->names[k], fb->paths[k]))
+                return -1;
             flex_tensor t =
                 flex_tensor_contiguous(a->data, a->dtype, a->ndim, a->shape, FLEX_DEVICE_CPU);
             if (flex_mod_bind_buffer(ctx, mod, fb->names[k], &t) != FLEX_OK) {

@@ -158,8 +158,10 @@ int cli_text_buffer_names(const char *text, char (*names)[64], int cap);
 int cli_declare_buffers(const char *text, const cli_file_buffers *fb, flex_buffer_decl *decls);
 
 /* Binds every file buffer mod declares. The mod borrows the data: fb must
- * outlive it. Returns 0, or -1 after a message (dtype or dims differ). */
-int cli_bind_file_buffers(flex_context *ctx, flex_mod *mod, const cli_file_buffers *fb);
+ * outlive it. An i64 file for a buffer declared i32 (a preset's) is
+ * narrowed in place when its values fit. Returns 0, or -1 after a message
+ * (dtype or dims differ). */
+int cli_bind_file_buffers(flex_context *ctx, flex_mod *mod, cli_file_buffers *fb);
 
 /* The standard ALiBi slopes of n heads (2^(-8 i / n) for a power of two n,
  * interleaved from the next power of two otherwise), into slopes[0..n). */

@@ -17,8 +17,8 @@
 
 #include "npy.h"
 
-static const char *program; /* the flexattn binary */
-static char dir[256];       /* a fresh folder per test (Check forks each test) */
+static const char *program;  /* the flexattn binary */
+static char dir[256];        /* a fresh folder per test (Check forks each test) */
 static char output[1 << 16]; /* stdout and stderr of the last run */
 
 static void make_dir(void) {
@@ -215,7 +215,15 @@ static void write_raw(const char *name, const char *dict, size_t bytes) {
     ck_assert_ptr_nonnull(f);
     size_t n = strlen(dict), total = 10 + n + 1, pad = (64 - total % 64) % 64;
     unsigned hlen = (unsigned)(n + pad + 1);
-    unsigned char pre[10] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0, (unsigned char)(hlen & 0xff),
+    unsigned char pre[10] = {0x93,
+                             'N',
+                             'U',
+                             'M',
+                             'P',
+                             'Y',
+                             1,
+                             0,
+                             (unsigned char)(hlen & 0xff),
                              (unsigned char)(hlen >> 8)};
     fwrite(pre, 1, 10, f);
     fwrite(dict, 1, n, f);
@@ -231,9 +239,9 @@ START_TEST(load_dir_gives_any_buffer) {
     make_dir();
     write_qkv((int64_t[]){1, 2, 32, 8}, (int64_t[]){1, 2, 32, 8}, (int64_t[]){1, 2, 32, 8});
     write_f32("bias.npy", 2, (int64_t[]){2, 32});
-    ck_assert_int_eq(run("run", "--text", "score + bias[h][kv]", "--load", dir, "--iters", "1",
-                         "--check", NULL),
-                     0);
+    ck_assert_int_eq(
+        run("run", "--text", "score + bias[h][kv]", "--load", dir, "--iters", "1", "--check", NULL),
+        0);
     expect_output("check: PASS");
     /* a preset's buffer from the folder: no generated data, no note; int64
      * (NumPy's default integer) for the preset's i32 */
@@ -241,11 +249,10 @@ START_TEST(load_dir_gives_any_buffer) {
     for (int i = 0; i < 32; i++)
         doc[i] = i / 10;
     char err[512];
-    ck_assert_int_eq(npy_write(in_dir("doc.npy"), FLEX_I64, 1, (int64_t[]){32}, doc, err,
-                               sizeof err),
-                     FLEX_OK);
-    ck_assert_int_eq(run("run", "document_causal", "--load", dir, "--block", "16", "--iters",
-                         "1", "--check", NULL),
+    ck_assert_int_eq(
+        npy_write(in_dir("doc.npy"), FLEX_I64, 1, (int64_t[]){32}, doc, err, sizeof err), FLEX_OK);
+    ck_assert_int_eq(run("run", "document_causal", "--load", dir, "--block", "16", "--iters", "1",
+                         "--check", NULL),
                      0);
     expect_no_output("no data given");
     expect_output("check: PASS");
@@ -253,9 +260,8 @@ START_TEST(load_dir_gives_any_buffer) {
      * 4 documents of 8 would leave 2 */
     expect_output("sparsity 25.00%");
     doc[5] = (int64_t)1 << 40;
-    ck_assert_int_eq(npy_write(in_dir("doc.npy"), FLEX_I64, 1, (int64_t[]){32}, doc, err,
-                               sizeof err),
-                     FLEX_OK);
+    ck_assert_int_eq(
+        npy_write(in_dir("doc.npy"), FLEX_I64, 1, (int64_t[]){32}, doc, err, sizeof err), FLEX_OK);
     ck_assert_int_eq(run("run", "document_causal", "--load", dir, "--iters", "1", NULL), 2);
     expect_output("element 5 is 1099511627776, outside the i32");
     remove_dir();
@@ -278,10 +284,9 @@ END_TEST
 
 START_TEST(score_in_a_comment_is_no_score_mod) {
     make_dir();
-    ck_assert_int_eq(
-        run("run", "--text", "q >= kv  # a mask; no score here", "--len", "64", "--block", "16",
-            "--iters", "1", NULL),
-        0);
+    ck_assert_int_eq(run("run", "--text", "q >= kv  # a mask; no score here", "--len", "64",
+                         "--block", "16", "--iters", "1", NULL),
+                     0);
     expect_output("sparsity 37.50%");
     /* a float expression without `score` is a score mod all the same */
     ck_assert_int_eq(run("run", "--text", "where(q >= kv, 0.0, -inf)", "--len", "64", "--iters",
@@ -315,8 +320,8 @@ START_TEST(flag_buffer_advice_and_extra_index) {
     expect_output("compare the int with 0: 'flag[q] != 0'");
     expect_output("buffer 'flag' is u8 with 1 dim, shape (64)");
     /* the advice works */
-    ck_assert_int_eq(run("run", "--text", "flag[q] != 0 || q >= kv", "--buffer", arg, "--len",
-                         "64", "--iters", "1", NULL),
+    ck_assert_int_eq(run("run", "--text", "flag[q] != 0 || q >= kv", "--buffer", arg, "--len", "64",
+                         "--iters", "1", NULL),
                      0);
     write_f32("bias.npy", 2, (int64_t[]){4, 64});
     snprintf(arg, sizeof arg, "bias=%s", in_dir("bias.npy"));

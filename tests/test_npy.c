@@ -44,7 +44,15 @@ static void write_raw(const char *name, const char *dict, size_t bytes) {
     ck_assert_ptr_nonnull(f);
     size_t n = strlen(dict), total = 10 + n + 1, pad = (64 - total % 64) % 64;
     unsigned hlen = (unsigned)(n + pad + 1);
-    unsigned char pre[10] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0, (unsigned char)(hlen & 0xff),
+    unsigned char pre[10] = {0x93,
+                             'N',
+                             'U',
+                             'M',
+                             'P',
+                             'Y',
+                             1,
+                             0,
+                             (unsigned char)(hlen & 0xff),
                              (unsigned char)(hlen >> 8)};
     ck_assert_uint_eq(fwrite(pre, 1, 10, f), 10);
     ck_assert_uint_eq(fwrite(dict, 1, n, f), n);
@@ -148,8 +156,7 @@ START_TEST(huge_claims_refused_before_allocating) {
               "{'descr': '<f4', 'fortran_order': False, 'shape': (4294967296, 4294967296), }", 16);
     expect_refused("wrap.npy", "more than 64 GiB");
     /* under the cap but larger than the file: refused by the file's size */
-    write_raw("gib.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (268435456,), }",
-              16);
+    write_raw("gib.npy", "{'descr': '<f4', 'fortran_order': False, 'shape': (268435456,), }", 16);
     expect_refused("gib.npy", "claims 1073741824 bytes of data, the file holds 16");
     /* a version 2.0 header length of 4 GiB - 1 */
     FILE *f = fopen(path_of("hdr.npy"), "wb");

@@ -292,8 +292,10 @@ static int bind(flex_context *ctx, flex_mod *mod, const char *name, void *data, 
 static void announce(const cli_buffer_spec *spec, const char *name, int64_t n) {
     if (!spec->announce) return;
     char how[160];
-    int docs = spec->doc_lengths ? spec->num_doc_lengths : (spec->num_docs > 0 ? spec->num_docs : 4);
-    const char *docs_how = spec->doc_lengths ? "of the --doc-lengths" : "of equal length (--docs N)";
+    int docs =
+        spec->doc_lengths ? spec->num_doc_lengths : (spec->num_docs > 0 ? spec->num_docs : 4);
+    const char *docs_how =
+        spec->doc_lengths ? "of the --doc-lengths" : "of equal length (--docs N)";
     if (!strcmp(name, "doc") || !strcmp(name, "seq"))
         snprintf(how, sizeof how, "i32[%lld], the document of each token, %d documents %s",
                  (long long)n, docs, docs_how);

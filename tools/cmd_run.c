@@ -339,9 +339,15 @@ static int load_dir_buffers(run_state *s) {
  * generated data for the other buffers. */
 static int bind_buffers(run_state *s, flex_mod *m) {
     if (cli_bind_file_buffers(s->ctx, m, &s->o.files)) return -1;
-    cli_buffer_spec spec = {s->Lq,          s->Lkv,           s->Hq,
-                            (int)s->o.docs, s->o.doc_lengths, s->o.num_doc_lengths,
-                            s->o.files.name_list, s->o.files.count, "flexattn run"};
+    cli_buffer_spec spec = {.q_len = s->Lq,
+                            .kv_len = s->Lkv,
+                            .heads = s->Hq,
+                            .num_docs = (int)s->o.docs,
+                            .doc_lengths = s->o.doc_lengths,
+                            .num_doc_lengths = s->o.num_doc_lengths,
+                            .provided = s->o.files.name_list,
+                            .num_provided = s->o.files.count,
+                            .announce = "flexattn run"};
     return cli_bind_generated_buffers(s->ctx, m, &spec, &s->bufs);
 }
 
@@ -397,7 +403,8 @@ static int convert_array(npy_array *a, flex_dtype to) {
     void *dst = malloc(n * flex_dtype_size(to) + 1);
     if (!dst) return -1;
     for (size_t i = 0; i < n; i++)
-        flex_store_from_float(dst, to, (int64_t)i, flex_load_as_float(a->data, a->dtype, (int64_t)i));
+        flex_store_from_float(dst, to, (int64_t)i,
+                              flex_load_as_float(a->data, a->dtype, (int64_t)i));
     free(a->data);
     a->data = dst;
     a->dtype = to;
@@ -425,13 +432,13 @@ static int check_shapes(const npy_array a[3], char paths[3][4096]) {
         return -1;
     }
     if (k[3] != q[3]) {
-        fprintf(stderr, "flexattn run: %s: head dim %lld, %s has %lld\n", paths[1],
-                (long long)k[3], paths[0], (long long)q[3]);
+        fprintf(stderr, "flexattn run: %s: head dim %lld, %s has %lld\n", paths[1], (long long)k[3],
+                paths[0], (long long)q[3]);
         return -1;
     }
     if (v[1] != k[1]) {
-        fprintf(stderr, "flexattn run: %s: %lld kv heads, %s has %lld\n", paths[2],
-                (long long)v[1], paths[1], (long long)k[1]);
+        fprintf(stderr, "flexattn run: %s: %lld kv heads, %s has %lld\n", paths[2], (long long)v[1],
+                paths[1], (long long)k[1]);
         return -1;
     }
     if (v[2] != k[2]) {
@@ -486,8 +493,7 @@ static int load_inputs(run_state *s) {
             goto out;
         }
         if (a[i].ndim != 4) {
-            fprintf(stderr,
-                    "flexattn run: %s has %d dims; %s is 4-D (B, %s, %s, %s) in C order\n",
+            fprintf(stderr, "flexattn run: %s has %d dims; %s is 4-D (B, %s, %s, %s) in C order\n",
                     paths[i], a[i].ndim, names[i], i == 0 ? "Hq" : "Hkv", i == 0 ? "Lq" : "Lkv",
                     i == 2 ? "Dv" : "D");
             goto out;

@@ -53,9 +53,9 @@ static const struct {
     const char *descr;
     flex_dtype dtype;
 } descr_table[] = {
-    {"<f4", FLEX_F32}, {"<f2", FLEX_F16}, {"<V2", FLEX_BF16}, {"|V2", FLEX_BF16},
-    {"<u2", FLEX_BF16}, {"<i4", FLEX_I32}, {"<i8", FLEX_I64}, {"|u1", FLEX_U8},
-    {"<u1", FLEX_U8},  {"|b1", FLEX_BOOL},
+    {"<f4", FLEX_F32},  {"<f2", FLEX_F16},  {"<V2", FLEX_BF16}, {"|V2", FLEX_BF16},
+    {"<u2", FLEX_BF16}, {"<i4", FLEX_I32},  {"<i8", FLEX_I64},  {"|u1", FLEX_U8},
+    {"<u1", FLEX_U8},   {"|b1", FLEX_BOOL},
 };
 
 static int parse_descr(const char *d, flex_dtype *dt) {
@@ -72,8 +72,8 @@ static int parse_descr(const char *d, flex_dtype *dt) {
 static void unsupported_descr(const char *d, char *msg, size_t cap) {
     static const struct {
         const char *descr, *what;
-    } common[] = {{"<f8", "float64"}, {"<i2", "int16"},     {"<u4", "uint32"},
-                  {"<u8", "uint64"},  {"|i1", "int8"},      {"<c8", "complex64"},
+    } common[] = {{"<f8", "float64"},     {"<i2", "int16"},        {"<u4", "uint32"},
+                  {"<u8", "uint64"},      {"|i1", "int8"},         {"<c8", "complex64"},
                   {"<c16", "complex128"}, {"|O", "Python objects"}};
     const char *what = NULL;
     for (size_t i = 0; i < sizeof common / sizeof common[0]; i++)
@@ -201,9 +201,8 @@ flex_status npy_read(const char *path, npy_array *out, char *err, size_t err_cap
     char d[32];
     if (quoted(descr, d, sizeof d) != 0) {
         st = io_fail(err, err_cap, path,
-                     *descr == '['
-                         ? "structured dtypes are not supported (save a plain array)"
-                         : "malformed descr in the header");
+                     *descr == '[' ? "structured dtypes are not supported (save a plain array)"
+                                   : "malformed descr in the header");
         goto done;
     }
     if (parse_descr(d, &out->dtype) != 0) {

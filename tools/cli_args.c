@@ -10,6 +10,7 @@
 
 #include "cli_args.h"
 #include "internal.h"
+#include "mod/lexer.h"
 
 int cli_option(int argc, char **argv, int *i, const char *name, const char **value) {
     const char *arg = argv[*i];
@@ -188,21 +189,73 @@ static const known_buffer known[] = {
 };
 #define NUM_KNOWN ((int)(sizeof known / sizeof known[0]))
 
+/* ---- what mod text reads, by the mod language's own lexer ---- */
+
+/* Calls found(name, len, arg) for each identifier of text that `want`
+ * selects: followed by '[' (a buffer read) or any. Comments and the
+ * insides of other names never match. Returns 0, or -1 on out of memory. */
+static int scan_identifiers(const char *text, int buffers_only,
+                            void (*found)(const char *name, size_t len, void *arg), void *arg) {
+    mod_token_list toks;
+    if (mod_lex(text, &toks) != 0) return -1;
+    for (int i = 0; i < toks.count; i++) {
+        const mod_token *t = &toks.tokens[i];
+        if (t->kind != TOK_IDENT) continue;
+        if (buffers_only && !(i + 1 < toks.count && toks.tokens[i + 1].kind == TOK_LBRACKET))
+            continue;
+        found(text + t->offset, t->length, arg);
+    }
+    mod_token_list_free(&toks);
+    return 0;
+}
+
+typedef struct name_query {
+    const char *name;
+    int hit;
+} name_query;
+
+static void match_name(const char *name, size_t len, void *arg) {
+    name_query *q = arg;
+    if (strlen(q->name) == len && !strncmp(name, q->name, len)) q->hit = 1;
+}
+
+int cli_text_reads_score(const char *text) {
+    name_query q = {"score", 0};
+    return scan_identifiers(text, 0, match_name, &q) == 0 && q.hit;
+}
+
+/* Whether text reads buffer `name` (the name followed by '['). */
+static int text_reads(const char *text, const char *name) {
+    name_query q = {name, 0};
+    return scan_identifiers(text, 1, match_name, &q) == 0 && q.hit;
+}
+
+typedef struct name_list {
+    char (*names)[64];
+    int count, cap;
+} name_list;
+
+static void add_name(const char *name, size_t len, void *arg) {
+    name_list *l = arg;
+    if (len >= sizeof l->names[0]) return;
+    for (int k = 0; k < l->count; k++)
+        if (strlen(l->names[k]) == len && !strncmp(l->names[k], name, len)) return;
+    if (l->count == l->cap) return;
+    memcpy(l->names[l->count], name, len);
+    l->names[l->count++][len] = '\0';
+}
+
+int cli_text_buffer_names(const char *text, char (*names)[64], int cap) {
+    name_list l = {names, 0, cap};
+    if (scan_identifiers(text, 1, add_name, &l) != 0) return 0;
+    return l.count;
+}
+
 int cli_declare_known_buffers(const char *text, flex_buffer_decl *decls) {
     int n = 0;
-    for (int k = 0; k < NUM_KNOWN; k++) {
-        size_t len = strlen(known[k].name);
-        for (const char *p = strstr(text, known[k].name); p; p = strstr(p + 1, known[k].name)) {
-            int starts = p == text || !(isalnum((unsigned char)p[-1]) || p[-1] == '_');
-            const char *after = p + len;
-            while (*after == ' ' || *after == '\t')
-                after++;
-            if (starts && *after == '[') {
-                decls[n++] = (flex_buffer_decl){known[k].name, known[k].dtype, known[k].ndim};
-                break;
-            }
-        }
-    }
+    for (int k = 0; k < NUM_KNOWN; k++)
+        if (text_reads(text, known[k].name))
+            decls[n++] = (flex_buffer_decl){known[k].name, known[k].dtype, known[k].ndim};
     return n;
 }
 
@@ -233,6 +286,38 @@ static int bind(flex_context *ctx, flex_mod *mod, const char *name, void *data, 
         return -1;
     }
     return 0;
+}
+
+/* The note for a buffer that gets generated data: what it holds and how. */
+static void announce(const cli_buffer_spec *spec, const char *name, int64_t n) {
+    if (!spec->announce) return;
+    char how[160];
+    int docs =
+        spec->doc_lengths ? spec->num_doc_lengths : (spec->num_docs > 0 ? spec->num_docs : 4);
+    const char *docs_how =
+        spec->doc_lengths ? "of the --doc-lengths" : "of equal length (--docs N)";
+    if (!strcmp(name, "doc") || !strcmp(name, "seq"))
+        snprintf(how, sizeof how, "i32[%lld], the document of each token, %d documents %s",
+                 (long long)n, docs, docs_how);
+    else if (!strcmp(name, "off"))
+        snprintf(how, sizeof how, "i32[%d], the offsets of %d documents %s", docs + 1, docs,
+                 docs_how);
+    else if (!strcmp(name, "slopes"))
+        snprintf(how, sizeof how, "f32[%lld], the ALiBi slopes of %lld heads",
+                 (long long)(spec->heads > 0 ? spec->heads : 1),
+                 (long long)(spec->heads > 0 ? spec->heads : 1));
+    else if (!strcmp(name, "img_of"))
+        snprintf(how, sizeof how, "i32[%lld], the image of each kv token, 3 images of equal length",
+                 (long long)spec->kv_len);
+    else
+        snprintf(how, sizeof how,
+                 "i32[3][2], the seed's Flamingo intervals [[0,7],[1,7],[7,12]] scaled to %lld "
+                 "queries",
+                 (long long)spec->q_len);
+    fprintf(stderr,
+            "%s: note: no data given for buffer '%s': generated %s; give data with --buffer "
+            "%s=FILE.npy\n",
+            spec->announce, name, how, name);
 }
 
 int cli_bind_generated_buffers(flex_context *ctx, flex_mod *mod, const cli_buffer_spec *spec,
@@ -269,6 +354,7 @@ int cli_bind_generated_buffers(flex_context *ctx, flex_mod *mod, const cli_buffe
         }
         if (bufs->count >= CLI_MAX_BUFFERS) return -1;
         const char *name = decl->name;
+        announce(spec, name, n);
         if (!strcmp(name, "doc") || !strcmp(name, "seq") || !strcmp(name, "off")) {
             int num = 0;
             int32_t *off = doc_offsets(spec, n, &num);
@@ -333,59 +419,76 @@ void cli_buffers_free(cli_buffers *bufs) {
 
 /* ---- buffers from files ---- */
 
-int cli_file_buffers_add(cli_file_buffers *fb, const char *arg) {
-    const char *eq = strchr(arg, '=');
-    size_t n = eq ? (size_t)(eq - arg) : 0;
-    if (!eq || n == 0 || n >= sizeof fb->names[0] || eq[1] == '\0') {
-        fprintf(stderr, "flexattn: --buffer takes NAME=FILE.npy, not '%s'\n", arg);
+int cli_file_buffers_load(cli_file_buffers *fb, const char *name, const char *path) {
+    size_t n = strlen(name);
+    if (n == 0 || n >= sizeof fb->names[0]) {
+        fprintf(stderr, "flexattn: '%s' is not a buffer name (1 to 63 characters)\n", name);
         return -1;
     }
     int slot = 0;
-    while (slot < fb->count && !(strlen(fb->names[slot]) == n && !strncmp(fb->names[slot], arg, n)))
+    while (slot < fb->count && strcmp(fb->names[slot], name) != 0)
         slot++;
     if (slot == CLI_MAX_BUFFERS) {
-        fprintf(stderr, "flexattn: at most %d --buffer options\n", CLI_MAX_BUFFERS);
+        fprintf(stderr, "flexattn: at most %d buffers from files\n", CLI_MAX_BUFFERS);
         return -1;
     }
     npy_array a;
     char err[512];
-    if (npy_read(eq + 1, &a, err, sizeof err) != FLEX_OK) {
-        fprintf(stderr, "flexattn: --buffer %.*s: %s\n", (int)n, arg, err);
+    if (npy_read(path, &a, err, sizeof err) != FLEX_OK) {
+        fprintf(stderr, "flexattn: buffer %s: %s\n", name, err);
         return -1;
     }
     if (a.ndim < 1 || a.ndim > 4) {
-        fprintf(stderr, "flexattn: --buffer %.*s: %s has %d dims; buffers have 1 to 4\n", (int)n,
-                arg, eq + 1, a.ndim);
+        fprintf(stderr, "flexattn: buffer %s: %s has %d dims; buffers have 1 to 4\n", name, path,
+                a.ndim);
         npy_free(&a);
         return -1;
     }
-    if (slot < fb->count) npy_free(&fb->arrays[slot]);
-    memcpy(fb->names[slot], arg, n);
-    fb->names[slot][n] = '\0';
+    char *path_copy = malloc(strlen(path) + 1);
+    if (!path_copy) {
+        npy_free(&a);
+        fprintf(stderr, "flexattn: out of memory\n");
+        return -1;
+    }
+    strcpy(path_copy, path);
+    if (slot < fb->count) {
+        npy_free(&fb->arrays[slot]);
+        free(fb->paths[slot]);
+    }
+    memcpy(fb->names[slot], name, n + 1);
     fb->arrays[slot] = a;
+    fb->paths[slot] = path_copy;
     if (slot == fb->count) fb->count++;
     for (int k = 0; k < fb->count; k++)
         fb->name_list[k] = fb->names[k];
     return 0;
 }
 
-void cli_file_buffers_free(cli_file_buffers *fb) {
-    for (int k = 0; k < fb->count; k++)
-        npy_free(&fb->arrays[k]);
-    fb->count = 0;
+int cli_file_buffers_add(cli_file_buffers *fb, const char *arg) {
+    const char *eq = strchr(arg, '=');
+    size_t n = eq ? (size_t)(eq - arg) : 0;
+    char name[64];
+    if (!eq || n == 0 || n >= sizeof name || eq[1] == '\0') {
+        fprintf(stderr, "flexattn: --buffer takes NAME=FILE.npy, not '%s'\n", arg);
+        return -1;
+    }
+    memcpy(name, arg, n);
+    name[n] = '\0';
+    return cli_file_buffers_load(fb, name, eq + 1);
 }
 
-/* Whether text reads buffer `name`: the name as a whole word followed by '['. */
-static int text_reads(const char *text, const char *name) {
-    size_t len = strlen(name);
-    for (const char *p = strstr(text, name); p; p = strstr(p + 1, name)) {
-        int starts = p == text || !(isalnum((unsigned char)p[-1]) || p[-1] == '_');
-        const char *after = p + len;
-        while (*after == ' ' || *after == '\t')
-            after++;
-        if (starts && *after == '[') return 1;
-    }
+int cli_file_buffers_has(const cli_file_buffers *fb, const char *name) {
+    for (int k = 0; k < fb->count; k++)
+        if (!strcmp(fb->names[k], name)) return 1;
     return 0;
+}
+
+void cli_file_buffers_free(cli_file_buffers *fb) {
+    for (int k = 0; k < fb->count; k++) {
+        npy_free(&fb->arrays[k]);
+        free(fb->paths[k]);
+    }
+    fb->count = 0;
 }
 
 int cli_declare_buffers(const char *text, const cli_file_buffers *fb, flex_buffer_decl *decls) {
@@ -404,16 +507,47 @@ int cli_declare_buffers(const char *text, const cli_file_buffers *fb, flex_buffe
     return n;
 }
 
-int cli_bind_file_buffers(flex_context *ctx, flex_mod *mod, const cli_file_buffers *fb) {
+/* An int64 file for a buffer declared i32 (a preset's doc, NumPy's default
+ * integer): narrowed when every value fits, as torch's .int(). */
+static int narrow_i64(npy_array *a, const char *name, const char *path) {
+    size_t n = a->bytes / sizeof(int64_t);
+    const int64_t *src = a->data;
+    int32_t *dst = malloc(n * sizeof *dst + 1);
+    if (!dst) {
+        fprintf(stderr, "flexattn: out of memory\n");
+        return -1;
+    }
+    for (size_t i = 0; i < n; i++) {
+        if (src[i] < INT32_MIN || src[i] > INT32_MAX) {
+            fprintf(stderr,
+                    "flexattn: buffer %s from %s: element %zu is %lld, outside the i32 the "
+                    "mod declares\n",
+                    name, path, i, (long long)src[i]);
+            free(dst);
+            return -1;
+        }
+        dst[i] = (int32_t)src[i];
+    }
+    free(a->data);
+    a->data = dst;
+    a->dtype = FLEX_I32;
+    a->bytes = n * sizeof *dst;
+    return 0;
+}
+
+int cli_bind_file_buffers(flex_context *ctx, flex_mod *mod, cli_file_buffers *fb) {
     const ir_mod *ir = &mod->ir;
     for (int b = 0; b < ir->num_buffers; b++)
         for (int k = 0; k < fb->count; k++) {
             if (strcmp(fb->names[k], ir->buffers[b].name) != 0) continue;
-            const npy_array *a = &fb->arrays[k];
+            npy_array *a = &fb->arrays[k];
+            if (ir->buffers[b].dtype == FLEX_I32 && a->dtype == FLEX_I64 &&
+                narrow_i64(a, fb->names[k], fb->paths[k]))
+                return -1;
             flex_tensor t =
                 flex_tensor_contiguous(a->data, a->dtype, a->ndim, a->shape, FLEX_DEVICE_CPU);
             if (flex_mod_bind_buffer(ctx, mod, fb->names[k], &t) != FLEX_OK) {
-                fprintf(stderr, "flexattn: --buffer %s: %s\n", fb->names[k],
+                fprintf(stderr, "flexattn: buffer %s from %s: %s\n", fb->names[k], fb->paths[k],
                         flex_error_message(ctx));
                 return -1;
             }

@@ -76,6 +76,9 @@ typedef struct cli_buffer_spec {
     /* Buffers the caller binds itself (from files): left alone here. */
     const char *const *provided;
     int num_provided;
+    /* When set ("flexattn run"), a note on stderr names each buffer that
+     * gets generated data and how it was made; NULL: silent. */
+    const char *announce;
 } cli_buffer_spec;
 
 #define CLI_MAX_BUFFERS 16
@@ -98,7 +101,9 @@ typedef struct cli_buffers {
  *   intervals      i32[3][2]   [start, end) of the text tokens that see each
  *                              image, the seed's [[0,7],[1,7],[7,12]] scaled
  *                              to q_len
- * Buffers named in spec->provided are skipped. Another name, or a
+ * Buffers named in spec->provided are skipped. The user may not know that
+ * a buffer they gave no data gets such data: with spec->announce each one
+ * is named on stderr with how it was generated. Another name, or a
  * declaration these do not fit, is an error naming the buffer (returns -1
  * after a message). Returns 0 when every other buffer is bound.
  */
@@ -113,21 +118,36 @@ void cli_buffers_free(cli_buffers *bufs);
  */
 int cli_declare_known_buffers(const char *text, flex_buffer_decl *decls);
 
-/* ---- buffers from files (--buffer NAME=FILE.npy) ---- */
+/* ---- buffers from files (--buffer NAME=FILE.npy, DIR/NAME.npy) ---- */
 
 /* Data for buffers a mod reads, read from NumPy files; any name, any
- * dtype and 1 to 4 dims, as the file says. */
+ * dtype and 1 to 4 dims, as the file says. Owns the arrays and paths. */
 typedef struct cli_file_buffers {
     int count;
     char names[CLI_MAX_BUFFERS][64];
     const char *name_list[CLI_MAX_BUFFERS]; /* names[i], for cli_buffer_spec.provided */
     npy_array arrays[CLI_MAX_BUFFERS];
+    char *paths[CLI_MAX_BUFFERS]; /* the file of each, malloc'd, for messages */
 } cli_file_buffers;
 
 /* Reads the file of one "NAME=FILE.npy" (a later NAME replaces an earlier
  * one). Returns 0, or -1 after a message naming the option or the file. */
 int cli_file_buffers_add(cli_file_buffers *fb, const char *arg);
+/* Reads buffer `name` from `path` (as --buffer name=path). */
+int cli_file_buffers_load(cli_file_buffers *fb, const char *name, const char *path);
+/* 1 when a file gives buffer `name`. */
+int cli_file_buffers_has(const cli_file_buffers *fb, const char *name);
 void cli_file_buffers_free(cli_file_buffers *fb);
+
+/* ---- what mod text reads (through the mod language's lexer, so comments
+ * and longer names never count) ---- */
+
+/* 1 when text uses the variable `score` (a score mod), else 0. */
+int cli_text_reads_score(const char *text);
+
+/* The distinct names text indexes (`name[`), up to cap, into names;
+ * returns the count. */
+int cli_text_buffer_names(const char *text, char (*names)[64], int cap);
 
 /*
  * Buffer declarations for user mod text: each file buffer the text reads
@@ -138,8 +158,10 @@ void cli_file_buffers_free(cli_file_buffers *fb);
 int cli_declare_buffers(const char *text, const cli_file_buffers *fb, flex_buffer_decl *decls);
 
 /* Binds every file buffer mod declares. The mod borrows the data: fb must
- * outlive it. Returns 0, or -1 after a message (dtype or dims differ). */
-int cli_bind_file_buffers(flex_context *ctx, flex_mod *mod, const cli_file_buffers *fb);
+ * outlive it. An i64 file for a buffer declared i32 (a preset's) is
+ * narrowed in place when its values fit. Returns 0, or -1 after a message
+ * (dtype or dims differ). */
+int cli_bind_file_buffers(flex_context *ctx, flex_mod *mod, cli_file_buffers *fb);
 
 /* The standard ALiBi slopes of n heads (2^(-8 i / n) for a power of two n,
  * interleaved from the next power of two otherwise), into slopes[0..n). */

@@ -56,14 +56,26 @@ int cli_backward_prepare(cli_backward_state *st, const cli_backward_problem *p, 
     return 0;
 }
 
-static flex_status run_backward(cli_backward_state *st) {
+static flex_status run_backward_grads(cli_backward_state *st, const flex_buffer_grad *grads,
+                                      int num_grads) {
     const cli_backward_problem *p = &st->p;
     flex_status s = flex_attention_backward(p->ctx, &p->q, &p->k, &p->v, &st->t[CLI_BW_OUT],
                                             &st->t[CLI_BW_DOUT], &st->t[CLI_BW_LSE], p->score_mod,
                                             p->mask, NULL, &st->t[CLI_BW_DQ], &st->t[CLI_BW_DK],
-                                            &st->t[CLI_BW_DV], NULL, 0);
+                                            &st->t[CLI_BW_DV], grads, num_grads);
     if (s == FLEX_OK) s = flex_synchronize(p->ctx);
     return s;
+}
+
+static flex_status run_backward(cli_backward_state *st) {
+    return run_backward_grads(st, NULL, 0);
+}
+
+int cli_backward_run_with_buffer_grads(cli_backward_state *st, const flex_buffer_grad *grads,
+                                       int num_grads, char *why, size_t cap) {
+    if (run_backward_grads(st, grads, num_grads) != FLEX_OK)
+        return snprintf(why, cap, "backward: %s", flex_error_message(st->p.ctx)), -1;
+    return 0;
 }
 
 int cli_backward_time(cli_backward_state *st, int warmup, int iters, double *ms, char *why,

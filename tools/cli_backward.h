@@ -56,6 +56,15 @@ int cli_backward_time(cli_backward_state *st, int warmup, int iters, double *ms,
  */
 int cli_backward_check(cli_backward_state *st, double *rel, char *why, size_t cap);
 
+/*
+ * Runs the backward once more, adding the gradients of the given float
+ * buffers of the score mod into grads (borrowed; the caller zeroes them),
+ * and leaves dq, dk and dv in st->dev. Returns 0, or -1 with a message in
+ * why.
+ */
+int cli_backward_run_with_buffer_grads(cli_backward_state *st, const flex_buffer_grad *grads,
+                                       int num_grads, char *why, size_t cap);
+
 void cli_backward_free(cli_backward_state *st);
 
 /* FLOPs of the backward as the benchmarks count them: 2.5 times the

@@ -209,7 +209,7 @@ static flex_tensor layout_view(void *data, flex_dtype dt, int layout, int64_t B,
 static int compile_mods(case_data *cd, const check_case *c, char *why, size_t cap) {
     const char *names[2] = {c->score, c->mask};
     flex_mod **dst[2] = {&cd->score, &cd->mask_mod};
-    cli_buffer_spec spec = {c->Lq, c->Lkv, c->Hq, 4, NULL, 0, NULL, 0};
+    cli_buffer_spec spec = {c->Lq, c->Lkv, c->Hq, 4, NULL, 0, NULL, 0, NULL};
     for (int i = 0; i < 2; i++) {
         if (!names[i]) continue;
         flex_param ps[4];

@@ -260,8 +260,9 @@ int cmd_mask(int argc, char **argv) {
             rc = CLI_EXIT_USAGE;
         goto done;
     }
-    cli_buffer_spec spec = {q_len,       kv_len,          H > 1 ? H : 1,   (int)docs,
-                            doc_lengths, num_doc_lengths, files.name_list, files.count};
+    cli_buffer_spec spec = {q_len,           kv_len,      H > 1 ? H : 1,
+                            (int)docs,       doc_lengths, num_doc_lengths,
+                            files.name_list, files.count, "flexattn mask"};
     if (cli_bind_file_buffers(ctx, mod, &files) != 0 ||
         cli_bind_generated_buffers(ctx, mod, &spec, &bufs) != 0) {
         rc = CLI_EXIT_USAGE;

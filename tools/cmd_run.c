@@ -25,11 +25,12 @@
 static void usage(FILE *f) {
     fprintf(f, "usage: flexattn run PRESET|--text MOD [options]\n"
                "\n"
-               "Runs attention with a preset (mask or score) or mod text on random inputs,\n"
-               "and prints the median forward time and TFLOP/s.\n"
+               "Runs attention with a preset (mask or score) or mod text on random inputs\n"
+               "(or on .npy files, --load), and prints the median forward time and TFLOP/s.\n"
                "\n"
                "options:\n"
-               "  --text MOD          mod text (a score mod when it reads `score`, else a mask)\n"
+               "  --text MOD          mod text: a score mod when it uses the variable\n"
+               "                      `score` (comments do not count), else a mask mod\n"
                "  --mask PRESET       add a mask preset (with a score preset or text)\n"
                "  --mask-text MOD     add mask mod text\n"
                "  -B N, -H N          batch and query heads (default 1, 8)\n"
@@ -45,7 +46,9 @@ static void usage(FILE *f) {
                "  --docs N            documents for doc/seq/off buffers (default 4)\n"
                "  --buffer NAME=FILE  data of buffer NAME from a .npy file (repeatable); mod\n"
                "                      text may read it under that name, a preset's buffer\n"
-               "                      of that name takes it instead of generated data\n"
+               "                      of that name takes it instead of generated data (a\n"
+               "                      note on stderr names each buffer that gets generated\n"
+               "                      data: doc, seq, off, slopes, img_of, intervals)\n"
                "  --doc-lengths a,b   explicit document lengths (sum = the longer length)\n"
                "  --warmup N          untimed runs first (default 2)\n"
                "  --iters N           timed runs (default 10)\n"
@@ -53,10 +56,19 @@ static void usage(FILE *f) {
                "  --backward          also time the backward (dq, dk, dv; BW FLOPs = 2.5 x FW);\n"
                "                      with --check, compare its gradients with the fp64 oracle\n"
                "                      when the problem is small enough for it\n"
-               "  --load DIR|Q,K,V    read q, k, v (and buffers by name) from .npy files:\n"
-               "                      DIR/q.npy, DIR/k.npy, DIR/v.npy, DIR/<buffer>.npy; 4-D\n"
-               "                      C-order (B, H, S, D); <f4, <f2, bf16 as <u2 or |V2\n"
-               "  --save DIR          write DIR/out.npy and DIR/lse.npy\n"
+               "  --load DIR|Q,K,V    read q, k, v from .npy files: DIR/q.npy, DIR/k.npy,\n"
+               "                      DIR/v.npy (or the three files named), 4-D C order:\n"
+               "                      q (B, Hq, Lq, D), k (B, Hkv, Lkv, D), v (B, Hkv, Lkv,\n"
+               "                      Dv); the shapes are the files' (-B, -H, --hkv, --len,\n"
+               "                      --q-len, --kv-len, -D, --dv are refused beside it);\n"
+               "                      <f4, <f2, bf16 as <V2 (ml_dtypes), |V2 or <u2; --dtype\n"
+               "                      converts them. With DIR, DIR/<buffer>.npy gives the\n"
+               "                      data of any buffer the mods read that --buffer does not\n"
+               "  --save DIR          write DIR/out.npy (the run's dtype) and DIR/lse.npy (f32);\n"
+               "                      with --backward also dq, dk, dv, the dout they answer\n"
+               "                      (dout.npy) and d<buffer>.npy (f32) for each float\n"
+               "                      buffer the score mod reads; bf16 is written as <V2:\n"
+               "                      np.load(f).view(ml_dtypes.bfloat16) reads it\n"
                "  --json              print one JSON object instead of the table\n");
 }
 
@@ -67,7 +79,8 @@ typedef struct run_opts {
     int num_doc_lengths;
     cli_file_buffers files; /* --buffer */
     flex_dtype dtype;
-    int check, json, backward, len_given;
+    int check, json, backward, len_given, dtype_given;
+    const char *shape_option; /* the first of -B, -H, --len, ... given, or NULL */
     cli_params params;
 } run_opts;
 
@@ -77,8 +90,6 @@ typedef struct run_state {
     flex_mod *score, *mask_mod;
     flex_block_mask *mask;
     cli_buffers bufs;
-    npy_array loaded_bufs[IR_MAX_BUFFERS];
-    int num_loaded_bufs;
     int64_t B, Hq, Hkv, Lq, Lkv, D, Dv;
     flex_dtype dtype;
     void *host[3]; /* q, k, v on the host (contiguous BHSD) */
@@ -140,6 +151,15 @@ static int parse_args(int argc, char **argv, run_opts *o) {
         dst = v;                                                                                   \
         continue;                                                                                  \
     }
+        /* Shape options are remembered: --load takes the shapes from its files. */
+        static const char *const shape_options[] = {"-B",      "-H",       "--hkv", "--len",
+                                                    "--q-len", "--kv-len", "-D",    "--dv"};
+        for (size_t k = 0; k < sizeof shape_options / sizeof shape_options[0]; k++) {
+            size_t n = strlen(shape_options[k]);
+            if (!o->shape_option && !strncmp(arg, shape_options[k], n) &&
+                (arg[n] == '\0' || arg[n] == '='))
+                o->shape_option = shape_options[k];
+        }
         STR("--text", o->text)
         STR("--mask", o->mask_preset)
         STR("--mask-text", o->mask_text)
@@ -166,6 +186,7 @@ static int parse_args(int argc, char **argv, run_opts *o) {
         INT("--iters", 1, 1000000, &o->iters)
         if (OPT("--dtype")) {
             if (r < 0 || parse_dtype(v, &o->dtype)) return -1;
+            o->dtype_given = 1;
             continue;
         }
         if (OPT("--param")) {
@@ -207,23 +228,17 @@ static int parse_args(int argc, char **argv, run_opts *o) {
         fprintf(stderr, "flexattn run: --mask and --mask-text exclude each other\n");
         return -1;
     }
+    if (o->load && o->shape_option) {
+        fprintf(stderr,
+                "flexattn run: %s cannot be used with --load: the shapes come from the files "
+                "(q is (B, Hq, Lq, D), k (B, Hkv, Lkv, D), v (B, Hkv, Lkv, Dv))\n",
+                o->shape_option);
+        return -1;
+    }
     return 0;
 }
 
 /* ---- mods ---- */
-
-static int mentions_score(const char *text) {
-    for (const char *p = strstr(text, "score"); p; p = strstr(p + 1, "score")) {
-        int before =
-            p == text || !(p[-1] == '_' || (p[-1] >= 'a' && p[-1] <= 'z') ||
-                           (p[-1] >= 'A' && p[-1] <= 'Z') || (p[-1] >= '0' && p[-1] <= '9'));
-        char c = p[5];
-        int after = !(c == '_' || (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') ||
-                      (c >= '0' && c <= '9'));
-        if (before && after) return 1;
-    }
-    return 0;
-}
 
 /* The --param values a preset declares (others belong to the other mod). */
 static int params_for_preset(const flex_preset *p, const cli_params *all, flex_param *out) {
@@ -232,6 +247,44 @@ static int params_for_preset(const flex_preset *p, const cli_params *all, flex_p
         for (int k = 0; k < p->num_params; k++)
             if (!strcmp(p->params[k].name, all->params[i].name)) out[n++] = all->params[i];
     return n;
+}
+
+/* After a compile error in text: what each buffer the text reads is (its
+ * dtype and dims come from its file or from the generated data), since the
+ * parser's message knows only the declaration. */
+static void explain_buffers(const run_state *s, const char *text, const char *error) {
+    if (!text) return;
+    int wants_bool = strstr(error, "compare the int with 0") || strstr(error, "must return bool");
+    flex_buffer_decl decls[CLI_MAX_BUFFERS];
+    int n = cli_declare_buffers(text, &s->o.files, decls);
+    for (int d = 0; d < n; d++) {
+        const cli_file_buffers *fb = &s->o.files;
+        int k = 0;
+        while (k < fb->count && strcmp(fb->names[k], decls[d].name) != 0)
+            k++;
+        char quoted[70];
+        snprintf(quoted, sizeof quoted, "'%s'", decls[d].name);
+        int is_int =
+            decls[d].dtype == FLEX_U8 || decls[d].dtype == FLEX_I32 || decls[d].dtype == FLEX_I64;
+        if (!strstr(error, quoted) && !(is_int && wants_bool)) continue;
+        char shape[128] = "";
+        if (k < fb->count) {
+            size_t at = 0;
+            for (int i = 0; i < fb->arrays[k].ndim && at < sizeof shape; i++)
+                at += (size_t)snprintf(shape + at, sizeof shape - at, "%s%lld", i ? ", " : "(",
+                                       (long long)fb->arrays[k].shape[i]);
+            if (at < sizeof shape) snprintf(shape + at, sizeof shape - at, ")");
+        }
+        fprintf(stderr, "flexattn run: note: buffer '%s' is %s with %d dim%s%s%s%s%s\n",
+                decls[d].name, flex_dtype_name(decls[d].dtype), decls[d].ndim,
+                decls[d].ndim == 1 ? "" : "s", k < fb->count ? ", shape " : " (generated data)",
+                shape, k < fb->count ? ", from " : "", k < fb->count ? fb->paths[k] : "");
+        if (is_int && wants_bool)
+            fprintf(stderr,
+                    "flexattn run: note: '%s' reads as an int; where a bool is wanted (a flag "
+                    "with || or &&) write %s[...] != 0, or save the file as bool (|b1)\n",
+                    decls[d].name, decls[d].name);
+    }
 }
 
 static flex_status compile_one(run_state *s, const char *preset, const char *text,
@@ -253,62 +306,49 @@ static flex_status compile_one(run_state *s, const char *preset, const char *tex
     return flex_mod_compile(s->ctx, &desc, out);
 }
 
-/* Binds --buffer files, then DIR/<name>.npy where it exists (--load DIR),
- * and generated data for the other buffers. */
-static int bind_buffers(run_state *s, flex_mod *m) {
-    int loaded[IR_MAX_BUFFERS], missing = 0;
-    const char *provided[2 * CLI_MAX_BUFFERS];
-    int num_provided = 0;
-    if (cli_bind_file_buffers(s->ctx, m, &s->o.files)) return -1;
-    for (int k = 0; k < s->o.files.count; k++)
-        provided[num_provided++] = s->o.files.names[k];
-    for (int b = 0; b < m->ir.num_buffers; b++) {
-        const ir_buffer *decl = &m->ir.buffers[b];
+/* Adds DIR/<name>.npy (--load DIR) to the file buffers for every buffer
+ * the mods read that no --buffer gives and whose file exists: the names
+ * the texts index and the buffers the presets declare. */
+static int load_dir_buffers(run_state *s) {
+    run_opts *o = &s->o;
+    if (!o->load || strchr(o->load, ',')) return 0;
+    char names[2 * CLI_MAX_BUFFERS][64];
+    int n = 0;
+    const char *texts[2] = {o->text, o->mask_text};
+    for (int t = 0; t < 2; t++)
+        if (texts[t]) n += cli_text_buffer_names(texts[t], names + n, CLI_MAX_BUFFERS);
+    const char *presets[2] = {o->preset, o->mask_preset};
+    for (int t = 0; t < 2; t++) {
+        const flex_preset *p = presets[t] ? flex_preset_find(presets[t]) : NULL;
+        for (int b = 0; p && b < p->num_buffers && n < 2 * CLI_MAX_BUFFERS; b++)
+            snprintf(names[n++], sizeof names[0], "%s", p->buffers[b].name);
+    }
+    for (int k = 0; k < n; k++) {
         char path[4096];
         struct stat sb;
-        loaded[b] = -1;
-        int from_file = 0;
-        for (int k = 0; k < s->o.files.count; k++)
-            if (!strcmp(s->o.files.names[k], decl->name)) from_file = 1;
-        if (from_file) continue;
-        if (!s->o.load || strchr(s->o.load, ',') || s->num_loaded_bufs >= IR_MAX_BUFFERS ||
-            snprintf(path, sizeof path, "%s/%s.npy", s->o.load, decl->name) >= (int)sizeof path ||
-            stat(path, &sb) != 0) {
-            missing = 1;
+        if (cli_file_buffers_has(&o->files, names[k]) ||
+            snprintf(path, sizeof path, "%s/%s.npy", o->load, names[k]) >= (int)sizeof path ||
+            stat(path, &sb) != 0)
             continue;
-        }
-        npy_array *a = &s->loaded_bufs[s->num_loaded_bufs];
-        char err[512];
-        if (npy_read(path, a, err, sizeof err) != FLEX_OK) {
-            fprintf(stderr, "flexattn run: %s\n", err);
-            return -1;
-        }
-        loaded[b] = s->num_loaded_bufs++;
-        provided[num_provided++] = decl->name;
-        if (a->ndim != decl->ndim || a->dtype != decl->dtype) {
-            fprintf(stderr, "flexattn run: %s holds %s with %d dims; buffer '%s' is %s with %d\n",
-                    path, flex_dtype_name(a->dtype), a->ndim, decl->name,
-                    flex_dtype_name(decl->dtype), decl->ndim);
-            return -1;
-        }
-    }
-    if (missing) {
-        cli_buffer_spec spec = {s->Lq,          s->Lkv,           s->Hq,
-                                (int)s->o.docs, s->o.doc_lengths, s->o.num_doc_lengths,
-                                provided,       num_provided};
-        if (cli_bind_generated_buffers(s->ctx, m, &spec, &s->bufs) != 0) return -1;
-    }
-    for (int b = 0; b < m->ir.num_buffers; b++) {
-        if (loaded[b] < 0) continue;
-        npy_array *a = &s->loaded_bufs[loaded[b]];
-        flex_tensor t =
-            flex_tensor_contiguous(a->data, a->dtype, a->ndim, a->shape, FLEX_DEVICE_CPU);
-        if (flex_mod_bind_buffer(s->ctx, m, m->ir.buffers[b].name, &t) != FLEX_OK) {
-            fprintf(stderr, "flexattn run: %s\n", flex_error_message(s->ctx));
-            return -1;
-        }
+        if (cli_file_buffers_load(&o->files, names[k], path)) return -1;
     }
     return 0;
+}
+
+/* Binds the buffers given by files (--buffer, DIR/<name>.npy), and
+ * generated data for the other buffers. */
+static int bind_buffers(run_state *s, flex_mod *m) {
+    if (cli_bind_file_buffers(s->ctx, m, &s->o.files)) return -1;
+    cli_buffer_spec spec = {.q_len = s->Lq,
+                            .kv_len = s->Lkv,
+                            .heads = s->Hq,
+                            .num_docs = (int)s->o.docs,
+                            .doc_lengths = s->o.doc_lengths,
+                            .num_doc_lengths = s->o.num_doc_lengths,
+                            .provided = s->o.files.name_list,
+                            .num_provided = s->o.files.count,
+                            .announce = "flexattn run"};
+    return cli_bind_generated_buffers(s->ctx, m, &spec, &s->bufs);
 }
 
 /* The block mask of the run: broadcast over batch and heads (as the seed's
@@ -356,6 +396,69 @@ static void *random_host(flex_dtype dt, size_t n) {
     return p;
 }
 
+/* Converts a loaded float array to dtype `to` in place (f32, f16, bf16). */
+static int convert_array(npy_array *a, flex_dtype to) {
+    if (a->dtype == to) return 0;
+    size_t n = a->bytes / flex_dtype_size(a->dtype);
+    void *dst = malloc(n * flex_dtype_size(to) + 1);
+    if (!dst) return -1;
+    for (size_t i = 0; i < n; i++)
+        flex_store_from_float(dst, to, (int64_t)i,
+                              flex_load_as_float(a->data, a->dtype, (int64_t)i));
+    free(a->data);
+    a->data = dst;
+    a->dtype = to;
+    a->bytes = n * flex_dtype_size(to);
+    return 0;
+}
+
+/* Says why the shapes of q (B, Hq, Lq, D), k (B, Hkv, Lkv, D) and v (B,
+ * Hkv, Lkv, Dv) do not fit together, naming the file out of place; 0 when
+ * they fit. */
+static int check_shapes(const npy_array a[3], char paths[3][4096]) {
+    const int64_t *q = a[0].shape, *k = a[1].shape, *v = a[2].shape;
+    static const char *const dim_names[4] = {"batch", "heads", "length", "head dim"};
+    for (int i = 0; i < 3; i++)
+        for (int d = 0; d < 4; d++)
+            if (a[i].shape[d] < 1) {
+                fprintf(stderr, "flexattn run: %s: %s is 0; q, k and v must not be empty\n",
+                        paths[i], dim_names[d]);
+                return -1;
+            }
+    if (k[0] != q[0] || v[0] != q[0]) {
+        int i = k[0] != q[0] ? 1 : 2;
+        fprintf(stderr, "flexattn run: %s: batch %lld, %s has %lld\n", paths[i],
+                (long long)a[i].shape[0], paths[0], (long long)q[0]);
+        return -1;
+    }
+    if (k[3] != q[3]) {
+        fprintf(stderr, "flexattn run: %s: head dim %lld, %s has %lld\n", paths[1], (long long)k[3],
+                paths[0], (long long)q[3]);
+        return -1;
+    }
+    if (v[1] != k[1]) {
+        fprintf(stderr, "flexattn run: %s: %lld kv heads, %s has %lld\n", paths[2], (long long)v[1],
+                paths[1], (long long)k[1]);
+        return -1;
+    }
+    if (v[2] != k[2]) {
+        fprintf(stderr, "flexattn run: %s: length %lld, %s has %lld\n", paths[2], (long long)v[2],
+                paths[1], (long long)k[2]);
+        return -1;
+    }
+    if (q[1] % k[1] != 0) {
+        fprintf(stderr,
+                "flexattn run: %s: %lld heads, not a multiple of the %lld kv heads of %s "
+                "(grouped-query attention needs Hq = n * Hkv)\n",
+                paths[0], (long long)q[1], (long long)k[1], paths[1]);
+        return -1;
+    }
+    return 0;
+}
+
+/* Reads q, k and v from --load (DIR or three files). The shapes are the
+ * files'; the dtype is theirs too, or --dtype's when given (float files are
+ * converted). */
 static int load_inputs(run_state *s) {
     char paths[3][4096];
     static const char *names[3] = {"q", "k", "v"};
@@ -374,7 +477,11 @@ static int load_inputs(run_state *s) {
         }
     } else {
         for (int i = 0; i < 3; i++)
-            snprintf(paths[i], sizeof paths[i], "%s/%s.npy", s->o.load, names[i]);
+            if (snprintf(paths[i], sizeof paths[i], "%s/%s.npy", s->o.load, names[i]) >=
+                (int)sizeof paths[i]) {
+                fprintf(stderr, "flexattn run: --load: the folder name is too long\n");
+                return -1;
+            }
     }
     npy_array a[3];
     memset(a, 0, sizeof a);
@@ -385,18 +492,32 @@ static int load_inputs(run_state *s) {
             fprintf(stderr, "flexattn run: %s\n", err);
             goto out;
         }
-        if (a[i].ndim != 4 ||
-            (a[i].dtype != FLEX_F32 && a[i].dtype != FLEX_F16 && a[i].dtype != FLEX_BF16)) {
-            fprintf(stderr, "flexattn run: %s must be a 4-D (B, H, S, D) f32/f16/bf16 array\n",
-                    paths[i]);
+        if (a[i].ndim != 4) {
+            fprintf(stderr, "flexattn run: %s has %d dims; %s is 4-D (B, %s, %s, %s) in C order\n",
+                    paths[i], a[i].ndim, names[i], i == 0 ? "Hq" : "Hkv", i == 0 ? "Lq" : "Lkv",
+                    i == 2 ? "Dv" : "D");
             goto out;
         }
-        if (a[i].dtype != a[0].dtype) {
-            fprintf(stderr, "flexattn run: %s and %s have different dtypes\n", paths[0], paths[i]);
+        if (a[i].dtype != FLEX_F32 && a[i].dtype != FLEX_F16 && a[i].dtype != FLEX_BF16) {
+            fprintf(stderr, "flexattn run: %s holds %s; q, k and v are f32, f16 or bf16\n",
+                    paths[i], flex_dtype_name(a[i].dtype));
+            goto out;
+        }
+        if (!s->o.dtype_given && a[i].dtype != a[0].dtype) {
+            fprintf(stderr,
+                    "flexattn run: %s holds %s, %s holds %s; give --dtype to convert them to "
+                    "one\n",
+                    paths[i], flex_dtype_name(a[i].dtype), paths[0], flex_dtype_name(a[0].dtype));
             goto out;
         }
     }
-    s->dtype = a[0].dtype;
+    if (check_shapes(a, paths)) goto out;
+    s->dtype = s->o.dtype_given ? s->o.dtype : a[0].dtype;
+    for (int i = 0; i < 3; i++)
+        if (convert_array(&a[i], s->dtype)) {
+            fprintf(stderr, "flexattn run: out of host memory for the inputs\n");
+            goto out;
+        }
     s->B = a[0].shape[0], s->Hq = a[0].shape[1], s->Lq = a[0].shape[2], s->D = a[0].shape[3];
     s->Hkv = a[1].shape[1], s->Lkv = a[1].shape[2], s->Dv = a[2].shape[3];
     for (int i = 0; i < 3; i++) {
@@ -565,8 +686,113 @@ done:
  * check (it has no row subsampling: dK and dV need every row). */
 #define BACKWARD_CHECK_LIMIT 4e8
 
+/* Creates the --save folder when it is not there. */
+static int make_save_dir(const char *dir) {
+    struct stat sb;
+    if (mkdir(dir, 0777) != 0 && (stat(dir, &sb) != 0 || !S_ISDIR(sb.st_mode))) {
+        fprintf(stderr, "flexattn run: --save %s: cannot create the folder\n", dir);
+        return -1;
+    }
+    return 0;
+}
+
+/* Copies `bytes` of device memory to the host and writes them to
+ * DIR/name.npy. Returns 0, or -1 after a message. */
+static int save_device_array(run_state *s, const char *name, const void *dev, flex_dtype dtype,
+                             int ndim, const int64_t *shape, size_t bytes) {
+    char path[4096], err[512];
+    void *host = malloc(bytes + 1);
+    int rc = -1;
+    if (!host) {
+        fprintf(stderr, "flexattn run: out of host memory for %s\n", name);
+        return -1;
+    }
+    if (flex_copy_to_host(s->ctx, host, dev, bytes) != FLEX_OK)
+        fprintf(stderr, "flexattn run: %s\n", flex_error_message(s->ctx));
+    else if (snprintf(path, sizeof path, "%s/%s.npy", s->o.save, name) >= (int)sizeof path)
+        fprintf(stderr, "flexattn run: --save: the folder name is too long\n");
+    else if (npy_write(path, dtype, ndim, shape, host, err, sizeof err) != FLEX_OK)
+        fprintf(stderr, "flexattn run: %s\n", err);
+    else
+        rc = 0;
+    free(host);
+    return rc;
+}
+
+/*
+ * --save with --backward: runs the backward once more with the gradients
+ * of the float buffers the score mod reads, and writes DIR/dout.npy (the
+ * fixed pseudo-random dout it used), dq.npy, dk.npy, dv.npy and
+ * d<buffer>.npy (f32, shaped like the buffer).
+ */
+static int save_gradients(run_state *s, cli_backward_state *st) {
+    flex_buffer_grad grads[IR_MAX_BUFFERS];
+    void *grad_dev[IR_MAX_BUFFERS];
+    size_t grad_bytes[IR_MAX_BUFFERS];
+    int n = 0, rc = -1;
+    const flex_mod *m = s->score;
+    for (int b = 0; m && b < m->ir.num_buffers; b++) {
+        flex_dtype dt = m->ir.buffers[b].dtype;
+        if (dt != FLEX_F32 && dt != FLEX_F16 && dt != FLEX_BF16) continue;
+        const flex_tensor *view = &m->views[b];
+        size_t elems = 1;
+        for (int d = 0; d < view->ndim; d++)
+            elems *= (size_t)view->sizes[d];
+        grad_bytes[n] = elems * sizeof(float);
+        float *zeros = calloc(elems + 1, sizeof(float));
+        if (!zeros || flex_malloc(s->ctx, grad_bytes[n] + 1, &grad_dev[n]) != FLEX_OK) {
+            free(zeros);
+            fprintf(stderr, "flexattn run: no memory for the gradient of '%s'\n",
+                    m->ir.buffers[b].name);
+            goto done;
+        }
+        flex_status cs = flex_copy_to_device(s->ctx, grad_dev[n], zeros, grad_bytes[n]);
+        free(zeros);
+        grads[n].name = m->ir.buffers[b].name;
+        grads[n].grad = flex_tensor_contiguous(grad_dev[n], FLEX_F32, view->ndim, view->sizes,
+                                               flex_context_device_type(s->ctx));
+        grads[n].grad.device_index = flex_context_device_index(s->ctx);
+        n++;
+        if (cs != FLEX_OK) {
+            fprintf(stderr, "flexattn run: %s\n", flex_error_message(s->ctx));
+            goto done;
+        }
+    }
+    char why[512];
+    if (cli_backward_run_with_buffer_grads(st, grads, n, why, sizeof why)) {
+        fprintf(stderr, "flexattn run: %s\n", why);
+        goto done;
+    }
+    static const char *const names[3] = {"dq", "dk", "dv"};
+    for (int i = 0; i < 3; i++) {
+        const flex_tensor *t = &st->t[CLI_BW_DQ + i];
+        if (save_device_array(s, names[i], st->dev[CLI_BW_DQ + i], t->dtype, 4, t->sizes,
+                              st->bytes[CLI_BW_DQ + i]))
+            goto done;
+    }
+    char path[4096], err[512];
+    snprintf(path, sizeof path, "%s/dout.npy", s->o.save);
+    if (npy_write(path, s->dtype, 4, st->t[CLI_BW_DOUT].sizes, st->host_dout, err, sizeof err)) {
+        fprintf(stderr, "flexattn run: %s\n", err);
+        goto done;
+    }
+    for (int g = 0; g < n; g++) {
+        char name[80];
+        snprintf(name, sizeof name, "d%s", grads[g].name);
+        if (save_device_array(s, name, grad_dev[g], FLEX_F32, grads[g].grad.ndim,
+                              grads[g].grad.sizes, grad_bytes[g]))
+            goto done;
+    }
+    rc = 0;
+done:
+    for (int g = 0; g < n; g++)
+        flex_free(s->ctx, grad_dev[g]);
+    return rc;
+}
+
 /* Times the backward; with check, compares it with the oracle (*checked
- * set when it did). Returns 0, or -1 after a message. */
+ * set when it did); with --save, writes the gradients. Returns 0, or -1
+ * after a message. */
 static int time_backward(run_state *s, int check, double *rel, int *pass, int *checked) {
     cli_backward_problem p;
     memset(&p, 0, sizeof p);
@@ -592,13 +818,14 @@ static int time_backward(run_state *s, int check, double *rel, int *pass, int *c
         else
             *pass = r, *checked = 1;
     }
-    cli_backward_free(&st);
     if (rc) fprintf(stderr, "flexattn run: %s\n", why);
+    if (rc == 0 && s->o.save && (make_save_dir(s->o.save) || save_gradients(s, &st))) rc = -1;
+    cli_backward_free(&st);
     return rc ? -1 : 0;
 }
 
 static int save_outputs(run_state *s) {
-    mkdir(s->o.save, 0777);
+    if (make_save_dir(s->o.save)) return -1;
     size_t out_bytes = (size_t)(s->B * s->Hq * s->Lq * s->Dv) * flex_dtype_size(s->dtype);
     size_t lse_bytes = (size_t)(s->B * s->Hq * s->Lq) * sizeof(float);
     void *out = malloc(out_bytes + 1), *lse = malloc(lse_bytes + 1);
@@ -674,8 +901,6 @@ static void run_free(run_state *s) {
     flex_mod_destroy(s->mask_mod);
     flex_mod_destroy(s->score);
     cli_buffers_free(&s->bufs);
-    for (int i = 0; i < s->num_loaded_bufs; i++)
-        npy_free(&s->loaded_bufs[i]);
     flex_context_destroy(s->ctx);
 }
 
@@ -692,16 +917,25 @@ int cmd_run(int argc, char **argv) {
         fprintf(stderr, "flexattn run: %s\n", flex_error_message(NULL));
         return CLI_EXIT_FAILURE;
     }
-    if (make_inputs(&s)) goto done;
+    if (make_inputs(&s)) {
+        rc = s.o.load ? CLI_EXIT_USAGE : CLI_EXIT_FAILURE;
+        goto done;
+    }
 
-    /* The main mod: a preset of either kind, or text (a score mod when it
-     * reads `score`). */
+    if (load_dir_buffers(&s)) {
+        rc = CLI_EXIT_USAGE;
+        goto done;
+    }
+
+    /* The main mod: a preset of either kind, or text: a score mod when it
+     * uses the variable `score`, else a mask mod, or a score mod after all
+     * when only that compiles (a float expression without `score`). */
     flex_mod *main_mod = NULL;
     flex_mod_kind kind = FLEX_MOD_MASK;
     if (s.o.preset) {
         const flex_preset *p = flex_preset_find(s.o.preset);
         if (p) kind = p->kind;
-    } else if (mentions_score(s.o.text)) {
+    } else if (cli_text_reads_score(s.o.text)) {
         kind = FLEX_MOD_SCORE;
     }
     if (compile_one(&s, s.o.preset, s.o.text, kind, &main_mod) != FLEX_OK) {
@@ -709,9 +943,16 @@ int cmd_run(int argc, char **argv) {
             rc = CLI_EXIT_USAGE;
             goto done;
         }
-        fprintf(stderr, "flexattn run: %s\n", flex_error_message(s.ctx));
-        rc = CLI_EXIT_USAGE;
-        goto done;
+        char first_error[2048];
+        snprintf(first_error, sizeof first_error, "%s", flex_error_message(s.ctx));
+        if (!(s.o.text && kind == FLEX_MOD_MASK &&
+              compile_one(&s, NULL, s.o.text, FLEX_MOD_SCORE, &main_mod) == FLEX_OK)) {
+            fprintf(stderr, "flexattn run: %s\n", first_error);
+            explain_buffers(&s, s.o.text, first_error);
+            rc = CLI_EXIT_USAGE;
+            goto done;
+        }
+        kind = FLEX_MOD_SCORE;
     }
     if (kind == FLEX_MOD_SCORE)
         s.score = main_mod;
@@ -730,6 +971,7 @@ int cmd_run(int argc, char **argv) {
             FLEX_OK) {
             if (s.o.mask_text || flex_preset_find(s.o.mask_preset))
                 fprintf(stderr, "flexattn run: %s\n", flex_error_message(s.ctx));
+            explain_buffers(&s, s.o.mask_text, flex_error_message(s.ctx));
             rc = CLI_EXIT_USAGE;
             goto done;
         }
@@ -794,6 +1036,11 @@ int cmd_run(int argc, char **argv) {
                 printf("backward check: %s  largest relative error of dq, dk, dv %.3e (all rows "
                        "vs the fp64 oracle)\n",
                        bw_pass ? "PASS" : "FAIL", bw_rel);
+            else if (s.o.load)
+                printf("backward check: skipped (the loaded problem is too large for the fp64 "
+                       "oracle: B*H*Lq*Lkv*(D+Dv) is %.3g, the limit %.3g)\n",
+                       (double)s.B * s.Hq * (double)s.Lq * (double)s.Lkv * (double)(s.D + s.Dv),
+                       BACKWARD_CHECK_LIMIT);
             else
                 printf("backward check: skipped (too large for the fp64 oracle; try --len 256)\n");
         }

@@ -5,9 +5,12 @@
  */
 #include <ctype.h>
 #include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "npy.h"
 
@@ -34,29 +37,57 @@ static const char *find_key(const char *hdr, const char *name) {
     return NULL;
 }
 
-static int parse_descr(const char *v, flex_dtype *dt) {
+/* Copies the quoted string at v (either quote) into out; -1 when v holds
+ * no closed string that fits. */
+static int quoted(const char *v, char *out, size_t cap) {
     if (*v != '\'' && *v != '"') return -1;
     char q = *v++;
-    char d[16];
     size_t n = 0;
-    while (*v && *v != q && n + 1 < sizeof d)
-        d[n++] = *v++;
-    d[n] = '\0';
-    if (*v != q) return -1;
-    static const struct {
-        const char *descr;
-        flex_dtype dtype;
-    } table[] = {
-        {"<f4", FLEX_F32},  {"<f2", FLEX_F16},  {"<u2", FLEX_BF16}, {"|V2", FLEX_BF16},
-        {"<V2", FLEX_BF16}, {"<i4", FLEX_I32},  {"<i8", FLEX_I64},  {"|u1", FLEX_U8},
-        {"<u1", FLEX_U8},   {"|b1", FLEX_BOOL},
-    };
-    for (size_t i = 0; i < sizeof table / sizeof table[0]; i++)
-        if (strcmp(d, table[i].descr) == 0) {
-            *dt = table[i].dtype;
+    while (*v && *v != q && n + 1 < cap)
+        out[n++] = *v++;
+    out[n] = '\0';
+    return *v == q ? 0 : -1;
+}
+
+static const struct {
+    const char *descr;
+    flex_dtype dtype;
+} descr_table[] = {
+    {"<f4", FLEX_F32},  {"<f2", FLEX_F16},  {"<V2", FLEX_BF16}, {"|V2", FLEX_BF16},
+    {"<u2", FLEX_BF16}, {"<i4", FLEX_I32},  {"<i8", FLEX_I64},  {"|u1", FLEX_U8},
+    {"<u1", FLEX_U8},   {"|b1", FLEX_BOOL},
+};
+
+static int parse_descr(const char *d, flex_dtype *dt) {
+    for (size_t i = 0; i < sizeof descr_table / sizeof descr_table[0]; i++)
+        if (strcmp(d, descr_table[i].descr) == 0) {
+            *dt = descr_table[i].dtype;
             return 0;
         }
     return -1;
+}
+
+/* The message for a descr this reader does not take: the descr alone, what
+ * it is when it is a common one, and what to save instead. */
+static void unsupported_descr(const char *d, char *msg, size_t cap) {
+    static const struct {
+        const char *descr, *what;
+    } common[] = {{"<f8", "float64"},     {"<i2", "int16"},        {"<u4", "uint32"},
+                  {"<u8", "uint64"},      {"|i1", "int8"},         {"<c8", "complex64"},
+                  {"<c16", "complex128"}, {"|O", "Python objects"}};
+    const char *what = NULL;
+    for (size_t i = 0; i < sizeof common / sizeof common[0]; i++)
+        if (!strcmp(d, common[i].descr)) what = common[i].what;
+    if (d[0] == '>')
+        snprintf(msg, cap,
+                 "dtype '%s' is big-endian; save little-endian data "
+                 "(a.astype(a.dtype.newbyteorder('<')))",
+                 d);
+    else
+        snprintf(msg, cap,
+                 "unsupported dtype '%s'%s%s%s; flexattn reads <f4 (float32), <f2 (float16), "
+                 "bfloat16 as <V2 (ml_dtypes), |V2 or <u2, <i4, <i8, |u1 and |b1",
+                 d, what ? " (" : "", what ? what : "", what ? ")" : "");
 }
 
 static int parse_shape(const char *v, int *ndim, int64_t *shape) {
@@ -87,31 +118,71 @@ void npy_free(npy_array *a) {
     memset(a, 0, sizeof *a);
 }
 
+/* Opens path for reading without blocking on a FIFO, and only when it is a
+ * regular file: a FIFO, a device or a folder is refused before any read. */
+static FILE *open_regular(const char *path, off_t *size, char *err, size_t cap) {
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    if (fd < 0) {
+        io_fail(err, cap, path, strerror(errno));
+        return NULL;
+    }
+    struct stat sb;
+    if (fstat(fd, &sb) != 0) {
+        io_fail(err, cap, path, strerror(errno));
+        close(fd);
+        return NULL;
+    }
+    if (!S_ISREG(sb.st_mode)) {
+        io_fail(err, cap, path,
+                S_ISFIFO(sb.st_mode)  ? "is a FIFO, not a regular file"
+                : S_ISDIR(sb.st_mode) ? "is a folder, not a .npy file"
+                                      : "is a device or socket, not a regular file");
+        close(fd);
+        return NULL;
+    }
+    FILE *f = fdopen(fd, "rb");
+    if (!f) {
+        io_fail(err, cap, path, strerror(errno));
+        close(fd);
+        return NULL;
+    }
+    *size = sb.st_size;
+    return f;
+}
+
 flex_status npy_read(const char *path, npy_array *out, char *err, size_t err_cap) {
     memset(out, 0, sizeof *out);
-    FILE *f = fopen(path, "rb");
-    if (!f) return io_fail(err, err_cap, path, strerror(errno));
+    off_t file_size = 0;
+    FILE *f = open_regular(path, &file_size, err, err_cap);
+    if (!f) return FLEX_ERR_IO;
     unsigned char pre[10];
     flex_status st = FLEX_OK;
     char *hdr = NULL;
+    char msg[256];
     if (fread(pre, 1, 8, f) != 8 || memcmp(pre, "\x93NUMPY", 6) != 0) {
         st = io_fail(err, err_cap, path, "not a .npy file (bad magic)");
         goto done;
     }
-    size_t hlen;
+    size_t hlen, prefix;
     if (pre[6] == 1) {
         if (fread(pre + 8, 1, 2, f) != 2) goto truncated;
         hlen = (size_t)pre[8] | ((size_t)pre[9] << 8);
+        prefix = 10;
     } else if (pre[6] == 2 || pre[6] == 3) {
         unsigned char l4[4];
         if (fread(l4, 1, 4, f) != 4) goto truncated;
         hlen = (size_t)l4[0] | ((size_t)l4[1] << 8) | ((size_t)l4[2] << 16) | ((size_t)l4[3] << 24);
-        if (hlen > (1u << 20)) {
-            st = io_fail(err, err_cap, path, "header longer than 1 MiB");
-            goto done;
-        }
+        prefix = 12;
     } else {
-        st = io_fail(err, err_cap, path, "unsupported .npy format version");
+        snprintf(msg, sizeof msg, "unsupported .npy format version %d.%d", pre[6], pre[7]);
+        st = io_fail(err, err_cap, path, msg);
+        goto done;
+    }
+    /* The header is read only when the file holds it all (and it is short). */
+    if (hlen > NPY_MAX_HEADER || (off_t)(prefix + hlen) > file_size) {
+        snprintf(msg, sizeof msg, "header length %zu is longer than %s", hlen,
+                 hlen > NPY_MAX_HEADER ? "1 MiB" : "the file");
+        st = io_fail(err, err_cap, path, msg);
         goto done;
     }
     hdr = malloc(hlen + 1);
@@ -127,10 +198,15 @@ flex_status npy_read(const char *path, npy_array *out, char *err, size_t err_cap
         st = io_fail(err, err_cap, path, "header lacks descr, fortran_order or shape");
         goto done;
     }
-    if (parse_descr(descr, &out->dtype) != 0) {
-        char msg[96];
-        snprintf(msg, sizeof msg, "unsupported dtype %.20s (want <f4, <f2, <u2/|V2 for bf16, ...)",
-                 descr);
+    char d[32];
+    if (quoted(descr, d, sizeof d) != 0) {
+        st = io_fail(err, err_cap, path,
+                     *descr == '[' ? "structured dtypes are not supported (save a plain array)"
+                                   : "malformed descr in the header");
+        goto done;
+    }
+    if (parse_descr(d, &out->dtype) != 0) {
+        unsupported_descr(d, msg, sizeof msg);
         st = io_fail(err, err_cap, path, msg);
         goto done;
     }
@@ -139,18 +215,29 @@ flex_status npy_read(const char *path, npy_array *out, char *err, size_t err_cap
         goto done;
     }
     if (parse_shape(shape, &out->ndim, out->shape) != 0) {
-        st = io_fail(err, err_cap, path, "malformed or too long shape");
+        st = io_fail(err, err_cap, path, "malformed shape, or more than 8 dims");
         goto done;
     }
-    size_t count = 1;
+    /* Checked against the cap and the file before anything is allocated. */
+    uint64_t bytes = flex_dtype_size(out->dtype);
     for (int i = 0; i < out->ndim; i++) {
-        if (out->shape[i] != 0 && count > SIZE_MAX / 16 / (size_t)out->shape[i]) {
-            st = io_fail(err, err_cap, path, "shape too large");
+        if (out->shape[i] != 0 && bytes > NPY_MAX_BYTES / (uint64_t)out->shape[i]) {
+            snprintf(msg, sizeof msg, "the shape claims more than %llu GiB of data",
+                     (unsigned long long)(NPY_MAX_BYTES >> 30));
+            st = io_fail(err, err_cap, path, msg);
             goto done;
         }
-        count *= (size_t)out->shape[i];
+        bytes *= (uint64_t)out->shape[i];
     }
-    out->bytes = count * flex_dtype_size(out->dtype);
+    uint64_t have = (uint64_t)(file_size - (off_t)(prefix + hlen));
+    if (bytes != have) {
+        snprintf(msg, sizeof msg, "the header claims %llu bytes of data, the file holds %llu (%s)",
+                 (unsigned long long)bytes, (unsigned long long)have,
+                 bytes > have ? "truncated" : "trailing bytes");
+        st = io_fail(err, err_cap, path, msg);
+        goto done;
+    }
+    out->bytes = (size_t)bytes;
     out->data = malloc(out->bytes ? out->bytes : 1);
     if (!out->data) {
         st = io_fail(err, err_cap, path, "out of memory for the data");
@@ -174,7 +261,7 @@ static const char *descr_of(flex_dtype dt) {
     case FLEX_F16:
         return "<f2";
     case FLEX_BF16:
-        return "<u2";
+        return "<V2";
     case FLEX_I32:
         return "<i4";
     case FLEX_I64:
@@ -185,6 +272,28 @@ static const char *descr_of(flex_dtype dt) {
         return "|b1";
     }
     return NULL;
+}
+
+/* Creates or empties path for writing, only when it is (or becomes) a
+ * regular file: a FIFO or a device in its place is refused, not waited on. */
+static FILE *create_regular(const char *path, char *err, size_t cap) {
+    int fd = open(path, O_WRONLY | O_CREAT | O_NONBLOCK | O_CLOEXEC, 0666);
+    if (fd < 0) {
+        io_fail(err, cap, path, errno == ENXIO ? "is a FIFO, not a regular file" : strerror(errno));
+        return NULL;
+    }
+    struct stat sb;
+    if (fstat(fd, &sb) != 0 || !S_ISREG(sb.st_mode) || ftruncate(fd, 0) != 0) {
+        io_fail(err, cap, path, "is not a regular file that can be written");
+        close(fd);
+        return NULL;
+    }
+    FILE *f = fdopen(fd, "wb");
+    if (!f) {
+        io_fail(err, cap, path, strerror(errno));
+        close(fd);
+    }
+    return f;
 }
 
 flex_status npy_write(const char *path, flex_dtype dtype, int ndim, const int64_t *shape,
@@ -205,8 +314,8 @@ flex_status npy_write(const char *path, flex_dtype dtype, int ndim, const int64_
     /* Pad with spaces so magic + length + header is a multiple of 64, ending in '\n'. */
     size_t total = 10 + (size_t)n + 1;
     size_t pad = (64 - total % 64) % 64;
-    FILE *f = fopen(path, "wb");
-    if (!f) return io_fail(err, err_cap, path, strerror(errno));
+    FILE *f = create_regular(path, err, err_cap);
+    if (!f) return FLEX_ERR_IO;
     unsigned hlen = (unsigned)((size_t)n + pad + 1);
     unsigned char pre[10] = {0x93,
                              'N',

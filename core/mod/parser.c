@@ -419,12 +419,27 @@ static int apply_binary(parser *p, int optok, const value *l, const value *r, va
     switch (k) {
     case TOK_OROR:
     case TOK_ANDAND:
-        if (lt != IR_BOOL || rt != IR_BOOL)
+        if (lt != IR_BOOL || rt != IR_BOOL) {
+            /* An int beside a bool is a flag to test: '|' would give an int,
+             * which no mask returns, so the advice is the comparison. */
+            const value *flag = lt == IR_INT && rt == IR_BOOL   ? l
+                                : rt == IR_INT && lt == IR_BOOL ? r
+                                                                : NULL;
+            if (flag) {
+                const mod_token *first = &p->toks[flag->tok], *last = &p->toks[flag->end];
+                int len = (int)(last->offset + last->length - first->offset);
+                return fail(p, FLEX_ERR_MOD_TYPE, optok,
+                            "operator '%s' needs bool operands, got %s and %s (compare the int "
+                            "with 0: '%.*s != 0')",
+                            opname, type_name(lt), type_name(rt), len > 40 ? 40 : len,
+                            p->text + first->offset);
+            }
             return fail(p, FLEX_ERR_MOD_TYPE, optok,
                         "operator '%s' needs bool operands, got %s and %s%s", opname, type_name(lt),
                         type_name(rt),
                         k == TOK_ANDAND ? " (use '&' for bitwise and of ints)"
                                         : " (use '|' for bitwise or of ints)");
+        }
         node = make_binary(p, k == TOK_OROR ? IR_OR : IR_AND, IR_BOOL, a, b, optok);
         break;
     case TOK_OR:
@@ -714,6 +729,14 @@ static int parse_primary(parser *p, value *out) {
     return fail(p, FLEX_ERR_MOD_NAME, tok, "unknown name '%.*s'", (int)(len > 60 ? 60 : len), name);
 }
 
+/* An index beyond a buffer's dims (the n-th), at tokens tok..end. */
+static int fail_extra_index(parser *p, const ir_buffer *buf, int tok, int end, int n) {
+    return fail_range(p, FLEX_ERR_MOD_TYPE, tok, end,
+                      "buffer '%s' has %d dimension%s, so it takes %d ind%s; this is index %d",
+                      buf->name, buf->ndim, buf->ndim == 1 ? "" : "s", buf->ndim,
+                      buf->ndim == 1 ? "ex" : "ices", n);
+}
+
 static int parse_index(parser *p, int open_tok, value *v) {
     /* p->pos is just past '[' */
     if (v->buffer < 0) {
@@ -729,11 +752,7 @@ static int parse_index(parser *p, int open_tok, value *v) {
         value idx;
         if (parse_ternary(p, &idx) < 0) return -1;
         if (need_scalar(p, &idx) < 0) return -1;
-        if (v->nidx >= buf->ndim)
-            return fail_range(p, FLEX_ERR_MOD_TYPE, idx.tok, idx.end,
-                              "buffer '%s' has %d dimension%s but is indexed with more "
-                              "indices",
-                              buf->name, buf->ndim, buf->ndim == 1 ? "" : "s");
+        if (v->nidx >= buf->ndim) return fail_extra_index(p, buf, idx.tok, idx.end, v->nidx + 1);
         if (idx.type == IR_FLOAT)
             return fail_range(p, FLEX_ERR_MOD_TYPE, idx.tok, idx.end,
                               "index %d of buffer '%s' must be an int, got float (use int(...))",
@@ -758,11 +777,17 @@ static int parse_index(parser *p, int open_tok, value *v) {
 
 static int parse_postfix(parser *p, value *out) {
     if (parse_primary(p, out) < 0) return -1;
+    int read_of = -1; /* the buffer whose element out is, right after its read */
     for (;;) {
         int tok = p->pos;
         if (peek(p)->kind == TOK_LBRACKET) {
+            if (read_of >= 0)
+                return fail_extra_index(p, &p->m->buffers[read_of], tok, tok,
+                                        p->m->buffers[read_of].ndim + 1);
+            int buffer = out->buffer;
             p->pos++;
             if (parse_index(p, tok, out) < 0) return -1;
+            if (buffer >= 0 && out->buffer < 0) read_of = buffer;
         } else if (peek(p)->kind == TOK_LPAREN) {
             if (out->func < 0)
                 return fail_range(p, FLEX_ERR_MOD_TYPE, out->tok, out->end,
@@ -770,6 +795,7 @@ static int parse_postfix(parser *p, value *out) {
             p->pos++;
             int start = out->tok;
             if (parse_call(p, out->func, start, out) < 0) return -1;
+            read_of = -1;
         } else {
             break;
         }

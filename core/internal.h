@@ -15,6 +15,7 @@
 #include "mod/ir.h"
 #include "mod/eval.h"
 #include "dtype.h"
+#include "mod_source.h"
 
 /* ---- errors (core/error.c) ---- */
 
@@ -62,6 +63,7 @@ struct flex_mod {
     int bound[IR_MAX_BUFFERS];
     flex_tensor views[IR_MAX_BUFFERS];
     uint64_t binding_generation; /* bumped by every bind; keys mask caches */
+    flex_mod_source *source;     /* owned; the text it was compiled from, for the tests */
 };
 
 /*

@@ -186,6 +186,59 @@ int oracle_forward_naive(const oracle_problem *p, double *out, double *lse, char
     return forward(p, &ar, out, lse, err, err_cap);
 }
 
+int oracle_approx_score_error(const oracle_problem *p, double *error, char *err, size_t err_cap) {
+    *error = 0.0;
+    if (!p->score_mod) return 0;
+    oracle_mod smod, mmod;
+    memset(&mmod, 0, sizeof mmod);
+    int rc = -1;
+    if (oracle_mod_open(p->ctx, p->score_mod, &smod, err, err_cap) != 0 ||
+        oracle_mod_open(p->ctx, p->mask_mod, &mmod, err, err_cap) != 0)
+        goto done;
+    rc = 0;
+    if (!refmod_uses_approx(smod.rm)) goto done;
+    int64_t B = p->q.sizes[0], Hq = p->q.sizes[1], Lq = p->q.sizes[2], D = p->q.sizes[3];
+    int64_t Hkv = p->k.sizes[1], Lkv = p->k.sizes[2], group = Hkv > 0 ? Hq / Hkv : 1;
+    double scale = p->scale != 0.0 ? p->scale : 1.0 / sqrt((double)D);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < Hq; h++)
+            for (int64_t i = 0; i < Lq; i++)
+                for (int64_t j = 0; j < Lkv; j++) {
+                    refmod_result res;
+                    if (mmod.rm) {
+                        if (refmod_eval(mmod.rm, REFMOD_F64, 0, 0.0, (int32_t)b, (int32_t)h,
+                                        (int32_t)i, (int32_t)j, &res, err, err_cap) != 0) {
+                            rc = -1;
+                            goto done;
+                        }
+                        if (res.value == 0.0) continue;
+                    }
+                    double dot = 0.0;
+                    for (int64_t d = 0; d < D; d++)
+                        dot += oracle_load(&p->q, b, h, i, d) * oracle_load(&p->k, b, h / group, j, d);
+                    /* the exact score, then both extremes of the error */
+                    double rel[3] = {0.0, 0x1p-11, -0x1p-11}, value[3];
+                    for (int e = 0; e < 3; e++) {
+                        refmod_set_approx_error(smod.rm, rel[e]);
+                        if (refmod_eval(smod.rm, REFMOD_F64, 0, dot * scale, (int32_t)b,
+                                        (int32_t)h, (int32_t)i, (int32_t)j, &res, err,
+                                        err_cap) != 0) {
+                            rc = -1;
+                            goto done;
+                        }
+                        value[e] = res.value;
+                    }
+                    for (int e = 1; e < 3; e++) {
+                        double change = fabs(value[e] - value[0]);
+                        if (isfinite(change) && change > *error) *error = change;
+                    }
+                }
+done:
+    oracle_mod_close(&smod);
+    oracle_mod_close(&mmod);
+    return rc;
+}
+
 double oracle_rel_error(const double *ref, const double *got, size_t n) {
     double num = 0.0, den = 0.0;
     for (size_t i = 0; i < n; i++) {

@@ -54,6 +54,15 @@ int oracle_forward(const oracle_problem *p, double *out, double *lse, char *err,
 int oracle_forward_naive(const oracle_problem *p, double *out, double *lse, char *err,
                          size_t err_cap);
 
+/*
+ * *error = the largest change of any attended score when every tanh_approx
+ * of the score mod is off by its documented extreme (2^-11 relative, either
+ * way); 0 when the score mod has no tanh_approx. Backends may use the
+ * approximation (docs/mod-language.md), so this much score error is theirs
+ * to have. Returns 0, or -1 with a message in err.
+ */
+int oracle_approx_score_error(const oracle_problem *p, double *error, char *err, size_t err_cap);
+
 /* x rounded to the nearest value of dt (f32, f16 or bf16), ties to even. */
 double oracle_round(flex_dtype dt, double x);
 

@@ -141,6 +141,7 @@ struct refmod {
     unsigned char *let_done;
     refmod_precision precision;
     int want_grad;
+    double approx_rel; /* tanh_approx = tanh * (1 + approx_rel) */
     double score;
     int32_t point[4];
     char *err;
@@ -1132,8 +1133,10 @@ static int eval_call(refmod *m, const rnode *n, rval *out) {
     case F_SIGMOID:
         r = sigmoid(x), d = r * (1.0 - r);
         break;
-    default: /* tanh, tanh_approx: the exact tanh (the approximation's error
-                is the backend's, bounded in docs/mod-language.md) */
+    case F_TANH_APPROX: /* the exact tanh, unless asked for the error's extreme */
+        r = tanh(x) * (1.0 + m->approx_rel), d = 1.0 - r * r;
+        break;
+    default:
         r = tanh(x), d = 1.0 - r * r;
         break;
     }
@@ -1228,4 +1231,19 @@ int refmod_eval(refmod *m, refmod_precision precision, int want_grad, double sco
             res->partials[res->num_partials++] =
                 (refmod_partial){m->buffers[out.p[k].buf].name, out.p[k].el, out.p[k].d};
     return 0;
+}
+
+int refmod_uses_approx(const refmod *m) {
+    if (m->combine) return refmod_uses_approx(m->left) || refmod_uses_approx(m->right);
+    for (int i = 0; i < m->num_nodes; i++)
+        if (m->nodes[i].kind == K_CALL && m->nodes[i].op == F_TANH_APPROX) return 1;
+    return 0;
+}
+
+void refmod_set_approx_error(refmod *m, double rel) {
+    if (m->combine) {
+        refmod_set_approx_error(m->left, rel);
+        refmod_set_approx_error(m->right, rel);
+    }
+    m->approx_rel = rel;
 }

@@ -87,4 +87,12 @@ int refmod_bind(refmod *m, const refmod_buffer *bufs, int num_bufs, char *err, s
 int refmod_eval(refmod *m, refmod_precision precision, int want_grad, double score, int32_t b,
                 int32_t h, int32_t q, int32_t kv, refmod_result *res, char *err, size_t err_cap);
 
+/* Whether m calls tanh_approx, whose error on a backend is documented (up
+ * to 2^-11 relative) rather than zero. */
+int refmod_uses_approx(const refmod *m);
+
+/* From now on tanh_approx(x) evaluates to tanh(x) * (1 + rel): the extreme
+ * of the documented error, to bound its effect. 0 (the default): tanh. */
+void refmod_set_approx_error(refmod *m, double rel);
+
 #endif /* FLEXATTN_TESTS_REFMOD_H */

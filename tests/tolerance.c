@@ -22,6 +22,13 @@ const char *tol_quantity_name(tol_quantity q) {
     return q == TOL_OUTPUT ? "output" : q == TOL_LSE ? "lse" : "gradient";
 }
 
+double tol_margin(const tol_report *r) {
+    if (!r->pass && r->bound == 0.0 && r->bias_bound == 0.0) return INFINITY;
+    double a = r->bound > 0.0 ? r->err / r->bound : r->err > 0.0 ? INFINITY : 0.0;
+    double b = r->bias_bound > 0.0 ? fabs(r->bias) / r->bias_bound : 0.0;
+    return a > b ? a : b;
+}
+
 int tol_compare(flex_dtype dt, tol_quantity q, const double *oracle, const double *naive,
                 const double *got, size_t n, double slack, tol_report *r) {
     tol_rule rule = tol_rule_for(dt, q);

@@ -54,4 +54,9 @@ int tol_compare(flex_dtype dt, tol_quantity q, const double *oracle, const doubl
 
 const char *tol_quantity_name(tol_quantity q);
 
+/* The larger of err / bound and |bias| / bias_bound: the part of the rule's
+ * room a comparison used (above 1 fails; +inf for mismatched special
+ * values). */
+double tol_margin(const tol_report *r);
+
 #endif /* FLEXATTN_TESTS_TOLERANCE_H */

@@ -2,8 +2,8 @@
  * The tolerance rule every backend comparison uses (docs/testing.md).
  *
  * Two conditions, both against the fp64 oracle:
- *  1. size: max|got - oracle| <= k * max|naive - oracle| + floor * max|oracle|
- *     (+ slack), where naive is the naive same-precision reference
+ *  1. size: max|got - oracle| <= k * max|naive - oracle|
+ *     + floor * max(max|oracle|, 1) (+ slack), where naive is the naive same-precision reference
  *     (oracle_forward_naive / oracle_backward_naive);
  *  2. no systematic error: for outputs and gradients the relative bias
  *     sum(got * oracle) / sum(oracle^2) - 1, for LSE the mean signed error
@@ -27,7 +27,7 @@ typedef enum tol_quantity { TOL_OUTPUT = 0, TOL_LSE = 1, TOL_GRADIENT = 2 } tol_
 /* The constants of the rule for one dtype and quantity. */
 typedef struct tol_rule {
     double k;          /* allowed multiple of the naive reference's error */
-    double floor;      /* relative to max|oracle|: the absolute floor */
+    double floor;      /* times max(max|oracle|, 1): the absolute floor */
     double bias_floor; /* of the bias (relative; absolute for LSE) */
 } tol_rule;
 

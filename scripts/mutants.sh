@@ -37,8 +37,10 @@ tanh_derivative@core/mod/derive.c@s/mul(st, A, sub(st, fconst(st, 1.0f), mul(st,
 echo "== copying the tree to $work/src"
 rm -rf "$work/src"
 mkdir -p "$work/src"
+# -m: every file is newer than what an earlier run built from it, so a
+# reused build folder never keeps an object of a fault.
 (cd "$root" && git ls-files -z -c -o --exclude-standard | tar --null -T - -cf -) |
-    tar -C "$work/src" -xf -
+    tar -C "$work/src" -m -xf -
 rm -f "$work/survivors"
 echo "== building (debugoptimized, no sanitizers)"
 [ -f "$work/build/build.ninja" ] ||
@@ -71,7 +73,11 @@ echo "$faults" | while IFS='@' read -r name file expr what; do
     if [ -n "$wanted" ] && ! echo " $wanted " | grep -q " $name "; then continue; fi
     t0=$(date +%s)
     cp "$work/src/$file" "$work/original"
-    sed "$expr" "$work/original" >"$work/src/$file"
+    if ! sed "$expr" "$work/original" >"$work/src/$file"; then
+        echo "ERROR $name: the sed expression is malformed"
+        cp "$work/original" "$work/src/$file"
+        exit 2
+    fi
     if cmp -s "$work/original" "$work/src/$file"; then
         echo "ERROR $name: the sed expression no longer matches $file"
         cp "$work/original" "$work/src/$file"

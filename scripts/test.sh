@@ -1,7 +1,8 @@
 #!/bin/sh
 # Builds flexattn and runs every test: once with -Wall -Wextra -Werror, once
 # under AddressSanitizer and UndefinedBehaviorSanitizer. Also checks that the
-# installed library links from another program through pkg-config.
+# installed library links from another program through pkg-config, and that
+# every fault scripts/mutants.sh injects makes a test fail.
 set -eu
 cd "$(dirname "$0")/.."
 sh scripts/deps.sh
@@ -33,5 +34,10 @@ PKG_CONFIG_SYSROOT_DIR="$prefix" PKG_CONFIG_PATH="$libdir" \
 LD_LIBRARY_PATH="$(dirname "$(find "$prefix" -name 'libflexattn.so' | head -n 1)")" \
     FLEXATTN_BACKEND=cpu "$prefix/example"
 rm -rf "$prefix"
+echo "== fault injection (scripts/mutants.sh): every known fault must fail a test"
+mutants=0
+sh scripts/mutants.sh || mutants=$?
+
 echo "== all suites, both builds"
 python3 scripts/test_summary.py build-test build-asan
+[ "$mutants" -eq 0 ] || { echo "scripts/mutants.sh failed (status $mutants)"; exit 1; }

@@ -16,6 +16,7 @@
 #include "mod/eval.h"
 #include "dtype.h"
 #include "debug.h"
+#include "mod_source.h"
 
 /* ---- errors (core/error.c) ---- */
 
@@ -86,6 +87,7 @@ struct flex_mod {
     int bound[IR_MAX_BUFFERS];
     flex_tensor views[IR_MAX_BUFFERS];
     uint64_t binding_generation; /* bumped by every bind; keys mask caches */
+    flex_mod_source *source;     /* owned; the text it was compiled from, for the tests */
 };
 
 /*

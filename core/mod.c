@@ -42,6 +42,8 @@ flex_status flex_mod_compile(flex_context *ctx, const flex_mod_desc *desc, flex_
         return flex_fail(ctx, st, "%s", err);
     }
     st = finish_mod(ctx, mod);
+    if (st == FLEX_OK && !(mod->source = flex_mod_source_from_desc(desc)))
+        st = flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory keeping the mod's text");
     if (st != FLEX_OK) {
         flex_mod_destroy(mod);
         return st;
@@ -55,6 +57,7 @@ void flex_mod_destroy(flex_mod *mod) {
     if (!mod) return;
     ir_free(&mod->ir);
     free(mod->canonical);
+    flex_mod_source_free(mod->source);
     free(mod);
 }
 
@@ -356,6 +359,9 @@ static flex_status combine(flex_context *ctx, const flex_mod *a, const flex_mod 
     if (st == FLEX_OK && ir_fold(m) < 0)
         st = flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory in %s", what);
     if (st == FLEX_OK) st = finish_mod(ctx, mod);
+    if (st == FLEX_OK &&
+        !(mod->source = flex_mod_source_combine(op == IR_AND ? '&' : '|', a->source, b->source)))
+        st = flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory keeping the mod's text");
     if (st != FLEX_OK) {
         flex_mod_destroy(mod);
         return st;

@@ -50,9 +50,9 @@ int cli_backward_time(cli_backward_state *st, int warmup, int iters, double *ms,
 /*
  * Runs the backward once (gradients poisoned with NaN first) and compares dq,
  * dk and dv with oracle_backward: *rel is the largest of the three relative
- * errors. Returns 1 when it is below 1e-4 (f32) or 1e-2 (f16, bf16), 0 when
- * not (why says which), -1 on an error, -2 when the backend has no
- * backward pass.
+ * errors (for display). Returns 1 when all three pass the tolerance rule
+ * (tolerance.h, against oracle_backward_naive), 0 when not (why says which),
+ * -1 on an error, -2 when the backend has no backward pass.
  */
 int cli_backward_check(cli_backward_state *st, double *rel, char *why, size_t cap);
 

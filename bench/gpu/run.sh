@@ -8,10 +8,34 @@
 # also go to $RESULTS_DIR (default bench/results; empty: not written):
 # cuda-forward-<gpu>.md gets them on top (the previous top becomes "Earlier
 # run at commit ..."), cuda-forward-<gpu>.jsonl one JSON line per pattern.
+# When any check or the benchmark's verification fails (or crashes, or
+# times out), the run says FAILED, writes nothing into $RESULTS_DIR and
+# exits 1. Every check summary line reads "N passed, N failed, N skipped".
 #   bench/gpu/run.sh [--skip-check] [--skip-torch] [--len S]
 set -u
+FAILED=0
+# Records a failed step: its name on stderr and in $OUT/failures.txt.
+fail() {
+    FAILED=1
+    echo "FAILED: $*" | tee -a "$OUT/failures.txt" >&2
+}
+# One check run's summary from its log and exit status: the log's last line
+# when it is the "N passed, N failed, N skipped" count, else a failure
+# (a crash or a timeout leaves no count).
+check_summary() { # LOG STATUS LABEL
+    local last
+    last=$(tail -1 "$1")
+    if ! echo "$last" | grep -Eq '^[0-9]+ passed, [0-9]+ failed, [0-9]+ skipped$'; then
+        fail "$3: no summary (exit $2): $last"
+        last="no summary (exit $2)"
+    elif [ "$2" -ne 0 ]; then
+        fail "$3: exit $2: $last"
+    fi
+    echo "$3: $last" >>"$OUT/check-summary.txt"
+}
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
+rm -f "$OUT/failures.txt"
 SKIP_CHECK=0 SKIP_TORCH=0 LEN=8192
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -41,10 +65,11 @@ if [ "$SKIP_CHECK" = 0 ]; then
         T0=$(date +%s)
         if [ "$T" = default ]; then DEBUG=; else DEBUG=cuda_tile=$T; fi
         FLEXATTN_DEBUG=$DEBUG FLEXATTN_CACHE_DIR=off timeout -k 5 "${CHECK_TIMEOUT:-240}" "$BUILD/tools/flexattn" check --backend cuda ${CHECK_ARGS:-} >"$OUT/check-$T.log" 2>&1
-        echo "check exit $? in $(( $(date +%s) - T0 )) s"
+        STATUS=$?
+        echo "check exit $STATUS in $(( $(date +%s) - T0 )) s"
         grep -E "FAIL|ERROR|error" "$OUT/check-$T.log" | head -20
         tail -1 "$OUT/check-$T.log"
-        echo "tiles $T: $(tail -1 "$OUT/check-$T.log")" >>"$OUT/check-summary.txt"
+        check_summary "$OUT/check-$T.log" "$STATUS" "tiles $T"
     done
     # CHECK_ENVS: more checks, each under one FLEXATTN_DEBUG value
     # (comma-separated key=value settings, docs/debugging.md); the default
@@ -54,10 +79,11 @@ if [ "$SKIP_CHECK" = 0 ]; then
         T0=$(date +%s)
         FLEXATTN_DEBUG=$E FLEXATTN_CACHE_DIR=off timeout -k 5 "${CHECK_TIMEOUT:-240}" "$BUILD/tools/flexattn" check --backend cuda \
             ${CHECK_ARGS:-} >"$OUT/check-env-${E%%=*}.log" 2>&1
-        echo "check exit $? in $(( $(date +%s) - T0 )) s"
+        STATUS=$?
+        echo "check exit $STATUS in $(( $(date +%s) - T0 )) s"
         grep -E "FAIL|ERROR|error" "$OUT/check-env-${E%%=*}.log" | head -20
         tail -1 "$OUT/check-env-${E%%=*}.log"
-        echo "$E: $(tail -1 "$OUT/check-env-${E%%=*}.log")" >>"$OUT/check-summary.txt"
+        check_summary "$OUT/check-env-${E%%=*}.log" "$STATUS" "$E"
     done
 fi
 
@@ -68,9 +94,15 @@ rm -f "$OUT/flexattn-cold.jsonl" "$OUT/flexattn-warm.jsonl" "$OUT/torch.jsonl"
 # its own cache of compiled programs under $HOME/.nv/ComputeCache, so the
 # cold process gets a fresh HOME as well as a fresh flexattn cache.
 COLD_HOME=$(mktemp -d)
+# The cold run also verifies each pattern against the CPU backend; it exits
+# 1 when one fails.
 HOME=$COLD_HOME XDG_CACHE_HOME=$COLD_HOME/.cache FLEXATTN_CACHE_DIR=$CACHE timeout -k 5 180 "$BUILD/bench_cuda" \
     --len "$LEN" --json "$OUT/flexattn-cold.jsonl" 2>&1 | tee "$OUT/bench.log"
+STATUS=${PIPESTATUS[0]}
+[ "$STATUS" -eq 0 ] || fail "bench_cuda (cold, with verification): exit $STATUS"
 FLEXATTN_CACHE_DIR=$CACHE timeout -k 5 120 "$BUILD/bench_cuda" --no-verify --len "$LEN" --json "$OUT/flexattn-warm.jsonl" 2>&1 | tee -a "$OUT/bench.log"
+STATUS=${PIPESTATUS[0]}
+[ "$STATUS" -eq 0 ] || fail "bench_cuda (warm): exit $STATUS"
 
 if [ -n "${TILE_SWEEP:-}" ]; then
     echo "== tile sweep (FLEXATTN_DEBUG=cuda_tile=WARPSxM-TILES PER WARPxKV STEP)"
@@ -88,6 +120,8 @@ if [ "$SKIP_TORCH" = 0 ]; then
         | grep -v Warning | tee "$OUT/torch.log"
 fi
 
+# A failed run writes its tables to $OUT only, never into the results.
+[ "$FAILED" = 0 ] || RESULTS_DIR=
 python3 - "$OUT" "$COMMIT" "$RESULTS_DIR" <<'PY'
 import json, os, re, sys
 out, commit, results_dir = sys.argv[1], sys.argv[2], sys.argv[3]
@@ -146,3 +180,8 @@ if results_dir and records and model:
         for rec in records: f.write(json.dumps(rec) + "\n")
     print(f"results: {stem}.md, {stem}.jsonl")
 PY
+if [ "$FAILED" != 0 ]; then
+    echo "FAILED: nothing written to the results folder; failures:" >&2
+    cat "$OUT/failures.txt" >&2
+    exit 1
+fi

@@ -31,6 +31,7 @@ float flex_softmax_update_row(float *m, float *l, float *s, int n) {
 void flex_lse_merge(int dv, const float *o_a, float lse_a, const float *o_b, float lse_b, float *o,
                     float *lse) {
     float top = lse_a > lse_b ? lse_a : lse_b;
+    if (lse_a != lse_a || lse_b != lse_b) top = NAN; /* a NaN part makes the row NaN */
     if (top == -INFINITY) {
         for (int c = 0; c < dv; c++)
             o[c] = 0.0f;
@@ -48,8 +49,17 @@ void flex_lse_merge(int dv, const float *o_a, float lse_a, const float *o_b, flo
 void flex_lse_merge_many(int dv, int parts, const float *o_parts, int ld, const float *lse_parts,
                          float *o, float *lse) {
     float top = -INFINITY;
-    for (int i = 0; i < parts; i++)
+    int nan_part = 0;
+    for (int i = 0; i < parts; i++) {
         if (lse_parts[i] > top) top = lse_parts[i];
+        nan_part |= lse_parts[i] != lse_parts[i];
+    }
+    if (nan_part) { /* a NaN part makes the row NaN */
+        for (int c = 0; c < dv; c++)
+            o[c] = NAN;
+        *lse = NAN;
+        return;
+    }
     for (int c = 0; c < dv; c++)
         o[c] = 0.0f;
     if (top == -INFINITY) {

@@ -589,6 +589,141 @@ START_TEST(test_portable_kernels) {
 }
 END_TEST
 
+/* ---- NaN propagation (PyTorch's rule) ----
+ *
+ * A row with a kept score that is NaN or +inf gives NaN output and NaN LSE;
+ * -inf scores and masked elements are removed, whatever their value. Each
+ * case plants one such score (through q, k or the score mod) and says which
+ * rows it must poison; every other row must stay finite and match the
+ * oracle. Lq = Lkv = 300 with the default 128-wide tiles puts key 200 in
+ * the second kv tile, after a finite running max, and key 1 in the first. */
+
+enum { POISON_NONE, POISON_Q_NAN, POISON_K_INF_1, POISON_K_INF_200 };
+
+typedef struct nan_case {
+    const char *name;
+    const char *mask, *score; /* specs as in fcase */
+    int poison;
+    /* Whether row (h, i) must be NaN; r gives the inputs. */
+    int (*nan_row)(const case_run *r, int h, int i);
+} nan_case;
+
+static int row_q5_head0(const case_run *r, int h, int i) {
+    (void)r;
+    return h == 0 && i == 5;
+}
+/* q . k[kv] is +inf where q[0] > 0 (k[kv][0] = +inf, the rest finite), -inf
+ * (a removed key) where q[0] < 0; causal rows reach kv from row kv on. */
+static int row_sees_inf_key(const case_run *r, int h, int i, int kv) {
+    return i >= kv && oracle_load(&r->q.t, 0, h, i, 0) > 0.0;
+}
+static int row_k_inf_1(const case_run *r, int h, int i) {
+    return row_sees_inf_key(r, h, i, 1);
+}
+static int row_k_inf_200(const case_run *r, int h, int i) {
+    return row_sees_inf_key(r, h, i, 200);
+}
+static int row_3(const case_run *r, int h, int i) {
+    (void)r, (void)h;
+    return i == 3;
+}
+static int row_250(const case_run *r, int h, int i) {
+    (void)r, (void)h;
+    return i == 250;
+}
+static int row_7(const case_run *r, int h, int i) {
+    (void)r, (void)h;
+    return i == 7;
+}
+static int row_none(const case_run *r, int h, int i) {
+    (void)r, (void)h, (void)i;
+    return 0;
+}
+
+static const nan_case nan_cases[] = {
+    {"NaN in q", "causal", NULL, POISON_Q_NAN, row_q5_head0},
+    {"inf in k, first tile", "causal", NULL, POISON_K_INF_1, row_k_inf_1},
+    {"inf in k, second tile", "causal", NULL, POISON_K_INF_200, row_k_inf_200},
+    {"score mod +inf", NULL, "=where(q == 3 && kv == 1, inf, score)", POISON_NONE, row_3},
+    {"score mod +inf, second tile", "causal", "=where(q == 250 && kv == 200, inf, score)",
+     POISON_NONE, row_250},
+    {"score mod sqrt(-1)", NULL, "=score + where(q == 7 && kv == 290, sqrt(-1), 0.0)", POISON_NONE,
+     row_7},
+    {"NaN and +inf where the mask removes them", "causal",
+     "=where(kv > q, where(kv % 2 == 0, sqrt(-1), inf), score)", POISON_NONE, row_none},
+    {"NaN in a removed row element, -inf kept", "=kv != 4", "=where(kv == 4, sqrt(-1), score)",
+     POISON_NONE, row_none},
+};
+enum { NAN_PATHS = 3 }; /* tiled (best kernels), tiled portable kernels, reference */
+
+static void run_nan_case(const nan_case *nc, int path) {
+    fcase c = {.name = nc->name, .mask = nc->mask, .score = nc->score, .B = 1, .Hq = 2, .Hkv = 1,
+               .Lq = 300, .Lkv = 300, .D = 32, .Dv = 32, .dtype = F32, .reference = path == 2};
+    if (path == 1)
+        setenv("FLEXATTN_CPU_SIMD", "portable", 1);
+    else
+        unsetenv("FLEXATTN_CPU_SIMD");
+    case_run r;
+    case_setup(&r, &c);
+    float *q = r.q.mem, *k = r.k.mem;
+    if (nc->poison == POISON_Q_NAN) q[(size_t)5 * c.D + 3] = NAN; /* head 0, row 5 */
+    if (nc->poison == POISON_K_INF_1) k[(size_t)1 * c.D] = INFINITY;
+    if (nc->poison == POISON_K_INF_200) k[(size_t)200 * c.D] = INFINITY;
+    flex_status st = case_attention(&r, &c);
+    unsetenv("FLEXATTN_CPU_SIMD");
+    ck_assert_msg(st == FLEX_OK, "%s: %s", nc->name, flex_error_message(r.ctx));
+
+    size_t rows = (size_t)c.Hq * c.Lq;
+    double *ref = malloc(rows * (size_t)c.Dv * sizeof(double));
+    double *ref_lse = malloc(rows * sizeof(double));
+    oracle_problem p;
+    memset(&p, 0, sizeof p);
+    p.q = r.q.t, p.k = r.k.t, p.v = r.v.t;
+    p.score_mod = r.score;
+    p.mask_mod = r.mask_mod;
+    char err[512];
+    ck_assert_msg(oracle_forward(&p, ref, ref_lse, err, sizeof err) == 0, "oracle: %s", err);
+    int nan_rows = 0, finite_rows = 0;
+    double worst = 0.0;
+    for (int h = 0; h < c.Hq; h++)
+        for (int i = 0; i < c.Lq; i++) {
+            size_t n = (size_t)h * c.Lq + i;
+            double lse = oracle_load(&r.lse.t, 0, h, i, 0);
+            if (nc->nan_row(&r, h, i)) {
+                nan_rows++;
+                for (int d = 0; d < c.Dv; d++)
+                    ck_assert_msg(isnan(oracle_load(&r.out.t, 0, h, i, d)),
+                                  "%s (path %d): out[%d][%d][%d] is %g, not NaN", nc->name, path,
+                                  h, i, d, oracle_load(&r.out.t, 0, h, i, d));
+                ck_assert_msg(isnan(lse), "%s (path %d): lse[%d][%d] is %g, not NaN", nc->name,
+                              path, h, i, lse);
+                continue;
+            }
+            finite_rows++;
+            ck_assert_msg(isfinite(lse), "%s (path %d): lse[%d][%d] is %g", nc->name, path, h, i,
+                          lse);
+            worst = fmax(worst, fabs(lse - ref_lse[n]) / fmax(1.0, fabs(ref_lse[n])));
+            for (int d = 0; d < c.Dv; d++) {
+                double v = oracle_load(&r.out.t, 0, h, i, d);
+                ck_assert_msg(isfinite(v), "%s (path %d): out[%d][%d][%d] is %g", nc->name, path,
+                              h, i, d, v);
+                worst = fmax(worst, fabs(v - ref[n * c.Dv + d]));
+            }
+        }
+    ck_assert_msg(worst < 1e-4, "%s (path %d): finite rows differ from the oracle by %g",
+                  nc->name, path, worst);
+    if (nc->nan_row != row_none) ck_assert_int_gt(nan_rows, 0);
+    ck_assert_int_gt(finite_rows, 0);
+    free(ref);
+    free(ref_lse);
+    case_teardown(&r);
+}
+
+START_TEST(test_nan_propagation) {
+    run_nan_case(&nan_cases[_i / NAN_PATHS], _i % NAN_PATHS);
+}
+END_TEST
+
 /* The plan never leaves a tile across a block boundary. */
 START_TEST(test_plan_tiles) {
     case_run r;
@@ -615,6 +750,8 @@ static Suite *cpu_forward_suite(void) {
                         (NUM_SHAPE_CASES + SHAPES_PER_TEST - 1) / SHAPES_PER_TEST);
     tcase_add_loop_test(tc, test_presets, 0, flex_preset_count());
     tcase_add_test(tc, test_portable_kernels);
+    tcase_add_loop_test(tc, test_nan_propagation, 0,
+                        (int)(sizeof nan_cases / sizeof nan_cases[0]) * NAN_PATHS);
     suite_add_tcase(s, tc);
     TCase *te = tcase_create("errors");
     tcase_add_test(te, test_bounds_mask_tiled);

@@ -544,14 +544,16 @@ static void write_output(const fwd_problem *pb, fwd_scratch *sc, int64_t b, int6
     const flex_tensor *lse = pb->a->lse;
     int Dv = (int)pb->Dv;
     for (int r = 0; r < rows; r++) {
+        /* l is 0 for a row with no kept score, NaN for a row with a NaN or
+         * +inf one (core/softmax.h): the output is then 0 or NaN. */
         float l = sc->l[r];
-        float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        float inv = flex_softmax_inverse(l);
         const float *orow = sc->o + (size_t)r * pb->dvp;
         int64_t off = b * out->strides[0] + h * out->strides[1] + (q0 + r) * out->strides[2];
         int64_t st = out->strides[3];
         if (out->dtype == FLEX_F32 && st == 1) {
             float *dst = (float *)out->data + off;
-            if (l > 0.0f)
+            if (l != 0.0f)
                 for (int c = 0; c < Dv; c++)
                     dst[c] = orow[c] * inv;
             else
@@ -559,7 +561,7 @@ static void write_output(const fwd_problem *pb, fwd_scratch *sc, int64_t b, int6
         } else {
             for (int c = 0; c < Dv; c++)
                 flex_store_from_float(out->data, out->dtype, off + c * st,
-                                      l > 0.0f ? orow[c] * inv : 0.0f);
+                                      l != 0.0f ? orow[c] * inv : 0.0f);
         }
         if (lse) {
             int64_t loff = b * lse->strides[0] + h * lse->strides[1] + (q0 + r) * lse->strides[2];

@@ -116,9 +116,11 @@ flex_status flex_cpu_forward_reference(flex_context *ctx, const flex_forward_arg
                         acc[c] += p * flex_load_as_float(a->v.data, a->v.dtype,
                                                          offset4(&a->v, b, hk, j, c));
                 }
+                /* sum is 0 when no score is kept, NaN when a kept score is
+                 * NaN or +inf (core/softmax.h): the output is then 0 or NaN. */
                 for (int64_t c = 0; c < Dv; c++)
                     flex_store_from_float(a->out.data, a->out.dtype, offset4(&a->out, b, h, i, c),
-                                          sum > 0.0f ? acc[c] / sum : 0.0f);
+                                          sum != 0.0f ? acc[c] / sum : 0.0f);
                 if (a->lse)
                     ((float *)a->lse->data)[offset4(a->lse, b, h, i, 0)] =
                         flex_softmax_lse(row_max, sum);

@@ -371,12 +371,23 @@ static void pack_q_tile(const bwd_problem *pb, float *row, int64_t b, int64_t h,
         for (int c = 0; c < Dv; c++)
             dot += (double)dor[c] * (double)row[c];
         delta[r] = (float)dot;
-        float l = ((const float *)a->lse.data)[row_offset(&a->lse, b, h, s)];
-        /* A row the forward found empty (or a NaN lse) carries no mass. */
-        lse[r] = (l == l && l != -INFINITY) ? l : -INFINITY;
+        /* -inf: a row the forward found empty, which carries no mass; NaN:
+         * a row with a NaN or +inf score, whose gradients are NaN. */
+        lse[r] = ((const float *)a->lse.data)[row_offset(&a->lse, b, h, s)];
     }
     pack_panels(qrow, pb->mq, pb->mq, D, pb->dp, rec + pb->off_qpan);
     pack_panels(dorow, pb->mq, pb->mq, Dv, pb->dvp, rec + pb->off_dopan);
+    /* The panels feed dK = dS^T Q. A NaN row's dS is NaN at the keys it
+     * attends and 0 elsewhere; its Q row (which may hold the NaN) is zeroed
+     * there so that 0 * NaN does not reach the keys it does not attend. */
+    float *qpan = rec + pb->off_qpan;
+    for (int r = 0; r < rows; r++) {
+        if (lse[r] == lse[r]) continue;
+        for (int c0 = 0; c0 < pb->dp; c0 += CPU_NR) {
+            int w = pb->dp - c0 >= CPU_NR ? CPU_NR : pb->dp - c0;
+            memset(qpan + (size_t)c0 * pb->mq + (size_t)r * w, 0, (size_t)w * sizeof(float));
+        }
+    }
 }
 
 /* ---- score mod and mask over one tile ---- */
@@ -503,7 +514,9 @@ static int do_pair(bwd_problem *pb, bwd_scratch *sc, int32_t b, int32_t h, int64
         }
     }
 
-    /* P = exp(S' - lse) over attended elements, 0 elsewhere. */
+    /* P = exp(S' - lse) over attended elements, 0 elsewhere. In a NaN row
+     * (NaN lse) P is NaN wherever the row has mass, that is at attended
+     * elements whose S' is not -inf, and 0 elsewhere. */
     for (int r = 0; r < mq; r++) {
         float *srow = sc->s + (size_t)r * nk;
         if (r >= rows || lse[r] == -INFINITY) {
@@ -517,6 +530,11 @@ static int do_pair(bwd_problem *pb, bwd_scratch *sc, int32_t b, int32_t h, int64
         }
         for (int c = cols; c < nk; c++)
             srow[c] = -INFINITY;
+        if (lse[r] != lse[r]) {
+            for (int c = 0; c < nk; c++)
+                srow[c] = srow[c] == -INFINITY ? 0.0f : NAN;
+            continue;
+        }
         kn->exp_sum(srow, nk, lse[r]);
     }
 
@@ -528,6 +546,12 @@ static int do_pair(bwd_problem *pb, bwd_scratch *sc, int32_t b, int32_t h, int64
         const float *prow = sc->s + (size_t)r * nk;
         float *drow = sc->dp + (size_t)r * nk;
         const float d = delta[r];
+        if (r < rows && lse[r] != lse[r]) {
+            /* A NaN row: NaN where P is (delta, from its NaN output, would
+             * spread NaN to the elements without mass too). */
+            memcpy(drow, prow, (size_t)nk * sizeof(float));
+            continue;
+        }
         for (int c = 0; c < nk; c++)
             drow[c] = prow[c] * (drow[c] - d) * fold;
     }

@@ -500,6 +500,11 @@ static const bcase shape_cases[] = {
     {"single element", NULL, NULL, 1, 1, 1, 1, 1, 8, 8, F32, 0, 0, 0, NULL, NULL},
     {"per-head mask gqa", PER_HEAD "=q + 3 * h >= kv && q - kv <= 40 + 7 * b", "softcap", 2, 4, 2,
      90, 90, 16, 16, F32, 0, 16, 32, NULL, NULL},
+    /* mods whose values are subnormal: the block mask and the backward's
+     * mod evaluation must agree (both keep subnormals) */
+    {"subnormal constants", "=float(q - kv) * 1e-40 >= 1e-40",
+     "=where(float(q - kv) * 1e-40 >= 3e-40, score * 2.0, score)", 1, 2, 2, 64, 64, 16, 16, F32, 0,
+     16, 16, NULL, NULL},
 };
 
 START_TEST(test_shapes) {

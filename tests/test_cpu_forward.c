@@ -440,6 +440,16 @@ static const fcase shape_cases[] = {
      0, 0, 0, 0, 0, 0},
     {"bias in masked part ref", "causal", "=score + bias[q - kv]", 1, 2, 2, 100, 100, 32, 32, F32,
      0, 0, 1, 0, 0, 0, 0, 0},
+    /* Subnormal arithmetic in mods: (q - kv) * 1e-40 is subnormal, and
+     * exact, for every pair here; kernels that flushed it to zero (or read
+     * the constant as 0) disagreed with the block mask's diagonal blocks. */
+    {"subnormal mask constants", "=float(q - kv) * 1e-40 >= 1e-40", NULL, 1, 1, 1, 64, 64, 4, 4,
+     F32, 0, 0, 0, 0, 16, 16, 0, 0},
+    {"subnormal mask constants ref", "=float(q - kv) * 1e-40 >= 1e-40", NULL, 1, 1, 1, 64, 64, 4,
+     4, F32, 0, 0, 1, 0, 16, 16, 0, 0},
+    {"subnormal score constants", NULL,
+     "=where(float(q - kv) * 1e-40 >= 1e-40, score * 3.0, score + float(kv) * 1e-41 * 1e38)", 1, 2,
+     2, 70, 70, 16, 16, F32, 0, 0, 0, 0, 0, 0, 0, 0},
 };
 
 /* Several cases per test: each test is a forked process with its own
@@ -724,6 +734,53 @@ START_TEST(test_nan_propagation) {
 }
 END_TEST
 
+/* A caller whose thread flushes subnormals (a program built with
+ * -ffast-math) gets the same block mask and the same bits: block-mask
+ * building, interval analysis and the kernels' mod evaluation keep
+ * subnormals whatever the caller's state, which is restored afterwards.
+ * The IEEE run is checked against the oracle by the shape cases. */
+#if defined(__x86_64__)
+#include <xmmintrin.h>
+static void run_twice_compare(const fcase *c) {
+    unsigned saved = _mm_getcsr();
+    case_run r[2];
+    size_t n = (size_t)c->B * c->Hq * c->Lq * c->Dv;
+    for (int flush = 0; flush < 2; flush++) {
+        if (flush) _mm_setcsr(saved | 0x8040u); /* FTZ and DAZ */
+        case_setup(&r[flush], c);
+        ck_assert_int_eq(case_attention(&r[flush], c), FLEX_OK);
+        /* the control bits come back (the low six are sticky exception flags) */
+        ck_assert_uint_eq(_mm_getcsr() & ~0x3fu, (flush ? (saved | 0x8040u) : saved) & ~0x3fu);
+        _mm_setcsr(saved);
+    }
+    if (c->mask) {
+        size_t blocks = (size_t)((c->Lq + 15) / 16) * (size_t)((c->Lkv + 15) / 16);
+        uint8_t *d0 = malloc(blocks), *d1 = malloc(blocks);
+        ck_assert_int_eq(flex_block_mask_to_dense(r[0].mask, d0), FLEX_OK);
+        ck_assert_int_eq(flex_block_mask_to_dense(r[1].mask, d1), FLEX_OK);
+        ck_assert_msg(memcmp(d0, d1, blocks) == 0, "%s: block masks differ", c->name);
+        free(d0);
+        free(d1);
+    }
+    for (size_t i = 0; i < n; i++) {
+        float a = ((const float *)r[0].out.mem)[i], b = ((const float *)r[1].out.mem)[i];
+        ck_assert_msg(memcmp(&a, &b, sizeof a) == 0, "%s: out[%zu] %g with IEEE, %g flushing",
+                      c->name, i, a, b);
+    }
+    ck_assert(memcmp(r[0].lse.mem, r[1].lse.mem, (size_t)c->B * c->Hq * c->Lq * 4) == 0);
+    case_teardown(&r[0]);
+    case_teardown(&r[1]);
+}
+
+START_TEST(test_subnormals_caller_flushes) {
+    for (int i = NUM_SHAPE_CASES - 3; i < NUM_SHAPE_CASES; i++) {
+        ck_assert(strstr(shape_cases[i].name, "subnormal") != NULL);
+        run_twice_compare(&shape_cases[i]);
+    }
+}
+END_TEST
+#endif
+
 /* The plan never leaves a tile across a block boundary. */
 START_TEST(test_plan_tiles) {
     case_run r;
@@ -750,6 +807,9 @@ static Suite *cpu_forward_suite(void) {
                         (NUM_SHAPE_CASES + SHAPES_PER_TEST - 1) / SHAPES_PER_TEST);
     tcase_add_loop_test(tc, test_presets, 0, flex_preset_count());
     tcase_add_test(tc, test_portable_kernels);
+#if defined(__x86_64__)
+    tcase_add_test(tc, test_subnormals_caller_flushes);
+#endif
     tcase_add_loop_test(tc, test_nan_propagation, 0,
                         (int)(sizeof nan_cases / sizeof nan_cases[0]) * NAN_PATHS);
     suite_add_tcase(s, tc);

@@ -496,23 +496,30 @@ static int do_pair(bwd_problem *pb, bwd_scratch *sc, int32_t b, int32_t h, int64
 
     kn->scores(mq, nk, (int)pb->D, rec + pb->off_qrow, sc->kt, scale, sc->s);
 
+    /* The mods keep subnormals (cpu.h). */
+    unsigned fp = cpu_mods_begin();
     if (partial) {
         mod_bounds_error err;
         memset(&err, 0, sizeof err);
         if (mod_tile_mask(sc->mask_tile, pb->mask_views, b, h, (int32_t)q0, rows, (int32_t)kv0,
                           cols, sc->keep, nk, &err) != 0) {
+            cpu_mods_end(fp);
             cpu_bounds_failure_record(&pb->bounds, pb->mask->mask_mod, &err);
             return -1;
         }
     }
     if (pb->has_score) {
         int rc = apply_score_mod(pb, sc, b, h, q0, rows, kv0, cols, partial);
-        if (rc < 0) return -1;
         if (rc > 0) {
             kn->scores(mq, nk, (int)pb->D, rec + pb->off_qrow, sc->kt, scale, sc->s);
-            if (apply_score_mod_points(pb, sc, b, h, q0, rows, kv0, cols) != 0) return -1;
+            rc = apply_score_mod_points(pb, sc, b, h, q0, rows, kv0, cols) != 0 ? -1 : 0;
+        }
+        if (rc < 0) {
+            cpu_mods_end(fp);
+            return -1;
         }
     }
+    cpu_mods_end(fp);
 
     /* P = exp(S' - lse) over attended elements, 0 elsewhere. In a NaN row
      * (NaN lse) P is NaN wherever the row has mass, that is at attended

@@ -15,7 +15,8 @@
  * partial tile is cut into units of 16 rows x 32 columns that interval
  * analysis classifies as empty, full or mixed; only mixed units go through
  * the tile interpreter, and each row group computes only its non-empty
- * units. Work items run with subnormals flushed to zero.
+ * units. Work items run with subnormals flushed to zero, but for the mods,
+ * which keep them (cpu.h, core/fpenv.h).
  *
  * Scratch (and the packed copies) are allocated before any output is
  * written, once per call. All arithmetic is f32; f16/bf16 inputs are
@@ -339,16 +340,19 @@ static int do_row_group(fwd_problem *pb, fwd_scratch *sc, const float *kp, const
     kn->scores_ld(mg, n, (int)pb->D, sc->qt + (size_t)g0 * pb->D,
                   kp + (size_t)(c0 / CPU_NR) * pb->D * CPU_NR, pb->a->scale, s, nk);
     if (pb->score_ir && ce > c0) {
+        unsigned fp = cpu_mods_begin();
         if (mod_tile_score(sc->score_tile, pb->score_views, b, h, (int32_t)(q0 + g0), rows,
                            (int32_t)(kv0 + c0), ce - c0, s, nk, &err) != 0) {
             mod_bounds_error err2;
             memset(&err2, 0, sizeof err2);
             if (!cls || score_attended_points(pb, sc, kp, b, h, q0, g0, mg, rows, kv0, c0, ce, cls,
                                               &err2) != 0) {
+                cpu_mods_end(fp);
                 cpu_bounds_failure_record(&pb->bounds, pb->a->score_mod, cls ? &err2 : &err);
                 return -1;
             }
         }
+        cpu_mods_end(fp);
     }
     for (int r = g0; r < g0 + rows; r++) {
         float *srow = sc->s + (size_t)r * nk;
@@ -485,17 +489,22 @@ static int do_kv_tile(fwd_problem *pb, fwd_scratch *sc, int32_t b, int32_t h, in
         /* Decide the units first (no FLOPs are spent on a tile the mask
          * empties): interval analysis where it can, the tile interpreter on
          * what it leaves undecided. */
+        unsigned fp = cpu_mods_begin();
         if (pb->mask_intervals)
             classify_units(pb, sc, &t, 0, t.groups, 0, t.panels);
         else
             fill_units(pb, sc, 0, t.groups, 0, t.panels, UNIT_MIXED);
         int any = 0;
         for (int g = 0; g < t.groups; g++) {
-            if (evaluate_mixed_units(pb, sc, &t, g) != 0) return -1;
+            if (evaluate_mixed_units(pb, sc, &t, g) != 0) {
+                cpu_mods_end(fp);
+                return -1;
+            }
             const uint8_t *cls = sc->units + (size_t)g * pb->units_per_row;
             for (int p = 0; p < t.panels && !any; p++)
                 any = cls[p] != UNIT_EMPTY;
         }
+        cpu_mods_end(fp);
         if (!any) return 0; /* the mask empties this tile */
     }
     if (pb->packed_k) {

@@ -38,11 +38,14 @@ flex_status flex_cpu_forward_reference(flex_context *ctx, const flex_forward_arg
     mod_buffer_view score_views[IR_MAX_BUFFERS], mask_views[IR_MAX_BUFFERS];
     void *score_copies[IR_MAX_BUFFERS] = {0}, *mask_copies[IR_MAX_BUFFERS] = {0};
     flex_status st = FLEX_OK;
+    /* All of it with subnormals, the mods' arithmetic (core/fpenv.h). */
+    unsigned fp = cpu_mods_begin();
     if (a->score_mod) st = flex_mod_host_views(ctx, a->score_mod, score_views, score_copies);
     if (st == FLEX_OK && mask_mod) st = flex_mod_host_views(ctx, mask_mod, mask_views, mask_copies);
     if (st != FLEX_OK) {
         flex_mod_release_host_views(score_copies);
         flex_mod_release_host_views(mask_copies);
+        cpu_mods_end(fp);
         return st;
     }
 
@@ -134,5 +137,6 @@ done:
     free(point);
     flex_mod_release_host_views(score_copies);
     flex_mod_release_host_views(mask_copies);
+    cpu_mods_end(fp);
     return st;
 }

@@ -1,7 +1,8 @@
 #!/bin/sh
 # Builds flexattn and runs every test: once with -Wall -Wextra -Werror, once
-# under AddressSanitizer and UndefinedBehaviorSanitizer. Also checks that the
-# installed library links from another program through pkg-config.
+# under AddressSanitizer and UndefinedBehaviorSanitizer; runs each fuzz
+# harness for 30 s. Also checks that the installed library links from
+# another program through pkg-config.
 set -eu
 cd "$(dirname "$0")/.."
 sh scripts/deps.sh
@@ -23,6 +24,10 @@ ninja -C build-asan
 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 ASAN_OPTIONS=detect_leaks=1 \
     meson test -C build-asan --print-errorlogs --num-processes "$jobs" --timeout-multiplier 3 || true
 
+echo "== fuzzing: about a minute of each libFuzzer harness (tests/fuzz, scripts/fuzz.sh)"
+fuzz_status=0
+sh scripts/fuzz.sh 30 || fuzz_status=1
+
 echo "== install and link through pkg-config"
 prefix=$(mktemp -d)
 meson install -C build-test --destdir "$prefix" --quiet
@@ -34,4 +39,6 @@ LD_LIBRARY_PATH="$(dirname "$(find "$prefix" -name 'libflexattn.so' | head -n 1)
     FLEXATTN_BACKEND=cpu "$prefix/example"
 rm -rf "$prefix"
 echo "== all suites, both builds"
+[ "$fuzz_status" -eq 0 ] || echo "failed: the fuzz campaign found an input (build-fuzz/crash-*)"
 python3 scripts/test_summary.py build-test build-asan
+exit "$fuzz_status"

@@ -17,6 +17,7 @@
 
 #include "internal.h"
 #include "plan.h"
+#include "softmax.h"
 #include "oracle.h"
 
 enum { LAYOUT_BHSD = 0, LAYOUT_BSHD = 1, LAYOUT_PADDED = 2, LAYOUT_STRIDED_D = 3 };
@@ -781,6 +782,29 @@ START_TEST(test_subnormals_caller_flushes) {
 END_TEST
 #endif
 
+/* LSE merges of split rows follow the same rule: a NaN part makes the row
+ * NaN, empty parts (-inf) are ignored, two empty parts give 0 and -inf. */
+START_TEST(test_lse_merge_nan) {
+    const float a[2] = {1.0f, 2.0f}, b[2] = {3.0f, 4.0f}, nan2[2] = {NAN, NAN};
+    float o[2], lse;
+    flex_lse_merge(2, a, 0.5f, nan2, NAN, o, &lse);
+    ck_assert(isnan(o[0]) && isnan(o[1]) && isnan(lse));
+    flex_lse_merge(2, nan2, NAN, a, 0.5f, o, &lse);
+    ck_assert(isnan(o[0]) && isnan(o[1]) && isnan(lse));
+    flex_lse_merge(2, a, -INFINITY, b, 0.25f, o, &lse);
+    ck_assert(o[0] == 3.0f && o[1] == 4.0f && lse == 0.25f);
+    flex_lse_merge(2, a, -INFINITY, b, -INFINITY, o, &lse);
+    ck_assert(o[0] == 0.0f && o[1] == 0.0f && lse == -INFINITY);
+    const float parts[6] = {1.0f, 2.0f, NAN, NAN, 3.0f, 4.0f};
+    const float lses[3] = {-INFINITY, NAN, -INFINITY};
+    flex_lse_merge_many(2, 3, parts, 2, lses, o, &lse);
+    ck_assert(isnan(o[0]) && isnan(o[1]) && isnan(lse));
+    const float lses_ok[3] = {-INFINITY, -INFINITY, 1.0f};
+    flex_lse_merge_many(2, 3, parts, 2, lses_ok, o, &lse);
+    ck_assert(o[0] == 3.0f && o[1] == 4.0f && lse == 1.0f);
+}
+END_TEST
+
 /* The plan never leaves a tile across a block boundary. */
 START_TEST(test_plan_tiles) {
     case_run r;
@@ -810,6 +834,7 @@ static Suite *cpu_forward_suite(void) {
 #if defined(__x86_64__)
     tcase_add_test(tc, test_subnormals_caller_flushes);
 #endif
+    tcase_add_test(tc, test_lse_merge_nan);
     tcase_add_loop_test(tc, test_nan_propagation, 0,
                         (int)(sizeof nan_cases / sizeof nan_cases[0]) * NAN_PATHS);
     suite_add_tcase(s, tc);

@@ -11,7 +11,10 @@
  *
  * What is checked, for inputs whose element-wise evaluation reads no buffer
  * out of range:
- *   - the block mask's classes equal the element-wise classes (exact);
+ *   - the block mask's classes equal the element-wise classes (exact); a
+ *     mask is broadcast over batch or heads (as the input asks) only when
+ *     the mod does not read b or h, since broadcasting is the caller's
+ *     promise that it does not;
  *   - every row of the attention, on the tiled path (best or portable
  *     kernels, chosen by the input) and on the reference path, is of the
  *     class the element-wise scores give it: NaN (a kept score NaN or +inf:
@@ -469,7 +472,18 @@ static void run_input(const problem *p, const char *mask_text, const char *score
     element_truth(p, mask, score, &q, &k, scale, &t);
 
     flex_block_mask *bm = NULL;
+    problem pm = *p; /* the block mask's shape */
     if (mask) {
+        /* A mask broadcast over batch or heads is the caller's promise that
+         * the mod does not depend on them (the kernels evaluate partial
+         * blocks at the real b and h): broadcast only where that holds. */
+        uint8_t *deps = malloc((size_t)mask->ir.num_nodes + 1);
+        ir_dependencies(&mask->ir, deps);
+        int root = mask->ir.num_nodes > 0 ? deps[mask->ir.root] : 0;
+        free(deps);
+        if (root & IR_DEP_B) pm.Bm = p->B;
+        if (root & IR_DEP_H) pm.Hm = p->Hq;
+        p = &pm;
         flex_status st =
             flex_block_mask_create(g_ctx, mask, p->Bm, p->Hm, p->Lq, p->Lkv, p->qb, p->kb, &bm);
         if (t.bounds_mask) {

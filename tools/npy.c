@@ -151,6 +151,14 @@ flex_status npy_read(const char *path, npy_array *out, char *err, size_t err_cap
         count *= (size_t)out->shape[i];
     }
     out->bytes = count * flex_dtype_size(out->dtype);
+    /* The header's shape is checked against what the file holds before
+     * anything that large is allocated (a few bytes may claim terabytes). */
+    long here = ftell(f);
+    if (here >= 0 && fseek(f, 0, SEEK_END) == 0) {
+        long end = ftell(f);
+        if (end < here || (unsigned long)(end - here) < out->bytes) goto truncated;
+        if (fseek(f, here, SEEK_SET) != 0) goto truncated;
+    }
     out->data = malloc(out->bytes ? out->bytes : 1);
     if (!out->data) {
         st = io_fail(err, err_cap, path, "out of memory for the data");

@@ -25,6 +25,7 @@
 #include <omp.h>
 #endif
 
+#include "fpenv.h"
 #include "blockmask.h"
 #include "clock.h"
 
@@ -468,7 +469,21 @@ static flex_status resolve_blocks(flex_context *ctx, const flex_mod *mod,
     return flex_backend_mask_blocks(ctx, mod, q_len, kv_len, qb, kb, refs, count, classes);
 }
 
+static flex_status build_from_mod_ieee(flex_context *ctx, flex_block_mask *m,
+                                      const flex_mod *mod);
+
+/* Interval analysis and the evaluation of undecided blocks run with
+ * subnormals, the arithmetic of every mod evaluation (core/fpenv.h), on the
+ * calling thread and in each thread of a parallel region. */
 static flex_status build_from_mod(flex_context *ctx, flex_block_mask *m, const flex_mod *mod) {
+    unsigned fp = flex_fp_mods_begin();
+    flex_status st = build_from_mod_ieee(ctx, m, mod);
+    flex_fp_restore(fp);
+    return st;
+}
+
+static flex_status build_from_mod_ieee(flex_context *ctx, flex_block_mask *m,
+                                       const flex_mod *mod) {
     const ir_mod *ir = &mod->ir;
     int64_t nq = m->num_q_blocks, nk = m->num_kv_blocks;
     flex_status st = FLEX_OK;
@@ -532,6 +547,7 @@ static flex_status build_from_mod(flex_context *ctx, flex_block_mask *m, const f
 #pragma omp parallel
 #endif
         {
+            unsigned fp = flex_fp_mods_begin();
             grid_walk g = {ir,          tables,    malloc(scratch_size > 0 ? scratch_size : 1),
                            m->q_len,    m->kv_len, m->q_block,
                            m->kv_block, NULL};
@@ -547,6 +563,7 @@ static flex_status build_from_mod(flex_context *ctx, flex_block_mask *m, const f
                 walk(&g, 0, (int32_t)nq, 0, (int32_t)nk);
             }
             free(g.scratch);
+            flex_fp_restore(fp);
         }
     }
     int64_t num_refs = 0;

@@ -15,6 +15,7 @@
 #include <omp.h>
 #endif
 
+#include "fpenv.h"
 #include "blockmask.h"
 #include "clock.h"
 
@@ -166,6 +167,8 @@ flex_status flex_block_mask_eval_host_with(flex_context *ctx, const struct flex_
 
     const ir_mod *ir = &mask_mod->ir;
     int failed = 0; /* 1: bounds, 2: memory */
+    /* The mod keeps subnormals on every thread (core/fpenv.h). */
+    unsigned fp = flex_fp_mods_begin();
     mod_bounds_error first_bounds;
     memset(&first_bounds, 0, sizeof first_bounds);
 
@@ -212,6 +215,7 @@ flex_status flex_block_mask_eval_host_with(flex_context *ctx, const struct flex_
 #pragma omp parallel
 #endif
         {
+            unsigned thread_fp = flex_fp_mods_begin();
             eval_worker *w = malloc(sizeof *w);
             int ok = w && worker_init(w, ir, views, tables) == 0;
 #ifdef _OPENMP
@@ -235,8 +239,10 @@ flex_status flex_block_mask_eval_host_with(flex_context *ctx, const struct flex_
             }
             if (w) worker_free(w);
             free(w);
+            flex_fp_restore(thread_fp);
         }
     }
+    flex_fp_restore(fp);
     if (failed == 1) return flex_fail_bounds(ctx, mask_mod, &first_bounds);
     if (failed == 2)
         return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY,

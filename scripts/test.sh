@@ -1,8 +1,9 @@
 #!/bin/sh
 # Builds flexattn and runs every test: once with -Wall -Wextra -Werror, once
 # under AddressSanitizer and UndefinedBehaviorSanitizer, and once without the
-# CUDA backend (-Dcuda=disabled). Also checks that the installed library
-# links from another program through pkg-config.
+# CUDA backend (-Dcuda=disabled); runs each fuzz harness for 30 s. Also
+# checks that the installed library links from another program through
+# pkg-config.
 set -eu
 cd "$(dirname "$0")/.."
 sh scripts/deps.sh
@@ -30,6 +31,10 @@ echo "== build without the CUDA backend (-Dcuda=disabled) and tests"
 ninja -C build-nocuda
 meson test -C build-nocuda --print-errorlogs --num-processes "$jobs" || true
 
+echo "== fuzzing: about a minute of each libFuzzer harness (tests/fuzz, scripts/fuzz.sh)"
+fuzz_status=0
+sh scripts/fuzz.sh 30 || fuzz_status=1
+
 echo "== install and link through pkg-config"
 prefix=$(mktemp -d)
 meson install -C build-test --destdir "$prefix" --quiet
@@ -41,4 +46,6 @@ LD_LIBRARY_PATH="$(dirname "$(find "$prefix" -name 'libflexattn.so' | head -n 1)
     FLEXATTN_BACKEND=cpu "$prefix/example"
 rm -rf "$prefix"
 echo "== all suites, every build"
+[ "$fuzz_status" -eq 0 ] || echo "failed: the fuzz campaign found an input (build-fuzz/crash-*)"
 python3 scripts/test_summary.py build-test build-asan build-nocuda
+exit "$fuzz_status"

@@ -8,6 +8,10 @@
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__x86_64__)
+#include <xmmintrin.h> /* MXCSR */
+#endif
+
 #include "blockmask.h"
 #include "internal.h"
 
@@ -304,6 +308,65 @@ START_TEST(test_hand_written_masks) {
                        geometries[g].qb, geometries[g].kb);
         flex_mod_destroy(mod);
     }
+}
+END_TEST
+
+/* Mods whose values are subnormal floats: the builder (interval analysis
+ * and block evaluation) keeps subnormals like the element-wise definition,
+ * also when the calling thread flushes them (x86 FTZ/DAZ, as programs built
+ * with -ffast-math run), and restores the caller's state. */
+START_TEST(test_subnormal_masks) {
+    static const char *texts[] = {
+        "float(q - kv) * 1e-40 >= 1e-40",         /* strictly below the diagonal */
+        "float(kv) * 1e-44 > float(q) * 1e-44 + 1e-45", /* a few ulps of the smallest */
+        "float(q) * 1e-39 - float(kv) * 1e-39 > 0.0",   /* subnormal differences */
+        "float(q + kv) * 1.5e-45 < 40.0 * 1.5e-45",      /* the smallest subnormal, times */
+    };
+    for (int flush = 0; flush < 2; flush++)
+        for (int t = 0; t < (int)(sizeof texts / sizeof texts[0]); t++) {
+            flex_mod *mod = compile_mask(texts[t], NULL, 0, NULL, 0);
+            for (int g = 0; g < NUM_GEOMETRIES; g++) {
+                flex_block_mask *m = NULL;
+#if defined(__x86_64__)
+                unsigned saved = _mm_getcsr();
+                if (flush) _mm_setcsr(saved | 0x8040u);
+#endif
+                flex_status st =
+                    flex_block_mask_create(ctx, mod, 1, 1, geometries[g].q_len, geometries[g].kv_len,
+                                           geometries[g].qb, geometries[g].kb, &m);
+#if defined(__x86_64__)
+                ck_assert_uint_eq(_mm_getcsr() & 0x8040u, flush ? 0x8040u : (saved & 0x8040u));
+                _mm_setcsr(saved);
+#endif
+                ck_assert_int_eq(st, FLEX_OK);
+                int64_t qb = geometries[g].qb ? geometries[g].qb : 128;
+                int64_t kb = geometries[g].kb ? geometries[g].kb : 128;
+                int64_t nq = (geometries[g].q_len + qb - 1) / qb;
+                int64_t nk = (geometries[g].kv_len + kb - 1) / kb;
+                uint8_t *dense = malloc((size_t)(nq * nk));
+                ck_assert_int_eq(flex_block_mask_to_dense(m, dense), FLEX_OK);
+                uint8_t *expect = exhaustive_classes(mod, 1, 1, geometries[g].q_len,
+                                                     geometries[g].kv_len, (int)qb, (int)kb);
+                for (int64_t k = 0; k < nq * nk; k++)
+                    REQUIRE(dense[k] == expect[k],
+                            "%s (%s caller, geometry %d): block %lld is %d, element-wise %d",
+                            texts[t], flush ? "flushing" : "IEEE", g, (long long)k, dense[k],
+                            expect[k]);
+                free(dense);
+                free(expect);
+                flex_block_mask_destroy(m);
+            }
+            /* the first mask is the issue's: diagonal blocks partial at 64 x 64 / 16 */
+            if (t == 0) {
+                flex_block_mask *m = NULL;
+                ck_assert_int_eq(flex_block_mask_create(ctx, mod, 1, 1, 64, 64, 16, 16, &m),
+                                 FLEX_OK);
+                ck_assert_int_eq(m->num_partial, 4);
+                ck_assert_int_eq(m->num_full, 6);
+                flex_block_mask_destroy(m);
+            }
+            flex_mod_destroy(mod);
+        }
 }
 END_TEST
 
@@ -705,6 +768,7 @@ static Suite *blockmask_suite(void) {
     tcase_set_timeout(tc, 600);
     tcase_add_test(tc, test_every_mask_preset);
     tcase_add_test(tc, test_hand_written_masks);
+    tcase_add_test(tc, test_subnormal_masks);
     tcase_add_test(tc, test_batch_and_head);
     tcase_add_test(tc, test_and_or);
     tcase_add_test(tc, test_and_or_errors);

@@ -517,6 +517,11 @@ static const bcase shape_cases[] = {
     {"single element", NULL, NULL, 1, 1, 1, 1, 1, 8, 8, F32, 0, 0, 0, NULL, NULL},
     {"per-head mask gqa", PER_HEAD "=q + 3 * h >= kv && q - kv <= 40 + 7 * b", "softcap", 2, 4, 2,
      90, 90, 16, 16, F32, 0, 16, 32, NULL, NULL},
+    /* mods whose values are subnormal: the block mask and the backward's
+     * mod evaluation must agree (both keep subnormals) */
+    {"subnormal constants", "=float(q - kv) * 1e-40 >= 1e-40",
+     "=where(float(q - kv) * 1e-40 >= 3e-40, score * 2.0, score)", 1, 2, 2, 64, 64, 16, 16, F32, 0,
+     16, 16, NULL, NULL},
 };
 
 START_TEST(test_shapes) {
@@ -646,6 +651,104 @@ START_TEST(test_portable_kernels) {
 }
 END_TEST
 
+/* ---- NaN rows ----
+ *
+ * A row that the forward made NaN (a kept score NaN or +inf: NaN output and
+ * LSE) has NaN gradients: its dQ row, and the dK and dV rows of every key it
+ * attends. Keys it does not attend, and every other row's dQ, stay finite
+ * and match the oracle. Causal mask, so row i attends keys 0 .. i. */
+
+/* The NaN row is row nan_i of head nan_h (-1: of every head). */
+static void check_nan_row(const char *name, const char *score, int poison_q, int nan_h, int nan_i,
+                          int portable) {
+    bcase c = {name, "causal", score, 1, 2, 1, 70, 70, 16, 16, F32, 0, 32, 32, NULL, NULL};
+    if (portable) setenv("FLEXATTN_CPU_SIMD", "portable", 1);
+    run r;
+    memset(&r, 0, sizeof r);
+    if (poison_q) {
+        /* setup runs the forward: plant the NaN first, through a setup of
+         * the same inputs (same seed) whose q is then poisoned. */
+        setup(&r, &c);
+        ((float *)r.q.mem)[((size_t)nan_h * c.Lq + nan_i) * c.D + 3] = NAN;
+        ck_assert_int_eq(flex_attention(r.ctx, &r.q.t, &r.k.t, &r.v.t, r.md.score, r.mask, NULL,
+                                        &r.out.t, &r.lse.t),
+                         FLEX_OK);
+    } else {
+        setup(&r, &c);
+    }
+    ck_assert(isnan(oracle_load(&r.lse.t, 0, nan_h < 0 ? 0 : nan_h, nan_i, 0)));
+    ck_assert_int_eq(backward(&r, 1, 1, 1), FLEX_OK);
+    unsetenv("FLEXATTN_CPU_SIMD");
+
+    size_t nq = (size_t)c.Hq * c.Lq, nk = (size_t)c.Hkv * c.Lkv;
+    double *ref_dq = malloc(nq * c.D * sizeof(double));
+    double *ref_dk = malloc(nk * c.D * sizeof(double));
+    double *ref_dv = malloc(nk * c.Dv * sizeof(double));
+    oracle_problem p;
+    memset(&p, 0, sizeof p);
+    p.q = r.q.t, p.k = r.k.t, p.v = r.v.t;
+    p.score_mod = r.md.score;
+    p.mask_mod = r.md.mask_mod;
+    char err[512];
+    ck_assert_msg(oracle_backward(&p, &r.dout.t, ref_dq, ref_dk, ref_dv, NULL, 0, err,
+                                  sizeof err) == 0,
+                  "oracle: %s", err);
+    double worst = 0.0;
+    int finite_q = 0, finite_k = 0;
+    for (int h = 0; h < c.Hq; h++)
+        for (int i = 0; i < c.Lq; i++)
+            for (int d = 0; d < c.D; d++) {
+                double g = oracle_load(&r.dq.t, 0, h, i, d);
+                if ((nan_h < 0 || h == nan_h) && i == nan_i) {
+                    ck_assert_msg(isnan(g), "%s: dq[%d][%d][%d] = %g, not NaN", name, h, i, d, g);
+                    continue;
+                }
+                ck_assert_msg(isfinite(g), "%s: dq[%d][%d][%d] = %g", name, h, i, d, g);
+                worst = fmax(worst, fabs(g - ref_dq[((size_t)h * c.Lq + i) * c.D + d]));
+                finite_q++;
+            }
+    for (int j = 0; j < c.Lkv; j++)
+        for (int d = 0; d < c.D; d++) {
+            double gk = oracle_load(&r.dk.t, 0, 0, j, d), gv = oracle_load(&r.dv.t, 0, 0, j, d);
+            if (j <= nan_i) { /* attended by the NaN row */
+                ck_assert_msg(isnan(gk) && isnan(gv), "%s: dk/dv[%d][%d] = %g / %g, not NaN", name,
+                              j, d, gk, gv);
+                continue;
+            }
+            ck_assert_msg(isfinite(gk) && isfinite(gv), "%s: dk/dv[%d][%d] = %g / %g", name, j, d,
+                          gk, gv);
+            worst = fmax(worst, fabs(gk - ref_dk[(size_t)j * c.D + d]));
+            worst = fmax(worst, fabs(gv - ref_dv[(size_t)j * c.Dv + d]));
+            finite_k++;
+        }
+    ck_assert_msg(worst < 1e-4, "%s: finite gradients differ from the oracle by %g", name, worst);
+    ck_assert_int_gt(finite_q, 0);
+    ck_assert_int_gt(finite_k, 0);
+    free(ref_dq);
+    free(ref_dk);
+    free(ref_dv);
+    teardown(&r);
+}
+
+START_TEST(test_nan_rows) {
+    int portable = _i % 2;
+    switch (_i / 2) {
+    case 0:
+        check_nan_row("score mod +inf", "=where(q == 40 && kv == 10, inf, score)", 0, -1, 40,
+                      portable);
+        break;
+    case 1:
+        check_nan_row("score mod sqrt(-1)",
+                      "=score + where(q == 33 && kv == 33 && h == 1, sqrt(-1), 0.0)", 0, 1, 33,
+                      portable);
+        break;
+    default:
+        check_nan_row("NaN in q", NULL, 1, 0, 5, portable);
+        break;
+    }
+}
+END_TEST
+
 /* ---- the oracle against finite differences ---- */
 
 /* loss = sum(dout * out) in f64 through oracle_forward. */
@@ -757,6 +860,7 @@ static Suite *backward_suite(void) {
     tcase_add_test(tc, test_partial_outputs);
     tcase_add_test(tc, test_portable_kernels);
     tcase_add_test(tc, test_out_of_range_reads);
+    tcase_add_loop_test(tc, test_nan_rows, 0, 6);
     suite_add_tcase(s, tc);
     return s;
 }

@@ -17,6 +17,7 @@
 
 #include "internal.h"
 #include "plan.h"
+#include "softmax.h"
 #include "oracle.h"
 #include "tolerance.h"
 
@@ -462,6 +463,16 @@ static const fcase shape_cases[] = {
      0, 0, 0, 0, 0, 0},
     {"bias in masked part ref", "causal", "=score + bias[q - kv]", 1, 2, 2, 100, 100, 32, 32, F32,
      0, 0, 1, 0, 0, 0, 0, 0},
+    /* Subnormal arithmetic in mods: (q - kv) * 1e-40 is subnormal, and
+     * exact, for every pair here; kernels that flushed it to zero (or read
+     * the constant as 0) disagreed with the block mask's diagonal blocks. */
+    {"subnormal mask constants", "=float(q - kv) * 1e-40 >= 1e-40", NULL, 1, 1, 1, 64, 64, 4, 4,
+     F32, 0, 0, 0, 0, 16, 16, 0, 0},
+    {"subnormal mask constants ref", "=float(q - kv) * 1e-40 >= 1e-40", NULL, 1, 1, 1, 64, 64, 4,
+     4, F32, 0, 0, 1, 0, 16, 16, 0, 0},
+    {"subnormal score constants", NULL,
+     "=where(float(q - kv) * 1e-40 >= 1e-40, score * 3.0, score + float(kv) * 1e-41 * 1e38)", 1, 2,
+     2, 70, 70, 16, 16, F32, 0, 0, 0, 0, 0, 0, 0, 0},
 };
 
 /* Several cases per test: each test is a forked process with its own
@@ -611,6 +622,187 @@ START_TEST(test_portable_kernels) {
 }
 END_TEST
 
+/* ---- NaN propagation (PyTorch's rule) ----
+ *
+ * A row with a kept score that is NaN or +inf gives NaN output and NaN LSE;
+ * -inf scores and masked elements are removed, whatever their value. Each
+ * case plants one such score (through q, k or the score mod) and says which
+ * rows it must poison; every other row must stay finite and match the
+ * oracle. Lq = Lkv = 300 with the default 128-wide tiles puts key 200 in
+ * the second kv tile, after a finite running max, and key 1 in the first. */
+
+enum { POISON_NONE, POISON_Q_NAN, POISON_K_INF_1, POISON_K_INF_200 };
+
+typedef struct nan_case {
+    const char *name;
+    const char *mask, *score; /* specs as in fcase */
+    int poison;
+    /* Whether row (h, i) must be NaN; r gives the inputs. */
+    int (*nan_row)(const case_run *r, int h, int i);
+} nan_case;
+
+static int row_q5_head0(const case_run *r, int h, int i) {
+    (void)r;
+    return h == 0 && i == 5;
+}
+/* q . k[kv] is +inf where q[0] > 0 (k[kv][0] = +inf, the rest finite), -inf
+ * (a removed key) where q[0] < 0; causal rows reach kv from row kv on. */
+static int row_sees_inf_key(const case_run *r, int h, int i, int kv) {
+    return i >= kv && oracle_load(&r->q.t, 0, h, i, 0) > 0.0;
+}
+static int row_k_inf_1(const case_run *r, int h, int i) {
+    return row_sees_inf_key(r, h, i, 1);
+}
+static int row_k_inf_200(const case_run *r, int h, int i) {
+    return row_sees_inf_key(r, h, i, 200);
+}
+static int row_3(const case_run *r, int h, int i) {
+    (void)r, (void)h;
+    return i == 3;
+}
+static int row_250(const case_run *r, int h, int i) {
+    (void)r, (void)h;
+    return i == 250;
+}
+static int row_7(const case_run *r, int h, int i) {
+    (void)r, (void)h;
+    return i == 7;
+}
+static int row_none(const case_run *r, int h, int i) {
+    (void)r, (void)h, (void)i;
+    return 0;
+}
+
+static const nan_case nan_cases[] = {
+    {"NaN in q", "causal", NULL, POISON_Q_NAN, row_q5_head0},
+    {"inf in k, first tile", "causal", NULL, POISON_K_INF_1, row_k_inf_1},
+    {"inf in k, second tile", "causal", NULL, POISON_K_INF_200, row_k_inf_200},
+    {"score mod +inf", NULL, "=where(q == 3 && kv == 1, inf, score)", POISON_NONE, row_3},
+    {"score mod +inf, second tile", "causal", "=where(q == 250 && kv == 200, inf, score)",
+     POISON_NONE, row_250},
+    {"score mod sqrt(-1)", NULL, "=score + where(q == 7 && kv == 290, sqrt(-1), 0.0)", POISON_NONE,
+     row_7},
+    {"NaN and +inf where the mask removes them", "causal",
+     "=where(kv > q, where(kv % 2 == 0, sqrt(-1), inf), score)", POISON_NONE, row_none},
+    {"NaN in a removed row element, -inf kept", "=kv != 4", "=where(kv == 4, sqrt(-1), score)",
+     POISON_NONE, row_none},
+};
+enum { NAN_PATHS = 3 }; /* tiled (best kernels), tiled portable kernels, reference */
+
+static void run_nan_case(const nan_case *nc, int path) {
+    fcase c = {.name = nc->name, .mask = nc->mask, .score = nc->score, .B = 1, .Hq = 2, .Hkv = 1,
+               .Lq = 300, .Lkv = 300, .D = 32, .Dv = 32, .dtype = F32, .reference = path == 2};
+    if (path == 1)
+        setenv("FLEXATTN_CPU_SIMD", "portable", 1);
+    else
+        unsetenv("FLEXATTN_CPU_SIMD");
+    case_run r;
+    case_setup(&r, &c);
+    float *q = r.q.mem, *k = r.k.mem;
+    if (nc->poison == POISON_Q_NAN) q[(size_t)5 * c.D + 3] = NAN; /* head 0, row 5 */
+    if (nc->poison == POISON_K_INF_1) k[(size_t)1 * c.D] = INFINITY;
+    if (nc->poison == POISON_K_INF_200) k[(size_t)200 * c.D] = INFINITY;
+    flex_status st = case_attention(&r, &c);
+    unsetenv("FLEXATTN_CPU_SIMD");
+    ck_assert_msg(st == FLEX_OK, "%s: %s", nc->name, flex_error_message(r.ctx));
+
+    size_t rows = (size_t)c.Hq * c.Lq;
+    double *ref = malloc(rows * (size_t)c.Dv * sizeof(double));
+    double *ref_lse = malloc(rows * sizeof(double));
+    oracle_problem p;
+    memset(&p, 0, sizeof p);
+    p.q = r.q.t, p.k = r.k.t, p.v = r.v.t;
+    p.score_mod = r.score;
+    p.mask_mod = r.mask_mod;
+    char err[512];
+    ck_assert_msg(oracle_forward(&p, ref, ref_lse, err, sizeof err) == 0, "oracle: %s", err);
+    int nan_rows = 0, finite_rows = 0;
+    double worst = 0.0;
+    for (int h = 0; h < c.Hq; h++)
+        for (int i = 0; i < c.Lq; i++) {
+            size_t n = (size_t)h * c.Lq + i;
+            double lse = oracle_load(&r.lse.t, 0, h, i, 0);
+            if (nc->nan_row(&r, h, i)) {
+                nan_rows++;
+                for (int d = 0; d < c.Dv; d++)
+                    ck_assert_msg(isnan(oracle_load(&r.out.t, 0, h, i, d)),
+                                  "%s (path %d): out[%d][%d][%d] is %g, not NaN", nc->name, path,
+                                  h, i, d, oracle_load(&r.out.t, 0, h, i, d));
+                ck_assert_msg(isnan(lse), "%s (path %d): lse[%d][%d] is %g, not NaN", nc->name,
+                              path, h, i, lse);
+                continue;
+            }
+            finite_rows++;
+            ck_assert_msg(isfinite(lse), "%s (path %d): lse[%d][%d] is %g", nc->name, path, h, i,
+                          lse);
+            worst = fmax(worst, fabs(lse - ref_lse[n]) / fmax(1.0, fabs(ref_lse[n])));
+            for (int d = 0; d < c.Dv; d++) {
+                double v = oracle_load(&r.out.t, 0, h, i, d);
+                ck_assert_msg(isfinite(v), "%s (path %d): out[%d][%d][%d] is %g", nc->name, path,
+                              h, i, d, v);
+                worst = fmax(worst, fabs(v - ref[n * c.Dv + d]));
+            }
+        }
+    ck_assert_msg(worst < 1e-4, "%s (path %d): finite rows differ from the oracle by %g",
+                  nc->name, path, worst);
+    if (nc->nan_row != row_none) ck_assert_int_gt(nan_rows, 0);
+    ck_assert_int_gt(finite_rows, 0);
+    free(ref);
+    free(ref_lse);
+    case_teardown(&r);
+}
+
+START_TEST(test_nan_propagation) {
+    run_nan_case(&nan_cases[_i / NAN_PATHS], _i % NAN_PATHS);
+}
+END_TEST
+
+/* A caller whose thread flushes subnormals (a program built with
+ * -ffast-math) gets the same block mask and the same bits: block-mask
+ * building, interval analysis and the kernels' mod evaluation keep
+ * subnormals whatever the caller's state, which is restored afterwards.
+ * The IEEE run is checked against the oracle by the shape cases. */
+#if defined(__x86_64__)
+#include <xmmintrin.h>
+static void run_twice_compare(const fcase *c) {
+    unsigned saved = _mm_getcsr();
+    case_run r[2];
+    size_t n = (size_t)c->B * c->Hq * c->Lq * c->Dv;
+    for (int flush = 0; flush < 2; flush++) {
+        if (flush) _mm_setcsr(saved | 0x8040u); /* FTZ and DAZ */
+        case_setup(&r[flush], c);
+        ck_assert_int_eq(case_attention(&r[flush], c), FLEX_OK);
+        /* the control bits come back (the low six are sticky exception flags) */
+        ck_assert_uint_eq(_mm_getcsr() & ~0x3fu, (flush ? (saved | 0x8040u) : saved) & ~0x3fu);
+        _mm_setcsr(saved);
+    }
+    if (c->mask) {
+        size_t blocks = (size_t)((c->Lq + 15) / 16) * (size_t)((c->Lkv + 15) / 16);
+        uint8_t *d0 = malloc(blocks), *d1 = malloc(blocks);
+        ck_assert_int_eq(flex_block_mask_to_dense(r[0].mask, d0), FLEX_OK);
+        ck_assert_int_eq(flex_block_mask_to_dense(r[1].mask, d1), FLEX_OK);
+        ck_assert_msg(memcmp(d0, d1, blocks) == 0, "%s: block masks differ", c->name);
+        free(d0);
+        free(d1);
+    }
+    for (size_t i = 0; i < n; i++) {
+        float a = ((const float *)r[0].out.mem)[i], b = ((const float *)r[1].out.mem)[i];
+        ck_assert_msg(memcmp(&a, &b, sizeof a) == 0, "%s: out[%zu] %g with IEEE, %g flushing",
+                      c->name, i, a, b);
+    }
+    ck_assert(memcmp(r[0].lse.mem, r[1].lse.mem, (size_t)c->B * c->Hq * c->Lq * 4) == 0);
+    case_teardown(&r[0]);
+    case_teardown(&r[1]);
+}
+
+START_TEST(test_subnormals_caller_flushes) {
+    for (int i = NUM_SHAPE_CASES - 3; i < NUM_SHAPE_CASES; i++) {
+        ck_assert(strstr(shape_cases[i].name, "subnormal") != NULL);
+        run_twice_compare(&shape_cases[i]);
+    }
+}
+END_TEST
+#endif
 /* The plan never leaves a tile across a block boundary. */
 START_TEST(test_plan_tiles) {
     case_run r;
@@ -636,6 +828,11 @@ static Suite *cpu_forward_suite(void) {
                         (NUM_SHAPE_CASES + SHAPES_PER_TEST - 1) / SHAPES_PER_TEST);
     tcase_add_loop_test(tc, test_presets, 0, flex_preset_count());
     tcase_add_test(tc, test_portable_kernels);
+#if defined(__x86_64__)
+    tcase_add_test(tc, test_subnormals_caller_flushes);
+#endif
+    tcase_add_loop_test(tc, test_nan_propagation, 0,
+                        (int)(sizeof nan_cases / sizeof nan_cases[0]) * NAN_PATHS);
     suite_add_tcase(s, tc);
     TCase *te = tcase_create("errors");
     tcase_add_test(te, test_bounds_mask_tiled);

@@ -8,10 +8,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
-#if defined(__x86_64__) || defined(__i386__)
-#include <xmmintrin.h> /* MXCSR; before any AVX-512 target region */
-#endif
-
+#include "fpenv.h" /* MXCSR; before any AVX-512 target region */
 #include "internal.h"
 
 /* Tiled, block-sparse forward (cpu_forward.c); picks the reference path when
@@ -32,24 +29,23 @@ flex_status flex_cpu_backward(flex_context *ctx, const flex_backward_args *args)
  * subnormal floats, and on x86 every multiply that meets one takes a slow
  * microcode path. The forward's and backward's threads run with subnormals
  * flushed to zero (FTZ and DAZ) and restore the caller's state afterwards;
- * a term below 1.2e-38 of the row's largest cannot change an f32 result. */
-#if defined(__x86_64__) || defined(__i386__)
+ * a term below 1.2e-38 of the row's largest cannot change an f32 result.
+ * Mods are the exception: every mod evaluation (tile interpreter, point
+ * evaluator, interval analysis) is bracketed by cpu_mods_begin/end, which
+ * keep subnormals, so a mod computes the same bits here as in block-mask
+ * building and on the GPU (core/fpenv.h). */
 static inline unsigned cpu_subnormals_off(void) {
-    unsigned saved = _mm_getcsr();
-    _mm_setcsr(saved | 0x8040u); /* FTZ (bit 15) and DAZ (bit 6) */
-    return saved;
+    return flex_fp_flush_begin();
 }
 static inline void cpu_subnormals_restore(unsigned saved) {
-    _mm_setcsr(saved);
+    flex_fp_restore(saved);
 }
-#else
-static inline unsigned cpu_subnormals_off(void) {
-    return 0;
+static inline unsigned cpu_mods_begin(void) {
+    return flex_fp_mods_begin();
 }
-static inline void cpu_subnormals_restore(unsigned saved) {
-    (void)saved;
+static inline void cpu_mods_end(unsigned saved) {
+    flex_fp_restore(saved);
 }
-#endif
 
 /* The first buffer read out of range seen by any thread of a parallel region
  * (cpu_failure.c); zero-initialise. record keeps the first one only; seen

@@ -371,12 +371,23 @@ static void pack_q_tile(const bwd_problem *pb, float *row, int64_t b, int64_t h,
         for (int c = 0; c < Dv; c++)
             dot += (double)dor[c] * (double)row[c];
         delta[r] = (float)dot;
-        float l = ((const float *)a->lse.data)[row_offset(&a->lse, b, h, s)];
-        /* A row the forward found empty (or a NaN lse) carries no mass. */
-        lse[r] = (l == l && l != -INFINITY) ? l : -INFINITY;
+        /* -inf: a row the forward found empty, which carries no mass; NaN:
+         * a row with a NaN or +inf score, whose gradients are NaN. */
+        lse[r] = ((const float *)a->lse.data)[row_offset(&a->lse, b, h, s)];
     }
     pack_panels(qrow, pb->mq, pb->mq, D, pb->dp, rec + pb->off_qpan);
     pack_panels(dorow, pb->mq, pb->mq, Dv, pb->dvp, rec + pb->off_dopan);
+    /* The panels feed dK = dS^T Q. A NaN row's dS is NaN at the keys it
+     * attends and 0 elsewhere; its Q row (which may hold the NaN) is zeroed
+     * there so that 0 * NaN does not reach the keys it does not attend. */
+    float *qpan = rec + pb->off_qpan;
+    for (int r = 0; r < rows; r++) {
+        if (lse[r] == lse[r]) continue;
+        for (int c0 = 0; c0 < pb->dp; c0 += CPU_NR) {
+            int w = pb->dp - c0 >= CPU_NR ? CPU_NR : pb->dp - c0;
+            memset(qpan + (size_t)c0 * pb->mq + (size_t)r * w, 0, (size_t)w * sizeof(float));
+        }
+    }
 }
 
 /* ---- score mod and mask over one tile ---- */
@@ -485,25 +496,34 @@ static int do_pair(bwd_problem *pb, bwd_scratch *sc, int32_t b, int32_t h, int64
 
     kn->scores(mq, nk, (int)pb->D, rec + pb->off_qrow, sc->kt, scale, sc->s);
 
+    /* The mods keep subnormals (cpu.h). */
+    unsigned fp = cpu_mods_begin();
     if (partial) {
         mod_bounds_error err;
         memset(&err, 0, sizeof err);
         if (mod_tile_mask(sc->mask_tile, pb->mask_views, b, h, (int32_t)q0, rows, (int32_t)kv0,
                           cols, sc->keep, nk, &err) != 0) {
+            cpu_mods_end(fp);
             cpu_bounds_failure_record(&pb->bounds, pb->mask->mask_mod, &err);
             return -1;
         }
     }
     if (pb->has_score) {
         int rc = apply_score_mod(pb, sc, b, h, q0, rows, kv0, cols, partial);
-        if (rc < 0) return -1;
         if (rc > 0) {
             kn->scores(mq, nk, (int)pb->D, rec + pb->off_qrow, sc->kt, scale, sc->s);
-            if (apply_score_mod_points(pb, sc, b, h, q0, rows, kv0, cols) != 0) return -1;
+            rc = apply_score_mod_points(pb, sc, b, h, q0, rows, kv0, cols) != 0 ? -1 : 0;
+        }
+        if (rc < 0) {
+            cpu_mods_end(fp);
+            return -1;
         }
     }
+    cpu_mods_end(fp);
 
-    /* P = exp(S' - lse) over attended elements, 0 elsewhere. */
+    /* P = exp(S' - lse) over attended elements, 0 elsewhere. In a NaN row
+     * (NaN lse) P is NaN wherever the row has mass, that is at attended
+     * elements whose S' is not -inf, and 0 elsewhere. */
     for (int r = 0; r < mq; r++) {
         float *srow = sc->s + (size_t)r * nk;
         if (r >= rows || lse[r] == -INFINITY) {
@@ -517,6 +537,11 @@ static int do_pair(bwd_problem *pb, bwd_scratch *sc, int32_t b, int32_t h, int64
         }
         for (int c = cols; c < nk; c++)
             srow[c] = -INFINITY;
+        if (lse[r] != lse[r]) {
+            for (int c = 0; c < nk; c++)
+                srow[c] = srow[c] == -INFINITY ? 0.0f : NAN;
+            continue;
+        }
         kn->exp_sum(srow, nk, lse[r]);
     }
 
@@ -528,6 +553,12 @@ static int do_pair(bwd_problem *pb, bwd_scratch *sc, int32_t b, int32_t h, int64
         const float *prow = sc->s + (size_t)r * nk;
         float *drow = sc->dp + (size_t)r * nk;
         const float d = delta[r];
+        if (r < rows && lse[r] != lse[r]) {
+            /* A NaN row: NaN where P is (delta, from its NaN output, would
+             * spread NaN to the elements without mass too). */
+            memcpy(drow, prow, (size_t)nk * sizeof(float));
+            continue;
+        }
         for (int c = 0; c < nk; c++)
             drow[c] = prow[c] * (drow[c] - d) * fold;
     }

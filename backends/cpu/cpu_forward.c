@@ -15,7 +15,8 @@
  * partial tile is cut into units of 16 rows x 32 columns that interval
  * analysis classifies as empty, full or mixed; only mixed units go through
  * the tile interpreter, and each row group computes only its non-empty
- * units. Work items run with subnormals flushed to zero.
+ * units. Work items run with subnormals flushed to zero, but for the mods,
+ * which keep them (cpu.h, core/fpenv.h).
  *
  * Scratch (and the packed copies) are allocated before any output is
  * written, once per call. All arithmetic is f32; f16/bf16 inputs are
@@ -339,16 +340,19 @@ static int do_row_group(fwd_problem *pb, fwd_scratch *sc, const float *kp, const
     kn->scores_ld(mg, n, (int)pb->D, sc->qt + (size_t)g0 * pb->D,
                   kp + (size_t)(c0 / CPU_NR) * pb->D * CPU_NR, pb->a->scale, s, nk);
     if (pb->score_ir && ce > c0) {
+        unsigned fp = cpu_mods_begin();
         if (mod_tile_score(sc->score_tile, pb->score_views, b, h, (int32_t)(q0 + g0), rows,
                            (int32_t)(kv0 + c0), ce - c0, s, nk, &err) != 0) {
             mod_bounds_error err2;
             memset(&err2, 0, sizeof err2);
             if (!cls || score_attended_points(pb, sc, kp, b, h, q0, g0, mg, rows, kv0, c0, ce, cls,
                                               &err2) != 0) {
+                cpu_mods_end(fp);
                 cpu_bounds_failure_record(&pb->bounds, pb->a->score_mod, cls ? &err2 : &err);
                 return -1;
             }
         }
+        cpu_mods_end(fp);
     }
     for (int r = g0; r < g0 + rows; r++) {
         float *srow = sc->s + (size_t)r * nk;
@@ -485,17 +489,22 @@ static int do_kv_tile(fwd_problem *pb, fwd_scratch *sc, int32_t b, int32_t h, in
         /* Decide the units first (no FLOPs are spent on a tile the mask
          * empties): interval analysis where it can, the tile interpreter on
          * what it leaves undecided. */
+        unsigned fp = cpu_mods_begin();
         if (pb->mask_intervals)
             classify_units(pb, sc, &t, 0, t.groups, 0, t.panels);
         else
             fill_units(pb, sc, 0, t.groups, 0, t.panels, UNIT_MIXED);
         int any = 0;
         for (int g = 0; g < t.groups; g++) {
-            if (evaluate_mixed_units(pb, sc, &t, g) != 0) return -1;
+            if (evaluate_mixed_units(pb, sc, &t, g) != 0) {
+                cpu_mods_end(fp);
+                return -1;
+            }
             const uint8_t *cls = sc->units + (size_t)g * pb->units_per_row;
             for (int p = 0; p < t.panels && !any; p++)
                 any = cls[p] != UNIT_EMPTY;
         }
+        cpu_mods_end(fp);
         if (!any) return 0; /* the mask empties this tile */
     }
     if (pb->packed_k) {
@@ -544,14 +553,16 @@ static void write_output(const fwd_problem *pb, fwd_scratch *sc, int64_t b, int6
     const flex_tensor *lse = pb->a->lse;
     int Dv = (int)pb->Dv;
     for (int r = 0; r < rows; r++) {
+        /* l is 0 for a row with no kept score, NaN for a row with a NaN or
+         * +inf one (core/softmax.h): the output is then 0 or NaN. */
         float l = sc->l[r];
-        float inv = l > 0.0f ? 1.0f / l : 0.0f;
+        float inv = flex_softmax_inverse(l);
         const float *orow = sc->o + (size_t)r * pb->dvp;
         int64_t off = b * out->strides[0] + h * out->strides[1] + (q0 + r) * out->strides[2];
         int64_t st = out->strides[3];
         if (out->dtype == FLEX_F32 && st == 1) {
             float *dst = (float *)out->data + off;
-            if (l > 0.0f)
+            if (l != 0.0f)
                 for (int c = 0; c < Dv; c++)
                     dst[c] = orow[c] * inv;
             else
@@ -559,7 +570,7 @@ static void write_output(const fwd_problem *pb, fwd_scratch *sc, int64_t b, int6
         } else {
             for (int c = 0; c < Dv; c++)
                 flex_store_from_float(out->data, out->dtype, off + c * st,
-                                      l > 0.0f ? orow[c] * inv : 0.0f);
+                                      l != 0.0f ? orow[c] * inv : 0.0f);
         }
         if (lse) {
             int64_t loff = b * lse->strides[0] + h * lse->strides[1] + (q0 + r) * lse->strides[2];

@@ -38,11 +38,14 @@ flex_status flex_cpu_forward_reference(flex_context *ctx, const flex_forward_arg
     mod_buffer_view score_views[IR_MAX_BUFFERS], mask_views[IR_MAX_BUFFERS];
     void *score_copies[IR_MAX_BUFFERS] = {0}, *mask_copies[IR_MAX_BUFFERS] = {0};
     flex_status st = FLEX_OK;
+    /* All of it with subnormals, the mods' arithmetic (core/fpenv.h). */
+    unsigned fp = cpu_mods_begin();
     if (a->score_mod) st = flex_mod_host_views(ctx, a->score_mod, score_views, score_copies);
     if (st == FLEX_OK && mask_mod) st = flex_mod_host_views(ctx, mask_mod, mask_views, mask_copies);
     if (st != FLEX_OK) {
         flex_mod_release_host_views(score_copies);
         flex_mod_release_host_views(mask_copies);
+        cpu_mods_end(fp);
         return st;
     }
 
@@ -116,9 +119,11 @@ flex_status flex_cpu_forward_reference(flex_context *ctx, const flex_forward_arg
                         acc[c] += p * flex_load_as_float(a->v.data, a->v.dtype,
                                                          offset4(&a->v, b, hk, j, c));
                 }
+                /* sum is 0 when no score is kept, NaN when a kept score is
+                 * NaN or +inf (core/softmax.h): the output is then 0 or NaN. */
                 for (int64_t c = 0; c < Dv; c++)
                     flex_store_from_float(a->out.data, a->out.dtype, offset4(&a->out, b, h, i, c),
-                                          sum > 0.0f ? acc[c] / sum : 0.0f);
+                                          sum != 0.0f ? acc[c] / sum : 0.0f);
                 if (a->lse)
                     ((float *)a->lse->data)[offset4(a->lse, b, h, i, 0)] =
                         flex_softmax_lse(row_max, sum);
@@ -132,5 +137,6 @@ done:
     free(point);
     flex_mod_release_host_views(score_copies);
     flex_mod_release_host_views(mask_copies);
+    cpu_mods_end(fp);
     return st;
 }

@@ -701,7 +701,9 @@ static FLEX_DEVICE_INLINE void flex_init_state(flex_warp_state &st) {
     }
 }
 
-/* Epilogue: out = O / l, lse = (m + log2 l) ln 2; empty rows: 0 and -inf.
+/* Epilogue: out = O / l, lse = (m + log2 l) ln 2; empty rows (l == 0): 0 and
+ * -inf; rows with a kept NaN or +inf score (l NaN: the sum takes the NaN
+ * that fmaxf drops from the max): NaN and NaN, as in PyTorch.
  * Warp `warp` owns rows q0 + 16 * FLEX_MT * warp onwards (in both kernels). */
 static FLEX_DEVICE_INLINE void flex_store_output(const flex_fwd_params &p,
                                                  const flex_warp_state &st, int b, int h, int q0,
@@ -714,7 +716,7 @@ static FLEX_DEVICE_INLINE void flex_store_output(const flex_fwd_params &p,
             float l = st.l[mt][hf];
             l += FLEX_SHFL_XOR(l, 1);
             l += FLEX_SHFL_XOR(l, 2);
-            const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+            const float inv = l != 0.0f ? 1.0f / l : 0.0f;
             const int q = q0 + warp * 16 * FLEX_MT + mt * 16 + (lane >> 2) + hf * 8;
             if (q < p.Lq) {
                 flex_elem *orow = go + (long long)q * p.o_ss;
@@ -734,7 +736,7 @@ static FLEX_DEVICE_INLINE void flex_store_output(const flex_fwd_params &p,
                 }
                 if (p.lse && (lane & 3) == 0) {
                     const float lse =
-                        l > 0.0f ? (st.m[mt][hf] + log2f(l)) * FLEX_LN2 : FLEX_NEG_INF;
+                        l != 0.0f ? (st.m[mt][hf] + log2f(l)) * FLEX_LN2 : FLEX_NEG_INF;
                     p.lse[b * p.l_sb + h * p.l_sh + (long long)q * p.l_ss] = lse;
                 }
             }
@@ -889,7 +891,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_ROWS_PER_CTA * 32)
     }
     if (oob) atomicOr(p.bufs.bounds_flag, oob);
     float *go = (float *)p.out + b * p.o_sb + h * p.o_sh + (long long)q * p.o_ss;
-    const float inv = l > 0.0f ? 1.0f / l : 0.0f;
+    const float inv = l != 0.0f ? 1.0f / l : 0.0f; /* NaN l: a NaN row */
 #pragma unroll
     for (int j = 0; j < FLEX_PER_LANE_V; j++) {
         const int d = lane + 32 * j;
@@ -897,6 +899,6 @@ extern "C" __global__ void __launch_bounds__(FLEX_ROWS_PER_CTA * 32)
     }
     if (p.lse && lane == 0)
         p.lse[b * p.l_sb + h * p.l_sh + (long long)q * p.l_ss] =
-            l > 0.0f ? m + logf(l) : FLEX_NEG_INF;
+            l != 0.0f ? m + logf(l) : FLEX_NEG_INF;
 }
 #endif

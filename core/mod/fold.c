@@ -12,6 +12,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "fpenv.h"
+
 #include "mod/parse.h"
 
 static int is_const(const ir_mod *m, int n) {
@@ -178,7 +180,7 @@ static int simplify(ir_mod *m, const ir_node *n) {
     return ir_add(m, n);
 }
 
-int ir_fold(ir_mod *m) {
+static int fold(ir_mod *m) {
     if (m->root < 0 || m->num_nodes == 0) return 0;
     ir_mod out;
     ir_init(&out, m->kind);
@@ -207,4 +209,13 @@ int ir_fold(ir_mod *m) {
     ir_free(m);
     *m = out;
     return 0;
+}
+
+/* Folding evaluates float constants as the kernels evaluate the mod: with
+ * subnormals, whatever the caller's thread flushes (core/fpenv.h). */
+int ir_fold(ir_mod *m) {
+    unsigned fp = flex_fp_mods_begin();
+    int rc = fold(m);
+    flex_fp_restore(fp);
+    return rc;
 }

@@ -586,13 +586,69 @@ def _cell_ok(cell):
         return False
 
 
+def locate(fn, tensors):
+    """For each tensor, the path that reaches it from fn: steps ("closure", i),
+    ("global", name) or ("item", i). A compiled graph follows these paths to
+    take the captured tensors as its inputs. A tensor that fn does not
+    capture (made inside it) has no path: TypeError."""
+    wanted = {id(t): i for i, t in enumerate(tensors)}
+    paths = [None] * len(tensors)
+    seen = set()
+
+    def visit(obj, path, depth):
+        if id(obj) in wanted and paths[wanted[id(obj)]] is None:
+            paths[wanted[id(obj)]] = tuple(path)
+            return
+        if depth > 4 or id(obj) in seen:
+            return
+        seen.add(id(obj))
+        if isinstance(obj, types.FunctionType):
+            for i, cell in enumerate(obj.__closure__ or ()):
+                if _cell_ok(cell):
+                    visit(cell.cell_contents, path + [("closure", i)], depth + 1)
+            g = obj.__globals__
+            for name in obj.__code__.co_names:
+                if name in g and not isinstance(g[name], types.ModuleType):
+                    visit(g[name], path + [("global", name)], depth + 1)
+        elif isinstance(obj, (tuple, list)):
+            for i, item in enumerate(obj):
+                visit(item, path + [("item", i)], depth + 1)
+
+    visit(fn, [], 0)
+    for t, path in zip(tensors, paths):
+        if path is None:
+            raise TypeError(f"the mod {getattr(fn, '__name__', fn)!r} reads a tensor of shape "
+                            f"{tuple(t.shape)} that it does not capture from an enclosing scope; "
+                            "under torch.compile a mod's tensors must be captured variables")
+    return paths
+
+
+def follow(fn, path):
+    """The object at the end of a path from locate (traceable by dynamo)."""
+    obj = fn
+    for kind, key in path:
+        if kind == "closure":
+            obj = obj.__closure__[key].cell_contents
+        elif kind == "global":
+            obj = obj.__globals__[key]
+        else:
+            obj = obj[key]
+    return obj
+
+
+def _compiling():
+    torch = sys.modules.get("torch")
+    return torch is not None and torch.compiler.is_compiling()
+
+
 def trace_mod(fn, kind):
     """Translates a score mod (kind MOD_SCORE) or a mask mod (MOD_MASK)."""
     tracer = _Tracer()
-    try:
-        _captured_names(fn, tracer.names)
-    except Exception:  # names are cosmetic
-        pass
+    if not _compiling():
+        try:
+            _captured_names(fn, tracer.names)
+        except Exception:  # names are cosmetic
+            pass
     variables = [Sym(tracer, n, "int") for n in ("b", "h", "q", "kv")]
     if kind == L.MOD_SCORE:
         result = fn(Sym(tracer, "score", "float"), *variables)

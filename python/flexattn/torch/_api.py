@@ -5,17 +5,30 @@ import math
 import torch
 
 from .. import _library as L
-from .._trace import trace_mod
+from .._trace import follow, locate, trace_mod
 from . import _op, _views
 from ._block_mask import BlockMask
 
 
+@torch.compiler.assume_constant_result
+def _translate_for_graph(score_mod):
+    """Run by torch.compile while it traces, outside the graph: the spec and
+    the paths to the captured tensors, constants of the compiled graph."""
+    traced = trace_mod(score_mod, L.MOD_SCORE)
+    return traced.spec, tuple(locate(score_mod, traced.tensors))
+
+
 def _score_spec(score_mod):
-    """(spec, captured tensors) of a score mod: None, mod text or a callable."""
+    """(spec, captured tensors) of a score mod: None, mod text or a callable.
+    Under torch.compile the callable is translated once, while the graph is
+    traced, and its tensors are taken from its closure as graph inputs."""
     if score_mod is None:
         return "", []
     if isinstance(score_mod, str):
         return f"{L.MOD_SCORE}||{score_mod}", []
+    if torch.compiler.is_compiling():
+        spec, paths = _translate_for_graph(score_mod)
+        return spec, [follow(score_mod, path) for path in paths]
     traced = trace_mod(score_mod, L.MOD_SCORE)
     return traced.spec, traced.tensors
 

@@ -211,9 +211,10 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
 def _attention_backward_fake(q, k, v, out, lse, grad_out, score_buffers, score_spec, mask_tensors,
                              mask_buffers, mask_spec, mask_info, scale, kernel,
                              buffer_grads_wanted):
-    result = [torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)]
+    # contiguous, as the real implementation returns them
+    result = [q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)]
     for buf, wanted in zip(score_buffers, buffer_grads_wanted):
-        result.append(torch.empty_like(buf) if wanted else buf.new_empty((0,)))
+        result.append(buf.new_empty(buf.shape) if wanted else buf.new_empty((0,)))
     return result
 
 

@@ -113,8 +113,9 @@ def _candidates():
     yield str(here / "_lib" / "libflexattn.so")
     root = here.parent.parent
     if (root / "include" / "flexattn.h").is_file():
-        for build in sorted(root.glob("build*/**/libflexattn.so")):
-            yield str(build)
+        # plain builds only: a sanitizer build cannot be loaded into Python
+        for build in ("build-py/lib", "build", "build-test"):
+            yield str(root / build / "libflexattn.so")
     found = ctypes.util.find_library("flexattn")
     if found:
         yield found

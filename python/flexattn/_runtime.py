@@ -48,13 +48,24 @@ def context(device_type="cpu", index=0):
 class Mod:
     """A compiled flex_mod from a spec (see _trace.Traced.spec)."""
 
-    def __init__(self, kind, text, buffers, ctx=None):
+    def __init__(self, kind, text, buffers, ctx=None, params=()):
+        self._param_names = [n.encode() for n, _ in params]
+        c_params = (L.Param * max(1, len(params)))()
+        for i, (name, value) in enumerate(params):
+            is_float = isinstance(value, float)
+            if not is_float and not isinstance(value, int):
+                raise TypeError(f"param {name!r} must be an int or a float, not "
+                                f"{type(value).__name__}")
+            c_params[i].name = self._param_names[i]
+            c_params[i].is_float = int(is_float)
+            c_params[i].value = float(value)
         decls = (L.BufferDecl * max(1, len(buffers)))()
         self._names = [n.encode() for n, _, _ in buffers]
         for i, (name, dtype, ndim) in enumerate(buffers):
             decls[i].name, decls[i].dtype, decls[i].ndim = self._names[i], dtype, ndim
         self._text = text.encode()
-        desc = L.ModDesc(kind, self._text, None, 0, decls if buffers else None, len(buffers))
+        desc = L.ModDesc(kind, self._text, c_params if params else None, len(params),
+                         decls if buffers else None, len(buffers))
         handle = ctypes.c_void_p()
         status = L.lib.flex_mod_compile(ctx.handle if ctx else None, ctypes.byref(desc),
                                         ctypes.byref(handle))

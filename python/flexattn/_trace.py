@@ -313,6 +313,17 @@ class Sym:
     def __gt__(self, o): return self._bin(">", o)
     def __ge__(self, o): return self._bin(">=", o)
 
+    def __rshift__(self, o):
+        # an arithmetic shift by a constant is a floor division
+        if isinstance(o, int) and not isinstance(o, bool) and 0 <= o < 31 and self.type != "float":
+            return self._bin("//", 1 << o)
+        raise unsupported("'>>' by anything but a constant int from 0 to 30")
+
+    def __lshift__(self, o):
+        if isinstance(o, int) and not isinstance(o, bool) and 0 <= o < 31 and self.type != "float":
+            return self._bin("*", 1 << o)
+        raise unsupported("'<<' by anything but a constant int from 0 to 30")
+
     def __pow__(self, o):
         return _call("pow", self, o)
 
@@ -498,6 +509,9 @@ def _torch_function(func, args, kwargs):
         return _call("max", *args)
     if name in ("pow", "float_power"):
         return _call("pow", *args)
+    if name in ("bitwise_right_shift", "bitwise_left_shift"):
+        a = as_sym(tracer, args[0])
+        return a >> args[1] if name == "bitwise_right_shift" else a << args[1]
     binary = {"add": "+", "sub": "-", "subtract": "-", "mul": "*", "multiply": "*",
               "true_divide": "/", "floor_divide": "//", "remainder": "%", "eq": "==",
               "ne": "!=", "lt": "<", "le": "<=", "gt": ">", "ge": ">=",

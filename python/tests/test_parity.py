@@ -74,7 +74,7 @@ def check_case(name, B=2, Hq=4, Hkv=2, Lq=75, Lkv=93, D=16, Dv=24, dtype=torch.f
     if not backward:
         return
     inputs = [q, k, v] + learnable
-    ours = torch.autograd.grad(out, inputs, dout)
+    ours = cuda_backward_pending(lambda: torch.autograd.grad(out, inputs, dout))
     ref = torch.autograd.grad(ref_out, inputs, dout.double())
     naive = torch.autograd.grad(naive_out, inputs, dout)
     for label, g, r, n in zip(["dq", "dk", "dv"] + [f"d(buffer {i})" for i in
@@ -82,6 +82,17 @@ def check_case(name, B=2, Hq=4, Hkv=2, Lq=75, Lkv=93, D=16, Dv=24, dtype=torch.f
         e, ne = max_error(g, r), max_error(n, r)
         scale = max(1.0, float(r.abs().max()))
         assert e <= max(2 * ne, floor * scale), f"{name}: {label} error {e:.3g} vs naive {ne:.3g}"
+
+
+def cuda_backward_pending(run):
+    """run(), or an expected failure (never a pass) where the library's CUDA
+    backward is not built yet."""
+    try:
+        return run()
+    except NotImplementedError as e:
+        if DEVICE == "cpu":
+            raise
+        pytest.xfail(f"CUDA backward not available: {e}")
 
 
 def naive_lse_of(q, k, v, score_mod, mask_mod, dtype):
@@ -124,7 +135,7 @@ def test_strided_bshd_inputs():
     out = fa.flex_attention(q, k, v, score_mod=MODS["softcap"](B, H, S, S, DEVICE)[0])
     ref, _ = dense_attention(q, k, v, MODS["softcap"](B, H, S, S, DEVICE)[0])
     assert max_error(out, ref) < 2e-5
-    out.sum().backward()
+    cuda_backward_pending(lambda: out.sum().backward())
     assert q.grad is not None and torch.isfinite(q.grad).all()
 
 
@@ -147,5 +158,5 @@ def test_fully_masked_rows_give_zero_and_minus_inf():
     assert torch.all(out[:, :, 0::2] == 0)
     assert torch.all(torch.isneginf(lse[:, :, 0::2]))
     assert torch.isfinite(lse[:, :, 1::2]).all()
-    out.sum().backward()
+    cuda_backward_pending(lambda: out.sum().backward())
     assert torch.isfinite(q.grad).all() and torch.all(q.grad[:, :, 0::2] == 0)

@@ -531,3 +531,11 @@ def _clamp_min(B, H, Lq, Lkv, device):
     def score_mod(score, b, h, q_idx, kv_idx):
         return torch.maximum(score.clamp(-1.5, 1.5), torch.minimum(score, (q_idx % 3).float()))
     return score_mod, None, []
+
+
+@mod("rel_bias_true_division")
+def _rel_div(B, H, Lq, Lkv, device):
+    # torch's / on int index tensors is true division
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return score + (q_idx - kv_idx) / 16
+    return score_mod, None, []

@@ -45,7 +45,27 @@ PKG_CONFIG_SYSROOT_DIR="$prefix" PKG_CONFIG_PATH="$libdir" \
 LD_LIBRARY_PATH="$(dirname "$(find "$prefix" -name 'libflexattn.so' | head -n 1)")" \
     FLEXATTN_BACKEND=cpu "$prefix/example"
 rm -rf "$prefix"
-echo "== all suites, every build"
+echo "== Python package (pip install ./python into build-py/venv), tests and training example"
+# torch, numpy and pytest come from PyPI once (about 5 GB with torch's CUDA
+# wheels, 1.5 minutes here) and stay in the git-ignored build-py/venv.
+venv=build-py/venv
+[ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+"$venv/bin/python" -c "import torch, numpy, pytest" 2>/dev/null ||
+    "$venv/bin/pip" install -q torch numpy pytest
+"$venv/bin/pip" install -q --force-reinstall --no-deps ./python
+(cd python/tests && TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)" "../../$venv/bin/python" -m pytest \
+    -q -p no:cacheprovider --junitxml=../../build-py/pytest.xml .) || true
+if "$venv/bin/python" examples/train_gpt.py --device cpu --steps 20 --seq 128 --batch 4 \
+    --layers 2 --width 128 --heads 4 --window 48 --vocab 64 --lr 3e-3 --expect-loss-drop \
+    > build-py/train_gpt.log 2>&1; then
+    echo "train_gpt: the loss fell ($(tail -n 1 build-py/train_gpt.log | cut -c1-120)...)"
+    train=ok
+else
+    tail -n 20 build-py/train_gpt.log
+    train=failed
+fi
+
+echo "== all suites, every build, and the Python tests"
 [ "$fuzz_status" -eq 0 ] || echo "failed: the fuzz campaign found an input (build-fuzz/crash-*)"
-python3 scripts/test_summary.py build-test build-asan build-nocuda
+python3 scripts/test_summary.py build-test build-asan build-nocuda build-py/pytest.xml "train_gpt=$train"
 exit "$fuzz_status"

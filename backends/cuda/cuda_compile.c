@@ -43,9 +43,11 @@ char *flex_cuda_forward_source_in_range(const flex_cuda_fwd_config *cfg, const i
                                         const ir_mod *score, const unsigned char *mask_in_range,
                                         const unsigned char *score_in_range) {
     const char *vendor = flex_cuda_template("vendor.cuh");
+    const char *common = flex_cuda_template("flex_common.cuh");
+    const char *mma = flex_cuda_template("flex_mma_sm80.cuh");
     const char *tpl = flex_cuda_template("flex_forward.cuh");
     const char *sm90 = flex_cuda_template("flex_forward_sm90.cuh");
-    if (!vendor || !tpl || !sm90) return NULL;
+    if (!vendor || !common || !mma || !tpl || !sm90) return NULL;
     char config[512];
     const char *elem = cfg->dtype == FLEX_BF16  ? "FLEX_ELEM_BF16"
                        : cfg->dtype == FLEX_F16 ? "FLEX_ELEM_F16"
@@ -63,8 +65,8 @@ char *flex_cuda_forward_source_in_range(const flex_cuda_fwd_config *cfg, const i
     if (!mods) return NULL;
     /* The sm_90a kernel is a sibling of the mma.sync one and reuses its
      * helpers, so it follows it; without FLEX_WGMMA it is empty. */
-    const char *parts[] = {vendor, config, mods, tpl, cfg->wgmma ? sm90 : ""};
-    char *s = concat(parts, 5);
+    const char *parts[] = {vendor, config, mods, common, mma, tpl, cfg->wgmma ? sm90 : ""};
+    char *s = concat(parts, 7);
     free(mods);
     return s;
 }

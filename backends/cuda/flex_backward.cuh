@@ -406,6 +406,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS) flex_bwd_kernel(const
             }
         }
     }
+    flex_cp_async_wait<0>(); /* nothing in flight when the CTA ends (a tile without steps) */
     if (oob) atomicOr(p.bufs.bounds_flag, oob);
 
     /* dK, dV of this warp's kv rows, once. */

@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "internal.h"
+#include "mod/derive.h"
 #include "mod/emit.h"
 #include "mod/parse.h"
 #include "../backends/cuda/cuda_compile.h"
@@ -66,13 +67,15 @@ typedef struct compile_case {
     flex_cuda_fwd_config cfg;
     const char *arch;
     int mask_blocks; /* compile the mask-block evaluator instead */
+    int backward;    /* compile the backward kernels (bwd_cfg) instead */
+    flex_cuda_bwd_config bwd_cfg;
     int in_range;    /* every buffer read compiled unchecked (flex_load_*_in) */
     flex_status status;
     size_t cubin_size;
     char message[512];
 } compile_case;
 
-static compile_case cases[256];
+static compile_case cases[512];
 static int num_cases;
 static int next_case;
 static pthread_mutex_t case_lock = PTHREAD_MUTEX_INITIALIZER;
@@ -147,12 +150,73 @@ static void add_case(const char *label, const ir_mod *mask, const ir_mod *score,
     c->mask_blocks = mask_blocks;
 }
 
+/* Backward kernels: small tiles for the many mods (two of 16-row steps,
+ * and the f32 path), the production tiles of choose_backward_tiles for a
+ * few mods down to machine code. */
+static const flex_cuda_bwd_config bwd_configs[] = {
+    {.dtype = FLEX_BF16, .dq = 64, .dv = 64, .warps = 2, .block_m = 16, .vec = 1,
+     .short_indices = 1},
+    {.dtype = FLEX_F16, .dq = 64, .dv = 128, .warps = 1, .block_m = 32},
+    {.dtype = FLEX_F32, .dq = 64, .dv = 64, .warps = 4, .block_m = 16},
+};
+static const flex_cuda_bwd_config bwd_full_configs[] = {
+    {.dtype = FLEX_BF16, .dq = 128, .dv = 128, .warps = 4, .block_m = 32, .vec = 1,
+     .short_indices = 1},
+    {.dtype = FLEX_F16, .dq = 64, .dv = 64, .warps = 4, .block_m = 64, .vec = 1},
+    {.dtype = FLEX_BF16, .dq = 256, .dv = 192, .warps = 4, .block_m = 16},
+    {.dtype = FLEX_F32, .dq = 128, .dv = 64, .warps = 4, .block_m = 16},
+};
+
+static void add_backward_case(const char *label, const ir_mod *mask, const ir_mod *score,
+                              const flex_cuda_bwd_config *cfg, const char *arch) {
+    const flex_cuda_fwd_config unused = {0};
+    add_case(label, mask, score, &unused, arch, 0);
+    compile_case *c = &cases[num_cases - 1];
+    snprintf(c->name, sizeof c->name, "%s/backward/%s/%s", label, flex_dtype_name(cfg->dtype),
+             arch);
+    c->backward = 1;
+    c->bwd_cfg = *cfg;
+}
+
 /* A flag per node of m, set on its buffer reads (malloc'd). */
 static unsigned char *every_read(const ir_mod *m) {
     unsigned char *f = malloc((size_t)m->num_nodes);
     for (int i = 0; f && i < m->num_nodes; i++)
         f[i] = m->nodes[i].op == IR_LOAD;
     return f;
+}
+
+/* The backward source of case c: the score mod derived (mod_derive) with
+ * the gradient of every float buffer it reads wanted, one gradient slot per
+ * buffer. NULL when the derivative or the source cannot be made. */
+static char *backward_source(const compile_case *c) {
+    const ir_mod *m = c->has_mask ? &c->mask : NULL;
+    flex_cuda_bwd_config cfg = c->bwd_cfg;
+    if (!c->has_score) {
+        const flex_cuda_bwd_score none = {0};
+        return flex_cuda_backward_source(&cfg, m, NULL, &none);
+    }
+    ir_mod derived;
+    if (ir_copy(&derived, &c->score) != 0) return NULL;
+    mod_derivative der;
+    if (mod_derive(&derived, &der) != 0) {
+        ir_free(&derived);
+        return NULL;
+    }
+    flex_cuda_grad_load loads[MOD_DERIVE_MAX_LOADS];
+    for (int l = 0; l < der.num_loads; l++) {
+        const ir_node *ld = &derived.nodes[der.loads[l].load];
+        loads[l].grad = der.loads[l].buffer;
+        loads[l].deriv = der.loads[l].node;
+        loads[l].ndim = ld->nargs;
+        for (int d = 0; d < 4; d++)
+            loads[l].index[d] = d < ld->nargs ? ld->args[d] : 0;
+    }
+    cfg.grad_slots = derived.num_buffers;
+    const flex_cuda_bwd_score sc = {&derived, der.value, der.dscore, loads, der.num_loads, NULL};
+    char *src = flex_cuda_backward_source(&cfg, m, NULL, &sc);
+    ir_free(&derived);
+    return src;
 }
 
 static void *compile_worker(void *arg) {
@@ -166,9 +230,10 @@ static void *compile_worker(void *arg) {
         const ir_mod *m = c->has_mask ? &c->mask : NULL, *s = c->has_score ? &c->score : NULL;
         unsigned char *mask_in = c->in_range && m ? every_read(m) : NULL;
         unsigned char *score_in = c->in_range && s ? every_read(s) : NULL;
-        char *src = c->mask_blocks
-                        ? flex_cuda_mask_blocks_source(m)
-                        : flex_cuda_forward_source_in_range(&c->cfg, m, s, mask_in, score_in);
+        char *src = c->backward      ? backward_source(c)
+                    : c->mask_blocks ? flex_cuda_mask_blocks_source(m)
+                                     : flex_cuda_forward_source_in_range(&c->cfg, m, s, mask_in,
+                                                                         score_in);
         free(mask_in);
         free(score_in);
         if (!src) {
@@ -177,7 +242,10 @@ static void *compile_worker(void *arg) {
         }
         void *bin = NULL;
         c->status =
-            flex_cuda_compile(NULL, api, src, c->mask_blocks ? "flex_mask_blocks" : "flex_forward",
+            flex_cuda_compile(NULL, api, src,
+                              c->backward      ? "flex_backward"
+                              : c->mask_blocks ? "flex_mask_blocks"
+                                               : "flex_forward",
                               c->arch, &bin, &c->cubin_size);
         if (c->status != FLEX_OK)
             snprintf(c->message, sizeof c->message, "%.500s", flex_error_message(NULL));
@@ -238,6 +306,38 @@ START_TEST(test_emit_exact_constants_and_slots) {
     free(text);
     ir_free(&mask);
     ir_free(&score);
+}
+END_TEST
+
+/* Any IR function: the derivative of a score mod, its outputs by
+ * reference, the forward's tanh shared by the value and the derivative,
+ * and a buffer's slot after the mask's. */
+START_TEST(test_emit_ir_function) {
+    ir_mod m;
+    ck_assert_int_eq(parse_text(FLEX_MOD_SCORE, "30.0 * tanh(score / 30.0) + slopes[h] * (kv - q)",
+                                NULL, 0, (const flex_buffer_decl[]){{"slopes", FLEX_F32, 1}}, 1,
+                                &m),
+                     0);
+    mod_derivative der;
+    ck_assert_int_eq(mod_derive(&m, &der), 0);
+    ck_assert_int_eq(der.num_loads, 1);
+    const ir_node *load = &m.nodes[der.loads[0].load];
+    const int outputs[] = {der.value, der.dscore, der.loads[0].node, load->args[0]};
+    char *text = flex_emit_ir_function(&m, "grad_fn", outputs, 4, 3, NULL);
+    ck_assert_ptr_nonnull(text);
+    ck_assert_ptr_nonnull(strstr(text, "void grad_fn(float score, int b, int h, int q, int kv, "
+                                       "const flex_buffers &bufs, unsigned &oob, float &out0, "
+                                       "float &out1, float &out2, int &out3)"));
+    ck_assert_int_eq(count_occurrences(text, "tanhf("), 1);
+    ck_assert_ptr_nonnull(strstr(text, "flex_load_f32(bufs.buf[3], oob, 3, 1"));
+    char want[32];
+    snprintf(want, sizeof want, "out1 = v%d;", der.dscore);
+    ck_assert_ptr_nonnull(strstr(text, want));
+    free(text);
+    /* an output that is no node of m */
+    const int bad[] = {m.num_nodes};
+    ck_assert_ptr_null(flex_emit_ir_function(&m, "f", bad, 1, 0, NULL));
+    ir_free(&m);
 }
 END_TEST
 
@@ -507,6 +607,30 @@ START_TEST(test_nvrtc_compiles_presets_and_seeds) {
         }
         ir_free(&m);
     }
+    /* The backward of every score preset (its derivative emitted, every
+     * float buffer's gradient wanted) under a causal mask, and of every mask
+     * preset; the production tiles for ALiBi and the document mask. */
+    {
+        ir_mod causal;
+        ck_assert_int_eq(parse_text(FLEX_MOD_MASK, "q >= kv", NULL, 0, NULL, 0, &causal), 0);
+        int kb = 0;
+        for (int i = 0; i < flex_preset_count(); i++) {
+            const flex_preset *p = flex_preset_at(i);
+            ir_mod m;
+            ck_assert_int_eq(parse_preset(p, &m), 0);
+            const int is_mask = p->kind == FLEX_MOD_MASK;
+            for (int a = 0; a < 2; a++, kb++)
+                add_backward_case(p->name, is_mask ? &m : &causal, is_mask ? NULL : &m,
+                                  &bwd_configs[kb % 3], archs[a]);
+            if (!strcmp(p->name, "alibi") || !strcmp(p->name, "document_causal"))
+                for (size_t f = 0; f < sizeof bwd_full_configs / sizeof bwd_full_configs[0]; f++)
+                    add_backward_case(p->name, is_mask ? &m : &causal, is_mask ? NULL : &m,
+                                      &bwd_full_configs[f], real_archs[f % 2]);
+            ir_free(&m);
+        }
+        add_backward_case("dense", NULL, NULL, &bwd_full_configs[0], "sm_80");
+        ir_free(&causal);
+    }
     for (size_t i = 0; i < sizeof seed_mods / sizeof seed_mods[0]; i++) {
         ir_mod m, causal;
         ck_assert_int_eq(
@@ -518,6 +642,8 @@ START_TEST(test_nvrtc_compiles_presets_and_seeds) {
         for (int a = 0; a < 2; a++, k++)
             add_case(label, is_mask ? &m : &causal, is_mask ? NULL : &m,
                      &configs[k % (int)(sizeof configs / sizeof configs[0])], archs[a], 0);
+        if (!is_mask)
+            add_backward_case(label, &causal, &m, &bwd_configs[i % 3], archs[i % 2]);
         ir_free(&m);
         ir_free(&causal);
     }
@@ -536,7 +662,11 @@ START_TEST(test_nvrtc_compiles_presets_and_seeds) {
         ir_free(&cases[i].score);
     }
     ck_assert_msg(failed == 0, "%d of %d NVRTC compiles failed", failed, num_cases);
-    printf("%d NVRTC compiles for sm_80 and sm_90a passed\n", num_cases);
+    int backward = 0;
+    for (int i = 0; i < num_cases; i++)
+        backward += cases[i].backward;
+    printf("%d NVRTC compiles for sm_80 and sm_90a passed (%d of them backward kernels)\n",
+           num_cases, backward);
 }
 END_TEST
 
@@ -564,6 +694,7 @@ int main(void) {
     tcase_add_test(emit, test_emit_exact_constants_and_slots);
     tcase_add_test(emit, test_division_by_constant);
     tcase_add_test(emit, test_reads_in_range);
+    tcase_add_test(emit, test_emit_ir_function);
     tcase_add_test(emit, test_int_to_float);
     tcase_add_test(emit, test_short_int_to_float);
     suite_add_tcase(suite, emit);

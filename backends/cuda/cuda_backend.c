@@ -17,6 +17,7 @@
 #include "cache.h"
 #include "cuda_compile.h"
 #include "cuda_loader.h"
+#include "mod/derive.h"
 #include "mod/emit.h"
 #include "clock.h"
 
@@ -329,8 +330,19 @@ static char *build_forward_source(const void *args) {
  * any int. A malloc'd flag per node (caller frees), or NULL when none is
  * proved (or without memory: every read is then checked, as before).
  * FLEXATTN_DEBUG=cuda_reads_in_range=0 checks every read, for comparison. */
+static unsigned char *ir_reads_in_range(const flex_context *ctx, const struct flex_mod *mod,
+                                        const ir_mod *ir, int64_t B, int64_t H, int64_t Lq,
+                                        int64_t Lkv, int64_t margin);
 static unsigned char *reads_in_range(const flex_context *ctx, const struct flex_mod *mod, int64_t B,
                                      int64_t H, int64_t Lq, int64_t Lkv, int64_t margin) {
+    return mod ? ir_reads_in_range(ctx, mod, &mod->ir, B, H, Lq, Lkv, margin) : NULL;
+}
+
+/* The same over ir, which is mod's IR or a copy of it with more nodes
+ * (the backward's derivative). */
+static unsigned char *ir_reads_in_range(const flex_context *ctx, const struct flex_mod *mod,
+                                        const ir_mod *ir, int64_t B, int64_t H, int64_t Lq,
+                                        int64_t Lkv, int64_t margin) {
     if (!mod || mod->ir.num_buffers <= 0 || !env_switch(ctx, FLEX_DEBUG_CUDA_READS_IN_RANGE, 1))
         return NULL;
     int64_t sizes[IR_MAX_BUFFERS][4];
@@ -340,11 +352,11 @@ static unsigned char *reads_in_range(const flex_context *ctx, const struct flex_
             sizes[i][k] = mod->bound[i] && k < v->ndim ? v->sizes[k] : 0;
     }
     const mod_box box = {{0, 0, 0, 0}, {B - 1, H - 1, Lq - 1 + margin, Lkv - 1 + margin}};
-    unsigned char *flags = malloc((size_t)mod->ir.num_nodes);
+    unsigned char *flags = malloc((size_t)ir->num_nodes);
     int any = 0;
     if (flags &&
-        mod_interval_loads_in_range(&mod->ir, &box, (const int64_t(*)[4])sizes, flags) == 0)
-        for (int i = 0; i < mod->ir.num_nodes; i++)
+        mod_interval_loads_in_range(ir, &box, (const int64_t(*)[4])sizes, flags) == 0)
+        for (int i = 0; i < ir->num_nodes; i++)
             any |= flags[i];
     if (!any) {
         free(flags);
@@ -547,18 +559,23 @@ static flex_status launch_blob(flex_context *ctx, cuda_state *st, CUfunction fn,
 
 typedef struct cuda_mask_copy {
     CUdeviceptr full_off, full_idx, part_off, part_idx, order;
+    /* the q-major (transposed) lists, for the backward */
+    CUdeviceptr qfull_off, qfull_idx, qpart_off, qpart_idx;
 } cuda_mask_copy;
+
+static void mask_copy_free_arrays(const flex_cuda_api *api, cuda_mask_copy *c) {
+    const CUdeviceptr all[] = {c->full_off,  c->full_idx,  c->part_off,  c->part_idx, c->order,
+                               c->qfull_off, c->qfull_idx, c->qpart_off, c->qpart_idx};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        if (all[i]) api->cuMemFree(all[i]);
+}
 
 static void mask_copy_free(flex_context *ctx, void *copy) {
     cuda_mask_copy *c = copy;
     if (!c) return;
     cuda_state *st = ctx ? state_of(ctx) : NULL;
     if (st && st->api->cuCtxPushCurrent(st->cu) == 0) {
-        st->api->cuMemFree(c->full_off);
-        st->api->cuMemFree(c->full_idx);
-        st->api->cuMemFree(c->part_off);
-        st->api->cuMemFree(c->part_idx);
-        st->api->cuMemFree(c->order);
+        mask_copy_free_arrays(st->api, c);
         pop_ctx(st);
     }
     free(c);
@@ -583,8 +600,8 @@ static int cmp_heavier_first(const void *a, const void *b) {
     return x->row - y->row;
 }
 
-/* Uploads the kv-major lists of mask and the heaviest-first order of its
- * q-block rows (summed over batch and head), once per mask. */
+/* Uploads the kv-major lists of mask, its q-major lists (the backward's)
+ * and the heaviest-first order of its q-block rows (summed over batch and head), once per mask. */
 static flex_status mask_device_copy(flex_context *ctx, cuda_state *st,
                                     const struct flex_block_mask *mask, cuda_mask_copy **out) {
     if (mask->device_copy) {
@@ -622,12 +639,18 @@ static flex_status mask_device_copy(flex_context *ctx, cuda_state *st,
                          (size_t)mask->kv_partial.offsets[rows] * sizeof(int32_t), &c->part_idx);
     if (!s) s = upload_array(ctx, st, order, (size_t)nq * sizeof *order, &c->order);
     free(order);
+    const int64_t cols = mask->B * mask->H * mask->num_kv_blocks;
+    const size_t col_bytes = (size_t)(cols + 1) * sizeof(int32_t);
+    if (!s) s = upload_array(ctx, st, mask->q_full.offsets, col_bytes, &c->qfull_off);
+    if (!s)
+        s = upload_array(ctx, st, mask->q_full.indices,
+                         (size_t)mask->q_full.offsets[cols] * sizeof(int32_t), &c->qfull_idx);
+    if (!s) s = upload_array(ctx, st, mask->q_partial.offsets, col_bytes, &c->qpart_off);
+    if (!s)
+        s = upload_array(ctx, st, mask->q_partial.indices,
+                         (size_t)mask->q_partial.offsets[cols] * sizeof(int32_t), &c->qpart_idx);
     if (s) {
-        st->api->cuMemFree(c->full_off);
-        st->api->cuMemFree(c->full_idx);
-        st->api->cuMemFree(c->part_off);
-        st->api->cuMemFree(c->part_idx);
-        st->api->cuMemFree(c->order);
+        mask_copy_free_arrays(st->api, c);
         free(c);
         return s;
     }
@@ -1046,6 +1069,373 @@ static flex_status cuda_mask_blocks(flex_context *ctx, const struct flex_mod *ma
     return s;
 }
 
+/* ---- backward ---- */
+
+/* Mirrors the head of struct flex_bwd_params of flex_backward.cuh; the
+ * gradient tensors' descriptors (flex_buffer each), the forward's block
+ * (cuda_fwd_params) and the mods' buffers follow it. */
+typedef struct cuda_bwd_head {
+    uint64_t dout, dq, dk, dv, delta, dq_acc;
+    uint64_t qfull_off, qfull_idx, qpart_off, qpart_idx;
+    int64_t do_sb, do_sh, do_ss, dq_sb, dq_sh, dq_ss, dk_sb, dk_sh, dk_ss, dv_sb, dv_sh, dv_ss;
+} cuda_bwd_head;
+
+typedef struct backward_source_args {
+    const flex_cuda_bwd_config *cfg;
+    const ir_mod *mask;
+    const unsigned char *mask_in_range;
+    const flex_cuda_bwd_score *score;
+} backward_source_args;
+
+static char *build_backward_source(const void *args) {
+    const backward_source_args *a = args;
+    return flex_cuda_backward_source(a->cfg, a->mask, a->mask_in_range, a->score);
+}
+
+/* Another kernel of the module loaded under key (get_function found or
+ * built it just before). */
+static flex_status module_function(flex_context *ctx, cuda_state *st, const char *key,
+                                   const char *name, CUfunction *fn) {
+    for (cuda_module *m = st->modules; m; m = m->next)
+        if (strcmp(m->key, key) == 0)
+            return check_cu(ctx, st->api, st->api->cuModuleGetFunction(fn, m->module, name),
+                            "cuModuleGetFunction");
+    return flex_fail(ctx, FLEX_ERR_DEVICE, "the module of %s is not loaded", name);
+}
+
+/* Device workspace for one call, in stream order where the driver has the
+ * stream-ordered allocator (no synchronisation, capturable in a graph). */
+static flex_status workspace_alloc(flex_context *ctx, cuda_state *st, size_t bytes, CUstream stream,
+                                   CUdeviceptr *out) {
+    *out = 0;
+    if (!bytes) return FLEX_OK;
+    CUresult r = st->api->cuMemAllocAsync ? st->api->cuMemAllocAsync(out, bytes, stream)
+                                          : st->api->cuMemAlloc(out, bytes);
+    if (r == 2 /* CUDA_ERROR_OUT_OF_MEMORY */)
+        return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY,
+                         "the GPU has no room for the backward's %zu-byte workspace", bytes);
+    return check_cu(ctx, st->api, r, "allocating the backward's workspace");
+}
+
+/* Frees what workspace_alloc gave once the stream's work before is done. */
+static void workspace_free(cuda_state *st, CUdeviceptr p, CUstream stream) {
+    if (!p) return;
+    if (st->api->cuMemFreeAsync) {
+        st->api->cuMemFreeAsync(p, stream);
+    } else {
+        st->api->cuStreamSynchronize(stream);
+        st->api->cuMemFree(p);
+    }
+}
+
+/* Whether any node of m reads buffer `buffer`. */
+static int ir_reads_buffer(const ir_mod *m, int buffer) {
+    for (int i = 0; i < m->num_nodes; i++)
+        if (m->nodes[i].op == IR_LOAD && m->nodes[i].buffer == buffer) return 1;
+    return 0;
+}
+
+/* Tiles of the f16/bf16 backward: 16 kv rows a warp, up to 64 a CTA (no
+ * more than the mask's kv block), query steps no longer than the mask's q
+ * block and short enough that Sᵀ and dPᵀ fit beside the dK and dV
+ * accumulators (64 rows for head dims up to 64, 32 up to 128, 16 above). */
+static void choose_backward_tiles(flex_cuda_bwd_config *cfg, int q_block, int kv_block) {
+    const int block_n = kv_block < 64 ? kv_block : 64;
+    const int widest = cfg->dq > cfg->dv ? cfg->dq : cfg->dv;
+    const int want_m = widest <= 64 ? 64 : widest <= 128 ? 32 : 16;
+    cfg->warps = block_n / 16;
+    cfg->block_m = q_block < want_m ? q_block : want_m;
+}
+
+static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a) {
+    cuda_state *st = state_of(ctx);
+    const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v, *o = &a->out, *dout = &a->dout;
+    const int64_t B = q->sizes[0], Hq = q->sizes[1], Lq = q->sizes[2], D = q->sizes[3];
+    const int64_t Hkv = k->sizes[1], Lkv = k->sizes[2], Dv = v->sizes[3];
+    if (D > 256 || Dv > 256)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "the CUDA backward supports head dims up to 256 (q has %lld, v has %lld)",
+                         (long long)D, (long long)Dv);
+    if (q->dtype != FLEX_F32 && st->major < 8)
+        return flex_fail(
+            ctx, FLEX_ERR_UNSUPPORTED,
+            "the f16/bf16 backward needs compute capability 8.0 or newer (this GPU is %d.%d)",
+            st->major, st->minor);
+    if ((Lq + 3) / 4 > 65535 || (Lkv + 3) / 4 > 65535 || B * Hq > 0x7fffffff)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "sequences too long for one backward launch (q %lld, kv %lld)",
+                         (long long)Lq, (long long)Lkv);
+    const struct flex_block_mask *mask = a->block_mask;
+    const struct flex_mod *mask_mod = mask ? mask->mask_mod : NULL;
+    if (mask && mask->num_partial > 0 && !mask_mod)
+        return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
+                         "the block mask has partial blocks but no mask mod to decide them");
+    if (mask && mask->num_partial == 0) mask_mod = NULL;
+    const int q_block = mask ? mask->q_block : 128, kv_block = mask ? mask->kv_block : 128;
+
+    /* The score mod and its derivative, on a private copy of its IR (the
+     * identity needs neither). */
+    const struct flex_mod *score_mod = a->score_mod;
+    const int identity = score_mod && score_mod->ir.root >= 0 &&
+                         score_mod->ir.nodes[score_mod->ir.root].op == IR_SCORE;
+    ir_mod derived;
+    memset(&derived, 0, sizeof derived);
+    int derived_made = 0;
+    mod_derivative der;
+    memset(&der, 0, sizeof der);
+    flex_cuda_grad_load loads[MOD_DERIVE_MAX_LOADS];
+    int num_loads = 0;
+    cuda_buffer_desc grad_descs[IR_MAX_BUFFERS];
+    memset(grad_descs, 0, sizeof grad_descs);
+    flex_status s = FLEX_OK;
+    for (int i = 0; i < a->num_buffer_grads && !s; i++) {
+        const flex_buffer_grad *g = &a->buffer_grads[i];
+        int buffer = -1;
+        for (int j = 0; score_mod && j < score_mod->ir.num_buffers; j++)
+            if (!strcmp(score_mod->ir.buffers[j].name, g->name)) buffer = j;
+        if (buffer < 0)
+            s = flex_fail(ctx, FLEX_ERR_MOD_NAME, "the score mod has no buffer '%s'", g->name);
+        else if (identity || !ir_reads_buffer(&score_mod->ir, buffer))
+            s = flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
+                          "a gradient for buffer '%s' was asked for, but the score mod does not "
+                          "read it",
+                          g->name);
+        else if (g->grad.device != FLEX_DEVICE_CUDA || g->grad.device_index != ctx->device_index)
+            s = flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
+                          "the gradient of buffer '%s' must be on the context's GPU", g->name);
+        else if (i >= IR_MAX_BUFFERS)
+            s = flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT, "more than %d buffer gradients asked for",
+                          IR_MAX_BUFFERS);
+        if (s) return s;
+        cuda_buffer_desc *d = &grad_descs[i];
+        d->data = (uint64_t)(uintptr_t)g->grad.data;
+        for (int kd = 0; kd < 4; kd++) {
+            const int64_t size = kd < g->grad.ndim ? g->grad.sizes[kd] : 1;
+            d->sizes[kd] = (int32_t)(size > INT32_MAX ? INT32_MAX : size);
+            d->strides[kd] = kd < g->grad.ndim ? g->grad.strides[kd] : 0;
+        }
+    }
+    if (score_mod && !identity) {
+        if (ir_copy(&derived, &score_mod->ir) != 0)
+            return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "no memory to copy the score mod");
+        derived_made = 1;
+        const int rc = mod_derive(&derived, &der);
+        if (rc != 0) {
+            ir_free(&derived);
+            if (rc == MOD_DERIVE_TOO_MANY_LOADS)
+                return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                                 "the score mod reads float buffers at more than %d places; the "
+                                 "backward supports at most that many",
+                                 MOD_DERIVE_MAX_LOADS);
+            if (rc == MOD_DERIVE_NOT_SCORE)
+                return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
+                                 "score_mod does not return a float score");
+            return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY,
+                             "no memory (or too many IR nodes) for the score mod's derivative");
+        }
+        for (int l = 0; l < der.num_loads; l++)
+            for (int i = 0; i < a->num_buffer_grads; i++) {
+                if (strcmp(score_mod->ir.buffers[der.loads[l].buffer].name,
+                           a->buffer_grads[i].name) != 0 ||
+                    num_loads == MOD_DERIVE_MAX_LOADS)
+                    continue;
+                const ir_node *ld = &derived.nodes[der.loads[l].load];
+                flex_cuda_grad_load *gl = &loads[num_loads++];
+                gl->grad = i;
+                gl->deriv = der.loads[l].node;
+                gl->ndim = ld->nargs;
+                for (int d = 0; d < 4; d++)
+                    gl->index[d] = d < ld->nargs ? ld->args[d] : 0;
+            }
+    }
+    const ir_mod *mask_ir = mask_mod ? &mask_mod->ir : NULL;
+    const ir_mod *score_ir = derived_made ? &derived : NULL;
+    const struct flex_mod *score_used = derived_made ? score_mod : NULL;
+    const int slots = flex_emit_num_slots(mask_ir, score_ir);
+    if (slots > FLEX_EMIT_MAX_SLOTS) {
+        if (derived_made) ir_free(&derived);
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "the mask and score mods read %d buffers together; at most %d", slots,
+                         FLEX_EMIT_MAX_SLOTS);
+    }
+
+    flex_cuda_bwd_config cfg = {
+        .dtype = q->dtype,
+        .dq = pad64(D),
+        .dv = pad64(Dv),
+        .warps = 4,
+        .block_m = 16,
+        .vec = 0,
+        /* the kernels pass the mods indices clamped into the sequences */
+        .short_indices = Lq <= FLEX_EMIT_SHORT_LEN && Lkv <= FLEX_EMIT_SHORT_LEN &&
+                         B <= FLEX_EMIT_SHORT_HEADS && Hq <= FLEX_EMIT_SHORT_HEADS,
+        .grad_slots = a->num_buffer_grads,
+    };
+    if (q->dtype != FLEX_F32) {
+        cfg.vec = D % 8 == 0 && Dv % 8 == 0 && aligned16(q->data) && aligned16(k->data) &&
+                  aligned16(v->data) && aligned16(dout->data);
+        for (int d = 0; d < 3; d++)
+            if (q->strides[d] % 8 || k->strides[d] % 8 || v->strides[d] % 8 ||
+                dout->strides[d] % 8)
+                cfg.vec = 0;
+        choose_backward_tiles(&cfg, q_block, kv_block);
+    }
+    const int block_n = cfg.warps * 16;
+    const size_t smem = q->dtype == FLEX_F32
+                            ? 0
+                            : 2u * ((size_t)block_n * (cfg.dq + cfg.dv) +
+                                    (size_t)cfg.block_m * (cfg.dq + cfg.dv + 64)) +
+                                  8u * (size_t)cfg.block_m;
+    if ((int64_t)smem > st->smem_optin) {
+        if (derived_made) ir_free(&derived);
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "the backward for head dims %lld/%lld needs %zu bytes of shared memory; "
+                         "the GPU allows %d",
+                         (long long)D, (long long)Dv, smem, st->smem_optin);
+    }
+    /* The kernels clamp the indices they pass to the mods into the
+     * sequences, so the proofs need no margin. */
+    unsigned char *mask_in_range = reads_in_range(ctx, mask_mod, B, Hq, Lq, Lkv, 0);
+    unsigned char *score_in_range =
+        score_ir ? ir_reads_in_range(ctx, score_mod, score_ir, B, Hq, Lq, Lkv, 0) : NULL;
+    const flex_cuda_bwd_score score = {score_ir, der.value, der.dscore, loads, num_loads,
+                                       score_in_range};
+
+    pthread_mutex_lock(&st->lock);
+    s = push_ctx(ctx, st);
+    if (s) {
+        pthread_mutex_unlock(&st->lock);
+        free(mask_in_range);
+        free(score_in_range);
+        if (derived_made) ir_free(&derived);
+        return s;
+    }
+    CUfunction fn_pre = NULL, fn_main = NULL, fn_store = NULL;
+    char key[512];
+    {
+        _Static_assert(sizeof(flex_cuda_bwd_config) == 8 * sizeof(int),
+                       "flex_cuda_bwd_config changed: update the backward kernel key");
+        snprintf(key, sizeof key,
+                 "bwd|%s|dq%d|dv%d|w%d|bm%d|vec%d|short%d|gs%d|mask=%016llx|score=%016llx|"
+                 "loads=%016llx|inr=%016llx.%016llx|%s|nvrtc%d.%d",
+                 flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.warps, cfg.block_m, cfg.vec,
+                 cfg.short_indices, cfg.grad_slots,
+                 (unsigned long long)(mask_mod ? mask_mod->hash : 0),
+                 (unsigned long long)(score_used ? score_used->hash : 0),
+                 (unsigned long long)(num_loads ? flex_cache_checksum(loads, (size_t)num_loads *
+                                                                                 sizeof loads[0])
+                                                : 0),
+                 (unsigned long long)in_range_checksum(mask_in_range, mask_ir),
+                 (unsigned long long)(score_ir ? in_range_checksum(score_in_range, score_ir) : 0),
+                 st->arch, st->api->nvrtc_major, st->api->nvrtc_minor);
+        const backward_source_args args = {&cfg, mask_ir, mask_in_range, &score};
+        s = get_function(ctx, st, key, build_backward_source, &args, "flex_bwd_kernel", &fn_main);
+    }
+    free(mask_in_range);
+    free(score_in_range);
+    if (derived_made) ir_free(&derived);
+    if (!s) s = module_function(ctx, st, key, "flex_bwd_preprocess", &fn_pre);
+    if (!s) s = module_function(ctx, st, key, "flex_bwd_dq_store", &fn_store);
+
+    cuda_mask_copy *mc = NULL;
+    if (!s && mask) s = mask_device_copy(ctx, st, mask, &mc);
+    cuda_buffer_desc descs[FLEX_EMIT_MAX_SLOTS];
+    memset(descs, 0, sizeof descs);
+    if (!s) s = fill_buffers(ctx, st, mask_mod, 0, descs);
+    if (!s) s = fill_buffers(ctx, st, score_used, mask_ir ? mask_ir->num_buffers : 0, descs);
+
+    CUstream stream = (CUstream)a->stream;
+    CUdeviceptr ws = 0;
+    const size_t delta_bytes = (size_t)(B * Hq * Lq) * sizeof(float);
+    const size_t dq_bytes = a->dq ? (size_t)(B * Hq * Lq * D) * sizeof(float) : 0;
+    if (!s) s = workspace_alloc(ctx, st, delta_bytes + dq_bytes, stream, &ws);
+    if (!s) {
+        cuda_bwd_head hd;
+        memset(&hd, 0, sizeof hd);
+        hd.dout = (uintptr_t)dout->data;
+        hd.dq = a->dq ? (uintptr_t)a->dq->data : 0;
+        hd.dk = a->dk ? (uintptr_t)a->dk->data : 0;
+        hd.dv = a->dv ? (uintptr_t)a->dv->data : 0;
+        hd.delta = ws;
+        hd.dq_acc = a->dq ? ws + delta_bytes : 0;
+        hd.do_sb = dout->strides[0], hd.do_sh = dout->strides[1], hd.do_ss = dout->strides[2];
+        if (a->dq)
+            hd.dq_sb = a->dq->strides[0], hd.dq_sh = a->dq->strides[1],
+            hd.dq_ss = a->dq->strides[2];
+        if (a->dk)
+            hd.dk_sb = a->dk->strides[0], hd.dk_sh = a->dk->strides[1],
+            hd.dk_ss = a->dk->strides[2];
+        if (a->dv)
+            hd.dv_sb = a->dv->strides[0], hd.dv_sh = a->dv->strides[1],
+            hd.dv_ss = a->dv->strides[2];
+
+        cuda_fwd_params p;
+        memset(&p, 0, sizeof p);
+        p.q = (uintptr_t)q->data;
+        p.k = (uintptr_t)k->data;
+        p.v = (uintptr_t)v->data;
+        p.out = (uintptr_t)o->data;
+        p.lse = (uintptr_t)a->lse.data;
+        p.q_sb = q->strides[0], p.q_sh = q->strides[1], p.q_ss = q->strides[2];
+        p.k_sb = k->strides[0], p.k_sh = k->strides[1], p.k_ss = k->strides[2];
+        p.v_sb = v->strides[0], p.v_sh = v->strides[1], p.v_ss = v->strides[2];
+        p.o_sb = o->strides[0], p.o_sh = o->strides[1], p.o_ss = o->strides[2];
+        p.l_sb = a->lse.strides[0], p.l_sh = a->lse.strides[1], p.l_ss = a->lse.strides[2];
+        p.B = (int32_t)B, p.Hq = (int32_t)Hq, p.Hkv = (int32_t)Hkv;
+        p.Lq = (int32_t)Lq, p.Lkv = (int32_t)Lkv, p.D = (int32_t)D, p.Dv = (int32_t)Dv;
+        p.mask_qblock = q_block;
+        p.mask_kvblock = kv_block;
+        if (mask) {
+            p.full_off = mc->full_off, p.full_idx = mc->full_idx;
+            p.part_off = mc->part_off, p.part_idx = mc->part_idx;
+            hd.qfull_off = mc->qfull_off, hd.qfull_idx = mc->qfull_idx;
+            hd.qpart_off = mc->qpart_off, hd.qpart_idx = mc->qpart_idx;
+            p.mask_B = (int32_t)mask->B, p.mask_H = (int32_t)mask->H;
+            p.mask_nq = (int32_t)mask->num_q_blocks, p.mask_nk = (int32_t)mask->num_kv_blocks;
+        } else {
+            p.dense = 1;
+            p.mask_B = p.mask_H = 1;
+            p.mask_nq = (int32_t)((Lq + q_block - 1) / q_block);
+            p.mask_nk = (int32_t)((Lkv + kv_block - 1) / kv_block);
+        }
+        p.tiles_per_row = 1;
+        p.scale = a->scale;
+        p.scale_log2 = a->scale * 1.4426950408889634f;
+
+        const int grad_slots = cfg.grad_slots > 0 ? cfg.grad_slots : 1;
+        unsigned char blob[sizeof(cuda_bwd_head) + IR_MAX_BUFFERS * sizeof(cuda_buffer_desc) +
+                           sizeof(cuda_fwd_params) +
+                           (FLEX_EMIT_MAX_SLOTS + 2) * sizeof(cuda_buffer_desc)];
+        size_t at = 0;
+        memcpy(blob, &hd, sizeof hd);
+        at += sizeof hd;
+        memcpy(blob + at, grad_descs, (size_t)grad_slots * sizeof(cuda_buffer_desc));
+        at += (size_t)grad_slots * sizeof(cuda_buffer_desc);
+        memcpy(blob + at, &p, sizeof p);
+        at += sizeof p;
+        const size_t size = append_buffers(blob, at, descs, slots, st->bounds_flag);
+
+        const unsigned rows_y = (unsigned)((Lq + 3) / 4);
+        s = launch_blob(ctx, st, fn_pre, (unsigned)(B * Hq), rows_y, 128, 0, stream, blob, size,
+                        NULL);
+        if (!s) {
+            const int64_t per_cta = q->dtype == FLEX_F32 ? 4 : block_n;
+            s = launch_blob(ctx, st, fn_main, (unsigned)(B * Hkv),
+                            (unsigned)((Lkv + per_cta - 1) / per_cta),
+                            q->dtype == FLEX_F32 ? 128u : (unsigned)cfg.warps * 32,
+                            (unsigned)smem, stream, blob, size, NULL);
+        }
+        if (!s && a->dq)
+            s = launch_blob(ctx, st, fn_store, (unsigned)(B * Hq), rows_y, 128, 0, stream, blob,
+                            size, NULL);
+        if (!s && slots > 0) atomic_store(&st->bounds_pending, 1);
+    }
+    workspace_free(st, ws, stream);
+    pop_ctx(st);
+    pthread_mutex_unlock(&st->lock);
+    return s;
+}
+
 const flex_backend_iface flex_backend_cuda = {
     .abi_version = FLEX_BACKEND_ABI_VERSION,
     .name = "cuda",
@@ -1060,7 +1450,7 @@ const flex_backend_iface flex_backend_cuda = {
     .download = cuda_download,
     .mem_set = cuda_memset,
     .forward = cuda_forward,
-    .backward = NULL,
+    .backward = cuda_backward,
     .mask_blocks = cuda_mask_blocks,
     .synchronize = cuda_synchronize,
 };

@@ -4,6 +4,7 @@
  * + the kernel template, all text, so nothing is looked up in a toolkit's
  * include folders at run time.
  */
+#include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -43,9 +44,11 @@ char *flex_cuda_forward_source_in_range(const flex_cuda_fwd_config *cfg, const i
                                         const ir_mod *score, const unsigned char *mask_in_range,
                                         const unsigned char *score_in_range) {
     const char *vendor = flex_cuda_template("vendor.cuh");
+    const char *common = flex_cuda_template("flex_common.cuh");
+    const char *mma = flex_cuda_template("flex_mma_sm80.cuh");
     const char *tpl = flex_cuda_template("flex_forward.cuh");
     const char *sm90 = flex_cuda_template("flex_forward_sm90.cuh");
-    if (!vendor || !tpl || !sm90) return NULL;
+    if (!vendor || !common || !mma || !tpl || !sm90) return NULL;
     char config[512];
     const char *elem = cfg->dtype == FLEX_BF16  ? "FLEX_ELEM_BF16"
                        : cfg->dtype == FLEX_F16 ? "FLEX_ELEM_F16"
@@ -63,9 +66,152 @@ char *flex_cuda_forward_source_in_range(const flex_cuda_fwd_config *cfg, const i
     if (!mods) return NULL;
     /* The sm_90a kernel is a sibling of the mma.sync one and reuses its
      * helpers, so it follows it; without FLEX_WGMMA it is empty. */
-    const char *parts[] = {vendor, config, mods, tpl, cfg->wgmma ? sm90 : ""};
-    char *s = concat(parts, 5);
+    const char *parts[] = {vendor, config, mods, common, mma, tpl, cfg->wgmma ? sm90 : ""};
+    char *s = concat(parts, 7);
     free(mods);
+    return s;
+}
+
+static const char *node_ctype(const ir_mod *m, int node) {
+    const int t = m->nodes[node].type;
+    return t == IR_FLOAT ? "float" : t == IR_BOOL ? "bool" : "int";
+}
+
+/* Appends printf-style text to a malloc'd string; on failure frees it and
+ * leaves NULL. */
+static void append(char **s, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+static void append(char **s, const char *fmt, ...) {
+    if (!*s) return;
+    va_list ap, copy;
+    va_start(ap, fmt);
+    va_copy(copy, ap);
+    const int n = vsnprintf(NULL, 0, fmt, copy);
+    va_end(copy);
+    const size_t len = strlen(*s);
+    char *r = n < 0 ? NULL : realloc(*s, len + (size_t)n + 1);
+    if (!r) {
+        free(*s);
+        *s = NULL;
+    } else {
+        vsnprintf(r + len, (size_t)n + 1, fmt, ap);
+        *s = r;
+    }
+    va_end(ap);
+}
+
+/* The glue between the emitted derivative and flex_backward.cuh:
+ * flex_score_bwd (the modified score, d/dscore and the buffer terms of one
+ * score) and flex_scatter_grads (the terms times ds' added to the gradient
+ * tensors, at the read's indices clamped as the read clamps them). */
+static char *score_glue(const flex_cuda_bwd_score *sc, int slot_base) {
+    char *g = calloc(1, 1);
+    const int n = sc->ir ? sc->num_loads : 0;
+    append(&g, "#define FLEX_NUM_GRAD_LOADS %d\n", n);
+    append(&g, "struct flex_grad_terms { float d[%d]; long long off[%d]; };\n", n ? n : 1,
+           n ? n : 1);
+    if (!sc->ir) {
+        append(&g, "static FLEX_DEVICE_INLINE float flex_score_bwd(float score, int b, int h, int q, "
+                   "int kv, const flex_buffers &bufs, unsigned &oob, float &dscore, "
+                   "flex_grad_terms &terms, const flex_buffer *grads) {\n"
+                   "    (void)b; (void)h; (void)q; (void)kv; (void)bufs; (void)oob; (void)terms; "
+                   "(void)grads;\n    dscore = 1.0f;\n    return score;\n}\n");
+        return g;
+    }
+    int outputs[2 + 5 * 64];
+    int no = 0;
+    outputs[no++] = sc->value;
+    outputs[no++] = sc->dscore;
+    for (int l = 0; l < n && l < 64; l++) {
+        outputs[no++] = sc->loads[l].deriv;
+        for (int d = 0; d < sc->loads[l].ndim; d++)
+            outputs[no++] = sc->loads[l].index[d];
+    }
+    char *fn = flex_emit_ir_function(sc->ir, "flex_score_grad_ir", outputs, no, slot_base,
+                                     sc->in_range);
+    if (!fn) {
+        free(g);
+        return NULL;
+    }
+    append(&g, "%s", fn);
+    free(fn);
+    append(&g, "static FLEX_DEVICE_INLINE long long flex_grad_offset(const flex_buffer &g, int "
+               "ndim, int i0, int i1, int i2, int i3) {\n"
+               "    const int idx[4] = {i0, i1, i2, i3};\n    long long off = 0;\n"
+               "#pragma unroll\n    for (int d = 0; d < 4; d++)\n"
+               "        if (d < ndim) off += (long long)min(max(idx[d], 0), g.sizes[d] - 1) * "
+               "g.strides[d];\n    return off;\n}\n");
+    append(&g, "static FLEX_DEVICE_INLINE float flex_score_bwd(float score, int b, int h, int q, "
+               "int kv, const flex_buffers &bufs, unsigned &oob, float &dscore, flex_grad_terms "
+               "&terms, const flex_buffer *grads) {\n    (void)terms; (void)grads;\n");
+    int k = 0;
+    append(&g, "    %s o%d;\n", node_ctype(sc->ir, outputs[k]), k);
+    k++;
+    append(&g, "    %s o%d;\n", node_ctype(sc->ir, outputs[k]), k);
+    k++;
+    for (int i = k; i < no; i++)
+        append(&g, "    %s o%d;\n", node_ctype(sc->ir, outputs[i]), i);
+    append(&g, "    flex_score_grad_ir(score, b, h, q, kv, bufs, oob");
+    for (int i = 0; i < no; i++)
+        append(&g, ", o%d", i);
+    append(&g, ");\n    dscore = (float)o1;\n");
+    int at = 2;
+    for (int l = 0; l < n; l++) {
+        const flex_cuda_grad_load *gl = &sc->loads[l];
+        append(&g, "    terms.d[%d] = (float)o%d;\n", l, at);
+        append(&g, "    terms.off[%d] = flex_grad_offset(grads[%d], %d", l, gl->grad, gl->ndim);
+        for (int d = 0; d < 4; d++)
+            if (d < gl->ndim)
+                append(&g, ", o%d", at + 1 + d);
+            else
+                append(&g, ", 0");
+        append(&g, ");\n");
+        at += 1 + gl->ndim;
+    }
+    append(&g, "    return (float)o0;\n}\n");
+    append(&g, "static FLEX_DEVICE_INLINE void flex_scatter_grads(const flex_buffer *grads, const "
+               "flex_grad_terms &terms, float dsp) {\n    (void)grads; (void)terms; (void)dsp;\n");
+    for (int l = 0; l < n; l++)
+        append(&g, "    atomicAdd((float *)grads[%d].data + terms.off[%d], __fmul_rn(dsp, "
+                   "terms.d[%d]));\n",
+               sc->loads[l].grad, l, l);
+    append(&g, "}\n");
+    return g;
+}
+
+char *flex_cuda_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *mask,
+                                const unsigned char *mask_in_range,
+                                const flex_cuda_bwd_score *score) {
+    const char *vendor = flex_cuda_template("vendor.cuh");
+    const char *common = flex_cuda_template("flex_common.cuh");
+    const char *mma = flex_cuda_template("flex_mma_sm80.cuh");
+    const char *tpl = flex_cuda_template("flex_backward.cuh");
+    if (!vendor || !common || !mma || !tpl) return NULL;
+    if (score->ir && score->num_loads > 64) return NULL;
+    char config[512];
+    const char *elem = cfg->dtype == FLEX_BF16  ? "FLEX_ELEM_BF16"
+                       : cfg->dtype == FLEX_F16 ? "FLEX_ELEM_F16"
+                                                : "FLEX_ELEM_F32";
+    snprintf(config, sizeof config,
+             "/* configuration */\n#define %s 1\n#define FLEX_DQ %d\n#define FLEX_DV %d\n"
+             "#define FLEX_WARPS %d\n#define FLEX_BWD_BLOCK_M %d\n#define FLEX_VEC %d\n"
+             "#define FLEX_SHORT_INDICES %d\n#define FLEX_GRAD_SLOTS %d\n",
+             elem, cfg->dq, cfg->dv, cfg->warps, cfg->block_m, cfg->vec, cfg->short_indices,
+             cfg->grad_slots > 0 ? cfg->grad_slots : 1);
+    char *mods = flex_emit_mods_in_range(mask, score->ir, mask_in_range, score->in_range);
+    if (!mods) return NULL;
+    char *glue = score_glue(score, mask ? mask->num_buffers : 0);
+    if (!glue) {
+        free(mods);
+        return NULL;
+    }
+    const char *parts[] = {vendor, config, mods, glue, common, mma, tpl};
+    char *s = concat(parts, 7);
+    free(mods);
+    free(glue);
     return s;
 }
 

@@ -52,6 +52,45 @@ char *flex_cuda_forward_source_in_range(const flex_cuda_fwd_config *cfg, const i
                                         const unsigned char *score_in_range);
 char *flex_cuda_mask_blocks_source(const ir_mod *mask);
 
+/* One backward kernel's compile-time choices. */
+typedef struct flex_cuda_bwd_config {
+    flex_dtype dtype; /* F32, F16, BF16 */
+    int dq, dv;       /* head dims padded to a multiple of 64 */
+    int warps;        /* f16/bf16: warps of the main kernel, 16 kv rows each */
+    int block_m;      /* f16/bf16: query rows per step */
+    int vec;          /* 16-byte aligned rows: cp.async copies */
+    int short_indices;
+    int grad_slots; /* gradient tensors of float buffers (0 or more) */
+} flex_cuda_bwd_config;
+
+/* A float buffer read of the score mod whose gradient is wanted. */
+typedef struct flex_cuda_grad_load {
+    int grad;     /* index of its gradient tensor (flex_bwd_params.grads) */
+    int deriv;    /* node of d(result)/d(value read) */
+    int ndim;     /* indices of the read */
+    int index[4]; /* their nodes */
+} flex_cuda_grad_load;
+
+/* The score mod of a backward kernel: ir holds the forward's nodes and the
+ * derivative's (mod_derive); NULL: the identity. */
+typedef struct flex_cuda_bwd_score {
+    const ir_mod *ir;
+    int value, dscore; /* nodes of the result and of d(result)/d(score) */
+    const flex_cuda_grad_load *loads;
+    int num_loads;
+    const unsigned char *in_range; /* one flag per node of ir, or NULL */
+} flex_cuda_bwd_score;
+
+/*
+ * The full source of the backward kernels (flex_backward.cuh) for config,
+ * the mask mod (NULL: none evaluated) and the score mod with its
+ * derivative. A malloc'd string (caller frees), or NULL when out of memory
+ * or when the mods have too many buffers.
+ */
+char *flex_cuda_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *mask,
+                                const unsigned char *mask_in_range,
+                                const flex_cuda_bwd_score *score);
+
 /* "sm_90a" for compute capability 9.0, "sm_80", "sm_86", ... */
 void flex_cuda_arch_name(int major, int minor, char *buf, size_t cap);
 

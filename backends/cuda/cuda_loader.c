@@ -59,6 +59,8 @@ static int load_driver_symbols(void *libcuda) {
     LOAD_SYM(libcuda, cuGetErrorString, "cuGetErrorString", w, c);
     *(void **)(&api_table.cuTensorMapEncodeTiled) = dlsym(libcuda, "cuTensorMapEncodeTiled");
     *(void **)(&api_table.cuFuncGetAttribute) = dlsym(libcuda, "cuFuncGetAttribute");
+    *(void **)(&api_table.cuMemAllocAsync) = dlsym(libcuda, "cuMemAllocAsync");
+    *(void **)(&api_table.cuMemFreeAsync) = dlsym(libcuda, "cuMemFreeAsync");
     return 0;
 }
 

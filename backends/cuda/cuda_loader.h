@@ -74,6 +74,9 @@ typedef struct flex_cuda_api {
     CUresult (*cuGetErrorString)(CUresult err, const char **str);
     /* (optional) a function's attribute, for the error of a failed launch */
     CUresult (*cuFuncGetAttribute)(int *value, int attrib, CUfunction fn);
+    /* (optional: NULL before CUDA 11.2) the stream-ordered allocator. */
+    CUresult (*cuMemAllocAsync)(CUdeviceptr *ptr, size_t bytes, CUstream s);
+    CUresult (*cuMemFreeAsync)(CUdeviceptr ptr, CUstream s);
     /* (optional: NULL where the driver lacks it) a tiled TMA descriptor */
     CUresult (*cuTensorMapEncodeTiled)(void *tensor_map, int data_type, unsigned rank,
                                        void *global_address, const unsigned long long *global_dim,

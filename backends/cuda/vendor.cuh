@@ -14,6 +14,7 @@
 #if defined(FLEX_HIP)
 #define FLEX_WARP_SIZE      64
 #define FLEX_SHFL_XOR(v, m) __shfl_xor((v), (m))
+#define FLEX_SHFL(v, src)   __shfl((v), (src))
 #define FLEX_ANY(pred)      __any(pred)
 /* HIP has no tanh.approx; tanh_approx is exact there (within tanhf's ulps). */
 static FLEX_DEVICE_INLINE float flex_tanh_approx(float x) {
@@ -25,6 +26,7 @@ static FLEX_DEVICE_INLINE float flex_half_bits_to_float(unsigned short h) {
 #else
 #define FLEX_WARP_SIZE      32
 #define FLEX_SHFL_XOR(v, m) __shfl_xor_sync(0xffffffffu, (v), (m))
+#define FLEX_SHFL(v, src)   __shfl_sync(0xffffffffu, (v), (src))
 #define FLEX_ANY(pred)      __any_sync(0xffffffffu, (pred))
 /* The SFU's tanh (sm_75 and later): max abs error about 2^-10.7. */
 static FLEX_DEVICE_INLINE float flex_tanh_approx(float x) {

@@ -517,20 +517,9 @@ int flex_emit_num_slots(const ir_mod *mask, const ir_mod *score) {
     return (mask ? mask->num_buffers : 0) + (score ? score->num_buffers : 0);
 }
 
-static void emit_function(strbuf *sb, const ir_mod *m, int slot_base, int is_mask,
-                          const unsigned char *in_range) {
-    if (is_mask)
-        sb_printf(sb, "static FLEX_DEVICE_INLINE bool flex_mask_mod(int b, int h, int q, int kv, "
-                      "const flex_buffers &bufs, unsigned &oob) {\n");
-    else
-        sb_printf(sb, "static FLEX_DEVICE_INLINE float flex_score_mod(float score, int b, int h, "
-                      "int q, int kv, const flex_buffers &bufs, unsigned &oob) {\n");
-    if (!m) {
-        sb_printf(sb, "    (void)b; (void)h; (void)q; (void)kv; (void)bufs; (void)oob;\n");
-        sb_printf(sb, is_mask ? "    return true;\n}\n" : "    return score;\n}\n");
-        return;
-    }
-    sb_printf(sb, "    (void)b; (void)h; (void)q; (void)kv; (void)bufs; (void)oob;\n");
+/* One `const` local per node of m, in topological order (the compiler drops
+ * the ones no result uses). */
+static void emit_body(strbuf *sb, const ir_mod *m, int slot_base, const unsigned char *in_range) {
     /* Int nodes that stay small while the indices are within the short
      * bounds (buffer values count as any int). */
     const mod_box box = {{0, 0, 0, 0},
@@ -547,6 +536,23 @@ static void emit_function(strbuf *sb, const ir_mod *m, int slot_base, int is_mas
         sb_printf(sb, ";\n");
     }
     free(short_int);
+}
+
+static void emit_function(strbuf *sb, const ir_mod *m, int slot_base, int is_mask,
+                          const unsigned char *in_range) {
+    if (is_mask)
+        sb_printf(sb, "static FLEX_DEVICE_INLINE bool flex_mask_mod(int b, int h, int q, int kv, "
+                      "const flex_buffers &bufs, unsigned &oob) {\n");
+    else
+        sb_printf(sb, "static FLEX_DEVICE_INLINE float flex_score_mod(float score, int b, int h, "
+                      "int q, int kv, const flex_buffers &bufs, unsigned &oob) {\n");
+    if (!m) {
+        sb_printf(sb, "    (void)b; (void)h; (void)q; (void)kv; (void)bufs; (void)oob;\n");
+        sb_printf(sb, is_mask ? "    return true;\n}\n" : "    return score;\n}\n");
+        return;
+    }
+    sb_printf(sb, "    (void)b; (void)h; (void)q; (void)kv; (void)bufs; (void)oob;\n");
+    emit_body(sb, m, slot_base, in_range);
     const int rt = m->nodes[m->root].type;
     if (is_mask) {
         if (rt == IR_BOOL)
@@ -609,6 +615,31 @@ char *flex_emit_mods_in_range(const ir_mod *mask, const ir_mod *score,
     sb_printf(&sb, "%s", load_text);
     emit_function(&sb, mask, 0, 1, mask_in_range);
     emit_function(&sb, score, mask ? mask->num_buffers : 0, 0, score_in_range);
+    if (sb.failed) {
+        free(sb.data);
+        return NULL;
+    }
+    return sb.data;
+}
+
+char *flex_emit_ir_function(const ir_mod *m, const char *name, const int *outputs, int num_outputs,
+                            int slot_base, const unsigned char *in_range) {
+    if (!m || !name || num_outputs < 1 || (num_outputs > 0 && !outputs)) return NULL;
+    for (int k = 0; k < num_outputs; k++)
+        if (outputs[k] < 0 || outputs[k] >= m->num_nodes) return NULL;
+    strbuf sb = {0};
+    sb_printf(&sb,
+              "static FLEX_DEVICE_INLINE void %s(float score, int b, int h, int q, int kv, "
+              "const flex_buffers &bufs, unsigned &oob",
+              name);
+    for (int k = 0; k < num_outputs; k++)
+        sb_printf(&sb, ", %s &out%d", ctype(m->nodes[outputs[k]].type), k);
+    sb_printf(&sb, ") {\n    (void)score; (void)b; (void)h; (void)q; (void)kv; (void)bufs; "
+                   "(void)oob;\n");
+    emit_body(&sb, m, slot_base, in_range);
+    for (int k = 0; k < num_outputs; k++)
+        sb_printf(&sb, "    out%d = v%d;\n", k, outputs[k]);
+    sb_printf(&sb, "}\n");
     if (sb.failed) {
         free(sb.data);
         return NULL;

@@ -59,6 +59,23 @@ char *flex_emit_mods_in_range(const ir_mod *mask, const ir_mod *score,
                               const unsigned char *mask_in_range,
                               const unsigned char *score_in_range);
 
+/*
+ * Any IR function, such as a score mod's derivative (mod_derive adds its
+ * nodes to the mod's own IR): a malloc'd definition (caller frees) of
+ *   __device__ void name(float score, int b, int h, int q, int kv,
+ *                        const flex_buffers &bufs, unsigned &oob,
+ *                        T0 &out0, T1 &out1, ...)
+ * that stores node outputs[k] of m in outk, Tk its C type (float, int,
+ * bool). Every node of m is emitted once, so values shared between the
+ * outputs are computed once; m's buffers take slots slot_base.. (as the
+ * score mod's do after the mask mod's in flex_emit_mods); in_range as for
+ * flex_emit_mods_in_range, one flag per node of m (NULL: every read
+ * checked). The text must follow flex_emit_mods' (struct flex_buffers, the
+ * helpers and the loads). NULL on out of memory or a bad argument.
+ */
+char *flex_emit_ir_function(const ir_mod *m, const char *name, const int *outputs, int num_outputs,
+                            int slot_base, const unsigned char *in_range);
+
 /* Number of buffer slots the two mods use (mask's first). */
 int flex_emit_num_slots(const ir_mod *mask, const ir_mod *score);
 

@@ -1,0 +1,163 @@
+/*
+ * flex_mma_sm80.cuh: the sm_80 tensor-core primitives the f16/bf16 kernels
+ * share (forward, backward): XOR-swizzled shared-memory tiles and their
+ * cp.async loads with row strides, ldmatrix fragment addressing, mma.sync
+ * m16n8k16 with fp32 accumulators, conversions and exp2. Inline PTX of our
+ * own, so NVRTC needs no toolkit header. Expects FLEX_WARPS (warps per CTA)
+ * and FLEX_VEC (16-byte aligned rows) from the configuration block.
+ */
+
+#if defined(FLEX_ELEM_BF16) || defined(FLEX_ELEM_F16)
+
+typedef flex_u16 flex_elem;
+
+#define FLEX_THREADS (FLEX_WARPS * 32)
+
+/* Element offset of (row, 16-byte chunk c) in a tile with `dpad` columns:
+ * the chunk index is XORed with the row's low bits so the 8 rows an
+ * ldmatrix reads fall in 8 different bank groups. */
+static FLEX_DEVICE_INLINE int flex_swz(int row, int chunk, int dpad) {
+    return row * dpad + ((chunk & ~7) | ((chunk ^ row) & 7)) * 8;
+}
+
+static FLEX_DEVICE_INLINE flex_u32 flex_smem_addr(const void *p) {
+    return (flex_u32)__cvta_generic_to_shared(p);
+}
+
+/* ldmatrix addresses without a register per fragment. In a tile whose base
+ * is 128-byte aligned and whose rows are a multiple of 128 bytes, the
+ * swizzled byte offset of (row, chunk 2 * kk + c0) is
+ *   row * rowbytes + 128 * (kk >> 2) + ((32 * (kk & 3)) ^ (16 * ((c0 ^ row) & 7))),
+ * so a lane keeps one base (kk = 0) and every fragment is that base XOR a
+ * constant plus a constant, which the compiler folds into the instruction.
+ * Rows 16 further down add 16 * rowbytes and keep the swizzle. */
+static FLEX_DEVICE_INLINE flex_u32 flex_frag_base(flex_u32 tile, int row, int c0, int dpad) {
+    return tile + (flex_u32)(row * dpad * 2) + (flex_u32)(((c0 ^ row) & 7) << 4);
+}
+static FLEX_DEVICE_INLINE flex_u32 flex_frag_at(flex_u32 base, int kk) {
+    return (base ^ (flex_u32)((kk & 3) << 5)) + (flex_u32)((kk >> 2) << 7);
+}
+
+static FLEX_DEVICE_INLINE void flex_st_shared_u16(flex_u32 addr, flex_u16 x) {
+    asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(addr), "h"(x));
+}
+static FLEX_DEVICE_INLINE void flex_cp_async16(flex_u32 dst, const void *src, bool valid) {
+    const int n = valid ? 16 : 0; /* 0: zero-fill, nothing read */
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+static FLEX_DEVICE_INLINE void flex_cp_async_commit() {
+    asm volatile("cp.async.commit_group;\n" ::);
+}
+template <int N> static FLEX_DEVICE_INLINE void flex_cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+static FLEX_DEVICE_INLINE void flex_ldmatrix_x4(flex_u32 *r, flex_u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+static FLEX_DEVICE_INLINE void flex_ldmatrix_x4_trans(flex_u32 *r, flex_u32 addr) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(addr));
+}
+
+/* d += a * b, m16n8k16, fp32 accumulate. */
+static FLEX_DEVICE_INLINE void flex_mma(float *d, const flex_u32 *a, flex_u32 b0, flex_u32 b1) {
+#if defined(FLEX_ELEM_BF16)
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
+#else
+    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
+#endif
+                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
+                 : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* Two floats -> two packed 16-bit values, lo in the low half. */
+static FLEX_DEVICE_INLINE flex_u32 flex_pack2(float lo, float hi) {
+    flex_u32 r;
+#if defined(FLEX_ELEM_BF16)
+    asm("cvt.rn.bf16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+#else
+    asm("cvt.rn.f16x2.f32 %0, %1, %2;\n" : "=r"(r) : "f"(hi), "f"(lo));
+#endif
+    return r;
+}
+static FLEX_DEVICE_INLINE flex_u16 flex_to_elem(float x) {
+    return (flex_u16)(flex_pack2(x, 0.0f) & 0xffffu);
+}
+static FLEX_DEVICE_INLINE float flex_exp2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+
+/* Byte offset of (row, 16-byte chunk) in a tile with DPAD columns and ROWS
+ * rows. SW128 0: the ldmatrix layout above (flex_swz, row-major). SW128 1:
+ * wgmma's 128-byte swizzle (flex_forward_sm90.cuh): DPAD / 64 column blocks
+ * of ROWS x 64 elements, the chunk index XORed with the row's low three
+ * bits inside each 8-row, 1024-byte group. */
+template <int ROWS, int DPAD, bool SW128>
+static FLEX_DEVICE_INLINE flex_u32 flex_tile_offset(int row, int chunk) {
+    if (SW128)
+        return (flex_u32)((chunk >> 3) * ROWS * 128 + row * 128 + (((chunk ^ row) & 7) << 4));
+    return (flex_u32)(2 * flex_swz(row, chunk, DPAD));
+}
+
+/* Copies rows [row0, row0 + ROWS) x columns [0, DPAD) of a (rows, cols)
+ * global matrix into a swizzled shared tile (layout: flex_tile_offset); rows
+ * >= nrows and columns >= ncols read as zero. */
+template <int ROWS, int DPAD, bool SW128 = false>
+static FLEX_DEVICE_INLINE void flex_load_tile(flex_u32 tile, const flex_elem *g,
+                                              long long row_stride, int row0, int nrows, int ncols,
+                                              int tid) {
+    constexpr int CHUNKS = DPAD / 8;
+#if FLEX_VEC
+    if constexpr (FLEX_THREADS % CHUNKS == 0 && ROWS % (FLEX_THREADS / CHUNKS) == 0) {
+        /* Each thread copies one column chunk of every RSTEP-th row: one
+         * source pointer and one stride per thread, nothing per row kept
+         * live across the kv walk. */
+        constexpr int RSTEP = FLEX_THREADS / CHUNKS;
+        const int r0 = tid / CHUNKS, c = tid % CHUNKS;
+        const bool col_ok = c * 8 < ncols;
+        const flex_elem *src = g + (long long)(row0 + r0) * row_stride + c * 8;
+        const long long step = (long long)RSTEP * row_stride;
+        /* Both layouts repeat every 8 rows: with RSTEP a multiple of 8 a
+         * thread's rows are one offset plus multiples of RSTEP rows. */
+        constexpr int ROW_BYTES = SW128 ? 128 : DPAD * 2;
+        const flex_u32 base = tile + flex_tile_offset<ROWS, DPAD, SW128>(r0, c);
+#pragma unroll
+        for (int it = 0; it < ROWS / RSTEP; it++) {
+            const int r = r0 + it * RSTEP;
+            const bool valid = col_ok && row0 + r < nrows;
+            const flex_u32 dst = RSTEP % 8 == 0 ? base + it * RSTEP * ROW_BYTES
+                                                : tile + flex_tile_offset<ROWS, DPAD, SW128>(r, c);
+            flex_cp_async16(dst, valid ? src : g, valid);
+            src += step;
+        }
+        return;
+    }
+    constexpr int ITERS = (ROWS * CHUNKS + FLEX_THREADS - 1) / FLEX_THREADS;
+#pragma unroll
+    for (int it = 0; it < ITERS; it++) {
+        const int i = tid + it * FLEX_THREADS;
+        if (ROWS * CHUNKS % FLEX_THREADS != 0 && i >= ROWS * CHUNKS) break;
+        const int r = i / CHUNKS, c = i % CHUNKS;
+        const bool valid = (row0 + r < nrows) && (c * 8 < ncols);
+        const flex_elem *src = valid ? g + (long long)(row0 + r) * row_stride + c * 8 : g;
+        flex_cp_async16(tile + flex_tile_offset<ROWS, DPAD, SW128>(r, c), src, valid);
+    }
+#else
+    for (int i = tid; i < ROWS * DPAD; i += FLEX_THREADS) {
+        const int r = i / DPAD, col = i % DPAD;
+        flex_elem x = 0;
+        if (row0 + r < nrows && col < ncols) x = g[(long long)(row0 + r) * row_stride + col];
+        flex_st_shared_u16(tile + flex_tile_offset<ROWS, DPAD, SW128>(r, col / 8) + 2 * (col & 7),
+                           x);
+    }
+#endif
+}
+
+#endif /* FLEX_ELEM_BF16 || FLEX_ELEM_F16 */

@@ -29,7 +29,7 @@ fi
 faults='c_remainder@core/mod/ir.c@/^static int32_t int_mod/,/^}/s/if (r != 0 .*r += b;/(void)0;/@int % with the sign of C (the dividend) instead of Python (the divisor)
 fold_mod_2@core/mod/fold.c@s/(is_int_const(m, b, 1) || is_int_const(m, b, -1))/(is_int_const(m, b, 1) || is_int_const(m, b, -1) || is_int_const(m, b, 2))/@folding x % 2 -> 0
 fold_floordiv_2@core/mod/fold.c@s/if (type != IR_FLOAT \&\& is_int_const(m, b, 1)) return a;/if (type != IR_FLOAT \&\& (is_int_const(m, b, 1) || is_int_const(m, b, 2))) return a;/@folding x // 2 -> x
-scale_16bit_out@backends/cpu/cpu_forward.c@s/l > 0.0f ? orow\[c\] \* inv : 0.0f);/l > 0.0f ? orow[c] * inv * 1.001f : 0.0f);/@every f16/bf16 output of the CPU forward scaled by 1.001
+scale_16bit_out@backends/cpu/cpu_forward.c@s/l != 0.0f ? orow\[c\] \* inv : 0.0f);/l != 0.0f ? orow[c] * inv * 1.001f : 0.0f);/@every f16/bf16 output of the CPU forward scaled by 1.001
 lse_offset@backends/cpu/cpu_forward.c@s/= flex_softmax_lse(sc->m\[r\], l);/= flex_softmax_lse(sc->m[r], l) + 1e-3f;/@the LSE offset by 1e-3
 skip_partial_block@backends/cpu/cpu_forward.c@s/for (int32_t i = mask->kv_partial.offsets\[row\]; i/for (int32_t i = mask->kv_partial.offsets[row] + 1; i/@the first partial kv block of every block row skipped
 tanh_derivative@core/mod/derive.c@s/mul(st, A, sub(st, fconst(st, 1.0f), mul(st, self, self)))/mul(st, A, mul(st, fconst(st, 1.01f), sub(st, fconst(st, 1.0f), mul(st, self, self))))/@the derivative of tanh off by a factor of 1.01'

@@ -46,7 +46,7 @@ flags="-std=c11 -g -O1 -fsanitize=fuzzer,address,undefined -fno-sanitize-recover
     -D_POSIX_C_SOURCE=200809L -Iinclude -Icore -I. -Ibuild-fuzz -Itests -Itools"
 for h in $harnesses; do
     case $h in
-    mod) srcs="tests/fuzz/fuzz_mod.c tests/oracle.c" ;;
+    mod) srcs="tests/fuzz/fuzz_mod.c tests/oracle.c tests/oracle_backward.c tests/oracle_mod.c tests/refmod.c tests/tolerance.c" ;;
     npy) srcs="tests/fuzz/fuzz_npy.c tools/npy.c" ;;
     *) echo "unknown harness $h (mod, npy)" >&2; exit 2 ;;
     esac

@@ -205,7 +205,8 @@ static int is_name_char(char c, int first) {
 static void next(parser *p) {
     const char *t = p->text;
     for (;;) {
-        while (t[p->pos] == ' ' || t[p->pos] == '\t' || t[p->pos] == '\n' || t[p->pos] == '\r')
+        while (t[p->pos] == ' ' || t[p->pos] == '\t' || t[p->pos] == '\n' || t[p->pos] == '\r' ||
+               t[p->pos] == '\f' || t[p->pos] == '\v')
             p->pos++;
         if (t[p->pos] != '#') break;
         while (t[p->pos] && t[p->pos] != '\n')

@@ -589,6 +589,15 @@ static flex_status upload_array(flex_context *ctx, cuda_state *st, const void *s
     return FLEX_OK;
 }
 
+/* Uploads one of a mask's block lists of n rows: its n + 1 offsets and the
+ * indices they delimit. */
+static flex_status upload_lists(flex_context *ctx, cuda_state *st, const flex_block_lists *l,
+                                int64_t n, CUdeviceptr *off, CUdeviceptr *idx) {
+    flex_status s = upload_array(ctx, st, l->offsets, (size_t)(n + 1) * sizeof(int32_t), off);
+    if (!s) s = upload_array(ctx, st, l->indices, (size_t)l->offsets[n] * sizeof(int32_t), idx);
+    return s;
+}
+
 typedef struct row_weight {
     int64_t blocks;
     int row;
@@ -628,27 +637,13 @@ static flex_status mask_device_copy(flex_context *ctx, cuda_state *st,
     for (int64_t i = 0; i < nq; i++)
         order[i] = weights[i].row;
     free(weights);
-    const size_t off_bytes = (size_t)(rows + 1) * sizeof(int32_t);
-    flex_status s = upload_array(ctx, st, mask->kv_full.offsets, off_bytes, &c->full_off);
-    if (!s)
-        s = upload_array(ctx, st, mask->kv_full.indices,
-                         (size_t)mask->kv_full.offsets[rows] * sizeof(int32_t), &c->full_idx);
-    if (!s) s = upload_array(ctx, st, mask->kv_partial.offsets, off_bytes, &c->part_off);
-    if (!s)
-        s = upload_array(ctx, st, mask->kv_partial.indices,
-                         (size_t)mask->kv_partial.offsets[rows] * sizeof(int32_t), &c->part_idx);
+    flex_status s = upload_lists(ctx, st, &mask->kv_full, rows, &c->full_off, &c->full_idx);
+    if (!s) s = upload_lists(ctx, st, &mask->kv_partial, rows, &c->part_off, &c->part_idx);
     if (!s) s = upload_array(ctx, st, order, (size_t)nq * sizeof *order, &c->order);
     free(order);
     const int64_t cols = mask->B * mask->H * mask->num_kv_blocks;
-    const size_t col_bytes = (size_t)(cols + 1) * sizeof(int32_t);
-    if (!s) s = upload_array(ctx, st, mask->q_full.offsets, col_bytes, &c->qfull_off);
-    if (!s)
-        s = upload_array(ctx, st, mask->q_full.indices,
-                         (size_t)mask->q_full.offsets[cols] * sizeof(int32_t), &c->qfull_idx);
-    if (!s) s = upload_array(ctx, st, mask->q_partial.offsets, col_bytes, &c->qpart_off);
-    if (!s)
-        s = upload_array(ctx, st, mask->q_partial.indices,
-                         (size_t)mask->q_partial.offsets[cols] * sizeof(int32_t), &c->qpart_idx);
+    if (!s) s = upload_lists(ctx, st, &mask->q_full, cols, &c->qfull_off, &c->qfull_idx);
+    if (!s) s = upload_lists(ctx, st, &mask->q_partial, cols, &c->qpart_off, &c->qpart_idx);
     if (s) {
         mask_copy_free_arrays(st->api, c);
         free(c);

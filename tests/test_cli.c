@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "npy.h"
+#include "npy_raw.h"
 
 static const char *program;  /* the flexattn binary */
 static char dir[256];        /* a fresh folder per test (Check forks each test) */
@@ -208,31 +209,9 @@ END_TEST
 
 /* ---- papercuts ---- */
 
-/* Writes dir/name as a version 1.0 file with header dict and `bytes` zero
- * bytes of data (for dtypes the program's own writer does not write). */
+/* Writes dir/name through npy_write_raw. */
 static void write_raw(const char *name, const char *dict, size_t bytes) {
-    FILE *f = fopen(in_dir(name), "wb");
-    ck_assert_ptr_nonnull(f);
-    size_t n = strlen(dict), total = 10 + n + 1, pad = (64 - total % 64) % 64;
-    unsigned hlen = (unsigned)(n + pad + 1);
-    unsigned char pre[10] = {0x93,
-                             'N',
-                             'U',
-                             'M',
-                             'P',
-                             'Y',
-                             1,
-                             0,
-                             (unsigned char)(hlen & 0xff),
-                             (unsigned char)(hlen >> 8)};
-    fwrite(pre, 1, 10, f);
-    fwrite(dict, 1, n, f);
-    for (size_t i = 0; i < pad; i++)
-        fputc(' ', f);
-    fputc('\n', f);
-    for (size_t i = 0; i < bytes; i++)
-        fputc(0, f);
-    ck_assert_int_eq(fclose(f), 0);
+    npy_write_raw(in_dir(name), dict, bytes, 0);
 }
 
 START_TEST(load_dir_gives_any_buffer) {

@@ -16,6 +16,7 @@
 #include <unistd.h>
 
 #include "npy.h"
+#include "npy_raw.h"
 
 /* A fresh temporary folder per test (Check forks each test). */
 static char dir[256];
@@ -37,31 +38,9 @@ static const char *path_of(const char *name) {
     return p;
 }
 
-/* Writes a version 1.0 file with the given header dict (padded as NumPy
- * pads it) followed by `bytes` bytes of data. */
+/* Writes dir/name through npy_write_raw. */
 static void write_raw(const char *name, const char *dict, size_t bytes) {
-    FILE *f = fopen(path_of(name), "wb");
-    ck_assert_ptr_nonnull(f);
-    size_t n = strlen(dict), total = 10 + n + 1, pad = (64 - total % 64) % 64;
-    unsigned hlen = (unsigned)(n + pad + 1);
-    unsigned char pre[10] = {0x93,
-                             'N',
-                             'U',
-                             'M',
-                             'P',
-                             'Y',
-                             1,
-                             0,
-                             (unsigned char)(hlen & 0xff),
-                             (unsigned char)(hlen >> 8)};
-    ck_assert_uint_eq(fwrite(pre, 1, 10, f), 10);
-    ck_assert_uint_eq(fwrite(dict, 1, n, f), n);
-    for (size_t i = 0; i < pad; i++)
-        fputc(' ', f);
-    fputc('\n', f);
-    for (size_t i = 0; i < bytes; i++)
-        fputc((int)(i & 0xff), f);
-    ck_assert_int_eq(fclose(f), 0);
+    npy_write_raw(path_of(name), dict, bytes, 1);
 }
 
 /* Reads name, expects failure with a message containing `want`. */

@@ -321,18 +321,20 @@ static int parse_cond(parser *p);
 static int parse_primary(parser *p) {
     if (p->failed) return -1;
     if (p->tok == TK_INT) {
-        char buf[64];
-        if (p->len >= sizeof buf) return perr(p, "int literal too long");
-        memcpy(buf, p->text + p->start, p->len);
-        buf[p->len] = '\0';
-        double v = strtod(buf, NULL);
-        if (v > 2147483647.0) return perr(p, "int literal %s beyond 2147483647", buf);
+        /* Digit by digit, so that any run of leading zeros is still a small
+         * number; the value saturates once it passes the int range. */
+        double v = 0.0;
+        for (size_t i = 0; i < p->len && v <= 2147483647.0; i++)
+            v = v * 10.0 + (p->text[p->start + i] - '0');
+        if (v > 2147483647.0)
+            return perr(p, "int literal %.*s beyond 2147483647", (int)(p->len > 40 ? 40 : p->len),
+                        p->text + p->start);
         next(p);
         rnode n = {K_INT, 0, (int32_t)v, 0.0, -1, -1, -1, 0, {0}};
         return add_node(p, n);
     }
     if (p->tok == TK_FLOAT) {
-        char buf[64];
+        char buf[160]; /* longer than any literal the library's lexer takes */
         if (p->len >= sizeof buf) return perr(p, "float literal too long");
         memcpy(buf, p->text + p->start, p->len);
         buf[p->len] = '\0';

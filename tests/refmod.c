@@ -318,14 +318,20 @@ static int node2(parser *p, int kind, int op, int a, int b) {
 
 static int parse_cond(parser *p);
 
+/* The value of the int literal at the current token, read digit by digit so
+ * that any run of leading zeros is still a small number; it stops growing
+ * once past 2147483648, which is all a caller needs to know. */
+static double int_literal_value(const parser *p) {
+    double v = 0.0;
+    for (size_t i = 0; i < p->len && v <= 2147483648.0; i++)
+        v = v * 10.0 + (p->text[p->start + i] - '0');
+    return v;
+}
+
 static int parse_primary(parser *p) {
     if (p->failed) return -1;
     if (p->tok == TK_INT) {
-        /* Digit by digit, so that any run of leading zeros is still a small
-         * number; the value saturates once it passes the int range. */
-        double v = 0.0;
-        for (size_t i = 0; i < p->len && v <= 2147483647.0; i++)
-            v = v * 10.0 + (p->text[p->start + i] - '0');
+        double v = int_literal_value(p);
         if (v > 2147483647.0)
             return perr(p, "int literal %.*s beyond 2147483647", (int)(p->len > 40 ? 40 : p->len),
                         p->text + p->start);
@@ -454,8 +460,7 @@ static int parse_unary(parser *p) {
         int op = p->op;
         next(p);
         /* -2147483648 is the one int literal beyond 2147483647. */
-        if (op == '-' && p->tok == TK_INT && p->len == 10 &&
-            !strncmp(p->text + p->start, "2147483648", 10)) {
+        if (op == '-' && p->tok == TK_INT && int_literal_value(p) == 2147483648.0) {
             next(p);
             if (is_op(p, '[')) return perr(p, "cannot index a literal");
             rnode n = {K_INT, 0, INT32_MIN, 0.0, -1, -1, -1, 0, {0}};

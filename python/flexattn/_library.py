@@ -12,12 +12,6 @@ import os
 import pathlib
 
 FLEX_OK = 0
-STATUS_NAMES = {
-    1: "ERR_INVALID_ARGUMENT", 2: "ERR_NULL_POINTER", 3: "ERR_SHAPE", 4: "ERR_DTYPE",
-    5: "ERR_UNSUPPORTED", 6: "ERR_BACKEND", 7: "ERR_OUT_OF_MEMORY", 8: "ERR_MOD_SYNTAX",
-    9: "ERR_MOD_TYPE", 10: "ERR_MOD_NAME", 11: "ERR_BUFFER_BOUNDS", 12: "ERR_BUFFER_UNBOUND",
-    13: "ERR_COMPILE", 14: "ERR_DEVICE", 15: "ERR_IO", 16: "ERR_INTERNAL",
-}
 ERR_UNSUPPORTED = 5
 ERR_OUT_OF_MEMORY = 7
 
@@ -53,9 +47,13 @@ class FlexArgumentError(FlexError, ValueError):
     """An argument the library refused (shape, dtype, value)."""
 
 
+class FlexOverflowError(FlexError, OverflowError):
+    """A size, stride or byte count beyond the address space (FLEX_ERR_OVERFLOW)."""
+
+
 _ERROR_CLASSES = {
     1: FlexArgumentError, 3: FlexArgumentError, 4: FlexArgumentError, 5: FlexUnsupportedError,
-    8: FlexModError, 9: FlexModError, 10: FlexModError, 11: FlexBoundsError,
+    8: FlexModError, 9: FlexModError, 10: FlexModError, 11: FlexBoundsError, 17: FlexOverflowError,
 }
 
 
@@ -184,7 +182,8 @@ def error(status, ctx=None):
     """The exception for a failed call: the library's message on ctx (or the
     per-thread one for ctx None), in the class that fits the status."""
     message = (lib.flex_error_message(ctx) or b"").decode(errors="replace")
-    name = STATUS_NAMES.get(status, f"status {status}")
+    # The library names its own codes, so a code added in C needs no table here.
+    name = lib.flex_status_name(status).decode()
     cls = _ERROR_CLASSES.get(status, FlexError)
     return cls(name, f"flexattn: {message}" if message else f"flexattn: {name}")
 

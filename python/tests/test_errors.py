@@ -152,3 +152,16 @@ def test_numpy_entry_point():
     assert np.abs(out - ref).max() < 2e-5 and np.abs(lse - ref_lse).max() < 2e-5
     with pytest.raises(flexattn.FlexError, match="out of range"):
         flexattn.numpy.attention(q, k, v, mask_mod="doc[q + 1] == 0", buffers={"doc": doc})
+
+
+def test_every_status_named_by_the_library():
+    """The exception's status is the C library's own name for the code, so a
+    code added in C (ERR_OVERFLOW, 17) is named without a Python table."""
+    from flexattn import _library as L
+
+    for code in range(1, 18):
+        e = L.error(code)
+        assert e.status == L.lib.flex_status_name(code).decode()
+        assert e.status.startswith("ERR_") and e.status != "ERR_UNKNOWN_STATUS"
+    assert isinstance(L.error(17), OverflowError)
+    assert L.error(17).status == "ERR_OVERFLOW"

@@ -118,6 +118,9 @@ extern const flex_backend_iface flex_backend_cpu;
 #if FLEXATTN_HAVE_CUDA
 extern const flex_backend_iface flex_backend_cuda;
 #endif
+#if FLEXATTN_HAVE_HIP
+extern const flex_backend_iface flex_backend_hip;
+#endif
 #if defined(FLEXATTN_HAVE_HIP) && FLEXATTN_HAVE_HIP
 extern const flex_backend_iface flex_backend_hip;
 #endif

@@ -34,7 +34,12 @@ static const backend_slot backend_slots[] = {
     {.name = "cuda",
      .not_built_reason = "this library was built without the CUDA backend (meson option cuda)"},
 #endif
-    {.name = "hip", .not_built_reason = "the HIP backend is not part of this version of flexattn"},
+#if FLEXATTN_HAVE_HIP
+    {.name = "hip", .table = &flex_backend_hip},
+#else
+    {.name = "hip",
+     .not_built_reason = "this library was built without the HIP backend (meson option hip)"},
+#endif
     {.name = "cpu", .table = &flex_backend_cpu},
 };
 enum { NUM_BACKEND_SLOTS = sizeof backend_slots / sizeof backend_slots[0] };

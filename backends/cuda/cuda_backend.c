@@ -1,7 +1,10 @@
 /*
- * The CUDA backend: the backend table, device memory, kernel lookup (memory
- * module list -> kernel cache -> NVRTC), and the launches of the forward and
- * mask-block kernels. The driver API is used through cuda_loader.h; every
+ * The CUDA backend: the backend table, device memory, and the launches of
+ * the forward, backward and mask-block kernels. What it shares with the HIP
+ * backend (module list -> kernel cache -> compiler, mod-buffer mirrors,
+ * block-mask uploads, the bounds flag) is the GPU host layer
+ * (backends/gpu/gpu_host.h), which reaches the driver through this file's
+ * flex_gpu_ops table. The driver API is used through cuda_loader.h; every
  * driver call's result is checked and turned into FLEX_ERR_DEVICE with the
  * driver's name and description of the error.
  */
@@ -20,39 +23,17 @@
 #include "mod/derive.h"
 #include "mod/emit.h"
 #include "clock.h"
+#include "../gpu/gpu_host.h"
 
 /* ---- state ---- */
 
-typedef struct cuda_module {
-    char *key; /* what the source is made of: configuration, mod hashes, arch */
-    CUmodule module;
-    CUfunction fn;
-    struct cuda_module *next;
-} cuda_module;
-
-/* A device copy of a host-resident mod buffer, kept until release. */
-typedef struct cuda_buffer_copy {
-    const struct flex_mod *mod;
-    int index;
-    uint64_t generation;
-    const void *host;
-    CUdeviceptr dev;
-    struct cuda_buffer_copy *next;
-} cuda_buffer_copy;
-
 typedef struct cuda_state {
+    flex_gpu_state gpu; /* first: the shared layer finds it at ctx->backend_state */
     const flex_cuda_api *api;
     CUdevice dev;
     CUcontext cu;
     char name[256];
-    char arch[16];
     int major, minor, sm_count, smem_optin;
-    CUdeviceptr bounds_flag;   /* u32: bit i = buffer slot i was read out of range */
-    atomic_int bounds_pending; /* a kernel that reads mod buffers ran since the last read */
-    char slot_names[FLEX_EMIT_MAX_SLOTS][80];
-    cuda_module *modules;
-    cuda_buffer_copy *buffer_copies;
-    pthread_mutex_t lock;
 } cuda_state;
 
 /* One cache for the whole process, so a second context reuses binaries. */
@@ -90,6 +71,85 @@ static void pop_ctx(cuda_state *st) {
     st->api->cuCtxPopCurrent(&old);
 }
 
+/* ---- the driver as the GPU host layer sees it ---- */
+
+static const flex_cuda_api *cuda_api(const void *api) {
+    return (const flex_cuda_api *)api;
+}
+static void ops_describe(const void *api, int r, char *buf, size_t cap) {
+    flex_cuda_describe(cuda_api(api), r, buf, cap);
+}
+static int ops_enter(const void *api, void *vendor_ctx) {
+    return cuda_api(api)->cuCtxPushCurrent((CUcontext)vendor_ctx);
+}
+static void ops_leave(const void *api) {
+    CUcontext old;
+    cuda_api(api)->cuCtxPopCurrent(&old);
+}
+static int ops_mem_alloc(const void *api, flex_gpu_ptr *ptr, size_t bytes) {
+    CUdeviceptr p = 0;
+    const CUresult r = cuda_api(api)->cuMemAlloc(&p, bytes);
+    *ptr = p;
+    return r;
+}
+static int ops_mem_free(const void *api, flex_gpu_ptr ptr) {
+    return cuda_api(api)->cuMemFree((CUdeviceptr)ptr);
+}
+static int ops_copy_to_device(const void *api, flex_gpu_ptr dst, const void *src, size_t bytes) {
+    return cuda_api(api)->cuMemcpyHtoD((CUdeviceptr)dst, src, bytes);
+}
+static int ops_copy_to_host(const void *api, void *dst, flex_gpu_ptr src, size_t bytes) {
+    return cuda_api(api)->cuMemcpyDtoH(dst, (CUdeviceptr)src, bytes);
+}
+static int ops_mem_set(const void *api, flex_gpu_ptr dst, unsigned char value, size_t bytes) {
+    return cuda_api(api)->cuMemsetD8((CUdeviceptr)dst, value, bytes);
+}
+static int ops_module_load(const void *api, const void *image, size_t size, void **module) {
+    (void)size; /* a cubin carries its own size */
+    CUmodule m = NULL;
+    const CUresult r = cuda_api(api)->cuModuleLoadData(&m, image);
+    *module = m;
+    return r;
+}
+static int ops_module_function(const void *api, void *module, const char *name, void **fn) {
+    CUfunction f = NULL;
+    const CUresult r = cuda_api(api)->cuModuleGetFunction(&f, (CUmodule)module, name);
+    if (r == 0) *fn = f;
+    return r;
+}
+static int ops_module_unload(const void *api, void *module) {
+    return cuda_api(api)->cuModuleUnload((CUmodule)module);
+}
+static flex_status ops_compile(flex_context *ctx, const void *api, const char *source,
+                               const char *program_name, const char *arch, void **image,
+                               size_t *size) {
+    return flex_cuda_compile(ctx, cuda_api(api), source, program_name, arch, image, size);
+}
+
+static const flex_gpu_ops cuda_gpu_ops = {
+    .vendor = "CUDA",
+    .describe = ops_describe,
+    .enter = ops_enter,
+    .leave = ops_leave,
+    .enter_name = "cuCtxPushCurrent",
+    .mem_alloc = ops_mem_alloc,
+    .mem_free = ops_mem_free,
+    .copy_to_device = ops_copy_to_device,
+    .copy_to_host = ops_copy_to_host,
+    .mem_set = ops_mem_set,
+    .mem_alloc_name = "cuMemAlloc",
+    .copy_to_device_name = "cuMemcpyHtoD",
+    .copy_to_host_name = "cuMemcpyDtoH",
+    .mem_set_name = "cuMemsetD8",
+    .module_load = ops_module_load,
+    .module_function = ops_module_function,
+    .module_unload = ops_module_unload,
+    .module_load_name = "cuModuleLoadData",
+    .module_function_name = "cuModuleGetFunction",
+    .compile = ops_compile,
+};
+
+
 /* ---- table slots ---- */
 
 static int cuda_score(char *why, size_t why_cap) {
@@ -121,8 +181,7 @@ static flex_status cuda_init(flex_context *ctx, int device_index) {
     cuda_state *st = calloc(1, sizeof *st);
     if (!st) return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory for the CUDA state");
     st->api = api;
-    atomic_init(&st->bounds_pending, 0);
-    pthread_mutex_init(&st->lock, NULL);
+    flex_gpu_init(&st->gpu, &cuda_gpu_ops, api, NULL, FLEX_DEVICE_CUDA);
     s = check_cu(ctx, api, api->cuDeviceGet(&st->dev, device_index), "cuDeviceGet");
     if (!s)
         s = check_cu(ctx, api, api->cuDeviceGetName(st->name, sizeof st->name, st->dev),
@@ -152,26 +211,27 @@ static flex_status cuda_init(flex_context *ctx, int device_index) {
         s = check_cu(ctx, api, api->cuDevicePrimaryCtxRetain(&st->cu, st->dev),
                      "cuDevicePrimaryCtxRetain");
     if (s) {
-        pthread_mutex_destroy(&st->lock);
+        pthread_mutex_destroy(&st->gpu.lock);
         free(st);
         return s;
     }
-    flex_cuda_arch_name(st->major, st->minor, st->arch, sizeof st->arch);
+    st->gpu.vendor_ctx = st->cu;
+    flex_cuda_arch_name(st->major, st->minor, st->gpu.arch, sizeof st->gpu.arch);
     s = push_ctx(ctx, st);
     if (!s) {
-        s = check_cu(ctx, api, api->cuMemAlloc(&st->bounds_flag, 4), "cuMemAlloc (bounds flag)");
-        if (!s) s = check_cu(ctx, api, api->cuMemsetD8(st->bounds_flag, 0, 4), "cuMemsetD8");
+        s = flex_gpu_alloc_bounds_flag(ctx, &st->gpu);
         pop_ctx(st);
     }
     if (s) {
         api->cuDevicePrimaryCtxRelease(st->dev);
-        pthread_mutex_destroy(&st->lock);
+        pthread_mutex_destroy(&st->gpu.lock);
         free(st);
         return s;
     }
     size_t len = strlen(st->name);
-    snprintf(st->name + len, sizeof st->name - len, " (%s, %d SMs)", st->arch, st->sm_count);
+    snprintf(st->name + len, sizeof st->name - len, " (%s, %d SMs)", st->gpu.arch, st->sm_count);
     pthread_once(&process_cache_once, process_cache_open);
+    st->gpu.cache = process_cache;
     ctx->backend_state = st;
     return FLEX_OK;
 }
@@ -179,26 +239,8 @@ static flex_status cuda_init(flex_context *ctx, int device_index) {
 static void cuda_release(flex_context *ctx) {
     cuda_state *st = state_of(ctx);
     if (!st) return;
-    const flex_cuda_api *api = st->api;
-    if (api->cuCtxPushCurrent(st->cu) == 0) {
-        for (cuda_module *m = st->modules; m;) {
-            cuda_module *next = m->next;
-            api->cuModuleUnload(m->module);
-            free(m->key);
-            free(m);
-            m = next;
-        }
-        for (cuda_buffer_copy *c = st->buffer_copies; c;) {
-            cuda_buffer_copy *next = c->next;
-            api->cuMemFree(c->dev);
-            free(c);
-            c = next;
-        }
-        api->cuMemFree(st->bounds_flag);
-        pop_ctx(st);
-    }
-    api->cuDevicePrimaryCtxRelease(st->dev);
-    pthread_mutex_destroy(&st->lock);
+    flex_gpu_release(&st->gpu);
+    st->api->cuDevicePrimaryCtxRelease(st->dev);
     free(st);
     ctx->backend_state = NULL;
 }
@@ -262,17 +304,7 @@ static flex_status cuda_memset(flex_context *ctx, void *dst, int value, size_t b
 
 /* Reads and clears the bounds flag; a set bit becomes FLEX_ERR_BUFFER_BOUNDS. */
 static flex_status take_bounds_flag(flex_context *ctx, cuda_state *st) {
-    uint32_t flag = 0;
-    CU_TRY(ctx, st, st->api->cuMemcpyDtoH(&flag, st->bounds_flag, 4), "cuMemcpyDtoH (bounds flag)");
-    if (!flag) return FLEX_OK;
-    CU_TRY(ctx, st, st->api->cuMemsetD8(st->bounds_flag, 0, 4), "cuMemsetD8 (bounds flag)");
-    int slot = 0;
-    while (!(flag & (1u << slot)))
-        slot++;
-    return flex_fail(ctx, FLEX_ERR_BUFFER_BOUNDS,
-                     "a mod read buffer '%s' outside its sizes on the GPU (the index was "
-                     "clamped; results of that call are not meaningful)",
-                     st->slot_names[slot][0] ? st->slot_names[slot] : "?");
+    return flex_gpu_take_bounds_flag(ctx, &st->gpu);
 }
 
 static flex_status cuda_synchronize(flex_context *ctx) {
@@ -282,33 +314,27 @@ static flex_status cuda_synchronize(flex_context *ctx) {
     /* Taken before the wait: a kernel launched after it sets the mark again
      * and is read by the next synchronize. Without mod buffers there is no
      * flag to read (a copy from the device costs ~10 us). */
-    const int pending = atomic_exchange(&st->bounds_pending, 0);
+    const int pending = atomic_exchange(&st->gpu.bounds_pending, 0);
     s = check_cu(ctx, st->api, st->api->cuCtxSynchronize(), "cuCtxSynchronize");
     if (!s && pending) { /* under the lock: launches write the slot names */
-        pthread_mutex_lock(&st->lock);
+        pthread_mutex_lock(&st->gpu.lock);
         s = take_bounds_flag(ctx, st);
-        pthread_mutex_unlock(&st->lock);
+        pthread_mutex_unlock(&st->gpu.lock);
     }
     pop_ctx(st);
     return s;
 }
 
-/* ---- kernels: memory list -> cache -> NVRTC ---- */
+/* ---- kernels: memory list -> cache -> NVRTC (gpu_host.h) ---- */
 
-/* Builds the source of a kernel from its arguments (malloc'd; NULL: out of
- * memory). */
-typedef char *(*source_builder)(const void *args);
-
-/* The kernel settings FLEXATTN_DEBUG can force for comparison or testing
- * (read when ctx was created, core/debug.h): the key's value when it is a
- * whole decimal number in [lo, hi], otherwise dflt. */
+/* The shared layer's names under this file's (and the decode and backward
+ * paths') short ones. */
+typedef flex_gpu_source_builder source_builder;
 static int env_int(const flex_context *ctx, flex_debug_key key, int dflt, int lo, int hi) {
-    return flex_debug_int(ctx, key, dflt, lo, hi);
+    return flex_gpu_env_int(ctx, key, dflt, lo, hi);
 }
-
-/* A kernel choice forced by "0" or "1" in key, otherwise dflt. */
 static int env_switch(const flex_context *ctx, flex_debug_key key, int dflt) {
-    return env_int(ctx, key, dflt, 0, 1);
+    return flex_gpu_env_switch(ctx, key, dflt);
 }
 
 typedef struct forward_source_args {
@@ -323,205 +349,49 @@ static char *build_forward_source(const void *args) {
                                              a->score_in_range);
 }
 
-/* Which buffer reads of mod stay inside their buffers for every index the
- * forward kernel passes: b < B, h < H, and q, kv below the lengths plus
- * `margin` (0 for the mask mod, which the kernel evaluates at the last row
- * and column past the end; a tile for the score mod). Buffer values count as
- * any int. A malloc'd flag per node (caller frees), or NULL when none is
- * proved (or without memory: every read is then checked, as before).
- * FLEXATTN_DEBUG=cuda_reads_in_range=0 checks every read, for comparison. */
-static unsigned char *ir_reads_in_range(const flex_context *ctx, const struct flex_mod *mod,
-                                        const ir_mod *ir, int64_t B, int64_t H, int64_t Lq,
-                                        int64_t Lkv, int64_t margin);
-static unsigned char *reads_in_range(const flex_context *ctx, const struct flex_mod *mod, int64_t B,
-                                     int64_t H, int64_t Lq, int64_t Lkv, int64_t margin) {
-    return mod ? ir_reads_in_range(ctx, mod, &mod->ir, B, H, Lq, Lkv, margin) : NULL;
-}
-
-/* The same over ir, which is mod's IR or a copy of it with more nodes
- * (the backward's derivative). */
+/* In-range proofs of buffer reads (flex_gpu_ir_reads_in_range): the mask
+ * mod's over the sequences (margin 0: the kernel evaluates it at the last
+ * row and column past the end), the score mod's over a tile past them. */
 static unsigned char *ir_reads_in_range(const flex_context *ctx, const struct flex_mod *mod,
                                         const ir_mod *ir, int64_t B, int64_t H, int64_t Lq,
                                         int64_t Lkv, int64_t margin) {
-    if (!mod || mod->ir.num_buffers <= 0 || !env_switch(ctx, FLEX_DEBUG_CUDA_READS_IN_RANGE, 1))
-        return NULL;
-    int64_t sizes[IR_MAX_BUFFERS][4];
-    for (int i = 0; i < mod->ir.num_buffers; i++) {
-        const flex_tensor *v = &mod->views[i];
-        for (int k = 0; k < 4; k++) /* an unbound buffer proves nothing (and fails later) */
-            sizes[i][k] = mod->bound[i] && k < v->ndim ? v->sizes[k] : 0;
-    }
-    const mod_box box = {{0, 0, 0, 0}, {B - 1, H - 1, Lq - 1 + margin, Lkv - 1 + margin}};
-    unsigned char *flags = malloc((size_t)ir->num_nodes);
-    int any = 0;
-    if (flags &&
-        mod_interval_loads_in_range(ir, &box, (const int64_t(*)[4])sizes, flags) == 0)
-        for (int i = 0; i < ir->num_nodes; i++)
-            any |= flags[i];
-    if (!any) {
-        free(flags);
-        return NULL;
-    }
-    return flags;
+    return flex_gpu_ir_reads_in_range(ctx, mod, ir, B, H, Lq, Lkv, margin);
 }
-
-/* Checksum of a mod's in-range flags for the kernel key (0: none). */
+static unsigned char *reads_in_range(const flex_context *ctx, const struct flex_mod *mod, int64_t B,
+                                     int64_t H, int64_t Lq, int64_t Lkv, int64_t margin) {
+    return flex_gpu_reads_in_range(ctx, mod, B, H, Lq, Lkv, margin);
+}
 static uint64_t in_range_checksum(const unsigned char *flags, const ir_mod *ir) {
-    return flags ? flex_cache_checksum(flags, (size_t)ir->num_nodes) : 0;
+    return flex_gpu_in_range_checksum(flags, ir);
 }
 
 static char *build_mask_blocks_source(const void *args) {
     return flex_cuda_mask_blocks_source(args);
 }
 
-/* Finds or builds the function `fn_name` whose source `build(args)` makes.
- * key names everything that source is made of (configuration, mod hashes,
- * arch, NVRTC version): a module already loaded under key is returned
- * without building the source again, which takes longer than many a
- * kernel runs (~0.1 ms of text for a forward). Otherwise the source is
- * built, and the kernel caches are asked under key plus the source's
- * checksum, so that a changed template never finds a stale binary. The
- * caller holds st->lock and has the context current. */
+/* flex_gpu_get_function for a CUfunction. The caller holds st->gpu.lock
+ * and has the context current. */
 static flex_status get_function(flex_context *ctx, cuda_state *st, const char *key,
                                 source_builder build, const void *args, const char *fn_name,
                                 CUfunction *fn) {
-    for (cuda_module *m = st->modules; m; m = m->next)
-        if (strcmp(m->key, key) == 0) {
-            *fn = m->fn;
-            return FLEX_OK;
-        }
-    char *source = build(args);
-    if (!source)
-        return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory building kernel source");
-    char cache_key[640];
-    snprintf(cache_key, sizeof cache_key, "%s|src=%016llx", key,
-             (unsigned long long)flex_cache_checksum(source, strlen(source)));
-    void *bin = NULL;
-    size_t size = 0;
-    int from_disk = 0;
-    double t0 = flex_now_ms();
-    const int cached = flex_cache_get(process_cache, cache_key, &bin, &size, &from_disk);
-    flex_status s =
-        cached ? FLEX_OK : flex_cuda_compile(ctx, st->api, source, fn_name, st->arch, &bin, &size);
-    free(source);
-    if (s) return s;
-    if (cached) {
-        flex_log(FLEX_LOG_DEBUG, "kernel %s from the %s cache", fn_name,
-                 from_disk ? "disk" : "memory");
-    } else {
-        if (flex_cache_put(process_cache, cache_key, bin, size) != 0)
-            flex_log(FLEX_LOG_WARN, "could not write the kernel cache in %s",
-                     flex_cache_dir(process_cache));
-        flex_log(FLEX_LOG_INFO, "compiled %s for %s in %.0f ms", fn_name, st->arch,
-                 flex_now_ms() - t0);
-    }
-    cuda_module *m = calloc(1, sizeof *m);
-    char *k = strdup(key);
-    if (!m || !k) {
-        free(m);
-        free(k);
-        free(bin);
-        return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory for a CUDA module");
-    }
-    CUresult r = st->api->cuModuleLoadData(&m->module, bin);
-    free(bin);
-    if (r == 0) r = st->api->cuModuleGetFunction(&m->fn, m->module, fn_name);
-    if (r != 0) {
-        free(m);
-        free(k);
-        return check_cu(ctx, st->api, r, "loading a compiled kernel (cuModuleLoadData)");
-    }
-    m->key = k;
-    m->next = st->modules;
-    st->modules = m;
-    *fn = m->fn;
-    return FLEX_OK;
+    void *f = NULL;
+    const flex_status s = flex_gpu_get_function(ctx, &st->gpu, key, build, args, fn_name, &f);
+    if (!s) *fn = (CUfunction)f;
+    return s;
 }
 
-/* ---- mod buffers ---- */
+/* ---- mod buffers (gpu_host.h) ---- */
 
-typedef struct cuda_buffer_desc {
-    uint64_t data;
-    int32_t sizes[4];
-    int64_t strides[4];
-} cuda_buffer_desc;
+typedef flex_gpu_buffer_desc cuda_buffer_desc;
 
-/* Device address of buffer i of mod, copying host data once per binding. */
-static flex_status buffer_device_ptr(flex_context *ctx, cuda_state *st, const struct flex_mod *mod,
-                                     int i, CUdeviceptr *out) {
-    const flex_tensor *v = &mod->views[i];
-    if (v->device == FLEX_DEVICE_CUDA) {
-        *out = (CUdeviceptr)(uintptr_t)v->data;
-        return FLEX_OK;
-    }
-    for (cuda_buffer_copy *c = st->buffer_copies; c; c = c->next)
-        if (c->mod == mod && c->index == i && c->generation == mod->binding_generation &&
-            c->host == v->data) {
-            *out = c->dev;
-            return FLEX_OK;
-        }
-    int64_t extent = 1;
-    for (int d = 0; d < v->ndim; d++) {
-        if (v->sizes[d] <= 0)
-            extent = 0;
-        else if (extent)
-            extent += (v->sizes[d] - 1) * (v->strides[d] < 0 ? -v->strides[d] : v->strides[d]);
-    }
-    size_t bytes = (size_t)extent * flex_dtype_size(v->dtype);
-    cuda_buffer_copy *c = calloc(1, sizeof *c);
-    if (!c) return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory for a buffer copy");
-    CUresult r = st->api->cuMemAlloc(&c->dev, bytes ? bytes : 1);
-    if (r == 0 && bytes) r = st->api->cuMemcpyHtoD(c->dev, v->data, bytes);
-    if (r != 0) {
-        if (c->dev) st->api->cuMemFree(c->dev);
-        free(c);
-        return check_cu(ctx, st->api, r, "copying a mod buffer to the GPU");
-    }
-    c->mod = mod;
-    c->index = i;
-    c->generation = mod->binding_generation;
-    c->host = v->data;
-    c->next = st->buffer_copies;
-    st->buffer_copies = c;
-    *out = c->dev;
-    return FLEX_OK;
-}
-
-/* Fills descs[slot_base + i] for every buffer of mod. */
 static flex_status fill_buffers(flex_context *ctx, cuda_state *st, const struct flex_mod *mod,
                                 int slot_base, cuda_buffer_desc *descs) {
-    if (!mod) return FLEX_OK;
-    for (int i = 0; i < mod->ir.num_buffers; i++) {
-        const ir_buffer *decl = &mod->ir.buffers[i];
-        if (!mod->bound[i])
-            return flex_fail(ctx, FLEX_ERR_BUFFER_UNBOUND, "buffer '%s' of a mod has no data bound",
-                             decl->name);
-        CUdeviceptr p = 0;
-        flex_status s = buffer_device_ptr(ctx, st, mod, i, &p);
-        if (s) return s;
-        cuda_buffer_desc *d = &descs[slot_base + i];
-        const flex_tensor *v = &mod->views[i];
-        d->data = p;
-        for (int k = 0; k < 4; k++) {
-            int64_t size = k < v->ndim ? v->sizes[k] : 1;
-            d->sizes[k] = (int32_t)(size > INT32_MAX ? INT32_MAX : size);
-            d->strides[k] = k < v->ndim ? v->strides[k] : 0;
-        }
-        snprintf(st->slot_names[slot_base + i], sizeof st->slot_names[0], "%s", decl->name);
-    }
-    return FLEX_OK;
+    return flex_gpu_fill_buffers(ctx, &st->gpu, mod, slot_base, descs);
 }
 
-/* Appends the flex_buffers block (descs then the flag pointer) to a kernel
- * parameter blob at offset `at` (8-aligned); returns the new size. */
 static size_t append_buffers(unsigned char *blob, size_t at, const cuda_buffer_desc *descs,
                              int slots, CUdeviceptr flag) {
-    int n = slots > 0 ? slots : 1;
-    memcpy(blob + at, descs, (size_t)n * sizeof *descs);
-    at += (size_t)n * sizeof *descs;
-    uint64_t f = flag;
-    memcpy(blob + at, &f, 8);
-    return at + 8;
+    return flex_gpu_append_buffers(blob, at, descs, slots, flag);
 }
 
 /* Launches fn with blob (size bytes) as its parameter block, or, with
@@ -555,129 +425,26 @@ static flex_status launch_blob(flex_context *ctx, cuda_state *st, CUfunction fn,
     return check_cu(ctx, st->api, r, "cuLaunchKernel");
 }
 
-/* ---- block-mask lists on the device ---- */
+/* ---- block-mask lists on the device (gpu_host.h) ---- */
 
-typedef struct cuda_mask_copy {
-    CUdeviceptr full_off, full_idx, part_off, part_idx, order;
-    /* the q-major (transposed) lists, for the backward */
-    CUdeviceptr qfull_off, qfull_idx, qpart_off, qpart_idx;
-} cuda_mask_copy;
+typedef flex_gpu_mask_copy cuda_mask_copy;
 
-static void mask_copy_free_arrays(const flex_cuda_api *api, cuda_mask_copy *c) {
-    const CUdeviceptr all[] = {c->full_off,  c->full_idx,  c->part_off,  c->part_idx, c->order,
-                               c->qfull_off, c->qfull_idx, c->qpart_off, c->qpart_idx};
-    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
-        if (all[i]) api->cuMemFree(all[i]);
-}
-
-static void mask_copy_free(flex_context *ctx, void *copy) {
-    cuda_mask_copy *c = copy;
-    if (!c) return;
-    cuda_state *st = ctx ? state_of(ctx) : NULL;
-    if (st && st->api->cuCtxPushCurrent(st->cu) == 0) {
-        mask_copy_free_arrays(st->api, c);
-        pop_ctx(st);
-    }
-    free(c);
-}
-
-static flex_status upload_array(flex_context *ctx, cuda_state *st, const void *src, size_t bytes,
-                                CUdeviceptr *dst) {
-    CU_TRY(ctx, st, st->api->cuMemAlloc(dst, bytes ? bytes : 4), "cuMemAlloc (block mask)");
-    if (bytes)
-        CU_TRY(ctx, st, st->api->cuMemcpyHtoD(*dst, src, bytes), "cuMemcpyHtoD (block mask)");
-    return FLEX_OK;
-}
-
-/* Uploads one of a mask's block lists of n rows: its n + 1 offsets and the
- * indices they delimit. */
-static flex_status upload_lists(flex_context *ctx, cuda_state *st, const flex_block_lists *l,
-                                int64_t n, CUdeviceptr *off, CUdeviceptr *idx) {
-    flex_status s = upload_array(ctx, st, l->offsets, (size_t)(n + 1) * sizeof(int32_t), off);
-    if (!s) s = upload_array(ctx, st, l->indices, (size_t)l->offsets[n] * sizeof(int32_t), idx);
-    return s;
-}
-
-typedef struct row_weight {
-    int64_t blocks;
-    int row;
-} row_weight;
-
-static int cmp_heavier_first(const void *a, const void *b) {
-    const row_weight *x = a, *y = b;
-    if (x->blocks != y->blocks) return x->blocks > y->blocks ? -1 : 1;
-    return x->row - y->row;
-}
-
-/* Uploads the kv-major lists of mask, its q-major lists (the backward's)
- * and the heaviest-first order of its q-block rows (summed over batch and head), once per mask. */
 static flex_status mask_device_copy(flex_context *ctx, cuda_state *st,
                                     const struct flex_block_mask *mask, cuda_mask_copy **out) {
-    if (mask->device_copy) {
-        *out = mask->device_copy;
-        return FLEX_OK;
-    }
-    const int64_t rows = mask->B * mask->H * mask->num_q_blocks;
-    const int64_t nq = mask->num_q_blocks;
-    cuda_mask_copy *c = calloc(1, sizeof *c);
-    int *order = malloc((size_t)(nq ? nq : 1) * sizeof *order);
-    row_weight *weights = calloc((size_t)(nq ? nq : 1), sizeof *weights);
-    if (!c || !order || !weights) {
-        free(c);
-        free(order);
-        free(weights);
-        return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory for the block mask copy");
-    }
-    for (int64_t i = 0; i < nq; i++)
-        weights[i].row = (int)i;
-    for (int64_t r = 0; r < rows; r++)
-        weights[r % nq].blocks += (mask->kv_full.offsets[r + 1] - mask->kv_full.offsets[r]) +
-                                  (mask->kv_partial.offsets[r + 1] - mask->kv_partial.offsets[r]);
-    qsort(weights, (size_t)nq, sizeof *weights, cmp_heavier_first);
-    for (int64_t i = 0; i < nq; i++)
-        order[i] = weights[i].row;
-    free(weights);
-    flex_status s = upload_lists(ctx, st, &mask->kv_full, rows, &c->full_off, &c->full_idx);
-    if (!s) s = upload_lists(ctx, st, &mask->kv_partial, rows, &c->part_off, &c->part_idx);
-    if (!s) s = upload_array(ctx, st, order, (size_t)nq * sizeof *order, &c->order);
-    free(order);
-    const int64_t cols = mask->B * mask->H * mask->num_kv_blocks;
-    if (!s) s = upload_lists(ctx, st, &mask->q_full, cols, &c->qfull_off, &c->qfull_idx);
-    if (!s) s = upload_lists(ctx, st, &mask->q_partial, cols, &c->qpart_off, &c->qpart_idx);
-    if (s) {
-        mask_copy_free_arrays(st->api, c);
-        free(c);
-        return s;
-    }
-    /* The device copy is a cache attached to a const mask by design
-     * (internal.h: made on first use). */
-    struct flex_block_mask *m = (struct flex_block_mask *)mask;
-    m->device_copy = c;
-    m->device_copy_free = mask_copy_free;
-    *out = c;
-    return FLEX_OK;
+    return flex_gpu_mask_device_copy(ctx, &st->gpu, mask, out);
 }
 
 /* ---- forward ---- */
 
-/* Mirrors struct flex_fwd_params of flex_forward.cuh up to `bufs`. */
-typedef struct cuda_fwd_params {
-    uint64_t q, k, v, out, lse;
-    uint64_t full_off, full_idx, part_off, part_idx, row_order;
-    int64_t q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, o_sb, o_sh, o_ss, l_sb, l_sh,
-        l_ss;
-    int32_t B, Hq, Hkv, Lq, Lkv, D, Dv;
-    int32_t mask_B, mask_H, mask_nq, mask_nk, mask_qblock, mask_kvblock;
-    int32_t dense, tiles_per_row, head_group;
-    float scale, scale_log2;
-} cuda_fwd_params;
+/* The parameter block of flex_common.cuh (gpu_host.h). */
+typedef flex_gpu_fwd_params cuda_fwd_params;
 
 static int pad64(int64_t d) {
-    return (int)((d + 63) / 64 * 64);
+    return flex_gpu_pad64(d);
 }
 
 static int aligned16(const void *p) {
-    return ((uintptr_t)p & 15u) == 0;
+    return flex_gpu_aligned16(p);
 }
 
 /* Kernel and tile choice for 16-bit inputs, from the mask's block sizes, the
@@ -830,7 +597,7 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
             if (q->strides[d] % 8 || k->strides[d] % 8 || v->strides[d] % 8 || o->strides[d] % 8)
                 cfg.vec = 0;
         /* wgmma is in the "a" target of sm_90 that flex_cuda_arch_name picks. */
-        choose_tiles(ctx, &cfg, q_block, kv_block, strcmp(st->arch, "sm_90a") == 0);
+        choose_tiles(ctx, &cfg, q_block, kv_block, strcmp(st->gpu.arch, "sm_90a") == 0);
     }
     const int block_m = cfg.warps * 16 * cfg.mt;
     /* Masked blocks take their keep bits from a rolled loop
@@ -875,10 +642,10 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
     unsigned char *mask_in_range = reads_in_range(ctx, mask_mod, B, Hq, Lq, Lkv, 0);
     unsigned char *score_in_range = reads_in_range(ctx, score_mod, B, Hq, Lq, Lkv, 256);
 
-    pthread_mutex_lock(&st->lock);
+    pthread_mutex_lock(&st->gpu.lock);
     flex_status s = push_ctx(ctx, st);
     if (s) {
-        pthread_mutex_unlock(&st->lock);
+        pthread_mutex_unlock(&st->gpu.lock);
         free(mask_in_range);
         free(score_in_range);
         return s;
@@ -899,7 +666,7 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
                  (unsigned long long)(mask_mod ? mask_mod->hash : 0),
                  (unsigned long long)(score_mod ? score_mod->hash : 0),
                  (unsigned long long)in_range_checksum(mask_in_range, mask_ir),
-                 (unsigned long long)in_range_checksum(score_in_range, score_ir), st->arch,
+                 (unsigned long long)in_range_checksum(score_in_range, score_ir), st->gpu.arch,
                  st->api->nvrtc_major, st->api->nvrtc_minor);
         const forward_source_args args = {&cfg, mask_ir, score_ir, mask_in_range, score_in_range};
         s = get_function(ctx, st, key, build_forward_source, &args, "flex_forward_kernel", &fn);
@@ -955,7 +722,7 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
         unsigned char
             blob[sizeof(cuda_fwd_params) + (FLEX_EMIT_MAX_SLOTS + 2) * sizeof(cuda_buffer_desc)];
         memcpy(blob, &p, sizeof p);
-        size_t size = append_buffers(blob, sizeof p, descs, slots, st->bounds_flag);
+        size_t size = append_buffers(blob, sizeof p, descs, slots, st->gpu.bounds_flag);
         /* The TMA kernel takes the tensor maps as a second parameter. */
         _Alignas(64) unsigned char tensor_maps[3 * 128];
         if (cfg.tma) {
@@ -990,10 +757,10 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
         else if (gx > 0 && gy > 0)
             s = launch_blob(ctx, st, fn, gx, gy, threads, (unsigned)smem, (CUstream)a->stream, blob,
                             size, cfg.tma ? tensor_maps : NULL);
-        if (!s && slots > 0) atomic_store(&st->bounds_pending, 1);
+        if (!s && slots > 0) atomic_store(&st->gpu.bounds_pending, 1);
     }
     pop_ctx(st);
-    pthread_mutex_unlock(&st->lock);
+    pthread_mutex_unlock(&st->gpu.lock);
     return s;
 }
 
@@ -1010,10 +777,10 @@ static flex_status cuda_mask_blocks(flex_context *ctx, const struct flex_mod *ma
                                     const flex_block_ref *blocks, int64_t count, uint8_t *classes) {
     if (count <= 0) return FLEX_OK;
     cuda_state *st = state_of(ctx);
-    pthread_mutex_lock(&st->lock);
+    pthread_mutex_lock(&st->gpu.lock);
     flex_status s = push_ctx(ctx, st);
     if (s) {
-        pthread_mutex_unlock(&st->lock);
+        pthread_mutex_unlock(&st->gpu.lock);
         return s;
     }
     CUfunction fn = NULL;
@@ -1021,7 +788,7 @@ static flex_status cuda_mask_blocks(flex_context *ctx, const struct flex_mod *ma
     {
         char key[256];
         snprintf(key, sizeof key, "maskblocks|mask=%016llx|%s|nvrtc%d.%d",
-                 (unsigned long long)mask_mod->hash, st->arch, st->api->nvrtc_major,
+                 (unsigned long long)mask_mod->hash, st->gpu.arch, st->api->nvrtc_major,
                  st->api->nvrtc_minor);
         s = get_function(ctx, st, key, build_mask_blocks_source, &mask_mod->ir,
                          "flex_mask_blocks_kernel", &fn);
@@ -1048,7 +815,7 @@ static flex_status cuda_mask_blocks(flex_context *ctx, const struct flex_mod *ma
         unsigned char blob[sizeof p + (FLEX_EMIT_MAX_SLOTS + 2) * sizeof(cuda_buffer_desc)];
         memcpy(blob, &p, sizeof p);
         size_t size =
-            append_buffers(blob, sizeof p, descs, mask_mod->ir.num_buffers, st->bounds_flag);
+            append_buffers(blob, sizeof p, descs, mask_mod->ir.num_buffers, st->gpu.bounds_flag);
         unsigned gx = (unsigned)(count < (1 << 20) ? count : (1 << 20));
         s = launch_blob(ctx, st, fn, gx, 1, 256, 0, NULL, blob, size, NULL);
     }
@@ -1060,7 +827,7 @@ static flex_status cuda_mask_blocks(flex_context *ctx, const struct flex_mod *ma
     if (dblocks) st->api->cuMemFree(dblocks);
     if (dclasses) st->api->cuMemFree(dclasses);
     pop_ctx(st);
-    pthread_mutex_unlock(&st->lock);
+    pthread_mutex_unlock(&st->gpu.lock);
     return s;
 }
 
@@ -1086,16 +853,14 @@ static char *build_backward_source(const void *args) {
     const backward_source_args *a = args;
     return flex_cuda_backward_source(a->cfg, a->mask, a->mask_in_range, a->score);
 }
-
 /* Another kernel of the module loaded under key (get_function found or
  * built it just before). */
 static flex_status module_function(flex_context *ctx, cuda_state *st, const char *key,
                                    const char *name, CUfunction *fn) {
-    for (cuda_module *m = st->modules; m; m = m->next)
-        if (strcmp(m->key, key) == 0)
-            return check_cu(ctx, st->api, st->api->cuModuleGetFunction(fn, m->module, name),
-                            "cuModuleGetFunction");
-    return flex_fail(ctx, FLEX_ERR_DEVICE, "the module of %s is not loaded", name);
+    void *f = NULL;
+    const flex_status s = flex_gpu_module_function(ctx, &st->gpu, key, name, &f);
+    if (!s) *fn = (CUfunction)f;
+    return s;
 }
 
 /* Device workspace for one call, in stream order where the driver has the
@@ -1125,9 +890,7 @@ static void workspace_free(cuda_state *st, CUdeviceptr p, CUstream stream) {
 
 /* Whether any node of m reads buffer `buffer`. */
 static int ir_reads_buffer(const ir_mod *m, int buffer) {
-    for (int i = 0; i < m->num_nodes; i++)
-        if (m->nodes[i].op == IR_LOAD && m->nodes[i].buffer == buffer) return 1;
-    return 0;
+    return flex_gpu_ir_reads_buffer(m, buffer);
 }
 
 /* Tiles of the f16/bf16 backward: 16 kv rows a warp, up to 64 a CTA (no
@@ -1296,10 +1059,10 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
     const flex_cuda_bwd_score score = {score_ir, der.value, der.dscore, loads, num_loads,
                                        score_in_range};
 
-    pthread_mutex_lock(&st->lock);
+    pthread_mutex_lock(&st->gpu.lock);
     s = push_ctx(ctx, st);
     if (s) {
-        pthread_mutex_unlock(&st->lock);
+        pthread_mutex_unlock(&st->gpu.lock);
         free(mask_in_range);
         free(score_in_range);
         if (derived_made) ir_free(&derived);
@@ -1322,7 +1085,7 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
                                                 : 0),
                  (unsigned long long)in_range_checksum(mask_in_range, mask_ir),
                  (unsigned long long)(score_ir ? in_range_checksum(score_in_range, score_ir) : 0),
-                 st->arch, st->api->nvrtc_major, st->api->nvrtc_minor);
+                 st->gpu.arch, st->api->nvrtc_major, st->api->nvrtc_minor);
         const backward_source_args args = {&cfg, mask_ir, mask_in_range, &score};
         s = get_function(ctx, st, key, build_backward_source, &args, "flex_bwd_kernel", &fn_main);
     }
@@ -1408,7 +1171,7 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
         at += (size_t)grad_slots * sizeof(cuda_buffer_desc);
         memcpy(blob + at, &p, sizeof p);
         at += sizeof p;
-        const size_t size = append_buffers(blob, at, descs, slots, st->bounds_flag);
+        const size_t size = append_buffers(blob, at, descs, slots, st->gpu.bounds_flag);
 
         const unsigned rows_y = (unsigned)((Lq + 3) / 4);
         s = launch_blob(ctx, st, fn_pre, (unsigned)(B * Hq), rows_y, 128, 0, stream, blob, size,
@@ -1423,11 +1186,11 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
         if (!s && a->dq)
             s = launch_blob(ctx, st, fn_store, (unsigned)(B * Hq), rows_y, 128, 0, stream, blob,
                             size, NULL);
-        if (!s && slots > 0) atomic_store(&st->bounds_pending, 1);
+        if (!s && slots > 0) atomic_store(&st->gpu.bounds_pending, 1);
     }
     workspace_free(st, ws, stream);
     pop_ctx(st);
-    pthread_mutex_unlock(&st->lock);
+    pthread_mutex_unlock(&st->gpu.lock);
     return s;
 }
 

@@ -4,7 +4,9 @@
  * cp.async loads with row strides, ldmatrix fragment addressing, mma.sync
  * m16n8k16 with fp32 accumulators, conversions and exp2. Inline PTX of our
  * own, so NVRTC needs no toolkit header. Expects FLEX_WARPS (warps per CTA)
- * and FLEX_VEC (16-byte aligned rows) from the configuration block.
+ * and FLEX_VEC (16-byte aligned rows) from the configuration block. For AMD
+ * GPUs (FLEX_HIP) the PTX functions are left out and
+ * backends/hip/flex_mma_hip.cuh, placed before this file, defines them.
  */
 
 #if defined(FLEX_ELEM_BF16) || defined(FLEX_ELEM_F16)
@@ -20,9 +22,11 @@ static FLEX_DEVICE_INLINE int flex_swz(int row, int chunk, int dpad) {
     return row * dpad + ((chunk & ~7) | ((chunk ^ row) & 7)) * 8;
 }
 
+#if !defined(FLEX_HIP) /* AMD: flex_mma_hip.cuh */
 static FLEX_DEVICE_INLINE flex_u32 flex_smem_addr(const void *p) {
     return (flex_u32)__cvta_generic_to_shared(p);
 }
+#endif
 
 /* ldmatrix addresses without a register per fragment. In a tile whose base
  * is 128-byte aligned and whose rows are a multiple of 128 bytes, the
@@ -38,6 +42,7 @@ static FLEX_DEVICE_INLINE flex_u32 flex_frag_at(flex_u32 base, int kk) {
     return (base ^ (flex_u32)((kk & 3) << 5)) + (flex_u32)((kk >> 2) << 7);
 }
 
+#if !defined(FLEX_HIP) /* AMD: flex_mma_hip.cuh */
 static FLEX_DEVICE_INLINE void flex_st_shared_u16(flex_u32 addr, flex_u16 x) {
     asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(addr), "h"(x));
 }
@@ -85,14 +90,18 @@ static FLEX_DEVICE_INLINE flex_u32 flex_pack2(float lo, float hi) {
 #endif
     return r;
 }
+#endif
+
 static FLEX_DEVICE_INLINE flex_u16 flex_to_elem(float x) {
     return (flex_u16)(flex_pack2(x, 0.0f) & 0xffffu);
 }
+#if !defined(FLEX_HIP) /* AMD: flex_mma_hip.cuh */
 static FLEX_DEVICE_INLINE float flex_exp2(float x) {
     float y;
     asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
     return y;
 }
+#endif
 
 /* Byte offset of (row, 16-byte chunk) in a tile with DPAD columns and ROWS
  * rows. SW128 0: the ldmatrix layout above (flex_swz, row-major). SW128 1:

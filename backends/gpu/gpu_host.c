@@ -1,0 +1,407 @@
+/*
+ * The host layer the GPU backends share (gpu_host.h): module list, kernel
+ * cache and compiler in that order, mod-buffer mirrors, block-mask uploads,
+ * the bounds flag and the in-range proofs. Vendor calls go through the
+ * backend's flex_gpu_ops table only.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "gpu_host.h"
+#include "clock.h"
+
+flex_status flex_gpu_check(flex_context *ctx, const flex_gpu_state *st, int result,
+                           const char *what) {
+    if (result == 0) return FLEX_OK;
+    char desc[256];
+    st->ops->describe(st->api, result, desc, sizeof desc);
+    return flex_fail(ctx, FLEX_ERR_DEVICE, "%s %s failed: %s", st->ops->vendor, what, desc);
+}
+
+#define GPU_TRY(ctx, st, call, what)                                                               \
+    do {                                                                                           \
+        flex_status gpu_try_status_ = flex_gpu_check((ctx), (st), (call), (what));                 \
+        if (gpu_try_status_ != FLEX_OK) return gpu_try_status_;                                    \
+    } while (0)
+
+flex_status flex_gpu_enter(flex_context *ctx, const flex_gpu_state *st) {
+    return flex_gpu_check(ctx, st, st->ops->enter(st->api, st->vendor_ctx), st->ops->enter_name);
+}
+
+void flex_gpu_leave(const flex_gpu_state *st) {
+    st->ops->leave(st->api);
+}
+
+void flex_gpu_init(flex_gpu_state *st, const flex_gpu_ops *ops, const void *api,
+                   void *vendor_ctx, flex_device_type device_type) {
+    st->ops = ops;
+    st->api = api;
+    st->vendor_ctx = vendor_ctx;
+    st->device_type = device_type;
+    atomic_init(&st->bounds_pending, 0);
+    pthread_mutex_init(&st->lock, NULL);
+}
+
+flex_status flex_gpu_alloc_bounds_flag(flex_context *ctx, flex_gpu_state *st) {
+    char what[96];
+    snprintf(what, sizeof what, "%s (bounds flag)", st->ops->mem_alloc_name);
+    flex_status s = flex_gpu_check(ctx, st, st->ops->mem_alloc(st->api, &st->bounds_flag, 4), what);
+    if (!s)
+        s = flex_gpu_check(ctx, st, st->ops->mem_set(st->api, st->bounds_flag, 0, 4),
+                           st->ops->mem_set_name);
+    return s;
+}
+
+void flex_gpu_release(flex_gpu_state *st) {
+    const flex_gpu_ops *ops = st->ops;
+    if (ops->enter(st->api, st->vendor_ctx) == 0) {
+        for (flex_gpu_module *m = st->modules; m;) {
+            flex_gpu_module *next = m->next;
+            ops->module_unload(st->api, m->module);
+            free(m->key);
+            free(m);
+            m = next;
+        }
+        for (flex_gpu_buffer_copy *c = st->buffer_copies; c;) {
+            flex_gpu_buffer_copy *next = c->next;
+            ops->mem_free(st->api, c->dev);
+            free(c);
+            c = next;
+        }
+        ops->mem_free(st->api, st->bounds_flag);
+        ops->leave(st->api);
+    }
+    st->modules = NULL;
+    st->buffer_copies = NULL;
+    pthread_mutex_destroy(&st->lock);
+}
+
+flex_status flex_gpu_take_bounds_flag(flex_context *ctx, flex_gpu_state *st) {
+    const flex_gpu_ops *ops = st->ops;
+    char what[96];
+    uint32_t flag = 0;
+    snprintf(what, sizeof what, "%s (bounds flag)", ops->copy_to_host_name);
+    GPU_TRY(ctx, st, ops->copy_to_host(st->api, &flag, st->bounds_flag, 4), what);
+    if (!flag) return FLEX_OK;
+    snprintf(what, sizeof what, "%s (bounds flag)", ops->mem_set_name);
+    GPU_TRY(ctx, st, ops->mem_set(st->api, st->bounds_flag, 0, 4), what);
+    int slot = 0;
+    while (!(flag & (1u << slot)))
+        slot++;
+    return flex_fail(ctx, FLEX_ERR_BUFFER_BOUNDS,
+                     "a mod read buffer '%s' outside its sizes on the GPU (the index was "
+                     "clamped; results of that call are not meaningful)",
+                     st->slot_names[slot][0] ? st->slot_names[slot] : "?");
+}
+
+/* ---- kernels: memory list -> cache -> compiler ---- */
+
+flex_status flex_gpu_get_function(flex_context *ctx, flex_gpu_state *st, const char *key,
+                                  flex_gpu_source_builder build, const void *args,
+                                  const char *fn_name, void **fn) {
+    for (flex_gpu_module *m = st->modules; m; m = m->next)
+        if (strcmp(m->key, key) == 0) {
+            *fn = m->fn;
+            return FLEX_OK;
+        }
+    char *source = build(args);
+    if (!source)
+        return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory building kernel source");
+    char cache_key[640];
+    snprintf(cache_key, sizeof cache_key, "%s|src=%016llx", key,
+             (unsigned long long)flex_cache_checksum(source, strlen(source)));
+    void *bin = NULL;
+    size_t size = 0;
+    int from_disk = 0;
+    double t0 = flex_now_ms();
+    const int cached = flex_cache_get(st->cache, cache_key, &bin, &size, &from_disk);
+    flex_status s = cached ? FLEX_OK
+                           : st->ops->compile(ctx, st->api, source, fn_name, st->arch, &bin, &size);
+    free(source);
+    if (s) return s;
+    if (cached) {
+        flex_log(FLEX_LOG_DEBUG, "kernel %s from the %s cache", fn_name,
+                 from_disk ? "disk" : "memory");
+    } else {
+        if (flex_cache_put(st->cache, cache_key, bin, size) != 0)
+            flex_log(FLEX_LOG_WARN, "could not write the kernel cache in %s",
+                     flex_cache_dir(st->cache));
+        flex_log(FLEX_LOG_INFO, "compiled %s for %s in %.0f ms", fn_name, st->arch,
+                 flex_now_ms() - t0);
+    }
+    flex_gpu_module *m = calloc(1, sizeof *m);
+    char *k = strdup(key);
+    if (!m || !k) {
+        free(m);
+        free(k);
+        free(bin);
+        return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory for a %s module",
+                         st->ops->vendor);
+    }
+    int r = st->ops->module_load(st->api, bin, size, &m->module);
+    free(bin);
+    if (r == 0) r = st->ops->module_function(st->api, m->module, fn_name, &m->fn);
+    if (r != 0) {
+        free(m);
+        free(k);
+        char what[96];
+        snprintf(what, sizeof what, "loading a compiled kernel (%s)", st->ops->module_load_name);
+        return flex_gpu_check(ctx, st, r, what);
+    }
+    m->key = k;
+    m->next = st->modules;
+    st->modules = m;
+    *fn = m->fn;
+    return FLEX_OK;
+}
+
+flex_status flex_gpu_module_function(flex_context *ctx, flex_gpu_state *st, const char *key,
+                                     const char *name, void **fn) {
+    for (flex_gpu_module *m = st->modules; m; m = m->next)
+        if (strcmp(m->key, key) == 0)
+            return flex_gpu_check(ctx, st, st->ops->module_function(st->api, m->module, name, fn),
+                                  st->ops->module_function_name);
+    return flex_fail(ctx, FLEX_ERR_DEVICE, "the module of %s is not loaded", name);
+}
+
+/* ---- mod buffers ---- */
+
+/* Device address of buffer i of mod, copying host data once per binding. */
+static flex_status buffer_device_ptr(flex_context *ctx, flex_gpu_state *st,
+                                     const struct flex_mod *mod, int i, flex_gpu_ptr *out) {
+    const flex_tensor *v = &mod->views[i];
+    if (v->device == st->device_type) {
+        *out = (flex_gpu_ptr)(uintptr_t)v->data;
+        return FLEX_OK;
+    }
+    for (flex_gpu_buffer_copy *c = st->buffer_copies; c; c = c->next)
+        if (c->mod == mod && c->index == i && c->generation == mod->binding_generation &&
+            c->host == v->data) {
+            *out = c->dev;
+            return FLEX_OK;
+        }
+    int64_t extent = 1;
+    for (int d = 0; d < v->ndim; d++) {
+        if (v->sizes[d] <= 0)
+            extent = 0;
+        else if (extent)
+            extent += (v->sizes[d] - 1) * (v->strides[d] < 0 ? -v->strides[d] : v->strides[d]);
+    }
+    size_t bytes = (size_t)extent * flex_dtype_size(v->dtype);
+    flex_gpu_buffer_copy *c = calloc(1, sizeof *c);
+    if (!c) return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory for a buffer copy");
+    int r = st->ops->mem_alloc(st->api, &c->dev, bytes ? bytes : 1);
+    if (r == 0 && bytes) r = st->ops->copy_to_device(st->api, c->dev, v->data, bytes);
+    if (r != 0) {
+        if (c->dev) st->ops->mem_free(st->api, c->dev);
+        free(c);
+        return flex_gpu_check(ctx, st, r, "copying a mod buffer to the GPU");
+    }
+    c->mod = mod;
+    c->index = i;
+    c->generation = mod->binding_generation;
+    c->host = v->data;
+    c->next = st->buffer_copies;
+    st->buffer_copies = c;
+    *out = c->dev;
+    return FLEX_OK;
+}
+
+flex_status flex_gpu_fill_buffers(flex_context *ctx, flex_gpu_state *st,
+                                  const struct flex_mod *mod, int slot_base,
+                                  flex_gpu_buffer_desc *descs) {
+    if (!mod) return FLEX_OK;
+    for (int i = 0; i < mod->ir.num_buffers; i++) {
+        const ir_buffer *decl = &mod->ir.buffers[i];
+        if (!mod->bound[i])
+            return flex_fail(ctx, FLEX_ERR_BUFFER_UNBOUND, "buffer '%s' of a mod has no data bound",
+                             decl->name);
+        flex_gpu_ptr p = 0;
+        flex_status s = buffer_device_ptr(ctx, st, mod, i, &p);
+        if (s) return s;
+        flex_gpu_buffer_desc *d = &descs[slot_base + i];
+        const flex_tensor *v = &mod->views[i];
+        d->data = p;
+        for (int k = 0; k < 4; k++) {
+            int64_t size = k < v->ndim ? v->sizes[k] : 1;
+            d->sizes[k] = (int32_t)(size > INT32_MAX ? INT32_MAX : size);
+            d->strides[k] = k < v->ndim ? v->strides[k] : 0;
+        }
+        snprintf(st->slot_names[slot_base + i], sizeof st->slot_names[0], "%s", decl->name);
+    }
+    return FLEX_OK;
+}
+
+size_t flex_gpu_append_buffers(unsigned char *blob, size_t at, const flex_gpu_buffer_desc *descs,
+                               int slots, flex_gpu_ptr flag) {
+    int n = slots > 0 ? slots : 1;
+    memcpy(blob + at, descs, (size_t)n * sizeof *descs);
+    at += (size_t)n * sizeof *descs;
+    uint64_t f = flag;
+    memcpy(blob + at, &f, 8);
+    return at + 8;
+}
+
+/* ---- block-mask lists on the device ---- */
+
+/* The GPU state a mask copy was made with: a mask copy outlives no context
+ * (internal.h), and the core passes that context to the free. */
+static void mask_copy_free_arrays(const flex_gpu_state *st, flex_gpu_mask_copy *c) {
+    const flex_gpu_ptr all[] = {c->full_off,  c->full_idx,  c->part_off,  c->part_idx, c->order,
+                                c->qfull_off, c->qfull_idx, c->qpart_off, c->qpart_idx};
+    for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
+        if (all[i]) st->ops->mem_free(st->api, all[i]);
+}
+
+static void mask_copy_free(flex_context *ctx, void *copy) {
+    flex_gpu_mask_copy *c = copy;
+    if (!c) return;
+    /* Every GPU backend's state starts with its flex_gpu_state. */
+    const flex_gpu_state *st = ctx ? (const flex_gpu_state *)ctx->backend_state : NULL;
+    if (st && st->ops->enter(st->api, st->vendor_ctx) == 0) {
+        mask_copy_free_arrays(st, c);
+        st->ops->leave(st->api);
+    }
+    free(c);
+}
+
+static flex_status upload_array(flex_context *ctx, flex_gpu_state *st, const void *src,
+                                size_t bytes, flex_gpu_ptr *dst) {
+    char what[96];
+    snprintf(what, sizeof what, "%s (block mask)", st->ops->mem_alloc_name);
+    GPU_TRY(ctx, st, st->ops->mem_alloc(st->api, dst, bytes ? bytes : 4), what);
+    if (bytes) {
+        snprintf(what, sizeof what, "%s (block mask)", st->ops->copy_to_device_name);
+        GPU_TRY(ctx, st, st->ops->copy_to_device(st->api, *dst, src, bytes), what);
+    }
+    return FLEX_OK;
+}
+
+/* Uploads one of a mask's block lists of n rows: its n + 1 offsets and the
+ * indices they delimit. */
+static flex_status upload_lists(flex_context *ctx, flex_gpu_state *st, const flex_block_lists *l,
+                                int64_t n, flex_gpu_ptr *off, flex_gpu_ptr *idx) {
+    flex_status s = upload_array(ctx, st, l->offsets, (size_t)(n + 1) * sizeof(int32_t), off);
+    if (!s) s = upload_array(ctx, st, l->indices, (size_t)l->offsets[n] * sizeof(int32_t), idx);
+    return s;
+}
+
+typedef struct row_weight {
+    int64_t blocks;
+    int row;
+} row_weight;
+
+static int cmp_heavier_first(const void *a, const void *b) {
+    const row_weight *x = a, *y = b;
+    if (x->blocks != y->blocks) return x->blocks > y->blocks ? -1 : 1;
+    return x->row - y->row;
+}
+
+flex_status flex_gpu_mask_device_copy(flex_context *ctx, flex_gpu_state *st,
+                                      const struct flex_block_mask *mask,
+                                      flex_gpu_mask_copy **out) {
+    if (mask->device_copy) {
+        *out = mask->device_copy;
+        return FLEX_OK;
+    }
+    const int64_t rows = mask->B * mask->H * mask->num_q_blocks;
+    const int64_t nq = mask->num_q_blocks;
+    flex_gpu_mask_copy *c = calloc(1, sizeof *c);
+    int *order = malloc((size_t)(nq ? nq : 1) * sizeof *order);
+    row_weight *weights = calloc((size_t)(nq ? nq : 1), sizeof *weights);
+    if (!c || !order || !weights) {
+        free(c);
+        free(order);
+        free(weights);
+        return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory for the block mask copy");
+    }
+    for (int64_t i = 0; i < nq; i++)
+        weights[i].row = (int)i;
+    for (int64_t r = 0; r < rows; r++)
+        weights[r % nq].blocks += (mask->kv_full.offsets[r + 1] - mask->kv_full.offsets[r]) +
+                                  (mask->kv_partial.offsets[r + 1] - mask->kv_partial.offsets[r]);
+    qsort(weights, (size_t)nq, sizeof *weights, cmp_heavier_first);
+    for (int64_t i = 0; i < nq; i++)
+        order[i] = weights[i].row;
+    free(weights);
+    flex_status s = upload_lists(ctx, st, &mask->kv_full, rows, &c->full_off, &c->full_idx);
+    if (!s) s = upload_lists(ctx, st, &mask->kv_partial, rows, &c->part_off, &c->part_idx);
+    if (!s) s = upload_array(ctx, st, order, (size_t)nq * sizeof *order, &c->order);
+    free(order);
+    const int64_t cols = mask->B * mask->H * mask->num_kv_blocks;
+    if (!s) s = upload_lists(ctx, st, &mask->q_full, cols, &c->qfull_off, &c->qfull_idx);
+    if (!s) s = upload_lists(ctx, st, &mask->q_partial, cols, &c->qpart_off, &c->qpart_idx);
+    if (s) {
+        mask_copy_free_arrays(st, c);
+        free(c);
+        return s;
+    }
+    /* The device copy is a cache attached to a const mask by design
+     * (internal.h: made on first use). */
+    struct flex_block_mask *m = (struct flex_block_mask *)mask;
+    m->device_copy = c;
+    m->device_copy_free = mask_copy_free;
+    *out = c;
+    return FLEX_OK;
+}
+
+/* ---- launch policy ---- */
+
+int flex_gpu_env_int(const flex_context *ctx, flex_debug_key key, int dflt, int lo, int hi) {
+    return flex_debug_int(ctx, key, dflt, lo, hi);
+}
+
+int flex_gpu_env_switch(const flex_context *ctx, flex_debug_key key, int dflt) {
+    return flex_gpu_env_int(ctx, key, dflt, 0, 1);
+}
+
+unsigned char *flex_gpu_reads_in_range(const flex_context *ctx, const struct flex_mod *mod,
+                                       int64_t B, int64_t H, int64_t Lq, int64_t Lkv,
+                                       int64_t margin) {
+    return mod ? flex_gpu_ir_reads_in_range(ctx, mod, &mod->ir, B, H, Lq, Lkv, margin) : NULL;
+}
+
+unsigned char *flex_gpu_ir_reads_in_range(const flex_context *ctx, const struct flex_mod *mod,
+                                          const ir_mod *ir, int64_t B, int64_t H, int64_t Lq,
+                                          int64_t Lkv, int64_t margin) {
+    if (!mod || mod->ir.num_buffers <= 0 ||
+        !flex_gpu_env_switch(ctx, FLEX_DEBUG_CUDA_READS_IN_RANGE, 1))
+        return NULL;
+    int64_t sizes[IR_MAX_BUFFERS][4];
+    for (int i = 0; i < mod->ir.num_buffers; i++) {
+        const flex_tensor *v = &mod->views[i];
+        for (int k = 0; k < 4; k++) /* an unbound buffer proves nothing (and fails later) */
+            sizes[i][k] = mod->bound[i] && k < v->ndim ? v->sizes[k] : 0;
+    }
+    const mod_box box = {{0, 0, 0, 0}, {B - 1, H - 1, Lq - 1 + margin, Lkv - 1 + margin}};
+    unsigned char *flags = malloc((size_t)ir->num_nodes);
+    int any = 0;
+    if (flags &&
+        mod_interval_loads_in_range(ir, &box, (const int64_t(*)[4])sizes, flags) == 0)
+        for (int i = 0; i < ir->num_nodes; i++)
+            any |= flags[i];
+    if (!any) {
+        free(flags);
+        return NULL;
+    }
+    return flags;
+}
+
+uint64_t flex_gpu_in_range_checksum(const unsigned char *flags, const ir_mod *ir) {
+    return flags ? flex_cache_checksum(flags, (size_t)ir->num_nodes) : 0;
+}
+
+int flex_gpu_ir_reads_buffer(const ir_mod *m, int buffer) {
+    for (int i = 0; i < m->num_nodes; i++)
+        if (m->nodes[i].op == IR_LOAD && m->nodes[i].buffer == buffer) return 1;
+    return 0;
+}
+
+int flex_gpu_pad64(int64_t d) {
+    return (int)((d + 63) / 64 * 64);
+}
+
+int flex_gpu_aligned16(const void *p) {
+    return ((uintptr_t)p & 15u) == 0;
+}

@@ -1,0 +1,560 @@
+/*
+ * The HIP backend for AMD GPUs: the backend table, device memory, and the
+ * launches of the forward and mask-block kernels. Kernels come from the
+ * same templates as CUDA's (hip_compile.h); the module list, kernel cache,
+ * buffer mirrors, block-mask uploads and bounds flag are the GPU host layer
+ * (backends/gpu/gpu_host.h), which reaches the HIP runtime through this
+ * file's flex_gpu_ops table. The runtime and hiprtc are loaded with dlopen
+ * (hip_loader.c).
+ *
+ * The project has no AMD GPU: this code is compiled, never run
+ * (docs/hip-backend.md).
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "internal.h"
+#include "cache.h"
+#include "hip_compile.h"
+#include "hip_loader.h"
+#include "../gpu/gpu_host.h"
+
+typedef struct hip_state {
+    flex_gpu_state gpu; /* first: the shared layer finds it at ctx->backend_state */
+    const flex_hip_api *api;
+    int device;
+    flex_hip_arch arch;
+    char name[320];
+} hip_state;
+
+static flex_cache *process_cache;
+static pthread_once_t process_cache_once = PTHREAD_ONCE_INIT;
+static void process_cache_open(void) {
+    process_cache = flex_cache_open(NULL, "hip");
+}
+
+static hip_state *state_of(flex_context *ctx) {
+    return (hip_state *)ctx->backend_state;
+}
+
+/* ---- the runtime as the GPU host layer sees it ---- */
+
+static const flex_hip_api *hip_api(const void *api) {
+    return (const flex_hip_api *)api;
+}
+static void *dev_ptr(flex_gpu_ptr p) {
+    return (void *)(uintptr_t)p;
+}
+static void ops_describe(const void *api, int r, char *buf, size_t cap) {
+    flex_hip_describe(hip_api(api), r, buf, cap);
+}
+/* HIP has no context stack: the device is made current for the thread. */
+static int ops_enter(const void *api, void *vendor_ctx) {
+    return hip_api(api)->hipSetDevice((int)(intptr_t)vendor_ctx);
+}
+static void ops_leave(const void *api) {
+    (void)api;
+}
+static int ops_mem_alloc(const void *api, flex_gpu_ptr *ptr, size_t bytes) {
+    void *p = NULL;
+    const hipError_t r = hip_api(api)->hipMalloc(&p, bytes);
+    *ptr = (flex_gpu_ptr)(uintptr_t)p;
+    return r;
+}
+static int ops_mem_free(const void *api, flex_gpu_ptr ptr) {
+    return hip_api(api)->hipFree(dev_ptr(ptr));
+}
+static int ops_copy_to_device(const void *api, flex_gpu_ptr dst, const void *src, size_t bytes) {
+    return hip_api(api)->hipMemcpyHtoD(dev_ptr(dst), src, bytes);
+}
+static int ops_copy_to_host(const void *api, void *dst, flex_gpu_ptr src, size_t bytes) {
+    return hip_api(api)->hipMemcpyDtoH(dst, dev_ptr(src), bytes);
+}
+static int ops_mem_set(const void *api, flex_gpu_ptr dst, unsigned char value, size_t bytes) {
+    return hip_api(api)->hipMemsetD8(dev_ptr(dst), value, bytes);
+}
+static int ops_module_load(const void *api, const void *image, size_t size, void **module) {
+    (void)size; /* a code object carries its own size */
+    hipModule_t m = NULL;
+    const hipError_t r = hip_api(api)->hipModuleLoadData(&m, image);
+    *module = m;
+    return r;
+}
+static int ops_module_function(const void *api, void *module, const char *name, void **fn) {
+    hipFunction_t f = NULL;
+    const hipError_t r = hip_api(api)->hipModuleGetFunction(&f, (hipModule_t)module, name);
+    if (r == 0) *fn = f;
+    return r;
+}
+static int ops_module_unload(const void *api, void *module) {
+    return hip_api(api)->hipModuleUnload((hipModule_t)module);
+}
+static flex_status ops_compile(flex_context *ctx, const void *api, const char *source,
+                               const char *program_name, const char *arch, void **image,
+                               size_t *size) {
+    return flex_hip_compile(ctx, hip_api(api), source, program_name, arch, image, size);
+}
+
+static const flex_gpu_ops hip_gpu_ops = {
+    .vendor = "HIP",
+    .describe = ops_describe,
+    .enter = ops_enter,
+    .leave = ops_leave,
+    .enter_name = "hipSetDevice",
+    .mem_alloc = ops_mem_alloc,
+    .mem_free = ops_mem_free,
+    .copy_to_device = ops_copy_to_device,
+    .copy_to_host = ops_copy_to_host,
+    .mem_set = ops_mem_set,
+    .mem_alloc_name = "hipMalloc",
+    .copy_to_device_name = "hipMemcpyHtoD",
+    .copy_to_host_name = "hipMemcpyDtoH",
+    .mem_set_name = "hipMemsetD8",
+    .module_load = ops_module_load,
+    .module_function = ops_module_function,
+    .module_unload = ops_module_unload,
+    .module_load_name = "hipModuleLoadData",
+    .module_function_name = "hipModuleGetFunction",
+    .compile = ops_compile,
+};
+
+/* ---- table slots ---- */
+
+/* gcnArchName of device d ("gfx90a:sramecc+:xnack-"): the first "gfx"
+ * string in hipDeviceProp_t, whose layout differs between ROCm releases
+ * (a buffer larger than every release's structure is passed). */
+static int device_arch_name(const flex_hip_api *api, int d, char *out, size_t cap) {
+    enum { PROPS_BYTES = 16384 };
+    unsigned char *props = calloc(1, PROPS_BYTES);
+    if (!props) return -1;
+    int rc = api->hipGetDeviceProperties(props, d) == 0 ? 1 : -1;
+    if (rc == 1) {
+        rc = -1;
+        for (size_t i = 0; i + 4 < PROPS_BYTES && rc < 0; i++)
+            if (memcmp(props + i, "gfx", 3) == 0 && props[i + 3] >= '0' && props[i + 3] <= '9') {
+                snprintf(out, cap, "%.*s", (int)strnlen((const char *)props + i, PROPS_BYTES - i),
+                         (const char *)props + i);
+                rc = 0;
+            }
+    }
+    free(props);
+    return rc;
+}
+
+static int hip_score(char *why, size_t why_cap) {
+    const flex_hip_api *api;
+    if (flex_hip_load_runtime(&api, why, why_cap) != 0) return 0;
+    if (flex_hip_load_rtc(&api, why, why_cap) != 0) return 0;
+    char gcn[64] = "";
+    flex_hip_arch arch;
+    if (device_arch_name(api, 0, gcn, sizeof gcn) != 0) {
+        if (why && why_cap) snprintf(why, why_cap, "the architecture of HIP device 0 is unknown");
+        return 0;
+    }
+    if (!flex_hip_arch_supported(gcn, &arch, why, why_cap)) return 0;
+    int count = 0, version = 0;
+    api->hipGetDeviceCount(&count);
+    api->hipDriverGetVersion(&version);
+    if (why && why_cap)
+        snprintf(why, why_cap, "%d device%s (%s), HIP %d, hiprtc %d.%d; compiled, never run here",
+                 count, count == 1 ? "" : "s", arch.name, version, api->hiprtc_major,
+                 api->hiprtc_minor);
+    return 90; /* after CUDA, before the CPU */
+}
+
+static flex_status hip_init(flex_context *ctx, int device_index) {
+    char why[512];
+    const flex_hip_api *api;
+    if (flex_hip_load_runtime(&api, why, sizeof why) != 0 ||
+        flex_hip_load_rtc(&api, why, sizeof why) != 0)
+        return flex_fail(ctx, FLEX_ERR_BACKEND, "the HIP backend is not usable: %s", why);
+    int count = 0;
+    if (api->hipGetDeviceCount(&count) != 0 || device_index < 0 || device_index >= count)
+        return flex_fail(ctx, FLEX_ERR_BACKEND, "HIP device %d does not exist (%d device%s)",
+                         device_index, count, count == 1 ? "" : "s");
+    char gcn[64] = "";
+    flex_hip_arch arch;
+    if (device_arch_name(api, device_index, gcn, sizeof gcn) != 0)
+        return flex_fail(ctx, FLEX_ERR_BACKEND, "the architecture of HIP device %d is unknown",
+                         device_index);
+    if (!flex_hip_arch_supported(gcn, &arch, why, sizeof why))
+        return flex_fail(ctx, FLEX_ERR_BACKEND, "the HIP backend is not usable: %s", why);
+    hip_state *st = calloc(1, sizeof *st);
+    if (!st) return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory for the HIP state");
+    st->api = api;
+    st->device = device_index;
+    st->arch = arch;
+    flex_gpu_init(&st->gpu, &hip_gpu_ops, api, (void *)(intptr_t)device_index, FLEX_DEVICE_HIP);
+    snprintf(st->gpu.arch, sizeof st->gpu.arch, "%s", arch.name);
+    char dev_name[256] = "AMD GPU";
+    flex_status s = flex_gpu_enter(ctx, &st->gpu);
+    if (!s) {
+        api->hipDeviceGetName(dev_name, sizeof dev_name, device_index);
+        s = flex_gpu_alloc_bounds_flag(ctx, &st->gpu);
+        flex_gpu_leave(&st->gpu);
+    }
+    if (s) {
+        pthread_mutex_destroy(&st->gpu.lock);
+        free(st);
+        return s;
+    }
+    snprintf(st->name, sizeof st->name, "%s (%s, %s, wave%d)", dev_name, arch.name, arch.family,
+             arch.wave_size);
+    pthread_once(&process_cache_once, process_cache_open);
+    st->gpu.cache = process_cache;
+    ctx->backend_state = st;
+    return FLEX_OK;
+}
+
+static void hip_release(flex_context *ctx) {
+    hip_state *st = state_of(ctx);
+    if (!st) return;
+    flex_gpu_release(&st->gpu);
+    free(st);
+    ctx->backend_state = NULL;
+}
+
+static const char *hip_device_name(flex_context *ctx) {
+    return state_of(ctx)->name;
+}
+
+static flex_status hip_alloc(flex_context *ctx, size_t bytes, void **ptr) {
+    hip_state *st = state_of(ctx);
+    flex_status s = flex_gpu_enter(ctx, &st->gpu);
+    if (s) return s;
+    void *p = NULL;
+    const hipError_t r = st->api->hipMalloc(&p, bytes ? bytes : 1);
+    if (r == FLEX_HIP_ERROR_OUT_OF_MEMORY)
+        return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "the GPU has no room for %zu bytes", bytes);
+    s = flex_gpu_check(ctx, &st->gpu, r, "hipMalloc");
+    if (!s) *ptr = p;
+    return s;
+}
+
+static void hip_free(flex_context *ctx, void *ptr) {
+    hip_state *st = state_of(ctx);
+    if (ptr && st->api->hipSetDevice(st->device) == 0) st->api->hipFree(ptr);
+}
+
+static flex_status hip_upload(flex_context *ctx, void *dst, const void *src, size_t bytes) {
+    hip_state *st = state_of(ctx);
+    flex_status s = flex_gpu_enter(ctx, &st->gpu);
+    return s ? s : flex_gpu_check(ctx, &st->gpu, st->api->hipMemcpyHtoD(dst, src, bytes),
+                                  "hipMemcpyHtoD");
+}
+
+static flex_status hip_download(flex_context *ctx, void *dst, const void *src, size_t bytes) {
+    hip_state *st = state_of(ctx);
+    flex_status s = flex_gpu_enter(ctx, &st->gpu);
+    return s ? s
+             : flex_gpu_check(ctx, &st->gpu, st->api->hipMemcpyDtoH(dst, (void *)src, bytes),
+                              "hipMemcpyDtoH");
+}
+
+static flex_status hip_memset(flex_context *ctx, void *dst, int value, size_t bytes) {
+    hip_state *st = state_of(ctx);
+    flex_status s = flex_gpu_enter(ctx, &st->gpu);
+    return s ? s
+             : flex_gpu_check(ctx, &st->gpu,
+                              st->api->hipMemsetD8(dst, (unsigned char)value, bytes),
+                              "hipMemsetD8");
+}
+
+static flex_status hip_synchronize(flex_context *ctx) {
+    hip_state *st = state_of(ctx);
+    flex_status s = flex_gpu_enter(ctx, &st->gpu);
+    if (s) return s;
+    const int pending = atomic_exchange(&st->gpu.bounds_pending, 0);
+    s = flex_gpu_check(ctx, &st->gpu, st->api->hipDeviceSynchronize(), "hipDeviceSynchronize");
+    if (!s && pending) {
+        pthread_mutex_lock(&st->gpu.lock);
+        s = flex_gpu_take_bounds_flag(ctx, &st->gpu);
+        pthread_mutex_unlock(&st->gpu.lock);
+    }
+    return s;
+}
+
+/* Launches fn with blob (size bytes) as its parameter block. */
+static flex_status launch_blob(flex_context *ctx, hip_state *st, void *fn, unsigned gx,
+                               unsigned gy, unsigned threads, unsigned smem, void *stream,
+                               void *blob, size_t size) {
+    void *extra[] = {(void *)(uintptr_t)FLEX_HIP_LAUNCH_PARAM_BUFFER_POINTER, blob,
+                     (void *)(uintptr_t)FLEX_HIP_LAUNCH_PARAM_BUFFER_SIZE, &size,
+                     (void *)(uintptr_t)FLEX_HIP_LAUNCH_PARAM_END};
+    return flex_gpu_check(ctx, &st->gpu,
+                          st->api->hipModuleLaunchKernel((hipFunction_t)fn, gx, gy, 1, threads, 1,
+                                                         1, smem, (hipStream_t)stream, NULL,
+                                                         extra),
+                          "hipModuleLaunchKernel");
+}
+
+/* ---- forward ---- */
+
+typedef struct forward_source_args {
+    const flex_cuda_fwd_config *cfg;
+    const ir_mod *mask, *score;
+    const unsigned char *mask_in_range, *score_in_range;
+} forward_source_args;
+
+static char *build_forward_source(const void *args) {
+    const forward_source_args *a = args;
+    return flex_hip_forward_source(a->cfg, a->mask, a->score, a->mask_in_range,
+                                   a->score_in_range);
+}
+
+static char *build_mask_blocks_source(const void *args) {
+    return flex_hip_mask_blocks_source(args);
+}
+
+/* Tiles of the 16-bit kernel on AMD: one 16-row m-tile per 32-lane warp, as
+ * many warps as the mask's q block holds (4 at most), kv steps of up to 64
+ * keys (32 for head dims above 128) that divide the mask's kv block. */
+static void choose_hip_tiles(flex_cuda_fwd_config *cfg, int q_block, int kv_block) {
+    const int wide = cfg->dq > 128 || cfg->dv > 128;
+    const int max_n = wide ? 32 : 64;
+    cfg->mt = 1;
+    cfg->warps = q_block / 16 < 4 ? q_block / 16 : 4;
+    cfg->block_n = kv_block < max_n ? kv_block : max_n;
+}
+
+static flex_status hip_forward(flex_context *ctx, const flex_forward_args *a) {
+    hip_state *st = state_of(ctx);
+    const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v, *o = &a->out;
+    const int64_t B = q->sizes[0], Hq = q->sizes[1], Lq = q->sizes[2], D = q->sizes[3];
+    const int64_t Hkv = k->sizes[1], Lkv = k->sizes[2], Dv = v->sizes[3];
+    if (D > 256 || Dv > 256)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "the HIP backend supports head dims up to 256 (q has %lld, v has %lld)",
+                         (long long)D, (long long)Dv);
+    if (q->strides[3] != 1 || k->strides[3] != 1 || v->strides[3] != 1 || o->strides[3] != 1)
+        return flex_fail(ctx, FLEX_ERR_SHAPE,
+                         "the HIP backend needs the last dimension of q, k, v and out contiguous");
+    const struct flex_block_mask *mask = a->block_mask;
+    const struct flex_mod *mask_mod = mask ? mask->mask_mod : NULL;
+    if (mask && mask->num_partial > 0 && !mask_mod)
+        return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
+                         "the block mask has partial blocks but no mask mod to decide them");
+    if (mask && mask->num_partial == 0) mask_mod = NULL;
+    const struct flex_mod *score_mod = a->score_mod;
+    flex_cuda_fwd_config cfg = {
+        .dtype = q->dtype,
+        .dq = flex_gpu_pad64(D),
+        .dv = flex_gpu_pad64(Dv),
+        .dv_exact = flex_gpu_pad64(Dv) == Dv,
+        .scale_positive = a->scale > 0.0f,
+        .short_indices = Lq <= FLEX_EMIT_SHORT_LEN - 256 && Lkv <= FLEX_EMIT_SHORT_LEN - 256 &&
+                         B <= FLEX_EMIT_SHORT_HEADS && Hq <= FLEX_EMIT_SHORT_HEADS,
+        .mask_bits = 1,
+    };
+    const int q_block = mask ? mask->q_block : 128, kv_block = mask ? mask->kv_block : 128;
+    if (q->dtype == FLEX_F32) {
+        cfg.warps = 4;
+        cfg.mt = 1;
+    } else {
+        cfg.vec = D % 8 == 0 && Dv % 8 == 0 && flex_gpu_aligned16(q->data) &&
+                  flex_gpu_aligned16(k->data) && flex_gpu_aligned16(v->data) &&
+                  flex_gpu_aligned16(o->data);
+        for (int d = 0; d < 3; d++)
+            if (q->strides[d] % 8 || k->strides[d] % 8 || v->strides[d] % 8 || o->strides[d] % 8)
+                cfg.vec = 0;
+        choose_hip_tiles(&cfg, q_block, kv_block);
+    }
+    const int block_m = cfg.warps * 16 * cfg.mt;
+    const size_t smem = q->dtype == FLEX_F32 ? 0
+                                             : ((size_t)block_m * cfg.dq +
+                                                2u * cfg.block_n * (cfg.dq + cfg.dv)) * 2;
+    if ((int64_t)smem > st->arch.lds_bytes)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "the kernel for head dims %lld/%lld needs %zu bytes of LDS; %s allows %d",
+                         (long long)D, (long long)Dv, smem, st->arch.name, st->arch.lds_bytes);
+    const ir_mod *mask_ir = mask_mod ? &mask_mod->ir : NULL;
+    const ir_mod *score_ir = score_mod ? &score_mod->ir : NULL;
+    const int slots = flex_emit_num_slots(mask_ir, score_ir);
+    if (slots > FLEX_EMIT_MAX_SLOTS)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "the mask and score mods read %d buffers together; at most %d", slots,
+                         FLEX_EMIT_MAX_SLOTS);
+    unsigned char *mask_in_range = flex_gpu_reads_in_range(ctx, mask_mod, B, Hq, Lq, Lkv, 0);
+    unsigned char *score_in_range = flex_gpu_reads_in_range(ctx, score_mod, B, Hq, Lq, Lkv, 256);
+
+    pthread_mutex_lock(&st->gpu.lock);
+    flex_status s = flex_gpu_enter(ctx, &st->gpu);
+    void *fn = NULL;
+    if (!s) {
+        _Static_assert(sizeof(flex_cuda_fwd_config) == 14 * sizeof(int),
+                       "flex_cuda_fwd_config changed: update the HIP forward kernel key");
+        char key[512];
+        snprintf(key, sizeof key,
+                 "fwd|%s|dq%d|dv%d|dx%d|w%d|mt%d|n%d|vec%d|mb%d|short%d|sp%d|mask=%016llx|"
+                 "score=%016llx|inr=%016llx.%016llx|%s|hiprtc%d.%d",
+                 flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.dv_exact, cfg.warps, cfg.mt,
+                 cfg.block_n, cfg.vec, cfg.mask_bits, cfg.short_indices, cfg.scale_positive,
+                 (unsigned long long)(mask_mod ? mask_mod->hash : 0),
+                 (unsigned long long)(score_mod ? score_mod->hash : 0),
+                 (unsigned long long)flex_gpu_in_range_checksum(mask_in_range, mask_ir),
+                 (unsigned long long)flex_gpu_in_range_checksum(score_in_range, score_ir),
+                 st->gpu.arch, st->api->hiprtc_major, st->api->hiprtc_minor);
+        const forward_source_args args = {&cfg, mask_ir, score_ir, mask_in_range, score_in_range};
+        s = flex_gpu_get_function(ctx, &st->gpu, key, build_forward_source, &args,
+                                  "flex_forward_kernel", &fn);
+    }
+    free(mask_in_range);
+    free(score_in_range);
+    flex_gpu_mask_copy *mc = NULL;
+    if (!s && mask) s = flex_gpu_mask_device_copy(ctx, &st->gpu, mask, &mc);
+    flex_gpu_buffer_desc descs[FLEX_EMIT_MAX_SLOTS];
+    memset(descs, 0, sizeof descs);
+    if (!s) s = flex_gpu_fill_buffers(ctx, &st->gpu, mask_mod, 0, descs);
+    if (!s)
+        s = flex_gpu_fill_buffers(ctx, &st->gpu, score_mod, mask_ir ? mask_ir->num_buffers : 0,
+                                  descs);
+    if (!s) {
+        flex_gpu_fwd_params p;
+        memset(&p, 0, sizeof p);
+        p.q = (uintptr_t)q->data;
+        p.k = (uintptr_t)k->data;
+        p.v = (uintptr_t)v->data;
+        p.out = (uintptr_t)o->data;
+        p.lse = a->lse ? (uintptr_t)a->lse->data : 0;
+        p.q_sb = q->strides[0], p.q_sh = q->strides[1], p.q_ss = q->strides[2];
+        p.k_sb = k->strides[0], p.k_sh = k->strides[1], p.k_ss = k->strides[2];
+        p.v_sb = v->strides[0], p.v_sh = v->strides[1], p.v_ss = v->strides[2];
+        p.o_sb = o->strides[0], p.o_sh = o->strides[1], p.o_ss = o->strides[2];
+        if (a->lse)
+            p.l_sb = a->lse->strides[0], p.l_sh = a->lse->strides[1], p.l_ss = a->lse->strides[2];
+        p.B = (int32_t)B, p.Hq = (int32_t)Hq, p.Hkv = (int32_t)Hkv;
+        p.Lq = (int32_t)Lq, p.Lkv = (int32_t)Lkv, p.D = (int32_t)D, p.Dv = (int32_t)Dv;
+        p.mask_qblock = q_block;
+        p.mask_kvblock = kv_block;
+        if (mask) {
+            p.full_off = mc->full_off, p.full_idx = mc->full_idx;
+            p.part_off = mc->part_off, p.part_idx = mc->part_idx;
+            p.row_order = mc->order;
+            p.mask_B = (int32_t)mask->B, p.mask_H = (int32_t)mask->H;
+            p.mask_nq = (int32_t)mask->num_q_blocks, p.mask_nk = (int32_t)mask->num_kv_blocks;
+        } else {
+            p.dense = 1;
+            p.mask_B = p.mask_H = 1;
+            p.mask_nq = (int32_t)((Lq + q_block - 1) / q_block);
+            p.mask_nk = (int32_t)((Lkv + kv_block - 1) / kv_block);
+        }
+        p.tiles_per_row = q->dtype == FLEX_F32 ? 1 : q_block / block_m;
+        p.head_group = flex_gpu_env_int(ctx, FLEX_DEBUG_CUDA_HEAD_GROUP, 2, 0, 1 << 20);
+        p.scale = a->scale;
+        p.scale_log2 = a->scale * 1.4426950408889634f;
+        unsigned char blob[sizeof p + (FLEX_EMIT_MAX_SLOTS + 2) * sizeof(flex_gpu_buffer_desc)];
+        memcpy(blob, &p, sizeof p);
+        const size_t size =
+            flex_gpu_append_buffers(blob, sizeof p, descs, slots, st->gpu.bounds_flag);
+        const unsigned gx = (unsigned)(B * Hq);
+        const unsigned gy = q->dtype == FLEX_F32 ? (unsigned)((Lq + 3) / 4)
+                                                 : (unsigned)((int64_t)p.mask_nq * p.tiles_per_row);
+        const unsigned threads = q->dtype == FLEX_F32 ? 128u : (unsigned)cfg.warps * 32;
+        if (gy > 65535 || B * Hq > 0x7fffffff)
+            s = flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                          "sequence too long for one launch (%lld query tiles)",
+                          (long long)p.mask_nq * p.tiles_per_row);
+        else if (gx > 0 && gy > 0)
+            s = launch_blob(ctx, st, fn, gx, gy, threads, (unsigned)smem, a->stream, blob, size);
+        if (!s && slots > 0) atomic_store(&st->gpu.bounds_pending, 1);
+    }
+    pthread_mutex_unlock(&st->gpu.lock);
+    return s;
+}
+
+/* ---- exact classes of undecided blocks ---- */
+
+typedef struct hip_mask_blocks_params {
+    uint64_t blocks, classes;
+    int64_t count;
+    int32_t q_len, kv_len, q_block, kv_block;
+} hip_mask_blocks_params;
+
+static flex_status hip_mask_blocks(flex_context *ctx, const struct flex_mod *mask_mod,
+                                   int64_t q_len, int64_t kv_len, int q_block, int kv_block,
+                                   const flex_block_ref *blocks, int64_t count, uint8_t *classes) {
+    if (count <= 0) return FLEX_OK;
+    hip_state *st = state_of(ctx);
+    const flex_gpu_ops *ops = st->gpu.ops;
+    pthread_mutex_lock(&st->gpu.lock);
+    flex_status s = flex_gpu_enter(ctx, &st->gpu);
+    void *fn = NULL;
+    flex_gpu_ptr dblocks = 0, dclasses = 0;
+    if (!s) {
+        char key[256];
+        snprintf(key, sizeof key, "maskblocks|mask=%016llx|%s|hiprtc%d.%d",
+                 (unsigned long long)mask_mod->hash, st->gpu.arch, st->api->hiprtc_major,
+                 st->api->hiprtc_minor);
+        s = flex_gpu_get_function(ctx, &st->gpu, key, build_mask_blocks_source, &mask_mod->ir,
+                                  "flex_mask_blocks_kernel", &fn);
+    }
+    flex_gpu_buffer_desc descs[FLEX_EMIT_MAX_SLOTS];
+    memset(descs, 0, sizeof descs);
+    if (!s) s = flex_gpu_fill_buffers(ctx, &st->gpu, mask_mod, 0, descs);
+    if (!s)
+        s = flex_gpu_check(ctx, &st->gpu,
+                           ops->mem_alloc(st->api, &dblocks, (size_t)count * sizeof *blocks),
+                           "hipMalloc");
+    if (!s)
+        s = flex_gpu_check(ctx, &st->gpu, ops->mem_alloc(st->api, &dclasses, (size_t)count),
+                           "hipMalloc");
+    if (!s)
+        s = flex_gpu_check(
+            ctx, &st->gpu,
+            ops->copy_to_device(st->api, dblocks, blocks, (size_t)count * sizeof *blocks),
+            "hipMemcpyHtoD");
+    if (!s) {
+        hip_mask_blocks_params p = {.blocks = dblocks,
+                                    .classes = dclasses,
+                                    .count = count,
+                                    .q_len = (int32_t)q_len,
+                                    .kv_len = (int32_t)kv_len,
+                                    .q_block = q_block,
+                                    .kv_block = kv_block};
+        unsigned char blob[sizeof p + (FLEX_EMIT_MAX_SLOTS + 2) * sizeof(flex_gpu_buffer_desc)];
+        memcpy(blob, &p, sizeof p);
+        const size_t size = flex_gpu_append_buffers(blob, sizeof p, descs,
+                                                    mask_mod->ir.num_buffers, st->gpu.bounds_flag);
+        const unsigned gx = (unsigned)(count < (1 << 20) ? count : (1 << 20));
+        s = launch_blob(ctx, st, fn, gx, 1, 256, 0, NULL, blob, size);
+    }
+    if (!s)
+        s = flex_gpu_check(ctx, &st->gpu, st->api->hipDeviceSynchronize(),
+                           "hipDeviceSynchronize");
+    if (!s)
+        s = flex_gpu_check(ctx, &st->gpu,
+                           ops->copy_to_host(st->api, classes, dclasses, (size_t)count),
+                           "hipMemcpyDtoH");
+    if (!s) s = flex_gpu_take_bounds_flag(ctx, &st->gpu);
+    if (dblocks) ops->mem_free(st->api, dblocks);
+    if (dclasses) ops->mem_free(st->api, dclasses);
+    pthread_mutex_unlock(&st->gpu.lock);
+    return s;
+}
+
+static flex_status hip_backward(flex_context *ctx, const flex_backward_args *a) {
+    (void)a;
+    return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                     "the HIP backend has no backward yet (the forward comes first; "
+                     "docs/hip-backend.md)");
+}
+
+const flex_backend_iface flex_backend_hip = {
+    .abi_version = FLEX_BACKEND_ABI_VERSION,
+    .name = "hip",
+    .device_type = FLEX_DEVICE_HIP,
+    .score = hip_score,
+    .init = hip_init,
+    .release = hip_release,
+    .device_name = hip_device_name,
+    .mem_alloc = hip_alloc,
+    .mem_free = hip_free,
+    .upload = hip_upload,
+    .download = hip_download,
+    .mem_set = hip_memset,
+    .forward = hip_forward,
+    .backward = hip_backward,
+    .mask_blocks = hip_mask_blocks,
+    .synchronize = hip_synchronize,
+};

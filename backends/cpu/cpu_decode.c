@@ -174,7 +174,8 @@ static void pack_chunk(const dec_problem *pb, dec_scratch *sc, int64_t b, int64_
 static int score_kept_points(const dec_problem *pb, dec_scratch *sc, int32_t b, int32_t h,
                              int32_t p0, int rows, int32_t kv0, int cols, mod_bounds_error *err) {
     int nk = pb->nkp;
-    pb->kern->scores_ld(pb->mq, nk, (int)pb->D, sc->q, sc->kp, pb->a->scale, sc->s, nk);
+    pb->kern->scores_ld((int)round_up(rows, CPU_MR), nk, (int)pb->D, sc->q, sc->kp, pb->a->scale,
+                        sc->s, nk);
     for (int r = 0; r < rows; r++)
         for (int c = 0; c < cols; c++) {
             if (!sc->keep[(size_t)r * nk + c]) continue;
@@ -193,7 +194,9 @@ static int score_kept_points(const dec_problem *pb, dec_scratch *sc, int32_t b, 
 static int do_chunk(dec_problem *pb, dec_scratch *sc, int32_t b, int32_t h, int64_t hk, int32_t p0,
                     int rows, int64_t kv0, int cols, int partial) {
     const cpu_kernels *kn = pb->kern;
-    int nk = pb->nkp, mq = pb->mq;
+    /* Only the register blocks the group's rows need: one block of 8 for a
+     * decode step of up to 8 rows. */
+    int nk = pb->nkp, mq = (int)round_up(rows, CPU_MR);
     mod_bounds_error err;
     memset(&err, 0, sizeof err);
     if (partial) {

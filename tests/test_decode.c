@@ -21,6 +21,8 @@
 #include "internal.h"
 #include "blockmask_cache.h"
 #include "lse_merge.h"
+#include "plan.h"
+#include "backends/cpu/cpu.h"
 #include "oracle.h"
 #include "tolerance.h"
 
@@ -585,6 +587,72 @@ START_TEST(test_backward_unsupported) {
 }
 END_TEST
 
+/* ---- plain calls on the decode path ---- */
+
+/* Short-query calls without decode arguments: with a kv_splits hint, and
+ * as the split policy routes them (two threads: one (b, h) item for many
+ * keys), the decode path matches the oracle. */
+START_TEST(test_plain_short_query) {
+    flex_context *ctx;
+    ck_assert_int_eq(flex_context_create("cpu", &ctx), FLEX_OK);
+    enum { Hq = 2, Hkv = 1, Lq = 3, Lkv = 1000, D = 32 };
+    rng_state = 0xa4093822299f31d0ull;
+    host_tensor q = make4(FLEX_F32, 1, Hq, Lq, D), k = make4(FLEX_F32, 1, Hkv, Lkv, D),
+                v = make4(FLEX_F32, 1, Hkv, Lkv, D);
+    fill_random(&q.t), fill_random(&k.t), fill_random(&v.t);
+    mods m;
+    mods_make(ctx, &m, NULL, "alibi", Hq, Lkv);
+    struct plan_probe {
+        int num_threads, kv_splits;
+    } runs[3] = {{0, 7}, {2, 0}, {1, 0}};
+    for (int r = 0; r < 3; r++) {
+        host_tensor out = make4(FLEX_F32, 1, Hq, Lq, D), lse = make4(FLEX_F32, 1, Hq, Lq, 1);
+        struct flex_plan plan = {.q_tile = 64, .kv_tile = 128, .num_threads = runs[r].num_threads};
+        flex_forward_args args = {.q = q.t,
+                                  .k = k.t,
+                                  .v = v.t,
+                                  .out = out.t,
+                                  .lse = &lse.t,
+                                  .score_mod = m.score,
+                                  .scale = 1.0f / sqrtf((float)D),
+                                  .plan = &plan,
+                                  .kv_len = Lkv,
+                                  .kv_splits = runs[r].kv_splits};
+        /* Two threads and one item a head: the policy splits; one thread
+         * with two items does not (the tiled path answers). */
+        ck_assert_int_eq(flex_cpu_decode_wanted(&args, &plan), r < 2);
+        flex_attention_options opts = {.kv_splits = runs[r].kv_splits};
+        ck_assert_int_eq(
+            flex_attention(ctx, &q.t, &k.t, &v.t, m.score, NULL, &opts, &out.t, &lse.t), FLEX_OK);
+        oracle_problem p;
+        memset(&p, 0, sizeof p);
+        p.q = q.t, p.k = k.t, p.v = v.t;
+        p.score_mod = m.score;
+        double ref[Hq * Lq * D], naive[Hq * Lq * D], got[Hq * Lq * D];
+        double ref_lse[Hq * Lq], naive_lse[Hq * Lq], got_lse[Hq * Lq];
+        char err[512];
+        ck_assert_msg(oracle_forward(&p, ref, ref_lse, err, sizeof err) == 0, "%s", err);
+        ck_assert_msg(oracle_forward_naive(&p, naive, naive_lse, err, sizeof err) == 0, "%s", err);
+        for (int h = 0, n = 0; h < Hq; h++)
+            for (int i = 0; i < Lq; i++, n++) {
+                for (int d = 0; d < D; d++)
+                    got[n * D + d] = oracle_load(&out.t, 0, h, i, d);
+                got_lse[n] = oracle_load(&lse.t, 0, h, i, 0);
+            }
+        tol_report tr;
+        ck_assert_msg(tol_compare(FLEX_F32, TOL_OUTPUT, ref, naive, got, Hq * Lq * D, 0.0, &tr),
+                      "run %d: %s", r, tr.why);
+        ck_assert_msg(
+            tol_compare(FLEX_F32, TOL_LSE, ref_lse, naive_lse, got_lse, Hq * Lq, 0.0, &tr),
+            "run %d lse: %s", r, tr.why);
+        free(out.mem), free(lse.mem);
+    }
+    mods_free(&m);
+    free(q.mem), free(k.mem), free(v.mem);
+    flex_context_destroy(ctx);
+}
+END_TEST
+
 /* ---- the LSE merge ---- */
 
 START_TEST(test_lse_merge) {
@@ -657,6 +725,7 @@ static Suite *decode_suite(void) {
     tcase_add_test(tc, test_bad_input);
     tcase_add_test(tc, test_backward_unsupported);
     tcase_add_test(tc, test_lse_merge);
+    tcase_add_test(tc, test_plain_short_query);
     suite_add_tcase(s, tc);
     return s;
 }

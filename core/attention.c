@@ -12,6 +12,7 @@
 
 #include "internal.h"
 #include "blockmask_cache.h"
+#include "decode_args.h"
 #include "plan.h"
 
 static int is_attention_dtype(flex_dtype d) {
@@ -178,7 +179,9 @@ static flex_status check_mod_bound(flex_context *ctx, const char *fn, const char
 }
 
 /* Shared by forward and backward: q, k, v, the mods, the block mask and the
- * scale. Fills the dimensions. */
+ * scale. Fills the dimensions (Lkv is the logical kv length). dec receives
+ * the decode arguments (core/decode_args.h); NULL (the backward) refuses
+ * them. */
 typedef struct attention_dims {
     int64_t B, Hq, Hkv, Lq, Lkv, D, Dv;
 } attention_dims;
@@ -187,7 +190,8 @@ static flex_status check_common(flex_context *ctx, const char *fn, const flex_te
                                 const flex_tensor *k, const flex_tensor *v,
                                 const flex_mod *score_mod, const flex_block_mask **block_mask,
                                 const flex_attention_options *opts, float *scale,
-                                attention_dims *dims, flex_cached_mask **held) {
+                                attention_dims *dims, flex_cached_mask **held,
+                                flex_decode_args *dec) {
     flex_status st;
     if ((st = check_tensor(ctx, fn, "q", q, 0)) || (st = check_tensor(ctx, fn, "k", k, 0)) ||
         (st = check_tensor(ctx, fn, "v", v, 0)))
@@ -203,12 +207,29 @@ static flex_status check_common(flex_context *ctx, const char *fn, const flex_te
     dims->Hkv = k->sizes[1];
     dims->Lkv = k->sizes[2];
     dims->Dv = v->sizes[3];
-    if ((st = check_dims(ctx, fn, "k", k, dims->B, dims->Hkv, dims->Lkv, dims->D,
-                         "batch and head_dim of q")))
+    if (!dec && opts && (opts->q_offsets || opts->kv_lengths || opts->page_table))
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "%s: opts->%s is not supported by the backward (decode and paged KV are "
+                         "forward only)",
+                         fn,
+                         opts->q_offsets    ? "q_offsets"
+                         : opts->kv_lengths ? "kv_lengths"
+                                            : "page_table");
+    flex_decode_args no_decode;
+    if (!dec) dec = &no_decode;
+    if ((st = flex_decode_check_tensors(ctx, fn, dec == &no_decode ? NULL : opts, dims->B, dims->Lq,
+                                        k, v, dec)))
         return st;
-    if ((st = check_dims(ctx, fn, "v", v, dims->B, dims->Hkv, dims->Lkv, dims->Dv,
+    /* A paged k and v are (num_pages, Hkv, page_size, D / Dv). */
+    int64_t kv_batch = dec->page_table ? dec->num_pages : dims->B;
+    if ((st = check_dims(ctx, fn, "k", k, kv_batch, dims->Hkv, dims->Lkv, dims->D,
+                         dec->page_table ? "a page pool with q's head_dim"
+                                         : "batch and head_dim of q")))
+        return st;
+    if ((st = check_dims(ctx, fn, "v", v, kv_batch, dims->Hkv, dims->Lkv, dims->Dv,
                          "batch, heads and length of k")))
         return st;
+    dims->Lkv = dec->kv_len;
     if (dims->Hq % dims->Hkv)
         return flex_fail(ctx, FLEX_ERR_SHAPE,
                          "%s: q has %lld heads, not a multiple of k's %lld heads (grouped-query "
@@ -229,7 +250,13 @@ static flex_status check_common(flex_context *ctx, const char *fn, const flex_te
         if (bm->ctx != ctx)
             return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
                              "%s: the block mask was built on another context", fn);
-        if (bm->q_len != dims->Lq || bm->kv_len != dims->Lkv)
+        if (dec->active && (bm->q_len < dims->Lq || bm->kv_len < dims->Lkv))
+            return flex_fail(ctx, FLEX_ERR_SHAPE,
+                             "%s: the block mask is for q_len %lld, kv_len %lld; with decode "
+                             "arguments it must reach Lq %lld and the logical kv length %lld",
+                             fn, (long long)bm->q_len, (long long)bm->kv_len, (long long)dims->Lq,
+                             (long long)dims->Lkv);
+        if (!dec->active && (bm->q_len != dims->Lq || bm->kv_len != dims->Lkv))
             return flex_fail(ctx, FLEX_ERR_SHAPE,
                              "%s: the block mask is for q_len %lld, kv_len %lld but q has length "
                              "%lld and k %lld",
@@ -246,11 +273,19 @@ static flex_status check_common(flex_context *ctx, const char *fn, const flex_te
         if (bm->mask_mod &&
             (st = check_mod_bound(ctx, fn, "block mask's mask mod", bm->mask_mod, FLEX_MOD_MASK)))
             return st;
-    } else if (mask_mod) {
-        if ((st = flex_mask_cache_acquire(ctx, mask_mod, dims->B, dims->Hq, dims->Lq, dims->Lkv,
-                                          held, &bm)))
-            return st;
-        *block_mask = bm;
+        if ((st = flex_decode_check_values(ctx, fn, dec, dims->B, dims->Lq, bm->q_len))) return st;
+    } else {
+        if ((st = flex_decode_check_values(ctx, fn, dec, dims->B, dims->Lq, -1))) return st;
+        if (mask_mod) {
+            /* Decode steps share one mask: its q_len covers the whole cache
+             * (and any query past it), so a new offset is no new mask. */
+            int64_t q_len = dims->Lq;
+            if (dec->active) q_len = dec->q_end > dims->Lkv ? dec->q_end : dims->Lkv;
+            if ((st = flex_mask_cache_acquire(ctx, mask_mod, dims->B, dims->Hq, q_len, dims->Lkv,
+                                              held, &bm)))
+                return st;
+            *block_mask = bm;
+        }
     }
 
     float s = opts ? opts->scale : 0.0f;
@@ -315,7 +350,9 @@ static flex_status attention_forward(flex_context *ctx, const flex_tensor *q, co
     flex_status st;
     attention_dims dims;
     float scale;
-    if ((st = check_common(ctx, fn, q, k, v, score_mod, &block_mask, opts, &scale, &dims, held)))
+    flex_decode_args dec;
+    if ((st = check_common(ctx, fn, q, k, v, score_mod, &block_mask, opts, &scale, &dims, held,
+                           &dec)))
         return st;
     if ((st = check_tensor(ctx, fn, "out", out, 1))) return st;
     if (out->dtype != q->dtype)
@@ -324,13 +361,23 @@ static flex_status attention_forward(flex_context *ctx, const flex_tensor *q, co
     if ((st = check_dims(ctx, fn, "out", out, dims.B, dims.Hq, dims.Lq, dims.Dv,
                          "batch, heads and length of q, head_dim of v")))
         return st;
-    const flex_tensor *inputs[] = {q, k, v};
-    const char *const names[] = {"q", "k", "v"};
-    if ((st = check_no_overlap(ctx, fn, "out", out, inputs, names, 3))) return st;
+    /* The decode tensors count as inputs where they share out's memory
+     * space (a host table beside device outputs cannot alias them). */
+    const flex_tensor *inputs[6] = {q, k, v};
+    const char *names[6] = {"q", "k", "v"};
+    int num_inputs = 3;
+    const flex_tensor *decode_inputs[3] = {dec.q_offsets, dec.kv_lengths, dec.page_table};
+    const char *const decode_names[3] = {"opts->q_offsets", "opts->kv_lengths", "opts->page_table"};
+    for (int i = 0; i < 3; i++)
+        if (decode_inputs[i] && decode_inputs[i]->device == out->device) {
+            inputs[num_inputs] = decode_inputs[i];
+            names[num_inputs++] = decode_names[i];
+        }
+    if ((st = check_no_overlap(ctx, fn, "out", out, inputs, names, num_inputs))) return st;
     flex_tensor lse4;
     if (lse) {
         if ((st = check_lse(ctx, fn, lse, dims.B, dims.Hq, dims.Lq, 1, &lse4))) return st;
-        if ((st = check_no_overlap(ctx, fn, "lse", &lse4, inputs, names, 3))) return st;
+        if ((st = check_no_overlap(ctx, fn, "lse", &lse4, inputs, names, num_inputs))) return st;
         const flex_tensor *o[] = {out};
         const char *const on[] = {"out"};
         if ((st = check_no_overlap(ctx, fn, "lse", &lse4, o, on, 1))) return st;
@@ -346,6 +393,12 @@ static flex_status attention_forward(flex_context *ctx, const flex_tensor *q, co
         .block_mask = block_mask,
         .scale = scale,
         .stream = opts ? opts->stream : NULL,
+        .q_offsets = dec.q_offsets,
+        .kv_lengths = dec.kv_lengths,
+        .page_table = dec.page_table,
+        .page_size = dec.page_size,
+        .kv_len = dims.Lkv,
+        .kv_splits = opts ? opts->kv_splits : 0,
     };
     struct flex_plan plan;
     if ((st = make_plan(ctx, &args, opts, &plan))) return st;
@@ -378,7 +431,8 @@ static flex_status attention_backward(flex_context *ctx, const flex_tensor *q, c
     flex_status st;
     attention_dims dims;
     float scale;
-    if ((st = check_common(ctx, fn, q, k, v, score_mod, &block_mask, opts, &scale, &dims, held)))
+    if ((st = check_common(ctx, fn, q, k, v, score_mod, &block_mask, opts, &scale, &dims, held,
+                           NULL)))
         return st;
     if ((st = check_tensor(ctx, fn, "out", out, 0)) ||
         (st = check_tensor(ctx, fn, "dout", dout, 0)))

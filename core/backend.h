@@ -34,6 +34,16 @@ typedef struct flex_forward_args {
     float scale;
     void *stream;
     const struct flex_plan *plan;
+    /* Decode and serving (flex_attention_options; docs/decode.md). NULL
+     * when not given. When any is given, the core has checked every host
+     * value and the block mask is in logical positions (its q_len and
+     * kv_len may exceed Lq and the kv length). */
+    const flex_tensor *q_offsets;  /* int32 (B,) */
+    const flex_tensor *kv_lengths; /* int32 (B,) */
+    const flex_tensor *page_table; /* int32 (B, max_pages); k, v are page pools */
+    int64_t page_size;             /* k->sizes[2] when paged, else 0 */
+    int64_t kv_len;                /* logical kv length: max_pages * page_size, else Lkv */
+    int kv_splits;                 /* the caller's hint; 0 = the backend's policy */
 } flex_forward_args;
 
 typedef struct flex_backward_args {

@@ -422,8 +422,32 @@ typedef struct flex_attention_options {
                                  built and cached on the context */
     void *stream;             /* CUstream / hipStream_t; NULL = default */
     int q_tile, kv_tile;      /* kernel hints; 0 = the plan's choice */
-    int kv_splits;            /* >= 0; reserved for split-KV decode: no backend
-                                 splits the KV range yet, so it changes nothing */
+    int kv_splits;            /* >= 0; pieces the kv range of each (batch, head)
+                                 is cut into, merged by their LSE; 0 = the
+                                 backend's policy. The CPU honours it (at most
+                                 one piece per 64 keys); CUDA ignores it */
+
+    /* ---- decode and serving (docs/decode.md). Each is borrowed for the
+     * call, may be NULL, is a run-time kernel argument (a new value never
+     * recompiles anything) and may live on the host or on the context's
+     * device. Host values are checked before any work: a bad one is
+     * FLEX_ERR_INVALID_ARGUMENT naming the tensor, the index and the value,
+     * and out is not written. ---- */
+
+    /* int32 (B,): query row i of batch b is at absolute position
+     * q_offsets[b] + i (>= 0, <= that batch's kv length). Mods and block
+     * masks see absolute positions. NULL: all 0. */
+    const flex_tensor *q_offsets;
+    /* int32 (B,): keys at logical positions >= kv_lengths[b] are not
+     * attended (0 .. the logical kv length). NULL: all attended. */
+    const flex_tensor *kv_lengths;
+    /* int32 (B, max_pages): k and v are page pools, k (num_pages, Hkv,
+     * page_size, D) and v (num_pages, Hkv, page_size, Dv), any strides.
+     * Logical kv position p of batch b is row p % page_size of page
+     * page_table[b][p / page_size]; the logical kv length is max_pages *
+     * page_size. Entries of pages a batch reads (below its kv length) must
+     * be in [0, num_pages); the others are never read. NULL: not paged. */
+    const flex_tensor *page_table;
 } flex_attention_options;
 
 /*
@@ -438,6 +462,11 @@ typedef struct flex_attention_options {
  * Borrows every argument for the call; on GPU backends the work is queued on
  * opts->stream and the inputs must stay alive until it completes.
  * out is never written when an argument check fails.
+ * With opts->q_offsets, kv_lengths or page_table, a block mask is in
+ * logical positions: its q_len must reach every q_offsets[b] + Lq and its
+ * kv_len the logical kv length (the mask opts->mask_mod builds is for
+ * q_len = max(logical kv length, largest q_offsets[b] + Lq), so that one
+ * mask serves every decode step).
  */
 flex_status flex_attention(flex_context *ctx, const flex_tensor *q, const flex_tensor *k,
                            const flex_tensor *v, const flex_mod *score_mod,
@@ -455,7 +484,8 @@ typedef struct flex_buffer_grad {
  * Gradients of flex_attention: given the forward's inputs, its out and lse,
  * and dout, writes dq, dk, dv (same shapes and dtype as q, k, v; any may be
  * NULL when not wanted) and adds the gradients of the named float buffers.
- * Borrows everything for the call.
+ * Borrows everything for the call. opts->q_offsets, kv_lengths and
+ * page_table are not supported here (FLEX_ERR_UNSUPPORTED naming them).
  */
 flex_status flex_attention_backward(flex_context *ctx, const flex_tensor *q, const flex_tensor *k,
                                     const flex_tensor *v, const flex_tensor *out,

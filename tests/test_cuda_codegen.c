@@ -687,6 +687,38 @@ START_TEST(test_nvrtc_error_carries_log) {
 }
 END_TEST
 
+/* The split-KV combine on the shared LSE merge (core/lse_merge.h, the
+ * header the CPU decode path includes) compiles to machine code for both
+ * targets. */
+START_TEST(test_nvrtc_compiles_splitkv_combine) {
+    char why[512];
+    if (flex_cuda_load_nvrtc(&api, why, sizeof why) != 0) {
+        printf("SKIPPED: NVRTC split-KV combine case (%s)\n", why);
+        nvrtc_skipped = 1;
+        return;
+    }
+    const char *merge = flex_cuda_template("lse_merge.h");
+    const char *combine = flex_cuda_template("flex_splitkv_combine.cuh");
+    ck_assert_ptr_nonnull(merge);
+    ck_assert_ptr_nonnull(combine);
+    size_t n = strlen(merge) + strlen(combine) + 2;
+    char *src = malloc(n);
+    ck_assert_ptr_nonnull(src);
+    snprintf(src, n, "%s\n%s", merge, combine);
+    static const char *const archs[] = {"sm_80", "sm_90a"};
+    for (int a = 0; a < 2; a++) {
+        void *bin = NULL;
+        size_t size = 0;
+        flex_status s = flex_cuda_compile(NULL, api, src, "flex_splitkv_combine", archs[a], &bin,
+                                          &size);
+        ck_assert_msg(s == FLEX_OK, "%s: %s", archs[a], flex_error_message(NULL));
+        ck_assert_uint_gt(size, 0);
+        free(bin);
+    }
+    free(src);
+}
+END_TEST
+
 int main(void) {
     Suite *suite = suite_create("cuda_codegen");
     TCase *emit = tcase_create("emit");
@@ -702,6 +734,7 @@ int main(void) {
     tcase_set_timeout(nvrtc, 600);
     tcase_add_test(nvrtc, test_nvrtc_compiles_presets_and_seeds);
     tcase_add_test(nvrtc, test_nvrtc_error_carries_log);
+    tcase_add_test(nvrtc, test_nvrtc_compiles_splitkv_combine);
     suite_add_tcase(suite, nvrtc);
     SRunner *runner = srunner_create(suite);
     /* In-process, so the skip flag set by a case is seen here. */

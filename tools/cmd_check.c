@@ -24,6 +24,7 @@
 #include "cli.h"
 #include "cli_args.h"
 #include "cli_backward.h"
+#include "check_decode.h"
 #include "internal.h"
 #include "oracle.h"
 #include "tolerance.h"
@@ -35,13 +36,16 @@ static void usage(FILE *f) {
                "with the fp64 oracle on every preset, dtype and a set of shapes (odd lengths,\n"
                "Q_LEN != KV_LEN, GQA, head dims, Dv != D, strides, LSE), and the backward\n"
                "(dq, dk, dv against the fp64 backward oracle; skipped on a backend without\n"
-               "one) on a set of masks, score mods and shapes. One line per case;\n"
+               "one) on a set of masks, score mods and shapes, and decode steps (a few\n"
+               "queries at run-time offsets against per-batch kv lengths of a cache,\n"
+               "contiguous or in shuffled pages; skipped where a backend refuses them).\n"
+               "One line per case;\n"
                "the last line counts passes and failures. Exit status 1 on any failure.\n"
                "\n"
                "  --quick   fewer and smaller cases\n");
 }
 
-enum { OP_FORWARD = 0, OP_BACKWARD = 1 };
+enum { OP_FORWARD = 0, OP_BACKWARD = 1, OP_DECODE = 2 };
 enum { LAYOUT_BHSD = 0, LAYOUT_BSHD = 1 };
 
 typedef struct check_case {
@@ -59,6 +63,12 @@ typedef struct check_case {
     int per_head;       /* block mask built per (b, h), not broadcast */
     double input_scale; /* q and k multiplied by it (0: 1) */
     int nan_q;          /* q[0, last head, 5, 3] is NaN */
+    /* OP_DECODE: Lq and Lkv above are the cache's length (the mods' and the
+     * block mask's); decode.lq query rows end at each batch's kv length. */
+    struct {
+        int lq, page_size, kv_splits;
+        int call_builds_mask; /* opts->mask_mod instead of the block mask */
+    } decode;
 } check_case;
 
 typedef struct case_list {
@@ -117,11 +127,49 @@ static void build_numeric_cases(case_list *l, int quick) {
             for (int d = 0; d < (quick ? 1 : 3); d++) {
                 check_case c = {"", op ? OP_BACKWARD : OP_FORWARD, NULL, NULL, n->B, n->Hq, n->Hkv,
                                 n->L, n->L, 64, 64, dts[d], LAYOUT_BHSD, 1, 0, n->score_text,
-                                n->mask_text, n->per_head, n->input_scale, n->nan_q};
+                                n->mask_text, n->per_head, n->input_scale, n->nan_q, {0}};
                 snprintf(c.name, sizeof c.name, "%s%s %s", op ? "backward " : "", n->what,
                          short_dtype(dts[d]));
                 add_case(l, &c);
             }
+    }
+}
+
+/* Decode: B=2 batches whose kv lengths (313 and 220 of a 320-key cache)
+ * are not multiples of the page sizes; GQA, pages, splits. */
+static void build_decode_cases(case_list *l, int quick) {
+    static const flex_dtype dts[] = {FLEX_F32, FLEX_F16, FLEX_BF16};
+    struct decode_shape {
+        const char *what, *score, *mask;
+        int Hq, Hkv, Lq, page_size, kv_splits, call_builds_mask, quick;
+    } shapes[] = {
+        {"decode q1 causal gqa 4:1", NULL, "causal", 8, 2, 1, 0, 0, 0, 1},
+        {"decode q4 sliding_window gqa 8:1 pages 16", NULL, "sliding_window", 8, 1, 4, 16, 0, 1,
+         1},
+        {"decode q1 alibi causal pages 64 splits 3", "alibi", "causal", 4, 2, 1, 64, 3, 1, 0},
+        {"decode q4 softcap pages 64", "softcap", NULL, 4, 4, 4, 64, 0, 0, 0},
+        {"decode q4 document_causal splits 2", NULL, "document_causal", 8, 2, 4, 0, 2, 0, 0},
+    };
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+        const struct decode_shape *s = &shapes[i];
+        if (quick && !s->quick) continue;
+        for (int d = 0; d < (quick ? 1 : 3); d++) {
+            check_case c = {.op = OP_DECODE,
+                            .score = s->score,
+                            .mask = s->mask,
+                            .B = 2,
+                            .Hq = s->Hq,
+                            .Hkv = s->Hkv,
+                            .Lq = 320,
+                            .Lkv = 320,
+                            .D = 64,
+                            .Dv = 64,
+                            .dtype = dts[d],
+                            .lse = 1,
+                            .decode = {s->Lq, s->page_size, s->kv_splits, s->call_builds_mask}};
+            snprintf(c.name, sizeof c.name, "%s %s", s->what, short_dtype(dts[d]));
+            add_case(l, &c);
+        }
     }
 }
 
@@ -132,7 +180,7 @@ static void build_cases(case_list *l, int quick) {
         const flex_preset *pr = flex_preset_at(p);
         for (int d = 0; d < 3; d++) {
             check_case c = {"",   OP_FORWARD, NULL, NULL, 1,    4, 4, L, L, 64,
-                            64,   dts[d],     0,    1,    0,    NULL, NULL, 0, 0.0, 0};
+                            64,   dts[d],     0,    1,    0,    NULL, NULL, 0, 0.0, 0, {0}};
             if (pr->kind == FLEX_MOD_MASK)
                 c.mask = pr->name;
             else
@@ -183,7 +231,7 @@ static void build_cases(case_list *l, int quick) {
             check_case c = {"",    OP_FORWARD, s->score,  s->mask, s->B,
                             s->Hq, s->Hkv,     s->Lq,     s->Lkv,  s->D,
                             s->Dv, dts[d],     s->layout, s->lse,  s->block,
-                            NULL,  NULL,       0,         0.0,     0};
+                            NULL,  NULL,       0,         0.0,     0, {0}};
             snprintf(c.name, sizeof c.name, "%s %s", s->what, short_dtype(dts[d]));
             add_case(l, &c);
         }
@@ -210,12 +258,13 @@ static void build_cases(case_list *l, int quick) {
         for (int d = 0; d < (quick ? 1 : 3); d++) {
             check_case c = {"",     OP_BACKWARD, s->score, s->mask, s->B,      s->Hq, s->Hkv, s->Lq,
                             s->Lkv, s->D,        s->Dv,    dts[d],  s->layout, 1,     0,
-                            NULL,   NULL,        0,        0.0,     0};
+                            NULL,   NULL,        0,        0.0,     0, {0}};
             snprintf(c.name, sizeof c.name, "backward %s %s", s->what, short_dtype(dts[d]));
             add_case(l, &c);
         }
     }
     build_numeric_cases(l, quick);
+    build_decode_cases(l, quick);
 }
 
 /* Param values that make each preset's pattern visible at these sizes. */
@@ -448,6 +497,45 @@ static int check_backward(case_data *cd, double *rel, char *why, size_t cap) {
     return r == -2 ? -1 : r < 0 ? 0 : r;
 }
 
+/* A decode step against the oracle (tools/check_decode.c). Returns 1 pass, 0
+ * fail, -1 when the backend refuses decode arguments (skipped). */
+static int check_decode(case_data *cd, const check_case *c, double *rel, double *lse_err,
+                        char *why, size_t cap) {
+    int32_t lengths[2] = {c->Lkv - 7, c->Lkv - 100}, offsets[2];
+    for (int b = 0; b < 2; b++)
+        offsets[b] = lengths[b] - c->decode.lq;
+    check_decode_case dc = {.B = c->B,
+                            .Hq = c->Hq,
+                            .Hkv = c->Hkv,
+                            .Lq = c->decode.lq,
+                            .D = c->D,
+                            .Dv = c->Dv,
+                            .cap = c->Lkv,
+                            .dtype = c->dtype,
+                            .page_size = c->decode.page_size,
+                            .shuffle_pages = 1,
+                            .kv_splits = c->decode.kv_splits,
+                            .q_offsets = offsets,
+                            .kv_lengths = lengths};
+    check_decode_data d;
+    int pass = 0;
+    uint64_t seed = 0x9e3779b97f4a7c15ull + (uint64_t)c->Hq;
+    if (check_decode_make(cd->ctx, &dc, seed, &d, why, cap) == 0) {
+        flex_status st = check_decode_forward(&d, cd->score, cd->mask_mod,
+                                              c->decode.call_builds_mask ? NULL : cd->mask);
+        if (st != FLEX_OK) {
+            snprintf(why, cap, "%s", flex_error_message(cd->ctx));
+            /* Refused by name (a backend without decode yet): skipped. */
+            pass = st == FLEX_ERR_UNSUPPORTED ? -1 : 0;
+        } else {
+            pass = check_decode_compare(&d, &dc, cd->score, cd->mask_mod, rel, lse_err, why, cap);
+            if (pass < 0) pass = 0;
+        }
+    }
+    check_decode_free(&d);
+    return pass;
+}
+
 static int run_case(flex_context *ctx, const check_case *c, double *rel, double *lse_err, char *why,
                     size_t cap) {
     case_data cd;
@@ -455,7 +543,10 @@ static int run_case(flex_context *ctx, const check_case *c, double *rel, double 
     cd.ctx = ctx;
     int pass = 0;
     *rel = *lse_err = NAN;
-    if (compile_mods(&cd, c, why, cap) == 0 && make_tensors(&cd, c, why, cap) == 0) {
+    if (c->op == OP_DECODE) {
+        if (compile_mods(&cd, c, why, cap) == 0)
+            pass = check_decode(&cd, c, rel, lse_err, why, cap);
+    } else if (compile_mods(&cd, c, why, cap) == 0 && make_tensors(&cd, c, why, cap) == 0) {
         switch (c->op) {
         case OP_FORWARD:
             pass = check_forward(&cd, c, rel, lse_err, why, cap);

@@ -17,6 +17,7 @@
 #include "cli.h"
 #include "cli_args.h"
 #include "cli_backward.h"
+#include "check_decode.h"
 #include "internal.h"
 #include "npy.h"
 #include "oracle.h"
@@ -69,7 +70,18 @@ static void usage(FILE *f) {
                "                      (dout.npy) and d<buffer>.npy (f32) for each float\n"
                "                      buffer the score mod reads; bf16 is written as <V2:\n"
                "                      np.load(f).view(ml_dtypes.bfloat16) reads it\n"
-               "  --json              print one JSON object instead of the table\n");
+               "  --json              print one JSON object instead of the table\n"
+               "\n"
+               "decode (any of these makes the run a decode step: --q-len query rows per\n"
+               "batch against a cache of --kv-len keys; the time is reported with the\n"
+               "effective K+V bandwidth; the block mask is built by the call, in\n"
+               "absolute positions; --load, --save and --backward are refused beside them):\n"
+               "  --q-offset N        absolute position of query row 0 in every batch\n"
+               "                      (default: each batch's kv length minus --q-len)\n"
+               "  --kv-lengths a,b    keys attended per batch (one value: all; default --kv-len)\n"
+               "  --page-size N       a paged cache: pages of N rows and a page table\n"
+               "  --shuffle-pages     pages in a pseudo-random order (default: in order)\n"
+               "  --kv-splits N       the kv_splits hint (0: the backend's policy)\n");
 }
 
 typedef struct run_opts {
@@ -80,6 +92,10 @@ typedef struct run_opts {
     cli_file_buffers files; /* --buffer */
     flex_dtype dtype;
     int check, json, backward, len_given, dtype_given;
+    /* decode: q_offset -1 = per batch, kv length - Lq */
+    int64_t q_offset, page_size, kv_splits;
+    int64_t *kv_lengths; /* --kv-lengths, malloc'd */
+    int num_kv_lengths, shuffle_pages, decode;
     const char *shape_option; /* the first of -B, -H, --len, ... given, or NULL */
     cli_params params;
 } run_opts;
@@ -119,7 +135,7 @@ static int parse_args(int argc, char **argv, run_opts *o) {
     memset(o, 0, sizeof *o);
     o->B = 1, o->H = 8, o->Hkv = -1, o->len = 2048, o->q_len = -1, o->kv_len = -1;
     o->D = 64, o->Dv = -1, o->warmup = 2, o->iters = 10, o->dtype = FLEX_F32;
-    o->q_block = -1, o->kv_block = -1;
+    o->q_block = -1, o->kv_block = -1, o->q_offset = -1;
     for (int i = 1; i < argc;) {
         const char *v = NULL, *arg = argv[i];
         int r;
@@ -137,6 +153,10 @@ static int parse_args(int argc, char **argv, run_opts *o) {
         }
         if (cli_flag(arg, "--backward")) {
             o->backward = 1, i++;
+            continue;
+        }
+        if (cli_flag(arg, "--shuffle-pages")) {
+            o->shuffle_pages = o->decode = 1, i++;
             continue;
         }
 #define OPT(name) ((r = cli_option(argc, argv, &i, name, &v)) != 0)
@@ -184,6 +204,26 @@ static int parse_args(int argc, char **argv, run_opts *o) {
         INT("--docs", 1, INT32_MAX, &o->docs)
         INT("--warmup", 0, 1000000, &o->warmup)
         INT("--iters", 1, 1000000, &o->iters)
+        /* The decode options: each makes the run a decode step. */
+#define DECODE_INT(name, lo, dst)                                                                  \
+    if (OPT(name)) {                                                                               \
+        if (r < 0 || cli_parse_int(v, name, lo, INT32_MAX, dst)) return -1;                        \
+        o->decode = 1;                                                                             \
+        continue;                                                                                  \
+    }
+        DECODE_INT("--q-offset", 0, &o->q_offset)
+        DECODE_INT("--page-size", 1, &o->page_size)
+        DECODE_INT("--kv-splits", 0, &o->kv_splits)
+#undef DECODE_INT
+        if (OPT("--kv-lengths")) {
+            free(o->kv_lengths);
+            o->kv_lengths = NULL;
+            if (r < 0 ||
+                cli_parse_int_list(v, "--kv-lengths", 0, &o->kv_lengths, &o->num_kv_lengths))
+                return -1;
+            o->decode = 1;
+            continue;
+        }
         if (OPT("--dtype")) {
             if (r < 0 || parse_dtype(v, &o->dtype)) return -1;
             o->dtype_given = 1;
@@ -226,6 +266,11 @@ static int parse_args(int argc, char **argv, run_opts *o) {
     }
     if (o->mask_preset && o->mask_text) {
         fprintf(stderr, "flexattn run: --mask and --mask-text exclude each other\n");
+        return -1;
+    }
+    if (o->decode && (o->load || o->save || o->backward)) {
+        fprintf(stderr, "flexattn run: --load, --save and --backward are not available with the "
+                        "decode options\n");
         return -1;
     }
     if (o->load && o->shape_option) {
@@ -339,7 +384,9 @@ static int load_dir_buffers(run_state *s) {
  * generated data for the other buffers. */
 static int bind_buffers(run_state *s, flex_mod *m) {
     if (cli_bind_file_buffers(s->ctx, m, &s->o.files)) return -1;
-    cli_buffer_spec spec = {.q_len = s->Lq,
+    /* Decode queries sit at positions up to the cache's length. */
+    int64_t q_len = s->o.decode && s->Lkv > s->Lq ? s->Lkv : s->Lq;
+    cli_buffer_spec spec = {.q_len = q_len,
                             .kv_len = s->Lkv,
                             .heads = s->Hq,
                             .num_docs = (int)s->o.docs,
@@ -890,8 +937,133 @@ static void print_mask(const run_state *s) {
     printf("sparsity %.2f%%\n", flex_block_mask_sparsity(s->mask));
 }
 
+/* ---- decode ---- */
+
+/*
+ * A decode step (the decode options): --q-len rows per batch at their
+ * offsets against the cache (tools/check_decode.c builds it, contiguous or
+ * paged, on the context's device), timed; with --check compared with the
+ * fp64 oracle by the tolerance rule. The bandwidth counts the K and V rows
+ * the batches attend, read once. Returns a CLI exit status.
+ */
+static int run_decode(run_state *s) {
+    const run_opts *o = &s->o;
+    int B = (int)s->B;
+    if (o->num_kv_lengths != 0 && o->num_kv_lengths != 1 && o->num_kv_lengths != B) {
+        fprintf(stderr, "flexattn run: --kv-lengths has %d values; 1 or B = %d expected\n",
+                o->num_kv_lengths, B);
+        return CLI_EXIT_USAGE;
+    }
+    int32_t *lengths = malloc((size_t)B * sizeof(int32_t)), *offsets = malloc((size_t)B * 4);
+    if (!lengths || !offsets) {
+        free(lengths), free(offsets);
+        return CLI_EXIT_FAILURE;
+    }
+    double kv_rows = 0.0;
+    for (int b = 0; b < B; b++) {
+        int64_t len = o->num_kv_lengths ? o->kv_lengths[o->num_kv_lengths == 1 ? 0 : b] : s->Lkv;
+        if (len > s->Lkv) {
+            fprintf(stderr, "flexattn run: --kv-lengths %lld is longer than --kv-len %lld\n",
+                    (long long)len, (long long)s->Lkv);
+            free(lengths), free(offsets);
+            return CLI_EXIT_USAGE;
+        }
+        lengths[b] = (int32_t)len;
+        int64_t off = o->q_offset >= 0 ? o->q_offset : (len >= s->Lq ? len - s->Lq : 0);
+        offsets[b] = (int32_t)off;
+        kv_rows += (double)len;
+    }
+    check_decode_case c = {.B = B,
+                           .Hq = (int)s->Hq,
+                           .Hkv = (int)s->Hkv,
+                           .Lq = (int)s->Lq,
+                           .D = (int)s->D,
+                           .Dv = (int)s->Dv,
+                           .cap = (int)s->Lkv,
+                           .dtype = s->dtype,
+                           .page_size = (int)o->page_size,
+                           .shuffle_pages = o->shuffle_pages,
+                           .kv_splits = (int)o->kv_splits,
+                           .q_offsets = offsets,
+                           .kv_lengths = lengths};
+    check_decode_data d;
+    char why[512] = "";
+    int rc = CLI_EXIT_FAILURE;
+    double *ms = malloc((size_t)o->iters * sizeof(double));
+    if (!ms || check_decode_make(s->ctx, &c, 0x243f6a8885a308d3ull, &d, why, sizeof why)) {
+        fprintf(stderr, "flexattn run: %s\n", ms ? why : "out of memory");
+        free(ms), free(lengths), free(offsets);
+        return CLI_EXIT_FAILURE;
+    }
+    for (int64_t i = 0; i < o->warmup + o->iters; i++) {
+        double t0 = flex_now_ms();
+        if (check_decode_forward(&d, s->score, s->mask_mod, NULL) != FLEX_OK) {
+            fprintf(stderr, "flexattn run: %s\n", flex_error_message(s->ctx));
+            goto done;
+        }
+        if (i >= o->warmup) ms[i - o->warmup] = flex_now_ms() - t0;
+    }
+    qsort(ms, (size_t)o->iters, sizeof *ms, flex_compare_doubles);
+    int64_t n = o->iters;
+    double median = n % 2 ? ms[n / 2] : 0.5 * (ms[n / 2 - 1] + ms[n / 2]);
+    double bytes =
+        kv_rows * (double)s->Hkv * (double)(s->D + s->Dv) * (double)flex_dtype_size(s->dtype);
+    double tbps = bytes / (median * 1e-3) / 1e12;
+    double rel = 0.0, lse_err = 0.0;
+    int pass = 1;
+    if (o->check) {
+        pass = check_decode_compare(&d, &c, s->score, s->mask_mod, &rel, &lse_err, why, sizeof why);
+        if (pass < 0) {
+            fprintf(stderr, "flexattn run: %s\n", why);
+            goto done;
+        }
+    }
+    const char *name = o->preset ? o->preset : "text";
+    if (o->json) {
+        printf("{\"op\": \"decode\", \"name\": \"%s\", \"backend\": \"%s\", \"device\": "
+               "\"%s\", \"dtype\": \"%s\", \"B\": %d, \"H\": %lld, \"Hkv\": %lld, \"q_len\": "
+               "%lld, \"kv_len\": %lld, \"D\": %lld, \"Dv\": %lld, \"page_size\": %lld, "
+               "\"kv_splits\": %lld, \"fw_ms\": %.6f, \"kv_tbps\": %.6f",
+               name, flex_context_backend(s->ctx), flex_context_device_name(s->ctx),
+               flex_dtype_name(s->dtype), B, (long long)s->Hq, (long long)s->Hkv, (long long)s->Lq,
+               (long long)s->Lkv, (long long)s->D, (long long)s->Dv, (long long)o->page_size,
+               (long long)o->kv_splits, median, tbps);
+        if (o->check)
+            printf(", \"out_margin\": %.3f, \"lse_margin\": %.3f, \"pass\": %s", rel, lse_err,
+                   pass ? "true" : "false");
+        printf("}\n");
+    } else {
+        printf("Decode step for %s (%s, %s, %s, B=%d H=%lld Hkv=%lld q_len=%lld cache=%lld "
+               "D=%lld Dv=%lld, %s):\n",
+               o->preset ? o->preset : o->text, flex_context_backend(s->ctx),
+               flex_context_device_name(s->ctx), flex_dtype_name(s->dtype), B, (long long)s->Hq,
+               (long long)s->Hkv, (long long)s->Lq, (long long)s->Lkv, (long long)s->D,
+               (long long)s->Dv,
+               o->page_size ? (o->shuffle_pages ? "shuffled pages" : "pages in order")
+                            : "contiguous cache");
+        printf("  kv lengths:");
+        for (int b = 0; b < B && b < 8; b++)
+            printf(" %d", (int)lengths[b]);
+        printf("%s\n  q offsets: ", B > 8 ? " ..." : "");
+        for (int b = 0; b < B && b < 8; b++)
+            printf(" %d", (int)offsets[b]);
+        printf("%s\n  time %.4f ms (median of %lld), K+V read %.4f TB/s\n", B > 8 ? " ..." : "",
+               median, (long long)n, tbps);
+        if (o->check)
+            printf("check: %s  out %.2f, lse %.2f of the tolerance bound (all rows vs the fp64 "
+                   "oracle)%s%s\n",
+                   pass ? "PASS" : "FAIL", rel, lse_err, pass ? "" : ": ", pass ? "" : why);
+    }
+    rc = pass ? CLI_EXIT_OK : CLI_EXIT_FAILURE;
+done:
+    check_decode_free(&d);
+    free(ms), free(lengths), free(offsets);
+    return rc;
+}
+
 static void run_free(run_state *s) {
     free(s->o.doc_lengths);
+    free(s->o.kv_lengths);
     cli_file_buffers_free(&s->o.files);
     for (int i = 0; i < 5; i++)
         if (s->dev[i]) flex_free(s->ctx, s->dev[i]);
@@ -909,6 +1081,7 @@ int cmd_run(int argc, char **argv) {
     memset(&s, 0, sizeof s);
     if (parse_args(argc, argv, &s.o)) {
         free(s.o.doc_lengths);
+        free(s.o.kv_lengths);
         cli_file_buffers_free(&s.o.files);
         return CLI_EXIT_USAGE;
     }
@@ -983,6 +1156,10 @@ int cmd_run(int argc, char **argv) {
     }
     if ((s.score && bind_buffers(&s, s.score)) || (s.mask_mod && bind_buffers(&s, s.mask_mod))) {
         rc = CLI_EXIT_USAGE;
+        goto done;
+    }
+    if (s.o.decode) {
+        rc = run_decode(&s);
         goto done;
     }
     if (s.mask_mod && build_mask(&s) != FLEX_OK) goto done;

@@ -22,6 +22,23 @@ flex_status flex_cpu_forward(flex_context *ctx, const flex_forward_args *args);
  * contract as flex_cpu_forward. */
 flex_status flex_cpu_forward_reference(flex_context *ctx, const flex_forward_args *args);
 
+/* The decode path (cpu_decode.c): work split over (b, h, kv split) with an
+ * LSE merge; the only path that knows q_offsets, kv_lengths and page_table.
+ * Same contract as flex_cpu_forward. */
+flex_status flex_cpu_forward_decode(flex_context *ctx, const flex_forward_args *args);
+
+/* Whether flex_cpu_forward hands a call to the decode path: always with
+ * decode arguments or a kv_splits hint above 1; for a plain call with at
+ * most 16 query rows when the split policy would split its keys. */
+int flex_cpu_decode_wanted(const flex_forward_args *args, const struct flex_plan *plan);
+
+/* The split policy, the one place it lives: the hint when > 0 (at most one
+ * split per chunk of keys), else enough (b, h, split) items for twice the
+ * threads, with at least 4 chunks per split. longest_kv is the longest kv
+ * length of the batch. */
+int64_t flex_cpu_decode_splits(int64_t B, int64_t Hq, int64_t Lq, int64_t longest_kv, int chunk,
+                               int threads, int hint);
+
 /* Backward (cpu_backward.c). */
 flex_status flex_cpu_backward(flex_context *ctx, const flex_backward_args *args);
 

@@ -689,6 +689,7 @@ flex_status flex_cpu_forward(flex_context *ctx, const flex_forward_args *args) {
         if (st != FLEX_OK) return st;
         plan = &local_plan;
     }
+    if (flex_cpu_decode_wanted(args, plan)) return flex_cpu_forward_decode(ctx, args);
     if (plan->use_reference) return flex_cpu_forward_reference(ctx, args);
 
     fwd_problem pb;

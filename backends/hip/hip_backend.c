@@ -323,6 +323,14 @@ static flex_status hip_forward(flex_context *ctx, const flex_forward_args *a) {
     const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v, *o = &a->out;
     const int64_t B = q->sizes[0], Hq = q->sizes[1], Lq = q->sizes[2], D = q->sizes[3];
     const int64_t Hkv = k->sizes[1], Lkv = k->sizes[2], Dv = v->sizes[3];
+    /* Never ignored silently: the shared forward knows nothing of them. */
+    if (a->q_offsets || a->kv_lengths || a->page_table)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "the HIP backend does not implement opts->%s yet (decode and paged KV "
+                         "run on the CPU backend only)",
+                         a->q_offsets    ? "q_offsets"
+                         : a->kv_lengths ? "kv_lengths"
+                                         : "page_table");
     if (D > 256 || Dv > 256)
         return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
                          "the HIP backend supports head dims up to 256 (q has %lld, v has %lld)",

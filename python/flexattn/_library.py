@@ -80,7 +80,11 @@ class ModDesc(ctypes.Structure):
 class AttentionOptions(ctypes.Structure):
     _fields_ = [("scale", ctypes.c_float), ("mask_mod", ctypes.c_void_p),
                 ("stream", ctypes.c_void_p), ("q_tile", ctypes.c_int), ("kv_tile", ctypes.c_int),
-                ("kv_splits", ctypes.c_int)]
+                ("kv_splits", ctypes.c_int),
+                # decode and serving (NULL: not used); the library reads them,
+                # so the struct must end where the C one does
+                ("q_offsets", ctypes.c_void_p), ("kv_lengths", ctypes.c_void_p),
+                ("page_table", ctypes.c_void_p)]
 
 
 class BufferGrad(ctypes.Structure):

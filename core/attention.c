@@ -178,7 +178,10 @@ static flex_status check_mod_bound(flex_context *ctx, const char *fn, const char
 }
 
 /* Shared by forward and backward: q, k, v, the mods, the block mask and the
- * scale. Fills the dimensions. */
+ * scale. Fills the dimensions, and replaces *block_mask by the mask the call
+ * walks: the one built for opts->mask_mod, less the blocks the score mod
+ * masks. Masks taken from the context's cache are left in held[0] (mask
+ * mod) and held[1] (score mod) for the caller to release. */
 typedef struct attention_dims {
     int64_t B, Hq, Hkv, Lq, Lkv, D, Dv;
 } attention_dims;
@@ -187,7 +190,7 @@ static flex_status check_common(flex_context *ctx, const char *fn, const flex_te
                                 const flex_tensor *k, const flex_tensor *v,
                                 const flex_mod *score_mod, const flex_block_mask **block_mask,
                                 const flex_attention_options *opts, float *scale,
-                                attention_dims *dims, flex_cached_mask **held) {
+                                attention_dims *dims, flex_cached_mask *held[2]) {
     flex_status st;
     if ((st = check_tensor(ctx, fn, "q", q, 0)) || (st = check_tensor(ctx, fn, "k", k, 0)) ||
         (st = check_tensor(ctx, fn, "v", v, 0)))
@@ -248,7 +251,15 @@ static flex_status check_common(flex_context *ctx, const char *fn, const flex_te
             return st;
     } else if (mask_mod) {
         if ((st = flex_mask_cache_acquire(ctx, mask_mod, dims->B, dims->Hq, dims->Lq, dims->Lkv,
-                                          held, &bm)))
+                                          &held[0], &bm)))
+            return st;
+        *block_mask = bm;
+    }
+    /* Blocks the score mod masks (-inf whatever the score) are skipped like
+     * a mask's empty blocks; FLEXATTN_DEBUG=score_sparsity=0 turns it off. */
+    if (score_mod && flex_debug_int(ctx, FLEX_DEBUG_SCORE_SPARSITY, 1, 0, 1)) {
+        if ((st = flex_score_mask_cache_acquire(ctx, score_mod, bm, dims->B, dims->Hq, dims->Lq,
+                                                dims->Lkv, &held[1], &bm)))
             return st;
         *block_mask = bm;
     }
@@ -304,13 +315,13 @@ static flex_status make_plan(flex_context *ctx, const flex_forward_args *args,
     return FLEX_OK;
 }
 
-/* flex_attention once ctx is known; a mask it takes from the context's cache
- * is left in *held for the caller to release. */
+/* flex_attention once ctx is known; masks it takes from the context's cache
+ * are left in held for the caller to release. */
 static flex_status attention_forward(flex_context *ctx, const flex_tensor *q, const flex_tensor *k,
                                      const flex_tensor *v, const flex_mod *score_mod,
                                      const flex_block_mask *block_mask,
                                      const flex_attention_options *opts, const flex_tensor *out,
-                                     const flex_tensor *lse, flex_cached_mask **held) {
+                                     const flex_tensor *lse, flex_cached_mask *held[2]) {
     static const char fn[] = "flex_attention";
     flex_status st;
     attention_dims dims;
@@ -359,13 +370,14 @@ flex_status flex_attention(flex_context *ctx, const flex_tensor *q, const flex_t
                            const flex_block_mask *block_mask, const flex_attention_options *opts,
                            const flex_tensor *out, const flex_tensor *lse) {
     if (!ctx) return flex_fail(NULL, FLEX_ERR_NULL_POINTER, "flex_attention: ctx is NULL");
-    flex_cached_mask *held = NULL;
-    flex_status st = attention_forward(ctx, q, k, v, score_mod, block_mask, opts, out, lse, &held);
-    flex_mask_cache_release(ctx, held);
+    flex_cached_mask *held[2] = {NULL, NULL};
+    flex_status st = attention_forward(ctx, q, k, v, score_mod, block_mask, opts, out, lse, held);
+    flex_mask_cache_release(ctx, held[1]);
+    flex_mask_cache_release(ctx, held[0]);
     return st;
 }
 
-/* flex_attention_backward once ctx is known; *held as in attention_forward. */
+/* flex_attention_backward once ctx is known; held as in attention_forward. */
 static flex_status attention_backward(flex_context *ctx, const flex_tensor *q, const flex_tensor *k,
                                       const flex_tensor *v, const flex_tensor *out,
                                       const flex_tensor *dout, const flex_tensor *lse,
@@ -373,7 +385,7 @@ static flex_status attention_backward(flex_context *ctx, const flex_tensor *q, c
                                       const flex_attention_options *opts, const flex_tensor *dq,
                                       const flex_tensor *dk, const flex_tensor *dv,
                                       const flex_buffer_grad *buffer_grads, int num_buffer_grads,
-                                      flex_cached_mask **held) {
+                                      flex_cached_mask *held[2]) {
     static const char fn[] = "flex_attention_backward";
     flex_status st;
     attention_dims dims;
@@ -513,9 +525,10 @@ flex_status flex_attention_backward(flex_context *ctx, const flex_tensor *q, con
                                     const flex_tensor *dk, const flex_tensor *dv,
                                     const flex_buffer_grad *buffer_grads, int num_buffer_grads) {
     if (!ctx) return flex_fail(NULL, FLEX_ERR_NULL_POINTER, "flex_attention_backward: ctx is NULL");
-    flex_cached_mask *held = NULL;
+    flex_cached_mask *held[2] = {NULL, NULL};
     flex_status st = attention_backward(ctx, q, k, v, out, dout, lse, score_mod, block_mask, opts,
-                                        dq, dk, dv, buffer_grads, num_buffer_grads, &held);
-    flex_mask_cache_release(ctx, held);
+                                        dq, dk, dv, buffer_grads, num_buffer_grads, held);
+    flex_mask_cache_release(ctx, held[1]);
+    flex_mask_cache_release(ctx, held[0]);
     return st;
 }

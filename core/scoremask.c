@@ -67,6 +67,14 @@ flex_status flex_score_mask_find(flex_context *ctx, const flex_mod *score_mod, i
     int64_t nq = flex_blocks_for(q_len, q_block), nk = flex_blocks_for(kv_len, kv_block);
     memset(masked, 0, (size_t)(B * H * nq * nk));
     *num_masked = 0;
+    /* Most score mods (biases, soft-caps) can never give -inf: one look at
+     * the whole box, buffers taken as any value, spares reading them (a
+     * copy from the device for GPU backends) and building range tables. */
+    mod_box all = {.lo = {0, 0, 0, 0}, .hi = {B - 1, H - 1, q_len - 1, kv_len - 1}};
+    unsigned fp0 = flex_fp_mods_begin();
+    int never = mod_interval_score_never_masked(ir, &all);
+    flex_fp_restore(fp0);
+    if (never) return FLEX_OK;
     mod_buffer_view views[IR_MAX_BUFFERS];
     void *host_copies[IR_MAX_BUFFERS];
     memset(views, 0, sizeof views);

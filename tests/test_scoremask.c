@@ -317,6 +317,32 @@ START_TEST(possibly_out_of_range_read) {
 }
 END_TEST
 
+/* The first look, without buffers: int reads are finite whatever they
+ * hold, float reads may be -inf. */
+START_TEST(never_masked_without_reading_buffers) {
+    flex_context *ctx = make_ctx(1);
+    flex_buffer_decl decls[2] = {{"t", FLEX_I32, 1}, {"f", FLEX_F32, 1}};
+    static const struct {
+        const char *text;
+        int never;
+    } cases[] = {
+        {"score + float(t[q]) * 0.5", 1},
+        {"30.0 * tanh(score / 30.0) + float(kv - q)", 1},
+        {"where(q >= kv, score, -inf)", 0},
+        {"score + f[q]", 0},
+        {"where(t[q] == t[kv], score, -inf)", 0},
+    };
+    mod_box box = {.lo = {0, 0, 0, 0}, .hi = {0, 0, 255, 255}};
+    for (size_t i = 0; i < sizeof cases / sizeof *cases; i++) {
+        flex_mod *m = compile_with(ctx, FLEX_MOD_SCORE, cases[i].text, decls, 2);
+        ck_assert_msg(mod_interval_score_never_masked(&m->ir, &box) == cases[i].never, "%s",
+                      cases[i].text);
+        flex_mod_destroy(m);
+    }
+    flex_context_destroy(ctx);
+}
+END_TEST
+
 /* ---- the mask a call walks ---- */
 
 START_TEST(restrict_keeps_the_base_mask) {
@@ -527,6 +553,7 @@ static Suite *suite(void) {
     tcase_add_test(tc, no_false_masked_blocks);
     tcase_add_test(tc, float_buffer_with_nan);
     tcase_add_test(tc, possibly_out_of_range_read);
+    tcase_add_test(tc, never_masked_without_reading_buffers);
     tcase_add_test(tc, restrict_keeps_the_base_mask);
     suite_add_tcase(s, tc);
     TCase *ta = tcase_create("attention");

@@ -109,6 +109,12 @@ mod_tri mod_interval_mask(const ir_mod *m, const mod_range_tables *tables, const
 mod_tri mod_interval_score_kept(const ir_mod *m, const mod_range_tables *tables,
                                 const mod_box *box, void *scratch);
 
+/* 1 when score 0 keeps every point of box (the result stays above -inf)
+ * with every buffer value taken as any value of its type: then no block
+ * inside box is masked, whatever the buffers hold, and they need not be
+ * read. 0 otherwise (also for an empty box or no memory). */
+int mod_interval_score_never_masked(const ir_mod *m, const mod_box *box);
+
 /* For code generation, which may use cheaper arithmetic where a value
  * provably stays small: within[i] = 1 when node i is an int whose every
  * value over box, buffer reads taken as any int32 (no tables), lies in

@@ -1082,6 +1082,20 @@ mod_tri mod_interval_score_kept(const ir_mod *m, const mod_range_tables *tables,
     return v[m->root].flo > -INFINITY ? MOD_TRI_TRUE : MOD_TRI_UNKNOWN;
 }
 
+int mod_interval_score_never_masked(const ir_mod *m, const mod_box *box) {
+    if (!m || !box || m->num_nodes <= 0 || box_empty(box)) return 0;
+    if (m->nodes[m->root].type != IR_FLOAT) return 0;
+    ival *v = malloc(mod_interval_scratch_size(m));
+    if (!v) return 0;
+    ival zero;
+    memset(&zero, 0, sizeof zero);
+    set_float(&zero, 0.0f, 0.0f, 0);
+    analyse_nodes(m, NULL, box, &zero, v, 0);
+    int kept = v[m->root].flo > -INFINITY;
+    free(v);
+    return kept;
+}
+
 /* The ranges of every node of m over box for code generation, buffer
  * reads taken as any int32 (malloc'd; NULL for an empty box or no memory). */
 static ival *ranges_for_codegen(const ir_mod *m, const mod_box *box) {

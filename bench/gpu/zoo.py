@@ -44,11 +44,14 @@ import torch
 ZOO = {}
 
 
-def zoo(name, source, differentiable=True):
+def zoo(name, source, differentiable=True, mask_reads_bh=False):
     """Registers make(B, H, Lq, Lkv, device) -> (score_mod, mask_mod, flexattn_score_mod);
-    flexattn_score_mod None means the same callable as torch's."""
+    flexattn_score_mod None means the same callable as torch's. mask_reads_bh:
+    torch's block mask is built per (b, h) (otherwise broadcast, as torch
+    users do: a dense B x H x Lq x Lkv evaluation is gigabytes at S8192)."""
     def register(make):
-        ZOO[name] = dict(make=make, source=source, differentiable=differentiable)
+        ZOO[name] = dict(make=make, source=source, differentiable=differentiable,
+                         mask_reads_bh=mask_reads_bh)
         return make
     return register
 
@@ -294,7 +297,8 @@ def _gather3d(B, H, Lq, Lkv, dev):
     return gather_3d, None, None
 
 
-@zoo("per_bh_length", "padding mask from per-(batch, head) lengths in a buffer")
+@zoo("per_bh_length", "padding mask from per-(batch, head) lengths in a buffer",
+     mask_reads_bh=True)
 def _per_bh(B, H, Lq, Lkv, dev):
     g = torch.Generator().manual_seed(4)
     length = torch.randint(max(1, Lkv // 4), Lkv + 1, (B, H), generator=g,
@@ -574,7 +578,8 @@ def gpu_run(args):
         q, k, v = inputs(shape, dtype, dev)
         for name in mods:
             score_mod, mask_mod, fa_score = build(name, shape, dev)
-            bm = (create_block_mask(mask_mod, B, Hq, Lq, Lkv, device=dev)
+            bh = (B, Hq) if ZOO[name]["mask_reads_bh"] else (None, None)
+            bm = (create_block_mask(mask_mod, *bh, Lq, Lkv, device=dev)
                   if mask_mod is not None else None)
             density = 1.0 if bm is None else 1.0 - bm.sparsity() / 100.0
             fa_bm = (fa.create_block_mask(mask_mod, B, Hq, Lq, Lkv, device=dev)

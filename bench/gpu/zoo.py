@@ -4,10 +4,9 @@ papers, on several shapes.
 
 Every mod is written once, as torch code: the same callables go to torch's
 flex_attention and to flexattn.torch (the one-import route, translated by the
-package's tracer). Only `softcap_tanh_approx` is mod text on the flexattn side
-(torch has no tanh_approx function a callable could call); its torch side is
-attention-gym's approximate-tanh op (PTX tanh.approx.f32) where that can be
-registered, torch.tanh otherwise.
+package's tracer). `softcap_tanh_approx` calls attention-gym's approximate
+tanh op `approx::tanh` (Inductor lowers it to PTX tanh.approx.f32 on torch's
+side; flexattn's tracer reads it as the language's tanh_approx).
 
 GPU run (writes bench/results/zoo-<device>.md and .jsonl):
     python3 bench/gpu/zoo.py [--rounds N] [--mods a,b] [--shapes main,d64,...]
@@ -261,16 +260,22 @@ def _softcap(B, H, Lq, Lkv, dev):
     return softcap, causal, None
 
 
-@zoo("softcap_tanh_approx", "attention-gym mods/softcapping (approximate tanh)")
+@zoo("softcap_tanh_approx", "attention-gym mods/softcapping (approximate tanh op approx::tanh)")
 def _softcap_approx(B, H, Lq, Lkv, dev):
-    tanh = _approx_tanh_op() if dev != "cpu" else torch.tanh
+    tanh_approx = _approx_tanh_op(lower=dev != "cpu")
 
     def softcap_approx(score, b, h, q_idx, kv_idx):
-        return 30.0 * tanh(score / 30.0)
+        return 30.0 * tanh_approx(score / 30.0)
 
     def causal(b, h, q_idx, kv_idx):
         return q_idx >= kv_idx
-    return softcap_approx, causal, "30.0 * tanh_approx(score / 30.0)"
+    if dev == "cpu":
+        # torch's eager CPU flex_attention vmaps the mod, and the custom op
+        # has no vmap rule: torch's side gets the exact tanh there
+        def softcap_exact(score, b, h, q_idx, kv_idx):
+            return 30.0 * torch.tanh(score / 30.0)
+        return softcap_exact, causal, softcap_approx
+    return softcap_approx, causal, None
 
 
 @zoo("trig", "PyTorch test_flex_attention _trig: sin/cos of the score, tan of an index")
@@ -349,34 +354,35 @@ def _doc_score(B, H, Lq, Lkv, dev):
     return document_score, None, None
 
 
-def _approx_tanh_op():
-    """attention-gym's approximate tanh: a custom op lowered by Inductor to
-    PTX tanh.approx.f32; torch.tanh where that cannot be registered."""
-    if hasattr(_approx_tanh_op, "op"):
-        return _approx_tanh_op.op
-    op = torch.tanh
-    try:
-        from functools import partial
-
-        from torch._inductor.lowering import make_pointwise, register_lowering
-        from torch._inductor.virtualized import ops
-
-        @torch.library.custom_op("flexattn_zoo::tanh_approx", mutates_args=())
+def _approx_tanh_op(lower):
+    """attention-gym's approximate tanh: the custom op approx::tanh (torch.tanh
+    in eager mode), lowered by Inductor to PTX tanh.approx.f32 when `lower`.
+    flexattn's tracer reads the op as the language's tanh_approx."""
+    import torch.library
+    if not hasattr(torch.ops.approx, "tanh"):
+        @torch.library.custom_op("approx::tanh", mutates_args=())
         def tanh_approx(inp: torch.Tensor) -> torch.Tensor:
             return torch.tanh(inp)
 
         @tanh_approx.register_fake
         def _(inp):
             return torch.tanh(inp)
+    op = torch.ops.approx.tanh
+    if lower and not getattr(_approx_tanh_op, "lowered", False):
+        try:
+            from functools import partial
 
-        def lowering(inp):
-            fn = partial(ops.inline_asm_elementwise, asm="tanh.approx.f32 $0, $1;")
-            return make_pointwise(fn)(inp)
-        register_lowering(torch.ops.flexattn_zoo.tanh_approx)(lowering)
-        op = tanh_approx
-    except Exception as e:  # reported in the results: the comparison is then exact tanh
-        print(f"approximate tanh op unavailable ({type(e).__name__}: {e}); torch.tanh used")
-    _approx_tanh_op.op = op
+            from torch._inductor.lowering import make_pointwise, register_lowering
+            from torch._inductor.virtualized import ops
+
+            def lowering(inp):
+                fn = partial(ops.inline_asm_elementwise, asm="tanh.approx.f32 $0, $1;")
+                return make_pointwise(fn)(inp)
+            register_lowering(torch.ops.approx.tanh)(lowering)
+            _approx_tanh_op.lowered = True
+        except Exception as e:  # then torch's side computes the exact tanh: say so
+            print(f"approximate tanh lowering unavailable ({type(e).__name__}: {e}); "
+                  f"torch's side of softcap_tanh_approx uses the exact tanh")
     return op
 
 

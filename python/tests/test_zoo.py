@@ -22,3 +22,19 @@ def test_zoo_has_at_least_24_mods():
 @pytest.mark.parametrize("name", list(zoo.ZOO))
 def test_zoo_mod(name, shape):
     zoo.dry_check(name, zoo.DRY_SHAPES[shape])
+
+
+def test_approx_tanh_op_traces_to_tanh_approx():
+    """attention-gym's approx::tanh op (packet, overload, or the custom op
+    object) becomes the language's tanh_approx, never a silent exact tanh;
+    torch.tanh stays tanh."""
+    import torch
+
+    from flexattn import _library as L
+    from flexattn._trace import trace_mod
+    _, _, fa_score = zoo.build("softcap_tanh_approx", zoo.DRY_SHAPES["tiny"], "cpu")
+    assert "tanh_approx(" in trace_mod(fa_score, L.MOD_SCORE).spec
+    for op in (torch.ops.approx.tanh, torch.ops.approx.tanh.default):
+        spec = trace_mod(lambda s, b, h, q, kv, op=op: op(s), L.MOD_SCORE).spec
+        assert "tanh_approx(score)" in spec
+    assert "tanh_approx" not in trace_mod(lambda s, b, h, q, kv: torch.tanh(s), L.MOD_SCORE).spec

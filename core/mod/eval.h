@@ -110,9 +110,11 @@ mod_tri mod_interval_score_kept(const ir_mod *m, const mod_range_tables *tables,
                                 const mod_box *box, void *scratch);
 
 /* 1 when score 0 keeps every point of box (the result stays above -inf)
- * with every buffer value taken as any value of its type: then no block
- * inside box is masked, whatever the buffers hold, and they need not be
- * read. 0 otherwise (also for an empty box or no memory). */
+ * with every buffer value taken as any value of its type, floats finite:
+ * then the blocks a score mod masks could only come from infinities or NaN
+ * in its float buffers, which are left unexploited (never a wrong skip), and
+ * the buffers need not be read. 0 otherwise (also for an empty box or no
+ * memory). */
 int mod_interval_score_never_masked(const ir_mod *m, const mod_box *box);
 
 /* For code generation, which may use cheaper arithmetic where a value

@@ -181,7 +181,10 @@ static flex_status check_mod_bound(flex_context *ctx, const char *fn, const char
 /* Shared by forward and backward: q, k, v, the mods, the block mask and the
  * scale. Fills the dimensions (Lkv is the logical kv length). dec receives
  * the decode arguments (core/decode_args.h); NULL (the backward) refuses
- * them. */
+ * them. Replaces *block_mask by the mask the call walks: the one built for
+ * opts->mask_mod, less the blocks the score mod masks. Masks taken from the
+ * context's cache are left in held[0] (mask mod) and held[1] (score mod)
+ * for the caller to release. */
 typedef struct attention_dims {
     int64_t B, Hq, Hkv, Lq, Lkv, D, Dv;
 } attention_dims;
@@ -190,7 +193,7 @@ static flex_status check_common(flex_context *ctx, const char *fn, const flex_te
                                 const flex_tensor *k, const flex_tensor *v,
                                 const flex_mod *score_mod, const flex_block_mask **block_mask,
                                 const flex_attention_options *opts, float *scale,
-                                attention_dims *dims, flex_cached_mask **held,
+                                attention_dims *dims, flex_cached_mask *held[2],
                                 flex_decode_args *dec) {
     flex_status st;
     if ((st = check_tensor(ctx, fn, "q", q, 0)) || (st = check_tensor(ctx, fn, "k", k, 0)) ||
@@ -241,6 +244,7 @@ static flex_status check_common(flex_context *ctx, const char *fn, const flex_te
     const flex_mod *mask_mod = opts ? opts->mask_mod : NULL;
     if (mask_mod && (st = check_mod_bound(ctx, fn, "mask mod", mask_mod, FLEX_MOD_MASK))) return st;
     const flex_block_mask *bm = *block_mask;
+    int64_t mask_q_len = dims->Lq; /* of a mask built here */
     if (bm) {
         if (mask_mod && mask_mod != bm->mask_mod)
             return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
@@ -276,16 +280,25 @@ static flex_status check_common(flex_context *ctx, const char *fn, const flex_te
         if ((st = flex_decode_check_values(ctx, fn, dec, dims->B, dims->Lq, bm->q_len))) return st;
     } else {
         if ((st = flex_decode_check_values(ctx, fn, dec, dims->B, dims->Lq, -1))) return st;
+        /* Decode steps share one mask: its q_len covers the whole cache (and
+         * any query past it), so a new offset is no new mask. */
+        if (dec->active) mask_q_len = dec->q_end > dims->Lkv ? dec->q_end : dims->Lkv;
         if (mask_mod) {
-            /* Decode steps share one mask: its q_len covers the whole cache
-             * (and any query past it), so a new offset is no new mask. */
-            int64_t q_len = dims->Lq;
-            if (dec->active) q_len = dec->q_end > dims->Lkv ? dec->q_end : dims->Lkv;
-            if ((st = flex_mask_cache_acquire(ctx, mask_mod, dims->B, dims->Hq, q_len, dims->Lkv,
-                                              held, &bm)))
+            if ((st = flex_mask_cache_acquire(ctx, mask_mod, dims->B, dims->Hq, mask_q_len,
+                                              dims->Lkv, &held[0], &bm)))
                 return st;
             *block_mask = bm;
         }
+    }
+    /* Blocks the score mod masks (-inf whatever the score) are skipped like
+     * a mask's empty blocks; FLEXATTN_DEBUG=score_sparsity=0 turns it off.
+     * The mask is over logical positions, as the mask mod's is. */
+    if (score_mod && flex_debug_int(ctx, FLEX_DEBUG_SCORE_SPARSITY, 1, 0, 1)) {
+        if ((st = flex_score_mask_cache_acquire(ctx, score_mod, bm, dims->B, dims->Hq,
+                                                bm ? bm->q_len : mask_q_len,
+                                                bm ? bm->kv_len : dims->Lkv, &held[1], &bm)))
+            return st;
+        *block_mask = bm;
     }
 
     float s = opts ? opts->scale : 0.0f;
@@ -339,13 +352,13 @@ static flex_status make_plan(flex_context *ctx, const flex_forward_args *args,
     return FLEX_OK;
 }
 
-/* flex_attention once ctx is known; a mask it takes from the context's cache
- * is left in *held for the caller to release. */
+/* flex_attention once ctx is known; masks it takes from the context's cache
+ * are left in held for the caller to release. */
 static flex_status attention_forward(flex_context *ctx, const flex_tensor *q, const flex_tensor *k,
                                      const flex_tensor *v, const flex_mod *score_mod,
                                      const flex_block_mask *block_mask,
                                      const flex_attention_options *opts, const flex_tensor *out,
-                                     const flex_tensor *lse, flex_cached_mask **held) {
+                                     const flex_tensor *lse, flex_cached_mask *held[2]) {
     static const char fn[] = "flex_attention";
     flex_status st;
     attention_dims dims;
@@ -412,13 +425,14 @@ flex_status flex_attention(flex_context *ctx, const flex_tensor *q, const flex_t
                            const flex_block_mask *block_mask, const flex_attention_options *opts,
                            const flex_tensor *out, const flex_tensor *lse) {
     if (!ctx) return flex_fail(NULL, FLEX_ERR_NULL_POINTER, "flex_attention: ctx is NULL");
-    flex_cached_mask *held = NULL;
-    flex_status st = attention_forward(ctx, q, k, v, score_mod, block_mask, opts, out, lse, &held);
-    flex_mask_cache_release(ctx, held);
+    flex_cached_mask *held[2] = {NULL, NULL};
+    flex_status st = attention_forward(ctx, q, k, v, score_mod, block_mask, opts, out, lse, held);
+    flex_mask_cache_release(ctx, held[1]);
+    flex_mask_cache_release(ctx, held[0]);
     return st;
 }
 
-/* flex_attention_backward once ctx is known; *held as in attention_forward. */
+/* flex_attention_backward once ctx is known; held as in attention_forward. */
 static flex_status attention_backward(flex_context *ctx, const flex_tensor *q, const flex_tensor *k,
                                       const flex_tensor *v, const flex_tensor *out,
                                       const flex_tensor *dout, const flex_tensor *lse,
@@ -426,7 +440,7 @@ static flex_status attention_backward(flex_context *ctx, const flex_tensor *q, c
                                       const flex_attention_options *opts, const flex_tensor *dq,
                                       const flex_tensor *dk, const flex_tensor *dv,
                                       const flex_buffer_grad *buffer_grads, int num_buffer_grads,
-                                      flex_cached_mask **held) {
+                                      flex_cached_mask *held[2]) {
     static const char fn[] = "flex_attention_backward";
     flex_status st;
     attention_dims dims;
@@ -567,9 +581,10 @@ flex_status flex_attention_backward(flex_context *ctx, const flex_tensor *q, con
                                     const flex_tensor *dk, const flex_tensor *dv,
                                     const flex_buffer_grad *buffer_grads, int num_buffer_grads) {
     if (!ctx) return flex_fail(NULL, FLEX_ERR_NULL_POINTER, "flex_attention_backward: ctx is NULL");
-    flex_cached_mask *held = NULL;
+    flex_cached_mask *held[2] = {NULL, NULL};
     flex_status st = attention_backward(ctx, q, k, v, out, dout, lse, score_mod, block_mask, opts,
-                                        dq, dk, dv, buffer_grads, num_buffer_grads, &held);
-    flex_mask_cache_release(ctx, held);
+                                        dq, dk, dv, buffer_grads, num_buffer_grads, held);
+    flex_mask_cache_release(ctx, held[1]);
+    flex_mask_cache_release(ctx, held[0]);
     return st;
 }

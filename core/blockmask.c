@@ -17,6 +17,7 @@
  * and every column its blocks in ascending order, and the CSR lists in both
  * directions are written as straight runs with no sorting and no dense grid.
  */
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
@@ -91,6 +92,9 @@ void flex_block_mask_destroy(flex_block_mask *mask) {
 
 /* Checks everything a mask's geometry needs and fills the size fields of a
  * new, zeroed mask. */
+/* Serials start at 1: 0 means "no mask" in cache keys. */
+static _Atomic uint64_t last_mask_serial;
+
 static flex_status mask_new(flex_context *ctx, int64_t B, int64_t H, int64_t q_len, int64_t kv_len,
                             int q_block, int kv_block, flex_block_mask **out) {
     if (B < 0 || H < 0)
@@ -131,6 +135,7 @@ static flex_status mask_new(flex_context *ctx, int64_t B, int64_t H, int64_t q_l
     m->kv_block = kb;
     m->num_q_blocks = nq;
     m->num_kv_blocks = nk;
+    m->serial = ++last_mask_serial;
     *out = m;
     return FLEX_OK;
 }

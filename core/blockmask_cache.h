@@ -1,7 +1,7 @@
 /*
- * Block masks that flex_attention builds itself when it is given a mask mod
- * and no block mask. Keyed by the mod, its hash and binding generation and
- * the sizes; owned by the context.
+ * Block masks that flex_attention builds itself: for a mask mod given
+ * without a block mask, and for the blocks a score mod masks. Keyed by the
+ * mod, its hash and binding generation and the sizes; owned by the context.
  *
  * Threads sharing a context share the cache: it is locked, and every mask
  * handed out is referenced, so replacing an entry while another call still
@@ -25,6 +25,19 @@ flex_status flex_mask_cache_create(flex_context *ctx);
 flex_status flex_mask_cache_acquire(flex_context *ctx, const flex_mod *mask_mod, int64_t B,
                                     int64_t H, int64_t q_len, int64_t kv_len,
                                     flex_cached_mask **held, const flex_block_mask **mask);
+/*
+ * The same for the block sparsity of a score mod (core/scoremask.h): in
+ * *mask the mask a call with score_mod and base (its block mask, or NULL)
+ * walks, which is base itself when the score mod masks none of base's
+ * blocks. Keyed by the score mod (pointer, hash, binding generation), the
+ * sizes and base's serial (so also its block sizes); an entry whose base is
+ * gone is never found again and ages out.
+ */
+flex_status flex_score_mask_cache_acquire(flex_context *ctx, const flex_mod *score_mod,
+                                          const flex_block_mask *base, int64_t B, int64_t H,
+                                          int64_t q_len, int64_t kv_len, flex_cached_mask **held,
+                                          const flex_block_mask **mask);
+
 /* Gives back a reference (NULL is ignored); the last one destroys the mask. */
 void flex_mask_cache_release(flex_context *ctx, flex_cached_mask *held);
 

@@ -34,6 +34,7 @@ static const key_info keys[FLEX_DEBUG_NUM_KEYS] = {
     [FLEX_DEBUG_CUDA_READS_IN_RANGE] = {"cuda_reads_in_range", FORM_SWITCH},
     [FLEX_DEBUG_CUDA_MASK_BITS] = {"cuda_mask_bits", FORM_SWITCH},
     [FLEX_DEBUG_CUDA_HEAD_GROUP] = {"cuda_head_group", FORM_COUNT},
+    [FLEX_DEBUG_SCORE_SPARSITY] = {"score_sparsity", FORM_SWITCH},
 };
 
 static const char *const form_text[] = {

@@ -28,6 +28,7 @@ typedef enum flex_debug_key {
     FLEX_DEBUG_CUDA_READS_IN_RANGE,
     FLEX_DEBUG_CUDA_MASK_BITS,
     FLEX_DEBUG_CUDA_HEAD_GROUP,
+    FLEX_DEBUG_SCORE_SPARSITY,
     FLEX_DEBUG_NUM_KEYS
 } flex_debug_key;
 

@@ -133,6 +133,7 @@ struct flex_block_mask {
     void *device_copy;
     void (*device_copy_free)(flex_context *ctx, void *copy);
     double build_ms; /* time the build took */
+    uint64_t serial; /* unique in the process, never reused: keys masks derived from it */
 };
 
 #endif /* FLEXATTN_INTERNAL_H */

@@ -32,7 +32,9 @@ fold_floordiv_2@core/mod/fold.c@s/if (type != IR_FLOAT \&\& is_int_const(m, b, 1
 scale_16bit_out@backends/cpu/cpu_forward.c@s/l != 0.0f ? orow\[c\] \* inv : 0.0f);/l != 0.0f ? orow[c] * inv * 1.001f : 0.0f);/@every f16/bf16 output of the CPU forward scaled by 1.001
 lse_offset@backends/cpu/cpu_forward.c@s/= flex_softmax_lse(sc->m\[r\], l);/= flex_softmax_lse(sc->m[r], l) + 1e-3f;/@the LSE offset by 1e-3
 skip_partial_block@backends/cpu/cpu_forward.c@s/for (int32_t i = mask->kv_partial.offsets\[row\]; i/for (int32_t i = mask->kv_partial.offsets[row] + 1; i/@the first partial kv block of every block row skipped
-tanh_derivative@core/mod/derive.c@s/mul(st, A, sub(st, fconst(st, 1.0f), mul(st, self, self)))/mul(st, A, mul(st, fconst(st, 1.01f), sub(st, fconst(st, 1.0f), mul(st, self, self))))/@the derivative of tanh off by a factor of 1.01'
+tanh_derivative@core/mod/derive.c@s/mul(st, A, sub(st, fconst(st, 1.0f), mul(st, self, self)))/mul(st, A, mul(st, fconst(st, 1.01f), sub(st, fconst(st, 1.0f), mul(st, self, self))))/@the derivative of tanh off by a factor of 1.01
+score_mask_nan@core/mod/interval.c@s/if (!res->nan \&\& res->fhi == -INFINITY) return MOD_TRI_FALSE;/if (res->fhi == -INFINITY) return MOD_TRI_FALSE;/@a block of a score mod taken as masked where the mod may give NaN
+score_mask_undecided@core/scoremask.c@s/if (t == MOD_TRI_TRUE || (i1 - i0 == 1 \&\& j1 - j0 == 1)) return;/if (t != MOD_TRI_TRUE \&\& i1 - i0 == 1 \&\& j1 - j0 == 1) { w->masked[i0 * w->nk + j0] = 1; w->count++; } if (t == MOD_TRI_TRUE || (i1 - i0 == 1 \&\& j1 - j0 == 1)) return;/@every block the score-mod analysis cannot decide skipped as masked'
 
 echo "== copying the tree to $work/src"
 rm -rf "$work/src"

@@ -98,6 +98,25 @@ size_t mod_interval_scratch_size(const ir_mod *m);
 mod_tri mod_interval_mask(const ir_mod *m, const mod_range_tables *tables, const mod_box *box,
                           void *scratch);
 
+/* Sound verdict of a score mod over box, in a mask's terms:
+ * MOD_TRI_FALSE only if at every point of box the mod returns -inf (never
+ * NaN) whatever the score is, NaN and the infinities included, so a kernel
+ * may skip the box as a mask's empty block; MOD_TRI_TRUE only if at every
+ * point some score (0) gives a result other than -inf, so no block inside
+ * box is masked; MOD_TRI_UNKNOWN otherwise, also for a buffer read that may
+ * be out of range and for a mod that is not a score mod. scratch as for
+ * mod_interval_mask. */
+mod_tri mod_interval_score_kept(const ir_mod *m, const mod_range_tables *tables,
+                                const mod_box *box, void *scratch);
+
+/* 1 when score 0 keeps every point of box (the result stays above -inf)
+ * with every buffer value taken as any value of its type, floats finite:
+ * then the blocks a score mod masks could only come from infinities or NaN
+ * in its float buffers, which are left unexploited (never a wrong skip), and
+ * the buffers need not be read. 0 otherwise (also for an empty box or no
+ * memory). */
+int mod_interval_score_never_masked(const ir_mod *m, const mod_box *box);
+
 /* For code generation, which may use cheaper arithmetic where a value
  * provably stays small: within[i] = 1 when node i is an int whose every
  * value over box, buffer reads taken as any int32 (no tables), lies in

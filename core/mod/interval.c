@@ -20,6 +20,7 @@
  * Both branches of a select are analysed (they are both evaluated in the
  * concrete semantics too, like torch.where).
  */
+#include <float.h>
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
@@ -832,12 +833,17 @@ static void load_range(const range_table *t, const int64_t *ilo, const int64_t *
 
 /*
  * Abstract values of every node of m over box into v (m->num_nodes entries).
- * A buffer read the tables cannot bound (no table, or an index that may be
- * out of range) fails the analysis (returns 0) when strict_loads is set and
- * is taken as any value of its type otherwise. 1 on success.
+ * score is the range the score takes (NULL: any float, NaN included). A
+ * buffer read the tables cannot bound (no table, or an index that may be
+ * out of range) fails the analysis (returns 0) with LOADS_STRICT, is taken as
+ * any value of its type with LOADS_ANY, and with LOADS_FINITE as any value,
+ * a float one finite (a bound that only ever serves to give up on a proof,
+ * never to make one). 1 on success.
  */
+enum { LOADS_ANY = 0, LOADS_STRICT = 1, LOADS_FINITE = 2 };
+
 static int analyse_nodes(const ir_mod *m, const mod_range_tables *tables, const mod_box *box,
-                         ival *v, int strict_loads) {
+                         const ival *score, ival *v, int strict_loads) {
     const ir_node *nodes = m->nodes;
     for (int i = 0; i < m->num_nodes; i++) {
         const ir_node *nd = &nodes[i];
@@ -864,7 +870,10 @@ static int analyse_nodes(const ir_mod *m, const mod_range_tables *tables, const 
             continue;
         }
         case IR_SCORE:
-            set_float_full(r, 1);
+            if (score)
+                *r = *score;
+            else
+                set_float_full(r, 1);
             continue;
         case IR_LOAD: {
             const range_table *t = tables && nd->buffer >= 0 && nd->buffer < IR_MAX_BUFFERS
@@ -880,8 +889,10 @@ static int analyse_nodes(const ir_mod *m, const mod_range_tables *tables, const 
             }
             if (bounded)
                 load_range(t, ilo, ihi, r, type);
-            else if (strict_loads)
+            else if (strict_loads == LOADS_STRICT)
                 return 0;
+            else if (type == IR_FLOAT && strict_loads == LOADS_FINITE)
+                set_float(r, -FLT_MAX, FLT_MAX, 0);
             else if (type == IR_FLOAT)
                 set_float_full(r, 1);
             else if (type == IR_BOOL)
@@ -1052,11 +1063,44 @@ mod_tri mod_interval_mask(const ir_mod *m, const mod_range_tables *tables, const
                           void *scratch) {
     if (!m || !box || !scratch || m->num_nodes <= 0 || box_empty(box)) return MOD_TRI_UNKNOWN;
     ival *v = scratch;
-    if (!analyse_nodes(m, tables, box, v, 1)) return MOD_TRI_UNKNOWN;
+    if (!analyse_nodes(m, tables, box, NULL, v, LOADS_STRICT)) return MOD_TRI_UNKNOWN;
     const ir_node *root = &m->nodes[m->root];
     if (root->type != IR_BOOL) return MOD_TRI_UNKNOWN;
     uint8_t t = v[m->root].tri;
     return t == MOD_TRI_TRUE ? MOD_TRI_TRUE : t == MOD_TRI_FALSE ? MOD_TRI_FALSE : MOD_TRI_UNKNOWN;
+}
+
+mod_tri mod_interval_score_kept(const ir_mod *m, const mod_range_tables *tables,
+                                const mod_box *box, void *scratch) {
+    if (!m || !box || !scratch || m->num_nodes <= 0 || box_empty(box)) return MOD_TRI_UNKNOWN;
+    if (m->nodes[m->root].type != IR_FLOAT) return MOD_TRI_UNKNOWN;
+    ival *v = scratch;
+    /* Masked: with the score any float (NaN and the infinities included),
+     * the result is -inf and never NaN at every point. */
+    if (!analyse_nodes(m, tables, box, NULL, v, LOADS_STRICT)) return MOD_TRI_UNKNOWN;
+    const ival *res = &v[m->root];
+    if (!res->nan && res->fhi == -INFINITY) return MOD_TRI_FALSE;
+    /* Kept: score 0 is a witness that no point is masked whatever the
+     * score, when the result for it stays above -inf (NaN is not -inf). */
+    ival zero;
+    memset(&zero, 0, sizeof zero);
+    set_float(&zero, 0.0f, 0.0f, 0);
+    if (!analyse_nodes(m, tables, box, &zero, v, LOADS_STRICT)) return MOD_TRI_UNKNOWN;
+    return v[m->root].flo > -INFINITY ? MOD_TRI_TRUE : MOD_TRI_UNKNOWN;
+}
+
+int mod_interval_score_never_masked(const ir_mod *m, const mod_box *box) {
+    if (!m || !box || m->num_nodes <= 0 || box_empty(box)) return 0;
+    if (m->nodes[m->root].type != IR_FLOAT) return 0;
+    ival *v = malloc(mod_interval_scratch_size(m));
+    if (!v) return 0;
+    ival zero;
+    memset(&zero, 0, sizeof zero);
+    set_float(&zero, 0.0f, 0.0f, 0);
+    analyse_nodes(m, NULL, box, &zero, v, LOADS_FINITE);
+    int kept = v[m->root].flo > -INFINITY;
+    free(v);
+    return kept;
 }
 
 /* The ranges of every node of m over box for code generation, buffer
@@ -1064,7 +1108,7 @@ mod_tri mod_interval_mask(const ir_mod *m, const mod_range_tables *tables, const
 static ival *ranges_for_codegen(const ir_mod *m, const mod_box *box) {
     if (!m || !box || m->num_nodes <= 0 || box_empty(box)) return NULL;
     ival *v = malloc(mod_interval_scratch_size(m));
-    if (v) analyse_nodes(m, NULL, box, v, 0);
+    if (v) analyse_nodes(m, NULL, box, NULL, v, LOADS_ANY);
     return v;
 }
 

@@ -467,6 +467,18 @@ def _find_tracer(values):
     return None
 
 
+def _is_approx_tanh(func):
+    """A custom op that stands for an approximate tanh: attention-gym's
+    `approx::tanh` (lowered to PTX tanh.approx.f32 for its soft-cap) or any
+    op named `tanh_approx`. It becomes the language's tanh_approx."""
+    qualified = getattr(func, "_qualified_op_name", None)  # an OpOverloadPacket
+    if qualified is None and getattr(func, "namespace", None):  # an OpOverload
+        qualified = f"{func.namespace}::{getattr(func, '_opname', '')}"
+    if not qualified:
+        return False
+    return qualified == "approx::tanh" or qualified.split("::")[-1] == "tanh_approx"
+
+
 def _torch_function(func, args, kwargs):
     """torch.X(...) and Tensor.X(...) calls that meet a Sym."""
     name = getattr(func, "__name__", str(func))
@@ -489,6 +501,8 @@ def _torch_function(func, args, kwargs):
                         for a in args))
         raise unsupported(f"the operator {name}")
     x = [as_sym(tracer, a) for a in args[:1]]
+    if _is_approx_tanh(func):
+        return _call("tanh_approx", x[0])
     if name in _UNARY_FLOAT:
         return _call(name, x[0])
     if name in ("abs", "absolute"):

@@ -339,6 +339,24 @@ static void compare_results(const problem *p, const truth *t, const result *a, c
     }
 }
 
+/* Whether the reference's error is an out-of-range read of a buffer that
+ * the library's folding removed (`sel[q][kv] && false` is `false`: the
+ * read's value cannot matter, so the library never makes it and has no
+ * error to report). Any other reference failure is a finding. */
+static int read_folded_away(const char *err, const flex_mod *mask, const flex_mod *score) {
+    const char *open = strstr(err, "buffer '");
+    if (!open || !strstr(err, "read out of range")) return 0;
+    open += strlen("buffer '");
+    const char *close = strchr(open, '\'');
+    if (!close || close == open || close - open > 60) return 0;
+    char read[64];
+    snprintf(read, sizeof read, "%.*s[", (int)(close - open), open);
+    const flex_mod *mods[2] = {mask, score};
+    for (int i = 0; i < 2; i++)
+        if (mods[i] && strstr(flex_mod_canonical_text(mods[i]), read)) return 0;
+    return 1;
+}
+
 static void compare_oracle(const problem *p, const truth *t, const result *a, const flex_mod *mask,
                            const flex_mod *score, const flex_tensor *q, const flex_tensor *k,
                            const flex_tensor *v, float scale) {
@@ -353,6 +371,12 @@ static void compare_oracle(const problem *p, const truth *t, const result *a, co
     op.mask_mod = mask;
     op.scale = scale;
     char err[256];
+    if (oracle_forward(&op, ref, ref_lse, err, sizeof err) != 0 &&
+        read_folded_away(err, mask, score)) {
+        free(ref);
+        free(ref_lse);
+        return;
+    }
     FUZZ_CHECK(oracle_forward(&op, ref, ref_lse, err, sizeof err) == 0, "oracle: %s", err);
     for (size_t r = 0; r < rows; r++) {
         if (t->row[r] != ROW_FINITE || !t->robust[r]) continue;

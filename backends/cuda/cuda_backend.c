@@ -553,7 +553,7 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
     cuda_state *st = state_of(ctx);
     const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v, *o = &a->out;
     const int64_t B = q->sizes[0], Hq = q->sizes[1], Lq = q->sizes[2], D = q->sizes[3];
-    const int64_t Hkv = k->sizes[1], Lkv = k->sizes[2], Dv = v->sizes[3];
+    const int64_t Lkv = k->sizes[2], Dv = v->sizes[3];
     /* Never ignored silently: a kernel that knew nothing of them would
      * attend the wrong keys at the wrong positions. */
     if (a->q_offsets || a->kv_lengths || a->page_table)
@@ -693,40 +693,10 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
 
     if (!s) {
         cuda_fwd_params p;
-        memset(&p, 0, sizeof p);
-        p.q = (uintptr_t)q->data;
-        p.k = (uintptr_t)k->data;
-        p.v = (uintptr_t)v->data;
-        p.out = (uintptr_t)o->data;
-        p.lse = a->lse ? (uintptr_t)a->lse->data : 0;
-        p.q_sb = q->strides[0], p.q_sh = q->strides[1], p.q_ss = q->strides[2];
-        p.k_sb = k->strides[0], p.k_sh = k->strides[1], p.k_ss = k->strides[2];
-        p.v_sb = v->strides[0], p.v_sh = v->strides[1], p.v_ss = v->strides[2];
-        p.o_sb = o->strides[0], p.o_sh = o->strides[1], p.o_ss = o->strides[2];
-        if (a->lse)
-            p.l_sb = a->lse->strides[0], p.l_sh = a->lse->strides[1], p.l_ss = a->lse->strides[2];
-        p.B = (int32_t)B, p.Hq = (int32_t)Hq, p.Hkv = (int32_t)Hkv;
-        p.Lq = (int32_t)Lq, p.Lkv = (int32_t)Lkv, p.D = (int32_t)D, p.Dv = (int32_t)Dv;
-        p.mask_qblock = q_block;
-        p.mask_kvblock = kv_block;
-        if (mask) {
-            p.full_off = mc->full_off, p.full_idx = mc->full_idx;
-            p.part_off = mc->part_off, p.part_idx = mc->part_idx;
-            p.row_order = mc->order;
-            p.mask_B = (int32_t)mask->B, p.mask_H = (int32_t)mask->H;
-            p.mask_nq = (int32_t)mask->num_q_blocks, p.mask_nk = (int32_t)mask->num_kv_blocks;
-        } else {
-            p.dense = 1;
-            p.mask_B = p.mask_H = 1;
-            p.mask_nq = (int32_t)((Lq + q_block - 1) / q_block);
-            p.mask_nk = (int32_t)((Lkv + kv_block - 1) / kv_block);
-        }
-        p.tiles_per_row = q->dtype == FLEX_F32 ? 1 : q_block / block_m;
         /* Tiles in pairs of heads (flex_tile_of; docs/cuda-backend.md, "Tile
          * order"); cuda_head_group=N sets the group, for comparison. */
-        p.head_group = env_int(ctx, FLEX_DEBUG_CUDA_HEAD_GROUP, 2, 0, 1 << 20);
-        p.scale = a->scale;
-        p.scale_log2 = a->scale * 1.4426950408889634f;
+        flex_gpu_fwd_params_fill(&p, a, mask, mc, q_block, kv_block, block_m,
+                                 env_int(ctx, FLEX_DEBUG_CUDA_HEAD_GROUP, 2, 0, 1 << 20));
 
         unsigned char
             blob[sizeof(cuda_fwd_params) + (FLEX_EMIT_MAX_SLOTS + 2) * sizeof(cuda_buffer_desc)];

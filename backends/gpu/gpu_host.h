@@ -216,4 +216,13 @@ typedef struct flex_gpu_fwd_params {
     float scale, scale_log2;
 } flex_gpu_fwd_params;
 
+/* Fills the forward kernel's parameter block from a's tensors and scale,
+ * the mask's device copy mc (mask and mc NULL: every block is walked,
+ * dense) and the launch choices (block sizes, the tile height block_m of
+ * the f16/bf16 kernel, the head group of the tile order). Pure: reads its
+ * arguments, writes *p only. */
+void flex_gpu_fwd_params_fill(flex_gpu_fwd_params *p, const flex_forward_args *a,
+                              const struct flex_block_mask *mask, const flex_gpu_mask_copy *mc,
+                              int q_block, int kv_block, int block_m, int head_group);
+
 #endif /* FLEXATTN_GPU_HOST_H */

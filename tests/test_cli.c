@@ -364,6 +364,24 @@ START_TEST(save_backward_writes_every_gradient) {
 }
 END_TEST
 
+/* A check of a backend the caller named that cannot run here fails: HIP's
+ * runtime is absent wherever these tests run (where it is present, the
+ * check must have run its cases instead). */
+START_TEST(check_of_an_unusable_named_backend_fails) {
+    make_dir();
+    const int status = run("check", "--backend", "hip", "--quick", NULL);
+    if (strstr(output, "skipped: hip:")) {
+        ck_assert_int_eq(status, 1);
+        expect_output("0 passed, 0 failed, 1 skipped");
+    } else {
+        expect_output("backend hip:");
+    }
+    ck_assert_int_eq(run("check", "--backend", "cpu", "--quick", NULL), 0);
+    expect_no_output("skipped: cpu");
+    remove_dir();
+}
+END_TEST
+
 int main(int argc, char **argv) {
     if (argc < 2) {
         fprintf(stderr, "usage: test_cli PATH-OF-flexattn\n");
@@ -388,6 +406,7 @@ int main(int argc, char **argv) {
     tcase_add_test(papercuts, unsupported_dtype_named_alone);
     tcase_add_test(papercuts, flag_buffer_advice_and_extra_index);
     tcase_add_test(papercuts, save_backward_writes_every_gradient);
+    tcase_add_test(papercuts, check_of_an_unusable_named_backend_fails);
     suite_add_tcase(s, papercuts);
     SRunner *r = srunner_create(s);
     srunner_run_all(r, CK_NORMAL);

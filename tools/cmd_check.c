@@ -40,7 +40,8 @@ static void usage(FILE *f) {
                "queries at run-time offsets against per-batch kv lengths of a cache,\n"
                "contiguous or in shuffled pages; skipped where a backend refuses them).\n"
                "One line per case;\n"
-               "the last line counts passes and failures. Exit status 1 on any failure.\n"
+               "the last line counts passes and failures. Exit status 1 on any failure, and\n"
+               "when the backend SPEC names cannot run here.\n"
                "\n"
                "  --quick   fewer and smaller cases\n");
 }
@@ -589,7 +590,7 @@ int cmd_check(int argc, char **argv) {
 
     case_list cases = {0};
     build_cases(&cases, quick);
-    int passed = 0, failed = 0, skipped = 0, tried = 0;
+    int passed = 0, failed = 0, skipped = 0, tried = 0, named_unusable = 0;
     for (int bi = 0; bi < flex_backend_count(); bi++) {
         flex_backend_info info;
         if (flex_backend_get_info(bi, &info) != FLEX_OK) continue;
@@ -602,12 +603,14 @@ int cmd_check(int argc, char **argv) {
             printf("skipped: %s: %s\n", info.name,
                    info.reason[0] ? info.reason : (info.built_in ? "not usable" : "not built in"));
             skipped++;
+            named_unusable += backend != NULL;
             continue;
         }
         flex_context *ctx = NULL;
         if (flex_context_create(backend ? backend : info.name, &ctx) != FLEX_OK) {
             printf("skipped: %s: %s\n", info.name, flex_error_message(NULL));
             skipped++;
+            named_unusable += backend != NULL;
             continue;
         }
         printf("backend %s: %s\n", info.name, flex_context_device_name(ctx));
@@ -649,5 +652,7 @@ int cmd_check(int argc, char **argv) {
     /* The last line is exactly "N passed, N failed, N skipped" for scripts;
      * what could not run is counted as skipped, never as passed. */
     printf("%d passed, %d failed, %d skipped\n", passed, failed, skipped);
-    return failed ? CLI_EXIT_FAILURE : CLI_EXIT_OK;
+    /* A backend the caller named that cannot run fails the check: asked to
+     * check CUDA, a machine without it has not passed. */
+    return failed || named_unusable ? CLI_EXIT_FAILURE : CLI_EXIT_OK;
 }

@@ -30,6 +30,8 @@ check_summary() { # LOG STATUS LABEL
         last="no summary (exit $2)"
     elif [ "$2" -ne 0 ]; then
         fail "$3: exit $2: $last"
+    elif echo "$last" | grep -Eq '^0 passed'; then
+        fail "$3: nothing passed: $last"
     fi
     echo "$3: $last" >>"$OUT/check-summary.txt"
 }

@@ -573,6 +573,12 @@ def gpu_run(args):
     compile_settings = dict(fn="torch.compile(flex_attention, dynamic=False)", mode="default",
                             fullgraph=False, kernel_options=None, torch=torch.__version__,
                             triton=_triton_version())
+    # every mod compiles its own flex_attention: past dynamo's recompile limit
+    # (8 by default) torch would silently run its slow eager path
+    for knob in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, knob):
+            setattr(torch._dynamo.config, knob, 1024)
+    compile_settings["recompile_limit"] = 1024
     flex = torch.compile(flex_attention, dynamic=False)
     commit = _commit()
     mods = args.mods.split(",") if args.mods else list(ZOO)

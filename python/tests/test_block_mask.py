@@ -22,7 +22,11 @@ def test_same_blocks_as_torch():
         _, ours, theirs = _both(name)
         assert ours.shape == theirs.shape, name
         assert torch.equal(ours.to_dense(), theirs.to_dense().to(torch.int32)), name
-        assert abs(ours.sparsity() - theirs.sparsity()) < 1e-9, name
+        # torch's sparsity(): the share of blocks not computed (torch 2.11
+        # weighed blocks by area instead; the count does not depend on it)
+        total_blocks = theirs.kv_num_blocks.numel() * theirs.kv_indices.shape[-1]
+        computed = (theirs.kv_num_blocks.sum() + theirs.full_kv_num_blocks.sum()).item()
+        assert abs(ours.sparsity() - 100 * (1 - computed / total_blocks)) < 1e-9, name
         total = ours.kv_num_blocks + ours.full_kv_num_blocks
         assert torch.equal(total, (theirs.kv_num_blocks + theirs.full_kv_num_blocks)
                            .to(torch.int32)), name

@@ -237,6 +237,13 @@ def _setup_context(ctx, inputs, output):
     ctx.save_for_backward(q, k, v, out, lse, *score_buffers, *mask_tensors, *mask_buffers)
 
 
+def _traced(t):
+    """Whether t is a tracing stand-in (dynamo, or AOT autograd tracing the
+    backward with functional or fake tensors), whose values cannot be read;
+    torch.compiler.is_compiling() is False during the latter."""
+    return torch.compiler.is_compiling() or type(t) is not torch.Tensor
+
+
 def _backward(ctx, grad_out, grad_lse):
     saved = ctx.saved_tensors
     q, k, v, out, lse = saved[:5]
@@ -248,7 +255,7 @@ def _backward(ctx, grad_out, grad_lse):
     score_spec, mask_spec, mask_info, scale, kernel = ctx.args
     if grad_out is None:
         grad_out = torch.zeros_like(out)
-    if grad_lse is not None and not torch.compiler.is_compiling() and bool((grad_lse != 0).any()):
+    if grad_lse is not None and not _traced(grad_lse) and bool((grad_lse != 0).any()):
         raise NotImplementedError("flexattn: gradients through the returned lse are not "
                                   "supported; use the lse outside the graph (lse.detach())")
     grads = attention_backward(q, k, v, out, lse, grad_out, score_buffers, score_spec,

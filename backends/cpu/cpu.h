@@ -39,6 +39,19 @@ int flex_cpu_decode_wanted(const flex_forward_args *args, const struct flex_plan
 int64_t flex_cpu_decode_splits(int64_t B, int64_t Hq, int64_t Lq, int64_t longest_kv, int chunk,
                                int threads, int hint);
 
+/* Rounds v up to a multiple of m (v >= 0, m > 0). */
+static inline int64_t cpu_round_up(int64_t v, int64_t m) {
+    return (v + m - 1) / m * m;
+}
+
+/* The scratch arrays of one thread in a single allocation:
+ * array i gets sizes[i] floats, starts on a 64-byte boundary (aligned panel
+ * loads) and is zero (padding lanes never hold stale NaN patterns).
+ * *dst[i] points into the block returned in *block, which the caller frees
+ * with free(). Returns 0, or -1 when out of memory (nothing allocated).
+ * (cpu_scratch.c) */
+int cpu_scratch_carve(int n, const size_t *sizes, float **const *dst, void **block);
+
 /* Backward (cpu_backward.c). */
 flex_status flex_cpu_backward(flex_context *ctx, const flex_backward_args *args);
 

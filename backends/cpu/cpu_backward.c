@@ -75,10 +75,6 @@ static inline int64_t row_offset(const flex_tensor *t, int64_t b, int64_t h, int
     return b * t->strides[0] + h * t->strides[1] + s * t->strides[2];
 }
 
-static inline int64_t round_up(int64_t v, int64_t m) {
-    return (v + m - 1) / m * m;
-}
-
 static inline int64_t min64(int64_t a, int64_t b) {
     return a < b ? a : b;
 }
@@ -298,20 +294,9 @@ static int scratch_alloc(bwd_scratch *sc, const bwd_problem *pb) {
                         mq > nk ? mq : nk,
                         rowlen,
                         nloads * tile + 1};
-    float **dst[12] = {&sc->kt, &sc->kr, &sc->vt, &sc->dk,   &sc->dv,  &sc->s,
-                       &sc->dp, &sc->t,  &sc->g,  &sc->ones, &sc->row, &sc->load_deriv};
-    size_t total = 0;
-    for (int i = 0; i < 12; i++)
-        total += (size_t)round_up((int64_t)sizes[i], 16);
-    float *base = NULL;
-    if (posix_memalign((void **)&base, 64, total * sizeof(float)) != 0) return -1;
-    sc->block = base;
-    memset(base, 0, total * sizeof(float));
-    size_t at = 0;
-    for (int i = 0; i < 12; i++) {
-        *dst[i] = base + at;
-        at += (size_t)round_up((int64_t)sizes[i], 16);
-    }
+    float **const dst[12] = {&sc->kt, &sc->kr, &sc->vt, &sc->dk,   &sc->dv,  &sc->s,
+                             &sc->dp, &sc->t,  &sc->g,  &sc->ones, &sc->row, &sc->load_deriv};
+    if (cpu_scratch_carve(12, sizes, dst, &sc->block) != 0) return -1;
     for (size_t i = 0; i < (mq > nk ? mq : nk); i++)
         sc->ones[i] = 1.0f;
     sc->keep = malloc(tile);
@@ -920,10 +905,10 @@ flex_status flex_cpu_backward(flex_context *ctx, const flex_backward_args *args)
         pb.num_q_blocks = (pb.Lq + pb.q_tile - 1) / pb.q_tile;
         pb.num_kv_blocks = (pb.Lkv + pb.kv_tile - 1) / pb.kv_tile;
     }
-    pb.mq = (int)round_up(pb.q_tile, CPU_MR);
-    pb.nk = (int)round_up(pb.kv_tile, CPU_NR);
-    pb.dp = (int)round_up(pb.D, CPU_DV_ALIGN);
-    pb.dvp = (int)round_up(pb.Dv, CPU_DV_ALIGN);
+    pb.mq = (int)cpu_round_up(pb.q_tile, CPU_MR);
+    pb.nk = (int)cpu_round_up(pb.kv_tile, CPU_NR);
+    pb.dp = (int)cpu_round_up(pb.D, CPU_DV_ALIGN);
+    pb.dvp = (int)cpu_round_up(pb.Dv, CPU_DV_ALIGN);
     pb.num_q_tiles = (pb.Lq + pb.q_tile - 1) / pb.q_tile;
     pb.transpose = pick_transpose(pb.kern, pb.mq, pb.nk);
 
@@ -1002,12 +987,12 @@ flex_status flex_cpu_backward(flex_context *ctx, const flex_backward_args *args)
 
     /* Every allocation happens before any output is written. */
     pb.off_qrow = 0;
-    pb.off_qpan = pb.off_qrow + (size_t)round_up((int64_t)pb.mq * pb.D, 16);
-    pb.off_dorow = pb.off_qpan + (size_t)round_up((int64_t)pb.mq * pb.dp, 16);
-    pb.off_dopan = pb.off_dorow + (size_t)round_up((int64_t)pb.mq * pb.Dv, 16);
-    pb.off_lse = pb.off_dopan + (size_t)round_up((int64_t)pb.mq * pb.dvp, 16);
-    pb.off_delta = pb.off_lse + (size_t)round_up(pb.mq, 16);
-    pb.q_record = pb.off_delta + (size_t)round_up(pb.mq, 16);
+    pb.off_qpan = pb.off_qrow + (size_t)cpu_round_up((int64_t)pb.mq * pb.D, 16);
+    pb.off_dorow = pb.off_qpan + (size_t)cpu_round_up((int64_t)pb.mq * pb.dp, 16);
+    pb.off_dopan = pb.off_dorow + (size_t)cpu_round_up((int64_t)pb.mq * pb.Dv, 16);
+    pb.off_lse = pb.off_dopan + (size_t)cpu_round_up((int64_t)pb.mq * pb.dvp, 16);
+    pb.off_delta = pb.off_lse + (size_t)cpu_round_up(pb.mq, 16);
+    pb.q_record = pb.off_delta + (size_t)cpu_round_up(pb.mq, 16);
     size_t records = (size_t)(pb.B * pb.Hq * pb.num_q_tiles);
     if (posix_memalign((void **)&pb.packed, 64, (records * pb.q_record + 16) * sizeof(float))) {
         pb.packed = NULL;

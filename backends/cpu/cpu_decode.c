@@ -73,10 +73,6 @@ typedef struct dec_scratch {
     mod_tile *score_tile, *mask_tile;
 } dec_scratch;
 
-static inline int64_t round_up(int64_t v, int64_t m) {
-    return (v + m - 1) / m * m;
-}
-
 static void scratch_free(dec_scratch *sc) {
     free(sc->block);
     free(sc->keep);
@@ -92,20 +88,9 @@ static int scratch_alloc(dec_scratch *sc, const dec_problem *pb) {
     size_t mq = (size_t)pb->mq, nk = (size_t)pb->nkp, dvp = (size_t)pb->dvp, D = (size_t)pb->D;
     size_t rowlen = (size_t)(pb->D > pb->Dv ? pb->D : pb->Dv);
     size_t sizes[9] = {mq * D, nk * D, nk * dvp, mq * nk, mq * dvp, mq, mq, mq, rowlen};
-    size_t total = 0;
-    for (int i = 0; i < 9; i++)
-        total += (size_t)round_up((int64_t)sizes[i], 16);
-    float *base = NULL;
-    if (posix_memalign((void **)&base, 64, total * sizeof(float)) != 0) return -1;
-    memset(base, 0, total * sizeof(float));
-    sc->block = base;
-    float **dst[9] = {&sc->q, &sc->kp, &sc->vp,    &sc->s,  &sc->o,
-                      &sc->m, &sc->l,  &sc->alpha, &sc->row};
-    size_t at = 0;
-    for (int i = 0; i < 9; i++) {
-        *dst[i] = base + at;
-        at += (size_t)round_up((int64_t)sizes[i], 16);
-    }
+    float **const dst[9] = {&sc->q, &sc->kp, &sc->vp,    &sc->s,  &sc->o,
+                            &sc->m, &sc->l,  &sc->alpha, &sc->row};
+    if (cpu_scratch_carve(9, sizes, dst, &sc->block) != 0) return -1;
     sc->keep = calloc(mq * nk, 1);
     sc->classes = malloc((size_t)pb->num_kv_blocks + 1);
     if (!sc->keep || !sc->classes) return -1;
@@ -174,7 +159,7 @@ static void pack_chunk(const dec_problem *pb, dec_scratch *sc, int64_t b, int64_
 static int score_kept_points(const dec_problem *pb, dec_scratch *sc, int32_t b, int32_t h,
                              int32_t p0, int rows, int32_t kv0, int cols, mod_bounds_error *err) {
     int nk = pb->nkp;
-    pb->kern->scores_ld((int)round_up(rows, CPU_MR), nk, (int)pb->D, sc->q, sc->kp, pb->a->scale,
+    pb->kern->scores_ld((int)cpu_round_up(rows, CPU_MR), nk, (int)pb->D, sc->q, sc->kp, pb->a->scale,
                         sc->s, nk);
     for (int r = 0; r < rows; r++)
         for (int c = 0; c < cols; c++) {
@@ -196,7 +181,7 @@ static int do_chunk(dec_problem *pb, dec_scratch *sc, int32_t b, int32_t h, int6
     const cpu_kernels *kn = pb->kern;
     /* Only the register blocks the group's rows need: one block of 8 for a
      * decode step of up to 8 rows. */
-    int nk = pb->nkp, mq = (int)round_up(rows, CPU_MR);
+    int nk = pb->nkp, mq = (int)cpu_round_up(rows, CPU_MR);
     mod_bounds_error err;
     memset(&err, 0, sizeof err);
     if (partial) {
@@ -416,9 +401,9 @@ flex_status flex_cpu_forward_decode(flex_context *ctx, const flex_forward_args *
         pb.kv_block = pb.chunk;
         pb.num_kv_blocks = (kv_len + pb.chunk - 1) / pb.chunk;
     }
-    pb.nkp = (int)round_up(pb.chunk, CPU_NR);
-    pb.mq = (int)round_up(DEC_ROWS, CPU_MR);
-    pb.dvp = (int)round_up(pb.Dv, CPU_DV_ALIGN);
+    pb.nkp = (int)cpu_round_up(pb.chunk, CPU_NR);
+    pb.mq = (int)cpu_round_up(DEC_ROWS, CPU_MR);
+    pb.dvp = (int)cpu_round_up(pb.Dv, CPU_DV_ALIGN);
 
     pb.q_off = calloc((size_t)pb.B, sizeof(int32_t));
     pb.kv_len = calloc((size_t)pb.B, sizeof(int32_t));

@@ -49,10 +49,6 @@ static void load_row(const flex_tensor *t, int64_t off, int64_t stride, int n, f
         dst[i] = flex_load_as_float(t->data, t->dtype, off + (int64_t)i * stride);
 }
 
-static inline int64_t round_up(int64_t v, int64_t m) {
-    return (v + m - 1) / m * m;
-}
-
 /* A partial tile is decided in units of SUB_ROWS rows x CPU_NR columns:
  * small enough that a diagonal leaves little undecided, large enough that a
  * row group still reuses each K panel from L1 across several register
@@ -142,26 +138,13 @@ static int scratch_alloc(fwd_scratch *sc, const fwd_problem *pb) {
     memset(sc, 0, sizeof *sc);
     size_t mq = (size_t)pb->mq, nk = (size_t)pb->nk, dvp = (size_t)pb->dvp, D = (size_t)pb->D;
     size_t rowlen = (size_t)(pb->D > pb->Dv ? pb->D : pb->Dv);
-    /* Every array starts on a 64-byte boundary (aligned panel loads). */
     size_t sizes[9] = {mq * D, nk * D, nk * dvp, mq * nk, mq * dvp, mq, mq, mq, rowlen};
-    size_t total = 0;
-    for (int i = 0; i < 9; i++)
-        total += (size_t)round_up((int64_t)sizes[i], 16);
-    float *base = NULL;
-    if (posix_memalign((void **)&base, 64, total * sizeof(float)) != 0) return -1;
-    sc->block = base;
-    float **dst[9] = {&sc->q, &sc->kp, &sc->vp,    &sc->s,  &sc->o,
-                      &sc->m, &sc->l,  &sc->alpha, &sc->row};
-    size_t at = 0;
-    for (int i = 0; i < 9; i++) {
-        *dst[i] = base + at;
-        at += (size_t)round_up((int64_t)sizes[i], 16);
-    }
-    /* Padding lanes must hold zeros, never stale NaN patterns. */
-    memset(base, 0, total * sizeof(float));
+    float **const dst[9] = {&sc->q, &sc->kp, &sc->vp,    &sc->s,  &sc->o,
+                            &sc->m, &sc->l,  &sc->alpha, &sc->row};
+    if (cpu_scratch_carve(9, sizes, dst, &sc->block) != 0) return -1;
     sc->keep = malloc(mq * nk);
     if (!sc->keep) return -1;
-    sc->units = malloc((size_t)round_up((int64_t)mq, SUB_ROWS) / SUB_ROWS * nk / CPU_NR);
+    sc->units = malloc((size_t)cpu_round_up((int64_t)mq, SUB_ROWS) / SUB_ROWS * nk / CPU_NR);
     if (!sc->units) return -1;
     if (pb->mask_intervals) {
         size_t bytes = mod_interval_scratch_size(pb->mask_ir);
@@ -307,7 +290,7 @@ static int score_attended_points(const fwd_problem *pb, fwd_scratch *sc, const f
                                  int32_t h, int64_t q0, int g0, int mg, int rows, int64_t kv0,
                                  int c0, int c1, const uint8_t *cls, mod_bounds_error *err) {
     int nk = pb->nk;
-    int n = (int)round_up(c1 - c0, CPU_NR);
+    int n = (int)cpu_round_up(c1 - c0, CPU_NR);
     pb->kern->scores_ld(mg, n, (int)pb->D, sc->qt + (size_t)g0 * pb->D,
                         kp + (size_t)(c0 / CPU_NR) * pb->D * CPU_NR, pb->a->scale,
                         sc->s + (size_t)g0 * nk + c0, nk);
@@ -517,7 +500,7 @@ static int do_kv_tile(fwd_problem *pb, fwd_scratch *sc, int32_t b, int32_t h, in
     }
     if (!partial)
         return do_row_group(pb, sc, kp, vp, b, h, q0, 0, mq, rows, kv0, 0,
-                            (int)round_up(cols, CPU_NR), cols, NULL);
+                            (int)cpu_round_up(cols, CPU_NR), cols, NULL);
 
     /* Each row group computes its runs of non-empty units only: the far side
      * of a diagonal, the outside of a window and the gaps between documents
@@ -526,7 +509,7 @@ static int do_kv_tile(fwd_problem *pb, fwd_scratch *sc, int32_t b, int32_t h, in
     for (int g = 0; g < t.groups; g++) {
         int g0 = g * SUB_ROWS;
         int grows = rows - g0 < SUB_ROWS ? rows - g0 : SUB_ROWS;
-        int mg = (int)round_up(grows, CPU_MR);
+        int mg = (int)cpu_round_up(grows, CPU_MR);
         const uint8_t *cls = sc->units + (size_t)g * pb->units_per_row;
         for (int p = 0; p < t.panels;) {
             if (cls[p] == UNIT_EMPTY) {
@@ -727,9 +710,9 @@ flex_status flex_cpu_forward(flex_context *ctx, const flex_forward_args *args) {
         pb.num_q_blocks = (pb.Lq + pb.q_tile - 1) / pb.q_tile;
         pb.num_kv_blocks = (pb.Lkv + pb.kv_tile - 1) / pb.kv_tile;
     }
-    pb.mq = (int)round_up(pb.q_tile, CPU_MR);
-    pb.nk = (int)round_up(pb.kv_tile, CPU_NR);
-    pb.dvp = (int)round_up(pb.Dv, CPU_DV_ALIGN);
+    pb.mq = (int)cpu_round_up(pb.q_tile, CPU_MR);
+    pb.nk = (int)cpu_round_up(pb.kv_tile, CPU_NR);
+    pb.dvp = (int)cpu_round_up(pb.Dv, CPU_DV_ALIGN);
     pb.num_q_tiles = (pb.Lq + pb.q_tile - 1) / pb.q_tile;
     pb.units_per_row = pb.nk / CPU_NR;
 

@@ -3,7 +3,7 @@
 # a tile sweep, with every log packed into $OUT/gpu-results.tgz (the
 # individual files are many), the updated bench/results files copied to
 # $OUT/results, and the summary printed last.
-#   OUT=<dir> bench/gpu/device_round.sh
+#   OUT=<dir> bench/gpu/device_round.sh [--backward] (arguments go to run.sh)
 set -u
 FINAL=${OUT:-$PWD/gpu-out}
 export OUT=$FINAL/r

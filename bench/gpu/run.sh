@@ -11,7 +11,10 @@
 # When any check or the benchmark's verification fails (or crashes, or
 # times out), the run says FAILED, writes nothing into $RESULTS_DIR and
 # exits 1. Every check summary line reads "N passed, N failed, N skipped".
-#   bench/gpu/run.sh [--skip-check] [--skip-torch] [--len S]
+# The check also runs test_cuda_backward (the CUDA backward against the CPU
+# backward); --backward adds bench/gpu/backward.py (the backward beside
+# torch's, its gradients checked; cuda-backward-<gpu>.md and .jsonl).
+#   bench/gpu/run.sh [--skip-check] [--skip-torch] [--backward] [--len S]
 set -u
 FAILED=0
 # Records a failed step: its name on stderr and in $OUT/failures.txt.
@@ -38,11 +41,12 @@ check_summary() { # LOG STATUS LABEL
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 rm -f "$OUT/failures.txt"
-SKIP_CHECK=0 SKIP_TORCH=0 LEN=8192
+SKIP_CHECK=0 SKIP_TORCH=0 BACKWARD=0 LEN=8192
 while [ $# -gt 0 ]; do
     case "$1" in
     --skip-check) SKIP_CHECK=1 ;;
     --skip-torch) SKIP_TORCH=1 ;;
+    --backward) BACKWARD=1 ;;
     --len) LEN=$2; shift ;;
     *) echo "unknown argument $1"; exit 2 ;;
     esac
@@ -87,6 +91,18 @@ if [ "$SKIP_CHECK" = 0 ]; then
         tail -1 "$OUT/check-env-${E%%=*}.log"
         check_summary "$OUT/check-env-${E%%=*}.log" "$STATUS" "$E"
     done
+    echo "== test_cuda_backward"
+    T0=$(date +%s)
+    FLEXATTN_CACHE_DIR=off timeout -k 5 "${CHECK_TIMEOUT:-240}" "$BUILD/test_cuda_backward" >"$OUT/test-cuda-backward.log" 2>&1
+    STATUS=$?
+    echo "test_cuda_backward exit $STATUS in $(( $(date +%s) - T0 )) s"
+    grep -E "^(FAIL|SKIPPED)" "$OUT/test-cuda-backward.log" | head -20
+    # the program's cases: PASS and FAIL lines; exit 77 (no GPU) fails here
+    P=$(grep -c "^PASS" "$OUT/test-cuda-backward.log") F=$(grep -c "^FAIL" "$OUT/test-cuda-backward.log")
+    S=0
+    [ "$STATUS" -eq 77 ] && S=1
+    echo "test_cuda_backward: $P passed, $F failed, $S skipped" >>"$OUT/check-summary.txt"
+    [ "$STATUS" -eq 0 ] || fail "test_cuda_backward: exit $STATUS ($P passed, $F failed, $S skipped)"
 fi
 
 echo "== flexattn CUDA forward (cold cache, then warm cache in a new process)"
@@ -120,6 +136,18 @@ if [ "$SKIP_TORCH" = 0 ]; then
     echo "== PyTorch"
     PYTHONUNBUFFERED=1 timeout -k 5 300 python3 bench/gpu/torch_reference.py --len "$LEN" --json "$OUT/torch.jsonl" 2>&1 \
         | grep -v Warning | tee "$OUT/torch.log"
+fi
+
+if [ "$BACKWARD" = 1 ]; then
+    echo "== CUDA backward beside PyTorch (bench/gpu/backward.py)"
+    # results only from a run whose checks passed
+    BW_RESULTS=$RESULTS_DIR
+    [ "$FAILED" = 0 ] || BW_RESULTS=
+    PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}" FLEXATTN_LIBRARY="$BUILD/libflexattn.so" \
+        FLEXATTN_COMMIT=$COMMIT PYTHONUNBUFFERED=1 timeout -k 5 300 python3 bench/gpu/backward.py \
+        --len "$LEN" --results "$BW_RESULTS" 2>&1 | grep -v Warning | tee "$OUT/backward.log"
+    STATUS=${PIPESTATUS[0]}
+    [ "$STATUS" -eq 0 ] || fail "bench/gpu/backward.py: exit $STATUS"
 fi
 
 # A failed run writes its tables to $OUT only, never into the results.

@@ -17,7 +17,7 @@ tar czf "$FINAL/gpu-results.tgz" -C "$OUT" .
 cp "$OUT/cuda-forward.md" "$FINAL/" 2>/dev/null
 # the results files run.sh updated, to be kept with the tree
 RESULTS=${RESULTS_DIR-$(cd "$(dirname "$0")/../results" && pwd)}
-mkdir -p "$FINAL/results" && cp "$RESULTS"/cuda-forward-*.md "$RESULTS"/cuda-forward-*.jsonl "$FINAL/results/" 2>/dev/null
+mkdir -p "$FINAL/results" && cp "$RESULTS"/cuda-forward-*.md "$RESULTS"/cuda-forward-*.jsonl "$RESULTS"/cuda-backward-*.md "$RESULTS"/cuda-backward-*.jsonl "$FINAL/results/" 2>/dev/null
 grep -E "^==|check exit|passed|FAIL|ERROR" "$OUT/run.out" | head -60
 cat "$OUT/sweep.log" 2>/dev/null
 cat "$OUT/cuda-forward.md" 2>/dev/null || tail -40 "$OUT/run.out"

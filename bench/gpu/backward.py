@@ -34,9 +34,9 @@ import sys
 
 import torch
 from torch.nn.attention.flex_attention import create_block_mask as torch_block_mask
-from torch.nn.attention.flex_attention import flex_attention as torch_flex
 
 import flexattn.torch as fa
+from compiled_flex import compiled_flex_attention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -107,12 +107,7 @@ def main():
     q, k, v, dout = (torch.randn(B, H, S, D, device=dev, dtype=torch.bfloat16) for _ in range(4))
     q32, k32, v32 = (t.float().requires_grad_() for t in (q, k, v))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
-    # one compiled function per pattern and dtype: more than dynamo's default
-    # recompile limit (8), past which torch falls back to its eager path
-    for knob in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, knob):
-            setattr(torch._dynamo.config, knob, 64)
-    flex = torch.compile(torch_flex, dynamic=False)
+    flex = compiled_flex_attention()
     table = patterns(H, S, dev)
     names = args.patterns.split(",") if args.patterns else list(table)
     device_name = torch.cuda.get_device_name()

@@ -29,9 +29,8 @@ def read(side):
     for r in range(1, rounds + 1):
         for line in open(f"{log}/{side}-{r}.txt"):
             f = line.split()
-            if len(f) == 5 and f[0] not in ("pattern",):
-                try: per.setdefault(f[0], []).append(float(f[3]))
-                except ValueError: pass
+            if len(f) == 5 and f[3].replace(".", "", 1).isdigit():  # a pattern's row
+                per.setdefault(f[0], []).append(float(f[3]))
     return {p: statistics.median(v) for p, v in per.items()}
 base, new = read("base"), read("new")
 print(f"{'pattern':24s} {'base TFLOP/s':>12s} {'this TFLOP/s':>12s} {'this/base':>9s}")

@@ -563,7 +563,8 @@ def _triton_version():
 
 def gpu_run(args):
     import flexattn.torch as fa
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask
+    from compiled_flex import RECOMPILE_LIMIT, compiled_flex_attention  # beside this script
     dev = "cuda"
     dtype = torch.bfloat16
     device_name = torch.cuda.get_device_name()
@@ -572,14 +573,8 @@ def gpu_run(args):
                                       "results", f"zoo-{tag}")
     compile_settings = dict(fn="torch.compile(flex_attention, dynamic=False)", mode="default",
                             fullgraph=False, kernel_options=None, torch=torch.__version__,
-                            triton=_triton_version())
-    # every mod compiles its own flex_attention: past dynamo's recompile limit
-    # (8 by default) torch would silently run its slow eager path
-    for knob in ("recompile_limit", "cache_size_limit"):
-        if hasattr(torch._dynamo.config, knob):
-            setattr(torch._dynamo.config, knob, 1024)
-    compile_settings["recompile_limit"] = 1024
-    flex = torch.compile(flex_attention, dynamic=False)
+                            triton=_triton_version(), recompile_limit=RECOMPILE_LIMIT)
+    flex = compiled_flex_attention()
     commit = _commit()
     mods = args.mods.split(",") if args.mods else list(ZOO)
     shapes = args.shapes.split(",") if args.shapes else list(SHAPES)

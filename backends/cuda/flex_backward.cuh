@@ -298,8 +298,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS) flex_bwd_kernel(const
                 for (int np = 0; np < NT / 2; np++) {
                     flex_u32 bf[4];
                     flex_ldmatrix_x4(bf, flex_frag_at(b_q, kk) + np * 16 * FLEX_DQ * 2);
-                    flex_mma(s[2 * np], a, bf[0], bf[1]);
-                    flex_mma(s[2 * np + 1], a, bf[2], bf[3]);
+                    flex_mma_pair(s[2 * np], s[2 * np + 1], a, bf);
                 }
             }
 #pragma unroll
@@ -310,8 +309,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS) flex_bwd_kernel(const
                 for (int np = 0; np < NT / 2; np++) {
                     flex_u32 bf[4];
                     flex_ldmatrix_x4(bf, flex_frag_at(b_do, kk) + np * 16 * FLEX_DV * 2);
-                    flex_mma(dp[2 * np], a, bf[0], bf[1]);
-                    flex_mma(dp[2 * np + 1], a, bf[2], bf[3]);
+                    flex_mma_pair(dp[2 * np], dp[2 * np + 1], a, bf);
                 }
             }
 
@@ -355,15 +353,13 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS) flex_bwd_kernel(const
                 for (int d2 = 0; d2 < FLEX_DV / 16; d2++) {
                     flex_u32 bf[4];
                     flex_ldmatrix_x4_trans(bf, flex_frag_at(t_do, d2) + kk * 16 * FLEX_DV * 2);
-                    flex_mma(dv[2 * d2], pa[kk], bf[0], bf[1]);
-                    flex_mma(dv[2 * d2 + 1], pa[kk], bf[2], bf[3]);
+                    flex_mma_pair(dv[2 * d2], dv[2 * d2 + 1], pa[kk], bf);
                 }
 #pragma unroll
                 for (int d2 = 0; d2 < FLEX_DQ / 16; d2++) {
                     flex_u32 bf[4];
                     flex_ldmatrix_x4_trans(bf, flex_frag_at(t_q, d2) + kk * 16 * FLEX_DQ * 2);
-                    flex_mma(dk[2 * d2], da[kk], bf[0], bf[1]);
-                    flex_mma(dk[2 * d2 + 1], da[kk], bf[2], bf[3]);
+                    flex_mma_pair(dk[2 * d2], dk[2 * d2 + 1], da[kk], bf);
                 }
             }
 
@@ -386,8 +382,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS) flex_bwd_kernel(const
                             flex_u32 bf[4];
                             flex_ldmatrix_x4_trans(bf,
                                                    flex_frag_at(t_k, d2) + kk * 16 * FLEX_DQ * 2);
-                            flex_mma(acc[2 * d2], a, bf[0], bf[1]);
-                            flex_mma(acc[2 * d2 + 1], a, bf[2], bf[3]);
+                            flex_mma_pair(acc[2 * d2], acc[2 * d2 + 1], a, bf);
                         }
                     }
 #pragma unroll

@@ -395,8 +395,7 @@ static FLEX_DEVICE_INLINE void flex_step(const flex_fwd_params &p, flex_warp_sta
                 flex_ldmatrix_x4(bf, flex_frag_at(k_sub, kk) + np * 16 * FLEX_DQ * 2);
 #pragma unroll
                 for (int mt = 0; mt < FLEX_MT; mt++) {
-                    flex_mma(s[mt][2 * np], a[mt], bf[0], bf[1]);
-                    flex_mma(s[mt][2 * np + 1], a[mt], bf[2], bf[3]);
+                    flex_mma_pair(s[mt][2 * np], s[mt][2 * np + 1], a[mt], bf);
                 }
             }
         }
@@ -416,8 +415,7 @@ static FLEX_DEVICE_INLINE void flex_step(const flex_fwd_params &p, flex_warp_sta
                 flex_ldmatrix_x4_trans(bf, flex_frag_at(v_sub, dp) + kk * 16 * FLEX_DV * 2);
 #pragma unroll
                 for (int mt = 0; mt < FLEX_MT; mt++) {
-                    flex_mma(st.o[mt][2 * dp], pa[mt][kk], bf[0], bf[1]);
-                    flex_mma(st.o[mt][2 * dp + 1], pa[mt][kk], bf[2], bf[3]);
+                    flex_mma_pair(st.o[mt][2 * dp], st.o[mt][2 * dp + 1], pa[mt][kk], bf);
                 }
             }
         }

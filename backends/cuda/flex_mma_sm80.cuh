@@ -80,6 +80,16 @@ static FLEX_DEVICE_INLINE void flex_mma(float *d, const flex_u32 *a, flex_u32 b0
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
+/* d0 += a * b over n-tile 0 (bf[0], bf[1]) and d1 += a * b over n-tile 1
+ * (bf[2], bf[3]): the two products one ldmatrix.x4 of B feeds, which the
+ * mainloops always issue together. Here exactly the two mma.sync; AMD's
+ * matrix instructions compute the 16 columns in one (flex_mma_hip.cuh). */
+static FLEX_DEVICE_INLINE void flex_mma_pair(float *d0, float *d1, const flex_u32 *a,
+                                             const flex_u32 *bf) {
+    flex_mma(d0, a, bf[0], bf[1]);
+    flex_mma(d1, a, bf[2], bf[3]);
+}
+
 /* Two floats -> two packed 16-bit values, lo in the low half. */
 static FLEX_DEVICE_INLINE flex_u32 flex_pack2(float lo, float hi) {
     flex_u32 r;

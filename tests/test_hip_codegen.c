@@ -3,7 +3,8 @@
  * kernel sources built from the shared templates, the backend's report
  * where no HIP runtime is installed, and every emitted kernel compiled for
  * gfx90a (MI200), gfx942 (MI300; gfx940 where the compiler predates it) and
- * gfx1100 (RDNA3) with clang's AMDGPU target and no HIP headers.
+ * gfx1100 (RDNA3) with clang's AMDGPU target and no HIP headers, with the
+ * products on the matrix instructions (MFMA, WMMA) where the arch has them.
  *
  * The compiler is $FLEXATTN_HIP_CLANG or the newest clang-N found. Without
  * one the compile cases print "SKIPPED: <reason>" and the program exits 77
@@ -124,6 +125,10 @@ START_TEST(test_hip_source_shape) {
     ck_assert_ptr_nonnull(cuda);
     ck_assert_ptr_nonnull(strstr(s, cuda + strlen(cuda) - 2000));
     free(cuda);
+    /* flex_amd_lanes.h is spliced in where flex_mma_hip.cuh includes it:
+     * hiprtc has no include path, and the cache key covers the source. */
+    ck_assert_ptr_nonnull(strstr(s, "flex_amd_lanes.h: the lane permutations"));
+    ck_assert_ptr_null(strstr(s, "#include"));
     free(s);
     flex_cuda_fwd_config wg = production;
     wg.wgmma = 1;
@@ -142,7 +147,8 @@ typedef struct hip_case {
     char name[128];
     char *source;
     const char *arch;
-    int status; /* the compiler's exit status */
+    const char *expect; /* text the assembly must contain (NULL: not looked at) */
+    int status;         /* the compiler's exit status; -2: `expect` is missing */
     char log[1024];
 } hip_case;
 
@@ -150,21 +156,44 @@ static hip_case cases[1024];
 static int num_cases, next_case;
 static pthread_mutex_t case_lock = PTHREAD_MUTEX_INITIALIZER;
 
+/* Whether the file at path contains text. */
+static int file_contains(const char *path, const char *text) {
+    FILE *f = fopen(path, "rb");
+    if (!f) return 0;
+    const size_t n = strlen(text);
+    char buf[65536 + 256];
+    size_t have = 0, got;
+    int found = 0;
+    while (!found && (got = fread(buf + have, 1, sizeof buf - have - 1, f)) > 0) {
+        have += got;
+        buf[have] = 0;
+        found = strstr(buf, text) != NULL;
+        /* keep the tail, which a match may straddle */
+        const size_t keep = have < n ? have : n;
+        memmove(buf, buf + have - keep, keep);
+        have = keep;
+    }
+    fclose(f);
+    return found;
+}
+
 /* Compiles source for arch to AMDGPU assembly (instruction selection and
  * register allocation for that target, no link); the exit status, with
- * the first lines of the compiler's output in log. */
-static int clang_compile(const char *source, const char *arch, const char *tag, char *log,
-                         size_t log_cap) {
-    char src_path[512], cmd[2048];
+ * the first lines of the compiler's output in log. With expect, the
+ * assembly must also contain that text (-2 when it does not). */
+static int clang_compile(const char *source, const char *arch, const char *tag,
+                         const char *expect, char *log, size_t log_cap) {
+    char src_path[512], asm_path[512], cmd[2048];
     snprintf(src_path, sizeof src_path, "%s/%s.hip", work_dir, tag);
+    snprintf(asm_path, sizeof asm_path, "%s/%s.s", work_dir, tag);
     FILE *f = fopen(src_path, "w");
     if (!f) return -1;
     fputs(source, f);
     fclose(f);
     snprintf(cmd, sizeof cmd,
              "'%s' -x hip -std=c++17 -O3 -Werror=implicit-function-declaration --offload-arch=%s "
-             "-nogpulib -nogpuinc --cuda-device-only -S -o /dev/null '%s' 2>&1",
-             clang_path, arch, src_path);
+             "-nogpulib -nogpuinc --cuda-device-only -S -o '%s' '%s' 2>&1",
+             clang_path, arch, expect ? asm_path : "/dev/null", src_path);
     FILE *p = popen(cmd, "r");
     if (!p) return -1;
     size_t n = fread(log, 1, log_cap - 1, p);
@@ -172,8 +201,13 @@ static int clang_compile(const char *source, const char *arch, const char *tag, 
     char sink[4096];
     while (fread(sink, 1, sizeof sink, p) > 0) {
     }
-    const int st = pclose(p);
+    int st = pclose(p);
+    if (st == 0 && expect && !file_contains(asm_path, expect)) {
+        snprintf(log, log_cap, "the assembly has no '%s'", expect);
+        st = -2;
+    }
     unlink(src_path);
+    if (expect) unlink(asm_path);
     return st;
 }
 
@@ -187,7 +221,7 @@ static void *compile_worker(void *arg) {
         hip_case *c = &cases[i];
         char tag[32];
         snprintf(tag, sizeof tag, "case%d", i);
-        c->status = clang_compile(c->source, c->arch, tag, c->log, sizeof c->log);
+        c->status = clang_compile(c->source, c->arch, tag, c->expect, c->log, sizeof c->log);
     }
 }
 
@@ -195,7 +229,7 @@ static void *compile_worker(void *arg) {
 static int knows_arch(const char *arch) {
     char log[512];
     return clang_compile("#define FLEX_HIP 1\n__attribute__((global)) void k() {}\n", arch,
-                         arch, log, sizeof log) == 0;
+                         arch, NULL, log, sizeof log) == 0;
 }
 
 /* The compiler to use: $FLEXATTN_HIP_CLANG, else the newest clang-N or
@@ -225,6 +259,12 @@ static void add(const char *label, const char *arch, char *source) {
     snprintf(c->name, sizeof c->name, "%s/%s", label, arch);
     c->source = source;
     c->arch = arch;
+    c->expect = NULL;
+}
+
+/* The matrix instruction arch's 16-bit products must be made of. */
+static const char *matrix_instruction(const char *arch) {
+    return strncmp(arch, "gfx11", 5) == 0 ? "v_wmma_f32_16x16x16" : "v_mfma_f32_16x16x16";
 }
 
 static const flex_buffer_decl seed_bufs[] = {
@@ -280,6 +320,7 @@ START_TEST(test_clang_compiles_every_kernel) {
             char label[96];
             snprintf(label, sizeof label, "%s/forward/bf16", p->name);
             add(label, archs[a], flex_hip_forward_source(&small_bf16, mask, score, NULL, NULL));
+            cases[num_cases - 1].expect = matrix_instruction(archs[a]);
             snprintf(label, sizeof label, "%s/forward/f32", p->name);
             add(label, archs[a], flex_hip_forward_source(&f32, mask, score, NULL, NULL));
             if (is_mask) {
@@ -296,11 +337,14 @@ START_TEST(test_clang_compiles_every_kernel) {
                          0);
         add("every_op/forward/f16", archs[a],
             flex_hip_forward_source(&small_f16, &mask, &score, NULL, NULL));
+        cases[num_cases - 1].expect = matrix_instruction(archs[a]);
         add("every_op/forward/f32", archs[a],
             flex_hip_forward_source(&f32, &mask, &score, NULL, NULL));
-        if (a == 0) /* the largest kernel: once (about 20 s of compile per arch) */
-            add("sliding_window/forward/bf16/production", archs[a],
-                flex_hip_forward_source(&production, &mask, NULL, NULL, NULL));
+        /* The production tiles (about 4 s of compile each on the matrix
+         * instructions; more than 100 s with the scalar products). */
+        add("sliding_window/forward/bf16/production", archs[a],
+            flex_hip_forward_source(&production, &mask, NULL, NULL, NULL));
+        cases[num_cases - 1].expect = matrix_instruction(archs[a]);
         ir_free(&mask);
         ir_free(&score);
     }
@@ -341,8 +385,8 @@ START_TEST(test_clang_reports_broken_kernel) {
     char *broken = malloc(n + 64);
     snprintf(broken, n + 64, "%s\nstatic void broken() { undefined_name(); }\n", s);
     char log[1024];
-    ck_assert_int_eq(clang_compile(s, "gfx90a", "good", log, sizeof log), 0);
-    ck_assert_int_ne(clang_compile(broken, "gfx90a", "broken", log, sizeof log), 0);
+    ck_assert_int_eq(clang_compile(s, "gfx90a", "good", NULL, log, sizeof log), 0);
+    ck_assert_int_ne(clang_compile(broken, "gfx90a", "broken", NULL, log, sizeof log), 0);
     ck_assert_msg(strstr(log, "undefined_name") != NULL, "the log names it: %s", log);
     free(broken);
     free(s);

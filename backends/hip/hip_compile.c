@@ -31,18 +31,41 @@ static char *hip_wrap(const char *source, const char *insert, const char *before
     return s;
 }
 
+/* flex_mma_hip.cuh with its #include of flex_amd_lanes.h replaced by that
+ * file's text: hiprtc is given one source and no include path, and the
+ * kernel caches key the source's checksum, which must cover every line
+ * compiled (malloc'd; NULL: out of memory or a template missing). */
+static char *hip_primitives(void) {
+    static const char include[] = "#include \"flex_amd_lanes.h\"\n";
+    const char *prims = hip_template("flex_mma_hip.cuh");
+    const char *lanes = hip_template("flex_amd_lanes.h");
+    const char *at = prims ? strstr(prims, include) : NULL;
+    if (!at || !lanes) return NULL;
+    const char *rest = at + strlen(include);
+    const size_t len = (size_t)(at - prims) + strlen(lanes) + strlen(rest) + 1;
+    char *s = malloc(len);
+    if (s) snprintf(s, len, "%.*s%s%s", (int)(at - prims), prims, lanes, rest);
+    return s;
+}
+
+/* The CUDA source of a 16-bit or f32 kernel made for AMD: FLEX_HIP and the
+ * runtime names first, the AMD primitives before flex_mma_sm80.cuh. Frees
+ * cuda; NULL when it is NULL or out of memory. */
+static char *hip_from_cuda(char *cuda) {
+    const char *mma = flex_cuda_template("flex_mma_sm80.cuh");
+    char *prims = hip_primitives();
+    char *s = mma && prims ? hip_wrap(cuda, prims, mma) : NULL;
+    free(prims);
+    free(cuda);
+    return s;
+}
+
 char *flex_hip_forward_source(const flex_cuda_fwd_config *cfg, const ir_mod *mask,
                               const ir_mod *score, const unsigned char *mask_in_range,
                               const unsigned char *score_in_range) {
     if (cfg->wgmma || cfg->tma || cfg->chain) return NULL; /* the sm_90a kernel has no AMD form */
-    const char *mma = flex_cuda_template("flex_mma_sm80.cuh");
-    const char *prims = hip_template("flex_mma_hip.cuh");
-    if (!mma || !prims) return NULL;
-    char *cuda = flex_cuda_forward_source_in_range(cfg, mask, score, mask_in_range,
-                                                   score_in_range);
-    char *s = hip_wrap(cuda, prims, mma);
-    free(cuda);
-    return s;
+    return hip_from_cuda(
+        flex_cuda_forward_source_in_range(cfg, mask, score, mask_in_range, score_in_range));
 }
 
 char *flex_hip_mask_blocks_source(const ir_mod *mask) {

@@ -20,9 +20,10 @@ extern const struct flex_embedded_file flex_hip_template_files[];
  * The HIP source of the forward kernel for cfg and the mods: the same
  * mainloop and emitted mods as CUDA's (flex_cuda_forward_source_in_range),
  * prefixed with FLEX_HIP and the device-runtime names a compile without
- * HIP's headers needs (flex_hip_runtime.cuh), with flex_mma_hip.cuh before
- * flex_mma_sm80.cuh. cfg must not ask for the sm_90a kernel (wgmma, tma).
- * A malloc'd string, or NULL (out of memory, too many buffers, or wgmma).
+ * HIP's headers needs (flex_hip_runtime.cuh), with flex_mma_hip.cuh (and
+ * the flex_amd_lanes.h it includes, spliced in) before flex_mma_sm80.cuh.
+ * cfg must not ask for the sm_90a kernel (wgmma, tma). A malloc'd string,
+ * or NULL (out of memory, too many buffers, or wgmma).
  */
 char *flex_hip_forward_source(const flex_cuda_fwd_config *cfg, const ir_mod *mask,
                               const ir_mod *score, const unsigned char *mask_in_range,

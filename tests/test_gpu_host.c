@@ -4,8 +4,9 @@
  * counters. It shows what the CUDA and HIP backends rely on: a key builds
  * and compiles its source once, a compile or load failure reaches the
  * caller with the vendor's words, host buffers are copied once per
- * binding, a block mask is uploaded once with its rows heaviest first, and
- * a set bounds bit names the buffer.
+ * binding, a block mask is uploaded once with its rows heaviest first, a
+ * set bounds bit names the buffer, and the backward's score mod and
+ * parameter block are made as both backends launch them.
  */
 #include <check.h>
 #include <stdio.h>
@@ -13,6 +14,7 @@
 #include <string.h>
 
 #include "internal.h"
+#include "../backends/cuda/cuda_compile.h"
 #include "../backends/gpu/gpu_host.h"
 
 static int allocs, frees, builds, compiles, loads, unloads, fail_compile, fail_load;
@@ -246,6 +248,119 @@ START_TEST(test_mask_uploaded_once_heaviest_first) {
 }
 END_TEST
 
+/* The score mod of a backward: its derivative, the reads whose gradients
+ * are wanted, and every way a gradient request can be wrong. */
+static flex_status prepare(const flex_mod *score, const char *name, flex_device_type device,
+                           int *num_loads, flex_gpu_buffer_desc *grad_descs) {
+    float grad[4];
+    const int64_t n = 4;
+    flex_buffer_grad g = {name, flex_tensor_contiguous(grad, FLEX_F32, 1, &n, device)};
+    flex_backward_args a;
+    memset(&a, 0, sizeof a);
+    a.score_mod = score;
+    a.buffer_grads = &g;
+    a.num_buffer_grads = name ? 1 : 0;
+    ir_mod derived;
+    int made = 0;
+    mod_derivative der;
+    flex_cuda_grad_load reads[MOD_DERIVE_MAX_LOADS];
+    const flex_status s = flex_gpu_bwd_score_prepare(&fake_ctx, &st, &a, &derived, &made, &der,
+                                                     reads, num_loads, grad_descs);
+    if (s == FLEX_OK && name) {
+        ck_assert_ptr_eq((void *)(uintptr_t)grad_descs[0].data, grad);
+        ck_assert_int_eq(grad_descs[0].sizes[0], 4);
+        ck_assert_int_eq(reads[0].grad, 0);
+        ck_assert_int_eq(reads[0].ndim, 1);
+    }
+    if (s == FLEX_OK)
+        ck_assert_int_eq(made, score && score->ir.nodes[score->ir.root].op != IR_SCORE);
+    if (made) ir_free(&derived);
+    return s;
+}
+
+START_TEST(test_backward_score_prepare) {
+    flex_mod_desc desc = {FLEX_MOD_SCORE, "score + slopes[h] * (kv - q)", NULL,
+                          0, (flex_buffer_decl[]){{"slopes", FLEX_F32, 1}, {"unused", FLEX_F32, 1}},
+                          2};
+    flex_mod *mod = NULL, *identity = NULL;
+    ck_assert_int_eq(flex_mod_compile(NULL, &desc, &mod), FLEX_OK);
+    flex_mod_desc id_desc = {FLEX_MOD_SCORE, "score", NULL, 0, NULL, 0};
+    ck_assert_int_eq(flex_mod_compile(NULL, &id_desc, &identity), FLEX_OK);
+    flex_gpu_buffer_desc descs[IR_MAX_BUFFERS];
+    int num_loads = -1;
+    ck_assert_int_eq(prepare(mod, "slopes", FLEX_DEVICE_HIP, &num_loads, descs), FLEX_OK);
+    ck_assert_int_eq(num_loads, 1);
+    ck_assert_int_eq(prepare(mod, NULL, FLEX_DEVICE_HIP, &num_loads, descs), FLEX_OK);
+    ck_assert_int_eq(num_loads, 0); /* the derivative, no gradient reads */
+    ck_assert_int_eq(prepare(identity, NULL, FLEX_DEVICE_HIP, &num_loads, descs), FLEX_OK);
+    ck_assert_int_eq(prepare(mod, "nope", FLEX_DEVICE_HIP, &num_loads, descs), FLEX_ERR_MOD_NAME);
+    ck_assert_ptr_nonnull(strstr(flex_error_message(&fake_ctx), "'nope'"));
+    /* declared, never read */
+    ck_assert_int_eq(prepare(mod, "unused", FLEX_DEVICE_HIP, &num_loads, descs),
+                     FLEX_ERR_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(flex_error_message(&fake_ctx), "does not read it"));
+    /* the gradient must be on this backend's GPU (the state says HIP) */
+    ck_assert_int_eq(prepare(mod, "slopes", FLEX_DEVICE_CUDA, &num_loads, descs),
+                     FLEX_ERR_INVALID_ARGUMENT);
+    ck_assert_ptr_nonnull(strstr(flex_error_message(&fake_ctx), "context's GPU"));
+    flex_mod_destroy(mod);
+    flex_mod_destroy(identity);
+}
+END_TEST
+
+/* The backward's parameter block: the head (struct flex_bwd_params' start),
+ * the gradient slots, the forward's block, then the mods' buffers. */
+START_TEST(test_backward_blob) {
+    static uint16_t data[6][2 * 3 * 40 * 64];
+    float lse[2 * 3 * 40];
+    const int64_t qs[4] = {2, 3, 40, 64}, ls[3] = {2, 3, 40};
+    flex_backward_args a;
+    memset(&a, 0, sizeof a);
+    a.q = flex_tensor_contiguous(data[0], FLEX_BF16, 4, qs, FLEX_DEVICE_HIP);
+    a.k = flex_tensor_contiguous(data[1], FLEX_BF16, 4, qs, FLEX_DEVICE_HIP);
+    a.v = flex_tensor_contiguous(data[2], FLEX_BF16, 4, qs, FLEX_DEVICE_HIP);
+    a.out = flex_tensor_contiguous(data[3], FLEX_BF16, 4, qs, FLEX_DEVICE_HIP);
+    a.dout = flex_tensor_contiguous(data[4], FLEX_BF16, 4, qs, FLEX_DEVICE_HIP);
+    a.lse = flex_tensor_contiguous(lse, FLEX_F32, 3, ls, FLEX_DEVICE_HIP);
+    const flex_tensor dk = flex_tensor_contiguous(data[5], FLEX_BF16, 4, qs, FLEX_DEVICE_HIP);
+    a.dk = &dk;
+    a.scale = 0.125f;
+    flex_gpu_buffer_desc grads[IR_MAX_BUFFERS], descs[FLEX_EMIT_MAX_SLOTS];
+    memset(grads, 0, sizeof grads);
+    memset(descs, 0, sizeof descs);
+    grads[0].data = 0x1234;
+    descs[0].data = 0x5678;
+    unsigned char blob[FLEX_GPU_BWD_BLOB_BYTES];
+    const size_t size =
+        flex_gpu_bwd_blob(blob, &a, NULL, NULL, 16, 32, 0x1000, 0, grads, 0, descs, 1, 0x42);
+    /* no gradient tensors: one slot still; one buffer and the flag */
+    const size_t at_p = sizeof(flex_gpu_bwd_head) + sizeof(flex_gpu_buffer_desc);
+    ck_assert_uint_eq(size, at_p + sizeof(flex_gpu_fwd_params) + sizeof(flex_gpu_buffer_desc) + 8);
+    flex_gpu_bwd_head hd;
+    memcpy(&hd, blob, sizeof hd);
+    ck_assert_ptr_eq((void *)(uintptr_t)hd.dout, data[4]);
+    ck_assert_ptr_eq((void *)(uintptr_t)hd.dk, data[5]);
+    ck_assert_uint_eq(hd.dq, 0);
+    ck_assert_uint_eq(hd.dv, 0);
+    ck_assert_uint_eq(hd.delta, 0x1000);
+    ck_assert_uint_eq(hd.dq_acc, 0);
+    ck_assert_int_eq(hd.dk_ss, 64);
+    ck_assert_int_eq(hd.dq_ss, 0);
+    ck_assert_uint_eq(*(const uint64_t *)(blob + sizeof hd), 0x1234);
+    flex_gpu_fwd_params p;
+    memcpy(&p, blob + at_p, sizeof p);
+    ck_assert_ptr_eq((void *)(uintptr_t)p.lse, lse);
+    ck_assert_int_eq(p.dense, 1);
+    ck_assert_int_eq(p.mask_nq, 3); /* 40 rows in 16-row blocks */
+    ck_assert_int_eq(p.mask_nk, 2);
+    ck_assert_int_eq(p.tiles_per_row, 1);
+    ck_assert_int_eq(p.l_ss, 1);
+    ck_assert(p.scale == 0.125f);
+    ck_assert_uint_eq(*(const uint64_t *)(blob + at_p + sizeof p), 0x5678);
+    ck_assert_uint_eq(*(const uint64_t *)(blob + size - 8), 0x42);
+}
+END_TEST
+
 int main(void) {
     Suite *suite = suite_create("gpu_host");
     TCase *tc = tcase_create("fake_vendor");
@@ -253,6 +368,8 @@ int main(void) {
     tcase_add_test(tc, test_module_list_and_errors);
     tcase_add_test(tc, test_buffers_copied_once_per_binding);
     tcase_add_test(tc, test_mask_uploaded_once_heaviest_first);
+    tcase_add_test(tc, test_backward_score_prepare);
+    tcase_add_test(tc, test_backward_blob);
     suite_add_tcase(suite, tc);
     SRunner *runner = srunner_create(suite);
     srunner_run_all(runner, CK_NORMAL);

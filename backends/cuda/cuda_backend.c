@@ -812,15 +812,6 @@ static flex_status cuda_mask_blocks(flex_context *ctx, const struct flex_mod *ma
 
 /* ---- backward ---- */
 
-/* Mirrors the head of struct flex_bwd_params of flex_backward.cuh; the
- * gradient tensors' descriptors (flex_buffer each), the forward's block
- * (cuda_fwd_params) and the mods' buffers follow it. */
-typedef struct cuda_bwd_head {
-    uint64_t dout, dq, dk, dv, delta, dq_acc;
-    uint64_t qfull_off, qfull_idx, qpart_off, qpart_idx;
-    int64_t do_sb, do_sh, do_ss, dq_sb, dq_sh, dq_ss, dk_sb, dk_sh, dk_ss, dv_sb, dv_sh, dv_ss;
-} cuda_bwd_head;
-
 typedef struct backward_source_args {
     const flex_cuda_bwd_config *cfg;
     const ir_mod *mask;
@@ -867,11 +858,6 @@ static void workspace_free(cuda_state *st, CUdeviceptr p, CUstream stream) {
     }
 }
 
-/* Whether any node of m reads buffer `buffer`. */
-static int ir_reads_buffer(const ir_mod *m, int buffer) {
-    return flex_gpu_ir_reads_buffer(m, buffer);
-}
-
 /* Tiles of the f16/bf16 backward: 16 kv rows a warp, up to 64 a CTA (no
  * more than the mask's kv block), query steps no longer than the mask's q
  * block and short enough that Sᵀ and dPᵀ fit beside the dK and dV
@@ -886,7 +872,7 @@ static void choose_backward_tiles(flex_cuda_bwd_config *cfg, int q_block, int kv
 
 static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a) {
     cuda_state *st = state_of(ctx);
-    const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v, *o = &a->out, *dout = &a->dout;
+    const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v, *dout = &a->dout;
     const int64_t B = q->sizes[0], Hq = q->sizes[1], Lq = q->sizes[2], D = q->sizes[3];
     const int64_t Hkv = k->sizes[1], Lkv = k->sizes[2], Dv = v->sizes[3];
     if (D > 256 || Dv > 256)
@@ -913,78 +899,15 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
     /* The score mod and its derivative, on a private copy of its IR (the
      * identity needs neither). */
     const struct flex_mod *score_mod = a->score_mod;
-    const int identity = score_mod && score_mod->ir.root >= 0 &&
-                         score_mod->ir.nodes[score_mod->ir.root].op == IR_SCORE;
     ir_mod derived;
-    memset(&derived, 0, sizeof derived);
     int derived_made = 0;
     mod_derivative der;
-    memset(&der, 0, sizeof der);
     flex_cuda_grad_load loads[MOD_DERIVE_MAX_LOADS];
     int num_loads = 0;
     cuda_buffer_desc grad_descs[IR_MAX_BUFFERS];
-    memset(grad_descs, 0, sizeof grad_descs);
-    flex_status s = FLEX_OK;
-    for (int i = 0; i < a->num_buffer_grads && !s; i++) {
-        const flex_buffer_grad *g = &a->buffer_grads[i];
-        int buffer = -1;
-        for (int j = 0; score_mod && j < score_mod->ir.num_buffers; j++)
-            if (!strcmp(score_mod->ir.buffers[j].name, g->name)) buffer = j;
-        if (buffer < 0)
-            s = flex_fail(ctx, FLEX_ERR_MOD_NAME, "the score mod has no buffer '%s'", g->name);
-        else if (identity || !ir_reads_buffer(&score_mod->ir, buffer))
-            s = flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
-                          "a gradient for buffer '%s' was asked for, but the score mod does not "
-                          "read it",
-                          g->name);
-        else if (g->grad.device != FLEX_DEVICE_CUDA || g->grad.device_index != ctx->device_index)
-            s = flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
-                          "the gradient of buffer '%s' must be on the context's GPU", g->name);
-        else if (i >= IR_MAX_BUFFERS)
-            s = flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT, "more than %d buffer gradients asked for",
-                          IR_MAX_BUFFERS);
-        if (s) return s;
-        cuda_buffer_desc *d = &grad_descs[i];
-        d->data = (uint64_t)(uintptr_t)g->grad.data;
-        for (int kd = 0; kd < 4; kd++) {
-            const int64_t size = kd < g->grad.ndim ? g->grad.sizes[kd] : 1;
-            d->sizes[kd] = (int32_t)(size > INT32_MAX ? INT32_MAX : size);
-            d->strides[kd] = kd < g->grad.ndim ? g->grad.strides[kd] : 0;
-        }
-    }
-    if (score_mod && !identity) {
-        if (ir_copy(&derived, &score_mod->ir) != 0)
-            return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "no memory to copy the score mod");
-        derived_made = 1;
-        const int rc = mod_derive(&derived, &der);
-        if (rc != 0) {
-            ir_free(&derived);
-            if (rc == MOD_DERIVE_TOO_MANY_LOADS)
-                return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
-                                 "the score mod reads float buffers at more than %d places; the "
-                                 "backward supports at most that many",
-                                 MOD_DERIVE_MAX_LOADS);
-            if (rc == MOD_DERIVE_NOT_SCORE)
-                return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
-                                 "score_mod does not return a float score");
-            return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY,
-                             "no memory (or too many IR nodes) for the score mod's derivative");
-        }
-        for (int l = 0; l < der.num_loads; l++)
-            for (int i = 0; i < a->num_buffer_grads; i++) {
-                if (strcmp(score_mod->ir.buffers[der.loads[l].buffer].name,
-                           a->buffer_grads[i].name) != 0 ||
-                    num_loads == MOD_DERIVE_MAX_LOADS)
-                    continue;
-                const ir_node *ld = &derived.nodes[der.loads[l].load];
-                flex_cuda_grad_load *gl = &loads[num_loads++];
-                gl->grad = i;
-                gl->deriv = der.loads[l].node;
-                gl->ndim = ld->nargs;
-                for (int d = 0; d < 4; d++)
-                    gl->index[d] = d < ld->nargs ? ld->args[d] : 0;
-            }
-    }
+    flex_status s = flex_gpu_bwd_score_prepare(ctx, &st->gpu, a, &derived, &derived_made, &der,
+                                               loads, &num_loads, grad_descs);
+    if (s) return s;
     const ir_mod *mask_ir = mask_mod ? &mask_mod->ir : NULL;
     const ir_mod *score_ir = derived_made ? &derived : NULL;
     const struct flex_mod *score_used = derived_made ? score_mod : NULL;
@@ -1087,70 +1010,10 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
     const size_t dq_bytes = a->dq ? (size_t)(B * Hq * Lq * D) * sizeof(float) : 0;
     if (!s) s = workspace_alloc(ctx, st, delta_bytes + dq_bytes, stream, &ws);
     if (!s) {
-        cuda_bwd_head hd;
-        memset(&hd, 0, sizeof hd);
-        hd.dout = (uintptr_t)dout->data;
-        hd.dq = a->dq ? (uintptr_t)a->dq->data : 0;
-        hd.dk = a->dk ? (uintptr_t)a->dk->data : 0;
-        hd.dv = a->dv ? (uintptr_t)a->dv->data : 0;
-        hd.delta = ws;
-        hd.dq_acc = a->dq ? ws + delta_bytes : 0;
-        hd.do_sb = dout->strides[0], hd.do_sh = dout->strides[1], hd.do_ss = dout->strides[2];
-        if (a->dq)
-            hd.dq_sb = a->dq->strides[0], hd.dq_sh = a->dq->strides[1],
-            hd.dq_ss = a->dq->strides[2];
-        if (a->dk)
-            hd.dk_sb = a->dk->strides[0], hd.dk_sh = a->dk->strides[1],
-            hd.dk_ss = a->dk->strides[2];
-        if (a->dv)
-            hd.dv_sb = a->dv->strides[0], hd.dv_sh = a->dv->strides[1],
-            hd.dv_ss = a->dv->strides[2];
-
-        cuda_fwd_params p;
-        memset(&p, 0, sizeof p);
-        p.q = (uintptr_t)q->data;
-        p.k = (uintptr_t)k->data;
-        p.v = (uintptr_t)v->data;
-        p.out = (uintptr_t)o->data;
-        p.lse = (uintptr_t)a->lse.data;
-        p.q_sb = q->strides[0], p.q_sh = q->strides[1], p.q_ss = q->strides[2];
-        p.k_sb = k->strides[0], p.k_sh = k->strides[1], p.k_ss = k->strides[2];
-        p.v_sb = v->strides[0], p.v_sh = v->strides[1], p.v_ss = v->strides[2];
-        p.o_sb = o->strides[0], p.o_sh = o->strides[1], p.o_ss = o->strides[2];
-        p.l_sb = a->lse.strides[0], p.l_sh = a->lse.strides[1], p.l_ss = a->lse.strides[2];
-        p.B = (int32_t)B, p.Hq = (int32_t)Hq, p.Hkv = (int32_t)Hkv;
-        p.Lq = (int32_t)Lq, p.Lkv = (int32_t)Lkv, p.D = (int32_t)D, p.Dv = (int32_t)Dv;
-        p.mask_qblock = q_block;
-        p.mask_kvblock = kv_block;
-        if (mask) {
-            p.full_off = mc->full_off, p.full_idx = mc->full_idx;
-            p.part_off = mc->part_off, p.part_idx = mc->part_idx;
-            hd.qfull_off = mc->qfull_off, hd.qfull_idx = mc->qfull_idx;
-            hd.qpart_off = mc->qpart_off, hd.qpart_idx = mc->qpart_idx;
-            p.mask_B = (int32_t)mask->B, p.mask_H = (int32_t)mask->H;
-            p.mask_nq = (int32_t)mask->num_q_blocks, p.mask_nk = (int32_t)mask->num_kv_blocks;
-        } else {
-            p.dense = 1;
-            p.mask_B = p.mask_H = 1;
-            p.mask_nq = (int32_t)((Lq + q_block - 1) / q_block);
-            p.mask_nk = (int32_t)((Lkv + kv_block - 1) / kv_block);
-        }
-        p.tiles_per_row = 1;
-        p.scale = a->scale;
-        p.scale_log2 = a->scale * 1.4426950408889634f;
-
-        const int grad_slots = cfg.grad_slots > 0 ? cfg.grad_slots : 1;
-        unsigned char blob[sizeof(cuda_bwd_head) + IR_MAX_BUFFERS * sizeof(cuda_buffer_desc) +
-                           sizeof(cuda_fwd_params) +
-                           (FLEX_EMIT_MAX_SLOTS + 2) * sizeof(cuda_buffer_desc)];
-        size_t at = 0;
-        memcpy(blob, &hd, sizeof hd);
-        at += sizeof hd;
-        memcpy(blob + at, grad_descs, (size_t)grad_slots * sizeof(cuda_buffer_desc));
-        at += (size_t)grad_slots * sizeof(cuda_buffer_desc);
-        memcpy(blob + at, &p, sizeof p);
-        at += sizeof p;
-        const size_t size = append_buffers(blob, at, descs, slots, st->gpu.bounds_flag);
+        unsigned char blob[FLEX_GPU_BWD_BLOB_BYTES];
+        const size_t size = flex_gpu_bwd_blob(blob, a, mask, mc, q_block, kv_block, ws,
+                                              a->dq ? ws + delta_bytes : 0, grad_descs,
+                                              cfg.grad_slots, descs, slots, st->gpu.bounds_flag);
 
         const unsigned rows_y = (unsigned)((Lq + 3) / 4);
         s = launch_blob(ctx, st, fn_pre, (unsigned)(B * Hq), rows_y, 128, 0, stream, blob, size,

@@ -1,8 +1,9 @@
 /*
  * The host layer the GPU backends share (gpu_host.h): module list, kernel
  * cache and compiler in that order, mod-buffer mirrors, block-mask uploads,
- * the bounds flag and the in-range proofs. Vendor calls go through the
- * backend's flex_gpu_ops table only.
+ * the bounds flag, the in-range proofs and the backward's score mod and
+ * parameter block. Vendor calls go through the backend's flex_gpu_ops
+ * table only.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -10,6 +11,7 @@
 
 #include "gpu_host.h"
 #include "clock.h"
+#include "../cuda/cuda_compile.h"
 
 flex_status flex_gpu_check(flex_context *ctx, const flex_gpu_state *st, int result,
                            const char *what) {
@@ -444,4 +446,150 @@ void flex_gpu_fwd_params_fill(flex_gpu_fwd_params *p, const flex_forward_args *a
     p->head_group = head_group;
     p->scale = a->scale;
     p->scale_log2 = a->scale * 1.4426950408889634f;
+}
+
+/* ---- backward ---- */
+
+flex_status flex_gpu_bwd_score_prepare(flex_context *ctx, const flex_gpu_state *st,
+                                       const flex_backward_args *a, ir_mod *derived,
+                                       int *derived_made, mod_derivative *der,
+                                       struct flex_cuda_grad_load *loads, int *num_loads,
+                                       flex_gpu_buffer_desc *grad_descs) {
+    const struct flex_mod *score_mod = a->score_mod;
+    const int identity = score_mod && score_mod->ir.root >= 0 &&
+                         score_mod->ir.nodes[score_mod->ir.root].op == IR_SCORE;
+    memset(derived, 0, sizeof *derived);
+    *derived_made = 0;
+    memset(der, 0, sizeof *der);
+    *num_loads = 0;
+    memset(grad_descs, 0, IR_MAX_BUFFERS * sizeof *grad_descs);
+    flex_status s = FLEX_OK;
+    for (int i = 0; i < a->num_buffer_grads && !s; i++) {
+        const flex_buffer_grad *g = &a->buffer_grads[i];
+        int buffer = -1;
+        for (int j = 0; score_mod && j < score_mod->ir.num_buffers; j++)
+            if (!strcmp(score_mod->ir.buffers[j].name, g->name)) buffer = j;
+        if (buffer < 0)
+            s = flex_fail(ctx, FLEX_ERR_MOD_NAME, "the score mod has no buffer '%s'", g->name);
+        else if (identity || !flex_gpu_ir_reads_buffer(&score_mod->ir, buffer))
+            s = flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
+                          "a gradient for buffer '%s' was asked for, but the score mod does not "
+                          "read it",
+                          g->name);
+        else if (g->grad.device != st->device_type || g->grad.device_index != ctx->device_index)
+            s = flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
+                          "the gradient of buffer '%s' must be on the context's GPU", g->name);
+        else if (i >= IR_MAX_BUFFERS)
+            s = flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT, "more than %d buffer gradients asked for",
+                          IR_MAX_BUFFERS);
+        if (s) return s;
+        flex_gpu_buffer_desc *d = &grad_descs[i];
+        d->data = (uint64_t)(uintptr_t)g->grad.data;
+        for (int kd = 0; kd < 4; kd++) {
+            const int64_t size = kd < g->grad.ndim ? g->grad.sizes[kd] : 1;
+            d->sizes[kd] = (int32_t)(size > INT32_MAX ? INT32_MAX : size);
+            d->strides[kd] = kd < g->grad.ndim ? g->grad.strides[kd] : 0;
+        }
+    }
+    if (!score_mod || identity) return FLEX_OK;
+    if (ir_copy(derived, &score_mod->ir) != 0)
+        return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "no memory to copy the score mod");
+    const int rc = mod_derive(derived, der);
+    if (rc != 0) {
+        ir_free(derived);
+        if (rc == MOD_DERIVE_TOO_MANY_LOADS)
+            return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                             "the score mod reads float buffers at more than %d places; the "
+                             "backward supports at most that many",
+                             MOD_DERIVE_MAX_LOADS);
+        if (rc == MOD_DERIVE_NOT_SCORE)
+            return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
+                             "score_mod does not return a float score");
+        return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY,
+                         "no memory (or too many IR nodes) for the score mod's derivative");
+    }
+    *derived_made = 1;
+    for (int l = 0; l < der->num_loads; l++)
+        for (int i = 0; i < a->num_buffer_grads; i++) {
+            if (strcmp(score_mod->ir.buffers[der->loads[l].buffer].name,
+                       a->buffer_grads[i].name) != 0 ||
+                *num_loads == MOD_DERIVE_MAX_LOADS)
+                continue;
+            const ir_node *ld = &derived->nodes[der->loads[l].load];
+            flex_cuda_grad_load *gl = &loads[(*num_loads)++];
+            gl->grad = i;
+            gl->deriv = der->loads[l].node;
+            gl->ndim = ld->nargs;
+            for (int d = 0; d < 4; d++)
+                gl->index[d] = d < ld->nargs ? ld->args[d] : 0;
+        }
+    return FLEX_OK;
+}
+
+size_t flex_gpu_bwd_blob(unsigned char *blob, const flex_backward_args *a,
+                         const struct flex_block_mask *mask, const flex_gpu_mask_copy *mc,
+                         int q_block, int kv_block, flex_gpu_ptr delta, flex_gpu_ptr dq_acc,
+                         const flex_gpu_buffer_desc *grad_descs, int grad_slots,
+                         const flex_gpu_buffer_desc *descs, int slots, flex_gpu_ptr flag) {
+    const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v, *o = &a->out, *dout = &a->dout;
+    const int64_t B = q->sizes[0], Hq = q->sizes[1], Lq = q->sizes[2], D = q->sizes[3];
+    const int64_t Hkv = k->sizes[1], Lkv = k->sizes[2], Dv = v->sizes[3];
+    flex_gpu_bwd_head hd;
+    memset(&hd, 0, sizeof hd);
+    hd.dout = (uintptr_t)dout->data;
+    hd.dq = a->dq ? (uintptr_t)a->dq->data : 0;
+    hd.dk = a->dk ? (uintptr_t)a->dk->data : 0;
+    hd.dv = a->dv ? (uintptr_t)a->dv->data : 0;
+    hd.delta = delta;
+    hd.dq_acc = dq_acc;
+    hd.do_sb = dout->strides[0], hd.do_sh = dout->strides[1], hd.do_ss = dout->strides[2];
+    if (a->dq)
+        hd.dq_sb = a->dq->strides[0], hd.dq_sh = a->dq->strides[1], hd.dq_ss = a->dq->strides[2];
+    if (a->dk)
+        hd.dk_sb = a->dk->strides[0], hd.dk_sh = a->dk->strides[1], hd.dk_ss = a->dk->strides[2];
+    if (a->dv)
+        hd.dv_sb = a->dv->strides[0], hd.dv_sh = a->dv->strides[1], hd.dv_ss = a->dv->strides[2];
+
+    flex_gpu_fwd_params p;
+    memset(&p, 0, sizeof p);
+    p.q = (uintptr_t)q->data;
+    p.k = (uintptr_t)k->data;
+    p.v = (uintptr_t)v->data;
+    p.out = (uintptr_t)o->data;
+    p.lse = (uintptr_t)a->lse.data;
+    p.q_sb = q->strides[0], p.q_sh = q->strides[1], p.q_ss = q->strides[2];
+    p.k_sb = k->strides[0], p.k_sh = k->strides[1], p.k_ss = k->strides[2];
+    p.v_sb = v->strides[0], p.v_sh = v->strides[1], p.v_ss = v->strides[2];
+    p.o_sb = o->strides[0], p.o_sh = o->strides[1], p.o_ss = o->strides[2];
+    p.l_sb = a->lse.strides[0], p.l_sh = a->lse.strides[1], p.l_ss = a->lse.strides[2];
+    p.B = (int32_t)B, p.Hq = (int32_t)Hq, p.Hkv = (int32_t)Hkv;
+    p.Lq = (int32_t)Lq, p.Lkv = (int32_t)Lkv, p.D = (int32_t)D, p.Dv = (int32_t)Dv;
+    p.mask_qblock = q_block;
+    p.mask_kvblock = kv_block;
+    if (mask) {
+        p.full_off = mc->full_off, p.full_idx = mc->full_idx;
+        p.part_off = mc->part_off, p.part_idx = mc->part_idx;
+        hd.qfull_off = mc->qfull_off, hd.qfull_idx = mc->qfull_idx;
+        hd.qpart_off = mc->qpart_off, hd.qpart_idx = mc->qpart_idx;
+        p.mask_B = (int32_t)mask->B, p.mask_H = (int32_t)mask->H;
+        p.mask_nq = (int32_t)mask->num_q_blocks, p.mask_nk = (int32_t)mask->num_kv_blocks;
+    } else {
+        p.dense = 1;
+        p.mask_B = p.mask_H = 1;
+        p.mask_nq = (int32_t)((Lq + q_block - 1) / q_block);
+        p.mask_nk = (int32_t)((Lkv + kv_block - 1) / kv_block);
+    }
+    p.tiles_per_row = 1;
+    p.scale = a->scale;
+    p.scale_log2 = a->scale * 1.4426950408889634f;
+
+    if (grad_slots < 1) grad_slots = 1; /* the kernels' grads[] has at least one entry */
+    size_t at = 0;
+    memcpy(blob, &hd, sizeof hd);
+    at += sizeof hd;
+    memcpy(blob + at, grad_descs, (size_t)grad_slots * sizeof(flex_gpu_buffer_desc));
+    at += (size_t)grad_slots * sizeof(flex_gpu_buffer_desc);
+    memcpy(blob + at, &p, sizeof p);
+    at += sizeof p;
+    return flex_gpu_append_buffers(blob, at, descs, slots, flag);
 }

@@ -26,6 +26,7 @@
 
 #include "internal.h"
 #include "cache.h"
+#include "mod/derive.h"
 #include "mod/emit.h"
 
 /* A device address, whatever the vendor calls it. */
@@ -224,5 +225,56 @@ typedef struct flex_gpu_fwd_params {
 void flex_gpu_fwd_params_fill(flex_gpu_fwd_params *p, const flex_forward_args *a,
                               const struct flex_block_mask *mask, const flex_gpu_mask_copy *mc,
                               int q_block, int kv_block, int block_m, int head_group);
+
+/* ---- backward ---- */
+
+struct flex_cuda_grad_load; /* backends/cuda/cuda_compile.h: the kernels' gradient reads */
+
+/*
+ * The score mod of a backward call, for the kernels (flex_backward.cuh):
+ * checks every buffer gradient asked for (the score mod reads the buffer,
+ * the tensor is on this GPU, IR_MAX_BUFFERS at most), fills its
+ * descriptor in grad_descs[i] (IR_MAX_BUFFERS entries, the rest zeroed),
+ * and, for a score mod other than the identity, copies its IR into
+ * *derived with the derivative's nodes (mod_derive, *der) and lists in
+ * loads (MOD_DERIVE_MAX_LOADS entries) the float reads whose gradients
+ * are wanted. *derived_made says whether *derived holds a copy, which the
+ * caller frees with ir_free; on failure nothing is left to free. Errors:
+ * FLEX_ERR_MOD_NAME, FLEX_ERR_INVALID_ARGUMENT, FLEX_ERR_UNSUPPORTED (more
+ * float reads than the backward takes), FLEX_ERR_OUT_OF_MEMORY.
+ */
+flex_status flex_gpu_bwd_score_prepare(flex_context *ctx, const flex_gpu_state *st,
+                                       const flex_backward_args *a, ir_mod *derived,
+                                       int *derived_made, mod_derivative *der,
+                                       struct flex_cuda_grad_load *loads, int *num_loads,
+                                       flex_gpu_buffer_desc *grad_descs);
+
+/* Mirrors the head of struct flex_bwd_params of flex_backward.cuh; the
+ * gradient tensors' descriptors, the forward's block (flex_gpu_fwd_params)
+ * and the mods' buffers follow it. */
+typedef struct flex_gpu_bwd_head {
+    uint64_t dout, dq, dk, dv, delta, dq_acc;
+    uint64_t qfull_off, qfull_idx, qpart_off, qpart_idx;
+    int64_t do_sb, do_sh, do_ss, dq_sb, dq_sh, dq_ss, dk_sb, dk_sh, dk_ss, dv_sb, dv_sh, dv_ss;
+} flex_gpu_bwd_head;
+
+/* The most bytes flex_gpu_bwd_blob writes. */
+#define FLEX_GPU_BWD_BLOB_BYTES                                                                    \
+    (sizeof(flex_gpu_bwd_head) + IR_MAX_BUFFERS * sizeof(flex_gpu_buffer_desc) +                   \
+     sizeof(flex_gpu_fwd_params) + (FLEX_EMIT_MAX_SLOTS + 2) * sizeof(flex_gpu_buffer_desc))
+
+/*
+ * The backward kernels' parameter block (struct flex_bwd_params) for a's
+ * tensors and scale, the mask's device copy mc (mask and mc NULL: dense),
+ * the workspace's delta rows and dQ accumulator (0: dQ not wanted), the
+ * gradient tensors (grad_slots of them, at least one slot written) and the
+ * mods' buffers with the bounds flag. Writes at most FLEX_GPU_BWD_BLOB_BYTES
+ * into blob and returns the size. Pure.
+ */
+size_t flex_gpu_bwd_blob(unsigned char *blob, const flex_backward_args *a,
+                         const struct flex_block_mask *mask, const flex_gpu_mask_copy *mc,
+                         int q_block, int kv_block, flex_gpu_ptr delta, flex_gpu_ptr dq_acc,
+                         const flex_gpu_buffer_desc *grad_descs, int grad_slots,
+                         const flex_gpu_buffer_desc *descs, int slots, flex_gpu_ptr flag);
 
 #endif /* FLEXATTN_GPU_HOST_H */

@@ -3,8 +3,9 @@
  * kernel sources built from the shared templates, the backend's report
  * where no HIP runtime is installed, and every emitted kernel compiled for
  * gfx90a (MI200), gfx942 (MI300; gfx940 where the compiler predates it) and
- * gfx1100 (RDNA3) with clang's AMDGPU target and no HIP headers, with the
- * products on the matrix instructions (MFMA, WMMA) where the arch has them.
+ * gfx1100 (RDNA3) with clang's AMDGPU target and no HIP headers: the
+ * forward per preset, the backward once per dtype, with its products on
+ * the matrix instructions (MFMA, WMMA) where the arch has them.
  *
  * The compiler is $FLEXATTN_HIP_CLANG or the newest clang-N found. Without
  * one the compile cases print "SKIPPED: <reason>" and the program exits 77
@@ -22,6 +23,7 @@
 #include <unistd.h>
 
 #include "internal.h"
+#include "mod/derive.h"
 #include "mod/parse.h"
 #include "../backends/hip/hip_compile.h"
 
@@ -133,6 +135,25 @@ START_TEST(test_hip_source_shape) {
     flex_cuda_fwd_config wg = production;
     wg.wgmma = 1;
     ck_assert_ptr_null(flex_hip_forward_source(&wg, &m, NULL, NULL, NULL));
+    /* The backward: CUDA's kernels with the same AMD parts. */
+    const flex_cuda_bwd_config bcfg = {.dtype = FLEX_BF16, .dq = 64, .dv = 64, .warps = 2,
+                                       .block_m = 32, .vec = 1};
+    const flex_cuda_bwd_score none = {0};
+    s = flex_hip_backward_source(&bcfg, &m, NULL, &none);
+    ck_assert_ptr_nonnull(s);
+    ck_assert_msg(strncmp(s, "#define FLEX_HIP 1\n", 19) == 0, "FLEX_HIP comes first");
+    prims = strstr(s, "flex_mma_hip.cuh:");
+    ptx = strstr(s, "flex_mma_sm80.cuh:");
+    ck_assert_msg(prims && ptx && prims < ptx, "the AMD primitives precede the layout code");
+    ck_assert_ptr_nonnull(strstr(s, "flex_bwd_kernel"));
+    ck_assert_ptr_nonnull(strstr(s, "flex_bwd_preprocess"));
+    ck_assert_ptr_nonnull(strstr(s, "flex_bwd_dq_store"));
+    ck_assert_ptr_null(strstr(s, "#include"));
+    cuda = flex_cuda_backward_source(&bcfg, &m, NULL, &none);
+    ck_assert_ptr_nonnull(cuda);
+    ck_assert_ptr_nonnull(strstr(s, cuda + strlen(cuda) - 2000));
+    free(cuda);
+    free(s);
     s = flex_hip_mask_blocks_source(&m);
     ck_assert_ptr_nonnull(s);
     ck_assert_ptr_nonnull(strstr(s, "flex_mask_blocks_kernel"));
@@ -267,6 +288,51 @@ static const char *matrix_instruction(const char *arch) {
     return strncmp(arch, "gfx11", 5) == 0 ? "v_wmma_f32_16x16x16" : "v_mfma_f32_16x16x16";
 }
 
+/* The backward source for cfg, the mask mod and the score mod (either may
+ * be NULL) with the gradient of every float buffer the score mod reads
+ * (one gradient slot per buffer), as the backend builds it. */
+static char *backward_source(const flex_cuda_bwd_config *config, const ir_mod *mask,
+                             const ir_mod *score) {
+    flex_cuda_bwd_config cfg = *config;
+    if (!score) {
+        const flex_cuda_bwd_score none = {0};
+        return flex_hip_backward_source(&cfg, mask, NULL, &none);
+    }
+    ir_mod derived;
+    ck_assert_int_eq(ir_copy(&derived, score), 0);
+    mod_derivative der;
+    ck_assert_int_eq(mod_derive(&derived, &der), 0);
+    flex_cuda_grad_load loads[MOD_DERIVE_MAX_LOADS];
+    for (int l = 0; l < der.num_loads; l++) {
+        const ir_node *ld = &derived.nodes[der.loads[l].load];
+        loads[l].grad = der.loads[l].buffer;
+        loads[l].deriv = der.loads[l].node;
+        loads[l].ndim = ld->nargs;
+        for (int d = 0; d < 4; d++)
+            loads[l].index[d] = d < ld->nargs ? ld->args[d] : 0;
+    }
+    cfg.grad_slots = derived.num_buffers;
+    const flex_cuda_bwd_score sc = {&derived, der.value, der.dscore, loads, der.num_loads, NULL};
+    char *src = flex_hip_backward_source(&cfg, mask, NULL, &sc);
+    ir_free(&derived);
+    return src;
+}
+
+/* Backward tiles as hip_backend.c picks them (16 kv rows a warp, an even
+ * number of warps and 32-row query steps, so MFMA serves on wave64), small
+ * head dims to keep the compiles short; the f32 kernel has no tiles. */
+static const flex_cuda_bwd_config bwd_bf16 = {.dtype = FLEX_BF16, .dq = 64, .dv = 64,
+                                              .warps = 2, .block_m = 32, .vec = 1,
+                                              .short_indices = 1};
+static const flex_cuda_bwd_config bwd_f16 = {.dtype = FLEX_F16, .dq = 64, .dv = 64, .warps = 2,
+                                             .block_m = 32};
+static const flex_cuda_bwd_config bwd_f32 = {.dtype = FLEX_F32, .dq = 64, .dv = 64, .warps = 4,
+                                             .block_m = 16};
+/* hip_backend.c's tiles for 128 x 128 mask blocks and head dim 128. */
+static const flex_cuda_bwd_config bwd_production = {.dtype = FLEX_BF16, .dq = 128, .dv = 128,
+                                                    .warps = 4, .block_m = 32, .vec = 1,
+                                                    .short_indices = 1};
+
 static const flex_buffer_decl seed_bufs[] = {
     {"bias", FLEX_BF16, 2}, {"mask8", FLEX_U8, 1}, {"ids64", FLEX_I64, 1},
     {"hb", FLEX_F16, 1},    {"keep", FLEX_BOOL, 1}};
@@ -307,7 +373,8 @@ START_TEST(test_clang_compiles_every_kernel) {
 
     /* Every preset, its forward kernels (16-bit and f32) and, for mask
      * mods, the mask-block evaluator; the every-op score mod beside a
-     * buffer-reading mask; the production tiles with a mask. */
+     * buffer-reading mask; the production tiles with a mask; the
+     * backward kernels. */
     for (int a = 0; a < num_archs; a++) {
         for (int i = 0; i < flex_preset_count(); i++) {
             const flex_preset *p = flex_preset_at(i);
@@ -345,6 +412,25 @@ START_TEST(test_clang_compiles_every_kernel) {
         add("sliding_window/forward/bf16/production", archs[a],
             flex_hip_forward_source(&production, &mask, NULL, NULL, NULL));
         cases[num_cases - 1].expect = matrix_instruction(archs[a]);
+        add("sliding_window/backward/bf16/production", archs[a],
+            backward_source(&bwd_production, &mask, NULL));
+        cases[num_cases - 1].expect = matrix_instruction(archs[a]);
+        /* The backward, once per dtype: a buffer-reading mask mod; a score
+         * mod with a float buffer whose gradient is wanted; both in f32.
+         * The 16-bit ones must run their products on the arch's matrix
+         * instruction. */
+        ir_mod grad_score;
+        static const flex_buffer_decl grad_bufs[] = {{"slopes", FLEX_F32, 1}};
+        ck_assert_int_eq(parse(FLEX_MOD_SCORE, "30.0 * tanh(score / 30.0) + slopes[h] * (kv - q)",
+                               NULL, 0, grad_bufs, 1, &grad_score),
+                         0);
+        add("sliding_window/backward/bf16", archs[a], backward_source(&bwd_bf16, &mask, NULL));
+        cases[num_cases - 1].expect = matrix_instruction(archs[a]);
+        add("softcap_slopes/backward/f16", archs[a], backward_source(&bwd_f16, NULL, &grad_score));
+        cases[num_cases - 1].expect = matrix_instruction(archs[a]);
+        add("sliding_window+softcap_slopes/backward/f32", archs[a],
+            backward_source(&bwd_f32, &mask, &grad_score));
+        ir_free(&grad_score);
         ir_free(&mask);
         ir_free(&score);
     }

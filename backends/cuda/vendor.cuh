@@ -12,9 +12,13 @@
 #define FLEX_NEG_INF       __int_as_float(0xff800000)
 
 #if defined(FLEX_HIP)
+/* The kernels' warps are 32 lanes; on a wave64 GPU two share a wavefront,
+ * so lane reads stay inside groups of 32 (FLEX_SHFL(v, 0) is lane 0 of this
+ * warp, not of the wave). FLEX_ANY spans the wave: its callers only use it
+ * to skip work. */
 #define FLEX_WARP_SIZE      64
-#define FLEX_SHFL_XOR(v, m) __shfl_xor((v), (m))
-#define FLEX_SHFL(v, src)   __shfl((v), (src))
+#define FLEX_SHFL_XOR(v, m) __shfl_xor((v), (m), 32)
+#define FLEX_SHFL(v, src)   __shfl((v), (src), 32)
 #define FLEX_ANY(pred)      __any(pred)
 /* HIP has no tanh.approx; tanh_approx is exact there (within tanhf's ulps). */
 static FLEX_DEVICE_INLINE float flex_tanh_approx(float x) {

@@ -1,6 +1,6 @@
 /*
  * The HIP backend for AMD GPUs: the backend table, device memory, and the
- * launches of the forward and mask-block kernels. Kernels come from the
+ * launches of the forward, backward and mask-block kernels. Kernels come from the
  * same templates as CUDA's (hip_compile.h); the module list, kernel cache,
  * buffer mirrors, block-mask uploads and bounds flag are the GPU host layer
  * (backends/gpu/gpu_host.h), which reaches the HIP runtime through this
@@ -511,11 +511,240 @@ static flex_status hip_mask_blocks(flex_context *ctx, const struct flex_mod *mas
     return s;
 }
 
+/* ---- backward ---- */
+
+typedef struct backward_source_args {
+    const flex_cuda_bwd_config *cfg;
+    const ir_mod *mask;
+    const unsigned char *mask_in_range;
+    const flex_cuda_bwd_score *score;
+} backward_source_args;
+
+static char *build_backward_source(const void *args) {
+    const backward_source_args *a = args;
+    return flex_hip_backward_source(a->cfg, a->mask, a->mask_in_range, a->score);
+}
+
+/* LDS of the f16/bf16 backward kernel (flex_backward.cuh): K and V of the
+ * kv tile; Q, dO and dS (64 columns) of the query step; its lse and delta. */
+static size_t backward_lds(const flex_cuda_bwd_config *cfg) {
+    const size_t bn = (size_t)cfg->warps * 16, bm = (size_t)cfg->block_m;
+    return 2u * (bn * (size_t)(cfg->dq + cfg->dv) + bm * (size_t)(cfg->dq + cfg->dv + 64)) +
+           8u * bm;
+}
+
+/* Tiles of the f16/bf16 backward on AMD: 16 kv rows a warp, up to 64 a CTA
+ * (no more than the mask's kv block), query steps of 64 rows for head dims
+ * up to 64 and 32 above, no longer than the mask's q block. CUDA takes 16
+ * rows above 128; here 32, since an even number of warps and of 16-row dQ
+ * tiles is what lets a wave64 GPU run the products on MFMA
+ * (flex_mma_hip.cuh). Where the LDS is short the query step, then the kv
+ * tile, is halved (head dims above 128: such kernels take the scalar
+ * products on CDNA). The mask's blocks are powers of two from 16, so each
+ * halving still divides them. */
+static void choose_hip_backward_tiles(flex_cuda_bwd_config *cfg, int q_block, int kv_block,
+                                      int lds_bytes) {
+    const int widest = cfg->dq > cfg->dv ? cfg->dq : cfg->dv;
+    const int want_m = widest <= 64 ? 64 : 32;
+    const int block_n = kv_block < 64 ? kv_block : 64;
+    cfg->warps = block_n / 16;
+    cfg->block_m = q_block < want_m ? q_block : want_m;
+    while ((int64_t)backward_lds(cfg) > lds_bytes && cfg->block_m > 16)
+        cfg->block_m /= 2;
+    while ((int64_t)backward_lds(cfg) > lds_bytes && cfg->warps > 1)
+        cfg->warps /= 2;
+}
+
+/* Device workspace for one call: stream-ordered where the runtime has it
+ * (hipMallocAsync), else hipMalloc, freed after the stream's work. */
+typedef struct hip_workspace {
+    void *ptr;
+    int async;
+} hip_workspace;
+
+static flex_status workspace_alloc(flex_context *ctx, hip_state *st, size_t bytes,
+                                   hipStream_t stream, hip_workspace *w) {
+    w->ptr = NULL;
+    w->async = 0;
+    if (!bytes) return FLEX_OK;
+    hipError_t r = -1;
+    if (st->api->hipMallocAsync) {
+        r = st->api->hipMallocAsync(&w->ptr, bytes, stream);
+        w->async = r == 0;
+    }
+    /* Not every device has memory pools: the plain allocation then. */
+    if (r != 0 && r != FLEX_HIP_ERROR_OUT_OF_MEMORY) r = st->api->hipMalloc(&w->ptr, bytes);
+    if (r == FLEX_HIP_ERROR_OUT_OF_MEMORY)
+        return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY,
+                         "the GPU has no room for the backward's %zu-byte workspace", bytes);
+    return flex_gpu_check(ctx, &st->gpu, r, "allocating the backward's workspace");
+}
+
+static void workspace_free(hip_state *st, const hip_workspace *w, hipStream_t stream) {
+    if (!w->ptr) return;
+    if (w->async) {
+        st->api->hipFreeAsync(w->ptr, stream);
+    } else {
+        st->api->hipStreamSynchronize(stream);
+        st->api->hipFree(w->ptr);
+    }
+}
+
+/* The CUDA backward's steps (cuda_backend.c) on the shared host layer:
+ * preprocess (delta, dQ accumulator cleared), the main kernel per (batch,
+ * kv head, kv tile), the dQ store, on the caller's stream. */
 static flex_status hip_backward(flex_context *ctx, const flex_backward_args *a) {
-    (void)a;
-    return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
-                     "the HIP backend has no backward yet (the forward comes first; "
-                     "docs/hip-backend.md)");
+    hip_state *st = state_of(ctx);
+    const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v, *dout = &a->dout;
+    const int64_t B = q->sizes[0], Hq = q->sizes[1], Lq = q->sizes[2], D = q->sizes[3];
+    const int64_t Hkv = k->sizes[1], Lkv = k->sizes[2], Dv = v->sizes[3];
+    if (D > 256 || Dv > 256)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "the HIP backward supports head dims up to 256 (q has %lld, v has %lld)",
+                         (long long)D, (long long)Dv);
+    if ((Lq + 3) / 4 > 65535 || (Lkv + 3) / 4 > 65535 || B * Hq > 0x7fffffff)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "sequences too long for one backward launch (q %lld, kv %lld)",
+                         (long long)Lq, (long long)Lkv);
+    const struct flex_block_mask *mask = a->block_mask;
+    const struct flex_mod *mask_mod = mask ? mask->mask_mod : NULL;
+    if (mask && mask->num_partial > 0 && !mask_mod)
+        return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
+                         "the block mask has partial blocks but no mask mod to decide them");
+    if (mask && mask->num_partial == 0) mask_mod = NULL;
+    const int q_block = mask ? mask->q_block : 128, kv_block = mask ? mask->kv_block : 128;
+
+    /* The score mod and its derivative (the shared layer checks the buffer
+     * gradients asked for). */
+    const struct flex_mod *score_mod = a->score_mod;
+    ir_mod derived;
+    int derived_made = 0;
+    mod_derivative der;
+    flex_cuda_grad_load loads[MOD_DERIVE_MAX_LOADS];
+    int num_loads = 0;
+    flex_gpu_buffer_desc grad_descs[IR_MAX_BUFFERS];
+    flex_status s = flex_gpu_bwd_score_prepare(ctx, &st->gpu, a, &derived, &derived_made, &der,
+                                               loads, &num_loads, grad_descs);
+    if (s) return s;
+    const ir_mod *mask_ir = mask_mod ? &mask_mod->ir : NULL;
+    const ir_mod *score_ir = derived_made ? &derived : NULL;
+    const struct flex_mod *score_used = derived_made ? score_mod : NULL;
+    const int slots = flex_emit_num_slots(mask_ir, score_ir);
+    if (slots > FLEX_EMIT_MAX_SLOTS) {
+        if (derived_made) ir_free(&derived);
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "the mask and score mods read %d buffers together; at most %d", slots,
+                         FLEX_EMIT_MAX_SLOTS);
+    }
+
+    flex_cuda_bwd_config cfg = {
+        .dtype = q->dtype,
+        .dq = flex_gpu_pad64(D),
+        .dv = flex_gpu_pad64(Dv),
+        .warps = 4,
+        .block_m = 16,
+        .vec = 0,
+        /* the kernels pass the mods indices clamped into the sequences */
+        .short_indices = Lq <= FLEX_EMIT_SHORT_LEN && Lkv <= FLEX_EMIT_SHORT_LEN &&
+                         B <= FLEX_EMIT_SHORT_HEADS && Hq <= FLEX_EMIT_SHORT_HEADS,
+        .grad_slots = a->num_buffer_grads,
+    };
+    if (q->dtype != FLEX_F32) {
+        cfg.vec = D % 8 == 0 && Dv % 8 == 0 && flex_gpu_aligned16(q->data) &&
+                  flex_gpu_aligned16(k->data) && flex_gpu_aligned16(v->data) &&
+                  flex_gpu_aligned16(dout->data);
+        for (int d = 0; d < 3; d++)
+            if (q->strides[d] % 8 || k->strides[d] % 8 || v->strides[d] % 8 ||
+                dout->strides[d] % 8)
+                cfg.vec = 0;
+        choose_hip_backward_tiles(&cfg, q_block, kv_block, st->arch.lds_bytes);
+    }
+    const int block_n = cfg.warps * 16;
+    const size_t smem = q->dtype == FLEX_F32 ? 0 : backward_lds(&cfg);
+    if ((int64_t)smem > st->arch.lds_bytes) {
+        if (derived_made) ir_free(&derived);
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "the backward for head dims %lld/%lld needs %zu bytes of LDS; %s allows "
+                         "%d",
+                         (long long)D, (long long)Dv, smem, st->arch.name, st->arch.lds_bytes);
+    }
+    /* The kernels clamp the indices they pass to the mods into the
+     * sequences, so the proofs need no margin. */
+    unsigned char *mask_in_range = flex_gpu_reads_in_range(ctx, mask_mod, B, Hq, Lq, Lkv, 0);
+    unsigned char *score_in_range =
+        score_ir ? flex_gpu_ir_reads_in_range(ctx, score_mod, score_ir, B, Hq, Lq, Lkv, 0) : NULL;
+    const flex_cuda_bwd_score score = {score_ir, der.value, der.dscore, loads, num_loads,
+                                       score_in_range};
+
+    pthread_mutex_lock(&st->gpu.lock);
+    s = flex_gpu_enter(ctx, &st->gpu);
+    void *fn_pre = NULL, *fn_main = NULL, *fn_store = NULL;
+    char key[512];
+    if (!s) {
+        _Static_assert(sizeof(flex_cuda_bwd_config) == 8 * sizeof(int),
+                       "flex_cuda_bwd_config changed: update the HIP backward kernel key");
+        snprintf(key, sizeof key,
+                 "bwd|%s|dq%d|dv%d|w%d|bm%d|vec%d|short%d|gs%d|mask=%016llx|score=%016llx|"
+                 "loads=%016llx|inr=%016llx.%016llx|%s|hiprtc%d.%d",
+                 flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.warps, cfg.block_m, cfg.vec,
+                 cfg.short_indices, cfg.grad_slots,
+                 (unsigned long long)(mask_mod ? mask_mod->hash : 0),
+                 (unsigned long long)(score_used ? score_used->hash : 0),
+                 (unsigned long long)(num_loads ? flex_cache_checksum(loads, (size_t)num_loads *
+                                                                                 sizeof loads[0])
+                                                : 0),
+                 (unsigned long long)flex_gpu_in_range_checksum(mask_in_range, mask_ir),
+                 (unsigned long long)(score_ir ? flex_gpu_in_range_checksum(score_in_range,
+                                                                            score_ir)
+                                               : 0),
+                 st->gpu.arch, st->api->hiprtc_major, st->api->hiprtc_minor);
+        const backward_source_args args = {&cfg, mask_ir, mask_in_range, &score};
+        s = flex_gpu_get_function(ctx, &st->gpu, key, build_backward_source, &args,
+                                  "flex_bwd_kernel", &fn_main);
+    }
+    free(mask_in_range);
+    free(score_in_range);
+    if (derived_made) ir_free(&derived);
+    if (!s) s = flex_gpu_module_function(ctx, &st->gpu, key, "flex_bwd_preprocess", &fn_pre);
+    if (!s) s = flex_gpu_module_function(ctx, &st->gpu, key, "flex_bwd_dq_store", &fn_store);
+
+    flex_gpu_mask_copy *mc = NULL;
+    if (!s && mask) s = flex_gpu_mask_device_copy(ctx, &st->gpu, mask, &mc);
+    flex_gpu_buffer_desc descs[FLEX_EMIT_MAX_SLOTS];
+    memset(descs, 0, sizeof descs);
+    if (!s) s = flex_gpu_fill_buffers(ctx, &st->gpu, mask_mod, 0, descs);
+    if (!s)
+        s = flex_gpu_fill_buffers(ctx, &st->gpu, score_used, mask_ir ? mask_ir->num_buffers : 0,
+                                  descs);
+
+    hipStream_t stream = (hipStream_t)a->stream;
+    hip_workspace ws = {NULL, 0};
+    const size_t delta_bytes = (size_t)(B * Hq * Lq) * sizeof(float);
+    const size_t dq_bytes = a->dq ? (size_t)(B * Hq * Lq * D) * sizeof(float) : 0;
+    if (!s) s = workspace_alloc(ctx, st, delta_bytes + dq_bytes, stream, &ws);
+    if (!s) {
+        const flex_gpu_ptr base = (flex_gpu_ptr)(uintptr_t)ws.ptr;
+        unsigned char blob[FLEX_GPU_BWD_BLOB_BYTES];
+        const size_t size = flex_gpu_bwd_blob(blob, a, mask, mc, q_block, kv_block, base,
+                                              a->dq ? base + delta_bytes : 0, grad_descs,
+                                              cfg.grad_slots, descs, slots, st->gpu.bounds_flag);
+        const unsigned rows_y = (unsigned)((Lq + 3) / 4);
+        s = launch_blob(ctx, st, fn_pre, (unsigned)(B * Hq), rows_y, 128, 0, stream, blob, size);
+        if (!s) {
+            const int64_t per_cta = q->dtype == FLEX_F32 ? 4 : block_n;
+            s = launch_blob(ctx, st, fn_main, (unsigned)(B * Hkv),
+                            (unsigned)((Lkv + per_cta - 1) / per_cta),
+                            q->dtype == FLEX_F32 ? 128u : (unsigned)cfg.warps * 32,
+                            (unsigned)smem, stream, blob, size);
+        }
+        if (!s && a->dq)
+            s = launch_blob(ctx, st, fn_store, (unsigned)(B * Hq), rows_y, 128, 0, stream, blob,
+                            size);
+        if (!s && slots > 0) atomic_store(&st->gpu.bounds_pending, 1);
+    }
+    workspace_free(st, &ws, stream);
+    pthread_mutex_unlock(&st->gpu.lock);
+    return s;
 }
 
 const flex_backend_iface flex_backend_hip = {

@@ -68,6 +68,12 @@ char *flex_hip_forward_source(const flex_cuda_fwd_config *cfg, const ir_mod *mas
         flex_cuda_forward_source_in_range(cfg, mask, score, mask_in_range, score_in_range));
 }
 
+char *flex_hip_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *mask,
+                               const unsigned char *mask_in_range,
+                               const flex_cuda_bwd_score *score) {
+    return hip_from_cuda(flex_cuda_backward_source(cfg, mask, mask_in_range, score));
+}
+
 char *flex_hip_mask_blocks_source(const ir_mod *mask) {
     char *cuda = flex_cuda_mask_blocks_source(mask);
     char *s = hip_wrap(cuda, NULL, NULL);

@@ -28,6 +28,16 @@ extern const struct flex_embedded_file flex_hip_template_files[];
 char *flex_hip_forward_source(const flex_cuda_fwd_config *cfg, const ir_mod *mask,
                               const ir_mod *score, const unsigned char *mask_in_range,
                               const unsigned char *score_in_range);
+/*
+ * The HIP source of the backward kernels (flex_bwd_preprocess,
+ * flex_bwd_kernel, flex_bwd_dq_store) for cfg, the mask mod and the score
+ * mod with its derivative: CUDA's (flex_cuda_backward_source) made for AMD
+ * as the forward is. A malloc'd string, or NULL (out of memory, too many
+ * buffers).
+ */
+char *flex_hip_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *mask,
+                               const unsigned char *mask_in_range,
+                               const flex_cuda_bwd_score *score);
 /* The mask-block evaluator's HIP source (malloc'd; NULL: out of memory). */
 char *flex_hip_mask_blocks_source(const ir_mod *mask);
 

@@ -38,8 +38,14 @@ static int load_runtime_symbols(void *lib) {
     if (!api_table.hipGetDeviceProperties)
         LOAD_SYM(lib, n, hipGetDeviceProperties, "hipGetDeviceProperties", runtime_why);
     LOAD_SYM(lib, n, hipDeviceSynchronize, "hipDeviceSynchronize", runtime_why);
+    LOAD_SYM(lib, n, hipStreamSynchronize, "hipStreamSynchronize", runtime_why);
     LOAD_SYM(lib, n, hipMalloc, "hipMalloc", runtime_why);
     LOAD_SYM(lib, n, hipFree, "hipFree", runtime_why);
+    /* optional: both or neither */
+    *(void **)(&api_table.hipMallocAsync) = dlsym(lib, "hipMallocAsync");
+    *(void **)(&api_table.hipFreeAsync) = dlsym(lib, "hipFreeAsync");
+    if (!api_table.hipMallocAsync || !api_table.hipFreeAsync)
+        api_table.hipMallocAsync = NULL, api_table.hipFreeAsync = NULL;
     LOAD_SYM(lib, n, hipMemcpyHtoD, "hipMemcpyHtoD", runtime_why);
     LOAD_SYM(lib, n, hipMemcpyDtoH, "hipMemcpyDtoH", runtime_why);
     LOAD_SYM(lib, n, hipMemsetD8, "hipMemsetD8", runtime_why);

@@ -35,8 +35,12 @@ typedef struct flex_hip_api {
      * passes a large zeroed buffer and reads only gcnArchName from it. */
     hipError_t (*hipGetDeviceProperties)(void *props, int device);
     hipError_t (*hipDeviceSynchronize)(void);
+    hipError_t (*hipStreamSynchronize)(hipStream_t stream);
     hipError_t (*hipMalloc)(void **ptr, size_t bytes);
     hipError_t (*hipFree)(void *ptr);
+    /* Stream-ordered allocation (ROCm 5.2 and later); NULL where absent. */
+    hipError_t (*hipMallocAsync)(void **ptr, size_t bytes, hipStream_t stream);
+    hipError_t (*hipFreeAsync)(void *ptr, hipStream_t stream);
     hipError_t (*hipMemcpyHtoD)(hipDeviceptr_t dst, const void *src, size_t bytes);
     hipError_t (*hipMemcpyDtoH)(void *dst, hipDeviceptr_t src, size_t bytes);
     hipError_t (*hipMemsetD8)(hipDeviceptr_t dst, unsigned char value, size_t count);

@@ -155,13 +155,14 @@ static FLEX_DEVICE_INLINE void flex_mma(float *d, const flex_u32 *a, flex_u32 b0
 
 /* MFMA needs a wave's two warps together: a CTA of whole waves, and in the
  * backward an even number of 16-row dQ tiles, so that its loop over them
- * (warp, warp + FLEX_WARPS, ...) runs as often in both warps of a wave. */
-#if __AMDGCN_WAVEFRONT_SIZE == 64 &&                                                               \
-    (defined(__gfx90a__) || defined(__gfx940__) || defined(__gfx941__) || defined(__gfx942__)) && \
+ * (warp, warp + FLEX_WARPS, ...) runs as often in both warps of a wave.
+ * CDNA runs wave64 only; RDNA3 runs HIP in wave32 unless told otherwise. */
+#if (defined(__gfx90a__) || defined(__gfx940__) || defined(__gfx941__) ||                          \
+     defined(__gfx942__)) &&                                                                       \
     FLEX_WARPS % 2 == 0 && (!defined(FLEX_BWD_BLOCK_M) || FLEX_BWD_BLOCK_M % 32 == 0)
 #define FLEX_AMD_HAVE_MFMA 1
-#elif __AMDGCN_WAVEFRONT_SIZE == 32 &&                                                             \
-    (defined(__gfx1100__) || defined(__gfx1101__) || defined(__gfx1102__))
+#elif (defined(__gfx1100__) || defined(__gfx1101__) || defined(__gfx1102__)) &&                    \
+    (!defined(__AMDGCN_WAVEFRONT_SIZE) || __AMDGCN_WAVEFRONT_SIZE == 32)
 #define FLEX_AMD_HAVE_WMMA 1
 #endif
 
@@ -169,13 +170,10 @@ static FLEX_DEVICE_INLINE void flex_mma(float *d, const flex_u32 *a, flex_u32 b0
 #define FLEX_AMD_FN     static FLEX_DEVICE_INLINE
 #define FLEX_AMD_UNROLL _Pragma("unroll")
 
-/* This lane's index in its wavefront, and x as lane src of the wave holds it. */
+/* This lane's index in its wavefront (the upper count adds nothing in
+ * wave32), and x as lane src of the wave holds it. */
 static FLEX_DEVICE_INLINE int flex_amd_lane() {
-#if __AMDGCN_WAVEFRONT_SIZE == 64
     return (int)__builtin_amdgcn_mbcnt_hi(~0u, __builtin_amdgcn_mbcnt_lo(~0u, 0u));
-#else
-    return (int)__builtin_amdgcn_mbcnt_lo(~0u, 0u);
-#endif
 }
 static FLEX_DEVICE_INLINE flex_u32 flex_amd_read(flex_u32 x, int src) {
     return (flex_u32)__builtin_amdgcn_ds_bpermute(src << 2, (int)x);

@@ -179,10 +179,11 @@ FLEX_AMD_FN void flex_amd_operand_wmma(flex_u32 *out, const flex_u32 *x) {
 }
 
 /* dm[v] (row 2 v + (L >> 4), column L & 15) -> d0, d1 += the m16n8
- * fragments. Slot e = 4 n + r of lane 4 g + t comes in round e ^ E with
- * E = (u & 1) + 4 (u >> 1), u = g >> 1; the lane holding it sends word
- * u' + 4 ((r >> 1) & 1), u' = (r ^ c) & 1 + 2 (((r >> 2) ^ (c >> 1)) & 1)
- * with c = (L & 1) + 2 ((L >> 3) & 1). */
+ * fragments. Slot e = 4 n + j (n-tile n, d[j]) of lane 4 g + t comes in
+ * round r = e ^ E, E = (u & 1) + 4 (u >> 1) with u = g >> 1; the lane
+ * holding it sends word k ^ c + 4 ((r >> 1) & 1) then, with
+ * k = (r & 1) + 2 ((r >> 2) & 1) and c = (L & 1) + 2 ((L >> 3) & 1) of the
+ * sender. */
 FLEX_AMD_FN void flex_amd_result_wmma(float *d0, float *d1, const float *dm) {
     const int lane = flex_amd_lane();
     const int c = (lane & 1) + 2 * ((lane >> 3) & 1);

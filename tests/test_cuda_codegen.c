@@ -687,35 +687,65 @@ START_TEST(test_nvrtc_error_carries_log) {
 }
 END_TEST
 
-/* The split-KV combine on the shared LSE merge (core/lse_merge.h, the
- * header the CPU decode path includes) compiles to machine code for both
- * targets. */
-START_TEST(test_nvrtc_compiles_splitkv_combine) {
+/* The decode kernel and its split-KV combine (flex_decode.cuh, on the LSE
+ * merge of core/lse_merge.h that the CPU decode path includes) compile to
+ * machine code for both targets: every row-tile count, both 16-bit types
+ * and f32, aligned and unaligned rows, head dims 64-256, masked and dense,
+ * with a score mod that reads buffers (checked and proved reads). */
+START_TEST(test_nvrtc_compiles_decode) {
     char why[512];
     if (flex_cuda_load_nvrtc(&api, why, sizeof why) != 0) {
-        printf("SKIPPED: NVRTC split-KV combine case (%s)\n", why);
+        printf("SKIPPED: NVRTC decode cases (%s)\n", why);
         nvrtc_skipped = 1;
         return;
     }
-    const char *merge = flex_cuda_template("lse_merge.h");
-    const char *combine = flex_cuda_template("flex_splitkv_combine.cuh");
-    ck_assert_ptr_nonnull(merge);
-    ck_assert_ptr_nonnull(combine);
-    size_t n = strlen(merge) + strlen(combine) + 2;
-    char *src = malloc(n);
-    ck_assert_ptr_nonnull(src);
-    snprintf(src, n, "%s\n%s", merge, combine);
-    static const char *const archs[] = {"sm_80", "sm_90a"};
-    for (int a = 0; a < 2; a++) {
+    ir_mod mask, score;
+    ck_assert_int_eq(parse_text(FLEX_MOD_MASK, "q >= kv && q - kv <= W", seed_params, 2, NULL, 0,
+                                &mask),
+                     0);
+    ck_assert_int_eq(parse_text(FLEX_MOD_SCORE, "score + float(bias[h][q % 7]) * float(kv - q)",
+                                NULL, 0, bias_buf, 1, &score),
+                     0);
+    static const struct {
+        flex_cuda_dec_config cfg;
+        int masked, scored, in_range;
+        const char *arch;
+    } dec_cases[] = {
+        {{.dtype = FLEX_BF16, .dq = 128, .dv = 128, .dv_exact = 1, .row_tiles = 1, .vec = 1,
+          .short_indices = 1},
+         1, 1, 0, "sm_90a"},
+        {{.dtype = FLEX_BF16, .dq = 128, .dv = 128, .dv_exact = 1, .row_tiles = 1, .vec = 1},
+         0, 0, 0, "sm_90a"},
+        {{.dtype = FLEX_F16, .dq = 64, .dv = 64, .row_tiles = 2}, 1, 0, 0, "sm_80"},
+        {{.dtype = FLEX_BF16, .dq = 256, .dv = 128, .dv_exact = 1, .row_tiles = 4, .vec = 1}, 0,
+         1, 1, "sm_80"},
+        {{.dtype = FLEX_BF16, .dq = 64, .dv = 192, .row_tiles = 4, .vec = 1}, 1, 1, 1, "sm_90a"},
+        {{.dtype = FLEX_F32, .dq = 128, .dv = 64, .row_tiles = 1}, 1, 1, 0, "sm_90a"},
+        {{.dtype = FLEX_F32, .dq = 64, .dv = 64, .row_tiles = 1}, 0, 0, 0, "sm_80"},
+    };
+    for (size_t i = 0; i < sizeof dec_cases / sizeof dec_cases[0]; i++) {
+        const ir_mod *m = dec_cases[i].masked ? &mask : NULL;
+        const ir_mod *sc = dec_cases[i].scored ? &score : NULL;
+        unsigned char *mask_in = dec_cases[i].in_range && m ? every_read(m) : NULL;
+        unsigned char *score_in = dec_cases[i].in_range && sc ? every_read(sc) : NULL;
+        char *src = flex_cuda_decode_source(&dec_cases[i].cfg, m, sc, mask_in, score_in);
+        free(mask_in);
+        free(score_in);
+        ck_assert_ptr_nonnull(src);
+        ck_assert_ptr_nonnull(strstr(src, "flex_decode_kernel"));
+        ck_assert_ptr_nonnull(strstr(src, "flex_splitkv_combine"));
         void *bin = NULL;
         size_t size = 0;
-        flex_status s = flex_cuda_compile(NULL, api, src, "flex_splitkv_combine", archs[a], &bin,
+        flex_status s = flex_cuda_compile(NULL, api, src, "flex_decode", dec_cases[i].arch, &bin,
                                           &size);
-        ck_assert_msg(s == FLEX_OK, "%s: %s", archs[a], flex_error_message(NULL));
+        ck_assert_msg(s == FLEX_OK, "decode case %zu (%s): %s", i, dec_cases[i].arch,
+                      flex_error_message(NULL));
         ck_assert_uint_gt(size, 0);
         free(bin);
+        free(src);
     }
-    free(src);
+    ir_free(&mask);
+    ir_free(&score);
 }
 END_TEST
 
@@ -734,7 +764,7 @@ int main(void) {
     tcase_set_timeout(nvrtc, 600);
     tcase_add_test(nvrtc, test_nvrtc_compiles_presets_and_seeds);
     tcase_add_test(nvrtc, test_nvrtc_error_carries_log);
-    tcase_add_test(nvrtc, test_nvrtc_compiles_splitkv_combine);
+    tcase_add_test(nvrtc, test_nvrtc_compiles_decode);
     suite_add_tcase(suite, nvrtc);
     SRunner *runner = srunner_create(suite);
     /* In-process, so the skip flag set by a case is seen here. */

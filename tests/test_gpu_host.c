@@ -213,6 +213,41 @@ START_TEST(test_buffers_copied_once_per_binding) {
 }
 END_TEST
 
+/* The decode word of the bounds flag names the decode argument, and the
+ * buffer slots' word is read beside it; both are cleared by the read. */
+START_TEST(test_decode_word_names_the_argument) {
+    ck_assert_uint_eq(flex_gpu_decode_flag(&st), st.bounds_flag + 4);
+    static const char *const names[] = {"q_offsets", "kv_lengths", "page_table"};
+    for (int bit = 0; bit < 3; bit++) {
+        *(uint32_t *)(uintptr_t)flex_gpu_decode_flag(&st) = 1u << bit;
+        ck_assert_int_eq(flex_gpu_take_bounds_flag(NULL, &st), FLEX_ERR_BUFFER_BOUNDS);
+        ck_assert_ptr_nonnull(strstr(flex_error_message(NULL), names[bit]));
+        ck_assert_int_eq(flex_gpu_take_bounds_flag(NULL, &st), FLEX_OK);
+    }
+    /* both words at once: the decode argument is named, both are cleared */
+    *(uint32_t *)(uintptr_t)st.bounds_flag = 1u;
+    *(uint32_t *)(uintptr_t)flex_gpu_decode_flag(&st) = 4u;
+    ck_assert_int_eq(flex_gpu_take_bounds_flag(NULL, &st), FLEX_ERR_BUFFER_BOUNDS);
+    ck_assert_ptr_nonnull(strstr(flex_error_message(NULL), "page_table"));
+    ck_assert_int_eq(flex_gpu_take_bounds_flag(NULL, &st), FLEX_OK);
+}
+END_TEST
+
+/* The decode split policy: the hint wins (at most one piece per 64-key
+ * step), else about two CTAs per SM with at least 4 steps a piece. */
+START_TEST(test_decode_split_policy) {
+    ck_assert_int_eq(flex_gpu_decode_splits(132, 64, 16384, 0), 5);   /* B8 Hkv8, 16K keys */
+    ck_assert_int_eq(flex_gpu_decode_splits(132, 8, 131072, 0), 33);  /* B1 Hkv8, 128K keys */
+    ck_assert_int_eq(flex_gpu_decode_splits(132, 1024, 16384, 0), 1); /* the grid is full */
+    ck_assert_int_eq(flex_gpu_decode_splits(132, 1, 1000, 0), 4);     /* 16 steps: 4 a piece */
+    ck_assert_int_eq(flex_gpu_decode_splits(132, 1, 100, 0), 1);
+    ck_assert_int_eq(flex_gpu_decode_splits(132, 1, 1 << 30, 0), 256);
+    ck_assert_int_eq(flex_gpu_decode_splits(132, 64, 16384, 3), 3);   /* the hint */
+    ck_assert_int_eq(flex_gpu_decode_splits(132, 64, 100, 9), 2);     /* 2 steps */
+    ck_assert_int_eq(flex_gpu_decode_splits(132, 64, 0, 0), 1);
+}
+END_TEST
+
 START_TEST(test_mask_uploaded_once_heaviest_first) {
     /* Causal over 4 x 4 blocks: q-block row 3 has the most blocks. */
     flex_mod_desc desc = {FLEX_MOD_MASK, "q >= kv", NULL, 0, NULL, 0};
@@ -253,6 +288,8 @@ int main(void) {
     tcase_add_test(tc, test_module_list_and_errors);
     tcase_add_test(tc, test_buffers_copied_once_per_binding);
     tcase_add_test(tc, test_mask_uploaded_once_heaviest_first);
+    tcase_add_test(tc, test_decode_word_names_the_argument);
+    tcase_add_test(tc, test_decode_split_policy);
     suite_add_tcase(suite, tc);
     SRunner *runner = srunner_create(suite);
     srunner_run_all(runner, CK_NORMAL);

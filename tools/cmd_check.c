@@ -69,6 +69,7 @@ typedef struct check_case {
     struct {
         int lq, page_size, kv_splits;
         int call_builds_mask; /* opts->mask_mod instead of the block mask */
+        int args_on_device;   /* offsets, lengths and page table on the device */
     } decode;
 } check_case;
 
@@ -142,14 +143,16 @@ static void build_decode_cases(case_list *l, int quick) {
     static const flex_dtype dts[] = {FLEX_F32, FLEX_F16, FLEX_BF16};
     struct decode_shape {
         const char *what, *score, *mask;
-        int Hq, Hkv, Lq, page_size, kv_splits, call_builds_mask, quick;
+        int Hq, Hkv, Lq, page_size, kv_splits, call_builds_mask, quick, on_device;
     } shapes[] = {
-        {"decode q1 causal gqa 4:1", NULL, "causal", 8, 2, 1, 0, 0, 0, 1},
+        {"decode q1 causal gqa 4:1", NULL, "causal", 8, 2, 1, 0, 0, 0, 1, 0},
         {"decode q4 sliding_window gqa 8:1 pages 16", NULL, "sliding_window", 8, 1, 4, 16, 0, 1,
-         1},
-        {"decode q1 alibi causal pages 64 splits 3", "alibi", "causal", 4, 2, 1, 64, 3, 1, 0},
-        {"decode q4 softcap pages 64", "softcap", NULL, 4, 4, 4, 64, 0, 0, 0},
-        {"decode q4 document_causal splits 2", NULL, "document_causal", 8, 2, 4, 0, 2, 0, 0},
+         1, 0},
+        {"decode q1 alibi causal pages 64 splits 3", "alibi", "causal", 4, 2, 1, 64, 3, 1, 0, 0},
+        {"decode q4 softcap pages 64", "softcap", NULL, 4, 4, 4, 64, 0, 0, 0, 0},
+        {"decode q4 document_causal splits 2", NULL, "document_causal", 8, 2, 4, 0, 2, 0, 0, 0},
+        {"decode q16 alibi sliding_window gqa 8:1 pages 16 args on device", "alibi",
+         "sliding_window", 8, 1, 16, 16, 0, 0, 0, 1},
     };
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
         const struct decode_shape *s = &shapes[i];
@@ -167,7 +170,8 @@ static void build_decode_cases(case_list *l, int quick) {
                             .Dv = 64,
                             .dtype = dts[d],
                             .lse = 1,
-                            .decode = {s->Lq, s->page_size, s->kv_splits, s->call_builds_mask}};
+                            .decode = {s->Lq, s->page_size, s->kv_splits, s->call_builds_mask,
+                                       s->on_device}};
             snprintf(c.name, sizeof c.name, "%s %s", s->what, short_dtype(dts[d]));
             add_case(l, &c);
         }
@@ -516,6 +520,7 @@ static int check_decode(case_data *cd, const check_case *c, double *rel, double 
                             .page_size = c->decode.page_size,
                             .shuffle_pages = 1,
                             .kv_splits = c->decode.kv_splits,
+                            .args_on_device = c->decode.args_on_device,
                             .q_offsets = offsets,
                             .kv_lengths = lengths};
     check_decode_data d;

@@ -549,20 +549,265 @@ static int persistent_grid(const flex_context *ctx, const struct flex_block_mask
     return env_switch(ctx, FLEX_DEBUG_CUDA_PERSISTENT, persistent);
 }
 
+/* ---- decode (flex_decode.cuh, docs/decode.md) ---- */
+
+static flex_status module_function(flex_context *ctx, cuda_state *st, const char *key,
+                                   const char *name, CUfunction *fn);
+static flex_status workspace_alloc(flex_context *ctx, cuda_state *st, size_t bytes, CUstream stream,
+                                   CUdeviceptr *out);
+static void workspace_free(cuda_state *st, CUdeviceptr p, CUstream stream);
+
+/* Mirrors the head of struct flex_dec_params; the forward's block
+ * (cuda_fwd_params) and the mods' buffers follow it. */
+typedef struct cuda_dec_head {
+    uint64_t q_offsets, kv_lengths, page_table, part_out, part_lse, decode_flag;
+    int64_t qo_stride, kl_stride, pt_sb, pt_sp;
+    int32_t kv_len, page_size, num_pages, splits, group, rows, row_chunks, pad_;
+} cuda_dec_head;
+_Static_assert(sizeof(cuda_dec_head) == 112, "cuda_dec_head must match flex_dec_params");
+
+typedef struct decode_source_args {
+    const flex_cuda_dec_config *cfg;
+    const ir_mod *mask, *score;
+    const unsigned char *mask_in_range, *score_in_range;
+} decode_source_args;
+
+static char *build_decode_source(const void *args) {
+    const decode_source_args *a = args;
+    return flex_cuda_decode_source(a->cfg, a->mask, a->score, a->mask_in_range,
+                                   a->score_in_range);
+}
+
+/* Calls that take the decode kernel: any decode argument or a kv_splits
+ * hint above 1, and plain calls of at most 16 query rows (where a 128-row
+ * tile per (batch, head) would leave most of the GPU idle). */
+static int decode_wanted(const flex_forward_args *a) {
+    return a->q_offsets || a->kv_lengths || a->page_table || a->kv_splits > 1 ||
+           a->q.sizes[2] <= 16;
+}
+
+/* Element i of int32 tensor t (1-D, or row i of a 2-D one when cols > 0)
+ * copied into dst, contiguous. Host tensors only. */
+static void gather_host_ints(const flex_tensor *t, int64_t rows, int64_t cols, int32_t *dst) {
+    const int32_t *src = t->data;
+    for (int64_t r = 0; r < rows; r++)
+        if (cols > 0)
+            for (int64_t c = 0; c < cols; c++)
+                dst[r * cols + c] = src[r * t->strides[0] + c * t->strides[1]];
+        else
+            dst[r] = src[r * t->strides[0]];
+}
+
+/* Shared memory of the f16/bf16 decode kernel: Q, two K/V stages, then
+ * struct flex_dec_smem and the key groups' (m, l) (flex_decode.cuh). */
+static size_t decode_smem(const flex_cuda_dec_config *cfg) {
+    const size_t rows = 16u * (size_t)cfg->row_tiles, groups = 4u / (size_t)cfg->row_tiles;
+    const size_t extra = rows * 4 * 2 + 4 + 64 + rows * (4096 / 16 + 1) + 16;
+    return rows * (size_t)cfg->dq * 2 + 2u * 64 * (size_t)(cfg->dq + cfg->dv) * 2 + extra + 4 +
+           groups * rows * 2 * 4 + 64;
+}
+
+static flex_status cuda_decode(flex_context *ctx, cuda_state *st, const flex_forward_args *a) {
+    const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v, *o = &a->out;
+    const int64_t B = q->sizes[0], Hq = q->sizes[1], Lq = q->sizes[2], D = q->sizes[3];
+    const int64_t Hkv = k->sizes[1], Dv = v->sizes[3];
+    const int64_t kv_len = a->kv_len > 0 ? a->kv_len : k->sizes[2];
+    const struct flex_block_mask *mask = a->block_mask;
+    const struct flex_mod *mask_mod = mask ? mask->mask_mod : NULL;
+    if (mask && mask->num_partial > 0 && !mask_mod)
+        return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
+                         "the block mask has partial blocks but no mask mod to decide them");
+    if (mask && mask->num_partial == 0) mask_mod = NULL;
+    const struct flex_mod *score_mod = a->score_mod;
+    if (kv_len > 0x7fffffff - 4096 || B * Hkv > 65535 || B * Hq * Lq > 0x7fffffff)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "decode shape too large for one launch (B %lld, Hkv %lld, kv length %lld)",
+                         (long long)B, (long long)Hkv, (long long)kv_len);
+
+    const int64_t group = Hq / Hkv, rows = group * Lq;
+    flex_cuda_dec_config cfg = {
+        .dtype = q->dtype,
+        .dq = pad64(D),
+        .dv = pad64(Dv),
+        .dv_exact = pad64(Dv) == Dv,
+        .row_tiles = rows <= 16 ? 1 : rows <= 32 ? 2 : 4,
+        .short_indices = kv_len + Lq <= FLEX_EMIT_SHORT_LEN - 256 &&
+                         B <= FLEX_EMIT_SHORT_HEADS && Hq <= FLEX_EMIT_SHORT_HEADS};
+    cfg.vec = q->dtype != FLEX_F32 && D % 8 == 0 && Dv % 8 == 0 && aligned16(q->data) &&
+              aligned16(k->data) && aligned16(v->data);
+    for (int d = 0; d < 3; d++)
+        if (q->strides[d] % 8 || k->strides[d] % 8 || v->strides[d] % 8) cfg.vec = 0;
+    const int f32 = q->dtype == FLEX_F32;
+    const int64_t rows_per_cta = f32 ? 4 : 16 * cfg.row_tiles;
+    const int64_t row_chunks = (rows + rows_per_cta - 1) / rows_per_cta;
+    const size_t smem = f32 ? 0 : decode_smem(&cfg);
+    if ((int64_t)smem > st->smem_optin)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "the decode kernel for head dims %lld/%lld needs %zu bytes of shared "
+                         "memory; the GPU allows %d",
+                         (long long)D, (long long)Dv, smem, st->smem_optin);
+
+    /* Host-resident lengths give the split policy the longest one. */
+    int64_t longest = kv_len;
+    if (a->kv_lengths && a->kv_lengths->device == FLEX_DEVICE_CPU) {
+        longest = 0;
+        for (int64_t b = 0; b < B; b++) {
+            const int32_t n = ((const int32_t *)a->kv_lengths->data)[b * a->kv_lengths->strides[0]];
+            if (n > longest) longest = n;
+        }
+    }
+    const int splits =
+        flex_gpu_decode_splits(st->sm_count, B * Hkv * row_chunks, longest, a->kv_splits);
+    if ((int64_t)splits * row_chunks > 0x7fffffff)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED, "too many decode pieces for one launch");
+
+    const ir_mod *mask_ir = mask_mod ? &mask_mod->ir : NULL;
+    const ir_mod *score_ir = score_mod ? &score_mod->ir : NULL;
+    const int slots = flex_emit_num_slots(mask_ir, score_ir);
+    if (slots > FLEX_EMIT_MAX_SLOTS)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "the mask and score mods read %d buffers together; at most %d", slots,
+                         FLEX_EMIT_MAX_SLOTS);
+    /* The kernel evaluates the mods at positions inside the cache: query
+     * positions below kv length + Lq (an offset is at most its batch's kv
+     * length), keys below the kv length. */
+    const int64_t q_span = a->q_offsets ? kv_len + Lq : Lq;
+    unsigned char *mask_in_range = reads_in_range(ctx, mask_mod, B, Hq, q_span, kv_len, 0);
+    unsigned char *score_in_range = reads_in_range(ctx, score_mod, B, Hq, q_span, kv_len, 0);
+
+    pthread_mutex_lock(&st->gpu.lock);
+    flex_status s = push_ctx(ctx, st);
+    if (s) {
+        pthread_mutex_unlock(&st->gpu.lock);
+        free(mask_in_range);
+        free(score_in_range);
+        return s;
+    }
+    CUfunction fn = NULL, fn_combine = NULL;
+    char key[512];
+    {
+        _Static_assert(sizeof(flex_cuda_dec_config) == 7 * sizeof(int),
+                       "flex_cuda_dec_config changed: update the decode kernel key");
+        snprintf(key, sizeof key,
+                 "dec|%s|dq%d|dv%d|dx%d|rt%d|vec%d|short%d|mask=%016llx|score=%016llx|inr=%016llx."
+                 "%016llx|%s|nvrtc%d.%d",
+                 flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.dv_exact, cfg.row_tiles, cfg.vec,
+                 cfg.short_indices, (unsigned long long)(mask_mod ? mask_mod->hash : 0),
+                 (unsigned long long)(score_mod ? score_mod->hash : 0),
+                 (unsigned long long)in_range_checksum(mask_in_range, mask_ir),
+                 (unsigned long long)in_range_checksum(score_in_range, score_ir), st->gpu.arch,
+                 st->api->nvrtc_major, st->api->nvrtc_minor);
+        const decode_source_args args = {&cfg, mask_ir, score_ir, mask_in_range, score_in_range};
+        s = get_function(ctx, st, key, build_decode_source, &args, "flex_decode_kernel", &fn);
+    }
+    free(mask_in_range);
+    free(score_in_range);
+    if (!s && splits > 1) s = module_function(ctx, st, key, "flex_splitkv_combine", &fn_combine);
+
+    cuda_mask_copy *mc = NULL;
+    if (!s && mask) s = mask_device_copy(ctx, st, mask, &mc);
+    cuda_buffer_desc descs[FLEX_EMIT_MAX_SLOTS];
+    memset(descs, 0, sizeof descs);
+    if (!s) s = fill_buffers(ctx, st, mask_mod, 0, descs);
+    if (!s) s = fill_buffers(ctx, st, score_mod, mask_ir ? mask_ir->num_buffers : 0, descs);
+
+    /* Workspace, in stream order: the pieces (splits > 1), then copies of
+     * host-resident decode arguments. */
+    const CUstream stream = (CUstream)a->stream;
+    const int64_t max_pages = a->page_table ? a->page_table->sizes[1] : 0;
+    const size_t piece_rows = splits > 1 ? (size_t)(B * Hq * splits * Lq) : 0;
+    const size_t out_bytes = piece_rows * (size_t)cfg.dv * 4, lse_bytes = piece_rows * 4;
+    const int host_qo = a->q_offsets && a->q_offsets->device == FLEX_DEVICE_CPU;
+    const int host_kl = a->kv_lengths && a->kv_lengths->device == FLEX_DEVICE_CPU;
+    const int host_pt = a->page_table && a->page_table->device == FLEX_DEVICE_CPU;
+    const size_t ints = (size_t)((host_qo ? B : 0) + (host_kl ? B : 0) + (host_pt ? B * max_pages : 0));
+    CUdeviceptr ws = 0;
+    int32_t *staged = NULL;
+    if (!s) s = workspace_alloc(ctx, st, out_bytes + lse_bytes + ints * 4, stream, &ws);
+    if (!s && ints) {
+        staged = malloc(ints * 4);
+        if (!staged) s = flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "no memory for the decode arguments");
+    }
+    if (!s) {
+        cuda_dec_head hd;
+        memset(&hd, 0, sizeof hd);
+        CUdeviceptr at = ws + out_bytes + lse_bytes;
+        size_t n = 0;
+        const flex_tensor *args[3] = {a->q_offsets, a->kv_lengths, a->page_table};
+        const int on_host[3] = {host_qo, host_kl, host_pt};
+        uint64_t dev[3] = {0, 0, 0};
+        int64_t s0[3] = {1, 1, max_pages}, s1 = 1;
+        for (int i = 0; i < 3; i++) {
+            if (!args[i]) continue;
+            if (on_host[i]) {
+                gather_host_ints(args[i], B, i == 2 ? max_pages : 0, staged + n);
+                dev[i] = at + n * 4;
+                n += (size_t)(i == 2 ? B * max_pages : B);
+            } else {
+                dev[i] = (uintptr_t)args[i]->data;
+                s0[i] = args[i]->strides[0];
+                if (i == 2) s1 = args[i]->strides[1];
+            }
+        }
+        /* From pageable memory the copy returns once the values are staged
+         * (the driver waits for the stream first): docs/decode.md. */
+        if (n)
+            s = check_cu(ctx, st->api,
+                         st->api->cuMemcpyHtoDAsync(at, staged, n * 4, stream),
+                         "cuMemcpyHtoDAsync (decode arguments)");
+        hd.q_offsets = dev[0], hd.kv_lengths = dev[1], hd.page_table = dev[2];
+        hd.qo_stride = s0[0], hd.kl_stride = s0[1], hd.pt_sb = s0[2], hd.pt_sp = s1;
+        hd.part_out = splits > 1 ? ws : 0;
+        hd.part_lse = splits > 1 ? ws + out_bytes : 0;
+        hd.decode_flag = flex_gpu_decode_flag(&st->gpu);
+        hd.kv_len = (int32_t)kv_len;
+        hd.page_size = (int32_t)a->page_size;
+        hd.num_pages = a->page_table ? (int32_t)k->sizes[0] : 0;
+        hd.splits = splits;
+        hd.group = (int32_t)group;
+        hd.rows = (int32_t)rows;
+        hd.row_chunks = (int32_t)row_chunks;
+
+        const int q_block = mask ? mask->q_block : 128, kv_block = mask ? mask->kv_block : 128;
+        cuda_fwd_params p;
+        flex_gpu_fwd_params_fill(&p, a, mask, mc, q_block, kv_block, 16, 0);
+        /* Keys are logical positions; a paged k's third size is a page's. */
+        p.Lkv = (int32_t)kv_len;
+        if (!mask) {
+            p.mask_nq = (int32_t)((q_span + q_block - 1) / q_block);
+            p.mask_nk = (int32_t)((kv_len + kv_block - 1) / kv_block);
+        }
+        (void)o;
+        unsigned char blob[sizeof(cuda_dec_head) + sizeof(cuda_fwd_params) +
+                           (FLEX_EMIT_MAX_SLOTS + 2) * sizeof(cuda_buffer_desc)];
+        memcpy(blob, &hd, sizeof hd);
+        memcpy(blob + sizeof hd, &p, sizeof p);
+        const size_t size =
+            append_buffers(blob, sizeof hd + sizeof p, descs, slots, st->gpu.bounds_flag);
+        if (!s)
+            s = launch_blob(ctx, st, fn, (unsigned)(splits * row_chunks), (unsigned)(B * Hkv),
+                            128, (unsigned)smem, stream, blob, size, NULL);
+        if (!s && splits > 1)
+            s = launch_blob(ctx, st, fn_combine, (unsigned)(B * Hq * Lq), 1, 128, 0, stream, blob,
+                            size, NULL);
+        /* Device-resident arguments are checked in the kernel: the flag is
+         * read at the next synchronize. */
+        if (!s && (slots > 0 || (a->q_offsets && !host_qo) || (a->kv_lengths && !host_kl) ||
+                   (a->page_table && !host_pt)))
+            atomic_store(&st->gpu.bounds_pending, 1);
+    }
+    free(staged);
+    workspace_free(st, ws, stream);
+    pop_ctx(st);
+    pthread_mutex_unlock(&st->gpu.lock);
+    return s;
+}
+
 static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
     cuda_state *st = state_of(ctx);
     const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v, *o = &a->out;
     const int64_t B = q->sizes[0], Hq = q->sizes[1], Lq = q->sizes[2], D = q->sizes[3];
     const int64_t Lkv = k->sizes[2], Dv = v->sizes[3];
-    /* Never ignored silently: a kernel that knew nothing of them would
-     * attend the wrong keys at the wrong positions. */
-    if (a->q_offsets || a->kv_lengths || a->page_table)
-        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
-                         "the CUDA backend does not implement opts->%s yet (decode and paged KV "
-                         "run on the CPU backend only)",
-                         a->q_offsets    ? "q_offsets"
-                         : a->kv_lengths ? "kv_lengths"
-                                         : "page_table");
     if (D > 256 || Dv > 256)
         return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
                          "the CUDA backend supports head dims up to 256 (q has %lld, v has %lld)",
@@ -575,6 +820,7 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
             ctx, FLEX_ERR_UNSUPPORTED,
             "f16/bf16 attention needs compute capability 8.0 or newer (this GPU is %d.%d)",
             st->major, st->minor);
+    if (decode_wanted(a)) return cuda_decode(ctx, st, a);
     const struct flex_block_mask *mask = a->block_mask;
     const struct flex_mod *mask_mod = mask ? mask->mask_mod : NULL;
     if (mask && mask->num_partial > 0 && !mask_mod)
@@ -852,8 +1098,8 @@ static flex_status workspace_alloc(flex_context *ctx, cuda_state *st, size_t byt
                                           : st->api->cuMemAlloc(out, bytes);
     if (r == 2 /* CUDA_ERROR_OUT_OF_MEMORY */)
         return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY,
-                         "the GPU has no room for the backward's %zu-byte workspace", bytes);
-    return check_cu(ctx, st->api, r, "allocating the backward's workspace");
+                         "the GPU has no room for a %zu-byte workspace", bytes);
+    return check_cu(ctx, st->api, r, "allocating a workspace");
 }
 
 /* Frees what workspace_alloc gave once the stream's work before is done. */

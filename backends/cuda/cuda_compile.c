@@ -72,6 +72,33 @@ char *flex_cuda_forward_source_in_range(const flex_cuda_fwd_config *cfg, const i
     return s;
 }
 
+char *flex_cuda_decode_source(const flex_cuda_dec_config *cfg, const ir_mod *mask,
+                              const ir_mod *score, const unsigned char *mask_in_range,
+                              const unsigned char *score_in_range) {
+    const char *vendor = flex_cuda_template("vendor.cuh");
+    const char *merge = flex_cuda_template("lse_merge.h");
+    const char *common = flex_cuda_template("flex_common.cuh");
+    const char *mma = flex_cuda_template("flex_mma_sm80.cuh");
+    const char *tpl = flex_cuda_template("flex_decode.cuh");
+    const char *combine = flex_cuda_template("flex_splitkv_combine.cuh");
+    if (!vendor || !merge || !common || !mma || !tpl || !combine) return NULL;
+    char config[512];
+    const char *elem = cfg->dtype == FLEX_BF16  ? "FLEX_ELEM_BF16"
+                       : cfg->dtype == FLEX_F16 ? "FLEX_ELEM_F16"
+                                                : "FLEX_ELEM_F32";
+    snprintf(config, sizeof config,
+             "/* configuration */\n#define %s 1\n#define FLEX_DQ %d\n#define FLEX_DV %d\n"
+             "#define FLEX_DV_EXACT %d\n#define FLEX_WARPS 4\n#define FLEX_DEC_RT %d\n"
+             "#define FLEX_VEC %d\n#define FLEX_SHORT_INDICES %d\n",
+             elem, cfg->dq, cfg->dv, cfg->dv_exact, cfg->row_tiles, cfg->vec, cfg->short_indices);
+    char *mods = flex_emit_mods_in_range(mask, score, mask_in_range, score_in_range);
+    if (!mods) return NULL;
+    const char *parts[] = {vendor, config, mods, merge, common, mma, tpl, combine};
+    char *s = concat(parts, 8);
+    free(mods);
+    return s;
+}
+
 static const char *node_ctype(const ir_mod *m, int node) {
     const int t = m->nodes[node].type;
     return t == IR_FLOAT ? "float" : t == IR_BOOL ? "bool" : "int";

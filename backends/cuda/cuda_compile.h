@@ -52,6 +52,24 @@ char *flex_cuda_forward_source_in_range(const flex_cuda_fwd_config *cfg, const i
                                         const unsigned char *score_in_range);
 char *flex_cuda_mask_blocks_source(const ir_mod *mask);
 
+/* One decode kernel's compile-time choices (flex_decode.cuh). */
+typedef struct flex_cuda_dec_config {
+    flex_dtype dtype; /* F32, F16, BF16 */
+    int dq, dv;       /* head dims padded to a multiple of 64 */
+    int dv_exact;     /* Dv == dv */
+    int row_tiles;    /* f16/bf16: 16-row tiles of packed rows per CTA (1, 2, 4) */
+    int vec;          /* 16-byte aligned rows: cp.async copies */
+    int short_indices;
+} flex_cuda_dec_config;
+
+/* The full source of the decode kernel (flex_decode_kernel) and the split-KV
+ * combine (flex_splitkv_combine) for config and mods, with buffer reads
+ * flagged in the in-range arrays read unchecked (as for the forward). A
+ * malloc'd string (caller frees), or NULL when out of memory. */
+char *flex_cuda_decode_source(const flex_cuda_dec_config *cfg, const ir_mod *mask,
+                              const ir_mod *score, const unsigned char *mask_in_range,
+                              const unsigned char *score_in_range);
+
 /* One backward kernel's compile-time choices. */
 typedef struct flex_cuda_bwd_config {
     flex_dtype dtype; /* F32, F16, BF16 */

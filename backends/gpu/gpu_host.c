@@ -46,9 +46,9 @@ void flex_gpu_init(flex_gpu_state *st, const flex_gpu_ops *ops, const void *api,
 flex_status flex_gpu_alloc_bounds_flag(flex_context *ctx, flex_gpu_state *st) {
     char what[96];
     snprintf(what, sizeof what, "%s (bounds flag)", st->ops->mem_alloc_name);
-    flex_status s = flex_gpu_check(ctx, st, st->ops->mem_alloc(st->api, &st->bounds_flag, 4), what);
+    flex_status s = flex_gpu_check(ctx, st, st->ops->mem_alloc(st->api, &st->bounds_flag, 8), what);
     if (!s)
-        s = flex_gpu_check(ctx, st, st->ops->mem_set(st->api, st->bounds_flag, 0, 4),
+        s = flex_gpu_check(ctx, st, st->ops->mem_set(st->api, st->bounds_flag, 0, 8),
                            st->ops->mem_set_name);
     return s;
 }
@@ -80,19 +80,31 @@ void flex_gpu_release(flex_gpu_state *st) {
 flex_status flex_gpu_take_bounds_flag(flex_context *ctx, flex_gpu_state *st) {
     const flex_gpu_ops *ops = st->ops;
     char what[96];
-    uint32_t flag = 0;
+    uint32_t flag[2] = {0, 0};
     snprintf(what, sizeof what, "%s (bounds flag)", ops->copy_to_host_name);
-    GPU_TRY(ctx, st, ops->copy_to_host(st->api, &flag, st->bounds_flag, 4), what);
-    if (!flag) return FLEX_OK;
+    GPU_TRY(ctx, st, ops->copy_to_host(st->api, flag, st->bounds_flag, sizeof flag), what);
+    if (!flag[0] && !flag[1]) return FLEX_OK;
     snprintf(what, sizeof what, "%s (bounds flag)", ops->mem_set_name);
-    GPU_TRY(ctx, st, ops->mem_set(st->api, st->bounds_flag, 0, 4), what);
+    GPU_TRY(ctx, st, ops->mem_set(st->api, st->bounds_flag, 0, sizeof flag), what);
+    if (flag[1]) {
+        /* the decode word (flex_gpu_decode_flag): the first argument named */
+        const char *arg = (flag[1] & 1u) ? "q_offsets" : (flag[1] & 2u) ? "kv_lengths" : "page_table";
+        return flex_fail(ctx, FLEX_ERR_BUFFER_BOUNDS,
+                         "a value of opts->%s on the GPU was out of range (it was clamped; "
+                         "results of that call are not meaningful)",
+                         arg);
+    }
     int slot = 0;
-    while (!(flag & (1u << slot)))
+    while (!(flag[0] & (1u << slot)))
         slot++;
     return flex_fail(ctx, FLEX_ERR_BUFFER_BOUNDS,
                      "a mod read buffer '%s' outside its sizes on the GPU (the index was "
                      "clamped; results of that call are not meaningful)",
                      st->slot_names[slot][0] ? st->slot_names[slot] : "?");
+}
+
+flex_gpu_ptr flex_gpu_decode_flag(const flex_gpu_state *st) {
+    return st->bounds_flag + 4;
 }
 
 /* ---- kernels: memory list -> cache -> compiler ---- */
@@ -444,4 +456,16 @@ void flex_gpu_fwd_params_fill(flex_gpu_fwd_params *p, const flex_forward_args *a
     p->head_group = head_group;
     p->scale = a->scale;
     p->scale_log2 = a->scale * 1.4426950408889634f;
+}
+
+int flex_gpu_decode_splits(int sm_count, int64_t units, int64_t longest_kv, int hint) {
+    int64_t steps = (longest_kv + 63) / 64;
+    if (steps < 1) steps = 1;
+    if (hint > 0) return (int)(hint < steps ? hint : steps);
+    if (units < 1) units = 1;
+    const int64_t want = 2 * (int64_t)(sm_count > 0 ? sm_count : 1);
+    int64_t splits = (want + units - 1) / units;
+    if (splits > steps / 4) splits = steps / 4;
+    if (splits > 256) splits = 256;
+    return splits < 1 ? 1 : (int)splits;
 }

@@ -87,7 +87,9 @@ typedef struct flex_gpu_state {
     flex_cache *cache; /* the vendor's process-wide kernel cache */
     flex_device_type device_type; /* where tensors on this GPU say they are */
     char arch[32];
-    flex_gpu_ptr bounds_flag;  /* u32: bit i = buffer slot i was read out of range */
+    /* Two u32 words: bit i of the first = buffer slot i was read out of
+     * range; the second is the decode word (flex_gpu_decode_flag). */
+    flex_gpu_ptr bounds_flag;
     atomic_int bounds_pending; /* a kernel that reads mod buffers ran since the last read */
     char slot_names[FLEX_EMIT_MAX_SLOTS][80];
     flex_gpu_module *modules;
@@ -112,8 +114,13 @@ flex_status flex_gpu_alloc_bounds_flag(flex_context *ctx, flex_gpu_state *st);
  * context current), then destroys the lock. */
 void flex_gpu_release(flex_gpu_state *st);
 
-/* Reads and clears the bounds flag; a set bit becomes FLEX_ERR_BUFFER_BOUNDS. */
+/* Reads and clears the bounds flag; a set bit becomes FLEX_ERR_BUFFER_BOUNDS,
+ * naming the buffer or, for the decode word, the decode argument. */
 flex_status flex_gpu_take_bounds_flag(flex_context *ctx, flex_gpu_state *st);
+/* The decode word of the bounds flag: bit 0 a q_offsets value, bit 1 a
+ * kv_lengths value, bit 2 a page_table entry on the device was out of
+ * range and was clamped by the decode kernel (flex_decode.cuh). */
+flex_gpu_ptr flex_gpu_decode_flag(const flex_gpu_state *st);
 
 /* ---- kernels: memory list -> cache -> compiler ---- */
 
@@ -203,6 +210,13 @@ int flex_gpu_ir_reads_buffer(const ir_mod *m, int buffer);
 /* A head dim padded to a multiple of 64; whether p is 16-byte aligned. */
 int flex_gpu_pad64(int64_t d);
 int flex_gpu_aligned16(const void *p);
+
+/* The decode kernels' split count (flex_decode.cuh): the caller's hint when
+ * given (at most one piece per 64-key step of the longest kv length);
+ * otherwise enough pieces that `units` CTAs per piece (batch x kv head x
+ * row chunks) fill the GPU's SMs about twice, with at least 4 steps (256
+ * keys) a piece and at most 256 pieces. Pure. */
+int flex_gpu_decode_splits(int sm_count, int64_t units, int64_t longest_kv, int hint);
 
 /* Mirrors struct flex_fwd_params of flex_common.cuh up to `bufs`. */
 typedef struct flex_gpu_fwd_params {

@@ -310,6 +310,12 @@ static const bw_case cases[] = {
      "q >= kv && doc[q] == doc[kv]", 32, NULL, 1, 1, 1},
     {"f32 alibi hs grads", FLEX_F32, 2, 2, 2, 70, 90, 64, 64, 1,
      "score * hs[h] + slopes[h] * (kv - q)", NULL, 64, "slopes,hs", 1, 1, 1},
+    /* 128-row kv tiles (8 warps) with GQA, partial blocks, ends of both
+     * sequences inside a tile, and a buffer gradient */
+    {"bf16 alibi doc causal gqa D128 blocks 128", FLEX_BF16, 2, 4, 2, 400, 400, 128, 128, 0,
+     "score + slopes[h] * (kv - q)", "q >= kv && doc[q] == doc[kv]", 128, "slopes", 1, 1, 1},
+    {"f16 noop gqa D64 Lq != Lkv", FLEX_F16, 1, 4, 1, 330, 270, 64, 64, 0, NULL, NULL, 128, NULL,
+     1, 1, 1},
     {"bf16 dv only", FLEX_BF16, 1, 2, 1, 130, 130, 64, 64, 0, NULL, "q >= kv", 64, NULL, 0, 0, 1},
     {"f16 dq dk only, -inf rows", FLEX_F16, 1, 2, 2, 100, 60, 64, 32, 0,
      "where(q >= 80, -inf, score)", NULL, 64, NULL, 1, 1, 0},

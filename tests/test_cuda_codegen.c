@@ -151,20 +151,32 @@ static void add_case(const char *label, const ir_mod *mask, const ir_mod *score,
 }
 
 /* Backward kernels: small tiles for the many mods (two of 16-row steps,
- * and the f32 path), the production tiles of choose_backward_tiles for a
- * few mods down to machine code. */
+ * one with the pipeline and exp2, one without, and the f32 path), the
+ * production tiles of choose_backward_tiles and their variants for a few
+ * mods down to machine code (even entries for sm_80, odd ones for sm_90a,
+ * where the 16-byte dQ reductions are). */
 static const flex_cuda_bwd_config bwd_configs[] = {
     {.dtype = FLEX_BF16, .dq = 64, .dv = 64, .warps = 2, .block_m = 16, .vec = 1,
-     .short_indices = 1},
+     .short_indices = 1, .pipeline = 1, .exp2 = 1, .kv_fastest = 1},
     {.dtype = FLEX_F16, .dq = 64, .dv = 128, .warps = 1, .block_m = 32},
     {.dtype = FLEX_F32, .dq = 64, .dv = 64, .warps = 4, .block_m = 16},
 };
 static const flex_cuda_bwd_config bwd_full_configs[] = {
+    {.dtype = FLEX_BF16, .dq = 128, .dv = 128, .warps = 8, .block_m = 32, .vec = 1,
+     .short_indices = 1, .pipeline = 1, .exp2 = 1, .kv_fastest = 1},
+    {.dtype = FLEX_BF16, .dq = 128, .dv = 128, .warps = 8, .block_m = 32, .vec = 1,
+     .short_indices = 1, .pipeline = 1, .exp2 = 1, .dq_red = 1, .kv_fastest = 1},
+    {.dtype = FLEX_F16, .dq = 64, .dv = 64, .warps = 8, .block_m = 64, .vec = 1, .pipeline = 1,
+     .exp2 = 1, .kv_fastest = 1},
+    {.dtype = FLEX_F16, .dq = 64, .dv = 64, .warps = 8, .block_m = 64, .vec = 1, .pipeline = 1,
+     .exp2 = 1, .dq_red = 1},
+    {.dtype = FLEX_BF16, .dq = 256, .dv = 192, .warps = 4, .block_m = 16, .pipeline = 1,
+     .exp2 = 1, .kv_fastest = 1},
     {.dtype = FLEX_BF16, .dq = 128, .dv = 128, .warps = 4, .block_m = 32, .vec = 1,
      .short_indices = 1},
-    {.dtype = FLEX_F16, .dq = 64, .dv = 64, .warps = 4, .block_m = 64, .vec = 1},
-    {.dtype = FLEX_BF16, .dq = 256, .dv = 192, .warps = 4, .block_m = 16},
     {.dtype = FLEX_F32, .dq = 128, .dv = 64, .warps = 4, .block_m = 16},
+    {.dtype = FLEX_BF16, .dq = 128, .dv = 64, .warps = 2, .block_m = 32, .vec = 1, .pipeline = 1,
+     .exp2 = 1, .dq_red = 1},
 };
 
 static void add_backward_case(const char *label, const ir_mod *mask, const ir_mod *score,

@@ -1118,16 +1118,59 @@ static int ir_reads_buffer(const ir_mod *m, int buffer) {
     return flex_gpu_ir_reads_buffer(m, buffer);
 }
 
-/* Tiles of the f16/bf16 backward: 16 kv rows a warp, up to 64 a CTA (no
- * more than the mask's kv block), query steps no longer than the mask's q
- * block and short enough that Sᵀ and dPᵀ fit beside the dK and dV
- * accumulators (64 rows for head dims up to 64, 32 up to 128, 16 above). */
-static void choose_backward_tiles(flex_cuda_bwd_config *cfg, int q_block, int kv_block) {
-    const int block_n = kv_block < 64 ? kv_block : 64;
+/* Shared memory of the f16/bf16 backward kernel: the sum of the FLEX_BWD_S*
+ * regions of flex_backward.cuh (K and V of the tile, the Q and dO stages,
+ * dS with at least 64 query columns, lse and delta of the stages). */
+static size_t backward_smem(const flex_cuda_bwd_config *cfg) {
+    const size_t bn = (size_t)cfg->warps * 16, bm = (size_t)cfg->block_m;
+    const size_t stages = cfg->pipeline ? 2 : 1, ds_cols = bm > 64 ? bm : 64;
+    const size_t dims = (size_t)cfg->dq + (size_t)cfg->dv;
+    return 2 * (bn * dims + stages * bm * dims + bn * ds_cols) + 8 * stages * bm;
+}
+
+/* Tiles and variants of the f16/bf16 backward (docs/decisions.md, "CUDA
+ * backward"). 16 kv rows a warp: 128 a CTA (8 warps) for head dims up to
+ * 128 where the mask's kv block is a multiple of 128, which halves the
+ * atomic adds each dQ element gets and the reads of Q and dO per kv row;
+ * otherwise up to 64, no more than the mask's kv block. Query steps no
+ * longer than the mask's q block and short enough that Sᵀ and dPᵀ fit
+ * beside the dK and dV accumulators: 64 rows for head dims up to 64, 32 up
+ * to 128, 16 above. FLEXATTN_DEBUG=cuda_bwd_tile=WARPSxROWS replaces the
+ * choice where it divides the mask's blocks; cuda_bwd_pipeline,
+ * cuda_bwd_exp2, cuda_bwd_dq_red and cuda_bwd_kv_fastest turn the variants
+ * off for comparison. Where shared memory (smem_limit, 99 KB on sm_86)
+ * is short, the kv tile is halved down to 64 rows, then the pipeline goes,
+ * then the tile is halved further. */
+static void choose_backward_tiles(const flex_context *ctx, flex_cuda_bwd_config *cfg, int q_block,
+                                  int kv_block, int major, int64_t D, int64_t kv_heads,
+                                  size_t smem_limit) {
     const int widest = cfg->dq > cfg->dv ? cfg->dq : cfg->dv;
     const int want_m = widest <= 64 ? 64 : widest <= 128 ? 32 : 16;
+    const int block_n = widest <= 128 && kv_block % 128 == 0 ? 128 : kv_block < 64 ? kv_block : 64;
     cfg->warps = block_n / 16;
     cfg->block_m = q_block < want_m ? q_block : want_m;
+    const char *env = flex_debug_string(ctx, FLEX_DEBUG_CUDA_BWD_TILE);
+    int w, bm;
+    if (env && sscanf(env, "%dx%d", &w, &bm) == 2 && w >= 1 && w <= 8 && kv_block % (16 * w) == 0 &&
+        (bm == 16 || bm == 32 || bm == 64) && q_block % bm == 0) {
+        cfg->warps = w;
+        cfg->block_m = bm;
+    }
+    /* Q, dO, lse and delta of the next step copied while this one computes. */
+    cfg->pipeline = env_switch(ctx, FLEX_DEBUG_CUDA_BWD_PIPELINE, 1);
+    /* P = exp2(s scale log2(e) - lse log2(e)), the forward's form. */
+    cfg->exp2 = env_switch(ctx, FLEX_DEBUG_CUDA_BWD_EXP2, 1);
+    /* dQ by 16-byte reductions: sm_90 and later, and four-column groups
+     * that stay inside the accumulator's rows (D % 4 == 0). */
+    cfg->dq_red = major >= 9 && D % 4 == 0 && env_switch(ctx, FLEX_DEBUG_CUDA_BWD_DQ_RED, 1);
+    /* The kv tiles of a head side by side in the grid, so the CTAs in flight
+     * share their Q, dO and dQ rows in L2 (grid y is at most 65535). */
+    cfg->kv_fastest = kv_heads <= 65535 && env_switch(ctx, FLEX_DEBUG_CUDA_BWD_KV_FASTEST, 1);
+    while (backward_smem(cfg) > smem_limit && cfg->warps > 4)
+        cfg->warps /= 2;
+    if (backward_smem(cfg) > smem_limit) cfg->pipeline = 0;
+    while (backward_smem(cfg) > smem_limit && cfg->warps > 1)
+        cfg->warps /= 2;
 }
 
 static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a) {
@@ -1261,14 +1304,11 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
             if (q->strides[d] % 8 || k->strides[d] % 8 || v->strides[d] % 8 ||
                 dout->strides[d] % 8)
                 cfg.vec = 0;
-        choose_backward_tiles(&cfg, q_block, kv_block);
+        choose_backward_tiles(ctx, &cfg, q_block, kv_block, st->major, D, B * Hkv,
+                              (size_t)st->smem_optin);
     }
     const int block_n = cfg.warps * 16;
-    const size_t smem = q->dtype == FLEX_F32
-                            ? 0
-                            : 2u * ((size_t)block_n * (cfg.dq + cfg.dv) +
-                                    (size_t)cfg.block_m * (cfg.dq + cfg.dv + 64)) +
-                                  8u * (size_t)cfg.block_m;
+    const size_t smem = q->dtype == FLEX_F32 ? 0 : backward_smem(&cfg);
     if ((int64_t)smem > st->smem_optin) {
         if (derived_made) ir_free(&derived);
         return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
@@ -1296,14 +1336,14 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
     CUfunction fn_pre = NULL, fn_main = NULL, fn_store = NULL;
     char key[512];
     {
-        _Static_assert(sizeof(flex_cuda_bwd_config) == 8 * sizeof(int),
+        _Static_assert(sizeof(flex_cuda_bwd_config) == 12 * sizeof(int),
                        "flex_cuda_bwd_config changed: update the backward kernel key");
         snprintf(key, sizeof key,
-                 "bwd|%s|dq%d|dv%d|w%d|bm%d|vec%d|short%d|gs%d|mask=%016llx|score=%016llx|"
-                 "loads=%016llx|inr=%016llx.%016llx|%s|nvrtc%d.%d",
+                 "bwd|%s|dq%d|dv%d|w%d|bm%d|vec%d|short%d|gs%d|pipe%d|exp2%d|red%d|kvf%d|"
+                 "mask=%016llx|score=%016llx|loads=%016llx|inr=%016llx.%016llx|%s|nvrtc%d.%d",
                  flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.warps, cfg.block_m, cfg.vec,
-                 cfg.short_indices, cfg.grad_slots,
-                 (unsigned long long)(mask_mod ? mask_mod->hash : 0),
+                 cfg.short_indices, cfg.grad_slots, cfg.pipeline, cfg.exp2, cfg.dq_red,
+                 cfg.kv_fastest, (unsigned long long)(mask_mod ? mask_mod->hash : 0),
                  (unsigned long long)(score_used ? score_used->hash : 0),
                  (unsigned long long)(num_loads ? flex_cache_checksum(loads, (size_t)num_loads *
                                                                                  sizeof loads[0])
@@ -1329,7 +1369,8 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
 
     CUstream stream = (CUstream)a->stream;
     CUdeviceptr ws = 0;
-    const size_t delta_bytes = (size_t)(B * Hq * Lq) * sizeof(float);
+    /* the dQ accumulator 256-byte aligned (16-byte vector reductions) */
+    const size_t delta_bytes = ((size_t)(B * Hq * Lq) * sizeof(float) + 255) & ~(size_t)255;
     const size_t dq_bytes = a->dq ? (size_t)(B * Hq * Lq * D) * sizeof(float) : 0;
     if (!s) s = workspace_alloc(ctx, st, delta_bytes + dq_bytes, stream, &ws);
     if (!s) {
@@ -1403,10 +1444,12 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
                         NULL);
         if (!s) {
             const int64_t per_cta = q->dtype == FLEX_F32 ? 4 : block_n;
-            s = launch_blob(ctx, st, fn_main, (unsigned)(B * Hkv),
-                            (unsigned)((Lkv + per_cta - 1) / per_cta),
-                            q->dtype == FLEX_F32 ? 128u : (unsigned)cfg.warps * 32,
-                            (unsigned)smem, stream, blob, size, NULL);
+            const unsigned heads = (unsigned)(B * Hkv);
+            const unsigned tiles = (unsigned)((Lkv + per_cta - 1) / per_cta);
+            s = launch_blob(ctx, st, fn_main, cfg.kv_fastest ? tiles : heads,
+                            cfg.kv_fastest ? heads : tiles,
+                            q->dtype == FLEX_F32 ? 128u : (unsigned)cfg.warps * 32, (unsigned)smem,
+                            stream, blob, size, NULL);
         }
         if (!s && a->dq)
             s = launch_blob(ctx, st, fn_store, (unsigned)(B * Hq), rows_y, 128, 0, stream, blob,

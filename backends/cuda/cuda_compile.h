@@ -79,6 +79,10 @@ typedef struct flex_cuda_bwd_config {
     int vec;          /* 16-byte aligned rows: cp.async copies */
     int short_indices;
     int grad_slots; /* gradient tensors of float buffers (0 or more) */
+    int pipeline;   /* f16/bf16: the next step's Q, dO, lse, delta copied during this one */
+    int exp2;       /* f16/bf16: P = exp2 with log2(e) folded in (else expf) */
+    int dq_red;     /* f16/bf16: dQ added by 16-byte red.global.add.v4.f32 (sm_90; D % 4 == 0) */
+    int kv_fastest; /* grid x = kv tiles, y = (batch, kv head) */
 } flex_cuda_bwd_config;
 
 /* A float buffer read of the score mod whose gradient is wanted. */

@@ -46,9 +46,17 @@ static FLEX_DEVICE_INLINE flex_u32 flex_frag_at(flex_u32 base, int kk) {
 static FLEX_DEVICE_INLINE void flex_st_shared_u16(flex_u32 addr, flex_u16 x) {
     asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(addr), "h"(x));
 }
+static FLEX_DEVICE_INLINE void flex_st_shared_u32(flex_u32 addr, flex_u32 x) {
+    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(x));
+}
 static FLEX_DEVICE_INLINE void flex_cp_async16(flex_u32 dst, const void *src, bool valid) {
     const int n = valid ? 16 : 0; /* 0: zero-fill, nothing read */
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+/* 4 bytes (a float of a strided vector); !valid: zero-fill, nothing read. */
+static FLEX_DEVICE_INLINE void flex_cp_async4(flex_u32 dst, const void *src, bool valid) {
+    const int n = valid ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(n));
 }
 static FLEX_DEVICE_INLINE void flex_cp_async_commit() {
     asm volatile("cp.async.commit_group;\n" ::);

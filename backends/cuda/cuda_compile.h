@@ -61,6 +61,11 @@ typedef struct flex_cuda_bwd_config {
     int vec;          /* 16-byte aligned rows: cp.async copies */
     int short_indices;
     int grad_slots; /* gradient tensors of float buffers (0 or more) */
+    /* The deterministic dQ kernel (flex_backward_dq.cuh), whose presence
+     * leaves dQ out of the main kernel's atomics: its warps (f16/bf16: 16
+     * query rows each; f32: one row each) and kv rows per step (f16/bf16).
+     * 0 warps: no such kernel, dQ through atomics. */
+    int dq_warps, dq_block_n;
 } flex_cuda_bwd_config;
 
 /* A float buffer read of the score mod whose gradient is wanted. */
@@ -82,7 +87,8 @@ typedef struct flex_cuda_bwd_score {
 } flex_cuda_bwd_score;
 
 /*
- * The full source of the backward kernels (flex_backward.cuh) for config,
+ * The full source of the backward kernels (flex_backward.cuh, and
+ * flex_backward_dq.cuh when cfg->dq_warps > 0) for config,
  * the mask mod (NULL: none evaluated) and the score mod with its
  * derivative. A malloc'd string (caller frees), or NULL when out of memory
  * or when the mods have too many buffers.

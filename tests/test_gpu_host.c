@@ -4,8 +4,10 @@
  * counters. It shows what the CUDA and HIP backends rely on: a key builds
  * and compiles its source once, a compile or load failure reaches the
  * caller with the vendor's words, host buffers are copied once per
- * binding, a block mask is uploaded once with its rows heaviest first, and
- * a set bounds bit names the buffer.
+ * binding, a block mask is uploaded once with its rows heaviest first, a
+ * set bounds bit names the buffer, and while a call is being captured into
+ * a graph what it would have to upload, compile or load first is refused
+ * by name before the vendor is asked for anything.
  */
 #include <check.h>
 #include <stdio.h>
@@ -15,7 +17,7 @@
 #include "internal.h"
 #include "../backends/gpu/gpu_host.h"
 
-static int allocs, frees, builds, compiles, loads, unloads, fail_compile, fail_load;
+static int allocs, frees, builds, compiles, loads, unloads, functions, fail_compile, fail_load;
 
 static void fake_describe(const void *api, int r, char *buf, size_t cap) {
     (void)api;
@@ -67,6 +69,7 @@ static int fake_load(const void *api, const void *image, size_t size, void **mod
 static int fake_function(const void *api, void *module, const char *name, void **fn) {
     (void)api;
     (void)name;
+    functions++;
     *fn = module;
     return 0;
 }
@@ -120,7 +123,7 @@ static flex_gpu_state st;
 static struct flex_context fake_ctx;
 
 static void setup(void) {
-    allocs = frees = builds = compiles = loads = unloads = fail_compile = fail_load = 0;
+    allocs = frees = builds = compiles = loads = unloads = functions = fail_compile = fail_load = 0;
     memset(&st, 0, sizeof st);
     flex_gpu_init(&st, &fake_ops, NULL, NULL, FLEX_DEVICE_HIP);
     snprintf(st.arch, sizeof st.arch, "fake1");
@@ -281,6 +284,75 @@ START_TEST(test_mask_uploaded_once_heaviest_first) {
 }
 END_TEST
 
+/* While st.capturing, a call finds what an earlier call prepared and asks
+ * the vendor for nothing; what would need a first compile, module load,
+ * buffer copy or mask upload is refused with FLEX_ERR_UNSUPPORTED, naming
+ * it, and nothing is allocated, copied or loaded. */
+START_TEST(test_capture_refuses_first_uploads) {
+    void *fn = NULL, *other = NULL, *again = NULL;
+    st.capturing = 1;
+    ck_assert_int_eq(flex_gpu_get_function(NULL, &st, "k1", build_source, "one", "kern", &fn),
+                     FLEX_ERR_UNSUPPORTED);
+    ck_assert_ptr_nonnull(strstr(flex_error_message(NULL), "compiling and loading a kernel"));
+    ck_assert_ptr_nonnull(strstr(flex_error_message(NULL), "captured into a graph"));
+    ck_assert_int_eq(builds + compiles + loads, 0);
+    st.capturing = 0;
+    ck_assert_int_eq(flex_gpu_get_function(NULL, &st, "k1", build_source, "one", "kern", &fn),
+                     FLEX_OK);
+    ck_assert_int_eq(flex_gpu_module_function(NULL, &st, "k1", "other", &other), FLEX_OK);
+    const int f0 = functions, l0 = loads;
+    st.capturing = 1;
+    ck_assert_int_eq(flex_gpu_get_function(NULL, &st, "k1", build_source, "one", "kern", &again),
+                     FLEX_OK);
+    ck_assert_ptr_eq(again, fn);
+    ck_assert_int_eq(flex_gpu_module_function(NULL, &st, "k1", "other", &again), FLEX_OK);
+    ck_assert_ptr_eq(again, other);
+    ck_assert_int_eq(functions, f0); /* found without asking the vendor again */
+    ck_assert_int_eq(loads, l0);
+
+    /* a host-resident buffer */
+    flex_mod_desc desc = {FLEX_MOD_MASK, "doc[q] == doc[kv]", NULL, 0,
+                          (flex_buffer_decl[]){{"doc", FLEX_I32, 1}}, 1};
+    flex_mod *mod = NULL;
+    ck_assert_int_eq(flex_mod_compile(NULL, &desc, &mod), FLEX_OK);
+    int32_t doc[4] = {0, 0, 1, 1};
+    const int64_t n = 4;
+    flex_tensor t = flex_tensor_contiguous(doc, FLEX_I32, 1, &n, FLEX_DEVICE_CPU);
+    ck_assert_int_eq(flex_mod_bind_buffer(NULL, mod, "doc", &t), FLEX_OK);
+    flex_gpu_buffer_desc descs[FLEX_EMIT_MAX_SLOTS];
+    const int a0 = allocs;
+    ck_assert_int_eq(flex_gpu_fill_buffers(NULL, &st, mod, 0, descs), FLEX_ERR_UNSUPPORTED);
+    ck_assert_ptr_nonnull(strstr(flex_error_message(NULL), "mod buffer 'doc'"));
+    ck_assert_int_eq(allocs, a0);
+    st.capturing = 0;
+    ck_assert_int_eq(flex_gpu_fill_buffers(NULL, &st, mod, 0, descs), FLEX_OK);
+    st.capturing = 1;
+    ck_assert_int_eq(flex_gpu_fill_buffers(NULL, &st, mod, 0, descs), FLEX_OK);
+    ck_assert_int_eq(allocs, a0 + 1);
+
+    /* a block mask's lists */
+    flex_context *cpu = NULL;
+    ck_assert_int_eq(flex_context_create("cpu", &cpu), FLEX_OK);
+    flex_block_mask *mask = NULL;
+    ck_assert_int_eq(flex_block_mask_create(cpu, mod, 1, 1, 4, 4, 16, 16, &mask), FLEX_OK);
+    flex_gpu_mask_copy *c = NULL;
+    ck_assert_int_eq(flex_gpu_mask_device_copy(NULL, &st, mask, &c), FLEX_ERR_UNSUPPORTED);
+    ck_assert_ptr_nonnull(strstr(flex_error_message(NULL), "block mask's lists"));
+    ck_assert_int_eq(allocs, a0 + 1);
+    st.capturing = 0;
+    ck_assert_int_eq(flex_gpu_mask_device_copy(NULL, &st, mask, &c), FLEX_OK);
+    st.capturing = 1;
+    flex_gpu_mask_copy *same = NULL;
+    ck_assert_int_eq(flex_gpu_mask_device_copy(NULL, &st, mask, &same), FLEX_OK);
+    ck_assert_ptr_eq(same, c);
+    st.capturing = 0;
+    mask->ctx = &fake_ctx;
+    flex_block_mask_destroy(mask);
+    flex_mod_destroy(mod);
+    flex_context_destroy(cpu);
+}
+END_TEST
+
 int main(void) {
     Suite *suite = suite_create("gpu_host");
     TCase *tc = tcase_create("fake_vendor");
@@ -290,6 +362,7 @@ int main(void) {
     tcase_add_test(tc, test_mask_uploaded_once_heaviest_first);
     tcase_add_test(tc, test_decode_word_names_the_argument);
     tcase_add_test(tc, test_decode_split_policy);
+    tcase_add_test(tc, test_capture_refuses_first_uploads);
     suite_add_tcase(suite, tc);
     SRunner *runner = srunner_create(suite);
     srunner_run_all(runner, CK_NORMAL);

@@ -30,7 +30,7 @@
 #include "tolerance.h"
 
 static void usage(FILE *f) {
-    fprintf(f, "usage: flexattn check [--backend SPEC] [--quick]\n"
+    fprintf(f, "usage: flexattn check [--backend SPEC] [--quick] [--deterministic]\n"
                "\n"
                "Compares every usable backend (or the one SPEC names: cpu, cuda, cuda:1, ...)\n"
                "with the fp64 oracle on every preset, dtype and a set of shapes (odd lengths,\n"
@@ -43,7 +43,9 @@ static void usage(FILE *f) {
                "the last line counts passes and failures. Exit status 1 on any failure, and\n"
                "when the backend SPEC names cannot run here.\n"
                "\n"
-               "  --quick   fewer and smaller cases\n");
+               "  --quick          fewer and smaller cases\n"
+               "  --deterministic  the backward cases in the backward's deterministic mode\n"
+               "                   (opts->deterministic)\n");
 }
 
 enum { OP_FORWARD = 0, OP_BACKWARD = 1, OP_DECODE = 2 };
@@ -71,6 +73,7 @@ typedef struct check_case {
         int call_builds_mask; /* opts->mask_mod instead of the block mask */
         int args_on_device;   /* offsets, lengths and page table on the device */
     } decode;
+    int deterministic; /* OP_BACKWARD: opts->deterministic (--deterministic) */
 } check_case;
 
 typedef struct case_list {
@@ -129,7 +132,7 @@ static void build_numeric_cases(case_list *l, int quick) {
             for (int d = 0; d < (quick ? 1 : 3); d++) {
                 check_case c = {"", op ? OP_BACKWARD : OP_FORWARD, NULL, NULL, n->B, n->Hq, n->Hkv,
                                 n->L, n->L, 64, 64, dts[d], LAYOUT_BHSD, 1, 0, n->score_text,
-                                n->mask_text, n->per_head, n->input_scale, n->nan_q, {0}};
+                                n->mask_text, n->per_head, n->input_scale, n->nan_q, {0}, 0};
                 snprintf(c.name, sizeof c.name, "%s%s %s", op ? "backward " : "", n->what,
                          short_dtype(dts[d]));
                 add_case(l, &c);
@@ -185,7 +188,7 @@ static void build_cases(case_list *l, int quick) {
         const flex_preset *pr = flex_preset_at(p);
         for (int d = 0; d < 3; d++) {
             check_case c = {"",   OP_FORWARD, NULL, NULL, 1,    4, 4, L, L, 64,
-                            64,   dts[d],     0,    1,    0,    NULL, NULL, 0, 0.0, 0, {0}};
+                            64,   dts[d],     0,    1,    0,    NULL, NULL, 0, 0.0, 0, {0}, 0};
             if (pr->kind == FLEX_MOD_MASK)
                 c.mask = pr->name;
             else
@@ -236,7 +239,7 @@ static void build_cases(case_list *l, int quick) {
             check_case c = {"",    OP_FORWARD, s->score,  s->mask, s->B,
                             s->Hq, s->Hkv,     s->Lq,     s->Lkv,  s->D,
                             s->Dv, dts[d],     s->layout, s->lse,  s->block,
-                            NULL,  NULL,       0,         0.0,     0, {0}};
+                            NULL,  NULL,       0,         0.0,     0, {0}, 0};
             snprintf(c.name, sizeof c.name, "%s %s", s->what, short_dtype(dts[d]));
             add_case(l, &c);
         }
@@ -263,7 +266,7 @@ static void build_cases(case_list *l, int quick) {
         for (int d = 0; d < (quick ? 1 : 3); d++) {
             check_case c = {"",     OP_BACKWARD, s->score, s->mask, s->B,      s->Hq, s->Hkv, s->Lq,
                             s->Lkv, s->D,        s->Dv,    dts[d],  s->layout, 1,     0,
-                            NULL,   NULL,        0,        0.0,     0, {0}};
+                            NULL,   NULL,        0,        0.0,     0, {0}, 0};
             snprintf(c.name, sizeof c.name, "backward %s %s", s->what, short_dtype(dts[d]));
             add_case(l, &c);
         }
@@ -483,9 +486,11 @@ done:
 
 /* Backward gradients against the fp64 backward oracle. Returns 1 pass, 0
  * fail, -1 when the backend has no backward pass (the case is skipped). */
-static int check_backward(case_data *cd, double *rel, char *why, size_t cap) {
+static int check_backward(case_data *cd, const check_case *c, double *rel, char *why,
+                          size_t cap) {
     cli_backward_problem p;
     memset(&p, 0, sizeof p);
+    p.deterministic = c->deterministic;
     p.ctx = cd->ctx;
     p.q = cd->dev_t[0], p.k = cd->dev_t[1], p.v = cd->dev_t[2];
     p.host_q = cd->host_t[0], p.host_k = cd->host_t[1], p.host_v = cd->host_t[2];
@@ -558,7 +563,7 @@ static int run_case(flex_context *ctx, const check_case *c, double *rel, double 
             pass = check_forward(&cd, c, rel, lse_err, why, cap);
             break;
         case OP_BACKWARD:
-            pass = check_backward(&cd, rel, why, cap);
+            pass = check_backward(&cd, c, rel, why, cap);
             break;
         default:
             snprintf(why, cap, "unknown op");
@@ -571,7 +576,7 @@ static int run_case(flex_context *ctx, const check_case *c, double *rel, double 
 
 int cmd_check(int argc, char **argv) {
     const char *backend = NULL;
-    int quick = 0;
+    int quick = 0, deterministic = 0;
     for (int i = 1; i < argc;) {
         const char *v = NULL;
         int r;
@@ -581,6 +586,10 @@ int cmd_check(int argc, char **argv) {
         }
         if (cli_flag(argv[i], "--quick")) {
             quick = 1, i++;
+            continue;
+        }
+        if (cli_flag(argv[i], "--deterministic")) {
+            deterministic = 1, i++;
             continue;
         }
         if ((r = cli_option(argc, argv, &i, "--backend", &v)) != 0) {
@@ -595,6 +604,9 @@ int cmd_check(int argc, char **argv) {
 
     case_list cases = {0};
     build_cases(&cases, quick);
+    for (int ci = 0; ci < cases.n; ci++)
+        cases.v[ci].deterministic = deterministic && cases.v[ci].op == OP_BACKWARD;
+    if (deterministic) printf("backward cases with opts->deterministic = 1\n");
     int passed = 0, failed = 0, skipped = 0, tried = 0, named_unusable = 0;
     for (int bi = 0; bi < flex_backend_count(); bi++) {
         flex_backend_info info;

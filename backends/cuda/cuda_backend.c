@@ -302,6 +302,24 @@ static flex_status cuda_memset(flex_context *ctx, void *dst, int value, size_t b
     return s;
 }
 
+/* Whether work queued on stream is being captured into a graph (an
+ * invalidated capture counts: what follows fails there too). Without
+ * cuStreamIsCapturing (drivers before CUDA 10) no stream can be. */
+static int stream_capturing(cuda_state *st, CUstream stream) {
+    int status = FLEX_CU_STREAM_CAPTURE_STATUS_NONE;
+    if (!st->api->cuStreamIsCapturing || st->api->cuStreamIsCapturing(stream, &status) != 0)
+        return 0;
+    return status != FLEX_CU_STREAM_CAPTURE_STATUS_NONE;
+}
+
+/* Marks that kernels reading mod buffers were queued: the next synchronize
+ * reads the bounds flag, and every one from now on when they went into a
+ * graph, whose replays make no call here. */
+static void note_buffer_reads(cuda_state *st) {
+    atomic_store(&st->gpu.bounds_pending, 1);
+    if (st->gpu.capturing) atomic_store(&st->gpu.bounds_in_graph, 1);
+}
+
 /* Reads and clears the bounds flag; a set bit becomes FLEX_ERR_BUFFER_BOUNDS. */
 static flex_status take_bounds_flag(flex_context *ctx, cuda_state *st) {
     return flex_gpu_take_bounds_flag(ctx, &st->gpu);
@@ -314,7 +332,8 @@ static flex_status cuda_synchronize(flex_context *ctx) {
     /* Taken before the wait: a kernel launched after it sets the mark again
      * and is read by the next synchronize. Without mod buffers there is no
      * flag to read (a copy from the device costs ~10 us). */
-    const int pending = atomic_exchange(&st->gpu.bounds_pending, 0);
+    const int pending = atomic_exchange(&st->gpu.bounds_pending, 0) ||
+                        atomic_load(&st->gpu.bounds_in_graph);
     s = check_cu(ctx, st->api, st->api->cuCtxSynchronize(), "cuCtxSynchronize");
     if (!s && pending) { /* under the lock: launches write the slot names */
         pthread_mutex_lock(&st->gpu.lock);
@@ -683,6 +702,7 @@ static flex_status cuda_decode(flex_context *ctx, cuda_state *st, const flex_for
         free(score_in_range);
         return s;
     }
+    st->gpu.capturing = stream_capturing(st, (CUstream)a->stream);
     CUfunction fn = NULL, fn_combine = NULL;
     char key[512];
     {
@@ -724,6 +744,11 @@ static flex_status cuda_decode(flex_context *ctx, cuda_state *st, const flex_for
     CUdeviceptr ws = 0;
     int32_t *staged = NULL;
     if (!s) s = workspace_alloc(ctx, st, out_bytes + lse_bytes + ints * 4, stream, &ws);
+    if (!s && ints && st->gpu.capturing)
+        s = flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                      "decode arguments in host memory need a copy, but the stream is being "
+                      "captured into a graph: keep q_offsets, kv_lengths and page_table on the "
+                      "device for a captured step");
     if (!s && ints) {
         staged = malloc(ints * 4);
         if (!staged) s = flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "no memory for the decode arguments");
@@ -794,10 +819,11 @@ static flex_status cuda_decode(flex_context *ctx, cuda_state *st, const flex_for
          * read at the next synchronize. */
         if (!s && (slots > 0 || (a->q_offsets && !host_qo) || (a->kv_lengths && !host_kl) ||
                    (a->page_table && !host_pt)))
-            atomic_store(&st->gpu.bounds_pending, 1);
+            note_buffer_reads(st);
     }
     free(staged);
     workspace_free(st, ws, stream);
+    st->gpu.capturing = 0;
     pop_ctx(st);
     pthread_mutex_unlock(&st->gpu.lock);
     return s;
@@ -905,6 +931,7 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
         free(score_in_range);
         return s;
     }
+    st->gpu.capturing = stream_capturing(st, (CUstream)a->stream);
     CUfunction fn = NULL;
     {
         /* The key names every field of the configuration: a new field that
@@ -982,8 +1009,9 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
         else if (gx > 0 && gy > 0)
             s = launch_blob(ctx, st, fn, gx, gy, threads, (unsigned)smem, (CUstream)a->stream, blob,
                             size, cfg.tma ? tensor_maps : NULL);
-        if (!s && slots > 0) atomic_store(&st->gpu.bounds_pending, 1);
+        if (!s && slots > 0) note_buffer_reads(st);
     }
+    st->gpu.capturing = 0;
     pop_ctx(st);
     pthread_mutex_unlock(&st->gpu.lock);
     return s;
@@ -1094,6 +1122,10 @@ static flex_status workspace_alloc(flex_context *ctx, cuda_state *st, size_t byt
                                    CUdeviceptr *out) {
     *out = 0;
     if (!bytes) return FLEX_OK;
+    if (!st->api->cuMemAllocAsync && st->gpu.capturing)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "the backward's workspace needs the stream-ordered allocator (CUDA 11.2) "
+                         "to be captured into a graph; this driver has none");
     CUresult r = st->api->cuMemAllocAsync ? st->api->cuMemAllocAsync(out, bytes, stream)
                                           : st->api->cuMemAlloc(out, bytes);
     if (r == 2 /* CUDA_ERROR_OUT_OF_MEMORY */)
@@ -1173,6 +1205,27 @@ static void choose_backward_tiles(const flex_context *ctx, flex_cuda_bwd_config 
         cfg->warps /= 2;
 }
 
+/* Tiles of the deterministic dQ kernel (flex_backward_dq.cuh) for 16-bit
+ * inputs: 16 query rows a warp, up to 4 warps, no more rows than the
+ * mask's q block (a tile walks one row of mask blocks); kv steps of up to
+ * 64 keys (32 for head dims over 128, so S, dP and the dQ accumulator fit
+ * in registers), no more than the mask's kv block, halved while the two
+ * K/V stages do not fit in shared memory. Returns the shared memory the
+ * kernel needs. */
+static size_t choose_dq_tiles(flex_cuda_bwd_config *cfg, int q_block, int kv_block,
+                              int smem_optin) {
+    const int widest = cfg->dq > cfg->dv ? cfg->dq : cfg->dv;
+    const int want_n = widest <= 128 ? 64 : 32;
+    cfg->dq_warps = q_block / 16 < 4 ? q_block / 16 : 4;
+    cfg->dq_block_n = kv_block < want_n ? kv_block : want_n;
+    for (;;) {
+        const size_t smem = 2u * ((size_t)cfg->dq_warps * 16 * (cfg->dq + cfg->dv) +
+                                  2u * (size_t)cfg->dq_block_n * (cfg->dq + cfg->dv));
+        if ((int64_t)smem <= smem_optin || cfg->dq_block_n <= 16) return smem;
+        cfg->dq_block_n /= 2;
+    }
+}
+
 static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a) {
     cuda_state *st = state_of(ctx);
     const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v, *o = &a->out, *dout = &a->dout;
@@ -1213,6 +1266,14 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
     int num_loads = 0;
     cuda_buffer_desc grad_descs[IR_MAX_BUFFERS];
     memset(grad_descs, 0, sizeof grad_descs);
+    /* Buffer gradients are scattered with fp32 atomics, in an order that
+     * depends on the scheduling (docs/decisions.md, "CUDA backward"). */
+    if (a->deterministic && a->num_buffer_grads > 0)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "the deterministic CUDA backward (opts->deterministic) has no gradients "
+                         "of buffers, and one was asked for buffer '%s'; leave opts->deterministic "
+                         "0 for it, or run the backward on the CPU backend",
+                         a->buffer_grads[0].name);
     flex_status s = FLEX_OK;
     for (int i = 0; i < a->num_buffer_grads && !s; i++) {
         const flex_buffer_grad *g = &a->buffer_grads[i];
@@ -1307,14 +1368,24 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
         choose_backward_tiles(ctx, &cfg, q_block, kv_block, st->major, D, B * Hkv,
                               (size_t)st->smem_optin);
     }
+    /* Deterministic: dQ from its own kernel, each row written by one CTA,
+     * instead of the main kernel's atomics (docs/decisions.md). Without dq
+     * wanted there is nothing to change: dK and dV have one owner anyway. */
+    const int dq_pass = a->deterministic && a->dq;
+    size_t smem_dq = 0;
+    if (dq_pass && q->dtype == FLEX_F32)
+        cfg.dq_warps = 4; /* one query row a warp; no tiles in shared memory */
+    else if (dq_pass)
+        smem_dq = choose_dq_tiles(&cfg, q_block, kv_block, st->smem_optin);
     const int block_n = cfg.warps * 16;
     const size_t smem = q->dtype == FLEX_F32 ? 0 : backward_smem(&cfg);
-    if ((int64_t)smem > st->smem_optin) {
+    if ((int64_t)smem > st->smem_optin || (int64_t)smem_dq > st->smem_optin) {
         if (derived_made) ir_free(&derived);
         return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
-                         "the backward for head dims %lld/%lld needs %zu bytes of shared memory; "
+                         "the %sbackward for head dims %lld/%lld needs %zu bytes of shared memory; "
                          "the GPU allows %d",
-                         (long long)D, (long long)Dv, smem, st->smem_optin);
+                         smem_dq > smem ? "deterministic " : "", (long long)D, (long long)Dv,
+                         smem_dq > smem ? smem_dq : smem, st->smem_optin);
     }
     /* The kernels clamp the indices they pass to the mods into the
      * sequences, so the proofs need no margin. */
@@ -1333,17 +1404,20 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
         if (derived_made) ir_free(&derived);
         return s;
     }
-    CUfunction fn_pre = NULL, fn_main = NULL, fn_store = NULL;
+    CUstream stream = (CUstream)a->stream;
+    st->gpu.capturing = stream_capturing(st, stream);
+    CUfunction fn_pre = NULL, fn_main = NULL, fn_store = NULL, fn_dq = NULL;
     char key[512];
     {
-        _Static_assert(sizeof(flex_cuda_bwd_config) == 12 * sizeof(int),
+        _Static_assert(sizeof(flex_cuda_bwd_config) == 14 * sizeof(int),
                        "flex_cuda_bwd_config changed: update the backward kernel key");
         snprintf(key, sizeof key,
-                 "bwd|%s|dq%d|dv%d|w%d|bm%d|vec%d|short%d|gs%d|pipe%d|exp2%d|red%d|kvf%d|"
-                 "mask=%016llx|score=%016llx|loads=%016llx|inr=%016llx.%016llx|%s|nvrtc%d.%d",
+                 "bwd|%s|dq%d|dv%d|w%d|bm%d|vec%d|short%d|gs%d|pipe%d|exp2%d|red%d|kvf%d|dqw%d|"
+                 "dqn%d|mask=%016llx|score=%016llx|loads=%016llx|inr=%016llx.%016llx|%s|nvrtc%d.%d",
                  flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.warps, cfg.block_m, cfg.vec,
                  cfg.short_indices, cfg.grad_slots, cfg.pipeline, cfg.exp2, cfg.dq_red,
-                 cfg.kv_fastest, (unsigned long long)(mask_mod ? mask_mod->hash : 0),
+                 cfg.kv_fastest, cfg.dq_warps, cfg.dq_block_n,
+                 (unsigned long long)(mask_mod ? mask_mod->hash : 0),
                  (unsigned long long)(score_used ? score_used->hash : 0),
                  (unsigned long long)(num_loads ? flex_cache_checksum(loads, (size_t)num_loads *
                                                                                  sizeof loads[0])
@@ -1358,7 +1432,8 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
     free(score_in_range);
     if (derived_made) ir_free(&derived);
     if (!s) s = module_function(ctx, st, key, "flex_bwd_preprocess", &fn_pre);
-    if (!s) s = module_function(ctx, st, key, "flex_bwd_dq_store", &fn_store);
+    if (!s && a->dq && !dq_pass) s = module_function(ctx, st, key, "flex_bwd_dq_store", &fn_store);
+    if (!s && dq_pass) s = module_function(ctx, st, key, "flex_bwd_dq_kernel", &fn_dq);
 
     cuda_mask_copy *mc = NULL;
     if (!s && mask) s = mask_device_copy(ctx, st, mask, &mc);
@@ -1367,11 +1442,10 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
     if (!s) s = fill_buffers(ctx, st, mask_mod, 0, descs);
     if (!s) s = fill_buffers(ctx, st, score_used, mask_ir ? mask_ir->num_buffers : 0, descs);
 
-    CUstream stream = (CUstream)a->stream;
     CUdeviceptr ws = 0;
     /* the dQ accumulator 256-byte aligned (16-byte vector reductions) */
     const size_t delta_bytes = ((size_t)(B * Hq * Lq) * sizeof(float) + 255) & ~(size_t)255;
-    const size_t dq_bytes = a->dq ? (size_t)(B * Hq * Lq * D) * sizeof(float) : 0;
+    const size_t dq_bytes = a->dq && !dq_pass ? (size_t)(B * Hq * Lq * D) * sizeof(float) : 0;
     if (!s) s = workspace_alloc(ctx, st, delta_bytes + dq_bytes, stream, &ws);
     if (!s) {
         cuda_bwd_head hd;
@@ -1381,7 +1455,7 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
         hd.dk = a->dk ? (uintptr_t)a->dk->data : 0;
         hd.dv = a->dv ? (uintptr_t)a->dv->data : 0;
         hd.delta = ws;
-        hd.dq_acc = a->dq ? ws + delta_bytes : 0;
+        hd.dq_acc = dq_bytes ? ws + delta_bytes : 0; /* 0: the main kernel leaves dQ alone */
         hd.do_sb = dout->strides[0], hd.do_sh = dout->strides[1], hd.do_ss = dout->strides[2];
         if (a->dq)
             hd.dq_sb = a->dq->strides[0], hd.dq_sh = a->dq->strides[1],
@@ -1451,12 +1525,19 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
                             q->dtype == FLEX_F32 ? 128u : (unsigned)cfg.warps * 32, (unsigned)smem,
                             stream, blob, size, NULL);
         }
-        if (!s && a->dq)
+        if (!s && fn_store)
             s = launch_blob(ctx, st, fn_store, (unsigned)(B * Hq), rows_y, 128, 0, stream, blob,
                             size, NULL);
-        if (!s && slots > 0) atomic_store(&st->gpu.bounds_pending, 1);
+        if (!s && fn_dq) {
+            const int64_t rows = q->dtype == FLEX_F32 ? 4 : (int64_t)cfg.dq_warps * 16;
+            s = launch_blob(ctx, st, fn_dq, (unsigned)(B * Hq), (unsigned)((Lq + rows - 1) / rows),
+                            (unsigned)cfg.dq_warps * 32, (unsigned)smem_dq, stream, blob, size,
+                            NULL);
+        }
+        if (!s && slots > 0) note_buffer_reads(st);
     }
     workspace_free(st, ws, stream);
+    st->gpu.capturing = 0;
     pop_ctx(st);
     pthread_mutex_unlock(&st->gpu.lock);
     return s;

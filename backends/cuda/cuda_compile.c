@@ -216,7 +216,8 @@ char *flex_cuda_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *m
     const char *common = flex_cuda_template("flex_common.cuh");
     const char *mma = flex_cuda_template("flex_mma_sm80.cuh");
     const char *tpl = flex_cuda_template("flex_backward.cuh");
-    if (!vendor || !common || !mma || !tpl) return NULL;
+    const char *dq_tpl = flex_cuda_template("flex_backward_dq.cuh");
+    if (!vendor || !common || !mma || !tpl || !dq_tpl) return NULL;
     if (score->ir && score->num_loads > 64) return NULL;
     char config[512];
     const char *elem = cfg->dtype == FLEX_BF16  ? "FLEX_ELEM_BF16"
@@ -238,8 +239,15 @@ char *flex_cuda_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *m
         free(mods);
         return NULL;
     }
-    const char *parts[] = {vendor, config, mods, glue, common, mma, tpl};
-    char *s = concat(parts, 7);
+    /* The deterministic dQ kernel, with its own configuration, only where
+     * it is launched: the default module stays as it was. */
+    char dq_config[128] = "";
+    if (cfg->dq_warps > 0)
+        snprintf(dq_config, sizeof dq_config,
+                 "#define FLEX_BWD_DQ_WARPS %d\n#define FLEX_BWD_DQ_BLOCK_N %d\n", cfg->dq_warps,
+                 cfg->dq_block_n);
+    const char *parts[] = {vendor, config, mods, glue, common, mma, tpl, dq_config, dq_tpl};
+    char *s = concat(parts, cfg->dq_warps > 0 ? 9 : 7);
     free(mods);
     free(glue);
     return s;

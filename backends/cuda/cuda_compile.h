@@ -83,6 +83,11 @@ typedef struct flex_cuda_bwd_config {
     int exp2;       /* f16/bf16: P = exp2 with log2(e) folded in (else expf) */
     int dq_red;     /* f16/bf16: dQ added by 16-byte red.global.add.v4.f32 (sm_90; D % 4 == 0) */
     int kv_fastest; /* grid x = kv tiles, y = (batch, kv head) */
+    /* The deterministic dQ kernel (flex_backward_dq.cuh), whose presence
+     * leaves dQ out of the main kernel's atomics: its warps (f16/bf16: 16
+     * query rows each; f32: one row each) and kv rows per step (f16/bf16).
+     * 0 warps: no such kernel, dQ through atomics. */
+    int dq_warps, dq_block_n;
 } flex_cuda_bwd_config;
 
 /* A float buffer read of the score mod whose gradient is wanted. */
@@ -104,7 +109,8 @@ typedef struct flex_cuda_bwd_score {
 } flex_cuda_bwd_score;
 
 /*
- * The full source of the backward kernels (flex_backward.cuh) for config,
+ * The full source of the backward kernels (flex_backward.cuh, and
+ * flex_backward_dq.cuh when cfg->dq_warps > 0) for config,
  * the mask mod (NULL: none evaluated) and the score mod with its
  * derivative. A malloc'd string (caller frees), or NULL when out of memory
  * or when the mods have too many buffers.

@@ -125,18 +125,20 @@ static FLEX_DEVICE_INLINE flex_u32 flex_tile_offset(int row, int chunk) {
 
 /* Copies rows [row0, row0 + ROWS) x columns [0, DPAD) of a (rows, cols)
  * global matrix into a swizzled shared tile (layout: flex_tile_offset); rows
- * >= nrows and columns >= ncols read as zero. */
-template <int ROWS, int DPAD, bool SW128 = false>
+ * >= nrows and columns >= ncols read as zero. THREADS threads (tid below
+ * it) share the copy: FLEX_THREADS, unless a kernel of the module runs
+ * another number. */
+template <int ROWS, int DPAD, bool SW128 = false, int THREADS = FLEX_THREADS>
 static FLEX_DEVICE_INLINE void flex_load_tile(flex_u32 tile, const flex_elem *g,
                                               long long row_stride, int row0, int nrows, int ncols,
                                               int tid) {
     constexpr int CHUNKS = DPAD / 8;
 #if FLEX_VEC
-    if constexpr (FLEX_THREADS % CHUNKS == 0 && ROWS % (FLEX_THREADS / CHUNKS) == 0) {
+    if constexpr (THREADS % CHUNKS == 0 && ROWS % (THREADS / CHUNKS) == 0) {
         /* Each thread copies one column chunk of every RSTEP-th row: one
          * source pointer and one stride per thread, nothing per row kept
          * live across the kv walk. */
-        constexpr int RSTEP = FLEX_THREADS / CHUNKS;
+        constexpr int RSTEP = THREADS / CHUNKS;
         const int r0 = tid / CHUNKS, c = tid % CHUNKS;
         const bool col_ok = c * 8 < ncols;
         const flex_elem *src = g + (long long)(row0 + r0) * row_stride + c * 8;
@@ -156,18 +158,18 @@ static FLEX_DEVICE_INLINE void flex_load_tile(flex_u32 tile, const flex_elem *g,
         }
         return;
     }
-    constexpr int ITERS = (ROWS * CHUNKS + FLEX_THREADS - 1) / FLEX_THREADS;
+    constexpr int ITERS = (ROWS * CHUNKS + THREADS - 1) / THREADS;
 #pragma unroll
     for (int it = 0; it < ITERS; it++) {
-        const int i = tid + it * FLEX_THREADS;
-        if (ROWS * CHUNKS % FLEX_THREADS != 0 && i >= ROWS * CHUNKS) break;
+        const int i = tid + it * THREADS;
+        if (ROWS * CHUNKS % THREADS != 0 && i >= ROWS * CHUNKS) break;
         const int r = i / CHUNKS, c = i % CHUNKS;
         const bool valid = (row0 + r < nrows) && (c * 8 < ncols);
         const flex_elem *src = valid ? g + (long long)(row0 + r) * row_stride + c * 8 : g;
         flex_cp_async16(tile + flex_tile_offset<ROWS, DPAD, SW128>(r, c), src, valid);
     }
 #else
-    for (int i = tid; i < ROWS * DPAD; i += FLEX_THREADS) {
+    for (int i = tid; i < ROWS * DPAD; i += THREADS) {
         const int r = i / DPAD, col = i % DPAD;
         flex_elem x = 0;
         if (row0 + r < nrows && col < ncols) x = g[(long long)(row0 + r) * row_stride + col];

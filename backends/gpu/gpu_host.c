@@ -40,6 +40,8 @@ void flex_gpu_init(flex_gpu_state *st, const flex_gpu_ops *ops, const void *api,
     st->vendor_ctx = vendor_ctx;
     st->device_type = device_type;
     atomic_init(&st->bounds_pending, 0);
+    atomic_init(&st->bounds_in_graph, 0);
+    st->capturing = 0;
     pthread_mutex_init(&st->lock, NULL);
 }
 
@@ -107,6 +109,17 @@ flex_gpu_ptr flex_gpu_decode_flag(const flex_gpu_state *st) {
     return st->bounds_flag + 4;
 }
 
+/* What a call would do that a capture into a graph does not allow, refused
+ * before it is issued: the capture stays valid and the message says what
+ * to do. */
+static flex_status refuse_in_capture(flex_context *ctx, const char *what) {
+    return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                     "%s is needed, but the stream is being captured into a graph, where that "
+                     "is not allowed: make one call with the same mods, block mask, dtypes and "
+                     "shapes before the capture",
+                     what);
+}
+
 /* ---- kernels: memory list -> cache -> compiler ---- */
 
 flex_status flex_gpu_get_function(flex_context *ctx, flex_gpu_state *st, const char *key,
@@ -117,6 +130,7 @@ flex_status flex_gpu_get_function(flex_context *ctx, flex_gpu_state *st, const c
             *fn = m->fn;
             return FLEX_OK;
         }
+    if (st->capturing) return refuse_in_capture(ctx, "compiling and loading a kernel");
     char *source = build(args);
     if (!source)
         return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory building kernel source");
@@ -170,10 +184,23 @@ flex_status flex_gpu_get_function(flex_context *ctx, flex_gpu_state *st, const c
 
 flex_status flex_gpu_module_function(flex_context *ctx, flex_gpu_state *st, const char *key,
                                      const char *name, void **fn) {
-    for (flex_gpu_module *m = st->modules; m; m = m->next)
-        if (strcmp(m->key, key) == 0)
-            return flex_gpu_check(ctx, st, st->ops->module_function(st->api, m->module, name, fn),
-                                  st->ops->module_function_name);
+    for (flex_gpu_module *m = st->modules; m; m = m->next) {
+        if (strcmp(m->key, key) != 0) continue;
+        for (int i = 0; i < m->num_more; i++)
+            if (strcmp(m->more[i].name, name) == 0) {
+                *fn = m->more[i].fn;
+                return FLEX_OK;
+            }
+        flex_status s = flex_gpu_check(ctx, st, st->ops->module_function(st->api, m->module, name,
+                                                                         fn),
+                                       st->ops->module_function_name);
+        const int slots = (int)(sizeof m->more / sizeof m->more[0]);
+        if (!s && m->num_more < slots && strlen(name) < sizeof m->more[0].name) {
+            snprintf(m->more[m->num_more].name, sizeof m->more[0].name, "%s", name);
+            m->more[m->num_more++].fn = *fn;
+        }
+        return s;
+    }
     return flex_fail(ctx, FLEX_ERR_DEVICE, "the module of %s is not loaded", name);
 }
 
@@ -199,6 +226,12 @@ static flex_status buffer_device_ptr(flex_context *ctx, flex_gpu_state *st,
             extent = 0;
         else if (extent)
             extent += (v->sizes[d] - 1) * (v->strides[d] < 0 ? -v->strides[d] : v->strides[d]);
+    }
+    if (st->capturing) {
+        char what[160];
+        snprintf(what, sizeof what, "a first copy of mod buffer '%s' from the host to the GPU",
+                 mod->ir.buffers[i].name);
+        return refuse_in_capture(ctx, what);
     }
     size_t bytes = (size_t)extent * flex_dtype_size(v->dtype);
     flex_gpu_buffer_copy *c = calloc(1, sizeof *c);
@@ -317,6 +350,8 @@ flex_status flex_gpu_mask_device_copy(flex_context *ctx, flex_gpu_state *st,
         *out = mask->device_copy;
         return FLEX_OK;
     }
+    if (st->capturing)
+        return refuse_in_capture(ctx, "a first copy of the block mask's lists to the GPU");
     const int64_t rows = mask->B * mask->H * mask->num_q_blocks;
     const int64_t nq = mask->num_q_blocks;
     flex_gpu_mask_copy *c = calloc(1, sizeof *c);

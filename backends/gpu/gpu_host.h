@@ -66,6 +66,13 @@ typedef struct flex_gpu_module {
     char *key; /* configuration, mod hashes, arch, compiler version */
     void *module;
     void *fn;
+    /* Its other kernels found so far (flex_gpu_module_function), so a call
+     * asks the vendor for none of them again. */
+    struct {
+        char name[48];
+        void *fn;
+    } more[4];
+    int num_more;
     struct flex_gpu_module *next;
 } flex_gpu_module;
 
@@ -91,6 +98,15 @@ typedef struct flex_gpu_state {
      * range; the second is the decode word (flex_gpu_decode_flag). */
     flex_gpu_ptr bounds_flag;
     atomic_int bounds_pending; /* a kernel that reads mod buffers ran since the last read */
+    /* A kernel that reads mod buffers was captured into a graph: its
+     * replays launch it with no call here, so every synchronize reads the
+     * flag from then on. */
+    atomic_int bounds_in_graph;
+    /* The call in progress is being captured into a graph (set by the
+     * backend under lock, for the call): what a capture does not allow
+     * (allocations, synchronous copies, module loads) is refused with a
+     * named error instead of being issued. */
+    int capturing;
     char slot_names[FLEX_EMIT_MAX_SLOTS][80];
     flex_gpu_module *modules;
     flex_gpu_buffer_copy *buffer_copies;
@@ -140,7 +156,7 @@ flex_status flex_gpu_get_function(flex_context *ctx, flex_gpu_state *st, const c
                                   flex_gpu_source_builder build, const void *args,
                                   const char *fn_name, void **fn);
 /* Another kernel of the module loaded under key (flex_gpu_get_function
- * found or built it just before). */
+ * found or built it just before); the vendor is asked once per name. */
 flex_status flex_gpu_module_function(flex_context *ctx, flex_gpu_state *st, const char *key,
                                      const char *name, void **fn);
 

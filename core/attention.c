@@ -309,6 +309,12 @@ static flex_status check_common(flex_context *ctx, const char *fn, const flex_te
         return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
                          "%s: opts->q_tile, kv_tile and kv_splits must be >= 0 (0 = automatic)",
                          fn);
+    /* Refused in the forward too (which ignores it), so a bad value never
+     * passes unnoticed until the backward. */
+    if (opts && opts->deterministic != 0 && opts->deterministic != 1)
+        return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
+                         "%s: opts->deterministic is %d; 0 or 1 expected", fn,
+                         opts->deterministic);
     return FLEX_OK;
 }
 
@@ -554,6 +560,7 @@ static flex_status attention_backward(flex_context *ctx, const flex_tensor *q, c
         .stream = opts ? opts->stream : NULL,
         .buffer_grads = buffer_grads,
         .num_buffer_grads = num_buffer_grads,
+        .deterministic = opts ? opts->deterministic : 0,
     };
     flex_forward_args plan_args = {
         .q = *q,

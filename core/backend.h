@@ -56,6 +56,7 @@ typedef struct flex_backward_args {
     const struct flex_plan *plan;
     const flex_buffer_grad *buffer_grads;
     int num_buffer_grads;
+    int deterministic; /* opts->deterministic (0 or 1, checked) */
 } flex_backward_args;
 
 /* One block whose class interval analysis could not decide. */

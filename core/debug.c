@@ -34,6 +34,11 @@ static const key_info keys[FLEX_DEBUG_NUM_KEYS] = {
     [FLEX_DEBUG_CUDA_READS_IN_RANGE] = {"cuda_reads_in_range", FORM_SWITCH},
     [FLEX_DEBUG_CUDA_MASK_BITS] = {"cuda_mask_bits", FORM_SWITCH},
     [FLEX_DEBUG_CUDA_HEAD_GROUP] = {"cuda_head_group", FORM_COUNT},
+    [FLEX_DEBUG_CUDA_BWD_TILE] = {"cuda_bwd_tile", FORM_2_SIZES},
+    [FLEX_DEBUG_CUDA_BWD_PIPELINE] = {"cuda_bwd_pipeline", FORM_SWITCH},
+    [FLEX_DEBUG_CUDA_BWD_EXP2] = {"cuda_bwd_exp2", FORM_SWITCH},
+    [FLEX_DEBUG_CUDA_BWD_DQ_RED] = {"cuda_bwd_dq_red", FORM_SWITCH},
+    [FLEX_DEBUG_CUDA_BWD_KV_FASTEST] = {"cuda_bwd_kv_fastest", FORM_SWITCH},
     [FLEX_DEBUG_SCORE_SPARSITY] = {"score_sparsity", FORM_SWITCH},
 };
 

@@ -448,6 +448,23 @@ typedef struct flex_attention_options {
      * page_size. Entries of pages a batch reads (below its kv length) must
      * be in [0, num_pages); the others are never read. NULL: not paged. */
     const flex_tensor *page_table;
+
+    /* ---- backward (docs/backward.md, "Determinism") ---- */
+
+    /* 0 or 1; anything else is FLEX_ERR_INVALID_ARGUMENT naming it. A plain
+     * value, read during the call.
+     * 1: flex_attention_backward writes bit-identical dq, dk, dv and buffer
+     * gradients every time it is called with the same inputs, options,
+     * backend, device and (CPU) thread count, at some cost in speed on
+     * GPUs. A backend that cannot give some gradient that way refuses the
+     * call with FLEX_ERR_UNSUPPORTED naming it rather than give it
+     * otherwise: the CUDA backend refuses buffer gradients, the HIP
+     * backend dq and buffer gradients.
+     * 0: the backend's fastest order; on GPUs dq and buffer gradients are
+     * then summed with atomics, and their last bits may change from run to
+     * run. The forwards of every backend are deterministic and ignore it;
+     * the CPU backward is deterministic either way. */
+    int deterministic;
 } flex_attention_options;
 
 /*
@@ -485,7 +502,15 @@ typedef struct flex_buffer_grad {
  * and dout, writes dq, dk, dv (same shapes and dtype as q, k, v; any may be
  * NULL when not wanted) and adds the gradients of the named float buffers.
  * Borrows everything for the call. opts->q_offsets, kv_lengths and
- * page_table are not supported here (FLEX_ERR_UNSUPPORTED naming them).
+ * page_table are not supported here (FLEX_ERR_UNSUPPORTED naming them);
+ * opts->deterministic asks for gradients that are the same bits every run.
+ * On GPU backends the work is queued on opts->stream without waiting for
+ * it. On the CUDA backend, once a call with the same mods, block mask,
+ * dtypes and shapes has run on the context (which compiles the kernels and
+ * copies the mask lists and host-resident buffers to the device), a call
+ * allocates and copies nothing outside that stream, so it can be captured
+ * in a CUDA graph (docs/cuda-backend.md, "Streams, graphs and errors"); the
+ * same holds for flex_attention.
  */
 flex_status flex_attention_backward(flex_context *ctx, const flex_tensor *q, const flex_tensor *k,
                                     const flex_tensor *v, const flex_tensor *out,

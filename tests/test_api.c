@@ -343,6 +343,10 @@ START_TEST(attention_argument_errors) {
     opts = (flex_attention_options){.kv_splits = -1};
     expect_error(f, flex_attention(ctx, &f->tq, &f->tk, &f->tv, NULL, NULL, &opts, &f->to, NULL),
                  FLEX_ERR_INVALID_ARGUMENT, "kv_splits");
+    /* the forward ignores opts->deterministic, but not a value it cannot have */
+    opts = (flex_attention_options){.deterministic = 2};
+    expect_error(f, flex_attention(ctx, &f->tq, &f->tk, &f->tv, NULL, NULL, &opts, &f->to, NULL),
+                 FLEX_ERR_INVALID_ARGUMENT, "opts->deterministic is 2");
     fixture_free(f);
 }
 END_TEST

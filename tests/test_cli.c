@@ -382,6 +382,24 @@ START_TEST(check_of_an_unusable_named_backend_fails) {
 }
 END_TEST
 
+/* --deterministic: the backward's deterministic mode, checked against the
+ * oracle by `run` and by `check`; an option of the backward only. */
+START_TEST(deterministic_backward_option) {
+    make_dir();
+    ck_assert_int_eq(run("run", "alibi", "--mask", "causal", "--len", "70", "-H", "4", "--hkv",
+                         "2", "-D", "16", "--block", "32", "--iters", "1", "--warmup", "0",
+                         "--backward", "--deterministic", "--check", NULL),
+                     0);
+    expect_output("backward check: PASS");
+    ck_assert_int_ne(run("run", "causal", "--len", "64", "--deterministic", NULL), 0);
+    expect_output("--deterministic is an option of the backward");
+    ck_assert_int_eq(run("check", "--backend", "cpu", "--quick", "--deterministic", NULL), 0);
+    expect_output("backward cases with opts->deterministic = 1");
+    expect_output("PASS  cpu   backward");
+    remove_dir();
+}
+END_TEST
+
 int main(int argc, char **argv) {
     if (argc < 2) {
         fprintf(stderr, "usage: test_cli PATH-OF-flexattn\n");
@@ -407,6 +425,7 @@ int main(int argc, char **argv) {
     tcase_add_test(papercuts, flag_buffer_advice_and_extra_index);
     tcase_add_test(papercuts, save_backward_writes_every_gradient);
     tcase_add_test(papercuts, check_of_an_unusable_named_backend_fails);
+    tcase_add_test(papercuts, deterministic_backward_option);
     suite_add_tcase(s, papercuts);
     SRunner *r = srunner_create(s);
     srunner_run_all(r, CK_NORMAL);

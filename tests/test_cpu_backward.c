@@ -343,11 +343,16 @@ static void teardown(run *r) {
     flex_context_destroy(r->ctx);
 }
 
-static flex_status backward(run *r, int want_dq, int want_dk, int want_dv) {
+static flex_status backward_opts(run *r, const flex_attention_options *opts, int want_dq,
+                                 int want_dk, int want_dv) {
     return flex_attention_backward(r->ctx, &r->q.t, &r->k.t, &r->v.t, &r->out.t, &r->dout.t,
-                                   &r->lse.t, r->md.score, r->mask, NULL, want_dq ? &r->dq.t : NULL,
+                                   &r->lse.t, r->md.score, r->mask, opts, want_dq ? &r->dq.t : NULL,
                                    want_dk ? &r->dk.t : NULL, want_dv ? &r->dv.t : NULL, r->bg,
                                    r->num_grads);
+}
+
+static flex_status backward(run *r, int want_dq, int want_dk, int want_dv) {
+    return backward_opts(r, NULL, want_dq, want_dk, want_dv);
 }
 
 /* Copies a (B, H, S, D) tensor into a dense double array, asserting that no
@@ -551,7 +556,10 @@ START_TEST(test_presets) {
 END_TEST
 
 /* Two runs give the same bits (no order-dependent sums), here with
- * several threads when OpenMP has them. */
+ * several threads when OpenMP has them; opts->deterministic, which the CPU
+ * backward needs for none of that, is accepted and changes no bit (the
+ * second run asks for it), and a value other than 0 or 1 is refused before
+ * anything is written. */
 START_TEST(test_deterministic) {
     bcase c = {"determinism",
                "document_causal",
@@ -588,7 +596,8 @@ START_TEST(test_deterministic) {
         r.grads[0][e] = GRAD_START;
     for (size_t e = 0; e < n1; e += 2)
         r.grads[1][e] = GRAD_START;
-    ck_assert_int_eq(backward(&r, 1, 1, 1), FLEX_OK);
+    const flex_attention_options det = {.deterministic = 1};
+    ck_assert_int_eq(backward_opts(&r, &det, 1, 1, 1), FLEX_OK);
     for (int i = 0; i < 3; i++) {
         ck_assert_msg(memcmp(first[i], outs[i]->mem, outs[i]->bytes) == 0,
                       "gradient %d differs between two runs", i);
@@ -596,6 +605,19 @@ START_TEST(test_deterministic) {
     }
     ck_assert(memcmp(g0, r.grads[0], n0 * sizeof(float)) == 0);
     ck_assert(memcmp(g1, r.grads[1], n1 * sizeof(float)) == 0);
+    for (int i = 0; i < 3; i++)
+        memset(outs[i]->mem, 0xff, outs[i]->bytes);
+    for (int bad = -1; bad <= 2; bad += 3) {
+        const flex_attention_options wrong = {.deterministic = bad};
+        ck_assert_int_eq(backward_opts(&r, &wrong, 1, 1, 1), FLEX_ERR_INVALID_ARGUMENT);
+        ck_assert_ptr_nonnull(strstr(flex_error_message(r.ctx), "opts->deterministic"));
+        for (int i = 0; i < 3; i++) {
+            const unsigned char *m = outs[i]->mem;
+            for (size_t e = 0; e < outs[i]->bytes; e++)
+                ck_assert_int_eq(m[e], 0xff);
+        }
+        ck_assert(memcmp(g0, r.grads[0], n0 * sizeof(float)) == 0);
+    }
     free(g0);
     free(g1);
     teardown(&r);

@@ -17,6 +17,9 @@
 
 #include "internal.h"
 #include "dtype.h"
+#if FLEXATTN_HAVE_CUDA
+#include "backends/cuda/cuda_loader.h"
+#endif
 
 static flex_context *cpu, *gpu;
 static int failures;
@@ -44,6 +47,9 @@ typedef struct bw_case {
     int block;          /* mask block size */
     const char *grads;  /* comma-separated buffer names whose gradients are wanted */
     int want_dq, want_dk, want_dv;
+    /* opts->deterministic: the GPU backward runs twice, its gradients
+     * poisoned between the runs, and the two must agree bit for bit */
+    int deterministic;
 } bw_case;
 
 /* Buffers every case's mods may declare: slopes[Hq] f32, hs[Hq] f32,
@@ -232,18 +238,40 @@ static void run_case(const bw_case *c) {
     const flex_tensor gdq = view_of(c, dg[0], dt, c->Hq, c->Lq, c->D, FLEX_DEVICE_CUDA);
     const flex_tensor gdk = view_of(c, dg[1], dt, c->Hkv, c->Lkv, c->D, FLEX_DEVICE_CUDA);
     const flex_tensor gdv = view_of(c, dg[2], dt, c->Hkv, c->Lkv, c->Dv, FLEX_DEVICE_CUDA);
-    flex_status s = flex_attention_backward(
-        gpu, &gq, &gk, &gv, &go, &gdo, &glse, score[1], bm[1], NULL, c->want_dq ? &gdq : NULL,
-        c->want_dk ? &gdk : NULL, c->want_dv ? &gdv : NULL, bg[1], num_grads);
-    if (s == FLEX_OK) s = flex_synchronize(gpu);
-    EXPECT(s == FLEX_OK, "%s gpu: %s", c->name, flex_error_message(gpu));
-
-    const double tol = dt == FLEX_F32 ? 1e-4 : 2e-2;
+    const flex_attention_options opts = {.deterministic = c->deterministic};
     const int want[3] = {c->want_dq, c->want_dk, c->want_dv};
     const char *const what[3] = {"dq", "dk", "dv"};
+    void *first[3] = {NULL, NULL, NULL}; /* the first run's gradients (deterministic) */
+    for (int run = 0; run < (c->deterministic ? 2 : 1); run++) {
+        if (run == 1)
+            for (int i = 0; i < 3; i++) {
+                first[i] = malloc((size_t)gn[i] * es);
+                EXPECT_EQ(flex_copy_to_host(gpu, first[i], dg[i], (size_t)gn[i] * es), FLEX_OK);
+                EXPECT_EQ(flex_copy_to_device(gpu, dg[i], poison[i], (size_t)gn[i] * es),
+                          FLEX_OK);
+            }
+        flex_status s = flex_attention_backward(
+            gpu, &gq, &gk, &gv, &go, &gdo, &glse, score[1], bm[1], &opts,
+            c->want_dq ? &gdq : NULL, c->want_dk ? &gdk : NULL, c->want_dv ? &gdv : NULL, bg[1],
+            num_grads);
+        if (s == FLEX_OK) s = flex_synchronize(gpu);
+        EXPECT(s == FLEX_OK, "%s gpu (run %d): %s", c->name, run + 1, flex_error_message(gpu));
+    }
+
+    const double tol = dt == FLEX_F32 ? 1e-4 : 2e-2;
     for (int i = 0; i < 3; i++) {
         void *back = malloc((size_t)gn[i] * es);
         EXPECT_EQ(flex_copy_to_host(gpu, back, dg[i], (size_t)gn[i] * es), FLEX_OK);
+        if (first[i] && want[i]) {
+            size_t diff = 0;
+            for (size_t e = 0; e < (size_t)gn[i] * es; e++)
+                diff += ((unsigned char *)back)[e] != ((unsigned char *)first[i])[e];
+            printf("%-28s %s two deterministic runs: %s\n", c->name, what[i],
+                   diff ? "DIFFER" : "bit-identical");
+            EXPECT(diff == 0, "%s: deterministic %s differs in %zu bytes between two runs",
+                   c->name, what[i], diff);
+        }
+        free(first[i]);
         if (want[i]) {
             float *a = as_floats(back, dt, gn[i]), *b = as_floats(cg[i], dt, gn[i]);
             const double e = rel_error(a, b, gn[i]);
@@ -297,28 +325,60 @@ static void run_case(const bw_case *c) {
 
 static const bw_case cases[] = {
     {"bf16 alibi causal gqa", FLEX_BF16, 1, 4, 2, 200, 200, 64, 64, 0,
-     "score + slopes[h] * (kv - q)", "q >= kv", 64, "slopes", 1, 1, 1},
+     "score + slopes[h] * (kv - q)", "q >= kv", 64, "slopes", 1, 1, 1, 0},
     {"f16 bias table window bshd", FLEX_F16, 2, 2, 1, 150, 256, 48, 80, 1,
      "score * hs[h] + float(rel[h][q - kv + 255])", "q - kv <= 40 && kv - q <= 40", 32,
-     "hs,rel", 1, 1, 1},
-    {"bf16 noop D128", FLEX_BF16, 1, 2, 2, 300, 300, 128, 128, 0, NULL, NULL, 128, NULL, 1, 1, 1},
+     "hs,rel", 1, 1, 1, 0},
+    {"bf16 noop D128", FLEX_BF16, 1, 2, 2, 300, 300, 128, 128, 0, NULL, NULL, 128, NULL, 1, 1, 1,
+     0},
     {"f16 softcap doc causal D96", FLEX_F16, 1, 2, 2, 160, 160, 96, 64, 0,
-     "30.0 * tanh(score / 30.0)", "q >= kv && doc[q] == doc[kv]", 16, NULL, 1, 1, 1},
+     "30.0 * tanh(score / 30.0)", "q >= kv && doc[q] == doc[kv]", 16, NULL, 1, 1, 1, 0},
     {"bf16 D256 Dv 200 causal", FLEX_BF16, 1, 1, 1, 90, 90, 256, 200, 0, NULL, "q >= kv", 128,
-     NULL, 1, 1, 1},
+     NULL, 1, 1, 1, 0},
     {"f32 softcap doc gqa", FLEX_F32, 1, 4, 1, 100, 120, 32, 40, 0, "30.0 * tanh(score / 30.0)",
-     "q >= kv && doc[q] == doc[kv]", 32, NULL, 1, 1, 1},
+     "q >= kv && doc[q] == doc[kv]", 32, NULL, 1, 1, 1, 0},
     {"f32 alibi hs grads", FLEX_F32, 2, 2, 2, 70, 90, 64, 64, 1,
-     "score * hs[h] + slopes[h] * (kv - q)", NULL, 64, "slopes,hs", 1, 1, 1},
-    {"bf16 dv only", FLEX_BF16, 1, 2, 1, 130, 130, 64, 64, 0, NULL, "q >= kv", 64, NULL, 0, 0, 1},
+     "score * hs[h] + slopes[h] * (kv - q)", NULL, 64, "slopes,hs", 1, 1, 1, 0},
+    /* 128-row kv tiles (8 warps) with GQA, partial blocks, ends of both
+     * sequences inside a tile, and a buffer gradient */
+    {"bf16 alibi doc causal gqa D128 blocks 128", FLEX_BF16, 2, 4, 2, 400, 400, 128, 128, 0,
+     "score + slopes[h] * (kv - q)", "q >= kv && doc[q] == doc[kv]", 128, "slopes", 1, 1, 1, 0},
+    {"f16 noop gqa D64 Lq != Lkv", FLEX_F16, 1, 4, 1, 330, 270, 64, 64, 0, NULL, NULL, 128, NULL,
+     1, 1, 1, 0},
+    {"bf16 dv only", FLEX_BF16, 1, 2, 1, 130, 130, 64, 64, 0, NULL, "q >= kv", 64, NULL, 0, 0, 1,
+     0},
     {"f16 dq dk only, -inf rows", FLEX_F16, 1, 2, 2, 100, 60, 64, 32, 0,
-     "where(q >= 80, -inf, score)", NULL, 64, NULL, 1, 1, 0},
+     "where(q >= 80, -inf, score)", NULL, 64, NULL, 1, 1, 0, 0},
+    /* opts->deterministic: dQ from its own kernel (flex_backward_dq.cuh),
+     * block masks with partial blocks, GQA and score mods; two runs bit
+     * for bit, and the CPU backward within the same tolerances */
+    {"det bf16 alibi doc gqa", FLEX_BF16, 2, 4, 2, 200, 200, 64, 64, 0,
+     "score + slopes[h] * (kv - q)", "q >= kv && doc[q] == doc[kv]", 64, NULL, 1, 1, 1, 1},
+    {"det f16 softcap window bshd", FLEX_F16, 1, 4, 1, 150, 256, 48, 80, 1,
+     "30.0 * tanh(score / 30.0)", "q - kv <= 40 && kv - q <= 40", 32, NULL, 1, 1, 1, 1},
+    {"det f32 alibi causal gqa", FLEX_F32, 1, 4, 2, 100, 120, 32, 40, 0,
+     "score + slopes[h] * (kv - q)", "q >= kv", 32, NULL, 1, 1, 1, 1},
+    {"det f32 scale doc bshd", FLEX_F32, 2, 2, 1, 77, 77, 64, 64, 1, "score * hs[h]",
+     "q >= kv && doc[q] == doc[kv]", 16, NULL, 1, 1, 1, 1},
+    {"det bf16 D256 Dv 200 blocks 16", FLEX_BF16, 1, 2, 1, 90, 90, 256, 200, 0,
+     "score * hs[h]", "q >= kv", 16, NULL, 1, 1, 1, 1},
+    {"det bf16 D128 blocks 128", FLEX_BF16, 1, 4, 2, 300, 300, 128, 128, 0,
+     "30.0 * tanh(score / 30.0)", "q >= kv && doc[q] == doc[kv]", 128, NULL, 1, 1, 1, 1},
+    {"det f16 dense -inf rows", FLEX_F16, 1, 2, 2, 100, 60, 64, 32, 0,
+     "where(q >= 80, -inf, score)", NULL, 64, NULL, 1, 1, 1, 1},
+    {"det bf16 dq only", FLEX_BF16, 1, 2, 1, 130, 130, 64, 64, 0, NULL, "q >= kv", 64, NULL, 1,
+     0, 0, 1},
+    /* and the default mode on the same shapes, which must still pass */
+    {"bf16 alibi doc gqa", FLEX_BF16, 2, 4, 2, 200, 200, 64, 64, 0,
+     "score + slopes[h] * (kv - q)", "q >= kv && doc[q] == doc[kv]", 64, NULL, 1, 1, 1, 0},
+    {"f32 alibi causal gqa", FLEX_F32, 1, 4, 2, 100, 120, 32, 40, 0,
+     "score + slopes[h] * (kv - q)", "q >= kv", 32, NULL, 1, 1, 1, 0},
 };
 
 /* Named errors, and the caller's gradients untouched by them. */
 static void test_errors_write_nothing(void) {
     const bw_case c = {"errors", FLEX_BF16, 1, 2, 2, 64, 64, 32, 32, 0, NULL, NULL, 64, NULL,
-                       1, 1, 1};
+                       1, 1, 1, 0};
     host_bufs hb;
     make_bufs(&c, &hb);
     flex_mod *sm = compile_mod(gpu, FLEX_MOD_SCORE, "score + slopes[h] + float(doc[q])", &hb);
@@ -366,6 +426,19 @@ static void test_errors_write_nothing(void) {
         EXPECT_EQ(flex_copy_to_host(gpu, back, dq, bytes), FLEX_OK);
         EXPECT(memcmp(back, src, bytes) == 0, "dq written by a failed call");
     }
+    /* deterministic with a buffer gradient: refused, naming the buffer */
+    const flex_buffer_grad slopes_grad = {
+        "slopes", flex_tensor_contiguous(dev_grad, FLEX_F32, 1, &n2, FLEX_DEVICE_CUDA)};
+    const flex_attention_options det = {.deterministic = 1};
+    EXPECT_EQ(flex_attention_backward(gpu, &t[0], &t[1], &t[2], &t[3], &t[4], &lse, sm, NULL,
+                                      &det, &tdq, NULL, NULL, &slopes_grad, 1),
+              FLEX_ERR_UNSUPPORTED);
+    EXPECT(strstr(flex_error_message(gpu), "'slopes'") != NULL &&
+               strstr(flex_error_message(gpu), "deterministic") != NULL,
+           "%s", flex_error_message(gpu));
+    EXPECT_EQ(flex_synchronize(gpu), FLEX_OK);
+    EXPECT_EQ(flex_copy_to_host(gpu, back, dq, bytes), FLEX_OK);
+    EXPECT(memcmp(back, src, bytes) == 0, "dq written by a failed call");
     /* out of a shape that does not match the inputs */
     const flex_tensor short_out = flex_tensor_bhsd(d[3], FLEX_BF16, 1, 2, 63, 32, FLEX_DEVICE_CUDA);
     EXPECT_EQ(flex_attention_backward(gpu, &t[0], &t[1], &t[2], &short_out, &t[4], &lse, sm,
@@ -384,6 +457,334 @@ static void test_errors_write_nothing(void) {
         free(hb.data[i]);
 }
 
+#if FLEXATTN_HAVE_CUDA
+/* ---- a forward and a backward captured in a CUDA graph ---- */
+
+/* A failed driver call: its name and the driver's words, a failure
+ * counted, and the case left. */
+#define EXPECT_CU(call)                                                                            \
+    do {                                                                                           \
+        const CUresult cu_r_ = (call);                                                             \
+        if (cu_r_ != 0) {                                                                          \
+            char cu_desc_[256];                                                                    \
+            flex_cuda_describe(api, cu_r_, cu_desc_, sizeof cu_desc_);                             \
+            fprintf(stderr, "FAIL %s:%d: %s: %s\n", __FILE__, __LINE__, #call, cu_desc_);          \
+            failures++;                                                                            \
+            return;                                                                                \
+        }                                                                                          \
+    } while (0)
+
+static const flex_cuda_api *api;
+
+/* Waits for every copy: a synchronous copy from pageable memory may return
+ * before its DMA ends, and the graphs' stream does not wait for the legacy
+ * stream the copies go to. */
+static void settle(void) {
+    if (flex_synchronize(gpu) != FLEX_OK) {
+        fprintf(stderr, "FAIL: flex_synchronize: %s\n", flex_error_message(gpu));
+        exit(1);
+    }
+}
+
+/* Fills n values of dtype dt at device memory d (new values each call). */
+static void fill_device(void *d, flex_dtype dt, int64_t n) {
+    const size_t es = flex_dtype_size(dt);
+    void *h = malloc((size_t)n * es);
+    for (int64_t e = 0; e < n; e++)
+        flex_store_from_float(h, dt, e, uniform());
+    if (flex_copy_to_device(gpu, d, h, (size_t)n * es) != FLEX_OK) {
+        fprintf(stderr, "FAIL: copy to the GPU: %s\n", flex_error_message(gpu));
+        exit(1);
+    }
+    free(h);
+    settle();
+}
+
+/* out, lse, dq, dk, dv of one step, on the host. */
+enum { G_OUT, G_LSE, G_DQ, G_DK, G_DV, G_COUNT };
+static const char *const g_names[G_COUNT] = {"out", "lse", "dq", "dk", "dv"};
+
+typedef struct graph_problem {
+    flex_dtype dt;
+    int deterministic;
+    const flex_tensor *t;        /* q, k, v, dout, then G_COUNT outputs */
+    void *const *dev;            /* their device memory */
+    const size_t *bytes;         /* their sizes */
+    const flex_mod *score;
+    const flex_block_mask *mask;
+    CUstream stream;
+} graph_problem;
+
+/* The step a training loop would capture: forward, then backward, on the
+ * problem's stream. */
+static flex_status graph_step(const graph_problem *g, const flex_block_mask *mask) {
+    const flex_tensor *t = g->t;
+    const flex_attention_options opts = {.stream = g->stream, .deterministic = g->deterministic};
+    flex_status s = flex_attention(gpu, &t[0], &t[1], &t[2], g->score, mask, &opts, &t[4 + G_OUT],
+                                   &t[4 + G_LSE]);
+    if (s == FLEX_OK)
+        s = flex_attention_backward(gpu, &t[0], &t[1], &t[2], &t[4 + G_OUT], &t[3],
+                                    &t[4 + G_LSE], g->score, mask, &opts, &t[4 + G_DQ],
+                                    &t[4 + G_DK], &t[4 + G_DV], NULL, 0);
+    return s;
+}
+
+/* Copies the outputs to host[] (malloc'd by the caller). */
+static int graph_outputs(const graph_problem *g, void **host) {
+    if (flex_synchronize(gpu) != FLEX_OK) return -1;
+    for (int i = 0; i < G_COUNT; i++)
+        if (flex_copy_to_host(gpu, host[i], g->dev[4 + i], g->bytes[4 + i]) != FLEX_OK) return -1;
+    return 0;
+}
+
+/* Whether got equals want: bit for bit, except dq in the default mode
+ * (fp32 atomics: its last bits may move), which must be within tol. */
+static int graph_same(const graph_problem *g, void *const *got, void *const *want,
+                      const char *what) {
+    int ok = 1;
+    for (int i = 0; i < G_COUNT; i++) {
+        const flex_dtype dt = i == G_LSE ? FLEX_F32 : g->dt;
+        if (i == G_DQ && !g->deterministic) {
+            const int64_t n = (int64_t)(g->bytes[4 + i] / flex_dtype_size(dt));
+            float *a = as_floats(got[i], dt, n), *b = as_floats(want[i], dt, n);
+            const double e = rel_error(a, b, n), tol = dt == FLEX_F32 ? 1e-5 : 1e-2;
+            free(a);
+            free(b);
+            if (e > tol) {
+                fprintf(stderr, "FAIL: %s: dq differs by %.3g (tol %.g)\n", what, e, tol);
+                ok = 0;
+            }
+        } else if (memcmp(got[i], want[i], g->bytes[4 + i]) != 0) {
+            fprintf(stderr, "FAIL: %s: %s is not bit-identical\n", what, g_names[i]);
+            ok = 0;
+        }
+    }
+    return ok;
+}
+
+/* Captures a forward and a backward (prepared by one direct call first:
+ * kernels compiled, the block mask's lists and the host-resident buffers
+ * copied to the GPU) on a stream in global capture mode, where any
+ * allocation, synchronous copy or synchronisation inside the calls would
+ * fail the capture; replays the graph and compares with direct calls, then
+ * replays it on new inputs copied into the same buffers, which it must
+ * recompute. Then a call that would need a first upload during a capture
+ * is refused by name and leaves the capture valid. */
+static void test_graph_capture(flex_dtype dt, int deterministic) {
+    /* 16-bit: blocks of 128, which on sm_90 take the TMA forward (tensor
+     * maps in the parameters, shared memory set per launch) */
+    const int B = 1, Hq = 4, Hkv = 2, L = 200, D = 64, block = dt == FLEX_F32 ? 64 : 128;
+    const bw_case c = {"graph", dt, B, Hq, Hkv, L, L, D, D, 0, NULL, NULL, block, NULL, 1, 1, 1,
+                       0};
+    host_bufs hb;
+    make_bufs(&c, &hb); /* slopes and doc stay in host memory */
+    flex_mod *score = compile_mod(gpu, FLEX_MOD_SCORE, "score + slopes[h] * (kv - q)", &hb);
+    flex_mod *maskm = compile_mod(gpu, FLEX_MOD_MASK, "q >= kv && doc[q] == doc[kv]", &hb);
+    flex_block_mask *bm = NULL, *fresh = NULL;
+    EXPECT_EQ(flex_block_mask_create(gpu, maskm, 1, 1, L, L, block, block, &bm), FLEX_OK);
+    const int64_t nq = (int64_t)B * Hq * L, nk = (int64_t)B * Hkv * L;
+    const int64_t n[4 + G_COUNT] = {nq * D, nk * D, nk * D, nq * D, nq * D, nq, nq * D, nk * D,
+                                    nk * D};
+    void *dev[4 + G_COUNT];
+    size_t bytes[4 + G_COUNT];
+    flex_tensor t[4 + G_COUNT];
+    void *want[G_COUNT], *got[G_COUNT], *poison = NULL;
+    size_t most = 0;
+    for (int i = 0; i < 4 + G_COUNT; i++) {
+        const flex_dtype d = i == 4 + G_LSE ? FLEX_F32 : dt;
+        bytes[i] = (size_t)n[i] * flex_dtype_size(d);
+        most = bytes[i] > most ? bytes[i] : most;
+        EXPECT_EQ(flex_malloc(gpu, bytes[i], &dev[i]), FLEX_OK);
+        const int64_t H = i == 1 || i == 2 || i == 4 + G_DK || i == 4 + G_DV ? Hkv : Hq;
+        t[i] = flex_tensor_bhsd(dev[i], d, B, H, L, i == 4 + G_LSE ? 1 : D, FLEX_DEVICE_CUDA);
+        if (i >= 4) {
+            want[i - 4] = malloc(bytes[i]);
+            got[i - 4] = malloc(bytes[i]);
+        }
+    }
+    poison = malloc(most);
+    memset(poison, 0xff, most);
+    CUstream stream = NULL;
+    CUgraph graph = NULL;
+    CUgraphExec exec = NULL;
+    EXPECT_CU(api->cuStreamCreate(&stream, FLEX_CU_STREAM_NON_BLOCKING));
+    const graph_problem g = {dt, deterministic, t, dev, bytes, score, bm, stream};
+    char label[96];
+    snprintf(label, sizeof label, "graph %s %s", flex_dtype_name(dt),
+             deterministic ? "deterministic" : "default");
+
+    /* 1. Prepared by a direct call on inputs A; its results are the
+     * reference for the first replay. */
+    for (int i = 0; i < 4; i++)
+        fill_device(dev[i], dt, n[i]);
+    EXPECT(graph_step(&g, bm) == FLEX_OK, "%s: direct call: %s", label, flex_error_message(gpu));
+    EXPECT(graph_outputs(&g, want) == 0, "%s: %s", label, flex_error_message(gpu));
+
+    /* 2. Captured in global mode: the calls must succeed and the capture
+     * end valid. */
+    EXPECT_CU(api->cuStreamBeginCapture(stream, FLEX_CU_STREAM_CAPTURE_MODE_GLOBAL));
+    const flex_status captured = graph_step(&g, bm);
+    char message[512];
+    snprintf(message, sizeof message, "%s", flex_error_message(gpu));
+    const CUresult ended = api->cuStreamEndCapture(stream, &graph);
+    EXPECT(captured == FLEX_OK, "%s: a captured call failed (%s): %s", label,
+           flex_status_name(captured), message);
+    EXPECT_CU(ended);
+    EXPECT_CU(api->cuGraphInstantiate(&exec, graph, 0));
+
+    /* 3. Replayed on the same inputs, outputs poisoned first: the direct
+     * call's results. */
+    for (int i = 4; i < 4 + G_COUNT; i++)
+        EXPECT_EQ(flex_copy_to_device(gpu, dev[i], poison, bytes[i]), FLEX_OK);
+    settle();
+    EXPECT_CU(api->cuGraphLaunch(exec, stream));
+    EXPECT_CU(api->cuStreamSynchronize(stream));
+    EXPECT(graph_outputs(&g, got) == 0, "%s: %s", label, flex_error_message(gpu));
+    EXPECT(graph_same(&g, got, want, "replay on the inputs of the direct call"),
+           "%s: the replay differs from the direct call", label);
+
+    /* 4. New inputs copied into the same buffers: the replay recomputes,
+     * and equals a direct call on them. */
+    for (int i = 0; i < 4; i++)
+        fill_device(dev[i], dt, n[i]);
+    EXPECT_CU(api->cuGraphLaunch(exec, stream));
+    EXPECT_CU(api->cuStreamSynchronize(stream));
+    EXPECT(graph_outputs(&g, got) == 0, "%s: %s", label, flex_error_message(gpu));
+    EXPECT(memcmp(got[G_OUT], want[G_OUT], bytes[4 + G_OUT]) != 0 &&
+               memcmp(got[G_DK], want[G_DK], bytes[4 + G_DK]) != 0,
+           "%s: the replay on new inputs gave the old results", label);
+    EXPECT(graph_step(&g, bm) == FLEX_OK, "%s: direct call: %s", label, flex_error_message(gpu));
+    EXPECT(graph_outputs(&g, want) == 0, "%s: %s", label, flex_error_message(gpu));
+    EXPECT(graph_same(&g, got, want, "replay on new inputs"),
+           "%s: the replay on new inputs differs from a direct call", label);
+    printf("%-28s captured forward + backward replayed: identical to direct calls, and "
+           "recomputed on new inputs\n",
+           label);
+
+    /* 5. A mask never used before needs its lists uploaded: refused by
+     * name during a capture, before anything a capture forbids is issued,
+     * so the capture itself stays valid. */
+    EXPECT_EQ(flex_block_mask_create(gpu, maskm, 1, 1, L, L, block, block, &fresh), FLEX_OK);
+    CUgraph empty = NULL;
+    EXPECT_CU(api->cuStreamBeginCapture(stream, FLEX_CU_STREAM_CAPTURE_MODE_GLOBAL));
+    const flex_status refused = graph_step(&g, fresh);
+    snprintf(message, sizeof message, "%s", flex_error_message(gpu));
+    const CUresult ended2 = api->cuStreamEndCapture(stream, &empty);
+    if (empty) api->cuGraphDestroy(empty);
+    EXPECT(refused == FLEX_ERR_UNSUPPORTED && strstr(message, "captured into a graph"),
+           "%s: a first upload during a capture gave %s: %s", label, flex_status_name(refused),
+           message);
+    EXPECT_CU(ended2);
+    printf("%-28s a first upload during a capture: refused by name (%s), capture still valid\n",
+           label, flex_status_name(refused));
+    /* and outside a capture the same call runs */
+    EXPECT(graph_step(&g, fresh) == FLEX_OK, "%s: %s", label, flex_error_message(gpu));
+    EXPECT_EQ(flex_synchronize(gpu), FLEX_OK);
+
+    api->cuGraphExecDestroy(exec);
+    api->cuGraphDestroy(graph);
+    api->cuStreamDestroy(stream);
+    for (int i = 0; i < 4 + G_COUNT; i++)
+        flex_free(gpu, dev[i]);
+    for (int i = 0; i < G_COUNT; i++) {
+        free(want[i]);
+        free(got[i]);
+    }
+    free(poison);
+    flex_block_mask_destroy(fresh);
+    flex_block_mask_destroy(bm);
+    flex_mod_destroy(maskm);
+    flex_mod_destroy(score);
+    for (int i = 0; i < NUM_BUFS; i++)
+        free(hb.data[i]);
+}
+
+/* A buffer read out of range inside a graph is reported by the
+ * flex_synchronize after each replay, although replays make no call into
+ * the library. */
+static void test_graph_bounds_flag(void) {
+    const int B = 1, H = 2, L = 64, D = 32;
+    const bw_case c = {"graph bounds", FLEX_F32, B, H, H, L, L, D, D, 0, NULL, NULL, 64, NULL,
+                       1, 1, 1, 0};
+    host_bufs hb;
+    make_bufs(&c, &hb);
+    flex_mod *score = compile_mod(gpu, FLEX_MOD_SCORE, "score + slopes[h + q]", &hb);
+    const size_t bytes = (size_t)B * H * L * D * 4;
+    void *d[5];
+    flex_tensor t[5];
+    for (int i = 0; i < 5; i++) {
+        EXPECT_EQ(flex_malloc(gpu, bytes, &d[i]), FLEX_OK);
+        fill_device(d[i], FLEX_F32, (int64_t)B * H * L * D);
+        t[i] = flex_tensor_bhsd(d[i], FLEX_F32, B, H, L, i == 4 ? 1 : D, FLEX_DEVICE_CUDA);
+    }
+    CUstream stream = NULL;
+    CUgraph graph = NULL;
+    CUgraphExec exec = NULL;
+    EXPECT_CU(api->cuStreamCreate(&stream, FLEX_CU_STREAM_NON_BLOCKING));
+    const flex_attention_options opts = {.stream = stream};
+    EXPECT_EQ(flex_attention(gpu, &t[0], &t[1], &t[2], score, NULL, &opts, &t[3], &t[4]),
+              FLEX_OK);
+    EXPECT_EQ(flex_synchronize(gpu), FLEX_ERR_BUFFER_BOUNDS); /* the direct call's */
+    EXPECT_CU(api->cuStreamBeginCapture(stream, FLEX_CU_STREAM_CAPTURE_MODE_GLOBAL));
+    const flex_status captured =
+        flex_attention(gpu, &t[0], &t[1], &t[2], score, NULL, &opts, &t[3], &t[4]);
+    EXPECT_CU(api->cuStreamEndCapture(stream, &graph));
+    EXPECT_EQ(captured, FLEX_OK);
+    EXPECT_CU(api->cuGraphInstantiate(&exec, graph, 0));
+    /* The capture launched nothing; its mark is read once. */
+    EXPECT_EQ(flex_synchronize(gpu), FLEX_OK);
+    for (int replay = 0; replay < 2; replay++) {
+        EXPECT_CU(api->cuGraphLaunch(exec, stream));
+        EXPECT_EQ(flex_synchronize(gpu), FLEX_ERR_BUFFER_BOUNDS);
+        EXPECT(strstr(flex_error_message(gpu), "slopes") != NULL, "%s", flex_error_message(gpu));
+    }
+    printf("%-28s an out-of-range read in a replayed graph is reported at synchronize\n",
+           "graph bounds");
+    api->cuGraphExecDestroy(exec);
+    api->cuGraphDestroy(graph);
+    api->cuStreamDestroy(stream);
+    for (int i = 0; i < 5; i++)
+        flex_free(gpu, d[i]);
+    flex_mod_destroy(score);
+    for (int i = 0; i < NUM_BUFS; i++)
+        free(hb.data[i]);
+}
+
+/* The graph tests, or a line saying why they cannot run. Streams and
+ * graphs are made in the device's primary context, which the library uses
+ * too, kept current on this thread for them (the library pushes and pops
+ * it around its own calls). */
+static void test_graphs(void) {
+    char why[256] = "";
+    if (flex_cuda_load_driver(&api, why, sizeof why) != 0 || !api->cuStreamCreate ||
+        !api->cuStreamDestroy || !api->cuStreamBeginCapture || !api->cuStreamEndCapture ||
+        !api->cuGraphInstantiate || !api->cuGraphLaunch || !api->cuGraphExecDestroy ||
+        !api->cuGraphDestroy || !api->cuStreamIsCapturing || !api->cuMemAllocAsync) {
+        printf("SKIPPED: graph capture (%s)\n",
+               why[0] ? why : "the driver lacks the stream capture or graph entry points");
+        return;
+    }
+    CUdevice dev;
+    CUcontext primary, old;
+    EXPECT_CU(api->cuDeviceGet(&dev, flex_context_device_index(gpu)));
+    EXPECT_CU(api->cuDevicePrimaryCtxRetain(&primary, dev));
+    EXPECT_CU(api->cuCtxPushCurrent(primary));
+    const flex_dtype dts[2] = {FLEX_BF16, FLEX_F32};
+    for (int d = 0; d < 2; d++)
+        for (int det = 0; det < 2; det++) {
+            const int before = failures;
+            test_graph_capture(dts[d], det);
+            printf("%s: graph capture %s %s\n", failures == before ? "PASS" : "FAIL",
+                   flex_dtype_name(dts[d]), det ? "deterministic" : "default");
+        }
+    const int before = failures;
+    test_graph_bounds_flag();
+    printf("%s: graph bounds flag\n", failures == before ? "PASS" : "FAIL");
+    api->cuCtxPopCurrent(&old);
+    api->cuDevicePrimaryCtxRelease(dev);
+}
+#endif
+
 int main(void) {
     if (flex_context_create("cuda", &gpu) != FLEX_OK) {
         printf("SKIPPED: no usable CUDA backend (%s)\n", flex_error_message(NULL));
@@ -398,6 +799,9 @@ int main(void) {
     const int before = failures;
     test_errors_write_nothing();
     printf("%s: named errors write nothing\n", failures == before ? "PASS" : "FAIL");
+#if FLEXATTN_HAVE_CUDA
+    test_graphs();
+#endif
     flex_context_destroy(cpu);
     flex_context_destroy(gpu);
     return failures ? 1 : 0;

@@ -151,20 +151,32 @@ static void add_case(const char *label, const ir_mod *mask, const ir_mod *score,
 }
 
 /* Backward kernels: small tiles for the many mods (two of 16-row steps,
- * and the f32 path), the production tiles of choose_backward_tiles for a
- * few mods down to machine code. */
+ * one with the pipeline and exp2, one without, and the f32 path), the
+ * production tiles of choose_backward_tiles and their variants for a few
+ * mods down to machine code (even entries for sm_80, odd ones for sm_90a,
+ * where the 16-byte dQ reductions are). */
 static const flex_cuda_bwd_config bwd_configs[] = {
     {.dtype = FLEX_BF16, .dq = 64, .dv = 64, .warps = 2, .block_m = 16, .vec = 1,
-     .short_indices = 1},
+     .short_indices = 1, .pipeline = 1, .exp2 = 1, .kv_fastest = 1},
     {.dtype = FLEX_F16, .dq = 64, .dv = 128, .warps = 1, .block_m = 32},
     {.dtype = FLEX_F32, .dq = 64, .dv = 64, .warps = 4, .block_m = 16},
 };
 static const flex_cuda_bwd_config bwd_full_configs[] = {
+    {.dtype = FLEX_BF16, .dq = 128, .dv = 128, .warps = 8, .block_m = 32, .vec = 1,
+     .short_indices = 1, .pipeline = 1, .exp2 = 1, .kv_fastest = 1},
+    {.dtype = FLEX_BF16, .dq = 128, .dv = 128, .warps = 8, .block_m = 32, .vec = 1,
+     .short_indices = 1, .pipeline = 1, .exp2 = 1, .dq_red = 1, .kv_fastest = 1},
+    {.dtype = FLEX_F16, .dq = 64, .dv = 64, .warps = 8, .block_m = 64, .vec = 1, .pipeline = 1,
+     .exp2 = 1, .kv_fastest = 1},
+    {.dtype = FLEX_F16, .dq = 64, .dv = 64, .warps = 8, .block_m = 64, .vec = 1, .pipeline = 1,
+     .exp2 = 1, .dq_red = 1},
+    {.dtype = FLEX_BF16, .dq = 256, .dv = 192, .warps = 4, .block_m = 16, .pipeline = 1,
+     .exp2 = 1, .kv_fastest = 1},
     {.dtype = FLEX_BF16, .dq = 128, .dv = 128, .warps = 4, .block_m = 32, .vec = 1,
      .short_indices = 1},
-    {.dtype = FLEX_F16, .dq = 64, .dv = 64, .warps = 4, .block_m = 64, .vec = 1},
-    {.dtype = FLEX_BF16, .dq = 256, .dv = 192, .warps = 4, .block_m = 16},
     {.dtype = FLEX_F32, .dq = 128, .dv = 64, .warps = 4, .block_m = 16},
+    {.dtype = FLEX_BF16, .dq = 128, .dv = 64, .warps = 2, .block_m = 32, .vec = 1, .pipeline = 1,
+     .exp2 = 1, .dq_red = 1},
 };
 
 static void add_backward_case(const char *label, const ir_mod *mask, const ir_mod *score,
@@ -252,6 +264,31 @@ static void *compile_worker(void *arg) {
         free(bin);
         free(src);
     }
+}
+
+/* Compiles cases[next_case..num_cases) on two threads, then checks and
+ * frees them all. */
+static void compile_cases(void) {
+    pthread_t threads[2];
+    for (int t = 0; t < 2; t++)
+        pthread_create(&threads[t], NULL, compile_worker, NULL);
+    for (int t = 0; t < 2; t++)
+        pthread_join(threads[t], NULL);
+    int failed = 0;
+    for (int i = 0; i < num_cases; i++) {
+        if (cases[i].status != FLEX_OK || cases[i].cubin_size == 0) {
+            fprintf(stderr, "%s: %s\n", cases[i].name, cases[i].message);
+            failed++;
+        }
+        ir_free(&cases[i].mask);
+        ir_free(&cases[i].score);
+    }
+    ck_assert_msg(failed == 0, "%d of %d NVRTC compiles failed", failed, num_cases);
+    int backward = 0;
+    for (int i = 0; i < num_cases; i++)
+        backward += cases[i].backward;
+    printf("%d NVRTC compiles for sm_80 and sm_90a passed (%d of them backward kernels)\n",
+           num_cases, backward);
 }
 
 START_TEST(test_emit_every_preset) {
@@ -647,26 +684,73 @@ START_TEST(test_nvrtc_compiles_presets_and_seeds) {
         ir_free(&m);
         ir_free(&causal);
     }
-    pthread_t threads[2];
-    for (int t = 0; t < 2; t++)
-        pthread_create(&threads[t], NULL, compile_worker, NULL);
-    for (int t = 0; t < 2; t++)
-        pthread_join(threads[t], NULL);
-    int failed = 0;
-    for (int i = 0; i < num_cases; i++) {
-        if (cases[i].status != FLEX_OK || cases[i].cubin_size == 0) {
-            fprintf(stderr, "%s: %s\n", cases[i].name, cases[i].message);
-            failed++;
-        }
-        ir_free(&cases[i].mask);
-        ir_free(&cases[i].score);
+    compile_cases();
+}
+END_TEST
+
+/* The deterministic backward's dQ kernel (flex_backward_dq.cuh) beside the
+ * main kernels, at tiles choose_dq_tiles picks: 4 warps and 64-key steps
+ * (head dims up to 128), 1 warp and 16 keys (mask blocks of 16), 2 warps
+ * and 32 keys, 4 warps and 32 keys for head dims over 128, without
+ * 16-byte rows, and the f32 path. */
+static const flex_cuda_bwd_config bwd_det_configs[] = {
+    {.dtype = FLEX_BF16, .dq = 128, .dv = 128, .warps = 4, .block_m = 32, .vec = 1,
+     .short_indices = 1, .dq_warps = 4, .dq_block_n = 64},
+    {.dtype = FLEX_F16, .dq = 64, .dv = 64, .warps = 1, .block_m = 16, .vec = 1, .dq_warps = 1,
+     .dq_block_n = 16},
+    {.dtype = FLEX_F16, .dq = 64, .dv = 128, .warps = 2, .block_m = 32, .vec = 1, .dq_warps = 2,
+     .dq_block_n = 32},
+    {.dtype = FLEX_BF16, .dq = 256, .dv = 192, .warps = 4, .block_m = 16, .dq_warps = 4,
+     .dq_block_n = 32},
+    {.dtype = FLEX_F32, .dq = 128, .dv = 64, .warps = 4, .block_m = 16, .dq_warps = 4},
+};
+
+START_TEST(test_nvrtc_compiles_deterministic_backward) {
+    char why[512];
+    if (flex_cuda_load_nvrtc(&api, why, sizeof why) != 0) {
+        printf("SKIPPED: NVRTC deterministic backward cases (%s)\n", why);
+        nvrtc_skipped = 1;
+        return;
     }
-    ck_assert_msg(failed == 0, "%d of %d NVRTC compiles failed", failed, num_cases);
-    int backward = 0;
+    num_cases = next_case = 0;
+    static const char *const real_archs[] = {"sm_80", "sm_90a"};
+    ir_mod causal;
+    ck_assert_int_eq(parse_text(FLEX_MOD_MASK, "q >= kv", NULL, 0, NULL, 0, &causal), 0);
+    static const char *const presets[] = {"alibi", "document_causal", "softcap"};
+    const int n_cfg = (int)(sizeof bwd_det_configs / sizeof bwd_det_configs[0]);
+    for (int i = 0; i < 3; i++) {
+        const flex_preset *p = flex_preset_find(presets[i]);
+        ck_assert_ptr_nonnull(p);
+        ir_mod m;
+        ck_assert_int_eq(parse_preset(p, &m), 0);
+        const int is_mask = p->kind == FLEX_MOD_MASK;
+        /* every config once, on alternating targets, and the first on both */
+        for (int f = 0; f < n_cfg; f++)
+            add_backward_case(p->name, is_mask ? &m : &causal, is_mask ? NULL : &m,
+                              &bwd_det_configs[f], real_archs[(f + i) % 2]);
+        add_backward_case(p->name, is_mask ? &m : &causal, is_mask ? NULL : &m,
+                          &bwd_det_configs[0], real_archs[(i + 1) % 2]);
+        ir_free(&m);
+    }
+    add_backward_case("dense", NULL, NULL, &bwd_det_configs[1], "sm_90a");
+    ir_free(&causal);
+    /* The source has the kernel only when it is asked for. */
     for (int i = 0; i < num_cases; i++)
-        backward += cases[i].backward;
-    printf("%d NVRTC compiles for sm_80 and sm_90a passed (%d of them backward kernels)\n",
-           num_cases, backward);
+        ck_assert_int_gt(cases[i].bwd_cfg.dq_warps, 0);
+    const flex_cuda_bwd_score none = {0};
+    flex_cuda_bwd_config plain = bwd_det_configs[0];
+    char *with = flex_cuda_backward_source(&plain, NULL, NULL, &none);
+    plain.dq_warps = plain.dq_block_n = 0;
+    char *without = flex_cuda_backward_source(&plain, NULL, NULL, &none);
+    ck_assert_ptr_nonnull(with);
+    ck_assert_ptr_nonnull(without);
+    ck_assert_ptr_nonnull(strstr(with, "flex_bwd_dq_kernel"));
+    ck_assert_ptr_nonnull(strstr(with, "#define FLEX_BWD_DQ_BLOCK_N 64"));
+    ck_assert_ptr_null(strstr(without, "flex_bwd_dq_kernel"));
+    ck_assert_ptr_null(strstr(without, "FLEX_BWD_DQ_WARPS"));
+    free(with);
+    free(without);
+    compile_cases();
 }
 END_TEST
 
@@ -687,35 +771,65 @@ START_TEST(test_nvrtc_error_carries_log) {
 }
 END_TEST
 
-/* The split-KV combine on the shared LSE merge (core/lse_merge.h, the
- * header the CPU decode path includes) compiles to machine code for both
- * targets. */
-START_TEST(test_nvrtc_compiles_splitkv_combine) {
+/* The decode kernel and its split-KV combine (flex_decode.cuh, on the LSE
+ * merge of core/lse_merge.h that the CPU decode path includes) compile to
+ * machine code for both targets: every row-tile count, both 16-bit types
+ * and f32, aligned and unaligned rows, head dims 64-256, masked and dense,
+ * with a score mod that reads buffers (checked and proved reads). */
+START_TEST(test_nvrtc_compiles_decode) {
     char why[512];
     if (flex_cuda_load_nvrtc(&api, why, sizeof why) != 0) {
-        printf("SKIPPED: NVRTC split-KV combine case (%s)\n", why);
+        printf("SKIPPED: NVRTC decode cases (%s)\n", why);
         nvrtc_skipped = 1;
         return;
     }
-    const char *merge = flex_cuda_template("lse_merge.h");
-    const char *combine = flex_cuda_template("flex_splitkv_combine.cuh");
-    ck_assert_ptr_nonnull(merge);
-    ck_assert_ptr_nonnull(combine);
-    size_t n = strlen(merge) + strlen(combine) + 2;
-    char *src = malloc(n);
-    ck_assert_ptr_nonnull(src);
-    snprintf(src, n, "%s\n%s", merge, combine);
-    static const char *const archs[] = {"sm_80", "sm_90a"};
-    for (int a = 0; a < 2; a++) {
+    ir_mod mask, score;
+    ck_assert_int_eq(parse_text(FLEX_MOD_MASK, "q >= kv && q - kv <= W", seed_params, 2, NULL, 0,
+                                &mask),
+                     0);
+    ck_assert_int_eq(parse_text(FLEX_MOD_SCORE, "score + float(bias[h][q % 7]) * float(kv - q)",
+                                NULL, 0, bias_buf, 1, &score),
+                     0);
+    static const struct {
+        flex_cuda_dec_config cfg;
+        int masked, scored, in_range;
+        const char *arch;
+    } dec_cases[] = {
+        {{.dtype = FLEX_BF16, .dq = 128, .dv = 128, .dv_exact = 1, .row_tiles = 1, .vec = 1,
+          .short_indices = 1},
+         1, 1, 0, "sm_90a"},
+        {{.dtype = FLEX_BF16, .dq = 128, .dv = 128, .dv_exact = 1, .row_tiles = 1, .vec = 1},
+         0, 0, 0, "sm_90a"},
+        {{.dtype = FLEX_F16, .dq = 64, .dv = 64, .row_tiles = 2}, 1, 0, 0, "sm_80"},
+        {{.dtype = FLEX_BF16, .dq = 256, .dv = 128, .dv_exact = 1, .row_tiles = 4, .vec = 1}, 0,
+         1, 1, "sm_80"},
+        {{.dtype = FLEX_BF16, .dq = 64, .dv = 192, .row_tiles = 4, .vec = 1}, 1, 1, 1, "sm_90a"},
+        {{.dtype = FLEX_F32, .dq = 128, .dv = 64, .row_tiles = 1}, 1, 1, 0, "sm_90a"},
+        {{.dtype = FLEX_F32, .dq = 64, .dv = 64, .row_tiles = 1}, 0, 0, 0, "sm_80"},
+    };
+    for (size_t i = 0; i < sizeof dec_cases / sizeof dec_cases[0]; i++) {
+        const ir_mod *m = dec_cases[i].masked ? &mask : NULL;
+        const ir_mod *sc = dec_cases[i].scored ? &score : NULL;
+        unsigned char *mask_in = dec_cases[i].in_range && m ? every_read(m) : NULL;
+        unsigned char *score_in = dec_cases[i].in_range && sc ? every_read(sc) : NULL;
+        char *src = flex_cuda_decode_source(&dec_cases[i].cfg, m, sc, mask_in, score_in);
+        free(mask_in);
+        free(score_in);
+        ck_assert_ptr_nonnull(src);
+        ck_assert_ptr_nonnull(strstr(src, "flex_decode_kernel"));
+        ck_assert_ptr_nonnull(strstr(src, "flex_splitkv_combine"));
         void *bin = NULL;
         size_t size = 0;
-        flex_status s = flex_cuda_compile(NULL, api, src, "flex_splitkv_combine", archs[a], &bin,
+        flex_status s = flex_cuda_compile(NULL, api, src, "flex_decode", dec_cases[i].arch, &bin,
                                           &size);
-        ck_assert_msg(s == FLEX_OK, "%s: %s", archs[a], flex_error_message(NULL));
+        ck_assert_msg(s == FLEX_OK, "decode case %zu (%s): %s", i, dec_cases[i].arch,
+                      flex_error_message(NULL));
         ck_assert_uint_gt(size, 0);
         free(bin);
+        free(src);
     }
-    free(src);
+    ir_free(&mask);
+    ir_free(&score);
 }
 END_TEST
 
@@ -734,8 +848,13 @@ int main(void) {
     tcase_set_timeout(nvrtc, 600);
     tcase_add_test(nvrtc, test_nvrtc_compiles_presets_and_seeds);
     tcase_add_test(nvrtc, test_nvrtc_error_carries_log);
-    tcase_add_test(nvrtc, test_nvrtc_compiles_splitkv_combine);
+    tcase_add_test(nvrtc, test_nvrtc_compiles_decode);
     suite_add_tcase(suite, nvrtc);
+    /* A case of its own, so CK_RUN_CASE=nvrtc_deterministic runs it alone. */
+    TCase *det = tcase_create("nvrtc_deterministic");
+    tcase_set_timeout(det, 600);
+    tcase_add_test(det, test_nvrtc_compiles_deterministic_backward);
+    suite_add_tcase(suite, det);
     SRunner *runner = srunner_create(suite);
     /* In-process, so the skip flag set by a case is seen here. */
     srunner_set_fork_status(runner, CK_NOFORK);

@@ -5,8 +5,11 @@
  * and compiles its source once, a compile or load failure reaches the
  * caller with the vendor's words, host buffers are copied once per
  * binding, a block mask is uploaded once with its rows heaviest first, a
- * set bounds bit names the buffer, and the backward's score mod and
- * parameter block are made as both backends launch them.
+ * set bounds bit names the buffer, the backward's score mod, shared
+ * memory and parameter block are made as both backends launch them, and
+ * while a call is being captured into a graph what it would have to
+ * upload, compile or load first is refused by name before the vendor is
+ * asked for anything.
  */
 #include <check.h>
 #include <stdio.h>
@@ -17,7 +20,7 @@
 #include "../backends/cuda/cuda_compile.h"
 #include "../backends/gpu/gpu_host.h"
 
-static int allocs, frees, builds, compiles, loads, unloads, fail_compile, fail_load;
+static int allocs, frees, builds, compiles, loads, unloads, functions, fail_compile, fail_load;
 
 static void fake_describe(const void *api, int r, char *buf, size_t cap) {
     (void)api;
@@ -69,6 +72,7 @@ static int fake_load(const void *api, const void *image, size_t size, void **mod
 static int fake_function(const void *api, void *module, const char *name, void **fn) {
     (void)api;
     (void)name;
+    functions++;
     *fn = module;
     return 0;
 }
@@ -122,7 +126,7 @@ static flex_gpu_state st;
 static struct flex_context fake_ctx;
 
 static void setup(void) {
-    allocs = frees = builds = compiles = loads = unloads = fail_compile = fail_load = 0;
+    allocs = frees = builds = compiles = loads = unloads = functions = fail_compile = fail_load = 0;
     memset(&st, 0, sizeof st);
     flex_gpu_init(&st, &fake_ops, NULL, NULL, FLEX_DEVICE_HIP);
     snprintf(st.arch, sizeof st.arch, "fake1");
@@ -212,6 +216,41 @@ START_TEST(test_buffers_copied_once_per_binding) {
     ck_assert_ptr_nonnull(strstr(flex_error_message(NULL), "'doc'"));
     ck_assert_int_eq(flex_gpu_take_bounds_flag(NULL, &st), FLEX_OK);
     flex_mod_destroy(mod);
+}
+END_TEST
+
+/* The decode word of the bounds flag names the decode argument, and the
+ * buffer slots' word is read beside it; both are cleared by the read. */
+START_TEST(test_decode_word_names_the_argument) {
+    ck_assert_uint_eq(flex_gpu_decode_flag(&st), st.bounds_flag + 4);
+    static const char *const names[] = {"q_offsets", "kv_lengths", "page_table"};
+    for (int bit = 0; bit < 3; bit++) {
+        *(uint32_t *)(uintptr_t)flex_gpu_decode_flag(&st) = 1u << bit;
+        ck_assert_int_eq(flex_gpu_take_bounds_flag(NULL, &st), FLEX_ERR_BUFFER_BOUNDS);
+        ck_assert_ptr_nonnull(strstr(flex_error_message(NULL), names[bit]));
+        ck_assert_int_eq(flex_gpu_take_bounds_flag(NULL, &st), FLEX_OK);
+    }
+    /* both words at once: the decode argument is named, both are cleared */
+    *(uint32_t *)(uintptr_t)st.bounds_flag = 1u;
+    *(uint32_t *)(uintptr_t)flex_gpu_decode_flag(&st) = 4u;
+    ck_assert_int_eq(flex_gpu_take_bounds_flag(NULL, &st), FLEX_ERR_BUFFER_BOUNDS);
+    ck_assert_ptr_nonnull(strstr(flex_error_message(NULL), "page_table"));
+    ck_assert_int_eq(flex_gpu_take_bounds_flag(NULL, &st), FLEX_OK);
+}
+END_TEST
+
+/* The decode split policy: the hint wins (at most one piece per 64-key
+ * step), else about two CTAs per SM with at least 4 steps a piece. */
+START_TEST(test_decode_split_policy) {
+    ck_assert_int_eq(flex_gpu_decode_splits(132, 64, 16384, 0), 5);   /* B8 Hkv8, 16K keys */
+    ck_assert_int_eq(flex_gpu_decode_splits(132, 8, 131072, 0), 33);  /* B1 Hkv8, 128K keys */
+    ck_assert_int_eq(flex_gpu_decode_splits(132, 1024, 16384, 0), 1); /* the grid is full */
+    ck_assert_int_eq(flex_gpu_decode_splits(132, 1, 1000, 0), 4);     /* 16 steps: 4 a piece */
+    ck_assert_int_eq(flex_gpu_decode_splits(132, 1, 100, 0), 1);
+    ck_assert_int_eq(flex_gpu_decode_splits(132, 1, 1 << 30, 0), 256);
+    ck_assert_int_eq(flex_gpu_decode_splits(132, 64, 16384, 3), 3);   /* the hint */
+    ck_assert_int_eq(flex_gpu_decode_splits(132, 64, 100, 9), 2);     /* 2 steps */
+    ck_assert_int_eq(flex_gpu_decode_splits(132, 64, 0, 0), 1);
 }
 END_TEST
 
@@ -361,6 +400,91 @@ START_TEST(test_backward_blob) {
 }
 END_TEST
 
+/* The backward's shared memory: K and V of the kv tile, one or two Q/dO
+ * stages, dS with at least 64 columns, lse and delta per stage. */
+START_TEST(test_backward_smem) {
+    flex_cuda_bwd_config c = {.dtype = FLEX_BF16, .dq = 128, .dv = 128, .warps = 4, .block_m = 32};
+    /* 64 kv rows x 256 dims + 32 query rows x 256 + 64 x 64 dS, 16-bit; 8 B a row */
+    ck_assert_uint_eq(flex_gpu_bwd_smem(&c), 2 * (64 * 256 + 32 * 256 + 64 * 64) + 8 * 32);
+    c.pipeline = 1;
+    ck_assert_uint_eq(flex_gpu_bwd_smem(&c), 2 * (64 * 256 + 2 * 32 * 256 + 64 * 64) + 16 * 32);
+    c.warps = 8;
+    c.block_m = 128; /* dS as wide as the step */
+    c.dq = c.dv = 64;
+    ck_assert_uint_eq(flex_gpu_bwd_smem(&c),
+                      2 * (128 * 128 + 2 * 128 * 128 + 128 * 128) + 16 * 128);
+}
+END_TEST
+
+/* While st.capturing, a call finds what an earlier call prepared and asks
+ * the vendor for nothing; what would need a first compile, module load,
+ * buffer copy or mask upload is refused with FLEX_ERR_UNSUPPORTED, naming
+ * it, and nothing is allocated, copied or loaded. */
+START_TEST(test_capture_refuses_first_uploads) {
+    void *fn = NULL, *other = NULL, *again = NULL;
+    st.capturing = 1;
+    ck_assert_int_eq(flex_gpu_get_function(NULL, &st, "k1", build_source, "one", "kern", &fn),
+                     FLEX_ERR_UNSUPPORTED);
+    ck_assert_ptr_nonnull(strstr(flex_error_message(NULL), "compiling and loading a kernel"));
+    ck_assert_ptr_nonnull(strstr(flex_error_message(NULL), "captured into a graph"));
+    ck_assert_int_eq(builds + compiles + loads, 0);
+    st.capturing = 0;
+    ck_assert_int_eq(flex_gpu_get_function(NULL, &st, "k1", build_source, "one", "kern", &fn),
+                     FLEX_OK);
+    ck_assert_int_eq(flex_gpu_module_function(NULL, &st, "k1", "other", &other), FLEX_OK);
+    const int f0 = functions, l0 = loads;
+    st.capturing = 1;
+    ck_assert_int_eq(flex_gpu_get_function(NULL, &st, "k1", build_source, "one", "kern", &again),
+                     FLEX_OK);
+    ck_assert_ptr_eq(again, fn);
+    ck_assert_int_eq(flex_gpu_module_function(NULL, &st, "k1", "other", &again), FLEX_OK);
+    ck_assert_ptr_eq(again, other);
+    ck_assert_int_eq(functions, f0); /* found without asking the vendor again */
+    ck_assert_int_eq(loads, l0);
+
+    /* a host-resident buffer */
+    flex_mod_desc desc = {FLEX_MOD_MASK, "doc[q] == doc[kv]", NULL, 0,
+                          (flex_buffer_decl[]){{"doc", FLEX_I32, 1}}, 1};
+    flex_mod *mod = NULL;
+    ck_assert_int_eq(flex_mod_compile(NULL, &desc, &mod), FLEX_OK);
+    int32_t doc[4] = {0, 0, 1, 1};
+    const int64_t n = 4;
+    flex_tensor t = flex_tensor_contiguous(doc, FLEX_I32, 1, &n, FLEX_DEVICE_CPU);
+    ck_assert_int_eq(flex_mod_bind_buffer(NULL, mod, "doc", &t), FLEX_OK);
+    flex_gpu_buffer_desc descs[FLEX_EMIT_MAX_SLOTS];
+    const int a0 = allocs;
+    ck_assert_int_eq(flex_gpu_fill_buffers(NULL, &st, mod, 0, descs), FLEX_ERR_UNSUPPORTED);
+    ck_assert_ptr_nonnull(strstr(flex_error_message(NULL), "mod buffer 'doc'"));
+    ck_assert_int_eq(allocs, a0);
+    st.capturing = 0;
+    ck_assert_int_eq(flex_gpu_fill_buffers(NULL, &st, mod, 0, descs), FLEX_OK);
+    st.capturing = 1;
+    ck_assert_int_eq(flex_gpu_fill_buffers(NULL, &st, mod, 0, descs), FLEX_OK);
+    ck_assert_int_eq(allocs, a0 + 1);
+
+    /* a block mask's lists */
+    flex_context *cpu = NULL;
+    ck_assert_int_eq(flex_context_create("cpu", &cpu), FLEX_OK);
+    flex_block_mask *mask = NULL;
+    ck_assert_int_eq(flex_block_mask_create(cpu, mod, 1, 1, 4, 4, 16, 16, &mask), FLEX_OK);
+    flex_gpu_mask_copy *c = NULL;
+    ck_assert_int_eq(flex_gpu_mask_device_copy(NULL, &st, mask, &c), FLEX_ERR_UNSUPPORTED);
+    ck_assert_ptr_nonnull(strstr(flex_error_message(NULL), "block mask's lists"));
+    ck_assert_int_eq(allocs, a0 + 1);
+    st.capturing = 0;
+    ck_assert_int_eq(flex_gpu_mask_device_copy(NULL, &st, mask, &c), FLEX_OK);
+    st.capturing = 1;
+    flex_gpu_mask_copy *same = NULL;
+    ck_assert_int_eq(flex_gpu_mask_device_copy(NULL, &st, mask, &same), FLEX_OK);
+    ck_assert_ptr_eq(same, c);
+    st.capturing = 0;
+    mask->ctx = &fake_ctx;
+    flex_block_mask_destroy(mask);
+    flex_mod_destroy(mod);
+    flex_context_destroy(cpu);
+}
+END_TEST
+
 int main(void) {
     Suite *suite = suite_create("gpu_host");
     TCase *tc = tcase_create("fake_vendor");
@@ -370,6 +494,10 @@ int main(void) {
     tcase_add_test(tc, test_mask_uploaded_once_heaviest_first);
     tcase_add_test(tc, test_backward_score_prepare);
     tcase_add_test(tc, test_backward_blob);
+    tcase_add_test(tc, test_backward_smem);
+    tcase_add_test(tc, test_decode_word_names_the_argument);
+    tcase_add_test(tc, test_decode_split_policy);
+    tcase_add_test(tc, test_capture_refuses_first_uploads);
     suite_add_tcase(suite, tc);
     SRunner *runner = srunner_create(suite);
     srunner_run_all(runner, CK_NORMAL);

@@ -153,7 +153,14 @@ START_TEST(test_hip_source_shape) {
     ck_assert_ptr_nonnull(cuda);
     ck_assert_ptr_nonnull(strstr(s, cuda + strlen(cuda) - 2000));
     free(cuda);
+    /* then the check that MFMA's dQ items pair up the warps of a wave */
+    ck_assert_ptr_nonnull(strstr(s, "FLEX_BWD_MT * FLEX_BWD_DQ_GROUPS % 2 == 0"));
     free(s);
+    /* The deterministic dQ kernel has no AMD form. */
+    flex_cuda_bwd_config det = bcfg;
+    det.dq_warps = 2;
+    det.dq_block_n = 64;
+    ck_assert_ptr_null(flex_hip_backward_source(&det, &m, NULL, &none));
     s = flex_hip_mask_blocks_source(&m);
     ck_assert_ptr_nonnull(s);
     ck_assert_ptr_nonnull(strstr(s, "flex_mask_blocks_kernel"));
@@ -318,20 +325,26 @@ static char *backward_source(const flex_cuda_bwd_config *config, const ir_mod *m
     return src;
 }
 
-/* Backward tiles as hip_backend.c picks them (16 kv rows a warp, an even
- * number of warps and 32-row query steps, so MFMA serves on wave64), small
- * head dims to keep the compiles short; the f32 kernel has no tiles. */
+/* Backward tiles with an even number of warps and of 16-row dQ tiles (so
+ * MFMA serves on wave64; 16 kv rows a warp), small head dims to keep the
+ * compiles short, and between them both sides of every variant switch:
+ * bwd_bf16 has what hip_backend.c never picks (the pipeline, expf, the
+ * 16-byte dQ reductions in their AMD form, head-major grid), bwd_f16 the
+ * 128-row kv tile (8 warps) with the choices hip_backend.c makes. The f32
+ * kernel has no tiles. */
 static const flex_cuda_bwd_config bwd_bf16 = {.dtype = FLEX_BF16, .dq = 64, .dv = 64,
                                               .warps = 2, .block_m = 32, .vec = 1,
-                                              .short_indices = 1};
-static const flex_cuda_bwd_config bwd_f16 = {.dtype = FLEX_F16, .dq = 64, .dv = 64, .warps = 2,
-                                             .block_m = 32};
+                                              .short_indices = 1, .pipeline = 1, .dq_red = 1};
+static const flex_cuda_bwd_config bwd_f16 = {.dtype = FLEX_F16, .dq = 64, .dv = 64, .warps = 8,
+                                             .block_m = 32, .exp2 = 1, .kv_fastest = 1};
 static const flex_cuda_bwd_config bwd_f32 = {.dtype = FLEX_F32, .dq = 64, .dv = 64, .warps = 4,
                                              .block_m = 16};
-/* hip_backend.c's tiles for 128 x 128 mask blocks and head dim 128. */
+/* hip_backend.c's choice for 128 x 128 mask blocks and head dim 128 (the
+ * 8-warp tile halved to fit the LDS, no pipeline). */
 static const flex_cuda_bwd_config bwd_production = {.dtype = FLEX_BF16, .dq = 128, .dv = 128,
                                                     .warps = 4, .block_m = 32, .vec = 1,
-                                                    .short_indices = 1};
+                                                    .short_indices = 1, .exp2 = 1,
+                                                    .kv_fastest = 1};
 
 static const flex_buffer_decl seed_bufs[] = {
     {"bias", FLEX_BF16, 2}, {"mask8", FLEX_U8, 1}, {"ids64", FLEX_I64, 1},

@@ -41,7 +41,7 @@ static void copy_rows(void *dst, const flex_tensor *dt, int64_t db, int64_t dr, 
 }
 
 void check_decode_free(check_decode_data *d) {
-    for (int i = 0; i < 5; i++)
+    for (int i = 0; i < 8; i++)
         if (d->dev[i]) flex_free(d->ctx, d->dev[i]);
     free(d->host_q);
     free(d->host_k);
@@ -167,6 +167,19 @@ int check_decode_make(flex_context *ctx, const check_decode_case *c, uint64_t se
     d->opts.q_offsets = &d->offsets_t;
     d->opts.kv_lengths = &d->lengths_t;
     d->opts.kv_splits = c->kv_splits;
+    if (c->args_on_device && dev != FLEX_DEVICE_CPU) {
+        /* The values where a serving loop keeps them: checked by the kernel. */
+        flex_tensor *args[3] = {&d->offsets_t, &d->lengths_t, paged ? &d->table_t : NULL};
+        for (int i = 0; i < 3; i++) {
+            if (!args[i]) continue;
+            d->bytes[5 + i] = (size_t)(args[i]->sizes[0] * (args[i]->ndim > 1 ? args[i]->sizes[1] : 1)) *
+                              sizeof(int32_t);
+            if (upload(d, 5 + i, args[i]->data, why, cap)) return -1;
+            args[i]->data = d->dev[5 + i];
+            args[i]->device = dev;
+            args[i]->device_index = dev_index;
+        }
+    }
     return 0;
 }
 

@@ -19,6 +19,7 @@ typedef struct check_decode_case {
     int page_size;     /* 0: a contiguous cache */
     int shuffle_pages; /* pages in a pseudo-random order (else in order) */
     int kv_splits;     /* the hint passed on */
+    int args_on_device; /* q_offsets, kv_lengths and the page table copied to the device */
     /* B entries each; borrowed. kv_lengths in [0, cap], q_offsets >= 0. */
     const int32_t *q_offsets, *kv_lengths;
 } check_decode_case;
@@ -31,8 +32,8 @@ typedef struct check_decode_data {
     flex_context *ctx;
     void *host_q, *host_k,
         *host_v;  /* (B, Hq, cap, D) queries at every position, (B, Hkv, cap, D / Dv) */
-    void *dev[5]; /* q, k, v, out, lse */
-    size_t bytes[5];
+    void *dev[8]; /* q, k, v, out, lse; q_offsets, kv_lengths, page table (args_on_device) */
+    size_t bytes[8];
     flex_tensor t[5];
     int32_t *table; /* (B, max_pages) when paged */
     flex_tensor offsets_t, lengths_t, table_t;

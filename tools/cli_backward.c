@@ -60,9 +60,10 @@ int cli_backward_prepare(cli_backward_state *st, const cli_backward_problem *p, 
 static flex_status run_backward_grads(cli_backward_state *st, const flex_buffer_grad *grads,
                                       int num_grads) {
     const cli_backward_problem *p = &st->p;
+    const flex_attention_options opts = {.deterministic = p->deterministic};
     flex_status s = flex_attention_backward(p->ctx, &p->q, &p->k, &p->v, &st->t[CLI_BW_OUT],
                                             &st->t[CLI_BW_DOUT], &st->t[CLI_BW_LSE], p->score_mod,
-                                            p->mask, NULL, &st->t[CLI_BW_DQ], &st->t[CLI_BW_DK],
+                                            p->mask, &opts, &st->t[CLI_BW_DQ], &st->t[CLI_BW_DK],
                                             &st->t[CLI_BW_DV], grads, num_grads);
     if (s == FLEX_OK) s = flex_synchronize(p->ctx);
     return s;

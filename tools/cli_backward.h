@@ -18,6 +18,7 @@ typedef struct cli_backward_problem {
     const flex_mod *score_mod;          /* may be NULL */
     const flex_mod *mask_mod;           /* may be NULL; the mod of mask */
     const flex_block_mask *mask;        /* may be NULL */
+    int deterministic;                  /* opts->deterministic of every backward call */
 } cli_backward_problem;
 
 enum { CLI_BW_OUT = 0, CLI_BW_LSE, CLI_BW_DOUT, CLI_BW_DQ, CLI_BW_DK, CLI_BW_DV, CLI_BW_COUNT };

@@ -30,7 +30,7 @@
 #include "tolerance.h"
 
 static void usage(FILE *f) {
-    fprintf(f, "usage: flexattn check [--backend SPEC] [--quick]\n"
+    fprintf(f, "usage: flexattn check [--backend SPEC] [--quick] [--deterministic]\n"
                "\n"
                "Compares every usable backend (or the one SPEC names: cpu, cuda, cuda:1, ...)\n"
                "with the fp64 oracle on every preset, dtype and a set of shapes (odd lengths,\n"
@@ -43,7 +43,9 @@ static void usage(FILE *f) {
                "the last line counts passes and failures. Exit status 1 on any failure, and\n"
                "when the backend SPEC names cannot run here.\n"
                "\n"
-               "  --quick   fewer and smaller cases\n");
+               "  --quick          fewer and smaller cases\n"
+               "  --deterministic  the backward cases in the backward's deterministic mode\n"
+               "                   (opts->deterministic)\n");
 }
 
 enum { OP_FORWARD = 0, OP_BACKWARD = 1, OP_DECODE = 2 };
@@ -69,7 +71,9 @@ typedef struct check_case {
     struct {
         int lq, page_size, kv_splits;
         int call_builds_mask; /* opts->mask_mod instead of the block mask */
+        int args_on_device;   /* offsets, lengths and page table on the device */
     } decode;
+    int deterministic; /* OP_BACKWARD: opts->deterministic (--deterministic) */
 } check_case;
 
 typedef struct case_list {
@@ -128,7 +132,7 @@ static void build_numeric_cases(case_list *l, int quick) {
             for (int d = 0; d < (quick ? 1 : 3); d++) {
                 check_case c = {"", op ? OP_BACKWARD : OP_FORWARD, NULL, NULL, n->B, n->Hq, n->Hkv,
                                 n->L, n->L, 64, 64, dts[d], LAYOUT_BHSD, 1, 0, n->score_text,
-                                n->mask_text, n->per_head, n->input_scale, n->nan_q, {0}};
+                                n->mask_text, n->per_head, n->input_scale, n->nan_q, {0}, 0};
                 snprintf(c.name, sizeof c.name, "%s%s %s", op ? "backward " : "", n->what,
                          short_dtype(dts[d]));
                 add_case(l, &c);
@@ -142,14 +146,16 @@ static void build_decode_cases(case_list *l, int quick) {
     static const flex_dtype dts[] = {FLEX_F32, FLEX_F16, FLEX_BF16};
     struct decode_shape {
         const char *what, *score, *mask;
-        int Hq, Hkv, Lq, page_size, kv_splits, call_builds_mask, quick;
+        int Hq, Hkv, Lq, page_size, kv_splits, call_builds_mask, quick, on_device;
     } shapes[] = {
-        {"decode q1 causal gqa 4:1", NULL, "causal", 8, 2, 1, 0, 0, 0, 1},
+        {"decode q1 causal gqa 4:1", NULL, "causal", 8, 2, 1, 0, 0, 0, 1, 0},
         {"decode q4 sliding_window gqa 8:1 pages 16", NULL, "sliding_window", 8, 1, 4, 16, 0, 1,
-         1},
-        {"decode q1 alibi causal pages 64 splits 3", "alibi", "causal", 4, 2, 1, 64, 3, 1, 0},
-        {"decode q4 softcap pages 64", "softcap", NULL, 4, 4, 4, 64, 0, 0, 0},
-        {"decode q4 document_causal splits 2", NULL, "document_causal", 8, 2, 4, 0, 2, 0, 0},
+         1, 0},
+        {"decode q1 alibi causal pages 64 splits 3", "alibi", "causal", 4, 2, 1, 64, 3, 1, 0, 0},
+        {"decode q4 softcap pages 64", "softcap", NULL, 4, 4, 4, 64, 0, 0, 0, 0},
+        {"decode q4 document_causal splits 2", NULL, "document_causal", 8, 2, 4, 0, 2, 0, 0, 0},
+        {"decode q16 alibi sliding_window gqa 8:1 pages 16 args on device", "alibi",
+         "sliding_window", 8, 1, 16, 16, 0, 0, 0, 1},
     };
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
         const struct decode_shape *s = &shapes[i];
@@ -167,7 +173,8 @@ static void build_decode_cases(case_list *l, int quick) {
                             .Dv = 64,
                             .dtype = dts[d],
                             .lse = 1,
-                            .decode = {s->Lq, s->page_size, s->kv_splits, s->call_builds_mask}};
+                            .decode = {s->Lq, s->page_size, s->kv_splits, s->call_builds_mask,
+                                       s->on_device}};
             snprintf(c.name, sizeof c.name, "%s %s", s->what, short_dtype(dts[d]));
             add_case(l, &c);
         }
@@ -181,7 +188,7 @@ static void build_cases(case_list *l, int quick) {
         const flex_preset *pr = flex_preset_at(p);
         for (int d = 0; d < 3; d++) {
             check_case c = {"",   OP_FORWARD, NULL, NULL, 1,    4, 4, L, L, 64,
-                            64,   dts[d],     0,    1,    0,    NULL, NULL, 0, 0.0, 0, {0}};
+                            64,   dts[d],     0,    1,    0,    NULL, NULL, 0, 0.0, 0, {0}, 0};
             if (pr->kind == FLEX_MOD_MASK)
                 c.mask = pr->name;
             else
@@ -232,7 +239,7 @@ static void build_cases(case_list *l, int quick) {
             check_case c = {"",    OP_FORWARD, s->score,  s->mask, s->B,
                             s->Hq, s->Hkv,     s->Lq,     s->Lkv,  s->D,
                             s->Dv, dts[d],     s->layout, s->lse,  s->block,
-                            NULL,  NULL,       0,         0.0,     0, {0}};
+                            NULL,  NULL,       0,         0.0,     0, {0}, 0};
             snprintf(c.name, sizeof c.name, "%s %s", s->what, short_dtype(dts[d]));
             add_case(l, &c);
         }
@@ -259,7 +266,7 @@ static void build_cases(case_list *l, int quick) {
         for (int d = 0; d < (quick ? 1 : 3); d++) {
             check_case c = {"",     OP_BACKWARD, s->score, s->mask, s->B,      s->Hq, s->Hkv, s->Lq,
                             s->Lkv, s->D,        s->Dv,    dts[d],  s->layout, 1,     0,
-                            NULL,   NULL,        0,        0.0,     0, {0}};
+                            NULL,   NULL,        0,        0.0,     0, {0}, 0};
             snprintf(c.name, sizeof c.name, "backward %s %s", s->what, short_dtype(dts[d]));
             add_case(l, &c);
         }
@@ -479,9 +486,11 @@ done:
 
 /* Backward gradients against the fp64 backward oracle. Returns 1 pass, 0
  * fail, -1 when the backend has no backward pass (the case is skipped). */
-static int check_backward(case_data *cd, double *rel, char *why, size_t cap) {
+static int check_backward(case_data *cd, const check_case *c, double *rel, char *why,
+                          size_t cap) {
     cli_backward_problem p;
     memset(&p, 0, sizeof p);
+    p.deterministic = c->deterministic;
     p.ctx = cd->ctx;
     p.q = cd->dev_t[0], p.k = cd->dev_t[1], p.v = cd->dev_t[2];
     p.host_q = cd->host_t[0], p.host_k = cd->host_t[1], p.host_v = cd->host_t[2];
@@ -516,6 +525,7 @@ static int check_decode(case_data *cd, const check_case *c, double *rel, double 
                             .page_size = c->decode.page_size,
                             .shuffle_pages = 1,
                             .kv_splits = c->decode.kv_splits,
+                            .args_on_device = c->decode.args_on_device,
                             .q_offsets = offsets,
                             .kv_lengths = lengths};
     check_decode_data d;
@@ -553,7 +563,7 @@ static int run_case(flex_context *ctx, const check_case *c, double *rel, double 
             pass = check_forward(&cd, c, rel, lse_err, why, cap);
             break;
         case OP_BACKWARD:
-            pass = check_backward(&cd, rel, why, cap);
+            pass = check_backward(&cd, c, rel, why, cap);
             break;
         default:
             snprintf(why, cap, "unknown op");
@@ -566,7 +576,7 @@ static int run_case(flex_context *ctx, const check_case *c, double *rel, double 
 
 int cmd_check(int argc, char **argv) {
     const char *backend = NULL;
-    int quick = 0;
+    int quick = 0, deterministic = 0;
     for (int i = 1; i < argc;) {
         const char *v = NULL;
         int r;
@@ -576,6 +586,10 @@ int cmd_check(int argc, char **argv) {
         }
         if (cli_flag(argv[i], "--quick")) {
             quick = 1, i++;
+            continue;
+        }
+        if (cli_flag(argv[i], "--deterministic")) {
+            deterministic = 1, i++;
             continue;
         }
         if ((r = cli_option(argc, argv, &i, "--backend", &v)) != 0) {
@@ -590,6 +604,9 @@ int cmd_check(int argc, char **argv) {
 
     case_list cases = {0};
     build_cases(&cases, quick);
+    for (int ci = 0; ci < cases.n; ci++)
+        cases.v[ci].deterministic = deterministic && cases.v[ci].op == OP_BACKWARD;
+    if (deterministic) printf("backward cases with opts->deterministic = 1\n");
     int passed = 0, failed = 0, skipped = 0, tried = 0, named_unusable = 0;
     for (int bi = 0; bi < flex_backend_count(); bi++) {
         flex_backend_info info;

@@ -57,6 +57,9 @@ static void usage(FILE *f) {
                "  --backward          also time the backward (dq, dk, dv; BW FLOPs = 2.5 x FW);\n"
                "                      with --check, compare its gradients with the fp64 oracle\n"
                "                      when the problem is small enough for it\n"
+               "  --deterministic     with --backward: the backward's deterministic mode\n"
+               "                      (bit-identical gradients every run; on GPUs dq from a\n"
+               "                      pass of its own, and no gradients of buffers)\n"
                "  --load DIR|Q,K,V    read q, k, v from .npy files: DIR/q.npy, DIR/k.npy,\n"
                "                      DIR/v.npy (or the three files named), 4-D C order:\n"
                "                      q (B, Hq, Lq, D), k (B, Hkv, Lkv, D), v (B, Hkv, Lkv,\n"
@@ -91,7 +94,7 @@ typedef struct run_opts {
     int num_doc_lengths;
     cli_file_buffers files; /* --buffer */
     flex_dtype dtype;
-    int check, json, backward, len_given, dtype_given;
+    int check, json, backward, deterministic, len_given, dtype_given;
     /* decode: q_offset -1 = per batch, kv length - Lq */
     int64_t q_offset, page_size, kv_splits;
     int64_t *kv_lengths; /* --kv-lengths, malloc'd */
@@ -153,6 +156,10 @@ static int parse_args(int argc, char **argv, run_opts *o) {
         }
         if (cli_flag(arg, "--backward")) {
             o->backward = 1, i++;
+            continue;
+        }
+        if (cli_flag(arg, "--deterministic")) {
+            o->deterministic = 1, i++;
             continue;
         }
         if (cli_flag(arg, "--shuffle-pages")) {
@@ -266,6 +273,11 @@ static int parse_args(int argc, char **argv, run_opts *o) {
     }
     if (o->mask_preset && o->mask_text) {
         fprintf(stderr, "flexattn run: --mask and --mask-text exclude each other\n");
+        return -1;
+    }
+    if (o->deterministic && !o->backward) {
+        fprintf(stderr, "flexattn run: --deterministic is an option of the backward; add "
+                        "--backward\n");
         return -1;
     }
     if (o->decode && (o->load || o->save || o->backward)) {
@@ -851,6 +863,7 @@ static int time_backward(run_state *s, int check, double *rel, int *pass, int *c
     p.score_mod = s->score;
     p.mask_mod = s->mask_mod;
     p.mask = s->mask;
+    p.deterministic = s->o.deterministic;
     cli_backward_state st;
     char why[512] = "";
     int rc = cli_backward_prepare(&st, &p, why, sizeof why);

@@ -302,6 +302,24 @@ static flex_status cuda_memset(flex_context *ctx, void *dst, int value, size_t b
     return s;
 }
 
+/* Whether work queued on stream is being captured into a graph (an
+ * invalidated capture counts: what follows fails there too). Without
+ * cuStreamIsCapturing (drivers before CUDA 10) no stream can be. */
+static int stream_capturing(cuda_state *st, CUstream stream) {
+    int status = FLEX_CU_STREAM_CAPTURE_STATUS_NONE;
+    if (!st->api->cuStreamIsCapturing || st->api->cuStreamIsCapturing(stream, &status) != 0)
+        return 0;
+    return status != FLEX_CU_STREAM_CAPTURE_STATUS_NONE;
+}
+
+/* Marks that kernels reading mod buffers were queued: the next synchronize
+ * reads the bounds flag, and every one from now on when they went into a
+ * graph, whose replays make no call here. */
+static void note_buffer_reads(cuda_state *st) {
+    atomic_store(&st->gpu.bounds_pending, 1);
+    if (st->gpu.capturing) atomic_store(&st->gpu.bounds_in_graph, 1);
+}
+
 /* Reads and clears the bounds flag; a set bit becomes FLEX_ERR_BUFFER_BOUNDS. */
 static flex_status take_bounds_flag(flex_context *ctx, cuda_state *st) {
     return flex_gpu_take_bounds_flag(ctx, &st->gpu);
@@ -314,7 +332,8 @@ static flex_status cuda_synchronize(flex_context *ctx) {
     /* Taken before the wait: a kernel launched after it sets the mark again
      * and is read by the next synchronize. Without mod buffers there is no
      * flag to read (a copy from the device costs ~10 us). */
-    const int pending = atomic_exchange(&st->gpu.bounds_pending, 0);
+    const int pending = atomic_exchange(&st->gpu.bounds_pending, 0) ||
+                        atomic_load(&st->gpu.bounds_in_graph);
     s = check_cu(ctx, st->api, st->api->cuCtxSynchronize(), "cuCtxSynchronize");
     if (!s && pending) { /* under the lock: launches write the slot names */
         pthread_mutex_lock(&st->gpu.lock);
@@ -549,20 +568,272 @@ static int persistent_grid(const flex_context *ctx, const struct flex_block_mask
     return env_switch(ctx, FLEX_DEBUG_CUDA_PERSISTENT, persistent);
 }
 
+/* ---- decode (flex_decode.cuh, docs/decode.md) ---- */
+
+static flex_status module_function(flex_context *ctx, cuda_state *st, const char *key,
+                                   const char *name, CUfunction *fn);
+static flex_status workspace_alloc(flex_context *ctx, cuda_state *st, size_t bytes, CUstream stream,
+                                   CUdeviceptr *out);
+static void workspace_free(cuda_state *st, CUdeviceptr p, CUstream stream);
+
+/* Mirrors the head of struct flex_dec_params; the forward's block
+ * (cuda_fwd_params) and the mods' buffers follow it. */
+typedef struct cuda_dec_head {
+    uint64_t q_offsets, kv_lengths, page_table, part_out, part_lse, decode_flag;
+    int64_t qo_stride, kl_stride, pt_sb, pt_sp;
+    int32_t kv_len, page_size, num_pages, splits, group, rows, row_chunks, pad_;
+} cuda_dec_head;
+_Static_assert(sizeof(cuda_dec_head) == 112, "cuda_dec_head must match flex_dec_params");
+
+typedef struct decode_source_args {
+    const flex_cuda_dec_config *cfg;
+    const ir_mod *mask, *score;
+    const unsigned char *mask_in_range, *score_in_range;
+} decode_source_args;
+
+static char *build_decode_source(const void *args) {
+    const decode_source_args *a = args;
+    return flex_cuda_decode_source(a->cfg, a->mask, a->score, a->mask_in_range,
+                                   a->score_in_range);
+}
+
+/* Calls that take the decode kernel: any decode argument or a kv_splits
+ * hint above 1, and plain calls of at most 16 query rows (where a 128-row
+ * tile per (batch, head) would leave most of the GPU idle). */
+static int decode_wanted(const flex_forward_args *a) {
+    return a->q_offsets || a->kv_lengths || a->page_table || a->kv_splits > 1 ||
+           a->q.sizes[2] <= 16;
+}
+
+/* Element i of int32 tensor t (1-D, or row i of a 2-D one when cols > 0)
+ * copied into dst, contiguous. Host tensors only. */
+static void gather_host_ints(const flex_tensor *t, int64_t rows, int64_t cols, int32_t *dst) {
+    const int32_t *src = t->data;
+    for (int64_t r = 0; r < rows; r++)
+        if (cols > 0)
+            for (int64_t c = 0; c < cols; c++)
+                dst[r * cols + c] = src[r * t->strides[0] + c * t->strides[1]];
+        else
+            dst[r] = src[r * t->strides[0]];
+}
+
+/* Shared memory of the f16/bf16 decode kernel: Q, two K/V stages, then
+ * struct flex_dec_smem and the key groups' (m, l) (flex_decode.cuh). */
+static size_t decode_smem(const flex_cuda_dec_config *cfg) {
+    const size_t rows = 16u * (size_t)cfg->row_tiles, groups = 4u / (size_t)cfg->row_tiles;
+    const size_t extra = rows * 4 * 2 + 4 + 64 + rows * (4096 / 16 + 1) + 16;
+    return rows * (size_t)cfg->dq * 2 + 2u * 64 * (size_t)(cfg->dq + cfg->dv) * 2 + extra + 4 +
+           groups * rows * 2 * 4 + 64;
+}
+
+static flex_status cuda_decode(flex_context *ctx, cuda_state *st, const flex_forward_args *a) {
+    const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v, *o = &a->out;
+    const int64_t B = q->sizes[0], Hq = q->sizes[1], Lq = q->sizes[2], D = q->sizes[3];
+    const int64_t Hkv = k->sizes[1], Dv = v->sizes[3];
+    const int64_t kv_len = a->kv_len > 0 ? a->kv_len : k->sizes[2];
+    const struct flex_block_mask *mask = a->block_mask;
+    const struct flex_mod *mask_mod = mask ? mask->mask_mod : NULL;
+    if (mask && mask->num_partial > 0 && !mask_mod)
+        return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
+                         "the block mask has partial blocks but no mask mod to decide them");
+    if (mask && mask->num_partial == 0) mask_mod = NULL;
+    const struct flex_mod *score_mod = a->score_mod;
+    if (kv_len > 0x7fffffff - 4096 || B * Hkv > 65535 || B * Hq * Lq > 0x7fffffff)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "decode shape too large for one launch (B %lld, Hkv %lld, kv length %lld)",
+                         (long long)B, (long long)Hkv, (long long)kv_len);
+
+    const int64_t group = Hq / Hkv, rows = group * Lq;
+    flex_cuda_dec_config cfg = {
+        .dtype = q->dtype,
+        .dq = pad64(D),
+        .dv = pad64(Dv),
+        .dv_exact = pad64(Dv) == Dv,
+        .row_tiles = rows <= 16 ? 1 : rows <= 32 ? 2 : 4,
+        .short_indices = kv_len + Lq <= FLEX_EMIT_SHORT_LEN - 256 &&
+                         B <= FLEX_EMIT_SHORT_HEADS && Hq <= FLEX_EMIT_SHORT_HEADS};
+    cfg.vec = q->dtype != FLEX_F32 && D % 8 == 0 && Dv % 8 == 0 && aligned16(q->data) &&
+              aligned16(k->data) && aligned16(v->data);
+    for (int d = 0; d < 3; d++)
+        if (q->strides[d] % 8 || k->strides[d] % 8 || v->strides[d] % 8) cfg.vec = 0;
+    const int f32 = q->dtype == FLEX_F32;
+    const int64_t rows_per_cta = f32 ? 4 : 16 * cfg.row_tiles;
+    const int64_t row_chunks = (rows + rows_per_cta - 1) / rows_per_cta;
+    const size_t smem = f32 ? 0 : decode_smem(&cfg);
+    if ((int64_t)smem > st->smem_optin)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "the decode kernel for head dims %lld/%lld needs %zu bytes of shared "
+                         "memory; the GPU allows %d",
+                         (long long)D, (long long)Dv, smem, st->smem_optin);
+
+    /* Host-resident lengths give the split policy the longest one. */
+    int64_t longest = kv_len;
+    if (a->kv_lengths && a->kv_lengths->device == FLEX_DEVICE_CPU) {
+        longest = 0;
+        for (int64_t b = 0; b < B; b++) {
+            const int32_t n = ((const int32_t *)a->kv_lengths->data)[b * a->kv_lengths->strides[0]];
+            if (n > longest) longest = n;
+        }
+    }
+    const int splits =
+        flex_gpu_decode_splits(st->sm_count, B * Hkv * row_chunks, longest, a->kv_splits);
+    if ((int64_t)splits * row_chunks > 0x7fffffff)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED, "too many decode pieces for one launch");
+
+    const ir_mod *mask_ir = mask_mod ? &mask_mod->ir : NULL;
+    const ir_mod *score_ir = score_mod ? &score_mod->ir : NULL;
+    const int slots = flex_emit_num_slots(mask_ir, score_ir);
+    if (slots > FLEX_EMIT_MAX_SLOTS)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "the mask and score mods read %d buffers together; at most %d", slots,
+                         FLEX_EMIT_MAX_SLOTS);
+    /* The kernel evaluates the mods at positions inside the cache: query
+     * positions below kv length + Lq (an offset is at most its batch's kv
+     * length), keys below the kv length. */
+    const int64_t q_span = a->q_offsets ? kv_len + Lq : Lq;
+    unsigned char *mask_in_range = reads_in_range(ctx, mask_mod, B, Hq, q_span, kv_len, 0);
+    unsigned char *score_in_range = reads_in_range(ctx, score_mod, B, Hq, q_span, kv_len, 0);
+
+    pthread_mutex_lock(&st->gpu.lock);
+    flex_status s = push_ctx(ctx, st);
+    if (s) {
+        pthread_mutex_unlock(&st->gpu.lock);
+        free(mask_in_range);
+        free(score_in_range);
+        return s;
+    }
+    st->gpu.capturing = stream_capturing(st, (CUstream)a->stream);
+    CUfunction fn = NULL, fn_combine = NULL;
+    char key[512];
+    {
+        _Static_assert(sizeof(flex_cuda_dec_config) == 7 * sizeof(int),
+                       "flex_cuda_dec_config changed: update the decode kernel key");
+        snprintf(key, sizeof key,
+                 "dec|%s|dq%d|dv%d|dx%d|rt%d|vec%d|short%d|mask=%016llx|score=%016llx|inr=%016llx."
+                 "%016llx|%s|nvrtc%d.%d",
+                 flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.dv_exact, cfg.row_tiles, cfg.vec,
+                 cfg.short_indices, (unsigned long long)(mask_mod ? mask_mod->hash : 0),
+                 (unsigned long long)(score_mod ? score_mod->hash : 0),
+                 (unsigned long long)in_range_checksum(mask_in_range, mask_ir),
+                 (unsigned long long)in_range_checksum(score_in_range, score_ir), st->gpu.arch,
+                 st->api->nvrtc_major, st->api->nvrtc_minor);
+        const decode_source_args args = {&cfg, mask_ir, score_ir, mask_in_range, score_in_range};
+        s = get_function(ctx, st, key, build_decode_source, &args, "flex_decode_kernel", &fn);
+    }
+    free(mask_in_range);
+    free(score_in_range);
+    if (!s && splits > 1) s = module_function(ctx, st, key, "flex_splitkv_combine", &fn_combine);
+
+    cuda_mask_copy *mc = NULL;
+    if (!s && mask) s = mask_device_copy(ctx, st, mask, &mc);
+    cuda_buffer_desc descs[FLEX_EMIT_MAX_SLOTS];
+    memset(descs, 0, sizeof descs);
+    if (!s) s = fill_buffers(ctx, st, mask_mod, 0, descs);
+    if (!s) s = fill_buffers(ctx, st, score_mod, mask_ir ? mask_ir->num_buffers : 0, descs);
+
+    /* Workspace, in stream order: the pieces (splits > 1), then copies of
+     * host-resident decode arguments. */
+    const CUstream stream = (CUstream)a->stream;
+    const int64_t max_pages = a->page_table ? a->page_table->sizes[1] : 0;
+    const size_t piece_rows = splits > 1 ? (size_t)(B * Hq * splits * Lq) : 0;
+    const size_t out_bytes = piece_rows * (size_t)cfg.dv * 4, lse_bytes = piece_rows * 4;
+    const int host_qo = a->q_offsets && a->q_offsets->device == FLEX_DEVICE_CPU;
+    const int host_kl = a->kv_lengths && a->kv_lengths->device == FLEX_DEVICE_CPU;
+    const int host_pt = a->page_table && a->page_table->device == FLEX_DEVICE_CPU;
+    const size_t ints = (size_t)((host_qo ? B : 0) + (host_kl ? B : 0) + (host_pt ? B * max_pages : 0));
+    CUdeviceptr ws = 0;
+    int32_t *staged = NULL;
+    if (!s) s = workspace_alloc(ctx, st, out_bytes + lse_bytes + ints * 4, stream, &ws);
+    if (!s && ints && st->gpu.capturing)
+        s = flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                      "decode arguments in host memory need a copy, but the stream is being "
+                      "captured into a graph: keep q_offsets, kv_lengths and page_table on the "
+                      "device for a captured step");
+    if (!s && ints) {
+        staged = malloc(ints * 4);
+        if (!staged) s = flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "no memory for the decode arguments");
+    }
+    if (!s) {
+        cuda_dec_head hd;
+        memset(&hd, 0, sizeof hd);
+        CUdeviceptr at = ws + out_bytes + lse_bytes;
+        size_t n = 0;
+        const flex_tensor *args[3] = {a->q_offsets, a->kv_lengths, a->page_table};
+        const int on_host[3] = {host_qo, host_kl, host_pt};
+        uint64_t dev[3] = {0, 0, 0};
+        int64_t s0[3] = {1, 1, max_pages}, s1 = 1;
+        for (int i = 0; i < 3; i++) {
+            if (!args[i]) continue;
+            if (on_host[i]) {
+                gather_host_ints(args[i], B, i == 2 ? max_pages : 0, staged + n);
+                dev[i] = at + n * 4;
+                n += (size_t)(i == 2 ? B * max_pages : B);
+            } else {
+                dev[i] = (uintptr_t)args[i]->data;
+                s0[i] = args[i]->strides[0];
+                if (i == 2) s1 = args[i]->strides[1];
+            }
+        }
+        /* From pageable memory the copy returns once the values are staged
+         * (the driver waits for the stream first): docs/decode.md. */
+        if (n)
+            s = check_cu(ctx, st->api,
+                         st->api->cuMemcpyHtoDAsync(at, staged, n * 4, stream),
+                         "cuMemcpyHtoDAsync (decode arguments)");
+        hd.q_offsets = dev[0], hd.kv_lengths = dev[1], hd.page_table = dev[2];
+        hd.qo_stride = s0[0], hd.kl_stride = s0[1], hd.pt_sb = s0[2], hd.pt_sp = s1;
+        hd.part_out = splits > 1 ? ws : 0;
+        hd.part_lse = splits > 1 ? ws + out_bytes : 0;
+        hd.decode_flag = flex_gpu_decode_flag(&st->gpu);
+        hd.kv_len = (int32_t)kv_len;
+        hd.page_size = (int32_t)a->page_size;
+        hd.num_pages = a->page_table ? (int32_t)k->sizes[0] : 0;
+        hd.splits = splits;
+        hd.group = (int32_t)group;
+        hd.rows = (int32_t)rows;
+        hd.row_chunks = (int32_t)row_chunks;
+
+        const int q_block = mask ? mask->q_block : 128, kv_block = mask ? mask->kv_block : 128;
+        cuda_fwd_params p;
+        flex_gpu_fwd_params_fill(&p, a, mask, mc, q_block, kv_block, 16, 0);
+        /* Keys are logical positions; a paged k's third size is a page's. */
+        p.Lkv = (int32_t)kv_len;
+        if (!mask) {
+            p.mask_nq = (int32_t)((q_span + q_block - 1) / q_block);
+            p.mask_nk = (int32_t)((kv_len + kv_block - 1) / kv_block);
+        }
+        (void)o;
+        unsigned char blob[sizeof(cuda_dec_head) + sizeof(cuda_fwd_params) +
+                           (FLEX_EMIT_MAX_SLOTS + 2) * sizeof(cuda_buffer_desc)];
+        memcpy(blob, &hd, sizeof hd);
+        memcpy(blob + sizeof hd, &p, sizeof p);
+        const size_t size =
+            append_buffers(blob, sizeof hd + sizeof p, descs, slots, st->gpu.bounds_flag);
+        if (!s)
+            s = launch_blob(ctx, st, fn, (unsigned)(splits * row_chunks), (unsigned)(B * Hkv),
+                            128, (unsigned)smem, stream, blob, size, NULL);
+        if (!s && splits > 1)
+            s = launch_blob(ctx, st, fn_combine, (unsigned)(B * Hq * Lq), 1, 128, 0, stream, blob,
+                            size, NULL);
+        /* Device-resident arguments are checked in the kernel: the flag is
+         * read at the next synchronize. */
+        if (!s && (slots > 0 || (a->q_offsets && !host_qo) || (a->kv_lengths && !host_kl) ||
+                   (a->page_table && !host_pt)))
+            note_buffer_reads(st);
+    }
+    free(staged);
+    workspace_free(st, ws, stream);
+    st->gpu.capturing = 0;
+    pop_ctx(st);
+    pthread_mutex_unlock(&st->gpu.lock);
+    return s;
+}
+
 static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
     cuda_state *st = state_of(ctx);
     const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v, *o = &a->out;
     const int64_t B = q->sizes[0], Hq = q->sizes[1], Lq = q->sizes[2], D = q->sizes[3];
     const int64_t Lkv = k->sizes[2], Dv = v->sizes[3];
-    /* Never ignored silently: a kernel that knew nothing of them would
-     * attend the wrong keys at the wrong positions. */
-    if (a->q_offsets || a->kv_lengths || a->page_table)
-        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
-                         "the CUDA backend does not implement opts->%s yet (decode and paged KV "
-                         "run on the CPU backend only)",
-                         a->q_offsets    ? "q_offsets"
-                         : a->kv_lengths ? "kv_lengths"
-                                         : "page_table");
     if (D > 256 || Dv > 256)
         return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
                          "the CUDA backend supports head dims up to 256 (q has %lld, v has %lld)",
@@ -575,6 +846,7 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
             ctx, FLEX_ERR_UNSUPPORTED,
             "f16/bf16 attention needs compute capability 8.0 or newer (this GPU is %d.%d)",
             st->major, st->minor);
+    if (decode_wanted(a)) return cuda_decode(ctx, st, a);
     const struct flex_block_mask *mask = a->block_mask;
     const struct flex_mod *mask_mod = mask ? mask->mask_mod : NULL;
     if (mask && mask->num_partial > 0 && !mask_mod)
@@ -659,6 +931,7 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
         free(score_in_range);
         return s;
     }
+    st->gpu.capturing = stream_capturing(st, (CUstream)a->stream);
     CUfunction fn = NULL;
     {
         /* The key names every field of the configuration: a new field that
@@ -736,8 +1009,9 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
         else if (gx > 0 && gy > 0)
             s = launch_blob(ctx, st, fn, gx, gy, threads, (unsigned)smem, (CUstream)a->stream, blob,
                             size, cfg.tma ? tensor_maps : NULL);
-        if (!s && slots > 0) atomic_store(&st->gpu.bounds_pending, 1);
+        if (!s && slots > 0) note_buffer_reads(st);
     }
+    st->gpu.capturing = 0;
     pop_ctx(st);
     pthread_mutex_unlock(&st->gpu.lock);
     return s;
@@ -839,12 +1113,16 @@ static flex_status workspace_alloc(flex_context *ctx, cuda_state *st, size_t byt
                                    CUdeviceptr *out) {
     *out = 0;
     if (!bytes) return FLEX_OK;
+    if (!st->api->cuMemAllocAsync && st->gpu.capturing)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "the backward's workspace needs the stream-ordered allocator (CUDA 11.2) "
+                         "to be captured into a graph; this driver has none");
     CUresult r = st->api->cuMemAllocAsync ? st->api->cuMemAllocAsync(out, bytes, stream)
                                           : st->api->cuMemAlloc(out, bytes);
     if (r == 2 /* CUDA_ERROR_OUT_OF_MEMORY */)
         return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY,
-                         "the GPU has no room for the backward's %zu-byte workspace", bytes);
-    return check_cu(ctx, st->api, r, "allocating the backward's workspace");
+                         "the GPU has no room for a %zu-byte workspace", bytes);
+    return check_cu(ctx, st->api, r, "allocating a workspace");
 }
 
 /* Frees what workspace_alloc gave once the stream's work before is done. */
@@ -858,16 +1136,70 @@ static void workspace_free(cuda_state *st, CUdeviceptr p, CUstream stream) {
     }
 }
 
-/* Tiles of the f16/bf16 backward: 16 kv rows a warp, up to 64 a CTA (no
- * more than the mask's kv block), query steps no longer than the mask's q
- * block and short enough that Sᵀ and dPᵀ fit beside the dK and dV
- * accumulators (64 rows for head dims up to 64, 32 up to 128, 16 above). */
-static void choose_backward_tiles(flex_cuda_bwd_config *cfg, int q_block, int kv_block) {
-    const int block_n = kv_block < 64 ? kv_block : 64;
+/* Tiles and variants of the f16/bf16 backward (docs/decisions.md, "CUDA
+ * backward"). 16 kv rows a warp: 128 a CTA (8 warps) for head dims up to
+ * 128 where the mask's kv block is a multiple of 128, which halves the
+ * atomic adds each dQ element gets and the reads of Q and dO per kv row;
+ * otherwise up to 64, no more than the mask's kv block. Query steps no
+ * longer than the mask's q block and short enough that Sᵀ and dPᵀ fit
+ * beside the dK and dV accumulators: 64 rows for head dims up to 64, 32 up
+ * to 128, 16 above. FLEXATTN_DEBUG=cuda_bwd_tile=WARPSxROWS replaces the
+ * choice where it divides the mask's blocks; cuda_bwd_pipeline,
+ * cuda_bwd_exp2, cuda_bwd_dq_red and cuda_bwd_kv_fastest turn the variants
+ * off for comparison. Where shared memory (smem_limit, 99 KB on sm_86;
+ * flex_gpu_bwd_smem) is short, the kv tile is halved down to 64 rows, then
+ * the pipeline goes, then the tile is halved further. */
+static void choose_backward_tiles(const flex_context *ctx, flex_cuda_bwd_config *cfg, int q_block,
+                                  int kv_block, int major, int64_t D, int64_t kv_heads,
+                                  size_t smem_limit) {
     const int widest = cfg->dq > cfg->dv ? cfg->dq : cfg->dv;
     const int want_m = widest <= 64 ? 64 : widest <= 128 ? 32 : 16;
+    const int block_n = widest <= 128 && kv_block % 128 == 0 ? 128 : kv_block < 64 ? kv_block : 64;
     cfg->warps = block_n / 16;
     cfg->block_m = q_block < want_m ? q_block : want_m;
+    const char *env = flex_debug_string(ctx, FLEX_DEBUG_CUDA_BWD_TILE);
+    int w, bm;
+    if (env && sscanf(env, "%dx%d", &w, &bm) == 2 && w >= 1 && w <= 8 && kv_block % (16 * w) == 0 &&
+        (bm == 16 || bm == 32 || bm == 64) && q_block % bm == 0) {
+        cfg->warps = w;
+        cfg->block_m = bm;
+    }
+    /* Q, dO, lse and delta of the next step copied while this one computes. */
+    cfg->pipeline = env_switch(ctx, FLEX_DEBUG_CUDA_BWD_PIPELINE, 1);
+    /* P = exp2(s scale log2(e) - lse log2(e)), the forward's form. */
+    cfg->exp2 = env_switch(ctx, FLEX_DEBUG_CUDA_BWD_EXP2, 1);
+    /* dQ by 16-byte reductions: sm_90 and later, and four-column groups
+     * that stay inside the accumulator's rows (D % 4 == 0). */
+    cfg->dq_red = major >= 9 && D % 4 == 0 && env_switch(ctx, FLEX_DEBUG_CUDA_BWD_DQ_RED, 1);
+    /* The kv tiles of a head side by side in the grid, so the CTAs in flight
+     * share their Q, dO and dQ rows in L2 (grid y is at most 65535). */
+    cfg->kv_fastest = kv_heads <= 65535 && env_switch(ctx, FLEX_DEBUG_CUDA_BWD_KV_FASTEST, 1);
+    while (flex_gpu_bwd_smem(cfg) > smem_limit && cfg->warps > 4)
+        cfg->warps /= 2;
+    if (flex_gpu_bwd_smem(cfg) > smem_limit) cfg->pipeline = 0;
+    while (flex_gpu_bwd_smem(cfg) > smem_limit && cfg->warps > 1)
+        cfg->warps /= 2;
+}
+
+/* Tiles of the deterministic dQ kernel (flex_backward_dq.cuh) for 16-bit
+ * inputs: 16 query rows a warp, up to 4 warps, no more rows than the
+ * mask's q block (a tile walks one row of mask blocks); kv steps of up to
+ * 64 keys (32 for head dims over 128, so S, dP and the dQ accumulator fit
+ * in registers), no more than the mask's kv block, halved while the two
+ * K/V stages do not fit in shared memory. Returns the shared memory the
+ * kernel needs. */
+static size_t choose_dq_tiles(flex_cuda_bwd_config *cfg, int q_block, int kv_block,
+                              int smem_optin) {
+    const int widest = cfg->dq > cfg->dv ? cfg->dq : cfg->dv;
+    const int want_n = widest <= 128 ? 64 : 32;
+    cfg->dq_warps = q_block / 16 < 4 ? q_block / 16 : 4;
+    cfg->dq_block_n = kv_block < want_n ? kv_block : want_n;
+    for (;;) {
+        const size_t smem = 2u * ((size_t)cfg->dq_warps * 16 * (cfg->dq + cfg->dv) +
+                                  2u * (size_t)cfg->dq_block_n * (cfg->dq + cfg->dv));
+        if ((int64_t)smem <= smem_optin || cfg->dq_block_n <= 16) return smem;
+        cfg->dq_block_n /= 2;
+    }
 }
 
 static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a) {
@@ -905,6 +1237,14 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
     flex_cuda_grad_load loads[MOD_DERIVE_MAX_LOADS];
     int num_loads = 0;
     cuda_buffer_desc grad_descs[IR_MAX_BUFFERS];
+    /* Buffer gradients are scattered with fp32 atomics, in an order that
+     * depends on the scheduling (docs/decisions.md, "CUDA backward"). */
+    if (a->deterministic && a->num_buffer_grads > 0)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "the deterministic CUDA backward (opts->deterministic) has no gradients "
+                         "of buffers, and one was asked for buffer '%s'; leave opts->deterministic "
+                         "0 for it, or run the backward on the CPU backend",
+                         a->buffer_grads[0].name);
     flex_status s = flex_gpu_bwd_score_prepare(ctx, &st->gpu, a, &derived, &derived_made, &der,
                                                loads, &num_loads, grad_descs);
     if (s) return s;
@@ -938,20 +1278,27 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
             if (q->strides[d] % 8 || k->strides[d] % 8 || v->strides[d] % 8 ||
                 dout->strides[d] % 8)
                 cfg.vec = 0;
-        choose_backward_tiles(&cfg, q_block, kv_block);
+        choose_backward_tiles(ctx, &cfg, q_block, kv_block, st->major, D, B * Hkv,
+                              (size_t)st->smem_optin);
     }
+    /* Deterministic: dQ from its own kernel, each row written by one CTA,
+     * instead of the main kernel's atomics (docs/decisions.md). Without dq
+     * wanted there is nothing to change: dK and dV have one owner anyway. */
+    const int dq_pass = a->deterministic && a->dq;
+    size_t smem_dq = 0;
+    if (dq_pass && q->dtype == FLEX_F32)
+        cfg.dq_warps = 4; /* one query row a warp; no tiles in shared memory */
+    else if (dq_pass)
+        smem_dq = choose_dq_tiles(&cfg, q_block, kv_block, st->smem_optin);
     const int block_n = cfg.warps * 16;
-    const size_t smem = q->dtype == FLEX_F32
-                            ? 0
-                            : 2u * ((size_t)block_n * (cfg.dq + cfg.dv) +
-                                    (size_t)cfg.block_m * (cfg.dq + cfg.dv + 64)) +
-                                  8u * (size_t)cfg.block_m;
-    if ((int64_t)smem > st->smem_optin) {
+    const size_t smem = q->dtype == FLEX_F32 ? 0 : flex_gpu_bwd_smem(&cfg);
+    if ((int64_t)smem > st->smem_optin || (int64_t)smem_dq > st->smem_optin) {
         if (derived_made) ir_free(&derived);
         return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
-                         "the backward for head dims %lld/%lld needs %zu bytes of shared memory; "
+                         "the %sbackward for head dims %lld/%lld needs %zu bytes of shared memory; "
                          "the GPU allows %d",
-                         (long long)D, (long long)Dv, smem, st->smem_optin);
+                         smem_dq > smem ? "deterministic " : "", (long long)D, (long long)Dv,
+                         smem_dq > smem ? smem_dq : smem, st->smem_optin);
     }
     /* The kernels clamp the indices they pass to the mods into the
      * sequences, so the proofs need no margin. */
@@ -970,16 +1317,19 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
         if (derived_made) ir_free(&derived);
         return s;
     }
-    CUfunction fn_pre = NULL, fn_main = NULL, fn_store = NULL;
+    CUstream stream = (CUstream)a->stream;
+    st->gpu.capturing = stream_capturing(st, stream);
+    CUfunction fn_pre = NULL, fn_main = NULL, fn_store = NULL, fn_dq = NULL;
     char key[512];
     {
-        _Static_assert(sizeof(flex_cuda_bwd_config) == 8 * sizeof(int),
+        _Static_assert(sizeof(flex_cuda_bwd_config) == 14 * sizeof(int),
                        "flex_cuda_bwd_config changed: update the backward kernel key");
         snprintf(key, sizeof key,
-                 "bwd|%s|dq%d|dv%d|w%d|bm%d|vec%d|short%d|gs%d|mask=%016llx|score=%016llx|"
-                 "loads=%016llx|inr=%016llx.%016llx|%s|nvrtc%d.%d",
+                 "bwd|%s|dq%d|dv%d|w%d|bm%d|vec%d|short%d|gs%d|pipe%d|exp2%d|red%d|kvf%d|dqw%d|"
+                 "dqn%d|mask=%016llx|score=%016llx|loads=%016llx|inr=%016llx.%016llx|%s|nvrtc%d.%d",
                  flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.warps, cfg.block_m, cfg.vec,
-                 cfg.short_indices, cfg.grad_slots,
+                 cfg.short_indices, cfg.grad_slots, cfg.pipeline, cfg.exp2, cfg.dq_red,
+                 cfg.kv_fastest, cfg.dq_warps, cfg.dq_block_n,
                  (unsigned long long)(mask_mod ? mask_mod->hash : 0),
                  (unsigned long long)(score_used ? score_used->hash : 0),
                  (unsigned long long)(num_loads ? flex_cache_checksum(loads, (size_t)num_loads *
@@ -995,7 +1345,8 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
     free(score_in_range);
     if (derived_made) ir_free(&derived);
     if (!s) s = module_function(ctx, st, key, "flex_bwd_preprocess", &fn_pre);
-    if (!s) s = module_function(ctx, st, key, "flex_bwd_dq_store", &fn_store);
+    if (!s && a->dq && !dq_pass) s = module_function(ctx, st, key, "flex_bwd_dq_store", &fn_store);
+    if (!s && dq_pass) s = module_function(ctx, st, key, "flex_bwd_dq_kernel", &fn_dq);
 
     cuda_mask_copy *mc = NULL;
     if (!s && mask) s = mask_device_copy(ctx, st, mask, &mc);
@@ -1004,15 +1355,16 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
     if (!s) s = fill_buffers(ctx, st, mask_mod, 0, descs);
     if (!s) s = fill_buffers(ctx, st, score_used, mask_ir ? mask_ir->num_buffers : 0, descs);
 
-    CUstream stream = (CUstream)a->stream;
     CUdeviceptr ws = 0;
-    const size_t delta_bytes = (size_t)(B * Hq * Lq) * sizeof(float);
-    const size_t dq_bytes = a->dq ? (size_t)(B * Hq * Lq * D) * sizeof(float) : 0;
+    /* the dQ accumulator 256-byte aligned (16-byte vector reductions) */
+    const size_t delta_bytes = ((size_t)(B * Hq * Lq) * sizeof(float) + 255) & ~(size_t)255;
+    const size_t dq_bytes = a->dq && !dq_pass ? (size_t)(B * Hq * Lq * D) * sizeof(float) : 0;
     if (!s) s = workspace_alloc(ctx, st, delta_bytes + dq_bytes, stream, &ws);
     if (!s) {
         unsigned char blob[FLEX_GPU_BWD_BLOB_BYTES];
+        /* dQ accumulator 0: the main kernel leaves dQ alone */
         const size_t size = flex_gpu_bwd_blob(blob, a, mask, mc, q_block, kv_block, ws,
-                                              a->dq ? ws + delta_bytes : 0, grad_descs,
+                                              dq_bytes ? ws + delta_bytes : 0, grad_descs,
                                               cfg.grad_slots, descs, slots, st->gpu.bounds_flag);
 
         const unsigned rows_y = (unsigned)((Lq + 3) / 4);
@@ -1020,17 +1372,26 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
                         NULL);
         if (!s) {
             const int64_t per_cta = q->dtype == FLEX_F32 ? 4 : block_n;
-            s = launch_blob(ctx, st, fn_main, (unsigned)(B * Hkv),
-                            (unsigned)((Lkv + per_cta - 1) / per_cta),
-                            q->dtype == FLEX_F32 ? 128u : (unsigned)cfg.warps * 32,
-                            (unsigned)smem, stream, blob, size, NULL);
+            const unsigned heads = (unsigned)(B * Hkv);
+            const unsigned tiles = (unsigned)((Lkv + per_cta - 1) / per_cta);
+            s = launch_blob(ctx, st, fn_main, cfg.kv_fastest ? tiles : heads,
+                            cfg.kv_fastest ? heads : tiles,
+                            q->dtype == FLEX_F32 ? 128u : (unsigned)cfg.warps * 32, (unsigned)smem,
+                            stream, blob, size, NULL);
         }
-        if (!s && a->dq)
+        if (!s && fn_store)
             s = launch_blob(ctx, st, fn_store, (unsigned)(B * Hq), rows_y, 128, 0, stream, blob,
                             size, NULL);
-        if (!s && slots > 0) atomic_store(&st->gpu.bounds_pending, 1);
+        if (!s && fn_dq) {
+            const int64_t rows = q->dtype == FLEX_F32 ? 4 : (int64_t)cfg.dq_warps * 16;
+            s = launch_blob(ctx, st, fn_dq, (unsigned)(B * Hq), (unsigned)((Lq + rows - 1) / rows),
+                            (unsigned)cfg.dq_warps * 32, (unsigned)smem_dq, stream, blob, size,
+                            NULL);
+        }
+        if (!s && slots > 0) note_buffer_reads(st);
     }
     workspace_free(st, ws, stream);
+    st->gpu.capturing = 0;
     pop_ctx(st);
     pthread_mutex_unlock(&st->gpu.lock);
     return s;

@@ -72,6 +72,33 @@ char *flex_cuda_forward_source_in_range(const flex_cuda_fwd_config *cfg, const i
     return s;
 }
 
+char *flex_cuda_decode_source(const flex_cuda_dec_config *cfg, const ir_mod *mask,
+                              const ir_mod *score, const unsigned char *mask_in_range,
+                              const unsigned char *score_in_range) {
+    const char *vendor = flex_cuda_template("vendor.cuh");
+    const char *merge = flex_cuda_template("lse_merge.h");
+    const char *common = flex_cuda_template("flex_common.cuh");
+    const char *mma = flex_cuda_template("flex_mma_sm80.cuh");
+    const char *tpl = flex_cuda_template("flex_decode.cuh");
+    const char *combine = flex_cuda_template("flex_splitkv_combine.cuh");
+    if (!vendor || !merge || !common || !mma || !tpl || !combine) return NULL;
+    char config[512];
+    const char *elem = cfg->dtype == FLEX_BF16  ? "FLEX_ELEM_BF16"
+                       : cfg->dtype == FLEX_F16 ? "FLEX_ELEM_F16"
+                                                : "FLEX_ELEM_F32";
+    snprintf(config, sizeof config,
+             "/* configuration */\n#define %s 1\n#define FLEX_DQ %d\n#define FLEX_DV %d\n"
+             "#define FLEX_DV_EXACT %d\n#define FLEX_WARPS 4\n#define FLEX_DEC_RT %d\n"
+             "#define FLEX_VEC %d\n#define FLEX_SHORT_INDICES %d\n",
+             elem, cfg->dq, cfg->dv, cfg->dv_exact, cfg->row_tiles, cfg->vec, cfg->short_indices);
+    char *mods = flex_emit_mods_in_range(mask, score, mask_in_range, score_in_range);
+    if (!mods) return NULL;
+    const char *parts[] = {vendor, config, mods, merge, common, mma, tpl, combine};
+    char *s = concat(parts, 8);
+    free(mods);
+    return s;
+}
+
 static const char *node_ctype(const ir_mod *m, int node) {
     const int t = m->nodes[node].type;
     return t == IR_FLOAT ? "float" : t == IR_BOOL ? "bool" : "int";
@@ -189,7 +216,8 @@ char *flex_cuda_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *m
     const char *common = flex_cuda_template("flex_common.cuh");
     const char *mma = flex_cuda_template("flex_mma_sm80.cuh");
     const char *tpl = flex_cuda_template("flex_backward.cuh");
-    if (!vendor || !common || !mma || !tpl) return NULL;
+    const char *dq_tpl = flex_cuda_template("flex_backward_dq.cuh");
+    if (!vendor || !common || !mma || !tpl || !dq_tpl) return NULL;
     if (score->ir && score->num_loads > 64) return NULL;
     char config[512];
     const char *elem = cfg->dtype == FLEX_BF16  ? "FLEX_ELEM_BF16"
@@ -198,9 +226,12 @@ char *flex_cuda_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *m
     snprintf(config, sizeof config,
              "/* configuration */\n#define %s 1\n#define FLEX_DQ %d\n#define FLEX_DV %d\n"
              "#define FLEX_WARPS %d\n#define FLEX_BWD_BLOCK_M %d\n#define FLEX_VEC %d\n"
-             "#define FLEX_SHORT_INDICES %d\n#define FLEX_GRAD_SLOTS %d\n",
+             "#define FLEX_SHORT_INDICES %d\n#define FLEX_GRAD_SLOTS %d\n"
+             "#define FLEX_BWD_PIPE %d\n#define FLEX_BWD_EXP2 %d\n#define FLEX_BWD_DQ_RED %d\n"
+             "#define FLEX_BWD_KV_FASTEST %d\n",
              elem, cfg->dq, cfg->dv, cfg->warps, cfg->block_m, cfg->vec, cfg->short_indices,
-             cfg->grad_slots > 0 ? cfg->grad_slots : 1);
+             cfg->grad_slots > 0 ? cfg->grad_slots : 1, cfg->pipeline, cfg->exp2, cfg->dq_red,
+             cfg->kv_fastest);
     char *mods = flex_emit_mods_in_range(mask, score->ir, mask_in_range, score->in_range);
     if (!mods) return NULL;
     char *glue = score_glue(score, mask ? mask->num_buffers : 0);
@@ -208,8 +239,15 @@ char *flex_cuda_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *m
         free(mods);
         return NULL;
     }
-    const char *parts[] = {vendor, config, mods, glue, common, mma, tpl};
-    char *s = concat(parts, 7);
+    /* The deterministic dQ kernel, with its own configuration, only where
+     * it is launched: the default module stays as it was. */
+    char dq_config[128] = "";
+    if (cfg->dq_warps > 0)
+        snprintf(dq_config, sizeof dq_config,
+                 "#define FLEX_BWD_DQ_WARPS %d\n#define FLEX_BWD_DQ_BLOCK_N %d\n", cfg->dq_warps,
+                 cfg->dq_block_n);
+    const char *parts[] = {vendor, config, mods, glue, common, mma, tpl, dq_config, dq_tpl};
+    char *s = concat(parts, cfg->dq_warps > 0 ? 9 : 7);
     free(mods);
     free(glue);
     return s;

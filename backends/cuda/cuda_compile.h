@@ -52,6 +52,24 @@ char *flex_cuda_forward_source_in_range(const flex_cuda_fwd_config *cfg, const i
                                         const unsigned char *score_in_range);
 char *flex_cuda_mask_blocks_source(const ir_mod *mask);
 
+/* One decode kernel's compile-time choices (flex_decode.cuh). */
+typedef struct flex_cuda_dec_config {
+    flex_dtype dtype; /* F32, F16, BF16 */
+    int dq, dv;       /* head dims padded to a multiple of 64 */
+    int dv_exact;     /* Dv == dv */
+    int row_tiles;    /* f16/bf16: 16-row tiles of packed rows per CTA (1, 2, 4) */
+    int vec;          /* 16-byte aligned rows: cp.async copies */
+    int short_indices;
+} flex_cuda_dec_config;
+
+/* The full source of the decode kernel (flex_decode_kernel) and the split-KV
+ * combine (flex_splitkv_combine) for config and mods, with buffer reads
+ * flagged in the in-range arrays read unchecked (as for the forward). A
+ * malloc'd string (caller frees), or NULL when out of memory. */
+char *flex_cuda_decode_source(const flex_cuda_dec_config *cfg, const ir_mod *mask,
+                              const ir_mod *score, const unsigned char *mask_in_range,
+                              const unsigned char *score_in_range);
+
 /* One backward kernel's compile-time choices. */
 typedef struct flex_cuda_bwd_config {
     flex_dtype dtype; /* F32, F16, BF16 */
@@ -61,6 +79,15 @@ typedef struct flex_cuda_bwd_config {
     int vec;          /* 16-byte aligned rows: cp.async copies */
     int short_indices;
     int grad_slots; /* gradient tensors of float buffers (0 or more) */
+    int pipeline;   /* f16/bf16: the next step's Q, dO, lse, delta copied during this one */
+    int exp2;       /* f16/bf16: P = exp2 with log2(e) folded in (else expf) */
+    int dq_red;     /* f16/bf16: dQ added by 16-byte red.global.add.v4.f32 (sm_90; D % 4 == 0) */
+    int kv_fastest; /* grid x = kv tiles, y = (batch, kv head) */
+    /* The deterministic dQ kernel (flex_backward_dq.cuh), whose presence
+     * leaves dQ out of the main kernel's atomics: its warps (f16/bf16: 16
+     * query rows each; f32: one row each) and kv rows per step (f16/bf16).
+     * 0 warps: no such kernel, dQ through atomics. */
+    int dq_warps, dq_block_n;
 } flex_cuda_bwd_config;
 
 /* A float buffer read of the score mod whose gradient is wanted. */
@@ -82,7 +109,8 @@ typedef struct flex_cuda_bwd_score {
 } flex_cuda_bwd_score;
 
 /*
- * The full source of the backward kernels (flex_backward.cuh) for config,
+ * The full source of the backward kernels (flex_backward.cuh, and
+ * flex_backward_dq.cuh when cfg->dq_warps > 0) for config,
  * the mask mod (NULL: none evaluated) and the score mod with its
  * derivative. A malloc'd string (caller frees), or NULL when out of memory
  * or when the mods have too many buffers.

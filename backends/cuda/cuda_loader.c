@@ -61,6 +61,15 @@ static int load_driver_symbols(void *libcuda) {
     *(void **)(&api_table.cuFuncGetAttribute) = dlsym(libcuda, "cuFuncGetAttribute");
     *(void **)(&api_table.cuMemAllocAsync) = dlsym(libcuda, "cuMemAllocAsync");
     *(void **)(&api_table.cuMemFreeAsync) = dlsym(libcuda, "cuMemFreeAsync");
+    *(void **)(&api_table.cuStreamIsCapturing) = dlsym(libcuda, "cuStreamIsCapturing");
+    *(void **)(&api_table.cuStreamCreate) = dlsym(libcuda, "cuStreamCreate");
+    *(void **)(&api_table.cuStreamDestroy) = dlsym(libcuda, "cuStreamDestroy_v2");
+    *(void **)(&api_table.cuStreamBeginCapture) = dlsym(libcuda, "cuStreamBeginCapture_v2");
+    *(void **)(&api_table.cuStreamEndCapture) = dlsym(libcuda, "cuStreamEndCapture");
+    *(void **)(&api_table.cuGraphInstantiate) = dlsym(libcuda, "cuGraphInstantiateWithFlags");
+    *(void **)(&api_table.cuGraphLaunch) = dlsym(libcuda, "cuGraphLaunch");
+    *(void **)(&api_table.cuGraphExecDestroy) = dlsym(libcuda, "cuGraphExecDestroy");
+    *(void **)(&api_table.cuGraphDestroy) = dlsym(libcuda, "cuGraphDestroy");
     return 0;
 }
 

@@ -17,6 +17,8 @@ typedef struct CUmod_st *CUmodule;
 typedef struct CUfunc_st *CUfunction;
 typedef struct CUstream_st *CUstream;
 typedef struct CUevent_st *CUevent;
+typedef struct CUgraph_st *CUgraph;
+typedef struct CUgraphExec_st *CUgraphExec;
 typedef int nvrtcResult; /* 0 = NVRTC_SUCCESS */
 typedef struct _nvrtcProgram *nvrtcProgram;
 
@@ -38,6 +40,9 @@ enum {
     FLEX_CU_TENSOR_MAP_SWIZZLE_128B = 3,
     FLEX_CU_TENSOR_MAP_L2_PROMOTION_L2_128B = 2,
     FLEX_CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE = 0, /* out-of-range elements read as zero */
+    FLEX_CU_STREAM_NON_BLOCKING = 1,
+    FLEX_CU_STREAM_CAPTURE_STATUS_NONE = 0, /* _ACTIVE 1, _INVALIDATED 2 */
+    FLEX_CU_STREAM_CAPTURE_MODE_GLOBAL = 0,
 };
 
 typedef struct flex_cuda_api {
@@ -83,6 +88,20 @@ typedef struct flex_cuda_api {
                                        const unsigned long long *global_strides,
                                        const unsigned *box_dim, const unsigned *element_strides,
                                        int interleave, int swizzle, int l2_promotion, int oob_fill);
+    /* (optional: NULL before CUDA 10.0 / 11.4) streams and CUDA graphs:
+     * whether a stream is being captured (the backend then refuses what a
+     * capture does not allow), and what a caller or test needs to capture
+     * and replay one. cuStreamBeginCapture is the _v2 entry (with a mode),
+     * cuGraphInstantiate the WithFlags one. */
+    CUresult (*cuStreamIsCapturing)(CUstream s, int *status);
+    CUresult (*cuStreamCreate)(CUstream *s, unsigned flags);
+    CUresult (*cuStreamDestroy)(CUstream s);
+    CUresult (*cuStreamBeginCapture)(CUstream s, int mode);
+    CUresult (*cuStreamEndCapture)(CUstream s, CUgraph *graph);
+    CUresult (*cuGraphInstantiate)(CUgraphExec *exec, CUgraph graph, unsigned long long flags);
+    CUresult (*cuGraphLaunch)(CUgraphExec exec, CUstream s);
+    CUresult (*cuGraphExecDestroy)(CUgraphExec exec);
+    CUresult (*cuGraphDestroy)(CUgraph graph);
     /* NVRTC */
     nvrtcResult (*nvrtcVersion)(int *major, int *minor);
     nvrtcResult (*nvrtcCreateProgram)(nvrtcProgram *prog, const char *src, const char *name,

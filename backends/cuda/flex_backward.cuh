@@ -12,6 +12,10 @@
  *   FLEX_BWD_BLOCK_M        query rows per step (divides the mask's q block)
  *   FLEX_VEC                1: rows are 16-byte aligned, copy with cp.async
  *   FLEX_GRAD_SLOTS         entries of flex_bwd_params.grads (at least 1)
+ *   FLEX_BWD_PIPE           1: the next step's rows are copied during this one
+ *   FLEX_BWD_EXP2           1: P by exp2 with log2(e) folded in (f16/bf16)
+ *   FLEX_BWD_DQ_RED         1: dQ by red.global.add.v4.f32 (sm_90; D % 4 == 0)
+ *   FLEX_BWD_KV_FASTEST     1: grid x = kv tiles, y = (batch, kv head)
  *
  * Three kernels, launched in this order on the caller's stream:
  *   flex_bwd_preprocess  delta = rowsum(dO * O) per query row, and the dQ
@@ -32,15 +36,19 @@
  * Sᵀ = K Qᵀ and dPᵀ = V dOᵀ come out in the m16n8 accumulator layout with
  * kv rows and query columns, so P and dS pack straight into the A
  * fragments of dV += Pᵀ dO and dK += dSᵀ Q (as P does for P V in the
- * forward). dQ = dS K needs the tile's dS by query row: it goes through
- * shared memory, and the warps split the query rows.
+ * forward). dQ = dS K needs dS by query row: it goes through shared
+ * memory (kv-major, read back transposed by ldmatrix), and the warps share
+ * out the step's dQ in items of 16 rows by a slice of the columns. Q, dO,
+ * lse and delta of the next step are copied with cp.async into a second
+ * stage while a step computes (FLEX_BWD_PIPE).
  *
  * f32: the exact path, plain FMA, one warp per kv row, lanes splitting the
  * head dims; same walk, same accumulators.
  */
 
-/* The backward's parameters (cuda_backend.c mirrors the part before the
- * forward's block, which follows whole, then the mods' buffers). */
+/* The backward's parameters (gpu_host.h's flex_gpu_bwd_head mirrors the
+ * part before the forward's block, which follows whole, then the mods'
+ * buffers). */
 struct flex_bwd_params {
     const void *dout;
     void *dq, *dk, *dv; /* NULL: not wanted */
@@ -170,6 +178,14 @@ extern "C" __global__ void __launch_bounds__(128) flex_bwd_dq_store(const flex_b
         flex_st(bp.dq, dst + d, bp.dq_acc[row * p.D + d]);
 }
 
+/* P in log2 units (the forward's exp2 with log2(e) folded in) on the
+ * tensor-core path; the f32 path stays exact (expf). */
+#if (defined(FLEX_ELEM_BF16) || defined(FLEX_ELEM_F16)) && FLEX_BWD_EXP2
+#define FLEX_BWD_USE_EXP2 1
+#else
+#define FLEX_BWD_USE_EXP2 0
+#endif
+
 /* The mods at one score of the walk, at indices clamped into the sequences
  * (a score outside them is discarded, and its mods' bounds bits too):
  * whether it is kept, its probability from the forward's LSE, and the
@@ -191,7 +207,23 @@ static FLEX_DEVICE_INLINE float flex_bwd_prob(const flex_bwd_params &bp, float r
         flex_score_bwd(__fmul_rn(raw, p.scale), b, h, qi, ki, p.bufs, score_oob, dscore, terms,
                        bp.grads);
     oob |= keep ? score_oob : 0u;
+#if FLEX_BWD_USE_EXP2
+    /* 2^(value log2(e) - lse log2(e)). The mod's value is in natural units
+     * (as FlexAttention's); without a mod the scale and log2(e) meet in one
+     * FMA, as in the forward, and a -inf score gives 2^-inf = 0 unchecked. */
+    const float lse2 = lse * FLEX_LOG2E;
+#if FLEX_HAS_SCORE_MOD
+    const bool attended = value != FLEX_NEG_INF;
+    const float e = fmaf(value, FLEX_LOG2E, -lse2);
+#else
+    const bool attended = true;
+    const float e = fmaf(raw, p.scale_log2, -lse2);
+    (void)value;
+#endif
+    return keep && attended && lse != FLEX_NEG_INF ? flex_exp2(e) : 0.0f;
+#else
     return keep && value != FLEX_NEG_INF && lse != FLEX_NEG_INF ? expf(value - lse) : 0.0f;
+#endif
 }
 
 #if defined(FLEX_ELEM_BF16) || defined(FLEX_ELEM_F16)
@@ -199,49 +231,358 @@ static FLEX_DEVICE_INLINE float flex_bwd_prob(const flex_bwd_params &bp, float r
 
 #define FLEX_BWD_BLOCK_N (FLEX_WARPS * 16) /* kv rows per CTA (divides the mask's kv block) */
 #define FLEX_BWD_MT      (FLEX_BWD_BLOCK_M / 16)
-#define FLEX_DS_PAD      64 /* columns of the dS tile in shared memory (one 128-byte row) */
-static_assert(FLEX_BWD_BLOCK_N <= FLEX_DS_PAD, "a dS row holds the tile's kv rows");
+#define FLEX_BWD_STAGES  (FLEX_BWD_PIPE ? 2 : 1) /* Q/dO/lse/delta stages */
+/* Columns of the dS tile (kv rows x query columns): at least one 128-byte
+ * row, which flex_frag_base's swizzle needs. */
+#define FLEX_DS_COLS (FLEX_BWD_BLOCK_M > 64 ? FLEX_BWD_BLOCK_M : 64)
+static_assert(FLEX_DS_COLS % 64 == 0, "dS rows are whole 128-byte rows");
 
-extern "C" __global__ void __launch_bounds__(FLEX_THREADS) flex_bwd_kernel(const flex_bwd_params bp) {
+/* Shared memory (byte offsets; gpu_host.c's flex_gpu_bwd_smem is the same
+ * sum): K and V of the tile, the Q and dO stages, dS, lse and delta. */
+#define FLEX_BWD_SK     0
+#define FLEX_BWD_SV     (FLEX_BWD_SK + FLEX_BWD_BLOCK_N * FLEX_DQ * 2)
+#define FLEX_BWD_SQ     (FLEX_BWD_SV + FLEX_BWD_BLOCK_N * FLEX_DV * 2)
+#define FLEX_BWD_SDO    (FLEX_BWD_SQ + FLEX_BWD_STAGES * FLEX_BWD_BLOCK_M * FLEX_DQ * 2)
+#define FLEX_BWD_SDS    (FLEX_BWD_SDO + FLEX_BWD_STAGES * FLEX_BWD_BLOCK_M * FLEX_DV * 2)
+#define FLEX_BWD_SLSE   (FLEX_BWD_SDS + FLEX_BWD_BLOCK_N * FLEX_DS_COLS * 2)
+#define FLEX_BWD_SDELTA (FLEX_BWD_SLSE + FLEX_BWD_STAGES * FLEX_BWD_BLOCK_M * 4)
+
+/* dQ = dS K is shared out in items of 16 query rows x 16 * FLEX_BWD_DQ_C16
+ * columns: per m-tile, the largest number of column groups that divides
+ * the head dim's 16-column blocks and gives no warp more than one item
+ * where the warps suffice (every warp works, none re-reads dS for a second
+ * item it need not take). */
+static constexpr __device__ int flex_bwd_dq_groups() {
+    int g = FLEX_WARPS / FLEX_BWD_MT;
+    if (g < 1) g = 1;
+    while ((FLEX_DQ / 16) % g != 0)
+        g--;
+    return g;
+}
+#define FLEX_BWD_DQ_GROUPS flex_bwd_dq_groups()
+#define FLEX_BWD_DQ_C16    (FLEX_DQ / 16 / FLEX_BWD_DQ_GROUPS)
+
+/* One step of the walk: FLEX_BWD_BLOCK_M query rows of head h from q0;
+ * partial: the mask mod decides their scores. */
+struct flex_bwd_step {
+    int h, q0;
+    bool partial;
+};
+
+/* Where the walk over the GQA group's heads and their q blocks stands. */
+struct flex_bwd_cursor {
+    int g;      /* head of the group (-1: before the first) */
+    int i;      /* next step of its walk */
+    int nsteps; /* steps of its walk */
+    flex_q_walk walk;
+};
+
+/* Moves the cursor to the next step whose rows start inside the sequence
+ * (a clipped last q block has steps past it); false once the walk is over. */
+static FLEX_DEVICE_INLINE bool flex_bwd_next(const flex_bwd_params &bp, int b, int hk, int kb,
+                                             flex_bwd_cursor &c, flex_bwd_step &s) {
+    const flex_fwd_params &p = bp.f;
+    const int group = p.Hq / p.Hkv, steps_per_block = p.mask_qblock / FLEX_BWD_BLOCK_M;
+    for (;;) {
+        if (c.i >= c.nsteps) {
+            if (++c.g >= group) return false;
+            c.walk = flex_q_walk_for(bp, b, hk * group + c.g, kb);
+            c.nsteps = (c.walk.n_full + c.walk.n_part) * steps_per_block;
+            c.i = 0;
+            continue;
+        }
+        const int blk = c.i / steps_per_block;
+        bool partial;
+        const int q0 = flex_q_walk_block(bp, c.walk, blk, partial) * p.mask_qblock +
+                       (c.i - blk * steps_per_block) * FLEX_BWD_BLOCK_M;
+        c.i++;
+        if (q0 < p.Lq) {
+            s.h = hk * group + c.g;
+            s.q0 = q0;
+            s.partial = partial;
+            return true;
+        }
+    }
+}
+
+/* Issues the copies of step s's Q and dO rows, lse and delta into stage
+ * `stage` (not committed). Rows past the end read as zero: their scores are
+ * outside the sequence, so P and dS are 0 whatever lse and delta say. */
+static FLEX_DEVICE_INLINE void flex_bwd_load_step(const flex_bwd_params &bp, int b,
+                                                  const flex_bwd_step &s, flex_u32 smem, int stage,
+                                                  int tid) {
+    const flex_fwd_params &p = bp.f;
+    constexpr int BM = FLEX_BWD_BLOCK_M;
+    const flex_elem *gq = (const flex_elem *)p.q + b * p.q_sb + s.h * p.q_sh;
+    const flex_elem *gdo = (const flex_elem *)bp.dout + b * bp.do_sb + s.h * bp.do_sh;
+    flex_load_tile<BM, FLEX_DQ>(smem + FLEX_BWD_SQ + stage * BM * FLEX_DQ * 2, gq, p.q_ss, s.q0,
+                                p.Lq, p.D, tid);
+    flex_load_tile<BM, FLEX_DV>(smem + FLEX_BWD_SDO + stage * BM * FLEX_DV * 2, gdo, bp.do_ss, s.q0,
+                                p.Lq, p.Dv, tid);
+    const float *glse = p.lse + b * p.l_sb + s.h * p.l_sh;
+    const float *gdelta = bp.delta + ((long long)b * p.Hq + s.h) * p.Lq;
+    for (int i = tid; i < 2 * BM; i += FLEX_THREADS) {
+        const int r = i < BM ? i : i - BM, q = s.q0 + r;
+        const bool valid = q < p.Lq;
+        if (i < BM)
+            flex_cp_async4(smem + FLEX_BWD_SLSE + (stage * BM + r) * 4,
+                           valid ? glse + (long long)q * p.l_ss : glse, valid);
+        else
+            flex_cp_async4(smem + FLEX_BWD_SDELTA + (stage * BM + r) * 4,
+                           valid ? gdelta + q : gdelta, valid);
+    }
+}
+
+/* Per-lane ldmatrix bases (flex_frag_base) of the stage-0 tiles: A
+ * operands by row (K, V), B operands read as K is in the forward's
+ * S = Q Kᵀ (Q, dO) and transposed as V is in its P V (dO, Q, K; and dS,
+ * stored kv-major, as dQ's A operand). */
+struct flex_bwd_frags {
+    flex_u32 a_k, a_v, b_q, b_do, t_do, t_q, t_k, a_ds;
+};
+
+static FLEX_DEVICE_INLINE flex_bwd_frags flex_bwd_frags_for(flex_u32 smem, int warp, int lane) {
+    const int nrow = ((lane >> 4) << 3) + (lane & 7), nc0 = (lane >> 3) & 1;
+    const int trow = (((lane >> 3) & 1) << 3) + (lane & 7), tc0 = lane >> 4;
+    flex_bwd_frags f;
+    f.a_k = flex_frag_base(smem + FLEX_BWD_SK, warp * 16 + (lane & 15), lane >> 4, FLEX_DQ);
+    f.a_v = flex_frag_base(smem + FLEX_BWD_SV, warp * 16 + (lane & 15), lane >> 4, FLEX_DV);
+    f.b_q = flex_frag_base(smem + FLEX_BWD_SQ, nrow, nc0, FLEX_DQ);
+    f.b_do = flex_frag_base(smem + FLEX_BWD_SDO, nrow, nc0, FLEX_DV);
+    f.t_do = flex_frag_base(smem + FLEX_BWD_SDO, trow, tc0, FLEX_DV);
+    f.t_q = flex_frag_base(smem + FLEX_BWD_SQ, trow, tc0, FLEX_DQ);
+    f.t_k = flex_frag_base(smem + FLEX_BWD_SK, trow, tc0, FLEX_DQ);
+    f.a_ds = flex_frag_base(smem + FLEX_BWD_SDS, nrow, nc0, FLEX_DS_COLS);
+    return f;
+}
+
+/* Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for this warp's 16 kv rows (q, d_o: the
+ * stage's B bases). */
+template <int NT>
+static FLEX_DEVICE_INLINE void flex_bwd_sdp(float (&s)[NT][4], float (&dp)[NT][4],
+                                            const flex_bwd_frags &f, flex_u32 q, flex_u32 d_o) {
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int r = 0; r < 4; r++)
+            s[nt][r] = dp[nt][r] = 0.0f;
+#pragma unroll
+    for (int kk = 0; kk < FLEX_DQ / 16; kk++) {
+        flex_u32 a[4];
+        flex_ldmatrix_x4(a, flex_frag_at(f.a_k, kk));
+#pragma unroll
+        for (int np = 0; np < NT / 2; np++) {
+            flex_u32 bf[4];
+            flex_ldmatrix_x4(bf, flex_frag_at(q, kk) + np * 16 * FLEX_DQ * 2);
+            flex_mma_pair(s[2 * np], s[2 * np + 1], a, bf);
+        }
+    }
+#pragma unroll
+    for (int kk = 0; kk < FLEX_DV / 16; kk++) {
+        flex_u32 a[4];
+        flex_ldmatrix_x4(a, flex_frag_at(f.a_v, kk));
+#pragma unroll
+        for (int np = 0; np < NT / 2; np++) {
+            flex_u32 bf[4];
+            flex_ldmatrix_x4(bf, flex_frag_at(d_o, kk) + np * 16 * FLEX_DV * 2);
+            flex_mma_pair(dp[2 * np], dp[2 * np + 1], a, bf);
+        }
+    }
+}
+
+/* P and scale * dS in place of Sᵀ and dPᵀ (lse, delta: the stage's rows). */
+template <int NT>
+static FLEX_DEVICE_INLINE void flex_bwd_scores(const flex_bwd_params &bp, float (&s)[NT][4],
+                                               float (&dp)[NT][4], int b, const flex_bwd_step &st,
+                                               int kv0, const float *lse, const float *delta,
+                                               int warp, int lane, unsigned &oob) {
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++) {
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            const int kr = warp * 16 + (lane >> 2) + ((r & 2) ? 8 : 0);
+            const int qc = nt * 8 + (lane & 3) * 2 + (r & 1);
+            float dscore;
+            flex_grad_terms terms;
+            const float pr = flex_bwd_prob(bp, s[nt][r], b, st.h, st.q0 + qc, kv0 + kr, st.partial,
+                                           lse[qc], dscore, terms, oob);
+            dp[nt][r] = flex_score_grads(bp, pr, dp[nt][r], delta[qc], dscore, terms) * bp.f.scale;
+            s[nt][r] = pr;
+        }
+    }
+}
+
+/* Accumulator scores (m16n8 layout) -> 16-bit A fragments (m16n8k16). */
+template <int NT>
+static FLEX_DEVICE_INLINE void flex_bwd_pack(const float (&s)[NT][4], flex_u32 (&a)[NT / 2][4]) {
+#pragma unroll
+    for (int kk = 0; kk < NT / 2; kk++) {
+        a[kk][0] = flex_pack2(s[2 * kk][0], s[2 * kk][1]);
+        a[kk][1] = flex_pack2(s[2 * kk][2], s[2 * kk][3]);
+        a[kk][2] = flex_pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        a[kk][3] = flex_pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+}
+
+/* This warp's dS rows into the kv-major dS tile: fragment register j of
+ * da[kk] holds kv row (lane / 4) + 8 (j & 1) and query columns
+ * 8 (2 kk + j / 2) + 2 (lane % 4), + 1 (one 32-bit store; the swizzle puts
+ * the eight rows of a store in eight different bank groups). */
+template <int NT>
+static FLEX_DEVICE_INLINE void flex_bwd_store_ds(flex_u32 sds, const flex_u32 (&da)[NT / 2][4],
+                                                 int warp, int lane) {
+    const int kr = warp * 16 + (lane >> 2);
+    const flex_u32 row = flex_frag_base(sds, kr, 0, FLEX_DS_COLS) + (flex_u32)((lane & 3) << 2);
+#pragma unroll
+    for (int kk = 0; kk < NT / 2; kk++)
+#pragma unroll
+        for (int j = 0; j < 4; j++) {
+            const int chunk = 2 * kk + (j >> 1);
+            const flex_u32 at =
+                ((row ^ (flex_u32)((chunk & 7) << 4)) + (flex_u32)((chunk >> 3) << 7)) +
+                (flex_u32)((j & 1) * 8 * FLEX_DS_COLS * 2);
+            flex_st_shared_u32(at, da[kk][j]);
+        }
+}
+
+/* dV += Pᵀ dO, dK += dSᵀ Q (A fragments from the accumulators; t_do, t_q:
+ * the stage's transposed bases). */
+template <int NT>
+static FLEX_DEVICE_INLINE void
+flex_bwd_dkdv(float (&dk)[FLEX_DQ / 8][4], float (&dv)[FLEX_DV / 8][4],
+              const flex_u32 (&pa)[NT / 2][4], const flex_u32 (&da)[NT / 2][4], flex_u32 t_do,
+              flex_u32 t_q) {
+#pragma unroll
+    for (int kk = 0; kk < NT / 2; kk++) {
+#pragma unroll
+        for (int d2 = 0; d2 < FLEX_DV / 16; d2++) {
+            flex_u32 bf[4];
+            flex_ldmatrix_x4_trans(bf, flex_frag_at(t_do, d2) + kk * 16 * FLEX_DV * 2);
+            flex_mma_pair(dv[2 * d2], dv[2 * d2 + 1], pa[kk], bf);
+        }
+#pragma unroll
+        for (int d2 = 0; d2 < FLEX_DQ / 16; d2++) {
+            flex_u32 bf[4];
+            flex_ldmatrix_x4_trans(bf, flex_frag_at(t_q, d2) + kk * 16 * FLEX_DQ * 2);
+            flex_mma_pair(dk[2 * d2], dk[2 * d2 + 1], da[kk], bf);
+        }
+    }
+}
+
+#if FLEX_BWD_DQ_RED && !defined(FLEX_HIP) /* AMD: flex_mma_hip.cuh */
+/* One 16-byte reduction (sm_90; PTX ISA 8.1): addr 16-byte aligned. */
+static FLEX_DEVICE_INLINE void flex_red_add_v4(float *addr, float a, float b, float c, float d) {
+    asm volatile("red.global.add.v4.f32 [%0], {%1, %2, %3, %4};\n" ::"l"(addr), "f"(a), "f"(b),
+                 "f"(c), "f"(d)
+                 : "memory");
+}
+#endif
+
+/* A 16-row dQ item (m16n8 accumulators, columns col0..) added to the fp32
+ * accumulator rows from qrow0 (row stride D). */
+template <int NC>
+static FLEX_DEVICE_INLINE void flex_bwd_dq_add(float *gdq, int D, int Lq, int qrow0, int col0,
+                                               const float (&acc)[NC][4], int lane) {
+#if FLEX_BWD_DQ_RED
+    /* Lanes 2i and 2i + 1 swap halves, so that each holds four consecutive
+     * columns of one row (the even lane row lane / 4, the odd one 8 rows
+     * further): one vector reduction where there were four atomics. The
+     * host asks for it only where D % 4 == 0 and the accumulator is 16-byte
+     * aligned, so the columns of a vector are all inside or all outside. */
+    const bool odd = lane & 1;
+    const int q = qrow0 + (lane >> 2) + (odd ? 8 : 0);
+#pragma unroll
+    for (int dt = 0; dt < NC; dt++) {
+        const float x0 = FLEX_SHFL_XOR(odd ? acc[dt][0] : acc[dt][2], 1);
+        const float x1 = FLEX_SHFL_XOR(odd ? acc[dt][1] : acc[dt][3], 1);
+        const int col = col0 + dt * 8 + (lane & 2) * 2;
+        if (q < Lq && col < D)
+            flex_red_add_v4(gdq + (long long)q * D + col, odd ? x0 : acc[dt][0],
+                            odd ? x1 : acc[dt][1], odd ? acc[dt][2] : x0, odd ? acc[dt][3] : x1);
+    }
+#else
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        const int q = qrow0 + (lane >> 2) + hf * 8;
+        if (q >= Lq) continue;
+        float *row = gdq + (long long)q * D;
+#pragma unroll
+        for (int dt = 0; dt < NC; dt++) {
+            const int col = col0 + dt * 8 + (lane & 3) * 2;
+            if (col < D) atomicAdd(row + col, acc[dt][2 * hf]);
+            if (col + 1 < D) atomicAdd(row + col + 1, acc[dt][2 * hf + 1]);
+        }
+    }
+#endif
+}
+
+/* The step's dQ rows += dS K (dS complete in shared memory), in the items
+ * of flex_bwd_dq_groups shared out over the warps. */
+static FLEX_DEVICE_INLINE void flex_bwd_dq(float *gdq, int D, int Lq, int q0,
+                                           const flex_bwd_frags &f, int warp, int lane) {
+    constexpr int MT = FLEX_BWD_MT, CG = FLEX_BWD_DQ_GROUPS, C16 = FLEX_BWD_DQ_C16;
+    for (int item = warp; item < MT * CG; item += FLEX_WARPS) {
+        const int mt = item % MT, cg = CG == 1 ? 0 : item / MT;
+        const flex_u32 a_ds = flex_frag_at(f.a_ds, mt);
+        flex_u32 t_k[C16];
+#pragma unroll
+        for (int j = 0; j < C16; j++)
+            t_k[j] = flex_frag_at(f.t_k, cg * C16 + j);
+        float acc[2 * C16][4];
+#pragma unroll
+        for (int i = 0; i < 2 * C16; i++)
+#pragma unroll
+            for (int r = 0; r < 4; r++)
+                acc[i][r] = 0.0f;
+#pragma unroll
+        for (int kk = 0; kk < FLEX_BWD_BLOCK_N / 16; kk++) {
+            flex_u32 a[4];
+            flex_ldmatrix_x4_trans(a, a_ds + kk * 16 * FLEX_DS_COLS * 2);
+#pragma unroll
+            for (int j = 0; j < C16; j++) {
+                flex_u32 bf[4];
+                flex_ldmatrix_x4_trans(bf, t_k[j] + kk * 16 * FLEX_DQ * 2);
+                flex_mma_pair(acc[2 * j], acc[2 * j + 1], a, bf);
+            }
+        }
+        flex_bwd_dq_add<2 * C16>(gdq, D, Lq, q0 + mt * 16, cg * C16 * 16, acc, lane);
+    }
+}
+
+/* One CTA per (batch, kv head, tile of FLEX_BWD_BLOCK_N kv rows). */
+extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
+    flex_bwd_kernel(const flex_bwd_params bp) {
     const flex_fwd_params &p = bp.f;
     constexpr int BM = FLEX_BWD_BLOCK_M, BN = FLEX_BWD_BLOCK_N, NT = BM / 8;
     extern __shared__ __align__(128) unsigned char flex_smem[];
-    /* K, V of the tile; Q, dO, dS of the step; then the step's lse and delta. */
-    const flex_u32 sK = flex_smem_addr(flex_smem);
-    const flex_u32 sV = sK + BN * FLEX_DQ * 2;
-    const flex_u32 sQ = sV + BN * FLEX_DV * 2;
-    const flex_u32 sdO = sQ + BM * FLEX_DQ * 2;
-    const flex_u32 sdS = sdO + BM * FLEX_DV * 2;
-    float *s_lse =
-        (float *)(flex_smem + 2 * (BN * (FLEX_DQ + FLEX_DV) + BM * (FLEX_DQ + FLEX_DV + FLEX_DS_PAD)));
-    float *s_delta = s_lse + BM;
+    const flex_u32 smem = flex_smem_addr(flex_smem);
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-    const int b = blockIdx.x / p.Hkv, hk = blockIdx.x % p.Hkv;
-    const int kv0 = blockIdx.y * BN;
+#if FLEX_BWD_KV_FASTEST
+    const int tile = blockIdx.x, bhk = blockIdx.y; /* the kv tiles of a head run together */
+#else
+    const int tile = blockIdx.y, bhk = blockIdx.x;
+#endif
+    const int b = bhk / p.Hkv, hk = bhk % p.Hkv;
+    const int kv0 = tile * BN;
     if (kv0 >= p.Lkv) return;
     const int kb = kv0 / p.mask_kvblock;
-    const int group = p.Hq / p.Hkv;
     const flex_elem *gk = (const flex_elem *)p.k + b * p.k_sb + hk * p.k_sh;
     const flex_elem *gv = (const flex_elem *)p.v + b * p.v_sb + hk * p.v_sh;
-    flex_load_tile<BN, FLEX_DQ>(sK, gk, p.k_ss, kv0, p.Lkv, p.D, tid);
-    flex_load_tile<BN, FLEX_DV>(sV, gv, p.v_ss, kv0, p.Lkv, p.Dv, tid);
+    flex_load_tile<BN, FLEX_DQ>(smem + FLEX_BWD_SK, gk, p.k_ss, kv0, p.Lkv, p.D, tid);
+    flex_load_tile<BN, FLEX_DV>(smem + FLEX_BWD_SV, gv, p.v_ss, kv0, p.Lkv, p.Dv, tid);
+
+    flex_bwd_cursor cur;
+    cur.g = -1;
+    cur.i = cur.nsteps = 0;
+    flex_bwd_step st;
+    bool have = flex_bwd_next(bp, b, hk, kb, cur, st);
+#if FLEX_BWD_PIPE
+    if (have) flex_bwd_load_step(bp, b, st, smem, 0, tid);
+#endif
     flex_cp_async_commit();
 
-    /* Per-lane fragment bases (flex_frag_base): A operands by row (K, V,
-     * dS), B operands read as K is in the forward's S = Q Kᵀ (Q, dO) and
-     * transposed as V is in its P V (dO, Q, K). */
-    const flex_u32 a_k = flex_frag_base(sK, warp * 16 + (lane & 15), lane >> 4, FLEX_DQ);
-    const flex_u32 a_v = flex_frag_base(sV, warp * 16 + (lane & 15), lane >> 4, FLEX_DV);
-    const flex_u32 a_ds = flex_frag_base(sdS, lane & 15, lane >> 4, FLEX_DS_PAD);
-    const int nrow = ((lane >> 4) << 3) + (lane & 7), nc0 = (lane >> 3) & 1;
-    const flex_u32 b_q = flex_frag_base(sQ, nrow, nc0, FLEX_DQ);
-    const flex_u32 b_do = flex_frag_base(sdO, nrow, nc0, FLEX_DV);
-    const int trow = (((lane >> 3) & 1) << 3) + (lane & 7), tc0 = lane >> 4;
-    const flex_u32 t_do = flex_frag_base(sdO, trow, tc0, FLEX_DV);
-    const flex_u32 t_q = flex_frag_base(sQ, trow, tc0, FLEX_DQ);
-    const flex_u32 t_k = flex_frag_base(sK, trow, tc0, FLEX_DQ);
-
+    const flex_bwd_frags f = flex_bwd_frags_for(smem, warp, lane);
     float dk[FLEX_DQ / 8][4], dv[FLEX_DV / 8][4];
 #pragma unroll
     for (int i = 0; i < FLEX_DQ / 8; i++)
@@ -254,152 +595,48 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS) flex_bwd_kernel(const
         for (int r = 0; r < 4; r++)
             dv[i][r] = 0.0f;
     unsigned oob = 0;
-    const int steps_per_block = p.mask_qblock / BM;
+    int stage = 0;
 
-    for (int g = 0; g < group; g++) {
-        const int h = hk * group + g;
-        const flex_q_walk walk = flex_q_walk_for(bp, b, h, kb);
-        const int nsteps = (walk.n_full + walk.n_part) * steps_per_block;
-        const flex_elem *gq = (const flex_elem *)p.q + b * p.q_sb + h * p.q_sh;
-        const flex_elem *gdo = (const flex_elem *)bp.dout + b * bp.do_sb + h * bp.do_sh;
-        const float *glse = p.lse + b * p.l_sb + h * p.l_sh;
-        const float *gdelta = bp.delta + ((long long)b * p.Hq + h) * p.Lq;
-        float *gdq = bp.dq_acc ? bp.dq_acc + ((long long)b * p.Hq + h) * p.Lq * p.D : nullptr;
-        for (int step = 0; step < nsteps; step++) {
-            bool partial;
-            const int blk = step / steps_per_block;
-            const int q0 = flex_q_walk_block(bp, walk, blk, partial) * p.mask_qblock +
-                           (step - blk * steps_per_block) * BM;
-            if (q0 >= p.Lq) continue; /* a step past the end of a clipped last block */
-            __syncthreads(); /* the previous step is done with Q, dO, dS, lse, delta */
-            flex_load_tile<BM, FLEX_DQ>(sQ, gq, p.q_ss, q0, p.Lq, p.D, tid);
-            flex_load_tile<BM, FLEX_DV>(sdO, gdo, bp.do_ss, q0, p.Lq, p.Dv, tid);
-            flex_cp_async_commit();
-            for (int i = tid; i < BM; i += FLEX_THREADS) {
-                const int q = q0 + i;
-                s_lse[i] = q < p.Lq ? glse[(long long)q * p.l_ss] : FLEX_NEG_INF;
-                s_delta[i] = q < p.Lq ? gdelta[q] : 0.0f;
-            }
-            flex_cp_async_wait<0>();
-            __syncthreads();
+    /* Barriers per step: B after the copies (publishes them; every warp is
+     * past the previous step's dQ, so dS may be rewritten) and C after dS
+     * (dS complete for dQ; every read of the step's Q, dO, lse and delta is
+     * done, so the next copies into its stage need no barrier of their
+     * own). Pipelined, step s + 1 is copied into the other stage at the top
+     * of step s and waited for at the top of step s + 1. */
+    while (have) {
+        flex_bwd_step next;
+#if FLEX_BWD_PIPE
+        const bool have_next = flex_bwd_next(bp, b, hk, kb, cur, next);
+        if (have_next) flex_bwd_load_step(bp, b, next, smem, stage ^ 1, tid);
+        flex_cp_async_commit();
+        flex_cp_async_wait<1>();
+#else
+        flex_bwd_load_step(bp, b, st, smem, 0, tid);
+        flex_cp_async_commit();
+        flex_cp_async_wait<0>();
+        const bool have_next = flex_bwd_next(bp, b, hk, kb, cur, next);
+#endif
+        __syncthreads(); /* B */
+        const flex_u32 q_off = stage * BM * FLEX_DQ * 2, do_off = stage * BM * FLEX_DV * 2;
+        const float *lse = (const float *)(flex_smem + FLEX_BWD_SLSE) + stage * BM;
+        const float *delta = (const float *)(flex_smem + FLEX_BWD_SDELTA) + stage * BM;
 
-            /* Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for this warp's 16 kv rows. */
-            float s[NT][4], dp[NT][4];
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++)
-#pragma unroll
-                for (int r = 0; r < 4; r++)
-                    s[nt][r] = dp[nt][r] = 0.0f;
-#pragma unroll
-            for (int kk = 0; kk < FLEX_DQ / 16; kk++) {
-                flex_u32 a[4];
-                flex_ldmatrix_x4(a, flex_frag_at(a_k, kk));
-#pragma unroll
-                for (int np = 0; np < NT / 2; np++) {
-                    flex_u32 bf[4];
-                    flex_ldmatrix_x4(bf, flex_frag_at(b_q, kk) + np * 16 * FLEX_DQ * 2);
-                    flex_mma_pair(s[2 * np], s[2 * np + 1], a, bf);
-                }
-            }
-#pragma unroll
-            for (int kk = 0; kk < FLEX_DV / 16; kk++) {
-                flex_u32 a[4];
-                flex_ldmatrix_x4(a, flex_frag_at(a_v, kk));
-#pragma unroll
-                for (int np = 0; np < NT / 2; np++) {
-                    flex_u32 bf[4];
-                    flex_ldmatrix_x4(bf, flex_frag_at(b_do, kk) + np * 16 * FLEX_DV * 2);
-                    flex_mma_pair(dp[2 * np], dp[2 * np + 1], a, bf);
-                }
-            }
+        float s[NT][4], dp[NT][4];
+        flex_bwd_sdp<NT>(s, dp, f, f.b_q + q_off, f.b_do + do_off);
+        flex_bwd_scores<NT>(bp, s, dp, b, st, kv0, lse, delta, warp, lane, oob);
+        flex_u32 pa[NT / 2][4], da[NT / 2][4];
+        flex_bwd_pack<NT>(s, pa);
+        flex_bwd_pack<NT>(dp, da);
+        if (bp.dq_acc) flex_bwd_store_ds<NT>(smem + FLEX_BWD_SDS, da, warp, lane);
+        flex_bwd_dkdv<NT>(dk, dv, pa, da, f.t_do + do_off, f.t_q + q_off);
+        __syncthreads(); /* C */
+        if (bp.dq_acc)
+            flex_bwd_dq(bp.dq_acc + ((long long)b * p.Hq + st.h) * p.Lq * p.D, p.D, p.Lq, st.q0, f,
+                        warp, lane);
 
-            /* P and scale * dS in place of S and dP; dS to shared memory by
-             * query row for dQ. */
-#pragma unroll
-            for (int nt = 0; nt < NT; nt++) {
-#pragma unroll
-                for (int r = 0; r < 4; r++) {
-                    const int kr = warp * 16 + (lane >> 2) + ((r & 2) ? 8 : 0);
-                    const int qc = nt * 8 + (lane & 3) * 2 + (r & 1);
-                    float dscore;
-                    flex_grad_terms terms;
-                    const float pr = flex_bwd_prob(bp, s[nt][r], b, h, q0 + qc, kv0 + kr, partial,
-                                                   s_lse[qc], dscore, terms, oob);
-                    const float ds =
-                        flex_score_grads(bp, pr, dp[nt][r], s_delta[qc], dscore, terms) * p.scale;
-                    s[nt][r] = pr;
-                    dp[nt][r] = ds;
-                    flex_st_shared_u16(sdS + 2 * flex_swz(qc, kr >> 3, FLEX_DS_PAD) + 2 * (kr & 7),
-                                       flex_to_elem(ds));
-                }
-            }
-
-            /* dV += Pᵀ dO, dK += dSᵀ Q (A fragments from the accumulators). */
-            flex_u32 pa[NT / 2][4], da[NT / 2][4];
-#pragma unroll
-            for (int kk = 0; kk < NT / 2; kk++) {
-                pa[kk][0] = flex_pack2(s[2 * kk][0], s[2 * kk][1]);
-                pa[kk][1] = flex_pack2(s[2 * kk][2], s[2 * kk][3]);
-                pa[kk][2] = flex_pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                pa[kk][3] = flex_pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-                da[kk][0] = flex_pack2(dp[2 * kk][0], dp[2 * kk][1]);
-                da[kk][1] = flex_pack2(dp[2 * kk][2], dp[2 * kk][3]);
-                da[kk][2] = flex_pack2(dp[2 * kk + 1][0], dp[2 * kk + 1][1]);
-                da[kk][3] = flex_pack2(dp[2 * kk + 1][2], dp[2 * kk + 1][3]);
-            }
-#pragma unroll
-            for (int kk = 0; kk < NT / 2; kk++) {
-#pragma unroll
-                for (int d2 = 0; d2 < FLEX_DV / 16; d2++) {
-                    flex_u32 bf[4];
-                    flex_ldmatrix_x4_trans(bf, flex_frag_at(t_do, d2) + kk * 16 * FLEX_DV * 2);
-                    flex_mma_pair(dv[2 * d2], dv[2 * d2 + 1], pa[kk], bf);
-                }
-#pragma unroll
-                for (int d2 = 0; d2 < FLEX_DQ / 16; d2++) {
-                    flex_u32 bf[4];
-                    flex_ldmatrix_x4_trans(bf, flex_frag_at(t_q, d2) + kk * 16 * FLEX_DQ * 2);
-                    flex_mma_pair(dk[2 * d2], dk[2 * d2 + 1], da[kk], bf);
-                }
-            }
-
-            /* dQ rows of this step += dS K, the warps splitting the rows. */
-            if (gdq) {
-                __syncthreads(); /* dS is complete */
-                for (int mt = warp; mt < FLEX_BWD_MT; mt += FLEX_WARPS) {
-                    float acc[FLEX_DQ / 8][4];
-#pragma unroll
-                    for (int i = 0; i < FLEX_DQ / 8; i++)
-#pragma unroll
-                        for (int r = 0; r < 4; r++)
-                            acc[i][r] = 0.0f;
-#pragma unroll
-                    for (int kk = 0; kk < BN / 16; kk++) {
-                        flex_u32 a[4];
-                        flex_ldmatrix_x4(a, flex_frag_at(a_ds, kk) + mt * 16 * FLEX_DS_PAD * 2);
-#pragma unroll
-                        for (int d2 = 0; d2 < FLEX_DQ / 16; d2++) {
-                            flex_u32 bf[4];
-                            flex_ldmatrix_x4_trans(bf,
-                                                   flex_frag_at(t_k, d2) + kk * 16 * FLEX_DQ * 2);
-                            flex_mma_pair(acc[2 * d2], acc[2 * d2 + 1], a, bf);
-                        }
-                    }
-#pragma unroll
-                    for (int hf = 0; hf < 2; hf++) {
-                        const int q = q0 + mt * 16 + (lane >> 2) + hf * 8;
-                        if (q >= p.Lq) continue;
-                        float *row = gdq + (long long)q * p.D;
-#pragma unroll
-                        for (int dt = 0; dt < FLEX_DQ / 8; dt++) {
-                            const int col = dt * 8 + (lane & 3) * 2;
-                            if (col < p.D) atomicAdd(row + col, acc[dt][2 * hf]);
-                            if (col + 1 < p.D) atomicAdd(row + col + 1, acc[dt][2 * hf + 1]);
-                        }
-                    }
-                }
-            }
-        }
+        st = next;
+        have = have_next;
+        stage ^= FLEX_BWD_STAGES - 1;
     }
     flex_cp_async_wait<0>(); /* nothing in flight when the CTA ends (a tile without steps) */
     if (oob) atomicOr(p.bufs.bounds_flag, oob);

@@ -83,43 +83,6 @@ struct flex_warp_state {
     float l[FLEX_MT][2]; /* running sum (this thread's columns only) */
 };
 
-/* The online-softmax update of one 16-row m-tile's modified scores (log2
- * units; RAW: unscaled): s becomes the unnormalised probabilities, m and l
- * move on, alphas[i] is the factor the accumulators of row half i must be
- * rescaled by. */
-template <bool RAW, int NT>
-static FLEX_DEVICE_INLINE void flex_softmax_update(const flex_fwd_params &p, float (&m)[2],
-                                                   float (&l)[2], float (&s)[NT][4],
-                                                   float (&alphas)[2]) {
-#pragma unroll
-    for (int hf = 0; hf < 2; hf++) {
-        float mx = FLEX_NEG_INF;
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-            mx = fmaxf(mx, fmaxf(s[nt][2 * hf], s[nt][2 * hf + 1]));
-        mx = fmaxf(mx, FLEX_SHFL_XOR(mx, 1));
-        mx = fmaxf(mx, FLEX_SHFL_XOR(mx, 2));
-        if (RAW) mx *= p.scale_log2; /* a positive scale keeps the maximum where it is */
-        const float m_new = fmaxf(m[hf], mx);
-        const float m_use = m_new == FLEX_NEG_INF ? 0.0f : m_new;
-        const float alpha = flex_exp2(m[hf] - m_use);
-        m[hf] = m_new;
-        float sum = 0.0f;
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-            const float e0 =
-                flex_exp2(RAW ? fmaf(s[nt][2 * hf], p.scale_log2, -m_use) : s[nt][2 * hf] - m_use);
-            const float e1 = flex_exp2(RAW ? fmaf(s[nt][2 * hf + 1], p.scale_log2, -m_use)
-                                           : s[nt][2 * hf + 1] - m_use);
-            s[nt][2 * hf] = e0;
-            s[nt][2 * hf + 1] = e1;
-            sum += e0 + e1;
-        }
-        l[hf] = l[hf] * alpha + sum;
-        alphas[hf] = alpha;
-    }
-}
-
 /* Row and key of score r of n-tile nt in this lane's share of a 16-row
  * m-tile (the m16n8 accumulator layout). */
 static FLEX_DEVICE_INLINE int flex_score_q(int qrow0, int lane, int r) {
@@ -291,33 +254,6 @@ flex_softmax_probs_split(const flex_fwd_params &p, float (&m)[2], float (&l)[2],
     flex_softmax_update<false>(p, m, l, s, alphas);
 }
 #endif
-
-/* Past the first blocks the running max rarely moves: the rescale of the
- * accumulators is skipped when it moved for no row of the warp. */
-static FLEX_DEVICE_INLINE void flex_rescale(float (&o)[FLEX_DV / 8][4], const float (&alphas)[2]) {
-    if (FLEX_ANY(alphas[0] != 1.0f || alphas[1] != 1.0f)) {
-#pragma unroll
-        for (int dt = 0; dt < FLEX_DV / 8; dt++) {
-            o[dt][0] *= alphas[0];
-            o[dt][1] *= alphas[0];
-            o[dt][2] *= alphas[1];
-            o[dt][3] *= alphas[1];
-        }
-    }
-}
-
-/* Probabilities (m16n8 accumulator layout) -> 16-bit A fragments of P for
- * P V (m16n8k16 layout, which is also wgmma's register-A layout). */
-template <int NT>
-static FLEX_DEVICE_INLINE void flex_pack_probs(const float (&s)[NT][4], flex_u32 (&pa)[NT / 2][4]) {
-#pragma unroll
-    for (int kk = 0; kk < NT / 2; kk++) {
-        pa[kk][0] = flex_pack2(s[2 * kk][0], s[2 * kk][1]);
-        pa[kk][1] = flex_pack2(s[2 * kk][2], s[2 * kk][3]);
-        pa[kk][2] = flex_pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-        pa[kk][3] = flex_pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-    }
-}
 
 /* Scores of one m-tile -> probabilities, rescaled accumulators, P fragments. */
 template <bool MASKED>

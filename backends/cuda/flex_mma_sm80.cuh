@@ -46,9 +46,17 @@ static FLEX_DEVICE_INLINE flex_u32 flex_frag_at(flex_u32 base, int kk) {
 static FLEX_DEVICE_INLINE void flex_st_shared_u16(flex_u32 addr, flex_u16 x) {
     asm volatile("st.shared.u16 [%0], %1;\n" ::"r"(addr), "h"(x));
 }
+static FLEX_DEVICE_INLINE void flex_st_shared_u32(flex_u32 addr, flex_u32 x) {
+    asm volatile("st.shared.b32 [%0], %1;\n" ::"r"(addr), "r"(x));
+}
 static FLEX_DEVICE_INLINE void flex_cp_async16(flex_u32 dst, const void *src, bool valid) {
     const int n = valid ? 16 : 0; /* 0: zero-fill, nothing read */
     asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(n));
+}
+/* 4 bytes (a float of a strided vector); !valid: zero-fill, nothing read. */
+static FLEX_DEVICE_INLINE void flex_cp_async4(flex_u32 dst, const void *src, bool valid) {
+    const int n = valid ? 4 : 0;
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src), "r"(n));
 }
 static FLEX_DEVICE_INLINE void flex_cp_async_commit() {
     asm volatile("cp.async.commit_group;\n" ::);
@@ -127,18 +135,20 @@ static FLEX_DEVICE_INLINE flex_u32 flex_tile_offset(int row, int chunk) {
 
 /* Copies rows [row0, row0 + ROWS) x columns [0, DPAD) of a (rows, cols)
  * global matrix into a swizzled shared tile (layout: flex_tile_offset); rows
- * >= nrows and columns >= ncols read as zero. */
-template <int ROWS, int DPAD, bool SW128 = false>
+ * >= nrows and columns >= ncols read as zero. THREADS threads (tid below
+ * it) share the copy: FLEX_THREADS, unless a kernel of the module runs
+ * another number. */
+template <int ROWS, int DPAD, bool SW128 = false, int THREADS = FLEX_THREADS>
 static FLEX_DEVICE_INLINE void flex_load_tile(flex_u32 tile, const flex_elem *g,
                                               long long row_stride, int row0, int nrows, int ncols,
                                               int tid) {
     constexpr int CHUNKS = DPAD / 8;
 #if FLEX_VEC
-    if constexpr (FLEX_THREADS % CHUNKS == 0 && ROWS % (FLEX_THREADS / CHUNKS) == 0) {
+    if constexpr (THREADS % CHUNKS == 0 && ROWS % (THREADS / CHUNKS) == 0) {
         /* Each thread copies one column chunk of every RSTEP-th row: one
          * source pointer and one stride per thread, nothing per row kept
          * live across the kv walk. */
-        constexpr int RSTEP = FLEX_THREADS / CHUNKS;
+        constexpr int RSTEP = THREADS / CHUNKS;
         const int r0 = tid / CHUNKS, c = tid % CHUNKS;
         const bool col_ok = c * 8 < ncols;
         const flex_elem *src = g + (long long)(row0 + r0) * row_stride + c * 8;
@@ -158,18 +168,18 @@ static FLEX_DEVICE_INLINE void flex_load_tile(flex_u32 tile, const flex_elem *g,
         }
         return;
     }
-    constexpr int ITERS = (ROWS * CHUNKS + FLEX_THREADS - 1) / FLEX_THREADS;
+    constexpr int ITERS = (ROWS * CHUNKS + THREADS - 1) / THREADS;
 #pragma unroll
     for (int it = 0; it < ITERS; it++) {
-        const int i = tid + it * FLEX_THREADS;
-        if (ROWS * CHUNKS % FLEX_THREADS != 0 && i >= ROWS * CHUNKS) break;
+        const int i = tid + it * THREADS;
+        if (ROWS * CHUNKS % THREADS != 0 && i >= ROWS * CHUNKS) break;
         const int r = i / CHUNKS, c = i % CHUNKS;
         const bool valid = (row0 + r < nrows) && (c * 8 < ncols);
         const flex_elem *src = valid ? g + (long long)(row0 + r) * row_stride + c * 8 : g;
         flex_cp_async16(tile + flex_tile_offset<ROWS, DPAD, SW128>(r, c), src, valid);
     }
 #else
-    for (int i = tid; i < ROWS * DPAD; i += FLEX_THREADS) {
+    for (int i = tid; i < ROWS * DPAD; i += THREADS) {
         const int r = i / DPAD, col = i % DPAD;
         flex_elem x = 0;
         if (row0 + r < nrows && col < ncols) x = g[(long long)(row0 + r) * row_stride + col];
@@ -178,5 +188,74 @@ static FLEX_DEVICE_INLINE void flex_load_tile(flex_u32 tile, const flex_elem *g,
     }
 #endif
 }
+
+/* ---- the online softmax on the m16n8 accumulator layout (forward, decode) ---- */
+
+#if defined(FLEX_DV)
+/* The online-softmax update of one 16-row m-tile's modified scores (log2
+ * units; RAW: unscaled): s becomes the unnormalised probabilities, m and l
+ * move on, alphas[i] is the factor the accumulators of row half i must be
+ * rescaled by. */
+template <bool RAW, int NT>
+static FLEX_DEVICE_INLINE void flex_softmax_update(const flex_fwd_params &p, float (&m)[2],
+                                                   float (&l)[2], float (&s)[NT][4],
+                                                   float (&alphas)[2]) {
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        float mx = FLEX_NEG_INF;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+            mx = fmaxf(mx, fmaxf(s[nt][2 * hf], s[nt][2 * hf + 1]));
+        mx = fmaxf(mx, FLEX_SHFL_XOR(mx, 1));
+        mx = fmaxf(mx, FLEX_SHFL_XOR(mx, 2));
+        if (RAW) mx *= p.scale_log2; /* a positive scale keeps the maximum where it is */
+        const float m_new = fmaxf(m[hf], mx);
+        const float m_use = m_new == FLEX_NEG_INF ? 0.0f : m_new;
+        const float alpha = flex_exp2(m[hf] - m_use);
+        m[hf] = m_new;
+        float sum = 0.0f;
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++) {
+            const float e0 =
+                flex_exp2(RAW ? fmaf(s[nt][2 * hf], p.scale_log2, -m_use) : s[nt][2 * hf] - m_use);
+            const float e1 = flex_exp2(RAW ? fmaf(s[nt][2 * hf + 1], p.scale_log2, -m_use)
+                                           : s[nt][2 * hf + 1] - m_use);
+            s[nt][2 * hf] = e0;
+            s[nt][2 * hf + 1] = e1;
+            sum += e0 + e1;
+        }
+        l[hf] = l[hf] * alpha + sum;
+        alphas[hf] = alpha;
+    }
+}
+
+/* Past the first blocks the running max rarely moves: the rescale of the
+ * accumulators is skipped when it moved for no row of the warp. */
+static FLEX_DEVICE_INLINE void flex_rescale(float (&o)[FLEX_DV / 8][4], const float (&alphas)[2]) {
+    if (FLEX_ANY(alphas[0] != 1.0f || alphas[1] != 1.0f)) {
+#pragma unroll
+        for (int dt = 0; dt < FLEX_DV / 8; dt++) {
+            o[dt][0] *= alphas[0];
+            o[dt][1] *= alphas[0];
+            o[dt][2] *= alphas[1];
+            o[dt][3] *= alphas[1];
+        }
+    }
+}
+
+/* Probabilities (m16n8 accumulator layout) -> 16-bit A fragments of P for
+ * P V (m16n8k16 layout, which is also wgmma's register-A layout). */
+template <int NT>
+static FLEX_DEVICE_INLINE void flex_pack_probs(const float (&s)[NT][4], flex_u32 (&pa)[NT / 2][4]) {
+#pragma unroll
+    for (int kk = 0; kk < NT / 2; kk++) {
+        pa[kk][0] = flex_pack2(s[2 * kk][0], s[2 * kk][1]);
+        pa[kk][1] = flex_pack2(s[2 * kk][2], s[2 * kk][3]);
+        pa[kk][2] = flex_pack2(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        pa[kk][3] = flex_pack2(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+}
+
+#endif /* FLEX_DV */
 
 #endif /* FLEX_ELEM_BF16 || FLEX_ELEM_F16 */

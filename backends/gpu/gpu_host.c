@@ -42,15 +42,17 @@ void flex_gpu_init(flex_gpu_state *st, const flex_gpu_ops *ops, const void *api,
     st->vendor_ctx = vendor_ctx;
     st->device_type = device_type;
     atomic_init(&st->bounds_pending, 0);
+    atomic_init(&st->bounds_in_graph, 0);
+    st->capturing = 0;
     pthread_mutex_init(&st->lock, NULL);
 }
 
 flex_status flex_gpu_alloc_bounds_flag(flex_context *ctx, flex_gpu_state *st) {
     char what[96];
     snprintf(what, sizeof what, "%s (bounds flag)", st->ops->mem_alloc_name);
-    flex_status s = flex_gpu_check(ctx, st, st->ops->mem_alloc(st->api, &st->bounds_flag, 4), what);
+    flex_status s = flex_gpu_check(ctx, st, st->ops->mem_alloc(st->api, &st->bounds_flag, 8), what);
     if (!s)
-        s = flex_gpu_check(ctx, st, st->ops->mem_set(st->api, st->bounds_flag, 0, 4),
+        s = flex_gpu_check(ctx, st, st->ops->mem_set(st->api, st->bounds_flag, 0, 8),
                            st->ops->mem_set_name);
     return s;
 }
@@ -82,19 +84,42 @@ void flex_gpu_release(flex_gpu_state *st) {
 flex_status flex_gpu_take_bounds_flag(flex_context *ctx, flex_gpu_state *st) {
     const flex_gpu_ops *ops = st->ops;
     char what[96];
-    uint32_t flag = 0;
+    uint32_t flag[2] = {0, 0};
     snprintf(what, sizeof what, "%s (bounds flag)", ops->copy_to_host_name);
-    GPU_TRY(ctx, st, ops->copy_to_host(st->api, &flag, st->bounds_flag, 4), what);
-    if (!flag) return FLEX_OK;
+    GPU_TRY(ctx, st, ops->copy_to_host(st->api, flag, st->bounds_flag, sizeof flag), what);
+    if (!flag[0] && !flag[1]) return FLEX_OK;
     snprintf(what, sizeof what, "%s (bounds flag)", ops->mem_set_name);
-    GPU_TRY(ctx, st, ops->mem_set(st->api, st->bounds_flag, 0, 4), what);
+    GPU_TRY(ctx, st, ops->mem_set(st->api, st->bounds_flag, 0, sizeof flag), what);
+    if (flag[1]) {
+        /* the decode word (flex_gpu_decode_flag): the first argument named */
+        const char *arg = (flag[1] & 1u) ? "q_offsets" : (flag[1] & 2u) ? "kv_lengths" : "page_table";
+        return flex_fail(ctx, FLEX_ERR_BUFFER_BOUNDS,
+                         "a value of opts->%s on the GPU was out of range (it was clamped; "
+                         "results of that call are not meaningful)",
+                         arg);
+    }
     int slot = 0;
-    while (!(flag & (1u << slot)))
+    while (!(flag[0] & (1u << slot)))
         slot++;
     return flex_fail(ctx, FLEX_ERR_BUFFER_BOUNDS,
                      "a mod read buffer '%s' outside its sizes on the GPU (the index was "
                      "clamped; results of that call are not meaningful)",
                      st->slot_names[slot][0] ? st->slot_names[slot] : "?");
+}
+
+flex_gpu_ptr flex_gpu_decode_flag(const flex_gpu_state *st) {
+    return st->bounds_flag + 4;
+}
+
+/* What a call would do that a capture into a graph does not allow, refused
+ * before it is issued: the capture stays valid and the message says what
+ * to do. */
+static flex_status refuse_in_capture(flex_context *ctx, const char *what) {
+    return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                     "%s is needed, but the stream is being captured into a graph, where that "
+                     "is not allowed: make one call with the same mods, block mask, dtypes and "
+                     "shapes before the capture",
+                     what);
 }
 
 /* ---- kernels: memory list -> cache -> compiler ---- */
@@ -107,6 +132,7 @@ flex_status flex_gpu_get_function(flex_context *ctx, flex_gpu_state *st, const c
             *fn = m->fn;
             return FLEX_OK;
         }
+    if (st->capturing) return refuse_in_capture(ctx, "compiling and loading a kernel");
     char *source = build(args);
     if (!source)
         return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory building kernel source");
@@ -160,10 +186,23 @@ flex_status flex_gpu_get_function(flex_context *ctx, flex_gpu_state *st, const c
 
 flex_status flex_gpu_module_function(flex_context *ctx, flex_gpu_state *st, const char *key,
                                      const char *name, void **fn) {
-    for (flex_gpu_module *m = st->modules; m; m = m->next)
-        if (strcmp(m->key, key) == 0)
-            return flex_gpu_check(ctx, st, st->ops->module_function(st->api, m->module, name, fn),
-                                  st->ops->module_function_name);
+    for (flex_gpu_module *m = st->modules; m; m = m->next) {
+        if (strcmp(m->key, key) != 0) continue;
+        for (int i = 0; i < m->num_more; i++)
+            if (strcmp(m->more[i].name, name) == 0) {
+                *fn = m->more[i].fn;
+                return FLEX_OK;
+            }
+        flex_status s = flex_gpu_check(ctx, st, st->ops->module_function(st->api, m->module, name,
+                                                                         fn),
+                                       st->ops->module_function_name);
+        const int slots = (int)(sizeof m->more / sizeof m->more[0]);
+        if (!s && m->num_more < slots && strlen(name) < sizeof m->more[0].name) {
+            snprintf(m->more[m->num_more].name, sizeof m->more[0].name, "%s", name);
+            m->more[m->num_more++].fn = *fn;
+        }
+        return s;
+    }
     return flex_fail(ctx, FLEX_ERR_DEVICE, "the module of %s is not loaded", name);
 }
 
@@ -189,6 +228,12 @@ static flex_status buffer_device_ptr(flex_context *ctx, flex_gpu_state *st,
             extent = 0;
         else if (extent)
             extent += (v->sizes[d] - 1) * (v->strides[d] < 0 ? -v->strides[d] : v->strides[d]);
+    }
+    if (st->capturing) {
+        char what[160];
+        snprintf(what, sizeof what, "a first copy of mod buffer '%s' from the host to the GPU",
+                 mod->ir.buffers[i].name);
+        return refuse_in_capture(ctx, what);
     }
     size_t bytes = (size_t)extent * flex_dtype_size(v->dtype);
     flex_gpu_buffer_copy *c = calloc(1, sizeof *c);
@@ -307,6 +352,8 @@ flex_status flex_gpu_mask_device_copy(flex_context *ctx, flex_gpu_state *st,
         *out = mask->device_copy;
         return FLEX_OK;
     }
+    if (st->capturing)
+        return refuse_in_capture(ctx, "a first copy of the block mask's lists to the GPU");
     const int64_t rows = mask->B * mask->H * mask->num_q_blocks;
     const int64_t nq = mask->num_q_blocks;
     flex_gpu_mask_copy *c = calloc(1, sizeof *c);
@@ -448,7 +495,26 @@ void flex_gpu_fwd_params_fill(flex_gpu_fwd_params *p, const flex_forward_args *a
     p->scale_log2 = a->scale * 1.4426950408889634f;
 }
 
+int flex_gpu_decode_splits(int sm_count, int64_t units, int64_t longest_kv, int hint) {
+    int64_t steps = (longest_kv + 63) / 64;
+    if (steps < 1) steps = 1;
+    if (hint > 0) return (int)(hint < steps ? hint : steps);
+    if (units < 1) units = 1;
+    const int64_t want = 2 * (int64_t)(sm_count > 0 ? sm_count : 1);
+    int64_t splits = (want + units - 1) / units;
+    if (splits > steps / 4) splits = steps / 4;
+    if (splits > 256) splits = 256;
+    return splits < 1 ? 1 : (int)splits;
+}
+
 /* ---- backward ---- */
+
+size_t flex_gpu_bwd_smem(const flex_cuda_bwd_config *cfg) {
+    const size_t bn = (size_t)cfg->warps * 16, bm = (size_t)cfg->block_m;
+    const size_t stages = cfg->pipeline ? 2 : 1, ds_cols = bm > 64 ? bm : 64;
+    const size_t dims = (size_t)cfg->dq + (size_t)cfg->dv;
+    return 2 * (bn * dims + stages * bm * dims + bn * ds_cols) + 8 * stages * bm;
+}
 
 flex_status flex_gpu_bwd_score_prepare(flex_context *ctx, const flex_gpu_state *st,
                                        const flex_backward_args *a, ir_mod *derived,

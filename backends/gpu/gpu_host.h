@@ -67,6 +67,13 @@ typedef struct flex_gpu_module {
     char *key; /* configuration, mod hashes, arch, compiler version */
     void *module;
     void *fn;
+    /* Its other kernels found so far (flex_gpu_module_function), so a call
+     * asks the vendor for none of them again. */
+    struct {
+        char name[48];
+        void *fn;
+    } more[4];
+    int num_more;
     struct flex_gpu_module *next;
 } flex_gpu_module;
 
@@ -88,8 +95,19 @@ typedef struct flex_gpu_state {
     flex_cache *cache; /* the vendor's process-wide kernel cache */
     flex_device_type device_type; /* where tensors on this GPU say they are */
     char arch[32];
-    flex_gpu_ptr bounds_flag;  /* u32: bit i = buffer slot i was read out of range */
+    /* Two u32 words: bit i of the first = buffer slot i was read out of
+     * range; the second is the decode word (flex_gpu_decode_flag). */
+    flex_gpu_ptr bounds_flag;
     atomic_int bounds_pending; /* a kernel that reads mod buffers ran since the last read */
+    /* A kernel that reads mod buffers was captured into a graph: its
+     * replays launch it with no call here, so every synchronize reads the
+     * flag from then on. */
+    atomic_int bounds_in_graph;
+    /* The call in progress is being captured into a graph (set by the
+     * backend under lock, for the call): what a capture does not allow
+     * (allocations, synchronous copies, module loads) is refused with a
+     * named error instead of being issued. */
+    int capturing;
     char slot_names[FLEX_EMIT_MAX_SLOTS][80];
     flex_gpu_module *modules;
     flex_gpu_buffer_copy *buffer_copies;
@@ -113,8 +131,13 @@ flex_status flex_gpu_alloc_bounds_flag(flex_context *ctx, flex_gpu_state *st);
  * context current), then destroys the lock. */
 void flex_gpu_release(flex_gpu_state *st);
 
-/* Reads and clears the bounds flag; a set bit becomes FLEX_ERR_BUFFER_BOUNDS. */
+/* Reads and clears the bounds flag; a set bit becomes FLEX_ERR_BUFFER_BOUNDS,
+ * naming the buffer or, for the decode word, the decode argument. */
 flex_status flex_gpu_take_bounds_flag(flex_context *ctx, flex_gpu_state *st);
+/* The decode word of the bounds flag: bit 0 a q_offsets value, bit 1 a
+ * kv_lengths value, bit 2 a page_table entry on the device was out of
+ * range and was clamped by the decode kernel (flex_decode.cuh). */
+flex_gpu_ptr flex_gpu_decode_flag(const flex_gpu_state *st);
 
 /* ---- kernels: memory list -> cache -> compiler ---- */
 
@@ -134,7 +157,7 @@ flex_status flex_gpu_get_function(flex_context *ctx, flex_gpu_state *st, const c
                                   flex_gpu_source_builder build, const void *args,
                                   const char *fn_name, void **fn);
 /* Another kernel of the module loaded under key (flex_gpu_get_function
- * found or built it just before). */
+ * found or built it just before); the vendor is asked once per name. */
 flex_status flex_gpu_module_function(flex_context *ctx, flex_gpu_state *st, const char *key,
                                      const char *name, void **fn);
 
@@ -205,6 +228,13 @@ int flex_gpu_ir_reads_buffer(const ir_mod *m, int buffer);
 int flex_gpu_pad64(int64_t d);
 int flex_gpu_aligned16(const void *p);
 
+/* The decode kernels' split count (flex_decode.cuh): the caller's hint when
+ * given (at most one piece per 64-key step of the longest kv length);
+ * otherwise enough pieces that `units` CTAs per piece (batch x kv head x
+ * row chunks) fill the GPU's SMs about twice, with at least 4 steps (256
+ * keys) a piece and at most 256 pieces. Pure. */
+int flex_gpu_decode_splits(int sm_count, int64_t units, int64_t longest_kv, int hint);
+
 /* Mirrors struct flex_fwd_params of flex_common.cuh up to `bufs`. */
 typedef struct flex_gpu_fwd_params {
     uint64_t q, k, v, out, lse;
@@ -229,6 +259,13 @@ void flex_gpu_fwd_params_fill(flex_gpu_fwd_params *p, const flex_forward_args *a
 /* ---- backward ---- */
 
 struct flex_cuda_grad_load; /* backends/cuda/cuda_compile.h: the kernels' gradient reads */
+struct flex_cuda_bwd_config; /* backends/cuda/cuda_compile.h: a backward kernel's choices */
+
+/* Shared memory (LDS on AMD) of the f16/bf16 backward kernel for cfg: the
+ * sum of the FLEX_BWD_S* regions of flex_backward.cuh (K and V of the kv
+ * tile, the Q and dO stages, dS with at least 64 query columns, lse and
+ * delta of the stages). Pure. */
+size_t flex_gpu_bwd_smem(const struct flex_cuda_bwd_config *cfg);
 
 /*
  * The score mod of a backward call, for the kernels (flex_backward.cuh):
@@ -266,7 +303,8 @@ typedef struct flex_gpu_bwd_head {
 /*
  * The backward kernels' parameter block (struct flex_bwd_params) for a's
  * tensors and scale, the mask's device copy mc (mask and mc NULL: dense),
- * the workspace's delta rows and dQ accumulator (0: dQ not wanted), the
+ * the workspace's delta rows and dQ accumulator (0: the main kernel adds
+ * no dQ: not wanted, or left to the deterministic dQ kernel), the
  * gradient tensors (grad_slots of them, at least one slot written) and the
  * mods' buffers with the bounds flag. Writes at most FLEX_GPU_BWD_BLOB_BYTES
  * into blob and returns the size. Pure.

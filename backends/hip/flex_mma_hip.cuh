@@ -17,8 +17,9 @@
  *     (v_mfma_f32_16x16x16{f16,bf16}), operands and results moved between
  *     the layouts with ds_bpermute across the wave. Both warps of a wave
  *     must issue each pair together, which the mainloops do when the warps
- *     of a CTA are even and, in the backward, its 16-row dQ tiles too
- *     (FLEX_AMD_HAVE_MFMA below); otherwise the scalar products serve.
+ *     of a CTA are even and, in the backward, the 16-row query tiles of a
+ *     step too (FLEX_AMD_HAVE_MFMA below); otherwise the scalar products
+ *     serve.
  *   - RDNA3 (gfx1100-1102; wave32): one WMMA per warp
  *     (v_wmma_f32_16x16x16_{f16,bf16}_w32).
  *   - Any other AMD target: the scalar flex_mma below, twice.
@@ -30,9 +31,12 @@
  * The scalar fallback computes mma.sync's fp32 sums lane by lane, every
  * primitive reading other lanes only inside its own 32-lane warp
  * (ds_bpermute), so both wave sizes run it; ldmatrix becomes LDS reads from
- * the addresses the other lanes hold; cp.async becomes a plain 16-byte copy
- * (the mainloop's barriers already order it). Compiled, never run: the
- * project has no AMD GPU (docs/hip-backend.md).
+ * the addresses the other lanes hold; cp.async (16 and 4 bytes) becomes a
+ * plain copy (the mainloops' barriers already order it; the wait is a
+ * no-op, so the backward's second Q/dO stage would overlap nothing and
+ * hip_backend.c leaves it off); the backward's sm_90 vector reduction
+ * becomes four float atomics. Compiled, never run: the project has no AMD
+ * GPU (docs/hip-backend.md).
  */
 #if defined(FLEX_ELEM_BF16) || defined(FLEX_ELEM_F16)
 
@@ -68,6 +72,9 @@ static FLEX_DEVICE_INLINE flex_u32 flex_warp_read(flex_u32 x, int src) {
 static FLEX_DEVICE_INLINE void flex_st_shared_u16(flex_u32 addr, flex_u16 x) {
     *(flex_lds_u16 *)(unsigned long)addr = x;
 }
+static FLEX_DEVICE_INLINE void flex_st_shared_u32(flex_u32 addr, flex_u32 x) {
+    *(flex_lds_u32 *)(unsigned long)addr = x;
+}
 static FLEX_DEVICE_INLINE flex_u32 flex_ld_shared_u32(flex_u32 addr) {
     return *(const flex_lds_u32 *)(unsigned long)addr;
 }
@@ -79,6 +86,10 @@ static FLEX_DEVICE_INLINE flex_u32 flex_ld_shared_u16(flex_u32 addr) {
 static FLEX_DEVICE_INLINE void flex_cp_async16(flex_u32 dst, const void *src, bool valid) {
     const flex_u32x4 zero = {0u, 0u, 0u, 0u};
     *(flex_lds_u32x4 *)(unsigned long)dst = valid ? *(const flex_u32x4 *)src : zero;
+}
+/* The 4-byte cp.async (a float of lse or delta): a synchronous copy too. */
+static FLEX_DEVICE_INLINE void flex_cp_async4(flex_u32 dst, const void *src, bool valid) {
+    *(flex_lds_u32 *)(unsigned long)dst = valid ? *(const flex_u32 *)src : 0u;
 }
 static FLEX_DEVICE_INLINE void flex_cp_async_commit() {}
 template <int N> static FLEX_DEVICE_INLINE void flex_cp_async_wait() {}
@@ -153,10 +164,14 @@ static FLEX_DEVICE_INLINE void flex_mma(float *d, const flex_u32 *a, flex_u32 b0
 
 /* ---- the matrix instructions (flex_amd_lanes.h) ---- */
 
-/* MFMA needs a wave's two warps together: a CTA of whole waves, and in the
- * backward an even number of 16-row dQ tiles, so that its loop over them
- * (warp, warp + FLEX_WARPS, ...) runs as often in both warps of a wave.
- * CDNA runs wave64 only; RDNA3 runs HIP in wave32 unless told otherwise. */
+/* MFMA needs a wave's two warps together: a CTA of whole waves (the
+ * backward's 128-row kv tiles are 8 warps), and in the backward an even
+ * number of 16-row query tiles a step. Every other product loop runs alike
+ * in every warp; the dQ loop (flex_bwd_dq) hands its items, m-tiles x
+ * column groups, to warps w, w + FLEX_WARPS, ..., so with the warps and the
+ * m-tiles even both warps of a wave take as many items (hip_compile.c
+ * appends a static_assert on the loop's own count). CDNA runs wave64 only;
+ * RDNA3 runs HIP in wave32 unless told otherwise. */
 #if (defined(__gfx90a__) || defined(__gfx940__) || defined(__gfx941__) ||                          \
      defined(__gfx942__)) &&                                                                       \
     FLEX_WARPS % 2 == 0 && (!defined(FLEX_BWD_BLOCK_M) || FLEX_BWD_BLOCK_M % 32 == 0)
@@ -268,5 +283,17 @@ static FLEX_DEVICE_INLINE flex_u32 flex_pack2(float lo, float hi) {
 static FLEX_DEVICE_INLINE float flex_exp2(float x) {
     return __builtin_exp2f(x);
 }
+
+#if defined(FLEX_BWD_DQ_RED) && FLEX_BWD_DQ_RED
+/* The backward's red.global.add.v4.f32 (sm_90): four float atomics. AMD
+ * has no 16-byte reduction and the HIP host never asks for this variant
+ * (dq_red 0); it is here so that every configuration compiles. */
+static FLEX_DEVICE_INLINE void flex_red_add_v4(float *addr, float a, float b, float c, float d) {
+    atomicAdd(addr, a);
+    atomicAdd(addr + 1, b);
+    atomicAdd(addr + 2, c);
+    atomicAdd(addr + 3, d);
+}
+#endif
 
 #endif /* FLEX_ELEM_BF16 || FLEX_ELEM_F16 */

@@ -327,7 +327,7 @@ static flex_status hip_forward(flex_context *ctx, const flex_forward_args *a) {
     if (a->q_offsets || a->kv_lengths || a->page_table)
         return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
                          "the HIP backend does not implement opts->%s yet (decode and paged KV "
-                         "run on the CPU backend only)",
+                         "run on the CPU and CUDA backends)",
                          a->q_offsets    ? "q_offsets"
                          : a->kv_lengths ? "kv_lengths"
                                          : "page_table");
@@ -525,33 +525,39 @@ static char *build_backward_source(const void *args) {
     return flex_hip_backward_source(a->cfg, a->mask, a->mask_in_range, a->score);
 }
 
-/* LDS of the f16/bf16 backward kernel (flex_backward.cuh): K and V of the
- * kv tile; Q, dO and dS (64 columns) of the query step; its lse and delta. */
-static size_t backward_lds(const flex_cuda_bwd_config *cfg) {
-    const size_t bn = (size_t)cfg->warps * 16, bm = (size_t)cfg->block_m;
-    return 2u * (bn * (size_t)(cfg->dq + cfg->dv) + bm * (size_t)(cfg->dq + cfg->dv + 64)) +
-           8u * bm;
-}
-
-/* Tiles of the f16/bf16 backward on AMD: 16 kv rows a warp, up to 64 a CTA
- * (no more than the mask's kv block), query steps of 64 rows for head dims
- * up to 64 and 32 above, no longer than the mask's q block. CUDA takes 16
- * rows above 128; here 32, since an even number of warps and of 16-row dQ
- * tiles is what lets a wave64 GPU run the products on MFMA
- * (flex_mma_hip.cuh). Where the LDS is short the query step, then the kv
- * tile, is halved (head dims above 128: such kernels take the scalar
- * products on CDNA). The mask's blocks are powers of two from 16, so each
- * halving still divides them. */
+/* Tiles and variants of the f16/bf16 backward on AMD: CUDA's choice
+ * (cuda_backend.c) within the LDS a workgroup has (64 KB). 16 kv rows a
+ * warp: 128 a CTA (8 warps) for head dims up to 128 where the mask's kv
+ * block is a multiple of 128, otherwise up to 64, no more than the kv
+ * block. Query steps of 64 rows for head dims up to 64 and 32 above, no
+ * longer than the mask's q block: CUDA takes 16 above 128, here 32, since
+ * an even number of 16-row dQ tiles is what lets a wave64 GPU run the
+ * products on MFMA (flex_mma_hip.cuh). P by exp2, as on CUDA. No pipeline:
+ * AMD's form of cp.async is a synchronous copy, so a second Q/dO stage
+ * would overlap nothing and only take LDS. dQ by per-element atomics (the
+ * 16-byte reductions are sm_90's). The kv tiles of a head side by side in
+ * the grid where the heads fit in its y (65535). Where the LDS is short the
+ * kv tile is halved down to 64 rows, then the query step, then the kv tile
+ * further (head dims above 128: such kernels take the scalar products on
+ * CDNA). The mask's blocks are powers of two from 16, so each halving
+ * still divides them. */
 static void choose_hip_backward_tiles(flex_cuda_bwd_config *cfg, int q_block, int kv_block,
-                                      int lds_bytes) {
+                                      int64_t kv_heads, int lds_bytes) {
     const int widest = cfg->dq > cfg->dv ? cfg->dq : cfg->dv;
     const int want_m = widest <= 64 ? 64 : 32;
-    const int block_n = kv_block < 64 ? kv_block : 64;
+    const int block_n = widest <= 128 && kv_block % 128 == 0 ? 128 : kv_block < 64 ? kv_block : 64;
     cfg->warps = block_n / 16;
     cfg->block_m = q_block < want_m ? q_block : want_m;
-    while ((int64_t)backward_lds(cfg) > lds_bytes && cfg->block_m > 16)
+    cfg->pipeline = 0;
+    cfg->exp2 = 1;
+    cfg->dq_red = 0;
+    cfg->kv_fastest = kv_heads <= 65535;
+    const size_t lds = (size_t)lds_bytes;
+    while (flex_gpu_bwd_smem(cfg) > lds && cfg->warps > 4)
+        cfg->warps /= 2;
+    while (flex_gpu_bwd_smem(cfg) > lds && cfg->block_m > 16)
         cfg->block_m /= 2;
-    while ((int64_t)backward_lds(cfg) > lds_bytes && cfg->warps > 1)
+    while (flex_gpu_bwd_smem(cfg) > lds && cfg->warps > 1)
         cfg->warps /= 2;
 }
 
@@ -592,7 +598,11 @@ static void workspace_free(hip_state *st, const hip_workspace *w, hipStream_t st
 
 /* The CUDA backward's steps (cuda_backend.c) on the shared host layer:
  * preprocess (delta, dQ accumulator cleared), the main kernel per (batch,
- * kv head, kv tile), the dQ store, on the caller's stream. */
+ * kv head, kv tile), the dQ store, on the caller's stream. The
+ * deterministic mode's dQ kernel (flex_backward_dq.cuh) is not built for
+ * AMD: a deterministic call that wants dq or buffer gradients is refused by
+ * name; one that wants only dk and dv is deterministic as it is (each of
+ * their rows has one owner). */
 static flex_status hip_backward(flex_context *ctx, const flex_backward_args *a) {
     hip_state *st = state_of(ctx);
     const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v, *dout = &a->dout;
@@ -613,6 +623,17 @@ static flex_status hip_backward(flex_context *ctx, const flex_backward_args *a) 
                          "the block mask has partial blocks but no mask mod to decide them");
     if (mask && mask->num_partial == 0) mask_mod = NULL;
     const int q_block = mask ? mask->q_block : 128, kv_block = mask ? mask->kv_block : 128;
+    if (a->deterministic && a->dq)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "the HIP backward has no deterministic dq (opts->deterministic; it sums "
+                         "dq with atomics): leave opts->deterministic 0 for it, pass dq NULL, or "
+                         "run the backward on the CPU or CUDA backend");
+    if (a->deterministic && a->num_buffer_grads > 0)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "the deterministic HIP backward (opts->deterministic) has no gradients of "
+                         "buffers, and one was asked for buffer '%s'; leave opts->deterministic 0 "
+                         "for it, or run the backward on the CPU backend",
+                         a->buffer_grads[0].name);
 
     /* The score mod and its derivative (the shared layer checks the buffer
      * gradients asked for). */
@@ -657,10 +678,10 @@ static flex_status hip_backward(flex_context *ctx, const flex_backward_args *a) 
             if (q->strides[d] % 8 || k->strides[d] % 8 || v->strides[d] % 8 ||
                 dout->strides[d] % 8)
                 cfg.vec = 0;
-        choose_hip_backward_tiles(&cfg, q_block, kv_block, st->arch.lds_bytes);
+        choose_hip_backward_tiles(&cfg, q_block, kv_block, B * Hkv, st->arch.lds_bytes);
     }
     const int block_n = cfg.warps * 16;
-    const size_t smem = q->dtype == FLEX_F32 ? 0 : backward_lds(&cfg);
+    const size_t smem = q->dtype == FLEX_F32 ? 0 : flex_gpu_bwd_smem(&cfg);
     if ((int64_t)smem > st->arch.lds_bytes) {
         if (derived_made) ir_free(&derived);
         return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
@@ -681,13 +702,15 @@ static flex_status hip_backward(flex_context *ctx, const flex_backward_args *a) 
     void *fn_pre = NULL, *fn_main = NULL, *fn_store = NULL;
     char key[512];
     if (!s) {
-        _Static_assert(sizeof(flex_cuda_bwd_config) == 8 * sizeof(int),
+        _Static_assert(sizeof(flex_cuda_bwd_config) == 14 * sizeof(int),
                        "flex_cuda_bwd_config changed: update the HIP backward kernel key");
         snprintf(key, sizeof key,
-                 "bwd|%s|dq%d|dv%d|w%d|bm%d|vec%d|short%d|gs%d|mask=%016llx|score=%016llx|"
-                 "loads=%016llx|inr=%016llx.%016llx|%s|hiprtc%d.%d",
+                 "bwd|%s|dq%d|dv%d|w%d|bm%d|vec%d|short%d|gs%d|pipe%d|exp2%d|red%d|kvf%d|dqw%d|"
+                 "dqn%d|mask=%016llx|score=%016llx|loads=%016llx|inr=%016llx.%016llx|%s|"
+                 "hiprtc%d.%d",
                  flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.warps, cfg.block_m, cfg.vec,
-                 cfg.short_indices, cfg.grad_slots,
+                 cfg.short_indices, cfg.grad_slots, cfg.pipeline, cfg.exp2, cfg.dq_red,
+                 cfg.kv_fastest, cfg.dq_warps, cfg.dq_block_n,
                  (unsigned long long)(mask_mod ? mask_mod->hash : 0),
                  (unsigned long long)(score_used ? score_used->hash : 0),
                  (unsigned long long)(num_loads ? flex_cache_checksum(loads, (size_t)num_loads *
@@ -706,7 +729,8 @@ static flex_status hip_backward(flex_context *ctx, const flex_backward_args *a) 
     free(score_in_range);
     if (derived_made) ir_free(&derived);
     if (!s) s = flex_gpu_module_function(ctx, &st->gpu, key, "flex_bwd_preprocess", &fn_pre);
-    if (!s) s = flex_gpu_module_function(ctx, &st->gpu, key, "flex_bwd_dq_store", &fn_store);
+    if (!s && a->dq)
+        s = flex_gpu_module_function(ctx, &st->gpu, key, "flex_bwd_dq_store", &fn_store);
 
     flex_gpu_mask_copy *mc = NULL;
     if (!s && mask) s = flex_gpu_mask_device_copy(ctx, &st->gpu, mask, &mc);
@@ -719,25 +743,28 @@ static flex_status hip_backward(flex_context *ctx, const flex_backward_args *a) 
 
     hipStream_t stream = (hipStream_t)a->stream;
     hip_workspace ws = {NULL, 0};
-    const size_t delta_bytes = (size_t)(B * Hq * Lq) * sizeof(float);
+    /* the dQ accumulator 256-byte aligned, as on CUDA */
+    const size_t delta_bytes = ((size_t)(B * Hq * Lq) * sizeof(float) + 255) & ~(size_t)255;
     const size_t dq_bytes = a->dq ? (size_t)(B * Hq * Lq * D) * sizeof(float) : 0;
     if (!s) s = workspace_alloc(ctx, st, delta_bytes + dq_bytes, stream, &ws);
     if (!s) {
         const flex_gpu_ptr base = (flex_gpu_ptr)(uintptr_t)ws.ptr;
         unsigned char blob[FLEX_GPU_BWD_BLOB_BYTES];
         const size_t size = flex_gpu_bwd_blob(blob, a, mask, mc, q_block, kv_block, base,
-                                              a->dq ? base + delta_bytes : 0, grad_descs,
+                                              dq_bytes ? base + delta_bytes : 0, grad_descs,
                                               cfg.grad_slots, descs, slots, st->gpu.bounds_flag);
         const unsigned rows_y = (unsigned)((Lq + 3) / 4);
         s = launch_blob(ctx, st, fn_pre, (unsigned)(B * Hq), rows_y, 128, 0, stream, blob, size);
         if (!s) {
             const int64_t per_cta = q->dtype == FLEX_F32 ? 4 : block_n;
-            s = launch_blob(ctx, st, fn_main, (unsigned)(B * Hkv),
-                            (unsigned)((Lkv + per_cta - 1) / per_cta),
+            const unsigned heads = (unsigned)(B * Hkv);
+            const unsigned tiles = (unsigned)((Lkv + per_cta - 1) / per_cta);
+            s = launch_blob(ctx, st, fn_main, cfg.kv_fastest ? tiles : heads,
+                            cfg.kv_fastest ? heads : tiles,
                             q->dtype == FLEX_F32 ? 128u : (unsigned)cfg.warps * 32,
                             (unsigned)smem, stream, blob, size);
         }
-        if (!s && a->dq)
+        if (!s && fn_store)
             s = launch_blob(ctx, st, fn_store, (unsigned)(B * Hq), rows_y, 128, 0, stream, blob,
                             size);
         if (!s && slots > 0) atomic_store(&st->gpu.bounds_pending, 1);

@@ -68,10 +68,33 @@ char *flex_hip_forward_source(const flex_cuda_fwd_config *cfg, const ir_mod *mas
         flex_cuda_forward_source_in_range(cfg, mask, score, mask_in_range, score_in_range));
 }
 
+/* Appended to the backward: on MFMA both warps of a wave must issue every
+ * pair product together (flex_mma_hip.cuh). The per-warp loops do; the dQ
+ * loop of flex_backward.cuh hands its items (m-tiles x column groups) to
+ * warps w, w + FLEX_WARPS, ..., which gives both warps of a wave as many
+ * items when the warps and the items are even in number. FLEX_AMD_HAVE_MFMA
+ * asks for an even number of m-tiles; this checks the loop's own count, so
+ * that a change there stops the compile rather than a kernel. */
+static const char mfma_check[] =
+    "\n#if defined(FLEX_AMD_HAVE_MFMA)\n"
+    "static_assert(FLEX_WARPS % 2 == 0 && FLEX_BWD_MT * FLEX_BWD_DQ_GROUPS % 2 == 0,\n"
+    "              \"MFMA: the dQ items must come to both warps of a wave alike\");\n"
+    "#endif\n";
+
 char *flex_hip_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *mask,
                                const unsigned char *mask_in_range,
                                const flex_cuda_bwd_score *score) {
-    return hip_from_cuda(flex_cuda_backward_source(cfg, mask, mask_in_range, score));
+    if (cfg->dq_warps > 0) return NULL; /* the deterministic dQ kernel has no AMD form */
+    char *s = hip_from_cuda(flex_cuda_backward_source(cfg, mask, mask_in_range, score));
+    if (!s) return NULL;
+    const size_t n = strlen(s);
+    char *t = realloc(s, n + sizeof mfma_check);
+    if (!t) {
+        free(s);
+        return NULL;
+    }
+    memcpy(t + n, mfma_check, sizeof mfma_check);
+    return t;
 }
 
 char *flex_hip_mask_blocks_source(const ir_mod *mask) {

@@ -32,8 +32,10 @@ char *flex_hip_forward_source(const flex_cuda_fwd_config *cfg, const ir_mod *mas
  * The HIP source of the backward kernels (flex_bwd_preprocess,
  * flex_bwd_kernel, flex_bwd_dq_store) for cfg, the mask mod and the score
  * mod with its derivative: CUDA's (flex_cuda_backward_source) made for AMD
- * as the forward is. A malloc'd string, or NULL (out of memory, too many
- * buffers).
+ * as the forward is, followed by a compile-time check that the MFMA
+ * products get both warps of a wave in the dQ loop. cfg must not ask for
+ * the deterministic dQ kernel (dq_warps). A malloc'd string, or NULL (out
+ * of memory, too many buffers, or dq_warps).
  */
 char *flex_hip_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *mask,
                                const unsigned char *mask_in_range,

@@ -11,10 +11,14 @@
 # When any check or the benchmark's verification fails (or crashes, or
 # times out), the run says FAILED, writes nothing into $RESULTS_DIR and
 # exits 1. Every check summary line reads "N passed, N failed, N skipped".
-# The check also runs test_cuda_backward (the CUDA backward against the CPU
-# backward); --backward adds bench/gpu/backward.py (the backward beside
-# torch's, its gradients checked; cuda-backward-<gpu>.md and .jsonl).
-#   bench/gpu/run.sh [--skip-check] [--skip-torch] [--backward] [--len S]
+# The check also runs the GPU test programs test_cuda_backward and
+# test_cuda_decode (the CUDA backward and decode against the CPU's); --backward adds bench/gpu/backward.py (the backward beside
+# torch's, its gradients checked; cuda-backward-<gpu>.md and .jsonl);
+# --decode adds bench/gpu/decode.py (decode beside torch flex, SDPA flash
+# and cuDNN, its outputs checked; decode-<gpu>.md and .jsonl);
+# --skip-forward leaves out the forward's timing (bench_cuda, torch).
+#   bench/gpu/run.sh [--skip-check] [--skip-torch] [--skip-forward] [--backward] [--decode]
+#                    [--len S]
 set -u
 FAILED=0
 # Records a failed step: its name on stderr and in $OUT/failures.txt.
@@ -41,12 +45,14 @@ check_summary() { # LOG STATUS LABEL
 OUT=${OUT:-$PWD/gpu-out}
 mkdir -p "$OUT"
 rm -f "$OUT/failures.txt"
-SKIP_CHECK=0 SKIP_TORCH=0 BACKWARD=0 LEN=8192
+SKIP_CHECK=0 SKIP_TORCH=0 SKIP_FORWARD=0 BACKWARD=0 DECODE=0 LEN=8192
 while [ $# -gt 0 ]; do
     case "$1" in
     --skip-check) SKIP_CHECK=1 ;;
     --skip-torch) SKIP_TORCH=1 ;;
     --backward) BACKWARD=1 ;;
+    --decode) DECODE=1 ;;
+    --skip-forward) SKIP_FORWARD=1; SKIP_TORCH=1 ;;
     --len) LEN=$2; shift ;;
     *) echo "unknown argument $1"; exit 2 ;;
     esac
@@ -91,20 +97,23 @@ if [ "$SKIP_CHECK" = 0 ]; then
         tail -1 "$OUT/check-env-${E%%=*}.log"
         check_summary "$OUT/check-env-${E%%=*}.log" "$STATUS" "$E"
     done
-    echo "== test_cuda_backward"
-    T0=$(date +%s)
-    FLEXATTN_CACHE_DIR=off timeout -k 5 "${CHECK_TIMEOUT:-240}" "$BUILD/test_cuda_backward" >"$OUT/test-cuda-backward.log" 2>&1
-    STATUS=$?
-    echo "test_cuda_backward exit $STATUS in $(( $(date +%s) - T0 )) s"
-    grep -E "^(FAIL|SKIPPED)" "$OUT/test-cuda-backward.log" | head -20
-    # the program's cases: PASS and FAIL lines; exit 77 (no GPU) fails here
-    P=$(grep -c "^PASS" "$OUT/test-cuda-backward.log") F=$(grep -c "^FAIL" "$OUT/test-cuda-backward.log")
-    S=0
-    [ "$STATUS" -eq 77 ] && S=1
-    echo "test_cuda_backward: $P passed, $F failed, $S skipped" >>"$OUT/check-summary.txt"
-    [ "$STATUS" -eq 0 ] || fail "test_cuda_backward: exit $STATUS ($P passed, $F failed, $S skipped)"
+    # The GPU test programs: PASS and FAIL lines; exit 77 (no GPU) fails here.
+    for T in test_cuda_backward test_cuda_decode; do
+        echo "== $T"
+        T0=$(date +%s)
+        FLEXATTN_CACHE_DIR=off timeout -k 5 "${CHECK_TIMEOUT:-240}" "$BUILD/$T" >"$OUT/$T.log" 2>&1
+        STATUS=$?
+        echo "$T exit $STATUS in $(( $(date +%s) - T0 )) s"
+        grep -E "^(FAIL|SKIPPED)" "$OUT/$T.log" | head -20
+        P=$(grep -c "^PASS" "$OUT/$T.log") F=$(grep -c "^FAIL" "$OUT/$T.log")
+        S=0
+        [ "$STATUS" -eq 77 ] && S=1
+        echo "$T: $P passed, $F failed, $S skipped" >>"$OUT/check-summary.txt"
+        [ "$STATUS" -eq 0 ] || fail "$T: exit $STATUS ($P passed, $F failed, $S skipped)"
+    done
 fi
 
+if [ "$SKIP_FORWARD" = 0 ]; then
 echo "== flexattn CUDA forward (cold cache, then warm cache in a new process)"
 CACHE=$(mktemp -d)
 rm -f "$OUT/flexattn-cold.jsonl" "$OUT/flexattn-warm.jsonl" "$OUT/torch.jsonl"
@@ -121,8 +130,9 @@ STATUS=${PIPESTATUS[0]}
 FLEXATTN_CACHE_DIR=$CACHE timeout -k 5 120 "$BUILD/bench_cuda" --no-verify --len "$LEN" --json "$OUT/flexattn-warm.jsonl" 2>&1 | tee -a "$OUT/bench.log"
 STATUS=${PIPESTATUS[0]}
 [ "$STATUS" -eq 0 ] || fail "bench_cuda (warm): exit $STATUS"
+fi
 
-if [ -n "${TILE_SWEEP:-}" ]; then
+if [ -n "${TILE_SWEEP:-}" ] && [ "$SKIP_FORWARD" = 0 ]; then
     echo "== tile sweep (FLEXATTN_DEBUG=cuda_tile=WARPSxM-TILES PER WARPxKV STEP)"
     for T in $TILE_SWEEP; do
         for P in ${SWEEP_PATTERNS:-causal}; do
@@ -148,6 +158,17 @@ if [ "$BACKWARD" = 1 ]; then
         --len "$LEN" --results "$BW_RESULTS" 2>&1 | grep -v Warning | tee "$OUT/backward.log"
     STATUS=${PIPESTATUS[0]}
     [ "$STATUS" -eq 0 ] || fail "bench/gpu/backward.py: exit $STATUS"
+fi
+
+if [ "$DECODE" = 1 ]; then
+    echo "== decode beside PyTorch (bench/gpu/decode.py)"
+    DEC_RESULTS=$RESULTS_DIR
+    [ "$FAILED" = 0 ] || DEC_RESULTS=
+    PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}" FLEXATTN_LIBRARY="$BUILD/libflexattn.so" \
+        FLEXATTN_COMMIT=$COMMIT PYTHONUNBUFFERED=1 timeout -k 5 300 python3 bench/gpu/decode.py \
+        --results "$DEC_RESULTS" 2>&1 | grep -v Warning | tee "$OUT/decode.log"
+    STATUS=${PIPESTATUS[0]}
+    [ "$STATUS" -eq 0 ] || fail "bench/gpu/decode.py: exit $STATUS"
 fi
 
 # A failed run writes its tables to $OUT only, never into the results.

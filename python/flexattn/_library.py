@@ -84,7 +84,9 @@ class AttentionOptions(ctypes.Structure):
                 # decode and serving (NULL: not used); the library reads them,
                 # so the struct must end where the C one does
                 ("q_offsets", ctypes.c_void_p), ("kv_lengths", ctypes.c_void_p),
-                ("page_table", ctypes.c_void_p)]
+                ("page_table", ctypes.c_void_p),
+                # the backward: bit-identical gradients every run (0 or 1)
+                ("deterministic", ctypes.c_int)]
 
 
 class BufferGrad(ctypes.Structure):

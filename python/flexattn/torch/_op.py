@@ -13,6 +13,7 @@ caches here, keyed by those values.
 import collections
 import ctypes
 import threading
+import warnings
 from typing import List, Tuple
 
 import torch
@@ -113,6 +114,35 @@ def _options(ctx, scale, kernel, device):
     return opts
 
 
+def _deterministic(device, buffer_names):
+    """opts->deterministic for a backward on device that wants the gradients
+    of the named buffers: 1 while torch.use_deterministic_algorithms(True)
+    is in force (read when the backward runs, as torch's own kernels read
+    it), else 0. The library's CUDA backward has no deterministic buffer
+    gradients: asked for, they raise RuntimeError as torch's operations
+    without a deterministic implementation do, or, with warn_only=True,
+    warn and run in the default mode. The CPU backward is deterministic
+    either way."""
+    if not torch.are_deterministic_algorithms_enabled():
+        return 0
+    if device.type == "cpu" or not buffer_names:
+        return 1
+    caller = ("flexattn's backward on %s with gradients of the captured tensor%s %s"
+              % (device.type, "s" if len(buffer_names) > 1 else "",
+                 ", ".join(repr(n) for n in buffer_names)))
+    if torch.is_deterministic_algorithms_warn_only_enabled():
+        warnings.warn(f"{caller} does not have a deterministic implementation, but you set "
+                      f"'torch.use_deterministic_algorithms(True, warn_only=True)'; it runs "
+                      f"in its default mode, whose gradients may differ in the last bits "
+                      f"from run to run", stacklevel=3)
+        return 0
+    raise RuntimeError(f"{caller} does not have a deterministic implementation, but you set "
+                       f"'torch.use_deterministic_algorithms(True)'. You can turn off "
+                       f"determinism just for this operation, or you can use the "
+                       f"'warn_only=True' option, if that's acceptable for your application; "
+                       f"or run it on CPU tensors, whose backward is deterministic.")
+
+
 def _cuda_input(t):
     """GPU backends need the last dimension contiguous."""
     return t if t.device.type == "cpu" or t.stride(-1) == 1 else t.contiguous()
@@ -180,6 +210,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
                                             dtype=torch.float32, device=buf.device)
                           if wanted else None))
     wanted = [(name, g) for name, g in grads if g is not None]
+    deterministic = _deterministic(q.device, [name for name, _ in wanted])
     c_grads = (L.BufferGrad * max(1, len(wanted)))()
     names = [name.encode() for name, _ in wanted]
     for i, (name, g) in enumerate(wanted):
@@ -188,6 +219,7 @@ def attention_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: t
     with ctx.lock:
         mod = _bound_mod(ctx, score_spec, score_buffers, keep)
         opts = _options(ctx, scale, kernel, q.device)
+        opts.deterministic = deterministic
         tq, tk, tv, to, tdo, tdq, tdk, tdv = views
         status = L.lib.flex_attention_backward(
             ctx.handle, ctypes.byref(tq), ctypes.byref(tk), ctypes.byref(tv), ctypes.byref(to),

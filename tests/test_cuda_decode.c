@@ -56,7 +56,7 @@ static float uniform(void) {
 static void *to_gpu(const void *host, size_t bytes) {
     void *d = NULL;
     if (flex_malloc(gpu, bytes ? bytes : 1, &d) != FLEX_OK ||
-        (bytes && flex_copy_to_device(gpu, d, host, bytes) != FLEX_OK)) {
+        (host && bytes && flex_copy_to_device(gpu, d, host, bytes) != FLEX_OK)) {
         fprintf(stderr, "FAIL: device memory: %s\n", flex_error_message(gpu));
         exit(1);
     }
@@ -66,10 +66,11 @@ static void *to_gpu(const void *host, size_t bytes) {
 static flex_mod *compile_mod(flex_context *ctx, flex_mod_kind kind, const char *text,
                              const flex_tensor *slopes) {
     const flex_buffer_decl decl = {"slopes", FLEX_F32, 1};
-    const flex_mod_desc desc = {kind, text, NULL, 0, &decl, 1};
+    const int reads = strstr(text, "slopes") != NULL; /* a declared buffer must be bound */
+    const flex_mod_desc desc = {kind, text, NULL, 0, &decl, reads};
     flex_mod *m = NULL;
     if (flex_mod_compile(ctx, &desc, &m) != FLEX_OK ||
-        (strstr(text, "slopes") && flex_mod_bind_buffer(ctx, m, "slopes", slopes) != FLEX_OK)) {
+        (reads && flex_mod_bind_buffer(ctx, m, "slopes", slopes) != FLEX_OK)) {
         fprintf(stderr, "FAIL: mod '%s': %s\n", text, flex_error_message(ctx));
         exit(1);
     }
@@ -196,8 +197,10 @@ static flex_status decode_on(flex_context *ctx, const dec_case *c, const dec_inp
     flex_mod *score = c->score ? compile_mod(ctx, FLEX_MOD_SCORE, c->score, slopes) : NULL;
     flex_block_mask *bm = NULL;
     flex_status s = FLEX_OK;
+    /* in logical positions: a paged cache's length is whole pages */
+    const int64_t kv_len = c->page_size ? in->max_pages * c->page_size : c->cap;
     if (mask_mod)
-        s = flex_block_mask_create(ctx, mask_mod, 1, c->Hq, c->cap + c->Lq, c->cap, c->block,
+        s = flex_block_mask_create(ctx, mask_mod, 1, c->Hq, kv_len + c->Lq, kv_len, c->block,
                                    c->block, &bm);
     flex_attention_options o = {.q_offsets = &t_off, .kv_lengths = &t_len,
                                 .page_table = paged ? &t_tab : NULL, .kv_splits = c->kv_splits};

@@ -116,7 +116,7 @@ def main():
     print(f"device: {device_name}  torch {torch.__version__}  commit {commit}")
     print(f"{'pattern':16s} {'flexattn ms':>11s} {'torch ms':>9s} {'flexattn TF':>11s} {'torch TF':>9s} "
           f"{'speedup':>7s}  errors (flexattn / torch vs fp32)")
-    rows, failed = [], []
+    rows, failed, not_run = [], [], []
     for name in names:
         mask_mod, score_mod, extra = table[name]
         tbm = torch_block_mask(mask_mod, None, None, S, S, device=dev) if mask_mod else None
@@ -153,8 +153,18 @@ def main():
             return torch.autograd.grad(out_f, (q, k, v, *extra), dout, retain_graph=True)
 
         errs = {}
-        for side, fn in (("flexattn", bw_flexattn), ("torch", bw_torch)):
-            errs[side] = [rel_err(g, r) for g, r in zip(fn(), ref)]
+        try:
+            for side, fn in (("flexattn", bw_flexattn), ("torch", bw_torch)):
+                errs[side] = [rel_err(g, r) for g, r in zip(fn(), ref)]
+        except Exception as e:
+            if "torch" in errs or "flexattn" not in errs:
+                raise  # flexattn's own failure ends the run
+            # torch's compiled backward itself cannot run this pattern here
+            # (e.g. out of shared memory): nothing to compare with
+            not_run.append(f"{name}: torch's backward failed ({str(e).splitlines()[-1][:120]})")
+            print(not_run[-1], flush=True)
+            del ref, out_t, out_f
+            continue
         del ref
         if tol_rel is None:  # against torch's bf16: both sides' rounding, at most 2e-2
             ok = all(e <= 2e-2 for e in errs["flexattn"])
@@ -197,6 +207,8 @@ def main():
     for r in rows:
         lines.append(f"| {r['pattern']} | {r['flexattn_ms']:.3f} | {r['torch_ms']:.3f} | "
                      f"{r['flexattn_bwd_tflops']:.1f} | {r['torch_bwd_tflops']:.1f} | {r['speedup']:.2f} |")
+    if not_run:
+        lines += ["", "Not compared: " + "; ".join(not_run)]
     lines += ["", "The backward alone (torch.autograd.grad of the saved graph), medians of "
               f"{args.rounds} interleaved rounds, CUDA events on both sides. torch: "
               "torch.compile(flex_attention, dynamic=False), default mode. FLOPs: 2.5 x 4*B*H*S*S*D x "

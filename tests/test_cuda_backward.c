@@ -21,20 +21,8 @@
 #include "backends/cuda/cuda_loader.h"
 #endif
 
-static flex_context *cpu, *gpu;
-static int failures;
+#include "gpu_test.h"
 
-/* On a false condition: the message, a failure counted, and the case left. */
-#define EXPECT(cond, ...)                                                                          \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);                                  \
-            fprintf(stderr, __VA_ARGS__);                                                          \
-            fputc('\n', stderr);                                                                   \
-            failures++;                                                                            \
-            return;                                                                                \
-        }                                                                                          \
-    } while (0)
 #define EXPECT_EQ(a, b) EXPECT((a) == (b), "%s is %d, expected %d", #a, (int)(a), (int)(b))
 
 typedef struct bw_case {
@@ -65,8 +53,7 @@ typedef struct host_bufs {
 
 static uint64_t rng = 0x9e3779b97f4a7c15ull;
 static float uniform(void) {
-    rng = rng * 6364136223846793005ull + 1442695040888963407ull;
-    return (float)((double)(rng >> 11) / 9007199254740992.0 * 2.0 - 1.0);
+    return gpu_test_uniform(&rng);
 }
 
 static void make_bufs(const bw_case *c, host_bufs *hb) {
@@ -121,16 +108,6 @@ static double rel_error(const float *a, const float *b, int64_t n) {
         if (fabs((double)b[i]) > ref) ref = fabs((double)b[i]);
     }
     return ref > 0.0 ? err / ref : err;
-}
-
-static void *to_gpu(const void *host, size_t bytes) {
-    void *d = NULL;
-    if (flex_malloc(gpu, bytes, &d) != FLEX_OK ||
-        flex_copy_to_device(gpu, d, host, bytes) != FLEX_OK) {
-        fprintf(stderr, "FAIL: device memory: %s\n", flex_error_message(gpu));
-        exit(1);
-    }
-    return d;
 }
 
 static float *as_floats(const void *p, flex_dtype dt, int64_t n) {

@@ -21,19 +21,8 @@
 #include "internal.h"
 #include "dtype.h"
 
-static flex_context *cpu, *gpu;
-static int failures;
+#include "gpu_test.h"
 
-#define EXPECT(cond, ...)                                                                          \
-    do {                                                                                           \
-        if (!(cond)) {                                                                             \
-            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);                                  \
-            fprintf(stderr, __VA_ARGS__);                                                          \
-            fputc('\n', stderr);                                                                   \
-            failures++;                                                                            \
-            return;                                                                                \
-        }                                                                                          \
-    } while (0)
 
 typedef struct dec_case {
     const char *name;
@@ -49,18 +38,7 @@ typedef struct dec_case {
 
 static uint64_t rng = 0x2545f4914f6cdd1dull;
 static float uniform(void) {
-    rng = rng * 6364136223846793005ull + 1442695040888963407ull;
-    return (float)((double)(rng >> 11) / 9007199254740992.0 * 2.0 - 1.0);
-}
-
-static void *to_gpu(const void *host, size_t bytes) {
-    void *d = NULL;
-    if (flex_malloc(gpu, bytes ? bytes : 1, &d) != FLEX_OK ||
-        (host && bytes && flex_copy_to_device(gpu, d, host, bytes) != FLEX_OK)) {
-        fprintf(stderr, "FAIL: device memory: %s\n", flex_error_message(gpu));
-        exit(1);
-    }
-    return d;
+    return gpu_test_uniform(&rng);
 }
 
 static flex_mod *compile_mod(flex_context *ctx, flex_mod_kind kind, const char *text,
@@ -118,8 +96,7 @@ static void make_inputs(const dec_case *c, dec_inputs *in) {
     for (int64_t i = 0; i < n; i++)
         in->table[i] = (int32_t)(i + 1);
     for (int64_t i = n - 1; i > 0; i--) {
-        rng = rng * 6364136223846793005ull + 1442695040888963407ull;
-        const int64_t j = (int64_t)((rng >> 11) % (uint64_t)(i + 1));
+        const int64_t j = (int64_t)((gpu_test_next(&rng) >> 11) % (uint64_t)(i + 1));
         const int32_t t = in->table[i];
         in->table[i] = in->table[j], in->table[j] = t;
     }

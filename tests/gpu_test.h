@@ -1,0 +1,57 @@
+/*
+ * What the GPU test programs (test_cuda_backward, test_cuda_decode) share:
+ * the CPU and GPU contexts, the failure count and the EXPECT macro that
+ * counts a failure and leaves the case, a reproducible uniform generator,
+ * and device copies that end the program when the GPU refuses memory. Each
+ * program includes it once; it needs no test library, so the programs
+ * build where the check library is missing (GPU machines).
+ */
+#ifndef FLEXATTN_GPU_TEST_H
+#define FLEXATTN_GPU_TEST_H
+
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+
+#include "flexattn.h"
+
+static flex_context *cpu, *gpu;
+static int failures;
+
+/* On a false condition: the message, a failure counted, and the case left. */
+#define EXPECT(cond, ...)                                                                          \
+    do {                                                                                           \
+        if (!(cond)) {                                                                             \
+            fprintf(stderr, "FAIL %s:%d: ", __FILE__, __LINE__);                                  \
+            fprintf(stderr, __VA_ARGS__);                                                          \
+            fputc('\n', stderr);                                                                   \
+            failures++;                                                                            \
+            return;                                                                                \
+        }                                                                                          \
+    } while (0)
+
+/* The next state of a 64-bit linear congruential generator; its high bits
+ * are the random ones. */
+static inline uint64_t gpu_test_next(uint64_t *state) {
+    *state = *state * 6364136223846793005ull + 1442695040888963407ull;
+    return *state;
+}
+
+/* Uniform in [-1, 1) from *state. */
+static inline float gpu_test_uniform(uint64_t *state) {
+    return (float)((double)(gpu_test_next(state) >> 11) / 9007199254740992.0 * 2.0 - 1.0);
+}
+
+/* A device allocation of bytes (at least one) on gpu, holding host's bytes
+ * when host is not NULL; the caller frees it with flex_free. */
+static inline void *to_gpu(const void *host, size_t bytes) {
+    void *d = NULL;
+    if (flex_malloc(gpu, bytes ? bytes : 1, &d) != FLEX_OK ||
+        (host && bytes && flex_copy_to_device(gpu, d, host, bytes) != FLEX_OK)) {
+        fprintf(stderr, "FAIL: device memory: %s\n", flex_error_message(gpu));
+        exit(1);
+    }
+    return d;
+}
+
+#endif /* FLEXATTN_GPU_TEST_H */

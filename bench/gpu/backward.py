@@ -25,17 +25,16 @@ cuda-backward-<gpu>.jsonl (one line per pattern, appended).
 """
 import argparse
 import datetime
-import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 
 import torch
 from torch.nn.attention.flex_attention import create_block_mask as torch_block_mask
 
 import flexattn.torch as fa
+from bench_results import commit_id, rel_err, time_once, write_results
 from compiled_flex import compiled_flex_attention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -76,19 +75,6 @@ def patterns(H, S, device):
 SMALL_TILES = {"BLOCK_M1": 32, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 32, "num_stages": 1}
 
 
-def time_once(fn, times):
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    fn()
-    b.record()
-    torch.cuda.synchronize()
-    times.append(a.elapsed_time(b))
-
-
-def rel_err(x, ref):
-    return ((x.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--len", type=int, default=8192)
@@ -111,8 +97,7 @@ def main():
     table = patterns(H, S, dev)
     names = args.patterns.split(",") if args.patterns else list(table)
     device_name = torch.cuda.get_device_name()
-    commit = os.environ.get("FLEXATTN_COMMIT") or subprocess.run(
-        ["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    commit = commit_id(ROOT)
     print(f"device: {device_name}  torch {torch.__version__}  commit {commit}")
     print(f"{'pattern':16s} {'flexattn ms':>11s} {'torch ms':>9s} {'flexattn TF':>11s} {'torch TF':>9s} "
           f"{'speedup':>7s}  errors (flexattn / torch vs fp32)")
@@ -214,15 +199,7 @@ def main():
               "torch.compile(flex_attention, dynamic=False), default mode. FLOPs: 2.5 x 4*B*H*S*S*D x "
               "block-mask density. Gradients of both sides checked against torch's float32 "
               "flex_attention (flexattn's error at most 2x torch's bf16 error + 1e-3)."]
-    old = open(stem + ".md").read() if os.path.exists(stem + ".md") else ""
-    text = "\n".join(lines) + "\n"
-    if old.startswith("# "):
-        text += "\n## Earlier run\n" + old.split("\n", 1)[1]
-    open(stem + ".md", "w").write(text)
-    with open(stem + ".jsonl", "a") as f:
-        for r in rows:
-            f.write(json.dumps(r) + "\n")
-    print(f"results: {stem}.md, {stem}.jsonl")
+    write_results(stem, lines, rows)
 
 
 if __name__ == "__main__":

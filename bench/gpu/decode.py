@@ -26,11 +26,9 @@ decode-<gpu>.jsonl (one line per case, appended).
 import argparse
 import ctypes
 import datetime
-import json
 import os
 import re
 import statistics
-import subprocess
 import sys
 
 import torch
@@ -40,6 +38,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 
 from flexattn import _library as L
 from flexattn.torch import _views
+from bench_results import commit_id, rel_err, time_once, write_results
 from compiled_flex import compiled_flex_attention
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -54,15 +53,6 @@ def cases():
         "B8 L16K q4": (8, 16384, 4, 0, 0),
         "B8 L16K window 1024": (8, 16384, 1, 0, 1024),
     }
-
-
-def time_once(fn, times):
-    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    a.record()
-    fn()
-    b.record()
-    torch.cuda.synchronize()
-    times.append(a.elapsed_time(b))
 
 
 class FlexattnDecode:
@@ -108,10 +98,6 @@ class FlexattnDecode:
             self.mask = None
 
 
-def rel_err(x, ref):
-    return ((x.float() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--Hq", type=int, default=32)
@@ -123,9 +109,7 @@ def main():
     args = ap.parse_args()
     dev = torch.device("cuda")
     device_name = torch.cuda.get_device_name(dev)
-    commit = os.environ.get("FLEXATTN_COMMIT") or subprocess.run(
-        ["git", "-C", ROOT, "rev-parse", "--short", "HEAD"], capture_output=True,
-        text=True).stdout.strip() or "unknown"
+    commit = commit_id(ROOT)
     flex = compiled_flex_attention()
     Hq, Hkv, D = args.Hq, args.Hkv, args.D
     chosen = cases()
@@ -256,15 +240,7 @@ def main():
     notes = sorted({f"{r['case']}: {k}: {v}" for r in rows for k, v in r["notes"].items()})
     if notes:
         lines += ["", "Not run: " + "; ".join(notes)]
-    old = open(stem + ".md").read() if os.path.exists(stem + ".md") else ""
-    text = "\n".join(lines) + "\n"
-    if old.startswith("# "):
-        text += "\n## Earlier run\n" + old.split("\n", 1)[1]
-    open(stem + ".md", "w").write(text)
-    with open(stem + ".jsonl", "a") as fh:
-        for r in rows:
-            fh.write(json.dumps(r) + "\n")
-    print(f"results: {stem}.md, {stem}.jsonl")
+    write_results(stem, lines, rows)
 
 
 if __name__ == "__main__":

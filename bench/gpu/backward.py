@@ -8,7 +8,14 @@ events around each call on both sides, medians. Backward FLOPs are 2.5 times
 the forward's, 4*B*H*S*S*D times the density of torch's block mask (1
 without a mask), the same count for both sides.
 
-rel_bias_causal also differentiates its learnable bias table.
+rel_bias_causal also differentiates its learnable bias table. Where torch's
+compiled backward cannot run a pattern at its default tiles (the learnable
+bias exceeds shared memory), torch is timed with the smaller tiles
+(kernel_options) that let it run, and the row says so.
+
+Then one training step, forward and backward, of document-causal with the
+exact soft-cap (the seed's training pattern) is timed the same way on both
+sides; its FLOPs are 3.5 x the forward's (--no-step leaves it out).
 
 Check: dq, dk, dv (and the bias's gradient) of both sides are compared with torch's compiled
 flex_attention in float32 on the same inputs. flexattn's error must be at
@@ -75,6 +82,53 @@ def patterns(H, S, device):
 SMALL_TILES = {"BLOCK_M1": 32, "BLOCK_N1": 32, "BLOCK_M2": 32, "BLOCK_N2": 32, "num_stages": 1}
 
 
+def training_step(flex, q, k, v, dout, table, S, dev, rounds, commit, device_name):
+    """Forward + backward of document-causal with the exact soft-cap on both
+    sides, A B A B, CUDA events; gradients checked like the patterns'."""
+    document, _, _ = table["document_causal"]
+    _, softcap, _ = table["softcap_causal"]
+    tbm = torch_block_mask(document, None, None, S, S, device=dev)
+    fbm = fa.create_block_mask(document, None, None, S, S, device=dev)
+    density = 1.0 - tbm.sparsity() / 100.0
+
+    def step_torch():
+        out = flex(q, k, v, score_mod=softcap, block_mask=tbm)
+        return torch.autograd.grad(out, (q, k, v), dout)
+
+    def step_flexattn():
+        out = fa.flex_attention(q, k, v, score_mod=softcap, block_mask=fbm)
+        return torch.autograd.grad(out, (q, k, v), dout)
+
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    ref = torch.autograd.grad(flex(q32, k32, v32, score_mod=softcap, block_mask=tbm),
+                              (q32, k32, v32), dout.float())
+    ef = [rel_err(g, r) for g, r in zip(step_flexattn(), ref)]
+    et = [rel_err(g, r) for g, r in zip(step_torch(), ref)]
+    del ref
+    ok = all(e <= 2.0 * t + 1e-3 for e, t in zip(ef, et))
+    for _ in range(3):
+        step_torch()
+        step_flexattn()
+    torch.cuda.synchronize()
+    tt, tf = [], []
+    for _ in range(rounds):  # A B A B
+        time_once(step_flexattn, tf)
+        time_once(step_torch, tt)
+    ms_f, ms_t = statistics.median(tf), statistics.median(tt)
+    B, H, _, D = q.shape
+    flops = 3.5 * 4.0 * B * H * S * S * D * density
+    row = dict(pattern="train_step_document_softcap", commit=commit, device=device_name, B=B, H=H,
+               S=S, D=D, dtype="bf16", density=density, flexattn_ms=ms_f, torch_ms=ms_t,
+               flexattn_tflops=flops / ms_f / 1e9, torch_tflops=flops / ms_t / 1e9,
+               speedup=ms_t / ms_f, flexattn_err=ef, torch_err=et,
+               check="pass" if ok else "FAIL")
+    print(f"training step (document-causal + soft-cap, forward + backward): flexattn {ms_f:.3f} ms, "
+          f"torch {ms_t:.3f} ms, speedup {ms_t / ms_f:.2f}; dq/dk/dv "
+          f"{'/'.join(f'{e:.1e}' for e in ef)} / {'/'.join(f'{e:.1e}' for e in et)}"
+          f"{'' if ok else '  FAIL'}", flush=True)
+    return row
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--len", type=int, default=8192)
@@ -84,6 +138,7 @@ def main():
     ap.add_argument("--tag", default="", help="suffix of the result files' stem (e.g. -d64)")
     ap.add_argument("--rounds", type=int, default=10)
     ap.add_argument("--patterns", default=None)
+    ap.add_argument("--no-step", action="store_true", help="leave out the training step")
     ap.add_argument("--results", default=os.path.join(ROOT, "bench", "results"),
                     help="folder for the result files ('' writes none)")
     args = ap.parse_args()
@@ -101,7 +156,7 @@ def main():
     print(f"device: {device_name}  torch {torch.__version__}  commit {commit}")
     print(f"{'pattern':16s} {'flexattn ms':>11s} {'torch ms':>9s} {'flexattn TF':>11s} {'torch TF':>9s} "
           f"{'speedup':>7s}  errors (flexattn / torch vs fp32)")
-    rows, failed, not_run = [], [], []
+    rows, failed, not_run, notes = [], [], [], []
     for name in names:
         mask_mod, score_mod, extra = table[name]
         tbm = torch_block_mask(mask_mod, None, None, S, S, device=dev) if mask_mod else None
@@ -137,19 +192,29 @@ def main():
         def bw_flexattn():
             return torch.autograd.grad(out_f, (q, k, v, *extra), dout, retain_graph=True)
 
-        errs = {}
+        errs, torch_tiles = {}, None
+        errs["flexattn"] = [rel_err(g, r) for g, r in zip(bw_flexattn(), ref)]
         try:
-            for side, fn in (("flexattn", bw_flexattn), ("torch", bw_torch)):
-                errs[side] = [rel_err(g, r) for g, r in zip(fn(), ref)]
+            errs["torch"] = [rel_err(g, r) for g, r in zip(bw_torch(), ref)]
         except Exception as e:
-            if "torch" in errs or "flexattn" not in errs:
-                raise  # flexattn's own failure ends the run
-            # torch's compiled backward itself cannot run this pattern here
-            # (e.g. out of shared memory): nothing to compare with
-            not_run.append(f"{name}: torch's backward failed ({str(e).splitlines()[-1][:120]})")
-            print(not_run[-1], flush=True)
-            del ref, out_t, out_f
-            continue
+            # torch's compiled backward cannot run this pattern at its default
+            # tiles (e.g. out of shared memory): the smaller ones a user would
+            # pass, else nothing to compare with
+            why = str(e).splitlines()[-1][:120]
+            try:
+                out_t = flex(q, k, v, score_mod=score_mod, block_mask=tbm,
+                             kernel_options=SMALL_TILES)
+                errs["torch"] = [rel_err(g, r) for g, r in zip(bw_torch(), ref)]
+                torch_tiles = SMALL_TILES
+                notes.append(f"{name}: torch's backward failed at its default tiles ({why}); "
+                             f"torch timed with kernel_options={SMALL_TILES}")
+                print(notes[-1], flush=True)
+            except Exception as e2:
+                not_run.append(f"{name}: torch's backward failed ({why}; with "
+                               f"kernel_options={SMALL_TILES}: {str(e2).splitlines()[-1][:120]})")
+                print(not_run[-1], flush=True)
+                del ref, out_t, out_f
+                continue
         del ref
         if tol_rel is None:  # against torch's bf16: both sides' rounding, at most 2e-2
             ok = all(e <= 2e-2 for e in errs["flexattn"])
@@ -170,13 +235,19 @@ def main():
         row = dict(pattern=name, commit=commit, device=device_name, B=B, H=H, S=S, D=D, dtype="bf16",
                    density=density, flexattn_ms=ms_f, torch_ms=ms_t, flexattn_bwd_tflops=flops / ms_f / 1e9,
                    torch_bwd_tflops=flops / ms_t / 1e9, speedup=ms_t / ms_f,
-                   flexattn_err=errs["flexattn"], torch_err=errs["torch"], check="pass" if ok else "FAIL")
+                   flexattn_err=errs["flexattn"], torch_err=errs["torch"], check="pass" if ok else "FAIL",
+                   torch_kernel_options=torch_tiles)
         rows.append(row)
         fe = "/".join(f"{e:.1e}" for e in errs["flexattn"])
         te = "/".join(f"{e:.1e}" for e in errs["torch"])
         print(f"{name:16s} {ms_f:11.3f} {ms_t:9.3f} {row['flexattn_bwd_tflops']:11.1f} {row['torch_bwd_tflops']:9.1f} "
               f"{row['speedup']:7.2f}  dq/dk/dv{'/bias' if extra else ''} {fe} / {te}{'' if ok else '  FAIL'}", flush=True)
         del out_t, out_f
+    step = None
+    if not args.no_step:
+        step = training_step(flex, q, k, v, dout, table, S, dev, args.rounds, commit, device_name)
+        if step["check"] != "pass":
+            failed.append("training step")
     if failed:
         print(f"FAILED: gradients out of tolerance for {', '.join(failed)}; nothing written")
         sys.exit(1)
@@ -192,8 +263,17 @@ def main():
     for r in rows:
         lines.append(f"| {r['pattern']} | {r['flexattn_ms']:.3f} | {r['torch_ms']:.3f} | "
                      f"{r['flexattn_bwd_tflops']:.1f} | {r['torch_bwd_tflops']:.1f} | {r['speedup']:.2f} |")
+    if notes:
+        lines += ["", "; ".join(notes) + "."]
     if not_run:
         lines += ["", "Not compared: " + "; ".join(not_run)]
+    if step:
+        lines += ["", "One training step (forward + backward) of document-causal with the exact "
+                  f"soft-cap 30, FLOPs 3.5 x the forward's: flexattn {step['flexattn_ms']:.3f} ms "
+                  f"({step['flexattn_tflops']:.1f} TFLOP/s), torch flex {step['torch_ms']:.3f} ms "
+                  f"({step['torch_tflops']:.1f}), speedup {step['speedup']:.2f}; gradients checked "
+                  "as above."]
+        rows.append(step)
     lines += ["", "The backward alone (torch.autograd.grad of the saved graph), medians of "
               f"{args.rounds} interleaved rounds, CUDA events on both sides. torch: "
               "torch.compile(flex_attention, dynamic=False), default mode. FLOPs: 2.5 x 4*B*H*S*S*D x "

@@ -76,6 +76,9 @@ struct flex_context {
     flex_debug debug; /* FLEXATTN_DEBUG, read once at creation (core/debug.c) */
     /* block masks built for flex_attention_options.mask_mod; owned, locked */
     struct flex_mask_cache *mask_cache;
+    /* the caller's work-space allocator (flex_context_set_allocator);
+     * alloc == NULL: the backend's own */
+    flex_device_allocator allocator;
 };
 
 /* ---- mods ---- */

@@ -227,6 +227,20 @@ const char *flex_context_backend(const flex_context *ctx) {
     return ctx ? ctx->backend->name : "";
 }
 
+flex_status flex_context_set_allocator(flex_context *ctx, const flex_device_allocator *allocator) {
+    if (!ctx) return flex_fail(NULL, FLEX_ERR_NULL_POINTER, "flex_context_set_allocator: ctx is NULL");
+    if (allocator && (!allocator->alloc || !allocator->free))
+        return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
+                         "flex_context_set_allocator: the allocator's %s function is NULL",
+                         allocator->alloc ? "free" : "alloc");
+    if (allocator) {
+        ctx->allocator = *allocator;
+    } else {
+        memset(&ctx->allocator, 0, sizeof ctx->allocator);
+    }
+    return FLEX_OK;
+}
+
 int flex_context_device_index(const flex_context *ctx) {
     return ctx ? ctx->device_index : -1;
 }

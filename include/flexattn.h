@@ -113,6 +113,41 @@ flex_status flex_context_create(const char *spec, flex_context **out);
  * other thread may be in a call on it. */
 void flex_context_destroy(flex_context *ctx);
 
+/*
+ * Where a GPU backend takes the device work space of one call from (the
+ * backward's delta rows and dQ accumulator, split-KV pieces of a decode).
+ * Without one, the backend allocates in stream order itself
+ * (cuMemAllocAsync / hipMallocAsync). A framework with its own caching
+ * allocator (PyTorch's) hands it in here so that the two do not compete for
+ * the same memory.
+ *   alloc: returns `bytes` of device memory on the context's device that
+ *          work queued on `stream` may use, or NULL when it has none (the
+ *          call then fails with FLEX_ERR_OUT_OF_MEMORY and queues nothing).
+ *          Called at most a few times a call, from the calling thread.
+ *   free:  takes back what alloc returned. It is called as soon as the
+ *          call's work is queued on `stream`, before that work has run: the
+ *          allocator may give the memory to later work on the same stream
+ *          only (stream-ordered reuse, as PyTorch's caching allocator does).
+ *   user:  passed to both, never read by the library.
+ * While a CUDA graph is being captured the allocations happen during the
+ * capture, so the allocator must be one that can capture (PyTorch's can).
+ */
+typedef struct flex_device_allocator {
+    void *(*alloc)(void *user, size_t bytes, void *stream);
+    void (*free)(void *user, void *ptr, void *stream);
+    void *user;
+} flex_device_allocator;
+
+/*
+ * Installs allocator (copied; both functions must be set, else
+ * FLEX_ERR_INVALID_ARGUMENT) as ctx's source of work space, or with
+ * allocator == NULL goes back to the backend's own. The functions and user
+ * must stay valid until the allocator is replaced or ctx destroyed. No
+ * other thread may be in a call on ctx meanwhile. Backends without device
+ * work space (cpu) keep it and never call it.
+ */
+flex_status flex_context_set_allocator(flex_context *ctx, const flex_device_allocator *allocator);
+
 /* Backend name ("cpu", "cuda", ...) and device index. Static / int. */
 const char *flex_context_backend(const flex_context *ctx);
 int flex_context_device_index(const flex_context *ctx);

@@ -99,6 +99,66 @@ START_TEST(context_from_environment) {
 }
 END_TEST
 
+/* A caller's allocator is checked and kept; the CPU backend, which needs
+ * no device work space, never calls it, and its results do not change. */
+static int alloc_calls;
+static void *counting_alloc(void *user, size_t bytes, void *stream) {
+    (void)user, (void)stream;
+    alloc_calls++;
+    return malloc(bytes);
+}
+static void counting_free(void *user, void *ptr, void *stream) {
+    (void)user, (void)stream;
+    free(ptr);
+}
+
+START_TEST(context_allocator) {
+    flex_context *ctx = NULL;
+    ck_assert_int_eq(flex_context_create("cpu", &ctx), FLEX_OK);
+    ck_assert_int_eq(flex_context_set_allocator(NULL, NULL), FLEX_ERR_NULL_POINTER);
+    flex_device_allocator a = {counting_alloc, NULL, NULL};
+    ck_assert_int_eq(flex_context_set_allocator(ctx, &a), FLEX_ERR_INVALID_ARGUMENT);
+    ck_assert(contains(flex_error_message(ctx), "free function is NULL"));
+    a.alloc = NULL;
+    a.free = counting_free;
+    ck_assert_int_eq(flex_context_set_allocator(ctx, &a), FLEX_ERR_INVALID_ARGUMENT);
+    ck_assert(contains(flex_error_message(ctx), "alloc function is NULL"));
+    a.alloc = counting_alloc;
+    ck_assert_int_eq(flex_context_set_allocator(ctx, &a), FLEX_OK);
+
+    enum { L = 40, D = 16 };
+    static float q[L * D], k[L * D], v[L * D], out[L * D], lse[L], dout[L * D];
+    static float dq[2][L * D], dk[2][L * D], dv[2][L * D];
+    for (int i = 0; i < L * D; i++) {
+        q[i] = (float)((i * 37) % 23) / 23.0f - 0.5f;
+        k[i] = (float)((i * 11) % 19) / 19.0f - 0.5f;
+        v[i] = (float)((i * 5) % 17) / 17.0f - 0.5f;
+        dout[i] = (float)((i * 3) % 13) / 13.0f - 0.5f;
+    }
+    const flex_tensor tq = flex_tensor_bhsd(q, FLEX_F32, 1, 1, L, D, FLEX_DEVICE_CPU),
+                      tk = flex_tensor_bhsd(k, FLEX_F32, 1, 1, L, D, FLEX_DEVICE_CPU),
+                      tv = flex_tensor_bhsd(v, FLEX_F32, 1, 1, L, D, FLEX_DEVICE_CPU),
+                      to = flex_tensor_bhsd(out, FLEX_F32, 1, 1, L, D, FLEX_DEVICE_CPU),
+                      tdo = flex_tensor_bhsd(dout, FLEX_F32, 1, 1, L, D, FLEX_DEVICE_CPU),
+                      tl = flex_tensor_bhsd(lse, FLEX_F32, 1, 1, L, 1, FLEX_DEVICE_CPU);
+    for (int run = 0; run < 2; run++) {
+        if (run == 1) ck_assert_int_eq(flex_context_set_allocator(ctx, NULL), FLEX_OK);
+        const flex_tensor tdq = flex_tensor_bhsd(dq[run], FLEX_F32, 1, 1, L, D, FLEX_DEVICE_CPU),
+                          tdk = flex_tensor_bhsd(dk[run], FLEX_F32, 1, 1, L, D, FLEX_DEVICE_CPU),
+                          tdv = flex_tensor_bhsd(dv[run], FLEX_F32, 1, 1, L, D, FLEX_DEVICE_CPU);
+        ck_assert_int_eq(flex_attention(ctx, &tq, &tk, &tv, NULL, NULL, NULL, &to, &tl), FLEX_OK);
+        ck_assert_int_eq(flex_attention_backward(ctx, &tq, &tk, &tv, &to, &tdo, &tl, NULL, NULL,
+                                                 NULL, &tdq, &tdk, &tdv, NULL, 0),
+                         FLEX_OK);
+    }
+    ck_assert_int_eq(alloc_calls, 0);
+    ck_assert_mem_eq(dq[0], dq[1], sizeof dq[0]);
+    ck_assert_mem_eq(dk[0], dk[1], sizeof dk[0]);
+    ck_assert_mem_eq(dv[0], dv[1], sizeof dv[0]);
+    flex_context_destroy(ctx);
+}
+END_TEST
+
 START_TEST(status_names) {
     ck_assert_str_eq(flex_status_name(FLEX_OK), "OK");
     ck_assert_str_eq(flex_status_name(FLEX_ERR_SHAPE), "ERR_SHAPE");
@@ -451,6 +511,7 @@ int main(void) {
     tcase_add_test(tc, context_errors_name_the_reason);
     tcase_add_test(tc, context_gpu_never_falls_back);
     tcase_add_test(tc, context_from_environment);
+    tcase_add_test(tc, context_allocator);
     tcase_add_test(tc, status_names);
     tcase_add_test(tc, tensor_views);
     tcase_add_test(tc, half_conversions);

@@ -539,6 +539,102 @@ static int graph_same(const graph_problem *g, void *const *got, void *const *wan
     return ok;
 }
 
+/* ---- work space from the caller's allocator ---- */
+
+typedef struct test_pool {
+    void *base;
+    size_t size;
+    int allocs, frees, outstanding;
+    void *stream;
+} test_pool;
+
+static void *pool_alloc(void *user, size_t bytes, void *stream) {
+    test_pool *p = user;
+    if (bytes > p->size || p->outstanding) return NULL;
+    p->allocs++;
+    p->outstanding = 1;
+    p->stream = stream;
+    return p->base;
+}
+static void pool_free(void *user, void *ptr, void *stream) {
+    test_pool *p = user;
+    if (ptr == p->base && stream == p->stream) p->outstanding = 0;
+    p->frees++;
+}
+
+/* A forward and backward whose work space comes from the caller's
+ * allocator (a poisoned pool): the same bits as with the backend's own
+ * (deterministic mode), every allocation given back on the call's stream;
+ * a pool too small is FLEX_ERR_OUT_OF_MEMORY. */
+static void test_caller_allocator(void) {
+    const int B = 1, Hq = 4, Hkv = 2, L = 200, D = 64;
+    const flex_dtype dt = FLEX_BF16;
+    const bw_case c = {"allocator", dt, B, Hq, Hkv, L, L, D, D, 0, NULL, NULL, 128, NULL, 1, 1, 1,
+                       0};
+    host_bufs hb;
+    make_bufs(&c, &hb);
+    flex_mod *score = compile_mod(gpu, FLEX_MOD_SCORE, "score + slopes[h] * (kv - q)", &hb);
+    const int64_t nq = (int64_t)B * Hq * L, nk = (int64_t)B * Hkv * L;
+    const int64_t n[4 + G_COUNT] = {nq * D, nk * D, nk * D, nq * D, nq * D, nq, nq * D, nk * D,
+                                    nk * D};
+    void *dev[4 + G_COUNT], *want[G_COUNT], *got[G_COUNT];
+    size_t bytes[4 + G_COUNT];
+    flex_tensor t[4 + G_COUNT];
+    for (int i = 0; i < 4 + G_COUNT; i++) {
+        const flex_dtype d = i == 4 + G_LSE ? FLEX_F32 : dt;
+        bytes[i] = (size_t)n[i] * flex_dtype_size(d);
+        EXPECT_EQ(flex_malloc(gpu, bytes[i], &dev[i]), FLEX_OK);
+        const int64_t H = i == 1 || i == 2 || i == 4 + G_DK || i == 4 + G_DV ? Hkv : Hq;
+        t[i] = flex_tensor_bhsd(dev[i], d, B, H, L, i == 4 + G_LSE ? 1 : D, FLEX_DEVICE_CUDA);
+        if (i < 4) fill_device(dev[i], dt, n[i]);
+        if (i >= 4) {
+            want[i - 4] = malloc(bytes[i]);
+            got[i - 4] = malloc(bytes[i]);
+        }
+    }
+    const graph_problem g = {dt, 1, t, dev, bytes, score, NULL, NULL};
+    EXPECT(graph_step(&g, NULL) == FLEX_OK, "allocator: %s", flex_error_message(gpu));
+    EXPECT(graph_outputs(&g, want) == 0, "allocator: %s", flex_error_message(gpu));
+
+    test_pool pool = {NULL, (size_t)8 << 20, 0, 0, 0, NULL};
+    EXPECT_EQ(flex_malloc(gpu, pool.size, &pool.base), FLEX_OK);
+    unsigned char *ff = malloc(pool.size);
+    memset(ff, 0xff, pool.size);
+    EXPECT_EQ(flex_copy_to_device(gpu, pool.base, ff, pool.size), FLEX_OK);
+    settle();
+    const flex_device_allocator a = {pool_alloc, pool_free, &pool};
+    EXPECT_EQ(flex_context_set_allocator(gpu, &a), FLEX_OK);
+    EXPECT(graph_step(&g, NULL) == FLEX_OK, "allocator: %s", flex_error_message(gpu));
+    EXPECT(graph_outputs(&g, got) == 0, "allocator: %s", flex_error_message(gpu));
+    EXPECT(pool.allocs >= 1, "the backward took no work space from the caller's allocator");
+    EXPECT(pool.allocs == pool.frees && !pool.outstanding,
+           "%d allocations, %d given back (outstanding %d)", pool.allocs, pool.frees,
+           pool.outstanding);
+    EXPECT(graph_same(&g, got, want, "caller's allocator"), "results differ from the backend's "
+                                                            "own work space");
+    const size_t whole = pool.size;
+    pool.size = 16; /* too small for any work space */
+    const flex_status s = graph_step(&g, NULL);
+    EXPECT(s == FLEX_ERR_OUT_OF_MEMORY && strstr(flex_error_message(gpu), "caller's allocator"),
+           "a refused allocation gave %s: %s", flex_status_name(s), flex_error_message(gpu));
+    pool.size = whole;
+    EXPECT_EQ(flex_context_set_allocator(gpu, NULL), FLEX_OK);
+    settle();
+    printf("%-28s work space from the caller's allocator (%d allocations): same bits\n",
+           "allocator", pool.allocs);
+    flex_free(gpu, pool.base);
+    free(ff);
+    for (int i = 0; i < 4 + G_COUNT; i++)
+        flex_free(gpu, dev[i]);
+    for (int i = 0; i < G_COUNT; i++) {
+        free(want[i]);
+        free(got[i]);
+    }
+    flex_mod_destroy(score);
+    for (int i = 0; i < NUM_BUFS; i++)
+        free(hb.data[i]);
+}
+
 /* Captures a forward and a backward (prepared by one direct call first:
  * kernels compiled, the block mask's lists and the host-resident buffers
  * copied to the GPU) on a stream in global capture mode, where any
@@ -777,6 +873,10 @@ int main(void) {
     test_errors_write_nothing();
     printf("%s: named errors write nothing\n", failures == before ? "PASS" : "FAIL");
 #if FLEXATTN_HAVE_CUDA
+    const int before_alloc = failures;
+    test_caller_allocator();
+    printf("%s: work space from the caller's allocator\n",
+           failures == before_alloc ? "PASS" : "FAIL");
     test_graphs();
 #endif
     flex_context_destroy(cpu);

@@ -420,6 +420,56 @@ END_TEST
  * the vendor for nothing; what would need a first compile, module load,
  * buffer copy or mask upload is refused with FLEX_ERR_UNSUPPORTED, naming
  * it, and nothing is allocated, copied or loaded. */
+/* The caller's allocator, when the context has one, gives and takes the
+ * work space; without one the backend allocates; nothing given is
+ * FLEX_ERR_OUT_OF_MEMORY. */
+static int caller_allocs, caller_frees;
+static void *caller_stream_seen;
+static size_t caller_bytes_seen;
+static char caller_pool[256];
+static void *caller_alloc(void *user, size_t bytes, void *stream) {
+    caller_stream_seen = stream;
+    caller_bytes_seen = bytes;
+    if (bytes > sizeof caller_pool || !user) return NULL;
+    caller_allocs++;
+    return caller_pool;
+}
+static void caller_free(void *user, void *ptr, void *stream) {
+    (void)user;
+    ck_assert_ptr_eq(ptr, caller_pool);
+    ck_assert_ptr_eq(stream, caller_stream_seen);
+    caller_frees++;
+}
+
+START_TEST(test_caller_workspace) {
+    void *p = (void *)1, *stream = (void *)0x5;
+    flex_status s = FLEX_ERR_DEVICE;
+    const int vendor_allocs = allocs;
+    ck_assert_int_eq(flex_gpu_caller_alloc(&fake_ctx, 64, stream, &p, &s), 0);
+    ck_assert_int_eq(flex_gpu_caller_free(&fake_ctx, caller_pool, stream), 0);
+    fake_ctx.allocator = (flex_device_allocator){caller_alloc, caller_free, &st};
+    ck_assert_int_eq(flex_gpu_caller_alloc(&fake_ctx, 64, stream, &p, &s), 1);
+    ck_assert_int_eq(s, FLEX_OK);
+    ck_assert_ptr_eq(p, caller_pool);
+    ck_assert_uint_eq(caller_bytes_seen, 64);
+    ck_assert_ptr_eq(caller_stream_seen, stream);
+    ck_assert_int_eq(flex_gpu_caller_free(&fake_ctx, p, stream), 1);
+    ck_assert_int_eq(caller_allocs, 1);
+    ck_assert_int_eq(caller_frees, 1);
+    /* nothing asked, nothing given or taken back */
+    ck_assert_int_eq(flex_gpu_caller_alloc(&fake_ctx, 0, stream, &p, &s), 1);
+    ck_assert_ptr_null(p);
+    ck_assert_int_eq(flex_gpu_caller_free(&fake_ctx, p, stream), 1);
+    ck_assert_int_eq(caller_allocs + caller_frees, 2);
+    /* refused */
+    ck_assert_int_eq(flex_gpu_caller_alloc(&fake_ctx, 4096, stream, &p, &s), 1);
+    ck_assert_int_eq(s, FLEX_ERR_OUT_OF_MEMORY);
+    ck_assert_ptr_null(p);
+    ck_assert_int_eq(allocs, vendor_allocs); /* the vendor's allocator was never asked */
+    memset(&fake_ctx.allocator, 0, sizeof fake_ctx.allocator);
+}
+END_TEST
+
 START_TEST(test_capture_refuses_first_uploads) {
     void *fn = NULL, *other = NULL, *again = NULL;
     st.capturing = 1;
@@ -498,6 +548,7 @@ int main(void) {
     tcase_add_test(tc, test_decode_word_names_the_argument);
     tcase_add_test(tc, test_decode_split_policy);
     tcase_add_test(tc, test_capture_refuses_first_uploads);
+    tcase_add_test(tc, test_caller_workspace);
     suite_add_tcase(suite, tc);
     SRunner *runner = srunner_create(suite);
     srunner_run_all(runner, CK_NORMAL);

@@ -574,7 +574,7 @@ static flex_status module_function(flex_context *ctx, cuda_state *st, const char
                                    const char *name, CUfunction *fn);
 static flex_status workspace_alloc(flex_context *ctx, cuda_state *st, size_t bytes, CUstream stream,
                                    CUdeviceptr *out);
-static void workspace_free(cuda_state *st, CUdeviceptr p, CUstream stream);
+static void workspace_free(flex_context *ctx, cuda_state *st, CUdeviceptr p, CUstream stream);
 
 /* Mirrors the head of struct flex_dec_params; the forward's block
  * (cuda_fwd_params) and the mods' buffers follow it. */
@@ -822,7 +822,7 @@ static flex_status cuda_decode(flex_context *ctx, cuda_state *st, const flex_for
             note_buffer_reads(st);
     }
     free(staged);
-    workspace_free(st, ws, stream);
+    workspace_free(ctx, st, ws, stream);
     st->gpu.capturing = 0;
     pop_ctx(st);
     pthread_mutex_unlock(&st->gpu.lock);
@@ -1112,6 +1112,12 @@ static flex_status module_function(flex_context *ctx, cuda_state *st, const char
 static flex_status workspace_alloc(flex_context *ctx, cuda_state *st, size_t bytes, CUstream stream,
                                    CUdeviceptr *out) {
     *out = 0;
+    void *mine = NULL;
+    flex_status s = FLEX_OK;
+    if (flex_gpu_caller_alloc(ctx, bytes, stream, &mine, &s)) {
+        *out = (CUdeviceptr)(uintptr_t)mine;
+        return s;
+    }
     if (!bytes) return FLEX_OK;
     if (!st->api->cuMemAllocAsync && st->gpu.capturing)
         return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
@@ -1126,8 +1132,8 @@ static flex_status workspace_alloc(flex_context *ctx, cuda_state *st, size_t byt
 }
 
 /* Frees what workspace_alloc gave once the stream's work before is done. */
-static void workspace_free(cuda_state *st, CUdeviceptr p, CUstream stream) {
-    if (!p) return;
+static void workspace_free(flex_context *ctx, cuda_state *st, CUdeviceptr p, CUstream stream) {
+    if (flex_gpu_caller_free(ctx, (void *)(uintptr_t)p, stream) || !p) return;
     if (st->api->cuMemFreeAsync) {
         st->api->cuMemFreeAsync(p, stream);
     } else {
@@ -1390,7 +1396,7 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
         }
         if (!s && slots > 0) note_buffer_reads(st);
     }
-    workspace_free(st, ws, stream);
+    workspace_free(ctx, st, ws, stream);
     st->gpu.capturing = 0;
     pop_ctx(st);
     pthread_mutex_unlock(&st->gpu.lock);

@@ -659,3 +659,26 @@ size_t flex_gpu_bwd_blob(unsigned char *blob, const flex_backward_args *a,
     at += sizeof p;
     return flex_gpu_append_buffers(blob, at, descs, slots, flag);
 }
+
+/* ---- per-call work space ---- */
+
+int flex_gpu_caller_alloc(flex_context *ctx, size_t bytes, void *stream, void **ptr,
+                          flex_status *status) {
+    const flex_device_allocator *a = &ctx->allocator;
+    *ptr = NULL;
+    *status = FLEX_OK;
+    if (!a->alloc) return 0;
+    if (!bytes) return 1;
+    *ptr = a->alloc(a->user, bytes, stream);
+    if (!*ptr)
+        *status = flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY,
+                            "the caller's allocator gave no %zu-byte work space", bytes);
+    return 1;
+}
+
+int flex_gpu_caller_free(flex_context *ctx, void *ptr, void *stream) {
+    const flex_device_allocator *a = &ctx->allocator;
+    if (!a->alloc) return 0;
+    if (ptr) a->free(a->user, ptr, stream);
+    return 1;
+}

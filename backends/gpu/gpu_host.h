@@ -139,6 +139,18 @@ flex_status flex_gpu_take_bounds_flag(flex_context *ctx, flex_gpu_state *st);
  * range and was clamped by the decode kernel (flex_decode.cuh). */
 flex_gpu_ptr flex_gpu_decode_flag(const flex_gpu_state *st);
 
+/* ---- per-call work space ---- */
+
+/* Work space of one call from the caller's allocator
+ * (flex_context_set_allocator), when ctx has one: returns 1 and sets
+ * *status (FLEX_ERR_OUT_OF_MEMORY, recorded on ctx, when it gave nothing)
+ * and *ptr. Returns 0 when ctx has none: the backend allocates itself. */
+int flex_gpu_caller_alloc(flex_context *ctx, size_t bytes, void *stream, void **ptr,
+                          flex_status *status);
+/* Gives ptr back to the caller's allocator when ctx has one (returns 1);
+ * 0: the backend frees it itself. */
+int flex_gpu_caller_free(flex_context *ctx, void *ptr, void *stream);
+
 /* ---- kernels: memory list -> cache -> compiler ---- */
 
 /* Builds the source of a kernel from its arguments (malloc'd; NULL: out of

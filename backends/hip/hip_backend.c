@@ -572,6 +572,8 @@ static flex_status workspace_alloc(flex_context *ctx, hip_state *st, size_t byte
                                    hipStream_t stream, hip_workspace *w) {
     w->ptr = NULL;
     w->async = 0;
+    flex_status s = FLEX_OK;
+    if (flex_gpu_caller_alloc(ctx, bytes, stream, &w->ptr, &s)) return s;
     if (!bytes) return FLEX_OK;
     hipError_t r = -1;
     if (st->api->hipMallocAsync) {
@@ -586,8 +588,9 @@ static flex_status workspace_alloc(flex_context *ctx, hip_state *st, size_t byte
     return flex_gpu_check(ctx, &st->gpu, r, "allocating the backward's workspace");
 }
 
-static void workspace_free(hip_state *st, const hip_workspace *w, hipStream_t stream) {
-    if (!w->ptr) return;
+static void workspace_free(flex_context *ctx, hip_state *st, const hip_workspace *w,
+                           hipStream_t stream) {
+    if (flex_gpu_caller_free(ctx, w->ptr, stream) || !w->ptr) return;
     if (w->async) {
         st->api->hipFreeAsync(w->ptr, stream);
     } else {
@@ -769,7 +772,7 @@ static flex_status hip_backward(flex_context *ctx, const flex_backward_args *a) 
                             size);
         if (!s && slots > 0) atomic_store(&st->gpu.bounds_pending, 1);
     }
-    workspace_free(st, &ws, stream);
+    workspace_free(ctx, st, &ws, stream);
     pthread_mutex_unlock(&st->gpu.lock);
     return s;
 }

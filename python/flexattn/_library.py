@@ -93,6 +93,15 @@ class BufferGrad(ctypes.Structure):
     _fields_ = [("name", ctypes.c_char_p), ("grad", Tensor)]
 
 
+ALLOC_FN = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_void_p)
+FREE_FN = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p)
+
+
+class DeviceAllocator(ctypes.Structure):
+    """flex_device_allocator: where a GPU backend takes per-call work space."""
+    _fields_ = [("alloc", ALLOC_FN), ("free", FREE_FN), ("user", ctypes.c_void_p)]
+
+
 class BlockMaskShape(ctypes.Structure):
     _fields_ = [("B", ctypes.c_int64), ("H", ctypes.c_int64), ("q_len", ctypes.c_int64),
                 ("kv_len", ctypes.c_int64), ("q_block", ctypes.c_int), ("kv_block", ctypes.c_int),
@@ -149,6 +158,7 @@ _PROTOTYPES = {
     "flex_context_create": (_i, [_cp, ctypes.POINTER(_vp)]),
     "flex_context_destroy": (None, [_vp]),
     "flex_context_backend": (_cp, [_vp]),
+    "flex_context_set_allocator": (_i, [_vp, ctypes.POINTER(DeviceAllocator)]),
     "flex_context_device_name": (_cp, [_vp]),
     "flex_error_message": (_cp, [_vp]),
     "flex_backend_count": (_i, []),

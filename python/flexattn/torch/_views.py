@@ -5,6 +5,8 @@ until the library is done with it (for the duration of a call, or as long as
 a mod keeps the binding).
 """
 
+import ctypes
+
 import torch
 
 from .. import _library as L
@@ -23,9 +25,43 @@ def device_context(device):
         return _runtime.context("cpu")
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        return _runtime.context("cuda", index)
+        ctx = _runtime.context("cuda", index)
+        if not getattr(ctx, "torch_allocator", None):
+            _install_torch_allocator(ctx, index)
+        return ctx
     raise RuntimeError(f"flexattn: tensors on device '{device}' are not supported; "
                        "use CPU or CUDA tensors")
+
+
+# Work space the library took from torch's caching allocator (a count, for
+# the tests).
+workspace_allocations = 0
+
+
+def _install_torch_allocator(ctx, index):
+    """Makes the CUDA backend take its per-call work space (the backward's
+    delta and dQ accumulator, decode pieces) from torch's caching allocator,
+    on the stream the call runs on, so that it does not hold memory torch
+    could reuse. The library frees right after queuing its work; torch's
+    allocator reuses a block only in that stream's order."""
+    def alloc(_user, nbytes, stream):
+        global workspace_allocations
+        try:
+            ptr = torch.cuda.caching_allocator_alloc(nbytes, device=index, stream=stream or 0)
+        except Exception:  # cannot cross the C frames: the call fails with MemoryError
+            return None
+        workspace_allocations += 1
+        return ptr
+
+    def free(_user, ptr, _stream):
+        torch.cuda.caching_allocator_delete(ptr)
+
+    with ctx.lock:
+        if getattr(ctx, "torch_allocator", None):
+            return
+        table = L.DeviceAllocator(L.ALLOC_FN(alloc), L.FREE_FN(free), None)
+        ctx.check(L.lib.flex_context_set_allocator(ctx.handle, ctypes.byref(table)))
+        ctx.torch_allocator = table  # the callbacks live as long as the context
 
 
 def _device_code(device):

@@ -47,8 +47,9 @@ char *flex_cuda_forward_source_in_range(const flex_cuda_fwd_config *cfg, const i
     const char *common = flex_cuda_template("flex_common.cuh");
     const char *mma = flex_cuda_template("flex_mma_sm80.cuh");
     const char *tpl = flex_cuda_template("flex_forward.cuh");
+    const char *wgmma = flex_cuda_template("flex_wgmma_sm90.cuh");
     const char *sm90 = flex_cuda_template("flex_forward_sm90.cuh");
-    if (!vendor || !common || !mma || !tpl || !sm90) return NULL;
+    if (!vendor || !common || !mma || !tpl || !wgmma || !sm90) return NULL;
     char config[512];
     const char *elem = cfg->dtype == FLEX_BF16  ? "FLEX_ELEM_BF16"
                        : cfg->dtype == FLEX_F16 ? "FLEX_ELEM_F16"
@@ -65,9 +66,10 @@ char *flex_cuda_forward_source_in_range(const flex_cuda_fwd_config *cfg, const i
     char *mods = flex_emit_mods_in_range(mask, score, mask_in_range, score_in_range);
     if (!mods) return NULL;
     /* The sm_90a kernel is a sibling of the mma.sync one and reuses its
-     * helpers, so it follows it; without FLEX_WGMMA it is empty. */
-    const char *parts[] = {vendor, config, mods, common, mma, tpl, cfg->wgmma ? sm90 : ""};
-    char *s = concat(parts, 7);
+     * helpers, so it follows it, after the wgmma primitives; without
+     * FLEX_WGMMA neither is there (an empty last part). */
+    const char *parts[] = {vendor, config, mods, common, mma, tpl, cfg->wgmma ? wgmma : "", sm90};
+    char *s = concat(parts, cfg->wgmma ? 8 : 7);
     free(mods);
     return s;
 }

@@ -82,8 +82,8 @@ static FLEX_DEVICE_INLINE void flex_bwd90_load_step(const flex_bwd_params &bp, i
     constexpr int BM = FLEX_BWD_BLOCK_M;
     const flex_elem *gq = (const flex_elem *)p.q + b * p.q_sb + s.h * p.q_sh;
     const flex_elem *gdo = (const flex_elem *)bp.dout + b * bp.do_sb + s.h * bp.do_sh;
-    flex_load_tile<BM, FLEX_DQ, true>(base + FLEX_BWD90_SQ + stage * FLEX_BWD90_Q_STAGE, gq,
-                                      p.q_ss, s.q0, p.Lq, p.D, tid);
+    flex_load_tile<BM, FLEX_DQ, true>(base + FLEX_BWD90_SQ + stage * FLEX_BWD90_Q_STAGE, gq, p.q_ss,
+                                      s.q0, p.Lq, p.D, tid);
     flex_load_tile<BM, FLEX_DV, true>(base + FLEX_BWD90_SDO + stage * FLEX_BWD90_DO_STAGE, gdo,
                                       bp.do_ss, s.q0, p.Lq, p.Dv, tid);
     const float *glse = p.lse + b * p.l_sb + s.h * p.l_sh;
@@ -144,10 +144,11 @@ static FLEX_DEVICE_INLINE void flex_bwd90_sdp(float (&s)[8][4], float (&dp)[8][4
  * and Q are read MN-major (16 query rows are two 8-row groups, 2 KB
  * further; the leading-dimension offset is the distance between 64-column
  * blocks). */
-static FLEX_DEVICE_INLINE void
-flex_bwd90_dkdv(float (&dk)[FLEX_DQ / 8][4], float (&dv)[FLEX_DV / 8][4],
-                const flex_u32 (&pa)[FLEX_BWD_BLOCK_M / 16][4],
-                const flex_u32 (&da)[FLEX_BWD_BLOCK_M / 16][4], flex_u32 q_st, flex_u32 do_st) {
+static FLEX_DEVICE_INLINE void flex_bwd90_dkdv(float (&dk)[FLEX_DQ / 8][4],
+                                               float (&dv)[FLEX_DV / 8][4],
+                                               const flex_u32 (&pa)[FLEX_BWD_BLOCK_M / 16][4],
+                                               const flex_u32 (&da)[FLEX_BWD_BLOCK_M / 16][4],
+                                               flex_u32 q_st, flex_u32 do_st) {
     constexpr int BM = FLEX_BWD_BLOCK_M;
     const unsigned long long dod = flex_sw128_desc(do_st, BM * 128);
     const unsigned long long qd = flex_sw128_desc(q_st, BM * 128);

@@ -179,6 +179,22 @@ static const flex_cuda_bwd_config bwd_full_configs[] = {
      .exp2 = 1, .dq_red = 1},
 };
 
+/* The sm_90a wgmma main kernel (flex_backward_sm90.cuh) at the tiles
+ * choose_backward_tiles gives it (8 warps, 64-row steps, 16-byte rows):
+ * head dims 64 and 128 and mixed, both 16-bit types, with and without the
+ * pipeline and the 16-byte dQ reductions, and beside the deterministic dQ
+ * kernel. Machine code for sm_90a only (wgmma). */
+static const flex_cuda_bwd_config bwd_wgmma_configs[] = {
+    {.dtype = FLEX_BF16, .dq = 128, .dv = 128, .warps = 8, .block_m = 64, .vec = 1,
+     .short_indices = 1, .pipeline = 1, .exp2 = 1, .dq_red = 1, .kv_fastest = 1, .wgmma = 1},
+    {.dtype = FLEX_F16, .dq = 64, .dv = 64, .warps = 8, .block_m = 64, .vec = 1, .pipeline = 1,
+     .exp2 = 1, .dq_red = 1, .kv_fastest = 1, .wgmma = 1},
+    {.dtype = FLEX_BF16, .dq = 64, .dv = 128, .warps = 8, .block_m = 64, .vec = 1, .exp2 = 1,
+     .wgmma = 1},
+    {.dtype = FLEX_F16, .dq = 128, .dv = 64, .warps = 8, .block_m = 64, .vec = 1, .pipeline = 1,
+     .exp2 = 1, .dq_red = 1, .kv_fastest = 1, .wgmma = 1, .dq_warps = 4, .dq_block_n = 64},
+};
+
 static void add_backward_case(const char *label, const ir_mod *mask, const ir_mod *score,
                               const flex_cuda_bwd_config *cfg, const char *arch) {
     const flex_cuda_fwd_config unused = {0};
@@ -659,13 +675,19 @@ START_TEST(test_nvrtc_compiles_presets_and_seeds) {
             for (int a = 0; a < 2; a++, kb++)
                 add_backward_case(p->name, is_mask ? &m : &causal, is_mask ? NULL : &m,
                                   &bwd_configs[kb % 3], archs[a]);
-            if (!strcmp(p->name, "alibi") || !strcmp(p->name, "document_causal"))
+            if (!strcmp(p->name, "alibi") || !strcmp(p->name, "document_causal")) {
                 for (size_t f = 0; f < sizeof bwd_full_configs / sizeof bwd_full_configs[0]; f++)
                     add_backward_case(p->name, is_mask ? &m : &causal, is_mask ? NULL : &m,
                                       &bwd_full_configs[f], real_archs[f % 2]);
+                for (size_t f = 0; f < sizeof bwd_wgmma_configs / sizeof bwd_wgmma_configs[0];
+                     f++)
+                    add_backward_case(p->name, is_mask ? &m : &causal, is_mask ? NULL : &m,
+                                      &bwd_wgmma_configs[f], "sm_90a");
+            }
             ir_free(&m);
         }
         add_backward_case("dense", NULL, NULL, &bwd_full_configs[0], "sm_80");
+        add_backward_case("dense", NULL, NULL, &bwd_wgmma_configs[1], "sm_90a");
         ir_free(&causal);
     }
     for (size_t i = 0; i < sizeof seed_mods / sizeof seed_mods[0]; i++) {
@@ -751,6 +773,27 @@ START_TEST(test_nvrtc_compiles_deterministic_backward) {
     free(with);
     free(without);
     compile_cases();
+}
+END_TEST
+
+/* The backward source brings the wgmma main kernel and its primitives only
+ * when the config asks for it, and then leaves the mma.sync one out. */
+START_TEST(test_backward_source_wgmma) {
+    const flex_cuda_bwd_score none = {0};
+    flex_cuda_bwd_config cfg = bwd_wgmma_configs[0];
+    char *with = flex_cuda_backward_source(&cfg, NULL, NULL, &none);
+    cfg.wgmma = 0;
+    char *without = flex_cuda_backward_source(&cfg, NULL, NULL, &none);
+    ck_assert_ptr_nonnull(with);
+    ck_assert_ptr_nonnull(without);
+    ck_assert_ptr_nonnull(strstr(with, "#define FLEX_BWD_WGMMA 1"));
+    ck_assert_ptr_nonnull(strstr(with, "flex_bwd90_dkdv"));
+    ck_assert_ptr_nonnull(strstr(with, "flex_wgmma_ss_n64"));
+    ck_assert_ptr_nonnull(strstr(without, "#define FLEX_BWD_WGMMA 0"));
+    ck_assert_ptr_null(strstr(without, "flex_bwd90_dkdv"));
+    ck_assert_ptr_null(strstr(without, "flex_wgmma_ss_n64"));
+    free(with);
+    free(without);
 }
 END_TEST
 
@@ -843,6 +886,7 @@ int main(void) {
     tcase_add_test(emit, test_emit_ir_function);
     tcase_add_test(emit, test_int_to_float);
     tcase_add_test(emit, test_short_int_to_float);
+    tcase_add_test(emit, test_backward_source_wgmma);
     suite_add_tcase(suite, emit);
     TCase *nvrtc = tcase_create("nvrtc");
     tcase_set_timeout(nvrtc, 600);

@@ -413,6 +413,12 @@ START_TEST(test_backward_smem) {
     c.dq = c.dv = 64;
     ck_assert_uint_eq(flex_gpu_bwd_smem(&c),
                       2 * (128 * 128 + 2 * 128 * 128 + 128 * 128) + 16 * 128);
+    /* the sm_90a kernel: 64-row steps, 128 x 64 dS, 1 KB to align its base */
+    c.wgmma = 1;
+    c.block_m = 64;
+    c.dq = c.dv = 128;
+    ck_assert_uint_eq(flex_gpu_bwd_smem(&c),
+                      2 * (128 * 256 + 2 * 64 * 256 + 128 * 64) + 16 * 64 + 1024);
 }
 END_TEST
 

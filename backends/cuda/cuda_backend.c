@@ -1152,9 +1152,13 @@ static void workspace_free(flex_context *ctx, cuda_state *st, CUdeviceptr p, CUs
  * to 128, 16 above. FLEXATTN_DEBUG=cuda_bwd_tile=WARPSxROWS replaces the
  * choice where it divides the mask's blocks; cuda_bwd_pipeline,
  * cuda_bwd_exp2, cuda_bwd_dq_red and cuda_bwd_kv_fastest turn the variants
- * off for comparison. Where shared memory (smem_limit, 99 KB on sm_86;
- * flex_gpu_bwd_smem) is short, the kv tile is halved down to 64 rows, then
- * the pipeline goes, then the tile is halved further. */
+ * off for comparison. On sm_90 the wgmma kernel (flex_backward_sm90.cuh)
+ * takes its fixed tiles (8 warps, 64-row query steps) where it can:
+ * 16-byte rows, head dims up to 128, mask blocks of 128 kv and 64 query
+ * rows or multiples, no other cuda_bwd_tile asked for; cuda_bwd_wgmma=0
+ * keeps the mma.sync kernel. Where shared memory (smem_limit, 99 KB on
+ * sm_86; flex_gpu_bwd_smem) is short, the kv tile is halved down to 64
+ * rows, then the pipeline goes, then the tile is halved further. */
 static void choose_backward_tiles(const flex_context *ctx, flex_cuda_bwd_config *cfg, int q_block,
                                   int kv_block, int major, int64_t D, int64_t kv_heads,
                                   size_t smem_limit) {
@@ -1164,11 +1168,12 @@ static void choose_backward_tiles(const flex_context *ctx, flex_cuda_bwd_config 
     cfg->warps = block_n / 16;
     cfg->block_m = q_block < want_m ? q_block : want_m;
     const char *env = flex_debug_string(ctx, FLEX_DEBUG_CUDA_BWD_TILE);
-    int w, bm;
+    int w, bm, tile_set = 0;
     if (env && sscanf(env, "%dx%d", &w, &bm) == 2 && w >= 1 && w <= 8 && kv_block % (16 * w) == 0 &&
         (bm == 16 || bm == 32 || bm == 64) && q_block % bm == 0) {
         cfg->warps = w;
         cfg->block_m = bm;
+        tile_set = w != 8 || bm != 64;
     }
     /* Q, dO, lse and delta of the next step copied while this one computes. */
     cfg->pipeline = env_switch(ctx, FLEX_DEBUG_CUDA_BWD_PIPELINE, 1);
@@ -1180,6 +1185,16 @@ static void choose_backward_tiles(const flex_context *ctx, flex_cuda_bwd_config 
     /* The kv tiles of a head side by side in the grid, so the CTAs in flight
      * share their Q, dO and dQ rows in L2 (grid y is at most 65535). */
     cfg->kv_fastest = kv_heads <= 65535 && env_switch(ctx, FLEX_DEBUG_CUDA_BWD_KV_FASTEST, 1);
+    flex_cuda_bwd_config wg = *cfg;
+    wg.wgmma = 1;
+    wg.warps = 8;
+    wg.block_m = 64;
+    if (major == 9 && cfg->vec && widest <= 128 && kv_block % 128 == 0 && q_block % 64 == 0 &&
+        !tile_set && flex_gpu_bwd_smem(&wg) <= smem_limit &&
+        env_switch(ctx, FLEX_DEBUG_CUDA_BWD_WGMMA, 1)) {
+        *cfg = wg;
+        return;
+    }
     while (flex_gpu_bwd_smem(cfg) > smem_limit && cfg->warps > 4)
         cfg->warps /= 2;
     if (flex_gpu_bwd_smem(cfg) > smem_limit) cfg->pipeline = 0;
@@ -1328,14 +1343,15 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
     CUfunction fn_pre = NULL, fn_main = NULL, fn_store = NULL, fn_dq = NULL;
     char key[512];
     {
-        _Static_assert(sizeof(flex_cuda_bwd_config) == 14 * sizeof(int),
+        _Static_assert(sizeof(flex_cuda_bwd_config) == 15 * sizeof(int),
                        "flex_cuda_bwd_config changed: update the backward kernel key");
         snprintf(key, sizeof key,
-                 "bwd|%s|dq%d|dv%d|w%d|bm%d|vec%d|short%d|gs%d|pipe%d|exp2%d|red%d|kvf%d|dqw%d|"
-                 "dqn%d|mask=%016llx|score=%016llx|loads=%016llx|inr=%016llx.%016llx|%s|nvrtc%d.%d",
+                 "bwd|%s|dq%d|dv%d|w%d|bm%d|vec%d|short%d|gs%d|pipe%d|exp2%d|red%d|kvf%d|wg%d|"
+                 "dqw%d|dqn%d|mask=%016llx|score=%016llx|loads=%016llx|inr=%016llx.%016llx|%s|"
+                 "nvrtc%d.%d",
                  flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.warps, cfg.block_m, cfg.vec,
                  cfg.short_indices, cfg.grad_slots, cfg.pipeline, cfg.exp2, cfg.dq_red,
-                 cfg.kv_fastest, cfg.dq_warps, cfg.dq_block_n,
+                 cfg.kv_fastest, cfg.wgmma, cfg.dq_warps, cfg.dq_block_n,
                  (unsigned long long)(mask_mod ? mask_mod->hash : 0),
                  (unsigned long long)(score_used ? score_used->hash : 0),
                  (unsigned long long)(num_loads ? flex_cache_checksum(loads, (size_t)num_loads *

@@ -47,8 +47,9 @@ char *flex_cuda_forward_source_in_range(const flex_cuda_fwd_config *cfg, const i
     const char *common = flex_cuda_template("flex_common.cuh");
     const char *mma = flex_cuda_template("flex_mma_sm80.cuh");
     const char *tpl = flex_cuda_template("flex_forward.cuh");
+    const char *wgmma = flex_cuda_template("flex_wgmma_sm90.cuh");
     const char *sm90 = flex_cuda_template("flex_forward_sm90.cuh");
-    if (!vendor || !common || !mma || !tpl || !sm90) return NULL;
+    if (!vendor || !common || !mma || !tpl || !wgmma || !sm90) return NULL;
     char config[512];
     const char *elem = cfg->dtype == FLEX_BF16  ? "FLEX_ELEM_BF16"
                        : cfg->dtype == FLEX_F16 ? "FLEX_ELEM_F16"
@@ -65,9 +66,10 @@ char *flex_cuda_forward_source_in_range(const flex_cuda_fwd_config *cfg, const i
     char *mods = flex_emit_mods_in_range(mask, score, mask_in_range, score_in_range);
     if (!mods) return NULL;
     /* The sm_90a kernel is a sibling of the mma.sync one and reuses its
-     * helpers, so it follows it; without FLEX_WGMMA it is empty. */
-    const char *parts[] = {vendor, config, mods, common, mma, tpl, cfg->wgmma ? sm90 : ""};
-    char *s = concat(parts, 7);
+     * helpers, so it follows it, after the wgmma primitives; without
+     * FLEX_WGMMA neither is there (an empty last part). */
+    const char *parts[] = {vendor, config, mods, common, mma, tpl, cfg->wgmma ? wgmma : "", sm90};
+    char *s = concat(parts, cfg->wgmma ? 8 : 7);
     free(mods);
     return s;
 }
@@ -217,7 +219,9 @@ char *flex_cuda_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *m
     const char *mma = flex_cuda_template("flex_mma_sm80.cuh");
     const char *tpl = flex_cuda_template("flex_backward.cuh");
     const char *dq_tpl = flex_cuda_template("flex_backward_dq.cuh");
-    if (!vendor || !common || !mma || !tpl || !dq_tpl) return NULL;
+    const char *wgmma = flex_cuda_template("flex_wgmma_sm90.cuh");
+    const char *sm90 = flex_cuda_template("flex_backward_sm90.cuh");
+    if (!vendor || !common || !mma || !tpl || !dq_tpl || !wgmma || !sm90) return NULL;
     if (score->ir && score->num_loads > 64) return NULL;
     char config[512];
     const char *elem = cfg->dtype == FLEX_BF16  ? "FLEX_ELEM_BF16"
@@ -228,10 +232,10 @@ char *flex_cuda_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *m
              "#define FLEX_WARPS %d\n#define FLEX_BWD_BLOCK_M %d\n#define FLEX_VEC %d\n"
              "#define FLEX_SHORT_INDICES %d\n#define FLEX_GRAD_SLOTS %d\n"
              "#define FLEX_BWD_PIPE %d\n#define FLEX_BWD_EXP2 %d\n#define FLEX_BWD_DQ_RED %d\n"
-             "#define FLEX_BWD_KV_FASTEST %d\n",
+             "#define FLEX_BWD_KV_FASTEST %d\n#define FLEX_BWD_WGMMA %d\n",
              elem, cfg->dq, cfg->dv, cfg->warps, cfg->block_m, cfg->vec, cfg->short_indices,
              cfg->grad_slots > 0 ? cfg->grad_slots : 1, cfg->pipeline, cfg->exp2, cfg->dq_red,
-             cfg->kv_fastest);
+             cfg->kv_fastest, cfg->wgmma);
     char *mods = flex_emit_mods_in_range(mask, score->ir, mask_in_range, score->in_range);
     if (!mods) return NULL;
     char *glue = score_glue(score, mask ? mask->num_buffers : 0);
@@ -246,8 +250,22 @@ char *flex_cuda_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *m
         snprintf(dq_config, sizeof dq_config,
                  "#define FLEX_BWD_DQ_WARPS %d\n#define FLEX_BWD_DQ_BLOCK_N %d\n", cfg->dq_warps,
                  cfg->dq_block_n);
-    const char *parts[] = {vendor, config, mods, glue, common, mma, tpl, dq_config, dq_tpl};
-    char *s = concat(parts, cfg->dq_warps > 0 ? 9 : 7);
+    /* The sm_90a main kernel replaces the mma.sync one and reuses the rest
+     * of flex_backward.cuh, so it follows it, after the wgmma primitives. */
+    const char *parts[11];
+    int n = 0;
+    const char *head[] = {vendor, config, mods, glue, common, mma, tpl};
+    for (size_t i = 0; i < sizeof head / sizeof head[0]; i++)
+        parts[n++] = head[i];
+    if (cfg->wgmma) {
+        parts[n++] = wgmma;
+        parts[n++] = sm90;
+    }
+    if (cfg->dq_warps > 0) {
+        parts[n++] = dq_config;
+        parts[n++] = dq_tpl;
+    }
+    char *s = concat(parts, n);
     free(mods);
     free(glue);
     return s;

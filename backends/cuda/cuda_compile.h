@@ -83,6 +83,7 @@ typedef struct flex_cuda_bwd_config {
     int exp2;       /* f16/bf16: P = exp2 with log2(e) folded in (else expf) */
     int dq_red;     /* f16/bf16: dQ added by 16-byte red.global.add.v4.f32 (sm_90; D % 4 == 0) */
     int kv_fastest; /* grid x = kv tiles, y = (batch, kv head) */
+    int wgmma;      /* f16/bf16, sm_90a: the wgmma main kernel (flex_backward_sm90.cuh) */
     /* The deterministic dQ kernel (flex_backward_dq.cuh), whose presence
      * leaves dQ out of the main kernel's atomics: its warps (f16/bf16: 16
      * query rows each; f32: one row each) and kv rows per step (f16/bf16).
@@ -109,7 +110,8 @@ typedef struct flex_cuda_bwd_score {
 } flex_cuda_bwd_score;
 
 /*
- * The full source of the backward kernels (flex_backward.cuh, and
+ * The full source of the backward kernels (flex_backward.cuh, with
+ * flex_wgmma_sm90.cuh and flex_backward_sm90.cuh when cfg->wgmma, and
  * flex_backward_dq.cuh when cfg->dq_warps > 0) for config,
  * the mask mod (NULL: none evaluated) and the score mod with its
  * derivative. A malloc'd string (caller frees), or NULL when out of memory

@@ -16,6 +16,9 @@
  *   FLEX_BWD_EXP2           1: P by exp2 with log2(e) folded in (f16/bf16)
  *   FLEX_BWD_DQ_RED         1: dQ by red.global.add.v4.f32 (sm_90; D % 4 == 0)
  *   FLEX_BWD_KV_FASTEST     1: grid x = kv tiles, y = (batch, kv head)
+ *   FLEX_BWD_WGMMA          1: flex_backward_sm90.cuh follows and brings the
+ *                           main kernel (wgmma, sm_90a); the one here is
+ *                           left out
  *
  * Three kernels, launched in this order on the caller's stream:
  *   flex_bwd_preprocess  delta = rowsum(dO * O) per query row, and the dQ
@@ -225,6 +228,10 @@ static FLEX_DEVICE_INLINE float flex_bwd_prob(const flex_bwd_params &bp, float r
     return keep && value != FLEX_NEG_INF && lse != FLEX_NEG_INF ? expf(value - lse) : 0.0f;
 #endif
 }
+
+#ifndef FLEX_BWD_WGMMA
+#define FLEX_BWD_WGMMA 0
+#endif
 
 #if defined(FLEX_ELEM_BF16) || defined(FLEX_ELEM_F16)
 /* ===================== tensor-core path (f16 / bf16) ===================== */
@@ -549,6 +556,35 @@ static FLEX_DEVICE_INLINE void flex_bwd_dq(float *gdq, int D, int Lq, int q0,
     }
 }
 
+/* dK and dV of this warp's 16 kv rows of the tile at kv0 (m16n8
+ * accumulators), stored once. */
+static FLEX_DEVICE_INLINE void flex_bwd_store_dkdv(const flex_bwd_params &bp,
+                                                   const float (&dk)[FLEX_DQ / 8][4],
+                                                   const float (&dv)[FLEX_DV / 8][4], int b, int hk,
+                                                   int kv0, int warp, int lane) {
+    const flex_fwd_params &p = bp.f;
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        const int kv = kv0 + warp * 16 + (lane >> 2) + hf * 8;
+        if (kv >= p.Lkv) continue;
+        const long long k_row = b * bp.dk_sb + hk * bp.dk_sh + (long long)kv * bp.dk_ss;
+        const long long v_row = b * bp.dv_sb + hk * bp.dv_sh + (long long)kv * bp.dv_ss;
+#pragma unroll
+        for (int dt = 0; dt < FLEX_DQ / 8; dt++) {
+            const int col = dt * 8 + (lane & 3) * 2;
+            if (bp.dk && col < p.D) flex_st(bp.dk, k_row + col, dk[dt][2 * hf]);
+            if (bp.dk && col + 1 < p.D) flex_st(bp.dk, k_row + col + 1, dk[dt][2 * hf + 1]);
+        }
+#pragma unroll
+        for (int dt = 0; dt < FLEX_DV / 8; dt++) {
+            const int col = dt * 8 + (lane & 3) * 2;
+            if (bp.dv && col < p.Dv) flex_st(bp.dv, v_row + col, dv[dt][2 * hf]);
+            if (bp.dv && col + 1 < p.Dv) flex_st(bp.dv, v_row + col + 1, dv[dt][2 * hf + 1]);
+        }
+    }
+}
+
+#if !FLEX_BWD_WGMMA /* else flex_backward_sm90.cuh's */
 /* One CTA per (batch, kv head, tile of FLEX_BWD_BLOCK_N kv rows). */
 extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
     flex_bwd_kernel(const flex_bwd_params bp) {
@@ -640,28 +676,9 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
     }
     flex_cp_async_wait<0>(); /* nothing in flight when the CTA ends (a tile without steps) */
     if (oob) atomicOr(p.bufs.bounds_flag, oob);
-
-    /* dK, dV of this warp's kv rows, once. */
-#pragma unroll
-    for (int hf = 0; hf < 2; hf++) {
-        const int kv = kv0 + warp * 16 + (lane >> 2) + hf * 8;
-        if (kv >= p.Lkv) continue;
-        const long long k_row = b * bp.dk_sb + hk * bp.dk_sh + (long long)kv * bp.dk_ss;
-        const long long v_row = b * bp.dv_sb + hk * bp.dv_sh + (long long)kv * bp.dv_ss;
-#pragma unroll
-        for (int dt = 0; dt < FLEX_DQ / 8; dt++) {
-            const int col = dt * 8 + (lane & 3) * 2;
-            if (bp.dk && col < p.D) flex_st(bp.dk, k_row + col, dk[dt][2 * hf]);
-            if (bp.dk && col + 1 < p.D) flex_st(bp.dk, k_row + col + 1, dk[dt][2 * hf + 1]);
-        }
-#pragma unroll
-        for (int dt = 0; dt < FLEX_DV / 8; dt++) {
-            const int col = dt * 8 + (lane & 3) * 2;
-            if (bp.dv && col < p.Dv) flex_st(bp.dv, v_row + col, dv[dt][2 * hf]);
-            if (bp.dv && col + 1 < p.Dv) flex_st(bp.dv, v_row + col + 1, dv[dt][2 * hf + 1]);
-        }
-    }
+    flex_bwd_store_dkdv(bp, dk, dv, b, hk, kv0, warp, lane);
 }
+#endif /* !FLEX_BWD_WGMMA */
 
 #else
 /* ============================ f32 exact path ============================ */

@@ -513,7 +513,9 @@ size_t flex_gpu_bwd_smem(const flex_cuda_bwd_config *cfg) {
     const size_t bn = (size_t)cfg->warps * 16, bm = (size_t)cfg->block_m;
     const size_t stages = cfg->pipeline ? 2 : 1, ds_cols = bm > 64 ? bm : 64;
     const size_t dims = (size_t)cfg->dq + (size_t)cfg->dv;
-    return 2 * (bn * dims + stages * bm * dims + bn * ds_cols) + 8 * stages * bm;
+    /* the sm_90a kernel rounds its base up to 1024 bytes (wgmma's swizzle) */
+    return 2 * (bn * dims + stages * bm * dims + bn * ds_cols) + 8 * stages * bm +
+           (cfg->wgmma ? 1024 : 0);
 }
 
 flex_status flex_gpu_bwd_score_prepare(flex_context *ctx, const flex_gpu_state *st,

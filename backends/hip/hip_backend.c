@@ -705,7 +705,8 @@ static flex_status hip_backward(flex_context *ctx, const flex_backward_args *a) 
     void *fn_pre = NULL, *fn_main = NULL, *fn_store = NULL;
     char key[512];
     if (!s) {
-        _Static_assert(sizeof(flex_cuda_bwd_config) == 14 * sizeof(int),
+        /* 15: cfg.wgmma, the sm_90a kernel, is always 0 here */
+        _Static_assert(sizeof(flex_cuda_bwd_config) == 15 * sizeof(int),
                        "flex_cuda_bwd_config changed: update the HIP backward kernel key");
         snprintf(key, sizeof key,
                  "bwd|%s|dq%d|dv%d|w%d|bm%d|vec%d|short%d|gs%d|pipe%d|exp2%d|red%d|kvf%d|dqw%d|"

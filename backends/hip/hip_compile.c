@@ -85,6 +85,7 @@ char *flex_hip_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *ma
                                const unsigned char *mask_in_range,
                                const flex_cuda_bwd_score *score) {
     if (cfg->dq_warps > 0) return NULL; /* the deterministic dQ kernel has no AMD form */
+    if (cfg->wgmma) return NULL;        /* nor the sm_90a main kernel */
     char *s = hip_from_cuda(flex_cuda_backward_source(cfg, mask, mask_in_range, score));
     if (!s) return NULL;
     const size_t n = strlen(s);

@@ -1,0 +1,315 @@
+/*
+ * flex_backward_sm90.cuh: the Hopper (sm_90a) f16/bf16 backward main
+ * kernel, appended after flex_backward.cuh (and flex_wgmma_sm90.cuh's
+ * primitives) when the host picks it (FLEX_BWD_WGMMA 1). It replaces only
+ * flex_bwd_kernel: the walk, the mods, P and dS from the accumulators
+ * (flex_bwd_scores), their packing, the dS store, the dQ reductions and
+ * the dK/dV epilogue are flex_backward.cuh's, and so are the preprocess,
+ * dQ-store and deterministic dQ kernels. What differs is that the five
+ * products run on wgmma, which mma.sync reaches only about half of on
+ * sm_90, and that the tiles are in wgmma's 128-byte swizzle.
+ *
+ * One CTA of 8 warps = 2 warpgroups per (batch, kv head, 128 kv rows);
+ * warpgroup g owns kv rows 64 g .. 64 g + 63 and warp w of it rows 16 w
+ * on from there: the rows warp 4 g + w owns in the mma.sync kernel. A
+ * wgmma m64nN fp32 accumulator is, per warp, the m16n8 layout of mma.sync
+ * over columns 0 .. N - 1, so everything after the products is unchanged.
+ * Per step of 64 query rows:
+ *   Sᵀ = K Qᵀ, dPᵀ = V dOᵀ   ss, m64n64: A = the warpgroup's 64 K (V) rows,
+ *                            B = Q (dO), both K-major;
+ *   dV += Pᵀ dO, dK += dSᵀ Q rs: A = P, dS packed from the accumulators (as
+ *                            the forward's P for P V), B = dO (Q) read
+ *                            MN-major, transposed by the instruction;
+ *   dQ = dS K                ss, m64n64: A = dS from shared memory, stored
+ *                            kv-major by flex_bwd_store_ds and read MN-major,
+ *                            B = K read MN-major. At a head dim of 128 each
+ *                            warpgroup takes 64 of dQ's columns over all 128
+ *                            kv rows (so dS of both warpgroups); at 64 each
+ *                            takes all columns over its own 64 kv rows, and
+ *                            both add into the accumulator.
+ * dQ is added to the fp32 accumulator by flex_bwd_dq_add.
+ *
+ * Copies are cp.async by all threads (K and V once, Q, dO, lse and delta of
+ * the next step into the other stage, FLEX_BWD_PIPE), published to wgmma's
+ * async proxy by fence.proxy.async before a CTA barrier. Barriers per step:
+ *   B (top): the step's stage has landed; every warp has waited for all of
+ *     its products of the previous step, so the other stage (refilled right
+ *     after) and the dS tile are free;
+ *   C (after dS is stored and the dK/dV products issued): dS is complete
+ *     for dQ, which reads other warps' rows.
+ *
+ * Requires: 16-bit elements, FLEX_VEC, FLEX_DQ and FLEX_DV in {64, 128},
+ * FLEX_WARPS 8, FLEX_BWD_BLOCK_M 64 (gpu_host.c's flex_gpu_bwd_smem adds
+ * the 1 KB of alignment slack below).
+ */
+#if FLEX_BWD_WGMMA
+
+#if !defined(FLEX_ELEM_BF16) && !defined(FLEX_ELEM_F16)
+#error "the sm_90a backward needs 16-bit elements"
+#endif
+#if FLEX_WARPS != 8 || FLEX_BWD_BLOCK_M != 64 || !FLEX_VEC
+#error "the sm_90a backward needs 8 warps, 64-row query steps and 16-byte rows"
+#endif
+#if (FLEX_DQ != 64 && FLEX_DQ != 128) || (FLEX_DV != 64 && FLEX_DV != 128)
+#error "the sm_90a backward needs head dims of 64 or 128"
+#endif
+static_assert(FLEX_BWD_BLOCK_N == 128 && FLEX_DS_COLS == 64, "128 kv rows, dS rows of 128 bytes");
+
+/* Shared memory, from a 1024-byte aligned base (every tile starts on a
+ * 1024-byte boundary, where the swizzle's 8-row pattern starts): K and V
+ * of the tile, the Q and dO stages, dS (kv-major: 128 rows of 64 query
+ * columns, one 128-byte swizzled block, the layout flex_bwd_store_ds
+ * writes), lse and delta. flex_gpu_bwd_smem: the same sum + 1 KB. */
+#define FLEX_BWD90_Q_STAGE  (FLEX_BWD_BLOCK_M * FLEX_DQ * 2)
+#define FLEX_BWD90_DO_STAGE (FLEX_BWD_BLOCK_M * FLEX_DV * 2)
+#define FLEX_BWD90_SK       0
+#define FLEX_BWD90_SV       (FLEX_BWD90_SK + FLEX_BWD_BLOCK_N * FLEX_DQ * 2)
+#define FLEX_BWD90_SQ       (FLEX_BWD90_SV + FLEX_BWD_BLOCK_N * FLEX_DV * 2)
+#define FLEX_BWD90_SDO      (FLEX_BWD90_SQ + FLEX_BWD_STAGES * FLEX_BWD90_Q_STAGE)
+#define FLEX_BWD90_SDS      (FLEX_BWD90_SDO + FLEX_BWD_STAGES * FLEX_BWD90_DO_STAGE)
+#define FLEX_BWD90_SLSE     (FLEX_BWD90_SDS + FLEX_BWD_BLOCK_N * FLEX_DS_COLS * 2)
+#define FLEX_BWD90_SDELTA   (FLEX_BWD90_SLSE + FLEX_BWD_STAGES * FLEX_BWD_BLOCK_M * 4)
+static_assert(FLEX_BWD90_SQ % 1024 == 0 && FLEX_BWD90_SDO % 1024 == 0 &&
+                  FLEX_BWD90_SDS % 1024 == 0 && FLEX_BWD90_Q_STAGE % 1024 == 0 &&
+                  FLEX_BWD90_DO_STAGE % 1024 == 0,
+              "every wgmma tile starts on a 1024-byte boundary");
+
+/* flex_bwd_load_step in the 128-byte swizzle (base: the aligned base). */
+static FLEX_DEVICE_INLINE void flex_bwd90_load_step(const flex_bwd_params &bp, int b,
+                                                    const flex_bwd_step &s, flex_u32 base,
+                                                    int stage, int tid) {
+    const flex_fwd_params &p = bp.f;
+    constexpr int BM = FLEX_BWD_BLOCK_M;
+    const flex_elem *gq = (const flex_elem *)p.q + b * p.q_sb + s.h * p.q_sh;
+    const flex_elem *gdo = (const flex_elem *)bp.dout + b * bp.do_sb + s.h * bp.do_sh;
+    flex_load_tile<BM, FLEX_DQ, true>(base + FLEX_BWD90_SQ + stage * FLEX_BWD90_Q_STAGE, gq, p.q_ss,
+                                      s.q0, p.Lq, p.D, tid);
+    flex_load_tile<BM, FLEX_DV, true>(base + FLEX_BWD90_SDO + stage * FLEX_BWD90_DO_STAGE, gdo,
+                                      bp.do_ss, s.q0, p.Lq, p.Dv, tid);
+    const float *glse = p.lse + b * p.l_sb + s.h * p.l_sh;
+    const float *gdelta = bp.delta + ((long long)b * p.Hq + s.h) * p.Lq;
+    for (int i = tid; i < 2 * BM; i += FLEX_THREADS) {
+        const int r = i < BM ? i : i - BM, q = s.q0 + r;
+        const bool valid = q < p.Lq;
+        if (i < BM)
+            flex_cp_async4(base + FLEX_BWD90_SLSE + (stage * BM + r) * 4,
+                           valid ? glse + (long long)q * p.l_ss : glse, valid);
+        else
+            flex_cp_async4(base + FLEX_BWD90_SDELTA + (stage * BM + r) * 4,
+                           valid ? gdelta + q : gdelta, valid);
+    }
+}
+
+/* Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for warpgroup wg's 64 kv rows (q_st, do_st: the
+ * step's stages), both K-major: 16 columns are 32 bytes further inside a
+ * 64-column block, or the next block (rows x 128 bytes further). Waited
+ * for before it returns. */
+static FLEX_DEVICE_INLINE void flex_bwd90_sdp(float (&s)[8][4], float (&dp)[8][4], flex_u32 base,
+                                              flex_u32 q_st, flex_u32 do_st, int wg) {
+    constexpr int BM = FLEX_BWD_BLOCK_M, BN = FLEX_BWD_BLOCK_N;
+    const unsigned long long kd = flex_sw128_desc(base + FLEX_BWD90_SK + wg * 64 * 128, 16);
+    const unsigned long long vd = flex_sw128_desc(base + FLEX_BWD90_SV + wg * 64 * 128, 16);
+    const unsigned long long qd = flex_sw128_desc(q_st, 16);
+    const unsigned long long dod = flex_sw128_desc(do_st, 16);
+    flex_wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < FLEX_DQ / 16; kk++) {
+        const unsigned long long a =
+            kd + (unsigned long long)(((kk >> 2) * BN * 128 + (kk & 3) * 32) >> 4);
+        const unsigned long long b =
+            qd + (unsigned long long)(((kk >> 2) * BM * 128 + (kk & 3) * 32) >> 4);
+        if (kk == 0)
+            flex_wgmma_ss_n64_fresh<0, 0>(s, a, b);
+        else
+            flex_wgmma_ss_n64<0, 0>(s, a, b);
+    }
+#pragma unroll
+    for (int kk = 0; kk < FLEX_DV / 16; kk++) {
+        const unsigned long long a =
+            vd + (unsigned long long)(((kk >> 2) * BN * 128 + (kk & 3) * 32) >> 4);
+        const unsigned long long b =
+            dod + (unsigned long long)(((kk >> 2) * BM * 128 + (kk & 3) * 32) >> 4);
+        if (kk == 0)
+            flex_wgmma_ss_n64_fresh<0, 0>(dp, a, b);
+        else
+            flex_wgmma_ss_n64<0, 0>(dp, a, b);
+    }
+    flex_wgmma_commit();
+    flex_wgmma_wait<0>();
+    flex_pin(s);
+    flex_pin(dp);
+}
+
+/* dV += Pᵀ dO and dK += dSᵀ Q, issued and committed, not waited for: dO
+ * and Q are read MN-major (16 query rows are two 8-row groups, 2 KB
+ * further; the leading-dimension offset is the distance between 64-column
+ * blocks). */
+static FLEX_DEVICE_INLINE void flex_bwd90_dkdv(float (&dk)[FLEX_DQ / 8][4],
+                                               float (&dv)[FLEX_DV / 8][4],
+                                               const flex_u32 (&pa)[FLEX_BWD_BLOCK_M / 16][4],
+                                               const flex_u32 (&da)[FLEX_BWD_BLOCK_M / 16][4],
+                                               flex_u32 q_st, flex_u32 do_st) {
+    constexpr int BM = FLEX_BWD_BLOCK_M;
+    const unsigned long long dod = flex_sw128_desc(do_st, BM * 128);
+    const unsigned long long qd = flex_sw128_desc(q_st, BM * 128);
+    flex_wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < BM / 16; kk++) {
+        const unsigned long long step = (unsigned long long)((kk * 16 * 128) >> 4);
+#if FLEX_DV == 128
+        flex_wgmma_rs_n128(dv, pa[kk], dod + step);
+#else
+        flex_wgmma_rs_n64(dv, pa[kk], dod + step);
+#endif
+#if FLEX_DQ == 128
+        flex_wgmma_rs_n128(dk, da[kk], qd + step);
+#else
+        flex_wgmma_rs_n64(dk, da[kk], qd + step);
+#endif
+    }
+    flex_wgmma_commit();
+}
+
+/* The dQ columns warpgroup wg adds: 64 from 64 wg at a head dim of 128,
+ * all 64 otherwise. */
+static FLEX_DEVICE_INLINE int flex_bwd90_dq_col0(int wg) {
+    return FLEX_DQ == 128 ? 64 * wg : 0;
+}
+
+/* dQ (64 query rows x 64 columns) = dS K for warpgroup wg, issued and
+ * committed, not waited for. Both operands MN-major: dS is kv-major (rows
+ * are the reduction, query columns contiguous), K is kv rows by head
+ * columns. Head dim 128: columns 64 wg .. of K (its column block wg), over
+ * all 128 kv rows; 64: K's only block, over the warpgroup's own 64 rows. */
+static FLEX_DEVICE_INLINE void flex_bwd90_dq(float (&acc)[8][4], flex_u32 base, int wg) {
+    constexpr int BN = FLEX_BWD_BLOCK_N;
+#if FLEX_DQ == 128
+    constexpr int KSTEPS = BN / 16;
+    const flex_u32 a0 = base + FLEX_BWD90_SDS, b0 = base + FLEX_BWD90_SK + wg * BN * 128;
+#else
+    constexpr int KSTEPS = BN / 32;
+    const flex_u32 a0 = base + FLEX_BWD90_SDS + wg * 64 * 128,
+                   b0 = base + FLEX_BWD90_SK + wg * 64 * 128;
+#endif
+    const unsigned long long ad = flex_sw128_desc(a0, BN * 128);
+    const unsigned long long bd = flex_sw128_desc(b0, BN * 128);
+    flex_wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < KSTEPS; kk++) {
+        const unsigned long long step = (unsigned long long)((kk * 16 * 128) >> 4);
+        if (kk == 0)
+            flex_wgmma_ss_n64_fresh<1, 1>(acc, ad + step, bd + step);
+        else
+            flex_wgmma_ss_n64<1, 1>(acc, ad + step, bd + step);
+    }
+    flex_wgmma_commit();
+}
+
+template <int N> static FLEX_DEVICE_INLINE void flex_bwd90_zero(float (&a)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; i++)
+#pragma unroll
+        for (int r = 0; r < 4; r++)
+            a[i][r] = 0.0f;
+}
+
+/* One CTA per (batch, kv head, tile of 128 kv rows). */
+extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
+    flex_bwd_kernel(const flex_bwd_params bp) {
+    const flex_fwd_params &p = bp.f;
+    constexpr int BM = FLEX_BWD_BLOCK_M, BN = FLEX_BWD_BLOCK_N, NT = BM / 8;
+    extern __shared__ __align__(1024) unsigned char flex_smem[];
+    /* the host adds 1 KB of slack for rounding the base up */
+    const flex_u32 raw = flex_smem_addr(flex_smem), base = (raw + 1023u) & ~1023u;
+    const unsigned char *gbase = flex_smem + (base - raw); /* generic address of base */
+
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    /* The warpgroup, through a shuffle so that the compiler knows it is the
+     * same across the warp (the descriptors stay in uniform registers). */
+    const int wg = FLEX_SHFL(warp >> 2, 0);
+#if FLEX_BWD_KV_FASTEST
+    const int tile = blockIdx.x, bhk = blockIdx.y;
+#else
+    const int tile = blockIdx.y, bhk = blockIdx.x;
+#endif
+    const int b = bhk / p.Hkv, hk = bhk % p.Hkv;
+    const int kv0 = tile * BN;
+    if (kv0 >= p.Lkv) return;
+    const int kb = kv0 / p.mask_kvblock;
+    const flex_elem *gk = (const flex_elem *)p.k + b * p.k_sb + hk * p.k_sh;
+    const flex_elem *gv = (const flex_elem *)p.v + b * p.v_sb + hk * p.v_sh;
+    flex_load_tile<BN, FLEX_DQ, true>(base + FLEX_BWD90_SK, gk, p.k_ss, kv0, p.Lkv, p.D, tid);
+    flex_load_tile<BN, FLEX_DV, true>(base + FLEX_BWD90_SV, gv, p.v_ss, kv0, p.Lkv, p.Dv, tid);
+
+    flex_bwd_cursor cur;
+    cur.g = -1;
+    cur.i = cur.nsteps = 0;
+    flex_bwd_step st;
+    bool have = flex_bwd_next(bp, b, hk, kb, cur, st);
+#if FLEX_BWD_PIPE
+    if (have) flex_bwd90_load_step(bp, b, st, base, 0, tid);
+#endif
+    flex_cp_async_commit();
+
+    float dk[FLEX_DQ / 8][4], dv[FLEX_DV / 8][4];
+    flex_bwd90_zero(dk);
+    flex_bwd90_zero(dv);
+    unsigned oob = 0;
+    int stage = 0;
+
+    while (have) {
+        flex_bwd_step next;
+#if !FLEX_BWD_PIPE
+        __syncthreads(); /* every warp is past the previous step: the stage is free */
+        flex_bwd90_load_step(bp, b, st, base, 0, tid);
+        flex_cp_async_commit();
+#endif
+        flex_cp_async_wait<0>();
+        flex_fence_proxy_async(); /* this thread's copies -> the products' reads */
+        __syncthreads();          /* B */
+        const bool have_next = flex_bwd_next(bp, b, hk, kb, cur, next);
+#if FLEX_BWD_PIPE
+        if (have_next) flex_bwd90_load_step(bp, b, next, base, stage ^ 1, tid);
+        flex_cp_async_commit();
+#endif
+        const flex_u32 q_st = base + FLEX_BWD90_SQ + stage * FLEX_BWD90_Q_STAGE;
+        const flex_u32 do_st = base + FLEX_BWD90_SDO + stage * FLEX_BWD90_DO_STAGE;
+        const float *lse = (const float *)(gbase + FLEX_BWD90_SLSE) + stage * BM;
+        const float *delta = (const float *)(gbase + FLEX_BWD90_SDELTA) + stage * BM;
+
+        float s[NT][4], dp[NT][4];
+        flex_bwd90_sdp(s, dp, base, q_st, do_st, wg);
+        flex_bwd_scores<NT>(bp, s, dp, b, st, kv0, lse, delta, warp, lane, oob);
+        flex_u32 pa[NT / 2][4], da[NT / 2][4];
+        flex_bwd_pack<NT>(s, pa);
+        flex_bwd_pack<NT>(dp, da);
+        if (bp.dq_acc) {
+            flex_bwd_store_ds<NT>(base + FLEX_BWD90_SDS, da, warp, lane);
+            flex_fence_proxy_async(); /* this thread's dS -> dQ's reads */
+        }
+        flex_bwd90_dkdv(dk, dv, pa, da, q_st, do_st);
+        __syncthreads(); /* C */
+        /* Issued whether or not dQ is wanted (then on a stale dS, unused):
+         * a product issued on one path only makes ptxas serialise them all. */
+        float dq[8][4];
+        flex_bwd90_dq(dq, base, wg);
+        flex_wgmma_wait<0>();
+        flex_pin(dk);
+        flex_pin(dv);
+        flex_pin(pa);
+        flex_pin(da);
+        flex_pin(dq);
+        if (bp.dq_acc)
+            flex_bwd_dq_add<8>(bp.dq_acc + ((long long)b * p.Hq + st.h) * p.Lq * p.D, p.D, p.Lq,
+                               st.q0 + (warp & 3) * 16, flex_bwd90_dq_col0(wg), dq, lane);
+
+        st = next;
+        have = have_next;
+        stage ^= FLEX_BWD_STAGES - 1;
+    }
+    flex_cp_async_wait<0>(); /* nothing in flight when the CTA ends (a tile without steps) */
+    if (oob) atomicOr(p.bufs.bounds_flag, oob);
+    flex_bwd_store_dkdv(bp, dk, dv, b, hk, kv0, warp, lane);
+}
+
+#endif /* FLEX_BWD_WGMMA */

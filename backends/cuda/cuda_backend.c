@@ -2,11 +2,13 @@
  * The CUDA backend: the backend table, device memory, and the launches of
  * the forward, backward and mask-block kernels. What it shares with the HIP
  * backend (module list -> kernel cache -> compiler, mod-buffer mirrors,
- * block-mask uploads, the bounds flag) is the GPU host layer
+ * block-mask uploads, the bounds flag, memory slots, kernel keys, the
+ * backward's tiles and launches) is the GPU host layer
  * (backends/gpu/gpu_host.h), which reaches the driver through this file's
- * flex_gpu_ops table. The driver API is used through cuda_loader.h; every
- * driver call's result is checked and turned into FLEX_ERR_DEVICE with the
- * driver's name and description of the error.
+ * flex_gpu_ops table; this file keeps what only CUDA has. The driver API
+ * is used through cuda_loader.h; every driver call's result is checked and
+ * turned into FLEX_ERR_DEVICE with the driver's name and description of the
+ * error.
  */
 #include <math.h>
 #include <pthread.h>

@@ -1,9 +1,9 @@
 /*
  * The host layer the GPU backends share (gpu_host.h): module list, kernel
  * cache and compiler in that order, mod-buffer mirrors, block-mask uploads,
- * the bounds flag, the in-range proofs and the backward's score mod and
- * parameter block. Vendor calls go through the backend's flex_gpu_ops
- * table only.
+ * the bounds flag, the in-range proofs, the backend table's memory slots,
+ * and the forward's and backward's launch policy. Vendor calls go through
+ * the backend's flex_gpu_ops table only.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -160,7 +160,8 @@ flex_status flex_gpu_memset(flex_context *ctx, void *dst, int value, size_t byte
     const flex_gpu_state *st = state_of(ctx);
     flex_status s = flex_gpu_enter(ctx, st);
     if (s) return s;
-    s = flex_gpu_check(ctx, st, st->ops->mem_set(st->api, gpu_ptr(dst), (unsigned char)value, bytes),
+    s = flex_gpu_check(ctx, st,
+                       st->ops->mem_set(st->api, gpu_ptr(dst), (unsigned char)value, bytes),
                        st->ops->mem_set_name);
     flex_gpu_leave(st);
     return s;
@@ -529,7 +530,8 @@ flex_status flex_gpu_mask_blocks(flex_context *ctx, const struct flex_mod *mask_
     memset(descs, 0, sizeof descs);
     if (!s) s = flex_gpu_fill_buffers(ctx, st, mask_mod, 0, descs);
     if (!s)
-        s = flex_gpu_check(ctx, st, ops->mem_alloc(st->api, &dblocks, (size_t)count * sizeof *blocks),
+        s = flex_gpu_check(ctx, st,
+                           ops->mem_alloc(st->api, &dblocks, (size_t)count * sizeof *blocks),
                            ops->mem_alloc_name);
     if (!s)
         s = flex_gpu_check(ctx, st, ops->mem_alloc(st->api, &dclasses, (size_t)count),

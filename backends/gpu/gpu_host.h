@@ -2,8 +2,12 @@
  * The host layer the GPU backends share (CUDA, HIP): the loaded-module list
  * in front of the kernel cache and the run-time compiler, device mirrors of
  * host-resident mod buffers, the upload of block masks, the buffer-bounds
- * flag, the proofs that let buffer reads go unchecked, and the parameter
- * block of the forward kernels (flex_common.cuh).
+ * flag, the proofs that let buffer reads go unchecked, the backend table's
+ * memory, synchronize and mask-block slots, and the launch policy both
+ * vendors follow: kernel keys, the forward's checks, configuration and
+ * parameter block (flex_common.cuh), the backward's configuration, tiles,
+ * score mod, parameter block and launches. What differs per vendor comes
+ * in as a parameter or through the ops table.
  *
  * A backend owns a flex_gpu_state (the first member of its own state) and
  * a flex_gpu_ops table of its vendor's entry points; this layer calls the

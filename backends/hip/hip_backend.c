@@ -2,7 +2,8 @@
  * The HIP backend for AMD GPUs: the backend table, device memory, and the
  * launches of the forward, backward and mask-block kernels. Kernels come from the
  * same templates as CUDA's (hip_compile.h); the module list, kernel cache,
- * buffer mirrors, block-mask uploads and bounds flag are the GPU host layer
+ * buffer mirrors, block-mask uploads, bounds flag, memory slots, kernel
+ * keys and the backward's launches are the GPU host layer
  * (backends/gpu/gpu_host.h), which reaches the HIP runtime through this
  * file's flex_gpu_ops table. The runtime and hiprtc are loaded with dlopen
  * (hip_loader.c).
@@ -337,21 +338,17 @@ static flex_status hip_forward(flex_context *ctx, const flex_forward_args *a) {
 /* ---- backward ---- */
 
 /* Tiles and variants of the f16/bf16 backward on AMD: CUDA's choice
- * (cuda_backend.c) within the LDS a workgroup has (64 KB). 16 kv rows a
- * warp: 128 a CTA (8 warps) for head dims up to 128 where the mask's kv
- * block is a multiple of 128, otherwise up to 64, no more than the kv
- * block. Query steps of 64 rows for head dims up to 64 and 32 above, no
- * longer than the mask's q block: CUDA takes 16 above 128, here 32, since
- * an even number of 16-row dQ tiles is what lets a wave64 GPU run the
- * products on MFMA (flex_mma_hip.cuh). P by exp2, as on CUDA. No pipeline:
+ * (flex_gpu_bwd_tiles) within the LDS a workgroup has (64 KB), with query
+ * steps of 32 rows above head dim 128 where CUDA takes 16, since an even
+ * number of 16-row dQ tiles is what lets a wave64 GPU run the products on
+ * MFMA (flex_mma_hip.cuh). P by exp2, as on CUDA. No pipeline:
  * AMD's form of cp.async is a synchronous copy, so a second Q/dO stage
  * would overlap nothing and only take LDS. dQ by per-element atomics (the
  * 16-byte reductions are sm_90's). The kv tiles of a head side by side in
- * the grid where the heads fit in its y (65535). Where the LDS is short the
- * kv tile is halved down to 64 rows, then the query step, then the kv tile
- * further (head dims above 128: such kernels take the scalar products on
- * CDNA). The mask's blocks are powers of two from 16, so each halving
- * still divides them. */
+ * the grid where the heads fit in its y (65535). Where the LDS is short
+ * (flex_gpu_bwd_fit) the kv tile is halved down to 64 rows, then the query
+ * step, which CUDA keeps, then the kv tile further (head dims above 128:
+ * such kernels take the scalar products on CDNA). */
 static void choose_hip_backward_tiles(flex_cuda_bwd_config *cfg, int q_block, int kv_block,
                                       int64_t kv_heads, int lds_bytes) {
     flex_gpu_bwd_tiles(cfg, q_block, kv_block, 32);

@@ -9,7 +9,8 @@
  * memory and parameter block are made as both backends launch them, and
  * while a call is being captured into a graph what it would have to
  * upload, compile or load first is refused by name before the vendor is
- * asked for anything.
+ * asked for anything. The launch policy both backends take from it (tile
+ * choice, kernel keys, the backward's launches) is checked here too.
  */
 #include <check.h>
 #include <stdio.h>
@@ -20,7 +21,14 @@
 #include "../backends/cuda/cuda_compile.h"
 #include "../backends/gpu/gpu_host.h"
 
-static int allocs, frees, builds, compiles, loads, unloads, functions, fail_compile, fail_load;
+static int allocs, frees, builds, compiles, loads, unloads, functions, fail_compile, fail_load,
+    fail_alloc, syncs;
+/* The launches made, in order. */
+static struct {
+    void *fn;
+    unsigned gx, gy, threads, smem;
+} launched[8];
+static int num_launched;
 
 static void fake_describe(const void *api, int r, char *buf, size_t cap) {
     (void)api;
@@ -37,6 +45,7 @@ static void fake_leave(const void *api) {
 static int fake_alloc(const void *api, flex_gpu_ptr *p, size_t bytes) {
     (void)api;
     allocs++;
+    if (fail_alloc) return 2;
     *p = (flex_gpu_ptr)(uintptr_t)calloc(1, bytes);
     return *p ? 0 : 2;
 }
@@ -94,6 +103,24 @@ static flex_status fake_compile(flex_context *ctx, const void *api, const char *
     return FLEX_OK;
 }
 
+static int fake_synchronize(const void *api) {
+    (void)api;
+    syncs++;
+    return 0;
+}
+static flex_status fake_launch(flex_context *ctx, flex_gpu_state *gpu, void *fn, unsigned gx,
+                               unsigned gy, unsigned threads, unsigned smem, void *stream,
+                               void *blob, size_t size) {
+    (void)ctx, (void)gpu, (void)stream, (void)blob, (void)size;
+    if (num_launched < 8) {
+        launched[num_launched].fn = fn;
+        launched[num_launched].gx = gx, launched[num_launched].gy = gy;
+        launched[num_launched].threads = threads, launched[num_launched].smem = smem;
+    }
+    num_launched++;
+    return FLEX_OK;
+}
+
 static const flex_gpu_ops fake_ops = {
     .vendor = "FAKE",
     .describe = fake_describe,
@@ -115,6 +142,10 @@ static const flex_gpu_ops fake_ops = {
     .module_load_name = "fakeModuleLoad",
     .module_function_name = "fakeGetFunction",
     .compile = fake_compile,
+    .synchronize = fake_synchronize,
+    .synchronize_name = "fakeSync",
+    .out_of_memory = 2,
+    .launch = fake_launch,
 };
 
 static char *build_source(const void *args) {
@@ -127,9 +158,11 @@ static struct flex_context fake_ctx;
 
 static void setup(void) {
     allocs = frees = builds = compiles = loads = unloads = functions = fail_compile = fail_load = 0;
+    fail_alloc = syncs = num_launched = 0;
     memset(&st, 0, sizeof st);
     flex_gpu_init(&st, &fake_ops, NULL, NULL, FLEX_DEVICE_HIP);
     snprintf(st.arch, sizeof st.arch, "fake1");
+    snprintf(st.compiler, sizeof st.compiler, "fakecc1.2");
     st.cache = flex_cache_open(NULL, "fake");
     memset(&fake_ctx, 0, sizeof fake_ctx);
     fake_ctx.backend_state = &st;
@@ -541,6 +574,197 @@ START_TEST(test_capture_refuses_first_uploads) {
 }
 END_TEST
 
+
+/* The backend table's memory slots and synchronize: the vendor's
+ * out-of-memory result is FLEX_ERR_OUT_OF_MEMORY, other failures name the
+ * call; synchronize reads the bounds flag only after buffer reads. */
+START_TEST(test_memory_slots) {
+    void *p = NULL;
+    ck_assert_int_eq(flex_gpu_mem_alloc(&fake_ctx, 16, &p), FLEX_OK);
+    const unsigned char in[16] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16};
+    unsigned char out[16];
+    ck_assert_int_eq(flex_gpu_upload(&fake_ctx, p, in, 16), FLEX_OK);
+    ck_assert_int_eq(flex_gpu_memset(&fake_ctx, p, 7, 4), FLEX_OK);
+    ck_assert_int_eq(flex_gpu_download(&fake_ctx, out, p, 16), FLEX_OK);
+    ck_assert_int_eq(out[3], 7);
+    ck_assert_int_eq(out[4], 5);
+    const int f0 = frees;
+    flex_gpu_mem_free(&fake_ctx, p);
+    flex_gpu_mem_free(&fake_ctx, NULL);
+    ck_assert_int_eq(frees, f0 + 1);
+    fail_alloc = 1;
+    ck_assert_int_eq(flex_gpu_mem_alloc(&fake_ctx, 1000, &p), FLEX_ERR_OUT_OF_MEMORY);
+    ck_assert_str_eq(flex_error_message(&fake_ctx), "the GPU has no room for 1000 bytes");
+    fail_alloc = 0;
+    ck_assert_int_eq(flex_gpu_synchronize(&fake_ctx), FLEX_OK);
+    ck_assert_int_eq(syncs, 1);
+    *(uint32_t *)(uintptr_t)st.bounds_flag = 1u; /* not read: nothing was pending */
+    ck_assert_int_eq(flex_gpu_synchronize(&fake_ctx), FLEX_OK);
+    atomic_store(&st.bounds_pending, 1);
+    ck_assert_int_eq(flex_gpu_synchronize(&fake_ctx), FLEX_ERR_BUFFER_BOUNDS);
+    ck_assert_int_eq(flex_gpu_synchronize(&fake_ctx), FLEX_OK); /* read and cleared */
+}
+END_TEST
+
+/* One m-tile per warp (the forward's fallback, HIP's forward, the dQ
+ * kernel): warps up to the q block and the cap, kv steps of 64 (32 wide). */
+START_TEST(test_row_tiles) {
+    int w = 0, n = 0;
+    flex_gpu_row_tiles(128, 128, 0, 8, &w, &n);
+    ck_assert_int_eq(w, 8);
+    ck_assert_int_eq(n, 64);
+    flex_gpu_row_tiles(128, 128, 1, 4, &w, &n);
+    ck_assert_int_eq(w, 4);
+    ck_assert_int_eq(n, 32);
+    flex_gpu_row_tiles(32, 16, 0, 4, &w, &n);
+    ck_assert_int_eq(w, 2);
+    ck_assert_int_eq(n, 16);
+}
+END_TEST
+
+static flex_cuda_bwd_config bwd_tiles(int d, int q_block, int kv_block, int wide_m, int pipeline,
+                                      size_t limit, int shrink_m) {
+    flex_cuda_bwd_config c = {.dtype = FLEX_BF16, .dq = d, .dv = d};
+    flex_gpu_bwd_tiles(&c, q_block, kv_block, wide_m);
+    c.pipeline = pipeline;
+    flex_gpu_bwd_fit(&c, limit, shrink_m);
+    return c;
+}
+
+/* The backward's tiles and their fit into shared memory: CUDA's on 99 KB
+ * (sm_86) and HIP's on 64 KB of LDS (docs/hip-backend.md gives these). */
+START_TEST(test_backward_tiles) {
+    /* CUDA, head dim 64: 8 warps of 16 kv rows, 64-row steps, pipelined */
+    flex_cuda_bwd_config c = bwd_tiles(64, 128, 128, 16, 1, 101376, 0);
+    ck_assert_int_eq(c.warps, 8);
+    ck_assert_int_eq(c.block_m, 64);
+    ck_assert_int_eq(c.pipeline, 1);
+    /* CUDA, head dim 256: 16-row steps; the pipeline goes, the tile stays */
+    c = bwd_tiles(256, 128, 128, 16, 1, 101376, 0);
+    ck_assert_int_eq(c.warps, 4);
+    ck_assert_int_eq(c.block_m, 16);
+    ck_assert_int_eq(c.pipeline, 0);
+    /* a small limit without shrinking the step: the kv tile goes down to 1 warp */
+    c = bwd_tiles(256, 128, 128, 32, 0, 60000, 0);
+    ck_assert_int_eq(c.block_m, 32);
+    ck_assert_int_eq(c.warps, 1);
+    /* HIP: 4 warps and 64-row steps for 64 (8 warps need 66,048 bytes) */
+    c = bwd_tiles(64, 128, 128, 32, 0, 65536, 1);
+    ck_assert_int_eq(c.warps, 4);
+    ck_assert_int_eq(c.block_m, 64);
+    ck_assert_uint_eq(flex_gpu_bwd_smem(&(flex_cuda_bwd_config){.dq = 64, .dv = 64, .warps = 8,
+                                                                .block_m = 64}),
+                      66048);
+    c = bwd_tiles(128, 128, 128, 32, 0, 65536, 1);
+    ck_assert_int_eq(c.warps, 4);
+    ck_assert_int_eq(c.block_m, 32);
+    /* 256: the step halves to 16 rows before the kv tile goes below 64 */
+    c = bwd_tiles(256, 128, 128, 32, 0, 65536, 1);
+    ck_assert_int_eq(c.warps, 2);
+    ck_assert_int_eq(c.block_m, 16);
+    ck_assert_uint_le(flex_gpu_bwd_smem(&c), 65536);
+    /* small mask blocks bound both tiles */
+    c = bwd_tiles(64, 32, 32, 16, 0, 101376, 0);
+    ck_assert_int_eq(c.warps, 2);
+    ck_assert_int_eq(c.block_m, 32);
+}
+END_TEST
+
+/* The kernel keys name every field (a changed field is a new key), the
+ * arch and the compiler; the sm_90 fields only where the vendor has them. */
+START_TEST(test_kernel_keys) {
+    flex_cuda_fwd_config f = {.dtype = FLEX_BF16, .dq = 128, .dv = 64, .warps = 4, .mt = 2,
+                              .block_n = 64, .vec = 1, .scale_positive = 1, .wgmma = 1, .tma = 1,
+                              .chain = 0, .mask_bits = 1, .short_indices = 1, .dv_exact = 1};
+    char key[512];
+    flex_gpu_fwd_key(key, sizeof key, &st, &f, 1, NULL, NULL, NULL, NULL);
+    ck_assert_str_eq(key, "fwd|bf16|dq128|dv64|dx1|w4|mt2|n64|vec1|wg1|tma1|ch0|mb1|short1|sp1|"
+                          "mask=0000000000000000|score=0000000000000000|inr=0000000000000000."
+                          "0000000000000000|fake1|fakecc1.2");
+    flex_gpu_fwd_key(key, sizeof key, &st, &f, 0, NULL, NULL, NULL, NULL);
+    ck_assert_str_eq(key, "fwd|bf16|dq128|dv64|dx1|w4|mt2|n64|vec1|mb1|short1|sp1|"
+                          "mask=0000000000000000|score=0000000000000000|inr=0000000000000000."
+                          "0000000000000000|fake1|fakecc1.2");
+    flex_cuda_bwd_config b = {.dtype = FLEX_F16, .dq = 64, .dv = 128, .warps = 8, .block_m = 32,
+                              .vec = 1, .short_indices = 0, .grad_slots = 2, .pipeline = 1,
+                              .exp2 = 1, .dq_red = 0, .kv_fastest = 1, .wgmma = 1,
+                              .dq_warps = 4, .dq_block_n = 32};
+    flex_gpu_bwd_mods m;
+    memset(&m, 0, sizeof m);
+    flex_gpu_bwd_key(key, sizeof key, &st, &b, &m, NULL, NULL);
+    ck_assert_str_eq(key, "bwd|f16|dq64|dv128|w8|bm32|vec1|short0|gs2|pipe1|exp21|red0|kvf1|wg1|"
+                          "dqw4|dqn32|mask=0000000000000000|score=0000000000000000|loads="
+                          "0000000000000000|inr=0000000000000000.0000000000000000|fake1|"
+                          "fakecc1.2");
+}
+END_TEST
+
+/* The backward's launches: preprocess over (batch x head, 4-row groups),
+ * the main kernel with the kv tiles fastest or the heads, then the dQ
+ * store, or the deterministic dQ kernel over its 16-row tiles. */
+START_TEST(test_backward_launches) {
+    static uint16_t data[5][2 * 4 * 100 * 64];
+    float lse[2 * 4 * 100];
+    const int64_t qs[4] = {2, 4, 100, 64}, ks[4] = {2, 2, 100, 64}, ls[3] = {2, 4, 100};
+    flex_backward_args a;
+    memset(&a, 0, sizeof a);
+    a.q = flex_tensor_contiguous(data[0], FLEX_BF16, 4, qs, FLEX_DEVICE_HIP);
+    a.k = flex_tensor_contiguous(data[1], FLEX_BF16, 4, ks, FLEX_DEVICE_HIP);
+    a.v = flex_tensor_contiguous(data[2], FLEX_BF16, 4, ks, FLEX_DEVICE_HIP);
+    a.out = flex_tensor_contiguous(data[3], FLEX_BF16, 4, qs, FLEX_DEVICE_HIP);
+    a.dout = flex_tensor_contiguous(data[4], FLEX_BF16, 4, qs, FLEX_DEVICE_HIP);
+    a.lse = flex_tensor_contiguous(lse, FLEX_F32, 3, ls, FLEX_DEVICE_HIP);
+    a.dq = &a.out; /* any tensor: dq wanted */
+    flex_cuda_bwd_config c;
+    flex_gpu_bwd_config(&c, &a);
+    ck_assert_int_eq(c.vec, 1);
+    ck_assert_int_eq(c.short_indices, 1);
+    c.warps = 4;
+    c.kv_fastest = 1;
+    flex_gpu_bwd_mods m;
+    memset(&m, 0, sizeof m);
+    flex_gpu_buffer_desc descs[FLEX_EMIT_MAX_SLOTS];
+    memset(descs, 0, sizeof descs);
+    int k0, k1, k2, k3;
+    flex_gpu_bwd_kernels k = {&k0, &k1, &k2, NULL};
+    size_t delta, dq;
+    flex_gpu_bwd_workspace(&a, &c, &delta, &dq);
+    ck_assert_uint_eq(delta, 3328); /* 800 floats, rounded up to 256 bytes */
+    ck_assert_uint_eq(dq, 2 * 4 * 100 * 64 * 4);
+    ck_assert_int_eq(flex_gpu_bwd_launch(NULL, &st, &a, &c, &m, NULL, &k, descs, 0x1000, 5000, 0,
+                                         NULL),
+                     FLEX_OK);
+    ck_assert_int_eq(num_launched, 3);
+    ck_assert_ptr_eq(launched[0].fn, &k0);
+    ck_assert_uint_eq(launched[0].gx, 8);
+    ck_assert_uint_eq(launched[0].gy, 25);
+    ck_assert_ptr_eq(launched[1].fn, &k1);
+    ck_assert_uint_eq(launched[1].gx, 2); /* 100 kv rows in 64-row tiles */
+    ck_assert_uint_eq(launched[1].gy, 4); /* batch x kv heads */
+    ck_assert_uint_eq(launched[1].threads, 128);
+    ck_assert_uint_eq(launched[1].smem, 5000);
+    ck_assert_ptr_eq(launched[2].fn, &k2);
+    /* heads first; the deterministic dQ kernel instead of the store */
+    c.kv_fastest = 0;
+    c.dq_warps = 2;
+    k.store = NULL;
+    k.dq = &k3;
+    flex_gpu_bwd_workspace(&a, &c, &delta, &dq);
+    ck_assert_uint_eq(dq, 0); /* the main kernel leaves dQ alone */
+    num_launched = 0;
+    ck_assert_int_eq(flex_gpu_bwd_launch(NULL, &st, &a, &c, &m, NULL, &k, descs, 0x1000, 5000, 700,
+                                         NULL),
+                     FLEX_OK);
+    ck_assert_int_eq(num_launched, 3);
+    ck_assert_uint_eq(launched[1].gx, 4);
+    ck_assert_uint_eq(launched[1].gy, 2);
+    ck_assert_ptr_eq(launched[2].fn, &k3);
+    ck_assert_uint_eq(launched[2].gy, 4); /* 100 rows in 32-row tiles */
+    ck_assert_uint_eq(launched[2].threads, 64);
+    ck_assert_uint_eq(launched[2].smem, 700);
+}
+END_TEST
+
 int main(void) {
     Suite *suite = suite_create("gpu_host");
     TCase *tc = tcase_create("fake_vendor");
@@ -555,6 +779,11 @@ int main(void) {
     tcase_add_test(tc, test_decode_split_policy);
     tcase_add_test(tc, test_capture_refuses_first_uploads);
     tcase_add_test(tc, test_caller_workspace);
+    tcase_add_test(tc, test_memory_slots);
+    tcase_add_test(tc, test_row_tiles);
+    tcase_add_test(tc, test_backward_tiles);
+    tcase_add_test(tc, test_kernel_keys);
+    tcase_add_test(tc, test_backward_launches);
     suite_add_tcase(suite, tc);
     SRunner *runner = srunner_create(suite);
     srunner_run_all(runner, CK_NORMAL);

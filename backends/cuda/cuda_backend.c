@@ -2,11 +2,13 @@
  * The CUDA backend: the backend table, device memory, and the launches of
  * the forward, backward and mask-block kernels. What it shares with the HIP
  * backend (module list -> kernel cache -> compiler, mod-buffer mirrors,
- * block-mask uploads, the bounds flag) is the GPU host layer
+ * block-mask uploads, the bounds flag, memory slots, kernel keys, the
+ * backward's tiles and launches) is the GPU host layer
  * (backends/gpu/gpu_host.h), which reaches the driver through this file's
- * flex_gpu_ops table. The driver API is used through cuda_loader.h; every
- * driver call's result is checked and turned into FLEX_ERR_DEVICE with the
- * driver's name and description of the error.
+ * flex_gpu_ops table; this file keeps what only CUDA has. The driver API
+ * is used through cuda_loader.h; every driver call's result is checked and
+ * turned into FLEX_ERR_DEVICE with the driver's name and description of the
+ * error.
  */
 #include <math.h>
 #include <pthread.h>
@@ -125,6 +127,18 @@ static flex_status ops_compile(flex_context *ctx, const void *api, const char *s
                                size_t *size) {
     return flex_cuda_compile(ctx, cuda_api(api), source, program_name, arch, image, size);
 }
+static int ops_synchronize(const void *api) {
+    return cuda_api(api)->cuCtxSynchronize();
+}
+static flex_status launch_blob(flex_context *ctx, cuda_state *st, CUfunction fn, unsigned gx,
+                               unsigned gy, unsigned threads, unsigned smem, CUstream stream,
+                               void *blob, size_t size, void *second);
+static flex_status ops_launch(flex_context *ctx, flex_gpu_state *gpu, void *fn, unsigned gx,
+                              unsigned gy, unsigned threads, unsigned smem, void *stream,
+                              void *blob, size_t size) {
+    return launch_blob(ctx, (cuda_state *)gpu, (CUfunction)fn, gx, gy, threads, smem,
+                       (CUstream)stream, blob, size, NULL);
+}
 
 static const flex_gpu_ops cuda_gpu_ops = {
     .vendor = "CUDA",
@@ -147,8 +161,12 @@ static const flex_gpu_ops cuda_gpu_ops = {
     .module_load_name = "cuModuleLoadData",
     .module_function_name = "cuModuleGetFunction",
     .compile = ops_compile,
+    .synchronize = ops_synchronize,
+    .synchronize_name = "cuCtxSynchronize",
+    .out_of_memory = 2, /* CUDA_ERROR_OUT_OF_MEMORY */
+    .launch = ops_launch,
+    .mask_blocks_source = flex_cuda_mask_blocks_source,
 };
-
 
 /* ---- table slots ---- */
 
@@ -217,6 +235,8 @@ static flex_status cuda_init(flex_context *ctx, int device_index) {
     }
     st->gpu.vendor_ctx = st->cu;
     flex_cuda_arch_name(st->major, st->minor, st->gpu.arch, sizeof st->gpu.arch);
+    snprintf(st->gpu.compiler, sizeof st->gpu.compiler, "nvrtc%d.%d", api->nvrtc_major,
+             api->nvrtc_minor);
     s = push_ctx(ctx, st);
     if (!s) {
         s = flex_gpu_alloc_bounds_flag(ctx, &st->gpu);
@@ -249,59 +269,6 @@ static const char *cuda_device_name(flex_context *ctx) {
     return state_of(ctx)->name;
 }
 
-static flex_status cuda_alloc(flex_context *ctx, size_t bytes, void **ptr) {
-    cuda_state *st = state_of(ctx);
-    flex_status s = push_ctx(ctx, st);
-    if (s) return s;
-    CUdeviceptr p = 0;
-    CUresult r = st->api->cuMemAlloc(&p, bytes ? bytes : 1);
-    pop_ctx(st);
-    if (r == 2 /* CUDA_ERROR_OUT_OF_MEMORY */)
-        return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "the GPU has no room for %zu bytes", bytes);
-    s = check_cu(ctx, st->api, r, "cuMemAlloc");
-    if (s) return s;
-    *ptr = (void *)(uintptr_t)p;
-    return FLEX_OK;
-}
-
-static void cuda_free(flex_context *ctx, void *ptr) {
-    cuda_state *st = state_of(ctx);
-    if (!ptr || st->api->cuCtxPushCurrent(st->cu) != 0) return;
-    st->api->cuMemFree((CUdeviceptr)(uintptr_t)ptr);
-    pop_ctx(st);
-}
-
-static flex_status cuda_upload(flex_context *ctx, void *dst, const void *src, size_t bytes) {
-    cuda_state *st = state_of(ctx);
-    flex_status s = push_ctx(ctx, st);
-    if (s) return s;
-    s = check_cu(ctx, st->api, st->api->cuMemcpyHtoD((CUdeviceptr)(uintptr_t)dst, src, bytes),
-                 "cuMemcpyHtoD");
-    pop_ctx(st);
-    return s;
-}
-
-static flex_status cuda_download(flex_context *ctx, void *dst, const void *src, size_t bytes) {
-    cuda_state *st = state_of(ctx);
-    flex_status s = push_ctx(ctx, st);
-    if (s) return s;
-    s = check_cu(ctx, st->api, st->api->cuMemcpyDtoH(dst, (CUdeviceptr)(uintptr_t)src, bytes),
-                 "cuMemcpyDtoH");
-    pop_ctx(st);
-    return s;
-}
-
-static flex_status cuda_memset(flex_context *ctx, void *dst, int value, size_t bytes) {
-    cuda_state *st = state_of(ctx);
-    flex_status s = push_ctx(ctx, st);
-    if (s) return s;
-    s = check_cu(ctx, st->api,
-                 st->api->cuMemsetD8((CUdeviceptr)(uintptr_t)dst, (unsigned char)value, bytes),
-                 "cuMemsetD8");
-    pop_ctx(st);
-    return s;
-}
-
 /* Whether work queued on stream is being captured into a graph (an
  * invalidated capture counts: what follows fails there too). Without
  * cuStreamIsCapturing (drivers before CUDA 10) no stream can be. */
@@ -320,35 +287,10 @@ static void note_buffer_reads(cuda_state *st) {
     if (st->gpu.capturing) atomic_store(&st->gpu.bounds_in_graph, 1);
 }
 
-/* Reads and clears the bounds flag; a set bit becomes FLEX_ERR_BUFFER_BOUNDS. */
-static flex_status take_bounds_flag(flex_context *ctx, cuda_state *st) {
-    return flex_gpu_take_bounds_flag(ctx, &st->gpu);
-}
-
-static flex_status cuda_synchronize(flex_context *ctx) {
-    cuda_state *st = state_of(ctx);
-    flex_status s = push_ctx(ctx, st);
-    if (s) return s;
-    /* Taken before the wait: a kernel launched after it sets the mark again
-     * and is read by the next synchronize. Without mod buffers there is no
-     * flag to read (a copy from the device costs ~10 us). */
-    const int pending = atomic_exchange(&st->gpu.bounds_pending, 0) ||
-                        atomic_load(&st->gpu.bounds_in_graph);
-    s = check_cu(ctx, st->api, st->api->cuCtxSynchronize(), "cuCtxSynchronize");
-    if (!s && pending) { /* under the lock: launches write the slot names */
-        pthread_mutex_lock(&st->gpu.lock);
-        s = take_bounds_flag(ctx, st);
-        pthread_mutex_unlock(&st->gpu.lock);
-    }
-    pop_ctx(st);
-    return s;
-}
-
 /* ---- kernels: memory list -> cache -> NVRTC (gpu_host.h) ---- */
 
 /* The shared layer's names under this file's (and the decode and backward
  * paths') short ones. */
-typedef flex_gpu_source_builder source_builder;
 static int env_int(const flex_context *ctx, flex_debug_key key, int dflt, int lo, int hi) {
     return flex_gpu_env_int(ctx, key, dflt, lo, hi);
 }
@@ -356,62 +298,18 @@ static int env_switch(const flex_context *ctx, flex_debug_key key, int dflt) {
     return flex_gpu_env_switch(ctx, key, dflt);
 }
 
-typedef struct forward_source_args {
-    const flex_cuda_fwd_config *cfg;
-    const ir_mod *mask, *score;
-    const unsigned char *mask_in_range, *score_in_range;
-} forward_source_args;
-
-static char *build_forward_source(const void *args) {
-    const forward_source_args *a = args;
-    return flex_cuda_forward_source_in_range(a->cfg, a->mask, a->score, a->mask_in_range,
-                                             a->score_in_range);
-}
-
-/* In-range proofs of buffer reads (flex_gpu_ir_reads_in_range): the mask
- * mod's over the sequences (margin 0: the kernel evaluates it at the last
- * row and column past the end), the score mod's over a tile past them. */
-static unsigned char *ir_reads_in_range(const flex_context *ctx, const struct flex_mod *mod,
-                                        const ir_mod *ir, int64_t B, int64_t H, int64_t Lq,
-                                        int64_t Lkv, int64_t margin) {
-    return flex_gpu_ir_reads_in_range(ctx, mod, ir, B, H, Lq, Lkv, margin);
-}
-static unsigned char *reads_in_range(const flex_context *ctx, const struct flex_mod *mod, int64_t B,
-                                     int64_t H, int64_t Lq, int64_t Lkv, int64_t margin) {
-    return flex_gpu_reads_in_range(ctx, mod, B, H, Lq, Lkv, margin);
-}
-static uint64_t in_range_checksum(const unsigned char *flags, const ir_mod *ir) {
-    return flex_gpu_in_range_checksum(flags, ir);
-}
-
-static char *build_mask_blocks_source(const void *args) {
-    return flex_cuda_mask_blocks_source(args);
-}
-
 /* flex_gpu_get_function for a CUfunction. The caller holds st->gpu.lock
  * and has the context current. */
 static flex_status get_function(flex_context *ctx, cuda_state *st, const char *key,
-                                source_builder build, const void *args, const char *fn_name,
-                                CUfunction *fn) {
+                                flex_gpu_source_builder build, const void *args,
+                                const char *fn_name, CUfunction *fn) {
     void *f = NULL;
     const flex_status s = flex_gpu_get_function(ctx, &st->gpu, key, build, args, fn_name, &f);
     if (!s) *fn = (CUfunction)f;
     return s;
 }
 
-/* ---- mod buffers (gpu_host.h) ---- */
-
 typedef flex_gpu_buffer_desc cuda_buffer_desc;
-
-static flex_status fill_buffers(flex_context *ctx, cuda_state *st, const struct flex_mod *mod,
-                                int slot_base, cuda_buffer_desc *descs) {
-    return flex_gpu_fill_buffers(ctx, &st->gpu, mod, slot_base, descs);
-}
-
-static size_t append_buffers(unsigned char *blob, size_t at, const cuda_buffer_desc *descs,
-                             int slots, CUdeviceptr flag) {
-    return flex_gpu_append_buffers(blob, at, descs, slots, flag);
-}
 
 /* Launches fn with blob (size bytes) as its parameter block, or, with
  * second, as its first of two parameters (the driver then lays them out). */
@@ -444,27 +342,10 @@ static flex_status launch_blob(flex_context *ctx, cuda_state *st, CUfunction fn,
     return check_cu(ctx, st->api, r, "cuLaunchKernel");
 }
 
-/* ---- block-mask lists on the device (gpu_host.h) ---- */
-
-typedef flex_gpu_mask_copy cuda_mask_copy;
-
-static flex_status mask_device_copy(flex_context *ctx, cuda_state *st,
-                                    const struct flex_block_mask *mask, cuda_mask_copy **out) {
-    return flex_gpu_mask_device_copy(ctx, &st->gpu, mask, out);
-}
-
 /* ---- forward ---- */
 
 /* The parameter block of flex_common.cuh (gpu_host.h). */
 typedef flex_gpu_fwd_params cuda_fwd_params;
-
-static int pad64(int64_t d) {
-    return flex_gpu_pad64(d);
-}
-
-static int aligned16(const void *p) {
-    return flex_gpu_aligned16(p);
-}
 
 /* Kernel and tile choice for 16-bit inputs, from the mask's block sizes, the
  * head dims and the GPU. On sm_90 the wgmma kernel (flex_forward_sm90.cuh)
@@ -490,12 +371,9 @@ static void choose_tiles(const flex_context *ctx, flex_cuda_fwd_config *cfg, int
         cfg->mt = 2;
         cfg->block_n = 64;
     } else {
-        /* One m-tile per warp, as many warps as the mask's q block holds
-         * (4 at most for wide heads), kv steps no longer than its kv block. */
-        const int max_n = wide ? 32 : 64;
+        /* One m-tile per warp, up to 8 warps (4 for wide heads). */
         cfg->mt = 1;
-        cfg->warps = q_block / 16 < (wide ? 4 : 8) ? q_block / 16 : (wide ? 4 : 8);
-        cfg->block_n = kv_block < max_n ? kv_block : max_n;
+        flex_gpu_row_tiles(q_block, kv_block, wide, wide ? 4 : 8, &cfg->warps, &cfg->block_n);
     }
     const char *env = flex_debug_string(ctx, FLEX_DEBUG_CUDA_TILE);
     int w, mt, bn;
@@ -632,11 +510,9 @@ static flex_status cuda_decode(flex_context *ctx, cuda_state *st, const flex_for
     const int64_t Hkv = k->sizes[1], Dv = v->sizes[3];
     const int64_t kv_len = a->kv_len > 0 ? a->kv_len : k->sizes[2];
     const struct flex_block_mask *mask = a->block_mask;
-    const struct flex_mod *mask_mod = mask ? mask->mask_mod : NULL;
-    if (mask && mask->num_partial > 0 && !mask_mod)
-        return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
-                         "the block mask has partial blocks but no mask mod to decide them");
-    if (mask && mask->num_partial == 0) mask_mod = NULL;
+    const struct flex_mod *mask_mod;
+    flex_status s = flex_gpu_mask_mod(ctx, mask, &mask_mod);
+    if (s) return s;
     const struct flex_mod *score_mod = a->score_mod;
     if (kv_len > 0x7fffffff - 4096 || B * Hkv > 65535 || B * Hq * Lq > 0x7fffffff)
         return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
@@ -646,16 +522,13 @@ static flex_status cuda_decode(flex_context *ctx, cuda_state *st, const flex_for
     const int64_t group = Hq / Hkv, rows = group * Lq;
     flex_cuda_dec_config cfg = {
         .dtype = q->dtype,
-        .dq = pad64(D),
-        .dv = pad64(Dv),
-        .dv_exact = pad64(Dv) == Dv,
+        .dq = flex_gpu_pad64(D),
+        .dv = flex_gpu_pad64(Dv),
+        .dv_exact = flex_gpu_pad64(Dv) == Dv,
         .row_tiles = rows <= 16 ? 1 : rows <= 32 ? 2 : 4,
-        .short_indices = kv_len + Lq <= FLEX_EMIT_SHORT_LEN - 256 &&
-                         B <= FLEX_EMIT_SHORT_HEADS && Hq <= FLEX_EMIT_SHORT_HEADS};
-    cfg.vec = q->dtype != FLEX_F32 && D % 8 == 0 && Dv % 8 == 0 && aligned16(q->data) &&
-              aligned16(k->data) && aligned16(v->data);
-    for (int d = 0; d < 3; d++)
-        if (q->strides[d] % 8 || k->strides[d] % 8 || v->strides[d] % 8) cfg.vec = 0;
+        .short_indices = flex_gpu_short_indices(B, Hq, kv_len + Lq, 0, 256)};
+    const flex_tensor *qkv[3] = {q, k, v};
+    cfg.vec = q->dtype != FLEX_F32 && flex_gpu_rows_vec(D, Dv, qkv, 3);
     const int f32 = q->dtype == FLEX_F32;
     const int64_t rows_per_cta = f32 ? 4 : 16 * cfg.row_tiles;
     const int64_t row_chunks = (rows + rows_per_cta - 1) / rows_per_cta;
@@ -682,20 +555,19 @@ static flex_status cuda_decode(flex_context *ctx, cuda_state *st, const flex_for
 
     const ir_mod *mask_ir = mask_mod ? &mask_mod->ir : NULL;
     const ir_mod *score_ir = score_mod ? &score_mod->ir : NULL;
-    const int slots = flex_emit_num_slots(mask_ir, score_ir);
-    if (slots > FLEX_EMIT_MAX_SLOTS)
-        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
-                         "the mask and score mods read %d buffers together; at most %d", slots,
-                         FLEX_EMIT_MAX_SLOTS);
+    int slots;
+    s = flex_gpu_mod_slots(ctx, mask_ir, score_ir, &slots);
+    if (s) return s;
     /* The kernel evaluates the mods at positions inside the cache: query
      * positions below kv length + Lq (an offset is at most its batch's kv
      * length), keys below the kv length. */
     const int64_t q_span = a->q_offsets ? kv_len + Lq : Lq;
-    unsigned char *mask_in_range = reads_in_range(ctx, mask_mod, B, Hq, q_span, kv_len, 0);
-    unsigned char *score_in_range = reads_in_range(ctx, score_mod, B, Hq, q_span, kv_len, 0);
+    unsigned char *mask_in_range = flex_gpu_reads_in_range(ctx, mask_mod, B, Hq, q_span, kv_len, 0);
+    unsigned char *score_in_range =
+        flex_gpu_reads_in_range(ctx, score_mod, B, Hq, q_span, kv_len, 0);
 
     pthread_mutex_lock(&st->gpu.lock);
-    flex_status s = push_ctx(ctx, st);
+    s = push_ctx(ctx, st);
     if (s) {
         pthread_mutex_unlock(&st->gpu.lock);
         free(mask_in_range);
@@ -710,13 +582,13 @@ static flex_status cuda_decode(flex_context *ctx, cuda_state *st, const flex_for
                        "flex_cuda_dec_config changed: update the decode kernel key");
         snprintf(key, sizeof key,
                  "dec|%s|dq%d|dv%d|dx%d|rt%d|vec%d|short%d|mask=%016llx|score=%016llx|inr=%016llx."
-                 "%016llx|%s|nvrtc%d.%d",
+                 "%016llx|%s|%s",
                  flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.dv_exact, cfg.row_tiles, cfg.vec,
                  cfg.short_indices, (unsigned long long)(mask_mod ? mask_mod->hash : 0),
                  (unsigned long long)(score_mod ? score_mod->hash : 0),
-                 (unsigned long long)in_range_checksum(mask_in_range, mask_ir),
-                 (unsigned long long)in_range_checksum(score_in_range, score_ir), st->gpu.arch,
-                 st->api->nvrtc_major, st->api->nvrtc_minor);
+                 (unsigned long long)flex_gpu_in_range_checksum(mask_in_range, mask_ir),
+                 (unsigned long long)flex_gpu_in_range_checksum(score_in_range, score_ir),
+                 st->gpu.arch, st->gpu.compiler);
         const decode_source_args args = {&cfg, mask_ir, score_ir, mask_in_range, score_in_range};
         s = get_function(ctx, st, key, build_decode_source, &args, "flex_decode_kernel", &fn);
     }
@@ -724,12 +596,9 @@ static flex_status cuda_decode(flex_context *ctx, cuda_state *st, const flex_for
     free(score_in_range);
     if (!s && splits > 1) s = module_function(ctx, st, key, "flex_splitkv_combine", &fn_combine);
 
-    cuda_mask_copy *mc = NULL;
-    if (!s && mask) s = mask_device_copy(ctx, st, mask, &mc);
+    flex_gpu_mask_copy *mc = NULL;
     cuda_buffer_desc descs[FLEX_EMIT_MAX_SLOTS];
-    memset(descs, 0, sizeof descs);
-    if (!s) s = fill_buffers(ctx, st, mask_mod, 0, descs);
-    if (!s) s = fill_buffers(ctx, st, score_mod, mask_ir ? mask_ir->num_buffers : 0, descs);
+    if (!s) s = flex_gpu_bind_mods(ctx, &st->gpu, mask, mask_mod, score_mod, &mc, descs);
 
     /* Workspace, in stream order: the pieces (splits > 1), then copies of
      * host-resident decode arguments. */
@@ -807,8 +676,8 @@ static flex_status cuda_decode(flex_context *ctx, cuda_state *st, const flex_for
                            (FLEX_EMIT_MAX_SLOTS + 2) * sizeof(cuda_buffer_desc)];
         memcpy(blob, &hd, sizeof hd);
         memcpy(blob + sizeof hd, &p, sizeof p);
-        const size_t size =
-            append_buffers(blob, sizeof hd + sizeof p, descs, slots, st->gpu.bounds_flag);
+        const size_t size = flex_gpu_append_buffers(blob, sizeof hd + sizeof p, descs, slots,
+                                                    st->gpu.bounds_flag);
         if (!s)
             s = launch_blob(ctx, st, fn, (unsigned)(splits * row_chunks), (unsigned)(B * Hkv),
                             128, (unsigned)smem, stream, blob, size, NULL);
@@ -831,16 +700,11 @@ static flex_status cuda_decode(flex_context *ctx, cuda_state *st, const flex_for
 
 static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
     cuda_state *st = state_of(ctx);
-    const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v, *o = &a->out;
+    const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v;
     const int64_t B = q->sizes[0], Hq = q->sizes[1], Lq = q->sizes[2], D = q->sizes[3];
     const int64_t Lkv = k->sizes[2], Dv = v->sizes[3];
-    if (D > 256 || Dv > 256)
-        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
-                         "the CUDA backend supports head dims up to 256 (q has %lld, v has %lld)",
-                         (long long)D, (long long)Dv);
-    if (q->strides[3] != 1 || k->strides[3] != 1 || v->strides[3] != 1 || o->strides[3] != 1)
-        return flex_fail(ctx, FLEX_ERR_SHAPE,
-                         "the CUDA backend needs the last dimension of q, k, v and out contiguous");
+    flex_status s = flex_gpu_fwd_check(ctx, &st->gpu, a);
+    if (s) return s;
     if (q->dtype != FLEX_F32 && st->major < 8)
         return flex_fail(
             ctx, FLEX_ERR_UNSUPPORTED,
@@ -848,38 +712,17 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
             st->major, st->minor);
     if (decode_wanted(a)) return cuda_decode(ctx, st, a);
     const struct flex_block_mask *mask = a->block_mask;
-    const struct flex_mod *mask_mod = mask ? mask->mask_mod : NULL;
-    if (mask && mask->num_partial > 0 && !mask_mod)
-        return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
-                         "the block mask has partial blocks but no mask mod to decide them");
-    if (mask && mask->num_partial == 0) mask_mod = NULL; /* never evaluated: keep kernels shared */
+    const struct flex_mod *mask_mod;
+    s = flex_gpu_mask_mod(ctx, mask, &mask_mod);
+    if (s) return s;
     const struct flex_mod *score_mod = a->score_mod;
 
-    flex_cuda_fwd_config cfg = {
-        .dtype = q->dtype,
-        .dq = pad64(D),
-        .dv = pad64(Dv),
-        .dv_exact = pad64(Dv) == Dv,
-        .scale_positive = a->scale > 0.0f,
-        /* Kernels evaluate the mods up to a tile past the end too (and
-         * discard those scores): 256 of margin keeps them in the bounds. */
-        .short_indices = Lq <= FLEX_EMIT_SHORT_LEN - 256 && Lkv <= FLEX_EMIT_SHORT_LEN - 256 &&
-                         B <= FLEX_EMIT_SHORT_HEADS && Hq <= FLEX_EMIT_SHORT_HEADS};
+    flex_cuda_fwd_config cfg;
+    flex_gpu_fwd_config(&cfg, a);
     const int q_block = mask ? mask->q_block : 128, kv_block = mask ? mask->kv_block : 128;
-    if (q->dtype == FLEX_F32) {
-        cfg.warps = 4;
-        cfg.mt = 1;
-        cfg.block_n = 0;
-        cfg.vec = 0;
-    } else {
-        cfg.vec = D % 8 == 0 && Dv % 8 == 0 && aligned16(q->data) && aligned16(k->data) &&
-                  aligned16(v->data) && aligned16(o->data);
-        for (int d = 0; d < 3; d++)
-            if (q->strides[d] % 8 || k->strides[d] % 8 || v->strides[d] % 8 || o->strides[d] % 8)
-                cfg.vec = 0;
-        /* wgmma is in the "a" target of sm_90 that flex_cuda_arch_name picks. */
+    /* wgmma is in the "a" target of sm_90 that flex_cuda_arch_name picks. */
+    if (q->dtype != FLEX_F32)
         choose_tiles(ctx, &cfg, q_block, kv_block, strcmp(st->gpu.arch, "sm_90a") == 0);
-    }
     const int block_m = cfg.warps * 16 * cfg.mt;
     /* Masked blocks take their keep bits from a rolled loop
      * (cuda_mask_bits=0: the mask mod unrolled per score, for
@@ -910,21 +753,18 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
                          "GPU allows %d",
                          (long long)D, (long long)Dv, smem, st->smem_optin);
 
-    const ir_mod *mask_ir = mask_mod ? &mask_mod->ir : NULL;
-    const ir_mod *score_ir = score_mod ? &score_mod->ir : NULL;
-    const int slots = flex_emit_num_slots(mask_ir, score_ir);
-    if (slots > FLEX_EMIT_MAX_SLOTS)
-        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
-                         "the mask and score mods read %d buffers together; at most %d", slots,
-                         FLEX_EMIT_MAX_SLOTS);
+    int slots;
+    s = flex_gpu_mod_slots(ctx, mask_mod ? &mask_mod->ir : NULL,
+                           score_mod ? &score_mod->ir : NULL, &slots);
+    if (s) return s;
 
     /* Buffer reads proved inside their buffers are compiled without checks:
-     * the kernel key carries which (in_range_checksum). */
-    unsigned char *mask_in_range = reads_in_range(ctx, mask_mod, B, Hq, Lq, Lkv, 0);
-    unsigned char *score_in_range = reads_in_range(ctx, score_mod, B, Hq, Lq, Lkv, 256);
+     * the kernel key carries which (flex_gpu_in_range_checksum). */
+    unsigned char *mask_in_range = flex_gpu_reads_in_range(ctx, mask_mod, B, Hq, Lq, Lkv, 0);
+    unsigned char *score_in_range = flex_gpu_reads_in_range(ctx, score_mod, B, Hq, Lq, Lkv, 256);
 
     pthread_mutex_lock(&st->gpu.lock);
-    flex_status s = push_ctx(ctx, st);
+    s = push_ctx(ctx, st);
     if (s) {
         pthread_mutex_unlock(&st->gpu.lock);
         free(mask_in_range);
@@ -932,49 +772,28 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
         return s;
     }
     st->gpu.capturing = stream_capturing(st, (CUstream)a->stream);
-    CUfunction fn = NULL;
-    {
-        /* The key names every field of the configuration: a new field that
-         * changes the source belongs in it too, or two kernels share a key. */
-        _Static_assert(sizeof(flex_cuda_fwd_config) == 14 * sizeof(int),
-                       "flex_cuda_fwd_config changed: update the forward kernel key");
-        char key[512];
-        snprintf(key, sizeof key,
-                 "fwd|%s|dq%d|dv%d|dx%d|w%d|mt%d|n%d|vec%d|wg%d|tma%d|ch%d|mb%d|short%d|sp%d|mask=%"
-                 "016llx|score=%016llx|inr=%016llx.%016llx|%s|nvrtc%d.%d",
-                 flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.dv_exact, cfg.warps, cfg.mt,
-                 cfg.block_n, cfg.vec, cfg.wgmma, cfg.tma, cfg.chain, cfg.mask_bits,
-                 cfg.short_indices, cfg.scale_positive,
-                 (unsigned long long)(mask_mod ? mask_mod->hash : 0),
-                 (unsigned long long)(score_mod ? score_mod->hash : 0),
-                 (unsigned long long)in_range_checksum(mask_in_range, mask_ir),
-                 (unsigned long long)in_range_checksum(score_in_range, score_ir), st->gpu.arch,
-                 st->api->nvrtc_major, st->api->nvrtc_minor);
-        const forward_source_args args = {&cfg, mask_ir, score_ir, mask_in_range, score_in_range};
-        s = get_function(ctx, st, key, build_forward_source, &args, "flex_forward_kernel", &fn);
-    }
+    void *fn = NULL;
+    char key[512];
+    flex_gpu_fwd_key(key, sizeof key, &st->gpu, &cfg, 1, mask_mod, score_mod, mask_in_range,
+                     score_in_range);
+    s = flex_gpu_fwd_function(ctx, &st->gpu, key, flex_cuda_forward_source_in_range, &cfg,
+                              mask_mod, score_mod, mask_in_range, score_in_range, &fn);
     free(mask_in_range);
     free(score_in_range);
 
-    cuda_mask_copy *mc = NULL;
-    if (!s && mask) s = mask_device_copy(ctx, st, mask, &mc);
-
+    flex_gpu_mask_copy *mc = NULL;
     cuda_buffer_desc descs[FLEX_EMIT_MAX_SLOTS];
-    memset(descs, 0, sizeof descs);
-    if (!s) s = fill_buffers(ctx, st, mask_mod, 0, descs);
-    if (!s) s = fill_buffers(ctx, st, score_mod, mask_ir ? mask_ir->num_buffers : 0, descs);
+    if (!s) s = flex_gpu_bind_mods(ctx, &st->gpu, mask, mask_mod, score_mod, &mc, descs);
 
     if (!s) {
         cuda_fwd_params p;
+        unsigned char blob[FLEX_GPU_FWD_BLOB_BYTES];
         /* Tiles in pairs of heads (flex_tile_of; docs/cuda-backend.md, "Tile
          * order"); cuda_head_group=N sets the group, for comparison. */
-        flex_gpu_fwd_params_fill(&p, a, mask, mc, q_block, kv_block, block_m,
-                                 env_int(ctx, FLEX_DEBUG_CUDA_HEAD_GROUP, 2, 0, 1 << 20));
-
-        unsigned char
-            blob[sizeof(cuda_fwd_params) + (FLEX_EMIT_MAX_SLOTS + 2) * sizeof(cuda_buffer_desc)];
-        memcpy(blob, &p, sizeof p);
-        size_t size = append_buffers(blob, sizeof p, descs, slots, st->gpu.bounds_flag);
+        const size_t size = flex_gpu_fwd_blob(
+            blob, &p, a, mask, mc, q_block, kv_block, block_m,
+            env_int(ctx, FLEX_DEBUG_CUDA_HEAD_GROUP, 2, 0, 1 << 20), descs, slots,
+            st->gpu.bounds_flag);
         /* The TMA kernel takes the tensor maps as a second parameter. */
         _Alignas(64) unsigned char tensor_maps[3 * 128];
         if (cfg.tma) {
@@ -1007,8 +826,8 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
                           "sequence too long for one launch (%lld query tiles)",
                           (long long)p.mask_nq * p.tiles_per_row);
         else if (gx > 0 && gy > 0)
-            s = launch_blob(ctx, st, fn, gx, gy, threads, (unsigned)smem, (CUstream)a->stream, blob,
-                            size, cfg.tma ? tensor_maps : NULL);
+            s = launch_blob(ctx, st, (CUfunction)fn, gx, gy, threads, (unsigned)smem,
+                            (CUstream)a->stream, blob, size, cfg.tma ? tensor_maps : NULL);
         if (!s && slots > 0) note_buffer_reads(st);
     }
     st->gpu.capturing = 0;
@@ -1019,84 +838,8 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
 
 /* ---- exact classes of undecided blocks ---- */
 
-typedef struct cuda_mask_blocks_params {
-    uint64_t blocks, classes;
-    int64_t count;
-    int32_t q_len, kv_len, q_block, kv_block;
-} cuda_mask_blocks_params;
-
-static flex_status cuda_mask_blocks(flex_context *ctx, const struct flex_mod *mask_mod,
-                                    int64_t q_len, int64_t kv_len, int q_block, int kv_block,
-                                    const flex_block_ref *blocks, int64_t count, uint8_t *classes) {
-    if (count <= 0) return FLEX_OK;
-    cuda_state *st = state_of(ctx);
-    pthread_mutex_lock(&st->gpu.lock);
-    flex_status s = push_ctx(ctx, st);
-    if (s) {
-        pthread_mutex_unlock(&st->gpu.lock);
-        return s;
-    }
-    CUfunction fn = NULL;
-    CUdeviceptr dblocks = 0, dclasses = 0;
-    {
-        char key[256];
-        snprintf(key, sizeof key, "maskblocks|mask=%016llx|%s|nvrtc%d.%d",
-                 (unsigned long long)mask_mod->hash, st->gpu.arch, st->api->nvrtc_major,
-                 st->api->nvrtc_minor);
-        s = get_function(ctx, st, key, build_mask_blocks_source, &mask_mod->ir,
-                         "flex_mask_blocks_kernel", &fn);
-    }
-    cuda_buffer_desc descs[FLEX_EMIT_MAX_SLOTS];
-    memset(descs, 0, sizeof descs);
-    if (!s) s = fill_buffers(ctx, st, mask_mod, 0, descs);
-    if (!s)
-        s = check_cu(ctx, st->api, st->api->cuMemAlloc(&dblocks, (size_t)count * sizeof *blocks),
-                     "cuMemAlloc");
-    if (!s) s = check_cu(ctx, st->api, st->api->cuMemAlloc(&dclasses, (size_t)count), "cuMemAlloc");
-    if (!s)
-        s = check_cu(ctx, st->api,
-                     st->api->cuMemcpyHtoD(dblocks, blocks, (size_t)count * sizeof *blocks),
-                     "cuMemcpyHtoD");
-    if (!s) {
-        cuda_mask_blocks_params p = {.blocks = dblocks,
-                                     .classes = dclasses,
-                                     .count = count,
-                                     .q_len = (int32_t)q_len,
-                                     .kv_len = (int32_t)kv_len,
-                                     .q_block = q_block,
-                                     .kv_block = kv_block};
-        unsigned char blob[sizeof p + (FLEX_EMIT_MAX_SLOTS + 2) * sizeof(cuda_buffer_desc)];
-        memcpy(blob, &p, sizeof p);
-        size_t size =
-            append_buffers(blob, sizeof p, descs, mask_mod->ir.num_buffers, st->gpu.bounds_flag);
-        unsigned gx = (unsigned)(count < (1 << 20) ? count : (1 << 20));
-        s = launch_blob(ctx, st, fn, gx, 1, 256, 0, NULL, blob, size, NULL);
-    }
-    if (!s) s = check_cu(ctx, st->api, st->api->cuCtxSynchronize(), "cuCtxSynchronize");
-    if (!s)
-        s = check_cu(ctx, st->api, st->api->cuMemcpyDtoH(classes, dclasses, (size_t)count),
-                     "cuMemcpyDtoH");
-    if (!s) s = take_bounds_flag(ctx, st);
-    if (dblocks) st->api->cuMemFree(dblocks);
-    if (dclasses) st->api->cuMemFree(dclasses);
-    pop_ctx(st);
-    pthread_mutex_unlock(&st->gpu.lock);
-    return s;
-}
-
 /* ---- backward ---- */
 
-typedef struct backward_source_args {
-    const flex_cuda_bwd_config *cfg;
-    const ir_mod *mask;
-    const unsigned char *mask_in_range;
-    const flex_cuda_bwd_score *score;
-} backward_source_args;
-
-static char *build_backward_source(const void *args) {
-    const backward_source_args *a = args;
-    return flex_cuda_backward_source(a->cfg, a->mask, a->mask_in_range, a->score);
-}
 /* Another kernel of the module loaded under key (get_function found or
  * built it just before). */
 static flex_status module_function(flex_context *ctx, cuda_state *st, const char *key,
@@ -1143,13 +886,8 @@ static void workspace_free(flex_context *ctx, cuda_state *st, CUdeviceptr p, CUs
 }
 
 /* Tiles and variants of the f16/bf16 backward (docs/decisions.md, "CUDA
- * backward"). 16 kv rows a warp: 128 a CTA (8 warps) for head dims up to
- * 128 where the mask's kv block is a multiple of 128, which halves the
- * atomic adds each dQ element gets and the reads of Q and dO per kv row;
- * otherwise up to 64, no more than the mask's kv block. Query steps no
- * longer than the mask's q block and short enough that Sᵀ and dPᵀ fit
- * beside the dK and dV accumulators: 64 rows for head dims up to 64, 32 up
- * to 128, 16 above. FLEXATTN_DEBUG=cuda_bwd_tile=WARPSxROWS replaces the
+ * backward"). The tiles are flex_gpu_bwd_tiles' (query steps of 16 rows
+ * above head dim 128). FLEXATTN_DEBUG=cuda_bwd_tile=WARPSxROWS replaces the
  * choice where it divides the mask's blocks; cuda_bwd_pipeline,
  * cuda_bwd_exp2, cuda_bwd_dq_red and cuda_bwd_kv_fastest turn the variants
  * off for comparison. On sm_90 the wgmma kernel (flex_backward_sm90.cuh)
@@ -1158,15 +896,13 @@ static void workspace_free(flex_context *ctx, cuda_state *st, CUdeviceptr p, CUs
  * rows or multiples, no other cuda_bwd_tile asked for; cuda_bwd_wgmma=0
  * keeps the mma.sync kernel. Where shared memory (smem_limit, 99 KB on
  * sm_86; flex_gpu_bwd_smem) is short, the kv tile is halved down to 64
- * rows, then the pipeline goes, then the tile is halved further. */
+ * rows, then the pipeline goes, then the tile is halved further
+ * (flex_gpu_bwd_fit; the query step stays: at most 99 KB is short only
+ * with the pipeline). */
 static void choose_backward_tiles(const flex_context *ctx, flex_cuda_bwd_config *cfg, int q_block,
                                   int kv_block, int major, int64_t D, int64_t kv_heads,
                                   size_t smem_limit) {
-    const int widest = cfg->dq > cfg->dv ? cfg->dq : cfg->dv;
-    const int want_m = widest <= 64 ? 64 : widest <= 128 ? 32 : 16;
-    const int block_n = widest <= 128 && kv_block % 128 == 0 ? 128 : kv_block < 64 ? kv_block : 64;
-    cfg->warps = block_n / 16;
-    cfg->block_m = q_block < want_m ? q_block : want_m;
+    flex_gpu_bwd_tiles(cfg, q_block, kv_block, 16);
     const char *env = flex_debug_string(ctx, FLEX_DEBUG_CUDA_BWD_TILE);
     int w, bm, tile_set = 0;
     if (env && sscanf(env, "%dx%d", &w, &bm) == 2 && w >= 1 && w <= 8 && kv_block % (16 * w) == 0 &&
@@ -1185,6 +921,7 @@ static void choose_backward_tiles(const flex_context *ctx, flex_cuda_bwd_config 
     /* The kv tiles of a head side by side in the grid, so the CTAs in flight
      * share their Q, dO and dQ rows in L2 (grid y is at most 65535). */
     cfg->kv_fastest = kv_heads <= 65535 && env_switch(ctx, FLEX_DEBUG_CUDA_BWD_KV_FASTEST, 1);
+    const int widest = cfg->dq > cfg->dv ? cfg->dq : cfg->dv;
     flex_cuda_bwd_config wg = *cfg;
     wg.wgmma = 1;
     wg.warps = 8;
@@ -1195,26 +932,18 @@ static void choose_backward_tiles(const flex_context *ctx, flex_cuda_bwd_config 
         *cfg = wg;
         return;
     }
-    while (flex_gpu_bwd_smem(cfg) > smem_limit && cfg->warps > 4)
-        cfg->warps /= 2;
-    if (flex_gpu_bwd_smem(cfg) > smem_limit) cfg->pipeline = 0;
-    while (flex_gpu_bwd_smem(cfg) > smem_limit && cfg->warps > 1)
-        cfg->warps /= 2;
+    flex_gpu_bwd_fit(cfg, smem_limit, 0);
 }
 
 /* Tiles of the deterministic dQ kernel (flex_backward_dq.cuh) for 16-bit
- * inputs: 16 query rows a warp, up to 4 warps, no more rows than the
- * mask's q block (a tile walks one row of mask blocks); kv steps of up to
- * 64 keys (32 for head dims over 128, so S, dP and the dQ accumulator fit
- * in registers), no more than the mask's kv block, halved while the two
- * K/V stages do not fit in shared memory. Returns the shared memory the
- * kernel needs. */
+ * inputs: flex_gpu_row_tiles' with up to 4 warps (a tile walks one row of
+ * mask blocks; S, dP and the dQ accumulator in registers), the kv step
+ * halved while the two K/V stages do not fit in shared memory. Returns the
+ * shared memory the kernel needs. */
 static size_t choose_dq_tiles(flex_cuda_bwd_config *cfg, int q_block, int kv_block,
                               int smem_optin) {
-    const int widest = cfg->dq > cfg->dv ? cfg->dq : cfg->dv;
-    const int want_n = widest <= 128 ? 64 : 32;
-    cfg->dq_warps = q_block / 16 < 4 ? q_block / 16 : 4;
-    cfg->dq_block_n = kv_block < want_n ? kv_block : want_n;
+    flex_gpu_row_tiles(q_block, kv_block, cfg->dq > 128 || cfg->dv > 128, 4, &cfg->dq_warps,
+                       &cfg->dq_block_n);
     for (;;) {
         const size_t smem = 2u * ((size_t)cfg->dq_warps * 16 * (cfg->dq + cfg->dv) +
                                   2u * (size_t)cfg->dq_block_n * (cfg->dq + cfg->dv));
@@ -1225,9 +954,9 @@ static size_t choose_dq_tiles(flex_cuda_bwd_config *cfg, int q_block, int kv_blo
 
 static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a) {
     cuda_state *st = state_of(ctx);
-    const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v, *dout = &a->dout;
-    const int64_t B = q->sizes[0], Hq = q->sizes[1], Lq = q->sizes[2], D = q->sizes[3];
-    const int64_t Hkv = k->sizes[1], Lkv = k->sizes[2], Dv = v->sizes[3];
+    const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v;
+    const int64_t B = q->sizes[0], D = q->sizes[3];
+    const int64_t Hkv = k->sizes[1], Dv = v->sizes[3];
     if (D > 256 || Dv > 256)
         return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
                          "the CUDA backward supports head dims up to 256 (q has %lld, v has %lld)",
@@ -1237,27 +966,13 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
             ctx, FLEX_ERR_UNSUPPORTED,
             "the f16/bf16 backward needs compute capability 8.0 or newer (this GPU is %d.%d)",
             st->major, st->minor);
-    if ((Lq + 3) / 4 > 65535 || (Lkv + 3) / 4 > 65535 || B * Hq > 0x7fffffff)
-        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
-                         "sequences too long for one backward launch (q %lld, kv %lld)",
-                         (long long)Lq, (long long)Lkv);
+    flex_status s = flex_gpu_bwd_check_lengths(ctx, a);
     const struct flex_block_mask *mask = a->block_mask;
-    const struct flex_mod *mask_mod = mask ? mask->mask_mod : NULL;
-    if (mask && mask->num_partial > 0 && !mask_mod)
-        return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
-                         "the block mask has partial blocks but no mask mod to decide them");
-    if (mask && mask->num_partial == 0) mask_mod = NULL;
+    const struct flex_mod *mask_mod;
+    if (!s) s = flex_gpu_mask_mod(ctx, mask, &mask_mod);
+    if (s) return s;
     const int q_block = mask ? mask->q_block : 128, kv_block = mask ? mask->kv_block : 128;
 
-    /* The score mod and its derivative, on a private copy of its IR (the
-     * identity needs neither). */
-    const struct flex_mod *score_mod = a->score_mod;
-    ir_mod derived;
-    int derived_made = 0;
-    mod_derivative der;
-    flex_cuda_grad_load loads[MOD_DERIVE_MAX_LOADS];
-    int num_loads = 0;
-    cuda_buffer_desc grad_descs[IR_MAX_BUFFERS];
     /* Buffer gradients are scattered with fp32 atomics, in an order that
      * depends on the scheduling (docs/decisions.md, "CUDA backward"). */
     if (a->deterministic && a->num_buffer_grads > 0)
@@ -1266,42 +981,17 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
                          "of buffers, and one was asked for buffer '%s'; leave opts->deterministic "
                          "0 for it, or run the backward on the CPU backend",
                          a->buffer_grads[0].name);
-    flex_status s = flex_gpu_bwd_score_prepare(ctx, &st->gpu, a, &derived, &derived_made, &der,
-                                               loads, &num_loads, grad_descs);
+    /* The score mod and its derivative, on a private copy of its IR (the
+     * identity needs neither). */
+    flex_gpu_bwd_mods m;
+    s = flex_gpu_bwd_mods_prepare(ctx, &st->gpu, a, mask_mod, &m);
     if (s) return s;
-    const ir_mod *mask_ir = mask_mod ? &mask_mod->ir : NULL;
-    const ir_mod *score_ir = derived_made ? &derived : NULL;
-    const struct flex_mod *score_used = derived_made ? score_mod : NULL;
-    const int slots = flex_emit_num_slots(mask_ir, score_ir);
-    if (slots > FLEX_EMIT_MAX_SLOTS) {
-        if (derived_made) ir_free(&derived);
-        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
-                         "the mask and score mods read %d buffers together; at most %d", slots,
-                         FLEX_EMIT_MAX_SLOTS);
-    }
 
-    flex_cuda_bwd_config cfg = {
-        .dtype = q->dtype,
-        .dq = pad64(D),
-        .dv = pad64(Dv),
-        .warps = 4,
-        .block_m = 16,
-        .vec = 0,
-        /* the kernels pass the mods indices clamped into the sequences */
-        .short_indices = Lq <= FLEX_EMIT_SHORT_LEN && Lkv <= FLEX_EMIT_SHORT_LEN &&
-                         B <= FLEX_EMIT_SHORT_HEADS && Hq <= FLEX_EMIT_SHORT_HEADS,
-        .grad_slots = a->num_buffer_grads,
-    };
-    if (q->dtype != FLEX_F32) {
-        cfg.vec = D % 8 == 0 && Dv % 8 == 0 && aligned16(q->data) && aligned16(k->data) &&
-                  aligned16(v->data) && aligned16(dout->data);
-        for (int d = 0; d < 3; d++)
-            if (q->strides[d] % 8 || k->strides[d] % 8 || v->strides[d] % 8 ||
-                dout->strides[d] % 8)
-                cfg.vec = 0;
+    flex_cuda_bwd_config cfg;
+    flex_gpu_bwd_config(&cfg, a);
+    if (q->dtype != FLEX_F32)
         choose_backward_tiles(ctx, &cfg, q_block, kv_block, st->major, D, B * Hkv,
                               (size_t)st->smem_optin);
-    }
     /* Deterministic: dQ from its own kernel, each row written by one CTA,
      * instead of the main kernel's atomics (docs/decisions.md). Without dq
      * wanted there is nothing to change: dK and dV have one owner anyway. */
@@ -1311,107 +1001,39 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
         cfg.dq_warps = 4; /* one query row a warp; no tiles in shared memory */
     else if (dq_pass)
         smem_dq = choose_dq_tiles(&cfg, q_block, kv_block, st->smem_optin);
-    const int block_n = cfg.warps * 16;
     const size_t smem = q->dtype == FLEX_F32 ? 0 : flex_gpu_bwd_smem(&cfg);
     if ((int64_t)smem > st->smem_optin || (int64_t)smem_dq > st->smem_optin) {
-        if (derived_made) ir_free(&derived);
+        flex_gpu_bwd_mods_free(&m);
         return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
                          "the %sbackward for head dims %lld/%lld needs %zu bytes of shared memory; "
                          "the GPU allows %d",
                          smem_dq > smem ? "deterministic " : "", (long long)D, (long long)Dv,
                          smem_dq > smem ? smem_dq : smem, st->smem_optin);
     }
-    /* The kernels clamp the indices they pass to the mods into the
-     * sequences, so the proofs need no margin. */
-    unsigned char *mask_in_range = reads_in_range(ctx, mask_mod, B, Hq, Lq, Lkv, 0);
-    unsigned char *score_in_range =
-        score_ir ? ir_reads_in_range(ctx, score_mod, score_ir, B, Hq, Lq, Lkv, 0) : NULL;
-    const flex_cuda_bwd_score score = {score_ir, der.value, der.dscore, loads, num_loads,
-                                       score_in_range};
 
     pthread_mutex_lock(&st->gpu.lock);
     s = push_ctx(ctx, st);
     if (s) {
         pthread_mutex_unlock(&st->gpu.lock);
-        free(mask_in_range);
-        free(score_in_range);
-        if (derived_made) ir_free(&derived);
+        flex_gpu_bwd_mods_free(&m);
         return s;
     }
     CUstream stream = (CUstream)a->stream;
     st->gpu.capturing = stream_capturing(st, stream);
-    CUfunction fn_pre = NULL, fn_main = NULL, fn_store = NULL, fn_dq = NULL;
-    char key[512];
-    {
-        _Static_assert(sizeof(flex_cuda_bwd_config) == 15 * sizeof(int),
-                       "flex_cuda_bwd_config changed: update the backward kernel key");
-        snprintf(key, sizeof key,
-                 "bwd|%s|dq%d|dv%d|w%d|bm%d|vec%d|short%d|gs%d|pipe%d|exp2%d|red%d|kvf%d|wg%d|"
-                 "dqw%d|dqn%d|mask=%016llx|score=%016llx|loads=%016llx|inr=%016llx.%016llx|%s|"
-                 "nvrtc%d.%d",
-                 flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.warps, cfg.block_m, cfg.vec,
-                 cfg.short_indices, cfg.grad_slots, cfg.pipeline, cfg.exp2, cfg.dq_red,
-                 cfg.kv_fastest, cfg.wgmma, cfg.dq_warps, cfg.dq_block_n,
-                 (unsigned long long)(mask_mod ? mask_mod->hash : 0),
-                 (unsigned long long)(score_used ? score_used->hash : 0),
-                 (unsigned long long)(num_loads ? flex_cache_checksum(loads, (size_t)num_loads *
-                                                                                 sizeof loads[0])
-                                                : 0),
-                 (unsigned long long)in_range_checksum(mask_in_range, mask_ir),
-                 (unsigned long long)(score_ir ? in_range_checksum(score_in_range, score_ir) : 0),
-                 st->gpu.arch, st->api->nvrtc_major, st->api->nvrtc_minor);
-        const backward_source_args args = {&cfg, mask_ir, mask_in_range, &score};
-        s = get_function(ctx, st, key, build_backward_source, &args, "flex_bwd_kernel", &fn_main);
-    }
-    free(mask_in_range);
-    free(score_in_range);
-    if (derived_made) ir_free(&derived);
-    if (!s) s = module_function(ctx, st, key, "flex_bwd_preprocess", &fn_pre);
-    if (!s && a->dq && !dq_pass) s = module_function(ctx, st, key, "flex_bwd_dq_store", &fn_store);
-    if (!s && dq_pass) s = module_function(ctx, st, key, "flex_bwd_dq_kernel", &fn_dq);
-
-    cuda_mask_copy *mc = NULL;
-    if (!s && mask) s = mask_device_copy(ctx, st, mask, &mc);
+    flex_gpu_bwd_kernels kernels;
+    s = flex_gpu_bwd_kernels_get(ctx, &st->gpu, a, &cfg, &m, flex_cuda_backward_source, &kernels);
+    flex_gpu_bwd_mods_free(&m);
+    flex_gpu_mask_copy *mc = NULL;
     cuda_buffer_desc descs[FLEX_EMIT_MAX_SLOTS];
-    memset(descs, 0, sizeof descs);
-    if (!s) s = fill_buffers(ctx, st, mask_mod, 0, descs);
-    if (!s) s = fill_buffers(ctx, st, score_used, mask_ir ? mask_ir->num_buffers : 0, descs);
+    if (!s) s = flex_gpu_bind_mods(ctx, &st->gpu, mask, m.mask_mod, m.score_used, &mc, descs);
 
     CUdeviceptr ws = 0;
-    /* the dQ accumulator 256-byte aligned (16-byte vector reductions) */
-    const size_t delta_bytes = ((size_t)(B * Hq * Lq) * sizeof(float) + 255) & ~(size_t)255;
-    const size_t dq_bytes = a->dq && !dq_pass ? (size_t)(B * Hq * Lq * D) * sizeof(float) : 0;
+    size_t delta_bytes, dq_bytes;
+    flex_gpu_bwd_workspace(a, &cfg, &delta_bytes, &dq_bytes);
     if (!s) s = workspace_alloc(ctx, st, delta_bytes + dq_bytes, stream, &ws);
-    if (!s) {
-        unsigned char blob[FLEX_GPU_BWD_BLOB_BYTES];
-        /* dQ accumulator 0: the main kernel leaves dQ alone */
-        const size_t size = flex_gpu_bwd_blob(blob, a, mask, mc, q_block, kv_block, ws,
-                                              dq_bytes ? ws + delta_bytes : 0, grad_descs,
-                                              cfg.grad_slots, descs, slots, st->gpu.bounds_flag);
-
-        const unsigned rows_y = (unsigned)((Lq + 3) / 4);
-        s = launch_blob(ctx, st, fn_pre, (unsigned)(B * Hq), rows_y, 128, 0, stream, blob, size,
-                        NULL);
-        if (!s) {
-            const int64_t per_cta = q->dtype == FLEX_F32 ? 4 : block_n;
-            const unsigned heads = (unsigned)(B * Hkv);
-            const unsigned tiles = (unsigned)((Lkv + per_cta - 1) / per_cta);
-            s = launch_blob(ctx, st, fn_main, cfg.kv_fastest ? tiles : heads,
-                            cfg.kv_fastest ? heads : tiles,
-                            q->dtype == FLEX_F32 ? 128u : (unsigned)cfg.warps * 32, (unsigned)smem,
-                            stream, blob, size, NULL);
-        }
-        if (!s && fn_store)
-            s = launch_blob(ctx, st, fn_store, (unsigned)(B * Hq), rows_y, 128, 0, stream, blob,
-                            size, NULL);
-        if (!s && fn_dq) {
-            const int64_t rows = q->dtype == FLEX_F32 ? 4 : (int64_t)cfg.dq_warps * 16;
-            s = launch_blob(ctx, st, fn_dq, (unsigned)(B * Hq), (unsigned)((Lq + rows - 1) / rows),
-                            (unsigned)cfg.dq_warps * 32, (unsigned)smem_dq, stream, blob, size,
-                            NULL);
-        }
-        if (!s && slots > 0) note_buffer_reads(st);
-    }
+    if (!s)
+        s = flex_gpu_bwd_launch(ctx, &st->gpu, a, &cfg, &m, mc, &kernels, descs, ws, smem, smem_dq,
+                                stream);
     workspace_free(ctx, st, ws, stream);
     st->gpu.capturing = 0;
     pop_ctx(st);
@@ -1427,13 +1049,7 @@ const flex_backend_iface flex_backend_cuda = {
     .init = cuda_init,
     .release = cuda_release,
     .device_name = cuda_device_name,
-    .mem_alloc = cuda_alloc,
-    .mem_free = cuda_free,
-    .upload = cuda_upload,
-    .download = cuda_download,
-    .mem_set = cuda_memset,
     .forward = cuda_forward,
     .backward = cuda_backward,
-    .mask_blocks = cuda_mask_blocks,
-    .synchronize = cuda_synchronize,
+    FLEX_GPU_BACKEND_SLOTS,
 };

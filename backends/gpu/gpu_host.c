@@ -1,9 +1,9 @@
 /*
  * The host layer the GPU backends share (gpu_host.h): module list, kernel
  * cache and compiler in that order, mod-buffer mirrors, block-mask uploads,
- * the bounds flag, the in-range proofs and the backward's score mod and
- * parameter block. Vendor calls go through the backend's flex_gpu_ops
- * table only.
+ * the bounds flag, the in-range proofs, the backend table's memory slots,
+ * and the forward's and backward's launch policy. Vendor calls go through
+ * the backend's flex_gpu_ops table only.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -11,7 +11,6 @@
 
 #include "gpu_host.h"
 #include "clock.h"
-#include "../cuda/cuda_compile.h"
 
 flex_status flex_gpu_check(flex_context *ctx, const flex_gpu_state *st, int result,
                            const char *what) {
@@ -105,6 +104,86 @@ flex_status flex_gpu_take_bounds_flag(flex_context *ctx, flex_gpu_state *st) {
                      "a mod read buffer '%s' outside its sizes on the GPU (the index was "
                      "clamped; results of that call are not meaningful)",
                      st->slot_names[slot][0] ? st->slot_names[slot] : "?");
+}
+
+static flex_gpu_ptr gpu_ptr(const void *p) {
+    return (flex_gpu_ptr)(uintptr_t)p;
+}
+
+/* Every GPU backend's state starts with its flex_gpu_state. */
+static flex_gpu_state *state_of(flex_context *ctx) {
+    return (flex_gpu_state *)ctx->backend_state;
+}
+
+flex_status flex_gpu_mem_alloc(flex_context *ctx, size_t bytes, void **ptr) {
+    flex_gpu_state *st = state_of(ctx);
+    flex_status s = flex_gpu_enter(ctx, st);
+    if (s) return s;
+    flex_gpu_ptr p = 0;
+    const int r = st->ops->mem_alloc(st->api, &p, bytes ? bytes : 1);
+    flex_gpu_leave(st);
+    if (r == st->ops->out_of_memory)
+        return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "the GPU has no room for %zu bytes", bytes);
+    s = flex_gpu_check(ctx, st, r, st->ops->mem_alloc_name);
+    if (!s) *ptr = (void *)(uintptr_t)p;
+    return s;
+}
+
+void flex_gpu_mem_free(flex_context *ctx, void *ptr) {
+    const flex_gpu_state *st = state_of(ctx);
+    if (!ptr || st->ops->enter(st->api, st->vendor_ctx) != 0) return;
+    st->ops->mem_free(st->api, gpu_ptr(ptr));
+    flex_gpu_leave(st);
+}
+
+flex_status flex_gpu_upload(flex_context *ctx, void *dst, const void *src, size_t bytes) {
+    const flex_gpu_state *st = state_of(ctx);
+    flex_status s = flex_gpu_enter(ctx, st);
+    if (s) return s;
+    s = flex_gpu_check(ctx, st, st->ops->copy_to_device(st->api, gpu_ptr(dst), src, bytes),
+                       st->ops->copy_to_device_name);
+    flex_gpu_leave(st);
+    return s;
+}
+
+flex_status flex_gpu_download(flex_context *ctx, void *dst, const void *src, size_t bytes) {
+    const flex_gpu_state *st = state_of(ctx);
+    flex_status s = flex_gpu_enter(ctx, st);
+    if (s) return s;
+    s = flex_gpu_check(ctx, st, st->ops->copy_to_host(st->api, dst, gpu_ptr(src), bytes),
+                       st->ops->copy_to_host_name);
+    flex_gpu_leave(st);
+    return s;
+}
+
+flex_status flex_gpu_memset(flex_context *ctx, void *dst, int value, size_t bytes) {
+    const flex_gpu_state *st = state_of(ctx);
+    flex_status s = flex_gpu_enter(ctx, st);
+    if (s) return s;
+    s = flex_gpu_check(ctx, st,
+                       st->ops->mem_set(st->api, gpu_ptr(dst), (unsigned char)value, bytes),
+                       st->ops->mem_set_name);
+    flex_gpu_leave(st);
+    return s;
+}
+
+flex_status flex_gpu_synchronize(flex_context *ctx) {
+    flex_gpu_state *st = state_of(ctx);
+    flex_status s = flex_gpu_enter(ctx, st);
+    if (s) return s;
+    /* Taken before the wait: a kernel launched after it sets the mark again
+     * and is read by the next synchronize. Without mod buffers there is no
+     * flag to read (a copy from the device costs ~10 us). */
+    const int pending = atomic_exchange(&st->bounds_pending, 0) ||
+                        atomic_load(&st->bounds_in_graph);
+    s = flex_gpu_check(ctx, st, st->ops->synchronize(st->api), st->ops->synchronize_name);
+    if (!s && pending) { /* under the lock: launches write the slot names */
+        pthread_mutex_lock(&st->lock);
+        s = flex_gpu_take_bounds_flag(ctx, st);
+        pthread_mutex_unlock(&st->lock);
+    }
+    flex_gpu_leave(st);
+    return s;
 }
 
 flex_gpu_ptr flex_gpu_decode_flag(const flex_gpu_state *st) {
@@ -304,8 +383,7 @@ static void mask_copy_free_arrays(const flex_gpu_state *st, flex_gpu_mask_copy *
 static void mask_copy_free(flex_context *ctx, void *copy) {
     flex_gpu_mask_copy *c = copy;
     if (!c) return;
-    /* Every GPU backend's state starts with its flex_gpu_state. */
-    const flex_gpu_state *st = ctx ? (const flex_gpu_state *)ctx->backend_state : NULL;
+    const flex_gpu_state *st = ctx ? state_of(ctx) : NULL;
     if (st && st->ops->enter(st->api, st->vendor_ctx) == 0) {
         mask_copy_free_arrays(st, c);
         st->ops->leave(st->api);
@@ -395,6 +473,100 @@ flex_status flex_gpu_mask_device_copy(flex_context *ctx, flex_gpu_state *st,
     return FLEX_OK;
 }
 
+flex_status flex_gpu_bind_mods(flex_context *ctx, flex_gpu_state *st,
+                               const struct flex_block_mask *mask,
+                               const struct flex_mod *mask_mod, const struct flex_mod *score_mod,
+                               flex_gpu_mask_copy **mc, flex_gpu_buffer_desc *descs) {
+    *mc = NULL;
+    flex_status s = mask ? flex_gpu_mask_device_copy(ctx, st, mask, mc) : FLEX_OK;
+    memset(descs, 0, FLEX_EMIT_MAX_SLOTS * sizeof *descs);
+    if (!s) s = flex_gpu_fill_buffers(ctx, st, mask_mod, 0, descs);
+    if (!s) s = flex_gpu_fill_buffers(ctx, st, score_mod, mask_mod ? mask_mod->ir.num_buffers : 0,
+                                      descs);
+    return s;
+}
+
+/* ---- exact classes of undecided blocks ---- */
+
+/* Mirrors the head of flex_mask_blocks.cuh's parameter block; the mask
+ * mod's buffers follow it. */
+typedef struct mask_blocks_params {
+    uint64_t blocks, classes;
+    int64_t count;
+    int32_t q_len, kv_len, q_block, kv_block;
+} mask_blocks_params;
+
+typedef struct mask_blocks_source_args {
+    char *(*source)(const ir_mod *mask);
+    const ir_mod *mask;
+} mask_blocks_source_args;
+
+static char *build_mask_blocks_source(const void *args) {
+    const mask_blocks_source_args *a = args;
+    return a->source(a->mask);
+}
+
+flex_status flex_gpu_mask_blocks(flex_context *ctx, const struct flex_mod *mask_mod,
+                                 int64_t q_len, int64_t kv_len, int q_block, int kv_block,
+                                 const flex_block_ref *blocks, int64_t count, uint8_t *classes) {
+    if (count <= 0) return FLEX_OK;
+    flex_gpu_state *st = state_of(ctx);
+    const flex_gpu_ops *ops = st->ops;
+    pthread_mutex_lock(&st->lock);
+    flex_status s = flex_gpu_enter(ctx, st);
+    if (s) {
+        pthread_mutex_unlock(&st->lock);
+        return s;
+    }
+    void *fn = NULL;
+    flex_gpu_ptr dblocks = 0, dclasses = 0;
+    char key[256];
+    snprintf(key, sizeof key, "maskblocks|mask=%016llx|%s|%s", (unsigned long long)mask_mod->hash,
+             st->arch, st->compiler);
+    const mask_blocks_source_args args = {ops->mask_blocks_source, &mask_mod->ir};
+    s = flex_gpu_get_function(ctx, st, key, build_mask_blocks_source, &args,
+                              "flex_mask_blocks_kernel", &fn);
+    flex_gpu_buffer_desc descs[FLEX_EMIT_MAX_SLOTS];
+    memset(descs, 0, sizeof descs);
+    if (!s) s = flex_gpu_fill_buffers(ctx, st, mask_mod, 0, descs);
+    if (!s)
+        s = flex_gpu_check(ctx, st,
+                           ops->mem_alloc(st->api, &dblocks, (size_t)count * sizeof *blocks),
+                           ops->mem_alloc_name);
+    if (!s)
+        s = flex_gpu_check(ctx, st, ops->mem_alloc(st->api, &dclasses, (size_t)count),
+                           ops->mem_alloc_name);
+    if (!s)
+        s = flex_gpu_check(
+            ctx, st, ops->copy_to_device(st->api, dblocks, blocks, (size_t)count * sizeof *blocks),
+            ops->copy_to_device_name);
+    if (!s) {
+        const mask_blocks_params p = {.blocks = dblocks,
+                                      .classes = dclasses,
+                                      .count = count,
+                                      .q_len = (int32_t)q_len,
+                                      .kv_len = (int32_t)kv_len,
+                                      .q_block = q_block,
+                                      .kv_block = kv_block};
+        unsigned char blob[sizeof p + (FLEX_EMIT_MAX_SLOTS + 2) * sizeof(flex_gpu_buffer_desc)];
+        memcpy(blob, &p, sizeof p);
+        const size_t size = flex_gpu_append_buffers(blob, sizeof p, descs,
+                                                    mask_mod->ir.num_buffers, st->bounds_flag);
+        const unsigned gx = (unsigned)(count < (1 << 20) ? count : (1 << 20));
+        s = ops->launch(ctx, st, fn, gx, 1, 256, 0, NULL, blob, size);
+    }
+    if (!s) s = flex_gpu_check(ctx, st, ops->synchronize(st->api), ops->synchronize_name);
+    if (!s)
+        s = flex_gpu_check(ctx, st, ops->copy_to_host(st->api, classes, dclasses, (size_t)count),
+                           ops->copy_to_host_name);
+    if (!s) s = flex_gpu_take_bounds_flag(ctx, st);
+    if (dblocks) ops->mem_free(st->api, dblocks);
+    if (dclasses) ops->mem_free(st->api, dclasses);
+    flex_gpu_leave(st);
+    pthread_mutex_unlock(&st->lock);
+    return s;
+}
+
 /* ---- launch policy ---- */
 
 int flex_gpu_env_int(const flex_context *ctx, flex_debug_key key, int dflt, int lo, int hi) {
@@ -455,6 +627,73 @@ int flex_gpu_aligned16(const void *p) {
     return ((uintptr_t)p & 15u) == 0;
 }
 
+flex_status flex_gpu_fwd_check(flex_context *ctx, const flex_gpu_state *st,
+                               const flex_forward_args *a) {
+    const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v, *o = &a->out;
+    const int64_t D = q->sizes[3], Dv = v->sizes[3];
+    if (D > 256 || Dv > 256)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "the %s backend supports head dims up to 256 (q has %lld, v has %lld)",
+                         st->ops->vendor, (long long)D, (long long)Dv);
+    if (q->strides[3] != 1 || k->strides[3] != 1 || v->strides[3] != 1 || o->strides[3] != 1)
+        return flex_fail(ctx, FLEX_ERR_SHAPE,
+                         "the %s backend needs the last dimension of q, k, v and out contiguous",
+                         st->ops->vendor);
+    return FLEX_OK;
+}
+
+flex_status flex_gpu_bwd_check_lengths(flex_context *ctx, const flex_backward_args *a) {
+    const int64_t B = a->q.sizes[0], Hq = a->q.sizes[1], Lq = a->q.sizes[2];
+    const int64_t Lkv = a->k.sizes[2];
+    if ((Lq + 3) / 4 > 65535 || (Lkv + 3) / 4 > 65535 || B * Hq > 0x7fffffff)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "sequences too long for one backward launch (q %lld, kv %lld)",
+                         (long long)Lq, (long long)Lkv);
+    return FLEX_OK;
+}
+
+flex_status flex_gpu_mask_mod(flex_context *ctx, const struct flex_block_mask *mask,
+                              const struct flex_mod **mask_mod) {
+    *mask_mod = mask ? mask->mask_mod : NULL;
+    if (mask && mask->num_partial > 0 && !*mask_mod)
+        return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
+                         "the block mask has partial blocks but no mask mod to decide them");
+    if (mask && mask->num_partial == 0) *mask_mod = NULL; /* never evaluated: keep kernels shared */
+    return FLEX_OK;
+}
+
+flex_status flex_gpu_mod_slots(flex_context *ctx, const ir_mod *mask, const ir_mod *score,
+                               int *slots) {
+    *slots = flex_emit_num_slots(mask, score);
+    if (*slots > FLEX_EMIT_MAX_SLOTS)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "the mask and score mods read %d buffers together; at most %d", *slots,
+                         FLEX_EMIT_MAX_SLOTS);
+    return FLEX_OK;
+}
+
+int flex_gpu_rows_vec(int64_t D, int64_t Dv, const flex_tensor *const *t, int n) {
+    int vec = D % 8 == 0 && Dv % 8 == 0;
+    for (int i = 0; i < n; i++) {
+        vec = vec && flex_gpu_aligned16(t[i]->data);
+        for (int d = 0; d < 3; d++)
+            if (t[i]->strides[d] % 8) vec = 0;
+    }
+    return vec;
+}
+
+int flex_gpu_short_indices(int64_t B, int64_t H, int64_t Lq, int64_t Lkv, int64_t margin) {
+    return Lq <= FLEX_EMIT_SHORT_LEN - margin && Lkv <= FLEX_EMIT_SHORT_LEN - margin &&
+           B <= FLEX_EMIT_SHORT_HEADS && H <= FLEX_EMIT_SHORT_HEADS;
+}
+
+void flex_gpu_row_tiles(int q_block, int kv_block, int wide, int max_warps, int *warps,
+                        int *block_n) {
+    const int max_n = wide ? 32 : 64;
+    *warps = q_block / 16 < max_warps ? q_block / 16 : max_warps;
+    *block_n = kv_block < max_n ? kv_block : max_n;
+}
+
 void flex_gpu_fwd_params_fill(flex_gpu_fwd_params *p, const flex_forward_args *a,
                               const struct flex_block_mask *mask, const flex_gpu_mask_copy *mc,
                               int q_block, int kv_block, int block_m, int head_group) {
@@ -495,6 +734,94 @@ void flex_gpu_fwd_params_fill(flex_gpu_fwd_params *p, const flex_forward_args *a
     p->scale_log2 = a->scale * 1.4426950408889634f;
 }
 
+size_t flex_gpu_fwd_blob(unsigned char *blob, flex_gpu_fwd_params *p, const flex_forward_args *a,
+                         const struct flex_block_mask *mask, const flex_gpu_mask_copy *mc,
+                         int q_block, int kv_block, int block_m, int head_group,
+                         const flex_gpu_buffer_desc *descs, int slots, flex_gpu_ptr flag) {
+    flex_gpu_fwd_params_fill(p, a, mask, mc, q_block, kv_block, block_m, head_group);
+    memcpy(blob, p, sizeof *p);
+    return flex_gpu_append_buffers(blob, sizeof *p, descs, slots, flag);
+}
+
+void flex_gpu_fwd_config(flex_cuda_fwd_config *cfg, const flex_forward_args *a) {
+    const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v, *o = &a->out;
+    const int64_t B = q->sizes[0], Hq = q->sizes[1], Lq = q->sizes[2], D = q->sizes[3];
+    const int64_t Lkv = k->sizes[2], Dv = v->sizes[3];
+    memset(cfg, 0, sizeof *cfg);
+    cfg->dtype = q->dtype;
+    cfg->dq = flex_gpu_pad64(D);
+    cfg->dv = flex_gpu_pad64(Dv);
+    cfg->dv_exact = flex_gpu_pad64(Dv) == Dv;
+    cfg->scale_positive = a->scale > 0.0f;
+    /* Kernels evaluate the mods up to a tile past the end too (and discard
+     * those scores): 256 of margin keeps them in the bounds. */
+    cfg->short_indices = flex_gpu_short_indices(B, Hq, Lq, Lkv, 256);
+    if (q->dtype == FLEX_F32) {
+        cfg->warps = 4;
+        cfg->mt = 1;
+    } else {
+        const flex_tensor *rows[4] = {q, k, v, o};
+        cfg->vec = flex_gpu_rows_vec(D, Dv, rows, 4);
+    }
+}
+
+static uint64_t mod_hash(const struct flex_mod *mod) {
+    return mod ? mod->hash : 0;
+}
+
+void flex_gpu_fwd_key(char *key, size_t cap, const flex_gpu_state *st,
+                      const flex_cuda_fwd_config *cfg, int sm90, const struct flex_mod *mask_mod,
+                      const struct flex_mod *score_mod, const unsigned char *mask_in_range,
+                      const unsigned char *score_in_range) {
+    /* The key names every field of the configuration: a new field that
+     * changes the source belongs in it too, or two kernels share a key. */
+    _Static_assert(sizeof(flex_cuda_fwd_config) == 14 * sizeof(int),
+                   "flex_cuda_fwd_config changed: update the forward kernel key");
+    char sm90_fields[64] = "";
+    if (sm90)
+        snprintf(sm90_fields, sizeof sm90_fields, "wg%d|tma%d|ch%d|", cfg->wgmma, cfg->tma,
+                 cfg->chain);
+    snprintf(key, cap,
+             "fwd|%s|dq%d|dv%d|dx%d|w%d|mt%d|n%d|vec%d|%smb%d|short%d|sp%d|mask=%016llx|"
+             "score=%016llx|inr=%016llx.%016llx|%s|%s",
+             flex_dtype_name(cfg->dtype), cfg->dq, cfg->dv, cfg->dv_exact, cfg->warps, cfg->mt,
+             cfg->block_n, cfg->vec, sm90_fields, cfg->mask_bits, cfg->short_indices,
+             cfg->scale_positive, (unsigned long long)mod_hash(mask_mod),
+             (unsigned long long)mod_hash(score_mod),
+             (unsigned long long)flex_gpu_in_range_checksum(mask_in_range,
+                                                            mask_mod ? &mask_mod->ir : NULL),
+             (unsigned long long)flex_gpu_in_range_checksum(score_in_range,
+                                                            score_mod ? &score_mod->ir : NULL),
+             st->arch, st->compiler);
+}
+
+typedef struct fwd_source_args {
+    flex_gpu_fwd_source_fn source;
+    const flex_cuda_fwd_config *cfg;
+    const ir_mod *mask, *score;
+    const unsigned char *mask_in_range, *score_in_range;
+} fwd_source_args;
+
+static char *build_fwd_source(const void *args) {
+    const fwd_source_args *a = args;
+    return a->source(a->cfg, a->mask, a->score, a->mask_in_range, a->score_in_range);
+}
+
+flex_status flex_gpu_fwd_function(flex_context *ctx, flex_gpu_state *st, const char *key,
+                                  flex_gpu_fwd_source_fn source, const flex_cuda_fwd_config *cfg,
+                                  const struct flex_mod *mask_mod,
+                                  const struct flex_mod *score_mod,
+                                  const unsigned char *mask_in_range,
+                                  const unsigned char *score_in_range, void **fn) {
+    const fwd_source_args args = {source,
+                                  cfg,
+                                  mask_mod ? &mask_mod->ir : NULL,
+                                  score_mod ? &score_mod->ir : NULL,
+                                  mask_in_range,
+                                  score_in_range};
+    return flex_gpu_get_function(ctx, st, key, build_fwd_source, &args, "flex_forward_kernel", fn);
+}
+
 int flex_gpu_decode_splits(int sm_count, int64_t units, int64_t longest_kv, int hint) {
     int64_t steps = (longest_kv + 63) / 64;
     if (steps < 1) steps = 1;
@@ -516,6 +843,43 @@ size_t flex_gpu_bwd_smem(const flex_cuda_bwd_config *cfg) {
     /* the sm_90a kernel rounds its base up to 1024 bytes (wgmma's swizzle) */
     return 2 * (bn * dims + stages * bm * dims + bn * ds_cols) + 8 * stages * bm +
            (cfg->wgmma ? 1024 : 0);
+}
+
+void flex_gpu_bwd_config(flex_cuda_bwd_config *cfg, const flex_backward_args *a) {
+    const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v, *dout = &a->dout;
+    const int64_t B = q->sizes[0], Hq = q->sizes[1], Lq = q->sizes[2], D = q->sizes[3];
+    const int64_t Lkv = k->sizes[2], Dv = v->sizes[3];
+    memset(cfg, 0, sizeof *cfg);
+    cfg->dtype = q->dtype;
+    cfg->dq = flex_gpu_pad64(D);
+    cfg->dv = flex_gpu_pad64(Dv);
+    cfg->warps = 4;
+    cfg->block_m = 16;
+    /* the kernels pass the mods indices clamped into the sequences */
+    cfg->short_indices = flex_gpu_short_indices(B, Hq, Lq, Lkv, 0);
+    cfg->grad_slots = a->num_buffer_grads;
+    if (q->dtype != FLEX_F32) {
+        const flex_tensor *rows[4] = {q, k, v, dout};
+        cfg->vec = flex_gpu_rows_vec(D, Dv, rows, 4);
+    }
+}
+
+void flex_gpu_bwd_tiles(flex_cuda_bwd_config *cfg, int q_block, int kv_block, int wide_block_m) {
+    const int widest = cfg->dq > cfg->dv ? cfg->dq : cfg->dv;
+    const int want_m = widest <= 64 ? 64 : widest <= 128 ? 32 : wide_block_m;
+    const int block_n = widest <= 128 && kv_block % 128 == 0 ? 128 : kv_block < 64 ? kv_block : 64;
+    cfg->warps = block_n / 16;
+    cfg->block_m = q_block < want_m ? q_block : want_m;
+}
+
+void flex_gpu_bwd_fit(flex_cuda_bwd_config *cfg, size_t smem_limit, int shrink_block_m) {
+    while (flex_gpu_bwd_smem(cfg) > smem_limit && cfg->warps > 4)
+        cfg->warps /= 2;
+    if (flex_gpu_bwd_smem(cfg) > smem_limit) cfg->pipeline = 0;
+    while (shrink_block_m && flex_gpu_bwd_smem(cfg) > smem_limit && cfg->block_m > 16)
+        cfg->block_m /= 2;
+    while (flex_gpu_bwd_smem(cfg) > smem_limit && cfg->warps > 1)
+        cfg->warps /= 2;
 }
 
 flex_status flex_gpu_bwd_score_prepare(flex_context *ctx, const flex_gpu_state *st,
@@ -660,6 +1024,146 @@ size_t flex_gpu_bwd_blob(unsigned char *blob, const flex_backward_args *a,
     memcpy(blob + at, &p, sizeof p);
     at += sizeof p;
     return flex_gpu_append_buffers(blob, at, descs, slots, flag);
+}
+
+flex_status flex_gpu_bwd_mods_prepare(flex_context *ctx, const flex_gpu_state *st,
+                                      const flex_backward_args *a,
+                                      const struct flex_mod *mask_mod, flex_gpu_bwd_mods *m) {
+    flex_status s = flex_gpu_bwd_score_prepare(ctx, st, a, &m->derived, &m->derived_made, &m->der,
+                                               m->loads, &m->num_loads, m->grad_descs);
+    if (s) return s;
+    m->mask_mod = mask_mod;
+    m->mask_ir = mask_mod ? &mask_mod->ir : NULL;
+    m->score_ir = m->derived_made ? &m->derived : NULL;
+    m->score_used = m->derived_made ? a->score_mod : NULL;
+    s = flex_gpu_mod_slots(ctx, m->mask_ir, m->score_ir, &m->slots);
+    if (s) flex_gpu_bwd_mods_free(m);
+    return s;
+}
+
+void flex_gpu_bwd_mods_free(flex_gpu_bwd_mods *m) {
+    if (m->derived_made) ir_free(&m->derived);
+    m->derived_made = 0;
+    m->score_ir = NULL;
+}
+
+void flex_gpu_bwd_key(char *key, size_t cap, const flex_gpu_state *st,
+                      const flex_cuda_bwd_config *cfg, const flex_gpu_bwd_mods *m,
+                      const unsigned char *mask_in_range, const unsigned char *score_in_range) {
+    _Static_assert(sizeof(flex_cuda_bwd_config) == 15 * sizeof(int),
+                   "flex_cuda_bwd_config changed: update the backward kernel key");
+    snprintf(key, cap,
+             "bwd|%s|dq%d|dv%d|w%d|bm%d|vec%d|short%d|gs%d|pipe%d|exp2%d|red%d|kvf%d|wg%d|dqw%d|"
+             "dqn%d|mask=%016llx|score=%016llx|loads=%016llx|inr=%016llx.%016llx|%s|%s",
+             flex_dtype_name(cfg->dtype), cfg->dq, cfg->dv, cfg->warps, cfg->block_m, cfg->vec,
+             cfg->short_indices, cfg->grad_slots, cfg->pipeline, cfg->exp2, cfg->dq_red,
+             cfg->kv_fastest, cfg->wgmma, cfg->dq_warps, cfg->dq_block_n,
+             (unsigned long long)mod_hash(m->mask_mod), (unsigned long long)mod_hash(m->score_used),
+             (unsigned long long)(m->num_loads ? flex_cache_checksum(m->loads,
+                                                                    (size_t)m->num_loads *
+                                                                        sizeof m->loads[0])
+                                               : 0),
+             (unsigned long long)flex_gpu_in_range_checksum(mask_in_range, m->mask_ir),
+             (unsigned long long)(m->score_ir ? flex_gpu_in_range_checksum(score_in_range,
+                                                                           m->score_ir)
+                                              : 0),
+             st->arch, st->compiler);
+}
+
+typedef struct bwd_source_args {
+    flex_gpu_bwd_source_fn source;
+    const flex_cuda_bwd_config *cfg;
+    const ir_mod *mask;
+    const unsigned char *mask_in_range;
+    const flex_cuda_bwd_score *score;
+} bwd_source_args;
+
+static char *build_bwd_source(const void *args) {
+    const bwd_source_args *a = args;
+    return a->source(a->cfg, a->mask, a->mask_in_range, a->score);
+}
+
+flex_status flex_gpu_bwd_kernels_get(flex_context *ctx, flex_gpu_state *st,
+                                     const flex_backward_args *a, const flex_cuda_bwd_config *cfg,
+                                     const flex_gpu_bwd_mods *m, flex_gpu_bwd_source_fn source,
+                                     flex_gpu_bwd_kernels *k) {
+    const int64_t B = a->q.sizes[0], Hq = a->q.sizes[1], Lq = a->q.sizes[2];
+    const int64_t Lkv = a->k.sizes[2];
+    memset(k, 0, sizeof *k);
+    /* The kernels clamp the indices they pass to the mods into the
+     * sequences, so the proofs need no margin. */
+    unsigned char *mask_in_range = flex_gpu_reads_in_range(ctx, m->mask_mod, B, Hq, Lq, Lkv, 0);
+    unsigned char *score_in_range =
+        m->score_ir
+            ? flex_gpu_ir_reads_in_range(ctx, a->score_mod, m->score_ir, B, Hq, Lq, Lkv, 0)
+            : NULL;
+    const flex_cuda_bwd_score score = {m->score_ir, m->der.value, m->der.dscore,
+                                       m->loads,    m->num_loads, score_in_range};
+    char key[512];
+    flex_gpu_bwd_key(key, sizeof key, st, cfg, m, mask_in_range, score_in_range);
+    const bwd_source_args args = {source, cfg, m->mask_ir, mask_in_range, &score};
+    flex_status s =
+        flex_gpu_get_function(ctx, st, key, build_bwd_source, &args, "flex_bwd_kernel", &k->main);
+    free(mask_in_range);
+    free(score_in_range);
+    if (!s) s = flex_gpu_module_function(ctx, st, key, "flex_bwd_preprocess", &k->pre);
+    if (!s && a->dq && !cfg->dq_warps)
+        s = flex_gpu_module_function(ctx, st, key, "flex_bwd_dq_store", &k->store);
+    if (!s && cfg->dq_warps)
+        s = flex_gpu_module_function(ctx, st, key, "flex_bwd_dq_kernel", &k->dq);
+    return s;
+}
+
+void flex_gpu_bwd_workspace(const flex_backward_args *a, const flex_cuda_bwd_config *cfg,
+                            size_t *delta_bytes, size_t *dq_bytes) {
+    const int64_t B = a->q.sizes[0], Hq = a->q.sizes[1], Lq = a->q.sizes[2], D = a->q.sizes[3];
+    *delta_bytes = ((size_t)(B * Hq * Lq) * sizeof(float) + 255) & ~(size_t)255;
+    *dq_bytes = a->dq && !cfg->dq_warps ? (size_t)(B * Hq * Lq * D) * sizeof(float) : 0;
+}
+
+flex_status flex_gpu_bwd_launch(flex_context *ctx, flex_gpu_state *st,
+                                const flex_backward_args *a, const flex_cuda_bwd_config *cfg,
+                                const flex_gpu_bwd_mods *m, const flex_gpu_mask_copy *mc,
+                                const flex_gpu_bwd_kernels *k, const flex_gpu_buffer_desc *descs,
+                                flex_gpu_ptr ws, size_t smem, size_t smem_dq, void *stream) {
+    const struct flex_block_mask *mask = a->block_mask;
+    const int q_block = mask ? mask->q_block : 128, kv_block = mask ? mask->kv_block : 128;
+    const int64_t B = a->q.sizes[0], Hq = a->q.sizes[1], Lq = a->q.sizes[2];
+    const int64_t Hkv = a->k.sizes[1], Lkv = a->k.sizes[2];
+    const int f32 = a->q.dtype == FLEX_F32;
+    size_t delta_bytes, dq_bytes;
+    flex_gpu_bwd_workspace(a, cfg, &delta_bytes, &dq_bytes);
+    unsigned char blob[FLEX_GPU_BWD_BLOB_BYTES];
+    /* dQ accumulator 0: the main kernel leaves dQ alone */
+    const size_t size = flex_gpu_bwd_blob(blob, a, mask, mc, q_block, kv_block, ws,
+                                          dq_bytes ? ws + delta_bytes : 0, m->grad_descs,
+                                          cfg->grad_slots, descs, m->slots, st->bounds_flag);
+    const unsigned rows_y = (unsigned)((Lq + 3) / 4);
+    flex_status s =
+        st->ops->launch(ctx, st, k->pre, (unsigned)(B * Hq), rows_y, 128, 0, stream, blob, size);
+    if (!s) {
+        const int64_t per_cta = f32 ? 4 : (int64_t)cfg->warps * 16;
+        const unsigned heads = (unsigned)(B * Hkv);
+        const unsigned tiles = (unsigned)((Lkv + per_cta - 1) / per_cta);
+        s = st->ops->launch(ctx, st, k->main, cfg->kv_fastest ? tiles : heads,
+                            cfg->kv_fastest ? heads : tiles,
+                            f32 ? 128u : (unsigned)cfg->warps * 32, (unsigned)smem, stream, blob,
+                            size);
+    }
+    if (!s && k->store)
+        s = st->ops->launch(ctx, st, k->store, (unsigned)(B * Hq), rows_y, 128, 0, stream, blob,
+                            size);
+    if (!s && k->dq) {
+        const int64_t rows = f32 ? 4 : (int64_t)cfg->dq_warps * 16;
+        s = st->ops->launch(ctx, st, k->dq, (unsigned)(B * Hq), (unsigned)((Lq + rows - 1) / rows),
+                            (unsigned)cfg->dq_warps * 32, (unsigned)smem_dq, stream, blob, size);
+    }
+    if (!s && m->slots > 0) {
+        atomic_store(&st->bounds_pending, 1);
+        /* a graph's replays launch the kernels with no call here */
+        if (st->capturing) atomic_store(&st->bounds_in_graph, 1);
+    }
+    return s;
 }
 
 /* ---- per-call work space ---- */

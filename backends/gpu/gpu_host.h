@@ -2,8 +2,12 @@
  * The host layer the GPU backends share (CUDA, HIP): the loaded-module list
  * in front of the kernel cache and the run-time compiler, device mirrors of
  * host-resident mod buffers, the upload of block masks, the buffer-bounds
- * flag, the proofs that let buffer reads go unchecked, and the parameter
- * block of the forward kernels (flex_common.cuh).
+ * flag, the proofs that let buffer reads go unchecked, the backend table's
+ * memory, synchronize and mask-block slots, and the launch policy both
+ * vendors follow: kernel keys, the forward's checks, configuration and
+ * parameter block (flex_common.cuh), the backward's configuration, tiles,
+ * score mod, parameter block and launches. What differs per vendor comes
+ * in as a parameter or through the ops table.
  *
  * A backend owns a flex_gpu_state (the first member of its own state) and
  * a flex_gpu_ops table of its vendor's entry points; this layer calls the
@@ -28,9 +32,12 @@
 #include "cache.h"
 #include "mod/derive.h"
 #include "mod/emit.h"
+#include "../cuda/cuda_compile.h" /* the kernels' configurations, which both vendors build */
 
 /* A device address, whatever the vendor calls it. */
 typedef uint64_t flex_gpu_ptr;
+
+struct flex_gpu_state;
 
 /* The vendor's entry points. Every int-returning slot returns the vendor's
  * result (0: success). `api` is flex_gpu_state.api, the vendor's loaded
@@ -60,6 +67,19 @@ typedef struct flex_gpu_ops {
     flex_status (*compile)(flex_context *ctx, const void *api, const char *source,
                            const char *program_name, const char *arch, void **image,
                            size_t *size);
+    /* Waits for the device's work (the context current). */
+    int (*synchronize)(const void *api);
+    const char *synchronize_name;
+    int out_of_memory; /* the result mem_alloc gives when the device is full */
+    /* Launches fn with blob (size bytes) as its parameter block on stream;
+     * the vendor turns its failure into ctx's error (the launch is where
+     * the vendors' calls and what they can say about a failure differ). */
+    flex_status (*launch)(flex_context *ctx, struct flex_gpu_state *st, void *fn, unsigned gx,
+                          unsigned gy, unsigned threads, unsigned smem, void *stream, void *blob,
+                          size_t size);
+    /* The mask-block evaluator's source (flex_mask_blocks.cuh) for a mask
+     * mod (malloc'd; NULL: out of memory). */
+    char *(*mask_blocks_source)(const ir_mod *mask);
 } flex_gpu_ops;
 
 /* A loaded module: key names what its source is made of. */
@@ -95,6 +115,7 @@ typedef struct flex_gpu_state {
     flex_cache *cache; /* the vendor's process-wide kernel cache */
     flex_device_type device_type; /* where tensors on this GPU say they are */
     char arch[32];
+    char compiler[32]; /* "nvrtc12.4", "hiprtc6.2": the kernel keys name it */
     /* Two u32 words: bit i of the first = buffer slot i was read out of
      * range; the second is the decode word (flex_gpu_decode_flag). */
     flex_gpu_ptr bounds_flag;
@@ -130,6 +151,26 @@ flex_status flex_gpu_alloc_bounds_flag(flex_context *ctx, flex_gpu_state *st);
 /* Unloads the modules, frees the buffer copies and the bounds flag (with the
  * context current), then destroys the lock. */
 void flex_gpu_release(flex_gpu_state *st);
+
+/* The backend table's memory slots and synchronize (core/backend.h), the
+ * same for every vendor: the state is the flex_gpu_state at the start of
+ * ctx->backend_state, and each makes the context current for the call.
+ * mem_alloc turns the vendor's out-of-memory result into
+ * FLEX_ERR_OUT_OF_MEMORY; mem_free ignores failures (it has no way to
+ * report them). synchronize reads the bounds flag when a kernel that reads
+ * mod buffers ran since the last one (or went into a graph). */
+flex_status flex_gpu_mem_alloc(flex_context *ctx, size_t bytes, void **ptr);
+void flex_gpu_mem_free(flex_context *ctx, void *ptr);
+flex_status flex_gpu_upload(flex_context *ctx, void *dst, const void *src, size_t bytes);
+flex_status flex_gpu_download(flex_context *ctx, void *dst, const void *src, size_t bytes);
+flex_status flex_gpu_memset(flex_context *ctx, void *dst, int value, size_t bytes);
+flex_status flex_gpu_synchronize(flex_context *ctx);
+/* The backend table's slots (core/backend.h) that every GPU backend fills
+ * with the shared layer's functions. */
+#define FLEX_GPU_BACKEND_SLOTS                                                                     \
+    .mem_alloc = flex_gpu_mem_alloc, .mem_free = flex_gpu_mem_free, .upload = flex_gpu_upload,     \
+    .download = flex_gpu_download, .mem_set = flex_gpu_memset,                                     \
+    .mask_blocks = flex_gpu_mask_blocks, .synchronize = flex_gpu_synchronize
 
 /* Reads and clears the bounds flag; a set bit becomes FLEX_ERR_BUFFER_BOUNDS,
  * naming the buffer or, for the decode word, the decode argument. */
@@ -208,6 +249,22 @@ flex_status flex_gpu_mask_device_copy(flex_context *ctx, flex_gpu_state *st,
                                       const struct flex_block_mask *mask,
                                       flex_gpu_mask_copy **out);
 
+/* What a launch reads of a call's mods: the mask's lists (mask NULL: none;
+ * *mc is left NULL) and descs (FLEX_EMIT_MAX_SLOTS entries) with the mask
+ * mod's buffers from slot 0 and the score mod's after them (either mod may
+ * be NULL). Under st->lock with the context current. */
+flex_status flex_gpu_bind_mods(flex_context *ctx, flex_gpu_state *st,
+                               const struct flex_block_mask *mask,
+                               const struct flex_mod *mask_mod, const struct flex_mod *score_mod,
+                               flex_gpu_mask_copy **mc, flex_gpu_buffer_desc *descs);
+
+/* The backend table's mask_blocks slot: the exact class of each of count
+ * blocks that interval analysis left undecided, by the mask-block kernel
+ * (ops->mask_blocks_source). Takes the lock and the context itself. */
+flex_status flex_gpu_mask_blocks(flex_context *ctx, const struct flex_mod *mask_mod,
+                                 int64_t q_len, int64_t kv_len, int q_block, int kv_block,
+                                 const flex_block_ref *blocks, int64_t count, uint8_t *classes);
+
 /* ---- launch policy the kernels share ---- */
 
 /* The kernel settings FLEXATTN_DEBUG can force for comparison or testing
@@ -240,6 +297,42 @@ int flex_gpu_ir_reads_buffer(const ir_mod *m, int buffer);
 int flex_gpu_pad64(int64_t d);
 int flex_gpu_aligned16(const void *p);
 
+/* The checks every forward makes first: head dims up to 256 and the last
+ * dimension of q, k, v and out contiguous (FLEX_ERR_UNSUPPORTED,
+ * FLEX_ERR_SHAPE, naming the vendor's backend). */
+flex_status flex_gpu_fwd_check(flex_context *ctx, const flex_gpu_state *st,
+                               const flex_forward_args *a);
+/* A backward's launch limits: grid y of the preprocess and dQ store
+ * ((L + 3) / 4 rows of 4) within 65535, batch x heads within an int
+ * (FLEX_ERR_UNSUPPORTED). */
+flex_status flex_gpu_bwd_check_lengths(flex_context *ctx, const flex_backward_args *a);
+
+/* The mask mod a call's kernels evaluate: the block mask's, or NULL where
+ * it has no partial blocks (so such calls share the kernels of the dense
+ * case) or there is no mask. A mask with partial blocks and no mod is
+ * FLEX_ERR_INVALID_ARGUMENT. */
+flex_status flex_gpu_mask_mod(flex_context *ctx, const struct flex_block_mask *mask,
+                              const struct flex_mod **mask_mod);
+/* The buffer slots the two mods take together (flex_emit_num_slots); more
+ * than FLEX_EMIT_MAX_SLOTS is FLEX_ERR_UNSUPPORTED. */
+flex_status flex_gpu_mod_slots(flex_context *ctx, const ir_mod *mask, const ir_mod *score,
+                               int *slots);
+/* Whether the kernels may copy rows of the n tensors t with 16-byte
+ * cp.async: head dims multiples of 8 elements (16-bit), data 16-byte
+ * aligned, and the batch, head and sequence strides multiples of 8. */
+int flex_gpu_rows_vec(int64_t D, int64_t Dv, const flex_tensor *const *t, int n);
+/* Whether the mods may take 16-bit indices: B and H, and the lengths plus
+ * the margin the kernels evaluate the mods past them, within the
+ * FLEX_EMIT_SHORT_* bounds. */
+int flex_gpu_short_indices(int64_t B, int64_t H, int64_t Lq, int64_t Lkv, int64_t margin);
+/* One 16-row m-tile per warp, as many warps as the mask's q block holds
+ * (max_warps at most), and kv steps no longer than its kv block: 64 keys,
+ * 32 for head dims above 128 (wide), so S and the accumulators stay in
+ * registers. The forward's tiles where no wider kernel applies, and the
+ * deterministic dQ kernel's. Pure. */
+void flex_gpu_row_tiles(int q_block, int kv_block, int wide, int max_warps, int *warps,
+                        int *block_n);
+
 /* The decode kernels' split count (flex_decode.cuh): the caller's hint when
  * given (at most one piece per 64-key step of the longest kv length);
  * otherwise enough pieces that `units` CTAs per piece (batch x kv head x
@@ -268,16 +361,77 @@ void flex_gpu_fwd_params_fill(flex_gpu_fwd_params *p, const flex_forward_args *a
                               const struct flex_block_mask *mask, const flex_gpu_mask_copy *mc,
                               int q_block, int kv_block, int block_m, int head_group);
 
-/* ---- backward ---- */
+/* The most bytes flex_gpu_fwd_blob writes. */
+#define FLEX_GPU_FWD_BLOB_BYTES                                                                    \
+    (sizeof(flex_gpu_fwd_params) + (FLEX_EMIT_MAX_SLOTS + 2) * sizeof(flex_gpu_buffer_desc))
+/* The forward kernel's parameter block: *p (flex_gpu_fwd_params_fill's
+ * arguments) followed by the mods' buffers and the bounds flag, in blob;
+ * returns its size. Pure. */
+size_t flex_gpu_fwd_blob(unsigned char *blob, flex_gpu_fwd_params *p, const flex_forward_args *a,
+                         const struct flex_block_mask *mask, const flex_gpu_mask_copy *mc,
+                         int q_block, int kv_block, int block_m, int head_group,
+                         const flex_gpu_buffer_desc *descs, int slots, flex_gpu_ptr flag);
 
-struct flex_cuda_grad_load; /* backends/cuda/cuda_compile.h: the kernels' gradient reads */
-struct flex_cuda_bwd_config; /* backends/cuda/cuda_compile.h: a backward kernel's choices */
+/* The forward configuration both vendors start from: dtype, padded head
+ * dims, the scale's sign, 16-bit indices (the kernels evaluate the mods up
+ * to a tile past the ends), and for f32 the FMA kernel's 4 warps; for
+ * 16-bit inputs whether rows take cp.async. Tiles and variants are the
+ * vendor's. Pure. */
+void flex_gpu_fwd_config(flex_cuda_fwd_config *cfg, const flex_forward_args *a);
+
+/* A forward kernel's key (flex_gpu_get_function): every field of cfg, the
+ * mods' hashes and in-range proofs, the arch and the compiler. sm90 says
+ * whether the vendor has the sm_90a kernel's fields (wgmma, tma, chain) in
+ * its keys. */
+void flex_gpu_fwd_key(char *key, size_t cap, const flex_gpu_state *st,
+                      const flex_cuda_fwd_config *cfg, int sm90, const struct flex_mod *mask_mod,
+                      const struct flex_mod *score_mod, const unsigned char *mask_in_range,
+                      const unsigned char *score_in_range);
+
+/* The source of a forward kernel (flex_cuda_forward_source_in_range,
+ * flex_hip_forward_source). */
+typedef char *(*flex_gpu_fwd_source_fn)(const flex_cuda_fwd_config *cfg, const ir_mod *mask,
+                                        const ir_mod *score, const unsigned char *mask_in_range,
+                                        const unsigned char *score_in_range);
+/* flex_gpu_get_function for the forward kernel of cfg and the mods, the
+ * source from `source`. */
+flex_status flex_gpu_fwd_function(flex_context *ctx, flex_gpu_state *st, const char *key,
+                                  flex_gpu_fwd_source_fn source, const flex_cuda_fwd_config *cfg,
+                                  const struct flex_mod *mask_mod,
+                                  const struct flex_mod *score_mod,
+                                  const unsigned char *mask_in_range,
+                                  const unsigned char *score_in_range, void **fn);
+
+/* ---- backward ---- */
 
 /* Shared memory (LDS on AMD) of the f16/bf16 backward kernel for cfg: the
  * sum of the FLEX_BWD_S* regions of flex_backward.cuh (K and V of the kv
  * tile, the Q and dO stages, dS with at least 64 query columns, lse and
  * delta of the stages). Pure. */
-size_t flex_gpu_bwd_smem(const struct flex_cuda_bwd_config *cfg);
+size_t flex_gpu_bwd_smem(const flex_cuda_bwd_config *cfg);
+
+/* The backward configuration both vendors start from: dtype, padded head
+ * dims, 16-bit indices (the kernels clamp the indices they pass the mods),
+ * the gradient slots, the f32 kernel's 4 warps of 16-row steps, and for
+ * 16-bit inputs whether rows take cp.async. Tiles and variants are the
+ * vendor's (flex_gpu_bwd_tiles, flex_gpu_bwd_fit). Pure. */
+void flex_gpu_bwd_config(flex_cuda_bwd_config *cfg, const flex_backward_args *a);
+
+/* The f16/bf16 backward's tiles before shared memory is counted: 16 kv
+ * rows a warp, 128 a CTA (8 warps) for head dims up to 128 where the mask's
+ * kv block is a multiple of 128 (half the atomic adds per dQ element and
+ * half the reads of Q and dO per kv row), otherwise up to 64 and no more
+ * than the kv block; query steps no longer than the mask's q block and
+ * short enough that Sᵀ and dPᵀ fit beside the dK and dV accumulators: 64
+ * rows for head dims up to 64, 32 up to 128, wide_block_m above (CUDA 16;
+ * HIP 32, an even number of 16-row dQ tiles, which MFMA needs). Pure. */
+void flex_gpu_bwd_tiles(flex_cuda_bwd_config *cfg, int q_block, int kv_block, int wide_block_m);
+/* Shrinks cfg until flex_gpu_bwd_smem fits smem_limit: the kv tile halved
+ * down to 64 rows, then the Q/dO pipeline dropped, then (shrink_block_m)
+ * the query step halved down to 16 rows, then the kv tile halved further.
+ * The mask's blocks are powers of two from 16, so each halving still
+ * divides them. What stays too large is the caller's error. Pure. */
+void flex_gpu_bwd_fit(flex_cuda_bwd_config *cfg, size_t smem_limit, int shrink_block_m);
 
 /*
  * The score mod of a backward call, for the kernels (flex_backward.cuh):
@@ -298,6 +452,38 @@ flex_status flex_gpu_bwd_score_prepare(flex_context *ctx, const flex_gpu_state *
                                        struct flex_cuda_grad_load *loads, int *num_loads,
                                        flex_gpu_buffer_desc *grad_descs);
 
+/* The mods of a backward call as its kernels see them. */
+typedef struct flex_gpu_bwd_mods {
+    const struct flex_mod *mask_mod;   /* NULL: no mask mod evaluated */
+    const struct flex_mod *score_used; /* NULL: the identity (no derivative) */
+    const ir_mod *mask_ir, *score_ir;  /* score_ir: &derived */
+    ir_mod derived;
+    int derived_made;
+    mod_derivative der;
+    flex_cuda_grad_load loads[MOD_DERIVE_MAX_LOADS];
+    int num_loads;
+    flex_gpu_buffer_desc grad_descs[IR_MAX_BUFFERS];
+    int slots; /* buffer slots of both mods */
+} flex_gpu_bwd_mods;
+
+/* flex_gpu_bwd_score_prepare into m, then the slot count's check
+ * (flex_gpu_mod_slots). On failure nothing is left to free; on success the
+ * caller calls flex_gpu_bwd_mods_free (which may be called again). */
+flex_status flex_gpu_bwd_mods_prepare(flex_context *ctx, const flex_gpu_state *st,
+                                      const flex_backward_args *a,
+                                      const struct flex_mod *mask_mod, flex_gpu_bwd_mods *m);
+void flex_gpu_bwd_mods_free(flex_gpu_bwd_mods *m);
+
+/* The source of the backward kernels (flex_cuda_backward_source,
+ * flex_hip_backward_source). */
+typedef char *(*flex_gpu_bwd_source_fn)(const flex_cuda_bwd_config *cfg, const ir_mod *mask,
+                                        const unsigned char *mask_in_range,
+                                        const flex_cuda_bwd_score *score);
+/* A backward module's key: every field of cfg, the mods' hashes, the
+ * gradient reads, the in-range proofs, the arch and the compiler. */
+void flex_gpu_bwd_key(char *key, size_t cap, const flex_gpu_state *st,
+                      const flex_cuda_bwd_config *cfg, const flex_gpu_bwd_mods *m,
+                      const unsigned char *mask_in_range, const unsigned char *score_in_range);
 /* Mirrors the head of struct flex_bwd_params of flex_backward.cuh; the
  * gradient tensors' descriptors, the forward's block (flex_gpu_fwd_params)
  * and the mods' buffers follow it. */
@@ -326,5 +512,41 @@ size_t flex_gpu_bwd_blob(unsigned char *blob, const flex_backward_args *a,
                          int q_block, int kv_block, flex_gpu_ptr delta, flex_gpu_ptr dq_acc,
                          const flex_gpu_buffer_desc *grad_descs, int grad_slots,
                          const flex_gpu_buffer_desc *descs, int slots, flex_gpu_ptr flag);
+
+/* The kernels of a backward module. */
+typedef struct flex_gpu_bwd_kernels {
+    void *pre;   /* flex_bwd_preprocess: delta, the dQ accumulator cleared */
+    void *main;  /* flex_bwd_kernel */
+    void *store; /* flex_bwd_dq_store: dQ from the accumulator (dq wanted, no dQ kernel) */
+    void *dq;    /* flex_bwd_dq_kernel: the deterministic dQ (cfg->dq_warps > 0) */
+} flex_gpu_bwd_kernels;
+
+/* The backward's kernels for cfg and m, the module found or built from
+ * `source`. The in-range proofs are made over the sequences (the kernels
+ * clamp the indices they pass the mods). Under st->lock with the context
+ * current. */
+flex_status flex_gpu_bwd_kernels_get(flex_context *ctx, flex_gpu_state *st,
+                                     const flex_backward_args *a, const flex_cuda_bwd_config *cfg,
+                                     const flex_gpu_bwd_mods *m, flex_gpu_bwd_source_fn source,
+                                     flex_gpu_bwd_kernels *k);
+
+/* The backward's workspace: delta rows (rounded up to 256 bytes, so the
+ * dQ accumulator after them suits 16-byte vector reductions), then, when
+ * the main kernel adds dQ (dq wanted and no dQ kernel), its fp32
+ * accumulator. */
+void flex_gpu_bwd_workspace(const flex_backward_args *a, const flex_cuda_bwd_config *cfg,
+                            size_t *delta_bytes, size_t *dq_bytes);
+
+/* The backward's launches on stream, through st's ops, with one parameter
+ * block (flex_gpu_bwd_blob over the workspace at ws, laid out as
+ * flex_gpu_bwd_workspace says): preprocess, the main kernel per (batch x
+ * kv head, kv tile) in the grid order cfg->kv_fastest says (smem bytes of
+ * shared memory), then the dQ store or the dQ kernel (smem_dq) where k has
+ * them. Marks the bounds flag pending when the mods read buffers. */
+flex_status flex_gpu_bwd_launch(flex_context *ctx, flex_gpu_state *st,
+                                const flex_backward_args *a, const flex_cuda_bwd_config *cfg,
+                                const flex_gpu_bwd_mods *m, const flex_gpu_mask_copy *mc,
+                                const flex_gpu_bwd_kernels *k, const flex_gpu_buffer_desc *descs,
+                                flex_gpu_ptr ws, size_t smem, size_t smem_dq, void *stream);
 
 #endif /* FLEXATTN_GPU_HOST_H */

@@ -2,7 +2,8 @@
  * The HIP backend for AMD GPUs: the backend table, device memory, and the
  * launches of the forward, backward and mask-block kernels. Kernels come from the
  * same templates as CUDA's (hip_compile.h); the module list, kernel cache,
- * buffer mirrors, block-mask uploads and bounds flag are the GPU host layer
+ * buffer mirrors, block-mask uploads, bounds flag, memory slots, kernel
+ * keys and the backward's launches are the GPU host layer
  * (backends/gpu/gpu_host.h), which reaches the HIP runtime through this
  * file's flex_gpu_ops table. The runtime and hiprtc are loaded with dlopen
  * (hip_loader.c).
@@ -95,6 +96,23 @@ static flex_status ops_compile(flex_context *ctx, const void *api, const char *s
                                size_t *size) {
     return flex_hip_compile(ctx, hip_api(api), source, program_name, arch, image, size);
 }
+static int ops_synchronize(const void *api) {
+    return hip_api(api)->hipDeviceSynchronize();
+}
+/* Launches fn with blob (size bytes) as its parameter block. */
+static flex_status ops_launch(flex_context *ctx, flex_gpu_state *gpu, void *fn, unsigned gx,
+                              unsigned gy, unsigned threads, unsigned smem, void *stream,
+                              void *blob, size_t size) {
+    void *extra[] = {(void *)(uintptr_t)FLEX_HIP_LAUNCH_PARAM_BUFFER_POINTER, blob,
+                     (void *)(uintptr_t)FLEX_HIP_LAUNCH_PARAM_BUFFER_SIZE, &size,
+                     (void *)(uintptr_t)FLEX_HIP_LAUNCH_PARAM_END};
+    return flex_gpu_check(ctx, gpu,
+                          hip_api(gpu->api)->hipModuleLaunchKernel((hipFunction_t)fn, gx, gy, 1,
+                                                                   threads, 1, 1, smem,
+                                                                   (hipStream_t)stream, NULL,
+                                                                   extra),
+                          "hipModuleLaunchKernel");
+}
 
 static const flex_gpu_ops hip_gpu_ops = {
     .vendor = "HIP",
@@ -117,6 +135,11 @@ static const flex_gpu_ops hip_gpu_ops = {
     .module_load_name = "hipModuleLoadData",
     .module_function_name = "hipModuleGetFunction",
     .compile = ops_compile,
+    .synchronize = ops_synchronize,
+    .synchronize_name = "hipDeviceSynchronize",
+    .out_of_memory = FLEX_HIP_ERROR_OUT_OF_MEMORY,
+    .launch = ops_launch,
+    .mask_blocks_source = flex_hip_mask_blocks_source,
 };
 
 /* ---- table slots ---- */
@@ -187,6 +210,8 @@ static flex_status hip_init(flex_context *ctx, int device_index) {
     st->arch = arch;
     flex_gpu_init(&st->gpu, &hip_gpu_ops, api, (void *)(intptr_t)device_index, FLEX_DEVICE_HIP);
     snprintf(st->gpu.arch, sizeof st->gpu.arch, "%s", arch.name);
+    snprintf(st->gpu.compiler, sizeof st->gpu.compiler, "hiprtc%d.%d", api->hiprtc_major,
+             api->hiprtc_minor);
     char dev_name[256] = "AMD GPU";
     flex_status s = flex_gpu_enter(ctx, &st->gpu);
     if (!s) {
@@ -219,108 +244,20 @@ static const char *hip_device_name(flex_context *ctx) {
     return state_of(ctx)->name;
 }
 
-static flex_status hip_alloc(flex_context *ctx, size_t bytes, void **ptr) {
-    hip_state *st = state_of(ctx);
-    flex_status s = flex_gpu_enter(ctx, &st->gpu);
-    if (s) return s;
-    void *p = NULL;
-    const hipError_t r = st->api->hipMalloc(&p, bytes ? bytes : 1);
-    if (r == FLEX_HIP_ERROR_OUT_OF_MEMORY)
-        return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "the GPU has no room for %zu bytes", bytes);
-    s = flex_gpu_check(ctx, &st->gpu, r, "hipMalloc");
-    if (!s) *ptr = p;
-    return s;
-}
-
-static void hip_free(flex_context *ctx, void *ptr) {
-    hip_state *st = state_of(ctx);
-    if (ptr && st->api->hipSetDevice(st->device) == 0) st->api->hipFree(ptr);
-}
-
-static flex_status hip_upload(flex_context *ctx, void *dst, const void *src, size_t bytes) {
-    hip_state *st = state_of(ctx);
-    flex_status s = flex_gpu_enter(ctx, &st->gpu);
-    return s ? s : flex_gpu_check(ctx, &st->gpu, st->api->hipMemcpyHtoD(dst, src, bytes),
-                                  "hipMemcpyHtoD");
-}
-
-static flex_status hip_download(flex_context *ctx, void *dst, const void *src, size_t bytes) {
-    hip_state *st = state_of(ctx);
-    flex_status s = flex_gpu_enter(ctx, &st->gpu);
-    return s ? s
-             : flex_gpu_check(ctx, &st->gpu, st->api->hipMemcpyDtoH(dst, (void *)src, bytes),
-                              "hipMemcpyDtoH");
-}
-
-static flex_status hip_memset(flex_context *ctx, void *dst, int value, size_t bytes) {
-    hip_state *st = state_of(ctx);
-    flex_status s = flex_gpu_enter(ctx, &st->gpu);
-    return s ? s
-             : flex_gpu_check(ctx, &st->gpu,
-                              st->api->hipMemsetD8(dst, (unsigned char)value, bytes),
-                              "hipMemsetD8");
-}
-
-static flex_status hip_synchronize(flex_context *ctx) {
-    hip_state *st = state_of(ctx);
-    flex_status s = flex_gpu_enter(ctx, &st->gpu);
-    if (s) return s;
-    const int pending = atomic_exchange(&st->gpu.bounds_pending, 0);
-    s = flex_gpu_check(ctx, &st->gpu, st->api->hipDeviceSynchronize(), "hipDeviceSynchronize");
-    if (!s && pending) {
-        pthread_mutex_lock(&st->gpu.lock);
-        s = flex_gpu_take_bounds_flag(ctx, &st->gpu);
-        pthread_mutex_unlock(&st->gpu.lock);
-    }
-    return s;
-}
-
-/* Launches fn with blob (size bytes) as its parameter block. */
-static flex_status launch_blob(flex_context *ctx, hip_state *st, void *fn, unsigned gx,
-                               unsigned gy, unsigned threads, unsigned smem, void *stream,
-                               void *blob, size_t size) {
-    void *extra[] = {(void *)(uintptr_t)FLEX_HIP_LAUNCH_PARAM_BUFFER_POINTER, blob,
-                     (void *)(uintptr_t)FLEX_HIP_LAUNCH_PARAM_BUFFER_SIZE, &size,
-                     (void *)(uintptr_t)FLEX_HIP_LAUNCH_PARAM_END};
-    return flex_gpu_check(ctx, &st->gpu,
-                          st->api->hipModuleLaunchKernel((hipFunction_t)fn, gx, gy, 1, threads, 1,
-                                                         1, smem, (hipStream_t)stream, NULL,
-                                                         extra),
-                          "hipModuleLaunchKernel");
-}
-
 /* ---- forward ---- */
-
-typedef struct forward_source_args {
-    const flex_cuda_fwd_config *cfg;
-    const ir_mod *mask, *score;
-    const unsigned char *mask_in_range, *score_in_range;
-} forward_source_args;
-
-static char *build_forward_source(const void *args) {
-    const forward_source_args *a = args;
-    return flex_hip_forward_source(a->cfg, a->mask, a->score, a->mask_in_range,
-                                   a->score_in_range);
-}
-
-static char *build_mask_blocks_source(const void *args) {
-    return flex_hip_mask_blocks_source(args);
-}
 
 /* Tiles of the 16-bit kernel on AMD: one 16-row m-tile per 32-lane warp, as
  * many warps as the mask's q block holds (4 at most), kv steps of up to 64
  * keys (32 for head dims above 128) that divide the mask's kv block. */
 static void choose_hip_tiles(flex_cuda_fwd_config *cfg, int q_block, int kv_block) {
-    const int wide = cfg->dq > 128 || cfg->dv > 128;
-    const int max_n = wide ? 32 : 64;
     cfg->mt = 1;
-    cfg->warps = q_block / 16 < 4 ? q_block / 16 : 4;
-    cfg->block_n = kv_block < max_n ? kv_block : max_n;
+    flex_gpu_row_tiles(q_block, kv_block, cfg->dq > 128 || cfg->dv > 128, 4, &cfg->warps,
+                       &cfg->block_n);
 }
 
 static flex_status hip_forward(flex_context *ctx, const flex_forward_args *a) {
     hip_state *st = state_of(ctx);
-    const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v, *o = &a->out;
+    const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v;
     const int64_t B = q->sizes[0], Hq = q->sizes[1], Lq = q->sizes[2], D = q->sizes[3];
     const int64_t Lkv = k->sizes[2], Dv = v->sizes[3];
     /* Never ignored silently: the shared forward knows nothing of them. */
@@ -331,43 +268,17 @@ static flex_status hip_forward(flex_context *ctx, const flex_forward_args *a) {
                          a->q_offsets    ? "q_offsets"
                          : a->kv_lengths ? "kv_lengths"
                                          : "page_table");
-    if (D > 256 || Dv > 256)
-        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
-                         "the HIP backend supports head dims up to 256 (q has %lld, v has %lld)",
-                         (long long)D, (long long)Dv);
-    if (q->strides[3] != 1 || k->strides[3] != 1 || v->strides[3] != 1 || o->strides[3] != 1)
-        return flex_fail(ctx, FLEX_ERR_SHAPE,
-                         "the HIP backend needs the last dimension of q, k, v and out contiguous");
     const struct flex_block_mask *mask = a->block_mask;
-    const struct flex_mod *mask_mod = mask ? mask->mask_mod : NULL;
-    if (mask && mask->num_partial > 0 && !mask_mod)
-        return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
-                         "the block mask has partial blocks but no mask mod to decide them");
-    if (mask && mask->num_partial == 0) mask_mod = NULL;
+    const struct flex_mod *mask_mod;
+    flex_status s = flex_gpu_fwd_check(ctx, &st->gpu, a);
+    if (!s) s = flex_gpu_mask_mod(ctx, mask, &mask_mod);
+    if (s) return s;
     const struct flex_mod *score_mod = a->score_mod;
-    flex_cuda_fwd_config cfg = {
-        .dtype = q->dtype,
-        .dq = flex_gpu_pad64(D),
-        .dv = flex_gpu_pad64(Dv),
-        .dv_exact = flex_gpu_pad64(Dv) == Dv,
-        .scale_positive = a->scale > 0.0f,
-        .short_indices = Lq <= FLEX_EMIT_SHORT_LEN - 256 && Lkv <= FLEX_EMIT_SHORT_LEN - 256 &&
-                         B <= FLEX_EMIT_SHORT_HEADS && Hq <= FLEX_EMIT_SHORT_HEADS,
-        .mask_bits = 1,
-    };
+    flex_cuda_fwd_config cfg;
+    flex_gpu_fwd_config(&cfg, a);
+    cfg.mask_bits = 1;
     const int q_block = mask ? mask->q_block : 128, kv_block = mask ? mask->kv_block : 128;
-    if (q->dtype == FLEX_F32) {
-        cfg.warps = 4;
-        cfg.mt = 1;
-    } else {
-        cfg.vec = D % 8 == 0 && Dv % 8 == 0 && flex_gpu_aligned16(q->data) &&
-                  flex_gpu_aligned16(k->data) && flex_gpu_aligned16(v->data) &&
-                  flex_gpu_aligned16(o->data);
-        for (int d = 0; d < 3; d++)
-            if (q->strides[d] % 8 || k->strides[d] % 8 || v->strides[d] % 8 || o->strides[d] % 8)
-                cfg.vec = 0;
-        choose_hip_tiles(&cfg, q_block, kv_block);
-    }
+    if (q->dtype != FLEX_F32) choose_hip_tiles(&cfg, q_block, kv_block);
     const int block_m = cfg.warps * 16 * cfg.mt;
     const size_t smem = q->dtype == FLEX_F32 ? 0
                                              : ((size_t)block_m * cfg.dq +
@@ -376,55 +287,35 @@ static flex_status hip_forward(flex_context *ctx, const flex_forward_args *a) {
         return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
                          "the kernel for head dims %lld/%lld needs %zu bytes of LDS; %s allows %d",
                          (long long)D, (long long)Dv, smem, st->arch.name, st->arch.lds_bytes);
-    const ir_mod *mask_ir = mask_mod ? &mask_mod->ir : NULL;
-    const ir_mod *score_ir = score_mod ? &score_mod->ir : NULL;
-    const int slots = flex_emit_num_slots(mask_ir, score_ir);
-    if (slots > FLEX_EMIT_MAX_SLOTS)
-        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
-                         "the mask and score mods read %d buffers together; at most %d", slots,
-                         FLEX_EMIT_MAX_SLOTS);
+    int slots;
+    s = flex_gpu_mod_slots(ctx, mask_mod ? &mask_mod->ir : NULL,
+                           score_mod ? &score_mod->ir : NULL, &slots);
+    if (s) return s;
     unsigned char *mask_in_range = flex_gpu_reads_in_range(ctx, mask_mod, B, Hq, Lq, Lkv, 0);
     unsigned char *score_in_range = flex_gpu_reads_in_range(ctx, score_mod, B, Hq, Lq, Lkv, 256);
 
     pthread_mutex_lock(&st->gpu.lock);
-    flex_status s = flex_gpu_enter(ctx, &st->gpu);
+    s = flex_gpu_enter(ctx, &st->gpu);
     void *fn = NULL;
     if (!s) {
-        _Static_assert(sizeof(flex_cuda_fwd_config) == 14 * sizeof(int),
-                       "flex_cuda_fwd_config changed: update the HIP forward kernel key");
         char key[512];
-        snprintf(key, sizeof key,
-                 "fwd|%s|dq%d|dv%d|dx%d|w%d|mt%d|n%d|vec%d|mb%d|short%d|sp%d|mask=%016llx|"
-                 "score=%016llx|inr=%016llx.%016llx|%s|hiprtc%d.%d",
-                 flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.dv_exact, cfg.warps, cfg.mt,
-                 cfg.block_n, cfg.vec, cfg.mask_bits, cfg.short_indices, cfg.scale_positive,
-                 (unsigned long long)(mask_mod ? mask_mod->hash : 0),
-                 (unsigned long long)(score_mod ? score_mod->hash : 0),
-                 (unsigned long long)flex_gpu_in_range_checksum(mask_in_range, mask_ir),
-                 (unsigned long long)flex_gpu_in_range_checksum(score_in_range, score_ir),
-                 st->gpu.arch, st->api->hiprtc_major, st->api->hiprtc_minor);
-        const forward_source_args args = {&cfg, mask_ir, score_ir, mask_in_range, score_in_range};
-        s = flex_gpu_get_function(ctx, &st->gpu, key, build_forward_source, &args,
-                                  "flex_forward_kernel", &fn);
+        flex_gpu_fwd_key(key, sizeof key, &st->gpu, &cfg, 0, mask_mod, score_mod, mask_in_range,
+                         score_in_range);
+        s = flex_gpu_fwd_function(ctx, &st->gpu, key, flex_hip_forward_source, &cfg, mask_mod,
+                                  score_mod, mask_in_range, score_in_range, &fn);
     }
     free(mask_in_range);
     free(score_in_range);
     flex_gpu_mask_copy *mc = NULL;
-    if (!s && mask) s = flex_gpu_mask_device_copy(ctx, &st->gpu, mask, &mc);
     flex_gpu_buffer_desc descs[FLEX_EMIT_MAX_SLOTS];
-    memset(descs, 0, sizeof descs);
-    if (!s) s = flex_gpu_fill_buffers(ctx, &st->gpu, mask_mod, 0, descs);
-    if (!s)
-        s = flex_gpu_fill_buffers(ctx, &st->gpu, score_mod, mask_ir ? mask_ir->num_buffers : 0,
-                                  descs);
+    if (!s) s = flex_gpu_bind_mods(ctx, &st->gpu, mask, mask_mod, score_mod, &mc, descs);
     if (!s) {
         flex_gpu_fwd_params p;
-        flex_gpu_fwd_params_fill(&p, a, mask, mc, q_block, kv_block, block_m,
-                                 flex_gpu_env_int(ctx, FLEX_DEBUG_CUDA_HEAD_GROUP, 2, 0, 1 << 20));
-        unsigned char blob[sizeof p + (FLEX_EMIT_MAX_SLOTS + 2) * sizeof(flex_gpu_buffer_desc)];
-        memcpy(blob, &p, sizeof p);
-        const size_t size =
-            flex_gpu_append_buffers(blob, sizeof p, descs, slots, st->gpu.bounds_flag);
+        unsigned char blob[FLEX_GPU_FWD_BLOB_BYTES];
+        const size_t size = flex_gpu_fwd_blob(
+            blob, &p, a, mask, mc, q_block, kv_block, block_m,
+            flex_gpu_env_int(ctx, FLEX_DEBUG_CUDA_HEAD_GROUP, 2, 0, 1 << 20), descs, slots,
+            st->gpu.bounds_flag);
         const unsigned gx = (unsigned)(B * Hq);
         const unsigned gy = q->dtype == FLEX_F32 ? (unsigned)((Lq + 3) / 4)
                                                  : (unsigned)((int64_t)p.mask_nq * p.tiles_per_row);
@@ -434,7 +325,8 @@ static flex_status hip_forward(flex_context *ctx, const flex_forward_args *a) {
                           "sequence too long for one launch (%lld query tiles)",
                           (long long)p.mask_nq * p.tiles_per_row);
         else if (gx > 0 && gy > 0)
-            s = launch_blob(ctx, st, fn, gx, gy, threads, (unsigned)smem, a->stream, blob, size);
+            s = ops_launch(ctx, &st->gpu, fn, gx, gy, threads, (unsigned)smem, a->stream, blob,
+                           size);
         if (!s && slots > 0) atomic_store(&st->gpu.bounds_pending, 1);
     }
     pthread_mutex_unlock(&st->gpu.lock);
@@ -443,122 +335,28 @@ static flex_status hip_forward(flex_context *ctx, const flex_forward_args *a) {
 
 /* ---- exact classes of undecided blocks ---- */
 
-typedef struct hip_mask_blocks_params {
-    uint64_t blocks, classes;
-    int64_t count;
-    int32_t q_len, kv_len, q_block, kv_block;
-} hip_mask_blocks_params;
-
-static flex_status hip_mask_blocks(flex_context *ctx, const struct flex_mod *mask_mod,
-                                   int64_t q_len, int64_t kv_len, int q_block, int kv_block,
-                                   const flex_block_ref *blocks, int64_t count, uint8_t *classes) {
-    if (count <= 0) return FLEX_OK;
-    hip_state *st = state_of(ctx);
-    const flex_gpu_ops *ops = st->gpu.ops;
-    pthread_mutex_lock(&st->gpu.lock);
-    flex_status s = flex_gpu_enter(ctx, &st->gpu);
-    void *fn = NULL;
-    flex_gpu_ptr dblocks = 0, dclasses = 0;
-    if (!s) {
-        char key[256];
-        snprintf(key, sizeof key, "maskblocks|mask=%016llx|%s|hiprtc%d.%d",
-                 (unsigned long long)mask_mod->hash, st->gpu.arch, st->api->hiprtc_major,
-                 st->api->hiprtc_minor);
-        s = flex_gpu_get_function(ctx, &st->gpu, key, build_mask_blocks_source, &mask_mod->ir,
-                                  "flex_mask_blocks_kernel", &fn);
-    }
-    flex_gpu_buffer_desc descs[FLEX_EMIT_MAX_SLOTS];
-    memset(descs, 0, sizeof descs);
-    if (!s) s = flex_gpu_fill_buffers(ctx, &st->gpu, mask_mod, 0, descs);
-    if (!s)
-        s = flex_gpu_check(ctx, &st->gpu,
-                           ops->mem_alloc(st->api, &dblocks, (size_t)count * sizeof *blocks),
-                           "hipMalloc");
-    if (!s)
-        s = flex_gpu_check(ctx, &st->gpu, ops->mem_alloc(st->api, &dclasses, (size_t)count),
-                           "hipMalloc");
-    if (!s)
-        s = flex_gpu_check(
-            ctx, &st->gpu,
-            ops->copy_to_device(st->api, dblocks, blocks, (size_t)count * sizeof *blocks),
-            "hipMemcpyHtoD");
-    if (!s) {
-        hip_mask_blocks_params p = {.blocks = dblocks,
-                                    .classes = dclasses,
-                                    .count = count,
-                                    .q_len = (int32_t)q_len,
-                                    .kv_len = (int32_t)kv_len,
-                                    .q_block = q_block,
-                                    .kv_block = kv_block};
-        unsigned char blob[sizeof p + (FLEX_EMIT_MAX_SLOTS + 2) * sizeof(flex_gpu_buffer_desc)];
-        memcpy(blob, &p, sizeof p);
-        const size_t size = flex_gpu_append_buffers(blob, sizeof p, descs,
-                                                    mask_mod->ir.num_buffers, st->gpu.bounds_flag);
-        const unsigned gx = (unsigned)(count < (1 << 20) ? count : (1 << 20));
-        s = launch_blob(ctx, st, fn, gx, 1, 256, 0, NULL, blob, size);
-    }
-    if (!s)
-        s = flex_gpu_check(ctx, &st->gpu, st->api->hipDeviceSynchronize(),
-                           "hipDeviceSynchronize");
-    if (!s)
-        s = flex_gpu_check(ctx, &st->gpu,
-                           ops->copy_to_host(st->api, classes, dclasses, (size_t)count),
-                           "hipMemcpyDtoH");
-    if (!s) s = flex_gpu_take_bounds_flag(ctx, &st->gpu);
-    if (dblocks) ops->mem_free(st->api, dblocks);
-    if (dclasses) ops->mem_free(st->api, dclasses);
-    pthread_mutex_unlock(&st->gpu.lock);
-    return s;
-}
-
 /* ---- backward ---- */
 
-typedef struct backward_source_args {
-    const flex_cuda_bwd_config *cfg;
-    const ir_mod *mask;
-    const unsigned char *mask_in_range;
-    const flex_cuda_bwd_score *score;
-} backward_source_args;
-
-static char *build_backward_source(const void *args) {
-    const backward_source_args *a = args;
-    return flex_hip_backward_source(a->cfg, a->mask, a->mask_in_range, a->score);
-}
-
 /* Tiles and variants of the f16/bf16 backward on AMD: CUDA's choice
- * (cuda_backend.c) within the LDS a workgroup has (64 KB). 16 kv rows a
- * warp: 128 a CTA (8 warps) for head dims up to 128 where the mask's kv
- * block is a multiple of 128, otherwise up to 64, no more than the kv
- * block. Query steps of 64 rows for head dims up to 64 and 32 above, no
- * longer than the mask's q block: CUDA takes 16 above 128, here 32, since
- * an even number of 16-row dQ tiles is what lets a wave64 GPU run the
- * products on MFMA (flex_mma_hip.cuh). P by exp2, as on CUDA. No pipeline:
+ * (flex_gpu_bwd_tiles) within the LDS a workgroup has (64 KB), with query
+ * steps of 32 rows above head dim 128 where CUDA takes 16, since an even
+ * number of 16-row dQ tiles is what lets a wave64 GPU run the products on
+ * MFMA (flex_mma_hip.cuh). P by exp2, as on CUDA. No pipeline:
  * AMD's form of cp.async is a synchronous copy, so a second Q/dO stage
  * would overlap nothing and only take LDS. dQ by per-element atomics (the
  * 16-byte reductions are sm_90's). The kv tiles of a head side by side in
- * the grid where the heads fit in its y (65535). Where the LDS is short the
- * kv tile is halved down to 64 rows, then the query step, then the kv tile
- * further (head dims above 128: such kernels take the scalar products on
- * CDNA). The mask's blocks are powers of two from 16, so each halving
- * still divides them. */
+ * the grid where the heads fit in its y (65535). Where the LDS is short
+ * (flex_gpu_bwd_fit) the kv tile is halved down to 64 rows, then the query
+ * step, which CUDA keeps, then the kv tile further (head dims above 128:
+ * such kernels take the scalar products on CDNA). */
 static void choose_hip_backward_tiles(flex_cuda_bwd_config *cfg, int q_block, int kv_block,
                                       int64_t kv_heads, int lds_bytes) {
-    const int widest = cfg->dq > cfg->dv ? cfg->dq : cfg->dv;
-    const int want_m = widest <= 64 ? 64 : 32;
-    const int block_n = widest <= 128 && kv_block % 128 == 0 ? 128 : kv_block < 64 ? kv_block : 64;
-    cfg->warps = block_n / 16;
-    cfg->block_m = q_block < want_m ? q_block : want_m;
+    flex_gpu_bwd_tiles(cfg, q_block, kv_block, 32);
     cfg->pipeline = 0;
     cfg->exp2 = 1;
     cfg->dq_red = 0;
     cfg->kv_fastest = kv_heads <= 65535;
-    const size_t lds = (size_t)lds_bytes;
-    while (flex_gpu_bwd_smem(cfg) > lds && cfg->warps > 4)
-        cfg->warps /= 2;
-    while (flex_gpu_bwd_smem(cfg) > lds && cfg->block_m > 16)
-        cfg->block_m /= 2;
-    while (flex_gpu_bwd_smem(cfg) > lds && cfg->warps > 1)
-        cfg->warps /= 2;
+    flex_gpu_bwd_fit(cfg, (size_t)lds_bytes, 1);
 }
 
 /* Device workspace for one call: stream-ordered where the runtime has it
@@ -608,23 +406,18 @@ static void workspace_free(flex_context *ctx, hip_state *st, const hip_workspace
  * their rows has one owner). */
 static flex_status hip_backward(flex_context *ctx, const flex_backward_args *a) {
     hip_state *st = state_of(ctx);
-    const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v, *dout = &a->dout;
-    const int64_t B = q->sizes[0], Hq = q->sizes[1], Lq = q->sizes[2], D = q->sizes[3];
-    const int64_t Hkv = k->sizes[1], Lkv = k->sizes[2], Dv = v->sizes[3];
+    const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v;
+    const int64_t B = q->sizes[0], D = q->sizes[3];
+    const int64_t Hkv = k->sizes[1], Dv = v->sizes[3];
     if (D > 256 || Dv > 256)
         return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
                          "the HIP backward supports head dims up to 256 (q has %lld, v has %lld)",
                          (long long)D, (long long)Dv);
-    if ((Lq + 3) / 4 > 65535 || (Lkv + 3) / 4 > 65535 || B * Hq > 0x7fffffff)
-        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
-                         "sequences too long for one backward launch (q %lld, kv %lld)",
-                         (long long)Lq, (long long)Lkv);
     const struct flex_block_mask *mask = a->block_mask;
-    const struct flex_mod *mask_mod = mask ? mask->mask_mod : NULL;
-    if (mask && mask->num_partial > 0 && !mask_mod)
-        return flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
-                         "the block mask has partial blocks but no mask mod to decide them");
-    if (mask && mask->num_partial == 0) mask_mod = NULL;
+    const struct flex_mod *mask_mod;
+    flex_status s = flex_gpu_bwd_check_lengths(ctx, a);
+    if (!s) s = flex_gpu_mask_mod(ctx, mask, &mask_mod);
+    if (s) return s;
     const int q_block = mask ? mask->q_block : 128, kv_block = mask ? mask->kv_block : 128;
     if (a->deterministic && a->dq)
         return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
@@ -640,139 +433,42 @@ static flex_status hip_backward(flex_context *ctx, const flex_backward_args *a) 
 
     /* The score mod and its derivative (the shared layer checks the buffer
      * gradients asked for). */
-    const struct flex_mod *score_mod = a->score_mod;
-    ir_mod derived;
-    int derived_made = 0;
-    mod_derivative der;
-    flex_cuda_grad_load loads[MOD_DERIVE_MAX_LOADS];
-    int num_loads = 0;
-    flex_gpu_buffer_desc grad_descs[IR_MAX_BUFFERS];
-    flex_status s = flex_gpu_bwd_score_prepare(ctx, &st->gpu, a, &derived, &derived_made, &der,
-                                               loads, &num_loads, grad_descs);
+    flex_gpu_bwd_mods m;
+    s = flex_gpu_bwd_mods_prepare(ctx, &st->gpu, a, mask_mod, &m);
     if (s) return s;
-    const ir_mod *mask_ir = mask_mod ? &mask_mod->ir : NULL;
-    const ir_mod *score_ir = derived_made ? &derived : NULL;
-    const struct flex_mod *score_used = derived_made ? score_mod : NULL;
-    const int slots = flex_emit_num_slots(mask_ir, score_ir);
-    if (slots > FLEX_EMIT_MAX_SLOTS) {
-        if (derived_made) ir_free(&derived);
-        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
-                         "the mask and score mods read %d buffers together; at most %d", slots,
-                         FLEX_EMIT_MAX_SLOTS);
-    }
 
-    flex_cuda_bwd_config cfg = {
-        .dtype = q->dtype,
-        .dq = flex_gpu_pad64(D),
-        .dv = flex_gpu_pad64(Dv),
-        .warps = 4,
-        .block_m = 16,
-        .vec = 0,
-        /* the kernels pass the mods indices clamped into the sequences */
-        .short_indices = Lq <= FLEX_EMIT_SHORT_LEN && Lkv <= FLEX_EMIT_SHORT_LEN &&
-                         B <= FLEX_EMIT_SHORT_HEADS && Hq <= FLEX_EMIT_SHORT_HEADS,
-        .grad_slots = a->num_buffer_grads,
-    };
-    if (q->dtype != FLEX_F32) {
-        cfg.vec = D % 8 == 0 && Dv % 8 == 0 && flex_gpu_aligned16(q->data) &&
-                  flex_gpu_aligned16(k->data) && flex_gpu_aligned16(v->data) &&
-                  flex_gpu_aligned16(dout->data);
-        for (int d = 0; d < 3; d++)
-            if (q->strides[d] % 8 || k->strides[d] % 8 || v->strides[d] % 8 ||
-                dout->strides[d] % 8)
-                cfg.vec = 0;
+    flex_cuda_bwd_config cfg;
+    flex_gpu_bwd_config(&cfg, a);
+    if (q->dtype != FLEX_F32)
         choose_hip_backward_tiles(&cfg, q_block, kv_block, B * Hkv, st->arch.lds_bytes);
-    }
-    const int block_n = cfg.warps * 16;
     const size_t smem = q->dtype == FLEX_F32 ? 0 : flex_gpu_bwd_smem(&cfg);
     if ((int64_t)smem > st->arch.lds_bytes) {
-        if (derived_made) ir_free(&derived);
+        flex_gpu_bwd_mods_free(&m);
         return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
                          "the backward for head dims %lld/%lld needs %zu bytes of LDS; %s allows "
                          "%d",
                          (long long)D, (long long)Dv, smem, st->arch.name, st->arch.lds_bytes);
     }
-    /* The kernels clamp the indices they pass to the mods into the
-     * sequences, so the proofs need no margin. */
-    unsigned char *mask_in_range = flex_gpu_reads_in_range(ctx, mask_mod, B, Hq, Lq, Lkv, 0);
-    unsigned char *score_in_range =
-        score_ir ? flex_gpu_ir_reads_in_range(ctx, score_mod, score_ir, B, Hq, Lq, Lkv, 0) : NULL;
-    const flex_cuda_bwd_score score = {score_ir, der.value, der.dscore, loads, num_loads,
-                                       score_in_range};
 
     pthread_mutex_lock(&st->gpu.lock);
     s = flex_gpu_enter(ctx, &st->gpu);
-    void *fn_pre = NULL, *fn_main = NULL, *fn_store = NULL;
-    char key[512];
-    if (!s) {
-        /* 15: cfg.wgmma, the sm_90a kernel, is always 0 here */
-        _Static_assert(sizeof(flex_cuda_bwd_config) == 15 * sizeof(int),
-                       "flex_cuda_bwd_config changed: update the HIP backward kernel key");
-        snprintf(key, sizeof key,
-                 "bwd|%s|dq%d|dv%d|w%d|bm%d|vec%d|short%d|gs%d|pipe%d|exp2%d|red%d|kvf%d|dqw%d|"
-                 "dqn%d|mask=%016llx|score=%016llx|loads=%016llx|inr=%016llx.%016llx|%s|"
-                 "hiprtc%d.%d",
-                 flex_dtype_name(cfg.dtype), cfg.dq, cfg.dv, cfg.warps, cfg.block_m, cfg.vec,
-                 cfg.short_indices, cfg.grad_slots, cfg.pipeline, cfg.exp2, cfg.dq_red,
-                 cfg.kv_fastest, cfg.dq_warps, cfg.dq_block_n,
-                 (unsigned long long)(mask_mod ? mask_mod->hash : 0),
-                 (unsigned long long)(score_used ? score_used->hash : 0),
-                 (unsigned long long)(num_loads ? flex_cache_checksum(loads, (size_t)num_loads *
-                                                                                 sizeof loads[0])
-                                                : 0),
-                 (unsigned long long)flex_gpu_in_range_checksum(mask_in_range, mask_ir),
-                 (unsigned long long)(score_ir ? flex_gpu_in_range_checksum(score_in_range,
-                                                                            score_ir)
-                                               : 0),
-                 st->gpu.arch, st->api->hiprtc_major, st->api->hiprtc_minor);
-        const backward_source_args args = {&cfg, mask_ir, mask_in_range, &score};
-        s = flex_gpu_get_function(ctx, &st->gpu, key, build_backward_source, &args,
-                                  "flex_bwd_kernel", &fn_main);
-    }
-    free(mask_in_range);
-    free(score_in_range);
-    if (derived_made) ir_free(&derived);
-    if (!s) s = flex_gpu_module_function(ctx, &st->gpu, key, "flex_bwd_preprocess", &fn_pre);
-    if (!s && a->dq)
-        s = flex_gpu_module_function(ctx, &st->gpu, key, "flex_bwd_dq_store", &fn_store);
-
-    flex_gpu_mask_copy *mc = NULL;
-    if (!s && mask) s = flex_gpu_mask_device_copy(ctx, &st->gpu, mask, &mc);
-    flex_gpu_buffer_desc descs[FLEX_EMIT_MAX_SLOTS];
-    memset(descs, 0, sizeof descs);
-    if (!s) s = flex_gpu_fill_buffers(ctx, &st->gpu, mask_mod, 0, descs);
+    flex_gpu_bwd_kernels kernels;
     if (!s)
-        s = flex_gpu_fill_buffers(ctx, &st->gpu, score_used, mask_ir ? mask_ir->num_buffers : 0,
-                                  descs);
+        s = flex_gpu_bwd_kernels_get(ctx, &st->gpu, a, &cfg, &m, flex_hip_backward_source,
+                                     &kernels);
+    flex_gpu_bwd_mods_free(&m);
+    flex_gpu_mask_copy *mc = NULL;
+    flex_gpu_buffer_desc descs[FLEX_EMIT_MAX_SLOTS];
+    if (!s) s = flex_gpu_bind_mods(ctx, &st->gpu, mask, m.mask_mod, m.score_used, &mc, descs);
 
     hipStream_t stream = (hipStream_t)a->stream;
     hip_workspace ws = {NULL, 0};
-    /* the dQ accumulator 256-byte aligned, as on CUDA */
-    const size_t delta_bytes = ((size_t)(B * Hq * Lq) * sizeof(float) + 255) & ~(size_t)255;
-    const size_t dq_bytes = a->dq ? (size_t)(B * Hq * Lq * D) * sizeof(float) : 0;
+    size_t delta_bytes, dq_bytes;
+    flex_gpu_bwd_workspace(a, &cfg, &delta_bytes, &dq_bytes);
     if (!s) s = workspace_alloc(ctx, st, delta_bytes + dq_bytes, stream, &ws);
-    if (!s) {
-        const flex_gpu_ptr base = (flex_gpu_ptr)(uintptr_t)ws.ptr;
-        unsigned char blob[FLEX_GPU_BWD_BLOB_BYTES];
-        const size_t size = flex_gpu_bwd_blob(blob, a, mask, mc, q_block, kv_block, base,
-                                              dq_bytes ? base + delta_bytes : 0, grad_descs,
-                                              cfg.grad_slots, descs, slots, st->gpu.bounds_flag);
-        const unsigned rows_y = (unsigned)((Lq + 3) / 4);
-        s = launch_blob(ctx, st, fn_pre, (unsigned)(B * Hq), rows_y, 128, 0, stream, blob, size);
-        if (!s) {
-            const int64_t per_cta = q->dtype == FLEX_F32 ? 4 : block_n;
-            const unsigned heads = (unsigned)(B * Hkv);
-            const unsigned tiles = (unsigned)((Lkv + per_cta - 1) / per_cta);
-            s = launch_blob(ctx, st, fn_main, cfg.kv_fastest ? tiles : heads,
-                            cfg.kv_fastest ? heads : tiles,
-                            q->dtype == FLEX_F32 ? 128u : (unsigned)cfg.warps * 32,
-                            (unsigned)smem, stream, blob, size);
-        }
-        if (!s && fn_store)
-            s = launch_blob(ctx, st, fn_store, (unsigned)(B * Hq), rows_y, 128, 0, stream, blob,
-                            size);
-        if (!s && slots > 0) atomic_store(&st->gpu.bounds_pending, 1);
-    }
+    if (!s)
+        s = flex_gpu_bwd_launch(ctx, &st->gpu, a, &cfg, &m, mc, &kernels, descs,
+                                (flex_gpu_ptr)(uintptr_t)ws.ptr, smem, 0, stream);
     workspace_free(ctx, st, &ws, stream);
     pthread_mutex_unlock(&st->gpu.lock);
     return s;
@@ -786,13 +482,7 @@ const flex_backend_iface flex_backend_hip = {
     .init = hip_init,
     .release = hip_release,
     .device_name = hip_device_name,
-    .mem_alloc = hip_alloc,
-    .mem_free = hip_free,
-    .upload = hip_upload,
-    .download = hip_download,
-    .mem_set = hip_memset,
     .forward = hip_forward,
     .backward = hip_backward,
-    .mask_blocks = hip_mask_blocks,
-    .synchronize = hip_synchronize,
+    FLEX_GPU_BACKEND_SLOTS,
 };

@@ -312,9 +312,29 @@ static FLEX_DEVICE_INLINE bool flex_bwd_next(const flex_bwd_params &bp, int b, i
     }
 }
 
+/* Issues the copies of step s's lse and delta rows to lse_dst and
+ * delta_dst (shared addresses of one stage; not committed). Rows past the
+ * end read as zero: their scores are outside the sequence, so P and dS are
+ * 0 whatever lse and delta say. */
+static FLEX_DEVICE_INLINE void flex_bwd_load_lse_delta(const flex_bwd_params &bp, int b,
+                                                       const flex_bwd_step &s, flex_u32 lse_dst,
+                                                       flex_u32 delta_dst, int tid) {
+    const flex_fwd_params &p = bp.f;
+    constexpr int BM = FLEX_BWD_BLOCK_M;
+    const float *glse = p.lse + b * p.l_sb + s.h * p.l_sh;
+    const float *gdelta = bp.delta + ((long long)b * p.Hq + s.h) * p.Lq;
+    for (int i = tid; i < 2 * BM; i += FLEX_THREADS) {
+        const int r = i < BM ? i : i - BM, q = s.q0 + r;
+        const bool valid = q < p.Lq;
+        if (i < BM)
+            flex_cp_async4(lse_dst + r * 4, valid ? glse + (long long)q * p.l_ss : glse, valid);
+        else
+            flex_cp_async4(delta_dst + r * 4, valid ? gdelta + q : gdelta, valid);
+    }
+}
+
 /* Issues the copies of step s's Q and dO rows, lse and delta into stage
- * `stage` (not committed). Rows past the end read as zero: their scores are
- * outside the sequence, so P and dS are 0 whatever lse and delta say. */
+ * `stage` (not committed); rows past the end read as zero. */
 static FLEX_DEVICE_INLINE void flex_bwd_load_step(const flex_bwd_params &bp, int b,
                                                   const flex_bwd_step &s, flex_u32 smem, int stage,
                                                   int tid) {
@@ -326,18 +346,8 @@ static FLEX_DEVICE_INLINE void flex_bwd_load_step(const flex_bwd_params &bp, int
                                 p.Lq, p.D, tid);
     flex_load_tile<BM, FLEX_DV>(smem + FLEX_BWD_SDO + stage * BM * FLEX_DV * 2, gdo, bp.do_ss, s.q0,
                                 p.Lq, p.Dv, tid);
-    const float *glse = p.lse + b * p.l_sb + s.h * p.l_sh;
-    const float *gdelta = bp.delta + ((long long)b * p.Hq + s.h) * p.Lq;
-    for (int i = tid; i < 2 * BM; i += FLEX_THREADS) {
-        const int r = i < BM ? i : i - BM, q = s.q0 + r;
-        const bool valid = q < p.Lq;
-        if (i < BM)
-            flex_cp_async4(smem + FLEX_BWD_SLSE + (stage * BM + r) * 4,
-                           valid ? glse + (long long)q * p.l_ss : glse, valid);
-        else
-            flex_cp_async4(smem + FLEX_BWD_SDELTA + (stage * BM + r) * 4,
-                           valid ? gdelta + q : gdelta, valid);
-    }
+    flex_bwd_load_lse_delta(bp, b, s, smem + FLEX_BWD_SLSE + stage * BM * 4,
+                            smem + FLEX_BWD_SDELTA + stage * BM * 4, tid);
 }
 
 /* Per-lane ldmatrix bases (flex_frag_base) of the stage-0 tiles: A

@@ -86,18 +86,8 @@ static FLEX_DEVICE_INLINE void flex_bwd90_load_step(const flex_bwd_params &bp, i
                                       s.q0, p.Lq, p.D, tid);
     flex_load_tile<BM, FLEX_DV, true>(base + FLEX_BWD90_SDO + stage * FLEX_BWD90_DO_STAGE, gdo,
                                       bp.do_ss, s.q0, p.Lq, p.Dv, tid);
-    const float *glse = p.lse + b * p.l_sb + s.h * p.l_sh;
-    const float *gdelta = bp.delta + ((long long)b * p.Hq + s.h) * p.Lq;
-    for (int i = tid; i < 2 * BM; i += FLEX_THREADS) {
-        const int r = i < BM ? i : i - BM, q = s.q0 + r;
-        const bool valid = q < p.Lq;
-        if (i < BM)
-            flex_cp_async4(base + FLEX_BWD90_SLSE + (stage * BM + r) * 4,
-                           valid ? glse + (long long)q * p.l_ss : glse, valid);
-        else
-            flex_cp_async4(base + FLEX_BWD90_SDELTA + (stage * BM + r) * 4,
-                           valid ? gdelta + q : gdelta, valid);
-    }
+    flex_bwd_load_lse_delta(bp, b, s, base + FLEX_BWD90_SLSE + stage * BM * 4,
+                            base + FLEX_BWD90_SDELTA + stage * BM * 4, tid);
 }
 
 /* Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for warpgroup wg's 64 kv rows (q_st, do_st: the

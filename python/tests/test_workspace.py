@@ -60,3 +60,36 @@ def test_work_space_on_the_current_stream():
     finally:
         torch.cuda.caching_allocator_alloc = real
     assert seen and all(s == side.cuda_stream for s in seen), seen
+
+
+def test_allocator_callbacks_round_trip(monkeypatch):
+    """The callbacks the library calls, through ctypes as the library calls
+    them: torch's allocator gets the size, device and stream, its pointer
+    comes back unchanged, the same pointer goes to its delete, and a refusal
+    (an exception in torch) is a NULL return, not an exception in C."""
+    import ctypes
+
+    from flexattn import _runtime
+
+    got, deleted = [], []
+
+    def fake_alloc(size, device=None, stream=None):
+        got.append((size, device, stream))
+        if size > 4096:
+            raise RuntimeError("CUDA out of memory (pretend)")
+        return 0x7F0000001000
+
+    monkeypatch.setattr(torch.cuda, "caching_allocator_alloc", fake_alloc)
+    monkeypatch.setattr(torch.cuda, "caching_allocator_delete", deleted.append)
+    ctx = _runtime.Context("cpu")  # a private context: the CPU backend never calls it
+    before = _views.workspace_allocations
+    _views._install_torch_allocator(ctx, 3)
+    table = ctx.torch_allocator
+    assert table.alloc(None, 256, ctypes.c_void_p(0x1234)) == 0x7F0000001000
+    assert got == [(256, 3, 0x1234)]
+    assert table.alloc(None, 64, None) == 0x7F0000001000  # the legacy stream is 0
+    assert got[-1] == (64, 3, 0)
+    table.free(None, ctypes.c_void_p(0x7F0000001000), None)
+    assert deleted == [0x7F0000001000]
+    assert table.alloc(None, 1 << 20, None) is None
+    assert _views.workspace_allocations == before + 2

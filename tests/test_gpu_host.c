@@ -622,6 +622,40 @@ START_TEST(test_row_tiles) {
 }
 END_TEST
 
+/* The forward's shared memory, and its tiles shrunk to 64 KB of LDS (the
+ * HIP backend's): head dim 128 keeps 4 warps with 32-key steps, 256 takes
+ * 16-key steps; what fits is left alone; the CUDA kernels' sizes. */
+START_TEST(test_forward_fit) {
+    flex_cuda_fwd_config c = {.dtype = FLEX_BF16, .dq = 128, .dv = 128, .warps = 4, .mt = 1,
+                              .block_n = 64};
+    ck_assert_uint_eq(flex_gpu_fwd_smem(&c), 81920);
+    flex_gpu_fwd_fit(&c, 65536);
+    ck_assert_int_eq(c.warps, 4);
+    ck_assert_int_eq(c.block_n, 32);
+    ck_assert_uint_eq(flex_gpu_fwd_smem(&c), 49152);
+    c = (flex_cuda_fwd_config){.dtype = FLEX_BF16, .dq = 256, .dv = 256, .warps = 4, .mt = 1,
+                               .block_n = 32};
+    flex_gpu_fwd_fit(&c, 65536);
+    ck_assert_int_eq(c.warps, 4);
+    ck_assert_int_eq(c.block_n, 16);
+    ck_assert_uint_le(flex_gpu_fwd_smem(&c), 65536);
+    c = (flex_cuda_fwd_config){.dtype = FLEX_BF16, .dq = 64, .dv = 64, .warps = 4, .mt = 1,
+                               .block_n = 64};
+    flex_gpu_fwd_fit(&c, 65536);
+    ck_assert_int_eq(c.block_n, 64);
+    /* sm_90a TMA kernel: two Q buffers of 128 rows, two stages, 1 KB */
+    c = (flex_cuda_fwd_config){.dtype = FLEX_BF16, .dq = 128, .dv = 128, .warps = 8, .mt = 1,
+                               .block_n = 128, .wgmma = 1, .tma = 1};
+    ck_assert_uint_eq(flex_gpu_fwd_smem(&c), (2 * 128 * 128 + 2 * 128 * 256) * 2 + 1024);
+    /* nothing fits: as small as it gets */
+    c = (flex_cuda_fwd_config){.dtype = FLEX_BF16, .dq = 256, .dv = 256, .warps = 4, .mt = 1,
+                               .block_n = 32};
+    flex_gpu_fwd_fit(&c, 1024);
+    ck_assert_int_eq(c.block_n, 16);
+    ck_assert_int_eq(c.warps, 1);
+}
+END_TEST
+
 static flex_cuda_bwd_config bwd_tiles(int d, int q_block, int kv_block, int wide_m, int pipeline,
                                       size_t limit, int shrink_m) {
     flex_cuda_bwd_config c = {.dtype = FLEX_BF16, .dq = d, .dv = d};
@@ -781,6 +815,7 @@ int main(void) {
     tcase_add_test(tc, test_caller_workspace);
     tcase_add_test(tc, test_memory_slots);
     tcase_add_test(tc, test_row_tiles);
+    tcase_add_test(tc, test_forward_fit);
     tcase_add_test(tc, test_backward_tiles);
     tcase_add_test(tc, test_kernel_keys);
     tcase_add_test(tc, test_backward_launches);

@@ -742,11 +742,7 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
     cfg.chain = persistent && env_switch(ctx, FLEX_DEBUG_CUDA_CHAIN, 1);
     /* Q (two buffers for the TMA kernel: a tile's and the next one's), two
      * K/V stages; the wgmma kernels align their tiles to 1 KB themselves. */
-    const size_t smem = q->dtype == FLEX_F32 ? 0
-                                             : ((size_t)(cfg.tma ? 2 : 1) * block_m * cfg.dq +
-                                                2u * cfg.block_n * (cfg.dq + cfg.dv)) *
-                                                       2 +
-                                                   (cfg.wgmma ? 1024u : 0u);
+    const size_t smem = q->dtype == FLEX_F32 ? 0 : flex_gpu_fwd_smem(&cfg);
     if ((int64_t)smem > st->smem_optin)
         return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
                          "the kernel for head dims %lld/%lld needs %zu bytes of shared memory; the "

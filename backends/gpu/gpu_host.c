@@ -694,6 +694,21 @@ void flex_gpu_row_tiles(int q_block, int kv_block, int wide, int max_warps, int 
     *block_n = kv_block < max_n ? kv_block : max_n;
 }
 
+size_t flex_gpu_fwd_smem(const flex_cuda_fwd_config *cfg) {
+    const size_t block_m = (size_t)cfg->warps * 16 * (size_t)cfg->mt;
+    return ((size_t)(cfg->tma ? 2 : 1) * block_m * (size_t)cfg->dq +
+            2u * (size_t)cfg->block_n * (size_t)(cfg->dq + cfg->dv)) *
+               2 +
+           (cfg->wgmma ? 1024u : 0u);
+}
+
+void flex_gpu_fwd_fit(flex_cuda_fwd_config *cfg, size_t limit) {
+    while (flex_gpu_fwd_smem(cfg) > limit && cfg->block_n > 16)
+        cfg->block_n /= 2;
+    while (flex_gpu_fwd_smem(cfg) > limit && cfg->warps > 1)
+        cfg->warps /= 2;
+}
+
 void flex_gpu_fwd_params_fill(flex_gpu_fwd_params *p, const flex_forward_args *a,
                               const struct flex_block_mask *mask, const flex_gpu_mask_copy *mc,
                               int q_block, int kv_block, int block_m, int head_group) {

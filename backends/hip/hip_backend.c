@@ -249,10 +249,14 @@ static const char *hip_device_name(flex_context *ctx) {
 /* Tiles of the 16-bit kernel on AMD: one 16-row m-tile per 32-lane warp, as
  * many warps as the mask's q block holds (4 at most), kv steps of up to 64
  * keys (32 for head dims above 128) that divide the mask's kv block. */
-static void choose_hip_tiles(flex_cuda_fwd_config *cfg, int q_block, int kv_block) {
+/* The mma.sync forward's row tiles, shrunk to the arch's LDS (64 KB on
+ * CDNA and RDNA3): head dim 128 takes 32-key steps, 256 takes 16. */
+static void choose_hip_tiles(flex_cuda_fwd_config *cfg, int q_block, int kv_block,
+                             int lds_bytes) {
     cfg->mt = 1;
     flex_gpu_row_tiles(q_block, kv_block, cfg->dq > 128 || cfg->dv > 128, 4, &cfg->warps,
                        &cfg->block_n);
+    flex_gpu_fwd_fit(cfg, (size_t)lds_bytes);
 }
 
 static flex_status hip_forward(flex_context *ctx, const flex_forward_args *a) {
@@ -278,11 +282,9 @@ static flex_status hip_forward(flex_context *ctx, const flex_forward_args *a) {
     flex_gpu_fwd_config(&cfg, a);
     cfg.mask_bits = 1;
     const int q_block = mask ? mask->q_block : 128, kv_block = mask ? mask->kv_block : 128;
-    if (q->dtype != FLEX_F32) choose_hip_tiles(&cfg, q_block, kv_block);
+    if (q->dtype != FLEX_F32) choose_hip_tiles(&cfg, q_block, kv_block, st->arch.lds_bytes);
     const int block_m = cfg.warps * 16 * cfg.mt;
-    const size_t smem = q->dtype == FLEX_F32 ? 0
-                                             : ((size_t)block_m * cfg.dq +
-                                                2u * cfg.block_n * (cfg.dq + cfg.dv)) * 2;
+    const size_t smem = q->dtype == FLEX_F32 ? 0 : flex_gpu_fwd_smem(&cfg);
     if ((int64_t)smem > st->arch.lds_bytes)
         return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
                          "the kernel for head dims %lld/%lld needs %zu bytes of LDS; %s allows %d",

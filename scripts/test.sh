@@ -16,7 +16,7 @@ jobs=$(nproc 2>/dev/null || echo 2)
 echo "== strict build (-Werror) and tests"
 [ -f build-test/build.ninja ] || meson setup build-test -Dwerror=true -Dbuildtype=debugoptimized
 ninja -C build-test
-# deps.sh installed clang-16: the HIP compile checks must run, not skip.
+# deps.sh installed clang (clang-19 on Debian 12): the HIP compile checks must run, not skip.
 FLEXATTN_REQUIRE_HIP_COMPILE=1 \
     meson test -C build-test --print-errorlogs --num-processes "$jobs" || true
 

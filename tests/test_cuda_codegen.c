@@ -232,14 +232,8 @@ static char *backward_source(const compile_case *c) {
         return NULL;
     }
     flex_cuda_grad_load loads[MOD_DERIVE_MAX_LOADS];
-    for (int l = 0; l < der.num_loads; l++) {
-        const ir_node *ld = &derived.nodes[der.loads[l].load];
-        loads[l].grad = der.loads[l].buffer;
-        loads[l].deriv = der.loads[l].node;
-        loads[l].ndim = ld->nargs;
-        for (int d = 0; d < 4; d++)
-            loads[l].index[d] = d < ld->nargs ? ld->args[d] : 0;
-    }
+    for (int l = 0; l < der.num_loads; l++)
+        loads[l] = flex_cuda_grad_load_of(&derived, &der.loads[l], der.loads[l].buffer);
     cfg.grad_slots = derived.num_buffers;
     const flex_cuda_bwd_score sc = {&derived, der.value, der.dscore, loads, der.num_loads, NULL};
     char *src = flex_cuda_backward_source(&cfg, m, NULL, &sc);

@@ -35,6 +35,22 @@ static char *concat(const char *const *parts, int n) {
     return s;
 }
 
+/* The configuration macro naming a kernel's element type. */
+static const char *elem_macro(flex_dtype dtype) {
+    return dtype == FLEX_BF16  ? "FLEX_ELEM_BF16"
+           : dtype == FLEX_F16 ? "FLEX_ELEM_F16"
+                               : "FLEX_ELEM_F32";
+}
+
+flex_cuda_grad_load flex_cuda_grad_load_of(const ir_mod *derived, const mod_derivative_load *l,
+                                           int grad) {
+    const ir_node *ld = &derived->nodes[l->load];
+    flex_cuda_grad_load gl = {grad, l->node, ld->nargs, {0, 0, 0, 0}};
+    for (int d = 0; d < ld->nargs && d < 4; d++)
+        gl.index[d] = ld->args[d];
+    return gl;
+}
+
 char *flex_cuda_forward_source(const flex_cuda_fwd_config *cfg, const ir_mod *mask,
                                const ir_mod *score) {
     return flex_cuda_forward_source_in_range(cfg, mask, score, NULL, NULL);
@@ -51,9 +67,7 @@ char *flex_cuda_forward_source_in_range(const flex_cuda_fwd_config *cfg, const i
     const char *sm90 = flex_cuda_template("flex_forward_sm90.cuh");
     if (!vendor || !common || !mma || !tpl || !wgmma || !sm90) return NULL;
     char config[512];
-    const char *elem = cfg->dtype == FLEX_BF16  ? "FLEX_ELEM_BF16"
-                       : cfg->dtype == FLEX_F16 ? "FLEX_ELEM_F16"
-                                                : "FLEX_ELEM_F32";
+    const char *elem = elem_macro(cfg->dtype);
     snprintf(config, sizeof config,
              "/* configuration */\n#define %s 1\n#define FLEX_DQ %d\n#define FLEX_DV %d\n"
              "#define FLEX_WARPS %d\n#define FLEX_MT %d\n#define FLEX_BLOCK_N %d\n"
@@ -85,9 +99,7 @@ char *flex_cuda_decode_source(const flex_cuda_dec_config *cfg, const ir_mod *mas
     const char *combine = flex_cuda_template("flex_splitkv_combine.cuh");
     if (!vendor || !merge || !common || !mma || !tpl || !combine) return NULL;
     char config[512];
-    const char *elem = cfg->dtype == FLEX_BF16  ? "FLEX_ELEM_BF16"
-                       : cfg->dtype == FLEX_F16 ? "FLEX_ELEM_F16"
-                                                : "FLEX_ELEM_F32";
+    const char *elem = elem_macro(cfg->dtype);
     snprintf(config, sizeof config,
              "/* configuration */\n#define %s 1\n#define FLEX_DQ %d\n#define FLEX_DV %d\n"
              "#define FLEX_DV_EXACT %d\n#define FLEX_WARPS 4\n#define FLEX_DEC_RT %d\n"
@@ -224,9 +236,7 @@ char *flex_cuda_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *m
     if (!vendor || !common || !mma || !tpl || !dq_tpl || !wgmma || !sm90) return NULL;
     if (score->ir && score->num_loads > 64) return NULL;
     char config[512];
-    const char *elem = cfg->dtype == FLEX_BF16  ? "FLEX_ELEM_BF16"
-                       : cfg->dtype == FLEX_F16 ? "FLEX_ELEM_F16"
-                                                : "FLEX_ELEM_F32";
+    const char *elem = elem_macro(cfg->dtype);
     snprintf(config, sizeof config,
              "/* configuration */\n#define %s 1\n#define FLEX_DQ %d\n#define FLEX_DV %d\n"
              "#define FLEX_WARPS %d\n#define FLEX_BWD_BLOCK_M %d\n#define FLEX_VEC %d\n"

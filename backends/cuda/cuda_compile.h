@@ -9,6 +9,7 @@
 
 #include "internal.h"
 #include "cuda_loader.h"
+#include "mod/derive.h"
 
 /* The templates embedded at build time (tools/embed.c). */
 struct flex_embedded_file {
@@ -98,6 +99,11 @@ typedef struct flex_cuda_grad_load {
     int ndim;     /* indices of the read */
     int index[4]; /* their nodes */
 } flex_cuda_grad_load;
+
+/* The kernel's description of derivative load l of derived (mod_derive's
+ * output) whose gradient is tensor `grad`. Pure. */
+flex_cuda_grad_load flex_cuda_grad_load_of(const ir_mod *derived, const mod_derivative_load *l,
+                                           int grad);
 
 /* The score mod of a backward kernel: ir holds the forward's nodes and the
  * derivative's (mod_derive); NULL: the identity. */

@@ -962,13 +962,7 @@ flex_status flex_gpu_bwd_score_prepare(flex_context *ctx, const flex_gpu_state *
                        a->buffer_grads[i].name) != 0 ||
                 *num_loads == MOD_DERIVE_MAX_LOADS)
                 continue;
-            const ir_node *ld = &derived->nodes[der->loads[l].load];
-            flex_cuda_grad_load *gl = &loads[(*num_loads)++];
-            gl->grad = i;
-            gl->deriv = der->loads[l].node;
-            gl->ndim = ld->nargs;
-            for (int d = 0; d < 4; d++)
-                gl->index[d] = d < ld->nargs ? ld->args[d] : 0;
+            loads[(*num_loads)++] = flex_cuda_grad_load_of(derived, &der->loads[l], i);
         }
     return FLEX_OK;
 }

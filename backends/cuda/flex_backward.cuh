@@ -693,6 +693,36 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
 #else
 /* ============================ f32 exact path ============================ */
 
+/* A score's two dot products on the f32 path: a · b over the head dims
+ * and c · d over Dv (a, c in registers, element lane + 32 j; b, d rows in
+ * global memory), summed across the warp. Lane 0's sums go to every lane
+ * (the butterfly may round differently per lane), so the whole warp takes
+ * one path. Shared by the main kernel and the deterministic dQ kernel. */
+template <int NQ, int NV>
+static FLEX_DEVICE_INLINE void flex_warp_dots(const float (&a)[NQ], const float *b,
+                                              const float (&c)[NV], const float *d, int D, int Dv,
+                                              int lane, float &dot, float &dpv) {
+    dot = 0.0f;
+    dpv = 0.0f;
+#pragma unroll
+    for (int j = 0; j < NQ; j++) {
+        const int e = lane + 32 * j;
+        if (e < D) dot = fmaf(a[j], b[e], dot);
+    }
+#pragma unroll
+    for (int j = 0; j < NV; j++) {
+        const int e = lane + 32 * j;
+        if (e < Dv) dpv = fmaf(c[j], d[e], dpv);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+        dot += FLEX_SHFL_XOR(dot, off);
+        dpv += FLEX_SHFL_XOR(dpv, off);
+    }
+    dot = FLEX_SHFL(dot, 0);
+    dpv = FLEX_SHFL(dpv, 0);
+}
+
 #define FLEX_PER_LANE_Q (FLEX_DQ / 32)
 #define FLEX_PER_LANE_V (FLEX_DV / 32)
 
@@ -736,26 +766,8 @@ extern "C" __global__ void __launch_bounds__(128) flex_bwd_kernel(const flex_bwd
             for (int q = qb * p.mask_qblock; q < q_end; q++) {
                 const float *qrow = gq + (long long)q * p.q_ss;
                 const float *dorow = gdo + (long long)q * bp.do_ss;
-                float dot = 0.0f, dpv = 0.0f;
-#pragma unroll
-                for (int j = 0; j < FLEX_PER_LANE_Q; j++) {
-                    const int d = lane + 32 * j;
-                    if (d < p.D) dot = fmaf(qrow[d], kr[j], dot);
-                }
-#pragma unroll
-                for (int j = 0; j < FLEX_PER_LANE_V; j++) {
-                    const int d = lane + 32 * j;
-                    if (d < p.Dv) dpv = fmaf(dorow[d], vr[j], dpv);
-                }
-#pragma unroll
-                for (int off = 16; off > 0; off >>= 1) {
-                    dot += FLEX_SHFL_XOR(dot, off);
-                    dpv += FLEX_SHFL_XOR(dpv, off);
-                }
-                /* Lane 0's sums for every lane (the butterfly may round
-                 * differently per lane), so the whole warp takes one path. */
-                dot = FLEX_SHFL(dot, 0);
-                dpv = FLEX_SHFL(dpv, 0);
+                float dot, dpv;
+                flex_warp_dots(kr, qrow, vr, dorow, p.D, p.Dv, lane, dot, dpv);
                 float dscore;
                 flex_grad_terms terms;
                 const float pr = flex_bwd_prob(bp, dot, b, h, q, kv, partial,

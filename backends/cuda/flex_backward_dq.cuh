@@ -249,26 +249,8 @@ extern "C" __global__ void __launch_bounds__(FLEX_BWD_DQ_WARPS * 32)
         for (int kv = kb * p.mask_kvblock; kv < k_end; kv++) {
             const float *krow = gk + (long long)kv * p.k_ss;
             const float *vrow = gv + (long long)kv * p.v_ss;
-            float dot = 0.0f, dpv = 0.0f;
-#pragma unroll
-            for (int j = 0; j < FLEX_DQP_LANE_Q; j++) {
-                const int d = lane + 32 * j;
-                if (d < p.D) dot = fmaf(qr[j], krow[d], dot);
-            }
-#pragma unroll
-            for (int j = 0; j < FLEX_DQP_LANE_V; j++) {
-                const int d = lane + 32 * j;
-                if (d < p.Dv) dpv = fmaf(dor[j], vrow[d], dpv);
-            }
-#pragma unroll
-            for (int off = 16; off > 0; off >>= 1) {
-                dot += FLEX_SHFL_XOR(dot, off);
-                dpv += FLEX_SHFL_XOR(dpv, off);
-            }
-            /* Lane 0's sums for every lane, so the whole warp takes one
-             * path (as in the main kernel). */
-            dot = FLEX_SHFL(dot, 0);
-            dpv = FLEX_SHFL(dpv, 0);
+            float dot, dpv;
+            flex_warp_dots(qr, krow, dor, vrow, p.D, p.Dv, lane, dot, dpv);
             float dscore;
             flex_grad_terms terms;
             const float pr = flex_bwd_prob(bp, dot, b, h, q, kv, partial, lse, dscore, terms, oob);

@@ -459,6 +459,42 @@ END_TEST
  * the vendor for nothing; what would need a first compile, module load,
  * buffer copy or mask upload is refused with FLEX_ERR_UNSUPPORTED, naming
  * it, and nothing is allocated, copied or loaded. */
+/* What a GPU backward refuses first, named for the vendor: head dims above
+ * 256, sequences past one launch, and buffer gradients in deterministic
+ * mode. */
+START_TEST(test_backward_refusals) {
+    static uint16_t data[1];
+    float lse[1];
+    int64_t qs[4] = {1, 2, 100, 64}, ls[3] = {1, 2, 100};
+    flex_backward_args a;
+    memset(&a, 0, sizeof a);
+    a.q = flex_tensor_contiguous(data, FLEX_BF16, 4, qs, FLEX_DEVICE_HIP);
+    a.k = a.v = a.out = a.dout = a.q;
+    a.lse = flex_tensor_contiguous(lse, FLEX_F32, 3, ls, FLEX_DEVICE_HIP);
+    ck_assert_int_eq(flex_gpu_bwd_check(&fake_ctx, &st, &a), FLEX_OK);
+    a.v.sizes[3] = 320;
+    ck_assert_int_eq(flex_gpu_bwd_check(&fake_ctx, &st, &a), FLEX_ERR_UNSUPPORTED);
+    ck_assert_msg(strstr(flex_error_message(&fake_ctx),
+                         "the FAKE backward supports head dims up to 256 (q has 64, v has 320)"),
+                  "%s", flex_error_message(&fake_ctx));
+    a.v.sizes[3] = 64;
+    a.k.sizes[2] = 4 * 65535 + 1;
+    ck_assert_int_eq(flex_gpu_bwd_check(&fake_ctx, &st, &a), FLEX_ERR_UNSUPPORTED);
+    ck_assert_ptr_nonnull(strstr(flex_error_message(&fake_ctx), "sequences too long"));
+    a.k.sizes[2] = 100;
+    const flex_buffer_grad g = {"bias", a.lse};
+    a.buffer_grads = &g;
+    a.num_buffer_grads = 1;
+    ck_assert_int_eq(flex_gpu_bwd_check(&fake_ctx, &st, &a), FLEX_OK);
+    a.deterministic = 1;
+    ck_assert_int_eq(flex_gpu_bwd_check(&fake_ctx, &st, &a), FLEX_ERR_UNSUPPORTED);
+    ck_assert_msg(strstr(flex_error_message(&fake_ctx),
+                         "the deterministic FAKE backward (opts->deterministic) has no gradients "
+                         "of buffers, and one was asked for buffer 'bias'"),
+                  "%s", flex_error_message(&fake_ctx));
+}
+END_TEST
+
 /* The caller's allocator, when the context has one, gives and takes the
  * work space; without one the backend allocates; nothing given is
  * FLEX_ERR_OUT_OF_MEMORY. */
@@ -813,6 +849,7 @@ int main(void) {
     tcase_add_test(tc, test_decode_split_policy);
     tcase_add_test(tc, test_capture_refuses_first_uploads);
     tcase_add_test(tc, test_caller_workspace);
+    tcase_add_test(tc, test_backward_refusals);
     tcase_add_test(tc, test_memory_slots);
     tcase_add_test(tc, test_row_tiles);
     tcase_add_test(tc, test_forward_fit);

@@ -953,30 +953,18 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
     const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v;
     const int64_t B = q->sizes[0], D = q->sizes[3];
     const int64_t Hkv = k->sizes[1], Dv = v->sizes[3];
-    if (D > 256 || Dv > 256)
-        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
-                         "the CUDA backward supports head dims up to 256 (q has %lld, v has %lld)",
-                         (long long)D, (long long)Dv);
-    if (q->dtype != FLEX_F32 && st->major < 8)
-        return flex_fail(
+    flex_status s = flex_gpu_bwd_check(ctx, &st->gpu, a);
+    if (!s && q->dtype != FLEX_F32 && st->major < 8)
+        s = flex_fail(
             ctx, FLEX_ERR_UNSUPPORTED,
             "the f16/bf16 backward needs compute capability 8.0 or newer (this GPU is %d.%d)",
             st->major, st->minor);
-    flex_status s = flex_gpu_bwd_check_lengths(ctx, a);
     const struct flex_block_mask *mask = a->block_mask;
     const struct flex_mod *mask_mod;
     if (!s) s = flex_gpu_mask_mod(ctx, mask, &mask_mod);
     if (s) return s;
     const int q_block = mask ? mask->q_block : 128, kv_block = mask ? mask->kv_block : 128;
 
-    /* Buffer gradients are scattered with fp32 atomics, in an order that
-     * depends on the scheduling (docs/decisions.md, "CUDA backward"). */
-    if (a->deterministic && a->num_buffer_grads > 0)
-        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
-                         "the deterministic CUDA backward (opts->deterministic) has no gradients "
-                         "of buffers, and one was asked for buffer '%s'; leave opts->deterministic "
-                         "0 for it, or run the backward on the CPU backend",
-                         a->buffer_grads[0].name);
     /* The score mod and its derivative, on a private copy of its IR (the
      * identity needs neither). */
     flex_gpu_bwd_mods m;

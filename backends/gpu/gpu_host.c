@@ -642,13 +642,24 @@ flex_status flex_gpu_fwd_check(flex_context *ctx, const flex_gpu_state *st,
     return FLEX_OK;
 }
 
-flex_status flex_gpu_bwd_check_lengths(flex_context *ctx, const flex_backward_args *a) {
+flex_status flex_gpu_bwd_check(flex_context *ctx, const flex_gpu_state *st,
+                               const flex_backward_args *a) {
     const int64_t B = a->q.sizes[0], Hq = a->q.sizes[1], Lq = a->q.sizes[2];
-    const int64_t Lkv = a->k.sizes[2];
+    const int64_t D = a->q.sizes[3], Lkv = a->k.sizes[2], Dv = a->v.sizes[3];
+    if (D > 256 || Dv > 256)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "the %s backward supports head dims up to 256 (q has %lld, v has %lld)",
+                         st->ops->vendor, (long long)D, (long long)Dv);
     if ((Lq + 3) / 4 > 65535 || (Lkv + 3) / 4 > 65535 || B * Hq > 0x7fffffff)
         return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
                          "sequences too long for one backward launch (q %lld, kv %lld)",
                          (long long)Lq, (long long)Lkv);
+    if (a->deterministic && a->num_buffer_grads > 0)
+        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
+                         "the deterministic %s backward (opts->deterministic) has no gradients "
+                         "of buffers, and one was asked for buffer '%s'; leave opts->deterministic "
+                         "0 for it, or run the backward on the CPU backend",
+                         st->ops->vendor, a->buffer_grads[0].name);
     return FLEX_OK;
 }
 

@@ -302,10 +302,14 @@ int flex_gpu_aligned16(const void *p);
  * FLEX_ERR_SHAPE, naming the vendor's backend). */
 flex_status flex_gpu_fwd_check(flex_context *ctx, const flex_gpu_state *st,
                                const flex_forward_args *a);
-/* A backward's launch limits: grid y of the preprocess and dQ store
- * ((L + 3) / 4 rows of 4) within 65535, batch x heads within an int
- * (FLEX_ERR_UNSUPPORTED). */
-flex_status flex_gpu_bwd_check_lengths(flex_context *ctx, const flex_backward_args *a);
+/* What a GPU backward refuses before anything else (FLEX_ERR_UNSUPPORTED,
+ * naming the vendor's backward): head dims above 256; launch limits (grid
+ * y of the preprocess and dQ store, (L + 3) / 4 rows of 4, within 65535,
+ * batch x heads within an int); and in deterministic mode buffer
+ * gradients, which are summed with atomics in a scheduling-dependent
+ * order (docs/decisions.md, "CUDA backward"). */
+flex_status flex_gpu_bwd_check(flex_context *ctx, const flex_gpu_state *st,
+                               const flex_backward_args *a);
 
 /* The mask mod a call's kernels evaluate: the block mask's, or NULL where
  * it has no partial blocks (so such calls share the kernels of the dense

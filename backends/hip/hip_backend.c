@@ -411,13 +411,9 @@ static flex_status hip_backward(flex_context *ctx, const flex_backward_args *a) 
     const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v;
     const int64_t B = q->sizes[0], D = q->sizes[3];
     const int64_t Hkv = k->sizes[1], Dv = v->sizes[3];
-    if (D > 256 || Dv > 256)
-        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
-                         "the HIP backward supports head dims up to 256 (q has %lld, v has %lld)",
-                         (long long)D, (long long)Dv);
     const struct flex_block_mask *mask = a->block_mask;
     const struct flex_mod *mask_mod;
-    flex_status s = flex_gpu_bwd_check_lengths(ctx, a);
+    flex_status s = flex_gpu_bwd_check(ctx, &st->gpu, a);
     if (!s) s = flex_gpu_mask_mod(ctx, mask, &mask_mod);
     if (s) return s;
     const int q_block = mask ? mask->q_block : 128, kv_block = mask ? mask->kv_block : 128;
@@ -426,12 +422,6 @@ static flex_status hip_backward(flex_context *ctx, const flex_backward_args *a) 
                          "the HIP backward has no deterministic dq (opts->deterministic; it sums "
                          "dq with atomics): leave opts->deterministic 0 for it, pass dq NULL, or "
                          "run the backward on the CPU or CUDA backend");
-    if (a->deterministic && a->num_buffer_grads > 0)
-        return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
-                         "the deterministic HIP backward (opts->deterministic) has no gradients of "
-                         "buffers, and one was asked for buffer '%s'; leave opts->deterministic 0 "
-                         "for it, or run the backward on the CPU backend",
-                         a->buffer_grads[0].name);
 
     /* The score mod and its derivative (the shared layer checks the buffer
      * gradients asked for). */

@@ -279,6 +279,20 @@ static int stream_capturing(cuda_state *st, CUstream stream) {
     return status != FLEX_CU_STREAM_CAPTURE_STATUS_NONE;
 }
 
+/* Enters a call that queues work on `stream`: the state lock taken, the
+ * context current and whether the stream is being captured noted. On
+ * failure nothing is held. The call ends with pop_ctx and the unlock. */
+static flex_status enter_call(flex_context *ctx, cuda_state *st, CUstream stream) {
+    pthread_mutex_lock(&st->gpu.lock);
+    const flex_status s = push_ctx(ctx, st);
+    if (s) {
+        pthread_mutex_unlock(&st->gpu.lock);
+        return s;
+    }
+    st->gpu.capturing = stream_capturing(st, stream);
+    return FLEX_OK;
+}
+
 /* Marks that kernels reading mod buffers were queued: the next synchronize
  * reads the bounds flag, and every one from now on when they went into a
  * graph, whose replays make no call here. */
@@ -566,15 +580,12 @@ static flex_status cuda_decode(flex_context *ctx, cuda_state *st, const flex_for
     unsigned char *score_in_range =
         flex_gpu_reads_in_range(ctx, score_mod, B, Hq, q_span, kv_len, 0);
 
-    pthread_mutex_lock(&st->gpu.lock);
-    s = push_ctx(ctx, st);
+    s = enter_call(ctx, st, (CUstream)a->stream);
     if (s) {
-        pthread_mutex_unlock(&st->gpu.lock);
         free(mask_in_range);
         free(score_in_range);
         return s;
     }
-    st->gpu.capturing = stream_capturing(st, (CUstream)a->stream);
     CUfunction fn = NULL, fn_combine = NULL;
     char key[512];
     {
@@ -759,15 +770,12 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
     unsigned char *mask_in_range = flex_gpu_reads_in_range(ctx, mask_mod, B, Hq, Lq, Lkv, 0);
     unsigned char *score_in_range = flex_gpu_reads_in_range(ctx, score_mod, B, Hq, Lq, Lkv, 256);
 
-    pthread_mutex_lock(&st->gpu.lock);
-    s = push_ctx(ctx, st);
+    s = enter_call(ctx, st, (CUstream)a->stream);
     if (s) {
-        pthread_mutex_unlock(&st->gpu.lock);
         free(mask_in_range);
         free(score_in_range);
         return s;
     }
-    st->gpu.capturing = stream_capturing(st, (CUstream)a->stream);
     void *fn = NULL;
     char key[512];
     flex_gpu_fwd_key(key, sizeof key, &st->gpu, &cfg, 1, mask_mod, score_mod, mask_in_range,
@@ -995,15 +1003,12 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
                          smem_dq > smem ? smem_dq : smem, st->smem_optin);
     }
 
-    pthread_mutex_lock(&st->gpu.lock);
-    s = push_ctx(ctx, st);
+    CUstream stream = (CUstream)a->stream;
+    s = enter_call(ctx, st, stream);
     if (s) {
-        pthread_mutex_unlock(&st->gpu.lock);
         flex_gpu_bwd_mods_free(&m);
         return s;
     }
-    CUstream stream = (CUstream)a->stream;
-    st->gpu.capturing = stream_capturing(st, stream);
     flex_gpu_bwd_kernels kernels;
     s = flex_gpu_bwd_kernels_get(ctx, &st->gpu, a, &cfg, &m, flex_cuda_backward_source, &kernels);
     flex_gpu_bwd_mods_free(&m);

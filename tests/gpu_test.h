@@ -1,6 +1,6 @@
 /*
  * What the GPU test programs (test_cuda_backward, test_cuda_decode) share:
- * the CPU and GPU contexts, the failure count and the EXPECT macro that
+ * the CPU and GPU contexts (gpu_test_open), the failure count and the EXPECT macro that
  * counts a failure and leaves the case, a reproducible uniform generator,
  * and device copies that end the program when the GPU refuses memory. Each
  * program includes it once; it needs no test library, so the programs
@@ -52,6 +52,16 @@ static inline void *to_gpu(const void *host, size_t bytes) {
         exit(1);
     }
     return d;
+}
+
+/* Opens gpu and cpu; without a usable CUDA backend the program says why
+ * and exits 77 (meson's skip). */
+static inline void gpu_test_open(void) {
+    if (flex_context_create("cuda", &gpu) != FLEX_OK) {
+        printf("SKIPPED: no usable CUDA backend (%s)\n", flex_error_message(NULL));
+        exit(77);
+    }
+    if (flex_context_create("cpu", &cpu) != FLEX_OK) exit(1);
 }
 
 #endif /* FLEXATTN_GPU_TEST_H */

@@ -324,11 +324,7 @@ static void test_device_values_out_of_range(void) {
 }
 
 int main(void) {
-    if (flex_context_create("cuda", &gpu) != FLEX_OK) {
-        printf("SKIPPED: no usable CUDA backend (%s)\n", flex_error_message(NULL));
-        return 77;
-    }
-    if (flex_context_create("cpu", &cpu) != FLEX_OK) return 1;
+    gpu_test_open();
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         const int before = failures;
         run_case(&cases[i]);

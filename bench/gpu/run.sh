@@ -148,30 +148,29 @@ if [ "$SKIP_TORCH" = 0 ]; then
         | grep -v Warning | tee "$OUT/torch.log"
 fi
 
+# bench/gpu/NAME.py beside PyTorch with the library just built, its log in
+# $OUT/NAME.log; its result files only when every check so far passed.
+python_bench() {
+    local name=$1 results=$RESULTS_DIR
+    shift
+    [ "$FAILED" = 0 ] || results=
+    PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}" FLEXATTN_LIBRARY="$BUILD/libflexattn.so" \
+        FLEXATTN_COMMIT=$COMMIT PYTHONUNBUFFERED=1 timeout -k 5 300 python3 "bench/gpu/$name.py" \
+        "$@" --results "$results" 2>&1 | grep -v Warning | tee "$OUT/$name.log"
+    local status=${PIPESTATUS[0]}
+    [ "$status" -eq 0 ] || fail "bench/gpu/$name.py: exit $status"
+}
+
 if [ "$BACKWARD" = 1 ]; then
     echo "== CUDA backward beside PyTorch (bench/gpu/backward.py)"
-    # results only from a run whose checks passed
-    BW_RESULTS=$RESULTS_DIR
-    [ "$FAILED" = 0 ] || BW_RESULTS=
-    PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}" FLEXATTN_LIBRARY="$BUILD/libflexattn.so" \
-        FLEXATTN_COMMIT=$COMMIT PYTHONUNBUFFERED=1 timeout -k 5 300 python3 bench/gpu/backward.py \
-        --len "$LEN" --results "$BW_RESULTS" 2>&1 | grep -v Warning | tee "$OUT/backward.log"
-    STATUS=${PIPESTATUS[0]}
-    [ "$STATUS" -eq 0 ] || fail "bench/gpu/backward.py: exit $STATUS"
+    python_bench backward --len "$LEN"
 fi
 
 if [ "$DECODE" = 1 ]; then
     echo "== decode beside PyTorch (bench/gpu/decode.py)"
-    DEC_RESULTS=$RESULTS_DIR
-    [ "$FAILED" = 0 ] || DEC_RESULTS=
-    PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}" FLEXATTN_LIBRARY="$BUILD/libflexattn.so" \
-        FLEXATTN_COMMIT=$COMMIT PYTHONUNBUFFERED=1 timeout -k 5 300 python3 bench/gpu/decode.py \
-        --results "$DEC_RESULTS" 2>&1 | grep -v Warning | tee "$OUT/decode.log"
-    STATUS=${PIPESTATUS[0]}
-    [ "$STATUS" -eq 0 ] || fail "bench/gpu/decode.py: exit $STATUS"
+    python_bench decode
 fi
 
-# A failed run writes its tables to $OUT only, never into the results.
 [ "$FAILED" = 0 ] || RESULTS_DIR=
 python3 - "$OUT" "$COMMIT" "$RESULTS_DIR" <<'PY'
 import json, os, re, sys

@@ -256,49 +256,43 @@ static FLEX_DEVICE_INLINE int flex_dec_next_step(const flex_dec_smem &sm, int t)
     return t;
 }
 
-/* Copies the K and V rows of positions [kv0, kv0 + 64) into a stage (rows at
- * or past kv_end read as zero), each row found through the page table. */
+/* Copies the rows of positions [kv0, kv0 + 64) of one of K, V (g, its
+ * batch and row strides, `cols` head dims padded to DPAD) into the tile at
+ * dst (rows at or past kv_end read as zero), each row found through the
+ * page table. */
+template <int DPAD>
+static FLEX_DEVICE_INLINE void flex_dec_load_rows(const flex_dec_params &dp, flex_u32 dst,
+                                                  const flex_elem *g, long long sb, long long ss,
+                                                  int cols, int b, int kv0, int kv_end, int tid,
+                                                  unsigned &bad) {
+    constexpr int NC = DPAD / 8;
+#pragma unroll 1
+    for (int i = tid; i < FLEX_DEC_STEP * NC; i += FLEX_THREADS) {
+        const int r = i / NC, c = i % NC, pos = kv0 + r;
+        const bool row_ok = pos < kv_end;
+        const long long at = row_ok ? flex_dec_row(dp, b, pos, sb, ss, bad) : 0;
+#if FLEX_VEC
+        const bool valid = row_ok && c * 8 < cols;
+        flex_cp_async16(dst + flex_tile_offset<FLEX_DEC_STEP, DPAD, false>(r, c),
+                        valid ? g + at + c * 8 : g, valid);
+#else
+#pragma unroll
+        for (int e = 0; e < 8; e++) {
+            const int col = c * 8 + e;
+            flex_st_shared_u16(dst + flex_tile_offset<FLEX_DEC_STEP, DPAD, false>(r, c) + 2 * e,
+                               row_ok && col < cols ? g[at + col] : (flex_elem)0);
+        }
+#endif
+    }
+}
+
+/* Copies the K and V rows of positions [kv0, kv0 + 64) into a stage. */
 static FLEX_DEVICE_INLINE void flex_dec_load_kv(const flex_dec_params &dp, flex_u32 sK, flex_u32 sV,
                                                 const flex_elem *gk, const flex_elem *gv, int b,
                                                 int kv0, int kv_end, int tid, unsigned &bad) {
     const flex_fwd_params &p = dp.f;
-    constexpr int KC = FLEX_DQ / 8, VC = FLEX_DV / 8;
-#pragma unroll 1
-    for (int i = tid; i < FLEX_DEC_STEP * KC; i += FLEX_THREADS) {
-        const int r = i / KC, c = i % KC, pos = kv0 + r;
-        const bool row_ok = pos < kv_end;
-        const long long at = row_ok ? flex_dec_row(dp, b, pos, p.k_sb, p.k_ss, bad) : 0;
-#if FLEX_VEC
-        const bool valid = row_ok && c * 8 < p.D;
-        flex_cp_async16(sK + flex_tile_offset<FLEX_DEC_STEP, FLEX_DQ, false>(r, c),
-                        valid ? gk + at + c * 8 : gk, valid);
-#else
-#pragma unroll
-        for (int e = 0; e < 8; e++) {
-            const int col = c * 8 + e;
-            flex_st_shared_u16(sK + flex_tile_offset<FLEX_DEC_STEP, FLEX_DQ, false>(r, c) + 2 * e,
-                               row_ok && col < p.D ? gk[at + col] : (flex_elem)0);
-        }
-#endif
-    }
-#pragma unroll 1
-    for (int i = tid; i < FLEX_DEC_STEP * VC; i += FLEX_THREADS) {
-        const int r = i / VC, c = i % VC, pos = kv0 + r;
-        const bool row_ok = pos < kv_end;
-        const long long at = row_ok ? flex_dec_row(dp, b, pos, p.v_sb, p.v_ss, bad) : 0;
-#if FLEX_VEC
-        const bool valid = row_ok && c * 8 < p.Dv;
-        flex_cp_async16(sV + flex_tile_offset<FLEX_DEC_STEP, FLEX_DV, false>(r, c),
-                        valid ? gv + at + c * 8 : gv, valid);
-#else
-#pragma unroll
-        for (int e = 0; e < 8; e++) {
-            const int col = c * 8 + e;
-            flex_st_shared_u16(sV + flex_tile_offset<FLEX_DEC_STEP, FLEX_DV, false>(r, c) + 2 * e,
-                               row_ok && col < p.Dv ? gv[at + col] : (flex_elem)0);
-        }
-#endif
-    }
+    flex_dec_load_rows<FLEX_DQ>(dp, sK, gk, p.k_sb, p.k_ss, p.D, b, kv0, kv_end, tid, bad);
+    flex_dec_load_rows<FLEX_DV>(dp, sV, gv, p.v_sb, p.v_ss, p.Dv, b, kv0, kv_end, tid, bad);
 }
 
 /* The per-thread view of its two rows (halves hf of the m16n8 layout). */

@@ -19,6 +19,7 @@
 #include <time.h>
 
 #include "internal.h"
+#include "decode_args.h"
 #include "cache.h"
 #include "cuda_compile.h"
 #include "cuda_loader.h"
@@ -497,16 +498,12 @@ static int decode_wanted(const flex_forward_args *a) {
            a->q.sizes[2] <= 16;
 }
 
-/* Element i of int32 tensor t (1-D, or row i of a 2-D one when cols > 0)
- * copied into dst, contiguous. Host tensors only. */
+/* The first rows x cols values of int32 host tensor t (1-D: cols 1),
+ * contiguous in dst. */
 static void gather_host_ints(const flex_tensor *t, int64_t rows, int64_t cols, int32_t *dst) {
-    const int32_t *src = t->data;
     for (int64_t r = 0; r < rows; r++)
-        if (cols > 0)
-            for (int64_t c = 0; c < cols; c++)
-                dst[r * cols + c] = src[r * t->strides[0] + c * t->strides[1]];
-        else
-            dst[r] = src[r * t->strides[0]];
+        for (int64_t c = 0; c < cols; c++)
+            dst[r * cols + c] = flex_decode_load(t, r, c);
 }
 
 /* Shared memory of the f16/bf16 decode kernel: Q, two K/V stages, then
@@ -645,7 +642,7 @@ static flex_status cuda_decode(flex_context *ctx, cuda_state *st, const flex_for
         for (int i = 0; i < 3; i++) {
             if (!args[i]) continue;
             if (on_host[i]) {
-                gather_host_ints(args[i], B, i == 2 ? max_pages : 0, staged + n);
+                gather_host_ints(args[i], B, i == 2 ? max_pages : 1, staged + n);
                 dev[i] = at + n * 4;
                 n += (size_t)(i == 2 ? B * max_pages : B);
             } else {

@@ -516,7 +516,7 @@ static size_t decode_smem(const flex_cuda_dec_config *cfg) {
 }
 
 static flex_status cuda_decode(flex_context *ctx, cuda_state *st, const flex_forward_args *a) {
-    const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v, *o = &a->out;
+    const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v;
     const int64_t B = q->sizes[0], Hq = q->sizes[1], Lq = q->sizes[2], D = q->sizes[3];
     const int64_t Hkv = k->sizes[1], Dv = v->sizes[3];
     const int64_t kv_len = a->kv_len > 0 ? a->kv_len : k->sizes[2];
@@ -679,7 +679,6 @@ static flex_status cuda_decode(flex_context *ctx, cuda_state *st, const flex_for
             p.mask_nq = (int32_t)((q_span + q_block - 1) / q_block);
             p.mask_nk = (int32_t)((kv_len + kv_block - 1) / kv_block);
         }
-        (void)o;
         unsigned char blob[sizeof(cuda_dec_head) + sizeof(cuda_fwd_params) +
                            (FLEX_EMIT_MAX_SLOTS + 2) * sizeof(cuda_buffer_desc)];
         memcpy(blob, &hd, sizeof hd);

@@ -81,6 +81,18 @@ FLEX_AMD_FN void flex_amd_xpermf(float *x, int n, int c) {
     }
 }
 
+/* The eight values a lane received in rounds permuted by mask, back in
+ * slot order (xperm), added to its two m16n8 fragments d0 and d1: the end
+ * of every result permutation. */
+FLEX_AMD_FN void flex_amd_add_fragments(float *d0, float *d1, float *got, int mask) {
+    flex_amd_xpermf(got, 8, mask);
+    FLEX_AMD_UNROLL
+    for (int r = 0; r < 4; r++) {
+        d0[r] += got[r];
+        d1[r] += got[4 + r];
+    }
+}
+
 #if defined(FLEX_AMD_HAVE_MFMA)
 /* ---- CDNA, wave64: two kernel warps per wavefront ----
  * A 16x16x16 MFMA reads a whole 16x16 operand from the 64 lanes, so each
@@ -133,12 +145,7 @@ FLEX_AMD_FN void flex_amd_result_mfma(float *d0, float *d1, const float *dm) {
         const int src = 16 * (2 * (e >> 2) + (t >> 1)) + g + 8 * ((e >> 1) & 1);
         got[r] = flex_amd_readf(send[4 * ((r >> 1) & 1) + 2 * (r >> 2) + (r & 1)], src);
     }
-    flex_amd_xpermf(got, 8, mask);
-    FLEX_AMD_UNROLL
-    for (int r = 0; r < 4; r++) {
-        d0[r] += got[r];
-        d1[r] += got[4 + r];
-    }
+    flex_amd_add_fragments(d0, d1, got, mask);
 }
 
 /* d0 += a bf[0:2], d1 += a bf[2:4] (m16n8k16 fragments) with two MFMAs per
@@ -201,12 +208,7 @@ FLEX_AMD_FN void flex_amd_result_wmma(float *d0, float *d1, const float *dm) {
         const int row = g + 8 * ((e >> 1) & 1), col = 8 * (e >> 2) + 2 * t + (e & 1);
         got[r] = flex_amd_readf(send, 16 * (row & 1) + col);
     }
-    flex_amd_xpermf(got, 8, mask);
-    FLEX_AMD_UNROLL
-    for (int r = 0; r < 4; r++) {
-        d0[r] += got[r];
-        d1[r] += got[4 + r];
-    }
+    flex_amd_add_fragments(d0, d1, got, mask);
 }
 
 /* d0 += a bf[0:2], d1 += a bf[2:4] (m16n8k16 fragments) with one WMMA. */

@@ -474,9 +474,9 @@ static void workspace_free(flex_context *ctx, cuda_state *st, CUdeviceptr p, CUs
 typedef struct cuda_dec_head {
     uint64_t q_offsets, kv_lengths, page_table, part_out, part_lse, decode_flag;
     int64_t qo_stride, kl_stride, pt_sb, pt_sp;
-    int32_t kv_len, page_size, num_pages, splits, group, rows, row_chunks, pad_;
+    int32_t kv_len, page_size, num_pages, splits, group, rows;
 } cuda_dec_head;
-_Static_assert(sizeof(cuda_dec_head) == 112, "cuda_dec_head must match flex_dec_params");
+_Static_assert(sizeof(cuda_dec_head) == 104, "cuda_dec_head must match flex_dec_params");
 
 typedef struct decode_source_args {
     const flex_cuda_dec_config *cfg;
@@ -668,7 +668,6 @@ static flex_status cuda_decode(flex_context *ctx, cuda_state *st, const flex_for
         hd.splits = splits;
         hd.group = (int32_t)group;
         hd.rows = (int32_t)rows;
-        hd.row_chunks = (int32_t)row_chunks;
 
         const int q_block = mask ? mask->q_block : 128, kv_block = mask ? mask->kv_block : 128;
         cuda_fwd_params p;

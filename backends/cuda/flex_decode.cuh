@@ -56,8 +56,6 @@ struct flex_dec_params {
     int splits;    /* kv pieces per (batch, head) */
     int group;     /* query heads per kv head */
     int rows;      /* packed rows per kv head: group * Lq */
-    int row_chunks;
-    int pad_;
     flex_fwd_params f; /* q, k, v, out, lse, mask, dims, scale, mods' buffers: last */
 };
 

@@ -13,7 +13,8 @@ within bf16 rounding (a lever that changes results fails the run).
     PYTHONPATH=python FLEXATTN_LIBRARY=<build>/libflexattn.so \\
         python3 bench/gpu/lever_ab.py [--cases noop:128,causal:128] [--forward] \\
         [--rounds 3] [--len S] "" "cuda_bwd_split_wait=0" ...
-Cases: PATTERN:D with PATTERN one of noop, causal, document, softcap, alibi.
+Cases: PATTERN:D with PATTERN one of noop, causal, document, softcap, alibi,
+or zoo/NAME for a mod of bench/gpu/zoo.py (e.g. zoo/dilated_window:128).
 """
 import argparse
 import json
@@ -42,6 +43,11 @@ def child(case, forward, iters, ref_path, S, dev):
              "softcap": lambda b, h, qi, kv: qi >= kv, "alibi": lambda b, h, qi, kv: qi >= kv}
     scores = {"softcap": lambda s, b, h, qi, kv: 30.0 * torch.tanh(s / 30.0),
               "alibi": lambda s, b, h, qi, kv: s + slopes[h] * (kv - qi)}
+    if name.startswith("zoo/"):  # a mod of bench/gpu/zoo.py, flexattn's side of it
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from zoo import ZOO
+        score, mask, fa_score = ZOO[name[4:]]["make"](B, H, S, S, dev)
+        masks[name], scores[name] = mask, fa_score if fa_score is not None else score
     bm = fa.create_block_mask(masks[name], None, None, S, S, device=dev) if masks[name] else None
     sm = scores.get(name)
 
@@ -108,7 +114,8 @@ def main():
         for c in cases:
             for s in a.settings:
                 env = dict(os.environ, FLEXATTN_DEBUG=s)
-                ref = os.path.join(tmp, f"lever_ab_ref_{c.replace(':', '_')}_{int(a.forward)}.pt")
+                stem = c.replace(":", "_").replace("/", "_")
+                ref = os.path.join(tmp, f"lever_ab_ref_{stem}_{int(a.forward)}.pt")
                 if r == 0 and s == a.settings[0] and os.path.exists(ref):
                     os.remove(ref)
                 cmd = [sys.executable, __file__, "--child", c, "--iters", str(a.iters), "--ref", ref,

@@ -17,6 +17,7 @@
 # --decode adds bench/gpu/decode.py (decode beside torch flex, SDPA flash
 # and cuDNN, its outputs checked; decode-<gpu>.md and .jsonl);
 # --skip-forward leaves out the forward's timing (bench_cuda, torch).
+# BENCH_TIMEOUT (default 300) bounds each of those Python benchmarks in seconds.
 #   bench/gpu/run.sh [--skip-check] [--skip-torch] [--skip-forward] [--backward] [--decode]
 #                    [--len S]
 set -u
@@ -155,7 +156,7 @@ python_bench() {
     shift
     [ "$FAILED" = 0 ] || results=
     PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}" FLEXATTN_LIBRARY="$BUILD/libflexattn.so" \
-        FLEXATTN_COMMIT=$COMMIT PYTHONUNBUFFERED=1 timeout -k 5 300 python3 "bench/gpu/$name.py" \
+        FLEXATTN_COMMIT=$COMMIT PYTHONUNBUFFERED=1 timeout -k 5 "${BENCH_TIMEOUT:-300}" python3 "bench/gpu/$name.py" \
         "$@" --results "$results" 2>&1 | grep -v Warning | tee "$OUT/$name.log"
     local status=${PIPESTATUS[0]}
     [ "$status" -eq 0 ] || fail "bench/gpu/$name.py: exit $status"

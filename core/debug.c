@@ -33,6 +33,7 @@ static const key_info keys[FLEX_DEBUG_NUM_KEYS] = {
     [FLEX_DEBUG_CUDA_CTAS] = {"cuda_ctas", FORM_COUNT},
     [FLEX_DEBUG_CUDA_READS_IN_RANGE] = {"cuda_reads_in_range", FORM_SWITCH},
     [FLEX_DEBUG_CUDA_MASK_BITS] = {"cuda_mask_bits", FORM_SWITCH},
+    [FLEX_DEBUG_CUDA_PARTIAL_BITS] = {"cuda_partial_bits", FORM_SWITCH},
     [FLEX_DEBUG_CUDA_HEAD_GROUP] = {"cuda_head_group", FORM_COUNT},
     [FLEX_DEBUG_CUDA_BWD_TILE] = {"cuda_bwd_tile", FORM_2_SIZES},
     [FLEX_DEBUG_CUDA_BWD_PIPELINE] = {"cuda_bwd_pipeline", FORM_SWITCH},

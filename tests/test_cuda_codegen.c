@@ -770,6 +770,85 @@ START_TEST(test_nvrtc_compiles_deterministic_backward) {
 }
 END_TEST
 
+/* Forwards whose partial blocks read bit masks (flex_partial_bits.cuh):
+ * the wgmma kernels (TMA, chained TMA, cp.async), the mma.sync kernel with
+ * 32-key sub-steps (two m-tiles), 128-key steps (a row's four words at
+ * once) and 16-key steps (half a word), each down to machine code. */
+static const struct {
+    flex_cuda_fwd_config cfg;
+    const char *arch;
+} bits_configs[] = {
+    {WGMMA_CONFIG(.dtype = FLEX_BF16, .dq = 128, .dv = 128, .scale_positive = 1, .tma = 1,
+                  .mask_bits = 1, .short_indices = 1, .dv_exact = 1, .partial_bits = 1),
+     "sm_90a"},
+    {WGMMA_CONFIG(.dtype = FLEX_F16, .dq = 64, .dv = 64, .tma = 1, .chain = 1, .mask_bits = 1,
+                  .partial_bits = 1),
+     "sm_90a"},
+    {WGMMA_CONFIG(.dtype = FLEX_BF16, .dq = 128, .dv = 64, .scale_positive = 1, .mask_bits = 1,
+                  .partial_bits = 1),
+     "sm_90a"},
+    {MMA_CONFIG(4, 2, 64, .dtype = FLEX_BF16, .dq = 128, .dv = 128, .vec = 1, .scale_positive = 1,
+                .mask_bits = 1, .partial_bits = 1),
+     "sm_80"},
+    {MMA_CONFIG(4, 1, 128, .dtype = FLEX_F16, .dq = 64, .dv = 64, .vec = 1, .partial_bits = 1),
+     "sm_80"},
+    {MMA_CONFIG(4, 1, 16, .dtype = FLEX_BF16, .dq = 64, .dv = 64, .scale_positive = 1,
+                .mask_bits = 1, .partial_bits = 1),
+     "sm_90a"},
+};
+
+START_TEST(test_nvrtc_compiles_partial_bits) {
+    char why[512];
+    if (flex_cuda_load_nvrtc(&api, why, sizeof why) != 0) {
+        printf("SKIPPED: NVRTC partial-bit forward cases (%s)\n", why);
+        nvrtc_skipped = 1;
+        return;
+    }
+    num_cases = next_case = 0;
+    /* a mask that reads a buffer, one that reads h, and a score mod beside
+     * a mask (the split softmax path), each with every config */
+    static const char *const masks[] = {"document_causal", "sliding_window"};
+    ir_mod per_head, softcap, causal;
+    ck_assert_int_eq(parse_text(FLEX_MOD_MASK, "q >= kv && (q - kv) % (h + 2) == 0", NULL, 0,
+                                NULL, 0, &per_head),
+                     0);
+    ck_assert_int_eq(parse_preset(flex_preset_find("softcap"), &softcap), 0);
+    ck_assert_int_eq(parse_text(FLEX_MOD_MASK, "q >= kv", NULL, 0, NULL, 0, &causal), 0);
+    const int n_cfg = (int)(sizeof bits_configs / sizeof bits_configs[0]);
+    for (int f = 0; f < n_cfg; f++) {
+        for (int i = 0; i < 2; i++) {
+            ir_mod m;
+            ck_assert_int_eq(parse_preset(flex_preset_find(masks[i]), &m), 0);
+            add_case(masks[i], &m, NULL, &bits_configs[f].cfg, bits_configs[f].arch, 0);
+            ir_free(&m);
+        }
+        add_case("per_head", &per_head, NULL, &bits_configs[f].cfg, bits_configs[f].arch, 0);
+        add_case("causal+softcap", &causal, &softcap, &bits_configs[f].cfg, bits_configs[f].arch,
+                 0);
+    }
+    /* unchecked reads */
+    add_case("causal+softcap", &causal, &softcap, &bits_configs[0].cfg, "sm_90a", 0);
+    cases[num_cases - 1].in_range = 1;
+    /* The source has the bit kernel only when it is asked for. */
+    flex_cuda_fwd_config plain = bits_configs[0].cfg;
+    char *with = flex_cuda_forward_source(&plain, &causal, NULL);
+    plain.partial_bits = 0;
+    char *without = flex_cuda_forward_source(&plain, &causal, NULL);
+    ck_assert_ptr_nonnull(with);
+    ck_assert_ptr_nonnull(without);
+    ck_assert_ptr_nonnull(strstr(with, "flex_partial_bits_kernel"));
+    ck_assert_ptr_nonnull(strstr(with, "#define FLEX_PARTIAL_BITS 1"));
+    ck_assert_ptr_null(strstr(without, "flex_partial_bits_kernel"));
+    ck_assert_ptr_nonnull(strstr(without, "#define FLEX_PARTIAL_BITS 0"));
+    free(with);
+    free(without);
+    ir_free(&per_head);
+    ir_free(&softcap);
+    ir_free(&causal);
+    compile_cases();
+}
+END_TEST
+
 /* The backward source brings the wgmma main kernel and its primitives only
  * when the config asks for it, and then leaves the mma.sync one out. */
 START_TEST(test_backward_source_wgmma) {
@@ -893,6 +972,11 @@ int main(void) {
     tcase_set_timeout(det, 600);
     tcase_add_test(det, test_nvrtc_compiles_deterministic_backward);
     suite_add_tcase(suite, det);
+    /* CK_RUN_CASE=nvrtc_partial_bits runs it alone. */
+    TCase *bits = tcase_create("nvrtc_partial_bits");
+    tcase_set_timeout(bits, 600);
+    tcase_add_test(bits, test_nvrtc_compiles_partial_bits);
+    suite_add_tcase(suite, bits);
     SRunner *runner = srunner_create(suite);
     /* In-process, so the skip flag set by a case is seen here. */
     srunner_set_fork_status(runner, CK_NOFORK);

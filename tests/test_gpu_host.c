@@ -20,6 +20,7 @@
 #include "internal.h"
 #include "../backends/cuda/cuda_compile.h"
 #include "../backends/gpu/gpu_host.h"
+#include "../backends/gpu/gpu_partial_bits.h"
 
 static int allocs, frees, builds, compiles, loads, unloads, functions, fail_compile, fail_load,
     fail_alloc, syncs;
@@ -611,6 +612,217 @@ START_TEST(test_capture_refuses_first_uploads) {
 END_TEST
 
 
+/* Every (b, h) of a call of B x Hq heads finds, for every partial entry
+ * of the row its walk reads, a bit block of the same q-block and kv-block
+ * evaluated at its own b and h where the mod reads them (0 where not). */
+static void check_plan_maps(const flex_block_mask *mask, int reads_b, int reads_h, int64_t B,
+                            int64_t Hq, const flex_gpu_bits_plan *plan) {
+    const int64_t nq = mask->num_q_blocks;
+    const int32_t *off = mask->kv_partial.offsets, *idx = mask->kv_partial.indices;
+    ck_assert_int_eq(plan->entries, mask->num_partial);
+    for (int64_t b = 0; b < B; b++)
+        for (int64_t h = 0; h < Hq; h++) {
+            const int64_t mb = mask->B > 1 ? b : 0, mh = mask->H > 1 ? h : 0;
+            const int64_t plane = (plan->planes_b > 1 ? b : 0) * plan->planes_h +
+                                  (plan->planes_h > 1 ? h : 0);
+            for (int64_t i = 0; i < nq; i++) {
+                const int64_t r = (mb * mask->H + mh) * nq + i;
+                for (int64_t e = off[r]; e < off[r + 1]; e++) {
+                    const int32_t w = plan->entry_words[plane * plan->entries + e];
+                    ck_assert_int_eq(w % plan->block_words, 0);
+                    const int64_t slot = w / plan->block_words;
+                    ck_assert_int_lt(slot, plan->num_blocks);
+                    const int32_t *blk = plan->blocks + 4 * slot;
+                    ck_assert_int_eq(blk[0], reads_b ? b : 0);
+                    ck_assert_int_eq(blk[1], reads_h ? h : 0);
+                    ck_assert_int_eq(blk[2], i);
+                    ck_assert_int_eq(blk[3], idx[e]);
+                }
+            }
+        }
+}
+
+/* The plan of the partial blocks' bit masks: one bit block per distinct
+ * (b, h the mod reads, q-block, kv-block), however the mask stores its
+ * lists; bit planes where a broadcast mask's mod reads h; the budget. */
+START_TEST(test_partial_bits_plan) {
+    flex_context *cpu = NULL;
+    ck_assert_int_eq(flex_context_create("cpu", &cpu), FLEX_OK);
+    flex_mod_desc strided = {FLEX_MOD_MASK, "q >= kv && (q - kv) % 3 == 0", NULL, 0, NULL, 0};
+    flex_mod_desc per_head = {FLEX_MOD_MASK, "q >= kv && (q - kv) % (h + 2) == 0", NULL, 0, NULL,
+                              0};
+    flex_mod *m_strided = NULL, *m_head = NULL;
+    ck_assert_int_eq(flex_mod_compile(NULL, &strided, &m_strided), FLEX_OK);
+    ck_assert_int_eq(flex_mod_compile(NULL, &per_head, &m_head), FLEX_OK);
+    flex_gpu_bits_plan plan;
+
+    /* A copy of the lists per (b, h), a mod that reads neither: the blocks
+     * of one grid, shared by all six. 100 x 90 in 16 x 32 blocks. */
+    flex_block_mask *copies = NULL;
+    ck_assert_int_eq(flex_block_mask_create(cpu, m_strided, 2, 3, 100, 90, 16, 32, &copies),
+                     FLEX_OK);
+    ck_assert_int_eq(copies->B * copies->H, 6);
+    ck_assert_int_eq(flex_gpu_bits_plan_make(copies, 0, 0, 2, 3, (size_t)1 << 30, &plan), 0);
+    ck_assert_int_eq(plan.planes_b * plan.planes_h, 1);
+    ck_assert_int_eq(plan.row_words, 1);
+    ck_assert_int_eq(plan.block_words, 16);
+    ck_assert_int_eq(plan.num_blocks, copies->num_partial / 6);
+    check_plan_maps(copies, 0, 0, 2, 3, &plan);
+    /* the bits and their tables: a budget a byte short of them is refused */
+    const size_t bytes = flex_gpu_bits_plan_bytes(&plan);
+    flex_gpu_bits_plan_free(&plan);
+    ck_assert_int_eq(flex_gpu_bits_plan_make(copies, 0, 0, 2, 3, bytes, &plan), 0);
+    flex_gpu_bits_plan_free(&plan);
+    ck_assert_int_eq(flex_gpu_bits_plan_make(copies, 0, 0, 2, 3, bytes - 1, &plan), 1);
+
+    /* A broadcast mask whose mod reads h: a plane per head. */
+    flex_block_mask *broadcast = NULL;
+    ck_assert_int_eq(flex_block_mask_create(cpu, m_head, 1, 1, 100, 90, 16, 32, &broadcast),
+                     FLEX_OK);
+    ck_assert_int_eq(flex_gpu_bits_plan_make(broadcast, 0, 1, 2, 3, (size_t)1 << 30, &plan), 0);
+    ck_assert_int_eq(plan.planes_b, 1);
+    ck_assert_int_eq(plan.planes_h, 3);
+    ck_assert_int_eq(plan.num_blocks, 3 * broadcast->num_partial);
+    check_plan_maps(broadcast, 0, 1, 2, 3, &plan);
+    flex_gpu_bits_plan_free(&plan);
+
+    /* The same mod with the lists per head: each head its own blocks,
+     * shared by the batches. */
+    flex_block_mask *heads = NULL;
+    ck_assert_int_eq(flex_block_mask_create(cpu, m_head, 1, 3, 100, 90, 16, 32, &heads), FLEX_OK);
+    ck_assert_int_eq(flex_gpu_bits_plan_make(heads, 0, 1, 2, 3, (size_t)1 << 30, &plan), 0);
+    ck_assert_int_eq(plan.planes_b * plan.planes_h, 1);
+    ck_assert_int_eq(plan.num_blocks, heads->num_partial);
+    check_plan_maps(heads, 0, 1, 2, 3, &plan);
+    flex_gpu_bits_plan_free(&plan);
+
+    /* Explicit lists that differ per batch (2 q-blocks of 3 kv-blocks, all
+     * partial where listed) under a mod that reads neither: a block listed
+     * for both batches is one bit block. 128-key blocks: 4 words a row. */
+    const int32_t num[4] = {2, 1, 2, 2};
+    const int32_t lists[12] = {0, 2, 0, 1, 0, 0, 1, 2, 0, 0, 1, 0};
+    flex_block_mask *custom = NULL;
+    ck_assert_int_eq(flex_block_mask_from_kv_blocks(cpu, m_strided, 2, 1, 40, 300, 32, 128, num,
+                                                    lists, NULL, NULL, &custom),
+                     FLEX_OK);
+    ck_assert_int_eq(flex_gpu_bits_plan_make(custom, 0, 0, 2, 1, (size_t)1 << 30, &plan), 0);
+    ck_assert_int_eq(plan.row_words, 4);
+    /* row 0: {0, 2} and {1, 2}; row 1: {1} and {0, 1} */
+    ck_assert_int_eq(plan.num_blocks, 3 + 2);
+    check_plan_maps(custom, 0, 0, 2, 1, &plan);
+    flex_gpu_bits_plan_free(&plan);
+
+    flex_block_mask_destroy(copies);
+    flex_block_mask_destroy(broadcast);
+    flex_block_mask_destroy(heads);
+    flex_block_mask_destroy(custom);
+    flex_mod_destroy(m_strided);
+    flex_mod_destroy(m_head);
+    flex_context_destroy(cpu);
+}
+END_TEST
+
+/* The bit masks on the device: planned and uploaded at a first use, made
+ * once by one launch and a wait, found again by later calls, refused by
+ * name during a capture until made, replaced when the mod is bound anew,
+ * freed with the mask. */
+START_TEST(test_partial_bits_device) {
+    flex_context *cpu = NULL;
+    ck_assert_int_eq(flex_context_create("cpu", &cpu), FLEX_OK);
+    flex_mod_desc desc = {FLEX_MOD_MASK, "q >= kv && keep[kv]", NULL, 0,
+                          (flex_buffer_decl[]){{"keep", FLEX_BOOL, 1}}, 1};
+    flex_mod *mod = NULL;
+    ck_assert_int_eq(flex_mod_compile(NULL, &desc, &mod), FLEX_OK);
+    uint8_t keep[64];
+    for (int i = 0; i < 64; i++)
+        keep[i] = i % 5 != 0;
+    const int64_t n = 64;
+    flex_tensor t = flex_tensor_contiguous(keep, FLEX_BOOL, 1, &n, FLEX_DEVICE_CPU);
+    ck_assert_int_eq(flex_mod_bind_buffer(NULL, mod, "keep", &t), FLEX_OK);
+    flex_block_mask *mask = NULL;
+    ck_assert_int_eq(flex_block_mask_create(cpu, mod, 1, 1, 64, 64, 16, 16, &mask), FLEX_OK);
+    ck_assert_int_gt(mask->num_partial, 0);
+    flex_gpu_mask_copy *mc = NULL;
+    ck_assert_int_eq(flex_gpu_mask_device_copy(NULL, &st, mask, &mc), FLEX_OK);
+
+    flex_gpu_partial_bits *pb = NULL;
+    st.capturing = 1;
+    ck_assert_int_eq(flex_gpu_partial_bits_prepare(NULL, &st, mask, mc, 2, 4, &pb),
+                     FLEX_ERR_UNSUPPORTED);
+    ck_assert_ptr_nonnull(strstr(flex_error_message(NULL), "partial blocks"));
+    ck_assert_ptr_nonnull(strstr(flex_error_message(NULL), "captured into a graph"));
+    st.capturing = 0;
+    const int a0 = allocs;
+    ck_assert_int_eq(flex_gpu_partial_bits_prepare(NULL, &st, mask, mc, 2, 4, &pb), FLEX_OK);
+    ck_assert_ptr_nonnull(pb);
+    ck_assert_int_eq(pb->usable, 1);
+    ck_assert_int_eq(pb->made, 0);
+    ck_assert_int_eq(allocs, a0 + 1);
+    ck_assert_int_eq(pb->num_blocks, mask->num_partial);
+    /* the bounds word starts at 0; the tables are uploaded */
+    ck_assert_uint_eq(*(const uint32_t *)(uintptr_t)pb->oob, 0);
+    const int32_t *blocks = (const int32_t *)(uintptr_t)pb->blocks;
+    ck_assert_int_eq(blocks[2], 0); /* the first partial block is on the first row */
+
+    st.capturing = 1;
+    ck_assert_int_eq(flex_gpu_partial_bits_make(NULL, &st, mask, pb, (void *)0x77, NULL, 0, NULL),
+                     FLEX_ERR_UNSUPPORTED);
+    st.capturing = 0;
+    flex_gpu_buffer_desc descs[FLEX_EMIT_MAX_SLOTS];
+    memset(descs, 0, sizeof descs);
+    const int s0 = syncs;
+    ck_assert_int_eq(flex_gpu_partial_bits_make(NULL, &st, mask, pb, (void *)0x77, descs, 1, NULL),
+                     FLEX_OK);
+    ck_assert_int_eq(num_launched, 1);
+    ck_assert_ptr_eq(launched[0].fn, (void *)0x77);
+    ck_assert_uint_eq(launched[0].gx, (unsigned)mask->num_partial);
+    ck_assert_uint_eq(launched[0].threads, 256);
+    ck_assert_int_eq(syncs, s0 + 1);
+    ck_assert_int_eq(pb->made, 1);
+    ck_assert_int_eq(atomic_load(&st.bounds_pending), 1);
+    ck_assert_int_eq(flex_gpu_partial_bits_make(NULL, &st, mask, pb, (void *)0x77, descs, 1, NULL),
+                     FLEX_OK);
+    ck_assert_int_eq(num_launched, 1);
+
+    /* found again, also during a capture */
+    flex_gpu_partial_bits *again = NULL;
+    st.capturing = 1;
+    ck_assert_int_eq(flex_gpu_partial_bits_prepare(NULL, &st, mask, mc, 2, 4, &again), FLEX_OK);
+    ck_assert_ptr_eq(again, pb);
+    st.capturing = 0;
+    ck_assert_int_eq(allocs, a0 + 1);
+
+    flex_gpu_fwd_params p;
+    memset(&p, 0, sizeof p);
+    flex_gpu_fwd_params_set_bits(&p, pb);
+    ck_assert_uint_eq(p.bits_oob, pb->oob);
+    ck_assert_uint_eq(p.bit_words, pb->entry_words);
+    ck_assert_uint_eq(p.bits, pb->bits);
+    ck_assert_uint_eq(p.bits % 16, 0);
+    ck_assert_int_eq(p.bit_planes_b * p.bit_planes_h, 1);
+    ck_assert_int_eq(p.bit_row_words, 1);
+    ck_assert_int_eq(p.bit_entries, mask->num_partial);
+
+    /* a new binding: new bits, the old ones freed after a wait */
+    ck_assert_int_eq(flex_mod_bind_buffer(NULL, mod, "keep", &t), FLEX_OK);
+    const int f0 = frees, s1 = syncs;
+    ck_assert_int_eq(flex_gpu_partial_bits_prepare(NULL, &st, mask, mc, 2, 4, &again), FLEX_OK);
+    ck_assert_ptr_nonnull(again);
+    ck_assert_int_eq(again->made, 0);
+    ck_assert_int_eq(frees, f0 + 1);
+    ck_assert_int_eq(syncs, s1 + 1);
+    ck_assert_int_eq(allocs, a0 + 2);
+
+    /* freed with the mask's copy: its nine lists and the bits */
+    mask->ctx = &fake_ctx;
+    const int f1 = frees;
+    flex_block_mask_destroy(mask);
+    ck_assert_int_eq(frees, f1 + 10);
+    flex_mod_destroy(mod);
+    flex_context_destroy(cpu);
+}
+END_TEST
+
 /* The backend table's memory slots and synchronize: the vendor's
  * out-of-memory result is FLEX_ERR_OUT_OF_MEMORY, other failures name the
  * call; synchronize reads the bounds flag only after buffer reads. */
@@ -745,14 +957,15 @@ END_TEST
 START_TEST(test_kernel_keys) {
     flex_cuda_fwd_config f = {.dtype = FLEX_BF16, .dq = 128, .dv = 64, .warps = 4, .mt = 2,
                               .block_n = 64, .vec = 1, .scale_positive = 1, .wgmma = 1, .tma = 1,
-                              .chain = 0, .mask_bits = 1, .short_indices = 1, .dv_exact = 1};
+                              .chain = 0, .mask_bits = 1, .short_indices = 1, .dv_exact = 1,
+                              .partial_bits = 1};
     char key[512];
     flex_gpu_fwd_key(key, sizeof key, &st, &f, 1, NULL, NULL, NULL, NULL);
-    ck_assert_str_eq(key, "fwd|bf16|dq128|dv64|dx1|w4|mt2|n64|vec1|wg1|tma1|ch0|mb1|short1|sp1|"
+    ck_assert_str_eq(key, "fwd|bf16|dq128|dv64|dx1|w4|mt2|n64|vec1|wg1|tma1|ch0|mb1|pb1|short1|sp1|"
                           "mask=0000000000000000|score=0000000000000000|inr=0000000000000000."
                           "0000000000000000|fake1|fakecc1.2");
     flex_gpu_fwd_key(key, sizeof key, &st, &f, 0, NULL, NULL, NULL, NULL);
-    ck_assert_str_eq(key, "fwd|bf16|dq128|dv64|dx1|w4|mt2|n64|vec1|mb1|short1|sp1|"
+    ck_assert_str_eq(key, "fwd|bf16|dq128|dv64|dx1|w4|mt2|n64|vec1|mb1|pb1|short1|sp1|"
                           "mask=0000000000000000|score=0000000000000000|inr=0000000000000000."
                           "0000000000000000|fake1|fakecc1.2");
     flex_cuda_bwd_config b = {.dtype = FLEX_F16, .dq = 64, .dv = 128, .warps = 8, .block_m = 32,
@@ -853,6 +1066,8 @@ int main(void) {
     tcase_add_test(tc, test_memory_slots);
     tcase_add_test(tc, test_row_tiles);
     tcase_add_test(tc, test_forward_fit);
+    tcase_add_test(tc, test_partial_bits_plan);
+    tcase_add_test(tc, test_partial_bits_device);
     tcase_add_test(tc, test_backward_tiles);
     tcase_add_test(tc, test_kernel_keys);
     tcase_add_test(tc, test_backward_launches);

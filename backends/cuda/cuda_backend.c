@@ -27,6 +27,7 @@
 #include "mod/emit.h"
 #include "clock.h"
 #include "../gpu/gpu_host.h"
+#include "../gpu/gpu_partial_bits.h"
 
 /* ---- state ---- */
 
@@ -771,18 +772,38 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
         free(score_in_range);
         return s;
     }
+    /* Partial blocks read bit masks made once per mask (and binding of its
+     * mod) instead of evaluating the mask mod per score, where they fit
+     * their memory budget (gpu_partial_bits.h; cuda_partial_bits=0: the
+     * mask mod, for comparison). The f32 kernel evaluates it. */
+    flex_gpu_mask_copy *mc = NULL;
+    flex_gpu_partial_bits *bits = NULL;
+    if (q->dtype != FLEX_F32 && mask_mod && env_switch(ctx, FLEX_DEBUG_CUDA_PARTIAL_BITS, 1)) {
+        s = flex_gpu_mask_device_copy(ctx, &st->gpu, mask, &mc);
+        if (!s) s = flex_gpu_partial_bits_prepare(ctx, &st->gpu, mask, mc, B, Hq, &bits);
+    }
+    cfg.partial_bits = bits && bits->usable;
+
     void *fn = NULL;
     char key[512];
     flex_gpu_fwd_key(key, sizeof key, &st->gpu, &cfg, 1, mask_mod, score_mod, mask_in_range,
                      score_in_range);
-    s = flex_gpu_fwd_function(ctx, &st->gpu, key, flex_cuda_forward_source_in_range, &cfg,
-                              mask_mod, score_mod, mask_in_range, score_in_range, &fn);
+    if (!s)
+        s = flex_gpu_fwd_function(ctx, &st->gpu, key, flex_cuda_forward_source_in_range, &cfg,
+                                  mask_mod, score_mod, mask_in_range, score_in_range, &fn);
     free(mask_in_range);
     free(score_in_range);
 
-    flex_gpu_mask_copy *mc = NULL;
     cuda_buffer_desc descs[FLEX_EMIT_MAX_SLOTS];
     if (!s) s = flex_gpu_bind_mods(ctx, &st->gpu, mask, mask_mod, score_mod, &mc, descs);
+    if (!s && cfg.partial_bits && !bits->made) {
+        /* the bit kernel is in the forward's module */
+        CUfunction make = NULL;
+        s = module_function(ctx, st, key, "flex_partial_bits_kernel", &make);
+        if (!s)
+            s = flex_gpu_partial_bits_make(ctx, &st->gpu, mask, bits, make, descs, slots,
+                                           a->stream);
+    }
 
     if (!s) {
         cuda_fwd_params p;
@@ -790,7 +811,7 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
         /* Tiles in pairs of heads (flex_tile_of; docs/cuda-backend.md, "Tile
          * order"); cuda_head_group=N sets the group, for comparison. */
         const size_t size = flex_gpu_fwd_blob(
-            blob, &p, a, mask, mc, q_block, kv_block, block_m,
+            blob, &p, a, mask, mc, cfg.partial_bits ? bits : NULL, q_block, kv_block, block_m,
             env_int(ctx, FLEX_DEBUG_CUDA_HEAD_GROUP, 2, 0, 1 << 20), descs, slots,
             st->gpu.bounds_flag);
         /* The TMA kernel takes the tensor maps as a second parameter. */

@@ -65,7 +65,8 @@ char *flex_cuda_forward_source_in_range(const flex_cuda_fwd_config *cfg, const i
     const char *tpl = flex_cuda_template("flex_forward.cuh");
     const char *wgmma = flex_cuda_template("flex_wgmma_sm90.cuh");
     const char *sm90 = flex_cuda_template("flex_forward_sm90.cuh");
-    if (!vendor || !common || !mma || !tpl || !wgmma || !sm90) return NULL;
+    const char *bits = flex_cuda_template("flex_partial_bits.cuh");
+    if (!vendor || !common || !mma || !tpl || !wgmma || !sm90 || !bits) return NULL;
     char config[512];
     const char *elem = elem_macro(cfg->dtype);
     snprintf(config, sizeof config,
@@ -73,17 +74,19 @@ char *flex_cuda_forward_source_in_range(const flex_cuda_fwd_config *cfg, const i
              "#define FLEX_WARPS %d\n#define FLEX_MT %d\n#define FLEX_BLOCK_N %d\n"
              "#define FLEX_VEC %d\n#define FLEX_SCALE_POSITIVE %d\n#define FLEX_WGMMA %d\n"
              "#define FLEX_SHORT_INDICES %d\n#define FLEX_TMA %d\n#define FLEX_MASK_BITS %d\n"
-             "#define FLEX_TMA_CHAIN %d\n#define FLEX_DV_EXACT %d\n",
+             "#define FLEX_TMA_CHAIN %d\n#define FLEX_DV_EXACT %d\n#define FLEX_PARTIAL_BITS %d\n",
              elem, cfg->dq, cfg->dv, cfg->warps, cfg->mt, cfg->block_n, cfg->vec,
              cfg->scale_positive, cfg->wgmma, cfg->short_indices, cfg->tma, cfg->mask_bits,
-             cfg->chain, cfg->dv_exact);
+             cfg->chain, cfg->dv_exact, cfg->partial_bits);
     char *mods = flex_emit_mods_in_range(mask, score, mask_in_range, score_in_range);
     if (!mods) return NULL;
     /* The sm_90a kernel is a sibling of the mma.sync one and reuses its
      * helpers, so it follows it, after the wgmma primitives; without
-     * FLEX_WGMMA neither is there (an empty last part). */
-    const char *parts[] = {vendor, config, mods, common, mma, tpl, cfg->wgmma ? wgmma : "", sm90};
-    char *s = concat(parts, cfg->wgmma ? 8 : 7);
+     * FLEX_WGMMA neither is there (an empty last part). The bit masks'
+     * kernel and readers come before the forward, which calls them. */
+    const char *parts[] = {vendor, config, mods, common, mma, cfg->partial_bits ? bits : "",
+                           tpl,    cfg->wgmma ? wgmma : "", sm90};
+    char *s = concat(parts, cfg->wgmma ? 9 : 8);
     free(mods);
     return s;
 }

@@ -35,12 +35,14 @@ typedef struct flex_cuda_fwd_config {
     int mask_bits;      /* masked blocks: keep bits from a rolled loop (flex_keep_bits) */
     int chain;          /* tma: one product pipeline across a CTA's tiles */
     int dv_exact;       /* Dv == dv: the output store needs no column guard */
+    int partial_bits;   /* partial blocks read bit masks (flex_partial_bits.cuh), not the mask mod */
 } flex_cuda_fwd_config;
 
 /*
  * The full source of the forward kernel for config and mods (either may be
  * NULL), or of the mask-block evaluator (forward == 0; score and config
- * unused). Returns a malloc'd string (caller frees) or NULL when out of
+ * unused). With cfg->partial_bits the module also holds the kernel that
+ * makes the bit masks (flex_partial_bits_kernel). Returns a malloc'd string (caller frees) or NULL when out of
  * memory or when the mods have too many buffers.
  */
 char *flex_cuda_forward_source(const flex_cuda_fwd_config *cfg, const ir_mod *mask,

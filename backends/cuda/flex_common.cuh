@@ -14,6 +14,11 @@ struct flex_fwd_params {
     float *lse;
     const int *full_off, *full_idx, *part_off, *part_idx;
     const int *row_order; /* mask q-block rows, heaviest first; NULL: natural order */
+    /* Partial blocks as bit masks (flex_partial_bits.cuh; NULL without):
+     * per (plane, partial list entry) the word offset of its bit block in
+     * bits, and the mask mod's bounds bits of the kernel that made them. */
+    const int *bit_words;
+    const unsigned *bits, *bits_oob;
     long long q_sb, q_sh, q_ss;
     long long k_sb, k_sh, k_ss;
     long long v_sb, v_sh, v_ss;
@@ -24,6 +29,9 @@ struct flex_fwd_params {
     int dense;         /* 1: no block mask, every kv block of mask_kvblock is full */
     int tiles_per_row; /* kernel q-tiles per mask q-block */
     int head_group;    /* tile order (flex_tile_of); 0: (batch, head) fastest */
+    /* bit planes over b and h (B or 1, Hq or 1), partial list entries per
+     * plane, words per row of a bit block */
+    int bit_planes_b, bit_planes_h, bit_entries, bit_row_words;
     float scale, scale_log2;
     flex_buffers bufs;
 };

@@ -22,7 +22,8 @@
  * current one is computed (double buffering). Exponentials are exp2 with
  * log2(e) folded into the scale. The kv walk follows the block mask's lists:
  * full blocks evaluate no mask, partial blocks evaluate flex_mask_mod per
- * element, the score mod is applied everywhere.
+ * element or, with FLEX_PARTIAL_BITS, read the bit masks made once for
+ * them (flex_partial_bits.cuh), the score mod is applied everywhere.
  *
  * f32: a plain FMA path (one warp per query row), exact f32 arithmetic.
  *
@@ -32,6 +33,12 @@
 
 #ifndef FLEX_WGMMA
 #define FLEX_WGMMA 0
+#endif
+/* 1: partial blocks read their keep bits from bit masks made once
+ * (flex_partial_bits.cuh, placed before this file) instead of evaluating
+ * the mask mod. */
+#ifndef FLEX_PARTIAL_BITS
+#define FLEX_PARTIAL_BITS 0
 #endif
 
 #if defined(FLEX_ELEM_BF16) || defined(FLEX_ELEM_F16)
@@ -120,18 +127,25 @@ static FLEX_DEVICE_INLINE bool flex_keep(const flex_fwd_params &p, int b, int h,
     return keep;
 }
 
-/* Keep bits of this lane's scores in an n-tile pair (bit 4 * (nt & 1) + r)
- * for every n-tile pair, from a loop the compiler keeps rolled: one pair's
- * worth of the mask mod in the kernel instead of NT, which is most of the
- * kernel's compile time and registers for masks that read buffers. */
+#if !FLEX_PARTIAL_BITS
+/* Keep bits of this lane's scores in a step of NT n-tiles: score r of
+ * n-tile nt is bit 4 * (nt & 7) + r of word nt / 8. */
+template <int NT> struct flex_keep_words {
+    unsigned w[(NT + 7) / 8];
+};
+
+/* The keep words for every n-tile pair, from a loop the compiler keeps
+ * rolled: one pair's worth of the mask mod in the kernel instead of NT,
+ * which is most of the kernel's compile time and registers for masks that
+ * read buffers. */
 template <int NT>
 static FLEX_DEVICE_INLINE void flex_keep_bits(const flex_fwd_params &p, int b, int h, int qrow0,
                                               int kv0, bool partial, bool bounds, int lane,
-                                              unsigned &oob, unsigned (&bits)[(NT + 7) / 8]) {
+                                              unsigned &oob, flex_keep_words<NT> &kw) {
     static_assert(NT % 2 == 0, "n-tiles come in pairs");
 #pragma unroll
     for (int w = 0; w < (NT + 7) / 8; w++)
-        bits[w] = 0u;
+        kw.w[w] = 0u;
 #pragma unroll 1
     for (int pair = 0; pair < NT / 2; pair++) {
         unsigned pb = 0u;
@@ -144,15 +158,41 @@ static FLEX_DEVICE_INLINE void flex_keep_bits(const flex_fwd_params &p, int b, i
         /* pair 4 w + j goes to bits [8 j, 8 j + 8) of word w */
 #pragma unroll
         for (int w = 0; w < (NT + 7) / 8; w++)
-            bits[w] |= (pair >> 2) == w ? pb << (8 * (pair & 3)) : 0u;
+            kw.w[w] |= (pair >> 2) == w ? pb << (8 * (pair & 3)) : 0u;
     }
 }
 
 /* Score r of n-tile nt's bit in flex_keep_bits' words. */
 template <int NT>
-static FLEX_DEVICE_INLINE bool flex_kept(const unsigned (&bits)[(NT + 7) / 8], int nt, int r) {
-    return (bits[nt >> 3] >> (4 * (nt & 7) + r)) & 1u;
+static FLEX_DEVICE_INLINE bool flex_kept(const flex_keep_words<NT> &kw, int nt, int r) {
+    return (kw.w[nt >> 3] >> (4 * (nt & 7) + r)) & 1u;
 }
+#endif
+
+/* The keep words of a masked step (partial and/or cut by the sequence
+ * ends): from the partial block's bit mask at word bits_at with
+ * FLEX_PARTIAL_BITS, where the mask mod is never called and its bounds
+ * bits come from the kernel that made the bits; otherwise from the mask
+ * mod. */
+template <int NT>
+static FLEX_DEVICE_INLINE void flex_step_keep(const flex_fwd_params &p, int b, int h, int qrow0,
+                                              int kv0, bool partial, bool bounds, int bits_at,
+                                              int lane, unsigned &oob, flex_keep_words<NT> &kw) {
+#if FLEX_PARTIAL_BITS
+    (void)b;
+    (void)h;
+    (void)bounds;
+    (void)oob;
+    flex_keep_words_of<NT>(p, qrow0, kv0, partial, bits_at, lane, kw);
+#else
+    (void)bits_at;
+    flex_keep_bits<NT>(p, b, h, qrow0, kv0, partial, bounds, lane, oob, kw);
+#endif
+}
+
+/* Keep words rather than the mask mod per score: the rolled loop of
+ * flex_keep_bits (FLEX_MASK_BITS), or the bit masks. */
+#define FLEX_KEEP_WORDS (FLEX_MASK_BITS || FLEX_PARTIAL_BITS)
 
 /* Scores of one 16-row m-tile (NT n-tiles of 8 keys, the m16n8 accumulator
  * layout that wgmma's m64 accumulators share per warp) -> mods, mask and
@@ -161,12 +201,18 @@ template <bool MASKED, int NT>
 static FLEX_DEVICE_INLINE void
 flex_softmax_probs(const flex_fwd_params &p, float (&m)[2], float (&l)[2], float (&s)[NT][4],
                    float (&alphas)[2], int b, int h, int qrow0, int kv0, bool partial, bool bounds,
-                   int lane, unsigned &oob) {
-    /* Raw scores only on the unmasked path, which has registers to spare. */
+                   int bits_at, int lane, unsigned &oob) {
+    /* Raw scores only on the unmasked path, which has registers to spare
+     * (and the masked path's arithmetic does not depend on where its keep
+     * bits come from, so results are the same with and without the bit
+     * masks). */
     constexpr bool RAW = FLEX_RAW_SCORES && !MASKED;
-#if FLEX_MASK_BITS
-    unsigned bits[(NT + 7) / 8];
-    if (MASKED) flex_keep_bits<NT>(p, b, h, qrow0, kv0, partial, bounds, lane, oob, bits);
+#if FLEX_KEEP_WORDS
+    flex_keep_words<NT> kw;
+    if (MASKED)
+        flex_step_keep<NT>(p, b, h, qrow0, kv0, partial, bounds, bits_at, lane, oob, kw);
+#else
+    (void)bits_at;
 #endif
         /* Scores in log2 units (raw: unscaled), modified and masked. */
 #pragma unroll
@@ -179,8 +225,8 @@ flex_softmax_probs(const flex_fwd_params &p, float (&m)[2], float (&l)[2], float
              * interleaving the scores): the mods run for every score, the
              * buffer-bounds bits they raise count only where the score is
              * kept (mods have no stores; their loads are clamped). */
-#if FLEX_MASK_BITS
-            const bool keep = !MASKED || flex_kept<NT>(bits, nt, r);
+#if FLEX_KEEP_WORDS
+            const bool keep = !MASKED || flex_kept<NT>(kw, nt, r);
 #else
             const bool keep = !MASKED || flex_keep(p, b, h, q, kv, partial, bounds, oob);
 #endif
@@ -219,7 +265,7 @@ template <int NT>
 static FLEX_DEVICE_INLINE void
 flex_softmax_probs_split(const flex_fwd_params &p, float (&m)[2], float (&l)[2], float (&s)[NT][4],
                          float (&alphas)[2], int b, int h, int qrow0, int kv0, bool partial,
-                         bool bounds, int lane, unsigned &oob) {
+                         bool bounds, int bits_at, int lane, unsigned &oob) {
     unsigned score_oob = 0; /* of every score, kept or not */
 #pragma unroll
     for (int nt = 0; nt < NT; nt++)
@@ -231,17 +277,19 @@ flex_softmax_probs_split(const flex_fwd_params &p, float (&m)[2], float (&l)[2],
                 FLEX_LOG2E;
         }
     if (partial || bounds) {
-#if FLEX_MASK_BITS
-        unsigned bits[(NT + 7) / 8];
-        flex_keep_bits<NT>(p, b, h, qrow0, kv0, partial, bounds, lane, oob, bits);
+#if FLEX_KEEP_WORDS
+        flex_keep_words<NT> kw;
+        flex_step_keep<NT>(p, b, h, qrow0, kv0, partial, bounds, bits_at, lane, oob, kw);
+#else
+        (void)bits_at;
 #endif
 #pragma unroll
         for (int nt = 0; nt < NT; nt++)
 #pragma unroll
             for (int r = 0; r < 4; r++) {
                 const int q = flex_score_q(qrow0, lane, r), kv = flex_score_kv(kv0, lane, nt, r);
-#if FLEX_MASK_BITS
-                const bool keep = flex_kept<NT>(bits, nt, r);
+#if FLEX_KEEP_WORDS
+                const bool keep = flex_kept<NT>(kw, nt, r);
 #else
                 const bool keep = flex_keep(p, b, h, q, kv, partial, bounds, oob);
 #endif
@@ -260,10 +308,10 @@ template <bool MASKED>
 static FLEX_DEVICE_INLINE void
 flex_softmax_tile(const flex_fwd_params &p, flex_warp_state &st, float (&s)[FLEX_SUB_N / 8][4],
                   flex_u32 (&pa)[FLEX_SUB_N / 16][4], int mt, int b, int h, int qrow0, int kv0,
-                  bool partial, bool bounds, int lane, unsigned &oob) {
+                  bool partial, bool bounds, int bits_at, int lane, unsigned &oob) {
     float alphas[2];
     flex_softmax_probs<MASKED, FLEX_SUB_N / 8>(p, st.m[mt], st.l[mt], s, alphas, b, h, qrow0, kv0,
-                                               partial, bounds, lane, oob);
+                                               partial, bounds, bits_at, lane, oob);
     flex_rescale(st.o[mt], alphas);
     flex_pack_probs<FLEX_SUB_N / 8>(s, pa);
 }
@@ -279,8 +327,8 @@ template <bool MASKED>
 static FLEX_DEVICE_INLINE void flex_step(const flex_fwd_params &p, flex_warp_state &st,
                                          const flex_u32 (&qf)[FLEX_MT][FLEX_DQ / 16][4],
                                          flex_u32 sQ, flex_u32 sK, flex_u32 sV, int b, int h,
-                                         int q0, int kv0, bool partial, bool bounds, int warp,
-                                         int lane, unsigned &oob) {
+                                         int q0, int kv0, bool partial, bool bounds, int bits_at,
+                                         int warp, int lane, unsigned &oob) {
     constexpr int NT = FLEX_SUB_N / 8;
     const int wrow = warp * 16 * FLEX_MT;
     /* Per-lane fragment bases (see flex_frag_base). */
@@ -340,7 +388,7 @@ static FLEX_DEVICE_INLINE void flex_step(const flex_fwd_params &p, flex_warp_sta
 #pragma unroll
         for (int mt = 0; mt < FLEX_MT; mt++)
             flex_softmax_tile<MASKED>(p, st, s[mt], pa[mt], mt, b, h, q0 + wrow + mt * 16,
-                                      kv0 + sub * FLEX_SUB_N, partial, bounds, lane, oob);
+                                      kv0 + sub * FLEX_SUB_N, partial, bounds, bits_at, lane, oob);
 
             /* O += P V */
 #pragma unroll
@@ -478,6 +526,9 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
     const flex_u32 sV = sK + FLEX_STAGES * FLEX_BLOCK_N * FLEX_DQ * 2;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+#if FLEX_PARTIAL_BITS
+    flex_raise_bits_oob(p);
+#endif
     flex_tile tile;
     if (!flex_tile_for(p, tile)) return;
     const int nsteps = tile.nsteps;
@@ -490,10 +541,13 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
      * publishes it). A three-stage, one-barrier variant measured slower on
      * H100 (less L1 beside 128 KB of shared memory). */
     flex_load_tile<FLEX_BLOCK_M, FLEX_DQ>(sQ, tile.gq, p.q_ss, tile.q0, p.Lq, p.D, tid);
-    int next_kv0 = 0;
+    int next_kv0 = 0, next_bits_at = 0;
     bool next_partial = false;
     if (tile.nsteps > 0) {
         next_kv0 = flex_step_kv0(p, tile.walk, 0, next_partial);
+#if FLEX_PARTIAL_BITS
+        if (next_partial) next_bits_at = flex_step_bits_at(p, tile.walk, 0, tile.b, tile.h);
+#endif
         flex_load_tile<FLEX_BLOCK_N, FLEX_DQ>(sK, tile.gk, p.k_ss, next_kv0, p.Lkv, p.D, tid);
         flex_load_tile<FLEX_BLOCK_N, FLEX_DV>(sV, tile.gv, p.v_ss, next_kv0, p.Lkv, p.Dv, tid);
     }
@@ -514,12 +568,16 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
     const bool q_bounds = tile.q0 + FLEX_BLOCK_M > p.Lq;
     unsigned oob = 0; /* buffer slots this thread read out of range */
     for (int step = 0; step < nsteps; step++) {
-        const int kv0 = next_kv0;
+        const int kv0 = next_kv0, bits_at = next_bits_at;
         const bool partial = next_partial;
         const int stage = step & 1;
         __syncthreads(); /* everyone is done with the stage we refill next */
         if (step + 1 < nsteps) {
             next_kv0 = flex_step_kv0(p, tile.walk, step + 1, next_partial);
+#if FLEX_PARTIAL_BITS
+            if (next_partial)
+                next_bits_at = flex_step_bits_at(p, tile.walk, step + 1, tile.b, tile.h);
+#endif
             const int ns = stage ^ 1;
             flex_load_tile<FLEX_BLOCK_N, FLEX_DQ>(sK + ns * FLEX_BLOCK_N * FLEX_DQ * 2, tile.gk,
                                                   p.k_ss, next_kv0, p.Lkv, p.D, tid);
@@ -535,9 +593,9 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
         const flex_u32 v_t = sV + stage * FLEX_BLOCK_N * FLEX_DV * 2;
         if (partial || bounds)
             flex_step<true>(p, st, qf, sQ, k_t, v_t, tile.b, tile.h, tile.q0, kv0, partial, bounds,
-                            warp, lane, oob);
+                            bits_at, warp, lane, oob);
         else
-            flex_step<false>(p, st, qf, sQ, k_t, v_t, tile.b, tile.h, tile.q0, kv0, false, false,
+            flex_step<false>(p, st, qf, sQ, k_t, v_t, tile.b, tile.h, tile.q0, kv0, false, false, 0,
                              warp, lane, oob);
     }
 

@@ -103,22 +103,23 @@ static FLEX_DEVICE_INLINE void flex_sm90_issue(float (&s)[16][4], float (&o)[FLE
  * step at kv0, packed as the A fragments of the next P V: the plain path
  * for blocks without mask or bounds, the masked one otherwise; with a score
  * mod whose reads do not depend on the score, one copy of the score mod
- * serves both (flex_softmax_probs_split). */
+ * serves both (flex_softmax_probs_split). bits_at: a partial step's bit
+ * block (FLEX_PARTIAL_BITS). */
 static FLEX_DEVICE_INLINE void
 flex_sm90_probs(const flex_fwd_params &p, flex_warp_state &st, float (&s)[16][4],
                 flex_u32 (&pa)[FLEX_BLOCK_N / 16][4], float (&alphas)[2], int b, int h, int qrow0,
-                int kv0, bool partial, bool q_bounds, int lane, unsigned &oob) {
+                int kv0, bool partial, bool q_bounds, int bits_at, int lane, unsigned &oob) {
     const bool bounds = q_bounds || kv0 + FLEX_BLOCK_N > p.Lkv;
 #if FLEX_HAS_SCORE_MOD && !FLEX_SCORE_INDEX_USES_SCORE
     flex_softmax_probs_split<16>(p, st.m[0], st.l[0], s, alphas, b, h, qrow0, kv0, partial, bounds,
-                                 lane, oob);
+                                 bits_at, lane, oob);
 #else
     if (partial || bounds)
         flex_softmax_probs<true, 16>(p, st.m[0], st.l[0], s, alphas, b, h, qrow0, kv0, partial,
-                                     bounds, lane, oob);
+                                     bounds, bits_at, lane, oob);
     else
         flex_softmax_probs<false, 16>(p, st.m[0], st.l[0], s, alphas, b, h, qrow0, kv0, false,
-                                      false, lane, oob);
+                                      false, 0, lane, oob);
 #endif
     flex_pack_probs<16>(s, pa);
 }
@@ -171,6 +172,9 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
     constexpr flex_u32 K_STAGE = FLEX_BLOCK_N * FLEX_DQ * 2, V_STAGE = FLEX_BLOCK_N * FLEX_DV * 2;
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, wg = warp >> 2;
+#if FLEX_PARTIAL_BITS
+    flex_raise_bits_oob(p);
+#endif
     flex_tile tile;
     if (!flex_tile_for(p, tile)) return;
     const int nsteps = tile.nsteps;
@@ -194,13 +198,16 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
      * (The TMA kernel reads Q as step 0's V stage and clears O instead; here
      * that measured 15% slower on noop: the choice between the two
      * descriptors costs registers the step cannot spare.) */
-    int kv_cur = 0, kv_next = 0;
+    int kv_cur = 0, kv_next = 0, bits_cur = 0, bits_next = 0;
     bool partial_cur = false, partial_next = false;
     float s[16][4];
     flex_u32 pa[FLEX_BLOCK_N / 16][4];
     flex_sm90_clear(pa);
     if (nsteps > 0) {
         kv_cur = flex_step_kv0(p, tile.walk, 0, partial_cur);
+#if FLEX_PARTIAL_BITS
+        if (partial_cur) bits_cur = flex_step_bits_at(p, tile.walk, 0, tile.b, tile.h);
+#endif
         flex_load_tile<FLEX_BLOCK_M, FLEX_DQ, true>(sQ, tile.gq, p.q_ss, tile.q0, p.Lq, p.D, tid);
         flex_load_tile<FLEX_BLOCK_N, FLEX_DQ, true>(sK, tile.gk, p.k_ss, kv_cur, p.Lkv, p.D, tid);
         /* V stage 1 feeds step 0's product with P = 0: zeros, never NaN. */
@@ -222,6 +229,10 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
                                                         kv_cur, p.Lkv, p.Dv, tid);
         if (step + 1 < nsteps) {
             kv_next = flex_step_kv0(p, tile.walk, step + 1, partial_next);
+#if FLEX_PARTIAL_BITS
+            if (partial_next)
+                bits_next = flex_step_bits_at(p, tile.walk, step + 1, tile.b, tile.h);
+#endif
             flex_load_tile<FLEX_BLOCK_N, FLEX_DQ, true>(sK + ((step + 1) & 1) * K_STAGE, tile.gk,
                                                         p.k_ss, kv_next, p.Lkv, p.D, tid);
         }
@@ -238,13 +249,14 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
         flex_u32 pa_next[FLEX_BLOCK_N / 16][4];
         if (!last)
             flex_sm90_probs(p, st, s, pa_next, alphas, tile.b, tile.h, qrow0, kv_cur, partial_cur,
-                            q_bounds, lane, oob);
+                            q_bounds, bits_cur, lane, oob);
         flex_sm90_wait_pv(st.o[0], pa);
         if (!last) {
             flex_rescale(st.o[0], alphas);
             flex_sm90_take_probs(pa, pa_next);
             kv_cur = kv_next;
             partial_cur = partial_next;
+            bits_cur = bits_next;
         }
     }
 
@@ -361,6 +373,7 @@ struct flex_tile_info {
 };
 struct flex_step_info {
     int kv0, partial;
+    int bits_at; /* a partial step's bit block (FLEX_PARTIAL_BITS) */
 };
 
 /* The consumers' next tile with kv steps from the Q ring, from round k on:
@@ -417,6 +430,9 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
     const flex_u32 sV = sK + 2 * K_STAGE;
 
     const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7;
+#if FLEX_PARTIAL_BITS
+    flex_raise_bits_oob(p);
+#endif
     if (tid == 0) {
         for (int i = 0; i < 2; i++) {
             flex_mbar_init(full_q + 8 * i, 1);
@@ -460,6 +476,9 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
                 if (g >= 2) flex_mbar_wait(empty_k + 8 * st, parity);
                 volatile flex_step_info *step = &flex_steps[st];
                 step->kv0 = kv0, step->partial = partial;
+#if FLEX_PARTIAL_BITS
+                step->bits_at = partial ? flex_step_bits_at(p, tile.walk, j, tile.b, tile.h) : 0;
+#endif
                 flex_tma_tile<FLEX_BLOCK_N, FLEX_DQ>(sK + st * K_STAGE, tm.k, kv0, hk, tile.b,
                                                      full_k + 8 * st);
                 if (g >= 2) flex_mbar_wait(empty_v + 8 * st, parity);
@@ -537,9 +556,10 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
                 /* The step's kv block, read before its K stage is released. */
                 const int kv0 = flex_steps[g & 1].kv0;
                 const bool partial = flex_steps[g & 1].partial != 0;
+                const int bits_at = FLEX_PARTIAL_BITS ? flex_steps[g & 1].bits_at : 0;
                 if (lane == 0) flex_mbar_arrive(empty_k + 8 * (g & 1));
                 flex_sm90_probs(p, st, s, pa_next, alphas, cur.b, cur.h, cur.q0 + cwarp * 16, kv0,
-                                partial, cur.q0 + FLEX_BLOCK_M > p.Lq, lane, oob);
+                                partial, cur.q0 + FLEX_BLOCK_M > p.Lq, bits_at, lane, oob);
             }
             flex_sm90_wait_pv(st.o[0], pa);
             if (lane == 0) {
@@ -602,6 +622,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
             /* The step's kv block, read before its K stage is released. */
             const int kv0 = last ? 0 : flex_steps[gk & 1].kv0;
             const bool partial = !last && flex_steps[gk & 1].partial != 0;
+            const int bits_at = FLEX_PARTIAL_BITS && partial ? flex_steps[gk & 1].bits_at : 0;
             if (lane == 0) {
                 if (!last)
                     flex_mbar_arrive(empty_k + 8 * (gk & 1));
@@ -612,7 +633,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
             flex_u32 pa_next[FLEX_BLOCK_N / 16][4];
             if (!last)
                 flex_sm90_probs(p, st, s, pa_next, alphas, cur.b, cur.h, qrow0, kv0, partial,
-                                q_bounds, lane, oob);
+                                q_bounds, bits_at, lane, oob);
             flex_sm90_wait_pv(st.o[0], pa);
             if (step > 0 && lane == 0) flex_mbar_arrive(empty_v + 8 * (gv & 1));
             if (step == 0)

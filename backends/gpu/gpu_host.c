@@ -10,6 +10,7 @@
 #include <string.h>
 
 #include "gpu_host.h"
+#include "gpu_partial_bits.h"
 #include "clock.h"
 
 flex_status flex_gpu_check(flex_context *ctx, const flex_gpu_state *st, int result,
@@ -378,6 +379,8 @@ static void mask_copy_free_arrays(const flex_gpu_state *st, flex_gpu_mask_copy *
                                 c->qfull_off, c->qfull_idx, c->qpart_off, c->qpart_idx};
     for (size_t i = 0; i < sizeof all / sizeof all[0]; i++)
         if (all[i]) st->ops->mem_free(st->api, all[i]);
+    flex_gpu_partial_bits_free(st, c->partial_bits);
+    c->partial_bits = NULL;
 }
 
 static void mask_copy_free(flex_context *ctx, void *copy) {
@@ -762,9 +765,11 @@ void flex_gpu_fwd_params_fill(flex_gpu_fwd_params *p, const flex_forward_args *a
 
 size_t flex_gpu_fwd_blob(unsigned char *blob, flex_gpu_fwd_params *p, const flex_forward_args *a,
                          const struct flex_block_mask *mask, const flex_gpu_mask_copy *mc,
-                         int q_block, int kv_block, int block_m, int head_group,
-                         const flex_gpu_buffer_desc *descs, int slots, flex_gpu_ptr flag) {
+                         const struct flex_gpu_partial_bits *bits, int q_block, int kv_block,
+                         int block_m, int head_group, const flex_gpu_buffer_desc *descs,
+                         int slots, flex_gpu_ptr flag) {
     flex_gpu_fwd_params_fill(p, a, mask, mc, q_block, kv_block, block_m, head_group);
+    if (bits) flex_gpu_fwd_params_set_bits(p, bits);
     memcpy(blob, p, sizeof *p);
     return flex_gpu_append_buffers(blob, sizeof *p, descs, slots, flag);
 }
@@ -801,17 +806,18 @@ void flex_gpu_fwd_key(char *key, size_t cap, const flex_gpu_state *st,
                       const unsigned char *score_in_range) {
     /* The key names every field of the configuration: a new field that
      * changes the source belongs in it too, or two kernels share a key. */
-    _Static_assert(sizeof(flex_cuda_fwd_config) == 14 * sizeof(int),
+    _Static_assert(sizeof(flex_cuda_fwd_config) == 15 * sizeof(int),
                    "flex_cuda_fwd_config changed: update the forward kernel key");
     char sm90_fields[64] = "";
     if (sm90)
         snprintf(sm90_fields, sizeof sm90_fields, "wg%d|tma%d|ch%d|", cfg->wgmma, cfg->tma,
                  cfg->chain);
     snprintf(key, cap,
-             "fwd|%s|dq%d|dv%d|dx%d|w%d|mt%d|n%d|vec%d|%smb%d|short%d|sp%d|mask=%016llx|"
+             "fwd|%s|dq%d|dv%d|dx%d|w%d|mt%d|n%d|vec%d|%smb%d|pb%d|short%d|sp%d|mask=%016llx|"
              "score=%016llx|inr=%016llx.%016llx|%s|%s",
              flex_dtype_name(cfg->dtype), cfg->dq, cfg->dv, cfg->dv_exact, cfg->warps, cfg->mt,
-             cfg->block_n, cfg->vec, sm90_fields, cfg->mask_bits, cfg->short_indices,
+             cfg->block_n, cfg->vec, sm90_fields, cfg->mask_bits, cfg->partial_bits,
+             cfg->short_indices,
              cfg->scale_positive, (unsigned long long)mod_hash(mask_mod),
              (unsigned long long)mod_hash(score_mod),
              (unsigned long long)flex_gpu_in_range_checksum(mask_in_range,

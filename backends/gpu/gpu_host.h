@@ -240,6 +240,9 @@ typedef struct flex_gpu_mask_copy {
     flex_gpu_ptr full_off, full_idx, part_off, part_idx, order;
     /* the q-major (transposed) lists, for the backward */
     flex_gpu_ptr qfull_off, qfull_idx, qpart_off, qpart_idx;
+    /* the partial blocks' bit masks, made at a forward's first use
+     * (gpu_partial_bits.h); NULL: none yet */
+    struct flex_gpu_partial_bits *partial_bits;
 } flex_gpu_mask_copy;
 
 /* Uploads the kv-major lists of mask, its q-major lists (the backward's)
@@ -357,11 +360,13 @@ int flex_gpu_decode_splits(int sm_count, int64_t units, int64_t longest_kv, int 
 typedef struct flex_gpu_fwd_params {
     uint64_t q, k, v, out, lse;
     uint64_t full_off, full_idx, part_off, part_idx, row_order;
+    uint64_t bit_words, bits, bits_oob;
     int64_t q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, o_sb, o_sh, o_ss, l_sb, l_sh,
         l_ss;
     int32_t B, Hq, Hkv, Lq, Lkv, D, Dv;
     int32_t mask_B, mask_H, mask_nq, mask_nk, mask_qblock, mask_kvblock;
     int32_t dense, tiles_per_row, head_group;
+    int32_t bit_planes_b, bit_planes_h, bit_entries, bit_row_words;
     float scale, scale_log2;
 } flex_gpu_fwd_params;
 
@@ -378,12 +383,14 @@ void flex_gpu_fwd_params_fill(flex_gpu_fwd_params *p, const flex_forward_args *a
 #define FLEX_GPU_FWD_BLOB_BYTES                                                                    \
     (sizeof(flex_gpu_fwd_params) + (FLEX_EMIT_MAX_SLOTS + 2) * sizeof(flex_gpu_buffer_desc))
 /* The forward kernel's parameter block: *p (flex_gpu_fwd_params_fill's
- * arguments) followed by the mods' buffers and the bounds flag, in blob;
+ * arguments, pointed at the partial blocks' bit masks where bits is not
+ * NULL) followed by the mods' buffers and the bounds flag, in blob;
  * returns its size. Pure. */
 size_t flex_gpu_fwd_blob(unsigned char *blob, flex_gpu_fwd_params *p, const flex_forward_args *a,
                          const struct flex_block_mask *mask, const flex_gpu_mask_copy *mc,
-                         int q_block, int kv_block, int block_m, int head_group,
-                         const flex_gpu_buffer_desc *descs, int slots, flex_gpu_ptr flag);
+                         const struct flex_gpu_partial_bits *bits, int q_block, int kv_block,
+                         int block_m, int head_group, const flex_gpu_buffer_desc *descs,
+                         int slots, flex_gpu_ptr flag);
 
 /* The forward configuration both vendors start from: dtype, padded head
  * dims, the scale's sign, 16-bit indices (the kernels evaluate the mods up

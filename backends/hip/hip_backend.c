@@ -315,7 +315,7 @@ static flex_status hip_forward(flex_context *ctx, const flex_forward_args *a) {
         flex_gpu_fwd_params p;
         unsigned char blob[FLEX_GPU_FWD_BLOB_BYTES];
         const size_t size = flex_gpu_fwd_blob(
-            blob, &p, a, mask, mc, q_block, kv_block, block_m,
+            blob, &p, a, mask, mc, NULL, q_block, kv_block, block_m,
             flex_gpu_env_int(ctx, FLEX_DEBUG_CUDA_HEAD_GROUP, 2, 0, 1 << 20), descs, slots,
             st->gpu.bounds_flag);
         const unsigned gx = (unsigned)(B * Hq);

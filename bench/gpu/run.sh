@@ -11,8 +11,10 @@
 # When any check or the benchmark's verification fails (or crashes, or
 # times out), the run says FAILED, writes nothing into $RESULTS_DIR and
 # exits 1. Every check summary line reads "N passed, N failed, N skipped".
-# The check also runs the GPU test programs test_cuda_backward and
-# test_cuda_decode (the CUDA backward and decode against the CPU's); --backward adds bench/gpu/backward.py (the backward beside
+# The check also runs the GPU test programs test_cuda_backward,
+# test_cuda_decode (the CUDA backward and decode against the CPU's) and
+# test_cuda_partial_bits (the forward with partial-block bit masks against
+# the forward evaluating the mask, bit for bit); --backward adds bench/gpu/backward.py (the backward beside
 # torch's, its gradients checked; cuda-backward-<gpu>.md and .jsonl);
 # --decode adds bench/gpu/decode.py (decode beside torch flex, SDPA flash
 # and cuDNN, its outputs checked; decode-<gpu>.md and .jsonl);
@@ -99,7 +101,7 @@ if [ "$SKIP_CHECK" = 0 ]; then
         check_summary "$OUT/check-env-${E%%=*}.log" "$STATUS" "$E"
     done
     # The GPU test programs: PASS and FAIL lines; exit 77 (no GPU) fails here.
-    for T in test_cuda_backward test_cuda_decode; do
+    for T in test_cuda_backward test_cuda_decode test_cuda_partial_bits; do
         echo "== $T"
         T0=$(date +%s)
         FLEXATTN_CACHE_DIR=off timeout -k 5 "${CHECK_TIMEOUT:-240}" "$BUILD/$T" >"$OUT/$T.log" 2>&1

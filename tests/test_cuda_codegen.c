@@ -944,10 +944,13 @@ int main(void) {
     tcase_set_timeout(nvrtc, 600);
     tcase_add_test(nvrtc, test_nvrtc_compiles_presets_and_seeds);
     tcase_add_test(nvrtc, test_nvrtc_error_carries_log);
-    tcase_add_test(nvrtc, test_nvrtc_parameter_layout);
     tcase_add_test(nvrtc, test_nvrtc_compiles_decode);
     suite_add_tcase(suite, nvrtc);
-    /* A case of its own, so CK_RUN_CASE=nvrtc_deterministic runs it alone. */
+    /* Cases of their own, so CK_RUN_CASE=nvrtc_layout (nvrtc_deterministic)
+     * runs one alone. */
+    TCase *layout = tcase_create("nvrtc_layout");
+    tcase_add_test(layout, test_nvrtc_parameter_layout);
+    suite_add_tcase(suite, layout);
     TCase *det = tcase_create("nvrtc_deterministic");
     tcase_set_timeout(det, 600);
     tcase_add_test(det, test_nvrtc_compiles_deterministic_backward);

@@ -23,8 +23,10 @@
  * integer (flex_gpu_ptr) on the host, which only passes them on. Integers
  * are flex_gpu_i32 and flex_gpu_i64 (int and long long in the kernels,
  * int32_t and int64_t on the host). Both sides assert these widths and
- * alignments below, so one declaration makes one layout; the NVRTC compile
- * test checks the kernels' offsets against the host's (test_cuda_codegen.c).
+ * alignments below, so one declaration makes one layout; the NVRTC suite
+ * checks the heads' sizes as NVRTC lays them out against the host's
+ * (test_cuda_codegen.c), and the host's suite reads every blob at the
+ * offsets of these structs (test_gpu_host.c).
  */
 #ifndef FLEX_GPU_PARAMS_H
 #define FLEX_GPU_PARAMS_H
@@ -74,12 +76,12 @@ typedef struct flex_buffer {
 } flex_buffer;
 
 /*
- * The heads below are given twice from one text: as a struct, which the
- * host fills, and as a list of members (FLEX_GPU_*_FIELDS), which the
- * kernels' structs begin with, so that their members stay members of the
- * kernel's own struct (p.q, not p.head.q) and the compiled kernels are
- * those of a struct declared in one piece. Both start with the same
- * members, hence at the same offsets.
+ * Each head below is one list of members (FLEX_GPU_*_FIELDS) that two
+ * structs begin with: the host's (flex_gpu_fwd_params, ...) and the
+ * kernel's (flex_fwd_params, ...), whose members thus stay its own (p.q,
+ * not p.head.q) and whose compiled code is that of a struct declared in
+ * one piece. Structs that begin with the same members have them at the
+ * same offsets.
  */
 
 /* The forward kernels' parameters before the mods' buffers (struct
@@ -186,6 +188,16 @@ template <int slots> struct flex_gpu_buffers {
     (sizeof(flex_buffer) * ((slots) > 0 ? (unsigned)(slots) : 1u))
 #define FLEX_GPU_BUFFERS_BYTES(slots)                                                              \
     (FLEX_GPU_BUFFERS_FLAG_AT(slots) + sizeof(FLEX_GPU_PTR(unsigned)))
+
+#if defined(__cplusplus) && !defined(__CUDACC_RTC__)
+/* The flag after the descriptors, where the host writes it. Checked by the
+ * compilers that have offsetof (the host's C++ compile of this file,
+ * clang and hiprtc); NVRTC has none, and sizes alone cannot tell the
+ * order of two members. */
+static_assert(__builtin_offsetof(flex_gpu_buffers<3>, bounds_flag) == FLEX_GPU_BUFFERS_FLAG_AT(3) &&
+                  sizeof(flex_gpu_buffers<3>) == FLEX_GPU_BUFFERS_BYTES(3),
+              "flex_gpu_buffers: the descriptors, then the bounds flag");
+#endif
 
 /* Where the forward's block starts in the backward's: after the head and
  * the descriptors of grad_slots gradient tensors (at least one, as

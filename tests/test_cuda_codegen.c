@@ -20,6 +20,7 @@
 #include "mod/parse.h"
 #include "../backends/cuda/cuda_compile.h"
 #include "../backends/cuda/cuda_loader.h"
+#include "../backends/gpu/flex_gpu_params.h"
 
 static int nvrtc_skipped;
 
@@ -870,6 +871,63 @@ START_TEST(test_backward_source_wgmma) {
 }
 END_TEST
 
+/* The parameter heads as NVRTC lays them out are the host's: the embedded
+ * flex_gpu_params.h, compiled as the kernels compile it, must agree with
+ * the sizes this C compile gives it, and every kernel source starts with
+ * it. The kernels assert their own structs against these heads. */
+START_TEST(test_nvrtc_parameter_layout) {
+    char why[512];
+    if (flex_cuda_load_nvrtc(&api, why, sizeof why) != 0) {
+        printf("SKIPPED: NVRTC parameter layout (%s)\n", why);
+        nvrtc_skipped = 1;
+        return;
+    }
+    const char *vendor = flex_cuda_template("vendor.cuh");
+    const char *params = flex_cuda_template("flex_gpu_params.h");
+    ck_assert_ptr_nonnull(vendor);
+    ck_assert_ptr_nonnull(params);
+    char checks[2048];
+    snprintf(checks, sizeof checks,
+             "static_assert(sizeof(flex_buffer) == %zu, \"flex_buffer\");\n"
+             "static_assert(sizeof(flex_gpu_fwd_params) == %zu, \"flex_gpu_fwd_params\");\n"
+             "static_assert(sizeof(flex_gpu_bwd_head) == %zu, \"flex_gpu_bwd_head\");\n"
+             "static_assert(sizeof(flex_gpu_dec_head) == %zu, \"flex_gpu_dec_head\");\n"
+             "static_assert(sizeof(flex_gpu_mask_blocks_head) == %zu, \"mask_blocks_head\");\n"
+             "static_assert(FLEX_GPU_BWD_FWD_AT(3) == %zu, \"FLEX_GPU_BWD_FWD_AT\");\n"
+             "static_assert(sizeof(flex_gpu_buffers<5>) == %zu, \"flex_gpu_buffers\");\n"
+             "extern \"C\" __global__ void flex_layout_probe() {}\n",
+             sizeof(flex_buffer), sizeof(flex_gpu_fwd_params), sizeof(flex_gpu_bwd_head),
+             sizeof(flex_gpu_dec_head), sizeof(flex_gpu_mask_blocks_head),
+             (size_t)FLEX_GPU_BWD_FWD_AT(3), (size_t)FLEX_GPU_BUFFERS_BYTES(5));
+    const size_t len = strlen(vendor) + strlen(params) + strlen(checks) + 3;
+    char *src = malloc(len);
+    ck_assert_ptr_nonnull(src);
+    snprintf(src, len, "%s\n%s\n%s", vendor, params, checks);
+    void *bin = NULL;
+    size_t size = 0;
+    const flex_status s = flex_cuda_compile(NULL, api, src, "flex_layout", "compute_80", &bin,
+                                            &size);
+    ck_assert_msg(s == FLEX_OK, "NVRTC disagrees with the host's layout:\n%s",
+                  flex_error_message(NULL));
+    free(bin);
+    free(src);
+    /* Every kernel source has the header before the emitted mods. */
+    const flex_cuda_fwd_config cfg = {.dtype = FLEX_F32, .dq = 64, .dv = 64, .warps = 4, .mt = 1};
+    char *fwd = flex_cuda_forward_source(&cfg, NULL, NULL);
+    char *mb = flex_cuda_mask_blocks_source(NULL);
+    ck_assert_ptr_nonnull(fwd);
+    ck_assert_ptr_nonnull(mb);
+    for (int i = 0; i < 2; i++) {
+        const char *text = i ? mb : fwd;
+        const char *head = strstr(text, "#define FLEX_GPU_PARAMS_H");
+        const char *mods = strstr(text, "/* mods emitted from the IR */");
+        ck_assert_msg(head && mods && head < mods, "the parameter header precedes the mods");
+    }
+    free(fwd);
+    free(mb);
+}
+END_TEST
+
 START_TEST(test_nvrtc_error_carries_log) {
     char why[512];
     if (flex_cuda_load_nvrtc(&api, why, sizeof why) != 0) {
@@ -967,7 +1025,11 @@ int main(void) {
     tcase_add_test(nvrtc, test_nvrtc_error_carries_log);
     tcase_add_test(nvrtc, test_nvrtc_compiles_decode);
     suite_add_tcase(suite, nvrtc);
-    /* A case of its own, so CK_RUN_CASE=nvrtc_deterministic runs it alone. */
+    /* Cases of their own, so CK_RUN_CASE=nvrtc_layout (nvrtc_deterministic)
+     * runs one alone. */
+    TCase *layout = tcase_create("nvrtc_layout");
+    tcase_add_test(layout, test_nvrtc_parameter_layout);
+    suite_add_tcase(suite, layout);
     TCase *det = tcase_create("nvrtc_deterministic");
     tcase_set_timeout(det, 600);
     tcase_add_test(det, test_nvrtc_compiles_deterministic_backward);

@@ -6,13 +6,16 @@
  * caller with the vendor's words, host buffers are copied once per
  * binding, a block mask is uploaded once with its rows heaviest first, a
  * set bounds bit names the buffer, the backward's score mod, shared
- * memory and parameter block are made as both backends launch them, and
+ * memory and parameter block are made as both backends launch them, the
+ * parameter blocks hold each value at the offset of the definition the
+ * kernels share (flex_gpu_params.h), and
  * while a call is being captured into a graph what it would have to
  * upload, compile or load first is refused by name before the vendor is
  * asked for anything. The launch policy both backends take from it (tile
  * choice, kernel keys, the backward's launches) is checked here too.
  */
 #include <check.h>
+#include <stddef.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -381,6 +384,104 @@ START_TEST(test_backward_score_prepare) {
 }
 END_TEST
 
+/* Values in a parameter blob, read where the kernels read them. */
+static uint64_t u64_at(const unsigned char *blob, size_t at) {
+    uint64_t v;
+    memcpy(&v, blob + at, sizeof v);
+    return v;
+}
+static int32_t i32_at(const unsigned char *blob, size_t at) {
+    int32_t v;
+    memcpy(&v, blob + at, sizeof v);
+    return v;
+}
+static float f32_at(const unsigned char *blob, size_t at) {
+    float v;
+    memcpy(&v, blob + at, sizeof v);
+    return v;
+}
+
+/* The forward's and the decode's parameter blocks hold each value at the
+ * offset the shared definition (flex_gpu_params.h) gives it, which is
+ * where the kernels' structs, made from the same text, read it: the head,
+ * then the mods' buffers and the bounds flag (FLEX_GPU_BUFFERS_*). */
+START_TEST(test_parameter_blobs_at_shared_offsets) {
+    static uint16_t data[4][2 * 4 * 40 * 64];
+    float lse[2 * 4 * 40];
+    const int64_t qs[4] = {2, 4, 40, 64}, ks[4] = {2, 2, 40, 64}, ls[3] = {2, 4, 40};
+    flex_forward_args a;
+    memset(&a, 0, sizeof a);
+    a.q = flex_tensor_contiguous(data[0], FLEX_BF16, 4, qs, FLEX_DEVICE_HIP);
+    a.k = flex_tensor_contiguous(data[1], FLEX_BF16, 4, ks, FLEX_DEVICE_HIP);
+    a.v = flex_tensor_contiguous(data[2], FLEX_BF16, 4, ks, FLEX_DEVICE_HIP);
+    a.out = flex_tensor_contiguous(data[3], FLEX_BF16, 4, qs, FLEX_DEVICE_HIP);
+    const flex_tensor lt = flex_tensor_contiguous(lse, FLEX_F32, 3, ls, FLEX_DEVICE_HIP);
+    a.lse = &lt;
+    a.scale = 0.5f;
+    flex_gpu_buffer_desc descs[FLEX_EMIT_MAX_SLOTS];
+    memset(descs, 0, sizeof descs);
+    for (int i = 0; i < 2; i++) {
+        descs[i].data = 0xd000 + (uint64_t)i;
+        descs[i].sizes[1] = 7 + i;
+        descs[i].strides[2] = -3 - i;
+    }
+    unsigned char blob[FLEX_GPU_DEC_BLOB_BYTES];
+    memset(blob, 0xab, sizeof blob);
+    flex_gpu_fwd_params p;
+    size_t size = flex_gpu_fwd_blob(blob, &p, &a, NULL, NULL, NULL, 32, 64, 16, 4, descs, 2, 0xf1a6);
+    ck_assert_uint_eq(size, sizeof(flex_gpu_fwd_params) + FLEX_GPU_BUFFERS_BYTES(2));
+    ck_assert_uint_eq(u64_at(blob, offsetof(flex_gpu_fwd_params, q)), (uintptr_t)data[0]);
+    ck_assert_uint_eq(u64_at(blob, offsetof(flex_gpu_fwd_params, v)), (uintptr_t)data[2]);
+    ck_assert_uint_eq(u64_at(blob, offsetof(flex_gpu_fwd_params, lse)), (uintptr_t)lse);
+    ck_assert_uint_eq(u64_at(blob, offsetof(flex_gpu_fwd_params, row_order)), 0);
+    ck_assert_int_eq((int64_t)u64_at(blob, offsetof(flex_gpu_fwd_params, k_sh)), 40 * 64);
+    ck_assert_int_eq((int64_t)u64_at(blob, offsetof(flex_gpu_fwd_params, l_ss)), 1);
+    ck_assert_int_eq(i32_at(blob, offsetof(flex_gpu_fwd_params, Hkv)), 2);
+    ck_assert_int_eq(i32_at(blob, offsetof(flex_gpu_fwd_params, Lkv)), 40);
+    ck_assert_int_eq(i32_at(blob, offsetof(flex_gpu_fwd_params, mask_nk)), 1);
+    ck_assert_int_eq(i32_at(blob, offsetof(flex_gpu_fwd_params, dense)), 1);
+    ck_assert_int_eq(i32_at(blob, offsetof(flex_gpu_fwd_params, tiles_per_row)), 2);
+    ck_assert_int_eq(i32_at(blob, offsetof(flex_gpu_fwd_params, head_group)), 4);
+    ck_assert(f32_at(blob, offsetof(flex_gpu_fwd_params, scale)) == 0.5f);
+    /* the buffers, then the flag */
+    const size_t bufs = sizeof(flex_gpu_fwd_params);
+    ck_assert_uint_eq(u64_at(blob, bufs + sizeof(flex_buffer) + offsetof(flex_buffer, data)),
+                      0xd001);
+    ck_assert_int_eq(i32_at(blob, bufs + sizeof(flex_buffer) + offsetof(flex_buffer, sizes) + 4),
+                     8);
+    ck_assert_int_eq((int64_t)u64_at(blob, bufs + offsetof(flex_buffer, strides) + 16), -3);
+    ck_assert_uint_eq(u64_at(blob, bufs + FLEX_GPU_BUFFERS_FLAG_AT(2)), 0xf1a6);
+    /* no buffers: one (empty) descriptor still, as the kernels declare it */
+    size = flex_gpu_fwd_blob(blob, &p, &a, NULL, NULL, NULL, 32, 64, 16, 4, descs, 0, 0xf1a6);
+    ck_assert_uint_eq(size, bufs + sizeof(flex_buffer) + 8);
+    ck_assert_uint_eq(u64_at(blob, bufs + FLEX_GPU_BUFFERS_FLAG_AT(0)), 0xf1a6);
+
+    /* The decode: its head, the forward's block, the buffers. */
+    flex_gpu_dec_head hd;
+    memset(&hd, 0, sizeof hd);
+    hd.kv_lengths = 0x2200;
+    hd.decode_flag = 0x6600;
+    hd.pt_sp = 9;
+    hd.splits = 3;
+    hd.rows = 5;
+    p.Lkv = 300;
+    memset(blob, 0xab, sizeof blob);
+    size = flex_gpu_dec_blob(blob, &hd, &p, descs, 1, 0x99);
+    ck_assert_uint_eq(size, FLEX_GPU_DEC_FWD_AT + sizeof p + FLEX_GPU_BUFFERS_BYTES(1));
+    ck_assert_uint_eq(u64_at(blob, offsetof(flex_gpu_dec_head, q_offsets)), 0);
+    ck_assert_uint_eq(u64_at(blob, offsetof(flex_gpu_dec_head, kv_lengths)), 0x2200);
+    ck_assert_uint_eq(u64_at(blob, offsetof(flex_gpu_dec_head, decode_flag)), 0x6600);
+    ck_assert_int_eq((int64_t)u64_at(blob, offsetof(flex_gpu_dec_head, pt_sp)), 9);
+    ck_assert_int_eq(i32_at(blob, offsetof(flex_gpu_dec_head, splits)), 3);
+    ck_assert_int_eq(i32_at(blob, offsetof(flex_gpu_dec_head, rows)), 5);
+    ck_assert_uint_eq(u64_at(blob, FLEX_GPU_DEC_FWD_AT + offsetof(flex_gpu_fwd_params, q)),
+                      (uintptr_t)data[0]);
+    ck_assert_int_eq(i32_at(blob, FLEX_GPU_DEC_FWD_AT + offsetof(flex_gpu_fwd_params, Lkv)), 300);
+    ck_assert_uint_eq(u64_at(blob, FLEX_GPU_DEC_FWD_AT + sizeof p), 0xd000);
+    ck_assert_uint_eq(u64_at(blob, size - 8), 0x99);
+}
+END_TEST
+
 /* The backward's parameter block: the head (struct flex_bwd_params' start),
  * the gradient slots, the forward's block, then the mods' buffers. */
 START_TEST(test_backward_blob) {
@@ -407,8 +508,14 @@ START_TEST(test_backward_blob) {
     const size_t size =
         flex_gpu_bwd_blob(blob, &a, NULL, NULL, 16, 32, 0x1000, 0, grads, 0, descs, 1, 0x42);
     /* no gradient tensors: one slot still; one buffer and the flag */
-    const size_t at_p = sizeof(flex_gpu_bwd_head) + sizeof(flex_gpu_buffer_desc);
-    ck_assert_uint_eq(size, at_p + sizeof(flex_gpu_fwd_params) + sizeof(flex_gpu_buffer_desc) + 8);
+    const size_t at_p = FLEX_GPU_BWD_FWD_AT(0);
+    ck_assert_uint_eq(at_p, sizeof(flex_gpu_bwd_head) + sizeof(flex_gpu_buffer_desc));
+    ck_assert_uint_eq(size, at_p + sizeof(flex_gpu_fwd_params) + FLEX_GPU_BUFFERS_BYTES(1));
+    ck_assert_uint_eq(u64_at(blob, offsetof(flex_gpu_bwd_head, dk)), (uintptr_t)data[5]);
+    ck_assert_uint_eq(u64_at(blob, offsetof(flex_gpu_bwd_head, delta)), 0x1000);
+    ck_assert_int_eq((int64_t)u64_at(blob, offsetof(flex_gpu_bwd_head, dk_ss)), 64);
+    ck_assert_int_eq(i32_at(blob, at_p + offsetof(flex_gpu_fwd_params, mask_nq)), 3);
+    ck_assert(f32_at(blob, at_p + offsetof(flex_gpu_fwd_params, scale)) == 0.125f);
     flex_gpu_bwd_head hd;
     memcpy(&hd, blob, sizeof hd);
     ck_assert_ptr_eq((void *)(uintptr_t)hd.dout, data[4]);
@@ -1057,6 +1164,7 @@ int main(void) {
     tcase_add_test(tc, test_mask_uploaded_once_heaviest_first);
     tcase_add_test(tc, test_backward_score_prepare);
     tcase_add_test(tc, test_backward_blob);
+    tcase_add_test(tc, test_parameter_blobs_at_shared_offsets);
     tcase_add_test(tc, test_backward_smem);
     tcase_add_test(tc, test_decode_word_names_the_argument);
     tcase_add_test(tc, test_decode_split_policy);

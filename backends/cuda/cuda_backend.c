@@ -360,7 +360,7 @@ static flex_status launch_blob(flex_context *ctx, cuda_state *st, CUfunction fn,
 
 /* ---- forward ---- */
 
-/* The parameter block of flex_common.cuh (gpu_host.h). */
+/* The head of the forward's parameter block (flex_gpu_params.h). */
 typedef flex_gpu_fwd_params cuda_fwd_params;
 
 /* Kernel and tile choice for 16-bit inputs, from the mask's block sizes, the
@@ -469,15 +469,6 @@ static flex_status module_function(flex_context *ctx, cuda_state *st, const char
 static flex_status workspace_alloc(flex_context *ctx, cuda_state *st, size_t bytes, CUstream stream,
                                    CUdeviceptr *out);
 static void workspace_free(flex_context *ctx, cuda_state *st, CUdeviceptr p, CUstream stream);
-
-/* Mirrors the head of struct flex_dec_params; the forward's block
- * (cuda_fwd_params) and the mods' buffers follow it. */
-typedef struct cuda_dec_head {
-    uint64_t q_offsets, kv_lengths, page_table, part_out, part_lse, decode_flag;
-    int64_t qo_stride, kl_stride, pt_sb, pt_sp;
-    int32_t kv_len, page_size, num_pages, splits, group, rows;
-} cuda_dec_head;
-_Static_assert(sizeof(cuda_dec_head) == 104, "cuda_dec_head must match flex_dec_params");
 
 typedef struct decode_source_args {
     const flex_cuda_dec_config *cfg;
@@ -632,7 +623,7 @@ static flex_status cuda_decode(flex_context *ctx, cuda_state *st, const flex_for
         if (!staged) s = flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "no memory for the decode arguments");
     }
     if (!s) {
-        cuda_dec_head hd;
+        flex_gpu_dec_head hd;
         memset(&hd, 0, sizeof hd);
         CUdeviceptr at = ws + out_bytes + lse_bytes;
         size_t n = 0;
@@ -679,12 +670,8 @@ static flex_status cuda_decode(flex_context *ctx, cuda_state *st, const flex_for
             p.mask_nq = (int32_t)((q_span + q_block - 1) / q_block);
             p.mask_nk = (int32_t)((kv_len + kv_block - 1) / kv_block);
         }
-        unsigned char blob[sizeof(cuda_dec_head) + sizeof(cuda_fwd_params) +
-                           (FLEX_EMIT_MAX_SLOTS + 2) * sizeof(cuda_buffer_desc)];
-        memcpy(blob, &hd, sizeof hd);
-        memcpy(blob + sizeof hd, &p, sizeof p);
-        const size_t size = flex_gpu_append_buffers(blob, sizeof hd + sizeof p, descs, slots,
-                                                    st->gpu.bounds_flag);
+        unsigned char blob[FLEX_GPU_DEC_BLOB_BYTES];
+        const size_t size = flex_gpu_dec_blob(blob, &hd, &p, descs, slots, st->gpu.bounds_flag);
         if (!s)
             s = launch_blob(ctx, st, fn, (unsigned)(splits * row_chunks), (unsigned)(B * Hkv),
                             128, (unsigned)smem, stream, blob, size, NULL);

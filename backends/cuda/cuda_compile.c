@@ -1,8 +1,9 @@
 /*
  * Kernel source assembly and NVRTC compilation. The source is
- * vendor.cuh + a block of #defines for the configuration + the emitted mods
- * + the kernel template, all text, so nothing is looked up in a toolkit's
- * include folders at run time.
+ * vendor.cuh + flex_gpu_params.h (the parameter heads the host fills) + a
+ * block of #defines for the configuration + the emitted mods + the kernel
+ * template, all text, so nothing is looked up in a toolkit's include
+ * folders at run time.
  */
 #include <stdarg.h>
 #include <stdio.h>
@@ -16,6 +17,14 @@ const char *flex_cuda_template(const char *name) {
     for (const struct flex_embedded_file *f = flex_cuda_template_files; f->name; f++)
         if (strcmp(f->name, name) == 0) return f->text;
     return NULL;
+}
+
+/* vendor.cuh and flex_gpu_params.h, the start of every kernel's source
+ * (the HIP backend wraps these sources too). */
+static int prelude(const char **vendor, const char **params) {
+    *vendor = flex_cuda_template("vendor.cuh");
+    *params = flex_cuda_template("flex_gpu_params.h");
+    return *vendor && *params;
 }
 
 static char *concat(const char *const *parts, int n) {
@@ -59,14 +68,15 @@ char *flex_cuda_forward_source(const flex_cuda_fwd_config *cfg, const ir_mod *ma
 char *flex_cuda_forward_source_in_range(const flex_cuda_fwd_config *cfg, const ir_mod *mask,
                                         const ir_mod *score, const unsigned char *mask_in_range,
                                         const unsigned char *score_in_range) {
-    const char *vendor = flex_cuda_template("vendor.cuh");
+    const char *vendor, *params;
     const char *common = flex_cuda_template("flex_common.cuh");
     const char *mma = flex_cuda_template("flex_mma_sm80.cuh");
     const char *tpl = flex_cuda_template("flex_forward.cuh");
     const char *wgmma = flex_cuda_template("flex_wgmma_sm90.cuh");
     const char *sm90 = flex_cuda_template("flex_forward_sm90.cuh");
     const char *bits = flex_cuda_template("flex_partial_bits.cuh");
-    if (!vendor || !common || !mma || !tpl || !wgmma || !sm90 || !bits) return NULL;
+    if (!prelude(&vendor, &params) || !common || !mma || !tpl || !wgmma || !sm90 || !bits)
+        return NULL;
     char config[512];
     const char *elem = elem_macro(cfg->dtype);
     snprintf(config, sizeof config,
@@ -84,9 +94,9 @@ char *flex_cuda_forward_source_in_range(const flex_cuda_fwd_config *cfg, const i
      * helpers, so it follows it, after the wgmma primitives; without
      * FLEX_WGMMA neither is there (an empty last part). The bit masks'
      * kernel and readers come before the forward, which calls them. */
-    const char *parts[] = {vendor, config, mods, common, mma, cfg->partial_bits ? bits : "",
-                           tpl,    cfg->wgmma ? wgmma : "", sm90};
-    char *s = concat(parts, cfg->wgmma ? 9 : 8);
+    const char *parts[] = {vendor, params, config, mods, common, mma,
+                           cfg->partial_bits ? bits : "", tpl, cfg->wgmma ? wgmma : "", sm90};
+    char *s = concat(parts, cfg->wgmma ? 10 : 9);
     free(mods);
     return s;
 }
@@ -94,13 +104,13 @@ char *flex_cuda_forward_source_in_range(const flex_cuda_fwd_config *cfg, const i
 char *flex_cuda_decode_source(const flex_cuda_dec_config *cfg, const ir_mod *mask,
                               const ir_mod *score, const unsigned char *mask_in_range,
                               const unsigned char *score_in_range) {
-    const char *vendor = flex_cuda_template("vendor.cuh");
+    const char *vendor, *params;
     const char *merge = flex_cuda_template("lse_merge.h");
     const char *common = flex_cuda_template("flex_common.cuh");
     const char *mma = flex_cuda_template("flex_mma_sm80.cuh");
     const char *tpl = flex_cuda_template("flex_decode.cuh");
     const char *combine = flex_cuda_template("flex_splitkv_combine.cuh");
-    if (!vendor || !merge || !common || !mma || !tpl || !combine) return NULL;
+    if (!prelude(&vendor, &params) || !merge || !common || !mma || !tpl || !combine) return NULL;
     char config[512];
     const char *elem = elem_macro(cfg->dtype);
     snprintf(config, sizeof config,
@@ -110,8 +120,8 @@ char *flex_cuda_decode_source(const flex_cuda_dec_config *cfg, const ir_mod *mas
              elem, cfg->dq, cfg->dv, cfg->dv_exact, cfg->row_tiles, cfg->vec, cfg->short_indices);
     char *mods = flex_emit_mods_in_range(mask, score, mask_in_range, score_in_range);
     if (!mods) return NULL;
-    const char *parts[] = {vendor, config, mods, merge, common, mma, tpl, combine};
-    char *s = concat(parts, 8);
+    const char *parts[] = {vendor, params, config, mods, merge, common, mma, tpl, combine};
+    char *s = concat(parts, 9);
     free(mods);
     return s;
 }
@@ -229,14 +239,15 @@ static char *score_glue(const flex_cuda_bwd_score *sc, int slot_base) {
 char *flex_cuda_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *mask,
                                 const unsigned char *mask_in_range,
                                 const flex_cuda_bwd_score *score) {
-    const char *vendor = flex_cuda_template("vendor.cuh");
+    const char *vendor, *params;
     const char *common = flex_cuda_template("flex_common.cuh");
     const char *mma = flex_cuda_template("flex_mma_sm80.cuh");
     const char *tpl = flex_cuda_template("flex_backward.cuh");
     const char *dq_tpl = flex_cuda_template("flex_backward_dq.cuh");
     const char *wgmma = flex_cuda_template("flex_wgmma_sm90.cuh");
     const char *sm90 = flex_cuda_template("flex_backward_sm90.cuh");
-    if (!vendor || !common || !mma || !tpl || !dq_tpl || !wgmma || !sm90) return NULL;
+    if (!prelude(&vendor, &params) || !common || !mma || !tpl || !dq_tpl || !wgmma || !sm90)
+        return NULL;
     if (score->ir && score->num_loads > 64) return NULL;
     char config[512];
     const char *elem = elem_macro(cfg->dtype);
@@ -265,9 +276,9 @@ char *flex_cuda_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *m
                  cfg->dq_block_n);
     /* The sm_90a main kernel replaces the mma.sync one and reuses the rest
      * of flex_backward.cuh, so it follows it, after the wgmma primitives. */
-    const char *parts[11];
+    const char *parts[12];
     int n = 0;
-    const char *head[] = {vendor, config, mods, glue, common, mma, tpl};
+    const char *head[] = {vendor, params, config, mods, glue, common, mma, tpl};
     for (size_t i = 0; i < sizeof head / sizeof head[0]; i++)
         parts[n++] = head[i];
     if (cfg->wgmma) {
@@ -285,13 +296,13 @@ char *flex_cuda_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *m
 }
 
 char *flex_cuda_mask_blocks_source(const ir_mod *mask) {
-    const char *vendor = flex_cuda_template("vendor.cuh");
+    const char *vendor, *params;
     const char *tpl = flex_cuda_template("flex_mask_blocks.cuh");
-    if (!vendor || !tpl) return NULL;
+    if (!prelude(&vendor, &params) || !tpl) return NULL;
     char *mods = flex_emit_mods(mask, NULL);
     if (!mods) return NULL;
-    const char *parts[] = {vendor, mods, tpl};
-    char *s = concat(parts, 3);
+    const char *parts[] = {vendor, params, mods, tpl};
+    char *s = concat(parts, 4);
     free(mods);
     return s;
 }

@@ -2,7 +2,7 @@
  * flex_backward.cuh: the block-sparse attention backward (dQ, dK, dV and
  * the gradients of float buffers the score mod reads).
  *
- * The host prepends vendor.cuh, a configuration block, the emitted mods
+ * The host prepends vendor.cuh, flex_gpu_params.h, a configuration block, the emitted mods
  * (flex_mask_mod, flex_score_mod), the emitted derivative of the score mod
  * with its glue (flex_score_bwd, flex_scatter_grads; cuda_compile.c),
  * flex_common.cuh and flex_mma_sm80.cuh. Configuration macros:
@@ -49,22 +49,18 @@
  * head dims; same walk, same accumulators.
  */
 
-/* The backward's parameters (gpu_host.h's flex_gpu_bwd_head mirrors the
- * part before the forward's block, which follows whole, then the mods'
- * buffers). */
+/* The backward's parameters: the members of the head (struct
+ * flex_gpu_bwd_head, flex_gpu_params.h), the gradient tensors'
+ * descriptors, then the forward's whole block with the mods' buffers. */
 struct flex_bwd_params {
-    const void *dout;
-    void *dq, *dk, *dv; /* NULL: not wanted */
-    float *delta;       /* (B, Hq, Lq) */
-    float *dq_acc;      /* (B, Hq, Lq, D) fp32 */
-    const int *qfull_off, *qfull_idx, *qpart_off, *qpart_idx; /* q-major lists */
-    long long do_sb, do_sh, do_ss;
-    long long dq_sb, dq_sh, dq_ss;
-    long long dk_sb, dk_sh, dk_ss;
-    long long dv_sb, dv_sh, dv_ss;
+    FLEX_GPU_BWD_HEAD_FIELDS            /* dout, dq, dk, dv, delta, dq_acc, q-major lists */
     flex_buffer grads[FLEX_GRAD_SLOTS]; /* gradient tensors: data, buffer sizes, strides */
     flex_fwd_params f;                  /* q, k, v, out, lse, mask, dims, scale, mods' buffers */
 };
+/* The host writes the parts at these offsets (flex_gpu_bwd_blob). */
+static_assert(sizeof(flex_bwd_params) ==
+                  FLEX_GPU_BWD_FWD_AT(FLEX_GRAD_SLOTS) + sizeof(flex_fwd_params),
+              "struct flex_bwd_params: the gradients and the forward block follow unpadded");
 
 /* The q-major walk of one (batch, head, kv block): full q blocks first. */
 struct flex_q_walk {

@@ -1,40 +1,23 @@
 /*
  * flex_common.cuh: what every attention kernel of this backend shares,
- * forward and backward alike: the parameter block of the forward (the host
- * mirrors its layout in cuda_backend.c; the backward embeds it whole) and
- * the walk over the block mask's kv-major lists of one query row of blocks.
- * Included after vendor.cuh, the configuration block and the emitted mods.
+ * forward and backward alike: the parameter block of the forward (its
+ * head, struct flex_gpu_fwd_params, is defined once for the host and the
+ * kernels in flex_gpu_params.h; the backward and the decode embed the
+ * block whole) and the walk over the block mask's kv-major lists of one
+ * query row of blocks. Included after vendor.cuh, flex_gpu_params.h, the
+ * configuration block and the emitted mods.
  */
 
 
-/* ---- parameters (the host mirrors this layout in cuda_backend.c) ---- */
+/* ---- parameters: the head's members, then the mods' buffers ---- */
 struct flex_fwd_params {
-    const void *q, *k, *v;
-    void *out;
-    float *lse;
-    const int *full_off, *full_idx, *part_off, *part_idx;
-    const int *row_order; /* mask q-block rows, heaviest first; NULL: natural order */
-    /* Partial blocks as bit masks (flex_partial_bits.cuh; NULL without):
-     * per (plane, partial list entry) the word offset of its bit block in
-     * bits, and the mask mod's bounds bits of the kernel that made them. */
-    const int *bit_words;
-    const unsigned *bits, *bits_oob;
-    long long q_sb, q_sh, q_ss;
-    long long k_sb, k_sh, k_ss;
-    long long v_sb, v_sh, v_ss;
-    long long o_sb, o_sh, o_ss;
-    long long l_sb, l_sh, l_ss;
-    int B, Hq, Hkv, Lq, Lkv, D, Dv;
-    int mask_B, mask_H, mask_nq, mask_nk, mask_qblock, mask_kvblock;
-    int dense;         /* 1: no block mask, every kv block of mask_kvblock is full */
-    int tiles_per_row; /* kernel q-tiles per mask q-block */
-    int head_group;    /* tile order (flex_tile_of); 0: (batch, head) fastest */
-    /* bit planes over b and h (B or 1, Hq or 1), partial list entries per
-     * plane, words per row of a bit block */
-    int bit_planes_b, bit_planes_h, bit_entries, bit_row_words;
-    float scale, scale_log2;
+    FLEX_GPU_FWD_FIELDS /* struct flex_gpu_fwd_params: q, k, v, out, lse, mask, dims, scale */
     flex_buffers bufs;
 };
+/* The host writes the buffers right after the head (gpu_host.c). */
+static_assert(sizeof(flex_fwd_params) ==
+                  sizeof(flex_gpu_fwd_params) + FLEX_GPU_BUFFERS_BYTES(FLEX_NUM_BUFFERS),
+              "struct flex_fwd_params: the mods' buffers follow the head unpadded");
 
 #define FLEX_LOG2E 1.4426950408889634f
 #define FLEX_LN2   0.6931471805599453f

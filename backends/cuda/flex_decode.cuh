@@ -3,7 +3,7 @@
  * (Lq up to 16) against a long, possibly paged, KV cache, with per-batch
  * query offsets and kv lengths that are kernel arguments, never params.
  *
- * The host prepends vendor.cuh, a configuration block, the emitted mods,
+ * The host prepends vendor.cuh, flex_gpu_params.h, a configuration block, the emitted mods,
  * core/lse_merge.h, flex_common.cuh and flex_mma_sm80.cuh, and appends
  * flex_splitkv_combine.cuh. Configuration macros (besides the forward's
  * FLEX_ELEM_*, FLEX_DQ, FLEX_DV, FLEX_DV_EXACT, FLEX_VEC):
@@ -41,23 +41,16 @@
  * mask lists; same partials and combine.
  */
 
-/* Parameters; the host mirrors them in cuda_backend.c (decode_params). */
+/* Parameters: the members of the head (struct flex_gpu_dec_head,
+ * flex_gpu_params.h), then the forward's whole block (q, k, v, out, lse,
+ * mask, dims, scale, mods' buffers) last. */
 struct flex_dec_params {
-    const int *q_offsets;  /* NULL: all 0 */
-    const int *kv_lengths; /* NULL: kv_len */
-    const int *page_table; /* NULL: not paged */
-    float *part_out;       /* splits > 1: (B, Hq, splits, Lq, FLEX_DV) f32 */
-    float *part_lse;       /* splits > 1: (B, Hq, splits, Lq) */
-    unsigned *decode_flag; /* the bounds flag's decode word */
-    long long qo_stride, kl_stride, pt_sb, pt_sp;
-    int kv_len;    /* logical kv length */
-    int page_size; /* paged: rows per page */
-    int num_pages; /* paged: pages in the pool */
-    int splits;    /* kv pieces per (batch, head) */
-    int group;     /* query heads per kv head */
-    int rows;      /* packed rows per kv head: group * Lq */
-    flex_fwd_params f; /* q, k, v, out, lse, mask, dims, scale, mods' buffers: last */
+    FLEX_GPU_DEC_HEAD_FIELDS
+    flex_fwd_params f;
 };
+/* The host writes the forward block right after the head (flex_gpu_dec_blob). */
+static_assert(sizeof(flex_dec_params) == FLEX_GPU_DEC_FWD_AT + sizeof(flex_fwd_params),
+              "struct flex_dec_params: the forward block follows the head unpadded");
 
 #define FLEX_DEC_STEP    64   /* keys per pipeline step */
 #define FLEX_DEC_WINDOW  4096 /* keys whose block classes are in shared memory at once */

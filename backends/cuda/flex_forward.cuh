@@ -1,7 +1,7 @@
 /*
  * flex_forward.cuh: the block-sparse attention forward.
  *
- * The host prepends vendor.cuh, a configuration block, the emitted mods
+ * The host prepends vendor.cuh, flex_gpu_params.h, a configuration block, the emitted mods
  * (flex_mask_mod, flex_score_mod, struct flex_buffers), flex_common.cuh
  * (the parameter block and the kv walk) and flex_mma_sm80.cuh (the
  * tensor-core primitives), and compiles the result with NVRTC. Configuration macros:

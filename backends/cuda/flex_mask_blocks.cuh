@@ -1,17 +1,20 @@
 /*
  * flex_mask_blocks.cuh: exact classes of the blocks interval analysis left
  * undecided. One CTA per listed block evaluates flex_mask_mod (emitted and
- * prepended by the host, after vendor.cuh) over the block's elements,
- * clipped to the sequence lengths, and writes FLEX_BLOCK_EMPTY (0),
- * _PARTIAL (1) or _FULL (2).
+ * prepended by the host, after vendor.cuh and flex_gpu_params.h) over
+ * the block's elements, clipped to the sequence lengths, and writes
+ * FLEX_BLOCK_EMPTY (0), _PARTIAL (1) or _FULL (2).
  */
+
+/* The members of the head (struct flex_gpu_mask_blocks_head,
+ * flex_gpu_params.h), then the mask mod's buffers. */
 struct flex_mask_blocks_params {
-    const int *blocks; /* 4 ints per block: b, h, q_block index, kv_block index */
-    unsigned char *classes;
-    long long count;
-    int q_len, kv_len, q_block, kv_block;
+    FLEX_GPU_MASK_BLOCKS_HEAD_FIELDS
     flex_buffers bufs;
 };
+static_assert(sizeof(flex_mask_blocks_params) ==
+                  sizeof(flex_gpu_mask_blocks_head) + FLEX_GPU_BUFFERS_BYTES(FLEX_NUM_BUFFERS),
+              "struct flex_mask_blocks_params: the buffers follow the head unpadded");
 
 extern "C" __global__ void __launch_bounds__(256)
     flex_mask_blocks_kernel(const flex_mask_blocks_params p) {

@@ -362,12 +362,9 @@ flex_status flex_gpu_fill_buffers(flex_context *ctx, flex_gpu_state *st,
 
 size_t flex_gpu_append_buffers(unsigned char *blob, size_t at, const flex_gpu_buffer_desc *descs,
                                int slots, flex_gpu_ptr flag) {
-    int n = slots > 0 ? slots : 1;
-    memcpy(blob + at, descs, (size_t)n * sizeof *descs);
-    at += (size_t)n * sizeof *descs;
-    uint64_t f = flag;
-    memcpy(blob + at, &f, 8);
-    return at + 8;
+    memcpy(blob + at, descs, FLEX_GPU_BUFFERS_FLAG_AT(slots));
+    memcpy(blob + at + FLEX_GPU_BUFFERS_FLAG_AT(slots), &flag, sizeof flag);
+    return at + FLEX_GPU_BUFFERS_BYTES(slots);
 }
 
 /* ---- block-mask lists on the device ---- */
@@ -491,14 +488,6 @@ flex_status flex_gpu_bind_mods(flex_context *ctx, flex_gpu_state *st,
 
 /* ---- exact classes of undecided blocks ---- */
 
-/* Mirrors the head of flex_mask_blocks.cuh's parameter block; the mask
- * mod's buffers follow it. */
-typedef struct mask_blocks_params {
-    uint64_t blocks, classes;
-    int64_t count;
-    int32_t q_len, kv_len, q_block, kv_block;
-} mask_blocks_params;
-
 typedef struct mask_blocks_source_args {
     char *(*source)(const ir_mod *mask);
     const ir_mod *mask;
@@ -544,14 +533,14 @@ flex_status flex_gpu_mask_blocks(flex_context *ctx, const struct flex_mod *mask_
             ctx, st, ops->copy_to_device(st->api, dblocks, blocks, (size_t)count * sizeof *blocks),
             ops->copy_to_device_name);
     if (!s) {
-        const mask_blocks_params p = {.blocks = dblocks,
-                                      .classes = dclasses,
-                                      .count = count,
-                                      .q_len = (int32_t)q_len,
-                                      .kv_len = (int32_t)kv_len,
-                                      .q_block = q_block,
-                                      .kv_block = kv_block};
-        unsigned char blob[sizeof p + (FLEX_EMIT_MAX_SLOTS + 2) * sizeof(flex_gpu_buffer_desc)];
+        const flex_gpu_mask_blocks_head p = {.blocks = dblocks,
+                                             .classes = dclasses,
+                                             .count = count,
+                                             .q_len = (int32_t)q_len,
+                                             .kv_len = (int32_t)kv_len,
+                                             .q_block = q_block,
+                                             .kv_block = kv_block};
+        unsigned char blob[sizeof p + FLEX_GPU_BUFFERS_BYTES(FLEX_EMIT_MAX_SLOTS)];
         memcpy(blob, &p, sizeof p);
         const size_t size = flex_gpu_append_buffers(blob, sizeof p, descs,
                                                     mask_mod->ir.num_buffers, st->bounds_flag);
@@ -772,6 +761,14 @@ size_t flex_gpu_fwd_blob(unsigned char *blob, flex_gpu_fwd_params *p, const flex
     if (bits) flex_gpu_fwd_params_set_bits(p, bits);
     memcpy(blob, p, sizeof *p);
     return flex_gpu_append_buffers(blob, sizeof *p, descs, slots, flag);
+}
+
+size_t flex_gpu_dec_blob(unsigned char *blob, const flex_gpu_dec_head *hd,
+                         const flex_gpu_fwd_params *p, const flex_gpu_buffer_desc *descs,
+                         int slots, flex_gpu_ptr flag) {
+    memcpy(blob, hd, sizeof *hd);
+    memcpy(blob + FLEX_GPU_DEC_FWD_AT, p, sizeof *p);
+    return flex_gpu_append_buffers(blob, FLEX_GPU_DEC_FWD_AT + sizeof *p, descs, slots, flag);
 }
 
 void flex_gpu_fwd_config(flex_cuda_fwd_config *cfg, const flex_forward_args *a) {
@@ -1041,15 +1038,12 @@ size_t flex_gpu_bwd_blob(unsigned char *blob, const flex_backward_args *a,
     p.scale = a->scale;
     p.scale_log2 = a->scale * 1.4426950408889634f;
 
-    if (grad_slots < 1) grad_slots = 1; /* the kernels' grads[] has at least one entry */
-    size_t at = 0;
+    /* The kernels' grads[] has at least one entry (FLEX_GPU_BWD_FWD_AT). */
+    const size_t at_fwd = FLEX_GPU_BWD_FWD_AT(grad_slots);
     memcpy(blob, &hd, sizeof hd);
-    at += sizeof hd;
-    memcpy(blob + at, grad_descs, (size_t)grad_slots * sizeof(flex_gpu_buffer_desc));
-    at += (size_t)grad_slots * sizeof(flex_gpu_buffer_desc);
-    memcpy(blob + at, &p, sizeof p);
-    at += sizeof p;
-    return flex_gpu_append_buffers(blob, at, descs, slots, flag);
+    memcpy(blob + sizeof hd, grad_descs, at_fwd - sizeof hd);
+    memcpy(blob + at_fwd, &p, sizeof p);
+    return flex_gpu_append_buffers(blob, at_fwd + sizeof p, descs, slots, flag);
 }
 
 flex_status flex_gpu_bwd_mods_prepare(flex_context *ctx, const flex_gpu_state *st,

@@ -5,9 +5,10 @@
  * flag, the proofs that let buffer reads go unchecked, the backend table's
  * memory, synchronize and mask-block slots, and the launch policy both
  * vendors follow: kernel keys, the forward's checks, configuration and
- * parameter block (flex_common.cuh), the backward's configuration, tiles,
- * score mod, parameter block and launches. What differs per vendor comes
- * in as a parameter or through the ops table.
+ * parameter block, the backward's configuration, tiles, score mod,
+ * parameter block and launches. The parameter blocks' structs are the
+ * kernels' own (flex_gpu_params.h, which both compile). What differs per
+ * vendor comes in as a parameter or through the ops table.
  *
  * A backend owns a flex_gpu_state (the first member of its own state) and
  * a flex_gpu_ops table of its vendor's entry points; this layer calls the
@@ -33,9 +34,7 @@
 #include "mod/derive.h"
 #include "mod/emit.h"
 #include "../cuda/cuda_compile.h" /* the kernels' configurations, which both vendors build */
-
-/* A device address, whatever the vendor calls it. */
-typedef uint64_t flex_gpu_ptr;
+#include "flex_gpu_params.h"        /* flex_gpu_ptr and the kernels' parameter blocks */
 
 struct flex_gpu_state;
 
@@ -216,12 +215,9 @@ flex_status flex_gpu_module_function(flex_context *ctx, flex_gpu_state *st, cons
 
 /* ---- mod buffers ---- */
 
-/* Mirrors struct flex_buffer of the emitted mods. */
-typedef struct flex_gpu_buffer_desc {
-    uint64_t data;
-    int32_t sizes[4];
-    int64_t strides[4];
-} flex_gpu_buffer_desc;
+/* A mod buffer's descriptor as the kernels read it: struct flex_buffer of
+ * flex_gpu_params.h. */
+typedef flex_buffer flex_gpu_buffer_desc;
 
 /* Fills descs[slot_base + i] for every buffer of mod (NULL: none), copying
  * host-resident buffers to the device once per binding. */
@@ -229,8 +225,11 @@ flex_status flex_gpu_fill_buffers(flex_context *ctx, flex_gpu_state *st,
                                   const struct flex_mod *mod, int slot_base,
                                   flex_gpu_buffer_desc *descs);
 
-/* Appends the flex_buffers block (descs then the flag pointer) to a kernel
- * parameter blob at offset `at` (8-aligned); returns the new size. */
+/* Appends the mods' buffers (struct flex_buffers of the emitted mods:
+ * descs[0 .. max(slots, 1)), then the flag pointer, laid out as
+ * FLEX_GPU_BUFFERS_FLAG_AT and FLEX_GPU_BUFFERS_BYTES say) to a kernel
+ * parameter blob at offset `at`, the end of a parameter head; returns the
+ * new size. */
 size_t flex_gpu_append_buffers(unsigned char *blob, size_t at, const flex_gpu_buffer_desc *descs,
                                int slots, flex_gpu_ptr flag);
 
@@ -356,20 +355,6 @@ void flex_gpu_fwd_fit(flex_cuda_fwd_config *cfg, size_t limit);
  * keys) a piece and at most 256 pieces. Pure. */
 int flex_gpu_decode_splits(int sm_count, int64_t units, int64_t longest_kv, int hint);
 
-/* Mirrors struct flex_fwd_params of flex_common.cuh up to `bufs`. */
-typedef struct flex_gpu_fwd_params {
-    uint64_t q, k, v, out, lse;
-    uint64_t full_off, full_idx, part_off, part_idx, row_order;
-    uint64_t bit_words, bits, bits_oob;
-    int64_t q_sb, q_sh, q_ss, k_sb, k_sh, k_ss, v_sb, v_sh, v_ss, o_sb, o_sh, o_ss, l_sb, l_sh,
-        l_ss;
-    int32_t B, Hq, Hkv, Lq, Lkv, D, Dv;
-    int32_t mask_B, mask_H, mask_nq, mask_nk, mask_qblock, mask_kvblock;
-    int32_t dense, tiles_per_row, head_group;
-    int32_t bit_planes_b, bit_planes_h, bit_entries, bit_row_words;
-    float scale, scale_log2;
-} flex_gpu_fwd_params;
-
 /* Fills the forward kernel's parameter block from a's tensors and scale,
  * the mask's device copy mc (mask and mc NULL: every block is walked,
  * dense) and the launch choices (block sizes, the tile height block_m of
@@ -381,15 +366,24 @@ void flex_gpu_fwd_params_fill(flex_gpu_fwd_params *p, const flex_forward_args *a
 
 /* The most bytes flex_gpu_fwd_blob writes. */
 #define FLEX_GPU_FWD_BLOB_BYTES                                                                    \
-    (sizeof(flex_gpu_fwd_params) + (FLEX_EMIT_MAX_SLOTS + 2) * sizeof(flex_gpu_buffer_desc))
-/* The forward kernel's parameter block: *p (flex_gpu_fwd_params_fill's
- * arguments, pointed at the partial blocks' bit masks where bits is not
- * NULL) followed by the mods' buffers and the bounds flag, in blob;
- * returns its size. Pure. */
+    (sizeof(flex_gpu_fwd_params) + FLEX_GPU_BUFFERS_BYTES(FLEX_EMIT_MAX_SLOTS))
+/* The forward kernel's parameter block (struct flex_fwd_params): *p
+ * (flex_gpu_fwd_params_fill's arguments) followed by the mods' buffers and
+ * the bounds flag, in blob; returns its size. Pure. */
 size_t flex_gpu_fwd_blob(unsigned char *blob, flex_gpu_fwd_params *p, const flex_forward_args *a,
                          const struct flex_block_mask *mask, const flex_gpu_mask_copy *mc,
                          const struct flex_gpu_partial_bits *bits, int q_block, int kv_block,
                          int block_m, int head_group, const flex_gpu_buffer_desc *descs,
+                         int slots, flex_gpu_ptr flag);
+
+/* The most bytes flex_gpu_dec_blob writes. */
+#define FLEX_GPU_DEC_BLOB_BYTES (FLEX_GPU_DEC_FWD_AT + FLEX_GPU_FWD_BLOB_BYTES)
+/* The decode kernels' parameter block (struct flex_dec_params of
+ * flex_decode.cuh): *hd, the forward's block *p from FLEX_GPU_DEC_FWD_AT,
+ * then the mods' buffers and the bounds flag, in blob; returns its size.
+ * Pure. */
+size_t flex_gpu_dec_blob(unsigned char *blob, const flex_gpu_dec_head *hd,
+                         const flex_gpu_fwd_params *p, const flex_gpu_buffer_desc *descs,
                          int slots, flex_gpu_ptr flag);
 
 /* The forward configuration both vendors start from: dtype, padded head
@@ -504,23 +498,14 @@ typedef char *(*flex_gpu_bwd_source_fn)(const flex_cuda_bwd_config *cfg, const i
 void flex_gpu_bwd_key(char *key, size_t cap, const flex_gpu_state *st,
                       const flex_cuda_bwd_config *cfg, const flex_gpu_bwd_mods *m,
                       const unsigned char *mask_in_range, const unsigned char *score_in_range);
-/* Mirrors the head of struct flex_bwd_params of flex_backward.cuh; the
- * gradient tensors' descriptors, the forward's block (flex_gpu_fwd_params)
- * and the mods' buffers follow it. */
-typedef struct flex_gpu_bwd_head {
-    uint64_t dout, dq, dk, dv, delta, dq_acc;
-    uint64_t qfull_off, qfull_idx, qpart_off, qpart_idx;
-    int64_t do_sb, do_sh, do_ss, dq_sb, dq_sh, dq_ss, dk_sb, dk_sh, dk_ss, dv_sb, dv_sh, dv_ss;
-} flex_gpu_bwd_head;
-
 /* The most bytes flex_gpu_bwd_blob writes. */
 #define FLEX_GPU_BWD_BLOB_BYTES                                                                    \
-    (sizeof(flex_gpu_bwd_head) + IR_MAX_BUFFERS * sizeof(flex_gpu_buffer_desc) +                   \
-     sizeof(flex_gpu_fwd_params) + (FLEX_EMIT_MAX_SLOTS + 2) * sizeof(flex_gpu_buffer_desc))
+    (FLEX_GPU_BWD_FWD_AT(IR_MAX_BUFFERS) + FLEX_GPU_FWD_BLOB_BYTES)
 
 /*
- * The backward kernels' parameter block (struct flex_bwd_params) for a's
- * tensors and scale, the mask's device copy mc (mask and mc NULL: dense),
+ * The backward kernels' parameter block (struct flex_bwd_params: the head,
+ * flex_gpu_bwd_head, the gradient descriptors, then the forward's block
+ * from FLEX_GPU_BWD_FWD_AT(grad_slots)) for a's tensors and scale, the mask's device copy mc (mask and mc NULL: dense),
  * the workspace's delta rows and dQ accumulator (0: the main kernel adds
  * no dQ: not wanted, or left to the deterministic dQ kernel), the
  * gradient tensors (grad_slots of them, at least one slot written) and the

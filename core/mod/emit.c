@@ -64,7 +64,6 @@ static void sb_printf(strbuf *sb, const char *fmt, ...) {
 static const char helper_text[] =
     "#ifndef FLEX_MOD_HELPERS\n"
     "#define FLEX_MOD_HELPERS\n"
-    "struct flex_buffer { const void *data; int sizes[4]; long long strides[4]; };\n"
     "#define FLEX_I32_MIN (-2147483647 - 1)\n"
     "static FLEX_DEVICE_INLINE int flex_iadd(int a, int b) { return (int)((unsigned)a + "
     "(unsigned)b); }\n"
@@ -610,8 +609,9 @@ char *flex_emit_mods_in_range(const ir_mod *mask, const ir_mod *score,
     sb_printf(&sb, "#define FLEX_SCORE_INDEX_USES_SCORE %d\n", index_uses_score(score));
     sb_printf(&sb, "#define FLEX_MASK_READS_IN_RANGE %d\n", any_set(mask, mask_in_range));
     sb_printf(&sb, "%s", helper_text);
-    sb_printf(&sb, "struct flex_buffers { flex_buffer buf[%d]; unsigned *bounds_flag; };\n",
-              slots > 0 ? slots : 1);
+    /* The kernels' struct flex_buffers is flex_gpu_params.h's, the layout
+     * by which the host appends the buffers to a parameter block. */
+    sb_printf(&sb, "typedef flex_gpu_buffers<%d> flex_buffers;\n", slots > 0 ? slots : 1);
     sb_printf(&sb, "%s", load_text);
     emit_function(&sb, mask, 0, 1, mask_in_range);
     emit_function(&sb, score, mask ? mask->num_buffers : 0, 0, score_in_range);

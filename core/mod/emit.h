@@ -30,8 +30,9 @@
  *   FLEX_NUM_BUFFERS, FLEX_HAS_MASK_MOD, FLEX_HAS_SCORE_MOD (0 or 1);
  *   FLEX_SCORE_INDEX_USES_SCORE (1: a buffer index of the score mod depends
  *   on the score, so its bounds bits cannot be had without the score);
- *   struct flex_buffer { const void *data; int sizes[4]; long long strides[4]; }
- *   struct flex_buffers { flex_buffer buf[...]; unsigned *bounds_flag; }
+ *   flex_buffers, the mods' buffer descriptors and the bounds flag:
+ *   flex_gpu_buffers<max(slots, 1)> of backends/gpu/flex_gpu_params.h,
+ *   { flex_buffer buf[...]; unsigned *bounds_flag; }
  *   __device__ bool  flex_mask_mod(int b, int h, int q, int kv, const flex_buffers &bufs,
  *                                  unsigned &oob)
  *   __device__ float flex_score_mod(float score, int b, int h, int q, int kv,
@@ -39,7 +40,8 @@
  * A read outside a buffer clamps the index and sets bit `slot` of oob; the
  * kernel ORs oob into *bufs.bounds_flag before it ends.
  * mask or score may be NULL (no mask: always true; no score mod: identity).
- * The text expects vendor.cuh to be included first. NULL on out of memory or
+ * The text expects vendor.cuh and backends/gpu/flex_gpu_params.h before
+ * it. NULL on out of memory or
  * when the mods together have more than FLEX_EMIT_MAX_SLOTS buffers.
  */
 char *flex_emit_mods(const ir_mod *mask, const ir_mod *score);

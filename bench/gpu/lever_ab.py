@@ -13,6 +13,8 @@ within bf16 rounding (a lever that changes results fails the run).
     PYTHONPATH=python FLEXATTN_LIBRARY=<build>/libflexattn.so \\
         python3 bench/gpu/lever_ab.py [--cases noop:128,causal:128] [--forward] \\
         [--rounds 3] [--len S] "" "cuda_bwd_split_wait=0" ...
+A setting "KEYS@LIBRARY" runs with another build of the library (e.g.
+"@/tmp/base-build/libflexattn.so": the base commit's, its default keys).
 Cases: PATTERN:D with PATTERN one of noop, causal, document, softcap, alibi,
 or zoo/NAME for a mod of bench/gpu/zoo.py (e.g. zoo/dilated_window:128).
 """
@@ -113,7 +115,10 @@ def main():
     for r in range(a.rounds):
         for c in cases:
             for s in a.settings:
-                env = dict(os.environ, FLEXATTN_DEBUG=s)
+                debug, _, lib = s.partition("@")
+                env = dict(os.environ, FLEXATTN_DEBUG=debug)
+                if lib:
+                    env["FLEXATTN_LIBRARY"] = lib
                 stem = c.replace(":", "_").replace("/", "_")
                 ref = os.path.join(tmp, f"lever_ab_ref_{stem}_{int(a.forward)}.pt")
                 if r == 0 and s == a.settings[0] and os.path.exists(ref):

@@ -232,8 +232,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
     flex_load_tile<BN, FLEX_DV, true>(base + FLEX_BWD90_SV, gv, p.v_ss, kv0, p.Lkv, p.Dv, tid);
 
     flex_bwd_cursor cur;
-    cur.g = -1;
-    cur.i = cur.nsteps = 0;
+    flex_bwd_cursor_init(cur);
     flex_bwd_step st;
     bool have = flex_bwd_next(bp, b, hk, kb, cur, st);
 #if FLEX_BWD_PIPE

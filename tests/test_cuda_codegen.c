@@ -187,13 +187,15 @@ static const flex_cuda_bwd_config bwd_full_configs[] = {
  * kernel. Machine code for sm_90a only (wgmma). */
 static const flex_cuda_bwd_config bwd_wgmma_configs[] = {
     {.dtype = FLEX_BF16, .dq = 128, .dv = 128, .warps = 8, .block_m = 64, .vec = 1,
-     .short_indices = 1, .pipeline = 1, .exp2 = 1, .dq_red = 1, .kv_fastest = 1, .wgmma = 1},
+     .short_indices = 1, .pipeline = 1, .exp2 = 1, .dq_red = 1, .kv_fastest = 1, .wgmma = 1,
+     .split_wait = 1, .wg_barrier = 1},
     {.dtype = FLEX_F16, .dq = 64, .dv = 64, .warps = 8, .block_m = 64, .vec = 1, .pipeline = 1,
-     .exp2 = 1, .dq_red = 1, .kv_fastest = 1, .wgmma = 1},
+     .exp2 = 1, .dq_red = 1, .kv_fastest = 1, .wgmma = 1, .split_wait = 1, .wg_barrier = 1},
     {.dtype = FLEX_BF16, .dq = 64, .dv = 128, .warps = 8, .block_m = 64, .vec = 1, .exp2 = 1,
      .wgmma = 1},
     {.dtype = FLEX_F16, .dq = 128, .dv = 64, .warps = 8, .block_m = 64, .vec = 1, .pipeline = 1,
-     .exp2 = 1, .dq_red = 1, .kv_fastest = 1, .wgmma = 1, .dq_warps = 4, .dq_block_n = 64},
+     .exp2 = 1, .dq_red = 1, .kv_fastest = 1, .wgmma = 1, .split_wait = 1, .wg_barrier = 1,
+     .dq_warps = 4, .dq_block_n = 64},
 };
 
 static void add_backward_case(const char *label, const ir_mod *mask, const ir_mod *score,

@@ -1078,12 +1078,12 @@ START_TEST(test_kernel_keys) {
     flex_cuda_bwd_config b = {.dtype = FLEX_F16, .dq = 64, .dv = 128, .warps = 8, .block_m = 32,
                               .vec = 1, .short_indices = 0, .grad_slots = 2, .pipeline = 1,
                               .exp2 = 1, .dq_red = 0, .kv_fastest = 1, .wgmma = 1,
-                              .dq_warps = 4, .dq_block_n = 32};
+                              .split_wait = 1, .wg_barrier = 0, .dq_warps = 4, .dq_block_n = 32};
     flex_gpu_bwd_mods m;
     memset(&m, 0, sizeof m);
     flex_gpu_bwd_key(key, sizeof key, &st, &b, &m, NULL, NULL);
     ck_assert_str_eq(key, "bwd|f16|dq64|dv128|w8|bm32|vec1|short0|gs2|pipe1|exp21|red0|kvf1|wg1|"
-                          "dqw4|dqn32|mask=0000000000000000|score=0000000000000000|loads="
+                          "sw1|wgb0|dqw4|dqn32|mask=0000000000000000|score=0000000000000000|loads="
                           "0000000000000000|inr=0000000000000000.0000000000000000|fake1|"
                           "fakecc1.2");
 }

@@ -117,11 +117,23 @@ static FLEX_DEVICE_INLINE void flex_st(void *base, long long i, float x) {
 #endif
 }
 
-/* The gradient terms of one attended score. ds' = p (dp - delta) is the
- * gradient of the modified score; where it is exactly 0 the raw score and
- * the buffers get 0 even if the mod's derivative is infinite or NaN there
- * (docs/backward.md). Returns ds (not yet multiplied by the scale) and adds
- * the buffer gradients. */
+/* ds of one score from ds' = p (dp - delta), the gradient of the modified
+ * score: ds' dscore, and 0 where ds' is exactly 0 even if the mod's
+ * derivative is infinite or NaN there (docs/backward.md). Without a score
+ * mod dscore is 1 and ds is ds' itself, but for the sign of a zero (-0
+ * where the select gave +0), which no gradient shows: every sum it enters
+ * starts from +0. */
+static FLEX_DEVICE_INLINE float flex_ds_of(float dsp, float dscore) {
+#if FLEX_HAS_SCORE_MOD
+    return dsp == 0.0f ? 0.0f : dsp * dscore;
+#else
+    (void)dscore;
+    return dsp;
+#endif
+}
+
+/* The gradient terms of one attended score: returns ds (flex_ds_of, not
+ * yet multiplied by the scale) and adds the buffer gradients. */
 static FLEX_DEVICE_INLINE float flex_score_grads(const flex_bwd_params &bp, float p, float dp,
                                                  float delta, float dscore,
                                                  const flex_grad_terms &terms) {
@@ -132,13 +144,12 @@ static FLEX_DEVICE_INLINE float flex_score_grads(const flex_bwd_params &bp, floa
     (void)bp;
     (void)terms;
 #endif
-    return dsp == 0.0f ? 0.0f : dsp * dscore;
+    return flex_ds_of(dsp, dscore);
 }
 
 /* flex_score_grads without the buffer gradients. */
 static FLEX_DEVICE_INLINE float flex_score_grads_only(float p, float dp, float delta, float dscore) {
-    const float dsp = p * (dp - delta);
-    return dsp == 0.0f ? 0.0f : dsp * dscore;
+    return flex_ds_of(p * (dp - delta), dscore);
 }
 
 /* One warp per query row: delta = rowsum(dO * O) and the row of the dQ
@@ -188,15 +199,17 @@ extern "C" __global__ void __launch_bounds__(128) flex_bwd_dq_store(const flex_b
 /* The mods at one score of the walk, at indices clamped into the sequences
  * (a score outside them is discarded, and its mods' bounds bits too):
  * whether it is kept, its probability from the forward's LSE, and the
- * score mod's derivative terms. */
+ * score mod's derivative terms. CHECKED false: the score is inside both
+ * sequences and its block is full (no mask mod), so neither is looked at. */
+template <bool CHECKED = true>
 static FLEX_DEVICE_INLINE float flex_bwd_prob(const flex_bwd_params &bp, float raw, int b, int h,
                                               int q, int kv, bool partial, float lse, float &dscore,
                                               flex_grad_terms &terms, unsigned &oob) {
     const flex_fwd_params &p = bp.f;
-    const bool inside = q < p.Lq && kv < p.Lkv;
-    const int qi = min(q, p.Lq - 1), ki = min(kv, p.Lkv - 1);
+    const bool inside = !CHECKED || (q < p.Lq && kv < p.Lkv);
+    const int qi = CHECKED ? min(q, p.Lq - 1) : q, ki = CHECKED ? min(kv, p.Lkv - 1) : kv;
     bool keep = inside;
-    if (partial) {
+    if (CHECKED && partial) {
         unsigned mask_oob = 0;
         keep = keep && flex_mask_mod(b, h, qi, ki, p.bufs, mask_oob);
         oob |= inside ? mask_oob : 0u;
@@ -209,17 +222,18 @@ static FLEX_DEVICE_INLINE float flex_bwd_prob(const flex_bwd_params &bp, float r
 #if FLEX_BWD_USE_EXP2
     /* 2^(value log2(e) - lse log2(e)). The mod's value is in natural units
      * (as FlexAttention's); without a mod the scale and log2(e) meet in one
-     * FMA, as in the forward, and a -inf score gives 2^-inf = 0 unchecked. */
-    const float lse2 = lse * FLEX_LOG2E;
+     * FMA, as in the forward. A row the forward saw no score of (lse -inf)
+     * subtracts +inf, so that a -inf score (masked by the mod) and such a
+     * row both give 2^-inf = 0 with no test per score (for finite raw
+     * scores: the test is per column, where the compiler shares it). */
+    const float nlse2 = lse == FLEX_NEG_INF ? FLEX_NEG_INF : -(lse * FLEX_LOG2E);
 #if FLEX_HAS_SCORE_MOD
-    const bool attended = value != FLEX_NEG_INF;
-    const float e = fmaf(value, FLEX_LOG2E, -lse2);
+    const float e = fmaf(value, FLEX_LOG2E, nlse2);
 #else
-    const bool attended = true;
-    const float e = fmaf(raw, p.scale_log2, -lse2);
+    const float e = fmaf(raw, p.scale_log2, nlse2);
     (void)value;
 #endif
-    return keep && attended && lse != FLEX_NEG_INF ? flex_exp2(e) : 0.0f;
+    return keep ? flex_exp2(e) : 0.0f;
 #else
     return keep && value != FLEX_NEG_INF && lse != FLEX_NEG_INF ? expf(value - lse) : 0.0f;
 #endif
@@ -275,36 +289,49 @@ struct flex_bwd_step {
 /* Where the walk over the GQA group's heads and their q blocks stands. */
 struct flex_bwd_cursor {
     int g;      /* head of the group (-1: before the first) */
-    int i;      /* next step of its walk */
-    int nsteps; /* steps of its walk */
+    int blk;    /* next q block of its walk */
+    int sub;    /* next step inside the current q block (0: take the next block) */
+    int q_base; /* first query row of the current q block */
+    bool partial;
     flex_q_walk walk;
 };
 
+static FLEX_DEVICE_INLINE void flex_bwd_cursor_init(flex_bwd_cursor &c) {
+    c.g = -1;
+    c.blk = c.sub = c.q_base = 0;
+    c.partial = false;
+    c.walk.n_full = c.walk.n_part = 0;
+    c.walk.full0 = c.walk.part0 = 0;
+}
+
 /* Moves the cursor to the next step whose rows start inside the sequence
- * (a clipped last q block has steps past it); false once the walk is over. */
+ * (a clipped last q block has steps past it, and the rest of such a block
+ * is skipped); false once the walk is over. A q block's index is read once,
+ * at its first step, and no step divides. */
 static FLEX_DEVICE_INLINE bool flex_bwd_next(const flex_bwd_params &bp, int b, int hk, int kb,
                                              flex_bwd_cursor &c, flex_bwd_step &s) {
     const flex_fwd_params &p = bp.f;
     const int group = p.Hq / p.Hkv, steps_per_block = p.mask_qblock / FLEX_BWD_BLOCK_M;
     for (;;) {
-        if (c.i >= c.nsteps) {
-            if (++c.g >= group) return false;
-            c.walk = flex_q_walk_for(bp, b, hk * group + c.g, kb);
-            c.nsteps = (c.walk.n_full + c.walk.n_part) * steps_per_block;
-            c.i = 0;
-            continue;
+        if (c.sub == 0) {
+            if (c.blk >= c.walk.n_full + c.walk.n_part) {
+                if (++c.g >= group) return false;
+                c.walk = flex_q_walk_for(bp, b, hk * group + c.g, kb);
+                c.blk = 0;
+                continue;
+            }
+            c.q_base = flex_q_walk_block(bp, c.walk, c.blk, c.partial) * p.mask_qblock;
+            c.blk++;
         }
-        const int blk = c.i / steps_per_block;
-        bool partial;
-        const int q0 = flex_q_walk_block(bp, c.walk, blk, partial) * p.mask_qblock +
-                       (c.i - blk * steps_per_block) * FLEX_BWD_BLOCK_M;
-        c.i++;
+        const int q0 = c.q_base + c.sub * FLEX_BWD_BLOCK_M;
+        c.sub = c.sub + 1 == steps_per_block ? 0 : c.sub + 1;
         if (q0 < p.Lq) {
             s.h = hk * group + c.g;
             s.q0 = q0;
-            s.partial = partial;
+            s.partial = c.partial;
             return true;
         }
+        c.sub = 0; /* the block's later steps start past the end too */
     }
 }
 
@@ -319,7 +346,11 @@ static FLEX_DEVICE_INLINE void flex_bwd_load_lse_delta(const flex_bwd_params &bp
     constexpr int BM = FLEX_BWD_BLOCK_M;
     const float *glse = p.lse + b * p.l_sb + s.h * p.l_sh;
     const float *gdelta = bp.delta + ((long long)b * p.Hq + s.h) * p.Lq;
-    for (int i = tid; i < 2 * BM; i += FLEX_THREADS) {
+    /* a fixed trip count (one copy a thread where 2 BM <= FLEX_THREADS) */
+#pragma unroll
+    for (int j = 0; j < (2 * BM + FLEX_THREADS - 1) / FLEX_THREADS; j++) {
+        const int i = tid + j * FLEX_THREADS;
+        if (2 * BM % FLEX_THREADS != 0 && i >= 2 * BM) break;
         const int r = i < BM ? i : i - BM, q = s.q0 + r;
         const bool valid = q < p.Lq;
         if (i < BM)
@@ -403,26 +434,121 @@ static FLEX_DEVICE_INLINE void flex_bwd_sdp(float (&s)[NT][4], float (&dp)[NT][4
     }
 }
 
-/* P and scale * dS in place of Sᵀ and dPᵀ (lse, delta: the stage's rows). */
+/* The scores of a warp's m16n8 accumulators: element (nt, r) is kv row
+ * warp * 16 + lane / 4 (+ 8 for r >= 2) of the tile and query column
+ * nt * 8 + 2 (lane % 4) (+ 1 for odd r) of the step. flex_bwd_prob_at
+ * gives its P (lse: the stage's rows), flex_bwd_ds_at its scale * dS
+ * (delta: the stage's rows); the loops below only order them. */
+template <bool CHECKED>
+static FLEX_DEVICE_INLINE float flex_bwd_prob_at(const flex_bwd_params &bp, float raw, int b,
+                                                 const flex_bwd_step &st, int kv0,
+                                                 const float *lse, int nt, int r, int warp,
+                                                 int lane, float &dscore, flex_grad_terms &terms,
+                                                 unsigned &oob) {
+    const int kr = warp * 16 + (lane >> 2) + ((r & 2) ? 8 : 0);
+    const int qc = nt * 8 + (lane & 3) * 2 + (r & 1);
+    return flex_bwd_prob<CHECKED>(bp, raw, b, st.h, st.q0 + qc, kv0 + kr, st.partial, lse[qc],
+                                  dscore, terms, oob);
+}
+
+static FLEX_DEVICE_INLINE float flex_bwd_ds_at(const flex_bwd_params &bp, float pr, float dp,
+                                               const float *delta, int nt, int r, int lane,
+                                               float dscore, const flex_grad_terms &terms) {
+    const int qc = nt * 8 + (lane & 3) * 2 + (r & 1);
+    return flex_score_grads(bp, pr, dp, delta[qc], dscore, terms) * bp.f.scale;
+}
+
+/* Whether a step's scores need the mask mod or the sequence bounds: a
+ * partial block, or rows or columns past the end. The other steps take
+ * flex_bwd_prob<false>, with neither, where there is no score mod; with
+ * one, whose code would be there twice, every step is checked (the second
+ * copy cost registers and spills at 255 a thread, and the mod's work
+ * outweighs the checks). */
+static FLEX_DEVICE_INLINE bool flex_bwd_checked(const flex_bwd_params &bp,
+                                                const flex_bwd_step &st, int kv0) {
+#if FLEX_HAS_SCORE_MOD
+    (void)bp;
+    (void)st;
+    (void)kv0;
+    return true;
+#else
+    return st.partial || st.q0 + FLEX_BWD_BLOCK_M > bp.f.Lq ||
+           kv0 + FLEX_BWD_BLOCK_N > bp.f.Lkv;
+#endif
+}
+
+template <bool CHECKED, int NT>
+static FLEX_DEVICE_INLINE void flex_bwd_scores_as(const flex_bwd_params &bp, float (&s)[NT][4],
+                                                  float (&dp)[NT][4], int b,
+                                                  const flex_bwd_step &st, int kv0,
+                                                  const float *lse, const float *delta, int warp,
+                                                  int lane, unsigned &oob) {
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int r = 0; r < 4; r++) {
+            float dscore;
+            flex_grad_terms terms;
+            const float pr = flex_bwd_prob_at<CHECKED>(bp, s[nt][r], b, st, kv0, lse, nt, r,
+                                                       warp, lane, dscore, terms, oob);
+            dp[nt][r] = flex_bwd_ds_at(bp, pr, dp[nt][r], delta, nt, r, lane, dscore, terms);
+            s[nt][r] = pr;
+        }
+}
+
+/* P and scale * dS in place of Sᵀ and dPᵀ, score by score. */
 template <int NT>
 static FLEX_DEVICE_INLINE void flex_bwd_scores(const flex_bwd_params &bp, float (&s)[NT][4],
                                                float (&dp)[NT][4], int b, const flex_bwd_step &st,
                                                int kv0, const float *lse, const float *delta,
                                                int warp, int lane, unsigned &oob) {
+    if (flex_bwd_checked(bp, st, kv0))
+        flex_bwd_scores_as<true, NT>(bp, s, dp, b, st, kv0, lse, delta, warp, lane, oob);
+    else
+        flex_bwd_scores_as<false, NT>(bp, s, dp, b, st, kv0, lse, delta, warp, lane, oob);
+}
+
+/* The same in two passes, for a kernel that has Sᵀ before dPᵀ: P in place
+ * of Sᵀ, keeping each score's derivative terms (flex_bwd_probs), then
+ * scale * dS in place of dPᵀ (flex_bwd_dscores). */
+template <bool CHECKED, int NT>
+static FLEX_DEVICE_INLINE void flex_bwd_probs_as(const flex_bwd_params &bp, float (&s)[NT][4],
+                                                 float (&dsc)[NT][4],
+                                                 flex_grad_terms (&terms)[NT][4], int b,
+                                                 const flex_bwd_step &st, int kv0,
+                                                 const float *lse, int warp, int lane,
+                                                 unsigned &oob) {
 #pragma unroll
-    for (int nt = 0; nt < NT; nt++) {
+    for (int nt = 0; nt < NT; nt++)
 #pragma unroll
-        for (int r = 0; r < 4; r++) {
-            const int kr = warp * 16 + (lane >> 2) + ((r & 2) ? 8 : 0);
-            const int qc = nt * 8 + (lane & 3) * 2 + (r & 1);
-            float dscore;
-            flex_grad_terms terms;
-            const float pr = flex_bwd_prob(bp, s[nt][r], b, st.h, st.q0 + qc, kv0 + kr, st.partial,
-                                           lse[qc], dscore, terms, oob);
-            dp[nt][r] = flex_score_grads(bp, pr, dp[nt][r], delta[qc], dscore, terms) * bp.f.scale;
-            s[nt][r] = pr;
-        }
-    }
+        for (int r = 0; r < 4; r++)
+            s[nt][r] = flex_bwd_prob_at<CHECKED>(bp, s[nt][r], b, st, kv0, lse, nt, r, warp, lane,
+                                                 dsc[nt][r], terms[nt][r], oob);
+}
+
+template <int NT>
+static FLEX_DEVICE_INLINE void flex_bwd_probs(const flex_bwd_params &bp, float (&s)[NT][4],
+                                              float (&dsc)[NT][4], flex_grad_terms (&terms)[NT][4],
+                                              int b, const flex_bwd_step &st, int kv0,
+                                              const float *lse, int warp, int lane,
+                                              unsigned &oob) {
+    if (flex_bwd_checked(bp, st, kv0))
+        flex_bwd_probs_as<true, NT>(bp, s, dsc, terms, b, st, kv0, lse, warp, lane, oob);
+    else
+        flex_bwd_probs_as<false, NT>(bp, s, dsc, terms, b, st, kv0, lse, warp, lane, oob);
+}
+
+template <int NT>
+static FLEX_DEVICE_INLINE void flex_bwd_dscores(const flex_bwd_params &bp, const float (&s)[NT][4],
+                                                float (&dp)[NT][4], const float (&dsc)[NT][4],
+                                                const flex_grad_terms (&terms)[NT][4],
+                                                const float *delta, int lane) {
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int r = 0; r < 4; r++)
+            dp[nt][r] =
+                flex_bwd_ds_at(bp, s[nt][r], dp[nt][r], delta, nt, r, lane, dsc[nt][r], terms[nt][r]);
 }
 
 /* Accumulator scores (m16n8 layout) -> 16-bit A fragments (m16n8k16). */
@@ -615,8 +741,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
     flex_load_tile<BN, FLEX_DV>(smem + FLEX_BWD_SV, gv, p.v_ss, kv0, p.Lkv, p.Dv, tid);
 
     flex_bwd_cursor cur;
-    cur.g = -1;
-    cur.i = cur.nsteps = 0;
+    flex_bwd_cursor_init(cur);
     flex_bwd_step st;
     bool have = flex_bwd_next(bp, b, hk, kb, cur, st);
 #if FLEX_BWD_PIPE

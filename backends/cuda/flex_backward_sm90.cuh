@@ -29,6 +29,9 @@
  *                            both add into the accumulator.
  * dQ is added to the fp32 accumulator by flex_bwd_dq_add.
  *
+ * Sᵀ and dPᵀ are two product groups: with FLEX_BWD_SPLIT_WAIT (and no
+ * score mod) P is computed while dPᵀ is still in flight.
+ *
  * Copies are cp.async by all threads (K and V once, Q, dO, lse and delta of
  * the next step into the other stage, FLEX_BWD_PIPE), published to wgmma's
  * async proxy by fence.proxy.async before a CTA barrier. Barriers per step:
@@ -36,7 +39,10 @@
  *     its products of the previous step, so the other stage (refilled right
  *     after) and the dS tile are free;
  *   C (after dS is stored and the dK/dV products issued): dS is complete
- *     for dQ, which reads other warps' rows.
+ *     for dQ, which reads other warps' rows: the whole CTA's at a head dim
+ *     of 128, only the warpgroup's own at 64, where with
+ *     FLEX_BWD_WG_BARRIER it is a named barrier of the warpgroup's 128
+ *     threads (each writer's fence.proxy.async comes before it either way).
  *
  * Requires: 16-bit elements, FLEX_VEC, FLEX_DQ and FLEX_DV in {64, 128},
  * FLEX_WARPS 8, FLEX_BWD_BLOCK_M 64 (gpu_host.c's flex_gpu_bwd_smem adds
@@ -74,6 +80,24 @@ static_assert(FLEX_BWD90_SQ % 1024 == 0 && FLEX_BWD90_SDO % 1024 == 0 &&
                   FLEX_BWD90_DO_STAGE % 1024 == 0,
               "every wgmma tile starts on a 1024-byte boundary");
 
+/* P of a step computed while its dPᵀ product is in flight (two product
+ * groups, FLEX_BWD_SPLIT_WAIT), where there is no score mod: with one, a
+ * thread would hold the derivative terms of all 32 of its scores across
+ * the wait (soft-capping's spills doubled at a head dim of 128). */
+#define FLEX_BWD90_SPLIT (FLEX_BWD_SPLIT_WAIT && !FLEX_HAS_SCORE_MOD)
+/* Barrier C of the warpgroup only (FLEX_BWD_WG_BARRIER) where dQ reads
+ * just the warpgroup's own dS rows: at a head dim of 64 (flex_bwd90_dq). */
+#define FLEX_BWD90_WG_BARRIER (FLEX_BWD_WG_BARRIER && FLEX_DQ == 64)
+
+/* Named barrier 1 + wg over warpgroup wg's 128 threads (0 is
+ * __syncthreads'); immediate ids, so that ptxas reserves only these. */
+static FLEX_DEVICE_INLINE void flex_bar_sync_wg(int wg) {
+    if (wg == 0)
+        asm volatile("bar.sync 1, 128;\n" ::: "memory");
+    else
+        asm volatile("bar.sync 2, 128;\n" ::: "memory");
+}
+
 /* flex_bwd_load_step in the 128-byte swizzle (base: the aligned base). */
 static FLEX_DEVICE_INLINE void flex_bwd90_load_step(const flex_bwd_params &bp, int b,
                                                     const flex_bwd_step &s, flex_u32 base,
@@ -90,44 +114,28 @@ static FLEX_DEVICE_INLINE void flex_bwd90_load_step(const flex_bwd_params &bp, i
                             base + FLEX_BWD90_SDELTA + stage * BM * 4, tid);
 }
 
-/* Sᵀ = K Qᵀ and dPᵀ = V dOᵀ for warpgroup wg's 64 kv rows (q_st, do_st: the
- * step's stages), both K-major: 16 columns are 32 bytes further inside a
- * 64-column block, or the next block (rows x 128 bytes further). Waited
- * for before it returns. */
-static FLEX_DEVICE_INLINE void flex_bwd90_sdp(float (&s)[8][4], float (&dp)[8][4], flex_u32 base,
-                                              flex_u32 q_st, flex_u32 do_st, int wg) {
+/* Sᵀ = K Qᵀ (tile: K, stage: Q) or dPᵀ = V dOᵀ (V, dO) for warpgroup wg's
+ * 64 kv rows, both K-major (16 columns are 32 bytes further inside a
+ * 64-column block, or the next block, rows x 128 bytes further): issued
+ * and committed as one group, not waited for. */
+template <int DIM>
+static FLEX_DEVICE_INLINE void flex_bwd90_sdp_issue(float (&acc)[8][4], flex_u32 tile,
+                                                    flex_u32 stage, int wg) {
     constexpr int BM = FLEX_BWD_BLOCK_M, BN = FLEX_BWD_BLOCK_N;
-    const unsigned long long kd = flex_sw128_desc(base + FLEX_BWD90_SK + wg * 64 * 128, 16);
-    const unsigned long long vd = flex_sw128_desc(base + FLEX_BWD90_SV + wg * 64 * 128, 16);
-    const unsigned long long qd = flex_sw128_desc(q_st, 16);
-    const unsigned long long dod = flex_sw128_desc(do_st, 16);
-    flex_wgmma_fence();
+    const unsigned long long ad = flex_sw128_desc(tile + wg * 64 * 128, 16);
+    const unsigned long long bd = flex_sw128_desc(stage, 16);
 #pragma unroll
-    for (int kk = 0; kk < FLEX_DQ / 16; kk++) {
+    for (int kk = 0; kk < DIM / 16; kk++) {
         const unsigned long long a =
-            kd + (unsigned long long)(((kk >> 2) * BN * 128 + (kk & 3) * 32) >> 4);
+            ad + (unsigned long long)(((kk >> 2) * BN * 128 + (kk & 3) * 32) >> 4);
         const unsigned long long b =
-            qd + (unsigned long long)(((kk >> 2) * BM * 128 + (kk & 3) * 32) >> 4);
+            bd + (unsigned long long)(((kk >> 2) * BM * 128 + (kk & 3) * 32) >> 4);
         if (kk == 0)
-            flex_wgmma_ss_n64_fresh<0, 0>(s, a, b);
+            flex_wgmma_ss_n64_fresh<0, 0>(acc, a, b);
         else
-            flex_wgmma_ss_n64<0, 0>(s, a, b);
-    }
-#pragma unroll
-    for (int kk = 0; kk < FLEX_DV / 16; kk++) {
-        const unsigned long long a =
-            vd + (unsigned long long)(((kk >> 2) * BN * 128 + (kk & 3) * 32) >> 4);
-        const unsigned long long b =
-            dod + (unsigned long long)(((kk >> 2) * BM * 128 + (kk & 3) * 32) >> 4);
-        if (kk == 0)
-            flex_wgmma_ss_n64_fresh<0, 0>(dp, a, b);
-        else
-            flex_wgmma_ss_n64<0, 0>(dp, a, b);
+            flex_wgmma_ss_n64<0, 0>(acc, a, b);
     }
     flex_wgmma_commit();
-    flex_wgmma_wait<0>();
-    flex_pin(s);
-    flex_pin(dp);
 }
 
 /* dV += Pᵀ dO and dK += dSᵀ Q, issued and committed, not waited for: dO
@@ -232,8 +240,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
     flex_load_tile<BN, FLEX_DV, true>(base + FLEX_BWD90_SV, gv, p.v_ss, kv0, p.Lkv, p.Dv, tid);
 
     flex_bwd_cursor cur;
-    cur.g = -1;
-    cur.i = cur.nsteps = 0;
+    flex_bwd_cursor_init(cur);
     flex_bwd_step st;
     bool have = flex_bwd_next(bp, b, hk, kb, cur, st);
 #if FLEX_BWD_PIPE
@@ -268,8 +275,25 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
         const float *delta = (const float *)(gbase + FLEX_BWD90_SDELTA) + stage * BM;
 
         float s[NT][4], dp[NT][4];
-        flex_bwd90_sdp(s, dp, base, q_st, do_st, wg);
+        flex_wgmma_fence();
+        flex_bwd90_sdp_issue<FLEX_DQ>(s, base + FLEX_BWD90_SK, q_st, wg);
+        flex_bwd90_sdp_issue<FLEX_DV>(dp, base + FLEX_BWD90_SV, do_st, wg);
+#if FLEX_BWD90_SPLIT
+        /* P while dPᵀ is still in flight, dS once it is done */
+        flex_wgmma_wait<1>();
+        flex_pin(s);
+        float dsc[NT][4];
+        flex_grad_terms terms[NT][4];
+        flex_bwd_probs<NT>(bp, s, dsc, terms, b, st, kv0, lse, warp, lane, oob);
+        flex_wgmma_wait<0>();
+        flex_pin(dp);
+        flex_bwd_dscores<NT>(bp, s, dp, dsc, terms, delta, lane);
+#else
+        flex_wgmma_wait<0>();
+        flex_pin(s);
+        flex_pin(dp);
         flex_bwd_scores<NT>(bp, s, dp, b, st, kv0, lse, delta, warp, lane, oob);
+#endif
         flex_u32 pa[NT / 2][4], da[NT / 2][4];
         flex_bwd_pack<NT>(s, pa);
         flex_bwd_pack<NT>(dp, da);
@@ -278,7 +302,11 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
             flex_fence_proxy_async(); /* this thread's dS -> dQ's reads */
         }
         flex_bwd90_dkdv(dk, dv, pa, da, q_st, do_st);
-        __syncthreads(); /* C */
+#if FLEX_BWD90_WG_BARRIER
+        flex_bar_sync_wg(wg); /* C: the warpgroup's dS rows are complete for its dQ */
+#else
+        __syncthreads(); /* C: dS is complete for dQ, which reads other warps' rows */
+#endif
         /* Issued whether or not dQ is wanted (then on a stale dS, unused):
          * a product issued on one path only makes ptxas serialise them all. */
         float dq[8][4];

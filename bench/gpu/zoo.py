@@ -35,7 +35,6 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 
 import torch
@@ -531,12 +530,9 @@ def cpu_dry_run(mods):
 # ---------------------------------------------------------------- GPU run
 
 def _commit():
-    try:
-        return subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
-                              text=True, cwd=os.path.dirname(os.path.abspath(__file__)),
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """FLEXATTN_COMMIT when set (a copied tree's git may be stale), else HEAD."""
+    from bench_results import commit_id
+    return commit_id(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _cpu_check(fa_cpu_call, out_gpu, theirs_gpu, q, k, v, dtype):

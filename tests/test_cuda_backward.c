@@ -870,6 +870,53 @@ static void test_graphs(void) {
 }
 #endif
 
+/* Buffer gradients summed per CTA in shared memory (cuda_bwd_grad_smem,
+ * on by default where the gradient tensors hold at most 12288 floats) and
+ * by one global atomic per score: relative-position tables (grad
+ * Hq x (Lq + Lkv) floats) that fit the region (1200; 2080 + 4 in two
+ * slots, BSHD) and that do not (4 x 3200 = 12800), at head dims 128 and
+ * 64, on blocks of 128. Each runs under every setting of grad_settings: on
+ * sm_90 the default takes the wgmma kernel and cuda_bwd_wgmma=0 the
+ * mma.sync one, and cuda_bwd_grad_smem=0 the global atomics of both. */
+static const bw_case grad_cases[] = {
+    {"bf16 rel table causal D128 blocks 128", FLEX_BF16, 1, 2, 1, 300, 300, 128, 128, 0,
+     "score + float(rel[h][q - kv + 299])", "q >= kv", 128, "rel", 1, 1, 1, 0},
+    {"f16 rel table slopes D64 bshd blocks 128", FLEX_F16, 2, 4, 2, 260, 260, 64, 64, 1,
+     "score + slopes[h] * (kv - q) + float(rel[h][q - kv + 259])", NULL, 128, "slopes,rel", 1,
+     1, 1, 0},
+    {"bf16 rel table too large D128 window", FLEX_BF16, 1, 4, 2, 1600, 1600, 128, 128, 0,
+     "score + float(rel[h][q - kv + 1599])", "q - kv <= 200 && kv - q <= 200", 128, "rel", 1,
+     1, 1, 0},
+    {"f16 rel table too large D64 window", FLEX_F16, 1, 4, 4, 1600, 1600, 64, 64, 0,
+     "score + float(rel[h][q - kv + 1599])", "q - kv <= 200 && kv - q <= 200", 128, "rel", 1,
+     1, 1, 0},
+};
+static const char *const grad_settings[] = {"", "cuda_bwd_wgmma=0", "cuda_bwd_grad_smem=0",
+                                            "cuda_bwd_wgmma=0,cuda_bwd_grad_smem=0"};
+
+/* Opens a CUDA context whose FLEXATTN_DEBUG is the environment's plus
+ * `add` (later keys win). */
+static flex_context *open_with(const char *add) {
+    const char *env = getenv("FLEXATTN_DEBUG");
+    char *saved = env ? strdup(env) : NULL;
+    char value[512];
+    snprintf(value, sizeof value, "%s%s%s", saved ? saved : "", saved && *saved && *add ? "," : "",
+             add);
+    setenv("FLEXATTN_DEBUG", value, 1);
+    flex_context *ctx = NULL;
+    const flex_status s = flex_context_create("cuda", &ctx);
+    if (saved)
+        setenv("FLEXATTN_DEBUG", saved, 1);
+    else
+        unsetenv("FLEXATTN_DEBUG");
+    free(saved);
+    if (s != FLEX_OK) {
+        fprintf(stderr, "FAIL: a CUDA context with %s: %s\n", add, flex_error_message(NULL));
+        exit(1);
+    }
+    return ctx;
+}
+
 int main(void) {
     gpu_test_open();
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -877,6 +924,18 @@ int main(void) {
         run_case(&cases[i]);
         printf("%s: %s\n", failures == before ? "PASS" : "FAIL", cases[i].name);
     }
+    flex_context *const main_gpu = gpu;
+    for (size_t k = 0; k < sizeof grad_settings / sizeof grad_settings[0]; k++) {
+        gpu = open_with(grad_settings[k]);
+        for (size_t i = 0; i < sizeof grad_cases / sizeof grad_cases[0]; i++) {
+            const int before = failures;
+            run_case(&grad_cases[i]);
+            printf("%s: %s [%s]\n", failures == before ? "PASS" : "FAIL", grad_cases[i].name,
+                   *grad_settings[k] ? grad_settings[k] : "default");
+        }
+        flex_context_destroy(gpu);
+    }
+    gpu = main_gpu;
     const int before = failures;
     test_errors_write_nothing();
     printf("%s: named errors write nothing\n", failures == before ? "PASS" : "FAIL");

@@ -178,6 +178,12 @@ static const flex_cuda_bwd_config bwd_full_configs[] = {
     {.dtype = FLEX_F32, .dq = 128, .dv = 64, .warps = 4, .block_m = 16},
     {.dtype = FLEX_BF16, .dq = 128, .dv = 64, .warps = 2, .block_m = 32, .vec = 1, .pipeline = 1,
      .exp2 = 1, .dq_red = 1},
+    /* buffer gradients summed in a shared region (of more floats than
+     * ALiBi's slopes need: the kernel reads the sizes from the tensors) */
+    {.dtype = FLEX_BF16, .dq = 128, .dv = 128, .warps = 8, .block_m = 32, .vec = 1,
+     .short_indices = 1, .pipeline = 1, .exp2 = 1, .kv_fastest = 1, .grad_smem = 8208},
+    {.dtype = FLEX_F16, .dq = 64, .dv = 64, .warps = 8, .block_m = 64, .vec = 1, .pipeline = 1,
+     .exp2 = 1, .dq_red = 1, .grad_smem = 16},
 };
 
 /* The sm_90a wgmma main kernel (flex_backward_sm90.cuh) at the tiles
@@ -196,6 +202,12 @@ static const flex_cuda_bwd_config bwd_wgmma_configs[] = {
     {.dtype = FLEX_F16, .dq = 128, .dv = 64, .warps = 8, .block_m = 64, .vec = 1, .pipeline = 1,
      .exp2 = 1, .dq_red = 1, .kv_fastest = 1, .wgmma = 1, .split_wait = 1, .wg_barrier = 1,
      .dq_warps = 4, .dq_block_n = 64},
+    {.dtype = FLEX_BF16, .dq = 128, .dv = 128, .warps = 8, .block_m = 64, .vec = 1,
+     .short_indices = 1, .pipeline = 1, .exp2 = 1, .dq_red = 1, .kv_fastest = 1, .wgmma = 1,
+     .split_wait = 1, .wg_barrier = 1, .grad_smem = 8208},
+    {.dtype = FLEX_F16, .dq = 64, .dv = 64, .warps = 8, .block_m = 64, .vec = 1, .pipeline = 1,
+     .exp2 = 1, .dq_red = 1, .kv_fastest = 1, .wgmma = 1, .split_wait = 1, .wg_barrier = 1,
+     .grad_smem = 16},
 };
 
 static void add_backward_case(const char *label, const ir_mod *mask, const ir_mod *score,

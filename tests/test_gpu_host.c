@@ -1056,6 +1056,38 @@ START_TEST(test_backward_tiles) {
     c = bwd_tiles(64, 32, 32, 16, 0, 101376, 0);
     ck_assert_int_eq(c.warps, 2);
     ck_assert_int_eq(c.block_m, 32);
+    /* the shared gradient region follows the tiles: 4 bytes a float, and
+     * at its largest beside the sm_90 wgmma kernel's tiles (head dim 128,
+     * pipelined) within sm_90's 227 KB */
+    ck_assert_uint_eq(flex_gpu_bwd_smem(&(flex_cuda_bwd_config){.dq = 64, .dv = 64, .warps = 8,
+                                                                .block_m = 64,
+                                                                .grad_smem = 8208}),
+                      66048 + 4 * 8208);
+    const flex_cuda_bwd_config wg = {.dq = 128, .dv = 128, .warps = 8, .block_m = 64,
+                                     .pipeline = 1, .wgmma = 1,
+                                     .grad_smem = FLEX_GPU_BWD_GRAD_SMEM_MAX};
+    ck_assert_uint_le(flex_gpu_bwd_smem(&wg), 232448);
+}
+END_TEST
+
+/* The shared gradient region's size: every gradient tensor's elements
+ * together, 0 past FLEX_GPU_BWD_GRAD_SMEM_MAX or for an empty tensor. */
+START_TEST(test_backward_grad_floats) {
+    flex_backward_args a;
+    memset(&a, 0, sizeof a);
+    ck_assert_int_eq(flex_gpu_bwd_grad_floats(&a), 0);
+    const int64_t table[2] = {16, 513}, slopes[1] = {16}, big[2] = {24, 513}, empty[1] = {0};
+    flex_buffer_grad g[2] = {{"rel", flex_tensor_contiguous(NULL, FLEX_F32, 2, table,
+                                                            FLEX_DEVICE_CUDA)},
+                             {"slopes", flex_tensor_contiguous(NULL, FLEX_F32, 1, slopes,
+                                                               FLEX_DEVICE_CUDA)}};
+    a.buffer_grads = g;
+    a.num_buffer_grads = 2;
+    ck_assert_int_eq(flex_gpu_bwd_grad_floats(&a), 16 * 513 + 16);
+    g[0].grad = flex_tensor_contiguous(NULL, FLEX_F32, 2, big, FLEX_DEVICE_CUDA);
+    ck_assert_int_eq(flex_gpu_bwd_grad_floats(&a), 0); /* 12328 floats */
+    g[0].grad = flex_tensor_contiguous(NULL, FLEX_F32, 1, empty, FLEX_DEVICE_CUDA);
+    ck_assert_int_eq(flex_gpu_bwd_grad_floats(&a), 0);
 }
 END_TEST
 
@@ -1078,12 +1110,13 @@ START_TEST(test_kernel_keys) {
     flex_cuda_bwd_config b = {.dtype = FLEX_F16, .dq = 64, .dv = 128, .warps = 8, .block_m = 32,
                               .vec = 1, .short_indices = 0, .grad_slots = 2, .pipeline = 1,
                               .exp2 = 1, .dq_red = 0, .kv_fastest = 1, .wgmma = 1,
-                              .split_wait = 1, .wg_barrier = 0, .dq_warps = 4, .dq_block_n = 32};
+                              .split_wait = 1, .wg_barrier = 0, .dq_warps = 4, .dq_block_n = 32,
+                              .grad_smem = 8208};
     flex_gpu_bwd_mods m;
     memset(&m, 0, sizeof m);
     flex_gpu_bwd_key(key, sizeof key, &st, &b, &m, NULL, NULL);
     ck_assert_str_eq(key, "bwd|f16|dq64|dv128|w8|bm32|vec1|short0|gs2|pipe1|exp21|red0|kvf1|wg1|"
-                          "sw1|wgb0|dqw4|dqn32|mask=0000000000000000|score=0000000000000000|loads="
+                          "sw1|wgb0|dqw4|dqn32|gsm8208|mask=0000000000000000|score=0000000000000000|loads="
                           "0000000000000000|inr=0000000000000000.0000000000000000|fake1|"
                           "fakecc1.2");
 }
@@ -1177,6 +1210,7 @@ int main(void) {
     tcase_add_test(tc, test_partial_bits_plan);
     tcase_add_test(tc, test_partial_bits_device);
     tcase_add_test(tc, test_backward_tiles);
+    tcase_add_test(tc, test_backward_grad_floats);
     tcase_add_test(tc, test_kernel_keys);
     tcase_add_test(tc, test_backward_launches);
     suite_add_tcase(suite, tc);

@@ -11,7 +11,9 @@
  * 128, 8 warps, 64-row steps, every lever on); FIELD=VALUE sets a field of
  * flex_cuda_bwd_config (dtype=bf16|f16|f32, dq, dv, warps, block_m, ...).
  * --buf declares a buffer of mods given as text (presets bring their own);
- * --grads wants the gradient of every float buffer the score mod reads.
+ * --grads wants the gradient of every float buffer the score mod reads;
+ * grad_smem=N sums them in a shared region of N floats (the gradient
+ * tensors' elements together, e.g. 8208 for a 16 x 513 table).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -81,7 +83,8 @@ static int set_field(flex_cuda_bwd_config *cfg, const char *arg) {
                   {"split_wait", &cfg->split_wait},
                   {"wg_barrier", &cfg->wg_barrier},
                   {"dq_warps", &cfg->dq_warps},
-                  {"dq_block_n", &cfg->dq_block_n}};
+                  {"dq_block_n", &cfg->dq_block_n},
+                  {"grad_smem", &cfg->grad_smem}};
     for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++)
         if (strlen(fields[i].name) == n && !strncmp(arg, fields[i].name, n)) {
             char *end;

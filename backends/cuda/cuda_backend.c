@@ -1000,6 +1000,17 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
         cfg.dq_warps = 4; /* one query row a warp; no tiles in shared memory */
     else if (dq_pass)
         smem_dq = choose_dq_tiles(&cfg, q_block, kv_block, st->smem_optin);
+    /* Buffer gradients summed per CTA in shared memory where the gradient
+     * tensors are small enough and the region fits beside the tiles chosen
+     * without it (it never costs the wgmma kernel or a larger tile);
+     * otherwise, on f32 and with cuda_bwd_grad_smem=0 one global atomic per
+     * score and gradient (docs/decisions.md, "CUDA backward"). */
+    if (q->dtype != FLEX_F32 && m.num_loads > 0 &&
+        env_switch(ctx, FLEX_DEBUG_CUDA_BWD_GRAD_SMEM, 1)) {
+        flex_cuda_bwd_config gs = cfg;
+        gs.grad_smem = flex_gpu_bwd_grad_floats(a);
+        if (gs.grad_smem > 0 && (int64_t)flex_gpu_bwd_smem(&gs) <= st->smem_optin) cfg = gs;
+    }
     const size_t smem = q->dtype == FLEX_F32 ? 0 : flex_gpu_bwd_smem(&cfg);
     if ((int64_t)smem > st->smem_optin || (int64_t)smem_dq > st->smem_optin) {
         flex_gpu_bwd_mods_free(&m);

@@ -160,13 +160,20 @@ static void append(char **s, const char *fmt, ...) {
 /* The glue between the emitted derivative and flex_backward.cuh:
  * flex_score_bwd (the modified score, d/dscore and the buffer terms of one
  * score) and flex_scatter_grads (the terms times ds' added to the gradient
- * tensors, at the read's indices clamped as the read clamps them). */
-static char *score_glue(const flex_cuda_bwd_score *sc, int slot_base) {
+ * tensors, at the read's indices clamped as the read clamps them). With
+ * grad_smem the terms' offsets are the elements' row-major indices and
+ * the additions go to the CTA's shared copy (flex_bwd_grad_smem_add,
+ * flex_backward.cuh), which adds them to the tensors at their strided
+ * offsets at its end; otherwise the offsets are strided and the additions
+ * global atomics. */
+static char *score_glue(const flex_cuda_bwd_score *sc, int slot_base, int grad_smem) {
     char *g = calloc(1, 1);
     const int n = sc->ir ? sc->num_loads : 0;
     append(&g, "#define FLEX_NUM_GRAD_LOADS %d\n", n);
-    append(&g, "struct flex_grad_terms { float d[%d]; long long off[%d]; };\n", n ? n : 1,
-           n ? n : 1);
+    /* a row-major index into the shared copy fits an int (at most
+     * FLEX_GPU_BWD_GRAD_SMEM_MAX), and an int is one register a term */
+    append(&g, "struct flex_grad_terms { float d[%d]; %s off[%d]; };\n", n ? n : 1,
+           grad_smem ? "int" : "long long", n ? n : 1);
     if (!sc->ir) {
         append(&g, "static FLEX_DEVICE_INLINE float flex_score_bwd(float score, int b, int h, int q, "
                    "int kv, const flex_buffers &bufs, unsigned &oob, float &dscore, "
@@ -192,12 +199,22 @@ static char *score_glue(const flex_cuda_bwd_score *sc, int slot_base) {
     }
     append(&g, "%s", fn);
     free(fn);
-    append(&g, "static FLEX_DEVICE_INLINE long long flex_grad_offset(const flex_buffer &g, int "
-               "ndim, int i0, int i1, int i2, int i3) {\n"
-               "    const int idx[4] = {i0, i1, i2, i3};\n    long long off = 0;\n"
-               "#pragma unroll\n    for (int d = 0; d < 4; d++)\n"
-               "        if (d < ndim) off += (long long)min(max(idx[d], 0), g.sizes[d] - 1) * "
-               "g.strides[d];\n    return off;\n}\n");
+    if (grad_smem)
+        append(&g, "static FLEX_DEVICE_INLINE int flex_grad_offset(const flex_buffer &g, int ndim, "
+                   "int i0, int i1, int i2, int i3) {\n"
+                   "    const int idx[4] = {i0, i1, i2, i3};\n    int off = 0;\n"
+                   "#pragma unroll\n    for (int d = 0; d < 4; d++)\n"
+                   "        if (d < ndim) off = off * g.sizes[d] + min(max(idx[d], 0), "
+                   "g.sizes[d] - 1);\n    return off;\n}\n"
+                   "static FLEX_DEVICE_INLINE void flex_bwd_grad_smem_add(const flex_buffer "
+                   "*grads, int slot, int index, float x);\n");
+    else
+        append(&g, "static FLEX_DEVICE_INLINE long long flex_grad_offset(const flex_buffer &g, int "
+                   "ndim, int i0, int i1, int i2, int i3) {\n"
+                   "    const int idx[4] = {i0, i1, i2, i3};\n    long long off = 0;\n"
+                   "#pragma unroll\n    for (int d = 0; d < 4; d++)\n"
+                   "        if (d < ndim) off += (long long)min(max(idx[d], 0), g.sizes[d] - 1) * "
+                   "g.strides[d];\n    return off;\n}\n");
     append(&g, "static FLEX_DEVICE_INLINE float flex_score_bwd(float score, int b, int h, int q, "
                "int kv, const flex_buffers &bufs, unsigned &oob, float &dscore, flex_grad_terms "
                "&terms, const flex_buffer *grads) {\n    (void)terms; (void)grads;\n");
@@ -229,9 +246,14 @@ static char *score_glue(const flex_cuda_bwd_score *sc, int slot_base) {
     append(&g, "static FLEX_DEVICE_INLINE void flex_scatter_grads(const flex_buffer *grads, const "
                "flex_grad_terms &terms, float dsp) {\n    (void)grads; (void)terms; (void)dsp;\n");
     for (int l = 0; l < n; l++)
-        append(&g, "    atomicAdd((float *)grads[%d].data + terms.off[%d], __fmul_rn(dsp, "
-                   "terms.d[%d]));\n",
-               sc->loads[l].grad, l, l);
+        if (grad_smem)
+            append(&g, "    flex_bwd_grad_smem_add(grads, %d, terms.off[%d], __fmul_rn(dsp, "
+                       "terms.d[%d]));\n",
+                   sc->loads[l].grad, l, l);
+        else
+            append(&g, "    atomicAdd((float *)grads[%d].data + terms.off[%d], __fmul_rn(dsp, "
+                       "terms.d[%d]));\n",
+                   sc->loads[l].grad, l, l);
     append(&g, "}\n");
     return g;
 }
@@ -249,6 +271,11 @@ char *flex_cuda_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *m
     if (!prelude(&vendor, &params) || !common || !mma || !tpl || !dq_tpl || !wgmma || !sm90)
         return NULL;
     if (score->ir && score->num_loads > 64) return NULL;
+    /* the shared gradient region only for the 16-bit kernels, and only
+     * where there is a gradient to sum in it */
+    const int grad_smem = cfg->dtype != FLEX_F32 && score->ir && score->num_loads > 0
+                              ? cfg->grad_smem
+                              : 0;
     char config[512];
     const char *elem = elem_macro(cfg->dtype);
     snprintf(config, sizeof config,
@@ -257,13 +284,14 @@ char *flex_cuda_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *m
              "#define FLEX_SHORT_INDICES %d\n#define FLEX_GRAD_SLOTS %d\n"
              "#define FLEX_BWD_PIPE %d\n#define FLEX_BWD_EXP2 %d\n#define FLEX_BWD_DQ_RED %d\n"
              "#define FLEX_BWD_KV_FASTEST %d\n#define FLEX_BWD_WGMMA %d\n"
-             "#define FLEX_BWD_SPLIT_WAIT %d\n#define FLEX_BWD_WG_BARRIER %d\n",
+             "#define FLEX_BWD_SPLIT_WAIT %d\n#define FLEX_BWD_WG_BARRIER %d\n"
+             "#define FLEX_BWD_GRAD_SMEM %d\n",
              elem, cfg->dq, cfg->dv, cfg->warps, cfg->block_m, cfg->vec, cfg->short_indices,
              cfg->grad_slots > 0 ? cfg->grad_slots : 1, cfg->pipeline, cfg->exp2, cfg->dq_red,
-             cfg->kv_fastest, cfg->wgmma, cfg->split_wait, cfg->wg_barrier);
+             cfg->kv_fastest, cfg->wgmma, cfg->split_wait, cfg->wg_barrier, grad_smem);
     char *mods = flex_emit_mods_in_range(mask, score->ir, mask_in_range, score->in_range);
     if (!mods) return NULL;
-    char *glue = score_glue(score, mask ? mask->num_buffers : 0);
+    char *glue = score_glue(score, mask ? mask->num_buffers : 0, grad_smem);
     if (!glue) {
         free(mods);
         return NULL;

@@ -96,6 +96,12 @@ typedef struct flex_cuda_bwd_config {
      * query rows each; f32: one row each) and kv rows per step (f16/bf16).
      * 0 warps: no such kernel, dQ through atomics. */
     int dq_warps, dq_block_n;
+    /* f16/bf16: floats of the main kernel's shared gradient region, the
+     * elements of every gradient tensor in row-major order, slot after
+     * slot: each CTA sums its buffer gradients there and adds every nonzero
+     * element to global memory once at its end (flex_gpu_bwd_grad_floats).
+     * 0: each score adds its gradients with global atomics. */
+    int grad_smem;
 } flex_cuda_bwd_config;
 
 /* A float buffer read of the score mod whose gradient is wanted. */

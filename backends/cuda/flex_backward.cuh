@@ -19,6 +19,10 @@
  *   FLEX_BWD_WGMMA          1: flex_backward_sm90.cuh follows and brings the
  *                           main kernel (wgmma, sm_90a); the one here is
  *                           left out
+ *   FLEX_BWD_GRAD_SMEM      f16/bf16: floats of the shared gradient region
+ *                           (every gradient tensor's elements; the glue's
+ *                           offsets are then row-major indices into it);
+ *                           0: buffer gradients by global atomics
  *
  * Three kernels, launched in this order on the caller's stream:
  *   flex_bwd_preprocess  delta = rowsum(dO * O) per query row, and the dQ
@@ -31,7 +35,9 @@
  *                        it), P is recomputed from the forward's LSE, dK and
  *                        dV accumulate in registers and are stored once, dQ
  *                        is added to an fp32 accumulator with atomics, and
- *                        buffer gradients are added with atomics;
+ *                        buffer gradients are added with atomics (with
+ *                        FLEX_BWD_GRAD_SMEM: summed per CTA in shared
+ *                        memory, each element added once at its end);
  *   flex_bwd_dq_store    the dQ accumulator -> dq in its dtype and strides.
  *
  * f16/bf16: the products run on mma.sync m16n8k16 (sm_80 and later, also
@@ -152,6 +158,99 @@ static FLEX_DEVICE_INLINE float flex_score_grads_only(float p, float dp, float d
     return flex_ds_of(p * (dp - delta), dscore);
 }
 
+#ifndef FLEX_BWD_GRAD_SMEM
+#define FLEX_BWD_GRAD_SMEM 0
+#endif
+
+#if FLEX_BWD_GRAD_SMEM
+/* Buffer gradients summed per CTA in shared memory (docs/decisions.md,
+ * "Buffer gradients into small tables"): a relative-position table takes
+ * the same few thousand elements from every score, and one global atomic
+ * per score is what bounds the kernel. The region holds every gradient
+ * tensor's elements in row-major order, slot after slot
+ * (FLEX_BWD_GRAD_SMEM floats; the host checked the sum), after the main
+ * kernel's tiles (flex_bwd_grad_region, defined beside the kernel). The
+ * kernel zeroes it before its first step, whose barrier B orders that
+ * before the first addition; the scores add into it with shared atomics
+ * (flex_bwd_grad_smem_add, called by the glue's flex_scatter_grads at the
+ * row-major index the glue's flex_grad_offset gives); after its last step
+ * and a barrier it adds each nonzero element to the tensor once, at the
+ * element's strided offset (flex_bwd_grad_flush). */
+
+#if defined(FLEX_HIP)
+#error "the shared gradient region is CUDA's only (the HIP backend sets no FLEX_BWD_GRAD_SMEM)"
+#endif
+
+/* The dynamic shared memory (every extern __shared__ array starts at its
+ * base, the kernels' own declarations too). */
+extern __shared__ __align__(16) unsigned char flex_bwd_dyn_smem[];
+
+/* The region's shared-space address, after the main kernel's tiles (a
+ * 32-bit address: a generic pointer into shared memory costs sm_90 a read
+ * of the CTA's cluster id at every addition, and registers). */
+static FLEX_DEVICE_INLINE flex_u32 flex_bwd_grad_region();
+
+/* Elements of gradient tensor g (its sizes past its dims are 1). */
+static FLEX_DEVICE_INLINE int flex_bwd_grad_numel(const flex_buffer &g) {
+    return g.sizes[0] * g.sizes[1] * g.sizes[2] * g.sizes[3];
+}
+
+/* Where slot's elements start in the region (slot is a constant at every
+ * call, so the loop is a sum of parameters). */
+static FLEX_DEVICE_INLINE int flex_bwd_grad_base(const flex_buffer *grads, int slot) {
+    int base = 0;
+#pragma unroll
+    for (int g = 0; g < FLEX_GRAD_SLOTS; g++)
+        if (g < slot) base += flex_bwd_grad_numel(grads[g]);
+    return base;
+}
+
+/* An addition to element index of slot. fp32 shared atomics have no
+ * instruction of their own up to sm_100: ptxas makes this a compare-and-
+ * swap loop (ATOMS.CAST.SPIN), one trip unless lanes collide. */
+static FLEX_DEVICE_INLINE void flex_bwd_grad_smem_add(const flex_buffer *grads, int slot,
+                                                      int index, float x) {
+    const flex_u32 addr =
+        flex_bwd_grad_region() + 4u * (flex_u32)(flex_bwd_grad_base(grads, slot) + index);
+    asm volatile("red.shared.add.f32 [%0], %1;\n" ::"r"(addr), "f"(x));
+}
+
+template <int THREADS>
+static FLEX_DEVICE_INLINE void flex_bwd_grad_zero(float *region, int tid) {
+    for (int i = tid; i < FLEX_BWD_GRAD_SMEM; i += THREADS)
+        region[i] = 0.0f;
+}
+
+/* The strided offset of row-major element i of g. */
+static FLEX_DEVICE_INLINE long long flex_bwd_grad_strided(const flex_buffer &g, int i) {
+    long long off = 0;
+#pragma unroll
+    for (int d = 3; d >= 0; d--) {
+        off += (long long)(i % g.sizes[d]) * g.strides[d];
+        i /= g.sizes[d];
+    }
+    return off;
+}
+
+/* The region's nonzero elements added to the gradient tensors, one global
+ * atomic each (an element no score of the CTA touched stays 0 and costs
+ * nothing). After a barrier that follows the CTA's last addition. */
+template <int THREADS>
+static FLEX_DEVICE_INLINE void flex_bwd_grad_flush(const flex_buffer *grads, const float *region,
+                                                   int tid) {
+    int base = 0;
+#pragma unroll
+    for (int g = 0; g < FLEX_GRAD_SLOTS; g++) {
+        const int n = flex_bwd_grad_numel(grads[g]);
+        for (int i = tid; i < n; i += THREADS) {
+            const float x = region[base + i];
+            if (x != 0.0f) atomicAdd((float *)grads[g].data + flex_bwd_grad_strided(grads[g], i), x);
+        }
+        base += n;
+    }
+}
+#endif
+
 /* One warp per query row: delta = rowsum(dO * O) and the row of the dQ
  * accumulator cleared. Grid (B * Hq, ceil(Lq / 4)), 128 threads. */
 extern "C" __global__ void __launch_bounds__(128) flex_bwd_preprocess(const flex_bwd_params bp) {
@@ -255,7 +354,8 @@ static FLEX_DEVICE_INLINE float flex_bwd_prob(const flex_bwd_params &bp, float r
 static_assert(FLEX_DS_COLS % 64 == 0, "dS rows are whole 128-byte rows");
 
 /* Shared memory (byte offsets; gpu_host.c's flex_gpu_bwd_smem is the same
- * sum): K and V of the tile, the Q and dO stages, dS, lse and delta. */
+ * sum): K and V of the tile, the Q and dO stages, dS, lse and delta, and
+ * the gradient region (FLEX_BWD_GRAD_SMEM floats). */
 #define FLEX_BWD_SK     0
 #define FLEX_BWD_SV     (FLEX_BWD_SK + FLEX_BWD_BLOCK_N * FLEX_DQ * 2)
 #define FLEX_BWD_SQ     (FLEX_BWD_SV + FLEX_BWD_BLOCK_N * FLEX_DV * 2)
@@ -263,6 +363,7 @@ static_assert(FLEX_DS_COLS % 64 == 0, "dS rows are whole 128-byte rows");
 #define FLEX_BWD_SDS    (FLEX_BWD_SDO + FLEX_BWD_STAGES * FLEX_BWD_BLOCK_M * FLEX_DV * 2)
 #define FLEX_BWD_SLSE   (FLEX_BWD_SDS + FLEX_BWD_BLOCK_N * FLEX_DS_COLS * 2)
 #define FLEX_BWD_SDELTA (FLEX_BWD_SLSE + FLEX_BWD_STAGES * FLEX_BWD_BLOCK_M * 4)
+#define FLEX_BWD_SGRAD  (FLEX_BWD_SDELTA + FLEX_BWD_STAGES * FLEX_BWD_BLOCK_M * 4)
 
 /* dQ = dS K is shared out in items of 16 query rows x 16 * FLEX_BWD_DQ_C16
  * columns: per m-tile, the largest number of column groups that divides
@@ -717,6 +818,12 @@ static FLEX_DEVICE_INLINE void flex_bwd_store_dkdv(const flex_bwd_params &bp,
 }
 
 #if !FLEX_BWD_WGMMA /* else flex_backward_sm90.cuh's */
+#if FLEX_BWD_GRAD_SMEM
+static FLEX_DEVICE_INLINE flex_u32 flex_bwd_grad_region() {
+    return flex_smem_addr(flex_bwd_dyn_smem) + FLEX_BWD_SGRAD;
+}
+#endif
+
 /* One CTA per (batch, kv head, tile of FLEX_BWD_BLOCK_N kv rows). */
 extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
     flex_bwd_kernel(const flex_bwd_params bp) {
@@ -739,6 +846,10 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
     const flex_elem *gv = (const flex_elem *)p.v + b * p.v_sb + hk * p.v_sh;
     flex_load_tile<BN, FLEX_DQ>(smem + FLEX_BWD_SK, gk, p.k_ss, kv0, p.Lkv, p.D, tid);
     flex_load_tile<BN, FLEX_DV>(smem + FLEX_BWD_SV, gv, p.v_ss, kv0, p.Lkv, p.Dv, tid);
+
+#if FLEX_BWD_GRAD_SMEM
+    flex_bwd_grad_zero<FLEX_THREADS>((float *)(flex_smem + FLEX_BWD_SGRAD), tid); /* before B */
+#endif
 
     flex_bwd_cursor cur;
     flex_bwd_cursor_init(cur);
@@ -808,6 +919,10 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
     flex_cp_async_wait<0>(); /* nothing in flight when the CTA ends (a tile without steps) */
     if (oob) atomicOr(p.bufs.bounds_flag, oob);
     flex_bwd_store_dkdv(bp, dk, dv, b, hk, kv0, warp, lane);
+#if FLEX_BWD_GRAD_SMEM
+    __syncthreads(); /* every warp's additions (and the zeroing, where no step ran) are done */
+    flex_bwd_grad_flush<FLEX_THREADS>(bp.grads, (const float *)(flex_smem + FLEX_BWD_SGRAD), tid);
+#endif
 }
 #endif /* !FLEX_BWD_WGMMA */
 

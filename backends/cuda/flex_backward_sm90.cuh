@@ -65,7 +65,8 @@ static_assert(FLEX_BWD_BLOCK_N == 128 && FLEX_DS_COLS == 64, "128 kv rows, dS ro
  * 1024-byte boundary, where the swizzle's 8-row pattern starts): K and V
  * of the tile, the Q and dO stages, dS (kv-major: 128 rows of 64 query
  * columns, one 128-byte swizzled block, the layout flex_bwd_store_ds
- * writes), lse and delta. flex_gpu_bwd_smem: the same sum + 1 KB. */
+ * writes), lse and delta, then the gradient region (FLEX_BWD_GRAD_SMEM
+ * floats). flex_gpu_bwd_smem: the same sum + 1 KB. */
 #define FLEX_BWD90_Q_STAGE  (FLEX_BWD_BLOCK_M * FLEX_DQ * 2)
 #define FLEX_BWD90_DO_STAGE (FLEX_BWD_BLOCK_M * FLEX_DV * 2)
 #define FLEX_BWD90_SK       0
@@ -75,6 +76,7 @@ static_assert(FLEX_BWD_BLOCK_N == 128 && FLEX_DS_COLS == 64, "128 kv rows, dS ro
 #define FLEX_BWD90_SDS      (FLEX_BWD90_SDO + FLEX_BWD_STAGES * FLEX_BWD90_DO_STAGE)
 #define FLEX_BWD90_SLSE     (FLEX_BWD90_SDS + FLEX_BWD_BLOCK_N * FLEX_DS_COLS * 2)
 #define FLEX_BWD90_SDELTA   (FLEX_BWD90_SLSE + FLEX_BWD_STAGES * FLEX_BWD_BLOCK_M * 4)
+#define FLEX_BWD90_SGRAD    (FLEX_BWD90_SDELTA + FLEX_BWD_STAGES * FLEX_BWD_BLOCK_M * 4)
 static_assert(FLEX_BWD90_SQ % 1024 == 0 && FLEX_BWD90_SDO % 1024 == 0 &&
                   FLEX_BWD90_SDS % 1024 == 0 && FLEX_BWD90_Q_STAGE % 1024 == 0 &&
                   FLEX_BWD90_DO_STAGE % 1024 == 0,
@@ -88,6 +90,13 @@ static_assert(FLEX_BWD90_SQ % 1024 == 0 && FLEX_BWD90_SDO % 1024 == 0 &&
 /* Barrier C of the warpgroup only (FLEX_BWD_WG_BARRIER) where dQ reads
  * just the warpgroup's own dS rows: at a head dim of 64 (flex_bwd90_dq). */
 #define FLEX_BWD90_WG_BARRIER (FLEX_BWD_WG_BARRIER && FLEX_DQ == 64)
+
+#if FLEX_BWD_GRAD_SMEM
+/* The gradient region, from the aligned base as the kernel computes it. */
+static FLEX_DEVICE_INLINE flex_u32 flex_bwd_grad_region() {
+    return ((flex_smem_addr(flex_bwd_dyn_smem) + 1023u) & ~1023u) + FLEX_BWD90_SGRAD;
+}
+#endif
 
 /* Named barrier 1 + wg over warpgroup wg's 128 threads (0 is
  * __syncthreads'); immediate ids, so that ptxas reserves only these. */
@@ -238,6 +247,9 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
     const flex_elem *gv = (const flex_elem *)p.v + b * p.v_sb + hk * p.v_sh;
     flex_load_tile<BN, FLEX_DQ, true>(base + FLEX_BWD90_SK, gk, p.k_ss, kv0, p.Lkv, p.D, tid);
     flex_load_tile<BN, FLEX_DV, true>(base + FLEX_BWD90_SV, gv, p.v_ss, kv0, p.Lkv, p.Dv, tid);
+#if FLEX_BWD_GRAD_SMEM
+    flex_bwd_grad_zero<FLEX_THREADS>((float *)(gbase + FLEX_BWD90_SGRAD), tid); /* before B */
+#endif
 
     flex_bwd_cursor cur;
     flex_bwd_cursor_init(cur);
@@ -328,6 +340,10 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
     flex_cp_async_wait<0>(); /* nothing in flight when the CTA ends (a tile without steps) */
     if (oob) atomicOr(p.bufs.bounds_flag, oob);
     flex_bwd_store_dkdv(bp, dk, dv, b, hk, kv0, warp, lane);
+#if FLEX_BWD_GRAD_SMEM
+    __syncthreads(); /* every warp's additions (and the zeroing, where no step ran) are done */
+    flex_bwd_grad_flush<FLEX_THREADS>(bp.grads, (const float *)(gbase + FLEX_BWD90_SGRAD), tid);
+#endif
 }
 
 #endif /* FLEX_BWD_WGMMA */

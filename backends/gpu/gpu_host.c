@@ -870,8 +870,24 @@ size_t flex_gpu_bwd_smem(const flex_cuda_bwd_config *cfg) {
     const size_t stages = cfg->pipeline ? 2 : 1, ds_cols = bm > 64 ? bm : 64;
     const size_t dims = (size_t)cfg->dq + (size_t)cfg->dv;
     /* the sm_90a kernel rounds its base up to 1024 bytes (wgmma's swizzle) */
+    /* the shared gradient region follows lse and delta */
     return 2 * (bn * dims + stages * bm * dims + bn * ds_cols) + 8 * stages * bm +
-           (cfg->wgmma ? 1024 : 0);
+           4 * (size_t)cfg->grad_smem + (cfg->wgmma ? 1024 : 0);
+}
+
+int flex_gpu_bwd_grad_floats(const flex_backward_args *a) {
+    int64_t total = 0;
+    for (int i = 0; i < a->num_buffer_grads; i++) {
+        const flex_tensor *g = &a->buffer_grads[i].grad;
+        int64_t n = 1;
+        for (int d = 0; d < g->ndim && n <= FLEX_GPU_BWD_GRAD_SMEM_MAX; d++)
+            n *= g->sizes[d];
+        /* an empty tensor has no element a clamped index could name */
+        if (n < 1 || g->ndim > 4) return 0;
+        total += n;
+        if (total > FLEX_GPU_BWD_GRAD_SMEM_MAX) return 0;
+    }
+    return (int)total;
 }
 
 void flex_gpu_bwd_config(flex_cuda_bwd_config *cfg, const flex_backward_args *a) {
@@ -1070,15 +1086,15 @@ void flex_gpu_bwd_mods_free(flex_gpu_bwd_mods *m) {
 void flex_gpu_bwd_key(char *key, size_t cap, const flex_gpu_state *st,
                       const flex_cuda_bwd_config *cfg, const flex_gpu_bwd_mods *m,
                       const unsigned char *mask_in_range, const unsigned char *score_in_range) {
-    _Static_assert(sizeof(flex_cuda_bwd_config) == 17 * sizeof(int),
+    _Static_assert(sizeof(flex_cuda_bwd_config) == 18 * sizeof(int),
                    "flex_cuda_bwd_config changed: update the backward kernel key");
     snprintf(key, cap,
              "bwd|%s|dq%d|dv%d|w%d|bm%d|vec%d|short%d|gs%d|pipe%d|exp2%d|red%d|kvf%d|wg%d|sw%d|"
-             "wgb%d|dqw%d|dqn%d|mask=%016llx|score=%016llx|loads=%016llx|inr=%016llx.%016llx|%s|%s",
+             "wgb%d|dqw%d|dqn%d|gsm%d|mask=%016llx|score=%016llx|loads=%016llx|inr=%016llx.%016llx|%s|%s",
              flex_dtype_name(cfg->dtype), cfg->dq, cfg->dv, cfg->warps, cfg->block_m, cfg->vec,
              cfg->short_indices, cfg->grad_slots, cfg->pipeline, cfg->exp2, cfg->dq_red,
              cfg->kv_fastest, cfg->wgmma, cfg->split_wait, cfg->wg_barrier, cfg->dq_warps,
-             cfg->dq_block_n,
+             cfg->dq_block_n, cfg->grad_smem,
              (unsigned long long)mod_hash(m->mask_mod), (unsigned long long)mod_hash(m->score_used),
              (unsigned long long)(m->num_loads ? flex_cache_checksum(m->loads,
                                                                     (size_t)m->num_loads *

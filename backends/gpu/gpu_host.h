@@ -421,8 +421,19 @@ flex_status flex_gpu_fwd_function(flex_context *ctx, flex_gpu_state *st, const c
 /* Shared memory (LDS on AMD) of the f16/bf16 backward kernel for cfg: the
  * sum of the FLEX_BWD_S* regions of flex_backward.cuh (K and V of the kv
  * tile, the Q and dO stages, dS with at least 64 query columns, lse and
- * delta of the stages). Pure. */
+ * delta of the stages, the gradient region of cfg->grad_smem floats). Pure. */
 size_t flex_gpu_bwd_smem(const flex_cuda_bwd_config *cfg);
+
+/* The most floats the backward's shared gradient region holds (48 KB):
+ * beside the largest tiles that use it (149 KB for the sm_90 wgmma kernel
+ * at head dim 128) it stays inside sm_90's 227 KB, and beside the sm_80
+ * mma.sync kernel's 113 KB inside sm_80's 163 KB. */
+#define FLEX_GPU_BWD_GRAD_SMEM_MAX 12288
+
+/* The floats of a's buffer gradients together (the size of the shared
+ * gradient region that holds them all), or 0 where there are none, one
+ * is empty, or together they exceed FLEX_GPU_BWD_GRAD_SMEM_MAX. Pure. */
+int flex_gpu_bwd_grad_floats(const flex_backward_args *a);
 
 /* The backward configuration both vendors start from: dtype, padded head
  * dims, 16-bit indices (the kernels clamp the indices they pass the mods),

@@ -350,7 +350,9 @@ static flex_status hip_forward(flex_context *ctx, const flex_forward_args *a) {
  * the grid where the heads fit in its y (65535). Where the LDS is short
  * (flex_gpu_bwd_fit) the kv tile is halved down to 64 rows, then the query
  * step, which CUDA keeps, then the kv tile further (head dims above 128:
- * such kernels take the scalar products on CDNA). */
+ * such kernels take the scalar products on CDNA). Buffer gradients by
+ * global atomics: the shared gradient region is CUDA's only (it would take
+ * a 64 KB LDS from the tiles, and nothing here has been run on AMD). */
 static void choose_hip_backward_tiles(flex_cuda_bwd_config *cfg, int q_block, int kv_block,
                                       int64_t kv_heads, int lds_bytes) {
     flex_gpu_bwd_tiles(cfg, q_block, kv_block, 32);
@@ -358,6 +360,7 @@ static void choose_hip_backward_tiles(flex_cuda_bwd_config *cfg, int q_block, in
     cfg->exp2 = 1;
     cfg->dq_red = 0;
     cfg->kv_fastest = kv_heads <= 65535;
+    cfg->grad_smem = 0;
     flex_gpu_bwd_fit(cfg, (size_t)lds_bytes, 1);
 }
 

@@ -332,6 +332,10 @@ static const bw_case cases[] = {
      "30.0 * tanh(score / 30.0)", "q >= kv", 128, NULL, 1, 1, 1, 0},
     {"bf16 dq dk only D128 Dv64 doc blocks 128", FLEX_BF16, 1, 2, 2, 260, 260, 128, 64, 0, NULL,
      "doc[q] == doc[kv]", 128, NULL, 1, 1, 0, 0},
+    /* dQ of both warpgroups added into the same rows at head dim 64, the
+     * last step's rows partly past Lq (200 = 3 x 64 + 8) */
+    {"bf16 causal gqa D64 Lq 200 blocks 128", FLEX_BF16, 2, 4, 2, 200, 200, 64, 64, 0, NULL,
+     "q >= kv", 128, NULL, 1, 1, 1, 0},
     {"f16 alibi dv only D64 blocks 128", FLEX_F16, 1, 2, 1, 190, 190, 64, 64, 0,
      "score + slopes[h] * (kv - q)", "q >= kv", 128, "slopes", 0, 0, 1, 0},
     {"bf16 dv only", FLEX_BF16, 1, 2, 1, 130, 130, 64, 64, 0, NULL, "q >= kv", 64, NULL, 0, 0, 1,

@@ -560,6 +560,15 @@ START_TEST(test_backward_smem) {
     c.dq = c.dv = 128;
     ck_assert_uint_eq(flex_gpu_bwd_smem(&c),
                       2 * (128 * 256 + 2 * 64 * 256 + 128 * 64) + 16 * 64 + 1024);
+    /* with dQ through shared memory: 8 warps x 16 rows of 64 floats + 8
+     * of padding; the largest case, head dims 128 with the pipeline, still
+     * fits an sm_90 CTA's 227 KB */
+    c.dq_bulk = 1;
+    ck_assert_uint_eq(flex_gpu_bwd_smem(&c),
+                      2 * (128 * 256 + 2 * 64 * 256 + 128 * 64) + 16 * 64 + 1024 + 8 * 16 * 288);
+    ck_assert_uint_le(flex_gpu_bwd_smem(&c), 227 * 1024);
+    c.wgmma = 0; /* the mma.sync kernel keeps dQ in registers */
+    ck_assert_uint_eq(flex_gpu_bwd_smem(&c), 2 * (128 * 256 + 2 * 64 * 256 + 128 * 64) + 16 * 64);
 }
 END_TEST
 
@@ -1110,13 +1119,13 @@ START_TEST(test_kernel_keys) {
     flex_cuda_bwd_config b = {.dtype = FLEX_F16, .dq = 64, .dv = 128, .warps = 8, .block_m = 32,
                               .vec = 1, .short_indices = 0, .grad_slots = 2, .pipeline = 1,
                               .exp2 = 1, .dq_red = 0, .kv_fastest = 1, .wgmma = 1,
-                              .split_wait = 1, .wg_barrier = 0, .dq_warps = 4, .dq_block_n = 32,
-                              .grad_smem = 8208};
+                              .split_wait = 1, .wg_barrier = 0, .dq_bulk = 1, .dq_warps = 4,
+                              .dq_block_n = 32, .grad_smem = 8208};
     flex_gpu_bwd_mods m;
     memset(&m, 0, sizeof m);
     flex_gpu_bwd_key(key, sizeof key, &st, &b, &m, NULL, NULL);
     ck_assert_str_eq(key, "bwd|f16|dq64|dv128|w8|bm32|vec1|short0|gs2|pipe1|exp21|red0|kvf1|wg1|"
-                          "sw1|wgb0|dqw4|dqn32|gsm8208|mask=0000000000000000|score=0000000000000000|loads="
+                          "sw1|wgb0|dqb1|dqw4|dqn32|gsm8208|mask=0000000000000000|score=0000000000000000|loads="
                           "0000000000000000|inr=0000000000000000.0000000000000000|fake1|"
                           "fakecc1.2");
 }

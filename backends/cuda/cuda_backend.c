@@ -934,9 +934,12 @@ static void choose_backward_tiles(const flex_context *ctx, flex_cuda_bwd_config 
     wg.warps = 8;
     wg.block_m = 64;
     /* P computed while dPᵀ is in flight; barrier C of the warpgroup only
-     * where its dQ reads only its own dS rows (head dim 64). */
+     * where its dQ reads only its own dS rows (head dim 64); dQ added by
+     * bulk reductions from shared memory (its regions counted in
+     * flex_gpu_bwd_smem before the fit below). */
     wg.split_wait = env_switch(ctx, FLEX_DEBUG_CUDA_BWD_SPLIT_WAIT, 1);
     wg.wg_barrier = env_switch(ctx, FLEX_DEBUG_CUDA_BWD_WG_BARRIER, 1);
+    wg.dq_bulk = env_switch(ctx, FLEX_DEBUG_CUDA_BWD_DQ_BULK, 1);
     if (major == 9 && cfg->vec && widest <= 128 && kv_block % 128 == 0 && q_block % 64 == 0 &&
         !tile_set && flex_gpu_bwd_smem(&wg) <= smem_limit &&
         env_switch(ctx, FLEX_DEBUG_CUDA_BWD_WGMMA, 1)) {
@@ -1009,6 +1012,10 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
         env_switch(ctx, FLEX_DEBUG_CUDA_BWD_GRAD_SMEM, 1)) {
         flex_cuda_bwd_config gs = cfg;
         gs.grad_smem = flex_gpu_bwd_grad_floats(a);
+        /* the region saves one global atomic per score; dQ's staging saves
+         * far less, so it gives way where both do not fit */
+        if (gs.grad_smem > 0 && gs.dq_bulk && (int64_t)flex_gpu_bwd_smem(&gs) > st->smem_optin)
+            gs.dq_bulk = 0;
         if (gs.grad_smem > 0 && (int64_t)flex_gpu_bwd_smem(&gs) <= st->smem_optin) cfg = gs;
     }
     const size_t smem = q->dtype == FLEX_F32 ? 0 : flex_gpu_bwd_smem(&cfg);

@@ -89,8 +89,10 @@ typedef struct flex_cuda_bwd_config {
     int wgmma;      /* f16/bf16, sm_90a: the wgmma main kernel (flex_backward_sm90.cuh) */
     /* The wgmma kernel's variants: split_wait computes P while dPᵀ is in
      * flight (two product groups); wg_barrier makes the barrier before dQ
-     * the warpgroup's own where dQ reads only its dS rows (head dim 64). */
-    int split_wait, wg_barrier;
+     * the warpgroup's own where dQ reads only its dS rows (head dim 64);
+     * dq_bulk adds dQ by bulk asynchronous reductions from shared memory
+     * (a region per warp, flex_gpu_bwd_smem) instead of from registers. */
+    int split_wait, wg_barrier, dq_bulk;
     /* The deterministic dQ kernel (flex_backward_dq.cuh), whose presence
      * leaves dQ out of the main kernel's atomics: its warps (f16/bf16: 16
      * query rows each; f32: one row each) and kv rows per step (f16/bf16).

@@ -27,7 +27,11 @@
  *                            kv rows (so dS of both warpgroups); at 64 each
  *                            takes all columns over its own 64 kv rows, and
  *                            both add into the accumulator.
- * dQ is added to the fp32 accumulator by flex_bwd_dq_add.
+ * dQ is added to the fp32 accumulator by bulk asynchronous reductions
+ * (FLEX_BWD_DQ_BULK, flex_bwd90_dq_bulk): each warp stores its 16 rows to
+ * its own shared region and 16 of its lanes add one row each, the copy
+ * engine reading the region while the next step computes; without it by
+ * flex_bwd_dq_add's reductions from registers.
  *
  * Sᵀ and dPᵀ are two product groups: with FLEX_BWD_SPLIT_WAIT (and no
  * score mod) P is computed while dPᵀ is still in flight.
@@ -46,7 +50,8 @@
  *
  * Requires: 16-bit elements, FLEX_VEC, FLEX_DQ and FLEX_DV in {64, 128},
  * FLEX_WARPS 8, FLEX_BWD_BLOCK_M 64 (gpu_host.c's flex_gpu_bwd_smem adds
- * the 1 KB of alignment slack below).
+ * the 1 KB of alignment slack below, and the dQ regions with
+ * FLEX_BWD_DQ_BULK).
  */
 #if FLEX_BWD_WGMMA
 
@@ -65,8 +70,9 @@ static_assert(FLEX_BWD_BLOCK_N == 128 && FLEX_DS_COLS == 64, "128 kv rows, dS ro
  * 1024-byte boundary, where the swizzle's 8-row pattern starts): K and V
  * of the tile, the Q and dO stages, dS (kv-major: 128 rows of 64 query
  * columns, one 128-byte swizzled block, the layout flex_bwd_store_ds
- * writes), lse and delta, then the gradient region (FLEX_BWD_GRAD_SMEM
- * floats). flex_gpu_bwd_smem: the same sum + 1 KB. */
+ * writes), lse and delta, then the dQ regions (FLEX_BWD_DQ_BULK) and the
+ * gradient region (FLEX_BWD_GRAD_SMEM floats). flex_gpu_bwd_smem: the same
+ * sum + 1 KB. */
 #define FLEX_BWD90_Q_STAGE  (FLEX_BWD_BLOCK_M * FLEX_DQ * 2)
 #define FLEX_BWD90_DO_STAGE (FLEX_BWD_BLOCK_M * FLEX_DV * 2)
 #define FLEX_BWD90_SK       0
@@ -76,11 +82,28 @@ static_assert(FLEX_BWD_BLOCK_N == 128 && FLEX_DS_COLS == 64, "128 kv rows, dS ro
 #define FLEX_BWD90_SDS      (FLEX_BWD90_SDO + FLEX_BWD_STAGES * FLEX_BWD90_DO_STAGE)
 #define FLEX_BWD90_SLSE     (FLEX_BWD90_SDS + FLEX_BWD_BLOCK_N * FLEX_DS_COLS * 2)
 #define FLEX_BWD90_SDELTA   (FLEX_BWD90_SLSE + FLEX_BWD_STAGES * FLEX_BWD_BLOCK_M * 4)
-#define FLEX_BWD90_SGRAD    (FLEX_BWD90_SDELTA + FLEX_BWD_STAGES * FLEX_BWD_BLOCK_M * 4)
 static_assert(FLEX_BWD90_SQ % 1024 == 0 && FLEX_BWD90_SDO % 1024 == 0 &&
                   FLEX_BWD90_SDS % 1024 == 0 && FLEX_BWD90_Q_STAGE % 1024 == 0 &&
                   FLEX_BWD90_DO_STAGE % 1024 == 0,
               "every wgmma tile starts on a 1024-byte boundary");
+#if FLEX_BWD_DQ_BULK
+/* dQ staged for the bulk reductions, after delta: one region per warp of
+ * its 16 query rows x 64 fp32 columns, rows padded to 72 floats (288
+ * bytes, 8 banks further per row) so that the 8-byte fragment stores of a
+ * half-warp (rows r .. r + 3, four column pairs each) hit 32 distinct
+ * banks. flex_gpu_bwd_smem: FLEX_WARPS x FLEX_BWD90_DQ_WARP more. */
+#define FLEX_BWD90_DQ_ROW  ((64 + 8) * 4)
+#define FLEX_BWD90_DQ_WARP (16 * FLEX_BWD90_DQ_ROW)
+#define FLEX_BWD90_SDQ     (FLEX_BWD90_SDELTA + FLEX_BWD_STAGES * FLEX_BWD_BLOCK_M * 4)
+static_assert(FLEX_BWD90_SDQ % 16 == 0 && FLEX_BWD90_DQ_ROW % 16 == 0,
+              "bulk copies read 16-byte aligned shared memory");
+#endif
+/* The gradient region (FLEX_BWD_GRAD_SMEM floats) after the dQ regions. */
+#if FLEX_BWD_DQ_BULK
+#define FLEX_BWD90_SGRAD (FLEX_BWD90_SDQ + FLEX_WARPS * FLEX_BWD90_DQ_WARP)
+#else
+#define FLEX_BWD90_SGRAD (FLEX_BWD90_SDELTA + FLEX_BWD_STAGES * FLEX_BWD_BLOCK_M * 4)
+#endif
 
 /* P of a step computed while its dPᵀ product is in flight (two product
  * groups, FLEX_BWD_SPLIT_WAIT), where there is no score mod: with one, a
@@ -182,6 +205,40 @@ static FLEX_DEVICE_INLINE void flex_bwd90_dkdv(float (&dk)[FLEX_DQ / 8][4],
 static FLEX_DEVICE_INLINE int flex_bwd90_dq_col0(int wg) {
     return FLEX_DQ == 128 ? 64 * wg : 0;
 }
+
+#if FLEX_BWD_DQ_BULK
+/* The warp's dQ fragment (rows qrow0 .. qrow0 + 15, columns col0 .. col0
+ * + 63 of the step, m16n8 layout) added to the accumulator gdq (rows of D
+ * floats) by bulk reductions through the warp's region: lane r < 16 adds
+ * row r's columns below D, one 16-byte multiple (D % 8 == 0, col0 % 64 ==
+ * 0, the accumulator 256-byte aligned). The region is rewritten only once
+ * the same lanes' previous reductions have read it, waited for here, as
+ * late as it can be, so that the reads overlap the step in between. No
+ * barrier beyond the warp: the region and its reductions are the warp's.
+ * The caller waits for all of them before the CTA ends. */
+static FLEX_DEVICE_INLINE void flex_bwd90_dq_bulk(float *gdq, int D, int Lq, int qrow0, int col0,
+                                                  const float (&acc)[8][4], flex_u32 region,
+                                                  int lane) {
+    if (lane < 16) flex_bulk_wait_read<0>();
+    __syncwarp();
+    const flex_u32 at = region + (flex_u32)((lane >> 2) * FLEX_BWD90_DQ_ROW + (lane & 3) * 8);
+#pragma unroll
+    for (int dt = 0; dt < 8; dt++) {
+        flex_st_shared_f32x2(at + dt * 32, acc[dt][0], acc[dt][1]);
+        flex_st_shared_f32x2(at + 8 * FLEX_BWD90_DQ_ROW + dt * 32, acc[dt][2], acc[dt][3]);
+    }
+    flex_fence_proxy_async(); /* this lane's stores -> the copy engine's reads */
+    __syncwarp();
+    if (lane < 16) {
+        const int q = qrow0 + lane, cols = D - col0 < 64 ? D - col0 : 64;
+        if (q < Lq && cols > 0)
+            flex_bulk_red_add_f32(gdq + (long long)q * D + col0,
+                                  region + (flex_u32)(lane * FLEX_BWD90_DQ_ROW),
+                                  (flex_u32)cols * 4u);
+        flex_bulk_commit();
+    }
+}
+#endif
 
 /* dQ (64 query rows x 64 columns) = dS K for warpgroup wg, issued and
  * committed, not waited for. Both operands MN-major: dS is kv-major (rows
@@ -330,14 +387,26 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
         flex_pin(da);
         flex_pin(dq);
         if (bp.dq_acc)
+#if FLEX_BWD_DQ_BULK
+            flex_bwd90_dq_bulk(bp.dq_acc + ((long long)b * p.Hq + st.h) * p.Lq * p.D, p.D, p.Lq,
+                               st.q0 + (warp & 3) * 16, flex_bwd90_dq_col0(wg), dq,
+                               base + FLEX_BWD90_SDQ + warp * FLEX_BWD90_DQ_WARP, lane);
+#else
             flex_bwd_dq_add<8>(bp.dq_acc + ((long long)b * p.Hq + st.h) * p.Lq * p.D, p.D, p.Lq,
                                st.q0 + (warp & 3) * 16, flex_bwd90_dq_col0(wg), dq, lane);
+#endif
 
         st = next;
         have = have_next;
         stage ^= FLEX_BWD_STAGES - 1;
     }
     flex_cp_async_wait<0>(); /* nothing in flight when the CTA ends (a tile without steps) */
+#if FLEX_BWD_DQ_BULK
+    /* The dQ reductions complete, not only done reading their regions: the
+     * shared memory stays the CTA's until then, and the PTX ISA promises
+     * nothing of bulk writes still in flight at a CTA's end. */
+    flex_bulk_wait<0>();
+#endif
     if (oob) atomicOr(p.bufs.bounds_flag, oob);
     flex_bwd_store_dkdv(bp, dk, dv, b, hk, kv0, warp, lane);
 #if FLEX_BWD_GRAD_SMEM

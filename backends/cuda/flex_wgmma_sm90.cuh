@@ -14,6 +14,11 @@
  * bytes per 16 columns inside a block; read MN-major (rows are the
  * reduction, columns M or N, "transposed") it advances 2 KB per 16 rows and
  * its leading-dimension offset is the distance between column blocks.
+ *
+ * Also the bulk asynchronous reductions from shared to global memory
+ * (cp.reduce.async.bulk, TMA's copy engine without a tensor map) that the
+ * backward adds dQ with: like wgmma they read shared memory through the
+ * async proxy, published to it by flex_fence_proxy_async.
  */
 
 #if defined(FLEX_ELEM_BF16)
@@ -44,6 +49,34 @@ template <int N> static FLEX_DEVICE_INLINE void flex_wgmma_wait() {
 static FLEX_DEVICE_INLINE void flex_fence_proxy_async() {
     asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
+/* Two floats to shared memory (8-byte aligned): staging a bulk source. */
+static FLEX_DEVICE_INLINE void flex_st_shared_f32x2(flex_u32 addr, float x, float y) {
+    asm volatile("st.shared.v2.f32 [%0], {%1, %2};\n" ::"r"(addr), "f"(x), "f"(y));
+}
+/* Bulk asynchronous reductions: gdst[0 .. bytes / 4) += the floats at
+ * shared address src, issued by this thread into its current bulk group
+ * (both addresses 16-byte aligned, bytes a multiple of 16). The source's
+ * generic-proxy stores must be fenced (flex_fence_proxy_async) by their
+ * writers before the issue. flex_bulk_commit closes this thread's group;
+ * flex_bulk_wait_read<N> returns once at most N of its groups still read
+ * their sources (which may then be written again), flex_bulk_wait<N> once
+ * at most N are incomplete at all (their writes done). */
+static FLEX_DEVICE_INLINE void flex_bulk_red_add_f32(float *gdst, flex_u32 src, flex_u32 bytes) {
+    asm volatile(
+        "cp.reduce.async.bulk.global.shared::cta.bulk_group.add.f32 [%0], [%1], %2;\n" ::"l"(gdst),
+        "r"(src), "r"(bytes)
+        : "memory");
+}
+static FLEX_DEVICE_INLINE void flex_bulk_commit() {
+    asm volatile("cp.async.bulk.commit_group;\n" ::: "memory");
+}
+template <int N> static FLEX_DEVICE_INLINE void flex_bulk_wait_read() {
+    asm volatile("cp.async.bulk.wait_group.read %0;\n" ::"n"(N) : "memory");
+}
+template <int N> static FLEX_DEVICE_INLINE void flex_bulk_wait() {
+    asm volatile("cp.async.bulk.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
 /* Pins registers at a point of the instruction stream: values of an
  * asynchronous product are not read before its wait, and registers it reads
  * are not reused before it. */

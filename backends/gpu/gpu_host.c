@@ -869,10 +869,13 @@ size_t flex_gpu_bwd_smem(const flex_cuda_bwd_config *cfg) {
     const size_t bn = (size_t)cfg->warps * 16, bm = (size_t)cfg->block_m;
     const size_t stages = cfg->pipeline ? 2 : 1, ds_cols = bm > 64 ? bm : 64;
     const size_t dims = (size_t)cfg->dq + (size_t)cfg->dv;
-    /* the sm_90a kernel rounds its base up to 1024 bytes (wgmma's swizzle) */
-    /* the shared gradient region follows lse and delta */
+    /* the sm_90a kernel rounds its base up to 1024 bytes (wgmma's swizzle)
+     * and, with dq_bulk, stages dQ in a region per warp: 16 rows of 64
+     * floats padded to 72 (flex_backward_sm90.cuh's FLEX_BWD90_SDQ); the
+     * shared gradient region follows lse, delta and the dQ regions */
+    const size_t dq_regions = cfg->wgmma && cfg->dq_bulk ? (size_t)cfg->warps * 16 * 288 : 0;
     return 2 * (bn * dims + stages * bm * dims + bn * ds_cols) + 8 * stages * bm +
-           4 * (size_t)cfg->grad_smem + (cfg->wgmma ? 1024 : 0);
+           (cfg->wgmma ? 1024 : 0) + dq_regions + 4 * (size_t)cfg->grad_smem;
 }
 
 int flex_gpu_bwd_grad_floats(const flex_backward_args *a) {
@@ -1086,15 +1089,16 @@ void flex_gpu_bwd_mods_free(flex_gpu_bwd_mods *m) {
 void flex_gpu_bwd_key(char *key, size_t cap, const flex_gpu_state *st,
                       const flex_cuda_bwd_config *cfg, const flex_gpu_bwd_mods *m,
                       const unsigned char *mask_in_range, const unsigned char *score_in_range) {
-    _Static_assert(sizeof(flex_cuda_bwd_config) == 18 * sizeof(int),
+    _Static_assert(sizeof(flex_cuda_bwd_config) == 19 * sizeof(int),
                    "flex_cuda_bwd_config changed: update the backward kernel key");
     snprintf(key, cap,
              "bwd|%s|dq%d|dv%d|w%d|bm%d|vec%d|short%d|gs%d|pipe%d|exp2%d|red%d|kvf%d|wg%d|sw%d|"
-             "wgb%d|dqw%d|dqn%d|gsm%d|mask=%016llx|score=%016llx|loads=%016llx|inr=%016llx.%016llx|%s|%s",
+             "wgb%d|dqb%d|dqw%d|dqn%d|gsm%d|mask=%016llx|score=%016llx|loads=%016llx|"
+             "inr=%016llx.%016llx|%s|%s",
              flex_dtype_name(cfg->dtype), cfg->dq, cfg->dv, cfg->warps, cfg->block_m, cfg->vec,
              cfg->short_indices, cfg->grad_slots, cfg->pipeline, cfg->exp2, cfg->dq_red,
-             cfg->kv_fastest, cfg->wgmma, cfg->split_wait, cfg->wg_barrier, cfg->dq_warps,
-             cfg->dq_block_n, cfg->grad_smem,
+             cfg->kv_fastest, cfg->wgmma, cfg->split_wait, cfg->wg_barrier, cfg->dq_bulk,
+             cfg->dq_warps, cfg->dq_block_n, cfg->grad_smem,
              (unsigned long long)mod_hash(m->mask_mod), (unsigned long long)mod_hash(m->score_used),
              (unsigned long long)(m->num_loads ? flex_cache_checksum(m->loads,
                                                                     (size_t)m->num_loads *

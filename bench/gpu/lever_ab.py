@@ -16,7 +16,8 @@ within bf16 rounding (a lever that changes results fails the run).
 A setting "KEYS@LIBRARY" runs with another build of the library (e.g.
 "@/tmp/base-build/libflexattn.so": the base commit's, its default keys).
 Cases: PATTERN:D with PATTERN one of noop, causal, document, softcap, alibi,
-or zoo/NAME for a mod of bench/gpu/zoo.py (e.g. zoo/dilated_window:128).
+relbias (causal plus a learnable (H, 513) relative-position bias table whose
+gradient is timed and checked too), or zoo/NAME for a mod of bench/gpu/zoo.py (e.g. zoo/dilated_window:128).
 """
 import argparse
 import json
@@ -40,11 +41,15 @@ def child(case, forward, iters, ref_path, S, dev):
     dout = torch.randn(B, H, S, D, device=dev, dtype=torch.bfloat16)
     doc = (torch.arange(S, device=dev) * 7 // S).to(torch.int32)
     slopes = torch.exp2(-8.0 * torch.arange(1, H + 1, device=dev, dtype=torch.float32) / H)
+    rel = (torch.randn(H, 2 * 256 + 1, device=dev) * 0.1).requires_grad_()
+    learned = {"relbias": [rel]}
     masks = {"noop": None, "causal": lambda b, h, qi, kv: qi >= kv,
+             "relbias": lambda b, h, qi, kv: qi >= kv,
              "document": lambda b, h, qi, kv: (doc[qi] == doc[kv]) & (qi >= kv),
              "softcap": lambda b, h, qi, kv: qi >= kv, "alibi": lambda b, h, qi, kv: qi >= kv}
     scores = {"softcap": lambda s, b, h, qi, kv: 30.0 * torch.tanh(s / 30.0),
-              "alibi": lambda s, b, h, qi, kv: s + slopes[h] * (kv - qi)}
+              "alibi": lambda s, b, h, qi, kv: s + slopes[h] * (kv - qi),
+              "relbias": lambda s, b, h, qi, kv: s + rel[h, torch.clamp(kv - qi, -256, 256) + 256]}
     if name.startswith("zoo/"):  # a mod of bench/gpu/zoo.py, flexattn's side of it
         sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
         from zoo import ZOO
@@ -58,7 +63,8 @@ def child(case, forward, iters, ref_path, S, dev):
     def run():
         if forward:
             return (fa.flex_attention(q, k, v, score_mod=sm, block_mask=bm),)
-        return torch.autograd.grad(saved, (q, k, v), dout, retain_graph=True)
+        return torch.autograd.grad(saved, (q, k, v, *learned.get(name, [])), dout,
+                                   retain_graph=True)
 
     res = run()
     if ref_path and os.path.exists(ref_path):

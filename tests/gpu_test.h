@@ -12,6 +12,7 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "flexattn.h"
 
@@ -62,6 +63,27 @@ static inline void gpu_test_open(void) {
         exit(77);
     }
     if (flex_context_create("cpu", &cpu) != FLEX_OK) exit(1);
+}
+
+/* A CUDA context whose FLEXATTN_DEBUG is the environment's plus `add`
+ * (later keys win), for a test that runs a lever both ways; the
+ * environment is restored before it returns. NULL when the context cannot
+ * be made (the library's message says why). The caller owns the context. */
+static inline flex_context *gpu_test_open_with(const char *add) {
+    const char *env = getenv("FLEXATTN_DEBUG");
+    char *saved = env ? strdup(env) : NULL;
+    char value[512];
+    snprintf(value, sizeof value, "%s%s%s", saved ? saved : "", saved && *saved && *add ? "," : "",
+             add);
+    setenv("FLEXATTN_DEBUG", value, 1);
+    flex_context *ctx = NULL;
+    const flex_status s = flex_context_create("cuda", &ctx);
+    if (saved)
+        setenv("FLEXATTN_DEBUG", saved, 1);
+    else
+        unsetenv("FLEXATTN_DEBUG");
+    free(saved);
+    return s == FLEX_OK ? ctx : NULL;
 }
 
 #endif /* FLEXATTN_GPU_TEST_H */

@@ -898,23 +898,11 @@ static const bw_case grad_cases[] = {
 static const char *const grad_settings[] = {"", "cuda_bwd_wgmma=0", "cuda_bwd_grad_smem=0",
                                             "cuda_bwd_wgmma=0,cuda_bwd_grad_smem=0"};
 
-/* Opens a CUDA context whose FLEXATTN_DEBUG is the environment's plus
- * `add` (later keys win). */
+/* A context with `add` on top of the environment's keys; exits on failure
+ * (gpu_test_open has already shown CUDA usable). */
 static flex_context *open_with(const char *add) {
-    const char *env = getenv("FLEXATTN_DEBUG");
-    char *saved = env ? strdup(env) : NULL;
-    char value[512];
-    snprintf(value, sizeof value, "%s%s%s", saved ? saved : "", saved && *saved && *add ? "," : "",
-             add);
-    setenv("FLEXATTN_DEBUG", value, 1);
-    flex_context *ctx = NULL;
-    const flex_status s = flex_context_create("cuda", &ctx);
-    if (saved)
-        setenv("FLEXATTN_DEBUG", saved, 1);
-    else
-        unsetenv("FLEXATTN_DEBUG");
-    free(saved);
-    if (s != FLEX_OK) {
+    flex_context *ctx = gpu_test_open_with(add);
+    if (!ctx) {
         fprintf(stderr, "FAIL: a CUDA context with %s: %s\n", add, flex_error_message(NULL));
         exit(1);
     }

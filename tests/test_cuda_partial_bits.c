@@ -281,22 +281,11 @@ static void test_bounds_reported(void) {
     flex_free(gpu, dq), flex_free(gpu, dk), flex_free(gpu, dv);
 }
 
-/* Opens a CUDA context whose FLEXATTN_DEBUG is the environment's plus
- * `add` (later keys win). */
+/* A context with `add` on top of the environment's keys; without one the
+ * program says why and skips. */
 static flex_context *open_with(const char *add) {
-    const char *env = getenv("FLEXATTN_DEBUG");
-    char *saved = env ? strdup(env) : NULL;
-    char value[512];
-    snprintf(value, sizeof value, "%s%s%s", saved ? saved : "", saved && *saved ? "," : "", add);
-    setenv("FLEXATTN_DEBUG", value, 1);
-    flex_context *ctx = NULL;
-    const flex_status s = flex_context_create("cuda", &ctx);
-    if (saved)
-        setenv("FLEXATTN_DEBUG", saved, 1);
-    else
-        unsetenv("FLEXATTN_DEBUG");
-    free(saved);
-    if (s != FLEX_OK) {
+    flex_context *ctx = gpu_test_open_with(add);
+    if (!ctx) {
         printf("SKIPPED: no usable CUDA backend (%s)\n", flex_error_message(NULL));
         exit(77);
     }

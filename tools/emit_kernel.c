@@ -1,11 +1,18 @@
 /*
- * flexattn-emit: prints the CUDA backward source the backend would hand
- * NVRTC for one configuration, so that its machine code can be read
- * without a GPU (nvcc -arch=sm_90a -cubin -Xptxas -v, then cuobjdump
- * -sass; scripts/bwd_sass.sh does both). Not installed.
+ * flexattn-emit: prints the CUDA backward (or, with --forward, forward)
+ * source the backend would hand NVRTC for one configuration, so that its
+ * machine code can be read without a GPU (nvcc -arch=sm_90a -cubin
+ * -Xptxas -v, then cuobjdump -sass; scripts/kernel_sass.sh does both).
+ * Not installed.
  *
- *   flexattn-emit [--mask TEXT|PRESET] [--score TEXT|PRESET]
+ *   flexattn-emit [--forward] [--mask TEXT|PRESET] [--score TEXT|PRESET]
  *                 [--buf NAME:DTYPE:NDIM]... [--grads] [FIELD=VALUE]...
+ *
+ * --forward starts from the sm_90a forward's configuration (bf16, head
+ * dims 128, two warpgroups of 64 rows, 128-key steps, the TMA producer,
+ * rolled keep bits); its FIELD=VALUE set flex_cuda_fwd_config (dtype, dq,
+ * dv, warps, mt, block_n, vec, scale_positive, wgmma, short_indices, tma,
+ * mask_bits, chain, dv_exact, partial_bits).
  *
  * The configuration starts as the sm_90a wgmma kernel's (bf16, head dims
  * 128, 8 warps, 64-row steps, every lever on); FIELD=VALUE sets a field of
@@ -97,6 +104,40 @@ static int set_field(flex_cuda_bwd_config *cfg, const char *arg) {
     return -1;
 }
 
+/* FIELD=VALUE onto a forward config; -1 for an unknown field or value. */
+static int set_fwd_field(flex_cuda_fwd_config *cfg, const char *arg) {
+    const char *eq = strchr(arg, '=');
+    if (!eq) return -1;
+    const size_t n = (size_t)(eq - arg);
+    if (n == 5 && !strncmp(arg, "dtype", 5)) return parse_dtype(eq + 1, &cfg->dtype);
+    const struct {
+        const char *name;
+        int *field;
+    } fields[] = {{"dq", &cfg->dq},
+                  {"dv", &cfg->dv},
+                  {"warps", &cfg->warps},
+                  {"mt", &cfg->mt},
+                  {"block_n", &cfg->block_n},
+                  {"vec", &cfg->vec},
+                  {"scale_positive", &cfg->scale_positive},
+                  {"wgmma", &cfg->wgmma},
+                  {"short_indices", &cfg->short_indices},
+                  {"tma", &cfg->tma},
+                  {"mask_bits", &cfg->mask_bits},
+                  {"chain", &cfg->chain},
+                  {"dv_exact", &cfg->dv_exact},
+                  {"partial_bits", &cfg->partial_bits}};
+    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++)
+        if (strlen(fields[i].name) == n && !strncmp(arg, fields[i].name, n)) {
+            char *end;
+            const long v = strtol(eq + 1, &end, 10);
+            if (*end || end == eq + 1) return -1;
+            *fields[i].field = (int)v;
+            return 0;
+        }
+    return -1;
+}
+
 int main(int argc, char **argv) {
     flex_cuda_bwd_config cfg = {.dtype = FLEX_BF16, .dq = 128, .dv = 128, .warps = 8,
                                 .block_m = 64, .vec = 1, .short_indices = 1, .pipeline = 1,
@@ -105,9 +146,14 @@ int main(int argc, char **argv) {
     const char *mask_arg = NULL, *score_arg = NULL;
     flex_buffer_decl bufs[MAX_BUFS];
     char buf_names[MAX_BUFS][64];
-    int nb = 0, grads = 0;
+    int nb = 0, grads = 0, forward = 0;
+    flex_cuda_fwd_config fwd = {.dtype = FLEX_BF16, .dq = 128, .dv = 128, .warps = 8, .mt = 1,
+                                .block_n = 128, .vec = 1, .scale_positive = 1, .wgmma = 1,
+                                .short_indices = 1, .tma = 1, .mask_bits = 1, .dv_exact = 1};
     for (int i = 1; i < argc; i++) {
-        if (!strcmp(argv[i], "--mask") && i + 1 < argc) {
+        if (!strcmp(argv[i], "--forward")) {
+            forward = 1;
+        } else if (!strcmp(argv[i], "--mask") && i + 1 < argc) {
             mask_arg = argv[++i];
         } else if (!strcmp(argv[i], "--score") && i + 1 < argc) {
             score_arg = argv[++i];
@@ -124,9 +170,9 @@ int main(int argc, char **argv) {
             bufs[nb].name = buf_names[nb];
             bufs[nb].ndim = ndim;
             nb++;
-        } else if (set_field(&cfg, argv[i]) != 0) {
-            fprintf(stderr, "usage: %s [--mask M] [--score S] [--buf NAME:DTYPE:NDIM]... "
-                            "[--grads] [FIELD=VALUE]...\n", argv[0]);
+        } else if (forward ? set_fwd_field(&fwd, argv[i]) != 0 : set_field(&cfg, argv[i]) != 0) {
+            fprintf(stderr, "usage: %s [--forward] [--mask M] [--score S] "
+                            "[--buf NAME:DTYPE:NDIM]... [--grads] [FIELD=VALUE]...\n", argv[0]);
             return 2;
         }
     }
@@ -134,7 +180,9 @@ int main(int argc, char **argv) {
     if (mask_arg && parse_mod(FLEX_MOD_MASK, mask_arg, bufs, nb, &mask) != 0) return 1;
     if (score_arg && parse_mod(FLEX_MOD_SCORE, score_arg, bufs, nb, &score) != 0) return 1;
     char *src = NULL;
-    if (!score_arg) {
+    if (forward) {
+        src = flex_cuda_forward_source(&fwd, mask_arg ? &mask : NULL, score_arg ? &score : NULL);
+    } else if (!score_arg) {
         const flex_cuda_bwd_score none = {0};
         src = flex_cuda_backward_source(&cfg, mask_arg ? &mask : NULL, NULL, &none);
     } else {

@@ -879,7 +879,9 @@ static void test_graphs(void) {
  * by one global atomic per score: relative-position tables (grad
  * Hq x (Lq + Lkv) floats) that fit the region (1200; 2080 + 4 in two
  * slots, BSHD) and that do not (4 x 3200 = 12800), at head dims 128 and
- * 64, on blocks of 128. Each runs under every setting of grad_settings: on
+ * 64, on blocks of 128; 4 x 3000 = 12000 fits beside the wgmma kernel's
+ * tiles at head dim 128 only without dQ's staging (cuda_bwd_dq_bulk),
+ * which then gives way. Each runs under every setting of grad_settings: on
  * sm_90 the default takes the wgmma kernel and cuda_bwd_wgmma=0 the
  * mma.sync one, and cuda_bwd_grad_smem=0 the global atomics of both. */
 static const bw_case grad_cases[] = {
@@ -894,6 +896,9 @@ static const bw_case grad_cases[] = {
     {"f16 rel table too large D64 window", FLEX_F16, 1, 4, 4, 1600, 1600, 64, 64, 0,
      "score + float(rel[h][q - kv + 1599])", "q - kv <= 200 && kv - q <= 200", 128, "rel", 1,
      1, 1, 0},
+    {"bf16 rel table displacing dQ staging D128 window", FLEX_BF16, 1, 4, 2, 1500, 1500, 128,
+     128, 0, "score + float(rel[h][q - kv + 1499])", "q - kv <= 200 && kv - q <= 200", 128,
+     "rel", 1, 1, 1, 0},
 };
 static const char *const grad_settings[] = {"", "cuda_bwd_wgmma=0", "cuda_bwd_grad_smem=0",
                                             "cuda_bwd_wgmma=0,cuda_bwd_grad_smem=0"};

@@ -67,33 +67,19 @@ static int parse_dtype(const char *s, flex_dtype *dt) {
     return -1;
 }
 
-/* FIELD=VALUE onto cfg; -1 for an unknown field or value. */
-static int set_field(flex_cuda_bwd_config *cfg, const char *arg) {
+typedef struct named_int {
+    const char *name;
+    int *field;
+} named_int;
+
+/* FIELD=VALUE onto a config: "dtype" onto *dtype, the other names onto
+ * their int fields; -1 for an unknown field or value. */
+static int set_named(const char *arg, flex_dtype *dtype, const named_int *fields, size_t count) {
     const char *eq = strchr(arg, '=');
     if (!eq) return -1;
     const size_t n = (size_t)(eq - arg);
-    if (n == 5 && !strncmp(arg, "dtype", 5)) return parse_dtype(eq + 1, &cfg->dtype);
-    const struct {
-        const char *name;
-        int *field;
-    } fields[] = {{"dq", &cfg->dq},
-                  {"dv", &cfg->dv},
-                  {"warps", &cfg->warps},
-                  {"block_m", &cfg->block_m},
-                  {"vec", &cfg->vec},
-                  {"short_indices", &cfg->short_indices},
-                  {"pipeline", &cfg->pipeline},
-                  {"exp2", &cfg->exp2},
-                  {"dq_red", &cfg->dq_red},
-                  {"kv_fastest", &cfg->kv_fastest},
-                  {"wgmma", &cfg->wgmma},
-                  {"split_wait", &cfg->split_wait},
-                  {"wg_barrier", &cfg->wg_barrier},
-                  {"dq_bulk", &cfg->dq_bulk},
-                  {"dq_warps", &cfg->dq_warps},
-                  {"dq_block_n", &cfg->dq_block_n},
-                  {"grad_smem", &cfg->grad_smem}};
-    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++)
+    if (n == 5 && !strncmp(arg, "dtype", 5)) return parse_dtype(eq + 1, dtype);
+    for (size_t i = 0; i < count; i++)
         if (strlen(fields[i].name) == n && !strncmp(arg, fields[i].name, n)) {
             char *end;
             const long v = strtol(eq + 1, &end, 10);
@@ -104,38 +90,43 @@ static int set_field(flex_cuda_bwd_config *cfg, const char *arg) {
     return -1;
 }
 
-/* FIELD=VALUE onto a forward config; -1 for an unknown field or value. */
+static int set_field(flex_cuda_bwd_config *cfg, const char *arg) {
+    const named_int fields[] = {{"dq", &cfg->dq},
+                                {"dv", &cfg->dv},
+                                {"warps", &cfg->warps},
+                                {"block_m", &cfg->block_m},
+                                {"vec", &cfg->vec},
+                                {"short_indices", &cfg->short_indices},
+                                {"pipeline", &cfg->pipeline},
+                                {"exp2", &cfg->exp2},
+                                {"dq_red", &cfg->dq_red},
+                                {"kv_fastest", &cfg->kv_fastest},
+                                {"wgmma", &cfg->wgmma},
+                                {"split_wait", &cfg->split_wait},
+                                {"wg_barrier", &cfg->wg_barrier},
+                                {"dq_bulk", &cfg->dq_bulk},
+                                {"dq_warps", &cfg->dq_warps},
+                                {"dq_block_n", &cfg->dq_block_n},
+                                {"grad_smem", &cfg->grad_smem}};
+    return set_named(arg, &cfg->dtype, fields, sizeof fields / sizeof fields[0]);
+}
+
 static int set_fwd_field(flex_cuda_fwd_config *cfg, const char *arg) {
-    const char *eq = strchr(arg, '=');
-    if (!eq) return -1;
-    const size_t n = (size_t)(eq - arg);
-    if (n == 5 && !strncmp(arg, "dtype", 5)) return parse_dtype(eq + 1, &cfg->dtype);
-    const struct {
-        const char *name;
-        int *field;
-    } fields[] = {{"dq", &cfg->dq},
-                  {"dv", &cfg->dv},
-                  {"warps", &cfg->warps},
-                  {"mt", &cfg->mt},
-                  {"block_n", &cfg->block_n},
-                  {"vec", &cfg->vec},
-                  {"scale_positive", &cfg->scale_positive},
-                  {"wgmma", &cfg->wgmma},
-                  {"short_indices", &cfg->short_indices},
-                  {"tma", &cfg->tma},
-                  {"mask_bits", &cfg->mask_bits},
-                  {"chain", &cfg->chain},
-                  {"dv_exact", &cfg->dv_exact},
-                  {"partial_bits", &cfg->partial_bits}};
-    for (size_t i = 0; i < sizeof fields / sizeof fields[0]; i++)
-        if (strlen(fields[i].name) == n && !strncmp(arg, fields[i].name, n)) {
-            char *end;
-            const long v = strtol(eq + 1, &end, 10);
-            if (*end || end == eq + 1) return -1;
-            *fields[i].field = (int)v;
-            return 0;
-        }
-    return -1;
+    const named_int fields[] = {{"dq", &cfg->dq},
+                                {"dv", &cfg->dv},
+                                {"warps", &cfg->warps},
+                                {"mt", &cfg->mt},
+                                {"block_n", &cfg->block_n},
+                                {"vec", &cfg->vec},
+                                {"scale_positive", &cfg->scale_positive},
+                                {"wgmma", &cfg->wgmma},
+                                {"short_indices", &cfg->short_indices},
+                                {"tma", &cfg->tma},
+                                {"mask_bits", &cfg->mask_bits},
+                                {"chain", &cfg->chain},
+                                {"dv_exact", &cfg->dv_exact},
+                                {"partial_bits", &cfg->partial_bits}};
+    return set_named(arg, &cfg->dtype, fields, sizeof fields / sizeof fields[0]);
 }
 
 int main(int argc, char **argv) {

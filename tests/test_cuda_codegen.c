@@ -963,6 +963,49 @@ START_TEST(test_nvrtc_error_carries_log) {
 }
 END_TEST
 
+/* The exact sin, cos and tan are called, not inlined: inlined, CUDA's
+ * versions bring their far-argument reduction (a local-memory table walk)
+ * to each of the 64 scores a thread of the sm_90a forward holds, and the
+ * kernel grew 5x (316 KB of machine code for sin(cos(score)) + tan(b),
+ * against 57 KB for an ALiBi-like mod; 2.8x slower on an H100). The
+ * production sm_90a forward with the trigonometric mod must stay within
+ * twice the ALiBi-like one's size. */
+START_TEST(test_nvrtc_trig_out_of_line) {
+    char why[512];
+    if (flex_cuda_load_nvrtc(&api, why, sizeof why) != 0) {
+        printf("SKIPPED: NVRTC trigonometric size case (%s)\n", why);
+        nvrtc_skipped = 1;
+        return;
+    }
+    static const char *const mods[2] = {"score + 0.5 * float(kv - q)",
+                                        "sin(cos(score)) + tan(float(b)) * cos(float(h))"};
+    const flex_cuda_fwd_config cfg =
+        WGMMA_CONFIG(.dtype = FLEX_BF16, .dq = 128, .dv = 128, .scale_positive = 1, .tma = 1,
+                     .mask_bits = 1, .short_indices = 1, .dv_exact = 1);
+    size_t sizes[2] = {0, 0};
+    for (int i = 0; i < 2; i++) {
+        ir_mod score;
+        ck_assert_int_eq(parse_text(FLEX_MOD_SCORE, mods[i], NULL, 0, NULL, 0, &score), 0);
+        char *src = flex_cuda_forward_source(&cfg, NULL, &score);
+        ck_assert_ptr_nonnull(src);
+        if (i == 1)
+            ck_assert(strstr(src, "= flex_sinf(v") && strstr(src, "= flex_cosf(v") &&
+                      strstr(src, "= flex_tanf(v"));
+        void *bin = NULL;
+        const flex_status st = flex_cuda_compile(NULL, api, src, "flex_forward", "sm_90a", &bin,
+                                                 &sizes[i]);
+        ck_assert_msg(st == FLEX_OK, "%s: %s", mods[i], flex_error_message(NULL));
+        free(bin);
+        free(src);
+        ir_free(&score);
+    }
+    printf("sm_90a forward machine code: %zu bytes with ALiBi, %zu with sin/cos/tan\n", sizes[0],
+           sizes[1]);
+    ck_assert_msg(sizes[1] <= 2 * sizes[0], "the trigonometric forward is %zu bytes, the ALiBi "
+                  "one %zu: are sinf/cosf/tanf inlined again?", sizes[1], sizes[0]);
+}
+END_TEST
+
 /* The decode kernel and its split-KV combine (flex_decode.cuh, on the LSE
  * merge of core/lse_merge.h that the CPU decode path includes) compile to
  * machine code for both targets: every row-tile count, both 16-bit types
@@ -1052,6 +1095,10 @@ int main(void) {
     tcase_set_timeout(det, 600);
     tcase_add_test(det, test_nvrtc_compiles_deterministic_backward);
     suite_add_tcase(suite, det);
+    TCase *trig = tcase_create("nvrtc_trig");
+    tcase_set_timeout(trig, 300);
+    tcase_add_test(trig, test_nvrtc_trig_out_of_line);
+    suite_add_tcase(suite, trig);
     /* CK_RUN_CASE=nvrtc_partial_bits runs it alone. */
     TCase *bits = tcase_create("nvrtc_partial_bits");
     tcase_set_timeout(bits, 600);

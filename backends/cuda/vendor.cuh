@@ -17,6 +17,9 @@
  * warp, not of the wave). FLEX_ANY spans the wave: its callers only use it
  * to skip work. */
 #define FLEX_WARP_SIZE      64
+/* Out of line on CUDA (below); inlined here, as before, until it is
+ * measured on AMD hardware. */
+#define FLEX_DEVICE_OUT_OF_LINE FLEX_DEVICE_INLINE
 #define FLEX_SHFL_XOR(v, m) __shfl_xor((v), (m), 32)
 #define FLEX_SHFL(v, src)   __shfl((v), (src), 32)
 #define FLEX_ANY(pred)      __any(pred)
@@ -29,6 +32,11 @@ static FLEX_DEVICE_INLINE float flex_half_bits_to_float(unsigned short h) {
 }
 #else
 #define FLEX_WARP_SIZE      32
+/* A device function called, never inlined: for the exact sin, cos and tan,
+ * whose far-argument reduction would otherwise be copied into the kernel at
+ * every score a thread holds (docs/decisions.md, "Where the zoo's slowest
+ * mods lose"). */
+#define FLEX_DEVICE_OUT_OF_LINE __device__ __noinline__
 #define FLEX_SHFL_XOR(v, m) __shfl_xor_sync(0xffffffffu, (v), (m))
 #define FLEX_SHFL(v, src)   __shfl_sync(0xffffffffu, (v), (src))
 #define FLEX_ANY(pred)      __any_sync(0xffffffffu, (pred))

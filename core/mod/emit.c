@@ -167,6 +167,11 @@ static const char helper_text[] =
     "    return __fdiv_rn(e, __fadd_rn(1.0f, e));\n"
     "}\n"
     "static FLEX_DEVICE_INLINE float flex_rsqrt(float a) { return __fdiv_rn(1.0f, sqrtf(a)); }\n"
+    "/* The exact sin, cos and tan, called: inlined, their far-argument path\n"
+    "   is copied at every score of the unrolled tile. */\n"
+    "static FLEX_DEVICE_OUT_OF_LINE float flex_sinf(float a) { return sinf(a); }\n"
+    "static FLEX_DEVICE_OUT_OF_LINE float flex_cosf(float a) { return cosf(a); }\n"
+    "static FLEX_DEVICE_OUT_OF_LINE float flex_tanf(float a) { return tanf(a); }\n"
     "/* Element offset of idx in buffer `slot`; an index outside [0, size) is\n"
     "   clamped into range and bit `slot` of the thread's oob mask is set (the\n"
     "   kernel ORs the mask into the device flag once, at its end, so mods stay\n"
@@ -337,13 +342,13 @@ static void emit_node(strbuf *sb, const ir_mod *m, int i, int slot_base,
         sb_printf(sb, "flex_rsqrt(v%d)", a[0]);
         return;
     case IR_SIN:
-        sb_printf(sb, "sinf(v%d)", a[0]);
+        sb_printf(sb, "flex_sinf(v%d)", a[0]);
         return;
     case IR_COS:
-        sb_printf(sb, "cosf(v%d)", a[0]);
+        sb_printf(sb, "flex_cosf(v%d)", a[0]);
         return;
     case IR_TAN:
-        sb_printf(sb, "tanf(v%d)", a[0]);
+        sb_printf(sb, "flex_tanf(v%d)", a[0]);
         return;
     case IR_TANH:
         sb_printf(sb, "tanhf(v%d)", a[0]);

@@ -632,13 +632,18 @@ START_TEST(test_short_int_to_float) {
 }
 END_TEST
 
-START_TEST(test_nvrtc_compiles_presets_and_seeds) {
+/* Loads NVRTC into api; without it, says which cases (`what`) are skipped,
+ * marks the program's run as skipped and returns 0. */
+static int nvrtc_loaded(const char *what) {
     char why[512];
-    if (flex_cuda_load_nvrtc(&api, why, sizeof why) != 0) {
-        printf("SKIPPED: NVRTC compile cases (%s)\n", why);
-        nvrtc_skipped = 1;
-        return;
-    }
+    if (flex_cuda_load_nvrtc(&api, why, sizeof why) == 0) return 1;
+    printf("SKIPPED: %s (%s)\n", what, why);
+    nvrtc_skipped = 1;
+    return 0;
+}
+
+START_TEST(test_nvrtc_compiles_presets_and_seeds) {
+    if (!nvrtc_loaded("NVRTC compile cases")) return;
     /* Every mod for both targets as PTX (the NVRTC front end and optimiser:
      * what the emitted code can break), and the production tiles down to
      * machine code for both. */
@@ -739,12 +744,7 @@ static const flex_cuda_bwd_config bwd_det_configs[] = {
 };
 
 START_TEST(test_nvrtc_compiles_deterministic_backward) {
-    char why[512];
-    if (flex_cuda_load_nvrtc(&api, why, sizeof why) != 0) {
-        printf("SKIPPED: NVRTC deterministic backward cases (%s)\n", why);
-        nvrtc_skipped = 1;
-        return;
-    }
+    if (!nvrtc_loaded("NVRTC deterministic backward cases")) return;
     num_cases = next_case = 0;
     static const char *const real_archs[] = {"sm_80", "sm_90a"};
     ir_mod causal;
@@ -815,12 +815,7 @@ static const struct {
 };
 
 START_TEST(test_nvrtc_compiles_partial_bits) {
-    char why[512];
-    if (flex_cuda_load_nvrtc(&api, why, sizeof why) != 0) {
-        printf("SKIPPED: NVRTC partial-bit forward cases (%s)\n", why);
-        nvrtc_skipped = 1;
-        return;
-    }
+    if (!nvrtc_loaded("NVRTC partial-bit forward cases")) return;
     num_cases = next_case = 0;
     /* a mask that reads a buffer, one that reads h, and a score mod beside
      * a mask (the split softmax path), each with every config */
@@ -894,12 +889,7 @@ END_TEST
  * the sizes this C compile gives it, and every kernel source starts with
  * it. The kernels assert their own structs against these heads. */
 START_TEST(test_nvrtc_parameter_layout) {
-    char why[512];
-    if (flex_cuda_load_nvrtc(&api, why, sizeof why) != 0) {
-        printf("SKIPPED: NVRTC parameter layout (%s)\n", why);
-        nvrtc_skipped = 1;
-        return;
-    }
+    if (!nvrtc_loaded("NVRTC parameter layout")) return;
     const char *vendor = flex_cuda_template("vendor.cuh");
     const char *params = flex_cuda_template("flex_gpu_params.h");
     ck_assert_ptr_nonnull(vendor);
@@ -947,12 +937,7 @@ START_TEST(test_nvrtc_parameter_layout) {
 END_TEST
 
 START_TEST(test_nvrtc_error_carries_log) {
-    char why[512];
-    if (flex_cuda_load_nvrtc(&api, why, sizeof why) != 0) {
-        printf("SKIPPED: NVRTC error-log case (%s)\n", why);
-        nvrtc_skipped = 1;
-        return;
-    }
+    if (!nvrtc_loaded("NVRTC error-log case")) return;
     void *bin = NULL;
     size_t size = 0;
     flex_status s = flex_cuda_compile(NULL, api, "__global__ void k() { undefined_name(); }",
@@ -971,12 +956,7 @@ END_TEST
  * production sm_90a forward with the trigonometric mod must stay within
  * twice the ALiBi-like one's size. */
 START_TEST(test_nvrtc_trig_out_of_line) {
-    char why[512];
-    if (flex_cuda_load_nvrtc(&api, why, sizeof why) != 0) {
-        printf("SKIPPED: NVRTC trigonometric size case (%s)\n", why);
-        nvrtc_skipped = 1;
-        return;
-    }
+    if (!nvrtc_loaded("NVRTC trigonometric size case")) return;
     static const char *const mods[2] = {"score + 0.5 * float(kv - q)",
                                         "sin(cos(score)) + tan(float(b)) * cos(float(h))"};
     const flex_cuda_fwd_config cfg =
@@ -1012,12 +992,7 @@ END_TEST
  * and f32, aligned and unaligned rows, head dims 64-256, masked and dense,
  * with a score mod that reads buffers (checked and proved reads). */
 START_TEST(test_nvrtc_compiles_decode) {
-    char why[512];
-    if (flex_cuda_load_nvrtc(&api, why, sizeof why) != 0) {
-        printf("SKIPPED: NVRTC decode cases (%s)\n", why);
-        nvrtc_skipped = 1;
-        return;
-    }
+    if (!nvrtc_loaded("NVRTC decode cases")) return;
     ir_mod mask, score;
     ck_assert_int_eq(parse_text(FLEX_MOD_MASK, "q >= kv && q - kv <= W", seed_params, 2, NULL, 0,
                                 &mask),

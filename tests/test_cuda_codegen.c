@@ -974,7 +974,7 @@ START_TEST(test_nvrtc_trig_out_of_line) {
         void *bin = NULL;
         const flex_status st = flex_cuda_compile(NULL, api, src, "flex_forward", "sm_90a", &bin,
                                                  &sizes[i]);
-        ck_assert_msg(st == FLEX_OK, "%s: %s", mods[i], flex_error_message(NULL));
+        ck_assert_msg(st == FLEX_OK, "%s: %.600s", mods[i], flex_error_message(NULL));
         free(bin);
         free(src);
         ir_free(&score);
@@ -983,6 +983,49 @@ START_TEST(test_nvrtc_trig_out_of_line) {
            sizes[1]);
     ck_assert_msg(sizes[1] <= 2 * sizes[0], "the trigonometric forward is %zu bytes, the ALiBi "
                   "one %zu: are sinf/cosf/tanf inlined again?", sizes[1], sizes[0]);
+}
+END_TEST
+
+/* The other kernels that emit the mods call the same out-of-line functions
+ * (the backward's derivative of sin(cos(score)) too): the trigonometric
+ * mod compiles to machine code in the sm_90a and sm_80 backward and in the
+ * decode kernel. */
+START_TEST(test_nvrtc_trig_other_kernels) {
+    if (!nvrtc_loaded("NVRTC trigonometric backward and decode cases")) return;
+    compile_case c;
+    memset(&c, 0, sizeof c);
+    ck_assert_int_eq(parse_text(FLEX_MOD_SCORE, "sin(cos(score)) + tan(float(b)) * cos(float(h))",
+                                NULL, 0, NULL, 0, &c.score),
+                     0);
+    c.has_score = 1;
+    const struct {
+        const flex_cuda_bwd_config *cfg;
+        const char *arch;
+    } bwd[] = {{&bwd_wgmma_configs[0], "sm_90a"}, {&bwd_full_configs[0], "sm_80"}};
+    for (size_t i = 0; i < sizeof bwd / sizeof bwd[0]; i++) {
+        c.bwd_cfg = *bwd[i].cfg;
+        char *src = backward_source(&c);
+        ck_assert_ptr_nonnull(src);
+        ck_assert_ptr_nonnull(strstr(src, "= flex_sinf(v"));
+        void *bin = NULL;
+        size_t size = 0;
+        const flex_status st = flex_cuda_compile(NULL, api, src, "flex_backward", bwd[i].arch,
+                                                 &bin, &size);
+        ck_assert_msg(st == FLEX_OK, "backward %s: %.600s", bwd[i].arch, flex_error_message(NULL));
+        free(bin);
+        free(src);
+    }
+    const flex_cuda_dec_config dec = {.dtype = FLEX_BF16, .dq = 128, .dv = 128, .dv_exact = 1,
+                                      .row_tiles = 1, .vec = 1, .short_indices = 1};
+    char *src = flex_cuda_decode_source(&dec, NULL, &c.score, NULL, NULL);
+    ck_assert_ptr_nonnull(src);
+    void *bin = NULL;
+    size_t size = 0;
+    const flex_status st = flex_cuda_compile(NULL, api, src, "flex_decode", "sm_90a", &bin, &size);
+    ck_assert_msg(st == FLEX_OK, "decode: %.600s", flex_error_message(NULL));
+    free(bin);
+    free(src);
+    ir_free(&c.score);
 }
 END_TEST
 
@@ -1073,6 +1116,7 @@ int main(void) {
     TCase *trig = tcase_create("nvrtc_trig");
     tcase_set_timeout(trig, 300);
     tcase_add_test(trig, test_nvrtc_trig_out_of_line);
+    tcase_add_test(trig, test_nvrtc_trig_other_kernels);
     suite_add_tcase(suite, trig);
     /* CK_RUN_CASE=nvrtc_partial_bits runs it alone. */
     TCase *bits = tcase_create("nvrtc_partial_bits");

@@ -85,10 +85,14 @@ static const flex_cuda_api *api;
 /* The mma.sync kernel's tiles: warps, m-tiles per warp, keys per step. */
 #define MMA_CONFIG(w, m, n, ...)                                                                   \
     { .warps = w, .mt = m, .block_n = n, __VA_ARGS__ }
-/* The wgmma kernel's tiles are fixed (two warpgroups x 64 rows, 128-key
- * steps, 16-byte rows); what varies is the dtype, head dims and copies. */
+/* The wgmma kernel's tiles are two warpgroups x 64 rows with 16-byte rows,
+ * 128-key steps up to head dim 128 (WGMMA_CONFIG) and 64-key steps above
+ * (WGMMA_WIDE_CONFIG); what varies is the dtype, head dims and copies. The
+ * TMA kernel keeps two Q tiles unless q_bufs says one. */
 #define WGMMA_CONFIG(...)                                                                          \
-    { .warps = 8, .mt = 1, .block_n = 128, .vec = 1, .wgmma = 1, __VA_ARGS__ }
+    { .warps = 8, .mt = 1, .block_n = 128, .vec = 1, .wgmma = 1, .q_bufs = 2, __VA_ARGS__ }
+#define WGMMA_WIDE_CONFIG(...)                                                                     \
+    { .warps = 8, .mt = 1, .block_n = 64, .vec = 1, .wgmma = 1, __VA_ARGS__ }
 
 /* Small tiles keep the many mod compiles quick (the mods are what differs);
  * the production tile sizes are compiled for a few mods below. */
@@ -128,6 +132,16 @@ static const struct {
      "sm_90a"},
     {WGMMA_CONFIG(.dtype = FLEX_BF16, .dq = 128, .dv = 128, .scale_positive = 1, .tma = 1,
                   .chain = 1, .mask_bits = 1, .short_indices = 1, .dv_exact = 1),
+     "sm_90a"},
+    /* head dims over 128: 64-key steps; 256/256 keeps one Q tile */
+    {WGMMA_WIDE_CONFIG(.dtype = FLEX_BF16, .dq = 256, .dv = 256, .scale_positive = 1, .tma = 1,
+                       .q_bufs = 1, .mask_bits = 1, .short_indices = 1, .dv_exact = 1),
+     "sm_90a"},
+    {WGMMA_WIDE_CONFIG(.dtype = FLEX_F16, .dq = 192, .dv = 192, .tma = 1, .q_bufs = 2,
+                       .chain = 1, .mask_bits = 1),
+     "sm_90a"},
+    {WGMMA_WIDE_CONFIG(.dtype = FLEX_BF16, .dq = 256, .dv = 64, .scale_positive = 1,
+                       .mask_bits = 1),
      "sm_90a"},
 };
 

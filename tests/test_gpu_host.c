@@ -1009,8 +1009,12 @@ START_TEST(test_forward_fit) {
     ck_assert_int_eq(c.block_n, 64);
     /* sm_90a TMA kernel: two Q buffers of 128 rows, two stages, 1 KB */
     c = (flex_cuda_fwd_config){.dtype = FLEX_BF16, .dq = 128, .dv = 128, .warps = 8, .mt = 1,
-                               .block_n = 128, .wgmma = 1, .tma = 1};
+                               .block_n = 128, .wgmma = 1, .tma = 1, .q_bufs = 2};
     ck_assert_uint_eq(flex_gpu_fwd_smem(&c), (2 * 128 * 128 + 2 * 128 * 256) * 2 + 1024);
+    /* head dims 256: one Q buffer, 64-key stages */
+    c = (flex_cuda_fwd_config){.dtype = FLEX_BF16, .dq = 256, .dv = 256, .warps = 8, .mt = 1,
+                               .block_n = 64, .wgmma = 1, .tma = 1, .q_bufs = 1};
+    ck_assert_uint_eq(flex_gpu_fwd_smem(&c), (128 * 256 + 2 * 64 * 512) * 2 + 1024);
     /* nothing fits: as small as it gets */
     c = (flex_cuda_fwd_config){.dtype = FLEX_BF16, .dq = 256, .dv = 256, .warps = 4, .mt = 1,
                                .block_n = 32};
@@ -1106,10 +1110,10 @@ START_TEST(test_kernel_keys) {
     flex_cuda_fwd_config f = {.dtype = FLEX_BF16, .dq = 128, .dv = 64, .warps = 4, .mt = 2,
                               .block_n = 64, .vec = 1, .scale_positive = 1, .wgmma = 1, .tma = 1,
                               .chain = 0, .mask_bits = 1, .short_indices = 1, .dv_exact = 1,
-                              .partial_bits = 1};
+                              .partial_bits = 1, .q_bufs = 2};
     char key[512];
     flex_gpu_fwd_key(key, sizeof key, &st, &f, 1, NULL, NULL, NULL, NULL);
-    ck_assert_str_eq(key, "fwd|bf16|dq128|dv64|dx1|w4|mt2|n64|vec1|wg1|tma1|ch0|mb1|pb1|short1|sp1|"
+    ck_assert_str_eq(key, "fwd|bf16|dq128|dv64|dx1|w4|mt2|n64|vec1|wg1|tma1|qb2|ch0|mb1|pb1|short1|sp1|"
                           "mask=0000000000000000|score=0000000000000000|inr=0000000000000000."
                           "0000000000000000|fake1|fakecc1.2");
     flex_gpu_fwd_key(key, sizeof key, &st, &f, 0, NULL, NULL, NULL, NULL);

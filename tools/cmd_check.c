@@ -74,6 +74,7 @@ typedef struct check_case {
         int args_on_device;   /* offsets, lengths and page table on the device */
     } decode;
     int deterministic; /* OP_BACKWARD: opts->deterministic (--deterministic) */
+    int kv_block;      /* the block mask's kv block where it is not `block` (0: the same) */
 } check_case;
 
 typedef struct case_list {
@@ -132,7 +133,7 @@ static void build_numeric_cases(case_list *l, int quick) {
             for (int d = 0; d < (quick ? 1 : 3); d++) {
                 check_case c = {"", op ? OP_BACKWARD : OP_FORWARD, NULL, NULL, n->B, n->Hq, n->Hkv,
                                 n->L, n->L, 64, 64, dts[d], LAYOUT_BHSD, 1, 0, n->score_text,
-                                n->mask_text, n->per_head, n->input_scale, n->nan_q, {0}, 0};
+                                n->mask_text, n->per_head, n->input_scale, n->nan_q, {0}, 0, 0};
                 snprintf(c.name, sizeof c.name, "%s%s %s", op ? "backward " : "", n->what,
                          short_dtype(dts[d]));
                 add_case(l, &c);
@@ -188,7 +189,7 @@ static void build_cases(case_list *l, int quick) {
         const flex_preset *pr = flex_preset_at(p);
         for (int d = 0; d < 3; d++) {
             check_case c = {"",   OP_FORWARD, NULL, NULL, 1,    4, 4, L, L, 64,
-                            64,   dts[d],     0,    1,    0,    NULL, NULL, 0, 0.0, 0, {0}, 0};
+                            64,   dts[d],     0,    1,    0,    NULL, NULL, 0, 0.0, 0, {0}, 0, 0};
             if (pr->kind == FLEX_MOD_MASK)
                 c.mask = pr->name;
             else
@@ -231,6 +232,15 @@ static void build_cases(case_list *l, int quick) {
         {"blocks 128 alibi causal", "alibi", "causal", 1, 4, 4, 400, 400, 128, 128, 0, 1, 0, 128},
         {"blocks 128 window q 700 kv 300", NULL, "sliding_window", 1, 4, 4, 700, 300, 128, 128, 0,
          1, 0, 128},
+        /* Head dims over 128 on Hopper: 64-key steps, one Q tile in flight
+         * at 256/256; and 64-key steps at head dim 128 where the kv blocks
+         * are 64. */
+        {"blocks 128 D 256 alibi causal", "alibi", "causal", 1, 4, 4, 400, 530, 256, 256, 0, 1, 0,
+         128},
+        {"blocks 128 D 192 Dv 256 gqa window", NULL, "sliding_window", 1, 4, 2, 300, 300, 192, 256,
+         0, 1, 0, 128},
+        {"blocks 128 D 256 Dv 64 softcap", "softcap", NULL, 2, 2, 2, 260, 260, 256, 64, 0, 1, 0,
+         128},
     };
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
         const struct shape *s = &shapes[i];
@@ -239,10 +249,18 @@ static void build_cases(case_list *l, int quick) {
             check_case c = {"",    OP_FORWARD, s->score,  s->mask, s->B,
                             s->Hq, s->Hkv,     s->Lq,     s->Lkv,  s->D,
                             s->Dv, dts[d],     s->layout, s->lse,  s->block,
-                            NULL,  NULL,       0,         0.0,     0, {0}, 0};
+                            NULL,  NULL,       0,         0.0,     0, {0}, 0, 0};
             snprintf(c.name, sizeof c.name, "%s %s", s->what, short_dtype(dts[d]));
             add_case(l, &c);
         }
+    }
+    /* Query blocks of 128 over kv blocks of 64: the Hopper kernel's 64-key
+     * steps at head dim 128. */
+    for (int d = 0; d < (quick ? 0 : 3); d++) {
+        check_case c = {"",  OP_FORWARD, NULL, "causal", 1,    4,   4, 400, 400, 128, 128, dts[d],
+                        0,   1,          128,  NULL,     NULL, 0, 0.0, 0,   {0}, 0,   64};
+        snprintf(c.name, sizeof c.name, "blocks 128x64 causal %s", short_dtype(dts[d]));
+        add_case(l, &c);
     }
     /* Backward: dq, dk, dv against the fp64 backward oracle. */
     struct bw_shape {
@@ -266,7 +284,7 @@ static void build_cases(case_list *l, int quick) {
         for (int d = 0; d < (quick ? 1 : 3); d++) {
             check_case c = {"",     OP_BACKWARD, s->score, s->mask, s->B,      s->Hq, s->Hkv, s->Lq,
                             s->Lkv, s->D,        s->Dv,    dts[d],  s->layout, 1,     0,
-                            NULL,   NULL,        0,        0.0,     0, {0}, 0};
+                            NULL,   NULL,        0,        0.0,     0, {0}, 0, 0};
             snprintf(c.name, sizeof c.name, "backward %s %s", s->what, short_dtype(dts[d]));
             add_case(l, &c);
         }
@@ -344,10 +362,10 @@ static int compile_mods(case_data *cd, const check_case *c, char *why, size_t ca
             return -1;
         }
     }
-    const int block = c->block ? c->block : 64;
+    const int block = c->block ? c->block : 64, kv_block = c->kv_block ? c->kv_block : block;
     int mask_b = c->per_head ? c->B : 1, mask_h = c->per_head ? c->Hq : 1;
     if (cd->mask_mod && flex_block_mask_create(cd->ctx, cd->mask_mod, mask_b, mask_h, c->Lq,
-                                               c->Lkv, block, block, &cd->mask) != FLEX_OK) {
+                                               c->Lkv, block, kv_block, &cd->mask) != FLEX_OK) {
         snprintf(why, cap, "block mask: %s", flex_error_message(cd->ctx));
         return -1;
     }

@@ -12,7 +12,7 @@
  * dims 128, two warpgroups of 64 rows, 128-key steps, the TMA producer,
  * rolled keep bits); its FIELD=VALUE set flex_cuda_fwd_config (dtype, dq,
  * dv, warps, mt, block_n, vec, scale_positive, wgmma, short_indices, tma,
- * mask_bits, chain, dv_exact, partial_bits).
+ * mask_bits, chain, dv_exact, partial_bits, q_bufs).
  *
  * The configuration starts as the sm_90a wgmma kernel's (bf16, head dims
  * 128, 8 warps, 64-row steps, every lever on); FIELD=VALUE sets a field of
@@ -125,7 +125,8 @@ static int set_fwd_field(flex_cuda_fwd_config *cfg, const char *arg) {
                                 {"mask_bits", &cfg->mask_bits},
                                 {"chain", &cfg->chain},
                                 {"dv_exact", &cfg->dv_exact},
-                                {"partial_bits", &cfg->partial_bits}};
+                                {"partial_bits", &cfg->partial_bits},
+                                {"q_bufs", &cfg->q_bufs}};
     return set_named(arg, &cfg->dtype, fields, sizeof fields / sizeof fields[0]);
 }
 
@@ -140,7 +141,8 @@ int main(int argc, char **argv) {
     int nb = 0, grads = 0, forward = 0;
     flex_cuda_fwd_config fwd = {.dtype = FLEX_BF16, .dq = 128, .dv = 128, .warps = 8, .mt = 1,
                                 .block_n = 128, .vec = 1, .scale_positive = 1, .wgmma = 1,
-                                .short_indices = 1, .tma = 1, .mask_bits = 1, .dv_exact = 1};
+                                .short_indices = 1, .tma = 1, .mask_bits = 1, .dv_exact = 1,
+                                .q_bufs = 2};
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--forward")) {
             forward = 1;

@@ -365,21 +365,25 @@ typedef flex_gpu_fwd_params cuda_fwd_params;
 
 /* Kernel and tile choice for 16-bit inputs, from the mask's block sizes, the
  * head dims and the GPU. On sm_90 the wgmma kernel (flex_forward_sm90.cuh)
- * takes every case it covers: 16-byte aligned rows, head dims up to 128, mask
- * blocks that are multiples of 128. Everything else, and every GPU before
- * Hopper, runs the mma.sync kernel. FLEXATTN_DEBUG=cuda_tile=WARPSxMTxBLOCK_N
+ * takes every case it covers: 16-byte aligned rows, query blocks that are
+ * multiples of 128, and kv blocks that are multiples of 64. Its steps are
+ * 128 keys for head dims up to 128 where the kv blocks allow, else 64 (at
+ * head dims over 128, O's accumulators of up to 256 columns and 128 scores
+ * a row would not fit a consumer's registers). Everything else, and every
+ * GPU before Hopper, runs the mma.sync kernel. FLEXATTN_DEBUG=cuda_tile=WARPSxMTxBLOCK_N
  * selects the mma.sync kernel with those tiles (for tuning and comparison;
  * they must divide the mask's blocks). */
 static void choose_tiles(const flex_context *ctx, flex_cuda_fwd_config *cfg, int q_block,
                          int kv_block, int hopper) {
     const int wide = cfg->dq > 128 || cfg->dv > 128;
     cfg->wgmma = 0;
-    if (hopper && cfg->vec && !wide && q_block % 128 == 0 && kv_block % 128 == 0) {
-        /* Two warpgroups x 64 rows, 128-key steps. */
+    const int wgmma_step = wide || kv_block % 128 ? 64 : 128;
+    if (hopper && cfg->vec && q_block % 128 == 0 && kv_block % wgmma_step == 0) {
+        /* Two warpgroups x 64 rows. */
         cfg->wgmma = 1;
         cfg->warps = 8;
         cfg->mt = 1;
-        cfg->block_n = 128;
+        cfg->block_n = wgmma_step;
     } else if (!wide && q_block >= 128 && kv_block >= 64) {
         /* 4 warps x 32 rows: each K/V fragment feeds two m-tiles, and two
          * CTAs fit on an SM (96 KB of shared memory each). */
@@ -412,18 +416,19 @@ static int tma_layout_ok(const flex_tensor *t) {
            (t->sizes[0] == 1 || sb >= sh);
 }
 
-/* A tiled tensor map of t (dims D, L, H, B) with 128-row boxes of 64
- * columns in the 128-byte swizzle, into map (128 bytes, 64-byte aligned).
- * The elements are copied as UINT16 bits; out-of-range ones read as zero. */
+/* A tiled tensor map of t (dims D, L, H, B) with boxes of `rows` rows and
+ * 64 columns in the 128-byte swizzle, into map (128 bytes, 64-byte
+ * aligned): the kernel's tiles are rows x 64-column blocks. The elements
+ * are copied as UINT16 bits; out-of-range ones read as zero. */
 static flex_status encode_tensor_map(flex_context *ctx, cuda_state *st, const flex_tensor *t,
-                                     unsigned char *map) {
+                                     unsigned rows, unsigned char *map) {
     const unsigned long long dims[4] = {
         (unsigned long long)t->sizes[3], (unsigned long long)t->sizes[2],
         (unsigned long long)t->sizes[1], (unsigned long long)t->sizes[0]};
     const unsigned long long strides[3] = {(unsigned long long)t->strides[2] * 2,
                                            (unsigned long long)t->strides[1] * 2,
                                            (unsigned long long)t->strides[0] * 2};
-    const unsigned box[4] = {64, 128, 1, 1}, unit[4] = {1, 1, 1, 1};
+    const unsigned box[4] = {64, rows, 1, 1}, unit[4] = {1, 1, 1, 1};
     return check_cu(ctx, st->api,
                     st->api->cuTensorMapEncodeTiled(
                         map, FLEX_CU_TENSOR_MAP_DATA_TYPE_UINT16, 4, t->data, dims, strides, box,
@@ -734,8 +739,11 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
      * comparison). With one tile per CTA it gains nothing, and its store
      * inside the step loop costs time there (docs/decisions.md). */
     cfg.chain = persistent && env_switch(ctx, FLEX_DEBUG_CUDA_CHAIN, 1);
-    /* Q (two buffers for the TMA kernel: a tile's and the next one's), two
-     * K/V stages; the wgmma kernels align their tiles to 1 KB themselves. */
+    /* Q (two buffers for the TMA kernel, a tile's and the next one's, where
+     * they fit: not at head dims 256/256), two K/V stages; the wgmma
+     * kernels align their tiles to 1 KB themselves. */
+    cfg.q_bufs = cfg.tma ? 2 : 0;
+    if (cfg.tma && (int64_t)flex_gpu_fwd_smem(&cfg) > st->smem_optin) cfg.q_bufs = 1;
     const size_t smem = q->dtype == FLEX_F32 ? 0 : flex_gpu_fwd_smem(&cfg);
     if ((int64_t)smem > st->smem_optin)
         return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
@@ -805,8 +813,10 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
         _Alignas(64) unsigned char tensor_maps[3 * 128];
         if (cfg.tma) {
             const flex_tensor *ops[3] = {q, k, v};
+            const unsigned rows[3] = {(unsigned)block_m, (unsigned)cfg.block_n,
+                                      (unsigned)cfg.block_n};
             for (int t = 0; t < 3 && !s; t++)
-                s = encode_tensor_map(ctx, st, ops[t], tensor_maps + 128 * t);
+                s = encode_tensor_map(ctx, st, ops[t], rows[t], tensor_maps + 128 * t);
         }
 
         unsigned gx = (unsigned)(B * Hq), gy, threads;

@@ -36,6 +36,8 @@ typedef struct flex_cuda_fwd_config {
     int chain;          /* tma: one product pipeline across a CTA's tiles */
     int dv_exact;       /* Dv == dv: the output store needs no column guard */
     int partial_bits;   /* partial blocks read bit masks (flex_partial_bits.cuh), not the mask mod */
+    int q_bufs;         /* tma: Q tiles the producer keeps (2: the next tile's arrives during
+                           this one; 1 where two do not fit beside the K/V stages) */
 } flex_cuda_fwd_config;
 
 /*

@@ -25,16 +25,23 @@
  * flex_wgmma_sm90.cuh's, which the host places just before this file.
  *
  * Requires: 16-bit elements, FLEX_VEC (16-byte aligned rows), FLEX_DQ and
- * FLEX_DV in {64, 128}, FLEX_WARPS 8, FLEX_MT 1, FLEX_BLOCK_N 128.
+ * FLEX_DV in {64, 128, 192, 256}, FLEX_WARPS 8, FLEX_MT 1, FLEX_BLOCK_N 64
+ * or 128. Head dims over 128 take 64-key steps (the host's choice), so that
+ * O's 64 x FLEX_DV accumulators, the scores and the probabilities fit a
+ * consumer's registers; FLEX_Q_BUFS (TMA kernel: 1 or 2) is how many Q
+ * tiles the producer keeps, 1 where two do not fit beside the K/V stages.
  */
 #if FLEX_WGMMA
 
-#if FLEX_WARPS != 8 || FLEX_MT != 1 || FLEX_BLOCK_N != 128 || !FLEX_VEC
-#error "the sm_90a forward needs 8 warps, 1 m-tile, 128-key steps and 16-byte rows"
+#if FLEX_WARPS != 8 || FLEX_MT != 1 || (FLEX_BLOCK_N != 64 && FLEX_BLOCK_N != 128) || !FLEX_VEC
+#error "the sm_90a forward needs 8 warps, 1 m-tile, 64- or 128-key steps and 16-byte rows"
 #endif
-#if (FLEX_DQ != 64 && FLEX_DQ != 128) || (FLEX_DV != 64 && FLEX_DV != 128)
-#error "the sm_90a forward needs head dims of 64 or 128"
+#if FLEX_DQ % 64 || FLEX_DV % 64 || FLEX_DQ > 256 || FLEX_DV > 256
+#error "the sm_90a forward needs head dims of 64, 128, 192 or 256"
 #endif
+
+/* n-tiles of 8 keys in a step's scores (the m16n8 accumulator layout). */
+#define FLEX_SM90_NT (FLEX_BLOCK_N / 8)
 
 /* Descriptors of one step's products, all formed before the products are
  * issued: a register defined between two wgmma of one batch serialises
@@ -65,31 +72,47 @@ static FLEX_DEVICE_INLINE void flex_sm90_make_descs(flex_sm90_descs &d, unsigned
     }
 }
 
-/* S (64 x 128 per warpgroup) = Q Kᵀ over FLEX_DQ. */
-static FLEX_DEVICE_INLINE void flex_sm90_scores(float (&s)[16][4], const flex_sm90_descs &d) {
+/* S (64 x FLEX_BLOCK_N per warpgroup) = Q Kᵀ over FLEX_DQ. */
+static FLEX_DEVICE_INLINE void flex_sm90_scores(float (&s)[FLEX_SM90_NT][4],
+                                                const flex_sm90_descs &d) {
+#if FLEX_BLOCK_N == 128
     flex_wgmma_ss_n128_fresh(s, d.q[0], d.k[0]);
 #pragma unroll
     for (int kk = 1; kk < FLEX_DQ / 16; kk++)
         flex_wgmma_ss_n128(s, d.q[kk], d.k[kk]);
+#else
+    flex_wgmma_ss_n64_fresh<0, 0>(s, d.q[0], d.k[0]);
+#pragma unroll
+    for (int kk = 1; kk < FLEX_DQ / 16; kk++)
+        flex_wgmma_ss_n64<0, 0>(s, d.q[kk], d.k[kk]);
+#endif
 }
 
-/* O += P V over 128 keys. */
+/* O += P V over FLEX_BLOCK_N keys: products of 128 columns, and one of 64
+ * for the rest (V's column block c is c x FLEX_BLOCK_N x 128 bytes on). */
+template <int C = 0>
+static FLEX_DEVICE_INLINE void flex_sm90_pv_cols(float (&o)[FLEX_DV / 8][4],
+                                                 const flex_u32 (&a)[4], unsigned long long v) {
+    constexpr unsigned long long COL128 = (2ull * FLEX_BLOCK_N * 128) >> 4;
+    if constexpr (FLEX_DV - 128 * C >= 128) {
+        flex_wgmma_rs_n128<16 * C>(o, a, v + C * COL128);
+        flex_sm90_pv_cols<C + 1>(o, a, v);
+    } else if constexpr (FLEX_DV - 128 * C == 64) {
+        flex_wgmma_rs_n64<16 * C>(o, a, v + C * COL128);
+    }
+}
 static FLEX_DEVICE_INLINE void flex_sm90_pv(float (&o)[FLEX_DV / 8][4],
                                             const flex_u32 (&pa)[FLEX_BLOCK_N / 16][4],
                                             const flex_sm90_descs &d) {
 #pragma unroll
-    for (int kk = 0; kk < FLEX_BLOCK_N / 16; kk++) {
-#if FLEX_DV == 128
-        flex_wgmma_rs_n128(o, pa[kk], d.v[kk]);
-#else
-        flex_wgmma_rs_n64(o, pa[kk], d.v[kk]);
-#endif
-    }
+    for (int kk = 0; kk < FLEX_BLOCK_N / 16; kk++)
+        flex_sm90_pv_cols(o, pa[kk], d.v[kk]);
 }
 
 /* One step's products, in two commit groups: S = Q Kᵀ first, so that
  * wgmma.wait_group 1 waits for S alone while O += P V still runs. */
-static FLEX_DEVICE_INLINE void flex_sm90_issue(float (&s)[16][4], float (&o)[FLEX_DV / 8][4],
+static FLEX_DEVICE_INLINE void flex_sm90_issue(float (&s)[FLEX_SM90_NT][4],
+                                               float (&o)[FLEX_DV / 8][4],
                                                const flex_u32 (&pa)[FLEX_BLOCK_N / 16][4],
                                                const flex_sm90_descs &d) {
     flex_wgmma_fence();
@@ -99,29 +122,29 @@ static FLEX_DEVICE_INLINE void flex_sm90_issue(float (&s)[16][4], float (&o)[FLE
     flex_wgmma_commit();
 }
 
-/* Mods, mask and online softmax of a warpgroup's 64 x 128 scores of the
+/* Mods, mask and online softmax of a warpgroup's 64 x FLEX_BLOCK_N scores of the
  * step at kv0, packed as the A fragments of the next P V: the plain path
  * for blocks without mask or bounds, the masked one otherwise; with a score
  * mod whose reads do not depend on the score, one copy of the score mod
  * serves both (flex_softmax_probs_split). bits_at: a partial step's bit
  * block (FLEX_PARTIAL_BITS). */
 static FLEX_DEVICE_INLINE void
-flex_sm90_probs(const flex_fwd_params &p, flex_warp_state &st, float (&s)[16][4],
+flex_sm90_probs(const flex_fwd_params &p, flex_warp_state &st, float (&s)[FLEX_SM90_NT][4],
                 flex_u32 (&pa)[FLEX_BLOCK_N / 16][4], float (&alphas)[2], int b, int h, int qrow0,
                 int kv0, bool partial, bool q_bounds, int bits_at, int lane, unsigned &oob) {
     const bool bounds = q_bounds || kv0 + FLEX_BLOCK_N > p.Lkv;
 #if FLEX_HAS_SCORE_MOD && !FLEX_SCORE_INDEX_USES_SCORE
-    flex_softmax_probs_split<16>(p, st.m[0], st.l[0], s, alphas, b, h, qrow0, kv0, partial, bounds,
+    flex_softmax_probs_split<FLEX_SM90_NT>(p, st.m[0], st.l[0], s, alphas, b, h, qrow0, kv0, partial, bounds,
                                  bits_at, lane, oob);
 #else
     if (partial || bounds)
-        flex_softmax_probs<true, 16>(p, st.m[0], st.l[0], s, alphas, b, h, qrow0, kv0, partial,
+        flex_softmax_probs<true, FLEX_SM90_NT>(p, st.m[0], st.l[0], s, alphas, b, h, qrow0, kv0, partial,
                                      bounds, bits_at, lane, oob);
     else
-        flex_softmax_probs<false, 16>(p, st.m[0], st.l[0], s, alphas, b, h, qrow0, kv0, false,
+        flex_softmax_probs<false, FLEX_SM90_NT>(p, st.m[0], st.l[0], s, alphas, b, h, qrow0, kv0, false,
                                       false, 0, lane, oob);
 #endif
-    flex_pack_probs<16>(s, pa);
+    flex_pack_probs<FLEX_SM90_NT>(s, pa);
 }
 
 /* Zero: P before a tile's first product, and O after the TMA kernel's step
@@ -135,6 +158,9 @@ template <typename T, int N> static FLEX_DEVICE_INLINE void flex_sm90_clear(T (&
 #pragma unroll
         for (int r = 0; r < 4; r++)
             a[i][r] = 0;
+    /* Zeros in the registers the products use: left as constants, ptxas
+     * spilled most of a 256-column O to keep them. */
+    flex_pin(a);
 }
 
 /* Waits for the step's P V: O is up to date, and P's registers, which the
@@ -200,7 +226,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
      * descriptors costs registers the step cannot spare.) */
     int kv_cur = 0, kv_next = 0, bits_cur = 0, bits_next = 0;
     bool partial_cur = false, partial_next = false;
-    float s[16][4];
+    float s[FLEX_SM90_NT][4];
     flex_u32 pa[FLEX_BLOCK_N / 16][4];
     flex_sm90_clear(pa);
     if (nsteps > 0) {
@@ -266,6 +292,10 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
 }
 
 #else /* FLEX_TMA */
+
+#if FLEX_Q_BUFS != 1 && FLEX_Q_BUFS != 2
+#error "the TMA forward keeps one or two Q tiles"
+#endif
 
 /* TMA copies: one thread issues each tile as 64-column boxes that land in
  * wgmma's 128-byte swizzle, and an mbarrier per stage counts the bytes in.
@@ -384,8 +414,8 @@ static FLEX_DEVICE_INLINE bool flex_take_tile(const flex_fwd_params &p, const fl
                                               flex_u32 full_q, flex_u32 empty_q, int &k,
                                               flex_tile_info &t, int cwarp, int lane) {
     for (;; k++) {
-        const int qb = k & 1;
-        flex_mbar_wait(full_q + 8 * qb, (k >> 1) & 1);
+        const int qb = k % FLEX_Q_BUFS;
+        flex_mbar_wait(full_q + 8 * qb, (k / FLEX_Q_BUFS) & 1);
         t.b = tiles[qb].b, t.h = tiles[qb].h, t.q0 = tiles[qb].q0, t.nsteps = tiles[qb].nsteps;
         if (t.nsteps != 0) return t.nsteps > 0;
         if (lane == 0) flex_mbar_arrive(empty_q + 8 * qb);
@@ -401,8 +431,15 @@ static FLEX_DEVICE_INLINE bool flex_take_tile(const flex_fwd_params &p, const fl
  * consumer's setmaxnreg.inc waits until the producer's .dec has freed
  * enough, so a split above that total never returns (the kernel hangs). */
 #define FLEX_LAUNCH_REGS   ((65536 / (FLEX_THREADS + 128)) & ~7)
+#if FLEX_DV > 192
+/* O's 128 accumulators a thread: the consumers take 8 more, and the
+ * producer spills a few values of the walk (one thread, L1 hits). */
+#define FLEX_PRODUCER_REGS 40
+#define FLEX_CONSUMER_REGS 232
+#else
 #define FLEX_PRODUCER_REGS 56 /* the walk lives in the producer: 40 spills */
 #define FLEX_CONSUMER_REGS 224
+#endif
 static_assert(128 * FLEX_PRODUCER_REGS + FLEX_THREADS * FLEX_CONSUMER_REGS <=
                   (FLEX_THREADS + 128) * FLEX_LAUNCH_REGS,
               "setmaxnreg split exceeds the CTA's registers");
@@ -413,7 +450,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
     /* mbarriers: full Q 0, 1; empty Q 0, 1; full K 0, 1; full V 0, 1;
      * empty K 0, 1; empty V 0, 1. */
     __shared__ __align__(8) unsigned long long flex_bars[12];
-    __shared__ flex_tile_info flex_tiles[2];            /* per Q buffer */
+    __shared__ flex_tile_info flex_tiles[FLEX_Q_BUFS];  /* per Q buffer */
     __shared__ flex_step_info flex_steps[2];            /* per K stage */
 #if FLEX_TMA_CHAIN
     __shared__ flex_tile_info flex_done[2][FLEX_WARPS]; /* per consumer warp: its last two tiles */
@@ -421,12 +458,12 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
     const flex_u32 full_q = flex_smem_addr(&flex_bars[0]), empty_q = full_q + 16,
                    full_k = full_q + 32, full_v = full_q + 48, empty_k = full_q + 64,
                    empty_v = full_q + 80;
-    /* Two Q buffers (a tile's and the next one's), two K stages, two V
-     * stages, each 1024-byte aligned. */
+    /* FLEX_Q_BUFS Q buffers (a tile's and, with two, the next one's), two
+     * K stages, two V stages, each 1024-byte aligned. */
     constexpr flex_u32 Q_BUF = FLEX_BLOCK_M * FLEX_DQ * 2, K_STAGE = FLEX_BLOCK_N * FLEX_DQ * 2,
                        V_STAGE = FLEX_BLOCK_N * FLEX_DV * 2;
     const flex_u32 sQ = (flex_smem_addr(flex_smem) + 1023u) & ~1023u;
-    const flex_u32 sK = sQ + 2 * Q_BUF;
+    const flex_u32 sK = sQ + FLEX_Q_BUFS * Q_BUF;
     const flex_u32 sV = sK + 2 * K_STAGE;
 
     const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7;
@@ -456,8 +493,8 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
         int g = 0; /* kv steps issued so far, over every tile */
         for (int k = 0;; k++) {
             const bool have = flex_next_tile(p, cursor, tile);
-            const int qb = k & 1;
-            if (k >= 2) flex_mbar_wait(empty_q + 8 * qb, ((k >> 1) + 1) & 1);
+            const int qb = k % FLEX_Q_BUFS;
+            if (k >= FLEX_Q_BUFS) flex_mbar_wait(empty_q + 8 * qb, (k / FLEX_Q_BUFS + 1) & 1);
             volatile flex_tile_info *info = &flex_tiles[qb];
             info->b = tile.b, info->h = tile.h, info->q0 = tile.q0;
             info->nsteps = have ? tile.nsteps : -1;
@@ -496,7 +533,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
     const unsigned long long k_desc0 = flex_sw128_desc(sK, 16);
     const unsigned long long v_desc0 = flex_sw128_desc(sV, FLEX_BLOCK_N * 128);
 
-    float s[16][4];
+    float s[FLEX_SM90_NT][4];
     flex_u32 pa[FLEX_BLOCK_N / 16][4];
     if (c == 1) flex_named_arrive(1); /* consumer 0 goes first */
     flex_tile_info cur;               /* the tile whose S is computed */
@@ -529,9 +566,9 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
 
             flex_sm90_descs d;
             flex_sm90_make_descs(
-                d, flex_sw128_desc(sQ + (k & 1) * Q_BUF + c * 64 * 128, 16),
+                d, flex_sw128_desc(sQ + (k % FLEX_Q_BUFS) * Q_BUF + c * 64 * 128, 16),
                 k_desc0 + (unsigned long long)(((g & 1) * K_STAGE) >> 4),
-                fresh ? flex_sw128_desc(sQ + (k & 1) * Q_BUF, FLEX_BLOCK_N * 128)
+                fresh ? flex_sw128_desc(sQ + (k % FLEX_Q_BUFS) * Q_BUF, FLEX_BLOCK_N * 128)
                       : v_desc0 + (unsigned long long)(((((g - 1) & 1) * V_STAGE) >> 4)));
             flex_named_sync(1 + c);
             flex_sm90_issue(s, st.o[0], pa, d);
@@ -565,7 +602,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
             if (lane == 0) {
                 if (!fresh) flex_mbar_arrive(empty_v + 8 * ((g - 1) & 1));
                 /* the tile's last read of its Q buffer */
-                if (j == cur.nsteps - 1) flex_mbar_arrive(empty_q + 8 * (k & 1));
+                if (j == cur.nsteps - 1) flex_mbar_arrive(empty_q + 8 * (k % FLEX_Q_BUFS));
             }
             if (last) break;
             if (fresh || chained)
@@ -589,7 +626,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
 #else
     int g = 0; /* kv steps consumed so far, over every tile */
     for (int k = 0; flex_take_tile(p, flex_tiles, full_q, empty_q, k, cur, cwarp, lane); k++) {
-        const int qb = k & 1, nsteps = cur.nsteps;
+        const int qb = k % FLEX_Q_BUFS, nsteps = cur.nsteps;
         flex_warp_state st;
         flex_init_state(st);
         const int qrow0 = cur.q0 + cwarp * 16; /* this warp's 16 rows */

@@ -96,9 +96,13 @@ template <int N> static FLEX_DEVICE_INLINE void flex_pin(flex_u32 (&r)[N][4]) {
  * thread's A fragment (m16n8k16 layout) and b is read transposed (MN-major).
  * The _fresh form overwrites d and does not read it, so the registers that
  * held the previous step's probabilities are not inputs of the product.
+ * d may be a wider accumulator array of which the product takes the N / 8
+ * n-tiles from T0 on (columns 8 T0 onwards): named elements of the one
+ * array, so that it stays in registers (a cast to a narrower array made
+ * ptxas keep part of it in local memory).
  * FLEX_ACC*: the accumulator operands (C is the constraint: "+f"
  * accumulates, "=f" overwrites); FLEX_REGS*: the matching register lists. */
-#define FLEX_ACC4(C, i) C(d[i][0]), C(d[i][1]), C(d[i][2]), C(d[i][3])
+#define FLEX_ACC4(C, i) C(d[T0 + i][0]), C(d[T0 + i][1]), C(d[T0 + i][2]), C(d[T0 + i][3])
 #define FLEX_ACC32(C)                                                                              \
     FLEX_ACC4(C, 0), FLEX_ACC4(C, 1), FLEX_ACC4(C, 2), FLEX_ACC4(C, 3), FLEX_ACC4(C, 4),           \
         FLEX_ACC4(C, 5), FLEX_ACC4(C, 6), FLEX_ACC4(C, 7)
@@ -122,27 +126,35 @@ template <int N> static FLEX_DEVICE_INLINE void flex_pin(flex_u32 (&r)[N][4]) {
     "{\n.reg .pred p;\nsetp.ne.b32 p, %" #pred ", 0;\nwgmma.mma_async.sync.aligned.m64n" #n        \
     "k16.f32." FLEX_WGMMA_AB " "
 
-static FLEX_DEVICE_INLINE void flex_wgmma_ss_n128_fresh(float (&d)[16][4], unsigned long long a,
+template <int T0 = 0, int NT>
+static FLEX_DEVICE_INLINE void flex_wgmma_ss_n128_fresh(float (&d)[NT][4], unsigned long long a,
                                                         unsigned long long b) {
+    static_assert(T0 + 16 <= NT, "accumulator columns out of range");
     asm volatile(FLEX_WGMMA_HEAD(128, 66) FLEX_REGS64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
                  : FLEX_ACC64("=f")
                  : "l"(a), "l"(b), "r"(0));
 }
-static FLEX_DEVICE_INLINE void flex_wgmma_ss_n128(float (&d)[16][4], unsigned long long a,
+template <int T0 = 0, int NT>
+static FLEX_DEVICE_INLINE void flex_wgmma_ss_n128(float (&d)[NT][4], unsigned long long a,
                                                   unsigned long long b) {
+    static_assert(T0 + 16 <= NT, "accumulator columns out of range");
     asm volatile(FLEX_WGMMA_HEAD(128, 66) FLEX_REGS64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
                  : FLEX_ACC64("+f")
                  : "l"(a), "l"(b), "r"(1));
 }
-static FLEX_DEVICE_INLINE void flex_wgmma_rs_n128(float (&d)[16][4], const flex_u32 (&a)[4],
+template <int T0 = 0, int NT>
+static FLEX_DEVICE_INLINE void flex_wgmma_rs_n128(float (&d)[NT][4], const flex_u32 (&a)[4],
                                                   unsigned long long b) {
+    static_assert(T0 + 16 <= NT, "accumulator columns out of range");
     asm volatile(FLEX_WGMMA_HEAD(128, 69) FLEX_REGS64
                  ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
                  : FLEX_ACC64("+f")
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
 }
-static FLEX_DEVICE_INLINE void flex_wgmma_rs_n64(float (&d)[8][4], const flex_u32 (&a)[4],
+template <int T0 = 0, int NT>
+static FLEX_DEVICE_INLINE void flex_wgmma_rs_n64(float (&d)[NT][4], const flex_u32 (&a)[4],
                                                  unsigned long long b) {
+    static_assert(T0 + 8 <= NT, "accumulator columns out of range");
     asm volatile(FLEX_WGMMA_HEAD(64, 37) FLEX_REGS32 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
                  : FLEX_ACC32("+f")
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
@@ -150,16 +162,18 @@ static FLEX_DEVICE_INLINE void flex_wgmma_rs_n64(float (&d)[8][4], const flex_u3
 
 /* ss, m64n64k16 (the backward's 64-column products). TA, TB: 1 reads A or
  * B MN-major (transposed), 0 K-major. */
-template <int TA, int TB>
-static FLEX_DEVICE_INLINE void flex_wgmma_ss_n64_fresh(float (&d)[8][4], unsigned long long a,
+template <int TA, int TB, int T0 = 0, int NT>
+static FLEX_DEVICE_INLINE void flex_wgmma_ss_n64_fresh(float (&d)[NT][4], unsigned long long a,
                                                        unsigned long long b) {
+    static_assert(T0 + 8 <= NT, "accumulator columns out of range");
     asm volatile(FLEX_WGMMA_HEAD(64, 34) FLEX_REGS32 ", %32, %33, p, 1, 1, %35, %36;\n}\n"
                  : FLEX_ACC32("=f")
                  : "l"(a), "l"(b), "r"(0), "n"(TA), "n"(TB));
 }
-template <int TA, int TB>
-static FLEX_DEVICE_INLINE void flex_wgmma_ss_n64(float (&d)[8][4], unsigned long long a,
+template <int TA, int TB, int T0 = 0, int NT>
+static FLEX_DEVICE_INLINE void flex_wgmma_ss_n64(float (&d)[NT][4], unsigned long long a,
                                                  unsigned long long b) {
+    static_assert(T0 + 8 <= NT, "accumulator columns out of range");
     asm volatile(FLEX_WGMMA_HEAD(64, 34) FLEX_REGS32 ", %32, %33, p, 1, 1, %35, %36;\n}\n"
                  : FLEX_ACC32("+f")
                  : "l"(a), "l"(b), "r"(1), "n"(TA), "n"(TB));

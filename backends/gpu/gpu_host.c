@@ -699,7 +699,7 @@ void flex_gpu_row_tiles(int q_block, int kv_block, int wide, int max_warps, int 
 
 size_t flex_gpu_fwd_smem(const flex_cuda_fwd_config *cfg) {
     const size_t block_m = (size_t)cfg->warps * 16 * (size_t)cfg->mt;
-    return ((size_t)(cfg->tma ? 2 : 1) * block_m * (size_t)cfg->dq +
+    return ((size_t)(cfg->tma ? cfg->q_bufs : 1) * block_m * (size_t)cfg->dq +
             2u * (size_t)cfg->block_n * (size_t)(cfg->dq + cfg->dv)) *
                2 +
            (cfg->wgmma ? 1024u : 0u);
@@ -803,12 +803,12 @@ void flex_gpu_fwd_key(char *key, size_t cap, const flex_gpu_state *st,
                       const unsigned char *score_in_range) {
     /* The key names every field of the configuration: a new field that
      * changes the source belongs in it too, or two kernels share a key. */
-    _Static_assert(sizeof(flex_cuda_fwd_config) == 15 * sizeof(int),
+    _Static_assert(sizeof(flex_cuda_fwd_config) == 16 * sizeof(int),
                    "flex_cuda_fwd_config changed: update the forward kernel key");
     char sm90_fields[64] = "";
     if (sm90)
-        snprintf(sm90_fields, sizeof sm90_fields, "wg%d|tma%d|ch%d|", cfg->wgmma, cfg->tma,
-                 cfg->chain);
+        snprintf(sm90_fields, sizeof sm90_fields, "wg%d|tma%d|qb%d|ch%d|", cfg->wgmma, cfg->tma,
+                 cfg->q_bufs, cfg->chain);
     snprintf(key, cap,
              "fwd|%s|dq%d|dv%d|dx%d|w%d|mt%d|n%d|vec%d|%smb%d|pb%d|short%d|sp%d|mask=%016llx|"
              "score=%016llx|inr=%016llx.%016llx|%s|%s",

@@ -338,9 +338,9 @@ int flex_gpu_short_indices(int64_t B, int64_t H, int64_t Lq, int64_t Lkv, int64_
  * deterministic dQ kernel's. Pure. */
 void flex_gpu_row_tiles(int q_block, int kv_block, int wide, int max_warps, int *warps,
                         int *block_n);
-/* Shared memory of a 16-bit forward kernel for cfg: its Q tile (two for
- * the TMA kernel), two K/V stages, and 1 KB of alignment for the wgmma
- * kernels. Pure. */
+/* Shared memory of a 16-bit forward kernel for cfg: its Q tile (q_bufs of
+ * them for the TMA kernel), two K/V stages, and 1 KB of alignment for the
+ * wgmma kernels. Pure. */
 size_t flex_gpu_fwd_smem(const flex_cuda_fwd_config *cfg);
 /* Shrinks the mma.sync forward's tiles until flex_gpu_fwd_smem fits limit:
  * the kv step halved down to 16 keys, then the warps (query rows) halved.

@@ -28,6 +28,7 @@ static const key_info keys[FLEX_DEBUG_NUM_KEYS] = {
     [FLEX_DEBUG_CPU_TILES] = {"cpu_tiles", FORM_2_SIZES},
     [FLEX_DEBUG_CUDA_TILE] = {"cuda_tile", FORM_3_SIZES},
     [FLEX_DEBUG_CUDA_TMA] = {"cuda_tma", FORM_SWITCH},
+    [FLEX_DEBUG_CUDA_WGMMA_STEP] = {"cuda_wgmma_step", FORM_COUNT},
     [FLEX_DEBUG_CUDA_PERSISTENT] = {"cuda_persistent", FORM_SWITCH},
     [FLEX_DEBUG_CUDA_CHAIN] = {"cuda_chain", FORM_SWITCH},
     [FLEX_DEBUG_CUDA_CTAS] = {"cuda_ctas", FORM_COUNT},

@@ -256,6 +256,45 @@ START_TEST(test_buffers_copied_once_per_binding) {
 }
 END_TEST
 
+/* The forward's score-mod reads: proved over a tile of margin past the
+ * ends where that proves them all (no clamp); a buffer sized to the
+ * sequence is proved over the sequences only, with the clamp; a read
+ * proved neither way stays checked and asks for no clamp. */
+START_TEST(test_score_reads_in_range) {
+    static const struct {
+        const char *text;
+        int64_t size;            /* of the 1-D buffer */
+        int clamp, proved_reads; /* expected */
+    } cases[] = {
+        {"score + float(t[h])", 16, 0, 1},            /* heads only: the margin proves it */
+        {"score + float(t[q])", 400, 0, 1},           /* room for the margin */
+        {"score + float(t[q])", 100, 1, 1},           /* sized to Lq: clamped */
+        {"score + float(t[kv]) + float(t[h])", 100, 1, 2},
+        {"score + float(t[q + 1])", 100, 0, 0},       /* past the end at q = Lq - 1 */
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        flex_mod_desc desc = {FLEX_MOD_SCORE, cases[i].text, NULL, 0,
+                              (flex_buffer_decl[]){{"t", FLEX_I32, 1}}, 1};
+        flex_mod *mod = NULL;
+        ck_assert_int_eq(flex_mod_compile(NULL, &desc, &mod), FLEX_OK);
+        int32_t data[400] = {0};
+        flex_tensor t = flex_tensor_contiguous(data, FLEX_I32, 1, &cases[i].size,
+                                               FLEX_DEVICE_CPU);
+        ck_assert_int_eq(flex_mod_bind_buffer(NULL, mod, "t", &t), FLEX_OK);
+        int clamp = -1;
+        unsigned char *flags = flex_gpu_score_reads_in_range(NULL, mod, 2, 16, 100, 100, &clamp);
+        int proved = 0;
+        for (int n = 0; flags && n < mod->ir.num_nodes; n++)
+            proved += mod->ir.nodes[n].op == IR_LOAD && flags[n];
+        ck_assert_msg(clamp == cases[i].clamp && proved == cases[i].proved_reads,
+                      "%s (size %lld): clamp %d, %d reads proved", cases[i].text,
+                      (long long)cases[i].size, clamp, proved);
+        free(flags);
+        flex_mod_destroy(mod);
+    }
+}
+END_TEST
+
 /* The decode word of the bounds flag names the decode argument, and the
  * buffer slots' word is read beside it; both are cleared by the read. */
 START_TEST(test_decode_word_names_the_argument) {
@@ -1113,11 +1152,11 @@ START_TEST(test_kernel_keys) {
                               .partial_bits = 1, .q_bufs = 2};
     char key[512];
     flex_gpu_fwd_key(key, sizeof key, &st, &f, 1, NULL, NULL, NULL, NULL);
-    ck_assert_str_eq(key, "fwd|bf16|dq128|dv64|dx1|w4|mt2|n64|vec1|wg1|tma1|qb2|ch0|mb1|pb1|short1|sp1|"
+    ck_assert_str_eq(key, "fwd|bf16|dq128|dv64|dx1|w4|mt2|n64|vec1|wg1|tma1|qb2|ch0|mb1|pb1|short1|scl0|sp1|"
                           "mask=0000000000000000|score=0000000000000000|inr=0000000000000000."
                           "0000000000000000|fake1|fakecc1.2");
     flex_gpu_fwd_key(key, sizeof key, &st, &f, 0, NULL, NULL, NULL, NULL);
-    ck_assert_str_eq(key, "fwd|bf16|dq128|dv64|dx1|w4|mt2|n64|vec1|mb1|pb1|short1|sp1|"
+    ck_assert_str_eq(key, "fwd|bf16|dq128|dv64|dx1|w4|mt2|n64|vec1|mb1|pb1|short1|scl0|sp1|"
                           "mask=0000000000000000|score=0000000000000000|inr=0000000000000000."
                           "0000000000000000|fake1|fakecc1.2");
     flex_cuda_bwd_config b = {.dtype = FLEX_F16, .dq = 64, .dv = 128, .warps = 8, .block_m = 32,
@@ -1207,6 +1246,7 @@ int main(void) {
     tcase_add_checked_fixture(tc, setup, teardown);
     tcase_add_test(tc, test_module_list_and_errors);
     tcase_add_test(tc, test_buffers_copied_once_per_binding);
+    tcase_add_test(tc, test_score_reads_in_range);
     tcase_add_test(tc, test_mask_uploaded_once_heaviest_first);
     tcase_add_test(tc, test_backward_score_prepare);
     tcase_add_test(tc, test_backward_blob);

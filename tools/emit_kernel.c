@@ -5,14 +5,16 @@
  * -Xptxas -v, then cuobjdump -sass; scripts/kernel_sass.sh does both).
  * Not installed.
  *
- *   flexattn-emit [--forward] [--mask TEXT|PRESET] [--score TEXT|PRESET]
+ *   flexattn-emit [--forward [--in-range]] [--mask TEXT|PRESET] [--score TEXT|PRESET]
  *                 [--buf NAME:DTYPE:NDIM]... [--grads] [FIELD=VALUE]...
  *
  * --forward starts from the sm_90a forward's configuration (bf16, head
  * dims 128, two warpgroups of 64 rows, 128-key steps, the TMA producer,
  * rolled keep bits); its FIELD=VALUE set flex_cuda_fwd_config (dtype, dq,
  * dv, warps, mt, block_n, vec, scale_positive, wgmma, short_indices, tma,
- * mask_bits, chain, dv_exact, partial_bits, q_bufs).
+ * mask_bits, chain, dv_exact, partial_bits, q_bufs, score_clamp). --in-range
+ * reads every buffer of the mods unchecked, as the backend does where it
+ * proves the reads in range.
  *
  * The configuration starts as the sm_90a wgmma kernel's (bf16, head dims
  * 128, 8 warps, 64-row steps, every lever on); FIELD=VALUE sets a field of
@@ -126,7 +128,8 @@ static int set_fwd_field(flex_cuda_fwd_config *cfg, const char *arg) {
                                 {"chain", &cfg->chain},
                                 {"dv_exact", &cfg->dv_exact},
                                 {"partial_bits", &cfg->partial_bits},
-                                {"q_bufs", &cfg->q_bufs}};
+                                {"q_bufs", &cfg->q_bufs},
+                                {"score_clamp", &cfg->score_clamp}};
     return set_named(arg, &cfg->dtype, fields, sizeof fields / sizeof fields[0]);
 }
 
@@ -138,7 +141,7 @@ int main(int argc, char **argv) {
     const char *mask_arg = NULL, *score_arg = NULL;
     flex_buffer_decl bufs[MAX_BUFS];
     char buf_names[MAX_BUFS][64];
-    int nb = 0, grads = 0, forward = 0;
+    int nb = 0, grads = 0, forward = 0, in_range = 0;
     flex_cuda_fwd_config fwd = {.dtype = FLEX_BF16, .dq = 128, .dv = 128, .warps = 8, .mt = 1,
                                 .block_n = 128, .vec = 1, .scale_positive = 1, .wgmma = 1,
                                 .short_indices = 1, .tma = 1, .mask_bits = 1, .dv_exact = 1,
@@ -152,6 +155,8 @@ int main(int argc, char **argv) {
             score_arg = argv[++i];
         } else if (!strcmp(argv[i], "--grads")) {
             grads = 1;
+        } else if (!strcmp(argv[i], "--in-range")) {
+            in_range = 1;
         } else if (!strcmp(argv[i], "--buf") && i + 1 < argc && nb < MAX_BUFS) {
             char dt[16];
             int ndim;
@@ -164,7 +169,7 @@ int main(int argc, char **argv) {
             bufs[nb].ndim = ndim;
             nb++;
         } else if (forward ? set_fwd_field(&fwd, argv[i]) != 0 : set_field(&cfg, argv[i]) != 0) {
-            fprintf(stderr, "usage: %s [--forward] [--mask M] [--score S] "
+            fprintf(stderr, "usage: %s [--forward [--in-range]] [--mask M] [--score S] "
                             "[--buf NAME:DTYPE:NDIM]... [--grads] [FIELD=VALUE]...\n", argv[0]);
             return 2;
         }
@@ -174,7 +179,16 @@ int main(int argc, char **argv) {
     if (score_arg && parse_mod(FLEX_MOD_SCORE, score_arg, bufs, nb, &score) != 0) return 1;
     char *src = NULL;
     if (forward) {
-        src = flex_cuda_forward_source(&fwd, mask_arg ? &mask : NULL, score_arg ? &score : NULL);
+        /* --in-range: every read flagged as proved (flags on other nodes are unused) */
+        unsigned char *mask_flags = mask_arg && in_range ? malloc((size_t)mask.num_nodes) : NULL;
+        unsigned char *score_flags =
+            score_arg && in_range ? malloc((size_t)score.num_nodes) : NULL;
+        if (mask_flags) memset(mask_flags, 1, (size_t)mask.num_nodes);
+        if (score_flags) memset(score_flags, 1, (size_t)score.num_nodes);
+        src = flex_cuda_forward_source_in_range(&fwd, mask_arg ? &mask : NULL,
+                                                score_arg ? &score : NULL, mask_flags, score_flags);
+        free(mask_flags);
+        free(score_flags);
     } else if (!score_arg) {
         const flex_cuda_bwd_score none = {0};
         src = flex_cuda_backward_source(&cfg, mask_arg ? &mask : NULL, NULL, &none);

@@ -763,7 +763,8 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
     /* Buffer reads proved inside their buffers are compiled without checks:
      * the kernel key carries which (flex_gpu_in_range_checksum). */
     unsigned char *mask_in_range = flex_gpu_reads_in_range(ctx, mask_mod, B, Hq, Lq, Lkv, 0);
-    unsigned char *score_in_range = flex_gpu_reads_in_range(ctx, score_mod, B, Hq, Lq, Lkv, 256);
+    unsigned char *score_in_range =
+        flex_gpu_score_reads_in_range(ctx, score_mod, B, Hq, Lq, Lkv, &cfg.score_clamp);
 
     s = enter_call(ctx, st, (CUstream)a->stream);
     if (s) {

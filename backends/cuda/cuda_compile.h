@@ -38,6 +38,8 @@ typedef struct flex_cuda_fwd_config {
     int partial_bits;   /* partial blocks read bit masks (flex_partial_bits.cuh), not the mask mod */
     int q_bufs;         /* tma: Q tiles the producer keeps (2: the next tile's arrives during
                            this one; 1 where two do not fit beside the K/V stages) */
+    int score_clamp;    /* the score mod at the last row/column past the ends
+                           (flex_gpu_score_reads_in_range) */
 } flex_cuda_fwd_config;
 
 /*

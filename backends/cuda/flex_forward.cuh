@@ -102,10 +102,21 @@ static FLEX_DEVICE_INLINE int flex_score_kv(int kv0, int lane, int nt, int r) {
 /* The row (or column) the mask mod is evaluated at. With its buffer reads
  * proved in range (FLEX_MASK_READS_IN_RANGE: the proof covers q < Lq and
  * kv < Lkv), the scores of a tile past the end, whose results are
- * discarded, evaluate it at the last row and column instead. (Score mods
- * are proved over a tile of margin past the end and need no clamp.) */
+ * discarded, evaluate it at the last row and column instead. */
 static FLEX_DEVICE_INLINE int flex_mask_index(int i, int len) {
 #if FLEX_MASK_READS_IN_RANGE
+    return min(i, len - 1);
+#else
+    (void)len;
+    return i;
+#endif
+}
+
+/* The same for the score mod: its reads are proved over a tile of margin
+ * past the ends where that proves them all, and need no clamp then; else
+ * over the sequences (FLEX_SCORE_CLAMP, flex_gpu_score_reads_in_range). */
+static FLEX_DEVICE_INLINE int flex_score_index(int i, int len) {
+#if FLEX_SCORE_CLAMP
     return min(i, len - 1);
 #else
     (void)len;
@@ -232,7 +243,10 @@ flex_softmax_probs(const flex_fwd_params &p, float (&m)[2], float (&l)[2], float
 #endif
 #if FLEX_HAS_SCORE_MOD
             unsigned score_oob = 0;
-            x = flex_score_mod(__fmul_rn(x, p.scale), b, h, q, kv, p.bufs, score_oob) * FLEX_LOG2E;
+            /* (the plain path's scores are all inside the sequences) */
+            x = flex_score_mod(__fmul_rn(x, p.scale), b, h, MASKED ? flex_score_index(q, p.Lq) : q,
+                               MASKED ? flex_score_index(kv, p.Lkv) : kv, p.bufs, score_oob) *
+                FLEX_LOG2E;
             oob |= keep ? score_oob : 0u;
 #else
             if (!RAW) x *= p.scale_log2;
@@ -272,9 +286,9 @@ flex_softmax_probs_split(const flex_fwd_params &p, float (&m)[2], float (&l)[2],
 #pragma unroll
         for (int r = 0; r < 4; r++) {
             const int q = flex_score_q(qrow0, lane, r), kv = flex_score_kv(kv0, lane, nt, r);
-            s[nt][r] =
-                flex_score_mod(__fmul_rn(s[nt][r], p.scale), b, h, q, kv, p.bufs, score_oob) *
-                FLEX_LOG2E;
+            s[nt][r] = flex_score_mod(__fmul_rn(s[nt][r], p.scale), b, h, flex_score_index(q, p.Lq),
+                                      flex_score_index(kv, p.Lkv), p.bufs, score_oob) *
+                       FLEX_LOG2E;
         }
     if (partial || bounds) {
 #if FLEX_KEEP_WORDS
@@ -293,7 +307,9 @@ flex_softmax_probs_split(const flex_fwd_params &p, float (&m)[2], float (&l)[2],
 #else
                 const bool keep = flex_keep(p, b, h, q, kv, partial, bounds, oob);
 #endif
-                oob |= keep ? flex_score_oob(b, h, q, kv, p.bufs) : 0u;
+                oob |= keep ? flex_score_oob(b, h, flex_score_index(q, p.Lq),
+                                             flex_score_index(kv, p.Lkv), p.bufs)
+                            : 0u;
                 s[nt][r] = keep ? s[nt][r] : FLEX_NEG_INF;
             }
     } else {

@@ -601,6 +601,35 @@ unsigned char *flex_gpu_ir_reads_in_range(const flex_context *ctx, const struct 
     return flags;
 }
 
+/* Reads proved by flags (NULL: none). */
+static int proved_reads(const unsigned char *flags, const ir_mod *ir) {
+    int n = 0;
+    for (int i = 0; flags && i < ir->num_nodes; i++)
+        n += ir->nodes[i].op == IR_LOAD && flags[i];
+    return n;
+}
+
+unsigned char *flex_gpu_score_reads_in_range(const flex_context *ctx,
+                                             const struct flex_mod *mod, int64_t B, int64_t H,
+                                             int64_t Lq, int64_t Lkv, int *clamp) {
+    *clamp = 0;
+    unsigned char *margin = flex_gpu_reads_in_range(ctx, mod, B, H, Lq, Lkv, 256);
+    if (!mod) return margin;
+    int reads = 0;
+    for (int i = 0; i < mod->ir.num_nodes; i++)
+        reads += mod->ir.nodes[i].op == IR_LOAD;
+    const int by_margin = proved_reads(margin, &mod->ir);
+    if (by_margin == reads) return margin;
+    unsigned char *inside = flex_gpu_reads_in_range(ctx, mod, B, H, Lq, Lkv, 0);
+    if (proved_reads(inside, &mod->ir) > by_margin) {
+        free(margin);
+        *clamp = 1;
+        return inside;
+    }
+    free(inside);
+    return margin;
+}
+
 uint64_t flex_gpu_in_range_checksum(const unsigned char *flags, const ir_mod *ir) {
     return flags ? flex_cache_checksum(flags, (size_t)ir->num_nodes) : 0;
 }
@@ -803,18 +832,18 @@ void flex_gpu_fwd_key(char *key, size_t cap, const flex_gpu_state *st,
                       const unsigned char *score_in_range) {
     /* The key names every field of the configuration: a new field that
      * changes the source belongs in it too, or two kernels share a key. */
-    _Static_assert(sizeof(flex_cuda_fwd_config) == 16 * sizeof(int),
+    _Static_assert(sizeof(flex_cuda_fwd_config) == 17 * sizeof(int),
                    "flex_cuda_fwd_config changed: update the forward kernel key");
     char sm90_fields[64] = "";
     if (sm90)
         snprintf(sm90_fields, sizeof sm90_fields, "wg%d|tma%d|qb%d|ch%d|", cfg->wgmma, cfg->tma,
                  cfg->q_bufs, cfg->chain);
     snprintf(key, cap,
-             "fwd|%s|dq%d|dv%d|dx%d|w%d|mt%d|n%d|vec%d|%smb%d|pb%d|short%d|sp%d|mask=%016llx|"
+             "fwd|%s|dq%d|dv%d|dx%d|w%d|mt%d|n%d|vec%d|%smb%d|pb%d|short%d|scl%d|sp%d|mask=%016llx|"
              "score=%016llx|inr=%016llx.%016llx|%s|%s",
              flex_dtype_name(cfg->dtype), cfg->dq, cfg->dv, cfg->dv_exact, cfg->warps, cfg->mt,
              cfg->block_n, cfg->vec, sm90_fields, cfg->mask_bits, cfg->partial_bits,
-             cfg->short_indices,
+             cfg->short_indices, cfg->score_clamp,
              cfg->scale_positive, (unsigned long long)mod_hash(mask_mod),
              (unsigned long long)mod_hash(score_mod),
              (unsigned long long)flex_gpu_in_range_checksum(mask_in_range,

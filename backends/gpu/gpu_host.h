@@ -290,6 +290,17 @@ unsigned char *flex_gpu_ir_reads_in_range(const flex_context *ctx, const struct 
 unsigned char *flex_gpu_reads_in_range(const flex_context *ctx, const struct flex_mod *mod,
                                        int64_t B, int64_t H, int64_t Lq, int64_t Lkv,
                                        int64_t margin);
+/* The forward's score-mod reads proved in range: the 16-bit kernels
+ * evaluate the score mod up to a tile past the ends (and discard those
+ * scores), so reads are proved over a margin of 256 where that proves
+ * them all; otherwise over the sequences alone, where that proves more,
+ * with *clamp set: the kernel then evaluates the mod at the last row and
+ * column for positions past the ends (FLEX_SCORE_CLAMP). A buffer indexed
+ * by q or kv and sized to the sequence (document ids, a [B][Lq][Lkv]
+ * table) is proved only that way. Flags as flex_gpu_reads_in_range's. */
+unsigned char *flex_gpu_score_reads_in_range(const flex_context *ctx,
+                                             const struct flex_mod *mod, int64_t B, int64_t H,
+                                             int64_t Lq, int64_t Lkv, int *clamp);
 /* Checksum of a mod's in-range flags for the kernel key (0: none). */
 uint64_t flex_gpu_in_range_checksum(const unsigned char *flags, const ir_mod *ir);
 /* Whether any node of m reads buffer `buffer`. */

@@ -294,7 +294,8 @@ static flex_status hip_forward(flex_context *ctx, const flex_forward_args *a) {
                            score_mod ? &score_mod->ir : NULL, &slots);
     if (s) return s;
     unsigned char *mask_in_range = flex_gpu_reads_in_range(ctx, mask_mod, B, Hq, Lq, Lkv, 0);
-    unsigned char *score_in_range = flex_gpu_reads_in_range(ctx, score_mod, B, Hq, Lq, Lkv, 256);
+    unsigned char *score_in_range =
+        flex_gpu_score_reads_in_range(ctx, score_mod, B, Hq, Lq, Lkv, &cfg.score_clamp);
 
     pthread_mutex_lock(&st->gpu.lock);
     s = flex_gpu_enter(ctx, &st->gpu);

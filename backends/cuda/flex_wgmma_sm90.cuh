@@ -97,9 +97,9 @@ template <int N> static FLEX_DEVICE_INLINE void flex_pin(flex_u32 (&r)[N][4]) {
  * The _fresh form overwrites d and does not read it, so the registers that
  * held the previous step's probabilities are not inputs of the product.
  * d may be a wider accumulator array of which the product takes the N / 8
- * n-tiles from T0 on (columns 8 T0 onwards): named elements of the one
- * array, so that it stays in registers (a cast to a narrower array made
- * ptxas keep part of it in local memory).
+ * n-tiles from T0 on (columns 8 T0 onwards): elements of the one array
+ * named in the operand list, with no cast of a slice to a narrower array
+ * type, which would take the array's address.
  * FLEX_ACC*: the accumulator operands (C is the constraint: "+f"
  * accumulates, "=f" overwrites); FLEX_REGS*: the matching register lists. */
 #define FLEX_ACC4(C, i) C(d[T0 + i][0]), C(d[T0 + i][1]), C(d[T0 + i][2]), C(d[T0 + i][3])

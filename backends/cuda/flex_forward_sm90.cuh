@@ -122,8 +122,8 @@ static FLEX_DEVICE_INLINE void flex_sm90_issue(float (&s)[FLEX_SM90_NT][4],
     flex_wgmma_commit();
 }
 
-/* Mods, mask and online softmax of a warpgroup's 64 x FLEX_BLOCK_N scores of the
- * step at kv0, packed as the A fragments of the next P V: the plain path
+/* Mods, mask and online softmax of a warpgroup's 64 x FLEX_BLOCK_N scores
+ * of the step at kv0, packed as the A fragments of the next P V: the plain path
  * for blocks without mask or bounds, the masked one otherwise; with a score
  * mod whose reads do not depend on the score, one copy of the score mod
  * serves both (flex_softmax_probs_split). bits_at: a partial step's bit
@@ -134,15 +134,15 @@ flex_sm90_probs(const flex_fwd_params &p, flex_warp_state &st, float (&s)[FLEX_S
                 int kv0, bool partial, bool q_bounds, int bits_at, int lane, unsigned &oob) {
     const bool bounds = q_bounds || kv0 + FLEX_BLOCK_N > p.Lkv;
 #if FLEX_HAS_SCORE_MOD && !FLEX_SCORE_INDEX_USES_SCORE
-    flex_softmax_probs_split<FLEX_SM90_NT>(p, st.m[0], st.l[0], s, alphas, b, h, qrow0, kv0, partial, bounds,
-                                 bits_at, lane, oob);
+    flex_softmax_probs_split<FLEX_SM90_NT>(p, st.m[0], st.l[0], s, alphas, b, h, qrow0, kv0,
+                                           partial, bounds, bits_at, lane, oob);
 #else
     if (partial || bounds)
-        flex_softmax_probs<true, FLEX_SM90_NT>(p, st.m[0], st.l[0], s, alphas, b, h, qrow0, kv0, partial,
-                                     bounds, bits_at, lane, oob);
+        flex_softmax_probs<true, FLEX_SM90_NT>(p, st.m[0], st.l[0], s, alphas, b, h, qrow0, kv0,
+                                               partial, bounds, bits_at, lane, oob);
     else
-        flex_softmax_probs<false, FLEX_SM90_NT>(p, st.m[0], st.l[0], s, alphas, b, h, qrow0, kv0, false,
-                                      false, 0, lane, oob);
+        flex_softmax_probs<false, FLEX_SM90_NT>(p, st.m[0], st.l[0], s, alphas, b, h, qrow0, kv0,
+                                                false, false, 0, lane, oob);
 #endif
     flex_pack_probs<FLEX_SM90_NT>(s, pa);
 }

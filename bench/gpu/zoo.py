@@ -23,6 +23,15 @@ GPU run (writes bench/results/zoo-<device>.md and .jsonl):
     max|flexattn - cpu| <= max(2 * max|torch - cpu|, floor); torch's own
     error must stay under 8 floors (else the two sides do not compute the
     same mod). A failed check exits non-zero and writes nothing.
+  - every row is also appended, as it is measured, to PREFIX.partial.jsonl
+    (removed once the results are written, or when a check fails), so that a
+    run stopped by a time limit leaves its checked rows behind.
+
+Combining runs (one per shape, say, each within a time limit) into one result:
+    python3 bench/gpu/zoo.py --combine a.jsonl,b.partial.jsonl --out PREFIX
+  the rows of every file in order (one device and one commit; a row of a
+  later file replaces an earlier one of the same shape and mod), written as
+  a GPU run writes them.
 
 CPU dry run (no GPU, no timing, writes nothing):
     python3 bench/gpu/zoo.py --cpu-dry-run
@@ -575,6 +584,8 @@ def gpu_run(args):
                             triton=_triton_version(), recompile_limit=RECOMPILE_LIMIT)
     flex = compiled_flex_attention()
     commit = _commit()
+    partial_path = prefix + ".partial.jsonl"
+    partial = open(partial_path, "w")
     mods = args.mods.split(",") if args.mods else list(ZOO)
     shapes = args.shapes.split(",") if args.shapes else list(SHAPES)
     rows = []
@@ -622,6 +633,8 @@ def gpu_run(args):
                   f"{e_torch:.3g} (floor {floor:g}) {'ok' if ok else 'FAILED'}", flush=True)
             if not ok:
                 print("a check failed: no results written")
+                partial.close()
+                os.remove(partial_path)
                 return 1
             for _ in range(args.warmup):
                 run_torch(), run_ours()
@@ -645,10 +658,40 @@ def gpu_run(args):
                        torch_tflops=flops / t_ms / 1e9, check_err=e_ours, torch_check_err=e_torch,
                        rounds=args.rounds, torch_compile=compile_settings)
             rows.append(row)
+            partial.write(json.dumps(row) + "\n")
+            partial.flush()
             print(f"{shape_name:10s} {name:24s} flexattn {fa_ms:8.3f} ms  torch {t_ms:8.3f} ms  "
                   f"{row['speedup']:.2f}x", flush=True)
             del theirs, ours
     write_results(prefix, rows, compile_settings, device_name, commit, args.rounds)
+    partial.close()
+    os.remove(partial_path)
+    return 0
+
+
+def combine(paths, prefix):
+    """The rows of several runs' .jsonl (or .partial.jsonl) files as one
+    result, written by write_results; 1 with a message when they come from
+    different devices or commits or hold no row."""
+    rows = {}
+    for path in paths:
+        for line in open(path):
+            r = json.loads(line)
+            rows[(r["shape"], r["mod"])] = r
+    rows = list(rows.values())
+    if not rows:
+        print("no rows to combine")
+        return 1
+    for key in ("device", "commit"):
+        values = sorted({r[key] for r in rows})
+        if len(values) > 1:
+            print(f"rows of different {key}s ({', '.join(values)}): not combined")
+            return 1
+    order = list(SHAPES)
+    rows.sort(key=lambda r: order.index(r["shape"]) if r["shape"] in order else len(order))
+    rounds = sorted({r["rounds"] for r in rows})
+    write_results(prefix, rows, rows[0]["torch_compile"], rows[0]["device"], rows[0]["commit"],
+                  "/".join(str(n) for n in rounds))
     return 0
 
 
@@ -670,8 +713,13 @@ def write_results(prefix, rows, settings, device_name, commit, rounds):
                 "| shape | mod | flexattn ms | torch ms | speedup | flexattn TFLOP/s |\n"
                 "| --- | --- | ---: | ---: | ---: | ---: |\n")
         for r in rows:
-            f.write(f"| {r['shape']} | {r['mod']} | {r['flexattn_ms']:.3f} | "
+            star = "*" if r.get("torch_kernel_options") else ""
+            f.write(f"| {r['shape']} | {r['mod']}{star} | {r['flexattn_ms']:.3f} | "
                     f"{r['torch_ms']:.3f} | {r['speedup']:.2f} | {r['flexattn_tflops']:.0f} |\n")
+        small = [r for r in rows if r.get("torch_kernel_options")]
+        if small:
+            f.write(f"\n*: torch's default tiles did not fit; timed with kernel_options="
+                    f"{small[0]['torch_kernel_options']}.\n")
     print(f"wrote {prefix}.md and {prefix}.jsonl")
 
 
@@ -684,7 +732,14 @@ def main():
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--out", default=None, help="result path prefix (default "
                     "bench/results/zoo-<device>)")
+    ap.add_argument("--combine", default=None,
+                    help="comma-separated .jsonl files of earlier runs to write as one result")
     args = ap.parse_args()
+    if args.combine:
+        if not args.out:
+            print("--combine needs --out")
+            return 2
+        return combine(args.combine.split(","), args.out)
     if args.cpu_dry_run:
         return cpu_dry_run(args.mods.split(",") if args.mods else list(ZOO))
     if not torch.cuda.is_available():

@@ -1025,6 +1025,78 @@ START_TEST(test_row_tiles) {
 }
 END_TEST
 
+/* The CUDA forward's kernel and tiles: the wgmma kernel on sm_90a for
+ * aligned rows and 128-row query blocks, 128-key steps up to head dim 128
+ * where the kv blocks allow, 64-key steps above and for kv blocks of 64;
+ * the mma.sync kernel otherwise; the debug overrides; and how many Q tiles
+ * the TMA kernel keeps. */
+START_TEST(test_forward_tiles) {
+    static const struct {
+        int dq, dv, vec, q_block, kv_block, hopper;
+        int wgmma, warps, mt, block_n; /* expected */
+    } cases[] = {
+        {128, 128, 1, 128, 128, 1, 1, 8, 1, 128},
+        {64, 64, 1, 128, 128, 1, 1, 8, 1, 128},
+        {256, 256, 1, 128, 128, 1, 1, 8, 1, 64},
+        {192, 256, 1, 256, 128, 1, 1, 8, 1, 64},
+        {256, 64, 1, 128, 128, 1, 1, 8, 1, 64},
+        {128, 128, 1, 128, 64, 1, 1, 8, 1, 64},  /* kv blocks of 64 */
+        {128, 128, 1, 64, 64, 1, 0, 4, 1, 64},   /* query blocks of 64 */
+        {128, 128, 0, 128, 128, 1, 0, 4, 2, 64}, /* unaligned rows */
+        {128, 128, 1, 128, 128, 0, 0, 4, 2, 64}, /* before Hopper */
+        {256, 256, 1, 128, 128, 0, 0, 4, 1, 32},
+        {128, 128, 1, 128, 32, 1, 0, 8, 1, 32},  /* kv blocks of 32 */
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        flex_cuda_fwd_config c = {.dtype = FLEX_BF16, .dq = cases[i].dq, .dv = cases[i].dv,
+                                  .vec = cases[i].vec};
+        flex_gpu_fwd_tiles(NULL, &c, cases[i].q_block, cases[i].kv_block, cases[i].hopper);
+        ck_assert_msg(c.wgmma == cases[i].wgmma && c.warps == cases[i].warps &&
+                          c.mt == cases[i].mt && c.block_n == cases[i].block_n,
+                      "case %zu: wgmma %d, %dx%dx%d", i, c.wgmma, c.warps, c.mt, c.block_n);
+    }
+    /* Q tiles of the TMA kernel within an sm_90 CTA's 232,448 bytes */
+    flex_cuda_fwd_config c = {.dtype = FLEX_BF16, .dq = 128, .dv = 128, .vec = 1};
+    flex_gpu_fwd_tiles(NULL, &c, 128, 128, 1);
+    flex_gpu_fwd_q_bufs(&c, 232448);
+    ck_assert_int_eq(c.q_bufs, 0); /* no TMA */
+    c.tma = 1;
+    flex_gpu_fwd_q_bufs(&c, 232448);
+    ck_assert_int_eq(c.q_bufs, 2);
+    c = (flex_cuda_fwd_config){.dtype = FLEX_BF16, .dq = 256, .dv = 128, .vec = 1, .tma = 1};
+    flex_gpu_fwd_tiles(NULL, &c, 128, 128, 1);
+    flex_gpu_fwd_q_bufs(&c, 232448);
+    ck_assert_int_eq(c.q_bufs, 2); /* 230,400 bytes */
+    c = (flex_cuda_fwd_config){.dtype = FLEX_BF16, .dq = 256, .dv = 256, .vec = 1, .tma = 1};
+    flex_gpu_fwd_tiles(NULL, &c, 128, 128, 1);
+    flex_gpu_fwd_q_bufs(&c, 232448);
+    ck_assert_int_eq(c.q_bufs, 1);
+    ck_assert_uint_le(flex_gpu_fwd_smem(&c), 232448);
+    /* FLEXATTN_DEBUG: cuda_wgmma_step=64, and cuda_tile, which must divide the blocks */
+    static const struct {
+        const char *debug;
+        int wgmma, warps, mt, block_n;
+    } overrides[] = {
+        {"cuda_wgmma_step=64", 1, 8, 1, 64},
+        {"cuda_tile=4x1x32", 0, 4, 1, 32},
+        {"cuda_tile=4x1x48", 1, 8, 1, 128}, /* 48 does not divide 128: ignored */
+    };
+    for (size_t i = 0; i < sizeof overrides / sizeof overrides[0]; i++) {
+        setenv("FLEXATTN_DEBUG", overrides[i].debug, 1);
+        flex_context *cpu = NULL;
+        ck_assert_int_eq(flex_context_create("cpu", &cpu), FLEX_OK);
+        unsetenv("FLEXATTN_DEBUG");
+        c = (flex_cuda_fwd_config){.dtype = FLEX_BF16, .dq = 128, .dv = 128, .vec = 1};
+        flex_gpu_fwd_tiles(cpu, &c, 128, 128, 1);
+        ck_assert_msg(c.wgmma == overrides[i].wgmma && c.warps == overrides[i].warps &&
+                          c.mt == overrides[i].mt && c.block_n == overrides[i].block_n,
+                      "%s: wgmma %d, %dx%dx%d", overrides[i].debug, c.wgmma, c.warps, c.mt,
+                      c.block_n);
+        flex_context_destroy(cpu);
+    }
+}
+END_TEST
+
 /* The forward's shared memory, and its tiles shrunk to 64 KB of LDS (the
  * HIP backend's): head dim 128 keeps 4 warps with 32-key steps, 256 takes
  * 16-key steps; what fits is left alone; the CUDA kernels' sizes. */
@@ -1248,6 +1320,7 @@ int main(void) {
     tcase_add_test(tc, test_module_list_and_errors);
     tcase_add_test(tc, test_buffers_copied_once_per_binding);
     tcase_add_test(tc, test_score_reads_in_range);
+    tcase_add_test(tc, test_forward_tiles);
     tcase_add_test(tc, test_mask_uploaded_once_heaviest_first);
     tcase_add_test(tc, test_backward_score_prepare);
     tcase_add_test(tc, test_backward_blob);

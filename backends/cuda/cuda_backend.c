@@ -363,54 +363,6 @@ static flex_status launch_blob(flex_context *ctx, cuda_state *st, CUfunction fn,
 /* The head of the forward's parameter block (flex_gpu_params.h). */
 typedef flex_gpu_fwd_params cuda_fwd_params;
 
-/* Kernel and tile choice for 16-bit inputs, from the mask's block sizes, the
- * head dims and the GPU. On sm_90 the wgmma kernel (flex_forward_sm90.cuh)
- * takes every case it covers: 16-byte aligned rows, query blocks that are
- * multiples of 128, and kv blocks that are multiples of 64. Its steps are
- * 128 keys for head dims up to 128 where the kv blocks allow, else 64 (at
- * head dims over 128, O's accumulators of up to 256 columns and 128 scores
- * a row would not fit a consumer's registers). Everything else, and every
- * GPU before Hopper, runs the mma.sync kernel. FLEXATTN_DEBUG=cuda_tile=WARPSxMTxBLOCK_N
- * selects the mma.sync kernel with those tiles (for tuning and comparison;
- * they must divide the mask's blocks). */
-static void choose_tiles(const flex_context *ctx, flex_cuda_fwd_config *cfg, int q_block,
-                         int kv_block, int hopper) {
-    const int wide = cfg->dq > 128 || cfg->dv > 128;
-    cfg->wgmma = 0;
-    /* cuda_wgmma_step=64 takes 64-key steps at any head dim (comparison) */
-    const int wgmma_step =
-        wide || kv_block % 128 || env_int(ctx, FLEX_DEBUG_CUDA_WGMMA_STEP, 128, 64, 128) < 128
-            ? 64
-            : 128;
-    if (hopper && cfg->vec && q_block % 128 == 0 && kv_block % wgmma_step == 0) {
-        /* Two warpgroups x 64 rows. */
-        cfg->wgmma = 1;
-        cfg->warps = 8;
-        cfg->mt = 1;
-        cfg->block_n = wgmma_step;
-    } else if (!wide && q_block >= 128 && kv_block >= 64) {
-        /* 4 warps x 32 rows: each K/V fragment feeds two m-tiles, and two
-         * CTAs fit on an SM (96 KB of shared memory each). */
-        cfg->warps = 4;
-        cfg->mt = 2;
-        cfg->block_n = 64;
-    } else {
-        /* One m-tile per warp, up to 8 warps (4 for wide heads). */
-        cfg->mt = 1;
-        flex_gpu_row_tiles(q_block, kv_block, wide, wide ? 4 : 8, &cfg->warps, &cfg->block_n);
-    }
-    const char *env = flex_debug_string(ctx, FLEX_DEBUG_CUDA_TILE);
-    int w, mt, bn;
-    if (env && sscanf(env, "%dx%dx%d", &w, &mt, &bn) == 3 && w > 0 && mt > 0 && bn >= 16 &&
-        w * 16 * mt <= q_block && q_block % (w * 16 * mt) == 0 && kv_block % bn == 0 &&
-        bn % 16 == 0) {
-        cfg->wgmma = 0;
-        cfg->warps = w;
-        cfg->mt = mt;
-        cfg->block_n = bn;
-    }
-}
-
 /* TMA boxes need strides that are positive and grow from the sequence to
  * the head to the batch dimension (a size-1 dimension's stride is free);
  * the 16-byte rows and strides it also needs come with the wgmma kernel. */
@@ -725,7 +677,7 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
     const int q_block = mask ? mask->q_block : 128, kv_block = mask ? mask->kv_block : 128;
     /* wgmma is in the "a" target of sm_90 that flex_cuda_arch_name picks. */
     if (q->dtype != FLEX_F32)
-        choose_tiles(ctx, &cfg, q_block, kv_block, strcmp(st->gpu.arch, "sm_90a") == 0);
+        flex_gpu_fwd_tiles(ctx, &cfg, q_block, kv_block, strcmp(st->gpu.arch, "sm_90a") == 0);
     const int block_m = cfg.warps * 16 * cfg.mt;
     /* Masked blocks take their keep bits from a rolled loop
      * (cuda_mask_bits=0: the mask mod unrolled per score, for
@@ -746,8 +698,7 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
     /* Q (two buffers for the TMA kernel, a tile's and the next one's, where
      * they fit: not at head dims 256/256), two K/V stages; the wgmma
      * kernels align their tiles to 1 KB themselves. */
-    cfg.q_bufs = cfg.tma ? 2 : 0;
-    if (cfg.tma && (int64_t)flex_gpu_fwd_smem(&cfg) > st->smem_optin) cfg.q_bufs = 1;
+    flex_gpu_fwd_q_bufs(&cfg, (size_t)st->smem_optin);
     const size_t smem = q->dtype == FLEX_F32 ? 0 : flex_gpu_fwd_smem(&cfg);
     if ((int64_t)smem > st->smem_optin)
         return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,

@@ -726,6 +726,49 @@ void flex_gpu_row_tiles(int q_block, int kv_block, int wide, int max_warps, int 
     *block_n = kv_block < max_n ? kv_block : max_n;
 }
 
+void flex_gpu_fwd_tiles(const flex_context *ctx, flex_cuda_fwd_config *cfg, int q_block,
+                        int kv_block, int hopper) {
+    const int wide = cfg->dq > 128 || cfg->dv > 128;
+    cfg->wgmma = 0;
+    /* cuda_wgmma_step=64 takes 64-key steps at any head dim (comparison) */
+    const int wgmma_step =
+        wide || kv_block % 128 || flex_gpu_env_int(ctx, FLEX_DEBUG_CUDA_WGMMA_STEP, 128, 64, 128) < 128
+            ? 64
+            : 128;
+    if (hopper && cfg->vec && q_block % 128 == 0 && kv_block % wgmma_step == 0) {
+        /* Two warpgroups x 64 rows. */
+        cfg->wgmma = 1;
+        cfg->warps = 8;
+        cfg->mt = 1;
+        cfg->block_n = wgmma_step;
+    } else if (!wide && q_block >= 128 && kv_block >= 64) {
+        /* 4 warps x 32 rows: each K/V fragment feeds two m-tiles, and two
+         * CTAs fit on an SM (96 KB of shared memory each). */
+        cfg->warps = 4;
+        cfg->mt = 2;
+        cfg->block_n = 64;
+    } else {
+        /* One m-tile per warp, up to 8 warps (4 for wide heads). */
+        cfg->mt = 1;
+        flex_gpu_row_tiles(q_block, kv_block, wide, wide ? 4 : 8, &cfg->warps, &cfg->block_n);
+    }
+    const char *env = flex_debug_string(ctx, FLEX_DEBUG_CUDA_TILE);
+    int w, mt, bn;
+    if (env && sscanf(env, "%dx%dx%d", &w, &mt, &bn) == 3 && w > 0 && mt > 0 && bn >= 16 &&
+        w * 16 * mt <= q_block && q_block % (w * 16 * mt) == 0 && kv_block % bn == 0 &&
+        bn % 16 == 0) {
+        cfg->wgmma = 0;
+        cfg->warps = w;
+        cfg->mt = mt;
+        cfg->block_n = bn;
+    }
+}
+
+void flex_gpu_fwd_q_bufs(flex_cuda_fwd_config *cfg, size_t limit) {
+    cfg->q_bufs = cfg->tma ? 2 : 0;
+    if (cfg->tma && flex_gpu_fwd_smem(cfg) > limit) cfg->q_bufs = 1;
+}
+
 size_t flex_gpu_fwd_smem(const flex_cuda_fwd_config *cfg) {
     const size_t block_m = (size_t)cfg->warps * 16 * (size_t)cfg->mt;
     return ((size_t)(cfg->tma ? cfg->q_bufs : 1) * block_m * (size_t)cfg->dq +

@@ -349,6 +349,24 @@ int flex_gpu_short_indices(int64_t B, int64_t H, int64_t Lq, int64_t Lkv, int64_
  * deterministic dQ kernel's. Pure. */
 void flex_gpu_row_tiles(int q_block, int kv_block, int wide, int max_warps, int *warps,
                         int *block_n);
+/* The CUDA forward's kernel and tiles for 16-bit inputs (cfg's dq, dv and
+ * vec set), from the mask's block sizes and whether the GPU is sm_90a
+ * (hopper). There the wgmma kernel (flex_forward_sm90.cuh) takes every
+ * case it covers: 16-byte aligned rows, query blocks that are multiples of
+ * 128, and kv blocks that are multiples of 64. Its steps are 128 keys for
+ * head dims up to 128 where the kv blocks allow, else 64 (at head dims
+ * over 128, O's accumulators of up to 256 columns and 128 scores a row
+ * would not fit a consumer's registers). Everything else, and every GPU
+ * before Hopper, runs the mma.sync kernel. FLEXATTN_DEBUG=
+ * cuda_tile=WARPSxMTxBLOCK_N selects the mma.sync kernel with those tiles
+ * (for tuning and comparison; they must divide the mask's blocks), and
+ * cuda_wgmma_step=64 the wgmma kernel in 64-key steps at any head dim.
+ * Pure but for ctx's debug settings (ctx may be NULL: none). */
+void flex_gpu_fwd_tiles(const flex_context *ctx, flex_cuda_fwd_config *cfg, int q_block,
+                        int kv_block, int hopper);
+/* The Q tiles the TMA kernel keeps (cfg->q_bufs): two where the kernel's
+ * shared memory fits limit with two, else one; 0 without TMA. Pure. */
+void flex_gpu_fwd_q_bufs(flex_cuda_fwd_config *cfg, size_t limit);
 /* Shared memory of a 16-bit forward kernel for cfg: its Q tile (q_bufs of
  * them for the TMA kernel), two K/V stages, and 1 KB of alignment for the
  * wgmma kernels. Pure. */

@@ -130,9 +130,6 @@ static const struct {
      "sm_90a"},
     {WGMMA_CONFIG(.dtype = FLEX_F16, .dq = 64, .dv = 64, .tma = 1, .chain = 1, .mask_bits = 1),
      "sm_90a"},
-    {WGMMA_CONFIG(.dtype = FLEX_BF16, .dq = 128, .dv = 128, .scale_positive = 1, .tma = 1,
-                  .chain = 1, .mask_bits = 1, .short_indices = 1, .dv_exact = 1),
-     "sm_90a"},
     /* head dims over 128: 64-key steps; 256/256 keeps one Q tile */
     {WGMMA_WIDE_CONFIG(.dtype = FLEX_BF16, .dq = 256, .dv = 256, .scale_positive = 1, .tma = 1,
                        .q_bufs = 1, .mask_bits = 1, .short_indices = 1, .dv_exact = 1),
@@ -142,6 +139,10 @@ static const struct {
      "sm_90a"},
     {WGMMA_WIDE_CONFIG(.dtype = FLEX_BF16, .dq = 256, .dv = 64, .scale_positive = 1,
                        .mask_bits = 1),
+     "sm_90a"},
+    /* last: the chained TMA kernel (the unchecked-reads cases below take it) */
+    {WGMMA_CONFIG(.dtype = FLEX_BF16, .dq = 128, .dv = 128, .scale_positive = 1, .tma = 1,
+                  .chain = 1, .mask_bits = 1, .short_indices = 1, .dv_exact = 1),
      "sm_90a"},
 };
 
@@ -687,6 +688,18 @@ START_TEST(test_nvrtc_compiles_presets_and_seeds) {
             add_case(p->name, is_mask ? &m : NULL, is_mask ? NULL : &m, &full_configs[0].cfg,
                      "sm_80", 0);
             cases[num_cases - 1].in_range = 1;
+            /* the score mod at the last row and column past the ends
+             * (FLEX_SCORE_CLAMP), in the TMA kernel and the mma.sync one */
+            if (!is_mask) {
+                flex_cuda_fwd_config clamped = full_configs[last].cfg;
+                clamped.score_clamp = 1;
+                add_case(p->name, NULL, &m, &clamped, "sm_90a", 0);
+                cases[num_cases - 1].in_range = 1;
+                clamped = full_configs[0].cfg;
+                clamped.score_clamp = 1;
+                add_case(p->name, NULL, &m, &clamped, "sm_80", 0);
+                cases[num_cases - 1].in_range = 1;
+            }
         }
         ir_free(&m);
     }

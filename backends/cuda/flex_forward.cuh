@@ -99,29 +99,14 @@ static FLEX_DEVICE_INLINE int flex_score_kv(int kv0, int lane, int nt, int r) {
     return kv0 + nt * 8 + (lane & 3) * 2 + (r & 1);
 }
 
-/* The row (or column) the mask mod is evaluated at. With its buffer reads
- * proved in range (FLEX_MASK_READS_IN_RANGE: the proof covers q < Lq and
- * kv < Lkv), the scores of a tile past the end, whose results are
- * discarded, evaluate it at the last row and column instead. */
-static FLEX_DEVICE_INLINE int flex_mask_index(int i, int len) {
-#if FLEX_MASK_READS_IN_RANGE
-    return min(i, len - 1);
-#else
-    (void)len;
-    return i;
-#endif
-}
-
-/* The same for the score mod: its reads are proved over a tile of margin
- * past the ends where that proves them all, and need no clamp then; else
- * over the sequences (FLEX_SCORE_CLAMP, flex_gpu_score_reads_in_range). */
-static FLEX_DEVICE_INLINE int flex_score_index(int i, int len) {
-#if FLEX_SCORE_CLAMP
-    return min(i, len - 1);
-#else
-    (void)len;
-    return i;
-#endif
+/* The row (or column) a mod is evaluated at. Where its buffer reads are
+ * proved in range over q < Lq and kv < Lkv only (CLAMP: the mask mod's
+ * with FLEX_MASK_READS_IN_RANGE, the score mod's with FLEX_SCORE_CLAMP,
+ * flex_gpu_score_reads_in_range; otherwise the score mod's are proved over
+ * a tile of margin past the ends), the scores of a tile past the end,
+ * whose results are discarded, evaluate it at the last row and column. */
+template <bool CLAMP> static FLEX_DEVICE_INLINE int flex_mod_index(int i, int len) {
+    return CLAMP ? min(i, len - 1) : i;
 }
 
 /* Whether the score at (q, kv) of a partial and/or bounds block is kept:
@@ -132,7 +117,8 @@ static FLEX_DEVICE_INLINE bool flex_keep(const flex_fwd_params &p, int b, int h,
     unsigned mask_oob = 0;
     const bool inside = !bounds || (q < p.Lq && kv < p.Lkv);
     const bool allowed =
-        flex_mask_mod(b, h, flex_mask_index(q, p.Lq), flex_mask_index(kv, p.Lkv), p.bufs, mask_oob);
+        flex_mask_mod(b, h, flex_mod_index<FLEX_MASK_READS_IN_RANGE>(q, p.Lq),
+                      flex_mod_index<FLEX_MASK_READS_IN_RANGE>(kv, p.Lkv), p.bufs, mask_oob);
     const bool keep = inside && (!partial || allowed);
     oob |= (inside && partial) ? mask_oob : 0u;
     return keep;
@@ -244,8 +230,10 @@ flex_softmax_probs(const flex_fwd_params &p, float (&m)[2], float (&l)[2], float
 #if FLEX_HAS_SCORE_MOD
             unsigned score_oob = 0;
             /* (the plain path's scores are all inside the sequences) */
-            x = flex_score_mod(__fmul_rn(x, p.scale), b, h, MASKED ? flex_score_index(q, p.Lq) : q,
-                               MASKED ? flex_score_index(kv, p.Lkv) : kv, p.bufs, score_oob) *
+            x = flex_score_mod(__fmul_rn(x, p.scale), b, h,
+                               flex_mod_index<MASKED && FLEX_SCORE_CLAMP>(q, p.Lq),
+                               flex_mod_index<MASKED && FLEX_SCORE_CLAMP>(kv, p.Lkv), p.bufs,
+                               score_oob) *
                 FLEX_LOG2E;
             oob |= keep ? score_oob : 0u;
 #else
@@ -286,8 +274,10 @@ flex_softmax_probs_split(const flex_fwd_params &p, float (&m)[2], float (&l)[2],
 #pragma unroll
         for (int r = 0; r < 4; r++) {
             const int q = flex_score_q(qrow0, lane, r), kv = flex_score_kv(kv0, lane, nt, r);
-            s[nt][r] = flex_score_mod(__fmul_rn(s[nt][r], p.scale), b, h, flex_score_index(q, p.Lq),
-                                      flex_score_index(kv, p.Lkv), p.bufs, score_oob) *
+            s[nt][r] = flex_score_mod(__fmul_rn(s[nt][r], p.scale), b, h,
+                                      flex_mod_index<FLEX_SCORE_CLAMP>(q, p.Lq),
+                                      flex_mod_index<FLEX_SCORE_CLAMP>(kv, p.Lkv), p.bufs,
+                                      score_oob) *
                        FLEX_LOG2E;
         }
     if (partial || bounds) {
@@ -307,8 +297,8 @@ flex_softmax_probs_split(const flex_fwd_params &p, float (&m)[2], float (&l)[2],
 #else
                 const bool keep = flex_keep(p, b, h, q, kv, partial, bounds, oob);
 #endif
-                oob |= keep ? flex_score_oob(b, h, flex_score_index(q, p.Lq),
-                                             flex_score_index(kv, p.Lkv), p.bufs)
+                oob |= keep ? flex_score_oob(b, h, flex_mod_index<FLEX_SCORE_CLAMP>(q, p.Lq),
+                                             flex_mod_index<FLEX_SCORE_CLAMP>(kv, p.Lkv), p.bufs)
                             : 0u;
                 s[nt][r] = keep ? s[nt][r] : FLEX_NEG_INF;
             }

@@ -133,6 +133,14 @@ static int set_fwd_field(flex_cuda_fwd_config *cfg, const char *arg) {
     return set_named(arg, &cfg->dtype, fields, sizeof fields / sizeof fields[0]);
 }
 
+/* A flag per node of m, all set: every buffer read taken as proved in range
+ * (flags on other nodes are unused). Caller frees; NULL without memory. */
+static unsigned char *every_read_proved(const ir_mod *m) {
+    unsigned char *flags = malloc((size_t)m->num_nodes);
+    if (flags) memset(flags, 1, (size_t)m->num_nodes);
+    return flags;
+}
+
 int main(int argc, char **argv) {
     flex_cuda_bwd_config cfg = {.dtype = FLEX_BF16, .dq = 128, .dv = 128, .warps = 8,
                                 .block_m = 64, .vec = 1, .short_indices = 1, .pipeline = 1,
@@ -142,13 +150,15 @@ int main(int argc, char **argv) {
     flex_buffer_decl bufs[MAX_BUFS];
     char buf_names[MAX_BUFS][64];
     int nb = 0, grads = 0, forward = 0, in_range = 0;
+    for (int i = 1; i < argc; i++) /* FIELD=VALUE names a forward field wherever --forward is */
+        forward |= !strcmp(argv[i], "--forward");
     flex_cuda_fwd_config fwd = {.dtype = FLEX_BF16, .dq = 128, .dv = 128, .warps = 8, .mt = 1,
                                 .block_n = 128, .vec = 1, .scale_positive = 1, .wgmma = 1,
                                 .short_indices = 1, .tma = 1, .mask_bits = 1, .dv_exact = 1,
                                 .q_bufs = 2};
     for (int i = 1; i < argc; i++) {
         if (!strcmp(argv[i], "--forward")) {
-            forward = 1;
+            continue;
         } else if (!strcmp(argv[i], "--mask") && i + 1 < argc) {
             mask_arg = argv[++i];
         } else if (!strcmp(argv[i], "--score") && i + 1 < argc) {
@@ -179,12 +189,8 @@ int main(int argc, char **argv) {
     if (score_arg && parse_mod(FLEX_MOD_SCORE, score_arg, bufs, nb, &score) != 0) return 1;
     char *src = NULL;
     if (forward) {
-        /* --in-range: every read flagged as proved (flags on other nodes are unused) */
-        unsigned char *mask_flags = mask_arg && in_range ? malloc((size_t)mask.num_nodes) : NULL;
-        unsigned char *score_flags =
-            score_arg && in_range ? malloc((size_t)score.num_nodes) : NULL;
-        if (mask_flags) memset(mask_flags, 1, (size_t)mask.num_nodes);
-        if (score_flags) memset(score_flags, 1, (size_t)score.num_nodes);
+        unsigned char *mask_flags = mask_arg && in_range ? every_read_proved(&mask) : NULL;
+        unsigned char *score_flags = score_arg && in_range ? every_read_proved(&score) : NULL;
         src = flex_cuda_forward_source_in_range(&fwd, mask_arg ? &mask : NULL,
                                                 score_arg ? &score : NULL, mask_flags, score_flags);
         free(mask_flags);

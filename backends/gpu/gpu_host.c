@@ -731,10 +731,8 @@ void flex_gpu_fwd_tiles(const flex_context *ctx, flex_cuda_fwd_config *cfg, int 
     const int wide = cfg->dq > 128 || cfg->dv > 128;
     cfg->wgmma = 0;
     /* cuda_wgmma_step=64 takes 64-key steps at any head dim (comparison) */
-    const int wgmma_step =
-        wide || kv_block % 128 || flex_gpu_env_int(ctx, FLEX_DEBUG_CUDA_WGMMA_STEP, 128, 64, 128) < 128
-            ? 64
-            : 128;
+    const int step_asked = flex_gpu_env_int(ctx, FLEX_DEBUG_CUDA_WGMMA_STEP, 128, 64, 128);
+    const int wgmma_step = wide || kv_block % 128 || step_asked < 128 ? 64 : 128;
     if (hopper && cfg->vec && q_block % 128 == 0 && kv_block % wgmma_step == 0) {
         /* Two warpgroups x 64 rows. */
         cfg->wgmma = 1;

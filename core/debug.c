@@ -46,6 +46,7 @@ static const key_info keys[FLEX_DEBUG_NUM_KEYS] = {
     [FLEX_DEBUG_CUDA_BWD_WG_BARRIER] = {"cuda_bwd_wg_barrier", FORM_SWITCH},
     [FLEX_DEBUG_CUDA_BWD_GRAD_SMEM] = {"cuda_bwd_grad_smem", FORM_SWITCH},
     [FLEX_DEBUG_CUDA_BWD_DQ_BULK] = {"cuda_bwd_dq_bulk", FORM_SWITCH},
+    [FLEX_DEBUG_CUDA_BWD_TMA] = {"cuda_bwd_tma", FORM_COUNT},
     [FLEX_DEBUG_SCORE_SPARSITY] = {"score_sparsity", FORM_SWITCH},
 };
 

@@ -121,8 +121,11 @@ void flex_context_destroy(flex_context *ctx);
  * allocator (PyTorch's) hands it in here so that the two do not compete for
  * the same memory.
  *   alloc: returns `bytes` of device memory on the context's device that
- *          work queued on `stream` may use, or NULL when it has none (the
- *          call then fails with FLEX_ERR_OUT_OF_MEMORY and queues nothing).
+ *          work queued on `stream` may use, aligned to 256 bytes (as
+ *          cudaMalloc's and PyTorch's are; otherwise the call takes it
+ *          back and fails with FLEX_ERR_INVALID_ARGUMENT), or NULL when it
+ *          has none (the call then fails with FLEX_ERR_OUT_OF_MEMORY and
+ *          queues nothing).
  *          Called at most a few times a call, from the calling thread.
  *   free:  takes back what alloc returned. It is called as soon as the
  *          call's work is queued on `stream`, before that work has run: the

@@ -205,15 +205,16 @@ static const flex_cuda_bwd_config bwd_full_configs[] = {
  * choose_backward_tiles gives it (8 warps, 64-row steps, 16-byte rows):
  * head dims 64 and 128 and mixed, both 16-bit types, with and without the
  * pipeline, dQ by bulk reductions from shared memory or by the 16-byte
- * ones from registers, and beside the deterministic dQ kernel. Machine
- * code for sm_90a only (wgmma). */
+ * ones from registers, beside the deterministic dQ kernel, and with the
+ * copies by TMA (2 or 3 stages) or by cp.async. Machine code for sm_90a
+ * only (wgmma). */
 static const flex_cuda_bwd_config bwd_wgmma_configs[] = {
     {.dtype = FLEX_BF16, .dq = 128, .dv = 128, .warps = 8, .block_m = 64, .vec = 1,
      .short_indices = 1, .pipeline = 1, .exp2 = 1, .dq_red = 1, .kv_fastest = 1, .wgmma = 1,
-     .split_wait = 1, .wg_barrier = 1, .dq_bulk = 1},
+     .split_wait = 1, .wg_barrier = 1, .dq_bulk = 1, .tma = 2},
     {.dtype = FLEX_F16, .dq = 64, .dv = 64, .warps = 8, .block_m = 64, .vec = 1, .pipeline = 1,
      .exp2 = 1, .dq_red = 1, .kv_fastest = 1, .wgmma = 1, .split_wait = 1, .wg_barrier = 1,
-     .dq_bulk = 1},
+     .dq_bulk = 1, .tma = 3},
     {.dtype = FLEX_BF16, .dq = 64, .dv = 128, .warps = 8, .block_m = 64, .vec = 1, .exp2 = 1,
      .wgmma = 1},
     {.dtype = FLEX_F16, .dq = 128, .dv = 64, .warps = 8, .block_m = 64, .vec = 1, .pipeline = 1,
@@ -221,10 +222,10 @@ static const flex_cuda_bwd_config bwd_wgmma_configs[] = {
      .dq_bulk = 1, .dq_warps = 4, .dq_block_n = 64},
     {.dtype = FLEX_BF16, .dq = 128, .dv = 128, .warps = 8, .block_m = 64, .vec = 1,
      .short_indices = 1, .pipeline = 1, .exp2 = 1, .dq_red = 1, .kv_fastest = 1, .wgmma = 1,
-     .split_wait = 1, .wg_barrier = 1, .dq_bulk = 1, .grad_smem = 8208},
+     .split_wait = 1, .wg_barrier = 1, .dq_bulk = 1, .grad_smem = 8208, .tma = 2},
     {.dtype = FLEX_F16, .dq = 64, .dv = 64, .warps = 8, .block_m = 64, .vec = 1, .pipeline = 1,
      .exp2 = 1, .dq_red = 1, .kv_fastest = 1, .wgmma = 1, .split_wait = 1, .wg_barrier = 1,
-     .grad_smem = 16},
+     .grad_smem = 16, .tma = 3},
 };
 
 static void add_backward_case(const char *label, const ir_mod *mask, const ir_mod *score,
@@ -903,7 +904,10 @@ START_TEST(test_backward_source_wgmma) {
     ck_assert_ptr_nonnull(strstr(with, "flex_wgmma_ss_n64"));
     ck_assert_ptr_nonnull(strstr(with, "#define FLEX_BWD_DQ_BULK 1"));
     ck_assert_ptr_nonnull(strstr(with, "cp.reduce.async.bulk.global.shared::cta"));
+    ck_assert_ptr_nonnull(strstr(with, "#define FLEX_BWD_TMA 2"));
+    ck_assert_ptr_nonnull(strstr(with, "cp.async.bulk.tensor.4d"));
     ck_assert_ptr_nonnull(strstr(without, "#define FLEX_BWD_WGMMA 0"));
+    ck_assert_ptr_null(strstr(without, "cp.async.bulk.tensor.4d"));
     ck_assert_ptr_null(strstr(without, "flex_bwd90_dkdv"));
     ck_assert_ptr_null(strstr(without, "flex_wgmma_ss_n64"));
     free(with);

@@ -31,6 +31,7 @@ static int allocs, frees, builds, compiles, loads, unloads, functions, fail_comp
 static struct {
     void *fn;
     unsigned gx, gy, threads, smem;
+    void *second;
 } launched[8];
 static int num_launched;
 
@@ -114,10 +115,11 @@ static int fake_synchronize(const void *api) {
 }
 static flex_status fake_launch(flex_context *ctx, flex_gpu_state *gpu, void *fn, unsigned gx,
                                unsigned gy, unsigned threads, unsigned smem, void *stream,
-                               void *blob, size_t size) {
+                               void *blob, size_t size, void *second) {
     (void)ctx, (void)gpu, (void)stream, (void)blob, (void)size;
     if (num_launched < 8) {
         launched[num_launched].fn = fn;
+        launched[num_launched].second = second;
         launched[num_launched].gx = gx, launched[num_launched].gy = gy;
         launched[num_launched].threads = threads, launched[num_launched].smem = smem;
     }
@@ -657,17 +659,18 @@ END_TEST
 static int caller_allocs, caller_frees;
 static void *caller_stream_seen;
 static size_t caller_bytes_seen;
-static char caller_pool[256];
+static _Alignas(256) char caller_pool[512];
+static size_t caller_offset; /* where in the pool the allocator's memory starts */
 static void *caller_alloc(void *user, size_t bytes, void *stream) {
     caller_stream_seen = stream;
     caller_bytes_seen = bytes;
-    if (bytes > sizeof caller_pool || !user) return NULL;
+    if (bytes > 256 || !user) return NULL;
     caller_allocs++;
-    return caller_pool;
+    return caller_pool + caller_offset;
 }
 static void caller_free(void *user, void *ptr, void *stream) {
     (void)user;
-    ck_assert_ptr_eq(ptr, caller_pool);
+    ck_assert_ptr_eq(ptr, caller_pool + caller_offset);
     ck_assert_ptr_eq(stream, caller_stream_seen);
     caller_frees++;
 }
@@ -696,6 +699,15 @@ START_TEST(test_caller_workspace) {
     ck_assert_int_eq(flex_gpu_caller_alloc(&fake_ctx, 4096, stream, &p, &s), 1);
     ck_assert_int_eq(s, FLEX_ERR_OUT_OF_MEMORY);
     ck_assert_ptr_null(p);
+    /* memory not aligned to 256 bytes is given back and refused by name */
+    caller_offset = 16;
+    ck_assert_int_eq(flex_gpu_caller_alloc(&fake_ctx, 64, stream, &p, &s), 1);
+    ck_assert_int_eq(s, FLEX_ERR_INVALID_ARGUMENT);
+    ck_assert_ptr_null(p);
+    ck_assert_int_eq(caller_allocs, 2);
+    ck_assert_int_eq(caller_frees, 2);
+    ck_assert_ptr_nonnull(strstr(flex_error_message(&fake_ctx), "not aligned to 256 bytes"));
+    caller_offset = 0;
     ck_assert_int_eq(allocs, vendor_allocs); /* the vendor's allocator was never asked */
     memset(&fake_ctx.allocator, 0, sizeof fake_ctx.allocator);
 }
@@ -1191,6 +1203,26 @@ START_TEST(test_backward_tiles) {
                                      .pipeline = 1, .wgmma = 1,
                                      .grad_smem = FLEX_GPU_BWD_GRAD_SMEM_MAX};
     ck_assert_uint_le(flex_gpu_bwd_smem(&wg), 232448);
+    /* TMA copies: `tma` stages of Q, dO, lse and delta, a second dS tile
+     * and 128 bytes of mbarriers and slots. At head dim 128 the dQ regions
+     * leave room for two stages, not three; at 64 three fit beside them,
+     * and at 128 two fit beside the largest gradient region once dQ's
+     * staging has given way (cuda_backward's order). */
+    flex_cuda_bwd_config t = {.dq = 128, .dv = 128, .warps = 8, .block_m = 64, .pipeline = 1,
+                              .wgmma = 1, .dq_bulk = 1, .tma = 2};
+    ck_assert_uint_eq(flex_gpu_bwd_smem(&t), 2 * (128 * 256 + 2 * 64 * 256 + 2 * 128 * 64) +
+                                                 8 * 2 * 64 + 1024 + 8 * 16 * 288 + 128);
+    ck_assert_uint_le(flex_gpu_bwd_smem(&t), 232448);
+    t.tma = 3;
+    ck_assert_uint_gt(flex_gpu_bwd_smem(&t), 232448);
+    t.dq_bulk = 0;
+    ck_assert_uint_le(flex_gpu_bwd_smem(&t), 232448);
+    t.tma = 2;
+    t.grad_smem = FLEX_GPU_BWD_GRAD_SMEM_MAX;
+    ck_assert_uint_le(flex_gpu_bwd_smem(&t), 232448);
+    t = (flex_cuda_bwd_config){.dq = 64, .dv = 64, .warps = 8, .block_m = 64, .pipeline = 1,
+                               .wgmma = 1, .dq_bulk = 1, .tma = 3};
+    ck_assert_uint_le(flex_gpu_bwd_smem(&t), 232448);
 }
 END_TEST
 
@@ -1241,8 +1273,9 @@ START_TEST(test_kernel_keys) {
     memset(&m, 0, sizeof m);
     flex_gpu_bwd_key(key, sizeof key, &st, &b, &m, NULL, NULL);
     ck_assert_str_eq(key, "bwd|f16|dq64|dv128|w8|bm32|vec1|short0|gs2|pipe1|exp21|red0|kvf1|wg1|"
-                          "sw1|wgb0|dqb1|dqw4|dqn32|gsm8208|mask=0000000000000000|score=0000000000000000|loads="
-                          "0000000000000000|inr=0000000000000000.0000000000000000|fake1|"
+                          "sw1|wgb0|dqb1|tma0|dqw4|dqn32|gsm8208|mask=0000000000000000|"
+                          "score=0000000000000000|loads=0000000000000000|inr=0000000000000000."
+                          "0000000000000000|fake1|"
                           "fakecc1.2");
 }
 END_TEST
@@ -1279,10 +1312,15 @@ START_TEST(test_backward_launches) {
     flex_gpu_bwd_workspace(&a, &c, &delta, &dq);
     ck_assert_uint_eq(delta, 3328); /* 800 floats, rounded up to 256 bytes */
     ck_assert_uint_eq(dq, 2 * 4 * 100 * 64 * 4);
+    unsigned char maps[512];
     ck_assert_int_eq(flex_gpu_bwd_launch(NULL, &st, &a, &c, &m, NULL, &k, descs, 0x1000, 5000, 0,
-                                         NULL),
+                                         NULL, maps),
                      FLEX_OK);
     ck_assert_int_eq(num_launched, 3);
+    /* the second parameter (the tensor maps) goes to the main kernel only */
+    ck_assert_ptr_null(launched[0].second);
+    ck_assert_ptr_eq(launched[1].second, maps);
+    ck_assert_ptr_null(launched[2].second);
     ck_assert_ptr_eq(launched[0].fn, &k0);
     ck_assert_uint_eq(launched[0].gx, 8);
     ck_assert_uint_eq(launched[0].gy, 25);
@@ -1301,7 +1339,7 @@ START_TEST(test_backward_launches) {
     ck_assert_uint_eq(dq, 0); /* the main kernel leaves dQ alone */
     num_launched = 0;
     ck_assert_int_eq(flex_gpu_bwd_launch(NULL, &st, &a, &c, &m, NULL, &k, descs, 0x1000, 5000, 700,
-                                         NULL),
+                                         NULL, NULL),
                      FLEX_OK);
     ck_assert_int_eq(num_launched, 3);
     ck_assert_uint_eq(launched[1].gx, 4);

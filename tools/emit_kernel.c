@@ -107,6 +107,7 @@ static int set_field(flex_cuda_bwd_config *cfg, const char *arg) {
                                 {"split_wait", &cfg->split_wait},
                                 {"wg_barrier", &cfg->wg_barrier},
                                 {"dq_bulk", &cfg->dq_bulk},
+                                {"tma", &cfg->tma},
                                 {"dq_warps", &cfg->dq_warps},
                                 {"dq_block_n", &cfg->dq_block_n},
                                 {"grad_smem", &cfg->grad_smem}};
@@ -145,7 +146,7 @@ int main(int argc, char **argv) {
     flex_cuda_bwd_config cfg = {.dtype = FLEX_BF16, .dq = 128, .dv = 128, .warps = 8,
                                 .block_m = 64, .vec = 1, .short_indices = 1, .pipeline = 1,
                                 .exp2 = 1, .dq_red = 1, .kv_fastest = 1, .wgmma = 1,
-                                .split_wait = 1, .wg_barrier = 1, .dq_bulk = 1};
+                                .split_wait = 1, .wg_barrier = 1, .dq_bulk = 1, .tma = 2};
     const char *mask_arg = NULL, *score_arg = NULL;
     flex_buffer_decl bufs[MAX_BUFS];
     char buf_names[MAX_BUFS][64];

@@ -137,9 +137,9 @@ static flex_status launch_blob(flex_context *ctx, cuda_state *st, CUfunction fn,
                                void *blob, size_t size, void *second);
 static flex_status ops_launch(flex_context *ctx, flex_gpu_state *gpu, void *fn, unsigned gx,
                               unsigned gy, unsigned threads, unsigned smem, void *stream,
-                              void *blob, size_t size) {
+                              void *blob, size_t size, void *second) {
     return launch_blob(ctx, (cuda_state *)gpu, (CUfunction)fn, gx, gy, threads, smem,
-                       (CUstream)stream, blob, size, NULL);
+                       (CUstream)stream, blob, size, second);
 }
 
 static const flex_gpu_ops cuda_gpu_ops = {
@@ -858,6 +858,69 @@ static void workspace_free(flex_context *ctx, cuda_state *st, CUdeviceptr p, CUs
     }
 }
 
+/* A tensor map of float rows (dims L, 1, H, B; strides sh and sb floats,
+ * rows contiguous) with boxes of 64 floats, copied as 32-bit words without
+ * swizzle: the backward's lse and delta. Rows past L read as zero. */
+static flex_status encode_row_map(flex_context *ctx, cuda_state *st, void *data, int64_t B,
+                                  int64_t H, int64_t L, int64_t sh, int64_t sb,
+                                  unsigned char *map) {
+    const unsigned long long dims[4] = {(unsigned long long)L, 1, (unsigned long long)H,
+                                        (unsigned long long)B};
+    const unsigned long long strides[3] = {(unsigned long long)sh * 4, (unsigned long long)sh * 4,
+                                           (unsigned long long)sb * 4};
+    const unsigned box[4] = {64, 1, 1, 1}, unit[4] = {1, 1, 1, 1};
+    return check_cu(ctx, st->api,
+                    st->api->cuTensorMapEncodeTiled(
+                        map, FLEX_CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, data, dims, strides, box, unit,
+                        FLEX_CU_TENSOR_MAP_INTERLEAVE_NONE, FLEX_CU_TENSOR_MAP_SWIZZLE_NONE,
+                        FLEX_CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                        FLEX_CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE),
+                    "cuTensorMapEncodeTiled");
+}
+
+/* The strides a row map of a [B][H][L] float tensor takes (a size-1
+ * dimension's stride is free: the dense one), or 0 where TMA cannot read
+ * it: rows not contiguous, the base or a stride not a multiple of 16 bytes. */
+static int row_map_strides(const void *data, int64_t B, int64_t H, int64_t L, int64_t ss,
+                           int64_t sh, int64_t sb, int64_t *sh_out, int64_t *sb_out) {
+    const int64_t dense_h = (L + 3) / 4 * 4;
+    *sh_out = H > 1 ? sh : dense_h;
+    *sb_out = B > 1 ? sb : *sh_out * H;
+    return (L == 1 || ss == 1) && (uintptr_t)data % 16 == 0 && *sh_out > 0 && *sb_out > 0 &&
+           *sh_out % 4 == 0 && *sb_out % 4 == 0;
+}
+
+/* Whether the backward's TMA copies can read a's Q, dO and lse and the
+ * delta rows of the workspace ([B][Hq][Lq] floats, 256-byte aligned: rows
+ * of 16-byte multiples where Lq % 4 == 0). */
+static int backward_tma_ok(const cuda_state *st, const flex_backward_args *a) {
+    const flex_tensor *q = &a->q, *lse = &a->lse;
+    const int64_t B = q->sizes[0], Hq = q->sizes[1], Lq = q->sizes[2];
+    int64_t sh, sb;
+    return st->api->cuTensorMapEncodeTiled && tma_layout_ok(q) && tma_layout_ok(&a->dout) &&
+           Lq % 4 == 0 &&
+           row_map_strides(lse->data, B, Hq, Lq, lse->strides[2], lse->strides[1], lse->strides[0],
+                           &sh, &sb);
+}
+
+/* The four tensor maps of the TMA backward into maps (4 x 128 bytes,
+ * 64-byte aligned): Q and dO in 64-row boxes, lse and the workspace's
+ * delta (at ws) in boxes of 64 floats. backward_tma_ok(a) holds. */
+static flex_status encode_backward_maps(flex_context *ctx, cuda_state *st,
+                                        const flex_backward_args *a, CUdeviceptr ws,
+                                        unsigned char *maps) {
+    const flex_tensor *q = &a->q, *lse = &a->lse;
+    const int64_t B = q->sizes[0], Hq = q->sizes[1], Lq = q->sizes[2];
+    int64_t sh, sb;
+    row_map_strides(lse->data, B, Hq, Lq, lse->strides[2], lse->strides[1], lse->strides[0], &sh,
+                    &sb);
+    flex_status s = encode_tensor_map(ctx, st, q, 64, maps);
+    if (!s) s = encode_tensor_map(ctx, st, &a->dout, 64, maps + 128);
+    if (!s) s = encode_row_map(ctx, st, lse->data, B, Hq, Lq, sh, sb, maps + 256);
+    if (!s) s = encode_row_map(ctx, st, (void *)(uintptr_t)ws, B, Hq, Lq, Lq, Hq * Lq, maps + 384);
+    return s;
+}
+
 /* Tiles and variants of the f16/bf16 backward (docs/decisions.md, "CUDA
  * backward"). The tiles are flex_gpu_bwd_tiles' (query steps of 16 rows
  * above head dim 128). FLEXATTN_DEBUG=cuda_bwd_tile=WARPSxROWS replaces the
@@ -867,14 +930,15 @@ static void workspace_free(flex_context *ctx, cuda_state *st, CUdeviceptr p, CUs
  * takes its fixed tiles (8 warps, 64-row query steps) where it can:
  * 16-byte rows, head dims up to 128, mask blocks of 128 kv and 64 query
  * rows or multiples, no other cuda_bwd_tile asked for; cuda_bwd_wgmma=0
- * keeps the mma.sync kernel. Where shared memory (smem_limit, 99 KB on
+ * keeps the mma.sync kernel. It copies by TMA where tma_ok says the tensor
+ * maps can be made (backward_tma_ok). Where shared memory (smem_limit, 99 KB on
  * sm_86; flex_gpu_bwd_smem) is short, the kv tile is halved down to 64
  * rows, then the pipeline goes, then the tile is halved further
  * (flex_gpu_bwd_fit; the query step stays: at most 99 KB is short only
  * with the pipeline). */
 static void choose_backward_tiles(const flex_context *ctx, flex_cuda_bwd_config *cfg, int q_block,
                                   int kv_block, int major, int64_t D, int64_t kv_heads,
-                                  size_t smem_limit) {
+                                  size_t smem_limit, int tma_ok) {
     flex_gpu_bwd_tiles(cfg, q_block, kv_block, 16);
     const char *env = flex_debug_string(ctx, FLEX_DEBUG_CUDA_BWD_TILE);
     int w, bm, tile_set = 0;
@@ -909,6 +973,16 @@ static void choose_backward_tiles(const flex_context *ctx, flex_cuda_bwd_config 
     if (major == 9 && cfg->vec && widest <= 128 && kv_block % 128 == 0 && q_block % 64 == 0 &&
         !tile_set && flex_gpu_bwd_smem(&wg) <= smem_limit &&
         env_switch(ctx, FLEX_DEBUG_CUDA_BWD_WGMMA, 1)) {
+        /* Q, dO, lse and delta by TMA from one thread where the tensor maps
+         * can be made (tma_ok) and the pipeline is on: three stages where
+         * they fit, else two (cuda_bwd_tma=2 or 0 asks for fewer). */
+        const int stages =
+            wg.pipeline && tma_ok ? env_int(ctx, FLEX_DEBUG_CUDA_BWD_TMA, 3, 0, 3) : 0;
+        for (int n = stages; n >= 2 && !wg.tma; n--) {
+            flex_cuda_bwd_config t = wg;
+            t.tma = n;
+            if (flex_gpu_bwd_smem(&t) <= smem_limit) wg = t;
+        }
         *cfg = wg;
         return;
     }
@@ -959,7 +1033,7 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
     flex_gpu_bwd_config(&cfg, a);
     if (q->dtype != FLEX_F32)
         choose_backward_tiles(ctx, &cfg, q_block, kv_block, st->major, D, B * Hkv,
-                              (size_t)st->smem_optin);
+                              (size_t)st->smem_optin, backward_tma_ok(st, a));
     /* Deterministic: dQ from its own kernel, each row written by one CTA,
      * instead of the main kernel's atomics (docs/decisions.md). Without dq
      * wanted there is nothing to change: dK and dV have one owner anyway. */
@@ -978,10 +1052,13 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
         env_switch(ctx, FLEX_DEBUG_CUDA_BWD_GRAD_SMEM, 1)) {
         flex_cuda_bwd_config gs = cfg;
         gs.grad_smem = flex_gpu_bwd_grad_floats(a);
-        /* the region saves one global atomic per score; dQ's staging saves
-         * far less, so it gives way where both do not fit */
+        /* the region saves one global atomic per score; dQ's staging and a
+         * third TMA stage save far less, so they give way where all do not
+         * fit */
         if (gs.grad_smem > 0 && gs.dq_bulk && (int64_t)flex_gpu_bwd_smem(&gs) > st->smem_optin)
             gs.dq_bulk = 0;
+        if (gs.grad_smem > 0 && gs.tma == 3 && (int64_t)flex_gpu_bwd_smem(&gs) > st->smem_optin)
+            gs.tma = 2;
         if (gs.grad_smem > 0 && (int64_t)flex_gpu_bwd_smem(&gs) <= st->smem_optin) cfg = gs;
     }
     const size_t smem = q->dtype == FLEX_F32 ? 0 : flex_gpu_bwd_smem(&cfg);
@@ -1011,9 +1088,12 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
     size_t delta_bytes, dq_bytes;
     flex_gpu_bwd_workspace(a, &cfg, &delta_bytes, &dq_bytes);
     if (!s) s = workspace_alloc(ctx, st, delta_bytes + dq_bytes, stream, &ws);
+    /* The TMA kernel's tensor maps (Q, dO, lse, delta), its second parameter. */
+    _Alignas(64) unsigned char tensor_maps[4 * 128];
+    if (!s && cfg.tma) s = encode_backward_maps(ctx, st, a, ws, tensor_maps);
     if (!s)
         s = flex_gpu_bwd_launch(ctx, &st->gpu, a, &cfg, &m, mc, &kernels, descs, ws, smem, smem_dq,
-                                stream);
+                                stream, cfg.tma ? tensor_maps : NULL);
     workspace_free(ctx, st, ws, stream);
     st->gpu.capturing = 0;
     pop_ctx(st);

@@ -73,9 +73,10 @@ char *flex_cuda_forward_source_in_range(const flex_cuda_fwd_config *cfg, const i
     const char *mma = flex_cuda_template("flex_mma_sm80.cuh");
     const char *tpl = flex_cuda_template("flex_forward.cuh");
     const char *wgmma = flex_cuda_template("flex_wgmma_sm90.cuh");
+    const char *tma = flex_cuda_template("flex_tma_sm90.cuh");
     const char *sm90 = flex_cuda_template("flex_forward_sm90.cuh");
     const char *bits = flex_cuda_template("flex_partial_bits.cuh");
-    if (!prelude(&vendor, &params) || !common || !mma || !tpl || !wgmma || !sm90 || !bits)
+    if (!prelude(&vendor, &params) || !common || !mma || !tpl || !wgmma || !tma || !sm90 || !bits)
         return NULL;
     char config[512];
     const char *elem = elem_macro(cfg->dtype);
@@ -92,12 +93,12 @@ char *flex_cuda_forward_source_in_range(const flex_cuda_fwd_config *cfg, const i
     char *mods = flex_emit_mods_in_range(mask, score, mask_in_range, score_in_range);
     if (!mods) return NULL;
     /* The sm_90a kernel is a sibling of the mma.sync one and reuses its
-     * helpers, so it follows it, after the wgmma primitives; without
-     * FLEX_WGMMA neither is there (an empty last part). The bit masks'
-     * kernel and readers come before the forward, which calls them. */
+     * helpers, so it follows it, after the wgmma and TMA primitives;
+     * without FLEX_WGMMA none of them is there. The bit masks' kernel and
+     * readers come before the forward, which calls them. */
     const char *parts[] = {vendor, params, config, mods, common, mma,
-                           cfg->partial_bits ? bits : "", tpl, cfg->wgmma ? wgmma : "", sm90};
-    char *s = concat(parts, cfg->wgmma ? 10 : 9);
+                           cfg->partial_bits ? bits : "", tpl, wgmma, tma, sm90};
+    char *s = concat(parts, cfg->wgmma ? 11 : 8);
     free(mods);
     return s;
 }
@@ -268,8 +269,10 @@ char *flex_cuda_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *m
     const char *tpl = flex_cuda_template("flex_backward.cuh");
     const char *dq_tpl = flex_cuda_template("flex_backward_dq.cuh");
     const char *wgmma = flex_cuda_template("flex_wgmma_sm90.cuh");
+    const char *tma = flex_cuda_template("flex_tma_sm90.cuh");
     const char *sm90 = flex_cuda_template("flex_backward_sm90.cuh");
-    if (!prelude(&vendor, &params) || !common || !mma || !tpl || !dq_tpl || !wgmma || !sm90)
+    if (!prelude(&vendor, &params) || !common || !mma || !tpl || !dq_tpl || !wgmma || !tma ||
+        !sm90)
         return NULL;
     if (score->ir && score->num_loads > 64) return NULL;
     /* the shared gradient region only for the 16-bit kernels, and only
@@ -286,11 +289,12 @@ char *flex_cuda_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *m
              "#define FLEX_BWD_PIPE %d\n#define FLEX_BWD_EXP2 %d\n#define FLEX_BWD_DQ_RED %d\n"
              "#define FLEX_BWD_KV_FASTEST %d\n#define FLEX_BWD_WGMMA %d\n"
              "#define FLEX_BWD_SPLIT_WAIT %d\n#define FLEX_BWD_WG_BARRIER %d\n"
-             "#define FLEX_BWD_GRAD_SMEM %d\n#define FLEX_BWD_DQ_BULK %d\n",
+             "#define FLEX_BWD_GRAD_SMEM %d\n#define FLEX_BWD_DQ_BULK %d\n"
+             "#define FLEX_BWD_TMA %d\n",
              elem, cfg->dq, cfg->dv, cfg->warps, cfg->block_m, cfg->vec, cfg->short_indices,
              cfg->grad_slots > 0 ? cfg->grad_slots : 1, cfg->pipeline, cfg->exp2, cfg->dq_red,
              cfg->kv_fastest, cfg->wgmma, cfg->split_wait, cfg->wg_barrier, grad_smem,
-             cfg->dq_bulk);
+             cfg->dq_bulk, cfg->tma);
     char *mods = flex_emit_mods_in_range(mask, score->ir, mask_in_range, score->in_range);
     if (!mods) return NULL;
     char *glue = score_glue(score, mask ? mask->num_buffers : 0, grad_smem);
@@ -306,14 +310,16 @@ char *flex_cuda_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *m
                  "#define FLEX_BWD_DQ_WARPS %d\n#define FLEX_BWD_DQ_BLOCK_N %d\n", cfg->dq_warps,
                  cfg->dq_block_n);
     /* The sm_90a main kernel replaces the mma.sync one and reuses the rest
-     * of flex_backward.cuh, so it follows it, after the wgmma primitives. */
-    const char *parts[12];
+     * of flex_backward.cuh, so it follows it, after the wgmma and TMA
+     * primitives. */
+    const char *parts[16];
     int n = 0;
     const char *head[] = {vendor, params, config, mods, glue, common, mma, tpl};
     for (size_t i = 0; i < sizeof head / sizeof head[0]; i++)
         parts[n++] = head[i];
     if (cfg->wgmma) {
         parts[n++] = wgmma;
+        parts[n++] = tma;
         parts[n++] = sm90;
     }
     if (cfg->dq_warps > 0) {

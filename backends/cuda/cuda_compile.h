@@ -97,6 +97,10 @@ typedef struct flex_cuda_bwd_config {
      * dq_bulk adds dQ by bulk asynchronous reductions from shared memory
      * (a region per warp, flex_gpu_bwd_smem) instead of from registers. */
     int split_wait, wg_barrier, dq_bulk;
+    /* The wgmma kernel's copies of Q, dO, lse and delta: 2 or 3, by TMA from
+     * one thread into that many stages (tensor maps as a second parameter,
+     * two dS tiles); 0, cp.async by all threads (pipeline's stages). */
+    int tma;
     /* The deterministic dQ kernel (flex_backward_dq.cuh), whose presence
      * leaves dQ out of the main kernel's atomics: its warps (f16/bf16: 16
      * query rows each; f32: one row each) and kv rows per step (f16/bf16).

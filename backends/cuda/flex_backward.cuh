@@ -341,13 +341,17 @@ static FLEX_DEVICE_INLINE float flex_bwd_prob(const flex_bwd_params &bp, float r
 #ifndef FLEX_BWD_WGMMA
 #define FLEX_BWD_WGMMA 0
 #endif
+#ifndef FLEX_BWD_TMA
+#define FLEX_BWD_TMA 0 /* the sm_90a kernel's TMA stages (flex_backward_sm90.cuh) */
+#endif
 
 #if defined(FLEX_ELEM_BF16) || defined(FLEX_ELEM_F16)
 /* ===================== tensor-core path (f16 / bf16) ===================== */
 
 #define FLEX_BWD_BLOCK_N (FLEX_WARPS * 16) /* kv rows per CTA (divides the mask's kv block) */
 #define FLEX_BWD_MT      (FLEX_BWD_BLOCK_M / 16)
-#define FLEX_BWD_STAGES  (FLEX_BWD_PIPE ? 2 : 1) /* Q/dO/lse/delta stages */
+/* Q/dO/lse/delta stages */
+#define FLEX_BWD_STAGES (FLEX_BWD_WGMMA && FLEX_BWD_TMA ? FLEX_BWD_TMA : FLEX_BWD_PIPE ? 2 : 1)
 /* Columns of the dS tile (kv rows x query columns): at least one 128-byte
  * row, which flex_frag_base's swizzle needs. */
 #define FLEX_DS_COLS (FLEX_BWD_BLOCK_M > 64 ? FLEX_BWD_BLOCK_M : 64)

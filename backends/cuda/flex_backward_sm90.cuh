@@ -36,22 +36,32 @@
  * Sᵀ and dPᵀ are two product groups: with FLEX_BWD_SPLIT_WAIT (and no
  * score mod) P is computed while dPᵀ is still in flight.
  *
- * Copies are cp.async by all threads (K and V once, Q, dO, lse and delta of
- * the next step into the other stage, FLEX_BWD_PIPE), published to wgmma's
- * async proxy by fence.proxy.async before a CTA barrier. Barriers per step:
- *   B (top): the step's stage has landed; every warp has waited for all of
- *     its products of the previous step, so the other stage (refilled right
- *     after) and the dS tile are free;
+ * Copies come one of two ways. K and V are copied once with cp.async by
+ * all threads either way.
+ *   FLEX_BWD_TMA 2 or 3 (where the host can make tensor maps): one thread
+ *     walks the mask's lists and issues each step's Q, dO, lse and delta by
+ *     TMA into a ring of that many stages, handing the step over in a slot
+ *     beside it; a full mbarrier per stage counts the bytes in, an empty
+ *     one counts the warps done with it. dS has two tiles, a step's and the
+ *     previous one's, so one barrier a step remains:
  *   C (after dS is stored and the dK/dV products issued): dS is complete
  *     for dQ, which reads other warps' rows: the whole CTA's at a head dim
  *     of 128, only the warpgroup's own at 64, where with
  *     FLEX_BWD_WG_BARRIER it is a named barrier of the warpgroup's 128
  *     threads (each writer's fence.proxy.async comes before it either way).
+ *     After it the issuing thread refills the stage the previous step used
+ *     (at a head dim of 128 every warp is done with it by then).
+ *   FLEX_BWD_TMA 0: cp.async by all threads (Q, dO, lse and delta of the
+ *     next step into the other stage, FLEX_BWD_PIPE), published to wgmma's
+ *     async proxy by fence.proxy.async before barrier B at the top of each
+ *     step: the step's stage has landed, and every warp has waited for all
+ *     of its products of the previous step, so the other stage (refilled
+ *     right after) and the one dS tile are free. Barrier C as above.
  *
  * Requires: 16-bit elements, FLEX_VEC, FLEX_DQ and FLEX_DV in {64, 128},
  * FLEX_WARPS 8, FLEX_BWD_BLOCK_M 64 (gpu_host.c's flex_gpu_bwd_smem adds
- * the 1 KB of alignment slack below, and the dQ regions with
- * FLEX_BWD_DQ_BULK).
+ * the 1 KB of alignment slack below, the dQ regions with FLEX_BWD_DQ_BULK
+ * and the second dS tile with FLEX_BWD_TMA).
  */
 #if FLEX_BWD_WGMMA
 
@@ -65,14 +75,17 @@
 #error "the sm_90a backward needs head dims of 64 or 128"
 #endif
 static_assert(FLEX_BWD_BLOCK_N == 128 && FLEX_DS_COLS == 64, "128 kv rows, dS rows of 128 bytes");
+#if FLEX_BWD_TMA && ((FLEX_BWD_TMA != 2 && FLEX_BWD_TMA != 3) || !FLEX_BWD_PIPE)
+#error "the TMA copies run a pipeline of 2 or 3 stages"
+#endif
 
 /* Shared memory, from a 1024-byte aligned base (every tile starts on a
  * 1024-byte boundary, where the swizzle's 8-row pattern starts): K and V
  * of the tile, the Q and dO stages, dS (kv-major: 128 rows of 64 query
  * columns, one 128-byte swizzled block, the layout flex_bwd_store_ds
- * writes), lse and delta, then the dQ regions (FLEX_BWD_DQ_BULK) and the
- * gradient region (FLEX_BWD_GRAD_SMEM floats). flex_gpu_bwd_smem: the same
- * sum + 1 KB. */
+ * writes; two such tiles with FLEX_BWD_TMA), lse and delta, then the dQ
+ * regions (FLEX_BWD_DQ_BULK) and the gradient region (FLEX_BWD_GRAD_SMEM
+ * floats). flex_gpu_bwd_smem: the same sum + 1 KB. */
 #define FLEX_BWD90_Q_STAGE  (FLEX_BWD_BLOCK_M * FLEX_DQ * 2)
 #define FLEX_BWD90_DO_STAGE (FLEX_BWD_BLOCK_M * FLEX_DV * 2)
 #define FLEX_BWD90_SK       0
@@ -80,12 +93,24 @@ static_assert(FLEX_BWD_BLOCK_N == 128 && FLEX_DS_COLS == 64, "128 kv rows, dS ro
 #define FLEX_BWD90_SQ       (FLEX_BWD90_SV + FLEX_BWD_BLOCK_N * FLEX_DV * 2)
 #define FLEX_BWD90_SDO      (FLEX_BWD90_SQ + FLEX_BWD_STAGES * FLEX_BWD90_Q_STAGE)
 #define FLEX_BWD90_SDS      (FLEX_BWD90_SDO + FLEX_BWD_STAGES * FLEX_BWD90_DO_STAGE)
-#define FLEX_BWD90_SLSE     (FLEX_BWD90_SDS + FLEX_BWD_BLOCK_N * FLEX_DS_COLS * 2)
+#define FLEX_BWD90_DS_TILE  (FLEX_BWD_BLOCK_N * FLEX_DS_COLS * 2)
+#define FLEX_BWD90_DS_TILES (FLEX_BWD_TMA ? 2 : 1)
+#define FLEX_BWD90_SLSE     (FLEX_BWD90_SDS + FLEX_BWD90_DS_TILES * FLEX_BWD90_DS_TILE)
 #define FLEX_BWD90_SDELTA   (FLEX_BWD90_SLSE + FLEX_BWD_STAGES * FLEX_BWD_BLOCK_M * 4)
 static_assert(FLEX_BWD90_SQ % 1024 == 0 && FLEX_BWD90_SDO % 1024 == 0 &&
                   FLEX_BWD90_SDS % 1024 == 0 && FLEX_BWD90_Q_STAGE % 1024 == 0 &&
                   FLEX_BWD90_DO_STAGE % 1024 == 0,
               "every wgmma tile starts on a 1024-byte boundary");
+static_assert(FLEX_BWD90_SLSE % 128 == 0 && FLEX_BWD90_SDELTA % 128 == 0 &&
+                  FLEX_BWD_BLOCK_M * 4 % 128 == 0,
+              "TMA writes lse and delta to 128-byte aligned rows");
+/* With FLEX_BWD_TMA, after delta: the stages' mbarriers (full ones, then
+ * empty ones, 8 bytes each) and the slots of the steps handed over with
+ * them, in 128 bytes (in the dynamic region, so that the kernel has no
+ * static shared memory for the host to count). */
+#define FLEX_BWD90_SBAR    (FLEX_BWD90_SDELTA + FLEX_BWD_STAGES * FLEX_BWD_BLOCK_M * 4)
+#define FLEX_BWD90_SSLOT   (FLEX_BWD90_SBAR + 2 * FLEX_BWD_STAGES * 8)
+#define FLEX_BWD90_BAR_END (FLEX_BWD90_SBAR + (FLEX_BWD_TMA ? 128 : 0))
 #if FLEX_BWD_DQ_BULK
 /* dQ staged for the bulk reductions, after delta: one region per warp of
  * its 16 query rows x 64 fp32 columns, rows padded to 72 floats (288
@@ -94,7 +119,7 @@ static_assert(FLEX_BWD90_SQ % 1024 == 0 && FLEX_BWD90_SDO % 1024 == 0 &&
  * banks. flex_gpu_bwd_smem: FLEX_WARPS x FLEX_BWD90_DQ_WARP more. */
 #define FLEX_BWD90_DQ_ROW  ((64 + 8) * 4)
 #define FLEX_BWD90_DQ_WARP (16 * FLEX_BWD90_DQ_ROW)
-#define FLEX_BWD90_SDQ     (FLEX_BWD90_SDELTA + FLEX_BWD_STAGES * FLEX_BWD_BLOCK_M * 4)
+#define FLEX_BWD90_SDQ     FLEX_BWD90_BAR_END
 static_assert(FLEX_BWD90_SDQ % 16 == 0 && FLEX_BWD90_DQ_ROW % 16 == 0,
               "bulk copies read 16-byte aligned shared memory");
 #endif
@@ -102,7 +127,7 @@ static_assert(FLEX_BWD90_SDQ % 16 == 0 && FLEX_BWD90_DQ_ROW % 16 == 0,
 #if FLEX_BWD_DQ_BULK
 #define FLEX_BWD90_SGRAD (FLEX_BWD90_SDQ + FLEX_WARPS * FLEX_BWD90_DQ_WARP)
 #else
-#define FLEX_BWD90_SGRAD (FLEX_BWD90_SDELTA + FLEX_BWD_STAGES * FLEX_BWD_BLOCK_M * 4)
+#define FLEX_BWD90_SGRAD FLEX_BWD90_BAR_END
 #endif
 
 /* P of a step computed while its dPᵀ product is in flight (two product
@@ -241,19 +266,19 @@ static FLEX_DEVICE_INLINE void flex_bwd90_dq_bulk(float *gdq, int D, int Lq, int
 #endif
 
 /* dQ (64 query rows x 64 columns) = dS K for warpgroup wg, issued and
- * committed, not waited for. Both operands MN-major: dS is kv-major (rows
- * are the reduction, query columns contiguous), K is kv rows by head
- * columns. Head dim 128: columns 64 wg .. of K (its column block wg), over
+ * committed, not waited for. Both operands MN-major: dS (the tile at ds) is
+ * kv-major (rows are the reduction, query columns contiguous), K is kv rows
+ * by head columns. Head dim 128: columns 64 wg .. of K (its column block wg), over
  * all 128 kv rows; 64: K's only block, over the warpgroup's own 64 rows. */
-static FLEX_DEVICE_INLINE void flex_bwd90_dq(float (&acc)[8][4], flex_u32 base, int wg) {
+static FLEX_DEVICE_INLINE void flex_bwd90_dq(float (&acc)[8][4], flex_u32 base, flex_u32 ds,
+                                             int wg) {
     constexpr int BN = FLEX_BWD_BLOCK_N;
 #if FLEX_DQ == 128
     constexpr int KSTEPS = BN / 16;
-    const flex_u32 a0 = base + FLEX_BWD90_SDS, b0 = base + FLEX_BWD90_SK + wg * BN * 128;
+    const flex_u32 a0 = ds, b0 = base + FLEX_BWD90_SK + wg * BN * 128;
 #else
     constexpr int KSTEPS = BN / 32;
-    const flex_u32 a0 = base + FLEX_BWD90_SDS + wg * 64 * 128,
-                   b0 = base + FLEX_BWD90_SK + wg * 64 * 128;
+    const flex_u32 a0 = ds + wg * 64 * 128, b0 = base + FLEX_BWD90_SK + wg * 64 * 128;
 #endif
     const unsigned long long ad = flex_sw128_desc(a0, BN * 128);
     const unsigned long long bd = flex_sw128_desc(b0, BN * 128);
@@ -277,11 +302,136 @@ template <int N> static FLEX_DEVICE_INLINE void flex_bwd90_zero(float (&a)[N][4]
             a[i][r] = 0.0f;
 }
 
+#if FLEX_BWD_TMA
+/* The tensor maps of Q and dO (dims D, L, H, B, 64-row boxes of 64
+ * columns) and of lse and delta (dims L, 1, H, B, boxes of 64 floats): the
+ * kernel's second parameter. */
+struct flex_bwd_tmaps {
+    flex_tmap q, dout, lse, delta;
+};
+
+/* A step as the issuing thread hands it over with its stage; valid 0: the
+ * walk has ended. */
+struct flex_bwd_slot {
+    int h, q0, partial, valid;
+};
+static_assert(2 * FLEX_BWD_STAGES * 8 + FLEX_BWD_STAGES * sizeof(flex_bwd_slot) <= 128,
+              "the mbarriers and slots fit their 128 bytes");
+
+/* The walk's next step into stage `stage` (full: its full barrier): the
+ * step in slot, then its Q and dO rows, lse and delta by TMA, counted on
+ * full; at the walk's end the slot says so and full completes with no
+ * bytes. Rows past Lq read as zero, as with cp.async. The issuing thread
+ * only; the stage is free (its previous step released it). */
+static FLEX_DEVICE_INLINE void flex_bwd90_issue(const flex_bwd_params &bp, const flex_bwd_tmaps &tm,
+                                                int b, int hk, int kb, flex_bwd_cursor &cur,
+                                                volatile flex_bwd_slot *slot, flex_u32 base,
+                                                int stage, flex_u32 full) {
+    constexpr int BM = FLEX_BWD_BLOCK_M;
+    flex_bwd_step s;
+    if (!flex_bwd_next(bp, b, hk, kb, cur, s)) {
+        slot->valid = 0;
+        flex_mbar_arrive(full);
+        return;
+    }
+    slot->h = s.h, slot->q0 = s.q0, slot->partial = s.partial, slot->valid = 1;
+    flex_mbar_expect_tx(full, BM * (FLEX_DQ + FLEX_DV) * 2 + 2 * BM * 4);
+    flex_tma_rows<BM, FLEX_DQ>(base + FLEX_BWD90_SQ + stage * FLEX_BWD90_Q_STAGE, tm.q, s.q0, s.h,
+                               b, full);
+    flex_tma_rows<BM, FLEX_DV>(base + FLEX_BWD90_SDO + stage * FLEX_BWD90_DO_STAGE, tm.dout, s.q0,
+                               s.h, b, full);
+    flex_tma_box(base + FLEX_BWD90_SLSE + stage * BM * 4, tm.lse, s.q0, 0, s.h, b, full);
+    flex_tma_box(base + FLEX_BWD90_SDELTA + stage * BM * 4, tm.delta, s.q0, 0, s.h, b, full);
+}
+#endif
+
+/* A step's first half, on the tiles of `stage` and the dS tile at ds: Sᵀ
+ * and dPᵀ, P and dS from them, dS stored for dQ, dV += Pᵀ dO and dK += dSᵀ
+ * Q issued (not waited for: pa and da must stay as they are until then),
+ * and barrier C, after which dS is complete for dQ. */
+static FLEX_DEVICE_INLINE void flex_bwd90_step_scores(
+    const flex_bwd_params &bp, int b, const flex_bwd_step &st, int kv0, flex_u32 base,
+    const unsigned char *gbase, int stage, flex_u32 ds, float (&dk)[FLEX_DQ / 8][4],
+    float (&dv)[FLEX_DV / 8][4], flex_u32 (&pa)[FLEX_BWD_BLOCK_M / 16][4],
+    flex_u32 (&da)[FLEX_BWD_BLOCK_M / 16][4], int wg, int warp, int lane, unsigned &oob) {
+    constexpr int BM = FLEX_BWD_BLOCK_M, NT = BM / 8;
+    const flex_u32 q_st = base + FLEX_BWD90_SQ + stage * FLEX_BWD90_Q_STAGE;
+    const flex_u32 do_st = base + FLEX_BWD90_SDO + stage * FLEX_BWD90_DO_STAGE;
+    const float *lse = (const float *)(gbase + FLEX_BWD90_SLSE) + stage * BM;
+    const float *delta = (const float *)(gbase + FLEX_BWD90_SDELTA) + stage * BM;
+
+    float s[NT][4], dp[NT][4];
+    flex_wgmma_fence();
+    flex_bwd90_sdp_issue<FLEX_DQ>(s, base + FLEX_BWD90_SK, q_st, wg);
+    flex_bwd90_sdp_issue<FLEX_DV>(dp, base + FLEX_BWD90_SV, do_st, wg);
+#if FLEX_BWD90_SPLIT
+    /* P while dPᵀ is still in flight, dS once it is done */
+    flex_wgmma_wait<1>();
+    flex_pin(s);
+    float dsc[NT][4];
+    flex_grad_terms terms[NT][4];
+    flex_bwd_probs<NT>(bp, s, dsc, terms, b, st, kv0, lse, warp, lane, oob);
+    flex_wgmma_wait<0>();
+    flex_pin(dp);
+    flex_bwd_dscores<NT>(bp, s, dp, dsc, terms, delta, lane);
+#else
+    flex_wgmma_wait<0>();
+    flex_pin(s);
+    flex_pin(dp);
+    flex_bwd_scores<NT>(bp, s, dp, b, st, kv0, lse, delta, warp, lane, oob);
+#endif
+    flex_bwd_pack<NT>(s, pa);
+    flex_bwd_pack<NT>(dp, da);
+    if (bp.dq_acc) {
+        flex_bwd_store_ds<NT>(ds, da, warp, lane);
+        flex_fence_proxy_async(); /* this thread's dS -> dQ's reads */
+    }
+    flex_bwd90_dkdv(dk, dv, pa, da, q_st, do_st);
+#if FLEX_BWD90_WG_BARRIER
+    flex_bar_sync_wg(wg); /* C: the warpgroup's dS rows are complete for its dQ */
+#else
+    __syncthreads(); /* C: dS is complete for dQ, which reads other warps' rows */
+#endif
+}
+
+/* Its second half: dQ = dS K issued, every product of the step waited for,
+ * and dQ added to the accumulator. */
+static FLEX_DEVICE_INLINE void
+flex_bwd90_step_dq(const flex_bwd_params &bp, int b, const flex_bwd_step &st, flex_u32 base,
+                   flex_u32 ds, float (&dk)[FLEX_DQ / 8][4], float (&dv)[FLEX_DV / 8][4],
+                   flex_u32 (&pa)[FLEX_BWD_BLOCK_M / 16][4],
+                   flex_u32 (&da)[FLEX_BWD_BLOCK_M / 16][4], int wg, int warp, int lane) {
+    const flex_fwd_params &p = bp.f;
+    /* Issued whether or not dQ is wanted (then on a stale dS, unused): a
+     * product issued on one path only makes ptxas serialise them all. */
+    float dq[8][4];
+    flex_bwd90_dq(dq, base, ds, wg);
+    flex_wgmma_wait<0>();
+    flex_pin(dk);
+    flex_pin(dv);
+    flex_pin(pa);
+    flex_pin(da);
+    flex_pin(dq);
+    if (bp.dq_acc)
+#if FLEX_BWD_DQ_BULK
+        flex_bwd90_dq_bulk(bp.dq_acc + ((long long)b * p.Hq + st.h) * p.Lq * p.D, p.D, p.Lq,
+                           st.q0 + (warp & 3) * 16, flex_bwd90_dq_col0(wg), dq,
+                           base + FLEX_BWD90_SDQ + warp * FLEX_BWD90_DQ_WARP, lane);
+#else
+        flex_bwd_dq_add<8>(bp.dq_acc + ((long long)b * p.Hq + st.h) * p.Lq * p.D, p.D, p.Lq,
+                           st.q0 + (warp & 3) * 16, flex_bwd90_dq_col0(wg), dq, lane);
+#endif
+}
+
 /* One CTA per (batch, kv head, tile of 128 kv rows). */
 extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
+#if FLEX_BWD_TMA
+    flex_bwd_kernel(const flex_bwd_params bp, const __grid_constant__ flex_bwd_tmaps tm) {
+#else
     flex_bwd_kernel(const flex_bwd_params bp) {
+#endif
     const flex_fwd_params &p = bp.f;
-    constexpr int BM = FLEX_BWD_BLOCK_M, BN = FLEX_BWD_BLOCK_N, NT = BM / 8;
+    constexpr int BM = FLEX_BWD_BLOCK_M, BN = FLEX_BWD_BLOCK_N;
     extern __shared__ __align__(1024) unsigned char flex_smem[];
     /* the host adds 1 KB of slack for rounding the base up */
     const flex_u32 raw = flex_smem_addr(flex_smem), base = (raw + 1023u) & ~1023u;
@@ -305,24 +455,72 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
     flex_load_tile<BN, FLEX_DQ, true>(base + FLEX_BWD90_SK, gk, p.k_ss, kv0, p.Lkv, p.D, tid);
     flex_load_tile<BN, FLEX_DV, true>(base + FLEX_BWD90_SV, gv, p.v_ss, kv0, p.Lkv, p.Dv, tid);
 #if FLEX_BWD_GRAD_SMEM
-    flex_bwd_grad_zero<FLEX_THREADS>((float *)(gbase + FLEX_BWD90_SGRAD), tid); /* before B */
+    /* before the first barrier */
+    flex_bwd_grad_zero<FLEX_THREADS>((float *)(gbase + FLEX_BWD90_SGRAD), tid);
 #endif
 
+    float dk[FLEX_DQ / 8][4], dv[FLEX_DV / 8][4];
+    flex_bwd90_zero(dk);
+    flex_bwd90_zero(dv);
+    unsigned oob = 0;
     flex_bwd_cursor cur;
     flex_bwd_cursor_init(cur);
+
+#if FLEX_BWD_TMA
+    /* mbarriers: full 0 .. STAGES - 1 (the issuing thread's arrive and the
+     * stage's bytes), empty 0 .. STAGES - 1 (one arrive per warp done with
+     * the stage); the steps handed over with the stages (FLEX_BWD90_SBAR) */
+    const flex_u32 full0 = base + FLEX_BWD90_SBAR, empty0 = full0 + 8 * FLEX_BWD_STAGES;
+    volatile flex_bwd_slot *flex_bwd_slots = (volatile flex_bwd_slot *)(gbase + FLEX_BWD90_SSLOT);
+    if (tid == 0) {
+        for (int i = 0; i < FLEX_BWD_STAGES; i++) {
+            flex_mbar_init(full0 + 8 * i, 1);
+            flex_mbar_init(empty0 + 8 * i, FLEX_WARPS);
+        }
+        flex_mbar_init_fence();
+        for (int j = 0; j + 1 < FLEX_BWD_STAGES; j++)
+            flex_bwd90_issue(bp, tm, b, hk, kb, cur, &flex_bwd_slots[j], base, j, full0 + 8 * j);
+    }
+    flex_cp_async_commit();
+    flex_cp_async_wait<0>();
+    flex_fence_proxy_async(); /* K and V -> the products' reads */
+    __syncthreads();          /* K, V, the barriers and the zeroed gradient region are there */
+
+    for (int i = 0;; i++) {
+        const int stage = i % FLEX_BWD_STAGES;
+        flex_mbar_wait(full0 + 8 * stage, (unsigned)(i / FLEX_BWD_STAGES) & 1u);
+        const volatile flex_bwd_slot *slot = &flex_bwd_slots[stage];
+        if (!slot->valid) break;
+        flex_bwd_step st;
+        st.h = slot->h, st.q0 = slot->q0, st.partial = slot->partial != 0;
+        /* dS tiles alternate: step i - 1's dQ may still read the other */
+        const flex_u32 ds = base + FLEX_BWD90_SDS + (flex_u32)(i & 1) * FLEX_BWD90_DS_TILE;
+        flex_u32 pa[BM / 16][4], da[BM / 16][4];
+        flex_bwd90_step_scores(bp, b, st, kv0, base, gbase, stage, ds, dk, dv, pa, da, wg, warp,
+                               lane, oob);
+        if (tid == 0) {
+            /* The stage step i - 1 used, refilled with step i + STAGES - 1
+             * once every warp is done with it (at a head dim of 128 they
+             * are, by barrier C). */
+            const int refill = (i + FLEX_BWD_STAGES - 1) % FLEX_BWD_STAGES;
+            if (i > 0)
+                flex_mbar_wait(empty0 + 8 * refill, (unsigned)((i - 1) / FLEX_BWD_STAGES) & 1u);
+            flex_bwd90_issue(bp, tm, b, hk, kb, cur, &flex_bwd_slots[refill], base, refill,
+                             full0 + 8 * refill);
+        }
+        __syncwarp(); /* warp 0 together again for the products */
+        flex_bwd90_step_dq(bp, b, st, base, ds, dk, dv, pa, da, wg, warp, lane);
+        __syncwarp();
+        if (lane == 0) flex_mbar_arrive(empty0 + 8 * stage); /* the warp is done with the stage */
+    }
+#else
     flex_bwd_step st;
     bool have = flex_bwd_next(bp, b, hk, kb, cur, st);
 #if FLEX_BWD_PIPE
     if (have) flex_bwd90_load_step(bp, b, st, base, 0, tid);
 #endif
     flex_cp_async_commit();
-
-    float dk[FLEX_DQ / 8][4], dv[FLEX_DV / 8][4];
-    flex_bwd90_zero(dk);
-    flex_bwd90_zero(dv);
-    unsigned oob = 0;
     int stage = 0;
-
     while (have) {
         flex_bwd_step next;
 #if !FLEX_BWD_PIPE
@@ -338,68 +536,15 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
         if (have_next) flex_bwd90_load_step(bp, b, next, base, stage ^ 1, tid);
         flex_cp_async_commit();
 #endif
-        const flex_u32 q_st = base + FLEX_BWD90_SQ + stage * FLEX_BWD90_Q_STAGE;
-        const flex_u32 do_st = base + FLEX_BWD90_SDO + stage * FLEX_BWD90_DO_STAGE;
-        const float *lse = (const float *)(gbase + FLEX_BWD90_SLSE) + stage * BM;
-        const float *delta = (const float *)(gbase + FLEX_BWD90_SDELTA) + stage * BM;
-
-        float s[NT][4], dp[NT][4];
-        flex_wgmma_fence();
-        flex_bwd90_sdp_issue<FLEX_DQ>(s, base + FLEX_BWD90_SK, q_st, wg);
-        flex_bwd90_sdp_issue<FLEX_DV>(dp, base + FLEX_BWD90_SV, do_st, wg);
-#if FLEX_BWD90_SPLIT
-        /* P while dPᵀ is still in flight, dS once it is done */
-        flex_wgmma_wait<1>();
-        flex_pin(s);
-        float dsc[NT][4];
-        flex_grad_terms terms[NT][4];
-        flex_bwd_probs<NT>(bp, s, dsc, terms, b, st, kv0, lse, warp, lane, oob);
-        flex_wgmma_wait<0>();
-        flex_pin(dp);
-        flex_bwd_dscores<NT>(bp, s, dp, dsc, terms, delta, lane);
-#else
-        flex_wgmma_wait<0>();
-        flex_pin(s);
-        flex_pin(dp);
-        flex_bwd_scores<NT>(bp, s, dp, b, st, kv0, lse, delta, warp, lane, oob);
-#endif
-        flex_u32 pa[NT / 2][4], da[NT / 2][4];
-        flex_bwd_pack<NT>(s, pa);
-        flex_bwd_pack<NT>(dp, da);
-        if (bp.dq_acc) {
-            flex_bwd_store_ds<NT>(base + FLEX_BWD90_SDS, da, warp, lane);
-            flex_fence_proxy_async(); /* this thread's dS -> dQ's reads */
-        }
-        flex_bwd90_dkdv(dk, dv, pa, da, q_st, do_st);
-#if FLEX_BWD90_WG_BARRIER
-        flex_bar_sync_wg(wg); /* C: the warpgroup's dS rows are complete for its dQ */
-#else
-        __syncthreads(); /* C: dS is complete for dQ, which reads other warps' rows */
-#endif
-        /* Issued whether or not dQ is wanted (then on a stale dS, unused):
-         * a product issued on one path only makes ptxas serialise them all. */
-        float dq[8][4];
-        flex_bwd90_dq(dq, base, wg);
-        flex_wgmma_wait<0>();
-        flex_pin(dk);
-        flex_pin(dv);
-        flex_pin(pa);
-        flex_pin(da);
-        flex_pin(dq);
-        if (bp.dq_acc)
-#if FLEX_BWD_DQ_BULK
-            flex_bwd90_dq_bulk(bp.dq_acc + ((long long)b * p.Hq + st.h) * p.Lq * p.D, p.D, p.Lq,
-                               st.q0 + (warp & 3) * 16, flex_bwd90_dq_col0(wg), dq,
-                               base + FLEX_BWD90_SDQ + warp * FLEX_BWD90_DQ_WARP, lane);
-#else
-            flex_bwd_dq_add<8>(bp.dq_acc + ((long long)b * p.Hq + st.h) * p.Lq * p.D, p.D, p.Lq,
-                               st.q0 + (warp & 3) * 16, flex_bwd90_dq_col0(wg), dq, lane);
-#endif
-
+        flex_u32 pa[BM / 16][4], da[BM / 16][4];
+        flex_bwd90_step_scores(bp, b, st, kv0, base, gbase, stage, base + FLEX_BWD90_SDS, dk, dv,
+                               pa, da, wg, warp, lane, oob);
+        flex_bwd90_step_dq(bp, b, st, base, base + FLEX_BWD90_SDS, dk, dv, pa, da, wg, warp, lane);
         st = next;
         have = have_next;
         stage ^= FLEX_BWD_STAGES - 1;
     }
+#endif
     flex_cp_async_wait<0>(); /* nothing in flight when the CTA ends (a tile without steps) */
 #if FLEX_BWD_DQ_BULK
     /* The dQ reductions complete, not only done reading their regions: the

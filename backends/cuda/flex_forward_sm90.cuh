@@ -22,7 +22,8 @@
  * publishes the stages.
  *
  * The wgmma primitives (descriptors, products, fences) are
- * flex_wgmma_sm90.cuh's, which the host places just before this file.
+ * flex_wgmma_sm90.cuh's and the TMA copies and mbarriers
+ * flex_tma_sm90.cuh's, which the host places just before this file.
  *
  * Requires: 16-bit elements, FLEX_VEC (16-byte aligned rows), FLEX_DQ and
  * FLEX_DV in {64, 128, 192, 256}, FLEX_WARPS 8, FLEX_MT 1, FLEX_BLOCK_N 64
@@ -297,62 +298,11 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
 #error "the TMA forward keeps one or two Q tiles"
 #endif
 
-/* TMA copies: one thread issues each tile as 64-column boxes that land in
- * wgmma's 128-byte swizzle, and an mbarrier per stage counts the bytes in.
- * The host passes one tensor map per operand (dims D, L, H, B; rows beyond
- * L and columns beyond D read as zero) as a second kernel parameter. */
-struct __align__(64) flex_tmap {
-    unsigned long long opaque[16];
-};
+/* The tensor maps of Q, K and V (dims D, L, H, B; flex_tma_sm90.cuh), the
+ * kernel's second parameter. */
 struct flex_tmaps {
     flex_tmap q, k, v;
 };
-
-static FLEX_DEVICE_INLINE void flex_mbar_init(flex_u32 bar, unsigned count) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(count) : "memory");
-}
-static FLEX_DEVICE_INLINE void flex_mbar_expect_tx(flex_u32 bar, unsigned bytes) {
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
-                 : "memory");
-}
-/* Waits for the phase of parity `parity` to complete. A phase that never
- * completes is a bug; after 2^28 polls (minutes: each poll suspends the
- * warp for a while) the kernel traps, so it fails with an error instead of
- * hanging the process. */
-static FLEX_DEVICE_INLINE void flex_mbar_wait(flex_u32 bar, unsigned parity) {
-    asm volatile("{\n"
-                 ".reg .pred done, more;\n"
-                 ".reg .u32 polls;\n"
-                 "mov.u32 polls, 0;\n"
-                 "FLEX_MBAR_POLL:\n"
-                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-                 "@done bra.uni FLEX_MBAR_DONE;\n"
-                 "add.u32 polls, polls, 1;\n"
-                 "setp.lt.u32 more, polls, 268435456;\n"
-                 "@more bra.uni FLEX_MBAR_POLL;\n"
-                 "trap;\n"
-                 "FLEX_MBAR_DONE:\n"
-                 "}\n" ::"r"(bar),
-                 "r"(parity)
-                 : "memory");
-}
-static FLEX_DEVICE_INLINE void flex_tma_box(flex_u32 dst, const flex_tmap &map, int col, int row,
-                                            int h, int b, flex_u32 bar) {
-    asm volatile("cp.async.bulk.tensor.4d.shared::cluster.global.mbarrier::complete_tx::bytes"
-                 " [%0], [%1, {%2, %3, %4, %5}], [%6];\n" ::"r"(dst),
-                 "l"(reinterpret_cast<unsigned long long>(&map)), "r"(col), "r"(row), "r"(h),
-                 "r"(b), "r"(bar)
-                 : "memory");
-}
-/* Rows [row0, row0 + ROWS) of head h, batch b: DPAD / 64 boxes, counted on bar. */
-template <int ROWS, int DPAD>
-static FLEX_DEVICE_INLINE void flex_tma_tile(flex_u32 dst, const flex_tmap &map, int row0, int h,
-                                             int b, flex_u32 bar) {
-    flex_mbar_expect_tx(bar, ROWS * DPAD * 2);
-#pragma unroll
-    for (int c = 0; c < DPAD / 64; c++)
-        flex_tma_box(dst + c * ROWS * 128, map, c * 64, row0, h, b, bar);
-}
 
 /* Warp specialisation: a producer warpgroup (one thread issues every TMA
  * copy; the warpgroup gives its registers to the others) and two consumer
@@ -361,9 +311,6 @@ static FLEX_DEVICE_INLINE void flex_tma_tile(flex_u32 dst, const flex_tmap &map,
  * consumer warps done with it, so the producer runs up to two stages ahead.
  * The consumers take turns issuing their products (named barriers 1 and
  * 2), so that one warpgroup's softmax overlaps the other's products. */
-static FLEX_DEVICE_INLINE void flex_mbar_arrive(flex_u32 bar) {
-    asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
 static FLEX_DEVICE_INLINE void flex_named_sync(int id) {
     asm volatile("bar.sync %0, 256;\n" ::"r"(id) : "memory");
 }
@@ -479,7 +426,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
             flex_mbar_init(empty_k + 8 * i, FLEX_WARPS);
             flex_mbar_init(empty_v + 8 * i, FLEX_WARPS);
         }
-        asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+        flex_mbar_init_fence();
     }
     __syncthreads(); /* the last barrier of all 384 threads */
 

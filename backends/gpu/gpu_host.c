@@ -545,7 +545,7 @@ flex_status flex_gpu_mask_blocks(flex_context *ctx, const struct flex_mod *mask_
         const size_t size = flex_gpu_append_buffers(blob, sizeof p, descs,
                                                     mask_mod->ir.num_buffers, st->bounds_flag);
         const unsigned gx = (unsigned)(count < (1 << 20) ? count : (1 << 20));
-        s = ops->launch(ctx, st, fn, gx, 1, 256, 0, NULL, blob, size);
+        s = ops->launch(ctx, st, fn, gx, 1, 256, 0, NULL, blob, size, NULL);
     }
     if (!s) s = flex_gpu_check(ctx, st, ops->synchronize(st->api), ops->synchronize_name);
     if (!s)
@@ -937,15 +937,18 @@ int flex_gpu_decode_splits(int sm_count, int64_t units, int64_t longest_kv, int 
 
 size_t flex_gpu_bwd_smem(const flex_cuda_bwd_config *cfg) {
     const size_t bn = (size_t)cfg->warps * 16, bm = (size_t)cfg->block_m;
-    const size_t stages = cfg->pipeline ? 2 : 1, ds_cols = bm > 64 ? bm : 64;
+    const size_t stages = cfg->tma ? (size_t)cfg->tma : cfg->pipeline ? 2 : 1;
+    const size_t ds_cols = bm > 64 ? bm : 64, ds_tiles = cfg->tma ? 2 : 1;
     const size_t dims = (size_t)cfg->dq + (size_t)cfg->dv;
     /* the sm_90a kernel rounds its base up to 1024 bytes (wgmma's swizzle)
      * and, with dq_bulk, stages dQ in a region per warp: 16 rows of 64
      * floats padded to 72 (flex_backward_sm90.cuh's FLEX_BWD90_SDQ); the
-     * shared gradient region follows lse, delta and the dQ regions */
+     * shared gradient region follows lse, delta and the dQ regions. With
+     * tma, the stages' mbarriers and step slots take 128 bytes after delta
+     * and dS has two tiles. */
     const size_t dq_regions = cfg->wgmma && cfg->dq_bulk ? (size_t)cfg->warps * 16 * 288 : 0;
-    return 2 * (bn * dims + stages * bm * dims + bn * ds_cols) + 8 * stages * bm +
-           (cfg->wgmma ? 1024 : 0) + dq_regions + 4 * (size_t)cfg->grad_smem;
+    return 2 * (bn * dims + stages * bm * dims + ds_tiles * bn * ds_cols) + 8 * stages * bm +
+           (cfg->wgmma ? 1024 : 0) + dq_regions + 4 * (size_t)cfg->grad_smem + (cfg->tma ? 128 : 0);
 }
 
 int flex_gpu_bwd_grad_floats(const flex_backward_args *a) {
@@ -1159,16 +1162,16 @@ void flex_gpu_bwd_mods_free(flex_gpu_bwd_mods *m) {
 void flex_gpu_bwd_key(char *key, size_t cap, const flex_gpu_state *st,
                       const flex_cuda_bwd_config *cfg, const flex_gpu_bwd_mods *m,
                       const unsigned char *mask_in_range, const unsigned char *score_in_range) {
-    _Static_assert(sizeof(flex_cuda_bwd_config) == 19 * sizeof(int),
+    _Static_assert(sizeof(flex_cuda_bwd_config) == 20 * sizeof(int),
                    "flex_cuda_bwd_config changed: update the backward kernel key");
     snprintf(key, cap,
              "bwd|%s|dq%d|dv%d|w%d|bm%d|vec%d|short%d|gs%d|pipe%d|exp2%d|red%d|kvf%d|wg%d|sw%d|"
-             "wgb%d|dqb%d|dqw%d|dqn%d|gsm%d|mask=%016llx|score=%016llx|loads=%016llx|"
+             "wgb%d|dqb%d|tma%d|dqw%d|dqn%d|gsm%d|mask=%016llx|score=%016llx|loads=%016llx|"
              "inr=%016llx.%016llx|%s|%s",
              flex_dtype_name(cfg->dtype), cfg->dq, cfg->dv, cfg->warps, cfg->block_m, cfg->vec,
              cfg->short_indices, cfg->grad_slots, cfg->pipeline, cfg->exp2, cfg->dq_red,
              cfg->kv_fastest, cfg->wgmma, cfg->split_wait, cfg->wg_barrier, cfg->dq_bulk,
-             cfg->dq_warps, cfg->dq_block_n, cfg->grad_smem,
+             cfg->tma, cfg->dq_warps, cfg->dq_block_n, cfg->grad_smem,
              (unsigned long long)mod_hash(m->mask_mod), (unsigned long long)mod_hash(m->score_used),
              (unsigned long long)(m->num_loads ? flex_cache_checksum(m->loads,
                                                                     (size_t)m->num_loads *
@@ -1236,7 +1239,8 @@ flex_status flex_gpu_bwd_launch(flex_context *ctx, flex_gpu_state *st,
                                 const flex_backward_args *a, const flex_cuda_bwd_config *cfg,
                                 const flex_gpu_bwd_mods *m, const flex_gpu_mask_copy *mc,
                                 const flex_gpu_bwd_kernels *k, const flex_gpu_buffer_desc *descs,
-                                flex_gpu_ptr ws, size_t smem, size_t smem_dq, void *stream) {
+                                flex_gpu_ptr ws, size_t smem, size_t smem_dq, void *stream,
+                                void *main_second) {
     const struct flex_block_mask *mask = a->block_mask;
     const int q_block = mask ? mask->q_block : 128, kv_block = mask ? mask->kv_block : 128;
     const int64_t B = a->q.sizes[0], Hq = a->q.sizes[1], Lq = a->q.sizes[2];
@@ -1250,8 +1254,8 @@ flex_status flex_gpu_bwd_launch(flex_context *ctx, flex_gpu_state *st,
                                           dq_bytes ? ws + delta_bytes : 0, m->grad_descs,
                                           cfg->grad_slots, descs, m->slots, st->bounds_flag);
     const unsigned rows_y = (unsigned)((Lq + 3) / 4);
-    flex_status s =
-        st->ops->launch(ctx, st, k->pre, (unsigned)(B * Hq), rows_y, 128, 0, stream, blob, size);
+    flex_status s = st->ops->launch(ctx, st, k->pre, (unsigned)(B * Hq), rows_y, 128, 0, stream,
+                                    blob, size, NULL);
     if (!s) {
         const int64_t per_cta = f32 ? 4 : (int64_t)cfg->warps * 16;
         const unsigned heads = (unsigned)(B * Hkv);
@@ -1259,15 +1263,16 @@ flex_status flex_gpu_bwd_launch(flex_context *ctx, flex_gpu_state *st,
         s = st->ops->launch(ctx, st, k->main, cfg->kv_fastest ? tiles : heads,
                             cfg->kv_fastest ? heads : tiles,
                             f32 ? 128u : (unsigned)cfg->warps * 32, (unsigned)smem, stream, blob,
-                            size);
+                            size, main_second);
     }
     if (!s && k->store)
         s = st->ops->launch(ctx, st, k->store, (unsigned)(B * Hq), rows_y, 128, 0, stream, blob,
-                            size);
+                            size, NULL);
     if (!s && k->dq) {
         const int64_t rows = f32 ? 4 : (int64_t)cfg->dq_warps * 16;
         s = st->ops->launch(ctx, st, k->dq, (unsigned)(B * Hq), (unsigned)((Lq + rows - 1) / rows),
-                            (unsigned)cfg->dq_warps * 32, (unsigned)smem_dq, stream, blob, size);
+                            (unsigned)cfg->dq_warps * 32, (unsigned)smem_dq, stream, blob, size,
+                            NULL);
     }
     if (!s && m->slots > 0) {
         atomic_store(&st->bounds_pending, 1);
@@ -1290,6 +1295,14 @@ int flex_gpu_caller_alloc(flex_context *ctx, size_t bytes, void *stream, void **
     if (!*ptr)
         *status = flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY,
                             "the caller's allocator gave no %zu-byte work space", bytes);
+    else if ((uintptr_t)*ptr % 256 != 0) {
+        /* the kernels' bulk copies and tensor maps read it in aligned rows */
+        a->free(a->user, *ptr, stream);
+        *ptr = NULL;
+        *status = flex_fail(ctx, FLEX_ERR_INVALID_ARGUMENT,
+                            "the caller's allocator gave a work space that is not aligned to 256 "
+                            "bytes");
+    }
     return 1;
 }
 

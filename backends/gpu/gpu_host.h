@@ -70,12 +70,15 @@ typedef struct flex_gpu_ops {
     int (*synchronize)(const void *api);
     const char *synchronize_name;
     int out_of_memory; /* the result mem_alloc gives when the device is full */
-    /* Launches fn with blob (size bytes) as its parameter block on stream;
-     * the vendor turns its failure into ctx's error (the launch is where
-     * the vendors' calls and what they can say about a failure differ). */
+    /* Launches fn with blob (size bytes) as its parameter block on stream,
+     * and `second` (NULL: none) as its second parameter, whose size and
+     * alignment the kernel's signature gives (CUDA's tensor maps; a vendor
+     * without kernels that take one is never passed one); the vendor turns
+     * its failure into ctx's error (the launch is where the vendors' calls
+     * and what they can say about a failure differ). */
     flex_status (*launch)(flex_context *ctx, struct flex_gpu_state *st, void *fn, unsigned gx,
                           unsigned gy, unsigned threads, unsigned smem, void *stream, void *blob,
-                          size_t size);
+                          size_t size, void *second);
     /* The mask-block evaluator's source (flex_mask_blocks.cuh) for a mask
      * mod (malloc'd; NULL: out of memory). */
     char *(*mask_blocks_source)(const ir_mod *mask);
@@ -586,12 +589,15 @@ void flex_gpu_bwd_workspace(const flex_backward_args *a, const flex_cuda_bwd_con
  * block (flex_gpu_bwd_blob over the workspace at ws, laid out as
  * flex_gpu_bwd_workspace says): preprocess, the main kernel per (batch x
  * kv head, kv tile) in the grid order cfg->kv_fastest says (smem bytes of
- * shared memory), then the dQ store or the dQ kernel (smem_dq) where k has
- * them. Marks the bounds flag pending when the mods read buffers. */
+ * shared memory; main_second, NULL or its second parameter: the tensor
+ * maps of cfg->tma, which the caller owns), then the dQ store or the dQ
+ * kernel (smem_dq) where k has them. Marks the bounds flag pending when the
+ * mods read buffers. */
 flex_status flex_gpu_bwd_launch(flex_context *ctx, flex_gpu_state *st,
                                 const flex_backward_args *a, const flex_cuda_bwd_config *cfg,
                                 const flex_gpu_bwd_mods *m, const flex_gpu_mask_copy *mc,
                                 const flex_gpu_bwd_kernels *k, const flex_gpu_buffer_desc *descs,
-                                flex_gpu_ptr ws, size_t smem, size_t smem_dq, void *stream);
+                                flex_gpu_ptr ws, size_t smem, size_t smem_dq, void *stream,
+                                void *main_second);
 
 #endif /* FLEXATTN_GPU_HOST_H */

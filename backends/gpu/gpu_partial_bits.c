@@ -288,7 +288,7 @@ flex_status flex_gpu_partial_bits_make(flex_context *ctx, flex_gpu_state *st,
     memcpy(blob, &p, sizeof p);
     const size_t size = flex_gpu_append_buffers(blob, sizeof p, descs, slots, st->bounds_flag);
     const unsigned ctas = (unsigned)(pb->num_blocks < (1 << 20) ? pb->num_blocks : (1 << 20));
-    flex_status s = st->ops->launch(ctx, st, fn, ctas, 1, 256, 0, stream, blob, size);
+    flex_status s = st->ops->launch(ctx, st, fn, ctas, 1, 256, 0, stream, blob, size, NULL);
     /* Made on the call's stream (after the work that wrote the mod's
      * buffers) and waited for, once, so that calls on other streams find
      * them complete. */

@@ -99,10 +99,13 @@ static flex_status ops_compile(flex_context *ctx, const void *api, const char *s
 static int ops_synchronize(const void *api) {
     return hip_api(api)->hipDeviceSynchronize();
 }
-/* Launches fn with blob (size bytes) as its parameter block. */
+/* Launches fn with blob (size bytes) as its parameter block; no HIP
+ * kernel takes a second parameter. */
 static flex_status ops_launch(flex_context *ctx, flex_gpu_state *gpu, void *fn, unsigned gx,
                               unsigned gy, unsigned threads, unsigned smem, void *stream,
-                              void *blob, size_t size) {
+                              void *blob, size_t size, void *second) {
+    if (second)
+        return flex_fail(ctx, FLEX_ERR_INTERNAL, "a HIP kernel was given a second parameter");
     void *extra[] = {(void *)(uintptr_t)FLEX_HIP_LAUNCH_PARAM_BUFFER_POINTER, blob,
                      (void *)(uintptr_t)FLEX_HIP_LAUNCH_PARAM_BUFFER_SIZE, &size,
                      (void *)(uintptr_t)FLEX_HIP_LAUNCH_PARAM_END};
@@ -329,7 +332,7 @@ static flex_status hip_forward(flex_context *ctx, const flex_forward_args *a) {
                           (long long)p.mask_nq * p.tiles_per_row);
         else if (gx > 0 && gy > 0)
             s = ops_launch(ctx, &st->gpu, fn, gx, gy, threads, (unsigned)smem, a->stream, blob,
-                           size);
+                           size, NULL);
         if (!s && slots > 0) atomic_store(&st->gpu.bounds_pending, 1);
     }
     pthread_mutex_unlock(&st->gpu.lock);
@@ -464,7 +467,7 @@ static flex_status hip_backward(flex_context *ctx, const flex_backward_args *a) 
     if (!s) s = workspace_alloc(ctx, st, delta_bytes + dq_bytes, stream, &ws);
     if (!s)
         s = flex_gpu_bwd_launch(ctx, &st->gpu, a, &cfg, &m, mc, &kernels, descs,
-                                (flex_gpu_ptr)(uintptr_t)ws.ptr, smem, 0, stream);
+                                (flex_gpu_ptr)(uintptr_t)ws.ptr, smem, 0, stream, NULL);
     workspace_free(ctx, st, &ws, stream);
     pthread_mutex_unlock(&st->gpu.lock);
     return s;

@@ -17,8 +17,9 @@
  * proves the reads in range.
  *
  * The configuration starts as the sm_90a wgmma kernel's (bf16, head dims
- * 128, 8 warps, 64-row steps, every lever on); FIELD=VALUE sets a field of
- * flex_cuda_bwd_config (dtype=bf16|f16|f32, dq, dv, warps, block_m, ...).
+ * 128, 8 warps, 64-row steps, every lever on, the TMA copies in two
+ * stages); FIELD=VALUE sets a field of flex_cuda_bwd_config
+ * (dtype=bf16|f16|f32, dq, dv, warps, block_m, ..., tma).
  * --buf declares a buffer of mods given as text (presets bring their own);
  * --grads wants the gradient of every float buffer the score mod reads;
  * grad_smem=N sums them in a shared region of N floats (the gradient

@@ -47,6 +47,7 @@ static const key_info keys[FLEX_DEBUG_NUM_KEYS] = {
     [FLEX_DEBUG_CUDA_BWD_GRAD_SMEM] = {"cuda_bwd_grad_smem", FORM_SWITCH},
     [FLEX_DEBUG_CUDA_BWD_DQ_BULK] = {"cuda_bwd_dq_bulk", FORM_SWITCH},
     [FLEX_DEBUG_CUDA_BWD_TMA] = {"cuda_bwd_tma", FORM_COUNT},
+    [FLEX_DEBUG_CUDA_BWD_REFILL_EARLY] = {"cuda_bwd_refill_early", FORM_SWITCH},
     [FLEX_DEBUG_SCORE_SPARSITY] = {"score_sparsity", FORM_SWITCH},
 };
 

@@ -902,6 +902,12 @@ static const bw_case grad_cases[] = {
 };
 static const char *const grad_settings[] = {"", "cuda_bwd_wgmma=0", "cuda_bwd_grad_smem=0",
                                             "cuda_bwd_wgmma=0,cuda_bwd_grad_smem=0"};
+/* The sm_90 wgmma kernel's copies each way, whatever the default: its
+ * cases (mask blocks of 128) again with cp.async, with two TMA stages, and
+ * with the TMA refill at the top of the step. Where the kernel or the
+ * tensor maps do not apply, the same cases run the other paths again. */
+static const char *const copy_settings[] = {"cuda_bwd_tma=0", "cuda_bwd_tma=2",
+                                            "cuda_bwd_refill_early=1"};
 
 /* A context with `add` on top of the environment's keys; exits on failure
  * (gpu_test_open has already shown CUDA usable). */
@@ -929,6 +935,17 @@ int main(void) {
             run_case(&grad_cases[i]);
             printf("%s: %s [%s]\n", failures == before ? "PASS" : "FAIL", grad_cases[i].name,
                    *grad_settings[k] ? grad_settings[k] : "default");
+        }
+        flex_context_destroy(gpu);
+    }
+    for (size_t k = 0; k < sizeof copy_settings / sizeof copy_settings[0]; k++) {
+        gpu = open_with(copy_settings[k]);
+        for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+            if (!strstr(cases[i].name, "blocks 128")) continue;
+            const int before = failures;
+            run_case(&cases[i]);
+            printf("%s: %s [%s]\n", failures == before ? "PASS" : "FAIL", cases[i].name,
+                   copy_settings[k]);
         }
         flex_context_destroy(gpu);
     }

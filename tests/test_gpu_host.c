@@ -1273,7 +1273,7 @@ START_TEST(test_kernel_keys) {
     memset(&m, 0, sizeof m);
     flex_gpu_bwd_key(key, sizeof key, &st, &b, &m, NULL, NULL);
     ck_assert_str_eq(key, "bwd|f16|dq64|dv128|w8|bm32|vec1|short0|gs2|pipe1|exp21|red0|kvf1|wg1|"
-                          "sw1|wgb0|dqb1|tma0|dqw4|dqn32|gsm8208|mask=0000000000000000|"
+                          "sw1|wgb0|dqb1|tma0.0|dqw4|dqn32|gsm8208|mask=0000000000000000|"
                           "score=0000000000000000|loads=0000000000000000|inr=0000000000000000."
                           "0000000000000000|fake1|"
                           "fakecc1.2");

@@ -109,6 +109,7 @@ static int set_field(flex_cuda_bwd_config *cfg, const char *arg) {
                                 {"wg_barrier", &cfg->wg_barrier},
                                 {"dq_bulk", &cfg->dq_bulk},
                                 {"tma", &cfg->tma},
+                                {"refill_early", &cfg->refill_early},
                                 {"dq_warps", &cfg->dq_warps},
                                 {"dq_block_n", &cfg->dq_block_n},
                                 {"grad_smem", &cfg->grad_smem}};

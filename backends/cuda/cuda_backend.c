@@ -983,6 +983,9 @@ static void choose_backward_tiles(const flex_context *ctx, flex_cuda_bwd_config 
             t.tma = n;
             if (flex_gpu_bwd_smem(&t) <= smem_limit) wg = t;
         }
+        /* where the stage of a step is refilled: after the next step's
+         * barrier C, or (cuda_bwd_refill_early=1) at its top */
+        wg.refill_early = wg.tma && env_switch(ctx, FLEX_DEBUG_CUDA_BWD_REFILL_EARLY, 0);
         *cfg = wg;
         return;
     }

@@ -280,7 +280,7 @@ char *flex_cuda_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *m
     const int grad_smem = cfg->dtype != FLEX_F32 && score->ir && score->num_loads > 0
                               ? cfg->grad_smem
                               : 0;
-    char config[512];
+    char config[768];
     const char *elem = elem_macro(cfg->dtype);
     snprintf(config, sizeof config,
              "/* configuration */\n#define %s 1\n#define FLEX_DQ %d\n#define FLEX_DV %d\n"
@@ -290,11 +290,11 @@ char *flex_cuda_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *m
              "#define FLEX_BWD_KV_FASTEST %d\n#define FLEX_BWD_WGMMA %d\n"
              "#define FLEX_BWD_SPLIT_WAIT %d\n#define FLEX_BWD_WG_BARRIER %d\n"
              "#define FLEX_BWD_GRAD_SMEM %d\n#define FLEX_BWD_DQ_BULK %d\n"
-             "#define FLEX_BWD_TMA %d\n",
+             "#define FLEX_BWD_TMA %d\n#define FLEX_BWD_REFILL_EARLY %d\n",
              elem, cfg->dq, cfg->dv, cfg->warps, cfg->block_m, cfg->vec, cfg->short_indices,
              cfg->grad_slots > 0 ? cfg->grad_slots : 1, cfg->pipeline, cfg->exp2, cfg->dq_red,
              cfg->kv_fastest, cfg->wgmma, cfg->split_wait, cfg->wg_barrier, grad_smem,
-             cfg->dq_bulk, cfg->tma);
+             cfg->dq_bulk, cfg->tma, cfg->refill_early);
     char *mods = flex_emit_mods_in_range(mask, score->ir, mask_in_range, score->in_range);
     if (!mods) return NULL;
     char *glue = score_glue(score, mask ? mask->num_buffers : 0, grad_smem);

@@ -99,8 +99,10 @@ typedef struct flex_cuda_bwd_config {
     int split_wait, wg_barrier, dq_bulk;
     /* The wgmma kernel's copies of Q, dO, lse and delta: 2 or 3, by TMA from
      * one thread into that many stages (tensor maps as a second parameter,
-     * two dS tiles); 0, cp.async by all threads (pipeline's stages). */
-    int tma;
+     * two dS tiles); 0, cp.async by all threads (pipeline's stages).
+     * refill_early: with tma, a stage is refilled at the top of the step
+     * after the one that used it, not after that step's barrier C. */
+    int tma, refill_early;
     /* The deterministic dQ kernel (flex_backward_dq.cuh), whose presence
      * leaves dQ out of the main kernel's atomics: its warps (f16/bf16: 16
      * query rows each; f32: one row each) and kv rows per step (f16/bf16).

@@ -50,7 +50,9 @@
  *     FLEX_BWD_WG_BARRIER it is a named barrier of the warpgroup's 128
  *     threads (each writer's fence.proxy.async comes before it either way).
  *     After it the issuing thread refills the stage the previous step used
- *     (at a head dim of 128 every warp is done with it by then).
+ *     (at a head dim of 128 every warp is done with it by then); with
+ *     FLEX_BWD_REFILL_EARLY at the top of the step instead, once every warp
+ *     is done with it.
  *   FLEX_BWD_TMA 0: cp.async by all threads (Q, dO, lse and delta of the
  *     next step into the other stage, FLEX_BWD_PIPE), published to wgmma's
  *     async proxy by fence.proxy.async before barrier B at the top of each
@@ -77,6 +79,9 @@
 static_assert(FLEX_BWD_BLOCK_N == 128 && FLEX_DS_COLS == 64, "128 kv rows, dS rows of 128 bytes");
 #if FLEX_BWD_TMA && ((FLEX_BWD_TMA != 2 && FLEX_BWD_TMA != 3) || !FLEX_BWD_PIPE)
 #error "the TMA copies run a pipeline of 2 or 3 stages"
+#endif
+#ifndef FLEX_BWD_REFILL_EARLY
+#define FLEX_BWD_REFILL_EARLY 0
 #endif
 
 /* Shared memory, from a 1024-byte aligned base (every tile starts on a
@@ -343,6 +348,19 @@ static FLEX_DEVICE_INLINE void flex_bwd90_issue(const flex_bwd_params &bp, const
     flex_tma_box(base + FLEX_BWD90_SLSE + stage * BM * 4, tm.lse, s.q0, 0, s.h, b, full);
     flex_tma_box(base + FLEX_BWD90_SDELTA + stage * BM * 4, tm.delta, s.q0, 0, s.h, b, full);
 }
+
+/* The issuing thread at step i: the stage step i - 1 used, refilled with
+ * step i + STAGES - 1 once every warp is done with it (its empty barrier;
+ * after barrier C at a head dim of 128 they all are). */
+static FLEX_DEVICE_INLINE void flex_bwd90_refill(const flex_bwd_params &bp,
+                                                 const flex_bwd_tmaps &tm, int b, int hk, int kb,
+                                                 flex_bwd_cursor &cur,
+                                                 volatile flex_bwd_slot *slots, flex_u32 base,
+                                                 flex_u32 full0, flex_u32 empty0, int i) {
+    const int refill = (i + FLEX_BWD_STAGES - 1) % FLEX_BWD_STAGES;
+    if (i > 0) flex_mbar_wait(empty0 + 8 * refill, (unsigned)((i - 1) / FLEX_BWD_STAGES) & 1u);
+    flex_bwd90_issue(bp, tm, b, hk, kb, cur, &slots[refill], base, refill, full0 + 8 * refill);
+}
 #endif
 
 /* A step's first half, on the tiles of `stage` and the dS tile at ds: Sᵀ
@@ -493,22 +511,23 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
         if (!slot->valid) break;
         flex_bwd_step st;
         st.h = slot->h, st.q0 = slot->q0, st.partial = slot->partial != 0;
+#if FLEX_BWD_REFILL_EARLY
+        /* the refill here: the load gets a whole step, warp 0 waits for
+         * the slowest warp's end of step i - 1 */
+        if (tid == 0)
+            flex_bwd90_refill(bp, tm, b, hk, kb, cur, flex_bwd_slots, base, full0, empty0, i);
+        __syncwarp(); /* warp 0 together again for the products */
+#endif
         /* dS tiles alternate: step i - 1's dQ may still read the other */
         const flex_u32 ds = base + FLEX_BWD90_SDS + (flex_u32)(i & 1) * FLEX_BWD90_DS_TILE;
         flex_u32 pa[BM / 16][4], da[BM / 16][4];
         flex_bwd90_step_scores(bp, b, st, kv0, base, gbase, stage, ds, dk, dv, pa, da, wg, warp,
                                lane, oob);
-        if (tid == 0) {
-            /* The stage step i - 1 used, refilled with step i + STAGES - 1
-             * once every warp is done with it (at a head dim of 128 they
-             * are, by barrier C). */
-            const int refill = (i + FLEX_BWD_STAGES - 1) % FLEX_BWD_STAGES;
-            if (i > 0)
-                flex_mbar_wait(empty0 + 8 * refill, (unsigned)((i - 1) / FLEX_BWD_STAGES) & 1u);
-            flex_bwd90_issue(bp, tm, b, hk, kb, cur, &flex_bwd_slots[refill], base, refill,
-                             full0 + 8 * refill);
-        }
+#if !FLEX_BWD_REFILL_EARLY
+        if (tid == 0)
+            flex_bwd90_refill(bp, tm, b, hk, kb, cur, flex_bwd_slots, base, full0, empty0, i);
         __syncwarp(); /* warp 0 together again for the products */
+#endif
         flex_bwd90_step_dq(bp, b, st, base, ds, dk, dv, pa, da, wg, warp, lane);
         __syncwarp();
         if (lane == 0) flex_mbar_arrive(empty0 + 8 * stage); /* the warp is done with the stage */

@@ -15,7 +15,8 @@ within bf16 rounding (a lever that changes results fails the run).
         [--rounds 3] [--len S] "" "cuda_bwd_split_wait=0" ...
 A setting "KEYS@LIBRARY" runs with another build of the library (e.g.
 "@/tmp/base-build/libflexattn.so": the base commit's, its default keys).
-Cases: PATTERN:D with PATTERN one of noop, causal, document, softcap, alibi,
+Cases: PATTERN:D with PATTERN one of noop, causal, window (causal within 1024 keys,
+backward.py's sliding_window), document, softcap, alibi,
 relbias (causal plus a learnable (H, 513) relative-position bias table whose
 gradient is timed and checked too), or zoo/NAME for a mod of bench/gpu/zoo.py (e.g. zoo/dilated_window:128).
 """
@@ -45,6 +46,7 @@ def child(case, forward, iters, ref_path, S, dev):
     learned = {"relbias": [rel]}
     masks = {"noop": None, "causal": lambda b, h, qi, kv: qi >= kv,
              "relbias": lambda b, h, qi, kv: qi >= kv,
+             "window": lambda b, h, qi, kv: (qi >= kv) & (qi - kv < 1024),
              "document": lambda b, h, qi, kv: (doc[qi] == doc[kv]) & (qi >= kv),
              "softcap": lambda b, h, qi, kv: qi >= kv, "alibi": lambda b, h, qi, kv: qi >= kv}
     scores = {"softcap": lambda s, b, h, qi, kv: 30.0 * torch.tanh(s / 30.0),

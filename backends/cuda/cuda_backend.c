@@ -372,10 +372,26 @@ static int tma_layout_ok(const flex_tensor *t) {
            (t->sizes[0] == 1 || sb >= sh);
 }
 
+/* A tiled tensor map of `data` (4 dims, innermost first; 3 strides in
+ * bytes) with boxes of `box`, into map (128 bytes, 64-byte aligned). The
+ * elements are copied as bits of their width; out-of-range ones read as
+ * zero. */
+static flex_status encode_map(flex_context *ctx, cuda_state *st, void *data, int data_type,
+                              const unsigned long long dims[4], const unsigned long long strides[3],
+                              const unsigned box[4], int swizzle, unsigned char *map) {
+    const unsigned unit[4] = {1, 1, 1, 1};
+    return check_cu(ctx, st->api,
+                    st->api->cuTensorMapEncodeTiled(map, data_type, 4, data, dims, strides, box,
+                                                    unit, FLEX_CU_TENSOR_MAP_INTERLEAVE_NONE,
+                                                    swizzle,
+                                                    FLEX_CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
+                                                    FLEX_CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE),
+                    "cuTensorMapEncodeTiled");
+}
+
 /* A tiled tensor map of t (dims D, L, H, B) with boxes of `rows` rows and
- * 64 columns in the 128-byte swizzle, into map (128 bytes, 64-byte
- * aligned): the kernel's tiles are rows x 64-column blocks. The elements
- * are copied as UINT16 bits; out-of-range ones read as zero. */
+ * 64 columns in the 128-byte swizzle, into map: the kernel's tiles are
+ * rows x 64-column blocks, of 16-bit elements. */
 static flex_status encode_tensor_map(flex_context *ctx, cuda_state *st, const flex_tensor *t,
                                      unsigned rows, unsigned char *map) {
     const unsigned long long dims[4] = {
@@ -384,14 +400,24 @@ static flex_status encode_tensor_map(flex_context *ctx, cuda_state *st, const fl
     const unsigned long long strides[3] = {(unsigned long long)t->strides[2] * 2,
                                            (unsigned long long)t->strides[1] * 2,
                                            (unsigned long long)t->strides[0] * 2};
-    const unsigned box[4] = {64, rows, 1, 1}, unit[4] = {1, 1, 1, 1};
-    return check_cu(ctx, st->api,
-                    st->api->cuTensorMapEncodeTiled(
-                        map, FLEX_CU_TENSOR_MAP_DATA_TYPE_UINT16, 4, t->data, dims, strides, box,
-                        unit, FLEX_CU_TENSOR_MAP_INTERLEAVE_NONE, FLEX_CU_TENSOR_MAP_SWIZZLE_128B,
-                        FLEX_CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-                        FLEX_CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE),
-                    "cuTensorMapEncodeTiled");
+    const unsigned box[4] = {64, rows, 1, 1};
+    return encode_map(ctx, st, t->data, FLEX_CU_TENSOR_MAP_DATA_TYPE_UINT16, dims, strides, box,
+                      FLEX_CU_TENSOR_MAP_SWIZZLE_128B, map);
+}
+
+/* A tensor map of float rows (dims L, 1, H, B; strides sh and sb floats,
+ * rows contiguous) with boxes of 64 floats, without swizzle: the
+ * backward's lse and delta. */
+static flex_status encode_row_map(flex_context *ctx, cuda_state *st, void *data, int64_t B,
+                                  int64_t H, int64_t L, int64_t sh, int64_t sb,
+                                  unsigned char *map) {
+    const unsigned long long dims[4] = {(unsigned long long)L, 1, (unsigned long long)H,
+                                        (unsigned long long)B};
+    const unsigned long long strides[3] = {(unsigned long long)sh * 4, (unsigned long long)sh * 4,
+                                           (unsigned long long)sb * 4};
+    const unsigned box[4] = {64, 1, 1, 1};
+    return encode_map(ctx, st, data, FLEX_CU_TENSOR_MAP_DATA_TYPE_UINT32, dims, strides, box,
+                      FLEX_CU_TENSOR_MAP_SWIZZLE_NONE, map);
 }
 
 /* The persistent grid's CTAs: one per SM, or FLEXATTN_DEBUG=cuda_ctas=N of them
@@ -856,26 +882,6 @@ static void workspace_free(flex_context *ctx, cuda_state *st, CUdeviceptr p, CUs
         st->api->cuStreamSynchronize(stream);
         st->api->cuMemFree(p);
     }
-}
-
-/* A tensor map of float rows (dims L, 1, H, B; strides sh and sb floats,
- * rows contiguous) with boxes of 64 floats, copied as 32-bit words without
- * swizzle: the backward's lse and delta. Rows past L read as zero. */
-static flex_status encode_row_map(flex_context *ctx, cuda_state *st, void *data, int64_t B,
-                                  int64_t H, int64_t L, int64_t sh, int64_t sb,
-                                  unsigned char *map) {
-    const unsigned long long dims[4] = {(unsigned long long)L, 1, (unsigned long long)H,
-                                        (unsigned long long)B};
-    const unsigned long long strides[3] = {(unsigned long long)sh * 4, (unsigned long long)sh * 4,
-                                           (unsigned long long)sb * 4};
-    const unsigned box[4] = {64, 1, 1, 1}, unit[4] = {1, 1, 1, 1};
-    return check_cu(ctx, st->api,
-                    st->api->cuTensorMapEncodeTiled(
-                        map, FLEX_CU_TENSOR_MAP_DATA_TYPE_UINT32, 4, data, dims, strides, box, unit,
-                        FLEX_CU_TENSOR_MAP_INTERLEAVE_NONE, FLEX_CU_TENSOR_MAP_SWIZZLE_NONE,
-                        FLEX_CU_TENSOR_MAP_L2_PROMOTION_L2_128B,
-                        FLEX_CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE),
-                    "cuTensorMapEncodeTiled");
 }
 
 /* The strides a row map of a [B][H][L] float tensor takes (a size-1

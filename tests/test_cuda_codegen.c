@@ -819,7 +819,8 @@ END_TEST
 /* Forwards whose partial blocks read bit masks (flex_partial_bits.cuh):
  * the wgmma kernels (TMA, chained TMA, cp.async), the mma.sync kernel with
  * 32-key sub-steps (two m-tiles), 128-key steps (a row's four words at
- * once) and 16-key steps (half a word), each down to machine code. */
+ * once) and 16-key steps (half a word), each down to machine code; and the
+ * backward's main kernels (test_nvrtc_compiles_partial_bits). */
 static const struct {
     flex_cuda_fwd_config cfg;
     const char *arch;
@@ -844,7 +845,7 @@ static const struct {
 };
 
 START_TEST(test_nvrtc_compiles_partial_bits) {
-    if (!nvrtc_loaded("NVRTC partial-bit forward cases")) return;
+    if (!nvrtc_loaded("NVRTC partial-bit forward and backward cases")) return;
     num_cases = next_case = 0;
     /* a mask that reads a buffer, one that reads h, and a score mod beside
      * a mask (the split softmax path), each with every config */
@@ -870,6 +871,26 @@ START_TEST(test_nvrtc_compiles_partial_bits) {
     /* unchecked reads */
     add_case("causal+softcap", &causal, &softcap, &bits_configs[0].cfg, "sm_90a", 0);
     cases[num_cases - 1].in_range = 1;
+    /* The backward's main kernels reading the bits: the wgmma one with TMA
+     * (2 and 3 stages), with cp.async and beside the deterministic dQ
+     * kernel; the mma.sync one at 64-, 32- and 16-row steps. */
+    const struct {
+        const flex_cuda_bwd_config *cfg;
+        const char *arch;
+    } bwd_bits[] = {{&bwd_wgmma_configs[0], "sm_90a"}, {&bwd_wgmma_configs[1], "sm_90a"},
+                    {&bwd_wgmma_configs[2], "sm_90a"}, {&bwd_wgmma_configs[3], "sm_90a"},
+                    {&bwd_full_configs[2], "sm_80"},   {&bwd_full_configs[0], "sm_80"},
+                    {&bwd_configs[0], "sm_90a"}};
+    for (size_t f = 0; f < sizeof bwd_bits / sizeof bwd_bits[0]; f++) {
+        flex_cuda_bwd_config cfg = *bwd_bits[f].cfg;
+        cfg.partial_bits = 1;
+        ir_mod m;
+        ck_assert_int_eq(parse_preset(flex_preset_find("document_causal"), &m), 0);
+        add_backward_case("document_causal", &m, NULL, &cfg, bwd_bits[f].arch);
+        ir_free(&m);
+        add_backward_case("per_head", &per_head, NULL, &cfg, bwd_bits[f].arch);
+        add_backward_case("causal+softcap", &causal, &softcap, &cfg, bwd_bits[f].arch);
+    }
     /* The source has the bit kernel only when it is asked for. */
     flex_cuda_fwd_config plain = bits_configs[0].cfg;
     char *with = flex_cuda_forward_source(&plain, &causal, NULL);
@@ -883,6 +904,28 @@ START_TEST(test_nvrtc_compiles_partial_bits) {
     ck_assert_ptr_nonnull(strstr(without, "#define FLEX_PARTIAL_BITS 0"));
     free(with);
     free(without);
+    /* So has the backward's, and never the f32 one's (which evaluates). */
+    const flex_cuda_bwd_score none = {0};
+    flex_cuda_bwd_config bwd = bwd_wgmma_configs[0];
+    bwd.partial_bits = 1;
+    with = flex_cuda_backward_source(&bwd, &causal, NULL, &none);
+    bwd.partial_bits = 0;
+    without = flex_cuda_backward_source(&bwd, &causal, NULL, &none);
+    flex_cuda_bwd_config f32 = bwd_configs[2];
+    f32.partial_bits = 1;
+    char *exact = flex_cuda_backward_source(&f32, &causal, NULL, &none);
+    ck_assert_ptr_nonnull(with);
+    ck_assert_ptr_nonnull(without);
+    ck_assert_ptr_nonnull(exact);
+    ck_assert_ptr_nonnull(strstr(with, "flex_partial_bits_kernel"));
+    ck_assert_ptr_nonnull(strstr(with, "#define FLEX_BWD_BITS 1"));
+    ck_assert_ptr_null(strstr(without, "flex_partial_bits_kernel"));
+    ck_assert_ptr_nonnull(strstr(without, "#define FLEX_BWD_BITS 0"));
+    ck_assert_ptr_null(strstr(exact, "flex_partial_bits_kernel"));
+    ck_assert_ptr_nonnull(strstr(exact, "#define FLEX_BWD_BITS 0"));
+    free(with);
+    free(without);
+    free(exact);
     ir_free(&per_head);
     ir_free(&softcap);
     ir_free(&causal);

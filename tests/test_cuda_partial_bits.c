@@ -1,19 +1,22 @@
 /*
- * The CUDA forward with partial blocks read from bit masks (the default,
- * backends/gpu/gpu_partial_bits.h) against the same forward evaluating the
- * mask mod (FLEXATTN_DEBUG=cuda_partial_bits=0): out and lse must be the
- * same bits, since a mask is boolean. Cases: masks with partial blocks
- * that read neither b nor h (stored once or once per (b, h)), that read h
- * (per-head lists, and a broadcast mask, whose bits come in planes), that
- * read a bool buffer, lengths that are no multiple of the blocks and
- * Lq != Lkv, GQA, explicit lists per (b, h), rows every block masks, a
- * score mod beside the mask, the wgmma kernel (128-blocks) and the
- * mma.sync one (smaller blocks, down to 16-key steps), each called twice
- * (the second call finds the bits made). A mask mod that reads out of its
- * buffer is reported by flex_synchronize on every call, as when it is
- * evaluated. Outputs are poisoned (NaN) before every call. Without a
- * usable CUDA backend the program prints "SKIPPED: <reason>" and exits 77.
- * It needs no test library (GPU machines may lack it).
+ * The CUDA forward and backward with partial blocks read from bit masks
+ * (the default, backends/gpu/gpu_partial_bits.h) against the same kernels
+ * evaluating the mask mod (FLEXATTN_DEBUG=cuda_partial_bits=0): out, lse,
+ * dk and dv must be the same bits, since a mask is boolean (dq, summed by
+ * atomics in an order that varies, within a unit of its last place). The
+ * backward runs over a mask whose bits its forward made, and over one
+ * whose bits it makes itself. Cases: masks with partial blocks that read
+ * neither b nor h (stored once or once per (b, h)), that read h (per-head
+ * lists, and a broadcast mask, whose bits come in planes), that read a
+ * bool buffer, lengths that are no multiple of the blocks and Lq != Lkv,
+ * GQA, explicit lists per (b, h), rows every block masks, a score mod
+ * beside the mask, the wgmma kernels (128-blocks) and the mma.sync ones
+ * (smaller blocks, down to 16-key steps), each called twice (the second
+ * call finds the bits made). A mask mod that reads out of its buffer is
+ * reported by flex_synchronize on every call, forward and backward, as
+ * when it is evaluated. Outputs are poisoned (NaN) before every call.
+ * Without a usable CUDA backend the program prints "SKIPPED: <reason>" and
+ * exits 77. It needs no test library (GPU machines may lack it).
  */
 #include <math.h>
 #include <stdio.h>
@@ -26,8 +29,9 @@
 #include "gpu_test.h"
 
 /* The GPU context that evaluates the mask mod (gpu, from gpu_test.h,
- * reads the bit masks). */
-static flex_context *gpu_eval;
+ * reads the bit masks), and one more reading them, where the backward's
+ * mask is not the forward's, so that the backward makes its bits. */
+static flex_context *gpu_eval, *gpu_bwd_bits;
 
 static uint64_t rng = 0x9e3779b97f4a7c15ull;
 
@@ -157,6 +161,131 @@ static flex_status forward_on(flex_context *ctx, const bits_case *c, void *dq, v
     return s;
 }
 
+/* The gradients of one backward on ctx over bwd_mask, after a forward
+ * over fwd_mask (the same mask, or one built alike), into host_grads[0..2]
+ * (dq, dk, dv), the device gradients poisoned first; dout_dev is the
+ * upstream gradient. *forward_status gets the forward's synchronize (a
+ * bounds report there is the forward's). */
+static flex_status backward_on(flex_context *ctx, const bits_case *c, void *dq, void *dk, void *dv,
+                               void *dout_dev, const flex_mod *score,
+                               const flex_block_mask *fwd_mask, const flex_block_mask *bwd_mask,
+                               void *host_grads[3], flex_status *forward_status) {
+    const size_t es = flex_dtype_size(c->dt);
+    const int64_t qs[4] = {c->B, c->Hq, c->Lq, c->D}, ks[4] = {c->B, c->Hkv, c->Lkv, c->D};
+    const int64_t vs[4] = {c->B, c->Hkv, c->Lkv, c->Dv}, os[4] = {c->B, c->Hq, c->Lq, c->Dv};
+    const size_t bytes[3] = {(size_t)(qs[0] * qs[1] * qs[2] * qs[3]) * es,
+                             (size_t)(ks[0] * ks[1] * ks[2] * ks[3]) * es,
+                             (size_t)(vs[0] * vs[1] * vs[2] * vs[3]) * es};
+    const size_t out_bytes = (size_t)(c->B * c->Hq * c->Lq * c->Dv) * es;
+    const size_t lse_bytes = (size_t)(c->B * c->Hq * c->Lq) * 4;
+    size_t most = out_bytes > lse_bytes ? out_bytes : lse_bytes;
+    for (int i = 0; i < 3; i++)
+        most = bytes[i] > most ? bytes[i] : most;
+    unsigned char *poison = malloc(most);
+    memset(poison, 0xff, most);
+    void *dout = to_gpu(poison, out_bytes), *dlse = to_gpu(poison, lse_bytes);
+    void *grads[3];
+    for (int i = 0; i < 3; i++)
+        grads[i] = to_gpu(poison, bytes[i]);
+    free(poison);
+    const flex_tensor q = flex_tensor_contiguous(dq, c->dt, 4, qs, FLEX_DEVICE_CUDA);
+    const flex_tensor k = flex_tensor_contiguous(dk, c->dt, 4, ks, FLEX_DEVICE_CUDA);
+    const flex_tensor v = flex_tensor_contiguous(dv, c->dt, 4, vs, FLEX_DEVICE_CUDA);
+    const flex_tensor o = flex_tensor_contiguous(dout, c->dt, 4, os, FLEX_DEVICE_CUDA);
+    const flex_tensor l = flex_tensor_contiguous(dlse, FLEX_F32, 3, os, FLEX_DEVICE_CUDA);
+    const flex_tensor g = flex_tensor_contiguous(dout_dev, c->dt, 4, os, FLEX_DEVICE_CUDA);
+    const flex_tensor gq = flex_tensor_contiguous(grads[0], c->dt, 4, qs, FLEX_DEVICE_CUDA);
+    const flex_tensor gk = flex_tensor_contiguous(grads[1], c->dt, 4, ks, FLEX_DEVICE_CUDA);
+    const flex_tensor gv = flex_tensor_contiguous(grads[2], c->dt, 4, vs, FLEX_DEVICE_CUDA);
+    flex_attention_options opts;
+    memset(&opts, 0, sizeof opts);
+    flex_status s = flex_attention(ctx, &q, &k, &v, score, fwd_mask, &opts, &o, &l);
+    *forward_status = s == FLEX_OK ? flex_synchronize(ctx) : s;
+    if (s == FLEX_OK)
+        s = flex_attention_backward(ctx, &q, &k, &v, &o, &g, &l, score, bwd_mask, &opts, &gq, &gk,
+                                    &gv, NULL, 0);
+    if (s == FLEX_OK) s = flex_synchronize(ctx);
+    for (int i = 0; i < 3 && s == FLEX_OK; i++)
+        s = flex_copy_to_host(ctx, host_grads[i], grads[i], bytes[i]);
+    for (int i = 0; i < 3; i++)
+        flex_free(gpu, grads[i]);
+    flex_free(gpu, dout);
+    flex_free(gpu, dlse);
+    return s;
+}
+
+/* The backward of case c on the bit-mask contexts against the evaluating
+ * one: dk and dv the same bits, dq within 1/128 of its magnitude (bf16
+ * and f16 keep 8 and 11 bits; summing the same fp32 terms in another
+ * order can move the rounding by one unit) plus 1e-5 of the largest dq. */
+static void compare_backward(const bits_case *c, void *dq, void *dk, void *dv,
+                             const flex_mod *score, const flex_block_mask *mask_eval,
+                             const flex_block_mask *mask_bits, const flex_block_mask *mask_fwd,
+                             const flex_block_mask *mask_made) {
+    const size_t es = flex_dtype_size(c->dt);
+    const int64_t n[3] = {(int64_t)c->B * c->Hq * c->Lq * c->D,
+                          (int64_t)c->B * c->Hkv * c->Lkv * c->D,
+                          (int64_t)c->B * c->Hkv * c->Lkv * c->Dv};
+    const int64_t no = (int64_t)c->B * c->Hq * c->Lq * c->Dv;
+    void *hout = malloc((size_t)no * es);
+    for (int64_t i = 0; i < no; i++)
+        flex_store_from_float(hout, c->dt, i, gpu_test_uniform(&rng));
+    void *ddout = to_gpu(hout, (size_t)no * es);
+    free(hout);
+    void *ref[3], *got[3];
+    for (int i = 0; i < 3; i++)
+        ref[i] = malloc((size_t)n[i] * es), got[i] = malloc((size_t)n[i] * es);
+    flex_status fs;
+    flex_status s =
+        backward_on(gpu_eval, c, dq, dk, dv, ddout, score, mask_eval, mask_eval, ref, &fs);
+    if (s != FLEX_OK) {
+        fprintf(stderr, "FAIL %s: backward evaluating the mask: %s\n", c->name,
+                flex_error_message(gpu_eval));
+        failures++;
+    }
+    flex_context *ctxs[2] = {gpu, gpu_bwd_bits};
+    const flex_block_mask *fwd_masks[2] = {mask_bits, mask_fwd};
+    const flex_block_mask *masks[2] = {mask_bits, mask_made};
+    const char *which[2] = {"bits made by the forward", "bits made by the backward"};
+    for (int w = 0; w < 2 && s == FLEX_OK; w++) {
+        for (int call = 0; call < 2; call++) {
+            const flex_status sw =
+                backward_on(ctxs[w], c, dq, dk, dv, ddout, score, fwd_masks[w], masks[w], got, &fs);
+            if (sw != FLEX_OK) {
+                fprintf(stderr, "FAIL %s: backward, %s: %s\n", c->name, which[w],
+                        flex_error_message(ctxs[w]));
+                failures++;
+                break;
+            }
+            size_t bad[3] = {0, 0, 0};
+            double most = 0.0;
+            for (int64_t i = 0; i < n[0]; i++)
+                most = fmax(most, fabs(flex_load_as_float(ref[0], c->dt, i)));
+            for (int t = 0; t < 3; t++)
+                for (int64_t i = 0; i < n[t]; i++) {
+                    const float a = flex_load_as_float(ref[t], c->dt, i);
+                    const float b = flex_load_as_float(got[t], c->dt, i);
+                    if (t > 0)
+                        bad[t] += memcmp((char *)ref[t] + i * es, (char *)got[t] + i * es, es) != 0;
+                    else
+                        bad[t] += !(fabsf(a - b) <=
+                                    fmaxf(fabsf(a), fabsf(b)) / 128.0f + 1e-5f * (float)most);
+                }
+            if (bad[0] || bad[1] || bad[2]) {
+                fprintf(stderr,
+                        "FAIL %s: backward, %s (call %d): %zu dq beyond tolerance, %zu dk and "
+                        "%zu dv not the same bits as the evaluated mask's\n",
+                        c->name, which[w], call + 1, bad[0], bad[1], bad[2]);
+                failures++;
+                break;
+            }
+        }
+    }
+    for (int i = 0; i < 3; i++)
+        free(ref[i]), free(got[i]);
+    flex_free(gpu, ddout);
+}
+
 static void run_case(const bits_case *c) {
     const int failures_before = failures;
     const size_t es = flex_dtype_size(c->dt);
@@ -194,6 +323,8 @@ static void run_case(const bits_case *c) {
     }
     flex_block_mask *mask_bits = make_mask(gpu, c, mask_mod, lists);
     flex_block_mask *mask_eval = make_mask(gpu_eval, c, mask_mod, lists);
+    flex_block_mask *mask_fwd = make_mask(gpu_bwd_bits, c, mask_mod, lists);
+    flex_block_mask *mask_made = make_mask(gpu_bwd_bits, c, mask_mod, lists);
 
     const size_t out_bytes = (size_t)(c->B * c->Hq * c->Lq * c->Dv) * es;
     const size_t lse_n = (size_t)(c->B * c->Hq * c->Lq);
@@ -230,10 +361,15 @@ static void run_case(const bits_case *c) {
             break;
         }
     }
-    if (failures == failures_before) printf("PASS %s: the same bits\n", c->name);
+    if (failures == failures_before)
+        compare_backward(c, dq, dk, dv, score, mask_eval, mask_bits, mask_fwd, mask_made);
+    if (failures == failures_before)
+        printf("PASS %s: the same bits, forward and backward\n", c->name);
     free(out_eval), free(out_bits), free(lse_eval), free(lse_bits), free(lists), free(g);
     flex_block_mask_destroy(mask_bits);
     flex_block_mask_destroy(mask_eval);
+    flex_block_mask_destroy(mask_fwd);
+    flex_block_mask_destroy(mask_made);
     flex_mod_destroy(mask_mod);
     if (score) flex_mod_destroy(score);
     flex_free(gpu, dq), flex_free(gpu, dk), flex_free(gpu, dv);
@@ -262,21 +398,34 @@ static void test_bounds_reported(void) {
     void *dq = to_gpu(zeros, n * es), *dk = to_gpu(zeros, n * es), *dv = to_gpu(zeros, n * es);
     void *out = malloc(n * es);
     float *lse = malloc((size_t)(c.B * c.Hq * c.Lq) * 4);
+    void *grads[3] = {malloc(n * es), malloc(n * es), malloc(n * es)};
     flex_context *ctxs[2] = {gpu_eval, gpu};
     for (int i = 0; i < 2; i++) {
         for (int call = 0; call < 2; call++) {
-            const flex_status s = forward_on(ctxs[i], &c, dq, dk, dv, NULL, masks[i], out, lse);
+            flex_status s = forward_on(ctxs[i], &c, dq, dk, dv, NULL, masks[i], out, lse);
             if (s != FLEX_ERR_BUFFER_BOUNDS || !strstr(flex_error_message(ctxs[i]), "'g'")) {
                 fprintf(stderr, "FAIL bounds (%s, call %d): status %d, '%s'\n",
                         i ? "bit masks" : "evaluated", call + 1, (int)s,
                         flex_error_message(ctxs[i]));
                 failures++;
             }
+            /* the backward reports it by itself (the forward's report was
+             * taken at its own synchronize) */
+            flex_status fs;
+            s = backward_on(ctxs[i], &c, dq, dk, dv, dq, NULL, masks[i], masks[i], grads, &fs);
+            if (fs != FLEX_ERR_BUFFER_BOUNDS || s != FLEX_ERR_BUFFER_BOUNDS ||
+                !strstr(flex_error_message(ctxs[i]), "'g'")) {
+                fprintf(stderr, "FAIL bounds, backward (%s, call %d): status %d / %d, '%s'\n",
+                        i ? "bit masks" : "evaluated", call + 1, (int)fs, (int)s,
+                        flex_error_message(ctxs[i]));
+                failures++;
+            }
         }
         flex_block_mask_destroy(masks[i]);
     }
-    if (failures == failures_before) printf("PASS mask read out of its buffer: reported on every call\n");
-    free(out), free(lse), free(zeros), free(g);
+    if (failures == failures_before)
+        printf("PASS mask read out of its buffer: reported on every call, forward and backward\n");
+    free(out), free(lse), free(zeros), free(g), free(grads[0]), free(grads[1]), free(grads[2]);
     flex_mod_destroy(mod);
     flex_free(gpu, dq), flex_free(gpu, dk), flex_free(gpu, dv);
 }
@@ -297,9 +446,11 @@ int main(void) {
     flex_context_destroy(gpu);
     gpu = open_with("cuda_partial_bits=1");
     gpu_eval = open_with("cuda_partial_bits=0");
+    gpu_bwd_bits = open_with("cuda_partial_bits=1");
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++)
         run_case(&cases[i]);
     test_bounds_reported();
+    flex_context_destroy(gpu_bwd_bits);
     flex_context_destroy(gpu_eval);
     flex_context_destroy(gpu);
     flex_context_destroy(cpu);
@@ -307,6 +458,7 @@ int main(void) {
         fprintf(stderr, "%d failures\n", failures);
         return 1;
     }
-    printf("partial-block bit masks: every case the same bits as the evaluated mask\n");
+    printf("partial-block bit masks: every case the same bits as the evaluated mask, forward and "
+           "backward\n");
     return 0;
 }

@@ -547,7 +547,7 @@ START_TEST(test_backward_blob) {
     descs[0].data = 0x5678;
     unsigned char blob[FLEX_GPU_BWD_BLOB_BYTES];
     const size_t size =
-        flex_gpu_bwd_blob(blob, &a, NULL, NULL, 16, 32, 0x1000, 0, grads, 0, descs, 1, 0x42);
+        flex_gpu_bwd_blob(blob, &a, NULL, NULL, NULL, 16, 32, 0x1000, 0, grads, 0, descs, 1, 0x42);
     /* no gradient tensors: one slot still; one buffer and the flag */
     const size_t at_p = FLEX_GPU_BWD_FWD_AT(0);
     ck_assert_uint_eq(at_p, sizeof(flex_gpu_bwd_head) + sizeof(flex_gpu_buffer_desc));
@@ -781,7 +781,8 @@ END_TEST
 
 /* Every (b, h) of a call of B x Hq heads finds, for every partial entry
  * of the row its walk reads, a bit block of the same q-block and kv-block
- * evaluated at its own b and h where the mod reads them (0 where not). */
+ * evaluated at its own b and h where the mod reads them (0 where not); so
+ * does the backward's walk of every kv-block column. */
 static void check_plan_maps(const flex_block_mask *mask, int reads_b, int reads_h, int64_t B,
                             int64_t Hq, const flex_gpu_bits_plan *plan) {
     const int64_t nq = mask->num_q_blocks;
@@ -804,6 +805,23 @@ static void check_plan_maps(const flex_block_mask *mask, int reads_b, int reads_
                     ck_assert_int_eq(blk[1], reads_h ? h : 0);
                     ck_assert_int_eq(blk[2], i);
                     ck_assert_int_eq(blk[3], idx[e]);
+                }
+            }
+            /* the backward's table, by its q-major walk over kv blocks */
+            const int64_t nk = mask->num_kv_blocks;
+            const int32_t *qoff = mask->q_partial.offsets, *qidx = mask->q_partial.indices;
+            for (int64_t j = 0; j < nk; j++) {
+                const int64_t col = (mb * mask->H + mh) * nk + j;
+                for (int64_t e = qoff[col]; e < qoff[col + 1]; e++) {
+                    const int32_t w = plan->q_entry_words[plane * plan->entries + e];
+                    ck_assert_int_eq(w % plan->block_words, 0);
+                    const int64_t slot = w / plan->block_words;
+                    ck_assert_int_lt(slot, plan->num_blocks);
+                    const int32_t *blk = plan->blocks + 4 * slot;
+                    ck_assert_int_eq(blk[0], reads_b ? b : 0);
+                    ck_assert_int_eq(blk[1], reads_h ? h : 0);
+                    ck_assert_int_eq(blk[2], qidx[e]);
+                    ck_assert_int_eq(blk[3], j);
                 }
             }
         }
@@ -1268,12 +1286,12 @@ START_TEST(test_kernel_keys) {
                               .vec = 1, .short_indices = 0, .grad_slots = 2, .pipeline = 1,
                               .exp2 = 1, .dq_red = 0, .kv_fastest = 1, .wgmma = 1,
                               .split_wait = 1, .wg_barrier = 0, .dq_bulk = 1, .dq_warps = 4,
-                              .dq_block_n = 32, .grad_smem = 8208};
+                              .dq_block_n = 32, .grad_smem = 8208, .partial_bits = 1};
     flex_gpu_bwd_mods m;
     memset(&m, 0, sizeof m);
     flex_gpu_bwd_key(key, sizeof key, &st, &b, &m, NULL, NULL);
     ck_assert_str_eq(key, "bwd|f16|dq64|dv128|w8|bm32|vec1|short0|gs2|pipe1|exp21|red0|kvf1|wg1|"
-                          "sw1|wgb0|dqb1|tma0.0|dqw4|dqn32|gsm8208|mask=0000000000000000|"
+                          "sw1|wgb0|dqb1|tma0.0|dqw4|dqn32|gsm8208|pb1|mask=0000000000000000|"
                           "score=0000000000000000|loads=0000000000000000|inr=0000000000000000."
                           "0000000000000000|fake1|"
                           "fakecc1.2");
@@ -1307,7 +1325,7 @@ START_TEST(test_backward_launches) {
     flex_gpu_buffer_desc descs[FLEX_EMIT_MAX_SLOTS];
     memset(descs, 0, sizeof descs);
     int k0, k1, k2, k3;
-    flex_gpu_bwd_kernels k = {&k0, &k1, &k2, NULL};
+    flex_gpu_bwd_kernels k = {&k0, &k1, &k2, NULL, NULL};
     size_t delta, dq;
     flex_gpu_bwd_workspace(&a, &c, &delta, &dq);
     ck_assert_uint_eq(delta, 3328); /* 800 floats, rounded up to 256 bytes */

@@ -112,7 +112,8 @@ static int set_field(flex_cuda_bwd_config *cfg, const char *arg) {
                                 {"refill_early", &cfg->refill_early},
                                 {"dq_warps", &cfg->dq_warps},
                                 {"dq_block_n", &cfg->dq_block_n},
-                                {"grad_smem", &cfg->grad_smem}};
+                                {"grad_smem", &cfg->grad_smem},
+                                {"partial_bits", &cfg->partial_bits}};
     return set_named(arg, &cfg->dtype, fields, sizeof fields / sizeof fields[0]);
 }
 

@@ -1018,7 +1018,7 @@ static size_t choose_dq_tiles(flex_cuda_bwd_config *cfg, int q_block, int kv_blo
 static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a) {
     cuda_state *st = state_of(ctx);
     const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v;
-    const int64_t B = q->sizes[0], D = q->sizes[3];
+    const int64_t B = q->sizes[0], Hq = q->sizes[1], D = q->sizes[3];
     const int64_t Hkv = k->sizes[1], Dv = v->sizes[3];
     flex_status s = flex_gpu_bwd_check(ctx, &st->gpu, a);
     if (!s && q->dtype != FLEX_F32 && st->major < 8)
@@ -1086,12 +1086,27 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
         flex_gpu_bwd_mods_free(&m);
         return s;
     }
-    flex_gpu_bwd_kernels kernels;
-    s = flex_gpu_bwd_kernels_get(ctx, &st->gpu, a, &cfg, &m, flex_cuda_backward_source, &kernels);
-    flex_gpu_bwd_mods_free(&m);
+    /* Partial blocks read the mask's bit masks, as the forward's do: the
+     * same ones, made by whichever call comes first (cuda_partial_bits=0:
+     * the mask mod, for comparison). The f32 kernel evaluates it. */
     flex_gpu_mask_copy *mc = NULL;
+    flex_gpu_partial_bits *bits = NULL;
+    if (q->dtype != FLEX_F32 && mask_mod && env_switch(ctx, FLEX_DEBUG_CUDA_PARTIAL_BITS, 1)) {
+        s = flex_gpu_mask_device_copy(ctx, &st->gpu, mask, &mc);
+        if (!s) s = flex_gpu_partial_bits_prepare(ctx, &st->gpu, mask, mc, B, Hq, &bits);
+    }
+    cfg.partial_bits = bits && bits->usable;
+    flex_gpu_bwd_kernels kernels;
+    memset(&kernels, 0, sizeof kernels);
+    if (!s)
+        s = flex_gpu_bwd_kernels_get(ctx, &st->gpu, a, &cfg, &m, flex_cuda_backward_source,
+                                     &kernels);
+    flex_gpu_bwd_mods_free(&m);
     cuda_buffer_desc descs[FLEX_EMIT_MAX_SLOTS];
     if (!s) s = flex_gpu_bind_mods(ctx, &st->gpu, mask, m.mask_mod, m.score_used, &mc, descs);
+    if (!s && cfg.partial_bits && !bits->made)
+        s = flex_gpu_partial_bits_make(ctx, &st->gpu, mask, bits, kernels.bits, descs, m.slots,
+                                       a->stream);
 
     CUdeviceptr ws = 0;
     size_t delta_bytes, dq_bytes;

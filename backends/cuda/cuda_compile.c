@@ -271,10 +271,13 @@ char *flex_cuda_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *m
     const char *wgmma = flex_cuda_template("flex_wgmma_sm90.cuh");
     const char *tma = flex_cuda_template("flex_tma_sm90.cuh");
     const char *sm90 = flex_cuda_template("flex_backward_sm90.cuh");
+    const char *bits = flex_cuda_template("flex_partial_bits.cuh");
     if (!prelude(&vendor, &params) || !common || !mma || !tpl || !dq_tpl || !wgmma || !tma ||
-        !sm90)
+        !sm90 || !bits)
         return NULL;
     if (score->ir && score->num_loads > 64) return NULL;
+    /* bit masks only for the 16-bit kernels, which read them */
+    const int partial_bits = cfg->dtype != FLEX_F32 && mask ? cfg->partial_bits : 0;
     /* the shared gradient region only for the 16-bit kernels, and only
      * where there is a gradient to sum in it */
     const int grad_smem = cfg->dtype != FLEX_F32 && score->ir && score->num_loads > 0
@@ -290,11 +293,11 @@ char *flex_cuda_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *m
              "#define FLEX_BWD_KV_FASTEST %d\n#define FLEX_BWD_WGMMA %d\n"
              "#define FLEX_BWD_SPLIT_WAIT %d\n#define FLEX_BWD_WG_BARRIER %d\n"
              "#define FLEX_BWD_GRAD_SMEM %d\n#define FLEX_BWD_DQ_BULK %d\n"
-             "#define FLEX_BWD_TMA %d\n#define FLEX_BWD_REFILL_EARLY %d\n",
+             "#define FLEX_BWD_TMA %d\n#define FLEX_BWD_REFILL_EARLY %d\n#define FLEX_BWD_BITS %d\n",
              elem, cfg->dq, cfg->dv, cfg->warps, cfg->block_m, cfg->vec, cfg->short_indices,
              cfg->grad_slots > 0 ? cfg->grad_slots : 1, cfg->pipeline, cfg->exp2, cfg->dq_red,
              cfg->kv_fastest, cfg->wgmma, cfg->split_wait, cfg->wg_barrier, grad_smem,
-             cfg->dq_bulk, cfg->tma, cfg->refill_early);
+             cfg->dq_bulk, cfg->tma, cfg->refill_early, partial_bits);
     char *mods = flex_emit_mods_in_range(mask, score->ir, mask_in_range, score->in_range);
     if (!mods) return NULL;
     char *glue = score_glue(score, mask ? mask->num_buffers : 0, grad_smem);
@@ -311,10 +314,12 @@ char *flex_cuda_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *m
                  cfg->dq_block_n);
     /* The sm_90a main kernel replaces the mma.sync one and reuses the rest
      * of flex_backward.cuh, so it follows it, after the wgmma and TMA
-     * primitives. */
+     * primitives. The bit masks' kernel comes before the backward, which
+     * reads its bits. */
     const char *parts[16];
     int n = 0;
-    const char *head[] = {vendor, params, config, mods, glue, common, mma, tpl};
+    const char *head[] = {vendor, params, config, mods, glue, common, mma,
+                          partial_bits ? bits : "", tpl};
     for (size_t i = 0; i < sizeof head / sizeof head[0]; i++)
         parts[n++] = head[i];
     if (cfg->wgmma) {

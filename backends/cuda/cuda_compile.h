@@ -114,6 +114,10 @@ typedef struct flex_cuda_bwd_config {
      * element to global memory once at its end (flex_gpu_bwd_grad_floats).
      * 0: each score adds its gradients with global atomics. */
     int grad_smem;
+    /* f16/bf16 main kernel: partial blocks read the bit masks of
+     * flex_partial_bits.cuh (the module then holds the kernel that makes
+     * them), not the mask mod */
+    int partial_bits;
 } flex_cuda_bwd_config;
 
 /* A float buffer read of the score mod whose gradient is wanted. */

@@ -23,6 +23,10 @@
  *                           (every gradient tensor's elements; the glue's
  *                           offsets are then row-major indices into it);
  *                           0: buffer gradients by global atomics
+ *   FLEX_BWD_BITS           f16/bf16 main kernel: partial blocks read their
+ *                           keep bits from the bit masks of
+ *                           flex_partial_bits.cuh (placed before this file)
+ *                           instead of evaluating the mask mod
  *
  * Three kernels, launched in this order on the caller's stream:
  *   flex_bwd_preprocess  delta = rowsum(dO * O) per query row, and the dQ
@@ -299,16 +303,21 @@ extern "C" __global__ void __launch_bounds__(128) flex_bwd_dq_store(const flex_b
  * (a score outside them is discarded, and its mods' bounds bits too):
  * whether it is kept, its probability from the forward's LSE, and the
  * score mod's derivative terms. CHECKED false: the score is inside both
- * sequences and its block is full (no mask mod), so neither is looked at. */
+ * sequences and its block is full (no mask mod), so neither is looked at.
+ * keep_bit: in a partial block, the score's bit from the block's bit mask
+ * (0 past the sequences), or -1 to evaluate the mask mod. */
 template <bool CHECKED = true>
 static FLEX_DEVICE_INLINE float flex_bwd_prob(const flex_bwd_params &bp, float raw, int b, int h,
-                                              int q, int kv, bool partial, float lse, float &dscore,
-                                              flex_grad_terms &terms, unsigned &oob) {
+                                              int q, int kv, bool partial, int keep_bit, float lse,
+                                              float &dscore, flex_grad_terms &terms,
+                                              unsigned &oob) {
     const flex_fwd_params &p = bp.f;
     const bool inside = !CHECKED || (q < p.Lq && kv < p.Lkv);
     const int qi = CHECKED ? min(q, p.Lq - 1) : q, ki = CHECKED ? min(kv, p.Lkv - 1) : kv;
     bool keep = inside;
-    if (CHECKED && partial) {
+    if (CHECKED && partial && keep_bit >= 0) {
+        keep = keep && keep_bit != 0;
+    } else if (CHECKED && partial) {
         unsigned mask_oob = 0;
         keep = keep && flex_mask_mod(b, h, qi, ki, p.bufs, mask_oob);
         oob |= inside ? mask_oob : 0u;
@@ -343,6 +352,9 @@ static FLEX_DEVICE_INLINE float flex_bwd_prob(const flex_bwd_params &bp, float r
 #endif
 #ifndef FLEX_BWD_TMA
 #define FLEX_BWD_TMA 0 /* the sm_90a kernel's TMA stages (flex_backward_sm90.cuh) */
+#endif
+#ifndef FLEX_BWD_BITS
+#define FLEX_BWD_BITS 0
 #endif
 
 #if defined(FLEX_ELEM_BF16) || defined(FLEX_ELEM_F16)
@@ -385,10 +397,12 @@ static constexpr __device__ int flex_bwd_dq_groups() {
 #define FLEX_BWD_DQ_C16    (FLEX_DQ / 16 / FLEX_BWD_DQ_GROUPS)
 
 /* One step of the walk: FLEX_BWD_BLOCK_M query rows of head h from q0;
- * partial: the mask mod decides their scores. */
+ * partial: the mask mod decides their scores, through the bit block at
+ * word bits_at of f.bits with FLEX_BWD_BITS. */
 struct flex_bwd_step {
     int h, q0;
     bool partial;
+    int bits_at;
 };
 
 /* Where the walk over the GQA group's heads and their q blocks stands. */
@@ -398,16 +412,30 @@ struct flex_bwd_cursor {
     int sub;    /* next step inside the current q block (0: take the next block) */
     int q_base; /* first query row of the current q block */
     bool partial;
+    int bits_at; /* FLEX_BWD_BITS: the current partial block's bit block */
     flex_q_walk walk;
 };
 
 static FLEX_DEVICE_INLINE void flex_bwd_cursor_init(flex_bwd_cursor &c) {
     c.g = -1;
-    c.blk = c.sub = c.q_base = 0;
+    c.blk = c.sub = c.q_base = c.bits_at = 0;
     c.partial = false;
     c.walk.n_full = c.walk.n_part = 0;
     c.walk.full0 = c.walk.part0 = 0;
 }
+
+#if FLEX_BWD_BITS
+/* The bit block of q block i of a walk (a partial one): its word offset in
+ * f.bits, from the host's table of one entry per (plane, q-major partial
+ * entry); planes as the forward's (flex_step_bits_at). */
+static FLEX_DEVICE_INLINE int flex_bwd_bits_at(const flex_bwd_params &bp, const flex_q_walk &w,
+                                               int i, int b, int h) {
+    const flex_fwd_params &p = bp.f;
+    const int plane =
+        (p.bit_planes_b > 1 ? b * p.bit_planes_h : 0) + (p.bit_planes_h > 1 ? h : 0);
+    return bp.qbit_words[(long long)plane * p.bit_entries + w.part0 + i - w.n_full];
+}
+#endif
 
 /* Moves the cursor to the next step whose rows start inside the sequence
  * (a clipped last q block has steps past it, and the rest of such a block
@@ -426,6 +454,9 @@ static FLEX_DEVICE_INLINE bool flex_bwd_next(const flex_bwd_params &bp, int b, i
                 continue;
             }
             c.q_base = flex_q_walk_block(bp, c.walk, c.blk, c.partial) * p.mask_qblock;
+#if FLEX_BWD_BITS
+            if (c.partial) c.bits_at = flex_bwd_bits_at(bp, c.walk, c.blk, b, hk * group + c.g);
+#endif
             c.blk++;
         }
         const int q0 = c.q_base + c.sub * FLEX_BWD_BLOCK_M;
@@ -434,6 +465,7 @@ static FLEX_DEVICE_INLINE bool flex_bwd_next(const flex_bwd_params &bp, int b, i
             s.h = hk * group + c.g;
             s.q0 = q0;
             s.partial = c.partial;
+            s.bits_at = c.bits_at;
             return true;
         }
         c.sub = 0; /* the block's later steps start past the end too */
@@ -542,18 +574,57 @@ static FLEX_DEVICE_INLINE void flex_bwd_sdp(float (&s)[NT][4], float (&dp)[NT][4
 /* The scores of a warp's m16n8 accumulators: element (nt, r) is kv row
  * warp * 16 + lane / 4 (+ 8 for r >= 2) of the tile and query column
  * nt * 8 + 2 (lane % 4) (+ 1 for odd r) of the step. flex_bwd_prob_at
- * gives its P (lse: the stage's rows), flex_bwd_ds_at its scale * dS
- * (delta: the stage's rows); the loops below only order them. */
+ * gives its P (lse: the stage's rows; keep: flex_bwd_keep_of's bits of a
+ * partial step with FLEX_BWD_BITS), flex_bwd_ds_at its scale * dS (delta:
+ * the stage's rows); the loops below only order them. */
 template <bool CHECKED>
 static FLEX_DEVICE_INLINE float flex_bwd_prob_at(const flex_bwd_params &bp, float raw, int b,
                                                  const flex_bwd_step &st, int kv0,
-                                                 const float *lse, int nt, int r, int warp,
-                                                 int lane, float &dscore, flex_grad_terms &terms,
-                                                 unsigned &oob) {
+                                                 const float *lse, unsigned keep, int nt, int r,
+                                                 int warp, int lane, float &dscore,
+                                                 flex_grad_terms &terms, unsigned &oob) {
     const int kr = warp * 16 + (lane >> 2) + ((r & 2) ? 8 : 0);
     const int qc = nt * 8 + (lane & 3) * 2 + (r & 1);
-    return flex_bwd_prob<CHECKED>(bp, raw, b, st.h, st.q0 + qc, kv0 + kr, st.partial, lse[qc],
-                                  dscore, terms, oob);
+    const int keep_bit = FLEX_BWD_BITS ? (int)((keep >> (4 * nt + r)) & 1u) : -1;
+    return flex_bwd_prob<CHECKED>(bp, raw, b, st.h, st.q0 + qc, kv0 + kr, st.partial, keep_bit,
+                                  lse[qc], dscore, terms, oob);
+}
+
+/* The keep bits of this lane's scores in a partial step, element (nt, r)
+ * at bit 4 nt + r, from the step's bit block (FLEX_BWD_BITS; 0 without).
+ * A warp's 16 kv rows lie in one 32-bit word of each query row's bits (the
+ * tile and the step lie inside one mask block, aligned to its power-of-two
+ * sizes, and a word holds 32 keys), so a lane reads the word of each of
+ * its 2 NT query rows and takes its two kv rows' bits out of it; the
+ * lanes of a quad read the same words. */
+template <int NT>
+static FLEX_DEVICE_INLINE unsigned flex_bwd_keep_of(const flex_bwd_params &bp,
+                                                    const flex_bwd_step &st, int kv0, int warp,
+                                                    int lane) {
+    static_assert(NT <= 8, "32 keep bits a lane");
+    unsigned keep = 0u;
+#if FLEX_BWD_BITS
+    const flex_fwd_params &p = bp.f;
+    const int kin = (kv0 + warp * 16) & (p.mask_kvblock - 1);
+    const unsigned *bits = p.bits + st.bits_at + (kin >> 5);
+    const int shift = (kin & 31) + (lane >> 2);
+#pragma unroll
+    for (int nt = 0; nt < NT; nt++)
+#pragma unroll
+        for (int c = 0; c < 2; c++) {
+            const int q = st.q0 + nt * 8 + (lane & 3) * 2 + c;
+            const unsigned w =
+                __ldg(bits + (q & (p.mask_qblock - 1)) * p.bit_row_words) >> shift;
+            keep |= ((w & 1u) << (4 * nt + c)) | (((w >> 8) & 1u) << (4 * nt + 2 + c));
+        }
+#else
+    (void)bp;
+    (void)st;
+    (void)kv0;
+    (void)warp;
+    (void)lane;
+#endif
+    return keep;
 }
 
 static FLEX_DEVICE_INLINE float flex_bwd_ds_at(const flex_bwd_params &bp, float pr, float dp,
@@ -586,31 +657,33 @@ template <bool CHECKED, int NT>
 static FLEX_DEVICE_INLINE void flex_bwd_scores_as(const flex_bwd_params &bp, float (&s)[NT][4],
                                                   float (&dp)[NT][4], int b,
                                                   const flex_bwd_step &st, int kv0,
-                                                  const float *lse, const float *delta, int warp,
-                                                  int lane, unsigned &oob) {
+                                                  const float *lse, const float *delta,
+                                                  unsigned keep, int warp, int lane,
+                                                  unsigned &oob) {
 #pragma unroll
     for (int nt = 0; nt < NT; nt++)
 #pragma unroll
         for (int r = 0; r < 4; r++) {
             float dscore;
             flex_grad_terms terms;
-            const float pr = flex_bwd_prob_at<CHECKED>(bp, s[nt][r], b, st, kv0, lse, nt, r,
-                                                       warp, lane, dscore, terms, oob);
+            const float pr = flex_bwd_prob_at<CHECKED>(bp, s[nt][r], b, st, kv0, lse, keep, nt,
+                                                       r, warp, lane, dscore, terms, oob);
             dp[nt][r] = flex_bwd_ds_at(bp, pr, dp[nt][r], delta, nt, r, lane, dscore, terms);
             s[nt][r] = pr;
         }
 }
 
-/* P and scale * dS in place of Sᵀ and dPᵀ, score by score. */
+/* P and scale * dS in place of Sᵀ and dPᵀ, score by score (keep:
+ * flex_bwd_keep_of's bits of the step). */
 template <int NT>
 static FLEX_DEVICE_INLINE void flex_bwd_scores(const flex_bwd_params &bp, float (&s)[NT][4],
                                                float (&dp)[NT][4], int b, const flex_bwd_step &st,
                                                int kv0, const float *lse, const float *delta,
-                                               int warp, int lane, unsigned &oob) {
+                                               unsigned keep, int warp, int lane, unsigned &oob) {
     if (flex_bwd_checked(bp, st, kv0))
-        flex_bwd_scores_as<true, NT>(bp, s, dp, b, st, kv0, lse, delta, warp, lane, oob);
+        flex_bwd_scores_as<true, NT>(bp, s, dp, b, st, kv0, lse, delta, keep, warp, lane, oob);
     else
-        flex_bwd_scores_as<false, NT>(bp, s, dp, b, st, kv0, lse, delta, warp, lane, oob);
+        flex_bwd_scores_as<false, NT>(bp, s, dp, b, st, kv0, lse, delta, keep, warp, lane, oob);
 }
 
 /* The same in two passes, for a kernel that has Sᵀ before dPᵀ: P in place
@@ -621,26 +694,26 @@ static FLEX_DEVICE_INLINE void flex_bwd_probs_as(const flex_bwd_params &bp, floa
                                                  float (&dsc)[NT][4],
                                                  flex_grad_terms (&terms)[NT][4], int b,
                                                  const flex_bwd_step &st, int kv0,
-                                                 const float *lse, int warp, int lane,
-                                                 unsigned &oob) {
+                                                 const float *lse, unsigned keep, int warp,
+                                                 int lane, unsigned &oob) {
 #pragma unroll
     for (int nt = 0; nt < NT; nt++)
 #pragma unroll
         for (int r = 0; r < 4; r++)
-            s[nt][r] = flex_bwd_prob_at<CHECKED>(bp, s[nt][r], b, st, kv0, lse, nt, r, warp, lane,
-                                                 dsc[nt][r], terms[nt][r], oob);
+            s[nt][r] = flex_bwd_prob_at<CHECKED>(bp, s[nt][r], b, st, kv0, lse, keep, nt, r, warp,
+                                                 lane, dsc[nt][r], terms[nt][r], oob);
 }
 
 template <int NT>
 static FLEX_DEVICE_INLINE void flex_bwd_probs(const flex_bwd_params &bp, float (&s)[NT][4],
                                               float (&dsc)[NT][4], flex_grad_terms (&terms)[NT][4],
                                               int b, const flex_bwd_step &st, int kv0,
-                                              const float *lse, int warp, int lane,
+                                              const float *lse, unsigned keep, int warp, int lane,
                                               unsigned &oob) {
     if (flex_bwd_checked(bp, st, kv0))
-        flex_bwd_probs_as<true, NT>(bp, s, dsc, terms, b, st, kv0, lse, warp, lane, oob);
+        flex_bwd_probs_as<true, NT>(bp, s, dsc, terms, b, st, kv0, lse, keep, warp, lane, oob);
     else
-        flex_bwd_probs_as<false, NT>(bp, s, dsc, terms, b, st, kv0, lse, warp, lane, oob);
+        flex_bwd_probs_as<false, NT>(bp, s, dsc, terms, b, st, kv0, lse, keep, warp, lane, oob);
 }
 
 template <int NT>
@@ -844,6 +917,9 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
 #endif
     const int b = bhk / p.Hkv, hk = bhk % p.Hkv;
     const int kv0 = tile * BN;
+#if FLEX_BWD_BITS
+    flex_raise_bits_oob(p); /* the mask mod's bounds bits, from the bit kernel */
+#endif
     if (kv0 >= p.Lkv) return;
     const int kb = kv0 / p.mask_kvblock;
     const flex_elem *gk = (const flex_elem *)p.k + b * p.k_sb + hk * p.k_sh;
@@ -904,8 +980,11 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
         const float *delta = (const float *)(flex_smem + FLEX_BWD_SDELTA) + stage * BM;
 
         float s[NT][4], dp[NT][4];
+        /* the keep bits' loads in flight during the products */
+        const unsigned keep =
+            FLEX_BWD_BITS && st.partial ? flex_bwd_keep_of<NT>(bp, st, kv0, warp, lane) : 0u;
         flex_bwd_sdp<NT>(s, dp, f, f.b_q + q_off, f.b_do + do_off);
-        flex_bwd_scores<NT>(bp, s, dp, b, st, kv0, lse, delta, warp, lane, oob);
+        flex_bwd_scores<NT>(bp, s, dp, b, st, kv0, lse, delta, keep, warp, lane, oob);
         flex_u32 pa[NT / 2][4], da[NT / 2][4];
         flex_bwd_pack<NT>(s, pa);
         flex_bwd_pack<NT>(dp, da);
@@ -1010,7 +1089,7 @@ extern "C" __global__ void __launch_bounds__(128) flex_bwd_kernel(const flex_bwd
                 flex_warp_dots(kr, qrow, vr, dorow, p.D, p.Dv, lane, dot, dpv);
                 float dscore;
                 flex_grad_terms terms;
-                const float pr = flex_bwd_prob(bp, dot, b, h, q, kv, partial,
+                const float pr = flex_bwd_prob(bp, dot, b, h, q, kv, partial, -1,
                                                glse[(long long)q * p.l_ss], dscore, terms, oob);
                 if (pr == 0.0f) continue; /* the same for the whole warp */
                 /* Every lane holds the same terms; one adds the buffer

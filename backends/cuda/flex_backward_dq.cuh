@@ -164,7 +164,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_DQP_THREADS)
                 const int kv = kv0 + nt * 8 + (lane & 3) * 2 + (r & 1);
                 float dscore;
                 flex_grad_terms terms;
-                const float pr = flex_bwd_prob(bp, s[nt][r], b, h, q, kv, partial, lse[r >> 1],
+                const float pr = flex_bwd_prob(bp, s[nt][r], b, h, q, kv, partial, -1, lse[r >> 1],
                                                dscore, terms, oob);
                 dp[nt][r] = flex_score_grads_only(pr, dp[nt][r], delta[r >> 1], dscore) * p.scale;
             }
@@ -253,7 +253,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_BWD_DQ_WARPS * 32)
             flex_warp_dots(qr, krow, dor, vrow, p.D, p.Dv, lane, dot, dpv);
             float dscore;
             flex_grad_terms terms;
-            const float pr = flex_bwd_prob(bp, dot, b, h, q, kv, partial, lse, dscore, terms, oob);
+            const float pr = flex_bwd_prob(bp, dot, b, h, q, kv, partial, -1, lse, dscore, terms, oob);
             if (pr == 0.0f) continue; /* the same for the whole warp */
             const float ds = flex_score_grads_only(pr, dpv, delta, dscore) * p.scale;
 #pragma unroll

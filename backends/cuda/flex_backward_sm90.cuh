@@ -318,7 +318,7 @@ struct flex_bwd_tmaps {
 /* A step as the issuing thread hands it over with its stage; valid 0: the
  * walk has ended. */
 struct flex_bwd_slot {
-    int h, q0, partial, valid;
+    int h, q0, partial, bits_at, valid;
 };
 static_assert(2 * FLEX_BWD_STAGES * 8 + FLEX_BWD_STAGES * sizeof(flex_bwd_slot) <= 128,
               "the mbarriers and slots fit their 128 bytes");
@@ -339,7 +339,8 @@ static FLEX_DEVICE_INLINE void flex_bwd90_issue(const flex_bwd_params &bp, const
         flex_mbar_arrive(full);
         return;
     }
-    slot->h = s.h, slot->q0 = s.q0, slot->partial = s.partial, slot->valid = 1;
+    slot->h = s.h, slot->q0 = s.q0, slot->partial = s.partial, slot->bits_at = s.bits_at;
+    slot->valid = 1;
     flex_mbar_expect_tx(full, BM * (FLEX_DQ + FLEX_DV) * 2 + 2 * BM * 4);
     flex_tma_rows<BM, FLEX_DQ>(base + FLEX_BWD90_SQ + stage * FLEX_BWD90_Q_STAGE, tm.q, s.q0, s.h,
                                b, full);
@@ -382,13 +383,16 @@ static FLEX_DEVICE_INLINE void flex_bwd90_step_scores(
     flex_wgmma_fence();
     flex_bwd90_sdp_issue<FLEX_DQ>(s, base + FLEX_BWD90_SK, q_st, wg);
     flex_bwd90_sdp_issue<FLEX_DV>(dp, base + FLEX_BWD90_SV, do_st, wg);
+    /* a partial step's keep bits, read while the products run */
+    const unsigned keep =
+        FLEX_BWD_BITS && st.partial ? flex_bwd_keep_of<NT>(bp, st, kv0, warp, lane) : 0u;
 #if FLEX_BWD90_SPLIT
     /* P while dPᵀ is still in flight, dS once it is done */
     flex_wgmma_wait<1>();
     flex_pin(s);
     float dsc[NT][4];
     flex_grad_terms terms[NT][4];
-    flex_bwd_probs<NT>(bp, s, dsc, terms, b, st, kv0, lse, warp, lane, oob);
+    flex_bwd_probs<NT>(bp, s, dsc, terms, b, st, kv0, lse, keep, warp, lane, oob);
     flex_wgmma_wait<0>();
     flex_pin(dp);
     flex_bwd_dscores<NT>(bp, s, dp, dsc, terms, delta, lane);
@@ -396,7 +400,7 @@ static FLEX_DEVICE_INLINE void flex_bwd90_step_scores(
     flex_wgmma_wait<0>();
     flex_pin(s);
     flex_pin(dp);
-    flex_bwd_scores<NT>(bp, s, dp, b, st, kv0, lse, delta, warp, lane, oob);
+    flex_bwd_scores<NT>(bp, s, dp, b, st, kv0, lse, delta, keep, warp, lane, oob);
 #endif
     flex_bwd_pack<NT>(s, pa);
     flex_bwd_pack<NT>(dp, da);
@@ -466,6 +470,9 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
 #endif
     const int b = bhk / p.Hkv, hk = bhk % p.Hkv;
     const int kv0 = tile * BN;
+#if FLEX_BWD_BITS
+    flex_raise_bits_oob(p); /* the mask mod's bounds bits, from the bit kernel */
+#endif
     if (kv0 >= p.Lkv) return;
     const int kb = kv0 / p.mask_kvblock;
     const flex_elem *gk = (const flex_elem *)p.k + b * p.k_sb + hk * p.k_sh;
@@ -511,6 +518,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
         if (!slot->valid) break;
         flex_bwd_step st;
         st.h = slot->h, st.q0 = slot->q0, st.partial = slot->partial != 0;
+        st.bits_at = slot->bits_at;
 #if FLEX_BWD_REFILL_EARLY
         /* the refill here: the load gets a whole step, warp 0 waits for
          * the slowest warp's end of step i - 1 */

@@ -164,6 +164,75 @@ template <int NT>
 static FLEX_DEVICE_INLINE bool flex_kept(const flex_keep_words<NT> &kw, int nt, int r) {
     return (kw.w[nt >> 3] >> (4 * (nt & 7) + r)) & 1u;
 }
+#else /* the bit masks of partial blocks (flex_partial_bits.cuh) */
+/* The bit block of step j of a tile's walk (a partial step): its word
+ * offset in p.bits, from the host's table of one entry per (plane, partial
+ * list entry). The plane is the (b, h) the mask mod tells apart where the
+ * mask's lists do not (a broadcast mask whose mod reads b or h); the list
+ * entry is where the walk finds the block. */
+static FLEX_DEVICE_INLINE int flex_step_bits_at(const flex_fwd_params &p, const flex_kv_walk &w,
+                                                int j, int b, int h) {
+    const int entry = w.part0 + j / (p.mask_kvblock / FLEX_BLOCK_N) - w.n_full;
+    const int plane =
+        (p.bit_planes_b > 1 ? b * p.bit_planes_h : 0) + (p.bit_planes_h > 1 ? h : 0);
+    return p.bit_words[(long long)plane * p.bit_entries + entry];
+}
+
+/* Keep bits of this lane's scores in a step of NT n-tiles (flex_keep_bits'
+ * words with partial bits): per row half hf (rows qrow0 + lane / 4 + 8 hf),
+ * word g holds keys kv0 + 32 g .. + 31, shifted right by 2 (lane & 3) so
+ * that score r of n-tile nt is bit (nt & 3) * 8 + (r & 1) of word nt / 4 of
+ * half r / 2. */
+template <int NT> struct flex_keep_words {
+    unsigned w[2][(NT + 3) / 4];
+};
+
+template <int NT>
+static FLEX_DEVICE_INLINE bool flex_kept(const flex_keep_words<NT> &kw, int nt, int r) {
+    return (kw.w[r >> 1][nt >> 2] >> ((nt & 3) * 8 + (r & 1))) & 1u;
+}
+
+/* The words of a partial step from its bit block (bits_at: its word
+ * offset), or of a full step cut by the sequence ends from the lengths.
+ * A partial block's bits are already 0 past the ends. Step kv0 and the
+ * tile's rows lie inside one mask block, aligned to its power-of-two
+ * sizes. */
+template <int NT>
+static FLEX_DEVICE_INLINE void flex_keep_words_of(const flex_fwd_params &p, int qrow0, int kv0,
+                                                  bool partial, int bits_at, int lane,
+                                                  flex_keep_words<NT> &kw) {
+    constexpr int G = (NT + 3) / 4; /* 32-key groups of the step */
+    const int shift = 2 * (lane & 3);
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+        const int q = qrow0 + (lane >> 2) + 8 * hf;
+        if (partial) {
+            const int kin = kv0 & (p.mask_kvblock - 1);
+            const unsigned *row = p.bits + bits_at +
+                                  (q & (p.mask_qblock - 1)) * p.bit_row_words + (kin >> 5);
+            if (G == 4) {
+                /* 128 keys of a 128-key step: 16-byte aligned (row_words
+                 * and the block's words are multiples of 4, kin of 128) */
+                const uint4 v = __ldg(reinterpret_cast<const uint4 *>(row));
+                kw.w[hf][0] = v.x >> shift;
+                kw.w[hf][G > 1 ? 1 : 0] = v.y >> shift;
+                kw.w[hf][G > 2 ? 2 : 0] = v.z >> shift;
+                kw.w[hf][G > 3 ? 3 : 0] = v.w >> shift;
+            } else {
+#pragma unroll
+                for (int g = 0; g < G; g++)
+                    kw.w[hf][g] = (__ldg(row + g) >> (kin & 31)) >> shift;
+            }
+        } else {
+#pragma unroll
+            for (int g = 0; g < G; g++) {
+                const int n = p.Lkv - (kv0 + 32 * g); /* keys of the group inside */
+                const unsigned keys = n >= 32 ? ~0u : n <= 0 ? 0u : (1u << n) - 1u;
+                kw.w[hf][g] = q < p.Lq ? keys >> shift : 0u;
+            }
+        }
+    }
+}
 #endif
 
 /* The keep words of a masked step (partial and/or cut by the sequence

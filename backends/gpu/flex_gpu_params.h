@@ -125,6 +125,10 @@ typedef struct flex_gpu_fwd_params {
     FLEX_GPU_PTR(float) delta;     /* (B, Hq, Lq) */                                               \
     FLEX_GPU_PTR(float) dq_acc;    /* (B, Hq, Lq, D) fp32; NULL: the main kernel adds no dQ */     \
     FLEX_GPU_PTR(const int) qfull_off, qfull_idx, qpart_off, qpart_idx; /* q-major mask lists */   \
+    /* with bit masks (FLEX_BWD_BITS): per (plane, q-major partial entry) the                      \
+     * word offset of its bit block in f.bits (f.bit_words: the same per                           \
+     * kv-major entry) */                                                                          \
+    FLEX_GPU_PTR(const int) qbit_words;                                                            \
     flex_gpu_i64 do_sb, do_sh, do_ss;                                                              \
     flex_gpu_i64 dq_sb, dq_sh, dq_ss;                                                              \
     flex_gpu_i64 dk_sb, dk_sh, dk_ss;                                                              \

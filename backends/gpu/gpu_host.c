@@ -1075,7 +1075,8 @@ flex_status flex_gpu_bwd_score_prepare(flex_context *ctx, const flex_gpu_state *
 
 size_t flex_gpu_bwd_blob(unsigned char *blob, const flex_backward_args *a,
                          const struct flex_block_mask *mask, const flex_gpu_mask_copy *mc,
-                         int q_block, int kv_block, flex_gpu_ptr delta, flex_gpu_ptr dq_acc,
+                         const struct flex_gpu_partial_bits *bits, int q_block, int kv_block,
+                         flex_gpu_ptr delta, flex_gpu_ptr dq_acc,
                          const flex_gpu_buffer_desc *grad_descs, int grad_slots,
                          const flex_gpu_buffer_desc *descs, int slots, flex_gpu_ptr flag) {
     const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v, *o = &a->out, *dout = &a->dout;
@@ -1129,6 +1130,11 @@ size_t flex_gpu_bwd_blob(unsigned char *blob, const flex_backward_args *a,
     p.tiles_per_row = 1;
     p.scale = a->scale;
     p.scale_log2 = a->scale * 1.4426950408889634f;
+    if (bits) {
+        /* the main kernel walks the q-major lists: their table */
+        flex_gpu_fwd_params_set_bits(&p, bits);
+        hd.qbit_words = bits->q_entry_words;
+    }
 
     /* The kernels' grads[] has at least one entry (FLEX_GPU_BWD_FWD_AT). */
     const size_t at_fwd = FLEX_GPU_BWD_FWD_AT(grad_slots);
@@ -1162,17 +1168,17 @@ void flex_gpu_bwd_mods_free(flex_gpu_bwd_mods *m) {
 void flex_gpu_bwd_key(char *key, size_t cap, const flex_gpu_state *st,
                       const flex_cuda_bwd_config *cfg, const flex_gpu_bwd_mods *m,
                       const unsigned char *mask_in_range, const unsigned char *score_in_range) {
-    _Static_assert(sizeof(flex_cuda_bwd_config) == 21 * sizeof(int),
+    _Static_assert(sizeof(flex_cuda_bwd_config) == 22 * sizeof(int),
                    "flex_cuda_bwd_config changed: update the backward kernel key");
     snprintf(key, cap,
              "bwd|%s|dq%d|dv%d|w%d|bm%d|vec%d|short%d|gs%d|pipe%d|exp2%d|red%d|kvf%d|wg%d|sw%d|"
-             "wgb%d|dqb%d|tma%d.%d|dqw%d|dqn%d|gsm%d|mask=%016llx|score=%016llx|loads=%016llx|"
+             "wgb%d|dqb%d|tma%d.%d|dqw%d|dqn%d|gsm%d|pb%d|mask=%016llx|score=%016llx|loads=%016llx|"
              "inr=%016llx.%016llx|%s|%s",
              flex_dtype_name(cfg->dtype), cfg->dq, cfg->dv, cfg->warps, cfg->block_m, cfg->vec,
              cfg->short_indices, cfg->grad_slots, cfg->pipeline, cfg->exp2, cfg->dq_red,
              cfg->kv_fastest, cfg->wgmma, cfg->split_wait, cfg->wg_barrier, cfg->dq_bulk,
              cfg->tma, cfg->refill_early, cfg->dq_warps, cfg->dq_block_n, cfg->grad_smem,
-             (unsigned long long)mod_hash(m->mask_mod), (unsigned long long)mod_hash(m->score_used),
+             cfg->partial_bits, (unsigned long long)mod_hash(m->mask_mod), (unsigned long long)mod_hash(m->score_used),
              (unsigned long long)(m->num_loads ? flex_cache_checksum(m->loads,
                                                                     (size_t)m->num_loads *
                                                                         sizeof m->loads[0])
@@ -1225,6 +1231,8 @@ flex_status flex_gpu_bwd_kernels_get(flex_context *ctx, flex_gpu_state *st,
         s = flex_gpu_module_function(ctx, st, key, "flex_bwd_dq_store", &k->store);
     if (!s && cfg->dq_warps)
         s = flex_gpu_module_function(ctx, st, key, "flex_bwd_dq_kernel", &k->dq);
+    if (!s && cfg->partial_bits)
+        s = flex_gpu_module_function(ctx, st, key, "flex_partial_bits_kernel", &k->bits);
     return s;
 }
 
@@ -1250,9 +1258,10 @@ flex_status flex_gpu_bwd_launch(flex_context *ctx, flex_gpu_state *st,
     flex_gpu_bwd_workspace(a, cfg, &delta_bytes, &dq_bytes);
     unsigned char blob[FLEX_GPU_BWD_BLOB_BYTES];
     /* dQ accumulator 0: the main kernel leaves dQ alone */
-    const size_t size = flex_gpu_bwd_blob(blob, a, mask, mc, q_block, kv_block, ws,
-                                          dq_bytes ? ws + delta_bytes : 0, m->grad_descs,
-                                          cfg->grad_slots, descs, m->slots, st->bounds_flag);
+    const size_t size = flex_gpu_bwd_blob(
+        blob, a, mask, mc, cfg->partial_bits && mc ? mc->partial_bits : NULL, q_block, kv_block,
+        ws, dq_bytes ? ws + delta_bytes : 0, m->grad_descs, cfg->grad_slots, descs, m->slots,
+        st->bounds_flag);
     const unsigned rows_y = (unsigned)((Lq + 3) / 4);
     flex_status s = st->ops->launch(ctx, st, k->pre, (unsigned)(B * Hq), rows_y, 128, 0, stream,
                                     blob, size, NULL);

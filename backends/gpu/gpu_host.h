@@ -548,7 +548,9 @@ void flex_gpu_bwd_key(char *key, size_t cap, const flex_gpu_state *st,
 /*
  * The backward kernels' parameter block (struct flex_bwd_params: the head,
  * flex_gpu_bwd_head, the gradient descriptors, then the forward's block
- * from FLEX_GPU_BWD_FWD_AT(grad_slots)) for a's tensors and scale, the mask's device copy mc (mask and mc NULL: dense),
+ * from FLEX_GPU_BWD_FWD_AT(grad_slots)) for a's tensors and scale, the
+ * mask's device copy mc (mask and mc NULL: dense) and its partial blocks'
+ * bit masks (bits, made; NULL: the kernels do not read them),
  * the workspace's delta rows and dQ accumulator (0: the main kernel adds
  * no dQ: not wanted, or left to the deterministic dQ kernel), the
  * gradient tensors (grad_slots of them, at least one slot written) and the
@@ -557,7 +559,8 @@ void flex_gpu_bwd_key(char *key, size_t cap, const flex_gpu_state *st,
  */
 size_t flex_gpu_bwd_blob(unsigned char *blob, const flex_backward_args *a,
                          const struct flex_block_mask *mask, const flex_gpu_mask_copy *mc,
-                         int q_block, int kv_block, flex_gpu_ptr delta, flex_gpu_ptr dq_acc,
+                         const struct flex_gpu_partial_bits *bits, int q_block, int kv_block,
+                         flex_gpu_ptr delta, flex_gpu_ptr dq_acc,
                          const flex_gpu_buffer_desc *grad_descs, int grad_slots,
                          const flex_gpu_buffer_desc *descs, int slots, flex_gpu_ptr flag);
 
@@ -567,6 +570,7 @@ typedef struct flex_gpu_bwd_kernels {
     void *main;  /* flex_bwd_kernel */
     void *store; /* flex_bwd_dq_store: dQ from the accumulator (dq wanted, no dQ kernel) */
     void *dq;    /* flex_bwd_dq_kernel: the deterministic dQ (cfg->dq_warps > 0) */
+    void *bits;  /* flex_partial_bits_kernel: makes the bit masks (cfg->partial_bits) */
 } flex_gpu_bwd_kernels;
 
 /* The backward's kernels for cfg and m, the module found or built from
@@ -591,7 +595,8 @@ void flex_gpu_bwd_workspace(const flex_backward_args *a, const flex_cuda_bwd_con
  * kv head, kv tile) in the grid order cfg->kv_fastest says (smem bytes of
  * shared memory; main_second, NULL or its second parameter: the tensor
  * maps of cfg->tma, which the caller owns), then the dQ store or the dQ
- * kernel (smem_dq) where k has them. Marks the bounds flag pending when the
+ * kernel (smem_dq) where k has them. With cfg->partial_bits the kernels
+ * read mc's bit masks, made before. Marks the bounds flag pending when the
  * mods read buffers. */
 flex_status flex_gpu_bwd_launch(flex_context *ctx, flex_gpu_state *st,
                                 const flex_backward_args *a, const flex_cuda_bwd_config *cfg,

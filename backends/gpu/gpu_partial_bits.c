@@ -21,15 +21,17 @@ static size_t plan_bytes(int64_t table_entries, int64_t num_blocks, int64_t bloc
            (size_t)num_blocks * (size_t)block_words * 4;
 }
 
+/* Both tables: per (plane, entry) of the kv-major and of the q-major lists. */
 size_t flex_gpu_bits_plan_bytes(const flex_gpu_bits_plan *plan) {
-    return plan_bytes((int64_t)plan->planes_b * plan->planes_h * plan->entries, plan->num_blocks,
-                      plan->block_words);
+    return plan_bytes(2 * (int64_t)plan->planes_b * plan->planes_h * plan->entries,
+                      plan->num_blocks, plan->block_words);
 }
 
 void flex_gpu_bits_plan_free(flex_gpu_bits_plan *plan) {
     free(plan->entry_words);
+    free(plan->q_entry_words);
     free(plan->blocks);
-    plan->entry_words = plan->blocks = NULL;
+    plan->entry_words = plan->q_entry_words = plan->blocks = NULL;
 }
 
 /* Appends a bit block (b, h, q-block i, kv-block j); its number in *slot.
@@ -63,6 +65,37 @@ static int64_t find_sorted(const int32_t *list, int64_t n, int32_t j) {
 }
 
 /*
+ * The q-major table from the kv-major one: the q-major lists are the
+ * kv-major ones transposed, so partial entry (column (b, h, kv block j), q
+ * block i) is the entry of j in kv-major row (b, h, i). 0, -1 when out of
+ * memory, 1 when the lists are not each other's transpose (no bits).
+ */
+static int map_q_entries(const struct flex_block_mask *mask, int64_t planes,
+                         flex_gpu_bits_plan *plan) {
+    const int64_t nq = mask->num_q_blocks, nk = mask->num_kv_blocks;
+    const int64_t columns = mask->B * mask->H * nk;
+    plan->q_entry_words = malloc((size_t)(planes * plan->entries > 0 ? planes * plan->entries : 1) *
+                                 sizeof *plan->q_entry_words);
+    if (!plan->q_entry_words) return -1;
+    const int32_t *off = mask->kv_partial.offsets, *idx = mask->kv_partial.indices;
+    const int32_t *qoff = mask->q_partial.offsets, *qidx = mask->q_partial.indices;
+    for (int64_t c = 0; c < columns; c++) {
+        const int64_t bh = c / nk;
+        const int32_t j = (int32_t)(c % nk);
+        for (int64_t e = qoff[c]; e < qoff[c + 1]; e++) {
+            const int64_t r = bh * nq + qidx[e];
+            const int64_t pos = find_sorted(idx + off[r], off[r + 1] - off[r], j);
+            if (pos < 0) return 1; /* not each other's transpose: no bits */
+            const int64_t at = off[r] + pos;
+            for (int64_t plane = 0; plane < planes; plane++)
+                plan->q_entry_words[plane * plan->entries + e] =
+                    plan->entry_words[plane * plan->entries + at];
+        }
+    }
+    return 0;
+}
+
+/*
  * Every (plane, stored row) maps onto a key row: the q-block row at the
  * (b, h) the mask mod is evaluated at, b and h 0 where it reads neither.
  * The first (plane, stored row) of a key row gives each of its partial
@@ -85,7 +118,7 @@ int flex_gpu_bits_plan_make(const struct flex_block_mask *mask, int reads_b, int
     const int64_t key_b = reads_b ? B : 1, key_h = reads_h ? Hq : 1;
     /* the tables alone over the budget, or a key-row index too large to
      * keep on the host */
-    if (plan_bytes(planes * plan->entries, 0, 0) > budget || key_b * key_h * nq > (1 << 26))
+    if (plan_bytes(2 * planes * plan->entries, 0, 0) > budget || key_b * key_h * nq > (1 << 26))
         return 1;
     const int64_t key_rows = key_b * key_h * nq;
     int64_t *first_row = malloc((size_t)key_rows * sizeof *first_row);   /* stored row */
@@ -123,13 +156,14 @@ int flex_gpu_bits_plan_make(const struct flex_block_mask *mask, int reads_b, int
                                        &slot);
                 words[e] = (int32_t)(slot * plan->block_words);
             }
-            if (!result && plan_bytes(planes * plan->entries, plan->num_blocks,
+            if (!result && plan_bytes(2 * planes * plan->entries, plan->num_blocks,
                                       plan->block_words) > budget)
                 result = 1;
         }
     }
     free(first_row);
     free(first_slot);
+    if (!result) result = map_q_entries(mask, planes, plan);
     if (result) flex_gpu_bits_plan_free(plan);
     return result;
 }
@@ -163,11 +197,13 @@ static flex_status upload_plan(flex_context *ctx, flex_gpu_state *st, const flex
                                flex_gpu_partial_bits *pb) {
     const size_t bytes = flex_gpu_bits_plan_bytes(plan);
     const size_t table_words = (size_t)plan->planes_b * plan->planes_h * (size_t)plan->entries;
-    const size_t head = BITS_HEAD_BYTES + table_words * 4 + (size_t)plan->num_blocks * 16;
+    const size_t head = BITS_HEAD_BYTES + 2 * table_words * 4 + (size_t)plan->num_blocks * 16;
     unsigned char *host = calloc(1, head);
     if (!host) return flex_fail(ctx, FLEX_ERR_OUT_OF_MEMORY, "out of memory for bit mask tables");
     memcpy(host + BITS_HEAD_BYTES, plan->entry_words, table_words * 4);
-    memcpy(host + BITS_HEAD_BYTES + table_words * 4, plan->blocks, (size_t)plan->num_blocks * 16);
+    memcpy(host + BITS_HEAD_BYTES + table_words * 4, plan->q_entry_words, table_words * 4);
+    memcpy(host + BITS_HEAD_BYTES + 2 * table_words * 4, plan->blocks,
+           (size_t)plan->num_blocks * 16);
     char what[96];
     snprintf(what, sizeof what, "%s (partial-block bit masks)", st->ops->mem_alloc_name);
     const int r = st->ops->mem_alloc(st->api, &pb->memory, bytes);
@@ -184,7 +220,8 @@ static flex_status upload_plan(flex_context *ctx, flex_gpu_state *st, const flex
     if (s) return s;
     pb->oob = pb->memory;
     pb->entry_words = pb->memory + BITS_HEAD_BYTES;
-    pb->blocks = pb->entry_words + table_words * 4;
+    pb->q_entry_words = pb->entry_words + table_words * 4;
+    pb->blocks = pb->q_entry_words + table_words * 4;
     pb->bits = pb->memory + (bytes - (size_t)plan->num_blocks * (size_t)plan->block_words * 4);
     return FLEX_OK;
 }

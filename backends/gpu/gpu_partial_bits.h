@@ -32,6 +32,9 @@ typedef struct flex_gpu_bits_plan {
     int64_t entries;        /* partial entries of the mask's stored lists */
     /* per (plane, entry), plane-major: the word offset of its bit block */
     int32_t *entry_words;
+    /* the same per (plane, entry of the q-major partial lists), which the
+     * backward walks (an entry of each list per partial block) */
+    int32_t *q_entry_words;
     /* per distinct bit block, 4 ints: the b, h, q-block and kv-block index
      * its mask mod is evaluated at (b and h 0 where the mod reads neither) */
     int32_t *blocks;
@@ -62,7 +65,7 @@ typedef struct flex_gpu_partial_bits {
     int64_t entries, num_blocks;
     flex_gpu_ptr memory; /* one allocation: */
     flex_gpu_ptr oob;    /* the mask mod's bounds bits (u32), in the first 256 bytes */
-    flex_gpu_ptr entry_words, blocks, bits;
+    flex_gpu_ptr entry_words, q_entry_words, blocks, bits;
 } flex_gpu_partial_bits;
 
 /*
@@ -89,7 +92,8 @@ flex_status flex_gpu_partial_bits_make(flex_context *ctx, flex_gpu_state *st,
                                        const flex_gpu_buffer_desc *descs, int slots,
                                        void *stream);
 
-/* Points the forward's parameter block at pb's bits (pb made and usable). */
+/* Points a forward parameter block at pb's bits (pb made and usable);
+ * the backward adds pb->q_entry_words for its q-major walk. */
 void flex_gpu_fwd_params_set_bits(flex_gpu_fwd_params *p, const flex_gpu_partial_bits *pb);
 
 /* Frees pb and its device memory (the context current). */

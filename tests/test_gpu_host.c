@@ -907,6 +907,38 @@ START_TEST(test_partial_bits_plan) {
 }
 END_TEST
 
+/* Which mask mods the backward evaluates rather than read bits: a few
+ * integer operations on the indices; not a buffer read, a division, a
+ * modulo, float arithmetic or a long expression. */
+START_TEST(test_mask_mod_cheap) {
+    static const struct {
+        const char *text;
+        int cheap;
+    } cases[] = {
+        {"q >= kv", 1},
+        {"q >= kv && q - kv < 1024", 1},
+        {"abs(q - kv) <= 64 || kv < 4", 1},
+        {"q >= kv && (q - kv) % 4 == 0", 0},
+        {"q / 64 == kv / 64", 0},
+        {"(q - kv) * 0.5 < 3.0", 0},
+        {"keep[kv] && q >= kv", 0},
+        /* cheap operations, but more of them than reading the bits costs */
+        {"(q >= kv && q - kv < 10) || (q >= kv + 20 && q - kv < 30) || (q >= kv + 40 && q - kv < "
+         "50) || (q >= kv + 60 && q - kv < 70)",
+         0},
+    };
+    const flex_buffer_decl keep = {"keep", FLEX_BOOL, 1};
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        const int reads = strstr(cases[i].text, "keep[") != NULL;
+        const flex_mod_desc d = {FLEX_MOD_MASK, cases[i].text, NULL, 0, &keep, reads};
+        flex_mod *m = NULL;
+        ck_assert_int_eq(flex_mod_compile(NULL, &d, &m), FLEX_OK);
+        ck_assert_msg(flex_gpu_mask_mod_cheap(&m->ir) == cases[i].cheap, "%s", cases[i].text);
+        flex_mod_destroy(m);
+    }
+}
+END_TEST
+
 /* The bit masks on the device: planned and uploaded at a first use, made
  * once by one launch and a wait, found again by later calls, refused by
  * name during a capture until made, replaced when the mod is bound anew,
@@ -1391,6 +1423,7 @@ int main(void) {
     tcase_add_test(tc, test_row_tiles);
     tcase_add_test(tc, test_forward_fit);
     tcase_add_test(tc, test_partial_bits_plan);
+    tcase_add_test(tc, test_mask_mod_cheap);
     tcase_add_test(tc, test_partial_bits_device);
     tcase_add_test(tc, test_backward_tiles);
     tcase_add_test(tc, test_backward_grad_floats);

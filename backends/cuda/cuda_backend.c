@@ -1086,12 +1086,17 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
         flex_gpu_bwd_mods_free(&m);
         return s;
     }
-    /* Partial blocks read the mask's bit masks, as the forward's do: the
-     * same ones, made by whichever call comes first (cuda_partial_bits=0:
-     * the mask mod, for comparison). The f32 kernel evaluates it. */
+    /* Partial blocks read the mask's bit masks, as the forward's do (the
+     * same ones, made by whichever call comes first), unless the mask mod
+     * is a few integer operations on the indices, which cost less than the
+     * bits' loads (flex_gpu_mask_mod_cheap; docs/decisions.md);
+     * cuda_partial_bits=0 or 1 decides instead, for comparison. The f32
+     * kernel evaluates it. */
     flex_gpu_mask_copy *mc = NULL;
     flex_gpu_partial_bits *bits = NULL;
-    if (q->dtype != FLEX_F32 && mask_mod && env_switch(ctx, FLEX_DEBUG_CUDA_PARTIAL_BITS, 1)) {
+    const int bits_asked = env_int(ctx, FLEX_DEBUG_CUDA_PARTIAL_BITS, -1, 0, 1);
+    if (q->dtype != FLEX_F32 && mask_mod &&
+        (bits_asked < 0 ? !flex_gpu_mask_mod_cheap(&mask_mod->ir) : bits_asked)) {
         s = flex_gpu_mask_device_copy(ctx, &st->gpu, mask, &mc);
         if (!s) s = flex_gpu_partial_bits_prepare(ctx, &st->gpu, mask, mc, B, Hq, &bits);
     }

@@ -168,6 +168,44 @@ int flex_gpu_bits_plan_make(const struct flex_block_mask *mask, int reads_b, int
     return result;
 }
 
+int flex_gpu_mask_mod_cheap(const ir_mod *ir) {
+    if (ir->num_nodes > FLEX_GPU_CHEAP_MASK_NODES) return 0;
+    for (int i = 0; i < ir->num_nodes; i++) {
+        const ir_node *n = &ir->nodes[i];
+        if (n->type == IR_FLOAT) return 0;
+        switch ((ir_op)n->op) {
+        case IR_CONST:
+        case IR_B:
+        case IR_H:
+        case IR_Q:
+        case IR_KV:
+        case IR_NEG:
+        case IR_NOT:
+        case IR_BITNOT:
+        case IR_ABS:
+        case IR_ADD:
+        case IR_SUB:
+        case IR_MUL:
+        case IR_MIN:
+        case IR_MAX:
+        case IR_EQ:
+        case IR_NE:
+        case IR_LT:
+        case IR_LE:
+        case IR_GT:
+        case IR_GE:
+        case IR_AND:
+        case IR_OR:
+        case IR_XOR:
+        case IR_SELECT:
+            break;
+        default:
+            return 0;
+        }
+    }
+    return 1;
+}
+
 /* ---- on the device ---- */
 
 void flex_gpu_partial_bits_free(const flex_gpu_state *st, flex_gpu_partial_bits *pb) {

@@ -92,6 +92,17 @@ flex_status flex_gpu_partial_bits_make(flex_context *ctx, flex_gpu_state *st,
                                        const flex_gpu_buffer_desc *descs, int slots,
                                        void *stream);
 
+/* The most nodes of a mask mod the backward evaluates rather than read
+ * its bits (flex_gpu_mask_mod_cheap). */
+#define FLEX_GPU_CHEAP_MASK_NODES 16
+
+/* Whether evaluating mask mod ir per score costs the backward less than
+ * reading its partial blocks' bit masks: at most FLEX_GPU_CHEAP_MASK_NODES
+ * nodes, each an index, a constant or an integer or boolean operation
+ * other than division and modulo (a causal mask, a sliding window), so no
+ * buffer read, division or float arithmetic. Pure. */
+int flex_gpu_mask_mod_cheap(const ir_mod *ir);
+
 /* Points a forward parameter block at pb's bits (pb made and usable);
  * the backward adds pb->q_entry_words for its q-major walk. */
 void flex_gpu_fwd_params_set_bits(flex_gpu_fwd_params *p, const flex_gpu_partial_bits *pb);

@@ -34,7 +34,9 @@ def commit_id(root):
 
 def write_results(stem, lines, rows):
     """stem.md: lines (starting with a "# " title) on top, the file's earlier
-    content below under "## Earlier run"; stem.jsonl: rows appended."""
+    content below under "## Earlier run"; stem.jsonl: rows appended. The
+    folder is made when missing."""
+    os.makedirs(os.path.dirname(stem) or ".", exist_ok=True)
     old = open(stem + ".md").read() if os.path.exists(stem + ".md") else ""
     text = "\n".join(lines) + "\n"
     if old.startswith("# "):

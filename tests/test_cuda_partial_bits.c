@@ -131,28 +131,40 @@ static flex_block_mask *make_mask(flex_context *ctx, const bits_case *c, const f
     return mask;
 }
 
+/* A call's tensors on the device: q, k, v of case c, out (B, Hq, Lq, Dv)
+ * and lse (B, Hq, Lq) at dout and dlse. */
+typedef struct call_tensors {
+    flex_tensor q, k, v, o, l;
+} call_tensors;
+
+static call_tensors call_tensors_of(const bits_case *c, void *dq, void *dk, void *dv, void *dout,
+                                    void *dlse) {
+    const int64_t qs[4] = {c->B, c->Hq, c->Lq, c->D}, ks[4] = {c->B, c->Hkv, c->Lkv, c->D};
+    const int64_t vs[4] = {c->B, c->Hkv, c->Lkv, c->Dv}, os[4] = {c->B, c->Hq, c->Lq, c->Dv};
+    const call_tensors t = {flex_tensor_contiguous(dq, c->dt, 4, qs, FLEX_DEVICE_CUDA),
+                            flex_tensor_contiguous(dk, c->dt, 4, ks, FLEX_DEVICE_CUDA),
+                            flex_tensor_contiguous(dv, c->dt, 4, vs, FLEX_DEVICE_CUDA),
+                            flex_tensor_contiguous(dout, c->dt, 4, os, FLEX_DEVICE_CUDA),
+                            flex_tensor_contiguous(dlse, FLEX_F32, 3, os, FLEX_DEVICE_CUDA)};
+    return t;
+}
+
 /* One forward on ctx into out_host (B, Hq, Lq, Dv) and lse_host (B, Hq,
  * Lq), the device outputs poisoned (all bits set: NaN) first. */
 static flex_status forward_on(flex_context *ctx, const bits_case *c, void *dq, void *dk, void *dv,
                               const flex_mod *score, const flex_block_mask *mask, void *out_host,
                               float *lse_host) {
     const size_t es = flex_dtype_size(c->dt);
-    const int64_t qs[4] = {c->B, c->Hq, c->Lq, c->D}, ks[4] = {c->B, c->Hkv, c->Lkv, c->D};
-    const int64_t vs[4] = {c->B, c->Hkv, c->Lkv, c->Dv}, os[4] = {c->B, c->Hq, c->Lq, c->Dv};
     const size_t out_bytes = (size_t)(c->B * c->Hq * c->Lq * c->Dv) * es;
     const size_t lse_bytes = (size_t)(c->B * c->Hq * c->Lq) * 4;
     unsigned char *poison = malloc(out_bytes > lse_bytes ? out_bytes : lse_bytes);
     memset(poison, 0xff, out_bytes > lse_bytes ? out_bytes : lse_bytes);
     void *dout = to_gpu(poison, out_bytes), *dlse = to_gpu(poison, lse_bytes);
     free(poison);
-    const flex_tensor q = flex_tensor_contiguous(dq, c->dt, 4, qs, FLEX_DEVICE_CUDA);
-    const flex_tensor k = flex_tensor_contiguous(dk, c->dt, 4, ks, FLEX_DEVICE_CUDA);
-    const flex_tensor v = flex_tensor_contiguous(dv, c->dt, 4, vs, FLEX_DEVICE_CUDA);
-    const flex_tensor o = flex_tensor_contiguous(dout, c->dt, 4, os, FLEX_DEVICE_CUDA);
-    const flex_tensor l = flex_tensor_contiguous(dlse, FLEX_F32, 3, os, FLEX_DEVICE_CUDA);
+    const call_tensors t = call_tensors_of(c, dq, dk, dv, dout, dlse);
     flex_attention_options opts;
     memset(&opts, 0, sizeof opts);
-    flex_status s = flex_attention(ctx, &q, &k, &v, score, mask, &opts, &o, &l);
+    flex_status s = flex_attention(ctx, &t.q, &t.k, &t.v, score, mask, &opts, &t.o, &t.l);
     if (s == FLEX_OK) s = flex_synchronize(ctx);
     if (s == FLEX_OK) s = flex_copy_to_host(ctx, out_host, dout, out_bytes);
     if (s == FLEX_OK) s = flex_copy_to_host(ctx, lse_host, dlse, lse_bytes);
@@ -171,11 +183,9 @@ static flex_status backward_on(flex_context *ctx, const bits_case *c, void *dq, 
                                const flex_block_mask *fwd_mask, const flex_block_mask *bwd_mask,
                                void *host_grads[3], flex_status *forward_status) {
     const size_t es = flex_dtype_size(c->dt);
-    const int64_t qs[4] = {c->B, c->Hq, c->Lq, c->D}, ks[4] = {c->B, c->Hkv, c->Lkv, c->D};
-    const int64_t vs[4] = {c->B, c->Hkv, c->Lkv, c->Dv}, os[4] = {c->B, c->Hq, c->Lq, c->Dv};
-    const size_t bytes[3] = {(size_t)(qs[0] * qs[1] * qs[2] * qs[3]) * es,
-                             (size_t)(ks[0] * ks[1] * ks[2] * ks[3]) * es,
-                             (size_t)(vs[0] * vs[1] * vs[2] * vs[3]) * es};
+    const size_t bytes[3] = {(size_t)((int64_t)c->B * c->Hq * c->Lq * c->D) * es,
+                             (size_t)((int64_t)c->B * c->Hkv * c->Lkv * c->D) * es,
+                             (size_t)((int64_t)c->B * c->Hkv * c->Lkv * c->Dv) * es};
     const size_t out_bytes = (size_t)(c->B * c->Hq * c->Lq * c->Dv) * es;
     const size_t lse_bytes = (size_t)(c->B * c->Hq * c->Lq) * 4;
     size_t most = out_bytes > lse_bytes ? out_bytes : lse_bytes;
@@ -188,22 +198,16 @@ static flex_status backward_on(flex_context *ctx, const bits_case *c, void *dq, 
     for (int i = 0; i < 3; i++)
         grads[i] = to_gpu(poison, bytes[i]);
     free(poison);
-    const flex_tensor q = flex_tensor_contiguous(dq, c->dt, 4, qs, FLEX_DEVICE_CUDA);
-    const flex_tensor k = flex_tensor_contiguous(dk, c->dt, 4, ks, FLEX_DEVICE_CUDA);
-    const flex_tensor v = flex_tensor_contiguous(dv, c->dt, 4, vs, FLEX_DEVICE_CUDA);
-    const flex_tensor o = flex_tensor_contiguous(dout, c->dt, 4, os, FLEX_DEVICE_CUDA);
-    const flex_tensor l = flex_tensor_contiguous(dlse, FLEX_F32, 3, os, FLEX_DEVICE_CUDA);
-    const flex_tensor g = flex_tensor_contiguous(dout_dev, c->dt, 4, os, FLEX_DEVICE_CUDA);
-    const flex_tensor gq = flex_tensor_contiguous(grads[0], c->dt, 4, qs, FLEX_DEVICE_CUDA);
-    const flex_tensor gk = flex_tensor_contiguous(grads[1], c->dt, 4, ks, FLEX_DEVICE_CUDA);
-    const flex_tensor gv = flex_tensor_contiguous(grads[2], c->dt, 4, vs, FLEX_DEVICE_CUDA);
+    const call_tensors t = call_tensors_of(c, dq, dk, dv, dout, dlse);
+    /* the gradients and dO: tensors of q's, k's, v's and out's sizes */
+    const call_tensors g = call_tensors_of(c, grads[0], grads[1], grads[2], dout_dev, dlse);
     flex_attention_options opts;
     memset(&opts, 0, sizeof opts);
-    flex_status s = flex_attention(ctx, &q, &k, &v, score, fwd_mask, &opts, &o, &l);
+    flex_status s = flex_attention(ctx, &t.q, &t.k, &t.v, score, fwd_mask, &opts, &t.o, &t.l);
     *forward_status = s == FLEX_OK ? flex_synchronize(ctx) : s;
     if (s == FLEX_OK)
-        s = flex_attention_backward(ctx, &q, &k, &v, &o, &g, &l, score, bwd_mask, &opts, &gq, &gk,
-                                    &gv, NULL, 0);
+        s = flex_attention_backward(ctx, &t.q, &t.k, &t.v, &t.o, &g.o, &t.l, score, bwd_mask,
+                                    &opts, &g.q, &g.k, &g.v, NULL, 0);
     if (s == FLEX_OK) s = flex_synchronize(ctx);
     for (int i = 0; i < 3 && s == FLEX_OK; i++)
         s = flex_copy_to_host(ctx, host_grads[i], grads[i], bytes[i]);

@@ -783,6 +783,20 @@ END_TEST
  * of the row its walk reads, a bit block of the same q-block and kv-block
  * evaluated at its own b and h where the mod reads them (0 where not); so
  * does the backward's walk of every kv-block column. */
+/* w, a table's word offset, names a bit block of q-block i and kv-block j
+ * evaluated at b and h (0 where the mod does not read them). */
+static void check_bit_block(const flex_gpu_bits_plan *plan, int32_t w, int64_t b, int64_t h,
+                            int64_t i, int64_t j) {
+    ck_assert_int_eq(w % plan->block_words, 0);
+    const int64_t slot = w / plan->block_words;
+    ck_assert_int_lt(slot, plan->num_blocks);
+    const int32_t *blk = plan->blocks + 4 * slot;
+    ck_assert_int_eq(blk[0], b);
+    ck_assert_int_eq(blk[1], h);
+    ck_assert_int_eq(blk[2], i);
+    ck_assert_int_eq(blk[3], j);
+}
+
 static void check_plan_maps(const flex_block_mask *mask, int reads_b, int reads_h, int64_t B,
                             int64_t Hq, const flex_gpu_bits_plan *plan) {
     const int64_t nq = mask->num_q_blocks;
@@ -795,34 +809,18 @@ static void check_plan_maps(const flex_block_mask *mask, int reads_b, int reads_
                                   (plan->planes_h > 1 ? h : 0);
             for (int64_t i = 0; i < nq; i++) {
                 const int64_t r = (mb * mask->H + mh) * nq + i;
-                for (int64_t e = off[r]; e < off[r + 1]; e++) {
-                    const int32_t w = plan->entry_words[plane * plan->entries + e];
-                    ck_assert_int_eq(w % plan->block_words, 0);
-                    const int64_t slot = w / plan->block_words;
-                    ck_assert_int_lt(slot, plan->num_blocks);
-                    const int32_t *blk = plan->blocks + 4 * slot;
-                    ck_assert_int_eq(blk[0], reads_b ? b : 0);
-                    ck_assert_int_eq(blk[1], reads_h ? h : 0);
-                    ck_assert_int_eq(blk[2], i);
-                    ck_assert_int_eq(blk[3], idx[e]);
-                }
+                for (int64_t e = off[r]; e < off[r + 1]; e++)
+                    check_bit_block(plan, plan->entry_words[plane * plan->entries + e],
+                                    reads_b ? b : 0, reads_h ? h : 0, i, idx[e]);
             }
             /* the backward's table, by its q-major walk over kv blocks */
             const int64_t nk = mask->num_kv_blocks;
             const int32_t *qoff = mask->q_partial.offsets, *qidx = mask->q_partial.indices;
             for (int64_t j = 0; j < nk; j++) {
                 const int64_t col = (mb * mask->H + mh) * nk + j;
-                for (int64_t e = qoff[col]; e < qoff[col + 1]; e++) {
-                    const int32_t w = plan->q_entry_words[plane * plan->entries + e];
-                    ck_assert_int_eq(w % plan->block_words, 0);
-                    const int64_t slot = w / plan->block_words;
-                    ck_assert_int_lt(slot, plan->num_blocks);
-                    const int32_t *blk = plan->blocks + 4 * slot;
-                    ck_assert_int_eq(blk[0], reads_b ? b : 0);
-                    ck_assert_int_eq(blk[1], reads_h ? h : 0);
-                    ck_assert_int_eq(blk[2], qidx[e]);
-                    ck_assert_int_eq(blk[3], j);
-                }
+                for (int64_t e = qoff[col]; e < qoff[col + 1]; e++)
+                    check_bit_block(plan, plan->q_entry_words[plane * plan->entries + e],
+                                    reads_b ? b : 0, reads_h ? h : 0, qidx[e], j);
             }
         }
 }

@@ -1109,7 +1109,7 @@ static flex_status cuda_backward(flex_context *ctx, const flex_backward_args *a)
     flex_gpu_bwd_mods_free(&m);
     cuda_buffer_desc descs[FLEX_EMIT_MAX_SLOTS];
     if (!s) s = flex_gpu_bind_mods(ctx, &st->gpu, mask, m.mask_mod, m.score_used, &mc, descs);
-    if (!s && cfg.partial_bits && !bits->made)
+    if (!s && cfg.partial_bits) /* once: made bits return at once */
         s = flex_gpu_partial_bits_make(ctx, &st->gpu, mask, bits, kernels.bits, descs, m.slots,
                                        a->stream);
 

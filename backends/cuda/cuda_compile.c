@@ -293,7 +293,8 @@ char *flex_cuda_backward_source(const flex_cuda_bwd_config *cfg, const ir_mod *m
              "#define FLEX_BWD_KV_FASTEST %d\n#define FLEX_BWD_WGMMA %d\n"
              "#define FLEX_BWD_SPLIT_WAIT %d\n#define FLEX_BWD_WG_BARRIER %d\n"
              "#define FLEX_BWD_GRAD_SMEM %d\n#define FLEX_BWD_DQ_BULK %d\n"
-             "#define FLEX_BWD_TMA %d\n#define FLEX_BWD_REFILL_EARLY %d\n#define FLEX_BWD_BITS %d\n",
+             "#define FLEX_BWD_TMA %d\n#define FLEX_BWD_REFILL_EARLY %d\n"
+             "#define FLEX_BWD_BITS %d\n",
              elem, cfg->dq, cfg->dv, cfg->warps, cfg->block_m, cfg->vec, cfg->short_indices,
              cfg->grad_slots > 0 ? cfg->grad_slots : 1, cfg->pipeline, cfg->exp2, cfg->dq_red,
              cfg->kv_fastest, cfg->wgmma, cfg->split_wait, cfg->wg_barrier, grad_smem,

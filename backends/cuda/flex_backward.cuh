@@ -315,12 +315,14 @@ static FLEX_DEVICE_INLINE float flex_bwd_prob(const flex_bwd_params &bp, float r
     const bool inside = !CHECKED || (q < p.Lq && kv < p.Lkv);
     const int qi = CHECKED ? min(q, p.Lq - 1) : q, ki = CHECKED ? min(kv, p.Lkv - 1) : kv;
     bool keep = inside;
-    if (CHECKED && partial && keep_bit >= 0) {
-        keep = keep && keep_bit != 0;
-    } else if (CHECKED && partial) {
-        unsigned mask_oob = 0;
-        keep = keep && flex_mask_mod(b, h, qi, ki, p.bufs, mask_oob);
-        oob |= inside ? mask_oob : 0u;
+    if (CHECKED && partial) {
+        if (keep_bit >= 0) {
+            keep = keep && keep_bit != 0;
+        } else {
+            unsigned mask_oob = 0;
+            keep = keep && flex_mask_mod(b, h, qi, ki, p.bufs, mask_oob);
+            oob |= inside ? mask_oob : 0u;
+        }
     }
     unsigned score_oob = 0;
     const float value =

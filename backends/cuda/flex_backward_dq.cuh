@@ -253,7 +253,8 @@ extern "C" __global__ void __launch_bounds__(FLEX_BWD_DQ_WARPS * 32)
             flex_warp_dots(qr, krow, dor, vrow, p.D, p.Dv, lane, dot, dpv);
             float dscore;
             flex_grad_terms terms;
-            const float pr = flex_bwd_prob(bp, dot, b, h, q, kv, partial, -1, lse, dscore, terms, oob);
+            const float pr =
+                flex_bwd_prob(bp, dot, b, h, q, kv, partial, -1, lse, dscore, terms, oob);
             if (pr == 0.0f) continue; /* the same for the whole warp */
             const float ds = flex_score_grads_only(pr, dpv, delta, dscore) * p.scale;
 #pragma unroll

@@ -25,7 +25,7 @@
 struct flex_partial_bits_params {
     const int *blocks; /* 4 ints per bit block: b, h, q-block index, kv-block index */
     unsigned *bits;    /* bit block i at bits + i * q_block * row_words */
-    unsigned *oob;     /* the mask mod's buffer-bounds bits, kept for the calls that read the bits */
+    unsigned *oob;     /* the mask mod's buffer-bounds bits, for the calls that read the bits */
     long long count;
     int q_len, kv_len, q_block, kv_block, row_words, pad_;
     flex_buffers bufs;

@@ -1172,13 +1172,14 @@ void flex_gpu_bwd_key(char *key, size_t cap, const flex_gpu_state *st,
                    "flex_cuda_bwd_config changed: update the backward kernel key");
     snprintf(key, cap,
              "bwd|%s|dq%d|dv%d|w%d|bm%d|vec%d|short%d|gs%d|pipe%d|exp2%d|red%d|kvf%d|wg%d|sw%d|"
-             "wgb%d|dqb%d|tma%d.%d|dqw%d|dqn%d|gsm%d|pb%d|mask=%016llx|score=%016llx|loads=%016llx|"
-             "inr=%016llx.%016llx|%s|%s",
+             "wgb%d|dqb%d|tma%d.%d|dqw%d|dqn%d|gsm%d|pb%d|mask=%016llx|score=%016llx|"
+             "loads=%016llx|inr=%016llx.%016llx|%s|%s",
              flex_dtype_name(cfg->dtype), cfg->dq, cfg->dv, cfg->warps, cfg->block_m, cfg->vec,
              cfg->short_indices, cfg->grad_slots, cfg->pipeline, cfg->exp2, cfg->dq_red,
              cfg->kv_fastest, cfg->wgmma, cfg->split_wait, cfg->wg_barrier, cfg->dq_bulk,
              cfg->tma, cfg->refill_early, cfg->dq_warps, cfg->dq_block_n, cfg->grad_smem,
-             cfg->partial_bits, (unsigned long long)mod_hash(m->mask_mod), (unsigned long long)mod_hash(m->score_used),
+             cfg->partial_bits, (unsigned long long)mod_hash(m->mask_mod),
+             (unsigned long long)mod_hash(m->score_used),
              (unsigned long long)(m->num_loads ? flex_cache_checksum(m->loads,
                                                                     (size_t)m->num_loads *
                                                                         sizeof m->loads[0])

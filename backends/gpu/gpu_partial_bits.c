@@ -168,40 +168,21 @@ int flex_gpu_bits_plan_make(const struct flex_block_mask *mask, int reads_b, int
     return result;
 }
 
+/* The ops flex_gpu_mask_mod_cheap accepts: indices, constants and integer
+ * or boolean operations of a few instructions (no load, division, modulo,
+ * float function or conversion). */
+static const unsigned char cheap_ops[IR_OP_COUNT] = {
+    [IR_CONST] = 1, [IR_B] = 1,      [IR_H] = 1,   [IR_Q] = 1,   [IR_KV] = 1,  [IR_NEG] = 1,
+    [IR_NOT] = 1,   [IR_BITNOT] = 1, [IR_ABS] = 1, [IR_ADD] = 1, [IR_SUB] = 1, [IR_MUL] = 1,
+    [IR_MIN] = 1,   [IR_MAX] = 1,    [IR_EQ] = 1,  [IR_NE] = 1,  [IR_LT] = 1,  [IR_LE] = 1,
+    [IR_GT] = 1,    [IR_GE] = 1,     [IR_AND] = 1, [IR_OR] = 1,  [IR_XOR] = 1, [IR_SELECT] = 1,
+};
+
 int flex_gpu_mask_mod_cheap(const ir_mod *ir) {
     if (ir->num_nodes > FLEX_GPU_CHEAP_MASK_NODES) return 0;
     for (int i = 0; i < ir->num_nodes; i++) {
         const ir_node *n = &ir->nodes[i];
-        if (n->type == IR_FLOAT) return 0;
-        switch ((ir_op)n->op) {
-        case IR_CONST:
-        case IR_B:
-        case IR_H:
-        case IR_Q:
-        case IR_KV:
-        case IR_NEG:
-        case IR_NOT:
-        case IR_BITNOT:
-        case IR_ABS:
-        case IR_ADD:
-        case IR_SUB:
-        case IR_MUL:
-        case IR_MIN:
-        case IR_MAX:
-        case IR_EQ:
-        case IR_NE:
-        case IR_LT:
-        case IR_LE:
-        case IR_GT:
-        case IR_GE:
-        case IR_AND:
-        case IR_OR:
-        case IR_XOR:
-        case IR_SELECT:
-            break;
-        default:
-            return 0;
-        }
+        if (n->type == IR_FLOAT || n->op >= IR_OP_COUNT || !cheap_ops[n->op]) return 0;
     }
     return 1;
 }

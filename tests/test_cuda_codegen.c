@@ -140,6 +140,18 @@ static const struct {
     {WGMMA_WIDE_CONFIG(.dtype = FLEX_BF16, .dq = 256, .dv = 64, .scale_positive = 1,
                        .mask_bits = 1),
      "sm_90a"},
+    /* the cuts of the step (cuda_step_cuts=1): TMA, chained, cp.async, wide */
+    {WGMMA_CONFIG(.dtype = FLEX_BF16, .dq = 64, .dv = 64, .scale_positive = 1, .tma = 1,
+                  .mask_bits = 1, .short_indices = 1, .step_cuts = 1),
+     "sm_90a"},
+    {WGMMA_CONFIG(.dtype = FLEX_F16, .dq = 128, .dv = 128, .tma = 1, .chain = 1, .mask_bits = 1,
+                  .step_cuts = 1),
+     "sm_90a"},
+    {WGMMA_CONFIG(.dtype = FLEX_BF16, .dq = 128, .dv = 64, .scale_positive = 1, .step_cuts = 1),
+     "sm_90a"},
+    {WGMMA_WIDE_CONFIG(.dtype = FLEX_BF16, .dq = 256, .dv = 256, .scale_positive = 1, .tma = 1,
+                       .q_bufs = 1, .mask_bits = 1, .step_cuts = 1),
+     "sm_90a"},
     /* last: the chained TMA kernel (the unchecked-reads cases below take it) */
     {WGMMA_CONFIG(.dtype = FLEX_BF16, .dq = 128, .dv = 128, .scale_positive = 1, .tma = 1,
                   .chain = 1, .mask_bits = 1, .short_indices = 1, .dv_exact = 1),

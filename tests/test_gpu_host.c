@@ -1304,10 +1304,14 @@ START_TEST(test_kernel_keys) {
                               .partial_bits = 1, .q_bufs = 2};
     char key[512];
     flex_gpu_fwd_key(key, sizeof key, &st, &f, 1, NULL, NULL, NULL, NULL);
-    ck_assert_str_eq(key, "fwd|bf16|dq128|dv64|dx1|w4|mt2|n64|vec1|wg1|tma1|qb2|ch0|mb1|pb1|short1|"
-                          "scl0|sp1|"
+    ck_assert_str_eq(key, "fwd|bf16|dq128|dv64|dx1|w4|mt2|n64|vec1|wg1|tma1|qb2|ch0|sc0|mb1|pb1|"
+                          "short1|scl0|sp1|"
                           "mask=0000000000000000|score=0000000000000000|inr=0000000000000000."
                           "0000000000000000|fake1|fakecc1.2");
+    f.step_cuts = 1; /* cuda_step_cuts: another kernel */
+    flex_gpu_fwd_key(key, sizeof key, &st, &f, 1, NULL, NULL, NULL, NULL);
+    ck_assert_ptr_nonnull(strstr(key, "|ch0|sc1|mb1|"));
+    f.step_cuts = 0;
     flex_gpu_fwd_key(key, sizeof key, &st, &f, 0, NULL, NULL, NULL, NULL);
     ck_assert_str_eq(key, "fwd|bf16|dq128|dv64|dx1|w4|mt2|n64|vec1|mb1|pb1|short1|scl0|sp1|"
                           "mask=0000000000000000|score=0000000000000000|inr=0000000000000000."

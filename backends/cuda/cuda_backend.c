@@ -721,6 +721,9 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
      * comparison). With one tile per CTA it gains nothing, and its store
      * inside the step loop costs time there (docs/decisions.md). */
     cfg.chain = persistent && env_switch(ctx, FLEX_DEBUG_CUDA_CHAIN, 1);
+    /* Cuts of the wgmma kernel's step (docs/decisions.md, "Where the Hopper
+     * forward's step goes"), off until measured on a GPU. */
+    cfg.step_cuts = cfg.wgmma && env_switch(ctx, FLEX_DEBUG_CUDA_STEP_CUTS, 0);
     /* Q (two buffers for the TMA kernel, a tile's and the next one's, where
      * they fit: not at head dims 256/256), two K/V stages; the wgmma
      * kernels align their tiles to 1 KB themselves. */

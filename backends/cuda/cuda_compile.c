@@ -86,10 +86,11 @@ char *flex_cuda_forward_source_in_range(const flex_cuda_fwd_config *cfg, const i
              "#define FLEX_VEC %d\n#define FLEX_SCALE_POSITIVE %d\n#define FLEX_WGMMA %d\n"
              "#define FLEX_SHORT_INDICES %d\n#define FLEX_TMA %d\n#define FLEX_MASK_BITS %d\n"
              "#define FLEX_TMA_CHAIN %d\n#define FLEX_DV_EXACT %d\n#define FLEX_PARTIAL_BITS %d\n"
-             "#define FLEX_Q_BUFS %d\n#define FLEX_SCORE_CLAMP %d\n",
+             "#define FLEX_Q_BUFS %d\n#define FLEX_SCORE_CLAMP %d\n#define FLEX_STEP_CUTS %d\n",
              elem, cfg->dq, cfg->dv, cfg->warps, cfg->mt, cfg->block_n, cfg->vec,
              cfg->scale_positive, cfg->wgmma, cfg->short_indices, cfg->tma, cfg->mask_bits,
-             cfg->chain, cfg->dv_exact, cfg->partial_bits, cfg->q_bufs, cfg->score_clamp);
+             cfg->chain, cfg->dv_exact, cfg->partial_bits, cfg->q_bufs, cfg->score_clamp,
+             cfg->step_cuts);
     char *mods = flex_emit_mods_in_range(mask, score, mask_in_range, score_in_range);
     if (!mods) return NULL;
     /* The sm_90a kernel is a sibling of the mma.sync one and reuses its

@@ -40,6 +40,7 @@ typedef struct flex_cuda_fwd_config {
                            this one; 1 where two do not fit beside the K/V stages) */
     int score_clamp;    /* the score mod at the last row/column past the ends
                            (flex_gpu_score_reads_in_range) */
+    int step_cuts;      /* wgmma: the step's cuts (FLEX_STEP_CUTS), off until measured */
 } flex_cuda_fwd_config;
 
 /*

@@ -124,7 +124,9 @@ static FLEX_DEVICE_INLINE void flex_sm90_issue(float (&s)[FLEX_SM90_NT][4],
 }
 
 /* Mods, mask and online softmax of a warpgroup's 64 x FLEX_BLOCK_N scores
- * of the step at kv0, packed as the A fragments of the next P V: the plain path
+ * of the step at kv0, packed as the A fragments of the next P V into pa
+ * (with FLEX_STEP_CUTS left in s, and packed by flex_sm90_take_probs after
+ * the wait for the product in flight): the plain path
  * for blocks without mask or bounds, the masked one otherwise; with a score
  * mod whose reads do not depend on the score, one copy of the score mod
  * serves both (flex_softmax_probs_split). bits_at: a partial step's bit
@@ -145,7 +147,11 @@ flex_sm90_probs(const flex_fwd_params &p, flex_warp_state &st, float (&s)[FLEX_S
         flex_softmax_probs<false, FLEX_SM90_NT>(p, st.m[0], st.l[0], s, alphas, b, h, qrow0, kv0,
                                                 false, false, 0, lane, oob);
 #endif
+#if !FLEX_STEP_CUTS
     flex_pack_probs<FLEX_SM90_NT>(s, pa);
+#else
+    (void)pa;
+#endif
 }
 
 /* Zero: P before a tile's first product, and O after the TMA kernel's step
@@ -174,14 +180,25 @@ static FLEX_DEVICE_INLINE void flex_sm90_wait_pv(float (&o)[FLEX_DV / 8][4],
     flex_pin(pa);
 }
 
-/* P of the step just finished becomes the operand of the next product. */
+/* P of the step just finished (next, or with FLEX_STEP_CUTS s) becomes the
+ * operand of the next product. With the cuts it is packed here, after the
+ * wait, into the registers the finished product read: a second set of
+ * fragments packed beside the product costs 32 registers and a copy on
+ * every step, and the product is long done by the time the softmax is. */
 static FLEX_DEVICE_INLINE void flex_sm90_take_probs(flex_u32 (&pa)[FLEX_BLOCK_N / 16][4],
-                                                    const flex_u32 (&next)[FLEX_BLOCK_N / 16][4]) {
+                                                    const flex_u32 (&next)[FLEX_BLOCK_N / 16][4],
+                                                    const float (&s)[FLEX_SM90_NT][4]) {
+#if FLEX_STEP_CUTS
+    (void)next;
+    flex_pack_probs<FLEX_SM90_NT>(s, pa);
+#else
+    (void)s;
 #pragma unroll
     for (int kk = 0; kk < FLEX_BLOCK_N / 16; kk++)
 #pragma unroll
         for (int r = 0; r < 4; r++)
             pa[kk][r] = next[kk][r];
+#endif
 }
 
 #if !FLEX_TMA
@@ -280,7 +297,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
         flex_sm90_wait_pv(st.o[0], pa);
         if (!last) {
             flex_rescale(st.o[0], alphas);
-            flex_sm90_take_probs(pa, pa_next);
+            flex_sm90_take_probs(pa, pa_next, s);
             kv_cur = kv_next;
             partial_cur = partial_next;
             bits_cur = bits_next;
@@ -348,10 +365,31 @@ static FLEX_DEVICE_INLINE bool flex_next_tile(const flex_fwd_params &p, flex_til
 struct flex_tile_info {
     int b, h, q0, nsteps;
 };
-struct flex_step_info {
+#if FLEX_STEP_CUTS
+#define FLEX_STEP_INFO_ALIGN __align__(16) /* flex_read_step's one load */
+#else
+#define FLEX_STEP_INFO_ALIGN
+#endif
+struct FLEX_STEP_INFO_ALIGN flex_step_info {
     int kv0, partial;
     int bits_at; /* a partial step's bit block (FLEX_PARTIAL_BITS) */
 };
+
+#if FLEX_STEP_CUTS
+/* A consumer's read of step slot i's info (after the wait on its K stage),
+ * from the slots at shared address `at`, in one 16-byte load: read through
+ * the array, the compiler forms the slot's address again on every step,
+ * from the cluster id. */
+static FLEX_DEVICE_INLINE flex_step_info flex_read_step(flex_u32 at, int i) {
+    flex_step_info s;
+    int unused;
+    asm volatile("ld.shared.v4.b32 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(s.kv0), "=r"(s.partial), "=r"(s.bits_at), "=r"(unused)
+                 : "r"(at + 16 * i)
+                 : "memory");
+    return s;
+}
+#endif
 
 /* The consumers' next tile with kv steps from the Q ring, from round k on:
  * tiles without steps on the way are stored (zeros and -inf) and their Q
@@ -402,16 +440,19 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
 #if FLEX_TMA_CHAIN
     __shared__ flex_tile_info flex_done[2][FLEX_WARPS]; /* per consumer warp: its last two tiles */
 #endif
-    const flex_u32 full_q = flex_smem_addr(&flex_bars[0]), empty_q = full_q + 16,
+    const flex_u32 full_q = flex_keep_addr(flex_smem_addr(&flex_bars[0])), empty_q = full_q + 16,
                    full_k = full_q + 32, full_v = full_q + 48, empty_k = full_q + 64,
                    empty_v = full_q + 80;
     /* FLEX_Q_BUFS Q buffers (a tile's and, with two, the next one's), two
      * K stages, two V stages, each 1024-byte aligned. */
     constexpr flex_u32 Q_BUF = FLEX_BLOCK_M * FLEX_DQ * 2, K_STAGE = FLEX_BLOCK_N * FLEX_DQ * 2,
                        V_STAGE = FLEX_BLOCK_N * FLEX_DV * 2;
-    const flex_u32 sQ = (flex_smem_addr(flex_smem) + 1023u) & ~1023u;
+    const flex_u32 sQ = flex_keep_addr((flex_smem_addr(flex_smem) + 1023u) & ~1023u);
     const flex_u32 sK = sQ + FLEX_Q_BUFS * Q_BUF;
     const flex_u32 sV = sK + 2 * K_STAGE;
+#if FLEX_STEP_CUTS
+    const flex_u32 steps = flex_keep_addr(flex_smem_addr(flex_steps)); /* flex_read_step */
+#endif
 
     const int tid = threadIdx.x, lane = tid & 31, wg = tid >> 7;
 #if FLEX_PARTIAL_BITS
@@ -538,9 +579,16 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
             flex_u32 pa_next[FLEX_BLOCK_N / 16][4];
             if (!last) {
                 /* The step's kv block, read before its K stage is released. */
+#if FLEX_STEP_CUTS
+                const flex_step_info info = flex_read_step(steps, g & 1);
+                const int kv0 = info.kv0;
+                const bool partial = info.partial != 0;
+                const int bits_at = FLEX_PARTIAL_BITS ? info.bits_at : 0;
+#else
                 const int kv0 = flex_steps[g & 1].kv0;
                 const bool partial = flex_steps[g & 1].partial != 0;
                 const int bits_at = FLEX_PARTIAL_BITS ? flex_steps[g & 1].bits_at : 0;
+#endif
                 if (lane == 0) flex_mbar_arrive(empty_k + 8 * (g & 1));
                 flex_sm90_probs(p, st, s, pa_next, alphas, cur.b, cur.h, cur.q0 + cwarp * 16, kv0,
                                 partial, cur.q0 + FLEX_BLOCK_M > p.Lq, bits_at, lane, oob);
@@ -556,7 +604,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
                 flex_sm90_clear(st.o[0]);
             else
                 flex_rescale(st.o[0], alphas);
-            flex_sm90_take_probs(pa, pa_next);
+            flex_sm90_take_probs(pa, pa_next, s);
             fresh = false;
             g++;
             /* After a tile's last step, the next tile with steps chains on;
@@ -604,9 +652,17 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
             flex_wgmma_wait<1>(); /* S(step) is done; P V still runs */
             flex_pin(s);
             /* The step's kv block, read before its K stage is released. */
+#if FLEX_STEP_CUTS
+            flex_step_info info = {0, 0, 0};
+            if (!last) info = flex_read_step(steps, gk & 1);
+            const int kv0 = info.kv0;
+            const bool partial = info.partial != 0;
+            const int bits_at = FLEX_PARTIAL_BITS && partial ? info.bits_at : 0;
+#else
             const int kv0 = last ? 0 : flex_steps[gk & 1].kv0;
             const bool partial = !last && flex_steps[gk & 1].partial != 0;
             const int bits_at = FLEX_PARTIAL_BITS && partial ? flex_steps[gk & 1].bits_at : 0;
+#endif
             if (lane == 0) {
                 if (!last)
                     flex_mbar_arrive(empty_k + 8 * (gk & 1));
@@ -624,7 +680,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
                 flex_sm90_clear(st.o[0]);
             else if (!last)
                 flex_rescale(st.o[0], alphas);
-            if (!last) flex_sm90_take_probs(pa, pa_next);
+            if (!last) flex_sm90_take_probs(pa, pa_next, s);
         }
         g += nsteps;
         flex_store_output(p, st, cur.b, cur.h, cur.q0, cwarp, lane);

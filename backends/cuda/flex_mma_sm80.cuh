@@ -191,6 +191,13 @@ static FLEX_DEVICE_INLINE void flex_load_tile(flex_u32 tile, const flex_elem *g,
 
 /* ---- the online softmax on the m16n8 accumulator layout (forward, decode) ---- */
 
+/* Cuts of the Hopper forward's step (flex_forward_sm90.cuh), which the host
+ * turns on with cuda_step_cuts=1 until they are measured; 0 in every other
+ * kernel. */
+#ifndef FLEX_STEP_CUTS
+#define FLEX_STEP_CUTS 0
+#endif
+
 #if defined(FLEX_DV)
 /* The online-softmax update of one 16-row m-tile's modified scores (log2
  * units; RAW: unscaled): s becomes the unnormalised probabilities, m and l
@@ -200,14 +207,43 @@ template <bool RAW, int NT>
 static FLEX_DEVICE_INLINE void flex_softmax_update(const flex_fwd_params &p, float (&m)[2],
                                                    float (&l)[2], float (&s)[NT][4],
                                                    float (&alphas)[2]) {
+#if FLEX_STEP_CUTS
+    /* Both row halves' maxima at once, each as a tree: a chain of NT
+     * dependent maxima, then the other half's, held the exponentials back
+     * (the maximum is exact, so the order does not change it). */
+    float mx2[2][NT];
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++)
+#pragma unroll
+        for (int nt = 0; nt < NT; nt++)
+            mx2[hf][nt] = fmaxf(s[nt][2 * hf], s[nt][2 * hf + 1]);
+#pragma unroll
+    for (int w = 1; w < NT; w *= 2)
+#pragma unroll
+        for (int nt = 0; nt + w < NT; nt += 2 * w)
+#pragma unroll
+            for (int hf = 0; hf < 2; hf++)
+                mx2[hf][nt] = fmaxf(mx2[hf][nt], mx2[hf][nt + w]);
+#pragma unroll
+    for (int lanes = 1; lanes <= 2; lanes *= 2) {
+        const float other0 = FLEX_SHFL_XOR(mx2[0][0], lanes),
+                    other1 = FLEX_SHFL_XOR(mx2[1][0], lanes);
+        mx2[0][0] = fmaxf(mx2[0][0], other0);
+        mx2[1][0] = fmaxf(mx2[1][0], other1);
+    }
+#endif
 #pragma unroll
     for (int hf = 0; hf < 2; hf++) {
+#if FLEX_STEP_CUTS
+        float mx = mx2[hf][0];
+#else
         float mx = FLEX_NEG_INF;
 #pragma unroll
         for (int nt = 0; nt < NT; nt++)
             mx = fmaxf(mx, fmaxf(s[nt][2 * hf], s[nt][2 * hf + 1]));
         mx = fmaxf(mx, FLEX_SHFL_XOR(mx, 1));
         mx = fmaxf(mx, FLEX_SHFL_XOR(mx, 2));
+#endif
         if (RAW) mx *= p.scale_log2; /* a positive scale keeps the maximum where it is */
         const float m_new = fmaxf(m[hf], mx);
         const float m_use = m_new == FLEX_NEG_INF ? 0.0f : m_new;

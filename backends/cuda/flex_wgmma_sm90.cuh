@@ -91,6 +91,17 @@ template <int N> static FLEX_DEVICE_INLINE void flex_pin(flex_u32 (&r)[N][4]) {
         asm volatile("" : "+r"(r[i][0]), "+r"(r[i][1]), "+r"(r[i][2]), "+r"(r[i][3])::"memory");
 }
 
+/* A shared-memory address computed once and kept in a register (with
+ * FLEX_STEP_CUTS): without this the compiler recomputes it where it is
+ * used, and on sm_90 each recomputation reads the CTA's cluster id (S2R,
+ * tens of cycles) inside the step loop. */
+static FLEX_DEVICE_INLINE flex_u32 flex_keep_addr(flex_u32 addr) {
+#if FLEX_STEP_CUTS
+    asm volatile("" : "+r"(addr));
+#endif
+    return addr;
+}
+
 /* d (+)= a b for one warpgroup: m64nNk16, fp32 accumulators in the m16n8
  * layout per warp. ss: a and b are shared-memory descriptors; rs: a is this
  * thread's A fragment (m16n8k16 layout) and b is read transposed (MN-major).

@@ -873,12 +873,12 @@ void flex_gpu_fwd_key(char *key, size_t cap, const flex_gpu_state *st,
                       const unsigned char *score_in_range) {
     /* The key names every field of the configuration: a new field that
      * changes the source belongs in it too, or two kernels share a key. */
-    _Static_assert(sizeof(flex_cuda_fwd_config) == 17 * sizeof(int),
+    _Static_assert(sizeof(flex_cuda_fwd_config) == 18 * sizeof(int),
                    "flex_cuda_fwd_config changed: update the forward kernel key");
     char sm90_fields[64] = "";
     if (sm90)
-        snprintf(sm90_fields, sizeof sm90_fields, "wg%d|tma%d|qb%d|ch%d|", cfg->wgmma, cfg->tma,
-                 cfg->q_bufs, cfg->chain);
+        snprintf(sm90_fields, sizeof sm90_fields, "wg%d|tma%d|qb%d|ch%d|sc%d|", cfg->wgmma,
+                 cfg->tma, cfg->q_bufs, cfg->chain, cfg->step_cuts);
     snprintf(key, cap,
              "fwd|%s|dq%d|dv%d|dx%d|w%d|mt%d|n%d|vec%d|%smb%d|pb%d|short%d|scl%d|sp%d|mask=%016llx|"
              "score=%016llx|inr=%016llx.%016llx|%s|%s",

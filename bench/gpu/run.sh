@@ -88,17 +88,20 @@ if [ "$SKIP_CHECK" = 0 ]; then
     done
     # CHECK_ENVS: more checks, each under one FLEXATTN_DEBUG value
     # (comma-separated key=value settings, docs/debugging.md); the default
-    # makes every CTA of the persistent grid walk many tiles.
-    for E in ${CHECK_ENVS-cuda_persistent=1,cuda_ctas=3}; do
+    # makes every CTA of the persistent grid walk many tiles, then checks
+    # the forward with the cuts of its step (cuda_step_cuts), on one tile a
+    # CTA and on the persistent grid.
+    for E in ${CHECK_ENVS-cuda_persistent=1,cuda_ctas=3 cuda_step_cuts=1 cuda_step_cuts=1,cuda_persistent=1,cuda_ctas=3}; do
+        ENV_TAG=$(printf '%s' "$E" | tr ',=' '_-')
         echo "== flexattn check --backend cuda (FLEXATTN_DEBUG=$E)"
         T0=$(date +%s)
         FLEXATTN_DEBUG=$E FLEXATTN_CACHE_DIR=off timeout -k 5 "${CHECK_TIMEOUT:-240}" "$BUILD/tools/flexattn" check --backend cuda \
-            ${CHECK_ARGS:-} >"$OUT/check-env-${E%%=*}.log" 2>&1
+            ${CHECK_ARGS:-} >"$OUT/check-env-$ENV_TAG.log" 2>&1
         STATUS=$?
         echo "check exit $STATUS in $(( $(date +%s) - T0 )) s"
-        grep -E "FAIL|ERROR|error" "$OUT/check-env-${E%%=*}.log" | head -20
-        tail -1 "$OUT/check-env-${E%%=*}.log"
-        check_summary "$OUT/check-env-${E%%=*}.log" "$STATUS" "$E"
+        grep -E "FAIL|ERROR|error" "$OUT/check-env-$ENV_TAG.log" | head -20
+        tail -1 "$OUT/check-env-$ENV_TAG.log"
+        check_summary "$OUT/check-env-$ENV_TAG.log" "$STATUS" "$E"
     done
     # The GPU test programs: PASS and FAIL lines; exit 77 (no GPU) fails here.
     for T in test_cuda_backward test_cuda_decode test_cuda_partial_bits; do

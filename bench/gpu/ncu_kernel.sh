@@ -43,5 +43,6 @@ PY
     ncu --import "$NAME.ncu-rep" --print-details all > "$NAME.txt" 2>&1
     ncu --import "$NAME.ncu-rep" --page source --print-source sass --csv 2>&1 | gzip > "$NAME-sass.csv.gz"
     rm -f "$NAME.ncu-rep"
-    grep -E "Stall|stall|Duration|Registers Per|Compute \(SM\) Throughput|Memory Throughput|Issue Slots Busy|Eligible Warps|No Eligible|Warp Cycles Per Issued|gmma|bank_conflicts|pcsamp|L2 Hit|Mem Pipes|Shared Memory Configuration Size|SM Frequency" "$NAME.txt" | sed 's/  */ /g' | head -60
+    # the report repeats some lines once per section (SM Frequency): each once
+    grep -E "Stall|stall|Duration|Registers Per|Compute \(SM\) Throughput|Memory Throughput|Issue Slots Busy|Eligible Warps|No Eligible|Warp Cycles Per Issued|gmma|bank_conflicts|pcsamp|L2 Hit|Mem Pipes|Shared Memory Configuration Size|SM Frequency" "$NAME.txt" | sed 's/  */ /g' | awk '!seen[$0]++' | head -60
 done

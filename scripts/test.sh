@@ -52,10 +52,25 @@ rm -rf "$prefix"
 echo "== Python package (pip install ./python into build-py/venv), tests and training example"
 # torch, numpy and pytest come from PyPI once (about 5 GB with torch's CUDA
 # wheels, 1.5 minutes here) and stay in the git-ignored build-py/venv.
+# pip keeps no cache copy and unpacks under build-py/ rather than a /tmp
+# that may be small; when the disk is short of room for torch, the object
+# files of the builds whose tests have run go first (their test logs stay;
+# a later run rebuilds them).
 venv=build-py/venv
 [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
-"$venv/bin/python" -c "import torch, numpy, pytest" 2>/dev/null ||
-    "$venv/bin/pip" install -q torch numpy pytest
+if ! "$venv/bin/python" -c "import torch, numpy, pytest" 2>/dev/null; then
+    free_mb=$(df -Pm . | awk 'NR == 2 { print $4 }')
+    if [ "$free_mb" -lt 12000 ]; then
+        echo "$free_mb MB free: removing the object files of build-asan, build-nocuda and build-fuzz"
+        for build in build-asan build-nocuda build-fuzz; do
+            [ -f "$build/build.ninja" ] && ninja -C "$build" -t clean > /dev/null
+        done
+        df -Pm . | awk 'NR == 2 { print $4 " MB free" }'
+    fi
+    mkdir -p build-py/tmp
+    TMPDIR="$PWD/build-py/tmp" "$venv/bin/pip" install -q --no-cache-dir torch numpy pytest
+    rm -rf build-py/tmp
+fi
 "$venv/bin/pip" install -q --force-reinstall --no-deps ./python
 (cd python/tests && TORCHINDUCTOR_CACHE_DIR="$(mktemp -d)" "../../$venv/bin/python" -m pytest \
     -q -p no:cacheprovider --junitxml=../../build-py/pytest.xml .) || true

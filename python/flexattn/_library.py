@@ -10,6 +10,7 @@ import ctypes
 import ctypes.util
 import os
 import pathlib
+import struct
 
 FLEX_OK = 0
 ERR_UNSUPPORTED = 5
@@ -209,8 +210,20 @@ def check(status, ctx=None):
         raise error(status, ctx)
 
 
+# flex_tensor's bytes, packed in one call: a view is made for every tensor of
+# every call, and setting the fields one by one costs twice as much host time.
+_TENSOR_BYTES = struct.Struct("=Qii4q4qii")
+_PACKED_VIEWS = (_TENSOR_BYTES.size == ctypes.sizeof(Tensor) and
+                 ctypes.sizeof(ctypes.c_void_p) == 8)
+
+
 def make_tensor(data_ptr, dtype, sizes, strides, device=DEVICE_CPU, device_index=0):
     """A flex_tensor view (the caller keeps the memory alive for the call)."""
+    n = len(sizes)
+    if _PACKED_VIEWS and n <= 4:
+        pad = (0,) * (4 - n)
+        return Tensor.from_buffer_copy(_TENSOR_BYTES.pack(
+            data_ptr or 0, dtype, n, *sizes, *pad, *strides, *pad, device, device_index))
     t = Tensor()
     t.data = data_ptr
     t.dtype = dtype

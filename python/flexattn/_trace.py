@@ -41,13 +41,27 @@ def _promote(*types_):
     return "int"
 
 
+_internal_files = {}  # code file name -> whether it is this package's or torch's
+
+
+def _internal(filename):
+    internal = _internal_files.get(filename)
+    if internal is None:
+        path = os.path.abspath(filename)
+        internal = path.startswith(_PACKAGE_DIR) or f"{os.sep}torch{os.sep}" in path
+        _internal_files[filename] = internal
+    return internal
+
+
 def _user_location():
     """'file:line (in function): source' of the innermost frame outside this
-    package and outside torch: the line of the user's mod that did it."""
+    package and outside torch: the line of the user's mod that did it. (It
+    runs on every translation that indexes a captured tensor: torch tries
+    the index's __index__, whose TypeError it catches, before
+    __torch_function__; hence the cache of file names.)"""
     frame = sys._getframe(1)
     while frame is not None:
-        path = os.path.abspath(frame.f_code.co_filename)
-        if not path.startswith(_PACKAGE_DIR) and f"{os.sep}torch{os.sep}" not in path:
+        if not _internal(frame.f_code.co_filename):
             import linecache
             source = linecache.getline(frame.f_code.co_filename, frame.f_lineno).strip()
             where = f"{frame.f_code.co_filename}:{frame.f_lineno} (in {frame.f_code.co_name})"

@@ -6,6 +6,7 @@ import torch
 
 from .. import _library as L
 from .._trace import follow, locate, trace_mod
+from .._trace_cache import cached_trace
 from . import _op, _views
 from ._block_mask import BlockMask
 
@@ -29,7 +30,7 @@ def _score_spec(score_mod):
     if torch.compiler.is_compiling():
         spec, paths = _translate_for_graph(score_mod)
         return spec, [follow(score_mod, path) for path in paths]
-    traced = trace_mod(score_mod, L.MOD_SCORE)
+    traced = cached_trace(score_mod, L.MOD_SCORE)
     return traced.spec, traced.tensors
 
 

@@ -1403,6 +1403,55 @@ START_TEST(test_backward_launches) {
 }
 END_TEST
 
+/* The forward's head group: 16 only where the score mod reads, per score,
+ * a bound buffer of 8 MB or more that no head index enters; pairs
+ * otherwise, and always on the persistent grid. */
+static flex_mod *score_mod_over(const char *text, const char *name, int ndim, const int64_t *sizes,
+                                void *data) {
+    const flex_buffer_decl decl = {name, FLEX_F32, ndim};
+    const flex_mod_desc desc = {FLEX_MOD_SCORE, text, NULL, 0, &decl, 1};
+    flex_mod *mod = NULL;
+    ck_assert_int_eq(flex_mod_compile(NULL, &desc, &mod), FLEX_OK);
+    if (data) {
+        const flex_tensor t = flex_tensor_contiguous(data, FLEX_F32, ndim, sizes, FLEX_DEVICE_CPU);
+        ck_assert_int_eq(flex_mod_bind_buffer(NULL, mod, name, &t), FLEX_OK);
+    }
+    return mod;
+}
+
+START_TEST(test_forward_head_group) {
+    /* 2 x 1024 x 1024 floats: 8 MB, the threshold */
+    float *big = calloc((size_t)2 << 20, sizeof *big);
+    ck_assert_ptr_nonnull(big);
+    const int64_t bqk[3] = {2, 1024, 1024}, small_bqk[3] = {2, 1024, 1023};
+    const int64_t rows[1] = {(int64_t)2 << 20};
+    const struct {
+        const char *text;
+        int ndim;
+        const int64_t *sizes;
+        int bound, persistent, group;
+    } cases[] = {
+        {"score + t[b][q][kv]", 3, bqk, 1, 0, FLEX_GPU_SHARED_READ_GROUP},
+        {"score + t[b][q][kv]", 3, bqk, 1, 1, 2},       /* the persistent grid keeps pairs */
+        {"score + t[b][q][kv]", 3, small_bqk, 1, 0, 2}, /* a byte under 8 MB: L2 holds it */
+        {"score + t[b][q][kv]", 3, bqk, 0, 0, 2},       /* unbound: nothing to size */
+        {"score + t[h][q][kv]", 3, bqk, 1, 0, 2},       /* each head its own rows */
+        {"score + t[(q * 1024 + kv) % 2097152]", 1, rows, 1, 0, FLEX_GPU_SHARED_READ_GROUP},
+        {"score + t[q] * t[kv]", 1, rows, 1, 0, 2}, /* per row and per column only */
+        {"score + t[q] * t[kv + h]", 1, rows, 1, 0, 2},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        flex_mod *mod = score_mod_over(cases[i].text, "t", cases[i].ndim, cases[i].sizes,
+                                       cases[i].bound ? big : NULL);
+        ck_assert_msg(flex_gpu_fwd_head_group(mod, cases[i].persistent) == cases[i].group,
+                      "case %zu: %s", i, cases[i].text);
+        flex_mod_destroy(mod);
+    }
+    ck_assert_int_eq(flex_gpu_fwd_head_group(NULL, 0), 2);
+    free(big);
+}
+END_TEST
+
 int main(void) {
     Suite *suite = suite_create("gpu_host");
     TCase *tc = tcase_create("fake_vendor");
@@ -1411,6 +1460,7 @@ int main(void) {
     tcase_add_test(tc, test_buffers_copied_once_per_binding);
     tcase_add_test(tc, test_score_reads_in_range);
     tcase_add_test(tc, test_forward_tiles);
+    tcase_add_test(tc, test_forward_head_group);
     tcase_add_test(tc, test_mask_uploaded_once_heaviest_first);
     tcase_add_test(tc, test_backward_score_prepare);
     tcase_add_test(tc, test_backward_blob);

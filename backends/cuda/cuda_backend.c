@@ -788,12 +788,14 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
     if (!s) {
         cuda_fwd_params p;
         unsigned char blob[FLEX_GPU_FWD_BLOB_BYTES];
-        /* Tiles in pairs of heads (flex_tile_of; docs/cuda-backend.md, "Tile
-         * order"); cuda_head_group=N sets the group, for comparison. */
-        const size_t size = flex_gpu_fwd_blob(
-            blob, &p, a, mask, mc, cfg.partial_bits ? bits : NULL, q_block, kv_block, block_m,
-            env_int(ctx, FLEX_DEBUG_CUDA_HEAD_GROUP, 2, 0, 1 << 20), descs, slots,
-            st->gpu.bounds_flag);
+        /* Tiles in pairs of heads, or in groups that share a score mod's
+         * large per-score reads (flex_gpu_fwd_head_group; docs/cuda-backend.md,
+         * "Tile order"); cuda_head_group=N sets the group, for comparison. */
+        const int head_group = env_int(ctx, FLEX_DEBUG_CUDA_HEAD_GROUP,
+                                       flex_gpu_fwd_head_group(score_mod, persistent), 0, 1 << 20);
+        const size_t size =
+            flex_gpu_fwd_blob(blob, &p, a, mask, mc, cfg.partial_bits ? bits : NULL, q_block,
+                              kv_block, block_m, head_group, descs, slots, st->gpu.bounds_flag);
         /* The TMA kernel takes the tensor maps as a second parameter. */
         _Alignas(64) unsigned char tensor_maps[3 * 128];
         if (cfg.tma) {

@@ -714,6 +714,34 @@ int flex_gpu_rows_vec(int64_t D, int64_t Dv, const flex_tensor *const *t, int n)
     return vec;
 }
 
+/* Bytes from a view's first element to past its last (0 when empty). */
+static int64_t view_extent_bytes(const flex_tensor *v) {
+    int64_t extent = 1;
+    for (int d = 0; d < v->ndim; d++) {
+        if (v->sizes[d] <= 0) return 0;
+        extent += (v->sizes[d] - 1) * (v->strides[d] < 0 ? -v->strides[d] : v->strides[d]);
+    }
+    return extent * (int64_t)flex_dtype_size(v->dtype);
+}
+
+int flex_gpu_fwd_head_group(const struct flex_mod *score_mod, int persistent) {
+    if (!score_mod || persistent || score_mod->ir.num_buffers == 0) return 2;
+    const ir_mod *ir = &score_mod->ir;
+    uint8_t *deps = malloc((size_t)ir->num_nodes);
+    if (!deps) return 2;
+    ir_dependencies(ir, deps);
+    int shared = 0;
+    for (int i = 0; i < ir->num_nodes && !shared; i++) {
+        const ir_node *n = &ir->nodes[i];
+        const int per_score = (deps[i] & (IR_DEP_Q | IR_DEP_KV)) == (IR_DEP_Q | IR_DEP_KV);
+        shared = n->op == IR_LOAD && per_score && !(deps[i] & IR_DEP_H) &&
+                 score_mod->bound[n->buffer] &&
+                 view_extent_bytes(&score_mod->views[n->buffer]) >= FLEX_GPU_SHARED_READ_BYTES;
+    }
+    free(deps);
+    return shared ? FLEX_GPU_SHARED_READ_GROUP : 2;
+}
+
 int flex_gpu_short_indices(int64_t B, int64_t H, int64_t Lq, int64_t Lkv, int64_t margin) {
     return Lq <= FLEX_EMIT_SHORT_LEN - margin && Lkv <= FLEX_EMIT_SHORT_LEN - margin &&
            B <= FLEX_EMIT_SHORT_HEADS && H <= FLEX_EMIT_SHORT_HEADS;

@@ -341,6 +341,18 @@ flex_status flex_gpu_mod_slots(flex_context *ctx, const ir_mod *mask, const ir_m
  * cp.async: head dims multiples of 8 elements (16-bit), data 16-byte
  * aligned, and the batch, head and sequence strides multiples of 8. */
 int flex_gpu_rows_vec(int64_t D, int64_t Dv, const flex_tensor *const *t, int n);
+/* The head group of the forward's tile order (flex_tile_of): 2, pairs of
+ * (batch, head), which keep the K and V of the tiles in flight in L2; or
+ * FLEX_GPU_SHARED_READ_GROUP where the score mod reads, per score, a bound
+ * buffer of at least FLEX_GPU_SHARED_READ_BYTES that no head index enters
+ * (a bias gathered by (b, q, kv)): the tiles in flight then read the same
+ * rows of it for that many heads, from L2, where pairs of heads read it
+ * from memory once for every two heads. Not on the persistent grid, whose
+ * static snake evens out mask rows for pairs (docs/cuda-backend.md, "Tile
+ * order"). Pure. */
+#define FLEX_GPU_SHARED_READ_GROUP 16
+#define FLEX_GPU_SHARED_READ_BYTES ((int64_t)8 << 20)
+int flex_gpu_fwd_head_group(const struct flex_mod *score_mod, int persistent);
 /* Whether the mods may take 16-bit indices: B and H, and the lengths plus
  * the margin the kernels evaluate the mods past them, within the
  * FLEX_EMIT_SHORT_* bounds. */

@@ -1035,13 +1035,16 @@ START_TEST(test_nvrtc_error_carries_log) {
 }
 END_TEST
 
-/* The exact sin, cos and tan are called, not inlined: inlined, CUDA's
- * versions bring their far-argument reduction (a local-memory table walk)
- * to each of the 64 scores a thread of the sm_90a forward holds, and the
- * kernel grew 5x (316 KB of machine code for sin(cos(score)) + tan(b),
- * against 57 KB for an ALiBi-like mod; 2.8x slower on an H100). The
- * production sm_90a forward with the trigonometric mod must stay within
- * twice the ALiBi-like one's size. */
+/* CUDA's exact sin, cos and tan are called, not inlined: inlined, they
+ * bring their far-argument reduction (a local-memory table walk) to each of
+ * the 64 scores a thread of the sm_90a forward holds, and the kernel grew
+ * 5x (316 KB of machine code for sin(cos(score)) + tan(b), against 57 KB
+ * for an ALiBi-like mod; 2.8x slower on an H100). sin and cos take
+ * core/mod/sincos.h's inline path near zero, with no branch where the
+ * argument is proved near (sin of a cosine) and a call of the library's
+ * beyond it otherwise (cos of the score, of a head index). The production
+ * sm_90a forward with the trigonometric mod must stay within three times
+ * the ALiBi-like one's size. */
 START_TEST(test_nvrtc_trig_out_of_line) {
     if (!nvrtc_loaded("NVRTC trigonometric size case")) return;
     static const char *const mods[2] = {"score + 0.5 * float(kv - q)",
@@ -1056,8 +1059,8 @@ START_TEST(test_nvrtc_trig_out_of_line) {
         char *src = flex_cuda_forward_source(&cfg, NULL, &score);
         ck_assert_ptr_nonnull(src);
         if (i == 1)
-            ck_assert(strstr(src, "= flex_sinf(v") && strstr(src, "= flex_cosf(v") &&
-                      strstr(src, "= flex_tanf(v"));
+            ck_assert(strstr(src, "= flex_sincos_near(v") && !strstr(src, "= flex_sinf(v") &&
+                      strstr(src, "= flex_cosf(v") && strstr(src, "= flex_tanf(v"));
         void *bin = NULL;
         const flex_status st = flex_cuda_compile(NULL, api, src, "flex_forward", "sm_90a", &bin,
                                                  &sizes[i]);
@@ -1068,8 +1071,10 @@ START_TEST(test_nvrtc_trig_out_of_line) {
     }
     printf("sm_90a forward machine code: %zu bytes with ALiBi, %zu with sin/cos/tan\n", sizes[0],
            sizes[1]);
-    ck_assert_msg(sizes[1] <= 2 * sizes[0], "the trigonometric forward is %zu bytes, the ALiBi "
-                  "one %zu: are sinf/cosf/tanf inlined again?", sizes[1], sizes[0]);
+    ck_assert_msg(sizes[1] <= 3 * sizes[0],
+                  "the trigonometric forward is %zu bytes, the ALiBi "
+                  "one %zu: are the library's sinf/cosf/tanf inlined again?",
+                  sizes[1], sizes[0]);
 }
 END_TEST
 

@@ -14,9 +14,7 @@
 #include "mod/emit.h"
 
 const char *flex_cuda_template(const char *name) {
-    for (const struct flex_embedded_file *f = flex_cuda_template_files; f->name; f++)
-        if (strcmp(f->name, name) == 0) return f->text;
-    return NULL;
+    return flex_embedded_text(flex_cuda_template_files, name);
 }
 
 /* vendor.cuh and flex_gpu_params.h, the start of every kernel's source

@@ -7,16 +7,12 @@
 
 #include <stddef.h>
 
+#include "embedded.h"
 #include "internal.h"
 #include "cuda_loader.h"
 #include "mod/derive.h"
 
 /* The templates embedded at build time (tools/embed.c). */
-struct flex_embedded_file {
-    const char *name;
-    const char *text;
-    size_t size;
-};
 extern const struct flex_embedded_file flex_cuda_template_files[];
 
 /* Text of an embedded template by file name, or NULL. Static. */

@@ -178,6 +178,9 @@ static __device__ __forceinline__ float fminf(float a, float b) {
 static __device__ __forceinline__ float fmaf(float a, float b, float c) {
     return __builtin_fmaf(a, b, c);
 }
+static __device__ __forceinline__ float rintf(float x) {
+    return __builtin_rintf(x);
+}
 
 #endif /* !__HIPCC_RTC__ */
 #endif /* FLEX_HIP_RUNTIME_CUH */

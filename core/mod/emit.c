@@ -14,8 +14,13 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "embedded.h"
 #include "mod/emit.h"
 #include "mod/eval.h"
+#include "mod/sincos.h"
+
+/* core/mod/sincos.h, embedded at build time (core/mod/meson.build). */
+extern const struct flex_embedded_file flex_mod_text_files[];
 
 typedef struct strbuf {
     char *data;
@@ -167,10 +172,21 @@ static const char helper_text[] =
     "    return __fdiv_rn(e, __fadd_rn(1.0f, e));\n"
     "}\n"
     "static FLEX_DEVICE_INLINE float flex_rsqrt(float a) { return __fdiv_rn(1.0f, sqrtf(a)); }\n"
-    "/* The exact sin, cos and tan, called: inlined, their far-argument path\n"
-    "   is copied at every score of the unrolled tile. */\n"
-    "static FLEX_DEVICE_OUT_OF_LINE float flex_sinf(float a) { return sinf(a); }\n"
-    "static FLEX_DEVICE_OUT_OF_LINE float flex_cosf(float a) { return cosf(a); }\n"
+    "/* sin and cos: core/mod/sincos.h's inline path near zero, the library's\n"
+    "   exact functions, called, beyond it; tan called. Inlined, the library's\n"
+    "   far-argument path is copied at every score of the unrolled tile. */\n"
+    "static FLEX_DEVICE_OUT_OF_LINE float flex_sinf_far(float a) { return sinf(a); }\n"
+    "static FLEX_DEVICE_OUT_OF_LINE float flex_cosf_far(float a) { return cosf(a); }\n"
+    "static FLEX_DEVICE_INLINE float flex_sinf(float a) {\n"
+    "    float v = flex_sincos_near(a, 0);\n"
+    "    if (!(fabsf(a) <= FLEX_SINCOS_NEAR)) v = flex_sinf_far(a);\n"
+    "    return v;\n"
+    "}\n"
+    "static FLEX_DEVICE_INLINE float flex_cosf(float a) {\n"
+    "    float v = flex_sincos_near(a, 1);\n"
+    "    if (!(fabsf(a) <= FLEX_SINCOS_NEAR)) v = flex_cosf_far(a);\n"
+    "    return v;\n"
+    "}\n"
     "static FLEX_DEVICE_OUT_OF_LINE float flex_tanf(float a) { return tanf(a); }\n"
     "/* Element offset of idx in buffer `slot`; an index outside [0, size) is\n"
     "   clamped into range and bit `slot` of the thread's oob mask is set (the\n"
@@ -227,9 +243,12 @@ static int only_feeds_tanh_approx(const ir_mod *m, int i) {
 
 /* Emits the right-hand side of node i (args already emitted as v<arg>).
  * short_int[i]: node i is an int proved within [-2^22, 2^22] under the
- * short-index bounds (NULL: nothing proved). */
+ * short-index bounds; near[i]: node i is a float proved within
+ * FLEX_SINCOS_NEAR of zero, NaN aside, for any indices and score (either
+ * NULL: nothing proved). */
 static void emit_node(strbuf *sb, const ir_mod *m, int i, int slot_base,
-                      const unsigned char *short_int, const unsigned char *in_range) {
+                      const unsigned char *short_int, const unsigned char *near,
+                      const unsigned char *in_range) {
     const ir_node *n = &m->nodes[i];
     const int32_t *a = n->args;
     const int t = n->type;
@@ -341,11 +360,11 @@ static void emit_node(strbuf *sb, const ir_mod *m, int i, int slot_base,
     case IR_RSQRT:
         sb_printf(sb, "flex_rsqrt(v%d)", a[0]);
         return;
-    case IR_SIN:
-        sb_printf(sb, "flex_sinf(v%d)", a[0]);
+    case IR_SIN: /* without the far branch where the argument is proved near */
+        sb_printf(sb, near && near[a[0]] ? "flex_sincos_near(v%d, 0)" : "flex_sinf(v%d)", a[0]);
         return;
     case IR_COS:
-        sb_printf(sb, "flex_cosf(v%d)", a[0]);
+        sb_printf(sb, near && near[a[0]] ? "flex_sincos_near(v%d, 1)" : "flex_cosf(v%d)", a[0]);
         return;
     case IR_TAN:
         sb_printf(sb, "flex_tanf(v%d)", a[0]);
@@ -534,12 +553,21 @@ static void emit_body(strbuf *sb, const ir_mod *m, int slot_base, const unsigned
         free(short_int);
         short_int = NULL; /* nothing proved: the general conversion everywhere */
     }
+    /* Floats near zero for any indices: sin and cos of them need no branch
+     * to the far path, so the scores' chains interleave (sincos.h). */
+    const mod_box any_index = {{0, 0, 0, 0}, {INT32_MAX, INT32_MAX, INT32_MAX, INT32_MAX}};
+    unsigned char *near = malloc((size_t)m->num_nodes);
+    if (near && mod_interval_floats_within(m, &any_index, FLEX_SINCOS_NEAR, near) != 0) {
+        free(near);
+        near = NULL;
+    }
     for (int i = 0; i < m->num_nodes; i++) {
         sb_printf(sb, "    const %s v%d = ", ctype(m->nodes[i].type), i);
-        emit_node(sb, m, i, slot_base, short_int, in_range);
+        emit_node(sb, m, i, slot_base, short_int, near, in_range);
         sb_printf(sb, ";\n");
     }
     free(short_int);
+    free(near);
 }
 
 static void emit_function(strbuf *sb, const ir_mod *m, int slot_base, int is_mask,
@@ -613,6 +641,7 @@ char *flex_emit_mods_in_range(const ir_mod *mask, const ir_mod *score,
     sb_printf(&sb, "#define FLEX_HAS_SCORE_MOD %d\n", score ? 1 : 0);
     sb_printf(&sb, "#define FLEX_SCORE_INDEX_USES_SCORE %d\n", index_uses_score(score));
     sb_printf(&sb, "#define FLEX_MASK_READS_IN_RANGE %d\n", any_set(mask, mask_in_range));
+    sb_printf(&sb, "%s", flex_embedded_text(flex_mod_text_files, "sincos.h"));
     sb_printf(&sb, "%s", helper_text);
     /* The kernels' struct flex_buffers is flex_gpu_params.h's, the layout
      * by which the host appends the buffers to a parameter block. */

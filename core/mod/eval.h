@@ -125,6 +125,15 @@ int mod_interval_score_never_masked(const ir_mod *m, const mod_box *box);
 int mod_interval_ints_within(const ir_mod *m, const mod_box *box, int64_t limit,
                              unsigned char *within);
 
+/* For code generation, which may take a function's inline path where its
+ * argument provably stays near zero: within[i] = 1 when node i is a float
+ * whose every value over box other than NaN, the score taken as any float
+ * and buffer reads as any value, lies in [-limit, limit] (so never an
+ * infinity either). within holds m->num_nodes entries. 0 on success, -1 for
+ * an empty box or no memory. */
+int mod_interval_floats_within(const ir_mod *m, const mod_box *box, float limit,
+                               unsigned char *within);
+
 /* For code generation, which may read a buffer without bounds checks where
  * the read provably stays inside it: in_range[i] = 1 when node i is a
  * buffer read whose every index over box (buffer values taken as any int32)

@@ -1130,6 +1130,16 @@ int mod_interval_loads_in_range(const ir_mod *m, const mod_box *box, const int64
     return 0;
 }
 
+int mod_interval_floats_within(const ir_mod *m, const mod_box *box, float limit,
+                               unsigned char *within) {
+    ival *v = ranges_for_codegen(m, box);
+    if (!v) return -1;
+    for (int i = 0; i < m->num_nodes; i++)
+        within[i] = m->nodes[i].type == IR_FLOAT && v[i].flo >= -limit && v[i].fhi <= limit;
+    free(v);
+    return 0;
+}
+
 int mod_interval_ints_within(const ir_mod *m, const mod_box *box, int64_t limit,
                              unsigned char *within) {
     ival *v = ranges_for_codegen(m, box);

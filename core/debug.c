@@ -42,6 +42,7 @@ static const key_info keys[FLEX_DEBUG_NUM_KEYS] = {
     [FLEX_DEBUG_CUDA_BWD_EXP2] = {"cuda_bwd_exp2", FORM_SWITCH},
     [FLEX_DEBUG_CUDA_BWD_DQ_RED] = {"cuda_bwd_dq_red", FORM_SWITCH},
     [FLEX_DEBUG_CUDA_BWD_KV_FASTEST] = {"cuda_bwd_kv_fastest", FORM_SWITCH},
+    [FLEX_DEBUG_CUDA_BWD_HEAD_GROUP] = {"cuda_bwd_head_group", FORM_COUNT},
     [FLEX_DEBUG_CUDA_BWD_WGMMA] = {"cuda_bwd_wgmma", FORM_SWITCH},
     [FLEX_DEBUG_CUDA_BWD_SPLIT_WAIT] = {"cuda_bwd_split_wait", FORM_SWITCH},
     [FLEX_DEBUG_CUDA_BWD_WG_BARRIER] = {"cuda_bwd_wg_barrier", FORM_SWITCH},

@@ -908,6 +908,10 @@ static const char *const grad_settings[] = {"", "cuda_bwd_wgmma=0", "cuda_bwd_gr
  * tensor maps do not apply, the same cases run the other paths again. */
 static const char *const copy_settings[] = {"cuda_bwd_tma=0", "cuda_bwd_tma=2",
                                             "cuda_bwd_refill_early=1"};
+/* The grid order in groups of (batch, kv head) pairs (flex_bwd_tile_of),
+ * whatever the default: 3 divides few of the cases' pair counts, so the
+ * last group is short; 1 is each pair's tiles together. Every case. */
+static const char *const order_settings[] = {"cuda_bwd_head_group=3", "cuda_bwd_head_group=1"};
 
 /* A context with `add` on top of the environment's keys; exits on failure
  * (gpu_test_open has already shown CUDA usable). */
@@ -946,6 +950,16 @@ int main(void) {
             run_case(&cases[i]);
             printf("%s: %s [%s]\n", failures == before ? "PASS" : "FAIL", cases[i].name,
                    copy_settings[k]);
+        }
+        flex_context_destroy(gpu);
+    }
+    for (size_t k = 0; k < sizeof order_settings / sizeof order_settings[0]; k++) {
+        gpu = open_with(order_settings[k]);
+        for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+            const int before = failures;
+            run_case(&cases[i]);
+            printf("%s: %s [%s]\n", failures == before ? "PASS" : "FAIL", cases[i].name,
+                   order_settings[k]);
         }
         flex_context_destroy(gpu);
     }

@@ -546,8 +546,8 @@ START_TEST(test_backward_blob) {
     grads[0].data = 0x1234;
     descs[0].data = 0x5678;
     unsigned char blob[FLEX_GPU_BWD_BLOB_BYTES];
-    const size_t size =
-        flex_gpu_bwd_blob(blob, &a, NULL, NULL, NULL, 16, 32, 0x1000, 0, grads, 0, descs, 1, 0x42);
+    const size_t size = flex_gpu_bwd_blob(blob, &a, NULL, NULL, NULL, 16, 32, 8, 0x1000, 0, grads,
+                                          0, descs, 1, 0x42);
     /* no gradient tensors: one slot still; one buffer and the flag */
     const size_t at_p = FLEX_GPU_BWD_FWD_AT(0);
     ck_assert_uint_eq(at_p, sizeof(flex_gpu_bwd_head) + sizeof(flex_gpu_buffer_desc));
@@ -575,6 +575,7 @@ START_TEST(test_backward_blob) {
     ck_assert_int_eq(p.mask_nq, 3); /* 40 rows in 16-row blocks */
     ck_assert_int_eq(p.mask_nk, 2);
     ck_assert_int_eq(p.tiles_per_row, 1);
+    ck_assert_int_eq(p.head_group, 8); /* the grid order's (flex_bwd_tile_of) */
     ck_assert_int_eq(p.l_ss, 1);
     ck_assert(p.scale == 0.125f);
     ck_assert_uint_eq(*(const uint64_t *)(blob + at_p + sizeof p), 0x5678);

@@ -969,6 +969,9 @@ static void choose_backward_tiles(const flex_context *ctx, flex_cuda_bwd_config 
     /* The kv tiles of a head side by side in the grid, so the CTAs in flight
      * share their Q, dO and dQ rows in L2 (grid y is at most 65535). */
     cfg->kv_fastest = kv_heads <= 65535 && env_switch(ctx, FLEX_DEBUG_CUDA_BWD_KV_FASTEST, 1);
+    /* ... in groups of (batch, kv head) pairs, tile by tile within a group
+     * (flex_bwd_tile_of): off until timed; cuda_bwd_head_group=N sets it. */
+    cfg->head_group = env_int(ctx, FLEX_DEBUG_CUDA_BWD_HEAD_GROUP, 0, 0, 1 << 20);
     const int widest = cfg->dq > cfg->dv ? cfg->dq : cfg->dv;
     flex_cuda_bwd_config wg = *cfg;
     wg.wgmma = 1;

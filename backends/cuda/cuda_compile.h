@@ -87,6 +87,10 @@ typedef struct flex_cuda_bwd_config {
     int exp2;       /* f16/bf16: P = exp2 with log2(e) folded in (else expf) */
     int dq_red;     /* f16/bf16: dQ added by 16-byte red.global.add.v4.f32 (sm_90; D % 4 == 0) */
     int kv_fastest; /* grid x = kv tiles, y = (batch, kv head) */
+    /* With kv_fastest, the (batch, kv head) pairs of the grid order in
+     * groups of this many (flex_bwd_tile_of); 0 or 1: each pair's tiles
+     * together. A parameter of the launch, not of the kernel's source. */
+    int head_group;
     int wgmma;      /* f16/bf16, sm_90a: the wgmma main kernel (flex_backward_sm90.cuh) */
     /* The wgmma kernel's variants: split_wait computes P while dPᵀ is in
      * flight (two product groups); wg_barrier makes the barrier before dQ

@@ -401,6 +401,34 @@ static constexpr __device__ int flex_bwd_dq_groups() {
 /* One step of the walk: FLEX_BWD_BLOCK_M query rows of head h from q0;
  * partial: the mask mod decides their scores, through the bit block at
  * word bits_at of f.bits with FLEX_BWD_BITS. */
+/* This CTA's kv tile and (batch, kv head) pair. With the kv tiles fastest
+ * in the grid and p.head_group > 1, the pairs go in groups of that many,
+ * one group after the other, and within a group tile by tile with the
+ * pairs alternating: under a causal mask a pair's first kv tiles are its
+ * heaviest, and taking each pair's tiles together would start the last
+ * pairs' heaviest tiles at the end of the grid. The tiles in flight then
+ * share the Q and dO rows of head_group pairs in L2 rather than of one or
+ * two. */
+static FLEX_DEVICE_INLINE void flex_bwd_tile_of(const flex_fwd_params &p, int &tile, int &bhk) {
+#if FLEX_BWD_KV_FASTEST
+    const int g = p.head_group;
+    if (g > 1) {
+        const long long t = (long long)blockIdx.y * gridDim.x + blockIdx.x;
+        const long long span = (long long)gridDim.x * g;
+        const int group = (int)(t / span), within = (int)(t - group * span);
+        const int bh0 = group * g, n = (int)gridDim.y - bh0 < g ? (int)gridDim.y - bh0 : g;
+        tile = within / n;
+        bhk = bh0 + within % n;
+        return;
+    }
+    tile = blockIdx.x;
+    bhk = blockIdx.y;
+#else
+    tile = blockIdx.y;
+    bhk = blockIdx.x;
+#endif
+}
+
 struct flex_bwd_step {
     int h, q0;
     bool partial;
@@ -912,11 +940,8 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS)
     const flex_u32 smem = flex_smem_addr(flex_smem);
 
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-#if FLEX_BWD_KV_FASTEST
-    const int tile = blockIdx.x, bhk = blockIdx.y; /* the kv tiles of a head run together */
-#else
-    const int tile = blockIdx.y, bhk = blockIdx.x;
-#endif
+    int tile, bhk;
+    flex_bwd_tile_of(p, tile, bhk);
     const int b = bhk / p.Hkv, hk = bhk % p.Hkv;
     const int kv0 = tile * BN;
 #if FLEX_BWD_BITS

@@ -463,11 +463,8 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS, 1)
     /* The warpgroup, through a shuffle so that the compiler knows it is the
      * same across the warp (the descriptors stay in uniform registers). */
     const int wg = FLEX_SHFL(warp >> 2, 0);
-#if FLEX_BWD_KV_FASTEST
-    const int tile = blockIdx.x, bhk = blockIdx.y;
-#else
-    const int tile = blockIdx.y, bhk = blockIdx.x;
-#endif
+    int tile, bhk;
+    flex_bwd_tile_of(p, tile, bhk);
     const int b = bhk / p.Hkv, hk = bhk % p.Hkv;
     const int kv0 = tile * BN;
 #if FLEX_BWD_BITS

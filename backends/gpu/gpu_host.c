@@ -1104,7 +1104,7 @@ flex_status flex_gpu_bwd_score_prepare(flex_context *ctx, const flex_gpu_state *
 size_t flex_gpu_bwd_blob(unsigned char *blob, const flex_backward_args *a,
                          const struct flex_block_mask *mask, const flex_gpu_mask_copy *mc,
                          const struct flex_gpu_partial_bits *bits, int q_block, int kv_block,
-                         flex_gpu_ptr delta, flex_gpu_ptr dq_acc,
+                         int head_group, flex_gpu_ptr delta, flex_gpu_ptr dq_acc,
                          const flex_gpu_buffer_desc *grad_descs, int grad_slots,
                          const flex_gpu_buffer_desc *descs, int slots, flex_gpu_ptr flag) {
     const flex_tensor *q = &a->q, *k = &a->k, *v = &a->v, *o = &a->out, *dout = &a->dout;
@@ -1156,6 +1156,7 @@ size_t flex_gpu_bwd_blob(unsigned char *blob, const flex_backward_args *a,
         p.mask_nk = (int32_t)((Lkv + kv_block - 1) / kv_block);
     }
     p.tiles_per_row = 1;
+    p.head_group = head_group;
     p.scale = a->scale;
     p.scale_log2 = a->scale * 1.4426950408889634f;
     if (bits) {
@@ -1196,7 +1197,8 @@ void flex_gpu_bwd_mods_free(flex_gpu_bwd_mods *m) {
 void flex_gpu_bwd_key(char *key, size_t cap, const flex_gpu_state *st,
                       const flex_cuda_bwd_config *cfg, const flex_gpu_bwd_mods *m,
                       const unsigned char *mask_in_range, const unsigned char *score_in_range) {
-    _Static_assert(sizeof(flex_cuda_bwd_config) == 22 * sizeof(int),
+    /* every field but head_group, a parameter of the launch */
+    _Static_assert(sizeof(flex_cuda_bwd_config) == 23 * sizeof(int),
                    "flex_cuda_bwd_config changed: update the backward kernel key");
     snprintf(key, cap,
              "bwd|%s|dq%d|dv%d|w%d|bm%d|vec%d|short%d|gs%d|pipe%d|exp2%d|red%d|kvf%d|wg%d|sw%d|"
@@ -1287,10 +1289,10 @@ flex_status flex_gpu_bwd_launch(flex_context *ctx, flex_gpu_state *st,
     flex_gpu_bwd_workspace(a, cfg, &delta_bytes, &dq_bytes);
     unsigned char blob[FLEX_GPU_BWD_BLOB_BYTES];
     /* dQ accumulator 0: the main kernel leaves dQ alone */
-    const size_t size = flex_gpu_bwd_blob(
-        blob, a, mask, mc, cfg->partial_bits && mc ? mc->partial_bits : NULL, q_block, kv_block,
-        ws, dq_bytes ? ws + delta_bytes : 0, m->grad_descs, cfg->grad_slots, descs, m->slots,
-        st->bounds_flag);
+    const size_t size =
+        flex_gpu_bwd_blob(blob, a, mask, mc, cfg->partial_bits && mc ? mc->partial_bits : NULL,
+                          q_block, kv_block, cfg->head_group, ws, dq_bytes ? ws + delta_bytes : 0,
+                          m->grad_descs, cfg->grad_slots, descs, m->slots, st->bounds_flag);
     const unsigned rows_y = (unsigned)((Lq + 3) / 4);
     flex_status s = st->ops->launch(ctx, st, k->pre, (unsigned)(B * Hq), rows_y, 128, 0, stream,
                                     blob, size, NULL);

@@ -562,17 +562,16 @@ void flex_gpu_bwd_key(char *key, size_t cap, const flex_gpu_state *st,
  * flex_gpu_bwd_head, the gradient descriptors, then the forward's block
  * from FLEX_GPU_BWD_FWD_AT(grad_slots)) for a's tensors and scale, the
  * mask's device copy mc (mask and mc NULL: dense) and its partial blocks'
- * bit masks (bits, made; NULL: the kernels do not read them),
- * the workspace's delta rows and dQ accumulator (0: the main kernel adds
- * no dQ: not wanted, or left to the deterministic dQ kernel), the
- * gradient tensors (grad_slots of them, at least one slot written) and the
- * mods' buffers with the bounds flag. Writes at most FLEX_GPU_BWD_BLOB_BYTES
- * into blob and returns the size. Pure.
+ * bit masks (bits, made; NULL: the kernels do not read them), the
+ * grid's head group (flex_cuda_bwd_config.head_group), the workspace's delta rows and dQ
+ * accumulator (0: the main kernel adds no dQ: not wanted, or left to the deterministic dQ kernel),
+ * the gradient tensors (grad_slots of them, at least one slot written) and the mods' buffers with
+ * the bounds flag. Writes at most FLEX_GPU_BWD_BLOB_BYTES into blob and returns the size. Pure.
  */
 size_t flex_gpu_bwd_blob(unsigned char *blob, const flex_backward_args *a,
                          const struct flex_block_mask *mask, const flex_gpu_mask_copy *mc,
                          const struct flex_gpu_partial_bits *bits, int q_block, int kv_block,
-                         flex_gpu_ptr delta, flex_gpu_ptr dq_acc,
+                         int head_group, flex_gpu_ptr delta, flex_gpu_ptr dq_acc,
                          const flex_gpu_buffer_desc *grad_descs, int grad_slots,
                          const flex_gpu_buffer_desc *descs, int slots, flex_gpu_ptr flag);
 

@@ -32,6 +32,7 @@ static const key_info keys[FLEX_DEBUG_NUM_KEYS] = {
     [FLEX_DEBUG_CUDA_PERSISTENT] = {"cuda_persistent", FORM_SWITCH},
     [FLEX_DEBUG_CUDA_CHAIN] = {"cuda_chain", FORM_SWITCH},
     [FLEX_DEBUG_CUDA_STEP_CUTS] = {"cuda_step_cuts", FORM_SWITCH},
+    [FLEX_DEBUG_CUDA_DIAG] = {"cuda_diag", FORM_SWITCH},
     [FLEX_DEBUG_CUDA_CTAS] = {"cuda_ctas", FORM_COUNT},
     [FLEX_DEBUG_CUDA_READS_IN_RANGE] = {"cuda_reads_in_range", FORM_SWITCH},
     [FLEX_DEBUG_CUDA_MASK_BITS] = {"cuda_mask_bits", FORM_SWITCH},

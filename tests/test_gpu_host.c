@@ -1183,6 +1183,10 @@ START_TEST(test_forward_fit) {
     c = (flex_cuda_fwd_config){.dtype = FLEX_BF16, .dq = 128, .dv = 128, .warps = 8, .mt = 1,
                                .block_n = 128, .wgmma = 1, .tma = 1, .q_bufs = 2};
     ck_assert_uint_eq(flex_gpu_fwd_smem(&c), (2 * 128 * 128 + 2 * 128 * 256) * 2 + 1024);
+    /* and two diagonal values: 8 warps' tables of 2 x (128 + 16) floats */
+    c.diag_values = 2;
+    ck_assert_uint_eq(flex_gpu_fwd_smem(&c),
+                      (2 * 128 * 128 + 2 * 128 * 256) * 2 + 1024 + 8 * 2 * 144 * 4);
     /* head dims 256: one Q buffer, 64-key stages */
     c = (flex_cuda_fwd_config){.dtype = FLEX_BF16, .dq = 256, .dv = 256, .warps = 8, .mt = 1,
                                .block_n = 64, .wgmma = 1, .tma = 1, .q_bufs = 1};
@@ -1305,14 +1309,18 @@ START_TEST(test_kernel_keys) {
                               .partial_bits = 1, .q_bufs = 2};
     char key[512];
     flex_gpu_fwd_key(key, sizeof key, &st, &f, 1, NULL, NULL, NULL, NULL);
-    ck_assert_str_eq(key, "fwd|bf16|dq128|dv64|dx1|w4|mt2|n64|vec1|wg1|tma1|qb2|ch0|sc0|mb1|pb1|"
-                          "short1|scl0|sp1|"
+    ck_assert_str_eq(key, "fwd|bf16|dq128|dv64|dx1|w4|mt2|n64|vec1|wg1|tma1|qb2|ch0|sc0|dg0|mb1|"
+                          "pb1|short1|scl0|sp1|"
                           "mask=0000000000000000|score=0000000000000000|inr=0000000000000000."
                           "0000000000000000|fake1|fakecc1.2");
     f.step_cuts = 1; /* cuda_step_cuts: another kernel */
     flex_gpu_fwd_key(key, sizeof key, &st, &f, 1, NULL, NULL, NULL, NULL);
-    ck_assert_ptr_nonnull(strstr(key, "|ch0|sc1|mb1|"));
+    ck_assert_ptr_nonnull(strstr(key, "|ch0|sc1|dg0|mb1|"));
     f.step_cuts = 0;
+    f.diag_values = 2; /* cuda_diag: the diagonal tables, another kernel */
+    flex_gpu_fwd_key(key, sizeof key, &st, &f, 1, NULL, NULL, NULL, NULL);
+    ck_assert_ptr_nonnull(strstr(key, "|sc0|dg2|mb1|"));
+    f.diag_values = 0;
     flex_gpu_fwd_key(key, sizeof key, &st, &f, 0, NULL, NULL, NULL, NULL);
     ck_assert_str_eq(key, "fwd|bf16|dq128|dv64|dx1|w4|mt2|n64|vec1|mb1|pb1|short1|scl0|sp1|"
                           "mask=0000000000000000|score=0000000000000000|inr=0000000000000000."

@@ -109,22 +109,28 @@ static void build_numeric_cases(case_list *l, int quick) {
         double input_scale;
         int nan_q;
     } cases[] = {
-        {"per-(b,h) mask", NULL, "q - kv >= 24 * (h - 2 * b) && (q - kv + 3 * h) % 5 != 1", 2, 4,
-         2, 150, 1, 1, 1, 0, 0},
+        {"per-(b,h) mask", NULL, "q - kv >= 24 * (h - 2 * b) && (q - kv + 3 * h) % 5 != 1", 2, 4, 2,
+         150, 1, 1, 1, 0, 0},
         {"logits near 30", NULL, NULL, 1, 2, 2, 130, 0, 1, 1, 3.2, 0},
         {"logits near 30 causal", NULL, "q >= kv", 1, 2, 2, 130, 0, 1, 0, 3.2, 0},
-        {"fully masked rows", NULL, "q % 7 != 3 && kv <= q && q >= 20", 1, 2, 2, 140, 0, 1, 1,
-         0.0, 0},
+        {"fully masked rows", NULL, "q % 7 != 3 && kv <= q && q >= 20", 1, 2, 2, 140, 0, 1, 1, 0.0,
+         0},
         {"score mod -inf causal", "where(q >= kv, score, -inf)", NULL, 1, 2, 2, 100, 0, 1, 1, 0.0,
          0},
         {"score mod -inf rows", "where(q % 5 != 0 && kv <= q, score, -inf)", NULL, 1, 2, 2, 100, 0,
          1, 0, 0.0, 0},
         {"nan in q", NULL, NULL, 1, 2, 2, 90, 0, 0, 1, 0.0, 1},
         {"nan in q causal", NULL, "q >= kv", 1, 2, 2, 90, 0, 0, 0, 0.0, 1},
-        {"score mod nan", "where(q == 7 && kv == 3, sqrt(-1.0 - score * score), score)", NULL, 1,
-         2, 2, 90, 0, 0, 1, 0.0, 0},
-        {"score mod +inf", "where(q == 9 && kv == 2, inf, score)", NULL, 1, 2, 2, 90, 0, 0, 0,
-         0.0, 0},
+        {"score mod nan", "where(q == 7 && kv == 3, sqrt(-1.0 - score * score), score)", NULL, 1, 2,
+         2, 90, 0, 0, 1, 0.0, 0},
+        {"score mod +inf", "where(q == 9 && kv == 2, inf, score)", NULL, 1, 2, 2, 90, 0, 0, 0, 0.0,
+         0},
+        /* a relative-position bias of kv - q alone (core/mod/diagonal.h's
+         * tables) beside an int of the same diagonal, with a causal mask */
+        {"relative log bias",
+         "score + 0.5 * log(1.0 + float(abs(kv - q))) * "
+         "where(kv > q, 1.0, -0.5) + float(where(kv > q, (q - kv) % 3, 1))",
+         "q + 40 >= kv", 1, 2, 2, 170, 0, 1, 1, 0.0, 0},
     };
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
         const struct numeric *n = &cases[i];

@@ -134,7 +134,8 @@ static int set_fwd_field(flex_cuda_fwd_config *cfg, const char *arg) {
                                 {"partial_bits", &cfg->partial_bits},
                                 {"q_bufs", &cfg->q_bufs},
                                 {"score_clamp", &cfg->score_clamp},
-                                {"step_cuts", &cfg->step_cuts}};
+                                {"step_cuts", &cfg->step_cuts},
+                                {"diag_values", &cfg->diag_values}};
     return set_named(arg, &cfg->dtype, fields, sizeof fields / sizeof fields[0]);
 }
 

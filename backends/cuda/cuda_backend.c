@@ -24,6 +24,7 @@
 #include "cuda_compile.h"
 #include "cuda_loader.h"
 #include "mod/derive.h"
+#include "mod/diagonal.h"
 #include "mod/emit.h"
 #include "clock.h"
 #include "../gpu/gpu_host.h"
@@ -728,7 +729,7 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
      * they fit: not at head dims 256/256), two K/V stages; the wgmma
      * kernels align their tiles to 1 KB themselves. */
     flex_gpu_fwd_q_bufs(&cfg, (size_t)st->smem_optin);
-    const size_t smem = q->dtype == FLEX_F32 ? 0 : flex_gpu_fwd_smem(&cfg);
+    size_t smem = q->dtype == FLEX_F32 ? 0 : flex_gpu_fwd_smem(&cfg);
     if ((int64_t)smem > st->smem_optin)
         return flex_fail(ctx, FLEX_ERR_UNSUPPORTED,
                          "the kernel for head dims %lld/%lld needs %zu bytes of shared memory; the "
@@ -745,6 +746,18 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
     unsigned char *mask_in_range = flex_gpu_reads_in_range(ctx, mask_mod, B, Hq, Lq, Lkv, 0);
     unsigned char *score_in_range =
         flex_gpu_score_reads_in_range(ctx, score_mod, B, Hq, Lq, Lkv, &cfg.score_clamp);
+    /* The score mod's part that depends on kv - q only, once per diagonal
+     * of a warp's step into a table in shared memory (core/mod/diagonal.h;
+     * the TMA kernel, indices unclamped, where the tables fit): off until
+     * measured on a GPU, cuda_diag=1 turns it on. */
+    if (cfg.tma && score_mod && !cfg.score_clamp && env_switch(ctx, FLEX_DEBUG_CUDA_DIAG, 0)) {
+        mod_diagonal_split split;
+        if (mod_diagonal_split_find(&score_mod->ir, score_in_range, &split, NULL) == 0) {
+            cfg.diag_values = split.num_values;
+            if ((int64_t)flex_gpu_fwd_smem(&cfg) > st->smem_optin) cfg.diag_values = 0;
+            smem = flex_gpu_fwd_smem(&cfg);
+        }
+    }
 
     s = enter_call(ctx, st, (CUstream)a->stream);
     if (s) {

@@ -37,6 +37,8 @@ typedef struct flex_cuda_fwd_config {
     int score_clamp;    /* the score mod at the last row/column past the ends
                            (flex_gpu_score_reads_in_range) */
     int step_cuts;      /* wgmma: the step's cuts (FLEX_STEP_CUTS), off until measured */
+    int diag_values;    /* tma: the score mod's diagonal split (core/mod/diagonal.h) and its
+                           values, each consumer warp's table in shared memory; 0: none */
 } flex_cuda_fwd_config;
 
 /*

@@ -260,14 +260,48 @@ static FLEX_DEVICE_INLINE void flex_step_keep(const flex_fwd_params &p, int b, i
  * flex_keep_bits (FLEX_MASK_BITS), or the bit masks. */
 #define FLEX_KEEP_WORDS (FLEX_MASK_BITS || FLEX_PARTIAL_BITS)
 
+#if FLEX_DIAG_VALUES
+/* The score mod's diagonal table (core/mod/diagonal.h) for a warp's 16 rows
+ * from qrow0 and the FLEX_BLOCK_N keys from kv0: entry i holds the split's
+ * values on the diagonal kv - q = kv0 - qrow0 - 15 + i, the lanes taking the
+ * entries in turn. Every lane reads entries other lanes wrote: the first
+ * __syncwarp keeps this step's writes after the previous step's reads, the
+ * second makes them visible. */
+static FLEX_DEVICE_INLINE void flex_diag_fill(const flex_fwd_params &p, float *table, int b, int h,
+                                              int qrow0, int kv0, int lane) {
+    const int lo = kv0 - qrow0 - 15;
+    __syncwarp();
+    for (int i = lane; i < FLEX_BLOCK_N + 15; i += 32)
+        flex_score_diag_fill(b, h, lo + i, p.bufs, table + i);
+    __syncwarp();
+}
+#endif
+
+/* The score mod at indices (q, kv) of a warp's step whose diagonal table
+ * (flex_diag_fill's, NULL without one) starts at kv0 - qrow0 - 15. */
+static FLEX_DEVICE_INLINE float flex_score_at(float x, int b, int h, int q, int kv,
+                                              const flex_buffers &bufs, unsigned &oob,
+                                              const float *diag, int qrow0, int kv0) {
+#if FLEX_DIAG_VALUES
+    return flex_score_mod_diag(x, b, h, q, kv, bufs, oob, diag + (kv - q - (kv0 - qrow0 - 15)));
+#else
+    (void)diag;
+    (void)qrow0;
+    (void)kv0;
+    return flex_score_mod(x, b, h, q, kv, bufs, oob);
+#endif
+}
+
 /* Scores of one 16-row m-tile (NT n-tiles of 8 keys, the m16n8 accumulator
  * layout that wgmma's m64 accumulators share per warp) -> mods, mask and
- * the online-softmax update of the tile's rows (flex_softmax_update). */
+ * the online-softmax update of the tile's rows (flex_softmax_update).
+ * diag: the score mod's diagonal table of the step (FLEX_DIAG_VALUES). */
 template <bool MASKED, int NT>
 static FLEX_DEVICE_INLINE void
 flex_softmax_probs(const flex_fwd_params &p, float (&m)[2], float (&l)[2], float (&s)[NT][4],
                    float (&alphas)[2], int b, int h, int qrow0, int kv0, bool partial, bool bounds,
-                   int bits_at, int lane, unsigned &oob) {
+                   int bits_at, int lane, unsigned &oob, const float *diag = nullptr) {
+    (void)diag;
     /* Raw scores only on the unmasked path, which has registers to spare
      * (and the masked path's arithmetic does not depend on where its keep
      * bits come from, so results are the same with and without the bit
@@ -299,10 +333,10 @@ flex_softmax_probs(const flex_fwd_params &p, float (&m)[2], float (&l)[2], float
 #if FLEX_HAS_SCORE_MOD
             unsigned score_oob = 0;
             /* (the plain path's scores are all inside the sequences) */
-            x = flex_score_mod(__fmul_rn(x, p.scale), b, h,
-                               flex_mod_index<MASKED && FLEX_SCORE_CLAMP>(q, p.Lq),
-                               flex_mod_index<MASKED && FLEX_SCORE_CLAMP>(kv, p.Lkv), p.bufs,
-                               score_oob) *
+            x = flex_score_at(__fmul_rn(x, p.scale), b, h,
+                              flex_mod_index < MASKED && FLEX_SCORE_CLAMP > (q, p.Lq),
+                              flex_mod_index < MASKED && FLEX_SCORE_CLAMP > (kv, p.Lkv), p.bufs,
+                              score_oob, diag, qrow0, kv0) *
                 FLEX_LOG2E;
             oob |= keep ? score_oob : 0u;
 #else
@@ -336,17 +370,18 @@ template <int NT>
 static FLEX_DEVICE_INLINE void
 flex_softmax_probs_split(const flex_fwd_params &p, float (&m)[2], float (&l)[2], float (&s)[NT][4],
                          float (&alphas)[2], int b, int h, int qrow0, int kv0, bool partial,
-                         bool bounds, int bits_at, int lane, unsigned &oob) {
+                         bool bounds, int bits_at, int lane, unsigned &oob,
+                         const float *diag = nullptr) {
     unsigned score_oob = 0; /* of every score, kept or not */
 #pragma unroll
     for (int nt = 0; nt < NT; nt++)
 #pragma unroll
         for (int r = 0; r < 4; r++) {
             const int q = flex_score_q(qrow0, lane, r), kv = flex_score_kv(kv0, lane, nt, r);
-            s[nt][r] = flex_score_mod(__fmul_rn(s[nt][r], p.scale), b, h,
-                                      flex_mod_index<FLEX_SCORE_CLAMP>(q, p.Lq),
-                                      flex_mod_index<FLEX_SCORE_CLAMP>(kv, p.Lkv), p.bufs,
-                                      score_oob) *
+            s[nt][r] = flex_score_at(__fmul_rn(s[nt][r], p.scale), b, h,
+                                     flex_mod_index<FLEX_SCORE_CLAMP>(q, p.Lq),
+                                     flex_mod_index<FLEX_SCORE_CLAMP>(kv, p.Lkv), p.bufs, score_oob,
+                                     diag, qrow0, kv0) *
                        FLEX_LOG2E;
         }
     if (partial || bounds) {

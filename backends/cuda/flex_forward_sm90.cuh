@@ -130,22 +130,28 @@ static FLEX_DEVICE_INLINE void flex_sm90_issue(float (&s)[FLEX_SM90_NT][4],
  * for blocks without mask or bounds, the masked one otherwise; with a score
  * mod whose reads do not depend on the score, one copy of the score mod
  * serves both (flex_softmax_probs_split). bits_at: a partial step's bit
- * block (FLEX_PARTIAL_BITS). */
-static FLEX_DEVICE_INLINE void
-flex_sm90_probs(const flex_fwd_params &p, flex_warp_state &st, float (&s)[FLEX_SM90_NT][4],
-                flex_u32 (&pa)[FLEX_BLOCK_N / 16][4], float (&alphas)[2], int b, int h, int qrow0,
-                int kv0, bool partial, bool q_bounds, int bits_at, int lane, unsigned &oob) {
+ * block (FLEX_PARTIAL_BITS). diag: the warp's diagonal table
+ * (FLEX_DIAG_VALUES; the TMA kernel's), filled here for the step. */
+static FLEX_DEVICE_INLINE void flex_sm90_probs(const flex_fwd_params &p, flex_warp_state &st,
+                                               float (&s)[FLEX_SM90_NT][4],
+                                               flex_u32 (&pa)[FLEX_BLOCK_N / 16][4],
+                                               float (&alphas)[2], int b, int h, int qrow0, int kv0,
+                                               bool partial, bool q_bounds, int bits_at, int lane,
+                                               unsigned &oob, float *diag = nullptr) {
     const bool bounds = q_bounds || kv0 + FLEX_BLOCK_N > p.Lkv;
+#if FLEX_DIAG_VALUES
+    flex_diag_fill(p, diag, b, h, qrow0, kv0, lane);
+#endif
 #if FLEX_HAS_SCORE_MOD && !FLEX_SCORE_INDEX_USES_SCORE
     flex_softmax_probs_split<FLEX_SM90_NT>(p, st.m[0], st.l[0], s, alphas, b, h, qrow0, kv0,
-                                           partial, bounds, bits_at, lane, oob);
+                                           partial, bounds, bits_at, lane, oob, diag);
 #else
     if (partial || bounds)
         flex_softmax_probs<true, FLEX_SM90_NT>(p, st.m[0], st.l[0], s, alphas, b, h, qrow0, kv0,
-                                               partial, bounds, bits_at, lane, oob);
+                                               partial, bounds, bits_at, lane, oob, diag);
     else
         flex_softmax_probs<false, FLEX_SM90_NT>(p, st.m[0], st.l[0], s, alphas, b, h, qrow0, kv0,
-                                                false, false, 0, lane, oob);
+                                                false, false, 0, lane, oob, diag);
 #endif
 #if !FLEX_STEP_CUTS
     flex_pack_probs<FLEX_SM90_NT>(s, pa);
@@ -202,6 +208,10 @@ static FLEX_DEVICE_INLINE void flex_sm90_take_probs(flex_u32 (&pa)[FLEX_BLOCK_N 
 }
 
 #if !FLEX_TMA
+
+#if FLEX_DIAG_VALUES
+#error "the diagonal tables are the TMA kernel's"
+#endif
 
 /* The cp.async kernel: K(j) and V(j) copied by all threads one step ahead
  * into two stages each; one barrier per step publishes them. */
@@ -429,6 +439,14 @@ static_assert(128 * FLEX_PRODUCER_REGS + FLEX_THREADS * FLEX_CONSUMER_REGS <=
                   (FLEX_THREADS + 128) * FLEX_LAUNCH_REGS,
               "setmaxnreg split exceeds the CTA's registers");
 
+/* Consumer warp w's diagonal table: FLEX_DIAG_VALUES x FLEX_DIAG_STRIDE
+ * floats (the host counts them in flex_gpu_fwd_smem). */
+#if FLEX_DIAG_VALUES
+#define FLEX_DIAG_TABLE(w) (diag_tables + (w)*FLEX_DIAG_VALUES * FLEX_DIAG_STRIDE)
+#else
+#define FLEX_DIAG_TABLE(w) nullptr
+#endif
+
 extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
     flex_forward_kernel(const flex_fwd_params p, const __grid_constant__ flex_tmaps tm) {
     extern __shared__ __align__(1024) unsigned char flex_smem[];
@@ -450,6 +468,11 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
     const flex_u32 sQ = flex_keep_addr((flex_smem_addr(flex_smem) + 1023u) & ~1023u);
     const flex_u32 sK = sQ + FLEX_Q_BUFS * Q_BUF;
     const flex_u32 sV = sK + 2 * K_STAGE;
+#if FLEX_DIAG_VALUES
+    /* then each consumer warp's diagonal table (flex_diag_fill) */
+    float *const diag_tables =
+        (float *)(flex_smem + (sV + 2 * V_STAGE - flex_smem_addr(flex_smem)));
+#endif
 #if FLEX_STEP_CUTS
     const flex_u32 steps = flex_keep_addr(flex_smem_addr(flex_steps)); /* flex_read_step */
 #endif
@@ -591,7 +614,8 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
 #endif
                 if (lane == 0) flex_mbar_arrive(empty_k + 8 * (g & 1));
                 flex_sm90_probs(p, st, s, pa_next, alphas, cur.b, cur.h, cur.q0 + cwarp * 16, kv0,
-                                partial, cur.q0 + FLEX_BLOCK_M > p.Lq, bits_at, lane, oob);
+                                partial, cur.q0 + FLEX_BLOCK_M > p.Lq, bits_at, lane, oob,
+                                FLEX_DIAG_TABLE(cwarp));
             }
             flex_sm90_wait_pv(st.o[0], pa);
             if (lane == 0) {
@@ -673,7 +697,7 @@ extern "C" __global__ void __launch_bounds__(FLEX_THREADS + 128, 1)
             flex_u32 pa_next[FLEX_BLOCK_N / 16][4];
             if (!last)
                 flex_sm90_probs(p, st, s, pa_next, alphas, cur.b, cur.h, qrow0, kv0, partial,
-                                q_bounds, bits_at, lane, oob);
+                                q_bounds, bits_at, lane, oob, FLEX_DIAG_TABLE(cwarp));
             flex_sm90_wait_pv(st.o[0], pa);
             if (step > 0 && lane == 0) flex_mbar_arrive(empty_v + 8 * (gv & 1));
             if (step == 0)

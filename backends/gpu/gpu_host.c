@@ -797,10 +797,13 @@ void flex_gpu_fwd_q_bufs(flex_cuda_fwd_config *cfg, size_t limit) {
 
 size_t flex_gpu_fwd_smem(const flex_cuda_fwd_config *cfg) {
     const size_t block_m = (size_t)cfg->warps * 16 * (size_t)cfg->mt;
+    /* the diagonal tables: FLEX_DIAG_VALUES x FLEX_DIAG_STRIDE floats a warp */
+    const size_t diag =
+        (size_t)cfg->warps * (size_t)cfg->diag_values * (size_t)(cfg->block_n + 16) * sizeof(float);
     return ((size_t)(cfg->tma ? cfg->q_bufs : 1) * block_m * (size_t)cfg->dq +
             2u * (size_t)cfg->block_n * (size_t)(cfg->dq + cfg->dv)) *
                2 +
-           (cfg->wgmma ? 1024u : 0u);
+           (cfg->wgmma ? 1024u : 0u) + diag;
 }
 
 void flex_gpu_fwd_fit(flex_cuda_fwd_config *cfg, size_t limit) {
@@ -901,12 +904,12 @@ void flex_gpu_fwd_key(char *key, size_t cap, const flex_gpu_state *st,
                       const unsigned char *score_in_range) {
     /* The key names every field of the configuration: a new field that
      * changes the source belongs in it too, or two kernels share a key. */
-    _Static_assert(sizeof(flex_cuda_fwd_config) == 18 * sizeof(int),
+    _Static_assert(sizeof(flex_cuda_fwd_config) == 19 * sizeof(int),
                    "flex_cuda_fwd_config changed: update the forward kernel key");
     char sm90_fields[64] = "";
     if (sm90)
-        snprintf(sm90_fields, sizeof sm90_fields, "wg%d|tma%d|qb%d|ch%d|sc%d|", cfg->wgmma,
-                 cfg->tma, cfg->q_bufs, cfg->chain, cfg->step_cuts);
+        snprintf(sm90_fields, sizeof sm90_fields, "wg%d|tma%d|qb%d|ch%d|sc%d|dg%d|", cfg->wgmma,
+                 cfg->tma, cfg->q_bufs, cfg->chain, cfg->step_cuts, cfg->diag_values);
     snprintf(key, cap,
              "fwd|%s|dq%d|dv%d|dx%d|w%d|mt%d|n%d|vec%d|%smb%d|pb%d|short%d|scl%d|sp%d|mask=%016llx|"
              "score=%016llx|inr=%016llx.%016llx|%s|%s",

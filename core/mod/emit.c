@@ -15,6 +15,7 @@
 #include <string.h>
 
 #include "embedded.h"
+#include "mod/diagonal.h"
 #include "mod/emit.h"
 #include "mod/eval.h"
 #include "mod/sincos.h"
@@ -540,9 +541,40 @@ int flex_emit_num_slots(const ir_mod *mask, const ir_mod *score) {
     return (mask ? mask->num_buffers : 0) + (score ? score->num_buffers : 0);
 }
 
+/* What emit_body writes of a mod with a diagonal split (mod/diagonal.h):
+ * every node as it is (BODY_PLAIN); the split's values read from the
+ * score's table entry `diag` instead (BODY_DIAG_MAIN); or only the
+ * diagonal and fixed nodes, with the differences taken from `d` = kv - q
+ * (BODY_DIAG_FILL). */
+typedef enum body_mode { BODY_PLAIN, BODY_DIAG_MAIN, BODY_DIAG_FILL } body_mode;
+typedef struct body_split {
+    body_mode mode;
+    const unsigned char *role; /* MOD_DIAG_* per node */
+    const mod_diagonal_split *split;
+    const unsigned char *live; /* the nodes the function's results need */
+} body_split;
+
+/* The text of split value node i read from the table entry `diag`: value k
+ * is FLEX_DIAG_STRIDE floats after value k - 1; ints and bools as the bits
+ * of an int. */
+static void emit_diagonal_read(strbuf *sb, const ir_mod *m, const mod_diagonal_split *split,
+                               int i) {
+    int k = 0;
+    while (k < split->num_values - 1 && split->values[k] != i)
+        k++;
+    const int t = m->nodes[i].type;
+    if (t == IR_FLOAT)
+        sb_printf(sb, "diag[%d * FLEX_DIAG_STRIDE]", k);
+    else if (t == IR_INT)
+        sb_printf(sb, "__float_as_int(diag[%d * FLEX_DIAG_STRIDE])", k);
+    else
+        sb_printf(sb, "(__float_as_int(diag[%d * FLEX_DIAG_STRIDE]) != 0)", k);
+}
+
 /* One `const` local per node of m, in topological order (the compiler drops
- * the ones no result uses). */
-static void emit_body(strbuf *sb, const ir_mod *m, int slot_base, const unsigned char *in_range) {
+ * the ones no result uses); ds NULL or BODY_PLAIN: every node as it is. */
+static void emit_body(strbuf *sb, const ir_mod *m, int slot_base, const unsigned char *in_range,
+                      const body_split *ds) {
     /* Int nodes that stay small while the indices are within the short
      * bounds (buffer values count as any int). */
     const mod_box box = {{0, 0, 0, 0},
@@ -561,13 +593,42 @@ static void emit_body(strbuf *sb, const ir_mod *m, int slot_base, const unsigned
         free(near);
         near = NULL;
     }
+    const body_mode mode = ds ? ds->mode : BODY_PLAIN;
     for (int i = 0; i < m->num_nodes; i++) {
+        const int role = mode == BODY_PLAIN ? MOD_DIAG_NONE : ds->role[i];
+        if (mode != BODY_PLAIN && !ds->live[i]) continue;
         sb_printf(sb, "    const %s v%d = ", ctype(m->nodes[i].type), i);
-        emit_node(sb, m, i, slot_base, short_int, near, in_range);
+        if (mode == BODY_DIAG_FILL && role == MOD_DIAG_KV_Q)
+            sb_printf(sb, "d");
+        else if (mode == BODY_DIAG_FILL && role == MOD_DIAG_Q_KV)
+            sb_printf(sb, "flex_isub(0, d)");
+        else if (mode == BODY_DIAG_MAIN && role == MOD_DIAG_VALUE)
+            emit_diagonal_read(sb, m, ds->split, i);
+        else
+            emit_node(sb, m, i, slot_base, short_int, near, in_range);
         sb_printf(sb, ";\n");
     }
     free(short_int);
     free(near);
+}
+
+/* The return statement of a mask (bool) or score (float) function whose
+ * body emit_body wrote, and the closing brace. */
+static void emit_return(strbuf *sb, const ir_mod *m, int is_mask) {
+    const int rt = m->nodes[m->root].type;
+    if (is_mask) {
+        if (rt == IR_BOOL)
+            sb_printf(sb, "    return v%d;\n}\n", m->root);
+        else
+            sb_printf(sb, "    return v%d != 0;\n}\n", m->root);
+    } else {
+        if (rt == IR_FLOAT)
+            sb_printf(sb, "    return v%d;\n}\n", m->root);
+        else if (rt == IR_INT)
+            sb_printf(sb, "    return (float)v%d;\n}\n", m->root);
+        else
+            sb_printf(sb, "    return v%d ? 1.0f : 0.0f;\n}\n", m->root);
+    }
 }
 
 static void emit_function(strbuf *sb, const ir_mod *m, int slot_base, int is_mask,
@@ -584,21 +645,65 @@ static void emit_function(strbuf *sb, const ir_mod *m, int slot_base, int is_mas
         return;
     }
     sb_printf(sb, "    (void)b; (void)h; (void)q; (void)kv; (void)bufs; (void)oob;\n");
-    emit_body(sb, m, slot_base, in_range);
-    const int rt = m->nodes[m->root].type;
-    if (is_mask) {
-        if (rt == IR_BOOL)
-            sb_printf(sb, "    return v%d;\n}\n", m->root);
-        else
-            sb_printf(sb, "    return v%d != 0;\n}\n", m->root);
-    } else {
-        if (rt == IR_FLOAT)
-            sb_printf(sb, "    return v%d;\n}\n", m->root);
-        else if (rt == IR_INT)
-            sb_printf(sb, "    return (float)v%d;\n}\n", m->root);
-        else
-            sb_printf(sb, "    return v%d ? 1.0f : 0.0f;\n}\n", m->root);
+    emit_body(sb, m, slot_base, in_range, NULL);
+    emit_return(sb, m, is_mask);
+}
+
+/* live[i] = whether the results need node i: the split's values (fill) or
+ * the root (main); in the fill the differences need no leaves, in the main
+ * function a value needs nothing (it is read from the table). */
+static void mark_live(const ir_mod *m, const unsigned char *role, const mod_diagonal_split *split,
+                      int fill, unsigned char *live) {
+    memset(live, 0, (size_t)m->num_nodes);
+    if (fill)
+        for (int k = 0; k < split->num_values; k++)
+            live[split->values[k]] = 1;
+    else
+        live[m->root] = 1;
+    for (int i = m->num_nodes - 1; i >= 0; i--) {
+        if (!live[i]) continue;
+        const int r = role[i];
+        if (fill && (r == MOD_DIAG_KV_Q || r == MOD_DIAG_Q_KV)) continue;
+        if (!fill && r == MOD_DIAG_VALUE) continue;
+        for (int k = 0; k < m->nodes[i].nargs; k++)
+            live[m->nodes[i].args[k]] = 1;
     }
+}
+
+/* The two functions of a score mod's diagonal split (flex_emit_mods_diagonal). */
+static void emit_diagonal_functions(strbuf *sb, const ir_mod *m, int slot_base,
+                                    const unsigned char *in_range, const unsigned char *role,
+                                    const mod_diagonal_split *split) {
+    unsigned char *live = malloc((size_t)m->num_nodes);
+    if (!live) {
+        sb->failed = 1;
+        return;
+    }
+    sb_printf(sb, "#define FLEX_DIAG_STRIDE (FLEX_BLOCK_N + 16)\n");
+    sb_printf(sb, "static FLEX_DEVICE_INLINE void flex_score_diag_fill(int b, int h, int d, "
+                  "const flex_buffers &bufs, float *at) {\n");
+    sb_printf(sb, "    unsigned oob = 0;\n    (void)b; (void)h; (void)d; (void)bufs; (void)oob;\n");
+    mark_live(m, role, split, 1, live);
+    const body_split fill = {BODY_DIAG_FILL, role, split, live};
+    emit_body(sb, m, slot_base, in_range, &fill);
+    for (int k = 0; k < split->num_values; k++) {
+        const int v = split->values[k], t = m->nodes[v].type;
+        if (t == IR_FLOAT)
+            sb_printf(sb, "    at[%d * FLEX_DIAG_STRIDE] = v%d;\n", k, v);
+        else if (t == IR_INT)
+            sb_printf(sb, "    at[%d * FLEX_DIAG_STRIDE] = __int_as_float(v%d);\n", k, v);
+        else
+            sb_printf(sb, "    at[%d * FLEX_DIAG_STRIDE] = __int_as_float(v%d ? 1 : 0);\n", k, v);
+    }
+    sb_printf(sb, "}\n");
+    sb_printf(sb, "static FLEX_DEVICE_INLINE float flex_score_mod_diag(float score, int b, int h, "
+                  "int q, int kv, const flex_buffers &bufs, unsigned &oob, const float *diag) {\n");
+    sb_printf(sb, "    (void)b; (void)h; (void)q; (void)kv; (void)bufs; (void)oob; (void)diag;\n");
+    mark_live(m, role, split, 0, live);
+    const body_split main_part = {BODY_DIAG_MAIN, role, split, live};
+    emit_body(sb, m, slot_base, in_range, &main_part);
+    emit_return(sb, m, 0);
+    free(live);
 }
 
 /* 1 when some buffer read of m has an index that depends on the score. */
@@ -632,6 +737,12 @@ char *flex_emit_mods(const ir_mod *mask, const ir_mod *score) {
 char *flex_emit_mods_in_range(const ir_mod *mask, const ir_mod *score,
                               const unsigned char *mask_in_range,
                               const unsigned char *score_in_range) {
+    return flex_emit_mods_diagonal(mask, score, mask_in_range, score_in_range, 0);
+}
+
+char *flex_emit_mods_diagonal(const ir_mod *mask, const ir_mod *score,
+                              const unsigned char *mask_in_range,
+                              const unsigned char *score_in_range, int diagonal) {
     int slots = flex_emit_num_slots(mask, score);
     if (slots > FLEX_EMIT_MAX_SLOTS) return NULL;
     strbuf sb = {0};
@@ -649,6 +760,18 @@ char *flex_emit_mods_in_range(const ir_mod *mask, const ir_mod *score,
     sb_printf(&sb, "%s", load_text);
     emit_function(&sb, mask, 0, 1, mask_in_range);
     emit_function(&sb, score, mask ? mask->num_buffers : 0, 0, score_in_range);
+    mod_diagonal_split split = {0};
+    unsigned char *role = NULL;
+    if (diagonal && score) {
+        role = malloc((size_t)score->num_nodes);
+        if (!role || mod_diagonal_split_find(score, score_in_range, &split, role) != 0)
+            sb.failed = 1;
+    }
+    sb_printf(&sb, "#define FLEX_DIAG_VALUES %d\n", split.num_values);
+    if (split.num_values > 0)
+        emit_diagonal_functions(&sb, score, mask ? mask->num_buffers : 0, score_in_range, role,
+                                &split);
+    free(role);
     if (sb.failed) {
         free(sb.data);
         return NULL;
@@ -670,7 +793,7 @@ char *flex_emit_ir_function(const ir_mod *m, const char *name, const int *output
         sb_printf(&sb, ", %s &out%d", ctype(m->nodes[outputs[k]].type), k);
     sb_printf(&sb, ") {\n    (void)score; (void)b; (void)h; (void)q; (void)kv; (void)bufs; "
                    "(void)oob;\n");
-    emit_body(&sb, m, slot_base, in_range);
+    emit_body(&sb, m, slot_base, in_range, NULL);
     for (int k = 0; k < num_outputs; k++)
         sb_printf(&sb, "    out%d = v%d;\n", k, outputs[k]);
     sb_printf(&sb, "}\n");

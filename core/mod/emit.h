@@ -62,6 +62,27 @@ char *flex_emit_mods_in_range(const ir_mod *mask, const ir_mod *score,
                               const unsigned char *score_in_range);
 
 /*
+ * The same, and with diagonal set the score mod's diagonal split
+ * (mod/diagonal.h, found from score_in_range) after the mods: the text then
+ * defines FLEX_DIAG_VALUES (the split's values; 0: no split, and nothing
+ * more), FLEX_DIAG_STRIDE (FLEX_BLOCK_N + 16: the kernel's configuration
+ * block must define FLEX_BLOCK_N) and
+ *   __device__ void  flex_score_diag_fill(int b, int h, int d,
+ *                                         const flex_buffers &bufs, float *at)
+ *     stores value k of the diagonal d = kv - q at at[k * FLEX_DIAG_STRIDE]
+ *     (ints and bools as the bits of an int);
+ *   __device__ float flex_score_mod_diag(float score, int b, int h, int q, int kv,
+ *                                        const flex_buffers &bufs, unsigned &oob,
+ *                                        const float *diag)
+ *     flex_score_mod with the values read from diag, the entry of the
+ *     diagonal kv - q.
+ * Without diagonal the text defines FLEX_DIAG_VALUES 0.
+ */
+char *flex_emit_mods_diagonal(const ir_mod *mask, const ir_mod *score,
+                              const unsigned char *mask_in_range,
+                              const unsigned char *score_in_range, int diagonal);
+
+/*
  * Any IR function, such as a score mod's derivative (mod_derive adds its
  * nodes to the mod's own IR): a malloc'd definition (caller frees) of
  *   __device__ void name(float score, int b, int h, int q, int kv,

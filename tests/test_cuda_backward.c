@@ -924,6 +924,23 @@ static flex_context *open_with(const char *add) {
     return ctx;
 }
 
+/* The cases of list whose name holds `only` (NULL: all) under each of the
+ * settings, in a context of the setting's own. */
+static void run_under(const char *const *settings, size_t num_settings, const bw_case *list,
+                      size_t num_cases, const char *only) {
+    for (size_t k = 0; k < num_settings; k++) {
+        gpu = open_with(settings[k]);
+        for (size_t i = 0; i < num_cases; i++) {
+            if (only && !strstr(list[i].name, only)) continue;
+            const int before = failures;
+            run_case(&list[i]);
+            printf("%s: %s [%s]\n", failures == before ? "PASS" : "FAIL", list[i].name,
+                   *settings[k] ? settings[k] : "default");
+        }
+        flex_context_destroy(gpu);
+    }
+}
+
 int main(void) {
     gpu_test_open();
     for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
@@ -932,37 +949,12 @@ int main(void) {
         printf("%s: %s\n", failures == before ? "PASS" : "FAIL", cases[i].name);
     }
     flex_context *const main_gpu = gpu;
-    for (size_t k = 0; k < sizeof grad_settings / sizeof grad_settings[0]; k++) {
-        gpu = open_with(grad_settings[k]);
-        for (size_t i = 0; i < sizeof grad_cases / sizeof grad_cases[0]; i++) {
-            const int before = failures;
-            run_case(&grad_cases[i]);
-            printf("%s: %s [%s]\n", failures == before ? "PASS" : "FAIL", grad_cases[i].name,
-                   *grad_settings[k] ? grad_settings[k] : "default");
-        }
-        flex_context_destroy(gpu);
-    }
-    for (size_t k = 0; k < sizeof copy_settings / sizeof copy_settings[0]; k++) {
-        gpu = open_with(copy_settings[k]);
-        for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-            if (!strstr(cases[i].name, "blocks 128")) continue;
-            const int before = failures;
-            run_case(&cases[i]);
-            printf("%s: %s [%s]\n", failures == before ? "PASS" : "FAIL", cases[i].name,
-                   copy_settings[k]);
-        }
-        flex_context_destroy(gpu);
-    }
-    for (size_t k = 0; k < sizeof order_settings / sizeof order_settings[0]; k++) {
-        gpu = open_with(order_settings[k]);
-        for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
-            const int before = failures;
-            run_case(&cases[i]);
-            printf("%s: %s [%s]\n", failures == before ? "PASS" : "FAIL", cases[i].name,
-                   order_settings[k]);
-        }
-        flex_context_destroy(gpu);
-    }
+    run_under(grad_settings, sizeof grad_settings / sizeof grad_settings[0], grad_cases,
+              sizeof grad_cases / sizeof grad_cases[0], NULL);
+    run_under(copy_settings, sizeof copy_settings / sizeof copy_settings[0], cases,
+              sizeof cases / sizeof cases[0], "blocks 128");
+    run_under(order_settings, sizeof order_settings / sizeof order_settings[0], cases,
+              sizeof cases / sizeof cases[0], NULL);
     gpu = main_gpu;
     const int before = failures;
     test_errors_write_nothing();

@@ -104,6 +104,7 @@ static const struct {
     {"score + exp(score * 0.0 + float(kv - q) * 0.01)", 0},           /* the score enters */
     {"score + log(float(abs(kv - q) + q % 2) + 1.0)", 0},             /* q enters */
     {"score + log(float(abs(kv - q)) + 1.0) * float(kv % 3 + 1)", 1}, /* the log alone */
+    {"score + bias[h][q - kv + 20] * 2.0", 1}, /* out of range for q - kv < -20 */
 };
 
 START_TEST(test_split_counts) {
@@ -117,6 +118,8 @@ START_TEST(test_split_counts) {
         ck_assert_msg(split.num_values == mods[i].values, "%s: %d values, want %d", mods[i].text,
                       split.num_values, mods[i].values);
         if (split.num_values > 0) ck_assert_int_ge(split.weight, MOD_DIAGONAL_MIN_WEIGHT);
+        ck_assert_int_eq(split.checked, 0); /* every read proved */
+        ck_assert_int_eq(split.rows, split.num_values);
         for (int k = 0; k < split.num_values; k++)
             ck_assert_int_eq(role[split.values[k]], MOD_DIAG_VALUE);
         int marked = 0;
@@ -130,29 +133,28 @@ START_TEST(test_split_counts) {
 }
 END_TEST
 
-/* A table entry is computed for diagonals no kept score may have: a read
- * the host did not prove inside its buffer keeps the mod whole. */
-START_TEST(test_unproved_reads_keep_the_mod_whole) {
+/* A table entry is computed for diagonals no kept score may have: the
+ * bounds bits of a read the host did not prove inside its buffer go into
+ * the table as one more row, for each score to take as its own. */
+START_TEST(test_unproved_reads_go_into_the_table) {
     ir_mod m;
     parse_score(T5_TEXT, &m);
     mod_diagonal_split split;
     ck_assert_int_eq(mod_diagonal_split_find(&m, NULL, &split, NULL), 0);
-    ck_assert_int_eq(split.num_values, 0);
+    ck_assert_int_eq(split.num_values, 1);
+    ck_assert_int_eq(split.checked, 1);
+    ck_assert_int_eq(split.rows, 2);
     unsigned char *proved = all_proved(&m);
-    for (int n = 0; n < m.num_nodes; n++)
-        if (m.nodes[n].op == IR_LOAD) proved[n] = 0;
     ck_assert_int_eq(mod_diagonal_split_find(&m, proved, &split, NULL), 0);
-    ck_assert_int_eq(split.num_values, 0);
+    ck_assert_int_eq(split.checked, 0);
+    ck_assert_int_eq(split.rows, 1);
     free(proved);
     ir_free(&m);
-    /* a per-score read (doc[kv]) need not be proved: it stays out of the table */
+    /* a per-score read (doc[kv]) stays out of the table, proved or not */
     parse_score("score + log(float(abs(kv - q)) + 1.0) * float(doc[kv])", &m);
-    proved = all_proved(&m);
-    for (int n = 0; n < m.num_nodes; n++)
-        if (m.nodes[n].op == IR_LOAD) proved[n] = 0;
-    ck_assert_int_eq(mod_diagonal_split_find(&m, proved, &split, NULL), 0);
+    ck_assert_int_eq(mod_diagonal_split_find(&m, NULL, &split, NULL), 0);
     ck_assert_int_eq(split.num_values, 1);
-    free(proved);
+    ck_assert_int_eq(split.checked, 0);
     ir_free(&m);
 }
 END_TEST
@@ -189,9 +191,16 @@ START_TEST(test_values_follow_the_diagonal) {
             const float score = (float)(int32_t)(s % 2001 - 1000) * 0.01f;
             ir_value r1, r2, r3;
             mod_bounds_error err = {0};
-            ck_assert_int_eq(mod_eval_point(&m, v, score, bb, h, q, kv, a, &r1, &err), 0);
-            ck_assert_int_eq(
-                mod_eval_point(&m, v, score * -3.0f + 1.0f, bb, h, q + t, kv + t, b, &r2, &err), 0);
+            /* a read out of range (the table's part is the only one that
+             * leaves its buffer here) on both points of the diagonal or on
+             * neither: the bounds bits follow the diagonal too */
+            const int e1 = mod_eval_point(&m, v, score, bb, h, q, kv, a, &r1, &err);
+            err.set = 0;
+            const int e2 =
+                mod_eval_point(&m, v, score * -3.0f + 1.0f, bb, h, q + t, kv + t, b, &r2, &err);
+            ck_assert_msg(e1 == e2, "%s: a bounds error at one of (%d, %d) and (%d, %d) only",
+                          mods[i].text, q, kv, q + t, kv + t);
+            if (e1) continue;
             for (int k = 0; k < split.num_values; k++) {
                 const int n = split.values[k];
                 ck_assert_msg(same_value(&m.nodes[n], a[n], b[n]),
@@ -266,6 +275,14 @@ START_TEST(test_emitted_functions) {
     const char *plain = strstr(src, "float flex_score_mod(");
     ck_assert(plain && plain < fill);
     free(src);
+    /* the read unproved: its bounds bits in a second row, added to oob */
+    src = flex_emit_mods_diagonal(NULL, &m, NULL, NULL, 1);
+    ck_assert_ptr_nonnull(src);
+    ck_assert_ptr_nonnull(strstr(src, "#define FLEX_DIAG_VALUES 1\n#define FLEX_DIAG_ROWS 2\n"));
+    ck_assert_ptr_nonnull(strstr(src, "at[1 * FLEX_DIAG_STRIDE] = __int_as_float((int)oob);"));
+    ck_assert_ptr_nonnull(
+        strstr(src, "oob |= (unsigned)__float_as_int(diag[1 * FLEX_DIAG_STRIDE]);"));
+    free(src);
     /* without the split asked for: no tables */
     src = flex_emit_mods_in_range(NULL, &m, NULL, proved);
     ck_assert_ptr_nonnull(strstr(src, "#define FLEX_DIAG_VALUES 0\n"));
@@ -291,7 +308,7 @@ int main(void) {
     Suite *suite = suite_create("diagonal");
     TCase *tc = tcase_create("diagonal");
     tcase_add_test(tc, test_split_counts);
-    tcase_add_test(tc, test_unproved_reads_keep_the_mod_whole);
+    tcase_add_test(tc, test_unproved_reads_go_into_the_table);
     tcase_add_test(tc, test_values_follow_the_diagonal);
     tcase_add_test(tc, test_emitted_functions);
     suite_add_tcase(suite, tc);

@@ -753,7 +753,7 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
     if (cfg.tma && score_mod && !cfg.score_clamp && env_switch(ctx, FLEX_DEBUG_CUDA_DIAG, 0)) {
         mod_diagonal_split split;
         if (mod_diagonal_split_find(&score_mod->ir, score_in_range, &split, NULL) == 0) {
-            cfg.diag_values = split.num_values;
+            cfg.diag_values = split.rows;
             if ((int64_t)flex_gpu_fwd_smem(&cfg) > st->smem_optin) cfg.diag_values = 0;
             smem = flex_gpu_fwd_smem(&cfg);
         }

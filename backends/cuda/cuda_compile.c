@@ -96,7 +96,7 @@ char *flex_cuda_forward_source_in_range(const flex_cuda_fwd_config *cfg, const i
         mod_diagonal_split split;
         if (!score || !cfg->tma ||
             mod_diagonal_split_find(score, score_in_range, &split, NULL) != 0 ||
-            split.num_values != cfg->diag_values)
+            split.rows != cfg->diag_values)
             return NULL;
     }
     char *mods =

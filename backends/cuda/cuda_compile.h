@@ -37,8 +37,9 @@ typedef struct flex_cuda_fwd_config {
     int score_clamp;    /* the score mod at the last row/column past the ends
                            (flex_gpu_score_reads_in_range) */
     int step_cuts;      /* wgmma: the step's cuts (FLEX_STEP_CUTS), off until measured */
-    int diag_values;    /* tma: the score mod's diagonal split (core/mod/diagonal.h) and its
-                           values, each consumer warp's table in shared memory; 0: none */
+    int diag_values;    /* tma: the score mod's diagonal split (core/mod/diagonal.h) and the
+                           rows of each consumer warp's table in shared memory (its values, and
+                           the bounds bits of unproved reads); 0: no split */
 } flex_cuda_fwd_config;
 
 /*

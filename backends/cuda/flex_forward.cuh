@@ -351,13 +351,15 @@ flex_softmax_probs(const flex_fwd_params &p, float (&m)[2], float (&l)[2], float
 }
 
 #if FLEX_HAS_SCORE_MOD && !FLEX_SCORE_INDEX_USES_SCORE
-/* The score mod's buffer-bounds bits at one score: the mod with its value
- * unused, so the compiler keeps only the index arithmetic of its reads
- * (valid because no read index depends on the score). */
+/* The score mod's buffer-bounds bits at one score of a warp's step: the
+ * mod with its value unused, so the compiler keeps only the index
+ * arithmetic of its reads and, with a diagonal table, the read of the
+ * entry's bits (valid because no read index depends on the score). */
 static FLEX_DEVICE_INLINE unsigned flex_score_oob(int b, int h, int q, int kv,
-                                                  const flex_buffers &bufs) {
+                                                  const flex_buffers &bufs, const float *diag,
+                                                  int qrow0, int kv0) {
     unsigned oob = 0;
-    (void)flex_score_mod(0.0f, b, h, q, kv, bufs, oob);
+    (void)flex_score_at(0.0f, b, h, q, kv, bufs, oob, diag, qrow0, kv0);
     return oob;
 }
 
@@ -402,7 +404,8 @@ flex_softmax_probs_split(const flex_fwd_params &p, float (&m)[2], float (&l)[2],
                 const bool keep = flex_keep(p, b, h, q, kv, partial, bounds, oob);
 #endif
                 oob |= keep ? flex_score_oob(b, h, flex_mod_index<FLEX_SCORE_CLAMP>(q, p.Lq),
-                                             flex_mod_index<FLEX_SCORE_CLAMP>(kv, p.Lkv), p.bufs)
+                                             flex_mod_index<FLEX_SCORE_CLAMP>(kv, p.Lkv), p.bufs,
+                                             diag, qrow0, kv0)
                             : 0u;
                 s[nt][r] = keep ? s[nt][r] : FLEX_NEG_INF;
             }

@@ -439,10 +439,10 @@ static_assert(128 * FLEX_PRODUCER_REGS + FLEX_THREADS * FLEX_CONSUMER_REGS <=
                   (FLEX_THREADS + 128) * FLEX_LAUNCH_REGS,
               "setmaxnreg split exceeds the CTA's registers");
 
-/* Consumer warp w's diagonal table: FLEX_DIAG_VALUES x FLEX_DIAG_STRIDE
+/* Consumer warp w's diagonal table: FLEX_DIAG_ROWS x FLEX_DIAG_STRIDE
  * floats (the host counts them in flex_gpu_fwd_smem). */
 #if FLEX_DIAG_VALUES
-#define FLEX_DIAG_TABLE(w) (diag_tables + (w)*FLEX_DIAG_VALUES * FLEX_DIAG_STRIDE)
+#define FLEX_DIAG_TABLE(w) (diag_tables + (w) * (FLEX_DIAG_ROWS * FLEX_DIAG_STRIDE))
 #else
 #define FLEX_DIAG_TABLE(w) nullptr
 #endif

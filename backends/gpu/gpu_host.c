@@ -797,7 +797,7 @@ void flex_gpu_fwd_q_bufs(flex_cuda_fwd_config *cfg, size_t limit) {
 
 size_t flex_gpu_fwd_smem(const flex_cuda_fwd_config *cfg) {
     const size_t block_m = (size_t)cfg->warps * 16 * (size_t)cfg->mt;
-    /* the diagonal tables: FLEX_DIAG_VALUES x FLEX_DIAG_STRIDE floats a warp */
+    /* the diagonal tables: FLEX_DIAG_ROWS x FLEX_DIAG_STRIDE floats a warp */
     const size_t diag =
         (size_t)cfg->warps * (size_t)cfg->diag_values * (size_t)(cfg->block_n + 16) * sizeof(float);
     return ((size_t)(cfg->tma ? cfg->q_bufs : 1) * block_m * (size_t)cfg->dq +

@@ -115,19 +115,21 @@ int mod_diagonal_split_find(const ir_mod *m, const unsigned char *in_range,
     memset(needed, 0, (size_t)(n > 0 ? n : 1));
     for (int v = 0; ok && v < count; v++)
         needed[split->values[v]] = 1;
-    int weight = 0;
+    int weight = 0, checked = 0;
     for (int i = n - 1; ok && i >= 0; i--) {
         if (!needed[i]) continue;
         const ir_node *node = &m->nodes[i];
         if (r[i] == MOD_DIAG_INNER || r[i] == MOD_DIAG_VALUE) weight += node_weight(node);
-        if (node->op == IR_LOAD && !(in_range && in_range[i])) ok = 0;
+        if (node->op == IR_LOAD && !(in_range && in_range[i])) checked = 1;
         if (r[i] == MOD_DIAG_KV_Q || r[i] == MOD_DIAG_Q_KV) continue; /* its leaves: not needed */
         for (int k = 0; k < node->nargs; k++)
             needed[node->args[k]] = 1;
     }
-    weight -= count;
+    weight -= count + checked; /* a score's reads of its entry */
     if (ok && weight >= MOD_DIAGONAL_MIN_WEIGHT) {
         split->num_values = count;
+        split->checked = checked;
+        split->rows = count + checked;
         split->weight = weight;
     } else {
         memset(split, 0, sizeof *split);

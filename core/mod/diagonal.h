@@ -36,6 +36,10 @@ enum {
 typedef struct mod_diagonal_split {
     int num_values;                          /* 0: no split worth making */
     int32_t values[MOD_DIAGONAL_MAX_VALUES]; /* the value nodes, in node order */
+    /* 1: some read of the table's part is not proved in range, so the table
+     * carries the bounds bits of each diagonal's reads as one more row */
+    int checked;
+    int rows;   /* the table's rows: num_values + checked */
     int weight; /* the per-score work the table saves (see mod_diagonal_split_find) */
 } mod_diagonal_split;
 
@@ -43,17 +47,17 @@ typedef struct mod_diagonal_split {
  * Finds the split of score mod m. role: num_nodes entries, filled with the
  * MOD_DIAG_* of every node (may be NULL). in_range: the mod's buffer reads
  * proved inside their buffers (flex_gpu_ir_reads_in_range's flags; NULL:
- * none): a table entry is computed for diagonals that may belong to no
- * kept score, so a diagonal read must be proved, or the table would raise
- * bounds errors the mod does not make; a split needing an unproved read is
- * not made.
+ * none). A table entry is computed for diagonals that may belong to no kept
+ * score, so the fill cannot raise the bounds bits of an unproved read of
+ * the table's part: they go into the table as one more row (checked), and
+ * each score takes its entry's bits as it takes those of its own reads.
  *
  * The split is made (num_values > 0) when it has at most
  * MOD_DIAGONAL_MAX_VALUES values and saves per score at least
  * MOD_DIAGONAL_MIN_WEIGHT: the diagonal nodes' weights (a transcendental
  * function, division or modulo 4, a buffer read 2, any other operation 1;
  * the differences, constants and b/h-only nodes 0) less one table read per
- * value. ALiBi's slope times float(kv - q) saves 1 and is left alone; T5's
+ * row. ALiBi's slope times float(kv - q) saves 1 and is left alone; T5's
  * bucketed bias saves about 20.
  *
  * Returns 0, or -1 when out of memory (nothing split). Pure.

@@ -695,6 +695,9 @@ static void emit_diagonal_functions(strbuf *sb, const ir_mod *m, int slot_base,
         else
             sb_printf(sb, "    at[%d * FLEX_DIAG_STRIDE] = __int_as_float(v%d ? 1 : 0);\n", k, v);
     }
+    if (split->checked) /* the bounds bits of the diagonal's reads */
+        sb_printf(sb, "    at[%d * FLEX_DIAG_STRIDE] = __int_as_float((int)oob);\n",
+                  split->num_values);
     sb_printf(sb, "}\n");
     sb_printf(sb, "static FLEX_DEVICE_INLINE float flex_score_mod_diag(float score, int b, int h, "
                   "int q, int kv, const flex_buffers &bufs, unsigned &oob, const float *diag) {\n");
@@ -702,6 +705,9 @@ static void emit_diagonal_functions(strbuf *sb, const ir_mod *m, int slot_base,
     mark_live(m, role, split, 0, live);
     const body_split main_part = {BODY_DIAG_MAIN, role, split, live};
     emit_body(sb, m, slot_base, in_range, &main_part);
+    if (split->checked)
+        sb_printf(sb, "    oob |= (unsigned)__float_as_int(diag[%d * FLEX_DIAG_STRIDE]);\n",
+                  split->num_values);
     emit_return(sb, m, 0);
     free(live);
 }
@@ -767,7 +773,8 @@ char *flex_emit_mods_diagonal(const ir_mod *mask, const ir_mod *score,
         if (!role || mod_diagonal_split_find(score, score_in_range, &split, role) != 0)
             sb.failed = 1;
     }
-    sb_printf(&sb, "#define FLEX_DIAG_VALUES %d\n", split.num_values);
+    sb_printf(&sb, "#define FLEX_DIAG_VALUES %d\n#define FLEX_DIAG_ROWS %d\n", split.num_values,
+              split.rows);
     if (split.num_values > 0)
         emit_diagonal_functions(&sb, score, mask ? mask->num_buffers : 0, score_in_range, role,
                                 &split);

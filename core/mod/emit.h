@@ -65,17 +65,19 @@ char *flex_emit_mods_in_range(const ir_mod *mask, const ir_mod *score,
  * The same, and with diagonal set the score mod's diagonal split
  * (mod/diagonal.h, found from score_in_range) after the mods: the text then
  * defines FLEX_DIAG_VALUES (the split's values; 0: no split, and nothing
- * more), FLEX_DIAG_STRIDE (FLEX_BLOCK_N + 16: the kernel's configuration
- * block must define FLEX_BLOCK_N) and
+ * more), FLEX_DIAG_ROWS (the table's rows: the values, then the bounds bits
+ * of the diagonal's unproved reads where it has some), FLEX_DIAG_STRIDE
+ * (FLEX_BLOCK_N + 16: the kernel's configuration block must define
+ * FLEX_BLOCK_N) and
  *   __device__ void  flex_score_diag_fill(int b, int h, int d,
  *                                         const flex_buffers &bufs, float *at)
  *     stores value k of the diagonal d = kv - q at at[k * FLEX_DIAG_STRIDE]
- *     (ints and bools as the bits of an int);
+ *     (ints and bools as the bits of an int), then the bounds bits;
  *   __device__ float flex_score_mod_diag(float score, int b, int h, int q, int kv,
  *                                        const flex_buffers &bufs, unsigned &oob,
  *                                        const float *diag)
  *     flex_score_mod with the values read from diag, the entry of the
- *     diagonal kv - q.
+ *     diagonal kv - q, and the entry's bounds bits added to oob.
  * Without diagonal the text defines FLEX_DIAG_VALUES 0.
  */
 char *flex_emit_mods_diagonal(const ir_mod *mask, const ir_mod *score,

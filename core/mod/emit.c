@@ -554,21 +554,28 @@ typedef struct body_split {
     const unsigned char *live; /* the nodes the function's results need */
 } body_split;
 
-/* The text of split value node i read from the table entry `diag`: value k
- * is FLEX_DIAG_STRIDE floats after value k - 1; ints and bools as the bits
- * of an int. */
+/* A split value of each type read from the table entry `diag` (value k is
+ * FLEX_DIAG_STRIDE floats after value k - 1; ints and bools as the bits of
+ * an int)... */
+static const char *const diagonal_read[] = {
+    [IR_BOOL] = "(__float_as_int(diag[%d * FLEX_DIAG_STRIDE]) != 0)",
+    [IR_INT] = "__float_as_int(diag[%d * FLEX_DIAG_STRIDE])",
+    [IR_FLOAT] = "diag[%d * FLEX_DIAG_STRIDE]",
+};
+/* ... and the fill's store of value k, node v. */
+static const char *const diagonal_store[] = {
+    [IR_BOOL] = "    at[%d * FLEX_DIAG_STRIDE] = __int_as_float(v%d ? 1 : 0);\n",
+    [IR_INT] = "    at[%d * FLEX_DIAG_STRIDE] = __int_as_float(v%d);\n",
+    [IR_FLOAT] = "    at[%d * FLEX_DIAG_STRIDE] = v%d;\n",
+};
+
+/* The read of split value node i. */
 static void emit_diagonal_read(strbuf *sb, const ir_mod *m, const mod_diagonal_split *split,
                                int i) {
     int k = 0;
     while (k < split->num_values - 1 && split->values[k] != i)
         k++;
-    const int t = m->nodes[i].type;
-    if (t == IR_FLOAT)
-        sb_printf(sb, "diag[%d * FLEX_DIAG_STRIDE]", k);
-    else if (t == IR_INT)
-        sb_printf(sb, "__float_as_int(diag[%d * FLEX_DIAG_STRIDE])", k);
-    else
-        sb_printf(sb, "(__float_as_int(diag[%d * FLEX_DIAG_STRIDE]) != 0)", k);
+    sb_printf(sb, diagonal_read[m->nodes[i].type], k);
 }
 
 /* One `const` local per node of m, in topological order (the compiler drops
@@ -686,15 +693,8 @@ static void emit_diagonal_functions(strbuf *sb, const ir_mod *m, int slot_base,
     mark_live(m, role, split, 1, live);
     const body_split fill = {BODY_DIAG_FILL, role, split, live};
     emit_body(sb, m, slot_base, in_range, &fill);
-    for (int k = 0; k < split->num_values; k++) {
-        const int v = split->values[k], t = m->nodes[v].type;
-        if (t == IR_FLOAT)
-            sb_printf(sb, "    at[%d * FLEX_DIAG_STRIDE] = v%d;\n", k, v);
-        else if (t == IR_INT)
-            sb_printf(sb, "    at[%d * FLEX_DIAG_STRIDE] = __int_as_float(v%d);\n", k, v);
-        else
-            sb_printf(sb, "    at[%d * FLEX_DIAG_STRIDE] = __int_as_float(v%d ? 1 : 0);\n", k, v);
-    }
+    for (int k = 0; k < split->num_values; k++)
+        sb_printf(sb, diagonal_store[m->nodes[split->values[k]].type], k, split->values[k]);
     if (split->checked) /* the bounds bits of the diagonal's reads */
         sb_printf(sb, "    at[%d * FLEX_DIAG_STRIDE] = __int_as_float((int)oob);\n",
                   split->num_values);

@@ -130,6 +130,111 @@ START_TEST(random_masks_are_sound) {
 }
 END_TEST
 
+/* A select's int branch that its condition compares is taken only on the
+ * condition's side: where(n < 8, n, m) is n below 8. A read proved in
+ * range with that is in range at every point of the box (checked point by
+ * point), and T5's bucket, side + where(n < 8, n, clamp(...)), is proved
+ * inside a table of 32. */
+START_TEST(select_branches_follow_their_condition) {
+    static const char *const forms[] = {
+        "score + t[where(q - kv < C, q - kv, 0) + O]",
+        "score + t[where(C > kv - q, kv - q, 1) + O]",
+        "score + t[where(q - kv >= C, 2, q - kv) + O]",
+        "score + t[where(C <= abs(q - kv), 0, abs(q - kv)) + O]",
+        "score + t[where(q <= kv + C, q, kv) + O]",
+    };
+    static float data[64];
+    flex_buffer_decl decl = {"t", FLEX_F32, 1};
+    rnd r;
+    rnd_seed(&r, 4242);
+    int proved = 0, refused = 0;
+    for (int iter = 0; iter < 600; iter++) {
+        const int form = iter % 5, c = rnd_range(&r, -6, 12), o = rnd_range(&r, 0, 30);
+        const int size = rnd_range(&r, 8, 64);
+        flex_param params[2] = {{"C", 0, c}, {"O", 0, o}};
+        flex_mod_desc desc = {FLEX_MOD_SCORE, forms[form], params, 2, &decl, 1};
+        ir_mod m;
+        char err[256];
+        ck_assert_msg(mod_parse(&desc, &m, err, sizeof err) == FLEX_OK, "%s", err);
+        const int64_t sizes[1][4] = {{size, 0, 0, 0}};
+        const int64_t q0 = rnd_range(&r, 0, 40), k0 = rnd_range(&r, 0, 40);
+        const mod_box box = {{0, 0, q0, k0}, {0, 0, q0 + 23, k0 + 23}};
+        unsigned char *in = malloc((size_t)m.num_nodes);
+        ck_assert_int_eq(mod_interval_loads_in_range(&m, &box, sizes, in), 0);
+        int load = -1;
+        for (int n = 0; n < m.num_nodes; n++)
+            if (m.nodes[n].op == IR_LOAD) load = n;
+        ck_assert_int_ge(load, 0);
+        mod_buffer_view view = {data, FLEX_F32, 1, {size, 0, 0, 0}, {1, 0, 0, 0}};
+        ir_value *scratch = malloc((size_t)m.num_nodes * sizeof *scratch);
+        int any_out = 0;
+        for (int64_t q = box.lo[2]; q <= box.hi[2]; q++)
+            for (int64_t kv = box.lo[3]; kv <= box.hi[3]; kv++) {
+                ir_value res;
+                mod_bounds_error e = {0};
+                any_out |= mod_eval_point(&m, &view, 0.5f, 0, 0, (int32_t)q, (int32_t)kv, scratch,
+                                          &res, &e) != 0;
+            }
+        ck_assert_msg(!(in[load] && any_out), "%s (C %d, O %d, size %d): proved, yet a read leaves",
+                      forms[form], c, o, size);
+        proved += in[load];
+        refused += !in[load];
+        free(scratch);
+        free(in);
+        ir_free(&m);
+    }
+    ck_assert_int_gt(proved, 100);  /* the narrowing proves reads ... */
+    ck_assert_int_gt(refused, 100); /* ... and the cases are not all easy */
+    /* and as tightly as the relation allows: |q - kv| below 5 fits 5 */
+    static const char *const tight[] = {"score + t[where(abs(q - kv) < 5, abs(q - kv), 0)]",
+                                        "score + t[where(5 <= abs(q - kv), 0, abs(q - kv))]",
+                                        "score + t[where(abs(q - kv) > 4, 1, abs(q - kv))]",
+                                        "score + t[where(4 >= abs(q - kv), abs(q - kv), 2)]"};
+    for (size_t i = 0; i < sizeof tight / sizeof tight[0]; i++)
+        for (int size = 4; size <= 5; size++) {
+            flex_mod_desc desc = {FLEX_MOD_SCORE, tight[i], NULL, 0, &decl, 1};
+            ir_mod m;
+            char err[256];
+            ck_assert_msg(mod_parse(&desc, &m, err, sizeof err) == FLEX_OK, "%s", err);
+            const int64_t sizes[1][4] = {{size, 0, 0, 0}};
+            const mod_box box = {{0, 0, 0, 0}, {0, 0, 99, 99}};
+            unsigned char *in = malloc((size_t)m.num_nodes);
+            ck_assert_int_eq(mod_interval_loads_in_range(&m, &box, sizes, in), 0);
+            for (int n = 0; n < m.num_nodes; n++)
+                if (m.nodes[n].op == IR_LOAD)
+                    ck_assert_msg(in[n] == (size == 5), "%s: table of %d", tight[i], size);
+            free(in);
+            ir_free(&m);
+        }
+    /* T5 */
+    flex_buffer_decl tab = {"tab", FLEX_F32, 2};
+    flex_mod_desc desc = {FLEX_MOD_SCORE,
+                          "let rel = kv - q; let n = abs(rel); "
+                          "let large = clamp(8 + int(log(float(n) / 8.0 + 0.000001) / 2.7725887 * "
+                          "8.0), 0, 15); score + tab[h][where(rel > 0, 16, 0) + where(n < 8, n, "
+                          "large)]",
+                          NULL,
+                          0,
+                          &tab,
+                          1};
+    ir_mod m;
+    char err[256];
+    ck_assert_msg(mod_parse(&desc, &m, err, sizeof err) == FLEX_OK, "%s", err);
+    const mod_box all = {{0, 0, 0, 0}, {3, 15, 8191, 8191}};
+    unsigned char *in = malloc((size_t)m.num_nodes);
+    for (int size = 31; size <= 32; size++) {
+        const int64_t sizes[1][4] = {{16, size, 0, 0}};
+        ck_assert_int_eq(mod_interval_loads_in_range(&m, &all, sizes, in), 0);
+        int load = -1;
+        for (int n = 0; n < m.num_nodes; n++)
+            if (m.nodes[n].op == IR_LOAD) load = n;
+        ck_assert_int_eq(in[load], size == 32);
+    }
+    free(in);
+    ir_free(&m);
+}
+END_TEST
+
 /* Tables give the exact min and max over any 1-dim interval and over rows
  * of a 2-dim (possibly transposed) view. */
 START_TEST(range_tables_are_exact) {
@@ -588,6 +693,7 @@ static Suite *interval_suite(void) {
         {"ops_on_extreme_values_are_sound", ops_on_extreme_values_are_sound},
         {"seed_masks_are_sound", seed_masks_are_sound},
         {"easy_cases_are_decided", easy_cases_are_decided},
+        {"select_branches_follow_their_condition", select_branches_follow_their_condition},
     };
     for (size_t i = 0; i < sizeof tests / sizeof tests[0]; i++) {
         TCase *tc = tcase_create(tests[i].name);

@@ -697,6 +697,44 @@ static void float_monotone(float (*f)(float), const ival *a, float range_lo, flo
     set_float(r, fmax2(lo, range_lo), fmin2(hi, range_hi), a->nan);
 }
 
+/* The interval of int node `arg`, a branch of a select whose condition is
+ * node `cond`, on the branch's side of the condition (taken: where it
+ * holds; else where it fails): where the condition compares that very node
+ * with another int, by <, <=, > or >=, the branch's values lie on that side
+ * of the other's interval (where(n < 8, n, m) takes n only below 8). *empty
+ * is set when no value of the node is on that side. Otherwise the node's
+ * own interval. */
+static ival narrowed_branch(const ir_node *nodes, const ival *v, int cond, int arg, int taken,
+                            int *empty) {
+    ival r = v[arg];
+    const ir_node *c = &nodes[cond];
+    int op = c->op;
+    if ((op != IR_LT && op != IR_LE && op != IR_GT && op != IR_GE) || c->nargs != 2 ||
+        nodes[c->args[0]].type != IR_INT)
+        return r;
+    int other;
+    if (c->args[0] == arg) {
+        other = c->args[1];
+    } else if (c->args[1] == arg) { /* other OP arg: arg's side is the mirror */
+        other = c->args[0];
+        op = op == IR_LT ? IR_GT : op == IR_LE ? IR_GE : op == IR_GT ? IR_LT : IR_LE;
+    } else {
+        return r;
+    }
+    if (!taken) /* the condition fails: the opposite relation holds */
+        op = op == IR_LT ? IR_GE : op == IR_LE ? IR_GT : op == IR_GT ? IR_LE : IR_LT;
+    const ival *o = &v[other];
+    if (op == IR_LT && o->hi - 1 < r.hi) r.hi = o->hi - 1;
+    if (op == IR_LE && o->hi < r.hi) r.hi = o->hi;
+    if (op == IR_GT && o->lo + 1 > r.lo) r.lo = o->lo + 1;
+    if (op == IR_GE && o->lo > r.lo) r.lo = o->lo;
+    if (r.lo > r.hi) {
+        *empty = 1;
+        r = v[arg];
+    }
+    return r;
+}
+
 /* The scalar semantics' formula (two forms so that exp never overflows). */
 static float sigmoid_ref(float x) {
     if (x >= 0.0f) return 1.0f / (1.0f + expf(-x));
@@ -904,6 +942,15 @@ static int analyse_nodes(const ir_mod *m, const mod_range_tables *tables, const 
         case IR_SELECT: {
             const ival *x = &v[nd->args[1]], *y = &v[nd->args[2]];
             uint8_t c = a->tri;
+            ival xn, yn;
+            if (type == IR_INT) { /* each branch under its side of the condition */
+                int x_empty = 0, y_empty = 0;
+                xn = narrowed_branch(nodes, v, nd->args[0], nd->args[1], 1, &x_empty);
+                yn = narrowed_branch(nodes, v, nd->args[0], nd->args[2], 0, &y_empty);
+                x = &xn, y = &yn;
+                if (x_empty && !y_empty) c = MOD_TRI_FALSE;
+                if (y_empty && !x_empty) c = MOD_TRI_TRUE;
+            }
             if (c == MOD_TRI_TRUE) {
                 *r = *x;
             } else if (c == MOD_TRI_FALSE) {

@@ -126,7 +126,8 @@ static void build_numeric_cases(case_list *l, int quick) {
         {"score mod +inf", "where(q == 9 && kv == 2, inf, score)", NULL, 1, 2, 2, 90, 0, 0, 0, 0.0,
          0},
         /* a relative-position bias of kv - q alone (core/mod/diagonal.h's
-         * tables) beside an int of the same diagonal, with a causal mask */
+         * tables) beside an int of the same diagonal, each query seeing up to 40
+         * keys past its own */
         {"relative log bias",
          "score + 0.5 * log(1.0 + float(abs(kv - q))) * "
          "where(kv > q, 1.0, -0.5) + float(where(kv > q, (q - kv) % 3, 1))",

@@ -276,7 +276,7 @@ START_TEST(test_emitted_functions) {
     ck_assert(plain && plain < fill);
     free(src);
     /* the read unproved: its bounds bits in a second row, added to oob */
-    src = flex_emit_mods_diagonal(NULL, &m, NULL, NULL, 1);
+    src = flex_emit_mods_diagonal(NULL, &m, NULL, NULL, 2);
     ck_assert_ptr_nonnull(src);
     ck_assert_ptr_nonnull(strstr(src, "#define FLEX_DIAG_VALUES 1\n#define FLEX_DIAG_ROWS 2\n"));
     ck_assert_ptr_nonnull(strstr(src, "at[1 * FLEX_DIAG_STRIDE] = __int_as_float((int)oob);"));
@@ -293,7 +293,7 @@ START_TEST(test_emitted_functions) {
     /* an int and a float value: the int through its bits */
     parse_score(mods[6].text, &m);
     proved = all_proved(&m);
-    src = flex_emit_mods_diagonal(NULL, &m, NULL, proved, 1);
+    src = flex_emit_mods_diagonal(NULL, &m, NULL, proved, 2);
     ck_assert_ptr_nonnull(src);
     ck_assert_ptr_nonnull(strstr(src, "#define FLEX_DIAG_VALUES 2\n"));
     ck_assert_ptr_nonnull(strstr(src, "= __int_as_float(v"));

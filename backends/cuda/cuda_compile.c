@@ -11,7 +11,6 @@
 #include <string.h>
 
 #include "cuda_compile.h"
-#include "mod/diagonal.h"
 #include "mod/emit.h"
 
 const char *flex_cuda_template(const char *name) {
@@ -90,17 +89,11 @@ char *flex_cuda_forward_source_in_range(const flex_cuda_fwd_config *cfg, const i
              cfg->scale_positive, cfg->wgmma, cfg->short_indices, cfg->tma, cfg->mask_bits,
              cfg->chain, cfg->dv_exact, cfg->partial_bits, cfg->q_bufs, cfg->score_clamp,
              cfg->step_cuts);
-    /* The diagonal split the host sized the tables for: the emitter finds
-     * the same one from the same flags, or the source is refused. */
-    if (cfg->diag_values > 0) {
-        mod_diagonal_split split;
-        if (!score || !cfg->tma ||
-            mod_diagonal_split_find(score, score_in_range, &split, NULL) != 0 ||
-            split.rows != cfg->diag_values)
-            return NULL;
-    }
+    /* The diagonal tables are the TMA kernel's; the emitter refuses a split
+     * of other rows than the host sized them for. */
+    if (cfg->diag_values > 0 && !cfg->tma) return NULL;
     char *mods =
-        flex_emit_mods_diagonal(mask, score, mask_in_range, score_in_range, cfg->diag_values > 0);
+        flex_emit_mods_diagonal(mask, score, mask_in_range, score_in_range, cfg->diag_values);
     if (!mods) return NULL;
     /* The sm_90a kernel is a sibling of the mma.sync one and reuses its
      * helpers, so it follows it, after the wgmma and TMA primitives;

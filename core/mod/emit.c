@@ -578,28 +578,44 @@ static void emit_diagonal_read(strbuf *sb, const ir_mod *m, const mod_diagonal_s
     sb_printf(sb, diagonal_read[m->nodes[i].type], k);
 }
 
-/* One `const` local per node of m, in topological order (the compiler drops
- * the ones no result uses); ds NULL or BODY_PLAIN: every node as it is. */
-static void emit_body(strbuf *sb, const ir_mod *m, int slot_base, const unsigned char *in_range,
-                      const body_split *ds) {
-    /* Int nodes that stay small while the indices are within the short
-     * bounds (buffer values count as any int). */
+/* What the interval analysis proved of a mod's nodes, for emit_node:
+ * short_int[i], an int within [-2^22, 2^22] while the indices are within
+ * the short bounds (buffer values count as any int); near[i], a float near
+ * enough to zero for sin and cos to need no branch to the far path, for any
+ * indices (sincos.h), so the scores' chains interleave. NULL: nothing
+ * proved. Found once per mod, for every function emitted from it. */
+typedef struct body_facts {
+    unsigned char *short_int, *near;
+} body_facts;
+
+static void facts_find(const ir_mod *m, body_facts *f) {
     const mod_box box = {{0, 0, 0, 0},
                          {FLEX_EMIT_SHORT_HEADS - 1, FLEX_EMIT_SHORT_HEADS - 1,
                           FLEX_EMIT_SHORT_LEN - 1, FLEX_EMIT_SHORT_LEN - 1}};
-    unsigned char *short_int = malloc((size_t)m->num_nodes);
-    if (short_int && mod_interval_ints_within(m, &box, 1 << 22, short_int) != 0) {
-        free(short_int);
-        short_int = NULL; /* nothing proved: the general conversion everywhere */
-    }
-    /* Floats near zero for any indices: sin and cos of them need no branch
-     * to the far path, so the scores' chains interleave (sincos.h). */
     const mod_box any_index = {{0, 0, 0, 0}, {INT32_MAX, INT32_MAX, INT32_MAX, INT32_MAX}};
-    unsigned char *near = malloc((size_t)m->num_nodes);
-    if (near && mod_interval_floats_within(m, &any_index, FLEX_SINCOS_NEAR, near) != 0) {
-        free(near);
-        near = NULL;
+    f->short_int = f->near = NULL;
+    if (!m) return;
+    f->short_int = malloc((size_t)m->num_nodes);
+    if (f->short_int && mod_interval_ints_within(m, &box, 1 << 22, f->short_int) != 0) {
+        free(f->short_int);
+        f->short_int = NULL;
     }
+    f->near = malloc((size_t)m->num_nodes);
+    if (f->near && mod_interval_floats_within(m, &any_index, FLEX_SINCOS_NEAR, f->near) != 0) {
+        free(f->near);
+        f->near = NULL;
+    }
+}
+
+static void facts_free(body_facts *f) {
+    free(f->short_int);
+    free(f->near);
+}
+
+/* One `const` local per node of m, in topological order (the compiler drops
+ * the ones no result uses); ds NULL or BODY_PLAIN: every node as it is. */
+static void emit_body(strbuf *sb, const ir_mod *m, int slot_base, const unsigned char *in_range,
+                      const body_facts *facts, const body_split *ds) {
     const body_mode mode = ds ? ds->mode : BODY_PLAIN;
     for (int i = 0; i < m->num_nodes; i++) {
         const int role = mode == BODY_PLAIN ? MOD_DIAG_NONE : ds->role[i];
@@ -612,11 +628,9 @@ static void emit_body(strbuf *sb, const ir_mod *m, int slot_base, const unsigned
         else if (mode == BODY_DIAG_MAIN && role == MOD_DIAG_VALUE)
             emit_diagonal_read(sb, m, ds->split, i);
         else
-            emit_node(sb, m, i, slot_base, short_int, near, in_range);
+            emit_node(sb, m, i, slot_base, facts->short_int, facts->near, in_range);
         sb_printf(sb, ";\n");
     }
-    free(short_int);
-    free(near);
 }
 
 /* The return statement of a mask (bool) or score (float) function whose
@@ -639,7 +653,7 @@ static void emit_return(strbuf *sb, const ir_mod *m, int is_mask) {
 }
 
 static void emit_function(strbuf *sb, const ir_mod *m, int slot_base, int is_mask,
-                          const unsigned char *in_range) {
+                          const unsigned char *in_range, const body_facts *facts) {
     if (is_mask)
         sb_printf(sb, "static FLEX_DEVICE_INLINE bool flex_mask_mod(int b, int h, int q, int kv, "
                       "const flex_buffers &bufs, unsigned &oob) {\n");
@@ -652,7 +666,7 @@ static void emit_function(strbuf *sb, const ir_mod *m, int slot_base, int is_mas
         return;
     }
     sb_printf(sb, "    (void)b; (void)h; (void)q; (void)kv; (void)bufs; (void)oob;\n");
-    emit_body(sb, m, slot_base, in_range, NULL);
+    emit_body(sb, m, slot_base, in_range, facts, NULL);
     emit_return(sb, m, is_mask);
 }
 
@@ -679,8 +693,8 @@ static void mark_live(const ir_mod *m, const unsigned char *role, const mod_diag
 
 /* The two functions of a score mod's diagonal split (flex_emit_mods_diagonal). */
 static void emit_diagonal_functions(strbuf *sb, const ir_mod *m, int slot_base,
-                                    const unsigned char *in_range, const unsigned char *role,
-                                    const mod_diagonal_split *split) {
+                                    const unsigned char *in_range, const body_facts *facts,
+                                    const unsigned char *role, const mod_diagonal_split *split) {
     unsigned char *live = malloc((size_t)m->num_nodes);
     if (!live) {
         sb->failed = 1;
@@ -692,7 +706,7 @@ static void emit_diagonal_functions(strbuf *sb, const ir_mod *m, int slot_base,
     sb_printf(sb, "    unsigned oob = 0;\n    (void)b; (void)h; (void)d; (void)bufs; (void)oob;\n");
     mark_live(m, role, split, 1, live);
     const body_split fill = {BODY_DIAG_FILL, role, split, live};
-    emit_body(sb, m, slot_base, in_range, &fill);
+    emit_body(sb, m, slot_base, in_range, facts, &fill);
     for (int k = 0; k < split->num_values; k++)
         sb_printf(sb, diagonal_store[m->nodes[split->values[k]].type], k, split->values[k]);
     if (split->checked) /* the bounds bits of the diagonal's reads */
@@ -704,7 +718,7 @@ static void emit_diagonal_functions(strbuf *sb, const ir_mod *m, int slot_base,
     sb_printf(sb, "    (void)b; (void)h; (void)q; (void)kv; (void)bufs; (void)oob; (void)diag;\n");
     mark_live(m, role, split, 0, live);
     const body_split main_part = {BODY_DIAG_MAIN, role, split, live};
-    emit_body(sb, m, slot_base, in_range, &main_part);
+    emit_body(sb, m, slot_base, in_range, facts, &main_part);
     if (split->checked)
         sb_printf(sb, "    oob |= (unsigned)__float_as_int(diag[%d * FLEX_DIAG_STRIDE]);\n",
                   split->num_values);
@@ -748,7 +762,7 @@ char *flex_emit_mods_in_range(const ir_mod *mask, const ir_mod *score,
 
 char *flex_emit_mods_diagonal(const ir_mod *mask, const ir_mod *score,
                               const unsigned char *mask_in_range,
-                              const unsigned char *score_in_range, int diagonal) {
+                              const unsigned char *score_in_range, int diagonal_rows) {
     int slots = flex_emit_num_slots(mask, score);
     if (slots > FLEX_EMIT_MAX_SLOTS) return NULL;
     strbuf sb = {0};
@@ -764,21 +778,27 @@ char *flex_emit_mods_diagonal(const ir_mod *mask, const ir_mod *score,
      * by which the host appends the buffers to a parameter block. */
     sb_printf(&sb, "typedef flex_gpu_buffers<%d> flex_buffers;\n", slots > 0 ? slots : 1);
     sb_printf(&sb, "%s", load_text);
-    emit_function(&sb, mask, 0, 1, mask_in_range);
-    emit_function(&sb, score, mask ? mask->num_buffers : 0, 0, score_in_range);
+    body_facts mask_facts, score_facts;
+    facts_find(mask, &mask_facts);
+    facts_find(score, &score_facts);
+    emit_function(&sb, mask, 0, 1, mask_in_range, &mask_facts);
+    emit_function(&sb, score, mask ? mask->num_buffers : 0, 0, score_in_range, &score_facts);
     mod_diagonal_split split = {0};
     unsigned char *role = NULL;
-    if (diagonal && score) {
-        role = malloc((size_t)score->num_nodes);
-        if (!role || mod_diagonal_split_find(score, score_in_range, &split, role) != 0)
+    if (diagonal_rows > 0) { /* the split the caller sized its tables for, or none */
+        role = score ? malloc((size_t)score->num_nodes) : NULL;
+        if (!role || mod_diagonal_split_find(score, score_in_range, &split, role) != 0 ||
+            split.rows != diagonal_rows)
             sb.failed = 1;
     }
     sb_printf(&sb, "#define FLEX_DIAG_VALUES %d\n#define FLEX_DIAG_ROWS %d\n", split.num_values,
               split.rows);
     if (split.num_values > 0)
-        emit_diagonal_functions(&sb, score, mask ? mask->num_buffers : 0, score_in_range, role,
-                                &split);
+        emit_diagonal_functions(&sb, score, mask ? mask->num_buffers : 0, score_in_range,
+                                &score_facts, role, &split);
     free(role);
+    facts_free(&mask_facts);
+    facts_free(&score_facts);
     if (sb.failed) {
         free(sb.data);
         return NULL;
@@ -800,7 +820,10 @@ char *flex_emit_ir_function(const ir_mod *m, const char *name, const int *output
         sb_printf(&sb, ", %s &out%d", ctype(m->nodes[outputs[k]].type), k);
     sb_printf(&sb, ") {\n    (void)score; (void)b; (void)h; (void)q; (void)kv; (void)bufs; "
                    "(void)oob;\n");
-    emit_body(&sb, m, slot_base, in_range, NULL);
+    body_facts facts;
+    facts_find(m, &facts);
+    emit_body(&sb, m, slot_base, in_range, &facts, NULL);
+    facts_free(&facts);
     for (int k = 0; k < num_outputs; k++)
         sb_printf(&sb, "    out%d = v%d;\n", k, outputs[k]);
     sb_printf(&sb, "}\n");

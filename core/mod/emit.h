@@ -62,8 +62,10 @@ char *flex_emit_mods_in_range(const ir_mod *mask, const ir_mod *score,
                               const unsigned char *score_in_range);
 
 /*
- * The same, and with diagonal set the score mod's diagonal split
- * (mod/diagonal.h, found from score_in_range) after the mods: the text then
+ * The same, and with diagonal_rows > 0 the score mod's diagonal split
+ * (mod/diagonal.h, found from score_in_range) after the mods, which must
+ * have that many rows (the caller sized its tables for them; NULL
+ * otherwise, as when there is no score mod): the text then
  * defines FLEX_DIAG_VALUES (the split's values; 0: no split, and nothing
  * more), FLEX_DIAG_ROWS (the table's rows: the values, then the bounds bits
  * of the diagonal's unproved reads where it has some), FLEX_DIAG_STRIDE
@@ -78,11 +80,11 @@ char *flex_emit_mods_in_range(const ir_mod *mask, const ir_mod *score,
  *                                        const float *diag)
  *     flex_score_mod with the values read from diag, the entry of the
  *     diagonal kv - q, and the entry's bounds bits added to oob.
- * Without diagonal the text defines FLEX_DIAG_VALUES 0.
+ * With diagonal_rows 0 the text defines FLEX_DIAG_VALUES 0.
  */
 char *flex_emit_mods_diagonal(const ir_mod *mask, const ir_mod *score,
                               const unsigned char *mask_in_range,
-                              const unsigned char *score_in_range, int diagonal);
+                              const unsigned char *score_in_range, int diagonal_rows);
 
 /*
  * Any IR function, such as a score mod's derivative (mod_derive adds its

@@ -260,16 +260,22 @@ static FLEX_DEVICE_INLINE void flex_step_keep(const flex_fwd_params &p, int b, i
  * flex_keep_bits (FLEX_MASK_BITS), or the bit masks. */
 #define FLEX_KEEP_WORDS (FLEX_MASK_BITS || FLEX_PARTIAL_BITS)
 
+/* The first diagonal kv - q of a warp's 16 rows from qrow0 and the keys
+ * from kv0: entry 0 of its diagonal table. */
+static FLEX_DEVICE_INLINE int flex_diag_first(int qrow0, int kv0) {
+    return kv0 - qrow0 - 15;
+}
+
 #if FLEX_DIAG_VALUES
 /* The score mod's diagonal table (core/mod/diagonal.h) for a warp's 16 rows
  * from qrow0 and the FLEX_BLOCK_N keys from kv0: entry i holds the split's
- * values on the diagonal kv - q = kv0 - qrow0 - 15 + i, the lanes taking the
- * entries in turn. Every lane reads entries other lanes wrote: the first
+ * values on the diagonal flex_diag_first + i, the lanes taking the entries
+ * in turn. Every lane reads entries other lanes wrote: the first
  * __syncwarp keeps this step's writes after the previous step's reads, the
  * second makes them visible. */
 static FLEX_DEVICE_INLINE void flex_diag_fill(const flex_fwd_params &p, float *table, int b, int h,
                                               int qrow0, int kv0, int lane) {
-    const int lo = kv0 - qrow0 - 15;
+    const int lo = flex_diag_first(qrow0, kv0);
     __syncwarp();
     for (int i = lane; i < FLEX_BLOCK_N + 15; i += 32)
         flex_score_diag_fill(b, h, lo + i, p.bufs, table + i);
@@ -278,12 +284,13 @@ static FLEX_DEVICE_INLINE void flex_diag_fill(const flex_fwd_params &p, float *t
 #endif
 
 /* The score mod at indices (q, kv) of a warp's step whose diagonal table
- * (flex_diag_fill's, NULL without one) starts at kv0 - qrow0 - 15. */
+ * is flex_diag_fill's (NULL without one). */
 static FLEX_DEVICE_INLINE float flex_score_at(float x, int b, int h, int q, int kv,
                                               const flex_buffers &bufs, unsigned &oob,
                                               const float *diag, int qrow0, int kv0) {
 #if FLEX_DIAG_VALUES
-    return flex_score_mod_diag(x, b, h, q, kv, bufs, oob, diag + (kv - q - (kv0 - qrow0 - 15)));
+    return flex_score_mod_diag(x, b, h, q, kv, bufs, oob,
+                               diag + (kv - q - flex_diag_first(qrow0, kv0)));
 #else
     (void)diag;
     (void)qrow0;
@@ -334,8 +341,8 @@ flex_softmax_probs(const flex_fwd_params &p, float (&m)[2], float (&l)[2], float
             unsigned score_oob = 0;
             /* (the plain path's scores are all inside the sequences) */
             x = flex_score_at(__fmul_rn(x, p.scale), b, h,
-                              flex_mod_index < MASKED && FLEX_SCORE_CLAMP > (q, p.Lq),
-                              flex_mod_index < MASKED && FLEX_SCORE_CLAMP > (kv, p.Lkv), p.bufs,
+                              flex_mod_index<(MASKED && FLEX_SCORE_CLAMP)>(q, p.Lq),
+                              flex_mod_index<(MASKED && FLEX_SCORE_CLAMP)>(kv, p.Lkv), p.bufs,
                               score_oob, diag, qrow0, kv0) *
                 FLEX_LOG2E;
             oob |= keep ? score_oob : 0u;

@@ -51,6 +51,24 @@ static int difference_kind(const ir_mod *m, int i) {
     return 0;
 }
 
+void mod_diagonal_live(const ir_mod *m, const unsigned char *role, const mod_diagonal_split *split,
+                       int fill, unsigned char *live) {
+    memset(live, 0, (size_t)m->num_nodes);
+    if (fill)
+        for (int k = 0; k < split->num_values; k++)
+            live[split->values[k]] = 1;
+    else
+        live[m->root] = 1;
+    for (int i = m->num_nodes - 1; i >= 0; i--) {
+        if (!live[i]) continue;
+        const int r = role[i];
+        if (fill && (r == MOD_DIAG_KV_Q || r == MOD_DIAG_Q_KV)) continue; /* d, not q and kv */
+        if (!fill && r == MOD_DIAG_VALUE) continue;                       /* read from the table */
+        for (int k = 0; k < m->nodes[i].nargs; k++)
+            live[m->nodes[i].args[k]] = 1;
+    }
+}
+
 int mod_diagonal_split_find(const ir_mod *m, const unsigned char *in_range,
                             mod_diagonal_split *split, unsigned char *role) {
     memset(split, 0, sizeof *split);
@@ -101,29 +119,27 @@ int mod_diagonal_split_find(const ir_mod *m, const unsigned char *in_range,
             used_outside[node->args[k]] = 1;
     }
     if (m->root >= 0 && m->root < n) used_outside[m->root] = 1;
-    int count = 0, ok = 1;
+    int count = 0;
     for (int i = 0; i < n; i++)
         if (r[i] == MOD_DIAG_INNER && used_outside[i]) {
             if (count < MOD_DIAGONAL_MAX_VALUES) split->values[count] = i;
             count++;
             r[i] = MOD_DIAG_VALUE;
         }
-    ok = count > 0 && count <= MOD_DIAGONAL_MAX_VALUES;
-    /* Backward from the values: the nodes the table computes; their reads
-     * must be proved, and their weights add up. */
-    unsigned char *needed = used_outside; /* reused */
-    memset(needed, 0, (size_t)(n > 0 ? n : 1));
-    for (int v = 0; ok && v < count; v++)
-        needed[split->values[v]] = 1;
+    const int ok = count > 0 && count <= MOD_DIAGONAL_MAX_VALUES;
+    /* The nodes the table computes: their weights add up, and an unproved
+     * read among them puts the bounds bits in the table. */
     int weight = 0, checked = 0;
-    for (int i = n - 1; ok && i >= 0; i--) {
-        if (!needed[i]) continue;
-        const ir_node *node = &m->nodes[i];
-        if (r[i] == MOD_DIAG_INNER || r[i] == MOD_DIAG_VALUE) weight += node_weight(node);
-        if (node->op == IR_LOAD && !(in_range && in_range[i])) checked = 1;
-        if (r[i] == MOD_DIAG_KV_Q || r[i] == MOD_DIAG_Q_KV) continue; /* its leaves: not needed */
-        for (int k = 0; k < node->nargs; k++)
-            needed[node->args[k]] = 1;
+    if (ok) {
+        unsigned char *fill = used_outside; /* reused */
+        split->num_values = count;
+        mod_diagonal_live(m, r, split, 1, fill);
+        for (int i = 0; i < n; i++) {
+            if (!fill[i]) continue;
+            if (r[i] == MOD_DIAG_INNER || r[i] == MOD_DIAG_VALUE)
+                weight += node_weight(&m->nodes[i]);
+            if (m->nodes[i].op == IR_LOAD && !(in_range && in_range[i])) checked = 1;
+        }
     }
     weight -= count + checked; /* a score's reads of its entry */
     if (ok && weight >= MOD_DIAGONAL_MIN_WEIGHT) {

@@ -66,4 +66,11 @@ typedef struct mod_diagonal_split {
 int mod_diagonal_split_find(const ir_mod *m, const unsigned char *in_range,
                             mod_diagonal_split *split, unsigned char *role);
 
+/* live[i] (num_nodes entries) = whether the split's fill (fill 1: its
+ * values, from b, h and the difference) or the mod that reads the table
+ * (fill 0: the root, the values read) needs node i. role as
+ * mod_diagonal_split_find fills it. Pure. */
+void mod_diagonal_live(const ir_mod *m, const unsigned char *role, const mod_diagonal_split *split,
+                       int fill, unsigned char *live);
+
 #endif /* FLEXATTN_MOD_DIAGONAL_H */

@@ -670,27 +670,6 @@ static void emit_function(strbuf *sb, const ir_mod *m, int slot_base, int is_mas
     emit_return(sb, m, is_mask);
 }
 
-/* live[i] = whether the results need node i: the split's values (fill) or
- * the root (main); in the fill the differences need no leaves, in the main
- * function a value needs nothing (it is read from the table). */
-static void mark_live(const ir_mod *m, const unsigned char *role, const mod_diagonal_split *split,
-                      int fill, unsigned char *live) {
-    memset(live, 0, (size_t)m->num_nodes);
-    if (fill)
-        for (int k = 0; k < split->num_values; k++)
-            live[split->values[k]] = 1;
-    else
-        live[m->root] = 1;
-    for (int i = m->num_nodes - 1; i >= 0; i--) {
-        if (!live[i]) continue;
-        const int r = role[i];
-        if (fill && (r == MOD_DIAG_KV_Q || r == MOD_DIAG_Q_KV)) continue;
-        if (!fill && r == MOD_DIAG_VALUE) continue;
-        for (int k = 0; k < m->nodes[i].nargs; k++)
-            live[m->nodes[i].args[k]] = 1;
-    }
-}
-
 /* The two functions of a score mod's diagonal split (flex_emit_mods_diagonal). */
 static void emit_diagonal_functions(strbuf *sb, const ir_mod *m, int slot_base,
                                     const unsigned char *in_range, const body_facts *facts,
@@ -704,7 +683,7 @@ static void emit_diagonal_functions(strbuf *sb, const ir_mod *m, int slot_base,
     sb_printf(sb, "static FLEX_DEVICE_INLINE void flex_score_diag_fill(int b, int h, int d, "
                   "const flex_buffers &bufs, float *at) {\n");
     sb_printf(sb, "    unsigned oob = 0;\n    (void)b; (void)h; (void)d; (void)bufs; (void)oob;\n");
-    mark_live(m, role, split, 1, live);
+    mod_diagonal_live(m, role, split, 1, live);
     const body_split fill = {BODY_DIAG_FILL, role, split, live};
     emit_body(sb, m, slot_base, in_range, facts, &fill);
     for (int k = 0; k < split->num_values; k++)
@@ -716,7 +695,7 @@ static void emit_diagonal_functions(strbuf *sb, const ir_mod *m, int slot_base,
     sb_printf(sb, "static FLEX_DEVICE_INLINE float flex_score_mod_diag(float score, int b, int h, "
                   "int q, int kv, const flex_buffers &bufs, unsigned &oob, const float *diag) {\n");
     sb_printf(sb, "    (void)b; (void)h; (void)q; (void)kv; (void)bufs; (void)oob; (void)diag;\n");
-    mark_live(m, role, split, 0, live);
+    mod_diagonal_live(m, role, split, 0, live);
     const body_split main_part = {BODY_DIAG_MAIN, role, split, live};
     emit_body(sb, m, slot_base, in_range, facts, &main_part);
     if (split->checked)

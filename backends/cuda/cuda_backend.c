@@ -754,8 +754,11 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
         mod_diagonal_split split;
         if (mod_diagonal_split_find(&score_mod->ir, score_in_range, &split, NULL) == 0) {
             cfg.diag_values = split.rows;
-            if ((int64_t)flex_gpu_fwd_smem(&cfg) > st->smem_optin) cfg.diag_values = 0;
             smem = flex_gpu_fwd_smem(&cfg);
+            if ((int64_t)smem > st->smem_optin) { /* the tables do not fit: no split */
+                cfg.diag_values = 0;
+                smem = flex_gpu_fwd_smem(&cfg);
+            }
         }
     }
 

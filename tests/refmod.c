@@ -1038,8 +1038,8 @@ static int min_max(refmod *m, int is_max, rval *a, rval *b, rval *out) {
         set_float(out, NAN);
         return tangent(m, out, a, isnan(x) ? 1.0 : 0.0, b, isnan(x) ? 0.0 : 1.0);
     }
-    if (x == y) {
-        set_float(out, x);
+    if (x == y) { /* of two zeros, -0 is the smaller (docs/mod-language.md) */
+        set_float(out, (signbit(x) != 0) == is_max ? y : x);
         return tangent(m, out, a, 0.5, b, 0.5);
     }
     int take_a = is_max ? x > y : x < y;

@@ -143,6 +143,12 @@ static const struct {
     {"where(x > y, s, 2) == 2.0", 1, 2, 0.5f},
     {"x > y ? x > 0 : y > 0", 1, 2, 0},
     {"min(s, 1.0) != min(s, 1.0) && max(2.0, s) != max(2.0, s)", 0, 0, NAN},
+    /* of two zeros, -0 is the smaller, whichever operand it is */
+    {"1.0 / min(s, -s) == -inf && 1.0 / min(-s, s) == -inf && 1.0 / max(s, -s) == inf && "
+     "1.0 / max(-s, s) == inf",
+     0, 0, 0.0f},
+    {"1.0 / min(s, 0.0) == -inf && 1.0 / max(0.0, s) == inf && 1.0 / max(s, s) == -inf", 0, 0,
+     -0.0f},
     /* floor / ceil / abs */
     {"floor(s) == -8.0 && ceil(s) == -7.0 && abs(s) == 7.5", 0, 0, -7.5f},
     {"floor(x) == x && ceil(x) == x", -3, 0, 0},

@@ -125,6 +125,15 @@ static void build_numeric_cases(case_list *l, int quick) {
          2, 90, 0, 0, 1, 0.0, 0},
         {"score mod +inf", "where(q == 9 && kv == 2, inf, score)", NULL, 1, 2, 2, 90, 0, 0, 0, 0.0,
          0},
+        /* min and max: -0 below +0 whichever operand holds it (1 / x tells
+         * the zeros apart), a NaN kept by max, int()'s truncation */
+        {"min max zeros",
+         "score + where(1.0 / min(score * 0.0, -(score * 0.0)) < 0.0, 0.75, 0.0) + "
+         "where(1.0 / max(-(score * 0.0), score * 0.0) > 0.0, -0.5, 0.0) + "
+         "0.25 * clamp(score, -0.4, 0.3) + 0.1 * float(int(score * 7.0))",
+         NULL, 1, 2, 2, 90, 0, 1, 0, 0.0, 0},
+        {"max nan", "where(q == 7 && kv == 3, max(sqrt(-1.0 - score * score), score), "
+         "min(score, 2.0))", NULL, 1, 2, 2, 90, 0, 0, 0, 0.0, 0},
         /* a relative-position bias of kv - q alone (core/mod/diagonal.h's
          * tables) beside an int of the same diagonal, each query seeing up to 40
          * keys past its own */

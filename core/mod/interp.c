@@ -131,11 +131,13 @@ static double apply_float_f64(const ir_node *n, const double *x) {
     }
     case IR_POW:
         return pow(a, c);
-    case IR_MIN:
+    case IR_MIN: /* NaN propagates; of two zeros, -0 is the smaller */
         if (a != a || c != c) return a + c;
+        if (a == c) return signbit(a) ? a : c;
         return a < c ? a : c;
     case IR_MAX:
         if (a != a || c != c) return a + c;
+        if (a == c) return signbit(a) ? c : a;
         return a > c ? a : c;
     case IR_SELECT:
         return x[0] != 0.0 ? x[1] : x[2];

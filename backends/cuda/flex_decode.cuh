@@ -333,7 +333,7 @@ flex_dec_scores(const flex_dec_params &dp, const flex_dec_smem &sm, float (&m)[2
             s[nt][r] = keep ? x : FLEX_NEG_INF;
         }
     }
-    flex_softmax_update<false, FLEX_DEC_NT>(p, m, l, s, alphas);
+    flex_softmax_update<false, FLEX_DEC_NT>(m, l, s, alphas);
 }
 
 extern "C" __global__ void __launch_bounds__(FLEX_THREADS)

@@ -343,8 +343,7 @@ flex_softmax_probs(const flex_fwd_params &p, float (&m)[2], float (&l)[2], float
             x = flex_score_at(__fmul_rn(x, p.scale), b, h,
                               flex_mod_index<(MASKED && FLEX_SCORE_CLAMP)>(q, p.Lq),
                               flex_mod_index<(MASKED && FLEX_SCORE_CLAMP)>(kv, p.Lkv), p.bufs,
-                              score_oob, diag, qrow0, kv0) *
-                FLEX_LOG2E;
+                              score_oob, diag, qrow0, kv0);
             oob |= keep ? score_oob : 0u;
 #else
             if (!RAW) x *= p.scale_log2;
@@ -354,7 +353,11 @@ flex_softmax_probs(const flex_fwd_params &p, float (&m)[2], float (&l)[2], float
             (void)kv;
         }
     }
-    flex_softmax_update<RAW>(p, m, l, s, alphas);
+#if FLEX_HAS_SCORE_MOD
+    flex_softmax_update<true>(m, l, s, alphas, FLEX_LOG2E); /* natural units */
+#else
+    flex_softmax_update<RAW>(m, l, s, alphas, p.scale_log2);
+#endif
 }
 
 #if FLEX_HAS_SCORE_MOD && !FLEX_SCORE_INDEX_USES_SCORE
@@ -390,8 +393,7 @@ flex_softmax_probs_split(const flex_fwd_params &p, float (&m)[2], float (&l)[2],
             s[nt][r] = flex_score_at(__fmul_rn(s[nt][r], p.scale), b, h,
                                      flex_mod_index<FLEX_SCORE_CLAMP>(q, p.Lq),
                                      flex_mod_index<FLEX_SCORE_CLAMP>(kv, p.Lkv), p.bufs, score_oob,
-                                     diag, qrow0, kv0) *
-                       FLEX_LOG2E;
+                                     diag, qrow0, kv0);
         }
     if (partial || bounds) {
 #if FLEX_KEEP_WORDS
@@ -419,7 +421,7 @@ flex_softmax_probs_split(const flex_fwd_params &p, float (&m)[2], float (&l)[2],
     } else {
         oob |= score_oob; /* every score is kept */
     }
-    flex_softmax_update<false>(p, m, l, s, alphas);
+    flex_softmax_update<true>(m, l, s, alphas, FLEX_LOG2E); /* natural units */
 }
 #endif
 

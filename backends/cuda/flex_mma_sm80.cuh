@@ -199,14 +199,18 @@ static FLEX_DEVICE_INLINE void flex_load_tile(flex_u32 tile, const flex_elem *g,
 #endif
 
 #if defined(FLEX_DV)
-/* The online-softmax update of one 16-row m-tile's modified scores (log2
- * units; RAW: unscaled): s becomes the unnormalised probabilities, m and l
- * move on, alphas[i] is the factor the accumulators of row half i must be
- * rescaled by. */
+/* The online-softmax update of one 16-row m-tile's modified scores, in
+ * log2 units, or with RAW in units that to_log2 (> 0) turns into log2
+ * units: the unscaled scores of a kernel without a score mod (to_log2 =
+ * scale * log2(e)) or a score mod's results (log2(e)). The factor then
+ * meets the running max in the exponent's fused multiply-add, one
+ * instruction a score less than a product of its own. s becomes the
+ * unnormalised probabilities, m and l move on, alphas[i] is the factor the
+ * accumulators of row half i must be rescaled by. */
 template <bool RAW, int NT>
-static FLEX_DEVICE_INLINE void flex_softmax_update(const flex_fwd_params &p, float (&m)[2],
-                                                   float (&l)[2], float (&s)[NT][4],
-                                                   float (&alphas)[2]) {
+static FLEX_DEVICE_INLINE void flex_softmax_update(float (&m)[2], float (&l)[2],
+                                                   float (&s)[NT][4], float (&alphas)[2],
+                                                   float to_log2 = 1.0f) {
 #if FLEX_STEP_CUTS
     /* Both row halves' maxima at once, each as a tree: a chain of NT
      * dependent maxima, then the other half's, held the exponentials back
@@ -244,7 +248,7 @@ static FLEX_DEVICE_INLINE void flex_softmax_update(const flex_fwd_params &p, flo
         mx = fmaxf(mx, FLEX_SHFL_XOR(mx, 1));
         mx = fmaxf(mx, FLEX_SHFL_XOR(mx, 2));
 #endif
-        if (RAW) mx *= p.scale_log2; /* a positive scale keeps the maximum where it is */
+        if (RAW) mx *= to_log2; /* a positive factor keeps the maximum where it is */
         const float m_new = fmaxf(m[hf], mx);
         const float m_use = m_new == FLEX_NEG_INF ? 0.0f : m_new;
         const float alpha = flex_exp2(m[hf] - m_use);
@@ -253,8 +257,8 @@ static FLEX_DEVICE_INLINE void flex_softmax_update(const flex_fwd_params &p, flo
 #pragma unroll
         for (int nt = 0; nt < NT; nt++) {
             const float e0 =
-                flex_exp2(RAW ? fmaf(s[nt][2 * hf], p.scale_log2, -m_use) : s[nt][2 * hf] - m_use);
-            const float e1 = flex_exp2(RAW ? fmaf(s[nt][2 * hf + 1], p.scale_log2, -m_use)
+                flex_exp2(RAW ? fmaf(s[nt][2 * hf], to_log2, -m_use) : s[nt][2 * hf] - m_use);
+            const float e1 = flex_exp2(RAW ? fmaf(s[nt][2 * hf + 1], to_log2, -m_use)
                                            : s[nt][2 * hf + 1] - m_use);
             s[nt][2 * hf] = e0;
             s[nt][2 * hf + 1] = e1;

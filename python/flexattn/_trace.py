@@ -531,10 +531,17 @@ def _torch_function(func, args, kwargs):
         lo = kwargs.get("min", args[1] if len(args) > 1 else None)
         hi = kwargs.get("max", args[2] if len(args) > 2 else None)
         return _clamp(x[0], lo, hi)
-    if name in ("minimum", "fmin", "min") and len(args) == 2:
+    if name in ("minimum", "min") and len(args) == 2:
         return _call("min", *args)
-    if name in ("maximum", "fmax", "max") and len(args) == 2:
+    if name in ("maximum", "max") and len(args) == 2:
         return _call("max", *args)
+    if name in ("fmin", "fmax") and len(args) == 2:
+        # unlike minimum/maximum, a NaN operand gives the other operand
+        a, b = as_sym(tracer, args[0]), as_sym(tracer, args[1])
+        both = _call("min" if name == "fmin" else "max", a, b)
+        if _promote(a.type, b.type) != "float":
+            return both
+        return _call("where", a != a, b, _call("where", b != b, a, both))
     if name in ("pow", "float_power"):
         return _call("pow", *args)
     if name in ("bitwise_right_shift", "bitwise_left_shift"):

@@ -533,6 +533,15 @@ def _clamp_min(B, H, Lq, Lkv, device):
     return score_mod, None, []
 
 
+@mod("fmin_fmax_nan")
+def _fmin_fmax(B, H, Lq, Lkv, device):
+    # torch.fmin / fmax take the other operand where one is NaN
+    def score_mod(score, b, h, q_idx, kv_idx):
+        hole = torch.where((q_idx + kv_idx) % 7 == 0, float("nan"), 0.25 * score)
+        return torch.fmax(score, hole) - torch.fmin(hole, 0.5 * score)
+    return score_mod, None, []
+
+
 @mod("rel_bias_true_division")
 def _rel_div(B, H, Lq, Lkv, device):
     # torch's / on int index tensors is true division

@@ -661,6 +661,33 @@ START_TEST(test_short_int_to_float) {
 }
 END_TEST
 
+/* Int floor division and remainder are emitted as unsigned C operations
+ * exactly where the interval analysis proves the dividend >= 0 and the
+ * divisor >= 1 for any indices; the count of such operations in the mod. */
+static int unsigned_divisions(const char *score_text) {
+    ir_mod score;
+    static const flex_buffer_decl bufs[] = {{"doc", FLEX_I32, 1}};
+    ck_assert_int_eq(parse_text(FLEX_MOD_SCORE, score_text, NULL, 0, bufs, 1, &score), 0);
+    char *text = flex_emit_mods(NULL, &score);
+    ck_assert_ptr_nonnull(text);
+    const int n = count_occurrences(text, " % (unsigned)v") + count_occurrences(text, " / (unsigned)v");
+    const int helpers = count_occurrences(text, "flex_imod(v") + count_occurrences(text, "flex_ifloordiv(v");
+    free(text);
+    ir_free(&score);
+    return helpers ? -n - 1 : n; /* negative: some left to the helpers */
+}
+
+START_TEST(test_unsigned_division_where_proved) {
+    ck_assert_int_eq(unsigned_divisions("where(abs(kv - q) % 2 == 0, score * 2.0, score)"), 1);
+    ck_assert_int_eq(unsigned_divisions("score + float(kv // 64 + q % 7)"), 2);
+    ck_assert_int_eq(unsigned_divisions("score + float((kv - q) % 3)"), -1);  /* may be < 0 */
+    ck_assert_int_eq(unsigned_divisions("score + float(kv % (q % 3))"), -2); /* divisor may be 0 */
+    ck_assert_int_eq(unsigned_divisions("score + float(kv % (h + 1))"), -1);  /* h + 1 may wrap */
+    ck_assert_int_eq(unsigned_divisions("score + float(doc[kv] // 4)"), -1);  /* any int */
+    ck_assert_int_eq(unsigned_divisions("score + float(kv // 4 + (q - 9) // 4)"), -2);
+}
+END_TEST
+
 /* Loads NVRTC into api; without it, says which cases (`what`) are skipped,
  * marks the program's run as skipped and returns 0. */
 static int nvrtc_loaded(const char *what) {
@@ -1257,6 +1284,7 @@ int main(void) {
     tcase_add_test(emit, test_emit_ir_function);
     tcase_add_test(emit, test_int_to_float);
     tcase_add_test(emit, test_short_int_to_float);
+    tcase_add_test(emit, test_unsigned_division_where_proved);
     tcase_add_test(emit, test_backward_source_wgmma);
     suite_add_tcase(suite, emit);
     TCase *nvrtc = tcase_create("nvrtc");

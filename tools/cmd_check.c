@@ -134,6 +134,11 @@ static void build_numeric_cases(case_list *l, int quick) {
          NULL, 1, 2, 2, 90, 0, 1, 0, 0.0, 0},
         {"max nan", "where(q == 7 && kv == 3, max(sqrt(-1.0 - score * score), score), "
          "min(score, 2.0))", NULL, 1, 2, 2, 90, 0, 0, 0, 0.0, 0},
+        /* floor division and remainder of ints proved >= 0, by constants
+         * and by an index (unsigned on the GPU), beside signed ones */
+        {"unsigned division", "score + 0.25 * float(abs(kv - q) % 3 + kv // 7 - q % 4) - "
+         "0.5 * float(where(abs(kv - q) % 2 == 0, q // (kv % 5 + 1), (q - kv) % 6))",
+         NULL, 1, 2, 2, 110, 0, 1, 0, 0.0, 0},
         /* a relative-position bias of kv - q alone (core/mod/diagonal.h's
          * tables) beside an int of the same diagonal, each query seeing up to 40
          * keys past its own */

@@ -275,14 +275,22 @@ static int only_feeds_tanh_approx(const ir_mod *m, int i) {
     return users > 0;
 }
 
+/* An int division's operands proved a >= 0 and b >= 1: floor division
+ * and the remainder are then C's unsigned ones (a shift and a mask for a
+ * power of two), not the sign-correcting helpers. */
+static int unsigned_operands(const unsigned char *sign, const int32_t *a) {
+    return sign && sign[a[0]] >= MOD_SIGN_NONNEGATIVE && sign[a[1]] == MOD_SIGN_POSITIVE;
+}
+
 /* Emits the right-hand side of node i (args already emitted as v<arg>).
  * short_int[i]: node i is an int proved within [-2^22, 2^22] under the
  * short-index bounds; near[i]: node i is a float proved within
- * FLEX_SINCOS_NEAR of zero, NaN aside, for any indices and score (either
- * NULL: nothing proved). */
+ * FLEX_SINCOS_NEAR of zero, NaN aside, for any indices and score; sign[i]:
+ * an int's proved sign (MOD_SIGN_*) for any indices (each NULL: nothing
+ * proved). */
 static void emit_node(strbuf *sb, const ir_mod *m, int i, int slot_base,
                       const unsigned char *short_int, const unsigned char *near,
-                      const unsigned char *in_range) {
+                      const unsigned char *sign, const unsigned char *in_range) {
     const ir_node *n = &m->nodes[i];
     const int32_t *a = n->args;
     const int t = n->type;
@@ -446,6 +454,10 @@ static void emit_node(strbuf *sb, const ir_mod *m, int i, int slot_base,
         return;
     case IR_DIV: {
         const ir_node *d = &m->nodes[a[1]];
+        if (!isf && unsigned_operands(sign, a)) {
+            sb_printf(sb, "(int)((unsigned)v%d / (unsigned)v%d)", a[0], a[1]);
+            return;
+        }
         if (isf && d->op == IR_CONST && d->type == IR_FLOAT) {
             const float c = d->imm.f, ac = fabsf(c);
             if (ac >= 0x1p-20f && ac <= 0x1p20f) {
@@ -474,10 +486,17 @@ static void emit_node(strbuf *sb, const ir_mod *m, int i, int slot_base,
         return;
     }
     case IR_FLOORDIV:
-        sb_printf(sb, isf ? "flex_ffloordiv(v%d, v%d)" : "flex_ifloordiv(v%d, v%d)", a[0], a[1]);
+        if (!isf && unsigned_operands(sign, a))
+            sb_printf(sb, "(int)((unsigned)v%d / (unsigned)v%d)", a[0], a[1]);
+        else
+            sb_printf(sb, isf ? "flex_ffloordiv(v%d, v%d)" : "flex_ifloordiv(v%d, v%d)", a[0],
+                      a[1]);
         return;
     case IR_MOD:
-        sb_printf(sb, isf ? "flex_fmod(v%d, v%d)" : "flex_imod(v%d, v%d)", a[0], a[1]);
+        if (!isf && unsigned_operands(sign, a))
+            sb_printf(sb, "(int)((unsigned)v%d %% (unsigned)v%d)", a[0], a[1]);
+        else
+            sb_printf(sb, isf ? "flex_fmod(v%d, v%d)" : "flex_imod(v%d, v%d)", a[0], a[1]);
         return;
     case IR_POW:
         sb_printf(sb, "powf(v%d, v%d)", a[0], a[1]);
@@ -615,10 +634,12 @@ static void emit_diagonal_read(strbuf *sb, const ir_mod *m, const mod_diagonal_s
  * short_int[i], an int within [-2^22, 2^22] while the indices are within
  * the short bounds (buffer values count as any int); near[i], a float near
  * enough to zero for sin and cos to need no branch to the far path, for any
- * indices (sincos.h), so the scores' chains interleave. NULL: nothing
- * proved. Found once per mod, for every function emitted from it. */
+ * indices (sincos.h), so the scores' chains interleave; sign[i], an int
+ * never negative or always positive, for any indices (unsigned division).
+ * NULL: nothing proved. Found once per mod, for every function emitted from
+ * it. */
 typedef struct body_facts {
-    unsigned char *short_int, *near;
+    unsigned char *short_int, *near, *sign;
 } body_facts;
 
 static void facts_find(const ir_mod *m, body_facts *f) {
@@ -626,7 +647,7 @@ static void facts_find(const ir_mod *m, body_facts *f) {
                          {FLEX_EMIT_SHORT_HEADS - 1, FLEX_EMIT_SHORT_HEADS - 1,
                           FLEX_EMIT_SHORT_LEN - 1, FLEX_EMIT_SHORT_LEN - 1}};
     const mod_box any_index = {{0, 0, 0, 0}, {INT32_MAX, INT32_MAX, INT32_MAX, INT32_MAX}};
-    f->short_int = f->near = NULL;
+    f->short_int = f->near = f->sign = NULL;
     if (!m) return;
     f->short_int = malloc((size_t)m->num_nodes);
     if (f->short_int && mod_interval_ints_within(m, &box, 1 << 22, f->short_int) != 0) {
@@ -638,11 +659,17 @@ static void facts_find(const ir_mod *m, body_facts *f) {
         free(f->near);
         f->near = NULL;
     }
+    f->sign = malloc((size_t)m->num_nodes);
+    if (f->sign && mod_interval_int_signs(m, &any_index, f->sign) != 0) {
+        free(f->sign);
+        f->sign = NULL;
+    }
 }
 
 static void facts_free(body_facts *f) {
     free(f->short_int);
     free(f->near);
+    free(f->sign);
 }
 
 /* One `const` local per node of m, in topological order (the compiler drops
@@ -661,7 +688,7 @@ static void emit_body(strbuf *sb, const ir_mod *m, int slot_base, const unsigned
         else if (mode == BODY_DIAG_MAIN && role == MOD_DIAG_VALUE)
             emit_diagonal_read(sb, m, ds->split, i);
         else
-            emit_node(sb, m, i, slot_base, facts->short_int, facts->near, in_range);
+            emit_node(sb, m, i, slot_base, facts->short_int, facts->near, facts->sign, in_range);
         sb_printf(sb, ";\n");
     }
 }

@@ -1196,3 +1196,15 @@ int mod_interval_ints_within(const ir_mod *m, const mod_box *box, int64_t limit,
     free(v);
     return 0;
 }
+
+int mod_interval_int_signs(const ir_mod *m, const mod_box *box, unsigned char *sign) {
+    ival *v = ranges_for_codegen(m, box);
+    if (!v) return -1;
+    for (int i = 0; i < m->num_nodes; i++)
+        sign[i] = m->nodes[i].type != IR_INT ? MOD_SIGN_ANY
+                  : v[i].lo >= 1             ? MOD_SIGN_POSITIVE
+                  : v[i].lo >= 0             ? MOD_SIGN_NONNEGATIVE
+                                             : MOD_SIGN_ANY;
+    free(v);
+    return 0;
+}

@@ -723,8 +723,9 @@ static flex_status cuda_forward(flex_context *ctx, const flex_forward_args *a) {
      * inside the step loop costs time there (docs/decisions.md). */
     cfg.chain = persistent && env_switch(ctx, FLEX_DEBUG_CUDA_CHAIN, 1);
     /* Cuts of the wgmma kernel's step (docs/decisions.md, "Where the Hopper
-     * forward's step goes"), off until measured on a GPU. */
-    cfg.step_cuts = cfg.wgmma && env_switch(ctx, FLEX_DEBUG_CUDA_STEP_CUTS, 0);
+     * forward's step goes"); cuda_step_cuts=0 keeps the step without them,
+     * for comparison. */
+    cfg.step_cuts = cfg.wgmma && env_switch(ctx, FLEX_DEBUG_CUDA_STEP_CUTS, 1);
     /* Q (two buffers for the TMA kernel, a tile's and the next one's, where
      * they fit: not at head dims 256/256), two K/V stages; the wgmma
      * kernels align their tiles to 1 KB themselves. */

@@ -560,14 +560,10 @@ static ir_value apply_float(const ir_node *node, const ir_value *args) {
         return float_result(float_mod(a, b));
     case IR_POW:
         return float_result(powf(a, b));
-    case IR_MIN: /* IEEE 754-2019 minimum: NaN propagates, -0 < +0 */
-        if (a != a || b != b) return float_result(a + b);
-        if (a == b) return float_result(signbit(a) ? a : b);
-        return float_result(a < b ? a : b);
-    case IR_MAX: /* IEEE 754-2019 maximum */
-        if (a != a || b != b) return float_result(a + b);
-        if (a == b) return float_result(signbit(a) ? b : a);
-        return float_result(a > b ? a : b);
+    case IR_MIN:
+        return float_result(ir_fmin(a, b));
+    case IR_MAX:
+        return float_result(ir_fmax(a, b));
     case IR_SELECT:
         return args[0].i ? args[1] : args[2];
     default:

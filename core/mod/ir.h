@@ -12,6 +12,7 @@
 #ifndef FLEXATTN_MOD_IR_H
 #define FLEXATTN_MOD_IR_H
 
+#include <math.h>
 #include <stdint.h>
 #include <stddef.h>
 
@@ -122,6 +123,20 @@ typedef struct ir_node {
 /* The type of a node's operands (comparisons, IR_TO_INT, ...). */
 static inline ir_type ir_operand_type(const ir_node *node) {
     return (ir_type)node->imm.i;
+}
+
+/* The language's float min and max (docs/mod-language.md), for the scalar
+ * evaluator and the CPU tile kernels alike: IEEE 754-2019 minimum and
+ * maximum, a NaN operand gives NaN (as a + b) and -0 is below +0. */
+static inline float ir_fmin(float a, float b) {
+    if (a != a || b != b) return a + b;
+    if (a == b) return signbit(a) ? a : b;
+    return a < b ? a : b;
+}
+static inline float ir_fmax(float a, float b) {
+    if (a != a || b != b) return a + b;
+    if (a == b) return signbit(a) ? b : a;
+    return a > b ? a : b;
 }
 
 #define IR_MAX_BUFFERS 16

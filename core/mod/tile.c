@@ -211,12 +211,8 @@ BINARY_KERNEL(k_add_f, float, float, x + y)
 BINARY_KERNEL(k_sub_f, float, float, x - y)
 BINARY_KERNEL(k_mul_f, float, float, x *y)
 BINARY_KERNEL(k_div_f, float, float, x / y)
-/* NaN in either operand propagates (as a + b, which is NaN) */
-/* IEEE 754-2019 minimum and maximum: NaN propagates, -0 < +0 */
-BINARY_KERNEL(k_min_f, float, float,
-              (x != x || y != y) ? x + y : (x < y || (x == y && signbit(x))) ? x : y)
-BINARY_KERNEL(k_max_f, float, float,
-              (x != x || y != y) ? x + y : (x > y || (x == y && !signbit(x))) ? x : y)
+BINARY_KERNEL(k_min_f, float, float, ir_fmin(x, y))
+BINARY_KERNEL(k_max_f, float, float, ir_fmax(x, y))
 BINARY_KERNEL(k_eq_f, float, int32_t, x == y)
 BINARY_KERNEL(k_ne_f, float, int32_t, x != y)
 BINARY_KERNEL(k_lt_f, float, int32_t, x < y)

@@ -275,11 +275,18 @@ static int only_feeds_tanh_approx(const ir_mod *m, int i) {
     return users > 0;
 }
 
-/* An int division's operands proved a >= 0 and b >= 1: floor division
- * and the remainder are then C's unsigned ones (a shift and a mask for a
- * power of two), not the sign-correcting helpers. */
-static int unsigned_operands(const unsigned char *sign, const int32_t *a) {
-    return sign && sign[a[0]] >= MOD_SIGN_NONNEGATIVE && sign[a[1]] == MOD_SIGN_POSITIVE;
+/* An int floor division (remainder: the remainder) of v<a[0]> by v<a[1]>:
+ * where the operands are proved a >= 0 and b >= 1 (sign), C's unsigned
+ * operation (a shift or a mask for a power of two), which then agrees;
+ * otherwise the sign-correcting helper. */
+static void emit_int_division(strbuf *sb, const unsigned char *sign, const int32_t *a,
+                              int remainder) {
+    if (sign && sign[a[0]] >= MOD_SIGN_NONNEGATIVE && sign[a[1]] == MOD_SIGN_POSITIVE)
+        sb_printf(sb, remainder ? "(int)((unsigned)v%d %% (unsigned)v%d)"
+                                : "(int)((unsigned)v%d / (unsigned)v%d)",
+                  a[0], a[1]);
+    else
+        sb_printf(sb, remainder ? "flex_imod(v%d, v%d)" : "flex_ifloordiv(v%d, v%d)", a[0], a[1]);
 }
 
 /* Emits the right-hand side of node i (args already emitted as v<arg>).
@@ -454,10 +461,6 @@ static void emit_node(strbuf *sb, const ir_mod *m, int i, int slot_base,
         return;
     case IR_DIV: {
         const ir_node *d = &m->nodes[a[1]];
-        if (!isf && unsigned_operands(sign, a)) {
-            sb_printf(sb, "(int)((unsigned)v%d / (unsigned)v%d)", a[0], a[1]);
-            return;
-        }
         if (isf && d->op == IR_CONST && d->type == IR_FLOAT) {
             const float c = d->imm.f, ac = fabsf(c);
             if (ac >= 0x1p-20f && ac <= 0x1p20f) {
@@ -482,21 +485,23 @@ static void emit_node(strbuf *sb, const ir_mod *m, int i, int slot_base,
                 return;
             }
         }
-        sb_printf(sb, isf ? "__fdiv_rn(v%d, v%d)" : "flex_ifloordiv(v%d, v%d)", a[0], a[1]);
+        if (isf)
+            sb_printf(sb, "__fdiv_rn(v%d, v%d)", a[0], a[1]);
+        else
+            emit_int_division(sb, sign, a, 0);
         return;
     }
     case IR_FLOORDIV:
-        if (!isf && unsigned_operands(sign, a))
-            sb_printf(sb, "(int)((unsigned)v%d / (unsigned)v%d)", a[0], a[1]);
+        if (isf)
+            sb_printf(sb, "flex_ffloordiv(v%d, v%d)", a[0], a[1]);
         else
-            sb_printf(sb, isf ? "flex_ffloordiv(v%d, v%d)" : "flex_ifloordiv(v%d, v%d)", a[0],
-                      a[1]);
+            emit_int_division(sb, sign, a, 0);
         return;
     case IR_MOD:
-        if (!isf && unsigned_operands(sign, a))
-            sb_printf(sb, "(int)((unsigned)v%d %% (unsigned)v%d)", a[0], a[1]);
+        if (isf)
+            sb_printf(sb, "flex_fmod(v%d, v%d)", a[0], a[1]);
         else
-            sb_printf(sb, isf ? "flex_fmod(v%d, v%d)" : "flex_imod(v%d, v%d)", a[0], a[1]);
+            emit_int_division(sb, sign, a, 1);
         return;
     case IR_POW:
         sb_printf(sb, "powf(v%d, v%d)", a[0], a[1]);

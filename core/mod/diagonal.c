@@ -142,8 +142,7 @@ int mod_diagonal_split_find(const ir_mod *m, const unsigned char *in_range,
         }
     }
     weight -= count + checked; /* a score's reads of its entry */
-    if (ok && weight >= MOD_DIAGONAL_MIN_WEIGHT) {
-        split->num_values = count;
+    if (ok && weight >= MOD_DIAGONAL_MIN_WEIGHT) { /* num_values set above */
         split->checked = checked;
         split->rows = count + checked;
         split->weight = weight;

@@ -660,14 +660,12 @@ static void facts_find(const ir_mod *m, body_facts *f) {
         f->short_int = NULL;
     }
     f->near = malloc((size_t)m->num_nodes);
-    if (f->near && mod_interval_floats_within(m, &any_index, FLEX_SINCOS_NEAR, f->near) != 0) {
-        free(f->near);
-        f->near = NULL;
-    }
     f->sign = malloc((size_t)m->num_nodes);
-    if (f->sign && mod_interval_int_signs(m, &any_index, f->sign) != 0) {
+    if (!f->near || !f->sign ||
+        mod_interval_near_floats_and_signs(m, &any_index, FLEX_SINCOS_NEAR, f->near, f->sign) != 0) {
+        free(f->near);
         free(f->sign);
-        f->sign = NULL;
+        f->near = f->sign = NULL;
     }
 }
 

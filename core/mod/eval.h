@@ -125,23 +125,20 @@ int mod_interval_score_never_masked(const ir_mod *m, const mod_box *box);
 int mod_interval_ints_within(const ir_mod *m, const mod_box *box, int64_t limit,
                              unsigned char *within);
 
-/* For code generation, which may divide as unsigned ints where both
- * operands provably are (floor division and the remainder then agree with
- * C's): sign[i] is MOD_SIGN_POSITIVE (>= 1) or MOD_SIGN_NONNEGATIVE (>= 0)
- * when node i is an int with every value over box so (buffer reads taken
- * as any int32), else MOD_SIGN_ANY. sign holds m->num_nodes entries. 0 on
- * success, -1 for an empty box or no memory. */
+/* For code generation, from one analysis over box (the score taken as any
+ * float, buffer reads as any value):
+ * - near[i] = 1 when node i is a float whose every value other than NaN
+ *   lies in [-limit, limit] (so never an infinity either): a function's
+ *   inline path may be taken where its argument provably stays near zero;
+ * - sign[i] is MOD_SIGN_POSITIVE (>= 1) or MOD_SIGN_NONNEGATIVE (>= 0)
+ *   when node i is an int with every value so, else MOD_SIGN_ANY: ints may
+ *   be divided as unsigned where both operands provably are (floor
+ *   division and the remainder then agree with C's).
+ * Each holds m->num_nodes entries. 0 on success, -1 for an empty box or no
+ * memory. */
 enum { MOD_SIGN_ANY = 0, MOD_SIGN_NONNEGATIVE = 1, MOD_SIGN_POSITIVE = 2 };
-int mod_interval_int_signs(const ir_mod *m, const mod_box *box, unsigned char *sign);
-
-/* For code generation, which may take a function's inline path where its
- * argument provably stays near zero: within[i] = 1 when node i is a float
- * whose every value over box other than NaN, the score taken as any float
- * and buffer reads as any value, lies in [-limit, limit] (so never an
- * infinity either). within holds m->num_nodes entries. 0 on success, -1 for
- * an empty box or no memory. */
-int mod_interval_floats_within(const ir_mod *m, const mod_box *box, float limit,
-                               unsigned char *within);
+int mod_interval_near_floats_and_signs(const ir_mod *m, const mod_box *box, float limit,
+                                       unsigned char *near, unsigned char *sign);
 
 /* For code generation, which may read a buffer without bounds checks where
  * the read provably stays inside it: in_range[i] = 1 when node i is a

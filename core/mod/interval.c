@@ -1177,12 +1177,18 @@ int mod_interval_loads_in_range(const ir_mod *m, const mod_box *box, const int64
     return 0;
 }
 
-int mod_interval_floats_within(const ir_mod *m, const mod_box *box, float limit,
-                               unsigned char *within) {
+int mod_interval_near_floats_and_signs(const ir_mod *m, const mod_box *box, float limit,
+                                       unsigned char *near, unsigned char *sign) {
     ival *v = ranges_for_codegen(m, box);
     if (!v) return -1;
-    for (int i = 0; i < m->num_nodes; i++)
-        within[i] = m->nodes[i].type == IR_FLOAT && v[i].flo >= -limit && v[i].fhi <= limit;
+    for (int i = 0; i < m->num_nodes; i++) {
+        const ir_type t = m->nodes[i].type;
+        near[i] = t == IR_FLOAT && v[i].flo >= -limit && v[i].fhi <= limit;
+        sign[i] = t != IR_INT      ? MOD_SIGN_ANY
+                  : v[i].lo >= 1   ? MOD_SIGN_POSITIVE
+                  : v[i].lo >= 0   ? MOD_SIGN_NONNEGATIVE
+                                   : MOD_SIGN_ANY;
+    }
     free(v);
     return 0;
 }
@@ -1193,18 +1199,6 @@ int mod_interval_ints_within(const ir_mod *m, const mod_box *box, int64_t limit,
     if (!v) return -1;
     for (int i = 0; i < m->num_nodes; i++)
         within[i] = m->nodes[i].type == IR_INT && v[i].lo >= -limit && v[i].hi <= limit;
-    free(v);
-    return 0;
-}
-
-int mod_interval_int_signs(const ir_mod *m, const mod_box *box, unsigned char *sign) {
-    ival *v = ranges_for_codegen(m, box);
-    if (!v) return -1;
-    for (int i = 0; i < m->num_nodes; i++)
-        sign[i] = m->nodes[i].type != IR_INT ? MOD_SIGN_ANY
-                  : v[i].lo >= 1             ? MOD_SIGN_POSITIVE
-                  : v[i].lo >= 0             ? MOD_SIGN_NONNEGATIVE
-                                             : MOD_SIGN_ANY;
     free(v);
     return 0;
 }
